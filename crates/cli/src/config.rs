@@ -1,0 +1,162 @@
+//! Configuration layering, resolved in one place: defaults < `fleetbox.toml` < environment < flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fleetbox_proto::{ByteSize, Limits, Millis, env};
+use serde::Deserialize;
+
+/// `fleetbox.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub run: RunSection,
+}
+
+/// `[run]`: defaults for `fleetbox run` (and, later, for agents' sandboxes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub backend: Option<String>,
+    pub timeout: Option<Millis>,
+    pub cpu_time: Option<Millis>,
+    pub memory: Option<ByteSize>,
+    pub max_output: Option<ByteSize>,
+    pub max_processes: Option<u32>,
+    pub max_file_size: Option<ByteSize>,
+    pub python: Option<PathBuf>,
+    pub work_root: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Load the explicit file (must exist) or `./fleetbox.toml` (optional).
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
+        let (path, required) = match explicit {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from("fleetbox.toml"), false),
+        };
+        let text = match fs_err::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(FileConfig::default());
+            }
+            Err(e) => return Err(e).context("reading the configuration file"),
+        };
+        toml::from_str(&text).with_context(|| format!("invalid configuration in `{}`", path.display()))
+    }
+}
+
+/// Read an environment variable, treating empty as unset.
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Parse an environment value, naming the variable on failure.
+fn env_parse<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("invalid `{name}={v}`: {e}")),
+    }
+}
+
+/// Flags of `fleetbox run` that take part in layering.
+#[derive(Debug, Default)]
+pub struct RunFlags {
+    pub backend: Option<String>,
+    pub timeout: Option<Millis>,
+    pub cpu_time: Option<Millis>,
+    pub memory: Option<ByteSize>,
+    pub max_output: Option<ByteSize>,
+}
+
+/// The resolved settings for one `fleetbox run`.
+#[derive(Debug)]
+pub struct RunSettings {
+    pub backend: String,
+    pub limits: Limits,
+    pub python: Option<PathBuf>,
+    pub work_root: PathBuf,
+}
+
+pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSettings> {
+    let f = &file.run;
+    let mut limits = Limits::default();
+
+    let backend = flags
+        .backend
+        .or_else(|| var(env::SANDBOX_TYPE))
+        .or_else(|| f.backend.clone());
+    let backend = match backend {
+        Some(b) => b,
+        None => fleetbox_sandbox::Backend::default_for_host().to_string(),
+    };
+
+    // SANDBOX_TIMEOUT_SEC: a bare number is seconds (the seed's meaning); `500ms` also works.
+    let env_timeout: Option<Millis> = env_parse(env::SANDBOX_TIMEOUT_SEC)?;
+    if let Some(t) = flags.timeout.or(env_timeout).or(f.timeout) {
+        limits.timeout = t;
+    }
+    let env_cpu: Option<Millis> = env_parse(env::FLEETBOX_CPU_TIME)?;
+    match flags.cpu_time.or(env_cpu).or(f.cpu_time) {
+        Some(c) => limits.cpu_time = c,
+        // CPU time defaults to the wall timeout: a single-threaded program cannot use more.
+        None => limits.cpu_time = limits.timeout,
+    }
+    let env_memory: Option<ByteSize> = env_parse(env::FLEETBOX_MEMORY)?;
+    if let Some(m) = flags.memory.or(env_memory).or(f.memory) {
+        limits.memory = m;
+    }
+    // SANDBOX_MAX_OUTPUT_KB: a bare number is KiB (the seed's meaning); `1MiB` also works.
+    let env_output = match var(env::SANDBOX_MAX_OUTPUT_KB) {
+        None => None,
+        Some(v) if v.trim().chars().all(|c| c.is_ascii_digit()) => {
+            let kib: u64 = v
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("invalid `{}={v}`: {e}", env::SANDBOX_MAX_OUTPUT_KB))?;
+            Some(ByteSize::kib(kib))
+        }
+        Some(v) => Some(
+            v.parse::<ByteSize>()
+                .map_err(|e| anyhow::anyhow!("invalid `{}={v}`: {e}", env::SANDBOX_MAX_OUTPUT_KB))?,
+        ),
+    };
+    if let Some(o) = flags.max_output.or(env_output).or(f.max_output) {
+        limits.max_output = o;
+    }
+    if let Some(p) = f.max_processes {
+        limits.max_processes = p;
+    }
+    if let Some(s) = f.max_file_size {
+        limits.max_file_size = s;
+    }
+    if limits.timeout.0 == 0 {
+        bail!("the timeout must be greater than zero");
+    }
+    if limits.memory.0 < ByteSize::mib(16).0 {
+        bail!(
+            "the memory limit `{}` is too small for Python (at least 16MiB)",
+            limits.memory
+        );
+    }
+    let python = var(env::FLEETBOX_PYTHON)
+        .map(PathBuf::from)
+        .or_else(|| f.python.clone());
+    let work_root = var(env::FLEETBOX_WORK_ROOT)
+        .map(PathBuf::from)
+        .or_else(|| f.work_root.clone())
+        .unwrap_or_else(std::env::temp_dir);
+    Ok(RunSettings {
+        backend,
+        limits,
+        python,
+        work_root,
+    })
+}

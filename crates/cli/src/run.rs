@@ -1,0 +1,153 @@
+//! `fleetbox run FILE|-`: one program, one report.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use fleetbox_proto::{ByteSize, ExecutionReport, Millis};
+use fleetbox_sandbox::{Backend, RunRequest, SandboxConfig};
+
+use crate::config::{FileConfig, RunFlags, resolve_run};
+use crate::exit::exit_code_for;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The Python program, or `-` to read it from standard input.
+    pub file: PathBuf,
+    /// `process` (alias `local`) or `jail`. Env: `SANDBOX_TYPE`.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Wall-clock timeout, e.g. `500ms`, `5s`. Env: `SANDBOX_TIMEOUT_SEC`.
+    #[arg(long, value_parser = parse_millis)]
+    pub timeout: Option<Millis>,
+    /// Memory limit, e.g. `256MiB`. Env: `FLEETBOX_MEMORY`.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<ByteSize>,
+    /// CPU time limit (default: the timeout). Env: `FLEETBOX_CPU_TIME`.
+    #[arg(long, value_parser = parse_millis)]
+    pub cpu_time: Option<Millis>,
+    /// Bytes kept of stdout and of stderr, e.g. `64KiB`. Env: `SANDBOX_MAX_OUTPUT_KB`.
+    #[arg(long, value_parser = parse_size)]
+    pub max_output: Option<ByteSize>,
+    /// Keep running past the output cap (the rest is counted, not kept).
+    #[arg(long)]
+    pub continue_past_output_limit: bool,
+    /// JSON input for the program, written to `input.json` (`FLEETBOX_INPUT`).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Keep the run directory and print where it is.
+    #[arg(long)]
+    pub keep_workspace: bool,
+    /// Print the full report as JSON instead of the program's output and a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_millis(s: &str) -> Result<Millis, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let file = FileConfig::load(config)?;
+    let settings = resolve_run(
+        &file,
+        RunFlags {
+            backend: args.backend.clone(),
+            timeout: args.timeout,
+            cpu_time: args.cpu_time,
+            memory: args.memory,
+            max_output: args.max_output,
+        },
+    )?;
+    let backend: Backend = settings
+        .backend
+        .parse()
+        .with_context(|| "invalid `--backend` / `SANDBOX_TYPE`".to_string())?;
+    let code = read_code(&args.file)?;
+    let input = match &args.input {
+        Some(path) => {
+            let bytes = fs_err::read(path).context("reading `--input`")?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).with_context(|| {
+                format!("`--input {}` is not valid JSON", path.display())
+            })?;
+            Some(bytes)
+        }
+        None => None,
+    };
+    let mut limits = settings.limits;
+    limits.continue_past_output_limit = args.continue_past_output_limit;
+    let mut req = RunRequest::new(code, input, limits);
+    req.keep_workspace = args.keep_workspace;
+    let sandbox = fleetbox_sandbox::open(
+        backend,
+        SandboxConfig {
+            python: settings.python,
+            work_root: settings.work_root,
+        },
+    )?;
+    let report = sandbox.run(&req);
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        print_human(&report)?;
+    }
+    Ok(ExitCode::from(exit_code_for(report.status)))
+}
+
+fn read_code(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading the program from standard input")?;
+        return Ok(buf);
+    }
+    Ok(fs_err::read(path)?)
+}
+
+fn print_human(r: &ExecutionReport) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(r.stdout.as_bytes())?;
+    out.flush()?;
+    let mut err = std::io::stderr().lock();
+    err.write_all(r.stderr.as_bytes())?;
+    let mut line = format!(
+        "fleetbox: {} in {}ms (cpu {}ms, peak {}, {}) [{}]",
+        r.status,
+        r.wall_ms,
+        r.cpu_user_ms + r.cpu_sys_ms,
+        ByteSize(r.peak_memory_bytes / 1024 * 1024),
+        match (r.exit_code, &r.signal_name) {
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(s)) => s.clone(),
+            (None, None) => "not started".into(),
+        },
+        r.backend,
+    );
+    if let Some(m) = &r.message {
+        line.push_str(": ");
+        line.push_str(m);
+    }
+    if r.stdout_truncated || r.stderr_truncated {
+        line.push_str(&format!(
+            " (output truncated: stdout {} bytes, stderr {} bytes)",
+            r.stdout_bytes, r.stderr_bytes
+        ));
+    }
+    writeln!(err, "{line}")?;
+    for v in &r.violations {
+        writeln!(err, "fleetbox: violation: {}: {}", v.kind, v.detail)?;
+    }
+    if let Some(ws) = &r.workspace {
+        writeln!(err, "fleetbox: workspace kept at {ws}")?;
+    }
+    Ok(())
+}

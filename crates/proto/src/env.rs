@@ -1,0 +1,36 @@
+//! Every environment variable Fleetbox reads, in one place.
+//!
+//! Layering is `defaults < fleetbox.toml < environment < flags`; the CLI wires these names into
+//! clap with `env = ...` so `--help` shows them.
+
+/// Backend for `fleetbox run` (seed name): `local`/`process`, `jail`, `docker`.
+pub const SANDBOX_TYPE: &str = "SANDBOX_TYPE";
+/// Wall-clock timeout in seconds (seed name); any duration string is accepted too.
+pub const SANDBOX_TIMEOUT_SEC: &str = "SANDBOX_TIMEOUT_SEC";
+/// Output cap per stream in KiB (seed name); any size string is accepted too.
+pub const SANDBOX_MAX_OUTPUT_KB: &str = "SANDBOX_MAX_OUTPUT_KB";
+/// Memory limit (size string).
+pub const FLEETBOX_MEMORY: &str = "FLEETBOX_MEMORY";
+/// CPU time limit (duration string).
+pub const FLEETBOX_CPU_TIME: &str = "FLEETBOX_CPU_TIME";
+/// Python interpreter to run programs with (default: `/usr/bin/python3`, else `python3` on PATH).
+pub const FLEETBOX_PYTHON: &str = "FLEETBOX_PYTHON";
+/// Path of `fleetbox.toml` (default: `./fleetbox.toml` when present).
+pub const FLEETBOX_CONFIG: &str = "FLEETBOX_CONFIG";
+/// Directory in which run directories are created (default: the system temp dir).
+pub const FLEETBOX_WORK_ROOT: &str = "FLEETBOX_WORK_ROOT";
+/// Parent cgroup for runs (v2: absolute path; v1: path inside each hierarchy).
+pub const FLEETBOX_CGROUP_ROOT: &str = "FLEETBOX_CGROUP_ROOT";
+/// Set to `1` to run without cgroups (rlimits and process-group kill only).
+pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
+/// `tracing` filter for Fleetbox's own logs (e.g. `fleetbox=debug`).
+pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
+
+/// Shard contract: path of this shard's JSON input, relative to the working directory.
+pub const FLEETBOX_INPUT: &str = "FLEETBOX_INPUT";
+/// Shard contract: this shard's index (0-based).
+pub const FLEETBOX_SHARD_INDEX: &str = "FLEETBOX_SHARD_INDEX";
+/// Shard contract: how many shards the job has.
+pub const FLEETBOX_SHARD_COUNT: &str = "FLEETBOX_SHARD_COUNT";
+/// Shard contract: the job's id.
+pub const FLEETBOX_JOB_ID: &str = "FLEETBOX_JOB_ID";

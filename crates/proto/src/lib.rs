@@ -1,0 +1,16 @@
+//! The data that crosses Fleetbox process boundaries.
+//!
+//! Everything here is plain data with serde derives: the [`ExecutionReport`] that every sandbox run
+//! returns, the [`Limits`] a run is held to, and the human-readable units ([`ByteSize`], [`Millis`])
+//! accepted by every flag, config file and job spec. This crate does no I/O.
+
+pub mod env;
+mod limits;
+mod report;
+mod units;
+
+pub use limits::{AppliedLimits, Enforcement, Limits};
+pub use report::{
+    ExceptionInfo, ExecutionReport, FileEntry, Frame, Runner, Status, StreamCapture, Violation,
+};
+pub use units::{ByteSize, Millis, UnitError};

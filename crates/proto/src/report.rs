@@ -1,0 +1,182 @@
+//! The `ExecutionReport`: what every sandboxed run returns, whichever backend ran it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::AppliedLimits;
+
+/// How a run ended. The names are the contract shared by API, UI, metrics and docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Exit code 0, no limit hit.
+    Ok,
+    /// The program exited with a non-zero code (usually an uncaught exception).
+    Error,
+    /// Wall-clock or CPU time ran out; the whole process tree was killed.
+    Timeout,
+    /// The memory limit was hit (OOM kill or `MemoryError`).
+    MemoryLimit,
+    /// An output stream, `output.json` or a written file passed its cap.
+    OutputLimit,
+    /// Killed by a signal that is not one of the limits above.
+    Killed,
+    /// The program tried something the sandbox forbids (e.g. a denied syscall); see `violations`.
+    SandboxViolation,
+    /// The sandbox itself failed (our fault or the host's), see `message`.
+    SandboxError,
+}
+
+impl Status {
+    pub const ALL: [Status; 8] = [
+        Status::Ok,
+        Status::Error,
+        Status::Timeout,
+        Status::MemoryLimit,
+        Status::OutputLimit,
+        Status::Killed,
+        Status::SandboxViolation,
+        Status::SandboxError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+            Status::Timeout => "timeout",
+            Status::MemoryLimit => "memory_limit",
+            Status::OutputLimit => "output_limit",
+            Status::Killed => "killed",
+            Status::SandboxViolation => "sandbox_violation",
+            Status::SandboxError => "sandbox_error",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One frame of a Python traceback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub file: String,
+    pub line: u32,
+    pub function: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// The uncaught Python exception, parsed from stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExceptionInfo {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub traceback: Vec<Frame>,
+}
+
+/// A file the program left in its workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub bytes: u64,
+    /// Absent when the hashing budget (`max_hashed_bytes`) ran out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Something the program tried that the sandbox stopped or a limit it ran into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    /// `syscall`, `non_native_syscall`, `pids_limit`, `file_size_limit`, ...
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscall_nr: Option<i64>,
+    pub count: u32,
+    pub detail: String,
+}
+
+/// Who ran the code and with what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Runner {
+    /// `server`, `local`, or the agent's id.
+    pub id: String,
+    pub python: String,
+    pub python_executable: String,
+    pub os: String,
+    pub arch: String,
+}
+
+/// A captured output stream (internal helper shape; the report flattens it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamCapture {
+    pub kept: Vec<u8>,
+    pub bytes: u64,
+    pub truncated: bool,
+    pub sha256: String,
+}
+
+/// What every sandboxed run returns. Field names follow `DESIGN.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionReport {
+    pub status: Status,
+    /// A human explanation when the status alone does not say enough (limits, sandbox errors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal_name: Option<String>,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub wall_ms: u64,
+    pub cpu_user_ms: u64,
+    pub cpu_sys_ms: u64,
+    pub peak_memory_bytes: u64,
+    pub stdout: String,
+    pub stdout_bytes: u64,
+    pub stdout_truncated: bool,
+    pub stdout_sha256: String,
+    pub stderr: String,
+    pub stderr_bytes: u64,
+    pub stderr_truncated: bool,
+    pub stderr_sha256: String,
+    /// `output.json` if written, else stdout as JSON, else stdout as a string.
+    pub output: Option<serde_json::Value>,
+    pub output_sha256: Option<String>,
+    /// `file`, `stdout_json` or `stdout_text`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_source: Option<String>,
+    pub exception: Option<ExceptionInfo>,
+    pub files: Vec<FileEntry>,
+    pub files_truncated: bool,
+    pub violations: Vec<Violation>,
+    pub limits: AppliedLimits,
+    pub backend: String,
+    pub code_sha256: String,
+    pub input_sha256: Option<String>,
+    pub runner: Runner,
+    /// Isolation facts worth knowing (e.g. a layer the kernel lacks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// Where the workspace was kept, if asked to keep it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_are_the_contract() {
+        for s in Status::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Run one Python program under hard limits and describe what happened.
+//!
+//! A [`Sandbox`] takes a [`RunRequest`] (code, optional JSON input, shard-contract environment,
+//! [`Limits`]) and always returns an [`ExecutionReport`], whose `status` says how the run ended;
+//! failures of the sandbox itself are `sandbox_error` reports, never panics. Backends:
+//!
+//! - [`Backend::Process`] (the seed's `local`): scrubbed environment, own session, rlimits,
+//!   a cgroup where the host allows, runs as `nobody` when started as root.
+//! - [`Backend::Jail`]: namespaces, a new root, seccomp, Landlock and cgroups (Linux).
+//!
+//! This crate knows nothing of jobs, HTTP or databases.
+
+pub mod cgroup;
+mod process;
+pub mod python;
+mod report;
+mod supervise;
+mod sys;
+pub mod traceback;
+pub mod workspace;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub use fleetbox_proto::{ExecutionReport, Limits, Status};
+pub use process::ProcessSandbox;
+
+/// Environment variable names, re-exported for the modules of this crate.
+pub(crate) use fleetbox_proto::env;
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// Python source.
+    pub code: Vec<u8>,
+    /// This shard's JSON input, written to `input.json` in the workspace.
+    pub input: Option<Vec<u8>>,
+    /// Extra environment (the shard contract's `FLEETBOX_*` variables).
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+    /// Leave the run directory in place and name it in the report.
+    pub keep_workspace: bool,
+    /// Who runs it, for the report's `runner.id` (`local`, `server`, an agent id).
+    pub runner_id: String,
+}
+
+impl RunRequest {
+    /// A request with the shard contract's variables set (`FLEETBOX_INPUT` only with an input).
+    pub fn new(code: impl Into<Vec<u8>>, input: Option<Vec<u8>>, limits: Limits) -> Self {
+        let mut env = Vec::new();
+        if input.is_some() {
+            env.push((
+                env::FLEETBOX_INPUT.to_string(),
+                workspace::INPUT_FILE.to_string(),
+            ));
+        }
+        RunRequest {
+            code: code.into(),
+            input,
+            env,
+            limits,
+            keep_workspace: false,
+            runner_id: "local".into(),
+        }
+    }
+}
+
+/// Host-level settings shared by every run of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Interpreter; `None` searches `/usr/bin/python3`, `/usr/local/bin/python3`, `PATH`.
+    pub python: Option<PathBuf>,
+    /// Where run directories are created.
+    pub work_root: PathBuf,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            python: None,
+            work_root: std::env::temp_dir(),
+        }
+    }
+}
+
+/// A way of running programs. Every call returns a report; it never panics on bad programs.
+pub trait Sandbox: Send + Sync {
+    fn backend(&self) -> Backend;
+    fn run(&self, req: &RunRequest) -> ExecutionReport;
+}
+
+/// The available backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Process,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Process => "process",
+        }
+    }
+
+    /// The backend to use when none is asked for.
+    pub fn default_for_host() -> Backend {
+        Backend::Process
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = SandboxError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "process" | "local" => Ok(Backend::Process),
+            other => Err(SandboxError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// Build a sandbox for `backend`.
+pub fn open(backend: Backend, config: SandboxConfig) -> Result<Box<dyn Sandbox>, SandboxError> {
+    match backend {
+        Backend::Process => Ok(Box::new(ProcessSandbox::new(config))),
+    }
+}
+
+/// Failures of the sandbox itself (not of the program), turned into `sandbox_error` reports.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("unknown backend `{0}` (expected `process`/`local` or `jail`)")]
+    UnknownBackend(String),
+    #[error(
+        "no Python interpreter found (looked at {looked}); install one with `apt-get install python3` or point `FLEETBOX_PYTHON` at it"
+    )]
+    PythonMissing { looked: String },
+    #[error("could not {what} `{}`: {source}", path.display())]
+    Workspace {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

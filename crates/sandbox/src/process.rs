@@ -1,0 +1,416 @@
+//! The `process` backend (the seed's `local`): a scrubbed `python3 -I -B` in its own session,
+//! held by rlimits and, where the host allows, a cgroup.
+//!
+//! It shares the host's filesystem view and network: use it for trusted code or where namespaces
+//! are unavailable. When we are root the program runs as `nobody` (uid 65534) with
+//! `no_new_privs`, so it cannot read root-only files or keep root's capabilities.
+
+use std::ffi::CString;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use fleetbox_proto::{AppliedLimits, ExecutionReport};
+
+use crate::cgroup::{CgroupLimits, Cgroups, RunCgroup};
+use crate::report::{Observed, RunContext};
+use crate::supervise::{self, Child, Supervision, TreeKiller};
+use crate::workspace::RunDir;
+use crate::{Backend, RunRequest, Sandbox, SandboxConfig, python, sys};
+
+/// uid/gid the program runs as when the supervisor is root.
+pub const NOBODY: (u32, u32) = (65534, 65534);
+
+pub struct ProcessSandbox {
+    config: SandboxConfig,
+}
+
+impl ProcessSandbox {
+    pub fn new(config: SandboxConfig) -> Self {
+        ProcessSandbox { config }
+    }
+}
+
+/// Main pids of runs in flight; the no-cgroup fallback must not kill another run's process.
+static ACTIVE: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+impl Sandbox for ProcessSandbox {
+    fn backend(&self) -> Backend {
+        Backend::Process
+    }
+
+    fn run(&self, req: &RunRequest) -> ExecutionReport {
+        let started_at = SystemTime::now();
+        let mut ctx = RunContext {
+            req,
+            backend: "process",
+            python: None,
+            started_at,
+            applied: AppliedLimits::new(req.limits.clone()),
+            notes: Vec::new(),
+        };
+        let py = match python::resolve(self.config.python.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return ctx.sandbox_error(e.to_string()),
+        };
+        let owner = sys::is_root().then_some(NOBODY);
+        let dir = match RunDir::create(
+            &self.config.work_root,
+            &req.code,
+            req.input.as_deref(),
+            owner,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                let ctx = RunContext {
+                    python: Some(&py),
+                    ..ctx
+                };
+                return ctx.sandbox_error(e.to_string());
+            }
+        };
+        let cgroup = match Cgroups::detect() {
+            Ok(cg) => match cg.create_run(&CgroupLimits {
+                memory_bytes: req.limits.memory.0,
+                max_pids: req.limits.max_processes,
+                cpus: req.limits.cpus,
+            }) {
+                Ok(run) => Some(run),
+                Err(e) => {
+                    ctx.notes
+                        .push(format!("cgroup could not be created ({e}); rlimits only"));
+                    None
+                }
+            },
+            Err(why) => {
+                ctx.notes.push(format!("no cgroup: {why}; rlimits only"));
+                None
+            }
+        };
+        if cgroup.is_none() {
+            sys::set_child_subreaper();
+        }
+        let plan = RlimitPlan::new(&req.limits, cgroup.as_ref(), &mut ctx.applied);
+        ctx.applied.enforced("timeout", "supervisor_pidfd_poll");
+        ctx.applied.enforced("max_output", "supervisor_capture");
+        if owner.is_some() {
+            ctx.notes
+                .push("running as uid 65534 (nobody) with no_new_privs".into());
+        }
+        ctx.python = Some(&py);
+
+        let mut cmd = Command::new(&py.path);
+        cmd.arg("-I").arg("-B").arg(dir.code());
+        cmd.current_dir(dir.work());
+        cmd.env_clear();
+        for (k, v) in base_env(&dir.work().display().to_string(), &dir.tmp().display().to_string()) {
+            cmd.env(k, v);
+        }
+        for (k, v) in &req.env {
+            cmd.env(k, v);
+        }
+        let (out_r, out_w) = match sys::pipe() {
+            Ok(p) => p,
+            Err(e) => return ctx.sandbox_error(format!("creating a pipe failed: {e}")),
+        };
+        let (err_r, err_w) = match sys::pipe() {
+            Ok(p) => p,
+            Err(e) => return ctx.sandbox_error(format!("creating a pipe failed: {e}")),
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w));
+        let procs: Vec<CString> = cgroup
+            .as_ref()
+            .map(|c| c.procs_files().to_vec())
+            .unwrap_or_default();
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // syscalls (setsid, open/write/close, setrlimit, prctl, set*id) on data prepared before
+        // the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || child_setup(&procs, &plan, owner));
+        }
+        let started = Instant::now();
+        let spawned = cmd.spawn();
+        // Drop our copies of the pipes' write ends, or EOF never comes.
+        drop(cmd);
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                return ctx.sandbox_error(format!(
+                    "starting `{}` failed: {e}",
+                    py.path.display()
+                ));
+            }
+        };
+        let pid = child.id() as i32;
+        ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                sys::kill(-pid, libc::SIGKILL);
+                let _ = sys::wait4(pid);
+                forget_active(pid);
+                return ctx.sandbox_error(format!(
+                    "pidfd_open failed ({e}); Linux 5.3 or newer is required"
+                ));
+            }
+        };
+        let killer = ProcessTree {
+            pgid: pid,
+            cgroup: cgroup.as_ref(),
+        };
+        let outcome = supervise::supervise(
+            Child {
+                pid,
+                pidfd,
+                stdout: out_r,
+                stderr: err_r,
+            },
+            started,
+            Supervision {
+                timeout: req.limits.timeout.as_duration(),
+                max_output: req.limits.max_output.0,
+                continue_past_output_limit: req.limits.continue_past_output_limit,
+                killer: &killer,
+                extras: None,
+            },
+        );
+        forget_active(pid);
+        let stats = cgroup.as_ref().map(RunCgroup::stats);
+        drop(cgroup);
+        ctx.finish(
+            Observed {
+                outcome,
+                cgroup: stats,
+                violations: Vec::new(),
+                setup_error: None,
+            },
+            dir,
+        )
+    }
+}
+
+fn forget_active(pid: i32) {
+    ACTIVE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| *p != pid);
+}
+
+/// The environment a program sees: the shard contract's variables (added by the caller) and a
+/// minimal `PATH`/`LANG`/`HOME`/`TMPDIR`. Nothing of the host's environment.
+pub fn base_env(home: &str, tmp: &str) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOME".into(), home.into()),
+        ("TMPDIR".into(), tmp.into()),
+    ]
+}
+
+/// rlimits to apply in the child, computed before the fork.
+#[derive(Clone, Copy)]
+pub struct RlimitPlan {
+    pub limits: [(libc::__rlimit_resource_t, u64, u64); 6],
+    pub count: usize,
+}
+
+impl RlimitPlan {
+    pub fn new(
+        limits: &fleetbox_proto::Limits,
+        cgroup: Option<&RunCgroup>,
+        applied: &mut AppliedLimits,
+    ) -> Self {
+        let mut plan = RlimitPlan {
+            limits: [(0, 0, 0); 6],
+            count: 0,
+        };
+        let mut push = |res, soft: u64, hard: u64| {
+            plan.limits[plan.count] = (res, soft, hard);
+            plan.count += 1;
+        };
+        // RLIMIT_CPU counts whole seconds: round up, SIGXCPU at the soft limit, SIGKILL a second later.
+        let cpu_s = limits.cpu_time.0.div_ceil(1000).max(1);
+        push(libc::RLIMIT_CPU, cpu_s, cpu_s + 1);
+        applied.enforced("cpu_time", "rlimit_cpu");
+        // With a cgroup holding resident memory, the address-space limit only has to stop absurd
+        // reservations; without one it is the memory limit.
+        let mem = limits.memory.0;
+        let as_limit = match cgroup {
+            Some(cg) if cg.has_memory() => {
+                applied.enforced("memory", cg.version());
+                mem.saturating_add(1 << 30)
+            }
+            _ => mem,
+        };
+        push(libc::RLIMIT_AS, as_limit, as_limit);
+        applied.enforced("memory", "rlimit_as");
+        push(
+            libc::RLIMIT_FSIZE,
+            limits.max_file_size.0,
+            limits.max_file_size.0,
+        );
+        applied.enforced("max_file_size", "rlimit_fsize");
+        let nofile = u64::from(limits.max_open_files);
+        push(libc::RLIMIT_NOFILE, nofile, nofile);
+        applied.enforced("max_open_files", "rlimit_nofile");
+        push(libc::RLIMIT_CORE, 0, 0);
+        match cgroup {
+            Some(cg) if cg.has_pids() => applied.enforced("max_processes", cg.version()),
+            _ => {
+                // RLIMIT_NPROC counts every process of the uid, host-wide: only a fallback.
+                let n = u64::from(limits.max_processes);
+                push(libc::RLIMIT_NPROC, n, n);
+                applied.enforced("max_processes", "rlimit_nproc");
+            }
+        }
+        if let Some(cg) = cgroup
+            && cg.has_cpu()
+        {
+            applied.enforced("cpus", cg.version());
+        }
+        plan
+    }
+
+    /// Apply in the child. Async-signal-safe.
+    pub fn apply(&self) -> std::io::Result<()> {
+        for &(res, soft, hard) in &self.limits[..self.count] {
+            let rl = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: `rl` is a valid rlimit for the duration of the call.
+            if unsafe { libc::setrlimit(res, &rl) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write `"0"` (= the calling process) into each `cgroup.procs`. Async-signal-safe.
+pub fn join_cgroups(procs: &[CString]) -> std::io::Result<()> {
+    for path in procs {
+        // SAFETY: `path` is a valid NUL-terminated string; the buffer passed to write is static.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if !ok {
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn child_setup(
+    procs: &[CString],
+    plan: &RlimitPlan,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    // SAFETY: setsid/prctl take no pointers; failures are reported through errno.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    join_cgroups(procs)?;
+    plan.apply()?;
+    if let Some((uid, gid)) = owner {
+        // SAFETY: set*id calls with integer arguments; setgroups with an empty list.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Kills a process-backend run: its process group, its cgroup, and (without a cgroup) the
+/// orphans it left, which the subreaper bit made our children.
+struct ProcessTree<'a> {
+    pgid: i32,
+    cgroup: Option<&'a RunCgroup>,
+}
+
+impl TreeKiller for ProcessTree<'_> {
+    fn kill_tree(&self) {
+        sys::kill(-self.pgid, libc::SIGKILL);
+        match self.cgroup {
+            Some(cg) => cg.kill_all(),
+            None => kill_orphans(),
+        }
+    }
+}
+
+/// Without a cgroup, a double-forked daemon escapes the process group but, thanks to
+/// `PR_SET_CHILD_SUBREAPER`, becomes our child. Kill and reap every child of ours that is not
+/// the main process of a run in flight, until none is left.
+fn kill_orphans() {
+    let me = sys::getpid();
+    for _ in 0..50 {
+        let active = ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let orphans: Vec<i32> = children_of(me)
+            .into_iter()
+            .filter(|p| !active.contains(p))
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        for &pid in &orphans {
+            sys::kill(-pid, libc::SIGKILL);
+            sys::kill(pid, libc::SIGKILL);
+        }
+        for &pid in &orphans {
+            for _ in 0..100 {
+                if sys::try_reap(pid) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+    }
+}
+
+/// Children of `parent` that left its session: run processes call `setsid`, while helper
+/// processes the host program started itself (e.g. local agents) stay in its session.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let Some((_, own_sid)) = ppid_and_sid(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            ppid_and_sid(pid).is_some_and(|(ppid, sid)| ppid == parent && sid != own_sid)
+        })
+        .collect()
+}
+
+fn ppid_and_sid(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may hold spaces): state ppid pgrp session.
+    let mut rest = stat[stat.rfind(')')? + 2..].split_whitespace();
+    let ppid = rest.nth(1)?.parse().ok()?;
+    let sid = rest.nth(1)?.parse().ok()?;
+    Some((ppid, sid))
+}

@@ -1,0 +1,235 @@
+//! The supervision loop shared by every backend: one thread, one `poll` over the child's pidfd,
+//! its stdout/stderr pipes and any backend-specific descriptors (the jail's seccomp listener).
+//!
+//! Waiting on a pidfd with the remaining time as the poll timeout is what keeps the timeout
+//! overshoot in the low milliseconds: there is no sleep-and-check loop.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use fleetbox_proto::StreamCapture;
+use sha2::{Digest, Sha256};
+
+use crate::sys::{self, Exit};
+
+/// Kills every process a run started.
+pub trait TreeKiller {
+    fn kill_tree(&self);
+}
+
+/// Descriptors a backend wants polled alongside the child.
+pub trait Extras {
+    fn fds(&self) -> Vec<RawFd>;
+    fn on_ready(&mut self, fd: RawFd);
+}
+
+/// The spawned top process of a run.
+pub struct Child {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+pub struct Outcome {
+    pub exit: Exit,
+    pub wall: Duration,
+    pub timed_out: bool,
+    /// The stream that passed its cap when the run was stopped for it.
+    pub output_limited: Option<&'static str>,
+    pub stdout: StreamCapture,
+    pub stderr: StreamCapture,
+}
+
+/// Keeps the first `cap` bytes of a stream and counts the rest.
+struct Capture {
+    kept: Vec<u8>,
+    total: u64,
+    cap: usize,
+}
+
+impl Capture {
+    fn new(cap: u64) -> Self {
+        Capture {
+            kept: Vec::new(),
+            total: 0,
+            cap: usize::try_from(cap).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.total += chunk.len() as u64;
+        let room = self.cap.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&chunk[..room.min(chunk.len())]);
+    }
+
+    fn over(&self) -> bool {
+        self.total > self.cap as u64
+    }
+
+    fn finish(self) -> StreamCapture {
+        let truncated = self.over();
+        StreamCapture {
+            sha256: hex::encode(Sha256::digest(&self.kept)),
+            kept: self.kept,
+            bytes: self.total,
+            truncated,
+        }
+    }
+}
+
+pub struct Supervision<'a> {
+    pub timeout: Duration,
+    pub max_output: u64,
+    pub continue_past_output_limit: bool,
+    pub killer: &'a dyn TreeKiller,
+    pub extras: Option<&'a mut dyn Extras>,
+}
+
+/// How long to keep reading pipes after the main process is gone (its tree has been killed by
+/// then, so EOF normally arrives at once; this bounds a leaked write end).
+const DRAIN: Duration = Duration::from_millis(300);
+
+pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Outcome {
+    let deadline = started + sup.timeout;
+    let mut out = Capture::new(sup.max_output);
+    let mut err = Capture::new(sup.max_output);
+    let mut out_open = true;
+    let mut err_open = true;
+    let mut exit: Option<(Exit, Instant)> = None;
+    let mut timed_out = false;
+    let mut output_limited = None;
+    let mut killed = false;
+    let mut buf = vec![0u8; 64 * 1024];
+
+    loop {
+        let now = Instant::now();
+        let mut fds = Vec::with_capacity(6);
+        let main_alive = exit.is_none();
+        if main_alive {
+            fds.push(child.pidfd.as_raw_fd());
+        }
+        if out_open {
+            fds.push(child.stdout.as_raw_fd());
+        }
+        if err_open {
+            fds.push(child.stderr.as_raw_fd());
+        }
+        if let Some(extras) = sup.extras.as_deref() {
+            fds.extend(extras.fds());
+        }
+        if !main_alive && !out_open && !err_open {
+            break;
+        }
+        let until = match &exit {
+            None => deadline,
+            Some((_, at)) => *at + DRAIN,
+        };
+        if now >= until {
+            if main_alive {
+                timed_out = true;
+                sup.killer.kill_tree();
+                killed = true;
+                let e = sys::wait4(child.pid).unwrap_or(Exit {
+                    code: None,
+                    signal: Some(libc::SIGKILL),
+                    user_ms: 0,
+                    sys_ms: 0,
+                    maxrss_bytes: 0,
+                });
+                exit = Some((e, Instant::now()));
+                continue;
+            }
+            break;
+        }
+        // Round up so we never wake a hair early and spin.
+        let wait_ms = (until - now).as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let revents = match sys::poll(&fds, wait_ms) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "poll failed; killing the run");
+                sup.killer.kill_tree();
+                killed = true;
+                if main_alive && let Ok(e) = sys::wait4(child.pid) {
+                    exit = Some((e, Instant::now()));
+                }
+                break;
+            }
+        };
+        for (fd, rev) in fds.iter().copied().zip(revents) {
+            if rev == 0 {
+                continue;
+            }
+            if main_alive && fd == child.pidfd.as_raw_fd() {
+                let e = sys::wait4(child.pid).unwrap_or(Exit {
+                    code: None,
+                    signal: None,
+                    user_ms: 0,
+                    sys_ms: 0,
+                    maxrss_bytes: 0,
+                });
+                exit = Some((e, Instant::now()));
+                // Whatever the program left running (double-forked daemons) dies with it.
+                sup.killer.kill_tree();
+                killed = true;
+            } else if out_open && fd == child.stdout.as_raw_fd() {
+                out_open = drain(fd, &mut out, &mut buf);
+            } else if err_open && fd == child.stderr.as_raw_fd() {
+                err_open = drain(fd, &mut err, &mut buf);
+            } else if let Some(extras) = sup.extras.as_deref_mut() {
+                extras.on_ready(fd);
+            }
+        }
+        if output_limited.is_none() && !sup.continue_past_output_limit {
+            let which = if out.over() {
+                Some("stdout")
+            } else if err.over() {
+                Some("stderr")
+            } else {
+                None
+            };
+            if let Some(which) = which
+                && exit.is_none()
+            {
+                output_limited = Some(which);
+                sup.killer.kill_tree();
+                killed = true;
+            }
+        }
+    }
+    if !killed {
+        sup.killer.kill_tree();
+    }
+    let (exit, ended) = exit.unwrap_or((
+        Exit {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            user_ms: 0,
+            sys_ms: 0,
+            maxrss_bytes: 0,
+        },
+        Instant::now(),
+    ));
+    Outcome {
+        exit,
+        wall: ended.saturating_duration_since(started),
+        timed_out,
+        output_limited,
+        stdout: out.finish(),
+        stderr: err.finish(),
+    }
+}
+
+/// Read what is available; returns whether the stream is still open.
+fn drain(fd: RawFd, cap: &mut Capture, buf: &mut [u8]) -> bool {
+    // Bounded so a flood on one stream cannot starve the pidfd and the timeout.
+    for _ in 0..16 {
+        match sys::read(fd, buf) {
+            Ok(Some(0)) => return false,
+            Ok(Some(n)) => cap.push(&buf[..n]),
+            Ok(None) => return true,
+            Err(_) => return false,
+        }
+    }
+    true
+}

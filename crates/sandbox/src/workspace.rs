@@ -1,0 +1,268 @@
+//! The per-run directory: code, input, the writable workspace, and what the program left there.
+//!
+//! ```text
+//! <root>/fleetbox-run-XXXXXX/
+//!   main.py        the program (read-only to it in the jail)
+//!   work/          the workspace: cwd, input.json, output.json, created files
+//!   tmp/           TMPDIR for the process backend
+//!   root/          mount point of the jail's new root
+//! ```
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use fleetbox_proto::{ByteSize, FileEntry};
+use sha2::{Digest, Sha256};
+
+use crate::SandboxError;
+
+pub const CODE_FILE: &str = "main.py";
+pub const INPUT_FILE: &str = "input.json";
+pub const OUTPUT_FILE: &str = "output.json";
+
+/// A run directory, removed on drop unless kept.
+pub struct RunDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    pub input_sha256: Option<String>,
+}
+
+impl RunDir {
+    /// Create the directory, write the code and the input, and hand the workspace to `owner`
+    /// (the unprivileged uid the program runs as) when we are root.
+    pub fn create(
+        root: &Path,
+        code: &[u8],
+        input: Option<&[u8]>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<RunDir, SandboxError> {
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SandboxError::Workspace {
+                what,
+                path,
+                source,
+            }
+        };
+        fs_err::create_dir_all(root).map_err(io("create the workspace root", root))?;
+        let dir = tempfile::Builder::new()
+            .prefix("fleetbox-run-")
+            .tempdir_in(root)
+            .map_err(io("create a run directory in", root))?;
+        let path = dir.path().to_path_buf();
+        // Traversable (not listable) by the unprivileged uid the program runs as.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711))
+            .map_err(io("set permissions on", &path))?;
+        let code_path = path.join(CODE_FILE);
+        fs_err::write(&code_path, code).map_err(io("write the program to", &code_path))?;
+        std::fs::set_permissions(&code_path, std::fs::Permissions::from_mode(0o644))
+            .map_err(io("set permissions on", &code_path))?;
+        let work = path.join("work");
+        let tmp = path.join("tmp");
+        for d in [&work, &tmp] {
+            fs_err::create_dir(d).map_err(io("create", d))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("set permissions on", d))?;
+        }
+        let input_sha256 = match input {
+            Some(bytes) => {
+                let p = work.join(INPUT_FILE);
+                fs_err::write(&p, bytes).map_err(io("write the input to", &p))?;
+                Some(sha256_hex(bytes))
+            }
+            None => None,
+        };
+        if let Some((uid, gid)) = owner {
+            for d in [&work, &tmp] {
+                chown_tree(d, uid, gid).map_err(io("hand over", d))?;
+            }
+        }
+        Ok(RunDir {
+            dir: Some(dir),
+            path,
+            input_sha256,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn code(&self) -> PathBuf {
+        self.path.join(CODE_FILE)
+    }
+    pub fn work(&self) -> PathBuf {
+        self.path.join("work")
+    }
+    pub fn tmp(&self) -> PathBuf {
+        self.path.join("tmp")
+    }
+
+    /// Keep the directory after the run; returns where it is.
+    pub fn keep(&mut self) -> PathBuf {
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+        self.path.clone()
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take()
+            && let Err(e) = dir.close()
+        {
+            // A program can leave read-only directories behind; make them writable and retry.
+            make_writable(&self.path);
+            if std::fs::remove_dir_all(&self.path).is_err() {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove run directory");
+            }
+        }
+    }
+}
+
+fn make_writable(root: &Path) {
+    for entry in walk(root) {
+        if entry.1.is_dir() {
+            let _ = std::fs::set_permissions(&entry.0, std::fs::Permissions::from_mode(0o700));
+        }
+    }
+}
+
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    for (path, _) in walk(dir) {
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Every entry below `root` (not following symlinks), depth first.
+fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut children: Vec<_> = entries.flatten().collect();
+        children.sort_by_key(|e| e.file_name());
+        for entry in children {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            out.push((path, meta));
+        }
+    }
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Files the program left in `work`, excluding the input we wrote there ourselves (unless the
+/// program changed it). Capped at `max_files` entries and `max_hashed` bytes of hashing.
+pub struct Listing {
+    pub files: Vec<FileEntry>,
+    pub truncated: bool,
+    /// A file that reached the `RLIMIT_FSIZE` cap exactly.
+    pub at_file_size_limit: Option<String>,
+}
+
+pub fn list_files(
+    work: &Path,
+    input_sha256: Option<&str>,
+    max_files: u32,
+    max_hashed: ByteSize,
+    file_size_limit: u64,
+) -> Listing {
+    let mut files = Vec::new();
+    let mut truncated = false;
+    let mut hash_budget = max_hashed.0;
+    let mut at_limit = None;
+    for (path, meta) in walk(work) {
+        if !meta.is_file() {
+            continue;
+        }
+        let rel = path
+            .strip_prefix(work)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        let bytes = meta.size();
+        if bytes >= file_size_limit && at_limit.is_none() {
+            at_limit = Some(rel.clone());
+        }
+        let sha256 = if bytes <= hash_budget {
+            hash_budget -= bytes;
+            hash_file(&path)
+        } else {
+            None
+        };
+        if rel == INPUT_FILE && sha256.is_some() && sha256.as_deref() == input_sha256 {
+            continue;
+        }
+        if files.len() >= max_files as usize {
+            truncated = true;
+            continue;
+        }
+        files.push(FileEntry {
+            path: rel,
+            bytes,
+            sha256,
+        });
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Listing {
+        files,
+        truncated,
+        at_file_size_limit: at_limit,
+    }
+}
+
+fn hash_file(path: &Path) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    Some(hex::encode(hasher.finalize()))
+}
+
+/// What `output.json` held, if the program wrote one.
+pub enum OutputFile {
+    Absent,
+    Json(serde_json::Value),
+    NotJson(String),
+    TooLarge(u64),
+}
+
+pub fn read_output_file(work: &Path, cap: u64) -> OutputFile {
+    let path = work.join(OUTPUT_FILE);
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return OutputFile::Absent;
+    };
+    if !meta.is_file() {
+        return OutputFile::Absent;
+    }
+    if meta.size() > cap {
+        return OutputFile::TooLarge(meta.size());
+    }
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(v) => OutputFile::Json(v),
+            Err(_) => OutputFile::NotJson(String::from_utf8_lossy(&bytes).into_owned()),
+        },
+        Err(_) => OutputFile::Absent,
+    }
+}
