@@ -83,6 +83,7 @@ pub struct RunSettings {
     pub limits: Limits,
     pub python: Option<PathBuf>,
     pub work_root: PathBuf,
+    pub use_cgroups: bool,
 }
 
 pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSettings> {
@@ -153,10 +154,12 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         .map(PathBuf::from)
         .or_else(|| f.work_root.clone())
         .unwrap_or_else(std::env::temp_dir);
+    let use_cgroups = !var(env::FLEETBOX_NO_CGROUPS).is_some_and(|v| v != "0");
     Ok(RunSettings {
         backend,
         limits,
         python,
         work_root,
+        use_cgroups,
     })
 }

@@ -89,6 +89,7 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
         SandboxConfig {
             python: settings.python,
             work_root: settings.work_root,
+            use_cgroups: settings.use_cgroups,
         },
     )?;
     let report = sandbox.run(&req);

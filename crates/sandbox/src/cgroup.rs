@@ -320,10 +320,6 @@ fn mkdir_fresh(dir: &Path) -> std::io::Result<()> {
 }
 
 fn detect() -> Result<Cgroups, String> {
-    if std::env::var_os(crate::env::FLEETBOX_NO_CGROUPS).is_some_and(|v| v != "0" && !v.is_empty())
-    {
-        return Err(format!("cgroups disabled by `{}`", crate::env::FLEETBOX_NO_CGROUPS));
-    }
     let unified = Path::new("/sys/fs/cgroup/cgroup.controllers");
     if unified.exists() {
         return detect_v2().map(|parent| Cgroups {

@@ -72,6 +72,8 @@ pub struct SandboxConfig {
     pub python: Option<PathBuf>,
     /// Where run directories are created.
     pub work_root: PathBuf,
+    /// Use cgroups when the host has them (off: rlimits, process-group kill and a subreaper).
+    pub use_cgroups: bool,
 }
 
 impl Default for SandboxConfig {
@@ -79,6 +81,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             python: None,
             work_root: std::env::temp_dir(),
+            use_cgroups: true,
         }
     }
 }

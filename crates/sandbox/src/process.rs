@@ -2,8 +2,9 @@
 //! held by rlimits and, where the host allows, a cgroup.
 //!
 //! It shares the host's filesystem view and network: use it for trusted code or where namespaces
-//! are unavailable. When we are root the program runs as `nobody` (uid 65534) with
-//! `no_new_privs`, so it cannot read root-only files or keep root's capabilities.
+//! are unavailable. When we are root the program runs as an unprivileged uid of its own (see
+//! [`run_uid`]) with `no_new_privs`, so it cannot read root-only files, keep root's
+//! capabilities, or signal other runs.
 
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
@@ -19,8 +20,19 @@ use crate::supervise::{self, Child, Supervision, TreeKiller};
 use crate::workspace::RunDir;
 use crate::{Backend, RunRequest, Sandbox, SandboxConfig, python, sys};
 
-/// uid/gid the program runs as when the supervisor is root.
-pub const NOBODY: (u32, u32) = (65534, 65534);
+/// First of the uids given to runs when the supervisor is root. Each run gets its own uid so
+/// that runs cannot signal each other and `RLIMIT_NPROC` (counted per uid, host-wide) is per run.
+pub const RUN_UID_BASE: u32 = 1_500_000_000;
+const RUN_UID_SLOTS: u32 = 1 << 20;
+
+/// An unprivileged uid (= gid) for one run; unique among the runs of this process.
+pub fn run_uid() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Spread processes apart so concurrent agents on one host rarely pick the same uid.
+    let slot = (std::process::id().wrapping_mul(4099).wrapping_add(n)) % RUN_UID_SLOTS;
+    RUN_UID_BASE + slot
+}
 
 pub struct ProcessSandbox {
     config: SandboxConfig,
@@ -54,7 +66,10 @@ impl Sandbox for ProcessSandbox {
             Ok(p) => p,
             Err(e) => return ctx.sandbox_error(e.to_string()),
         };
-        let owner = sys::is_root().then_some(NOBODY);
+        let owner = sys::is_root().then(|| {
+            let uid = run_uid();
+            (uid, uid)
+        });
         let dir = match RunDir::create(
             &self.config.work_root,
             &req.code,
@@ -70,7 +85,12 @@ impl Sandbox for ProcessSandbox {
                 return ctx.sandbox_error(e.to_string());
             }
         };
-        let cgroup = match Cgroups::detect() {
+        let detected = if self.config.use_cgroups {
+            Cgroups::detect()
+        } else {
+            Err("disabled in the configuration")
+        };
+        let cgroup = match detected {
             Ok(cg) => match cg.create_run(&CgroupLimits {
                 memory_bytes: req.limits.memory.0,
                 max_pids: req.limits.max_processes,
@@ -94,9 +114,10 @@ impl Sandbox for ProcessSandbox {
         let plan = RlimitPlan::new(&req.limits, cgroup.as_ref(), &mut ctx.applied);
         ctx.applied.enforced("timeout", "supervisor_pidfd_poll");
         ctx.applied.enforced("max_output", "supervisor_capture");
-        if owner.is_some() {
-            ctx.notes
-                .push("running as uid 65534 (nobody) with no_new_privs".into());
+        if let Some((uid, _)) = owner {
+            ctx.notes.push(format!(
+                "running as unprivileged per-run uid {uid} with no_new_privs"
+            ));
         }
         ctx.python = Some(&py);
 

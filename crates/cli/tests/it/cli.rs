@@ -1,0 +1,184 @@
+//! `fleetbox run` as a user types it: flags, environment, config file, exit codes.
+
+use std::process::{Command, Output, Stdio};
+
+use crate::support::{bin, fixtures_dir};
+
+fn fleetbox(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).stdin(Stdio::null());
+    for k in ["SANDBOX_TYPE", "SANDBOX_TIMEOUT_SEC", "SANDBOX_MAX_OUTPUT_KB", "FLEETBOX_CONFIG"] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run fleetbox")
+}
+
+fn fixture(name: &str) -> String {
+    fixtures_dir().join(name).display().to_string()
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn human_output_and_summary() {
+    let out = fleetbox(&["run", &fixture("clean_exit.py")], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"answer\": 42, \"items\": [1, 2, 3]}\n"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("fleetbox: ok in "), "{err}");
+}
+
+#[test]
+fn exit_codes_follow_status() {
+    let cases = [
+        ("clean_exit.py", 0),
+        ("exception.py", 1),
+        ("sleep_past_timeout.py", 3),
+        ("memory_bomb.py", 4),
+        ("output_flood.py", 5),
+        ("killed.py", 6),
+    ];
+    for (name, code) in cases {
+        let out = fleetbox(
+            &["run", "--timeout", "1s", "--memory", "64MiB", &fixture(name)],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(code), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn json_report_and_stdin_program() {
+    let mut child = Command::new(bin())
+        .args(["run", "--json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"print(6 * 7)").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let r = report(&out);
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["output"], 42);
+    assert_eq!(r["output_source"], "stdout_json");
+}
+
+#[test]
+fn seed_environment_variables_and_flag_precedence() {
+    // SANDBOX_TIMEOUT_SEC is seconds; the flag wins over it.
+    let out = fleetbox(
+        &["run", "--json", &fixture("sleep_past_timeout.py")],
+        &[("SANDBOX_TIMEOUT_SEC", "1")],
+    );
+    let r = report(&out);
+    assert_eq!(r["status"], "timeout");
+    assert_eq!(r["limits"]["timeout"], "1s");
+    let out = fleetbox(
+        &["run", "--json", "--timeout", "300ms", &fixture("sleep_past_timeout.py")],
+        &[("SANDBOX_TIMEOUT_SEC", "1")],
+    );
+    assert_eq!(report(&out)["limits"]["timeout"], "300ms");
+    // SANDBOX_MAX_OUTPUT_KB is KiB.
+    let out = fleetbox(
+        &["run", "--json", &fixture("output_flood.py")],
+        &[("SANDBOX_MAX_OUTPUT_KB", "8")],
+    );
+    let r = report(&out);
+    assert_eq!(r["limits"]["max_output"], "8KiB");
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 8192);
+    // SANDBOX_TYPE=local is the process backend.
+    let out = fleetbox(
+        &["run", "--json", &fixture("clean_exit.py")],
+        &[("SANDBOX_TYPE", "local")],
+    );
+    assert_eq!(report(&out)["backend"], "process");
+}
+
+#[test]
+fn config_file_is_below_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("fleetbox.toml");
+    std::fs::write(&cfg, "[run]\ntimeout = \"700ms\"\nmemory = \"96MiB\"\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let out = fleetbox(&["--config", &cfg, "run", "--json", &fixture("clean_exit.py")], &[]);
+    let r = report(&out);
+    assert_eq!(r["limits"]["timeout"], "700ms");
+    assert_eq!(r["limits"]["memory"], "96MiB");
+    let out = fleetbox(
+        &["--config", &cfg, "run", "--json", &fixture("clean_exit.py")],
+        &[("SANDBOX_TIMEOUT_SEC", "2")],
+    );
+    assert_eq!(report(&out)["limits"]["timeout"], "2s");
+}
+
+#[test]
+fn malformed_values_name_the_flag() {
+    let out = fleetbox(&["run", "--timeout", "soon", &fixture("clean_exit.py")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--timeout"), "{err}");
+    let out = fleetbox(&["run", "--memory", "12 apples", &fixture("clean_exit.py")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--memory"));
+    let out = fleetbox(
+        &["run", &fixture("clean_exit.py")],
+        &[("SANDBOX_TIMEOUT_SEC", "forever")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SANDBOX_TIMEOUT_SEC"));
+    let out = fleetbox(&["run", "--backend", "vm", &fixture("clean_exit.py")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`vm`"));
+    let out = fleetbox(&["run", "/nonexistent/program.py"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/program.py"));
+}
+
+#[test]
+fn input_must_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{not json").unwrap();
+    let out = fleetbox(
+        &["run", "--input", &bad.display().to_string(), &fixture("shard_input.py")],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--input"));
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"{"numbers": [5, 5]}"#).unwrap();
+    let out = fleetbox(
+        &["run", "--json", "--input", &good.display().to_string(), &fixture("shard_input.py")],
+        &[],
+    );
+    assert_eq!(report(&out)["output"]["sum"], 10);
+}
+
+#[test]
+fn keep_workspace_keeps_it() {
+    let out = fleetbox(
+        &["run", "--json", "--keep-workspace", &fixture("files_created.py")],
+        &[],
+    );
+    let r = report(&out);
+    let ws = std::path::PathBuf::from(r["workspace"].as_str().expect("workspace path"));
+    assert!(ws.join("work/a.txt").is_file());
+    std::fs::remove_dir_all(ws).unwrap();
+    let out = fleetbox(&["run", "--json", &fixture("files_created.py")], &[]);
+    assert!(report(&out).get("workspace").is_none());
+}

@@ -1,0 +1,6 @@
+//! Integration tests for the `fleetbox` binary and the sandbox backends, with real processes.
+//! Hostile programs live as files in `tests/fixtures/`.
+
+mod cli;
+mod process;
+mod support;

@@ -1,0 +1,79 @@
+//! Shared helpers: fixtures, running them in a backend, checking processes are gone.
+
+use std::path::PathBuf;
+
+use fleetbox_proto::{ByteSize, ExecutionReport, Limits, Millis};
+use fleetbox_sandbox::{Backend, RunRequest, SandboxConfig};
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = fixtures_dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fleetbox"))
+}
+
+/// Limits small enough that hostile fixtures end quickly.
+pub fn limits() -> Limits {
+    Limits {
+        timeout: Millis(5000),
+        cpu_time: Millis(5000),
+        memory: ByteSize::mib(128),
+        max_output: ByteSize::kib(64),
+        ..Limits::default()
+    }
+}
+
+/// How a test wants the sandbox set up.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    pub backend: Backend,
+    pub cgroups: bool,
+}
+
+pub const PROCESS: Setup = Setup {
+    backend: Backend::Process,
+    cgroups: true,
+};
+pub const PROCESS_NO_CGROUP: Setup = Setup {
+    backend: Backend::Process,
+    cgroups: false,
+};
+
+pub fn run_code(setup: Setup, code: &[u8], input: Option<&[u8]>, limits: Limits) -> ExecutionReport {
+    let sandbox = fleetbox_sandbox::open(
+        setup.backend,
+        SandboxConfig {
+            use_cgroups: setup.cgroups,
+            ..SandboxConfig::default()
+        },
+    )
+    .expect("open sandbox");
+    let req = RunRequest::new(code.to_vec(), input.map(<[u8]>::to_vec), limits);
+    sandbox.run(&req)
+}
+
+pub fn run(setup: Setup, name: &str, limits: Limits) -> ExecutionReport {
+    run_code(setup, &fixture(name), None, limits)
+}
+
+/// True when `pid` no longer runs (absent, or a zombie waiting for its reaper).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            let state = stat[stat.rfind(')').unwrap() + 2..].chars().next();
+            state == Some('Z') || state == Some('X')
+        }
+    }
+}
+
+/// Pretty report for assertion messages.
+pub fn show(r: &ExecutionReport) -> String {
+    serde_json::to_string_pretty(r).unwrap()
+}
