@@ -43,7 +43,8 @@ impl FileConfig {
             }
             Err(e) => return Err(e).context("reading the configuration file"),
         };
-        toml::from_str(&text).with_context(|| format!("invalid configuration in `{}`", path.display()))
+        toml::from_str(&text)
+            .with_context(|| format!("invalid configuration in `{}`", path.display()))
     }
 }
 
@@ -115,20 +116,19 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         limits.memory = m;
     }
     // SANDBOX_MAX_OUTPUT_KB: a bare number is KiB (the seed's meaning); `1MiB` also works.
-    let env_output = match var(env::SANDBOX_MAX_OUTPUT_KB) {
-        None => None,
-        Some(v) if v.trim().chars().all(|c| c.is_ascii_digit()) => {
-            let kib: u64 = v
-                .trim()
-                .parse()
-                .map_err(|e| anyhow::anyhow!("invalid `{}={v}`: {e}", env::SANDBOX_MAX_OUTPUT_KB))?;
-            Some(ByteSize::kib(kib))
-        }
-        Some(v) => Some(
-            v.parse::<ByteSize>()
-                .map_err(|e| anyhow::anyhow!("invalid `{}={v}`: {e}", env::SANDBOX_MAX_OUTPUT_KB))?,
-        ),
-    };
+    let env_output =
+        match var(env::SANDBOX_MAX_OUTPUT_KB) {
+            None => None,
+            Some(v) if v.trim().chars().all(|c| c.is_ascii_digit()) => {
+                let kib: u64 = v.trim().parse().map_err(|e| {
+                    anyhow::anyhow!("invalid `{}={v}`: {e}", env::SANDBOX_MAX_OUTPUT_KB)
+                })?;
+                Some(ByteSize::kib(kib))
+            }
+            Some(v) => Some(v.parse::<ByteSize>().map_err(|e| {
+                anyhow::anyhow!("invalid `{}={v}`: {e}", env::SANDBOX_MAX_OUTPUT_KB)
+            })?),
+        };
     if let Some(o) = flags.max_output.or(env_output).or(f.max_output) {
         limits.max_output = o;
     }

@@ -73,9 +73,8 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     let input = match &args.input {
         Some(path) => {
             let bytes = fs_err::read(path).context("reading `--input`")?;
-            serde_json::from_slice::<serde_json::Value>(&bytes).with_context(|| {
-                format!("`--input {}` is not valid JSON", path.display())
-            })?;
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .with_context(|| format!("`--input {}` is not valid JSON", path.display()))?;
             Some(bytes)
         }
         None => None,

@@ -230,7 +230,10 @@ mod tests {
             "5 parsecs".parse::<Millis>(),
             Err(UnitError::UnknownUnit { .. })
         ));
-        assert!(matches!("s".parse::<Millis>(), Err(UnitError::Malformed(_))));
+        assert!(matches!(
+            "s".parse::<Millis>(),
+            Err(UnitError::Malformed(_))
+        ));
         assert!(matches!("".parse::<Millis>(), Err(UnitError::Empty)));
         assert!(matches!("1e999".parse::<Millis>(), Err(_)));
     }

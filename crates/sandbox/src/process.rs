@@ -125,7 +125,10 @@ impl Sandbox for ProcessSandbox {
         cmd.arg("-I").arg("-B").arg(dir.code());
         cmd.current_dir(dir.work());
         cmd.env_clear();
-        for (k, v) in base_env(&dir.work().display().to_string(), &dir.tmp().display().to_string()) {
+        for (k, v) in base_env(
+            &dir.work().display().to_string(),
+            &dir.tmp().display().to_string(),
+        ) {
             cmd.env(k, v);
         }
         for (k, v) in &req.env {
@@ -159,10 +162,7 @@ impl Sandbox for ProcessSandbox {
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
-                return ctx.sandbox_error(format!(
-                    "starting `{}` failed: {e}",
-                    py.path.display()
-                ));
+                return ctx.sandbox_error(format!("starting `{}` failed: {e}", py.path.display()));
             }
         };
         let pid = child.id() as i32;

@@ -2,9 +2,7 @@
 
 use std::time::SystemTime;
 
-use fleetbox_proto::{
-    AppliedLimits, ExecutionReport, Runner, Status, StreamCapture, Violation,
-};
+use fleetbox_proto::{AppliedLimits, ExecutionReport, Runner, Status, StreamCapture, Violation};
 
 use crate::cgroup::CgroupStats;
 use crate::python::Python;
@@ -35,10 +33,7 @@ impl RunContext<'_> {
     fn runner(&self) -> Runner {
         Runner {
             id: self.req.runner_id.clone(),
-            python: self
-                .python
-                .map(|p| p.version.clone())
-                .unwrap_or_default(),
+            python: self.python.map(|p| p.version.clone()).unwrap_or_default(),
             python_executable: self
                 .python
                 .map(|p| p.path.display().to_string())

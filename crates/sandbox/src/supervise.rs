@@ -143,7 +143,10 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
             break;
         }
         // Round up so we never wake a hair early and spin.
-        let wait_ms = (until - now).as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let wait_ms = (until - now)
+            .as_micros()
+            .div_ceil(1000)
+            .min(i32::MAX as u128) as i32;
         let revents = match sys::poll(&fds, wait_ms) {
             Ok(r) => r,
             Err(e) => {

@@ -111,7 +111,10 @@ fn parse_exception_line(line: &str) -> Option<(String, String)> {
     let looks_like_exception = ["Error", "Exception", "Exit", "Interrupt", "Warning"]
         .iter()
         .any(|s| last.ends_with(s))
-        || matches!(last, "StopIteration" | "StopAsyncIteration" | "GeneratorExit");
+        || matches!(
+            last,
+            "StopIteration" | "StopAsyncIteration" | "GeneratorExit"
+        );
     looks_like_exception.then(|| (kind.to_string(), message))
 }
 
@@ -153,7 +156,8 @@ mod tests {
 
     #[test]
     fn syntax_error_without_header() {
-        let err = "  File \"/w/main.py\", line 1\n    def (\n        ^\nSyntaxError: invalid syntax\n";
+        let err =
+            "  File \"/w/main.py\", line 1\n    def (\n        ^\nSyntaxError: invalid syntax\n";
         let e = parse(err).unwrap();
         assert_eq!(e.kind, "SyntaxError");
         assert_eq!(e.traceback[0].line, 1);

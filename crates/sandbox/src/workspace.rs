@@ -39,11 +39,7 @@ impl RunDir {
     ) -> Result<RunDir, SandboxError> {
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
-            move |source| SandboxError::Workspace {
-                what,
-                path,
-                source,
-            }
+            move |source| SandboxError::Workspace { what, path, source }
         };
         fs_err::create_dir_all(root).map_err(io("create the workspace root", root))?;
         let dir = tempfile::Builder::new()

@@ -7,7 +7,12 @@ use crate::support::{bin, fixtures_dir};
 fn fleetbox(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin());
     cmd.args(args).stdin(Stdio::null());
-    for k in ["SANDBOX_TYPE", "SANDBOX_TIMEOUT_SEC", "SANDBOX_MAX_OUTPUT_KB", "FLEETBOX_CONFIG"] {
+    for k in [
+        "SANDBOX_TYPE",
+        "SANDBOX_TIMEOUT_SEC",
+        "SANDBOX_MAX_OUTPUT_KB",
+        "FLEETBOX_CONFIG",
+    ] {
         cmd.env_remove(k);
     }
     for (k, v) in envs {
@@ -54,10 +59,22 @@ fn exit_codes_follow_status() {
     ];
     for (name, code) in cases {
         let out = fleetbox(
-            &["run", "--timeout", "1s", "--memory", "64MiB", &fixture(name)],
+            &[
+                "run",
+                "--timeout",
+                "1s",
+                "--memory",
+                "64MiB",
+                &fixture(name),
+            ],
             &[],
         );
-        assert_eq!(out.status.code(), Some(code), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -70,7 +87,12 @@ fn json_report_and_stdin_program() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"print(6 * 7)").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"print(6 * 7)")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let r = report(&out);
     assert_eq!(r["status"], "ok");
@@ -89,7 +111,13 @@ fn seed_environment_variables_and_flag_precedence() {
     assert_eq!(r["status"], "timeout");
     assert_eq!(r["limits"]["timeout"], "1s");
     let out = fleetbox(
-        &["run", "--json", "--timeout", "300ms", &fixture("sleep_past_timeout.py")],
+        &[
+            "run",
+            "--json",
+            "--timeout",
+            "300ms",
+            &fixture("sleep_past_timeout.py"),
+        ],
         &[("SANDBOX_TIMEOUT_SEC", "1")],
     );
     assert_eq!(report(&out)["limits"]["timeout"], "300ms");
@@ -115,7 +143,10 @@ fn config_file_is_below_environment() {
     let cfg = dir.path().join("fleetbox.toml");
     std::fs::write(&cfg, "[run]\ntimeout = \"700ms\"\nmemory = \"96MiB\"\n").unwrap();
     let cfg = cfg.display().to_string();
-    let out = fleetbox(&["--config", &cfg, "run", "--json", &fixture("clean_exit.py")], &[]);
+    let out = fleetbox(
+        &["--config", &cfg, "run", "--json", &fixture("clean_exit.py")],
+        &[],
+    );
     let r = report(&out);
     assert_eq!(r["limits"]["timeout"], "700ms");
     assert_eq!(r["limits"]["memory"], "96MiB");
@@ -128,11 +159,17 @@ fn config_file_is_below_environment() {
 
 #[test]
 fn malformed_values_name_the_flag() {
-    let out = fleetbox(&["run", "--timeout", "soon", &fixture("clean_exit.py")], &[]);
+    let out = fleetbox(
+        &["run", "--timeout", "soon", &fixture("clean_exit.py")],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--timeout"), "{err}");
-    let out = fleetbox(&["run", "--memory", "12 apples", &fixture("clean_exit.py")], &[]);
+    let out = fleetbox(
+        &["run", "--memory", "12 apples", &fixture("clean_exit.py")],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--memory"));
     let out = fleetbox(
@@ -155,7 +192,12 @@ fn input_must_be_json() {
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{not json").unwrap();
     let out = fleetbox(
-        &["run", "--input", &bad.display().to_string(), &fixture("shard_input.py")],
+        &[
+            "run",
+            "--input",
+            &bad.display().to_string(),
+            &fixture("shard_input.py"),
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(2));
@@ -163,7 +205,13 @@ fn input_must_be_json() {
     let good = dir.path().join("good.json");
     std::fs::write(&good, r#"{"numbers": [5, 5]}"#).unwrap();
     let out = fleetbox(
-        &["run", "--json", "--input", &good.display().to_string(), &fixture("shard_input.py")],
+        &[
+            "run",
+            "--json",
+            "--input",
+            &good.display().to_string(),
+            &fixture("shard_input.py"),
+        ],
         &[],
     );
     assert_eq!(report(&out)["output"]["sum"], 10);
@@ -172,7 +220,12 @@ fn input_must_be_json() {
 #[test]
 fn keep_workspace_keeps_it() {
     let out = fleetbox(
-        &["run", "--json", "--keep-workspace", &fixture("files_created.py")],
+        &[
+            "run",
+            "--json",
+            "--keep-workspace",
+            &fixture("files_created.py"),
+        ],
         &[],
     );
     let r = report(&out);

@@ -136,7 +136,12 @@ fn classic_fork_bomb_times_out_and_dies() {
 #[test]
 fn output_flood_is_output_limit() {
     let r = run(PROCESS, "output_flood.py", limits());
-    assert_eq!(r.status, Status::OutputLimit, "{}", r.message.clone().unwrap_or_default());
+    assert_eq!(
+        r.status,
+        Status::OutputLimit,
+        "{}",
+        r.message.clone().unwrap_or_default()
+    );
     assert!(r.stdout_truncated);
     assert_eq!(r.stdout.len(), 64 * 1024);
     assert!(r.stdout_bytes > 64 * 1024);
@@ -144,7 +149,11 @@ fn output_flood_is_output_limit() {
         r.stdout_sha256,
         fleetbox_sandbox::workspace::sha256_hex(&vec![b'y'; 64 * 1024])
     );
-    assert!(r.wall_ms < 2000, "stopped early, not after 100 MB: {}", r.wall_ms);
+    assert!(
+        r.wall_ms < 2000,
+        "stopped early, not after 100 MB: {}",
+        r.wall_ms
+    );
 }
 
 #[test]
@@ -152,11 +161,19 @@ fn output_flood_can_continue_past_cap() {
     let mut l = limits();
     l.continue_past_output_limit = true;
     let r = run(PROCESS, "output_flood.py", l);
-    assert_eq!(r.status, Status::Ok, "{}", r.message.clone().unwrap_or_default());
+    assert_eq!(
+        r.status,
+        Status::Ok,
+        "{}",
+        r.message.clone().unwrap_or_default()
+    );
     assert!(r.stdout_truncated);
     assert_eq!(r.stdout_bytes, 100 << 20, "true byte count");
     assert_eq!(r.stdout.len(), 64 * 1024);
-    assert!(r.output.is_none(), "truncated stdout is not parsed as output");
+    assert!(
+        r.output.is_none(),
+        "truncated stdout is not parsed as output"
+    );
 }
 
 fn double_fork(setup: Setup) {
@@ -169,7 +186,11 @@ fn double_fork(setup: Setup) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(support::process_gone(pid), "daemon {pid} survived the run");
-    assert!(r.wall_ms < 2000, "the run did not wait for the daemon: {}", r.wall_ms);
+    assert!(
+        r.wall_ms < 2000,
+        "the run did not wait for the daemon: {}",
+        r.wall_ms
+    );
 }
 
 #[test]
@@ -187,7 +208,11 @@ fn big_file_hits_file_size_limit() {
     let r = run(PROCESS, "big_file.py", limits());
     assert_eq!(r.status, Status::OutputLimit, "{}", show(&r));
     assert!(r.violations.iter().any(|v| v.kind == "file_size_limit"));
-    let f = r.files.iter().find(|f| f.path == "big.bin").expect("listed");
+    let f = r
+        .files
+        .iter()
+        .find(|f| f.path == "big.bin")
+        .expect("listed");
     assert_eq!(f.bytes, 64 << 20);
 }
 
@@ -197,7 +222,12 @@ fn host_environment_does_not_leak() {
     let r = run(PROCESS, "host_env.py", limits());
     assert_eq!(r.status, Status::Ok, "{}", show(&r));
     let env = r.output.unwrap();
-    let mut keys: Vec<&str> = env.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = env
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort();
     assert_eq!(keys, ["HOME", "LANG", "PATH", "TMPDIR"]);
     assert!(!env["HOME"].as_str().unwrap().starts_with("/root"));
@@ -243,7 +273,12 @@ fn killed_by_signal() {
 #[test]
 fn shard_input_is_delivered() {
     let input = br#"{"numbers": [1, 2, 3, 4]}"#;
-    let r = support::run_code(PROCESS, &support::fixture("shard_input.py"), Some(input), limits());
+    let r = support::run_code(
+        PROCESS,
+        &support::fixture("shard_input.py"),
+        Some(input),
+        limits(),
+    );
     assert_eq!(r.status, Status::Ok, "{}", show(&r));
     assert_eq!(r.output.unwrap()["sum"], 10);
     assert_eq!(
@@ -282,5 +317,9 @@ fn limits_are_reported_as_applied() {
     assert!(mem.iter().any(|m| m == "rlimit_as"), "{mem:?}");
     let r = support::run_code(PROCESS_NO_CGROUP, b"pass", None, limits());
     assert_eq!(r.limits.mechanisms("max_processes"), ["rlimit_nproc"]);
-    assert!(r.notes.iter().any(|n| n.contains("no cgroup")), "{:?}", r.notes);
+    assert!(
+        r.notes.iter().any(|n| n.contains("no cgroup")),
+        "{:?}",
+        r.notes
+    );
 }

@@ -45,7 +45,12 @@ pub const PROCESS_NO_CGROUP: Setup = Setup {
     cgroups: false,
 };
 
-pub fn run_code(setup: Setup, code: &[u8], input: Option<&[u8]>, limits: Limits) -> ExecutionReport {
+pub fn run_code(
+    setup: Setup,
+    code: &[u8],
+    input: Option<&[u8]>,
+    limits: Limits,
+) -> ExecutionReport {
     let sandbox = fleetbox_sandbox::open(
         setup.backend,
         SandboxConfig {
