@@ -30,6 +30,13 @@ enum Command {
 
 /// Parse arguments, run the command, map the result to an exit code.
 pub fn main() -> ExitCode {
+    // The jail's helper is this same binary; it must not parse flags or start logging.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == fleetbox_sandbox::jail::init::INIT_ARG)
+    {
+        fleetbox_sandbox::jail::init::helper_main();
+    }
     init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -89,6 +89,7 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             python: settings.python,
             work_root: settings.work_root,
             use_cgroups: settings.use_cgroups,
+            jail_helper: None,
         },
     )?;
     let report = sandbox.run(&req);

@@ -11,6 +11,7 @@
 //! This crate knows nothing of jobs, HTTP or databases.
 
 pub mod cgroup;
+pub mod jail;
 mod process;
 pub mod python;
 mod report;
@@ -74,6 +75,8 @@ pub struct SandboxConfig {
     pub work_root: PathBuf,
     /// Use cgroups when the host has them (off: rlimits, process-group kill and a subreaper).
     pub use_cgroups: bool,
+    /// The binary that serves `__jail-init` (default: the current executable).
+    pub jail_helper: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -82,6 +85,7 @@ impl Default for SandboxConfig {
             python: None,
             work_root: std::env::temp_dir(),
             use_cgroups: true,
+            jail_helper: None,
         }
     }
 }
@@ -96,18 +100,24 @@ pub trait Sandbox: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Backend {
     Process,
+    Jail,
 }
 
 impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Process => "process",
+            Backend::Jail => "jail",
         }
     }
 
-    /// The backend to use when none is asked for.
+    /// The backend to use when none is asked for: `jail` where the host can build one.
     pub fn default_for_host() -> Backend {
-        Backend::Process
+        if jail::host_supports_jail().is_ok() {
+            Backend::Jail
+        } else {
+            Backend::Process
+        }
     }
 }
 
@@ -123,6 +133,7 @@ impl FromStr for Backend {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "process" | "local" => Ok(Backend::Process),
+            "jail" => Ok(Backend::Jail),
             other => Err(SandboxError::UnknownBackend(other.to_string())),
         }
     }
@@ -132,6 +143,7 @@ impl FromStr for Backend {
 pub fn open(backend: Backend, config: SandboxConfig) -> Result<Box<dyn Sandbox>, SandboxError> {
     match backend {
         Backend::Process => Ok(Box::new(ProcessSandbox::new(config))),
+        Backend::Jail => Ok(Box::new(jail::JailSandbox::new(config)?)),
     }
 }
 
@@ -144,6 +156,8 @@ pub enum SandboxError {
         "no Python interpreter found (looked at {looked}); install one with `apt-get install python3` or point `FLEETBOX_PYTHON` at it"
     )]
     PythonMissing { looked: String },
+    #[error(transparent)]
+    Policy(#[from] jail::seccomp::PolicyError),
     #[error("could not {what} `{}`: {source}", path.display())]
     Workspace {
         what: &'static str,

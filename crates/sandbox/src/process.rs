@@ -295,6 +295,14 @@ impl RlimitPlan {
         plan
     }
 
+    /// `(resource, soft, hard)` triples, for the jail helper's configuration.
+    pub fn entries(&self) -> Vec<(u32, u64, u64)> {
+        self.limits[..self.count]
+            .iter()
+            .map(|&(r, s, h)| (r as u32, s, h))
+            .collect()
+    }
+
     /// Apply in the child. Async-signal-safe.
     pub fn apply(&self) -> std::io::Result<()> {
         for &(res, soft, hard) in &self.limits[..self.count] {

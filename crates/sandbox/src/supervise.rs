@@ -20,7 +20,7 @@ pub trait TreeKiller {
 /// Descriptors a backend wants polled alongside the child.
 pub trait Extras {
     fn fds(&self) -> Vec<RawFd>;
-    fn on_ready(&mut self, fd: RawFd);
+    fn on_ready(&mut self, fd: RawFd, revents: i16);
 }
 
 /// The spawned top process of a run.
@@ -180,7 +180,7 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
             } else if err_open && fd == child.stderr.as_raw_fd() {
                 err_open = drain(fd, &mut err, &mut buf);
             } else if let Some(extras) = sup.extras.as_deref_mut() {
-                extras.on_ready(fd);
+                extras.on_ready(fd, rev);
             }
         }
         if output_limited.is_none() && !sup.continue_past_output_limit {

@@ -163,12 +163,3 @@ pub fn set_child_subreaper() {
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 }
-
-/// Keep `fd` open across `exec` (clear `FD_CLOEXEC`).
-pub fn clear_cloexec(fd: &impl AsRawFd) -> io::Result<()> {
-    // SAFETY: fcntl F_SETFD on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}

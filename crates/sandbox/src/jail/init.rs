@@ -1,0 +1,764 @@
+//! Inside the jail. Three processes, each doing one thing:
+//!
+//! - the **helper** (`fleetbox __jail-init`, started by the supervisor, still on the host): reads
+//!   its [`InitConfig`] from stdin, `clone`s the namespace init into new user/PID/mount/net/IPC/UTS
+//!   namespaces, writes its uid/gid maps, puts it in the run's cgroup, then waits for it;
+//! - the **namespace init** (PID 1 inside): builds the new root (read-only binds of what Python
+//!   needs, fresh `/proc`, minimal `/dev`, tmpfs `/tmp`, the workspace), `pivot_root`s into it,
+//!   brings up loopback, forks the program and reaps until it exits; when PID 1 exits the kernel
+//!   kills everything left in the namespace;
+//! - the **program**: drops to the unprivileged uid, sheds every capability, sets
+//!   `no_new_privs`, applies rlimits, Landlock and seccomp, hands the seccomp listener to the
+//!   supervisor, and `exec`s Python.
+//!
+//! The helper is a fresh single-threaded process, so the raw `clone` (which skips libc's fork
+//! handlers) is safe and the children may allocate. Progress and errors go to the supervisor as
+//! JSON lines on fd 3.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::seccomp::{self, Policy};
+
+/// The hidden subcommand that turns the `fleetbox` binary into the helper.
+pub const INIT_ARG: &str = "__jail-init";
+/// Events to the supervisor.
+pub const STATUS_FD: i32 = 3;
+/// Where the program sends its seccomp listener.
+pub const SECCOMP_FD: i32 = 4;
+
+/// Everything the helper needs, sent as JSON on its stdin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitConfig {
+    pub root: PathBuf,
+    pub work: PathBuf,
+    pub code: PathBuf,
+    pub python: PathBuf,
+    /// Host directories/files bound read-only at the same path.
+    pub ro_binds: Vec<PathBuf>,
+    /// `(path, target)` symlinks recreated in the new root (`/lib -> usr/lib`).
+    pub symlinks: Vec<(PathBuf, PathBuf)>,
+    pub host_uid: u32,
+    pub host_gid: u32,
+    pub ns_uid: u32,
+    pub ns_gid: u32,
+    /// We are root on the host: may map any uid, must drop root's supplementary groups.
+    pub privileged: bool,
+    pub cgroup_procs: Vec<PathBuf>,
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub env: Vec<(String, String)>,
+    pub tmp_size: u64,
+    pub network: bool,
+}
+
+/// Messages to the supervisor, one JSON object per line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    SetupError {
+        message: String,
+    },
+    Landlock {
+        status: String,
+    },
+    Note {
+        message: String,
+    },
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        user_ms: u64,
+        sys_ms: u64,
+        maxrss_bytes: u64,
+    },
+}
+
+fn send(event: &Event) {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    // SAFETY: writing a buffer we own to fd 3, which the supervisor gave us (or is closed, in
+    // which case the write fails harmlessly).
+    unsafe { libc::write(STATUS_FD, line.as_ptr().cast(), line.len()) };
+}
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// Entry point of `fleetbox __jail-init`. Never returns.
+pub fn helper_main() -> ! {
+    let mut raw = Vec::new();
+    let code = match std::io::stdin().read_to_end(&mut raw) {
+        Err(e) => fail(format!("reading the jail configuration failed: {e}")),
+        Ok(_) => match serde_json::from_slice::<InitConfig>(&raw) {
+            Err(e) => fail(format!("invalid jail configuration: {e}")),
+            Ok(cfg) => match helper(&cfg) {
+                Ok(code) => code,
+                Err(msg) => fail(msg),
+            },
+        },
+    };
+    std::process::exit(code)
+}
+
+fn fail(message: String) -> i32 {
+    send(&Event::SetupError { message });
+    1
+}
+
+fn helper(cfg: &InitConfig) -> Result<i32, String> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is valid for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", errno()));
+    }
+    // SAFETY: pipe2 returned two fresh descriptors.
+    let (go_r, go_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS;
+    if !cfg.network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: a fork-like clone (no new stack): the child continues here with a copy of our
+    // single-threaded address space, so it may allocate and use std as usual.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        let e = errno();
+        return Err(match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::ENOSPC) | Some(libc::EINVAL) => format!(
+                "the host does not allow creating user namespaces ({e}); enable them \
+                 (`sysctl -w kernel.unprivileged_userns_clone=1`, `user.max_user_namespaces > 0`, \
+                 or on Ubuntu `kernel.apparmor_restrict_unprivileged_userns=0`) or use `--backend process`"
+            ),
+            _ => format!("clone into new namespaces failed: {e}"),
+        });
+    }
+    if pid == 0 {
+        drop(go_w);
+        let code = match namespace_init(cfg, go_r) {
+            Ok(code) => code,
+            Err(msg) => fail(msg),
+        };
+        // SAFETY: leave without running the helper's atexit handlers or unwinding its stack.
+        unsafe { libc::_exit(code) };
+    }
+    let pid = pid as i32;
+    drop(go_r);
+    if let Err(e) = write_maps(pid, cfg) {
+        // SAFETY: kill/waitpid on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(e);
+    }
+    for procs in &cfg.cgroup_procs {
+        if let Err(e) = std::fs::write(procs, pid.to_string()) {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(format!("joining cgroup `{}` failed: {e}", procs.display()));
+        }
+    }
+    // The namespace init may proceed.
+    let mut go = std::fs::File::from(go_w);
+    let _ = go.write_all(b"1");
+    drop(go);
+    // SAFETY: closing the seccomp socket, which only the program needs.
+    unsafe { libc::close(SECCOMP_FD) };
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is valid for writes.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if errno().kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!(
+                "waiting for the namespace init failed: {}",
+                errno()
+            ));
+        }
+    }
+    Ok(if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    })
+}
+
+fn write_maps(pid: i32, cfg: &InitConfig) -> Result<(), String> {
+    let w = |file: &str, text: &str| {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, text).map_err(|e| format!("writing `{path}` ({text:?}) failed: {e}"))
+    };
+    if !cfg.privileged {
+        // An unprivileged process may only map its own ids, and only after giving up setgroups.
+        w("setgroups", "deny")?;
+    }
+    w("uid_map", &format!("{} {} 1\n", cfg.ns_uid, cfg.host_uid))?;
+    w("gid_map", &format!("{} {} 1\n", cfg.ns_gid, cfg.host_gid))?;
+    Ok(())
+}
+
+/// PID 1 of the new namespaces.
+fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
+    let mut byte = [0u8; 1];
+    let mut go = std::fs::File::from(go);
+    if go.read(&mut byte).map_err(|e| e.to_string())? != 1 {
+        return Err("the jail helper went away before the namespaces were ready".into());
+    }
+    become_sandbox_user_keeping_caps(cfg)?;
+    // SAFETY: prctl with integer arguments. Die with the helper; and be undumpable (after the
+    // uid change, which resets it), so the program, which shares our uid, cannot reach our
+    // descriptors through /proc/1/fd.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    // SAFETY: unshare with a flag constant; failure only means no cgroup namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        send(&Event::Note {
+            message: format!("no cgroup namespace: {}", errno()),
+        });
+    }
+    build_root(cfg)?;
+    let host = b"fleetbox";
+    // SAFETY: `host` is a valid buffer of the given length.
+    unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) };
+    if !cfg.network {
+        loopback_up()?;
+    }
+    enter_root(&cfg.root)?;
+
+    // SAFETY: fork in the single-threaded namespace init.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(format!("fork: {}", errno()));
+    }
+    if child == 0 {
+        let msg = match exec_program(cfg) {
+            Err(msg) => msg,
+            Ok(never) => match never {},
+        };
+        send(&Event::SetupError { message: msg });
+        // SAFETY: leave the failed child immediately.
+        unsafe { libc::_exit(127) };
+    }
+    // Reap everything; stop when the program itself has exited.
+    loop {
+        let mut status = 0;
+        // SAFETY: rusage is plain data that wait4 fills.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid out-pointers for the duration of the call.
+        let r = unsafe { libc::wait4(-1, &mut status, 0, &mut ru) };
+        if r < 0 {
+            if errno().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("wait: {}", errno()));
+        }
+        if r == child {
+            let ms = |tv: libc::timeval| tv.tv_sec as u64 * 1000 + tv.tv_usec as u64 / 1000;
+            send(&Event::Exit {
+                code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+                signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+                user_ms: ms(ru.ru_utime),
+                sys_ms: ms(ru.ru_stime),
+                maxrss_bytes: ru.ru_maxrss.max(0) as u64 * 1024,
+            });
+            return Ok(0);
+        }
+    }
+}
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+fn mount(
+    src: Option<&Path>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let src_c = src.map(cstr);
+    let dst_c = cstr(dst);
+    let fs_c = fstype.map(|f| CString::new(f).unwrap_or_default());
+    let data_c = data.map(|d| CString::new(d).unwrap_or_default());
+    // SAFETY: every pointer is either null or a valid NUL-terminated string living until return.
+    let r = unsafe {
+        libc::mount(
+            src_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            dst_c.as_ptr(),
+            fs_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            flags,
+            data_c
+                .as_ref()
+                .map_or(std::ptr::null(), |c| c.as_ptr().cast()),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "mount {} on `{}` ({}) failed: {}",
+            src.map(|s| format!("`{}`", s.display()))
+                .unwrap_or_else(|| fstype.unwrap_or("-").to_string()),
+            dst.display(),
+            fstype.unwrap_or("bind"),
+            errno()
+        ));
+    }
+    Ok(())
+}
+
+/// Flags the kernel locks on a mount made in a less privileged namespace; a remount must keep them.
+fn locked_flags(path: &Path) -> libc::c_ulong {
+    // SAFETY: statvfs is plain data the call fills; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(cstr(path).as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    let mut f = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            f |= ms_flag;
+        }
+    }
+    f
+}
+
+fn bind(src: &Path, dst: &Path, read_only: bool, extra: libc::c_ulong) -> Result<(), String> {
+    if src.is_dir() {
+        std::fs::create_dir_all(dst).map_err(|e| format!("mkdir `{}`: {e}", dst.display()))?;
+    } else {
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("mkdir `{}`: {e}", parent.display()))?;
+        }
+        std::fs::write(dst, b"").map_err(|e| format!("create `{}`: {e}", dst.display()))?;
+    }
+    mount(Some(src), dst, None, libc::MS_BIND | libc::MS_REC, None)?;
+    if read_only || extra != 0 {
+        let ro = if read_only { libc::MS_RDONLY } else { 0 };
+        mount(
+            None,
+            dst,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | ro | extra | locked_flags(src),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn inside(root: &Path, p: &Path) -> PathBuf {
+    root.join(p.strip_prefix("/").unwrap_or(p))
+}
+
+fn build_root(cfg: &InitConfig) -> Result<(), String> {
+    let root = &cfg.root;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    mount(
+        Some(Path::new("tmpfs")),
+        root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("size=4m,mode=755"),
+    )?;
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    for path in &cfg.ro_binds {
+        bind(path, &inside(root, path), true, nosuid_nodev)?;
+    }
+    for (link, target) in &cfg.symlinks {
+        std::os::unix::fs::symlink(target, inside(root, link))
+            .map_err(|e| format!("symlink `{}`: {e}", link.display()))?;
+    }
+    // A minimal /etc: who we are, localhost; no shadow, no host configuration.
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc).map_err(|e| format!("mkdir /etc: {e}"))?;
+    let files = [
+        (
+            "passwd",
+            format!(
+                "root:x:0:0::/:/bin/false\nsandbox:x:{}:{}::/work:/bin/false\nnobody:x:65534:65534::/:/bin/false\n",
+                cfg.ns_uid, cfg.ns_gid
+            ),
+        ),
+        (
+            "group",
+            format!("root:x:0:\nsandbox:x:{}:\nnogroup:x:65534:\n", cfg.ns_gid),
+        ),
+        ("hosts", "127.0.0.1 localhost\n::1 localhost\n".to_string()),
+        ("hostname", "fleetbox\n".to_string()),
+    ];
+    for (name, text) in files {
+        std::fs::write(etc.join(name), text).map_err(|e| format!("write /etc/{name}: {e}"))?;
+    }
+    let ld_cache = Path::new("/etc/ld.so.cache");
+    if ld_cache.is_file() {
+        bind(ld_cache, &inside(root, ld_cache), true, nosuid_nodev)?;
+    }
+
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir).map_err(|e| format!("mkdir /proc: {e}"))?;
+    mount(
+        Some(Path::new("proc")),
+        &proc_dir,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )?;
+
+    let dev = root.join("dev");
+    std::fs::create_dir_all(&dev).map_err(|e| format!("mkdir /dev: {e}"))?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("size=64k,mode=755"),
+    )?;
+    for node in ["null", "zero", "full", "urandom", "random"] {
+        let host = Path::new("/dev").join(node);
+        bind(&host, &dev.join(node), false, 0)?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link))
+            .map_err(|e| format!("symlink /dev/{link}: {e}"))?;
+    }
+    let tmpfs_opts = format!("size={},mode=1777", cfg.tmp_size.max(4096));
+    for dir in [dev.join("shm"), root.join("tmp")] {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir `{}`: {e}", dir.display()))?;
+        mount(
+            Some(Path::new("tmpfs")),
+            &dir,
+            Some("tmpfs"),
+            nosuid_nodev,
+            Some(&tmpfs_opts),
+        )?;
+    }
+    bind(&cfg.work, &root.join("work"), false, nosuid_nodev)?;
+    bind(&cfg.code, &root.join("code/main.py"), true, nosuid_nodev)?;
+    Ok(())
+}
+
+fn enter_root(root: &Path) -> Result<(), String> {
+    let dot = c".";
+    // SAFETY: chdir/pivot_root/umount2 with valid C strings; errors are reported.
+    unsafe {
+        if libc::chdir(cstr(root).as_ptr()) != 0 {
+            return Err(format!("chdir to the new root: {}", errno()));
+        }
+        // pivot_root(".", "."): the old root ends up stacked on the new one, then is detached.
+        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
+            return Err(format!("pivot_root: {}", errno()));
+        }
+        if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err(format!("detaching the old root: {}", errno()));
+        }
+        if libc::chdir(c"/".as_ptr()) != 0 {
+            return Err(format!("chdir /: {}", errno()));
+        }
+    }
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )
+}
+
+fn loopback_up() -> Result<(), String> {
+    // SAFETY: socket/ioctl on an ifreq we own; the name fits (`lo` plus NUL).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("socket for loopback setup: {}", errno()));
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            libc::close(fd);
+            return Err(format!("reading loopback flags: {}", errno()));
+        }
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        libc::close(fd);
+        if r != 0 {
+            return Err(format!("bringing loopback up: {}", errno()));
+        }
+    }
+    Ok(())
+}
+
+/// Last capability number the kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
+    let last = last_cap();
+    // SAFETY: process-attribute syscalls with integer arguments; each result is checked.
+    unsafe {
+        libc::setsid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        for cap in 0..=last {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && errno().raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(format!(
+                    "dropping capability {cap} from the bounding set: {}",
+                    errno()
+                ));
+            }
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        if cfg.privileged && libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(format!("setgroups: {}", errno()));
+        }
+        if libc::setresgid(cfg.ns_gid, cfg.ns_gid, cfg.ns_gid) != 0 {
+            return Err(format!("setresgid({}): {}", cfg.ns_gid, errno()));
+        }
+        if libc::setresuid(cfg.ns_uid, cfg.ns_uid, cfg.ns_uid) != 0 {
+            return Err(format!("setresuid({}): {}", cfg.ns_uid, errno()));
+        }
+    }
+    drop_all_capabilities()?;
+    for &(res, soft, hard) in &cfg.rlimits {
+        let rl = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `rl` is valid for the call.
+        if unsafe { libc::setrlimit(res as _, &rl) } != 0 {
+            return Err(format!("setrlimit({res}): {}", errno()));
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("no_new_privs: {}", errno()));
+    }
+    std::env::set_current_dir("/work").map_err(|e| format!("chdir /work: {e}"))?;
+    let landlock = super::landlock::restrict();
+    send(&Event::Landlock { status: landlock });
+
+    let policy = Policy::shipped().map_err(|e| e.to_string())?;
+    let (refuse, deny) = policy.compile().map_err(|e| e.to_string())?;
+    // Keep the event and seccomp descriptors away from the program.
+    for fd in [STATUS_FD, SECCOMP_FD] {
+        // SAFETY: fcntl on descriptors we inherited.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    let listener = seccomp::install_filters(&refuse, &deny)
+        .map_err(|e| format!("installing the seccomp filter failed: {e}"))?;
+    send_fd(SECCOMP_FD, listener.as_raw_fd())
+        .map_err(|e| format!("handing over the seccomp listener failed: {e}"))?;
+    drop(listener);
+
+    let err = std::process::Command::new(&cfg.python)
+        .args(["-I", "-B", "/code/main.py"])
+        .env_clear()
+        .envs(cfg.env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .exec();
+    Err(format!(
+        "executing `{}` inside the jail failed: {err}",
+        cfg.python.display()
+    ))
+}
+
+/// The namespace init starts as the host uid that created the namespace, which has no mapping
+/// inside when that is root, so it could not even create files. Switch to the sandbox ids while
+/// keeping the namespace capabilities (needed for mounts); the files it creates then belong to
+/// the run's unprivileged host uid.
+fn become_sandbox_user_keeping_caps(cfg: &InitConfig) -> Result<(), String> {
+    // SAFETY: process-attribute syscalls with integer arguments; each result is checked.
+    unsafe {
+        libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
+        if cfg.privileged && libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(format!("setgroups in the namespace init: {}", errno()));
+        }
+        if libc::setresgid(cfg.ns_gid, cfg.ns_gid, cfg.ns_gid) != 0
+            || libc::setresuid(cfg.ns_uid, cfg.ns_uid, cfg.ns_uid) != 0
+        {
+            return Err(format!(
+                "switching the namespace init to the sandbox ids: {}",
+                errno()
+            ));
+        }
+        libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
+    }
+    let (header, mut data) = cap_structs();
+    // SAFETY: capget/capset with a v3 header and two data words.
+    unsafe {
+        if libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) != 0 {
+            return Err(format!("capget: {}", errno()));
+        }
+        for d in &mut data {
+            d.effective = d.permitted;
+        }
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+            return Err(format!("raising namespace capabilities: {}", errno()));
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn cap_structs() -> (CapHeader, [CapData; 2]) {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    (
+        CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        },
+        [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2],
+    )
+}
+
+fn drop_all_capabilities() -> Result<(), String> {
+    let (header, data) = cap_structs();
+    // SAFETY: capset with a v3 header and the two data words it expects.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(format!("capset: {}", errno()));
+    }
+    Ok(())
+}
+
+fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
+    let byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cmsg_buf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; every pointer set below outlives sendmsg.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is CMSG_SPACE(sizeof(int)) bytes, enough for one header + fd.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        if libc::sendmsg(sock, &msg, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receive one descriptor sent with [`send_fd`].
+pub fn recv_fd(sock: i32) -> std::io::Result<Option<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cmsg_buf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; pointers set below outlive recvmsg.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: recvmsg into buffers we own; CMSG_* walk the control buffer the kernel filled.
+    unsafe {
+        let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT);
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Ok(None);
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+        Ok(Some(OwnedFd::from_raw_fd(fd)))
+    }
+}

@@ -1,0 +1,570 @@
+//! The `jail` backend: a strict Linux sandbox built from namespaces, `pivot_root`, seccomp,
+//! Landlock, cgroups and rlimits — no external binary, no libseccomp.
+//!
+//! The supervisor (this module, in the caller's process) prepares the run directory and cgroup,
+//! starts the helper (`fleetbox __jail-init`, see [`init`]) and supervises it with the same
+//! poll loop as the `process` backend, also serving seccomp notifications: each denied syscall
+//! is answered `EPERM` and recorded, so the report names it. When the host cannot build the jail
+//! the run ends as `sandbox_error` saying what is missing: never a silent weaker fallback.
+
+pub mod init;
+mod landlock;
+pub mod seccomp;
+mod syscalls;
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime};
+
+use fleetbox_proto::{AppliedLimits, ExecutionReport, Violation};
+
+use crate::cgroup::{CgroupLimits, Cgroups, RunCgroup};
+use crate::process::{RlimitPlan, base_env, run_uid};
+use crate::report::{Observed, RunContext};
+use crate::supervise::{self, Child, Extras, Supervision, TreeKiller};
+use crate::sys::{self, Exit};
+use crate::workspace::RunDir;
+use crate::{Backend, RunRequest, Sandbox, SandboxConfig, python};
+
+use init::{Event, InitConfig};
+use seccomp::Policy;
+
+/// uid/gid of the program inside the jail.
+pub const SANDBOX_ID: u32 = 1000;
+
+pub struct JailSandbox {
+    config: SandboxConfig,
+    helper: PathBuf,
+    policy: Policy,
+}
+
+impl JailSandbox {
+    pub fn new(config: SandboxConfig) -> Result<Self, crate::SandboxError> {
+        let helper = match &config.jail_helper {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| crate::SandboxError::Workspace {
+                what: "locate the jail helper (current executable)",
+                path: PathBuf::from("/proc/self/exe"),
+                source: e,
+            })?,
+        };
+        let policy = Policy::shipped().map_err(crate::SandboxError::Policy)?;
+        Ok(JailSandbox {
+            config,
+            helper,
+            policy,
+        })
+    }
+}
+
+/// Can this host run the jail? Checks the cheap preconditions without starting anything.
+pub fn host_supports_jail() -> Result<(), String> {
+    if !cfg!(target_os = "linux") {
+        return Err("the jail backend needs Linux".into());
+    }
+    if !Path::new("/proc/self/ns/user").exists() {
+        return Err("the kernel has no user namespaces".into());
+    }
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        && v.trim() == "0"
+    {
+        return Err("user namespaces are disabled (`user.max_user_namespaces = 0`)".into());
+    }
+    if !sys::is_root()
+        && let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone")
+        && v.trim() == "0"
+    {
+        return Err(
+            "unprivileged user namespaces are disabled (`kernel.unprivileged_userns_clone = 0`)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+impl Sandbox for JailSandbox {
+    fn backend(&self) -> Backend {
+        Backend::Jail
+    }
+
+    fn run(&self, req: &RunRequest) -> ExecutionReport {
+        let mut ctx = RunContext {
+            req,
+            backend: "jail",
+            python: None,
+            started_at: SystemTime::now(),
+            applied: AppliedLimits::new(req.limits.clone()),
+            notes: Vec::new(),
+        };
+        if let Err(why) = host_supports_jail() {
+            return ctx.sandbox_error(format!("{why}; use `--backend process` on this host"));
+        }
+        let py = match python::resolve(self.config.python.as_deref()) {
+            Ok(p) => p,
+            Err(e) => return ctx.sandbox_error(e.to_string()),
+        };
+        let privileged = sys::is_root();
+        let (host_uid, host_gid) = if privileged {
+            let id = run_uid();
+            (id, id)
+        } else {
+            // SAFETY: getuid/getgid have no preconditions.
+            unsafe { (libc::getuid(), libc::getgid()) }
+        };
+        let dir = match RunDir::create(
+            &self.config.work_root,
+            &req.code,
+            req.input.as_deref(),
+            privileged.then_some((host_uid, host_gid)),
+        ) {
+            Ok(d) => d,
+            Err(e) => return ctx.sandbox_error(e.to_string()),
+        };
+        let root = dir.path().join("root");
+        if let Err(e) = std::fs::create_dir(&root) {
+            return ctx.sandbox_error(format!("creating `{}`: {e}", root.display()));
+        }
+        let cgroup = self.cgroup(req, &mut ctx);
+        let plan = RlimitPlan::new(&req.limits, cgroup.as_ref(), &mut ctx.applied);
+        ctx.applied.enforced("timeout", "supervisor_pidfd_poll");
+        ctx.applied.enforced("timeout", "pid_namespace");
+        ctx.applied.enforced("max_output", "supervisor_capture");
+        ctx.applied.enforced("tmp_size", "tmpfs");
+        ctx.applied.enforced(
+            "network",
+            if req.limits.network {
+                "host_network_shared"
+            } else {
+                "netns_loopback_only"
+            },
+        );
+        ctx.python = Some(&py);
+
+        let (ro_binds, symlinks) = root_layout(&py.prefix);
+        let mut env = base_env("/work", "/tmp");
+        env.extend(req.env.iter().cloned());
+        let cfg = InitConfig {
+            root,
+            work: dir.work(),
+            code: dir.code(),
+            python: py.path.clone(),
+            ro_binds,
+            symlinks,
+            host_uid,
+            host_gid,
+            ns_uid: SANDBOX_ID,
+            ns_gid: SANDBOX_ID,
+            privileged,
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(|c| {
+                    c.procs_files()
+                        .iter()
+                        .map(|p| PathBuf::from(p.to_string_lossy().into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rlimits: plan.entries(),
+            env,
+            tmp_size: req.limits.tmp_size.0,
+            network: req.limits.network,
+        };
+
+        let started = Instant::now();
+        let spawned = match self.spawn(&cfg) {
+            Ok(s) => s,
+            Err(e) => return ctx.sandbox_error(e),
+        };
+        let Spawned {
+            child,
+            status_r,
+            seccomp_sock,
+        } = spawned;
+        let helper_pid = child.pid;
+        let killer = JailTree {
+            helper: helper_pid,
+            cgroup: cgroup.as_ref(),
+        };
+        let mut extras = JailExtras {
+            status: Some(status_r),
+            status_buf: Vec::new(),
+            sock: Some(seccomp_sock),
+            listener: None,
+            policy: &self.policy,
+            violations: Vec::new(),
+        };
+        let mut outcome = supervise::supervise(
+            child,
+            started,
+            Supervision {
+                timeout: req.limits.timeout.as_duration(),
+                max_output: req.limits.max_output.0,
+                continue_past_output_limit: req.limits.continue_past_output_limit,
+                killer: &killer,
+                extras: Some(&mut extras),
+            },
+        );
+        extras.drain_status();
+        let events = extras.events();
+        let stats = cgroup.as_ref().map(RunCgroup::stats);
+        drop(cgroup);
+
+        let mut setup_error = None;
+        let mut program_exit = None;
+        for ev in events {
+            match ev {
+                Event::SetupError { message } => setup_error = Some(message),
+                Event::Landlock { status } => {
+                    if status == "fully_enforced" {
+                        ctx.applied.enforced("filesystem", "landlock");
+                    } else {
+                        ctx.notes.push(format!("landlock: {status}"));
+                        if status == "partially_enforced" {
+                            ctx.applied.enforced("filesystem", "landlock_partial");
+                        }
+                    }
+                }
+                Event::Note { message } => ctx.notes.push(message),
+                Event::Exit {
+                    code,
+                    signal,
+                    user_ms,
+                    sys_ms,
+                    maxrss_bytes,
+                } => {
+                    program_exit = Some(Exit {
+                        code,
+                        signal,
+                        user_ms,
+                        sys_ms,
+                        maxrss_bytes,
+                    })
+                }
+            }
+        }
+        ctx.applied
+            .enforced("filesystem", "pivot_root_readonly_binds");
+        ctx.applied.enforced("syscalls", "seccomp_user_notif");
+        match program_exit {
+            Some(e) if !outcome.timed_out && outcome.output_limited.is_none() => outcome.exit = e,
+            Some(e) => {
+                // Stopped by us: the helper's own exit status means nothing to the user.
+                outcome.exit.code = None;
+                outcome.exit.signal = Some(libc::SIGKILL);
+                outcome.exit.user_ms = e.user_ms;
+                outcome.exit.sys_ms = e.sys_ms;
+                outcome.exit.maxrss_bytes = e.maxrss_bytes;
+            }
+            None if setup_error.is_none()
+                && !outcome.timed_out
+                && outcome.output_limited.is_none() =>
+            {
+                setup_error = Some(format!(
+                    "the jail ended without reporting the program's exit (helper exit: {:?}, signal: {:?})",
+                    outcome.exit.code, outcome.exit.signal
+                ));
+            }
+            None => {
+                if outcome.timed_out || outcome.output_limited.is_some() {
+                    outcome.exit.code = None;
+                    outcome.exit.signal = Some(libc::SIGKILL);
+                }
+            }
+        }
+        let mut violations = extras.violations;
+        if outcome.exit.signal == Some(libc::SIGSYS) {
+            violations.push(Violation {
+                kind: "non_native_syscall".into(),
+                syscall: None,
+                syscall_nr: None,
+                count: 1,
+                detail: "a syscall through a non-native calling convention (i386 int 0x80 or x32) killed the program".into(),
+            });
+        }
+        ctx.finish(
+            Observed {
+                outcome,
+                cgroup: stats,
+                violations,
+                setup_error,
+            },
+            dir,
+        )
+    }
+}
+
+struct Spawned {
+    child: Child,
+    status_r: OwnedFd,
+    seccomp_sock: OwnedFd,
+}
+
+impl JailSandbox {
+    fn cgroup(&self, req: &RunRequest, ctx: &mut RunContext<'_>) -> Option<RunCgroup> {
+        if !self.config.use_cgroups {
+            ctx.notes
+                .push("no cgroup: disabled in the configuration; rlimits only".into());
+            return None;
+        }
+        match Cgroups::detect() {
+            Ok(cg) => match cg.create_run(&CgroupLimits {
+                memory_bytes: req.limits.memory.0,
+                max_pids: req.limits.max_processes,
+                cpus: req.limits.cpus,
+            }) {
+                Ok(run) => Some(run),
+                Err(e) => {
+                    ctx.notes
+                        .push(format!("cgroup could not be created ({e}); rlimits only"));
+                    None
+                }
+            },
+            Err(why) => {
+                ctx.notes.push(format!("no cgroup: {why}; rlimits only"));
+                None
+            }
+        }
+    }
+
+    fn spawn(&self, cfg: &InitConfig) -> Result<Spawned, String> {
+        let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (status_r, status_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (sock_parent, sock_child) = socketpair().map_err(|e| format!("socketpair: {e}"))?;
+        let payload = serde_json::to_vec(cfg).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.helper);
+        cmd.arg(init::INIT_ARG)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w));
+        let status_raw = status_w.as_raw_fd();
+        let sock_raw = sock_child.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls on descriptors prepared
+        // before the fork (fcntl, dup2, setsid, prctl); nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Move both above the target numbers first so one cannot clobber the other.
+                let s = libc::fcntl(status_raw, libc::F_DUPFD_CLOEXEC, 10);
+                let k = libc::fcntl(sock_raw, libc::F_DUPFD_CLOEXEC, 10);
+                if s < 0
+                    || k < 0
+                    || libc::dup2(s, init::STATUS_FD) < 0
+                    || libc::dup2(k, init::SECCOMP_FD) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::setsid();
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            format!(
+                "starting the jail helper `{}` failed: {e}",
+                self.helper.display()
+            )
+        })?;
+        drop(cmd);
+        drop(status_w);
+        drop(sock_child);
+        let pid = child.id() as i32;
+        if let Some(mut stdin) = child.stdin.take() {
+            // The helper reads the whole configuration before doing anything, so this cannot
+            // deadlock on a full pipe.
+            if let Err(e) = stdin.write_all(&payload) {
+                sys::kill(pid, libc::SIGKILL);
+                let _ = sys::wait4(pid);
+                return Err(format!("sending the jail configuration failed: {e}"));
+            }
+        }
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                sys::kill(pid, libc::SIGKILL);
+                let _ = sys::wait4(pid);
+                return Err(format!(
+                    "pidfd_open failed ({e}); Linux 5.3 or newer is required"
+                ));
+            }
+        };
+        sys::set_nonblocking(sock_parent.as_raw_fd()).map_err(|e| e.to_string())?;
+        Ok(Spawned {
+            child: Child {
+                pid,
+                pidfd,
+                stdout: out_r,
+                stderr: err_r,
+            },
+            status_r,
+            seccomp_sock: sock_parent,
+        })
+    }
+}
+
+fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is valid for socketpair to fill.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair returned two fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// What the new root contains: the interpreter's prefix and the top-level library directories
+/// (bound when real directories, recreated when symlinks as on merged-/usr systems).
+fn root_layout(prefix: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, PathBuf)>) {
+    let mut binds = vec![PathBuf::from("/usr")];
+    let mut links = Vec::new();
+    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        let p = Path::new(top);
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(p) {
+                    links.push((p.to_path_buf(), target));
+                }
+            }
+            Ok(m) if m.is_dir() => binds.push(p.to_path_buf()),
+            _ => {}
+        }
+    }
+    if !prefix.starts_with("/usr") && prefix != Path::new("/") {
+        binds.push(prefix.to_path_buf());
+    }
+    (binds, links)
+}
+
+/// Kills a jail: the helper (its namespace init follows through `PR_SET_PDEATHSIG`, and with it
+/// the whole PID namespace) and everything in the run's cgroup.
+struct JailTree<'a> {
+    helper: i32,
+    cgroup: Option<&'a RunCgroup>,
+}
+
+impl TreeKiller for JailTree<'_> {
+    fn kill_tree(&self) {
+        if let Some(cg) = self.cgroup {
+            cg.kill_all();
+        }
+        sys::kill(self.helper, libc::SIGKILL);
+    }
+}
+
+struct JailExtras<'a> {
+    status: Option<OwnedFd>,
+    status_buf: Vec<u8>,
+    sock: Option<OwnedFd>,
+    listener: Option<OwnedFd>,
+    policy: &'a Policy,
+    violations: Vec<Violation>,
+}
+
+impl JailExtras<'_> {
+    fn read_status(&mut self) -> bool {
+        let Some(fd) = self.status.as_ref() else {
+            return false;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match sys::read(fd.as_raw_fd(), &mut buf) {
+                Ok(Some(0)) | Err(_) => {
+                    self.status = None;
+                    return false;
+                }
+                Ok(Some(n)) => {
+                    // Bounded: the helper sends a handful of short lines.
+                    if self.status_buf.len() < 1 << 20 {
+                        self.status_buf.extend_from_slice(&buf[..n]);
+                    }
+                }
+                Ok(None) => return true,
+            }
+        }
+    }
+
+    fn drain_status(&mut self) {
+        while self.read_status() {
+            if sys::poll(&[self.status.as_ref().map_or(-1, |f| f.as_raw_fd())], 50)
+                .map(|r| r[0] == 0)
+                .unwrap_or(true)
+            {
+                break;
+            }
+        }
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.status_buf
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect()
+    }
+
+    fn record(&mut self, nr: i64, args: &[u64; 6]) {
+        let (name, label) = self.policy.describe(nr, args);
+        if let Some(v) = self
+            .violations
+            .iter_mut()
+            .find(|v| v.syscall.as_deref() == Some(name.as_str()) && v.detail == label)
+        {
+            v.count += 1;
+            return;
+        }
+        self.violations.push(Violation {
+            kind: "syscall".into(),
+            syscall: Some(name),
+            syscall_nr: Some(nr),
+            count: 1,
+            detail: label,
+        });
+    }
+}
+
+impl Extras for JailExtras<'_> {
+    fn fds(&self) -> Vec<RawFd> {
+        [&self.status, &self.sock, &self.listener]
+            .into_iter()
+            .flatten()
+            .map(AsRawFd::as_raw_fd)
+            .collect()
+    }
+
+    fn on_ready(&mut self, fd: RawFd, revents: i16) {
+        if self.status.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
+            self.read_status();
+        } else if self.sock.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
+            match init::recv_fd(fd) {
+                Ok(Some(listener)) => {
+                    self.listener = Some(listener);
+                    self.sock = None;
+                }
+                Ok(None) => {}
+                Err(_) => self.sock = None,
+            }
+        } else if self.listener.as_ref().is_some_and(|l| l.as_raw_fd() == fd) {
+            if revents & libc::POLLIN != 0 {
+                match seccomp::receive_and_deny(fd) {
+                    Ok(Some(n)) => self.record(n.nr, &n.args),
+                    Ok(None) => {}
+                    Err(_) => self.listener = None,
+                }
+            } else {
+                // POLLHUP: every process holding the filter is gone.
+                self.listener = None;
+            }
+        }
+    }
+}
