@@ -2,5 +2,6 @@
 //! Hostile programs live as files in `tests/fixtures/`.
 
 mod cli;
+mod jail;
 mod process;
 mod support;

@@ -44,6 +44,14 @@ pub const PROCESS_NO_CGROUP: Setup = Setup {
     backend: Backend::Process,
     cgroups: false,
 };
+pub const JAIL: Setup = Setup {
+    backend: Backend::Jail,
+    cgroups: true,
+};
+pub const JAIL_NO_CGROUP: Setup = Setup {
+    backend: Backend::Jail,
+    cgroups: false,
+};
 
 pub fn run_code(
     setup: Setup,
@@ -55,6 +63,8 @@ pub fn run_code(
         setup.backend,
         SandboxConfig {
             use_cgroups: setup.cgroups,
+            // The jail's helper is the `fleetbox` binary, not this test executable.
+            jail_helper: Some(bin()),
             ..SandboxConfig::default()
         },
     )

@@ -1,0 +1,325 @@
+//! The escape suite: every attempt to get out of the `jail` backend is contained and reported,
+//! and every `process` fixture ends with the same status under `jail`.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use fleetbox_proto::{ExecutionReport, Limits, Millis, Status};
+
+use crate::support::{self, JAIL, JAIL_NO_CGROUP, PROCESS, limits, run, show};
+
+fn escape(name: &str) -> ExecutionReport {
+    run(JAIL, &format!("escape/{name}"), limits())
+}
+
+fn escape_with_input(name: &str, input: serde_json::Value) -> ExecutionReport {
+    let input = serde_json::to_vec(&input).unwrap();
+    support::run_code(
+        JAIL,
+        &support::fixture(&format!("escape/{name}")),
+        Some(&input),
+        limits(),
+    )
+}
+
+fn violation(r: &ExecutionReport, syscall: &str) {
+    assert_eq!(r.status, Status::SandboxViolation, "{}", show(r));
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.kind == "syscall" && v.syscall.as_deref() == Some(syscall)),
+        "expected a `{syscall}` violation: {:?}",
+        r.violations
+    );
+    assert!(r.message.as_deref().unwrap_or("").contains(syscall));
+}
+
+#[test]
+fn host_files_are_invisible() {
+    let r = escape("read_host_files.py");
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let out = r.output.unwrap();
+    assert_eq!(out["shadow"]["error"], "FileNotFoundError");
+    assert_eq!(out["root_home"]["error"], "FileNotFoundError");
+    assert_eq!(out["home"]["error"], "FileNotFoundError");
+    assert_eq!(out["var"]["error"], "FileNotFoundError");
+    // The jail's own /etc/passwd, not the host's.
+    let users = out["host_etc_passwd_users"]["ok"].as_array().unwrap();
+    assert_eq!(users.len(), 3, "{users:?}");
+}
+
+#[test]
+fn writes_outside_the_workspace_fail() {
+    let r = escape("write_outside.py");
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let out = r.output.unwrap();
+    for path in [
+        "/usr/fleetbox-escape",
+        "/etc/fleetbox-escape",
+        "/fleetbox-escape",
+        "/code/main.py",
+    ] {
+        assert_eq!(out[path], "OSError", "{path}: {out}");
+    }
+    assert_ne!(out["/proc/sys/kernel/hostname"], "written");
+    assert_eq!(out["/work/inside.txt"], "written");
+    assert_eq!(out["/tmp/inside.txt"], "written");
+    assert!(!std::path::Path::new("/usr/fleetbox-escape").exists());
+    assert!(!std::path::Path::new("/fleetbox-escape").exists());
+    assert!(r.files.iter().any(|f| f.path == "inside.txt"));
+}
+
+#[test]
+fn host_processes_are_invisible() {
+    let r = escape("list_processes.py");
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let out = r.output.unwrap();
+    let pids: Vec<i64> = out["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        pids,
+        [1, 2],
+        "only the namespace init and the program: {out}"
+    );
+    assert_eq!(out["me"], 2);
+    assert!(!out.to_string().contains("cargo"), "{out}");
+}
+
+#[test]
+fn killing_init_and_host_pids_fails() {
+    let me = std::process::id();
+    let r = escape_with_input("kill_pids.py", serde_json::json!({"host_pid": me}));
+    assert_eq!(
+        r.status,
+        Status::Ok,
+        "the program survived and finished: {}",
+        show(&r)
+    );
+    let out = r.output.unwrap();
+    assert_ne!(out["host"], "sent", "{out}");
+    // PID 1 ignores signals from inside its namespace; the run finished normally.
+    assert_eq!(r.exit_code, Some(0));
+}
+
+#[test]
+fn ptrace_is_a_violation() {
+    violation(&escape("ptrace.py"), "ptrace");
+}
+
+#[test]
+fn mount_is_a_violation() {
+    let r = escape("mount.py");
+    violation(&r, "mount");
+    assert!(
+        r.stdout.contains("errno 1"),
+        "EPERM returned to the program: {}",
+        r.stdout
+    );
+}
+
+#[test]
+fn unshare_is_a_violation() {
+    violation(&escape("unshare.py"), "unshare");
+}
+
+#[test]
+fn loading_a_module_is_a_violation() {
+    violation(&escape("load_module.py"), "finit_module");
+}
+
+#[test]
+fn ctypes_forbidden_syscall_is_a_violation() {
+    violation(&escape("ctypes_syscall.py"), "keyctl");
+}
+
+#[test]
+fn raw_and_netlink_sockets_fail() {
+    let r = escape("raw_sockets.py");
+    violation(&r, "socket");
+    let out = r.output.unwrap();
+    assert_eq!(out["raw_inet"], "PermissionError", "{out}");
+    assert_eq!(out["netlink"], "PermissionError");
+    assert_eq!(out["packet"], "PermissionError");
+    let labels: Vec<&str> = r.violations.iter().map(|v| v.detail.as_str()).collect();
+    assert!(labels.contains(&"socket(AF_NETLINK)"), "{labels:?}");
+    assert!(labels.contains(&"socket(AF_PACKET)"), "{labels:?}");
+}
+
+#[test]
+fn host_loopback_is_unreachable() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let r = escape_with_input("connect_host.py", serde_json::json!({"port": port}));
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    assert_eq!(r.output.unwrap()["connect"], "ConnectionRefusedError");
+    std::thread::sleep(Duration::from_millis(50));
+    match listener.accept() {
+        Ok((mut s, _)) => {
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            panic!("the listener saw a connection: {buf:?}");
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+    }
+}
+
+#[test]
+fn filling_tmp_stops_at_its_cap() {
+    let mut l = limits();
+    l.tmp_size = fleetbox_proto::ByteSize::mib(16);
+    let r = run(JAIL, "escape/fill_tmp.py", l.clone());
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let out = r.output.unwrap();
+    assert_eq!(out["errno"], libc::ENOSPC, "{out}");
+    let written = out["written"].as_u64().unwrap();
+    assert!(written <= l.tmp_size.0, "{written}");
+    assert!(written >= l.tmp_size.0 / 2, "{written}");
+}
+
+#[test]
+fn exhausting_descriptors_stops_at_the_limit() {
+    let r = escape("exhaust_fds.py");
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let out = r.output.unwrap();
+    assert_eq!(out["errno"], libc::EMFILE);
+    assert!(out["opened"].as_u64().unwrap() < u64::from(limits().max_open_files));
+}
+
+#[test]
+fn setuid_root_fails() {
+    let r = escape("setuid_root.py");
+    assert_eq!(r.status, Status::Error, "{}", show(&r));
+    // uid 0 has no mapping in the jail's user namespace: EINVAL, not even EPERM.
+    let e = r.exception.unwrap();
+    assert!(
+        matches!(e.kind.as_str(), "OSError" | "PermissionError"),
+        "{e:?}"
+    );
+    assert!(!r.stdout.contains("became root"));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn non_native_syscall_is_a_violation() {
+    let r = escape("int80.py");
+    assert_eq!(r.status, Status::SandboxViolation, "{}", show(&r));
+    assert_eq!(r.signal, Some(libc::SIGSYS));
+    assert!(r.violations.iter().any(|v| v.kind == "non_native_syscall"));
+}
+
+#[test]
+fn double_fork_sleeper_dies_with_the_jail() {
+    let mut l = limits();
+    l.timeout = Millis(1000);
+    // The daemon sleeps far past the run; the run must end when the main program exits.
+    let r = run(JAIL, "double_fork.py", l);
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    assert!(
+        r.wall_ms < 1000,
+        "did not wait for the daemon: {}",
+        r.wall_ms
+    );
+}
+
+#[test]
+fn setsid_sleeper_past_timeout_is_killed_without_cgroup() {
+    let code = b"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\ntime.sleep(600)\n";
+    let mut l = limits();
+    l.timeout = Millis(500);
+    let r = support::run_code(JAIL_NO_CGROUP, code, None, l);
+    assert_eq!(r.status, Status::Timeout, "{}", show(&r));
+    assert!(r.wall_ms < 1500, "{}", r.wall_ms);
+}
+
+#[test]
+fn isolation_is_reported() {
+    let r = run(JAIL, "clean_exit.py", limits());
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    assert_eq!(r.backend, "jail");
+    assert_eq!(r.limits.mechanisms("syscalls"), ["seccomp_user_notif"]);
+    assert_eq!(r.limits.mechanisms("network"), ["netns_loopback_only"]);
+    let fs = r.limits.mechanisms("filesystem");
+    assert!(
+        fs.iter().any(|m| m == "pivot_root_readonly_binds"),
+        "{fs:?}"
+    );
+    assert!(
+        fs.iter().any(|m| m.starts_with("landlock")),
+        "{fs:?} {:?}",
+        r.notes
+    );
+    assert!(
+        r.limits
+            .mechanisms("memory")
+            .iter()
+            .any(|m| m.starts_with("cgroup"))
+    );
+}
+
+#[test]
+fn shard_contract_inside_the_jail() {
+    let input = br#"{"numbers": [1, 2, 39]}"#;
+    let r = support::run_code(
+        JAIL,
+        &support::fixture("shard_input.py"),
+        Some(input),
+        limits(),
+    );
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    assert_eq!(r.output.unwrap()["sum"], 42);
+    let r = run(JAIL, "host_env.py", limits());
+    let env = r.output.unwrap();
+    let mut keys: Vec<&str> = env
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["HOME", "LANG", "PATH", "TMPDIR"]);
+    assert_eq!(env["HOME"], "/work");
+}
+
+/// Every `process` fixture ends the same way under `jail`.
+#[test]
+fn process_fixtures_match_under_jail() {
+    let quick = |timeout_ms: u64| Limits {
+        timeout: Millis(timeout_ms),
+        cpu_time: Millis(1000),
+        ..limits()
+    };
+    let cases: &[(&str, Status, Limits)] = &[
+        ("clean_exit.py", Status::Ok, limits()),
+        ("exception.py", Status::Error, limits()),
+        ("syntax_error.py", Status::Error, limits()),
+        ("nonzero_exit.py", Status::Error, limits()),
+        ("sleep_past_timeout.py", Status::Timeout, quick(500)),
+        ("busy_loop.py", Status::Timeout, quick(10_000)),
+        ("memory_bomb.py", Status::MemoryLimit, limits()),
+        ("fork_bomb.py", Status::Error, limits()),
+        ("output_flood.py", Status::OutputLimit, limits()),
+        ("double_fork.py", Status::Ok, limits()),
+        ("big_file.py", Status::OutputLimit, limits()),
+        ("host_env.py", Status::Ok, limits()),
+        ("files_created.py", Status::Ok, limits()),
+        ("killed.py", Status::Killed, limits()),
+    ];
+    for (name, expected, l) in cases {
+        for setup in [PROCESS, JAIL] {
+            let r = run(setup, name, l.clone());
+            assert_eq!(
+                r.status,
+                *expected,
+                "{name} under {:?}: {}",
+                setup.backend,
+                r.message.clone().unwrap_or_default()
+            );
+        }
+    }
+}
