@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! cargo run --release -p fleetbox-bench -- startup   [--runs 50]   # fleetbox run vs bare python3
+//! cargo run --release -p fleetbox-bench -- jail      [--runs 50]   # jail vs python3, bwrap, docker
 //! ```
 
+mod jail;
 mod startup;
 mod util;
 
@@ -14,8 +16,9 @@ fn main() {
     let runs = util::flag(&args, "--runs").unwrap_or(50);
     let result = match which {
         "startup" => startup::run(runs),
+        "jail" => jail::run(runs),
         _ => {
-            eprintln!("usage: fleetbox-bench startup [--runs N]");
+            eprintln!("usage: fleetbox-bench startup|jail [--runs N]");
             std::process::exit(2);
         }
     };

@@ -154,7 +154,7 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         .map(PathBuf::from)
         .or_else(|| f.work_root.clone())
         .unwrap_or_else(std::env::temp_dir);
-    let use_cgroups = !var(env::FLEETBOX_NO_CGROUPS).is_some_and(|v| v != "0");
+    let use_cgroups = var(env::FLEETBOX_NO_CGROUPS).is_none_or(|v| v == "0");
     Ok(RunSettings {
         backend,
         limits,

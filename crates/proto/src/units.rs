@@ -235,7 +235,7 @@ mod tests {
             Err(UnitError::Malformed(_))
         ));
         assert!(matches!("".parse::<Millis>(), Err(UnitError::Empty)));
-        assert!(matches!("1e999".parse::<Millis>(), Err(_)));
+        assert!("1e999".parse::<Millis>().is_err());
     }
 
     #[test]

@@ -299,7 +299,7 @@ impl RlimitPlan {
     pub fn entries(&self) -> Vec<(u32, u64, u64)> {
         self.limits[..self.count]
             .iter()
-            .map(|&(r, s, h)| (r as u32, s, h))
+            .map(|&(r, s, h)| (r as _, s, h))
             .collect()
     }
 
