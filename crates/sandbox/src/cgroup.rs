@@ -141,6 +141,37 @@ impl Cgroups {
     }
 }
 
+/// A cgroup for one run with `limits` applied, or `None` with the reason pushed to `notes`
+/// (the run then goes on under rlimits alone, and its report says so).
+pub fn for_run(
+    enabled: bool,
+    limits: &fleetbox_proto::Limits,
+    notes: &mut Vec<String>,
+) -> Option<RunCgroup> {
+    if !enabled {
+        notes.push("no cgroup: disabled in the configuration; rlimits only".into());
+        return None;
+    }
+    let cg = match Cgroups::detect() {
+        Ok(cg) => cg,
+        Err(why) => {
+            notes.push(format!("no cgroup: {why}; rlimits only"));
+            return None;
+        }
+    };
+    match cg.create_run(&CgroupLimits {
+        memory_bytes: limits.memory.0,
+        max_pids: limits.max_processes,
+        cpus: limits.cpus,
+    }) {
+        Ok(run) => Some(run),
+        Err(e) => {
+            notes.push(format!("cgroup could not be created ({e}); rlimits only"));
+            None
+        }
+    }
+}
+
 /// The limits a run's cgroup applies.
 #[derive(Debug, Clone, Copy)]
 pub struct CgroupLimits {

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use fleetbox_proto::{AppliedLimits, ExecutionReport};
 
-use crate::cgroup::{CgroupLimits, Cgroups, RunCgroup};
+use crate::cgroup::{self, RunCgroup};
 use crate::report::{Observed, RunContext};
 use crate::supervise::{self, Child, Supervision, TreeKiller};
 use crate::workspace::RunDir;
@@ -85,29 +85,7 @@ impl Sandbox for ProcessSandbox {
                 return ctx.sandbox_error(e.to_string());
             }
         };
-        let detected = if self.config.use_cgroups {
-            Cgroups::detect()
-        } else {
-            Err("disabled in the configuration")
-        };
-        let cgroup = match detected {
-            Ok(cg) => match cg.create_run(&CgroupLimits {
-                memory_bytes: req.limits.memory.0,
-                max_pids: req.limits.max_processes,
-                cpus: req.limits.cpus,
-            }) {
-                Ok(run) => Some(run),
-                Err(e) => {
-                    ctx.notes
-                        .push(format!("cgroup could not be created ({e}); rlimits only"));
-                    None
-                }
-            },
-            Err(why) => {
-                ctx.notes.push(format!("no cgroup: {why}; rlimits only"));
-                None
-            }
-        };
+        let cgroup = cgroup::for_run(self.config.use_cgroups, &req.limits, &mut ctx.notes);
         if cgroup.is_none() {
             sys::set_child_subreaper();
         }

@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime};
 
 use fleetbox_proto::{AppliedLimits, ExecutionReport, Violation};
 
-use crate::cgroup::{CgroupLimits, Cgroups, RunCgroup};
+use crate::cgroup::{self, RunCgroup};
 use crate::process::{RlimitPlan, base_env, run_uid};
 use crate::report::{Observed, RunContext};
 use crate::supervise::{self, Child, Extras, Supervision, TreeKiller};
@@ -127,7 +127,7 @@ impl Sandbox for JailSandbox {
         if let Err(e) = std::fs::create_dir(&root) {
             return ctx.sandbox_error(format!("creating `{}`: {e}", root.display()));
         }
-        let cgroup = self.cgroup(req, &mut ctx);
+        let cgroup = cgroup::for_run(self.config.use_cgroups, &req.limits, &mut ctx.notes);
         let plan = RlimitPlan::new(&req.limits, cgroup.as_ref(), &mut ctx.applied);
         ctx.applied.enforced("timeout", "supervisor_pidfd_poll");
         ctx.applied.enforced("timeout", "pid_namespace");
@@ -303,32 +303,6 @@ struct Spawned {
 }
 
 impl JailSandbox {
-    fn cgroup(&self, req: &RunRequest, ctx: &mut RunContext<'_>) -> Option<RunCgroup> {
-        if !self.config.use_cgroups {
-            ctx.notes
-                .push("no cgroup: disabled in the configuration; rlimits only".into());
-            return None;
-        }
-        match Cgroups::detect() {
-            Ok(cg) => match cg.create_run(&CgroupLimits {
-                memory_bytes: req.limits.memory.0,
-                max_pids: req.limits.max_processes,
-                cpus: req.limits.cpus,
-            }) {
-                Ok(run) => Some(run),
-                Err(e) => {
-                    ctx.notes
-                        .push(format!("cgroup could not be created ({e}); rlimits only"));
-                    None
-                }
-            },
-            Err(why) => {
-                ctx.notes.push(format!("no cgroup: {why}; rlimits only"));
-                None
-            }
-        }
-    }
-
     fn spawn(&self, cfg: &InitConfig) -> Result<Spawned, String> {
         let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
