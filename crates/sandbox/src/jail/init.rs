@@ -170,6 +170,11 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
         }
         return Err(e);
     }
+    // The namespace init may build the root now. Moving it into the cgroup (a v1 migration
+    // waits for an RCU grace period, milliseconds) overlaps with that; it forks the program only
+    // after the second byte, so the program starts inside the cgroup.
+    let mut go = std::fs::File::from(go_w);
+    let _ = go.write_all(b"1");
     for procs in &cfg.cgroup_procs {
         if let Err(e) = std::fs::write(procs, pid.to_string()) {
             // SAFETY: as above.
@@ -180,9 +185,7 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
             return Err(format!("joining cgroup `{}` failed: {e}", procs.display()));
         }
     }
-    // The namespace init may proceed.
-    let mut go = std::fs::File::from(go_w);
-    let _ = go.write_all(b"1");
+    let _ = go.write_all(b"2");
     drop(go);
     // SAFETY: closing the seccomp socket, which only the program needs.
     unsafe { libc::close(SECCOMP_FD) };
@@ -250,6 +253,10 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
         loopback_up()?;
     }
     enter_root(&cfg.root)?;
+    if go.read(&mut byte).map_err(|e| e.to_string())? != 1 {
+        return Err("the jail helper went away before joining the cgroup".into());
+    }
+    drop(go);
 
     // SAFETY: fork in the single-threaded namespace init.
     let child = unsafe { libc::fork() };
