@@ -168,13 +168,7 @@ impl Sandbox for ProcessSandbox {
                 stderr: err_r,
             },
             started,
-            Supervision {
-                timeout: req.limits.timeout.as_duration(),
-                max_output: req.limits.max_output.0,
-                continue_past_output_limit: req.limits.continue_past_output_limit,
-                killer: &killer,
-                extras: None,
-            },
+            Supervision::for_limits(&req.limits, &killer, None),
         );
         forget_active(pid);
         let stats = cgroup.as_ref().map(RunCgroup::stats);

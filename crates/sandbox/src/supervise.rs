@@ -86,6 +86,23 @@ pub struct Supervision<'a> {
     pub extras: Option<&'a mut dyn Extras>,
 }
 
+impl<'a> Supervision<'a> {
+    /// Supervision as a run's limits ask for it.
+    pub fn for_limits(
+        limits: &fleetbox_proto::Limits,
+        killer: &'a dyn TreeKiller,
+        extras: Option<&'a mut dyn Extras>,
+    ) -> Self {
+        Supervision {
+            timeout: limits.timeout.as_duration(),
+            max_output: limits.max_output.0,
+            continue_past_output_limit: limits.continue_past_output_limit,
+            killer,
+            extras,
+        }
+    }
+}
+
 /// How long to keep reading pipes after the main process is gone (its tree has been killed by
 /// then, so EOF normally arrives at once; this bounds a leaked write end).
 const DRAIN: Duration = Duration::from_millis(300);

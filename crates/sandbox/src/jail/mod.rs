@@ -199,13 +199,7 @@ impl Sandbox for JailSandbox {
         let mut outcome = supervise::supervise(
             child,
             started,
-            Supervision {
-                timeout: req.limits.timeout.as_duration(),
-                max_output: req.limits.max_output.0,
-                continue_past_output_limit: req.limits.continue_past_output_limit,
-                killer: &killer,
-                extras: Some(&mut extras),
-            },
+            Supervision::for_limits(&req.limits, &killer, Some(&mut extras)),
         );
         extras.drain_status();
         let events = extras.events();
