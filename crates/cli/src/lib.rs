@@ -2,8 +2,10 @@
 //! crates; this one turns flags, environment and `fleetbox.toml` into their inputs and their
 //! results into output and exit codes.
 
+mod cluster;
 mod config;
 mod exit;
+mod jobs_cmd;
 mod run;
 
 use std::process::ExitCode;
@@ -26,6 +28,20 @@ struct Cli {
 enum Command {
     /// Run one Python program in the sandbox and report what happened.
     Run(run::RunArgs),
+    /// Coordinator, local agents and SQLite in one process: the quickest way to start.
+    Up(cluster::UpArgs),
+    /// Run the coordinator (HTTP API, store, scheduler, aggregation).
+    Server(cluster::ServerArgs),
+    /// Run an agent: lease shards from a coordinator and run them in the sandbox.
+    Agent(cluster::AgentArgs),
+    /// Submit a job spec (TOML or JSON); `--wait` shows progress and prints the result.
+    Submit(jobs_cmd::SubmitArgs),
+    /// List jobs.
+    Jobs(jobs_cmd::JobsArgs),
+    /// Show one job, its result (`--result`) or its shards (`--shards`).
+    Job(jobs_cmd::JobArgs),
+    /// Cancel a job: its unsettled shards become `dead`.
+    Cancel(jobs_cmd::CancelArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -52,12 +68,24 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run::run(cli.config.as_deref(), args),
+        Command::Up(args) => cluster::up(cli.config.as_deref(), args),
+        Command::Server(args) => cluster::server(cli.config.as_deref(), args),
+        Command::Agent(args) => cluster::agent(cli.config.as_deref(), args),
+        Command::Submit(args) => jobs_cmd::submit(args),
+        Command::Jobs(args) => jobs_cmd::jobs(args),
+        Command::Job(args) => jobs_cmd::job(args),
+        Command::Cancel(args) => jobs_cmd::cancel(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fleetbox: error: {e:#}");
-            ExitCode::from(EXIT_USAGE)
+            // A failed call to a coordinator is a runtime failure, not a usage error.
+            if e.chain().any(|c| c.is::<fleetbox_client::ClientError>()) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(EXIT_USAGE)
+            }
         }
     }
 }

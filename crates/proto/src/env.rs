@@ -26,6 +26,23 @@ pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
 /// `tracing` filter for Fleetbox's own logs (e.g. `fleetbox=debug`).
 pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
 
+/// Coordinator URL for the client commands and agents (default `http://127.0.0.1:8080`).
+pub const FLEETBOX_SERVER: &str = "FLEETBOX_SERVER";
+/// API token: admin token for the client commands, enrollment token for `fleetbox agent`.
+pub const FLEETBOX_TOKEN: &str = "FLEETBOX_TOKEN";
+/// Coordinator data directory: SQLite database, blobs, bootstrap tokens (default `./fleetbox-data`).
+pub const FLEETBOX_DATA: &str = "FLEETBOX_DATA";
+/// Address the coordinator listens on (default `127.0.0.1:8080`).
+pub const FLEETBOX_LISTEN: &str = "FLEETBOX_LISTEN";
+/// `postgres://...` to use PostgreSQL instead of the embedded SQLite.
+pub const FLEETBOX_DATABASE_URL: &str = "FLEETBOX_DATABASE_URL";
+/// Fixed bootstrap admin token (otherwise generated once and kept in the data directory).
+pub const FLEETBOX_ADMIN_TOKEN: &str = "FLEETBOX_ADMIN_TOKEN";
+/// Fixed enrollment token (otherwise generated once and kept in the data directory).
+pub const FLEETBOX_ENROLL_TOKEN: &str = "FLEETBOX_ENROLL_TOKEN";
+/// Agent state directory: identity and outbox (default `./fleetbox-agent`).
+pub const FLEETBOX_AGENT_STATE: &str = "FLEETBOX_AGENT_STATE";
+
 /// Shard contract: path of this shard's JSON input, relative to the working directory.
 pub const FLEETBOX_INPUT: &str = "FLEETBOX_INPUT";
 /// Shard contract: this shard's index (0-based).

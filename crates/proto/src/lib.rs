@@ -4,11 +4,14 @@
 //! returns, the [`Limits`] a run is held to, and the human-readable units ([`ByteSize`], [`Millis`])
 //! accepted by every flag, config file and job spec. This crate does no I/O.
 
+pub mod api;
 pub mod env;
+pub mod job;
 mod limits;
 mod report;
 mod units;
 
+pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
 pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{
     ExceptionInfo, ExecutionReport, FileEntry, Frame, Runner, Status, StreamCapture, Violation,

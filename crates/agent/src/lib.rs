@@ -1,0 +1,462 @@
+//! The Fleetbox agent: enroll once, lease shards up to its slots, run each in the sandbox,
+//! heartbeat, and deliver every report through a durable on-disk outbox.
+//!
+//! The agent holds nothing the coordinator cannot rebuild: its identity (state directory)
+//! and reports not yet acknowledged (outbox). Everything else is leased and re-leasable.
+
+mod facts;
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetbox_client::{Client, ClientError};
+use fleetbox_proto::api::{
+    AgentLoad, EnrollRequest, HeartbeatRequest, LeaseRequest, LeasedTask, ReportBatch,
+    ReturnRequest, ShardReport,
+};
+use fleetbox_proto::{ByteSize, Limits, Millis, env};
+use fleetbox_sandbox::{Backend, RunRequest, Sandbox, SandboxConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+pub use facts::machine_facts;
+pub use outbox::Outbox;
+
+/// How long one lease call waits on the coordinator for work.
+const LEASE_WAIT_MS: u64 = 10_000;
+/// Reports per delivery.
+const REPORT_BATCH: usize = 256;
+
+/// The most a job may ask of this machine; larger requests are lowered to these.
+#[derive(Debug, Clone)]
+pub struct LocalCaps {
+    pub max_timeout: Millis,
+    pub max_memory: ByteSize,
+    pub max_output: ByteSize,
+}
+
+impl Default for LocalCaps {
+    fn default() -> Self {
+        LocalCaps {
+            max_timeout: Millis::from_secs(3600),
+            max_memory: ByteSize::mib(4096),
+            max_output: ByteSize::mib(16),
+        }
+    }
+}
+
+impl LocalCaps {
+    fn apply(&self, mut l: Limits) -> Limits {
+        l.timeout = l.timeout.min(self.max_timeout);
+        l.cpu_time = l.cpu_time.min(self.max_timeout);
+        l.memory = l.memory.min(self.max_memory);
+        l.max_output = l.max_output.min(self.max_output);
+        l
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Coordinator base URL.
+    pub server: String,
+    /// Enrollment token (used once; the agent token is kept in `state_dir`).
+    pub token: String,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    pub backend: Backend,
+    pub sandbox: SandboxConfig,
+    /// Identity and outbox.
+    pub state_dir: PathBuf,
+    pub caps: LocalCaps,
+    /// On shutdown, how long running shards may take before they are handed back.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("could not use the state directory `{}`: {source}", path.display())]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the coordinator refused enrollment: {0}")]
+    Enroll(#[source] ClientError),
+    #[error("could not open the `{backend}` sandbox: {source}")]
+    Sandbox {
+        backend: Backend,
+        #[source]
+        source: fleetbox_sandbox::SandboxError,
+    },
+}
+
+/// Who this agent is to one coordinator (kept in `state_dir/agent.json`, mode 0600).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Identity {
+    server: String,
+    agent_id: String,
+    agent_token: String,
+    #[serde(default)]
+    heartbeat_ms: u64,
+}
+
+struct Running {
+    lease_id: String,
+}
+
+struct Shared {
+    config: AgentConfig,
+    client: Mutex<Client>,
+    agent_id: Mutex<String>,
+    outbox: Outbox,
+    running: Mutex<HashMap<String, Running>>,
+    /// Woken when a slot frees up.
+    slot_freed: Notify,
+    /// Woken when a report lands in the outbox.
+    report_ready: Notify,
+}
+
+impl Shared {
+    fn client(&self) -> Client {
+        self.client.lock().expect("client").clone()
+    }
+
+    fn busy(&self) -> u32 {
+        self.running.lock().expect("running").len() as u32
+    }
+}
+
+/// Run the agent until `shutdown` resolves, then drain: finish running shards (up to
+/// `drain_timeout`), hand back the rest, and try once more to deliver the outbox.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let state_err = |path: PathBuf| move |source| AgentError::State { path, source };
+    fs_err::create_dir_all(&config.state_dir).map_err(state_err(config.state_dir.clone()))?;
+    let outbox_dir = config.state_dir.join("outbox");
+    let outbox = Outbox::open(&outbox_dir).map_err(state_err(outbox_dir))?;
+    let sandbox: Arc<dyn Sandbox> = Arc::from(
+        fleetbox_sandbox::open(config.backend, config.sandbox.clone()).map_err(|source| {
+            AgentError::Sandbox {
+                backend: config.backend,
+                source,
+            }
+        })?,
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    let identity = tokio::select! {
+        id = identity(&config) => id?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    tracing::info!(agent = %identity.agent_id, server = %config.server, slots = config.slots,
+        backend = %config.backend, "agent ready");
+    let heartbeat = Duration::from_millis(identity.heartbeat_ms.max(100));
+    let shared = Arc::new(Shared {
+        client: Mutex::new(Client::new(&config.server, &identity.agent_token)),
+        agent_id: Mutex::new(identity.agent_id.clone()),
+        config,
+        outbox,
+        running: Mutex::new(HashMap::new()),
+        slot_freed: Notify::new(),
+        report_ready: Notify::new(),
+    });
+
+    let sender = tokio::spawn(deliver_loop(shared.clone(), stop_rx.clone()));
+    let beat = tokio::spawn(heartbeat_loop(shared.clone(), heartbeat, stop_rx.clone()));
+    tokio::select! {
+        _ = lease_loop(shared.clone(), sandbox) => {}
+        _ = &mut shutdown => {}
+    }
+    tracing::info!("agent stopping: no new leases");
+    drain(&shared).await;
+    let _ = stop_tx.send(true);
+    let _ = beat.await;
+    let _ = sender.await;
+    // One last delivery attempt; whatever is left stays on disk for the next start.
+    let _ = deliver_once(&shared).await;
+    let left = shared.outbox.len();
+    if left > 0 {
+        tracing::warn!(left, "reports kept in the outbox for the next start");
+    }
+    Ok(())
+}
+
+/// Load the saved identity for this coordinator, or enroll (retrying while it is unreachable).
+async fn identity(config: &AgentConfig) -> Result<Identity, AgentError> {
+    let path = config.state_dir.join("agent.json");
+    if let Ok(bytes) = fs_err::read(&path)
+        && let Ok(id) = serde_json::from_slice::<Identity>(&bytes)
+        && id.server == config.server
+    {
+        return Ok(id);
+    }
+    let client = Client::new(&config.server, &config.token);
+    let req = EnrollRequest {
+        name: config.name.clone(),
+        labels: config.labels.clone(),
+        slots: config.slots,
+        facts: machine_facts(config.backend, config.sandbox.python.as_deref()),
+    };
+    let mut delay = Duration::from_millis(200);
+    let resp = loop {
+        match client.enroll(&req).await {
+            Ok(r) => break r,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "enrollment: coordinator unavailable, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(AgentError::Enroll(e)),
+        }
+    };
+    let id = Identity {
+        server: config.server.clone(),
+        agent_id: resp.agent_id,
+        agent_token: resp.agent_token,
+        heartbeat_ms: resp.heartbeat_ms,
+    };
+    save_identity(&path, &id).map_err(|source| AgentError::State { path, source })?;
+    Ok(id)
+}
+
+fn save_identity(path: &std::path::Path, id: &Identity) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(id).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let free = shared.config.slots.saturating_sub(shared.busy());
+        if free == 0 {
+            shared.slot_freed.notified().await;
+            continue;
+        }
+        let req = LeaseRequest {
+            max_tasks: free,
+            wait_ms: LEASE_WAIT_MS,
+        };
+        match shared.client().lease(&req).await {
+            Ok(resp) => {
+                delay = Duration::from_millis(100);
+                for task in resp.tasks {
+                    start_task(&shared, &sandbox, task);
+                }
+            }
+            Err(e) if e.code() == Some("unauthorized") => {
+                tracing::error!(error = %e, "the coordinator no longer knows this agent; re-enrolling");
+                let _ = fs_err::remove_file(shared.config.state_dir.join("agent.json"));
+                match identity(&shared.config).await {
+                    Ok(id) => {
+                        *shared.client.lock().expect("client") =
+                            Client::new(&shared.config.server, &id.agent_token);
+                        *shared.agent_id.lock().expect("agent id") = id.agent_id;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "re-enrollment failed");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask) {
+    shared.running.lock().expect("running").insert(
+        task.lease_id.clone(),
+        Running {
+            lease_id: task.lease_id.clone(),
+        },
+    );
+    let shared = shared.clone();
+    let sandbox = sandbox.clone();
+    tokio::spawn(async move {
+        let lease_id = task.lease_id.clone();
+        let task_id = task.task_id;
+        let agent_id = shared.agent_id.lock().expect("agent id").clone();
+        let limits = shared.config.caps.apply(task.limits.clone());
+        let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
+        let mut req = RunRequest::new(task.code.into_bytes(), Some(input), limits);
+        req.runner_id = agent_id;
+        req.env.extend([
+            (
+                env::FLEETBOX_SHARD_INDEX.to_string(),
+                task.shard_index.to_string(),
+            ),
+            (
+                env::FLEETBOX_SHARD_COUNT.to_string(),
+                task.shard_count.to_string(),
+            ),
+            (env::FLEETBOX_JOB_ID.to_string(), task.job_id.clone()),
+        ]);
+        let report = match tokio::task::spawn_blocking(move || sandbox.run(&req)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, lease = %lease_id, "sandbox thread failed; the lease will expire and the shard re-run");
+                shared.running.lock().expect("running").remove(&lease_id);
+                shared.slot_freed.notify_one();
+                return;
+            }
+        };
+        tracing::debug!(lease = %lease_id, status = report.status.as_str(), wall_ms = report.wall_ms, "shard ran");
+        let record = ShardReport {
+            lease_id: lease_id.clone(),
+            task_id,
+            report,
+        };
+        if let Err(e) = shared.outbox.put(&record) {
+            tracing::error!(error = %e, lease = %lease_id, "could not write the outbox; sending directly");
+            let _ = shared
+                .client()
+                .report(&ReportBatch {
+                    reports: vec![record],
+                })
+                .await;
+        }
+        shared.running.lock().expect("running").remove(&lease_id);
+        shared.slot_freed.notify_one();
+        shared.report_ready.notify_one();
+    });
+}
+
+async fn deliver_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match deliver_once(&shared).await {
+            Ok(0) => {
+                delay = Duration::from_millis(100);
+                tokio::select! {
+                    _ = shared.report_ready.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            Ok(_) => delay = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, outbox = shared.outbox.len(), "report delivery failed; kept in the outbox");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Send one batch from the outbox; returns how many were acknowledged.
+async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
+    let batch = match shared.outbox.pending(REPORT_BATCH) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the outbox");
+            return Ok(0);
+        }
+    };
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let ack = shared
+        .client()
+        .report(&ReportBatch { reports: batch })
+        .await?;
+    for r in &ack.results {
+        if r.outcome == "unknown" {
+            tracing::warn!(lease = %r.lease_id, "the coordinator does not know this lease; report dropped");
+        }
+        if let Err(e) = shared.outbox.remove(&r.lease_id) {
+            tracing::error!(error = %e, lease = %r.lease_id, "could not clear an outbox entry");
+        }
+    }
+    Ok(ack.results.len())
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let running: Vec<String> = shared
+            .running
+            .lock()
+            .expect("running")
+            .values()
+            .map(|r| r.lease_id.clone())
+            .collect();
+        let req = HeartbeatRequest {
+            running,
+            load: AgentLoad {
+                slots: shared.config.slots,
+                busy: shared.busy(),
+                loadavg: facts::loadavg(),
+                outbox: shared.outbox.len() as u64,
+            },
+        };
+        match shared.client().heartbeat(&req).await {
+            Ok(resp) => {
+                for lease in resp.cancel {
+                    // The run finishes; its report is kept by the coordinator as an extra attempt.
+                    tracing::info!(lease = %lease, "coordinator no longer wants this shard");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Wait for running shards up to the drain timeout; hand back what is still running.
+async fn drain(shared: &Shared) {
+    let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
+    while shared.busy() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = shared.slot_freed.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    let left: Vec<String> = shared
+        .running
+        .lock()
+        .expect("running")
+        .keys()
+        .cloned()
+        .collect();
+    if !left.is_empty() {
+        tracing::warn!(
+            count = left.len(),
+            "handing back shards still running at shutdown"
+        );
+        if let Err(e) = shared
+            .client()
+            .return_leases(&ReturnRequest { lease_ids: left })
+            .await
+        {
+            tracing::warn!(error = %e, "could not hand back leases; they will expire on the coordinator");
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The durable outbox: every report is on disk before it is sent, and leaves the disk only
+//! once the coordinator has acknowledged it. A coordinator outage or an agent crash loses
+//! nothing; the outbox drains when the coordinator is back (or the agent restarts).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fleetbox_proto::api::ShardReport;
+
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    dir: PathBuf,
+}
+
+impl Outbox {
+    pub fn open(dir: &Path) -> std::io::Result<Outbox> {
+        fs_err::create_dir_all(dir)?;
+        Ok(Outbox {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, lease_id: &str) -> PathBuf {
+        let safe: String = lease_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{safe}.json"))
+    }
+
+    /// Write a report durably: temporary file, fsync, rename, fsync of the directory.
+    pub fn put(&self, report: &ShardReport) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(report).map_err(std::io::Error::other)?;
+        let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", &self.dir)?;
+        tmp.write_all(&bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(self.path(&report.lease_id))
+            .map_err(|e| e.error)?;
+        fs_err::File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Up to `max` waiting reports, oldest first. Unreadable files are moved aside, not lost.
+    pub fn pending(&self, max: usize) -> std::io::Result<Vec<ShardReport>> {
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for entry in fs_err::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !name.ends_with(".json") || name.starts_with(".tmp-") {
+                continue;
+            }
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            entries.push((modified, entry.path()));
+        }
+        entries.sort();
+        let mut out = Vec::new();
+        for (_, path) in entries.into_iter().take(max) {
+            match fs_err::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<ShardReport>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable outbox entry moved aside");
+                    let _ = fs_err::rename(&path, path.with_extension("corrupt"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget an acknowledged report.
+    pub fn remove(&self, lease_id: &str) -> std::io::Result<()> {
+        match fs_err::remove_file(self.path(lease_id)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        fs_err::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        n.ends_with(".json") && !n.starts_with(".tmp-")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

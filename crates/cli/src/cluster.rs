@@ -1,0 +1,295 @@
+//! `fleetbox server`, `fleetbox agent` and `fleetbox up` (coordinator + local agents).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use fleetbox_agent::{AgentConfig, LocalCaps};
+use fleetbox_proto::{ByteSize, Millis, env};
+use fleetbox_sandbox::{Backend, SandboxConfig};
+use fleetbox_server::ServerConfig;
+
+use crate::config::{FileConfig, RunFlags, resolve_run};
+
+fn parse_millis(s: &str) -> Result<Millis, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free one; the address is printed).
+    #[arg(long, env = env::FLEETBOX_LISTEN, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Data directory: SQLite database, blobs, bootstrap tokens.
+    #[arg(long, env = env::FLEETBOX_DATA, default_value = "fleetbox-data")]
+    pub data: PathBuf,
+    /// `postgres://user:pass@host/db` to use PostgreSQL instead of SQLite.
+    #[arg(long, env = env::FLEETBOX_DATABASE_URL)]
+    pub database_url: Option<String>,
+    /// Lease length without a heartbeat.
+    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    pub lease: Millis,
+    /// Heartbeat interval asked of agents.
+    #[arg(long, default_value = "2s", value_parser = parse_millis)]
+    pub heartbeat: Millis,
+    /// Silence after which an agent is lost (default: 2.25 heartbeats).
+    #[arg(long, value_parser = parse_millis)]
+    pub agent_timeout: Option<Millis>,
+    /// First retry delay (doubles per attempt, at most 1 minute).
+    #[arg(long, default_value = "1s", value_parser = parse_millis)]
+    pub retry_backoff: Millis,
+    /// Use this admin token (default: generated once, kept in `DATA/admin.token`).
+    #[arg(long, env = env::FLEETBOX_ADMIN_TOKEN, hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Use this enrollment token (default: generated once, kept in `DATA/enroll.token`).
+    #[arg(long, env = env::FLEETBOX_ENROLL_TOKEN, hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// Sandbox backend for server-side runs (the `python` reducer).
+    #[arg(long)]
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Coordinator URL.
+    #[arg(long, env = env::FLEETBOX_SERVER, default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Enrollment token (or the admin token).
+    #[arg(long, env = env::FLEETBOX_TOKEN, hide_env_values = true)]
+    pub token: String,
+    /// Shards run at once.
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    /// Sandbox backend (`jail` where the host supports it, else `process`).
+    #[arg(long, env = env::SANDBOX_TYPE)]
+    pub backend: Option<String>,
+    /// Name shown on the coordinator (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Comma-separated labels.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Identity and outbox directory.
+    #[arg(long, env = env::FLEETBOX_AGENT_STATE, default_value = "fleetbox-agent")]
+    pub state: PathBuf,
+    /// Cap on the wall-clock timeout a job may ask for.
+    #[arg(long, default_value = "1h", value_parser = parse_millis)]
+    pub max_timeout: Millis,
+    /// Cap on the memory a job may ask for.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    pub max_memory: ByteSize,
+    /// Cap on the output a job may keep per stream.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub max_output: ByteSize,
+    /// On SIGTERM, how long running shards may finish before they are handed back.
+    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    pub drain_timeout: Millis,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Local agents to start.
+    #[arg(long, default_value_t = 2)]
+    pub agents: u32,
+    /// Slots per local agent.
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    #[arg(long, env = env::FLEETBOX_DATA, default_value = "fleetbox-data")]
+    pub data: PathBuf,
+    #[arg(long, env = env::FLEETBOX_LISTEN, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Sandbox backend of the local agents and the server.
+    #[arg(long, env = env::SANDBOX_TYPE)]
+    pub backend: Option<String>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolve the sandbox for this host from `fleetbox.toml`, the environment and `--backend`.
+fn sandbox_settings(
+    config: Option<&Path>,
+    backend: Option<String>,
+) -> anyhow::Result<(Backend, SandboxConfig)> {
+    let file = FileConfig::load(config)?;
+    let s = resolve_run(
+        &file,
+        RunFlags {
+            backend,
+            ..Default::default()
+        },
+    )?;
+    let backend: Backend = s
+        .backend
+        .parse()
+        .context("invalid `--backend` / `SANDBOX_TYPE`")?;
+    Ok((
+        backend,
+        SandboxConfig {
+            python: s.python,
+            work_root: s.work_root,
+            use_cgroups: s.use_cgroups,
+            jail_helper: None,
+        },
+    ))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn server_config(args: &ServerArgs, backend: Backend, sandbox: SandboxConfig) -> ServerConfig {
+    let mut c = ServerConfig::new(args.listen, args.data.clone());
+    c.database_url = args.database_url.clone();
+    c.lease_ms = args.lease.0.max(100);
+    c.heartbeat_ms = args.heartbeat.0.max(50);
+    c.agent_timeout_ms = args
+        .agent_timeout
+        .map(|t| t.0)
+        .unwrap_or(c.heartbeat_ms * 2 + c.heartbeat_ms / 4);
+    c.retry_backoff_ms = args.retry_backoff.0;
+    c.admin_token = args.admin_token.clone();
+    c.enroll_token = args.enroll_token.clone();
+    c.sandbox_backend = backend;
+    c.sandbox = sandbox;
+    c
+}
+
+pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let cfg = server_config(&args, backend, sandbox);
+    runtime()?.block_on(async move {
+        let running = fleetbox_server::start(cfg).await?;
+        println!("fleetbox: coordinator listening on {}", running.url());
+        println!(
+            "fleetbox: admin token in `{}`",
+            args.data.join("admin.token").display()
+        );
+        let stop = running.shutdown_handle();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        running.wait().await.context("serving the API")?;
+        eprintln!("fleetbox: coordinator stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn agent_config(args: AgentArgs, backend: Backend, sandbox: SandboxConfig) -> AgentConfig {
+    let name = args.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "agent".into())
+    });
+    AgentConfig {
+        server: args.server,
+        token: args.token,
+        name,
+        labels: args.labels,
+        slots: args.slots.max(1),
+        backend,
+        sandbox,
+        state_dir: args.state,
+        caps: LocalCaps {
+            max_timeout: args.max_timeout,
+            max_memory: args.max_memory,
+            max_output: args.max_output,
+        },
+        drain_timeout: args.drain_timeout.as_duration(),
+    }
+}
+
+pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let cfg = agent_config(args, backend, sandbox);
+    runtime()?.block_on(async move {
+        fleetbox_agent::run(cfg, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
+    let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let server_args = ServerArgs {
+        listen: args.listen,
+        data: args.data.clone(),
+        database_url: None,
+        lease: Millis::from_secs(10),
+        heartbeat: Millis::from_secs(2),
+        agent_timeout: None,
+        retry_backoff: Millis::from_secs(1),
+        admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
+        enroll_token: None,
+        backend: None,
+    };
+    let cfg = server_config(&server_args, backend, sandbox.clone());
+    runtime()?.block_on(async move {
+        let running = fleetbox_server::start(cfg).await?;
+        let url = running.url();
+        let (stop_agents, stop_rx) = tokio::sync::watch::channel(false);
+        let mut agents = Vec::new();
+        for i in 0..args.agents {
+            let cfg = agent_config(
+                AgentArgs {
+                    server: url.clone(),
+                    token: running.enroll_token.clone(),
+                    slots: args.slots,
+                    backend: None,
+                    name: Some(format!("local-{}", i + 1)),
+                    labels: vec!["local".into()],
+                    state: args.data.join("agents").join(format!("local-{}", i + 1)),
+                    max_timeout: Millis::from_secs(3600),
+                    max_memory: ByteSize::mib(4096),
+                    max_output: ByteSize::mib(16),
+                    drain_timeout: Millis::from_secs(10),
+                },
+                backend,
+                sandbox.clone(),
+            );
+            let mut rx = stop_rx.clone();
+            agents.push(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = fleetbox_agent::run(cfg, stop).await {
+                    eprintln!("fleetbox: local agent failed: {e}");
+                }
+            }));
+        }
+        println!("fleetbox: coordinator on {url} (SQLite in `{}`)", args.data.display());
+        println!(
+            "fleetbox: {} local agent(s), {} slot(s) each, `{backend}` sandbox",
+            args.agents, args.slots
+        );
+        println!("fleetbox: admin token: {}", running.admin_token);
+        println!(
+            "fleetbox: try `fleetbox submit examples/sum_squares.toml --wait` (the token is read from `{}`)",
+            args.data.join("admin.token").display()
+        );
+        shutdown_signal().await;
+        eprintln!("fleetbox: stopping agents, then the coordinator");
+        let _ = stop_agents.send(true);
+        for a in agents {
+            let _ = a.await;
+        }
+        running.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,333 @@
+//! `fleetbox submit`, `fleetbox jobs`, `fleetbox job`, `fleetbox cancel`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fleetbox_client::Client;
+use fleetbox_proto::api::{JobView, job_state};
+use fleetbox_proto::job::AggregateSpec;
+use fleetbox_proto::{JobSpec, env};
+
+/// Where the client commands find the coordinator.
+#[derive(Debug, Args)]
+pub struct Conn {
+    /// Coordinator URL.
+    #[arg(long, global = true, env = env::FLEETBOX_SERVER, default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Admin token (default: read from `DATA/admin.token`).
+    #[arg(long, global = true, env = env::FLEETBOX_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    /// The coordinator's data directory, to find its admin token.
+    #[arg(long, global = true, env = env::FLEETBOX_DATA, default_value = "fleetbox-data")]
+    pub data: PathBuf,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<Client> {
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => {
+                let path = self.data.join("admin.token");
+                fs_err::read_to_string(&path)
+                    .map(|t| t.trim().to_string())
+                    .with_context(|| {
+                        format!(
+                            "no `--token`/`{}` given and no admin token at `{}`",
+                            env::FLEETBOX_TOKEN,
+                            path.display()
+                        )
+                    })?
+            }
+        };
+        Ok(Client::new(&self.server, &token))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Job spec (`.toml` or `.json`).
+    pub spec: PathBuf,
+    /// Wait for the result, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long.
+    #[arg(long, value_parser = |s: &str| s.parse::<fleetbox_proto::Millis>().map_err(|e| e.to_string()))]
+    pub timeout: Option<fleetbox_proto::Millis>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in this state.
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    pub id: String,
+    /// Print the result (value + summary) instead of the job.
+    #[arg(long, conflicts_with = "shards")]
+    pub result: bool,
+    /// Print the shards.
+    #[arg(long)]
+    pub shards: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Read a spec file and inline the files it names (relative to the spec's directory).
+pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
+    let text = fs_err::read_to_string(path)?;
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    let mut spec = if is_json {
+        JobSpec::from_json(text.as_bytes())
+    } else {
+        JobSpec::from_toml(&text)
+    }
+    .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let read = |field: &str, rel: &str| -> anyhow::Result<String> {
+        let p = base.join(rel);
+        fs_err::read_to_string(&p).with_context(|| format!("`{field}` in `{}`", path.display()))
+    };
+    if spec.code.is_none()
+        && let Some(file) = spec.code_file.take()
+    {
+        spec.code = Some(read("code_file", &file)?);
+    }
+    if spec.shards.text.is_none()
+        && let Some(file) = spec.shards.lines.take()
+    {
+        spec.shards.text = Some(read("shards.lines", &file)?);
+    }
+    if let Some(AggregateSpec::Table(t)) = &mut spec.aggregate
+        && t.code.is_none()
+        && let Some(file) = t.code_file.take()
+    {
+        t.code = Some(read("aggregate.code_file", &file)?);
+    }
+    // Validate here too, so mistakes are caught before anything is sent.
+    spec.plan()
+        .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;
+    Ok(spec)
+}
+
+pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let spec = load_spec(&args.spec)?;
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let job = client.submit(&spec).await?;
+        eprintln!(
+            "fleetbox: submitted `{}` as {} ({} shards)",
+            job.name, job.id, job.shards.total
+        );
+        if !args.wait {
+            println!("{}", job.id);
+            return Ok(ExitCode::SUCCESS);
+        }
+        wait(&client, &job, args.timeout.map(|t| t.as_duration())).await
+    })
+}
+
+async fn wait(
+    client: &Client,
+    job: &JobView,
+    timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = String::new();
+    let view = loop {
+        let view = client.job(&job.id).await?;
+        let line = progress_line(&view, started.elapsed());
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else if line != last_line && view.shards.settled() != 0 {
+            // Not a terminal: a line per change, at most every half second.
+            eprintln!("{line}");
+        }
+        last_line = line;
+        if job_state::is_final(&view.state) || view.state == job_state::NEEDS_REVIEW {
+            break view;
+        }
+        if let Some(t) = timeout
+            && started.elapsed() > t
+        {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "gave up waiting for {} after {:?} (it keeps running)",
+                job.id,
+                t
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(if tty { 200 } else { 500 })).await;
+    };
+    if tty {
+        eprintln!();
+    }
+    let result = client.result(&job.id).await?;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &result.result)?;
+    writeln!(out)?;
+    if let Some(s) = &result.summary {
+        eprintln!(
+            "fleetbox: {} {}: {}/{} shards accepted ({} failed, {} dead), {} attempts, {:.1}s, shard median {}ms, reducer `{}`",
+            view.id,
+            view.state,
+            s.shards_accepted,
+            s.shards_total,
+            s.shards_failed,
+            s.shards_dead,
+            s.attempts,
+            s.duration_ms as f64 / 1000.0,
+            s.shard_wall_ms.median,
+            s.reducer
+        );
+        for note in &s.notes {
+            eprintln!("fleetbox: note: {note}");
+        }
+    }
+    if let Some(e) = &result.error {
+        eprintln!("fleetbox: {}: {e}", view.state);
+    }
+    Ok(if view.state == job_state::COMPLETED {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn progress_line(view: &JobView, elapsed: Duration) -> String {
+    let c = &view.shards;
+    let width = 30usize;
+    let done = if c.total == 0 {
+        0
+    } else {
+        (c.settled() as usize * width) / c.total as usize
+    };
+    format!(
+        "[{}{}] {}/{} shards ({} ok, {} failed, {} dead, {} running) {} {:.1}s",
+        "#".repeat(done),
+        ".".repeat(width - done),
+        c.settled(),
+        c.total,
+        c.accepted,
+        c.rejected,
+        c.dead,
+        c.leased,
+        view.state,
+        elapsed.as_secs_f64()
+    )
+}
+
+pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let list = client.jobs(args.state.as_deref(), args.limit).await?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &list)?;
+            writeln!(out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        writeln!(
+            out,
+            "{:<22} {:<12} {:>9} {:>7} {:<10} NAME",
+            "ID", "STATE", "SHARDS", "FAILED", "REDUCER"
+        )?;
+        for j in list.jobs {
+            writeln!(
+                out,
+                "{:<22} {:<12} {:>9} {:>7} {:<10} {}",
+                j.id,
+                j.state,
+                format!("{}/{}", j.shards.accepted, j.shards.total),
+                j.shards.rejected + j.shards.dead,
+                j.reducer,
+                j.name
+            )?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let mut out = std::io::stdout().lock();
+        if args.result {
+            let r = client.result(&args.id).await?;
+            serde_json::to_writer_pretty(&mut out, &r)?;
+        } else if args.shards {
+            let s = client.shards(&args.id).await?;
+            if args.json {
+                serde_json::to_writer_pretty(&mut out, &s)?;
+            } else {
+                write!(
+                    out,
+                    "{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} ERROR",
+                    "SHARD", "STATE", "ATTEMPTS", "STATUS", "WALL_MS", "AGENT"
+                )?;
+                for sh in s.shards {
+                    write!(
+                        out,
+                        "\n{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} {}",
+                        sh.index,
+                        sh.state,
+                        sh.attempts,
+                        sh.status.unwrap_or_default(),
+                        sh.wall_ms.map(|w| w.to_string()).unwrap_or_default(),
+                        sh.agent_id.unwrap_or_default(),
+                        sh.error.unwrap_or_default()
+                    )?;
+                }
+            }
+        } else {
+            let j = client.job(&args.id).await?;
+            serde_json::to_writer_pretty(&mut out, &j)?;
+        }
+        writeln!(out)?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let j = client.cancel(&args.id).await?;
+        eprintln!("fleetbox: {} is {}", j.id, j.state);
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,222 @@
+//! A typed client for the coordinator's HTTP API (`/v1`), shared by the agent, the CLI and the
+//! benchmarks. Errors keep the API's `code`, `message` and `trace_id`.
+
+use std::time::Duration;
+
+use fleetbox_proto::JobSpec;
+use fleetbox_proto::api::{
+    AgentList, EnrollRequest, EnrollResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse,
+    JobList, JobResult, JobView, LeaseRequest, LeaseResponse, ReportAck, ReportBatch,
+    ReturnRequest, ShardList,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator answered with a typed error.
+    #[error("{message} ({code}, HTTP {status}, trace {trace_id})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        trace_id: String,
+        field: Option<String>,
+    },
+    /// The coordinator could not be reached (or the connection broke).
+    #[error("cannot reach the coordinator at `{url}`: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from `{url}`: {detail}")]
+    Protocol { url: String, detail: String },
+}
+
+impl ClientError {
+    /// Worth retrying later: the coordinator is down, restarting or overloaded.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Api { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Protocol { .. } => false,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Client {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("a reqwest client without TLS always builds");
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The same coordinator with another token.
+    pub fn with_token(&self, token: &str) -> Client {
+        Client {
+            token: token.to_string(),
+            ..self.clone()
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: String,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+                url,
+                detail: e.to_string(),
+            });
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: body.error.code,
+                message: body.error.message,
+                trace_id: body.error.trace_id,
+                field: body.error.field,
+            }),
+            Err(_) => Err(ClientError::Protocol {
+                url,
+                detail: format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                ),
+            }),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.get(&url), url, Duration::from_secs(30))
+            .await
+    }
+
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.post(&url).json(body), url, timeout)
+            .await
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn submit(&self, spec: &JobSpec) -> Result<JobView, ClientError> {
+        self.post("/v1/jobs", spec, Duration::from_secs(300)).await
+    }
+
+    pub async fn jobs(&self, state: Option<&str>, limit: u32) -> Result<JobList, ClientError> {
+        match state {
+            Some(s) => self.get(&format!("/v1/jobs?state={s}&limit={limit}")).await,
+            None => self.get(&format!("/v1/jobs?limit={limit}")).await,
+        }
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobView, ClientError> {
+        self.get(&format!("/v1/jobs/{id}")).await
+    }
+
+    pub async fn shards(&self, id: &str) -> Result<ShardList, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/shards")).await
+    }
+
+    pub async fn result(&self, id: &str) -> Result<JobResult, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/result")).await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<JobView, ClientError> {
+        self.post(
+            &format!("/v1/jobs/{id}/cancel"),
+            &(),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn agents(&self) -> Result<AgentList, ClientError> {
+        self.get("/v1/agents").await
+    }
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, ClientError> {
+        self.post("/v1/agents/enroll", req, Duration::from_secs(30))
+            .await
+    }
+
+    pub async fn lease(&self, req: &LeaseRequest) -> Result<LeaseResponse, ClientError> {
+        let timeout = Duration::from_millis(req.wait_ms) + Duration::from_secs(30);
+        self.post("/v1/agent/lease", req, timeout).await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post("/v1/agent/heartbeat", req, Duration::from_secs(10))
+            .await
+    }
+
+    pub async fn report(&self, batch: &ReportBatch) -> Result<ReportAck, ClientError> {
+        self.post("/v1/agent/reports", batch, Duration::from_secs(60))
+            .await
+    }
+
+    pub async fn return_leases(
+        &self,
+        req: &ReturnRequest,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post("/v1/agent/return", req, Duration::from_secs(10))
+            .await
+    }
+}

@@ -1,0 +1,327 @@
+//! Request and response bodies of the coordinator's HTTP API (`/v1`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ExecutionReport, Limits};
+
+/// Every error the API returns: `{"error": {"code", "message", "trace_id"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (`invalid_spec`, `not_found`, `unauthorized`, ...).
+    pub code: String,
+    pub message: String,
+    pub trace_id: String,
+    /// The field at fault, for validation errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Job states (DESIGN.md).
+pub mod job_state {
+    pub const PENDING_REVIEW: &str = "pending_review";
+    pub const RUNNING: &str = "running";
+    pub const AGGREGATING: &str = "aggregating";
+    pub const COMPLETED: &str = "completed";
+    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
+    pub const NEEDS_REVIEW: &str = "needs_review";
+
+    /// States a job never leaves.
+    pub fn is_final(state: &str) -> bool {
+        matches!(state, COMPLETED | FAILED | CANCELLED)
+    }
+}
+
+/// Task (shard) states (DESIGN.md).
+pub mod task_state {
+    pub const QUEUED: &str = "queued";
+    pub const LEASED: &str = "leased";
+    pub const REPORTED: &str = "reported";
+    pub const ACCEPTED: &str = "accepted";
+    pub const REJECTED: &str = "rejected";
+    pub const DEAD: &str = "dead";
+
+    pub fn is_settled(state: &str) -> bool {
+        matches!(state, ACCEPTED | REJECTED | DEAD)
+    }
+}
+
+/// Shard counts by state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardCounts {
+    pub total: u64,
+    pub queued: u64,
+    pub leased: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub dead: u64,
+}
+
+impl ShardCounts {
+    pub fn settled(&self) -> u64 {
+        self.accepted + self.rejected + self.dead
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub state: String,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub reducer: String,
+    pub code_sha256: String,
+    pub shards: ShardCounts,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    #[serde(default)]
+    pub finished_at: Option<i64>,
+    /// Why the job failed or was cancelled.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
+
+/// `GET /v1/jobs/{id}/result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub id: String,
+    pub state: String,
+    /// The reduced value; `null` until the job is `completed` (or when nothing succeeded).
+    pub result: Option<Value>,
+    pub summary: Option<JobSummary>,
+    pub error: Option<String>,
+}
+
+/// What the job's result covers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub shards_total: u64,
+    pub shards_accepted: u64,
+    pub shards_failed: u64,
+    pub shards_dead: u64,
+    /// accepted / total.
+    pub success_rate: f64,
+    /// True when some shards did not contribute to the result.
+    pub partial: bool,
+    /// Executions, including retries and late duplicates.
+    pub attempts: u64,
+    pub reducer: String,
+    /// Job wall time, submit to result.
+    pub duration_ms: u64,
+    /// Per-shard run time of the accepted attempts.
+    pub shard_wall_ms: Stats,
+    pub shard_peak_memory_bytes: Stats,
+    /// stdout + stderr bytes produced by all attempts.
+    pub bytes_produced: u64,
+    /// Human sentence about partial results, failures, etc.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// Robust summary of a sample.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub count: u64,
+    pub min: f64,
+    pub median: f64,
+    pub mean: f64,
+    pub p95: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(mut values: Vec<f64>) -> Stats {
+        if values.is_empty() {
+            return Stats::default();
+        }
+        values.sort_by(|a, b| a.total_cmp(b));
+        let n = values.len();
+        let at = |q: f64| values[((n - 1) as f64 * q).round() as usize];
+        Stats {
+            count: n as u64,
+            min: values[0],
+            median: at(0.5),
+            mean: values.iter().sum::<f64>() / n as f64,
+            p95: at(0.95),
+            max: values[n - 1],
+        }
+    }
+}
+
+/// One shard as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardView {
+    pub index: u64,
+    pub state: String,
+    pub attempts: u32,
+    pub agent_id: Option<String>,
+    /// Status of the attempt that settled it (or of the last attempt).
+    pub status: Option<String>,
+    pub wall_ms: Option<u64>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardList {
+    pub shards: Vec<ShardView>,
+}
+
+/// `POST /v1/agents/enroll`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub slots: u32,
+    #[serde(default)]
+    pub facts: MachineFacts,
+}
+
+/// What an agent tells the coordinator about its machine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineFacts {
+    pub hostname: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub python: String,
+    pub os: String,
+    pub arch: String,
+    pub backend: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub agent_id: String,
+    /// Secret; shown once.
+    pub agent_token: String,
+    pub lease_ms: u64,
+    pub heartbeat_ms: u64,
+}
+
+/// `POST /v1/agent/lease`: up to `max_tasks`, waiting up to `wait_ms` when none is ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub max_tasks: u32,
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub tasks: Vec<LeasedTask>,
+}
+
+/// One shard handed to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeasedTask {
+    /// Names this execution; the report must carry it.
+    pub lease_id: String,
+    pub task_id: i64,
+    pub job_id: String,
+    pub shard_index: u64,
+    pub shard_count: u64,
+    /// 1 for the first execution.
+    pub attempt: u32,
+    pub code: String,
+    pub code_sha256: String,
+    pub input: Value,
+    pub limits: Limits,
+    /// Milliseconds since the epoch; heartbeats move it.
+    pub lease_expires_at: i64,
+}
+
+/// `POST /v1/agent/heartbeat`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Leases the agent is still working on.
+    pub running: Vec<String>,
+    #[serde(default)]
+    pub load: AgentLoad,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentLoad {
+    pub slots: u32,
+    pub busy: u32,
+    /// One-minute load average.
+    pub loadavg: f64,
+    /// Reports waiting in the outbox.
+    pub outbox: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Leases that are no longer wanted (job cancelled, shard settled elsewhere).
+    pub cancel: Vec<String>,
+    pub lease_expires_at: i64,
+}
+
+/// `POST /v1/agent/reports`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub reports: Vec<ShardReport>,
+}
+
+/// One execution's report, as an agent sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub lease_id: String,
+    pub task_id: i64,
+    pub report: ExecutionReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportAck {
+    pub results: Vec<ReportOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportOutcome {
+    pub lease_id: String,
+    /// `accepted` (settled or retried the shard), `late` (kept as an extra attempt),
+    /// `duplicate` (already stored), `unknown` (no such lease: dropped).
+    pub outcome: String,
+}
+
+/// `POST /v1/agent/return`: leases given back unrun (agent shutting down).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReturnRequest {
+    pub lease_ids: Vec<String>,
+}
+
+/// `GET /v1/agents`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    pub facts: MachineFacts,
+    pub load: AgentLoad,
+    pub last_seen: i64,
+    pub leases: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+}

@@ -1,0 +1,189 @@
+//! Job endpoints (admin tokens).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, Request, State as AxState};
+use axum::http::StatusCode;
+use fleetbox_proto::JobSpec;
+use fleetbox_proto::api::{JobList, JobResult, JobView, ShardList, job_state};
+use serde::Deserialize;
+
+use super::{ApiError, Auth, raw_body};
+use crate::State;
+use crate::ids::{job_id, sha256_hex};
+use crate::store::{NewJob, TokenKind};
+
+pub async fn status(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    auth.require(&[TokenKind::Admin, TokenKind::Agent, TokenKind::Enroll])?;
+    Ok(Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "database": format!("{:?}", state.store.kind()).to_lowercase(),
+        "lease_ms": state.config.lease_ms,
+        "heartbeat_ms": state.config.heartbeat_ms,
+    })))
+}
+
+pub async fn submit(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    req: Request,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let tenant = auth.require(&[TokenKind::Admin])?.tenant_id.clone();
+    let body = raw_body(req, &()).await?;
+    let spec = JobSpec::from_json(&body)?;
+    let plan = spec.plan()?;
+    let job = NewJob {
+        id: job_id(),
+        tenant_id: tenant.clone(),
+        name: spec.name.trim().to_string(),
+        // The spec is kept without the (possibly large) uploaded text; the shards have it.
+        spec: {
+            let mut s = spec.clone();
+            s.shards.text = None;
+            s.shards.items = None;
+            serde_json::to_value(&s).unwrap_or_default()
+        },
+        code_sha256: sha256_hex(plan.code.as_bytes()),
+        code: plan.code,
+        limits: spec.limits.clone(),
+        reducer: plan.reducer,
+        priority: spec.priority,
+        max_attempts: spec.max_attempts,
+        inputs: plan.inputs,
+    };
+    state.store.insert_job(&job).await?;
+    tracing::info!(job = %job.id, shards = job.inputs.len(), name = %job.name, "job submitted");
+    state.work.notify_waiters();
+    let view = state
+        .store
+        .job_view(&tenant, &job.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &job.id))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<String>,
+    limit: Option<u32>,
+}
+
+pub async fn list(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    if let Some(s) = &q.state {
+        const STATES: [&str; 7] = [
+            job_state::PENDING_REVIEW,
+            job_state::RUNNING,
+            job_state::AGGREGATING,
+            job_state::COMPLETED,
+            job_state::FAILED,
+            job_state::CANCELLED,
+            job_state::NEEDS_REVIEW,
+        ];
+        if !STATES.contains(&s.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "unknown job state `{s}` (expected one of {})",
+                    STATES.join(", ")
+                ),
+            )
+            .with_field("state"));
+        }
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let jobs = state
+        .store
+        .list_jobs(tenant, q.state.as_deref(), limit)
+        .await?;
+    Ok(Json(JobList { jobs }))
+}
+
+pub async fn get_job(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    state
+        .store
+        .job_view(tenant, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("job", &id))
+}
+
+pub async fn shards(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<ShardList>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    if state.store.job(tenant, &id).await?.is_none() {
+        return Err(ApiError::not_found("job", &id));
+    }
+    let shards = state.store.shards(tenant, &id).await?;
+    Ok(Json(ShardList { shards }))
+}
+
+pub async fn result(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<JobResult>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let mut result = state
+        .store
+        .job_result(tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    if let Some(serde_json::Value::String(hash)) =
+        result.result.as_ref().and_then(|r| r.get("$blob"))
+    {
+        // Large results live in the blob store.
+        let bytes = state.blobs.get(hash).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("result blob: {e}"),
+            )
+        })?;
+        result.result = serde_json::from_slice(&bytes).ok();
+    }
+    Ok(Json(result))
+}
+
+pub async fn cancel(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let tenant = auth.require(&[TokenKind::Admin])?.tenant_id.clone();
+    let Some(view) = state.store.job_view(&tenant, &id).await? else {
+        return Err(ApiError::not_found("job", &id));
+    };
+    if !state.store.cancel_job(&tenant, &id).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            format!("job `{id}` is already `{}`", view.state),
+        ));
+    }
+    tracing::info!(job = %id, "job cancelled");
+    state
+        .store
+        .job_view(&tenant, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("job", &id))
+}

@@ -1,0 +1,182 @@
+//! The HTTP API under `/v1`: routing, tracing, authentication and body parsing.
+
+mod agents;
+pub mod error;
+mod jobs;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+
+pub use agents::failure_reason as failure_reason_public;
+pub use error::ApiError;
+
+use crate::State;
+use crate::ids::{sha256_hex, trace_id};
+use crate::store::{Principal, TokenKind};
+use error::TRACE_ID;
+
+/// Largest request body (job specs carry uploaded `lines`).
+pub const MAX_BODY: usize = 64 << 20;
+
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/v1/status", get(jobs::status))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/shards", get(jobs::shards))
+        .route("/v1/jobs/{id}/result", get(jobs::result))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/agents", get(agents::list))
+        .route("/v1/agents/enroll", post(agents::enroll))
+        .route("/v1/agent/lease", post(agents::lease))
+        .route("/v1/agent/heartbeat", post(agents::heartbeat))
+        .route("/v1/agent/reports", post(agents::report))
+        .route("/v1/agent/return", post(agents::return_leases))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(trace))
+        .with_state(state)
+}
+
+async fn trace(req: Request, next: Next) -> Response {
+    let id = trace_id();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let mut resp = TRACE_ID.scope(id.clone(), next.run(req)).await;
+    tracing::debug!(trace_id = %id, %method, %path, status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64, "request");
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-trace-id", v);
+    }
+    resp
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for `{} {}`", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "`{}` is not allowed on `{}`",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+/// The caller, from `Authorization: Bearer TOKEN`.
+pub struct Auth(pub Principal);
+
+impl Auth {
+    pub fn require(&self, kinds: &[TokenKind]) -> Result<&Principal, ApiError> {
+        if kinds.contains(&self.0.kind) {
+            Ok(&self.0)
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token may not call this endpoint",
+            ))
+        }
+    }
+
+    /// The agent id of an agent token.
+    pub fn agent(&self) -> Result<(&str, &str), ApiError> {
+        self.require(&[TokenKind::Agent])?;
+        let id = self.0.agent_id.as_deref().ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "token names no agent")
+        })?;
+        Ok((&self.0.tenant_id, id))
+    }
+}
+
+impl FromRequestParts<Arc<State>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<State>) -> Result<Self, ApiError> {
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>` header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthorized("the `Authorization` header must be `Bearer <token>`"))?;
+        let hash = sha256_hex(token.as_bytes());
+        if let Some(p) = state.token_cache.lock().expect("token cache").get(&hash) {
+            return Ok(Auth(p.clone()));
+        }
+        match state.store.token(&hash).await? {
+            Some(p) => {
+                state
+                    .token_cache
+                    .lock()
+                    .expect("token cache")
+                    .insert(hash, p.clone());
+                Ok(Auth(p))
+            }
+            None => Err(unauthorized("unknown token")),
+        }
+    }
+}
+
+/// A JSON body whose errors name the field and use the API's error shape.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = raw_body(req, state).await?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de).map(Body).map_err(|e| {
+            let field = e.path().to_string();
+            let err = ApiError::bad_request("invalid_body", e.inner().to_string());
+            if field.is_empty() || field == "." {
+                err
+            } else {
+                err.with_field(field)
+            }
+        })
+    }
+}
+
+pub(crate) async fn raw_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::Bytes::from_request(req, state)
+        .await
+        .map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request bodies are limited to {} MiB", MAX_BODY >> 20),
+                )
+            } else {
+                ApiError::bad_request("invalid_body", e.body_text())
+            }
+        })
+}

@@ -1,0 +1,295 @@
+//! The Fleetbox coordinator.
+//!
+//! [`start`] opens the store (SQLite in the data directory, or PostgreSQL), makes sure the
+//! bootstrap tokens exist, binds the HTTP API and starts two background loops: the scheduler
+//! (lost agents, expired leases, retries) and the aggregator (folds a job's shard values once
+//! its last shard settles). User code never runs in this process: the `python` reducer goes
+//! through the sandbox crate.
+
+mod aggregate;
+pub mod api;
+pub mod blobs;
+pub mod ids;
+pub mod reduce;
+mod scheduler;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use fleetbox_proto::Limits;
+use fleetbox_sandbox::{Backend, SandboxConfig};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::api::ApiError;
+use crate::blobs::Blobs;
+use crate::ids::sha256_hex;
+use crate::store::{DEFAULT_TENANT, Principal, Store, StoreError, TokenKind};
+
+/// Coordinator settings (resolved by the CLI from flags, environment and `fleetbox.toml`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Holds the SQLite database, blobs and the bootstrap token files.
+    pub data_dir: PathBuf,
+    /// `postgres://...`; `None` = SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ms: u64,
+    /// How often agents are told to heartbeat.
+    pub heartbeat_ms: u64,
+    /// Silence after which an agent is `lost` and its leases go back to the queue.
+    pub agent_timeout_ms: u64,
+    /// First retry delay; doubles per attempt, capped at a minute.
+    pub retry_backoff_ms: u64,
+    /// Use this admin token instead of the stored/generated one.
+    pub admin_token: Option<String>,
+    /// Use this enrollment token instead of the stored/generated one.
+    pub enroll_token: Option<String>,
+    /// Sandbox for server-side runs (the `python` reducer).
+    pub sandbox_backend: Backend,
+    pub sandbox: SandboxConfig,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        let heartbeat_ms = 2000;
+        ServerConfig {
+            listen,
+            data_dir,
+            database_url: None,
+            lease_ms: 10_000,
+            heartbeat_ms,
+            agent_timeout_ms: heartbeat_ms * 2 + heartbeat_ms / 4,
+            retry_backoff_ms: 1000,
+            admin_token: None,
+            enroll_token: None,
+            sandbox_backend: Backend::default_for_host(),
+            sandbox: SandboxConfig::default(),
+        }
+    }
+}
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not prepare `{}`: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not listen on `{addr}`: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a handler needs of a job, cached: code, limits and shard count never change.
+#[derive(Debug)]
+pub struct JobInfo {
+    pub code: String,
+    pub code_sha256: String,
+    pub limits: Limits,
+    pub shard_count: u64,
+}
+
+/// Shared by every handler and background loop.
+pub struct State {
+    pub store: Store,
+    pub blobs: Blobs,
+    pub config: ServerConfig,
+    /// Woken when tasks become ready (submit, requeue, return).
+    pub work: Notify,
+    token_cache: Mutex<HashMap<String, Principal>>,
+    job_cache: Mutex<HashMap<String, Arc<JobInfo>>>,
+    aggregate_tx: mpsc::UnboundedSender<String>,
+    aggregating: Mutex<HashSet<String>>,
+}
+
+impl State {
+    pub async fn job_info(&self, job_id: &str) -> Result<Arc<JobInfo>, ApiError> {
+        if let Some(info) = self.job_cache.lock().expect("job cache").get(job_id) {
+            return Ok(info.clone());
+        }
+        let job = self
+            .store
+            .job_any_tenant(job_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("job", job_id))?;
+        let info = Arc::new(JobInfo {
+            code: job.code,
+            code_sha256: job.code_sha256,
+            limits: job.limits,
+            shard_count: job.shard_count,
+        });
+        let mut cache = self.job_cache.lock().expect("job cache");
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(job_id.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// Queue a job for aggregation (once).
+    pub fn aggregate(&self, job_id: String) {
+        if self
+            .aggregating
+            .lock()
+            .expect("aggregating set")
+            .insert(job_id.clone())
+        {
+            let _ = self.aggregate_tx.send(job_id);
+        }
+    }
+}
+
+/// A running coordinator.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    pub enroll_token: String,
+    pub state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop accepting requests, finish the ones in flight, close the store.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        self.state.store.close().await;
+    }
+
+    /// Resolves when a shutdown was requested and the HTTP server has stopped.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let res = self.server.await.unwrap_or(Ok(()));
+        self.state.store.close().await;
+        res
+    }
+
+    /// A handle that triggers a graceful shutdown.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Start the coordinator: store, tokens, HTTP API, scheduler and aggregator.
+pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
+    let data_err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| StartError::DataDir { path, source }
+    };
+    fs_err::create_dir_all(&config.data_dir).map_err(data_err(&config.data_dir))?;
+    let url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| Store::sqlite_url(&config.data_dir));
+    let store = Store::open(&url).await?;
+    let blob_dir = config.data_dir.join("blobs");
+    let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
+    let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
+    let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
+    let state = Arc::new(State {
+        store,
+        blobs,
+        config,
+        work: Notify::new(),
+        token_cache: Mutex::new(HashMap::new()),
+        job_cache: Mutex::new(HashMap::new()),
+        aggregate_tx,
+        aggregating: Mutex::new(HashSet::new()),
+    });
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
+    let app = api::router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(%addr, database = %store::redact(&url), "coordinator listening");
+    Ok(Running {
+        addr,
+        admin_token,
+        enroll_token,
+        state,
+        shutdown,
+        server,
+    })
+}
+
+/// The admin/enrollment token: the configured one, else the one saved in the data directory,
+/// else a new one saved there (mode 0600). Only its hash goes to the database.
+async fn bootstrap_token(
+    store: &Store,
+    config: &ServerConfig,
+    kind: TokenKind,
+) -> Result<String, StartError> {
+    let (given, file) = match kind {
+        TokenKind::Admin => (&config.admin_token, "admin.token"),
+        _ => (&config.enroll_token, "enroll.token"),
+    };
+    let path = config.data_dir.join(file);
+    let token = match given {
+        Some(t) => t.trim().to_string(),
+        None => match fs_err::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => {
+                let t = ids::token(match kind {
+                    TokenKind::Admin => "admin",
+                    _ => "enroll",
+                });
+                write_secret(&path, &t).map_err(|source| StartError::DataDir {
+                    path: path.clone(),
+                    source,
+                })?;
+                t
+            }
+        },
+    };
+    store
+        .add_token(&sha256_hex(token.as_bytes()), DEFAULT_TENANT, kind, None)
+        .await?;
+    Ok(token)
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}

@@ -1,0 +1,67 @@
+//! The scheduler loop: lost agents, expired leases, retries, and aggregation recovery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::State;
+use crate::store::now_ms;
+
+/// How often leases and agents are checked: a lost agent's leases return within
+/// `agent_timeout + TICK`.
+const TICK: Duration = Duration::from_millis(250);
+/// How often jobs are re-checked for aggregation (covers a crash between settle and aggregate).
+const RECOVERY_EVERY: u32 = 20;
+
+pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = 0u32;
+    loop {
+        if tick.is_multiple_of(RECOVERY_EVERY) {
+            match state.store.jobs_to_aggregate().await {
+                Ok(jobs) => jobs.into_iter().for_each(|j| state.aggregate(j)),
+                Err(e) => tracing::error!(error = %e, "aggregation recovery"),
+            }
+        }
+        tick = tick.wrapping_add(1);
+        if let Err(e) = sweep(&state).await {
+            tracing::error!(error = %e, "scheduler sweep");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
+    let now = now_ms();
+    let lost = state
+        .store
+        .mark_lost_agents(now - state.config.agent_timeout_ms as i64)
+        .await?;
+    for agent in &lost {
+        tracing::warn!(
+            agent,
+            "agent stopped heartbeating: marked lost, its leases return to the queue"
+        );
+    }
+    let (changed, ready) = state
+        .store
+        .expire_leases(now, &lost, state.config.retry_backoff_ms)
+        .await?;
+    for t in &changed {
+        if t.dead {
+            tracing::warn!(task = t.task_id, job = %t.job_id, "shard is dead: out of attempts");
+        } else {
+            tracing::info!(task = t.task_id, job = %t.job_id, "lease lost: shard queued again");
+        }
+    }
+    if !changed.is_empty() {
+        state.work.notify_waiters();
+    }
+    for job in ready {
+        state.aggregate(job);
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Agents: enrollment, liveness, load.
+
+use fleetbox_proto::api::{AgentLoad, AgentView, EnrollRequest, MachineFacts};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Doing, Store, StoreError, TokenKind, now_ms};
+
+pub const AGENT_ONLINE: &str = "online";
+pub const AGENT_LOST: &str = "lost";
+
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub view: AgentView,
+}
+
+impl Store {
+    /// Register an agent and its token (hash) in one transaction.
+    pub async fn enroll_agent(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        token_hash: &str,
+        req: &EnrollRequest,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await.doing("enrolling an agent")?;
+        sqlx::query(
+            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen) \
+             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8)",
+        )
+        .bind(agent_id)
+        .bind(tenant_id)
+        .bind(&req.name)
+        .bind(json(&req.labels))
+        .bind(i64::from(req.slots))
+        .bind(json(&req.facts))
+        .bind(AGENT_ONLINE)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .doing("inserting an agent")?;
+        sqlx::query(
+            "INSERT INTO tokens (hash, tenant_id, kind, agent_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(token_hash)
+        .bind(tenant_id)
+        .bind(TokenKind::Agent.as_str())
+        .bind(agent_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .doing("inserting an agent token")?;
+        tx.commit().await.doing("enrolling an agent")?;
+        Ok(())
+    }
+
+    /// Record a heartbeat: the agent is alive and this is its load.
+    pub async fn touch_agent(&self, agent_id: &str, load: &AgentLoad) -> Result<(), StoreError> {
+        sqlx::query("UPDATE agents SET last_seen = $1, load = $2, state = $3 WHERE id = $4")
+            .bind(now_ms())
+            .bind(json(load))
+            .bind(AGENT_ONLINE)
+            .bind(agent_id)
+            .execute(&self.write)
+            .await
+            .doing("recording a heartbeat")?;
+        Ok(())
+    }
+
+    /// Agents silent since `cutoff` become `lost`; returns their ids.
+    pub async fn mark_lost_agents(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE agents SET state = $1 WHERE state = $2 AND last_seen < $3 RETURNING id",
+        )
+        .bind(AGENT_LOST)
+        .bind(AGENT_ONLINE)
+        .bind(cutoff)
+        .fetch_all(&self.write)
+        .await
+        .doing("marking lost agents")?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").doing("reading lost agents"))
+            .collect()
+    }
+
+    pub async fn list_agents(&self, tenant_id: &str) -> Result<Vec<AgentView>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.name, a.state, a.labels, a.slots, a.facts, a.load, a.last_seen, \
+             (SELECT COUNT(*) FROM tasks t WHERE t.agent_id = a.id AND t.state = 'leased') AS leases \
+             FROM agents a WHERE a.tenant_id = $1 ORDER BY a.created_at",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.read)
+        .await
+        .doing("listing agents")?;
+        rows.iter().map(agent_view).collect()
+    }
+}
+
+fn agent_view(row: &AnyRow) -> Result<AgentView, StoreError> {
+    let get_s = |c: &str| row.try_get::<String, _>(c).doing("reading an agent");
+    let get_i = |c: &str| row.try_get::<i64, _>(c).doing("reading an agent");
+    Ok(AgentView {
+        id: get_s("id")?,
+        name: get_s("name")?,
+        state: get_s("state")?,
+        labels: parse(&get_s("labels")?, "agent labels")?,
+        slots: get_i("slots")? as u32,
+        facts: parse::<MachineFacts>(&get_s("facts")?, "agent facts")?,
+        load: parse::<AgentLoad>(&get_s("load")?, "agent load").unwrap_or_default(),
+        last_seen: get_i("last_seen")?,
+        leases: get_i("leases")? as u64,
+    })
+}
+
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    text: &str,
+    what: &'static str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    })
+}

@@ -1,0 +1,258 @@
+//! The coordinator's store: one code path over SQLite (embedded default) and PostgreSQL.
+//!
+//! Queries go through sqlx's `Any` driver with `$N` placeholders, which both databases accept.
+//! Where the dialects differ (leasing uses `FOR UPDATE SKIP LOCKED` on PostgreSQL) the SQL
+//! is chosen by [`DbKind`]. SQLite runs with one writer connection (WAL lets readers go on);
+//! PostgreSQL shares one pool, so several coordinators can use the same database.
+
+mod agents;
+mod jobs;
+mod tasks;
+mod tokens;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use agents::AgentRow;
+pub use jobs::{JobRow, NewJob};
+pub use tasks::{LeaseGrant, ReportInput, Requeued, SettleOutcome};
+pub use tokens::{Principal, TokenKind};
+
+/// The tenant every object belongs to until tenants are managed.
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+/// Errors of the store, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL `{url}` is not supported (use `sqlite://PATH` or `postgres://...`)")]
+    UnsupportedUrl { url: String },
+    #[error("could not connect to `{url}`: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migration `{name}` failed: {source}")]
+    Migrate {
+        name: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database error while {doing}: {source}")]
+    Query {
+        doing: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("stored data is corrupt ({what}): {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+/// Attach what was being done to a sqlx error.
+pub(crate) trait Doing<T> {
+    fn doing(self, doing: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Doing<T> for Result<T, sqlx::Error> {
+    fn doing(self, doing: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Query { doing, source })
+    }
+}
+
+/// Migrations, in order, for each dialect.
+const MIGRATIONS: &[(&str, &str, &str)] = &[(
+    "0001_init",
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/postgres/0001_init.sql"),
+)];
+
+#[derive(Clone)]
+pub struct Store {
+    kind: DbKind,
+    /// Writes (one connection on SQLite).
+    write: AnyPool,
+    /// Reads (several connections).
+    read: AnyPool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("kind", &self.kind).finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// The embedded default: `fleetbox.db` in `data_dir`.
+    pub fn sqlite_url(data_dir: &Path) -> String {
+        format!(
+            "sqlite://{}?mode=rwc",
+            data_dir.join("fleetbox.db").display()
+        )
+    }
+
+    /// Connect and bring the schema up to date.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let kind = if url.starts_with("sqlite:") {
+            DbKind::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            DbKind::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl { url: redact(url) });
+        };
+        let options = AnyConnectOptions::from_str(url).map_err(|source| StoreError::Connect {
+            url: redact(url),
+            source,
+        })?;
+        let connect = |max: u32| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(30))
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if kind == DbKind::Sqlite {
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                 PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                            )
+                            .await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect_with(options.clone())
+        };
+        let err = |source| StoreError::Connect {
+            url: redact(url),
+            source,
+        };
+        let (write, read) = match kind {
+            DbKind::Sqlite => {
+                let write = connect(1).await.map_err(err)?;
+                let read = connect(4).await.map_err(err)?;
+                (write, read)
+            }
+            DbKind::Postgres => {
+                let pool = connect(16).await.map_err(err)?;
+                (pool.clone(), pool)
+            }
+        };
+        let store = Store { kind, write, read };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn kind(&self) -> DbKind {
+        self.kind
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS fleetbox_migrations (name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&self.write)
+        .await
+        .map_err(|source| StoreError::Migrate {
+            name: "fleetbox_migrations",
+            source,
+        })?;
+        for (name, sqlite, postgres) in MIGRATIONS {
+            let mut tx = self.write.begin().await.doing("starting a migration")?;
+            if self.kind == DbKind::Postgres {
+                // Several coordinators may start at once against one database.
+                sqlx::query("LOCK TABLE fleetbox_migrations IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await
+                    .doing("locking the migration table")?;
+            }
+            let done = sqlx::query("SELECT name FROM fleetbox_migrations WHERE name = $1")
+                .bind(*name)
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("reading applied migrations")?;
+            if done.is_some() {
+                continue;
+            }
+            let sql = match self.kind {
+                DbKind::Sqlite => sqlite,
+                DbKind::Postgres => postgres,
+            };
+            tx.execute(*sql)
+                .await
+                .map_err(|source| StoreError::Migrate { name, source })?;
+            sqlx::query("INSERT INTO fleetbox_migrations (name, applied_at) VALUES ($1, $2)")
+                .bind(*name)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .doing("recording a migration")?;
+            tx.commit().await.doing("committing a migration")?;
+            tracing::info!(migration = name, "applied");
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `$first, $first+1, ...` for `n` values.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://me:secret@localhost/db"),
+            "postgres://me:***@localhost/db"
+        );
+        assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+    }
+}

@@ -1,0 +1,589 @@
+//! Tasks (shards): leasing, heartbeats, reports, expiry and retries.
+//!
+//! Each lease call and each report batch is one transaction with a constant number of
+//! statements, whatever the batch size: that is what makes thousands of tasks a second
+//! possible on a single SQLite writer.
+
+use std::collections::{HashMap, HashSet};
+
+use fleetbox_proto::Status;
+use fleetbox_proto::api::task_state;
+use sqlx::Row;
+
+use super::{DbKind, Doing, Store, StoreError, now_ms, placeholders};
+
+/// One task handed out by [`Store::lease`].
+#[derive(Debug, Clone)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    pub task_id: i64,
+    pub job_id: String,
+    pub shard_index: u64,
+    pub attempt: u32,
+    pub input: String,
+}
+
+/// A report as the store keeps it (blobs already written by the caller).
+#[derive(Debug, Clone)]
+pub struct ReportInput {
+    pub lease_id: String,
+    pub task_id: i64,
+    pub status: Status,
+    /// Why it failed, for the shard's `last_error`.
+    pub reason: Option<String>,
+    pub output: Option<String>,
+    pub output_blob: Option<String>,
+    pub output_sha256: Option<String>,
+    /// The report as JSON, large streams moved to blobs.
+    pub report_json: String,
+    pub stdout_blob: Option<String>,
+    pub stderr_blob: Option<String>,
+    pub wall_ms: i64,
+    pub peak_memory: i64,
+    pub bytes_out: i64,
+}
+
+/// What happened to one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// Stored and applied to its shard.
+    Accepted,
+    /// Stored as an extra attempt; the shard was settled or re-leased meanwhile.
+    Late,
+    /// Already stored (the same lease reported twice).
+    Duplicate,
+    /// No such lease for this agent: dropped.
+    Unknown,
+}
+
+impl SettleOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleOutcome::Accepted => "accepted",
+            SettleOutcome::Late => "late",
+            SettleOutcome::Duplicate => "duplicate",
+            SettleOutcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// A task put back in the queue (or killed) by expiry.
+#[derive(Debug, Clone)]
+pub struct Requeued {
+    pub task_id: i64,
+    pub job_id: String,
+    pub dead: bool,
+}
+
+/// Retry delay after `attempts` executions: `base * 2^(attempts-1)`, at most a minute.
+pub fn backoff_ms(base_ms: u64, attempts: u32) -> i64 {
+    let factor = 1u64 << attempts.saturating_sub(1).min(16);
+    base_ms.saturating_mul(factor).min(60_000) as i64
+}
+
+/// What a report's status means for its shard.
+enum Disposition {
+    Accept,
+    /// The program failed on its own: final.
+    Reject,
+    /// The infrastructure failed (sandbox error, killed from outside): run it again.
+    Retry,
+}
+
+fn disposition(status: Status) -> Disposition {
+    match status {
+        Status::Ok => Disposition::Accept,
+        Status::SandboxError | Status::Killed => Disposition::Retry,
+        _ => Disposition::Reject,
+    }
+}
+
+struct TaskState {
+    job_id: String,
+    state: String,
+    lease_id: Option<String>,
+    attempts: u32,
+    max_attempts: u32,
+}
+
+impl Store {
+    /// Lease up to `max` ready tasks of `tenant_id` to `agent_id` until `expires`.
+    pub async fn lease(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        max: u32,
+        expires: i64,
+        lease_prefix: &str,
+    ) -> Result<Vec<LeaseGrant>, StoreError> {
+        let now = now_ms();
+        let lock = match self.kind {
+            DbKind::Postgres => " FOR UPDATE SKIP LOCKED",
+            DbKind::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE tasks SET state = 'leased', lease_id = $1 || '.' || CAST(id AS TEXT), agent_id = $2, \
+             lease_expires = $3, attempts = attempts + 1, updated_at = $4 \
+             WHERE id IN (SELECT id FROM tasks WHERE state = 'queued' AND tenant_id = $5 AND not_before <= $4 \
+             ORDER BY priority DESC, id LIMIT $6{lock}) \
+             RETURNING id, job_id, shard_index, attempts, input, lease_id"
+        );
+        let mut tx = self.write.begin().await.doing("leasing tasks")?;
+        let rows = sqlx::query(&sql)
+            .bind(lease_prefix)
+            .bind(agent_id)
+            .bind(expires)
+            .bind(now)
+            .bind(tenant_id)
+            .bind(i64::from(max))
+            .fetch_all(&mut *tx)
+            .await
+            .doing("leasing tasks")?;
+        let mut grants = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let d = "reading leased tasks";
+            grants.push(LeaseGrant {
+                lease_id: r.try_get("lease_id").doing(d)?,
+                task_id: r.try_get("id").doing(d)?,
+                job_id: r.try_get("job_id").doing(d)?,
+                shard_index: r.try_get::<i64, _>("shard_index").doing(d)? as u64,
+                attempt: r.try_get::<i64, _>("attempts").doing(d)? as u32,
+                input: r.try_get("input").doing(d)?,
+            });
+        }
+        grants.sort_by_key(|g| g.task_id);
+        for chunk in grants.chunks(500) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = 4 + i * 3;
+                    format!("(${}, $1, ${}, $2, ${}, $3)", b, b + 1, b + 2)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO leases (id, tenant_id, task_id, agent_id, attempt, issued_at) VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(tenant_id).bind(agent_id).bind(now);
+            for g in chunk {
+                q = q
+                    .bind(&g.lease_id)
+                    .bind(g.task_id)
+                    .bind(i64::from(g.attempt));
+            }
+            q.execute(&mut *tx).await.doing("recording leases")?;
+        }
+        tx.commit().await.doing("leasing tasks")?;
+        Ok(grants)
+    }
+
+    /// Extend `agent_id`'s leases in `running`; returns those it no longer holds.
+    pub async fn extend_leases(
+        &self,
+        agent_id: &str,
+        running: &[String],
+        expires: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        if running.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "UPDATE tasks SET lease_expires = $1 WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({}) \
+             RETURNING lease_id",
+            placeholders(3, running.len())
+        );
+        let mut q = sqlx::query(&sql).bind(expires).bind(agent_id);
+        for l in running {
+            q = q.bind(l);
+        }
+        let rows = q.fetch_all(&self.write).await.doing("extending leases")?;
+        let held: HashSet<String> = rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>("lease_id").ok())
+            .collect();
+        Ok(running
+            .iter()
+            .filter(|l| !held.contains(*l))
+            .cloned()
+            .collect())
+    }
+
+    /// Leases given back unrun: queued again, the attempt not counted.
+    pub async fn return_leases(
+        &self,
+        agent_id: &str,
+        leases: &[String],
+    ) -> Result<u64, StoreError> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_id = NULL, agent_id = NULL, \
+             lease_expires = NULL, not_before = 0, updated_at = $1 \
+             WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({})",
+            placeholders(3, leases.len())
+        );
+        let mut q = sqlx::query(&sql).bind(now_ms()).bind(agent_id);
+        for l in leases {
+            q = q.bind(l);
+        }
+        let done = q.execute(&self.write).await.doing("returning leases")?;
+        Ok(done.rows_affected())
+    }
+
+    /// Store a batch of reports from `agent_id` and settle their shards. Returns each report's
+    /// outcome and the jobs whose last shard just settled.
+    pub async fn report(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        reports: &[ReportInput],
+        backoff_base_ms: u64,
+    ) -> Result<(Vec<SettleOutcome>, Vec<String>), StoreError> {
+        let mut outcomes = vec![SettleOutcome::Unknown; reports.len()];
+        if reports.is_empty() {
+            return Ok((outcomes, Vec::new()));
+        }
+        let now = now_ms();
+        let mut tx = self.write.begin().await.doing("storing reports")?;
+
+        // 1. Which leases are real and this agent's.
+        let sql = format!(
+            "SELECT id, task_id, agent_id, attempt FROM leases WHERE id IN ({})",
+            placeholders(1, reports.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for r in reports {
+            q = q.bind(&r.lease_id);
+        }
+        let mut leases: HashMap<String, (i64, u32)> = HashMap::new();
+        for row in q.fetch_all(&mut *tx).await.doing("checking leases")? {
+            let d = "checking leases";
+            let owner: String = row.try_get("agent_id").doing(d)?;
+            if owner != agent_id {
+                continue;
+            }
+            leases.insert(
+                row.try_get("id").doing(d)?,
+                (
+                    row.try_get("task_id").doing(d)?,
+                    row.try_get::<i64, _>("attempt").doing(d)? as u32,
+                ),
+            );
+        }
+        let valid: Vec<usize> = (0..reports.len())
+            .filter(|&i| {
+                leases
+                    .get(&reports[i].lease_id)
+                    .is_some_and(|(task, _)| *task == reports[i].task_id)
+            })
+            .collect();
+        if valid.is_empty() {
+            tx.commit().await.doing("storing reports")?;
+            return Ok((outcomes, Vec::new()));
+        }
+
+        // 2. The shards they are for.
+        let task_ids: Vec<i64> = {
+            let set: HashSet<i64> = valid.iter().map(|&i| reports[i].task_id).collect();
+            set.into_iter().collect()
+        };
+        let sql = format!(
+            "SELECT id, job_id, state, lease_id, attempts, max_attempts FROM tasks WHERE id IN ({})",
+            placeholders(1, task_ids.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in &task_ids {
+            q = q.bind(*id);
+        }
+        let mut tasks: HashMap<i64, TaskState> = HashMap::new();
+        for row in q.fetch_all(&mut *tx).await.doing("reading shards")? {
+            let d = "reading shards";
+            tasks.insert(
+                row.try_get("id").doing(d)?,
+                TaskState {
+                    job_id: row.try_get("job_id").doing(d)?,
+                    state: row.try_get("state").doing(d)?,
+                    lease_id: row.try_get("lease_id").doing(d)?,
+                    attempts: row.try_get::<i64, _>("attempts").doing(d)? as u32,
+                    max_attempts: row.try_get::<i64, _>("max_attempts").doing(d)? as u32,
+                },
+            );
+        }
+
+        // 3. Store every attempt once; a conflict on the lease id means a duplicate.
+        let mut inserted: HashMap<String, i64> = HashMap::new();
+        let valid_rows: Vec<usize> = valid
+            .iter()
+            .copied()
+            .filter(|i| tasks.contains_key(&reports[*i].task_id))
+            .collect();
+        for chunk in valid_rows.chunks(200) {
+            const COLS: usize = 17;
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let b = 2 + i * COLS;
+                    format!("($1, {})", placeholders(b, COLS))
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO attempts (tenant_id, task_id, job_id, lease_id, agent_id, attempt, status, late, \
+                 output, output_blob, output_sha256, report, stdout_blob, stderr_blob, wall_ms, peak_memory, \
+                 bytes_out, received_at) VALUES {} ON CONFLICT (lease_id) DO NOTHING RETURNING id, lease_id",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(tenant_id);
+            for &i in chunk {
+                let r = &reports[i];
+                let task = &tasks[&r.task_id];
+                let late = task.lease_id.as_deref() != Some(r.lease_id.as_str());
+                q = q
+                    .bind(r.task_id)
+                    .bind(&task.job_id)
+                    .bind(&r.lease_id)
+                    .bind(agent_id)
+                    .bind(i64::from(leases[&r.lease_id].1))
+                    .bind(r.status.as_str())
+                    .bind(i64::from(late))
+                    .bind(&r.output)
+                    .bind(&r.output_blob)
+                    .bind(&r.output_sha256)
+                    .bind(&r.report_json)
+                    .bind(&r.stdout_blob)
+                    .bind(&r.stderr_blob)
+                    .bind(r.wall_ms)
+                    .bind(r.peak_memory)
+                    .bind(r.bytes_out)
+                    .bind(now);
+            }
+            for row in q.fetch_all(&mut *tx).await.doing("storing attempts")? {
+                inserted.insert(
+                    row.try_get("lease_id").doing("storing attempts")?,
+                    row.try_get("id").doing("storing attempts")?,
+                );
+            }
+        }
+
+        // 4. Settle shards, in report order.
+        let mut accepted_tasks = Vec::new();
+        let mut chosen_attempts = Vec::new();
+        let mut settled_per_job: HashMap<String, i64> = HashMap::new();
+        let mut failures: Vec<(i64, &'static str, Option<i64>, String)> = Vec::new();
+        for &i in &valid_rows {
+            let r = &reports[i];
+            let Some(&attempt_id) = inserted.get(&r.lease_id) else {
+                outcomes[i] = SettleOutcome::Duplicate;
+                continue;
+            };
+            let Some(task) = tasks.get_mut(&r.task_id) else {
+                continue;
+            };
+            let current = task.lease_id.as_deref() == Some(r.lease_id.as_str());
+            let leased_elsewhere = task.state == task_state::LEASED && !current;
+            if task_state::is_settled(&task.state) {
+                outcomes[i] = SettleOutcome::Late;
+                continue;
+            }
+            let reason = r
+                .reason
+                .clone()
+                .unwrap_or_else(|| r.status.as_str().to_string());
+            match disposition(r.status) {
+                Disposition::Accept => {
+                    // A late success still settles the shard: nothing is run twice for nothing.
+                    task.state = task_state::ACCEPTED.into();
+                    accepted_tasks.push(r.task_id);
+                    chosen_attempts.push(attempt_id);
+                    *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
+                    outcomes[i] = if current {
+                        SettleOutcome::Accepted
+                    } else {
+                        SettleOutcome::Late
+                    };
+                }
+                _ if leased_elsewhere => outcomes[i] = SettleOutcome::Late,
+                Disposition::Reject => {
+                    task.state = task_state::REJECTED.into();
+                    failures.push((r.task_id, task_state::REJECTED, None, reason));
+                    *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
+                    outcomes[i] = SettleOutcome::Accepted;
+                }
+                Disposition::Retry => {
+                    if task.attempts >= task.max_attempts {
+                        task.state = task_state::DEAD.into();
+                        let why = format!("{reason} (after {} attempts)", task.attempts);
+                        failures.push((r.task_id, task_state::DEAD, None, why));
+                        *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
+                    } else {
+                        task.state = task_state::QUEUED.into();
+                        let at = now + backoff_ms(backoff_base_ms, task.attempts);
+                        failures.push((r.task_id, task_state::QUEUED, Some(at), reason));
+                    }
+                    task.lease_id = None;
+                    outcomes[i] = SettleOutcome::Accepted;
+                }
+            }
+        }
+        for chunk in accepted_tasks.chunks(500) {
+            let sql = format!(
+                "UPDATE tasks SET state = 'accepted', lease_id = NULL, lease_expires = NULL, last_error = NULL, \
+                 updated_at = $1 WHERE id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *tx).await.doing("accepting shards")?;
+        }
+        for chunk in chosen_attempts.chunks(500) {
+            let sql = format!(
+                "UPDATE attempts SET chosen = 1 WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            q.execute(&mut *tx).await.doing("choosing attempts")?;
+        }
+        for (task_id, state, not_before, reason) in &failures {
+            sqlx::query(
+                "UPDATE tasks SET state = $1, not_before = COALESCE($2, not_before), last_error = $3, \
+                 lease_id = NULL, lease_expires = NULL, updated_at = $4 WHERE id = $5",
+            )
+            .bind(*state)
+            .bind(*not_before)
+            .bind(reason)
+            .bind(now)
+            .bind(*task_id)
+            .execute(&mut *tx)
+            .await
+            .doing("settling failed shards")?;
+        }
+        let ready = settle_jobs(&mut tx, &settled_per_job).await?;
+        tx.commit().await.doing("storing reports")?;
+        Ok((outcomes, ready))
+    }
+
+    /// Requeue (or kill, past `max_attempts`) the tasks whose lease expired or whose agent was
+    /// lost. Returns what changed and the jobs whose last shard just settled.
+    pub async fn expire_leases(
+        &self,
+        now: i64,
+        lost_agents: &[String],
+        backoff_base_ms: u64,
+    ) -> Result<(Vec<Requeued>, Vec<String>), StoreError> {
+        let mut tx = self.write.begin().await.doing("expiring leases")?;
+        let sql = if lost_agents.is_empty() {
+            "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks \
+             WHERE state = 'leased' AND lease_expires < $1"
+                .to_string()
+        } else {
+            format!(
+                "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks \
+                 WHERE state = 'leased' AND (lease_expires < $1 OR agent_id IN ({}))",
+                placeholders(2, lost_agents.len())
+            )
+        };
+        let mut q = sqlx::query(&sql).bind(now);
+        for a in lost_agents {
+            q = q.bind(a);
+        }
+        let rows = q
+            .fetch_all(&mut *tx)
+            .await
+            .doing("finding expired leases")?;
+        let mut changed = Vec::new();
+        let mut settled: HashMap<String, i64> = HashMap::new();
+        for row in rows {
+            let d = "reading expired leases";
+            let id: i64 = row.try_get("id").doing(d)?;
+            let job_id: String = row.try_get("job_id").doing(d)?;
+            let attempts = row.try_get::<i64, _>("attempts").doing(d)? as u32;
+            let max = row.try_get::<i64, _>("max_attempts").doing(d)? as u32;
+            let lease: Option<String> = row.try_get("lease_id").doing(d)?;
+            let agent: Option<String> = row.try_get("agent_id").doing(d)?;
+            let agent = agent.unwrap_or_default();
+            let why = if lost_agents.contains(&agent) {
+                format!("agent `{agent}` stopped heartbeating")
+            } else {
+                format!("lease on agent `{agent}` expired")
+            };
+            let dead = attempts >= max;
+            let (state, reason) = if dead {
+                (
+                    task_state::DEAD,
+                    format!("{why} (after {attempts} attempts)"),
+                )
+            } else {
+                (task_state::QUEUED, why)
+            };
+            let done = sqlx::query(
+                "UPDATE tasks SET state = $1, not_before = $2, last_error = $3, lease_id = NULL, \
+                 lease_expires = NULL, updated_at = $4 WHERE id = $5 AND state = 'leased' AND lease_id = $6",
+            )
+            .bind(state)
+            .bind(now + backoff_ms(backoff_base_ms, attempts))
+            .bind(&reason)
+            .bind(now)
+            .bind(id)
+            .bind(lease)
+            .execute(&mut *tx)
+            .await
+            .doing("requeueing a shard")?;
+            if done.rows_affected() == 1 {
+                if dead {
+                    *settled.entry(job_id.clone()).or_default() += 1;
+                }
+                changed.push(Requeued {
+                    task_id: id,
+                    job_id,
+                    dead,
+                });
+            }
+        }
+        let ready = settle_jobs(&mut tx, &settled).await?;
+        tx.commit().await.doing("expiring leases")?;
+        Ok((changed, ready))
+    }
+}
+
+/// Count settled shards against their jobs; returns the jobs with none left.
+async fn settle_jobs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    settled: &HashMap<String, i64>,
+) -> Result<Vec<String>, StoreError> {
+    let mut ready = Vec::new();
+    for (job, n) in settled {
+        let row = sqlx::query(
+            "UPDATE jobs SET unsettled = unsettled - $1 WHERE id = $2 AND state = 'running' RETURNING unsettled",
+        )
+        .bind(*n)
+        .bind(job)
+        .fetch_optional(&mut **tx)
+        .await
+        .doing("counting settled shards")?;
+        if let Some(row) = row
+            && row
+                .try_get::<i64, _>("unsettled")
+                .doing("counting settled shards")?
+                <= 0
+        {
+            ready.push(job.clone());
+        }
+    }
+    Ok(ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_ms(500, 1), 500);
+        assert_eq!(backoff_ms(500, 2), 1000);
+        assert_eq!(backoff_ms(500, 3), 2000);
+        assert_eq!(backoff_ms(500, 40), 60_000);
+    }
+}
