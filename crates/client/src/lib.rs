@@ -7,7 +7,7 @@ use fleetbox_proto::JobSpec;
 use fleetbox_proto::api::{
     AgentList, EnrollRequest, EnrollResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse,
     JobList, JobResult, JobView, LeaseRequest, LeaseResponse, ReportAck, ReportBatch,
-    ReturnRequest, ShardList,
+    ReturnRequest, ShardDetail, ShardList,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -170,6 +170,10 @@ impl Client {
 
     pub async fn shards(&self, id: &str) -> Result<ShardList, ClientError> {
         self.get(&format!("/v1/jobs/{id}/shards")).await
+    }
+
+    pub async fn shard(&self, id: &str, index: u64) -> Result<ShardDetail, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/shards/{index}")).await
     }
 
     pub async fn result(&self, id: &str) -> Result<JobResult, ClientError> {

@@ -182,6 +182,36 @@ pub struct ShardList {
     pub shards: Vec<ShardView>,
 }
 
+/// One execution of a shard (`GET /v1/jobs/{id}/shards/{index}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub lease_id: String,
+    pub agent_id: String,
+    pub attempt: u32,
+    pub status: String,
+    /// `unchecked` until verification exists.
+    pub verdict: String,
+    /// This attempt's value is the shard's value.
+    pub chosen: bool,
+    /// It arrived after its lease was lost or its shard settled.
+    pub late: bool,
+    pub received_at: i64,
+    /// The full report; large streams are replaced by their blob hashes.
+    pub report: Value,
+    #[serde(default)]
+    pub stdout_blob: Option<String>,
+    #[serde(default)]
+    pub stderr_blob: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}/shards/{index}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardDetail {
+    pub shard: ShardView,
+    pub input: Value,
+    pub attempts: Vec<AttemptView>,
+}
+
 /// `POST /v1/agents/enroll`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EnrollRequest {

@@ -187,7 +187,8 @@ pub struct JobPlan {
 
 fn serde_error(path: String, err: impl std::fmt::Display) -> SpecError {
     let message = err.to_string();
-    let mut field = if path.is_empty() || path == "." {
+    // `?` is serde_path_to_error's "somewhere unknown" (syntax errors).
+    let mut field = if path.is_empty() || path == "." || path == "?" {
         String::new()
     } else {
         path

@@ -168,6 +168,47 @@ pub struct ExecutionReport {
     pub workspace: Option<String>,
 }
 
+impl ExecutionReport {
+    /// A report with nothing measured, for executors that run no sandbox (the throughput
+    /// benchmark's fake agents, protocol tests). Callers set what they know.
+    pub fn unmeasured(status: Status, output: Option<serde_json::Value>) -> Self {
+        ExecutionReport {
+            status,
+            message: None,
+            exit_code: Some(if status == Status::Ok { 0 } else { 1 }),
+            signal: None,
+            signal_name: None,
+            started_at: String::new(),
+            wall_ms: 0,
+            cpu_user_ms: 0,
+            cpu_sys_ms: 0,
+            peak_memory_bytes: 0,
+            stdout: String::new(),
+            stdout_bytes: 0,
+            stdout_truncated: false,
+            stdout_sha256: String::new(),
+            stderr: String::new(),
+            stderr_bytes: 0,
+            stderr_truncated: false,
+            stderr_sha256: String::new(),
+            output,
+            output_sha256: None,
+            output_source: None,
+            exception: None,
+            files: Vec::new(),
+            files_truncated: false,
+            violations: Vec::new(),
+            limits: AppliedLimits::default(),
+            backend: "none".into(),
+            code_sha256: String::new(),
+            input_sha256: None,
+            runner: Runner::default(),
+            notes: Vec::new(),
+            workspace: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

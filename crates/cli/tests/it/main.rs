@@ -2,6 +2,7 @@
 //! Hostile programs live as files in `tests/fixtures/`.
 
 mod cli;
+mod cluster;
 mod jail;
 mod process;
 mod support;

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::{Path, Query, Request, State as AxState};
 use axum::http::StatusCode;
 use fleetbox_proto::JobSpec;
-use fleetbox_proto::api::{JobList, JobResult, JobView, ShardList, job_state};
+use fleetbox_proto::api::{JobList, JobResult, JobView, ShardDetail, ShardList, job_state};
 use serde::Deserialize;
 
 use super::{ApiError, Auth, raw_body};
@@ -134,6 +134,27 @@ pub async fn shards(
     }
     let shards = state.store.shards(tenant, &id).await?;
     Ok(Json(ShardList { shards }))
+}
+
+pub async fn shard(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path((id, index)): Path<(String, String)>,
+) -> Result<Json<ShardDetail>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let index: u64 = index.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_path",
+            format!("shard index `{index}` is not a number"),
+        )
+        .with_field("index")
+    })?;
+    state
+        .store
+        .shard_detail(tenant, &id, index)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("shard", &format!("{id}/{index}")))
 }
 
 pub async fn result(

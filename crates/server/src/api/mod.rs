@@ -32,6 +32,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/shards", get(jobs::shards))
+        .route("/v1/jobs/{id}/shards/{index}", get(jobs::shard))
         .route("/v1/jobs/{id}/result", get(jobs::result))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/agents", get(agents::list))
@@ -153,7 +154,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         serde_path_to_error::deserialize(de).map(Body).map_err(|e| {
             let field = e.path().to_string();
             let err = ApiError::bad_request("invalid_body", e.inner().to_string());
-            if field.is_empty() || field == "." {
+            if field.is_empty() || field == "." || field == "?" {
                 err
             } else {
                 err.with_field(field)

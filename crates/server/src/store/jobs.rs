@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use fleetbox_proto::api::{
-    JobResult, JobSummary, JobView, ShardCounts, ShardView, job_state, task_state,
+    AttemptView, JobResult, JobSummary, JobView, ShardCounts, ShardDetail, ShardView, job_state,
+    task_state,
 };
 use fleetbox_proto::{Limits, Reducer};
 use serde_json::Value;
@@ -290,6 +291,68 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// One shard with its input and every execution of it, oldest first.
+    pub async fn shard_detail(
+        &self,
+        tenant_id: &str,
+        job_id: &str,
+        index: u64,
+    ) -> Result<Option<ShardDetail>, StoreError> {
+        let Some(shard) = self
+            .shards(tenant_id, job_id)
+            .await?
+            .into_iter()
+            .find(|s| s.index == index)
+        else {
+            return Ok(None);
+        };
+        let d = "reading a shard";
+        let task =
+            sqlx::query("SELECT id, input FROM tasks WHERE job_id = $1 AND shard_index = $2")
+                .bind(job_id)
+                .bind(index as i64)
+                .fetch_one(&self.read)
+                .await
+                .doing(d)?;
+        let task_id: i64 = task.try_get("id").doing(d)?;
+        let input: String = task.try_get("input").doing(d)?;
+        let rows = sqlx::query(
+            "SELECT lease_id, agent_id, attempt, status, verdict, chosen, late, received_at, report, \
+             output, stdout_blob, stderr_blob FROM attempts WHERE task_id = $1 ORDER BY id",
+        )
+        .bind(task_id)
+        .fetch_all(&self.read)
+        .await
+        .doing(d)?;
+        let mut attempts = Vec::with_capacity(rows.len());
+        for r in rows {
+            let report: String = r.try_get("report").doing(d)?;
+            let mut report: Value = parse(&report, "attempt report")?;
+            let output: Option<String> = r.try_get("output").doing(d)?;
+            if let (Some(o), Some(obj)) = (output, report.as_object_mut()) {
+                obj.insert("output".into(), parse(&o, "attempt output")?);
+            }
+            attempts.push(AttemptView {
+                lease_id: r.try_get("lease_id").doing(d)?,
+                agent_id: r.try_get("agent_id").doing(d)?,
+                attempt: r.try_get::<i64, _>("attempt").doing(d)? as u32,
+                status: r.try_get("status").doing(d)?,
+                verdict: r.try_get("verdict").doing(d)?,
+                chosen: r.try_get::<i64, _>("chosen").doing(d)? == 1,
+                late: r.try_get::<i64, _>("late").doing(d)? == 1,
+                received_at: r.try_get("received_at").doing(d)?,
+                report,
+                stdout_blob: r.try_get("stdout_blob").doing(d)?,
+                stderr_blob: r.try_get("stderr_blob").doing(d)?,
+            });
+        }
+        Ok(Some(ShardDetail {
+            shard,
+            input: parse(&input, "shard input")?,
+            attempts,
+        }))
     }
 
     /// Cancel a job: unsettled shards become `dead`. Returns false when it was already final.

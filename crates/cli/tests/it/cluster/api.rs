@@ -1,0 +1,533 @@
+//! The API under hostile use: replayed, late and forged reports; malformed specs and bodies.
+
+use std::time::Duration;
+
+use fleetbox_client::Client;
+use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport, job_state};
+use fleetbox_proto::{ExecutionReport, Status};
+use serde_json::{Value, json};
+
+use super::harness::{ADMIN, Cluster, Db, ENROLL};
+
+async fn fake_agent(c: &Cluster, name: &str) -> Client {
+    let enroll = Client::new(&c.url(), ENROLL);
+    let resp = enroll
+        .enroll(&EnrollRequest {
+            name: name.into(),
+            slots: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    Client::new(&c.url(), &resp.agent_token)
+}
+
+fn ok_report(lease_id: &str, task_id: i64, value: Value) -> ReportBatch {
+    ReportBatch {
+        reports: vec![ShardReport {
+            lease_id: lease_id.into(),
+            task_id,
+            report: ExecutionReport::unmeasured(Status::Ok, Some(value)),
+        }],
+    }
+}
+
+async fn outcome(agent: &Client, batch: &ReportBatch) -> String {
+    agent.report(batch).await.unwrap().results[0]
+        .outcome
+        .clone()
+}
+
+pub async fn duplicate_late_and_forged_reports(db: Db) {
+    let Some(c) = Cluster::start(db).await else {
+        return;
+    };
+    let job = c
+        .submit(
+            "name = \"one\"\ncode = \"print(1)\"\nshards = { count = 1 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    let a = fake_agent(&c, "a").await;
+    let b = fake_agent(&c, "b").await;
+    let lease = a
+        .lease(&LeaseRequest {
+            max_tasks: 5,
+            wait_ms: 2000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(lease.tasks.len(), 1);
+    let t1 = lease.tasks[0].clone();
+    assert_eq!(t1.attempt, 1);
+
+    // Forged: a lease that was never issued, and someone else's lease.
+    assert_eq!(
+        outcome(&a, &ok_report("deadbeef.1", t1.task_id, json!(1))).await,
+        "unknown"
+    );
+    assert_eq!(
+        outcome(&b, &ok_report(&t1.lease_id, t1.task_id, json!(1))).await,
+        "unknown"
+    );
+    // A lease id with the wrong task id.
+    assert_eq!(
+        outcome(&a, &ok_report(&t1.lease_id, t1.task_id + 99, json!(1))).await,
+        "unknown"
+    );
+
+    // `a` goes silent: it is lost and its lease is re-issued to `b`.
+    let lease_b = b
+        .lease(&LeaseRequest {
+            max_tasks: 5,
+            wait_ms: 10_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        lease_b.tasks.len(),
+        1,
+        "the lost agent's shard must be leased again"
+    );
+    let t2 = lease_b.tasks[0].clone();
+    assert_eq!(t2.task_id, t1.task_id);
+    assert_eq!(t2.attempt, 2);
+    assert_ne!(t2.lease_id, t1.lease_id);
+
+    // The old lease reports after all: kept and, being a success, it settles the shard.
+    assert_eq!(
+        outcome(&a, &ok_report(&t1.lease_id, t1.task_id, json!(1))).await,
+        "late"
+    );
+    // The same report again: stored once.
+    assert_eq!(
+        outcome(&a, &ok_report(&t1.lease_id, t1.task_id, json!(1))).await,
+        "duplicate"
+    );
+    // The re-issued lease reports: an extra attempt, never lost.
+    assert_eq!(
+        outcome(&b, &ok_report(&t2.lease_id, t2.task_id, json!(1))).await,
+        "late"
+    );
+    assert_eq!(
+        outcome(&b, &ok_report(&t2.lease_id, t2.task_id, json!(1))).await,
+        "duplicate"
+    );
+
+    let r = c.wait(&job.id, Duration::from_secs(30)).await;
+    assert_eq!(r.state, job_state::COMPLETED);
+    assert_eq!(r.result, Some(json!(1)));
+    let detail = c.client.shard(&job.id, 0).await.unwrap();
+    assert_eq!(
+        detail.attempts.len(),
+        2,
+        "both executions are kept: {detail:?}"
+    );
+    assert!(detail.attempts.iter().all(|a| a.late));
+    assert_eq!(detail.attempts.iter().filter(|a| a.chosen).count(), 1);
+    assert_eq!(detail.attempts[0].lease_id, t1.lease_id);
+    assert_eq!(detail.input, json!({"index": 0}));
+}
+
+/// A raw request: (status, body, x-trace-id header).
+async fn raw(
+    c: &Cluster,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value, String) {
+    let http = reqwest::Client::new();
+    let url = format!("{}{path}", c.url());
+    let mut req = match method {
+        "GET" => http.get(&url),
+        "DELETE" => http.delete(&url),
+        _ => http.post(&url),
+    };
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let trace = resp
+        .headers()
+        .get("x-trace-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let text = resp.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body, trace)
+}
+
+pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
+    let Some(c) = Cluster::start(db).await else {
+        return;
+    };
+    let agent = fake_agent(&c, "probe").await;
+    // The agent's token, taken from its client for raw calls.
+    let enroll = Client::new(&c.url(), ENROLL)
+        .enroll(&EnrollRequest {
+            name: "raw".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let agent_token = enroll.agent_token.as_str();
+    let good = r#"{"name":"x","code":"print(1)","shards":{"count":1}}"#;
+    let big_items = format!(
+        r#"{{"name":"x","code":"print(1)","shards":{{"items":[{}],"per_shard":1}}}}"#,
+        vec!["1"; 1_000_001].join(",")
+    );
+    // (method, path, token, body, status, code, field)
+    let cases: Vec<(
+        &str,
+        &str,
+        Option<&str>,
+        Option<&str>,
+        u16,
+        &str,
+        Option<&str>,
+    )> = vec![
+        (
+            "POST",
+            "/v1/jobs",
+            None,
+            Some(good),
+            401,
+            "unauthorized",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some("wrong"),
+            Some(good),
+            401,
+            "unauthorized",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(agent_token),
+            Some(good),
+            403,
+            "forbidden",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some("{not json"),
+            422,
+            "invalid_spec",
+            Some("spec"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some("[]"),
+            422,
+            "invalid_spec",
+            Some("spec"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"code":"x","shards":{"count":1}}"#),
+            422,
+            "invalid_spec",
+            Some("name"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","shards":{"count":1}}"#),
+            422,
+            "invalid_spec",
+            Some("code"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{"count":-1}}"#),
+            422,
+            "invalid_spec",
+            Some("shards.count"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{}}"#),
+            422,
+            "invalid_spec",
+            Some("shards"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{"count":1},"limits":{"memory":"a lot"}}"#),
+            422,
+            "invalid_spec",
+            Some("limits.memory"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{"count":1},"limits":{"timeout":"0s"}}"#),
+            422,
+            "invalid_spec",
+            Some("limits.timeout"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{"count":1},"aggregate":"median"}"#),
+            422,
+            "invalid_spec",
+            Some("aggregate"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{"count":1},"bogus":1}"#),
+            422,
+            "invalid_spec",
+            Some("bogus"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code":"p","shards":{"range":{"start":9,"end":1,"count":2}}}"#),
+            422,
+            "invalid_spec",
+            Some("shards.range.end"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(r#"{"name":"x","code_file":"/etc/passwd","shards":{"count":1}}"#),
+            422,
+            "invalid_spec",
+            Some("code_file"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(ADMIN),
+            Some(big_items.as_str()),
+            422,
+            "invalid_spec",
+            Some("shards.items"),
+        ),
+        (
+            "GET",
+            "/v1/jobs/job_nope",
+            Some(ADMIN),
+            None,
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/jobs?state=sleeping",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_query",
+            Some("state"),
+        ),
+        (
+            "GET",
+            "/v1/jobs?limit=many",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_query",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/jobs/job_nope/cancel",
+            Some(ADMIN),
+            None,
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/nowhere",
+            Some(ADMIN),
+            None,
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/jobs/job_nope/shards/x",
+            Some(ADMIN),
+            None,
+            400,
+            "invalid_path",
+            Some("index"),
+        ),
+        (
+            "DELETE",
+            "/v1/jobs",
+            Some(ADMIN),
+            None,
+            405,
+            "method_not_allowed",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/agents/enroll",
+            Some(ENROLL),
+            Some(r#"{"name":""}"#),
+            400,
+            "invalid_body",
+            Some("name"),
+        ),
+        (
+            "POST",
+            "/v1/agents/enroll",
+            Some(ENROLL),
+            Some(r#"{"name":"x","slots":"two"}"#),
+            400,
+            "invalid_body",
+            Some("slots"),
+        ),
+        (
+            "POST",
+            "/v1/agents/enroll",
+            Some(agent_token),
+            Some(r#"{"name":"x"}"#),
+            403,
+            "forbidden",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/agent/lease",
+            Some(ADMIN),
+            Some(r#"{"max_tasks":1}"#),
+            403,
+            "forbidden",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/agent/lease",
+            Some(agent_token),
+            Some(r#"{"max_tasks":0}"#),
+            400,
+            "invalid_body",
+            Some("max_tasks"),
+        ),
+        (
+            "POST",
+            "/v1/agent/lease",
+            Some(agent_token),
+            Some(r#"{"max_tasks":1,"wait_ms":-5}"#),
+            400,
+            "invalid_body",
+            Some("wait_ms"),
+        ),
+        (
+            "POST",
+            "/v1/agent/reports",
+            Some(agent_token),
+            Some(r#"{"reports":[{"lease_id":"x","task_id":1}]}"#),
+            400,
+            "invalid_body",
+            Some("reports[0]"),
+        ),
+        (
+            "POST",
+            "/v1/agent/reports",
+            Some(agent_token),
+            Some(r#"{"reports":[{"lease_id":"x","task_id":1,"report":{"status":"great"}}]}"#),
+            400,
+            "invalid_body",
+            Some("reports[0].report.status"),
+        ),
+        (
+            "POST",
+            "/v1/agent/heartbeat",
+            Some(agent_token),
+            Some("null"),
+            400,
+            "invalid_body",
+            None,
+        ),
+    ];
+    for (method, path, token, body, status, code, field) in cases {
+        let (got, body_json, trace) = raw(&c, method, path, token, body).await;
+        let what = format!("{method} {path} {:?}", body.map(|b| &b[..b.len().min(80)]));
+        assert_eq!(got, status, "{what}: {body_json}");
+        let err = &body_json["error"];
+        assert_eq!(err["code"], code, "{what}: {body_json}");
+        assert!(!err["message"].as_str().unwrap_or("").is_empty(), "{what}");
+        assert_eq!(
+            err["trace_id"].as_str().unwrap(),
+            trace,
+            "{what}: trace ids agree"
+        );
+        assert!(!trace.is_empty());
+        if let Some(f) = field {
+            assert_eq!(err["field"], f, "{what}: {body_json}");
+        }
+    }
+    // A body over the limit.
+    let huge = format!(
+        r#"{{"name":"x","code":"{}","shards":{{"count":1}}}}"#,
+        "a".repeat(65 << 20)
+    );
+    let (got, body_json, _) = raw(&c, "POST", "/v1/jobs", Some(ADMIN), Some(&huge)).await;
+    assert_eq!(got, 413, "{body_json}");
+    assert_eq!(body_json["error"]["code"], "payload_too_large");
+
+    // After all that, nothing is stored and the coordinator still works.
+    assert!(c.client.jobs(None, 100).await.unwrap().jobs.is_empty());
+    let job = c
+        .submit("name = \"fine\"\ncode = \"print(5)\"\nshards = { count = 1 }\n")
+        .await;
+    let lease = agent
+        .lease(&LeaseRequest {
+            max_tasks: 1,
+            wait_ms: 2000,
+        })
+        .await
+        .unwrap();
+    let t = &lease.tasks[0];
+    assert_eq!(
+        outcome(&agent, &ok_report(&t.lease_id, t.task_id, json!(5))).await,
+        "accepted"
+    );
+    let r = c.wait(&job.id, Duration::from_secs(30)).await;
+    assert_eq!(r.result, Some(json!([5])));
+    // Successful responses carry a trace id too.
+    let (status, _, trace) = raw(&c, "GET", "/v1/jobs", Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(trace.len(), 16);
+}

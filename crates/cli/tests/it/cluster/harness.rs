@@ -1,0 +1,254 @@
+//! A real coordinator process on 127.0.0.1 and real agent processes, on SQLite or on a
+//! PostgreSQL database created for the test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetbox_client::Client;
+use fleetbox_proto::JobSpec;
+use fleetbox_proto::api::{JobResult, JobView, job_state};
+
+use crate::support::bin;
+
+pub const ADMIN: &str = "test-admin-token";
+pub const ENROLL: &str = "test-enroll-token";
+/// Set by `scripts/test` after it starts PostgreSQL.
+pub const PG_URL_VAR: &str = "FLEETBOX_TEST_DATABASE_URL";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh PostgreSQL database for one test, or `None` when none is configured outside CI.
+pub async fn postgres_database() -> Option<String> {
+    let Ok(base) = std::env::var(PG_URL_VAR) else {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "{PG_URL_VAR} is not set: CI must run the PostgreSQL suite (scripts/test sets it)"
+            );
+        }
+        eprintln!("SKIPPED: {PG_URL_VAR} is not set (scripts/test starts PostgreSQL and sets it)");
+        return None;
+    };
+    use sqlx::Connection;
+    let name = format!("fbt_{}", random_suffix());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {PG_URL_VAR}: {e}"));
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create database");
+    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
+    Some(format!("{prefix}/{name}"))
+}
+
+fn random_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{}_{nanos}", std::process::id())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub database_url: Option<String>,
+    pub server: Option<Child>,
+    pub agents: Vec<Child>,
+    pub client: Client,
+    /// Extra `fleetbox server` flags.
+    pub server_flags: Vec<String>,
+}
+
+impl Cluster {
+    /// Start a coordinator with short leases and heartbeats, so failures show within seconds.
+    pub async fn start(db: Db) -> Option<Cluster> {
+        Cluster::start_with(db, &[]).await
+    }
+
+    pub async fn start_with(db: Db, flags: &[&str]) -> Option<Cluster> {
+        let database_url = match db {
+            Db::Sqlite => None,
+            Db::Postgres => Some(postgres_database().await?),
+        };
+        let port = free_port();
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            port,
+            database_url,
+            server: None,
+            agents: Vec::new(),
+            client: Client::new(&format!("http://127.0.0.1:{port}"), ADMIN),
+            server_flags: flags.iter().map(|s| s.to_string()).collect(),
+        };
+        cluster.start_server();
+        Some(cluster)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Start (or restart) the coordinator process and wait until it listens.
+    pub fn start_server(&mut self) {
+        let mut cmd = Command::new(bin());
+        cmd.args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data")
+            .arg(self.data())
+            .args(["--admin-token", ADMIN, "--enroll-token", ENROLL])
+            .args([
+                "--lease",
+                "3s",
+                "--heartbeat",
+                "300ms",
+                "--agent-timeout",
+                "1500ms",
+            ])
+            .args(["--retry-backoff", "100ms", "--backend", "process"])
+            .args(&self.server_flags)
+            .env("FLEETBOX_LOG", "info")
+            .env_remove("FLEETBOX_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(log_file(&self.dir.path().join("server.log")));
+        if let Some(url) = &self.database_url {
+            cmd.args(["--database-url", url]);
+        }
+        let mut child = cmd.spawn().expect("spawn fleetbox server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("server did not start: {}", self.server_log()));
+        assert!(line.contains("listening on"), "unexpected: {line}");
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        self.server = Some(child);
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn kill_server(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+
+    /// Start an agent process; returns its index in `agents`.
+    pub fn add_agent(&mut self, slots: u32) -> usize {
+        let i = self.agents.len();
+        let state = self.dir.path().join(format!("agent-{i}"));
+        let child = agent_command(&self.url(), &state, slots)
+            .stderr(log_file(&self.dir.path().join(format!("agent-{i}.log"))))
+            .spawn()
+            .expect("spawn fleetbox agent");
+        self.agents.push(child);
+        i
+    }
+
+    pub fn agent_state(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{i}"))
+    }
+
+    pub fn kill_agent(&mut self, i: usize) {
+        let _ = self.agents[i].kill();
+        let _ = self.agents[i].wait();
+    }
+
+    pub async fn submit(&self, spec_toml: &str) -> JobView {
+        let spec = JobSpec::from_toml(spec_toml).expect("test spec parses");
+        self.client.submit(&spec).await.expect("submit")
+    }
+
+    /// Wait until the job is final; panics with the logs after `timeout`.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> JobResult {
+        let start = Instant::now();
+        loop {
+            if let Ok(view) = self.client.job(id).await
+                && job_state::is_final(&view.state)
+            {
+                return self.client.result(id).await.expect("result");
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "job {id} not finished after {timeout:?}: {:?}\n--- server log ---\n{}",
+                    self.client.job(id).await,
+                    tail(&self.server_log(), 4000)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Poll `check` on the job's view until it holds.
+    pub async fn wait_for(&self, id: &str, timeout: Duration, check: impl Fn(&JobView) -> bool) {
+        let start = Instant::now();
+        loop {
+            if let Ok(view) = self.client.job(id).await
+                && check(&view)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "condition on {id} not met in {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.kill_server();
+    }
+}
+
+pub fn agent_command(url: &str, state: &Path, slots: u32) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(["agent", "--server", url, "--token", ENROLL])
+        .args(["--slots", &slots.to_string(), "--backend", "process"])
+        .arg("--state")
+        .arg(state)
+        .args(["--drain-timeout", "2s"])
+        .env("FLEETBOX_LOG", "info")
+        .stdout(Stdio::null());
+    cmd
+}
+
+fn log_file(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    &s[s.floor_char_boundary(s.len().saturating_sub(n))..]
+}

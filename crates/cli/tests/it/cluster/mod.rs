@@ -1,0 +1,325 @@
+//! The distributed core with real processes: a coordinator, agents, SQLite and PostgreSQL.
+//! Every scenario runs on both stores.
+
+mod api;
+mod harness;
+
+use std::time::Duration;
+
+use fleetbox_proto::api::job_state;
+use serde_json::json;
+
+use api::{duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors};
+use harness::{Cluster, Db};
+
+/// `name_sqlite` and `name_postgres` tests for `async fn name(db: Db)`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    hundred_shards_give_the_right_answer,
+    killed_agent_shards_run_elsewhere,
+    coordinator_restart_loses_no_report,
+    partial_failures_still_aggregate,
+    python_reducer_runs_on_the_server,
+    sandbox_errors_retry_then_die,
+    cancel_stops_a_job,
+    duplicate_late_and_forged_reports,
+    malformed_specs_and_bodies_get_typed_errors,
+);
+
+const SUM_SQUARES: &str = r#"
+name = "sum of squares"
+code = """
+import json, os
+s = json.load(open(os.environ["FLEETBOX_INPUT"]))
+print(sum(i * i for i in range(s["start"], s["end"])))
+"""
+aggregate = "sum"
+[shards]
+range = { start = 0, end = 100000, count = 100 }
+"#;
+
+fn sum_squares(n: u64) -> u64 {
+    (0..n).map(|i| i * i).sum()
+}
+
+async fn hundred_shards_give_the_right_answer(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    c.add_agent(2);
+    let job = c.submit(SUM_SQUARES).await;
+    assert_eq!(job.shards.total, 100);
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!(sum_squares(100_000))));
+    let s = r.summary.unwrap();
+    assert_eq!(
+        (
+            s.shards_total,
+            s.shards_accepted,
+            s.shards_failed,
+            s.shards_dead
+        ),
+        (100, 100, 0, 0)
+    );
+    assert_eq!(s.success_rate, 1.0);
+    assert!(!s.partial);
+    assert_eq!(s.shard_wall_ms.count, 100);
+    assert!(s.shard_peak_memory_bytes.median > 0.0);
+    let agents = c.client.agents().await.unwrap().agents;
+    assert_eq!(agents.len(), 2);
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.facts.cores > 0 && !a.facts.python.is_empty())
+    );
+}
+
+async fn killed_agent_shards_run_elsewhere(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    let victim = c.add_agent(3);
+    let job = c
+        .submit(
+            r#"
+name = "slow squares"
+code = """
+import json, os, time
+s = json.load(open(os.environ["FLEETBOX_INPUT"]))
+time.sleep(0.4)
+print(sum(i * i for i in range(s["start"], s["end"])))
+"""
+aggregate = "sum"
+[shards]
+range = { start = 0, end = 3000, count = 12 }
+"#,
+        )
+        .await;
+    // The victim holds three leases mid-run when it dies.
+    c.wait_for(&job.id, Duration::from_secs(30), |v| v.shards.leased == 3)
+        .await;
+    c.kill_agent(victim);
+    let killed_at = std::time::Instant::now();
+    c.add_agent(2);
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!(sum_squares(3000))));
+    let shards = c.client.shards(&job.id).await.unwrap().shards;
+    let rerun = shards.iter().filter(|s| s.attempts >= 2).count();
+    assert!(
+        rerun >= 1,
+        "the victim's shards must have run again: {shards:?}"
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(60));
+    let agents = c.client.agents().await.unwrap().agents;
+    assert!(agents.iter().any(|a| a.state == "lost"), "{agents:?}");
+}
+
+async fn coordinator_restart_loses_no_report(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    c.add_agent(2);
+    let job = c
+        .submit(
+            r#"
+name = "through a restart"
+code = """
+import json, os, time
+s = json.load(open(os.environ["FLEETBOX_INPUT"]))
+time.sleep(0.3)
+print(sum(i * i for i in range(s["start"], s["end"])))
+"""
+aggregate = "sum"
+[shards]
+range = { start = 0, end = 4000, count = 40 }
+"#,
+        )
+        .await;
+    c.wait_for(&job.id, Duration::from_secs(30), |v| v.shards.accepted >= 4)
+        .await;
+    c.kill_server();
+    // Agents finish what they hold; the reports wait in their outboxes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waiting: usize = (0..2)
+        .map(|i| {
+            std::fs::read_dir(c.agent_state(i).join("outbox"))
+                .unwrap()
+                .count()
+        })
+        .sum();
+    assert!(
+        waiting > 0,
+        "reports should be waiting in the outboxes while the coordinator is down"
+    );
+    c.start_server();
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!(sum_squares(4000))));
+    // Every report written while the coordinator was down arrived: outboxes drain to empty.
+    for i in 0..2 {
+        let dir = c.agent_state(i).join("outbox");
+        let start = std::time::Instant::now();
+        while std::fs::read_dir(&dir).unwrap().count() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "outbox {i} did not drain"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn partial_failures_still_aggregate(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    let job = c
+        .submit(
+            r#"
+name = "some shards fail"
+code = """
+import json, os
+items = json.load(open(os.environ["FLEETBOX_INPUT"]))["items"]
+if items[0] % 3 == 0:
+    raise ValueError(f"bad item {items[0]}")
+print(sum(items))
+"""
+aggregate = "sum"
+[shards]
+items = [1, 2, 3, 4, 5, 6, 7]
+"#,
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!(1 + 2 + 4 + 5 + 7)));
+    let s = r.summary.unwrap();
+    assert_eq!((s.shards_accepted, s.shards_failed), (5, 2));
+    assert!(s.partial);
+    assert!(
+        s.notes.iter().any(|n| n.contains("ValueError: bad item 3")),
+        "{:?}",
+        s.notes
+    );
+    // Program errors are final: no retries.
+    assert_eq!(s.attempts, 7);
+    let shards = c.client.shards(&job.id).await.unwrap().shards;
+    assert_eq!(shards[2].state, "rejected");
+    assert_eq!(shards[2].status.as_deref(), Some("error"));
+
+    // Nothing succeeds: the job fails and says why.
+    let job = c
+        .submit("name = \"all fail\"\ncode = \"raise SystemExit(3)\"\nshards = { count = 2 }\n")
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, job_state::FAILED);
+    assert!(r.error.unwrap().contains("no shard succeeded"));
+}
+
+async fn python_reducer_runs_on_the_server(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    let job = c
+        .submit(
+            r#"
+name = "python reducer"
+code = "import os; print(int(os.environ['FLEETBOX_SHARD_INDEX']) + 1)"
+shards = { count = 5 }
+[aggregate]
+reducer = "python"
+code = """
+import json, os
+values = json.load(open(os.environ["FLEETBOX_INPUT"]))
+print(json.dumps({"product": __import__("math").prod(values), "n": len(values)}))
+"""
+"#,
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!({"product": 120, "n": 5})));
+}
+
+async fn sandbox_errors_retry_then_die(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    // An agent whose interpreter is missing: every run is a `sandbox_error`.
+    let state = c.dir.path().join("broken-agent");
+    let broken = harness::agent_command(&c.url(), &state, 1)
+        .env("FLEETBOX_PYTHON", "/nonexistent/python3")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    c.agents.push(broken);
+    let job = c
+        .submit(
+            "name = \"doomed\"\ncode = \"print(1)\"\nshards = { count = 2 }\nmax_attempts = 3\n",
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, job_state::FAILED, "{r:?}");
+    let shards = c.client.shards(&job.id).await.unwrap().shards;
+    for s in &shards {
+        assert_eq!(s.state, "dead", "{s:?}");
+        assert_eq!(s.attempts, 3, "{s:?}");
+        assert!(
+            s.error.as_deref().unwrap_or("").contains("sandbox_error"),
+            "{s:?}"
+        );
+    }
+}
+
+async fn cancel_stops_a_job(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(1);
+    let job = c
+        .submit(
+            "name = \"long\"\ncode = \"import time; time.sleep(0.5)\"\nshards = { count = 50 }\n",
+        )
+        .await;
+    c.wait_for(&job.id, Duration::from_secs(30), |v| v.shards.leased > 0)
+        .await;
+    let v = c.client.cancel(&job.id).await.unwrap();
+    assert_eq!(v.state, job_state::CANCELLED);
+    assert!(v.shards.dead >= 49, "{v:?}");
+    let again = c.client.cancel(&job.id).await.unwrap_err();
+    assert_eq!(again.code(), Some("job_finished"));
+    // The coordinator goes on: a new job still completes.
+    let job = c
+        .submit(
+            "name = \"after\"\ncode = \"print(2)\"\nshards = { count = 2 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.result, Some(json!(4)));
+}
