@@ -4,10 +4,14 @@
 //! ```text
 //! cargo run --release -p fleetbox-bench -- startup   [--runs 50]   # fleetbox run vs bare python3
 //! cargo run --release -p fleetbox-bench -- jail      [--runs 50]   # jail vs python3, bwrap, docker
+//! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500]
+//! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
 //! ```
 
+mod e2e;
 mod jail;
 mod startup;
+mod throughput;
 mod util;
 
 fn main() {
@@ -17,8 +21,23 @@ fn main() {
     let result = match which {
         "startup" => startup::run(runs),
         "jail" => jail::run(runs),
+        "throughput" => throughput::run(
+            util::flag(&args, "--tasks").unwrap_or(50_000),
+            util::flag(&args, "--executors").unwrap_or(4),
+            util::flag(&args, "--batch").unwrap_or(500) as u32,
+        ),
+        "e2e" => e2e::run(
+            util::flag(&args, "--shards").unwrap_or(500),
+            args.iter()
+                .position(|a| a == "--backend")
+                .and_then(|i| args.get(i + 1))
+                .map(String::as_str)
+                .unwrap_or("process"),
+        ),
         _ => {
-            eprintln!("usage: fleetbox-bench startup|jail [--runs N]");
+            eprintln!(
+                "usage: fleetbox-bench startup|jail|throughput|e2e [--runs N] [--tasks N] [--shards N]"
+            );
             std::process::exit(2);
         }
     };

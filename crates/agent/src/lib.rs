@@ -10,6 +10,7 @@ pub mod outbox;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -119,6 +120,8 @@ struct Shared {
     slot_freed: Notify,
     /// Woken when a report lands in the outbox.
     report_ready: Notify,
+    /// Finished runs whose reports are being written to the outbox.
+    writing: AtomicUsize,
 }
 
 impl Shared {
@@ -167,6 +170,7 @@ pub async fn run(
         running: Mutex::new(HashMap::new()),
         slot_freed: Notify::new(),
         report_ready: Notify::new(),
+        writing: AtomicUsize::new(0),
     });
 
     let sender = tokio::spawn(deliver_loop(shared.clone(), stop_rx.clone()));
@@ -328,6 +332,11 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             task_id,
             report,
         };
+        // The slot is free as soon as the program ends: the next lease overlaps with the
+        // outbox's fsync. A crash in between loses no data: the lease expires and re-runs.
+        shared.writing.fetch_add(1, Ordering::SeqCst);
+        shared.running.lock().expect("running").remove(&lease_id);
+        shared.slot_freed.notify_one();
         if let Err(e) = shared.outbox.put(&record) {
             tracing::error!(error = %e, lease = %lease_id, "could not write the outbox; sending directly");
             let _ = shared
@@ -337,8 +346,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                 })
                 .await;
         }
-        shared.running.lock().expect("running").remove(&lease_id);
-        shared.slot_freed.notify_one();
+        shared.writing.fetch_sub(1, Ordering::SeqCst);
         shared.report_ready.notify_one();
     });
 }
@@ -432,7 +440,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
 /// Wait for running shards up to the drain timeout; hand back what is still running.
 async fn drain(shared: &Shared) {
     let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
-    while shared.busy() > 0 && tokio::time::Instant::now() < deadline {
+    while (shared.busy() > 0 || shared.writing.load(Ordering::SeqCst) > 0)
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::select! {
             _ = shared.slot_freed.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {}

@@ -14,9 +14,6 @@ use sqlx::any::AnyRow;
 use super::agents::{json, parse};
 use super::{Doing, Store, StoreError, now_ms, placeholders};
 
-/// Rows per multi-row INSERT (well under both databases' parameter limits).
-const INSERT_CHUNK: usize = 500;
-
 /// A validated job ready to store.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -90,7 +87,8 @@ impl Store {
         .execute(&mut *tx)
         .await
         .doing("inserting a job")?;
-        for (chunk_no, chunk) in job.inputs.chunks(INSERT_CHUNK).enumerate() {
+        let rows = self.rows_per_statement(2);
+        for (chunk_no, chunk) in job.inputs.chunks(rows).enumerate() {
             let mut sql = String::from(
                 "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, max_attempts, updated_at) VALUES ",
             );
@@ -110,9 +108,7 @@ impl Store {
                 .bind(i64::from(job.max_attempts))
                 .bind(now);
             for (i, input) in chunk.iter().enumerate() {
-                q = q
-                    .bind((chunk_no * INSERT_CHUNK + i) as i64)
-                    .bind(json(input));
+                q = q.bind((chunk_no * rows + i) as i64).bind(json(input));
             }
             q.execute(&mut *tx).await.doing("inserting tasks")?;
         }

@@ -164,6 +164,17 @@ impl Store {
         self.kind
     }
 
+    /// Rows per multi-row statement with `params` parameters each. SQLite looks parameter
+    /// names up with a linear scan per bind (`sqlite3_bind_parameter_name`), so a statement
+    /// with thousands of `$N` costs quadratic time there: keep SQLite's statements small.
+    pub(crate) fn rows_per_statement(&self, params: usize) -> usize {
+        let budget = match self.kind {
+            DbKind::Sqlite => 256,
+            DbKind::Postgres => 8192,
+        };
+        (budget / params.max(1)).max(1)
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS fleetbox_migrations (name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)",

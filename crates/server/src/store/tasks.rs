@@ -152,7 +152,7 @@ impl Store {
             });
         }
         grants.sort_by_key(|g| g.task_id);
-        for chunk in grants.chunks(500) {
+        for chunk in grants.chunks(self.rows_per_statement(3)) {
             let values: Vec<String> = (0..chunk.len())
                 .map(|i| {
                     let b = 4 + i * 3;
@@ -317,7 +317,7 @@ impl Store {
             .copied()
             .filter(|i| tasks.contains_key(&reports[*i].task_id))
             .collect();
-        for chunk in valid_rows.chunks(200) {
+        for chunk in valid_rows.chunks(self.rows_per_statement(17)) {
             const COLS: usize = 17;
             let values: Vec<String> = (0..chunk.len())
                 .map(|i| {
@@ -423,7 +423,7 @@ impl Store {
                 }
             }
         }
-        for chunk in accepted_tasks.chunks(500) {
+        for chunk in accepted_tasks.chunks(self.rows_per_statement(1)) {
             let sql = format!(
                 "UPDATE tasks SET state = 'accepted', lease_id = NULL, lease_expires = NULL, last_error = NULL, \
                  updated_at = $1 WHERE id IN ({})",
@@ -435,7 +435,7 @@ impl Store {
             }
             q.execute(&mut *tx).await.doing("accepting shards")?;
         }
-        for chunk in chosen_attempts.chunks(500) {
+        for chunk in chosen_attempts.chunks(self.rows_per_statement(1)) {
             let sql = format!(
                 "UPDATE attempts SET chosen = 1 WHERE id IN ({})",
                 placeholders(1, chunk.len())
