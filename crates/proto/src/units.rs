@@ -105,11 +105,11 @@ impl FromStr for Millis {
 impl fmt::Display for Millis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        if ms != 0 && ms % 3_600_000 == 0 {
+        if ms != 0 && ms.is_multiple_of(3_600_000) {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms != 0 && ms % 60_000 == 0 {
+        } else if ms != 0 && ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -170,11 +170,11 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b != 0 && b % Self::GIB == 0 {
+        if b != 0 && b.is_multiple_of(Self::GIB) {
             write!(f, "{}GiB", b / Self::GIB)
-        } else if b != 0 && b % Self::MIB == 0 {
+        } else if b != 0 && b.is_multiple_of(Self::MIB) {
             write!(f, "{}MiB", b / Self::MIB)
-        } else if b != 0 && b % Self::KIB == 0 {
+        } else if b != 0 && b.is_multiple_of(Self::KIB) {
             write!(f, "{}KiB", b / Self::KIB)
         } else {
             write!(f, "{b}B")

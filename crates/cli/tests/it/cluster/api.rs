@@ -163,6 +163,17 @@ async fn raw(
     (status, body, trace)
 }
 
+/// (method, path, token, body, expected status, error code, field)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    u16,
+    &'a str,
+    Option<&'a str>,
+);
+
 pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
     let Some(c) = Cluster::start(db).await else {
         return;
@@ -182,16 +193,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
         r#"{{"name":"x","code":"print(1)","shards":{{"items":[{}],"per_shard":1}}}}"#,
         vec!["1"; 1_000_001].join(",")
     );
-    // (method, path, token, body, status, code, field)
-    let cases: Vec<(
-        &str,
-        &str,
-        Option<&str>,
-        Option<&str>,
-        u16,
-        &str,
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/jobs",
