@@ -470,3 +470,35 @@ async fn drain(shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_caps_lower_what_a_job_asks() {
+        let caps = LocalCaps {
+            max_timeout: Millis::from_secs(5),
+            max_memory: ByteSize::mib(64),
+            max_output: ByteSize::kib(8),
+        };
+        let asked = Limits {
+            timeout: Millis::from_secs(60),
+            cpu_time: Millis::from_secs(60),
+            memory: ByteSize::mib(1024),
+            max_output: ByteSize::mib(1),
+            ..Limits::default()
+        };
+        let got = caps.apply(asked);
+        assert_eq!(got.timeout, Millis::from_secs(5));
+        assert_eq!(got.cpu_time, Millis::from_secs(5));
+        assert_eq!(got.memory, ByteSize::mib(64));
+        assert_eq!(got.max_output, ByteSize::kib(8));
+        // Smaller requests are kept.
+        let small = Limits {
+            timeout: Millis(100),
+            ..Limits::default()
+        };
+        assert_eq!(caps.apply(small).timeout, Millis(100));
+    }
+}

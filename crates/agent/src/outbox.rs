@@ -105,3 +105,53 @@ impl Outbox {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetbox_proto::{ExecutionReport, Status};
+
+    fn report(lease: &str) -> ShardReport {
+        ShardReport {
+            lease_id: lease.into(),
+            task_id: 7,
+            report: ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
+        }
+    }
+
+    #[test]
+    fn reports_survive_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        outbox.put(&report("abc.1")).unwrap();
+        outbox.put(&report("abc.2")).unwrap();
+        // A new handle on the same directory (a restarted agent) sees both.
+        let again = Outbox::open(dir.path()).unwrap();
+        let pending = again.pending(10).unwrap();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].report.output, Some(serde_json::json!(1)));
+        again.remove("abc.1").unwrap();
+        again.remove("abc.1").unwrap(); // twice is fine
+        assert_eq!(again.len(), 1);
+    }
+
+    #[test]
+    fn hostile_lease_ids_stay_inside_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox")).unwrap();
+        outbox.put(&report("../../escape")).unwrap();
+        assert!(!dir.path().join("escape.json").exists());
+        assert_eq!(outbox.pending(10).unwrap()[0].lease_id, "../../escape");
+    }
+
+    #[test]
+    fn corrupt_entries_are_moved_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("bad.json"), b"{half").unwrap();
+        outbox.put(&report("good.1")).unwrap();
+        let pending = outbox.pending(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert!(dir.path().join("bad.corrupt").exists());
+    }
+}

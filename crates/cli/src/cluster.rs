@@ -219,10 +219,15 @@ fn agent_config(args: AgentArgs, backend: Backend, sandbox: SandboxConfig) -> Ag
 pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
     let cfg = agent_config(args, backend, sandbox);
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let result = rt.block_on(async move {
         fleetbox_agent::run(cfg, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Runs handed back at shutdown may still sit in blocking threads: do not wait for them
+    // (their programs die with this process through PR_SET_PDEATHSIG).
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -240,7 +245,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         backend: None,
     };
     let cfg = server_config(&server_args, backend, sandbox.clone());
-    runtime()?.block_on(async move {
+    let rt = runtime()?;
+    let result = rt.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
         let url = running.url();
         let (stop_agents, stop_rx) = tokio::sync::watch::channel(false);
@@ -291,5 +297,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

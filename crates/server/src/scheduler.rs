@@ -65,3 +65,18 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_agent_loses_its_leases_within_five_seconds_by_default() {
+        let c = crate::ServerConfig::new("127.0.0.1:0".parse().unwrap(), "/tmp".into());
+        assert_eq!((c.lease_ms, c.heartbeat_ms), (10_000, 2_000));
+        // Lost after `agent_timeout`, noticed at the next tick.
+        assert!(c.agent_timeout_ms + TICK.as_millis() as u64 <= 5_000);
+        // Two heartbeats may be missed before that.
+        assert!(c.agent_timeout_ms > 2 * c.heartbeat_ms);
+    }
+}

@@ -211,7 +211,8 @@ impl Cluster {
             }
             assert!(
                 start.elapsed() < timeout,
-                "condition on {id} not met in {timeout:?}"
+                "condition on {id} not met in {timeout:?}: {:?}",
+                self.client.job(id).await
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -234,7 +235,6 @@ pub fn agent_command(url: &str, state: &Path, slots: u32) -> Command {
         .args(["--slots", &slots.to_string(), "--backend", "process"])
         .arg("--state")
         .arg(state)
-        .args(["--drain-timeout", "2s"])
         .env("FLEETBOX_LOG", "info")
         .stdout(Stdio::null());
     cmd

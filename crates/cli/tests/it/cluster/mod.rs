@@ -3,6 +3,7 @@
 
 mod api;
 mod harness;
+mod up;
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use serde_json::json;
 
 use api::{duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors};
 use harness::{Cluster, Db};
+use up::sigterm_drains_and_hands_back;
 
 /// `name_sqlite` and `name_postgres` tests for `async fn name(db: Db)`.
 macro_rules! on_both_stores {
@@ -44,6 +46,7 @@ on_both_stores!(
     cancel_stops_a_job,
     duplicate_late_and_forged_reports,
     malformed_specs_and_bodies_get_typed_errors,
+    sigterm_drains_and_hands_back,
 );
 
 const SUM_SQUARES: &str = r#"

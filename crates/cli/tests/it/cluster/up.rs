@@ -1,0 +1,182 @@
+//! `fleetbox up` with the CLI client commands, on the shipped examples; and an agent's drain.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleetbox_proto::api::job_state;
+use serde_json::{Value, json};
+
+use super::harness::{Cluster, Db, agent_command, free_port};
+use crate::support::bin;
+
+fn examples() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn up_runs_the_examples_with_their_expected_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = Command::new(bin())
+        .args([
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--backend",
+            "process",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let up = KillOnDrop(up);
+    let mut lines = BufReader::new(stdout).lines();
+    let mut token = None;
+    for line in lines.by_ref().take(4) {
+        let line = line.unwrap();
+        if let Some(t) = line.strip_prefix("fleetbox: admin token: ") {
+            token = Some(t.to_string());
+        }
+    }
+    let token = token.expect("`fleetbox up` prints the admin token");
+    // The token is also where the client commands look for it by default.
+    let saved = std::fs::read_to_string(dir.path().join("fleetbox-data/admin.token")).unwrap();
+    assert_eq!(saved.trim(), token);
+
+    let submit = |spec: &str| -> Value {
+        let out = Command::new(bin())
+            .args(["submit", "--wait", "--server", &url])
+            .arg(examples().join(spec))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{spec}: {stderr}");
+        assert!(stderr.contains("completed"), "{stderr}");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{spec}: {e}"))
+    };
+    assert_eq!(submit("sum_squares.toml"), json!(333332833333500000u64));
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(examples().join("wordcount.expected.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(submit("wordcount.toml"), expected);
+    assert_eq!(
+        submit("sort_numbers.toml"),
+        json!((1..=40).collect::<Vec<u32>>())
+    );
+
+    let out = Command::new(bin())
+        .args(["jobs", "--server", &url])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listing.matches("completed").count(), 3, "{listing}");
+
+    // A spec with a mistake is refused before anything is sent, naming the field.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\ncode = \"pass\"\n[shards]\nrange = { start = 0, end = 10, count = 11 }\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["submit", "--server", &url])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`shards.range.count`"));
+
+    // Without a coordinator: a clear error and exit code 1.
+    let out = Command::new(bin())
+        .args(["jobs", "--server", "http://127.0.0.1:1", "--token", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the coordinator"));
+
+    // SIGTERM stops it cleanly.
+    let pid = up.0.id() as i32;
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut up = up;
+    let status = wait_timeout(&mut up.0, Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < t {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// SIGTERM: running shards finish within the drain timeout, the rest are handed back
+/// (not counted as attempts) and run elsewhere; the agent exits 0.
+pub async fn sigterm_drains_and_hands_back(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    let state = c.dir.path().join("draining-agent");
+    let mut draining = agent_command(&c.url(), &state, 2)
+        .args(["--drain-timeout", "500ms"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let job = c
+        .submit(
+            "name = \"slow\"\ncode = \"import time, os; time.sleep(20 if os.environ['FLEETBOX_SHARD_INDEX'] == '0' else 0.05); print(1)\"\nshards = { count = 4 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    c.wait_for(&job.id, Duration::from_secs(30), |v| {
+        v.shards.leased >= 1 && v.shards.accepted >= 1
+    })
+    .await;
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(draining.id() as i32, libc::SIGTERM) };
+    let status = wait_timeout(&mut draining, Duration::from_secs(30)).expect("agent exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::fs::read_dir(state.join("outbox")).unwrap().count() == 0,
+        "the outbox is flushed before exit"
+    );
+    // Shard 0 was handed back: queued again with its attempt not counted.
+    let shards = c.client.shards(&job.id).await.unwrap().shards;
+    assert_eq!(shards[0].state, "queued", "{shards:?}");
+    assert_eq!(
+        shards[0].attempts, 0,
+        "a handed-back shard costs no attempt"
+    );
+    assert!(
+        shards.iter().all(|s| s.state != "leased"),
+        "nothing stays leased to a stopped agent: {shards:?}"
+    );
+    // Another agent finishes the job (shard 0 sleeps long: cancel it once it is re-leased).
+    c.add_agent(2);
+    c.wait_for(&job.id, Duration::from_secs(30), |v| {
+        v.shards.leased == 1 && v.shards.accepted == 3
+    })
+    .await;
+    let v = c.client.cancel(&job.id).await.unwrap();
+    assert_eq!(v.state, job_state::CANCELLED);
+    assert_eq!(v.shards.accepted, 3);
+}
