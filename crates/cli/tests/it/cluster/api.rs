@@ -533,3 +533,39 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
     assert_eq!(status, 200);
     assert_eq!(trace.len(), 16);
 }
+
+/// Higher priority is leased first, whatever the submission order; ties go oldest first.
+pub async fn priorities_order_the_queue(db: Db) {
+    let Some(c) = Cluster::start(db).await else {
+        return;
+    };
+    let low = c
+        .submit("name = \"low\"\ncode = \"pass\"\nshards = { count = 3 }\npriority = -5\n")
+        .await;
+    let normal = c
+        .submit("name = \"normal\"\ncode = \"pass\"\nshards = { count = 3 }\n")
+        .await;
+    let high = c
+        .submit("name = \"high\"\ncode = \"pass\"\nshards = { count = 3 }\npriority = 10\n")
+        .await;
+    let agent = fake_agent(&c, "picky").await;
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let lease = agent
+            .lease(&LeaseRequest {
+                max_tasks: 3,
+                wait_ms: 1000,
+            })
+            .await
+            .unwrap();
+        assert_eq!(lease.tasks.len(), 3);
+        let jobs: std::collections::HashSet<_> =
+            lease.tasks.iter().map(|t| t.job_id.clone()).collect();
+        assert_eq!(jobs.len(), 1, "one batch, one job: {jobs:?}");
+        order.push(lease.tasks[0].job_id.clone());
+        let mut shards: Vec<u64> = lease.tasks.iter().map(|t| t.shard_index).collect();
+        shards.sort();
+        assert_eq!(shards, vec![0, 1, 2]);
+    }
+    assert_eq!(order, vec![high.id, normal.id, low.id]);
+}

@@ -10,7 +10,10 @@ use std::time::Duration;
 use fleetbox_proto::api::job_state;
 use serde_json::json;
 
-use api::{duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors};
+use api::{
+    duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors,
+    priorities_order_the_queue,
+};
 use harness::{Cluster, Db};
 use up::sigterm_drains_and_hands_back;
 
@@ -47,6 +50,8 @@ on_both_stores!(
     duplicate_late_and_forged_reports,
     malformed_specs_and_bodies_get_typed_errors,
     sigterm_drains_and_hands_back,
+    priorities_order_the_queue,
+    large_outputs_go_to_the_blob_store,
 );
 
 const SUM_SQUARES: &str = r#"
@@ -325,4 +330,44 @@ async fn cancel_stops_a_job(db: Db) {
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.result, Some(json!(4)));
+}
+
+async fn large_outputs_go_to_the_blob_store(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    let job = c
+        .submit(
+            r#"
+name = "big outputs"
+code = """
+import json, os
+i = int(os.environ["FLEETBOX_SHARD_INDEX"])
+print(json.dumps(list(range(i * 5000, (i + 1) * 5000))))
+"""
+aggregate = "concat"
+shards = { count = 2 }
+[limits]
+max_output = "1MiB"
+"#,
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!((0..10_000).collect::<Vec<u32>>())));
+    let detail = c.client.shard(&job.id, 1).await.unwrap();
+    let attempt = &detail.attempts[0];
+    let blob = attempt
+        .stdout_blob
+        .clone()
+        .expect("stdout over 4 KiB is a blob");
+    assert_eq!(
+        attempt.report["stdout"], "",
+        "the row keeps the hash, not the bytes"
+    );
+    let path = c.data().join("blobs").join(&blob[..2]).join(&blob);
+    let stored = std::fs::read_to_string(&path).unwrap();
+    assert!(stored.starts_with("[5000, 5001"), "{}", &stored[..40]);
+    assert_eq!(attempt.report["stdout_sha256"], blob);
 }
