@@ -20,7 +20,7 @@ use fleetbox_proto::api::{
     ReturnRequest, ShardReport,
 };
 use fleetbox_proto::{ByteSize, Limits, Millis, env};
-use fleetbox_sandbox::{Backend, RunRequest, Sandbox, SandboxConfig};
+use fleetbox_sandbox::{Backend, Cancel, RunRequest, Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
@@ -108,7 +108,13 @@ struct Identity {
 
 struct Running {
     lease_id: String,
+    cancel: Option<Cancel>,
 }
+
+/// Cancel reasons; a run stopped for shutdown was handed back and is not reported.
+const CANCEL_UNWANTED: &str =
+    "the coordinator no longer wants this shard (job cancelled or shard settled elsewhere)";
+const CANCEL_SHUTDOWN: &str = "the agent is shutting down; the shard was handed back";
 
 struct Shared {
     config: AgentConfig,
@@ -290,10 +296,14 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
 }
 
 fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask) {
+    let cancel = Cancel::new()
+        .map_err(|e| tracing::warn!(error = %e, "no eventfd: this run cannot be cancelled"))
+        .ok();
     shared.running.lock().expect("running").insert(
         task.lease_id.clone(),
         Running {
             lease_id: task.lease_id.clone(),
+            cancel: cancel.clone(),
         },
     );
     let shared = shared.clone();
@@ -306,6 +316,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
         let mut req = RunRequest::new(task.code.into_bytes(), Some(input), limits);
         req.runner_id = agent_id;
+        req.cancel = cancel.clone();
         req.env.extend([
             (
                 env::FLEETBOX_SHARD_INDEX.to_string(),
@@ -327,6 +338,12 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             }
         };
         tracing::debug!(lease = %lease_id, status = report.status.as_str(), wall_ms = report.wall_ms, "shard ran");
+        if cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN) {
+            // Handed back to the coordinator, which runs it elsewhere: nothing to report.
+            shared.running.lock().expect("running").remove(&lease_id);
+            shared.slot_freed.notify_one();
+            return;
+        }
         let record = ShardReport {
             lease_id: lease_id.clone(),
             task_id,
@@ -423,9 +440,12 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
         };
         match shared.client().heartbeat(&req).await {
             Ok(resp) => {
+                let running = shared.running.lock().expect("running");
                 for lease in resp.cancel {
-                    // The run finishes; its report is kept by the coordinator as an extra attempt.
-                    tracing::info!(lease = %lease, "coordinator no longer wants this shard");
+                    tracing::info!(lease = %lease, "coordinator no longer wants this shard: stopping it");
+                    if let Some(c) = running.get(&lease).and_then(|r| r.cancel.as_ref()) {
+                        c.cancel(CANCEL_UNWANTED);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
@@ -449,25 +469,37 @@ async fn drain(shared: &Shared) {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
-    let left: Vec<String> = shared
+    let left: Vec<(String, Option<Cancel>)> = shared
         .running
         .lock()
         .expect("running")
-        .keys()
-        .cloned()
+        .iter()
+        .map(|(k, r)| (k.clone(), r.cancel.clone()))
         .collect();
-    if !left.is_empty() {
-        tracing::warn!(
-            count = left.len(),
-            "handing back shards still running at shutdown"
-        );
-        if let Err(e) = shared
-            .client()
-            .return_leases(&ReturnRequest { lease_ids: left })
-            .await
-        {
-            tracing::warn!(error = %e, "could not hand back leases; they will expire on the coordinator");
+    if left.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        count = left.len(),
+        "handing back shards still running at shutdown"
+    );
+    // Stop them first, so nothing keeps running once the coordinator has re-queued them.
+    for (_, cancel) in left.iter() {
+        if let Some(c) = cancel {
+            c.cancel(CANCEL_SHUTDOWN);
         }
+    }
+    let stop_deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while shared.busy() > 0 && tokio::time::Instant::now() < stop_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lease_ids = left.into_iter().map(|(l, _)| l).collect();
+    if let Err(e) = shared
+        .client()
+        .return_leases(&ReturnRequest { lease_ids })
+        .await
+    {
+        tracing::warn!(error = %e, "could not hand back leases; they will expire on the coordinator");
     }
 }
 

@@ -10,6 +10,7 @@
 //!
 //! This crate knows nothing of jobs, HTTP or databases.
 
+mod cancel;
 pub mod cgroup;
 pub mod jail;
 mod process;
@@ -23,6 +24,7 @@ pub mod workspace;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub use cancel::Cancel;
 pub use fleetbox_proto::{ExecutionReport, Limits, Status};
 pub use process::ProcessSandbox;
 
@@ -43,6 +45,8 @@ pub struct RunRequest {
     pub keep_workspace: bool,
     /// Who runs it, for the report's `runner.id` (`local`, `server`, an agent id).
     pub runner_id: String,
+    /// Stops the run from outside; it then ends `killed` with the reason given.
+    pub cancel: Option<Cancel>,
 }
 
 impl RunRequest {
@@ -62,6 +66,7 @@ impl RunRequest {
             limits,
             keep_workspace: false,
             runner_id: "local".into(),
+            cancel: None,
         }
     }
 }

@@ -168,7 +168,7 @@ impl Sandbox for ProcessSandbox {
                 stderr: err_r,
             },
             started,
-            Supervision::for_limits(&req.limits, &killer, None),
+            Supervision::for_request(req, &killer, None),
         );
         forget_active(pid);
         let stats = cgroup.as_ref().map(RunCgroup::stats);

@@ -92,6 +92,7 @@ impl RunContext<'_> {
             exit,
             wall,
             timed_out,
+            cancelled,
             output_limited,
             stdout,
             stderr,
@@ -152,6 +153,8 @@ impl RunContext<'_> {
         let exited_badly = exit.code != Some(0);
         let (status, message) = if let Some(e) = obs.setup_error {
             (Status::SandboxError, Some(e))
+        } else if let Some(reason) = cancelled {
+            (Status::Killed, Some(format!("cancelled: {reason}")))
         } else if report
             .violations
             .iter()

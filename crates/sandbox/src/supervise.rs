@@ -35,6 +35,8 @@ pub struct Outcome {
     pub exit: Exit,
     pub wall: Duration,
     pub timed_out: bool,
+    /// Why the run was stopped from outside.
+    pub cancelled: Option<String>,
     /// The stream that passed its cap when the run was stopped for it.
     pub output_limited: Option<&'static str>,
     pub stdout: StreamCapture,
@@ -84,16 +86,19 @@ pub struct Supervision<'a> {
     pub continue_past_output_limit: bool,
     pub killer: &'a dyn TreeKiller,
     pub extras: Option<&'a mut dyn Extras>,
+    pub cancel: Option<&'a crate::Cancel>,
 }
 
 impl<'a> Supervision<'a> {
-    /// Supervision as a run's limits ask for it.
-    pub fn for_limits(
-        limits: &fleetbox_proto::Limits,
+    /// Supervision as a run's limits (and its cancel token) ask for it.
+    pub fn for_request(
+        req: &'a crate::RunRequest,
         killer: &'a dyn TreeKiller,
         extras: Option<&'a mut dyn Extras>,
     ) -> Self {
+        let limits = &req.limits;
         Supervision {
+            cancel: req.cancel.as_ref(),
             timeout: limits.timeout.as_duration(),
             max_output: limits.max_output.0,
             continue_past_output_limit: limits.continue_past_output_limit,
@@ -117,6 +122,7 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
     let mut timed_out = false;
     let mut output_limited = None;
     let mut killed = false;
+    let mut cancelled = None;
     let mut buf = vec![0u8; 64 * 1024];
 
     loop {
@@ -132,6 +138,13 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
         if err_open {
             fds.push(child.stderr.as_raw_fd());
         }
+        let cancel_fd = match sup.cancel {
+            Some(c) if main_alive && cancelled.is_none() => {
+                fds.push(c.fd());
+                Some(c.fd())
+            }
+            _ => None,
+        };
         if let Some(extras) = sup.extras.as_deref() {
             fds.extend(extras.fds());
         }
@@ -180,7 +193,11 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
             if rev == 0 {
                 continue;
             }
-            if main_alive && fd == child.pidfd.as_raw_fd() {
+            if Some(fd) == cancel_fd {
+                cancelled = Some(sup.cancel.and_then(|c| c.reason()).unwrap_or_default());
+                sup.killer.kill_tree();
+                killed = true;
+            } else if main_alive && fd == child.pidfd.as_raw_fd() {
                 let e = sys::wait4(child.pid).unwrap_or(Exit {
                     code: None,
                     signal: None,
@@ -234,6 +251,7 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
         exit,
         wall: ended.saturating_duration_since(started),
         timed_out,
+        cancelled,
         output_limited,
         stdout: out.finish(),
         stderr: err.finish(),

@@ -199,7 +199,7 @@ impl Sandbox for JailSandbox {
         let mut outcome = supervise::supervise(
             child,
             started,
-            Supervision::for_limits(&req.limits, &killer, Some(&mut extras)),
+            Supervision::for_request(req, &killer, Some(&mut extras)),
         );
         extras.drain_status();
         let events = extras.events();
@@ -242,8 +242,10 @@ impl Sandbox for JailSandbox {
         ctx.applied
             .enforced("filesystem", "pivot_root_readonly_binds");
         ctx.applied.enforced("syscalls", "seccomp_user_notif");
+        let stopped_by_us =
+            outcome.timed_out || outcome.output_limited.is_some() || outcome.cancelled.is_some();
         match program_exit {
-            Some(e) if !outcome.timed_out && outcome.output_limited.is_none() => outcome.exit = e,
+            Some(e) if !stopped_by_us => outcome.exit = e,
             Some(e) => {
                 // Stopped by us: the helper's own exit status means nothing to the user.
                 outcome.exit.code = None;
@@ -252,10 +254,7 @@ impl Sandbox for JailSandbox {
                 outcome.exit.sys_ms = e.sys_ms;
                 outcome.exit.maxrss_bytes = e.maxrss_bytes;
             }
-            None if setup_error.is_none()
-                && !outcome.timed_out
-                && outcome.output_limited.is_none() =>
-            {
+            None if setup_error.is_none() && !stopped_by_us => {
                 setup_error = Some(format!(
                     "the jail ended without reporting the program's exit (helper exit: {:?}, signal: {:?})",
                     outcome.exit.code, outcome.exit.signal

@@ -312,7 +312,7 @@ async fn cancel_stops_a_job(db: Db) {
     c.add_agent(1);
     let job = c
         .submit(
-            "name = \"long\"\ncode = \"import time; time.sleep(0.5)\"\nshards = { count = 50 }\n",
+            "name = \"long\"\ncode = \"import time; time.sleep(30)\"\nshards = { count = 50 }\nlimits = { timeout = \"60s\", cpu_time = \"60s\" }\n",
         )
         .await;
     c.wait_for(&job.id, Duration::from_secs(30), |v| v.shards.leased > 0)
@@ -322,6 +322,23 @@ async fn cancel_stops_a_job(db: Db) {
     assert!(v.shards.dead >= 49, "{v:?}");
     let again = c.client.cancel(&job.id).await.unwrap_err();
     assert_eq!(again.code(), Some("job_finished"));
+    // The running shard is stopped on the agent (told by its next heartbeat), not left to finish.
+    let start = std::time::Instant::now();
+    loop {
+        let detail = c.client.shard(&job.id, 0).await.unwrap();
+        if let Some(a) = detail.attempts.first() {
+            assert_eq!(a.status, "killed", "{a:?}");
+            let message = a.report["message"].as_str().unwrap_or_default();
+            assert!(message.starts_with("cancelled:"), "{a:?}");
+            assert!(a.report["wall_ms"].as_u64().unwrap() < 20_000);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the running shard was not stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The coordinator goes on: a new job still completes.
     let job = c
         .submit(
