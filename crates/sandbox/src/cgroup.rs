@@ -438,10 +438,14 @@ fn detect_v1() -> Result<Cgroups, String> {
         if !parent.exists() {
             std::fs::create_dir_all(&parent).ok()?;
         }
-        // Check we can actually create groups here (root, or a delegated hierarchy).
-        let probe = parent.join(format!("probe-{}", std::process::id()));
-        std::fs::create_dir(&probe).ok()?;
-        let _ = std::fs::remove_dir(&probe);
+        // Can we create groups here (root, or a delegated hierarchy)? `access` answers without
+        // the mkdir + rmdir probe, which cost ~0.3 ms per hierarchy on every run. If creation
+        // fails anyway, the run says so in its notes and falls back to rlimits.
+        let c_parent = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: `c_parent` is a valid NUL-terminated path that outlives the call.
+        if unsafe { libc::access(c_parent.as_ptr(), libc::W_OK) } != 0 {
+            return None;
+        }
         if controller == "cpuset" {
             return None;
         }
