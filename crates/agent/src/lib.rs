@@ -10,7 +10,7 @@ pub mod outbox;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use fleetbox_proto::api::{
 use fleetbox_proto::{ByteSize, Limits, Millis, env};
 use fleetbox_sandbox::{Backend, Cancel, RunRequest, Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 pub use facts::machine_facts;
 pub use outbox::Outbox;
@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub caps: LocalCaps,
     /// On shutdown, how long running shards may take before they are handed back.
     pub drain_timeout: Duration,
+    /// Shards leased ahead of free slots, so the next one starts without waiting for a lease
+    /// round trip.
+    pub prefetch: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,12 @@ struct Shared {
     report_ready: Notify,
     /// Finished runs whose reports are being written to the outbox.
     writing: AtomicUsize,
+    /// One permit per slot: leased shards beyond the slots (prefetch) wait here.
+    slots: Arc<Semaphore>,
+    /// Set at shutdown: shards that have not started are handed back, not run.
+    stopping: AtomicBool,
+    /// Prefetched shards not started because of shutdown.
+    unstarted: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -168,6 +177,7 @@ pub async fn run(
     tracing::info!(agent = %identity.agent_id, server = %config.server, slots = config.slots,
         backend = %config.backend, "agent ready");
     let heartbeat = Duration::from_millis(identity.heartbeat_ms.max(100));
+    let shared_slots = config.slots.max(1);
     let shared = Arc::new(Shared {
         client: Mutex::new(Client::new(&config.server, &identity.agent_token)),
         agent_id: Mutex::new(identity.agent_id.clone()),
@@ -177,6 +187,9 @@ pub async fn run(
         slot_freed: Notify::new(),
         report_ready: Notify::new(),
         writing: AtomicUsize::new(0),
+        slots: Arc::new(Semaphore::new(shared_slots as usize)),
+        stopping: AtomicBool::new(false),
+        unstarted: Mutex::new(Vec::new()),
     });
 
     let sender = tokio::spawn(deliver_loop(shared.clone(), stop_rx.clone()));
@@ -255,7 +268,8 @@ fn save_identity(path: &std::path::Path, id: &Identity) -> std::io::Result<()> {
 async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let free = shared.config.slots.saturating_sub(shared.busy());
+        let capacity = shared.config.slots + shared.config.prefetch;
+        let free = capacity.saturating_sub(shared.busy());
         if free == 0 {
             shared.slot_freed.notified().await;
             continue;
@@ -311,6 +325,18 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
     tokio::spawn(async move {
         let lease_id = task.lease_id.clone();
         let task_id = task.task_id;
+        // Wait for a slot (a prefetched shard waits for the one before it).
+        let permit = shared.slots.clone().acquire_owned().await;
+        if shared.stopping.load(Ordering::SeqCst) || permit.is_err() {
+            shared
+                .unstarted
+                .lock()
+                .expect("unstarted")
+                .push(lease_id.clone());
+            shared.running.lock().expect("running").remove(&lease_id);
+            shared.slot_freed.notify_one();
+            return;
+        }
         let agent_id = shared.agent_id.lock().expect("agent id").clone();
         let limits = shared.config.caps.apply(task.limits.clone());
         let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
@@ -353,6 +379,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         // outbox's fsync. A crash in between loses no data: the lease expires and re-runs.
         shared.writing.fetch_add(1, Ordering::SeqCst);
         shared.running.lock().expect("running").remove(&lease_id);
+        drop(permit);
         shared.slot_freed.notify_one();
         if let Err(e) = shared.outbox.put(&record) {
             tracing::error!(error = %e, lease = %lease_id, "could not write the outbox; sending directly");
@@ -459,6 +486,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
 
 /// Wait for running shards up to the drain timeout; hand back what is still running.
 async fn drain(shared: &Shared) {
+    shared.stopping.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
     while (shared.busy() > 0 || shared.writing.load(Ordering::SeqCst) > 0)
         && tokio::time::Instant::now() < deadline
@@ -476,7 +504,8 @@ async fn drain(shared: &Shared) {
         .iter()
         .map(|(k, r)| (k.clone(), r.cancel.clone()))
         .collect();
-    if left.is_empty() {
+    let unstarted: Vec<String> = std::mem::take(&mut *shared.unstarted.lock().expect("unstarted"));
+    if left.is_empty() && unstarted.is_empty() {
         return;
     }
     tracing::warn!(
@@ -493,7 +522,7 @@ async fn drain(shared: &Shared) {
     while shared.busy() > 0 && tokio::time::Instant::now() < stop_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let lease_ids = left.into_iter().map(|(l, _)| l).collect();
+    let lease_ids = left.into_iter().map(|(l, _)| l).chain(unstarted).collect();
     if let Err(e) = shared
         .client()
         .return_leases(&ReturnRequest { lease_ids })

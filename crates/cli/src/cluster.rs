@@ -90,6 +90,9 @@ pub struct AgentArgs {
     /// On SIGTERM, how long running shards may finish before they are handed back.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     pub drain_timeout: Millis,
+    /// Shards leased ahead of free slots, so the next starts without a lease round trip.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch: u32,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +216,7 @@ fn agent_config(args: AgentArgs, backend: Backend, sandbox: SandboxConfig) -> Ag
             max_output: args.max_output,
         },
         drain_timeout: args.drain_timeout.as_duration(),
+        prefetch: args.prefetch.min(1000),
     }
 }
 
@@ -265,6 +269,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_memory: ByteSize::mib(4096),
                     max_output: ByteSize::mib(16),
                     drain_timeout: Millis::from_secs(10),
+                    prefetch: 1,
                 },
                 backend,
                 sandbox.clone(),
