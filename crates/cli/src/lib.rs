@@ -79,15 +79,33 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("fleetbox: error: {e:#}");
-            // A failed call to a coordinator is a runtime failure, not a usage error.
-            if e.chain().any(|c| c.is::<fleetbox_client::ClientError>()) {
-                ExitCode::from(1)
-            } else {
-                ExitCode::from(EXIT_USAGE)
-            }
+            eprintln!("fleetbox: error: {}", error_chain(&e));
+            // A coordinator or agent failing at run time is not a usage error.
+            let runtime = e.chain().any(|c| {
+                c.is::<fleetbox_client::ClientError>()
+                    || c.is::<fleetbox_server::StartError>()
+                    || c.is::<fleetbox_agent::AgentError>()
+            });
+            ExitCode::from(if runtime { 1 } else { EXIT_USAGE })
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message above already includes
+/// (our error types print their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_logging() {
