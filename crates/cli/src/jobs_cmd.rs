@@ -81,9 +81,12 @@ pub struct JobArgs {
     /// Print the result (value + summary) instead of the job.
     #[arg(long, conflicts_with = "shards")]
     pub result: bool,
-    /// Print the shards.
+    /// Print the shards (all of them, fetched page by page).
     #[arg(long)]
     pub shards: bool,
+    /// With `--shards`: only shards in this state (`queued`, `leased`, `accepted`, `rejected`, `dead`).
+    #[arg(long, requires = "shards")]
+    pub state: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -291,16 +294,27 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
             let r = client.result(&args.id).await?;
             serde_json::to_writer_pretty(&mut out, &r)?;
         } else if args.shards {
-            let s = client.shards(&args.id).await?;
+            let mut all = Vec::new();
+            let mut from = 0;
+            loop {
+                let page = client
+                    .shards_page(&args.id, from, 1000, args.state.as_deref())
+                    .await?;
+                all.extend(page.shards);
+                match page.next {
+                    Some(next) => from = next,
+                    None => break,
+                }
+            }
             if args.json {
-                serde_json::to_writer_pretty(&mut out, &s)?;
+                serde_json::to_writer_pretty(&mut out, &all)?;
             } else {
                 write!(
                     out,
                     "{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} ERROR",
                     "SHARD", "STATE", "ATTEMPTS", "STATUS", "WALL_MS", "AGENT"
                 )?;
-                for sh in s.shards {
+                for sh in all {
                     write!(
                         out,
                         "\n{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} {}",

@@ -168,8 +168,23 @@ impl Client {
         self.get(&format!("/v1/jobs/{id}")).await
     }
 
+    /// The first page (up to 1000 shards); see [`Client::shards_page`].
     pub async fn shards(&self, id: &str) -> Result<ShardList, ClientError> {
         self.get(&format!("/v1/jobs/{id}/shards")).await
+    }
+
+    pub async fn shards_page(
+        &self,
+        id: &str,
+        from: u64,
+        limit: u32,
+        state: Option<&str>,
+    ) -> Result<ShardList, ClientError> {
+        let state = state.map(|s| format!("&state={s}")).unwrap_or_default();
+        self.get(&format!(
+            "/v1/jobs/{id}/shards?from={from}&limit={limit}{state}"
+        ))
+        .await
     }
 
     pub async fn shard(&self, id: &str, index: u64) -> Result<ShardDetail, ClientError> {

@@ -180,6 +180,9 @@ pub struct ShardView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardList {
     pub shards: Vec<ShardView>,
+    /// `?from=` of the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
 }
 
 /// One execution of a shard (`GET /v1/jobs/{id}/shards/{index}`).

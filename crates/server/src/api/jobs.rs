@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{ApiError, Auth, raw_body};
 use crate::State;
 use crate::ids::{job_id, sha256_hex};
-use crate::store::{NewJob, TokenKind};
+use crate::store::{NewJob, ShardPage, TokenKind};
 
 pub async fn status(
     AxState(state): AxState<Arc<State>>,
@@ -123,17 +123,53 @@ pub async fn get_job(
         .ok_or_else(|| ApiError::not_found("job", &id))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardQuery {
+    /// First shard index to list.
+    from: Option<u64>,
+    limit: Option<u32>,
+    state: Option<String>,
+}
+
+/// Most shards per page.
+const MAX_SHARD_PAGE: u32 = 10_000;
+
 pub async fn shards(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
     Path(id): Path<String>,
+    query: Result<Query<ShardQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ShardList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    if let Some(s) = &q.state {
+        const STATES: [&str; 5] = ["queued", "leased", "accepted", "rejected", "dead"];
+        if !STATES.contains(&s.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "unknown shard state `{s}` (expected one of {})",
+                    STATES.join(", ")
+                ),
+            )
+            .with_field("state"));
+        }
+    }
     if state.store.job(tenant, &id).await?.is_none() {
         return Err(ApiError::not_found("job", &id));
     }
-    let shards = state.store.shards(tenant, &id).await?;
-    Ok(Json(ShardList { shards }))
+    let page = ShardPage {
+        from: q.from.unwrap_or(0),
+        limit: q.limit.unwrap_or(1000).clamp(1, MAX_SHARD_PAGE),
+        state: q.state,
+    };
+    let shards = state.store.shards(tenant, &id, &page).await?;
+    // Where the next page starts, when this one is full.
+    let next = (shards.len() == page.limit as usize)
+        .then(|| shards.last().map(|s| s.index + 1))
+        .flatten();
+    Ok(Json(ShardList { shards, next }))
 }
 
 pub async fn shard(

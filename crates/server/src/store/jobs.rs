@@ -30,6 +30,14 @@ pub struct NewJob {
     pub inputs: Vec<Value>,
 }
 
+/// Which shards to list: from an index, at most `limit`, optionally one state.
+#[derive(Debug, Clone)]
+pub struct ShardPage {
+    pub from: u64,
+    pub limit: u32,
+    pub state: Option<String>,
+}
+
 /// What the scheduler and aggregator need of a job.
 #[derive(Debug, Clone)]
 pub struct JobRow {
@@ -248,24 +256,34 @@ impl Store {
         }))
     }
 
+    /// A page of a job's shards in index order, optionally only those in `state`.
     pub async fn shards(
         &self,
         tenant_id: &str,
         job_id: &str,
+        page: &ShardPage,
     ) -> Result<Vec<ShardView>, StoreError> {
         // The settling attempt if there is one, else the latest.
-        let rows = sqlx::query(
+        let mut sql = String::from(
             "SELECT t.shard_index, t.state, t.attempts, t.agent_id, t.last_error, \
              a.status, a.wall_ms, a.output, a.agent_id AS a_agent \
              FROM tasks t LEFT JOIN attempts a ON a.id = ( \
                SELECT a2.id FROM attempts a2 WHERE a2.task_id = t.id ORDER BY a2.chosen DESC, a2.id DESC LIMIT 1) \
-             WHERE t.job_id = $1 AND t.tenant_id = $2 ORDER BY t.shard_index",
-        )
-        .bind(job_id)
-        .bind(tenant_id)
-        .fetch_all(&self.read)
-        .await
-        .doing("listing shards")?;
+             WHERE t.job_id = $1 AND t.tenant_id = $2 AND t.shard_index >= $3",
+        );
+        if page.state.is_some() {
+            sql.push_str(" AND t.state = $5");
+        }
+        sql.push_str(" ORDER BY t.shard_index LIMIT $4");
+        let mut q = sqlx::query(&sql)
+            .bind(job_id)
+            .bind(tenant_id)
+            .bind(page.from as i64)
+            .bind(i64::from(page.limit));
+        if let Some(state) = &page.state {
+            q = q.bind(state);
+        }
+        let rows = q.fetch_all(&self.read).await.doing("listing shards")?;
         rows.iter()
             .map(|r| {
                 let d = "listing shards";
@@ -296,8 +314,13 @@ impl Store {
         job_id: &str,
         index: u64,
     ) -> Result<Option<ShardDetail>, StoreError> {
+        let page = ShardPage {
+            from: index,
+            limit: 1,
+            state: None,
+        };
         let Some(shard) = self
-            .shards(tenant_id, job_id)
+            .shards(tenant_id, job_id, &page)
             .await?
             .into_iter()
             .find(|s| s.index == index)

@@ -18,7 +18,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use agents::AgentRow;
-pub use jobs::{JobRow, NewJob};
+pub use jobs::{JobRow, NewJob, ShardPage};
 pub use tasks::{LeaseGrant, ReportInput, Requeued, SettleOutcome};
 pub use tokens::{Principal, TokenKind};
 

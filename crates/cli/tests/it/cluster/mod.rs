@@ -95,6 +95,25 @@ async fn hundred_shards_give_the_right_answer(db: Db) {
     assert!(!s.partial);
     assert_eq!(s.shard_wall_ms.count, 100);
     assert!(s.shard_peak_memory_bytes.median > 0.0);
+    // Shards come in pages.
+    let mut from = 0;
+    let mut seen = 0;
+    let mut pages = 0;
+    loop {
+        let page = c.client.shards_page(&job.id, from, 30, None).await.unwrap();
+        assert!(
+            page.shards
+                .iter()
+                .all(|s| s.state == "accepted" && s.index >= from)
+        );
+        seen += page.shards.len();
+        pages += 1;
+        match page.next {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    assert_eq!((seen, pages), (100, 4));
     let agents = c.client.agents().await.unwrap().agents;
     assert_eq!(agents.len(), 2);
     assert!(
@@ -236,6 +255,13 @@ items = [1, 2, 3, 4, 5, 6, 7]
     );
     // Program errors are final: no retries.
     assert_eq!(s.attempts, 7);
+    let rejected = c
+        .client
+        .shards_page(&job.id, 0, 100, Some("rejected"))
+        .await
+        .unwrap();
+    let idx: Vec<u64> = rejected.shards.iter().map(|s| s.index).collect();
+    assert_eq!(idx, vec![2, 5]);
     let shards = c.client.shards(&job.id).await.unwrap().shards;
     assert_eq!(shards[2].state, "rejected");
     assert_eq!(shards[2].status.as_deref(), Some("error"));
