@@ -169,8 +169,9 @@ pub struct ExecutionReport {
 }
 
 impl ExecutionReport {
-    /// A report with nothing measured, for executors that run no sandbox (the throughput
-    /// benchmark's fake agents, protocol tests). Callers set what they know.
+    /// A report with nothing measured yet: the sandbox's starting point, and what executors that
+    /// run no sandbox send (the throughput benchmark's fake agents, protocol tests). Callers set
+    /// what they know.
     pub fn unmeasured(status: Status, output: Option<serde_json::Value>) -> Self {
         ExecutionReport {
             status,

@@ -45,40 +45,19 @@ impl RunContext<'_> {
 
     fn empty_report(&self, status: Status, message: Option<String>) -> ExecutionReport {
         let empty = workspace::sha256_hex(b"");
-        ExecutionReport {
-            status,
-            message,
-            exit_code: None,
-            signal: None,
-            signal_name: None,
-            started_at: humantime::format_rfc3339_millis(self.started_at).to_string(),
-            wall_ms: 0,
-            cpu_user_ms: 0,
-            cpu_sys_ms: 0,
-            peak_memory_bytes: 0,
-            stdout: String::new(),
-            stdout_bytes: 0,
-            stdout_truncated: false,
-            stdout_sha256: empty.clone(),
-            stderr: String::new(),
-            stderr_bytes: 0,
-            stderr_truncated: false,
-            stderr_sha256: empty,
-            output: None,
-            output_sha256: None,
-            output_source: None,
-            exception: None,
-            files: Vec::new(),
-            files_truncated: false,
-            violations: Vec::new(),
-            limits: self.applied.clone(),
-            backend: self.backend.to_string(),
-            code_sha256: workspace::sha256_hex(&self.req.code),
-            input_sha256: self.req.input.as_deref().map(workspace::sha256_hex),
-            runner: self.runner(),
-            notes: self.notes.clone(),
-            workspace: None,
-        }
+        let mut r = ExecutionReport::unmeasured(status, None);
+        r.message = message;
+        r.exit_code = None;
+        r.started_at = humantime::format_rfc3339_millis(self.started_at).to_string();
+        r.stdout_sha256 = empty.clone();
+        r.stderr_sha256 = empty;
+        r.limits = self.applied.clone();
+        r.backend = self.backend.to_string();
+        r.code_sha256 = workspace::sha256_hex(&self.req.code);
+        r.input_sha256 = self.req.input.as_deref().map(workspace::sha256_hex);
+        r.runner = self.runner();
+        r.notes = self.notes.clone();
+        r
     }
 
     /// A report for a run that never started.

@@ -3,20 +3,12 @@
 use std::time::{Duration, Instant};
 
 use fleetbox_proto::Status;
-use fleetbox_sandbox::{Cancel, RunRequest, SandboxConfig};
+use fleetbox_sandbox::{Cancel, RunRequest};
 
-use crate::support::{JAIL, PROCESS, PROCESS_NO_CGROUP, Setup, bin, limits, show};
+use crate::support::{JAIL, PROCESS, PROCESS_NO_CGROUP, Setup, limits, sandbox, show};
 
 fn cancelled_sleeper(setup: Setup) {
-    let sandbox = fleetbox_sandbox::open(
-        setup.backend,
-        SandboxConfig {
-            use_cgroups: setup.cgroups,
-            jail_helper: Some(bin()),
-            ..SandboxConfig::default()
-        },
-    )
-    .unwrap();
+    let sandbox = sandbox(setup);
     let mut req = RunRequest::new(
         b"import os, time\nif os.fork() == 0:\n    time.sleep(60)\ntime.sleep(60)\n".to_vec(),
         None,

@@ -59,7 +59,14 @@ pub fn run_code(
     input: Option<&[u8]>,
     limits: Limits,
 ) -> ExecutionReport {
-    let sandbox = fleetbox_sandbox::open(
+    let sandbox = sandbox(setup);
+    let req = RunRequest::new(code.to_vec(), input.map(<[u8]>::to_vec), limits);
+    sandbox.run(&req)
+}
+
+/// A sandbox set up as `setup` says.
+pub fn sandbox(setup: Setup) -> Box<dyn fleetbox_sandbox::Sandbox> {
+    fleetbox_sandbox::open(
         setup.backend,
         SandboxConfig {
             use_cgroups: setup.cgroups,
@@ -68,9 +75,7 @@ pub fn run_code(
             ..SandboxConfig::default()
         },
     )
-    .expect("open sandbox");
-    let req = RunRequest::new(code.to_vec(), input.map(<[u8]>::to_vec), limits);
-    sandbox.run(&req)
+    .expect("open sandbox")
 }
 
 pub fn run(setup: Setup, name: &str, limits: Limits) -> ExecutionReport {
