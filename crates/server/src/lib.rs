@@ -111,6 +111,8 @@ pub struct State {
     job_cache: Mutex<HashMap<String, Arc<JobInfo>>>,
     aggregate_tx: mpsc::UnboundedSender<String>,
     aggregating: Mutex<HashSet<String>>,
+    /// Becomes true when the coordinator stops: long polls answer at once.
+    pub stopping: watch::Receiver<bool>,
 }
 
 impl State {
@@ -213,6 +215,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         source,
     })?;
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(State {
         store,
         blobs,
@@ -222,8 +225,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         job_cache: Mutex::new(HashMap::new()),
         aggregate_tx,
         aggregating: Mutex::new(HashSet::new()),
+        stopping: shutdown.subscribe(),
     });
-    let (shutdown, mut shutdown_rx) = watch::channel(false);
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
     let app = api::router(state.clone());

@@ -117,9 +117,15 @@ pub async fn lease(
         }
         // Wake on new work, or re-check for retries whose back-off has passed.
         let wait = (deadline - now).min(Duration::from_millis(500));
+        let mut stopping = state.stopping.clone();
+        if *stopping.borrow() {
+            return Ok(Json(LeaseResponse { tasks: Vec::new() }));
+        }
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep(wait) => {}
+            // The coordinator is stopping: answer now so the graceful shutdown is quick.
+            _ = stopping.changed() => {}
         }
     }
 }
