@@ -448,6 +448,11 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
+    // The first heartbeat after a start carries the machine's facts (cores, memory, python).
+    let mut facts = Some(machine_facts(
+        shared.config.backend,
+        shared.config.sandbox.python.as_deref(),
+    ));
     loop {
         let running: Vec<String> = shared
             .running
@@ -464,9 +469,11 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
                 loadavg: facts::loadavg(),
                 outbox: shared.outbox.len() as u64,
             },
+            facts: facts.clone(),
         };
         match shared.client().heartbeat(&req).await {
             Ok(resp) => {
+                facts = None;
                 let running = shared.running.lock().expect("running");
                 for lease in resp.cancel {
                     tracing::info!(lease = %lease, "coordinator no longer wants this shard: stopping it");

@@ -288,6 +288,9 @@ pub struct HeartbeatRequest {
     pub running: Vec<String>,
     #[serde(default)]
     pub load: AgentLoad,
+    /// Sent in the first heartbeat after a (re)start: the machine may have changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<MachineFacts>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

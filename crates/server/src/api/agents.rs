@@ -140,6 +140,12 @@ pub async fn heartbeat(
         return Err(ApiError::bad_request("invalid_body", "too many leases").with_field("running"));
     }
     state.store.touch_agent(agent, &req.load).await?;
+    if let Some(facts) = &req.facts {
+        state
+            .store
+            .update_agent_facts(agent, facts, req.load.slots.min(1024))
+            .await?;
+    }
     let expires = now_ms() + state.config.lease_ms as i64;
     let cancel = state
         .store

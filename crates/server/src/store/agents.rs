@@ -68,6 +68,23 @@ impl Store {
         Ok(())
     }
 
+    /// Replace what an agent said about its machine (after a restart).
+    pub async fn update_agent_facts(
+        &self,
+        agent_id: &str,
+        facts: &MachineFacts,
+        slots: u32,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE agents SET facts = $1, slots = $2 WHERE id = $3")
+            .bind(json(facts))
+            .bind(i64::from(slots))
+            .bind(agent_id)
+            .execute(&self.write)
+            .await
+            .doing("updating agent facts")?;
+        Ok(())
+    }
+
     /// Agents silent since `cutoff` become `lost`; returns their ids.
     pub async fn mark_lost_agents(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(

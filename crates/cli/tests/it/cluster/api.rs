@@ -528,6 +528,29 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
     );
     let r = c.wait(&job.id, Duration::from_secs(30)).await;
     assert_eq!(r.result, Some(json!([5])));
+    // A restarted agent's first heartbeat refreshes what the coordinator knows of its machine.
+    agent
+        .heartbeat(&fleetbox_proto::api::HeartbeatRequest {
+            running: Vec::new(),
+            load: fleetbox_proto::api::AgentLoad {
+                slots: 3,
+                ..Default::default()
+            },
+            facts: Some(fleetbox_proto::api::MachineFacts {
+                cores: 7,
+                python: "3.99".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let agents = c.client.agents().await.unwrap().agents;
+    let probe = agents.iter().find(|a| a.name == "probe").unwrap();
+    assert_eq!(
+        (probe.facts.cores, probe.slots, probe.load.slots),
+        (7, 3, 3)
+    );
+    assert_eq!(probe.facts.python, "3.99");
     // Successful responses carry a trace id too.
     let (status, _, trace) = raw(&c, "GET", "/v1/jobs", Some(ADMIN), None).await;
     assert_eq!(status, 200);
