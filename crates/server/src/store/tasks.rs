@@ -116,7 +116,20 @@ impl Store {
         expires: i64,
         lease_prefix: &str,
     ) -> Result<Vec<LeaseGrant>, StoreError> {
-        let now = now_ms();
+        self.lease_at(tenant_id, agent_id, max, expires, lease_prefix, now_ms())
+            .await
+    }
+
+    /// [`Store::lease`] as of `now` (tests move the clock).
+    pub async fn lease_at(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        max: u32,
+        expires: i64,
+        lease_prefix: &str,
+        now: i64,
+    ) -> Result<Vec<LeaseGrant>, StoreError> {
         let lock = match self.kind {
             DbKind::Postgres => " FOR UPDATE SKIP LOCKED",
             DbKind::Sqlite => "",
@@ -585,5 +598,157 @@ mod tests {
         assert_eq!(backoff_ms(500, 2), 1000);
         assert_eq!(backoff_ms(500, 3), 2000);
         assert_eq!(backoff_ms(500, 40), 60_000);
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use fleetbox_proto::{Limits, Reducer};
+
+    use super::*;
+    use crate::store::{NewJob, ShardPage};
+
+    async fn store_with_job(max_attempts: u32) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Store::sqlite_url(dir.path())).await.unwrap();
+        store
+            .insert_job(&NewJob {
+                id: "job_t".into(),
+                tenant_id: "default".into(),
+                name: "t".into(),
+                spec: serde_json::json!({}),
+                code: "pass".into(),
+                code_sha256: "x".into(),
+                limits: Limits::default(),
+                reducer: Reducer::Collect,
+                priority: 0,
+                max_attempts,
+                inputs: vec![serde_json::json!(1), serde_json::json!(2)],
+            })
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn expired_leases_are_requeued_then_dead_after_max_attempts() {
+        let (_dir, store) = store_with_job(2).await;
+        let now = now_ms();
+        let first = store
+            .lease("default", "agt_a", 10, now + 50, "p1")
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 2);
+        assert!(first.iter().all(|g| g.attempt == 1));
+
+        // Past the expiry: both go back to the queue, after a back-off.
+        let (changed, ready) = store.expire_leases(now + 100, &[], 1000).await.unwrap();
+        assert_eq!(changed.len(), 2);
+        assert!(changed.iter().all(|c| !c.dead));
+        assert!(ready.is_empty());
+        // Not before the back-off has passed.
+        assert!(
+            store
+                .lease("default", "agt_b", 10, now + 10_000, "p2")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let shards = store
+            .shards(
+                "default",
+                "job_t",
+                &ShardPage {
+                    from: 0,
+                    limit: 10,
+                    state: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            shards
+                .iter()
+                .all(|s| s.state == "queued" && s.attempts == 1)
+        );
+        assert!(
+            shards[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("lease on agent `agt_a` expired")
+        );
+
+        // Second attempt (the back-off has passed by then), lost again: out of attempts.
+        let later = now + 5_000;
+        let second = store
+            .lease_at("default", "agt_b", 10, later + 50, "p3", later)
+            .await
+            .unwrap();
+        assert_eq!(second.len(), 2);
+        assert!(second.iter().all(|g| g.attempt == 2));
+        let (changed, ready) = store.expire_leases(later + 100, &[], 1000).await.unwrap();
+        assert!(changed.iter().all(|c| c.dead));
+        assert_eq!(
+            ready,
+            vec!["job_t".to_string()],
+            "the last shard settling makes the job ready"
+        );
+
+        // A report for the first, long-expired lease is kept but changes nothing.
+        let report = ReportInput {
+            lease_id: first[0].lease_id.clone(),
+            task_id: first[0].task_id,
+            status: Status::Ok,
+            reason: None,
+            output: Some("1".into()),
+            output_blob: None,
+            output_sha256: None,
+            report_json: "{}".into(),
+            stdout_blob: None,
+            stderr_blob: None,
+            wall_ms: 1,
+            peak_memory: 1,
+            bytes_out: 0,
+        };
+        let (outcomes, ready) = store
+            .report("default", "agt_a", &[report], 1000)
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![SettleOutcome::Late]);
+        assert!(ready.is_empty());
+    }
+
+    #[tokio::test]
+    async fn lost_agents_lose_their_leases_at_once() {
+        let (_dir, store) = store_with_job(3).await;
+        let now = now_ms();
+        store
+            .lease("default", "agt_a", 1, now + 60_000, "p1")
+            .await
+            .unwrap();
+        store
+            .lease("default", "agt_b", 1, now + 60_000, "p2")
+            .await
+            .unwrap();
+        let (changed, _) = store
+            .expire_leases(now, &["agt_a".to_string()], 0)
+            .await
+            .unwrap();
+        assert_eq!(changed.len(), 1, "only the lost agent's lease returns");
+        let shards = store
+            .shards(
+                "default",
+                "job_t",
+                &ShardPage {
+                    from: 0,
+                    limit: 10,
+                    state: Some("leased".into()),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(shards.len(), 1);
+        assert_eq!(shards[0].agent_id.as_deref(), Some("agt_b"));
     }
 }
