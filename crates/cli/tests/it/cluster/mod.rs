@@ -52,6 +52,7 @@ on_both_stores!(
     sigterm_drains_and_hands_back,
     priorities_order_the_queue,
     large_outputs_go_to_the_blob_store,
+    agents_reenroll_when_the_coordinator_forgets_them,
 );
 
 const SUM_SQUARES: &str = r#"
@@ -413,4 +414,42 @@ max_output = "1MiB"
     let stored = std::fs::read_to_string(&path).unwrap();
     assert!(stored.starts_with("[5000, 5001"), "{}", &stored[..40]);
     assert_eq!(attempt.report["stdout_sha256"], blob);
+}
+
+/// A coordinator that lost its database (a reset, a new deployment) no longer knows the agents'
+/// tokens: they enroll again with the enrollment token and go on working.
+async fn agents_reenroll_when_the_coordinator_forgets_them(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(1);
+    let job = c
+        .submit(
+            "name = \"before\"\ncode = \"print(1)\"\nshards = { count = 2 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    assert_eq!(
+        c.wait(&job.id, Duration::from_secs(60)).await.result,
+        Some(json!(2))
+    );
+    let before = std::fs::read_to_string(c.agent_state(0).join("agent.json")).unwrap();
+
+    c.kill_server();
+    match db {
+        Db::Sqlite => std::fs::remove_dir_all(c.data()).unwrap(),
+        Db::Postgres => c.database_url = harness::postgres_database().await,
+    }
+    c.start_server();
+    let job = c
+        .submit(
+            "name = \"after\"\ncode = \"print(3)\"\nshards = { count = 2 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    assert_eq!(
+        c.wait(&job.id, Duration::from_secs(60)).await.result,
+        Some(json!(6))
+    );
+    let after = std::fs::read_to_string(c.agent_state(0).join("agent.json")).unwrap();
+    assert_ne!(before, after, "a new identity was saved");
+    assert_eq!(c.client.agents().await.unwrap().agents.len(), 1);
 }
