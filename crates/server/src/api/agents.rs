@@ -81,8 +81,6 @@ pub async fn lease(
         )
         .with_field("max_tasks"));
     }
-    // Asking for work is a sign of life.
-    state.store.touch_agent(agent, &Default::default()).await?;
     let deadline = Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let prefix = random_hex(8);
     loop {

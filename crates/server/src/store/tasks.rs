@@ -185,6 +185,13 @@ impl Store {
             }
             q.execute(&mut *tx).await.doing("recording leases")?;
         }
+        // Asking for work is a sign of life: recorded in the same transaction.
+        sqlx::query("UPDATE agents SET last_seen = $1, state = 'online' WHERE id = $2")
+            .bind(now)
+            .bind(agent_id)
+            .execute(&mut *tx)
+            .await
+            .doing("recording an agent's lease call")?;
         tx.commit().await.doing("leasing tasks")?;
         Ok(grants)
     }
