@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use crate::util::{fleetbox_bin, median_of, ms, which};
+use crate::util::{fleetbox_bin, median_of, median_of_env, ms, which};
 
 pub fn run(runs: usize) -> Result<(), String> {
     let bin = fleetbox_bin()?;
@@ -25,6 +25,18 @@ pub fn run(runs: usize) -> Result<(), String> {
         ms(jail),
         ms(jail) - ms(bare),
         ms(bare) / ms(jail)
+    );
+    // bwrap sets no resource limits; the like-for-like comparison is a jail without cgroups.
+    let jail_nocg = median_of_env(
+        &[bin, "run", "--backend", "jail", pass],
+        &[("FLEETBOX_NO_CGROUPS", "1")],
+        runs,
+    )?;
+    println!(
+        "  ... without cgroups       {:8.2} ms   overhead {:+.2} ms   (the cgroup attach costs {:+.2} ms)",
+        ms(jail_nocg),
+        ms(jail_nocg) - ms(bare),
+        ms(jail) - ms(jail_nocg)
     );
     match which("bwrap") {
         Some(bwrap) => {
@@ -61,9 +73,10 @@ pub fn run(runs: usize) -> Result<(), String> {
             ];
             let b = median_of(&argv, runs)?;
             println!(
-                "  bwrap --unshare-all         {:6.2} ms   bwrap/jail {:.2}",
+                "  bwrap --unshare-all         {:6.2} ms   bwrap/jail {:.2}   bwrap/jail-without-cgroups {:.2}",
                 ms(b),
-                ms(b) / ms(jail)
+                ms(b) / ms(jail),
+                ms(b) / ms(jail_nocg)
             );
         }
         None => println!("  bwrap: not installed (apt-get install bubblewrap)"),

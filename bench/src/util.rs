@@ -25,11 +25,17 @@ pub fn fleetbox_bin() -> Result<PathBuf, String> {
 
 /// Median wall time of `runs` executions of `argv` (after 3 warm-up runs).
 pub fn median_of(argv: &[&str], runs: usize) -> Result<Duration, String> {
+    median_of_env(argv, &[], runs)
+}
+
+/// [`median_of`] with extra environment variables.
+pub fn median_of_env(argv: &[&str], env: &[(&str, &str)], runs: usize) -> Result<Duration, String> {
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs + 3 {
         let start = Instant::now();
         let status = Command::new(argv[0])
             .args(&argv[1..])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
