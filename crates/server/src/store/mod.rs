@@ -31,6 +31,17 @@ pub enum DbKind {
     Postgres,
 }
 
+impl DbKind {
+    /// Fill a migration's dialect placeholders.
+    fn dialect(self, sql: &str) -> String {
+        let serial_pk = match self {
+            DbKind::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+            DbKind::Postgres => "BIGSERIAL PRIMARY KEY",
+        };
+        sql.replace("{serial_pk}", serial_pk)
+    }
+}
+
 /// Errors of the store, with what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -69,11 +80,11 @@ impl<T> Doing<T> for Result<T, sqlx::Error> {
     }
 }
 
-/// Migrations, in order, for each dialect.
-const MIGRATIONS: &[(&str, &str, &str)] = &[(
+/// Migrations, in order. One text for both databases; the few dialect differences are
+/// `{placeholders}` filled by [`DbKind::dialect`].
+const MIGRATIONS: &[(&str, &str)] = &[(
     "0001_init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/0001_init.sql"),
 )];
 
 #[derive(Clone)]
@@ -185,7 +196,7 @@ impl Store {
             name: "fleetbox_migrations",
             source,
         })?;
-        for (name, sqlite, postgres) in MIGRATIONS {
+        for (name, text) in MIGRATIONS {
             let mut tx = self.write.begin().await.doing("starting a migration")?;
             if self.kind == DbKind::Postgres {
                 // Several coordinators may start at once against one database.
@@ -202,11 +213,8 @@ impl Store {
             if done.is_some() {
                 continue;
             }
-            let sql = match self.kind {
-                DbKind::Sqlite => sqlite,
-                DbKind::Postgres => postgres,
-            };
-            tx.execute(*sql)
+            let sql = self.kind.dialect(text);
+            tx.execute(sql.as_str())
                 .await
                 .map_err(|source| StoreError::Migrate { name, source })?;
             sqlx::query("INSERT INTO fleetbox_migrations (name, applied_at) VALUES ($1, $2)")
@@ -257,6 +265,16 @@ pub(crate) fn placeholders(first: usize, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migrations_have_no_unfilled_placeholders() {
+        for (name, text) in MIGRATIONS {
+            for kind in [DbKind::Sqlite, DbKind::Postgres] {
+                let sql = kind.dialect(text);
+                assert!(!sql.contains("{serial_pk}"), "{name} for {kind:?}");
+            }
+        }
+    }
 
     #[test]
     fn passwords_never_reach_messages() {

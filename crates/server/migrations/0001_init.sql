@@ -1,4 +1,5 @@
--- Fleetbox schema v1 (SQLite). Every table carries tenant_id; timestamps are Unix milliseconds.
+-- Fleetbox schema v1, for SQLite and PostgreSQL. Every table carries tenant_id; timestamps are
+-- Unix milliseconds. `{serial_pk}` is the one dialect difference (see `DbKind::dialect`).
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -54,7 +55,7 @@ CREATE INDEX jobs_by_tenant ON jobs (tenant_id, created_at);
 CREATE INDEX jobs_by_state ON jobs (state);
 
 CREATE TABLE tasks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial_pk},
     tenant_id TEXT NOT NULL REFERENCES tenants(id),
     job_id TEXT NOT NULL REFERENCES jobs(id),
     shard_index BIGINT NOT NULL,
@@ -86,7 +87,7 @@ CREATE TABLE leases (
 CREATE INDEX leases_by_task ON leases (task_id);
 
 CREATE TABLE attempts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial_pk},
     tenant_id TEXT NOT NULL REFERENCES tenants(id),
     task_id BIGINT NOT NULL,
     job_id TEXT NOT NULL,
