@@ -25,6 +25,8 @@ pub const FLEETBOX_CGROUP_ROOT: &str = "FLEETBOX_CGROUP_ROOT";
 pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
 /// `tracing` filter for Fleetbox's own logs (e.g. `fleetbox=debug`).
 pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
+/// Set to `1` to time the jail's start-up phases; the report's `notes` lists them.
+pub const FLEETBOX_JAIL_TRACE: &str = "FLEETBOX_JAIL_TRACE";
 
 /// Coordinator URL for the client commands and agents (default `http://127.0.0.1:8080`).
 pub const FLEETBOX_SERVER: &str = "FLEETBOX_SERVER";

@@ -235,3 +235,61 @@ fn keep_workspace_keeps_it() {
     let out = fleetbox(&["run", "--json", &fixture("files_created.py")], &[]);
     assert!(report(&out).get("workspace").is_none());
 }
+
+#[test]
+fn jail_trace_lists_start_up_phases_in_order() {
+    let out = fleetbox(
+        &[
+            "run",
+            "--json",
+            "--backend",
+            "jail",
+            &fixture("clean_exit.py"),
+        ],
+        &[("FLEETBOX_JAIL_TRACE", "1")],
+    );
+    let r = report(&out);
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    let line = notes
+        .iter()
+        .find_map(|n| n.strip_prefix("phases (ms): "))
+        .unwrap_or_else(|| panic!("no phases note in {notes:?}"));
+    let phases: Vec<(&str, f64)> = line
+        .split(", ")
+        .map(|p| {
+            let (name, ms) = p.rsplit_once(' ').unwrap();
+            (name, ms.parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|p| p.0).collect();
+    for expected in [
+        "supervisor_ready",
+        "helper_start",
+        "namespaces_created",
+        "root_built",
+        "program_forked",
+        "seccomp_installed",
+        "exit_seen",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing from {line}");
+    }
+    assert!(phases.windows(2).all(|w| w[0].1 <= w[1].1), "{line}");
+    assert_eq!(*names.last().unwrap(), "exit_seen");
+    // Without the variable there is no such note.
+    let r = report(&fleetbox(
+        &[
+            "run",
+            "--json",
+            "--backend",
+            "jail",
+            &fixture("clean_exit.py"),
+        ],
+        &[],
+    ));
+    assert!(!r["notes"].to_string().contains("phases"));
+}

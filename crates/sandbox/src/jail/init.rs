@@ -55,6 +55,9 @@ pub struct InitConfig {
     pub env: Vec<(String, String)>,
     pub tmp_size: u64,
     pub network: bool,
+    /// Send a `phase` event with a monotonic timestamp at each start-up step.
+    #[serde(default)]
+    pub trace: bool,
 }
 
 /// Messages to the supervisor, one JSON object per line.
@@ -69,6 +72,11 @@ pub enum Event {
     },
     Note {
         message: String,
+    },
+    /// A start-up step reached, at `at_us` on `CLOCK_MONOTONIC` (comparable across processes).
+    Phase {
+        name: String,
+        at_us: u64,
     },
     Exit {
         code: Option<i32>,
@@ -85,6 +93,26 @@ fn send(event: &Event) {
     // SAFETY: writing a buffer we own to fd 3, which the supervisor gave us (or is closed, in
     // which case the write fails harmlessly).
     unsafe { libc::write(STATUS_FD, line.as_ptr().cast(), line.len()) };
+}
+
+/// Microseconds on `CLOCK_MONOTONIC`, the clock every process of a run shares.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+fn phase(cfg: &InitConfig, name: &str) {
+    if cfg.trace {
+        send(&Event::Phase {
+            name: name.into(),
+            at_us: monotonic_us(),
+        });
+    }
 }
 
 fn errno() -> std::io::Error {
@@ -113,6 +141,7 @@ fn fail(message: String) -> i32 {
 }
 
 fn helper(cfg: &InitConfig) -> Result<i32, String> {
+    phase(cfg, "helper_start");
     let mut fds = [0; 2];
     // SAFETY: `fds` is valid for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -161,6 +190,7 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
         unsafe { libc::_exit(code) };
     }
     let pid = pid as i32;
+    phase(cfg, "namespaces_created");
     drop(go_r);
     if let Err(e) = write_maps(pid, cfg) {
         // SAFETY: kill/waitpid on our own child.
@@ -185,6 +215,7 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
             return Err(format!("joining cgroup `{}` failed: {e}", procs.display()));
         }
     }
+    phase(cfg, "cgroup_joined");
     let _ = go.write_all(b"2");
     drop(go);
     // SAFETY: closing the seccomp socket, which only the program needs.
@@ -245,7 +276,9 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
             message: format!("no cgroup namespace: {}", errno()),
         });
     }
+    phase(cfg, "init_start");
     build_root(cfg)?;
+    phase(cfg, "root_built");
     let host = b"fleetbox";
     // SAFETY: `host` is a valid buffer of the given length.
     unsafe { libc::sethostname(host.as_ptr().cast(), host.len()) };
@@ -253,6 +286,7 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
         loopback_up()?;
     }
     enter_root(&cfg.root)?;
+    phase(cfg, "root_entered");
     if go.read(&mut byte).map_err(|e| e.to_string())? != 1 {
         return Err("the jail helper went away before joining the cgroup".into());
     }
@@ -549,6 +583,7 @@ fn last_cap() -> u32 {
 }
 
 fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
+    phase(cfg, "program_forked");
     let last = last_cap();
     // SAFETY: process-attribute syscalls with integer arguments; each result is checked.
     unsafe {
@@ -597,8 +632,10 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
         return Err(format!("no_new_privs: {}", errno()));
     }
     std::env::set_current_dir("/work").map_err(|e| format!("chdir /work: {e}"))?;
+    phase(cfg, "privileges_dropped");
     let landlock = super::landlock::restrict();
     send(&Event::Landlock { status: landlock });
+    phase(cfg, "landlock_applied");
 
     let policy = Policy::shipped().map_err(|e| e.to_string())?;
     let (refuse, deny) = policy.compile().map_err(|e| e.to_string())?;
@@ -612,6 +649,7 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
     send_fd(SECCOMP_FD, listener.as_raw_fd())
         .map_err(|e| format!("handing over the seccomp listener failed: {e}"))?;
     drop(listener);
+    phase(cfg, "seccomp_installed");
 
     let err = std::process::Command::new(&cfg.python)
         .args(["-I", "-B", "/code/main.py"])

@@ -91,6 +91,9 @@ impl Sandbox for JailSandbox {
     }
 
     fn run(&self, req: &RunRequest) -> ExecutionReport {
+        let trace = std::env::var_os(crate::env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1");
+        let t0 = init::monotonic_us();
+        let mut phases: Vec<(String, u64)> = Vec::new();
         let mut ctx = RunContext {
             req,
             backend: "jail",
@@ -171,9 +174,13 @@ impl Sandbox for JailSandbox {
             env,
             tmp_size: req.limits.tmp_size.0,
             network: req.limits.network,
+            trace,
         };
 
         let started = Instant::now();
+        if trace {
+            phases.push(("supervisor_ready".into(), init::monotonic_us()));
+        }
         let spawned = match self.spawn(&cfg) {
             Ok(s) => s,
             Err(e) => return ctx.sandbox_error(e),
@@ -222,6 +229,7 @@ impl Sandbox for JailSandbox {
                     }
                 }
                 Event::Note { message } => ctx.notes.push(message),
+                Event::Phase { name, at_us } => phases.push((name, at_us)),
                 Event::Exit {
                     code,
                     signal,
@@ -276,6 +284,17 @@ impl Sandbox for JailSandbox {
                 count: 1,
                 detail: "a syscall through a non-native calling convention (i386 int 0x80 or x32) killed the program".into(),
             });
+        }
+        if trace {
+            // Start-up phases, in ms since this run began (monotonic clock, all processes).
+            let exit_seen = init::monotonic_us();
+            phases.push(("exit_seen".into(), exit_seen));
+            phases.sort_by_key(|(_, at)| *at);
+            let line: Vec<String> = phases
+                .iter()
+                .map(|(name, at)| format!("{name} {:.2}", at.saturating_sub(t0) as f64 / 1000.0))
+                .collect();
+            ctx.notes.push(format!("phases (ms): {}", line.join(", ")));
         }
         ctx.finish(
             Observed {

@@ -82,10 +82,8 @@ impl<T> Doing<T> for Result<T, sqlx::Error> {
 
 /// Migrations, in order. One text for both databases; the few dialect differences are
 /// `{placeholders}` filled by [`DbKind::dialect`].
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_init",
-    include_str!("../../migrations/0001_init.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
 
 #[derive(Clone)]
 pub struct Store {
