@@ -5,6 +5,7 @@
 //! and reports not yet acknowledged (outbox). Everything else is leased and re-leasable.
 
 mod facts;
+mod files;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -354,7 +355,19 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             ),
             (env::FLEETBOX_JOB_ID.to_string(), task.job_id.clone()),
         ]);
-        let report = match tokio::task::spawn_blocking(move || sandbox.run(&req)).await {
+        req.keep_workspace = true;
+        let outbox = shared.outbox.clone();
+        let run_cancel = cancel.clone();
+        let ran = tokio::task::spawn_blocking(move || {
+            let mut report = sandbox.run(&req);
+            // A run handed back at shutdown is not reported: its files are not kept either.
+            let handed_back =
+                run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
+            let blobs = files::collect(&mut report, &outbox, !handed_back);
+            (report, blobs)
+        })
+        .await;
+        let (report, blobs) = match ran {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, lease = %lease_id, "sandbox thread failed; the lease will expire and the shard re-run");
@@ -381,7 +394,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         shared.running.lock().expect("running").remove(&lease_id);
         drop(permit);
         shared.slot_freed.notify_one();
-        if let Err(e) = shared.outbox.put(&record) {
+        if let Err(e) = shared.outbox.put_with_blobs(&record, blobs) {
             tracing::error!(error = %e, lease = %lease_id, "could not write the outbox; sending directly");
             let _ = shared
                 .client()
@@ -432,10 +445,22 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
     if batch.is_empty() {
         return Ok(0);
     }
-    let ack = shared
-        .client()
-        .report(&ReportBatch { reports: batch })
-        .await?;
+    // Files first, so a report never names a file the coordinator does not have.
+    let client = shared.client();
+    for pending in &batch {
+        for sha in &pending.blobs {
+            match shared.outbox.blob(sha) {
+                Ok(data) => {
+                    client.put_blob(sha, data).await?;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, blob = %sha, "outbox blob missing; the report goes without it")
+                }
+            }
+        }
+    }
+    let reports = batch.into_iter().map(|p| p.report).collect();
+    let ack = client.report(&ReportBatch { reports }).await?;
     for r in &ack.results {
         if r.outcome == "unknown" {
             tracing::warn!(lease = %r.lease_id, "the coordinator does not know this lease; report dropped");
@@ -443,6 +468,9 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
         if let Err(e) = shared.outbox.remove(&r.lease_id) {
             tracing::error!(error = %e, lease = %r.lease_id, "could not clear an outbox entry");
         }
+    }
+    if let Err(e) = shared.outbox.collect_blobs() {
+        tracing::warn!(error = %e, "could not clear delivered outbox blobs");
     }
     Ok(ack.results.len())
 }

@@ -6,6 +6,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fleetbox_proto::api::ShardReport;
+use serde::{Deserialize, Serialize};
+
+/// A report waiting in the outbox, with the files (by sha256) to upload before it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    #[serde(flatten)]
+    pub report: ShardReport,
+    #[serde(default)]
+    pub blobs: Vec<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Outbox {
@@ -34,9 +44,41 @@ impl Outbox {
         self.dir.join(format!("{safe}.json"))
     }
 
-    /// Write a report durably: temporary file, fsync, rename, fsync of the directory.
+    fn blob_dir(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    /// A file the shard produced, kept (durably) until its report is acknowledged.
+    pub fn put_blob(&self, sha256: &str, data: &[u8]) -> std::io::Result<()> {
+        let dir = self.blob_dir();
+        fs_err::create_dir_all(&dir)?;
+        let path = dir.join(sha256);
+        if path.exists() {
+            return Ok(());
+        }
+        let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", &dir)?;
+        tmp.write_all(data)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    pub fn blob(&self, sha256: &str) -> std::io::Result<Vec<u8>> {
+        fs_err::read(self.blob_dir().join(sha256))
+    }
+
+    /// Write a report durably: temporary file, fsync, rename, fsync of the directory. Its
+    /// blobs must have been put first.
     pub fn put(&self, report: &ShardReport) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(report).map_err(std::io::Error::other)?;
+        self.put_with_blobs(report, Vec::new())
+    }
+
+    pub fn put_with_blobs(&self, report: &ShardReport, blobs: Vec<String>) -> std::io::Result<()> {
+        let record = Pending {
+            report: report.clone(),
+            blobs,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", &self.dir)?;
         tmp.write_all(&bytes)?;
         tmp.as_file().sync_all()?;
@@ -47,7 +89,7 @@ impl Outbox {
     }
 
     /// Up to `max` waiting reports, oldest first. Unreadable files are moved aside, not lost.
-    pub fn pending(&self, max: usize) -> std::io::Result<Vec<ShardReport>> {
+    pub fn pending(&self, max: usize) -> std::io::Result<Vec<Pending>> {
         let mut entries: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
         for entry in fs_err::read_dir(&self.dir)? {
             let entry = entry?;
@@ -67,7 +109,7 @@ impl Outbox {
         for (_, path) in entries.into_iter().take(max) {
             match fs_err::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<ShardReport>(&b).map_err(|e| e.to_string()))
+                .and_then(|b| serde_json::from_slice::<Pending>(&b).map_err(|e| e.to_string()))
             {
                 Ok(r) => out.push(r),
                 Err(e) => {
@@ -77,6 +119,27 @@ impl Outbox {
             }
         }
         Ok(out)
+    }
+
+    /// Drop blobs no waiting report needs any more.
+    pub fn collect_blobs(&self) -> std::io::Result<()> {
+        let dir = self.blob_dir();
+        if !dir.exists() {
+            return Ok(());
+        }
+        let needed: std::collections::HashSet<String> = self
+            .pending(usize::MAX)?
+            .into_iter()
+            .flat_map(|p| p.blobs)
+            .collect();
+        for entry in fs_err::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !needed.contains(&name) {
+                let _ = fs_err::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 
     /// Forget an acknowledged report.
@@ -129,10 +192,30 @@ mod tests {
         let again = Outbox::open(dir.path()).unwrap();
         let pending = again.pending(10).unwrap();
         assert_eq!(pending.len(), 2);
-        assert_eq!(pending[0].report.output, Some(serde_json::json!(1)));
+        assert_eq!(pending[0].report.report.output, Some(serde_json::json!(1)));
         again.remove("abc.1").unwrap();
         again.remove("abc.1").unwrap(); // twice is fine
         assert_eq!(again.len(), 1);
+    }
+
+    #[test]
+    fn blobs_stay_until_no_report_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        outbox.put_blob("aa", b"one").unwrap();
+        outbox.put_blob("bb", b"two").unwrap();
+        outbox
+            .put_with_blobs(&report("x.1"), vec!["aa".into()])
+            .unwrap();
+        outbox
+            .put_with_blobs(&report("x.2"), vec!["aa".into(), "bb".into()])
+            .unwrap();
+        outbox.remove("x.2").unwrap();
+        outbox.collect_blobs().unwrap();
+        assert_eq!(outbox.blob("aa").unwrap(), b"one");
+        assert!(outbox.blob("bb").is_err());
+        assert_eq!(outbox.pending(10).unwrap()[0].blobs, vec!["aa".to_string()]);
+        assert_eq!(outbox.len(), 1);
     }
 
     #[test]
@@ -141,7 +224,10 @@ mod tests {
         let outbox = Outbox::open(&dir.path().join("outbox")).unwrap();
         outbox.put(&report("../../escape")).unwrap();
         assert!(!dir.path().join("escape.json").exists());
-        assert_eq!(outbox.pending(10).unwrap()[0].lease_id, "../../escape");
+        assert_eq!(
+            outbox.pending(10).unwrap()[0].report.lease_id,
+            "../../escape"
+        );
     }
 
     #[test]

@@ -149,6 +149,61 @@ impl Client {
             .await
     }
 
+    /// Upload a file a shard produced (agent token); the coordinator checks the hash.
+    pub async fn put_blob(
+        &self,
+        sha256: &str,
+        bytes: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let url = format!("{}/v1/agent/blobs/{sha256}", self.base);
+        self.send(
+            self.http.put(&url).body(bytes),
+            url,
+            Duration::from_secs(300),
+        )
+        .await
+    }
+
+    /// A stored stream, output or file by its sha256 (admin token).
+    pub async fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}/v1/blobs/{sha256}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(300))
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: body.error.code,
+                message: body.error.message,
+                trace_id: body.error.trace_id,
+                field: body.error.field,
+            }),
+            Err(_) => Err(ClientError::Protocol {
+                url,
+                detail: format!("HTTP {status}"),
+            }),
+        }
+    }
+
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
         self.get("/v1/status").await
     }

@@ -218,6 +218,52 @@ pub async fn report(
     Ok(Json(ReportAck { results }))
 }
 
+/// `PUT /v1/agent/blobs/{sha256}`: a file a shard produced, uploaded before its report. The
+/// body must hash to the name; the blob store keeps it once.
+pub async fn put_blob(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    axum::extract::Path(sha): axum::extract::Path<String>,
+    req: axum::extract::Request,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    auth.agent()?;
+    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            format!("`{sha}` is not a lowercase hex sha256"),
+        )
+        .with_field("sha256"));
+    }
+    let body = super::raw_body(req, &()).await?;
+    let actual = crate::ids::sha256_hex(&body);
+    if actual != sha {
+        return Err(ApiError::bad_request(
+            "blob_hash_mismatch",
+            format!("the body hashes to `{actual}`, not `{sha}`"),
+        ));
+    }
+    let bytes = body.len();
+    let blobs = state.blobs.clone();
+    tokio::task::spawn_blocking(move || blobs.put(&body))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| {
+            tracing::error!(error = %e, "blob store");
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "could not store the blob",
+            )
+        })?;
+    Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes })))
+}
+
 /// Turn an agent's report into what the store keeps: large streams and outputs in blobs.
 fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     let ShardReport {

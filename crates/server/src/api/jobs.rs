@@ -244,3 +244,29 @@ pub async fn cancel(
         .map(Json)
         .ok_or_else(|| ApiError::not_found("job", &id))
 }
+
+/// `GET /v1/blobs/{sha256}`: a stored stream, output or file, by its hash.
+pub async fn get_blob(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(sha): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    auth.require(&[TokenKind::Admin])?;
+    let blobs = state.blobs.clone();
+    let sha2 = sha.clone();
+    let bytes = tokio::task::spawn_blocking(move || blobs.get(&sha2))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match bytes {
+        Ok(b) => Ok(axum::response::IntoResponse::into_response((
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            b,
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(ApiError::bad_request(
+            "invalid_path",
+            format!("`{sha}` is not a sha256"),
+        )
+        .with_field("sha256")),
+        Err(_) => Err(ApiError::not_found("blob", &sha)),
+    }
+}

@@ -41,6 +41,11 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/agent/heartbeat", post(agents::heartbeat))
         .route("/v1/agent/reports", post(agents::report))
         .route("/v1/agent/return", post(agents::return_leases))
+        .route(
+            "/v1/agent/blobs/{sha256}",
+            axum::routing::put(agents::put_blob),
+        )
+        .route("/v1/blobs/{sha256}", get(jobs::get_blob))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -141,6 +141,7 @@ async fn raw(
     let mut req = match method {
         "GET" => http.get(&url),
         "DELETE" => http.delete(&url),
+        "PUT" => http.put(&url),
         _ => http.post(&url),
     };
     if let Some(t) = token {

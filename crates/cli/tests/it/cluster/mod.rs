@@ -53,6 +53,7 @@ on_both_stores!(
     priorities_order_the_queue,
     large_outputs_go_to_the_blob_store,
     agents_reenroll_when_the_coordinator_forgets_them,
+    shard_files_reach_the_blob_store,
 );
 
 const SUM_SQUARES: &str = r#"
@@ -452,4 +453,66 @@ async fn agents_reenroll_when_the_coordinator_forgets_them(db: Db) {
     let after = std::fs::read_to_string(c.agent_state(0).join("agent.json")).unwrap();
     assert_ne!(before, after, "a new identity was saved");
     assert_eq!(c.client.agents().await.unwrap().agents.len(), 1);
+}
+
+/// Files a shard writes travel with its report into the blob store, by hash; a symlink the
+/// program planted is not followed.
+async fn shard_files_reach_the_blob_store(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(1);
+    let job = c
+        .submit(
+            r#"
+name = "files"
+code = """
+import os
+open("result.bin", "wb").write(bytes(range(256)) * 400)
+os.makedirs("sub", exist_ok=True)
+open("sub/note.txt", "w").write("hello")
+os.symlink("/etc/shadow", "leak")
+print(1)
+"""
+shards = { count = 1 }
+"#,
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    let detail = c.client.shard(&job.id, 0).await.unwrap();
+    let files = detail.attempts[0].report["files"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let sha_of = |name: &str| -> String {
+        files
+            .iter()
+            .find(|f| f["path"] == name)
+            .and_then(|f| f["sha256"].as_str())
+            .unwrap_or_else(|| panic!("{name} not listed with a hash: {files:?}"))
+            .to_string()
+    };
+    let big = c.client.get_blob(&sha_of("result.bin")).await.unwrap();
+    assert_eq!(big, (0..=255u8).collect::<Vec<u8>>().repeat(400));
+    assert_eq!(
+        c.client.get_blob(&sha_of("sub/note.txt")).await.unwrap(),
+        b"hello"
+    );
+    // The planted symlink: never read, never uploaded.
+    use sha2::Digest;
+    let shadow = std::fs::read("/etc/shadow").unwrap_or_default();
+    let shadow_sha = hex::encode(sha2::Sha256::digest(&shadow));
+    let err = c.client.get_blob(&shadow_sha).await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"));
+    // The agent cleaned up after itself: no run directory, no outbox blobs left.
+    let blobs = c.agent_state(0).join("outbox").join("blobs");
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "outbox blobs not cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
