@@ -95,6 +95,17 @@ pub struct JobArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BlobArgs {
+    /// The sha256 of a stored stream, output, result or shard file (see `fleetbox job ID --shards --json` and the report's `files`).
+    pub sha256: String,
+    /// Write to this file instead of stdout.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
 pub struct CancelArgs {
     pub id: String,
     #[command(flatten)]
@@ -342,6 +353,18 @@ pub fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         let j = client.cancel(&args.id).await?;
         eprintln!("fleetbox: {} is {}", j.id, j.state);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn blob(args: BlobArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let bytes = client.get_blob(&args.sha256).await?;
+        match &args.output {
+            Some(path) => fs_err::write(path, &bytes)?,
+            None => std::io::stdout().lock().write_all(&bytes)?,
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

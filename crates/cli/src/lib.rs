@@ -42,6 +42,8 @@ enum Command {
     Job(jobs_cmd::JobArgs),
     /// Cancel a job: its unsettled shards become `dead`.
     Cancel(jobs_cmd::CancelArgs),
+    /// Download a stored blob (a large stream or output, a result, a file a shard wrote).
+    Blob(jobs_cmd::BlobArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -75,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Jobs(args) => jobs_cmd::jobs(args),
         Command::Job(args) => jobs_cmd::job(args),
         Command::Cancel(args) => jobs_cmd::cancel(args),
+        Command::Blob(args) => jobs_cmd::blob(args),
     };
     match result {
         Ok(code) => code,

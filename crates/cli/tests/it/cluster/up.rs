@@ -79,6 +79,51 @@ fn up_runs_the_examples_with_their_expected_results() {
         json!((1..=40).collect::<Vec<u32>>())
     );
 
+    // `fleetbox blob` fetches what a shard wrote, by hash (here: the word-count output file).
+    let out = Command::new(bin())
+        .args(["jobs", "--json", "--server", &url])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let jobs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let wc = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "word count")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = fleetbox_client::Client::new(&url, &token);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let detail = rt.block_on(client.shard(&wc, 0)).unwrap();
+    let file = detail.attempts[0].report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "output.json")
+        .cloned()
+        .unwrap();
+    let saved = dir.path().join("shard0-output.json");
+    let out = Command::new(bin())
+        .args(["blob", file["sha256"].as_str().unwrap(), "-o"])
+        .arg(&saved)
+        .args(["--server", &url])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts: Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(counts["the"], detail.attempts[0].report["output"]["the"]);
+
     let out = Command::new(bin())
         .args(["jobs", "--server", &url])
         .current_dir(dir.path())
