@@ -9,11 +9,6 @@ use super::{Doing, Store, StoreError, TokenKind, now_ms};
 pub const AGENT_ONLINE: &str = "online";
 pub const AGENT_LOST: &str = "lost";
 
-#[derive(Debug, Clone)]
-pub struct AgentRow {
-    pub view: AgentView,
-}
-
 impl Store {
     /// Register an agent and its token (hash) in one transaction.
     pub async fn enroll_agent(

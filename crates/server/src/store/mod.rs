@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use agents::AgentRow;
 pub use jobs::{JobRow, NewJob, ShardPage};
 pub use tasks::{LeaseGrant, ReportInput, Requeued, SettleOutcome};
 pub use tokens::{Principal, TokenKind};
