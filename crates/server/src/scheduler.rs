@@ -18,7 +18,7 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = 0u32;
     loop {
         if tick.is_multiple_of(RECOVERY_EVERY) {
-            match state.store.jobs_to_aggregate().await {
+            match state.store.jobs_to_aggregate(tick == 0).await {
                 Ok(jobs) => jobs.into_iter().for_each(|j| state.aggregate(j)),
                 Err(e) => tracing::error!(error = %e, "aggregation recovery"),
             }

@@ -408,14 +408,19 @@ impl Store {
         Ok(true)
     }
 
-    /// Jobs waiting for aggregation (after a restart, or missed signals).
-    pub async fn jobs_to_aggregate(&self) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE state = 'aggregating' OR (state = 'running' AND unsettled <= 0)",
-        )
-        .fetch_all(&self.read)
-        .await
-        .doing("finding jobs to aggregate")?;
+    /// Jobs waiting for aggregation: every settled `running` job (a missed signal), and with
+    /// `resume`, jobs left `aggregating` by a coordinator that stopped mid-way. Resuming is for
+    /// start-up only: later, another coordinator sharing the database may be folding them.
+    pub async fn jobs_to_aggregate(&self, resume: bool) -> Result<Vec<String>, StoreError> {
+        let sql = if resume {
+            "SELECT id FROM jobs WHERE state = 'aggregating' OR (state = 'running' AND unsettled <= 0)"
+        } else {
+            "SELECT id FROM jobs WHERE state = 'running' AND unsettled <= 0"
+        };
+        let rows = sqlx::query(sql)
+            .fetch_all(&self.read)
+            .await
+            .doing("finding jobs to aggregate")?;
         rows.iter()
             .map(|r| {
                 r.try_get::<String, _>("id")

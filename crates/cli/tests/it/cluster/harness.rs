@@ -108,8 +108,14 @@ impl Cluster {
 
     /// Start (or restart) the coordinator process and wait until it listens.
     pub fn start_server(&mut self) {
+        let child = self.spawn_server(self.port, "server.log");
+        self.server = Some(child);
+    }
+
+    /// Another coordinator on the same database (and, for SQLite, the same data directory).
+    pub fn spawn_server(&self, port: u16, log: &str) -> Child {
         let mut cmd = Command::new(bin());
-        cmd.args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+        cmd.args(["server", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--data")
             .arg(self.data())
             .args(["--admin-token", ADMIN, "--enroll-token", ENROLL])
@@ -126,7 +132,7 @@ impl Cluster {
             .env("FLEETBOX_LOG", "info")
             .env_remove("FLEETBOX_DATABASE_URL")
             .stdout(Stdio::piped())
-            .stderr(log_file(&self.dir.path().join("server.log")));
+            .stderr(log_file(&self.dir.path().join(log)));
         if let Some(url) = &self.database_url {
             cmd.args(["--database-url", url]);
         }
@@ -140,7 +146,19 @@ impl Cluster {
         assert!(line.contains("listening on"), "unexpected: {line}");
         // Keep draining stdout so the server never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        self.server = Some(child);
+        child
+    }
+
+    /// An agent process talking to the coordinator at `url`.
+    pub fn add_agent_to(&mut self, url: &str, slots: u32) -> usize {
+        let i = self.agents.len();
+        let state = self.dir.path().join(format!("agent-{i}"));
+        let child = agent_command(url, &state, slots)
+            .stderr(log_file(&self.dir.path().join(format!("agent-{i}.log"))))
+            .spawn()
+            .expect("spawn fleetbox agent");
+        self.agents.push(child);
+        i
     }
 
     pub fn server_log(&self) -> String {
@@ -156,14 +174,8 @@ impl Cluster {
 
     /// Start an agent process; returns its index in `agents`.
     pub fn add_agent(&mut self, slots: u32) -> usize {
-        let i = self.agents.len();
-        let state = self.dir.path().join(format!("agent-{i}"));
-        let child = agent_command(&self.url(), &state, slots)
-            .stderr(log_file(&self.dir.path().join(format!("agent-{i}.log"))))
-            .spawn()
-            .expect("spawn fleetbox agent");
-        self.agents.push(child);
-        i
+        let url = self.url();
+        self.add_agent_to(&url, slots)
     }
 
     pub fn agent_state(&self, i: usize) -> PathBuf {

@@ -54,6 +54,7 @@ on_both_stores!(
     large_outputs_go_to_the_blob_store,
     agents_reenroll_when_the_coordinator_forgets_them,
     shard_files_reach_the_blob_store,
+    two_coordinators_share_one_database,
 );
 
 const SUM_SQUARES: &str = r#"
@@ -514,5 +515,67 @@ shards = { count = 1 }
             "outbox blobs not cleared"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two coordinators on one database, an agent on each: every shard runs once (leases never
+/// overlap: `FOR UPDATE SKIP LOCKED` on PostgreSQL, the database lock on SQLite), both agents
+/// work, and the job is folded once with the right answer.
+async fn two_coordinators_share_one_database(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    let port2 = harness::free_port();
+    let mut second = KillOnDrop(c.spawn_server(port2, "server2.log"));
+    c.add_agent(2);
+    c.add_agent_to(&format!("http://127.0.0.1:{port2}"), 2);
+    let job = c
+        .submit(
+            r#"
+name = "shared queue"
+code = """
+import json, os, time
+s = json.load(open(os.environ["FLEETBOX_INPUT"]))
+time.sleep(0.05)
+print(sum(i * i for i in range(s["start"], s["end"])))
+"""
+aggregate = "sum"
+[shards]
+range = { start = 0, end = 6000, count = 60 }
+"#,
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.result, Some(json!(sum_squares(6000))));
+    let s = r.summary.unwrap();
+    assert_eq!(
+        (s.shards_accepted, s.attempts),
+        (60, 60),
+        "no shard ran twice"
+    );
+    let shards = c.client.shards(&job.id).await.unwrap().shards;
+    let agents: std::collections::HashSet<_> =
+        shards.iter().filter_map(|s| s.agent_id.clone()).collect();
+    assert_eq!(
+        agents.len(),
+        2,
+        "both coordinators handed out work: {agents:?}"
+    );
+    // The second coordinator answers for the same job.
+    let other = fleetbox_client::Client::new(&format!("http://127.0.0.1:{port2}"), harness::ADMIN);
+    assert_eq!(
+        other.result(&job.id).await.unwrap().result,
+        Some(json!(sum_squares(6000)))
+    );
+    let _ = second.0.kill();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
