@@ -85,34 +85,27 @@ impl Client {
         }
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Send `req` with the token; the body of a successful answer, or the API's typed error.
+    async fn fetch(
         &self,
         req: reqwest::RequestBuilder,
-        url: String,
+        url: &str,
         timeout: Duration,
-    ) -> Result<T, ClientError> {
+    ) -> Result<Vec<u8>, ClientError> {
+        let unreachable = |source| ClientError::Unreachable {
+            url: url.to_string(),
+            source,
+        };
         let resp = req
             .bearer_auth(&self.token)
             .timeout(timeout)
             .send()
             .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let bytes = resp.bytes().await.map_err(unreachable)?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
-                url,
-                detail: e.to_string(),
-            });
+            return Ok(bytes.to_vec());
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => Err(ClientError::Api {
@@ -123,13 +116,26 @@ impl Client {
                 field: body.error.field,
             }),
             Err(_) => Err(ClientError::Protocol {
-                url,
+                url: url.to_string(),
                 detail: format!(
                     "HTTP {status}: {}",
                     String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
                 ),
             }),
         }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: String,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let bytes = self.fetch(req, &url, timeout).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            url,
+            detail: e.to_string(),
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -167,41 +173,8 @@ impl Client {
     /// A stored stream, output or file by its sha256 (admin token).
     pub async fn get_blob(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
         let url = format!("{}/v1/blobs/{sha256}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .timeout(Duration::from_secs(300))
-            .send()
+        self.fetch(self.http.get(&url), &url, Duration::from_secs(300))
             .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
-        if status.is_success() {
-            return Ok(bytes.to_vec());
-        }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api {
-                status: status.as_u16(),
-                code: body.error.code,
-                message: body.error.message,
-                trace_id: body.error.trace_id,
-                field: body.error.field,
-            }),
-            Err(_) => Err(ClientError::Protocol {
-                url,
-                detail: format!("HTTP {status}"),
-            }),
-        }
     }
 
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {

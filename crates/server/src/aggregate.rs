@@ -195,7 +195,7 @@ async fn fold(
     .map_err(|e| format!("the reducer's sandbox thread failed: {e}"))?
     .map_err(|e| format!("could not open the `{backend}` sandbox: {e}"))?;
     if report.status != Status::Ok {
-        let why = crate::api::failure_reason_public(&report).unwrap_or_default();
+        let why = crate::api::failure_reason(&report).unwrap_or_default();
         return Err(format!("python reducer: {why}"));
     }
     Ok(report.output.unwrap_or(Value::Null))

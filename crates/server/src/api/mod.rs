@@ -15,7 +15,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
-pub use agents::failure_reason as failure_reason_public;
+pub(crate) use agents::failure_reason;
 pub use error::ApiError;
 
 use crate::State;
