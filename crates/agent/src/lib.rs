@@ -459,6 +459,7 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
             }
         }
     }
+    let had_blobs = batch.iter().any(|p| !p.blobs.is_empty());
     let reports = batch.into_iter().map(|p| p.report).collect();
     let ack = client.report(&ReportBatch { reports }).await?;
     for r in &ack.results {
@@ -469,7 +470,8 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
             tracing::error!(error = %e, lease = %r.lease_id, "could not clear an outbox entry");
         }
     }
-    if let Err(e) = shared.outbox.collect_blobs() {
+    // Only after reports that carried files: collecting reads every waiting report.
+    if had_blobs && let Err(e) = shared.outbox.collect_blobs() {
         tracing::warn!(error = %e, "could not clear delivered outbox blobs");
     }
     Ok(ack.results.len())
