@@ -38,7 +38,7 @@ pub async fn postgres_database() -> Option<String> {
     let name = format!("fbt_{}", random_suffix());
     let mut conn = sqlx::PgConnection::connect(&base)
         .await
-        .unwrap_or_else(|e| panic!("connecting to {PG_URL_VAR}: {e}"));
+        .unwrap_or_else(|e| panic!("connecting to {PG_URL_VAR}={base:?}: {e}"));
     sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
         .await
         .expect("create database");
