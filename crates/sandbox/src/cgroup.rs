@@ -65,7 +65,7 @@ impl Cgroups {
             memory: None,
             pids: None,
             cpuacct: None,
-            procs_files: Vec::new(),
+            join_files: Vec::new(),
         };
         match &self.layout {
             Layout::V2 { parent } => {
@@ -132,10 +132,14 @@ impl Cgroups {
                 }
             }
         }
-        run.procs_files = run
+        let join = match self.layout {
+            Layout::V2 { .. } => "cgroup.procs",
+            Layout::V1 { .. } => "tasks",
+        };
+        run.join_files = run
             .dirs
             .iter()
-            .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).unwrap())
+            .map(|d| CString::new(d.join(join).as_os_str().as_bytes()).unwrap())
             .collect();
         Ok(run)
     }
@@ -199,7 +203,7 @@ pub struct RunCgroup {
     memory: Option<PathBuf>,
     pids: Option<PathBuf>,
     cpuacct: Option<PathBuf>,
-    procs_files: Vec<CString>,
+    join_files: Vec<CString>,
 }
 
 impl RunCgroup {
@@ -216,9 +220,17 @@ impl RunCgroup {
         self.cpuacct.is_some()
     }
 
-    /// `cgroup.procs` paths, prepared before `fork` so a child can join with no allocation.
-    pub fn procs_files(&self) -> &[CString] {
-        &self.procs_files
+    /// The files a *single-threaded* process writes `"0"` into to move itself (and so every
+    /// child it forks afterwards) into this cgroup; prepared before `fork` so a child can join
+    /// with no allocation.
+    ///
+    /// On v1 these are the `tasks` files: moving only the calling thread is the one migration
+    /// for which the kernel skips the global `cgroup_threadgroup_rwsem`, whose write side waits
+    /// for an RCU grace period. Here that is 0.17 ms per join against 7.5 ms (up to 20 ms) for
+    /// the same write to `cgroup.procs`. For a single-threaded process it moves the same thing.
+    /// On v2 (no `tasks`; `cgroup.threads` needs a threaded subtree) it is `cgroup.procs`.
+    pub fn join_files(&self) -> &[CString] {
+        &self.join_files
     }
 
     /// Move `pid` (and, since it has no children yet, its future tree) into this cgroup.

@@ -125,7 +125,7 @@ impl Sandbox for ProcessSandbox {
             .stderr(Stdio::from(err_w));
         let procs: Vec<CString> = cgroup
             .as_ref()
-            .map(|c| c.procs_files().to_vec())
+            .map(|c| c.join_files().to_vec())
             .unwrap_or_default();
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
         // syscalls (setsid, open/write/close, setrlimit, prctl, set*id) on data prepared before
@@ -291,7 +291,8 @@ impl RlimitPlan {
     }
 }
 
-/// Write `"0"` (= the calling process) into each `cgroup.procs`. Async-signal-safe.
+/// Move the calling (single-threaded) process into a run's cgroup: `"0"` into each of its
+/// [`RunCgroup::join_files`]. Async-signal-safe.
 pub fn join_cgroups(procs: &[CString]) -> std::io::Result<()> {
     for path in procs {
         // SAFETY: `path` is a valid NUL-terminated string; the buffer passed to write is static.

@@ -91,6 +91,23 @@ fn host_processes_are_invisible() {
 }
 
 #[test]
+fn the_program_sees_only_its_own_cgroup() {
+    let r = escape("cgroup_view.py");
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let out = r.output.unwrap();
+    // The namespace init joins the run's cgroup before it unshares the cgroup namespace, so
+    // every hierarchy's path reads `/`: nothing of the host's cgroup tree shows.
+    let lines = out["membership"].as_array().unwrap();
+    assert!(!lines.is_empty(), "{out}");
+    for line in lines {
+        let line = line.as_str().unwrap();
+        assert!(line.ends_with(":/"), "{line} in {out}");
+    }
+    // No cgroupfs is mounted in the jail, so there is nothing to move into.
+    assert_ne!(out["move"], "moved", "{out}");
+}
+
+#[test]
 fn killing_init_and_host_pids_fails() {
     let me = std::process::id();
     let r = escape_with_input("kill_pids.py", serde_json::json!({"host_pid": me}));

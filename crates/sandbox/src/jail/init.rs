@@ -2,8 +2,9 @@
 //!
 //! - the **helper** (`fleetbox __jail-init`, started by the supervisor, still on the host): reads
 //!   its [`InitConfig`] from stdin, `clone`s the namespace init into new user/PID/mount/net/IPC/UTS
-//!   namespaces, writes its uid/gid maps, puts it in the run's cgroup, then waits for it;
-//! - the **namespace init** (PID 1 inside): builds the new root (read-only binds of what Python
+//!   namespaces, writes its uid/gid maps, then waits for it;
+//! - the **namespace init** (PID 1 inside): moves itself into the run's cgroup (still as the
+//!   host uid, before anything else runs), builds the new root (read-only binds of what Python
 //!   needs, fresh `/proc`, minimal `/dev`, tmpfs `/tmp`, the workspace), `pivot_root`s into it,
 //!   brings up loopback, forks the program and reaps until it exits; when PID 1 exits the kernel
 //!   kills everything left in the namespace;
@@ -50,7 +51,9 @@ pub struct InitConfig {
     pub ns_gid: u32,
     /// We are root on the host: may map any uid, must drop root's supplementary groups.
     pub privileged: bool,
-    pub cgroup_procs: Vec<PathBuf>,
+    /// The run cgroup's join files ([`crate::cgroup::RunCgroup::join_files`]); the namespace
+    /// init writes `"0"` into each before it forks anything.
+    pub cgroup_join: Vec<PathBuf>,
     pub rlimits: Vec<(u32, u64, u64)>,
     pub env: Vec<(String, String)>,
     pub tmp_size: u64,
@@ -200,23 +203,9 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
         }
         return Err(e);
     }
-    // The namespace init may build the root now. Moving it into the cgroup (a v1 migration
-    // waits for an RCU grace period, milliseconds) overlaps with that; it forks the program only
-    // after the second byte, so the program starts inside the cgroup.
+    // The namespace init may go on now: it joins the cgroup itself, then builds the root.
     let mut go = std::fs::File::from(go_w);
     let _ = go.write_all(b"1");
-    for procs in &cfg.cgroup_procs {
-        if let Err(e) = std::fs::write(procs, pid.to_string()) {
-            // SAFETY: as above.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-            return Err(format!("joining cgroup `{}` failed: {e}", procs.display()));
-        }
-    }
-    phase(cfg, "cgroup_joined");
-    let _ = go.write_all(b"2");
     drop(go);
     // SAFETY: closing the seccomp socket, which only the program needs.
     unsafe { libc::close(SECCOMP_FD) };
@@ -262,6 +251,12 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
     if go.read(&mut byte).map_err(|e| e.to_string())? != 1 {
         return Err("the jail helper went away before the namespaces were ready".into());
     }
+    drop(go);
+    // Into the run's cgroup first, while our credentials are still the host uid that owns the
+    // cgroup files, and before the cgroup namespace below, so that it is rooted at the run's
+    // cgroup. Everything forked from here on starts inside it.
+    join_cgroup(cfg)?;
+    phase(cfg, "cgroup_joined");
     become_sandbox_user_keeping_caps(cfg)?;
     // SAFETY: prctl with integer arguments. Die with the helper; and be undumpable (after the
     // uid change, which resets it), so the program, which shares our uid, cannot reach our
@@ -287,10 +282,6 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
     }
     enter_root(&cfg.root)?;
     phase(cfg, "root_entered");
-    if go.read(&mut byte).map_err(|e| e.to_string())? != 1 {
-        return Err("the jail helper went away before joining the cgroup".into());
-    }
-    drop(go);
 
     // SAFETY: fork in the single-threaded namespace init.
     let child = unsafe { libc::fork() };
@@ -320,6 +311,7 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
             return Err(format!("wait: {}", errno()));
         }
         if r == child {
+            phase(cfg, "program_reaped");
             let ms = |tv: libc::timeval| tv.tv_sec as u64 * 1000 + tv.tv_usec as u64 / 1000;
             send(&Event::Exit {
                 code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
@@ -331,6 +323,14 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
             return Ok(0);
         }
     }
+}
+
+fn join_cgroup(cfg: &InitConfig) -> Result<(), String> {
+    for file in &cfg.cgroup_join {
+        std::fs::write(file, b"0")
+            .map_err(|e| format!("joining cgroup `{}` failed: {e}", file.display()))?;
+    }
+    Ok(())
 }
 
 fn cstr(p: &Path) -> CString {

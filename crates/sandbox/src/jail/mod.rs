@@ -161,10 +161,10 @@ impl Sandbox for JailSandbox {
             ns_uid: SANDBOX_ID,
             ns_gid: SANDBOX_ID,
             privileged,
-            cgroup_procs: cgroup
+            cgroup_join: cgroup
                 .as_ref()
                 .map(|c| {
-                    c.procs_files()
+                    c.join_files()
                         .iter()
                         .map(|p| PathBuf::from(p.to_string_lossy().into_owned()))
                         .collect()
@@ -190,6 +190,9 @@ impl Sandbox for JailSandbox {
             status_r,
             seccomp_sock,
         } = spawned;
+        if trace {
+            phases.push(("helper_spawned".into(), init::monotonic_us()));
+        }
         let helper_pid = child.pid;
         let killer = JailTree {
             helper: helper_pid,
@@ -208,6 +211,7 @@ impl Sandbox for JailSandbox {
             started,
             Supervision::for_request(req, &killer, Some(&mut extras)),
         );
+        let sup_done = init::monotonic_us();
         extras.drain_status();
         let events = extras.events();
         let stats = cgroup.as_ref().map(RunCgroup::stats);
@@ -288,6 +292,7 @@ impl Sandbox for JailSandbox {
         if trace {
             // Start-up phases, in ms since this run began (monotonic clock, all processes).
             let exit_seen = init::monotonic_us();
+            phases.push(("supervise_done".into(), sup_done));
             phases.push(("exit_seen".into(), exit_seen));
             phases.sort_by_key(|(_, at)| *at);
             let line: Vec<String> = phases
