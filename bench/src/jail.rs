@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use crate::util::{fleetbox_bin, median_of, median_of_env, ms, which};
+use crate::util::{Cmd, fleetbox_bin, interleaved_medians, median_of, ms, which};
 
 pub fn run(runs: usize) -> Result<(), String> {
     let bin = fleetbox_bin()?;
@@ -16,9 +16,54 @@ pub fn run(runs: usize) -> Result<(), String> {
     std::fs::write(&pass, "pass\n").map_err(|e| e.to_string())?;
     let pass = pass.to_str().ok_or("non-UTF-8 path")?;
 
-    let bare = median_of(&["/usr/bin/python3", "-I", "-B", "-c", "pass"], runs)?;
-    let jail = median_of(&[bin, "run", "--backend", "jail", pass], runs)?;
-    println!("jail: median of {runs} runs of `pass`");
+    let bwrap = which("bwrap").map(|p| p.to_string_lossy().into_owned());
+    // bwrap with the binds the jail makes (the interpreter's prefix, the merged-/usr links, a
+    // fresh /proc, a minimal /dev, a private /tmp), and every namespace.
+    let bwrap_argv: Vec<&str> = match &bwrap {
+        Some(b) => vec![
+            b.as_str(),
+            "--unshare-all",
+            "--die-with-parent",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "--chdir",
+            "/tmp",
+            "/usr/bin/python3",
+            "-I",
+            "-B",
+            "-c",
+            "pass",
+        ],
+        None => Vec::new(),
+    };
+    let mut cmds = vec![
+        Cmd::new(&["/usr/bin/python3", "-I", "-B", "-c", "pass"]),
+        Cmd::new(&[bin, "run", "--backend", "jail", pass]),
+        // bwrap sets no resource limits; the like-for-like comparison is a jail without cgroups.
+        Cmd::new(&[bin, "run", "--backend", "jail", pass]).env("FLEETBOX_NO_CGROUPS", "1"),
+    ];
+    if bwrap.is_some() {
+        cmds.push(Cmd::new(&bwrap_argv));
+    }
+    let m = interleaved_medians(&cmds, runs)?;
+    let (bare, jail, jail_nocg) = (m[0], m[1], m[2]);
+    println!("jail: median of {runs} interleaved runs of `pass`");
     println!("  bare python3 -I -B        {:8.2} ms", ms(bare));
     println!(
         "  fleetbox run --backend jail {:6.2} ms   overhead {:+.2} ms   bare/jail {:.2}",
@@ -26,59 +71,20 @@ pub fn run(runs: usize) -> Result<(), String> {
         ms(jail) - ms(bare),
         ms(bare) / ms(jail)
     );
-    // bwrap sets no resource limits; the like-for-like comparison is a jail without cgroups.
-    let jail_nocg = median_of_env(
-        &[bin, "run", "--backend", "jail", pass],
-        &[("FLEETBOX_NO_CGROUPS", "1")],
-        runs,
-    )?;
     println!(
-        "  ... without cgroups       {:8.2} ms   overhead {:+.2} ms   (the cgroup attach costs {:+.2} ms)",
+        "  ... without cgroups       {:8.2} ms   overhead {:+.2} ms   (the cgroups cost {:+.2} ms)",
         ms(jail_nocg),
         ms(jail_nocg) - ms(bare),
         ms(jail) - ms(jail_nocg)
     );
-    match which("bwrap") {
-        Some(bwrap) => {
-            let bwrap = bwrap.to_string_lossy().into_owned();
-            let argv = [
-                bwrap.as_str(),
-                "--unshare-all",
-                "--die-with-parent",
-                "--ro-bind",
-                "/usr",
-                "/usr",
-                "--symlink",
-                "usr/lib",
-                "/lib",
-                "--symlink",
-                "usr/lib64",
-                "/lib64",
-                "--symlink",
-                "usr/bin",
-                "/bin",
-                "--proc",
-                "/proc",
-                "--dev",
-                "/dev",
-                "--tmpfs",
-                "/tmp",
-                "--chdir",
-                "/tmp",
-                "/usr/bin/python3",
-                "-I",
-                "-B",
-                "-c",
-                "pass",
-            ];
-            let b = median_of(&argv, runs)?;
-            println!(
-                "  bwrap --unshare-all         {:6.2} ms   bwrap/jail {:.2}   bwrap/jail-without-cgroups {:.2}",
-                ms(b),
-                ms(b) / ms(jail),
-                ms(b) / ms(jail_nocg)
-            );
-        }
+    match m.get(3) {
+        Some(&b) => println!(
+            "  bwrap --unshare-all         {:6.2} ms   overhead {:+.2} ms   bwrap/jail {:.2}   bwrap/jail-without-cgroups {:.2}",
+            ms(b),
+            ms(b) - ms(bare),
+            ms(b) / ms(jail),
+            ms(b) / ms(jail_nocg)
+        ),
         None => println!("  bwrap: not installed (apt-get install bubblewrap)"),
     }
     let docker_up = which("docker").is_some()

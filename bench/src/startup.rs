@@ -1,7 +1,7 @@
 //! `fleetbox run` on `pass` against bare `python3 -I -B -c pass`: the sandbox's start-to-exit
 //! overhead. Target: under 5 ms, ratio under 1.5.
 
-use crate::util::{fleetbox_bin, median_of, ms};
+use crate::util::{Cmd, fleetbox_bin, interleaved_medians, ms};
 
 pub fn run(runs: usize) -> Result<(), String> {
     let bin = fleetbox_bin()?;
@@ -13,9 +13,15 @@ pub fn run(runs: usize) -> Result<(), String> {
     let pass = pass.to_str().ok_or("non-UTF-8 path")?;
 
     let python = "/usr/bin/python3";
-    let bare = median_of(&[python, "-I", "-B", "-c", "pass"], runs)?;
-    let process = median_of(&[bin, "run", "--backend", "process", pass], runs)?;
-    println!("startup: median of {runs} runs of `pass`");
+    let m = interleaved_medians(
+        &[
+            Cmd::new(&[python, "-I", "-B", "-c", "pass"]),
+            Cmd::new(&[bin, "run", "--backend", "process", pass]),
+        ],
+        runs,
+    )?;
+    let (bare, process) = (m[0], m[1]);
+    println!("startup: median of {runs} interleaved runs of `pass`");
     println!("  bare python3 -I -B      {:8.2} ms", ms(bare));
     println!(
         "  fleetbox run process    {:8.2} ms   overhead {:+.2} ms   ratio {:.2}",

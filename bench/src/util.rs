@@ -25,32 +25,73 @@ pub fn fleetbox_bin() -> Result<PathBuf, String> {
 
 /// Median wall time of `runs` executions of `argv` (after 3 warm-up runs).
 pub fn median_of(argv: &[&str], runs: usize) -> Result<Duration, String> {
-    median_of_env(argv, &[], runs)
-}
-
-/// [`median_of`] with extra environment variables.
-pub fn median_of_env(argv: &[&str], env: &[(&str, &str)], runs: usize) -> Result<Duration, String> {
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs + 3 {
-        let start = Instant::now();
-        let status = Command::new(argv[0])
-            .args(&argv[1..])
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| format!("running `{}`: {e}", argv[0]))?;
-        let elapsed = start.elapsed();
-        if !status.success() {
-            return Err(format!("`{}` failed: {status}", argv.join(" ")));
-        }
+        let elapsed = time_once(argv, &[])?;
         if i >= 3 {
             times.push(elapsed);
         }
     }
     times.sort();
     Ok(times[times.len() / 2])
+}
+
+/// One command of an interleaved comparison.
+pub struct Cmd<'a> {
+    pub argv: Vec<&'a str>,
+    pub env: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Cmd<'a> {
+    pub fn new(argv: &[&'a str]) -> Self {
+        Cmd {
+            argv: argv.to_vec(),
+            env: Vec::new(),
+        }
+    }
+    pub fn env(mut self, key: &'a str, value: &'a str) -> Self {
+        self.env.push((key, value));
+        self
+    }
+}
+
+/// Median wall time of each command over `runs` rounds, one run of every command per round
+/// (after 3 warm-up rounds). Interleaving keeps a noisy host's slow minutes from landing on one
+/// command only, which back-to-back blocks of runs do not.
+pub fn interleaved_medians(cmds: &[Cmd<'_>], runs: usize) -> Result<Vec<Duration>, String> {
+    let mut times = vec![Vec::with_capacity(runs); cmds.len()];
+    for round in 0..runs + 3 {
+        for (cmd, times) in cmds.iter().zip(times.iter_mut()) {
+            let elapsed = time_once(&cmd.argv, &cmd.env)?;
+            if round >= 3 {
+                times.push(elapsed);
+            }
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort();
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
+fn time_once(argv: &[&str], env: &[(&str, &str)]) -> Result<Duration, String> {
+    let start = Instant::now();
+    let status = Command::new(argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("running `{}`: {e}", argv[0]))?;
+    let elapsed = start.elapsed();
+    if !status.success() {
+        return Err(format!("`{}` failed: {status}", argv.join(" ")));
+    }
+    Ok(elapsed)
 }
 
 pub fn ms(d: Duration) -> f64 {
