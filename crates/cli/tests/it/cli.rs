@@ -269,8 +269,9 @@ fn jail_trace_lists_start_up_phases_in_order() {
     let names: Vec<&str> = phases.iter().map(|p| p.0).collect();
     for expected in [
         "supervisor_ready",
-        "helper_start",
         "namespaces_created",
+        "spawned",
+        "cgroup_joined",
         "root_built",
         "program_forked",
         "seccomp_installed",
@@ -292,4 +293,85 @@ fn jail_trace_lists_start_up_phases_in_order() {
         &[],
     ));
     assert!(!r["notes"].to_string().contains("phases"));
+}
+
+/// `fleetbox run` is single-threaded, so it clones the namespace init itself instead of
+/// executing the helper (the library tests, multi-threaded, take the helper path). The escape
+/// fixtures give the same verdicts this way, and the init hands the program nothing of the
+/// supervisor's: no stray descriptors, stdin at `/dev/null`, default signal handling.
+#[test]
+fn the_cli_clones_the_jail_directly_with_the_same_verdicts() {
+    let jail = |file: &str, extra: &[&str]| {
+        let mut args = vec!["run", "--json", "--backend", "jail"];
+        args.extend_from_slice(extra);
+        args.push(file);
+        report(&fleetbox(&args, &[("FLEETBOX_JAIL_TRACE", "1")]))
+    };
+    let violation = |name: &str, syscall: &str| {
+        let r = jail(&fixture(&format!("escape/{name}")), &[]);
+        assert_eq!(r["status"], "sandbox_violation", "{name}: {r}");
+        assert!(
+            r["violations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["syscall"] == syscall),
+            "{name}: no `{syscall}` violation in {r}"
+        );
+        r
+    };
+    let r = violation("mount.py", "mount");
+    // Direct: the helper never ran.
+    let phases = r["notes"].to_string();
+    assert!(phases.contains("namespaces_created"), "{phases}");
+    assert!(!phases.contains("helper_start"), "{phases}");
+    violation("ptrace.py", "ptrace");
+    violation("unshare.py", "unshare");
+    violation("load_module.py", "finit_module");
+    violation("ctypes_syscall.py", "keyctl");
+
+    let r = jail(&fixture("escape/read_host_files.py"), &[]);
+    assert_eq!(r["output"]["shadow"]["error"], "FileNotFoundError", "{r}");
+    let r = jail(&fixture("escape/list_processes.py"), &[]);
+    assert_eq!(r["output"]["pids"], serde_json::json!([1, 2]), "{r}");
+    let r = jail(&fixture("escape/cgroup_view.py"), &[]);
+    for line in r["output"]["membership"].as_array().unwrap() {
+        assert!(line.as_str().unwrap().ends_with(":/"), "{r}");
+    }
+    let r = jail(&fixture("escape/write_outside.py"), &[]);
+    assert_eq!(r["output"]["/etc/fleetbox-escape"], "OSError", "{r}");
+    assert_eq!(r["output"]["/work/inside.txt"], "written", "{r}");
+
+    for (name, status, extra) in [
+        ("memory_bomb.py", "memory_limit", &[][..]),
+        ("fork_bomb.py", "error", &[]),
+        ("double_fork.py", "ok", &[]),
+        ("killed.py", "killed", &[]),
+        ("sleep_past_timeout.py", "timeout", &["--timeout", "500ms"]),
+    ] {
+        let r = jail(&fixture(name), extra);
+        assert_eq!(r["status"], status, "{name}: {r}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe.py");
+    std::fs::write(
+        &probe,
+        "import json, os, signal, sys\n\
+         print(json.dumps({'fds': sorted(os.listdir('/proc/self/fd')), 'stdin': sys.stdin.read(),\n\
+         'sigterm': str(signal.getsignal(signal.SIGTERM)), 'blocked': sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}))\n",
+    )
+    .unwrap();
+    let r = jail(probe.to_str().unwrap(), &[]);
+    assert_eq!(r["status"], "ok", "{r}");
+    // 0-2 and the descriptor listdir itself holds open.
+    assert_eq!(
+        r["output"]["fds"],
+        serde_json::json!(["0", "1", "2", "3"]),
+        "{r}"
+    );
+    assert_eq!(r["output"]["stdin"], "", "{r}");
+    // `str(signal.SIG_DFL)` is "0".
+    assert_eq!(r["output"]["sigterm"], "0", "{r}");
+    assert_eq!(r["output"]["blocked"], serde_json::json!([]), "{r}");
 }

@@ -13,12 +13,15 @@
 //!   supervisor, and `exec`s Python.
 //!
 //! The helper is a fresh single-threaded process, so the raw `clone` (which skips libc's fork
-//! handlers) is safe and the children may allocate. Progress and errors go to the supervisor as
+//! handlers) is safe and the children may allocate. A supervisor that is itself single-threaded
+//! (`fleetbox run`) skips the helper: it clones the namespace init directly ([`start_init`]),
+//! which saves a process start and an exit hop; a multi-threaded one (an agent) cannot, and
+//! executes the helper. Progress and errors go to the supervisor as
 //! JSON lines on fd 3.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -145,6 +148,54 @@ fn fail(message: String) -> i32 {
 
 fn helper(cfg: &InitConfig) -> Result<i32, String> {
     phase(cfg, "helper_start");
+    // SAFETY: the helper is a freshly executed process that starts no threads.
+    let pid = unsafe { start_init(cfg, None) }?;
+    // SAFETY: closing the seccomp socket, which only the program needs.
+    unsafe { libc::close(SECCOMP_FD) };
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is valid for writes.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if errno().kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!(
+                "waiting for the namespace init failed: {}",
+                errno()
+            ));
+        }
+    }
+    Ok(if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    })
+}
+
+/// Where the namespace init finds its descriptors when the supervisor clones it directly (no
+/// helper exec arranged them): each is moved to its fixed number in the child, stdin becomes
+/// `null`, and every other descriptor is closed.
+pub struct DirectFds {
+    pub null: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    pub status: RawFd,
+    pub seccomp: RawFd,
+}
+
+/// The `go` pipe's read end in a directly cloned init.
+const GO_FD: i32 = 5;
+
+/// Clone the namespace init into its new namespaces, write its uid/gid maps and let it go on;
+/// returns its pid (a child of the caller).
+///
+/// # Safety
+///
+/// The caller must be single-threaded: the child continues with a copy of the caller's address
+/// space and allocates, which is only sound when no other thread can hold a lock (malloc's)
+/// at the moment of the clone. The helper is; a supervisor checks with [`single_threaded`].
+pub unsafe fn start_init(cfg: &InitConfig, direct: Option<&DirectFds>) -> Result<i32, String> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is valid for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -161,7 +212,7 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
         flags |= libc::CLONE_NEWNET;
     }
     // SAFETY: a fork-like clone (no new stack): the child continues here with a copy of our
-    // single-threaded address space, so it may allocate and use std as usual.
+    // single-threaded address space (the caller's promise), so it may allocate and use std.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -185,15 +236,22 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
     }
     if pid == 0 {
         drop(go_w);
-        let code = match namespace_init(cfg, go_r) {
+        let go = match direct {
+            None => Ok(go_r),
+            Some(fds) => arrange_direct_fds(fds, go_r),
+        };
+        let code = match go.and_then(|go| namespace_init(cfg, go)) {
             Ok(code) => code,
             Err(msg) => fail(msg),
         };
-        // SAFETY: leave without running the helper's atexit handlers or unwinding its stack.
+        // SAFETY: leave without running the parent's atexit handlers or unwinding its stack.
         unsafe { libc::_exit(code) };
     }
     let pid = pid as i32;
-    phase(cfg, "namespaces_created");
+    // Only the helper owns STATUS_FD; in a supervisor that number is someone else's descriptor.
+    if direct.is_none() {
+        phase(cfg, "namespaces_created");
+    }
     drop(go_r);
     if let Err(e) = write_maps(pid, cfg) {
         // SAFETY: kill/waitpid on our own child.
@@ -206,28 +264,65 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
     // The namespace init may go on now: it joins the cgroup itself, then builds the root.
     let mut go = std::fs::File::from(go_w);
     let _ = go.write_all(b"1");
-    drop(go);
-    // SAFETY: closing the seccomp socket, which only the program needs.
-    unsafe { libc::close(SECCOMP_FD) };
-    let mut status = 0;
-    loop {
-        // SAFETY: `status` is valid for writes.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
+    Ok(pid)
+}
+
+/// In a directly cloned init: what the helper's `pre_exec` and `exec` do for it. The
+/// descriptors land on their fixed numbers, everything else the supervisor had open is closed,
+/// and signal handling starts from the defaults in a session of its own.
+fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, String> {
+    let go = go.into_raw_fd();
+    let moves = [
+        (fds.null, 0),
+        (fds.stdout, 1),
+        (fds.stderr, 2),
+        (fds.status, STATUS_FD),
+        (fds.seccomp, SECCOMP_FD),
+        (go, GO_FD),
+    ];
+    // SAFETY: descriptor and signal syscalls on values we own; each result is checked.
+    unsafe {
+        // Everything above the targets first, so that no move clobbers a source still needed.
+        let mut high = [0; 6];
+        for (i, (from, _)) in moves.iter().enumerate() {
+            high[i] = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 16);
+            if high[i] < 0 {
+                return Err(format!("dup: {}", errno()));
+            }
         }
-        if errno().kind() != std::io::ErrorKind::Interrupted {
-            return Err(format!(
-                "waiting for the namespace init failed: {}",
-                errno()
-            ));
+        for (i, (_, to)) in moves.iter().enumerate() {
+            if libc::dup2(high[i], *to) < 0 {
+                return Err(format!("dup2: {}", errno()));
+            }
         }
+        if libc::syscall(libc::SYS_close_range, GO_FD as u32 + 1, u32::MAX, 0) != 0 {
+            return Err(format!("close_range: {}", errno()));
+        }
+        libc::fcntl(GO_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        libc::setsid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        Ok(OwnedFd::from_raw_fd(GO_FD))
     }
-    Ok(if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
-    })
+}
+
+/// Whether the calling process has exactly one thread (`Threads:` in `/proc/self/status`).
+pub fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        })
+        == Some(1)
 }
 
 fn write_maps(pid: i32, cfg: &InitConfig) -> Result<(), String> {

@@ -189,9 +189,13 @@ impl Sandbox for JailSandbox {
             child,
             status_r,
             seccomp_sock,
+            namespaces_at,
         } = spawned;
         if trace {
-            phases.push(("helper_spawned".into(), init::monotonic_us()));
+            phases.push(("spawned".into(), init::monotonic_us()));
+            if let Some(at) = namespaces_at {
+                phases.push(("namespaces_created".into(), at));
+            }
         }
         let helper_pid = child.pid;
         let killer = JailTree {
@@ -317,6 +321,8 @@ struct Spawned {
     child: Child,
     status_r: OwnedFd,
     seccomp_sock: OwnedFd,
+    /// When a direct clone returned (the helper reports its own as a phase event).
+    namespaces_at: Option<u64>,
 }
 
 impl JailSandbox {
@@ -325,8 +331,46 @@ impl JailSandbox {
         let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (status_r, status_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (sock_parent, sock_child) = socketpair().map_err(|e| format!("socketpair: {e}"))?;
+        sys::set_nonblocking(sock_parent.as_raw_fd()).map_err(|e| e.to_string())?;
+        if self.config.jail_helper.is_none() && init::single_threaded() {
+            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+            let fds = init::DirectFds {
+                null: null.as_raw_fd(),
+                stdout: out_w.as_raw_fd(),
+                stderr: err_w.as_raw_fd(),
+                status: status_w.as_raw_fd(),
+                seccomp: sock_child.as_raw_fd(),
+            };
+            // SAFETY: checked just above: this process has a single thread, and nothing between
+            // the check and the clone starts one.
+            let pid = unsafe { init::start_init(cfg, Some(&fds)) }?;
+            let namespaces_at = init::monotonic_us();
+            drop((null, out_w, err_w, status_w, sock_child));
+            let pidfd = match sys::pidfd_open(pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    sys::kill(pid, libc::SIGKILL);
+                    let _ = sys::wait4(pid);
+                    return Err(format!(
+                        "pidfd_open failed ({e}); Linux 5.3 or newer is required"
+                    ));
+                }
+            };
+            return Ok(Spawned {
+                child: Child {
+                    pid,
+                    pidfd,
+                    stdout: out_r,
+                    stderr: err_r,
+                },
+                status_r,
+                seccomp_sock: sock_parent,
+                namespaces_at: Some(namespaces_at),
+            });
+        }
+        let helper = &self.helper;
         let payload = serde_json::to_vec(cfg).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(&self.helper);
+        let mut cmd = Command::new(helper);
         cmd.arg(init::INIT_ARG)
             .env_clear()
             .stdin(Stdio::piped())
@@ -356,7 +400,7 @@ impl JailSandbox {
         let mut child = cmd.spawn().map_err(|e| {
             format!(
                 "starting the jail helper `{}` failed: {e}",
-                self.helper.display()
+                helper.display()
             )
         })?;
         drop(cmd);
@@ -382,7 +426,6 @@ impl JailSandbox {
                 ));
             }
         };
-        sys::set_nonblocking(sock_parent.as_raw_fd()).map_err(|e| e.to_string())?;
         Ok(Spawned {
             child: Child {
                 pid,
@@ -392,6 +435,7 @@ impl JailSandbox {
             },
             status_r,
             seccomp_sock: sock_parent,
+            namespaces_at: None,
         })
     }
 }
