@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::seccomp::{self, Policy};
+use super::seccomp;
 
 /// The hidden subcommand that turns the `fleetbox` binary into the helper.
 pub const INIT_ARG: &str = "__jail-init";
@@ -58,6 +58,8 @@ pub struct InitConfig {
     /// init writes `"0"` into each before it forks anything.
     pub cgroup_join: Vec<PathBuf>,
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// The seccomp filters, compiled once by the supervisor.
+    pub seccomp: seccomp::Compiled,
     pub env: Vec<(String, String)>,
     pub tmp_size: u64,
     pub network: bool,
@@ -732,14 +734,14 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
     send(&Event::Landlock { status: landlock });
     phase(cfg, "landlock_applied");
 
-    let policy = Policy::shipped().map_err(|e| e.to_string())?;
-    let (refuse, deny) = policy.compile().map_err(|e| e.to_string())?;
     // Keep the event and seccomp descriptors away from the program.
     for fd in [STATUS_FD, SECCOMP_FD] {
         // SAFETY: fcntl on descriptors we inherited.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    let listener = seccomp::install_filters(&refuse, &deny)
+    let listener = cfg
+        .seccomp
+        .install()
         .map_err(|e| format!("installing the seccomp filter failed: {e}"))?;
     send_fd(SECCOMP_FD, listener.as_raw_fd())
         .map_err(|e| format!("handing over the seccomp listener failed: {e}"))?;

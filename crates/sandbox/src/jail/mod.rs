@@ -39,6 +39,7 @@ pub struct JailSandbox {
     config: SandboxConfig,
     helper: PathBuf,
     policy: Policy,
+    filters: seccomp::Compiled,
 }
 
 impl JailSandbox {
@@ -52,10 +53,12 @@ impl JailSandbox {
             })?,
         };
         let policy = Policy::shipped().map_err(crate::SandboxError::Policy)?;
+        let filters = seccomp::Compiled::new(&policy).map_err(crate::SandboxError::Policy)?;
         Ok(JailSandbox {
             config,
             helper,
             policy,
+            filters,
         })
     }
 }
@@ -130,6 +133,9 @@ impl Sandbox for JailSandbox {
         if let Err(e) = std::fs::create_dir(&root) {
             return ctx.sandbox_error(format!("creating `{}`: {e}", root.display()));
         }
+        if trace {
+            phases.push(("workspace_ready".into(), init::monotonic_us()));
+        }
         let cgroup = cgroup::for_run(self.config.use_cgroups, &req.limits, &mut ctx.notes);
         let plan = RlimitPlan::new(&req.limits, cgroup.as_ref(), &mut ctx.applied);
         ctx.applied.enforced("timeout", "supervisor_pidfd_poll");
@@ -171,6 +177,7 @@ impl Sandbox for JailSandbox {
                 })
                 .unwrap_or_default(),
             rlimits: plan.entries(),
+            seccomp: self.filters.clone(),
             env,
             tmp_size: req.limits.tmp_size.0,
             network: req.limits.network,

@@ -16,7 +16,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::syscalls;
 
@@ -312,6 +312,37 @@ fn install(prog: &BpfProgram, flags: libc::c_ulong) -> std::io::Result<libc::c_l
         return Err(std::io::Error::last_os_error());
     }
     Ok(r)
+}
+
+/// Both filters compiled, in a form that travels in the jail's configuration: the supervisor
+/// compiles the policy once per process and every run's program only installs the result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Compiled {
+    /// `(code, jt, jf, k)` for each instruction of the quiet-errno filter.
+    refuse: Vec<(u16, u8, u8, u32)>,
+    /// The same for the notifying deny filter.
+    deny: Vec<(u16, u8, u8, u32)>,
+}
+
+impl Compiled {
+    pub fn new(policy: &Policy) -> Result<Compiled, PolicyError> {
+        let (refuse, deny) = policy.compile()?;
+        let flat = |p: BpfProgram| p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
+        Ok(Compiled {
+            refuse: flat(refuse),
+            deny: flat(deny),
+        })
+    }
+
+    /// Install both filters in the calling process (after `no_new_privs`); returns the listener.
+    pub fn install(&self) -> std::io::Result<OwnedFd> {
+        let prog = |v: &[(u16, u8, u8, u32)]| -> BpfProgram {
+            v.iter()
+                .map(|&(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
+                .collect()
+        };
+        install_filters(&prog(&self.refuse), &prog(&self.deny))
+    }
 }
 
 /// Install both filters in the calling process (after `no_new_privs`); returns the listener.
