@@ -298,7 +298,18 @@ fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, String> {
             }
         }
         if libc::syscall(libc::SYS_close_range, GO_FD as u32 + 1, u32::MAX, 0) != 0 {
-            return Err(format!("close_range: {}", errno()));
+            if errno().raw_os_error() != Some(libc::ENOSYS) {
+                return Err(format!("close_range: {}", errno()));
+            }
+            // Before Linux 5.9: one by one, up to the descriptor limit.
+            let mut rl = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+            for fd in GO_FD + 1..rl.rlim_cur.min(1 << 20) as i32 {
+                libc::close(fd);
+            }
         }
         libc::fcntl(GO_FD, libc::F_SETFD, libc::FD_CLOEXEC);
         let mut empty: libc::sigset_t = std::mem::zeroed();
