@@ -353,27 +353,11 @@ impl JailSandbox {
             let pid = unsafe { init::start_init(cfg, Some(&fds)) }?;
             let namespaces_at = init::monotonic_us();
             drop((null, out_w, err_w, status_w, sock_child));
-            let pidfd = match sys::pidfd_open(pid) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    sys::kill(pid, libc::SIGKILL);
-                    let _ = sys::wait4(pid);
-                    return Err(format!(
-                        "pidfd_open failed ({e}); Linux 5.3 or newer is required"
-                    ));
-                }
-            };
-            return Ok(Spawned {
-                child: Child {
-                    pid,
-                    pidfd,
-                    stdout: out_r,
-                    stderr: err_r,
-                },
-                status_r,
-                seccomp_sock: sock_parent,
-                namespaces_at: Some(namespaces_at),
-            });
+            return spawned(
+                pid,
+                [out_r, err_r, status_r, sock_parent],
+                Some(namespaces_at),
+            );
         }
         let helper = &self.helper;
         let payload = serde_json::to_vec(cfg).map_err(|e| e.to_string())?;
@@ -423,28 +407,38 @@ impl JailSandbox {
                 return Err(format!("sending the jail configuration failed: {e}"));
             }
         }
-        let pidfd = match sys::pidfd_open(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                sys::kill(pid, libc::SIGKILL);
-                let _ = sys::wait4(pid);
-                return Err(format!(
-                    "pidfd_open failed ({e}); Linux 5.3 or newer is required"
-                ));
-            }
-        };
-        Ok(Spawned {
-            child: Child {
-                pid,
-                pidfd,
-                stdout: out_r,
-                stderr: err_r,
-            },
-            status_r,
-            seccomp_sock: sock_parent,
-            namespaces_at: None,
-        })
+        spawned(pid, [out_r, err_r, status_r, sock_parent], None)
     }
+}
+
+/// A started jail's supervisor side: a pidfd for `pid` (the helper, or the namespace init when
+/// cloned directly) and the parent ends of its stdout, stderr, status pipe and seccomp socket.
+fn spawned(
+    pid: i32,
+    [stdout, stderr, status_r, seccomp_sock]: [OwnedFd; 4],
+    namespaces_at: Option<u64>,
+) -> Result<Spawned, String> {
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            sys::kill(pid, libc::SIGKILL);
+            let _ = sys::wait4(pid);
+            return Err(format!(
+                "pidfd_open failed ({e}); Linux 5.3 or newer is required"
+            ));
+        }
+    };
+    Ok(Spawned {
+        child: Child {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+        },
+        status_r,
+        seccomp_sock,
+        namespaces_at,
+    })
 }
 
 fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
