@@ -233,14 +233,6 @@ impl RunCgroup {
         &self.join_files
     }
 
-    /// Move `pid` (and, since it has no children yet, its future tree) into this cgroup.
-    pub fn add(&self, pid: u32) -> std::io::Result<()> {
-        for dir in &self.dirs {
-            write(&dir.join("cgroup.procs"), &pid.to_string())?;
-        }
-        Ok(())
-    }
-
     /// The pids currently in the group.
     pub fn pids(&self) -> Vec<i32> {
         let Some(dir) = self.pids.as_ref().or(self.dirs.first()) else {
