@@ -93,6 +93,10 @@ pub struct AgentArgs {
     /// Shards leased ahead of free slots, so the next starts without a lease round trip.
     #[arg(long, default_value_t = 1)]
     pub prefetch: u32,
+    /// `jail` only: jails kept built ahead of the shards, each with the interpreter started and
+    /// waiting for its program (default: one per slot; 0 starts every shard cold).
+    #[arg(long, env = env::FLEETBOX_WARM)]
+    pub warm: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +147,7 @@ fn sandbox_settings(
             work_root: s.work_root,
             use_cgroups: s.use_cgroups,
             jail_helper: None,
+            warm: 0,
         },
     ))
 }
@@ -195,7 +200,8 @@ pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCod
     })
 }
 
-fn agent_config(args: AgentArgs, backend: Backend, sandbox: SandboxConfig) -> AgentConfig {
+fn agent_config(args: AgentArgs, backend: Backend, mut sandbox: SandboxConfig) -> AgentConfig {
+    sandbox.warm = args.warm.unwrap_or(args.slots.max(1)) as usize;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -270,6 +276,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_output: ByteSize::mib(16),
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
+                    warm: None,
                 },
                 backend,
                 sandbox.clone(),

@@ -90,6 +90,8 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             work_root: settings.work_root,
             use_cgroups: settings.use_cgroups,
             jail_helper: None,
+            // One run per process: nothing to build ahead.
+            warm: 0,
         },
     )?;
     let report = sandbox.run(&req);

@@ -27,6 +27,8 @@ pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
 pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
 /// Set to `1` to time the jail's start-up phases; the report's `notes` lists them.
 pub const FLEETBOX_JAIL_TRACE: &str = "FLEETBOX_JAIL_TRACE";
+/// Warm jails an agent keeps built ahead of its shards (`fleetbox agent --warm`).
+pub const FLEETBOX_WARM: &str = "FLEETBOX_WARM";
 
 /// Coordinator URL for the client commands and agents (default `http://127.0.0.1:8080`).
 pub const FLEETBOX_SERVER: &str = "FLEETBOX_SERVER";

@@ -82,6 +82,11 @@ pub struct SandboxConfig {
     pub use_cgroups: bool,
     /// The binary that serves `__jail-init` (default: the current executable).
     pub jail_helper: Option<PathBuf>,
+    /// `jail` only: how many jails to keep built ahead of the runs (0: none). A warm jail has
+    /// everything a run gets, its namespaces, root, cgroup, limits, Landlock, seccomp, and a
+    /// started interpreter, and waits for the program; each one serves one run. For long-lived
+    /// callers (agents, the coordinator) that run many programs with the same limits.
+    pub warm: usize,
 }
 
 impl Default for SandboxConfig {
@@ -91,6 +96,7 @@ impl Default for SandboxConfig {
             work_root: std::env::temp_dir(),
             use_cgroups: true,
             jail_helper: None,
+            warm: 0,
         }
     }
 }

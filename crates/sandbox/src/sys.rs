@@ -5,15 +5,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `pipe2(O_CLOEXEC)`, read end non-blocking.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = pipe_blocking()?;
+    set_nonblocking(r.as_raw_fd())?;
+    Ok((r, w))
+}
+
+/// A close-on-exec pipe with both ends blocking (for a reader in another process).
+pub fn pipe_blocking() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    set_nonblocking(r.as_raw_fd())?;
-    Ok((r, w))
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -7,3 +7,4 @@ mod cluster;
 mod jail;
 mod process;
 mod support;
+mod warm;

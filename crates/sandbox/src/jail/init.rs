@@ -36,6 +36,12 @@ pub const INIT_ARG: &str = "__jail-init";
 pub const STATUS_FD: i32 = 3;
 /// Where the program sends its seccomp listener.
 pub const SECCOMP_FD: i32 = 4;
+/// In a warm jail, the pipe the boot script reads the run's environment from (the program's
+/// stdin until then).
+pub const WARM_FD: i32 = 6;
+/// The warm jail's boot script (`python3 -I -B -c BOOT`): waits for the run, then runs
+/// `/code/main.py` as `__main__`.
+pub const BOOT: &str = include_str!("boot.py");
 
 /// Everything the helper needs, sent as JSON on its stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +72,10 @@ pub struct InitConfig {
     /// Send a `phase` event with a monotonic timestamp at each start-up step.
     #[serde(default)]
     pub trace: bool,
+    /// A warm jail: Python starts [`BOOT`] with [`WARM_FD`] as stdin, and waits there for the
+    /// program (written to `/code/main.py` later) and its environment.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// Messages to the supervisor, one JSON object per line.
@@ -129,6 +139,9 @@ fn errno() -> std::io::Error {
 
 /// Entry point of `fleetbox __jail-init`. Never returns.
 pub fn helper_main() -> ! {
+    // Whatever else the supervisor's process had open without close-on-exec (a parent's
+    // jobserver pipe, a stray /dev/null) must not reach the jail.
+    close_from(WARM_FD + 1);
     let mut raw = Vec::new();
     let code = match std::io::stdin().read_to_end(&mut raw) {
         Err(e) => fail(format!("reading the jail configuration failed: {e}")),
@@ -297,20 +310,7 @@ fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, String> {
                 return Err(format!("dup2: {}", errno()));
             }
         }
-        if libc::syscall(libc::SYS_close_range, GO_FD as u32 + 1, u32::MAX, 0) != 0 {
-            if errno().raw_os_error() != Some(libc::ENOSYS) {
-                return Err(format!("close_range: {}", errno()));
-            }
-            // Before Linux 5.9: one by one, up to the descriptor limit.
-            let mut rl = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
-            for fd in GO_FD + 1..rl.rlim_cur.min(1 << 20) as i32 {
-                libc::close(fd);
-            }
-        }
+        close_from(GO_FD + 1);
         libc::fcntl(GO_FD, libc::F_SETFD, libc::FD_CLOEXEC);
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -323,6 +323,25 @@ fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, String> {
         libc::setsid();
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         Ok(OwnedFd::from_raw_fd(GO_FD))
+    }
+}
+
+/// Close every descriptor numbered `first` or above.
+fn close_from(first: i32) {
+    // SAFETY: closing descriptors this process owns; nothing refers to them afterwards.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0) == 0 {
+            return;
+        }
+        // Before Linux 5.9: one by one, up to the descriptor limit.
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        for fd in first..rl.rlim_cur.min(1 << 20) as i32 {
+            libc::close(fd);
+        }
     }
 }
 
@@ -759,12 +778,20 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
     drop(listener);
     phase(cfg, "seccomp_installed");
 
-    let err = std::process::Command::new(&cfg.python)
-        .args(["-I", "-B", "/code/main.py"])
-        .env_clear()
-        .envs(cfg.env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .exec();
+    let mut cmd = std::process::Command::new(&cfg.python);
+    cmd.env_clear().envs(cfg.env.iter().map(|(k, v)| (k, v)));
+    if cfg.warm {
+        // SAFETY: WARM_FD was arranged by the supervisor for a warm jail and is ours alone; it
+        // becomes the program's stdin and is closed on exec at its own number.
+        unsafe { libc::fcntl(WARM_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: as above; ownership moves to the command, which dups it onto stdin.
+        let go = unsafe { OwnedFd::from_raw_fd(WARM_FD) };
+        cmd.args(["-I", "-B", "-c", BOOT]).stdin(go);
+    } else {
+        cmd.args(["-I", "-B", "/code/main.py"])
+            .stdin(std::process::Stdio::null());
+    }
+    let err = cmd.exec();
     Err(format!(
         "executing `{}` inside the jail failed: {err}",
         cfg.python.display()

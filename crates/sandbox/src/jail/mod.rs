@@ -11,15 +11,17 @@ pub mod init;
 mod landlock;
 pub mod seccomp;
 mod syscalls;
+mod warm;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use fleetbox_proto::{AppliedLimits, ExecutionReport, Violation};
+use fleetbox_proto::{AppliedLimits, ExecutionReport, Limits, Violation};
 
 use crate::cgroup::{self, RunCgroup};
 use crate::process::{RlimitPlan, base_env, run_uid};
@@ -36,6 +38,13 @@ use seccomp::Policy;
 pub const SANDBOX_ID: u32 = 1000;
 
 pub struct JailSandbox {
+    builder: Arc<Builder>,
+    /// Jails built ahead of the runs that will use them (`SandboxConfig::warm` > 0).
+    pool: Option<warm::Pool>,
+}
+
+/// What building a jail needs; shared with the pool's builder thread.
+struct Builder {
     config: SandboxConfig,
     helper: PathBuf,
     policy: Policy,
@@ -54,12 +63,36 @@ impl JailSandbox {
         };
         let policy = Policy::shipped().map_err(crate::SandboxError::Policy)?;
         let filters = seccomp::Compiled::new(&policy).map_err(crate::SandboxError::Policy)?;
-        Ok(JailSandbox {
+        let warm = config.warm;
+        let builder = Arc::new(Builder {
             config,
             helper,
             policy,
             filters,
-        })
+        });
+        let pool = (warm > 0).then(|| warm::Pool::start(builder.clone(), warm));
+        Ok(JailSandbox { builder, pool })
+    }
+}
+
+impl JailSandbox {
+    /// Wait up to `timeout` for a warm jail with these limits to be waiting; false when there is
+    /// no pool or none came. Runs never need this (without one they start cold); benchmarks and
+    /// tests use it to measure and check the warm path on purpose.
+    pub fn wait_warm(&self, limits: &Limits, timeout: std::time::Duration) -> bool {
+        let Some(pool) = &self.pool else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pool.waiting(limits) > 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
 
@@ -94,9 +127,35 @@ impl Sandbox for JailSandbox {
     }
 
     fn run(&self, req: &RunRequest) -> ExecutionReport {
-        let trace = std::env::var_os(crate::env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1");
-        let t0 = init::monotonic_us();
-        let mut phases: Vec<(String, u64)> = Vec::new();
+        if let Some(pool) = &self.pool {
+            let warm = pool.take(&req.limits);
+            // Whether this run found one or not, the next run with these limits should.
+            pool.refill(&req.limits);
+            if let Some(warm) = warm {
+                return self.run_warm(warm, req);
+            }
+        }
+        self.run_cold(req)
+    }
+}
+
+/// A jail built up to the program: the run directory, cgroup, namespaces and new root exist and
+/// the helper (or the namespace init) is running. What is left is supervising it.
+struct Built {
+    dir: RunDir,
+    cgroup: Option<RunCgroup>,
+    py: python::Python,
+    spawned: Spawned,
+    /// When building began (trace phases count from here) and when the spawn began.
+    t0: u64,
+    spawn_started: Instant,
+    phases: Vec<(String, u64)>,
+    trace: bool,
+    host_ids: Option<(u32, u32)>,
+}
+
+impl JailSandbox {
+    fn run_cold(&self, req: &RunRequest) -> ExecutionReport {
         let mut ctx = RunContext {
             req,
             backend: "jail",
@@ -105,105 +164,136 @@ impl Sandbox for JailSandbox {
             applied: AppliedLimits::new(req.limits.clone()),
             notes: Vec::new(),
         };
-        if let Err(why) = host_supports_jail() {
-            return ctx.sandbox_error(format!("{why}; use `--backend process` on this host"));
-        }
-        let py = match python::resolve(self.config.python.as_deref()) {
-            Ok(p) => p,
-            Err(e) => return ctx.sandbox_error(e.to_string()),
-        };
-        let privileged = sys::is_root();
-        let (host_uid, host_gid) = if privileged {
-            let id = run_uid();
-            (id, id)
-        } else {
-            // SAFETY: getuid/getgid have no preconditions.
-            unsafe { (libc::getuid(), libc::getgid()) }
-        };
-        let dir = match RunDir::create(
-            &self.config.work_root,
-            &req.code,
-            req.input.as_deref(),
-            privileged.then_some((host_uid, host_gid)),
-        ) {
-            Ok(d) => d,
-            Err(e) => return ctx.sandbox_error(e.to_string()),
-        };
-        let root = dir.path().join("root");
-        if let Err(e) = std::fs::create_dir(&root) {
-            return ctx.sandbox_error(format!("creating `{}`: {e}", root.display()));
-        }
-        if trace {
-            phases.push(("workspace_ready".into(), init::monotonic_us()));
-        }
-        let cgroup = cgroup::for_run(self.config.use_cgroups, &req.limits, &mut ctx.notes);
-        let plan = RlimitPlan::new(&req.limits, cgroup.as_ref(), &mut ctx.applied);
-        ctx.applied.enforced("timeout", "supervisor_pidfd_poll");
-        ctx.applied.enforced("timeout", "pid_namespace");
-        ctx.applied.enforced("max_output", "supervisor_capture");
-        ctx.applied.enforced("tmp_size", "tmpfs");
-        ctx.applied.enforced(
-            "network",
-            if req.limits.network {
-                "host_network_shared"
-            } else {
-                "netns_loopback_only"
-            },
-        );
-        ctx.python = Some(&py);
-
-        let (ro_binds, symlinks) = root_layout(&py.prefix);
         let mut env = base_env("/work", "/tmp");
         env.extend(req.env.iter().cloned());
-        let cfg = InitConfig {
-            root,
-            work: dir.work(),
-            code: dir.code(),
-            python: py.path.clone(),
-            ro_binds,
-            symlinks,
-            host_uid,
-            host_gid,
-            ns_uid: SANDBOX_ID,
-            ns_gid: SANDBOX_ID,
-            privileged,
-            cgroup_join: cgroup
-                .as_ref()
-                .map(|c| {
-                    c.join_files()
-                        .iter()
-                        .map(|p| PathBuf::from(p.to_string_lossy().into_owned()))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            rlimits: plan.entries(),
-            seccomp: self.filters.clone(),
+        let built = match self.builder.build(
+            &req.limits,
+            &req.code,
+            req.input.as_deref(),
             env,
-            tmp_size: req.limits.tmp_size.0,
-            network: req.limits.network,
-            trace,
+            false,
+            &mut ctx.applied,
+            &mut ctx.notes,
+        ) {
+            Ok(b) => b,
+            Err(BuildError { message, python }) => {
+                ctx.python = python.as_ref();
+                return ctx.sandbox_error(message);
+            }
         };
+        let started = built.spawn_started;
+        self.supervise_built(built, req, ctx.applied, ctx.notes, ctx.started_at, started)
+    }
 
+    /// Hand the program to a jail that is already up: write the code and the input where the
+    /// jail sees them, send the environment, and supervise from that moment on.
+    fn run_warm(&self, warm: warm::Warm, req: &RunRequest) -> ExecutionReport {
+        let warm::Warm {
+            mut built,
+            applied,
+            mut notes,
+            go,
+            ready_at,
+            ..
+        } = warm;
+        let code_path = built.dir.code();
+        let delivered = (|| -> Result<(), String> {
+            // In place: the jail has this very inode bound read-only at /code/main.py.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&code_path)
+                .map_err(|e| format!("writing the program to `{}`: {e}", code_path.display()))?;
+            f.write_all(&req.code)
+                .map_err(|e| format!("writing the program to `{}`: {e}", code_path.display()))?;
+            if let Some(input) = &req.input {
+                built.dir.input_sha256 = Some(crate::workspace::sha256_hex(input));
+                let path = built.dir.work().join(crate::workspace::INPUT_FILE);
+                // Nothing has run in the workspace yet, so nothing can be waiting there; still,
+                // never follow or reuse an entry that exists.
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| format!("writing the input to `{}`: {e}", path.display()))?;
+                f.write_all(input)
+                    .map_err(|e| format!("writing the input to `{}`: {e}", path.display()))?;
+                if let Some((uid, gid)) = built.host_ids {
+                    std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                        .map_err(|e| format!("handing over `{}`: {e}", path.display()))?;
+                }
+            }
+            Ok(())
+        })();
+        let started_at = SystemTime::now();
         let started = Instant::now();
-        if trace {
-            phases.push(("supervisor_ready".into(), init::monotonic_us()));
+        if let Err(message) = delivered {
+            let ctx = RunContext {
+                req,
+                backend: "jail",
+                python: Some(&built.py),
+                started_at,
+                applied,
+                notes,
+            };
+            return ctx.sandbox_error(message);
         }
-        let spawned = match self.spawn(&cfg) {
-            Ok(s) => s,
-            Err(e) => return ctx.sandbox_error(e),
+        let mut env = base_env("/work", "/tmp");
+        env.extend(req.env.iter().cloned());
+        let mut message = Vec::new();
+        for (k, v) in &env {
+            message.extend_from_slice(k.as_bytes());
+            message.push(b'=');
+            message.extend_from_slice(v.as_bytes());
+            message.push(0);
+        }
+        // A dead boot (EPIPE) shows up in the supervision below; nothing to add here.
+        let _ = std::fs::File::from(go).write_all(&message);
+        if built.trace {
+            built
+                .phases
+                .push(("code_delivered".into(), init::monotonic_us()));
+        }
+        notes.push(format!(
+            "warm start: the jail and the interpreter were ready {} ms before the program arrived",
+            started.saturating_duration_since(ready_at).as_millis()
+        ));
+        self.supervise_built(built, req, applied, notes, started_at, started)
+    }
+
+    fn supervise_built(
+        &self,
+        built: Built,
+        req: &RunRequest,
+        applied: AppliedLimits,
+        notes: Vec<String>,
+        started_at: SystemTime,
+        started: Instant,
+    ) -> ExecutionReport {
+        let Built {
+            dir,
+            cgroup,
+            py,
+            spawned,
+            t0,
+            mut phases,
+            trace,
+            ..
+        } = built;
+        let mut ctx = RunContext {
+            req,
+            backend: "jail",
+            python: Some(&py),
+            started_at,
+            applied,
+            notes,
         };
         let Spawned {
             child,
             status_r,
             seccomp_sock,
-            namespaces_at,
+            ..
         } = spawned;
-        if trace {
-            phases.push(("spawned".into(), init::monotonic_us()));
-            if let Some(at) = namespaces_at {
-                phases.push(("namespaces_created".into(), at));
-            }
-        }
         let helper_pid = child.pid;
         let killer = JailTree {
             helper: helper_pid,
@@ -214,7 +304,7 @@ impl Sandbox for JailSandbox {
             status_buf: Vec::new(),
             sock: Some(seccomp_sock),
             listener: None,
-            policy: &self.policy,
+            policy: &self.builder.policy,
             violations: Vec::new(),
         };
         let mut outcome = supervise::supervise(
@@ -324,22 +414,152 @@ impl Sandbox for JailSandbox {
     }
 }
 
+/// Why a jail could not be built, with the interpreter when it was found (for the report).
+struct BuildError {
+    message: String,
+    python: Option<python::Python>,
+}
+
+impl From<String> for BuildError {
+    fn from(message: String) -> Self {
+        BuildError {
+            message,
+            python: None,
+        }
+    }
+}
+
+impl Builder {
+    /// Everything up to the program: the run directory (with `code` and `input`), the cgroup,
+    /// the rlimit plan, and the started jail. With `warm`, the code is empty for now and the
+    /// program is the boot script waiting for it.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        limits: &Limits,
+        code: &[u8],
+        input: Option<&[u8]>,
+        env: Vec<(String, String)>,
+        warm: bool,
+        applied: &mut AppliedLimits,
+        notes: &mut Vec<String>,
+    ) -> Result<Built, BuildError> {
+        let trace = std::env::var_os(crate::env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1");
+        let t0 = init::monotonic_us();
+        let mut phases: Vec<(String, u64)> = Vec::new();
+        host_supports_jail().map_err(|why| format!("{why}; use `--backend process` on this host"))?;
+        let py = python::resolve(self.config.python.as_deref()).map_err(|e| e.to_string())?;
+        let with_py = |message: String| BuildError {
+            message,
+            python: Some(py.clone()),
+        };
+        let privileged = sys::is_root();
+        let (host_uid, host_gid) = if privileged {
+            let id = run_uid();
+            (id, id)
+        } else {
+            // SAFETY: getuid/getgid have no preconditions.
+            unsafe { (libc::getuid(), libc::getgid()) }
+        };
+        let host_ids = privileged.then_some((host_uid, host_gid));
+        let dir = RunDir::create(&self.config.work_root, code, input, host_ids)
+            .map_err(|e| with_py(e.to_string()))?;
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root)
+            .map_err(|e| with_py(format!("creating `{}`: {e}", root.display())))?;
+        if trace {
+            phases.push(("workspace_ready".into(), init::monotonic_us()));
+        }
+        let cgroup = cgroup::for_run(self.config.use_cgroups, limits, notes);
+        let plan = RlimitPlan::new(limits, cgroup.as_ref(), applied);
+        applied.enforced("timeout", "supervisor_pidfd_poll");
+        applied.enforced("timeout", "pid_namespace");
+        applied.enforced("max_output", "supervisor_capture");
+        applied.enforced("tmp_size", "tmpfs");
+        applied.enforced(
+            "network",
+            if limits.network {
+                "host_network_shared"
+            } else {
+                "netns_loopback_only"
+            },
+        );
+
+        let (ro_binds, symlinks) = root_layout(&py.prefix);
+        let cfg = InitConfig {
+            root,
+            work: dir.work(),
+            code: dir.code(),
+            python: py.path.clone(),
+            ro_binds,
+            symlinks,
+            host_uid,
+            host_gid,
+            ns_uid: SANDBOX_ID,
+            ns_gid: SANDBOX_ID,
+            privileged,
+            cgroup_join: cgroup
+                .as_ref()
+                .map(|c| {
+                    c.join_files()
+                        .iter()
+                        .map(|p| PathBuf::from(p.to_string_lossy().into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rlimits: plan.entries(),
+            seccomp: self.filters.clone(),
+            env,
+            tmp_size: limits.tmp_size.0,
+            network: limits.network,
+            trace,
+            warm,
+        };
+
+        let spawn_started = Instant::now();
+        if trace {
+            phases.push(("supervisor_ready".into(), init::monotonic_us()));
+        }
+        let spawned = self.spawn(&cfg).map_err(with_py)?;
+        if trace {
+            phases.push(("spawned".into(), init::monotonic_us()));
+            if let Some(at) = spawned.namespaces_at {
+                phases.push(("namespaces_created".into(), at));
+            }
+        }
+        Ok(Built {
+            dir,
+            cgroup,
+            py,
+            spawned,
+            t0,
+            spawn_started,
+            phases,
+            trace,
+            host_ids,
+        })
+    }
+}
+
 struct Spawned {
     child: Child,
     status_r: OwnedFd,
     seccomp_sock: OwnedFd,
     /// When a direct clone returned (the helper reports its own as a phase event).
     namespaces_at: Option<u64>,
+    /// A warm jail's [`init::WARM_FD`], our end: the run's environment goes here.
+    go: Option<OwnedFd>,
 }
 
-impl JailSandbox {
+impl Builder {
     fn spawn(&self, cfg: &InitConfig) -> Result<Spawned, String> {
         let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (status_r, status_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (sock_parent, sock_child) = socketpair().map_err(|e| format!("socketpair: {e}"))?;
         sys::set_nonblocking(sock_parent.as_raw_fd()).map_err(|e| e.to_string())?;
-        if self.config.jail_helper.is_none() && init::single_threaded() {
+        // A warm jail is built by the pool's thread, so never on the single-threaded path.
+        if !cfg.warm && self.config.jail_helper.is_none() && init::single_threaded() {
             let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
             let fds = init::DirectFds {
                 null: null.as_raw_fd(),
@@ -357,6 +577,7 @@ impl JailSandbox {
                 pid,
                 [out_r, err_r, status_r, sock_parent],
                 Some(namespaces_at),
+                None,
             );
         }
         let helper = &self.helper;
@@ -369,6 +590,13 @@ impl JailSandbox {
             .stderr(Stdio::from(err_w));
         let status_raw = status_w.as_raw_fd();
         let sock_raw = sock_child.as_raw_fd();
+        let (go_r, go_w) = if cfg.warm {
+            let (r, w) = sys::pipe_blocking().map_err(|e| format!("pipe: {e}"))?;
+            (Some(r), Some(w))
+        } else {
+            (None, None)
+        };
+        let go_raw = go_r.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         // SAFETY: between fork and exec only async-signal-safe calls on descriptors prepared
         // before the fork (fcntl, dup2, setsid, prctl); nothing is allocated.
         unsafe {
@@ -376,10 +604,17 @@ impl JailSandbox {
                 // Move both above the target numbers first so one cannot clobber the other.
                 let s = libc::fcntl(status_raw, libc::F_DUPFD_CLOEXEC, 10);
                 let k = libc::fcntl(sock_raw, libc::F_DUPFD_CLOEXEC, 10);
+                let g = if go_raw >= 0 {
+                    libc::fcntl(go_raw, libc::F_DUPFD_CLOEXEC, 10)
+                } else {
+                    0
+                };
                 if s < 0
                     || k < 0
+                    || g < 0
                     || libc::dup2(s, init::STATUS_FD) < 0
                     || libc::dup2(k, init::SECCOMP_FD) < 0
+                    || (go_raw >= 0 && libc::dup2(g, init::WARM_FD) < 0)
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -397,6 +632,7 @@ impl JailSandbox {
         drop(cmd);
         drop(status_w);
         drop(sock_child);
+        drop(go_r);
         let pid = child.id() as i32;
         if let Some(mut stdin) = child.stdin.take() {
             // The helper reads the whole configuration before doing anything, so this cannot
@@ -407,7 +643,7 @@ impl JailSandbox {
                 return Err(format!("sending the jail configuration failed: {e}"));
             }
         }
-        spawned(pid, [out_r, err_r, status_r, sock_parent], None)
+        spawned(pid, [out_r, err_r, status_r, sock_parent], None, go_w)
     }
 }
 
@@ -417,6 +653,7 @@ fn spawned(
     pid: i32,
     [stdout, stderr, status_r, seccomp_sock]: [OwnedFd; 4],
     namespaces_at: Option<u64>,
+    go: Option<OwnedFd>,
 ) -> Result<Spawned, String> {
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
@@ -438,6 +675,7 @@ fn spawned(
         status_r,
         seccomp_sock,
         namespaces_at,
+        go,
     })
 }
 

@@ -1,0 +1,169 @@
+//! Warm jails: built ahead of the run, with the interpreter started and waiting. A run in one
+//! must be indistinguishable to the program (and in its report) from a cold run, and a pool
+//! must leave nothing behind.
+
+use std::time::Duration;
+
+use fleetbox_proto::{ExecutionReport, Limits, Millis, Status};
+use fleetbox_sandbox::jail::JailSandbox;
+use fleetbox_sandbox::{RunRequest, Sandbox, SandboxConfig};
+
+use crate::support::{bin, fixture, limits, show};
+
+fn sandbox(warm: usize, work_root: &std::path::Path) -> JailSandbox {
+    JailSandbox::new(SandboxConfig {
+        jail_helper: Some(bin()),
+        work_root: work_root.to_path_buf(),
+        warm,
+        ..SandboxConfig::default()
+    })
+    .expect("jail sandbox")
+}
+
+fn is_warm(r: &ExecutionReport) -> bool {
+    r.notes.iter().any(|n| n.starts_with("warm start"))
+}
+
+/// Run `req` in a jail the pool has ready (waiting for one first).
+fn run_warm(sb: &JailSandbox, req: &RunRequest) -> ExecutionReport {
+    assert!(
+        sb.wait_warm(&req.limits, Duration::from_secs(10)),
+        "no warm jail came"
+    );
+    let r = sb.run(req);
+    assert!(is_warm(&r), "not a warm start: {}", show(&r));
+    r
+}
+
+fn req(name: &str, limits: Limits) -> RunRequest {
+    RunRequest::new(fixture(name), None, limits)
+}
+
+#[test]
+fn warm_runs_end_as_cold_runs_do() {
+    let root = tempfile::tempdir().unwrap();
+    // Two: the cases alternate between two sets of limits.
+    let warm = sandbox(2, root.path());
+    let cold = sandbox(0, root.path());
+    let quick = |timeout_ms: u64| Limits {
+        timeout: Millis(timeout_ms),
+        cpu_time: Millis(1000),
+        ..limits()
+    };
+    let cases: &[(&str, Status, Limits)] = &[
+        ("clean_exit.py", Status::Ok, limits()),
+        ("exception.py", Status::Error, limits()),
+        ("syntax_error.py", Status::Error, limits()),
+        ("nonzero_exit.py", Status::Error, limits()),
+        ("sleep_past_timeout.py", Status::Timeout, quick(500)),
+        ("memory_bomb.py", Status::MemoryLimit, limits()),
+        ("fork_bomb.py", Status::Error, limits()),
+        ("output_flood.py", Status::OutputLimit, limits()),
+        ("double_fork.py", Status::Ok, limits()),
+        ("files_created.py", Status::Ok, limits()),
+        ("killed.py", Status::Killed, limits()),
+        ("escape/mount.py", Status::SandboxViolation, limits()),
+        ("escape/ptrace.py", Status::SandboxViolation, limits()),
+        ("escape/ctypes_syscall.py", Status::SandboxViolation, limits()),
+    ];
+    // The first run with new limits finds nothing built and starts cold; it asks for one.
+    let first = warm.run(&req("clean_exit.py", limits()));
+    assert_eq!(first.status, Status::Ok, "{}", show(&first));
+    assert!(!is_warm(&first), "{}", show(&first));
+    let _ = warm.run(&req("clean_exit.py", quick(500)));
+    for (name, expected, l) in cases {
+        let w = run_warm(&warm, &req(name, l.clone()));
+        let c = cold.run(&req(name, l.clone()));
+        assert_eq!(w.status, *expected, "{name} warm: {}", show(&w));
+        assert_eq!(c.status, *expected, "{name} cold: {}", show(&c));
+        // What the program wrote, and how it failed, are the same: no frame of the boot script
+        // shows in a traceback.
+        if matches!(expected, Status::Error | Status::Ok) && *name != "double_fork.py" {
+            assert_eq!(w.stderr, c.stderr, "{name}");
+            assert_eq!(w.exit_code, c.exit_code, "{name}");
+            assert_eq!(w.exception, c.exception, "{name}");
+        }
+        let syscalls = |r: &ExecutionReport| -> Vec<Option<String>> {
+            r.violations.iter().map(|v| v.syscall.clone()).collect()
+        };
+        assert_eq!(syscalls(&w), syscalls(&c), "{name}");
+        // The clock starts when the program arrives, not when the jail was built.
+        if *expected == Status::Timeout {
+            assert!(w.wall_ms >= 500 && w.wall_ms < 1500, "{}", show(&w));
+        }
+    }
+    drop(warm);
+    drop(cold);
+    // Every jail, warm ones never used included, is gone with its run directory.
+    let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn the_program_cannot_tell_a_warm_start() {
+    let root = tempfile::tempdir().unwrap();
+    let warm = sandbox(1, root.path());
+    let cold = sandbox(0, root.path());
+    let probe = |sb: &JailSandbox, w: bool| {
+        let mut r = RunRequest::new(fixture("main_module.py"), Some(b"{}".to_vec()), limits());
+        r.env
+            .push(("FLEETBOX_SHARD_INDEX".to_string(), "7".to_string()));
+        let rep = if w { run_warm(sb, &r) } else { sb.run(&r) };
+        assert_eq!(rep.status, Status::Ok, "{}", show(&rep));
+        rep.output.unwrap()
+    };
+    let _ = warm.run(&RunRequest::new(b"pass".to_vec(), None, limits()));
+    let w = probe(&warm, true);
+    let c = probe(&cold, false);
+    assert_eq!(w, c);
+    assert_eq!(w["file"], "/code/main.py");
+    assert_eq!(w["argv"], serde_json::json!(["/code/main.py"]));
+    assert_eq!(w["loader"], "SourceFileLoader");
+    assert_eq!(w["stdin"], "");
+    assert_eq!(w["env"]["FLEETBOX_SHARD_INDEX"], "7");
+    assert_eq!(w["env"]["FLEETBOX_INPUT"], "input.json");
+    assert_eq!(w["main_is_this_module"], true);
+    assert_eq!(w["fds"], serde_json::json!(["0", "1", "2", "3"]));
+
+    // Each run gets its own input, environment and jail: nothing of one reaches the next.
+    for (i, numbers) in [[1, 2, 3], [10, 20, 30], [5, 5, 5]].iter().enumerate() {
+        let input = serde_json::to_vec(&serde_json::json!({ "numbers": numbers })).unwrap();
+        let mut r = RunRequest::new(fixture("shard_input.py"), Some(input), limits());
+        r.env
+            .push(("FLEETBOX_SHARD_INDEX".to_string(), i.to_string()));
+        let rep = run_warm(&warm, &r);
+        assert_eq!(rep.status, Status::Ok, "{}", show(&rep));
+        let out = rep.output.unwrap();
+        assert_eq!(out["sum"], numbers.iter().sum::<i32>());
+        assert_eq!(out["shard"], i.to_string());
+    }
+    let write = b"open('/work/left.txt', 'w').write('x')\nimport os\nprint(os.listdir('/work'))\n";
+    let first = run_warm(&warm, &RunRequest::new(write.to_vec(), None, limits()));
+    assert_eq!(first.stdout, "['left.txt']\n", "{}", show(&first));
+    let second = run_warm(&warm, &RunRequest::new(write.to_vec(), None, limits()));
+    assert_eq!(second.stdout, "['left.txt']\n", "{}", show(&second));
+}
+
+#[test]
+fn a_run_with_other_limits_starts_cold_and_the_pool_follows() {
+    let root = tempfile::tempdir().unwrap();
+    let warm = sandbox(1, root.path());
+    let pass = |l: Limits| RunRequest::new(b"pass".to_vec(), None, l);
+    let small = Limits {
+        memory: fleetbox_proto::ByteSize::mib(96),
+        ..limits()
+    };
+    let _ = warm.run(&pass(limits()));
+    assert!(warm.wait_warm(&limits(), Duration::from_secs(10)));
+    // Other limits: the jail waiting was built for different ones, so this one starts cold.
+    let r = warm.run(&pass(small.clone()));
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    assert!(!is_warm(&r), "{}", show(&r));
+    // ... and the next with those limits is warm, with the memory limit it asked for.
+    let r = run_warm(
+        &warm,
+        &RunRequest::new(fixture("memory_bomb.py"), None, small.clone()),
+    );
+    assert_eq!(r.status, Status::MemoryLimit, "{}", show(&r));
+    assert_eq!(r.limits.limits.memory, small.memory);
+}

@@ -1,0 +1,214 @@
+//! Jails built ahead of the runs that use them.
+//!
+//! Starting a jail costs a few milliseconds of namespaces, mounts and filters, and starting
+//! Python ten more. A long-lived caller (an agent, the coordinator) runs many programs with the
+//! same limits, so a thread of the pool builds the next jail while the current one runs: the
+//! whole jail, exactly as a cold run gets it, with the interpreter started inside it and waiting
+//! on stdin (see `boot.py`). A run that finds a jail with its limits writes its code and input
+//! where that jail sees them and sends the environment; the clock starts then.
+//!
+//! Each jail serves one run and is then torn down like any other: nothing of one program can
+//! reach the next. Jails idle for [`IDLE_MAX`] are torn down, and the pool never holds more than
+//! its capacity.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fleetbox_proto::{AppliedLimits, Limits};
+
+use super::{BuildError, Builder, Built};
+use crate::process::base_env;
+use crate::sys;
+
+/// A warm jail left unused this long is torn down.
+const IDLE_MAX: Duration = Duration::from_secs(60);
+
+/// One built jail waiting for its program.
+pub(super) struct Warm {
+    pub built: Built,
+    pub applied: AppliedLimits,
+    pub notes: Vec<String>,
+    /// Our end of the boot script's stdin.
+    pub go: OwnedFd,
+    /// When it was built (the interpreter may still be starting).
+    pub ready_at: Instant,
+    pub limits: Limits,
+}
+
+impl Warm {
+    /// The helper is still running (its pidfd is not readable).
+    fn alive(&self) -> bool {
+        sys::poll(&[self.built.spawned.child.pidfd.as_raw_fd()], 0).is_ok_and(|r| r[0] == 0)
+    }
+
+    /// Kill it and remove what it left (cgroup, run directory).
+    fn discard(self) {
+        let pid = self.built.spawned.child.pid;
+        // The namespace init dies with the helper (PDEATHSIG), and the PID namespace with it.
+        sys::kill(pid, libc::SIGKILL);
+        if let Some(cg) = &self.built.cgroup {
+            cg.kill_all();
+        }
+        let _ = sys::wait4(pid);
+        drop(self);
+    }
+}
+
+struct Shared {
+    idle: Mutex<Vec<Warm>>,
+    capacity: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Warm>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(super) struct Pool {
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Limits>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pool {
+    pub fn start(builder: Arc<Builder>, capacity: usize) -> Pool {
+        let shared = Arc::new(Shared {
+            idle: Mutex::new(Vec::new()),
+            capacity,
+        });
+        let (tx, rx) = mpsc::channel::<Limits>();
+        let thread_shared = shared.clone();
+        // The thread that builds lives as long as the pool: the helpers it starts carry
+        // PDEATHSIG, which follows the thread that forked them, not the process.
+        let thread = std::thread::Builder::new()
+            .name("fleetbox-warm".into())
+            .spawn(move || builder_loop(&builder, &thread_shared, &rx));
+        match thread {
+            Ok(handle) => Pool {
+                shared,
+                tx: Some(tx),
+                thread: Some(handle),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the warm jail builder; every run starts cold");
+                Pool {
+                    shared,
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// A live warm jail built for exactly these limits, if one is waiting.
+    pub fn take(&self, limits: &Limits) -> Option<Warm> {
+        loop {
+            let found = {
+                let mut idle = self.shared.lock();
+                let i = idle.iter().position(|w| &w.limits == limits)?;
+                idle.remove(i)
+            };
+            if found.alive() {
+                return Some(found);
+            }
+            found.discard();
+        }
+    }
+
+    /// How many jails with these limits are waiting.
+    pub fn waiting(&self, limits: &Limits) -> usize {
+        self.shared.lock().iter().filter(|w| &w.limits == limits).count()
+    }
+
+    /// Ask for a jail with these limits to be built (unless enough are waiting already).
+    pub fn refill(&self, limits: &Limits) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(limits.clone());
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let idle = std::mem::take(&mut *self.shared.lock());
+        for w in idle {
+            w.discard();
+        }
+    }
+}
+
+fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>) {
+    loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(limits) => {
+                let waiting = shared.lock().iter().filter(|w| w.limits == limits).count();
+                if waiting >= shared.capacity {
+                    continue;
+                }
+                match build_warm(builder, limits) {
+                    Ok(warm) => {
+                        let evicted = {
+                            let mut idle = shared.lock();
+                            let evicted = (idle.len() >= shared.capacity).then(|| idle.remove(0));
+                            idle.push(warm);
+                            evicted
+                        };
+                        if let Some(old) = evicted {
+                            old.discard();
+                        }
+                    }
+                    // The next run with these limits starts cold and reports the same failure.
+                    Err(e) => tracing::debug!(error = %e.message, "building a warm jail failed"),
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let expired: Vec<Warm> = {
+            let mut idle = shared.lock();
+            let (old, keep) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|w| w.ready_at.elapsed() > IDLE_MAX);
+            *idle = keep;
+            old
+        };
+        for w in expired {
+            w.discard();
+        }
+    }
+}
+
+fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
+    let mut applied = AppliedLimits::new(limits.clone());
+    let mut notes = Vec::new();
+    let mut built = builder.build(
+        &limits,
+        b"",
+        None,
+        base_env("/work", "/tmp"),
+        true,
+        &mut applied,
+        &mut notes,
+    )?;
+    let go = built
+        .spawned
+        .go
+        .take()
+        .ok_or_else(|| BuildError::from("the warm jail has no program channel".to_string()))?;
+    Ok(Warm {
+        built,
+        applied,
+        notes,
+        go,
+        ready_at: Instant::now(),
+        limits,
+    })
+}
