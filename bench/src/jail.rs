@@ -4,8 +4,13 @@
 //! than docker run, overshoot under 10 ms.
 
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::util::{Cmd, fleetbox_bin, interleaved_medians, median_of, ms, which};
+use fleetbox_proto::Limits;
+use fleetbox_sandbox::jail::JailSandbox;
+use fleetbox_sandbox::{RunRequest, Sandbox, SandboxConfig, Status};
+
+use crate::util::{Cmd, fleetbox_bin, interleaved_medians, median_of, ms, time_once, which};
 
 pub fn run(runs: usize) -> Result<(), String> {
     let bin = fleetbox_bin()?;
@@ -64,6 +69,7 @@ pub fn run(runs: usize) -> Result<(), String> {
     let m = interleaved_medians(&cmds, runs)?;
     let (bare, jail, jail_nocg) = (m[0], m[1], m[2]);
     println!("jail: median of {runs} interleaved runs of `pass`");
+    println!("cold: one `fleetbox run` process per run, as from a shell");
     println!("  bare python3 -I -B        {:8.2} ms", ms(bare));
     println!(
         "  fleetbox run --backend jail {:6.2} ms   overhead {:+.2} ms   bare/jail {:.2}",
@@ -87,6 +93,30 @@ pub fn run(runs: usize) -> Result<(), String> {
         ),
         None => println!("  bwrap: not installed (apt-get install bubblewrap)"),
     }
+    let warm = warm(bin, runs)?;
+    println!(
+        "warm: the agent's path; a jail (namespaces, root, cgroup, limits, Landlock, seccomp) and its interpreter built ahead, one per run"
+    );
+    println!(
+        "  bare python3 -I -B          {:6.2} ms   (measured in the same rounds)",
+        ms(warm.bare)
+    );
+    println!(
+        "  warm jail, program arriving {:6.2} ms   overhead {:+.2} ms   bare/warm {:.2}   bwrap/warm {}",
+        ms(warm.latency),
+        ms(warm.latency) - ms(warm.bare),
+        ms(warm.bare) / ms(warm.latency),
+        m.get(3).map_or("-".to_string(), |b| format!(
+            "{:.2}",
+            ms(*b) / ms(warm.latency)
+        ))
+    );
+    println!(
+        "  back to back, {runs} runs: {:.2} ms per run against {:.2} ms for bare python3 (ratio {:.2}); the next jail builds while one runs",
+        ms(warm.back_to_back),
+        ms(warm.bare_back_to_back),
+        ms(warm.back_to_back) / ms(warm.bare_back_to_back)
+    );
     let docker_up = which("docker").is_some()
         && Command::new("docker")
             .arg("info")
@@ -113,9 +143,10 @@ pub fn run(runs: usize) -> Result<(), String> {
                 runs.min(20),
             )?;
             println!(
-                "  docker run --rm --network none {:6.2} ms   docker/jail {:.1}",
+                "  docker run --rm --network none {:6.2} ms   docker/jail {:.1} (cold)   docker/jail {:.1} (warm)",
                 ms(d),
-                ms(d) / ms(jail)
+                ms(d) / ms(jail),
+                ms(d) / ms(warm.latency)
             );
         }
         (true, Err(_)) => println!(
@@ -161,4 +192,77 @@ pub fn run(runs: usize) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+struct Warm {
+    /// Median from handing `pass` to a waiting warm jail to holding its report.
+    latency: Duration,
+    /// Bare `python3 -I -B -c pass`, timed in the same rounds.
+    bare: Duration,
+    /// Mean per run of `runs` warm runs one after another (no waiting for the pool).
+    back_to_back: Duration,
+    bare_back_to_back: Duration,
+}
+
+/// The warm path through the library, as an agent runs it: each round waits until the pool
+/// has a jail ready (untimed, as between shards arriving), then times one run.
+fn warm(bin: &str, runs: usize) -> Result<Warm, String> {
+    let sandbox = JailSandbox::new(SandboxConfig {
+        jail_helper: Some(bin.into()),
+        warm: 1,
+        ..SandboxConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let limits = Limits::default();
+    let req = RunRequest::new(b"pass\n".to_vec(), None, limits.clone());
+    let bare_argv = ["/usr/bin/python3", "-I", "-B", "-c", "pass"];
+    let run = |expect_warm: bool| -> Result<Duration, String> {
+        let start = Instant::now();
+        let r = sandbox.run(&req);
+        let took = start.elapsed();
+        if r.status != Status::Ok {
+            return Err(format!(
+                "warm jail run failed: {:?} {:?}",
+                r.status, r.message
+            ));
+        }
+        if expect_warm && !r.notes.iter().any(|n| n.starts_with("warm start")) {
+            return Err("the run did not start warm".into());
+        }
+        Ok(took)
+    };
+    run(false)?;
+    let (mut lat, mut bare) = (Vec::new(), Vec::new());
+    for round in 0..runs + 3 {
+        let b = time_once(&bare_argv, &[])?;
+        if !sandbox.wait_warm(&limits, Duration::from_secs(10)) {
+            return Err("no warm jail came within 10 s".into());
+        }
+        let w = run(true)?;
+        if round >= 3 {
+            lat.push(w);
+            bare.push(b);
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    sandbox.wait_warm(&limits, Duration::from_secs(10));
+    let start = Instant::now();
+    for _ in 0..runs {
+        run(false)?;
+    }
+    let back_to_back = start.elapsed() / runs as u32;
+    let start = Instant::now();
+    for _ in 0..runs {
+        time_once(&bare_argv, &[])?;
+    }
+    let bare_back_to_back = start.elapsed() / runs as u32;
+    Ok(Warm {
+        latency: median(lat),
+        bare: median(bare),
+        back_to_back,
+        bare_back_to_back,
+    })
 }

@@ -77,7 +77,7 @@ pub fn interleaved_medians(cmds: &[Cmd<'_>], runs: usize) -> Result<Vec<Duration
         .collect())
 }
 
-fn time_once(argv: &[&str], env: &[(&str, &str)]) -> Result<Duration, String> {
+pub fn time_once(argv: &[&str], env: &[(&str, &str)]) -> Result<Duration, String> {
     let start = Instant::now();
     let status = Command::new(argv[0])
         .args(&argv[1..])

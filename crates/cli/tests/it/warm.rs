@@ -64,7 +64,11 @@ fn warm_runs_end_as_cold_runs_do() {
         ("killed.py", Status::Killed, limits()),
         ("escape/mount.py", Status::SandboxViolation, limits()),
         ("escape/ptrace.py", Status::SandboxViolation, limits()),
-        ("escape/ctypes_syscall.py", Status::SandboxViolation, limits()),
+        (
+            "escape/ctypes_syscall.py",
+            Status::SandboxViolation,
+            limits(),
+        ),
     ];
     // The first run with new limits finds nothing built and starts cold; it asks for one.
     let first = warm.run(&req("clean_exit.py", limits()));
@@ -166,4 +170,27 @@ fn a_run_with_other_limits_starts_cold_and_the_pool_follows() {
     );
     assert_eq!(r.status, Status::MemoryLimit, "{}", show(&r));
     assert_eq!(r.limits.limits.memory, small.memory);
+}
+
+#[test]
+fn back_to_back_runs_take_jails_still_starting() {
+    // As an agent runs shards: no waiting for the pool, so a run often takes a jail whose
+    // interpreter has not said it is ready yet. Every run must still be right.
+    let root = tempfile::tempdir().unwrap();
+    let warm = sandbox(1, root.path());
+    let mut warm_starts = 0;
+    for i in 0..50 {
+        let mut r = RunRequest::new(
+            b"import os\nprint(os.environ['FLEETBOX_SHARD_INDEX'])\n".to_vec(),
+            None,
+            limits(),
+        );
+        r.env
+            .push(("FLEETBOX_SHARD_INDEX".to_string(), i.to_string()));
+        let rep = warm.run(&r);
+        assert_eq!(rep.status, Status::Ok, "run {i}: {}", show(&rep));
+        assert_eq!(rep.stdout, format!("{i}\n"), "run {i}: {}", show(&rep));
+        warm_starts += usize::from(is_warm(&rep));
+    }
+    assert!(warm_starts >= 35, "{warm_starts} of 50 started warm");
 }

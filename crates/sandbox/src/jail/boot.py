@@ -1,14 +1,19 @@
 # The warm jail's first Python code, run as `python3 -I -B -c <this>` inside a jail that is
 # already complete (namespaces, new root, cgroup, rlimits, dropped privileges, Landlock,
-# seccomp). The interpreter starts before the program exists; this waits on stdin for the
-# run's environment (NUL-separated KEY=VALUE, then EOF), which the supervisor sends once it has
-# written /code/main.py and the input. Then stdin becomes /dev/null and /code/main.py runs as
+# seccomp). The interpreter starts before the program exists; this says it is ready (one byte
+# on stdin, a socket to the supervisor) and waits there for the run's environment
+# (NUL-separated KEY=VALUE, then EOF), which the supervisor sends once it has written
+# /code/main.py and the input. Then stdin becomes /dev/null and /code/main.py runs as
 # `__main__`, as `python3 -I -B /code/main.py` would run it: same argv, globals, exit status,
 # and tracebacks without this frame. Nothing here outlives the hand-over.
 def _fleetbox_boot():
     import os
     import sys
 
+    try:
+        os.write(0, b"R")  # ready: the supervisor may hand over the program now
+    except OSError:
+        pass  # it already has: it took this jail while the interpreter was starting
     chunks = []
     while True:
         chunk = os.read(0, 65536)

@@ -76,8 +76,8 @@ impl JailSandbox {
 }
 
 impl JailSandbox {
-    /// Wait up to `timeout` for a warm jail with these limits to be waiting; false when there is
-    /// no pool or none came. Runs never need this (without one they start cold); benchmarks and
+    /// Wait up to `timeout` for a warm jail with these limits whose interpreter is waiting for
+    /// its program; false when there is no pool or none came. Runs never need this (without one they start cold); benchmarks and
     /// tests use it to measure and check the warm path on purpose.
     pub fn wait_warm(&self, limits: &Limits, timeout: std::time::Duration) -> bool {
         let Some(pool) = &self.pool else {
@@ -85,7 +85,7 @@ impl JailSandbox {
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if pool.waiting(limits) > 0 {
+            if pool.ready(limits) > 0 {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -187,12 +187,14 @@ impl JailSandbox {
 
     /// Hand the program to a jail that is already up: write the code and the input where the
     /// jail sees them, send the environment, and supervise from that moment on.
-    fn run_warm(&self, warm: warm::Warm, req: &RunRequest) -> ExecutionReport {
+    fn run_warm(&self, mut warm: warm::Warm, req: &RunRequest) -> ExecutionReport {
+        let ready = warm.ready();
         let warm::Warm {
             mut built,
             applied,
             mut notes,
             go,
+            built_at,
             ready_at,
             ..
         } = warm;
@@ -248,17 +250,31 @@ impl JailSandbox {
             message.push(0);
         }
         // A dead boot (EPIPE) shows up in the supervision below; nothing to add here.
-        let _ = std::fs::File::from(go).write_all(&message);
+        let mut go = std::fs::File::from(go);
+        let _ = go.write_all(&message);
+        // EOF for the boot script, but keep our end open until the run is over: closing a unix
+        // socket with its ready byte still unread would reset the boot's read (ECONNRESET).
+        // SAFETY: shutdown on a socket we own.
+        unsafe { libc::shutdown(go.as_raw_fd(), libc::SHUT_WR) };
         if built.trace {
             built
                 .phases
                 .push(("code_delivered".into(), init::monotonic_us()));
         }
-        notes.push(format!(
-            "warm start: the jail and the interpreter were ready {} ms before the program arrived",
-            started.saturating_duration_since(ready_at).as_millis()
-        ));
-        self.supervise_built(built, req, applied, notes, started_at, started)
+        notes.push(match ready_at.filter(|_| ready) {
+            Some(at) => format!(
+                "warm start: the jail was built {} ms and its interpreter ready {} ms before the program arrived",
+                started.saturating_duration_since(built_at).as_millis(),
+                started.saturating_duration_since(at).as_millis()
+            ),
+            None => format!(
+                "warm start: the jail was built {} ms before the program arrived, its interpreter still starting",
+                started.saturating_duration_since(built_at).as_millis()
+            ),
+        });
+        let report = self.supervise_built(built, req, applied, notes, started_at, started);
+        drop(go);
+        report
     }
 
     fn supervise_built(
@@ -447,7 +463,8 @@ impl Builder {
         let trace = std::env::var_os(crate::env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1");
         let t0 = init::monotonic_us();
         let mut phases: Vec<(String, u64)> = Vec::new();
-        host_supports_jail().map_err(|why| format!("{why}; use `--backend process` on this host"))?;
+        host_supports_jail()
+            .map_err(|why| format!("{why}; use `--backend process` on this host"))?;
         let py = python::resolve(self.config.python.as_deref()).map_err(|e| e.to_string())?;
         let with_py = |message: String| BuildError {
             message,
@@ -556,7 +573,8 @@ impl Builder {
         let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
         let (status_r, status_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let (sock_parent, sock_child) = socketpair().map_err(|e| format!("socketpair: {e}"))?;
+        let (sock_parent, sock_child) =
+            socketpair(libc::SOCK_SEQPACKET).map_err(|e| format!("socketpair: {e}"))?;
         sys::set_nonblocking(sock_parent.as_raw_fd()).map_err(|e| e.to_string())?;
         // A warm jail is built by the pool's thread, so never on the single-threaded path.
         if !cfg.warm && self.config.jail_helper.is_none() && init::single_threaded() {
@@ -591,8 +609,10 @@ impl Builder {
         let status_raw = status_w.as_raw_fd();
         let sock_raw = sock_child.as_raw_fd();
         let (go_r, go_w) = if cfg.warm {
-            let (r, w) = sys::pipe_blocking().map_err(|e| format!("pipe: {e}"))?;
-            (Some(r), Some(w))
+            // A stream socket: the boot script says it is ready on it, then reads the run.
+            let (ours, theirs) =
+                socketpair(libc::SOCK_STREAM).map_err(|e| format!("socketpair: {e}"))?;
+            (Some(theirs), Some(ours))
         } else {
             (None, None)
         };
@@ -679,13 +699,13 @@ fn spawned(
     })
 }
 
-fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+fn socketpair(kind: libc::c_int) -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is valid for socketpair to fill.
     if unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_CLOEXEC,
             0,
             fds.as_mut_ptr(),
         )

@@ -31,14 +31,36 @@ pub(super) struct Warm {
     pub built: Built,
     pub applied: AppliedLimits,
     pub notes: Vec<String>,
-    /// Our end of the boot script's stdin.
+    /// Our end of the boot script's stdin (a stream socket).
     pub go: OwnedFd,
-    /// When it was built (the interpreter may still be starting).
-    pub ready_at: Instant,
+    /// When it was built.
+    pub built_at: Instant,
+    /// When the interpreter said it was waiting for the program (once seen).
+    pub ready_at: Option<Instant>,
     pub limits: Limits,
 }
 
 impl Warm {
+    /// Has the interpreter said it is waiting? Reads its one-byte signal without blocking.
+    pub fn ready(&mut self) -> bool {
+        if self.ready_at.is_none() {
+            let mut byte = [0u8; 1];
+            // SAFETY: recv into a buffer we own, on a socket we own; MSG_DONTWAIT never blocks.
+            let n = unsafe {
+                libc::recv(
+                    self.go.as_raw_fd(),
+                    byte.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 1 {
+                self.ready_at = Some(Instant::now());
+            }
+        }
+        self.ready_at.is_some()
+    }
+
     /// The helper is still running (its pidfd is not readable).
     fn alive(&self) -> bool {
         sys::poll(&[self.built.spawned.child.pidfd.as_raw_fd()], 0).is_ok_and(|r| r[0] == 0)
@@ -119,9 +141,15 @@ impl Pool {
         }
     }
 
-    /// How many jails with these limits are waiting.
-    pub fn waiting(&self, limits: &Limits) -> usize {
-        self.shared.lock().iter().filter(|w| &w.limits == limits).count()
+    /// How many jails with these limits have their interpreter waiting.
+    pub fn ready(&self, limits: &Limits) -> usize {
+        self.shared
+            .lock()
+            .iter_mut()
+            .filter(|w| &w.limits == limits)
+            .map(|w| w.ready())
+            .filter(|ready| *ready)
+            .count()
     }
 
     /// Ask for a jail with these limits to be built (unless enough are waiting already).
@@ -176,7 +204,7 @@ fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>)
             let mut idle = shared.lock();
             let (old, keep) = std::mem::take(&mut *idle)
                 .into_iter()
-                .partition(|w| w.ready_at.elapsed() > IDLE_MAX);
+                .partition(|w| w.built_at.elapsed() > IDLE_MAX);
             *idle = keep;
             old
         };
@@ -208,7 +236,8 @@ fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
         applied,
         notes,
         go,
-        ready_at: Instant::now(),
+        built_at: Instant::now(),
+        ready_at: None,
         limits,
     })
 }

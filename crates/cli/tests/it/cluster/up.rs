@@ -33,8 +33,9 @@ fn up_runs_the_examples_with_their_expected_results() {
             "up",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            // The default on Linux, with agents keeping warm jails (one per slot).
             "--backend",
-            "process",
+            "jail",
         ])
         .current_dir(dir.path())
         .stdout(Stdio::piped())
@@ -100,6 +101,25 @@ fn up_runs_the_examples_with_their_expected_results() {
         .enable_all()
         .build()
         .unwrap();
+    // Shards after the first on each agent start in a jail built while the previous one ran.
+    let sq = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "sum of squares")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut warm = 0;
+    for i in 0..20 {
+        let d = rt.block_on(client.shard(&sq, i)).unwrap();
+        let report = &d.attempts[0].report;
+        assert_eq!(report["backend"], "jail", "{report}");
+        let notes = report["notes"].to_string();
+        warm += usize::from(notes.contains("warm start"));
+    }
+    assert!(warm >= 10, "only {warm} of 20 shards started warm");
     let detail = rt.block_on(client.shard(&wc, 0)).unwrap();
     let file = detail.attempts[0].report["files"]
         .as_array()
