@@ -51,6 +51,42 @@ impl Cgroups {
         }
     }
 
+    /// Remove the empty run cgroups (`run-<pid>-<n>`) of processes that are gone: an agent
+    /// killed with SIGKILL leaves its runs' (and warm jails') groups behind. Only groups older
+    /// than `min_age` are touched, and `rmdir` never removes a group that still has members.
+    pub fn sweep_stale(&self, min_age: std::time::Duration) -> usize {
+        let bases: Vec<&PathBuf> = match &self.layout {
+            Layout::V2 { parent } => vec![parent],
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => [memory, pids, cpu, cpuacct].into_iter().flatten().collect(),
+        };
+        let mut removed = 0;
+        for base in bases {
+            let Ok(entries) = std::fs::read_dir(base) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = crate::workspace::stale_owner(&name.to_string_lossy(), "run-")
+                else {
+                    continue;
+                };
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+                if old && !crate::sys::alive(pid) && std::fs::remove_dir(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// Create a cgroup for one run and apply the limits.
     pub fn create_run(&self, limits: &CgroupLimits) -> std::io::Result<RunCgroup> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -150,6 +150,22 @@ impl FromStr for Backend {
     }
 }
 
+/// How long a leftover must have existed before [`sweep_stale`] removes it.
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Remove what runs of dead processes left behind: run directories under the work root and
+/// empty run cgroups whose owning pid is gone (and older than [`STALE_AFTER`]). A process killed
+/// with SIGKILL cannot clean up after its runs, or after the warm jails it kept; long-lived
+/// callers (agents, the coordinator) call this when they start. Returns (directories, cgroups).
+pub fn sweep_stale(config: &SandboxConfig) -> (usize, usize) {
+    let dirs = workspace::sweep_stale(&config.work_root, STALE_AFTER);
+    let groups = match cgroup::Cgroups::detect() {
+        Ok(cg) if config.use_cgroups => cg.sweep_stale(STALE_AFTER),
+        _ => 0,
+    };
+    (dirs, groups)
+}
+
 /// Build a sandbox for `backend`.
 pub fn open(backend: Backend, config: SandboxConfig) -> Result<Box<dyn Sandbox>, SandboxError> {
     match backend {

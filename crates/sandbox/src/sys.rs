@@ -86,6 +86,12 @@ pub fn try_reap(pid: i32) -> bool {
     unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
 }
 
+/// Does a process with this pid exist (in our PID namespace)?
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
+}
+
 pub fn kill(pid: i32, signal: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions; errors (ESRCH) are expected and ignored.
     unsafe { libc::kill(pid, signal) };

@@ -21,6 +21,48 @@ pub const CODE_FILE: &str = "main.py";
 pub const INPUT_FILE: &str = "input.json";
 pub const OUTPUT_FILE: &str = "output.json";
 
+const RUN_DIR_PREFIX: &str = "fleetbox-run-";
+
+/// The pid in `<prefix><pid>-<rest>`, the names of run directories and run cgroups.
+pub(crate) fn stale_owner(name: &str, prefix: &str) -> Option<i32> {
+    let rest = name.strip_prefix(prefix)?;
+    let (pid, tail) = rest.split_once('-')?;
+    if tail.is_empty() {
+        return None;
+    }
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
+/// Remove the run directories under `root` whose owning process is gone (killed before it
+/// could clean up) and that are older than `min_age`. Kept directories (`--keep-workspace`)
+/// are never touched: they are renamed out of the pattern when kept.
+pub fn sweep_stale(root: &Path, min_age: std::time::Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = stale_owner(&name.to_string_lossy(), RUN_DIR_PREFIX) else {
+            continue;
+        };
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+        if meta.is_dir() && old && !crate::sys::alive(pid) {
+            let path = entry.path();
+            make_writable(&path);
+            if std::fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// A run directory, removed on drop unless kept.
 pub struct RunDir {
     dir: Option<tempfile::TempDir>,
@@ -42,8 +84,9 @@ impl RunDir {
             move |source| SandboxError::Workspace { what, path, source }
         };
         fs_err::create_dir_all(root).map_err(io("create the workspace root", root))?;
+        // The owner's pid in the name lets a later sweep find directories whose owner died.
         let dir = tempfile::Builder::new()
-            .prefix("fleetbox-run-")
+            .prefix(&format!("{RUN_DIR_PREFIX}{}-", std::process::id()))
             .tempdir_in(root)
             .map_err(io("create a run directory in", root))?;
         let path = dir.path().to_path_buf();
@@ -95,9 +138,18 @@ impl RunDir {
     }
 
     /// Keep the directory after the run; returns where it is.
+    /// Kept directories are renamed `fleetbox-kept-…`, out of reach of [`sweep_stale`].
     pub fn keep(&mut self) -> PathBuf {
         if let Some(dir) = self.dir.take() {
             let _ = dir.keep();
+            if let Some(name) = self.path.file_name().and_then(|n| n.to_str())
+                && let Some(rest) = name.strip_prefix(RUN_DIR_PREFIX)
+            {
+                let kept = self.path.with_file_name(format!("fleetbox-kept-{rest}"));
+                if std::fs::rename(&self.path, &kept).is_ok() {
+                    self.path = kept;
+                }
+            }
         }
         self.path.clone()
     }
@@ -260,5 +312,60 @@ pub fn read_output_file(work: &Path, cap: u64) -> OutputFile {
             Err(_) => OutputFile::NotJson(String::from_utf8_lossy(&bytes).into_owned()),
         },
         Err(_) => OutputFile::Absent,
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn age(path: &Path, secs: u64) {
+        let f = std::fs::File::open(path).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn owner_pids_are_parsed_from_names() {
+        assert_eq!(
+            stale_owner("fleetbox-run-123-abc", RUN_DIR_PREFIX),
+            Some(123)
+        );
+        assert_eq!(stale_owner("run-77-0", "run-"), Some(77));
+        assert_eq!(stale_owner("fleetbox-run-abcdef", RUN_DIR_PREFIX), None);
+        assert_eq!(stale_owner("fleetbox-run-12-", RUN_DIR_PREFIX), None);
+        assert_eq!(stale_owner("fleetbox-kept-12-x", RUN_DIR_PREFIX), None);
+        assert_eq!(stale_owner("run--1-0", "run-"), None);
+    }
+
+    #[test]
+    fn only_old_directories_of_dead_owners_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let make = |name: &str, secs: u64| {
+            let p = root.path().join(name);
+            std::fs::create_dir_all(p.join("work/sub")).unwrap();
+            std::fs::write(p.join("work/sub/f"), b"x").unwrap();
+            // A program can leave a read-only directory behind.
+            std::fs::set_permissions(p.join("work/sub"), std::fs::Permissions::from_mode(0o500))
+                .unwrap();
+            age(&p, secs);
+            p
+        };
+        let stale = make(&format!("fleetbox-run-{dead}-aaaa"), 3600);
+        let young = make(&format!("fleetbox-run-{dead}-bbbb"), 0);
+        let mine = make(&format!("fleetbox-run-{me}-cccc"), 3600);
+        let kept = make(&format!("fleetbox-kept-{dead}-dddd"), 3600);
+        let other = make("unrelated", 3600);
+        assert_eq!(sweep_stale(root.path(), Duration::from_secs(60)), 1);
+        assert!(!stale.exists());
+        for p in [young, mine, kept, other] {
+            assert!(p.exists(), "{}", p.display());
+        }
     }
 }
