@@ -194,3 +194,27 @@ fn back_to_back_runs_take_jails_still_starting() {
     }
     assert!(warm_starts >= 35, "{warm_starts} of 50 started warm");
 }
+
+#[test]
+fn cancel_stops_a_warm_run() {
+    let root = tempfile::tempdir().unwrap();
+    let warm = sandbox(1, root.path());
+    let _ = warm.run(&RunRequest::new(b"pass".to_vec(), None, limits()));
+    let mut req = RunRequest::new(
+        b"import os, time\nif os.fork() == 0:\n    time.sleep(60)\ntime.sleep(60)\n".to_vec(),
+        None,
+        limits(),
+    );
+    let cancel = fleetbox_sandbox::Cancel::new().unwrap();
+    req.cancel = Some(cancel.clone());
+    let trigger = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.cancel("job cancelled");
+    });
+    let started = std::time::Instant::now();
+    let r = run_warm(&warm, &req);
+    trigger.join().unwrap();
+    assert_eq!(r.status, Status::Killed, "{}", show(&r));
+    assert_eq!(r.message.as_deref(), Some("cancelled: job cancelled"));
+    assert!(started.elapsed() < Duration::from_secs(3), "{}", show(&r));
+}
