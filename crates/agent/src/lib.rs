@@ -160,14 +160,7 @@ pub async fn run(
     fs_err::create_dir_all(&config.state_dir).map_err(state_err(config.state_dir.clone()))?;
     let outbox_dir = config.state_dir.join("outbox");
     let outbox = Outbox::open(&outbox_dir).map_err(state_err(outbox_dir))?;
-    let (dirs, groups) = fleetbox_sandbox::sweep_stale(&config.sandbox);
-    if dirs + groups > 0 {
-        tracing::info!(
-            dirs,
-            cgroups = groups,
-            "removed what runs of dead processes left behind"
-        );
-    }
+    fleetbox_sandbox::sweep_stale(&config.sandbox);
     let sandbox: Arc<dyn Sandbox> = Arc::from(
         fleetbox_sandbox::open(config.backend, config.sandbox.clone()).map_err(|source| {
             AgentError::Sandbox {

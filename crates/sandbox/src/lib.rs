@@ -163,6 +163,13 @@ pub fn sweep_stale(config: &SandboxConfig) -> (usize, usize) {
         Ok(cg) if config.use_cgroups => cg.sweep_stale(STALE_AFTER),
         _ => 0,
     };
+    if dirs + groups > 0 {
+        tracing::info!(
+            dirs,
+            cgroups = groups,
+            "removed what sandbox runs of dead processes left behind"
+        );
+    }
     (dirs, groups)
 }
 

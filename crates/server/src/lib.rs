@@ -194,14 +194,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         move |source| StartError::DataDir { path, source }
     };
     fs_err::create_dir_all(&config.data_dir).map_err(data_err(&config.data_dir))?;
-    let (dirs, groups) = fleetbox_sandbox::sweep_stale(&config.sandbox);
-    if dirs + groups > 0 {
-        tracing::info!(
-            dirs,
-            cgroups = groups,
-            "removed what sandbox runs of dead processes left behind"
-        );
-    }
+    fleetbox_sandbox::sweep_stale(&config.sandbox);
     let url = config
         .database_url
         .clone()

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use fleetbox_proto::{ExecutionReport, Limits, Millis, Status};
+use fleetbox_proto::{ExecutionReport, Millis, Status};
 
 use crate::support::{self, JAIL, JAIL_NO_CGROUP, PROCESS, limits, run, show};
 
@@ -306,33 +306,12 @@ fn shard_contract_inside_the_jail() {
 /// Every `process` fixture ends the same way under `jail`.
 #[test]
 fn process_fixtures_match_under_jail() {
-    let quick = |timeout_ms: u64| Limits {
-        timeout: Millis(timeout_ms),
-        cpu_time: Millis(1000),
-        ..limits()
-    };
-    let cases: &[(&str, Status, Limits)] = &[
-        ("clean_exit.py", Status::Ok, limits()),
-        ("exception.py", Status::Error, limits()),
-        ("syntax_error.py", Status::Error, limits()),
-        ("nonzero_exit.py", Status::Error, limits()),
-        ("sleep_past_timeout.py", Status::Timeout, quick(500)),
-        ("busy_loop.py", Status::Timeout, quick(10_000)),
-        ("memory_bomb.py", Status::MemoryLimit, limits()),
-        ("fork_bomb.py", Status::Error, limits()),
-        ("output_flood.py", Status::OutputLimit, limits()),
-        ("double_fork.py", Status::Ok, limits()),
-        ("big_file.py", Status::OutputLimit, limits()),
-        ("host_env.py", Status::Ok, limits()),
-        ("files_created.py", Status::Ok, limits()),
-        ("killed.py", Status::Killed, limits()),
-    ];
-    for (name, expected, l) in cases {
+    for (name, expected, l) in support::fixture_verdicts() {
         for setup in [PROCESS, JAIL] {
             let r = run(setup, name, l.clone());
             assert_eq!(
                 r.status,
-                *expected,
+                expected,
                 "{name} under {:?}: {}",
                 setup.backend,
                 r.message.clone().unwrap_or_default()

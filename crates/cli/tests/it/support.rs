@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use fleetbox_proto::{ByteSize, ExecutionReport, Limits, Millis};
+use fleetbox_proto::{ByteSize, ExecutionReport, Limits, Millis, Status};
 use fleetbox_sandbox::{Backend, RunRequest, SandboxConfig};
 
 pub fn fixtures_dir() -> PathBuf {
@@ -96,4 +96,29 @@ pub fn process_gone(pid: i32) -> bool {
 /// Pretty report for assertion messages.
 pub fn show(r: &ExecutionReport) -> String {
     serde_json::to_string_pretty(r).unwrap()
+}
+
+/// The `process` fixtures and how each must end, in every backend and start mode.
+pub fn fixture_verdicts() -> Vec<(&'static str, Status, Limits)> {
+    let quick = |timeout_ms: u64| Limits {
+        timeout: Millis(timeout_ms),
+        cpu_time: Millis(1000),
+        ..limits()
+    };
+    vec![
+        ("clean_exit.py", Status::Ok, limits()),
+        ("exception.py", Status::Error, limits()),
+        ("syntax_error.py", Status::Error, limits()),
+        ("nonzero_exit.py", Status::Error, limits()),
+        ("sleep_past_timeout.py", Status::Timeout, quick(500)),
+        ("busy_loop.py", Status::Timeout, quick(10_000)),
+        ("memory_bomb.py", Status::MemoryLimit, limits()),
+        ("fork_bomb.py", Status::Error, limits()),
+        ("output_flood.py", Status::OutputLimit, limits()),
+        ("double_fork.py", Status::Ok, limits()),
+        ("big_file.py", Status::OutputLimit, limits()),
+        ("host_env.py", Status::Ok, limits()),
+        ("files_created.py", Status::Ok, limits()),
+        ("killed.py", Status::Killed, limits()),
+    ]
 }

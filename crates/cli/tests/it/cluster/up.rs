@@ -87,30 +87,25 @@ fn up_runs_the_examples_with_their_expected_results() {
         .output()
         .unwrap();
     let jobs: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let wc = jobs["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == "word count")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let job_id = |name: &str| -> String {
+        jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["name"] == name)
+            .unwrap_or_else(|| panic!("no job `{name}` in {jobs}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let wc = job_id("word count");
     let client = fleetbox_client::Client::new(&url, &token);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     // Shards after the first on each agent start in a jail built while the previous one ran.
-    let sq = jobs["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["name"] == "sum of squares")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sq = job_id("sum of squares");
     let mut warm = 0;
     for i in 0..20 {
         let d = rt.block_on(client.shard(&sq, i)).unwrap();
