@@ -375,3 +375,57 @@ fn the_cli_clones_the_jail_directly_with_the_same_verdicts() {
     assert_eq!(r["output"]["sigterm"], "0", "{r}");
     assert_eq!(r["output"]["blocked"], serde_json::json!([]), "{r}");
 }
+
+/// Without root: the jail maps the caller's own uid, goes without cgroups (their files belong
+/// to root here) and says so, and still contains every escape. Run as `nobody` through
+/// `runuser` when the tests run as root (as in CI); as the caller otherwise.
+#[test]
+fn the_jail_works_for_an_unprivileged_user() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    // The checkout may not be readable by `nobody`: the binary and the fixtures go to a
+    // directory that is.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("fleetbox");
+    std::fs::copy(bin(), &exe).unwrap();
+    let jail = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let file = dir.path().join(name.replace('/', "_"));
+        std::fs::copy(fixture(name), &file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut cmd = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--", "env", "-i", "PATH=/usr/bin:/bin"]);
+            c.arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(["run", "--json", "--backend", "jail"])
+            .args(extra)
+            .arg(&file)
+            .current_dir("/")
+            .stdin(Stdio::null());
+        report(&cmd.output().expect("run fleetbox"))
+    };
+    let r = jail("clean_exit.py", &[]);
+    assert_eq!(r["status"], "ok", "{r}");
+    if root {
+        assert!(r["notes"].to_string().contains("no cgroup"), "{r}");
+    }
+    let r = jail("escape/mount.py", &[]);
+    assert_eq!(r["status"], "sandbox_violation", "{r}");
+    assert_eq!(r["violations"][0]["syscall"], "mount", "{r}");
+    let r = jail("escape/read_host_files.py", &[]);
+    assert_eq!(r["output"]["shadow"]["error"], "FileNotFoundError", "{r}");
+    let r = jail("escape/list_processes.py", &[]);
+    assert_eq!(r["output"]["pids"], serde_json::json!([1, 2]), "{r}");
+    let r = jail("escape/write_outside.py", &[]);
+    assert_eq!(r["output"]["/etc/fleetbox-escape"], "OSError", "{r}");
+    assert_eq!(r["output"]["/work/inside.txt"], "written", "{r}");
+    let r = jail("double_fork.py", &[]);
+    assert_eq!(r["status"], "ok", "{r}");
+    let r = jail("sleep_past_timeout.py", &["--timeout", "500ms"]);
+    assert_eq!(r["status"], "timeout", "{r}");
+}
