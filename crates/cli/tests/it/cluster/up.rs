@@ -38,6 +38,7 @@ fn up_runs_the_examples_with_their_expected_results() {
             "jail",
         ])
         .current_dir(dir.path())
+        .env("FLEETBOX_WORK_ROOT", dir.path().join("runs"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -177,6 +178,13 @@ fn up_runs_the_examples_with_their_expected_results() {
     let mut up = up;
     let status = wait_timeout(&mut up.0, Duration::from_secs(30));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+    // ... warm jails included: nothing is left in the work root.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<std::process::ExitStatus> {
