@@ -73,12 +73,10 @@ impl JailSandbox {
         let pool = (warm > 0).then(|| warm::Pool::start(builder.clone(), warm));
         Ok(JailSandbox { builder, pool })
     }
-}
 
-impl JailSandbox {
     /// Wait up to `timeout` for a warm jail with these limits whose interpreter is waiting for
-    /// its program; false when there is no pool or none came. Runs never need this (without one they start cold); benchmarks and
-    /// tests use it to measure and check the warm path on purpose.
+    /// its program; false when there is no pool or none came. Runs never need this (without
+    /// one they start cold); benchmarks and tests use it to measure and check the warm path.
     pub fn wait_warm(&self, limits: &Limits, timeout: std::time::Duration) -> bool {
         let Some(pool) = &self.pool else {
             return false;
@@ -164,13 +162,11 @@ impl JailSandbox {
             applied: AppliedLimits::new(req.limits.clone()),
             notes: Vec::new(),
         };
-        let mut env = base_env("/work", "/tmp");
-        env.extend(req.env.iter().cloned());
         let built = match self.builder.build(
             &req.limits,
             &req.code,
             req.input.as_deref(),
-            env,
+            program_env(req),
             false,
             &mut ctx.applied,
             &mut ctx.notes,
@@ -240,10 +236,8 @@ impl JailSandbox {
             };
             return ctx.sandbox_error(message);
         }
-        let mut env = base_env("/work", "/tmp");
-        env.extend(req.env.iter().cloned());
         let mut message = Vec::new();
-        for (k, v) in &env {
+        for (k, v) in &program_env(req) {
             message.extend_from_slice(k.as_bytes());
             message.push(b'=');
             message.extend_from_slice(v.as_bytes());
@@ -428,6 +422,13 @@ impl JailSandbox {
             dir,
         )
     }
+}
+
+/// The program's whole environment: the jail's base plus the run's (shard contract) variables.
+fn program_env(req: &RunRequest) -> Vec<(String, String)> {
+    let mut env = base_env("/work", "/tmp");
+    env.extend(req.env.iter().cloned());
+    env
 }
 
 /// Why a jail could not be built, with the interpreter when it was found (for the report).
