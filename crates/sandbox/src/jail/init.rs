@@ -36,8 +36,8 @@ pub const INIT_ARG: &str = "__jail-init";
 pub const STATUS_FD: i32 = 3;
 /// Where the program sends its seccomp listener.
 pub const SECCOMP_FD: i32 = 4;
-/// In a warm jail, the pipe the boot script reads the run's environment from (the program's
-/// stdin until then).
+/// In a warm jail, the unix socket on which the boot script says it is ready and reads the
+/// run's environment (the program's stdin until then).
 pub const WARM_FD: i32 = 6;
 /// The warm jail's boot script (`python3 -I -B -c BOOT`): waits for the run, then runs
 /// `/code/main.py` as `__main__`.
