@@ -191,7 +191,6 @@ impl JailSandbox {
             mut notes,
             go,
             built_at,
-            ready_at,
             ..
         } = warm;
         let code_path = built.dir.code();
@@ -255,17 +254,11 @@ impl JailSandbox {
                 .phases
                 .push(("code_delivered".into(), init::monotonic_us()));
         }
-        notes.push(match ready_at.filter(|_| ready) {
-            Some(at) => format!(
-                "warm start: the jail was built {} ms and its interpreter ready {} ms before the program arrived",
-                started.saturating_duration_since(built_at).as_millis(),
-                started.saturating_duration_since(at).as_millis()
-            ),
-            None => format!(
-                "warm start: the jail was built {} ms before the program arrived, its interpreter still starting",
-                started.saturating_duration_since(built_at).as_millis()
-            ),
-        });
+        notes.push(format!(
+            "warm start: the jail was built {} ms before the program arrived, its interpreter {}",
+            started.saturating_duration_since(built_at).as_millis(),
+            if ready { "waiting" } else { "still starting" }
+        ));
         let report = self.supervise_built(built, req, applied, notes, started_at, started);
         drop(go);
         report

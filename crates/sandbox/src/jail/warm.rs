@@ -35,15 +35,15 @@ pub(super) struct Warm {
     pub go: OwnedFd,
     /// When it was built.
     pub built_at: Instant,
-    /// When the interpreter said it was waiting for the program (once seen).
-    pub ready_at: Option<Instant>,
+    /// The interpreter has said it is waiting for the program.
+    pub ready: bool,
     pub limits: Limits,
 }
 
 impl Warm {
     /// Has the interpreter said it is waiting? Reads its one-byte signal without blocking.
     pub fn ready(&mut self) -> bool {
-        if self.ready_at.is_none() {
+        if !self.ready {
             let mut byte = [0u8; 1];
             // SAFETY: recv into a buffer we own, on a socket we own; MSG_DONTWAIT never blocks.
             let n = unsafe {
@@ -54,11 +54,9 @@ impl Warm {
                     libc::MSG_DONTWAIT,
                 )
             };
-            if n == 1 {
-                self.ready_at = Some(Instant::now());
-            }
+            self.ready = n == 1;
         }
-        self.ready_at.is_some()
+        self.ready
     }
 
     /// The helper is still running (its pidfd is not readable).
@@ -176,11 +174,10 @@ impl Drop for Pool {
 fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>) {
     loop {
         match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(limits) => {
-                let waiting = shared.lock().iter().filter(|w| w.limits == limits).count();
-                if waiting >= shared.capacity {
-                    continue;
-                }
+            Ok(limits)
+                if shared.lock().iter().filter(|w| w.limits == limits).count()
+                    < shared.capacity =>
+            {
                 match build_warm(builder, limits) {
                     Ok(warm) => {
                         let evicted = {
@@ -197,7 +194,8 @@ fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>)
                     Err(e) => tracing::debug!(error = %e.message, "building a warm jail failed"),
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Enough are waiting with these limits already.
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         let expired: Vec<Warm> = {
@@ -237,7 +235,7 @@ fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
         notes,
         go,
         built_at: Instant::now(),
-        ready_at: None,
+        ready: false,
         limits,
     })
 }
