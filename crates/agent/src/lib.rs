@@ -20,7 +20,7 @@ use fleetbox_proto::api::{
     AgentLoad, EnrollRequest, HeartbeatRequest, LeaseRequest, LeasedTask, ReportBatch,
     ReturnRequest, ShardReport,
 };
-use fleetbox_proto::{ByteSize, Limits, Millis, env};
+use fleetbox_proto::{AppliedLimits, ByteSize, ExecutionReport, Limits, Millis, Status, env};
 use fleetbox_sandbox::{Backend, Cancel, RunRequest, Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -33,12 +33,23 @@ const LEASE_WAIT_MS: u64 = 10_000;
 /// Reports per delivery.
 const REPORT_BATCH: usize = 256;
 
-/// The most a job may ask of this machine; larger requests are lowered to these.
+/// The most a job may ask of this machine: larger requests are lowered to these, and what
+/// cannot be lowered (the network) is refused unless allowed.
 #[derive(Debug, Clone)]
 pub struct LocalCaps {
+    /// Caps `timeout` and `cpu_time`.
     pub max_timeout: Millis,
     pub max_memory: ByteSize,
     pub max_output: ByteSize,
+    pub max_cpus: f64,
+    pub max_processes: u32,
+    pub max_file_size: ByteSize,
+    pub max_open_files: u32,
+    pub max_tmp_size: ByteSize,
+    pub max_listed_files: u32,
+    pub max_hashed_bytes: ByteSize,
+    /// Run jobs that ask for `limits.network = true` (off: such shards are `refused`).
+    pub allow_network: bool,
 }
 
 impl Default for LocalCaps {
@@ -47,17 +58,40 @@ impl Default for LocalCaps {
             max_timeout: Millis::from_secs(3600),
             max_memory: ByteSize::mib(4096),
             max_output: ByteSize::mib(16),
+            max_cpus: 64.0,
+            max_processes: 1024,
+            max_file_size: ByteSize::mib(1024),
+            max_open_files: 4096,
+            max_tmp_size: ByteSize::mib(1024),
+            max_listed_files: 10_000,
+            max_hashed_bytes: ByteSize::mib(1024),
+            allow_network: false,
         }
     }
 }
 
 impl LocalCaps {
-    fn apply(&self, mut l: Limits) -> Limits {
+    /// The limits a shard runs with, or why it is not run at all.
+    fn apply(&self, mut l: Limits) -> Result<Limits, String> {
+        if l.network && !self.allow_network {
+            return Err(
+                "refused by agent policy: the job asks for `limits.network = true` \
+                 and this agent was not started with `--allow-network`"
+                    .into(),
+            );
+        }
         l.timeout = l.timeout.min(self.max_timeout);
         l.cpu_time = l.cpu_time.min(self.max_timeout);
         l.memory = l.memory.min(self.max_memory);
         l.max_output = l.max_output.min(self.max_output);
-        l
+        l.cpus = l.cpus.min(self.max_cpus);
+        l.max_processes = l.max_processes.min(self.max_processes);
+        l.max_file_size = l.max_file_size.min(self.max_file_size);
+        l.max_open_files = l.max_open_files.min(self.max_open_files);
+        l.tmp_size = l.tmp_size.min(self.max_tmp_size);
+        l.max_listed_files = l.max_listed_files.min(self.max_listed_files);
+        l.max_hashed_bytes = l.max_hashed_bytes.min(self.max_hashed_bytes);
+        Ok(l)
     }
 }
 
@@ -340,7 +374,30 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             return;
         }
         let agent_id = shared.agent_id.lock().expect("agent id").clone();
-        let limits = shared.config.caps.apply(task.limits.clone());
+        let limits = match shared.config.caps.apply(task.limits.clone()) {
+            Ok(limits) => limits,
+            Err(why) => {
+                tracing::warn!(lease = %lease_id, job = %task.job_id, "{why}");
+                let mut report = ExecutionReport::unmeasured(Status::Refused, None);
+                report.exit_code = None;
+                report.message = Some(why);
+                report.limits = AppliedLimits::new(task.limits.clone());
+                report.code_sha256 = task.code_sha256.clone();
+                let record = ShardReport {
+                    lease_id: lease_id.clone(),
+                    task_id,
+                    report,
+                };
+                shared.running.lock().expect("running").remove(&lease_id);
+                drop(permit);
+                shared.slot_freed.notify_one();
+                if let Err(e) = shared.outbox.put_with_blobs(&record, Vec::new()) {
+                    tracing::error!(error = %e, lease = %lease_id, "could not write the outbox");
+                }
+                shared.report_ready.notify_one();
+                return;
+            }
+        };
         let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
         let mut req = RunRequest::new(task.code.into_bytes(), Some(input), limits);
         req.runner_id = agent_id;
@@ -580,24 +637,46 @@ mod tests {
             max_timeout: Millis::from_secs(5),
             max_memory: ByteSize::mib(64),
             max_output: ByteSize::kib(8),
+            max_processes: 8,
+            max_tmp_size: ByteSize::mib(4),
+            ..LocalCaps::default()
         };
         let asked = Limits {
             timeout: Millis::from_secs(60),
             cpu_time: Millis::from_secs(60),
             memory: ByteSize::mib(1024),
             max_output: ByteSize::mib(1),
+            max_processes: 500,
+            tmp_size: ByteSize::mib(512),
             ..Limits::default()
         };
-        let got = caps.apply(asked);
+        let got = caps.apply(asked).unwrap();
         assert_eq!(got.timeout, Millis::from_secs(5));
         assert_eq!(got.cpu_time, Millis::from_secs(5));
         assert_eq!(got.memory, ByteSize::mib(64));
         assert_eq!(got.max_output, ByteSize::kib(8));
+        assert_eq!(got.max_processes, 8);
+        assert_eq!(got.tmp_size, ByteSize::mib(4));
         // Smaller requests are kept.
         let small = Limits {
             timeout: Millis(100),
             ..Limits::default()
         };
-        assert_eq!(caps.apply(small).timeout, Millis(100));
+        assert_eq!(caps.apply(small).unwrap().timeout, Millis(100));
+    }
+
+    #[test]
+    fn the_network_is_refused_unless_allowed() {
+        let asked = Limits {
+            network: true,
+            ..Limits::default()
+        };
+        let why = LocalCaps::default().apply(asked.clone()).unwrap_err();
+        assert!(why.contains("--allow-network"), "{why}");
+        let allowed = LocalCaps {
+            allow_network: true,
+            ..LocalCaps::default()
+        };
+        assert!(allowed.apply(asked).unwrap().network);
     }
 }

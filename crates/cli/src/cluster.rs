@@ -87,6 +87,21 @@ pub struct AgentArgs {
     /// Cap on the output a job may keep per stream.
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub max_output: ByteSize,
+    /// Cap on the processes and threads a job may ask for.
+    #[arg(long, default_value_t = 1024)]
+    pub max_processes: u32,
+    /// Cap on the largest file a job may write.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_file_size: ByteSize,
+    /// Cap on the open files a job may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_open_files: u32,
+    /// Cap on the private `/tmp` a job may ask for.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_tmp_size: ByteSize,
+    /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
+    #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
+    pub allow_network: bool,
     /// On SIGTERM, how long running shards may finish before they are handed back.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     pub drain_timeout: Millis,
@@ -220,6 +235,12 @@ fn agent_config(args: AgentArgs, backend: Backend, mut sandbox: SandboxConfig) -
             max_timeout: args.max_timeout,
             max_memory: args.max_memory,
             max_output: args.max_output,
+            max_processes: args.max_processes,
+            max_file_size: args.max_file_size,
+            max_open_files: args.max_open_files,
+            max_tmp_size: args.max_tmp_size,
+            allow_network: args.allow_network,
+            ..LocalCaps::default()
         },
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
@@ -274,6 +295,11 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_timeout: Millis::from_secs(3600),
                     max_memory: ByteSize::mib(4096),
                     max_output: ByteSize::mib(16),
+                    max_processes: 1024,
+                    max_file_size: ByteSize::mib(1024),
+                    max_open_files: 4096,
+                    max_tmp_size: ByteSize::mib(1024),
+                    allow_network: false,
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
                     warm: None,

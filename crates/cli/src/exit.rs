@@ -15,5 +15,6 @@ pub fn exit_code_for(status: Status) -> u8 {
         Status::Killed => 6,
         Status::SandboxViolation => 7,
         Status::SandboxError => 8,
+        Status::Refused => 9,
     }
 }

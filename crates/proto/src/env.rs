@@ -46,6 +46,8 @@ pub const FLEETBOX_ADMIN_TOKEN: &str = "FLEETBOX_ADMIN_TOKEN";
 pub const FLEETBOX_ENROLL_TOKEN: &str = "FLEETBOX_ENROLL_TOKEN";
 /// Agent state directory: identity and outbox (default `./fleetbox-agent`).
 pub const FLEETBOX_AGENT_STATE: &str = "FLEETBOX_AGENT_STATE";
+/// Agent: run jobs that ask for `limits.network = true` (`--allow-network`).
+pub const FLEETBOX_ALLOW_NETWORK: &str = "FLEETBOX_ALLOW_NETWORK";
 
 /// Shard contract: path of this shard's JSON input, relative to the working directory.
 pub const FLEETBOX_INPUT: &str = "FLEETBOX_INPUT";

@@ -236,6 +236,12 @@ impl JobSpec {
         if name.len() > 200 {
             return Err(SpecError::new("name", "must be at most 200 bytes"));
         }
+        if name.chars().any(char::is_control) {
+            return Err(SpecError::new(
+                "name",
+                "must not contain control characters (NUL, newlines, escapes)",
+            ));
+        }
         let code = match (&self.code, &self.code_file) {
             (Some(code), _) => code.clone(),
             (None, Some(path)) => {
@@ -255,6 +261,12 @@ impl JobSpec {
         };
         if code.trim().is_empty() {
             return Err(SpecError::new("code", "must not be empty"));
+        }
+        if code.contains('\0') {
+            return Err(SpecError::new(
+                "code",
+                "contains a NUL byte (Python source cannot hold one)",
+            ));
         }
         if code.len() > MAX_CODE_BYTES {
             return Err(SpecError::new(
@@ -285,6 +297,9 @@ impl JobSpec {
     }
 }
 
+/// The largest memory, `/tmp` and file size a job may ask for (agents cap lower).
+const MAX_MEMORY: u64 = 1 << 40;
+
 fn validate_limits(l: &Limits) -> Result<(), SpecError> {
     const DAY_MS: u64 = 24 * 3600 * 1000;
     if l.timeout.0 == 0 || l.timeout.0 > DAY_MS {
@@ -299,8 +314,35 @@ fn validate_limits(l: &Limits) -> Result<(), SpecError> {
             "must be between 1ms and 24h",
         ));
     }
-    if l.memory.0 < 16 << 20 {
-        return Err(SpecError::new("limits.memory", "must be at least 16MiB"));
+    if l.memory.0 < 16 << 20 || l.memory.0 > MAX_MEMORY {
+        return Err(SpecError::new(
+            "limits.memory",
+            "must be between 16MiB and 1TiB",
+        ));
+    }
+    if l.tmp_size.0 > MAX_MEMORY {
+        return Err(SpecError::new("limits.tmp_size", "must be at most 1TiB"));
+    }
+    if l.max_file_size.0 > MAX_MEMORY {
+        return Err(SpecError::new(
+            "limits.max_file_size",
+            "must be at most 1TiB",
+        ));
+    }
+    if l.max_output.0 > 1 << 30 {
+        return Err(SpecError::new("limits.max_output", "must be at most 1GiB"));
+    }
+    if l.max_open_files == 0 || l.max_open_files > 1 << 20 {
+        return Err(SpecError::new(
+            "limits.max_open_files",
+            "must be between 1 and 1048576",
+        ));
+    }
+    if l.max_processes > 1 << 16 {
+        return Err(SpecError::new(
+            "limits.max_processes",
+            "must be at most 65536",
+        ));
     }
     if l.max_output.0 == 0 {
         return Err(SpecError::new("limits.max_output", "must be more than 0"));

@@ -24,10 +24,13 @@ pub enum Status {
     SandboxViolation,
     /// The sandbox itself failed (our fault or the host's), see `message`.
     SandboxError,
+    /// Not run: the runner's policy refuses what the job asks (e.g. the network on an agent
+    /// started without `--allow-network`), see `message`. Final, like a program's own failure.
+    Refused,
 }
 
 impl Status {
-    pub const ALL: [Status; 8] = [
+    pub const ALL: [Status; 9] = [
         Status::Ok,
         Status::Error,
         Status::Timeout,
@@ -36,6 +39,7 @@ impl Status {
         Status::Killed,
         Status::SandboxViolation,
         Status::SandboxError,
+        Status::Refused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +52,7 @@ impl Status {
             Status::Killed => "killed",
             Status::SandboxViolation => "sandbox_violation",
             Status::SandboxError => "sandbox_error",
+            Status::Refused => "refused",
         }
     }
 }

@@ -14,13 +14,17 @@ use tokio::sync::mpsc;
 use crate::State;
 use crate::blobs::INLINE_LIMIT;
 use crate::reduce::{ShardValue, reduce};
-use crate::store::{StoreError, now_ms};
+use crate::store::{FoldOutcome, StoreError, backoff_ms, now_ms};
+
+/// How long a claimed fold lasts without renewal; the folding coordinator renews it every
+/// third of that, so a dead coordinator's fold is taken over within this much.
+pub const FOLD_LEASE_MS: i64 = 6_000;
+/// Folds tried before the job is `failed`.
+pub const MAX_FOLD_TRIES: u32 = 3;
 
 pub async fn run(state: Arc<State>, mut jobs: mpsc::UnboundedReceiver<String>) {
     while let Some(job) = jobs.recv().await {
-        if let Err(e) = aggregate(&state, &job).await {
-            tracing::error!(job, error = %e, "aggregation failed; will retry");
-        }
+        fold_job(&state, &job).await;
         state
             .aggregating
             .lock()
@@ -29,20 +33,92 @@ pub async fn run(state: Arc<State>, mut jobs: mpsc::UnboundedReceiver<String>) {
     }
 }
 
-async fn aggregate(state: &State, job_id: &str) -> Result<(), StoreError> {
+/// Why one fold did not finish.
+#[derive(Debug, thiserror::Error)]
+enum FoldError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The reducer failed; the summary was already computed.
+    #[error("{message}")]
+    Reduce {
+        message: String,
+        summary: Box<JobSummary>,
+    },
+}
+
+/// Claim the job's fold (a leased step: one coordinator at a time), keep the claim alive while
+/// folding, and on failure give it back with a back-off, or fail the job after
+/// [`MAX_FOLD_TRIES`].
+async fn fold_job(state: &Arc<State>, job_id: &str) {
+    let owner = state.instance.as_str();
+    let now = now_ms();
+    let tries = match state
+        .store
+        .claim_fold(job_id, owner, now, now + FOLD_LEASE_MS)
+        .await
+    {
+        Ok(Some(tries)) => tries,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "could not claim a fold");
+            return;
+        }
+    };
+    let renew = {
+        let state = state.clone();
+        let job_id = job_id.to_string();
+        tokio::spawn(async move {
+            let every = std::time::Duration::from_millis(FOLD_LEASE_MS as u64 / 3);
+            loop {
+                tokio::time::sleep(every).await;
+                let until = now_ms() + FOLD_LEASE_MS;
+                match state
+                    .store
+                    .renew_fold(&job_id, &state.instance, until)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::warn!(job_id, error = %e, "could not renew a fold"),
+                }
+            }
+        })
+    };
+    let outcome = aggregate(state, job_id).await;
+    renew.abort();
+    let Err(error) = outcome else { return };
+    let message = error.to_string();
+    if tries < MAX_FOLD_TRIES {
+        let after = now_ms() + backoff_ms(state.config.retry_backoff_ms, tries);
+        tracing::warn!(job_id, tries, error = %message, "fold failed; it will be tried again");
+        let why = format!("aggregation try {tries} of {MAX_FOLD_TRIES} failed: {message}");
+        if let Err(e) = state.store.release_fold(job_id, owner, after, &why).await {
+            tracing::error!(job_id, error = %e, "could not release a failed fold");
+        }
+        return;
+    }
+    tracing::error!(job_id, tries, error = %message, "fold failed for the last time: job failed");
+    let summary = match error {
+        FoldError::Reduce { summary, .. } => *summary,
+        FoldError::Store(_) => JobSummary::default(),
+    };
+    let error = format!("aggregation failed after {tries} tries: {message}");
+    let outcome = FoldOutcome {
+        state: job_state::FAILED,
+        result: None,
+        result_blob: None,
+        summary: &summary,
+        error: Some(&error),
+    };
+    if let Err(e) = state.store.finish_job(job_id, owner, &outcome).await {
+        tracing::error!(job_id, error = %e, "could not fail a job");
+    }
+}
+
+async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     let Some(job) = state.store.job_any_tenant(job_id).await? else {
         return Ok(());
     };
-    match job.state.as_str() {
-        job_state::RUNNING => {
-            if !state.store.begin_aggregation(job_id).await? {
-                return Ok(());
-            }
-        }
-        // Resumed after a restart.
-        job_state::AGGREGATING => {}
-        _ => return Ok(()),
-    }
     let view = state
         .store
         .job_view(&job.tenant_id, job_id)
@@ -122,41 +198,55 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), StoreError> {
     } else {
         match fold(state, &job.reducer, &job.limits, job_id, values).await {
             Ok(v) => (job_state::COMPLETED, Some(v), None),
-            Err(e) => (
-                job_state::FAILED,
-                None,
-                Some(format!("aggregation failed: {e}")),
-            ),
-        }
-    };
-    // Large results go to the blob store; the row keeps a pointer.
-    let stored = match &result {
-        Some(v) => {
-            let text = serde_json::to_string(v).unwrap_or_default();
-            if text.len() > INLINE_LIMIT * 16 {
-                match state.blobs.put(text.as_bytes()) {
-                    Ok(hash) => Some(serde_json::json!({ "$blob": hash })),
-                    Err(e) => {
-                        tracing::error!(job_id, error = %e, "result blob");
-                        Some(v.clone())
-                    }
-                }
-            } else {
-                Some(v.clone())
+            Err(message) => {
+                return Err(FoldError::Reduce {
+                    message,
+                    summary: Box::new(summary),
+                });
             }
         }
-        None => None,
     };
-    state
+    // Large results go to the blob store; the row keeps its hash in `result_blob`.
+    let text = result.as_ref().map(|v| v.to_string());
+    let blob = match &text {
+        Some(t) if t.len() > INLINE_LIMIT * 16 => {
+            let blobs = state.blobs.clone();
+            let bytes = t.clone().into_bytes();
+            let put = tokio::task::spawn_blocking(move || blobs.put(&bytes))
+                .await
+                .map_err(|e| FoldError::Reduce {
+                    message: format!("storing the result: {e}"),
+                    summary: Box::new(summary.clone()),
+                })?;
+            Some(put.map_err(|e| FoldError::Reduce {
+                message: format!("storing the result blob: {e}"),
+                summary: Box::new(summary.clone()),
+            })?)
+        }
+        _ => None,
+    };
+    let outcome = FoldOutcome {
+        state: job_state_now,
+        result: if blob.is_some() {
+            None
+        } else {
+            text.as_deref()
+        },
+        result_blob: blob.as_deref(),
+        summary: &summary,
+        error: error.as_deref(),
+    };
+    if !state
         .store
-        .finish_job(
+        .finish_job(job_id, &state.instance, &outcome)
+        .await?
+    {
+        tracing::warn!(
             job_id,
-            job_state_now,
-            stored.as_ref(),
-            &summary,
-            error.as_deref(),
-        )
-        .await?;
+            "lost the fold to another coordinator; its result stands"
+        );
+        return Ok(());
+    }
     tracing::info!(
         job_id,
         state = job_state_now,
@@ -180,6 +270,8 @@ async fn fold(
     let list = Value::Array(values.into_iter().map(|(_, v)| v).collect());
     let input = serde_json::to_vec(&list).map_err(|e| e.to_string())?;
     let mut limits = limits.clone();
+    // The coordinator's own sandbox never gets the network, whatever the job asked.
+    limits.network = false;
     limits.timeout = limits.timeout.max(Millis::from_secs(60));
     limits.cpu_time = limits.cpu_time.max(Millis::from_secs(60));
     limits.max_output = limits.max_output.max(ByteSize::mib(16));

@@ -113,6 +113,10 @@ pub struct State {
     aggregating: Mutex<HashSet<String>>,
     /// Becomes true when the coordinator stops: long polls answer at once.
     pub stopping: watch::Receiver<bool>,
+    /// This coordinator process among those sharing the database (owner of the folds it claims).
+    pub instance: String,
+    /// When this coordinator started (ms): agents get one agent timeout of grace after it.
+    pub started_at: i64,
 }
 
 impl State {
@@ -227,6 +231,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         aggregate_tx,
         aggregating: Mutex::new(HashSet::new()),
         stopping: shutdown.subscribe(),
+        instance: format!("coord_{}", ids::random_hex(8)),
+        started_at: store::now_ms(),
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));

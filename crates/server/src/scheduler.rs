@@ -11,14 +11,16 @@ use crate::store::now_ms;
 /// How often leases and agents are checked: a lost agent's leases return within
 /// `agent_timeout + TICK`.
 const TICK: Duration = Duration::from_millis(250);
-/// How often jobs are re-checked for aggregation (covers a crash between settle and aggregate).
-const RECOVERY_EVERY: u32 = 20;
+/// How often jobs are checked for a fold to claim: a missed signal, a failed fold whose
+/// back-off passed, a fold abandoned by a dead coordinator (taken over within
+/// `FOLD_LEASE_MS + RECOVERY_EVERY * TICK`).
+const RECOVERY_EVERY: u32 = 4;
 
 pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = 0u32;
     loop {
         if tick.is_multiple_of(RECOVERY_EVERY) {
-            match state.store.jobs_to_aggregate(tick == 0).await {
+            match state.store.jobs_to_aggregate(now_ms()).await {
                 Ok(jobs) => jobs.into_iter().for_each(|j| state.aggregate(j)),
                 Err(e) => tracing::error!(error = %e, "aggregation recovery"),
             }
@@ -36,10 +38,14 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
 
 async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
     let now = now_ms();
-    let lost = state
-        .store
-        .mark_lost_agents(now - state.config.agent_timeout_ms as i64)
-        .await?;
+    // After a start-up (perhaps after an outage) agents get one agent timeout to heartbeat
+    // before any is called lost: silence while the coordinator was down is not theirs.
+    let timeout = state.config.agent_timeout_ms as i64;
+    // Leases are not expired meanwhile either: their heartbeats could not arrive.
+    if now - state.started_at < timeout {
+        return Ok(());
+    }
+    let lost = state.store.mark_lost_agents(now - timeout).await?;
     for agent in &lost {
         tracing::warn!(
             agent,

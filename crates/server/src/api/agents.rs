@@ -50,6 +50,24 @@ pub async fn enroll(
             ApiError::bad_request("invalid_body", "must be 1 to 200 bytes").with_field("name"),
         );
     }
+    if name.chars().any(char::is_control) {
+        return Err(
+            ApiError::bad_request("invalid_body", "must not contain control characters")
+                .with_field("name"),
+        );
+    }
+    if req.labels.len() > 64
+        || req
+            .labels
+            .iter()
+            .any(|l| l.len() > 200 || l.chars().any(char::is_control))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "at most 64 labels of at most 200 bytes, without control characters",
+        )
+        .with_field("labels"));
+    }
     if req.slots > 1024 {
         return Err(ApiError::bad_request("invalid_body", "at most 1024").with_field("slots"));
     }

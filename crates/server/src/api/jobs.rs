@@ -199,14 +199,12 @@ pub async fn result(
     Path(id): Path<String>,
 ) -> Result<Json<JobResult>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    let mut result = state
+    let (mut result, blob) = state
         .store
         .job_result(tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("job", &id))?;
-    if let Some(serde_json::Value::String(hash)) =
-        result.result.as_ref().and_then(|r| r.get("$blob"))
-    {
+    if let Some(hash) = &blob {
         // Large results live in the blob store.
         let bytes = state.blobs.get(hash).map_err(|e| {
             ApiError::new(
@@ -215,7 +213,13 @@ pub async fn result(
                 format!("result blob: {e}"),
             )
         })?;
-        result.result = serde_json::from_slice(&bytes).ok();
+        result.result = Some(serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("result blob `{hash}` is not JSON: {e}"),
+            )
+        })?);
     }
     Ok(Json(result))
 }

@@ -12,7 +12,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::agents::{json, parse};
-use super::{Doing, Store, StoreError, now_ms, placeholders};
+use super::{Doing, Store, StoreError, now_ms, placeholders, settle};
 
 /// A validated job ready to store.
 #[derive(Debug, Clone)]
@@ -233,9 +233,9 @@ impl Store {
         &self,
         tenant_id: &str,
         id: &str,
-    ) -> Result<Option<JobResult>, StoreError> {
+    ) -> Result<Option<(JobResult, Option<String>)>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, state, result, summary, error FROM jobs WHERE id = $1 AND tenant_id = $2",
+            "SELECT id, state, result, result_blob, summary, error FROM jobs WHERE id = $1 AND tenant_id = $2",
         )
         .bind(id)
         .bind(tenant_id)
@@ -245,7 +245,8 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let result: Option<String> = row.try_get("result").doing("reading a job result")?;
         let summary: Option<String> = row.try_get("summary").doing("reading a job result")?;
-        Ok(Some(JobResult {
+        let blob: Option<String> = row.try_get("result_blob").doing("reading a job result")?;
+        let view = JobResult {
             id: row.try_get("id").doing("reading a job result")?,
             state: row.try_get("state").doing("reading a job result")?,
             result: result.map(|r| parse(&r, "job result")).transpose()?,
@@ -253,7 +254,8 @@ impl Store {
                 .map(|s| parse::<JobSummary>(&s, "job summary"))
                 .transpose()?,
             error: row.try_get("error").doing("reading a job result")?,
-        }))
+        };
+        Ok(Some((view, blob)))
     }
 
     /// A page of a job's shards in index order, optionally only those in `state`.
@@ -408,19 +410,19 @@ impl Store {
         Ok(true)
     }
 
-    /// Jobs waiting for aggregation: every settled `running` job (a missed signal), and with
-    /// `resume`, jobs left `aggregating` by a coordinator that stopped mid-way. Resuming is for
-    /// start-up only: later, another coordinator sharing the database may be folding them.
-    pub async fn jobs_to_aggregate(&self, resume: bool) -> Result<Vec<String>, StoreError> {
-        let sql = if resume {
-            "SELECT id FROM jobs WHERE state = 'aggregating' OR (state = 'running' AND unsettled <= 0)"
-        } else {
-            "SELECT id FROM jobs WHERE state = 'running' AND unsettled <= 0"
-        };
-        let rows = sqlx::query(sql)
-            .fetch_all(&self.read)
-            .await
-            .doing("finding jobs to aggregate")?;
+    /// Jobs whose fold can be claimed now: settled `running` jobs, and `aggregating` jobs whose
+    /// fold lease ran out (its coordinator died) or whose failed fold's back-off has passed.
+    pub async fn jobs_to_aggregate(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE (state = $1 AND unsettled <= 0) \
+             OR (state = $2 AND fold_expires < $3 AND fold_after <= $3)",
+        )
+        .bind(job_state::RUNNING)
+        .bind(job_state::AGGREGATING)
+        .bind(now)
+        .fetch_all(&self.read)
+        .await
+        .doing("finding jobs to aggregate")?;
         rows.iter()
             .map(|r| {
                 r.try_get::<String, _>("id")
@@ -429,18 +431,79 @@ impl Store {
             .collect()
     }
 
-    /// Move a job whose shards have all settled to `aggregating`; false if someone else did.
-    pub async fn begin_aggregation(&self, id: &str) -> Result<bool, StoreError> {
+    /// Claim a job's fold for `owner` until `expires`: a settled `running` job, or an
+    /// `aggregating` one whose fold lease ran out. Returns the try number (1 for the first),
+    /// or `None` when the job is not claimable (another coordinator holds it, or it is done).
+    pub async fn claim_fold(
+        &self,
+        id: &str,
+        owner: &str,
+        now: i64,
+        expires: i64,
+    ) -> Result<Option<u32>, StoreError> {
         let row = sqlx::query(
-            "UPDATE jobs SET state = $1 WHERE id = $2 AND state = $3 AND unsettled <= 0 RETURNING id",
+            "UPDATE jobs SET state = $1, fold_owner = $2, fold_expires = $3, fold_tries = fold_tries + 1 \
+             WHERE id = $4 AND ((state = $5 AND unsettled <= 0) \
+             OR (state = $1 AND fold_expires < $6 AND fold_after <= $6)) RETURNING fold_tries",
         )
         .bind(job_state::AGGREGATING)
+        .bind(owner)
+        .bind(expires)
         .bind(id)
         .bind(job_state::RUNNING)
+        .bind(now)
         .fetch_optional(&self.write)
         .await
-        .doing("starting aggregation")?;
-        Ok(row.is_some())
+        .doing("claiming a fold")?;
+        row.map(|r| {
+            r.try_get::<i64, _>("fold_tries")
+                .doing("claiming a fold")
+                .map(|n| n as u32)
+        })
+        .transpose()
+    }
+
+    /// Extend `owner`'s fold lease; false when it lost it.
+    pub async fn renew_fold(
+        &self,
+        id: &str,
+        owner: &str,
+        expires: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET fold_expires = $1 WHERE id = $2 AND state = $3 AND fold_owner = $4",
+        )
+        .bind(expires)
+        .bind(id)
+        .bind(job_state::AGGREGATING)
+        .bind(owner)
+        .execute(&self.write)
+        .await
+        .doing("renewing a fold")?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Give a failed fold back, to be claimed again from `after` (by any coordinator).
+    pub async fn release_fold(
+        &self,
+        id: &str,
+        owner: &str,
+        after: i64,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET fold_owner = NULL, fold_expires = 0, fold_after = $1, error = $2 \
+             WHERE id = $3 AND state = $4 AND fold_owner = $5",
+        )
+        .bind(after)
+        .bind(settle::storable_text(error))
+        .bind(id)
+        .bind(job_state::AGGREGATING)
+        .bind(owner)
+        .execute(&self.write)
+        .await
+        .doing("releasing a fold")?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn accepted_values(&self, job_id: &str) -> Result<Vec<AcceptedValue>, StoreError> {
@@ -516,30 +579,45 @@ impl Store {
             .collect()
     }
 
-    /// Store the aggregation's outcome and settle the job.
+    /// Store the aggregation's outcome and settle the job, if `owner` still holds its fold.
+    /// The result is inline JSON in `result`, or the hash of a blob holding it in
+    /// `result_blob`: never a marker inside the value.
     pub async fn finish_job(
         &self,
         id: &str,
-        state: &str,
-        result: Option<&Value>,
-        summary: &JobSummary,
-        error: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET state = $1, result = $2, summary = $3, error = $4, finished_at = $5 \
-             WHERE id = $6 AND state = 'aggregating'",
+        owner: &str,
+        outcome: &FoldOutcome<'_>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET state = $1, result = $2, result_blob = $3, summary = $4, error = $5, \
+             finished_at = $6, fold_owner = NULL WHERE id = $7 AND state = $8 AND fold_owner = $9",
         )
-        .bind(state)
-        .bind(result.map(json))
-        .bind(json(summary))
-        .bind(error)
+        .bind(outcome.state)
+        .bind(outcome.result)
+        .bind(outcome.result_blob)
+        .bind(json(outcome.summary))
+        .bind(outcome.error.map(settle::storable_text))
         .bind(now_ms())
         .bind(id)
+        .bind(job_state::AGGREGATING)
+        .bind(owner)
         .execute(&self.write)
         .await
         .doing("storing a job result")?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
+}
+
+/// What a fold ends with, for [`Store::finish_job`].
+#[derive(Debug)]
+pub struct FoldOutcome<'a> {
+    pub state: &'a str,
+    /// The result as JSON text, when small enough to keep in the row.
+    pub result: Option<&'a str>,
+    /// The blob holding the result's JSON, when it is not in the row.
+    pub result_blob: Option<&'a str>,
+    pub summary: &'a JobSummary,
+    pub error: Option<&'a str>,
 }
 
 const JOB_VIEW_SELECT: &str = "SELECT id, tenant_id, name, state, priority, max_attempts, reducer, \

@@ -7,6 +7,7 @@
 
 mod agents;
 mod jobs;
+mod settle;
 mod tasks;
 mod tokens;
 
@@ -17,8 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use jobs::{JobRow, NewJob, ShardPage};
-pub use tasks::{LeaseGrant, ReportInput, Requeued, SettleOutcome};
+pub use jobs::{FoldOutcome, JobRow, NewJob, ShardPage};
+pub use settle::storable_text;
+pub use tasks::{LeaseGrant, ReportInput, Requeued, SettleOutcome, backoff_ms};
 pub use tokens::{Principal, TokenKind};
 
 /// The tenant every object belongs to until tenants are managed.
@@ -81,8 +83,13 @@ impl<T> Doing<T> for Result<T, sqlx::Error> {
 
 /// Migrations, in order. One text for both databases; the few dialect differences are
 /// `{placeholders}` filled by [`DbKind::dialect`].
-const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../migrations/0001_init.sql")),
+    (
+        "0002_settle",
+        include_str!("../../migrations/0002_settle.sql"),
+    ),
+];
 
 #[derive(Clone)]
 pub struct Store {

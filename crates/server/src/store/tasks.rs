@@ -4,12 +4,13 @@
 //! statements, whatever the batch size: that is what makes thousands of tasks a second
 //! possible on a single SQLite writer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use fleetbox_proto::Status;
 use fleetbox_proto::api::task_state;
 use sqlx::Row;
 
+use super::settle::{self, storable_text};
 use super::{DbKind, Doing, Store, StoreError, now_ms, placeholders};
 
 /// One task handed out by [`Store::lease`].
@@ -100,7 +101,6 @@ fn disposition(status: Status) -> Disposition {
 
 struct TaskState {
     job_id: String,
-    state: String,
     lease_id: Option<String>,
     attempts: u32,
     max_attempts: u32,
@@ -236,18 +236,31 @@ impl Store {
         if leases.is_empty() {
             return Ok(0);
         }
+        let now = now_ms();
+        let mut tx = self.write.begin().await.doing("returning leases")?;
         let sql = format!(
             "UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_id = NULL, agent_id = NULL, \
              lease_expires = NULL, not_before = 0, updated_at = $1 \
-             WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({})",
+             WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({}) RETURNING id",
             placeholders(3, leases.len())
         );
-        let mut q = sqlx::query(&sql).bind(now_ms()).bind(agent_id);
+        let mut q = sqlx::query(&sql).bind(now).bind(agent_id);
         for l in leases {
             q = q.bind(l);
         }
-        let done = q.execute(&self.write).await.doing("returning leases")?;
-        Ok(done.rows_affected())
+        let returned = q.fetch_all(&mut *tx).await.doing("returning leases")?;
+        // Closed: a report that still arrives for a returned lease settles nothing.
+        let sql = format!(
+            "UPDATE leases SET closed = 1 WHERE agent_id = $1 AND id IN ({})",
+            placeholders(2, leases.len())
+        );
+        let mut q = sqlx::query(&sql).bind(agent_id);
+        for l in leases {
+            q = q.bind(l);
+        }
+        q.execute(&mut *tx).await.doing("closing returned leases")?;
+        tx.commit().await.doing("returning leases")?;
+        Ok(returned.len() as u64)
     }
 
     /// Store a batch of reports from `agent_id` and settle their shards. Returns each report's
@@ -268,7 +281,7 @@ impl Store {
 
         // 1. Which leases are real and this agent's.
         let sql = format!(
-            "SELECT id, task_id, agent_id, attempt FROM leases WHERE id IN ({})",
+            "SELECT id, task_id, agent_id, attempt FROM leases WHERE closed = 0 AND id IN ({})",
             placeholders(1, reports.len())
         );
         let mut q = sqlx::query(&sql);
@@ -308,7 +321,7 @@ impl Store {
             set.into_iter().collect()
         };
         let sql = format!(
-            "SELECT id, job_id, state, lease_id, attempts, max_attempts FROM tasks WHERE id IN ({})",
+            "SELECT id, job_id, lease_id, attempts, max_attempts FROM tasks WHERE id IN ({})",
             placeholders(1, task_ids.len())
         );
         let mut q = sqlx::query(&sql);
@@ -322,13 +335,15 @@ impl Store {
                 row.try_get("id").doing(d)?,
                 TaskState {
                     job_id: row.try_get("job_id").doing(d)?,
-                    state: row.try_get("state").doing(d)?,
                     lease_id: row.try_get("lease_id").doing(d)?,
                     attempts: row.try_get::<i64, _>("attempts").doing(d)? as u32,
                     max_attempts: row.try_get::<i64, _>("max_attempts").doing(d)? as u32,
                 },
             );
         }
+
+        let jobs: Vec<String> = tasks.values().map(|t| t.job_id.clone()).collect();
+        settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
 
         // 3. Store every attempt once; a conflict on the lease id means a duplicate.
         let mut inserted: HashMap<String, i64> = HashMap::new();
@@ -383,77 +398,70 @@ impl Store {
             }
         }
 
-        // 4. Settle shards, in report order.
-        let mut accepted_tasks = Vec::new();
+        // 4. Settle shards, in report order. Each transition is a guarded update whose row
+        // count says whether it happened: two transactions racing for one shard (a late and
+        // the current report, a report and an expiry, a report and a cancel) cannot both win,
+        // and only a transition that happened moves the job's counter.
         let mut chosen_attempts = Vec::new();
-        let mut settled_per_job: HashMap<String, i64> = HashMap::new();
-        let mut failures: Vec<(i64, &'static str, Option<i64>, String)> = Vec::new();
+        let mut settled_per_job: BTreeMap<String, i64> = BTreeMap::new();
         for &i in &valid_rows {
             let r = &reports[i];
             let Some(&attempt_id) = inserted.get(&r.lease_id) else {
                 outcomes[i] = SettleOutcome::Duplicate;
                 continue;
             };
-            let Some(task) = tasks.get_mut(&r.task_id) else {
-                continue;
-            };
+            let task = &tasks[&r.task_id];
+            // Only labels the outcome; the guards below decide.
             let current = task.lease_id.as_deref() == Some(r.lease_id.as_str());
-            let leased_elsewhere = task.state == task_state::LEASED && !current;
-            if task_state::is_settled(&task.state) {
-                outcomes[i] = SettleOutcome::Late;
-                continue;
-            }
             let reason = r
                 .reason
-                .clone()
+                .as_deref()
+                .map(storable_text)
                 .unwrap_or_else(|| r.status.as_str().to_string());
-            match disposition(r.status) {
-                Disposition::Accept => {
-                    // A late success still settles the shard: nothing is run twice for nothing.
-                    task.state = task_state::ACCEPTED.into();
-                    accepted_tasks.push(r.task_id);
+            let outcome = match disposition(r.status) {
+                // A late success still settles a shard nobody settled: nothing is run twice
+                // for nothing.
+                Disposition::Accept => settle::accept(&mut tx, r.task_id, now).await?.then(|| {
                     chosen_attempts.push(attempt_id);
+                    current
+                }),
+                Disposition::Reject => {
+                    settle::reject(&mut tx, r.task_id, &r.lease_id, &reason, now)
+                        .await?
+                        .then_some(true)
+                }
+                Disposition::Retry => {
+                    let dead = task.attempts >= task.max_attempts;
+                    let (to, why) = if dead {
+                        (
+                            task_state::DEAD,
+                            format!("{reason} (after {} attempts)", task.attempts),
+                        )
+                    } else {
+                        (task_state::QUEUED, reason)
+                    };
+                    let at = now + backoff_ms(backoff_base_ms, task.attempts);
+                    let done =
+                        settle::release(&mut tx, r.task_id, &r.lease_id, to, at, &why, now).await?;
+                    // A retried shard is not settled: its job keeps counting it.
+                    if done && !dead {
+                        outcomes[i] = SettleOutcome::Accepted;
+                        continue;
+                    }
+                    done.then_some(true)
+                }
+            };
+            outcomes[i] = match outcome {
+                Some(current) => {
                     *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
-                    outcomes[i] = if current {
+                    if current {
                         SettleOutcome::Accepted
                     } else {
                         SettleOutcome::Late
-                    };
-                }
-                _ if leased_elsewhere => outcomes[i] = SettleOutcome::Late,
-                Disposition::Reject => {
-                    task.state = task_state::REJECTED.into();
-                    failures.push((r.task_id, task_state::REJECTED, None, reason));
-                    *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
-                    outcomes[i] = SettleOutcome::Accepted;
-                }
-                Disposition::Retry => {
-                    if task.attempts >= task.max_attempts {
-                        task.state = task_state::DEAD.into();
-                        let why = format!("{reason} (after {} attempts)", task.attempts);
-                        failures.push((r.task_id, task_state::DEAD, None, why));
-                        *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
-                    } else {
-                        task.state = task_state::QUEUED.into();
-                        let at = now + backoff_ms(backoff_base_ms, task.attempts);
-                        failures.push((r.task_id, task_state::QUEUED, Some(at), reason));
                     }
-                    task.lease_id = None;
-                    outcomes[i] = SettleOutcome::Accepted;
                 }
-            }
-        }
-        for chunk in accepted_tasks.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
-                "UPDATE tasks SET state = 'accepted', lease_id = NULL, lease_expires = NULL, last_error = NULL, \
-                 updated_at = $1 WHERE id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let mut q = sqlx::query(&sql).bind(now);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            q.execute(&mut *tx).await.doing("accepting shards")?;
+                None => SettleOutcome::Late,
+            };
         }
         for chunk in chosen_attempts.chunks(self.rows_per_statement(1)) {
             let sql = format!(
@@ -465,20 +473,6 @@ impl Store {
                 q = q.bind(*id);
             }
             q.execute(&mut *tx).await.doing("choosing attempts")?;
-        }
-        for (task_id, state, not_before, reason) in &failures {
-            sqlx::query(
-                "UPDATE tasks SET state = $1, not_before = COALESCE($2, not_before), last_error = $3, \
-                 lease_id = NULL, lease_expires = NULL, updated_at = $4 WHERE id = $5",
-            )
-            .bind(*state)
-            .bind(*not_before)
-            .bind(reason)
-            .bind(now)
-            .bind(*task_id)
-            .execute(&mut *tx)
-            .await
-            .doing("settling failed shards")?;
         }
         let ready = settle_jobs(&mut tx, &settled_per_job).await?;
         tx.commit().await.doing("storing reports")?;
@@ -513,51 +507,56 @@ impl Store {
             .fetch_all(&mut *tx)
             .await
             .doing("finding expired leases")?;
-        let mut changed = Vec::new();
-        let mut settled: HashMap<String, i64> = HashMap::new();
+        struct Expired {
+            id: i64,
+            job_id: String,
+            attempts: u32,
+            max: u32,
+            lease: String,
+            agent: String,
+        }
+        let mut expired = Vec::with_capacity(rows.len());
         for row in rows {
             let d = "reading expired leases";
-            let id: i64 = row.try_get("id").doing(d)?;
-            let job_id: String = row.try_get("job_id").doing(d)?;
-            let attempts = row.try_get::<i64, _>("attempts").doing(d)? as u32;
-            let max = row.try_get::<i64, _>("max_attempts").doing(d)? as u32;
             let lease: Option<String> = row.try_get("lease_id").doing(d)?;
             let agent: Option<String> = row.try_get("agent_id").doing(d)?;
-            let agent = agent.unwrap_or_default();
-            let why = if lost_agents.contains(&agent) {
-                format!("agent `{agent}` stopped heartbeating")
+            expired.push(Expired {
+                id: row.try_get("id").doing(d)?,
+                job_id: row.try_get("job_id").doing(d)?,
+                attempts: row.try_get::<i64, _>("attempts").doing(d)? as u32,
+                max: row.try_get::<i64, _>("max_attempts").doing(d)? as u32,
+                lease: lease.unwrap_or_default(),
+                agent: agent.unwrap_or_default(),
+            });
+        }
+        let jobs: Vec<String> = expired.iter().map(|e| e.job_id.clone()).collect();
+        settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
+        let mut changed = Vec::new();
+        let mut settled: BTreeMap<String, i64> = BTreeMap::new();
+        for e in expired {
+            let why = if lost_agents.contains(&e.agent) {
+                format!("agent `{}` stopped heartbeating", e.agent)
             } else {
-                format!("lease on agent `{agent}` expired")
+                format!("lease on agent `{}` expired", e.agent)
             };
-            let dead = attempts >= max;
-            let (state, reason) = if dead {
+            let dead = e.attempts >= e.max;
+            let (to, reason) = if dead {
                 (
                     task_state::DEAD,
-                    format!("{why} (after {attempts} attempts)"),
+                    format!("{why} (after {} attempts)", e.attempts),
                 )
             } else {
                 (task_state::QUEUED, why)
             };
-            let done = sqlx::query(
-                "UPDATE tasks SET state = $1, not_before = $2, last_error = $3, lease_id = NULL, \
-                 lease_expires = NULL, updated_at = $4 WHERE id = $5 AND state = 'leased' AND lease_id = $6",
-            )
-            .bind(state)
-            .bind(now + backoff_ms(backoff_base_ms, attempts))
-            .bind(&reason)
-            .bind(now)
-            .bind(id)
-            .bind(lease)
-            .execute(&mut *tx)
-            .await
-            .doing("requeueing a shard")?;
-            if done.rows_affected() == 1 {
+            let at = now + backoff_ms(backoff_base_ms, e.attempts);
+            // A report (or another coordinator's sweep) may have settled it since the read.
+            if settle::release(&mut tx, e.id, &e.lease, to, at, &reason, now).await? {
                 if dead {
-                    *settled.entry(job_id.clone()).or_default() += 1;
+                    *settled.entry(e.job_id.clone()).or_default() += 1;
                 }
                 changed.push(Requeued {
-                    task_id: id,
-                    job_id,
+                    task_id: e.id,
+                    job_id: e.job_id,
                     dead,
                 });
             }
@@ -571,7 +570,7 @@ impl Store {
 /// Count settled shards against their jobs; returns the jobs with none left.
 async fn settle_jobs(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    settled: &HashMap<String, i64>,
+    settled: &BTreeMap<String, i64>,
 ) -> Result<Vec<String>, StoreError> {
     let mut ready = Vec::new();
     for (job, n) in settled {
