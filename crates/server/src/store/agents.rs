@@ -19,7 +19,7 @@ impl Store {
         req: &EnrollRequest,
     ) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut tx = self.write.begin().await.doing("enrolling an agent")?;
+        let mut tx = self.begin_write().await.doing("enrolling an agent")?;
         sqlx::query(
             "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen) \
              VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8)",

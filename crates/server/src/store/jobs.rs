@@ -73,7 +73,7 @@ impl Store {
     /// Store a job and all its tasks in one transaction.
     pub async fn insert_job(&self, job: &NewJob) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut tx = self.write.begin().await.doing("submitting a job")?;
+        let mut tx = self.begin_write().await.doing("submitting a job")?;
         sqlx::query(
             "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
              priority, max_attempts, shard_count, unsettled, created_at) \
@@ -379,7 +379,7 @@ impl Store {
     /// Cancel a job: unsettled shards become `dead`. Returns false when it was already final.
     pub async fn cancel_job(&self, tenant_id: &str, id: &str) -> Result<bool, StoreError> {
         let now = now_ms();
-        let mut tx = self.write.begin().await.doing("cancelling a job")?;
+        let mut tx = self.begin_write().await.doing("cancelling a job")?;
         let done = sqlx::query(
             "UPDATE jobs SET state = $1, error = $2, finished_at = $3, unsettled = 0 \
              WHERE id = $4 AND tenant_id = $5 AND state NOT IN ('completed', 'failed', 'cancelled') RETURNING id",

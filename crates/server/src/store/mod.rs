@@ -175,6 +175,19 @@ impl Store {
         Ok(store)
     }
 
+    /// A write transaction. On SQLite it takes the write lock at `BEGIN` (`IMMEDIATE`): a
+    /// deferred transaction that reads first and then writes fails at once with `database is
+    /// locked` when another coordinator's store holds the lock, since SQLite cannot wait for
+    /// an upgrade; an immediate one waits (`busy_timeout`) like any writer.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.kind {
+            DbKind::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
+            DbKind::Postgres => self.write.begin().await,
+        }
+    }
+
     pub fn kind(&self) -> DbKind {
         self.kind
     }
@@ -201,7 +214,7 @@ impl Store {
             source,
         })?;
         for (name, text) in MIGRATIONS {
-            let mut tx = self.write.begin().await.doing("starting a migration")?;
+            let mut tx = self.begin_write().await.doing("starting a migration")?;
             if self.kind == DbKind::Postgres {
                 // Several coordinators may start at once against one database.
                 sqlx::query("LOCK TABLE fleetbox_migrations IN EXCLUSIVE MODE")

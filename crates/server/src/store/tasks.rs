@@ -141,7 +141,7 @@ impl Store {
              ORDER BY priority DESC, id LIMIT $6{lock}) \
              RETURNING id, job_id, shard_index, attempts, input, lease_id"
         );
-        let mut tx = self.write.begin().await.doing("leasing tasks")?;
+        let mut tx = self.begin_write().await.doing("leasing tasks")?;
         let rows = sqlx::query(&sql)
             .bind(lease_prefix)
             .bind(agent_id)
@@ -237,7 +237,7 @@ impl Store {
             return Ok(0);
         }
         let now = now_ms();
-        let mut tx = self.write.begin().await.doing("returning leases")?;
+        let mut tx = self.begin_write().await.doing("returning leases")?;
         let sql = format!(
             "UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_id = NULL, agent_id = NULL, \
              lease_expires = NULL, not_before = 0, updated_at = $1 \
@@ -277,7 +277,7 @@ impl Store {
             return Ok((outcomes, Vec::new()));
         }
         let now = now_ms();
-        let mut tx = self.write.begin().await.doing("storing reports")?;
+        let mut tx = self.begin_write().await.doing("storing reports")?;
 
         // 1. Which leases are real and this agent's.
         let sql = format!(
@@ -487,7 +487,7 @@ impl Store {
         lost_agents: &[String],
         backoff_base_ms: u64,
     ) -> Result<(Vec<Requeued>, Vec<String>), StoreError> {
-        let mut tx = self.write.begin().await.doing("expiring leases")?;
+        let mut tx = self.begin_write().await.doing("expiring leases")?;
         let sql = if lost_agents.is_empty() {
             "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks \
              WHERE state = 'leased' AND lease_expires < $1"

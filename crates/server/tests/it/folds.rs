@@ -1,0 +1,139 @@
+//! Folds as leased steps: one coordinator at a time, retried after a failure, taken over
+//! when their coordinator dies; results stored by column, never interpreted.
+
+use std::time::Duration;
+
+use fleetbox_proto::api::job_state;
+use fleetbox_server::store::{FoldOutcome, Store, now_ms};
+
+use crate::support::{BOTH, Coordinator, database, new_job, spec};
+
+#[tokio::test]
+async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let a = Store::open(&url).await.unwrap();
+        let b = Store::open(&url).await.unwrap();
+        a.insert_job(&new_job("job_f", 1, 1)).await.unwrap();
+        let now = now_ms();
+        // Not settled yet: nobody may fold.
+        assert_eq!(
+            a.claim_fold("job_f", "coord_a", now, now + 1000)
+                .await
+                .unwrap(),
+            None
+        );
+        a.cancel_job("default", "job_f").await.unwrap();
+
+        a.insert_job(&new_job("job_g", 1, 1)).await.unwrap();
+        let g = a.lease("default", "agt", 1, now + 10, "x").await.unwrap();
+        a.expire_leases(now + 100, &[], 0).await.unwrap();
+        assert!(!g.is_empty());
+        let now = now_ms();
+        assert_eq!(
+            a.claim_fold("job_g", "coord_a", now, now + 1000)
+                .await
+                .unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            b.claim_fold("job_g", "coord_b", now, now + 1000)
+                .await
+                .unwrap(),
+            None,
+            "{db:?}"
+        );
+        assert!(
+            a.jobs_to_aggregate(now).await.unwrap().is_empty(),
+            "{db:?}: held"
+        );
+        // coord_a dies: past its expiry coord_b takes over, and coord_a's late finish is refused.
+        let later = now + 1001;
+        assert_eq!(
+            a.jobs_to_aggregate(later).await.unwrap(),
+            vec!["job_g".to_string()]
+        );
+        assert_eq!(
+            b.claim_fold("job_g", "coord_b", later, later + 1000)
+                .await
+                .unwrap(),
+            Some(2)
+        );
+        let summary = Default::default();
+        let outcome = FoldOutcome {
+            state: job_state::COMPLETED,
+            result: Some("1"),
+            result_blob: None,
+            summary: &summary,
+            error: None,
+        };
+        assert!(
+            !a.finish_job("job_g", "coord_a", &outcome).await.unwrap(),
+            "{db:?}"
+        );
+        assert!(
+            !a.renew_fold("job_g", "coord_a", later + 5000)
+                .await
+                .unwrap(),
+            "{db:?}"
+        );
+        assert!(
+            b.finish_job("job_g", "coord_b", &outcome).await.unwrap(),
+            "{db:?}"
+        );
+        let (result, blob) = b.job_result("default", "job_g").await.unwrap().unwrap();
+        assert_eq!(result.state, "completed");
+        assert_eq!(result.result, Some(serde_json::json!(1)));
+        assert_eq!(blob, None);
+    }
+}
+
+/// A python reducer that fails on its first try only (a marker file says it ran) is tried
+/// again and completes; its result, which holds a `$blob` key, comes back as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fold_is_retried_and_user_values_are_never_interpreted() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("a1", Default::default());
+        // The reducer may run as another user: the marker's directory is open to it.
+        let shared = c.dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let marker = shared.join("reducer-ran-once");
+        let job = spec(&format!(
+            r#"
+name = "retried fold"
+code = "import json, os; print(sum(json.load(open(os.environ['FLEETBOX_INPUT']))['items']))"
+[shards]
+items = [1, 2, 3, 4]
+per_shard = 1
+[aggregate]
+reducer = "python"
+code = '''
+import json, os
+marker = {marker:?}
+if not os.path.exists(marker):
+    open(marker, "w").write("1")
+    raise RuntimeError("first try fails")
+values = json.load(open(os.environ["FLEETBOX_INPUT"]))
+print(json.dumps({{"$blob": "not a blob", "total": sum(values)}}))
+'''
+"#
+        ));
+        let result = c.run(&job, Duration::from_secs(60)).await;
+        assert_eq!(result.state, "completed", "{db:?}: {result:?}");
+        assert_eq!(
+            result.result,
+            Some(serde_json::json!({"$blob": "not a blob", "total": 10})),
+            "{db:?}"
+        );
+        assert!(marker.exists());
+        c.stop().await;
+    }
+}

@@ -1,0 +1,98 @@
+//! What an agent's own policy decides, and bad text at the edge, through a real coordinator.
+
+use std::time::Duration;
+
+use fleetbox_agent::LocalCaps;
+
+use crate::support::{BOTH, Coordinator, spec};
+
+const NETWORK_JOB: &str = r#"
+name = "wants the network"
+code = "print(1)"
+shards = { count = 1 }
+[limits]
+network = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_is_refused_unless_the_agent_allows_it() {
+    let Some(mut c) = Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("strict", LocalCaps::default());
+    let result = c.run(&spec(NETWORK_JOB), Duration::from_secs(30)).await;
+    assert_eq!(result.state, "failed", "{result:?}");
+    let job = c.client.jobs(None, 1).await.unwrap().jobs.remove(0);
+    let shard = c.client.shard(&job.id, 0).await.unwrap();
+    assert_eq!(
+        shard.shard.state, "rejected",
+        "refused is final, not retried"
+    );
+    assert_eq!(shard.attempts.len(), 1);
+    assert_eq!(shard.shard.status.as_deref(), Some("refused"));
+    let why = shard.shard.error.unwrap_or_default();
+    assert!(why.contains("--allow-network"), "{why}");
+    c.stop().await;
+
+    let Some(mut c) = Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    c.agent(
+        "open",
+        LocalCaps {
+            allow_network: true,
+            ..LocalCaps::default()
+        },
+    );
+    let result = c.run(&spec(NETWORK_JOB), Duration::from_secs(30)).await;
+    assert_eq!(result.state, "completed", "{result:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_names_and_code_is_a_typed_error_and_a_nul_exception_is_kept() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        for body in [
+            serde_json::json!({"name": "a\u{0}b", "code": "pass", "shards": {"count": 1}}),
+            serde_json::json!({"name": "ok", "code": "pass\u{0}", "shards": {"count": 1}}),
+        ] {
+            let resp = reqwest::Client::new()
+                .post(format!("{}/v1/jobs", c.running.url()))
+                .bearer_auth(&c.running.admin_token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 422, "{db:?}: {body}");
+            let err: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(err["error"]["code"], "invalid_spec", "{db:?}: {err}");
+            assert!(err["error"]["trace_id"].is_string());
+        }
+        c.agent("a1", LocalCaps::default());
+        let job = spec(
+            r#"
+name = "nul exception"
+code = "raise ValueError('bad' + chr(0) + 'byte')"
+shards = { count = 1 }
+"#,
+        );
+        let result = c.run(&job, Duration::from_secs(30)).await;
+        assert_eq!(result.state, "failed", "{db:?}: {result:?}");
+        let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
+        let shard = c.client.shard(&id, 0).await.unwrap();
+        assert_eq!(
+            shard.shard.state, "rejected",
+            "{db:?}: not dead, not retried"
+        );
+        assert_eq!(shard.attempts.len(), 1, "{db:?}");
+        let message = &shard.attempts[0].report["exception"]["message"];
+        assert_eq!(
+            message, "bad\u{0}byte",
+            "{db:?}: the report keeps the exact text"
+        );
+        c.stop().await;
+    }
+}

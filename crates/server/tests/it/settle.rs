@@ -1,0 +1,405 @@
+//! The settle state machine under races, on SQLite and PostgreSQL, with two stores (two
+//! coordinators) on one database: late and current reports for the same shards at the same
+//! instant, reports against lease expiry, reports against a cancel. Each race runs many
+//! rounds with random delays; after each, every shard settled exactly once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetbox_proto::Status;
+use fleetbox_server::store::{ReportInput, SettleOutcome, Store, now_ms};
+use sqlx::Row;
+
+use crate::support::{BOTH, Db, database, new_job};
+
+const SHARDS: u64 = 20;
+const ROUNDS: usize = 8;
+
+fn ok_report(lease_id: &str, task_id: i64, value: u64) -> ReportInput {
+    ReportInput {
+        lease_id: lease_id.into(),
+        task_id,
+        status: Status::Ok,
+        reason: None,
+        output: Some(value.to_string()),
+        output_blob: None,
+        output_sha256: None,
+        report_json: "{}".into(),
+        stdout_blob: None,
+        stderr_blob: None,
+        wall_ms: 1,
+        peak_memory: 1,
+        bytes_out: 0,
+    }
+}
+
+/// A few hundred microseconds of jitter, different for every call.
+async fn jitter(seed: u64) {
+    let nanos = (seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(now_ms() as u64))
+        % 800;
+    tokio::time::sleep(Duration::from_micros(nanos)).await;
+}
+
+/// What the database says, checked against the truth.
+struct Invariants {
+    unsettled: i64,
+    unsettled_truth: i64,
+    /// (shard, chosen attempts) for accepted shards with other than one chosen attempt.
+    bad_choices: Vec<(i64, i64)>,
+    /// Chosen attempts on shards that are not accepted.
+    stray_choices: i64,
+    accepted: i64,
+    state: String,
+}
+
+async fn invariants(url: &str, job: &str) -> Invariants {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap();
+    let row = sqlx::query("SELECT unsettled, state FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let unsettled: i64 = row.get("unsettled");
+    let state: String = row.get("state");
+    let truth: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state NOT IN ('accepted', 'rejected', 'dead')",
+    )
+    .bind(job)
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    .get("n");
+    let accepted: i64 =
+        sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state = 'accepted'")
+            .bind(job)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .get("n");
+    let bad = sqlx::query(
+        "SELECT t.shard_index AS s, (SELECT COUNT(*) FROM attempts a WHERE a.task_id = t.id AND a.chosen = 1) AS n \
+         FROM tasks t WHERE t.job_id = $1 AND t.state = 'accepted'",
+    )
+    .bind(job)
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get::<i64, _>("s"), r.get::<i64, _>("n")))
+    .filter(|(_, n)| *n != 1)
+    .collect();
+    let stray: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM attempts a JOIN tasks t ON t.id = a.task_id \
+         WHERE a.job_id = $1 AND a.chosen = 1 AND t.state <> 'accepted'",
+    )
+    .bind(job)
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    .get("n");
+    pool.close().await;
+    Invariants {
+        unsettled,
+        unsettled_truth: truth,
+        bad_choices: bad,
+        stray_choices: stray,
+        accepted,
+        state,
+    }
+}
+
+async fn folded_sum(store: &Store, job: &str) -> u64 {
+    store
+        .accepted_values(job)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.output.as_deref().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Two stores on one database (two coordinators), or `None` when PostgreSQL is skipped.
+async fn two_stores(db: Db, dir: &std::path::Path) -> Option<(String, Arc<Store>, Arc<Store>)> {
+    let url = database(db, dir).await?;
+    let a = Arc::new(Store::open(&url).await.unwrap());
+    let b = Arc::new(Store::open(&url).await.unwrap());
+    Some((url, a, b))
+}
+
+/// Every shard leased by `agt_a`, expired, leased again by `agt_b`: returns both grants, by
+/// shard.
+async fn lease_twice(
+    store: &Store,
+    job: &str,
+) -> Vec<(
+    fleetbox_server::store::LeaseGrant,
+    fleetbox_server::store::LeaseGrant,
+)> {
+    let now = now_ms();
+    let mut first = store
+        .lease_at("default", "agt_a", 1000, now + 50, &format!("{job}a"), now)
+        .await
+        .unwrap();
+    assert_eq!(first.len() as u64, SHARDS);
+    let (requeued, _) = store.expire_leases(now + 100, &[], 0).await.unwrap();
+    assert_eq!(requeued.len() as u64, SHARDS);
+    let mut second = store
+        .lease_at(
+            "default",
+            "agt_b",
+            1000,
+            now + 60_000,
+            &format!("{job}b"),
+            now + 200,
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.len() as u64, SHARDS);
+    first.sort_by_key(|g| g.shard_index);
+    second.sort_by_key(|g| g.shard_index);
+    first.into_iter().zip(second).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_and_current_reports_racing_settle_each_shard_once() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        for round in 0..ROUNDS {
+            let job = format!("job_race{round}");
+            one.insert_job(&new_job(&job, SHARDS, 5)).await.unwrap();
+            let pairs = lease_twice(&one, &job).await;
+            let mut racers = Vec::new();
+            for (i, (late, current)) in pairs.into_iter().enumerate() {
+                let value = late.shard_index + 1;
+                for (store, agent, grant, seed) in [
+                    (one.clone(), "agt_a", late, i as u64 * 2),
+                    (two.clone(), "agt_b", current, i as u64 * 2 + 1),
+                ] {
+                    racers.push(tokio::spawn(async move {
+                        jitter(seed + round as u64).await;
+                        let report = ok_report(&grant.lease_id, grant.task_id, value);
+                        store.report("default", agent, &[report], 0).await.unwrap()
+                    }));
+                }
+            }
+            let mut ready = 0;
+            let mut winners = 0;
+            for r in racers {
+                let (outcomes, jobs) = r.await.unwrap();
+                ready += jobs.len();
+                winners += outcomes
+                    .iter()
+                    .filter(|o| **o == SettleOutcome::Accepted)
+                    .count();
+            }
+            let inv = invariants(&url, &job).await;
+            assert_eq!(inv.unsettled, 0, "{db:?} round {round}: unsettled");
+            assert_eq!(inv.unsettled_truth, 0, "{db:?} round {round}");
+            assert_eq!(inv.accepted as u64, SHARDS, "{db:?} round {round}");
+            assert!(
+                inv.bad_choices.is_empty(),
+                "{db:?} round {round}: {:?}",
+                inv.bad_choices
+            );
+            assert_eq!(inv.stray_choices, 0, "{db:?} round {round}");
+            assert_eq!(
+                ready, 1,
+                "{db:?} round {round}: the job is ready exactly once"
+            );
+            assert!(winners as u64 <= SHARDS, "{db:?} round {round}");
+            let want: u64 = (1..=SHARDS).sum();
+            assert_eq!(folded_sum(&one, &job).await, want, "{db:?} round {round}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_racing_lease_expiry_settle_each_shard_once() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        for round in 0..ROUNDS {
+            let job = format!("job_expiry{round}");
+            // One attempt only: an expiry that wins kills the shard; a report that wins accepts it.
+            one.insert_job(&new_job(&job, SHARDS, 1)).await.unwrap();
+            let now = now_ms();
+            let grants = one
+                .lease_at("default", "agt_a", 1000, now + 50, &job, now)
+                .await
+                .unwrap();
+            let mut racers = Vec::new();
+            for (i, g) in grants.into_iter().enumerate() {
+                let store = two.clone();
+                racers.push(tokio::spawn(async move {
+                    jitter(i as u64 + round as u64).await;
+                    let r = ok_report(&g.lease_id, g.task_id, g.shard_index + 1);
+                    store
+                        .report("default", "agt_a", &[r], 0)
+                        .await
+                        .unwrap()
+                        .1
+                        .len()
+                }));
+            }
+            for _ in 0..4 {
+                let store = one.clone();
+                racers.push(tokio::spawn(async move {
+                    jitter(round as u64).await;
+                    store
+                        .expire_leases(now + 100, &[], 0)
+                        .await
+                        .unwrap()
+                        .1
+                        .len()
+                }));
+            }
+            let mut ready = 0;
+            for r in racers {
+                ready += r.await.unwrap();
+            }
+            let inv = invariants(&url, &job).await;
+            assert_eq!(inv.unsettled, 0, "{db:?} round {round}");
+            assert_eq!(inv.unsettled_truth, 0, "{db:?} round {round}");
+            assert!(
+                inv.bad_choices.is_empty(),
+                "{db:?} round {round}: {:?}",
+                inv.bad_choices
+            );
+            assert_eq!(inv.stray_choices, 0, "{db:?} round {round}");
+            assert_eq!(ready, 1, "{db:?} round {round}: ready exactly once");
+            // Whatever won, the fold holds exactly the accepted shards' values once.
+            let values = one.accepted_values(&job).await.unwrap();
+            assert_eq!(values.len() as i64, inv.accepted, "{db:?} round {round}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_racing_a_cancel_leave_a_consistent_job() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        for round in 0..ROUNDS {
+            let job = format!("job_cancel{round}");
+            one.insert_job(&new_job(&job, SHARDS, 3)).await.unwrap();
+            let pairs = lease_twice(&one, &job).await;
+            let mut racers = Vec::new();
+            for (i, (late, current)) in pairs.into_iter().enumerate() {
+                for (store, agent, g) in [
+                    (one.clone(), "agt_a", late),
+                    (two.clone(), "agt_b", current),
+                ] {
+                    racers.push(tokio::spawn(async move {
+                        jitter(i as u64 + round as u64).await;
+                        let r = ok_report(&g.lease_id, g.task_id, 1);
+                        store.report("default", agent, &[r], 0).await.unwrap();
+                    }));
+                }
+            }
+            let store = two.clone();
+            let j = job.clone();
+            racers.push(tokio::spawn(async move {
+                jitter(round as u64 * 7).await;
+                assert!(store.cancel_job("default", &j).await.unwrap());
+            }));
+            for r in racers {
+                r.await.unwrap();
+            }
+            let inv = invariants(&url, &job).await;
+            assert_eq!(inv.state, "cancelled", "{db:?} round {round}");
+            assert_eq!(
+                inv.unsettled_truth, 0,
+                "{db:?} round {round}: nothing left running"
+            );
+            assert!(inv.unsettled >= 0, "{db:?} round {round}");
+            assert!(
+                inv.bad_choices.is_empty(),
+                "{db:?} round {round}: {:?}",
+                inv.bad_choices
+            );
+            assert_eq!(inv.stray_choices, 0, "{db:?} round {round}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_returned_lease_settles_nothing() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, _)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        one.insert_job(&new_job("job_ret", 1, 3)).await.unwrap();
+        let g = one
+            .lease("default", "agt_a", 1, now_ms() + 60_000, "r")
+            .await
+            .unwrap();
+        assert_eq!(
+            one.return_leases("agt_a", &[g[0].lease_id.clone()])
+                .await
+                .unwrap(),
+            1
+        );
+        let r = ok_report(&g[0].lease_id, g[0].task_id, 1);
+        let (outcomes, ready) = one.report("default", "agt_a", &[r], 0).await.unwrap();
+        assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
+        assert!(ready.is_empty());
+        let inv = invariants(&url, "job_ret").await;
+        assert_eq!(
+            (inv.unsettled, inv.unsettled_truth, inv.accepted),
+            (1, 1, 0),
+            "{db:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nul_bytes_in_a_failure_reason_are_stored_on_both_databases() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_, one, _)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        one.insert_job(&new_job("job_nul", 1, 3)).await.unwrap();
+        let g = one
+            .lease("default", "agt_a", 1, now_ms() + 60_000, "n")
+            .await
+            .unwrap();
+        let mut r = ok_report(&g[0].lease_id, g[0].task_id, 1);
+        r.status = Status::Error;
+        r.reason = Some("error: ValueError: a\0b".into());
+        r.report_json = serde_json::json!({"exception": {"message": "a\0b"}}).to_string();
+        let (outcomes, ready) = one.report("default", "agt_a", &[r], 0).await.unwrap();
+        assert_eq!(outcomes, vec![SettleOutcome::Accepted], "{db:?}");
+        assert_eq!(ready, vec!["job_nul".to_string()]);
+        let detail = one
+            .shard_detail("default", "job_nul", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.shard.state, "rejected");
+        assert_eq!(
+            detail.shard.error.as_deref(),
+            Some("error: ValueError: a\u{2400}b")
+        );
+        // The report itself keeps the exact bytes.
+        assert_eq!(
+            detail.attempts[0].report["exception"]["message"], "a\0b",
+            "{db:?}"
+        );
+    }
+}

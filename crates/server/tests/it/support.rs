@@ -1,0 +1,173 @@
+//! The shared helper: a store or a whole coordinator on a fresh database of either kind.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fleetbox_proto::api::{JobResult, job_state};
+use fleetbox_proto::{JobSpec, Limits, Reducer};
+use fleetbox_server::store::{NewJob, Store};
+
+/// Set by `scripts/test` after it starts PostgreSQL.
+const PG_URL_VAR: &str = "FLEETBOX_TEST_DATABASE_URL";
+/// Skip the PostgreSQL half of the suite explicitly (never implicitly).
+const SKIP_PG_VAR: &str = "FLEETBOX_TEST_SKIP_POSTGRES";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+pub const BOTH: [Db; 2] = [Db::Sqlite, Db::Postgres];
+
+/// A database URL for one test: a file under `dir`, or a new PostgreSQL database. `None`
+/// only when `FLEETBOX_TEST_SKIP_POSTGRES=1` says so; a missing database otherwise fails.
+pub async fn database(db: Db, dir: &Path) -> Option<String> {
+    match db {
+        Db::Sqlite => Some(Store::sqlite_url(dir)),
+        Db::Postgres => {
+            if std::env::var(SKIP_PG_VAR).as_deref() == Ok("1") {
+                eprintln!("SKIPPED (PostgreSQL): {SKIP_PG_VAR}=1");
+                return None;
+            }
+            let base = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
+                panic!(
+                    "{PG_URL_VAR} is not set: run ./scripts/test, which starts PostgreSQL, \
+                     or set {SKIP_PG_VAR}=1 to skip the PostgreSQL tests"
+                )
+            });
+            use sqlx::Connection;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let name = format!("fbt_{}_{}", std::process::id(), nanos % 1_000_000_000_000);
+            let mut conn = sqlx::PgConnection::connect(&base)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to {PG_URL_VAR}={base:?}: {e}"));
+            sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+                .await
+                .expect("create database");
+            let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
+            Some(format!("{prefix}/{name}"))
+        }
+    }
+}
+
+/// A job of `n` shards whose inputs are `0..n`.
+pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
+    NewJob {
+        id: id.into(),
+        tenant_id: "default".into(),
+        name: id.into(),
+        spec: serde_json::json!({}),
+        code: "pass".into(),
+        code_sha256: "x".into(),
+        limits: Limits::default(),
+        reducer: Reducer::Sum,
+        priority: 0,
+        max_attempts,
+        inputs: (0..n).map(|i| serde_json::json!(i)).collect(),
+    }
+}
+
+/// An in-process coordinator on `127.0.0.1:0` with short leases, and in-process agents.
+pub struct Coordinator {
+    pub dir: tempfile::TempDir,
+    pub running: fleetbox_server::Running,
+    pub client: fleetbox_client::Client,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+    stop_agents: tokio::sync::watch::Sender<bool>,
+}
+
+impl Coordinator {
+    pub async fn start(db: Db) -> Option<Coordinator> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = database(db, dir.path()).await?;
+        let mut config =
+            fleetbox_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().into());
+        if db == Db::Postgres {
+            config.database_url = Some(url);
+        }
+        config.lease_ms = 3000;
+        config.heartbeat_ms = 500;
+        config.agent_timeout_ms = 1500;
+        config.retry_backoff_ms = 100;
+        config.sandbox.work_root = dir.path().join("work");
+        // The reducer tests leave marker files outside their workspace.
+        config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+        let running = fleetbox_server::start(config)
+            .await
+            .expect("coordinator starts");
+        let client = fleetbox_client::Client::new(&running.url(), &running.admin_token);
+        let (stop_agents, _) = tokio::sync::watch::channel(false);
+        Some(Coordinator {
+            dir,
+            running,
+            client,
+            agents: Vec::new(),
+            stop_agents,
+        })
+    }
+
+    /// Start an in-process agent on the `process` backend with these caps.
+    pub fn agent(&mut self, name: &str, caps: fleetbox_agent::LocalCaps) {
+        let sandbox = fleetbox_sandbox::SandboxConfig {
+            work_root: self.dir.path().join("work"),
+            ..Default::default()
+        };
+        let config = fleetbox_agent::AgentConfig {
+            server: self.running.url(),
+            token: self.running.enroll_token.clone(),
+            name: name.into(),
+            labels: Vec::new(),
+            slots: 2,
+            backend: fleetbox_sandbox::Backend::Process,
+            sandbox,
+            state_dir: self.dir.path().join("agents").join(name),
+            caps,
+            drain_timeout: Duration::from_secs(5),
+            prefetch: 1,
+        };
+        let mut stop = self.stop_agents.subscribe();
+        self.agents.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = fleetbox_agent::run(config, shutdown).await {
+                panic!("agent failed: {e}");
+            }
+        }));
+    }
+
+    /// Submit and wait (up to `within`) for a final state.
+    pub async fn run(&self, spec: &JobSpec, within: Duration) -> JobResult {
+        let job = self.client.submit(spec).await.expect("submit");
+        let deadline = Instant::now() + within;
+        loop {
+            let result = self.client.result(&job.id).await.expect("result");
+            if job_state::is_final(&result.state) {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {} still `{}` after {within:?}",
+                job.id,
+                result.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop_agents.send(true);
+        for a in self.agents {
+            let _ = a.await;
+        }
+        self.running.shutdown().await;
+    }
+}
+
+pub fn spec(toml: &str) -> JobSpec {
+    JobSpec::from_toml(toml).expect("valid spec")
+}
