@@ -228,6 +228,12 @@ pub async fn run(
         unstarted: Mutex::new(Vec::new()),
     });
 
+    // Whatever this agent held when it last stopped uncleanly is not running any more: give
+    // it back now rather than let it wait for the lease to expire.
+    tokio::select! {
+        _ = hand_back_lost_runs(&shared) => {}
+        _ = &mut shutdown => return Ok(()),
+    }
     let sender = tokio::spawn(deliver_loop(shared.clone(), stop_rx.clone()));
     let beat = tokio::spawn(heartbeat_loop(shared.clone(), heartbeat, stop_rx.clone()));
     tokio::select! {
@@ -246,6 +252,33 @@ pub async fn run(
         tracing::warn!(left, "reports kept in the outbox for the next start");
     }
     Ok(())
+}
+
+/// Tell the coordinator this agent (re)started, keeping the leases whose reports are in the
+/// outbox; retried until the coordinator answers.
+async fn hand_back_lost_runs(shared: &Shared) {
+    let keep: Vec<String> = match shared.outbox.pending(usize::MAX) {
+        Ok(p) => p.into_iter().map(|p| p.report.lease_id).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the outbox; old leases will expire instead");
+            return;
+        }
+    };
+    let req = ReturnRequest {
+        lease_ids: Vec::new(),
+        restarted_keeping: Some(keep),
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match shared.client().return_leases(&req).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "coordinator not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Load the saved identity for this coordinator, or enroll (retrying while it is unreachable).
@@ -620,7 +653,10 @@ async fn drain(shared: &Shared) {
     let lease_ids = left.into_iter().map(|(l, _)| l).chain(unstarted).collect();
     if let Err(e) = shared
         .client()
-        .return_leases(&ReturnRequest { lease_ids })
+        .return_leases(&ReturnRequest {
+            lease_ids,
+            ..Default::default()
+        })
         .await
     {
         tracing::warn!(error = %e, "could not hand back leases; they will expire on the coordinator");

@@ -199,6 +199,10 @@ pub struct AttemptView {
     /// It arrived after its lease was lost or its shard settled.
     pub late: bool,
     pub received_at: i64,
+    /// SHA-256 of the output as RFC 8785 canonical JSON, computed by the coordinator (the
+    /// report's own `output_sha256` is the runner's claim).
+    #[serde(default)]
+    pub output_sha256: Option<String>,
     /// The full report; large streams are replaced by their blob hashes.
     pub report: Value,
     #[serde(default)]
@@ -341,6 +345,10 @@ pub struct ReportOutcome {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReturnRequest {
     pub lease_ids: Vec<String>,
+    /// Sent once when an agent starts: every lease it holds except these (whose reports
+    /// wait in its outbox) was lost with its previous run, and goes back to the queue now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_keeping: Option<Vec<String>>,
 }
 
 /// `GET /v1/agents`.

@@ -184,7 +184,22 @@ pub async fn return_leases(
             ApiError::bad_request("invalid_body", "too many leases").with_field("lease_ids")
         );
     }
-    let n = state.store.return_leases(agent, &req.lease_ids).await?;
+    let mut n = state.store.return_leases(agent, &req.lease_ids).await?;
+    if let Some(keep) = &req.restarted_keeping {
+        if keep.len() > 100_000 {
+            return Err(ApiError::bad_request("invalid_body", "too many leases")
+                .with_field("restarted_keeping"));
+        }
+        let lost = state.store.return_lost_runs(agent, keep).await?;
+        if lost > 0 {
+            tracing::info!(
+                agent,
+                lost,
+                "agent restarted: the leases of its previous run are queued again"
+            );
+        }
+        n += lost;
+    }
     if n > 0 {
         state.work.notify_waiters();
     }
@@ -313,14 +328,24 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     } else {
         None
     };
-    let (output, output_blob) = match report.output.take() {
-        None => (None, None),
+    // The value is kept as RFC 8785 canonical JSON, and hashed as such by the coordinator:
+    // the agent's own `output_sha256` stays in its report as a claim, never as the hash
+    // verification compares.
+    let (output, output_blob, output_sha256) = match report.output.take() {
+        None => (None, None, None),
         Some(v) => {
-            let text = serde_json::to_string(&v).unwrap_or_default();
+            let text = serde_json_canonicalizer::to_string(&v).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_report",
+                    format!("output cannot be canonicalized: {e}"),
+                )
+                .with_field("report.output")
+            })?;
+            let hash = sha256_hex(text.as_bytes());
             if text.len() > INLINE_LIMIT {
-                (None, Some(blob(text.as_bytes())?))
+                (None, Some(blob(text.as_bytes())?), Some(hash))
             } else {
-                (Some(text), None)
+                (Some(text), None, Some(hash))
             }
         }
     };
@@ -331,7 +356,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         reason: failure_reason(&report),
         output,
         output_blob,
-        output_sha256: report.output_sha256.clone(),
+        output_sha256,
         report_json: serde_json::to_string(&report).unwrap_or_default(),
         stdout_blob,
         stderr_blob,

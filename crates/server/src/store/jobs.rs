@@ -341,7 +341,7 @@ impl Store {
         let input: String = task.try_get("input").doing(d)?;
         let rows = sqlx::query(
             "SELECT lease_id, agent_id, attempt, status, verdict, chosen, late, received_at, report, \
-             output, stdout_blob, stderr_blob FROM attempts WHERE task_id = $1 ORDER BY id",
+             output, output_sha256, stdout_blob, stderr_blob FROM attempts WHERE task_id = $1 ORDER BY id",
         )
         .bind(task_id)
         .fetch_all(&self.read)
@@ -364,6 +364,7 @@ impl Store {
                 chosen: r.try_get::<i64, _>("chosen").doing(d)? == 1,
                 late: r.try_get::<i64, _>("late").doing(d)? == 1,
                 received_at: r.try_get("received_at").doing(d)?,
+                output_sha256: r.try_get("output_sha256").doing(d)?,
                 report,
                 stdout_blob: r.try_get("stdout_blob").doing(d)?,
                 stderr_blob: r.try_get("stderr_blob").doing(d)?,

@@ -236,31 +236,82 @@ impl Store {
         if leases.is_empty() {
             return Ok(0);
         }
+        self.requeue_leases(agent_id, leases.to_vec(), true).await
+    }
+
+    /// An agent restarted in place: every lease it still holds except `keep` (those whose
+    /// reports wait in its outbox) died with its previous run. They are queued at once
+    /// (the attempt counts: a shard that crashed its agent must not retry for ever).
+    pub async fn return_lost_runs(
+        &self,
+        agent_id: &str,
+        keep: &[String],
+    ) -> Result<u64, StoreError> {
+        let rows =
+            sqlx::query("SELECT lease_id FROM tasks WHERE state = 'leased' AND agent_id = $1")
+                .bind(agent_id)
+                .fetch_all(&self.write)
+                .await
+                .doing("finding an agent's leases")?;
+        let keep: HashSet<&str> = keep.iter().map(String::as_str).collect();
+        let mut lost = Vec::new();
+        for r in rows {
+            let lease: Option<String> = r.try_get("lease_id").doing("finding an agent's leases")?;
+            if let Some(l) = lease.filter(|l| !keep.contains(l.as_str())) {
+                lost.push(l);
+            }
+        }
+        if lost.is_empty() {
+            return Ok(0);
+        }
+        self.requeue_leases(agent_id, lost, false).await
+    }
+
+    /// Queue the tasks `agent_id` holds under `leases` again and close those leases, in one
+    /// transaction: a report that still arrives for one settles nothing. `unrun`: the attempt
+    /// is not counted.
+    async fn requeue_leases(
+        &self,
+        agent_id: &str,
+        leases: Vec<String>,
+        unrun: bool,
+    ) -> Result<u64, StoreError> {
         let now = now_ms();
+        let (attempts, why) = if unrun {
+            ("attempts - 1", "NULL")
+        } else {
+            ("attempts", "'its agent restarted while running it'")
+        };
         let mut tx = self.begin_write().await.doing("returning leases")?;
-        let sql = format!(
-            "UPDATE tasks SET state = 'queued', attempts = attempts - 1, lease_id = NULL, agent_id = NULL, \
-             lease_expires = NULL, not_before = 0, updated_at = $1 \
-             WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({}) RETURNING id",
-            placeholders(3, leases.len())
-        );
-        let mut q = sqlx::query(&sql).bind(now).bind(agent_id);
-        for l in leases {
-            q = q.bind(l);
+        let mut returned = 0;
+        for chunk in leases.chunks(self.rows_per_statement(1)) {
+            let sql = format!(
+                "UPDATE tasks SET state = 'queued', attempts = {attempts}, lease_id = NULL, agent_id = NULL, \
+                 lease_expires = NULL, not_before = 0, last_error = COALESCE({why}, last_error), updated_at = $1 \
+                 WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({})",
+                placeholders(3, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now).bind(agent_id);
+            for l in chunk {
+                q = q.bind(l);
+            }
+            returned += q
+                .execute(&mut *tx)
+                .await
+                .doing("returning leases")?
+                .rows_affected();
+            let sql = format!(
+                "UPDATE leases SET closed = 1 WHERE agent_id = $1 AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(agent_id);
+            for l in chunk {
+                q = q.bind(l);
+            }
+            q.execute(&mut *tx).await.doing("closing returned leases")?;
         }
-        let returned = q.fetch_all(&mut *tx).await.doing("returning leases")?;
-        // Closed: a report that still arrives for a returned lease settles nothing.
-        let sql = format!(
-            "UPDATE leases SET closed = 1 WHERE agent_id = $1 AND id IN ({})",
-            placeholders(2, leases.len())
-        );
-        let mut q = sqlx::query(&sql).bind(agent_id);
-        for l in leases {
-            q = q.bind(l);
-        }
-        q.execute(&mut *tx).await.doing("closing returned leases")?;
         tx.commit().await.doing("returning leases")?;
-        Ok(returned.len() as u64)
+        Ok(returned)
     }
 
     /// Store a batch of reports from `agent_id` and settle their shards. Returns each report's

@@ -96,3 +96,33 @@ shards = { count = 1 }
         c.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_hashes_are_the_coordinators_over_canonical_json() {
+    let Some(mut c) = Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a1", LocalCaps::default());
+    // The same value written with keys in two orders and two number spellings.
+    let job = spec(
+        r#"
+name = "canonical"
+code = '''
+import os
+i = int(os.environ["FLEETBOX_SHARD_INDEX"])
+print('{"b": 1, "a": [1.0, 2]}' if i == 0 else '{"a":[1,2.0],"b":1.0}')
+'''
+shards = { count = 2 }
+"#,
+    );
+    let result = c.run(&job, Duration::from_secs(30)).await;
+    assert_eq!(result.state, "completed", "{result:?}");
+    let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
+    let a = c.client.shard(&id, 0).await.unwrap().attempts.remove(0);
+    let b = c.client.shard(&id, 1).await.unwrap().attempts.remove(0);
+    use sha2::Digest;
+    let want = hex::encode(sha2::Sha256::digest(br#"{"a":[1,2],"b":1}"#));
+    assert_eq!(a.output_sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(b.output_sha256.as_deref(), Some(want.as_str()));
+    c.stop().await;
+}

@@ -403,3 +403,62 @@ async fn nul_bytes_in_a_failure_reason_are_stored_on_both_databases() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_agent_restarted_in_place_gets_its_old_leases_requeued_at_once() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, _)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        one.insert_job(&new_job("job_restart", 3, 3)).await.unwrap();
+        let mut g = one
+            .lease("default", "agt_a", 3, now_ms() + 60_000, "s")
+            .await
+            .unwrap();
+        g.sort_by_key(|g| g.shard_index);
+        // Shard 0's report waits in the restarted agent's outbox: kept. The others died.
+        let keep = vec![g[0].lease_id.clone()];
+        assert_eq!(
+            one.return_lost_runs("agt_a", &keep).await.unwrap(),
+            2,
+            "{db:?}"
+        );
+        let again = one
+            .lease("default", "agt_b", 3, now_ms() + 60_000, "t")
+            .await
+            .unwrap();
+        assert_eq!(
+            again.len(),
+            2,
+            "{db:?}: back in the queue without waiting for expiry"
+        );
+        assert!(
+            again.iter().all(|a| a.attempt == 2),
+            "{db:?}: the lost run counts"
+        );
+        // The kept lease still settles; a dead run's report settles nothing.
+        let (outcomes, _) = one
+            .report(
+                "default",
+                "agt_a",
+                &[ok_report(&g[0].lease_id, g[0].task_id, 1)],
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![SettleOutcome::Accepted], "{db:?}");
+        let (outcomes, _) = one
+            .report(
+                "default",
+                "agt_a",
+                &[ok_report(&g[1].lease_id, g[1].task_id, 1)],
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
+        let inv = invariants(&url, "job_restart").await;
+        assert_eq!((inv.unsettled, inv.unsettled_truth), (2, 2), "{db:?}");
+    }
+}
