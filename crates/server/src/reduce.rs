@@ -32,7 +32,7 @@ pub fn reduce(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, ReduceE
         Reducer::Count => Ok(Value::from(flatten(values).count())),
         Reducer::Sum => {
             let nums = numbers(values).map_err(err)?;
-            Ok(sum(&nums))
+            sum(&nums).map_err(err)
         }
         Reducer::Min | Reducer::Max => {
             let nums = numbers(values).map_err(err)?;
@@ -106,7 +106,8 @@ pub fn reduce(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, ReduceE
                         short(v)
                     )));
                 };
-                merge_into(&mut out, obj);
+                merge_into(&mut out, obj)
+                    .map_err(|e| err(format!("merging shard {shard}: {e}")))?;
             }
             Ok(Value::Object(out))
         }
@@ -135,44 +136,61 @@ fn numbers(values: &[ShardValue]) -> Result<Vec<(Number, f64)>, String> {
         .collect()
 }
 
-/// Integers stay exact (i128) while they fit; otherwise the sum is a float.
-fn sum(nums: &[(Number, f64)]) -> Value {
+/// A sum of integers is exact (i128): a total that a JSON result cannot hold exactly
+/// (outside `-2^63..=2^64-1`) is an error, never a rounded float. Any float among the values
+/// makes the sum a float.
+fn sum(nums: &[(Number, f64)]) -> Result<Value, String> {
     let mut exact: Option<i128> = Some(0);
+    let mut integers = true;
     let mut float = 0.0;
     for (n, f) in nums {
         float += f;
-        exact = match (exact, n.as_i64(), n.as_u64()) {
-            (Some(acc), Some(i), _) => acc.checked_add(i128::from(i)),
-            (Some(acc), None, Some(u)) => acc.checked_add(i128::from(u)),
-            _ => None,
+        exact = match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => exact.and_then(|acc| acc.checked_add(i128::from(i))),
+            (None, Some(u)) => exact.and_then(|acc| acc.checked_add(i128::from(u))),
+            _ => {
+                integers = false;
+                None
+            }
         };
     }
     match exact {
-        Some(i) if i64::try_from(i).is_ok() => Value::from(i as i64),
-        Some(i) if u64::try_from(i).is_ok() => Value::from(i as u64),
-        _ => Number::from_f64(float)
+        Some(i) if i64::try_from(i).is_ok() => Ok(Value::from(i as i64)),
+        Some(i) if u64::try_from(i).is_ok() => Ok(Value::from(i as u64)),
+        Some(i) => Err(format!(
+            "the exact integer sum `{i}` is outside what a result holds exactly (-2^63 to 2^64-1); \
+             use the `python` reducer for larger integers"
+        )),
+        None if integers => Err(
+            "the exact integer sum is outside what a result holds exactly (-2^63 to 2^64-1); \
+             use the `python` reducer for larger integers"
+                .into(),
+        ),
+        None => Ok(Number::from_f64(float)
             .map(Value::Number)
-            .unwrap_or(Value::Null),
+            .unwrap_or(Value::Null)),
     }
 }
 
-fn merge_into(out: &mut Map<String, Value>, obj: &Map<String, Value>) {
+fn merge_into(out: &mut Map<String, Value>, obj: &Map<String, Value>) -> Result<(), String> {
     for (k, v) in obj {
         match (out.get_mut(k), v) {
             (Some(Value::Number(a)), Value::Number(b)) => {
                 let total = sum(&[
                     (a.clone(), a.as_f64().unwrap_or(0.0)),
                     (b.clone(), b.as_f64().unwrap_or(0.0)),
-                ]);
+                ])
+                .map_err(|e| format!("`{k}`: {e}"))?;
                 out.insert(k.clone(), total);
             }
-            (Some(Value::Object(a)), Value::Object(b)) => merge_into(a, b),
+            (Some(Value::Object(a)), Value::Object(b)) => merge_into(a, b)?,
             (Some(Value::Array(a)), Value::Array(b)) => a.extend(b.iter().cloned()),
             _ => {
                 out.insert(k.clone(), v.clone());
             }
         }
     }
+    Ok(())
 }
 
 fn histogram(values: &[ShardValue], bins: Option<u32>) -> Result<Value, String> {
@@ -263,6 +281,17 @@ mod tests {
             reduce(&Reducer::Sum, &big).unwrap(),
             json!(9007199254740995i64)
         );
+    }
+
+    #[test]
+    fn sum_is_exact_or_an_error_never_a_rounded_float() {
+        let max = vals(json!([u64::MAX, 0]));
+        assert_eq!(reduce(&Reducer::Sum, &max).unwrap(), json!(u64::MAX));
+        let past = vals(json!([u64::MAX, 1]));
+        let e = reduce(&Reducer::Sum, &past).unwrap_err().to_string();
+        assert!(e.contains("`18446744073709551616`"), "{e}");
+        let low = vals(json!([i64::MIN, -1]));
+        assert!(reduce(&Reducer::Sum, &low).is_err());
     }
 
     #[test]
