@@ -11,7 +11,7 @@ pub mod outbox;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,8 +30,11 @@ pub use outbox::Outbox;
 
 /// How long one lease call waits on the coordinator for work.
 const LEASE_WAIT_MS: u64 = 10_000;
-/// Reports per delivery.
+/// Reports per delivery, at most.
 const REPORT_BATCH: usize = 256;
+/// Bytes of reports per delivery, at most (one larger report still goes alone): far under the
+/// coordinator's 64 MiB body limit, so a backlog of big reports never makes an unsendable batch.
+const REPORT_BATCH_BYTES: usize = 8 << 20;
 
 /// The most a job may ask of this machine: larger requests are lowered to these, and what
 /// cannot be lowered (the network) is refused unless allowed.
@@ -172,6 +175,8 @@ struct Shared {
     stopping: AtomicBool,
     /// Prefetched shards not started because of shutdown.
     unstarted: Mutex<Vec<String>>,
+    /// Reports the coordinator refused for good, kept aside in the outbox (`*.refused`).
+    set_aside: AtomicU64,
 }
 
 impl Shared {
@@ -226,6 +231,7 @@ pub async fn run(
         slots: Arc::new(Semaphore::new(shared_slots as usize)),
         stopping: AtomicBool::new(false),
         unstarted: Mutex::new(Vec::new()),
+        set_aside: AtomicU64::new(0),
     });
 
     // Whatever this agent held when it last stopped uncleanly is not running any more: give
@@ -551,21 +557,109 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
         }
     }
     let had_blobs = batch.iter().any(|p| !p.blobs.is_empty());
-    let reports = batch.into_iter().map(|p| p.report).collect();
-    let ack = client.report(&ReportBatch { reports }).await?;
-    for r in &ack.results {
-        if r.outcome == "unknown" {
-            tracing::warn!(lease = %r.lease_id, "the coordinator does not know this lease; report dropped");
-        }
-        if let Err(e) = shared.outbox.remove(&r.lease_id) {
-            tracing::error!(error = %e, lease = %r.lease_id, "could not clear an outbox entry");
-        }
+    let reports: Vec<ShardReport> = batch.into_iter().map(|p| p.report).collect();
+    let (reports, oversized) = within_budget(reports, REPORT_BATCH_BYTES);
+    for (lease, bytes) in oversized {
+        let why = format!(
+            "the report is {bytes} bytes of JSON, over the coordinator's {} MiB request limit",
+            fleetbox_proto::api::MAX_REQUEST_BYTES >> 20
+        );
+        set_aside(shared, &lease, &why);
     }
+    let delivered = send_reports(shared, &client, reports).await?;
     // Only after reports that carried files: collecting reads every waiting report.
     if had_blobs && let Err(e) = shared.outbox.collect_blobs() {
         tracing::warn!(error = %e, "could not clear delivered outbox blobs");
     }
-    Ok(ack.results.len())
+    Ok(delivered)
+}
+
+/// The oldest reports whose JSON adds up to at most `budget` bytes (at least one), and the
+/// leases of reports no request could carry (with their size).
+fn within_budget(
+    reports: Vec<ShardReport>,
+    budget: usize,
+) -> (Vec<ShardReport>, Vec<(String, usize)>) {
+    let mut used = 0;
+    let mut out = Vec::new();
+    let mut oversized = Vec::new();
+    for r in reports {
+        let size = serde_json::to_vec(&r).map(|v| v.len()).unwrap_or(0);
+        // A little under the limit: the batch's own JSON wraps the report.
+        if size > fleetbox_proto::api::MAX_REQUEST_BYTES - 1024 {
+            oversized.push((r.lease_id, size));
+            continue;
+        }
+        if !out.is_empty() && used + size > budget {
+            break;
+        }
+        used += size;
+        out.push(r);
+    }
+    (out, oversized)
+}
+
+fn set_aside(shared: &Shared, lease: &str, why: &str) {
+    tracing::error!(
+        lease,
+        reason = why,
+        "report set aside in the outbox: the coordinator cannot take it"
+    );
+    shared.set_aside.fetch_add(1, Ordering::SeqCst);
+    if let Err(io) = shared.outbox.set_aside(lease, why) {
+        tracing::error!(error = %io, lease, "could not set a refused report aside");
+    }
+}
+
+/// A refusal that sending the same batch again cannot change (too large, malformed), as
+/// opposed to an outage or a credential an operator can fix.
+fn refuses_the_batch(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status, .. }
+        if (400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429))
+}
+
+/// Post `reports` and clear what the coordinator acknowledged. A batch it refuses is split in
+/// halves; a single report it refuses is set aside in the outbox (with the reason), so one bad
+/// report never blocks the rest.
+async fn send_reports(
+    shared: &Shared,
+    client: &Client,
+    reports: Vec<ShardReport>,
+) -> Result<usize, ClientError> {
+    let mut queue = vec![reports];
+    let mut delivered = 0;
+    while let Some(reports) = queue.pop() {
+        match client
+            .report(&ReportBatch {
+                reports: reports.clone(),
+            })
+            .await
+        {
+            Ok(ack) => {
+                for r in &ack.results {
+                    if r.outcome == "unknown" {
+                        tracing::warn!(lease = %r.lease_id, "the coordinator does not know this lease; report dropped");
+                    }
+                    if let Err(e) = shared.outbox.remove(&r.lease_id) {
+                        tracing::error!(error = %e, lease = %r.lease_id, "could not clear an outbox entry");
+                    }
+                }
+                delivered += ack.results.len();
+            }
+            Err(e) if refuses_the_batch(&e) && reports.len() > 1 => {
+                tracing::warn!(error = %e, reports = reports.len(), "batch refused; sending it in halves");
+                let mut first = reports;
+                let second = first.split_off(first.len() / 2);
+                queue.push(second);
+                queue.push(first);
+            }
+            Err(e) if refuses_the_batch(&e) => {
+                set_aside(shared, &reports[0].lease_id, &e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(delivered)
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {
@@ -589,6 +683,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
                 busy: shared.busy(),
                 loadavg: facts::loadavg(),
                 outbox: shared.outbox.len() as u64,
+                set_aside: shared.set_aside.load(Ordering::SeqCst),
             },
             facts: facts.clone(),
         };
@@ -699,6 +794,54 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(caps.apply(small).unwrap().timeout, Millis(100));
+    }
+
+    fn report(lease: &str, stdout_bytes: usize) -> ShardReport {
+        let mut report = ExecutionReport::unmeasured(Status::Ok, None);
+        report.stdout = "x".repeat(stdout_bytes);
+        ShardReport {
+            lease_id: lease.into(),
+            task_id: 1,
+            report,
+        }
+    }
+
+    #[test]
+    fn batches_are_bounded_by_bytes_and_a_big_report_goes_alone() {
+        let reports: Vec<_> = (0..6).map(|i| report(&format!("l{i}"), 3 << 20)).collect();
+        let (first, _) = within_budget(reports.clone(), REPORT_BATCH_BYTES);
+        assert_eq!(
+            first.len(),
+            2,
+            "two 3 MiB reports fit in 8 MiB, three do not"
+        );
+        let huge = vec![report("big", 20 << 20), report("small", 10)];
+        let (first, oversized) = within_budget(huge, REPORT_BATCH_BYTES);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].lease_id, "big");
+        assert!(oversized.is_empty());
+        let unsendable = vec![report("too big", 70 << 20), report("next", 10)];
+        let (first, oversized) = within_budget(unsendable, REPORT_BATCH_BYTES);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].lease_id, "next");
+        assert_eq!(oversized.len(), 1);
+        assert_eq!(oversized[0].0, "too big");
+    }
+
+    #[test]
+    fn only_refusals_that_cannot_change_set_reports_aside() {
+        let api = |status| ClientError::Api {
+            status,
+            code: "x".into(),
+            message: "x".into(),
+            trace_id: "t".into(),
+            field: None,
+        };
+        assert!(refuses_the_batch(&api(413)));
+        assert!(refuses_the_batch(&api(422)));
+        for status in [401, 403, 408, 429, 500, 503] {
+            assert!(!refuses_the_batch(&api(status)), "{status}");
+        }
     }
 
     #[test]

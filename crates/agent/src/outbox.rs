@@ -142,6 +142,15 @@ impl Outbox {
         Ok(())
     }
 
+    /// Keep a report the coordinator refused for good out of the way, with why, next to the
+    /// outbox (`LEASE.refused` and `LEASE.refused.why`): never sent again, never lost.
+    pub fn set_aside(&self, lease_id: &str, why: &str) -> std::io::Result<()> {
+        let from = self.path(lease_id);
+        let to = from.with_extension("refused");
+        fs_err::write(to.with_extension("refused.why"), why)?;
+        fs_err::rename(&from, &to)
+    }
+
     /// Forget an acknowledged report.
     pub fn remove(&self, lease_id: &str) -> std::io::Result<()> {
         match fs_err::remove_file(self.path(lease_id)) {

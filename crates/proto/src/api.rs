@@ -5,6 +5,9 @@ use serde_json::Value;
 
 use crate::{ExecutionReport, Limits};
 
+/// The largest request body the coordinator takes (a job spec, a report batch, a blob).
+pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+
 /// Every error the API returns: `{"error": {"code", "message", "trace_id"}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -305,6 +308,9 @@ pub struct AgentLoad {
     pub loadavg: f64,
     /// Reports waiting in the outbox.
     pub outbox: u64,
+    /// Reports the coordinator refused for good, set aside in the outbox since the agent started.
+    #[serde(default)]
+    pub set_aside: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -24,7 +24,7 @@ use crate::store::{Principal, TokenKind};
 use error::TRACE_ID;
 
 /// Largest request body (job specs carry uploaded `lines`).
-pub const MAX_BODY: usize = 64 << 20;
+pub const MAX_BODY: usize = fleetbox_proto::api::MAX_REQUEST_BYTES;
 
 pub fn router(state: Arc<State>) -> Router {
     Router::new()

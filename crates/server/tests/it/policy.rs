@@ -126,3 +126,62 @@ shards = { count = 2 }
     assert_eq!(b.output_sha256.as_deref(), Some(want.as_str()));
     c.stop().await;
 }
+
+/// A report no request can carry (its JSON is over the 64 MiB body limit) is set aside by the
+/// agent, and everything after it is still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_the_coordinator_refuses_never_blocks_the_rest() {
+    let Some(mut c) = Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a1", LocalCaps::default());
+    // 16 MiB of control bytes: each is six bytes of JSON (`\u0001`), in stdout and in output.
+    let huge = spec(
+        r#"
+name = "unsendable"
+code = "import sys; sys.stdout.write(chr(1) * (16 << 20))"
+shards = { count = 1 }
+max_attempts = 1
+[limits]
+max_output = "16MiB"
+"#,
+    );
+    let job = c.client.submit(&huge).await.unwrap();
+    let small = spec(
+        "name = \"after\"\ncode = \"print(2)\"\nshards = { count = 3 }\naggregate = \"sum\"\n",
+    );
+    let after = c.run(&small, Duration::from_secs(90)).await;
+    assert_eq!(after.state, "completed", "{after:?}");
+    assert_eq!(after.result, Some(serde_json::json!(6)));
+    let outbox = c.dir.path().join("agents").join("a1").join("outbox");
+    // The agent reads, measures and sets aside a 200 MB report: give it time (debug builds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let aside = loop {
+        let aside: Vec<_> = std::fs::read_dir(&outbox)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".refused"))
+            .collect();
+        if !aside.is_empty() || std::time::Instant::now() > deadline {
+            break aside;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    // Its shard's lease ran out meanwhile: dead with the reason, the job failed, nothing stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let result = loop {
+        let r = c.client.result(&job.id).await.unwrap();
+        if fleetbox_proto::api::job_state::is_final(&r.state) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(result.state, "failed", "{result:?}");
+    let shard = c.client.shard(&job.id, 0).await.unwrap();
+    assert_eq!(shard.shard.state, "dead", "{:?}", shard.shard);
+    assert!(shard.attempts.is_empty());
+    c.stop().await;
+}
