@@ -669,20 +669,26 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
         shared.config.sandbox.python.as_deref(),
     ));
     loop {
-        let running: Vec<String> = shared
+        let mut running: Vec<String> = shared
             .running
             .lock()
             .expect("running")
             .values()
             .map(|r| r.lease_id.clone())
             .collect();
+        // A finished shard whose report waits in the outbox still holds its lease: a backlog
+        // of big reports must not let leases expire and shards re-run for nothing.
+        let waiting = shared.outbox.lease_ids();
+        let load_outbox = waiting.len() as u64;
+        running.extend(waiting);
+        running.truncate(1000);
         let req = HeartbeatRequest {
             running,
             load: AgentLoad {
                 slots: shared.config.slots,
                 busy: shared.busy(),
                 loadavg: facts::loadavg(),
-                outbox: shared.outbox.len() as u64,
+                outbox: load_outbox,
                 set_aside: shared.set_aside.load(Ordering::SeqCst),
             },
             facts: facts.clone(),

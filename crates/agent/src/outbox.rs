@@ -159,6 +159,22 @@ impl Outbox {
         }
     }
 
+    /// The leases whose reports wait here, from the file names alone (lease ids are made of
+    /// characters [`Outbox::path`] keeps).
+    pub fn lease_ids(&self) -> Vec<String> {
+        fs_err::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        let lease = n.strip_suffix(".json")?;
+                        (!n.starts_with(".tmp-")).then(|| lease.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         fs_err::read_dir(&self.dir)
             .map(|d| {

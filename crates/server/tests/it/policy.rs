@@ -1,6 +1,6 @@
 //! What an agent's own policy decides, and bad text at the edge, through a real coordinator.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleetbox_agent::LocalCaps;
 
@@ -184,4 +184,88 @@ max_output = "16MiB"
     assert_eq!(shard.shard.state, "dead", "{:?}", shard.shard);
     assert!(shard.attempts.is_empty());
     c.stop().await;
+}
+
+/// Six shards of 20 MB results while the coordinator is down: the agent's outbox holds them,
+/// delivers them in bounded batches once it is back, and the restart itself re-runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn big_results_held_through_an_outage_are_all_delivered() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent(
+            "a1",
+            LocalCaps {
+                max_output: fleetbox_proto::ByteSize::mib(32),
+                ..LocalCaps::default()
+            },
+        );
+        let job = spec(
+            r#"
+name = "big results"
+code = '''
+import json, os
+i = int(os.environ["FLEETBOX_SHARD_INDEX"])
+json.dump({"n": i, "pad": "x" * 20_000_000}, open("output.json", "w"))
+'''
+shards = { count = 6 }
+aggregate = "merge"
+[limits]
+max_output = "32MiB"
+"#,
+        );
+        let view = c.client.submit(&job).await.unwrap();
+        // Down as soon as the first shards have run: the rest run and wait in the outbox.
+        let outbox = c.dir.path().join("agents").join("a1").join("outbox");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.client.job(&view.id).await.unwrap().shards.leased == 0 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = c.running.shutdown_handle().send(true);
+        c.restart(Duration::from_secs(4)).await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let result = loop {
+            let r = c.client.result(&view.id).await.unwrap();
+            if fleetbox_proto::api::job_state::is_final(&r.state) {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "{db:?}: still {r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(result.state, "completed", "{db:?}: {:?}", result.error);
+        let why: Vec<String> = std::fs::read_dir(&outbox)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".why"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        assert!(why.is_empty(), "{db:?}: set aside: {why:?}");
+        let value = result.result.clone().unwrap();
+        assert_eq!(
+            value["n"], 15,
+            "{db:?}: every shard folded once: {:?}",
+            result.summary
+        );
+        assert_eq!(value["pad"].as_str().unwrap().len(), 20_000_000);
+        let summary = result.summary.unwrap();
+        assert_eq!(summary.shards_accepted, 6, "{db:?}");
+        assert_eq!(summary.attempts, 6, "{db:?}: the outage re-ran nothing");
+        // The last acknowledgement may still be on its way to the agent.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let left = loop {
+            let left = std::fs::read_dir(&outbox)
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count();
+            if left == 0 || Instant::now() > deadline {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(left, 0, "{db:?}: the outbox drained");
+        c.stop().await;
+    }
 }

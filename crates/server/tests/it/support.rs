@@ -74,6 +74,7 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
 /// An in-process coordinator on `127.0.0.1:0` with short leases, and in-process agents.
 pub struct Coordinator {
     pub dir: tempfile::TempDir,
+    config: fleetbox_server::ServerConfig,
     pub running: fleetbox_server::Running,
     pub client: fleetbox_client::Client,
     agents: Vec<tokio::task::JoinHandle<()>>,
@@ -89,20 +90,23 @@ impl Coordinator {
         if db == Db::Postgres {
             config.database_url = Some(url);
         }
-        config.lease_ms = 3000;
+        config.lease_ms = 6000;
         config.heartbeat_ms = 500;
-        config.agent_timeout_ms = 1500;
+        config.agent_timeout_ms = 4000;
         config.retry_backoff_ms = 100;
         config.sandbox.work_root = dir.path().join("work");
         // The reducer tests leave marker files outside their workspace.
         config.sandbox_backend = fleetbox_sandbox::Backend::Process;
-        let running = fleetbox_server::start(config)
+        let running = fleetbox_server::start(config.clone())
             .await
             .expect("coordinator starts");
+        // Restarts come back on the same address, so agents find it again.
+        config.listen = running.addr;
         let client = fleetbox_client::Client::new(&running.url(), &running.admin_token);
         let (stop_agents, _) = tokio::sync::watch::channel(false);
         Some(Coordinator {
             dir,
+            config,
             running,
             client,
             agents: Vec::new(),
@@ -157,6 +161,26 @@ impl Coordinator {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Stop the coordinator (agents keep running), wait `down`, start it again on the same
+    /// address, database and data directory.
+    pub async fn restart(&mut self, down: Duration) {
+        let _ = self.running.shutdown_handle().send(true);
+        tokio::time::sleep(down).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next = loop {
+            match fleetbox_server::start(self.config.clone()).await {
+                Ok(next) => break next,
+                // The old server may still be letting go of the address.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("coordinator restarts: {e}"),
+            }
+        };
+        std::mem::replace(&mut self.running, next).shutdown().await;
     }
 
     pub async fn stop(self) {
