@@ -11,7 +11,7 @@ use fleetbox_proto::{ByteSize, Millis, env};
 use fleetbox_sandbox::{Backend, SandboxConfig};
 use fleetbox_server::ServerConfig;
 
-use crate::config::{FileConfig, RunFlags, resolve_run};
+use crate::config::{AgentSection, FileConfig, RunFlags, resolve_run};
 
 fn parse_millis(s: &str) -> Result<Millis, String> {
     s.parse().map_err(|e| format!("{e}"))
@@ -78,27 +78,30 @@ pub struct AgentArgs {
     /// Identity and outbox directory.
     #[arg(long, env = env::FLEETBOX_AGENT_STATE, default_value = "fleetbox-agent")]
     pub state: PathBuf,
-    /// Cap on the wall-clock timeout a job may ask for.
-    #[arg(long, default_value = "1h", value_parser = parse_millis)]
-    pub max_timeout: Millis,
-    /// Cap on the memory a job may ask for.
-    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
-    pub max_memory: ByteSize,
-    /// Cap on the output a job may keep per stream.
-    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
-    pub max_output: ByteSize,
-    /// Cap on the processes and threads a job may ask for.
-    #[arg(long, default_value_t = 1024)]
-    pub max_processes: u32,
-    /// Cap on the largest file a job may write.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    pub max_file_size: ByteSize,
-    /// Cap on the open files a job may ask for.
-    #[arg(long, default_value_t = 4096)]
-    pub max_open_files: u32,
-    /// Cap on the private `/tmp` a job may ask for.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    pub max_tmp_size: ByteSize,
+    /// Cap on the wall-clock and CPU time a job may ask for [default: 1h, or `[agent]`].
+    #[arg(long, value_parser = parse_millis)]
+    pub max_timeout: Option<Millis>,
+    /// Cap on the memory a job may ask for [default: 4GiB].
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<ByteSize>,
+    /// Cap on the output a job may keep per stream [default: 16MiB].
+    #[arg(long, value_parser = parse_size)]
+    pub max_output: Option<ByteSize>,
+    /// Cap on the processes and threads a job may ask for [default: 1024].
+    #[arg(long)]
+    pub max_processes: Option<u32>,
+    /// Cap on the largest file a job may write [default: 1GiB].
+    #[arg(long, value_parser = parse_size)]
+    pub max_file_size: Option<ByteSize>,
+    /// Cap on the open files a job may ask for [default: 4096].
+    #[arg(long)]
+    pub max_open_files: Option<u32>,
+    /// Cap on the private `/tmp` a job may ask for [default: 1GiB].
+    #[arg(long, value_parser = parse_size)]
+    pub max_tmp_size: Option<ByteSize>,
+    /// Cap on the CPU cores a job may ask for [default: 64].
+    #[arg(long)]
+    pub max_cpus: Option<f64>,
     /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
     #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
     pub allow_network: bool,
@@ -215,7 +218,42 @@ pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCod
     })
 }
 
-fn agent_config(args: AgentArgs, backend: Backend, mut sandbox: SandboxConfig) -> AgentConfig {
+fn agent_config(
+    args: AgentArgs,
+    file: &AgentSection,
+    backend: Backend,
+    mut sandbox: SandboxConfig,
+) -> AgentConfig {
+    // Defaults < `[agent]` in fleetbox.toml < flags.
+    let d = LocalCaps::default();
+    let caps = LocalCaps {
+        max_timeout: args
+            .max_timeout
+            .or(file.max_timeout)
+            .unwrap_or(d.max_timeout),
+        max_memory: args.max_memory.or(file.max_memory).unwrap_or(d.max_memory),
+        max_output: args.max_output.or(file.max_output).unwrap_or(d.max_output),
+        max_cpus: args.max_cpus.or(file.max_cpus).unwrap_or(d.max_cpus),
+        max_processes: args
+            .max_processes
+            .or(file.max_processes)
+            .unwrap_or(d.max_processes),
+        max_file_size: args
+            .max_file_size
+            .or(file.max_file_size)
+            .unwrap_or(d.max_file_size),
+        max_open_files: args
+            .max_open_files
+            .or(file.max_open_files)
+            .unwrap_or(d.max_open_files),
+        max_tmp_size: args
+            .max_tmp_size
+            .or(file.max_tmp_size)
+            .unwrap_or(d.max_tmp_size),
+        max_listed_files: file.max_listed_files.unwrap_or(d.max_listed_files),
+        max_hashed_bytes: file.max_hashed_bytes.unwrap_or(d.max_hashed_bytes),
+        allow_network: args.allow_network || file.allow_network.unwrap_or(false),
+    };
     sandbox.warm = args.warm.unwrap_or(args.slots.max(1)) as usize;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -231,17 +269,7 @@ fn agent_config(args: AgentArgs, backend: Backend, mut sandbox: SandboxConfig) -
         backend,
         sandbox,
         state_dir: args.state,
-        caps: LocalCaps {
-            max_timeout: args.max_timeout,
-            max_memory: args.max_memory,
-            max_output: args.max_output,
-            max_processes: args.max_processes,
-            max_file_size: args.max_file_size,
-            max_open_files: args.max_open_files,
-            max_tmp_size: args.max_tmp_size,
-            allow_network: args.allow_network,
-            ..LocalCaps::default()
-        },
+        caps,
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
     }
@@ -249,7 +277,8 @@ fn agent_config(args: AgentArgs, backend: Backend, mut sandbox: SandboxConfig) -
 
 pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
-    let cfg = agent_config(args, backend, sandbox);
+    let file = FileConfig::load(config)?;
+    let cfg = agent_config(args, &file.agent, backend, sandbox);
     let rt = runtime()?;
     let result = rt.block_on(async move {
         fleetbox_agent::run(cfg, shutdown_signal()).await?;
@@ -263,6 +292,7 @@ pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode>
 
 pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let agent_file = FileConfig::load(config)?.agent;
     let server_args = ServerArgs {
         listen: args.listen,
         data: args.data.clone(),
@@ -292,18 +322,20 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     name: Some(format!("local-{}", i + 1)),
                     labels: vec!["local".into()],
                     state: args.data.join("agents").join(format!("local-{}", i + 1)),
-                    max_timeout: Millis::from_secs(3600),
-                    max_memory: ByteSize::mib(4096),
-                    max_output: ByteSize::mib(16),
-                    max_processes: 1024,
-                    max_file_size: ByteSize::mib(1024),
-                    max_open_files: 4096,
-                    max_tmp_size: ByteSize::mib(1024),
+                    max_timeout: None,
+                    max_memory: None,
+                    max_output: None,
+                    max_processes: None,
+                    max_file_size: None,
+                    max_open_files: None,
+                    max_tmp_size: None,
+                    max_cpus: None,
                     allow_network: false,
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
                     warm: None,
                 },
+                &agent_file,
                 backend,
                 sandbox.clone(),
             );
@@ -338,4 +370,51 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn caps(flags: &[&str], file: &str) -> LocalCaps {
+        let mut argv = vec!["agent", "--server", "http://x", "--token", "t"];
+        argv.extend_from_slice(flags);
+        let args = Cli::try_parse_from(argv).unwrap().agent;
+        let file: FileConfig = toml::from_str(file).unwrap();
+        agent_config(
+            args,
+            &file.agent,
+            Backend::Process,
+            SandboxConfig::default(),
+        )
+        .caps
+    }
+
+    #[test]
+    fn agent_policy_layers_defaults_file_and_flags() {
+        let d = caps(&[], "");
+        assert_eq!(d.max_memory, ByteSize::mib(4096));
+        assert!(!d.allow_network);
+        let file = "[agent]\nmax_memory = \"1GiB\"\nmax_processes = 10\nallow_network = true\n";
+        let f = caps(&[], file);
+        assert_eq!(f.max_memory, ByteSize::mib(1024));
+        assert_eq!(f.max_processes, 10);
+        assert!(f.allow_network);
+        let both = caps(&["--max-memory", "512MiB"], file);
+        assert_eq!(
+            both.max_memory,
+            ByteSize::mib(512),
+            "flags win over the file"
+        );
+        assert_eq!(both.max_processes, 10);
+        assert!(toml::from_str::<FileConfig>("[agent]\nmax_memroy = \"1GiB\"\n").is_err());
+    }
 }

@@ -12,6 +12,25 @@ use serde::Deserialize;
 pub struct FileConfig {
     #[serde(default)]
     pub run: RunSection,
+    #[serde(default)]
+    pub agent: AgentSection,
+}
+
+/// `[agent]`: an agent's policy, what it lets a job ask of this machine (flags override it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub max_timeout: Option<Millis>,
+    pub max_memory: Option<ByteSize>,
+    pub max_output: Option<ByteSize>,
+    pub max_cpus: Option<f64>,
+    pub max_processes: Option<u32>,
+    pub max_file_size: Option<ByteSize>,
+    pub max_open_files: Option<u32>,
+    pub max_tmp_size: Option<ByteSize>,
+    pub max_listed_files: Option<u32>,
+    pub max_hashed_bytes: Option<ByteSize>,
+    pub allow_network: Option<bool>,
 }
 
 /// `[run]`: defaults for `fleetbox run` (and, later, for agents' sandboxes).

@@ -23,17 +23,19 @@ pub enum Db {
     Postgres,
 }
 
-/// A fresh PostgreSQL database for one test, or `None` when none is configured outside CI.
+/// A fresh PostgreSQL database for one test. `None` only when `FLEETBOX_TEST_SKIP_POSTGRES=1`
+/// says so explicitly; a missing database otherwise fails the test.
 pub async fn postgres_database() -> Option<String> {
-    let Ok(base) = std::env::var(PG_URL_VAR) else {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{PG_URL_VAR} is not set: CI must run the PostgreSQL suite (scripts/test sets it)"
-            );
-        }
-        eprintln!("SKIPPED: {PG_URL_VAR} is not set (scripts/test starts PostgreSQL and sets it)");
+    if std::env::var("FLEETBOX_TEST_SKIP_POSTGRES").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (PostgreSQL): FLEETBOX_TEST_SKIP_POSTGRES=1");
         return None;
-    };
+    }
+    let base = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{PG_URL_VAR} is not set: run ./scripts/test, which starts PostgreSQL, \
+             or set FLEETBOX_TEST_SKIP_POSTGRES=1 to skip the PostgreSQL tests"
+        )
+    });
     use sqlx::Connection;
     let name = format!("fbt_{}", random_suffix());
     let mut conn = sqlx::PgConnection::connect(&base)
