@@ -170,15 +170,7 @@ max_output = "16MiB"
     };
     assert_eq!(aside.len(), 1, "{aside:?}");
     // Its shard's lease ran out meanwhile: dead with the reason, the job failed, nothing stored.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let result = loop {
-        let r = c.client.result(&job.id).await.unwrap();
-        if fleetbox_proto::api::job_state::is_final(&r.state) {
-            break r;
-        }
-        assert!(std::time::Instant::now() < deadline, "still {r:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let result = c.wait(&job.id, Duration::from_secs(30)).await;
     assert_eq!(result.state, "failed", "{result:?}");
     let shard = c.client.shard(&job.id, 0).await.unwrap();
     assert_eq!(shard.shard.state, "dead", "{:?}", shard.shard);
@@ -225,15 +217,7 @@ max_output = "32MiB"
         }
         let _ = c.running.shutdown_handle().send(true);
         c.restart(Duration::from_secs(4)).await;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let result = loop {
-            let r = c.client.result(&view.id).await.unwrap();
-            if fleetbox_proto::api::job_state::is_final(&r.state) {
-                break r;
-            }
-            assert!(Instant::now() < deadline, "{db:?}: still {r:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let result = c.wait(&view.id, Duration::from_secs(120)).await;
         assert_eq!(result.state, "completed", "{db:?}: {:?}", result.error);
         let why: Vec<String> = std::fs::read_dir(&outbox)
             .unwrap()

@@ -147,16 +147,20 @@ impl Coordinator {
     /// Submit and wait (up to `within`) for a final state.
     pub async fn run(&self, spec: &JobSpec, within: Duration) -> JobResult {
         let job = self.client.submit(spec).await.expect("submit");
+        self.wait(&job.id, within).await
+    }
+
+    /// Wait (up to `within`) for job `id` to reach a final state.
+    pub async fn wait(&self, id: &str, within: Duration) -> JobResult {
         let deadline = Instant::now() + within;
         loop {
-            let result = self.client.result(&job.id).await.expect("result");
+            let result = self.client.result(id).await.expect("result");
             if job_state::is_final(&result.state) {
                 return result;
             }
             assert!(
                 Instant::now() < deadline,
-                "job {} still `{}` after {within:?}",
-                job.id,
+                "job {id} still `{}` after {within:?}",
                 result.state
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
