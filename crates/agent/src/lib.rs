@@ -697,9 +697,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
             Ok(resp) => {
                 facts = None;
                 let running = shared.running.lock().expect("running");
+                // Leases of reports waiting in the outbox are listed too; only runs are stopped.
                 for lease in resp.cancel {
-                    tracing::info!(lease = %lease, "coordinator no longer wants this shard: stopping it");
                     if let Some(c) = running.get(&lease).and_then(|r| r.cancel.as_ref()) {
+                        tracing::info!(lease = %lease, "coordinator no longer wants this shard: stopping it");
                         c.cancel(CANCEL_UNWANTED);
                     }
                 }
