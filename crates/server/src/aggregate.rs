@@ -214,14 +214,17 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             let bytes = t.clone().into_bytes();
             let put = tokio::task::spawn_blocking(move || blobs.put(&bytes))
                 .await
-                .map_err(|e| FoldError::Reduce {
-                    message: format!("storing the result: {e}"),
-                    summary: Box::new(summary.clone()),
-                })?;
-            Some(put.map_err(|e| FoldError::Reduce {
-                message: format!("storing the result blob: {e}"),
-                summary: Box::new(summary.clone()),
-            })?)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match put {
+                Ok(hash) => Some(hash),
+                Err(e) => {
+                    return Err(FoldError::Reduce {
+                        message: format!("storing the result blob: {e}"),
+                        summary: Box::new(summary),
+                    });
+                }
+            }
         }
         _ => None,
     };

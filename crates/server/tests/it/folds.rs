@@ -137,3 +137,38 @@ print(json.dumps({{"$blob": "not a blob", "total": sum(values)}}))
         c.stop().await;
     }
 }
+
+/// A result too large for its row is kept in the blob store, named by `result_blob`, and
+/// comes back whole (a value that merely looks like a pointer is shown above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_is_stored_by_column_and_comes_back_whole() {
+    let Some(mut c) = Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a1", Default::default());
+    let job = spec(
+        r#"
+name = "large result"
+code = "import json; print(json.dumps({'$blob': 'x' * 200_000}))"
+shards = { count = 2 }
+[limits]
+max_output = "1MiB"
+"#,
+    );
+    let result = c.run(&job, Duration::from_secs(60)).await;
+    assert_eq!(result.state, "completed", "{result:?}");
+    let want = serde_json::json!({"$blob": "x".repeat(200_000)});
+    assert_eq!(result.result, Some(serde_json::json!([want.clone(), want])));
+    let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
+    let (_, blob) = c
+        .running
+        .state
+        .store
+        .job_result("default", &id)
+        .await
+        .unwrap()
+        .unwrap();
+    let blob = blob.expect("a 400 kB result is not kept in the row");
+    assert!(c.running.state.blobs.get(&blob).is_ok());
+    c.stop().await;
+}
