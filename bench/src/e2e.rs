@@ -2,13 +2,13 @@
 //! processes (1 slot each, `process` backend), against GNU `parallel -j2` running the same
 //! program. Target: fleetbox / parallel under 1.25.
 
+use fleetbox_proto::JobState;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetbox_client::Client;
 use fleetbox_proto::JobSpec;
-use fleetbox_proto::api::job_state;
 
 use crate::util::{fleetbox_bin, which};
 
@@ -128,8 +128,8 @@ pub fn run(shards: usize, backend: &str) -> Result<(), String> {
         let job = admin.submit(&spec).await.map_err(|e| e.to_string())?;
         loop {
             let v = admin.job(&job.id).await.map_err(|e| e.to_string())?;
-            if job_state::is_final(&v.state) {
-                if v.state != job_state::COMPLETED || v.shards.accepted != shards as u64 {
+            if v.state.is_final() {
+                if v.state != JobState::Completed || v.shards.accepted != shards as u64 {
                     return Err(format!("job ended `{}` with {:?}", v.state, v.shards));
                 }
                 break;

@@ -3,10 +3,11 @@
 //! coordinator and its store, on SQLite and, when a URL is given, on PostgreSQL.
 //! Targets on a 2-core machine: 10,000 tasks/s on SQLite, 5,000 tasks/s on PostgreSQL.
 
+use fleetbox_proto::JobState;
 use std::time::{Duration, Instant};
 
 use fleetbox_client::Client;
-use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport, job_state};
+use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport};
 use fleetbox_proto::{ExecutionReport, JobSpec, Status};
 use fleetbox_server::ServerConfig;
 
@@ -142,7 +143,7 @@ async fn one(
     // The job completes (aggregation included) once every report is in.
     loop {
         let view = admin.job(&job.id).await.map_err(|e| e.to_string())?;
-        if view.state == job_state::COMPLETED {
+        if view.state == JobState::Completed {
             break;
         }
         if start.elapsed() > Duration::from_secs(600) {

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use fleetbox_client::Client;
-use fleetbox_proto::api::{JobView, job_state};
+use fleetbox_proto::JobState;
+use fleetbox_proto::api::JobView;
 use fleetbox_proto::job::AggregateSpec;
 use fleetbox_proto::{JobSpec, env};
 
@@ -191,7 +192,7 @@ async fn wait(
             eprintln!("{line}");
         }
         last_line = line;
-        if job_state::is_final(&view.state) || view.state == job_state::NEEDS_REVIEW {
+        if view.state.is_final() || view.state == JobState::NeedsReview {
             break view;
         }
         if let Some(t) = timeout
@@ -236,7 +237,7 @@ async fn wait(
     if let Some(e) = &result.error {
         eprintln!("fleetbox: {}: {e}", view.state);
     }
-    Ok(if view.state == job_state::COMPLETED {
+    Ok(if view.state == JobState::Completed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -332,7 +333,7 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
                         sh.index,
                         sh.state,
                         sh.attempts,
-                        sh.status.unwrap_or_default(),
+                        sh.status.map(|s| s.as_str()).unwrap_or_default(),
                         sh.wall_ms.map(|w| w.to_string()).unwrap_or_default(),
                         sh.agent_id.unwrap_or_default(),
                         sh.error.unwrap_or_default()

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{ExecutionReport, Limits};
+use crate::{AgentState, ExecutionReport, JobState, Limits, Status, TaskState, Verdict};
 
 /// The largest request body the coordinator takes (a job spec, a report batch, a blob).
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
@@ -23,36 +23,6 @@ pub struct ErrorDetail {
     /// The field at fault, for validation errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-}
-
-/// Job states (DESIGN.md).
-pub mod job_state {
-    pub const PENDING_REVIEW: &str = "pending_review";
-    pub const RUNNING: &str = "running";
-    pub const AGGREGATING: &str = "aggregating";
-    pub const COMPLETED: &str = "completed";
-    pub const FAILED: &str = "failed";
-    pub const CANCELLED: &str = "cancelled";
-    pub const NEEDS_REVIEW: &str = "needs_review";
-
-    /// States a job never leaves.
-    pub fn is_final(state: &str) -> bool {
-        matches!(state, COMPLETED | FAILED | CANCELLED)
-    }
-}
-
-/// Task (shard) states (DESIGN.md).
-pub mod task_state {
-    pub const QUEUED: &str = "queued";
-    pub const LEASED: &str = "leased";
-    pub const REPORTED: &str = "reported";
-    pub const ACCEPTED: &str = "accepted";
-    pub const REJECTED: &str = "rejected";
-    pub const DEAD: &str = "dead";
-
-    pub fn is_settled(state: &str) -> bool {
-        matches!(state, ACCEPTED | REJECTED | DEAD)
-    }
 }
 
 /// Shard counts by state.
@@ -78,7 +48,7 @@ pub struct JobView {
     pub id: String,
     pub tenant_id: String,
     pub name: String,
-    pub state: String,
+    pub state: JobState,
     pub priority: i32,
     pub max_attempts: u32,
     pub reducer: String,
@@ -103,7 +73,7 @@ pub struct JobList {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
     pub id: String,
-    pub state: String,
+    pub state: JobState,
     /// The reduced value; `null` until the job is `completed` (or when nothing succeeded).
     pub result: Option<Value>,
     pub summary: Option<JobSummary>,
@@ -170,11 +140,11 @@ impl Stats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardView {
     pub index: u64,
-    pub state: String,
+    pub state: TaskState,
     pub attempts: u32,
     pub agent_id: Option<String>,
     /// Status of the attempt that settled it (or of the last attempt).
-    pub status: Option<String>,
+    pub status: Option<Status>,
     pub wall_ms: Option<u64>,
     pub output: Option<Value>,
     pub error: Option<String>,
@@ -194,9 +164,9 @@ pub struct AttemptView {
     pub lease_id: String,
     pub agent_id: String,
     pub attempt: u32,
-    pub status: String,
+    pub status: Status,
     /// `unchecked` until verification exists.
-    pub verdict: String,
+    pub verdict: Verdict,
     /// This attempt's value is the shard's value.
     pub chosen: bool,
     /// It arrived after its lease was lost or its shard settled.
@@ -362,7 +332,7 @@ pub struct ReturnRequest {
 pub struct AgentView {
     pub id: String,
     pub name: String,
-    pub state: String,
+    pub state: AgentState,
     pub labels: Vec<String>,
     pub slots: u32,
     pub facts: MachineFacts,

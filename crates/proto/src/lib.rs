@@ -9,6 +9,7 @@ pub mod env;
 pub mod job;
 mod limits;
 mod report;
+mod states;
 mod units;
 
 pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
@@ -16,4 +17,5 @@ pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{
     ExceptionInfo, ExecutionReport, FileEntry, Frame, Runner, Status, StreamCapture, Violation,
 };
+pub use states::{AgentState, JobState, TaskState, UnknownState, Verdict};
 pub use units::{ByteSize, Millis, UnitError};

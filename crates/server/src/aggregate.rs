@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use fleetbox_proto::api::{JobSummary, Stats, job_state};
+use fleetbox_proto::JobState;
+use fleetbox_proto::api::{JobSummary, Stats};
 use fleetbox_proto::env;
 use fleetbox_proto::{ByteSize, Limits, Millis, Reducer, Status};
 use fleetbox_sandbox::RunRequest;
@@ -104,7 +105,7 @@ async fn fold_job(state: &Arc<State>, job_id: &str) {
     };
     let error = format!("aggregation failed after {tries} tries: {message}");
     let outcome = FoldOutcome {
-        state: job_state::FAILED,
+        state: JobState::Failed,
         result: None,
         result_blob: None,
         summary: &summary,
@@ -189,7 +190,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             .map(|(i, w)| format!("; first failure: shard {i}: {w}"))
             .unwrap_or_default();
         (
-            job_state::FAILED,
+            JobState::Failed,
             None,
             Some(format!(
                 "no shard succeeded ({failed} failed, {dead} dead){first}"
@@ -197,7 +198,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         )
     } else {
         match fold(state, &job.reducer, &job.limits, job_id, values).await {
-            Ok(v) => (job_state::COMPLETED, Some(v), None),
+            Ok(v) => (JobState::Completed, Some(v), None),
             Err(message) => {
                 return Err(FoldError::Reduce {
                     message,
@@ -252,7 +253,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     }
     tracing::info!(
         job_id,
-        state = job_state_now,
+        state = %job_state_now,
         accepted = counts.accepted,
         total,
         "job finished"

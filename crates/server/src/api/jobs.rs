@@ -5,8 +5,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, Request, State as AxState};
 use axum::http::StatusCode;
-use fleetbox_proto::JobSpec;
-use fleetbox_proto::api::{JobList, JobResult, JobView, ShardDetail, ShardList, job_state};
+use fleetbox_proto::api::{JobList, JobResult, JobView, ShardDetail, ShardList};
+use fleetbox_proto::{JobSpec, JobState, TaskState, UnknownState};
 use serde::Deserialize;
 
 use super::{ApiError, Auth, raw_body};
@@ -73,6 +73,13 @@ pub struct ListQuery {
     limit: Option<u32>,
 }
 
+/// A `?state=` filter, or a typed 400 naming the field and the states that exist.
+fn parse_state<S: std::str::FromStr<Err = UnknownState>>(name: &str) -> Result<S, ApiError> {
+    name.parse().map_err(|e: UnknownState| {
+        ApiError::bad_request("invalid_query", e.to_string()).with_field("state")
+    })
+}
+
 pub async fn list(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -80,32 +87,13 @@ pub async fn list(
 ) -> Result<Json<JobList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    if let Some(s) = &q.state {
-        const STATES: [&str; 7] = [
-            job_state::PENDING_REVIEW,
-            job_state::RUNNING,
-            job_state::AGGREGATING,
-            job_state::COMPLETED,
-            job_state::FAILED,
-            job_state::CANCELLED,
-            job_state::NEEDS_REVIEW,
-        ];
-        if !STATES.contains(&s.as_str()) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!(
-                    "unknown job state `{s}` (expected one of {})",
-                    STATES.join(", ")
-                ),
-            )
-            .with_field("state"));
-        }
-    }
+    let job_state = q
+        .state
+        .as_deref()
+        .map(parse_state::<JobState>)
+        .transpose()?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    let jobs = state
-        .store
-        .list_jobs(tenant, q.state.as_deref(), limit)
-        .await?;
+    let jobs = state.store.list_jobs(tenant, job_state, limit).await?;
     Ok(Json(JobList { jobs }))
 }
 
@@ -143,26 +131,18 @@ pub async fn shards(
 ) -> Result<Json<ShardList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
     let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    if let Some(s) = &q.state {
-        const STATES: [&str; 5] = ["queued", "leased", "accepted", "rejected", "dead"];
-        if !STATES.contains(&s.as_str()) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!(
-                    "unknown shard state `{s}` (expected one of {})",
-                    STATES.join(", ")
-                ),
-            )
-            .with_field("state"));
-        }
-    }
+    let shard_state = q
+        .state
+        .as_deref()
+        .map(parse_state::<TaskState>)
+        .transpose()?;
     if state.store.job(tenant, &id).await?.is_none() {
         return Err(ApiError::not_found("job", &id));
     }
     let page = ShardPage {
         from: q.from.unwrap_or(0),
         limit: q.limit.unwrap_or(1000).clamp(1, MAX_SHARD_PAGE),
-        state: q.state,
+        state: shard_state,
     };
     let shards = state.store.shards(tenant, &id, &page).await?;
     // Where the next page starts, when this one is full.

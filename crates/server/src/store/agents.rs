@@ -1,13 +1,12 @@
 //! Agents: enrollment, liveness, load.
 
 use fleetbox_proto::api::{AgentLoad, AgentView, EnrollRequest, MachineFacts};
+use fleetbox_proto::{AgentState, TaskState};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::settle::Tx;
 use super::{Doing, Store, StoreError, TokenKind, now_ms};
-
-pub const AGENT_ONLINE: &str = "online";
-pub const AGENT_LOST: &str = "lost";
 
 impl Store {
     /// Register an agent and its token (hash) in one transaction.
@@ -30,7 +29,7 @@ impl Store {
         .bind(json(&req.labels))
         .bind(i64::from(req.slots))
         .bind(json(&req.facts))
-        .bind(AGENT_ONLINE)
+        .bind(AgentState::Online.as_str())
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -55,7 +54,7 @@ impl Store {
         sqlx::query("UPDATE agents SET last_seen = $1, load = $2, state = $3 WHERE id = $4")
             .bind(now_ms())
             .bind(json(load))
-            .bind(AGENT_ONLINE)
+            .bind(AgentState::Online.as_str())
             .bind(agent_id)
             .execute(&self.write)
             .await
@@ -85,8 +84,8 @@ impl Store {
         let rows = sqlx::query(
             "UPDATE agents SET state = $1 WHERE state = $2 AND last_seen < $3 RETURNING id",
         )
-        .bind(AGENT_LOST)
-        .bind(AGENT_ONLINE)
+        .bind(AgentState::Lost.as_str())
+        .bind(AgentState::Online.as_str())
         .bind(cutoff)
         .fetch_all(&self.write)
         .await
@@ -96,13 +95,31 @@ impl Store {
             .collect()
     }
 
+    /// An agent asked for work: a sign of life, in the caller's transaction.
+    pub(super) async fn agent_seen(
+        &self,
+        tx: &mut Tx<'_>,
+        agent_id: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE agents SET last_seen = $1, state = $2 WHERE id = $3")
+            .bind(now)
+            .bind(AgentState::Online.as_str())
+            .bind(agent_id)
+            .execute(&mut **tx)
+            .await
+            .doing("recording an agent's lease call")?;
+        Ok(())
+    }
+
     pub async fn list_agents(&self, tenant_id: &str) -> Result<Vec<AgentView>, StoreError> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.state, a.labels, a.slots, a.facts, a.load, a.last_seen, \
-             (SELECT COUNT(*) FROM tasks t WHERE t.agent_id = a.id AND t.state = 'leased') AS leases \
+             (SELECT COUNT(*) FROM tasks t WHERE t.agent_id = a.id AND t.state = $2) AS leases \
              FROM agents a WHERE a.tenant_id = $1 ORDER BY a.created_at",
         )
         .bind(tenant_id)
+        .bind(TaskState::Leased.as_str())
         .fetch_all(&self.read)
         .await
         .doing("listing agents")?;
@@ -116,7 +133,12 @@ fn agent_view(row: &AnyRow) -> Result<AgentView, StoreError> {
     Ok(AgentView {
         id: get_s("id")?,
         name: get_s("name")?,
-        state: get_s("state")?,
+        state: get_s("state")?
+            .parse()
+            .map_err(|e: fleetbox_proto::UnknownState| StoreError::Corrupt {
+                what: "agent state",
+                detail: e.to_string(),
+            })?,
         labels: parse(&get_s("labels")?, "agent labels")?,
         slots: get_i("slots")? as u32,
         facts: parse::<MachineFacts>(&get_s("facts")?, "agent facts")?,

@@ -1,18 +1,15 @@
-//! Jobs: submission (job + its tasks), views, results, cancellation.
-
-use std::collections::HashMap;
+//! Jobs: submission (job + its tasks), views, results, cancellation, folds.
 
 use fleetbox_proto::api::{
-    AttemptView, JobResult, JobSummary, JobView, ShardCounts, ShardDetail, ShardView, job_state,
-    task_state,
+    AttemptView, JobResult, JobSummary, JobView, ShardCounts, ShardDetail, ShardView,
 };
-use fleetbox_proto::{Limits, Reducer};
+use fleetbox_proto::{JobState, Limits, Reducer, Status, TaskState, Verdict};
 use serde_json::Value;
-use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::agents::{json, parse};
-use super::{Doing, Store, StoreError, now_ms, placeholders, settle};
+use super::settle::{self, Tally};
+use super::sql::Sql;
+use super::{Doing, Store, StoreError, now_ms};
 
 /// A validated job ready to store.
 #[derive(Debug, Clone)]
@@ -35,7 +32,7 @@ pub struct NewJob {
 pub struct ShardPage {
     pub from: u64,
     pub limit: u32,
-    pub state: Option<String>,
+    pub state: Option<TaskState>,
 }
 
 /// What the scheduler and aggregator need of a job.
@@ -43,7 +40,7 @@ pub struct ShardPage {
 pub struct JobRow {
     pub id: String,
     pub tenant_id: String,
-    pub state: String,
+    pub state: JobState,
     pub code: String,
     pub code_sha256: String,
     pub limits: Limits,
@@ -52,9 +49,116 @@ pub struct JobRow {
     pub created_at: i64,
 }
 
-/// One accepted shard value with its run facts, for aggregation.
-#[derive(Debug, Clone)]
+/// [`JobRow`] as stored (JSON columns as text).
+#[derive(sqlx::FromRow)]
+struct JobRecord {
+    id: String,
+    tenant_id: String,
+    #[sqlx(try_from = "String")]
+    state: JobState,
+    code: String,
+    code_sha256: String,
+    limits: String,
+    reducer: String,
+    #[sqlx(try_from = "i64")]
+    shard_count: u64,
+    created_at: i64,
+}
+
+impl JobRecord {
+    fn decode(self) -> Result<JobRow, StoreError> {
+        Ok(JobRow {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            state: self.state,
+            code: self.code,
+            code_sha256: self.code_sha256,
+            limits: parse(&self.limits, "job limits")?,
+            reducer: parse(&self.reducer, "job reducer")?,
+            shard_count: self.shard_count,
+            created_at: self.created_at,
+        })
+    }
+}
+
+const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
+     shard_count, created_at FROM jobs";
+
+/// A job with its shard counters, as the API shows it.
+#[derive(sqlx::FromRow)]
+struct JobViewRecord {
+    id: String,
+    tenant_id: String,
+    name: String,
+    #[sqlx(try_from = "String")]
+    state: JobState,
+    #[sqlx(try_from = "i64")]
+    priority: i32,
+    #[sqlx(try_from = "i64")]
+    max_attempts: u32,
+    reducer: String,
+    code_sha256: String,
+    created_at: i64,
+    finished_at: Option<i64>,
+    error: Option<String>,
+    #[sqlx(try_from = "i64")]
+    shard_count: u64,
+    #[sqlx(try_from = "i64")]
+    queued: u64,
+    #[sqlx(try_from = "i64")]
+    leased: u64,
+    #[sqlx(try_from = "i64")]
+    reported: u64,
+    #[sqlx(try_from = "i64")]
+    accepted: u64,
+    #[sqlx(try_from = "i64")]
+    rejected: u64,
+    #[sqlx(try_from = "i64")]
+    dead: u64,
+}
+
+impl JobViewRecord {
+    fn decode(self) -> Result<JobView, StoreError> {
+        let reducer: Reducer = parse(&self.reducer, "job reducer")?;
+        Ok(JobView {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            name: self.name,
+            state: self.state,
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            reducer: reducer.name().to_string(),
+            code_sha256: self.code_sha256,
+            shards: ShardCounts {
+                total: self.shard_count,
+                queued: self.queued,
+                // A reported shard is still in an agent's hands as far as a reader cares.
+                leased: self.leased + self.reported,
+                accepted: self.accepted,
+                rejected: self.rejected,
+                dead: self.dead,
+            },
+            created_at: self.created_at,
+            finished_at: self.finished_at,
+            error: self.error,
+        })
+    }
+}
+
+/// One O(1) read per job: the row and its counters.
+const JOB_VIEW_SELECT: &str = "SELECT j.id, j.tenant_id, j.name, j.state, j.priority, \
+     j.max_attempts, j.reducer, j.code_sha256, j.created_at, j.finished_at, j.error, j.shard_count, \
+     c.queued, c.leased, c.reported, c.accepted, c.rejected, c.dead \
+     FROM jobs j JOIN job_counts c ON c.job_id = j.id";
+
+/// A job whose shards have all settled (`c` is its `job_counts` row).
+const ALL_SETTLED: &str = "(SELECT c.queued + c.leased + c.reported FROM job_counts c \
+     WHERE c.job_id = jobs.id) = 0";
+
+/// One accepted shard value, for aggregation.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AcceptedValue {
+    #[sqlx(try_from = "i64")]
     pub shard_index: u64,
     pub output: Option<String>,
     pub output_blob: Option<String>,
@@ -69,164 +173,212 @@ pub struct AttemptFacts {
     pub chosen_peak_memory: Vec<f64>,
 }
 
+/// A shard with the attempt that settled it (or its latest).
+#[derive(sqlx::FromRow)]
+struct ShardRecord {
+    #[sqlx(try_from = "i64")]
+    shard_index: u64,
+    #[sqlx(try_from = "String")]
+    state: TaskState,
+    #[sqlx(try_from = "i64")]
+    attempts: u32,
+    agent_id: Option<String>,
+    last_error: Option<String>,
+    status: Option<String>,
+    wall_ms: Option<i64>,
+    output: Option<String>,
+    a_agent: Option<String>,
+}
+
+impl ShardRecord {
+    fn decode(self) -> Result<ShardView, StoreError> {
+        Ok(ShardView {
+            index: self.shard_index,
+            state: self.state,
+            attempts: self.attempts,
+            agent_id: self.a_agent.or(self.agent_id),
+            status: self.status.as_deref().map(status).transpose()?,
+            wall_ms: self.wall_ms.map(|v| v.max(0) as u64),
+            output: self.output.map(|o| parse(&o, "shard output")).transpose()?,
+            error: self.last_error,
+        })
+    }
+}
+
+/// One stored attempt.
+#[derive(sqlx::FromRow)]
+struct AttemptRecord {
+    lease_id: String,
+    agent_id: String,
+    #[sqlx(try_from = "i64")]
+    attempt: u32,
+    status: String,
+    #[sqlx(try_from = "String")]
+    verdict: Verdict,
+    chosen: i64,
+    late: i64,
+    received_at: i64,
+    report: String,
+    output: Option<String>,
+    output_sha256: Option<String>,
+    stdout_blob: Option<String>,
+    stderr_blob: Option<String>,
+}
+
+impl AttemptRecord {
+    fn decode(self) -> Result<AttemptView, StoreError> {
+        let mut report: Value = parse(&self.report, "attempt report")?;
+        if let (Some(o), Some(obj)) = (self.output, report.as_object_mut()) {
+            obj.insert("output".into(), parse(&o, "attempt output")?);
+        }
+        Ok(AttemptView {
+            lease_id: self.lease_id,
+            agent_id: self.agent_id,
+            attempt: self.attempt,
+            status: status(&self.status)?,
+            verdict: self.verdict,
+            chosen: self.chosen == 1,
+            late: self.late == 1,
+            received_at: self.received_at,
+            output_sha256: self.output_sha256,
+            report,
+            stdout_blob: self.stdout_blob,
+            stderr_blob: self.stderr_blob,
+        })
+    }
+}
+
+/// A run status as stored.
+fn status(name: &str) -> Result<Status, StoreError> {
+    Status::ALL
+        .into_iter()
+        .find(|s| s.as_str() == name)
+        .ok_or_else(|| StoreError::Corrupt {
+            what: "attempt status",
+            detail: format!("unknown status `{name}`"),
+        })
+}
+
 impl Store {
-    /// Store a job and all its tasks in one transaction.
+    /// Store a job, all its tasks and its shard counters in one transaction.
     pub async fn insert_job(&self, job: &NewJob) -> Result<(), StoreError> {
         let now = now_ms();
+        let shards = job.inputs.len() as i64;
+        let spec = json(&job.spec);
+        let limits = json(&job.limits);
+        let reducer = json(&job.reducer);
         let mut tx = self.begin_write().await.doing("submitting a job")?;
-        sqlx::query(
+        let mut sql = Sql::new(
             "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
-             priority, max_attempts, shard_count, unsettled, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)",
-        )
-        .bind(&job.id)
-        .bind(&job.tenant_id)
-        .bind(&job.name)
-        .bind(job_state::RUNNING)
-        .bind(json(&job.spec))
-        .bind(&job.code)
-        .bind(&job.code_sha256)
-        .bind(json(&job.limits))
-        .bind(json(&job.reducer))
-        .bind(i64::from(job.priority))
-        .bind(i64::from(job.max_attempts))
-        .bind(job.inputs.len() as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .doing("inserting a job")?;
-        let rows = self.rows_per_statement(2);
-        for (chunk_no, chunk) in job.inputs.chunks(rows).enumerate() {
-            let mut sql = String::from(
-                "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, max_attempts, updated_at) VALUES ",
-            );
-            // Constant columns are bound once; each row adds its index and input.
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let base = 7 + i * 2;
-                    format!("($1, $2, ${}, $3, $4, ${}, $5, $6)", base, base + 1)
-                })
-                .collect();
-            sql.push_str(&values.join(", "));
-            let mut q = sqlx::query(&sql)
-                .bind(&job.tenant_id)
-                .bind(&job.id)
-                .bind(task_state::QUEUED)
+             priority, max_attempts, shard_count, created_at) VALUES ",
+        );
+        sql.push_rows([job], |row, job| {
+            row.bind(job.id.as_str())
+                .bind(job.tenant_id.as_str())
+                .bind(job.name.as_str())
+                .bind(JobState::Running.as_str())
+                .bind(spec.as_str())
+                .bind(job.code.as_str())
+                .bind(job.code_sha256.as_str())
+                .bind(limits.as_str())
+                .bind(reducer.as_str())
                 .bind(i64::from(job.priority))
                 .bind(i64::from(job.max_attempts))
+                .bind(shards)
                 .bind(now);
-            for (i, input) in chunk.iter().enumerate() {
-                q = q.bind((chunk_no * rows + i) as i64).bind(json(input));
-            }
-            q.execute(&mut *tx).await.doing("inserting tasks")?;
+        });
+        sql.build()
+            .execute(&mut *tx)
+            .await
+            .doing("inserting a job")?;
+        let inputs: Vec<String> = job.inputs.iter().map(json).collect();
+        let per_statement = self.rows_per_statement(8);
+        for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
+            let mut sql = Sql::new(
+                "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
+                 max_attempts, updated_at) VALUES ",
+            );
+            sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
+                row.bind(job.tenant_id.as_str())
+                    .bind(job.id.as_str())
+                    .bind((chunk_no * per_statement + i) as i64)
+                    .bind(TaskState::Queued.as_str())
+                    .bind(i64::from(job.priority))
+                    .bind(input.as_str())
+                    .bind(i64::from(job.max_attempts))
+                    .bind(now);
+            });
+            sql.build()
+                .execute(&mut *tx)
+                .await
+                .doing("inserting tasks")?;
         }
+        settle::create_counts(&mut tx, &job.id, shards).await?;
         tx.commit().await.doing("submitting a job")?;
         Ok(())
     }
 
     pub async fn job(&self, tenant_id: &str, id: &str) -> Result<Option<JobRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, shard_count, created_at \
-             FROM jobs WHERE id = $1 AND tenant_id = $2",
-        )
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(&self.read)
-        .await
-        .doing("reading a job")?;
-        row.map(|r| job_row(&r)).transpose()
+        Sql::new(JOB_ROW_SELECT)
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant_id)
+            .build_as::<JobRecord>()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a job")?
+            .map(JobRecord::decode)
+            .transpose()
     }
 
     /// A job by id alone (internal: the aggregator and the lease path).
     pub async fn job_any_tenant(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, shard_count, created_at \
-             FROM jobs WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.read)
-        .await
-        .doing("reading a job")?;
-        row.map(|r| job_row(&r)).transpose()
+        Sql::new(JOB_ROW_SELECT)
+            .push(" WHERE id = ")
+            .bind(id)
+            .build_as::<JobRecord>()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a job")?
+            .map(JobRecord::decode)
+            .transpose()
     }
 
     pub async fn job_view(&self, tenant_id: &str, id: &str) -> Result<Option<JobView>, StoreError> {
-        let row = sqlx::query(&format!(
-            "{JOB_VIEW_SELECT} WHERE id = $1 AND tenant_id = $2"
-        ))
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(&self.read)
-        .await
-        .doing("reading a job")?;
-        let Some(row) = row else { return Ok(None) };
-        let mut view = job_view(&row)?;
-        let counts = self.shard_counts(std::slice::from_ref(&view.id)).await?;
-        view.shards = counts.get(&view.id).cloned().unwrap_or_default();
-        Ok(Some(view))
+        Sql::new(JOB_VIEW_SELECT)
+            .push(" WHERE j.id = ")
+            .bind(id)
+            .push(" AND j.tenant_id = ")
+            .bind(tenant_id)
+            .build_as::<JobViewRecord>()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a job")?
+            .map(JobViewRecord::decode)
+            .transpose()
     }
 
     pub async fn list_jobs(
         &self,
         tenant_id: &str,
-        state: Option<&str>,
+        state: Option<JobState>,
         limit: u32,
     ) -> Result<Vec<JobView>, StoreError> {
-        let with_state = format!(
-            "{JOB_VIEW_SELECT} WHERE tenant_id = $1 AND state = $2 ORDER BY created_at DESC, id LIMIT $3"
-        );
-        let all =
-            format!("{JOB_VIEW_SELECT} WHERE tenant_id = $1 ORDER BY created_at DESC, id LIMIT $2");
-        let rows = match state {
-            Some(state) => sqlx::query(&with_state)
-                .bind(tenant_id)
-                .bind(state)
-                .bind(i64::from(limit)),
-            None => sqlx::query(&all).bind(tenant_id).bind(i64::from(limit)),
+        let mut sql = Sql::new(JOB_VIEW_SELECT);
+        sql.push(" WHERE j.tenant_id = ").bind(tenant_id);
+        if let Some(state) = state {
+            sql.push(" AND j.state = ").bind(state.as_str());
         }
-        .fetch_all(&self.read)
-        .await
-        .doing("listing jobs")?;
-        let mut views: Vec<JobView> = rows.iter().map(job_view).collect::<Result<_, _>>()?;
-        let ids: Vec<String> = views.iter().map(|v| v.id.clone()).collect();
-        let counts = self.shard_counts(&ids).await?;
-        for view in &mut views {
-            view.shards = counts.get(&view.id).cloned().unwrap_or_default();
-        }
-        Ok(views)
-    }
-
-    async fn shard_counts(
-        &self,
-        ids: &[String],
-    ) -> Result<HashMap<String, ShardCounts>, StoreError> {
-        let mut out: HashMap<String, ShardCounts> = HashMap::new();
-        if ids.is_empty() {
-            return Ok(out);
-        }
-        let sql = format!(
-            "SELECT job_id, state, COUNT(*) AS n FROM tasks WHERE job_id IN ({}) GROUP BY job_id, state",
-            placeholders(1, ids.len())
-        );
-        let mut q = sqlx::query(&sql);
-        for id in ids {
-            q = q.bind(id);
-        }
-        for row in q.fetch_all(&self.read).await.doing("counting shards")? {
-            let job: String = row.try_get("job_id").doing("counting shards")?;
-            let state: String = row.try_get("state").doing("counting shards")?;
-            let n = row.try_get::<i64, _>("n").doing("counting shards")? as u64;
-            let c = out.entry(job).or_default();
-            c.total += n;
-            match state.as_str() {
-                task_state::QUEUED => c.queued += n,
-                task_state::LEASED | task_state::REPORTED => c.leased += n,
-                task_state::ACCEPTED => c.accepted += n,
-                task_state::REJECTED => c.rejected += n,
-                _ => c.dead += n,
-            }
-        }
-        Ok(out)
+        sql.push(" ORDER BY j.created_at DESC, j.id LIMIT ")
+            .bind(i64::from(limit));
+        sql.build_as::<JobViewRecord>()
+            .fetch_all(&self.read)
+            .await
+            .doing("listing jobs")?
+            .into_iter()
+            .map(JobViewRecord::decode)
+            .collect()
     }
 
     pub async fn job_result(
@@ -234,28 +386,39 @@ impl Store {
         tenant_id: &str,
         id: &str,
     ) -> Result<Option<(JobResult, Option<String>)>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, state, result, result_blob, summary, error FROM jobs WHERE id = $1 AND tenant_id = $2",
-        )
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(&self.read)
-        .await
-        .doing("reading a job result")?;
-        let Some(row) = row else { return Ok(None) };
-        let result: Option<String> = row.try_get("result").doing("reading a job result")?;
-        let summary: Option<String> = row.try_get("summary").doing("reading a job result")?;
-        let blob: Option<String> = row.try_get("result_blob").doing("reading a job result")?;
+        #[derive(sqlx::FromRow)]
+        struct ResultRecord {
+            id: String,
+            #[sqlx(try_from = "String")]
+            state: JobState,
+            result: Option<String>,
+            result_blob: Option<String>,
+            summary: Option<String>,
+            error: Option<String>,
+        }
+        let Some(r) =
+            Sql::new("SELECT id, state, result, result_blob, summary, error FROM jobs WHERE id = ")
+                .bind(id)
+                .push(" AND tenant_id = ")
+                .bind(tenant_id)
+                .build_as::<ResultRecord>()
+                .fetch_optional(&self.read)
+                .await
+                .doing("reading a job result")?
+        else {
+            return Ok(None);
+        };
         let view = JobResult {
-            id: row.try_get("id").doing("reading a job result")?,
-            state: row.try_get("state").doing("reading a job result")?,
-            result: result.map(|r| parse(&r, "job result")).transpose()?,
-            summary: summary
+            id: r.id,
+            state: r.state,
+            result: r.result.map(|v| parse(&v, "job result")).transpose()?,
+            summary: r
+                .summary
                 .map(|s| parse::<JobSummary>(&s, "job summary"))
                 .transpose()?,
-            error: row.try_get("error").doing("reading a job result")?,
+            error: r.error,
         };
-        Ok(Some((view, blob)))
+        Ok(Some((view, r.result_blob)))
     }
 
     /// A page of a job's shards in index order, optionally only those in `state`.
@@ -266,46 +429,29 @@ impl Store {
         page: &ShardPage,
     ) -> Result<Vec<ShardView>, StoreError> {
         // The settling attempt if there is one, else the latest.
-        let mut sql = String::from(
+        let mut sql = Sql::new(
             "SELECT t.shard_index, t.state, t.attempts, t.agent_id, t.last_error, \
              a.status, a.wall_ms, a.output, a.agent_id AS a_agent \
              FROM tasks t LEFT JOIN attempts a ON a.id = ( \
                SELECT a2.id FROM attempts a2 WHERE a2.task_id = t.id ORDER BY a2.chosen DESC, a2.id DESC LIMIT 1) \
-             WHERE t.job_id = $1 AND t.tenant_id = $2 AND t.shard_index >= $3",
+             WHERE t.job_id = ",
         );
-        if page.state.is_some() {
-            sql.push_str(" AND t.state = $5");
-        }
-        sql.push_str(" ORDER BY t.shard_index LIMIT $4");
-        let mut q = sqlx::query(&sql)
-            .bind(job_id)
+        sql.bind(job_id)
+            .push(" AND t.tenant_id = ")
             .bind(tenant_id)
-            .bind(page.from as i64)
-            .bind(i64::from(page.limit));
-        if let Some(state) = &page.state {
-            q = q.bind(state);
+            .push(" AND t.shard_index >= ")
+            .bind(page.from as i64);
+        if let Some(state) = page.state {
+            sql.push(" AND t.state = ").bind(state.as_str());
         }
-        let rows = q.fetch_all(&self.read).await.doing("listing shards")?;
-        rows.iter()
-            .map(|r| {
-                let d = "listing shards";
-                let output: Option<String> = r.try_get("output").doing(d)?;
-                let agent: Option<String> = r.try_get("a_agent").doing(d)?;
-                let task_agent: Option<String> = r.try_get("agent_id").doing(d)?;
-                Ok(ShardView {
-                    index: r.try_get::<i64, _>("shard_index").doing(d)? as u64,
-                    state: r.try_get("state").doing(d)?,
-                    attempts: r.try_get::<i64, _>("attempts").doing(d)? as u32,
-                    agent_id: agent.or(task_agent),
-                    status: r.try_get("status").doing(d)?,
-                    wall_ms: r
-                        .try_get::<Option<i64>, _>("wall_ms")
-                        .doing(d)?
-                        .map(|v| v as u64),
-                    output: output.map(|o| parse(&o, "shard output")).transpose()?,
-                    error: r.try_get("last_error").doing(d)?,
-                })
-            })
+        sql.push(" ORDER BY t.shard_index LIMIT ")
+            .bind(i64::from(page.limit));
+        sql.build_as::<ShardRecord>()
+            .fetch_all(&self.read)
+            .await
+            .doing("listing shards")?
+            .into_iter()
+            .map(ShardRecord::decode)
             .collect()
     }
 
@@ -330,46 +476,28 @@ impl Store {
             return Ok(None);
         };
         let d = "reading a shard";
-        let task =
-            sqlx::query("SELECT id, input FROM tasks WHERE job_id = $1 AND shard_index = $2")
+        let (task_id, input): (i64, String) =
+            Sql::new("SELECT id, input FROM tasks WHERE job_id = ")
                 .bind(job_id)
+                .push(" AND shard_index = ")
                 .bind(index as i64)
+                .build_as()
                 .fetch_one(&self.read)
                 .await
                 .doing(d)?;
-        let task_id: i64 = task.try_get("id").doing(d)?;
-        let input: String = task.try_get("input").doing(d)?;
-        let rows = sqlx::query(
+        let attempts = Sql::new(
             "SELECT lease_id, agent_id, attempt, status, verdict, chosen, late, received_at, report, \
-             output, output_sha256, stdout_blob, stderr_blob FROM attempts WHERE task_id = $1 ORDER BY id",
+             output, output_sha256, stdout_blob, stderr_blob FROM attempts WHERE task_id = ",
         )
         .bind(task_id)
+        .push(" ORDER BY id")
+        .build_as::<AttemptRecord>()
         .fetch_all(&self.read)
         .await
-        .doing(d)?;
-        let mut attempts = Vec::with_capacity(rows.len());
-        for r in rows {
-            let report: String = r.try_get("report").doing(d)?;
-            let mut report: Value = parse(&report, "attempt report")?;
-            let output: Option<String> = r.try_get("output").doing(d)?;
-            if let (Some(o), Some(obj)) = (output, report.as_object_mut()) {
-                obj.insert("output".into(), parse(&o, "attempt output")?);
-            }
-            attempts.push(AttemptView {
-                lease_id: r.try_get("lease_id").doing(d)?,
-                agent_id: r.try_get("agent_id").doing(d)?,
-                attempt: r.try_get::<i64, _>("attempt").doing(d)? as u32,
-                status: r.try_get("status").doing(d)?,
-                verdict: r.try_get("verdict").doing(d)?,
-                chosen: r.try_get::<i64, _>("chosen").doing(d)? == 1,
-                late: r.try_get::<i64, _>("late").doing(d)? == 1,
-                received_at: r.try_get("received_at").doing(d)?,
-                output_sha256: r.try_get("output_sha256").doing(d)?,
-                report,
-                stdout_blob: r.try_get("stdout_blob").doing(d)?,
-                stderr_blob: r.try_get("stderr_blob").doing(d)?,
-            });
-        }
+        .doing(d)?
+        .into_iter()
+        .map(AttemptRecord::decode)
+        .collect::<Result<_, _>>()?;
         Ok(Some(ShardDetail {
             shard,
             input: parse(&input, "shard input")?,
@@ -381,32 +509,30 @@ impl Store {
     pub async fn cancel_job(&self, tenant_id: &str, id: &str) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("cancelling a job")?;
-        let done = sqlx::query(
-            "UPDATE jobs SET state = $1, error = $2, finished_at = $3, unsettled = 0 \
-             WHERE id = $4 AND tenant_id = $5 AND state NOT IN ('completed', 'failed', 'cancelled') RETURNING id",
-        )
-        .bind(job_state::CANCELLED)
-        .bind("cancelled by request")
-        .bind(now)
-        .bind(id)
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .doing("cancelling a job")?;
-        if done.is_none() {
+        // The job row first (it is locked from here on), then its tasks, then its counters.
+        let done = Sql::new("UPDATE jobs SET state = ")
+            .bind(JobState::Cancelled.as_str())
+            .push(", error = ")
+            .bind("cancelled by request")
+            .push(", finished_at = ")
+            .bind(now)
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant_id)
+            .push(" AND state NOT IN (")
+            .bind_list(JobState::FINAL.iter().map(|s| s.as_str()))
+            .push(")")
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("cancelling a job")?;
+        if done.rows_affected() == 0 {
             return Ok(false);
         }
-        sqlx::query(
-            "UPDATE tasks SET state = $1, last_error = $2, lease_id = NULL, lease_expires = NULL, updated_at = $3 \
-             WHERE job_id = $4 AND state IN ('queued', 'leased', 'reported')",
-        )
-        .bind(task_state::DEAD)
-        .bind("job cancelled")
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .doing("cancelling a job's shards")?;
+        let mut tally = Tally::default();
+        settle::kill_unsettled(&mut tx, &mut tally, id, "job cancelled", now).await?;
+        tally.apply(&mut tx).await?;
         tx.commit().await.doing("cancelling a job")?;
         Ok(true)
     }
@@ -414,22 +540,22 @@ impl Store {
     /// Jobs whose fold can be claimed now: settled `running` jobs, and `aggregating` jobs whose
     /// fold lease ran out (its coordinator died) or whose failed fold's back-off has passed.
     pub async fn jobs_to_aggregate(&self, now: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE (state = $1 AND unsettled <= 0) \
-             OR (state = $2 AND fold_expires < $3 AND fold_after <= $3)",
-        )
-        .bind(job_state::RUNNING)
-        .bind(job_state::AGGREGATING)
-        .bind(now)
-        .fetch_all(&self.read)
-        .await
-        .doing("finding jobs to aggregate")?;
-        rows.iter()
-            .map(|r| {
-                r.try_get::<String, _>("id")
-                    .doing("finding jobs to aggregate")
-            })
-            .collect()
+        let rows: Vec<(String,)> = Sql::new("SELECT id FROM jobs WHERE (state = ")
+            .bind(JobState::Running.as_str())
+            .push(" AND ")
+            .push(ALL_SETTLED)
+            .push(") OR (state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(" AND fold_expires < ")
+            .bind(now)
+            .push(" AND fold_after <= ")
+            .bind(now)
+            .push(")")
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("finding jobs to aggregate")?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
     /// Claim a job's fold for `owner` until `expires`: a settled `running` job, or an
@@ -442,26 +568,30 @@ impl Store {
         now: i64,
         expires: i64,
     ) -> Result<Option<u32>, StoreError> {
-        let row = sqlx::query(
-            "UPDATE jobs SET state = $1, fold_owner = $2, fold_expires = $3, fold_tries = fold_tries + 1 \
-             WHERE id = $4 AND ((state = $5 AND unsettled <= 0) \
-             OR (state = $1 AND fold_expires < $6 AND fold_after <= $6)) RETURNING fold_tries",
-        )
-        .bind(job_state::AGGREGATING)
-        .bind(owner)
-        .bind(expires)
-        .bind(id)
-        .bind(job_state::RUNNING)
-        .bind(now)
-        .fetch_optional(&self.write)
-        .await
-        .doing("claiming a fold")?;
-        row.map(|r| {
-            r.try_get::<i64, _>("fold_tries")
-                .doing("claiming a fold")
-                .map(|n| n as u32)
-        })
-        .transpose()
+        let row: Option<(i64,)> = Sql::new("UPDATE jobs SET state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(", fold_owner = ")
+            .bind(owner)
+            .push(", fold_expires = ")
+            .bind(expires)
+            .push(", fold_tries = fold_tries + 1 WHERE id = ")
+            .bind(id)
+            .push(" AND ((state = ")
+            .bind(JobState::Running.as_str())
+            .push(" AND ")
+            .push(ALL_SETTLED)
+            .push(") OR (state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(" AND fold_expires < ")
+            .bind(now)
+            .push(" AND fold_after <= ")
+            .bind(now)
+            .push(")) RETURNING fold_tries")
+            .build_as()
+            .fetch_optional(&self.write)
+            .await
+            .doing("claiming a fold")?;
+        Ok(row.map(|(n,)| n as u32))
     }
 
     /// Extend `owner`'s fold lease; false when it lost it.
@@ -471,16 +601,18 @@ impl Store {
         owner: &str,
         expires: i64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET fold_expires = $1 WHERE id = $2 AND state = $3 AND fold_owner = $4",
-        )
-        .bind(expires)
-        .bind(id)
-        .bind(job_state::AGGREGATING)
-        .bind(owner)
-        .execute(&self.write)
-        .await
-        .doing("renewing a fold")?;
+        let done = Sql::new("UPDATE jobs SET fold_expires = ")
+            .bind(expires)
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(" AND fold_owner = ")
+            .bind(owner)
+            .build()
+            .execute(&self.write)
+            .await
+            .doing("renewing a fold")?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -492,62 +624,54 @@ impl Store {
         after: i64,
         error: &str,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET fold_owner = NULL, fold_expires = 0, fold_after = $1, error = $2 \
-             WHERE id = $3 AND state = $4 AND fold_owner = $5",
-        )
-        .bind(after)
-        .bind(settle::storable_text(error))
-        .bind(id)
-        .bind(job_state::AGGREGATING)
-        .bind(owner)
-        .execute(&self.write)
-        .await
-        .doing("releasing a fold")?;
+        let done = Sql::new("UPDATE jobs SET fold_owner = NULL, fold_expires = 0, fold_after = ")
+            .bind(after)
+            .push(", error = ")
+            .bind(settle::storable_text(error))
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(" AND fold_owner = ")
+            .bind(owner)
+            .build()
+            .execute(&self.write)
+            .await
+            .doing("releasing a fold")?;
         Ok(done.rows_affected() == 1)
     }
 
     pub async fn accepted_values(&self, job_id: &str) -> Result<Vec<AcceptedValue>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT t.shard_index, a.output, a.output_blob FROM attempts a JOIN tasks t ON t.id = a.task_id \
-             WHERE a.job_id = $1 AND a.chosen = 1 AND t.state = 'accepted' ORDER BY t.shard_index",
+        Sql::new(
+            "SELECT t.shard_index, a.output, a.output_blob FROM attempts a \
+             JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ",
         )
         .bind(job_id)
+        .push(" AND a.chosen = 1 AND t.state = ")
+        .bind(TaskState::Accepted.as_str())
+        .push(" ORDER BY t.shard_index")
+        .build_as()
         .fetch_all(&self.read)
         .await
-        .doing("reading shard values")?;
-        rows.iter()
-            .map(|r| {
-                let d = "reading shard values";
-                Ok(AcceptedValue {
-                    shard_index: r.try_get::<i64, _>("shard_index").doing(d)? as u64,
-                    output: r.try_get("output").doing(d)?,
-                    output_blob: r.try_get("output_blob").doing(d)?,
-                })
-            })
-            .collect()
+        .doing("reading shard values")
     }
 
     pub async fn attempt_facts(&self, job_id: &str) -> Result<AttemptFacts, StoreError> {
-        let rows = sqlx::query(
-            "SELECT chosen, wall_ms, peak_memory, bytes_out FROM attempts WHERE job_id = $1",
+        let rows: Vec<(i64, i64, i64, i64)> = Sql::new(
+            "SELECT chosen, wall_ms, peak_memory, bytes_out FROM attempts WHERE job_id = ",
         )
         .bind(job_id)
+        .build_as()
         .fetch_all(&self.read)
         .await
         .doing("reading attempt facts")?;
         let mut facts = AttemptFacts::default();
-        for r in rows {
-            let d = "reading attempt facts";
+        for (chosen, wall_ms, peak_memory, bytes_out) in rows {
             facts.attempts += 1;
-            facts.bytes_out += r.try_get::<i64, _>("bytes_out").doing(d)? as u64;
-            if r.try_get::<i64, _>("chosen").doing(d)? == 1 {
-                facts
-                    .chosen_wall_ms
-                    .push(r.try_get::<i64, _>("wall_ms").doing(d)? as f64);
-                facts
-                    .chosen_peak_memory
-                    .push(r.try_get::<i64, _>("peak_memory").doing(d)? as f64);
+            facts.bytes_out += bytes_out.max(0) as u64;
+            if chosen == 1 {
+                facts.chosen_wall_ms.push(wall_ms as f64);
+                facts.chosen_peak_memory.push(peak_memory as f64);
             }
         }
         Ok(facts)
@@ -559,25 +683,21 @@ impl Store {
         job_id: &str,
         limit: u32,
     ) -> Result<Vec<(u64, String)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT shard_index, last_error FROM tasks WHERE job_id = $1 AND state IN ('rejected', 'dead') \
-             ORDER BY shard_index LIMIT $2",
-        )
-        .bind(job_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .doing("reading failures")?;
-        rows.iter()
-            .map(|r| {
-                let d = "reading failures";
-                let err: Option<String> = r.try_get("last_error").doing(d)?;
-                Ok((
-                    r.try_get::<i64, _>("shard_index").doing(d)? as u64,
-                    err.unwrap_or_default(),
-                ))
-            })
-            .collect()
+        let rows: Vec<(i64, Option<String>)> =
+            Sql::new("SELECT shard_index, last_error FROM tasks WHERE job_id = ")
+                .bind(job_id)
+                .push(" AND state IN (")
+                .bind_list([TaskState::Rejected.as_str(), TaskState::Dead.as_str()])
+                .push(") ORDER BY shard_index LIMIT ")
+                .bind(i64::from(limit))
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("reading failures")?;
+        Ok(rows
+            .into_iter()
+            .map(|(i, e)| (i as u64, e.unwrap_or_default()))
+            .collect())
     }
 
     /// Store the aggregation's outcome and settle the job, if `owner` still holds its fold.
@@ -589,22 +709,28 @@ impl Store {
         owner: &str,
         outcome: &FoldOutcome<'_>,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET state = $1, result = $2, result_blob = $3, summary = $4, error = $5, \
-             finished_at = $6, fold_owner = NULL WHERE id = $7 AND state = $8 AND fold_owner = $9",
-        )
-        .bind(outcome.state)
-        .bind(outcome.result)
-        .bind(outcome.result_blob)
-        .bind(json(outcome.summary))
-        .bind(outcome.error.map(settle::storable_text))
-        .bind(now_ms())
-        .bind(id)
-        .bind(job_state::AGGREGATING)
-        .bind(owner)
-        .execute(&self.write)
-        .await
-        .doing("storing a job result")?;
+        let done = Sql::new("UPDATE jobs SET state = ")
+            .bind(outcome.state.as_str())
+            .push(", result = ")
+            .bind(outcome.result)
+            .push(", result_blob = ")
+            .bind(outcome.result_blob)
+            .push(", summary = ")
+            .bind(json(outcome.summary))
+            .push(", error = ")
+            .bind(outcome.error.map(settle::storable_text))
+            .push(", finished_at = ")
+            .bind(now_ms())
+            .push(", fold_owner = NULL WHERE id = ")
+            .bind(id)
+            .push(" AND state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(" AND fold_owner = ")
+            .bind(owner)
+            .build()
+            .execute(&self.write)
+            .await
+            .doing("storing a job result")?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -612,51 +738,11 @@ impl Store {
 /// What a fold ends with, for [`Store::finish_job`].
 #[derive(Debug)]
 pub struct FoldOutcome<'a> {
-    pub state: &'a str,
+    pub state: JobState,
     /// The result as JSON text, when small enough to keep in the row.
     pub result: Option<&'a str>,
     /// The blob holding the result's JSON, when it is not in the row.
     pub result_blob: Option<&'a str>,
     pub summary: &'a JobSummary,
     pub error: Option<&'a str>,
-}
-
-const JOB_VIEW_SELECT: &str = "SELECT id, tenant_id, name, state, priority, max_attempts, reducer, \
-     code_sha256, created_at, finished_at, error FROM jobs";
-
-fn job_view(row: &AnyRow) -> Result<JobView, StoreError> {
-    let d = "reading a job";
-    let reducer: String = row.try_get("reducer").doing(d)?;
-    let reducer: Reducer = parse(&reducer, "job reducer")?;
-    Ok(JobView {
-        id: row.try_get("id").doing(d)?,
-        tenant_id: row.try_get("tenant_id").doing(d)?,
-        name: row.try_get("name").doing(d)?,
-        state: row.try_get("state").doing(d)?,
-        priority: row.try_get::<i64, _>("priority").doing(d)? as i32,
-        max_attempts: row.try_get::<i64, _>("max_attempts").doing(d)? as u32,
-        reducer: reducer.name().to_string(),
-        code_sha256: row.try_get("code_sha256").doing(d)?,
-        shards: ShardCounts::default(),
-        created_at: row.try_get("created_at").doing(d)?,
-        finished_at: row.try_get("finished_at").doing(d)?,
-        error: row.try_get("error").doing(d)?,
-    })
-}
-
-fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
-    let d = "reading a job";
-    let limits: String = row.try_get("limits").doing(d)?;
-    let reducer: String = row.try_get("reducer").doing(d)?;
-    Ok(JobRow {
-        id: row.try_get("id").doing(d)?,
-        tenant_id: row.try_get("tenant_id").doing(d)?,
-        state: row.try_get("state").doing(d)?,
-        code: row.try_get("code").doing(d)?,
-        code_sha256: row.try_get("code_sha256").doing(d)?,
-        limits: parse(&limits, "job limits")?,
-        reducer: parse(&reducer, "job reducer")?,
-        shard_count: row.try_get::<i64, _>("shard_count").doing(d)? as u64,
-        created_at: row.try_get("created_at").doing(d)?,
-    })
 }

@@ -1,6 +1,7 @@
 //! The coordinator's store: one code path over SQLite (embedded default) and PostgreSQL.
 //!
-//! Queries go through sqlx's `Any` driver with `$N` placeholders, which both databases accept.
+//! Queries go through sqlx's `Any` driver with `$N` placeholders, which both databases accept;
+//! statements with a variable shape are built with [`sql::Sql`], which numbers them.
 //! Where the dialects differ (leasing uses `FOR UPDATE SKIP LOCKED` on PostgreSQL) the SQL
 //! is chosen by [`DbKind`]. SQLite runs with one writer connection (WAL lets readers go on);
 //! PostgreSQL shares one pool, so several coordinators can use the same database.
@@ -8,6 +9,7 @@
 mod agents;
 mod jobs;
 mod settle;
+mod sql;
 mod tasks;
 mod tokens;
 
@@ -19,8 +21,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use jobs::{FoldOutcome, JobRow, NewJob, ShardPage};
+pub use settle::LeaseGrant;
 pub use settle::storable_text;
-pub use tasks::{LeaseGrant, ReportInput, Requeued, SettleOutcome, backoff_ms};
+pub use tasks::{ReportInput, Requeued, SettleOutcome, backoff_ms};
 pub use tokens::{Principal, TokenKind};
 
 /// The tenant every object belongs to until tenants are managed.
@@ -88,6 +91,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_settle",
         include_str!("../../migrations/0002_settle.sql"),
+    ),
+    (
+        "0003_counts",
+        include_str!("../../migrations/0003_counts.sql"),
     ),
 ];
 
@@ -269,14 +276,6 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-/// `$first, $first+1, ...` for `n` values.
-pub(crate) fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]

@@ -1,90 +1,402 @@
-//! The transitions of a task (shard), each one guarded update.
+//! The state machine of a task (shard): every change of a task's state goes through here.
 //!
-//! Every function here changes one task row only if it is still in the state (and, where it
-//! matters, under the lease) the transition comes from, and says whether it did. Callers move
-//! the job's `unsettled` counter only for transitions that happened, in the same transaction.
-//! On PostgreSQL a concurrent transaction that changed the row first makes the guard fail
-//! once it commits (READ COMMITTED re-checks the `WHERE` on the new row version); on SQLite
-//! there is one writer. Lock order, to keep PostgreSQL free of deadlocks: job rows first
-//! (sorted by id, [`lock_jobs`]), then task rows.
+//! Each transition is a guarded `UPDATE` that changes a row only if it is still in the state
+//! (and, where it matters, under the lease) the transition comes from; its row count says
+//! whether it happened. What happened is counted in a [`Tally`], and the tally moves the job's
+//! per-state shard counters (`job_counts`) in the same transaction, last: the counters are
+//! the truth the job view and the fold read, O(1) per job.
+//!
+//! On PostgreSQL a concurrent transaction that changed a row first makes the guard fail once
+//! it commits (READ COMMITTED re-checks the `WHERE` on the new row version); on SQLite there
+//! is one writer. Lock order, which keeps PostgreSQL free of deadlocks: job rows (sorted,
+//! [`lock_jobs`]), then task rows, then `job_counts` rows (sorted, [`Tally::apply`]). A lease
+//! takes no job row; every transaction touches the counters last.
 
-use fleetbox_proto::api::task_state;
+use std::collections::BTreeMap;
 
-use super::{DbKind, Doing, StoreError, placeholders};
+use fleetbox_proto::TaskState;
+use sqlx::Row;
 
-type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+use super::sql::Sql;
+use super::{DbKind, Doing, StoreError};
 
-/// `queued` | `leased` → `accepted`: any report of success for a shard nobody settled.
-pub(super) async fn accept(tx: &mut Tx<'_>, task_id: i64, now: i64) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "UPDATE tasks SET state = $1, lease_id = NULL, lease_expires = NULL, last_error = NULL, \
-         updated_at = $2 WHERE id = $3 AND state IN ($4, $5)",
-    )
-    .bind(task_state::ACCEPTED)
-    .bind(now)
-    .bind(task_id)
-    .bind(task_state::QUEUED)
-    .bind(task_state::LEASED)
-    .execute(&mut **tx)
-    .await
-    .doing("accepting a shard")?;
-    Ok(done.rows_affected() == 1)
+pub(super) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// Column of `job_counts` for each task state, in [`TaskState::ALL`] order.
+const COUNT_COLUMNS: [&str; 6] = [
+    "queued", "leased", "reported", "accepted", "rejected", "dead",
+];
+
+fn slot(state: TaskState) -> usize {
+    match state {
+        TaskState::Queued => 0,
+        TaskState::Leased => 1,
+        TaskState::Reported => 2,
+        TaskState::Accepted => 3,
+        TaskState::Rejected => 4,
+        TaskState::Dead => 5,
+    }
+}
+
+/// The counter changes of one transaction, per job.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    by_job: BTreeMap<String, [i64; 6]>,
+}
+
+impl Tally {
+    /// `n` shards of `job` went from `from` to `to`.
+    pub(super) fn moved(&mut self, job: &str, from: TaskState, to: TaskState, n: i64) {
+        if n == 0 || from == to {
+            return;
+        }
+        let counts = self.by_job.entry(job.to_string()).or_default();
+        counts[slot(from)] -= n;
+        counts[slot(to)] += n;
+    }
+
+    /// Apply the changes, job by job in id order. Returns the jobs whose last unsettled
+    /// shard settled in this transaction (they are ready to fold).
+    pub(super) async fn apply(self, tx: &mut Tx<'_>) -> Result<Vec<String>, StoreError> {
+        let mut ready = Vec::new();
+        for (job, delta) in self.by_job {
+            if delta.iter().all(|d| *d == 0) {
+                continue;
+            }
+            let mut sql = Sql::new("UPDATE job_counts SET ");
+            for (i, (column, d)) in COUNT_COLUMNS.iter().zip(delta).enumerate() {
+                if i > 0 {
+                    sql.push(", ");
+                }
+                sql.push(column)
+                    .push(" = ")
+                    .push(column)
+                    .push(" + ")
+                    .bind(d);
+            }
+            sql.push(" WHERE job_id = ")
+                .bind(job.as_str())
+                .push(" RETURNING queued + leased + reported AS unsettled");
+            let row = sql
+                .build()
+                .fetch_optional(&mut **tx)
+                .await
+                .doing("counting shards")?
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: "shard counters",
+                    detail: format!("job `{job}` has no counters row"),
+                })?;
+            let unsettled: i64 = row.try_get("unsettled").doing("counting shards")?;
+            if unsettled < 0 {
+                return Err(StoreError::Corrupt {
+                    what: "shard counters",
+                    detail: format!("job `{job}` would have {unsettled} unsettled shards"),
+                });
+            }
+            let settled_now: i64 = TaskState::SETTLED.iter().map(|s| delta[slot(*s)]).sum();
+            if unsettled == 0 && settled_now > 0 {
+                ready.push(job);
+            }
+        }
+        Ok(ready)
+    }
+}
+
+/// The counters row of a new job with `shards` queued shards.
+pub(super) async fn create_counts(
+    tx: &mut Tx<'_>,
+    job: &str,
+    shards: i64,
+) -> Result<(), StoreError> {
+    Sql::new("INSERT INTO job_counts (job_id, queued) VALUES (")
+        .bind(job)
+        .push(", ")
+        .bind(shards)
+        .push(")")
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("creating shard counters")?;
+    Ok(())
+}
+
+/// A shard as a transition needs it: its row and its job (for the counters).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shard<'a> {
+    pub id: i64,
+    pub job_id: &'a str,
+}
+
+/// One guarded update of one task from `from` (with `lease_id` when the lease matters) to
+/// `to`, setting `extra` columns too. Counted in `tally` when it happened.
+async fn transition(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    from: TaskState,
+    lease_id: Option<&str>,
+    to: TaskState,
+    set: Fields<'_>,
+) -> Result<bool, StoreError> {
+    let mut sql = Sql::new("UPDATE tasks SET state = ");
+    sql.bind(to.as_str())
+        .push(", lease_id = NULL, lease_expires = NULL, updated_at = ")
+        .bind(set.now)
+        .push(", last_error = ");
+    match set.reason {
+        Some(r) => sql.bind(storable_text(r)),
+        None => sql.push("NULL"),
+    };
+    if let Some(at) = set.not_before {
+        sql.push(", not_before = ").bind(at);
+    }
+    sql.push(" WHERE id = ")
+        .bind(shard.id)
+        .push(" AND state = ")
+        .bind(from.as_str());
+    if let Some(lease) = lease_id {
+        sql.push(" AND lease_id = ").bind(lease);
+    }
+    let done = sql
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("settling a shard")?
+        .rows_affected()
+        == 1;
+    if done {
+        tally.moved(shard.job_id, from, to, 1);
+    }
+    Ok(done)
+}
+
+/// What a transition writes besides the state.
+#[derive(Debug, Clone, Copy)]
+struct Fields<'a> {
+    now: i64,
+    reason: Option<&'a str>,
+    not_before: Option<i64>,
+}
+
+/// `leased` | `queued` → `accepted`: a report of success for a shard nobody settled. A late
+/// success still settles a shard that was re-queued: nothing runs twice for nothing.
+pub(super) async fn accept(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let set = Fields {
+        now,
+        reason: None,
+        not_before: None,
+    };
+    for from in [TaskState::Leased, TaskState::Queued] {
+        if transition(tx, tally, shard, from, None, TaskState::Accepted, set).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// `leased` under `lease_id` (or `queued`: nobody holds it) → `rejected`: the program failed
 /// on its own. A shard leased to someone else meanwhile is left to them.
 pub(super) async fn reject(
     tx: &mut Tx<'_>,
-    task_id: i64,
+    tally: &mut Tally,
+    shard: Shard<'_>,
     lease_id: &str,
     reason: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let done = sqlx::query(
-        "UPDATE tasks SET state = $1, last_error = $2, lease_id = NULL, lease_expires = NULL, updated_at = $3 \
-         WHERE id = $4 AND (state = $5 OR (state = $6 AND lease_id = $7))",
+    let set = Fields {
+        now,
+        reason: Some(reason),
+        not_before: None,
+    };
+    let to = TaskState::Rejected;
+    Ok(
+        transition(tx, tally, shard, TaskState::Leased, Some(lease_id), to, set).await?
+            || transition(tx, tally, shard, TaskState::Queued, None, to, set).await?,
     )
-    .bind(task_state::REJECTED)
-    .bind(reason)
-    .bind(now)
-    .bind(task_id)
-    .bind(task_state::QUEUED)
-    .bind(task_state::LEASED)
-    .bind(lease_id)
-    .execute(&mut **tx)
-    .await
-    .doing("rejecting a shard")?;
-    Ok(done.rows_affected() == 1)
 }
 
-/// `leased` under `lease_id` → `queued` (not before `not_before`) or `dead`: the lease ended
-/// without a value (infrastructure failure, expiry, lost agent). The attempt count cannot
-/// change while the lease holds, so the caller's choice of `to` stays right.
+/// How a lease ended without a value: back to the queue (not before `not_before`) or `dead`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaseEnd<'a> {
+    pub to: TaskState,
+    pub not_before: i64,
+    pub reason: &'a str,
+}
+
+/// `leased` under `lease_id` → `queued` or `dead` as `end` says: the lease ended without a
+/// value (infrastructure failure, expiry, lost agent). The attempt count cannot change while
+/// the lease holds, so the caller's choice of `to` stays right.
 pub(super) async fn release(
     tx: &mut Tx<'_>,
-    task_id: i64,
+    tally: &mut Tally,
+    shard: Shard<'_>,
     lease_id: &str,
-    to: &str,
-    not_before: i64,
-    reason: &str,
+    end: LeaseEnd<'_>,
     now: i64,
 ) -> Result<bool, StoreError> {
-    debug_assert!(to == task_state::QUEUED || to == task_state::DEAD);
-    let done = sqlx::query(
-        "UPDATE tasks SET state = $1, not_before = $2, last_error = $3, lease_id = NULL, \
-         lease_expires = NULL, updated_at = $4 WHERE id = $5 AND state = $6 AND lease_id = $7",
+    debug_assert!(matches!(end.to, TaskState::Queued | TaskState::Dead));
+    let set = Fields {
+        now,
+        reason: Some(end.reason),
+        not_before: Some(end.not_before),
+    };
+    transition(
+        tx,
+        tally,
+        shard,
+        TaskState::Leased,
+        Some(lease_id),
+        end.to,
+        set,
     )
-    .bind(to)
-    .bind(not_before)
-    .bind(reason)
-    .bind(now)
-    .bind(task_id)
-    .bind(task_state::LEASED)
-    .bind(lease_id)
-    .execute(&mut **tx)
     .await
-    .doing("releasing a shard")?;
-    Ok(done.rows_affected() == 1)
+}
+
+/// One task handed out by [`lease`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LeaseGrant {
+    pub lease_id: String,
+    #[sqlx(rename = "id")]
+    pub task_id: i64,
+    pub job_id: String,
+    #[sqlx(try_from = "i64")]
+    pub shard_index: u64,
+    #[sqlx(rename = "attempts", try_from = "i64")]
+    pub attempt: u32,
+    pub input: String,
+}
+
+/// `queued` (ready, of `tenant`) → `leased` to `agent` until `expires`, at most `max`, by
+/// priority then age. On PostgreSQL `SKIP LOCKED` lets concurrent leases take disjoint rows.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn lease(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    kind: DbKind,
+    tenant: &str,
+    agent: &str,
+    max: u32,
+    expires: i64,
+    lease_prefix: &str,
+    now: i64,
+) -> Result<Vec<LeaseGrant>, StoreError> {
+    let mut sql = Sql::new("UPDATE tasks SET state = ");
+    sql.bind(TaskState::Leased.as_str())
+        .push(", lease_id = ")
+        .bind(lease_prefix)
+        .push(" || '.' || CAST(id AS TEXT), agent_id = ")
+        .bind(agent)
+        .push(", lease_expires = ")
+        .bind(expires)
+        .push(", attempts = attempts + 1, updated_at = ")
+        .bind(now)
+        .push(" WHERE id IN (SELECT id FROM tasks WHERE state = ")
+        .bind(TaskState::Queued.as_str())
+        .push(" AND tenant_id = ")
+        .bind(tenant)
+        .push(" AND not_before <= ")
+        .bind(now)
+        .push(" ORDER BY priority DESC, id LIMIT ")
+        .bind(i64::from(max));
+    if kind == DbKind::Postgres {
+        sql.push(" FOR UPDATE SKIP LOCKED");
+    }
+    sql.push(") RETURNING id, job_id, shard_index, attempts, input, lease_id");
+    let mut grants: Vec<LeaseGrant> = sql
+        .build_as()
+        .fetch_all(&mut **tx)
+        .await
+        .doing("leasing tasks")?;
+    grants.sort_by_key(|g| g.task_id);
+    for g in &grants {
+        tally.moved(&g.job_id, TaskState::Queued, TaskState::Leased, 1);
+    }
+    Ok(grants)
+}
+
+/// `leased` by `agent` under one of `leases` → `queued` at once, and those leases closed: a
+/// report that still arrives for one settles nothing. `why` is `None` when the agent gave
+/// them back unrun (the attempt is not counted), else what became of the run (it counts).
+pub(super) async fn requeue(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    agent: &str,
+    leases: &[String],
+    why: Option<&str>,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let mut sql = Sql::new("UPDATE tasks SET state = ");
+    sql.bind(TaskState::Queued.as_str());
+    match why {
+        None => sql.push(", attempts = attempts - 1"),
+        Some(why) => sql.push(", last_error = ").bind(why),
+    };
+    sql.push(
+        ", lease_id = NULL, agent_id = NULL, lease_expires = NULL, not_before = 0, updated_at = ",
+    )
+    .bind(now)
+    .push(" WHERE state = ")
+    .bind(TaskState::Leased.as_str())
+    .push(" AND agent_id = ")
+    .bind(agent)
+    .push(" AND lease_id IN (")
+    .bind_list(leases.iter().map(String::as_str))
+    .push(") RETURNING job_id");
+    let rows = sql
+        .build()
+        .fetch_all(&mut **tx)
+        .await
+        .doing("returning leases")?;
+    for r in &rows {
+        let job: String = r.try_get("job_id").doing("returning leases")?;
+        tally.moved(&job, TaskState::Leased, TaskState::Queued, 1);
+    }
+    Sql::new("UPDATE leases SET closed = 1 WHERE agent_id = ")
+        .bind(agent)
+        .push(" AND id IN (")
+        .bind_list(leases.iter().map(String::as_str))
+        .push(")")
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("closing returned leases")?;
+    Ok(rows.len() as u64)
+}
+
+/// Every unsettled shard of a cancelled job → `dead`. One guarded update per from-state, so
+/// the counters move by what each actually changed (a lease racing the cancel commits first,
+/// then its row is caught as `leased`).
+pub(super) async fn kill_unsettled(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    job: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    for from in TaskState::UNSETTLED {
+        let done = Sql::new("UPDATE tasks SET state = ")
+            .bind(TaskState::Dead.as_str())
+            .push(", last_error = ")
+            .bind(reason)
+            .push(", lease_id = NULL, lease_expires = NULL, updated_at = ")
+            .bind(now)
+            .push(" WHERE job_id = ")
+            .bind(job)
+            .push(" AND state = ")
+            .bind(from.as_str())
+            .build()
+            .execute(&mut **tx)
+            .await
+            .doing("cancelling a job's shards")?;
+        tally.moved(job, from, TaskState::Dead, done.rows_affected() as i64);
+    }
+    Ok(())
 }
 
 /// Take the row locks of `jobs` in id order (PostgreSQL), before any of their tasks'.
@@ -99,15 +411,13 @@ pub(super) async fn lock_jobs(
     let mut sorted = jobs.to_vec();
     sorted.sort();
     sorted.dedup();
-    let sql = format!(
-        "SELECT id FROM jobs WHERE id IN ({}) ORDER BY id FOR UPDATE",
-        placeholders(1, sorted.len())
-    );
-    let mut q = sqlx::query(&sql);
-    for j in &sorted {
-        q = q.bind(j);
-    }
-    q.fetch_all(&mut **tx).await.doing("locking jobs")?;
+    Sql::new("SELECT id FROM jobs WHERE id IN (")
+        .bind_list(sorted.iter().map(String::as_str))
+        .push(") ORDER BY id FOR UPDATE")
+        .build()
+        .fetch_all(&mut **tx)
+        .await
+        .doing("locking jobs")?;
     Ok(())
 }
 
@@ -120,8 +430,27 @@ pub fn storable_text(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn nul_is_made_visible_not_dropped() {
         assert_eq!(super::storable_text("a\0b"), "a\u{2400}b");
+    }
+
+    #[test]
+    fn count_columns_follow_the_task_states() {
+        for (i, s) in TaskState::ALL.iter().enumerate() {
+            assert_eq!(slot(*s), i);
+            assert_eq!(COUNT_COLUMNS[i], s.as_str());
+        }
+    }
+
+    #[test]
+    fn a_tally_nets_out_and_skips_non_moves() {
+        let mut t = Tally::default();
+        t.moved("j", TaskState::Queued, TaskState::Leased, 2);
+        t.moved("j", TaskState::Leased, TaskState::Accepted, 1);
+        t.moved("j", TaskState::Leased, TaskState::Leased, 5);
+        assert_eq!(t.by_job["j"], [-2, 1, 0, 1, 0, 0]);
     }
 }

@@ -4,25 +4,14 @@
 //! statements, whatever the batch size: that is what makes thousands of tasks a second
 //! possible on a single SQLite writer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use fleetbox_proto::Status;
-use fleetbox_proto::api::task_state;
+use fleetbox_proto::{Status, TaskState};
 use sqlx::Row;
 
-use super::settle::{self, storable_text};
-use super::{DbKind, Doing, Store, StoreError, now_ms, placeholders};
-
-/// One task handed out by [`Store::lease`].
-#[derive(Debug, Clone)]
-pub struct LeaseGrant {
-    pub lease_id: String,
-    pub task_id: i64,
-    pub job_id: String,
-    pub shard_index: u64,
-    pub attempt: u32,
-    pub input: String,
-}
+use super::settle::{self, LeaseEnd, LeaseGrant, Shard, Tally, storable_text};
+use super::sql::Sql;
+use super::{Doing, Store, StoreError, now_ms};
 
 /// A report as the store keeps it (blobs already written by the caller).
 #[derive(Debug, Clone)]
@@ -99,11 +88,39 @@ fn disposition(status: Status) -> Disposition {
     }
 }
 
-struct TaskState {
+/// A reported shard's row as read before settling it.
+#[derive(sqlx::FromRow)]
+struct ReportedTask {
+    id: i64,
     job_id: String,
     lease_id: Option<String>,
+    #[sqlx(try_from = "i64")]
     attempts: u32,
+    #[sqlx(try_from = "i64")]
     max_attempts: u32,
+}
+
+/// A lease found expired (or its agent lost).
+#[derive(sqlx::FromRow)]
+struct Expired {
+    id: i64,
+    job_id: String,
+    #[sqlx(try_from = "i64")]
+    attempts: u32,
+    #[sqlx(try_from = "i64")]
+    max_attempts: u32,
+    lease_id: Option<String>,
+    agent_id: Option<String>,
+}
+
+/// A lease as a report is checked against it.
+#[derive(sqlx::FromRow)]
+struct LeaseRow {
+    id: String,
+    task_id: i64,
+    agent_id: String,
+    #[sqlx(try_from = "i64")]
+    attempt: u32,
 }
 
 impl Store {
@@ -130,68 +147,40 @@ impl Store {
         lease_prefix: &str,
         now: i64,
     ) -> Result<Vec<LeaseGrant>, StoreError> {
-        let lock = match self.kind {
-            DbKind::Postgres => " FOR UPDATE SKIP LOCKED",
-            DbKind::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE tasks SET state = 'leased', lease_id = $1 || '.' || CAST(id AS TEXT), agent_id = $2, \
-             lease_expires = $3, attempts = attempts + 1, updated_at = $4 \
-             WHERE id IN (SELECT id FROM tasks WHERE state = 'queued' AND tenant_id = $5 AND not_before <= $4 \
-             ORDER BY priority DESC, id LIMIT $6{lock}) \
-             RETURNING id, job_id, shard_index, attempts, input, lease_id"
-        );
         let mut tx = self.begin_write().await.doing("leasing tasks")?;
-        let rows = sqlx::query(&sql)
-            .bind(lease_prefix)
-            .bind(agent_id)
-            .bind(expires)
-            .bind(now)
-            .bind(tenant_id)
-            .bind(i64::from(max))
-            .fetch_all(&mut *tx)
-            .await
-            .doing("leasing tasks")?;
-        let mut grants = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let d = "reading leased tasks";
-            grants.push(LeaseGrant {
-                lease_id: r.try_get("lease_id").doing(d)?,
-                task_id: r.try_get("id").doing(d)?,
-                job_id: r.try_get("job_id").doing(d)?,
-                shard_index: r.try_get::<i64, _>("shard_index").doing(d)? as u64,
-                attempt: r.try_get::<i64, _>("attempts").doing(d)? as u32,
-                input: r.try_get("input").doing(d)?,
-            });
-        }
-        grants.sort_by_key(|g| g.task_id);
-        for chunk in grants.chunks(self.rows_per_statement(3)) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = 4 + i * 3;
-                    format!("(${}, $1, ${}, $2, ${}, $3)", b, b + 1, b + 2)
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO leases (id, tenant_id, task_id, agent_id, attempt, issued_at) VALUES {}",
-                values.join(", ")
+        let mut tally = Tally::default();
+        let grants = settle::lease(
+            &mut tx,
+            &mut tally,
+            self.kind,
+            tenant_id,
+            agent_id,
+            max,
+            expires,
+            lease_prefix,
+            now,
+        )
+        .await?;
+        for chunk in grants.chunks(self.rows_per_statement(6)) {
+            let mut sql = Sql::new(
+                "INSERT INTO leases (id, tenant_id, task_id, agent_id, attempt, issued_at) VALUES ",
             );
-            let mut q = sqlx::query(&sql).bind(tenant_id).bind(agent_id).bind(now);
-            for g in chunk {
-                q = q
-                    .bind(&g.lease_id)
+            sql.push_rows(chunk, |row, g| {
+                row.bind(g.lease_id.as_str())
+                    .bind(tenant_id)
                     .bind(g.task_id)
-                    .bind(i64::from(g.attempt));
-            }
-            q.execute(&mut *tx).await.doing("recording leases")?;
+                    .bind(agent_id)
+                    .bind(i64::from(g.attempt))
+                    .bind(now);
+            });
+            sql.build()
+                .execute(&mut *tx)
+                .await
+                .doing("recording leases")?;
         }
+        tally.apply(&mut tx).await?;
         // Asking for work is a sign of life: recorded in the same transaction.
-        sqlx::query("UPDATE agents SET last_seen = $1, state = 'online' WHERE id = $2")
-            .bind(now)
-            .bind(agent_id)
-            .execute(&mut *tx)
-            .await
-            .doing("recording an agent's lease call")?;
+        self.agent_seen(&mut tx, agent_id, now).await?;
         tx.commit().await.doing("leasing tasks")?;
         Ok(grants)
     }
@@ -206,16 +195,19 @@ impl Store {
         if running.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "UPDATE tasks SET lease_expires = $1 WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({}) \
-             RETURNING lease_id",
-            placeholders(3, running.len())
-        );
-        let mut q = sqlx::query(&sql).bind(expires).bind(agent_id);
-        for l in running {
-            q = q.bind(l);
-        }
-        let rows = q.fetch_all(&self.write).await.doing("extending leases")?;
+        let rows = Sql::new("UPDATE tasks SET lease_expires = ")
+            .bind(expires)
+            .push(" WHERE state = ")
+            .bind(TaskState::Leased.as_str())
+            .push(" AND agent_id = ")
+            .bind(agent_id)
+            .push(" AND lease_id IN (")
+            .bind_list(running.iter().map(String::as_str))
+            .push(") RETURNING lease_id")
+            .build()
+            .fetch_all(&self.write)
+            .await
+            .doing("extending leases")?;
         let held: HashSet<String> = rows
             .iter()
             .filter_map(|r| r.try_get::<String, _>("lease_id").ok())
@@ -233,10 +225,7 @@ impl Store {
         agent_id: &str,
         leases: &[String],
     ) -> Result<u64, StoreError> {
-        if leases.is_empty() {
-            return Ok(0);
-        }
-        self.requeue_leases(agent_id, leases.to_vec(), true).await
+        self.requeue_leases(agent_id, leases, None).await
     }
 
     /// An agent restarted in place: every lease it still holds except `keep` (those whose
@@ -247,69 +236,47 @@ impl Store {
         agent_id: &str,
         keep: &[String],
     ) -> Result<u64, StoreError> {
-        let rows =
-            sqlx::query("SELECT lease_id FROM tasks WHERE state = 'leased' AND agent_id = $1")
-                .bind(agent_id)
-                .fetch_all(&self.write)
-                .await
-                .doing("finding an agent's leases")?;
+        let held: Vec<(Option<String>,)> = Sql::new("SELECT lease_id FROM tasks WHERE state = ")
+            .bind(TaskState::Leased.as_str())
+            .push(" AND agent_id = ")
+            .bind(agent_id)
+            .build_as()
+            .fetch_all(&self.write)
+            .await
+            .doing("finding an agent's leases")?;
         let keep: HashSet<&str> = keep.iter().map(String::as_str).collect();
-        let mut lost = Vec::new();
-        for r in rows {
-            let lease: Option<String> = r.try_get("lease_id").doing("finding an agent's leases")?;
-            if let Some(l) = lease.filter(|l| !keep.contains(l.as_str())) {
-                lost.push(l);
-            }
-        }
-        if lost.is_empty() {
-            return Ok(0);
-        }
-        self.requeue_leases(agent_id, lost, false).await
+        let lost: Vec<String> = held
+            .into_iter()
+            .filter_map(|(l,)| l)
+            .filter(|l| !keep.contains(l.as_str()))
+            .collect();
+        self.requeue_leases(
+            agent_id,
+            &lost,
+            Some("its agent restarted while running it"),
+        )
+        .await
     }
 
     /// Queue the tasks `agent_id` holds under `leases` again and close those leases, in one
-    /// transaction: a report that still arrives for one settles nothing. `unrun`: the attempt
-    /// is not counted.
+    /// transaction (see [`settle::requeue`]).
     async fn requeue_leases(
         &self,
         agent_id: &str,
-        leases: Vec<String>,
-        unrun: bool,
+        leases: &[String],
+        why: Option<&str>,
     ) -> Result<u64, StoreError> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
         let now = now_ms();
-        let (attempts, why) = if unrun {
-            ("attempts - 1", "NULL")
-        } else {
-            ("attempts", "'its agent restarted while running it'")
-        };
         let mut tx = self.begin_write().await.doing("returning leases")?;
+        let mut tally = Tally::default();
         let mut returned = 0;
         for chunk in leases.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
-                "UPDATE tasks SET state = 'queued', attempts = {attempts}, lease_id = NULL, agent_id = NULL, \
-                 lease_expires = NULL, not_before = 0, last_error = COALESCE({why}, last_error), updated_at = $1 \
-                 WHERE state = 'leased' AND agent_id = $2 AND lease_id IN ({})",
-                placeholders(3, chunk.len())
-            );
-            let mut q = sqlx::query(&sql).bind(now).bind(agent_id);
-            for l in chunk {
-                q = q.bind(l);
-            }
-            returned += q
-                .execute(&mut *tx)
-                .await
-                .doing("returning leases")?
-                .rows_affected();
-            let sql = format!(
-                "UPDATE leases SET closed = 1 WHERE agent_id = $1 AND id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let mut q = sqlx::query(&sql).bind(agent_id);
-            for l in chunk {
-                q = q.bind(l);
-            }
-            q.execute(&mut *tx).await.doing("closing returned leases")?;
+            returned += settle::requeue(&mut tx, &mut tally, agent_id, chunk, why, now).await?;
         }
+        tally.apply(&mut tx).await?;
         tx.commit().await.doing("returning leases")?;
         Ok(returned)
     }
@@ -330,35 +297,25 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("storing reports")?;
 
-        // 1. Which leases are real and this agent's.
-        let sql = format!(
-            "SELECT id, task_id, agent_id, attempt FROM leases WHERE closed = 0 AND id IN ({})",
-            placeholders(1, reports.len())
-        );
-        let mut q = sqlx::query(&sql);
-        for r in reports {
-            q = q.bind(&r.lease_id);
-        }
-        let mut leases: HashMap<String, (i64, u32)> = HashMap::new();
-        for row in q.fetch_all(&mut *tx).await.doing("checking leases")? {
-            let d = "checking leases";
-            let owner: String = row.try_get("agent_id").doing(d)?;
-            if owner != agent_id {
-                continue;
-            }
-            leases.insert(
-                row.try_get("id").doing(d)?,
-                (
-                    row.try_get("task_id").doing(d)?,
-                    row.try_get::<i64, _>("attempt").doing(d)? as u32,
-                ),
-            );
-        }
+        // 1. Which leases are real, open and this agent's.
+        let leases: HashMap<String, LeaseRow> = Sql::new(
+            "SELECT id, task_id, agent_id, attempt FROM leases WHERE closed = 0 AND id IN (",
+        )
+        .bind_list(reports.iter().map(|r| r.lease_id.as_str()))
+        .push(")")
+        .build_as::<LeaseRow>()
+        .fetch_all(&mut *tx)
+        .await
+        .doing("checking leases")?
+        .into_iter()
+        .filter(|l| l.agent_id == agent_id)
+        .map(|l| (l.id.clone(), l))
+        .collect();
         let valid: Vec<usize> = (0..reports.len())
             .filter(|&i| {
                 leases
                     .get(&reports[i].lease_id)
-                    .is_some_and(|(task, _)| *task == reports[i].task_id)
+                    .is_some_and(|l| l.task_id == reports[i].task_id)
             })
             .collect();
         if valid.is_empty() {
@@ -366,95 +323,73 @@ impl Store {
             return Ok((outcomes, Vec::new()));
         }
 
-        // 2. The shards they are for.
-        let task_ids: Vec<i64> = {
-            let set: HashSet<i64> = valid.iter().map(|&i| reports[i].task_id).collect();
-            set.into_iter().collect()
-        };
-        let sql = format!(
-            "SELECT id, job_id, lease_id, attempts, max_attempts FROM tasks WHERE id IN ({})",
-            placeholders(1, task_ids.len())
-        );
-        let mut q = sqlx::query(&sql);
-        for id in &task_ids {
-            q = q.bind(*id);
-        }
-        let mut tasks: HashMap<i64, TaskState> = HashMap::new();
-        for row in q.fetch_all(&mut *tx).await.doing("reading shards")? {
-            let d = "reading shards";
-            tasks.insert(
-                row.try_get("id").doing(d)?,
-                TaskState {
-                    job_id: row.try_get("job_id").doing(d)?,
-                    lease_id: row.try_get("lease_id").doing(d)?,
-                    attempts: row.try_get::<i64, _>("attempts").doing(d)? as u32,
-                    max_attempts: row.try_get::<i64, _>("max_attempts").doing(d)? as u32,
-                },
-            );
-        }
-
+        // 2. The shards they are for, and their jobs locked before any shard changes.
+        let task_ids: HashSet<i64> = valid.iter().map(|&i| reports[i].task_id).collect();
+        let tasks: HashMap<i64, ReportedTask> = Sql::new(
+            "SELECT id, job_id, lease_id, attempts, max_attempts FROM tasks WHERE id IN (",
+        )
+        .bind_list(task_ids)
+        .push(")")
+        .build_as::<ReportedTask>()
+        .fetch_all(&mut *tx)
+        .await
+        .doing("reading shards")?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect();
         let jobs: Vec<String> = tasks.values().map(|t| t.job_id.clone()).collect();
         settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
 
         // 3. Store every attempt once; a conflict on the lease id means a duplicate.
         let mut inserted: HashMap<String, i64> = HashMap::new();
         let valid_rows: Vec<usize> = valid
-            .iter()
-            .copied()
+            .into_iter()
             .filter(|i| tasks.contains_key(&reports[*i].task_id))
             .collect();
-        for chunk in valid_rows.chunks(self.rows_per_statement(17)) {
-            const COLS: usize = 17;
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let b = 2 + i * COLS;
-                    format!("($1, {})", placeholders(b, COLS))
-                })
-                .collect();
-            let sql = format!(
+        for chunk in valid_rows.chunks(self.rows_per_statement(18)) {
+            let mut sql = Sql::new(
                 "INSERT INTO attempts (tenant_id, task_id, job_id, lease_id, agent_id, attempt, status, late, \
                  output, output_blob, output_sha256, report, stdout_blob, stderr_blob, wall_ms, peak_memory, \
-                 bytes_out, received_at) VALUES {} ON CONFLICT (lease_id) DO NOTHING RETURNING id, lease_id",
-                values.join(", ")
+                 bytes_out, received_at) VALUES ",
             );
-            let mut q = sqlx::query(&sql).bind(tenant_id);
-            for &i in chunk {
+            sql.push_rows(chunk, |row, &i| {
                 let r = &reports[i];
                 let task = &tasks[&r.task_id];
                 let late = task.lease_id.as_deref() != Some(r.lease_id.as_str());
-                q = q
+                row.bind(tenant_id)
                     .bind(r.task_id)
-                    .bind(&task.job_id)
-                    .bind(&r.lease_id)
+                    .bind(task.job_id.as_str())
+                    .bind(r.lease_id.as_str())
                     .bind(agent_id)
-                    .bind(i64::from(leases[&r.lease_id].1))
+                    .bind(i64::from(leases[&r.lease_id].attempt))
                     .bind(r.status.as_str())
                     .bind(i64::from(late))
-                    .bind(&r.output)
-                    .bind(&r.output_blob)
-                    .bind(&r.output_sha256)
-                    .bind(&r.report_json)
-                    .bind(&r.stdout_blob)
-                    .bind(&r.stderr_blob)
+                    .bind(r.output.as_deref())
+                    .bind(r.output_blob.as_deref())
+                    .bind(r.output_sha256.as_deref())
+                    .bind(r.report_json.as_str())
+                    .bind(r.stdout_blob.as_deref())
+                    .bind(r.stderr_blob.as_deref())
                     .bind(r.wall_ms)
                     .bind(r.peak_memory)
                     .bind(r.bytes_out)
                     .bind(now);
-            }
-            for row in q.fetch_all(&mut *tx).await.doing("storing attempts")? {
-                inserted.insert(
-                    row.try_get("lease_id").doing("storing attempts")?,
-                    row.try_get("id").doing("storing attempts")?,
-                );
-            }
+            });
+            sql.push(" ON CONFLICT (lease_id) DO NOTHING RETURNING id, lease_id");
+            let rows: Vec<(i64, String)> = sql
+                .build_as()
+                .fetch_all(&mut *tx)
+                .await
+                .doing("storing attempts")?;
+            inserted.extend(rows.into_iter().map(|(id, lease)| (lease, id)));
         }
 
         // 4. Settle shards, in report order. Each transition is a guarded update whose row
         // count says whether it happened: two transactions racing for one shard (a late and
         // the current report, a report and an expiry, a report and a cancel) cannot both win,
-        // and only a transition that happened moves the job's counter.
+        // and only a transition that happened moves the job's counters.
+        let mut tally = Tally::default();
         let mut chosen_attempts = Vec::new();
-        let mut settled_per_job: BTreeMap<String, i64> = BTreeMap::new();
         for &i in &valid_rows {
             let r = &reports[i];
             let Some(&attempt_id) = inserted.get(&r.lease_id) else {
@@ -462,70 +397,62 @@ impl Store {
                 continue;
             };
             let task = &tasks[&r.task_id];
-            // Only labels the outcome; the guards below decide.
+            let shard = Shard {
+                id: task.id,
+                job_id: &task.job_id,
+            };
+            // Only labels a success; the guards decide.
             let current = task.lease_id.as_deref() == Some(r.lease_id.as_str());
             let reason = r
                 .reason
                 .as_deref()
                 .map(storable_text)
                 .unwrap_or_else(|| r.status.as_str().to_string());
-            let outcome = match disposition(r.status) {
-                // A late success still settles a shard nobody settled: nothing is run twice
-                // for nothing.
-                Disposition::Accept => settle::accept(&mut tx, r.task_id, now).await?.then(|| {
-                    chosen_attempts.push(attempt_id);
-                    current
-                }),
+            let taken = match disposition(r.status) {
+                Disposition::Accept => {
+                    let done = settle::accept(&mut tx, &mut tally, shard, now).await?;
+                    if done {
+                        chosen_attempts.push(attempt_id);
+                    }
+                    // A late success that settles a re-queued shard is still late.
+                    done && current
+                }
                 Disposition::Reject => {
-                    settle::reject(&mut tx, r.task_id, &r.lease_id, &reason, now)
-                        .await?
-                        .then_some(true)
+                    settle::reject(&mut tx, &mut tally, shard, &r.lease_id, &reason, now).await?
                 }
                 Disposition::Retry => {
                     let dead = task.attempts >= task.max_attempts;
                     let (to, why) = if dead {
-                        (
-                            task_state::DEAD,
-                            format!("{reason} (after {} attempts)", task.attempts),
-                        )
+                        let why = format!("{reason} (after {} attempts)", task.attempts);
+                        (TaskState::Dead, why)
                     } else {
-                        (task_state::QUEUED, reason)
+                        (TaskState::Queued, reason)
                     };
                     let at = now + backoff_ms(backoff_base_ms, task.attempts);
-                    let done =
-                        settle::release(&mut tx, r.task_id, &r.lease_id, to, at, &why, now).await?;
-                    // A retried shard is not settled: its job keeps counting it.
-                    if done && !dead {
-                        outcomes[i] = SettleOutcome::Accepted;
-                        continue;
-                    }
-                    done.then_some(true)
+                    let end = LeaseEnd {
+                        to,
+                        not_before: at,
+                        reason: &why,
+                    };
+                    settle::release(&mut tx, &mut tally, shard, &r.lease_id, end, now).await?
                 }
             };
-            outcomes[i] = match outcome {
-                Some(current) => {
-                    *settled_per_job.entry(task.job_id.clone()).or_default() += 1;
-                    if current {
-                        SettleOutcome::Accepted
-                    } else {
-                        SettleOutcome::Late
-                    }
-                }
-                None => SettleOutcome::Late,
+            outcomes[i] = if taken {
+                SettleOutcome::Accepted
+            } else {
+                SettleOutcome::Late
             };
         }
         for chunk in chosen_attempts.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
-                "UPDATE attempts SET chosen = 1 WHERE id IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            q.execute(&mut *tx).await.doing("choosing attempts")?;
+            Sql::new("UPDATE attempts SET chosen = 1 WHERE id IN (")
+                .bind_list(chunk.iter().copied())
+                .push(")")
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing("choosing attempts")?;
         }
-        let ready = settle_jobs(&mut tx, &settled_per_job).await?;
+        let ready = tally.apply(&mut tx).await?;
         tx.commit().await.doing("storing reports")?;
         Ok((outcomes, ready))
     }
@@ -539,72 +466,54 @@ impl Store {
         backoff_base_ms: u64,
     ) -> Result<(Vec<Requeued>, Vec<String>), StoreError> {
         let mut tx = self.begin_write().await.doing("expiring leases")?;
-        let sql = if lost_agents.is_empty() {
-            "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks \
-             WHERE state = 'leased' AND lease_expires < $1"
-                .to_string()
-        } else {
-            format!(
-                "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks \
-                 WHERE state = 'leased' AND (lease_expires < $1 OR agent_id IN ({}))",
-                placeholders(2, lost_agents.len())
-            )
-        };
-        let mut q = sqlx::query(&sql).bind(now);
-        for a in lost_agents {
-            q = q.bind(a);
+        let mut sql = Sql::new(
+            "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks WHERE state = ",
+        );
+        sql.bind(TaskState::Leased.as_str())
+            .push(" AND (lease_expires < ")
+            .bind(now);
+        if !lost_agents.is_empty() {
+            sql.push(" OR agent_id IN (")
+                .bind_list(lost_agents.iter().map(String::as_str))
+                .push(")");
         }
-        let rows = q
+        sql.push(")");
+        let expired: Vec<Expired> = sql
+            .build_as()
             .fetch_all(&mut *tx)
             .await
             .doing("finding expired leases")?;
-        struct Expired {
-            id: i64,
-            job_id: String,
-            attempts: u32,
-            max: u32,
-            lease: String,
-            agent: String,
-        }
-        let mut expired = Vec::with_capacity(rows.len());
-        for row in rows {
-            let d = "reading expired leases";
-            let lease: Option<String> = row.try_get("lease_id").doing(d)?;
-            let agent: Option<String> = row.try_get("agent_id").doing(d)?;
-            expired.push(Expired {
-                id: row.try_get("id").doing(d)?,
-                job_id: row.try_get("job_id").doing(d)?,
-                attempts: row.try_get::<i64, _>("attempts").doing(d)? as u32,
-                max: row.try_get::<i64, _>("max_attempts").doing(d)? as u32,
-                lease: lease.unwrap_or_default(),
-                agent: agent.unwrap_or_default(),
-            });
-        }
         let jobs: Vec<String> = expired.iter().map(|e| e.job_id.clone()).collect();
         settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
+        let mut tally = Tally::default();
         let mut changed = Vec::new();
-        let mut settled: BTreeMap<String, i64> = BTreeMap::new();
         for e in expired {
-            let why = if lost_agents.contains(&e.agent) {
-                format!("agent `{}` stopped heartbeating", e.agent)
+            let agent = e.agent_id.unwrap_or_default();
+            let why = if lost_agents.contains(&agent) {
+                format!("agent `{agent}` stopped heartbeating")
             } else {
-                format!("lease on agent `{}` expired", e.agent)
+                format!("lease on agent `{agent}` expired")
             };
-            let dead = e.attempts >= e.max;
+            let dead = e.attempts >= e.max_attempts;
             let (to, reason) = if dead {
-                (
-                    task_state::DEAD,
-                    format!("{why} (after {} attempts)", e.attempts),
-                )
+                let why = format!("{why} (after {} attempts)", e.attempts);
+                (TaskState::Dead, why)
             } else {
-                (task_state::QUEUED, why)
+                (TaskState::Queued, why)
             };
             let at = now + backoff_ms(backoff_base_ms, e.attempts);
+            let shard = Shard {
+                id: e.id,
+                job_id: &e.job_id,
+            };
+            let lease = e.lease_id.unwrap_or_default();
             // A report (or another coordinator's sweep) may have settled it since the read.
-            if settle::release(&mut tx, e.id, &e.lease, to, at, &reason, now).await? {
-                if dead {
-                    *settled.entry(e.job_id.clone()).or_default() += 1;
-                }
+            let end = LeaseEnd {
+                to,
+                not_before: at,
+                reason: &reason,
+            };
+            if settle::release(&mut tx, &mut tally, shard, &lease, end, now).await? {
                 changed.push(Requeued {
                     task_id: e.id,
                     job_id: e.job_id,
@@ -612,37 +521,10 @@ impl Store {
                 });
             }
         }
-        let ready = settle_jobs(&mut tx, &settled).await?;
+        let ready = tally.apply(&mut tx).await?;
         tx.commit().await.doing("expiring leases")?;
         Ok((changed, ready))
     }
-}
-
-/// Count settled shards against their jobs; returns the jobs with none left.
-async fn settle_jobs(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    settled: &BTreeMap<String, i64>,
-) -> Result<Vec<String>, StoreError> {
-    let mut ready = Vec::new();
-    for (job, n) in settled {
-        let row = sqlx::query(
-            "UPDATE jobs SET unsettled = unsettled - $1 WHERE id = $2 AND state = 'running' RETURNING unsettled",
-        )
-        .bind(*n)
-        .bind(job)
-        .fetch_optional(&mut **tx)
-        .await
-        .doing("counting settled shards")?;
-        if let Some(row) = row
-            && row
-                .try_get::<i64, _>("unsettled")
-                .doing("counting settled shards")?
-                <= 0
-        {
-            ready.push(job.clone());
-        }
-    }
-    Ok(ready)
 }
 
 #[cfg(test)]
@@ -726,7 +608,7 @@ mod store_tests {
         assert!(
             shards
                 .iter()
-                .all(|s| s.state == "queued" && s.attempts == 1)
+                .all(|s| s.state == TaskState::Queued && s.attempts == 1)
         );
         assert!(
             shards[0]
@@ -800,7 +682,7 @@ mod store_tests {
                 &ShardPage {
                     from: 0,
                     limit: 10,
-                    state: Some("leased".into()),
+                    state: Some(TaskState::Leased),
                 },
             )
             .await

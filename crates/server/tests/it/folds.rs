@@ -1,9 +1,9 @@
 //! Folds as leased steps: one coordinator at a time, retried after a failure, taken over
 //! when their coordinator dies; results stored by column, never interpreted.
 
+use fleetbox_proto::JobState;
 use std::time::Duration;
 
-use fleetbox_proto::api::job_state;
 use fleetbox_server::store::{FoldOutcome, Store, now_ms};
 
 use crate::support::{BOTH, Coordinator, database, new_job, spec};
@@ -64,7 +64,7 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
         );
         let summary = Default::default();
         let outcome = FoldOutcome {
-            state: job_state::COMPLETED,
+            state: JobState::Completed,
             result: Some("1"),
             result_blob: None,
             summary: &summary,
@@ -85,7 +85,7 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
             "{db:?}"
         );
         let (result, blob) = b.job_result("default", "job_g").await.unwrap().unwrap();
-        assert_eq!(result.state, "completed");
+        assert_eq!(result.state, JobState::Completed);
         assert_eq!(result.result, Some(serde_json::json!(1)));
         assert_eq!(blob, None);
     }
@@ -127,7 +127,7 @@ print(json.dumps({{"$blob": "not a blob", "total": sum(values)}}))
 "#
         ));
         let result = c.run(&job, Duration::from_secs(60)).await;
-        assert_eq!(result.state, "completed", "{db:?}: {result:?}");
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
         assert_eq!(
             result.result,
             Some(serde_json::json!({"$blob": "not a blob", "total": 10})),
@@ -156,7 +156,7 @@ max_output = "1MiB"
 "#,
     );
     let result = c.run(&job, Duration::from_secs(60)).await;
-    assert_eq!(result.state, "completed", "{result:?}");
+    assert_eq!(result.state, JobState::Completed, "{result:?}");
     let want = serde_json::json!({"$blob": "x".repeat(200_000)});
     assert_eq!(result.result, Some(serde_json::json!([want.clone(), want])));
     let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;

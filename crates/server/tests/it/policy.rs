@@ -1,5 +1,6 @@
 //! What an agent's own policy decides, and bad text at the edge, through a real coordinator.
 
+use fleetbox_proto::{JobState, Status, TaskState};
 use std::time::{Duration, Instant};
 
 use fleetbox_agent::LocalCaps;
@@ -21,15 +22,16 @@ async fn the_network_is_refused_unless_the_agent_allows_it() {
     };
     c.agent("strict", LocalCaps::default());
     let result = c.run(&spec(NETWORK_JOB), Duration::from_secs(30)).await;
-    assert_eq!(result.state, "failed", "{result:?}");
+    assert_eq!(result.state, JobState::Failed, "{result:?}");
     let job = c.client.jobs(None, 1).await.unwrap().jobs.remove(0);
     let shard = c.client.shard(&job.id, 0).await.unwrap();
     assert_eq!(
-        shard.shard.state, "rejected",
+        shard.shard.state,
+        TaskState::Rejected,
         "refused is final, not retried"
     );
     assert_eq!(shard.attempts.len(), 1);
-    assert_eq!(shard.shard.status.as_deref(), Some("refused"));
+    assert_eq!(shard.shard.status, Some(Status::Refused));
     let why = shard.shard.error.unwrap_or_default();
     assert!(why.contains("--allow-network"), "{why}");
     c.stop().await;
@@ -45,7 +47,7 @@ async fn the_network_is_refused_unless_the_agent_allows_it() {
         },
     );
     let result = c.run(&spec(NETWORK_JOB), Duration::from_secs(30)).await;
-    assert_eq!(result.state, "completed", "{result:?}");
+    assert_eq!(result.state, JobState::Completed, "{result:?}");
     c.stop().await;
 }
 
@@ -80,11 +82,12 @@ shards = { count = 1 }
 "#,
         );
         let result = c.run(&job, Duration::from_secs(30)).await;
-        assert_eq!(result.state, "failed", "{db:?}: {result:?}");
+        assert_eq!(result.state, JobState::Failed, "{db:?}: {result:?}");
         let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
         let shard = c.client.shard(&id, 0).await.unwrap();
         assert_eq!(
-            shard.shard.state, "rejected",
+            shard.shard.state,
+            TaskState::Rejected,
             "{db:?}: not dead, not retried"
         );
         assert_eq!(shard.attempts.len(), 1, "{db:?}");
@@ -116,7 +119,7 @@ shards = { count = 2 }
 "#,
     );
     let result = c.run(&job, Duration::from_secs(30)).await;
-    assert_eq!(result.state, "completed", "{result:?}");
+    assert_eq!(result.state, JobState::Completed, "{result:?}");
     let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
     let a = c.client.shard(&id, 0).await.unwrap().attempts.remove(0);
     let b = c.client.shard(&id, 1).await.unwrap().attempts.remove(0);
@@ -151,7 +154,7 @@ max_output = "16MiB"
         "name = \"after\"\ncode = \"print(2)\"\nshards = { count = 3 }\naggregate = \"sum\"\n",
     );
     let after = c.run(&small, Duration::from_secs(90)).await;
-    assert_eq!(after.state, "completed", "{after:?}");
+    assert_eq!(after.state, JobState::Completed, "{after:?}");
     assert_eq!(after.result, Some(serde_json::json!(6)));
     let outbox = c.dir.path().join("agents").join("a1").join("outbox");
     // The agent reads, measures and sets aside a 200 MB report: give it time (debug builds).
@@ -171,9 +174,9 @@ max_output = "16MiB"
     assert_eq!(aside.len(), 1, "{aside:?}");
     // Its shard's lease ran out meanwhile: dead with the reason, the job failed, nothing stored.
     let result = c.wait(&job.id, Duration::from_secs(30)).await;
-    assert_eq!(result.state, "failed", "{result:?}");
+    assert_eq!(result.state, JobState::Failed, "{result:?}");
     let shard = c.client.shard(&job.id, 0).await.unwrap();
-    assert_eq!(shard.shard.state, "dead", "{:?}", shard.shard);
+    assert_eq!(shard.shard.state, TaskState::Dead, "{:?}", shard.shard);
     assert!(shard.attempts.is_empty());
     c.stop().await;
 }
@@ -218,7 +221,12 @@ max_output = "32MiB"
         let _ = c.running.shutdown_handle().send(true);
         c.restart(Duration::from_secs(4)).await;
         let result = c.wait(&view.id, Duration::from_secs(120)).await;
-        assert_eq!(result.state, "completed", "{db:?}: {:?}", result.error);
+        assert_eq!(
+            result.state,
+            JobState::Completed,
+            "{db:?}: {:?}",
+            result.error
+        );
         let why: Vec<String> = std::fs::read_dir(&outbox)
             .unwrap()
             .filter_map(Result::ok)

@@ -3,6 +3,7 @@
 //! instant, reports against lease expiry, reports against a cancel. Each race runs many
 //! rounds with random delays; after each, every shard settled exactly once.
 
+use fleetbox_proto::{JobState, TaskState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +43,8 @@ async fn jitter(seed: u64) {
     tokio::time::sleep(Duration::from_micros(nanos)).await;
 }
 
-/// What the database says, checked against the truth.
+/// What the database says, checked against the truth. Reading them asserts that the job's
+/// per-state counters equal a count of its tasks.
 struct Invariants {
     unsettled: i64,
     unsettled_truth: i64,
@@ -51,7 +53,7 @@ struct Invariants {
     /// Chosen attempts on shards that are not accepted.
     stray_choices: i64,
     accepted: i64,
-    state: String,
+    state: JobState,
 }
 
 async fn invariants(url: &str, job: &str) -> Invariants {
@@ -61,21 +63,40 @@ async fn invariants(url: &str, job: &str) -> Invariants {
         .connect(url)
         .await
         .unwrap();
-    let row = sqlx::query("SELECT unsettled, state FROM jobs WHERE id = $1")
+    let state: String = sqlx::query("SELECT state FROM jobs WHERE id = $1")
         .bind(job)
         .fetch_one(&pool)
         .await
-        .unwrap();
-    let unsettled: i64 = row.get("unsettled");
-    let state: String = row.get("state");
-    let truth: i64 = sqlx::query(
-        "SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state NOT IN ('accepted', 'rejected', 'dead')",
+        .unwrap()
+        .get("state");
+    let state: JobState = state.parse().unwrap();
+    // The job's counters, in `TaskState::ALL` order, against a count of its tasks.
+    let counters = sqlx::query(
+        "SELECT queued, leased, reported, accepted, rejected, dead FROM job_counts WHERE job_id = $1",
     )
     .bind(job)
     .fetch_one(&pool)
     .await
-    .unwrap()
-    .get("n");
+    .unwrap();
+    let counters: Vec<i64> = (0..6).map(|i| counters.get::<i64, _>(i)).collect();
+    let mut truth = vec![0i64; 6];
+    for row in
+        sqlx::query("SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state")
+            .bind(job)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    {
+        let s: TaskState = row.get::<String, _>("state").parse().unwrap();
+        let at = TaskState::ALL.iter().position(|t| *t == s).unwrap();
+        truth[at] = row.get("n");
+    }
+    assert_eq!(
+        counters, truth,
+        "job `{job}`: counters (queued, leased, reported, accepted, rejected, dead) against its tasks"
+    );
+    let unsettled = counters[..3].iter().sum();
+    let truth = truth[..3].iter().sum();
     let accepted: i64 =
         sqlx::query("SELECT COUNT(*) AS n FROM tasks WHERE job_id = $1 AND state = 'accepted'")
             .bind(job)
@@ -320,7 +341,7 @@ async fn reports_racing_a_cancel_leave_a_consistent_job() {
                 r.await.unwrap();
             }
             let inv = invariants(&url, &job).await;
-            assert_eq!(inv.state, "cancelled", "{db:?} round {round}");
+            assert_eq!(inv.state, JobState::Cancelled, "{db:?} round {round}");
             assert_eq!(
                 inv.unsettled_truth, 0,
                 "{db:?} round {round}: nothing left running"
@@ -391,7 +412,7 @@ async fn nul_bytes_in_a_failure_reason_are_stored_on_both_databases() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(detail.shard.state, "rejected");
+        assert_eq!(detail.shard.state, TaskState::Rejected);
         assert_eq!(
             detail.shard.error.as_deref(),
             Some("error: ValueError: a\u{2400}b")
@@ -460,5 +481,96 @@ async fn an_agent_restarted_in_place_gets_its_old_leases_requeued_at_once() {
         assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
         let inv = invariants(&url, "job_restart").await;
         assert_eq!((inv.unsettled, inv.unsettled_truth), (2, 2), "{db:?}");
+    }
+}
+
+/// Leases, reports (successes, program failures, infrastructure failures), expiry sweeps and
+/// a cancel, all at once from two stores: every transaction touches the job's counters, so
+/// this is where a lock-order mistake would deadlock (PostgreSQL answers that with an error,
+/// which fails the test) and where a miscounted transition would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_reports_expiry_and_cancel_racing_keep_every_counter_true() {
+    const WORKERS: u64 = 6;
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        for round in 0..ROUNDS {
+            let job = format!("job_mix{round}");
+            one.insert_job(&new_job(&job, 2 * SHARDS, 3)).await.unwrap();
+            let mut racers = Vec::new();
+            for w in 0..WORKERS {
+                let store = if w % 2 == 0 { one.clone() } else { two.clone() };
+                let job = job.clone();
+                racers.push(tokio::spawn(async move {
+                    let agent = format!("agt_{w}");
+                    for step in 0..12u64 {
+                        jitter(w * 31 + step + round as u64).await;
+                        let now = now_ms();
+                        // Short leases: the sweeps below take some of them back mid-run.
+                        let grants = store
+                            .lease_at(
+                                "default",
+                                &agent,
+                                3,
+                                now + 3,
+                                &format!("{job}{w}s{step}"),
+                                now,
+                            )
+                            .await
+                            .unwrap();
+                        jitter(w + step).await;
+                        let reports: Vec<ReportInput> = grants
+                            .iter()
+                            .map(|g| {
+                                let mut r = ok_report(&g.lease_id, g.task_id, g.shard_index + 1);
+                                match (g.shard_index + step + w) % 5 {
+                                    0 => r.status = Status::Error,
+                                    1 => r.status = Status::SandboxError,
+                                    _ => {}
+                                }
+                                r
+                            })
+                            .collect();
+                        store.report("default", &agent, &reports, 0).await.unwrap();
+                    }
+                }));
+            }
+            for s in 0..2u64 {
+                let store = if s == 0 { one.clone() } else { two.clone() };
+                racers.push(tokio::spawn(async move {
+                    for i in 0..20u64 {
+                        jitter(i * 7 + s).await;
+                        store.expire_leases(now_ms(), &[], 0).await.unwrap();
+                    }
+                }));
+            }
+            if round % 2 == 1 {
+                let store = two.clone();
+                let job = job.clone();
+                racers.push(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    store.cancel_job("default", &job).await.unwrap();
+                }));
+            }
+            for r in racers {
+                r.await.unwrap();
+            }
+            // Whatever is still leased or queued is settled by sweeps past every lease and
+            // back-off, and late reports settle nothing twice.
+            let inv = invariants(&url, &job).await;
+            assert!(inv.unsettled >= 0, "{db:?} round {round}");
+            assert!(
+                inv.bad_choices.is_empty(),
+                "{db:?} round {round}: {:?}",
+                inv.bad_choices
+            );
+            assert_eq!(inv.stray_choices, 0, "{db:?} round {round}");
+            if round % 2 == 1 {
+                assert_eq!(inv.state, JobState::Cancelled, "{db:?} round {round}");
+                assert_eq!(inv.unsettled, 0, "{db:?} round {round}");
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleetbox_proto::api::{JobResult, job_state};
+use fleetbox_proto::api::JobResult;
 use fleetbox_proto::{JobSpec, Limits, Reducer};
 use fleetbox_server::store::{NewJob, Store};
 
@@ -155,7 +155,7 @@ impl Coordinator {
         let deadline = Instant::now() + within;
         loop {
             let result = self.client.result(id).await.expect("result");
-            if job_state::is_final(&result.state) {
+            if result.state.is_final() {
                 return result;
             }
             assert!(

@@ -1,9 +1,10 @@
 //! The API under hostile use: replayed, late and forged reports; malformed specs and bodies.
 
+use fleetbox_proto::JobState;
 use std::time::Duration;
 
 use fleetbox_client::Client;
-use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport, job_state};
+use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport};
 use fleetbox_proto::{ExecutionReport, Status};
 use serde_json::{Value, json};
 
@@ -114,7 +115,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
     );
 
     let r = c.wait(&job.id, Duration::from_secs(30)).await;
-    assert_eq!(r.state, job_state::COMPLETED);
+    assert_eq!(r.state, JobState::Completed);
     assert_eq!(r.result, Some(json!(1)));
     let detail = c.client.shard(&job.id, 0).await.unwrap();
     assert_eq!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use fleetbox_client::Client;
 use fleetbox_proto::JobSpec;
-use fleetbox_proto::api::{JobResult, JobView, job_state};
+use fleetbox_proto::api::{JobResult, JobView};
 
 use crate::support::bin;
 
@@ -199,7 +199,7 @@ impl Cluster {
         let start = Instant::now();
         loop {
             if let Ok(view) = self.client.job(id).await
-                && job_state::is_final(&view.state)
+                && view.state.is_final()
             {
                 return self.client.result(id).await.expect("result");
             }

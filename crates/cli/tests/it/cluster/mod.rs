@@ -5,9 +5,9 @@ mod api;
 mod harness;
 mod up;
 
+use fleetbox_proto::{JobState, Status, TaskState};
 use std::time::Duration;
 
-use fleetbox_proto::api::job_state;
 use serde_json::json;
 
 use api::{
@@ -82,7 +82,7 @@ async fn hundred_shards_give_the_right_answer(db: Db) {
     let job = c.submit(SUM_SQUARES).await;
     assert_eq!(job.shards.total, 100);
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!(sum_squares(100_000))));
     let s = r.summary.unwrap();
     assert_eq!(
@@ -107,7 +107,7 @@ async fn hundred_shards_give_the_right_answer(db: Db) {
         assert!(
             page.shards
                 .iter()
-                .all(|s| s.state == "accepted" && s.index >= from)
+                .all(|s| s.state == TaskState::Accepted && s.index >= from)
         );
         seen += page.shards.len();
         pages += 1;
@@ -154,7 +154,7 @@ range = { start = 0, end = 3000, count = 12 }
     let killed_at = std::time::Instant::now();
     c.add_agent(2);
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!(sum_squares(3000))));
     let shards = c.client.shards(&job.id).await.unwrap().shards;
     let rerun = shards.iter().filter(|s| s.attempts >= 2).count();
@@ -164,7 +164,12 @@ range = { start = 0, end = 3000, count = 12 }
     );
     assert!(killed_at.elapsed() < Duration::from_secs(60));
     let agents = c.client.agents().await.unwrap().agents;
-    assert!(agents.iter().any(|a| a.state == "lost"), "{agents:?}");
+    assert!(
+        agents
+            .iter()
+            .any(|a| a.state == fleetbox_proto::AgentState::Lost),
+        "{agents:?}"
+    );
 }
 
 async fn coordinator_restart_loses_no_report(db: Db) {
@@ -207,7 +212,7 @@ range = { start = 0, end = 4000, count = 40 }
     );
     c.start_server();
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!(sum_squares(4000))));
     // Every report written while the coordinator was down arrived: outboxes drain to empty.
     for i in 0..2 {
@@ -246,7 +251,7 @@ items = [1, 2, 3, 4, 5, 6, 7]
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!(1 + 2 + 4 + 5 + 7)));
     let s = r.summary.unwrap();
     assert_eq!((s.shards_accepted, s.shards_failed), (5, 2));
@@ -266,15 +271,15 @@ items = [1, 2, 3, 4, 5, 6, 7]
     let idx: Vec<u64> = rejected.shards.iter().map(|s| s.index).collect();
     assert_eq!(idx, vec![2, 5]);
     let shards = c.client.shards(&job.id).await.unwrap().shards;
-    assert_eq!(shards[2].state, "rejected");
-    assert_eq!(shards[2].status.as_deref(), Some("error"));
+    assert_eq!(shards[2].state, TaskState::Rejected);
+    assert_eq!(shards[2].status, Some(Status::Error));
 
     // Nothing succeeds: the job fails and says why.
     let job = c
         .submit("name = \"all fail\"\ncode = \"raise SystemExit(3)\"\nshards = { count = 2 }\n")
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, job_state::FAILED);
+    assert_eq!(r.state, JobState::Failed);
     assert!(r.error.unwrap().contains("no shard succeeded"));
 }
 
@@ -300,7 +305,7 @@ print(json.dumps({"product": __import__("math").prod(values), "n": len(values)})
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!({"product": 120, "n": 5})));
 }
 
@@ -322,10 +327,10 @@ async fn sandbox_errors_retry_then_die(db: Db) {
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, job_state::FAILED, "{r:?}");
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
     let shards = c.client.shards(&job.id).await.unwrap().shards;
     for s in &shards {
-        assert_eq!(s.state, "dead", "{s:?}");
+        assert_eq!(s.state, TaskState::Dead, "{s:?}");
         assert_eq!(s.attempts, 3, "{s:?}");
         assert!(
             s.error.as_deref().unwrap_or("").contains("sandbox_error"),
@@ -347,7 +352,7 @@ async fn cancel_stops_a_job(db: Db) {
     c.wait_for(&job.id, Duration::from_secs(30), |v| v.shards.leased > 0)
         .await;
     let v = c.client.cancel(&job.id).await.unwrap();
-    assert_eq!(v.state, job_state::CANCELLED);
+    assert_eq!(v.state, JobState::Cancelled);
     assert!(v.shards.dead >= 49, "{v:?}");
     let again = c.client.cancel(&job.id).await.unwrap_err();
     assert_eq!(again.code(), Some("job_finished"));
@@ -356,7 +361,7 @@ async fn cancel_stops_a_job(db: Db) {
     loop {
         let detail = c.client.shard(&job.id, 0).await.unwrap();
         if let Some(a) = detail.attempts.first() {
-            assert_eq!(a.status, "killed", "{a:?}");
+            assert_eq!(a.status, Status::Killed, "{a:?}");
             let message = a.report["message"].as_str().unwrap_or_default();
             assert!(message.starts_with("cancelled:"), "{a:?}");
             assert!(a.report["wall_ms"].as_u64().unwrap() < 20_000);
@@ -400,7 +405,7 @@ max_output = "1MiB"
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!((0..10_000).collect::<Vec<u32>>())));
     let detail = c.client.shard(&job.id, 1).await.unwrap();
     let attempt = &detail.attempts[0];
@@ -480,7 +485,7 @@ shards = { count = 1 }
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     let detail = c.client.shard(&job.id, 0).await.unwrap();
     let files = detail.attempts[0].report["files"]
         .as_array()
@@ -546,7 +551,7 @@ range = { start = 0, end = 6000, count = 60 }
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
-    assert_eq!(r.state, job_state::COMPLETED, "{r:?}");
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert_eq!(r.result, Some(json!(sum_squares(6000))));
     let s = r.summary.unwrap();
     assert_eq!(

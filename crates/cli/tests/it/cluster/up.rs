@@ -1,10 +1,10 @@
 //! `fleetbox up` with the CLI client commands, on the shipped examples; and an agent's drain.
 
+use fleetbox_proto::{JobState, TaskState};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fleetbox_proto::api::job_state;
 use serde_json::{Value, json};
 
 use super::harness::{Cluster, Db, agent_command, free_port};
@@ -229,13 +229,13 @@ pub async fn sigterm_drains_and_hands_back(db: Db) {
     );
     // Shard 0 was handed back: queued again with its attempt not counted.
     let shards = c.client.shards(&job.id).await.unwrap().shards;
-    assert_eq!(shards[0].state, "queued", "{shards:?}");
+    assert_eq!(shards[0].state, TaskState::Queued, "{shards:?}");
     assert_eq!(
         shards[0].attempts, 0,
         "a handed-back shard costs no attempt"
     );
     assert!(
-        shards.iter().all(|s| s.state != "leased"),
+        shards.iter().all(|s| s.state != TaskState::Leased),
         "nothing stays leased to a stopped agent: {shards:?}"
     );
     // Another agent finishes the job (shard 0 sleeps long: cancel it once it is re-leased).
@@ -245,6 +245,6 @@ pub async fn sigterm_drains_and_hands_back(db: Db) {
     })
     .await;
     let v = c.client.cancel(&job.id).await.unwrap();
-    assert_eq!(v.state, job_state::CANCELLED);
+    assert_eq!(v.state, JobState::Cancelled);
     assert_eq!(v.shards.accepted, 3);
 }
