@@ -102,6 +102,12 @@ pub struct AgentArgs {
     /// Cap on the CPU cores a job may ask for [default: 64].
     #[arg(long)]
     pub max_cpus: Option<f64>,
+    /// Cap on the files a report lists from a job's workspace [default: 10000].
+    #[arg(long)]
+    pub max_listed_files: Option<u32>,
+    /// Cap on the bytes of workspace files hashed for a report [default: 1GiB].
+    #[arg(long, value_parser = parse_size)]
+    pub max_hashed_bytes: Option<ByteSize>,
     /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
     #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
     pub allow_network: bool,
@@ -250,8 +256,14 @@ fn agent_config(
             .max_tmp_size
             .or(file.max_tmp_size)
             .unwrap_or(d.max_tmp_size),
-        max_listed_files: file.max_listed_files.unwrap_or(d.max_listed_files),
-        max_hashed_bytes: file.max_hashed_bytes.unwrap_or(d.max_hashed_bytes),
+        max_listed_files: args
+            .max_listed_files
+            .or(file.max_listed_files)
+            .unwrap_or(d.max_listed_files),
+        max_hashed_bytes: args
+            .max_hashed_bytes
+            .or(file.max_hashed_bytes)
+            .unwrap_or(d.max_hashed_bytes),
         allow_network: args.allow_network || file.allow_network.unwrap_or(false),
     };
     sandbox.warm = args.warm.unwrap_or(args.slots.max(1)) as usize;
@@ -330,6 +342,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_open_files: None,
                     max_tmp_size: None,
                     max_cpus: None,
+                    max_listed_files: None,
+                    max_hashed_bytes: None,
                     allow_network: false,
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
@@ -415,6 +429,21 @@ mod tests {
             "flags win over the file"
         );
         assert_eq!(both.max_processes, 10);
+        // The report caps too: every cap has a flag.
+        let file = "[agent]\nmax_listed_files = 50\nmax_hashed_bytes = \"2MiB\"\n";
+        let f = caps(&[], file);
+        assert_eq!(
+            (f.max_listed_files, f.max_hashed_bytes),
+            (50, ByteSize::mib(2))
+        );
+        let both = caps(
+            &["--max-listed-files", "7", "--max-hashed-bytes", "1MiB"],
+            file,
+        );
+        assert_eq!(
+            (both.max_listed_files, both.max_hashed_bytes),
+            (7, ByteSize::mib(1))
+        );
         assert!(toml::from_str::<FileConfig>("[agent]\nmax_memroy = \"1GiB\"\n").is_err());
     }
 }
