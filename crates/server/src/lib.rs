@@ -244,7 +244,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             })
             .await
     });
-    tracing::info!(%addr, database = %store::redact(&url), "coordinator listening");
+    tracing::info!(%addr, database = %store::redact(&url), instance = %state.instance, "coordinator listening");
     Ok(Running {
         addr,
         admin_token,

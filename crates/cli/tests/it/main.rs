@@ -1,10 +1,7 @@
-//! Integration tests for the `fleetbox` binary and the sandbox backends, with real processes.
-//! Hostile programs live as files in `tests/fixtures/`.
+//! Integration tests for the `fleetbox` binary with real processes: the commands, and whole
+//! clusters of `fleetbox server`/`agent`/`up` processes. The sandbox backends have their own
+//! suite in `crates/sandbox/tests`.
 
-mod cancel;
 mod cli;
 mod cluster;
-mod jail;
-mod process;
 mod support;
-mod warm;

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::error::JailError;
 use super::seccomp;
 
 /// The hidden subcommand that turns the `fleetbox` binary into the helper.
@@ -144,9 +145,9 @@ pub fn helper_main() -> ! {
     close_from(WARM_FD + 1);
     let mut raw = Vec::new();
     let code = match std::io::stdin().read_to_end(&mut raw) {
-        Err(e) => fail(format!("reading the jail configuration failed: {e}")),
+        Err(e) => fail(JailError::os("reading the jail configuration", e)),
         Ok(_) => match serde_json::from_slice::<InitConfig>(&raw) {
-            Err(e) => fail(format!("invalid jail configuration: {e}")),
+            Err(e) => fail(JailError::Config(e)),
             Ok(cfg) => match helper(&cfg) {
                 Ok(code) => code,
                 Err(msg) => fail(msg),
@@ -156,12 +157,16 @@ pub fn helper_main() -> ! {
     std::process::exit(code)
 }
 
-fn fail(message: String) -> i32 {
-    send(&Event::SetupError { message });
+/// Tell the supervisor why setup failed (this process is not the supervisor's, so the error
+/// crosses as its message) and give the exit code.
+fn fail(error: JailError) -> i32 {
+    send(&Event::SetupError {
+        message: error.to_string(),
+    });
     1
 }
 
-fn helper(cfg: &InitConfig) -> Result<i32, String> {
+fn helper(cfg: &InitConfig) -> Result<i32, JailError> {
     phase(cfg, "helper_start");
     // SAFETY: the helper is a freshly executed process that starts no threads.
     let pid = unsafe { start_init(cfg, None) }?;
@@ -175,10 +180,7 @@ fn helper(cfg: &InitConfig) -> Result<i32, String> {
             break;
         }
         if errno().kind() != std::io::ErrorKind::Interrupted {
-            return Err(format!(
-                "waiting for the namespace init failed: {}",
-                errno()
-            ));
+            return Err(JailError::last_os("waiting for the namespace init failed"));
         }
     }
     Ok(if libc::WIFEXITED(status) {
@@ -210,11 +212,11 @@ const GO_FD: i32 = 5;
 /// The caller must be single-threaded: the child continues with a copy of the caller's address
 /// space and allocates, which is only sound when no other thread can hold a lock (malloc's)
 /// at the moment of the clone. The helper is; a supervisor checks with [`single_threaded`].
-pub unsafe fn start_init(cfg: &InitConfig, direct: Option<&DirectFds>) -> Result<i32, String> {
+pub unsafe fn start_init(cfg: &InitConfig, direct: Option<&DirectFds>) -> Result<i32, JailError> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is valid for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", errno()));
+        return Err(JailError::last_os("pipe"));
     }
     // SAFETY: pipe2 returned two fresh descriptors.
     let (go_r, go_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -241,12 +243,14 @@ pub unsafe fn start_init(cfg: &InitConfig, direct: Option<&DirectFds>) -> Result
     if pid < 0 {
         let e = errno();
         return Err(match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::ENOSPC) | Some(libc::EINVAL) => format!(
-                "the host does not allow creating user namespaces ({e}); enable them \
+            Some(libc::EPERM) | Some(libc::ENOSPC) | Some(libc::EINVAL) => {
+                JailError::unsupported(format!(
+                    "the host does not allow creating user namespaces ({e}); enable them \
                  (`sysctl -w kernel.unprivileged_userns_clone=1`, `user.max_user_namespaces > 0`, \
                  or on Ubuntu `kernel.apparmor_restrict_unprivileged_userns=0`) or use `--backend process`"
-            ),
-            _ => format!("clone into new namespaces failed: {e}"),
+                ))
+            }
+            _ => JailError::os("clone into new namespaces", e),
         });
     }
     if pid == 0 {
@@ -285,7 +289,7 @@ pub unsafe fn start_init(cfg: &InitConfig, direct: Option<&DirectFds>) -> Result
 /// In a directly cloned init: what the helper's `pre_exec` and `exec` do for it. The
 /// descriptors land on their fixed numbers, everything else the supervisor had open is closed,
 /// and signal handling starts from the defaults in a session of its own.
-fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, String> {
+fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, JailError> {
     let go = go.into_raw_fd();
     let moves = [
         (fds.null, 0),
@@ -302,12 +306,12 @@ fn arrange_direct_fds(fds: &DirectFds, go: OwnedFd) -> Result<OwnedFd, String> {
         for (i, (from, _)) in moves.iter().enumerate() {
             high[i] = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 16);
             if high[i] < 0 {
-                return Err(format!("dup: {}", errno()));
+                return Err(JailError::last_os("dup"));
             }
         }
         for (i, (_, to)) in moves.iter().enumerate() {
             if libc::dup2(high[i], *to) < 0 {
-                return Err(format!("dup2: {}", errno()));
+                return Err(JailError::last_os("dup2"));
             }
         }
         close_from(GO_FD + 1);
@@ -357,10 +361,11 @@ pub fn single_threaded() -> bool {
         == Some(1)
 }
 
-fn write_maps(pid: i32, cfg: &InitConfig) -> Result<(), String> {
+fn write_maps(pid: i32, cfg: &InitConfig) -> Result<(), JailError> {
     let w = |file: &str, text: &str| {
         let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, text).map_err(|e| format!("writing `{path}` ({text:?}) failed: {e}"))
+        std::fs::write(&path, text)
+            .map_err(|e| JailError::os(format!("writing `{path}` ({text:?}) failed"), e))
     };
     if !cfg.privileged {
         // An unprivileged process may only map its own ids, and only after giving up setgroups.
@@ -372,11 +377,17 @@ fn write_maps(pid: i32, cfg: &InitConfig) -> Result<(), String> {
 }
 
 /// PID 1 of the new namespaces.
-fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
+fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, JailError> {
     let mut byte = [0u8; 1];
     let mut go = std::fs::File::from(go);
-    if go.read(&mut byte).map_err(|e| e.to_string())? != 1 {
-        return Err("the jail helper went away before the namespaces were ready".into());
+    if go
+        .read(&mut byte)
+        .map_err(|e| JailError::os("waiting for the namespaces", e))?
+        != 1
+    {
+        return Err(JailError::protocol(
+            "the jail helper went away before the namespaces were ready",
+        ));
     }
     drop(go);
     // Into the run's cgroup first, while our credentials are still the host uid that owns the
@@ -413,14 +424,16 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
     // SAFETY: fork in the single-threaded namespace init.
     let child = unsafe { libc::fork() };
     if child < 0 {
-        return Err(format!("fork: {}", errno()));
+        return Err(JailError::last_os("fork"));
     }
     if child == 0 {
         let msg = match exec_program(cfg) {
             Err(msg) => msg,
             Ok(never) => match never {},
         };
-        send(&Event::SetupError { message: msg });
+        send(&Event::SetupError {
+            message: msg.to_string(),
+        });
         // SAFETY: leave the failed child immediately.
         unsafe { libc::_exit(127) };
     }
@@ -435,7 +448,7 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
             if errno().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(format!("wait: {}", errno()));
+            return Err(JailError::last_os("wait"));
         }
         if r == child {
             phase(cfg, "program_reaped");
@@ -452,10 +465,10 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, String> {
     }
 }
 
-fn join_cgroup(cfg: &InitConfig) -> Result<(), String> {
+fn join_cgroup(cfg: &InitConfig) -> Result<(), JailError> {
     for file in &cfg.cgroup_join {
         std::fs::write(file, b"0")
-            .map_err(|e| format!("joining cgroup `{}` failed: {e}", file.display()))?;
+            .map_err(|e| JailError::os(format!("joining cgroup `{}` failed", file.display()), e))?;
     }
     Ok(())
 }
@@ -470,7 +483,7 @@ fn mount(
     fstype: Option<&str>,
     flags: libc::c_ulong,
     data: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), JailError> {
     let src_c = src.map(cstr);
     let dst_c = cstr(dst);
     let fs_c = fstype.map(|f| CString::new(f).unwrap_or_default());
@@ -488,14 +501,13 @@ fn mount(
         )
     };
     if r != 0 {
-        return Err(format!(
-            "mount {} on `{}` ({}) failed: {}",
+        return Err(JailError::last_os(format!(
+            "mount {} on `{}` ({})",
             src.map(|s| format!("`{}`", s.display()))
                 .unwrap_or_else(|| fstype.unwrap_or("-").to_string()),
             dst.display(),
             fstype.unwrap_or("bind"),
-            errno()
-        ));
+        )));
     }
     Ok(())
 }
@@ -524,15 +536,17 @@ fn locked_flags(path: &Path) -> libc::c_ulong {
     f
 }
 
-fn bind(src: &Path, dst: &Path, read_only: bool, extra: libc::c_ulong) -> Result<(), String> {
+fn bind(src: &Path, dst: &Path, read_only: bool, extra: libc::c_ulong) -> Result<(), JailError> {
     if src.is_dir() {
-        std::fs::create_dir_all(dst).map_err(|e| format!("mkdir `{}`: {e}", dst.display()))?;
+        std::fs::create_dir_all(dst)
+            .map_err(|e| JailError::os(format!("mkdir `{}`", dst.display()), e))?;
     } else {
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| format!("mkdir `{}`: {e}", parent.display()))?;
+                .map_err(|e| JailError::os(format!("mkdir `{}`", parent.display()), e))?;
         }
-        std::fs::write(dst, b"").map_err(|e| format!("create `{}`: {e}", dst.display()))?;
+        std::fs::write(dst, b"")
+            .map_err(|e| JailError::os(format!("create `{}`", dst.display()), e))?;
     }
     mount(Some(src), dst, None, libc::MS_BIND | libc::MS_REC, None)?;
     if read_only || extra != 0 {
@@ -552,7 +566,7 @@ fn inside(root: &Path, p: &Path) -> PathBuf {
     root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
-fn build_root(cfg: &InitConfig) -> Result<(), String> {
+fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
     let root = &cfg.root;
     mount(
         None,
@@ -574,11 +588,11 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     }
     for (link, target) in &cfg.symlinks {
         std::os::unix::fs::symlink(target, inside(root, link))
-            .map_err(|e| format!("symlink `{}`: {e}", link.display()))?;
+            .map_err(|e| JailError::os(format!("symlink `{}`", link.display()), e))?;
     }
     // A minimal /etc: who we are, localhost; no shadow, no host configuration.
     let etc = root.join("etc");
-    std::fs::create_dir_all(&etc).map_err(|e| format!("mkdir /etc: {e}"))?;
+    std::fs::create_dir_all(&etc).map_err(|e| JailError::os("mkdir /etc", e))?;
     let files = [
         (
             "passwd",
@@ -595,7 +609,8 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
         ("hostname", "fleetbox\n".to_string()),
     ];
     for (name, text) in files {
-        std::fs::write(etc.join(name), text).map_err(|e| format!("write /etc/{name}: {e}"))?;
+        std::fs::write(etc.join(name), text)
+            .map_err(|e| JailError::os(format!("write /etc/{name}"), e))?;
     }
     let ld_cache = Path::new("/etc/ld.so.cache");
     if ld_cache.is_file() {
@@ -603,7 +618,7 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     }
 
     let proc_dir = root.join("proc");
-    std::fs::create_dir_all(&proc_dir).map_err(|e| format!("mkdir /proc: {e}"))?;
+    std::fs::create_dir_all(&proc_dir).map_err(|e| JailError::os("mkdir /proc", e))?;
     mount(
         Some(Path::new("proc")),
         &proc_dir,
@@ -613,7 +628,7 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     )?;
 
     let dev = root.join("dev");
-    std::fs::create_dir_all(&dev).map_err(|e| format!("mkdir /dev: {e}"))?;
+    std::fs::create_dir_all(&dev).map_err(|e| JailError::os("mkdir /dev", e))?;
     mount(
         Some(Path::new("tmpfs")),
         &dev,
@@ -632,11 +647,12 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
         ("stderr", "/proc/self/fd/2"),
     ] {
         std::os::unix::fs::symlink(target, dev.join(link))
-            .map_err(|e| format!("symlink /dev/{link}: {e}"))?;
+            .map_err(|e| JailError::os(format!("symlink /dev/{link}"), e))?;
     }
     let tmpfs_opts = format!("size={},mode=1777", cfg.tmp_size.max(4096));
     for dir in [dev.join("shm"), root.join("tmp")] {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir `{}`: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| JailError::os(format!("mkdir `{}`", dir.display()), e))?;
         mount(
             Some(Path::new("tmpfs")),
             &dir,
@@ -650,22 +666,22 @@ fn build_root(cfg: &InitConfig) -> Result<(), String> {
     Ok(())
 }
 
-fn enter_root(root: &Path) -> Result<(), String> {
+fn enter_root(root: &Path) -> Result<(), JailError> {
     let dot = c".";
     // SAFETY: chdir/pivot_root/umount2 with valid C strings; errors are reported.
     unsafe {
         if libc::chdir(cstr(root).as_ptr()) != 0 {
-            return Err(format!("chdir to the new root: {}", errno()));
+            return Err(JailError::last_os("chdir to the new root"));
         }
         // pivot_root(".", "."): the old root ends up stacked on the new one, then is detached.
         if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
-            return Err(format!("pivot_root: {}", errno()));
+            return Err(JailError::last_os("pivot_root"));
         }
         if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
-            return Err(format!("detaching the old root: {}", errno()));
+            return Err(JailError::last_os("detaching the old root"));
         }
         if libc::chdir(c"/".as_ptr()) != 0 {
-            return Err(format!("chdir /: {}", errno()));
+            return Err(JailError::last_os("chdir /"));
         }
     }
     mount(
@@ -677,25 +693,25 @@ fn enter_root(root: &Path) -> Result<(), String> {
     )
 }
 
-fn loopback_up() -> Result<(), String> {
+fn loopback_up() -> Result<(), JailError> {
     // SAFETY: socket/ioctl on an ifreq we own; the name fits (`lo` plus NUL).
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
-            return Err(format!("socket for loopback setup: {}", errno()));
+            return Err(JailError::last_os("socket for loopback setup"));
         }
         let mut ifr: libc::ifreq = std::mem::zeroed();
         ifr.ifr_name[0] = b'l' as libc::c_char;
         ifr.ifr_name[1] = b'o' as libc::c_char;
         if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
             libc::close(fd);
-            return Err(format!("reading loopback flags: {}", errno()));
+            return Err(JailError::last_os("reading loopback flags"));
         }
         ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         let r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
         libc::close(fd);
         if r != 0 {
-            return Err(format!("bringing loopback up: {}", errno()));
+            return Err(JailError::last_os("bringing loopback up"));
         }
     }
     Ok(())
@@ -709,7 +725,7 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
+fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, JailError> {
     phase(cfg, "program_forked");
     let last = last_cap();
     // SAFETY: process-attribute syscalls with integer arguments; each result is checked.
@@ -720,9 +736,8 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
                 && errno().raw_os_error() != Some(libc::EINVAL)
             {
-                return Err(format!(
-                    "dropping capability {cap} from the bounding set: {}",
-                    errno()
+                return Err(JailError::last_os(
+                    "dropping capability {cap} from the bounding set",
                 ));
             }
         }
@@ -734,13 +749,13 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
             0,
         );
         if cfg.privileged && libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(format!("setgroups: {}", errno()));
+            return Err(JailError::last_os("setgroups"));
         }
         if libc::setresgid(cfg.ns_gid, cfg.ns_gid, cfg.ns_gid) != 0 {
-            return Err(format!("setresgid({}): {}", cfg.ns_gid, errno()));
+            return Err(JailError::last_os(format!("setresgid({})", cfg.ns_gid)));
         }
         if libc::setresuid(cfg.ns_uid, cfg.ns_uid, cfg.ns_uid) != 0 {
-            return Err(format!("setresuid({}): {}", cfg.ns_uid, errno()));
+            return Err(JailError::last_os(format!("setresuid({})", cfg.ns_uid)));
         }
     }
     drop_all_capabilities()?;
@@ -751,14 +766,14 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
         };
         // SAFETY: `rl` is valid for the call.
         if unsafe { libc::setrlimit(res as _, &rl) } != 0 {
-            return Err(format!("setrlimit({res}): {}", errno()));
+            return Err(JailError::last_os("setrlimit({res})"));
         }
     }
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!("no_new_privs: {}", errno()));
+        return Err(JailError::last_os("no_new_privs"));
     }
-    std::env::set_current_dir("/work").map_err(|e| format!("chdir /work: {e}"))?;
+    std::env::set_current_dir("/work").map_err(|e| JailError::os("chdir /work", e))?;
     phase(cfg, "privileges_dropped");
     let landlock = super::landlock::restrict();
     send(&Event::Landlock { status: landlock });
@@ -772,9 +787,9 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
     let listener = cfg
         .seccomp
         .install()
-        .map_err(|e| format!("installing the seccomp filter failed: {e}"))?;
+        .map_err(|e| JailError::os("installing the seccomp filter", e))?;
     send_fd(SECCOMP_FD, listener.as_raw_fd())
-        .map_err(|e| format!("handing over the seccomp listener failed: {e}"))?;
+        .map_err(|e| JailError::os("handing over the seccomp listener", e))?;
     drop(listener);
     phase(cfg, "seccomp_installed");
 
@@ -792,9 +807,9 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
             .stdin(std::process::Stdio::null());
     }
     let err = cmd.exec();
-    Err(format!(
-        "executing `{}` inside the jail failed: {err}",
-        cfg.python.display()
+    Err(JailError::os(
+        format!("executing `{}` inside the jail", cfg.python.display()),
+        err,
     ))
 }
 
@@ -802,19 +817,18 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, String> {
 /// inside when that is root, so it could not even create files. Switch to the sandbox ids while
 /// keeping the namespace capabilities (needed for mounts); the files it creates then belong to
 /// the run's unprivileged host uid.
-fn become_sandbox_user_keeping_caps(cfg: &InitConfig) -> Result<(), String> {
+fn become_sandbox_user_keeping_caps(cfg: &InitConfig) -> Result<(), JailError> {
     // SAFETY: process-attribute syscalls with integer arguments; each result is checked.
     unsafe {
         libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
         if cfg.privileged && libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(format!("setgroups in the namespace init: {}", errno()));
+            return Err(JailError::last_os("setgroups in the namespace init"));
         }
         if libc::setresgid(cfg.ns_gid, cfg.ns_gid, cfg.ns_gid) != 0
             || libc::setresuid(cfg.ns_uid, cfg.ns_uid, cfg.ns_uid) != 0
         {
-            return Err(format!(
-                "switching the namespace init to the sandbox ids: {}",
-                errno()
+            return Err(JailError::last_os(
+                "switching the namespace init to the sandbox ids",
             ));
         }
         libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
@@ -823,13 +837,13 @@ fn become_sandbox_user_keeping_caps(cfg: &InitConfig) -> Result<(), String> {
     // SAFETY: capget/capset with a v3 header and two data words.
     unsafe {
         if libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) != 0 {
-            return Err(format!("capget: {}", errno()));
+            return Err(JailError::last_os("capget"));
         }
         for d in &mut data {
             d.effective = d.permitted;
         }
         if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
-            return Err(format!("raising namespace capabilities: {}", errno()));
+            return Err(JailError::last_os("raising namespace capabilities"));
         }
     }
     Ok(())
@@ -864,11 +878,11 @@ fn cap_structs() -> (CapHeader, [CapData; 2]) {
     )
 }
 
-fn drop_all_capabilities() -> Result<(), String> {
+fn drop_all_capabilities() -> Result<(), JailError> {
     let (header, data) = cap_structs();
     // SAFETY: capset with a v3 header and the two data words it expects.
     if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
-        return Err(format!("capset: {}", errno()));
+        return Err(JailError::last_os("capset"));
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! is answered `EPERM` and recorded, so the report names it. When the host cannot build the jail
 //! the run ends as `sandbox_error` saying what is missing: never a silent weaker fallback.
 
+mod error;
 pub mod init;
 mod landlock;
 pub mod seccomp;
@@ -22,6 +23,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use fleetbox_proto::{AppliedLimits, ExecutionReport, Limits, Violation};
+
+pub use error::JailError;
 
 use crate::cgroup::{self, RunCgroup};
 use crate::process::{RlimitPlan, base_env, run_uid};
@@ -95,26 +98,27 @@ impl JailSandbox {
 }
 
 /// Can this host run the jail? Checks the cheap preconditions without starting anything.
-pub fn host_supports_jail() -> Result<(), String> {
+pub fn host_supports_jail() -> Result<(), JailError> {
     if !cfg!(target_os = "linux") {
-        return Err("the jail backend needs Linux".into());
+        return Err(JailError::unsupported("the jail backend needs Linux"));
     }
     if !Path::new("/proc/self/ns/user").exists() {
-        return Err("the kernel has no user namespaces".into());
+        return Err(JailError::unsupported("the kernel has no user namespaces"));
     }
     if let Ok(v) = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
         && v.trim() == "0"
     {
-        return Err("user namespaces are disabled (`user.max_user_namespaces = 0`)".into());
+        return Err(JailError::unsupported(
+            "user namespaces are disabled (`user.max_user_namespaces = 0`)",
+        ));
     }
     if !sys::is_root()
         && let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone")
         && v.trim() == "0"
     {
-        return Err(
-            "unprivileged user namespaces are disabled (`kernel.unprivileged_userns_clone = 0`)"
-                .into(),
-        );
+        return Err(JailError::unsupported(
+            "unprivileged user namespaces are disabled (`kernel.unprivileged_userns_clone = 0`)",
+        ));
     }
     Ok(())
 }
@@ -172,9 +176,9 @@ impl JailSandbox {
             &mut ctx.notes,
         ) {
             Ok(b) => b,
-            Err(BuildError { message, python }) => {
-                ctx.python = python.as_ref();
-                return ctx.sandbox_error(message);
+            Err(BuildError { error, python }) => {
+                ctx.python = python.as_deref();
+                return ctx.sandbox_error(error.to_string());
             }
         };
         let started = built.spawn_started;
@@ -194,15 +198,24 @@ impl JailSandbox {
             ..
         } = warm;
         let code_path = built.dir.code();
-        let delivered = (|| -> Result<(), String> {
+        let delivered = (|| -> Result<(), JailError> {
             // In place: the jail has this very inode bound read-only at /code/main.py.
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .truncate(true)
                 .open(&code_path)
-                .map_err(|e| format!("writing the program to `{}`: {e}", code_path.display()))?;
-            f.write_all(&req.code)
-                .map_err(|e| format!("writing the program to `{}`: {e}", code_path.display()))?;
+                .map_err(|e| {
+                    JailError::os(
+                        format!("writing the program to `{}`", code_path.display()),
+                        e,
+                    )
+                })?;
+            f.write_all(&req.code).map_err(|e| {
+                JailError::os(
+                    format!("writing the program to `{}`", code_path.display()),
+                    e,
+                )
+            })?;
             if let Some(input) = &req.input {
                 built.dir.input_sha256 = Some(crate::workspace::sha256_hex(input));
                 let path = built.dir.work().join(crate::workspace::INPUT_FILE);
@@ -212,19 +225,23 @@ impl JailSandbox {
                     .write(true)
                     .create_new(true)
                     .open(&path)
-                    .map_err(|e| format!("writing the input to `{}`: {e}", path.display()))?;
-                f.write_all(input)
-                    .map_err(|e| format!("writing the input to `{}`: {e}", path.display()))?;
+                    .map_err(|e| {
+                        JailError::os(format!("writing the input to `{}`", path.display()), e)
+                    })?;
+                f.write_all(input).map_err(|e| {
+                    JailError::os(format!("writing the input to `{}`", path.display()), e)
+                })?;
                 if let Some((uid, gid)) = built.host_ids {
-                    std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
-                        .map_err(|e| format!("handing over `{}`: {e}", path.display()))?;
+                    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(|e| {
+                        JailError::os(format!("handing over `{}`", path.display()), e)
+                    })?;
                 }
             }
             Ok(())
         })();
         let started_at = SystemTime::now();
         let started = Instant::now();
-        if let Err(message) = delivered {
+        if let Err(error) = delivered {
             let ctx = RunContext {
                 req,
                 backend: "jail",
@@ -233,7 +250,7 @@ impl JailSandbox {
                 applied,
                 notes,
             };
-            return ctx.sandbox_error(message);
+            return ctx.sandbox_error(error.to_string());
         }
         let mut message = Vec::new();
         for (k, v) in &program_env(req) {
@@ -426,14 +443,14 @@ fn program_env(req: &RunRequest) -> Vec<(String, String)> {
 
 /// Why a jail could not be built, with the interpreter when it was found (for the report).
 struct BuildError {
-    message: String,
-    python: Option<python::Python>,
+    error: JailError,
+    python: Option<Box<python::Python>>,
 }
 
-impl From<String> for BuildError {
-    fn from(message: String) -> Self {
+impl<E: Into<JailError>> From<E> for BuildError {
+    fn from(error: E) -> Self {
         BuildError {
-            message,
+            error: error.into(),
             python: None,
         }
     }
@@ -457,12 +474,13 @@ impl Builder {
         let trace = std::env::var_os(crate::env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1");
         let t0 = init::monotonic_us();
         let mut phases: Vec<(String, u64)> = Vec::new();
-        host_supports_jail()
-            .map_err(|why| format!("{why}; use `--backend process` on this host"))?;
-        let py = python::resolve(self.config.python.as_deref()).map_err(|e| e.to_string())?;
-        let with_py = |message: String| BuildError {
-            message,
-            python: Some(py.clone()),
+        host_supports_jail().map_err(|error| JailError::HostCannotJail {
+            error: Box::new(error),
+        })?;
+        let py = python::resolve(self.config.python.as_deref())?;
+        let with_py = |error: JailError| BuildError {
+            error,
+            python: Some(Box::new(py.clone())),
         };
         let privileged = sys::is_root();
         let (host_uid, host_gid) = if privileged {
@@ -474,10 +492,10 @@ impl Builder {
         };
         let host_ids = privileged.then_some((host_uid, host_gid));
         let dir = RunDir::create(&self.config.work_root, code, input, host_ids)
-            .map_err(|e| with_py(e.to_string()))?;
+            .map_err(|e| with_py(e.into()))?;
         let root = dir.path().join("root");
         std::fs::create_dir(&root)
-            .map_err(|e| with_py(format!("creating `{}`: {e}", root.display())))?;
+            .map_err(|e| with_py(JailError::os(format!("creating `{}`", root.display()), e)))?;
         if trace {
             phases.push(("workspace_ready".into(), init::monotonic_us()));
         }
@@ -563,16 +581,18 @@ struct Spawned {
 }
 
 impl Builder {
-    fn spawn(&self, cfg: &InitConfig) -> Result<Spawned, String> {
-        let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let (status_r, status_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+    fn spawn(&self, cfg: &InitConfig) -> Result<Spawned, JailError> {
+        let (out_r, out_w) = sys::pipe().map_err(|e| JailError::os("pipe", e))?;
+        let (err_r, err_w) = sys::pipe().map_err(|e| JailError::os("pipe", e))?;
+        let (status_r, status_w) = sys::pipe().map_err(|e| JailError::os("pipe", e))?;
         let (sock_parent, sock_child) =
-            socketpair(libc::SOCK_SEQPACKET).map_err(|e| format!("socketpair: {e}"))?;
-        sys::set_nonblocking(sock_parent.as_raw_fd()).map_err(|e| e.to_string())?;
+            socketpair(libc::SOCK_SEQPACKET).map_err(|e| JailError::os("socketpair", e))?;
+        sys::set_nonblocking(sock_parent.as_raw_fd())
+            .map_err(|e| JailError::os("making the seccomp socket non-blocking", e))?;
         // A warm jail is built by the pool's thread, so never on the single-threaded path.
         if !cfg.warm && self.config.jail_helper.is_none() && init::single_threaded() {
-            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+            let null =
+                std::fs::File::open("/dev/null").map_err(|e| JailError::os("/dev/null", e))?;
             let fds = init::DirectFds {
                 null: null.as_raw_fd(),
                 stdout: out_w.as_raw_fd(),
@@ -593,7 +613,7 @@ impl Builder {
             );
         }
         let helper = &self.helper;
-        let payload = serde_json::to_vec(cfg).map_err(|e| e.to_string())?;
+        let payload = serde_json::to_vec(cfg)?;
         let mut cmd = Command::new(helper);
         cmd.arg(init::INIT_ARG)
             .env_clear()
@@ -605,7 +625,7 @@ impl Builder {
         let (go_r, go_w) = if cfg.warm {
             // A stream socket: the boot script says it is ready on it, then reads the run.
             let (ours, theirs) =
-                socketpair(libc::SOCK_STREAM).map_err(|e| format!("socketpair: {e}"))?;
+                socketpair(libc::SOCK_STREAM).map_err(|e| JailError::os("socketpair", e))?;
             (Some(theirs), Some(ours))
         } else {
             (None, None)
@@ -638,9 +658,9 @@ impl Builder {
             });
         }
         let mut child = cmd.spawn().map_err(|e| {
-            format!(
-                "starting the jail helper `{}` failed: {e}",
-                helper.display()
+            JailError::os(
+                format!("starting the jail helper `{}`", helper.display()),
+                e,
             )
         })?;
         drop(cmd);
@@ -654,7 +674,7 @@ impl Builder {
             if let Err(e) = stdin.write_all(&payload) {
                 sys::kill(pid, libc::SIGKILL);
                 let _ = sys::wait4(pid);
-                return Err(format!("sending the jail configuration failed: {e}"));
+                return Err(JailError::os("sending the jail configuration", e));
             }
         }
         spawned(pid, [out_r, err_r, status_r, sock_parent], None, go_w)
@@ -668,15 +688,15 @@ fn spawned(
     [stdout, stderr, status_r, seccomp_sock]: [OwnedFd; 4],
     namespaces_at: Option<u64>,
     go: Option<OwnedFd>,
-) -> Result<Spawned, String> {
+) -> Result<Spawned, JailError> {
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
             sys::kill(pid, libc::SIGKILL);
             let _ = sys::wait4(pid);
-            return Err(format!(
+            return Err(JailError::unsupported(format!(
                 "pidfd_open failed ({e}); Linux 5.3 or newer is required"
-            ));
+            )));
         }
     };
     Ok(Spawned {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use fleetbox_proto::{AppliedLimits, Limits};
 
-use super::{BuildError, Builder, Built};
+use super::{BuildError, Builder, Built, JailError};
 use crate::process::base_env;
 use crate::sys;
 
@@ -191,7 +191,7 @@ fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>)
                         }
                     }
                     // The next run with these limits starts cold and reports the same failure.
-                    Err(e) => tracing::debug!(error = %e.message, "building a warm jail failed"),
+                    Err(e) => tracing::debug!(error = %e.error, "building a warm jail failed"),
                 }
             }
             // Enough are waiting with these limits already.
@@ -224,11 +224,9 @@ fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
         &mut applied,
         &mut notes,
     )?;
-    let go = built
-        .spawned
-        .go
-        .take()
-        .ok_or_else(|| BuildError::from("the warm jail has no program channel".to_string()))?;
+    let go = built.spawned.go.take().ok_or_else(|| {
+        BuildError::from(JailError::protocol("the warm jail has no program channel"))
+    })?;
     Ok(Warm {
         built,
         applied,

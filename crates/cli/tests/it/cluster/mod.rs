@@ -2,6 +2,7 @@
 //! Every scenario runs on both stores.
 
 mod api;
+mod chaos;
 mod harness;
 mod up;
 
@@ -13,6 +14,10 @@ use serde_json::json;
 use api::{
     duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors,
     priorities_order_the_queue,
+};
+use chaos::{
+    a_coordinator_killed_mid_fold_is_replaced, an_eight_second_outage_reruns_nothing,
+    frozen_agents_race_late_reports_across_two_coordinators,
 };
 use harness::{Cluster, Db};
 use up::sigterm_drains_and_hands_back;
@@ -55,7 +60,15 @@ on_both_stores!(
     agents_reenroll_when_the_coordinator_forgets_them,
     shard_files_reach_the_blob_store,
     two_coordinators_share_one_database,
+    frozen_agents_race_late_reports_across_two_coordinators,
+    an_eight_second_outage_reruns_nothing,
 );
+
+/// Needs a database that several coordinators share over the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_fold_is_replaced_postgres() {
+    a_coordinator_killed_mid_fold_is_replaced(Db::Postgres).await;
+}
 
 const SUM_SQUARES: &str = r#"
 name = "sum of squares"

@@ -1,0 +1,8 @@
+//! Integration tests for the sandbox backends, with real processes. Hostile programs live as
+//! files in `tests/fixtures/` at the workspace root.
+
+mod cancel;
+mod jail;
+mod process;
+mod support;
+mod warm;
