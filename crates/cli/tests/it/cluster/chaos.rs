@@ -50,7 +50,7 @@ pub async fn frozen_agents_race_late_reports_across_two_coordinators(db: Db) {
 name = "frozen agents"
 code = """
 import os, time
-time.sleep(0.1)
+time.sleep(0.2)
 print(int(os.environ["FLEETBOX_SHARD_INDEX"]) + 1)
 """
 aggregate = "sum"
@@ -84,7 +84,12 @@ shards = { count = 300 }
         (s.shards_accepted, s.shards_failed, s.shards_dead),
         (300, 0, 0)
     );
-    assert!(round >= 1, "the job ended before any agent was frozen");
+    assert!(round >= 2, "the job ended after {round} freeze(s)");
+    assert!(
+        s.attempts > 300,
+        "frozen agents' shards ran again elsewhere ({} attempts)",
+        s.attempts
+    );
     if db == Db::Postgres {
         let pool = pool(&c).await;
         let chosen: i64 =
@@ -95,6 +100,14 @@ shards = { count = 300 }
                 .unwrap()
                 .get("n");
         assert_eq!(chosen, 300, "exactly one chosen attempt per shard");
+        let late: i64 =
+            sqlx::query("SELECT COUNT(*) AS n FROM attempts WHERE job_id = $1 AND late = 1")
+                .bind(&job.id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .get("n");
+        assert!(late > 0, "thawed agents delivered late reports");
     }
     drop(second);
 }
