@@ -158,6 +158,9 @@ print(sum(values))
     let second_log = std::fs::read_to_string(c.dir.path().join("server2.log")).unwrap_or_default();
     if first_log.contains(&owner) {
         c.kill_server();
+        // Ask the survivor from now on.
+        c.client =
+            fleetbox_client::Client::new(&format!("http://127.0.0.1:{port2}"), harness::ADMIN);
     } else {
         assert!(
             second_log.contains(&owner),
