@@ -155,7 +155,7 @@ async fn one(
         return Err(format!("{total} of {tasks} tasks were leased and reported"));
     }
     let result = admin.result(&job.id).await.map_err(|e| e.to_string())?;
-    if result.result != Some(serde_json::json!(tasks)) {
+    if result.result_value() != Some(serde_json::json!(tasks)) {
         return Err(format!("wrong result {:?}", result.result));
     }
     server.shutdown().await;

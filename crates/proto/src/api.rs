@@ -70,14 +70,26 @@ pub struct JobList {
 }
 
 /// `GET /v1/jobs/{id}/result`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobResult {
     pub id: String,
     pub state: JobState,
-    /// The reduced value; `null` until the job is `completed` (or when nothing succeeded).
-    pub result: Option<Value>,
+    /// The reduced value, as the coordinator's JSON text (exact: an integer sum past 2^64
+    /// stays every digit of itself); `null` until the job is `completed` (or when nothing
+    /// succeeded).
+    pub result: Option<Box<serde_json::value::RawValue>>,
     pub summary: Option<JobSummary>,
     pub error: Option<String>,
+}
+
+impl JobResult {
+    /// The result as a [`Value`]. Integers past what `serde_json` holds (outside
+    /// -2^63..2^64-1) become floats here; [`JobResult::result`] keeps the exact text.
+    pub fn result_value(&self) -> Option<Value> {
+        self.result
+            .as_ref()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    }
 }
 
 /// What the job's result covers.

@@ -208,7 +208,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         }
     };
     // Large results go to the blob store; the row keeps its hash in `result_blob`.
-    let text = result.as_ref().map(|v| v.to_string());
+    let text = result;
     let blob = match &text {
         Some(t) if t.len() > INLINE_LIMIT * 16 => {
             let blobs = state.blobs.clone();
@@ -267,7 +267,7 @@ async fn fold(
     limits: &Limits,
     job_id: &str,
     values: Vec<ShardValue>,
-) -> Result<Value, String> {
+) -> Result<String, String> {
     let Reducer::Python { code } = reducer else {
         return reduce(reducer, &values).map_err(|e| e.to_string());
     };
@@ -294,5 +294,5 @@ async fn fold(
         let why = crate::api::failure_reason(&report).unwrap_or_default();
         return Err(format!("python reducer: {why}"));
     }
-    Ok(report.output.unwrap_or(Value::Null))
+    Ok(report.output.unwrap_or(Value::Null).to_string())
 }

@@ -19,8 +19,23 @@ pub struct ReduceError {
 /// A value with the shard it came from.
 pub type ShardValue = (u64, Value);
 
-/// Fold `values` with a built-in reducer (`python` is run by the aggregator, not here).
-pub fn reduce(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, ReduceError> {
+/// Fold `values` with a built-in reducer (`python` is run by the aggregator, not here), into
+/// the result's JSON text. Text, not a [`Value`]: an integer `sum` is exact over i128, past
+/// what a `Value` holds.
+pub fn reduce(reducer: &Reducer, values: &[ShardValue]) -> Result<String, ReduceError> {
+    let err = |message: String| ReduceError {
+        reducer: reducer.name(),
+        message,
+    };
+    if let Reducer::Sum = reducer {
+        let nums = numbers(values).map_err(err)?;
+        return exact_sum(&nums).map_err(err);
+    }
+    reduce_value(reducer, values).map(|v| v.to_string())
+}
+
+/// The reducers whose result is a [`Value`].
+fn reduce_value(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, ReduceError> {
     let err = |message: String| ReduceError {
         reducer: reducer.name(),
         message,
@@ -30,10 +45,7 @@ pub fn reduce(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, ReduceE
             values.iter().map(|(_, v)| v.clone()).collect(),
         )),
         Reducer::Count => Ok(Value::from(flatten(values).count())),
-        Reducer::Sum => {
-            let nums = numbers(values).map_err(err)?;
-            sum(&nums).map_err(err)
-        }
+        Reducer::Sum => unreachable!("`sum` is folded exactly by `reduce`"),
         Reducer::Min | Reducer::Max => {
             let nums = numbers(values).map_err(err)?;
             let pick = nums.into_iter().reduce(|a, b| {
@@ -136,7 +148,40 @@ fn numbers(values: &[ShardValue]) -> Result<Vec<(Number, f64)>, String> {
         .collect()
 }
 
-/// A sum of integers is exact (i128): a total that a JSON result cannot hold exactly
+/// The `sum` reducer: integers add up exactly over i128 (a total past it is an error naming
+/// that), written as JSON text with every digit; any float among the values makes it a float.
+fn exact_sum(nums: &[(Number, f64)]) -> Result<String, String> {
+    let mut exact: i128 = 0;
+    let mut float = 0.0;
+    let mut integers = true;
+    for (n, f) in nums {
+        float += f;
+        let i = match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i128::from(i),
+            (None, Some(u)) => i128::from(u),
+            _ => {
+                integers = false;
+                continue;
+            }
+        };
+        if integers {
+            exact = exact.checked_add(i).ok_or_else(|| {
+                "the integer sum passes -2^127..2^127-1, past what `sum` adds exactly; \
+                 use the `python` reducer for larger integers"
+                    .to_string()
+            })?;
+        }
+    }
+    if integers {
+        return Ok(exact.to_string());
+    }
+    Ok(Number::from_f64(float)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
+        .to_string())
+}
+
+/// A sum of integers for `merge` (a [`Value`]): exact, and a total that a `Value` cannot hold
 /// (outside `-2^63..=2^64-1`) is an error, never a rounded float. Any float among the values
 /// makes the sum a float.
 fn sum(nums: &[(Number, f64)]) -> Result<Value, String> {
@@ -254,6 +299,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The result parsed back (every value here fits a `Value`).
+    fn reduce(reducer: &Reducer, v: &[ShardValue]) -> Result<Value, ReduceError> {
+        super::reduce(reducer, v).map(|text| serde_json::from_str(&text).unwrap())
+    }
+
     fn vals(v: Value) -> Vec<ShardValue> {
         v.as_array()
             .unwrap()
@@ -284,14 +334,23 @@ mod tests {
     }
 
     #[test]
-    fn sum_is_exact_or_an_error_never_a_rounded_float() {
+    fn sum_is_exact_past_2_64_and_an_error_past_i128_never_a_rounded_float() {
         let max = vals(json!([u64::MAX, 0]));
         assert_eq!(reduce(&Reducer::Sum, &max).unwrap(), json!(u64::MAX));
         let past = vals(json!([u64::MAX, 1]));
-        let e = reduce(&Reducer::Sum, &past).unwrap_err().to_string();
-        assert!(e.contains("`18446744073709551616`"), "{e}");
+        assert_eq!(
+            super::reduce(&Reducer::Sum, &past).unwrap(),
+            "18446744073709551616"
+        );
         let low = vals(json!([i64::MIN, -1]));
-        assert!(reduce(&Reducer::Sum, &low).is_err());
+        assert_eq!(
+            super::reduce(&Reducer::Sum, &low).unwrap(),
+            "-9223372036854775809"
+        );
+        // Far past 2^64, still every digit (passing i128 would take 2^63 such values).
+        let huge: Vec<ShardValue> = (0..1u64 << 20).map(|i| (i, json!(u64::MAX))).collect();
+        let total = super::reduce(&Reducer::Sum, &huge).unwrap();
+        assert_eq!(total, (i128::from(u64::MAX) * (1 << 20)).to_string());
     }
 
     #[test]

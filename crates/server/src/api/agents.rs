@@ -328,20 +328,22 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     } else {
         None
     };
-    // The value is kept as RFC 8785 canonical JSON, and hashed as such by the coordinator:
-    // the agent's own `output_sha256` stays in its report as a claim, never as the hash
-    // verification compares.
+    // The coordinator hashes the value over its RFC 8785 canonical JSON: the agent's own
+    // `output_sha256` stays in its report as a claim, never as the hash verification
+    // compares. The value itself is kept as serde_json writes it, not as the canonical text:
+    // RFC 8785 writes numbers as doubles, which would round integers past 2^53.
     let (output, output_blob, output_sha256) = match report.output.take() {
         None => (None, None, None),
         Some(v) => {
-            let text = serde_json_canonicalizer::to_string(&v).map_err(|e| {
+            let canonical = serde_json_canonicalizer::to_string(&v).map_err(|e| {
                 ApiError::bad_request(
                     "invalid_report",
                     format!("output cannot be canonicalized: {e}"),
                 )
                 .with_field("report.output")
             })?;
-            let hash = sha256_hex(text.as_bytes());
+            let hash = sha256_hex(canonical.as_bytes());
+            let text = v.to_string();
             if text.len() > INLINE_LIMIT {
                 (None, Some(blob(text.as_bytes())?), Some(hash))
             } else {

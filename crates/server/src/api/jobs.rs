@@ -193,7 +193,10 @@ pub async fn result(
                 format!("result blob: {e}"),
             )
         })?;
-        result.result = Some(serde_json::from_slice(&bytes).map_err(|e| {
+        let text = String::from_utf8(bytes).map_err(|e| e.to_string());
+        let raw = text
+            .and_then(|t| serde_json::value::RawValue::from_string(t).map_err(|e| e.to_string()));
+        result.result = Some(raw.map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

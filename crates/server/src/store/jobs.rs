@@ -248,6 +248,14 @@ impl AttemptRecord {
     }
 }
 
+/// Stored JSON text kept as it is (a result's integers may be past what a `Value` holds).
+pub(crate) fn raw_json(text: String) -> Result<Box<serde_json::value::RawValue>, StoreError> {
+    serde_json::value::RawValue::from_string(text).map_err(|e| StoreError::Corrupt {
+        what: "job result",
+        detail: e.to_string(),
+    })
+}
+
 /// A run status as stored.
 fn status(name: &str) -> Result<Status, StoreError> {
     Status::ALL
@@ -411,7 +419,7 @@ impl Store {
         let view = JobResult {
             id: r.id,
             state: r.state,
-            result: r.result.map(|v| parse(&v, "job result")).transpose()?,
+            result: r.result.map(raw_json).transpose()?,
             summary: r
                 .summary
                 .map(|s| parse::<JobSummary>(&s, "job summary"))

@@ -86,7 +86,7 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
         );
         let (result, blob) = b.job_result("default", "job_g").await.unwrap().unwrap();
         assert_eq!(result.state, JobState::Completed);
-        assert_eq!(result.result, Some(serde_json::json!(1)));
+        assert_eq!(result.result_value(), Some(serde_json::json!(1)));
         assert_eq!(blob, None);
     }
 }
@@ -129,7 +129,7 @@ print(json.dumps({{"$blob": "not a blob", "total": sum(values)}}))
         let result = c.run(&job, Duration::from_secs(60)).await;
         assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
         assert_eq!(
-            result.result,
+            result.result_value(),
             Some(serde_json::json!({"$blob": "not a blob", "total": 10})),
             "{db:?}"
         );
@@ -158,7 +158,10 @@ max_output = "1MiB"
     let result = c.run(&job, Duration::from_secs(60)).await;
     assert_eq!(result.state, JobState::Completed, "{result:?}");
     let want = serde_json::json!({"$blob": "x".repeat(200_000)});
-    assert_eq!(result.result, Some(serde_json::json!([want.clone(), want])));
+    assert_eq!(
+        result.result_value(),
+        Some(serde_json::json!([want.clone(), want]))
+    );
     let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
     let (_, blob) = c
         .running
@@ -171,4 +174,36 @@ max_output = "1MiB"
     let blob = blob.expect("a 400 kB result is not kept in the row");
     assert!(c.running.state.blobs.get(&blob).is_ok());
     c.stop().await;
+}
+
+/// `sum` is exact past 2^64: `[2^64-1, 1]` gives every digit of 2^64 through the API, and
+/// past `i64::MIN` the same; nothing becomes a float.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sums_past_two_to_the_64_are_exact_through_the_api() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("a1", Default::default());
+        for (values, want) in [
+            ("[18446744073709551615, 1]", "18446744073709551616"),
+            ("[-9223372036854775808, -1]", "-9223372036854775809"),
+        ] {
+            let job = spec(&format!(
+                r#"
+name = "big sum"
+code = "import os; print({values}[int(os.environ['FLEETBOX_SHARD_INDEX'])])"
+shards = {{ count = 2 }}
+aggregate = "sum"
+"#
+            ));
+            let result = c.run(&job, Duration::from_secs(60)).await;
+            assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+            assert_eq!(
+                result.result.as_ref().map(|r| r.get()),
+                Some(want),
+                "{db:?}"
+            );
+        }
+    }
 }

@@ -155,7 +155,7 @@ max_output = "16MiB"
     );
     let after = c.run(&small, Duration::from_secs(90)).await;
     assert_eq!(after.state, JobState::Completed, "{after:?}");
-    assert_eq!(after.result, Some(serde_json::json!(6)));
+    assert_eq!(after.result_value(), Some(serde_json::json!(6)));
     let outbox = c.dir.path().join("agents").join("a1").join("outbox");
     // The agent reads, measures and sets aside a 200 MB report: give it time (debug builds).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -234,7 +234,7 @@ max_output = "32MiB"
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .collect();
         assert!(why.is_empty(), "{db:?}: set aside: {why:?}");
-        let value = result.result.clone().unwrap();
+        let value = result.result_value().unwrap();
         assert_eq!(
             value["n"], 15,
             "{db:?}: every shard folded once: {:?}",

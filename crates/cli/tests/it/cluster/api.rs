@@ -116,7 +116,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
 
     let r = c.wait(&job.id, Duration::from_secs(30)).await;
     assert_eq!(r.state, JobState::Completed);
-    assert_eq!(r.result, Some(json!(1)));
+    assert_eq!(r.result_value(), Some(json!(1)));
     let detail = c.client.shard(&job.id, 0).await.unwrap();
     assert_eq!(
         detail.attempts.len(),
@@ -529,7 +529,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
         "accepted"
     );
     let r = c.wait(&job.id, Duration::from_secs(30)).await;
-    assert_eq!(r.result, Some(json!([5])));
+    assert_eq!(r.result_value(), Some(json!([5])));
     // A restarted agent's first heartbeat refreshes what the coordinator knows of its machine.
     agent
         .heartbeat(&fleetbox_proto::api::HeartbeatRequest {

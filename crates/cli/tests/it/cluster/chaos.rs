@@ -78,7 +78,11 @@ shards = { count = 300 }
     }
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!((1..=300).sum::<u64>())), "{r:?}");
+    assert_eq!(
+        r.result_value(),
+        Some(json!((1..=300).sum::<u64>())),
+        "{r:?}"
+    );
     let s = r.summary.unwrap();
     assert_eq!(
         (s.shards_accepted, s.shards_failed, s.shards_dead),
@@ -171,7 +175,7 @@ print(sum(values))
     // The survivor takes over after the claim expires (6 s) and folds again (4 s).
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!((0..20).sum::<u64>())));
+    assert_eq!(r.result_value(), Some(json!((0..20).sum::<u64>())));
     let (tries, finisher): (i64, Option<String>) = {
         let row = sqlx::query("SELECT fold_tries, fold_owner FROM jobs WHERE id = $1")
             .bind(&job.id)
@@ -220,7 +224,7 @@ range = { start = 0, end = 24, count = 24 }
     c.start_server();
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!((0..24).sum::<u64>())));
+    assert_eq!(r.result_value(), Some(json!((0..24).sum::<u64>())));
     let s = r.summary.unwrap();
     assert_eq!(
         s.attempts, 24,

@@ -96,7 +96,7 @@ async fn hundred_shards_give_the_right_answer(db: Db) {
     assert_eq!(job.shards.total, 100);
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!(sum_squares(100_000))));
+    assert_eq!(r.result_value(), Some(json!(sum_squares(100_000))));
     let s = r.summary.unwrap();
     assert_eq!(
         (
@@ -168,7 +168,7 @@ range = { start = 0, end = 3000, count = 12 }
     c.add_agent(2);
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!(sum_squares(3000))));
+    assert_eq!(r.result_value(), Some(json!(sum_squares(3000))));
     let shards = c.client.shards(&job.id).await.unwrap().shards;
     let rerun = shards.iter().filter(|s| s.attempts >= 2).count();
     assert!(
@@ -226,7 +226,7 @@ range = { start = 0, end = 4000, count = 40 }
     c.start_server();
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!(sum_squares(4000))));
+    assert_eq!(r.result_value(), Some(json!(sum_squares(4000))));
     // Every report written while the coordinator was down arrived: outboxes drain to empty.
     for i in 0..2 {
         let dir = c.agent_state(i).join("outbox");
@@ -265,7 +265,7 @@ items = [1, 2, 3, 4, 5, 6, 7]
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!(1 + 2 + 4 + 5 + 7)));
+    assert_eq!(r.result_value(), Some(json!(1 + 2 + 4 + 5 + 7)));
     let s = r.summary.unwrap();
     assert_eq!((s.shards_accepted, s.shards_failed), (5, 2));
     assert!(s.partial);
@@ -319,7 +319,7 @@ print(json.dumps({"product": __import__("math").prod(values), "n": len(values)})
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!({"product": 120, "n": 5})));
+    assert_eq!(r.result_value(), Some(json!({"product": 120, "n": 5})));
 }
 
 async fn sandbox_errors_retry_then_die(db: Db) {
@@ -393,7 +393,7 @@ async fn cancel_stops_a_job(db: Db) {
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.result, Some(json!(4)));
+    assert_eq!(r.result_value(), Some(json!(4)));
 }
 
 async fn large_outputs_go_to_the_blob_store(db: Db) {
@@ -419,7 +419,10 @@ max_output = "1MiB"
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!((0..10_000).collect::<Vec<u32>>())));
+    assert_eq!(
+        r.result_value(),
+        Some(json!((0..10_000).collect::<Vec<u32>>()))
+    );
     let detail = c.client.shard(&job.id, 1).await.unwrap();
     let attempt = &detail.attempts[0];
     let blob = attempt
@@ -449,7 +452,9 @@ async fn agents_reenroll_when_the_coordinator_forgets_them(db: Db) {
         )
         .await;
     assert_eq!(
-        c.wait(&job.id, Duration::from_secs(60)).await.result,
+        c.wait(&job.id, Duration::from_secs(60))
+            .await
+            .result_value(),
         Some(json!(2))
     );
     let before = std::fs::read_to_string(c.agent_state(0).join("agent.json")).unwrap();
@@ -466,7 +471,9 @@ async fn agents_reenroll_when_the_coordinator_forgets_them(db: Db) {
         )
         .await;
     assert_eq!(
-        c.wait(&job.id, Duration::from_secs(60)).await.result,
+        c.wait(&job.id, Duration::from_secs(60))
+            .await
+            .result_value(),
         Some(json!(6))
     );
     let after = std::fs::read_to_string(c.agent_state(0).join("agent.json")).unwrap();
@@ -565,7 +572,7 @@ range = { start = 0, end = 6000, count = 60 }
         .await;
     let r = c.wait(&job.id, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
-    assert_eq!(r.result, Some(json!(sum_squares(6000))));
+    assert_eq!(r.result_value(), Some(json!(sum_squares(6000))));
     let s = r.summary.unwrap();
     assert_eq!(
         (s.shards_accepted, s.attempts),
@@ -583,7 +590,7 @@ range = { start = 0, end = 6000, count = 60 }
     // The second coordinator answers for the same job.
     let other = fleetbox_client::Client::new(&format!("http://127.0.0.1:{port2}"), harness::ADMIN);
     assert_eq!(
-        other.result(&job.id).await.unwrap().result,
+        other.result(&job.id).await.unwrap().result_value(),
         Some(json!(sum_squares(6000)))
     );
     let _ = second.0.kill();
