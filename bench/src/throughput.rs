@@ -121,10 +121,12 @@ async fn one(
                 let reports = lease
                     .tasks
                     .into_iter()
-                    .map(|t| ShardReport {
-                        lease_id: t.lease_id,
-                        task_id: t.task_id,
-                        report: ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
+                    .map(|t| {
+                        ShardReport::new(
+                            t.lease_id,
+                            t.task_id,
+                            ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
+                        )
                     })
                     .collect::<Vec<_>>();
                 done += reports.len();

@@ -6,6 +6,7 @@
 
 mod facts;
 mod files;
+mod offload;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -422,11 +423,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                 report.message = Some(why);
                 report.limits = AppliedLimits::new(task.limits.clone());
                 report.code_sha256 = task.code_sha256.clone();
-                let record = ShardReport {
-                    lease_id: lease_id.clone(),
-                    task_id,
-                    report,
-                };
+                let record = ShardReport::new(lease_id.clone(), task_id, report);
                 shared.running.lock().expect("running").remove(&lease_id);
                 drop(permit);
                 shared.slot_freed.notify_one();
@@ -455,16 +452,21 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         req.keep_workspace = true;
         let outbox = shared.outbox.clone();
         let run_cancel = cancel.clone();
+        let run_lease = lease_id.clone();
         let ran = tokio::task::spawn_blocking(move || {
             let mut report = sandbox.run(&req);
             // A run handed back at shutdown is not reported: its files are not kept either.
             let handed_back =
                 run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
-            let blobs = files::collect(&mut report, &outbox, !handed_back);
-            (report, blobs)
+            let mut blobs = files::collect(&mut report, &outbox, !handed_back);
+            let mut record = ShardReport::new(run_lease, task_id, report);
+            if !handed_back {
+                blobs.extend(offload::offload(&mut record, &outbox));
+            }
+            (record, blobs)
         })
         .await;
-        let (report, blobs) = match ran {
+        let (record, blobs) = match ran {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, lease = %lease_id, "sandbox thread failed; the lease will expire and the shard re-run");
@@ -473,18 +475,13 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                 return;
             }
         };
-        tracing::debug!(lease = %lease_id, status = report.status.as_str(), wall_ms = report.wall_ms, "shard ran");
+        tracing::debug!(lease = %lease_id, status = record.report.status.as_str(), wall_ms = record.report.wall_ms, "shard ran");
         if cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN) {
             // Handed back to the coordinator, which runs it elsewhere: nothing to report.
             shared.running.lock().expect("running").remove(&lease_id);
             shared.slot_freed.notify_one();
             return;
         }
-        let record = ShardReport {
-            lease_id: lease_id.clone(),
-            task_id,
-            report,
-        };
         // The slot is free as soon as the program ends: the next lease overlaps with the
         // outbox's fsync. A crash in between loses no data: the lease expires and re-runs.
         shared.writing.fetch_add(1, Ordering::SeqCst);
@@ -545,7 +542,7 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
     // Files first, so a report never names a file the coordinator does not have.
     let client = shared.client();
     for pending in &batch {
-        for sha in &pending.blobs {
+        for sha in &pending.uploads {
             match shared.outbox.blob(sha) {
                 Ok(data) => {
                     client.put_blob(sha, data).await?;
@@ -556,7 +553,7 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
             }
         }
     }
-    let had_blobs = batch.iter().any(|p| !p.blobs.is_empty());
+    let had_blobs = batch.iter().any(|p| !p.uploads.is_empty());
     let reports: Vec<ShardReport> = batch.into_iter().map(|p| p.report).collect();
     let (reports, oversized) = within_budget(reports, REPORT_BATCH_BYTES);
     for (lease, bytes) in oversized {
@@ -806,11 +803,7 @@ mod tests {
     fn report(lease: &str, stdout_bytes: usize) -> ShardReport {
         let mut report = ExecutionReport::unmeasured(Status::Ok, None);
         report.stdout = "x".repeat(stdout_bytes);
-        ShardReport {
-            lease_id: lease.into(),
-            task_id: 1,
-            report,
-        }
+        ShardReport::new(lease, 1, report)
     }
 
     #[test]

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use fleetbox_proto::api::ShardReport;
 use serde::{Deserialize, Serialize};
 
-/// A report waiting in the outbox, with the files (by sha256) to upload before it.
+/// A report waiting in the outbox, with what to upload (by sha256) before it: the files the
+/// shard wrote, and the parts of the report sent ahead (`ShardReport::blobs`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pending {
     #[serde(flatten)]
     pub report: ShardReport,
     #[serde(default)]
-    pub blobs: Vec<String>,
+    pub uploads: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,10 +74,14 @@ impl Outbox {
         self.put_with_blobs(report, Vec::new())
     }
 
-    pub fn put_with_blobs(&self, report: &ShardReport, blobs: Vec<String>) -> std::io::Result<()> {
+    pub fn put_with_blobs(
+        &self,
+        report: &ShardReport,
+        uploads: Vec<String>,
+    ) -> std::io::Result<()> {
         let record = Pending {
             report: report.clone(),
-            blobs,
+            uploads,
         };
         let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", &self.dir)?;
@@ -130,7 +135,7 @@ impl Outbox {
         let needed: std::collections::HashSet<String> = self
             .pending(usize::MAX)?
             .into_iter()
-            .flat_map(|p| p.blobs)
+            .flat_map(|p| p.uploads)
             .collect();
         for entry in fs_err::read_dir(&dir)? {
             let entry = entry?;
@@ -200,11 +205,11 @@ mod tests {
     use fleetbox_proto::{ExecutionReport, Status};
 
     fn report(lease: &str) -> ShardReport {
-        ShardReport {
-            lease_id: lease.into(),
-            task_id: 7,
-            report: ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
-        }
+        ShardReport::new(
+            lease,
+            7,
+            ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
+        )
     }
 
     #[test]
@@ -239,8 +244,23 @@ mod tests {
         outbox.collect_blobs().unwrap();
         assert_eq!(outbox.blob("aa").unwrap(), b"one");
         assert!(outbox.blob("bb").is_err());
-        assert_eq!(outbox.pending(10).unwrap()[0].blobs, vec!["aa".to_string()]);
+        assert_eq!(
+            outbox.pending(10).unwrap()[0].uploads,
+            vec!["aa".to_string()]
+        );
         assert_eq!(outbox.len(), 1);
+    }
+
+    #[test]
+    fn a_report_with_parts_sent_ahead_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let mut r = report("x.1");
+        r.blobs.stdout = Some("cc".into());
+        outbox.put_with_blobs(&r, vec!["cc".into()]).unwrap();
+        let back = outbox.pending(10).unwrap().remove(0);
+        assert_eq!(back.report, r);
+        assert_eq!(back.uploads, vec!["cc".to_string()]);
     }
 
     #[test]

@@ -7,6 +7,9 @@ use crate::{AgentState, ExecutionReport, JobState, Limits, Status, TaskState, Ve
 
 /// The largest request body the coordinator takes (a job spec, a report batch, a blob).
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// The largest blob an agent may upload (`PUT /v1/agent/blobs/{sha256}`): an output stream or
+/// `output.json` at the largest `limits.max_output`.
+pub const MAX_BLOB_BYTES: usize = 1 << 30;
 
 /// Every error the API returns: `{"error": {"code", "message", "trace_id"}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,6 +317,47 @@ pub struct ShardReport {
     pub lease_id: String,
     pub task_id: i64,
     pub report: ExecutionReport,
+    /// Parts of the report too large to travel inline, uploaded first as blobs; the
+    /// matching field of `report` is then empty (streams) or absent (output).
+    #[serde(default, skip_serializing_if = "ReportBlobs::is_empty")]
+    pub blobs: ReportBlobs,
+}
+
+impl ShardReport {
+    /// A report with every part inline.
+    pub fn new(lease_id: impl Into<String>, task_id: i64, report: ExecutionReport) -> Self {
+        ShardReport {
+            lease_id: lease_id.into(),
+            task_id,
+            report,
+            blobs: ReportBlobs::default(),
+        }
+    }
+}
+
+/// The sha256 of each part of a report uploaded ahead of it: the stream's bytes, or the
+/// output value's JSON text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportBlobs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+impl ReportBlobs {
+    pub fn is_empty(&self) -> bool {
+        self.stdout.is_none() && self.stderr.is_none() && self.output.is_none()
+    }
+
+    /// Every hash named, for uploading or checking.
+    pub fn hashes(&self) -> impl Iterator<Item = &str> {
+        [&self.stdout, &self.stderr, &self.output]
+            .into_iter()
+            .filter_map(|h| h.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

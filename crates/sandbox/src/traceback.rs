@@ -9,6 +9,10 @@
 use fleetbox_proto::{ExceptionInfo, Frame};
 
 const HEADER: &str = "Traceback (most recent call last):";
+/// The most of an exception message kept (the whole text stays in stderr), and the most
+/// frames (the outermost and innermost halves): a report stays small whatever a program raises.
+pub const MAX_MESSAGE: usize = 64 << 10;
+pub const MAX_FRAMES: usize = 200;
 
 /// The last uncaught exception in `stderr`, if any.
 pub fn parse(stderr: &str) -> Option<ExceptionInfo> {
@@ -63,10 +67,43 @@ pub fn parse(stderr: &str) -> Option<ExceptionInfo> {
         return None;
     }
     Some(ExceptionInfo {
-        kind,
-        message,
-        traceback: frames,
+        kind: clip(kind, 1024),
+        message: clip(message, MAX_MESSAGE),
+        traceback: keep_ends(frames, MAX_FRAMES),
     })
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), saying how much was cut.
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = s.len() - end;
+    s.truncate(end);
+    s.push_str(&format!("... [{cut} more bytes in stderr]"));
+    s
+}
+
+/// The first and last `max / 2` frames of a deeper traceback, each line at most 1 KiB.
+fn keep_ends(mut frames: Vec<Frame>, max: usize) -> Vec<Frame> {
+    if frames.len() > max {
+        let tail = frames.split_off(frames.len() - max / 2);
+        frames.truncate(max / 2);
+        frames.extend(tail);
+    }
+    frames
+        .into_iter()
+        .map(|f| Frame {
+            file: clip(f.file, 1024),
+            line: f.line,
+            function: clip(f.function, 1024),
+            source: f.source.map(|s| clip(s, 1024)),
+        })
+        .collect()
 }
 
 fn is_caret_line(line: &str) -> bool {
@@ -170,5 +207,21 @@ mod tests {
         assert_eq!(parse(err).unwrap().kind, "KeyboardInterrupt");
         assert!(parse("just some log line\nError: not python\n").is_none());
         assert!(parse("").is_none());
+    }
+
+    #[test]
+    fn huge_messages_and_deep_tracebacks_are_bounded() {
+        let mut stderr = String::from("Traceback (most recent call last):\n");
+        for i in 0..1000 {
+            stderr.push_str(&format!("  File \"/w/main.py\", line {i}, in f\n"));
+        }
+        stderr.push_str(&format!("ValueError: {}\n", "é".repeat(100_000)));
+        let e = parse(&stderr).unwrap();
+        assert_eq!(e.kind, "ValueError");
+        assert!(e.message.len() < MAX_MESSAGE + 64, "{}", e.message.len());
+        assert!(e.message.ends_with("more bytes in stderr]"));
+        assert_eq!(e.traceback.len(), MAX_FRAMES);
+        assert_eq!(e.traceback[0].line, 0);
+        assert_eq!(e.traceback[MAX_FRAMES - 1].line, 999);
     }
 }

@@ -41,14 +41,81 @@ impl Blobs {
         Ok(hash)
     }
 
+    /// A blob written in pieces (an upload streamed to disk), stored once finished.
+    pub fn writer(&self) -> std::io::Result<BlobWriter> {
+        let tmp = tempfile::NamedTempFile::new_in(&self.root)?;
+        Ok(BlobWriter {
+            blobs: self.clone(),
+            tmp,
+            hasher: sha2::Sha256::default(),
+            bytes: 0,
+        })
+    }
+
+    /// Whether a blob is stored (`hash` must be a sha256).
+    pub fn contains(&self, hash: &str) -> bool {
+        is_sha256(hash) && self.path(hash).is_file()
+    }
+
     pub fn get(&self, hash: &str) -> std::io::Result<Vec<u8>> {
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_sha256(hash) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("`{hash}` is not a sha256"),
             ));
         }
         fs_err::read(self.path(hash))
+    }
+}
+
+/// A lowercase hex sha256: the only names the store has.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// An upload on its way to the store: bytes go to a temporary file while they are hashed.
+pub struct BlobWriter {
+    blobs: Blobs,
+    tmp: tempfile::NamedTempFile,
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl BlobWriter {
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use sha2::Digest;
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        self.tmp.write_all(data)
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The hash of what was written. Stored (synced, renamed into place) only if it is
+    /// `expected`; otherwise the temporary file is dropped and the actual hash returned as
+    /// the error.
+    pub fn finish(self, expected: &str) -> std::io::Result<Result<String, String>> {
+        use sha2::Digest;
+        let hash = hex::encode(self.hasher.finalize());
+        if hash != expected {
+            return Ok(Err(hash));
+        }
+        let path = self.blobs.path(&hash);
+        if path.exists() {
+            return Ok(Ok(hash));
+        }
+        let dir = path.parent().expect("blob paths have a parent");
+        fs_err::create_dir_all(dir)?;
+        self.tmp.as_file().sync_all()?;
+        self.tmp.persist(&path).map_err(|e| e.error)?;
+        Ok(Ok(hash))
     }
 }
 
@@ -65,5 +132,28 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(blobs.get(&a).unwrap(), b"hello");
         assert!(blobs.get("../etc/passwd").is_err());
+        assert!(blobs.contains(&a));
+        assert!(!blobs.contains("../etc/passwd"));
+    }
+
+    #[test]
+    fn a_streamed_blob_is_stored_only_under_its_own_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open(dir.path()).unwrap();
+        let want = sha256_hex(b"hello world");
+        let mut w = blobs.writer().unwrap();
+        w.write(b"hello ").unwrap();
+        w.write(b"world").unwrap();
+        assert_eq!(w.len(), 11);
+        assert_eq!(w.finish(&want).unwrap(), Ok(want.clone()));
+        assert_eq!(blobs.get(&want).unwrap(), b"hello world");
+        let mut w = blobs.writer().unwrap();
+        w.write(b"other").unwrap();
+        let wrong = "0".repeat(64);
+        assert_eq!(w.finish(&wrong).unwrap(), Err(sha256_hex(b"other")));
+        assert!(!blobs.contains(&wrong));
+        // Nothing but the stored blob's directory is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1);
     }
 }

@@ -7,13 +7,14 @@ use axum::Json;
 use axum::extract::State as AxState;
 use fleetbox_proto::api::{
     AgentList, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, LeaseRequest,
-    LeaseResponse, LeasedTask, ReportAck, ReportBatch, ReportOutcome, ReturnRequest, ShardReport,
+    LeaseResponse, LeasedTask, MAX_BLOB_BYTES, ReportAck, ReportBatch, ReportOutcome,
+    ReturnRequest, ShardReport,
 };
 use fleetbox_proto::{ExecutionReport, Status};
 
 use super::{ApiError, Auth, Body};
 use crate::State;
-use crate::blobs::INLINE_LIMIT;
+use crate::blobs::{INLINE_LIMIT, is_sha256};
 use crate::ids::{agent_id, random_hex, sha256_hex, token};
 use crate::store::{ReportInput, TokenKind, now_ms};
 
@@ -219,10 +220,26 @@ pub async fn report(
         )
         .with_field("reports"));
     }
-    let mut inputs = Vec::with_capacity(batch.reports.len());
-    for r in batch.reports {
-        inputs.push(store_form(&state, r)?);
-    }
+    // Reading and hashing outputs (some from blobs) is blocking work.
+    let inputs = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            batch
+                .reports
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| store_form(&state, r).map_err(|e| e.within(&format!("reports[{i}]"))))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            )
+        })??
+    };
     let (outcomes, ready) = state
         .store
         .report(tenant, agent, &inputs, state.config.retry_backoff_ms)
@@ -251,8 +268,9 @@ pub async fn report(
     Ok(Json(ReportAck { results }))
 }
 
-/// `PUT /v1/agent/blobs/{sha256}`: a file a shard produced, uploaded before its report. The
-/// body must hash to the name; the blob store keeps it once.
+/// `PUT /v1/agent/blobs/{sha256}`: a file a shard produced, or a large part of a report,
+/// uploaded before the report. The body (at most [`MAX_BLOB_BYTES`]) is streamed to disk while
+/// it is hashed; it is stored, once, only if it hashes to the name.
 pub async fn put_blob(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -260,81 +278,139 @@ pub async fn put_blob(
     req: axum::extract::Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     auth.agent()?;
-    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !is_sha256(&sha) {
         return Err(ApiError::bad_request(
             "invalid_path",
             format!("`{sha}` is not a lowercase hex sha256"),
         )
         .with_field("sha256"));
     }
-    let body = super::raw_body(req, &()).await?;
-    let actual = crate::ids::sha256_hex(&body);
-    if actual != sha {
-        return Err(ApiError::bad_request(
+    let internal = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "blob store");
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not store the blob",
+        )
+    };
+    // Disk writes happen on a blocking thread fed through a small queue, so a slow disk
+    // slows the upload rather than a runtime worker.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(16);
+    let blobs = state.blobs.clone();
+    let want = sha.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut w = blobs.writer()?;
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write(&chunk)?;
+        }
+        let bytes = w.len();
+        w.finish(&want).map(|r| (r, bytes))
+    });
+    let mut body = req.into_body();
+    let mut received = 0usize;
+    let mut refused = None;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let chunk = match frame.map(|f| f.into_data()) {
+            Ok(Ok(c)) => c,
+            Ok(Err(_trailers)) => continue,
+            Err(e) => {
+                refused = Some(ApiError::bad_request("invalid_body", e.to_string()));
+                break;
+            }
+        };
+        received += chunk.len();
+        if received > MAX_BLOB_BYTES {
+            refused = Some(ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("blobs are limited to {} MiB", MAX_BLOB_BYTES >> 20),
+            ));
+            break;
+        }
+        if tx.send(chunk).await.is_err() {
+            break; // the writer failed: its error is below
+        }
+    }
+    drop(tx);
+    let written = writer.await.map_err(|e| internal(&e))?;
+    if let Some(refused) = refused {
+        // The temporary file goes with the writer; nothing is stored.
+        return Err(refused);
+    }
+    match written.map_err(|e| internal(&e))? {
+        (Ok(_), bytes) => Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes }))),
+        (Err(actual), _) => Err(ApiError::bad_request(
             "blob_hash_mismatch",
             format!("the body hashes to `{actual}`, not `{sha}`"),
-        ));
+        )),
     }
-    let bytes = body.len();
-    let blobs = state.blobs.clone();
-    tokio::task::spawn_blocking(move || blobs.put(&body))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| {
-            tracing::error!(error = %e, "blob store");
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "could not store the blob",
-            )
-        })?;
-    Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes })))
 }
 
-/// Turn an agent's report into what the store keeps: large streams and outputs in blobs.
+/// Turn an agent's report into what the store keeps: large streams and outputs in blobs,
+/// whether the agent sent them inline or uploaded them ahead ([`ShardReport::blobs`]).
 fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     let ShardReport {
         lease_id,
         task_id,
         mut report,
+        blobs: ahead,
     } = r;
-    let blob = |data: &[u8]| {
-        state.blobs.put(data).map_err(|e| {
-            tracing::error!(error = %e, "blob store");
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "could not store a report blob",
+    let internal = |e: std::io::Error| {
+        tracing::error!(error = %e, "blob store");
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not store a report blob",
+        )
+    };
+    // A part uploaded ahead must be stored already, and not also be inline.
+    let uploaded = |hash: &str, inline_empty: bool, field: &str| {
+        if !inline_empty {
+            return Err(ApiError::bad_request(
+                "invalid_report",
+                "a part is either inline or uploaded ahead, not both",
             )
-        })
+            .with_field(field));
+        }
+        if !state.blobs.contains(hash) {
+            return Err(ApiError::bad_request(
+                "missing_blob",
+                format!("blob `{hash}` was not uploaded before the report"),
+            )
+            .with_field(field));
+        }
+        Ok(hash.to_string())
     };
-    let stdout_blob = if report.stdout.len() > STREAM_INLINE {
-        let h = blob(report.stdout.as_bytes())?;
-        report.stdout.clear();
-        Some(h)
-    } else {
-        None
+    let stream = |text: &mut String, ahead: Option<String>, field: &str| match ahead {
+        Some(h) => uploaded(&h, text.is_empty(), field).map(Some),
+        None if text.len() > STREAM_INLINE => {
+            let h = state.blobs.put(text.as_bytes()).map_err(internal)?;
+            text.clear();
+            Ok(Some(h))
+        }
+        None => Ok(None),
     };
-    let stderr_blob = if report.stderr.len() > STREAM_INLINE {
-        let h = blob(report.stderr.as_bytes())?;
-        report.stderr.clear();
-        Some(h)
-    } else {
-        None
+    let stdout_blob = stream(&mut report.stdout, ahead.stdout, "blobs.stdout")?;
+    let stderr_blob = stream(&mut report.stderr, ahead.stderr, "blobs.stderr")?;
+    let output = match ahead.output {
+        Some(h) => {
+            let h = uploaded(&h, report.output.is_none(), "blobs.output")?;
+            let bytes = state.blobs.get(&h).map_err(internal)?;
+            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::bad_request("invalid_report", format!("output blob is not JSON: {e}"))
+                    .with_field("blobs.output")
+            })?;
+            Some((value, Some((h, bytes))))
+        }
+        None => report.output.take().map(|v| (v, None)),
     };
     // The coordinator hashes the value over its RFC 8785 canonical JSON: the agent's own
     // `output_sha256` stays in its report as a claim, never as the hash verification
     // compares. The value itself is kept as serde_json writes it, not as the canonical text:
     // RFC 8785 writes numbers as doubles, which would round integers past 2^53.
-    let (output, output_blob, output_sha256) = match report.output.take() {
+    let (output, output_blob, output_sha256) = match output {
         None => (None, None, None),
-        Some(v) => {
+        Some((v, uploaded)) => {
             let canonical = serde_json_canonicalizer::to_string(&v).map_err(|e| {
                 ApiError::bad_request(
                     "invalid_report",
@@ -344,10 +420,14 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
             })?;
             let hash = sha256_hex(canonical.as_bytes());
             let text = v.to_string();
-            if text.len() > INLINE_LIMIT {
-                (None, Some(blob(text.as_bytes())?), Some(hash))
-            } else {
+            if text.len() <= INLINE_LIMIT {
                 (Some(text), None, Some(hash))
+            } else if let Some((h, _)) = uploaded.filter(|(_, b)| b == text.as_bytes()) {
+                // The agent's upload is the text the coordinator would store: kept as is.
+                (None, Some(h), Some(hash))
+            } else {
+                let h = state.blobs.put(text.as_bytes()).map_err(internal)?;
+                (None, Some(h), Some(hash))
             }
         }
     };

@@ -50,6 +50,15 @@ impl ApiError {
         self.field = Some(field.into());
         self
     }
+
+    /// The same error about a part of `parent` (`reports[3]` + `blobs.output`).
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = Some(match self.field.take() {
+            Some(f) => format!("{parent}.{f}"),
+            None => parent.to_string(),
+        });
+        self
+    }
 }
 
 impl From<SpecError> for ApiError {

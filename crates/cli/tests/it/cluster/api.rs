@@ -7,6 +7,7 @@ use fleetbox_client::Client;
 use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport};
 use fleetbox_proto::{ExecutionReport, Status};
 use serde_json::{Value, json};
+use sha2::Digest;
 
 use super::harness::{ADMIN, Cluster, Db, ENROLL};
 
@@ -25,11 +26,11 @@ async fn fake_agent(c: &Cluster, name: &str) -> Client {
 
 fn ok_report(lease_id: &str, task_id: i64, value: Value) -> ReportBatch {
     ReportBatch {
-        reports: vec![ShardReport {
-            lease_id: lease_id.into(),
+        reports: vec![ShardReport::new(
+            lease_id,
             task_id,
-            report: ExecutionReport::unmeasured(Status::Ok, Some(value)),
-        }],
+            ExecutionReport::unmeasured(Status::Ok, Some(value)),
+        )],
     }
 }
 
@@ -593,4 +594,89 @@ pub async fn priorities_order_the_queue(db: Db) {
         assert_eq!(shards, vec![0, 1, 2]);
     }
     assert_eq!(order, vec![high.id, normal.id, low.id]);
+}
+
+/// Parts of a report named as sent ahead (`blobs`) must be stored and must not also be inline;
+/// an upload must hash to its name. Each refusal is a typed 400 naming the field, and the shard
+/// still settles from a correct report.
+pub async fn reports_naming_blobs_are_checked(db: Db) {
+    let Some(c) = Cluster::start(db).await else {
+        return;
+    };
+    let job = c
+        .submit("name = \"one\"\ncode = \"print(1)\"\nshards = { count = 1 }\n")
+        .await;
+    let a = fake_agent(&c, "a").await;
+    let lease = a
+        .lease(&LeaseRequest {
+            max_tasks: 1,
+            wait_ms: 2000,
+        })
+        .await
+        .unwrap();
+    let t = &lease.tasks[0];
+    let stdout = b"x".repeat(300_000);
+    let sha = hex::encode(sha2::Sha256::digest(&stdout));
+    let mut report = ExecutionReport::unmeasured(Status::Ok, Some(json!(1)));
+    report.stdout_bytes = stdout.len() as u64;
+    let mut record = ShardReport::new(&t.lease_id, t.task_id, report);
+    record.blobs.stdout = Some(sha.clone());
+    let batch = ReportBatch {
+        reports: vec![record.clone()],
+    };
+    // Not uploaded yet.
+    match a.report(&batch).await {
+        Err(fleetbox_client::ClientError::Api {
+            status,
+            code,
+            field,
+            ..
+        }) => {
+            assert_eq!((status, code.as_str()), (400, "missing_blob"));
+            assert_eq!(field.as_deref(), Some("reports[0].blobs.stdout"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // An upload under another hash is refused and stores nothing.
+    let wrong = a
+        .put_blob(&"0".repeat(64), stdout.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Some("blob_hash_mismatch"));
+    a.put_blob(&sha, stdout.clone()).await.unwrap();
+    // Both inline and ahead.
+    let mut both = record.clone();
+    both.report.stdout = "inline".into();
+    let err = a
+        .report(&ReportBatch {
+            reports: vec![both],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_report"));
+    // An output blob that is not JSON.
+    let not_json = b"{not json".to_vec();
+    let not_json_sha = hex::encode(sha2::Sha256::digest(&not_json));
+    a.put_blob(&not_json_sha, not_json).await.unwrap();
+    let mut bad_output = record.clone();
+    bad_output.report.output = None;
+    bad_output.blobs.output = Some(not_json_sha);
+    let err = a
+        .report(&ReportBatch {
+            reports: vec![bad_output],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_report"));
+    // Nothing was stored by the refusals: the right report settles the shard.
+    assert_eq!(outcome(&a, &batch).await, "accepted");
+    let result = c.wait(&job.id, Duration::from_secs(30)).await;
+    assert_eq!(result.state, JobState::Completed);
+    let detail = c.client.shard(&job.id, 0).await.unwrap();
+    assert_eq!(detail.attempts.len(), 1);
+    assert_eq!(
+        detail.attempts[0].stdout_blob.as_deref(),
+        Some(sha.as_str())
+    );
+    assert_eq!(c.client.get_blob(&sha).await.unwrap(), stdout);
 }

@@ -39,8 +39,8 @@ pub async fn frozen_agents_race_late_reports_across_two_coordinators(db: Db) {
     let Some(mut c) = Cluster::start(db).await else {
         return;
     };
-    let port2 = harness::free_port();
-    let second = super::KillOnDrop(c.spawn_server(port2, "server2.log"));
+    let (second, port2) = c.spawn_server(0, "server2.log");
+    let second = super::KillOnDrop(second);
     c.add_agent(2);
     c.add_agent(2);
     c.add_agent_to(&format!("http://127.0.0.1:{port2}"), 2);
@@ -122,8 +122,8 @@ pub async fn a_coordinator_killed_mid_fold_is_replaced(db: Db) {
     let Some(mut c) = Cluster::start(db).await else {
         return;
     };
-    let port2 = harness::free_port();
-    let mut second = Some(super::KillOnDrop(c.spawn_server(port2, "server2.log")));
+    let (second, port2) = c.spawn_server(0, "server2.log");
+    let mut second = Some(super::KillOnDrop(second));
     c.add_agent(2);
     c.add_agent_to(&format!("http://127.0.0.1:{port2}"), 2);
     let job = c

@@ -14,54 +14,14 @@ use crate::support::bin;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const ENROLL: &str = "test-enroll-token";
-/// Set by `scripts/test` after it starts PostgreSQL.
-pub const PG_URL_VAR: &str = "FLEETBOX_TEST_DATABASE_URL";
+pub use fleetbox_testkit::{Db, postgres_database};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Db {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh PostgreSQL database for one test. `None` only when `FLEETBOX_TEST_SKIP_POSTGRES=1`
-/// says so explicitly; a missing database otherwise fails the test.
-pub async fn postgres_database() -> Option<String> {
-    if std::env::var("FLEETBOX_TEST_SKIP_POSTGRES").as_deref() == Ok("1") {
-        eprintln!("SKIPPED (PostgreSQL): FLEETBOX_TEST_SKIP_POSTGRES=1");
-        return None;
-    }
-    let base = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
-        panic!(
-            "{PG_URL_VAR} is not set: run ./scripts/test, which starts PostgreSQL, \
-             or set FLEETBOX_TEST_SKIP_POSTGRES=1 to skip the PostgreSQL tests"
-        )
-    });
-    use sqlx::Connection;
-    let name = format!("fbt_{}", random_suffix());
-    let mut conn = sqlx::PgConnection::connect(&base)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {PG_URL_VAR}={base:?}: {e}"));
-    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create database");
-    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
-    Some(format!("{prefix}/{name}"))
-}
-
-fn random_suffix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{}_{nanos}", std::process::id())
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The port in a `... listening on http://127.0.0.1:PORT` line.
+pub fn port_of(line: &str) -> u16 {
+    line.rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
 }
 
 pub struct Cluster {
@@ -86,17 +46,18 @@ impl Cluster {
             Db::Sqlite => None,
             Db::Postgres => Some(postgres_database().await?),
         };
-        let port = free_port();
         let mut cluster = Cluster {
             dir: tempfile::tempdir().unwrap(),
-            port,
+            port: 0,
             database_url,
             server: None,
             agents: Vec::new(),
-            client: Client::new(&format!("http://127.0.0.1:{port}"), ADMIN),
+            client: Client::new("http://127.0.0.1:0", ADMIN),
             server_flags: flags.iter().map(|s| s.to_string()).collect(),
         };
+        // The kernel picks the first port; restarts come back on it.
         cluster.start_server();
+        cluster.client = Client::new(&cluster.url(), ADMIN);
         Some(cluster)
     }
 
@@ -110,12 +71,14 @@ impl Cluster {
 
     /// Start (or restart) the coordinator process and wait until it listens.
     pub fn start_server(&mut self) {
-        let child = self.spawn_server(self.port, "server.log");
+        let (child, port) = self.spawn_server(self.port, "server.log");
+        self.port = port;
         self.server = Some(child);
     }
 
-    /// Another coordinator on the same database (and, for SQLite, the same data directory).
-    pub fn spawn_server(&self, port: u16, log: &str) -> Child {
+    /// Another coordinator on the same database (and, for SQLite, the same data directory),
+    /// on `port` (0: one the kernel picks); returns it with the port it listens on.
+    pub fn spawn_server(&self, port: u16, log: &str) -> (Child, u16) {
         let mut cmd = Command::new(bin());
         cmd.args(["server", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--data")
@@ -148,7 +111,7 @@ impl Cluster {
         assert!(line.contains("listening on"), "unexpected: {line}");
         // Keep draining stdout so the server never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        child
+        (child, port_of(&line))
     }
 
     /// An agent process talking to the coordinator at `url`.

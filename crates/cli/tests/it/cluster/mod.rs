@@ -13,7 +13,7 @@ use serde_json::json;
 
 use api::{
     duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors,
-    priorities_order_the_queue,
+    priorities_order_the_queue, reports_naming_blobs_are_checked,
 };
 use chaos::{
     a_coordinator_killed_mid_fold_is_replaced, an_eight_second_outage_reruns_nothing,
@@ -62,6 +62,7 @@ on_both_stores!(
     two_coordinators_share_one_database,
     frozen_agents_race_late_reports_across_two_coordinators,
     an_eight_second_outage_reruns_nothing,
+    reports_naming_blobs_are_checked,
 );
 
 /// Needs a database that several coordinators share over the network.
@@ -550,8 +551,8 @@ async fn two_coordinators_share_one_database(db: Db) {
     let Some(mut c) = Cluster::start(db).await else {
         return;
     };
-    let port2 = harness::free_port();
-    let mut second = KillOnDrop(c.spawn_server(port2, "server2.log"));
+    let (second, port2) = c.spawn_server(0, "server2.log");
+    let mut second = KillOnDrop(second);
     c.add_agent(2);
     c.add_agent_to(&format!("http://127.0.0.1:{port2}"), 2);
     let job = c

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::harness::{Cluster, Db, agent_command, free_port};
+use super::harness::{Cluster, Db, agent_command, port_of};
 use crate::support::bin;
 
 fn examples() -> std::path::PathBuf {
@@ -26,13 +26,11 @@ impl Drop for KillOnDrop {
 #[test]
 fn up_runs_the_examples_with_their_expected_results() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
     let mut up = Command::new(bin())
         .args([
             "up",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             // The default on Linux, with agents keeping warm jails (one per slot).
             "--backend",
             "jail",
@@ -47,13 +45,19 @@ fn up_runs_the_examples_with_their_expected_results() {
     let up = KillOnDrop(up);
     let mut lines = BufReader::new(stdout).lines();
     let mut token = None;
+    let mut url = None;
     for line in lines.by_ref().take(4) {
         let line = line.unwrap();
         if let Some(t) = line.strip_prefix("fleetbox: admin token: ") {
             token = Some(t.to_string());
         }
+        if let Some(rest) = line.strip_prefix("fleetbox: coordinator on ") {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            url = Some(format!("http://127.0.0.1:{}", port_of(addr)));
+        }
     }
     let token = token.expect("`fleetbox up` prints the admin token");
+    let url = url.expect("`fleetbox up` prints where it listens");
     // The token is also where the client commands look for it by default.
     let saved = std::fs::read_to_string(dir.path().join("fleetbox-data/admin.token")).unwrap();
     assert_eq!(saved.trim(), token);

@@ -1,0 +1,87 @@
+//! Bad text at the edge and the coordinator's own hashes, through a real coordinator.
+
+use fleetbox_proto::{JobState, TaskState};
+use std::time::Duration;
+
+use fleetbox_agent::LocalCaps;
+
+use crate::support::{BOTH, Coordinator, spec};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_names_and_code_is_a_typed_error_and_a_nul_exception_is_kept() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        for body in [
+            serde_json::json!({"name": "a\u{0}b", "code": "pass", "shards": {"count": 1}}),
+            serde_json::json!({"name": "ok", "code": "pass\u{0}", "shards": {"count": 1}}),
+        ] {
+            let resp = reqwest::Client::new()
+                .post(format!("{}/v1/jobs", c.running.url()))
+                .bearer_auth(&c.running.admin_token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 422, "{db:?}: {body}");
+            let err: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(err["error"]["code"], "invalid_spec", "{db:?}: {err}");
+            assert!(err["error"]["trace_id"].is_string());
+        }
+        c.agent("a1", LocalCaps::default());
+        let job = spec(
+            r#"
+name = "nul exception"
+code = "raise ValueError('bad' + chr(0) + 'byte')"
+shards = { count = 1 }
+"#,
+        );
+        let result = c.run(&job, Duration::from_secs(30)).await;
+        assert_eq!(result.state, JobState::Failed, "{db:?}: {result:?}");
+        let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
+        let shard = c.client.shard(&id, 0).await.unwrap();
+        assert_eq!(
+            shard.shard.state,
+            TaskState::Rejected,
+            "{db:?}: not dead, not retried"
+        );
+        assert_eq!(shard.attempts.len(), 1, "{db:?}");
+        let message = &shard.attempts[0].report["exception"]["message"];
+        assert_eq!(
+            message, "bad\u{0}byte",
+            "{db:?}: the report keeps the exact text"
+        );
+        c.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_hashes_are_the_coordinators_over_canonical_json() {
+    let Some(mut c) = Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a1", LocalCaps::default());
+    // The same value written with keys in two orders and two number spellings.
+    let job = spec(
+        r#"
+name = "canonical"
+code = '''
+import os
+i = int(os.environ["FLEETBOX_SHARD_INDEX"])
+print('{"b": 1, "a": [1.0, 2]}' if i == 0 else '{"a":[1,2.0],"b":1.0}')
+'''
+shards = { count = 2 }
+"#,
+    );
+    let result = c.run(&job, Duration::from_secs(30)).await;
+    assert_eq!(result.state, JobState::Completed, "{result:?}");
+    let id = c.client.jobs(None, 1).await.unwrap().jobs.remove(0).id;
+    let a = c.client.shard(&id, 0).await.unwrap().attempts.remove(0);
+    let b = c.client.shard(&id, 1).await.unwrap().attempts.remove(0);
+    use sha2::Digest;
+    let want = hex::encode(sha2::Sha256::digest(br#"{"a":[1,2],"b":1}"#));
+    assert_eq!(a.output_sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(b.output_sha256.as_deref(), Some(want.as_str()));
+    c.stop().await;
+}

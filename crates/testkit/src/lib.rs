@@ -1,0 +1,208 @@
+//! What the crates' integration tests share: a fresh database of either kind for one test,
+//! and an in-process coordinator on `127.0.0.1:0` (the port the kernel gave it, never a port
+//! picked, released and bound again) with in-process agents.
+//!
+//! PostgreSQL tests never pass by skipping: without `FLEETBOX_TEST_DATABASE_URL` they fail,
+//! unless `FLEETBOX_TEST_SKIP_POSTGRES=1` says to skip them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fleetbox_proto::JobSpec;
+use fleetbox_proto::api::JobResult;
+
+/// Set by `scripts/test` after it starts PostgreSQL.
+pub const PG_URL_VAR: &str = "FLEETBOX_TEST_DATABASE_URL";
+/// Skip the PostgreSQL half of the suite explicitly (never implicitly).
+pub const SKIP_PG_VAR: &str = "FLEETBOX_TEST_SKIP_POSTGRES";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+pub const BOTH: [Db; 2] = [Db::Sqlite, Db::Postgres];
+
+/// Logs of the coordinator and agents on stderr when `FLEETBOX_TEST_LOG` holds a filter
+/// (`FLEETBOX_TEST_LOG=debug cargo nextest run ...`); silent otherwise.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("FLEETBOX_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// A database URL for one test: a file under `dir`, or a new PostgreSQL database. `None`
+/// only when `FLEETBOX_TEST_SKIP_POSTGRES=1` says so; a missing database otherwise fails.
+pub async fn database(db: Db, dir: &Path) -> Option<String> {
+    match db {
+        Db::Sqlite => Some(fleetbox_server::store::Store::sqlite_url(dir)),
+        Db::Postgres => postgres_database().await,
+    }
+}
+
+/// A new, empty PostgreSQL database on the test server (see [`database`]).
+pub async fn postgres_database() -> Option<String> {
+    if std::env::var(SKIP_PG_VAR).as_deref() == Ok("1") {
+        eprintln!("SKIPPED (PostgreSQL): {SKIP_PG_VAR}=1");
+        return None;
+    }
+    let base = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
+        panic!(
+            "{PG_URL_VAR} is not set: run ./scripts/test, which starts PostgreSQL, \
+             or set {SKIP_PG_VAR}=1 to skip the PostgreSQL tests"
+        )
+    });
+    use sqlx::Connection;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let name = format!("fbt_{}_{nanos}_{n}", std::process::id());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {PG_URL_VAR}={base:?}: {e}"));
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create database");
+    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
+    Some(format!("{prefix}/{name}"))
+}
+
+/// An in-process coordinator on `127.0.0.1:0` with short leases, and in-process agents.
+pub struct Coordinator {
+    pub dir: tempfile::TempDir,
+    config: fleetbox_server::ServerConfig,
+    pub running: fleetbox_server::Running,
+    pub client: fleetbox_client::Client,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+    stop_agents: tokio::sync::watch::Sender<bool>,
+}
+
+impl Coordinator {
+    pub async fn start(db: Db) -> Option<Coordinator> {
+        init_logging();
+        let dir = tempfile::tempdir().unwrap();
+        let url = database(db, dir.path()).await?;
+        let mut config =
+            fleetbox_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().into());
+        if db == Db::Postgres {
+            config.database_url = Some(url);
+        }
+        config.lease_ms = 6000;
+        config.heartbeat_ms = 500;
+        config.agent_timeout_ms = 4000;
+        config.retry_backoff_ms = 100;
+        config.sandbox.work_root = dir.path().join("work");
+        // The reducer tests leave marker files outside their workspace.
+        config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+        let running = fleetbox_server::start(config.clone())
+            .await
+            .expect("coordinator starts");
+        // Restarts come back on the same address, so agents find it again.
+        config.listen = running.addr;
+        let client = fleetbox_client::Client::new(&running.url(), &running.admin_token);
+        let (stop_agents, _) = tokio::sync::watch::channel(false);
+        Some(Coordinator {
+            dir,
+            config,
+            running,
+            client,
+            agents: Vec::new(),
+            stop_agents,
+        })
+    }
+
+    /// Start an in-process agent on the `process` backend with these caps.
+    pub fn agent(&mut self, name: &str, caps: fleetbox_agent::LocalCaps) {
+        let sandbox = fleetbox_sandbox::SandboxConfig {
+            work_root: self.dir.path().join("work"),
+            ..Default::default()
+        };
+        let config = fleetbox_agent::AgentConfig {
+            server: self.running.url(),
+            token: self.running.enroll_token.clone(),
+            name: name.into(),
+            labels: Vec::new(),
+            slots: 2,
+            backend: fleetbox_sandbox::Backend::Process,
+            sandbox,
+            state_dir: self.dir.path().join("agents").join(name),
+            caps,
+            drain_timeout: Duration::from_secs(5),
+            prefetch: 1,
+        };
+        let mut stop = self.stop_agents.subscribe();
+        self.agents.push(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = fleetbox_agent::run(config, shutdown).await {
+                panic!("agent failed: {e}");
+            }
+        }));
+    }
+
+    /// Submit and wait (up to `within`) for a final state.
+    pub async fn run(&self, spec: &JobSpec, within: Duration) -> JobResult {
+        let job = self.client.submit(spec).await.expect("submit");
+        self.wait(&job.id, within).await
+    }
+
+    /// Wait (up to `within`) for job `id` to reach a final state.
+    pub async fn wait(&self, id: &str, within: Duration) -> JobResult {
+        let deadline = Instant::now() + within;
+        loop {
+            let result = self.client.result(id).await.expect("result");
+            if result.state.is_final() {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} still `{}` after {within:?}",
+                result.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop the coordinator (agents keep running), wait `down`, start it again on the same
+    /// address, database and data directory.
+    pub async fn restart(&mut self, down: Duration) {
+        let _ = self.running.shutdown_handle().send(true);
+        tokio::time::sleep(down).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next = loop {
+            match fleetbox_server::start(self.config.clone()).await {
+                Ok(next) => break next,
+                // The old server may still be letting go of the address.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("coordinator restarts: {e}"),
+            }
+        };
+        std::mem::replace(&mut self.running, next).shutdown().await;
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop_agents.send(true);
+        for a in self.agents {
+            let _ = a.await;
+        }
+        self.running.shutdown().await;
+    }
+}
+
+pub fn spec(toml: &str) -> JobSpec {
+    JobSpec::from_toml(toml).expect("valid spec")
+}
