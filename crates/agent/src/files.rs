@@ -53,9 +53,7 @@ pub fn collect(report: &mut ExecutionReport, outbox: &Outbox, keep: bool) -> Vec
             ));
         }
     }
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(error = %e, dir = %dir.display(), "could not remove a run directory");
-    }
+    fleetbox_sandbox::workspace::discard(&dir);
     kept.sort();
     kept.dedup();
     kept

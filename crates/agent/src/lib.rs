@@ -29,6 +29,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 pub use facts::machine_facts;
 pub use outbox::Outbox;
 
+/// How often leftovers of earlier runs are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long one lease call waits on the coordinator for work.
 const LEASE_WAIT_MS: u64 = 10_000;
 /// Reports per delivery, at most.
@@ -243,6 +245,7 @@ pub async fn run(
     }
     let sender = tokio::spawn(deliver_loop(shared.clone(), stop_rx.clone()));
     let beat = tokio::spawn(heartbeat_loop(shared.clone(), heartbeat, stop_rx.clone()));
+    let janitor = tokio::spawn(sweep_loop(shared.config.sandbox.clone(), stop_rx.clone()));
     tokio::select! {
         _ = lease_loop(shared.clone(), sandbox) => {}
         _ = &mut shutdown => {}
@@ -251,6 +254,7 @@ pub async fn run(
     drain(&shared).await;
     let _ = stop_tx.send(true);
     let _ = beat.await;
+    let _ = janitor.await;
     let _ = sender.await;
     // One last delivery attempt; whatever is left stays on disk for the next start.
     let _ = deliver_once(&shared).await;
@@ -259,6 +263,19 @@ pub async fn run(
         tracing::warn!(left, "reports kept in the outbox for the next start");
     }
     Ok(())
+}
+
+/// Every minute, retry what an earlier cleanup could not remove (run directories moved to
+/// the trash, leftovers of killed runs, their cgroups), off the runtime's threads.
+async fn sweep_loop(sandbox: fleetbox_sandbox::SandboxConfig, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        let config = sandbox.clone();
+        let _ = tokio::task::spawn_blocking(move || fleetbox_sandbox::sweep_stale(&config)).await;
+    }
 }
 
 /// Tell the coordinator this agent (re)started, keeping the leases whose reports are in the

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod jail;
 mod process;
 pub mod python;
+pub mod remove;
 mod report;
 mod supervise;
 mod sys;

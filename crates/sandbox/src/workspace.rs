@@ -22,6 +22,8 @@ pub const INPUT_FILE: &str = "input.json";
 pub const OUTPUT_FILE: &str = "output.json";
 
 const RUN_DIR_PREFIX: &str = "fleetbox-run-";
+/// A run directory whose removal failed, waiting for the next sweep.
+const TRASH_PREFIX: &str = "fleetbox-trash-";
 
 /// The pid in `<prefix><pid>-<rest>`, the names of run directories and run cgroups.
 pub(crate) fn stale_owner(name: &str, prefix: &str) -> Option<i32> {
@@ -34,8 +36,9 @@ pub(crate) fn stale_owner(name: &str, prefix: &str) -> Option<i32> {
 }
 
 /// Remove the run directories under `root` whose owning process is gone (killed before it
-/// could clean up) and that are older than `min_age`. Kept directories (`--keep-workspace`)
-/// are never touched: they are renamed out of the pattern when kept.
+/// could clean up) and that are older than `min_age`, and every directory an earlier removal
+/// could not finish (`fleetbox-trash-…`). Kept directories (`--keep-workspace`) are never
+/// touched: they are renamed out of the pattern when kept.
 pub fn sweep_stale(root: &Path, min_age: std::time::Duration) -> usize {
     let Ok(entries) = std::fs::read_dir(root) else {
         return 0;
@@ -43,24 +46,50 @@ pub fn sweep_stale(root: &Path, min_age: std::time::Duration) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = stale_owner(&name.to_string_lossy(), RUN_DIR_PREFIX) else {
-            continue;
-        };
+        let name = name.to_string_lossy();
         let Ok(meta) = entry.path().symlink_metadata() else {
             continue;
         };
-        let old = meta
-            .modified()
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
-        if meta.is_dir() && old && !crate::sys::alive(pid) {
-            let path = entry.path();
-            make_writable(&path);
-            if std::fs::remove_dir_all(&path).is_ok() {
-                removed += 1;
+        if !meta.is_dir() {
+            continue;
+        }
+        let stale = if name.starts_with(TRASH_PREFIX) {
+            true
+        } else if let Some(pid) = stale_owner(&name, RUN_DIR_PREFIX) {
+            let old = meta
+                .modified()
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= min_age));
+            old && !crate::sys::alive(pid)
+        } else {
+            false
+        };
+        if stale {
+            match crate::remove::remove_tree(&entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a leftover run directory; tried again at the next sweep")
+                }
             }
         }
     }
     removed
+}
+
+/// Remove a run directory whatever a program left in it (any depth, unreadable directories,
+/// symlinks: see [`crate::remove`]). One that cannot be removed now is renamed
+/// `fleetbox-trash-…` so that [`sweep_stale`] tries again; returns whether it is gone.
+pub fn discard(path: &Path) -> bool {
+    match crate::remove::remove_tree(path) {
+        Ok(()) => true,
+        Err(e) => {
+            let trash = path
+                .file_name()
+                .map(|n| path.with_file_name(format!("{TRASH_PREFIX}{}", n.to_string_lossy())));
+            let moved = trash.is_some_and(|t| std::fs::rename(path, t).is_ok());
+            tracing::warn!(path = %path.display(), error = %e, moved_to_trash = moved, "could not remove a run directory");
+            false
+        }
+    }
 }
 
 /// A run directory, removed on drop unless kept.
@@ -157,22 +186,9 @@ impl RunDir {
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        if let Some(dir) = self.dir.take()
-            && let Err(e) = dir.close()
-        {
-            // A program can leave read-only directories behind; make them writable and retry.
-            make_writable(&self.path);
-            if std::fs::remove_dir_all(&self.path).is_err() {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not remove run directory");
-            }
-        }
-    }
-}
-
-fn make_writable(root: &Path) {
-    for entry in walk(root) {
-        if entry.1.is_dir() {
-            let _ = std::fs::set_permissions(&entry.0, std::fs::Permissions::from_mode(0o700));
+        // Never `TempDir`'s own removal: it recurses, and a deep tree overflows the stack.
+        if let Some(dir) = self.dir.take() {
+            discard(&dir.keep());
         }
     }
 }

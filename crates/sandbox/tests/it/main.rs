@@ -2,6 +2,7 @@
 //! files in `tests/fixtures/` at the workspace root.
 
 mod cancel;
+mod cleanup;
 mod jail;
 mod process;
 mod support;

@@ -1,0 +1,115 @@
+//! The host cleans up whatever a run left in its workspace: a directory chain tens of thousands
+//! deep is removed with the supervisor on a 2 MiB stack (as agents run it), in every backend and
+//! start mode, and nothing is left under the work root.
+
+use std::time::Duration;
+
+use fleetbox_proto::{ExecutionReport, Limits, Millis, Status};
+use fleetbox_sandbox::jail::JailSandbox;
+use fleetbox_sandbox::{Backend, RunRequest, Sandbox, SandboxConfig};
+
+use crate::support::{bin, fixture, limits, show};
+
+fn config(work_root: &std::path::Path, warm: usize) -> SandboxConfig {
+    SandboxConfig {
+        jail_helper: Some(bin()),
+        work_root: work_root.to_path_buf(),
+        warm,
+        ..SandboxConfig::default()
+    }
+}
+
+fn deep_tree_request() -> RunRequest {
+    let l = Limits {
+        timeout: Millis(60_000),
+        cpu_time: Millis(60_000),
+        ..limits()
+    };
+    RunRequest::new(fixture("escape/deep_tree.py"), None, l)
+}
+
+/// Run on a thread with a 2 MiB stack, the size of tokio's blocking threads.
+fn on_small_stack(sandbox: std::sync::Arc<dyn Sandbox>, req: RunRequest) -> ExecutionReport {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || sandbox.run(&req))
+        .unwrap()
+        .join()
+        .expect("the supervisor survives the cleanup")
+}
+
+fn left_under(root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn assert_deep_run(r: &ExecutionReport) {
+    assert_eq!(r.status, Status::Ok, "{}", show(r));
+    assert_eq!(r.output.as_ref().unwrap()["made"], 25_000, "{}", show(r));
+}
+
+#[test]
+fn a_deep_tree_is_removed_after_a_process_run() {
+    let root = tempfile::tempdir().unwrap();
+    let sb = fleetbox_sandbox::open(Backend::Process, config(root.path(), 0)).unwrap();
+    let r = on_small_stack(sb.into(), deep_tree_request());
+    assert_deep_run(&r);
+    assert!(
+        left_under(root.path()).is_empty(),
+        "{:?}",
+        left_under(root.path())
+    );
+}
+
+#[test]
+fn a_deep_tree_is_removed_after_a_jail_run_cold_and_warm() {
+    let root = tempfile::tempdir().unwrap();
+    let sb = std::sync::Arc::new(JailSandbox::new(config(root.path(), 1)).unwrap());
+    // The first run is cold and shows the pool the limits its warm jails are built for.
+    let cold = on_small_stack(sb.clone(), deep_tree_request());
+    assert!(
+        !cold.notes.iter().any(|n| n.starts_with("warm start")),
+        "{}",
+        show(&cold)
+    );
+    assert_deep_run(&cold);
+    let req = deep_tree_request();
+    assert!(
+        sb.wait_warm(&req.limits, Duration::from_secs(10)),
+        "no warm jail came"
+    );
+    let warm = on_small_stack(sb.clone(), req);
+    assert!(
+        warm.notes.iter().any(|n| n.starts_with("warm start")),
+        "{}",
+        show(&warm)
+    );
+    assert_deep_run(&warm);
+    drop(sb);
+    assert!(
+        left_under(root.path()).is_empty(),
+        "{:?}",
+        left_under(root.path())
+    );
+}
+
+/// What an earlier removal could not finish is moved aside and removed by the next sweep.
+#[test]
+fn leftovers_moved_to_the_trash_are_swept() {
+    let root = tempfile::tempdir().unwrap();
+    let trash = root.path().join("fleetbox-trash-fleetbox-kept-1-x");
+    std::fs::create_dir_all(trash.join("a/b")).unwrap();
+    std::fs::write(trash.join("a/b/f"), b"x").unwrap();
+    let config = config(root.path(), 0);
+    fleetbox_sandbox::sweep_stale(&config);
+    assert!(
+        left_under(root.path()).is_empty(),
+        "{:?}",
+        left_under(root.path())
+    );
+}
