@@ -129,8 +129,26 @@ impl RunContext<'_> {
             OutputFile::Absent => {}
         }
 
+        // Statuses that claim a limit or a violation come from what the supervisor observed
+        // (cgroup counters, seccomp notifications, its own timers and kills, sizes it measured),
+        // never from what the program printed or how it chose to die: the parsed exception
+        // stays in the report as data.
         let exited_badly = exit.code != Some(0);
-        let (status, message) = if let Some(e) = obs.setup_error {
+        let peak = report.peak_memory_bytes;
+        // A MemoryError is the memory limit only with evidence: the cgroup hit its limit, or
+        // the run's memory came near it (RLIMIT_AS refusals leave no counter).
+        let near_memory_limit = cg.memory_limit_hit || peak >= limits.memory.0 / 2;
+        let cpu_ms = report.cpu_user_ms + report.cpu_sys_ms;
+        let oom = cg.oom_killed
+            || (exit.signal == Some(libc::SIGKILL) && cg.memory_limit_hit && !timed_out);
+        let (status, message) = if oom {
+            // Whatever task the OOM killer picked (the jail's init included), the run hit its
+            // memory limit: not a sandbox failure to retry.
+            (
+                Status::MemoryLimit,
+                Some(format!("memory limit of {} reached", limits.memory)),
+            )
+        } else if let Some(e) = obs.setup_error {
             (Status::SandboxError, Some(e))
         } else if let Some(reason) = cancelled {
             (Status::Killed, Some(format!("cancelled: {reason}")))
@@ -156,13 +174,12 @@ impl RunContext<'_> {
                     limits.max_output
                 )),
             )
-        } else if cg.oom_killed
-            || (exited_badly
-                && report
-                    .exception
-                    .as_ref()
-                    .is_some_and(|e| e.kind == "MemoryError"))
-            || (exit.signal == Some(libc::SIGKILL) && cg.memory_limit_hit && !timed_out)
+        } else if exited_badly
+            && near_memory_limit
+            && report
+                .exception
+                .as_ref()
+                .is_some_and(|e| e.kind == "MemoryError")
         {
             (
                 Status::MemoryLimit,
@@ -173,7 +190,7 @@ impl RunContext<'_> {
                 Status::Timeout,
                 Some(format!("wall-clock timeout of {} reached", limits.timeout)),
             )
-        } else if exit.signal == Some(libc::SIGXCPU) {
+        } else if exit.signal == Some(libc::SIGXCPU) && cpu_ms + 50 >= limits.cpu_time.0 {
             (
                 Status::Timeout,
                 Some(format!("CPU time limit of {} reached", limits.cpu_time)),
@@ -202,9 +219,15 @@ impl RunContext<'_> {
                 )),
             )
         } else if let Some(sig) = exit.signal {
+            // Not a kill the sandbox made (those are timeouts, limits and cancels, above): the
+            // program's own doing, or the host's. `killed` is kept for the supervisor's kills,
+            // which the coordinator retries as infrastructure failures.
             (
-                Status::Killed,
-                Some(format!("killed by {}", sys::signal_name(sig))),
+                Status::Error,
+                Some(format!(
+                    "died of {} (not sent by the sandbox)",
+                    sys::signal_name(sig)
+                )),
             )
         } else if exited_badly {
             let msg = match &report.exception {

@@ -400,16 +400,9 @@ impl JailSandbox {
                 }
             }
         }
-        let mut violations = extras.violations;
-        if outcome.exit.signal == Some(libc::SIGSYS) {
-            violations.push(Violation {
-                kind: "non_native_syscall".into(),
-                syscall: None,
-                syscall_nr: None,
-                count: 1,
-                detail: "a syscall through a non-native calling convention (i386 int 0x80 or x32) killed the program".into(),
-            });
-        }
+        // Violations are what the supervisor was notified of, never inferred from how the
+        // program ended (a program can kill itself with SIGSYS).
+        let violations = extras.violations;
         if trace {
             // Start-up phases, in ms since this run began (monotonic clock, all processes).
             let exit_seen = init::monotonic_us();
@@ -821,6 +814,24 @@ impl JailExtras<'_> {
             .collect()
     }
 
+    fn record_non_native(&mut self, nr: i64, what: &str) {
+        if let Some(v) = self
+            .violations
+            .iter_mut()
+            .find(|v| v.kind == "non_native_syscall")
+        {
+            v.count += 1;
+            return;
+        }
+        self.violations.push(Violation {
+            kind: "non_native_syscall".into(),
+            syscall: None,
+            syscall_nr: Some(nr),
+            count: 1,
+            detail: format!("{what} was denied"),
+        });
+    }
+
     fn record(&mut self, nr: i64, args: &[u64; 6]) {
         let (name, label) = self.policy.describe(nr, args);
         if let Some(v) = self
@@ -865,7 +876,10 @@ impl Extras for JailExtras<'_> {
         } else if self.listener.as_ref().is_some_and(|l| l.as_raw_fd() == fd) {
             if revents & libc::POLLIN != 0 {
                 match seccomp::receive_and_deny(fd) {
-                    Ok(Some(n)) => self.record(n.nr, &n.args),
+                    Ok(Some(n)) => match n.non_native() {
+                        Some(what) => self.record_non_native(n.nr, what),
+                        None => self.record(n.nr, &n.args),
+                    },
                     Ok(None) => {}
                     Err(_) => self.listener = None,
                 }

@@ -167,7 +167,22 @@ impl Policy {
         .and_then(TryInto::try_into)
         .map_err(compile_err)?;
         rewrite_to_notify(&mut deny);
-        let refuse = with_x32_check(refuse);
+        // Non-native calls are the deny filter's to notify (so the supervisor sees them; a
+        // program that kills itself with SIGSYS cannot fake one): its arch check notifies
+        // instead of killing, and so does an x32 check in front of it. The refuse filter lets
+        // them through to it (ERRNO or KILL from it would win over the notification).
+        let mut refuse = refuse;
+        rewrite_returns(
+            &mut refuse,
+            libc::SECCOMP_RET_KILL_PROCESS,
+            libc::SECCOMP_RET_ALLOW,
+        );
+        rewrite_returns(
+            &mut deny,
+            libc::SECCOMP_RET_KILL_PROCESS,
+            SECCOMP_RET_USER_NOTIF,
+        );
+        let deny = with_x32_check(deny, SECCOMP_RET_USER_NOTIF);
         Ok((refuse, deny))
     }
 
@@ -254,18 +269,26 @@ impl Deny {
 }
 
 fn rewrite_to_notify(prog: &mut BpfProgram) {
+    rewrite_returns(
+        prog,
+        libc::SECCOMP_RET_TRACE | NOTIFY_MARK,
+        SECCOMP_RET_USER_NOTIF,
+    );
+}
+
+/// Every `ret from` of `prog` becomes `ret to`.
+fn rewrite_returns(prog: &mut BpfProgram, from: u32, to: u32) {
     const BPF_RET_K: u16 = 0x06;
-    let mark = libc::SECCOMP_RET_TRACE | NOTIFY_MARK;
     for ins in prog.iter_mut() {
-        if ins.code == BPF_RET_K && ins.k == mark {
-            ins.k = SECCOMP_RET_USER_NOTIF;
+        if ins.code == BPF_RET_K && ins.k == from {
+            ins.k = to;
         }
     }
 }
 
-/// Prepend: load the syscall number; if the x32 bit is set, kill the process. Inserting at the
+/// Prepend: load the syscall number; if the x32 bit is set, return `action`. Inserting at the
 /// front leaves every relative jump of the compiled program intact.
-fn with_x32_check(prog: BpfProgram) -> BpfProgram {
+fn with_x32_check(prog: BpfProgram, action: u32) -> BpfProgram {
     if syscalls::NATIVE_ARCH != "x86_64" {
         return prog;
     }
@@ -286,7 +309,7 @@ fn with_x32_check(prog: BpfProgram) -> BpfProgram {
         code: 0x06,
         jt: 0,
         jf: 0,
-        k: libc::SECCOMP_RET_KILL_PROCESS,
+        k: action,
     };
     let mut out = vec![ld_nr, jset, kill];
     out.extend(prog);
@@ -365,6 +388,23 @@ pub struct Notification {
     pub nr: i64,
     pub args: [u64; 6],
     pub pid: u32,
+    /// The `AUDIT_ARCH_*` of the call's calling convention.
+    pub arch: u32,
+}
+
+impl Notification {
+    /// A call through another calling convention than the native one (i386 `int 0x80`, x32).
+    pub fn non_native(&self) -> Option<&'static str> {
+        if self.arch != syscalls::NATIVE_AUDIT_ARCH {
+            Some("a syscall through a foreign calling convention (e.g. i386 `int 0x80`)")
+        } else if syscalls::NATIVE_ARCH == "x86_64"
+            && self.nr as u64 & u64::from(X32_SYSCALL_BIT) != 0
+        {
+            Some("an x32 syscall")
+        } else {
+            None
+        }
+    }
 }
 
 /// Receive one notification and answer it with `EPERM`. `None` if the caller is already gone.
@@ -383,6 +423,7 @@ pub fn receive_and_deny(listener: i32) -> std::io::Result<Option<Notification>> 
         nr: i64::from(req.data.nr),
         args: req.data.args,
         pid: req.pid,
+        arch: req.data.arch,
     };
     let resp = libc::seccomp_notif_resp {
         id: req.id,

@@ -34,6 +34,14 @@ const ARCH: &[(&str, i64)] = &[];
 /// The native architecture's name as the policy file spells it.
 pub const NATIVE_ARCH: &str = std::env::consts::ARCH;
 
+/// The `AUDIT_ARCH_*` value seccomp reports for native calls.
+#[cfg(target_arch = "x86_64")]
+pub const NATIVE_AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+pub const NATIVE_AUDIT_ARCH: u32 = 0xC000_00B7;
+#[cfg(target_arch = "riscv64")]
+pub const NATIVE_AUDIT_ARCH: u32 = 0xC000_00F3;
+
 fn all() -> impl Iterator<Item = (&'static str, i64)> {
     COMMON
         .iter()

@@ -23,6 +23,10 @@ fn escape_with_input(name: &str, input: serde_json::Value) -> ExecutionReport {
     )
 }
 
+fn escape_with_limits(name: &str, l: fleetbox_proto::Limits) -> ExecutionReport {
+    run(JAIL, &format!("escape/{name}"), l)
+}
+
 fn violation(r: &ExecutionReport, syscall: &str) {
     assert_eq!(r.status, Status::SandboxViolation, "{}", show(r));
     assert!(
@@ -224,10 +228,37 @@ fn setuid_root_fails() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn non_native_syscall_is_a_violation() {
+    // Seen by the supervisor (a seccomp notification), denied, and reported.
     let r = escape("int80.py");
     assert_eq!(r.status, Status::SandboxViolation, "{}", show(&r));
+    assert!(
+        r.violations.iter().any(|v| v.kind == "non_native_syscall"),
+        "{}",
+        show(&r)
+    );
+    assert!(r.stdout.contains("int 0x80 returned -1"), "{}", show(&r));
+}
+
+#[test]
+fn a_program_killing_itself_with_sigsys_claims_no_violation() {
+    let r = escape("self_sigsys.py");
+    assert_eq!(r.status, Status::Error, "{}", show(&r));
     assert_eq!(r.signal, Some(libc::SIGSYS));
-    assert!(r.violations.iter().any(|v| v.kind == "non_native_syscall"));
+    assert!(r.violations.is_empty(), "{}", show(&r));
+}
+
+/// A program whose memory is mostly tmpfs pages: the memory cgroup's OOM killer may pick the
+/// jail's init rather than the tiny program. Whatever it hit, the run ends `memory_limit`
+/// (never `sandbox_error`, which the coordinator would retry).
+#[test]
+fn an_oom_kill_is_the_memory_limit_whichever_task_it_hits() {
+    let mut l = limits();
+    l.memory = fleetbox_proto::ByteSize::mib(64);
+    l.tmp_size = fleetbox_proto::ByteSize::mib(512);
+    for _ in 0..3 {
+        let r = escape_with_limits("fill_tmp_memory.py", l.clone());
+        assert_eq!(r.status, Status::MemoryLimit, "{}", show(&r));
+    }
 }
 
 #[test]

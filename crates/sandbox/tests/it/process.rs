@@ -263,9 +263,17 @@ fn file_listing_is_capped() {
 }
 
 #[test]
-fn killed_by_signal() {
+fn a_signal_the_program_sends_itself_is_an_error_not_a_kill() {
     let r = run(PROCESS, "killed.py", limits());
-    assert_eq!(r.status, Status::Killed, "{}", show(&r));
+    assert_eq!(r.status, Status::Error, "{}", show(&r));
+    assert!(
+        r.message
+            .as_deref()
+            .unwrap()
+            .contains("not sent by the sandbox"),
+        "{}",
+        show(&r)
+    );
     assert_eq!(r.signal, Some(libc::SIGTERM));
     assert_eq!(r.signal_name.as_deref(), Some("SIGTERM"));
 }

@@ -121,6 +121,9 @@ pub fn fixture_verdicts() -> Vec<(&'static str, Status, Limits)> {
         ("big_file.py", Status::OutputLimit, limits()),
         ("host_env.py", Status::Ok, limits()),
         ("files_created.py", Status::Ok, limits()),
-        ("killed.py", Status::Killed, limits()),
+        // A signal the program sent itself is its own doing: `error`, not a retried `killed`.
+        ("killed.py", Status::Error, limits()),
+        ("fake_memory_error.py", Status::Error, limits()),
+        ("fake_cpu_limit.py", Status::Error, limits()),
     ]
 }
