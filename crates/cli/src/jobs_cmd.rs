@@ -13,6 +13,8 @@ use fleetbox_proto::api::JobView;
 use fleetbox_proto::job::AggregateSpec;
 use fleetbox_proto::{JobSpec, env};
 
+use crate::term;
+
 /// Where the client commands find the coordinator.
 #[derive(Debug, Args)]
 pub struct Conn {
@@ -231,11 +233,11 @@ async fn wait(
             s.reducer
         );
         for note in &s.notes {
-            eprintln!("fleetbox: note: {note}");
+            eprintln!("fleetbox: note: {}", term::for_stderr(note));
         }
     }
     if let Some(e) = &result.error {
-        eprintln!("fleetbox: {}: {e}", view.state);
+        eprintln!("fleetbox: {}: {}", view.state, term::for_stderr(e));
     }
     Ok(if view.state == JobState::Completed {
         ExitCode::SUCCESS
@@ -291,7 +293,7 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
                 format!("{}/{}", j.shards.accepted, j.shards.total),
                 j.shards.rejected + j.shards.dead,
                 j.reducer,
-                j.name
+                term::for_stdout(&j.name)
             )?;
         }
         Ok(ExitCode::SUCCESS)
@@ -336,7 +338,7 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
                         sh.status.map(|s| s.as_str()).unwrap_or_default(),
                         sh.wall_ms.map(|w| w.to_string()).unwrap_or_default(),
                         sh.agent_id.unwrap_or_default(),
-                        sh.error.unwrap_or_default()
+                        term::for_stdout(&sh.error.unwrap_or_default())
                     )?;
                 }
             }
@@ -364,7 +366,11 @@ pub fn blob(args: BlobArgs) -> anyhow::Result<ExitCode> {
         let bytes = client.get_blob(&args.sha256).await?;
         match &args.output {
             Some(path) => fs_err::write(path, &bytes)?,
-            None => std::io::stdout().lock().write_all(&bytes)?,
+            None => term::write_untrusted(
+                &mut std::io::stdout().lock(),
+                &bytes,
+                term::stdout_is_terminal(),
+            )?,
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -7,6 +7,7 @@ mod config;
 mod exit;
 mod jobs_cmd;
 mod run;
+mod term;
 
 use std::process::ExitCode;
 

@@ -11,6 +11,7 @@ use fleetbox_sandbox::{Backend, RunRequest, SandboxConfig};
 
 use crate::config::{FileConfig, RunFlags, resolve_run};
 use crate::exit::exit_code_for;
+use crate::term;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -117,11 +118,13 @@ fn read_code(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn print_human(r: &ExecutionReport) -> anyhow::Result<()> {
+    // The program's bytes reach a terminal with their control sequences shown, not obeyed.
     let mut out = std::io::stdout().lock();
-    out.write_all(r.stdout.as_bytes())?;
+    term::write_untrusted(&mut out, r.stdout.as_bytes(), term::stdout_is_terminal())?;
     out.flush()?;
     let mut err = std::io::stderr().lock();
-    err.write_all(r.stderr.as_bytes())?;
+    let err_tty = term::stderr_is_terminal();
+    term::write_untrusted(&mut err, r.stderr.as_bytes(), err_tty)?;
     let mut line = format!(
         "fleetbox: {} in {}ms (cpu {}ms, peak {}, {}) [{}]",
         r.status,
@@ -145,7 +148,9 @@ fn print_human(r: &ExecutionReport) -> anyhow::Result<()> {
             r.stdout_bytes, r.stderr_bytes
         ));
     }
-    writeln!(err, "{line}")?;
+    // The message carries the program's exception text.
+    term::write_untrusted(&mut err, line.as_bytes(), err_tty)?;
+    writeln!(err)?;
     for v in &r.violations {
         writeln!(err, "fleetbox: violation: {}: {}", v.kind, v.detail)?;
     }

@@ -429,3 +429,43 @@ fn the_jail_works_for_an_unprivileged_user() {
     let r = jail("sleep_past_timeout.py", &["--timeout", "500ms"]);
     assert_eq!(r["status"], "timeout", "{r}");
 }
+
+/// Control sequences in a program's output reach a terminal shown, not obeyed (an OSC 52
+/// clipboard write among them); through a pipe and in `--json` the bytes stay exact.
+#[test]
+fn terminal_escapes_are_shown_on_a_terminal_and_exact_elsewhere() {
+    let program = fixture("terminal_escapes.py");
+    // `script` gives the command a real pseudo-terminal for stdout and stderr.
+    let line = format!("{} run --backend process {program}", bin().display());
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) runs");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains("out \\x1b]52;c;cHduZWQ=\\x07"), "{seen:?}");
+    assert!(seen.contains("\\u{9b}31m"), "{seen:?}");
+    assert!(seen.contains("err \\x1b]0;title\\x07"), "{seen:?}");
+    assert!(seen.contains("ValueError: bad \\x1b[31m red"), "{seen:?}");
+    assert!(
+        !seen.contains('\x1b'),
+        "a raw ESC reached the terminal: {seen:?}"
+    );
+    assert!(
+        !seen.contains('\u{9b}'),
+        "a raw CSI reached the terminal: {seen:?}"
+    );
+
+    let piped = fleetbox(&["run", "--backend", "process", &program], &[]);
+    let stdout = String::from_utf8_lossy(&piped.stdout);
+    assert!(
+        stdout.contains("out \x1b]52;c;cHduZWQ=\x07 \x1b[2J \u{9b}31m done"),
+        "{stdout:?}"
+    );
+    let json = fleetbox(&["run", "--json", "--backend", "process", &program], &[]);
+    assert_eq!(
+        report(&json)["exception"]["message"],
+        "bad \u{1b}[31m red",
+        "the report keeps the exact text"
+    );
+}
