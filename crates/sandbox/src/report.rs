@@ -73,6 +73,7 @@ impl RunContext<'_> {
             timed_out,
             cancelled,
             output_limited,
+            stopped,
             stdout,
             stderr,
         } = obs.outcome;
@@ -162,10 +163,11 @@ impl RunContext<'_> {
                 .iter()
                 .filter_map(|v| v.syscall.clone().or_else(|| Some(v.kind.clone())))
                 .collect();
-            (
-                Status::SandboxViolation,
-                Some(format!("forbidden: {}", names.join(", "))),
-            )
+            let mut message = format!("forbidden: {}", names.join(", "));
+            if let Some(why) = &stopped {
+                message.push_str(&format!(" ({why})"));
+            }
+            (Status::SandboxViolation, Some(message))
         } else if let Some(which) = output_limited {
             (
                 Status::OutputLimit,

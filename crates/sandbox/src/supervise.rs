@@ -21,6 +21,10 @@ pub trait TreeKiller {
 pub trait Extras {
     fn fds(&self) -> Vec<RawFd>;
     fn on_ready(&mut self, fd: RawFd, revents: i16);
+    /// Why the run must end now (e.g. a flood of denied syscalls costing the supervisor CPU).
+    fn stop_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The spawned top process of a run.
@@ -39,6 +43,8 @@ pub struct Outcome {
     pub cancelled: Option<String>,
     /// The stream that passed its cap when the run was stopped for it.
     pub output_limited: Option<&'static str>,
+    /// Why the supervisor's extras ended the run ([`Extras::stop_reason`]).
+    pub stopped: Option<String>,
     pub stdout: StreamCapture,
     pub stderr: StreamCapture,
 }
@@ -123,6 +129,7 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
     let mut output_limited = None;
     let mut killed = false;
     let mut cancelled = None;
+    let mut stopped = None;
     let mut buf = vec![0u8; 64 * 1024];
 
     loop {
@@ -217,6 +224,14 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
                 extras.on_ready(fd, rev);
             }
         }
+        if exit.is_none()
+            && stopped.is_none()
+            && let Some(why) = sup.extras.as_deref().and_then(|e| e.stop_reason())
+        {
+            stopped = Some(why);
+            sup.killer.kill_tree();
+            killed = true;
+        }
         if output_limited.is_none() && !sup.continue_past_output_limit {
             let which = if out.over() {
                 Some("stdout")
@@ -253,6 +268,7 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
         timed_out,
         cancelled,
         output_limited,
+        stopped,
         stdout: out.finish(),
         stderr: err.finish(),
     }

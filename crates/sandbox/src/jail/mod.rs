@@ -326,6 +326,7 @@ impl JailSandbox {
             listener: None,
             policy: &self.builder.policy,
             violations: Vec::new(),
+            denials: 0,
         };
         let mut outcome = supervise::supervise(
             child,
@@ -375,8 +376,10 @@ impl JailSandbox {
         ctx.applied
             .enforced("filesystem", "pivot_root_readonly_binds");
         ctx.applied.enforced("syscalls", "seccomp_user_notif");
-        let stopped_by_us =
-            outcome.timed_out || outcome.output_limited.is_some() || outcome.cancelled.is_some();
+        let stopped_by_us = outcome.timed_out
+            || outcome.output_limited.is_some()
+            || outcome.cancelled.is_some()
+            || outcome.stopped.is_some();
         match program_exit {
             Some(e) if !stopped_by_us => outcome.exit = e,
             Some(e) => {
@@ -770,7 +773,13 @@ struct JailExtras<'a> {
     listener: Option<OwnedFd>,
     policy: &'a Policy,
     violations: Vec<Violation>,
+    /// Denied calls so far; past [`MAX_DENIALS`] the run is ended.
+    denials: u64,
 }
+
+/// Denied syscalls a run may make before it is ended: each costs the supervisor a
+/// notification round trip outside the run's CPU limit, so a flood of them is stopped.
+const MAX_DENIALS: u64 = 1000;
 
 impl JailExtras<'_> {
     fn read_status(&mut self) -> bool {
@@ -853,6 +862,11 @@ impl JailExtras<'_> {
 }
 
 impl Extras for JailExtras<'_> {
+    fn stop_reason(&self) -> Option<String> {
+        (self.denials >= MAX_DENIALS)
+            .then(|| format!("the run was ended after {MAX_DENIALS} denied syscalls"))
+    }
+
     fn fds(&self) -> Vec<RawFd> {
         [&self.status, &self.sock, &self.listener]
             .into_iter()
@@ -876,10 +890,13 @@ impl Extras for JailExtras<'_> {
         } else if self.listener.as_ref().is_some_and(|l| l.as_raw_fd() == fd) {
             if revents & libc::POLLIN != 0 {
                 match seccomp::receive_and_deny(fd) {
-                    Ok(Some(n)) => match n.non_native() {
-                        Some(what) => self.record_non_native(n.nr, what),
-                        None => self.record(n.nr, &n.args),
-                    },
+                    Ok(Some(n)) => {
+                        self.denials += 1;
+                        match n.non_native() {
+                            Some(what) => self.record_non_native(n.nr, what),
+                            None => self.record(n.nr, &n.args),
+                        }
+                    }
                     Ok(None) => {}
                     Err(_) => self.listener = None,
                 }

@@ -53,6 +53,9 @@ pub struct ArgCheck {
     pub ne: Option<u64>,
     /// Any of these bits set (expanded to one rule per bit).
     pub mask_any: Option<u64>,
+    /// `[mask, value]`: the argument's bits under `mask` equal `value` (a socket type under
+    /// its `SOCK_NONBLOCK`/`SOCK_CLOEXEC` flags).
+    pub mask_eq: Option<[u64; 2]>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,10 +104,9 @@ impl Policy {
             }
         }
         for d in &policy.deny {
-            if d.args
-                .iter()
-                .any(|a| a.eq.is_none() && a.ne.is_none() && a.mask_any.is_none())
-            {
+            if d.args.iter().any(|a| {
+                a.eq.is_none() && a.ne.is_none() && a.mask_any.is_none() && a.mask_eq.is_none()
+            }) {
                 return Err(PolicyError::EmptyCheck(d.syscall.clone()));
             }
         }
@@ -231,6 +233,14 @@ impl Deny {
                     v,
                 )?);
             }
+            if let Some([mask, value]) = a.mask_eq {
+                base.push(SeccompCondition::new(
+                    a.index,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(mask),
+                    value,
+                )?);
+            }
             if let Some(mask) = a.mask_any {
                 for bit in (0..64).map(|b| 1u64 << b).filter(|b| mask & b != 0) {
                     any_bits.push((a.index, bit));
@@ -264,6 +274,7 @@ impl Deny {
             a.eq.is_none_or(|e| v == e)
                 && a.ne.is_none_or(|n| v != n)
                 && a.mask_any.is_none_or(|m| v & m != 0)
+                && a.mask_eq.is_none_or(|[m, e]| v & m == e)
         })
     }
 }

@@ -19,13 +19,15 @@ const COMMON: &[(&str, i64)] = table!(
     SYS_quotactl, SYS_syslog, SYS_settimeofday, SYS_clock_settime, SYS_clock_adjtime,
     SYS_adjtimex, SYS_sethostname, SYS_setdomainname, SYS_vhangup, SYS_fanotify_init,
     SYS_lookup_dcookie, SYS_personality, SYS_socket, SYS_clone, SYS_clone3,
+    SYS_io_setup, SYS_io_submit, SYS_io_getevents, SYS_io_cancel,
+    SYS_io_destroy, SYS_inotify_init1, SYS_inotify_add_watch,
 );
 
 #[cfg(target_arch = "x86_64")]
 #[rustfmt::skip]
 const ARCH: &[(&str, i64)] = table!(
     SYS_iopl, SYS_ioperm, SYS_uselib, SYS_ustat, SYS_sysfs, SYS__sysctl,
-    SYS_nfsservctl, SYS_modify_ldt,
+    SYS_nfsservctl, SYS_modify_ldt, SYS_inotify_init,
 );
 
 #[cfg(not(target_arch = "x86_64"))]

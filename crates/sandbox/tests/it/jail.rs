@@ -239,6 +239,47 @@ fn non_native_syscall_is_a_violation() {
     assert!(r.stdout.contains("int 0x80 returned -1"), "{}", show(&r));
 }
 
+/// Host-global kernel counters (AIO's `fs.aio-max-nr`, inotify instances) cannot be drained,
+/// and a `SOCK_PACKET` socket is stopped by the policy (reported), not only by a capability.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn host_global_counters_and_sock_packet_are_denied_and_reported() {
+    let r = escape("host_quotas.py");
+    for name in ["io_setup", "inotify_init1"] {
+        violation(&r, name);
+    }
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.detail == "socket(AF_INET, SOCK_PACKET)"),
+        "{}",
+        show(&r)
+    );
+    let out = r.output.as_ref().unwrap();
+    assert_eq!(out["io_setup"]["errno"], libc::EPERM, "{}", show(&r));
+    assert_eq!(out["inotify_init1"]["errno"], libc::EPERM, "{}", show(&r));
+    assert_eq!(out["sock_packet"], libc::EPERM, "{}", show(&r));
+}
+
+/// A flood of denied syscalls is ended after a bounded number: the supervisor's CPU (outside
+/// the run's limits) stays bounded too.
+#[test]
+fn a_flood_of_denied_syscalls_is_ended() {
+    let r = escape("denial_flood.py");
+    violation(&r, "ptrace");
+    let count: u32 = r.violations.iter().map(|v| v.count).sum();
+    assert!((1000..1100).contains(&count), "{count}: {}", show(&r));
+    assert!(
+        r.message
+            .as_deref()
+            .unwrap()
+            .contains("ended after 1000 denied syscalls"),
+        "{}",
+        show(&r)
+    );
+    assert!(!r.stdout.contains("flooded"), "{}", show(&r));
+}
+
 #[test]
 fn a_program_killing_itself_with_sigsys_claims_no_violation() {
     let r = escape("self_sigsys.py");
