@@ -137,6 +137,14 @@ impl Cgroups {
                         &dir.join("memory.memsw.limit_in_bytes"),
                         &limits.memory_bytes.to_string(),
                     );
+                    // v1 does not charge socket buffers to the memory limit (v2 does): data
+                    // queued in loopback TCP connections nobody reads would pin kernel memory
+                    // far past it. Cap TCP buffer memory at the memory limit; absent on
+                    // kernels without kmem accounting.
+                    let _ = write(
+                        &dir.join("memory.kmem.tcp.limit_in_bytes"),
+                        &limits.memory_bytes.to_string(),
+                    );
                     run.memory = Some(dir);
                 }
                 if let Some(base) = pids {
