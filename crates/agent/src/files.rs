@@ -60,7 +60,7 @@ pub fn collect(report: &mut ExecutionReport, outbox: &Outbox, keep: bool) -> Vec
 }
 
 fn read_inside(work: &Path, rel: &str, sha: &str) -> Option<Vec<u8>> {
-    let path = work.join(rel);
+    let path = work.join(fleetbox_sandbox::workspace::path_from_listed(rel));
     let meta = std::fs::symlink_metadata(&path).ok()?;
     if !meta.file_type().is_file() {
         return None;

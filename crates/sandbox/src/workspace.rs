@@ -225,6 +225,56 @@ fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     out
 }
 
+/// A workspace path as the report lists it: UTF-8 as it is, with a backslash written `\\` and
+/// every byte that is not UTF-8 written `\xNN`, so that distinct names stay distinct (a lossy
+/// conversion made `a\xff` and `a\xfe` the same `a\u{fffd}`). [`path_from_listed`] inverts it.
+pub fn listed_name(rel: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in rel.as_os_str().as_bytes().utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The path a [`listed_name`] stands for, relative to the workspace.
+pub fn path_from_listed(listed: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = listed.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1) == Some(&b'\\') {
+                out.push(b'\\');
+                i += 2;
+                continue;
+            }
+            if bytes.get(i + 1) == Some(&b'x')
+                && let Some(b) = listed
+                    .get(i + 2..i + 4)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -253,11 +303,7 @@ pub fn list_files(
         if !meta.is_file() {
             continue;
         }
-        let rel = path
-            .strip_prefix(work)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .into_owned();
+        let rel = listed_name(path.strip_prefix(work).unwrap_or(&path));
         let bytes = meta.size();
         if bytes >= file_size_limit && at_limit.is_none() {
             at_limit = Some(rel.clone());
@@ -382,6 +428,41 @@ mod sweep_tests {
         assert!(!stale.exists());
         for p in [young, mine, kept, other] {
             assert!(p.exists(), "{}", p.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    use super::*;
+
+    #[test]
+    fn names_that_are_not_utf8_stay_distinct_and_come_back() {
+        let names: [&[u8]; 6] = [
+            b"plain.txt",
+            b"a\xff",
+            b"a\xfe",
+            b"back\\slash",
+            b"back\\xff",
+            "é/ü".as_bytes(),
+        ];
+        let listed: Vec<String> = names
+            .iter()
+            .map(|n| listed_name(Path::new(OsStr::from_bytes(n))))
+            .collect();
+        assert_eq!(listed[0], "plain.txt");
+        assert_eq!(listed[1], "a\\xff");
+        assert_eq!(listed[3], "back\\\\slash");
+        assert_eq!(listed[5], "é/ü");
+        let mut unique = listed.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{listed:?}");
+        for (n, l) in names.iter().zip(&listed) {
+            assert_eq!(path_from_listed(l).as_os_str().as_bytes(), *n, "{l}");
         }
     }
 }

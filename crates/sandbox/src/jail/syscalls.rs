@@ -20,7 +20,8 @@ const COMMON: &[(&str, i64)] = table!(
     SYS_adjtimex, SYS_sethostname, SYS_setdomainname, SYS_vhangup, SYS_fanotify_init,
     SYS_lookup_dcookie, SYS_personality, SYS_socket, SYS_clone, SYS_clone3,
     SYS_io_setup, SYS_io_submit, SYS_io_getevents, SYS_io_cancel,
-    SYS_io_destroy, SYS_inotify_init1, SYS_inotify_add_watch,
+    SYS_io_destroy, SYS_inotify_init1, SYS_inotify_add_watch, SYS_prlimit64, SYS_seccomp,
+    SYS_prctl,
 );
 
 #[cfg(target_arch = "x86_64")]

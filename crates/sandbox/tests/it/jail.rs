@@ -292,12 +292,32 @@ fn socket_buffers_are_held_to_the_memory_limit() {
         match r.status {
             Status::Ok => {
                 let queued = r.output.as_ref().unwrap()["queued"].as_u64().unwrap();
-                assert!(queued <= 72 << 20, "{setup:?}: {queued} bytes queued: {}", show(&r));
+                assert!(
+                    queued <= 72 << 20,
+                    "{setup:?}: {queued} bytes queued: {}",
+                    show(&r)
+                );
             }
             Status::MemoryLimit => {}
             _ => panic!("{setup:?}: {}", show(&r)),
         }
     }
+}
+
+/// The program cannot lower its init's limits, nor stack a seccomp filter of its own that would
+/// hide its later forbidden calls from the report; its own limits it may still lower.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_init_and_the_filter_are_out_of_the_programs_reach() {
+    let r = escape("init_limits_and_filters.py");
+    violation(&r, "prlimit64");
+    violation(&r, "seccomp");
+    violation(&r, "prctl");
+    let out = r.output.as_ref().unwrap();
+    assert_eq!(out["init"], libc::EPERM, "{}", show(&r));
+    assert_eq!(out["self"], "ok", "{}", show(&r));
+    assert_eq!(out["seccomp"], libc::EPERM, "{}", show(&r));
+    assert_eq!(out["prctl"], libc::EPERM, "{}", show(&r));
 }
 
 #[test]

@@ -331,3 +331,16 @@ fn limits_are_reported_as_applied() {
         r.notes
     );
 }
+
+/// Names that are not UTF-8 are listed distinctly (escaped), with their own hashes.
+#[test]
+fn file_names_that_are_not_utf8_stay_distinct() {
+    for setup in [PROCESS, crate::support::JAIL] {
+        let r = run(setup, "escape/non_utf8_names.py", limits());
+        assert_eq!(r.status, Status::Ok, "{}", show(&r));
+        let mut paths: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(paths, ["a\\xfe", "a\\xff", "back\\\\slash"], "{setup:?}");
+        assert_ne!(r.files[0].sha256, r.files[1].sha256);
+    }
+}
