@@ -52,6 +52,8 @@ pub struct LocalCaps {
     pub max_file_size: ByteSize,
     pub max_open_files: u32,
     pub max_tmp_size: ByteSize,
+    pub max_workspace_size: ByteSize,
+    pub max_workspace_files: u64,
     pub max_listed_files: u32,
     pub max_hashed_bytes: ByteSize,
     /// Run jobs that ask for `limits.network = true` (off: such shards are `refused`).
@@ -69,6 +71,8 @@ impl Default for LocalCaps {
             max_file_size: ByteSize::mib(1024),
             max_open_files: 4096,
             max_tmp_size: ByteSize::mib(1024),
+            max_workspace_size: ByteSize::mib(4096),
+            max_workspace_files: 1_000_000,
             max_listed_files: 10_000,
             max_hashed_bytes: ByteSize::mib(1024),
             allow_network: false,
@@ -95,6 +99,8 @@ impl LocalCaps {
         l.max_file_size = l.max_file_size.min(self.max_file_size);
         l.max_open_files = l.max_open_files.min(self.max_open_files);
         l.tmp_size = l.tmp_size.min(self.max_tmp_size);
+        l.workspace_size = l.workspace_size.min(self.max_workspace_size);
+        l.workspace_files = l.workspace_files.min(self.max_workspace_files);
         l.max_listed_files = l.max_listed_files.min(self.max_listed_files);
         l.max_hashed_bytes = l.max_hashed_bytes.min(self.max_hashed_bytes);
         Ok(l)
@@ -791,6 +797,7 @@ mod tests {
             max_output: ByteSize::kib(8),
             max_processes: 8,
             max_tmp_size: ByteSize::mib(4),
+            max_workspace_size: ByteSize::mib(32),
             ..LocalCaps::default()
         };
         let asked = Limits {
@@ -800,6 +807,7 @@ mod tests {
             max_output: ByteSize::mib(1),
             max_processes: 500,
             tmp_size: ByteSize::mib(512),
+            workspace_size: ByteSize::mib(8192),
             ..Limits::default()
         };
         let got = caps.apply(asked).unwrap();
@@ -809,6 +817,7 @@ mod tests {
         assert_eq!(got.max_output, ByteSize::kib(8));
         assert_eq!(got.max_processes, 8);
         assert_eq!(got.tmp_size, ByteSize::mib(4));
+        assert_eq!(got.workspace_size, ByteSize::mib(32));
         // Smaller requests are kept.
         let small = Limits {
             timeout: Millis(100),

@@ -99,6 +99,12 @@ pub struct AgentArgs {
     /// Cap on the private `/tmp` a job may ask for [default: 1GiB].
     #[arg(long, value_parser = parse_size)]
     pub max_tmp_size: Option<ByteSize>,
+    /// Cap on the workspace a job may ask for [default: 4GiB].
+    #[arg(long, value_parser = parse_size)]
+    pub max_workspace_size: Option<ByteSize>,
+    /// Cap on the files a job's workspace may hold [default: 1000000].
+    #[arg(long)]
+    pub max_workspace_files: Option<u64>,
     /// Cap on the CPU cores a job may ask for [default: 64].
     #[arg(long)]
     pub max_cpus: Option<f64>,
@@ -256,6 +262,14 @@ fn agent_config(
             .max_tmp_size
             .or(file.max_tmp_size)
             .unwrap_or(d.max_tmp_size),
+        max_workspace_size: args
+            .max_workspace_size
+            .or(file.max_workspace_size)
+            .unwrap_or(d.max_workspace_size),
+        max_workspace_files: args
+            .max_workspace_files
+            .or(file.max_workspace_files)
+            .unwrap_or(d.max_workspace_files),
         max_listed_files: args
             .max_listed_files
             .or(file.max_listed_files)
@@ -341,6 +355,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_file_size: None,
                     max_open_files: None,
                     max_tmp_size: None,
+                    max_workspace_size: None,
+                    max_workspace_files: None,
                     max_cpus: None,
                     max_listed_files: None,
                     max_hashed_bytes: None,

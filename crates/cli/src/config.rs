@@ -28,6 +28,8 @@ pub struct AgentSection {
     pub max_file_size: Option<ByteSize>,
     pub max_open_files: Option<u32>,
     pub max_tmp_size: Option<ByteSize>,
+    pub max_workspace_size: Option<ByteSize>,
+    pub max_workspace_files: Option<u64>,
     pub max_listed_files: Option<u32>,
     pub max_hashed_bytes: Option<ByteSize>,
     pub allow_network: Option<bool>,
@@ -44,6 +46,7 @@ pub struct RunSection {
     pub max_output: Option<ByteSize>,
     pub max_processes: Option<u32>,
     pub max_file_size: Option<ByteSize>,
+    pub workspace_size: Option<ByteSize>,
     pub python: Option<PathBuf>,
     pub work_root: Option<PathBuf>,
 }
@@ -94,6 +97,7 @@ pub struct RunFlags {
     pub cpu_time: Option<Millis>,
     pub memory: Option<ByteSize>,
     pub max_output: Option<ByteSize>,
+    pub workspace_size: Option<ByteSize>,
 }
 
 /// The resolved settings for one `fleetbox run`.
@@ -156,6 +160,9 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
     }
     if let Some(s) = f.max_file_size {
         limits.max_file_size = s;
+    }
+    if let Some(s) = flags.workspace_size.or(f.workspace_size) {
+        limits.workspace_size = s;
     }
     if limits.timeout.0 == 0 {
         bail!("the timeout must be greater than zero");

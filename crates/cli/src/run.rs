@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Bytes kept of stdout and of stderr, e.g. `64KiB`. Env: `SANDBOX_MAX_OUTPUT_KB`.
     #[arg(long, value_parser = parse_size)]
     pub max_output: Option<ByteSize>,
+    /// Bytes the workspace may hold, e.g. `512MiB` (a tmpfs when run as root; its pages count
+    /// against `--memory` too).
+    #[arg(long, value_parser = parse_size)]
+    pub workspace_size: Option<ByteSize>,
     /// Keep running past the output cap (the rest is counted, not kept).
     #[arg(long)]
     pub continue_past_output_limit: bool,
@@ -64,6 +68,7 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             cpu_time: args.cpu_time,
             memory: args.memory,
             max_output: args.max_output,
+            workspace_size: args.workspace_size,
         },
     )?;
     let backend: Backend = settings
@@ -96,6 +101,14 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     let report = sandbox.run(&req);
+    // A kept workspace must outlive this process without holding memory: off its tmpfs.
+    if let Some(ws) = &report.workspace {
+        match fleetbox_sandbox::workspace::persist_kept(Path::new(ws)) {
+            Ok(0) => {}
+            Ok(n) => eprintln!("fleetbox: {n} entries of the kept workspace could not be copied"),
+            Err(e) => eprintln!("fleetbox: the kept workspace stays on its tmpfs: {e}"),
+        }
+    }
     if args.json {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, &report)?;

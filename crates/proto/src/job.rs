@@ -329,6 +329,18 @@ fn validate_limits(l: &Limits) -> Result<(), SpecError> {
             "must be at most 1TiB",
         ));
     }
+    if l.workspace_size.0 < 1 << 20 || l.workspace_size.0 > MAX_MEMORY {
+        return Err(SpecError::new(
+            "limits.workspace_size",
+            "must be between 1MiB and 1TiB",
+        ));
+    }
+    if l.workspace_files < 16 || l.workspace_files > 1 << 32 {
+        return Err(SpecError::new(
+            "limits.workspace_files",
+            "must be between 16 and 4294967296",
+        ));
+    }
     if l.max_output.0 > 1 << 30 {
         return Err(SpecError::new("limits.max_output", "must be at most 1GiB"));
     }

@@ -29,6 +29,11 @@ pub struct Limits {
     pub max_open_files: u32,
     /// Size of the private `/tmp` (jail backend).
     pub tmp_size: ByteSize,
+    /// Bytes the workspace may hold: a size-capped tmpfs mounted for the run when the supervisor
+    /// may mount (root). Its pages count against `memory` too.
+    pub workspace_size: ByteSize,
+    /// Files and directories the workspace may hold (the tmpfs's inodes).
+    pub workspace_files: u64,
     /// How many created files are listed in the report, and how many bytes of them are hashed.
     pub max_listed_files: u32,
     pub max_hashed_bytes: ByteSize,
@@ -49,6 +54,8 @@ impl Default for Limits {
             max_file_size: ByteSize::mib(64),
             max_open_files: 256,
             tmp_size: ByteSize::mib(64),
+            workspace_size: ByteSize::mib(512),
+            workspace_files: 100_000,
             max_listed_files: 1000,
             max_hashed_bytes: ByteSize::mib(256),
             network: false,

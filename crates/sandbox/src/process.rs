@@ -75,6 +75,7 @@ impl Sandbox for ProcessSandbox {
             &req.code,
             req.input.as_deref(),
             owner,
+            Some(crate::workspace::Quota::of(&req.limits)),
         ) {
             Ok(d) => d,
             Err(e) => {
@@ -85,6 +86,10 @@ impl Sandbox for ProcessSandbox {
                 return ctx.sandbox_error(e.to_string());
             }
         };
+        if dir.quota.is_some() {
+            ctx.applied.enforced("workspace_size", "tmpfs");
+            ctx.applied.enforced("workspace_files", "tmpfs");
+        }
         let cgroup = cgroup::for_run(self.config.use_cgroups, &req.limits, &mut ctx.notes);
         if cgroup.is_none() {
             sys::set_child_subreaper();

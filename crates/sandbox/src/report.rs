@@ -135,6 +135,20 @@ impl RunContext<'_> {
         // never from what the program printed or how it chose to die: the parsed exception
         // stays in the report as data.
         let exited_badly = exit.code != Some(0);
+        // Measured on the workspace's own filesystem, whatever the program printed.
+        let workspace_full = dir.workspace_full();
+        if let Some(what) = workspace_full {
+            report.violations.push(Violation {
+                kind: "workspace_limit".into(),
+                syscall: None,
+                syscall_nr: None,
+                count: 1,
+                detail: format!(
+                    "the workspace reached its limit of {}",
+                    workspace_limit_text(limits, what)
+                ),
+            });
+        }
         let peak = report.peak_memory_bytes;
         // A MemoryError is the memory limit only with evidence: the cgroup hit its limit, or
         // the run's memory came near it (RLIMIT_AS refusals leave no counter).
@@ -212,6 +226,14 @@ impl RunContext<'_> {
                     limits.max_file_size
                 )),
             )
+        } else if let (true, Some(what)) = (exited_badly, workspace_full) {
+            (
+                Status::OutputLimit,
+                Some(format!(
+                    "the workspace is full: its limit of {} reached",
+                    workspace_limit_text(limits, what)
+                )),
+            )
         } else if let Some(n) = output_too_large {
             (
                 Status::OutputLimit,
@@ -258,6 +280,14 @@ impl RunContext<'_> {
             report.workspace = Some(dir.keep().display().to_string());
         }
         report
+    }
+}
+
+fn workspace_limit_text(limits: &fleetbox_proto::Limits, what: &str) -> String {
+    if what == "files" {
+        format!("{} files", limits.workspace_files)
+    } else {
+        limits.workspace_size.to_string()
     }
 }
 

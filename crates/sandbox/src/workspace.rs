@@ -22,6 +22,8 @@ pub const INPUT_FILE: &str = "input.json";
 pub const OUTPUT_FILE: &str = "output.json";
 
 const RUN_DIR_PREFIX: &str = "fleetbox-run-";
+/// A run directory kept after its run (out of the age-based sweep's pattern).
+const KEPT_PREFIX: &str = "fleetbox-kept-";
 /// A run directory whose removal failed, waiting for the next sweep.
 const TRASH_PREFIX: &str = "fleetbox-trash-";
 
@@ -55,6 +57,10 @@ pub fn sweep_stale(root: &Path, min_age: std::time::Duration) -> usize {
         }
         let stale = if name.starts_with(TRASH_PREFIX) {
             true
+        } else if let Some(pid) = stale_owner(&name, KEPT_PREFIX) {
+            // Kept for an agent to collect, and its owner died first: still on its tmpfs. (Kept
+            // for a person, the workspace was copied onto the disk and is left alone.)
+            !crate::sys::alive(pid) && on_own_mount(&entry.path())
         } else if let Some(pid) = stale_owner(&name, RUN_DIR_PREFIX) {
             let old = meta
                 .modified()
@@ -64,6 +70,7 @@ pub fn sweep_stale(root: &Path, min_age: std::time::Duration) -> usize {
             false
         };
         if stale {
+            unmount_workspace(&entry.path());
             match crate::remove::remove_tree(&entry.path()) {
                 Ok(()) => removed += 1,
                 Err(e) => {
@@ -75,10 +82,100 @@ pub fn sweep_stale(root: &Path, min_age: std::time::Duration) -> usize {
     removed
 }
 
+/// Mount the size- and inode-capped tmpfs over `work` (owned by the run's uid).
+fn mount_quota(work: &Path, q: &Quota, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    let opts = format!(
+        "size={},nr_inodes={},mode=0700,uid={uid},gid={gid}",
+        q.bytes.max(4096),
+        q.files.max(16)
+    );
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(std::io::Error::other);
+    let target = c(work.as_os_str().as_encoded_bytes())?;
+    let (fstype, data) = (c(b"tmpfs")?, c(opts.as_bytes())?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let r = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `dir/work` is a mount of its own.
+fn on_own_mount(dir: &Path) -> bool {
+    match (
+        std::fs::symlink_metadata(dir),
+        std::fs::symlink_metadata(dir.join("work")),
+    ) {
+        (Ok(d), Ok(w)) => d.dev() != w.dev(),
+        _ => false,
+    }
+}
+
+/// Detach the workspace's tmpfs, if `dir/work` is a mount of its own.
+fn unmount_workspace(dir: &Path) {
+    if !on_own_mount(dir) {
+        return;
+    }
+    let work = dir.join("work");
+    if let Ok(c) = std::ffi::CString::new(work.as_os_str().as_encoded_bytes()) {
+        // SAFETY: `c` is a NUL-terminated path; MNT_DETACH never blocks.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            tracing::warn!(path = %work.display(), error = %std::io::Error::last_os_error(), "could not unmount a workspace");
+        }
+    }
+}
+
+/// Copy a kept workspace off its tmpfs onto the disk and unmount the tmpfs, so that it outlives
+/// the process that kept it (`fleetbox run --keep-workspace`) without holding memory. Returns
+/// how many entries could not be copied (too deep to name, or unreadable).
+pub fn persist_kept(dir: &Path) -> std::io::Result<usize> {
+    if !on_own_mount(dir) {
+        return Ok(0);
+    }
+    let work = dir.join("work");
+    let copy = dir.join("work.disk");
+    fs_err::create_dir(&copy)?;
+    let mut skipped = 0;
+    for (path, meta) in walk(&work) {
+        let Ok(rel) = path.strip_prefix(&work) else {
+            continue;
+        };
+        let to = copy.join(rel);
+        let ok = if meta.is_dir() {
+            std::fs::create_dir(&to).is_ok()
+        } else if meta.is_file() {
+            std::fs::copy(&path, &to).is_ok()
+        } else if meta.file_type().is_symlink() {
+            std::fs::read_link(&path)
+                .and_then(|t| std::os::unix::fs::symlink(t, &to))
+                .is_ok()
+        } else {
+            false
+        };
+        if !ok {
+            skipped += 1;
+        }
+    }
+    unmount_workspace(dir);
+    fs_err::remove_dir(&work)?;
+    fs_err::rename(&copy, &work)?;
+    Ok(skipped)
+}
+
 /// Remove a run directory whatever a program left in it (any depth, unreadable directories,
 /// symlinks: see [`crate::remove`]). One that cannot be removed now is renamed
 /// `fleetbox-trash-…` so that [`sweep_stale`] tries again; returns whether it is gone.
 pub fn discard(path: &Path) -> bool {
+    unmount_workspace(path);
     match crate::remove::remove_tree(path) {
         Ok(()) => true,
         Err(e) => {
@@ -92,11 +189,30 @@ pub fn discard(path: &Path) -> bool {
     }
 }
 
+/// The workspace's own filesystem: a tmpfs of this many bytes and inodes, mounted over
+/// `work/` on the host so that a run cannot fill the host's disk (or its inodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub bytes: u64,
+    pub files: u64,
+}
+
+impl Quota {
+    pub fn of(limits: &fleetbox_proto::Limits) -> Quota {
+        Quota {
+            bytes: limits.workspace_size.0,
+            files: limits.workspace_files,
+        }
+    }
+}
+
 /// A run directory, removed on drop unless kept.
 pub struct RunDir {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
     pub input_sha256: Option<String>,
+    /// The quota the workspace is held to, when its tmpfs could be mounted.
+    pub quota: Option<Quota>,
 }
 
 impl RunDir {
@@ -107,6 +223,7 @@ impl RunDir {
         code: &[u8],
         input: Option<&[u8]>,
         owner: Option<(u32, u32)>,
+        quota: Option<Quota>,
     ) -> Result<RunDir, SandboxError> {
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
@@ -133,6 +250,9 @@ impl RunDir {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
                 .map_err(io("set permissions on", d))?;
         }
+        // Only a supervisor running as root may mount; elsewhere the workspace is a plain
+        // directory (the report's `limits.enforced` says which).
+        let quota = quota.filter(|q| crate::sys::is_root() && mount_quota(&work, q, owner).is_ok());
         let input_sha256 = match input {
             Some(bytes) => {
                 let p = work.join(INPUT_FILE);
@@ -150,7 +270,27 @@ impl RunDir {
             dir: Some(dir),
             path,
             input_sha256,
+            quota,
         })
+    }
+
+    /// Whether the workspace's tmpfs is full (of bytes or of inodes), as seen after the run.
+    pub fn workspace_full(&self) -> Option<&'static str> {
+        self.quota?;
+        let c = std::ffi::CString::new(self.work().as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: statvfs is plain old data, filled by statvfs(3).
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is NUL-terminated and `st` writable.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        if st.f_favail == 0 {
+            Some("files")
+        } else if st.f_bavail == 0 {
+            Some("bytes")
+        } else {
+            None
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -174,7 +314,7 @@ impl RunDir {
             if let Some(name) = self.path.file_name().and_then(|n| n.to_str())
                 && let Some(rest) = name.strip_prefix(RUN_DIR_PREFIX)
             {
-                let kept = self.path.with_file_name(format!("fleetbox-kept-{rest}"));
+                let kept = self.path.with_file_name(format!("{KEPT_PREFIX}{rest}"));
                 if std::fs::rename(&self.path, &kept).is_ok() {
                     self.path = kept;
                 }

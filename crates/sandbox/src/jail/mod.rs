@@ -487,8 +487,13 @@ impl Builder {
             unsafe { (libc::getuid(), libc::getgid()) }
         };
         let host_ids = privileged.then_some((host_uid, host_gid));
-        let dir = RunDir::create(&self.config.work_root, code, input, host_ids)
+        let quota = Some(crate::workspace::Quota::of(limits));
+        let dir = RunDir::create(&self.config.work_root, code, input, host_ids, quota)
             .map_err(|e| with_py(e.into()))?;
+        if dir.quota.is_some() {
+            applied.enforced("workspace_size", "tmpfs");
+            applied.enforced("workspace_files", "tmpfs");
+        }
         let root = dir.path().join("root");
         std::fs::create_dir(&root)
             .map_err(|e| with_py(JailError::os(format!("creating `{}`", root.display()), e)))?;

@@ -5,5 +5,6 @@ mod cancel;
 mod cleanup;
 mod jail;
 mod process;
+mod quota;
 mod support;
 mod warm;

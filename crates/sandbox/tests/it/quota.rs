@@ -1,0 +1,145 @@
+//! The workspace is a filesystem of its own with a size and a file-count cap (a tmpfs mounted
+//! over it on the host when the supervisor is root): a run cannot fill the host's disk or its
+//! inodes, and hitting the cap is reported by what the supervisor measured.
+
+use std::time::Duration;
+
+use fleetbox_proto::{ByteSize, ExecutionReport, Limits, Status};
+use fleetbox_sandbox::jail::JailSandbox;
+use fleetbox_sandbox::{Backend, RunRequest, Sandbox, SandboxConfig};
+
+use crate::support::{bin, fixture, limits, show};
+
+fn config(work_root: &std::path::Path, warm: usize) -> SandboxConfig {
+    SandboxConfig {
+        jail_helper: Some(bin()),
+        work_root: work_root.to_path_buf(),
+        warm,
+        ..SandboxConfig::default()
+    }
+}
+
+fn request(what: &str) -> RunRequest {
+    let l = Limits {
+        workspace_size: ByteSize::mib(8),
+        workspace_files: 200,
+        ..limits()
+    };
+    let input = serde_json::to_vec(&serde_json::json!({ "what": what })).unwrap();
+    RunRequest::new(fixture("escape/fill_workspace.py"), Some(input), l)
+}
+
+fn assert_capped(r: &ExecutionReport, what: &str) {
+    assert_eq!(r.status, Status::OutputLimit, "{what}: {}", show(r));
+    let v = r
+        .violations
+        .iter()
+        .find(|v| v.kind == "workspace_limit")
+        .unwrap_or_else(|| panic!("{what}: no workspace_limit violation: {}", show(r)));
+    let want = if what == "bytes" { "8MiB" } else { "200 files" };
+    assert!(v.detail.contains(want), "{}", v.detail);
+    assert!(
+        r.limits
+            .enforcement
+            .iter()
+            .any(|e| e.limit == "workspace_size"),
+        "{}",
+        show(r)
+    );
+    let total: u64 = r.files.iter().map(|f| f.bytes).sum();
+    assert!(total <= 8 << 20, "{total} bytes kept");
+    assert!(r.files.len() <= 200, "{} files", r.files.len());
+}
+
+fn left_under(root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn mounts_under(root: &std::path::Path) -> usize {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&root))
+        .count()
+}
+
+#[test]
+fn the_workspace_is_capped_in_process_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let sb = fleetbox_sandbox::open(Backend::Process, config(root.path(), 0)).unwrap();
+    for what in ["bytes", "files"] {
+        assert_capped(&sb.run(&request(what)), what);
+    }
+    assert!(
+        left_under(root.path()).is_empty(),
+        "{:?}",
+        left_under(root.path())
+    );
+    assert_eq!(
+        mounts_under(root.path()),
+        0,
+        "every workspace tmpfs is unmounted"
+    );
+}
+
+#[test]
+fn the_workspace_is_capped_in_cold_and_warm_jails() {
+    let root = tempfile::tempdir().unwrap();
+    let sb = JailSandbox::new(config(root.path(), 1)).unwrap();
+    for what in ["bytes", "files"] {
+        let cold = sb.run(&request(what));
+        assert_capped(&cold, what);
+    }
+    let req = request("bytes");
+    assert!(
+        sb.wait_warm(&req.limits, Duration::from_secs(10)),
+        "no warm jail came"
+    );
+    let warm = sb.run(&req);
+    assert!(
+        warm.notes.iter().any(|n| n.starts_with("warm start")),
+        "{}",
+        show(&warm)
+    );
+    assert_capped(&warm, "bytes");
+    drop(sb);
+    assert!(
+        left_under(root.path()).is_empty(),
+        "{:?}",
+        left_under(root.path())
+    );
+    assert_eq!(
+        mounts_under(root.path()),
+        0,
+        "every workspace tmpfs is unmounted"
+    );
+}
+
+/// A kept workspace is the agent's to collect: its tmpfs stays until the agent discards it,
+/// and a sweep removes one whose owner died (here: a made-up dead pid).
+#[test]
+fn kept_workspaces_are_unmounted_when_discarded() {
+    let root = tempfile::tempdir().unwrap();
+    let sb = fleetbox_sandbox::open(Backend::Process, config(root.path(), 0)).unwrap();
+    let mut req = RunRequest::new(b"open('kept.txt', 'w').write('x')".to_vec(), None, limits());
+    req.keep_workspace = true;
+    let r = sb.run(&req);
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    let kept = std::path::PathBuf::from(r.workspace.unwrap());
+    assert!(kept.join("work/kept.txt").exists());
+    assert_eq!(mounts_under(root.path()), 1);
+    assert!(fleetbox_sandbox::workspace::discard(&kept));
+    assert_eq!(mounts_under(root.path()), 0);
+    assert!(
+        left_under(root.path()).is_empty(),
+        "{:?}",
+        left_under(root.path())
+    );
+}
