@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use fleetbox_agent::{AgentConfig, LocalCaps};
 use fleetbox_proto::{ByteSize, Millis, env};
-use fleetbox_sandbox::{Backend, SandboxConfig};
+use fleetbox_sandbox::{Backend, SandboxConfig, SeccompMode};
 use fleetbox_server::ServerConfig;
 
 use crate::config::{AgentSection, FileConfig, RunFlags, resolve_run};
@@ -127,6 +127,10 @@ pub struct AgentArgs {
     /// waiting for its program (default: one per slot; 0 starts every shard cold).
     #[arg(long, env = env::FLEETBOX_WARM)]
     pub warm: Option<u32>,
+    /// The jail's seccomp policy: `deny` (everything but the deny list) or `allow` (only the
+    /// measured allow-list; every other call denied and reported).
+    #[arg(long, env = env::FLEETBOX_SECCOMP, default_value = "deny")]
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +182,7 @@ fn sandbox_settings(
             use_cgroups: s.use_cgroups,
             jail_helper: None,
             warm: 0,
+            seccomp: SeccompMode::Deny,
         },
     ))
 }
@@ -206,6 +211,8 @@ fn server_config(args: &ServerArgs, backend: Backend, sandbox: SandboxConfig) ->
     c.enroll_token = args.enroll_token.clone();
     c.sandbox_backend = backend;
     c.sandbox = sandbox;
+    // The coordinator's own sandbox (the python reducer, later rechecks) is the strictest.
+    c.sandbox.seccomp = SeccompMode::Allow;
     c
 }
 
@@ -281,6 +288,7 @@ fn agent_config(
         allow_network: args.allow_network || file.allow_network.unwrap_or(false),
     };
     sandbox.warm = args.warm.unwrap_or(args.slots.max(1)) as usize;
+    sandbox.seccomp = args.seccomp;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -364,6 +372,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
                     warm: None,
+                    seccomp: SeccompMode::Deny,
                 },
                 &agent_file,
                 backend,

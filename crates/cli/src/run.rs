@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// JSON input for the program, written to `input.json` (`FLEETBOX_INPUT`).
     #[arg(long)]
     pub input: Option<PathBuf>,
+    /// `jail` only: the seccomp policy, `deny` (the deny list) or `allow` (the measured
+    /// allow-list; every other call is denied and reported). Env: `FLEETBOX_SECCOMP`.
+    #[arg(long, env = fleetbox_proto::env::FLEETBOX_SECCOMP, default_value = "deny")]
+    pub seccomp: fleetbox_sandbox::SeccompMode,
     /// Keep the run directory and print where it is.
     #[arg(long)]
     pub keep_workspace: bool,
@@ -98,6 +102,7 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             jail_helper: None,
             // One run per process: nothing to build ahead.
             warm: 0,
+            seccomp: args.seccomp,
         },
     )?;
     let report = sandbox.run(&req);

@@ -29,6 +29,8 @@ pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
 pub const FLEETBOX_JAIL_TRACE: &str = "FLEETBOX_JAIL_TRACE";
 /// Warm jails an agent keeps built ahead of its shards (`fleetbox agent --warm`).
 pub const FLEETBOX_WARM: &str = "FLEETBOX_WARM";
+/// The jail's seccomp policy on agents and `fleetbox run`: `deny` (default) or `allow`.
+pub const FLEETBOX_SECCOMP: &str = "FLEETBOX_SECCOMP";
 
 /// Coordinator URL for the client commands and agents (default `http://127.0.0.1:8080`).
 pub const FLEETBOX_SERVER: &str = "FLEETBOX_SERVER";

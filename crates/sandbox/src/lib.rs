@@ -27,6 +27,7 @@ use std::str::FromStr;
 
 pub use cancel::Cancel;
 pub use fleetbox_proto::{ExecutionReport, Limits, Status};
+pub use jail::seccomp::Mode as SeccompMode;
 pub use process::ProcessSandbox;
 
 /// Environment variable names, re-exported for the modules of this crate.
@@ -88,6 +89,8 @@ pub struct SandboxConfig {
     /// started interpreter, and waits for the program; each one serves one run. For long-lived
     /// callers (agents, the coordinator) that run many programs with the same limits.
     pub warm: usize,
+    /// `jail` only: the seccomp policy, the deny list (default) or the allow-list.
+    pub seccomp: SeccompMode,
 }
 
 impl Default for SandboxConfig {
@@ -98,6 +101,7 @@ impl Default for SandboxConfig {
             use_cgroups: true,
             jail_helper: None,
             warm: 0,
+            seccomp: SeccompMode::Deny,
         }
     }
 }

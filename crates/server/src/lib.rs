@@ -67,7 +67,11 @@ impl ServerConfig {
             admin_token: None,
             enroll_token: None,
             sandbox_backend: Backend::default_for_host(),
-            sandbox: SandboxConfig::default(),
+            // The coordinator's own runs get the allow-list: the strictest policy.
+            sandbox: SandboxConfig {
+                seccomp: fleetbox_sandbox::SeccompMode::Allow,
+                ..SandboxConfig::default()
+            },
         }
     }
 }

@@ -11,6 +11,8 @@ mod error;
 pub mod init;
 mod landlock;
 pub mod seccomp;
+#[cfg(target_arch = "x86_64")]
+mod syscall_names;
 mod syscalls;
 mod warm;
 
@@ -65,7 +67,14 @@ impl JailSandbox {
             })?,
         };
         let policy = Policy::shipped().map_err(crate::SandboxError::Policy)?;
-        let filters = seccomp::Compiled::new(&policy).map_err(crate::SandboxError::Policy)?;
+        let allow = match config.seccomp {
+            seccomp::Mode::Deny => None,
+            seccomp::Mode::Allow => {
+                Some(seccomp::AllowList::shipped().map_err(crate::SandboxError::Policy)?)
+            }
+        };
+        let filters =
+            seccomp::Compiled::new(&policy, allow.as_ref()).map_err(crate::SandboxError::Policy)?;
         let warm = config.warm;
         let builder = Arc::new(Builder {
             config,
@@ -375,7 +384,13 @@ impl JailSandbox {
         }
         ctx.applied
             .enforced("filesystem", "pivot_root_readonly_binds");
-        ctx.applied.enforced("syscalls", "seccomp_user_notif");
+        ctx.applied.enforced(
+            "syscalls",
+            match self.builder.config.seccomp {
+                seccomp::Mode::Deny => "seccomp_deny_list",
+                seccomp::Mode::Allow => "seccomp_allow_list",
+            },
+        );
         let stopped_by_us = outcome.timed_out
             || outcome.output_limited.is_some()
             || outcome.cancelled.is_some()

@@ -22,6 +22,102 @@ use super::syscalls;
 
 /// The policy as shipped.
 pub const POLICY_JSON: &str = include_str!("../../../../resources/seccomp/jail.json");
+/// The allow-list as shipped: the syscalls measured from Python and the scientific stack.
+pub const ALLOW_JSON: &str = include_str!("../../../../resources/seccomp/allow.json");
+
+/// Which calls the jail's filter lets through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Everything but the deny list (`jail.json`).
+    #[default]
+    Deny,
+    /// Only the allow-list (`allow.json`), and within it the deny list's argument checks still
+    /// apply; every other call is denied and reported by name.
+    Allow,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "deny" | "deny-list" => Ok(Mode::Deny),
+            "allow" | "allow-list" => Ok(Mode::Allow),
+            other => Err(format!("`{other}`: expected `deny` or `allow`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Mode::Deny => "deny",
+            Mode::Allow => "allow",
+        })
+    }
+}
+
+/// `resources/seccomp/allow.json`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowList {
+    pub version: u32,
+    #[allow(dead_code)]
+    pub description: String,
+    /// Syscall names measured (`scripts/seccomp-measure`), on every architecture.
+    pub allow: Vec<String>,
+    /// Names the measurement cannot see or the corpus does not reach, each with why.
+    #[serde(default)]
+    pub also: Vec<Also>,
+    /// Names that exist only on some architectures (`{"x86_64": {"allow": [...], "also": [...]}}`).
+    #[serde(default)]
+    pub arch: BTreeMap<String, ArchAllow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Also {
+    pub syscall: String,
+    #[allow(dead_code)]
+    pub why: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchAllow {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub also: Vec<Also>,
+}
+
+impl AllowList {
+    pub fn shipped() -> Result<AllowList, PolicyError> {
+        let list: AllowList = serde_json::from_str(ALLOW_JSON)?;
+        if list.version != 1 {
+            return Err(PolicyError::Version(list.version));
+        }
+        for name in list.names() {
+            if syscalls::number(name).is_none() {
+                return Err(PolicyError::UnknownSyscall(name.to_string()));
+            }
+        }
+        Ok(list)
+    }
+
+    /// The names that apply on this architecture.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let arch = self.arch.get(syscalls::NATIVE_ARCH);
+        self.allow
+            .iter()
+            .chain(self.also.iter().map(|a| &a.syscall))
+            .chain(
+                arch.into_iter()
+                    .flat_map(|a| a.allow.iter().chain(a.also.iter().map(|x| &x.syscall))),
+            )
+            .map(String::as_str)
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,8 +217,12 @@ impl Policy {
         TargetArch::try_from(syscalls::NATIVE_ARCH).map_err(|e| PolicyError::Compile(e.to_string()))
     }
 
-    /// The quiet-errno filter and the notifying deny filter.
-    pub fn compile(&self) -> Result<(BpfProgram, BpfProgram), PolicyError> {
+    /// The quiet-errno filter and the notifying filter: the deny list, followed by the
+    /// allow-list when one is given (a call the deny list lets through must then be on it).
+    pub fn compile(
+        &self,
+        allow: Option<&AllowList>,
+    ) -> Result<(BpfProgram, BpfProgram), PolicyError> {
         let arch = Self::arch()?;
         let compile_err = |e: seccompiler::BackendError| PolicyError::Compile(e.to_string());
 
@@ -169,6 +269,9 @@ impl Policy {
         .and_then(TryInto::try_into)
         .map_err(compile_err)?;
         rewrite_to_notify(&mut deny);
+        if let Some(list) = allow {
+            deny = then_allow_list(deny, list, arch)?;
+        }
         // Non-native calls are the deny filter's to notify (so the supervisor sees them; a
         // program that kills itself with SIGSYS cannot fake one): its arch check notifies
         // instead of killing, and so does an x32 check in front of it. The refuse filter lets
@@ -279,6 +382,47 @@ impl Deny {
     }
 }
 
+/// `deny` followed by the allow-list: every `ret ALLOW` of the deny program jumps to the
+/// allow-list program instead, whose calls are allowed and every other call notified. One
+/// program, so that one listener hears both (a process may have only one).
+fn then_allow_list(
+    deny: BpfProgram,
+    list: &AllowList,
+    arch: TargetArch,
+) -> Result<BpfProgram, PolicyError> {
+    let compile_err = |e: seccompiler::BackendError| PolicyError::Compile(e.to_string());
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = list
+        .names()
+        .map(|n| (syscalls::number(n).expect("validated on load"), vec![]))
+        .collect();
+    let mut allow: BpfProgram = SeccompFilter::new(
+        rules,
+        SeccompAction::Trace(NOTIFY_MARK),
+        SeccompAction::Allow,
+        arch,
+    )
+    .and_then(TryInto::try_into)
+    .map_err(compile_err)?;
+    rewrite_to_notify(&mut allow);
+    let start = deny.len();
+    let mut out = deny;
+    for (i, ins) in out.iter_mut().enumerate() {
+        if ins.code == 0x06 && ins.k == libc::SECCOMP_RET_ALLOW {
+            // BPF_JMP|BPF_JA: to the first instruction of the allow-list program.
+            ins.code = 0x05;
+            ins.k = (start - (i + 1)) as u32;
+        }
+    }
+    out.extend(allow);
+    if out.len() > 4096 - 3 {
+        return Err(PolicyError::Compile(format!(
+            "the combined filter has {} instructions, over the kernel's 4096",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
 fn rewrite_to_notify(prog: &mut BpfProgram) {
     rewrite_returns(
         prog,
@@ -359,8 +503,8 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    pub fn new(policy: &Policy) -> Result<Compiled, PolicyError> {
-        let (refuse, deny) = policy.compile()?;
+    pub fn new(policy: &Policy, allow: Option<&AllowList>) -> Result<Compiled, PolicyError> {
+        let (refuse, deny) = policy.compile(allow)?;
         let flat = |p: BpfProgram| p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect();
         Ok(Compiled {
             refuse: flat(refuse),
@@ -452,9 +596,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_allow_list_loads_and_follows_the_deny_list_in_one_program() {
+        let p = Policy::shipped().unwrap();
+        let list = AllowList::shipped().expect("allow-list loads");
+        assert!(list.names().count() > 150);
+        let (_, alone) = p.compile(None).unwrap();
+        let (_, both) = p.compile(Some(&list)).unwrap();
+        assert!(
+            both.len() > alone.len() && both.len() < 4096,
+            "{}",
+            both.len()
+        );
+        // No path of the deny list allows a call on its own any more: it jumps on.
+        assert!(
+            !both[..alone.len()]
+                .iter()
+                .any(|i| i.code == 0x06 && i.k == libc::SECCOMP_RET_ALLOW)
+        );
+    }
+
+    #[test]
     fn shipped_policy_loads_and_compiles() {
         let p = Policy::shipped().expect("policy loads");
-        let (refuse, deny) = p.compile().expect("compiles");
+        let (refuse, deny) = p.compile(None).expect("compiles");
         assert!(!refuse.is_empty());
         assert!(deny.iter().any(|i| i.k == SECCOMP_RET_USER_NOTIF));
         assert!(

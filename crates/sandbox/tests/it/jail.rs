@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fleetbox_proto::{ExecutionReport, Millis, Status};
 
-use crate::support::{self, JAIL, JAIL_NO_CGROUP, PROCESS, limits, run, show};
+use crate::support::{self, JAIL, JAIL_ALLOW, JAIL_NO_CGROUP, PROCESS, limits, run, show};
 
 fn escape(name: &str) -> ExecutionReport {
     run(JAIL, &format!("escape/{name}"), limits())
@@ -371,7 +371,7 @@ fn isolation_is_reported() {
     let r = run(JAIL, "clean_exit.py", limits());
     assert_eq!(r.status, Status::Ok, "{}", show(&r));
     assert_eq!(r.backend, "jail");
-    assert_eq!(r.limits.mechanisms("syscalls"), ["seccomp_user_notif"]);
+    assert_eq!(r.limits.mechanisms("syscalls"), ["seccomp_deny_list"]);
     assert_eq!(r.limits.mechanisms("network"), ["netns_loopback_only"]);
     let fs = r.limits.mechanisms("filesystem");
     assert!(
@@ -419,7 +419,7 @@ fn shard_contract_inside_the_jail() {
 #[test]
 fn process_fixtures_match_under_jail() {
     for (name, expected, l) in support::fixture_verdicts() {
-        for setup in [PROCESS, JAIL] {
+        for setup in [PROCESS, JAIL, JAIL_ALLOW] {
             let r = run(setup, name, l.clone());
             assert_eq!(
                 r.status,
@@ -430,4 +430,43 @@ fn process_fixtures_match_under_jail() {
             );
         }
     }
+}
+
+/// The allow-list policy: the standard library's common ground runs clean under it, every
+/// escape the deny list reports is reported the same way, and a call on neither list (here
+/// `mlock`, which the deny list lets through) is denied and reported by its name.
+#[test]
+fn the_allow_list_runs_the_corpus_clean_and_reports_the_rest_by_name() {
+    let stdlib = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../resources/seccomp/corpus/stdlib.py"),
+    )
+    .unwrap();
+    let r = support::run_code(JAIL_ALLOW, &stdlib, None, limits());
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
+    assert!(r.violations.is_empty(), "{}", show(&r));
+    assert_eq!(r.limits.mechanisms("syscalls"), ["seccomp_allow_list"]);
+
+    for (fixture, syscall) in [
+        ("mount.py", "mount"),
+        ("ptrace.py", "ptrace"),
+        ("unshare.py", "unshare"),
+        ("ctypes_syscall.py", "keyctl"),
+        ("load_module.py", "finit_module"),
+    ] {
+        let r = run(JAIL_ALLOW, &format!("escape/{fixture}"), limits());
+        violation(&r, syscall);
+    }
+    let code = b"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nbuf = ctypes.create_string_buffer(4096)\nprint(libc.mlock(buf, 4096), ctypes.get_errno())\n";
+    let r = support::run_code(JAIL_ALLOW, code, None, limits());
+    violation(&r, "mlock");
+    assert_eq!(
+        r.stdout.trim(),
+        format!("-1 {}", libc::EPERM),
+        "{}",
+        show(&r)
+    );
+    // The deny list lets it through.
+    let r = support::run_code(JAIL, code, None, limits());
+    assert_eq!(r.status, Status::Ok, "{}", show(&r));
 }

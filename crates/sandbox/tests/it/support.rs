@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use fleetbox_proto::{ByteSize, ExecutionReport, Limits, Millis, Status};
-use fleetbox_sandbox::{Backend, RunRequest, SandboxConfig};
+use fleetbox_sandbox::{Backend, RunRequest, SandboxConfig, SeccompMode};
 
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -36,23 +36,34 @@ pub fn limits() -> Limits {
 pub struct Setup {
     pub backend: Backend,
     pub cgroups: bool,
+    pub seccomp: SeccompMode,
 }
 
 pub const PROCESS: Setup = Setup {
     backend: Backend::Process,
     cgroups: true,
+    seccomp: SeccompMode::Deny,
 };
 pub const PROCESS_NO_CGROUP: Setup = Setup {
     backend: Backend::Process,
     cgroups: false,
+    seccomp: SeccompMode::Deny,
 };
 pub const JAIL: Setup = Setup {
     backend: Backend::Jail,
     cgroups: true,
+    seccomp: SeccompMode::Deny,
 };
 pub const JAIL_NO_CGROUP: Setup = Setup {
     backend: Backend::Jail,
     cgroups: false,
+    seccomp: SeccompMode::Deny,
+};
+/// The jail with the allow-list policy (`resources/seccomp/allow.json`).
+pub const JAIL_ALLOW: Setup = Setup {
+    backend: Backend::Jail,
+    cgroups: true,
+    seccomp: SeccompMode::Allow,
 };
 
 pub fn run_code(
@@ -72,6 +83,7 @@ pub fn sandbox(setup: Setup) -> Box<dyn fleetbox_sandbox::Sandbox> {
         setup.backend,
         SandboxConfig {
             use_cgroups: setup.cgroups,
+            seccomp: setup.seccomp,
             // The jail's helper is a binary of its own, not this test executable.
             jail_helper: Some(bin()),
             ..SandboxConfig::default()

@@ -323,6 +323,39 @@ print(json.dumps({"product": __import__("math").prod(values), "n": len(values)})
     assert_eq!(r.result_value(), Some(json!({"product": 120, "n": 5})));
 }
 
+/// The coordinator's own sandbox is the jail with the allow-list policy: a reducer runs in it,
+/// and one making a call off the list (`mlock`, which the deny list would let through) fails
+/// with that call named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_reducer_runs_in_a_jail_with_the_allow_list() {
+    let Some(mut c) = Cluster::start_with(Db::Sqlite, &["--backend", "jail"]).await else {
+        return;
+    };
+    c.add_agent(2);
+    let spec = |reducer: &str| {
+        format!(
+            "name = \"jailed reducer\"\ncode = \"import os; print(int(os.environ['FLEETBOX_SHARD_INDEX']) + 1)\"\nshards = {{ count = 4 }}\nmax_attempts = 1\n[aggregate]\nreducer = \"python\"\ncode = \"\"\"\n{reducer}\n\"\"\"\n"
+        )
+    };
+    let job = c
+        .submit(&spec(
+            "import json, os\nprint(sum(json.load(open(os.environ['FLEETBOX_INPUT']))) * 10)",
+        ))
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    assert_eq!(r.result_value(), Some(json!(100)));
+    let job = c
+        .submit(&spec(
+            "import ctypes\nlibc = ctypes.CDLL(None)\nbuf = ctypes.create_string_buffer(4096)\nlibc.mlock(buf, 4096)\nprint(1)",
+        ))
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(90)).await;
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
+    let why = r.error.unwrap_or_default();
+    assert!(why.contains("mlock"), "{why}");
+}
+
 async fn sandbox_errors_retry_then_die(db: Db) {
     let Some(mut c) = Cluster::start(db).await else {
         return;
