@@ -206,3 +206,49 @@ fn cancel_stops_a_warm_run() {
     assert_eq!(r.message.as_deref(), Some("cancelled: job cancelled"));
     assert!(started.elapsed() < Duration::from_secs(3), "{}", show(&r));
 }
+
+/// The hardening fixtures give the same verdicts in a warm jail as in a cold one: host-global
+/// counters and a denial flood, the init's limits and a filter of the program's own, a fake
+/// SIGSYS death.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn hardening_fixtures_end_the_same_in_warm_jails() {
+    let root = tempfile::tempdir().unwrap();
+    let warm = sandbox(1, root.path());
+    let cases: [(&str, Status, &[&str]); 4] = [
+        (
+            "escape/host_quotas.py",
+            Status::SandboxViolation,
+            &["io_setup", "inotify_init1"],
+        ),
+        (
+            "escape/denial_flood.py",
+            Status::SandboxViolation,
+            &["ptrace"],
+        ),
+        (
+            "escape/init_limits_and_filters.py",
+            Status::SandboxViolation,
+            &["prlimit64", "seccomp", "prctl"],
+        ),
+        ("escape/self_sigsys.py", Status::Error, &[]),
+    ];
+    // The first run is cold and shows the pool the limits.
+    let _ = warm.run(&req("clean_exit.py", limits()));
+    for (name, status, syscalls) in cases {
+        let r = run_warm(&warm, &req(name, limits()));
+        assert_eq!(r.status, status, "{name}: {}", show(&r));
+        for s in syscalls {
+            assert!(
+                r.violations
+                    .iter()
+                    .any(|v| v.syscall.as_deref() == Some(*s)),
+                "{name}: no `{s}` violation: {}",
+                show(&r)
+            );
+        }
+        if syscalls.is_empty() {
+            assert!(r.violations.is_empty(), "{name}: {}", show(&r));
+        }
+    }
+}
