@@ -327,6 +327,14 @@ pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode>
 pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
     let agent_file = FileConfig::load(config)?.agent;
+    // The local agents' jail policy, as `fleetbox agent` reads it: `FLEETBOX_SECCOMP`, else
+    // the deny list.
+    let seccomp: SeccompMode = match std::env::var(env::FLEETBOX_SECCOMP) {
+        Ok(v) => v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid `{}`: {e}", env::FLEETBOX_SECCOMP))?,
+        Err(_) => SeccompMode::Deny,
+    };
     let server_args = ServerArgs {
         listen: args.listen,
         data: args.data.clone(),
@@ -372,7 +380,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
                     warm: None,
-                    seccomp: SeccompMode::Deny,
+                    seccomp,
                 },
                 &agent_file,
                 backend,
