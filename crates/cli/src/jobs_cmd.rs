@@ -30,7 +30,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let token = match &self.token {
             Some(t) => t.clone(),
             None => {

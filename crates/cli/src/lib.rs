@@ -2,6 +2,7 @@
 //! crates; this one turns flags, environment and `fleetbox.toml` into their inputs and their
 //! results into output and exit codes.
 
+mod audit_cmd;
 mod cluster;
 mod config;
 mod exit;
@@ -45,6 +46,8 @@ enum Command {
     Cancel(jobs_cmd::CancelArgs),
     /// Download a stored blob (a large stream or output, a result, a file a shard wrote).
     Blob(jobs_cmd::BlobArgs),
+    /// The tamper-evident audit log: `list` its entries, `verify` its hash chain.
+    Audit(audit_cmd::AuditArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -79,6 +82,7 @@ pub fn main() -> ExitCode {
         Command::Job(args) => jobs_cmd::job(args),
         Command::Cancel(args) => jobs_cmd::cancel(args),
         Command::Blob(args) => jobs_cmd::blob(args),
+        Command::Audit(args) => audit_cmd::audit(args),
     };
     match result {
         Ok(code) => code,

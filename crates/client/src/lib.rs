@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use fleetbox_proto::JobSpec;
 use fleetbox_proto::api::{
-    AgentList, EnrollRequest, EnrollResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse,
-    JobList, JobResult, JobView, LeaseRequest, LeaseResponse, ReportAck, ReportBatch,
-    ReturnRequest, ShardDetail, ShardList,
+    AgentList, AuditPage, AuditVerification, EnrollRequest, EnrollResponse, ErrorBody,
+    HeartbeatRequest, HeartbeatResponse, JobList, JobResult, JobView, LeaseRequest, LeaseResponse,
+    ReportAck, ReportBatch, ReturnRequest, ShardDetail, ShardList,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -179,6 +179,17 @@ impl Client {
 
     pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
         self.get("/v1/status").await
+    }
+
+    /// A page of the audit log; `query` is `job=..&agent=..&action=..&since=..&after=..&limit=..`
+    /// (already URL-safe: ids and action names need no escaping).
+    pub async fn audit(&self, query: &str) -> Result<AuditPage, ClientError> {
+        self.get(&format!("/v1/audit?{query}")).await
+    }
+
+    /// Recompute the audit chain on the coordinator.
+    pub async fn audit_verify(&self) -> Result<AuditVerification, ClientError> {
+        self.get("/v1/audit/verify").await
     }
 
     pub async fn submit(&self, spec: &JobSpec) -> Result<JobView, ClientError> {

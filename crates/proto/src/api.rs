@@ -401,3 +401,52 @@ pub struct AgentView {
 pub struct AgentList {
     pub agents: Vec<AgentView>,
 }
+
+/// One entry of the audit log (`GET /v1/audit`), with the hashes that chain it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub tenant_id: String,
+    pub seq: i64,
+    /// Milliseconds since the Unix epoch.
+    pub at: i64,
+    /// `admin:<token id>`, `enroll:<token id>`, `agent:<id>`, `server`.
+    pub actor: String,
+    /// `job.submitted`, `shard.accepted`, ... (see `docs/SECURITY.md`, *The audit log*).
+    pub action: String,
+    pub job_id: Option<String>,
+    pub task_id: Option<i64>,
+    pub lease_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub details: Value,
+    /// `SHA-256(0x00 || canonical entry)`, hex.
+    pub leaf: String,
+    /// `SHA-256(0x01 || previous chain || leaf)`, hex.
+    pub chain: String,
+}
+
+/// `GET /v1/audit`: entries oldest first; `next_after` pages on (`?after=`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<AuditRecord>,
+    pub next_after: Option<i64>,
+}
+
+/// `GET /v1/audit/verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerification {
+    pub tenant_id: String,
+    /// Entries checked.
+    pub entries: u64,
+    /// Where the chain's head says the log ends.
+    pub head_seq: i64,
+    pub ok: bool,
+    /// The first entry found edited, deleted, inserted or reordered, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<AuditProblem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditProblem {
+    pub seq: i64,
+    pub what: String,
+}

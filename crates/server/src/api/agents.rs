@@ -16,6 +16,7 @@ use super::{ApiError, Auth, Body};
 use crate::State;
 use crate::blobs::{INLINE_LIMIT, is_sha256};
 use crate::ids::{agent_id, random_hex, sha256_hex, token};
+use crate::store::audit::{Action, Entry};
 use crate::store::{ReportInput, TokenKind, now_ms};
 
 /// Most tasks one lease call may ask for, and the longest long-poll.
@@ -41,10 +42,8 @@ pub async fn enroll(
     auth: Auth,
     Body(req): Body<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let tenant = auth
-        .require(&[TokenKind::Enroll, TokenKind::Admin])?
-        .tenant_id
-        .clone();
+    let principal = auth.require(&[TokenKind::Enroll, TokenKind::Admin])?;
+    let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let name = req.name.trim();
     if name.is_empty() || name.len() > 200 {
         return Err(
@@ -76,7 +75,7 @@ pub async fn enroll(
     let secret = token("agent");
     state
         .store
-        .enroll_agent(&tenant, &id, &sha256_hex(secret.as_bytes()), &req)
+        .enroll_agent(&tenant, &id, &sha256_hex(secret.as_bytes()), &req, &actor)
         .await?;
     tracing::info!(agent = %id, name, slots = req.slots, "agent enrolled");
     Ok(Json(EnrollResponse {
@@ -222,13 +221,15 @@ pub async fn report(
     }
     // Reading and hashing outputs (some from blobs) is blocking work.
     let inputs = {
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || {
+        let for_blocking = state.clone();
+        let formed = tokio::task::spawn_blocking(move || {
             batch
                 .reports
                 .into_iter()
                 .enumerate()
-                .map(|(i, r)| store_form(&state, r).map_err(|e| e.within(&format!("reports[{i}]"))))
+                .map(|(i, r)| {
+                    store_form(&for_blocking, r).map_err(|e| e.within(&format!("reports[{i}]")))
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -238,7 +239,23 @@ pub async fn report(
                 "internal",
                 e.to_string(),
             )
-        })??
+        })?;
+        match formed {
+            Ok(inputs) => inputs,
+            Err(refused) => {
+                let entry = Entry::new(tenant, format!("agent:{agent}"), Action::ReportRefused)
+                    .agent(agent)
+                    .details(serde_json::json!({
+                        "code": refused.code,
+                        "field": refused.field,
+                        "why": refused.message,
+                    }));
+                if let Err(e) = state.store.audit(vec![entry]).await {
+                    tracing::error!(error = %e, "could not record a refused report");
+                }
+                return Err(refused);
+            }
+        }
     };
     let (outcomes, ready) = state
         .store
@@ -431,7 +448,9 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
             }
         }
     };
+    let audit = audit_summary(&report, output_sha256.as_deref());
     Ok(ReportInput {
+        audit,
         lease_id,
         task_id,
         status: report.status,
@@ -448,6 +467,32 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
             .stdout_bytes
             .saturating_add(report.stderr_bytes)
             .min(i64::MAX as u64) as i64,
+    })
+}
+
+/// What the audit log keeps of a run: status, timings, memory, bytes, the files it created
+/// (path, size, sha256; the first 100) and its violations.
+fn audit_summary(report: &ExecutionReport, output_sha256: Option<&str>) -> serde_json::Value {
+    const FILES: usize = 100;
+    serde_json::json!({
+        "status": report.status.as_str(),
+        "exit_code": report.exit_code,
+        "signal": report.signal,
+        "wall_ms": report.wall_ms,
+        "cpu_ms": report.cpu_user_ms.saturating_add(report.cpu_sys_ms),
+        "peak_memory_bytes": report.peak_memory_bytes,
+        "stdout_bytes": report.stdout_bytes,
+        "stderr_bytes": report.stderr_bytes,
+        "output_sha256": output_sha256,
+        "files": report.files.iter().take(FILES).map(|f| serde_json::json!({
+            "path": f.path, "bytes": f.bytes, "sha256": f.sha256,
+        })).collect::<Vec<_>>(),
+        "files_total": report.files.len(),
+        "violations": report.violations.iter().map(|v| serde_json::json!({
+            "kind": v.kind, "syscall": v.syscall, "count": v.count,
+        })).collect::<Vec<_>>(),
+        "backend": report.backend,
+        "code_sha256": report.code_sha256,
     })
 }
 

@@ -32,7 +32,8 @@ pub async fn submit(
     auth: Auth,
     req: Request,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let tenant = auth.require(&[TokenKind::Admin])?.tenant_id.clone();
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let body = raw_body(req, &()).await?;
     let spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
@@ -54,6 +55,7 @@ pub async fn submit(
         priority: spec.priority,
         max_attempts: spec.max_attempts,
         inputs: plan.inputs,
+        actor,
     };
     state.store.insert_job(&job).await?;
     tracing::info!(job = %job.id, shards = job.inputs.len(), name = %job.name, "job submitted");
@@ -212,11 +214,16 @@ pub async fn cancel(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let tenant = auth.require(&[TokenKind::Admin])?.tenant_id.clone();
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let tenant = principal.tenant_id.clone();
     let Some(view) = state.store.job_view(&tenant, &id).await? else {
         return Err(ApiError::not_found("job", &id));
     };
-    if !state.store.cancel_job(&tenant, &id).await? {
+    if !state
+        .store
+        .cancel_job(&tenant, &id, &principal.actor)
+        .await?
+    {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "job_finished",

@@ -1,6 +1,7 @@
 //! The HTTP API under `/v1`: routing, tracing, authentication and body parsing.
 
 mod agents;
+mod audit;
 pub mod error;
 mod jobs;
 
@@ -46,6 +47,8 @@ pub fn router(state: Arc<State>) -> Router {
             axum::routing::put(agents::put_blob),
         )
         .route("/v1/blobs/{sha256}", get(jobs::get_blob))
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/audit/verify", get(audit::verify))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -5,6 +5,7 @@ use fleetbox_proto::{AgentState, TaskState};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::audit::{Action, Entry};
 use super::settle::Tx;
 use super::{Doing, Store, StoreError, TokenKind, now_ms};
 
@@ -16,6 +17,7 @@ impl Store {
         agent_id: &str,
         token_hash: &str,
         req: &EnrollRequest,
+        actor: &str,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("enrolling an agent")?;
@@ -45,6 +47,14 @@ impl Store {
         .execute(&mut *tx)
         .await
         .doing("inserting an agent token")?;
+        let entry = Entry::new(tenant_id, actor, Action::AgentEnrolled)
+            .agent(agent_id)
+            .details(serde_json::json!({
+                "name": req.name,
+                "labels": req.labels,
+                "slots": req.slots,
+            }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("enrolling an agent")?;
         Ok(())
     }
@@ -81,18 +91,29 @@ impl Store {
 
     /// Agents silent since `cutoff` become `lost`; returns their ids.
     pub async fn mark_lost_agents(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE agents SET state = $1 WHERE state = $2 AND last_seen < $3 RETURNING id",
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("marking lost agents")?;
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "UPDATE agents SET state = $1 WHERE state = $2 AND last_seen < $3 \
+             RETURNING id, tenant_id, last_seen",
         )
         .bind(AgentState::Lost.as_str())
         .bind(AgentState::Online.as_str())
         .bind(cutoff)
-        .fetch_all(&self.write)
+        .fetch_all(&mut *tx)
         .await
         .doing("marking lost agents")?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("id").doing("reading lost agents"))
-            .collect()
+        let entries = rows
+            .iter()
+            .map(|(id, tenant, seen)| {
+                Entry::new(tenant, "server", Action::AgentLost)
+                    .agent(id)
+                    .details(serde_json::json!({ "last_seen": seen }))
+            })
+            .collect();
+        self.append_audit(&mut tx, entries, now).await?;
+        tx.commit().await.doing("marking lost agents")?;
+        Ok(rows.into_iter().map(|(id, _, _)| id).collect())
     }
 
     /// An agent asked for work: a sign of life, in the caller's transaction.

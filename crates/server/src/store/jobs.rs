@@ -7,6 +7,7 @@ use fleetbox_proto::{JobState, Limits, Reducer, Status, TaskState, Verdict};
 use serde_json::Value;
 
 use super::agents::{json, parse};
+use super::audit::{Action, Entry};
 use super::settle::{self, Tally};
 use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
@@ -25,6 +26,8 @@ pub struct NewJob {
     pub priority: i32,
     pub max_attempts: u32,
     pub inputs: Vec<Value>,
+    /// Who submitted it, for the audit log (`admin:<token id>`).
+    pub actor: String,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -322,6 +325,16 @@ impl Store {
                 .doing("inserting tasks")?;
         }
         settle::create_counts(&mut tx, &job.id, shards).await?;
+        let entry = Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
+            .job(&job.id)
+            .details(serde_json::json!({
+                "name": job.name,
+                "shards": shards,
+                "code_sha256": job.code_sha256,
+                "priority": job.priority,
+                "max_attempts": job.max_attempts,
+            }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("submitting a job")?;
         Ok(())
     }
@@ -514,7 +527,12 @@ impl Store {
     }
 
     /// Cancel a job: unsettled shards become `dead`. Returns false when it was already final.
-    pub async fn cancel_job(&self, tenant_id: &str, id: &str) -> Result<bool, StoreError> {
+    pub async fn cancel_job(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("cancelling a job")?;
         // The job row first (it is locked from here on), then its tasks, then its counters.
@@ -541,6 +559,8 @@ impl Store {
         let mut tally = Tally::default();
         settle::kill_unsettled(&mut tx, &mut tally, id, "job cancelled", now).await?;
         tally.apply(&mut tx).await?;
+        let entry = Entry::new(tenant_id, actor, Action::JobCancelled).job(id);
+        self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("cancelling a job")?;
         Ok(true)
     }
@@ -717,7 +737,9 @@ impl Store {
         owner: &str,
         outcome: &FoldOutcome<'_>,
     ) -> Result<bool, StoreError> {
-        let done = Sql::new("UPDATE jobs SET state = ")
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("storing a job result")?;
+        let done: Option<(String,)> = Sql::new("UPDATE jobs SET state = ")
             .bind(outcome.state.as_str())
             .push(", result = ")
             .bind(outcome.result)
@@ -728,18 +750,41 @@ impl Store {
             .push(", error = ")
             .bind(outcome.error.map(settle::storable_text))
             .push(", finished_at = ")
-            .bind(now_ms())
+            .bind(now)
             .push(", fold_owner = NULL WHERE id = ")
             .bind(id)
             .push(" AND state = ")
             .bind(JobState::Aggregating.as_str())
             .push(" AND fold_owner = ")
             .bind(owner)
-            .build()
-            .execute(&self.write)
+            .push(" RETURNING tenant_id")
+            .build_as()
+            .fetch_optional(&mut *tx)
             .await
             .doing("storing a job result")?;
-        Ok(done.rows_affected() == 1)
+        let Some((tenant,)) = done else {
+            return Ok(false);
+        };
+        let action = if outcome.state == JobState::Completed {
+            Action::JobCompleted
+        } else {
+            Action::JobFailed
+        };
+        let s = outcome.summary;
+        let entry = Entry::new(&tenant, "server", action)
+            .job(id)
+            .details(serde_json::json!({
+                "state": outcome.state.as_str(),
+                "error": outcome.error,
+                "shards_accepted": s.shards_accepted,
+                "shards_failed": s.shards_failed,
+                "shards_dead": s.shards_dead,
+                "attempts": s.attempts,
+                "result_blob": outcome.result_blob,
+            }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing("storing a job result")?;
+        Ok(true)
     }
 }
 

@@ -7,6 +7,7 @@
 //! PostgreSQL shares one pool, so several coordinators can use the same database.
 
 mod agents;
+pub mod audit;
 mod jobs;
 mod settle;
 mod sql;
@@ -95,6 +96,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_counts",
         include_str!("../../migrations/0003_counts.sql"),
+    ),
+    (
+        "0004_audit",
+        include_str!("../../migrations/0004_audit.sql"),
     ),
 ];
 

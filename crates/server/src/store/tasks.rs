@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use fleetbox_proto::{Status, TaskState};
 use sqlx::Row;
 
+use super::audit::{Action, Entry};
 use super::settle::{self, LeaseEnd, LeaseGrant, Shard, Tally, storable_text};
 use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
@@ -31,6 +32,8 @@ pub struct ReportInput {
     pub wall_ms: i64,
     pub peak_memory: i64,
     pub bytes_out: i64,
+    /// What the audit log keeps of the run (status, timings, files, violations).
+    pub audit: serde_json::Value,
 }
 
 /// What happened to one report.
@@ -104,6 +107,7 @@ struct ReportedTask {
 #[derive(sqlx::FromRow)]
 struct Expired {
     id: i64,
+    tenant_id: String,
     job_id: String,
     #[sqlx(try_from = "i64")]
     attempts: u32,
@@ -179,6 +183,23 @@ impl Store {
                 .doing("recording leases")?;
         }
         tally.apply(&mut tx).await?;
+        let actor = format!("agent:{agent_id}");
+        let entries = grants
+            .iter()
+            .map(|g| {
+                Entry::new(tenant_id, actor.as_str(), Action::ShardLeased)
+                    .job(&g.job_id)
+                    .task(g.task_id)
+                    .lease(&g.lease_id)
+                    .agent(agent_id)
+                    .details(serde_json::json!({
+                        "shard": g.shard_index,
+                        "attempt": g.attempt,
+                        "expires": expires,
+                    }))
+            })
+            .collect();
+        self.append_audit(&mut tx, entries, now).await?;
         // Asking for work is a sign of life: recorded in the same transaction.
         self.agent_seen(&mut tx, agent_id, now).await?;
         tx.commit().await.doing("leasing tasks")?;
@@ -277,6 +298,24 @@ impl Store {
             returned += settle::requeue(&mut tx, &mut tally, agent_id, chunk, why, now).await?;
         }
         tally.apply(&mut tx).await?;
+        if returned > 0 {
+            let tenant: Option<(String,)> = Sql::new("SELECT tenant_id FROM agents WHERE id = ")
+                .bind(agent_id)
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("reading an agent's tenant")?;
+            if let Some((tenant,)) = tenant {
+                let entry = Entry::new(&tenant, format!("agent:{agent_id}"), Action::LeaseReturned)
+                    .agent(agent_id)
+                    .details(serde_json::json!({
+                        "returned": returned,
+                        "leases": leases.iter().take(1000).collect::<Vec<_>>(),
+                        "why": why.unwrap_or("handed back unrun"),
+                    }));
+                self.append_audit(&mut tx, vec![entry], now).await?;
+            }
+        }
         tx.commit().await.doing("returning leases")?;
         Ok(returned)
     }
@@ -390,6 +429,8 @@ impl Store {
         // and only a transition that happened moves the job's counters.
         let mut tally = Tally::default();
         let mut chosen_attempts = Vec::new();
+        let actor = format!("agent:{agent_id}");
+        let mut entries = Vec::new();
         for &i in &valid_rows {
             let r = &reports[i];
             let Some(&attempt_id) = inserted.get(&r.lease_id) else {
@@ -397,6 +438,14 @@ impl Store {
                 continue;
             };
             let task = &tasks[&r.task_id];
+            let entry = |action| {
+                Entry::new(tenant_id, actor.as_str(), action)
+                    .job(&task.job_id)
+                    .task(task.id)
+                    .lease(&r.lease_id)
+                    .agent(agent_id)
+            };
+            entries.push(entry(Action::AttemptReported).details(r.audit.clone()));
             let shard = Shard {
                 id: task.id,
                 job_id: &task.job_id,
@@ -413,12 +462,25 @@ impl Store {
                     let done = settle::accept(&mut tx, &mut tally, shard, now).await?;
                     if done {
                         chosen_attempts.push(attempt_id);
+                        entries.push(entry(Action::ShardAccepted).details(serde_json::json!({
+                            "output_sha256": r.output_sha256,
+                            "late": !current,
+                        })));
                     }
                     // A late success that settles a re-queued shard is still late.
                     done && current
                 }
                 Disposition::Reject => {
-                    settle::reject(&mut tx, &mut tally, shard, &r.lease_id, &reason, now).await?
+                    let done =
+                        settle::reject(&mut tx, &mut tally, shard, &r.lease_id, &reason, now)
+                            .await?;
+                    if done {
+                        entries.push(
+                            entry(Action::ShardRejected)
+                                .details(serde_json::json!({ "reason": reason })),
+                        );
+                    }
+                    done
                 }
                 Disposition::Retry => {
                     let dead = task.attempts >= task.max_attempts;
@@ -434,7 +496,17 @@ impl Store {
                         not_before: at,
                         reason: &why,
                     };
-                    settle::release(&mut tx, &mut tally, shard, &r.lease_id, end, now).await?
+                    let done =
+                        settle::release(&mut tx, &mut tally, shard, &r.lease_id, end, now).await?;
+                    if done {
+                        let action = if dead {
+                            Action::ShardDead
+                        } else {
+                            Action::ShardRequeued
+                        };
+                        entries.push(entry(action).details(serde_json::json!({ "reason": why })));
+                    }
+                    done
                 }
             };
             outcomes[i] = if taken {
@@ -453,6 +525,7 @@ impl Store {
                 .doing("choosing attempts")?;
         }
         let ready = tally.apply(&mut tx).await?;
+        self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("storing reports")?;
         Ok((outcomes, ready))
     }
@@ -467,7 +540,7 @@ impl Store {
     ) -> Result<(Vec<Requeued>, Vec<String>), StoreError> {
         let mut tx = self.begin_write().await.doing("expiring leases")?;
         let mut sql = Sql::new(
-            "SELECT id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks WHERE state = ",
+            "SELECT id, tenant_id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks WHERE state = ",
         );
         sql.bind(TaskState::Leased.as_str())
             .push(" AND (lease_expires < ")
@@ -487,6 +560,7 @@ impl Store {
         settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
         let mut tally = Tally::default();
         let mut changed = Vec::new();
+        let mut entries = Vec::new();
         for e in expired {
             let agent = e.agent_id.unwrap_or_default();
             let why = if lost_agents.contains(&agent) {
@@ -514,6 +588,22 @@ impl Store {
                 reason: &reason,
             };
             if settle::release(&mut tx, &mut tally, shard, &lease, end, now).await? {
+                let entry = |action| {
+                    Entry::new(&e.tenant_id, "server", action)
+                        .job(&e.job_id)
+                        .task(e.id)
+                        .lease(&lease)
+                        .agent(&agent)
+                };
+                entries.push(entry(Action::LeaseExpired).details(serde_json::json!({
+                    "agent_lost": lost_agents.contains(&agent),
+                })));
+                let action = if dead {
+                    Action::ShardDead
+                } else {
+                    Action::ShardRequeued
+                };
+                entries.push(entry(action).details(serde_json::json!({ "reason": reason })));
                 changed.push(Requeued {
                     task_id: e.id,
                     job_id: e.job_id,
@@ -522,6 +612,7 @@ impl Store {
             }
         }
         let ready = tally.apply(&mut tx).await?;
+        self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("expiring leases")?;
         Ok((changed, ready))
     }
@@ -563,6 +654,7 @@ mod store_tests {
                 priority: 0,
                 max_attempts,
                 inputs: vec![serde_json::json!(1), serde_json::json!(2)],
+                actor: "admin:test".into(),
             })
             .await
             .unwrap();
@@ -649,6 +741,7 @@ mod store_tests {
             wall_ms: 1,
             peak_memory: 1,
             bytes_out: 0,
+            audit: serde_json::json!({"status": "ok"}),
         };
         let (outcomes, ready) = store
             .report("default", "agt_a", &[report], 1000)

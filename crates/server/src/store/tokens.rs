@@ -39,6 +39,9 @@ pub struct Principal {
     pub tenant_id: String,
     pub kind: TokenKind,
     pub agent_id: Option<String>,
+    /// Who this is in the audit log: `agent:<id>`, or `<kind>:<token id>` (the first 12 hex
+    /// digits of the token's hash, which identify it without revealing it).
+    pub actor: String,
 }
 
 impl Store {
@@ -77,10 +80,16 @@ impl Store {
             what: "token kind",
             detail: kind,
         })?;
+        let agent_id: Option<String> = row.try_get("agent_id").doing("reading a token")?;
+        let actor = match &agent_id {
+            Some(id) => format!("agent:{id}"),
+            None => format!("{}:{}", kind.as_str(), &hash[..hash.len().min(12)]),
+        };
         Ok(Some(Principal {
             tenant_id: row.try_get("tenant_id").doing("reading a token")?,
             kind,
-            agent_id: row.try_get("agent_id").doing("reading a token")?,
+            agent_id,
+            actor,
         }))
     }
 }

@@ -26,7 +26,9 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
                 .unwrap(),
             None
         );
-        a.cancel_job("default", "job_f").await.unwrap();
+        a.cancel_job("default", "job_f", "admin:test")
+            .await
+            .unwrap();
 
         a.insert_job(&new_job("job_g", 1, 1)).await.unwrap();
         let g = a.lease("default", "agt", 1, now + 10, "x").await.unwrap();

@@ -31,6 +31,7 @@ fn ok_report(lease_id: &str, task_id: i64, value: u64) -> ReportInput {
         wall_ms: 1,
         peak_memory: 1,
         bytes_out: 0,
+        audit: serde_json::json!({"status": "ok"}),
     }
 }
 
@@ -335,7 +336,7 @@ async fn reports_racing_a_cancel_leave_a_consistent_job() {
             let j = job.clone();
             racers.push(tokio::spawn(async move {
                 jitter(round as u64 * 7).await;
-                assert!(store.cancel_job("default", &j).await.unwrap());
+                assert!(store.cancel_job("default", &j, "admin:test").await.unwrap());
             }));
             for r in racers {
                 r.await.unwrap();
@@ -551,7 +552,10 @@ async fn leases_reports_expiry_and_cancel_racing_keep_every_counter_true() {
                 let job = job.clone();
                 racers.push(tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(5)).await;
-                    store.cancel_job("default", &job).await.unwrap();
+                    store
+                        .cancel_job("default", &job, "admin:test")
+                        .await
+                        .unwrap();
                 }));
             }
             for r in racers {

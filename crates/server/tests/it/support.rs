@@ -18,5 +18,6 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
         priority: 0,
         max_attempts,
         inputs: (0..n).map(|i| serde_json::json!(i)).collect(),
+        actor: "admin:test".into(),
     }
 }

@@ -1,0 +1,168 @@
+//! `fleetbox audit list|verify`: read the tamper-evident audit log of a coordinator.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fleetbox_proto::Millis;
+
+use crate::jobs_cmd::Conn;
+use crate::term;
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Entries oldest first, filtered.
+    List(ListArgs),
+    /// Recompute the hash chain on the coordinator; names the first entry that was edited,
+    /// deleted, inserted or reordered, and exits 1 if there is one.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only entries about this job.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Only entries about this agent.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only this action, e.g. `shard.accepted`.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only entries this recent, e.g. `1h`, `30m`.
+    #[arg(long, value_parser = |s: &str| s.parse::<Millis>().map_err(|e| e.to_string()))]
+    pub since: Option<Millis>,
+    /// Print JSON lines (one entry per line, with its hashes) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Print the verification as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        AuditCommand::List(a) => list(a),
+        AuditCommand::Verify(a) => verify(a),
+    }
+}
+
+fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    let mut base = Vec::new();
+    for (k, v) in [
+        ("job", &args.job),
+        ("agent", &args.agent),
+        ("action", &args.action),
+    ] {
+        if let Some(v) = v {
+            if !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                anyhow::bail!("`--{k} {v}`: ids and actions are letters, digits, `.`, `_`, `-`");
+            }
+            base.push(format!("{k}={v}"));
+        }
+    }
+    if let Some(since) = args.since {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        base.push(format!("since={}", now - since.0 as i64));
+    }
+    runtime()?.block_on(async move {
+        let mut out = std::io::stdout().lock();
+        let mut after = 0;
+        loop {
+            let mut q = base.clone();
+            q.push(format!("after={after}"));
+            q.push("limit=5000".into());
+            let page = client.audit(&q.join("&")).await?;
+            for e in &page.entries {
+                if args.json {
+                    serde_json::to_writer(&mut out, e)?;
+                    writeln!(out)?;
+                } else {
+                    let at = humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(e.at.max(0) as u64),
+                    );
+                    let subject = [
+                        e.job_id.as_deref(),
+                        e.task_id.map(|t| format!("task {t}")).as_deref(),
+                        e.agent_id.as_deref(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                    writeln!(
+                        out,
+                        "{:>8} {at} {:<18} {:<26} {} {}",
+                        e.seq,
+                        e.action,
+                        e.actor,
+                        subject,
+                        term::for_stdout(&e.details.to_string())
+                    )?;
+                }
+            }
+            match page.next_after {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let v = client.audit_verify().await?;
+        if args.json {
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
+        } else if v.ok {
+            eprintln!(
+                "fleetbox: audit log of `{}` verified: {} entries, chain head at {}",
+                v.tenant_id, v.entries, v.head_seq
+            );
+        } else if let Some(p) = &v.problem {
+            eprintln!(
+                "fleetbox: audit log of `{}` FAILED verification at entry {}: {}",
+                v.tenant_id, p.seq, p.what
+            );
+        }
+        Ok(if v.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}

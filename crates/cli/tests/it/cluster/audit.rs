@@ -1,0 +1,233 @@
+//! The audit log through a real coordinator: every action leaves its entry with the right actor
+//! and subject, the chain verifies, and tampering done directly in the database (SQLite and
+//! PostgreSQL) is named by `fleetbox audit verify`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use fleetbox_proto::JobState;
+use fleetbox_proto::api::{AuditRecord, ReportBatch, ShardReport};
+use fleetbox_proto::{ExecutionReport, Status};
+
+use super::harness::{ADMIN, Cluster, Db};
+use crate::support::bin;
+
+async fn all_entries(c: &Cluster) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = c.client.audit(&format!("after={after}")).await.unwrap();
+        out.extend(page.entries);
+        match page.next_after {
+            Some(n) => after = n,
+            None => return out,
+        }
+    }
+}
+
+async fn db(c: &Cluster) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = match &c.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", c.data().join("fleetbox.db").display()),
+    };
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap()
+}
+
+async fn exec(pool: &sqlx::AnyPool, sql: &str) {
+    sqlx::query(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// `fleetbox audit verify`: exit code, and the entry it names on stderr.
+fn verify_cli(c: &Cluster) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .args(["audit", "verify", "--server", &c.url()])
+        .env("FLEETBOX_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db) {
+    let Some(mut c) = Cluster::start(db_kind).await else {
+        return;
+    };
+    let victim = c.add_agent(1);
+    // A job with a failing shard.
+    let job = c
+        .submit(
+            "name = \"mixed\"\ncode = \"import os\\nif os.environ['FLEETBOX_SHARD_INDEX'] == '1': raise ValueError('boom')\\nprint(1)\"\nshards = { count = 3 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    // A lost agent: killed while it holds a lease (one attempt: the shard dies).
+    let sleeper = c
+        .submit("name = \"sleeper\"\ncode = \"import time; time.sleep(30)\"\nshards = { count = 1 }\nmax_attempts = 1\n")
+        .await;
+    c.wait_for(&sleeper.id, Duration::from_secs(30), |v| {
+        v.shards.leased > 0
+    })
+    .await;
+    c.kill_agent(victim);
+    let r = c.wait(&sleeper.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
+    // A forged report the coordinator refuses (a part named as uploaded that is not).
+    let enroll = fleetbox_client::Client::new(&c.url(), super::harness::ENROLL);
+    let forger = enroll
+        .enroll(&fleetbox_proto::api::EnrollRequest {
+            name: "forger".into(),
+            slots: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let forger_client = fleetbox_client::Client::new(&c.url(), &forger.agent_token);
+    let mut forged = ShardReport::new(
+        "lease_forged",
+        1,
+        ExecutionReport::unmeasured(Status::Ok, None),
+    );
+    forged.blobs.stdout = Some("0".repeat(64));
+    let refused = forger_client
+        .report(&ReportBatch {
+            reports: vec![forged],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("missing_blob"));
+    // A cancelled job.
+    let cancelled = c
+        .submit("name = \"to cancel\"\ncode = \"print(1)\"\nshards = { count = 2 }\n")
+        .await;
+    c.client.cancel(&cancelled.id).await.unwrap();
+
+    let entries = all_entries(&c).await;
+    let has = |action: &str, actor_prefix: &str, job: Option<&str>| {
+        entries.iter().any(|e| {
+            e.action == action
+                && e.actor.starts_with(actor_prefix)
+                && job.is_none_or(|j| e.job_id.as_deref() == Some(j))
+        })
+    };
+    for (action, actor, job_id) in [
+        ("job.submitted", "admin:", Some(job.id.as_str())),
+        ("agent.enrolled", "enroll:", None),
+        ("shard.leased", "agent:", Some(job.id.as_str())),
+        ("attempt.reported", "agent:", Some(job.id.as_str())),
+        ("shard.accepted", "agent:", Some(job.id.as_str())),
+        ("shard.rejected", "agent:", Some(job.id.as_str())),
+        ("job.completed", "server", Some(job.id.as_str())),
+        ("agent.lost", "server", None),
+        ("lease.expired", "server", Some(sleeper.id.as_str())),
+        ("shard.dead", "server", Some(sleeper.id.as_str())),
+        ("job.failed", "server", Some(sleeper.id.as_str())),
+        ("report.refused", "agent:", None),
+        ("job.cancelled", "admin:", Some(cancelled.id.as_str())),
+    ] {
+        assert!(
+            has(action, actor, job_id),
+            "{db_kind:?}: no `{action}` by `{actor}…` for {job_id:?} in {:#?}",
+            entries
+                .iter()
+                .map(|e| (&e.seq, &e.action, &e.actor))
+                .collect::<Vec<_>>()
+        );
+    }
+    // Three attempts of the first job, each with its status and timings.
+    let reported: Vec<&AuditRecord> = entries
+        .iter()
+        .filter(|e| e.action == "attempt.reported" && e.job_id.as_deref() == Some(&job.id))
+        .collect();
+    assert_eq!(reported.len(), 3, "{db_kind:?}");
+    let statuses: HashSet<&str> = reported
+        .iter()
+        .map(|e| e.details["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, HashSet::from(["ok", "error"]));
+    assert!(reported.iter().all(|e| e.details["wall_ms"].is_u64()));
+    // The sequence is gap-free and the chain verifies.
+    let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=entries.len() as i64).collect::<Vec<_>>());
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(v.ok, "{db_kind:?}: {v:?}");
+    assert_eq!(v.entries as usize, entries.len());
+    assert_eq!(verify_cli(&c).0, 0);
+
+    // Tampering, straight in the database; each time `verify` fails and names the entry.
+    c.kill_server();
+    let pool = db(&c).await;
+    exec(&pool, "CREATE TABLE audit_saved AS SELECT * FROM audit").await;
+    let n = entries.len() as i64;
+    let (mid, other) = (n / 2, n / 2 + 1);
+    let cases: Vec<(&str, String, i64)> = vec![
+        (
+            "a field edited",
+            format!("UPDATE audit SET actor = 'admin:someone-else' WHERE seq = {mid}"),
+            mid,
+        ),
+        (
+            "a row deleted",
+            format!("DELETE FROM audit WHERE seq = {mid}"),
+            mid,
+        ),
+        (
+            "two rows' contents swapped",
+            format!(
+                "UPDATE audit SET action = CASE seq WHEN {mid} THEN (SELECT action FROM audit_saved WHERE seq = {other}) \
+                 ELSE (SELECT action FROM audit_saved WHERE seq = {mid}) END, \
+                 details = CASE seq WHEN {mid} THEN (SELECT details FROM audit_saved WHERE seq = {other}) \
+                 ELSE (SELECT details FROM audit_saved WHERE seq = {mid}) END \
+                 WHERE seq IN ({mid}, {other})"
+            ),
+            mid,
+        ),
+        (
+            "a row inserted",
+            format!(
+                "INSERT INTO audit (tenant_id, seq, at, actor, action, job_id, task_id, lease_id, agent_id, details, leaf, chain) \
+                 SELECT tenant_id, {}, at, actor, action, job_id, task_id, lease_id, agent_id, details, leaf, chain \
+                 FROM audit_saved WHERE seq = {n}",
+                n + 1
+            ),
+            n + 1,
+        ),
+        (
+            "the tail truncated",
+            format!("DELETE FROM audit WHERE seq > {mid}"),
+            mid + 1,
+        ),
+    ];
+    for (what, sql, seq) in cases {
+        exec(&pool, &sql).await;
+        c.start_server();
+        let v = c.client.audit_verify().await.unwrap();
+        assert!(!v.ok, "{db_kind:?}: {what} went unnoticed");
+        assert_eq!(
+            v.problem.as_ref().map(|p| p.seq),
+            Some(seq),
+            "{db_kind:?}: {what}: {v:?}"
+        );
+        let (code, stderr) = verify_cli(&c);
+        assert_eq!(code, 1, "{what}: {stderr}");
+        assert!(stderr.contains(&format!("entry {seq}")), "{what}: {stderr}");
+        c.kill_server();
+        exec(&pool, "DELETE FROM audit").await;
+        exec(&pool, "INSERT INTO audit SELECT * FROM audit_saved").await;
+    }
+    c.start_server();
+    assert!(
+        c.client.audit_verify().await.unwrap().ok,
+        "{db_kind:?}: restored"
+    );
+}

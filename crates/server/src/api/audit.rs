@@ -1,0 +1,68 @@
+//! The audit log over HTTP: `GET /v1/audit` (paged, filtered) and `GET /v1/audit/verify`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State as AxState};
+use fleetbox_proto::api::{AuditPage, AuditVerification};
+use serde::Deserialize;
+
+use super::{ApiError, Auth};
+use crate::State;
+use crate::store::TokenKind;
+use crate::store::audit::{Action, AuditFilter};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    job: Option<String>,
+    agent: Option<String>,
+    action: Option<String>,
+    /// Entries at or after this time, ms since the Unix epoch.
+    since: Option<i64>,
+    /// Entries after this sequence number (paging).
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+pub async fn list(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let action = q
+        .action
+        .as_deref()
+        .map(|a| {
+            a.parse::<Action>()
+                .map_err(|e| ApiError::bad_request("invalid_query", e).with_field("action"))
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let filter = AuditFilter {
+        job_id: q.job,
+        agent_id: q.agent,
+        action,
+        since_ms: q.since,
+        after_seq: q.after.unwrap_or(0).max(0),
+        limit,
+    };
+    let records = state.store.audit_list(tenant, &filter).await?;
+    let next_after = (records.len() == limit as usize)
+        .then(|| records.last().map(|r| r.seq))
+        .flatten();
+    Ok(Json(AuditPage {
+        entries: records.into_iter().map(|r| r.into_api()).collect(),
+        next_after,
+    }))
+}
+
+pub async fn verify(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+) -> Result<Json<AuditVerification>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    Ok(Json(state.store.audit_verify(tenant).await?))
+}
