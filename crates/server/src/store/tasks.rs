@@ -199,9 +199,10 @@ impl Store {
                     }))
             })
             .collect();
-        self.append_audit(&mut tx, entries, now).await?;
         // Asking for work is a sign of life: recorded in the same transaction.
         self.agent_seen(&mut tx, agent_id, now).await?;
+        // The audit chain's head is locked last in every transaction (no lock waits behind it).
+        self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("leasing tasks")?;
         Ok(grants)
     }

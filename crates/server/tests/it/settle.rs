@@ -126,7 +126,29 @@ async fn invariants(url: &str, job: &str) -> Invariants {
     .await
     .unwrap()
     .get("n");
+    // The audit log agrees: one `shard.accepted` entry per accepted shard (exactly once,
+    // whatever raced), and the chain verifies.
+    let accepted_entries = sqlx::query(
+        "SELECT task_id, COUNT(*) AS n FROM audit WHERE job_id = $1 AND action = 'shard.accepted' GROUP BY task_id",
+    )
+    .bind(job)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        accepted_entries.iter().all(|r| r.get::<i64, _>("n") == 1),
+        "job `{job}`: a shard accepted twice in the audit log"
+    );
+    assert_eq!(
+        accepted_entries.len() as i64,
+        accepted,
+        "job `{job}`: accepted shards against their audit entries"
+    );
     pool.close().await;
+    let store = Store::open(url).await.unwrap();
+    let v = store.audit_verify("default").await.unwrap();
+    assert!(v.ok, "job `{job}`: {v:?}");
+    store.close().await;
     Invariants {
         unsettled,
         unsettled_truth: truth,
