@@ -23,6 +23,9 @@ pub enum AuditCommand {
     /// Recompute the hash chain on the coordinator; names the first entry that was edited,
     /// deleted, inserted or reordered, and exits 1 if there is one.
     Verify(VerifyArgs),
+    /// The signed checkpoints of the chain head, as JSON lines: keep them somewhere the
+    /// coordinator cannot reach.
+    Checkpoints(VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +69,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         AuditCommand::List(a) => list(a),
         AuditCommand::Verify(a) => verify(a),
+        AuditCommand::Checkpoints(a) => checkpoints(a),
     }
 }
 
@@ -135,6 +139,18 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
                 Some(n) => after = n,
                 None => break,
             }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn checkpoints(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let mut out = std::io::stdout().lock();
+        for c in client.audit_checkpoints().await? {
+            serde_json::to_writer(&mut out, &c)?;
+            writeln!(out)?;
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -44,6 +44,10 @@ pub struct ServerArgs {
     /// First retry delay (doubles per attempt, at most 1 minute).
     #[arg(long, default_value = "1s", value_parser = parse_millis)]
     pub retry_backoff: Millis,
+    /// How often the audit chain heads that moved are checkpointed, signed with the
+    /// coordinator's key (`DATA/audit.key`).
+    #[arg(long, default_value = "1m", value_parser = parse_millis)]
+    pub audit_checkpoint: Millis,
     /// Use this admin token (default: generated once, kept in `DATA/admin.token`).
     #[arg(long, env = env::FLEETBOX_ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -207,6 +211,7 @@ fn server_config(args: &ServerArgs, backend: Backend, sandbox: SandboxConfig) ->
         .map(|t| t.0)
         .unwrap_or(c.heartbeat_ms * 2 + c.heartbeat_ms / 4);
     c.retry_backoff_ms = args.retry_backoff.0;
+    c.audit_checkpoint_ms = args.audit_checkpoint.0.max(100);
     c.admin_token = args.admin_token.clone();
     c.enroll_token = args.enroll_token.clone();
     c.sandbox_backend = backend;
@@ -343,6 +348,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         heartbeat: Millis::from_secs(2),
         agent_timeout: None,
         retry_backoff: Millis::from_secs(1),
+        audit_checkpoint: Millis::from_secs(60),
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
         enroll_token: None,
         backend: None,

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use fleetbox_proto::JobSpec;
 use fleetbox_proto::api::{
-    AgentList, AuditPage, AuditVerification, EnrollRequest, EnrollResponse, ErrorBody,
-    HeartbeatRequest, HeartbeatResponse, JobList, JobResult, JobView, LeaseRequest, LeaseResponse,
-    ReportAck, ReportBatch, ReturnRequest, ShardDetail, ShardList,
+    AgentList, AuditCheckpoint, AuditPage, AuditVerification, EnrollRequest, EnrollResponse,
+    ErrorBody, HeartbeatRequest, HeartbeatResponse, JobList, JobResult, JobView, LeaseRequest,
+    LeaseResponse, ReportAck, ReportBatch, ReturnRequest, ShardDetail, ShardList,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -185,6 +185,11 @@ impl Client {
     /// (already URL-safe: ids and action names need no escaping).
     pub async fn audit(&self, query: &str) -> Result<AuditPage, ClientError> {
         self.get(&format!("/v1/audit?{query}")).await
+    }
+
+    /// The signed checkpoints of the audit chain, oldest first.
+    pub async fn audit_checkpoints(&self) -> Result<Vec<AuditCheckpoint>, ClientError> {
+        self.get("/v1/audit/checkpoints").await
     }
 
     /// Recompute the audit chain on the coordinator.

@@ -450,3 +450,24 @@ pub struct AuditProblem {
     pub seq: i64,
     pub what: String,
 }
+
+/// A signed checkpoint of a tenant's audit chain head (`GET /v1/audit/checkpoints`). The
+/// signature is ed25519 over [`AuditCheckpoint::message`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditCheckpoint {
+    pub tenant_id: String,
+    pub seq: i64,
+    /// The chain hash after entry `seq`, hex.
+    pub chain: String,
+    pub at: i64,
+    /// The signing coordinator's ed25519 public key, hex.
+    pub public_key: String,
+    pub signature: String,
+}
+
+impl AuditCheckpoint {
+    /// The bytes signed: a fixed prefix, then tenant, seq, chain and time, a line each.
+    pub fn message(tenant_id: &str, seq: i64, chain: &str, at: i64) -> Vec<u8> {
+        format!("fleetbox-audit-checkpoint-v1\n{tenant_id}\n{seq}\n{chain}\n{at}\n").into_bytes()
+    }
+}

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Use this enrollment token instead of the stored/generated one.
     pub enroll_token: Option<String>,
+    /// How often the audit chain heads are checkpointed (signed) when they moved.
+    pub audit_checkpoint_ms: u64,
     /// Sandbox for server-side runs (the `python` reducer).
     pub sandbox_backend: Backend,
     pub sandbox: SandboxConfig,
@@ -66,6 +68,7 @@ impl ServerConfig {
             retry_backoff_ms: 1000,
             admin_token: None,
             enroll_token: None,
+            audit_checkpoint_ms: 60_000,
             sandbox_backend: Backend::default_for_host(),
             // The coordinator's own runs get the allow-list: the strictest policy.
             sandbox: SandboxConfig {
@@ -112,6 +115,8 @@ pub struct State {
     /// Woken when tasks become ready (submit, requeue, return).
     pub work: Notify,
     token_cache: Mutex<HashMap<String, Principal>>,
+    /// Unknown tokens recorded in the audit log this second, and those left out since.
+    invalid_tokens: Mutex<InvalidTokens>,
     job_cache: Mutex<HashMap<String, Arc<JobInfo>>>,
     aggregate_tx: mpsc::UnboundedSender<String>,
     aggregating: Mutex<HashSet<String>>,
@@ -121,9 +126,62 @@ pub struct State {
     pub instance: String,
     /// When this coordinator started (ms): agents get one agent timeout of grace after it.
     pub started_at: i64,
+    /// Signs this coordinator's audit checkpoints (`DATA/audit.key`).
+    pub audit_key: ed25519_dalek::SigningKey,
+}
+
+/// A bounded record of calls with unknown tokens: at most [`InvalidTokens::PER_SECOND`] audit
+/// entries a second per coordinator, the rest counted into the next entry (a flood of bad
+/// tokens cannot flood the log).
+#[derive(Debug, Default)]
+struct InvalidTokens {
+    second: i64,
+    recorded: u32,
+    left_out: u64,
+}
+
+impl InvalidTokens {
+    const PER_SECOND: u32 = 10;
+
+    /// Whether to record this one now, and how many were left out before it.
+    fn admit(&mut self, now_ms: i64) -> Option<u64> {
+        let second = now_ms / 1000;
+        if second != self.second {
+            self.second = second;
+            self.recorded = 0;
+        }
+        if self.recorded >= Self::PER_SECOND {
+            self.left_out += 1;
+            return None;
+        }
+        self.recorded += 1;
+        Some(std::mem::take(&mut self.left_out))
+    }
 }
 
 impl State {
+    /// Record a call made with an unknown token (rate-limited; see [`InvalidTokens`]).
+    pub(crate) async fn audit_invalid_token(&self, hash: &str, method: &str, path: &str) {
+        let admitted = self
+            .invalid_tokens
+            .lock()
+            .expect("invalid tokens")
+            .admit(store::now_ms());
+        let Some(left_out) = admitted else { return };
+        // An unknown token names no tenant: recorded in the default one.
+        let entry =
+            store::audit::Entry::new("default", "unknown", store::audit::Action::TokenUsedInvalid)
+                .details(serde_json::json!({
+                    "token_id": &hash[..12],
+                    "method": method,
+                    "path": path,
+                    "left_out_before": left_out,
+                }));
+        if let Err(e) = self.store.audit(vec![entry]).await {
+            tracing::error!(error = %e, "could not record an unknown token");
+        }
+    }
+
     pub async fn job_info(&self, job_id: &str) -> Result<Arc<JobInfo>, ApiError> {
         if let Some(info) = self.job_cache.lock().expect("job cache").get(job_id) {
             return Ok(info.clone());
@@ -210,6 +268,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     let store = Store::open(&url).await?;
     let blob_dir = config.data_dir.join("blobs");
     let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
+    let key_path = config.data_dir.join("audit.key");
+    let audit_key = audit_key(&key_path).map_err(data_err(&key_path))?;
     let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
     let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
 
@@ -231,12 +291,14 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         config,
         work: Notify::new(),
         token_cache: Mutex::new(HashMap::new()),
+        invalid_tokens: Mutex::new(InvalidTokens::default()),
         job_cache: Mutex::new(HashMap::new()),
         aggregate_tx,
         aggregating: Mutex::new(HashSet::new()),
         stopping: shutdown.subscribe(),
         instance: format!("coord_{}", ids::random_hex(8)),
         started_at: store::now_ms(),
+        audit_key,
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
@@ -292,6 +354,27 @@ async fn bootstrap_token(
         .add_token(&sha256_hex(token.as_bytes()), DEFAULT_TENANT, kind, None)
         .await?;
     Ok(token)
+}
+
+/// The coordinator's ed25519 key for audit checkpoints: its seed (hex) in `path`, mode 0600,
+/// made on first start.
+fn audit_key(path: &std::path::Path) -> std::io::Result<ed25519_dalek::SigningKey> {
+    if let Ok(text) = fs_err::read_to_string(path) {
+        let seed = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a 32-byte hex ed25519 seed",
+                )
+            })?;
+        return Ok(ed25519_dalek::SigningKey::from_bytes(&seed));
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+    write_secret(path, &hex::encode(seed))?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {

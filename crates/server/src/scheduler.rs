@@ -18,7 +18,14 @@ const RECOVERY_EVERY: u32 = 4;
 
 pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = 0u32;
+    let mut last_checkpoint = now_ms();
     loop {
+        if now_ms() - last_checkpoint >= state.config.audit_checkpoint_ms as i64 {
+            last_checkpoint = now_ms();
+            if let Err(e) = state.store.audit_checkpoint(&state.audit_key).await {
+                tracing::error!(error = %e, "audit checkpoint");
+            }
+        }
         if tick.is_multiple_of(RECOVERY_EVERY) {
             match state.store.jobs_to_aggregate(now_ms()).await {
                 Ok(jobs) => jobs.into_iter().for_each(|j| state.aggregate(j)),

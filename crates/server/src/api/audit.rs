@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Query, State as AxState};
-use fleetbox_proto::api::{AuditPage, AuditVerification};
+use fleetbox_proto::api::{AuditCheckpoint, AuditPage, AuditVerification};
 use serde::Deserialize;
 
 use super::{ApiError, Auth};
@@ -57,6 +57,14 @@ pub async fn list(
         entries: records.into_iter().map(|r| r.into_api()).collect(),
         next_after,
     }))
+}
+
+pub async fn checkpoints(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+) -> Result<Json<Vec<AuditCheckpoint>>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    Ok(Json(state.store.audit_checkpoints(tenant).await?))
 }
 
 pub async fn verify(

@@ -49,6 +49,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/blobs/{sha256}", get(jobs::get_blob))
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/audit/checkpoints", get(audit::checkpoints))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -145,7 +146,12 @@ impl FromRequestParts<Arc<State>> for Auth {
                     .insert(hash, p.clone());
                 Ok(Auth(p))
             }
-            None => Err(unauthorized("unknown token")),
+            None => {
+                state
+                    .audit_invalid_token(&hash, parts.method.as_str(), parts.uri.path())
+                    .await;
+                Err(unauthorized("unknown token"))
+            }
         }
     }
 }

@@ -11,7 +11,8 @@
 //! [`verify`] recomputes every leaf and link and names the first entry that was edited,
 //! deleted, inserted or reordered.
 
-use fleetbox_proto::api::{AuditProblem, AuditRecord, AuditVerification};
+use ed25519_dalek::{Signer, Verifier};
+use fleetbox_proto::api::{AuditCheckpoint, AuditProblem, AuditRecord, AuditVerification};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -524,6 +525,21 @@ impl Store {
                 .await
                 .doing("reading the audit chain head")?;
         let (head_seq, head_chain) = head.unwrap_or((0, hex::encode(GENESIS)));
+        // Checkpoints first: each must carry a good signature and match the chain at its entry.
+        let checkpoints = self.audit_checkpoints(tenant).await?;
+        if let Some(bad) = checkpoints.iter().find(|c| !checkpoint_signature_ok(c)) {
+            return Ok(fail(
+                AuditProblem {
+                    seq: bad.seq,
+                    what: "the checkpoint at this entry does not carry a good signature (edited)"
+                        .into(),
+                },
+                0,
+                head_seq,
+            ));
+        }
+        let mut pending: std::collections::BTreeMap<i64, &AuditCheckpoint> =
+            checkpoints.iter().map(|c| (c.seq, c)).collect();
         loop {
             let page: Vec<Record> = Sql::new(
                 "SELECT tenant_id, seq, at, actor, action, job_id, task_id, lease_id, agent_id, \
@@ -547,6 +563,36 @@ impl Store {
                 }
                 Err(p) => return Ok(fail(p, entries, head_seq)),
             }
+            for r in &page {
+                if let Some(c) = pending.remove(&r.seq)
+                    && c.chain != r.chain
+                {
+                    return Ok(fail(
+                        AuditProblem {
+                            seq: r.seq,
+                            what: "the chain at this entry differs from its signed checkpoint \
+                                   (the log was rewritten up to here)"
+                                .into(),
+                        },
+                        entries,
+                        head_seq,
+                    ));
+                }
+            }
+        }
+        if let Some((&seq, _)) = pending.iter().next() {
+            return Ok(fail(
+                AuditProblem {
+                    seq: state.0 + 1,
+                    what: format!(
+                        "a signed checkpoint names entry {seq}, but the log ends at {}: entries \
+                         were removed from the end",
+                        state.0
+                    ),
+                },
+                entries,
+                head_seq,
+            ));
         }
         if state.0 != head_seq || hex::encode(state.1) != head_chain {
             let problem = if state.0 < head_seq {
@@ -576,6 +622,97 @@ impl Store {
             ok: true,
             problem: None,
         })
+    }
+}
+
+/// Check a checkpoint's signature with the key it names.
+pub fn checkpoint_signature_ok(c: &AuditCheckpoint) -> bool {
+    let (Ok(key), Ok(sig)) = (hex::decode(&c.public_key), hex::decode(&c.signature)) else {
+        return false;
+    };
+    let (Ok(key), Ok(sig)) = (<[u8; 32]>::try_from(key), <[u8; 64]>::try_from(sig)) else {
+        return false;
+    };
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
+        return false;
+    };
+    let msg = AuditCheckpoint::message(&c.tenant_id, c.seq, &c.chain, c.at);
+    key.verify(&msg, &ed25519_dalek::Signature::from_bytes(&sig))
+        .is_ok()
+}
+
+impl Store {
+    /// Sign and store a checkpoint of every tenant's chain head that moved since its last
+    /// checkpoint. Returns how many were written. Two coordinators checkpointing one head
+    /// store it once.
+    pub async fn audit_checkpoint(
+        &self,
+        key: &ed25519_dalek::SigningKey,
+    ) -> Result<usize, StoreError> {
+        let heads: Vec<(String, i64, String)> = Sql::new(
+            "SELECT h.tenant_id, h.seq, h.chain FROM audit_heads h WHERE h.seq > \
+             COALESCE((SELECT MAX(c.seq) FROM audit_checkpoints c WHERE c.tenant_id = h.tenant_id), 0)",
+        )
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading audit chain heads")?;
+        let now = super::now_ms();
+        let public_key = hex::encode(key.verifying_key().as_bytes());
+        for (tenant, seq, chain) in &heads {
+            let msg = AuditCheckpoint::message(tenant, *seq, chain, now);
+            let signature = hex::encode(key.sign(&msg).to_bytes());
+            Sql::new(
+                "INSERT INTO audit_checkpoints (tenant_id, seq, chain, at, public_key, signature) VALUES (",
+            )
+            .bind(tenant.as_str())
+            .push(", ")
+            .bind(*seq)
+            .push(", ")
+            .bind(chain.as_str())
+            .push(", ")
+            .bind(now)
+            .push(", ")
+            .bind(public_key.as_str())
+            .push(", ")
+            .bind(signature.as_str())
+            .push(") ON CONFLICT (tenant_id, seq) DO NOTHING")
+            .build()
+            .execute(&self.write)
+            .await
+            .doing("storing an audit checkpoint")?;
+        }
+        Ok(heads.len())
+    }
+
+    /// `tenant`'s checkpoints, oldest first.
+    pub async fn audit_checkpoints(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        let rows: Vec<(String, i64, String, i64, String, String)> = Sql::new(
+            "SELECT tenant_id, seq, chain, at, public_key, signature FROM audit_checkpoints \
+             WHERE tenant_id = ",
+        )
+        .bind(tenant)
+        .push(" ORDER BY seq")
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading audit checkpoints")?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(tenant_id, seq, chain, at, public_key, signature)| AuditCheckpoint {
+                    tenant_id,
+                    seq,
+                    chain,
+                    at,
+                    public_key,
+                    signature,
+                },
+            )
+            .collect())
     }
 }
 

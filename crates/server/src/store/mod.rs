@@ -101,6 +101,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_audit",
         include_str!("../../migrations/0004_audit.sql"),
     ),
+    (
+        "0005_audit_checkpoints",
+        include_str!("../../migrations/0005_audit_checkpoints.sql"),
+    ),
 ];
 
 #[derive(Clone)]

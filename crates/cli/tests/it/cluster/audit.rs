@@ -59,7 +59,7 @@ fn verify_cli(c: &Cluster) -> (i32, String) {
 }
 
 pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db) {
-    let Some(mut c) = Cluster::start(db_kind).await else {
+    let Some(mut c) = Cluster::start_with(db_kind, &["--audit-checkpoint", "200ms"]).await else {
         return;
     };
     let victim = c.add_agent(1);
@@ -106,6 +106,12 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Some("missing_blob"));
+    // A call with a token nobody issued.
+    let stranger = fleetbox_client::Client::new(&c.url(), "not-a-token");
+    assert_eq!(
+        stranger.jobs(None, 1).await.unwrap_err().code(),
+        Some("unauthorized")
+    );
     // A cancelled job.
     let cancelled = c
         .submit("name = \"to cancel\"\ncode = \"print(1)\"\nshards = { count = 2 }\n")
@@ -134,6 +140,7 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
         ("job.failed", "server", Some(sleeper.id.as_str())),
         ("report.refused", "agent:", None),
         ("job.cancelled", "admin:", Some(cancelled.id.as_str())),
+        ("token.used_invalid", "unknown", None),
     ] {
         assert!(
             has(action, actor, job_id),
@@ -163,6 +170,23 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     assert!(v.ok, "{db_kind:?}: {v:?}");
     assert_eq!(v.entries as usize, entries.len());
     assert_eq!(verify_cli(&c).0, 0);
+
+    // A signed checkpoint of the head comes within a tick of the checkpoint interval.
+    let head = v.head_seq;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let checkpoint = loop {
+        let cps = c.client.audit_checkpoints().await.unwrap();
+        if let Some(cp) = cps.into_iter().find(|cp| cp.seq == head) {
+            break cp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of entry {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(checkpoint.chain, entries.last().unwrap().chain);
+    assert_eq!(checkpoint.signature.len(), 128);
 
     // Tampering, straight in the database; each time `verify` fails and names the entry.
     c.kill_server();
@@ -225,6 +249,44 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
         exec(&pool, "DELETE FROM audit").await;
         exec(&pool, "INSERT INTO audit SELECT * FROM audit_saved").await;
     }
+    // The tail cut and the head row moved back to match: only the signed checkpoint notices.
+    exec(
+        &pool,
+        "CREATE TABLE heads_saved AS SELECT * FROM audit_heads",
+    )
+    .await;
+    exec(&pool, &format!("DELETE FROM audit WHERE seq > {mid}")).await;
+    exec(
+        &pool,
+        &format!("UPDATE audit_heads SET seq = {mid}, chain = (SELECT chain FROM audit WHERE seq = {mid})"),
+    )
+    .await;
+    c.start_server();
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(!v.ok, "{db_kind:?}: a consistent truncation went unnoticed");
+    assert_eq!(v.problem.as_ref().map(|p| p.seq), Some(mid + 1), "{v:?}");
+    assert!(v.problem.unwrap().what.contains("checkpoint"));
+    c.kill_server();
+    exec(&pool, "DELETE FROM audit").await;
+    exec(&pool, "INSERT INTO audit SELECT * FROM audit_saved").await;
+    exec(&pool, "DELETE FROM audit_heads").await;
+    exec(&pool, "INSERT INTO audit_heads SELECT * FROM heads_saved").await;
+    // A checkpoint edited: its signature no longer holds.
+    exec(
+        &pool,
+        &format!("UPDATE audit_checkpoints SET chain = (SELECT chain FROM audit WHERE seq = 1) WHERE seq = {head}"),
+    )
+    .await;
+    c.start_server();
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(!v.ok, "{db_kind:?}: an edited checkpoint went unnoticed");
+    assert_eq!(v.problem.as_ref().map(|p| p.seq), Some(head), "{v:?}");
+    c.kill_server();
+    exec(
+        &pool,
+        &format!("DELETE FROM audit_checkpoints WHERE seq = {head}"),
+    )
+    .await;
     c.start_server();
     assert!(
         c.client.audit_verify().await.unwrap().ok,
