@@ -25,7 +25,25 @@ pub enum AuditCommand {
     Verify(VerifyArgs),
     /// The signed checkpoints of the chain head, as JSON lines: keep them somewhere the
     /// coordinator cannot reach.
-    Checkpoints(VerifyArgs),
+    Checkpoints(CheckpointsArgs),
+    /// Every entry as JSON lines with its hashes (`> log.jsonl`), for `verify --file`.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only entries this recent, e.g. `1h` (the first one is then checked against a
+    /// checkpoint of the entry before it, when there is one).
+    #[arg(long, value_parser = |s: &str| s.parse::<Millis>().map_err(|e| e.to_string()))]
+    pub since: Option<Millis>,
+    #[command(flatten)]
+    pub conn: Conn,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +72,14 @@ pub struct VerifyArgs {
     /// Print the verification as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Verify an exported log (JSON lines of `fleetbox audit export`) here, offline, instead
+    /// of asking the coordinator.
+    #[arg(long)]
+    pub file: Option<std::path::PathBuf>,
+    /// Checkpoints kept elsewhere (JSON lines of `fleetbox audit checkpoints`) to check the
+    /// exported log against.
+    #[arg(long, requires = "file")]
+    pub checkpoints: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -70,6 +96,14 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         AuditCommand::List(a) => list(a),
         AuditCommand::Verify(a) => verify(a),
         AuditCommand::Checkpoints(a) => checkpoints(a),
+        AuditCommand::Export(a) => list(ListArgs {
+            job: None,
+            agent: None,
+            action: None,
+            since: a.since,
+            json: true,
+            conn: a.conn,
+        }),
     }
 }
 
@@ -144,7 +178,7 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn checkpoints(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+fn checkpoints(args: CheckpointsArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
         let mut out = std::io::stdout().lock();
@@ -156,7 +190,53 @@ fn checkpoints(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// JSON lines of `T` from `path`, naming the line that does not parse.
+fn read_lines<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<Vec<T>> {
+    let text = fs_err::read_to_string(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+fn verify_file(args: &VerifyArgs, file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use fleetbox_server::store::audit::{Record, verify_export};
+    let records: Vec<Record> = read_lines::<fleetbox_proto::api::AuditRecord>(file)?
+        .into_iter()
+        .map(Record::from_api)
+        .collect();
+    let checkpoints = match &args.checkpoints {
+        Some(p) => read_lines(p)?,
+        None => Vec::new(),
+    };
+    match verify_export(&records, &checkpoints) {
+        Ok((n, last)) => {
+            eprintln!(
+                "fleetbox: `{}` verified: {n} entries up to {last}, {} checkpoint(s) checked",
+                file.display(),
+                checkpoints.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(p) => {
+            eprintln!(
+                "fleetbox: `{}` FAILED verification at entry {}: {}",
+                file.display(),
+                p.seq,
+                p.what
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(file) = &args.file {
+        return verify_file(&args, file);
+    }
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
         let v = client.audit_verify().await?;

@@ -188,6 +188,56 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     assert_eq!(checkpoint.chain, entries.last().unwrap().chain);
     assert_eq!(checkpoint.signature.len(), 128);
 
+    // Exported, with the checkpoints kept elsewhere, and verified offline.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .args(["--server", &c.url()])
+            .env("FLEETBOX_TOKEN", ADMIN)
+            .output()
+            .unwrap()
+    };
+    let kept = tempfile::tempdir().unwrap();
+    let log = kept.path().join("log.jsonl");
+    let cps = kept.path().join("checkpoints.jsonl");
+    std::fs::write(&log, cli(&["audit", "export"]).stdout).unwrap();
+    std::fs::write(&cps, cli(&["audit", "checkpoints"]).stdout).unwrap();
+    let offline = |file: &std::path::Path| {
+        let out = std::process::Command::new(bin())
+            .args(["audit", "verify", "--file"])
+            .arg(file)
+            .arg("--checkpoints")
+            .arg(&cps)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = offline(&log);
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() as i64 >= head);
+    // One entry's actor edited in the copy.
+    let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let k = lines.len() / 2;
+    let mut e: AuditRecord = serde_json::from_str(&edited[k]).unwrap();
+    e.actor = "admin:nobody".into();
+    edited[k] = serde_json::to_string(&e).unwrap();
+    let bad = kept.path().join("edited.jsonl");
+    std::fs::write(&bad, edited.join("\n")).unwrap();
+    let (code, stderr) = offline(&bad);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("entry {}", e.seq)), "{stderr}");
+    // The tail cut off the copy: the kept checkpoint names an entry it no longer has.
+    let short = kept.path().join("short.jsonl");
+    std::fs::write(&short, lines[..k].join("\n")).unwrap();
+    let (code, stderr) = offline(&short);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("checkpoint"), "{stderr}");
+
     // Tampering, straight in the database; each time `verify` fails and names the entry.
     c.kill_server();
     let pool = db(&c).await;
