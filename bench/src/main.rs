@@ -6,8 +6,10 @@
 //! cargo run --release -p fleetbox-bench -- jail      [--runs 50]   # jail vs python3, bwrap, docker
 //! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500]
 //! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
+//! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
 //! ```
 
+mod audit;
 mod e2e;
 mod jail;
 mod startup;
@@ -26,6 +28,10 @@ fn main() {
             util::flag(&args, "--executors").unwrap_or(4),
             util::flag(&args, "--batch").unwrap_or(500) as u32,
         ),
+        "audit" => audit::run(
+            util::flag(&args, "--entries").unwrap_or(200_000),
+            util::flag(&args, "--batch").unwrap_or(1000),
+        ),
         "e2e" => e2e::run(
             util::flag(&args, "--shards").unwrap_or(500),
             args.iter()
@@ -36,7 +42,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|throughput|e2e [--runs N] [--tasks N] [--shards N]"
+                "usage: fleetbox-bench startup|jail|throughput|e2e|audit [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

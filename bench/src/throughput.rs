@@ -45,7 +45,7 @@ pub fn run(tasks: usize, executors: usize, batch: u32) -> Result<(), String> {
     })
 }
 
-async fn fresh_database(base: &str) -> Result<String, String> {
+pub async fn fresh_database(base: &str) -> Result<String, String> {
     use sqlx::Connection;
     let name = format!("fb_bench_{}", std::process::id());
     let mut conn = sqlx::PgConnection::connect(base)

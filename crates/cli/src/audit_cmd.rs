@@ -28,6 +28,18 @@ pub enum AuditCommand {
     Checkpoints(CheckpointsArgs),
     /// Every entry as JSON lines with its hashes (`> log.jsonl`), for `verify --file`.
     Export(ExportArgs),
+    /// Remove entries up to a checkpointed one (export them first); verify still holds,
+    /// anchored on that checkpoint.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The last entry to remove: one that has a checkpoint (`fleetbox audit checkpoints`).
+    #[arg(long)]
+    pub before: i64,
+    #[command(flatten)]
+    pub conn: Conn,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +108,17 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         AuditCommand::List(a) => list(a),
         AuditCommand::Verify(a) => verify(a),
         AuditCommand::Checkpoints(a) => checkpoints(a),
+        AuditCommand::Prune(a) => {
+            let client = a.conn.client()?;
+            runtime()?.block_on(async move {
+                let r = client.audit_prune(a.before).await?;
+                eprintln!(
+                    "fleetbox: pruned {} entries up to {}",
+                    r["pruned"], a.before
+                );
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         AuditCommand::Export(a) => list(ListArgs {
             job: None,
             agent: None,

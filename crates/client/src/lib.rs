@@ -192,6 +192,16 @@ impl Client {
         self.get("/v1/audit/checkpoints").await
     }
 
+    /// Drop audit entries up to a checkpointed one; returns `{pruned}`.
+    pub async fn audit_prune(&self, before_seq: i64) -> Result<serde_json::Value, ClientError> {
+        self.post(
+            "/v1/audit/prune",
+            &serde_json::json!({ "before_seq": before_seq }),
+            Duration::from_secs(300),
+        )
+        .await
+    }
+
     /// Recompute the audit chain on the coordinator.
     pub async fn audit_verify(&self) -> Result<AuditVerification, ClientError> {
         self.get("/v1/audit/verify").await

@@ -59,6 +59,29 @@ pub async fn list(
     }))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    /// Remove the entries up to and including this one: a checkpointed entry.
+    before_seq: i64,
+}
+
+/// `POST /v1/audit/prune`: drop old entries behind a checkpoint (export them first).
+pub async fn prune(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    super::Body(req): super::Body<PruneRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    match state.store.audit_prune(tenant, req.before_seq).await? {
+        Ok(n) => Ok(Json(serde_json::json!({ "pruned": n }))),
+        Err(why) => Err(
+            ApiError::new(axum::http::StatusCode::CONFLICT, "no_checkpoint", why)
+                .with_field("before_seq"),
+        ),
+    }
+}
+
 pub async fn checkpoints(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,

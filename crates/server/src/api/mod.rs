@@ -50,6 +50,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/audit/checkpoints", get(audit::checkpoints))
+        .route("/v1/audit/prune", post(audit::prune))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

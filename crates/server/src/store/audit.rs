@@ -556,8 +556,51 @@ impl Store {
                 head_seq,
             ));
         }
-        let mut pending: std::collections::BTreeMap<i64, &AuditCheckpoint> =
-            checkpoints.iter().map(|c| (c.seq, c)).collect();
+        // A pruned log starts after entry 1: it is anchored on the checkpoint of the entry
+        // before its first.
+        let first: Option<(Option<i64>,)> =
+            Sql::new("SELECT MIN(seq) FROM audit WHERE tenant_id = ")
+                .bind(tenant)
+                .build_as()
+                .fetch_optional(&self.read)
+                .await
+                .doing("reading the audit log")?;
+        if let Some((Some(first),)) = first
+            && first > 1
+        {
+            match checkpoints.iter().find(|c| c.seq == first - 1) {
+                Some(c) => {
+                    state = (
+                        c.seq,
+                        unhex(&c.chain).ok_or_else(|| StoreError::Corrupt {
+                            what: "audit checkpoint",
+                            detail: format!(
+                                "checkpoint {} has a chain that is not a sha256",
+                                c.seq
+                            ),
+                        })?,
+                    );
+                }
+                None => {
+                    return Ok(fail(
+                        AuditProblem {
+                            seq: 1,
+                            what: format!(
+                                "entries 1..{} are missing and no checkpoint anchors entry {first}",
+                                first - 1
+                            ),
+                        },
+                        0,
+                        head_seq,
+                    ));
+                }
+            }
+        }
+        let mut pending: std::collections::BTreeMap<i64, &AuditCheckpoint> = checkpoints
+            .iter()
+            .filter(|c| c.seq > state.0)
+            .map(|c| (c.seq, c))
+            .collect();
         loop {
             let page: Vec<Record> = Sql::new(
                 "SELECT tenant_id, seq, at, actor, action, job_id, task_id, lease_id, agent_id, \
@@ -769,6 +812,45 @@ impl Store {
             .doing("storing an audit checkpoint")?;
         }
         Ok(heads.len())
+    }
+
+    /// Remove `tenant`'s entries up to `before_seq`, which must be a checkpointed entry (the
+    /// signed chain value there anchors what is left). Returns how many went, or why not.
+    /// Export them first: they are gone from the database.
+    pub async fn audit_prune(
+        &self,
+        tenant: &str,
+        before_seq: i64,
+    ) -> Result<Result<u64, String>, StoreError> {
+        let checkpoints = self.audit_checkpoints(tenant).await?;
+        if !checkpoints.iter().any(|c| c.seq == before_seq) {
+            let at: Vec<String> = checkpoints
+                .iter()
+                .rev()
+                .take(5)
+                .map(|c| c.seq.to_string())
+                .collect();
+            return Ok(Err(format!(
+                "no checkpoint at entry {before_seq}: prune up to a checkpointed entry (the \
+                 newest: {})",
+                if at.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    at.join(", ")
+                }
+            )));
+        }
+        let mut tx = self.begin_write().await.doing("pruning the audit log")?;
+        let done = Sql::new("DELETE FROM audit WHERE tenant_id = ")
+            .bind(tenant)
+            .push(" AND seq <= ")
+            .bind(before_seq)
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("pruning the audit log")?;
+        tx.commit().await.doing("pruning the audit log")?;
+        Ok(Ok(done.rows_affected()))
     }
 
     /// `tenant`'s checkpoints, oldest first.

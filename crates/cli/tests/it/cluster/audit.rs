@@ -342,4 +342,33 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
         c.client.audit_verify().await.unwrap().ok,
         "{db_kind:?}: restored"
     );
+
+    // Pruned behind a checkpoint: the rest still verifies, anchored on it; elsewhere refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let anchor = loop {
+        if let Some(cp) = c.client.audit_checkpoints().await.unwrap().last() {
+            break cp.seq;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let checkpointed: HashSet<i64> = c
+        .client
+        .audit_checkpoints()
+        .await
+        .unwrap()
+        .iter()
+        .map(|cp| cp.seq)
+        .collect();
+    let bare = (1..anchor)
+        .rev()
+        .find(|s| !checkpointed.contains(s))
+        .unwrap();
+    let refused = c.client.audit_prune(bare).await.unwrap_err();
+    assert_eq!(refused.code(), Some("no_checkpoint"), "{refused}");
+    let pruned = c.client.audit_prune(anchor).await.unwrap();
+    assert_eq!(pruned["pruned"], anchor, "{pruned}");
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(v.ok, "{db_kind:?}: after the prune: {v:?}");
+    assert_eq!(v.entries as i64, v.head_seq - anchor, "{v:?}");
 }
