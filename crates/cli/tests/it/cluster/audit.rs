@@ -372,3 +372,62 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     assert!(v.ok, "{db_kind:?}: after the prune: {v:?}");
     assert_eq!(v.entries as i64, v.head_seq - anchor, "{v:?}");
 }
+
+/// A coordinator SIGKILLed again and again during a job: every entry it wrote committed with
+/// its change, so after the job the chain verifies and each accepted shard has exactly one
+/// `shard.accepted` entry (and no entry names a change that did not happen).
+pub async fn sigkilled_coordinators_leave_a_whole_audit_log(db_kind: Db) {
+    let Some(mut c) = Cluster::start(db_kind).await else {
+        return;
+    };
+    c.add_agent(2);
+    c.add_agent(2);
+    let job = c
+        .submit(
+            "name = \"killed under\"\ncode = \"import time, os; time.sleep(0.05); print(int(os.environ['FLEETBOX_SHARD_INDEX']))\"\nshards = { count = 120 }\naggregate = \"sum\"\nmax_attempts = 10\n",
+        )
+        .await;
+    let mut mid_job = 0;
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300 + 70 * round)).await;
+        if !c.client.job(&job.id).await.unwrap().state.is_final() {
+            mid_job += 1;
+        }
+        c.kill_server();
+        c.start_server();
+    }
+    assert!(
+        mid_job >= 3,
+        "{db_kind:?}: only {mid_job} kills landed mid-job"
+    );
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{db_kind:?}: {r:?}");
+    assert_eq!(
+        r.result_value(),
+        Some(serde_json::json!((0..120).sum::<u64>()))
+    );
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(v.ok, "{db_kind:?}: {v:?}");
+    let entries = all_entries(&c).await;
+    let mut accepted: Vec<i64> = entries
+        .iter()
+        .filter(|e| e.action == "shard.accepted" && e.job_id.as_deref() == Some(&job.id))
+        .filter_map(|e| e.task_id)
+        .collect();
+    accepted.sort();
+    let n = accepted.len();
+    accepted.dedup();
+    assert_eq!(
+        n,
+        accepted.len(),
+        "{db_kind:?}: a shard accepted twice in the log"
+    );
+    assert_eq!(n, 120, "{db_kind:?}: every accepted shard has its entry");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.action == "job.completed" && e.job_id.as_deref() == Some(&job.id))
+            .count(),
+        1
+    );
+}

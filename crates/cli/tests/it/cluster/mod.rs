@@ -16,7 +16,10 @@ use api::{
     duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors,
     priorities_order_the_queue, reports_naming_blobs_are_checked,
 };
-use audit::the_audit_log_records_every_action_and_names_tampering;
+use audit::{
+    sigkilled_coordinators_leave_a_whole_audit_log,
+    the_audit_log_records_every_action_and_names_tampering,
+};
 use chaos::{
     a_coordinator_killed_mid_fold_is_replaced, an_eight_second_outage_reruns_nothing,
     frozen_agents_race_late_reports_across_two_coordinators,
@@ -66,6 +69,7 @@ on_both_stores!(
     an_eight_second_outage_reruns_nothing,
     reports_naming_blobs_are_checked,
     the_audit_log_records_every_action_and_names_tampering,
+    sigkilled_coordinators_leave_a_whole_audit_log,
 );
 
 /// Needs a database that several coordinators share over the network.
