@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleetbox_proto::Millis;
 
-use crate::jobs_cmd::Conn;
+use crate::jobs_cmd::{Conn, runtime};
 use crate::term;
 
 #[derive(Debug, Args)]
@@ -94,13 +94,6 @@ pub struct VerifyArgs {
     pub checkpoints: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub conn: Conn,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }
 
 pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {

@@ -6,18 +6,9 @@ use std::time::Duration;
 
 use fleetbox_proto::{ExecutionReport, Limits, Millis, Status};
 use fleetbox_sandbox::jail::JailSandbox;
-use fleetbox_sandbox::{Backend, RunRequest, Sandbox, SandboxConfig};
+use fleetbox_sandbox::{Backend, RunRequest, Sandbox};
 
-use crate::support::{bin, fixture, limits, show};
-
-fn config(work_root: &std::path::Path, warm: usize) -> SandboxConfig {
-    SandboxConfig {
-        jail_helper: Some(bin()),
-        work_root: work_root.to_path_buf(),
-        warm,
-        ..SandboxConfig::default()
-    }
-}
+use crate::support::{fixture, left_under, limits, sandbox_config as config, show};
 
 fn deep_tree_request() -> RunRequest {
     let l = Limits {
@@ -36,16 +27,6 @@ fn on_small_stack(sandbox: std::sync::Arc<dyn Sandbox>, req: RunRequest) -> Exec
         .unwrap()
         .join()
         .expect("the supervisor survives the cleanup")
-}
-
-fn left_under(root: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(root)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn assert_deep_run(r: &ExecutionReport) {

@@ -6,18 +6,9 @@ use std::time::Duration;
 
 use fleetbox_proto::{ByteSize, ExecutionReport, Limits, Status};
 use fleetbox_sandbox::jail::JailSandbox;
-use fleetbox_sandbox::{Backend, RunRequest, Sandbox, SandboxConfig};
+use fleetbox_sandbox::{Backend, RunRequest, Sandbox};
 
-use crate::support::{bin, fixture, limits, show};
-
-fn config(work_root: &std::path::Path, warm: usize) -> SandboxConfig {
-    SandboxConfig {
-        jail_helper: Some(bin()),
-        work_root: work_root.to_path_buf(),
-        warm,
-        ..SandboxConfig::default()
-    }
-}
+use crate::support::{fixture, left_under, limits, sandbox_config as config, show};
 
 fn request(what: &str) -> RunRequest {
     let l = Limits {
@@ -49,16 +40,6 @@ fn assert_capped(r: &ExecutionReport, what: &str) {
     let total: u64 = r.files.iter().map(|f| f.bytes).sum();
     assert!(total <= 8 << 20, "{total} bytes kept");
     assert!(r.files.len() <= 200, "{} files", r.files.len());
-}
-
-fn left_under(root: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(root)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn mounts_under(root: &std::path::Path) -> usize {

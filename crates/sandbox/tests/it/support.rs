@@ -139,3 +139,24 @@ pub fn fixture_verdicts() -> Vec<(&'static str, Status, Limits)> {
         ("fake_cpu_limit.py", Status::Error, limits()),
     ]
 }
+
+/// A sandbox configuration for runs under `work_root`, with `warm` jails kept ready.
+pub fn sandbox_config(work_root: &std::path::Path, warm: usize) -> SandboxConfig {
+    SandboxConfig {
+        jail_helper: Some(bin()),
+        work_root: work_root.to_path_buf(),
+        warm,
+        ..SandboxConfig::default()
+    }
+}
+
+/// The names left under `root` (empty when every run cleaned up).
+pub fn left_under(root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
