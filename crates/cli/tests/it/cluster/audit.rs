@@ -431,3 +431,48 @@ pub async fn sigkilled_coordinators_leave_a_whole_audit_log(db_kind: Db) {
         1
     );
 }
+
+/// Two coordinators on one PostgreSQL database, an agent on each, a job's shards settled
+/// through both at once: one chain (gap-free, verified), one `shard.accepted` per shard.
+pub async fn two_coordinators_keep_one_audit_chain(db_kind: Db) {
+    let Some(mut c) = Cluster::start(db_kind).await else {
+        return;
+    };
+    let (second, port2) = c.spawn_server(0, "server2.log");
+    let _second = super::KillOnDrop(second);
+    c.add_agent(2);
+    c.add_agent_to(&format!("http://127.0.0.1:{port2}"), 2);
+    let job = c
+        .submit(
+            "name = \"two heads\"\ncode = \"import os; print(int(os.environ['FLEETBOX_SHARD_INDEX']))\"\nshards = { count = 200 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{db_kind:?}: {r:?}");
+    let entries = all_entries(&c).await;
+    let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=entries.len() as i64).collect::<Vec<_>>(),
+        "{db_kind:?}"
+    );
+    let agents: HashSet<&str> = entries
+        .iter()
+        .filter(|e| e.action == "shard.accepted")
+        .filter_map(|e| e.agent_id.as_deref())
+        .collect();
+    assert_eq!(
+        agents.len(),
+        2,
+        "{db_kind:?}: both coordinators' agents settled shards"
+    );
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.action == "shard.accepted" && e.job_id.as_deref() == Some(&job.id))
+            .count(),
+        200
+    );
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(v.ok, "{db_kind:?}: {v:?}");
+}

@@ -18,7 +18,7 @@ use api::{
 };
 use audit::{
     sigkilled_coordinators_leave_a_whole_audit_log,
-    the_audit_log_records_every_action_and_names_tampering,
+    the_audit_log_records_every_action_and_names_tampering, two_coordinators_keep_one_audit_chain,
 };
 use chaos::{
     a_coordinator_killed_mid_fold_is_replaced, an_eight_second_outage_reruns_nothing,
@@ -70,6 +70,7 @@ on_both_stores!(
     reports_naming_blobs_are_checked,
     the_audit_log_records_every_action_and_names_tampering,
     sigkilled_coordinators_leave_a_whole_audit_log,
+    two_coordinators_keep_one_audit_chain,
 );
 
 /// Needs a database that several coordinators share over the network.
