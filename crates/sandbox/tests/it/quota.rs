@@ -42,6 +42,12 @@ fn assert_capped(r: &ExecutionReport, what: &str) {
     assert!(r.files.len() <= 200, "{} files", r.files.len());
 }
 
+/// Nothing left under `root`: no run directory, no mounted workspace.
+fn assert_all_gone(root: &std::path::Path) {
+    assert!(left_under(root).is_empty(), "{:?}", left_under(root));
+    assert_eq!(mounts_under(root), 0, "every workspace tmpfs is unmounted");
+}
+
 fn mounts_under(root: &std::path::Path) -> usize {
     let root = root.to_string_lossy().into_owned();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -58,16 +64,7 @@ fn the_workspace_is_capped_in_process_runs() {
     for what in ["bytes", "files"] {
         assert_capped(&sb.run(&request(what)), what);
     }
-    assert!(
-        left_under(root.path()).is_empty(),
-        "{:?}",
-        left_under(root.path())
-    );
-    assert_eq!(
-        mounts_under(root.path()),
-        0,
-        "every workspace tmpfs is unmounted"
-    );
+    assert_all_gone(root.path());
 }
 
 #[test]
@@ -91,20 +88,11 @@ fn the_workspace_is_capped_in_cold_and_warm_jails() {
     );
     assert_capped(&warm, "bytes");
     drop(sb);
-    assert!(
-        left_under(root.path()).is_empty(),
-        "{:?}",
-        left_under(root.path())
-    );
-    assert_eq!(
-        mounts_under(root.path()),
-        0,
-        "every workspace tmpfs is unmounted"
-    );
+    assert_all_gone(root.path());
 }
 
 /// A kept workspace is the agent's to collect: its tmpfs stays until the agent discards it,
-/// and a sweep removes one whose owner died (here: a made-up dead pid).
+/// and a sweep removes one whose owner died (here: the pid of a process that has exited).
 #[test]
 fn kept_workspaces_are_unmounted_when_discarded() {
     let root = tempfile::tempdir().unwrap();
@@ -117,10 +105,16 @@ fn kept_workspaces_are_unmounted_when_discarded() {
     assert!(kept.join("work/kept.txt").exists());
     assert_eq!(mounts_under(root.path()), 1);
     assert!(fleetbox_sandbox::workspace::discard(&kept));
-    assert_eq!(mounts_under(root.path()), 0);
-    assert!(
-        left_under(root.path()).is_empty(),
-        "{:?}",
-        left_under(root.path())
-    );
+    assert_all_gone(root.path());
+
+    // Kept again, and its owner is gone before it collected the files: the sweep unmounts it.
+    let kept = std::path::PathBuf::from(sb.run(&req).workspace.unwrap());
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let orphan = root.path().join(format!("fleetbox-kept-{dead}-orphan"));
+    std::fs::rename(&kept, &orphan).unwrap();
+    assert_eq!(mounts_under(root.path()), 1);
+    fleetbox_sandbox::sweep_stale(&config(root.path(), 0));
+    assert_all_gone(root.path());
 }
