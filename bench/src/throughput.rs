@@ -21,23 +21,27 @@ pub fn run(tasks: usize, executors: usize, batch: u32) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         println!("throughput: {tasks} no-op tasks, {executors} fake executors, batches of {batch}");
-        let sqlite = one(None, tasks, executors, batch).await?;
+        let sqlite = one(None, tasks, executors, batch, true).await?;
+        let bare = one(None, tasks, executors, batch, false).await?;
         println!(
             "  sqlite      submit {:7.0} tasks/s   lease+report {:7.0} tasks/s   (target 10000, {:.2}x)",
             sqlite.0,
             sqlite.1,
             sqlite.1 / 10_000.0
         );
+        audit_cost("sqlite", sqlite.1, bare.1);
         match std::env::var(PG_VAR) {
             Ok(base) => {
-                let url = fresh_database(&base).await?;
-                let pg = one(Some(url), tasks, executors, batch).await?;
+                let pg = one(Some(fresh_database(&base).await?), tasks, executors, batch, true).await?;
+                let bare =
+                    one(Some(fresh_database(&base).await?), tasks, executors, batch, false).await?;
                 println!(
                     "  postgresql  submit {:7.0} tasks/s   lease+report {:7.0} tasks/s   (target 5000, {:.2}x)",
                     pg.0,
                     pg.1,
                     pg.1 / 5_000.0
                 );
+                audit_cost("postgresql", pg.1, bare.1);
             }
             Err(_) => println!("  postgresql  skipped: set {PG_VAR}=postgres://... (scripts/start-postgres prints one)"),
         }
@@ -45,9 +49,19 @@ pub fn run(tasks: usize, executors: usize, batch: u32) -> Result<(), String> {
     })
 }
 
+/// What the audit log costs: lease+report with it against the same run without it.
+fn audit_cost(store: &str, with: f64, without: f64) {
+    println!(
+        "  {store:<11} audit off {without:7.0} tasks/s   audit on is {:.1}% slower (target under 10%)",
+        (1.0 - with / without) * 100.0
+    );
+}
+
 pub async fn fresh_database(base: &str) -> Result<String, String> {
     use sqlx::Connection;
-    let name = format!("fb_bench_{}", std::process::id());
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("fb_bench_{}_{n}", std::process::id());
     let mut conn = sqlx::PgConnection::connect(base)
         .await
         .map_err(|e| format!("{PG_VAR}: {e}"))?;
@@ -70,6 +84,7 @@ async fn one(
     tasks: usize,
     executors: usize,
     batch: u32,
+    audit: bool,
 ) -> Result<(f64, f64), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
@@ -77,6 +92,7 @@ async fn one(
     config.admin_token = Some("bench-admin".into());
     config.enroll_token = Some("bench-enroll".into());
     config.lease_ms = 60_000;
+    config.audit = audit;
     let server = fleetbox_server::start(config)
         .await
         .map_err(|e| e.to_string())?;

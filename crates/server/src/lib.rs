@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub enroll_token: Option<String>,
     /// How often the audit chain heads are checkpointed (signed) when they moved.
     pub audit_checkpoint_ms: u64,
+    /// Write the audit log. Always on in a coordinator; off only for the throughput
+    /// benchmark's baseline (what the log costs is measured against it).
+    pub audit: bool,
     /// Sandbox for server-side runs (the `python` reducer).
     pub sandbox_backend: Backend,
     pub sandbox: SandboxConfig,
@@ -69,6 +72,7 @@ impl ServerConfig {
             admin_token: None,
             enroll_token: None,
             audit_checkpoint_ms: 60_000,
+            audit: true,
             sandbox_backend: Backend::default_for_host(),
             // The coordinator's own runs get the allow-list: the strictest policy.
             sandbox: SandboxConfig {
@@ -265,7 +269,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         .database_url
         .clone()
         .unwrap_or_else(|| Store::sqlite_url(&config.data_dir));
-    let store = Store::open(&url).await?;
+    let mut store = Store::open(&url).await?;
+    store.set_audit(config.audit);
     let blob_dir = config.data_dir.join("blobs");
     let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
     let key_path = config.data_dir.join("audit.key");

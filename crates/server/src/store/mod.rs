@@ -114,6 +114,8 @@ pub struct Store {
     write: AnyPool,
     /// Reads (several connections).
     read: AnyPool,
+    /// Whether appends are written (see `ServerConfig::audit`).
+    audit: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -186,7 +188,12 @@ impl Store {
                 (pool.clone(), pool)
             }
         };
-        let store = Store { kind, write, read };
+        let store = Store {
+            kind,
+            write,
+            read,
+            audit: true,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -202,6 +209,11 @@ impl Store {
             DbKind::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
             DbKind::Postgres => self.write.begin().await,
         }
+    }
+
+    /// Turn the audit log off (the throughput benchmark's baseline) or on.
+    pub fn set_audit(&mut self, on: bool) {
+        self.audit = on;
     }
 
     pub fn kind(&self) -> DbKind {

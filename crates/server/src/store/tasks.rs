@@ -183,20 +183,43 @@ impl Store {
                 .doing("recording leases")?;
         }
         tally.apply(&mut tx).await?;
+        // One `shard.leased` entry per job in this call, naming each shard it handed out
+        // (task, shard index, attempt, lease): a lease call of 500 shards is one entry, not
+        // 500, on the hot path.
         let actor = format!("agent:{agent_id}");
-        let entries = grants
-            .iter()
-            .map(|g| {
-                Entry::new(tenant_id, actor.as_str(), Action::ShardLeased)
-                    .job(&g.job_id)
-                    .task(g.task_id)
-                    .lease(&g.lease_id)
-                    .agent(agent_id)
-                    .details(serde_json::json!({
-                        "shard": g.shard_index,
-                        "attempt": g.attempt,
-                        "expires": expires,
-                    }))
+        let mut by_job: std::collections::BTreeMap<&str, Vec<serde_json::Value>> =
+            Default::default();
+        for g in &grants {
+            by_job
+                .entry(g.job_id.as_str())
+                .or_default()
+                .push(serde_json::json!([
+                    g.task_id,
+                    g.shard_index,
+                    g.attempt,
+                    g.lease_id,
+                ]));
+        }
+        let entries = by_job
+            .into_iter()
+            .map(|(job_id, shards)| {
+                let one = (shards.len() == 1).then(|| &shards[0]);
+                let mut entry = Entry::new(tenant_id, actor.as_str(), Action::ShardLeased)
+                    .job(job_id)
+                    .agent(agent_id);
+                // A single shard is also named as the entry's task and lease.
+                if let Some(one) = one {
+                    if let Some(task) = one[0].as_i64() {
+                        entry = entry.task(task);
+                    }
+                    if let Some(lease) = one[3].as_str() {
+                        entry = entry.lease(lease);
+                    }
+                }
+                entry.details(serde_json::json!({
+                    "expires": expires,
+                    "shards": shards,
+                }))
             })
             .collect();
         // Asking for work is a sign of life: recorded in the same transaction.

@@ -1,6 +1,7 @@
 //! Integration tests of the coordinator: its store on SQLite and on PostgreSQL, and an
 //! in-process coordinator on `127.0.0.1:0` with in-process agents.
 
+mod audit;
 mod edge;
 mod folds;
 mod settle;
