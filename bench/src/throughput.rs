@@ -107,20 +107,23 @@ async fn one(
 
     let mut agents = Vec::new();
     for i in 0..executors {
+        // Each fake executor signs its reports, as agents do (the cost is part of the bench).
+        let key = ed25519_dalek::SigningKey::from_bytes(&[i as u8 + 1; 32]);
         let enroll = Client::new(&server.url(), "bench-enroll");
         let r = enroll
             .enroll(&EnrollRequest {
                 name: format!("fake-{i}"),
                 slots: batch,
+                public_key: hex::encode(key.verifying_key().as_bytes()),
                 ..Default::default()
             })
             .await
             .map_err(|e| e.to_string())?;
-        agents.push(Client::new(&server.url(), &r.agent_token));
+        agents.push((Client::new(&server.url(), &r.agent_token), key));
     }
     let start = Instant::now();
     let mut handles = Vec::new();
-    for agent in agents {
+    for (agent, key) in agents {
         handles.push(tokio::spawn(async move {
             let mut done = 0usize;
             loop {
@@ -138,11 +141,14 @@ async fn one(
                     .tasks
                     .into_iter()
                     .map(|t| {
-                        ShardReport::new(
+                        let mut r = ShardReport::new(
                             t.lease_id,
                             t.task_id,
                             ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
-                        )
+                        );
+                        r.attempt = t.attempt;
+                        r.sign(&key);
+                        r
                     })
                     .collect::<Vec<_>>();
                 done += reports.len();

@@ -6,6 +6,7 @@
 
 mod facts;
 mod files;
+mod key;
 mod offload;
 pub mod outbox;
 
@@ -126,6 +127,8 @@ pub struct AgentConfig {
     /// Shards leased ahead of free slots, so the next one starts without waiting for a lease
     /// round trip.
     pub prefetch: u32,
+    /// Make a new report-signing key at start and register it, signed with the old one.
+    pub rotate_key: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +141,8 @@ pub enum AgentError {
     },
     #[error("the coordinator refused enrollment: {0}")]
     Enroll(#[source] ClientError),
+    #[error("the coordinator refused the new key: {0}")]
+    RotateKey(#[source] ClientError),
     #[error("could not open the `{backend}` sandbox: {source}")]
     Sandbox {
         backend: Backend,
@@ -154,6 +159,9 @@ struct Identity {
     agent_token: String,
     #[serde(default)]
     heartbeat_ms: u64,
+    /// The key registered at enrolment (hex); another key means enrolling again.
+    #[serde(default)]
+    public_key: String,
 }
 
 struct Running {
@@ -168,6 +176,8 @@ const CANCEL_SHUTDOWN: &str = "the agent is shutting down; the shard was handed 
 
 struct Shared {
     config: AgentConfig,
+    /// Signs every report when it is sent.
+    key: ed25519_dalek::SigningKey,
     client: Mutex<Client>,
     agent_id: Mutex<String>,
     outbox: Outbox,
@@ -218,17 +228,25 @@ pub async fn run(
         })?,
     );
 
+    let key = key::load_or_make(&config.state_dir)
+        .map_err(state_err(config.state_dir.join(key::FILE)))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
-    let identity = tokio::select! {
-        id = identity(&config) => id?,
+    let mut identity = tokio::select! {
+        id = identity(&config, &key) => id?,
         _ = &mut shutdown => return Ok(()),
+    };
+    let key = if config.rotate_key {
+        rotate_key(&config, &mut identity, key).await?
+    } else {
+        key
     };
     tracing::info!(agent = %identity.agent_id, server = %config.server, slots = config.slots,
         backend = %config.backend, "agent ready");
     let heartbeat = Duration::from_millis(identity.heartbeat_ms.max(100));
     let shared_slots = config.slots.max(1);
     let shared = Arc::new(Shared {
+        key,
         client: Mutex::new(Client::new(&config.server, &identity.agent_token)),
         agent_id: Mutex::new(identity.agent_id.clone()),
         config,
@@ -311,12 +329,42 @@ async fn hand_back_lost_runs(shared: &Shared) {
     }
 }
 
-/// Load the saved identity for this coordinator, or enroll (retrying while it is unreachable).
-async fn identity(config: &AgentConfig) -> Result<Identity, AgentError> {
+/// Replace the agent's key: register a new one signed with the old, then keep it.
+async fn rotate_key(
+    config: &AgentConfig,
+    identity: &mut Identity,
+    old: ed25519_dalek::SigningKey,
+) -> Result<ed25519_dalek::SigningKey, AgentError> {
+    let state_err = |source| AgentError::State {
+        path: config.state_dir.join(key::FILE),
+        source,
+    };
+    let new = key::fresh().map_err(state_err)?;
+    let client = Client::new(&config.server, &identity.agent_token);
+    client
+        .rotate_key(&key::rotation(&identity.agent_id, &old, &new))
+        .await
+        .map_err(AgentError::RotateKey)?;
+    // Registered: from now on only the new key's signatures are accepted.
+    key::save(&config.state_dir, &new).map_err(state_err)?;
+    identity.public_key = key::public_hex(&new);
     let path = config.state_dir.join("agent.json");
+    save_identity(&path, identity).map_err(|source| AgentError::State { path, source })?;
+    tracing::info!(agent = %identity.agent_id, public_key = %identity.public_key, "report-signing key rotated");
+    Ok(new)
+}
+
+/// Load the saved identity for this coordinator, or enroll (retrying while it is unreachable).
+async fn identity(
+    config: &AgentConfig,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<Identity, AgentError> {
+    let path = config.state_dir.join("agent.json");
+    let public_key = key::public_hex(key);
     if let Ok(bytes) = fs_err::read(&path)
         && let Ok(id) = serde_json::from_slice::<Identity>(&bytes)
         && id.server == config.server
+        && id.public_key == public_key
     {
         return Ok(id);
     }
@@ -326,6 +374,7 @@ async fn identity(config: &AgentConfig) -> Result<Identity, AgentError> {
         labels: config.labels.clone(),
         slots: config.slots,
         facts: machine_facts(config.backend, config.sandbox.python.as_deref()),
+        public_key: public_key.clone(),
     };
     let mut delay = Duration::from_millis(200);
     let resp = loop {
@@ -344,6 +393,7 @@ async fn identity(config: &AgentConfig) -> Result<Identity, AgentError> {
         agent_id: resp.agent_id,
         agent_token: resp.agent_token,
         heartbeat_ms: resp.heartbeat_ms,
+        public_key,
     };
     save_identity(&path, &id).map_err(|source| AgentError::State { path, source })?;
     Ok(id)
@@ -387,7 +437,7 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
             Err(e) if e.code() == Some("unauthorized") => {
                 tracing::error!(error = %e, "the coordinator no longer knows this agent; re-enrolling");
                 let _ = fs_err::remove_file(shared.config.state_dir.join("agent.json"));
-                match identity(&shared.config).await {
+                match identity(&shared.config, &shared.key).await {
                     Ok(id) => {
                         *shared.client.lock().expect("client") =
                             Client::new(&shared.config.server, &id.agent_token);
@@ -424,6 +474,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
     tokio::spawn(async move {
         let lease_id = task.lease_id.clone();
         let task_id = task.task_id;
+        let attempt = task.attempt;
         // Wait for a slot (a prefetched shard waits for the one before it).
         let permit = shared.slots.clone().acquire_owned().await;
         if shared.stopping.load(Ordering::SeqCst) || permit.is_err() {
@@ -446,7 +497,8 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                 report.message = Some(why);
                 report.limits = AppliedLimits::new(task.limits.clone());
                 report.code_sha256 = task.code_sha256.clone();
-                let record = ShardReport::new(lease_id.clone(), task_id, report);
+                let mut record = ShardReport::new(lease_id.clone(), task_id, report);
+                record.attempt = attempt;
                 shared.running.lock().expect("running").remove(&lease_id);
                 drop(permit);
                 shared.slot_freed.notify_one();
@@ -483,6 +535,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                 run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
             let mut blobs = files::collect(&mut report, &outbox, !handed_back);
             let mut record = ShardReport::new(run_lease, task_id, report);
+            record.attempt = attempt;
             if !handed_back {
                 blobs.extend(offload::offload(&mut record, &outbox));
             }
@@ -578,7 +631,12 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
     }
     let had_blobs = batch.iter().any(|p| !p.uploads.is_empty());
     let reports: Vec<ShardReport> = batch.into_iter().map(|p| p.report).collect();
-    let (reports, oversized) = within_budget(reports, REPORT_BATCH_BYTES);
+    let (mut reports, oversized) = within_budget(reports, REPORT_BATCH_BYTES);
+    // Signed as sent (not as stored): a report waiting in the outbox across a key rotation
+    // goes with the current key.
+    for r in &mut reports {
+        r.sign(&shared.key);
+    }
     for (lease, bytes) in oversized {
         let why = format!(
             "the report is {bytes} bytes of JSON, over the coordinator's {} MiB request limit",

@@ -127,6 +127,10 @@ pub struct AgentArgs {
     /// Shards leased ahead of free slots, so the next starts without a lease round trip.
     #[arg(long, default_value_t = 1)]
     pub prefetch: u32,
+    /// Make a new report-signing key (`STATE/agent.key`) and register it with the
+    /// coordinator, signed with the old one; then run as usual.
+    #[arg(long)]
+    pub rotate_key: bool,
     /// `jail` only: jails kept built ahead of the shards, each with the interpreter started and
     /// waiting for its program (default: one per slot; 0 starts every shard cold).
     #[arg(long, env = env::FLEETBOX_WARM)]
@@ -311,6 +315,7 @@ fn agent_config(
         caps,
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
+        rotate_key: args.rotate_key,
     }
 }
 
@@ -385,6 +390,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     allow_network: false,
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
+                    rotate_key: false,
                     warm: None,
                     seccomp,
                 },

@@ -292,4 +292,13 @@ impl Client {
         self.post("/v1/agent/return", req, Duration::from_secs(10))
             .await
     }
+
+    /// Replace this agent's report-signing key (`req` signed with the current one).
+    pub async fn rotate_key(
+        &self,
+        req: &fleetbox_proto::api::RotateKeyRequest,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post("/v1/agent/key", req, Duration::from_secs(10))
+            .await
+    }
 }

@@ -211,6 +211,9 @@ pub struct ShardDetail {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EnrollRequest {
     pub name: String,
+    /// The agent's ed25519 public key (hex): its reports must be signed with the private half.
+    #[serde(default)]
+    pub public_key: String,
     #[serde(default)]
     pub labels: Vec<String>,
     #[serde(default)]
@@ -316,23 +319,102 @@ pub struct ReportBatch {
 pub struct ShardReport {
     pub lease_id: String,
     pub task_id: i64,
+    /// The lease's attempt number ([`LeasedTask::attempt`]): signed with the rest.
+    #[serde(default)]
+    pub attempt: u32,
     pub report: ExecutionReport,
     /// Parts of the report too large to travel inline, uploaded first as blobs; the
     /// matching field of `report` is then empty (streams) or absent (output).
     #[serde(default, skip_serializing_if = "ReportBlobs::is_empty")]
     pub blobs: ReportBlobs,
+    /// The agent's ed25519 signature (hex) over [`ShardReport::signed_message`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// Why a report's signature was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the report is not signed")]
+    Unsigned,
+    #[error("the signature is not 64 bytes of hex")]
+    Malformed,
+    #[error("the signature does not verify with the agent's key")]
+    Mismatch,
 }
 
 impl ShardReport {
-    /// A report with every part inline.
+    /// A report with every part inline, attempt 0 and unsigned.
     pub fn new(lease_id: impl Into<String>, task_id: i64, report: ExecutionReport) -> Self {
         ShardReport {
             lease_id: lease_id.into(),
             task_id,
+            attempt: 0,
             report,
             blobs: ReportBlobs::default(),
+            signature: None,
         }
     }
+
+    /// What an agent signs: a domain tag, then the RFC 8785 canonical JSON of the report
+    /// without its signature, which holds the task id, the lease id and the attempt number,
+    /// so a signature is good for this execution only.
+    pub fn signed_message(&self) -> Vec<u8> {
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(map) = value.as_object_mut() {
+            map.remove("signature");
+        }
+        let mut out = b"fleetbox-report-v1\n".to_vec();
+        crate::canonical::canonical_into(&value, &mut out);
+        out
+    }
+
+    /// Sign with the agent's key (replacing any signature).
+    pub fn sign(&mut self, key: &ed25519_dalek::SigningKey) {
+        use ed25519_dalek::Signer;
+        self.signature = None;
+        let signature = key.sign(&self.signed_message());
+        self.signature = Some(hex::encode(signature.to_bytes()));
+    }
+
+    /// Check the signature with the agent's registered key (strictly: no malleable or
+    /// small-order forms).
+    pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), SignatureError> {
+        let text = self.signature.as_deref().ok_or(SignatureError::Unsigned)?;
+        let mut bytes = [0u8; 64];
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| SignatureError::Malformed)?;
+        let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+        key.verify_strict(&self.signed_message(), &signature)
+            .map_err(|_| SignatureError::Mismatch)
+    }
+}
+
+/// `POST /v1/agent/key`: replace the agent's key, signed with the key it replaces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotateKeyRequest {
+    /// The new ed25519 public key (hex).
+    pub public_key: String,
+    /// The old key's signature (hex) over [`RotateKeyRequest::message`].
+    pub signature: String,
+}
+
+impl RotateKeyRequest {
+    pub fn message(agent_id: &str, public_key: &str) -> Vec<u8> {
+        format!("fleetbox-rotate-key-v1\n{agent_id}\n{public_key}\n").into_bytes()
+    }
+}
+
+/// An agent's public key from its hex form, or why not.
+pub fn parse_public_key(text: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(text, &mut bytes)
+        .map_err(|_| "a public key is 32 bytes of hex".to_string())?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| "not an ed25519 public key".to_string())?;
+    if key.is_weak() {
+        return Err("a weak (small-order) ed25519 key".into());
+    }
+    Ok(key)
 }
 
 /// The sha256 of each part of a report uploaded ahead of it: the stream's bytes, or the

@@ -5,6 +5,7 @@
 //! accepted by every flag, config file and job spec. This crate does no I/O.
 
 pub mod api;
+pub mod canonical;
 pub mod env;
 pub mod job;
 mod limits;

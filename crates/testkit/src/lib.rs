@@ -139,6 +139,7 @@ impl Coordinator {
             caps,
             drain_timeout: Duration::from_secs(5),
             prefetch: 1,
+            rotate_key: false,
         };
         let mut stop = self.stop_agents.subscribe();
         self.agents.push(tokio::spawn(async move {
@@ -205,4 +206,55 @@ impl Coordinator {
 
 pub fn spec(toml: &str) -> JobSpec {
     JobSpec::from_toml(toml).expect("valid spec")
+}
+
+/// An agent driven by hand through the API (no sandbox): enrolled with a key of its own, its
+/// reports signed as a real agent signs them. Derefs to its [`fleetbox_client::Client`].
+pub struct SignedAgent {
+    pub client: fleetbox_client::Client,
+    pub key: ed25519_dalek::SigningKey,
+    pub agent_id: String,
+    pub token: String,
+}
+
+impl SignedAgent {
+    pub async fn enroll(url: &str, enroll_token: &str, name: &str) -> SignedAgent {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).expect("randomness");
+        let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+        let resp = fleetbox_client::Client::new(url, enroll_token)
+            .enroll(&fleetbox_proto::api::EnrollRequest {
+                name: name.into(),
+                slots: 1,
+                public_key: hex::encode(key.verifying_key().as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .expect("enrollment");
+        SignedAgent {
+            client: fleetbox_client::Client::new(url, &resp.agent_token),
+            key,
+            agent_id: resp.agent_id,
+            token: resp.agent_token,
+        }
+    }
+
+    /// Send `batch` with every report signed by this agent's key.
+    pub async fn report(
+        &self,
+        batch: &fleetbox_proto::api::ReportBatch,
+    ) -> Result<fleetbox_proto::api::ReportAck, fleetbox_client::ClientError> {
+        let mut batch = batch.clone();
+        for r in &mut batch.reports {
+            r.sign(&self.key);
+        }
+        self.client.report(&batch).await
+    }
+}
+
+impl std::ops::Deref for SignedAgent {
+    type Target = fleetbox_client::Client;
+    fn deref(&self) -> &fleetbox_client::Client {
+        &self.client
+    }
 }

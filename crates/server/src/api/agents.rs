@@ -71,6 +71,9 @@ pub async fn enroll(
     if req.slots > 1024 {
         return Err(ApiError::bad_request("invalid_body", "at most 1024").with_field("slots"));
     }
+    // Every report is signed: an agent without a key could not report.
+    fleetbox_proto::api::parse_public_key(&req.public_key)
+        .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("public_key"))?;
     let id = agent_id();
     let secret = token("agent");
     state
@@ -206,6 +209,53 @@ pub async fn return_leases(
     Ok(Json(serde_json::json!({ "returned": n })))
 }
 
+/// `POST /v1/agent/key`: the agent replaces its key, proving it holds the old one.
+pub async fn rotate_key(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Body(req): Body<fleetbox_proto::api::RotateKeyRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (tenant, agent) = auth.agent()?;
+    fleetbox_proto::api::parse_public_key(&req.public_key)
+        .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("public_key"))?;
+    let no_key = || {
+        ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "no_agent_key",
+            "this agent has no usable key to rotate: enroll it again",
+        )
+    };
+    let old_text = state.store.agent_key(agent).await?.ok_or_else(no_key)?;
+    let old = fleetbox_proto::api::parse_public_key(&old_text).map_err(|_| no_key())?;
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(&req.signature, &mut sig).map_err(|_| {
+        ApiError::bad_request("invalid_signature", "the signature is not 64 bytes of hex")
+            .with_field("signature")
+    })?;
+    let message = fleetbox_proto::api::RotateKeyRequest::message(agent, &req.public_key);
+    old.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&sig))
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_signature",
+                "the rotation is not signed by the agent's current key",
+            )
+            .with_field("signature")
+        })?;
+    if !state
+        .store
+        .rotate_agent_key(tenant, agent, &old_text, &req.public_key)
+        .await?
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "conflict",
+            "the key changed meanwhile; sign with the current key",
+        ));
+    }
+    tracing::info!(agent, "agent key rotated");
+    Ok(Json(serde_json::json!({ "public_key": req.public_key })))
+}
+
 pub async fn report(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -219,7 +269,25 @@ pub async fn report(
         )
         .with_field("reports"));
     }
-    // Reading and hashing outputs (some from blobs) is blocking work.
+    // Every report must carry the signature of the key the agent registered.
+    let key = match state.store.agent_key(agent).await? {
+        Some(k) => fleetbox_proto::api::parse_public_key(&k).map_err(|why| {
+            tracing::error!(agent, why, "stored agent key is unusable");
+            ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "no_agent_key",
+                "this agent's registered key is unusable: enroll it again",
+            )
+        })?,
+        None => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "no_agent_key",
+                "this agent enrolled without a key and cannot sign reports: enroll it again",
+            ));
+        }
+    };
+    // Checking signatures, reading and hashing outputs (some from blobs) is blocking work.
     let inputs = {
         let for_blocking = state.clone();
         let formed = tokio::task::spawn_blocking(move || {
@@ -228,7 +296,9 @@ pub async fn report(
                 .into_iter()
                 .enumerate()
                 .map(|(i, r)| {
-                    store_form(&for_blocking, r).map_err(|e| e.within(&format!("reports[{i}]")))
+                    signed(&r, &key)
+                        .and_then(|()| store_form(&for_blocking, r))
+                        .map_err(|e| e.within(&format!("reports[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -262,6 +332,25 @@ pub async fn report(
         .report(tenant, agent, &inputs, state.config.retry_backoff_ms)
         .await?;
     let mut requeued = false;
+    let unknown: Vec<_> = inputs
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == crate::store::SettleOutcome::Unknown)
+        .map(|(i, _)| serde_json::json!([i.lease_id, i.task_id, i.attempt]))
+        .collect();
+    if !unknown.is_empty() {
+        // Nothing of these was stored; what was tried is kept.
+        let entry = Entry::new(tenant, format!("agent:{agent}"), Action::ReportRefused)
+            .agent(agent)
+            .details(serde_json::json!({
+                "code": "unknown_lease",
+                "why": "no open lease of this agent for this task and attempt",
+                "reports": unknown,
+            }));
+        if let Err(e) = state.store.audit(vec![entry]).await {
+            tracing::error!(error = %e, "could not record refused reports");
+        }
+    }
     let results = inputs
         .iter()
         .zip(&outcomes)
@@ -363,14 +452,28 @@ pub async fn put_blob(
     }
 }
 
+/// Refuse a report without a good signature of the agent's key.
+fn signed(r: &ShardReport, key: &ed25519_dalek::VerifyingKey) -> Result<(), ApiError> {
+    use fleetbox_proto::api::SignatureError;
+    r.verify(key).map_err(|e| {
+        let code = match e {
+            SignatureError::Unsigned => "unsigned_report",
+            SignatureError::Malformed | SignatureError::Mismatch => "invalid_signature",
+        };
+        ApiError::bad_request(code, e.to_string()).with_field("signature")
+    })
+}
+
 /// Turn an agent's report into what the store keeps: large streams and outputs in blobs,
 /// whether the agent sent them inline or uploaded them ahead ([`ShardReport::blobs`]).
 fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     let ShardReport {
         lease_id,
         task_id,
+        attempt,
         mut report,
         blobs: ahead,
+        signature: _,
     } = r;
     let internal = |e: std::io::Error| {
         tracing::error!(error = %e, "blob store");
@@ -453,6 +556,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         audit,
         lease_id,
         task_id,
+        attempt,
         status: report.status,
         reason: failure_reason(&report),
         output,

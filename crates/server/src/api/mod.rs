@@ -42,6 +42,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/agent/heartbeat", post(agents::heartbeat))
         .route("/v1/agent/reports", post(agents::report))
         .route("/v1/agent/return", post(agents::return_leases))
+        .route("/v1/agent/key", post(agents::rotate_key))
         .route(
             "/v1/agent/blobs/{sha256}",
             axum::routing::put(agents::put_blob),

@@ -22,8 +22,8 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("enrolling an agent")?;
         sqlx::query(
-            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen) \
-             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8)",
+            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9)",
         )
         .bind(agent_id)
         .bind(tenant_id)
@@ -33,6 +33,7 @@ impl Store {
         .bind(json(&req.facts))
         .bind(AgentState::Online.as_str())
         .bind(now)
+        .bind(&req.public_key)
         .execute(&mut *tx)
         .await
         .doing("inserting an agent")?;
@@ -53,10 +54,57 @@ impl Store {
                 "name": req.name,
                 "labels": req.labels,
                 "slots": req.slots,
+                "public_key": req.public_key,
             }));
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("enrolling an agent")?;
         Ok(())
+    }
+
+    /// The public key an agent signs its reports with (`None`: enrolled before keys).
+    pub async fn agent_key(&self, agent_id: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT public_key FROM agents WHERE id = $1")
+                .bind(agent_id)
+                .fetch_optional(&self.read)
+                .await
+                .doing("reading an agent's key")?;
+        Ok(row.and_then(|(k,)| k))
+    }
+
+    /// Replace an agent's key, audited with the old and the new key.
+    pub async fn rotate_agent_key(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("rotating an agent key")?;
+        // Guarded on the old key: two rotations racing cannot both win.
+        let changed =
+            sqlx::query("UPDATE agents SET public_key = $1 WHERE id = $2 AND public_key = $3")
+                .bind(new)
+                .bind(agent_id)
+                .bind(old)
+                .execute(&mut *tx)
+                .await
+                .doing("rotating an agent key")?
+                .rows_affected()
+                == 1;
+        if changed {
+            let entry = Entry::new(
+                tenant_id,
+                format!("agent:{agent_id}"),
+                Action::AgentKeyRotated,
+            )
+            .agent(agent_id)
+            .details(serde_json::json!({ "old": old, "new": new }));
+            self.append_audit(&mut tx, vec![entry], now).await?;
+        }
+        tx.commit().await.doing("rotating an agent key")?;
+        Ok(changed)
     }
 
     /// Record a heartbeat: the agent is alive and this is its load.

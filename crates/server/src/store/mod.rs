@@ -105,6 +105,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_audit_checkpoints",
         include_str!("../../migrations/0005_audit_checkpoints.sql"),
     ),
+    (
+        "0006_agent_keys",
+        include_str!("../../migrations/0006_agent_keys.sql"),
+    ),
 ];
 
 #[derive(Clone)]

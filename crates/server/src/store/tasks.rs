@@ -19,6 +19,8 @@ use super::{Doing, Store, StoreError, now_ms};
 pub struct ReportInput {
     pub lease_id: String,
     pub task_id: i64,
+    /// The attempt the (signed) report names: it must be the lease's.
+    pub attempt: u32,
     pub status: Status,
     /// Why it failed, for the shard's `last_error`.
     pub reason: Option<String>,
@@ -376,9 +378,9 @@ impl Store {
         .collect();
         let valid: Vec<usize> = (0..reports.len())
             .filter(|&i| {
-                leases
-                    .get(&reports[i].lease_id)
-                    .is_some_and(|l| l.task_id == reports[i].task_id)
+                leases.get(&reports[i].lease_id).is_some_and(|l| {
+                    l.task_id == reports[i].task_id && l.attempt == reports[i].attempt
+                })
             })
             .collect();
         if valid.is_empty() {
@@ -754,6 +756,7 @@ mod store_tests {
         let report = ReportInput {
             lease_id: first[0].lease_id.clone(),
             task_id: first[0].task_id,
+            attempt: first[0].attempt,
             status: Status::Ok,
             reason: None,
             output: Some("1".into()),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbox_proto::Status;
-use fleetbox_server::store::{ReportInput, SettleOutcome, Store, now_ms};
+use fleetbox_server::store::{LeaseGrant, ReportInput, SettleOutcome, Store, now_ms};
 use sqlx::Row;
 
 use crate::support::{BOTH, Db, database, new_job};
@@ -16,10 +16,11 @@ use crate::support::{BOTH, Db, database, new_job};
 const SHARDS: u64 = 20;
 const ROUNDS: usize = 8;
 
-fn ok_report(lease_id: &str, task_id: i64, value: u64) -> ReportInput {
+fn ok_report(grant: &LeaseGrant, value: u64) -> ReportInput {
     ReportInput {
-        lease_id: lease_id.into(),
-        task_id,
+        lease_id: grant.lease_id.clone(),
+        task_id: grant.task_id,
+        attempt: grant.attempt,
         status: Status::Ok,
         reason: None,
         output: Some(value.to_string()),
@@ -231,7 +232,7 @@ async fn late_and_current_reports_racing_settle_each_shard_once() {
                 ] {
                     racers.push(tokio::spawn(async move {
                         jitter(seed + round as u64).await;
-                        let report = ok_report(&grant.lease_id, grant.task_id, value);
+                        let report = ok_report(&grant, value);
                         store.report("default", agent, &[report], 0).await.unwrap()
                     }));
                 }
@@ -288,7 +289,7 @@ async fn reports_racing_lease_expiry_settle_each_shard_once() {
                 let store = two.clone();
                 racers.push(tokio::spawn(async move {
                     jitter(i as u64 + round as u64).await;
-                    let r = ok_report(&g.lease_id, g.task_id, g.shard_index + 1);
+                    let r = ok_report(&g, g.shard_index + 1);
                     store
                         .report("default", "agt_a", &[r], 0)
                         .await
@@ -349,7 +350,7 @@ async fn reports_racing_a_cancel_leave_a_consistent_job() {
                 ] {
                     racers.push(tokio::spawn(async move {
                         jitter(i as u64 + round as u64).await;
-                        let r = ok_report(&g.lease_id, g.task_id, 1);
+                        let r = ok_report(&g, 1);
                         store.report("default", agent, &[r], 0).await.unwrap();
                     }));
                 }
@@ -398,7 +399,7 @@ async fn a_returned_lease_settles_nothing() {
                 .unwrap(),
             1
         );
-        let r = ok_report(&g[0].lease_id, g[0].task_id, 1);
+        let r = ok_report(&g[0], 1);
         let (outcomes, ready) = one.report("default", "agt_a", &[r], 0).await.unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
         assert!(ready.is_empty());
@@ -423,7 +424,7 @@ async fn nul_bytes_in_a_failure_reason_are_stored_on_both_databases() {
             .lease("default", "agt_a", 1, now_ms() + 60_000, "n")
             .await
             .unwrap();
-        let mut r = ok_report(&g[0].lease_id, g[0].task_id, 1);
+        let mut r = ok_report(&g[0], 1);
         r.status = Status::Error;
         r.reason = Some("error: ValueError: a\0b".into());
         r.report_json = serde_json::json!({"exception": {"message": "a\0b"}}).to_string();
@@ -483,22 +484,12 @@ async fn an_agent_restarted_in_place_gets_its_old_leases_requeued_at_once() {
         );
         // The kept lease still settles; a dead run's report settles nothing.
         let (outcomes, _) = one
-            .report(
-                "default",
-                "agt_a",
-                &[ok_report(&g[0].lease_id, g[0].task_id, 1)],
-                0,
-            )
+            .report("default", "agt_a", &[ok_report(&g[0], 1)], 0)
             .await
             .unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Accepted], "{db:?}");
         let (outcomes, _) = one
-            .report(
-                "default",
-                "agt_a",
-                &[ok_report(&g[1].lease_id, g[1].task_id, 1)],
-                0,
-            )
+            .report("default", "agt_a", &[ok_report(&g[1], 1)], 0)
             .await
             .unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
@@ -547,7 +538,7 @@ async fn leases_reports_expiry_and_cancel_racing_keep_every_counter_true() {
                         let reports: Vec<ReportInput> = grants
                             .iter()
                             .map(|g| {
-                                let mut r = ok_report(&g.lease_id, g.task_id, g.shard_index + 1);
+                                let mut r = ok_report(g, g.shard_index + 1);
                                 match (g.shard_index + step + w) % 5 {
                                     0 => r.status = Status::Error,
                                     1 => r.status = Status::SandboxError,

@@ -3,38 +3,31 @@
 use fleetbox_proto::JobState;
 use std::time::Duration;
 
-use fleetbox_client::Client;
-use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport};
+use fleetbox_proto::api::{LeaseRequest, ReportBatch, ShardReport};
 use fleetbox_proto::{ExecutionReport, Status};
 use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::harness::{ADMIN, Cluster, Db, ENROLL};
+use fleetbox_testkit::SignedAgent;
 
-async fn fake_agent(c: &Cluster, name: &str) -> Client {
-    let enroll = Client::new(&c.url(), ENROLL);
-    let resp = enroll
-        .enroll(&EnrollRequest {
-            name: name.into(),
-            slots: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    Client::new(&c.url(), &resp.agent_token)
+async fn fake_agent(c: &Cluster, name: &str) -> SignedAgent {
+    SignedAgent::enroll(&c.url(), ENROLL, name).await
 }
 
-fn ok_report(lease_id: &str, task_id: i64, value: Value) -> ReportBatch {
+fn ok_report(lease_id: &str, task_id: i64, attempt: u32, value: Value) -> ReportBatch {
+    let mut report = ShardReport::new(
+        lease_id,
+        task_id,
+        ExecutionReport::unmeasured(Status::Ok, Some(value)),
+    );
+    report.attempt = attempt;
     ReportBatch {
-        reports: vec![ShardReport::new(
-            lease_id,
-            task_id,
-            ExecutionReport::unmeasured(Status::Ok, Some(value)),
-        )],
+        reports: vec![report],
     }
 }
 
-async fn outcome(agent: &Client, batch: &ReportBatch) -> String {
+async fn outcome(agent: &SignedAgent, batch: &ReportBatch) -> String {
     agent.report(batch).await.unwrap().results[0]
         .outcome
         .clone()
@@ -64,16 +57,24 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
 
     // Forged: a lease that was never issued, and someone else's lease.
     assert_eq!(
-        outcome(&a, &ok_report("deadbeef.1", t1.task_id, json!(1))).await,
+        outcome(&a, &ok_report("deadbeef.1", t1.task_id, 1, json!(1))).await,
         "unknown"
     );
     assert_eq!(
-        outcome(&b, &ok_report(&t1.lease_id, t1.task_id, json!(1))).await,
+        outcome(
+            &b,
+            &ok_report(&t1.lease_id, t1.task_id, t1.attempt, json!(1))
+        )
+        .await,
         "unknown"
     );
     // A lease id with the wrong task id.
     assert_eq!(
-        outcome(&a, &ok_report(&t1.lease_id, t1.task_id + 99, json!(1))).await,
+        outcome(
+            &a,
+            &ok_report(&t1.lease_id, t1.task_id + 99, t1.attempt, json!(1))
+        )
+        .await,
         "unknown"
     );
 
@@ -97,21 +98,37 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
 
     // The old lease reports after all: kept and, being a success, it settles the shard.
     assert_eq!(
-        outcome(&a, &ok_report(&t1.lease_id, t1.task_id, json!(1))).await,
+        outcome(
+            &a,
+            &ok_report(&t1.lease_id, t1.task_id, t1.attempt, json!(1))
+        )
+        .await,
         "late"
     );
     // The same report again: stored once.
     assert_eq!(
-        outcome(&a, &ok_report(&t1.lease_id, t1.task_id, json!(1))).await,
+        outcome(
+            &a,
+            &ok_report(&t1.lease_id, t1.task_id, t1.attempt, json!(1))
+        )
+        .await,
         "duplicate"
     );
     // The re-issued lease reports: an extra attempt, never lost.
     assert_eq!(
-        outcome(&b, &ok_report(&t2.lease_id, t2.task_id, json!(1))).await,
+        outcome(
+            &b,
+            &ok_report(&t2.lease_id, t2.task_id, t2.attempt, json!(1))
+        )
+        .await,
         "late"
     );
     assert_eq!(
-        outcome(&b, &ok_report(&t2.lease_id, t2.task_id, json!(1))).await,
+        outcome(
+            &b,
+            &ok_report(&t2.lease_id, t2.task_id, t2.attempt, json!(1))
+        )
+        .await,
         "duplicate"
     );
 
@@ -183,14 +200,8 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
     };
     let agent = fake_agent(&c, "probe").await;
     // The agent's token, taken from its client for raw calls.
-    let enroll = Client::new(&c.url(), ENROLL)
-        .enroll(&EnrollRequest {
-            name: "raw".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let agent_token = enroll.agent_token.as_str();
+    let raw_agent = SignedAgent::enroll(&c.url(), ENROLL, "raw").await;
+    let agent_token = raw_agent.token.as_str();
     let good = r#"{"name":"x","code":"print(1)","shards":{"count":1}}"#;
     let big_items = format!(
         r#"{{"name":"x","code":"print(1)","shards":{{"items":[{}],"per_shard":1}}}}"#,
@@ -526,7 +537,11 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
         .unwrap();
     let t = &lease.tasks[0];
     assert_eq!(
-        outcome(&agent, &ok_report(&t.lease_id, t.task_id, json!(5))).await,
+        outcome(
+            &agent,
+            &ok_report(&t.lease_id, t.task_id, t.attempt, json!(5))
+        )
+        .await,
         "accepted"
     );
     let r = c.wait(&job.id, Duration::from_secs(30)).await;
@@ -620,6 +635,7 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
     let mut report = ExecutionReport::unmeasured(Status::Ok, Some(json!(1)));
     report.stdout_bytes = stdout.len() as u64;
     let mut record = ShardReport::new(&t.lease_id, t.task_id, report);
+    record.attempt = t.attempt;
     record.blobs.stdout = Some(sha.clone());
     let batch = ReportBatch {
         reports: vec![record.clone()],
@@ -679,4 +695,171 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
         Some(sha.as_str())
     );
     assert_eq!(c.client.get_blob(&sha).await.unwrap(), stdout);
+}
+
+/// Reports must carry the signature of the reporting agent's registered key over this very
+/// execution: a forged signature, another agent's key, an unsigned report, and a signed
+/// report moved to another lease are each refused with a typed error and audited, and store
+/// nothing; a report for a task never leased stores nothing and is audited; a replayed report
+/// is a duplicate. A rotated key takes over from the old one.
+pub async fn signed_reports_are_checked(db: Db) {
+    let Some(c) = Cluster::start(db).await else {
+        return;
+    };
+    let job = c
+        .submit(
+            "name = \"signed\"\ncode = \"print(1)\"\nshards = { count = 2 }\naggregate = \"sum\"\n",
+        )
+        .await;
+    let a = fake_agent(&c, "a").await;
+    let b = fake_agent(&c, "b").await;
+    let lease = a
+        .lease(&LeaseRequest {
+            max_tasks: 2,
+            wait_ms: 2000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(lease.tasks.len(), 2);
+    let (t0, t1) = (lease.tasks[0].clone(), lease.tasks[1].clone());
+    let report_for = |t: &fleetbox_proto::api::LeasedTask, value: Value| {
+        ok_report(&t.lease_id, t.task_id, t.attempt, value).reports[0].clone()
+    };
+    let refused = |e: fleetbox_client::ClientError| match e {
+        fleetbox_client::ClientError::Api {
+            status,
+            code,
+            field,
+            ..
+        } => (status, code, field.unwrap_or_default()),
+        other => panic!("{other:?}"),
+    };
+    let send_raw = |r: ShardReport| {
+        let client = a.client.clone();
+        async move { client.report(&ReportBatch { reports: vec![r] }).await }
+    };
+
+    // Unsigned.
+    let e = send_raw(report_for(&t0, json!(1))).await.unwrap_err();
+    assert_eq!(
+        refused(e),
+        (400, "unsigned_report".into(), "reports[0].signature".into())
+    );
+    // Signed by another agent's key (b's), sent with a's token.
+    let mut other = report_for(&t0, json!(1));
+    other.sign(&b.key);
+    let e = send_raw(other).await.unwrap_err();
+    assert_eq!(refused(e).1, "invalid_signature");
+    // A good signature, then the value changed (a lie after signing).
+    let mut edited = report_for(&t0, json!(1));
+    edited.sign(&a.key);
+    edited.report.output = Some(json!(1000));
+    let e = send_raw(edited).await.unwrap_err();
+    assert_eq!(refused(e).1, "invalid_signature");
+    // Not hex at all.
+    let mut garbage = report_for(&t0, json!(1));
+    garbage.signature = Some("zz".into());
+    let e = send_raw(garbage).await.unwrap_err();
+    assert_eq!(refused(e).1, "invalid_signature");
+    // A's signed report for t0, moved onto t1's lease.
+    let mut moved = report_for(&t0, json!(1));
+    moved.sign(&a.key);
+    moved.lease_id = t1.lease_id.clone();
+    moved.task_id = t1.task_id;
+    let e = send_raw(moved).await.unwrap_err();
+    assert_eq!(refused(e).1, "invalid_signature");
+    // Signed correctly, for a task this agent never leased, and for a wrong attempt number.
+    assert_eq!(
+        outcome(&a, &ok_report("never.1", t0.task_id, 1, json!(1))).await,
+        "unknown"
+    );
+    assert_eq!(
+        outcome(
+            &a,
+            &ok_report(&t0.lease_id, t0.task_id, t0.attempt + 1, json!(1))
+        )
+        .await,
+        "unknown"
+    );
+    // Nothing of all that was stored.
+    let shard = c.client.shard(&job.id, t0.shard_index).await.unwrap();
+    assert!(shard.attempts.is_empty(), "{:?}", shard.attempts);
+
+    // The real report, then the same bytes replayed: stored once.
+    assert_eq!(
+        outcome(
+            &a,
+            &ok_report(&t0.lease_id, t0.task_id, t0.attempt, json!(1))
+        )
+        .await,
+        "accepted"
+    );
+    let mut replay = report_for(&t0, json!(1));
+    replay.sign(&a.key);
+    let ack = a
+        .client
+        .report(&ReportBatch {
+            reports: vec![replay],
+        })
+        .await
+        .unwrap();
+    assert_eq!(ack.results[0].outcome, "duplicate");
+
+    // Rotation: signed with the current key, the new key takes over; the old one is refused.
+    let new_key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let public_key = hex::encode(new_key.verifying_key().as_bytes());
+    let message = fleetbox_proto::api::RotateKeyRequest::message(&a.agent_id, &public_key);
+    // Signed by the wrong key: refused.
+    let wrong = fleetbox_proto::api::RotateKeyRequest {
+        public_key: public_key.clone(),
+        signature: hex::encode(ed25519_dalek::Signer::sign(&b.key, &message).to_bytes()),
+    };
+    assert_eq!(
+        refused(a.client.rotate_key(&wrong).await.unwrap_err()).1,
+        "invalid_signature"
+    );
+    let right = fleetbox_proto::api::RotateKeyRequest {
+        public_key,
+        signature: hex::encode(ed25519_dalek::Signer::sign(&a.key, &message).to_bytes()),
+    };
+    a.client.rotate_key(&right).await.unwrap();
+    let mut old_signed = report_for(&t1, json!(1));
+    old_signed.sign(&a.key);
+    let e = send_raw(old_signed).await.unwrap_err();
+    assert_eq!(refused(e).1, "invalid_signature");
+    let mut new_signed = report_for(&t1, json!(1));
+    new_signed.sign(&new_key);
+    let ack = a
+        .client
+        .report(&ReportBatch {
+            reports: vec![new_signed],
+        })
+        .await
+        .unwrap();
+    assert_eq!(ack.results[0].outcome, "accepted");
+    let r = c.wait(&job.id, Duration::from_secs(30)).await;
+    assert_eq!(r.state, JobState::Completed);
+    assert_eq!(r.result_value(), Some(json!(2)));
+
+    // Every refusal is in the audit log, with its code; the rotation too.
+    let entries = c.client.audit("limit=5000").await.unwrap().entries;
+    let codes: Vec<String> = entries
+        .iter()
+        .filter(|e| e.action == "report.refused")
+        .filter_map(|e| e.details["code"].as_str().map(String::from))
+        .collect();
+    for code in ["unsigned_report", "invalid_signature", "unknown_lease"] {
+        assert!(
+            codes.iter().any(|c| c == code),
+            "{code} not audited: {codes:?}"
+        );
+    }
+    assert_eq!(
+        codes.iter().filter(|c| *c == "invalid_signature").count(),
+        5
+    );
+    assert!(
+        entries.iter().any(|e| e.action == "agent.key_rotated"
+            && e.agent_id.as_deref() == Some(a.agent_id.as_str()))
+    );
 }

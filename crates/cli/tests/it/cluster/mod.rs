@@ -14,7 +14,7 @@ use serde_json::json;
 
 use api::{
     duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors,
-    priorities_order_the_queue, reports_naming_blobs_are_checked,
+    priorities_order_the_queue, reports_naming_blobs_are_checked, signed_reports_are_checked,
 };
 use audit::{
     sigkilled_coordinators_leave_a_whole_audit_log,
@@ -71,6 +71,7 @@ on_both_stores!(
     the_audit_log_records_every_action_and_names_tampering,
     sigkilled_coordinators_leave_a_whole_audit_log,
     two_coordinators_keep_one_audit_chain,
+    signed_reports_are_checked,
 );
 
 /// Needs a database that several coordinators share over the network.
