@@ -129,6 +129,10 @@ pub struct AgentConfig {
     pub prefetch: u32,
     /// Make a new report-signing key at start and register it, signed with the old one.
     pub rotate_key: bool,
+    /// Verification tests only (no flag sets it): the share of successful results this agent
+    /// corrupts before signing them, as a lying agent would.
+    #[doc(hidden)]
+    pub test_lie_rate: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -526,6 +530,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         ]);
         req.keep_workspace = true;
         let outbox = shared.outbox.clone();
+        let lie_rate = shared.config.test_lie_rate;
         let run_cancel = cancel.clone();
         let run_lease = lease_id.clone();
         let ran = tokio::task::spawn_blocking(move || {
@@ -533,6 +538,9 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             // A run handed back at shutdown is not reported: its files are not kept either.
             let handed_back =
                 run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
+            if lie_rate > 0.0 && report.status == Status::Ok {
+                lie(&mut report, lie_rate);
+            }
             let mut blobs = files::collect(&mut report, &outbox, !handed_back);
             let mut record = ShardReport::new(run_lease, task_id, report);
             record.attempt = attempt;
@@ -576,6 +584,25 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         shared.writing.fetch_sub(1, Ordering::SeqCst);
         shared.report_ready.notify_one();
     });
+}
+
+/// A lying agent's corruption of a result (verification tests): a number is off by one,
+/// anything else replaced.
+fn lie(report: &mut ExecutionReport, rate: f64) {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return;
+    }
+    if (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64 >= rate {
+        return;
+    }
+    report.output = Some(match report.output.take() {
+        Some(serde_json::Value::Number(n)) if n.is_i64() => {
+            serde_json::json!(n.as_i64().unwrap_or(0).wrapping_add(1))
+        }
+        _ => serde_json::json!("a lie"),
+    });
+    report.output_sha256 = None;
 }
 
 async fn deliver_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

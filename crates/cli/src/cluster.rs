@@ -48,6 +48,12 @@ pub struct ServerArgs {
     /// coordinator's key (`DATA/audit.key`).
     #[arg(long, default_value = "1m", value_parser = parse_millis)]
     pub audit_checkpoint: Millis,
+    /// Server re-checks of agents' results run at once (default: half the cores).
+    #[arg(long)]
+    pub check_workers: Option<usize>,
+    /// Invalid results after which an agent is quarantined until an admin releases it.
+    #[arg(long, default_value_t = 2)]
+    pub quarantine_strikes: u32,
     /// Use this admin token (default: generated once, kept in `DATA/admin.token`).
     #[arg(long, env = env::FLEETBOX_ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -216,6 +222,10 @@ fn server_config(args: &ServerArgs, backend: Backend, sandbox: SandboxConfig) ->
         .unwrap_or(c.heartbeat_ms * 2 + c.heartbeat_ms / 4);
     c.retry_backoff_ms = args.retry_backoff.0;
     c.audit_checkpoint_ms = args.audit_checkpoint.0.max(100);
+    if let Some(n) = args.check_workers {
+        c.check_workers = n.clamp(1, 256);
+    }
+    c.quarantine_strikes = args.quarantine_strikes.max(1);
     c.admin_token = args.admin_token.clone();
     c.enroll_token = args.enroll_token.clone();
     c.sandbox_backend = backend;
@@ -316,6 +326,7 @@ fn agent_config(
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
         rotate_key: args.rotate_key,
+        test_lie_rate: 0.0,
     }
 }
 
@@ -354,6 +365,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         agent_timeout: None,
         retry_backoff: Millis::from_secs(1),
         audit_checkpoint: Millis::from_secs(60),
+        check_workers: None,
+        quarantine_strikes: 2,
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
         enroll_token: None,
         backend: None,

@@ -255,7 +255,7 @@ fn progress_line(view: &JobView, elapsed: Duration) -> String {
         (c.settled() as usize * width) / c.total as usize
     };
     format!(
-        "[{}{}] {}/{} shards ({} ok, {} failed, {} dead, {} running) {} {:.1}s",
+        "[{}{}] {}/{} shards ({} ok, {} failed, {} dead, {} running, {} being checked) {} {:.1}s",
         "#".repeat(done),
         ".".repeat(width - done),
         c.settled(),
@@ -264,6 +264,7 @@ fn progress_line(view: &JobView, elapsed: Duration) -> String {
         c.rejected,
         c.dead,
         c.leased,
+        c.reported,
         view.state,
         elapsed.as_secs_f64()
     )

@@ -2,6 +2,7 @@
 //! crates; this one turns flags, environment and `fleetbox.toml` into their inputs and their
 //! results into output and exit codes.
 
+mod agents_cmd;
 mod audit_cmd;
 mod cluster;
 mod config;
@@ -48,6 +49,8 @@ enum Command {
     Blob(jobs_cmd::BlobArgs),
     /// The tamper-evident audit log: `list` its entries, `verify` its hash chain.
     Audit(audit_cmd::AuditArgs),
+    /// The agents, their trust and quarantine; `release ID` lets a quarantined one lease again.
+    Agents(agents_cmd::AgentsArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
         Command::Cancel(args) => jobs_cmd::cancel(args),
         Command::Blob(args) => jobs_cmd::blob(args),
         Command::Audit(args) => audit_cmd::audit(args),
+        Command::Agents(args) => agents_cmd::agents(args),
     };
     match result {
         Ok(code) => code,

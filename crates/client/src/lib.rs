@@ -218,6 +218,16 @@ impl Client {
         }
     }
 
+    /// Let a quarantined agent lease again.
+    pub async fn release_agent(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.post(
+            &format!("/v1/agents/{id}/release"),
+            &serde_json::json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     pub async fn job(&self, id: &str) -> Result<JobView, ClientError> {
         self.get(&format!("/v1/jobs/{id}")).await
     }

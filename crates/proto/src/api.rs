@@ -34,6 +34,9 @@ pub struct ShardCounts {
     pub total: u64,
     pub queued: u64,
     pub leased: u64,
+    /// Ran, waiting for the coordinator's re-check before they are accepted.
+    #[serde(default)]
+    pub reported: u64,
     pub accepted: u64,
     pub rejected: u64,
     pub dead: u64,
@@ -106,8 +109,11 @@ pub struct JobSummary {
     pub success_rate: f64,
     /// True when some shards did not contribute to the result.
     pub partial: bool,
-    /// Executions, including retries and late duplicates.
+    /// Executions by agents, including retries and late duplicates.
     pub attempts: u64,
+    /// The coordinator's own re-runs that checked agents' results.
+    #[serde(default)]
+    pub server_runs: u64,
     pub reducer: String,
     /// Job wall time, submit to result.
     pub duration_ms: u64,
@@ -119,6 +125,22 @@ pub struct JobSummary {
     /// Human sentence about partial results, failures, etc.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Accepted shards whose value a server re-run confirmed (the rest were taken on trust).
+    #[serde(default)]
+    pub verified: u64,
+    /// What verification found: results that were wrong, programs that are not deterministic,
+    /// shards the server could not check.
+    #[serde(default)]
+    pub flags: Vec<JobFlag>,
+}
+
+/// One thing verification flagged in a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFlag {
+    /// `agent_result_invalid`, `nondeterministic`, `unverified`.
+    pub kind: String,
+    pub shard: u64,
+    pub detail: String,
 }
 
 /// Robust summary of a sample.
@@ -477,6 +499,28 @@ pub struct AgentView {
     pub load: AgentLoad,
     pub last_seen: i64,
     pub leases: u64,
+    /// Invalid results since it was last released.
+    #[serde(default)]
+    pub strikes: u32,
+    /// Why it is quarantined (no leases until an admin releases it), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+    /// Its trust per interpreter and backend.
+    #[serde(default)]
+    pub trust: Vec<AgentTrust>,
+}
+
+/// An agent's record of results checked by the server, for one Python version and backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentTrust {
+    pub python: String,
+    pub backend: String,
+    /// Valid results in a row; the agent is trusted (checked only by sample) from 10.
+    pub consecutive_valid: u64,
+    pub valid: u64,
+    pub invalid: u64,
+    /// The share of its results the server re-checks under `adaptive`.
+    pub recheck_rate: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -37,9 +37,9 @@ pub struct JobSpec {
     pub max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<AggregateSpec>,
-    /// Verification settings (replicas, quorum, recheck); stored, applied by a later release.
+    /// Verification settings (`[verify]`; defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verify: Option<Value>,
+    pub verify: Option<crate::VerifySpec>,
     /// Follow-up rules; stored, applied by a later release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub followup: Option<Value>,
@@ -284,6 +284,9 @@ impl JobSpec {
             return Err(SpecError::new("priority", "must be between -1000 and 1000"));
         }
         validate_limits(&self.limits)?;
+        if let Some(v) = &self.verify {
+            v.validate()?;
+        }
         let inputs = self.shards.plan()?;
         let reducer = match &self.aggregate {
             None => Reducer::Collect,

@@ -12,6 +12,7 @@ mod limits;
 mod report;
 mod states;
 mod units;
+mod verify;
 
 pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
 pub use limits::{AppliedLimits, Enforcement, Limits};
@@ -20,3 +21,4 @@ pub use report::{
 };
 pub use states::{AgentState, JobState, TaskState, UnknownState, Verdict};
 pub use units::{ByteSize, Millis, UnitError};
+pub use verify::{Compare, Outcome, Recheck, VerifySpec};

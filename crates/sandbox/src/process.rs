@@ -132,11 +132,12 @@ impl Sandbox for ProcessSandbox {
             .as_ref()
             .map(|c| c.join_files().to_vec())
             .unwrap_or_default();
+        let parent = std::process::id() as i32;
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // syscalls (setsid, open/write/close, setrlimit, prctl, set*id) on data prepared before
-        // the fork; it allocates nothing.
+        // syscalls (setsid, open/write/close, setrlimit, prctl, set*id, getppid) on data
+        // prepared before the fork; it allocates nothing.
         unsafe {
-            cmd.pre_exec(move || child_setup(&procs, &plan, owner));
+            cmd.pre_exec(move || child_setup(&procs, &plan, owner, parent));
         }
         let started = Instant::now();
         let spawned = cmd.spawn();
@@ -321,13 +322,13 @@ fn child_setup(
     procs: &[CString],
     plan: &RlimitPlan,
     owner: Option<(u32, u32)>,
+    parent: i32,
 ) -> std::io::Result<()> {
-    // SAFETY: setsid/prctl take no pointers; failures are reported through errno.
+    // SAFETY: setsid takes no pointers; failures are reported through errno.
     unsafe {
         if libc::setsid() < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
     join_cgroups(procs)?;
     plan.apply()?;
@@ -340,6 +341,15 @@ fn child_setup(
             {
                 return Err(std::io::Error::last_os_error());
             }
+        }
+    }
+    // The run dies with whoever started it. Set after the uid change, which clears it; a
+    // parent already gone (the race before this line) ends the run here.
+    // SAFETY: prctl/getppid with integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != parent {
+            libc::_exit(137);
         }
     }
     // SAFETY: prctl with integer arguments.

@@ -164,13 +164,25 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         },
         partial: counts.accepted < total,
         attempts: facts.attempts,
+        server_runs: facts.server_runs,
         reducer: job.reducer.name().to_string(),
         duration_ms: (now_ms() - job.created_at).max(0) as u64,
         shard_wall_ms: Stats::of(facts.chosen_wall_ms),
         shard_peak_memory_bytes: Stats::of(facts.chosen_peak_memory),
         bytes_produced: facts.bytes_out,
         notes: unreadable,
+        verified: 0,
+        flags: Vec::new(),
     };
+    let (verified, flags) = state.store.verification_facts(job_id).await?;
+    summary.verified = verified;
+    summary.flags = flags;
+    if !summary.flags.is_empty() {
+        summary.notes.push(format!(
+            "verification flagged {} shard(s): see `flags`",
+            summary.flags.len()
+        ));
+    }
     let failures = state.store.failure_reasons(job_id, 3).await?;
     if summary.partial {
         let mut note = format!(

@@ -9,6 +9,7 @@
 mod aggregate;
 pub mod api;
 pub mod blobs;
+mod checker;
 pub mod ids;
 pub mod reduce;
 mod scheduler;
@@ -53,7 +54,11 @@ pub struct ServerConfig {
     /// Write the audit log. Always on in a coordinator; off only for the throughput
     /// benchmark's baseline (what the log costs is measured against it).
     pub audit: bool,
-    /// Sandbox for server-side runs (the `python` reducer).
+    /// Server re-checks run at once (each in its own fresh sandbox).
+    pub check_workers: usize,
+    /// Invalid results after which an agent is quarantined (no more leases until released).
+    pub quarantine_strikes: u32,
+    /// Sandbox for server-side runs (the `python` reducer, re-checks).
     pub sandbox_backend: Backend,
     pub sandbox: SandboxConfig,
 }
@@ -73,6 +78,8 @@ impl ServerConfig {
             enroll_token: None,
             audit_checkpoint_ms: 60_000,
             audit: true,
+            check_workers: std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            quarantine_strikes: 2,
             sandbox_backend: Backend::default_for_host(),
             // The coordinator's own runs get the allow-list: the strictest policy.
             sandbox: SandboxConfig {
@@ -118,6 +125,8 @@ pub struct State {
     pub config: ServerConfig,
     /// Woken when tasks become ready (submit, requeue, return).
     pub work: Notify,
+    /// Woken when shards may be waiting for a server re-check.
+    pub checks: Notify,
     token_cache: Mutex<HashMap<String, Principal>>,
     /// Unknown tokens recorded in the audit log this second, and those left out since.
     invalid_tokens: Mutex<InvalidTokens>,
@@ -278,12 +287,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
     let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = bind(config.listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: config.listen,
         source,
@@ -295,6 +299,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         blobs,
         config,
         work: Notify::new(),
+        checks: Notify::new(),
         token_cache: Mutex::new(HashMap::new()),
         invalid_tokens: Mutex::new(InvalidTokens::default()),
         job_cache: Mutex::new(HashMap::new()),
@@ -307,6 +312,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
+    tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
     let app = api::router(state.clone());
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -324,6 +330,26 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         shutdown,
         server,
     })
+}
+
+/// Listen on `addr`. A coordinator restarted on its old address may find it held for a moment
+/// by what its killed predecessor left (a sandbox child between fork and exec): it retries
+/// for a few seconds before giving up.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(%addr, "address in use; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(source) => return Err(StartError::Bind { addr, source }),
+        }
+    }
 }
 
 /// The admin/enrollment token: the configured one, else the one saved in the data directory,

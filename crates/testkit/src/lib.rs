@@ -89,6 +89,14 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub async fn start(db: Db) -> Option<Coordinator> {
+        Coordinator::start_with(db, |_| {}).await
+    }
+
+    /// [`Coordinator::start`] with the test's changes to the configuration.
+    pub async fn start_with(
+        db: Db,
+        change: impl FnOnce(&mut fleetbox_server::ServerConfig),
+    ) -> Option<Coordinator> {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
         let url = database(db, dir.path()).await?;
@@ -104,6 +112,7 @@ impl Coordinator {
         config.sandbox.work_root = dir.path().join("work");
         // The reducer tests leave marker files outside their workspace.
         config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+        change(&mut config);
         let running = fleetbox_server::start(config.clone())
             .await
             .expect("coordinator starts");
@@ -123,6 +132,12 @@ impl Coordinator {
 
     /// Start an in-process agent on the `process` backend with these caps.
     pub fn agent(&mut self, name: &str, caps: fleetbox_agent::LocalCaps) {
+        self.agent_lying(name, caps, 0.0);
+    }
+
+    /// An agent that corrupts this share of its successful results, signing them with its
+    /// own valid key (verification tests).
+    pub fn agent_lying(&mut self, name: &str, caps: fleetbox_agent::LocalCaps, lie_rate: f64) {
         let sandbox = fleetbox_sandbox::SandboxConfig {
             work_root: self.dir.path().join("work"),
             ..Default::default()
@@ -140,6 +155,7 @@ impl Coordinator {
             drain_timeout: Duration::from_secs(5),
             prefetch: 1,
             rotate_key: false,
+            test_lie_rate: lie_rate,
         };
         let mut stop = self.stop_agents.subscribe();
         self.agents.push(tokio::spawn(async move {
@@ -193,6 +209,15 @@ impl Coordinator {
             }
         };
         std::mem::replace(&mut self.running, next).shutdown().await;
+    }
+
+    /// Stop the agents started so far (they drain and exit); agents started later run.
+    pub async fn stop_agents(&mut self) {
+        let _ = self.stop_agents.send(true);
+        for a in self.agents.drain(..) {
+            let _ = a.await;
+        }
+        self.stop_agents = tokio::sync::watch::channel(false).0;
     }
 
     pub async fn stop(self) {

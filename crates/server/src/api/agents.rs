@@ -37,6 +37,28 @@ pub async fn list(
     }))
 }
 
+/// `POST /v1/agents/{id}/release`: an admin lets a quarantined agent lease again.
+pub async fn release(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    if !state
+        .store
+        .release_agent(&principal.tenant_id, &id, &principal.actor)
+        .await?
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_quarantined",
+            format!("agent `{id}` does not exist or is not quarantined"),
+        ));
+    }
+    tracing::info!(agent = %id, "agent released from quarantine");
+    Ok(Json(serde_json::json!({ "released": id })))
+}
+
 pub async fn enroll(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -95,6 +117,14 @@ pub async fn lease(
     Body(req): Body<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
     let (tenant, agent) = auth.agent()?;
+    if state.store.agent_quarantined(agent).await? {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "agent_quarantined",
+            "this agent is quarantined after invalid results; an admin must release it \
+             (`fleetbox agents release ID`)",
+        ));
+    }
     if req.max_tasks == 0 || req.max_tasks > MAX_LEASE_BATCH {
         return Err(ApiError::bad_request(
             "invalid_body",
@@ -368,6 +398,10 @@ pub async fn report(
     if requeued {
         state.work.notify_waiters();
     }
+    if inputs.iter().any(|i| i.status == Status::Ok) {
+        // Some may be held for a server re-check.
+        state.checks.notify_one();
+    }
     for job in ready {
         state.aggregate(job);
     }
@@ -473,7 +507,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         attempt,
         mut report,
         blobs: ahead,
-        signature: _,
+        signature,
     } = r;
     let internal = |e: std::io::Error| {
         tracing::error!(error = %e, "blob store");
@@ -540,14 +574,14 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
             })?;
             let hash = sha256_hex(canonical.as_bytes());
             let text = v.to_string();
-            if text.len() <= INLINE_LIMIT {
-                (Some(text), None, Some(hash))
-            } else if let Some((h, _)) = uploaded.filter(|(_, b)| b == text.as_bytes()) {
+            if text.len() > INLINE_LIMIT
+                && let Some((h, _)) = uploaded.filter(|(_, b)| b == text.as_bytes())
+            {
                 // The agent's upload is the text the coordinator would store: kept as is.
                 (None, Some(h), Some(hash))
             } else {
-                let h = state.blobs.put(text.as_bytes()).map_err(internal)?;
-                (None, Some(h), Some(hash))
+                let (text, blob, hash) = stored_output(state, &v)?;
+                (text, blob, Some(hash))
             }
         }
     };
@@ -557,6 +591,10 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         lease_id,
         task_id,
         attempt,
+        python: report.runner.python.clone(),
+        backend: report.backend.clone(),
+        stdout_sha256: report.stdout_sha256.clone(),
+        signature,
         status: report.status,
         reason: failure_reason(&report),
         output,
@@ -572,6 +610,37 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
             .saturating_add(report.stderr_bytes)
             .min(i64::MAX as u64) as i64,
     })
+}
+
+/// An output value as the store keeps it: its JSON text inline (up to [`INLINE_LIMIT`]) or
+/// in a blob, and the coordinator's hash of its RFC 8785 canonical JSON. The value is kept as
+/// serde_json writes it, not as the canonical text: RFC 8785 writes numbers as doubles, which
+/// would round integers past 2^53.
+pub fn stored_output(
+    state: &State,
+    v: &serde_json::Value,
+) -> Result<(Option<String>, Option<String>, String), ApiError> {
+    let canonical = serde_json_canonicalizer::to_string(v).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_report",
+            format!("output cannot be canonicalized: {e}"),
+        )
+        .with_field("report.output")
+    })?;
+    let hash = sha256_hex(canonical.as_bytes());
+    let text = v.to_string();
+    if text.len() <= INLINE_LIMIT {
+        return Ok((Some(text), None, hash));
+    }
+    let h = state.blobs.put(text.as_bytes()).map_err(|e| {
+        tracing::error!(error = %e, "blob store");
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not store an output blob",
+        )
+    })?;
+    Ok((None, Some(h), hash))
 }
 
 /// What the audit log keeps of a run: status, timings, memory, bytes, the files it created

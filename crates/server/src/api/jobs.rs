@@ -54,6 +54,7 @@ pub async fn submit(
         reducer: plan.reducer,
         priority: spec.priority,
         max_attempts: spec.max_attempts,
+        verify: spec.verify.clone().unwrap_or_default(),
         inputs: plan.inputs,
         actor,
     };

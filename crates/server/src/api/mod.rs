@@ -16,7 +16,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
-pub(crate) use agents::failure_reason;
+pub(crate) use agents::{failure_reason, stored_output};
 pub use error::ApiError;
 
 use crate::State;
@@ -38,6 +38,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/agents", get(agents::list))
         .route("/v1/agents/enroll", post(agents::enroll))
+        .route("/v1/agents/{id}/release", post(agents::release))
         .route("/v1/agent/lease", post(agents::lease))
         .route("/v1/agent/heartbeat", post(agents::heartbeat))
         .route("/v1/agent/reports", post(agents::report))

@@ -184,6 +184,7 @@ impl Store {
     pub async fn list_agents(&self, tenant_id: &str) -> Result<Vec<AgentView>, StoreError> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.state, a.labels, a.slots, a.facts, a.load, a.last_seen, \
+             a.strikes, a.quarantine_reason, \
              (SELECT COUNT(*) FROM tasks t WHERE t.agent_id = a.id AND t.state = $2) AS leases \
              FROM agents a WHERE a.tenant_id = $1 ORDER BY a.created_at",
         )
@@ -192,7 +193,20 @@ impl Store {
         .fetch_all(&self.read)
         .await
         .doing("listing agents")?;
-        rows.iter().map(agent_view).collect()
+        let mut views = rows.iter().map(agent_view).collect::<Result<Vec<_>, _>>()?;
+        for t in self.trust_of_tenant(tenant_id).await? {
+            if let Some(v) = views.iter_mut().find(|v| v.id == t.agent_id) {
+                v.trust.push(fleetbox_proto::api::AgentTrust {
+                    recheck_rate: super::verify::adaptive_rate(t.consecutive_valid),
+                    python: t.python,
+                    backend: t.backend,
+                    consecutive_valid: t.consecutive_valid.max(0) as u64,
+                    valid: t.valid.max(0) as u64,
+                    invalid: t.invalid.max(0) as u64,
+                });
+            }
+        }
+        Ok(views)
     }
 }
 
@@ -214,6 +228,11 @@ fn agent_view(row: &AnyRow) -> Result<AgentView, StoreError> {
         load: parse::<AgentLoad>(&get_s("load")?, "agent load").unwrap_or_default(),
         last_seen: get_i("last_seen")?,
         leases: get_i("leases")? as u64,
+        strikes: get_i("strikes")?.max(0) as u32,
+        quarantined: row
+            .try_get::<Option<String>, _>("quarantine_reason")
+            .doing("reading an agent")?,
+        trust: Vec::new(),
     })
 }
 

@@ -59,10 +59,18 @@ pub enum Action {
     ReportRefused,
     #[serde(rename = "agent.key_rotated")]
     AgentKeyRotated,
+    #[serde(rename = "shard.checking")]
+    ShardChecking,
+    #[serde(rename = "attempt.verified")]
+    AttemptVerified,
+    #[serde(rename = "agent.quarantined")]
+    AgentQuarantined,
+    #[serde(rename = "agent.released")]
+    AgentReleased,
 }
 
 impl Action {
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 21] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -80,6 +88,10 @@ impl Action {
         Action::TokenUsedInvalid,
         Action::ReportRefused,
         Action::AgentKeyRotated,
+        Action::ShardChecking,
+        Action::AttemptVerified,
+        Action::AgentQuarantined,
+        Action::AgentReleased,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +113,10 @@ impl Action {
             Action::TokenUsedInvalid => "token.used_invalid",
             Action::ReportRefused => "report.refused",
             Action::AgentKeyRotated => "agent.key_rotated",
+            Action::ShardChecking => "shard.checking",
+            Action::AttemptVerified => "attempt.verified",
+            Action::AgentQuarantined => "agent.quarantined",
+            Action::AgentReleased => "agent.released",
         }
     }
 }

@@ -28,6 +28,7 @@ pub struct NewJob {
     pub inputs: Vec<Value>,
     /// Who submitted it, for the audit log (`admin:<token id>`).
     pub actor: String,
+    pub verify: fleetbox_proto::VerifySpec,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -135,8 +136,8 @@ impl JobViewRecord {
             shards: ShardCounts {
                 total: self.shard_count,
                 queued: self.queued,
-                // A reported shard is still in an agent's hands as far as a reader cares.
-                leased: self.leased + self.reported,
+                leased: self.leased,
+                reported: self.reported,
                 accepted: self.accepted,
                 rejected: self.rejected,
                 dead: self.dead,
@@ -170,7 +171,10 @@ pub struct AcceptedValue {
 /// Attempt facts for the job summary.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptFacts {
+    /// Executions by agents.
     pub attempts: u64,
+    /// The coordinator's own re-runs (verification).
+    pub server_runs: u64,
     pub bytes_out: u64,
     pub chosen_wall_ms: Vec<f64>,
     pub chosen_peak_memory: Vec<f64>,
@@ -281,7 +285,7 @@ impl Store {
         let mut tx = self.begin_write().await.doing("submitting a job")?;
         let mut sql = Sql::new(
             "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
-             priority, max_attempts, shard_count, created_at) VALUES ",
+             priority, max_attempts, shard_count, created_at, verify) VALUES ",
         );
         sql.push_rows([job], |row, job| {
             row.bind(job.id.as_str())
@@ -296,7 +300,8 @@ impl Store {
                 .bind(i64::from(job.priority))
                 .bind(i64::from(job.max_attempts))
                 .bind(shards)
-                .bind(now);
+                .bind(now)
+                .bind(serde_json::to_string(&job.verify).unwrap_or_default());
         });
         sql.build()
             .execute(&mut *tx)
@@ -685,8 +690,8 @@ impl Store {
     }
 
     pub async fn attempt_facts(&self, job_id: &str) -> Result<AttemptFacts, StoreError> {
-        let rows: Vec<(i64, i64, i64, i64)> = Sql::new(
-            "SELECT chosen, wall_ms, peak_memory, bytes_out FROM attempts WHERE job_id = ",
+        let rows: Vec<(i64, i64, i64, i64, String)> = Sql::new(
+            "SELECT chosen, wall_ms, peak_memory, bytes_out, runner FROM attempts WHERE job_id = ",
         )
         .bind(job_id)
         .build_as()
@@ -694,8 +699,12 @@ impl Store {
         .await
         .doing("reading attempt facts")?;
         let mut facts = AttemptFacts::default();
-        for (chosen, wall_ms, peak_memory, bytes_out) in rows {
-            facts.attempts += 1;
+        for (chosen, wall_ms, peak_memory, bytes_out, runner) in rows {
+            if runner == "server" {
+                facts.server_runs += 1;
+            } else {
+                facts.attempts += 1;
+            }
             facts.bytes_out += bytes_out.max(0) as u64;
             if chosen == 1 {
                 facts.chosen_wall_ms.push(wall_ms as f64);

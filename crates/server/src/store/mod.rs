@@ -13,6 +13,7 @@ mod settle;
 mod sql;
 mod tasks;
 mod tokens;
+pub mod verify;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -108,6 +109,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0006_agent_keys",
         include_str!("../../migrations/0006_agent_keys.sql"),
+    ),
+    (
+        "0007_verification",
+        include_str!("../../migrations/0007_verification.sql"),
     ),
 ];
 

@@ -199,6 +199,33 @@ pub(super) async fn accept(
     Ok(false)
 }
 
+/// `leased` | `queued` → `reported`: a success to be checked by the coordinator's own run
+/// before it is accepted (see `store::verify`). Whoever checks it claims it afresh.
+pub(super) async fn hold_for_check(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let set = Fields {
+        now,
+        reason: None,
+        not_before: None,
+    };
+    for from in [TaskState::Leased, TaskState::Queued] {
+        if transition(tx, tally, shard, from, None, TaskState::Reported, set).await? {
+            Sql::new("UPDATE tasks SET check_owner = NULL, check_expires = 0 WHERE id = ")
+                .bind(shard.id)
+                .build()
+                .execute(&mut **tx)
+                .await
+                .doing("queueing a check")?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// `leased` under `lease_id` (or `queued`: nobody holds it) → `rejected`: the program failed
 /// on its own. A shard leased to someone else meanwhile is left to them.
 pub(super) async fn reject(

@@ -36,6 +36,12 @@ pub struct ReportInput {
     pub bytes_out: i64,
     /// What the audit log keeps of the run (status, timings, files, violations).
     pub audit: serde_json::Value,
+    /// The interpreter and backend it ran on (trust is kept per pair).
+    pub python: String,
+    pub backend: String,
+    pub stdout_sha256: String,
+    /// The agent's signature over the report, kept with the attempt.
+    pub signature: Option<String>,
 }
 
 /// What happened to one report.
@@ -103,6 +109,8 @@ struct ReportedTask {
     attempts: u32,
     #[sqlx(try_from = "i64")]
     max_attempts: u32,
+    /// The job's `[verify]` (JSON; `None` = defaults).
+    verify: Option<String>,
 }
 
 /// A lease found expired (or its agent lost).
@@ -391,7 +399,8 @@ impl Store {
         // 2. The shards they are for, and their jobs locked before any shard changes.
         let task_ids: HashSet<i64> = valid.iter().map(|&i| reports[i].task_id).collect();
         let tasks: HashMap<i64, ReportedTask> = Sql::new(
-            "SELECT id, job_id, lease_id, attempts, max_attempts FROM tasks WHERE id IN (",
+            "SELECT t.id, t.job_id, t.lease_id, t.attempts, t.max_attempts, j.verify FROM tasks t \
+             JOIN jobs j ON j.id = t.job_id WHERE t.id IN (",
         )
         .bind_list(task_ids)
         .push(")")
@@ -411,11 +420,11 @@ impl Store {
             .into_iter()
             .filter(|i| tasks.contains_key(&reports[*i].task_id))
             .collect();
-        for chunk in valid_rows.chunks(self.rows_per_statement(18)) {
+        for chunk in valid_rows.chunks(self.rows_per_statement(20)) {
             let mut sql = Sql::new(
                 "INSERT INTO attempts (tenant_id, task_id, job_id, lease_id, agent_id, attempt, status, late, \
                  output, output_blob, output_sha256, report, stdout_blob, stderr_blob, wall_ms, peak_memory, \
-                 bytes_out, received_at) VALUES ",
+                 bytes_out, received_at, stdout_sha256, signature) VALUES ",
             );
             sql.push_rows(chunk, |row, &i| {
                 let r = &reports[i];
@@ -438,7 +447,9 @@ impl Store {
                     .bind(r.wall_ms)
                     .bind(r.peak_memory)
                     .bind(r.bytes_out)
-                    .bind(now);
+                    .bind(now)
+                    .bind(r.stdout_sha256.as_str())
+                    .bind(r.signature.as_deref());
             });
             sql.push(" ON CONFLICT (lease_id) DO NOTHING RETURNING id, lease_id");
             let rows: Vec<(i64, String)> = sql
@@ -455,6 +466,7 @@ impl Store {
         // and only a transition that happened moves the job's counters.
         let mut tally = Tally::default();
         let mut chosen_attempts = Vec::new();
+        let trust = super::verify::ReporterTrust::read(&mut tx, agent_id).await?;
         let actor = format!("agent:{agent_id}");
         let mut entries = Vec::new();
         for &i in &valid_rows {
@@ -483,7 +495,20 @@ impl Store {
                 .as_deref()
                 .map(storable_text)
                 .unwrap_or_else(|| r.status.as_str().to_string());
+            let check = trust.check_reason(task.verify.as_deref(), r);
             let taken = match disposition(r.status) {
+                Disposition::Accept if check.is_some() => {
+                    // Held in `reported` until the coordinator's own run has checked it.
+                    let done = settle::hold_for_check(&mut tx, &mut tally, shard, now).await?;
+                    if done {
+                        entries.push(entry(Action::ShardChecking).details(serde_json::json!({
+                            "output_sha256": r.output_sha256,
+                            "late": !current,
+                            "why": check,
+                        })));
+                    }
+                    done && current
+                }
                 Disposition::Accept => {
                     let done = settle::accept(&mut tx, &mut tally, shard, now).await?;
                     if done {
@@ -491,6 +516,7 @@ impl Store {
                         entries.push(entry(Action::ShardAccepted).details(serde_json::json!({
                             "output_sha256": r.output_sha256,
                             "late": !current,
+                            "verified": false,
                         })));
                     }
                     // A late success that settles a re-queued shard is still late.
@@ -681,6 +707,10 @@ mod store_tests {
                 max_attempts,
                 inputs: vec![serde_json::json!(1), serde_json::json!(2)],
                 actor: "admin:test".into(),
+                verify: fleetbox_proto::VerifySpec {
+                    recheck: fleetbox_proto::Recheck::None,
+                    ..Default::default()
+                },
             })
             .await
             .unwrap();
@@ -757,6 +787,10 @@ mod store_tests {
             lease_id: first[0].lease_id.clone(),
             task_id: first[0].task_id,
             attempt: first[0].attempt,
+            python: "3".into(),
+            backend: "process".into(),
+            stdout_sha256: String::new(),
+            signature: None,
             status: Status::Ok,
             reason: None,
             output: Some("1".into()),

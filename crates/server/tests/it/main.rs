@@ -6,3 +6,4 @@ mod edge;
 mod folds;
 mod settle;
 mod support;
+mod verify;

@@ -123,7 +123,10 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
         ("agent.enrolled", "enroll:", None),
         ("shard.leased", "agent:", Some(job.id.as_str())),
         ("attempt.reported", "agent:", Some(job.id.as_str())),
-        ("shard.accepted", "agent:", Some(job.id.as_str())),
+        // A new agent's successes are held and checked by the server, which accepts them.
+        ("shard.checking", "agent:", Some(job.id.as_str())),
+        ("attempt.verified", "server", Some(job.id.as_str())),
+        ("shard.accepted", "server", Some(job.id.as_str())),
         ("shard.rejected", "agent:", Some(job.id.as_str())),
         ("job.completed", "server", Some(job.id.as_str())),
         ("agent.lost", "server", None),

@@ -1,0 +1,290 @@
+//! A job's verification settings (`[verify]`) and how two results of one shard compare.
+//!
+//! ```toml
+//! [verify]
+//! recheck = "adaptive"      # "none" | "all" | "adaptive" | { sample = 0.05 }
+//! compare = "exact"         # "exact" | "json" | "stdout" | { numeric = 1e-9 }
+//! ```
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::SpecError;
+
+/// `[verify]`: every field optional; the defaults catch a lying agent without doubling the
+/// work (new agents are re-checked until trusted, trusted ones by a small sample).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    /// Distinct agents that run each shard.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Matching results needed.
+    #[serde(default = "one")]
+    pub quorum: u32,
+    #[serde(default)]
+    pub recheck: Recheck,
+    #[serde(default)]
+    pub compare: Compare,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for VerifySpec {
+    fn default() -> Self {
+        VerifySpec {
+            replicas: 1,
+            quorum: 1,
+            recheck: Recheck::default(),
+            compare: Compare::default(),
+        }
+    }
+}
+
+/// When the coordinator re-runs a shard in its own sandbox to check an agent's result.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Recheck {
+    None,
+    All,
+    /// This fraction of results, whoever reported them.
+    Sample(f64),
+    /// By the reporting agent's trust: every result until it is trusted, then rarely.
+    #[default]
+    Adaptive,
+}
+
+/// How two results of one shard are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Compare {
+    /// The coordinator's hash of the output's canonical JSON.
+    #[default]
+    Exact,
+    /// Canonical JSON equality (the same as `exact` on values; kept as its own name).
+    Json,
+    /// Numbers equal within this relative tolerance, anywhere in the JSON.
+    Numeric(f64),
+    /// The hash of stdout.
+    Stdout,
+}
+
+impl VerifySpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.replicas != 1 || self.quorum != 1 {
+            // Said plainly rather than accepted and ignored.
+            return Err(SpecError::new(
+                "verify.replicas",
+                "only 1 replica with a quorum of 1 is supported by this coordinator; \
+                 results are checked by server re-runs (`recheck`)",
+            ));
+        }
+        if let Recheck::Sample(p) = self.recheck
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(SpecError::new(
+                "verify.recheck.sample",
+                "must be a fraction in (0, 1]",
+            ));
+        }
+        if let Compare::Numeric(t) = self.compare
+            && !(t.is_finite() && (0.0..1.0).contains(&t))
+        {
+            return Err(SpecError::new(
+                "verify.compare.numeric",
+                "must be a relative tolerance in [0, 1)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Compare {
+    /// Whether two results agree. `a` and `b` are (output value, coordinator's output hash,
+    /// stdout hash).
+    pub fn agrees(&self, a: &Outcome<'_>, b: &Outcome<'_>) -> bool {
+        match self {
+            Compare::Exact | Compare::Json => a.output_sha256 == b.output_sha256,
+            Compare::Stdout => a.stdout_sha256 == b.stdout_sha256,
+            Compare::Numeric(t) => match (a.output, b.output) {
+                (Some(x), Some(y)) => close(x, y, *t),
+                (None, None) => true,
+                _ => false,
+            },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Compare::Exact => "exact".into(),
+            Compare::Json => "json".into(),
+            Compare::Stdout => "stdout".into(),
+            Compare::Numeric(t) => format!("numeric({t})"),
+        }
+    }
+}
+
+/// What [`Compare::agrees`] looks at of one result.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome<'a> {
+    pub output: Option<&'a Value>,
+    pub output_sha256: Option<&'a str>,
+    pub stdout_sha256: &'a str,
+}
+
+/// Equal JSON, numbers within relative tolerance `t` (`|x - y| <= t * max(|x|, |y|)`).
+fn close(a: &Value, b: &Value, t: f64) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if x == y {
+                return true;
+            }
+            match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => (x - y).abs() <= t * x.abs().max(y.abs()),
+                _ => false,
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y, t))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| close(v, w, t)))
+        }
+        _ => a == b,
+    }
+}
+
+/// The two shapes each of `recheck` and `compare` take: a name, or a one-key table.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Form {
+    Name(String),
+    Table(std::collections::BTreeMap<String, f64>),
+}
+
+impl<'de> Deserialize<'de> for Recheck {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Form::deserialize(d)? {
+            Form::Name(n) => match n.as_str() {
+                "none" => Ok(Recheck::None),
+                "all" => Ok(Recheck::All),
+                "adaptive" => Ok(Recheck::Adaptive),
+                "on_anomaly" => Err(D::Error::custom(
+                    "`on_anomaly` needs the result reviewer, which this coordinator does not have \
+                     yet; use `adaptive`, `all` or `{ sample = 0.05 }`",
+                )),
+                other => Err(D::Error::custom(format!(
+                    "unknown recheck `{other}` (expected none, all, adaptive or {{ sample = 0.05 }})"
+                ))),
+            },
+            Form::Table(t) => match (t.len(), t.get("sample")) {
+                (1, Some(p)) => Ok(Recheck::Sample(*p)),
+                _ => Err(D::Error::custom("expected `{ sample = 0.05 }`")),
+            },
+        }
+    }
+}
+
+impl Serialize for Recheck {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Recheck::None => s.serialize_str("none"),
+            Recheck::All => s.serialize_str("all"),
+            Recheck::Adaptive => s.serialize_str("adaptive"),
+            Recheck::Sample(p) => {
+                let mut m = std::collections::BTreeMap::new();
+                m.insert("sample", *p);
+                m.serialize(s)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Compare {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Form::deserialize(d)? {
+            Form::Name(n) => match n.as_str() {
+                "exact" => Ok(Compare::Exact),
+                "json" => Ok(Compare::Json),
+                "stdout" => Ok(Compare::Stdout),
+                other => Err(D::Error::custom(format!(
+                    "unknown compare `{other}` (expected exact, json, stdout or {{ numeric = 1e-9 }})"
+                ))),
+            },
+            Form::Table(t) => match (t.len(), t.get("numeric")) {
+                (1, Some(tol)) => Ok(Compare::Numeric(*tol)),
+                _ => Err(D::Error::custom("expected `{ numeric = 1e-9 }`")),
+            },
+        }
+    }
+}
+
+impl Serialize for Compare {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Compare::Exact => s.serialize_str("exact"),
+            Compare::Json => s.serialize_str("json"),
+            Compare::Stdout => s.serialize_str("stdout"),
+            Compare::Numeric(t) => {
+                let mut m = std::collections::BTreeMap::new();
+                m.insert("numeric", *t);
+                m.serialize(s)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn outcome(v: &Value) -> Outcome<'_> {
+        Outcome {
+            output: Some(v),
+            output_sha256: None,
+            stdout_sha256: "",
+        }
+    }
+
+    #[test]
+    fn numeric_tolerance_passes_noise_and_catches_differences() {
+        let c = Compare::Numeric(1e-9);
+        let a = json!({"x": [0.1, 1e6, 3], "s": "k"});
+        let noise = json!({"x": [0.1 + 1e-17, 1e6 * (1.0 + 1e-12), 3], "s": "k"});
+        let off = json!({"x": [0.1, 1e6 + 1.0, 3], "s": "k"});
+        let other_text = json!({"x": [0.1, 1e6, 3], "s": "j"});
+        assert!(c.agrees(&outcome(&a), &outcome(&noise)));
+        assert!(!c.agrees(&outcome(&a), &outcome(&off)));
+        assert!(!c.agrees(&outcome(&a), &outcome(&other_text)));
+        assert!(!c.agrees(&outcome(&json!([1, 2])), &outcome(&json!([1, 2, 3]))));
+    }
+
+    #[test]
+    fn forms_parse_and_bad_ones_say_why() {
+        let spec: VerifySpec =
+            toml::from_str("recheck = { sample = 0.05 }\ncompare = { numeric = 1e-9 }\n").unwrap();
+        assert_eq!(spec.recheck, Recheck::Sample(0.05));
+        assert_eq!(spec.compare, Compare::Numeric(1e-9));
+        assert_eq!((spec.replicas, spec.quorum), (1, 1));
+        spec.validate().unwrap();
+        let d: VerifySpec = toml::from_str("").unwrap();
+        assert_eq!((d.recheck, d.compare), (Recheck::Adaptive, Compare::Exact));
+        let err = toml::from_str::<VerifySpec>("recheck = \"sometimes\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown recheck"), "{err}");
+        let err = toml::from_str::<VerifySpec>("recheck = \"on_anomaly\"\n").unwrap_err();
+        assert!(err.to_string().contains("result reviewer"), "{err}");
+        let bad: VerifySpec = toml::from_str("recheck = { sample = 1.5 }\n").unwrap();
+        assert_eq!(bad.validate().unwrap_err().field, "verify.recheck.sample");
+        let two: VerifySpec = toml::from_str("replicas = 2\nquorum = 2\n").unwrap();
+        assert_eq!(two.validate().unwrap_err().field, "verify.replicas");
+        // Written back as read.
+        let back: VerifySpec =
+            serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+    }
+}

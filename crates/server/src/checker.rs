@@ -1,0 +1,282 @@
+//! Server re-checks: shards held in `reported` are re-run in the coordinator's own sandbox,
+//! stricter than an agent's (a fresh sandbox per run, never a warm one; no network; at most
+//! [`SERVER_MEMORY`] and [`SERVER_PROCESSES`]), and settled by what the runs show.
+//!
+//! The checks run in a pool of `ServerConfig::check_workers` on the blocking threads, fed from
+//! the database (the queue is the `reported` shards, so it survives restarts and is shared by
+//! every coordinator on the database). When the pool is full, shards wait in `reported`: none
+//! is accepted unchecked for want of a worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetbox_proto::{ExecutionReport, Outcome, Status, env};
+use fleetbox_sandbox::RunRequest;
+use serde_json::Value;
+use tokio::sync::{Semaphore, watch};
+
+use crate::State;
+use crate::store::verify::{CheckSubject, Finding, ServerRun};
+
+/// The memory a server re-run may use at most (the job may ask for less).
+pub const SERVER_MEMORY: u64 = 512 << 20;
+/// The processes a server re-run may start at most.
+pub const SERVER_PROCESSES: u32 = 32;
+/// How long a claimed check is this coordinator's before another may take it over (a dead
+/// coordinator's checks are taken over after this); renewed while the check runs.
+const HOLD_MS: i64 = 15_000;
+/// How often the queue is looked at when nothing wakes the checker.
+const POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let pool = Arc::new(Semaphore::new(state.config.check_workers.max(1)));
+    loop {
+        let free = pool.available_permits();
+        match state
+            .store
+            .claim_checks(&state.instance, HOLD_MS, free)
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    let Ok(permit) = pool.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let renew = tokio::spawn(renew_hold(state.clone(), id));
+                        let checked = check(&state, id).await;
+                        renew.abort();
+                        if let Err(e) = checked {
+                            tracing::error!(task = id, error = %e, "server re-check failed; another try after its hold");
+                        }
+                        drop(permit);
+                        state.checks.notify_one();
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "claiming checks"),
+        }
+        tokio::select! {
+            _ = state.checks.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Keep a claimed check this coordinator's while it runs.
+async fn renew_hold(state: Arc<State>, task_id: i64) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(HOLD_MS as u64 / 3)).await;
+        match state
+            .store
+            .renew_check(&state.instance, task_id, HOLD_MS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return, // settled, or taken over
+            Err(e) => tracing::warn!(task = task_id, error = %e, "could not renew a check"),
+        }
+    }
+}
+
+/// Check one claimed shard and settle it.
+async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
+    let Some(subject) = state
+        .store
+        .check_subject(task_id)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        tracing::warn!(
+            task = task_id,
+            "a shard in `reported` has no result to check"
+        );
+        return Ok(());
+    };
+    let job = state
+        .job_info(&subject.job_id)
+        .await
+        .map_err(|e| e.message)?;
+    let agent_output = match (&subject.output, &subject.output_blob) {
+        (Some(text), _) => serde_json::from_str::<Value>(text).ok(),
+        (None, Some(blob)) => state
+            .blobs
+            .get(blob)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
+        (None, None) => None,
+    };
+    let agent = Outcome {
+        output: agent_output.as_ref(),
+        output_sha256: subject.output_sha256.as_deref(),
+        stdout_sha256: subject.stdout_sha256.as_deref().unwrap_or(""),
+    };
+    let compare = subject.verify.compare;
+
+    let first = run_on_server(state, &subject, &job).await?;
+    let mut runs = vec![first];
+    let finding = match runs[0].0.status {
+        Status::Ok if compare.agrees(&agent, &runs[0].1.outcome()) => Finding::Agrees,
+        Status::Ok | Status::Error => {
+            // A disagreement is settled by the server's own second run: if it reproduces its
+            // first, the agent's result is wrong; if not, nothing here is deterministic.
+            let second = run_on_server(state, &subject, &job).await?;
+            let same = second.0.status == runs[0].0.status
+                && (second.0.status != Status::Ok
+                    || compare.agrees(&runs[0].1.outcome(), &second.1.outcome()));
+            let finding = match (same, runs[0].0.status) {
+                (false, _) => Finding::Nondeterministic,
+                (true, Status::Ok) => Finding::Differs,
+                (true, _) => Finding::FailsOnServer {
+                    reason: crate::api::failure_reason(&runs[0].0)
+                        .unwrap_or_else(|| "error".into()),
+                },
+            };
+            runs.push(second);
+            finding
+        }
+        other => Finding::Unverifiable {
+            why: format!(
+                "the server's stricter sandbox could not run this shard ({}): {}",
+                other.as_str(),
+                crate::api::failure_reason(&runs[0].0).unwrap_or_default()
+            ),
+        },
+    };
+    let stored: Vec<ServerRun> = runs.into_iter().map(|(_, s)| s.run).collect();
+    tracing::info!(
+        task = task_id,
+        job = %subject.job_id,
+        agent = %subject.agent_id,
+        finding = ?finding,
+        "server re-check"
+    );
+    settle(state, &subject, &stored, &finding).await
+}
+
+/// Record what a check found; quarantine follow-up and folds.
+async fn settle(
+    state: &Arc<State>,
+    subject: &CheckSubject,
+    stored: &[ServerRun],
+    finding: &Finding,
+) -> Result<(), String> {
+    let settled = state
+        .store
+        .finish_check(
+            &state.instance,
+            subject,
+            stored,
+            finding,
+            state.config.quarantine_strikes.max(1) as i64,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(settled) = settled else {
+        return Ok(()); // another coordinator settled it meanwhile
+    };
+    if let Some(agent) = &settled.quarantined {
+        tracing::warn!(
+            agent,
+            "agent quarantined: its unchecked results are checked again"
+        );
+        let n = state
+            .store
+            .recheck_unverified_of(agent)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n > 0 {
+            tracing::warn!(
+                agent,
+                shards = n,
+                "shards of running jobs held for a re-check"
+            );
+            state.checks.notify_one();
+        }
+    }
+    for job in settled.ready {
+        state.aggregate(job);
+    }
+    Ok(())
+}
+
+/// A server run with what comparing it needs.
+struct Stored {
+    run: ServerRun,
+    output: Option<Value>,
+}
+
+impl Stored {
+    fn outcome(&self) -> Outcome<'_> {
+        Outcome {
+            output: self.output.as_ref(),
+            output_sha256: self.run.output_sha256.as_deref(),
+            stdout_sha256: &self.run.stdout_sha256,
+        }
+    }
+}
+
+/// Run the shard once in a fresh server sandbox.
+async fn run_on_server(
+    state: &Arc<State>,
+    subject: &CheckSubject,
+    job: &crate::JobInfo,
+) -> Result<(ExecutionReport, Stored), String> {
+    let mut limits = job.limits.clone();
+    limits.network = false;
+    limits.memory.0 = limits.memory.0.min(SERVER_MEMORY);
+    limits.max_processes = limits.max_processes.min(SERVER_PROCESSES);
+    let mut req = RunRequest::new(
+        job.code.clone().into_bytes(),
+        Some(subject.input.clone().into_bytes()),
+        limits,
+    );
+    req.runner_id = "server".into();
+    req.env.extend([
+        (
+            env::FLEETBOX_SHARD_INDEX.to_string(),
+            subject.shard_index.to_string(),
+        ),
+        (
+            env::FLEETBOX_SHARD_COUNT.to_string(),
+            job.shard_count.to_string(),
+        ),
+        (env::FLEETBOX_JOB_ID.to_string(), subject.job_id.clone()),
+    ]);
+    let backend = state.config.sandbox_backend;
+    let config = state.config.sandbox.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        fleetbox_sandbox::open(backend, config).map(|sandbox| sandbox.run(&req))
+    })
+    .await
+    .map_err(|e| format!("the re-check's sandbox thread failed: {e}"))?
+    .map_err(|e| format!("could not open the `{backend}` sandbox: {e}"))?;
+    let (output, output_blob, output_sha256) = match &report.output {
+        None => (None, None, None),
+        Some(v) => {
+            let (text, blob, hash) = crate::api::stored_output(state, v).map_err(|e| e.message)?;
+            (text, blob, Some(hash))
+        }
+    };
+    let mut kept = report.clone();
+    kept.output = None; // stored on its own, as for agents' attempts
+    let run = ServerRun {
+        status: report.status,
+        output,
+        output_blob,
+        output_sha256,
+        stdout_sha256: report.stdout_sha256.clone(),
+        report_json: serde_json::to_string(&kept).unwrap_or_default(),
+        wall_ms: report.wall_ms.min(i64::MAX as u64) as i64,
+        peak_memory: report.peak_memory_bytes.min(i64::MAX as u64) as i64,
+        bytes_out: report
+            .stdout_bytes
+            .saturating_add(report.stderr_bytes)
+            .min(i64::MAX as u64) as i64,
+        reason: crate::api::failure_reason(&report),
+    };
+    let output = report.output.clone();
+    Ok((report, Stored { run, output }))
+}

@@ -1,0 +1,763 @@
+//! Verification in the store: which successes wait for a server re-check, the checks the
+//! coordinators claim, their verdicts, and each agent's trust and quarantine.
+//!
+//! A success that needs a check goes `leased` → `reported` (in the report's transaction); a
+//! coordinator claims it (`check_owner` until `check_expires`, taken over after that if the
+//! coordinator dies), re-runs the shard in its own sandbox and settles it with
+//! [`Store::finish_check`]: `reported` → `accepted` (or `rejected`), the verdicts, the trust
+//! and the audit entries in one transaction.
+
+use std::collections::HashMap;
+
+use fleetbox_proto::{Recheck, Status, TaskState, Verdict, VerifySpec};
+use sqlx::Row;
+
+use super::audit::{Action, Entry};
+use super::settle::{self, Tally, Tx};
+use super::sql::Sql;
+use super::tasks::ReportInput;
+use super::{DbKind, Doing, Store, StoreError, now_ms};
+
+/// Consecutive valid results after which an agent is trusted (BOINC's threshold).
+pub const TRUSTED_AFTER: i64 = 10;
+/// The smallest share of a trusted agent's results still re-checked: a sleeper is caught.
+pub const TRUSTED_RATE_FLOOR: f64 = 0.02;
+
+/// The share of an agent's results re-checked under `adaptive`, from its consecutive valid
+/// results: all of them until it is trusted, then `1/consecutive`, never under the floor.
+pub fn adaptive_rate(consecutive_valid: i64) -> f64 {
+    if consecutive_valid < TRUSTED_AFTER {
+        1.0
+    } else {
+        (1.0 / consecutive_valid as f64).max(TRUSTED_RATE_FLOOR)
+    }
+}
+
+/// A uniform draw in [0, 1) the agent cannot predict (not derived from anything it sees).
+fn draw() -> f64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0.0; // no randomness: check
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A job's `[verify]` as stored (JSON; `None` = the defaults).
+pub fn policy(stored: Option<&str>) -> VerifySpec {
+    stored
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default()
+}
+
+/// What the report transaction knows of the reporting agent's trust.
+pub(super) struct ReporterTrust {
+    quarantined: bool,
+    /// Consecutive valid results per (python, backend).
+    consecutive: HashMap<(String, String), i64>,
+}
+
+impl ReporterTrust {
+    pub(super) async fn read(tx: &mut Tx<'_>, agent_id: &str) -> Result<Self, StoreError> {
+        let rows: Vec<(String, String, i64)> = Sql::new(
+            "SELECT python, backend, consecutive_valid FROM agent_trust WHERE agent_id = ",
+        )
+        .bind(agent_id)
+        .build_as()
+        .fetch_all(&mut **tx)
+        .await
+        .doing("reading an agent's trust")?;
+        let quarantined: Option<(Option<i64>,)> =
+            Sql::new("SELECT quarantined_at FROM agents WHERE id = ")
+                .bind(agent_id)
+                .build_as()
+                .fetch_optional(&mut **tx)
+                .await
+                .doing("reading an agent's quarantine")?;
+        Ok(ReporterTrust {
+            quarantined: matches!(quarantined, Some((Some(_),))),
+            consecutive: rows.into_iter().map(|(p, b, c)| ((p, b), c)).collect(),
+        })
+    }
+
+    /// Why this success must be checked by the server before it is accepted, or `None`.
+    pub(super) fn check_reason(
+        &self,
+        verify: Option<&str>,
+        r: &ReportInput,
+    ) -> Option<&'static str> {
+        if r.status != Status::Ok {
+            return None;
+        }
+        if self.quarantined {
+            return Some("the agent is quarantined");
+        }
+        match policy(verify).recheck {
+            Recheck::None => None,
+            Recheck::All => Some("recheck = all"),
+            Recheck::Sample(p) => (draw() < p).then_some("sampled"),
+            Recheck::Adaptive => {
+                let key = (r.python.clone(), r.backend.clone());
+                let cv = self.consecutive.get(&key).copied().unwrap_or(0);
+                if cv < TRUSTED_AFTER {
+                    Some("the agent is not trusted yet")
+                } else {
+                    (draw() < adaptive_rate(cv)).then_some("sampled from a trusted agent")
+                }
+            }
+        }
+    }
+}
+
+/// The shard a claimed check is about, and the agent's result to check.
+#[derive(Debug, Clone)]
+pub struct CheckSubject {
+    pub task_id: i64,
+    pub tenant_id: String,
+    pub job_id: String,
+    pub shard_index: u64,
+    pub input: String,
+    pub verify: VerifySpec,
+    pub attempt_id: i64,
+    pub agent_id: String,
+    pub output: Option<String>,
+    pub output_blob: Option<String>,
+    pub output_sha256: Option<String>,
+    pub stdout_sha256: Option<String>,
+    pub python: String,
+    pub backend: String,
+}
+
+/// One run of the shard in the coordinator's own sandbox, as stored.
+#[derive(Debug, Clone)]
+pub struct ServerRun {
+    pub status: Status,
+    pub output: Option<String>,
+    pub output_blob: Option<String>,
+    pub output_sha256: Option<String>,
+    pub stdout_sha256: String,
+    pub report_json: String,
+    pub wall_ms: i64,
+    pub peak_memory: i64,
+    pub bytes_out: i64,
+    pub reason: Option<String>,
+}
+
+/// What the check found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finding {
+    /// The server's run agrees with the agent's: valid, accepted as verified.
+    Agrees,
+    /// The server's runs agree with each other and not with the agent: the agent's result is
+    /// invalid; the server's value is accepted.
+    Differs,
+    /// The program fails on the server, twice alike, where the agent claimed success: the
+    /// agent's result is invalid and the shard is rejected with the server's reason.
+    FailsOnServer { reason: String },
+    /// The server's own runs differ: the program is not deterministic. Inconclusive, flagged;
+    /// the agent's value is accepted (nothing shows it wrong).
+    Nondeterministic,
+    /// The server could not run it (its stricter limits, its sandbox): inconclusive, flagged;
+    /// the agent's value is accepted.
+    Unverifiable { why: String },
+}
+
+impl Finding {
+    fn agent_verdict(&self) -> Verdict {
+        match self {
+            Finding::Agrees => Verdict::Valid,
+            Finding::Differs | Finding::FailsOnServer { .. } => Verdict::Invalid,
+            Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Finding::Agrees => "agrees",
+            Finding::Differs => "differs",
+            Finding::FailsOnServer { .. } => "fails_on_server",
+            Finding::Nondeterministic => "nondeterministic",
+            Finding::Unverifiable { .. } => "unverifiable",
+        }
+    }
+}
+
+/// What [`Store::finish_check`] did.
+#[derive(Debug, Clone, Default)]
+pub struct CheckSettled {
+    /// Jobs whose last shard just settled.
+    pub ready: Vec<String>,
+    /// The agent, when this check put it in quarantine.
+    pub quarantined: Option<String>,
+}
+
+/// An agent's trust for one interpreter and backend, as `fleetbox agents` shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TrustRow {
+    pub agent_id: String,
+    pub python: String,
+    pub backend: String,
+    pub consecutive_valid: i64,
+    pub valid: i64,
+    pub invalid: i64,
+}
+
+impl Store {
+    /// Claim up to `max` shards waiting for a check (or whose checker died) for `owner` until
+    /// `now + hold_ms`.
+    pub async fn claim_checks(
+        &self,
+        owner: &str,
+        hold_ms: i64,
+        max: usize,
+    ) -> Result<Vec<i64>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut sql = Sql::new("UPDATE tasks SET check_owner = ");
+        sql.bind(owner)
+            .push(", check_expires = ")
+            .bind(now + hold_ms)
+            .push(" WHERE state = ")
+            .bind(TaskState::Reported.as_str())
+            .push(" AND check_expires < ")
+            .bind(now)
+            .push(" AND id IN (SELECT id FROM tasks WHERE state = ")
+            .bind(TaskState::Reported.as_str())
+            .push(" AND check_expires < ")
+            .bind(now)
+            .push(" ORDER BY updated_at, id LIMIT ")
+            .bind(max as i64);
+        if self.kind == DbKind::Postgres {
+            sql.push(" FOR UPDATE SKIP LOCKED");
+        }
+        sql.push(") RETURNING id");
+        let mut tx = self.begin_write().await.doing("claiming checks")?;
+        let ids: Vec<(i64,)> = sql
+            .build_as()
+            .fetch_all(&mut *tx)
+            .await
+            .doing("claiming checks")?;
+        tx.commit().await.doing("claiming checks")?;
+        Ok(ids.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Extend `owner`'s hold on a check it is running. `false`: it no longer holds it.
+    pub async fn renew_check(
+        &self,
+        owner: &str,
+        task_id: i64,
+        hold_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await.doing("renewing a check")?;
+        let n = Sql::new("UPDATE tasks SET check_expires = ")
+            .bind(now_ms() + hold_ms)
+            .push(" WHERE id = ")
+            .bind(task_id)
+            .push(" AND check_owner = ")
+            .bind(owner)
+            .push(" AND state = ")
+            .bind(TaskState::Reported.as_str())
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("renewing a check")?
+            .rows_affected();
+        tx.commit().await.doing("renewing a check")?;
+        Ok(n == 1)
+    }
+
+    /// The shard and the agent result a claimed check is about (`None`: nothing to check any
+    /// more).
+    pub async fn check_subject(&self, task_id: i64) -> Result<Option<CheckSubject>, StoreError> {
+        let task = Sql::new(
+            "SELECT t.tenant_id, t.job_id, t.shard_index, t.input, j.verify FROM tasks t \
+             JOIN jobs j ON j.id = t.job_id WHERE t.id = ",
+        )
+        .bind(task_id)
+        .build()
+        .fetch_optional(&self.read)
+        .await
+        .doing("reading a shard to check")?;
+        let Some(task) = task else { return Ok(None) };
+        let attempt = Sql::new(
+            "SELECT id, agent_id, output, output_blob, output_sha256, stdout_sha256, report \
+             FROM attempts WHERE runner = 'agent' AND status = ",
+        )
+        .bind(Status::Ok.as_str())
+        .push(" AND verdict = ")
+        .bind(Verdict::Unchecked.as_str())
+        .push(" AND task_id = ")
+        .bind(task_id)
+        .push(" ORDER BY id DESC LIMIT 1")
+        .build()
+        .fetch_optional(&self.read)
+        .await
+        .doing("reading the result to check")?;
+        let Some(attempt) = attempt else {
+            return Ok(None);
+        };
+        let get = |e| StoreError::Query {
+            doing: "reading a shard to check",
+            source: e,
+        };
+        let report: String = attempt.try_get("report").map_err(get)?;
+        let runner: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
+        let verify: Option<String> = task.try_get("verify").map_err(get)?;
+        Ok(Some(CheckSubject {
+            task_id,
+            tenant_id: task.try_get("tenant_id").map_err(get)?,
+            job_id: task.try_get("job_id").map_err(get)?,
+            shard_index: task.try_get::<i64, _>("shard_index").map_err(get)? as u64,
+            input: task.try_get("input").map_err(get)?,
+            verify: policy(verify.as_deref()),
+            attempt_id: attempt.try_get("id").map_err(get)?,
+            agent_id: attempt.try_get("agent_id").map_err(get)?,
+            output: attempt.try_get("output").map_err(get)?,
+            output_blob: attempt.try_get("output_blob").map_err(get)?,
+            output_sha256: attempt.try_get("output_sha256").map_err(get)?,
+            stdout_sha256: attempt.try_get("stdout_sha256").map_err(get)?,
+            python: runner["runner"]["python"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            backend: runner["backend"].as_str().unwrap_or("").to_string(),
+        }))
+    }
+
+    /// Settle a checked shard held by `owner`: store the server's runs, the verdicts, the
+    /// shard's new state, the agent's trust (and quarantine at `strikes_limit`), the job's
+    /// flags and the audit entries, together. `None`: the claim was lost (another coordinator
+    /// settled it), nothing written.
+    pub async fn finish_check(
+        &self,
+        owner: &str,
+        subject: &CheckSubject,
+        runs: &[ServerRun],
+        finding: &Finding,
+        strikes_limit: i64,
+    ) -> Result<Option<CheckSettled>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("settling a check")?;
+        settle::lock_jobs(&mut tx, self.kind, std::slice::from_ref(&subject.job_id)).await?;
+        let mut tally = Tally::default();
+        let (to, reason) = match finding {
+            Finding::FailsOnServer { reason } => (TaskState::Rejected, Some(reason.as_str())),
+            _ => (TaskState::Accepted, None),
+        };
+        let verified = matches!(
+            finding,
+            Finding::Agrees | Finding::Differs | Finding::FailsOnServer { .. }
+        );
+        let moved = Sql::new("UPDATE tasks SET state = ")
+            .bind(to.as_str())
+            .push(", check_owner = NULL, check_expires = 0, verified = ")
+            .bind(i64::from(verified))
+            .push(", last_error = ")
+            .bind(reason.map(settle::storable_text))
+            .push(", updated_at = ")
+            .bind(now)
+            .push(" WHERE id = ")
+            .bind(subject.task_id)
+            .push(" AND state = ")
+            .bind(TaskState::Reported.as_str())
+            .push(" AND check_owner = ")
+            .bind(owner)
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("settling a checked shard")?
+            .rows_affected()
+            == 1;
+        if !moved {
+            return Ok(None);
+        }
+        tally.moved(&subject.job_id, TaskState::Reported, to, 1);
+
+        // The server's runs, as attempts of their own (runner `server`).
+        let server_verdict = match finding {
+            Finding::Agrees | Finding::Differs | Finding::FailsOnServer { .. } => Verdict::Valid,
+            Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
+        };
+        let chosen_server = matches!(finding, Finding::Differs);
+        let mut server_ids = Vec::new();
+        for (i, run) in runs.iter().enumerate() {
+            let (id,): (i64,) = Sql::new(
+                "INSERT INTO attempts (tenant_id, task_id, job_id, lease_id, agent_id, attempt, \
+                 status, verdict, chosen, output, output_blob, output_sha256, report, wall_ms, \
+                 peak_memory, bytes_out, received_at, runner, stdout_sha256) VALUES (",
+            )
+            .bind(subject.tenant_id.as_str())
+            .push(", ")
+            .bind(subject.task_id)
+            .push(", ")
+            .bind(subject.job_id.as_str())
+            .push(", ")
+            .bind(format!(
+                "server.{}.{}.{now}.{i}",
+                subject.task_id, subject.attempt_id
+            ))
+            .push(", 'server', 0, ")
+            .bind(run.status.as_str())
+            .push(", ")
+            .bind(server_verdict.as_str())
+            .push(", ")
+            .bind(i64::from(chosen_server && i == 0))
+            .push(", ")
+            .bind(run.output.as_deref())
+            .push(", ")
+            .bind(run.output_blob.as_deref())
+            .push(", ")
+            .bind(run.output_sha256.as_deref())
+            .push(", ")
+            .bind(run.report_json.as_str())
+            .push(", ")
+            .bind(run.wall_ms)
+            .push(", ")
+            .bind(run.peak_memory)
+            .push(", ")
+            .bind(run.bytes_out)
+            .push(", ")
+            .bind(now)
+            .push(", 'server', ")
+            .bind(run.stdout_sha256.as_str())
+            .push(") RETURNING id")
+            .build_as()
+            .fetch_one(&mut *tx)
+            .await
+            .doing("storing a server run")?;
+            server_ids.push(id);
+        }
+        let agent_verdict = finding.agent_verdict();
+        Sql::new("UPDATE attempts SET verdict = ")
+            .bind(agent_verdict.as_str())
+            .push(", chosen = ")
+            .bind(i64::from(to == TaskState::Accepted && !chosen_server))
+            .push(" WHERE id = ")
+            .bind(subject.attempt_id)
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("recording a verdict")?;
+
+        // What the job's summary names.
+        let flag = match finding {
+            Finding::Agrees => None,
+            Finding::Differs => Some((
+                "agent_result_invalid",
+                format!(
+                    "agent {} returned a value the server's runs do not reproduce; the server's value was taken",
+                    subject.agent_id
+                ),
+            )),
+            Finding::FailsOnServer { reason } => Some((
+                "agent_result_invalid",
+                format!(
+                    "agent {} reported success; on the server the program fails: {reason}",
+                    subject.agent_id
+                ),
+            )),
+            Finding::Nondeterministic => Some((
+                "nondeterministic",
+                "the server's two runs of this shard differ: its result cannot be verified"
+                    .to_string(),
+            )),
+            Finding::Unverifiable { why } => Some(("unverified", why.clone())),
+        };
+        if let Some((kind, detail)) = &flag {
+            let current: (String,) = Sql::new("SELECT flags FROM jobs WHERE id = ")
+                .bind(subject.job_id.as_str())
+                .build_as()
+                .fetch_one(&mut *tx)
+                .await
+                .doing("reading a job's flags")?;
+            let mut flags: Vec<serde_json::Value> =
+                serde_json::from_str(&current.0).unwrap_or_default();
+            flags.push(serde_json::json!({
+                "kind": kind, "shard": subject.shard_index, "detail": detail,
+            }));
+            Sql::new("UPDATE jobs SET flags = ")
+                .bind(serde_json::Value::Array(flags).to_string())
+                .push(" WHERE id = ")
+                .bind(subject.job_id.as_str())
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing("flagging a job")?;
+        }
+        let ready = tally.apply(&mut tx).await?;
+
+        // Trust, then the agent row (the lock order's agent step).
+        let (valid, invalid) = match agent_verdict {
+            Verdict::Valid => (1, 0),
+            Verdict::Invalid => (0, 1),
+            _ => (0, 0),
+        };
+        let mut quarantined = None;
+        if valid + invalid > 0 {
+            Sql::new(
+                "INSERT INTO agent_trust (agent_id, python, backend, consecutive_valid, valid, \
+                 invalid, updated_at) VALUES (",
+            )
+            .bind(subject.agent_id.as_str())
+            .push(", ")
+            .bind(subject.python.as_str())
+            .push(", ")
+            .bind(subject.backend.as_str())
+            .push(", ")
+            .bind(valid)
+            .push(", ")
+            .bind(valid)
+            .push(", ")
+            .bind(invalid)
+            .push(", ")
+            .bind(now)
+            .push(
+                ") ON CONFLICT (agent_id, python, backend) DO UPDATE SET \
+                 consecutive_valid = CASE WHEN excluded.invalid > 0 THEN 0 \
+                 ELSE agent_trust.consecutive_valid + 1 END, \
+                 valid = agent_trust.valid + excluded.valid, \
+                 invalid = agent_trust.invalid + excluded.invalid, \
+                 updated_at = excluded.updated_at",
+            )
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("recording an agent's trust")?;
+        }
+        let mut entries = vec![
+            Entry::new(&subject.tenant_id, "server", Action::AttemptVerified)
+                .job(&subject.job_id)
+                .task(subject.task_id)
+                .agent(&subject.agent_id)
+                .details(serde_json::json!({
+                    "verdict": agent_verdict.as_str(),
+                    "finding": finding.name(),
+                    "compare": subject.verify.compare.name(),
+                    "attempt": subject.attempt_id,
+                    "agent_output_sha256": subject.output_sha256,
+                    "server_attempts": server_ids,
+                    "server_output_sha256": runs.iter().map(|r| r.output_sha256.clone()).collect::<Vec<_>>(),
+                    "server_status": runs.iter().map(|r| r.status.as_str()).collect::<Vec<_>>(),
+                })),
+        ];
+        let shard_entry = Entry::new(
+            &subject.tenant_id,
+            "server",
+            if to == TaskState::Accepted {
+                Action::ShardAccepted
+            } else {
+                Action::ShardRejected
+            },
+        )
+        .job(&subject.job_id)
+        .task(subject.task_id)
+        .details(serde_json::json!({
+            "verified": verified,
+            "value_from": if chosen_server { "server" } else { "agent" },
+            "reason": reason,
+        }));
+        entries.push(shard_entry);
+        if invalid > 0 {
+            let (strikes, already): (i64, Option<i64>) =
+                Sql::new("UPDATE agents SET strikes = strikes + 1 WHERE id = ")
+                    .bind(subject.agent_id.as_str())
+                    .push(" RETURNING strikes, quarantined_at")
+                    .build_as()
+                    .fetch_one(&mut *tx)
+                    .await
+                    .doing("counting an agent's strikes")?;
+            if strikes >= strikes_limit && already.is_none() {
+                let why = format!(
+                    "{strikes} invalid results (the limit is {strikes_limit}); the last on shard \
+                     {} of job {}",
+                    subject.shard_index, subject.job_id
+                );
+                Sql::new("UPDATE agents SET quarantined_at = ")
+                    .bind(now)
+                    .push(", quarantine_reason = ")
+                    .bind(why.as_str())
+                    .push(" WHERE id = ")
+                    .bind(subject.agent_id.as_str())
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .doing("quarantining an agent")?;
+                entries.push(
+                    Entry::new(&subject.tenant_id, "server", Action::AgentQuarantined)
+                        .agent(&subject.agent_id)
+                        .details(serde_json::json!({ "strikes": strikes, "why": why })),
+                );
+                quarantined = Some(subject.agent_id.clone());
+            }
+        }
+        self.append_audit(&mut tx, entries, now).await?;
+        tx.commit().await.doing("settling a check")?;
+        Ok(Some(CheckSettled { ready, quarantined }))
+    }
+
+    /// After `agent` was quarantined: its accepted values that were never checked, in jobs
+    /// still running, go back to `reported` to be checked by the server. Returns how many.
+    pub async fn recheck_unverified_of(&self, agent_id: &str) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let mut tx = self
+            .begin_write()
+            .await
+            .doing("re-checking an agent's results")?;
+        let candidates: Vec<(i64, String)> = Sql::new(
+            "SELECT t.id, t.job_id FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.chosen = 1 \
+             JOIN jobs j ON j.id = t.job_id WHERE a.agent_id = ",
+        )
+        .bind(agent_id)
+        .push(" AND a.runner = 'agent' AND t.verified = 0 AND t.state = ")
+        .bind(TaskState::Accepted.as_str())
+        .push(" AND j.state = 'running'")
+        .build_as()
+        .fetch_all(&mut *tx)
+        .await
+        .doing("finding an agent's unchecked results")?;
+        if candidates.is_empty() {
+            tx.commit().await.doing("re-checking an agent's results")?;
+            return Ok(0);
+        }
+        let jobs: Vec<String> = candidates.iter().map(|(_, j)| j.clone()).collect();
+        settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
+        let mut tally = Tally::default();
+        let mut n = 0;
+        for (task, job) in &candidates {
+            let moved = Sql::new("UPDATE tasks SET state = ")
+                .bind(TaskState::Reported.as_str())
+                .push(", check_owner = NULL, check_expires = 0, updated_at = ")
+                .bind(now)
+                .push(" WHERE id = ")
+                .bind(*task)
+                .push(" AND verified = 0 AND state = ")
+                .bind(TaskState::Accepted.as_str())
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing("re-checking a result")?
+                .rows_affected();
+            if moved == 1 {
+                // The chosen value is chosen again only once the check agrees.
+                Sql::new("UPDATE attempts SET chosen = 0 WHERE task_id = ")
+                    .bind(*task)
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .doing("re-checking a result")?;
+                tally.moved(job, TaskState::Accepted, TaskState::Reported, 1);
+                n += 1;
+            }
+        }
+        tally.apply(&mut tx).await?;
+        tx.commit().await.doing("re-checking an agent's results")?;
+        Ok(n)
+    }
+
+    /// For a job's summary: its accepted shards a server run confirmed, and its flags.
+    pub async fn verification_facts(
+        &self,
+        job_id: &str,
+    ) -> Result<(u64, Vec<fleetbox_proto::api::JobFlag>), StoreError> {
+        let (verified,): (i64,) =
+            Sql::new("SELECT COUNT(*) FROM tasks WHERE verified = 1 AND job_id = ")
+                .bind(job_id)
+                .push(" AND state = ")
+                .bind(TaskState::Accepted.as_str())
+                .build_as()
+                .fetch_one(&self.read)
+                .await
+                .doing("counting verified shards")?;
+        let flags: Option<(String,)> = Sql::new("SELECT flags FROM jobs WHERE id = ")
+            .bind(job_id)
+            .build_as()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a job's flags")?;
+        let flags = flags
+            .and_then(|(f,)| serde_json::from_str(&f).ok())
+            .unwrap_or_default();
+        Ok((verified.max(0) as u64, flags))
+    }
+
+    /// Whether `agent_id` is quarantined (it gets no leases).
+    pub async fn agent_quarantined(&self, agent_id: &str) -> Result<bool, StoreError> {
+        let row: Option<(Option<i64>,)> = Sql::new("SELECT quarantined_at FROM agents WHERE id = ")
+            .bind(agent_id)
+            .build_as()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading an agent's quarantine")?;
+        Ok(matches!(row, Some((Some(_),))))
+    }
+
+    /// An admin releases a quarantined agent: strikes and trust start over. `false`: no such
+    /// agent in `tenant`, or not quarantined.
+    pub async fn release_agent(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("releasing an agent")?;
+        let released = Sql::new(
+            "UPDATE agents SET quarantined_at = NULL, quarantine_reason = NULL, strikes = 0 \
+             WHERE quarantined_at IS NOT NULL AND id = ",
+        )
+        .bind(agent_id)
+        .push(" AND tenant_id = ")
+        .bind(tenant_id)
+        .build()
+        .execute(&mut *tx)
+        .await
+        .doing("releasing an agent")?
+        .rows_affected()
+            == 1;
+        if released {
+            Sql::new("UPDATE agent_trust SET consecutive_valid = 0 WHERE agent_id = ")
+                .bind(agent_id)
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing("releasing an agent")?;
+            let entry = Entry::new(tenant_id, actor, Action::AgentReleased).agent(agent_id);
+            self.append_audit(&mut tx, vec![entry], now).await?;
+        }
+        tx.commit().await.doing("releasing an agent")?;
+        Ok(released)
+    }
+
+    /// Trust rows of every agent of `tenant`.
+    pub async fn trust_of_tenant(&self, tenant_id: &str) -> Result<Vec<TrustRow>, StoreError> {
+        Sql::new(
+            "SELECT t.agent_id, t.python, t.backend, t.consecutive_valid, t.valid, t.invalid \
+             FROM agent_trust t JOIN agents a ON a.id = t.agent_id WHERE a.tenant_id = ",
+        )
+        .bind(tenant_id)
+        .push(" ORDER BY t.agent_id, t.python, t.backend")
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading trust")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_agents_are_always_checked_and_trusted_ones_rarely_but_never_never() {
+        assert_eq!(adaptive_rate(0), 1.0);
+        assert_eq!(adaptive_rate(TRUSTED_AFTER - 1), 1.0);
+        assert!((adaptive_rate(TRUSTED_AFTER) - 0.1).abs() < 1e-12);
+        assert!((adaptive_rate(40) - 0.025).abs() < 1e-12);
+        assert_eq!(adaptive_rate(1_000_000), TRUSTED_RATE_FLOOR);
+        let draws: Vec<f64> = (0..1000).map(|_| draw()).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        let mean = draws.iter().sum::<f64>() / 1000.0;
+        assert!((0.4..0.6).contains(&mean), "{mean}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Verification with real agents and the coordinator's real sandbox: a lying agent among
+//! honest ones is caught and quarantined and the result stays exact; a program whose output
+//! is random is flagged, not accepted silently; `numeric` tolerance passes floating-point
+//! noise and catches a real difference.
+
+use std::time::Duration;
+
+use fleetbox_proto::{JobState, Verdict};
+use serde_json::json;
+
+use crate::support::{BOTH, Coordinator, spec};
+
+/// Each shard returns the sum of squares of its items.
+const SQUARES: &str = "import json, os\nitems = json.load(open(os.environ['FLEETBOX_INPUT']))['items']\nprint(sum(i * i for i in items))\n";
+
+/// A liar among three honest agents, under the default policy (`adaptive`): it is caught and
+/// quarantined, every value it got accepted is re-checked or was checked, and the result is
+/// exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            config.check_workers = 2;
+        })
+        .await
+        else {
+            continue;
+        };
+        for name in ["honest-1", "honest-2", "honest-3"] {
+            c.agent(name, Default::default());
+        }
+        c.agent_lying("liar", Default::default(), 0.10);
+        let n = 400u64;
+        let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        let job = spec(&format!(
+            "name = \"squares\"\ncode = {SQUARES:?}\n[shards]\nitems = [{}]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n",
+            items.join(", ")
+        ));
+        let result = c.run(&job, Duration::from_secs(300)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        let exact: u64 = (0..n).map(|i| i * i).sum();
+        assert_eq!(
+            result.result_value(),
+            Some(json!(exact)),
+            "{db:?}: a lie was folded in"
+        );
+
+        let agents = c.client.agents().await.unwrap().agents;
+        let liar = agents.iter().find(|a| a.name == "liar").unwrap();
+        let honest: Vec<_> = agents.iter().filter(|a| a.name != "liar").collect();
+        // A 10% liar produces lies from its first results; it may have been too slow to get
+        // many shards, but each lie it got accepted would have shown in the sum above.
+        let summary = result.summary.clone().unwrap();
+        let caught = summary
+            .flags
+            .iter()
+            .filter(|f| f.kind == "agent_result_invalid")
+            .count();
+        eprintln!(
+            "{db:?}: liar strikes {}, quarantined {:?}, {} flags, {} of {n} shards verified",
+            liar.strikes, liar.quarantined, caught, summary.verified
+        );
+        for h in &honest {
+            eprintln!("{db:?}: {} trust {:?}", h.name, h.trust);
+        }
+        assert!(
+            liar.quarantined.is_some(),
+            "{db:?}: the liar was not quarantined: {liar:?}"
+        );
+        assert!(
+            caught as u32 >= liar.strikes.min(1),
+            "{db:?}: {caught} flags for {} strikes",
+            liar.strikes
+        );
+        for h in &honest {
+            assert_eq!(h.strikes, 0, "{db:?}: an honest agent was struck: {h:?}");
+            assert!(h.quarantined.is_none(), "{db:?}");
+        }
+        // Every shard whose value came from the liar was checked by the server.
+        for i in 0..n {
+            let d = c.client.shard(&result.id, i).await.unwrap();
+            if let Some(chosen) = d.attempts.iter().find(|a| a.chosen)
+                && chosen.agent_id == liar.id
+            {
+                assert_eq!(chosen.verdict, Verdict::Valid, "{db:?}: shard {i}: {d:?}");
+            }
+        }
+        // The audit log has the verdicts, and the quarantine when there was one.
+        let entries = c.client.audit("limit=5000").await.unwrap().entries;
+        let invalid = entries
+            .iter()
+            .filter(|e| e.action == "attempt.verified" && e.details["verdict"] == "invalid")
+            .count();
+        assert_eq!(invalid as u32, liar.strikes, "{db:?}");
+        assert_eq!(
+            entries.iter().any(|e| e.action == "agent.quarantined"
+                && e.agent_id.as_deref() == Some(liar.id.as_str())),
+            liar.quarantined.is_some(),
+            "{db:?}"
+        );
+        // A quarantined agent gets no work until it is released.
+        if liar.quarantined.is_some() {
+            c.client.release_agent(&liar.id).await.unwrap();
+            let after = c.client.agents().await.unwrap().agents;
+            let liar = after.iter().find(|a| a.name == "liar").unwrap();
+            assert!(liar.quarantined.is_none() && liar.strikes == 0, "{db:?}");
+            assert!(c.client.release_agent(&liar.id).await.is_err());
+        }
+        c.stop().await;
+    }
+}
+
+/// A program whose output is random cannot be verified: the server's two runs differ, the
+/// shard is flagged `nondeterministic` and named in the summary; the job still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_output_is_inconclusive_and_flagged() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("a1", Default::default());
+        let job = spec(
+            "name = \"random\"\ncode = \"import random; print(random.random())\"\nshards = { count = 3 }\n[verify]\nrecheck = \"all\"\n",
+        );
+        let result = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        let summary = result.summary.unwrap();
+        let flagged: Vec<u64> = summary
+            .flags
+            .iter()
+            .filter(|f| f.kind == "nondeterministic")
+            .map(|f| f.shard)
+            .collect();
+        assert_eq!(flagged.len(), 3, "{db:?}: {:?}", summary.flags);
+        assert_eq!(summary.verified, 0, "{db:?}");
+        for i in 0..3 {
+            let d = c.client.shard(&result.id, i).await.unwrap();
+            let agent = d.attempts.iter().find(|a| a.agent_id != "server").unwrap();
+            assert_eq!(agent.verdict, Verdict::Inconclusive, "{db:?}");
+            assert_eq!(
+                d.attempts.iter().filter(|a| a.agent_id == "server").count(),
+                2,
+                "{db:?}: the server ran it twice"
+            );
+        }
+        // Not the agent's fault: no strike.
+        let agents = c.client.agents().await.unwrap().agents;
+        assert_eq!(agents[0].strikes, 0);
+        c.stop().await;
+    }
+}
+
+/// `{ numeric = 1e-9 }`: floating-point noise between runs passes; a real difference (a lie
+/// of one part in a million) does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_tolerance_passes_noise_and_catches_a_difference() {
+    // Noise of one part in 10^13, up or down by the parity of the process id: runs differ.
+    let noisy =
+        "import os\nx = 1234.5678\nprint(x * (1 + (1e-13 if os.getpid() % 2 else -1e-13)))\n";
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            // The liar below must keep its work: this test is about the comparison.
+            config.quarantine_strikes = 1000;
+        })
+        .await
+        else {
+            continue;
+        };
+        c.agent("honest", Default::default());
+        let job = spec(&format!(
+            "name = \"noise\"\ncode = {noisy:?}\nshards = {{ count = 4 }}\n[verify]\nrecheck = \"all\"\ncompare = {{ numeric = 1e-9 }}\n"
+        ));
+        let result = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        let summary = result.summary.unwrap();
+        assert!(summary.flags.is_empty(), "{db:?}: {:?}", summary.flags);
+        assert_eq!(summary.verified, 4, "{db:?}");
+        c.stop_agents().await;
+
+        // An agent that adds one to every value: 1,000,001 against 1,000,000 is caught.
+        c.agent_lying("liar", Default::default(), 1.0);
+        let job = spec(
+            "name = \"off\"\ncode = \"print(1000000)\"\nshards = { count = 3 }\naggregate = \"sum\"\n[verify]\ncompare = { numeric = 1e-9 }\n",
+        );
+        let result = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        assert_eq!(result.result_value(), Some(json!(3_000_000)), "{db:?}");
+        let summary = result.summary.unwrap();
+        assert_eq!(
+            summary
+                .flags
+                .iter()
+                .filter(|f| f.kind == "agent_result_invalid")
+                .count(),
+            3,
+            "{db:?}: {:?}",
+            summary.flags
+        );
+        c.stop().await;
+    }
+}
