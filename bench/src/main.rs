@@ -7,6 +7,7 @@
 //! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500]
 //! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
 //! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
+//! cargo run --release -p fleetbox-bench -- verify    [--shards 300] [--runs 10]
 //! ```
 
 mod audit;
@@ -15,6 +16,7 @@ mod jail;
 mod startup;
 mod throughput;
 mod util;
+mod verify;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +34,10 @@ fn main() {
             util::flag(&args, "--entries").unwrap_or(200_000),
             util::flag(&args, "--batch").unwrap_or(1000),
         ),
+        "verify" => verify::run(
+            util::flag(&args, "--shards").unwrap_or(300),
+            util::flag(&args, "--runs").unwrap_or(10),
+        ),
         "e2e" => e2e::run(
             util::flag(&args, "--shards").unwrap_or(500),
             args.iter()
@@ -42,7 +48,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|throughput|e2e|audit [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|throughput|e2e|audit|verify [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

@@ -116,6 +116,16 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
     let compare = subject.verify.compare;
 
     let first = run_on_server(state, &subject, &job).await?;
+    if matches!(first.0.status, Status::SandboxError | Status::Killed) {
+        // The coordinator's own sandbox failed (or it is stopping): nothing is known about
+        // the agent's result. The shard stays in `reported` and is checked again later; it is
+        // never accepted for want of a working check.
+        return Err(format!(
+            "the coordinator's sandbox could not run the check ({}): {}",
+            first.0.status.as_str(),
+            crate::api::failure_reason(&first.0).unwrap_or_default()
+        ));
+    }
     let mut runs = vec![first];
     let finding = match runs[0].0.status {
         Status::Ok if compare.agrees(&agent, &runs[0].1.outcome()) => Finding::Agrees,
