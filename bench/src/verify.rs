@@ -8,6 +8,10 @@
 //! 2. A liar that corrupts 10% of its results from its first one, among 3 honest agents, over
 //!    repeated runs: how many of its shards until it is quarantined (target: within 50 in at
 //!    least 95% of runs) and how many wrong values reach a final result (target: 0).
+//! 3. A sleeper, honest for 200 results and then lying on 10%, among 3 honest agents, jobs of
+//!    50 shards until it is caught: its shards from its first lie to its quarantine, the jobs it
+//!    tainted (`needs_review`), and the final results with a wrong value nobody flagged
+//!    (target: 0).
 //!
 //! The coordinator's draws use the operating system's randomness (so an agent cannot predict
 //! them): runs are repeated rather than seeded.
@@ -27,7 +31,8 @@ pub fn run(shards: usize, runs: usize) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         overhead(shards).await?;
-        liars(runs).await
+        liars(runs).await?;
+        sleeper().await
     })
 }
 
@@ -191,5 +196,93 @@ async fn liars(runs: usize) -> Result<(), String> {
         shown.join(" ")
     );
     println!("  final results with a wrong value: {wrong_results}/{runs} (target 0)");
+    Ok(())
+}
+
+async fn sleeper() -> Result<(), String> {
+    const SHARDS: u64 = 50;
+    const HONEST_FOR: u64 = 200;
+    println!(
+        "verify: a sleeper honest for {HONEST_FOR} results then lying on 10%, among 3 honest agents, jobs of {SHARDS}"
+    );
+    let helper = Some(crate::util::fleetbox_bin()?);
+    let mut c = Coordinator::start_with(Db::Sqlite, |config| {
+        config.sandbox_backend = fleetbox_sandbox::Backend::default_for_host();
+        config.sandbox.jail_helper = helper.clone();
+    })
+    .await
+    .ok_or("no coordinator")?;
+    for name in ["honest-1", "honest-2", "honest-3"] {
+        c.agent(name, Default::default());
+    }
+    c.agent_sleeping("sleeper", HONEST_FOR, 0.10);
+    let cheap = spec(&format!(
+        "name = \"sleeper run\"\ncode = \"import json, os\\nprint(json.load(open(os.environ['FLEETBOX_INPUT']))['index'])\"\nshards = {{ count = {SHARDS} }}\naggregate = \"sum\"\n"
+    ));
+    let exact = serde_json::json!((0..SHARDS).sum::<u64>());
+    let mut jobs = Vec::new();
+    let mut sleeper_id = None;
+    for _ in 0..200 {
+        let (r, _) = run_job(&c, &cheap).await?;
+        jobs.push(r.id);
+        let agents = c.client.agents().await.map_err(|e| e.to_string())?.agents;
+        let s = agents
+            .iter()
+            .find(|a| a.name == "sleeper")
+            .ok_or("no sleeper")?;
+        sleeper_id = Some(s.id.clone());
+        if s.quarantined.is_some() {
+            break;
+        }
+    }
+    let sleeper_id = sleeper_id.ok_or("no sleeper")?;
+    let mut entries = Vec::new();
+    loop {
+        let after = entries
+            .last()
+            .map_or(0, |e: &fleetbox_proto::api::AuditRecord| e.seq);
+        let page = c
+            .client
+            .audit(&format!("agent={sleeper_id}&after={after}&limit=5000"))
+            .await
+            .map_err(|e| e.to_string())?
+            .entries;
+        if page.is_empty() {
+            break;
+        }
+        entries.extend(page);
+    }
+    let quarantined_at = entries
+        .iter()
+        .find(|e| e.action == "agent.quarantined" && e.agent_id.as_deref() == Some(&sleeper_id))
+        .map(|e| e.seq);
+    let reported: Vec<i64> = entries
+        .iter()
+        .filter(|e| e.action == "attempt.reported" && e.agent_id.as_deref() == Some(&sleeper_id))
+        .map(|e| e.seq)
+        .collect();
+    let (mut tainted, mut unflagged_wrong) = (0, 0);
+    for id in &jobs {
+        let view = c.client.job(id).await.map_err(|e| e.to_string())?;
+        let r = c.client.result(id).await.map_err(|e| e.to_string())?;
+        if view.state == JobState::NeedsReview {
+            tainted += 1;
+        } else if r.result_value() != Some(exact.clone()) {
+            unflagged_wrong += 1;
+        }
+    }
+    match quarantined_at {
+        Some(seq) => {
+            let total = reported.iter().filter(|s| **s < seq).count();
+            println!(
+                "  caught: {} of its shards after it turned, {} jobs run, {tainted} finished jobs tainted (needs_review)",
+                total.saturating_sub(HONEST_FOR as usize),
+                jobs.len()
+            );
+        }
+        None => println!("  never caught in {} jobs", jobs.len()),
+    }
+    println!("  final results with a wrong value nobody flagged: {unflagged_wrong} (target 0)");
+    c.stop().await;
     Ok(())
 }

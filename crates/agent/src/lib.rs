@@ -133,6 +133,10 @@ pub struct AgentConfig {
     /// corrupts before signing them, as a lying agent would.
     #[doc(hidden)]
     pub test_lie_rate: f64,
+    /// Verification tests only: successful results reported honestly before the lying starts
+    /// (a sleeper).
+    #[doc(hidden)]
+    pub test_lie_after: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +204,8 @@ struct Shared {
     unstarted: Mutex<Vec<String>>,
     /// Reports the coordinator refused for good, kept aside in the outbox (`*.refused`).
     set_aside: AtomicU64,
+    /// Successful runs so far (for `test_lie_after`).
+    ok_runs: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -263,6 +269,7 @@ pub async fn run(
         stopping: AtomicBool::new(false),
         unstarted: Mutex::new(Vec::new()),
         set_aside: AtomicU64::new(0),
+        ok_runs: Arc::new(AtomicU64::new(0)),
     });
 
     // Whatever this agent held when it last stopped uncleanly is not running any more: give
@@ -531,6 +538,8 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         req.keep_workspace = true;
         let outbox = shared.outbox.clone();
         let lie_rate = shared.config.test_lie_rate;
+        let lie_after = shared.config.test_lie_after;
+        let ok_runs = shared.ok_runs.clone();
         let run_cancel = cancel.clone();
         let run_lease = lease_id.clone();
         let ran = tokio::task::spawn_blocking(move || {
@@ -538,7 +547,10 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             // A run handed back at shutdown is not reported: its files are not kept either.
             let handed_back =
                 run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
-            if lie_rate > 0.0 && report.status == Status::Ok {
+            if lie_rate > 0.0
+                && report.status == Status::Ok
+                && ok_runs.fetch_add(1, Ordering::SeqCst) >= lie_after
+            {
                 lie(&mut report, lie_rate);
             }
             let mut blobs = files::collect(&mut report, &outbox, !handed_back);

@@ -327,6 +327,7 @@ fn agent_config(
         prefetch: args.prefetch.min(1000),
         rotate_key: args.rotate_key,
         test_lie_rate: 0.0,
+        test_lie_after: 0,
     }
 }
 

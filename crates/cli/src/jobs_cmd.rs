@@ -93,6 +93,10 @@ pub struct JobArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// A `needs_review` job: check its tainted shards again (values an agent later caught
+    /// lying got accepted unchecked) and fold it again.
+    #[arg(long, conflicts_with_all = ["result", "shards"])]
+    pub rerun_tainted: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -305,6 +309,16 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
         let mut out = std::io::stdout().lock();
+        if args.rerun_tainted {
+            let r = client.rerun_tainted(&args.id).await?;
+            writeln!(
+                out,
+                "{}: {} tainted shard(s) are being checked again; the job folds again after",
+                term::for_stdout(&args.id),
+                r["rechecked"]
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
         if args.result {
             let r = client.result(&args.id).await?;
             serde_json::to_writer_pretty(&mut out, &r)?;

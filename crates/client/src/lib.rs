@@ -259,6 +259,16 @@ impl Client {
         self.get(&format!("/v1/jobs/{id}/result")).await
     }
 
+    /// Check a `needs_review` job's tainted shards again and fold it again.
+    pub async fn rerun_tainted(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.post(
+            &format!("/v1/jobs/{id}/rerun-tainted"),
+            &(),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
     pub async fn cancel(&self, id: &str) -> Result<JobView, ClientError> {
         self.post(
             &format!("/v1/jobs/{id}/cancel"),

@@ -205,6 +205,18 @@ async fn settle(
             );
             state.checks.notify_one();
         }
+        let tainted = state
+            .store
+            .taint_finished_jobs_of(agent)
+            .await
+            .map_err(|e| e.to_string())?;
+        for job in tainted {
+            tracing::warn!(
+                agent,
+                job = %job,
+                "a finished job folded unchecked values of a quarantined agent: needs_review"
+            );
+        }
     }
     for job in settled.ready {
         state.aggregate(job);

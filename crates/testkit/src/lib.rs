@@ -135,9 +135,24 @@ impl Coordinator {
         self.agent_lying(name, caps, 0.0);
     }
 
+    /// A sleeper: honest for its first `after` successful results, then lying on `lie_rate`.
+    pub fn agent_sleeping(&mut self, name: &str, after: u64, lie_rate: f64) {
+        self.start_agent(name, Default::default(), lie_rate, after);
+    }
+
     /// An agent that corrupts this share of its successful results, signing them with its
     /// own valid key (verification tests).
     pub fn agent_lying(&mut self, name: &str, caps: fleetbox_agent::LocalCaps, lie_rate: f64) {
+        self.start_agent(name, caps, lie_rate, 0);
+    }
+
+    fn start_agent(
+        &mut self,
+        name: &str,
+        caps: fleetbox_agent::LocalCaps,
+        lie_rate: f64,
+        lie_after: u64,
+    ) {
         let sandbox = fleetbox_sandbox::SandboxConfig {
             work_root: self.dir.path().join("work"),
             ..Default::default()
@@ -156,6 +171,7 @@ impl Coordinator {
             prefetch: 1,
             rotate_key: false,
             test_lie_rate: lie_rate,
+            test_lie_after: lie_after,
         };
         let mut stop = self.stop_agents.subscribe();
         self.agents.push(tokio::spawn(async move {

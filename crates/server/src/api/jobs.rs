@@ -210,6 +210,36 @@ pub async fn result(
     Ok(Json(result))
 }
 
+/// `POST /v1/jobs/{id}/rerun-tainted`: a `needs_review` job's tainted shards are checked
+/// again by the server and the job folds again.
+pub async fn rerun_tainted(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let tenant = principal.tenant_id.clone();
+    let Some(view) = state.store.job_view(&tenant, &id).await? else {
+        return Err(ApiError::not_found("job", &id));
+    };
+    let Some(n) = state
+        .store
+        .rerun_tainted(&tenant, &id, &principal.actor)
+        .await?
+    else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_needs_review",
+            format!("job `{id}` is `{}`, not `needs_review`", view.state),
+        ));
+    };
+    tracing::info!(job = %id, shards = n, "tainted shards re-run");
+    state.checks.notify_one();
+    // With nothing left to check the job is settled already: fold it.
+    state.aggregate(id.clone());
+    Ok(Json(serde_json::json!({ "job_id": id, "rechecked": n })))
+}
+
 pub async fn cancel(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,

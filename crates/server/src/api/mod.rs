@@ -36,6 +36,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/jobs/{id}/shards/{index}", get(jobs::shard))
         .route("/v1/jobs/{id}/result", get(jobs::result))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/rerun-tainted", post(jobs::rerun_tainted))
         .route("/v1/agents", get(agents::list))
         .route("/v1/agents/enroll", post(agents::enroll))
         .route("/v1/agents/{id}/release", post(agents::release))

@@ -67,10 +67,14 @@ pub enum Action {
     AgentQuarantined,
     #[serde(rename = "agent.released")]
     AgentReleased,
+    #[serde(rename = "job.needs_review")]
+    JobNeedsReview,
+    #[serde(rename = "job.rerun_tainted")]
+    JobRerunTainted,
 }
 
 impl Action {
-    pub const ALL: [Action; 21] = [
+    pub const ALL: [Action; 23] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -92,6 +96,8 @@ impl Action {
         Action::AttemptVerified,
         Action::AgentQuarantined,
         Action::AgentReleased,
+        Action::JobNeedsReview,
+        Action::JobRerunTainted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +123,8 @@ impl Action {
             Action::AttemptVerified => "attempt.verified",
             Action::AgentQuarantined => "agent.quarantined",
             Action::AgentReleased => "agent.released",
+            Action::JobNeedsReview => "job.needs_review",
+            Action::JobRerunTainted => "job.rerun_tainted",
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use fleetbox_proto::{Recheck, Status, TaskState, Verdict, VerifySpec};
+use fleetbox_proto::{JobState, Recheck, Status, TaskState, Verdict, VerifySpec};
 use sqlx::Row;
 
 use super::audit::{Action, Entry};
@@ -679,6 +679,169 @@ impl Store {
             .and_then(|(f,)| serde_json::from_str(&f).ok())
             .unwrap_or_default();
         Ok((verified.max(0) as u64, flags))
+    }
+
+    /// After `agent_id` was quarantined: finished jobs that folded values of it nobody checked
+    /// are `needs_review`, each such shard flagged `tainted` (`rerun_tainted` redoes them).
+    /// Returns the jobs flagged.
+    pub async fn taint_finished_jobs_of(&self, agent_id: &str) -> Result<Vec<String>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("flagging tainted jobs")?;
+        let rows: Vec<(String, String, i64)> = Sql::new(
+            "SELECT t.job_id, j.tenant_id, t.shard_index FROM tasks t \
+             JOIN attempts a ON a.task_id = t.id AND a.chosen = 1 AND a.runner = 'agent' \
+             JOIN jobs j ON j.id = t.job_id WHERE a.agent_id = ",
+        )
+        .bind(agent_id)
+        .push(" AND t.verified = 0 AND t.state = ")
+        .bind(TaskState::Accepted.as_str())
+        .push(" AND j.state IN (")
+        .bind_list([JobState::Completed.as_str(), JobState::Failed.as_str()])
+        .push(") ORDER BY t.job_id, t.shard_index")
+        .build_as()
+        .fetch_all(&mut *tx)
+        .await
+        .doing("finding tainted jobs")?;
+        let mut by_job: std::collections::BTreeMap<String, (String, Vec<i64>)> = Default::default();
+        for (job, tenant, shard) in rows {
+            by_job
+                .entry(job)
+                .or_insert_with(|| (tenant, Vec::new()))
+                .1
+                .push(shard);
+        }
+        let jobs: Vec<String> = by_job.keys().cloned().collect();
+        settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
+        let mut entries = Vec::new();
+        let mut flagged = Vec::new();
+        for (job, (tenant, shards)) in by_job {
+            let current: Option<(String,)> = Sql::new("UPDATE jobs SET state = ")
+                .bind(JobState::NeedsReview.as_str())
+                .push(" WHERE id = ")
+                .bind(job.as_str())
+                .push(" AND state IN (")
+                .bind_list([JobState::Completed.as_str(), JobState::Failed.as_str()])
+                .push(") RETURNING flags")
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("flagging a tainted job")?;
+            let Some((flags,)) = current else { continue };
+            let mut flags: Vec<serde_json::Value> =
+                serde_json::from_str(&flags).unwrap_or_default();
+            for shard in &shards {
+                flags.push(serde_json::json!({
+                    "kind": "tainted",
+                    "shard": shard,
+                    "detail": format!(
+                        "its value came unchecked from agent {agent_id}, since quarantined; \
+                         `fleetbox job {job} --rerun-tainted` checks it again"
+                    ),
+                }));
+            }
+            Sql::new("UPDATE jobs SET flags = ")
+                .bind(serde_json::Value::Array(flags).to_string())
+                .push(" WHERE id = ")
+                .bind(job.as_str())
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing("flagging a tainted job")?;
+            entries.push(
+                Entry::new(&tenant, "server", Action::JobNeedsReview)
+                    .job(&job)
+                    .agent(agent_id)
+                    .details(serde_json::json!({ "tainted_shards": shards })),
+            );
+            flagged.push(job);
+        }
+        self.append_audit(&mut tx, entries, now).await?;
+        tx.commit().await.doing("flagging tainted jobs")?;
+        Ok(flagged)
+    }
+
+    /// `needs_review` → `running`: the shards flagged `tainted` go back to `reported`, to be
+    /// checked by the server, and the job folds again when they settle. Returns how many, or
+    /// `None` when the job is not `needs_review` (or not `tenant`'s).
+    pub async fn rerun_tainted(
+        &self,
+        tenant_id: &str,
+        job_id: &str,
+        actor: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = now_ms();
+        let mut tx = self
+            .begin_write()
+            .await
+            .doing("re-running tainted shards")?;
+        settle::lock_jobs(&mut tx, self.kind, &[job_id.to_string()]).await?;
+        let job: Option<(String,)> = Sql::new("SELECT flags FROM jobs WHERE id = ")
+            .bind(job_id)
+            .push(" AND tenant_id = ")
+            .bind(tenant_id)
+            .push(" AND state = ")
+            .bind(JobState::NeedsReview.as_str())
+            .build_as()
+            .fetch_optional(&mut *tx)
+            .await
+            .doing("reading a job to re-run")?;
+        let Some((flags,)) = job else {
+            return Ok(None);
+        };
+        let flags: Vec<serde_json::Value> = serde_json::from_str(&flags).unwrap_or_default();
+        let mut shards: Vec<i64> = flags
+            .iter()
+            .filter(|f| f["kind"] == "tainted")
+            .filter_map(|f| f["shard"].as_i64())
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut tally = Tally::default();
+        let mut n = 0u64;
+        for shard in &shards {
+            let moved: Option<(i64,)> = Sql::new("UPDATE tasks SET state = ")
+                .bind(TaskState::Reported.as_str())
+                .push(", check_owner = NULL, check_expires = 0, updated_at = ")
+                .bind(now)
+                .push(" WHERE job_id = ")
+                .bind(job_id)
+                .push(" AND shard_index = ")
+                .bind(*shard)
+                .push(" AND verified = 0 AND state = ")
+                .bind(TaskState::Accepted.as_str())
+                .push(" RETURNING id")
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("re-running a tainted shard")?;
+            if let Some((task,)) = moved {
+                Sql::new("UPDATE attempts SET chosen = 0 WHERE task_id = ")
+                    .bind(task)
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .doing("re-running a tainted shard")?;
+                tally.moved(job_id, TaskState::Accepted, TaskState::Reported, 1);
+                n += 1;
+            }
+        }
+        // Back to `running`: it folds again once the checks settle (with nothing to re-check,
+        // at once).
+        Sql::new("UPDATE jobs SET state = ")
+            .bind(JobState::Running.as_str())
+            .push(", result = NULL, result_blob = NULL, finished_at = NULL WHERE id = ")
+            .bind(job_id)
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("re-running a job")?;
+        tally.apply(&mut tx).await?;
+        let entry = Entry::new(tenant_id, actor, Action::JobRerunTainted)
+            .job(job_id)
+            .details(serde_json::json!({ "shards": shards, "rechecked": n }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing("re-running tainted shards")?;
+        Ok(Some(n))
     }
 
     /// Whether `agent_id` is quarantined (it gets no leases).

@@ -199,3 +199,85 @@ async fn numeric_tolerance_passes_noise_and_catches_a_difference() {
         c.stop().await;
     }
 }
+
+/// A sleeper: honest for its first 30 results (so it earns trust and is re-checked only by
+/// sample), then lying on every result. Jobs keep coming until it is caught. Every job that
+/// folded one of its unchecked values before that is `needs_review` with the shards named, and
+/// `rerun-tainted` makes it exact: no wrong value stays unflagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeper_is_caught_and_the_jobs_it_tainted_are_flagged_and_redone() {
+    const SHARDS: u64 = 20;
+    let code = "import json, os\nprint(json.load(open(os.environ['FLEETBOX_INPUT']))['index'])\n";
+    let exact = json!((0..SHARDS).sum::<u64>());
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            config.quarantine_strikes = 1;
+        })
+        .await
+        else {
+            continue;
+        };
+        c.agent("honest", Default::default());
+        c.agent_sleeping("sleeper", 30, 1.0);
+        let job = spec(&format!(
+            "name = \"sleepy\"\ncode = {code:?}\nshards = {{ count = {SHARDS} }}\naggregate = \"sum\"\n"
+        ));
+        let mut jobs = Vec::new();
+        let mut caught = false;
+        for _ in 0..40 {
+            let r = c.run(&job, Duration::from_secs(120)).await;
+            assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+            jobs.push(r.id.clone());
+            let agents = c.client.agents().await.unwrap().agents;
+            if agents
+                .iter()
+                .any(|a| a.name == "sleeper" && a.quarantined.is_some())
+            {
+                caught = true;
+                break;
+            }
+        }
+        assert!(
+            caught,
+            "{db:?}: the sleeper was never caught in {} jobs",
+            jobs.len()
+        );
+        let mut tainted = 0;
+        for id in &jobs {
+            let view = c.client.job(id).await.unwrap();
+            if view.state == JobState::NeedsReview {
+                tainted += 1;
+                let ack = c.client.rerun_tainted(id).await.unwrap();
+                assert!(ack["rechecked"].as_u64().unwrap() > 0, "{db:?}: {ack}");
+                let r = c.wait(id, Duration::from_secs(120)).await;
+                assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+                assert_eq!(
+                    r.result_value(),
+                    Some(exact.clone()),
+                    "{db:?}: job {id} after re-run"
+                );
+                let summary = r.summary.unwrap();
+                assert!(
+                    summary.flags.iter().any(|f| f.kind == "tainted"),
+                    "{db:?}: {:?}",
+                    summary.flags
+                );
+            } else {
+                let r = c.client.result(id).await.unwrap();
+                assert_eq!(
+                    r.result_value(),
+                    Some(exact.clone()),
+                    "{db:?}: job {id} is `{}` with a wrong value nobody flagged",
+                    view.state
+                );
+            }
+            // A job that is not `needs_review` cannot be re-run.
+            assert!(c.client.rerun_tainted(id).await.is_err());
+        }
+        eprintln!(
+            "{db:?}: sleeper caught after {} jobs; {tainted} finished jobs were tainted and redone",
+            jobs.len()
+        );
+        c.stop().await;
+    }
+}
