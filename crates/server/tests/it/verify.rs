@@ -206,6 +206,13 @@ async fn numeric_tolerance_passes_noise_and_catches_a_difference() {
 /// `rerun-tainted` makes it exact: no wrong value stays unflagged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeper_is_caught_and_the_jobs_it_tainted_are_flagged_and_redone() {
+    until_caught("sleeper", 30, 1.0).await;
+}
+
+/// Jobs of 20 shards, one honest agent and one that lies on `rate` of its results after its
+/// first `after`, until it is quarantined (at its first invalid result); then every job is
+/// exact, or `needs_review` and exact after `rerun-tainted`.
+async fn until_caught(name: &str, after: u64, rate: f64) {
     const SHARDS: u64 = 20;
     let code = "import json, os\nprint(json.load(open(os.environ['FLEETBOX_INPUT']))['index'])\n";
     let exact = json!((0..SHARDS).sum::<u64>());
@@ -218,20 +225,20 @@ async fn a_sleeper_is_caught_and_the_jobs_it_tainted_are_flagged_and_redone() {
             continue;
         };
         c.agent("honest", Default::default());
-        c.agent_sleeping("sleeper", 30, 1.0);
+        c.agent_sleeping(name, after, rate);
         let job = spec(&format!(
-            "name = \"sleepy\"\ncode = {code:?}\nshards = {{ count = {SHARDS} }}\naggregate = \"sum\"\n"
+            "name = \"until caught\"\ncode = {code:?}\nshards = {{ count = {SHARDS} }}\naggregate = \"sum\"\n"
         ));
         let mut jobs = Vec::new();
         let mut caught = false;
-        for _ in 0..40 {
+        for _ in 0..60 {
             let r = c.run(&job, Duration::from_secs(120)).await;
             assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
             jobs.push(r.id.clone());
             let agents = c.client.agents().await.unwrap().agents;
             if agents
                 .iter()
-                .any(|a| a.name == "sleeper" && a.quarantined.is_some())
+                .any(|a| a.name == name && a.quarantined.is_some())
             {
                 caught = true;
                 break;
@@ -239,7 +246,7 @@ async fn a_sleeper_is_caught_and_the_jobs_it_tainted_are_flagged_and_redone() {
         }
         assert!(
             caught,
-            "{db:?}: the sleeper was never caught in {} jobs",
+            "{db:?}: the {name} was never caught in {} jobs",
             jobs.len()
         );
         let mut tainted = 0;
@@ -275,7 +282,7 @@ async fn a_sleeper_is_caught_and_the_jobs_it_tainted_are_flagged_and_redone() {
             assert!(c.client.rerun_tainted(id).await.is_err());
         }
         eprintln!(
-            "{db:?}: sleeper caught after {} jobs; {tainted} finished jobs were tainted and redone",
+            "{db:?}: the {name} was caught after {} jobs; {tainted} finished jobs were tainted and redone",
             jobs.len()
         );
         c.stop().await;
