@@ -60,6 +60,18 @@ async fn cpu_of(c: &Coordinator, id: &str, shards: usize) -> Result<(u64, u64), 
     Ok((agent, server))
 }
 
+/// A coordinator whose re-checks run in the host's strictest backend (its jail helper is the
+/// `fleetbox` binary: this one is not).
+async fn coordinator() -> Result<Coordinator, String> {
+    let helper = Some(crate::util::fleetbox_bin()?);
+    Coordinator::start_with(Db::Sqlite, |config| {
+        config.sandbox_backend = fleetbox_sandbox::Backend::default_for_host();
+        config.sandbox.jail_helper = helper;
+    })
+    .await
+    .ok_or_else(|| "no coordinator".to_string())
+}
+
 async fn run_job(
     c: &Coordinator,
     spec: &fleetbox_proto::JobSpec,
@@ -73,15 +85,8 @@ async fn run_job(
 }
 
 async fn overhead(shards: usize) -> Result<(), String> {
-    // The jail's helper is the `fleetbox` binary (this one is not).
-    let helper = Some(crate::util::fleetbox_bin()?);
     println!("verify: overhead, {shards} shards of ~15 ms CPU, 2 honest agents, default policy");
-    let mut c = Coordinator::start_with(Db::Sqlite, |config| {
-        config.sandbox_backend = fleetbox_sandbox::Backend::default_for_host();
-        config.sandbox.jail_helper = helper.clone();
-    })
-    .await
-    .ok_or("no coordinator")?;
+    let mut c = coordinator().await?;
     c.agent("honest-1", Default::default());
     c.agent("honest-2", Default::default());
     // Warm-up: the agents are new; every result is checked until each has 10 valid in a row.
@@ -124,14 +129,8 @@ async fn liars(runs: usize) -> Result<(), String> {
     let mut within_50 = 0;
     let mut wrong_results = 0;
     let mut until: Vec<usize> = Vec::new();
-    let helper = Some(crate::util::fleetbox_bin()?);
     for _ in 0..runs {
-        let mut c = Coordinator::start_with(Db::Sqlite, |config| {
-            config.sandbox_backend = fleetbox_sandbox::Backend::default_for_host();
-            config.sandbox.jail_helper = helper.clone();
-        })
-        .await
-        .ok_or("no coordinator")?;
+        let mut c = coordinator().await?;
         for name in ["honest-1", "honest-2", "honest-3"] {
             c.agent(name, Default::default());
         }
@@ -205,13 +204,7 @@ async fn sleeper() -> Result<(), String> {
     println!(
         "verify: a sleeper honest for {HONEST_FOR} results then lying on 10%, among 3 honest agents, jobs of {SHARDS}"
     );
-    let helper = Some(crate::util::fleetbox_bin()?);
-    let mut c = Coordinator::start_with(Db::Sqlite, |config| {
-        config.sandbox_backend = fleetbox_sandbox::Backend::default_for_host();
-        config.sandbox.jail_helper = helper.clone();
-    })
-    .await
-    .ok_or("no coordinator")?;
+    let mut c = coordinator().await?;
     for name in ["honest-1", "honest-2", "honest-3"] {
         c.agent(name, Default::default());
     }

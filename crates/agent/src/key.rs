@@ -41,17 +41,23 @@ pub fn fresh() -> std::io::Result<SigningKey> {
 
 /// Write `key` to `state_dir/agent.key` atomically, mode 0600.
 pub fn save(state_dir: &Path, key: &SigningKey) -> std::io::Result<()> {
-    let path = state_dir.join(FILE);
-    let tmp = path.with_extension("key.tmp");
+    write_private(&state_dir.join(FILE), key.as_bytes())
+}
+
+/// Write `bytes` to `path` atomically (a synced temporary file renamed over it), mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(key.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, path)
 }
 
 pub fn public_hex(key: &SigningKey) -> String {

@@ -411,18 +411,8 @@ async fn identity(
 }
 
 fn save_identity(path: &std::path::Path, id: &Identity) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(id).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let json = serde_json::to_vec_pretty(id).map_err(std::io::Error::other)?;
+    key::write_private(path, &json)
 }
 
 async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {

@@ -282,6 +282,7 @@ async fn run_on_server(
             (text, blob, Some(hash))
         }
     };
+    let measures = crate::api::Measures::of(&report);
     let mut kept = report.clone();
     kept.output = None; // stored on its own, as for agents' attempts
     let run = ServerRun {
@@ -291,12 +292,9 @@ async fn run_on_server(
         output_sha256,
         stdout_sha256: report.stdout_sha256.clone(),
         report_json: serde_json::to_string(&kept).unwrap_or_default(),
-        wall_ms: report.wall_ms.min(i64::MAX as u64) as i64,
-        peak_memory: report.peak_memory_bytes.min(i64::MAX as u64) as i64,
-        bytes_out: report
-            .stdout_bytes
-            .saturating_add(report.stderr_bytes)
-            .min(i64::MAX as u64) as i64,
+        wall_ms: measures.wall_ms,
+        peak_memory: measures.peak_memory,
+        bytes_out: measures.bytes_out,
         reason: crate::api::failure_reason(&report),
     };
     let output = report.output.clone();

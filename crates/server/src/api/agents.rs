@@ -586,6 +586,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         }
     };
     let audit = audit_summary(&report, output_sha256.as_deref());
+    let measures = Measures::of(&report);
     Ok(ReportInput {
         audit,
         lease_id,
@@ -603,13 +604,29 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         report_json: serde_json::to_string(&report).unwrap_or_default(),
         stdout_blob,
         stderr_blob,
-        wall_ms: report.wall_ms.min(i64::MAX as u64) as i64,
-        peak_memory: report.peak_memory_bytes.min(i64::MAX as u64) as i64,
-        bytes_out: report
-            .stdout_bytes
-            .saturating_add(report.stderr_bytes)
-            .min(i64::MAX as u64) as i64,
+        wall_ms: measures.wall_ms,
+        peak_memory: measures.peak_memory,
+        bytes_out: measures.bytes_out,
     })
+}
+
+/// What the store keeps of a run's measurements (as its integer columns hold them).
+pub struct Measures {
+    pub wall_ms: i64,
+    pub peak_memory: i64,
+    /// stdout + stderr bytes.
+    pub bytes_out: i64,
+}
+
+impl Measures {
+    pub fn of(report: &ExecutionReport) -> Measures {
+        let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
+        Measures {
+            wall_ms: clamp(report.wall_ms),
+            peak_memory: clamp(report.peak_memory_bytes),
+            bytes_out: clamp(report.stdout_bytes.saturating_add(report.stderr_bytes)),
+        }
+    }
 }
 
 /// An output value as the store keeps it: its JSON text inline (up to [`INLINE_LIMIT`]) or

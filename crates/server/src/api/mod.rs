@@ -16,7 +16,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
-pub(crate) use agents::{failure_reason, stored_output};
+pub(crate) use agents::{Measures, failure_reason, stored_output};
 pub use error::ApiError;
 
 use crate::State;
