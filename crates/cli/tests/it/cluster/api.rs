@@ -864,3 +864,58 @@ pub async fn signed_reports_are_checked(db: Db) {
             && e.agent_id.as_deref() == Some(a.agent_id.as_str()))
     );
 }
+
+/// `fleetbox agents` shows each agent's trust once the coordinator has checked its results,
+/// and `release` of an agent that is not quarantined is refused with a clear error.
+pub async fn agents_show_their_trust(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    let job = c
+        .submit("name = \"checked\"\ncode = \"print(2)\"\nshards = { count = 12 }\naggregate = \"sum\"\n")
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    assert_eq!(r.result_value(), Some(json!(24)));
+    let summary = r.summary.unwrap();
+    // A new agent: its results are checked by the server until it has 10 valid in a row (the
+    // last ones may arrive after that, and be sampled).
+    assert!(summary.verified >= 10, "{summary:?}");
+    assert_eq!(summary.verified, summary.server_runs, "{summary:?}");
+    let checked = summary.verified;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::bin())
+            .args(args)
+            .args(["--server", &c.url()])
+            .env("FLEETBOX_TOKEN", ADMIN)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, json_out, stderr) = cli(&["agents", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let list: fleetbox_proto::api::AgentList = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(list.agents.len(), 1);
+    let agent = &list.agents[0];
+    assert_eq!(agent.trust.len(), 1, "{agent:?}");
+    assert_eq!(agent.trust[0].valid, checked);
+    assert_eq!(agent.trust[0].consecutive_valid, checked);
+    assert!(
+        agent.trust[0].recheck_rate < 1.0,
+        "trusted after 10 valid in a row"
+    );
+    let (code, table, stderr) = cli(&["agents"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        table.contains(&format!("{checked} in a row, {checked}/0")),
+        "{table}"
+    );
+    let (code, _, stderr) = cli(&["agents", "release", &agent.id]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not quarantined"), "{stderr}");
+}

@@ -13,8 +13,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use api::{
-    duplicate_late_and_forged_reports, malformed_specs_and_bodies_get_typed_errors,
-    priorities_order_the_queue, reports_naming_blobs_are_checked, signed_reports_are_checked,
+    agents_show_their_trust, duplicate_late_and_forged_reports,
+    malformed_specs_and_bodies_get_typed_errors, priorities_order_the_queue,
+    reports_naming_blobs_are_checked, signed_reports_are_checked,
 };
 use audit::{
     sigkilled_coordinators_leave_a_whole_audit_log,
@@ -72,6 +73,7 @@ on_both_stores!(
     sigkilled_coordinators_leave_a_whole_audit_log,
     two_coordinators_keep_one_audit_chain,
     signed_reports_are_checked,
+    agents_show_their_trust,
 );
 
 /// Needs a database that several coordinators share over the network.
