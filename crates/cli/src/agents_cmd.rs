@@ -42,7 +42,7 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         println!(
-            "{:<22} {:<16} {:<8} {:>6} {:>7}  trust (python/backend: in a row, valid/invalid, re-checked)",
+            "{:<22} {:<16} {:<8} {:>6} {:>7}  trust (python/backend: in a row, valid/invalid, re-checked, errors of results)",
             "AGENT", "NAME", "STATE", "LEASES", "STRIKES"
         );
         for a in &list.agents {
@@ -56,13 +56,15 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|t| {
                     format!(
-                        "{}/{}: {} in a row, {}/{}, {:.0}%",
+                        "{}/{}: {} in a row, {}/{}, {:.0}%, {:.0}% errors of {}",
                         t.python,
                         t.backend,
                         t.consecutive_valid,
                         t.valid,
                         t.invalid,
-                        t.recheck_rate * 100.0
+                        t.recheck_rate * 100.0,
+                        t.error_rate * 100.0,
+                        t.results
                     )
                 })
                 .collect();

@@ -521,6 +521,12 @@ pub struct AgentTrust {
     pub invalid: u64,
     /// The share of its results the server re-checks under `adaptive`.
     pub recheck_rate: f64,
+    /// Results it reported, and the share that were infrastructure failures (`sandbox_error`,
+    /// `killed`); over 10% (after 20 results) it is not trusted.
+    #[serde(default)]
+    pub results: u64,
+    #[serde(default)]
+    pub error_rate: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

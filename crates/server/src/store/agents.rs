@@ -196,8 +196,15 @@ impl Store {
         let mut views = rows.iter().map(agent_view).collect::<Result<Vec<_>, _>>()?;
         for t in self.trust_of_tenant(tenant_id).await? {
             if let Some(v) = views.iter_mut().find(|v| v.id == t.agent_id) {
+                let error_rate = super::verify::error_rate(t.results, t.errors);
                 v.trust.push(fleetbox_proto::api::AgentTrust {
-                    recheck_rate: super::verify::adaptive_rate(t.consecutive_valid),
+                    recheck_rate: if error_rate > super::verify::MAX_ERROR_RATE {
+                        1.0
+                    } else {
+                        super::verify::adaptive_rate(t.consecutive_valid)
+                    },
+                    results: t.results.max(0) as u64,
+                    error_rate,
                     python: t.python,
                     backend: t.backend,
                     consecutive_valid: t.consecutive_valid.max(0) as u64,

@@ -114,6 +114,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_verification",
         include_str!("../../migrations/0007_verification.sql"),
     ),
+    (
+        "0008_trust_errors",
+        include_str!("../../migrations/0008_trust_errors.sql"),
+    ),
 ];
 
 #[derive(Clone)]

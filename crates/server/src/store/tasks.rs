@@ -577,6 +577,14 @@ impl Store {
                 .doing("choosing attempts")?;
         }
         let ready = tally.apply(&mut tx).await?;
+        // The agent's results and infrastructure failures (its error rate), after the
+        // counters and before the audit head, as the lock order has it.
+        let stored: Vec<&ReportInput> = valid_rows
+            .iter()
+            .map(|&i| &reports[i])
+            .filter(|r| inserted.contains_key(&r.lease_id))
+            .collect();
+        super::verify::ReporterTrust::count(&mut tx, agent_id, &stored, now).await?;
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("storing reports")?;
         Ok((outcomes, ready))

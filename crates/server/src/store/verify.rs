@@ -22,6 +22,19 @@ use super::{DbKind, Doing, Store, StoreError, now_ms};
 pub const TRUSTED_AFTER: i64 = 10;
 /// The smallest share of a trusted agent's results still re-checked: a sleeper is caught.
 pub const TRUSTED_RATE_FLOOR: f64 = 0.02;
+/// An agent whose results are infrastructure failures more often than this is not trusted,
+/// whatever its run of valid results (once it has reported [`ERROR_RATE_AFTER`]).
+pub const MAX_ERROR_RATE: f64 = 0.10;
+pub const ERROR_RATE_AFTER: i64 = 20;
+
+/// `errors / results`, or 0 before [`ERROR_RATE_AFTER`] results.
+pub fn error_rate(results: i64, errors: i64) -> f64 {
+    if results < ERROR_RATE_AFTER {
+        0.0
+    } else {
+        errors as f64 / results as f64
+    }
+}
 
 /// The share of an agent's results re-checked under `adaptive`, from its consecutive valid
 /// results: all of them until it is trusted, then `1/consecutive`, never under the floor.
@@ -52,14 +65,60 @@ pub fn policy(stored: Option<&str>) -> VerifySpec {
 /// What the report transaction knows of the reporting agent's trust.
 pub(super) struct ReporterTrust {
     quarantined: bool,
-    /// Consecutive valid results per (python, backend).
-    consecutive: HashMap<(String, String), i64>,
+    /// Consecutive valid results and error rate per (python, backend).
+    consecutive: HashMap<(String, String), (i64, f64)>,
 }
 
 impl ReporterTrust {
+    /// Count a batch's results and infrastructure failures per (python, backend), in the
+    /// report's transaction.
+    pub(super) async fn count(
+        tx: &mut Tx<'_>,
+        agent_id: &str,
+        reports: &[&ReportInput],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut by: std::collections::BTreeMap<(&str, &str), (i64, i64)> = Default::default();
+        for r in reports {
+            let e = by
+                .entry((r.python.as_str(), r.backend.as_str()))
+                .or_default();
+            e.0 += 1;
+            e.1 += i64::from(matches!(r.status, Status::SandboxError | Status::Killed));
+        }
+        for ((python, backend), (n, errors)) in by {
+            Sql::new(
+                "INSERT INTO agent_trust (agent_id, python, backend, updated_at, results, errors) \
+                 VALUES (",
+            )
+            .bind(agent_id)
+            .push(", ")
+            .bind(python)
+            .push(", ")
+            .bind(backend)
+            .push(", ")
+            .bind(now)
+            .push(", ")
+            .bind(n)
+            .push(", ")
+            .bind(errors)
+            .push(
+                ") ON CONFLICT (agent_id, python, backend) DO UPDATE SET \
+                 results = agent_trust.results + excluded.results, \
+                 errors = agent_trust.errors + excluded.errors",
+            )
+            .build()
+            .execute(&mut **tx)
+            .await
+            .doing("counting an agent's results")?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn read(tx: &mut Tx<'_>, agent_id: &str) -> Result<Self, StoreError> {
-        let rows: Vec<(String, String, i64)> = Sql::new(
-            "SELECT python, backend, consecutive_valid FROM agent_trust WHERE agent_id = ",
+        let rows: Vec<(String, String, i64, i64, i64)> = Sql::new(
+            "SELECT python, backend, consecutive_valid, results, errors FROM agent_trust \
+             WHERE agent_id = ",
         )
         .bind(agent_id)
         .build_as()
@@ -75,7 +134,10 @@ impl ReporterTrust {
                 .doing("reading an agent's quarantine")?;
         Ok(ReporterTrust {
             quarantined: matches!(quarantined, Some((Some(_),))),
-            consecutive: rows.into_iter().map(|(p, b, c)| ((p, b), c)).collect(),
+            consecutive: rows
+                .into_iter()
+                .map(|(p, b, c, n, e)| ((p, b), (c, error_rate(n, e))))
+                .collect(),
         })
     }
 
@@ -97,9 +159,11 @@ impl ReporterTrust {
             Recheck::Sample(p) => (draw() < p).then_some("sampled"),
             Recheck::Adaptive => {
                 let key = (r.python.clone(), r.backend.clone());
-                let cv = self.consecutive.get(&key).copied().unwrap_or(0);
+                let (cv, errors) = self.consecutive.get(&key).copied().unwrap_or((0, 0.0));
                 if cv < TRUSTED_AFTER {
                     Some("the agent is not trusted yet")
+                } else if errors > MAX_ERROR_RATE {
+                    Some("the agent's error rate is high")
                 } else {
                     (draw() < adaptive_rate(cv)).then_some("sampled from a trusted agent")
                 }
@@ -199,6 +263,8 @@ pub struct TrustRow {
     pub consecutive_valid: i64,
     pub valid: i64,
     pub invalid: i64,
+    pub results: i64,
+    pub errors: i64,
 }
 
 impl Store {
@@ -895,8 +961,8 @@ impl Store {
     /// Trust rows of every agent of `tenant`.
     pub async fn trust_of_tenant(&self, tenant_id: &str) -> Result<Vec<TrustRow>, StoreError> {
         Sql::new(
-            "SELECT t.agent_id, t.python, t.backend, t.consecutive_valid, t.valid, t.invalid \
-             FROM agent_trust t JOIN agents a ON a.id = t.agent_id WHERE a.tenant_id = ",
+            "SELECT t.agent_id, t.python, t.backend, t.consecutive_valid, t.valid, t.invalid, \
+             t.results, t.errors FROM agent_trust t JOIN agents a ON a.id = t.agent_id WHERE a.tenant_id = ",
         )
         .bind(tenant_id)
         .push(" ORDER BY t.agent_id, t.python, t.backend")
@@ -918,6 +984,46 @@ mod tests {
         assert!((adaptive_rate(TRUSTED_AFTER) - 0.1).abs() < 1e-12);
         assert!((adaptive_rate(40) - 0.025).abs() < 1e-12);
         assert_eq!(adaptive_rate(1_000_000), TRUSTED_RATE_FLOOR);
+        // An agent that fails often is not trusted, whatever its run of valid results.
+        assert_eq!(error_rate(ERROR_RATE_AFTER - 1, ERROR_RATE_AFTER - 1), 0.0);
+        assert!((error_rate(20, 3) - 0.15).abs() < 1e-12);
+        let report = ReportInput {
+            lease_id: "l".into(),
+            task_id: 1,
+            attempt: 1,
+            python: "3.11".into(),
+            backend: "jail".into(),
+            stdout_sha256: String::new(),
+            signature: None,
+            status: Status::Ok,
+            reason: None,
+            output: None,
+            output_blob: None,
+            output_sha256: None,
+            report_json: "{}".into(),
+            stdout_blob: None,
+            stderr_blob: None,
+            wall_ms: 1,
+            peak_memory: 1,
+            bytes_out: 0,
+            audit: serde_json::Value::Null,
+        };
+        let key = ("3.11".to_string(), "jail".to_string());
+        let flaky = ReporterTrust {
+            quarantined: false,
+            consecutive: [(key.clone(), (1000, 0.2))].into_iter().collect(),
+        };
+        assert_eq!(
+            flaky.check_reason(None, &report),
+            Some("the agent's error rate is high")
+        );
+        let quarantined = ReporterTrust {
+            quarantined: true,
+            consecutive: [(key, (1000, 0.0))].into_iter().collect(),
+        };
+        assert!(quarantined.check_reason(None, &report).is_some());
+        let none = r#"{"recheck":"none"}"#;
+        assert_eq!(flaky.check_reason(Some(none), &report), None);
         let draws: Vec<f64> = (0..1000).map(|_| draw()).collect();
         assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
         let mean = draws.iter().sum::<f64>() / 1000.0;
