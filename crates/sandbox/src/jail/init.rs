@@ -616,6 +616,18 @@ fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
     if ld_cache.is_file() {
         bind(ld_cache, &inside(root, ld_cache), true, nosuid_nodev)?;
     }
+    // Debian reaches shared libraries through it (numpy's `libblas.so.3` →
+    // `/etc/alternatives/libblas.so.3-x86_64-linux-gnu` → `/usr/lib/...`): symbolic links
+    // only, into the read-only `/usr` the jail already has.
+    let alternatives = Path::new("/etc/alternatives");
+    if alternatives.is_dir() {
+        bind(
+            alternatives,
+            &inside(root, alternatives),
+            true,
+            nosuid_nodev,
+        )?;
+    }
 
     let proc_dir = root.join("proc");
     std::fs::create_dir_all(&proc_dir).map_err(|e| JailError::os("mkdir /proc", e))?;

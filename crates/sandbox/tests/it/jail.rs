@@ -470,3 +470,45 @@ fn the_allow_list_runs_the_corpus_clean_and_reports_the_rest_by_name() {
     let r = support::run_code(JAIL, code, None, limits());
     assert_eq!(r.status, Status::Ok, "{}", show(&r));
 }
+
+/// The host's numpy (Debian's `python3-numpy`, installed by the test script) imports and
+/// computes the same in the `process` backend, the jail under both seccomp policies, and a
+/// warm jail: its BLAS is reached through `/etc/alternatives`, which the jail exposes.
+#[test]
+fn the_hosts_numpy_works_in_every_backend() {
+    let code =
+        b"import numpy\nm = numpy.arange(12.0).reshape(3, 4)\nprint(float((m @ m.T).trace()))\n";
+    let host = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", std::str::from_utf8(code).unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        host.status.success(),
+        "the host's python3 cannot import numpy: the test script installs python3-numpy ({})",
+        String::from_utf8_lossy(&host.stderr)
+    );
+    let want = String::from_utf8_lossy(&host.stdout).into_owned();
+    let mut limits = support::limits();
+    limits.memory = fleetbox_proto::ByteSize(512 << 20);
+    for setup in [support::PROCESS, support::JAIL, support::JAIL_ALLOW] {
+        let r = support::run_code(setup, code, None, limits.clone());
+        assert_eq!(r.status, Status::Ok, "{setup:?}: {}", support::show(&r));
+        assert_eq!(r.stdout, want, "{setup:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let warm = fleetbox_sandbox::jail::JailSandbox::new(support::sandbox_config(dir.path(), 1))
+        .expect("jail sandbox");
+    let req = fleetbox_sandbox::RunRequest::new(code.to_vec(), None, limits.clone());
+    // The pool builds jails for the limits it last saw: one run with these first.
+    let first = fleetbox_sandbox::Sandbox::run(&warm, &req);
+    assert_eq!(first.stdout, want, "{}", support::show(&first));
+    assert!(warm.wait_warm(&req.limits, std::time::Duration::from_secs(10)));
+    let r = fleetbox_sandbox::Sandbox::run(&warm, &req);
+    assert!(
+        r.notes.iter().any(|n| n.starts_with("warm start")),
+        "{}",
+        support::show(&r)
+    );
+    assert_eq!(r.status, Status::Ok, "warm: {}", support::show(&r));
+    assert_eq!(r.stdout, want, "warm");
+}
