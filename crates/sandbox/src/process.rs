@@ -109,7 +109,7 @@ impl Sandbox for ProcessSandbox {
         cmd.current_dir(dir.work());
         cmd.env_clear();
         for (k, v) in base_env(
-            &dir.work().display().to_string(),
+            &dir.tmp().display().to_string(),
             &dir.tmp().display().to_string(),
         ) {
             cmd.env(k, v);
@@ -199,7 +199,9 @@ fn forget_active(pid: i32) {
 }
 
 /// The environment a program sees: the shard contract's variables (added by the caller) and a
-/// minimal `PATH`/`LANG`/`HOME`/`TMPDIR`. Nothing of the host's environment.
+/// minimal `PATH`/`LANG`/`HOME`/`TMPDIR`. Nothing of the host's environment. `HOME` is the
+/// run's temporary directory, not the workspace: caches written under `~` (matplotlib's font
+/// list, pip's) are not files the program "created".
 pub fn base_env(home: &str, tmp: &str) -> Vec<(String, String)> {
     vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),

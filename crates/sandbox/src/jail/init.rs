@@ -597,7 +597,7 @@ fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
         (
             "passwd",
             format!(
-                "root:x:0:0::/:/bin/false\nsandbox:x:{}:{}::/work:/bin/false\nnobody:x:65534:65534::/:/bin/false\n",
+                "root:x:0:0::/:/bin/false\nsandbox:x:{}:{}::/tmp:/bin/false\nnobody:x:65534:65534::/:/bin/false\n",
                 cfg.ns_uid, cfg.ns_gid
             ),
         ),

@@ -447,7 +447,7 @@ impl JailSandbox {
 
 /// The program's whole environment: the jail's base plus the run's (shard contract) variables.
 fn program_env(req: &RunRequest) -> Vec<(String, String)> {
-    let mut env = base_env("/work", "/tmp");
+    let mut env = base_env("/tmp", "/tmp");
     env.extend(req.env.iter().cloned());
     env
 }

@@ -219,7 +219,7 @@ fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
         &limits,
         b"",
         None,
-        base_env("/work", "/tmp"),
+        base_env("/tmp", "/tmp"),
         true,
         &mut applied,
         &mut notes,

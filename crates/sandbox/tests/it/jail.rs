@@ -412,7 +412,10 @@ fn shard_contract_inside_the_jail() {
         .collect();
     keys.sort();
     assert_eq!(keys, ["HOME", "LANG", "PATH", "TMPDIR"]);
-    assert_eq!(env["HOME"], "/work");
+    assert_eq!(
+        env["HOME"], "/tmp",
+        "HOME is outside the collected workspace"
+    );
 }
 
 /// Every `process` fixture ends the same way under `jail`.
@@ -511,4 +514,17 @@ fn the_hosts_numpy_works_in_every_backend() {
     );
     assert_eq!(r.status, Status::Ok, "warm: {}", support::show(&r));
     assert_eq!(r.stdout, want, "warm");
+}
+
+/// Caches a program (or a library it uses, like matplotlib's font list) writes under `~` are
+/// not files it created: `HOME` is outside the collected workspace, in every backend.
+#[test]
+fn caches_under_home_are_not_collected_files() {
+    let code = b"import pathlib\nc = pathlib.Path.home() / '.cache' / 'tool'\nc.mkdir(parents=True)\n(c / 'fontlist.json').write_text('{}')\nopen('out.txt', 'w').write('x')\n";
+    for setup in [PROCESS, JAIL] {
+        let r = support::run_code(setup, code, None, limits());
+        assert_eq!(r.status, Status::Ok, "{setup:?}: {}", show(&r));
+        let files: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(files, ["out.txt"], "{setup:?}");
+    }
 }
