@@ -13,9 +13,10 @@ use crate::support::{BOTH, Coordinator, spec};
 /// Each shard returns the sum of squares of its items.
 const SQUARES: &str = "import json, os\nitems = json.load(open(os.environ['FLEETBOX_INPUT']))['items']\nprint(sum(i * i for i in items))\n";
 
-/// A liar among three honest agents, under the default policy (`adaptive`): it is caught and
-/// quarantined, every value it got accepted is re-checked or was checked, and the result is
-/// exact.
+/// A liar among three honest agents, under the default policy (`adaptive`, two strikes): jobs
+/// of 400 and then 40 shards until it is quarantined. Then no wrong value stands unflagged:
+/// every job is exact, or `needs_review` and exact after `rerun-tainted`; no honest agent was
+/// struck; every invalid verdict is audited, and the quarantine; a release lets it lease again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
     for db in BOTH {
@@ -30,84 +31,104 @@ async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
             c.agent(name, Default::default());
         }
         c.agent_lying("liar", Default::default(), 0.10);
-        let n = 400u64;
-        let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-        let job = spec(&format!(
-            "name = \"squares\"\ncode = {SQUARES:?}\n[shards]\nitems = [{}]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n",
-            items.join(", ")
-        ));
-        let result = c.run(&job, Duration::from_secs(300)).await;
-        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
-        let exact: u64 = (0..n).map(|i| i * i).sum();
-        assert_eq!(
-            result.result_value(),
-            Some(json!(exact)),
-            "{db:?}: a lie was folded in"
-        );
-
-        let agents = c.client.agents().await.unwrap().agents;
-        let liar = agents.iter().find(|a| a.name == "liar").unwrap();
-        let honest: Vec<_> = agents.iter().filter(|a| a.name != "liar").collect();
-        // A 10% liar produces lies from its first results; it may have been too slow to get
-        // many shards, but each lie it got accepted would have shown in the sum above.
-        let summary = result.summary.clone().unwrap();
-        let caught = summary
-            .flags
-            .iter()
-            .filter(|f| f.kind == "agent_result_invalid")
-            .count();
-        eprintln!(
-            "{db:?}: liar strikes {}, quarantined {:?}, {} flags, {} of {n} shards verified",
-            liar.strikes, liar.quarantined, caught, summary.verified
-        );
-        for h in &honest {
-            eprintln!("{db:?}: {} trust {:?}", h.name, h.trust);
+        let mut jobs = Vec::new();
+        let mut liar = None;
+        for n in [400u64].into_iter().chain(std::iter::repeat_n(40, 30)) {
+            let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+            let job = spec(&format!(
+                "name = \"squares\"\ncode = {SQUARES:?}\n[shards]\nitems = [{}]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n",
+                items.join(", ")
+            ));
+            let r = c.run(&job, Duration::from_secs(300)).await;
+            assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+            jobs.push((r.id.clone(), json!((0..n).map(|i| i * i).sum::<u64>())));
+            let agents = c.client.agents().await.unwrap().agents;
+            let l = agents.into_iter().find(|a| a.name == "liar").unwrap();
+            if l.quarantined.is_some() {
+                liar = Some(l);
+                break;
+            }
         }
-        assert!(
-            liar.quarantined.is_some(),
-            "{db:?}: the liar was not quarantined: {liar:?}"
-        );
-        assert!(
-            caught as u32 >= liar.strikes.min(1),
-            "{db:?}: {caught} flags for {} strikes",
-            liar.strikes
-        );
-        for h in &honest {
+        let liar = liar.unwrap_or_else(|| panic!("{db:?}: the liar was never quarantined"));
+        let tainted = no_wrong_value_stands(&c, &jobs, db).await;
+        let agents = c.client.agents().await.unwrap().agents;
+        for h in agents.iter().filter(|a| a.name != "liar") {
             assert_eq!(h.strikes, 0, "{db:?}: an honest agent was struck: {h:?}");
             assert!(h.quarantined.is_none(), "{db:?}");
         }
-        // Every shard whose value came from the liar was checked by the server.
-        for i in 0..n {
-            let d = c.client.shard(&result.id, i).await.unwrap();
-            if let Some(chosen) = d.attempts.iter().find(|a| a.chosen)
-                && chosen.agent_id == liar.id
-            {
-                assert_eq!(chosen.verdict, Verdict::Valid, "{db:?}: shard {i}: {d:?}");
-            }
-        }
-        // The audit log has the verdicts, and the quarantine when there was one.
-        let entries = c.client.audit("limit=5000").await.unwrap().entries;
+        eprintln!(
+            "{db:?}: liar quarantined after {} job(s), {} strikes; {tainted} finished job(s) tainted and redone",
+            jobs.len(),
+            liar.strikes
+        );
+        // The audit log has each invalid verdict and the quarantine.
+        let entries = c.client.audit("limit=10000").await.unwrap().entries;
         let invalid = entries
             .iter()
             .filter(|e| e.action == "attempt.verified" && e.details["verdict"] == "invalid")
             .count();
-        assert_eq!(invalid as u32, liar.strikes, "{db:?}");
-        assert_eq!(
+        assert!(
+            invalid as u32 >= liar.strikes,
+            "{db:?}: {invalid} for {} strikes",
+            liar.strikes
+        );
+        assert!(
             entries.iter().any(|e| e.action == "agent.quarantined"
                 && e.agent_id.as_deref() == Some(liar.id.as_str())),
-            liar.quarantined.is_some(),
             "{db:?}"
         );
         // A quarantined agent gets no work until it is released.
-        if liar.quarantined.is_some() {
-            c.client.release_agent(&liar.id).await.unwrap();
-            let after = c.client.agents().await.unwrap().agents;
-            let liar = after.iter().find(|a| a.name == "liar").unwrap();
-            assert!(liar.quarantined.is_none() && liar.strikes == 0, "{db:?}");
-            assert!(c.client.release_agent(&liar.id).await.is_err());
-        }
+        c.client.release_agent(&liar.id).await.unwrap();
+        let after = c.client.agents().await.unwrap().agents;
+        let released = after.iter().find(|a| a.name == "liar").unwrap();
+        assert!(
+            released.quarantined.is_none() && released.strikes == 0,
+            "{db:?}"
+        );
+        assert!(c.client.release_agent(&liar.id).await.is_err());
         c.stop().await;
     }
+}
+
+/// Every job is exact, or `needs_review` and exact after `rerun-tainted` (which a job not in
+/// `needs_review` refuses). Returns how many were `needs_review`.
+async fn no_wrong_value_stands(
+    c: &Coordinator,
+    jobs: &[(String, serde_json::Value)],
+    db: crate::support::Db,
+) -> usize {
+    let mut tainted = 0;
+    for (id, exact) in jobs {
+        let view = c.client.job(id).await.unwrap();
+        if view.state == JobState::NeedsReview {
+            tainted += 1;
+            let ack = c.client.rerun_tainted(id).await.unwrap();
+            assert!(ack["rechecked"].as_u64().unwrap() > 0, "{db:?}: {ack}");
+            let r = c.wait(id, Duration::from_secs(120)).await;
+            assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+            assert_eq!(
+                r.result_value().as_ref(),
+                Some(exact),
+                "{db:?}: job {id} after re-run"
+            );
+            let summary = r.summary.unwrap();
+            assert!(
+                summary.flags.iter().any(|f| f.kind == "tainted"),
+                "{db:?}: {:?}",
+                summary.flags
+            );
+        } else {
+            let r = c.client.result(id).await.unwrap();
+            assert_eq!(
+                r.result_value().as_ref(),
+                Some(exact),
+                "{db:?}: job {id} is `{}` with a wrong value nobody flagged",
+                view.state
+            );
+        }
+        assert!(c.client.rerun_tainted(id).await.is_err());
+    }
+    tainted
 }
 
 /// A program whose output is random cannot be verified: the server's two runs differ, the
@@ -249,38 +270,8 @@ async fn until_caught(name: &str, after: u64, rate: f64) {
             "{db:?}: the {name} was never caught in {} jobs",
             jobs.len()
         );
-        let mut tainted = 0;
-        for id in &jobs {
-            let view = c.client.job(id).await.unwrap();
-            if view.state == JobState::NeedsReview {
-                tainted += 1;
-                let ack = c.client.rerun_tainted(id).await.unwrap();
-                assert!(ack["rechecked"].as_u64().unwrap() > 0, "{db:?}: {ack}");
-                let r = c.wait(id, Duration::from_secs(120)).await;
-                assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
-                assert_eq!(
-                    r.result_value(),
-                    Some(exact.clone()),
-                    "{db:?}: job {id} after re-run"
-                );
-                let summary = r.summary.unwrap();
-                assert!(
-                    summary.flags.iter().any(|f| f.kind == "tainted"),
-                    "{db:?}: {:?}",
-                    summary.flags
-                );
-            } else {
-                let r = c.client.result(id).await.unwrap();
-                assert_eq!(
-                    r.result_value(),
-                    Some(exact.clone()),
-                    "{db:?}: job {id} is `{}` with a wrong value nobody flagged",
-                    view.state
-                );
-            }
-            // A job that is not `needs_review` cannot be re-run.
-            assert!(c.client.rerun_tainted(id).await.is_err());
-        }
+        let jobs: Vec<_> = jobs.into_iter().map(|id| (id, exact.clone())).collect();
+        let tainted = no_wrong_value_stands(&c, &jobs, db).await;
         eprintln!(
             "{db:?}: the {name} was caught after {} jobs; {tainted} finished jobs were tainted and redone",
             jobs.len()
