@@ -278,7 +278,8 @@ async fn run_on_server(
     let (output, output_blob, output_sha256) = match &report.output {
         None => (None, None, None),
         Some(v) => {
-            let (text, blob, hash) = crate::api::stored_output(state, v).map_err(|e| e.message)?;
+            let (text, blob, hash) =
+                crate::api::stored_output(state, v, v.to_string()).map_err(|e| e.message)?;
             (text, blob, Some(hash))
         }
     };

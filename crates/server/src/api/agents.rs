@@ -565,22 +565,14 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     let (output, output_blob, output_sha256) = match output {
         None => (None, None, None),
         Some((v, uploaded)) => {
-            let canonical = serde_json_canonicalizer::to_string(&v).map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_report",
-                    format!("output cannot be canonicalized: {e}"),
-                )
-                .with_field("report.output")
-            })?;
-            let hash = sha256_hex(canonical.as_bytes());
             let text = v.to_string();
             if text.len() > INLINE_LIMIT
                 && let Some((h, _)) = uploaded.filter(|(_, b)| b == text.as_bytes())
             {
                 // The agent's upload is the text the coordinator would store: kept as is.
-                (None, Some(h), Some(hash))
+                (None, Some(h), Some(output_hash(&v)?))
             } else {
-                let (text, blob, hash) = stored_output(state, &v)?;
+                let (text, blob, hash) = stored_output(state, &v, text)?;
                 (text, blob, Some(hash))
             }
         }
@@ -610,6 +602,18 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     })
 }
 
+/// The coordinator's hash of an output: SHA-256 of its RFC 8785 canonical JSON.
+fn output_hash(v: &serde_json::Value) -> Result<String, ApiError> {
+    let canonical = serde_json_canonicalizer::to_string(v).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_report",
+            format!("output cannot be canonicalized: {e}"),
+        )
+        .with_field("report.output")
+    })?;
+    Ok(sha256_hex(canonical.as_bytes()))
+}
+
 /// What the store keeps of a run's measurements (as its integer columns hold them).
 pub struct Measures {
     pub wall_ms: i64,
@@ -636,16 +640,9 @@ impl Measures {
 pub fn stored_output(
     state: &State,
     v: &serde_json::Value,
+    text: String,
 ) -> Result<(Option<String>, Option<String>, String), ApiError> {
-    let canonical = serde_json_canonicalizer::to_string(v).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_report",
-            format!("output cannot be canonicalized: {e}"),
-        )
-        .with_field("report.output")
-    })?;
-    let hash = sha256_hex(canonical.as_bytes());
-    let text = v.to_string();
+    let hash = output_hash(v)?;
     if text.len() <= INLINE_LIMIT {
         return Ok((Some(text), None, hash));
     }

@@ -186,17 +186,7 @@ pub(super) async fn accept(
     shard: Shard<'_>,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let set = Fields {
-        now,
-        reason: None,
-        not_before: None,
-    };
-    for from in [TaskState::Leased, TaskState::Queued] {
-        if transition(tx, tally, shard, from, None, TaskState::Accepted, set).await? {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    take_success(tx, tally, shard, TaskState::Accepted, now).await
 }
 
 /// `leased` | `queued` → `reported`: a success to be checked by the coordinator's own run
@@ -207,19 +197,33 @@ pub(super) async fn hold_for_check(
     shard: Shard<'_>,
     now: i64,
 ) -> Result<bool, StoreError> {
+    let held = take_success(tx, tally, shard, TaskState::Reported, now).await?;
+    if held {
+        Sql::new("UPDATE tasks SET check_owner = NULL, check_expires = 0 WHERE id = ")
+            .bind(shard.id)
+            .build()
+            .execute(&mut **tx)
+            .await
+            .doing("queueing a check")?;
+    }
+    Ok(held)
+}
+
+/// A success moves a shard from `leased` (under any lease), else from `queued`, to `to`.
+async fn take_success(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    to: TaskState,
+    now: i64,
+) -> Result<bool, StoreError> {
     let set = Fields {
         now,
         reason: None,
         not_before: None,
     };
     for from in [TaskState::Leased, TaskState::Queued] {
-        if transition(tx, tally, shard, from, None, TaskState::Reported, set).await? {
-            Sql::new("UPDATE tasks SET check_owner = NULL, check_expires = 0 WHERE id = ")
-                .bind(shard.id)
-                .build()
-                .execute(&mut **tx)
-                .await
-                .doing("queueing a check")?;
+        if transition(tx, tally, shard, from, None, to, set).await? {
             return Ok(true);
         }
     }
