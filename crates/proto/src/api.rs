@@ -294,6 +294,9 @@ pub struct LeasedTask {
     pub code_sha256: String,
     pub input: Value,
     pub limits: Limits,
+    /// The job's `[environment]`, when it asks for packages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::EnvironmentSpec>,
     /// Milliseconds since the epoch; heartbeats move it.
     pub lease_expires_at: i64,
 }

@@ -40,6 +40,9 @@ pub struct JobSpec {
     /// Verification settings (`[verify]`; defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::VerifySpec>,
+    /// Python packages the program needs (`[environment]`); the host's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::EnvironmentSpec>,
     /// Follow-up rules; stored, applied by a later release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub followup: Option<Value>,
@@ -286,6 +289,9 @@ impl JobSpec {
         validate_limits(&self.limits)?;
         if let Some(v) = &self.verify {
             v.validate()?;
+        }
+        if let Some(e) = &self.environment {
+            e.validate()?;
         }
         let inputs = self.shards.plan()?;
         let reducer = match &self.aggregate {

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod canonical;
 pub mod env;
+pub mod environment;
 pub mod job;
 mod limits;
 mod report;
@@ -14,6 +15,7 @@ mod states;
 mod units;
 mod verify;
 
+pub use environment::{EnvironmentInfo, EnvironmentSpec, Package};
 pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
 pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{

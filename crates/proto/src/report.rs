@@ -165,6 +165,9 @@ pub struct ExecutionReport {
     pub code_sha256: String,
     pub input_sha256: Option<String>,
     pub runner: Runner,
+    /// The job's environment (hash and resolved packages), when it asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::EnvironmentInfo>,
     /// Isolation facts worth knowing (e.g. a layer the kernel lacks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -209,6 +212,7 @@ impl ExecutionReport {
             code_sha256: String::new(),
             input_sha256: None,
             runner: Runner::default(),
+            environment: None,
             notes: Vec::new(),
             workspace: None,
         }

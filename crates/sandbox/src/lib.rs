@@ -12,6 +12,7 @@
 
 mod cancel;
 pub mod cgroup;
+pub mod environment;
 pub mod jail;
 mod process;
 pub mod python;
@@ -49,6 +50,31 @@ pub struct RunRequest {
     pub runner_id: String,
     /// Stops the run from outside; it then ends `killed` with the reason given.
     pub cancel: Option<Cancel>,
+    /// A virtual environment to run in: its interpreter runs the program, and a jail binds its
+    /// directory read-only at the same path. Made by [`environment::Environments`].
+    pub environment: Option<Environment>,
+    /// Host paths a jail shows at the same path (read-only unless `writable`); `process` runs
+    /// see the host anyway. Only for the sandbox's own work (building an environment): a run
+    /// with a writable mount never uses a warm jail.
+    pub mounts: Vec<Mount>,
+}
+
+/// A ready virtual environment, as a run uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment {
+    /// Its directory (the virtual environment's prefix).
+    pub dir: PathBuf,
+    /// Its interpreter, `dir/bin/python`.
+    pub python: PathBuf,
+    /// Hash and resolved packages, for the report.
+    pub info: fleetbox_proto::EnvironmentInfo,
+}
+
+/// One extra path a jail shows at the same path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Mount {
+    pub path: PathBuf,
+    pub writable: bool,
 }
 
 impl RunRequest {
@@ -69,6 +95,8 @@ impl RunRequest {
             keep_workspace: false,
             runner_id: "local".into(),
             cancel: None,
+            environment: None,
+            mounts: Vec::new(),
         }
     }
 }

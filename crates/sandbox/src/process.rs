@@ -62,7 +62,11 @@ impl Sandbox for ProcessSandbox {
             applied: AppliedLimits::new(req.limits.clone()),
             notes: Vec::new(),
         };
-        let py = match python::resolve(self.config.python.as_deref()) {
+        let interpreter = match &req.environment {
+            Some(env) => Some(env.python.as_path()),
+            None => self.config.python.as_deref(),
+        };
+        let py = match python::resolve(interpreter) {
             Ok(p) => p,
             Err(e) => return ctx.sandbox_error(e.to_string()),
         };

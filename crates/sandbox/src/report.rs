@@ -56,6 +56,7 @@ impl RunContext<'_> {
         r.code_sha256 = workspace::sha256_hex(&self.req.code);
         r.input_sha256 = self.req.input.as_deref().map(workspace::sha256_hex);
         r.runner = self.runner();
+        r.environment = self.req.environment.as_ref().map(|e| e.info.clone());
         r.notes = self.notes.clone();
         r
     }

@@ -116,6 +116,7 @@ pub struct JobInfo {
     pub code_sha256: String,
     pub limits: Limits,
     pub shard_count: u64,
+    pub environment: Option<fleetbox_proto::EnvironmentSpec>,
 }
 
 /// Shared by every handler and background loop.
@@ -209,6 +210,7 @@ impl State {
             code_sha256: job.code_sha256,
             limits: job.limits,
             shard_count: job.shard_count,
+            environment: job.environment,
         });
         let mut cache = self.job_cache.lock().expect("job cache");
         if cache.len() > 10_000 {

@@ -53,6 +53,10 @@ pub struct InitConfig {
     pub python: PathBuf,
     /// Host directories/files bound read-only at the same path.
     pub ro_binds: Vec<PathBuf>,
+    /// More host paths at the same path, `(path, writable)`: an environment, or one being
+    /// built. Bound last, so they show even under the jail's own `/tmp`.
+    #[serde(default)]
+    pub extra_binds: Vec<(PathBuf, bool)>,
     /// `(path, target)` symlinks recreated in the new root (`/lib -> usr/lib`).
     pub symlinks: Vec<(PathBuf, PathBuf)>,
     pub host_uid: u32,
@@ -566,6 +570,23 @@ fn inside(root: &Path, p: &Path) -> PathBuf {
     root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
+/// What of the host's `/etc` the jail shows (read-only), each because installed packages read
+/// it; nothing else of the host's configuration is visible.
+const HOST_ETC: &[&str] = &[
+    // The dynamic linker's index of `/usr/lib`.
+    "/etc/ld.so.cache",
+    // Debian reaches shared libraries through it (numpy's `libblas.so.3` →
+    // `/etc/alternatives/libblas.so.3-x86_64-linux-gnu` → `/usr/lib/...`): symbolic links only,
+    // into the read-only `/usr` the jail already has.
+    "/etc/alternatives",
+    // Debian's matplotlib refuses to import without its rc file.
+    "/etc/matplotlibrc",
+    // fontconfig's configuration (matplotlib and Pillow find fonts through it).
+    "/etc/fonts",
+    // `mimetypes` (and the libraries that guess a file's type with it).
+    "/etc/mime.types",
+];
+
 fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
     let root = &cfg.root;
     mount(
@@ -612,21 +633,21 @@ fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
         std::fs::write(etc.join(name), text)
             .map_err(|e| JailError::os(format!("write /etc/{name}"), e))?;
     }
-    let ld_cache = Path::new("/etc/ld.so.cache");
-    if ld_cache.is_file() {
-        bind(ld_cache, &inside(root, ld_cache), true, nosuid_nodev)?;
+    for path in HOST_ETC {
+        let path = Path::new(path);
+        if path.exists() {
+            bind(path, &inside(root, path), true, nosuid_nodev)?;
+        }
     }
-    // Debian reaches shared libraries through it (numpy's `libblas.so.3` →
-    // `/etc/alternatives/libblas.so.3-x86_64-linux-gnu` → `/usr/lib/...`): symbolic links
-    // only, into the read-only `/usr` the jail already has.
-    let alternatives = Path::new("/etc/alternatives");
-    if alternatives.is_dir() {
-        bind(
-            alternatives,
-            &inside(root, alternatives),
-            true,
-            nosuid_nodev,
-        )?;
+
+    // With the host's network: name resolution and the trusted certificates, nothing else.
+    if cfg.network {
+        for path in ["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/ssl/certs"] {
+            let path = Path::new(path);
+            if path.exists() {
+                bind(path, &inside(root, path), true, nosuid_nodev)?;
+            }
+        }
     }
 
     let proc_dir = root.join("proc");
@@ -675,6 +696,9 @@ fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
     }
     bind(&cfg.work, &root.join("work"), false, nosuid_nodev)?;
     bind(&cfg.code, &root.join("code/main.py"), true, nosuid_nodev)?;
+    for (path, writable) in &cfg.extra_binds {
+        bind(path, &inside(root, path), !writable, nosuid_nodev)?;
+    }
     Ok(())
 }
 
@@ -787,7 +811,13 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, JailError>
     }
     std::env::set_current_dir("/work").map_err(|e| JailError::os("chdir /work", e))?;
     phase(cfg, "privileges_dropped");
-    let landlock = super::landlock::restrict();
+    let writable: Vec<&Path> = cfg
+        .extra_binds
+        .iter()
+        .filter(|(_, w)| *w)
+        .map(|(p, _)| p.as_path())
+        .collect();
+    let landlock = super::landlock::restrict(&writable);
     send(&Event::Landlock { status: landlock });
     phase(cfg, "landlock_applied");
 

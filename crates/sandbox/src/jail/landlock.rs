@@ -1,5 +1,6 @@
 //! Landlock: read-only everywhere the program can see, read-write only in its workspace,
-//! `/tmp`, `/dev/shm` and the harmless device nodes. Best effort: on kernels without Landlock
+//! `/tmp`, `/dev/shm`, the harmless device nodes, and (for the sandbox's own work: building an
+//! environment) the paths it is given. Best effort: on kernels without Landlock
 //! (or with an older ABI) the report says how much was enforced.
 
 use landlock::{
@@ -7,9 +8,9 @@ use landlock::{
     path_beneath_rules,
 };
 
-/// Apply to the calling process; returns `fully_enforced`, `partially_enforced`,
-/// `not_enforced` or `error: ...`.
-pub fn restrict() -> String {
+/// Apply to the calling process; `writable` are more paths the process may write under.
+/// Returns `fully_enforced`, `partially_enforced`, `not_enforced` or `error: ...`.
+pub fn restrict(writable: &[&std::path::Path]) -> String {
     let abi = ABI::V5;
     let result = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
@@ -21,6 +22,7 @@ pub fn restrict() -> String {
                 AccessFs::from_all(abi),
             ))
         })
+        .and_then(|r| r.add_rules(path_beneath_rules(writable, AccessFs::from_all(abi))))
         .and_then(|r| {
             r.add_rules(path_beneath_rules(
                 [

@@ -48,6 +48,45 @@ pub struct JailSandbox {
     pool: Option<warm::Pool>,
 }
 
+/// What makes two jails interchangeable: a warm jail serves a run of the same shape.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Shape {
+    pub limits: Limits,
+    /// The interpreter, when not the sandbox's own (a virtual environment's).
+    pub python: Option<PathBuf>,
+    /// Extra host paths bound read-only at the same path.
+    pub ro: Vec<PathBuf>,
+    /// Extra host paths bound read-write at the same path (never warm).
+    pub rw: Vec<PathBuf>,
+}
+
+impl Shape {
+    fn of(req: &RunRequest) -> Shape {
+        let mut shape = Shape::plain(req.limits.clone());
+        if let Some(env) = &req.environment {
+            shape.python = Some(env.python.clone());
+            shape.ro.push(env.dir.clone());
+        }
+        for m in &req.mounts {
+            if m.writable {
+                shape.rw.push(m.path.clone());
+            } else {
+                shape.ro.push(m.path.clone());
+            }
+        }
+        shape
+    }
+
+    pub fn plain(limits: Limits) -> Shape {
+        Shape {
+            limits,
+            python: None,
+            ro: Vec::new(),
+            rw: Vec::new(),
+        }
+    }
+}
+
 /// What building a jail needs; shared with the pool's builder thread.
 struct Builder {
     config: SandboxConfig,
@@ -95,7 +134,7 @@ impl JailSandbox {
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if pool.ready(limits) > 0 {
+            if pool.ready(&Shape::plain(limits.clone())) > 0 {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -138,10 +177,13 @@ impl Sandbox for JailSandbox {
     }
 
     fn run(&self, req: &RunRequest) -> ExecutionReport {
-        if let Some(pool) = &self.pool {
-            let warm = pool.take(&req.limits);
-            // Whether this run found one or not, the next run with these limits should.
-            pool.refill(&req.limits);
+        let shape = Shape::of(req);
+        if let Some(pool) = &self.pool
+            && shape.rw.is_empty()
+        {
+            let warm = pool.take(&shape);
+            // Whether this run found one or not, the next run of this shape should.
+            pool.refill(&shape);
             if let Some(warm) = warm {
                 return self.run_warm(warm, req);
             }
@@ -176,7 +218,7 @@ impl JailSandbox {
             notes: Vec::new(),
         };
         let built = match self.builder.build(
-            &req.limits,
+            &Shape::of(req),
             &req.code,
             req.input.as_deref(),
             program_env(req),
@@ -474,7 +516,7 @@ impl Builder {
     #[allow(clippy::too_many_arguments)]
     fn build(
         &self,
-        limits: &Limits,
+        shape: &Shape,
         code: &[u8],
         input: Option<&[u8]>,
         env: Vec<(String, String)>,
@@ -488,7 +530,8 @@ impl Builder {
         host_supports_jail().map_err(|error| JailError::HostCannotJail {
             error: Box::new(error),
         })?;
-        let py = python::resolve(self.config.python.as_deref())?;
+        let limits = &shape.limits;
+        let py = python::resolve(shape.python.as_deref().or(self.config.python.as_deref()))?;
         let with_py = |error: JailError| BuildError {
             error,
             python: Some(Box::new(py.clone())),
@@ -531,12 +574,16 @@ impl Builder {
         );
 
         let (ro_binds, symlinks) = root_layout(&py.prefix);
+        let extra_binds = (shape.ro.iter().map(|p| (p.clone(), false)))
+            .chain(shape.rw.iter().map(|p| (p.clone(), true)))
+            .collect();
         let cfg = InitConfig {
             root,
             work: dir.work(),
             code: dir.code(),
             python: py.path.clone(),
             ro_binds,
+            extra_binds,
             symlinks,
             host_uid,
             host_gid,

@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fleetbox_proto::{AppliedLimits, Limits};
+use fleetbox_proto::AppliedLimits;
 
-use super::{BuildError, Builder, Built, JailError};
+use super::{BuildError, Builder, Built, JailError, Shape};
 use crate::process::base_env;
 use crate::sys;
 
@@ -37,7 +37,7 @@ pub(super) struct Warm {
     pub built_at: Instant,
     /// The interpreter has said it is waiting for the program.
     pub ready: bool,
-    pub limits: Limits,
+    pub shape: Shape,
 }
 
 impl Warm {
@@ -90,7 +90,7 @@ impl Shared {
 
 pub(super) struct Pool {
     shared: Arc<Shared>,
-    tx: Option<mpsc::Sender<Limits>>,
+    tx: Option<mpsc::Sender<Shape>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -100,7 +100,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             capacity,
         });
-        let (tx, rx) = mpsc::channel::<Limits>();
+        let (tx, rx) = mpsc::channel::<Shape>();
         let thread_shared = shared.clone();
         // The thread that builds lives as long as the pool: the helpers it starts carry
         // PDEATHSIG, which follows the thread that forked them, not the process.
@@ -124,12 +124,12 @@ impl Pool {
         }
     }
 
-    /// A live warm jail built for exactly these limits, if one is waiting.
-    pub fn take(&self, limits: &Limits) -> Option<Warm> {
+    /// A live warm jail built for exactly this shape, if one is waiting.
+    pub fn take(&self, shape: &Shape) -> Option<Warm> {
         loop {
             let found = {
                 let mut idle = self.shared.lock();
-                let i = idle.iter().position(|w| &w.limits == limits)?;
+                let i = idle.iter().position(|w| &w.shape == shape)?;
                 idle.remove(i)
             };
             if found.alive() {
@@ -139,21 +139,21 @@ impl Pool {
         }
     }
 
-    /// How many jails with these limits have their interpreter waiting.
-    pub fn ready(&self, limits: &Limits) -> usize {
+    /// How many jails of this shape have their interpreter waiting.
+    pub fn ready(&self, shape: &Shape) -> usize {
         self.shared
             .lock()
             .iter_mut()
-            .filter(|w| &w.limits == limits)
+            .filter(|w| &w.shape == shape)
             .map(|w| w.ready())
             .filter(|ready| *ready)
             .count()
     }
 
-    /// Ask for a jail with these limits to be built (unless enough are waiting already).
-    pub fn refill(&self, limits: &Limits) {
+    /// Ask for a jail of this shape to be built (unless enough are waiting already).
+    pub fn refill(&self, shape: &Shape) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(limits.clone());
+            let _ = tx.send(shape.clone());
         }
     }
 }
@@ -171,14 +171,13 @@ impl Drop for Pool {
     }
 }
 
-fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>) {
+fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Shape>) {
     loop {
         match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(limits)
-                if shared.lock().iter().filter(|w| w.limits == limits).count()
-                    < shared.capacity =>
+            Ok(shape)
+                if shared.lock().iter().filter(|w| w.shape == shape).count() < shared.capacity =>
             {
-                match build_warm(builder, limits) {
+                match build_warm(builder, shape) {
                     Ok(warm) => {
                         let evicted = {
                             let mut idle = shared.lock();
@@ -212,11 +211,11 @@ fn builder_loop(builder: &Builder, shared: &Shared, rx: &mpsc::Receiver<Limits>)
     }
 }
 
-fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
-    let mut applied = AppliedLimits::new(limits.clone());
+fn build_warm(builder: &Builder, shape: Shape) -> Result<Warm, BuildError> {
+    let mut applied = AppliedLimits::new(shape.limits.clone());
     let mut notes = Vec::new();
     let mut built = builder.build(
-        &limits,
+        &shape,
         b"",
         None,
         base_env("/tmp", "/tmp"),
@@ -234,6 +233,6 @@ fn build_warm(builder: &Builder, limits: Limits) -> Result<Warm, BuildError> {
         go,
         built_at: Instant::now(),
         ready: false,
-        limits,
+        shape,
     })
 }

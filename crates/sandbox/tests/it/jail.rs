@@ -516,6 +516,68 @@ fn the_hosts_numpy_works_in_every_backend() {
     assert_eq!(r.stdout, want, "warm");
 }
 
+/// Debian's pandas, scipy and matplotlib (installed by the test script) give the same answers
+/// in the `process` backend, the jail under both seccomp policies and a warm jail; the plot
+/// is a created file, matplotlib's caches are not.
+#[test]
+fn the_hosts_scientific_stack_works_in_every_backend() {
+    let code = br#"import os
+import numpy, pandas, scipy.linalg, scipy.optimize
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+df = pandas.DataFrame({"x": range(6), "y": [v * v for v in range(6)]})
+print(int(df.y.sum()), df.groupby(df.x % 2).y.sum().tolist())
+print(round(float(scipy.linalg.det(numpy.array([[2.0, 1.0], [1.0, 3.0]]))), 6))
+print(round(float(scipy.optimize.brentq(lambda t: t * t - 2, 0, 2)), 9))
+fig, ax = plt.subplots()
+ax.plot(df.x, df.y)
+fig.savefig("plot.png")
+print(os.path.getsize("plot.png") > 1000)
+"#;
+    let host = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", std::str::from_utf8(code).unwrap()])
+        .current_dir(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(
+        host.status.success(),
+        "the host's python3 cannot run it: the test script installs python3-pandas, python3-scipy and python3-matplotlib ({})",
+        String::from_utf8_lossy(&host.stderr)
+    );
+    let want = String::from_utf8_lossy(&host.stdout).into_owned();
+    assert_eq!(want, "55 [20, 35]\n5.0\n1.414213562\nTrue\n");
+    let limits = fleetbox_proto::Limits {
+        timeout: fleetbox_proto::Millis(60_000),
+        cpu_time: fleetbox_proto::Millis(60_000),
+        memory: fleetbox_proto::ByteSize::mib(1024),
+        ..support::limits()
+    };
+    let check = |what: &str, r: &fleetbox_proto::ExecutionReport| {
+        assert_eq!(r.status, Status::Ok, "{what}: {}", show(r));
+        assert_eq!(r.stdout, want, "{what}");
+        let files: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(files, ["plot.png"], "{what}");
+    };
+    for setup in [PROCESS, JAIL, support::JAIL_ALLOW] {
+        let r = support::run_code(setup, code, None, limits.clone());
+        check(&format!("{setup:?}"), &r);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let warm = fleetbox_sandbox::jail::JailSandbox::new(support::sandbox_config(dir.path(), 1))
+        .expect("jail sandbox");
+    let req = fleetbox_sandbox::RunRequest::new(code.to_vec(), None, limits.clone());
+    check("first", &fleetbox_sandbox::Sandbox::run(&warm, &req));
+    assert!(warm.wait_warm(&req.limits, std::time::Duration::from_secs(10)));
+    let r = fleetbox_sandbox::Sandbox::run(&warm, &req);
+    assert!(
+        r.notes.iter().any(|n| n.starts_with("warm start")),
+        "{}",
+        show(&r)
+    );
+    check("warm", &r);
+}
+
 /// Caches a program (or a library it uses, like matplotlib's font list) writes under `~` are
 /// not files it created: `HOME` is outside the collected workspace, in every backend.
 #[test]

@@ -3,6 +3,7 @@
 
 mod cancel;
 mod cleanup;
+mod environment;
 mod jail;
 mod process;
 mod quota;

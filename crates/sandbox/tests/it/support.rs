@@ -160,3 +160,24 @@ pub fn left_under(root: &std::path::Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The `uv` binary the environment tests build with: `FLEETBOX_TEST_UV`, else the one the
+/// `uv` package from PyPI carries (the test script installs it), else one on `PATH`.
+pub fn uv() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLEETBOX_TEST_UV") {
+        return PathBuf::from(p);
+    }
+    for python in ["python3", "/usr/bin/python3"] {
+        if let Ok(out) = std::process::Command::new(python)
+            .args(["-c", "import uv; print(uv.find_uv_bin())"])
+            .output()
+            && out.status.success()
+        {
+            return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    match fleetbox_sandbox::environment::Installer::parse("uv") {
+        Ok(fleetbox_sandbox::environment::Installer::Uv(p)) => p,
+        _ => panic!("no uv: the test script installs it (`pip install uv`)"),
+    }
+}

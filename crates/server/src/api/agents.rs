@@ -159,6 +159,7 @@ pub async fn lease(
                     code_sha256: job.code_sha256.clone(),
                     input: serde_json::from_str(&g.input).unwrap_or(serde_json::Value::Null),
                     limits: job.limits.clone(),
+                    environment: job.environment.clone(),
                     lease_expires_at: expires,
                 });
             }

@@ -55,6 +55,7 @@ pub async fn submit(
         priority: spec.priority,
         max_attempts: spec.max_attempts,
         verify: spec.verify.clone().unwrap_or_default(),
+        environment: spec.environment.clone(),
         inputs: plan.inputs,
         actor,
     };

@@ -3,7 +3,7 @@
 use fleetbox_proto::api::{
     AttemptView, JobResult, JobSummary, JobView, ShardCounts, ShardDetail, ShardView,
 };
-use fleetbox_proto::{JobState, Limits, Reducer, Status, TaskState, Verdict};
+use fleetbox_proto::{EnvironmentSpec, JobState, Limits, Reducer, Status, TaskState, Verdict};
 use serde_json::Value;
 
 use super::agents::{json, parse};
@@ -29,6 +29,7 @@ pub struct NewJob {
     /// Who submitted it, for the audit log (`admin:<token id>`).
     pub actor: String,
     pub verify: fleetbox_proto::VerifySpec,
+    pub environment: Option<EnvironmentSpec>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -51,6 +52,7 @@ pub struct JobRow {
     pub reducer: Reducer,
     pub shard_count: u64,
     pub created_at: i64,
+    pub environment: Option<EnvironmentSpec>,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -67,6 +69,7 @@ struct JobRecord {
     #[sqlx(try_from = "i64")]
     shard_count: u64,
     created_at: i64,
+    environment: Option<String>,
 }
 
 impl JobRecord {
@@ -81,12 +84,17 @@ impl JobRecord {
             reducer: parse(&self.reducer, "job reducer")?,
             shard_count: self.shard_count,
             created_at: self.created_at,
+            environment: self
+                .environment
+                .as_deref()
+                .map(|e| parse(e, "job environment"))
+                .transpose()?,
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at FROM jobs";
+     shard_count, created_at, environment FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]
@@ -282,10 +290,11 @@ impl Store {
         let spec = json(&job.spec);
         let limits = json(&job.limits);
         let reducer = json(&job.reducer);
+        let environment = job.environment.as_ref().map(json);
         let mut tx = self.begin_write().await.doing("submitting a job")?;
         let mut sql = Sql::new(
             "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
-             priority, max_attempts, shard_count, created_at, verify) VALUES ",
+             priority, max_attempts, shard_count, created_at, verify, environment) VALUES ",
         );
         sql.push_rows([job], |row, job| {
             row.bind(job.id.as_str())
@@ -301,7 +310,8 @@ impl Store {
                 .bind(i64::from(job.max_attempts))
                 .bind(shards)
                 .bind(now)
-                .bind(serde_json::to_string(&job.verify).unwrap_or_default());
+                .bind(serde_json::to_string(&job.verify).unwrap_or_default())
+                .bind(environment.as_deref());
         });
         sql.build()
             .execute(&mut *tx)

@@ -118,6 +118,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_trust_errors",
         include_str!("../../migrations/0008_trust_errors.sql"),
     ),
+    (
+        "0009_environment",
+        include_str!("../../migrations/0009_environment.sql"),
+    ),
 ];
 
 #[derive(Clone)]

@@ -715,6 +715,7 @@ mod store_tests {
                 max_attempts,
                 inputs: vec![serde_json::json!(1), serde_json::json!(2)],
                 actor: "admin:test".into(),
+                environment: None,
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()
