@@ -23,6 +23,7 @@ use fleetbox_proto::api::{
     ReturnRequest, ShardReport,
 };
 use fleetbox_proto::{AppliedLimits, ByteSize, ExecutionReport, Limits, Millis, Status, env};
+use fleetbox_sandbox::environment::{EnvConfig, Environments};
 use fleetbox_sandbox::{Backend, Cancel, RunRequest, Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
@@ -129,6 +130,8 @@ pub struct AgentConfig {
     pub prefetch: u32,
     /// Make a new report-signing key at start and register it, signed with the old one.
     pub rotate_key: bool,
+    /// Where and how the environments jobs ask for (`[environment]`) are built and cached.
+    pub environments: EnvConfig,
     /// Verification tests only (no flag sets it): the share of successful results this agent
     /// corrupts before signing them, as a lying agent would.
     #[doc(hidden)]
@@ -206,6 +209,8 @@ struct Shared {
     set_aside: AtomicU64,
     /// Successful runs so far (for `test_lie_after`).
     ok_runs: Arc<AtomicU64>,
+    /// The environments jobs ask for, built once each.
+    environments: Arc<Environments>,
 }
 
 impl Shared {
@@ -238,6 +243,11 @@ pub async fn run(
         })?,
     );
 
+    let environments = Environments::new(
+        config.environments.clone(),
+        sandbox.clone(),
+        config.sandbox.python.clone(),
+    );
     let key = key::load_or_make(&config.state_dir)
         .map_err(state_err(config.state_dir.join(key::FILE)))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -270,6 +280,7 @@ pub async fn run(
         unstarted: Mutex::new(Vec::new()),
         set_aside: AtomicU64::new(0),
         ok_runs: Arc::new(AtomicU64::new(0)),
+        environments,
     });
 
     // Whatever this agent held when it last stopped uncleanly is not running any more: give
@@ -532,8 +543,24 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         let ok_runs = shared.ok_runs.clone();
         let run_cancel = cancel.clone();
         let run_lease = lease_id.clone();
+        let environments = shared.environments.clone();
+        let environment = task.environment.clone();
+        let code_sha256 = task.code_sha256.clone();
         let ran = tokio::task::spawn_blocking(move || {
-            let mut report = sandbox.run(&req);
+            let mut report = match environment {
+                None => sandbox.run(&req),
+                Some(spec) => match spec.validate().map_err(|e| e.to_string()).and_then(|()| {
+                    environments.get(&spec).map_err(|e| e.to_string())
+                }) {
+                    Ok(held) => {
+                        req.environment = Some(held.environment.clone());
+                        let mut report = sandbox.run(&req);
+                        report.notes.push(held.note());
+                        report
+                    }
+                    Err(why) => environment_failed(&req, &spec, &code_sha256, why),
+                },
+            };
             // A run handed back at shutdown is not reported: its files are not kept either.
             let handed_back =
                 run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
@@ -586,6 +613,27 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         shared.writing.fetch_sub(1, Ordering::SeqCst);
         shared.report_ready.notify_one();
     });
+}
+
+/// The report of a shard whose environment could not be had: a `sandbox_error` (retried
+/// elsewhere, then `dead` with this message), with the environment's hash.
+fn environment_failed(
+    req: &RunRequest,
+    spec: &fleetbox_proto::EnvironmentSpec,
+    code_sha256: &str,
+    why: String,
+) -> ExecutionReport {
+    let mut report = ExecutionReport::unmeasured(Status::SandboxError, None);
+    report.exit_code = None;
+    report.message = Some(why);
+    report.limits = AppliedLimits::new(req.limits.clone());
+    report.code_sha256 = code_sha256.to_string();
+    report.runner.id = req.runner_id.clone();
+    report.environment = Some(fleetbox_proto::EnvironmentInfo {
+        hash: spec.hash(),
+        packages: Vec::new(),
+    });
+    report
 }
 
 /// A lying agent's corruption of a result (verification tests): a number is off by one,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use fleetbox_agent::{AgentConfig, LocalCaps};
 use fleetbox_proto::{ByteSize, Millis, env};
+use fleetbox_sandbox::environment::{EnvConfig, Installer};
 use fleetbox_sandbox::{Backend, SandboxConfig, SeccompMode};
 use fleetbox_server::ServerConfig;
 
@@ -19,6 +20,64 @@ fn parse_millis(s: &str) -> Result<Millis, String> {
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse().map_err(|e| format!("{e}"))
+}
+
+/// How the environments jobs ask for (`[environment] requirements`) are built and cached.
+#[derive(Debug, Clone, Args)]
+pub struct EnvArgs {
+    /// What builds environments: `auto` (a `uv` binary on PATH, else pip), `uv`, `pip`, or the
+    /// path to a `uv` binary.
+    #[arg(long, env = env::FLEETBOX_INSTALLER, default_value = "auto")]
+    pub installer: String,
+    /// Package index environments install from [default: the installer's, PyPI].
+    #[arg(long, env = env::FLEETBOX_INDEX_URL)]
+    pub index_url: Option<String>,
+    /// A directory of wheels (a wheelhouse) environments may install from.
+    #[arg(long)]
+    pub find_links: Option<PathBuf>,
+    /// Install only from `--find-links`, never from an index (air-gapped fleets).
+    #[arg(long, requires = "find_links")]
+    pub no_index: bool,
+    /// Bytes the environment cache may hold; least recently used environments go first.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+    pub env_cache_size: ByteSize,
+    /// How long building one environment may take.
+    #[arg(long, default_value = "10m", value_parser = parse_millis)]
+    pub env_build_timeout: Millis,
+}
+
+impl Default for EnvArgs {
+    fn default() -> Self {
+        EnvArgs {
+            installer: "auto".into(),
+            index_url: None,
+            find_links: None,
+            no_index: false,
+            env_cache_size: ByteSize::mib(10 << 10),
+            env_build_timeout: Millis::from_secs(600),
+        }
+    }
+}
+
+impl EnvArgs {
+    /// The cache at `root` with these settings.
+    fn config(&self, root: PathBuf) -> anyhow::Result<EnvConfig> {
+        let mut c = EnvConfig::new(root);
+        c.installer = Installer::parse(&self.installer)
+            .map_err(|e| anyhow::anyhow!("invalid `--installer`: {e}"))?;
+        c.index_url = self.index_url.clone();
+        c.find_links = match &self.find_links {
+            Some(p) => Some(
+                std::path::absolute(p)
+                    .with_context(|| format!("invalid `--find-links` `{}`", p.display()))?,
+            ),
+            None => None,
+        };
+        c.no_index = self.no_index;
+        c.max_bytes = self.env_cache_size.0;
+        c.build_timeout = self.env_build_timeout.as_duration();
+        Ok(c)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -60,9 +119,11 @@ pub struct ServerArgs {
     /// Use this enrollment token (default: generated once, kept in `DATA/enroll.token`).
     #[arg(long, env = env::FLEETBOX_ENROLL_TOKEN, hide_env_values = true)]
     pub enroll_token: Option<String>,
-    /// Sandbox backend for server-side runs (the `python` reducer).
+    /// Sandbox backend for server-side runs (the `python` reducer, re-checks).
     #[arg(long)]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub env: EnvArgs,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +206,8 @@ pub struct AgentArgs {
     /// measured allow-list; every other call denied and reported).
     #[arg(long, env = env::FLEETBOX_SECCOMP, default_value = "deny")]
     pub seccomp: SeccompMode,
+    #[command(flatten)]
+    pub env: EnvArgs,
 }
 
 #[derive(Debug, Args)]
@@ -211,8 +274,13 @@ async fn shutdown_signal() {
     }
 }
 
-fn server_config(args: &ServerArgs, backend: Backend, sandbox: SandboxConfig) -> ServerConfig {
+fn server_config(
+    args: &ServerArgs,
+    backend: Backend,
+    sandbox: SandboxConfig,
+) -> anyhow::Result<ServerConfig> {
     let mut c = ServerConfig::new(args.listen, args.data.clone());
+    c.environments = args.env.config(args.data.join("envs"))?;
     c.database_url = args.database_url.clone();
     c.lease_ms = args.lease.0.max(100);
     c.heartbeat_ms = args.heartbeat.0.max(50);
@@ -232,12 +300,12 @@ fn server_config(args: &ServerArgs, backend: Backend, sandbox: SandboxConfig) ->
     c.sandbox = sandbox;
     // The coordinator's own sandbox (the python reducer, later rechecks) is the strictest.
     c.sandbox.seccomp = SeccompMode::Allow;
-    c
+    Ok(c)
 }
 
 pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
-    let cfg = server_config(&args, backend, sandbox);
+    let cfg = server_config(&args, backend, sandbox)?;
     runtime()?.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
         println!("fleetbox: coordinator listening on {}", running.url());
@@ -261,7 +329,7 @@ fn agent_config(
     file: &AgentSection,
     backend: Backend,
     mut sandbox: SandboxConfig,
-) -> AgentConfig {
+) -> anyhow::Result<AgentConfig> {
     // Defaults < `[agent]` in fleetbox.toml < flags.
     let d = LocalCaps::default();
     let caps = LocalCaps {
@@ -313,7 +381,8 @@ fn agent_config(
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "agent".into())
     });
-    AgentConfig {
+    let environments = args.env.config(args.state.join("envs"))?;
+    Ok(AgentConfig {
         server: args.server,
         token: args.token,
         name,
@@ -326,15 +395,16 @@ fn agent_config(
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
         rotate_key: args.rotate_key,
+        environments,
         test_lie_rate: 0.0,
         test_lie_after: 0,
-    }
+    })
 }
 
 pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
     let file = FileConfig::load(config)?;
-    let cfg = agent_config(args, &file.agent, backend, sandbox);
+    let cfg = agent_config(args, &file.agent, backend, sandbox)?;
     let rt = runtime()?;
     let result = rt.block_on(async move {
         fleetbox_agent::run(cfg, shutdown_signal()).await?;
@@ -371,8 +441,9 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
         enroll_token: None,
         backend: None,
+        env: EnvArgs::default(),
     };
-    let cfg = server_config(&server_args, backend, sandbox.clone());
+    let cfg = server_config(&server_args, backend, sandbox.clone())?;
     let rt = runtime()?;
     let result = rt.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
@@ -407,11 +478,12 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     rotate_key: false,
                     warm: None,
                     seccomp,
+                    env: EnvArgs::default(),
                 },
                 &agent_file,
                 backend,
                 sandbox.clone(),
-            );
+            )?;
             let mut rx = stop_rx.clone();
             agents.push(tokio::spawn(async move {
                 let stop = async move {
@@ -468,6 +540,7 @@ mod tests {
             Backend::Process,
             SandboxConfig::default(),
         )
+        .unwrap()
         .caps
     }
 

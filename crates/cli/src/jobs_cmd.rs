@@ -157,6 +157,14 @@ pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
     {
         t.code = Some(read("aggregate.code_file", &file)?);
     }
+    if let Some(env) = &mut spec.environment
+        && let Some(file) = env.requirements_file.take()
+    {
+        let text = read("environment.requirements_file", &file)?;
+        let listed = fleetbox_proto::EnvironmentSpec::parse_requirements_txt(&text)
+            .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;
+        env.requirements.extend(listed);
+    }
     // Validate here too, so mistakes are caught before anything is sent.
     spec.plan()
         .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;

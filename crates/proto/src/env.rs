@@ -31,6 +31,10 @@ pub const FLEETBOX_JAIL_TRACE: &str = "FLEETBOX_JAIL_TRACE";
 pub const FLEETBOX_WARM: &str = "FLEETBOX_WARM";
 /// The jail's seccomp policy on agents and `fleetbox run`: `deny` (default) or `allow`.
 pub const FLEETBOX_SECCOMP: &str = "FLEETBOX_SECCOMP";
+/// What builds job environments: `auto`, `uv`, `pip` or a path to a `uv` binary.
+pub const FLEETBOX_INSTALLER: &str = "FLEETBOX_INSTALLER";
+/// The package index job environments install from.
+pub const FLEETBOX_INDEX_URL: &str = "FLEETBOX_INDEX_URL";
 
 /// Coordinator URL for the client commands and agents (default `http://127.0.0.1:8080`).
 pub const FLEETBOX_SERVER: &str = "FLEETBOX_SERVER";

@@ -199,10 +199,15 @@ fn short(hash: &str) -> &str {
 impl Environments {
     /// A cache under `config.root`, building with `sandbox` (whose interpreter is `python`).
     pub fn new(
-        config: EnvConfig,
+        mut config: EnvConfig,
         sandbox: Arc<dyn Sandbox>,
         python: Option<PathBuf>,
     ) -> Arc<Environments> {
+        // A jail binds the environment at the same path: it must not depend on a working
+        // directory.
+        if let Ok(root) = std::path::absolute(&config.root) {
+            config.root = root;
+        }
         let uv = match &config.installer {
             Installer::Auto => find_uv(),
             Installer::Uv(p) => Some(p.clone()),

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use fleetbox_proto::{ExecutionReport, Outcome, Status, env};
 use fleetbox_sandbox::RunRequest;
+use fleetbox_sandbox::environment::{EnvError, EnvGuard};
+use fleetbox_sandbox::Environment;
 use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
 
@@ -115,7 +117,22 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
     };
     let compare = subject.verify.compare;
 
-    let first = run_on_server(state, &subject, &job).await?;
+    // The job's environment, built here as on the agents: the check compares like with like.
+    let held = match &job.environment {
+        None => None,
+        Some(spec) => match server_environment(state, spec).await {
+            Ok(held) => Some(held),
+            Err(EnvError::Cache(why)) => return Err(why),
+            Err(e @ EnvError::Build { .. }) => {
+                let finding = Finding::Unverifiable {
+                    why: format!("the coordinator could not get the job's environment: {e}"),
+                };
+                return settle(state, &subject, &[], &finding).await;
+            }
+        },
+    };
+    let environment = held.as_ref().map(|h| h.environment.clone());
+    let first = run_on_server(state, &subject, &job, environment.clone()).await?;
     if matches!(first.0.status, Status::SandboxError | Status::Killed) {
         // The coordinator's own sandbox failed (or it is stopping): nothing is known about
         // the agent's result. The shard stays in `reported` and is checked again later; it is
@@ -132,7 +149,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         Status::Ok | Status::Error => {
             // A disagreement is settled by the server's own second run: if it reproduces its
             // first, the agent's result is wrong; if not, nothing here is deterministic.
-            let second = run_on_server(state, &subject, &job).await?;
+            let second = run_on_server(state, &subject, &job, environment.clone()).await?;
             let same = second.0.status == runs[0].0.status
                 && (second.0.status != Status::Ok
                     || compare.agrees(&runs[0].1.outcome(), &second.1.outcome()));
@@ -240,11 +257,29 @@ impl Stored {
     }
 }
 
+/// The job's environment on this coordinator, built if needed (off the async threads).
+async fn server_environment(
+    state: &Arc<State>,
+    spec: &fleetbox_proto::EnvironmentSpec,
+) -> Result<EnvGuard, EnvError> {
+    let Some(envs) = state.environments.clone() else {
+        return Err(EnvError::Build {
+            hash: spec.hash(),
+            message: "the coordinator has no sandbox to build it in".into(),
+        });
+    };
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || envs.get(&spec))
+        .await
+        .map_err(|e| EnvError::Cache(format!("the environment's thread failed: {e}")))?
+}
+
 /// Run the shard once in a fresh server sandbox.
 async fn run_on_server(
     state: &Arc<State>,
     subject: &CheckSubject,
     job: &crate::JobInfo,
+    environment: Option<Environment>,
 ) -> Result<(ExecutionReport, Stored), String> {
     let mut limits = job.limits.clone();
     limits.network = false;
@@ -256,6 +291,7 @@ async fn run_on_server(
         limits,
     );
     req.runner_id = "server".into();
+    req.environment = environment;
     req.env.extend([
         (
             env::FLEETBOX_SHARD_INDEX.to_string(),

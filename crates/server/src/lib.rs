@@ -61,6 +61,8 @@ pub struct ServerConfig {
     /// Sandbox for server-side runs (the `python` reducer, re-checks).
     pub sandbox_backend: Backend,
     pub sandbox: SandboxConfig,
+    /// Where and how the environments jobs ask for are built for re-checks (`DATA/envs`).
+    pub environments: fleetbox_sandbox::environment::EnvConfig,
 }
 
 impl ServerConfig {
@@ -68,7 +70,6 @@ impl ServerConfig {
         let heartbeat_ms = 2000;
         ServerConfig {
             listen,
-            data_dir,
             database_url: None,
             lease_ms: 10_000,
             heartbeat_ms,
@@ -86,6 +87,8 @@ impl ServerConfig {
                 seccomp: fleetbox_sandbox::SeccompMode::Allow,
                 ..SandboxConfig::default()
             },
+            environments: fleetbox_sandbox::environment::EnvConfig::new(data_dir.join("envs")),
+            data_dir,
         }
     }
 }
@@ -142,6 +145,9 @@ pub struct State {
     pub started_at: i64,
     /// Signs this coordinator's audit checkpoints (`DATA/audit.key`).
     pub audit_key: ed25519_dalek::SigningKey,
+    /// Environments for re-checks of jobs that ask for packages; `None` when the server's
+    /// sandbox could not be opened (such checks are then unverifiable).
+    pub environments: Option<Arc<fleetbox_sandbox::environment::Environments>>,
 }
 
 /// A bounded record of calls with unknown tokens: at most [`InvalidTokens::PER_SECOND`] audit
@@ -294,6 +300,18 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         addr: config.listen,
         source,
     })?;
+    let environments = match fleetbox_sandbox::open(config.sandbox_backend, config.sandbox.clone())
+    {
+        Ok(sandbox) => Some(fleetbox_sandbox::environment::Environments::new(
+            config.environments.clone(),
+            Arc::from(sandbox),
+            config.sandbox.python.clone(),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "no sandbox for building environments: re-checks of jobs with `[environment]` are unverifiable");
+            None
+        }
+    };
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(State {
@@ -311,6 +329,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         instance: format!("coord_{}", ids::random_hex(8)),
         started_at: store::now_ms(),
         audit_key,
+        environments,
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));

@@ -77,6 +77,32 @@ pub async fn postgres_database() -> Option<String> {
     Some(format!("{prefix}/{name}"))
 }
 
+/// The `uv` binary tests build environments with: `FLEETBOX_TEST_UV`, else the one the `uv`
+/// package from PyPI carries (the test script installs it); `None` builds with pip.
+pub fn test_uv() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("FLEETBOX_TEST_UV") {
+        return Some(p.into());
+    }
+    ["python3", "/usr/bin/python3"].iter().find_map(|python| {
+        let out = std::process::Command::new(python)
+            .args(["-c", "import uv; print(uv.find_uv_bin())"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().into())
+    })
+}
+
+/// An environment cache at `root` building with [`test_uv`].
+pub fn environments(root: std::path::PathBuf) -> fleetbox_sandbox::environment::EnvConfig {
+    let mut config = fleetbox_sandbox::environment::EnvConfig::new(root);
+    if let Some(uv) = test_uv() {
+        config.installer = fleetbox_sandbox::environment::Installer::Uv(uv);
+    }
+    config
+}
+
 /// An in-process coordinator on `127.0.0.1:0` with short leases, and in-process agents.
 pub struct Coordinator {
     pub dir: tempfile::TempDir,
@@ -112,6 +138,7 @@ impl Coordinator {
         config.sandbox.work_root = dir.path().join("work");
         // The reducer tests leave marker files outside their workspace.
         config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+        config.environments = environments(dir.path().join("envs"));
         change(&mut config);
         let running = fleetbox_server::start(config.clone())
             .await
@@ -170,6 +197,7 @@ impl Coordinator {
             drain_timeout: Duration::from_secs(5),
             prefetch: 1,
             rotate_key: false,
+            environments: environments(self.dir.path().join("agents").join(name).join("envs")),
             test_lie_rate: lie_rate,
             test_lie_after: lie_after,
         };

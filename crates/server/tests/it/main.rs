@@ -3,6 +3,7 @@
 
 mod audit;
 mod edge;
+mod environment;
 mod folds;
 mod settle;
 mod support;
