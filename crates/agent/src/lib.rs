@@ -549,9 +549,11 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         let ran = tokio::task::spawn_blocking(move || {
             let mut report = match environment {
                 None => sandbox.run(&req),
-                Some(spec) => match spec.validate().map_err(|e| e.to_string()).and_then(|()| {
-                    environments.get(&spec).map_err(|e| e.to_string())
-                }) {
+                Some(spec) => match spec
+                    .validate()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| environments.get(&spec).map_err(|e| e.to_string()))
+                {
                     Ok(held) => {
                         req.environment = Some(held.environment.clone());
                         let mut report = sandbox.run(&req);

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbox_proto::{ExecutionReport, Outcome, Status, env};
+use fleetbox_sandbox::Environment;
 use fleetbox_sandbox::RunRequest;
 use fleetbox_sandbox::environment::{EnvError, EnvGuard};
-use fleetbox_sandbox::Environment;
 use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
 

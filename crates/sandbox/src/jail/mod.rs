@@ -129,12 +129,21 @@ impl JailSandbox {
     /// its program; false when there is no pool or none came. Runs never need this (without
     /// one they start cold); benchmarks and tests use it to measure and check the warm path.
     pub fn wait_warm(&self, limits: &Limits, timeout: std::time::Duration) -> bool {
+        self.wait_warm_shape(&Shape::plain(limits.clone()), timeout)
+    }
+
+    /// [`JailSandbox::wait_warm`] for a jail that can serve `req` (its limits and environment).
+    pub fn wait_warm_for(&self, req: &RunRequest, timeout: std::time::Duration) -> bool {
+        self.wait_warm_shape(&Shape::of(req), timeout)
+    }
+
+    fn wait_warm_shape(&self, shape: &Shape, timeout: std::time::Duration) -> bool {
         let Some(pool) = &self.pool else {
             return false;
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if pool.ready(&Shape::plain(limits.clone())) > 0 {
+            if pool.ready(shape) > 0 {
                 return true;
             }
             if Instant::now() >= deadline {

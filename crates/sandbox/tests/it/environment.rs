@@ -42,7 +42,11 @@ fn run_in(
 #[test]
 fn a_job_environment_is_built_once_and_used_in_every_backend() {
     let cache = tempfile::tempdir().unwrap();
-    let envs = environments(support::JAIL_ALLOW, cache.path(), Installer::Uv(support::uv()));
+    let envs = environments(
+        support::JAIL_ALLOW,
+        cache.path(),
+        Installer::Uv(support::uv()),
+    );
     let want = spec(&[SMALL]);
     let code = "import six, sys\nprint(six.__version__, sys.prefix == sys.base_prefix)\n";
     for setup in [JAIL, PROCESS, JAIL] {

@@ -139,8 +139,14 @@ async fn requirements_that_are_options_or_urls_are_refused_at_submission() {
         return;
     };
     for (bad, field) in [
-        ("\"--index-url=http://127.0.0.1:9/simple\"", "environment.requirements[0]"),
-        ("\"six\", \"pkg @ file:///etc/passwd\"", "environment.requirements[1]"),
+        (
+            "\"--index-url=http://127.0.0.1:9/simple\"",
+            "environment.requirements[0]",
+        ),
+        (
+            "\"six\", \"pkg @ file:///etc/passwd\"",
+            "environment.requirements[1]",
+        ),
     ] {
         let err = c.client.submit(&job(bad, 1, "")).await.unwrap_err();
         assert_eq!(err.code(), Some("invalid_spec"), "{err}");
