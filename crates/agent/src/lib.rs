@@ -523,6 +523,14 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         };
         let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
         let mut req = RunRequest::new(task.code.into_bytes(), Some(input), limits);
+        // Checked at submission; a file that does not decode is the sandbox's error below.
+        let files_error = match fleetbox_proto::job::decode_files(&task.files) {
+            Ok(files) => {
+                req.files = files;
+                None
+            }
+            Err(e) => Some(format!("the job's files: {e}")),
+        };
         req.runner_id = agent_id;
         req.cancel = cancel.clone();
         req.env.extend([
@@ -547,9 +555,10 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         let environment = task.environment.clone();
         let code_sha256 = task.code_sha256.clone();
         let ran = tokio::task::spawn_blocking(move || {
-            let mut report = match environment {
-                None => sandbox.run(&req),
-                Some(spec) => match spec
+            let mut report = match (files_error, environment) {
+                (Some(why), _) => environment_failed(&req, None, &code_sha256, why),
+                (None, None) => sandbox.run(&req),
+                (None, Some(spec)) => match spec
                     .validate()
                     .map_err(|e| e.to_string())
                     .and_then(|()| environments.get(&spec).map_err(|e| e.to_string()))
@@ -560,7 +569,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                         report.notes.push(held.note());
                         report
                     }
-                    Err(why) => environment_failed(&req, &spec, &code_sha256, why),
+                    Err(why) => environment_failed(&req, Some(&spec), &code_sha256, why),
                 },
             };
             // A run handed back at shutdown is not reported: its files are not kept either.
@@ -617,11 +626,11 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
     });
 }
 
-/// The report of a shard whose environment could not be had: a `sandbox_error` (retried
-/// elsewhere, then `dead` with this message), with the environment's hash.
+/// The report of a shard whose environment or files could not be had: a `sandbox_error`
+/// (retried elsewhere, then `dead` with this message), with the environment's hash.
 fn environment_failed(
     req: &RunRequest,
-    spec: &fleetbox_proto::EnvironmentSpec,
+    spec: Option<&fleetbox_proto::EnvironmentSpec>,
     code_sha256: &str,
     why: String,
 ) -> ExecutionReport {
@@ -631,7 +640,7 @@ fn environment_failed(
     report.limits = AppliedLimits::new(req.limits.clone());
     report.code_sha256 = code_sha256.to_string();
     report.runner.id = req.runner_id.clone();
-    report.environment = Some(fleetbox_proto::EnvironmentInfo {
+    report.environment = spec.map(|spec| fleetbox_proto::EnvironmentInfo {
         hash: spec.hash(),
         packages: Vec::new(),
     });

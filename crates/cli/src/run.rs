@@ -52,6 +52,47 @@ pub struct RunArgs {
     /// Print the full report as JSON instead of the program's output and a summary.
     #[arg(long)]
     pub json: bool,
+    /// A file for the workspace, `NAME=PATH` (or `PATH`, named by its file name); repeatable.
+    #[arg(long = "file", value_name = "NAME=PATH")]
+    pub files: Vec<String>,
+    /// Run it on a coordinator's fleet (`POST /v1/run`) instead of here.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// With `--server`: the admin token (default: `DATA/admin.token`).
+    #[arg(long, env = fleetbox_proto::env::FLEETBOX_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    /// With `--server`: the coordinator's data directory, to find its admin token.
+    #[arg(long, env = fleetbox_proto::env::FLEETBOX_DATA, default_value = "fleetbox-data")]
+    pub data: PathBuf,
+    /// With `--server`: a package the run needs (`[environment]`); repeatable.
+    #[arg(long = "requirement", value_name = "REQ")]
+    pub requirements: Vec<String>,
+    /// With `--server`: how long to wait for the answer before leaving the job running.
+    #[arg(long, default_value = "60s", value_parser = parse_millis)]
+    pub wait: Millis,
+}
+
+/// `--file` arguments as (name, content).
+fn read_files(args: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    args.iter()
+        .map(|a| {
+            let (name, path) = match a.split_once('=') {
+                Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+                None => {
+                    let p = PathBuf::from(a);
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .with_context(|| format!("`--file {a}` names no file"))?;
+                    (name, p)
+                }
+            };
+            fleetbox_proto::job::check_file_name(&name)
+                .map_err(|why| anyhow::anyhow!("`--file {a}`: {why}"))?;
+            let bytes = fs_err::read(&path).with_context(|| format!("`--file {a}`"))?;
+            Ok((name, bytes))
+        })
+        .collect()
 }
 
 fn parse_millis(s: &str) -> Result<Millis, String> {
@@ -91,7 +132,15 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut limits = settings.limits;
     limits.continue_past_output_limit = args.continue_past_output_limit;
+    let files = read_files(&args.files)?;
+    if let Some(server) = &args.server {
+        return run_remote(server, &args, code, input, limits, files);
+    }
+    if !args.requirements.is_empty() {
+        anyhow::bail!("`--requirement` needs `--server`: environments are built by agents");
+    }
     let mut req = RunRequest::new(code, input, limits);
+    req.files = files;
     req.keep_workspace = args.keep_workspace;
     let sandbox = fleetbox_sandbox::open(
         backend,
@@ -121,6 +170,79 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_human(&report)?;
     }
+    Ok(ExitCode::from(exit_code_for(report.status)))
+}
+
+/// `--server`: the same run on a coordinator's fleet, printed the same way.
+fn run_remote(
+    server: &str,
+    args: &RunArgs,
+    code: Vec<u8>,
+    input: Option<Vec<u8>>,
+    limits: fleetbox_proto::Limits,
+    files: Vec<(String, Vec<u8>)>,
+) -> anyhow::Result<ExitCode> {
+    if args.backend.is_some() {
+        anyhow::bail!("`--backend` does not apply with `--server`: agents run their own");
+    }
+    if args.keep_workspace {
+        anyhow::bail!("`--keep-workspace` does not apply with `--server`");
+    }
+    let code = String::from_utf8(code).context("the program is not UTF-8 text")?;
+    let input = match input {
+        Some(bytes) => Some(serde_json::from_slice(&bytes)?),
+        None => None,
+    };
+    let body = fleetbox_proto::api::RunBody {
+        code,
+        input,
+        limits,
+        files: fleetbox_proto::job::encode_files(&files),
+        environment: (!args.requirements.is_empty()).then(|| fleetbox_proto::EnvironmentSpec {
+            requirements: args.requirements.clone(),
+            requirements_file: None,
+        }),
+        wait_ms: Some(args.wait.0),
+        ..Default::default()
+    };
+    let client = crate::jobs_cmd::Conn {
+        server: server.to_string(),
+        token: args.token.clone(),
+        data: args.data.clone(),
+    }
+    .client()?;
+    let answer = crate::jobs_cmd::runtime()?.block_on(client.run(&body))?;
+    let Some(report) = answer.report else {
+        if answer.state.is_final() {
+            eprintln!(
+                "fleetbox: job {} ended `{}` without running: {}",
+                answer.job_id,
+                answer.state,
+                answer.error.unwrap_or_default()
+            );
+        } else {
+            eprintln!(
+                "fleetbox: still running as job {} (`fleetbox job {} --result` later)",
+                answer.job_id, answer.job_id
+            );
+        }
+        return Ok(ExitCode::from(1));
+    };
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        let status = report["status"].as_str().unwrap_or("sandbox_error");
+        let status = fleetbox_proto::Status::ALL
+            .into_iter()
+            .find(|s| s.as_str() == status)
+            .unwrap_or(fleetbox_proto::Status::SandboxError);
+        return Ok(ExitCode::from(exit_code_for(status)));
+    }
+    let report: ExecutionReport =
+        serde_json::from_value(report).context("the coordinator's report")?;
+    print_human(&report)?;
+    eprintln!("fleetbox: ran as job {}", answer.job_id);
     Ok(ExitCode::from(exit_code_for(report.status)))
 }
 

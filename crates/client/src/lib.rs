@@ -7,7 +7,8 @@ use fleetbox_proto::JobSpec;
 use fleetbox_proto::api::{
     AgentList, AuditCheckpoint, AuditPage, AuditVerification, EnrollRequest, EnrollResponse,
     ErrorBody, HeartbeatRequest, HeartbeatResponse, JobList, JobResult, JobView, LeaseRequest,
-    LeaseResponse, ReportAck, ReportBatch, ReturnRequest, ShardDetail, ShardList,
+    LeaseResponse, ReportAck, ReportBatch, ReturnRequest, RunAnswer, RunBody, ShardDetail,
+    ShardList,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -209,6 +210,14 @@ impl Client {
 
     pub async fn submit(&self, spec: &JobSpec) -> Result<JobView, ClientError> {
         self.post("/v1/jobs", spec, Duration::from_secs(300)).await
+    }
+
+    /// Run one program on the fleet and wait for it (`POST /v1/run`); `state` is not final
+    /// when the coordinator stopped waiting (`wait_ms`).
+    pub async fn run(&self, body: &RunBody) -> Result<RunAnswer, ClientError> {
+        let wait = Duration::from_millis(body.wait_ms.unwrap_or(60_000).min(600_000));
+        self.post("/v1/run", body, wait + Duration::from_secs(30))
+            .await
     }
 
     pub async fn jobs(&self, state: Option<&str>, limit: u32) -> Result<JobList, ClientError> {

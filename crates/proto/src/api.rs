@@ -279,6 +279,51 @@ pub struct LeaseResponse {
     pub tasks: Vec<LeasedTask>,
 }
 
+/// `POST /v1/run`: one program run on the fleet as a one-shard job, answered when it is done.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunBody {
+    pub code: String,
+    /// The program's input (`input.json`, `FLEETBOX_INPUT`); `null` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Files for the workspace: relative name → base64 content.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::EnvironmentSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<crate::VerifySpec>,
+    /// The job's name in listings (default `run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub priority: i32,
+    /// How long to wait for the answer before `202` with the job id, in ms (default 60000, at
+    /// most 600000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    /// Not supported: each agent runs the backend it was started with (`--backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// The answer to `POST /v1/run` (`200` when the job is final, `202` while it runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunAnswer {
+    pub job_id: String,
+    pub state: JobState,
+    /// The report of the attempt whose result was chosen (else the last one), with its output
+    /// and streams inline; `None` while the job runs or when nothing ran.
+    #[serde(default)]
+    pub report: Option<Value>,
+    /// Why the job failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One shard handed to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeasedTask {
@@ -297,6 +342,9 @@ pub struct LeasedTask {
     /// The job's `[environment]`, when it asks for packages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<crate::EnvironmentSpec>,
+    /// Files for the workspace (name → base64), as the job attached them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
     /// Milliseconds since the epoch; heartbeats move it.
     pub lease_expires_at: i64,
 }

@@ -13,6 +13,12 @@ use crate::Limits;
 pub const MAX_SHARDS: u64 = 1_000_000;
 /// Largest inline program.
 pub const MAX_CODE_BYTES: usize = 1 << 20;
+/// Most files a job may attach to its shards' workspaces, and their total decoded size.
+pub const MAX_FILES: usize = 64;
+pub const MAX_FILES_BYTES: usize = 4 << 20;
+/// The shard contract's own files in the workspace.
+pub const INPUT_FILE: &str = "input.json";
+pub const OUTPUT_FILE: &str = "output.json";
 /// Default number of lines per shard for `shards.lines`.
 pub const DEFAULT_LINES_PER_SHARD: u64 = 1000;
 
@@ -40,6 +46,9 @@ pub struct JobSpec {
     /// Verification settings (`[verify]`; defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::VerifySpec>,
+    /// Files put in every shard's workspace before it starts: relative name → base64 content.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
     /// Python packages the program needs (`[environment]`); the host's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<crate::EnvironmentSpec>,
@@ -162,6 +171,76 @@ impl Reducer {
 
 const REDUCERS: &str =
     "collect, count, sum, min, max, mean, concat, sort, merge, histogram, python";
+
+/// Why `name` cannot be an attached file's name, if it cannot: a relative path of plain
+/// components (no `.`, `..` or leading `/`), 1 to 255 bytes, not the shard contract's files.
+pub fn check_file_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("a file name must be 1 to 255 bytes");
+    }
+    if name.chars().any(char::is_control) || name.contains('\\') {
+        return Err("a file name must not contain control characters or backslashes");
+    }
+    if name.starts_with('/')
+        || name
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err("a file name must be a relative path without `.`, `..` or empty parts");
+    }
+    if name == INPUT_FILE || name == OUTPUT_FILE {
+        return Err("`input.json` and `output.json` are the shard contract's");
+    }
+    Ok(())
+}
+
+/// Attached files as bytes, checked: names, base64, how many, how large.
+pub fn decode_files(
+    files: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(String, Vec<u8>)>, SpecError> {
+    use base64::Engine as _;
+    if files.len() > MAX_FILES {
+        return Err(SpecError::new(
+            "files",
+            format!("at most {MAX_FILES} files may be attached"),
+        ));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    let mut total = 0;
+    for (name, text) in files {
+        let field = || format!("files.{name:?}");
+        check_file_name(name).map_err(|why| SpecError::new(field(), why))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| SpecError::new(field(), format!("is not base64: {e}")))?;
+        total += bytes.len();
+        if total > MAX_FILES_BYTES {
+            return Err(SpecError::new(
+                "files",
+                format!(
+                    "attached files are limited to {} MiB in all (send larger data as a blob or a shard input)",
+                    MAX_FILES_BYTES >> 20
+                ),
+            ));
+        }
+        out.push((name.clone(), bytes));
+    }
+    Ok(out)
+}
+
+/// Files as a spec carries them (base64).
+pub fn encode_files(files: &[(String, Vec<u8>)]) -> std::collections::BTreeMap<String, String> {
+    use base64::Engine as _;
+    files
+        .iter()
+        .map(|(n, b)| {
+            (
+                n.clone(),
+                base64::engine::general_purpose::STANDARD.encode(b),
+            )
+        })
+        .collect()
+}
 
 /// A spec that cannot run, naming the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -293,6 +372,7 @@ impl JobSpec {
         if let Some(e) = &self.environment {
             e.validate()?;
         }
+        decode_files(&self.files)?;
         let inputs = self.shards.plan()?;
         let reducer = match &self.aggregate {
             None => Reducer::Collect,

@@ -41,6 +41,9 @@ pub struct RunRequest {
     pub code: Vec<u8>,
     /// This shard's JSON input, written to `input.json` in the workspace.
     pub input: Option<Vec<u8>>,
+    /// Files put in the workspace before the program starts (relative name, content); not
+    /// listed as created unless the program changes them.
+    pub files: Vec<(String, Vec<u8>)>,
     /// Extra environment (the shard contract's `FLEETBOX_*` variables).
     pub env: Vec<(String, String)>,
     pub limits: Limits,
@@ -90,6 +93,7 @@ impl RunRequest {
         RunRequest {
             code: code.into(),
             input,
+            files: Vec::new(),
             env,
             limits,
             keep_workspace: false,

@@ -80,7 +80,9 @@ impl Sandbox for ProcessSandbox {
             req.input.as_deref(),
             owner,
             Some(crate::workspace::Quota::of(&req.limits)),
-        ) {
+        )
+        .and_then(|mut d| d.add_files(&req.files, owner).map(|()| d))
+        {
             Ok(d) => d,
             Err(e) => {
                 let ctx = RunContext {

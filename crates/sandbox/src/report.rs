@@ -102,6 +102,7 @@ impl RunContext<'_> {
         let listing = workspace::list_files(
             &work,
             dir.input_sha256.as_deref(),
+            &dir.given,
             limits.max_listed_files,
             limits.max_hashed_bytes,
             limits.max_file_size.0,

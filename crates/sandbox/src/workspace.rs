@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::SandboxError;
 
 pub const CODE_FILE: &str = "main.py";
-pub const INPUT_FILE: &str = "input.json";
-pub const OUTPUT_FILE: &str = "output.json";
+pub use fleetbox_proto::job::{INPUT_FILE, OUTPUT_FILE};
+
+pub use fleetbox_proto::job::check_file_name;
 
 const RUN_DIR_PREFIX: &str = "fleetbox-run-";
 /// A run directory kept after its run (out of the age-based sweep's pattern).
@@ -211,6 +212,9 @@ pub struct RunDir {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
     pub input_sha256: Option<String>,
+    /// Files put in the workspace before the run (name, SHA-256): not listed as created while
+    /// they are unchanged.
+    pub given: Vec<(String, String)>,
     /// The quota the workspace is held to, when its tmpfs could be mounted.
     pub quota: Option<Quota>,
 }
@@ -270,8 +274,53 @@ impl RunDir {
             dir: Some(dir),
             path,
             input_sha256,
+            given: Vec::new(),
             quota,
         })
+    }
+
+    /// Put the request's attached files in the workspace (names checked with
+    /// [`check_file_name`]), owned by `owner` when given.
+    pub fn add_files(
+        &mut self,
+        files: &[(String, Vec<u8>)],
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), SandboxError> {
+        let work = self.work();
+        for (name, bytes) in files {
+            check_file_name(name).map_err(|why| SandboxError::Workspace {
+                what: "accept the attached file",
+                path: PathBuf::from(name),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+            })?;
+            let path = work.join(name);
+            let io = |what: &'static str| {
+                let path = path.clone();
+                move |source| SandboxError::Workspace { what, path, source }
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io("create the directory of"))?;
+            }
+            // Never follow or reuse an entry that exists.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io("write the attached file"))?;
+            std::io::Write::write_all(&mut f, bytes).map_err(io("write the attached file"))?;
+            self.given
+                .push((listed_name(Path::new(name)), sha256_hex(bytes)));
+        }
+        if let Some((uid, gid)) = owner
+            && !files.is_empty()
+        {
+            chown_tree(&work, uid, gid).map_err(|source| SandboxError::Workspace {
+                what: "hand over",
+                path: work.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Whether the workspace's tmpfs is full (of bytes or of inodes), as seen after the run.
@@ -431,6 +480,7 @@ pub struct Listing {
 pub fn list_files(
     work: &Path,
     input_sha256: Option<&str>,
+    given: &[(String, String)],
     max_files: u32,
     max_hashed: ByteSize,
     file_size_limit: u64,
@@ -455,6 +505,13 @@ pub fn list_files(
             None
         };
         if rel == INPUT_FILE && sha256.is_some() && sha256.as_deref() == input_sha256 {
+            continue;
+        }
+        if sha256.is_some()
+            && given
+                .iter()
+                .any(|(name, hash)| *name == rel && Some(hash) == sha256.as_ref())
+        {
             continue;
         }
         if files.len() >= max_files as usize {

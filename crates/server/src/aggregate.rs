@@ -26,6 +26,7 @@ pub const MAX_FOLD_TRIES: u32 = 3;
 pub async fn run(state: Arc<State>, mut jobs: mpsc::UnboundedReceiver<String>) {
     while let Some(job) = jobs.recv().await {
         fold_job(&state, &job).await;
+        state.job_may_have_ended(&job);
         state
             .aggregating
             .lock()

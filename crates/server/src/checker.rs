@@ -292,6 +292,7 @@ async fn run_on_server(
     );
     req.runner_id = "server".into();
     req.environment = environment;
+    req.files = fleetbox_proto::job::decode_files(&job.files).map_err(|e| e.to_string())?;
     req.env.extend([
         (
             env::FLEETBOX_SHARD_INDEX.to_string(),

@@ -120,6 +120,8 @@ pub struct JobInfo {
     pub limits: Limits,
     pub shard_count: u64,
     pub environment: Option<fleetbox_proto::EnvironmentSpec>,
+    /// Attached files (name → base64).
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 /// Shared by every handler and background loop.
@@ -135,6 +137,8 @@ pub struct State {
     /// Unknown tokens recorded in the audit log this second, and those left out since.
     invalid_tokens: Mutex<InvalidTokens>,
     job_cache: Mutex<HashMap<String, Arc<JobInfo>>>,
+    /// Callers waiting for a job to end (`POST /v1/run`), woken when this coordinator ends it.
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
     aggregate_tx: mpsc::UnboundedSender<String>,
     aggregating: Mutex<HashSet<String>>,
     /// Becomes true when the coordinator stops: long polls answer at once.
@@ -217,6 +221,7 @@ impl State {
             limits: job.limits,
             shard_count: job.shard_count,
             environment: job.environment,
+            files: job.files,
         });
         let mut cache = self.job_cache.lock().expect("job cache");
         if cache.len() > 10_000 {
@@ -224,6 +229,52 @@ impl State {
         }
         cache.insert(job_id.to_string(), info.clone());
         Ok(info)
+    }
+
+    /// Wake whoever waits for this job: it may have ended.
+    pub fn job_may_have_ended(&self, job_id: &str) {
+        if let Some(n) = self.waiting.lock().expect("waiting").remove(job_id) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Wait until job `id` is final or `deadline` passes; its view either way. Woken by this
+    /// coordinator's folds and cancels, and re-read every 200 ms for what another coordinator
+    /// sharing the database ends.
+    pub async fn wait_job(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<fleetbox_proto::api::JobView, ApiError> {
+        loop {
+            let notify = self
+                .waiting
+                .lock()
+                .expect("waiting")
+                .entry(id.to_string())
+                .or_default()
+                .clone();
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let view = self
+                .store
+                .job_view(tenant_id, id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("job", id))?;
+            if view.state.is_final() || tokio::time::Instant::now() >= deadline {
+                return Ok(view);
+            }
+            let next =
+                (tokio::time::Instant::now() + std::time::Duration::from_millis(200)).min(deadline);
+            let mut stopping = self.stopping.clone();
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stopping.wait_for(|s| *s) => return Ok(view),
+            }
+        }
     }
 
     /// Queue a job for aggregation (once).
@@ -323,6 +374,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         token_cache: Mutex::new(HashMap::new()),
         invalid_tokens: Mutex::new(InvalidTokens::default()),
         job_cache: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(HashMap::new()),
         aggregate_tx,
         aggregating: Mutex::new(HashSet::new()),
         stopping: shutdown.subscribe(),

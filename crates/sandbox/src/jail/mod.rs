@@ -230,6 +230,7 @@ impl JailSandbox {
             &Shape::of(req),
             &req.code,
             req.input.as_deref(),
+            &req.files,
             program_env(req),
             false,
             &mut ctx.applied,
@@ -297,6 +298,7 @@ impl JailSandbox {
                     })?;
                 }
             }
+            built.dir.add_files(&req.files, built.host_ids)?;
             Ok(())
         })();
         let started_at = SystemTime::now();
@@ -528,6 +530,7 @@ impl Builder {
         shape: &Shape,
         code: &[u8],
         input: Option<&[u8]>,
+        files: &[(String, Vec<u8>)],
         env: Vec<(String, String)>,
         warm: bool,
         applied: &mut AppliedLimits,
@@ -556,6 +559,7 @@ impl Builder {
         let host_ids = privileged.then_some((host_uid, host_gid));
         let quota = Some(crate::workspace::Quota::of(limits));
         let dir = RunDir::create(&self.config.work_root, code, input, host_ids, quota)
+            .and_then(|mut d| d.add_files(files, host_ids).map(|()| d))
             .map_err(|e| with_py(e.into()))?;
         if dir.quota.is_some() {
             applied.enforced("workspace_size", "tmpfs");

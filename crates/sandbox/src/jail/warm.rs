@@ -218,6 +218,7 @@ fn build_warm(builder: &Builder, shape: Shape) -> Result<Warm, BuildError> {
         &shape,
         b"",
         None,
+        &[],
         base_env("/tmp", "/tmp"),
         true,
         &mut applied,

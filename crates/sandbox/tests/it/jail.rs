@@ -590,3 +590,59 @@ fn caches_under_home_are_not_collected_files() {
         assert_eq!(files, ["out.txt"], "{setup:?}");
     }
 }
+
+/// Files attached to a run are in its workspace before it starts, in every backend and in a
+/// warm jail; unchanged they are not listed as created, changed they are; a name that would
+/// leave the workspace is refused before anything runs.
+#[test]
+fn attached_files_are_in_the_workspace() {
+    let code = b"import os\nprint(open('data/a.csv').read(), open('b.txt').read())\nopen('b.txt', 'a').write('!')\nopen('new.txt', 'w').write('n')\n";
+    let files = vec![
+        ("data/a.csv".to_string(), b"x,y\n1,2".to_vec()),
+        ("b.txt".to_string(), b"bee".to_vec()),
+    ];
+    let check = |what: &str, r: &fleetbox_proto::ExecutionReport| {
+        assert_eq!(r.status, Status::Ok, "{what}: {}", show(r));
+        assert_eq!(r.stdout, "x,y\n1,2 bee\n", "{what}");
+        let listed: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(listed, ["b.txt", "new.txt"], "{what}");
+    };
+    for setup in [PROCESS, JAIL] {
+        let mut req = fleetbox_sandbox::RunRequest::new(code.to_vec(), None, limits());
+        req.files = files.clone();
+        check(&format!("{setup:?}"), &support::sandbox(setup).run(&req));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let warm = fleetbox_sandbox::jail::JailSandbox::new(support::sandbox_config(dir.path(), 1))
+        .expect("jail sandbox");
+    let mut req = fleetbox_sandbox::RunRequest::new(code.to_vec(), None, limits());
+    req.files = files.clone();
+    fleetbox_sandbox::Sandbox::run(&warm, &req);
+    assert!(warm.wait_warm(&req.limits, std::time::Duration::from_secs(10)));
+    let r = fleetbox_sandbox::Sandbox::run(&warm, &req);
+    assert!(
+        r.notes.iter().any(|n| n.starts_with("warm start")),
+        "{}",
+        show(&r)
+    );
+    check("warm", &r);
+    for bad in [
+        "../escape.txt",
+        "/etc/passwd",
+        "a/../../b",
+        "input.json",
+        "",
+    ] {
+        for setup in [PROCESS, JAIL] {
+            let mut req = fleetbox_sandbox::RunRequest::new(b"print(1)".to_vec(), None, limits());
+            req.files = vec![(bad.to_string(), b"x".to_vec())];
+            let r = support::sandbox(setup).run(&req);
+            assert_eq!(
+                r.status,
+                Status::SandboxError,
+                "{bad:?} {setup:?}: {}",
+                show(&r)
+            );
+        }
+    }
+}

@@ -160,6 +160,7 @@ pub async fn lease(
                     input: serde_json::from_str(&g.input).unwrap_or(serde_json::Value::Null),
                     limits: job.limits.clone(),
                     environment: job.environment.clone(),
+                    files: job.files.clone(),
                     lease_expires_at: expires,
                 });
             }

@@ -37,15 +37,35 @@ pub async fn submit(
     let body = raw_body(req, &()).await?;
     let spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
-    let job = NewJob {
+    let job = new_job(&spec, plan, tenant.clone(), actor);
+    state.store.insert_job(&job).await?;
+    tracing::info!(job = %job.id, shards = job.inputs.len(), name = %job.name, "job submitted");
+    state.work.notify_waiters();
+    let view = state
+        .store
+        .job_view(&tenant, &job.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &job.id))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// A validated spec as a job to store; `plan.inputs` are its shards' inputs.
+pub(crate) fn new_job(
+    spec: &JobSpec,
+    plan: fleetbox_proto::JobPlan,
+    tenant_id: String,
+    actor: String,
+) -> NewJob {
+    NewJob {
         id: job_id(),
-        tenant_id: tenant.clone(),
+        tenant_id,
         name: spec.name.trim().to_string(),
         // The spec is kept without the (possibly large) uploaded text; the shards have it.
         spec: {
             let mut s = spec.clone();
             s.shards.text = None;
             s.shards.items = None;
+            s.files.clear();
             serde_json::to_value(&s).unwrap_or_default()
         },
         code_sha256: sha256_hex(plan.code.as_bytes()),
@@ -56,18 +76,10 @@ pub async fn submit(
         max_attempts: spec.max_attempts,
         verify: spec.verify.clone().unwrap_or_default(),
         environment: spec.environment.clone(),
+        files: spec.files.clone(),
         inputs: plan.inputs,
         actor,
-    };
-    state.store.insert_job(&job).await?;
-    tracing::info!(job = %job.id, shards = job.inputs.len(), name = %job.name, "job submitted");
-    state.work.notify_waiters();
-    let view = state
-        .store
-        .job_view(&tenant, &job.id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &job.id))?;
-    Ok((StatusCode::CREATED, Json(view)))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +275,7 @@ pub async fn cancel(
         ));
     }
     tracing::info!(job = %id, "job cancelled");
+    state.job_may_have_ended(&id);
     state
         .store
         .job_view(&tenant, &id)

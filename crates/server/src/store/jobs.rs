@@ -1,5 +1,7 @@
 //! Jobs: submission (job + its tasks), views, results, cancellation, folds.
 
+use std::collections::BTreeMap;
+
 use fleetbox_proto::api::{
     AttemptView, JobResult, JobSummary, JobView, ShardCounts, ShardDetail, ShardView,
 };
@@ -30,6 +32,8 @@ pub struct NewJob {
     pub actor: String,
     pub verify: fleetbox_proto::VerifySpec,
     pub environment: Option<EnvironmentSpec>,
+    /// Attached files (name → base64).
+    pub files: BTreeMap<String, String>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -53,6 +57,7 @@ pub struct JobRow {
     pub shard_count: u64,
     pub created_at: i64,
     pub environment: Option<EnvironmentSpec>,
+    pub files: BTreeMap<String, String>,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -70,6 +75,7 @@ struct JobRecord {
     shard_count: u64,
     created_at: i64,
     environment: Option<String>,
+    files: Option<String>,
 }
 
 impl JobRecord {
@@ -89,12 +95,18 @@ impl JobRecord {
                 .as_deref()
                 .map(|e| parse(e, "job environment"))
                 .transpose()?,
+            files: self
+                .files
+                .as_deref()
+                .map(|f| parse(f, "job files"))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at, environment FROM jobs";
+     shard_count, created_at, environment, files FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]
@@ -291,10 +303,11 @@ impl Store {
         let limits = json(&job.limits);
         let reducer = json(&job.reducer);
         let environment = job.environment.as_ref().map(json);
+        let files = (!job.files.is_empty()).then(|| json(&job.files));
         let mut tx = self.begin_write().await.doing("submitting a job")?;
         let mut sql = Sql::new(
             "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
-             priority, max_attempts, shard_count, created_at, verify, environment) VALUES ",
+             priority, max_attempts, shard_count, created_at, verify, environment, files) VALUES ",
         );
         sql.push_rows([job], |row, job| {
             row.bind(job.id.as_str())
@@ -311,7 +324,8 @@ impl Store {
                 .bind(shards)
                 .bind(now)
                 .bind(serde_json::to_string(&job.verify).unwrap_or_default())
-                .bind(environment.as_deref());
+                .bind(environment.as_deref())
+                .bind(files.as_deref());
         });
         sql.build()
             .execute(&mut *tx)

@@ -122,6 +122,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0009_environment",
         include_str!("../../migrations/0009_environment.sql"),
     ),
+    (
+        "0010_files",
+        include_str!("../../migrations/0010_files.sql"),
+    ),
 ];
 
 #[derive(Clone)]

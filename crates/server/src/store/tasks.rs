@@ -716,6 +716,7 @@ mod store_tests {
                 inputs: vec![serde_json::json!(1), serde_json::json!(2)],
                 actor: "admin:test".into(),
                 environment: None,
+                files: Default::default(),
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()

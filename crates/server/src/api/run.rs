@@ -1,0 +1,132 @@
+//! `POST /v1/run`: one program on the fleet as a one-shard job, answered when it is done.
+//!
+//! The job goes through everything any job does (validation, the queue, an agent's sandbox,
+//! verification, the audit log); the call only waits for it. Past its `wait_ms` it answers `202`
+//! with the job id, and the job goes on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Request, State as AxState};
+use axum::http::StatusCode;
+use fleetbox_proto::api::{RunAnswer, RunBody};
+use fleetbox_proto::{JobSpec, ShardSpec, SpecError};
+use serde_json::Value;
+
+use super::jobs::new_job;
+use super::{ApiError, Auth, raw_body};
+use crate::State;
+use crate::store::TokenKind;
+
+const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+pub async fn run(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    req: Request,
+) -> Result<(StatusCode, Json<RunAnswer>), ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
+    let body = raw_body(req, &()).await?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let run: RunBody = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() || path == "." || path == "?" {
+            "body".to_string()
+        } else {
+            path
+        };
+        SpecError::new(field, e.into_inner().to_string())
+    })?;
+    if let Some(backend) = &run.backend {
+        return Err(SpecError::new(
+            "backend",
+            format!(
+                "`{backend}`: a run cannot choose its backend; each agent runs the one it was started with (`fleetbox agent --backend`)"
+            ),
+        )
+        .into());
+    }
+    let spec = JobSpec {
+        name: run.name.clone().unwrap_or_else(|| "run".into()),
+        code: Some(run.code),
+        code_file: None,
+        shards: ShardSpec {
+            count: Some(1),
+            ..Default::default()
+        },
+        limits: run.limits,
+        priority: run.priority,
+        max_attempts: 3,
+        aggregate: None,
+        verify: run.verify,
+        environment: run.environment,
+        files: run.files,
+        followup: None,
+    };
+    let mut plan = spec.plan()?;
+    plan.inputs = vec![run.input.unwrap_or(Value::Null)];
+    let wait = run
+        .wait_ms
+        .map_or(DEFAULT_WAIT, Duration::from_millis)
+        .min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let job = new_job(&spec, plan, tenant.clone(), actor);
+    state.store.insert_job(&job).await?;
+    tracing::debug!(job = %job.id, "run submitted");
+    state.work.notify_waiters();
+
+    let view = state.wait_job(&tenant, &job.id, deadline).await?;
+    if !view.state.is_final() {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(RunAnswer {
+                job_id: job.id,
+                state: view.state,
+                report: None,
+                error: None,
+            }),
+        ));
+    }
+    let report = match state.store.shard_detail(&tenant, &job.id, 0).await? {
+        Some(detail) => {
+            let pick = detail
+                .attempts
+                .iter()
+                .rposition(|a| a.chosen)
+                .or_else(|| detail.attempts.len().checked_sub(1));
+            match pick {
+                Some(i) => {
+                    let a = &detail.attempts[i];
+                    let mut report = a.report.clone();
+                    // Streams kept in the blob store go back inline: they are within the run's
+                    // `max_output`.
+                    for (field, blob) in [("stdout", &a.stdout_blob), ("stderr", &a.stderr_blob)] {
+                        if let (Some(hash), Some(obj)) = (blob, report.as_object_mut())
+                            && let Ok(bytes) = state.blobs.get(hash)
+                        {
+                            obj.insert(
+                                field.into(),
+                                String::from_utf8_lossy(&bytes).into_owned().into(),
+                            );
+                        }
+                    }
+                    Some(report)
+                }
+                None => None,
+            }
+        }
+        None => None,
+    };
+    Ok((
+        StatusCode::OK,
+        Json(RunAnswer {
+            job_id: job.id,
+            state: view.state,
+            report,
+            error: view.error,
+        }),
+    ))
+}
