@@ -9,12 +9,14 @@
 //! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
 //! cargo run --release -p fleetbox-bench -- verify    [--shards 300] [--runs 10]
 //! cargo run --release -p fleetbox-bench -- env       [--runs 50] [--builds 3]
+//! cargo run --release -p fleetbox-bench -- run       [--calls 200]
 //! ```
 
 mod audit;
 mod e2e;
 mod env;
 mod jail;
+mod run;
 mod startup;
 mod throughput;
 mod util;
@@ -40,6 +42,7 @@ fn main() {
             util::flag(&args, "--shards").unwrap_or(300),
             util::flag(&args, "--runs").unwrap_or(10),
         ),
+        "run" => run::run(util::flag(&args, "--calls").unwrap_or(200)),
         "env" => env::run(runs, util::flag(&args, "--builds").unwrap_or(3)),
         "e2e" => e2e::run(
             util::flag(&args, "--shards").unwrap_or(500),
@@ -51,7 +54,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|throughput|e2e|audit|verify|env [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|throughput|e2e|audit|verify|env|run [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

@@ -152,6 +152,52 @@ fn up_runs_the_examples_with_their_expected_results() {
     let listing = String::from_utf8_lossy(&out.stdout);
     assert_eq!(listing.matches("completed").count(), 3, "{listing}");
 
+    // `fleetbox run --server`: one program on the fleet (`POST /v1/run`), with an attached
+    // file, printed as a local run prints; its status is the exit code.
+    std::fs::write(dir.path().join("words.txt"), "a b c\n").unwrap();
+    std::fs::write(
+        dir.path().join("count.py"),
+        "print(len(open('in/words.txt').read().split()))\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--server",
+            &url,
+            "--file",
+            "in/words.txt=words.txt",
+            "count.py",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "3\n");
+    assert!(
+        stderr.contains("ok in") && stderr.contains("[jail]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ran as job job_"), "{stderr}");
+    std::fs::write(dir.path().join("boom.py"), "import time\ntime.sleep(30)\n").unwrap();
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--server",
+            &url,
+            "--timeout",
+            "300ms",
+            "--json",
+            "boom.py",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "timeout's exit code");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "timeout", "{report}");
+
     // A spec with a mistake is refused before anything is sent, naming the field.
     let bad = dir.path().join("bad.toml");
     std::fs::write(
