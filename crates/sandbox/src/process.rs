@@ -214,6 +214,8 @@ pub fn base_env(home: &str, tmp: &str) -> Vec<(String, String)> {
         ("LANG".into(), "C.UTF-8".into()),
         ("HOME".into(), home.into()),
         ("TMPDIR".into(), tmp.into()),
+        // Nothing can be shown: `plt.show()` must return, and figures go to files.
+        ("MPLBACKEND".into(), "Agg".into()),
     ]
 }
 

@@ -411,7 +411,7 @@ fn shard_contract_inside_the_jail() {
         .map(String::as_str)
         .collect();
     keys.sort();
-    assert_eq!(keys, ["HOME", "LANG", "PATH", "TMPDIR"]);
+    assert_eq!(keys, ["HOME", "LANG", "MPLBACKEND", "PATH", "TMPDIR"]);
     assert_eq!(
         env["HOME"], "/tmp",
         "HOME is outside the collected workspace"

@@ -1,0 +1,26 @@
+"""Run Python on a Fleetbox fleet.
+
+>>> from fleetbox import Fleet
+>>> fleet = Fleet()                      # FLEETBOX_SERVER / FLEETBOX_TOKEN
+>>> fleet.run("print(6 * 7)").stdout
+'42\\n'
+>>> fleet.map(square, range(10))         # a module-level function, sent as its source
+[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]
+"""
+
+from ._common import FileInfo, Result
+from .client import AsyncFleet, AsyncJob, Fleet, Job
+from .errors import FleetboxError, JobFailed, Timeout
+
+__all__ = [
+    "AsyncFleet",
+    "AsyncJob",
+    "FileInfo",
+    "Fleet",
+    "FleetboxError",
+    "Job",
+    "JobFailed",
+    "Result",
+    "Timeout",
+]
+__version__ = "0.1.0"

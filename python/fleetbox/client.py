@@ -1,0 +1,311 @@
+"""``Fleet`` and ``AsyncFleet``: a coordinator's API as Python calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import httpx
+
+from ._common import (
+    FINAL_STATES,
+    Files,
+    Progress,
+    Result,
+    load_spec,
+    map_spec,
+    raise_for,
+    run_body,
+    server_and_token,
+    unreachable,
+)
+from .errors import JobFailed, Timeout
+
+Spec = Union[Mapping[str, Any], str, "os.PathLike[str]"]  # noqa: F821
+
+
+def _final_result(job_id: str, result: Mapping[str, Any]) -> Any:
+    if result["state"] != "completed":
+        raise JobFailed(job_id, result["state"], result.get("error") or "")
+    return result.get("result")
+
+
+class Job:
+    """A submitted job. ``wait()`` follows it to the end; ``result()`` is its value."""
+
+    def __init__(self, fleet: "Fleet", view: Mapping[str, Any]) -> None:
+        self.fleet = fleet
+        self.id: str = view["id"]
+        self.name: str = view.get("name", "")
+        self.view: Dict[str, Any] = dict(view)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, {self.name!r}, state={self.view.get('state')!r})"
+
+    def status(self) -> Dict[str, Any]:
+        """The job as the coordinator sees it now: state and shard counts."""
+        self.view = self.fleet._get(f"/v1/jobs/{self.id}")
+        return self.view
+
+    def wait(self, timeout: Optional[float] = None, progress: Optional[bool] = None) -> Dict[str, Any]:
+        """Block until the job is final (or raise ``Timeout``); its result document. A progress
+        bar is shown on a terminal unless ``progress=False``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        view = self.status()
+        bar = Progress(view["shards"]["total"], self.name or self.id, progress is not False)
+        delay = 0.05
+        try:
+            while view["state"] not in FINAL_STATES:
+                s = view["shards"]
+                bar.update(s["accepted"] + s["rejected"] + s["dead"])
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(self.id, timeout or 0.0)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                view = self.status()
+            bar.update(view["shards"]["total"])
+        finally:
+            bar.close()
+        return self.fleet._get(f"/v1/jobs/{self.id}/result")
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """The job's value once it completes; ``JobFailed`` if it failed or was cancelled."""
+        return _final_result(self.id, self.wait(timeout=timeout, progress=False))
+
+    def shards(self) -> List[Dict[str, Any]]:
+        """Every shard (index, state, attempts, ...), all pages."""
+        out: List[Dict[str, Any]] = []
+        start: Optional[int] = 0
+        while start is not None:
+            page = self.fleet._get(f"/v1/jobs/{self.id}/shards", params={"from": start})
+            out.extend(page["shards"])
+            start = page.get("next")
+        return out
+
+    def cancel(self) -> Dict[str, Any]:
+        self.view = self.fleet._post(f"/v1/jobs/{self.id}/cancel", {})
+        return self.view
+
+
+class Fleet:
+    """A coordinator. ``url`` and ``token`` default to ``FLEETBOX_SERVER`` and
+    ``FLEETBOX_TOKEN`` (else ``http://127.0.0.1:8080`` and ``$FLEETBOX_DATA/admin.token``),
+    as for the ``fleetbox`` command."""
+
+    def __init__(self, url: Optional[str] = None, token: Optional[str] = None, timeout: float = 30.0) -> None:
+        self.url, self._token = server_and_token(url, token)
+        self._http = httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {self._token}"}, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _get(self, path: str, params: Optional[Mapping[str, Any]] = None) -> Any:
+        try:
+            return raise_for(self._http.get(path, params=params))
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+
+    def _post(self, path: str, body: Any, timeout: Optional[float] = None) -> Any:
+        try:
+            kw = {} if timeout is None else {"timeout": timeout}
+            return raise_for(self._http.post(path, json=body, **kw))
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+
+    def run(
+        self,
+        code: str,
+        input: Any = None,
+        timeout: Optional[float] = None,
+        files: Optional[Files] = None,
+        *,
+        limits: Optional[Mapping[str, Any]] = None,
+        requirements: Optional[List[str]] = None,
+        wait: float = 60.0,
+    ) -> Result:
+        """Run one program on the fleet and return its report. ``timeout`` (seconds) is the
+        program's limit; ``files`` (name → bytes or text) appear in its workspace; past ``wait``
+        seconds ``Timeout`` is raised and the run goes on as a job."""
+        body = run_body(code, input, timeout, files, limits, requirements, wait)
+        answer = self._post("/v1/run", body, timeout=wait + 30)
+        if answer.get("report") is None:
+            if answer["state"] in FINAL_STATES:
+                raise JobFailed(answer["job_id"], answer["state"], answer.get("error") or "")
+            raise Timeout(answer["job_id"], wait)
+        return Result.from_answer(answer)
+
+    def blob(self, sha256: str) -> bytes:
+        """A stored blob by hash: a file a program wrote (``Result.files``), a large stream."""
+        try:
+            resp = self._http.get(f"/v1/blobs/{sha256}")
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+        if not resp.is_success:
+            raise_for(resp)
+        return resp.content
+
+    def submit(self, spec: Spec) -> Job:
+        """Submit a job spec (a dict, or a ``.toml``/``.json`` file)."""
+        return Job(self, self._post("/v1/jobs", load_spec(spec), timeout=300))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self._get(f"/v1/jobs/{job_id}"))
+
+    def jobs(self, state: Optional[str] = None, limit: int = 100) -> List[Job]:
+        params: Dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        return [Job(self, v) for v in self._get("/v1/jobs", params=params)["jobs"]]
+
+    def map(
+        self,
+        code_or_function: Union[str, Callable[..., Any]],
+        items: List[Any],
+        per_shard: int = 1,
+        reducer: Optional[str] = None,
+        *,
+        timeout: Optional[float] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+        requirements: Optional[List[str]] = None,
+        name: Optional[str] = None,
+        progress: Optional[bool] = None,
+    ) -> Any:
+        """Fan ``items`` out over the fleet and return the folded result. A function is sent as
+        its source and applied to every item (results in item order); a string is a program
+        that reads its shard (``{"items": [...]}``) from ``FLEETBOX_INPUT``."""
+        spec = map_spec(code_or_function, items, per_shard, reducer, timeout, limits, requirements, name)
+        job = self.submit(spec)
+        return _final_result(job.id, job.wait(progress=progress))
+
+
+class AsyncJob:
+    """``Job`` for ``AsyncFleet``."""
+
+    def __init__(self, fleet: "AsyncFleet", view: Mapping[str, Any]) -> None:
+        self.fleet = fleet
+        self.id: str = view["id"]
+        self.name: str = view.get("name", "")
+        self.view: Dict[str, Any] = dict(view)
+
+    async def status(self) -> Dict[str, Any]:
+        self.view = await self.fleet._get(f"/v1/jobs/{self.id}")
+        return self.view
+
+    async def wait(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        view = await self.status()
+        while view["state"] not in FINAL_STATES:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Timeout(self.id, timeout or 0.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            view = await self.status()
+        return await self.fleet._get(f"/v1/jobs/{self.id}/result")
+
+    async def result(self, timeout: Optional[float] = None) -> Any:
+        return _final_result(self.id, await self.wait(timeout=timeout))
+
+    async def shards(self) -> List[Dict[str, Any]]:
+        out: List[Dict[str, Any]] = []
+        start: Optional[int] = 0
+        while start is not None:
+            page = await self.fleet._get(f"/v1/jobs/{self.id}/shards", params={"from": start})
+            out.extend(page["shards"])
+            start = page.get("next")
+        return out
+
+    async def cancel(self) -> Dict[str, Any]:
+        self.view = await self.fleet._post(f"/v1/jobs/{self.id}/cancel", {})
+        return self.view
+
+
+class AsyncFleet:
+    """``Fleet`` for ``asyncio``: the same methods, awaited."""
+
+    def __init__(self, url: Optional[str] = None, token: Optional[str] = None, timeout: float = 30.0) -> None:
+        self.url, self._token = server_and_token(url, token)
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers={"authorization": f"Bearer {self._token}"}, timeout=timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncFleet":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def _get(self, path: str, params: Optional[Mapping[str, Any]] = None) -> Any:
+        try:
+            return raise_for(await self._http.get(path, params=params))
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+
+    async def _post(self, path: str, body: Any, timeout: Optional[float] = None) -> Any:
+        try:
+            kw = {} if timeout is None else {"timeout": timeout}
+            return raise_for(await self._http.post(path, json=body, **kw))
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+
+    async def run(
+        self,
+        code: str,
+        input: Any = None,
+        timeout: Optional[float] = None,
+        files: Optional[Files] = None,
+        *,
+        limits: Optional[Mapping[str, Any]] = None,
+        requirements: Optional[List[str]] = None,
+        wait: float = 60.0,
+    ) -> Result:
+        body = run_body(code, input, timeout, files, limits, requirements, wait)
+        answer = await self._post("/v1/run", body, timeout=wait + 30)
+        if answer.get("report") is None:
+            if answer["state"] in FINAL_STATES:
+                raise JobFailed(answer["job_id"], answer["state"], answer.get("error") or "")
+            raise Timeout(answer["job_id"], wait)
+        return Result.from_answer(answer)
+
+    async def blob(self, sha256: str) -> bytes:
+        try:
+            resp = await self._http.get(f"/v1/blobs/{sha256}")
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+        if not resp.is_success:
+            raise_for(resp)
+        return resp.content
+
+    async def submit(self, spec: Spec) -> AsyncJob:
+        return AsyncJob(self, await self._post("/v1/jobs", load_spec(spec), timeout=300))
+
+    async def job(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self, await self._get(f"/v1/jobs/{job_id}"))
+
+    async def map(
+        self,
+        code_or_function: Union[str, Callable[..., Any]],
+        items: List[Any],
+        per_shard: int = 1,
+        reducer: Optional[str] = None,
+        *,
+        timeout: Optional[float] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+        requirements: Optional[List[str]] = None,
+        name: Optional[str] = None,
+    ) -> Any:
+        spec = map_spec(code_or_function, items, per_shard, reducer, timeout, limits, requirements, name)
+        job = await self.submit(spec)
+        return _final_result(job.id, await job.wait())
