@@ -180,3 +180,75 @@ fn pip_builds_when_there_is_no_uv() {
     assert_eq!(r.status, Status::Ok, "{}", show(&r));
     assert_eq!(r.stdout, "1.16.0\n");
 }
+
+#[test]
+fn the_cache_evicts_the_least_recently_used_environment_no_run_holds() {
+    let cache = tempfile::tempdir().unwrap();
+    let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
+    let mut config = EnvConfig::new(cache.path());
+    config.installer = Installer::Uv(support::uv());
+    // Smaller than any one environment: only what a run holds stays.
+    config.max_bytes = 1;
+    let envs = Environments::new(config, sandbox, None);
+    let a = spec(&[SMALL]);
+    let b = spec(&["attrs==23.2.0"]);
+    let held_a = envs.get(&a).unwrap();
+    let dir_a = held_a.environment.dir.clone();
+    // While a run holds `a`, building `b` leaves it alone.
+    let held_b = envs.get(&b).unwrap();
+    assert!(dir_a.exists(), "an environment in use is never evicted");
+    drop(held_a);
+    drop(held_b);
+    // The next build evicts both older, unheld environments.
+    let c = spec(&["iniconfig==2.0.0"]);
+    let held_c = envs.get(&c).unwrap();
+    assert!(
+        !dir_a.exists(),
+        "the least recently used environment was evicted"
+    );
+    assert!(held_c.environment.dir.exists());
+    drop(held_c);
+    // An evicted environment is built again when asked for.
+    let again = envs.get(&a).unwrap();
+    assert!(again.built);
+    assert_eq!(envs.builds(), 4);
+}
+
+/// Air-gapped fleets: `--find-links DIR --no-index` installs from a wheelhouse only.
+#[test]
+fn a_wheelhouse_serves_an_air_gapped_agent() {
+    let wheels = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        wheels.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let got = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps", "-d"])
+        .arg(wheels.path())
+        .arg(SMALL)
+        .status()
+        .unwrap();
+    assert!(got.success(), "pip download {SMALL}");
+    let cache = tempfile::tempdir().unwrap();
+    let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
+    let mut config = EnvConfig::new(cache.path());
+    config.installer = Installer::Uv(support::uv());
+    config.find_links = Some(wheels.path().to_path_buf());
+    config.no_index = true;
+    let envs = Environments::new(config, sandbox, None);
+    let held = envs.get(&spec(&[SMALL])).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        held.environment
+            .info
+            .packages
+            .iter()
+            .any(|p| p.name == "six")
+    );
+    // Nothing else is reachable: a package not in the wheelhouse is a clear error.
+    let err = envs
+        .get(&spec(&["attrs==23.2.0"]))
+        .err()
+        .expect("not in the wheelhouse");
+    assert!(err.to_string().contains("attrs"), "{err}");
+}
