@@ -122,6 +122,12 @@ pub struct ServerArgs {
     /// Sandbox backend for server-side runs (the `python` reducer, re-checks).
     #[arg(long)]
     pub backend: Option<String>,
+    /// Serve the Model Context Protocol at `/mcp` (Streamable HTTP; admin bearer token).
+    #[arg(long)]
+    pub mcp: bool,
+    /// An `Origin` allowed to call `/mcp` (repeatable; requests with any other are refused).
+    #[arg(long = "mcp-allow-origin", value_name = "ORIGIN")]
+    pub mcp_origins: Vec<String>,
     #[command(flatten)]
     pub env: EnvArgs,
 }
@@ -281,6 +287,8 @@ fn server_config(
 ) -> anyhow::Result<ServerConfig> {
     let mut c = ServerConfig::new(args.listen, args.data.clone());
     c.environments = args.env.config(args.data.join("envs"))?;
+    c.mcp = args.mcp;
+    c.mcp_origins = args.mcp_origins.clone();
     c.database_url = args.database_url.clone();
     c.lease_ms = args.lease.0.max(100);
     c.heartbeat_ms = args.heartbeat.0.max(50);
@@ -441,6 +449,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
         enroll_token: None,
         backend: None,
+        mcp: true,
+        mcp_origins: Vec::new(),
         env: EnvArgs::default(),
     };
     let cfg = server_config(&server_args, backend, sandbox.clone())?;

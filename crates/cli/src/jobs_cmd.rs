@@ -113,6 +113,25 @@ pub struct BlobArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct McpArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `fleetbox mcp`: MCP on stdio until the client closes it. Stdout carries the protocol, so
+/// everything else goes to stderr.
+pub fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fleetbox_mcp::serve_stdio(client))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
 pub struct CancelArgs {
     pub id: String,
     #[command(flatten)]

@@ -51,6 +51,9 @@ enum Command {
     Audit(audit_cmd::AuditArgs),
     /// The agents, their trust and quarantine; `release ID` lets a quarantined one lease again.
     Agents(agents_cmd::AgentsArgs),
+    /// Serve the Model Context Protocol on stdin/stdout (for Claude Desktop, Cursor, any MCP
+    /// client), calling the coordinator at `--server` with `--token`.
+    Mcp(jobs_cmd::McpArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
         Command::Blob(args) => jobs_cmd::blob(args),
         Command::Audit(args) => audit_cmd::audit(args),
         Command::Agents(args) => agents_cmd::agents(args),
+        Command::Mcp(args) => jobs_cmd::mcp(args),
     };
     match result {
         Ok(code) => code,

@@ -63,6 +63,11 @@ pub struct ServerConfig {
     pub sandbox: SandboxConfig,
     /// Where and how the environments jobs ask for are built for re-checks (`DATA/envs`).
     pub environments: fleetbox_sandbox::environment::EnvConfig,
+    /// Serve the Model Context Protocol at `/mcp` (Streamable HTTP, admin tokens).
+    pub mcp: bool,
+    /// `Origin`s allowed to call `/mcp` (browsers send one; requests with any other are
+    /// refused, against DNS rebinding). Clients that send none are not affected.
+    pub mcp_origins: Vec<String>,
 }
 
 impl ServerConfig {
@@ -88,6 +93,8 @@ impl ServerConfig {
                 ..SandboxConfig::default()
             },
             environments: fleetbox_sandbox::environment::EnvConfig::new(data_dir.join("envs")),
+            mcp: false,
+            mcp_origins: Vec::new(),
             data_dir,
         }
     }
@@ -386,7 +393,23 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
     tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
-    let app = api::router(state.clone());
+    let mcp = state.config.mcp.then(|| {
+        // Tool calls go to this coordinator's own API, with the caller's token.
+        let ip = if addr.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            addr.ip()
+        };
+        api::McpMount {
+            base: format!("http://{}", std::net::SocketAddr::new(ip, addr.port())),
+            hosts: ["localhost".to_string(), "127.0.0.1".into(), "::1".into()]
+                .into_iter()
+                .chain([addr.ip().to_string()])
+                .collect(),
+            origins: state.config.mcp_origins.clone(),
+        }
+    });
+    let app = api::router(state.clone(), mcp);
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

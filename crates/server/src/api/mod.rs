@@ -13,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
@@ -28,8 +28,15 @@ use error::TRACE_ID;
 /// Largest request body (job specs carry uploaded `lines`).
 pub const MAX_BODY: usize = fleetbox_proto::api::MAX_REQUEST_BYTES;
 
-pub fn router(state: Arc<State>) -> Router {
-    Router::new()
+/// Where `/mcp` sends its tool calls, and whom it accepts.
+pub struct McpMount {
+    pub base: String,
+    pub hosts: Vec<String>,
+    pub origins: Vec<String>,
+}
+
+pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
+    let mut router = Router::new()
         .route("/v1/status", get(jobs::status))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/run", post(run::run))
@@ -55,12 +62,29 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/audit/checkpoints", get(audit::checkpoints))
-        .route("/v1/audit/prune", post(audit::prune))
+        .route("/v1/audit/prune", post(audit::prune));
+    if let Some(m) = mcp {
+        let service = fleetbox_mcp::http_service(m.base, m.hosts, m.origins);
+        router = router.merge(
+            Router::new()
+                .nest_service("/mcp", service)
+                .layer(middleware::from_fn_with_state(state.clone(), mcp_auth)),
+        );
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(trace))
         .with_state(state)
+}
+
+/// `/mcp` takes admin tokens only; its tools then call the API with the same token.
+async fn mcp_auth(auth: Result<Auth, ApiError>, req: Request, next: Next) -> Response {
+    match auth.and_then(|a| a.require(&[TokenKind::Admin]).map(|_| ())) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn trace(req: Request, next: Next) -> Response {
