@@ -133,6 +133,7 @@ async fn one(
                     .lease(&LeaseRequest {
                         max_tasks: batch,
                         wait_ms: 0,
+                        backend: None,
                     })
                     .await
                     .map_err(|e| e.to_string())?;

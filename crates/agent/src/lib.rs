@@ -438,6 +438,7 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
         let req = LeaseRequest {
             max_tasks: free,
             wait_ms: LEASE_WAIT_MS,
+            backend: Some(shared.config.backend.as_str().to_string()),
         };
         match shared.client().lease(&req).await {
             Ok(resp) => {

@@ -272,6 +272,10 @@ pub struct LeaseRequest {
     pub max_tasks: u32,
     #[serde(default)]
     pub wait_ms: u64,
+    /// The agent's sandbox backend: shards of jobs that ask for another are not leased to it
+    /// (an agent that does not say gets only shards of jobs that ask for none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,7 +309,8 @@ pub struct RunBody {
     /// most 600000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
-    /// Not supported: each agent runs the backend it was started with (`--backend`).
+    /// The sandbox backend to run in (`process`, `jail`): only agents started with it take
+    /// the run. Any agent's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
 }

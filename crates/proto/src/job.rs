@@ -13,6 +13,8 @@ use crate::Limits;
 pub const MAX_SHARDS: u64 = 1_000_000;
 /// Largest inline program.
 pub const MAX_CODE_BYTES: usize = 1 << 20;
+/// The sandbox backends a job may ask for.
+pub const BACKENDS: &[&str] = &["process", "jail"];
 /// Most files a job may attach to its shards' workspaces, and their total decoded size.
 pub const MAX_FILES: usize = 64;
 pub const MAX_FILES_BYTES: usize = 4 << 20;
@@ -46,6 +48,10 @@ pub struct JobSpec {
     /// Verification settings (`[verify]`; defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::VerifySpec>,
+    /// The sandbox backend every shard must run in (`process` or `jail`); any agent's when
+    /// absent. Only agents with that backend lease its shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// Files put in every shard's workspace before it starts: relative name → base64 content.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub files: std::collections::BTreeMap<String, String>,
@@ -373,6 +379,17 @@ impl JobSpec {
             e.validate()?;
         }
         decode_files(&self.files)?;
+        if let Some(b) = &self.backend
+            && !BACKENDS.contains(&b.as_str())
+        {
+            return Err(SpecError::new(
+                "backend",
+                format!(
+                    "unknown backend `{b}` (expected one of: {})",
+                    BACKENDS.join(", ")
+                ),
+            ));
+        }
         let inputs = self.shards.plan()?;
         let reducer = match &self.aggregate {
             None => Reducer::Collect,

@@ -141,7 +141,14 @@ pub async fn lease(
         let expires = now_ms() + state.config.lease_ms as i64;
         let grants = state
             .store
-            .lease(tenant, agent, req.max_tasks, expires, &prefix)
+            .lease_with(
+                tenant,
+                agent,
+                req.backend.as_deref(),
+                req.max_tasks,
+                expires,
+                &prefix,
+            )
             .await?;
         let now = Instant::now();
         if !grants.is_empty() || now >= deadline {

@@ -77,6 +77,7 @@ pub(crate) fn new_job(
         verify: spec.verify.clone().unwrap_or_default(),
         environment: spec.environment.clone(),
         files: spec.files.clone(),
+        backend: spec.backend.clone(),
         inputs: plan.inputs,
         actor,
     }

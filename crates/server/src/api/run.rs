@@ -40,15 +40,6 @@ pub async fn run(
         };
         SpecError::new(field, e.into_inner().to_string())
     })?;
-    if let Some(backend) = &run.backend {
-        return Err(SpecError::new(
-            "backend",
-            format!(
-                "`{backend}`: a run cannot choose its backend; each agent runs the one it was started with (`fleetbox agent --backend`)"
-            ),
-        )
-        .into());
-    }
     let spec = JobSpec {
         name: run.name.clone().unwrap_or_else(|| "run".into()),
         code: Some(run.code),
@@ -64,6 +55,7 @@ pub async fn run(
         verify: run.verify,
         environment: run.environment,
         files: run.files,
+        backend: run.backend,
         followup: None,
     };
     let mut plan = spec.plan()?;

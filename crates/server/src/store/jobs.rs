@@ -34,6 +34,8 @@ pub struct NewJob {
     pub environment: Option<EnvironmentSpec>,
     /// Attached files (name → base64).
     pub files: BTreeMap<String, String>,
+    /// The backend its shards must run in.
+    pub backend: Option<String>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -332,11 +334,11 @@ impl Store {
             .await
             .doing("inserting a job")?;
         let inputs: Vec<String> = job.inputs.iter().map(json).collect();
-        let per_statement = self.rows_per_statement(8);
+        let per_statement = self.rows_per_statement(9);
         for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
             let mut sql = Sql::new(
                 "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
-                 max_attempts, updated_at) VALUES ",
+                 max_attempts, updated_at, backend) VALUES ",
             );
             sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
                 row.bind(job.tenant_id.as_str())
@@ -346,7 +348,8 @@ impl Store {
                     .bind(i64::from(job.priority))
                     .bind(input.as_str())
                     .bind(i64::from(job.max_attempts))
-                    .bind(now);
+                    .bind(now)
+                    .bind(job.backend.as_deref());
             });
             sql.build()
                 .execute(&mut *tx)

@@ -126,6 +126,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0010_files",
         include_str!("../../migrations/0010_files.sql"),
     ),
+    (
+        "0011_backend",
+        include_str!("../../migrations/0011_backend.sql"),
+    ),
 ];
 
 #[derive(Clone)]

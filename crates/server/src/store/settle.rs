@@ -312,6 +312,7 @@ pub(super) async fn lease(
     kind: DbKind,
     tenant: &str,
     agent: &str,
+    backend: Option<&str>,
     max: u32,
     expires: i64,
     lease_prefix: &str,
@@ -332,8 +333,15 @@ pub(super) async fn lease(
         .push(" AND tenant_id = ")
         .bind(tenant)
         .push(" AND not_before <= ")
-        .bind(now)
-        .push(" ORDER BY priority DESC, id LIMIT ")
+        .bind(now);
+    match backend {
+        Some(b) => sql
+            .push(" AND (backend IS NULL OR backend = ")
+            .bind(b)
+            .push(")"),
+        None => sql.push(" AND backend IS NULL"),
+    };
+    sql.push(" ORDER BY priority DESC, id LIMIT ")
         .bind(i64::from(max));
     if kind == DbKind::Postgres {
         sql.push(" FOR UPDATE SKIP LOCKED");

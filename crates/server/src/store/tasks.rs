@@ -147,8 +147,31 @@ impl Store {
         expires: i64,
         lease_prefix: &str,
     ) -> Result<Vec<LeaseGrant>, StoreError> {
-        self.lease_at(tenant_id, agent_id, max, expires, lease_prefix, now_ms())
+        self.lease_with(tenant_id, agent_id, None, max, expires, lease_prefix)
             .await
+    }
+
+    /// [`Store::lease`] for an agent with this sandbox backend: shards of jobs that ask for
+    /// another are left for others.
+    pub async fn lease_with(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        backend: Option<&str>,
+        max: u32,
+        expires: i64,
+        lease_prefix: &str,
+    ) -> Result<Vec<LeaseGrant>, StoreError> {
+        self.lease_inner(
+            tenant_id,
+            agent_id,
+            backend,
+            max,
+            expires,
+            lease_prefix,
+            now_ms(),
+        )
+        .await
     }
 
     /// [`Store::lease`] as of `now` (tests move the clock).
@@ -156,6 +179,21 @@ impl Store {
         &self,
         tenant_id: &str,
         agent_id: &str,
+        max: u32,
+        expires: i64,
+        lease_prefix: &str,
+        now: i64,
+    ) -> Result<Vec<LeaseGrant>, StoreError> {
+        self.lease_inner(tenant_id, agent_id, None, max, expires, lease_prefix, now)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn lease_inner(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        backend: Option<&str>,
         max: u32,
         expires: i64,
         lease_prefix: &str,
@@ -169,6 +207,7 @@ impl Store {
             self.kind,
             tenant_id,
             agent_id,
+            backend,
             max,
             expires,
             lease_prefix,
@@ -717,6 +756,7 @@ mod store_tests {
                 actor: "admin:test".into(),
                 environment: None,
                 files: Default::default(),
+                backend: None,
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()

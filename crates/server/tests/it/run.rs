@@ -144,3 +144,39 @@ async fn a_run_can_ask_for_an_environment() {
     );
     c.stop().await;
 }
+
+/// A run (or a job) may ask for a backend: only agents with it lease its shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_asking_for_a_backend_waits_for_an_agent_with_it() {
+    let Some(mut c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
+        return;
+    };
+    // The test agents run the `process` backend.
+    c.agent("a", Default::default());
+    let mut on_process = body("print('here')");
+    on_process.backend = Some("process".into());
+    let answer = c.client.run(&on_process).await.unwrap();
+    assert_eq!(answer.state, JobState::Completed, "{answer:?}");
+    assert_eq!(answer.report.unwrap()["backend"], "process");
+
+    let mut on_jail = body("print('there')");
+    on_jail.backend = Some("jail".into());
+    on_jail.wait_ms = Some(1500);
+    let answer = c.client.run(&on_jail).await.unwrap();
+    assert!(!answer.state.is_final(), "{answer:?}");
+    let job = c.client.job(&answer.job_id).await.unwrap();
+    assert_eq!(
+        job.shards.queued, 1,
+        "no agent with a jail took it: {job:?}"
+    );
+    // Meanwhile the process agent still serves everything else.
+    let answer = c.client.run(&body("print(1)")).await.unwrap();
+    assert_eq!(answer.state, JobState::Completed);
+
+    let mut unknown = body("print(1)");
+    unknown.backend = Some("vm".into());
+    let err = c.client.run(&unknown).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_spec"));
+    assert!(err.to_string().contains("backend"), "{err}");
+    c.stop().await;
+}

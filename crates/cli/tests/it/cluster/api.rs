@@ -49,6 +49,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
         .lease(&LeaseRequest {
             max_tasks: 5,
             wait_ms: 2000,
+            backend: None,
         })
         .await
         .unwrap();
@@ -84,6 +85,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
         .lease(&LeaseRequest {
             max_tasks: 5,
             wait_ms: 10_000,
+            backend: None,
         })
         .await
         .unwrap();
@@ -533,6 +535,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
         .lease(&LeaseRequest {
             max_tasks: 1,
             wait_ms: 2000,
+            backend: None,
         })
         .await
         .unwrap();
@@ -597,6 +600,7 @@ pub async fn priorities_order_the_queue(db: Db) {
             .lease(&LeaseRequest {
                 max_tasks: 3,
                 wait_ms: 1000,
+                backend: None,
             })
             .await
             .unwrap();
@@ -627,6 +631,7 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
         .lease(&LeaseRequest {
             max_tasks: 1,
             wait_ms: 2000,
+            backend: None,
         })
         .await
         .unwrap();
@@ -718,6 +723,7 @@ pub async fn signed_reports_are_checked(db: Db) {
         .lease(&LeaseRequest {
             max_tasks: 2,
             wait_ms: 2000,
+            backend: None,
         })
         .await
         .unwrap();
