@@ -10,12 +10,14 @@
 //! cargo run --release -p fleetbox-bench -- verify    [--shards 300] [--runs 10]
 //! cargo run --release -p fleetbox-bench -- env       [--runs 50] [--builds 3]
 //! cargo run --release -p fleetbox-bench -- run       [--calls 200]
+//! cargo run --release -p fleetbox-bench -- review    [--runs 50]
 //! ```
 
 mod audit;
 mod e2e;
 mod env;
 mod jail;
+mod review;
 mod run;
 mod startup;
 mod throughput;
@@ -42,6 +44,7 @@ fn main() {
             util::flag(&args, "--shards").unwrap_or(300),
             util::flag(&args, "--runs").unwrap_or(10),
         ),
+        "review" => review::run(runs),
         "run" => run::run(util::flag(&args, "--calls").unwrap_or(200)),
         "env" => env::run(runs, util::flag(&args, "--builds").unwrap_or(3)),
         "e2e" => e2e::run(

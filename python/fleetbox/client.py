@@ -143,6 +143,12 @@ class Fleet:
             raise Timeout(answer["job_id"], wait)
         return Result.from_answer(answer)
 
+    def review(self, code: str) -> Dict[str, Any]:
+        """The code review of a program without running it: ``findings`` (rule, severity, line,
+        column, message, snippet), ``risk`` (0-100) and ``decision`` (``run``,
+        ``run_on_server_only``, ``hold``, ``reject``). A syntax error raises ``FleetboxError``."""
+        return self._post("/v1/review", {"code": code})
+
     def blob(self, sha256: str) -> bytes:
         """A stored blob by hash: a file a program wrote (``Result.files``), a large stream."""
         try:
@@ -278,6 +284,9 @@ class AsyncFleet:
                 raise JobFailed(answer["job_id"], answer["state"], answer.get("error") or "")
             raise Timeout(answer["job_id"], wait)
         return Result.from_answer(answer)
+
+    async def review(self, code: str) -> Dict[str, Any]:
+        return await self._post("/v1/review", {"code": code})
 
     async def blob(self, sha256: str) -> bytes:
         try:

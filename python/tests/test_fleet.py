@@ -132,3 +132,18 @@ def test_errors_carry_the_servers_code_and_trace(fleet, coordinator):
         with pytest.raises(FleetboxError) as e:
             nowhere.jobs()
     assert e.value.code == "unreachable"
+
+
+def test_review_without_running_and_a_refused_submission(fleet):
+    r = fleet.review("import subprocess as sp\nsp.run(['id'])\n")
+    assert r["decision"] == "run_on_server_only"
+    (f,) = r["findings"]
+    assert (f["rule"], f["line"], f["severity"]) == ("process.spawn", 2, "high")
+    assert fleet.review("print(1)")["decision"] == "run"
+    with pytest.raises(FleetboxError) as e:
+        fleet.review("def f(:\n")
+    assert e.value.code == "invalid_spec" and "line 1" in e.value.message
+    with pytest.raises(FleetboxError) as e:
+        fleet.run("import os\nwhile True:\n    os.fork()\n")
+    assert e.value.code == "rejected_by_review"
+    assert "process.fork_loop at line 3" in e.value.message

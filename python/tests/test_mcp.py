@@ -53,7 +53,7 @@ async def test_tools_run_code_and_follow_jobs(coordinator, transport, mode):
     async with connect(coordinator, transport, mode) as client:
         assert client.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert {"run_python", "submit_job", "job_status", "job_result", "cancel_job", "list_jobs"} <= set(tools)
+        assert {"run_python", "submit_job", "job_status", "job_result", "cancel_job", "list_jobs", "review_code"} <= set(tools)
         for t in tools.values():
             assert t.description and t.input_schema and t.output_schema, t.name
 
@@ -106,6 +106,14 @@ async def test_tools_run_code_and_follow_jobs(coordinator, transport, mode):
         assert json.loads(res.contents[0].text)["state"] == "completed"
         shard = await client.read_resource(f"fleetbox://jobs/{job_id}/shards/1")
         assert json.loads(shard.contents[0].text)["input"] == {"items": [5, 6, 7, 8, 9]}
+
+        # The review, without running anything; a forbidden program is a tool error.
+        r = await client.call_tool("review_code", {"code": "import ctypes\nctypes.CDLL(None)\n"})
+        assert not r.is_error
+        assert r.structured_content["decision"] == "run_on_server_only"
+        assert r.structured_content["findings"][0]["rule"] == "native.memory"
+        r = await client.call_tool("run_python", {"code": "import os\nwhile True:\n    os.fork()\n"})
+        assert r.is_error and "rejected_by_review" in r.content[0].text
 
         # Mistakes are tool errors with the coordinator's typed message.
         r = await client.call_tool("submit_job", {"spec": {"name": "x", "code": "pass", "shards": {"count": 0}}})

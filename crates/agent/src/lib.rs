@@ -211,9 +211,45 @@ struct Shared {
     ok_runs: Arc<AtomicU64>,
     /// The environments jobs ask for, built once each.
     environments: Arc<Environments>,
+    reviewer: fleetbox_review::BuiltinReviewer,
+    /// Review verdicts by code hash: `Some(why)` for rejected code.
+    reviewed: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl Shared {
+    /// The agent's own code review: code the policy rejects is refused here even when a
+    /// coordinator sent it (a compromised coordinator cannot make the fleet run it). Cached by
+    /// the code's hash: a job's shards are reviewed once.
+    fn review(&self, code: &str, code_sha256: &str) -> Result<(), String> {
+        use fleetbox_review::Reviewer as _;
+        if let Some(verdict) = self.reviewed.lock().expect("reviewed").get(code_sha256) {
+            return verdict.clone().map_or(Ok(()), Err);
+        }
+        let verdict = match self.reviewer.review_code(code) {
+            Ok(r) if r.decision == fleetbox_proto::Decision::Reject => {
+                let found: Vec<String> = r
+                    .findings
+                    .iter()
+                    .take(5)
+                    .map(|f| format!("{} at line {}", f.rule, f.line))
+                    .collect();
+                Some(format!(
+                    "this agent's code review rejects the program (risk {}): {}",
+                    r.risk,
+                    found.join(", ")
+                ))
+            }
+            // A program that does not parse fails by itself when it runs.
+            _ => None,
+        };
+        let mut cache = self.reviewed.lock().expect("reviewed");
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(code_sha256.to_string(), verdict.clone());
+        verdict.map_or(Ok(()), Err)
+    }
+
     fn client(&self) -> Client {
         self.client.lock().expect("client").clone()
     }
@@ -281,6 +317,8 @@ pub async fn run(
         set_aside: AtomicU64::new(0),
         ok_runs: Arc::new(AtomicU64::new(0)),
         environments,
+        reviewer: fleetbox_review::BuiltinReviewer::shipped(),
+        reviewed: Mutex::new(HashMap::new()),
     });
 
     // Whatever this agent held when it last stopped uncleanly is not running any more: give
@@ -501,7 +539,12 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             return;
         }
         let agent_id = shared.agent_id.lock().expect("agent id").clone();
-        let limits = match shared.config.caps.apply(task.limits.clone()) {
+        let limits = match shared
+            .config
+            .caps
+            .apply(task.limits.clone())
+            .and_then(|l| shared.review(&task.code, &task.code_sha256).map(|()| l))
+        {
             Ok(limits) => limits,
             Err(why) => {
                 tracing::warn!(lease = %lease_id, job = %task.job_id, "{why}");

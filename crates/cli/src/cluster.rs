@@ -128,6 +128,9 @@ pub struct ServerArgs {
     /// An `Origin` allowed to call `/mcp` (repeatable; requests with any other are refused).
     #[arg(long = "mcp-allow-origin", value_name = "ORIGIN")]
     pub mcp_origins: Vec<String>,
+    /// The code review's rules (default: the shipped `resources/review/rules.toml`).
+    #[arg(long, value_name = "FILE")]
+    pub review_rules: Option<PathBuf>,
     #[command(flatten)]
     pub env: EnvArgs,
 }
@@ -289,6 +292,7 @@ fn server_config(
     c.environments = args.env.config(args.data.join("envs"))?;
     c.mcp = args.mcp;
     c.mcp_origins = args.mcp_origins.clone();
+    c.review_rules = args.review_rules.clone();
     c.database_url = args.database_url.clone();
     c.lease_ms = args.lease.0.max(100);
     c.heartbeat_ms = args.heartbeat.0.max(50);
@@ -451,6 +455,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         backend: None,
         mcp: true,
         mcp_origins: Vec::new(),
+        review_rules: None,
         env: EnvArgs::default(),
     };
     let cfg = server_config(&server_args, backend, sandbox.clone())?;

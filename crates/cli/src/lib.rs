@@ -8,6 +8,7 @@ mod cluster;
 mod config;
 mod exit;
 mod jobs_cmd;
+mod review_cmd;
 mod run;
 mod term;
 
@@ -54,6 +55,8 @@ enum Command {
     /// Serve the Model Context Protocol on stdin/stdout (for Claude Desktop, Cursor, any MCP
     /// client), calling the coordinator at `--server` with `--token`.
     Mcp(jobs_cmd::McpArgs),
+    /// The code review, offline: `review check FILE...` prints findings, risk and decision.
+    Review(review_cmd::ReviewArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -91,6 +94,7 @@ pub fn main() -> ExitCode {
         Command::Audit(args) => audit_cmd::audit(args),
         Command::Agents(args) => agents_cmd::agents(args),
         Command::Mcp(args) => jobs_cmd::mcp(args),
+        Command::Review(args) => review_cmd::review(args),
     };
     match result {
         Ok(code) => code,

@@ -220,6 +220,16 @@ impl Client {
             .await
     }
 
+    /// The code review of a program, without running it (`POST /v1/review`).
+    pub async fn review(&self, code: &str) -> Result<fleetbox_proto::CodeReview, ClientError> {
+        self.post(
+            "/v1/review",
+            &serde_json::json!({ "code": code }),
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
     pub async fn jobs(&self, state: Option<&str>, limit: u32) -> Result<JobList, ClientError> {
         match state {
             Some(s) => self.get(&format!("/v1/jobs?state={s}&limit={limit}")).await,

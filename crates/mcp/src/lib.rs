@@ -121,6 +121,24 @@ pub struct SubmitJob {
     pub spec: Value,
 }
 
+/// `review_code`'s input.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ReviewCode {
+    /// The Python program to review.
+    pub code: String,
+}
+
+/// What the review found.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReviewOut {
+    /// `run`, `run_on_server_only` (every shard re-checked), `hold` or `reject`.
+    pub decision: String,
+    /// 0–100.
+    pub risk: u32,
+    /// Each: `rule`, `severity`, `line`, `column`, `message`, `snippet`.
+    pub findings: Vec<Value>,
+}
+
 /// `list_jobs`' input.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ListJobs {
@@ -438,6 +456,42 @@ impl FleetboxMcp {
             Ok(v) => {
                 let out = job_out(v);
                 let text = format!("{} is {}", out.id, out.state);
+                structured(&out, text, false)
+            }
+            Err(e) => tool_error(&e),
+        })
+    }
+
+    /// Review a Python program the way the fleet reviews every submission, without running
+    /// it: the risky things it does (process spawning, network, native code, dynamic
+    /// exec/imports, writes outside its directory, secrets, fork loops, obfuscation), each with
+    /// its line, and the decision the fleet would take (`run`, `run_on_server_only`, `hold`,
+    /// `reject`). A syntax error comes back as a tool error with its line and column.
+    #[tool(output_schema = schema_for_type::<ReviewOut>())]
+    async fn review_code(
+        &self,
+        Parameters(p): Parameters<ReviewCode>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let client = self.client(&ctx)?;
+        Ok(match client.review(&p.code).await {
+            Ok(r) => {
+                let out = ReviewOut {
+                    decision: r.decision.as_str().to_string(),
+                    risk: r.risk,
+                    findings: r
+                        .findings
+                        .iter()
+                        .filter_map(|f| serde_json::to_value(f).ok())
+                        .collect(),
+                };
+                let mut text = format!("decision: {} (risk {})", out.decision, out.risk);
+                for f in &r.findings {
+                    text.push_str(&format!(
+                        "\nline {}: {} ({:?}): {}",
+                        f.line, f.rule, f.severity, f.message
+                    ));
+                }
                 structured(&out, text, false)
             }
             Err(e) => tool_error(&e),

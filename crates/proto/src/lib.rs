@@ -11,6 +11,7 @@ pub mod environment;
 pub mod job;
 mod limits;
 mod report;
+pub mod review;
 mod states;
 mod units;
 mod verify;
@@ -21,6 +22,7 @@ pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{
     ExceptionInfo, ExecutionReport, FileEntry, Frame, Runner, Status, StreamCapture, Violation,
 };
+pub use review::{CodeReview, Decision, Finding, Severity};
 pub use states::{AgentState, JobState, TaskState, UnknownState, Verdict};
 pub use units::{ByteSize, Millis, UnitError};
 pub use verify::{Compare, Outcome, Recheck, VerifySpec};

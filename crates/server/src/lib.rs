@@ -68,6 +68,9 @@ pub struct ServerConfig {
     /// `Origin`s allowed to call `/mcp` (browsers send one; requests with any other are
     /// refused, against DNS rebinding). Clients that send none are not affected.
     pub mcp_origins: Vec<String>,
+    /// The code review's rules (`resources/review/rules.toml` format); the shipped ones when
+    /// absent.
+    pub review_rules: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -95,6 +98,7 @@ impl ServerConfig {
             environments: fleetbox_sandbox::environment::EnvConfig::new(data_dir.join("envs")),
             mcp: false,
             mcp_origins: Vec::new(),
+            review_rules: None,
             data_dir,
         }
     }
@@ -117,6 +121,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the review rules `{}`: {why}", path.display())]
+    ReviewRules { path: PathBuf, why: String },
 }
 
 /// What a handler needs of a job, cached: code, limits and shard count never change.
@@ -156,6 +162,8 @@ pub struct State {
     pub started_at: i64,
     /// Signs this coordinator's audit checkpoints (`DATA/audit.key`).
     pub audit_key: ed25519_dalek::SigningKey,
+    /// Judges every program before it is accepted (AI control).
+    pub reviewer: Arc<dyn fleetbox_review::Reviewer>,
     /// Environments for re-checks of jobs that ask for packages; `None` when the server's
     /// sandbox could not be opened (such checks are then unverifiable).
     pub environments: Option<Arc<fleetbox_sandbox::environment::Environments>>,
@@ -370,6 +378,18 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             None
         }
     };
+    let reviewer: Arc<dyn fleetbox_review::Reviewer> = match &config.review_rules {
+        None => Arc::new(fleetbox_review::BuiltinReviewer::shipped()),
+        Some(path) => {
+            let why = |why: String| StartError::ReviewRules {
+                path: path.clone(),
+                why,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| why(e.to_string()))?;
+            let rules = fleetbox_review::RuleSet::parse(&text).map_err(|e| why(e.to_string()))?;
+            Arc::new(fleetbox_review::BuiltinReviewer::new(rules))
+        }
+    };
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(State {
@@ -388,6 +408,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         instance: format!("coord_{}", ids::random_hex(8)),
         started_at: store::now_ms(),
         audit_key,
+        reviewer,
         environments,
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));

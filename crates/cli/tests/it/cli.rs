@@ -473,3 +473,41 @@ fn terminal_escapes_are_shown_on_a_terminal_and_exact_elsewhere() {
         "the report keeps the exact text"
     );
 }
+
+/// `fleetbox review check`: the coordinator's review offline, like a linter.
+#[test]
+fn review_check_prints_findings_and_exits_non_zero_unless_the_decision_is_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.py");
+    let risky = dir.path().join("risky.py");
+    let broken = dir.path().join("broken.py");
+    std::fs::write(&clean, "import json\nprint(json.dumps([1]))\n").unwrap();
+    std::fs::write(&risky, "x = 1\nimport os as o\no.system('id')\n").unwrap();
+    std::fs::write(&broken, "def f(:\n").unwrap();
+    let out = fleetbox(&["review", "check", clean.to_str().unwrap()], &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("risk 0, decision run\n"));
+    let out = fleetbox(
+        &[
+            "review",
+            "check",
+            clean.to_str().unwrap(),
+            risky.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{}:3:1 process.spawn high", risky.display())),
+        "{text}"
+    );
+    assert!(text.contains("decision run_on_server_only"), "{text}");
+    let out = fleetbox(
+        &["review", "check", "--json", broken.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["syntax_error"]["line"], 1, "{line}");
+}

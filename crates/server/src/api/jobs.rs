@@ -35,9 +35,10 @@ pub async fn submit(
     let principal = auth.require(&[TokenKind::Admin])?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let body = raw_body(req, &()).await?;
-    let spec = JobSpec::from_json(&body)?;
+    let mut spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
-    let job = new_job(&spec, plan, tenant.clone(), actor);
+    let review = super::review::gate(&state, &tenant, &actor, &plan.code, &mut spec).await?;
+    let job = new_job(&spec, plan, tenant.clone(), actor, review);
     state.store.insert_job(&job).await?;
     tracing::info!(job = %job.id, shards = job.inputs.len(), name = %job.name, "job submitted");
     state.work.notify_waiters();
@@ -55,6 +56,7 @@ pub(crate) fn new_job(
     plan: fleetbox_proto::JobPlan,
     tenant_id: String,
     actor: String,
+    review: fleetbox_proto::CodeReview,
 ) -> NewJob {
     NewJob {
         id: job_id(),
@@ -78,6 +80,7 @@ pub(crate) fn new_job(
         environment: spec.environment.clone(),
         files: spec.files.clone(),
         backend: spec.backend.clone(),
+        review: Some(review),
         inputs: plan.inputs,
         actor,
     }

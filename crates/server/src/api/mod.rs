@@ -4,6 +4,7 @@ mod agents;
 mod audit;
 pub mod error;
 mod jobs;
+mod review;
 mod run;
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/status", get(jobs::status))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/run", post(run::run))
+        .route("/v1/review", post(review::review))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/shards", get(jobs::shards))
         .route("/v1/jobs/{id}/shards/{index}", get(jobs::shard))

@@ -40,7 +40,7 @@ pub async fn run(
         };
         SpecError::new(field, e.into_inner().to_string())
     })?;
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         name: run.name.clone().unwrap_or_else(|| "run".into()),
         code: Some(run.code),
         code_file: None,
@@ -65,7 +65,8 @@ pub async fn run(
         .map_or(DEFAULT_WAIT, Duration::from_millis)
         .min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    let job = new_job(&spec, plan, tenant.clone(), actor);
+    let review = super::review::gate(&state, &tenant, &actor, &plan.code, &mut spec).await?;
+    let job = new_job(&spec, plan, tenant.clone(), actor, review);
     state.store.insert_job(&job).await?;
     tracing::debug!(job = %job.id, "run submitted");
     state.work.notify_waiters();

@@ -71,10 +71,13 @@ pub enum Action {
     JobNeedsReview,
     #[serde(rename = "job.rerun_tainted")]
     JobRerunTainted,
+    /// A submission the code review refused (or held): no job was made.
+    #[serde(rename = "review.refused")]
+    ReviewRefused,
 }
 
 impl Action {
-    pub const ALL: [Action; 23] = [
+    pub const ALL: [Action; 24] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -98,6 +101,7 @@ impl Action {
         Action::AgentReleased,
         Action::JobNeedsReview,
         Action::JobRerunTainted,
+        Action::ReviewRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,6 +129,7 @@ impl Action {
             Action::AgentReleased => "agent.released",
             Action::JobNeedsReview => "job.needs_review",
             Action::JobRerunTainted => "job.rerun_tainted",
+            Action::ReviewRefused => "review.refused",
         }
     }
 }

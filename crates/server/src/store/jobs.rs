@@ -36,6 +36,8 @@ pub struct NewJob {
     pub files: BTreeMap<String, String>,
     /// The backend its shards must run in.
     pub backend: Option<String>,
+    /// What the code review found (recorded with the submission).
+    pub review: Option<fleetbox_proto::CodeReview>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -365,6 +367,12 @@ impl Store {
                 "code_sha256": job.code_sha256,
                 "priority": job.priority,
                 "max_attempts": job.max_attempts,
+                "review": job.review.as_ref().map(|r| serde_json::json!({
+                    "reviewer": r.reviewer,
+                    "risk": r.risk,
+                    "decision": r.decision,
+                    "findings": r.findings.iter().map(|f| serde_json::json!([f.rule, f.line, f.column])).collect::<Vec<_>>(),
+                })),
             }));
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("submitting a job")?;

@@ -757,6 +757,7 @@ mod store_tests {
                 environment: None,
                 files: Default::default(),
                 backend: None,
+                review: None,
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()

@@ -5,6 +5,7 @@ mod audit;
 mod edge;
 mod environment;
 mod folds;
+mod review;
 mod run;
 mod settle;
 mod support;

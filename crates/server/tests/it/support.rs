@@ -22,6 +22,7 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
         environment: None,
         files: Default::default(),
         backend: None,
+        review: None,
         // The settle tests drive reports by hand; server re-checks have tests of their own.
         verify: fleetbox_proto::VerifySpec {
             recheck: fleetbox_proto::Recheck::None,
