@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 use fleetbox_proto::Decision;
 use fleetbox_review::{BuiltinReviewer, Reviewer, RuleSet};
 
+use crate::jobs_cmd::{Conn, runtime};
+
 #[derive(Debug, Args)]
 pub struct ReviewArgs {
     #[command(subcommand)]
@@ -29,14 +31,55 @@ pub enum ReviewCommand {
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
     },
+    /// The review queue: what was flagged for a person (held jobs), newest first.
+    List {
+        /// `open`, `approved` or `rejected`.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Approve a flag: a held job starts.
+    Approve {
+        id: i64,
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Reject a flag: a held job is cancelled with the reason.
+    Reject {
+        id: i64,
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 pub fn review(args: ReviewArgs) -> anyhow::Result<ExitCode> {
-    let ReviewCommand::Check {
-        files,
-        json,
-        policy,
-    } = args.command;
+    let (files, json, policy) = match args.command {
+        ReviewCommand::Check {
+            files,
+            json,
+            policy,
+        } => (files, json, policy),
+        ReviewCommand::List {
+            status,
+            job,
+            kind,
+            json,
+            conn,
+        } => return list(conn, status, job, kind, json),
+        ReviewCommand::Approve { id, note, conn } => return decide(conn, id, true, note),
+        ReviewCommand::Reject { id, note, conn } => return decide(conn, id, false, note),
+    };
     let reviewer = match &policy {
         None => BuiltinReviewer::shipped(),
         Some(path) => {
@@ -101,4 +144,62 @@ pub fn review(args: ReviewArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn list(
+    conn: Conn,
+    status: Option<String>,
+    job: Option<String>,
+    kind: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = conn.client()?;
+    let query: Vec<String> = [("status", status), ("job", job), ("kind", kind)]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+        .collect();
+    let flags = runtime()?.block_on(client.review_flags(&query.join("&")))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &flags)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:>6}  {:<8}  {:<9}  {:<22}  details",
+        "id", "kind", "status", "job"
+    )?;
+    for f in &flags.flags {
+        let details = match (f.details["decision"].as_str(), f.details["risk"].as_u64()) {
+            (Some(d), Some(r)) => format!(
+                "{d}, risk {r}: {}",
+                f.details["findings"]
+                    .as_array()
+                    .map(|fs| fs
+                        .iter()
+                        .filter_map(|x| Some(format!("{}@{}", x["rule"].as_str()?, x["line"])))
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default()
+            ),
+            _ => f.details.to_string(),
+        };
+        writeln!(
+            out,
+            "{:>6}  {:<8}  {:<9}  {:<22}  {details}",
+            f.id, f.kind, f.status, f.job_id
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn decide(conn: Conn, id: i64, approve: bool, note: Option<String>) -> anyhow::Result<ExitCode> {
+    let client = conn.client()?;
+    let flag = runtime()?.block_on(client.decide_flag(id, approve, note.as_deref()))?;
+    eprintln!(
+        "fleetbox: flag {} {} (job {})",
+        flag.id, flag.status, flag.job_id
+    );
+    Ok(ExitCode::SUCCESS)
 }

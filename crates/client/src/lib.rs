@@ -230,6 +230,32 @@ impl Client {
         .await
     }
 
+    /// The review queue (`status`, `job`, `kind` filters as `key=value&...`).
+    pub async fn review_flags(
+        &self,
+        query: &str,
+    ) -> Result<fleetbox_proto::api::ReviewFlagList, ClientError> {
+        self.get(&format!("/v1/review/flags?{query}")).await
+    }
+
+    /// Approve or reject a review flag.
+    pub async fn decide_flag(
+        &self,
+        id: i64,
+        approve: bool,
+        note: Option<&str>,
+    ) -> Result<fleetbox_proto::api::ReviewFlag, ClientError> {
+        let verb = if approve { "approve" } else { "reject" };
+        self.post(
+            &format!("/v1/review/flags/{id}/{verb}"),
+            &fleetbox_proto::api::DecideFlag {
+                note: note.map(String::from),
+            },
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
     pub async fn jobs(&self, state: Option<&str>, limit: u32) -> Result<JobList, ClientError> {
         match state {
             Some(s) => self.get(&format!("/v1/jobs?state={s}&limit={limit}")).await,

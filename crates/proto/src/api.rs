@@ -315,6 +315,39 @@ pub struct RunBody {
     pub backend: Option<String>,
 }
 
+/// One entry of the review queue (`GET /v1/review/flags`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewFlag {
+    pub id: i64,
+    pub job_id: String,
+    /// `code`: the code review held the job.
+    pub kind: String,
+    /// `open`, `approved` or `rejected`.
+    pub status: String,
+    /// What was flagged (for `code`: the review's findings, risk and decision).
+    pub details: Value,
+    pub created_at: i64,
+    #[serde(default)]
+    pub decided_at: Option<i64>,
+    #[serde(default)]
+    pub decided_by: Option<String>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewFlagList {
+    pub flags: Vec<ReviewFlag>,
+}
+
+/// `POST /v1/review/flags/{id}/approve|reject`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideFlag {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 /// The answer to `POST /v1/run` (`200` when the job is final, `202` while it runs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunAnswer {

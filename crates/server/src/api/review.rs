@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Request, State as AxState};
+use axum::extract::{Path, Request, State as AxState};
 use axum::http::StatusCode;
 use fleetbox_proto::{CodeReview, Decision, JobSpec, Recheck, SpecError};
 use serde::Deserialize;
@@ -13,9 +13,13 @@ use super::{ApiError, Auth, raw_body};
 use crate::State;
 use crate::store::TokenKind;
 use crate::store::audit::{Action, Entry};
+use crate::store::review::FlagDecision;
+use fleetbox_proto::api::{DecideFlag, ReviewFlag, ReviewFlagList};
 
-/// Review `code` for a submission: a syntax error or a `reject`/`hold` decision refuses it
-/// (audited), `run_on_server_only` makes every shard be re-checked by the coordinator.
+/// Review `code` for a submission: a syntax error or a `reject` decision refuses it (audited);
+/// `hold` keeps the job `pending_review` until a person approves it (the store does that from
+/// the review the job carries); `run_on_server_only` and `hold` make every shard be re-checked
+/// by the coordinator.
 pub(crate) async fn gate(
     state: &Arc<State>,
     tenant: &str,
@@ -29,10 +33,10 @@ pub(crate) async fn gate(
         .map_err(|e| SpecError::new("code", e.to_string()))?;
     match review.decision {
         Decision::Run => {}
-        Decision::RunOnServerOnly => {
+        Decision::RunOnServerOnly | Decision::Hold => {
             spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
         }
-        Decision::Hold | Decision::Reject => {
+        Decision::Reject => {
             let entry =
                 Entry::new(tenant, actor, Action::ReviewRefused).details(serde_json::json!({
                     "name": spec.name,
@@ -50,18 +54,11 @@ pub(crate) async fn gate(
                 .take(5)
                 .map(|f| format!("{} at line {}: {}", f.rule, f.line, f.message))
                 .collect();
-            let (code, what) = match review.decision {
-                Decision::Reject => ("rejected_by_review", "rejected"),
-                _ => (
-                    "held_for_review",
-                    "held for a person's review (there is no approval queue yet, so it is not accepted)",
-                ),
-            };
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                code,
+                "rejected_by_review",
                 format!(
-                    "the code review {what} this program (risk {}): {}",
+                    "the code review rejected this program (risk {}): {}",
                     review.risk,
                     found.join("; ")
                 ),
@@ -96,4 +93,102 @@ pub async fn review(
         .review_code(&body.code)
         .map_err(|e| SpecError::new("code", e.to_string()))?;
     Ok(Json(review))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagQuery {
+    status: Option<String>,
+    job: Option<String>,
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/review/flags?status=&job=&kind=&limit=`: the review queue, newest first.
+pub async fn flags(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    axum::extract::Query(q): axum::extract::Query<FlagQuery>,
+) -> Result<Json<ReviewFlagList>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    if let Some(s) = &q.status
+        && !["open", "approved", "rejected"].contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("unknown status `{s}` (open, approved, rejected)"),
+        )
+        .with_field("status"));
+    }
+    let flags = state
+        .store
+        .review_flags(
+            tenant,
+            q.status.as_deref(),
+            q.job.as_deref(),
+            q.kind.as_deref(),
+            q.limit.unwrap_or(100),
+        )
+        .await?;
+    Ok(Json(ReviewFlagList { flags }))
+}
+
+pub async fn approve(
+    state: AxState<Arc<State>>,
+    auth: Auth,
+    path: Path<String>,
+    req: Request,
+) -> Result<Json<ReviewFlag>, ApiError> {
+    decide(state, auth, path, req, true).await
+}
+
+pub async fn reject(
+    state: AxState<Arc<State>>,
+    auth: Auth,
+    path: Path<String>,
+    req: Request,
+) -> Result<Json<ReviewFlag>, ApiError> {
+    decide(state, auth, path, req, false).await
+}
+
+async fn decide(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    req: Request,
+    approve: bool,
+) -> Result<Json<ReviewFlag>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::bad_request("invalid_path", format!("flag id `{id}` is not a number"))
+            .with_field("id")
+    })?;
+    let body = raw_body(req, &()).await?;
+    let body: DecideFlag = if body.is_empty() {
+        DecideFlag::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| SpecError::new("body", e.to_string()))?
+    };
+    if body.note.as_ref().is_some_and(|n| n.len() > 2000) {
+        return Err(SpecError::new("note", "at most 2000 bytes").into());
+    }
+    match state
+        .store
+        .decide_flag(&tenant, id, approve, &actor, body.note.as_deref())
+        .await?
+    {
+        FlagDecision::NotFound => Err(ApiError::not_found("review flag", &id.to_string())),
+        FlagDecision::AlreadyDecided(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "flag_decided",
+            format!("review flag {id} is already `{status}`"),
+        )),
+        FlagDecision::Decided(flag) => {
+            tracing::info!(flag = id, job = %flag.job_id, status = %flag.status, "review flag decided");
+            state.work.notify_waiters();
+            state.job_may_have_ended(&flag.job_id);
+            Ok(Json(flag))
+        }
+    }
 }

@@ -74,10 +74,16 @@ pub enum Action {
     /// A submission the code review refused (or held): no job was made.
     #[serde(rename = "review.refused")]
     ReviewRefused,
+    /// A person approved a flag of the review queue (a held job starts).
+    #[serde(rename = "review.approved")]
+    ReviewApproved,
+    /// A person rejected one (a held job is cancelled).
+    #[serde(rename = "review.rejected")]
+    ReviewRejected,
 }
 
 impl Action {
-    pub const ALL: [Action; 24] = [
+    pub const ALL: [Action; 26] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -102,6 +108,8 @@ impl Action {
         Action::JobNeedsReview,
         Action::JobRerunTainted,
         Action::ReviewRefused,
+        Action::ReviewApproved,
+        Action::ReviewRejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -130,6 +138,8 @@ impl Action {
             Action::JobNeedsReview => "job.needs_review",
             Action::JobRerunTainted => "job.rerun_tainted",
             Action::ReviewRefused => "review.refused",
+            Action::ReviewApproved => "review.approved",
+            Action::ReviewRejected => "review.rejected",
         }
     }
 }

@@ -308,6 +308,15 @@ impl Store {
         let reducer = json(&job.reducer);
         let environment = job.environment.as_ref().map(json);
         let files = (!job.files.is_empty()).then(|| json(&job.files));
+        let held = job
+            .review
+            .as_ref()
+            .is_some_and(|r| r.decision == fleetbox_proto::Decision::Hold);
+        let state = if held {
+            JobState::PendingReview
+        } else {
+            JobState::Running
+        };
         let mut tx = self.begin_write().await.doing("submitting a job")?;
         let mut sql = Sql::new(
             "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
@@ -317,7 +326,7 @@ impl Store {
             row.bind(job.id.as_str())
                 .bind(job.tenant_id.as_str())
                 .bind(job.name.as_str())
-                .bind(JobState::Running.as_str())
+                .bind(state.as_str())
                 .bind(spec.as_str())
                 .bind(job.code.as_str())
                 .bind(job.code_sha256.as_str())
@@ -359,6 +368,10 @@ impl Store {
                 .doing("inserting tasks")?;
         }
         settle::create_counts(&mut tx, &job.id, shards).await?;
+        if let Some(review) = job.review.as_ref().filter(|_| held) {
+            let details = serde_json::to_value(review).unwrap_or_default();
+            super::review::hold(&mut tx, &job.tenant_id, &job.id, &details, now).await?;
+        }
         let entry = Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
             .job(&job.id)
             .details(serde_json::json!({

@@ -9,6 +9,7 @@
 mod agents;
 pub mod audit;
 mod jobs;
+pub mod review;
 mod settle;
 mod sql;
 mod tasks;
@@ -129,6 +130,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0011_backend",
         include_str!("../../migrations/0011_backend.sql"),
+    ),
+    (
+        "0012_review_flags",
+        include_str!("../../migrations/0012_review_flags.sql"),
     ),
 ];
 

@@ -86,3 +86,89 @@ async fn the_review_gates_every_submission() {
     assert_eq!((review.findings[0].line, review.findings[0].column), (2, 1));
     c.stop().await;
 }
+
+/// A held job waits in `pending_review` with nothing leased until a person approves it; a
+/// rejected one is cancelled without ever running; both decisions are audited with who made
+/// them, and a flag is decided once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_jobs_wait_for_a_person() {
+    let Some(mut c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    // High + two mediums: risk 70, between `hold` (60) and `reject` (80).
+    let code = "import subprocess, socket, os\nprint(len(dict(os.environ)) > 0)\nsubprocess.run(['true'])\n";
+    let held = |name: &str| {
+        spec(&format!(
+            "name = \"{name}\"\ncode = {code:?}\n[shards]\ncount = 2\n"
+        ))
+    };
+    assert_eq!(
+        c.client.review(code).await.unwrap().decision,
+        Decision::Hold
+    );
+    let job = c.client.submit(&held("held")).await.unwrap();
+    assert_eq!(job.state, JobState::PendingReview);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let view = c.client.job(&job.id).await.unwrap();
+    assert_eq!(view.state, JobState::PendingReview);
+    assert_eq!(view.shards.queued, 2, "nothing leased while held: {view:?}");
+    let flags = c.client.review_flags("status=open").await.unwrap().flags;
+    assert_eq!(flags.len(), 1);
+    let flag = &flags[0];
+    assert_eq!(
+        (flag.job_id.as_str(), flag.kind.as_str()),
+        (job.id.as_str(), "code")
+    );
+    assert_eq!(flag.details["decision"], "hold");
+
+    let decided = c
+        .client
+        .decide_flag(flag.id, true, Some("looked at it"))
+        .await
+        .unwrap();
+    assert_eq!(decided.status, "approved");
+    assert!(decided.decided_by.as_deref().unwrap().starts_with("admin:"));
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    let again = c
+        .client
+        .decide_flag(flag.id, false, None)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Some("flag_decided"), "{again}");
+
+    let job = c.client.submit(&held("rejected")).await.unwrap();
+    let flag = c
+        .client
+        .review_flags(&format!("job={}", job.id))
+        .await
+        .unwrap()
+        .flags
+        .remove(0);
+    c.client
+        .decide_flag(flag.id, false, Some("no sockets here"))
+        .await
+        .unwrap();
+    let r = c.wait(&job.id, Duration::from_secs(30)).await;
+    assert_eq!(r.state, JobState::Cancelled);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no sockets here"),
+        "{r:?}"
+    );
+    for i in 0..2 {
+        let d = c.client.shard(&job.id, i).await.unwrap();
+        assert!(d.attempts.is_empty(), "a rejected job never ran: {d:?}");
+    }
+    for action in ["review.approved", "review.rejected"] {
+        let a = c.client.audit(&format!("action={action}")).await.unwrap();
+        assert_eq!(a.entries.len(), 1, "{action}");
+        assert!(a.entries[0].actor.starts_with("admin:"));
+    }
+    let missing = c.client.decide_flag(999_999, true, None).await.unwrap_err();
+    assert_eq!(missing.code(), Some("not_found"));
+    c.stop().await;
+}

@@ -1,0 +1,230 @@
+//! The review queue: jobs the code review held, and what a person decided about them.
+
+use fleetbox_proto::api::ReviewFlag;
+use fleetbox_proto::{JobState, TaskState};
+use serde_json::Value;
+
+use super::audit::{Action, Entry};
+use super::settle::{self, Tally, Tx};
+use super::sql::Sql;
+use super::{Doing, Store, StoreError, now_ms};
+
+/// A held job's shards are not leasable before this (`not_before`): never, until approved.
+pub(super) const HELD_UNTIL: i64 = i64::MAX / 2;
+
+#[derive(sqlx::FromRow)]
+struct FlagRecord {
+    id: i64,
+    job_id: String,
+    kind: String,
+    status: String,
+    details: String,
+    created_at: i64,
+    decided_at: Option<i64>,
+    decided_by: Option<String>,
+    note: Option<String>,
+}
+
+impl FlagRecord {
+    fn view(self) -> ReviewFlag {
+        ReviewFlag {
+            id: self.id,
+            job_id: self.job_id,
+            kind: self.kind,
+            status: self.status,
+            details: serde_json::from_str(&self.details).unwrap_or(Value::Null),
+            created_at: self.created_at,
+            decided_at: self.decided_at,
+            decided_by: self.decided_by,
+            note: self.note,
+        }
+    }
+}
+
+const FLAG_SELECT: &str = "SELECT id, job_id, kind, status, details, created_at, decided_at, \
+     decided_by, note FROM review_flags";
+
+/// What deciding a flag came to.
+#[derive(Debug)]
+pub enum FlagDecision {
+    NotFound,
+    /// It was decided before (its status).
+    AlreadyDecided(String),
+    Decided(ReviewFlag),
+}
+
+/// Hold a job being submitted: its shards wait, and the queue gets an open `code` flag.
+pub(super) async fn hold(
+    tx: &mut Tx<'_>,
+    tenant: &str,
+    job_id: &str,
+    details: &Value,
+    now: i64,
+) -> Result<(), StoreError> {
+    Sql::new("UPDATE tasks SET not_before = ")
+        .bind(HELD_UNTIL)
+        .push(" WHERE job_id = ")
+        .bind(job_id)
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("holding a job's shards")?;
+    Sql::new(
+        "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
+    )
+    .bind(tenant)
+    .push(", ")
+    .bind(job_id)
+    .push(", 'code', 'open', ")
+    .bind(details.to_string())
+    .push(", ")
+    .bind(now)
+    .push(")")
+    .build()
+    .execute(&mut **tx)
+    .await
+    .doing("flagging a held job")?;
+    Ok(())
+}
+
+impl Store {
+    /// The review queue, newest first.
+    pub async fn review_flags(
+        &self,
+        tenant: &str,
+        status: Option<&str>,
+        job: Option<&str>,
+        kind: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ReviewFlag>, StoreError> {
+        let mut sql = Sql::new(FLAG_SELECT);
+        sql.push(" WHERE tenant_id = ").bind(tenant);
+        for (column, value) in [("status", status), ("job_id", job), ("kind", kind)] {
+            if let Some(v) = value {
+                sql.push(" AND ").push(column).push(" = ").bind(v);
+            }
+        }
+        sql.push(" ORDER BY id DESC LIMIT ")
+            .bind(i64::from(limit.clamp(1, 1000)));
+        let rows: Vec<FlagRecord> = sql
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("listing review flags")?;
+        Ok(rows.into_iter().map(FlagRecord::view).collect())
+    }
+
+    /// Approve (the held job starts) or reject (it is cancelled) an open flag, audited with
+    /// who did it.
+    pub async fn decide_flag(
+        &self,
+        tenant: &str,
+        id: i64,
+        approve: bool,
+        actor: &str,
+        note: Option<&str>,
+    ) -> Result<FlagDecision, StoreError> {
+        let now = now_ms();
+        let status = if approve { "approved" } else { "rejected" };
+        let d = "deciding a review flag";
+        let mut tx = self.begin_write().await.doing(d)?;
+        let decided: Option<(String,)> = Sql::new("UPDATE review_flags SET status = ")
+            .bind(status)
+            .push(", decided_at = ")
+            .bind(now)
+            .push(", decided_by = ")
+            .bind(actor)
+            .push(", note = ")
+            .bind(note)
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant)
+            .push(" AND status = 'open' RETURNING job_id")
+            .build_as()
+            .fetch_optional(&mut *tx)
+            .await
+            .doing(d)?;
+        let Some((job_id,)) = decided else {
+            drop(tx);
+            let existing: Option<FlagRecord> = Sql::new(FLAG_SELECT)
+                .push(" WHERE id = ")
+                .bind(id)
+                .push(" AND tenant_id = ")
+                .bind(tenant)
+                .build_as()
+                .fetch_optional(&self.read)
+                .await
+                .doing(d)?;
+            return Ok(match existing {
+                None => FlagDecision::NotFound,
+                Some(f) => FlagDecision::AlreadyDecided(f.status),
+            });
+        };
+        if approve {
+            let started = Sql::new("UPDATE jobs SET state = ")
+                .bind(JobState::Running.as_str())
+                .push(" WHERE id = ")
+                .bind(job_id.as_str())
+                .push(" AND state = ")
+                .bind(JobState::PendingReview.as_str())
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing(d)?;
+            if started.rows_affected() > 0 {
+                Sql::new("UPDATE tasks SET not_before = 0 WHERE job_id = ")
+                    .bind(job_id.as_str())
+                    .push(" AND state = ")
+                    .bind(TaskState::Queued.as_str())
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .doing(d)?;
+            }
+        } else {
+            let reason = format!(
+                "rejected in review by {actor}{}",
+                note.map(|n| format!(": {n}")).unwrap_or_default()
+            );
+            let cancelled = Sql::new("UPDATE jobs SET state = ")
+                .bind(JobState::Cancelled.as_str())
+                .push(", error = ")
+                .bind(reason.as_str())
+                .push(", finished_at = ")
+                .bind(now)
+                .push(" WHERE id = ")
+                .bind(job_id.as_str())
+                .push(" AND state NOT IN (")
+                .bind_list(JobState::FINAL.iter().map(|s| s.as_str()))
+                .push(")")
+                .build()
+                .execute(&mut *tx)
+                .await
+                .doing(d)?;
+            if cancelled.rows_affected() > 0 {
+                let mut tally = Tally::default();
+                settle::kill_unsettled(&mut tx, &mut tally, &job_id, &reason, now).await?;
+                tally.apply(&mut tx).await?;
+            }
+        }
+        let action = if approve {
+            Action::ReviewApproved
+        } else {
+            Action::ReviewRejected
+        };
+        let entry = Entry::new(tenant, actor, action)
+            .job(&job_id)
+            .details(serde_json::json!({ "flag": id, "note": note }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing(d)?;
+        let flag: FlagRecord = Sql::new(FLAG_SELECT)
+            .push(" WHERE id = ")
+            .bind(id)
+            .build_as()
+            .fetch_one(&self.read)
+            .await
+            .doing(d)?;
+        Ok(FlagDecision::Decided(flag.view()))
+    }
+}
