@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use fleetbox_proto::JobState;
-use fleetbox_proto::api::{JobSummary, Stats};
+use fleetbox_proto::api::{JobFlag, JobSummary, Stats};
 use fleetbox_proto::env;
 use fleetbox_proto::{ByteSize, Limits, Millis, Reducer, Status};
 use fleetbox_sandbox::RunRequest;
@@ -178,6 +178,24 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     let (verified, flags) = state.store.verification_facts(job_id).await?;
     summary.verified = verified;
     summary.flags = flags;
+    // Result review: shards whose numeric value stands out from the rest of the job.
+    let numeric: Vec<(u64, f64)> = values
+        .iter()
+        .filter_map(|(i, v)| v.as_f64().map(|x| (*i, x)))
+        .collect();
+    let outliers: Vec<JobFlag> = fleetbox_review::results::outliers(&numeric)
+        .into_iter()
+        .take(20)
+        .map(|o| JobFlag {
+            kind: "outlier".into(),
+            shard: o.shard,
+            detail: format!(
+                "output {} is far from the job's median {} (robust z-score {:.1})",
+                o.value, o.median, o.score
+            ),
+        })
+        .collect();
+    summary.flags.extend(outliers.iter().cloned());
     if !summary.flags.is_empty() {
         summary.notes.push(format!(
             "verification flagged {} shard(s): see `flags`",
@@ -263,6 +281,17 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             "lost the fold to another coordinator; its result stands"
         );
         return Ok(());
+    }
+    if !outliers.is_empty() {
+        // Into the review queue, for a person to look at; the job's result stands, flagged.
+        let details = serde_json::json!({ "outliers": outliers });
+        if let Err(e) = state
+            .store
+            .add_flag(&job.tenant_id, job_id, "anomaly", &details)
+            .await
+        {
+            tracing::error!(job_id, error = %e, "could not queue a job's anomalies for review");
+        }
     }
     tracing::info!(
         job_id,

@@ -88,6 +88,36 @@ pub(super) async fn hold(
 }
 
 impl Store {
+    /// Put an open flag of `kind` in the review queue.
+    pub async fn add_flag(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        kind: &str,
+        details: &Value,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await.doing("flagging a job")?;
+        Sql::new(
+            "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
+        )
+        .bind(tenant)
+        .push(", ")
+        .bind(job_id)
+        .push(", ")
+        .bind(kind)
+        .push(", 'open', ")
+        .bind(details.to_string())
+        .push(", ")
+        .bind(now_ms())
+        .push(")")
+        .build()
+        .execute(&mut *tx)
+        .await
+        .doing("flagging a job")?;
+        tx.commit().await.doing("flagging a job")?;
+        Ok(())
+    }
+
     /// The review queue, newest first.
     pub async fn review_flags(
         &self,

@@ -172,3 +172,62 @@ async fn held_jobs_wait_for_a_person() {
     assert_eq!(missing.code(), Some("not_found"));
     c.stop().await;
 }
+
+/// Result review: a job whose shards return one wild outlier is flagged with the shard named
+/// (in its summary and in the review queue); a job with uniform results is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outlying_shard_result_is_flagged_and_queued() {
+    let Some(mut c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let code = "import json, os\ni = json.load(open(os.environ['FLEETBOX_INPUT']))['items'][0]\nprint(10**9 if i == WILD else 100 + i % 7)\n";
+    let job = |wild: i64| {
+        let items: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+        spec(&format!(
+            "name = \"outliers\"\ncode = {:?}\n[shards]\nitems = [{}]\nper_shard = 1\n[verify]\nrecheck = \"none\"\n",
+            code.replace("WILD", &wild.to_string()),
+            items.join(", ")
+        ))
+    };
+    let r = c.run(&job(17), Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    let flags = &r.summary.as_ref().unwrap().flags;
+    let outliers: Vec<_> = flags.iter().filter(|f| f.kind == "outlier").collect();
+    assert_eq!(outliers.len(), 1, "{flags:?}");
+    assert_eq!(outliers[0].shard, 17);
+    assert!(
+        outliers[0].detail.contains("1000000000"),
+        "{:?}",
+        outliers[0]
+    );
+    let queued = c
+        .client
+        .review_flags(&format!("job={}&kind=anomaly", r.id))
+        .await
+        .unwrap()
+        .flags;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].details["outliers"][0]["shard"], 17);
+
+    let r = c.run(&job(-1), Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed);
+    assert!(
+        r.summary
+            .as_ref()
+            .unwrap()
+            .flags
+            .iter()
+            .all(|f| f.kind != "outlier"),
+        "{:?}",
+        r.summary
+    );
+    let queued = c
+        .client
+        .review_flags(&format!("job={}", r.id))
+        .await
+        .unwrap()
+        .flags;
+    assert!(queued.is_empty());
+    c.stop().await;
+}
