@@ -131,6 +131,19 @@ pub struct ServerArgs {
     /// The code review's rules (default: the shipped `resources/review/rules.toml`).
     #[arg(long, value_name = "FILE")]
     pub review_rules: Option<PathBuf>,
+    /// An OpenAI-compatible API (e.g. `http://127.0.0.1:11434/v1`) whose model reviews code on
+    /// top of the rules: it can raise a program's risk, never lower it.
+    #[arg(long, value_name = "URL", requires = "llm_model")]
+    pub llm_url: Option<String>,
+    /// The model to ask.
+    #[arg(long, value_name = "NAME")]
+    pub llm_model: Option<String>,
+    /// The environment variable holding the API key, if the endpoint needs one.
+    #[arg(long, value_name = "VAR")]
+    pub llm_key_env: Option<String>,
+    /// How long a review may wait for the model (then the rules alone decide).
+    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    pub llm_timeout: Millis,
     #[command(flatten)]
     pub env: EnvArgs,
 }
@@ -293,6 +306,17 @@ fn server_config(
     c.mcp = args.mcp;
     c.mcp_origins = args.mcp_origins.clone();
     c.review_rules = args.review_rules.clone();
+    if let (Some(url), Some(model)) = (&args.llm_url, &args.llm_model) {
+        let mut llm = fleetbox_review::llm::LlmConfig::new(url.clone(), model.clone());
+        llm.timeout = args.llm_timeout.as_duration();
+        if let Some(var) = &args.llm_key_env {
+            llm.api_key = Some(
+                std::env::var(var)
+                    .with_context(|| format!("`--llm-key-env {var}`: the variable is not set"))?,
+            );
+        }
+        c.llm = Some(llm);
+    }
     c.database_url = args.database_url.clone();
     c.lease_ms = args.lease.0.max(100);
     c.heartbeat_ms = args.heartbeat.0.max(50);
@@ -456,6 +480,10 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         mcp: true,
         mcp_origins: Vec::new(),
         review_rules: None,
+        llm_url: None,
+        llm_model: None,
+        llm_key_env: None,
+        llm_timeout: Millis::from_secs(10),
         env: EnvArgs::default(),
     };
     let cfg = server_config(&server_args, backend, sandbox.clone())?;

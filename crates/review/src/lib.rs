@@ -7,6 +7,7 @@
 //! `getattr(os, "sys" + "tem")`, `vars(os)["system"]`), so renaming a call does not hide it.
 //! The findings give a risk score and, through the policy in the same file, a decision.
 
+pub mod llm;
 pub mod results;
 mod rules;
 mod walk;

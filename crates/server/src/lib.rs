@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// The code review's rules (`resources/review/rules.toml` format); the shipped ones when
     /// absent.
     pub review_rules: Option<PathBuf>,
+    /// An OpenAI-compatible model that reviews code on top of the built-in rules (it can raise
+    /// a program's risk, not lower it).
+    pub llm: Option<fleetbox_review::llm::LlmConfig>,
 }
 
 impl ServerConfig {
@@ -99,6 +102,7 @@ impl ServerConfig {
             mcp: false,
             mcp_origins: Vec::new(),
             review_rules: None,
+            llm: None,
             data_dir,
         }
     }
@@ -378,8 +382,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             None
         }
     };
-    let reviewer: Arc<dyn fleetbox_review::Reviewer> = match &config.review_rules {
-        None => Arc::new(fleetbox_review::BuiltinReviewer::shipped()),
+    let builtin = match &config.review_rules {
+        None => fleetbox_review::BuiltinReviewer::shipped(),
         Some(path) => {
             let why = |why: String| StartError::ReviewRules {
                 path: path.clone(),
@@ -387,7 +391,21 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             };
             let text = std::fs::read_to_string(path).map_err(|e| why(e.to_string()))?;
             let rules = fleetbox_review::RuleSet::parse(&text).map_err(|e| why(e.to_string()))?;
-            Arc::new(fleetbox_review::BuiltinReviewer::new(rules))
+            fleetbox_review::BuiltinReviewer::new(rules)
+        }
+    };
+    let reviewer: Arc<dyn fleetbox_review::Reviewer> = match config.llm.clone() {
+        None => Arc::new(builtin),
+        // Its blocking HTTP client is made (and used) off the async threads.
+        Some(llm) => {
+            let path = PathBuf::from(&llm.url);
+            let made = tokio::task::spawn_blocking(move || {
+                fleetbox_review::llm::LlmReviewer::new(llm, builtin)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            Arc::new(made.map_err(|why| StartError::ReviewRules { path, why })?)
         }
     };
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();

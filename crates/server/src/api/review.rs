@@ -27,10 +27,7 @@ pub(crate) async fn gate(
     code: &str,
     spec: &mut JobSpec,
 ) -> Result<CodeReview, ApiError> {
-    let review = state
-        .reviewer
-        .review_code(code)
-        .map_err(|e| SpecError::new("code", e.to_string()))?;
+    let review = review_off_thread(state, code).await?;
     match review.decision {
         Decision::Run => {}
         Decision::RunOnServerOnly | Decision::Hold => {
@@ -69,6 +66,22 @@ pub(crate) async fn gate(
     Ok(review)
 }
 
+/// Review on a blocking thread: a model reviewer waits on HTTP.
+async fn review_off_thread(state: &Arc<State>, code: &str) -> Result<CodeReview, ApiError> {
+    let reviewer = state.reviewer.clone();
+    let code = code.to_string();
+    tokio::task::spawn_blocking(move || reviewer.review_code(&code))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the review's thread failed: {e}"),
+            )
+        })?
+        .map_err(|e| SpecError::new("code", e.to_string()).into())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReviewBody {
@@ -88,11 +101,7 @@ pub async fn review(
     if body.code.len() > fleetbox_proto::job::MAX_CODE_BYTES {
         return Err(SpecError::new("code", "is too large").into());
     }
-    let review = state
-        .reviewer
-        .review_code(&body.code)
-        .map_err(|e| SpecError::new("code", e.to_string()))?;
-    Ok(Json(review))
+    Ok(Json(review_off_thread(&state, &body.code).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -231,3 +231,74 @@ async fn an_outlying_shard_result_is_flagged_and_queued() {
     assert!(queued.is_empty());
     c.stop().await;
 }
+
+/// With a model configured (a stand-in OpenAI-compatible endpoint here: no model runs on this
+/// machine), a submission's review is the rules plus the model's verdict, and a verdict can
+/// raise a program's risk until it is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_reviewer_can_raise_the_risk() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let request = String::from_utf8_lossy(&body);
+            // The stand-in calls anything that mines coins malicious.
+            let verdict = if request.contains("hashlib") {
+                r#"{"verdict": "malicious", "risk": 95, "reasons": ["a proof-of-work loop"]}"#
+            } else {
+                r#"{"verdict": "safe", "risk": 0, "reasons": []}"#
+            };
+            let text =
+                serde_json::json!({"choices": [{"message": {"content": verdict}}]}).to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    let Some(c) = Coordinator::start_with(fleetbox_testkit::Db::Sqlite, |config| {
+        config.llm = Some(fleetbox_review::llm::LlmConfig::new(
+            url.clone(),
+            "stand-in",
+        ));
+    })
+    .await
+    else {
+        return;
+    };
+    let miner = "import hashlib\nn = 0\nwhile not hashlib.sha256(str(n).encode()).hexdigest().startswith('0000'):\n    n += 1\nprint(n)\n";
+    let review = c.client.review(miner).await.unwrap();
+    assert_eq!(review.decision, Decision::Reject, "{review:?}");
+    assert!(
+        review.reviewer.contains("llm:stand-in"),
+        "{}",
+        review.reviewer
+    );
+    let err = c
+        .client
+        .submit(&spec(&format!(
+            "name = \"miner\"\ncode = {miner:?}\n[shards]\ncount = 1\n"
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("rejected_by_review"), "{err}");
+    let fine = c.client.review("print(1)").await.unwrap();
+    assert_eq!(fine.decision, Decision::Run);
+    c.stop().await;
+}
