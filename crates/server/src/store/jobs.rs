@@ -588,30 +588,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("cancelling a job")?;
-        // The job row first (it is locked from here on), then its tasks, then its counters.
-        let done = Sql::new("UPDATE jobs SET state = ")
-            .bind(JobState::Cancelled.as_str())
-            .push(", error = ")
-            .bind("cancelled by request")
-            .push(", finished_at = ")
-            .bind(now)
-            .push(" WHERE id = ")
-            .bind(id)
-            .push(" AND tenant_id = ")
-            .bind(tenant_id)
-            .push(" AND state NOT IN (")
-            .bind_list(JobState::FINAL.iter().map(|s| s.as_str()))
-            .push(")")
-            .build()
-            .execute(&mut *tx)
-            .await
-            .doing("cancelling a job")?;
-        if done.rows_affected() == 0 {
+        if !cancel_in(&mut tx, tenant_id, id, "cancelled by request", now).await? {
             return Ok(false);
         }
-        let mut tally = Tally::default();
-        settle::kill_unsettled(&mut tx, &mut tally, id, "job cancelled", now).await?;
-        tally.apply(&mut tx).await?;
         let entry = Entry::new(tenant_id, actor, Action::JobCancelled).job(id);
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("cancelling a job")?;
@@ -855,4 +834,40 @@ pub struct FoldOutcome<'a> {
     pub result_blob: Option<&'a str>,
     pub summary: &'a JobSummary,
     pub error: Option<&'a str>,
+}
+
+/// Cancel job `id` of `tenant` within `tx` because of `reason` (its `error`): unsettled shards
+/// become `dead`. False when it was already final.
+pub(super) async fn cancel_in(
+    tx: &mut settle::Tx<'_>,
+    tenant: &str,
+    id: &str,
+    reason: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    // The job row first (it is locked from here on), then its tasks, then its counters.
+    let done = Sql::new("UPDATE jobs SET state = ")
+        .bind(JobState::Cancelled.as_str())
+        .push(", error = ")
+        .bind(reason)
+        .push(", finished_at = ")
+        .bind(now)
+        .push(" WHERE id = ")
+        .bind(id)
+        .push(" AND tenant_id = ")
+        .bind(tenant)
+        .push(" AND state NOT IN (")
+        .bind_list(JobState::FINAL.iter().map(|s| s.as_str()))
+        .push(")")
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("cancelling a job")?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let mut tally = Tally::default();
+    settle::kill_unsettled(tx, &mut tally, id, "job cancelled", now).await?;
+    tally.apply(tx).await?;
+    Ok(true)
 }

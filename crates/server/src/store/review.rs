@@ -5,7 +5,7 @@ use fleetbox_proto::{JobState, TaskState};
 use serde_json::Value;
 
 use super::audit::{Action, Entry};
-use super::settle::{self, Tally, Tx};
+use super::settle::Tx;
 use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
 
@@ -217,26 +217,7 @@ impl Store {
                 "rejected in review by {actor}{}",
                 note.map(|n| format!(": {n}")).unwrap_or_default()
             );
-            let cancelled = Sql::new("UPDATE jobs SET state = ")
-                .bind(JobState::Cancelled.as_str())
-                .push(", error = ")
-                .bind(reason.as_str())
-                .push(", finished_at = ")
-                .bind(now)
-                .push(" WHERE id = ")
-                .bind(job_id.as_str())
-                .push(" AND state NOT IN (")
-                .bind_list(JobState::FINAL.iter().map(|s| s.as_str()))
-                .push(")")
-                .build()
-                .execute(&mut *tx)
-                .await
-                .doing(d)?;
-            if cancelled.rows_affected() > 0 {
-                let mut tally = Tally::default();
-                settle::kill_unsettled(&mut tx, &mut tally, &job_id, &reason, now).await?;
-                tally.apply(&mut tx).await?;
-            }
+            super::jobs::cancel_in(&mut tx, tenant, &job_id, &reason, now).await?;
         }
         let action = if approve {
             Action::ReviewApproved
