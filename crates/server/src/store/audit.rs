@@ -74,6 +74,10 @@ pub enum Action {
     /// A submission the code review refused (or held): no job was made.
     #[serde(rename = "review.refused")]
     ReviewRefused,
+    /// A job's remaining shards were put on hold for a person (a shard hit a sandbox
+    /// violation).
+    #[serde(rename = "review.held")]
+    ReviewHeld,
     /// A person approved a flag of the review queue (a held job starts).
     #[serde(rename = "review.approved")]
     ReviewApproved,
@@ -83,7 +87,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 26] = [
+    pub const ALL: [Action; 27] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -108,6 +112,7 @@ impl Action {
         Action::JobNeedsReview,
         Action::JobRerunTainted,
         Action::ReviewRefused,
+        Action::ReviewHeld,
         Action::ReviewApproved,
         Action::ReviewRejected,
     ];
@@ -138,6 +143,7 @@ impl Action {
             Action::JobNeedsReview => "job.needs_review",
             Action::JobRerunTainted => "job.rerun_tainted",
             Action::ReviewRefused => "review.refused",
+            Action::ReviewHeld => "review.held",
             Action::ReviewApproved => "review.approved",
             Action::ReviewRejected => "review.rejected",
         }

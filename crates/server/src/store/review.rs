@@ -88,6 +88,80 @@ pub(super) async fn hold(
 }
 
 impl Store {
+    /// A shard of a running job hit a sandbox violation: the job's shards not yet leased wait
+    /// (`pending_review`) until a person decides, through a `violation` flag (one open flag
+    /// per job). Returns the job when it was put on hold now.
+    pub async fn hold_for_violation(
+        &self,
+        tenant: &str,
+        task_id: i64,
+        agent: &str,
+        reason: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let now = now_ms();
+        let d = "holding a job after a sandbox violation";
+        let mut tx = self.begin_write().await.doing(d)?;
+        let found: Option<(String, i64)> =
+            Sql::new("SELECT job_id, shard_index FROM tasks WHERE id = ")
+                .bind(task_id)
+                .push(" AND tenant_id = ")
+                .bind(tenant)
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing(d)?;
+        let Some((job_id, shard)) = found else {
+            return Ok(None);
+        };
+        let held = Sql::new("UPDATE jobs SET state = ")
+            .bind(JobState::PendingReview.as_str())
+            .push(" WHERE id = ")
+            .bind(job_id.as_str())
+            .push(" AND state = ")
+            .bind(JobState::Running.as_str())
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing(d)?;
+        if held.rows_affected() == 0 {
+            return Ok(None); // already held, folding or finished
+        }
+        Sql::new("UPDATE tasks SET not_before = ")
+            .bind(HELD_UNTIL)
+            .push(" WHERE job_id = ")
+            .bind(job_id.as_str())
+            .push(" AND state = ")
+            .bind(TaskState::Queued.as_str())
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing(d)?;
+        let details = serde_json::json!({ "shard": shard, "agent": agent, "reason": reason });
+        Sql::new(
+            "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
+        )
+        .bind(tenant)
+        .push(", ")
+        .bind(job_id.as_str())
+        .push(", 'violation', 'open', ")
+        .bind(details.to_string())
+        .push(", ")
+        .bind(now)
+        .push(")")
+        .build()
+        .execute(&mut *tx)
+        .await
+        .doing(d)?;
+        let entry = Entry::new(tenant, "server", Action::ReviewHeld)
+            .job(&job_id)
+            .task(task_id)
+            .agent(agent)
+            .details(details);
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing(d)?;
+        Ok(Some(job_id))
+    }
+
     /// Put an open flag of `kind` in the review queue.
     pub async fn add_flag(
         &self,

@@ -302,3 +302,61 @@ async fn a_model_reviewer_can_raise_the_risk() {
     assert_eq!(fine.decision, Decision::Run);
     c.stop().await;
 }
+
+/// A shard that hit a sandbox violation puts the rest of its job on hold: nothing more of it is
+/// leased until a person approves (then it goes on) or rejects (then it is cancelled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
+    use fleetbox_proto::api::{LeaseRequest, ReportBatch, ShardReport};
+    use fleetbox_proto::{ExecutionReport, Status};
+    let Some(c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
+        return;
+    };
+    let job = c
+        .client
+        .submit(&spec(
+            "name = \"v\"\ncode = \"print(1)\"\n[shards]\ncount = 4\n[verify]\nrecheck = \"none\"\n",
+        ))
+        .await
+        .unwrap();
+    let agent =
+        fleetbox_testkit::SignedAgent::enroll(&c.running.url(), &c.running.enroll_token, "agent")
+            .await;
+    let lease = |n| LeaseRequest {
+        max_tasks: n,
+        wait_ms: 0,
+        backend: None,
+    };
+    let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
+    let mut report = ExecutionReport::unmeasured(Status::SandboxViolation, None);
+    report.message = Some("denied syscall `mount`".into());
+    let mut r = ShardReport::new(first.lease_id.clone(), first.task_id, report);
+    r.attempt = first.attempt;
+    agent
+        .report(&ReportBatch { reports: vec![r] })
+        .await
+        .unwrap();
+    let view = c.client.job(&job.id).await.unwrap();
+    assert_eq!(view.state, JobState::PendingReview, "{view:?}");
+    assert!(
+        agent.lease(&lease(10)).await.unwrap().tasks.is_empty(),
+        "nothing leased while held"
+    );
+    let flag = c
+        .client
+        .review_flags(&format!("job={}&kind=violation", job.id))
+        .await
+        .unwrap()
+        .flags
+        .remove(0);
+    assert_eq!(flag.details["shard"], first.shard_index);
+    c.client.decide_flag(flag.id, true, None).await.unwrap();
+    assert_eq!(
+        c.client.job(&job.id).await.unwrap().state,
+        JobState::Running
+    );
+    assert_eq!(agent.lease(&lease(10)).await.unwrap().tasks.len(), 3);
+    let held = c.client.audit("action=review.held").await.unwrap();
+    assert_eq!(held.entries.len(), 1);
+    c.stop().await;
+}
