@@ -126,7 +126,7 @@ impl Store {
         if held.rows_affected() == 0 {
             return Ok(None); // already held, folding or finished
         }
-        Sql::new("UPDATE tasks SET not_before = ")
+        let waiting = Sql::new("UPDATE tasks SET not_before = ")
             .bind(HELD_UNTIL)
             .push(" WHERE job_id = ")
             .bind(job_id.as_str())
@@ -136,6 +136,11 @@ impl Store {
             .execute(&mut *tx)
             .await
             .doing(d)?;
+        if waiting.rows_affected() == 0 {
+            // Nothing left to hold (a one-shard run, the last shard): the job goes on to its
+            // fold; the violation is in its flags and the audit log.
+            return Ok(None);
+        }
         let details = serde_json::json!({ "shard": shard, "agent": agent, "reason": reason });
         Sql::new(
             "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",

@@ -358,5 +358,29 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
     assert_eq!(agent.lease(&lease(10)).await.unwrap().tasks.len(), 3);
     let held = c.client.audit("action=review.held").await.unwrap();
     assert_eq!(held.entries.len(), 1);
+
+    // Nothing left to hold (a one-shard job): it is not held, it ends as its shard did.
+    let one = c
+        .client
+        .submit(&spec(
+            "name = \"one\"\ncode = \"print(1)\"\n[shards]\ncount = 1\n[verify]\nrecheck = \"none\"\n",
+        ))
+        .await
+        .unwrap();
+    let mut tasks = agent.lease(&lease(10)).await.unwrap().tasks;
+    let only = tasks.iter().position(|t| t.job_id == one.id).unwrap();
+    let only = tasks.swap_remove(only);
+    let mut r = ShardReport::new(
+        only.lease_id.clone(),
+        only.task_id,
+        ExecutionReport::unmeasured(Status::SandboxViolation, None),
+    );
+    r.attempt = only.attempt;
+    agent
+        .report(&ReportBatch { reports: vec![r] })
+        .await
+        .unwrap();
+    let r = c.wait(&one.id, Duration::from_secs(30)).await;
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
     c.stop().await;
 }
