@@ -204,6 +204,26 @@ async fn settle(
     let Some(settled) = settled else {
         return Ok(()); // another coordinator settled it meanwhile
     };
+    // Anything but agreement goes to the review queue for a person.
+    let kind = match finding {
+        Finding::Agrees => None,
+        Finding::Differs | Finding::FailsOnServer { .. } => Some("mismatch"),
+        Finding::Nondeterministic | Finding::Unverifiable { .. } => Some("inconclusive"),
+    };
+    if let Some(kind) = kind {
+        let details = serde_json::json!({
+            "shard": subject.shard_index,
+            "agent": subject.agent_id,
+            "finding": format!("{finding:?}"),
+        });
+        if let Err(e) = state
+            .store
+            .add_flag(&subject.tenant_id, &subject.job_id, kind, &details)
+            .await
+        {
+            tracing::error!(error = %e, "could not queue a verification finding for review");
+        }
+    }
     if let Some(agent) = &settled.quarantined {
         tracing::warn!(
             agent,

@@ -38,6 +38,8 @@ pub struct McpMount {
 
 pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
     let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/status", get(jobs::status))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/run", post(run::run))
@@ -82,6 +84,33 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(trace))
         .with_state(state)
+}
+
+/// `GET /healthz`: the process answers (no token: for probes).
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: the store answers and its migrations are all applied; `503 not_ready`
+/// otherwise (no token: for probes).
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let not_ready = |m: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", m);
+    let (applied, known) = state
+        .store
+        .readiness()
+        .await
+        .map_err(|e| not_ready(format!("the store does not answer: {e}")))?;
+    if applied < known {
+        return Err(not_ready(format!(
+            "{applied} of {known} migrations applied"
+        )));
+    }
+    Ok(axum::Json(serde_json::json!({
+        "status": "ready",
+        "migrations": applied,
+    })))
 }
 
 /// `/mcp` takes admin tokens only; its tools then call the API with the same token.

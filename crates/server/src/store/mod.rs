@@ -241,6 +241,16 @@ impl Store {
         }
     }
 
+    /// The store answers and every migration this build knows is applied: how many are
+    /// (`applied`, `known`).
+    pub async fn readiness(&self) -> Result<(usize, usize), StoreError> {
+        let (applied,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM fleetbox_migrations")
+            .fetch_one(&self.read)
+            .await
+            .doing("checking readiness")?;
+        Ok((applied as usize, MIGRATIONS.len()))
+    }
+
     /// Turn the audit log off (the throughput benchmark's baseline) or on.
     pub fn set_audit(&mut self, on: bool) {
         self.audit = on;

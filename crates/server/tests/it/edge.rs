@@ -85,3 +85,32 @@ shards = { count = 2 }
     assert_eq!(b.output_sha256.as_deref(), Some(want.as_str()));
     c.stop().await;
 }
+
+/// Probes need no token: `/healthz` says the process answers, `/readyz` that the store does
+/// and every migration is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_probes_answer_without_a_token() {
+    for db in crate::support::BOTH {
+        let Some(c) = crate::support::Coordinator::start(db).await else {
+            continue;
+        };
+        let http = reqwest::Client::new();
+        let health = http
+            .get(format!("{}/healthz", c.running.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+        let ready: serde_json::Value = http
+            .get(format!("{}/readyz", c.running.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ready["status"], "ready", "{db:?}");
+        assert!(ready["migrations"].as_u64().unwrap() >= 12, "{ready}");
+        c.stop().await;
+    }
+}

@@ -164,6 +164,19 @@ async fn random_output_is_inconclusive_and_flagged() {
                 "{db:?}: the server ran it twice"
             );
         }
+        // In the review queue for a person, one entry per shard.
+        let queued = c
+            .client
+            .review_flags(&format!("job={}&kind=inconclusive", result.id))
+            .await
+            .unwrap()
+            .flags;
+        let mut shards: Vec<u64> = queued
+            .iter()
+            .map(|f| f.details["shard"].as_u64().unwrap())
+            .collect();
+        shards.sort();
+        assert_eq!(shards, [0, 1, 2], "{db:?}: {queued:?}");
         // Not the agent's fault: no strike.
         let agents = c.client.agents().await.unwrap().agents;
         assert_eq!(agents[0].strikes, 0);
@@ -216,6 +229,17 @@ async fn numeric_tolerance_passes_noise_and_catches_a_difference() {
             3,
             "{db:?}: {:?}",
             summary.flags
+        );
+        let queued = c
+            .client
+            .review_flags(&format!("job={}&kind=mismatch", result.id))
+            .await
+            .unwrap()
+            .flags;
+        assert_eq!(
+            queued.len(),
+            3,
+            "{db:?}: each mismatch is in the review queue"
         );
         c.stop().await;
     }
