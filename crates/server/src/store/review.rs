@@ -69,13 +69,27 @@ pub(super) async fn hold(
         .execute(&mut **tx)
         .await
         .doing("holding a job's shards")?;
+    insert_flag(tx, tenant, job_id, "code", details, now).await
+}
+
+/// An open flag of `kind` for `job_id` in the review queue, within `tx`.
+async fn insert_flag(
+    tx: &mut Tx<'_>,
+    tenant: &str,
+    job_id: &str,
+    kind: &str,
+    details: &Value,
+    now: i64,
+) -> Result<(), StoreError> {
     Sql::new(
         "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
     )
     .bind(tenant)
     .push(", ")
     .bind(job_id)
-    .push(", 'code', 'open', ")
+    .push(", ")
+    .bind(kind)
+    .push(", 'open', ")
     .bind(details.to_string())
     .push(", ")
     .bind(now)
@@ -83,7 +97,7 @@ pub(super) async fn hold(
     .build()
     .execute(&mut **tx)
     .await
-    .doing("flagging a held job")?;
+    .doing("flagging a job for review")?;
     Ok(())
 }
 
@@ -142,21 +156,7 @@ impl Store {
             return Ok(None);
         }
         let details = serde_json::json!({ "shard": shard, "agent": agent, "reason": reason });
-        Sql::new(
-            "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
-        )
-        .bind(tenant)
-        .push(", ")
-        .bind(job_id.as_str())
-        .push(", 'violation', 'open', ")
-        .bind(details.to_string())
-        .push(", ")
-        .bind(now)
-        .push(")")
-        .build()
-        .execute(&mut *tx)
-        .await
-        .doing(d)?;
+        insert_flag(&mut tx, tenant, &job_id, "violation", &details, now).await?;
         let entry = Entry::new(tenant, "server", Action::ReviewHeld)
             .job(&job_id)
             .task(task_id)
@@ -176,23 +176,7 @@ impl Store {
         details: &Value,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await.doing("flagging a job")?;
-        Sql::new(
-            "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
-        )
-        .bind(tenant)
-        .push(", ")
-        .bind(job_id)
-        .push(", ")
-        .bind(kind)
-        .push(", 'open', ")
-        .bind(details.to_string())
-        .push(", ")
-        .bind(now_ms())
-        .push(")")
-        .build()
-        .execute(&mut *tx)
-        .await
-        .doing("flagging a job")?;
+        insert_flag(&mut tx, tenant, job_id, kind, details, now_ms()).await?;
         tx.commit().await.doing("flagging a job")?;
         Ok(())
     }
