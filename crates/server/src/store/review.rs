@@ -61,15 +61,44 @@ pub(super) async fn hold(
     details: &Value,
     now: i64,
 ) -> Result<(), StoreError> {
-    Sql::new("UPDATE tasks SET not_before = ")
-        .bind(HELD_UNTIL)
-        .push(" WHERE job_id = ")
+    queued_not_before(tx, job_id, HELD_UNTIL).await?;
+    insert_flag(tx, tenant, job_id, "code", details, now).await
+}
+
+/// Move job `job_id` from state `from` to `to`; false when it was not in `from`.
+async fn move_job(
+    tx: &mut Tx<'_>,
+    job_id: &str,
+    from: JobState,
+    to: JobState,
+) -> Result<bool, StoreError> {
+    let moved = Sql::new("UPDATE jobs SET state = ")
+        .bind(to.as_str())
+        .push(" WHERE id = ")
         .bind(job_id)
+        .push(" AND state = ")
+        .bind(from.as_str())
         .build()
         .execute(&mut **tx)
         .await
-        .doing("holding a job's shards")?;
-    insert_flag(tx, tenant, job_id, "code", details, now).await
+        .doing("moving a job for review")?;
+    Ok(moved.rows_affected() > 0)
+}
+
+/// When the job's queued shards may be leased: [`HELD_UNTIL`] holds them, 0 releases them.
+/// Returns how many there are.
+async fn queued_not_before(tx: &mut Tx<'_>, job_id: &str, at: i64) -> Result<u64, StoreError> {
+    let changed = Sql::new("UPDATE tasks SET not_before = ")
+        .bind(at)
+        .push(" WHERE job_id = ")
+        .bind(job_id)
+        .push(" AND state = ")
+        .bind(TaskState::Queued.as_str())
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("holding or releasing a job's shards")?;
+    Ok(changed.rows_affected())
 }
 
 /// An open flag of `kind` for `job_id` in the review queue, within `tx`.
@@ -127,30 +156,10 @@ impl Store {
         let Some((job_id, shard)) = found else {
             return Ok(None);
         };
-        let held = Sql::new("UPDATE jobs SET state = ")
-            .bind(JobState::PendingReview.as_str())
-            .push(" WHERE id = ")
-            .bind(job_id.as_str())
-            .push(" AND state = ")
-            .bind(JobState::Running.as_str())
-            .build()
-            .execute(&mut *tx)
-            .await
-            .doing(d)?;
-        if held.rows_affected() == 0 {
+        if !move_job(&mut tx, &job_id, JobState::Running, JobState::PendingReview).await? {
             return Ok(None); // already held, folding or finished
         }
-        let waiting = Sql::new("UPDATE tasks SET not_before = ")
-            .bind(HELD_UNTIL)
-            .push(" WHERE job_id = ")
-            .bind(job_id.as_str())
-            .push(" AND state = ")
-            .bind(TaskState::Queued.as_str())
-            .build()
-            .execute(&mut *tx)
-            .await
-            .doing(d)?;
-        if waiting.rows_affected() == 0 {
+        if queued_not_before(&mut tx, &job_id, HELD_UNTIL).await? == 0 {
             // Nothing left to hold (a one-shard run, the last shard): the job goes on to its
             // fold; the violation is in its flags and the audit log.
             return Ok(None);
@@ -255,25 +264,8 @@ impl Store {
             });
         };
         if approve {
-            let started = Sql::new("UPDATE jobs SET state = ")
-                .bind(JobState::Running.as_str())
-                .push(" WHERE id = ")
-                .bind(job_id.as_str())
-                .push(" AND state = ")
-                .bind(JobState::PendingReview.as_str())
-                .build()
-                .execute(&mut *tx)
-                .await
-                .doing(d)?;
-            if started.rows_affected() > 0 {
-                Sql::new("UPDATE tasks SET not_before = 0 WHERE job_id = ")
-                    .bind(job_id.as_str())
-                    .push(" AND state = ")
-                    .bind(TaskState::Queued.as_str())
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .doing(d)?;
+            if move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await? {
+                queued_not_before(&mut tx, &job_id, 0).await?;
             }
         } else {
             let reason = format!(

@@ -92,85 +92,87 @@ async fn the_review_gates_every_submission() {
 /// them, and a flag is decided once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_jobs_wait_for_a_person() {
-    let Some(mut c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
-        return;
-    };
-    c.agent("a", Default::default());
-    // High + two mediums: risk 70, between `hold` (60) and `reject` (80).
-    let code = "import subprocess, socket, os\nprint(len(dict(os.environ)) > 0)\nsubprocess.run(['true'])\n";
-    let held = |name: &str| {
-        spec(&format!(
-            "name = \"{name}\"\ncode = {code:?}\n[shards]\ncount = 2\n"
-        ))
-    };
-    assert_eq!(
-        c.client.review(code).await.unwrap().decision,
-        Decision::Hold
-    );
-    let job = c.client.submit(&held("held")).await.unwrap();
-    assert_eq!(job.state, JobState::PendingReview);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let view = c.client.job(&job.id).await.unwrap();
-    assert_eq!(view.state, JobState::PendingReview);
-    assert_eq!(view.shards.queued, 2, "nothing leased while held: {view:?}");
-    let flags = c.client.review_flags("status=open").await.unwrap().flags;
-    assert_eq!(flags.len(), 1);
-    let flag = &flags[0];
-    assert_eq!(
-        (flag.job_id.as_str(), flag.kind.as_str()),
-        (job.id.as_str(), "code")
-    );
-    assert_eq!(flag.details["decision"], "hold");
+    for db in crate::support::BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("a", Default::default());
+        // High + two mediums: risk 70, between `hold` (60) and `reject` (80).
+        let code = "import subprocess, socket, os\nprint(len(dict(os.environ)) > 0)\nsubprocess.run(['true'])\n";
+        let held = |name: &str| {
+            spec(&format!(
+                "name = \"{name}\"\ncode = {code:?}\n[shards]\ncount = 2\n"
+            ))
+        };
+        assert_eq!(
+            c.client.review(code).await.unwrap().decision,
+            Decision::Hold
+        );
+        let job = c.client.submit(&held("held")).await.unwrap();
+        assert_eq!(job.state, JobState::PendingReview);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let view = c.client.job(&job.id).await.unwrap();
+        assert_eq!(view.state, JobState::PendingReview);
+        assert_eq!(view.shards.queued, 2, "nothing leased while held: {view:?}");
+        let flags = c.client.review_flags("status=open").await.unwrap().flags;
+        assert_eq!(flags.len(), 1);
+        let flag = &flags[0];
+        assert_eq!(
+            (flag.job_id.as_str(), flag.kind.as_str()),
+            (job.id.as_str(), "code")
+        );
+        assert_eq!(flag.details["decision"], "hold");
 
-    let decided = c
-        .client
-        .decide_flag(flag.id, true, Some("looked at it"))
-        .await
-        .unwrap();
-    assert_eq!(decided.status, "approved");
-    assert!(decided.decided_by.as_deref().unwrap().starts_with("admin:"));
-    let r = c.wait(&job.id, Duration::from_secs(60)).await;
-    assert_eq!(r.state, JobState::Completed, "{r:?}");
-    let again = c
-        .client
-        .decide_flag(flag.id, false, None)
-        .await
-        .unwrap_err();
-    assert_eq!(again.code(), Some("flag_decided"), "{again}");
+        let decided = c
+            .client
+            .decide_flag(flag.id, true, Some("looked at it"))
+            .await
+            .unwrap();
+        assert_eq!(decided.status, "approved");
+        assert!(decided.decided_by.as_deref().unwrap().starts_with("admin:"));
+        let r = c.wait(&job.id, Duration::from_secs(60)).await;
+        assert_eq!(r.state, JobState::Completed, "{r:?}");
+        let again = c
+            .client
+            .decide_flag(flag.id, false, None)
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), Some("flag_decided"), "{again}");
 
-    let job = c.client.submit(&held("rejected")).await.unwrap();
-    let flag = c
-        .client
-        .review_flags(&format!("job={}", job.id))
-        .await
-        .unwrap()
-        .flags
-        .remove(0);
-    c.client
-        .decide_flag(flag.id, false, Some("no sockets here"))
-        .await
-        .unwrap();
-    let r = c.wait(&job.id, Duration::from_secs(30)).await;
-    assert_eq!(r.state, JobState::Cancelled);
-    assert!(
-        r.error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("no sockets here"),
-        "{r:?}"
-    );
-    for i in 0..2 {
-        let d = c.client.shard(&job.id, i).await.unwrap();
-        assert!(d.attempts.is_empty(), "a rejected job never ran: {d:?}");
+        let job = c.client.submit(&held("rejected")).await.unwrap();
+        let flag = c
+            .client
+            .review_flags(&format!("job={}", job.id))
+            .await
+            .unwrap()
+            .flags
+            .remove(0);
+        c.client
+            .decide_flag(flag.id, false, Some("no sockets here"))
+            .await
+            .unwrap();
+        let r = c.wait(&job.id, Duration::from_secs(30)).await;
+        assert_eq!(r.state, JobState::Cancelled);
+        assert!(
+            r.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("no sockets here"),
+            "{r:?}"
+        );
+        for i in 0..2 {
+            let d = c.client.shard(&job.id, i).await.unwrap();
+            assert!(d.attempts.is_empty(), "a rejected job never ran: {d:?}");
+        }
+        for action in ["review.approved", "review.rejected"] {
+            let a = c.client.audit(&format!("action={action}")).await.unwrap();
+            assert_eq!(a.entries.len(), 1, "{action}");
+            assert!(a.entries[0].actor.starts_with("admin:"));
+        }
+        let missing = c.client.decide_flag(999_999, true, None).await.unwrap_err();
+        assert_eq!(missing.code(), Some("not_found"));
+        c.stop().await;
     }
-    for action in ["review.approved", "review.rejected"] {
-        let a = c.client.audit(&format!("action={action}")).await.unwrap();
-        assert_eq!(a.entries.len(), 1, "{action}");
-        assert!(a.entries[0].actor.starts_with("admin:"));
-    }
-    let missing = c.client.decide_flag(999_999, true, None).await.unwrap_err();
-    assert_eq!(missing.code(), Some("not_found"));
-    c.stop().await;
 }
 
 /// Result review: a job whose shards return one wild outlier is flagged with the shard named
@@ -309,78 +311,83 @@ async fn a_model_reviewer_can_raise_the_risk() {
 async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
     use fleetbox_proto::api::{LeaseRequest, ReportBatch, ShardReport};
     use fleetbox_proto::{ExecutionReport, Status};
-    let Some(c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
-        return;
-    };
-    let job = c
+    for db in crate::support::BOTH {
+        let Some(c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let job = c
         .client
         .submit(&spec(
             "name = \"v\"\ncode = \"print(1)\"\n[shards]\ncount = 4\n[verify]\nrecheck = \"none\"\n",
         ))
         .await
         .unwrap();
-    let agent =
-        fleetbox_testkit::SignedAgent::enroll(&c.running.url(), &c.running.enroll_token, "agent")
-            .await;
-    let lease = |n| LeaseRequest {
-        max_tasks: n,
-        wait_ms: 0,
-        backend: None,
-    };
-    let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
-    let mut report = ExecutionReport::unmeasured(Status::SandboxViolation, None);
-    report.message = Some("denied syscall `mount`".into());
-    let mut r = ShardReport::new(first.lease_id.clone(), first.task_id, report);
-    r.attempt = first.attempt;
-    agent
-        .report(&ReportBatch { reports: vec![r] })
-        .await
-        .unwrap();
-    let view = c.client.job(&job.id).await.unwrap();
-    assert_eq!(view.state, JobState::PendingReview, "{view:?}");
-    assert!(
-        agent.lease(&lease(10)).await.unwrap().tasks.is_empty(),
-        "nothing leased while held"
-    );
-    let flag = c
-        .client
-        .review_flags(&format!("job={}&kind=violation", job.id))
-        .await
-        .unwrap()
-        .flags
-        .remove(0);
-    assert_eq!(flag.details["shard"], first.shard_index);
-    c.client.decide_flag(flag.id, true, None).await.unwrap();
-    assert_eq!(
-        c.client.job(&job.id).await.unwrap().state,
-        JobState::Running
-    );
-    assert_eq!(agent.lease(&lease(10)).await.unwrap().tasks.len(), 3);
-    let held = c.client.audit("action=review.held").await.unwrap();
-    assert_eq!(held.entries.len(), 1);
+        let agent = fleetbox_testkit::SignedAgent::enroll(
+            &c.running.url(),
+            &c.running.enroll_token,
+            "agent",
+        )
+        .await;
+        let lease = |n| LeaseRequest {
+            max_tasks: n,
+            wait_ms: 0,
+            backend: None,
+        };
+        let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
+        let mut report = ExecutionReport::unmeasured(Status::SandboxViolation, None);
+        report.message = Some("denied syscall `mount`".into());
+        let mut r = ShardReport::new(first.lease_id.clone(), first.task_id, report);
+        r.attempt = first.attempt;
+        agent
+            .report(&ReportBatch { reports: vec![r] })
+            .await
+            .unwrap();
+        let view = c.client.job(&job.id).await.unwrap();
+        assert_eq!(view.state, JobState::PendingReview, "{view:?}");
+        assert!(
+            agent.lease(&lease(10)).await.unwrap().tasks.is_empty(),
+            "nothing leased while held"
+        );
+        let flag = c
+            .client
+            .review_flags(&format!("job={}&kind=violation", job.id))
+            .await
+            .unwrap()
+            .flags
+            .remove(0);
+        assert_eq!(flag.details["shard"], first.shard_index);
+        c.client.decide_flag(flag.id, true, None).await.unwrap();
+        assert_eq!(
+            c.client.job(&job.id).await.unwrap().state,
+            JobState::Running
+        );
+        assert_eq!(agent.lease(&lease(10)).await.unwrap().tasks.len(), 3);
+        let held = c.client.audit("action=review.held").await.unwrap();
+        assert_eq!(held.entries.len(), 1);
 
-    // Nothing left to hold (a one-shard job): it is not held, it ends as its shard did.
-    let one = c
+        // Nothing left to hold (a one-shard job): it is not held, it ends as its shard did.
+        let one = c
         .client
         .submit(&spec(
             "name = \"one\"\ncode = \"print(1)\"\n[shards]\ncount = 1\n[verify]\nrecheck = \"none\"\n",
         ))
         .await
         .unwrap();
-    let mut tasks = agent.lease(&lease(10)).await.unwrap().tasks;
-    let only = tasks.iter().position(|t| t.job_id == one.id).unwrap();
-    let only = tasks.swap_remove(only);
-    let mut r = ShardReport::new(
-        only.lease_id.clone(),
-        only.task_id,
-        ExecutionReport::unmeasured(Status::SandboxViolation, None),
-    );
-    r.attempt = only.attempt;
-    agent
-        .report(&ReportBatch { reports: vec![r] })
-        .await
-        .unwrap();
-    let r = c.wait(&one.id, Duration::from_secs(30)).await;
-    assert_eq!(r.state, JobState::Failed, "{r:?}");
-    c.stop().await;
+        let mut tasks = agent.lease(&lease(10)).await.unwrap().tasks;
+        let only = tasks.iter().position(|t| t.job_id == one.id).unwrap();
+        let only = tasks.swap_remove(only);
+        let mut r = ShardReport::new(
+            only.lease_id.clone(),
+            only.task_id,
+            ExecutionReport::unmeasured(Status::SandboxViolation, None),
+        );
+        r.attempt = only.attempt;
+        agent
+            .report(&ReportBatch { reports: vec![r] })
+            .await
+            .unwrap();
+        let r = c.wait(&one.id, Duration::from_secs(30)).await;
+        assert_eq!(r.state, JobState::Failed, "{r:?}");
+        c.stop().await;
+    }
 }
