@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p fleetbox-bench -- startup   [--runs 50]   # fleetbox run vs bare python3
 //! cargo run --release -p fleetbox-bench -- jail      [--runs 50]   # jail vs python3, bwrap, docker
+//! cargo run --release -p fleetbox-bench -- docker    [--runs 20]   # docker backend vs docker run, runsc, jail
 //! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500]
 //! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
 //! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
@@ -14,6 +15,7 @@
 //! ```
 
 mod audit;
+mod docker;
 mod e2e;
 mod env;
 mod jail;
@@ -31,6 +33,7 @@ fn main() {
     let result = match which {
         "startup" => startup::run(runs),
         "jail" => jail::run(runs),
+        "docker" => docker::run(util::flag(&args, "--runs").unwrap_or(20)),
         "throughput" => throughput::run(
             util::flag(&args, "--tasks").unwrap_or(50_000),
             util::flag(&args, "--executors").unwrap_or(4),

@@ -4,7 +4,7 @@
 
 - ``local`` (default): ``fleetbox run --backend process`` on this machine;
 - ``jail``: ``fleetbox run --backend jail`` (namespaces, seccomp, Landlock, cgroups);
-- ``docker``: ``fleetbox run --backend docker`` (the binary says when it has no such backend);
+- ``docker``: ``fleetbox run --backend docker`` (a container per run; ``DOCKER_IMAGE`` and the rest);
 - ``fleet``: ``POST /v1/run`` on the coordinator at ``FLEETBOX_SERVER``.
 
 and reads the other variables of the original: ``SANDBOX_TIMEOUT_SEC`` (default 30),

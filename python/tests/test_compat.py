@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from fleetbox import FleetboxError
 from fleetbox.sandbox import get_sandbox
 from fleetbox.tools import run_python_code
 
@@ -38,13 +39,25 @@ def test_other_languages_and_unknown_types_are_clear_errors(coordinator, monkeyp
         get_sandbox().execute(code="puts 1", language="ruby")
     with pytest.raises(ValueError, match="SANDBOX_TYPE"):
         get_sandbox("e2b")
+
+
+def test_docker_mode_runs_in_a_container_with_the_seeds_variables(monkeypatch):
     monkeypatch.setenv("SANDBOX_TYPE", "docker")
-    try:
-        r = get_sandbox().execute(code="print(1)")
-    except FleetboxError as e:
-        assert "docker" in str(e)  # this build has no docker backend: it says so
-    else:
-        assert r.exit_code == 0 and r.meta["backend"] == "docker"
+    monkeypatch.setenv("DOCKER_IMAGE", os.environ.get("FLEETBOX_TEST_DOCKER_IMAGE", "fleetbox-python:3.11"))
+    monkeypatch.setenv("DOCKER_MEMORY_LIMIT", "128m")
+    monkeypatch.setenv("DOCKER_CPU_LIMIT", "0.5")
+    r = get_sandbox().execute(code="import os; print(os.getuid() != 0, os.listdir('/work'))")
+    assert r.exit_code == 0, r.meta
+    assert r.stdout == "True []\n"
+    assert r.meta["backend"] == "docker" and r.meta["runtime"] == "runc"
+    assert r.meta["limits"]["memory"] == "128MiB"
+    assert r.meta["limits"]["cpus"] == 0.5
+    assert r.meta["limits"]["network"] is False
+    # The seed's troubleshooting case, as a message: an image that is not there.
+    monkeypatch.setenv("DOCKER_IMAGE", "fleetbox-no-such-image:0")
+    r = get_sandbox().execute(code="print(1)")
+    assert r.meta["status"] == "sandbox_error"
+    assert "fleetbox image build" in r.meta["message"]
 
 
 def test_the_agent_tool_answers_in_text(coordinator, monkeypatch):

@@ -119,9 +119,12 @@ pub struct ServerArgs {
     /// Use this enrollment token (default: generated once, kept in `DATA/enroll.token`).
     #[arg(long, env = env::FLEETBOX_ENROLL_TOKEN, hide_env_values = true)]
     pub enroll_token: Option<String>,
-    /// Sandbox backend for server-side runs (the `python` reducer, re-checks).
-    #[arg(long)]
+    /// Sandbox backend for server-side runs (the `python` reducer, re-checks): `jail`, `docker`
+    /// (with `--docker-runtime runsc` for gVisor) or `process`.
+    #[arg(long, alias = "recheck-backend")]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub docker: DockerArgs,
     /// Serve the Model Context Protocol at `/mcp` (Streamable HTTP; admin bearer token).
     #[arg(long)]
     pub mcp: bool,
@@ -159,9 +162,11 @@ pub struct AgentArgs {
     /// Shards run at once.
     #[arg(long, default_value_t = 1)]
     pub slots: u32,
-    /// Sandbox backend (`jail` where the host supports it, else `process`).
+    /// Sandbox backend (`jail` where the host supports it, else `process`; or `docker`).
     #[arg(long, env = env::SANDBOX_TYPE)]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub docker: DockerArgs,
     /// Name shown on the coordinator (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -247,6 +252,8 @@ pub struct UpArgs {
     /// Sandbox backend of the local agents and the server.
     #[arg(long, env = env::SANDBOX_TYPE)]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub docker: DockerArgs,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -256,16 +263,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The `docker` backend's settings (the seed's variables), for every command that runs code.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DockerArgs {
+    /// `docker` backend: the image runs use (`fleetbox image build` makes one from this host's
+    /// Python). Default `python:3.11-slim`.
+    #[arg(long, env = env::DOCKER_IMAGE)]
+    pub docker_image: Option<String>,
+    /// `docker` backend: the OCI runtime, e.g. `runsc` for gVisor (default: the daemon's).
+    #[arg(long, env = env::DOCKER_RUNTIME)]
+    pub docker_runtime: Option<String>,
+}
+
 /// Resolve the sandbox for this host from `fleetbox.toml`, the environment and `--backend`.
 fn sandbox_settings(
     config: Option<&Path>,
     backend: Option<String>,
+    docker: &DockerArgs,
 ) -> anyhow::Result<(Backend, SandboxConfig)> {
     let file = FileConfig::load(config)?;
     let s = resolve_run(
         &file,
         RunFlags {
             backend,
+            docker_image: docker.docker_image.clone(),
+            docker_runtime: docker.docker_runtime.clone(),
             ..Default::default()
         },
     )?;
@@ -282,6 +304,7 @@ fn sandbox_settings(
             jail_helper: None,
             warm: 0,
             seccomp: SeccompMode::Deny,
+            docker: s.docker,
         },
     ))
 }
@@ -340,7 +363,7 @@ fn server_config(
 }
 
 pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCode> {
-    let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let (backend, sandbox) = sandbox_settings(config, args.backend.clone(), &args.docker)?;
     let cfg = server_config(&args, backend, sandbox)?;
     runtime()?.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
@@ -438,7 +461,7 @@ fn agent_config(
 }
 
 pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let (backend, sandbox) = sandbox_settings(config, args.backend.clone(), &args.docker)?;
     let file = FileConfig::load(config)?;
     let cfg = agent_config(args, &file.agent, backend, sandbox)?;
     let rt = runtime()?;
@@ -453,7 +476,7 @@ pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode>
 }
 
 pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
-    let (backend, sandbox) = sandbox_settings(config, args.backend.clone())?;
+    let (backend, sandbox) = sandbox_settings(config, args.backend.clone(), &args.docker)?;
     let agent_file = FileConfig::load(config)?.agent;
     // The local agents' jail policy, as `fleetbox agent` reads it: `FLEETBOX_SECCOMP`, else
     // the deny list.
@@ -477,6 +500,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
         enroll_token: None,
         backend: None,
+        docker: args.docker.clone(),
         mcp: true,
         mcp_origins: Vec::new(),
         review_rules: None,
@@ -500,6 +524,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     token: running.enroll_token.clone(),
                     slots: args.slots,
                     backend: None,
+                    docker: args.docker.clone(),
                     name: Some(format!("local-{}", i + 1)),
                     labels: vec!["local".into()],
                     state: args.data.join("agents").join(format!("local-{}", i + 1)),

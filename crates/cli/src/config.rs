@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fleetbox_proto::{ByteSize, Limits, Millis, env};
+use fleetbox_sandbox::docker::DockerConfig;
 use serde::Deserialize;
 
 /// `fleetbox.toml`.
@@ -49,6 +50,10 @@ pub struct RunSection {
     pub workspace_size: Option<ByteSize>,
     pub python: Option<PathBuf>,
     pub work_root: Option<PathBuf>,
+    /// `docker` backend: the image (env `DOCKER_IMAGE`).
+    pub docker_image: Option<String>,
+    /// `docker` backend: the OCI runtime, e.g. `runsc` (env `DOCKER_RUNTIME`).
+    pub docker_runtime: Option<String>,
 }
 
 impl FileConfig {
@@ -98,6 +103,8 @@ pub struct RunFlags {
     pub memory: Option<ByteSize>,
     pub max_output: Option<ByteSize>,
     pub workspace_size: Option<ByteSize>,
+    pub docker_image: Option<String>,
+    pub docker_runtime: Option<String>,
 }
 
 /// The resolved settings for one `fleetbox run`.
@@ -108,6 +115,38 @@ pub struct RunSettings {
     pub python: Option<PathBuf>,
     pub work_root: PathBuf,
     pub use_cgroups: bool,
+    pub docker: DockerConfig,
+}
+
+/// The seed's `docker` settings: image, runtime and daemon (`flags < env < file < default`
+/// as everywhere else: flag first).
+pub fn resolve_docker(
+    file: &RunSection,
+    image: Option<String>,
+    runtime: Option<String>,
+) -> DockerConfig {
+    DockerConfig {
+        image: image
+            .or_else(|| var(env::DOCKER_IMAGE))
+            .or_else(|| file.docker_image.clone())
+            .unwrap_or_else(|| fleetbox_sandbox::docker::DEFAULT_IMAGE.to_string()),
+        runtime: runtime
+            .or_else(|| var(env::DOCKER_RUNTIME))
+            .or_else(|| file.docker_runtime.clone()),
+        host: var(env::DOCKER_HOST),
+    }
+}
+
+/// The seed's `DOCKER_NETWORK_ENABLED`: `true`/`1`/`yes` or `false`/`0`/`no`.
+fn env_bool(name: &str) -> anyhow::Result<Option<bool>> {
+    match var(name) {
+        None => Ok(None),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" => Ok(Some(false)),
+            _ => bail!("invalid `{name}={v}`: expected true or false"),
+        },
+    }
 }
 
 pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSettings> {
@@ -134,9 +173,27 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         // CPU time defaults to the wall timeout: a single-threaded program cannot use more.
         None => limits.cpu_time = limits.timeout,
     }
+    let docker = backend.trim().eq_ignore_ascii_case("docker");
     let env_memory: Option<ByteSize> = env_parse(env::FLEETBOX_MEMORY)?;
-    if let Some(m) = flags.memory.or(env_memory).or(f.memory) {
+    // The seed's docker variables apply to docker runs only, in the seed's units (`256m`, `0.5`).
+    let docker_memory: Option<ByteSize> = if docker {
+        env_parse(env::DOCKER_MEMORY_LIMIT)?
+    } else {
+        None
+    };
+    if let Some(m) = flags.memory.or(env_memory).or(docker_memory).or(f.memory) {
         limits.memory = m;
+    }
+    if docker {
+        let cpus: Option<f64> = env_parse(env::DOCKER_CPU_LIMIT)?;
+        limits.cpus = cpus.unwrap_or(0.5);
+        if !(limits.cpus > 0.0 && limits.cpus.is_finite()) {
+            bail!(
+                "`{}` must be a positive number of cores",
+                env::DOCKER_CPU_LIMIT
+            );
+        }
+        limits.network = env_bool(env::DOCKER_NETWORK_ENABLED)?.unwrap_or(false);
     }
     // SANDBOX_MAX_OUTPUT_KB: a bare number is KiB (the seed's meaning); `1MiB` also works.
     let env_output =
@@ -181,11 +238,13 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         .or_else(|| f.work_root.clone())
         .unwrap_or_else(std::env::temp_dir);
     let use_cgroups = var(env::FLEETBOX_NO_CGROUPS).is_none_or(|v| v == "0");
+    let docker = resolve_docker(f, flags.docker_image, flags.docker_runtime);
     Ok(RunSettings {
         backend,
         limits,
         python,
         work_root,
         use_cgroups,
+        docker,
     })
 }

@@ -7,6 +7,7 @@ mod audit_cmd;
 mod cluster;
 mod config;
 mod exit;
+mod image_cmd;
 mod jobs_cmd;
 mod review_cmd;
 mod run;
@@ -57,6 +58,8 @@ enum Command {
     Mcp(jobs_cmd::McpArgs),
     /// The code review, offline: `review check FILE...` prints findings, risk and decision.
     Review(review_cmd::ReviewArgs),
+    /// Images for the `docker` backend: `image build` makes one from this host's Python.
+    Image(image_cmd::ImageArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -95,6 +98,7 @@ pub fn main() -> ExitCode {
         Command::Agents(args) => agents_cmd::agents(args),
         Command::Mcp(args) => jobs_cmd::mcp(args),
         Command::Review(args) => review_cmd::review(args),
+        Command::Image(args) => image_cmd::image(args),
     };
     match result {
         Ok(code) => code,

@@ -17,9 +17,11 @@ use crate::term;
 pub struct RunArgs {
     /// The Python program, or `-` to read it from standard input.
     pub file: PathBuf,
-    /// `process` (alias `local`) or `jail`. Env: `SANDBOX_TYPE`.
+    /// `process` (alias `local`), `jail` or `docker`. Env: `SANDBOX_TYPE`.
     #[arg(long)]
     pub backend: Option<String>,
+    #[command(flatten)]
+    pub docker: crate::cluster::DockerArgs,
     /// Wall-clock timeout, e.g. `500ms`, `5s`. Env: `SANDBOX_TIMEOUT_SEC`.
     #[arg(long, value_parser = parse_millis)]
     pub timeout: Option<Millis>,
@@ -114,6 +116,8 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             memory: args.memory,
             max_output: args.max_output,
             workspace_size: args.workspace_size,
+            docker_image: args.docker.docker_image.clone(),
+            docker_runtime: args.docker.docker_runtime.clone(),
         },
     )?;
     let backend: Backend = settings
@@ -152,6 +156,7 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             // One run per process: nothing to build ahead.
             warm: 0,
             seccomp: args.seccomp,
+            docker: settings.docker,
         },
     )?;
     let report = sandbox.run(&req);

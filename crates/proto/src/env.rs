@@ -9,6 +9,18 @@ pub const SANDBOX_TYPE: &str = "SANDBOX_TYPE";
 pub const SANDBOX_TIMEOUT_SEC: &str = "SANDBOX_TIMEOUT_SEC";
 /// Output cap per stream in KiB (seed name); any size string is accepted too.
 pub const SANDBOX_MAX_OUTPUT_KB: &str = "SANDBOX_MAX_OUTPUT_KB";
+/// Docker image for the `docker` backend (seed name; default `python:3.11-slim`).
+pub const DOCKER_IMAGE: &str = "DOCKER_IMAGE";
+/// Give `docker` runs network access (seed name; default `false`).
+pub const DOCKER_NETWORK_ENABLED: &str = "DOCKER_NETWORK_ENABLED";
+/// CPU limit of `docker` runs in cores (seed name; default `0.5`).
+pub const DOCKER_CPU_LIMIT: &str = "DOCKER_CPU_LIMIT";
+/// Memory limit of `docker` runs (seed name and units, e.g. `256m`; default `256m`).
+pub const DOCKER_MEMORY_LIMIT: &str = "DOCKER_MEMORY_LIMIT";
+/// OCI runtime of `docker` runs (e.g. `runsc` for gVisor; default: the daemon's).
+pub const DOCKER_RUNTIME: &str = "DOCKER_RUNTIME";
+/// The Docker daemon's address (`unix:///var/run/docker.sock` when unset).
+pub const DOCKER_HOST: &str = "DOCKER_HOST";
 /// Memory limit (size string).
 pub const FLEETBOX_MEMORY: &str = "FLEETBOX_MEMORY";
 /// CPU time limit (duration string).

@@ -133,7 +133,7 @@ impl EnvironmentSpec {
 }
 
 /// Why a requirement line is not a plain named requirement, if it is not.
-fn check_requirement(r: &str) -> Result<(), &'static str> {
+pub fn check_requirement(r: &str) -> Result<(), &'static str> {
     if r.is_empty() {
         return Err("is empty");
     }

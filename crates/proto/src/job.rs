@@ -14,7 +14,7 @@ pub const MAX_SHARDS: u64 = 1_000_000;
 /// Largest inline program.
 pub const MAX_CODE_BYTES: usize = 1 << 20;
 /// The sandbox backends a job may ask for.
-pub const BACKENDS: &[&str] = &["process", "jail"];
+pub const BACKENDS: &[&str] = &["process", "jail", "docker"];
 /// Most files a job may attach to its shards' workspaces, and their total decoded size.
 pub const MAX_FILES: usize = 64;
 pub const MAX_FILES_BYTES: usize = 4 << 20;

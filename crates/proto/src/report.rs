@@ -162,6 +162,9 @@ pub struct ExecutionReport {
     pub violations: Vec<Violation>,
     pub limits: AppliedLimits,
     pub backend: String,
+    /// `docker` only: the OCI runtime the container ran under (`runc`, `runsc` for gVisor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
     pub code_sha256: String,
     pub input_sha256: Option<String>,
     pub runner: Runner,
@@ -209,6 +212,7 @@ impl ExecutionReport {
             violations: Vec::new(),
             limits: AppliedLimits::default(),
             backend: "none".into(),
+            runtime: None,
             code_sha256: String::new(),
             input_sha256: None,
             runner: Runner::default(),

@@ -7,11 +7,14 @@
 //! - [`Backend::Process`] (the seed's `local`): scrubbed environment, own session, rlimits,
 //!   a cgroup where the host allows, runs as `nobody` when started as root.
 //! - [`Backend::Jail`]: namespaces, a new root, seccomp, Landlock and cgroups (Linux).
+//! - [`Backend::Docker`]: one container per run through the Docker Engine API, optionally under
+//!   gVisor (`runsc`); see [`docker`].
 //!
 //! This crate knows nothing of jobs, HTTP or databases.
 
 mod cancel;
 pub mod cgroup;
+pub mod docker;
 pub mod environment;
 pub mod jail;
 mod process;
@@ -123,6 +126,8 @@ pub struct SandboxConfig {
     pub warm: usize,
     /// `jail` only: the seccomp policy, the deny list (default) or the allow-list.
     pub seccomp: SeccompMode,
+    /// `docker` only: image, OCI runtime and daemon address.
+    pub docker: docker::DockerConfig,
 }
 
 impl Default for SandboxConfig {
@@ -134,6 +139,7 @@ impl Default for SandboxConfig {
             jail_helper: None,
             warm: 0,
             seccomp: SeccompMode::Deny,
+            docker: docker::DockerConfig::default(),
         }
     }
 }
@@ -149,6 +155,7 @@ pub trait Sandbox: Send + Sync {
 pub enum Backend {
     Process,
     Jail,
+    Docker,
 }
 
 impl Backend {
@@ -156,6 +163,7 @@ impl Backend {
         match self {
             Backend::Process => "process",
             Backend::Jail => "jail",
+            Backend::Docker => "docker",
         }
     }
 
@@ -182,6 +190,7 @@ impl FromStr for Backend {
         match s.trim().to_ascii_lowercase().as_str() {
             "process" | "local" => Ok(Backend::Process),
             "jail" => Ok(Backend::Jail),
+            "docker" => Ok(Backend::Docker),
             other => Err(SandboxError::UnknownBackend(other.to_string())),
         }
     }
@@ -215,18 +224,21 @@ pub fn open(backend: Backend, config: SandboxConfig) -> Result<Box<dyn Sandbox>,
     match backend {
         Backend::Process => Ok(Box::new(ProcessSandbox::new(config))),
         Backend::Jail => Ok(Box::new(jail::JailSandbox::new(config)?)),
+        Backend::Docker => Ok(Box::new(docker::DockerSandbox::new(config)?)),
     }
 }
 
 /// Failures of the sandbox itself (not of the program), turned into `sandbox_error` reports.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("unknown backend `{0}` (expected `process`/`local` or `jail`)")]
+    #[error("unknown backend `{0}` (expected `process`/`local`, `jail` or `docker`)")]
     UnknownBackend(String),
     #[error(
         "no Python interpreter found (looked at {looked}); install one with `apt-get install python3` or point `FLEETBOX_PYTHON` at it"
     )]
     PythonMissing { looked: String },
+    #[error(transparent)]
+    Docker(#[from] docker::DockerError),
     #[error(transparent)]
     Policy(#[from] jail::seccomp::PolicyError),
     #[error("could not {what} `{}`: {source}", path.display())]

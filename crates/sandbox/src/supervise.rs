@@ -50,14 +50,14 @@ pub struct Outcome {
 }
 
 /// Keeps the first `cap` bytes of a stream and counts the rest.
-struct Capture {
+pub(crate) struct Capture {
     kept: Vec<u8>,
     total: u64,
     cap: usize,
 }
 
 impl Capture {
-    fn new(cap: u64) -> Self {
+    pub(crate) fn new(cap: u64) -> Self {
         Capture {
             kept: Vec::new(),
             total: 0,
@@ -65,17 +65,17 @@ impl Capture {
         }
     }
 
-    fn push(&mut self, chunk: &[u8]) {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
         self.total += chunk.len() as u64;
         let room = self.cap.saturating_sub(self.kept.len());
         self.kept.extend_from_slice(&chunk[..room.min(chunk.len())]);
     }
 
-    fn over(&self) -> bool {
+    pub(crate) fn over(&self) -> bool {
         self.total > self.cap as u64
     }
 
-    fn finish(self) -> StreamCapture {
+    pub(crate) fn finish(self) -> StreamCapture {
         let truncated = self.over();
         StreamCapture {
             sha256: hex::encode(Sha256::digest(&self.kept)),

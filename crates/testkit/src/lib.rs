@@ -162,6 +162,18 @@ impl Coordinator {
         self.agent_lying(name, caps, 0.0);
     }
 
+    /// Start an in-process agent on `backend` with this sandbox configuration (its work root
+    /// is set to the coordinator's test directory).
+    pub fn agent_on(
+        &mut self,
+        name: &str,
+        backend: fleetbox_sandbox::Backend,
+        mut sandbox: fleetbox_sandbox::SandboxConfig,
+    ) {
+        sandbox.work_root = self.dir.path().join("work");
+        self.spawn_agent(name, Default::default(), 0.0, 0, backend, sandbox);
+    }
+
     /// A sleeper: honest for its first `after` successful results, then lying on `lie_rate`.
     pub fn agent_sleeping(&mut self, name: &str, after: u64, lie_rate: f64) {
         self.start_agent(name, Default::default(), lie_rate, after);
@@ -184,13 +196,32 @@ impl Coordinator {
             work_root: self.dir.path().join("work"),
             ..Default::default()
         };
+        self.spawn_agent(
+            name,
+            caps,
+            lie_rate,
+            lie_after,
+            fleetbox_sandbox::Backend::Process,
+            sandbox,
+        );
+    }
+
+    fn spawn_agent(
+        &mut self,
+        name: &str,
+        caps: fleetbox_agent::LocalCaps,
+        lie_rate: f64,
+        lie_after: u64,
+        backend: fleetbox_sandbox::Backend,
+        sandbox: fleetbox_sandbox::SandboxConfig,
+    ) {
         let config = fleetbox_agent::AgentConfig {
             server: self.running.url(),
             token: self.running.enroll_token.clone(),
             name: name.into(),
             labels: Vec::new(),
             slots: 2,
-            backend: fleetbox_sandbox::Backend::Process,
+            backend,
             sandbox,
             state_dir: self.dir.path().join("agents").join(name),
             caps,
@@ -326,4 +357,23 @@ impl std::ops::Deref for SignedAgent {
     fn deref(&self) -> &fleetbox_client::Client {
         &self.client
     }
+}
+
+/// The `docker` tests' image (`FLEETBOX_TEST_DOCKER_IMAGE`, else `fleetbox-python:3.11`),
+/// built from this host's Python when the daemon lacks it.
+pub async fn docker_image() -> String {
+    use fleetbox_sandbox::docker::{self, image};
+    let name = std::env::var("FLEETBOX_TEST_DOCKER_IMAGE")
+        .unwrap_or_else(|_| docker::BUILT_IMAGE.to_string());
+    let d = docker::connect(None)
+        .await
+        .expect("the docker tests need a running dockerd (scripts/test starts one)");
+    let spec = image::ImageSpec {
+        name: name.clone(),
+        ..Default::default()
+    };
+    image::ensure(&d, &spec)
+        .await
+        .expect("build the test image");
+    name
 }

@@ -12,6 +12,11 @@ fn fleetbox(args: &[&str], envs: &[(&str, &str)]) -> Output {
         "SANDBOX_TIMEOUT_SEC",
         "SANDBOX_MAX_OUTPUT_KB",
         "FLEETBOX_CONFIG",
+        "DOCKER_IMAGE",
+        "DOCKER_RUNTIME",
+        "DOCKER_MEMORY_LIMIT",
+        "DOCKER_CPU_LIMIT",
+        "DOCKER_NETWORK_ENABLED",
     ] {
         cmd.env_remove(k);
     }
@@ -510,4 +515,58 @@ fn review_check_prints_findings_and_exits_non_zero_unless_the_decision_is_run() 
     assert_eq!(out.status.code(), Some(1));
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["syntax_error"]["line"], 1, "{line}");
+}
+
+/// The seed's docker mode, as its README configures it: `SANDBOX_TYPE=docker` and the
+/// `DOCKER_*` variables in their units; then an image built with a package from the index and
+/// used by name; a bad variable is refused by name.
+#[test]
+fn docker_mode_from_the_seeds_variables_and_a_built_image() {
+    let image = format!("fleetbox-cli-test:{}", std::process::id());
+    let out = fleetbox(&["image", "build", "--name", &image, "--with", "six"], &[]);
+    assert!(
+        out.status.success(),
+        "image build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&image), "{stdout}");
+    let dir = tempfile::tempdir().unwrap();
+    let prog = dir.path().join("six.py");
+    std::fs::write(
+        &prog,
+        "import os, six\nprint(six.__version__ != '', os.getuid() != 0)\n",
+    )
+    .unwrap();
+    let prog = prog.display().to_string();
+    let envs = [
+        ("SANDBOX_TYPE", "docker"),
+        ("DOCKER_IMAGE", image.as_str()),
+        ("DOCKER_MEMORY_LIMIT", "100m"),
+        ("DOCKER_CPU_LIMIT", "0.25"),
+        ("DOCKER_NETWORK_ENABLED", "false"),
+    ];
+    let out = fleetbox(&["run", "--json", &prog], &envs);
+    let r = report(&out);
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["stdout"], "True True\n");
+    assert_eq!(r["backend"], "docker");
+    assert_eq!(r["runtime"], "runc");
+    assert_eq!(r["limits"]["memory"], "100MiB");
+    assert_eq!(r["limits"]["cpus"], 0.25);
+    // gVisor through the flag.
+    let out = fleetbox(
+        &["run", "--json", "--docker-runtime", "runsc", &prog],
+        &envs,
+    );
+    let r = report(&out);
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["runtime"], "runsc");
+    let out = fleetbox(
+        &["run", &prog],
+        &[("SANDBOX_TYPE", "docker"), ("DOCKER_CPU_LIMIT", "lots")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DOCKER_CPU_LIMIT"));
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
 }

@@ -3,6 +3,7 @@
 
 mod cancel;
 mod cleanup;
+mod docker;
 mod environment;
 mod jail;
 mod process;

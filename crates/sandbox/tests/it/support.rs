@@ -181,3 +181,43 @@ pub fn uv() -> PathBuf {
         _ => panic!("no uv: the test script installs it (`pip install uv`)"),
     }
 }
+
+/// The image the `docker` tests run in: `FLEETBOX_TEST_DOCKER_IMAGE`, else
+/// `fleetbox-python:3.11`, built from the host's interpreter when the daemon lacks it (the test
+/// script builds it first).
+pub fn docker_image() -> String {
+    use fleetbox_sandbox::docker::{self, image};
+    let name = std::env::var("FLEETBOX_TEST_DOCKER_IMAGE")
+        .unwrap_or_else(|_| docker::BUILT_IMAGE.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let d = docker::connect(None)
+            .await
+            .expect("the docker tests need a running dockerd (scripts/test starts one)");
+        let spec = image::ImageSpec {
+            name: name.clone(),
+            ..Default::default()
+        };
+        image::ensure(&d, &spec)
+            .await
+            .expect("build the test image");
+    });
+    name
+}
+
+/// A `docker` sandbox on the test image, under `runtime` (`None`: runc), with `warm`
+/// containers kept ready.
+pub fn docker_config(runtime: Option<&str>, warm: usize) -> SandboxConfig {
+    SandboxConfig {
+        warm,
+        docker: fleetbox_sandbox::docker::DockerConfig {
+            image: docker_image(),
+            runtime: runtime.map(str::to_string),
+            host: None,
+        },
+        ..SandboxConfig::default()
+    }
+}

@@ -1,0 +1,80 @@
+//! `fleetbox image build`: a small Python image for the `docker` backend, made from this host's
+//! interpreter and imported through the Docker Engine API (no registry needed).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use fleetbox_sandbox::docker::{self, image};
+
+#[derive(Debug, clap::Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from this host's Python (its standard library and the libraries it links),
+    /// optionally with packages from the package index, and import it into the local daemon.
+    Build {
+        /// The image's `name:tag`; runs use it with `--docker-image` / `DOCKER_IMAGE`.
+        #[arg(long, default_value = docker::BUILT_IMAGE)]
+        name: String,
+        /// Packages to install into the image, comma-separated (`numpy,pandas==2.2.3`).
+        #[arg(long = "with", value_delimiter = ',')]
+        with: Vec<String>,
+        /// The host interpreter to copy.
+        #[arg(long, default_value = "/usr/bin/python3")]
+        python: PathBuf,
+    },
+}
+
+pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
+    let ImageCommand::Build { name, with, python } = args.command;
+    let packages: Vec<String> = with
+        .into_iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    for p in &packages {
+        fleetbox_proto::environment::check_requirement(p)
+            .map_err(|why| anyhow::anyhow!("`--with {p}`: {why}"))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let built = rt.block_on(async {
+        let d = docker::connect(
+            std::env::var(fleetbox_proto::env::DOCKER_HOST)
+                .ok()
+                .as_deref(),
+        )
+        .await?;
+        let spec = image::ImageSpec {
+            name,
+            python,
+            packages,
+        };
+        let started = std::time::Instant::now();
+        let built = image::build(&d, &spec, &|step| eprintln!("fleetbox: {step}")).await?;
+        anyhow::Ok((built, started.elapsed()))
+    })?;
+    let (built, took) = built;
+    println!(
+        "{} ({}) Python {}: {} files, {} MB, built in {:.1} s",
+        built.name,
+        built
+            .id
+            .trim_start_matches("sha256:")
+            .get(..12)
+            .unwrap_or(&built.id),
+        built.python_version,
+        built.files,
+        built.bytes / 1_000_000,
+        took.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
