@@ -25,6 +25,9 @@ struct Cli {
     /// Configuration file (default: `./fleetbox.toml` when present).
     #[arg(long, global = true, env = fleetbox_proto::env::FLEETBOX_CONFIG)]
     config: Option<std::path::PathBuf>,
+    /// Log lines as `text` (colours only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = fleetbox_proto::env::FLEETBOX_LOG_FORMAT)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,9 +74,11 @@ pub fn main() -> ExitCode {
     {
         fleetbox_sandbox::jail::init::helper_main();
     }
-    init_logging();
     let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+        Ok(cli) => {
+            init_logging(cli.log_format);
+            cli
+        }
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
@@ -132,11 +137,24 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_logging() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env(fleetbox_proto::env::FLEETBOX_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        // Colour codes only where a person reads them: a log file stays plain text.
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }

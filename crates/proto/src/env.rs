@@ -37,6 +37,8 @@ pub const FLEETBOX_CGROUP_ROOT: &str = "FLEETBOX_CGROUP_ROOT";
 pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
 /// `tracing` filter for Fleetbox's own logs (e.g. `fleetbox=debug`).
 pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
+/// Log format: `text` (default; colours only on a terminal) or `json`.
+pub const FLEETBOX_LOG_FORMAT: &str = "FLEETBOX_LOG_FORMAT";
 /// Set to `1` to time the jail's start-up phases; the report's `notes` lists them.
 pub const FLEETBOX_JAIL_TRACE: &str = "FLEETBOX_JAIL_TRACE";
 /// Warm jails an agent keeps built ahead of its shards (`fleetbox agent --warm`).

@@ -71,6 +71,10 @@ impl Capture {
         self.kept.extend_from_slice(&chunk[..room.min(chunk.len())]);
     }
 
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
     pub(crate) fn over(&self) -> bool {
         self.total > self.cap as u64
     }

@@ -14,6 +14,7 @@
 //! Containers carry the labels [`LABEL_OWNER`] and [`LABEL_HOST`]; [`sweep_stale`] removes the
 //! ones whose owner died.
 
+mod end;
 pub mod image;
 mod sample;
 
@@ -52,12 +53,15 @@ pub const DEFAULT_IMAGE: &str = "python:3.11-slim";
 /// The image `fleetbox image build` makes by default.
 pub const BUILT_IMAGE: &str = "fleetbox-python:3.11";
 
-const BOOT: &str = include_str!("../jail/boot.py");
+const BOOT: &str = include_str!("boot.py");
 /// A warm container left unused this long is removed.
 const IDLE_MAX: Duration = Duration::from_secs(60);
+/// How long a container's interpreter may take to start.
+const BOOT_MAX: Duration = Duration::from_secs(60);
 /// How often the cgroup is read while a run goes on.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
-/// How long to keep reading output after the container has exited.
+/// How long to keep reading output after the container has exited, or after the end record
+/// for output the record says was forwarded but has not come yet.
 const DRAIN: Duration = Duration::from_millis(300);
 
 /// Host-level settings of the `docker` backend (the seed's `DOCKER_*` variables; limits such as
@@ -704,6 +708,8 @@ impl Inner {
             d.start_container(&id, None)
                 .await
                 .map_err(|e| DockerError::from_api(e, image, runtime).to_string())?;
+            let mut attached = attached;
+            booted(&mut attached.output).await?;
             let pid = d
                 .inspect_container(&id, None)
                 .await
@@ -776,10 +782,20 @@ impl Inner {
             env.extend_from_slice(v.as_bytes());
             env.push(0);
         }
+        // The boot script reads the environment, forks the program, then reads the nonce: the
+        // program never has it (see `boot.py`).
+        let nonce = {
+            let mut b = [0u8; 16];
+            let _ = getrandom::fill(&mut b);
+            hex::encode(b)
+        };
+        let mut handed = (env.len() as u32).to_be_bytes().to_vec();
+        handed.extend_from_slice(&env);
+        handed.extend_from_slice(nonce.as_bytes());
         let base = cgroup.as_ref().map(sample::Paths::read).unwrap_or_default();
         let started = Instant::now();
         if let Err(e) = async {
-            input.write_all(&env).await?;
+            input.write_all(&handed).await?;
             input.shutdown().await
         }
         .await
@@ -792,6 +808,7 @@ impl Inner {
         let limits = &req.limits;
         let mut stdout = Capture::new(limits.max_output.0);
         let mut stderr = Capture::new(limits.max_output.0);
+        let mut end = end::EndScanner::new(&nonce);
         let deadline = tokio::time::Instant::from_std(started + limits.timeout.as_duration());
         let mut wait = Box::pin(d.wait_container(&id, None));
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
@@ -801,11 +818,21 @@ impl Inner {
         let mut output_limited = None;
         let mut killed = false;
         let mut output_open = true;
+        let mut wall = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86_400);
+        let mut drain_until = far;
         let exit_code: Option<i64> = loop {
             tokio::select! {
                 frame = output.next(), if output_open => match frame {
                     Some(Ok(LogOutput::StdOut { message })) => stdout.push(&message),
-                    Some(Ok(LogOutput::StdErr { message })) => stderr.push(&message),
+                    Some(Ok(LogOutput::StdErr { message })) => {
+                        let had = end.record.is_some();
+                        stderr.push(&end.push(&message));
+                        if !had && end.record.is_some() {
+                            wall = Some(started.elapsed());
+                            drain_until = tokio::time::Instant::now() + DRAIN;
+                        }
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => output_open = false,
                 },
@@ -816,11 +843,12 @@ impl Inner {
                         _ => None,
                     };
                 }
-                _ = tokio::time::sleep_until(deadline), if !killed => {
+                _ = tokio::time::sleep_until(deadline), if !killed && end.record.is_none() => {
                     timed_out = true;
                     killed = true;
                     kill_soon(d, &id);
                 }
+                _ = tokio::time::sleep_until(drain_until), if end.record.is_some() => break None,
                 _ = tick.tick() => {
                     if let Some(p) = &cgroup {
                         peak.merge(&p.read());
@@ -831,6 +859,15 @@ impl Inner {
                         kill_soon(d, &id);
                     }
                 }
+            }
+            // The program has ended and everything it wrote has come: no need to wait for the
+            // daemon to notice that the container ended.
+            if let Some(r) = &end.record
+                && !killed
+                && stdout.total() >= r.stdout
+                && stderr.total() >= r.stderr
+            {
+                break None;
             }
             if !killed && !limits.continue_past_output_limit {
                 let over = if stdout.over() {
@@ -847,22 +884,37 @@ impl Inner {
                 }
             }
         };
-        let wall = started.elapsed();
+        let wall = wall
+            .filter(|_| !killed)
+            .unwrap_or_else(|| started.elapsed());
         if let Some(p) = &cgroup {
             peak.merge(&p.read());
         }
-        // What the program wrote just before it ended may still be on its way.
-        let drain_until = tokio::time::Instant::now() + DRAIN;
-        while output_open {
-            match tokio::time::timeout_at(drain_until, output.next()).await {
-                Ok(Some(Ok(LogOutput::StdOut { message }))) => stdout.push(&message),
-                Ok(Some(Ok(LogOutput::StdErr { message }))) => stderr.push(&message),
-                Ok(Some(Ok(_))) => {}
-                _ => output_open = false,
+        let record = end.record.clone().filter(|_| !killed);
+        if record.is_none() {
+            // What the program wrote just before it ended may still be on its way.
+            let drain_until = tokio::time::Instant::now() + DRAIN;
+            while output_open {
+                match tokio::time::timeout_at(drain_until, output.next()).await {
+                    Ok(Some(Ok(LogOutput::StdOut { message }))) => stdout.push(&message),
+                    Ok(Some(Ok(LogOutput::StdErr { message }))) => stderr.push(&end.push(&message)),
+                    Ok(Some(Ok(_))) => {}
+                    _ => output_open = false,
+                }
             }
+            stderr.push(&end.flush());
         }
-        // Only a kill (137) can be the OOM killer's: ask the daemon then, not on every run.
-        let state = if exit_code.is_none_or(|c| c == 128 + i64::from(libc::SIGKILL)) {
+        let sigkill = i64::from(libc::SIGKILL);
+        // Only a kill can be the OOM killer's: ask the daemon then (after the container has
+        // ended), not on every run.
+        let maybe_oom = match &record {
+            Some(r) => r.signal == Some(libc::SIGKILL),
+            None => exit_code.is_none_or(|c| c == 128 + sigkill),
+        };
+        let state = if maybe_oom {
+            if record.is_some() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), wait.next()).await;
+            }
             d.inspect_container(&id, None)
                 .await
                 .ok()
@@ -873,26 +925,39 @@ impl Inner {
         // Off the run's path: the report does not wait for the daemon to remove it.
         self.remove_soon(d, &id);
         let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
-        let code = exit_code
-            .or_else(|| state.as_ref().and_then(|s| s.exit_code))
-            .unwrap_or(-1);
-        let code = i32::try_from(code).unwrap_or(-1);
-        // The daemon says 128+n for a process killed by signal n; the kills we made are ours.
-        let (code, signal) = if killed {
-            (None, Some(libc::SIGKILL))
-        } else if (129..=128 + 64).contains(&code) {
-            (None, Some(code - 128))
-        } else {
-            (Some(code), None)
+        let (code, signal) = match &record {
+            Some(r) => (r.code, r.signal),
+            None => {
+                let code = exit_code
+                    .or_else(|| state.as_ref().and_then(|s| s.exit_code))
+                    .unwrap_or(-1);
+                let code = i32::try_from(code).unwrap_or(-1);
+                // The daemon says 128+n for a process killed by signal n; the kills we made
+                // are ours.
+                if killed {
+                    (None, Some(libc::SIGKILL))
+                } else if (129..=128 + 64).contains(&code) {
+                    (None, Some(code - 128))
+                } else {
+                    (Some(code), None)
+                }
+            }
         };
-        let used = peak.since(&base);
+        let mut used = peak.since(&base);
+        if let Some(r) = &record {
+            // The larger of the program's own rusage and the cgroup's count since the hand-over
+            // (rusage is split from ticks and misses orphans; the cgroup's is exact but read
+            // every few milliseconds).
+            used.cpu_user_ms = Some(used.cpu_user_ms.unwrap_or(0).max(r.utime_ms));
+            used.cpu_sys_ms = Some(used.cpu_sys_ms.unwrap_or(0).max(r.stime_ms));
+        }
         let outcome = Outcome {
             exit: Exit {
                 code,
                 signal,
                 user_ms: used.cpu_user_ms.unwrap_or(0),
                 sys_ms: used.cpu_sys_ms.unwrap_or(0),
-                maxrss_bytes: 0,
+                maxrss_bytes: record.as_ref().map_or(0, |r| r.maxrss_kb * 1024),
             },
             wall,
             timed_out,
@@ -925,6 +990,40 @@ fn pids_limit(limits: &Limits, runtime: Option<&str>) -> i64 {
     match runtime {
         Some(r) if r.contains("runsc") => n * 2 + 128,
         _ => n,
+    }
+}
+
+/// Wait until the container's interpreter says it waits for its program (`boot.py`); a
+/// container that ends first (no `python3` in the image, say) is an error with what it printed.
+async fn booted(output: &mut Output) -> Result<(), String> {
+    const READY: &[u8] = b"\0FLEETBOX-READY\n";
+    let mut seen = Vec::new();
+    let waited = tokio::time::timeout(BOOT_MAX, async {
+        while let Some(frame) = output.next().await {
+            match frame {
+                Ok(LogOutput::StdErr { message } | LogOutput::StdOut { message }) => {
+                    seen.extend_from_slice(&message);
+                    if seen.windows(READY.len()).any(|w| w == READY) {
+                        return true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        false
+    })
+    .await;
+    match waited {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "the container ended before its interpreter started: {}",
+            String::from_utf8_lossy(&seen).trim()
+        )),
+        Err(_) => Err(format!(
+            "the container's interpreter did not start within {} s",
+            BOOT_MAX.as_secs()
+        )),
     }
 }
 

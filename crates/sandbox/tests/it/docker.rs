@@ -328,9 +328,17 @@ fn containers_of_a_killed_owner_are_swept_at_start() {
         id
     });
     let _sb = DockerSandbox::new(docker_config(None, 0)).unwrap();
+    // Another test process starting at the same time may be the one removing it: give the
+    // daemon a moment to finish.
     let gone = rt.block_on(async {
         let d = docker::connect(None).await.unwrap();
-        d.inspect_container(&id, None).await.is_err()
+        for _ in 0..50 {
+            if d.inspect_container(&id, None).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     });
     assert!(gone, "the dead owner's container {id} is still there");
 }

@@ -89,7 +89,7 @@ async fn a_bad_run_is_refused_naming_the_field() {
         return;
     };
     let mut with_backend = body("print(1)");
-    with_backend.backend = Some("docker".into());
+    with_backend.backend = Some("firecracker".into());
     let mut bad_file = body("print(1)");
     bad_file.files.insert("../x".into(), "eA==".into());
     let mut not_b64 = body("print(1)");
