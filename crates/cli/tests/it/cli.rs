@@ -570,3 +570,31 @@ fn docker_mode_from_the_seeds_variables_and_a_built_image() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("DOCKER_CPU_LIMIT"));
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
 }
+
+/// Logs going to a file or a pipe carry no colour codes; `--log-format json` writes one JSON
+/// object per line.
+#[test]
+fn logs_are_plain_off_a_terminal_and_json_on_request() {
+    // The docker backend's client logs every API call at debug.
+    let prog = fixture("clean_exit.py");
+    let env = [
+        ("FLEETBOX_LOG", "debug"),
+        ("SANDBOX_TYPE", "docker"),
+        ("DOCKER_IMAGE", fleetbox_sandbox::docker::BUILT_IMAGE),
+    ];
+    let out = fleetbox(&["run", &prog], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().count() > 1, "no log lines: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a piped log: {err}"
+    );
+    let out = fleetbox(&["--log-format", "json", "run", &prog], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let logs: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!logs.is_empty(), "no JSON log lines: {err}");
+    for l in logs {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}
