@@ -598,3 +598,73 @@ fn logs_are_plain_off_a_terminal_and_json_on_request() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
     }
 }
+
+/// A `fleetbox run --backend docker` killed with SIGKILL mid-run leaves its container; the next
+/// process that opens the docker backend on this host removes it.
+#[test]
+fn a_sigkilled_runs_container_is_removed_by_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let prog = dir.path().join("sleep.py");
+    std::fs::write(&prog, "import time\ntime.sleep(120)\n").unwrap();
+    let image = fleetbox_sandbox::docker::BUILT_IMAGE;
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--backend",
+            "docker",
+            "--docker-image",
+            image,
+            "--timeout",
+            "150s",
+        ])
+        .arg(&prog)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let label = format!(
+        "label={}={}",
+        fleetbox_sandbox::docker::LABEL_OWNER,
+        child.id()
+    );
+    let ids = |all: bool| -> Vec<String> {
+        let mut args = vec!["ps", "-q", "--filter", label.as_str()];
+        if all {
+            args.push("-a");
+        }
+        let out = Command::new("docker").args(&args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ids(false).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run's container never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    assert!(!ids(true).is_empty(), "nothing was left to sweep");
+    let out = fleetbox(
+        &[
+            "run",
+            "--backend",
+            "docker",
+            "--docker-image",
+            image,
+            &fixture("clean_exit.py"),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        ids(true),
+        Vec::<String>::new(),
+        "the killed run's container is still there"
+    );
+}

@@ -582,7 +582,14 @@ impl Inner {
         if let Some(env) = &req.environment {
             binds.push(format!("{0}:{0}:ro", env.dir.display()));
         }
-        let memory = i64::try_from(limits.memory.0).unwrap_or(i64::MAX);
+        let runtime_name = self.config.docker.runtime.as_deref();
+        let memory = i64::try_from(container_memory(limits, runtime_name)).unwrap_or(i64::MAX);
+        if container_memory(limits, runtime_name) > limits.memory.0 {
+            notes.push(format!(
+                "gVisor: the container's memory is the limit plus {} MiB for gVisor's own kernel and one host stub per process",
+                (container_memory(limits, runtime_name) - limits.memory.0) >> 20
+            ));
+        }
         let cpu_s = i64::try_from(limits.cpu_time.0.div_ceil(1000).max(1)).unwrap_or(i64::MAX);
         let ulimit = |name: &str, soft: i64, hard: i64| ResourcesUlimits {
             name: Some(name.into()),
@@ -1024,6 +1031,21 @@ async fn booted(output: &mut Output) -> Result<(), String> {
             "the container's interpreter did not start within {} s",
             BOOT_MAX.as_secs()
         )),
+    }
+}
+
+/// The container's memory limit. gVisor (the ptrace platform) charges its own kernel and a host
+/// stub per guest process to the container: without room for them a fork bomb ends at the memory
+/// limit before the process limit (64 Python processes need 256–384 MiB there, measured), so
+/// under `runsc` the container gets 64 MiB plus 4 MiB per allowed process on top of the limit.
+fn container_memory(limits: &Limits, runtime: Option<&str>) -> u64 {
+    match runtime {
+        Some(r) if r.contains("runsc") => limits
+            .memory
+            .0
+            .saturating_add(64 << 20)
+            .saturating_add(u64::from(limits.max_processes) << 22),
+        _ => limits.memory.0,
     }
 }
 

@@ -53,12 +53,8 @@ fn ours_left() -> Vec<String> {
 fn fixtures_match(runtime: Option<&str>) {
     for (name, expected, l) in support::fixture_verdicts() {
         let r = run_in(runtime, name, l);
-        // gVisor (the Debian release, ptrace platform) charges every guest process's host stub
-        // to the container's memory and does not enforce RLIMIT_NPROC, so a fork bomb there
-        // ends at the memory limit before the process limit: contained either way.
-        let also = (runtime == RUNSC && name == "fork_bomb.py").then_some(Status::MemoryLimit);
         assert!(
-            r.status == expected || Some(r.status) == also,
+            r.status == expected,
             "{name} under docker ({runtime:?}) ended {:?}, expected {expected:?}: {}",
             r.status,
             show(&r)
