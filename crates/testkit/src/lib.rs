@@ -362,18 +362,5 @@ impl std::ops::Deref for SignedAgent {
 /// The `docker` tests' image (`FLEETBOX_TEST_DOCKER_IMAGE`, else `fleetbox-python:3.11`),
 /// built from this host's Python when the daemon lacks it.
 pub async fn docker_image() -> String {
-    use fleetbox_sandbox::docker::{self, image};
-    let name = std::env::var("FLEETBOX_TEST_DOCKER_IMAGE")
-        .unwrap_or_else(|_| docker::BUILT_IMAGE.to_string());
-    let d = docker::connect(None)
-        .await
-        .expect("the docker tests need a running dockerd (scripts/test starts one)");
-    let spec = image::ImageSpec {
-        name: name.clone(),
-        ..Default::default()
-    };
-    image::ensure(&d, &spec)
-        .await
-        .expect("build the test image");
-    name
+    fleetbox_sandbox::docker::image::test_image().await
 }

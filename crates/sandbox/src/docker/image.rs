@@ -190,6 +190,23 @@ pub async fn ensure(d: &Docker, spec: &ImageSpec) -> Result<bool, ImageError> {
     Ok(built)
 }
 
+/// The image named `FLEETBOX_TEST_DOCKER_IMAGE`, else [`super::BUILT_IMAGE`], built from this
+/// host's Python on the local daemon when it lacks it: what the test suites and benchmarks run
+/// in. Panics with what to do when no daemon answers.
+pub async fn test_image() -> String {
+    let name = std::env::var("FLEETBOX_TEST_DOCKER_IMAGE")
+        .unwrap_or_else(|_| super::BUILT_IMAGE.to_string());
+    let d = super::connect(None)
+        .await
+        .expect("the docker tests need a running dockerd (scripts/start-docker starts one)");
+    let spec = ImageSpec {
+        name: name.clone(),
+        ..Default::default()
+    };
+    ensure(&d, &spec).await.expect("build the test image");
+    name
+}
+
 /// Lay out the image's root: returns the interpreter's `X.Y` and how many files were copied.
 fn make_root(root: &Path, python: &Path) -> Result<(String, u64), ImageError> {
     let real = std::fs::canonicalize(python).map_err(io(format!(

@@ -182,30 +182,14 @@ pub fn uv() -> PathBuf {
     }
 }
 
-/// The image the `docker` tests run in: `FLEETBOX_TEST_DOCKER_IMAGE`, else
-/// `fleetbox-python:3.11`, built from the host's interpreter when the daemon lacks it (the test
-/// script builds it first).
+/// The image the `docker` tests run in (see `docker::image::test_image`; the test script
+/// builds it first).
 pub fn docker_image() -> String {
-    use fleetbox_sandbox::docker::{self, image};
-    let name = std::env::var("FLEETBOX_TEST_DOCKER_IMAGE")
-        .unwrap_or_else(|_| docker::BUILT_IMAGE.to_string());
-    let rt = tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
-        let d = docker::connect(None)
-            .await
-            .expect("the docker tests need a running dockerd (scripts/test starts one)");
-        let spec = image::ImageSpec {
-            name: name.clone(),
-            ..Default::default()
-        };
-        image::ensure(&d, &spec)
-            .await
-            .expect("build the test image");
-    });
-    name
+        .unwrap()
+        .block_on(fleetbox_sandbox::docker::image::test_image())
 }
 
 /// A `docker` sandbox on the test image, under `runtime` (`None`: runc), with `warm`
