@@ -47,12 +47,8 @@ pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let built = rt.block_on(async {
-        let d = docker::connect(
-            std::env::var(fleetbox_proto::env::DOCKER_HOST)
-                .ok()
-                .as_deref(),
-        )
-        .await?;
+        // `DOCKER_HOST` when set, else the local socket.
+        let d = docker::connect(None).await?;
         let spec = image::ImageSpec {
             name,
             python,

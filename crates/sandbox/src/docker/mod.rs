@@ -428,7 +428,7 @@ impl Inner {
                 ));
                 Ok(r)
             }
-            None => self.prepare(req, &python).await,
+            None => self.prepare(&template(req), &python).await,
         };
         let mut report = match ready {
             Ok(ready) => self.hand_over(req, &python, ready).await,
@@ -460,12 +460,7 @@ impl Inner {
                 return;
             }
         }
-        let mut template = req.clone();
-        template.code.clear();
-        template.input = None;
-        template.files.clear();
-        template.cancel = None;
-        match self.prepare(&template, &python).await {
+        match self.prepare(&template(req), &python).await {
             Ok(ready) if self.closing.load(std::sync::atomic::Ordering::SeqCst) => {
                 self.discard(ready).await;
             }
@@ -1049,6 +1044,18 @@ fn container_memory(limits: &Limits, runtime: Option<&str>) -> u64 {
     }
 }
 
+/// A run's request without its program, input and files: what a container is made for, cold or
+/// warm alike; [`fill`] hands them over.
+fn template(req: &RunRequest) -> RunRequest {
+    RunRequest {
+        code: Vec::new(),
+        input: None,
+        files: Vec::new(),
+        cancel: None,
+        ..req.clone()
+    }
+}
+
 /// Put the run's program, input and files where the waiting container sees them.
 fn fill(dir: &mut RunDir, req: &RunRequest, owner: Option<(u32, u32)>) -> Result<(), String> {
     use std::io::Write;
@@ -1060,9 +1067,7 @@ fn fill(dir: &mut RunDir, req: &RunRequest, owner: Option<(u32, u32)>) -> Result
         .open(&code)
         .and_then(|mut f| f.write_all(&req.code))
         .map_err(|e| format!("writing the program to `{}`: {e}", code.display()))?;
-    if let Some(input) = &req.input
-        && dir.input_sha256.is_none()
-    {
+    if let Some(input) = &req.input {
         let path = dir.work().join(workspace::INPUT_FILE);
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -1076,10 +1081,8 @@ fn fill(dir: &mut RunDir, req: &RunRequest, owner: Option<(u32, u32)>) -> Result
         }
         dir.input_sha256 = Some(workspace::sha256_hex(input));
     }
-    if dir.given.is_empty() && !req.files.is_empty() {
-        dir.add_files(&req.files, owner)
-            .map_err(|e| e.to_string())?;
-    }
+    dir.add_files(&req.files, owner)
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
