@@ -149,6 +149,66 @@ pub struct ServerArgs {
     pub llm_timeout: Millis,
     #[command(flatten)]
     pub env: EnvArgs,
+    #[command(flatten)]
+    pub followups: FollowupArgs,
+}
+
+/// Follow-up rules (`[[followup]]`): on or off, and the caps on what they start.
+#[derive(Debug, Clone, Args)]
+pub struct FollowupArgs {
+    /// Evaluate jobs' follow-up rules (`0`/`false`: record them as switched off;
+    /// `DEMO_FOLLOWUP_ENABLED=0` does the same).
+    #[arg(long, env = env::FLEETBOX_FOLLOWUPS, default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub followups: bool,
+    /// The deepest a chain of follow-ups may grow (the submitted job is depth 0).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub followup_max_depth: u32,
+    /// Most jobs one chain may hold, its root included.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub followup_chain_budget: u64,
+    /// Most follow-up jobs a tenant gets per minute.
+    #[arg(long, default_value_t = 120, value_name = "N")]
+    pub followup_rate: u64,
+    /// Tries of a `notify` webhook before it is given up (and flagged).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub notify_tries: u32,
+    /// First retry delay of a webhook; doubles per try, with jitter.
+    #[arg(long, default_value = "1s", value_parser = parse_millis)]
+    pub notify_backoff: Millis,
+}
+
+impl Default for FollowupArgs {
+    fn default() -> Self {
+        let d = fleetbox_server::planner::PlannerConfig::default();
+        FollowupArgs {
+            followups: std::env::var(env::FLEETBOX_FOLLOWUPS)
+                .map(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "no" | "off"))
+                .unwrap_or(true),
+            followup_max_depth: d.max_depth,
+            followup_chain_budget: d.chain_budget,
+            followup_rate: d.rate_per_minute,
+            notify_tries: d.notify_tries,
+            notify_backoff: Millis(d.notify_backoff_ms),
+        }
+    }
+}
+
+impl FollowupArgs {
+    pub fn config(&self) -> fleetbox_server::planner::PlannerConfig {
+        // The seed's switch: `DEMO_FOLLOWUP_ENABLED=0` turns follow-ups off as well.
+        let demo_off = std::env::var(env::DEMO_FOLLOWUP_ENABLED).is_ok_and(|v| {
+            matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "no" | "off")
+        });
+        fleetbox_server::planner::PlannerConfig {
+            enabled: self.followups && !demo_off,
+            max_depth: self.followup_max_depth.clamp(1, fleetbox_proto::followup::MAX_DEPTH),
+            chain_budget: self.followup_chain_budget.max(1),
+            rate_per_minute: self.followup_rate.max(1),
+            notify_tries: self.notify_tries.max(1),
+            notify_backoff_ms: self.notify_backoff.0.max(1),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -329,6 +389,7 @@ fn server_config(
     c.mcp = args.mcp;
     c.mcp_origins = args.mcp_origins.clone();
     c.review_rules = args.review_rules.clone();
+    c.planner = args.followups.config();
     if let (Some(url), Some(model)) = (&args.llm_url, &args.llm_model) {
         let mut llm = fleetbox_review::llm::LlmConfig::new(url.clone(), model.clone());
         llm.timeout = args.llm_timeout.as_duration();
@@ -509,6 +570,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         llm_key_env: None,
         llm_timeout: Millis::from_secs(10),
         env: EnvArgs::default(),
+        followups: FollowupArgs::default(),
     };
     let cfg = server_config(&server_args, backend, sandbox.clone())?;
     let rt = runtime()?;

@@ -97,6 +97,9 @@ pub struct JobArgs {
     /// lying got accepted unchecked) and fold it again.
     #[arg(long, conflicts_with_all = ["result", "shards"])]
     pub rerun_tainted: bool,
+    /// Print the chain of follow-up jobs this job belongs to, as a tree.
+    #[arg(long, conflicts_with_all = ["result", "shards", "rerun_tainted"])]
+    pub chain: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -134,6 +137,9 @@ pub fn mcp(args: McpArgs) -> anyhow::Result<ExitCode> {
 #[derive(Debug, Args)]
 pub struct CancelArgs {
     pub id: String,
+    /// Also cancel its follow-up jobs (and theirs) that have not finished.
+    #[arg(long)]
+    pub chain: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -145,8 +151,18 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Read a spec file and inline the files it names (relative to the spec's directory).
+/// Read a spec file and inline the files it names (relative to the spec's directory),
+/// follow-up rules' `job_file`s included.
 pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
+    let spec = read_spec(path, &mut Vec::new())?;
+    // Validate here too, so mistakes are caught before anything is sent.
+    spec.plan()
+        .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;
+    Ok(spec)
+}
+
+/// One spec file with what it names inlined; `within` are the files being read above it.
+fn read_spec(path: &Path, within: &mut Vec<PathBuf>) -> anyhow::Result<JobSpec> {
     let text = fs_err::read_to_string(path)?;
     let is_json = path.extension().is_some_and(|e| e == "json");
     let mut spec = if is_json {
@@ -184,9 +200,27 @@ pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
             .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;
         env.requirements.extend(listed);
     }
-    // Validate here too, so mistakes are caught before anything is sent.
-    spec.plan()
-        .map_err(|e| anyhow::anyhow!("invalid job spec `{}`: {e}", path.display()))?;
+    let me = fs_err::canonicalize(path)?;
+    within.push(me.clone());
+    for (i, rule) in spec.followup.iter_mut().enumerate() {
+        let Some(file) = rule.job_file.take() else {
+            continue;
+        };
+        let child = fs_err::canonicalize(base.join(&file))
+            .with_context(|| format!("`followup[{i}].job_file` in `{}`", path.display()))?;
+        rule.then = Some(if child == me {
+            // A rule that starts its own job again (its caps end the chain).
+            serde_json::Value::String("self".into())
+        } else if within.contains(&child) {
+            bail!(
+                "`followup[{i}].job_file` in `{}` names `{file}`, which includes this file: such a cycle cannot be inlined (a rule may name its own file, which runs its own job again)",
+                path.display()
+            );
+        } else {
+            serde_json::to_value(read_spec(&child, within)?)?
+        });
+    }
+    within.pop();
     Ok(spec)
 }
 
@@ -346,6 +380,16 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
             )?;
             return Ok(ExitCode::SUCCESS);
         }
+        if args.chain {
+            let chain = client.chain(&args.id).await?;
+            if args.json {
+                serde_json::to_writer_pretty(&mut out, &chain)?;
+                writeln!(out)?;
+            } else {
+                print_chain(&mut out, &chain)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         if args.result {
             let r = client.result(&args.id).await?;
             serde_json::to_writer_pretty(&mut out, &r)?;
@@ -396,7 +440,11 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
 pub fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
-        let j = client.cancel(&args.id).await?;
+        let j = if args.chain {
+            client.cancel_chain(&args.id).await?
+        } else {
+            client.cancel(&args.id).await?
+        };
         eprintln!("fleetbox: {} is {}", j.id, j.state);
         Ok(ExitCode::SUCCESS)
     })
@@ -416,4 +464,72 @@ pub fn blob(args: BlobArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+
+/// A chain as a tree: each job under the job whose rule made it.
+fn print_chain(
+    out: &mut impl Write,
+    chain: &fleetbox_proto::api::JobChain,
+) -> std::io::Result<()> {
+    fn walk(
+        out: &mut impl Write,
+        chain: &fleetbox_proto::api::JobChain,
+        job: &JobView,
+        prefix: &str,
+        last: bool,
+        root: bool,
+    ) -> std::io::Result<()> {
+        let (branch, below) = match (root, last) {
+            (true, _) => ("", ""),
+            (false, true) => ("└─ ", "   "),
+            (false, false) => ("├─ ", "│  "),
+        };
+        let rule = job
+            .lineage
+            .as_ref()
+            .map(|l| format!(" (rule `{}`)", term::for_stdout(&l.rule)))
+            .unwrap_or_default();
+        let planning = if job.planning { ", rules pending" } else { "" };
+        writeln!(
+            out,
+            "{prefix}{branch}{} {} `{}` {}/{} shards{planning}{rule}",
+            job.id,
+            job.state,
+            term::for_stdout(&job.name),
+            job.shards.accepted,
+            job.shards.total
+        )?;
+        let children: Vec<&JobView> = chain
+            .jobs
+            .iter()
+            .filter(|j| j.lineage.as_ref().is_some_and(|l| l.parent_job_id == job.id))
+            .collect();
+        let next = format!("{prefix}{below}");
+        for (i, child) in children.iter().enumerate() {
+            walk(out, chain, child, &next, i + 1 == children.len(), false)?;
+        }
+        Ok(())
+    }
+    match chain.jobs.iter().find(|j| j.id == chain.root) {
+        Some(root) => walk(out, chain, root, "", true, true)?,
+        None => writeln!(out, "{}: no such chain", chain.root)?,
+    }
+    for n in &chain.notifications {
+        writeln!(
+            out,
+            "notify `{}` from {} to {}: {} after {} tr{}{}",
+            term::for_stdout(&n.rule),
+            n.job_id,
+            term::for_stdout(&n.url),
+            n.state,
+            n.tries,
+            if n.tries == 1 { "y" } else { "ies" },
+            n.last_error
+                .as_deref()
+                .map(|e| format!(" (last error: {})", term::for_stdout(e)))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
 }

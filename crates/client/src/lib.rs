@@ -323,6 +323,21 @@ impl Client {
         .await
     }
 
+    /// Cancel a job and its descendants that have not finished (a chain of follow-ups).
+    pub async fn cancel_chain(&self, id: &str) -> Result<JobView, ClientError> {
+        self.post(
+            &format!("/v1/jobs/{id}/cancel?chain=true"),
+            &(),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// The chain of follow-up jobs `id` belongs to.
+    pub async fn chain(&self, id: &str) -> Result<fleetbox_proto::api::JobChain, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/chain")).await
+    }
+
     pub async fn agents(&self) -> Result<AgentList, ClientError> {
         self.get("/v1/agents").await
     }

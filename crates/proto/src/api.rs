@@ -67,12 +67,43 @@ pub struct JobView {
     /// Why the job failed or was cancelled.
     #[serde(default)]
     pub error: Option<String>,
+    /// Where a follow-up job came from (absent for a submitted job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<crate::Lineage>,
+    /// Whether its follow-up rules are still to be evaluated (`false` once planned, and for
+    /// jobs without rules).
+    #[serde(default)]
+    pub planning: bool,
 }
 
 /// `GET /v1/jobs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
+}
+
+/// `GET /v1/jobs/{id}/chain`: a chain of follow-up jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobChain {
+    pub root: String,
+    /// The root first, then by depth and age; each with its `lineage`.
+    pub jobs: Vec<JobView>,
+    /// The `notify` webhooks the chain's rules queued.
+    #[serde(default)]
+    pub notifications: Vec<NotificationView>,
+}
+
+/// One `notify` webhook and how it went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotificationView {
+    pub job_id: String,
+    pub rule: String,
+    pub url: String,
+    /// `pending`, `delivered`, `failed`.
+    pub state: String,
+    pub tries: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// `GET /v1/jobs/{id}/result`.

@@ -39,6 +39,10 @@ pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
 pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
 /// Log format: `text` (default; colours only on a terminal) or `json`.
 pub const FLEETBOX_LOG_FORMAT: &str = "FLEETBOX_LOG_FORMAT";
+/// `0`/`false` switches follow-up rules off on a coordinator (they are recorded, not run).
+pub const FLEETBOX_FOLLOWUPS: &str = "FLEETBOX_FOLLOWUPS";
+/// The original sandbox's switch for follow-ups, honoured too: `0` turns them off.
+pub const DEMO_FOLLOWUP_ENABLED: &str = "DEMO_FOLLOWUP_ENABLED";
 /// Set to `1` to time the jail's start-up phases; the report's `notes` lists them.
 pub const FLEETBOX_JAIL_TRACE: &str = "FLEETBOX_JAIL_TRACE";
 /// Warm jails an agent keeps built ahead of its shards (`fleetbox agent --warm`).

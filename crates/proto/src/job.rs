@@ -58,9 +58,9 @@ pub struct JobSpec {
     /// Python packages the program needs (`[environment]`); the host's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<crate::EnvironmentSpec>,
-    /// Follow-up rules; stored, applied by a later release.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub followup: Option<Value>,
+    /// Follow-up rules (`[[followup]]`): what this job starts once it has finished.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followup: Vec<crate::followup::FollowupRule>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -379,6 +379,7 @@ impl JobSpec {
             e.validate()?;
         }
         decode_files(&self.files)?;
+        crate::followup::validate_rules(&self.followup)?;
         if let Some(b) = &self.backend
             && !BACKENDS.contains(&b.as_str())
         {

@@ -8,6 +8,7 @@ pub mod api;
 pub mod canonical;
 pub mod env;
 pub mod environment;
+pub mod followup;
 pub mod job;
 mod limits;
 mod report;
@@ -17,6 +18,7 @@ mod units;
 mod verify;
 
 pub use environment::{EnvironmentInfo, EnvironmentSpec, Package};
+pub use followup::{FollowupAction, FollowupRule, Lineage, RerunOf};
 pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
 pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{

@@ -27,6 +27,7 @@ pub async fn run(state: Arc<State>, mut jobs: mpsc::UnboundedReceiver<String>) {
     while let Some(job) = jobs.recv().await {
         fold_job(&state, &job).await;
         state.job_may_have_ended(&job);
+        state.planner_wake.notify_one();
         state
             .aggregating
             .lock()
@@ -130,24 +131,19 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             detail: format!("`{job_id}` vanished during aggregation"),
         })?;
     let counts = view.shards;
-    let mut values: Vec<ShardValue> = Vec::new();
-    let mut unreadable = Vec::new();
-    for v in state.store.accepted_values(job_id).await? {
-        let text = match (&v.output, &v.output_blob) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(hash)) => match state.blobs.get(hash) {
-                Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
-                Err(e) => {
-                    unreadable.push(format!("shard {}: blob {hash}: {e}", v.shard_index));
-                    continue;
-                }
-            },
-            (None, None) => None,
-        };
-        let value = text
-            .map(|t| serde_json::from_str(&t).unwrap_or(Value::String(t)))
-            .unwrap_or(Value::Null);
-        values.push((v.shard_index, value));
+    let (mut values, unreadable) = shard_values(state, job_id).await?;
+    let mut merged_note = None;
+    if let Some(rerun) = &job.rerun_of {
+        // A `rerun_failed` child: its shards stand in for the parent's failed ones, and its
+        // result is the fold of the whole set.
+        let redone = values.len();
+        values = merge_with_parent(state, rerun, values, 0).await?;
+        merged_note = Some(format!(
+            "re-ran {} failed shard(s) of {}: the result folds {} value(s) in all, {redone} of them re-run here",
+            rerun.shards.len(),
+            rerun.job_id,
+            values.len()
+        ));
     }
     let facts = state.store.attempt_facts(job_id).await?;
     let failed = counts.rejected;
@@ -171,7 +167,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         shard_wall_ms: Stats::of(facts.chosen_wall_ms),
         shard_peak_memory_bytes: Stats::of(facts.chosen_peak_memory),
         bytes_produced: facts.bytes_out,
-        notes: unreadable,
+        notes: unreadable.into_iter().chain(merged_note).collect(),
         verified: 0,
         flags: Vec::new(),
     };
@@ -301,6 +297,74 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         "job finished"
     );
     Ok(())
+}
+
+/// A job's accepted shard values (by shard index), and the shards whose blob could not be read.
+async fn shard_values(
+    state: &State,
+    job_id: &str,
+) -> Result<(Vec<ShardValue>, Vec<String>), StoreError> {
+    let mut values: Vec<ShardValue> = Vec::new();
+    let mut unreadable = Vec::new();
+    for v in state.store.accepted_values(job_id).await? {
+        let text = match (&v.output, &v.output_blob) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(hash)) => match state.blobs.get(hash) {
+                Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+                Err(e) => {
+                    unreadable.push(format!("shard {}: blob {hash}: {e}", v.shard_index));
+                    continue;
+                }
+            },
+            (None, None) => None,
+        };
+        let value = text
+            .map(|t| serde_json::from_str(&t).unwrap_or(Value::String(t)))
+            .unwrap_or(Value::Null);
+        values.push((v.shard_index, value));
+    }
+    Ok((values, unreadable))
+}
+
+/// The values job `job_id` stands for: its own, and through `rerun_failed` parents theirs,
+/// indexed by the original job's shards.
+fn merged_values<'a>(
+    state: &'a State,
+    job_id: &'a str,
+    depth: u32,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<ShardValue>, StoreError>> + Send + 'a>> {
+    Box::pin(async move {
+        let (own, _) = shard_values(state, job_id).await?;
+        match state.store.job_any_tenant(job_id).await?.and_then(|j| j.rerun_of) {
+            Some(rerun) if depth < fleetbox_proto::followup::MAX_DEPTH => {
+                merge_with_parent(state, &rerun, own, depth).await
+            }
+            _ => Ok(own),
+        }
+    })
+}
+
+/// A `rerun_failed` child's values (`own`, by its shard index) put in place of its parent's
+/// shards, over the parent's merged values.
+async fn merge_with_parent(
+    state: &State,
+    rerun: &fleetbox_proto::RerunOf,
+    own: Vec<ShardValue>,
+    depth: u32,
+) -> Result<Vec<ShardValue>, StoreError> {
+    let mine: Vec<ShardValue> = own
+        .into_iter()
+        .filter_map(|(i, v)| rerun.shards.get(i as usize).map(|k| (*k, v)))
+        .collect();
+    let redone: std::collections::HashSet<u64> = mine.iter().map(|(k, _)| *k).collect();
+    let mut all: Vec<ShardValue> = merged_values(state, &rerun.job_id, depth + 1)
+        .await?
+        .into_iter()
+        .filter(|(k, _)| !redone.contains(k))
+        .chain(mine)
+        .collect();
+    all.sort_by_key(|(k, _)| *k);
+    Ok(all)
 }
 
 async fn fold(

@@ -11,6 +11,7 @@ pub mod api;
 pub mod blobs;
 mod checker;
 pub mod ids;
+pub mod planner;
 pub mod reduce;
 mod scheduler;
 pub mod store;
@@ -74,6 +75,8 @@ pub struct ServerConfig {
     /// An OpenAI-compatible model that reviews code on top of the built-in rules (it can raise
     /// a program's risk, not lower it).
     pub llm: Option<fleetbox_review::llm::LlmConfig>,
+    /// Follow-up rules: on or off, and their caps.
+    pub planner: planner::PlannerConfig,
 }
 
 impl ServerConfig {
@@ -103,6 +106,7 @@ impl ServerConfig {
             mcp_origins: Vec::new(),
             review_rules: None,
             llm: None,
+            planner: planner::PlannerConfig::default(),
             data_dir,
         }
     }
@@ -150,6 +154,10 @@ pub struct State {
     pub work: Notify,
     /// Woken when shards may be waiting for a server re-check.
     pub checks: Notify,
+    /// Woken when a job may have follow-up rules to evaluate.
+    pub planner_wake: Notify,
+    /// Woken when webhooks may be due.
+    pub notify_wake: Notify,
     token_cache: Mutex<HashMap<String, Principal>>,
     /// Unknown tokens recorded in the audit log this second, and those left out since.
     invalid_tokens: Mutex<InvalidTokens>,
@@ -416,6 +424,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         config,
         work: Notify::new(),
         checks: Notify::new(),
+        planner_wake: Notify::new(),
+        notify_wake: Notify::new(),
         token_cache: Mutex::new(HashMap::new()),
         invalid_tokens: Mutex::new(InvalidTokens::default()),
         job_cache: Mutex::new(HashMap::new()),
@@ -432,6 +442,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
     tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(planner::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(planner::notify::run(state.clone(), shutdown.subscribe()));
     let mcp = state.config.mcp.then(|| {
         // Tool calls go to this coordinator's own API, with the caller's token.
         let ip = if addr.ip().is_unspecified() {

@@ -37,6 +37,10 @@ pub async fn submit(
     let body = raw_body(req, &()).await?;
     let mut spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
+    crate::planner::check_rules(&spec.followup, "followup")?;
+    for (field, code) in crate::planner::child_codes(&spec.followup, "followup") {
+        super::review::check_child(&state, &code, &field).await?;
+    }
     let review = super::review::gate(&state, &tenant, &actor, &plan.code, &mut spec).await?;
     let job = new_job(&spec, plan, tenant.clone(), actor, review);
     state.store.insert_job(&job).await?;
@@ -83,6 +87,9 @@ pub(crate) fn new_job(
         review: Some(review),
         inputs: plan.inputs,
         actor,
+        has_rules: !spec.followup.is_empty(),
+        lineage: None,
+        rerun_of: None,
     }
 }
 
@@ -257,16 +264,45 @@ pub async fn rerun_tainted(
     Ok(Json(serde_json::json!({ "job_id": id, "rechecked": n })))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelQuery {
+    /// Also cancel the job's descendants that have not finished (a chain of follow-ups).
+    #[serde(default)]
+    chain: bool,
+}
+
 pub async fn cancel(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
     Path(id): Path<String>,
+    query: Result<Query<CancelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let principal = auth.require(&[TokenKind::Admin])?;
     let tenant = principal.tenant_id.clone();
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let Some(view) = state.store.job_view(&tenant, &id).await? else {
         return Err(ApiError::not_found("job", &id));
     };
+    if q.chain {
+        let chain = state.store.chain(&tenant, &id).await?.unwrap_or_default();
+        let mut ids = vec![id.clone()];
+        ids.extend(descendants(&chain, &id).into_iter().filter(|j| !j.state.is_final()).map(|j| j.id.clone()));
+        let cancelled = state
+            .store
+            .cancel_jobs(&tenant, &ids, &principal.actor, "cancelled with its chain")
+            .await?;
+        for j in &cancelled {
+            state.job_may_have_ended(j);
+        }
+        tracing::info!(job = %id, cancelled = cancelled.len(), "chain cancelled");
+        return state
+            .store
+            .job_view(&tenant, &id)
+            .await?
+            .map(Json)
+            .ok_or_else(|| ApiError::not_found("job", &id));
+    }
     if !state
         .store
         .cancel_job(&tenant, &id, &principal.actor)
@@ -312,4 +348,56 @@ pub async fn get_blob(
         .with_field("sha256")),
         Err(_) => Err(ApiError::not_found("blob", &sha)),
     }
+}
+
+/// The jobs below `id` in `chain` (children, their children, ...).
+fn descendants<'a>(chain: &'a [JobView], id: &str) -> Vec<&'a JobView> {
+    let mut out: Vec<&JobView> = Vec::new();
+    let mut frontier = vec![id.to_string()];
+    while let Some(parent) = frontier.pop() {
+        for j in chain {
+            if j.lineage.as_ref().is_some_and(|l| l.parent_job_id == parent) {
+                frontier.push(j.id.clone());
+                out.push(j);
+            }
+        }
+    }
+    out
+}
+
+/// `GET /v1/jobs/{id}/chain`: every job of the chain `id` is in (its root first, then by
+/// depth), each with its lineage, and the webhooks its rules sent.
+pub async fn chain(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<fleetbox_proto::api::JobChain>, ApiError> {
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let jobs = state
+        .store
+        .chain(tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    let root = jobs
+        .first()
+        .map(|j| j.lineage.as_ref().map_or(j.id.clone(), |l| l.root_job_id.clone()))
+        .unwrap_or_else(|| id.clone());
+    let mut notifications = Vec::new();
+    for j in &jobs {
+        for (rule, url, state_name, tries, last_error) in state.store.notifications_of(tenant, &j.id).await? {
+            notifications.push(fleetbox_proto::api::NotificationView {
+                job_id: j.id.clone(),
+                rule,
+                url,
+                state: state_name,
+                tries: tries.max(0) as u32,
+                last_error,
+            });
+        }
+    }
+    Ok(Json(fleetbox_proto::api::JobChain {
+        root,
+        jobs,
+        notifications,
+    }))
 }

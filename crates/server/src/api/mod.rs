@@ -3,7 +3,7 @@
 mod agents;
 mod audit;
 pub mod error;
-mod jobs;
+pub(crate) mod jobs;
 mod review;
 mod run;
 
@@ -52,6 +52,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/jobs/{id}/shards/{index}", get(jobs::shard))
         .route("/v1/jobs/{id}/result", get(jobs::result))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/chain", get(jobs::chain))
         .route("/v1/jobs/{id}/rerun-tainted", post(jobs::rerun_tainted))
         .route("/v1/agents", get(agents::list))
         .route("/v1/agents/enroll", post(agents::enroll))

@@ -66,6 +66,27 @@ pub(crate) async fn gate(
     Ok(review)
 }
 
+/// A follow-up rule's inline child code at submission: a syntax error or a program the review
+/// rejects is refused now, naming where it sits (`followup[0].then.code`), not when the child
+/// would be made.
+pub(crate) async fn check_child(state: &Arc<State>, code: &str, field: &str) -> Result<(), ApiError> {
+    let review = review_off_thread(state, code)
+        .await
+        .map_err(|e| e.with_field(field))?;
+    if review.decision == Decision::Reject {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected_by_review",
+            format!(
+                "the code review rejected the follow-up's program (risk {})",
+                review.risk
+            ),
+        )
+        .with_field(field));
+    }
+    Ok(())
+}
+
 /// Review on a blocking thread: a model reviewer waits on HTTP.
 async fn review_off_thread(state: &Arc<State>, code: &str) -> Result<CodeReview, ApiError> {
     let reviewer = state.reviewer.clone();

@@ -56,7 +56,7 @@ pub async fn run(
         environment: run.environment,
         files: run.files,
         backend: run.backend,
-        followup: None,
+        followup: Vec::new(),
     };
     let mut plan = spec.plan()?;
     plan.inputs = vec![run.input.unwrap_or(Value::Null)];

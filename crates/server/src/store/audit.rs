@@ -84,10 +84,26 @@ pub enum Action {
     /// A person rejected one (a held job is cancelled).
     #[serde(rename = "review.rejected")]
     ReviewRejected,
+    /// The planner evaluated a finished job's rule (matched or not, or its error).
+    #[serde(rename = "followup.evaluated")]
+    FollowupEvaluated,
+    /// A rule that matched made its child job or queued its webhook.
+    #[serde(rename = "followup.created")]
+    FollowupCreated,
+    /// A rule that matched hit a cap (depth, the chain's budget, the tenant's rate): nothing
+    /// was made, and the job is flagged.
+    #[serde(rename = "followup.capped")]
+    FollowupCapped,
+    /// A rule that matched could not make its child (its input, its code review).
+    #[serde(rename = "followup.failed")]
+    FollowupFailed,
+    /// One try of a `notify` webhook, and how it went.
+    #[serde(rename = "followup.notified")]
+    FollowupNotified,
 }
 
 impl Action {
-    pub const ALL: [Action; 27] = [
+    pub const ALL: [Action; 32] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -115,6 +131,11 @@ impl Action {
         Action::ReviewHeld,
         Action::ReviewApproved,
         Action::ReviewRejected,
+        Action::FollowupEvaluated,
+        Action::FollowupCreated,
+        Action::FollowupCapped,
+        Action::FollowupFailed,
+        Action::FollowupNotified,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +167,11 @@ impl Action {
             Action::ReviewHeld => "review.held",
             Action::ReviewApproved => "review.approved",
             Action::ReviewRejected => "review.rejected",
+            Action::FollowupEvaluated => "followup.evaluated",
+            Action::FollowupCreated => "followup.created",
+            Action::FollowupCapped => "followup.capped",
+            Action::FollowupFailed => "followup.failed",
+            Action::FollowupNotified => "followup.notified",
         }
     }
 }

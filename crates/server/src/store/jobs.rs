@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use fleetbox_proto::api::{
     AttemptView, JobResult, JobSummary, JobView, ShardCounts, ShardDetail, ShardView,
 };
-use fleetbox_proto::{EnvironmentSpec, JobState, Limits, Reducer, Status, TaskState, Verdict};
+use fleetbox_proto::{
+    EnvironmentSpec, JobState, Limits, Lineage, Reducer, RerunOf, Status, TaskState, Verdict,
+};
 use serde_json::Value;
 
 use super::agents::{json, parse};
@@ -38,6 +40,12 @@ pub struct NewJob {
     pub backend: Option<String>,
     /// What the code review found (recorded with the submission).
     pub review: Option<fleetbox_proto::CodeReview>,
+    /// Whether it has follow-up rules (the planner evaluates them once it is final).
+    pub has_rules: bool,
+    /// Where a follow-up job came from, and the rule that made it.
+    pub lineage: Option<(Lineage, String)>,
+    /// A `rerun_failed` child: the parent's shards it runs again.
+    pub rerun_of: Option<RerunOf>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -62,6 +70,8 @@ pub struct JobRow {
     pub created_at: i64,
     pub environment: Option<EnvironmentSpec>,
     pub files: BTreeMap<String, String>,
+    /// A `rerun_failed` child: the parent's shards it runs again.
+    pub rerun_of: Option<RerunOf>,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -80,6 +90,7 @@ struct JobRecord {
     created_at: i64,
     environment: Option<String>,
     files: Option<String>,
+    rerun_of: Option<String>,
 }
 
 impl JobRecord {
@@ -105,16 +116,21 @@ impl JobRecord {
                 .map(|f| parse(f, "job files"))
                 .transpose()?
                 .unwrap_or_default(),
+            rerun_of: self
+                .rerun_of
+                .as_deref()
+                .map(|r| parse(r, "job rerun_of"))
+                .transpose()?,
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at, environment, files FROM jobs";
+     shard_count, created_at, environment, files, rerun_of FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]
-struct JobViewRecord {
+pub(super) struct JobViewRecord {
     id: String,
     tenant_id: String,
     name: String,
@@ -143,10 +159,15 @@ struct JobViewRecord {
     rejected: u64,
     #[sqlx(try_from = "i64")]
     dead: u64,
+    planned: i64,
+    parent_job_id: Option<String>,
+    root_job_id: Option<String>,
+    depth: i64,
+    followup_rule: Option<String>,
 }
 
 impl JobViewRecord {
-    fn decode(self) -> Result<JobView, StoreError> {
+    pub(super) fn decode(self) -> Result<JobView, StoreError> {
         let reducer: Reducer = parse(&self.reducer, "job reducer")?;
         Ok(JobView {
             id: self.id,
@@ -169,14 +190,37 @@ impl JobViewRecord {
             created_at: self.created_at,
             finished_at: self.finished_at,
             error: self.error,
+            planning: self.planned == 0,
+            lineage: match (self.parent_job_id, self.followup_rule) {
+                (Some(parent), Some(rule)) => {
+                    let rule: RuleRef = parse(&rule, "job followup rule")?;
+                    Some(Lineage {
+                        root_job_id: self.root_job_id.unwrap_or_else(|| parent.clone()),
+                        parent_job_id: parent,
+                        depth: self.depth.max(0) as u32,
+                        rule_index: rule.index,
+                        rule: rule.name,
+                    })
+                }
+                _ => None,
+            },
         })
     }
 }
 
+/// The parent's rule a follow-up job was made by, as stored in `jobs.followup_rule`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RuleRef {
+    pub index: u32,
+    pub name: String,
+    pub action: String,
+}
+
 /// One O(1) read per job: the row and its counters.
-const JOB_VIEW_SELECT: &str = "SELECT j.id, j.tenant_id, j.name, j.state, j.priority, \
+pub(super) const JOB_VIEW_SELECT: &str = "SELECT j.id, j.tenant_id, j.name, j.state, j.priority, \
      j.max_attempts, j.reducer, j.code_sha256, j.created_at, j.finished_at, j.error, j.shard_count, \
-     c.queued, c.leased, c.reported, c.accepted, c.rejected, c.dead \
+     c.queued, c.leased, c.reported, c.accepted, c.rejected, c.dead, \
+     j.planned, j.parent_job_id, j.root_job_id, j.depth, j.followup_rule \
      FROM jobs j JOIN job_counts c ON c.job_id = j.id";
 
 /// A job whose shards have all settled (`c` is its `job_counts` row).
@@ -302,91 +346,8 @@ impl Store {
     /// Store a job, all its tasks and its shard counters in one transaction.
     pub async fn insert_job(&self, job: &NewJob) -> Result<(), StoreError> {
         let now = now_ms();
-        let shards = job.inputs.len() as i64;
-        let spec = json(&job.spec);
-        let limits = json(&job.limits);
-        let reducer = json(&job.reducer);
-        let environment = job.environment.as_ref().map(json);
-        let files = (!job.files.is_empty()).then(|| json(&job.files));
-        let held = job
-            .review
-            .as_ref()
-            .is_some_and(|r| r.decision == fleetbox_proto::Decision::Hold);
-        let state = if held {
-            JobState::PendingReview
-        } else {
-            JobState::Running
-        };
         let mut tx = self.begin_write().await.doing("submitting a job")?;
-        let mut sql = Sql::new(
-            "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
-             priority, max_attempts, shard_count, created_at, verify, environment, files) VALUES ",
-        );
-        sql.push_rows([job], |row, job| {
-            row.bind(job.id.as_str())
-                .bind(job.tenant_id.as_str())
-                .bind(job.name.as_str())
-                .bind(state.as_str())
-                .bind(spec.as_str())
-                .bind(job.code.as_str())
-                .bind(job.code_sha256.as_str())
-                .bind(limits.as_str())
-                .bind(reducer.as_str())
-                .bind(i64::from(job.priority))
-                .bind(i64::from(job.max_attempts))
-                .bind(shards)
-                .bind(now)
-                .bind(serde_json::to_string(&job.verify).unwrap_or_default())
-                .bind(environment.as_deref())
-                .bind(files.as_deref());
-        });
-        sql.build()
-            .execute(&mut *tx)
-            .await
-            .doing("inserting a job")?;
-        let inputs: Vec<String> = job.inputs.iter().map(json).collect();
-        let per_statement = self.rows_per_statement(9);
-        for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
-            let mut sql = Sql::new(
-                "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
-                 max_attempts, updated_at, backend) VALUES ",
-            );
-            sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
-                row.bind(job.tenant_id.as_str())
-                    .bind(job.id.as_str())
-                    .bind((chunk_no * per_statement + i) as i64)
-                    .bind(TaskState::Queued.as_str())
-                    .bind(i64::from(job.priority))
-                    .bind(input.as_str())
-                    .bind(i64::from(job.max_attempts))
-                    .bind(now)
-                    .bind(job.backend.as_deref());
-            });
-            sql.build()
-                .execute(&mut *tx)
-                .await
-                .doing("inserting tasks")?;
-        }
-        settle::create_counts(&mut tx, &job.id, shards).await?;
-        if let Some(review) = job.review.as_ref().filter(|_| held) {
-            let details = serde_json::to_value(review).unwrap_or_default();
-            super::review::hold(&mut tx, &job.tenant_id, &job.id, &details, now).await?;
-        }
-        let entry = Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
-            .job(&job.id)
-            .details(serde_json::json!({
-                "name": job.name,
-                "shards": shards,
-                "code_sha256": job.code_sha256,
-                "priority": job.priority,
-                "max_attempts": job.max_attempts,
-                "review": job.review.as_ref().map(|r| serde_json::json!({
-                    "reviewer": r.reviewer,
-                    "risk": r.risk,
-                    "decision": r.decision,
-                    "findings": r.findings.iter().map(|f| serde_json::json!([f.rule, f.line, f.column])).collect::<Vec<_>>(),
-                })),
-            }));
+        let entry = insert_job_in(&mut tx, self.rows_per_statement(9), job, now).await?;
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("submitting a job")?;
         Ok(())
@@ -871,3 +832,117 @@ pub(super) async fn cancel_in(
     tally.apply(tx).await?;
     Ok(true)
 }
+
+/// Store `job` (row, tasks, counters, review hold) within `tx`; the audit entry to append with it.
+pub(super) async fn insert_job_in(
+    tx: &mut settle::Tx<'_>,
+    per_statement: usize,
+    job: &NewJob,
+    now: i64,
+) -> Result<Entry, StoreError> {
+    let shards = job.inputs.len() as i64;
+    let spec = json(&job.spec);
+    let limits = json(&job.limits);
+    let reducer = json(&job.reducer);
+    let environment = job.environment.as_ref().map(json);
+    let files = (!job.files.is_empty()).then(|| json(&job.files));
+    let root = job
+        .lineage
+        .as_ref()
+        .map_or(job.id.as_str(), |(l, _)| l.root_job_id.as_str());
+    let rule = job.lineage.as_ref().map(|(l, action)| {
+        json(&RuleRef {
+            index: l.rule_index,
+            name: l.rule.clone(),
+            action: action.clone(),
+        })
+    });
+    let rerun_of = job.rerun_of.as_ref().map(json);
+    let held = job
+        .review
+        .as_ref()
+        .is_some_and(|r| r.decision == fleetbox_proto::Decision::Hold);
+    let state = if held {
+        JobState::PendingReview
+    } else {
+        JobState::Running
+    };
+    let mut sql = Sql::new(
+        "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
+         priority, max_attempts, shard_count, created_at, verify, environment, files, planned, \
+         parent_job_id, root_job_id, depth, followup_rule, rerun_of) VALUES ",
+    );
+    sql.push_rows([job], |row, job| {
+        row.bind(job.id.as_str())
+            .bind(job.tenant_id.as_str())
+            .bind(job.name.as_str())
+            .bind(state.as_str())
+            .bind(spec.as_str())
+            .bind(job.code.as_str())
+            .bind(job.code_sha256.as_str())
+            .bind(limits.as_str())
+            .bind(reducer.as_str())
+            .bind(i64::from(job.priority))
+            .bind(i64::from(job.max_attempts))
+            .bind(shards)
+            .bind(now)
+            .bind(serde_json::to_string(&job.verify).unwrap_or_default())
+            .bind(environment.as_deref())
+            .bind(files.as_deref())
+            .bind(i64::from(!job.has_rules))
+            .bind(job.lineage.as_ref().map(|(l, _)| l.parent_job_id.as_str()))
+            .bind(root)
+            .bind(job.lineage.as_ref().map_or(0, |(l, _)| i64::from(l.depth)))
+            .bind(rule.as_deref())
+            .bind(rerun_of.as_deref());
+    });
+    sql.build()
+        .execute(&mut **tx)
+        .await
+        .doing("inserting a job")?;
+    let inputs: Vec<String> = job.inputs.iter().map(json).collect();
+    for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
+        let mut sql = Sql::new(
+            "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
+             max_attempts, updated_at, backend) VALUES ",
+        );
+        sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
+            row.bind(job.tenant_id.as_str())
+                .bind(job.id.as_str())
+                .bind((chunk_no * per_statement + i) as i64)
+                .bind(TaskState::Queued.as_str())
+                .bind(i64::from(job.priority))
+                .bind(input.as_str())
+                .bind(i64::from(job.max_attempts))
+                .bind(now)
+                .bind(job.backend.as_deref());
+        });
+        sql.build()
+            .execute(&mut **tx)
+            .await
+            .doing("inserting tasks")?;
+    }
+    settle::create_counts(tx, &job.id, shards).await?;
+    if let Some(review) = job.review.as_ref().filter(|_| held) {
+        let details = serde_json::to_value(review).unwrap_or_default();
+        super::review::hold(tx, &job.tenant_id, &job.id, &details, now).await?;
+    }
+    let entry = Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
+        .job(&job.id)
+        .details(serde_json::json!({
+            "parent_job_id": job.lineage.as_ref().map(|(l, _)| &l.parent_job_id),
+            "name": job.name,
+            "shards": shards,
+            "code_sha256": job.code_sha256,
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "review": job.review.as_ref().map(|r| serde_json::json!({
+                "reviewer": r.reviewer,
+                "risk": r.risk,
+                "decision": r.decision,
+                "findings": r.findings.iter().map(|f| serde_json::json!([f.rule, f.line, f.column])).collect::<Vec<_>>(),
+            })),
+        }));
+    Ok(entry)
+}
+

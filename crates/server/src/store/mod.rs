@@ -9,6 +9,7 @@
 mod agents;
 pub mod audit;
 mod jobs;
+pub mod planner;
 pub mod review;
 mod settle;
 mod sql;
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub(crate) use agents::parse as parse_json;
 pub use jobs::{FoldOutcome, JobRow, NewJob, ShardPage};
 pub use settle::LeaseGrant;
 pub use settle::storable_text;
@@ -134,6 +136,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0012_review_flags",
         include_str!("../../migrations/0012_review_flags.sql"),
+    ),
+    (
+        "0013_planner",
+        include_str!("../../migrations/0013_planner.sql"),
     ),
 ];
 

@@ -102,7 +102,7 @@ async fn queued_not_before(tx: &mut Tx<'_>, job_id: &str, at: i64) -> Result<u64
 }
 
 /// An open flag of `kind` for `job_id` in the review queue, within `tx`.
-async fn insert_flag(
+pub(super) async fn insert_flag(
     tx: &mut Tx<'_>,
     tenant: &str,
     job_id: &str,

@@ -1,0 +1,544 @@
+//! The planner: once a job is final, evaluate its `[[followup]]` rules and start what they
+//! ask for — child jobs (with lineage), `rerun_failed` children, `notify` webhooks.
+//!
+//! A plan is recorded in one transaction guarded on the job's `planned` flag, and a child's id
+//! derives from its parent and the rule's index: across crashes and several coordinators a
+//! rule that matched makes its child once. Caps (depth, a chain's job budget, a tenant's rate)
+//! stop runaway chains; hitting one is flagged and audited. Everything decided is audited.
+
+pub mod expr;
+pub mod notify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetbox_proto::api::JobSummary;
+use fleetbox_proto::followup::{ChildSpec, FollowupRule};
+use fleetbox_proto::{
+    Decision, FollowupAction, JobSpec, Lineage, Recheck, RerunOf, ShardSpec, SpecError,
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::State;
+use crate::ids::sha256_hex;
+use crate::store::StoreError;
+use crate::store::audit::{Action, Entry};
+use crate::store::planner::{NewNotification, Plan, PlanFacts, PlanFlag};
+use expr::{Rule, Vars};
+
+/// The actor of everything the planner does.
+pub const ACTOR: &str = "planner";
+
+/// Limits on what follow-up rules may start.
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    /// Off: rules are recorded as not evaluated (`FLEETBOX_FOLLOWUPS=0`,
+    /// `DEMO_FOLLOWUP_ENABLED=0`).
+    pub enabled: bool,
+    /// The deepest a chain may grow (the root is 0), whatever a rule's `max_depth` says.
+    pub max_depth: u32,
+    /// Most jobs in one chain, the root included.
+    pub chain_budget: u64,
+    /// Most follow-up jobs a tenant gets per minute.
+    pub rate_per_minute: u64,
+    /// Tries of one webhook before it is `failed`.
+    pub notify_tries: u32,
+    /// First retry delay of a webhook; doubles per try (with jitter), capped at five minutes.
+    pub notify_backoff_ms: u64,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            enabled: true,
+            max_depth: 10,
+            chain_budget: 100,
+            rate_per_minute: 120,
+            notify_tries: 8,
+            notify_backoff_ms: 1000,
+        }
+    }
+}
+
+/// How often final jobs are looked for when nothing woke the planner (another coordinator's
+/// folds, a restart after a crash).
+const POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match state.store.jobs_to_plan(64).await {
+            Ok(jobs) => {
+                for id in jobs {
+                    if let Err(e) = plan_job(&state, &id).await {
+                        tracing::error!(job_id = %id, error = %e, "planning failed; it will be tried again");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "finding jobs to plan"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = state.planner_wake.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The id of the child rule `index` of `parent` makes: the same on every coordinator.
+pub fn child_id(parent: &str, index: usize) -> String {
+    let hash = sha256_hex(format!("{parent}/followup/{index}").as_bytes());
+    format!("job_{}", &hash[..16])
+}
+
+/// The names rules read under `summary` (see `docs/SANDBOX_DISTRIBUTED.md`).
+pub fn summary_metrics(s: &JobSummary) -> Value {
+    json!({
+        "shards": s.shards_total,
+        "accepted": s.shards_accepted,
+        "failed": s.shards_failed,
+        "dead": s.shards_dead,
+        "success_rate": s.success_rate,
+        "partial": s.partial,
+        "attempts": s.attempts,
+        "verified": s.verified,
+        "flags": s.flags.len(),
+        "anomalies": s.flags.iter().filter(|f| f.kind == "outlier").count(),
+        "job_ms": s.duration_ms,
+        "duration_ms": {
+            "p50": s.shard_wall_ms.median,
+            "p95": s.shard_wall_ms.p95,
+            "max": s.shard_wall_ms.max,
+            "mean": s.shard_wall_ms.mean,
+        },
+        "peak_memory_bytes": {
+            "p50": s.shard_peak_memory_bytes.median,
+            "max": s.shard_peak_memory_bytes.max,
+        },
+    })
+}
+
+/// Check every rule's expressions (and those of inline child specs) at submission.
+pub fn check_rules(rules: &[FollowupRule], field: &str) -> Result<(), SpecError> {
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let exprs =
+            std::iter::once(("when".to_string(), &rule.when)).chain(rule.input.iter().map(|(k, v)| (format!("input.{k}"), v)));
+        for (name, text) in exprs {
+            Rule::compile(text)
+                .map_err(|e| SpecError::new(format!("{at}.{name}"), e.to_string()))?;
+        }
+        if let Some(ChildSpec::Inline(spec)) = rule.child(&at)? {
+            check_rules(&spec.followup, &format!("{at}.then.followup"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The codes of inline child specs, with the field each sits at (for the submission review).
+pub fn child_codes(rules: &[FollowupRule], field: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        if let Ok(Some(ChildSpec::Inline(spec))) = rule.child(&at) {
+            if let Some(code) = &spec.code {
+                out.push((format!("{at}.then.code"), code.clone()));
+            }
+            out.extend(child_codes(&spec.followup, &format!("{at}.then.followup")));
+        }
+    }
+    out
+}
+
+/// Evaluate job `id`'s rules and record what they decided (once: another coordinator may
+/// have done it already).
+pub async fn plan_job(state: &Arc<State>, id: &str) -> Result<(), StoreError> {
+    let Some(facts) = state.store.plan_facts(id).await? else {
+        return Ok(());
+    };
+    let spec: JobSpec = crate::store::parse_json(&facts.spec, "job spec")?;
+    let mut plan = Plan::default();
+    if !state.config.planner.enabled {
+        plan.entries.push(
+            Entry::new(&facts.tenant_id, ACTOR, Action::FollowupEvaluated)
+                .job(id)
+                .details(json!({ "disabled": true, "rules": spec.followup.len(),
+                    "why": "follow-ups are switched off (FLEETBOX_FOLLOWUPS=0 or DEMO_FOLLOWUP_ENABLED=0)" })),
+        );
+    } else {
+        let mut planner = Planner::new(state, id, &facts, &spec).await?;
+        for (i, rule) in spec.followup.iter().enumerate() {
+            planner.rule(i, rule, &mut plan).await?;
+        }
+    }
+    let made = plan.children.len();
+    if state.store.commit_plan(id, &facts.tenant_id, plan).await? {
+        tracing::info!(job_id = id, children = made, "follow-up rules evaluated");
+        if made > 0 {
+            state.work.notify_waiters();
+        }
+        state.notify_wake.notify_one();
+    }
+    Ok(())
+}
+
+/// One job's planning: what its rules read, and the counts its caps use.
+struct Planner<'a> {
+    state: &'a Arc<State>,
+    id: &'a str,
+    facts: &'a PlanFacts,
+    spec: &'a JobSpec,
+    vars: Arc<Vars>,
+    summary: Value,
+    result: Value,
+    root: String,
+    chain_size: u64,
+    recent: u64,
+}
+
+impl<'a> Planner<'a> {
+    async fn new(
+        state: &'a Arc<State>,
+        id: &'a str,
+        facts: &'a PlanFacts,
+        spec: &'a JobSpec,
+    ) -> Result<Planner<'a>, StoreError> {
+        let (result, blob) = state
+            .store
+            .job_result(&facts.tenant_id, id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "job",
+                detail: format!("`{id}` vanished while planning"),
+            })?;
+        let value = match (&result.result, blob) {
+            (_, Some(hash)) => state
+                .blobs
+                .get(&hash)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null),
+            (Some(raw), None) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            (None, None) => Value::Null,
+        };
+        let summary = summary_metrics(&result.summary.unwrap_or_default());
+        let job = json!({
+            "id": id,
+            "name": facts.name,
+            "state": facts.state.as_str(),
+            "depth": facts.depth,
+        });
+        let vars = Arc::new(Vars::new([
+            ("summary", summary.clone()),
+            ("result", value.clone()),
+            ("job", job),
+        ]));
+        let root = facts.root_job_id.clone().unwrap_or_else(|| id.to_string());
+        let chain_size = state.store.chain_size(&root).await?;
+        let recent = state
+            .store
+            .followups_since(&facts.tenant_id, crate::store::now_ms() - 60_000)
+            .await?;
+        Ok(Planner {
+            state,
+            id,
+            facts,
+            spec,
+            vars,
+            summary,
+            result: value,
+            root,
+            chain_size,
+            recent,
+        })
+    }
+
+    fn entry(&self, action: Action, details: Value) -> Entry {
+        Entry::new(&self.facts.tenant_id, ACTOR, action)
+            .job(self.id)
+            .details(details)
+    }
+
+    async fn eval(&self, text: &str) -> Result<Value, String> {
+        let rule = Rule::compile(text).map_err(|e| e.to_string())?;
+        Arc::new(rule)
+            .evaluate(self.vars.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn rule(&mut self, i: usize, rule: &FollowupRule, plan: &mut Plan) -> Result<(), StoreError> {
+        let name = rule.display_name(i);
+        let said = |extra: Value| {
+            let mut d = json!({ "rule": i, "name": name, "action": rule.action.as_str() });
+            if let (Some(d), Some(extra)) = (d.as_object_mut(), extra.as_object()) {
+                d.extend(extra.clone());
+            }
+            d
+        };
+        let matched = match self.eval(&rule.when).await {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("`when` must give true or false, it gave {other}")),
+            Err(e) => Err(format!("`when`: {e}")),
+        };
+        let matched = match matched {
+            Ok(m) => m,
+            Err(error) => {
+                plan.entries.push(self.entry(
+                    Action::FollowupEvaluated,
+                    said(json!({ "when": rule.when, "error": error })),
+                ));
+                plan.flags.push(PlanFlag {
+                    kind: "followup_error",
+                    details: said(json!({ "error": error })),
+                });
+                return Ok(());
+            }
+        };
+        plan.entries.push(self.entry(
+            Action::FollowupEvaluated,
+            said(json!({ "when": rule.when, "matched": matched })),
+        ));
+        if !matched {
+            return Ok(());
+        }
+        let depth = self.facts.depth.max(0) as u32 + 1;
+        let max_depth = rule
+            .max_depth
+            .unwrap_or(self.state.config.planner.max_depth)
+            .min(self.state.config.planner.max_depth);
+        let made = plan.children.len() as u64;
+        let cap = if depth > max_depth {
+            Some(("depth", format!("the chain would reach depth {depth}, over its cap of {max_depth}")))
+        } else if rule.action != FollowupAction::Notify
+            && self.chain_size + made >= self.state.config.planner.chain_budget
+        {
+            Some((
+                "chain_budget",
+                format!(
+                    "the chain rooted at {} has {} jobs, its budget",
+                    self.root,
+                    self.chain_size + made
+                ),
+            ))
+        } else if rule.action != FollowupAction::Notify
+            && self.recent + made >= self.state.config.planner.rate_per_minute
+        {
+            Some((
+                "tenant_rate",
+                format!(
+                    "{} follow-up jobs in the last minute, the tenant's rate",
+                    self.recent + made
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((cap, why)) = cap {
+            tracing::warn!(job_id = self.id, rule = %name, cap, "follow-up capped: {why}");
+            plan.entries
+                .push(self.entry(Action::FollowupCapped, said(json!({ "cap": cap, "why": why }))));
+            plan.flags.push(PlanFlag {
+                kind: "followup_capped",
+                details: said(json!({ "cap": cap, "why": why })),
+            });
+            return Ok(());
+        }
+        if rule.action == FollowupAction::Notify {
+            let n = NewNotification {
+                id: child_id(self.id, i).replacen("job_", "ntf_", 1),
+                tenant_id: self.facts.tenant_id.clone(),
+                job_id: self.id.to_string(),
+                rule: name.clone(),
+                url: rule.url.clone().unwrap_or_default(),
+                body: self.notification_body(&name),
+            };
+            plan.entries.push(self.entry(
+                Action::FollowupCreated,
+                said(json!({ "notification": n.id, "url": n.url })),
+            ));
+            plan.notifications.push(n);
+            return Ok(());
+        }
+        match self.child(i, rule, &name, depth).await? {
+            Ok(Some(child)) => {
+                plan.entries.push(self.entry(
+                    Action::FollowupCreated,
+                    said(json!({ "child": child.id, "shards": child.inputs.len(), "depth": depth })),
+                ));
+                plan.children.push(child);
+            }
+            Ok(None) => {
+                plan.entries.push(self.entry(
+                    Action::FollowupCreated,
+                    said(json!({ "child": null, "why": "no failed or dead shards to run again" })),
+                ));
+            }
+            Err(why) => {
+                plan.entries
+                    .push(self.entry(Action::FollowupFailed, said(json!({ "error": why }))));
+                plan.flags.push(PlanFlag {
+                    kind: "followup_error",
+                    details: said(json!({ "error": why })),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn notification_body(&self, rule: &str) -> Value {
+        let small = self.result.to_string().len() <= 64 * 1024;
+        json!({
+            "job_id": self.id,
+            "name": self.facts.name,
+            "state": self.facts.state.as_str(),
+            "rule": rule,
+            "summary": self.summary,
+            "result": if small { self.result.clone() } else { Value::Null },
+            "result_omitted": !small,
+        })
+    }
+
+    /// The child job rule `i` makes, `None` when there is nothing to run, or why it cannot.
+    async fn child(
+        &self,
+        i: usize,
+        rule: &FollowupRule,
+        name: &str,
+        depth: u32,
+    ) -> Result<Result<Option<crate::store::NewJob>, String>, StoreError> {
+        let parent = self
+            .state
+            .store
+            .job_any_tenant(self.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "job",
+                detail: format!("`{}` vanished while planning", self.id),
+            })?;
+        // The spec, and shard inputs taken as they are (the parent's own) when not built.
+        let (mut spec, mut raw_inputs, rerun_of) = match rule.action {
+            FollowupAction::RerunFailed => {
+                let failed = self.state.store.shard_inputs(self.id, true).await?;
+                if failed.is_empty() {
+                    return Ok(Ok(None));
+                }
+                let rerun = RerunOf {
+                    job_id: self.id.to_string(),
+                    shards: failed.iter().map(|(k, _)| *k).collect(),
+                };
+                let mut spec = self.spec.clone();
+                spec.files = parent.files.clone();
+                let inputs: Vec<Value> = failed.into_iter().map(|(_, v)| v).collect();
+                (spec, Some(inputs), Some(rerun))
+            }
+            _ => match rule.child("then") {
+                Ok(Some(ChildSpec::SelfSpec)) => {
+                    let mut spec = self.spec.clone();
+                    spec.files = parent.files.clone();
+                    let inputs = if rule.input.is_empty() {
+                        let all = self.state.store.shard_inputs(self.id, false).await?;
+                        Some(all.into_iter().map(|(_, v)| v).collect())
+                    } else {
+                        None
+                    };
+                    (spec, inputs, None)
+                }
+                Ok(Some(ChildSpec::Inline(spec))) => (*spec, None, None),
+                Ok(None) => return Ok(Err("the rule has no `then`".into())),
+                Err(e) => return Ok(Err(e.to_string())),
+            },
+        };
+        if let Some(text) = rule.input.get("items") {
+            match self.eval(text).await {
+                Ok(Value::Array(items)) if items.is_empty() => {
+                    return Ok(Err("`input.items` gave an empty list: no child to run".into()));
+                }
+                Ok(Value::Array(items)) => {
+                    spec.shards = ShardSpec {
+                        items: Some(items),
+                        per_shard: spec.shards.per_shard,
+                        ..Default::default()
+                    };
+                    raw_inputs = None;
+                }
+                Ok(other) => {
+                    return Ok(Err(format!("`input.items` must give a list, it gave {other}")));
+                }
+                Err(e) => return Ok(Err(format!("`input.items`: {e}"))),
+            }
+        }
+        if let Some(text) = rule.input.get("count") {
+            match self.eval(text).await {
+                Ok(Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => {
+                    spec.shards = ShardSpec {
+                        count: n.as_u64(),
+                        ..Default::default()
+                    };
+                    raw_inputs = None;
+                }
+                Ok(other) => {
+                    return Ok(Err(format!("`input.count` must give a positive int, it gave {other}")));
+                }
+                Err(e) => return Ok(Err(format!("`input.count`: {e}"))),
+            }
+        }
+        if let Some(inputs) = &raw_inputs {
+            // Checked with a stand-in; the shards are the inputs as they were.
+            spec.shards = ShardSpec {
+                count: Some(inputs.len() as u64),
+                ..Default::default()
+            };
+        }
+        let mut job_plan = match spec.plan() {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(format!("the child's spec: {e}"))),
+        };
+        if let Some(inputs) = raw_inputs {
+            job_plan.inputs = inputs;
+        }
+        // The same code review as a submission.
+        let reviewer = self.state.reviewer.clone();
+        let code = job_plan.code.clone();
+        let review = match tokio::task::spawn_blocking(move || reviewer.review_code(&code)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Ok(Err(format!("the child's code: {e}"))),
+            Err(e) => return Ok(Err(format!("the review's thread failed: {e}"))),
+        };
+        match review.decision {
+            Decision::Reject => {
+                return Ok(Err(format!(
+                    "the code review rejected the child's code (risk {})",
+                    review.risk
+                )));
+            }
+            Decision::RunOnServerOnly | Decision::Hold => {
+                spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
+            }
+            Decision::Run => {}
+        }
+        let mut job = crate::api::jobs::new_job(
+            &spec,
+            job_plan,
+            self.facts.tenant_id.clone(),
+            ACTOR.to_string(),
+            review,
+        );
+        job.id = child_id(self.id, i);
+        job.lineage = Some((
+            Lineage {
+                parent_job_id: self.id.to_string(),
+                root_job_id: self.root.clone(),
+                depth,
+                rule_index: i as u32,
+                rule: name.to_string(),
+            },
+            rule.action.as_str().to_string(),
+        ));
+        job.rerun_of = rerun_of;
+        if job.files.is_empty() {
+            job.files = spec.files.clone();
+        }
+        Ok(Ok(Some(job)))
+    }
+}
