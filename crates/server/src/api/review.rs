@@ -27,7 +27,7 @@ pub(crate) async fn gate(
     code: &str,
     spec: &mut JobSpec,
 ) -> Result<CodeReview, ApiError> {
-    let review = review_off_thread(state, code).await?;
+    let review = review_off_thread(state, code, "code").await?;
     match review.decision {
         Decision::Run => {}
         Decision::RunOnServerOnly | Decision::Hold => {
@@ -70,9 +70,7 @@ pub(crate) async fn gate(
 /// rejects is refused now, naming where it sits (`followup[0].then.code`), not when the child
 /// would be made.
 pub(crate) async fn check_child(state: &Arc<State>, code: &str, field: &str) -> Result<(), ApiError> {
-    let review = review_off_thread(state, code)
-        .await
-        .map_err(|e| e.with_field(field))?;
+    let review = review_off_thread(state, code, field).await?;
     if review.decision == Decision::Reject {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -88,7 +86,12 @@ pub(crate) async fn check_child(state: &Arc<State>, code: &str, field: &str) -> 
 }
 
 /// Review on a blocking thread: a model reviewer waits on HTTP.
-async fn review_off_thread(state: &Arc<State>, code: &str) -> Result<CodeReview, ApiError> {
+/// A syntax error is refused naming `field` (where the code sits in the request).
+async fn review_off_thread(
+    state: &Arc<State>,
+    code: &str,
+    field: &str,
+) -> Result<CodeReview, ApiError> {
     let reviewer = state.reviewer.clone();
     let code = code.to_string();
     tokio::task::spawn_blocking(move || reviewer.review_code(&code))
@@ -100,7 +103,7 @@ async fn review_off_thread(state: &Arc<State>, code: &str) -> Result<CodeReview,
                 format!("the review's thread failed: {e}"),
             )
         })?
-        .map_err(|e| SpecError::new("code", e.to_string()).into())
+        .map_err(|e| SpecError::new(field, e.to_string()).into())
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,7 +125,7 @@ pub async fn review(
     if body.code.len() > fleetbox_proto::job::MAX_CODE_BYTES {
         return Err(SpecError::new("code", "is too large").into());
     }
-    Ok(Json(review_off_thread(&state, &body.code).await?))
+    Ok(Json(review_off_thread(&state, &body.code, "code").await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -758,6 +758,9 @@ mod store_tests {
                 files: Default::default(),
                 backend: None,
                 review: None,
+                has_rules: false,
+                lineage: None,
+                rerun_of: None,
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()
