@@ -183,7 +183,12 @@ impl Default for FollowupArgs {
         let d = fleetbox_server::planner::PlannerConfig::default();
         FollowupArgs {
             followups: std::env::var(env::FLEETBOX_FOLLOWUPS)
-                .map(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "no" | "off"))
+                .map(|v| {
+                    !matches!(
+                        v.trim().to_ascii_lowercase().as_str(),
+                        "0" | "false" | "no" | "off"
+                    )
+                })
                 .unwrap_or(true),
             followup_max_depth: d.max_depth,
             followup_chain_budget: d.chain_budget,
@@ -198,11 +203,16 @@ impl FollowupArgs {
     pub fn config(&self) -> fleetbox_server::planner::PlannerConfig {
         // The seed's switch: `DEMO_FOLLOWUP_ENABLED=0` turns follow-ups off as well.
         let demo_off = std::env::var(env::DEMO_FOLLOWUP_ENABLED).is_ok_and(|v| {
-            matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "no" | "off")
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "0" | "false" | "no" | "off"
+            )
         });
         fleetbox_server::planner::PlannerConfig {
             enabled: self.followups && !demo_off,
-            max_depth: self.followup_max_depth.clamp(1, fleetbox_proto::followup::MAX_DEPTH),
+            max_depth: self
+                .followup_max_depth
+                .clamp(1, fleetbox_proto::followup::MAX_DEPTH),
             chain_budget: self.followup_chain_budget.max(1),
             rate_per_minute: self.followup_rate.max(1),
             notify_tries: self.notify_tries.max(1),

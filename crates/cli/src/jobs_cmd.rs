@@ -466,12 +466,8 @@ pub fn blob(args: BlobArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-
 /// A chain as a tree: each job under the job whose rule made it.
-fn print_chain(
-    out: &mut impl Write,
-    chain: &fleetbox_proto::api::JobChain,
-) -> std::io::Result<()> {
+fn print_chain(out: &mut impl Write, chain: &fleetbox_proto::api::JobChain) -> std::io::Result<()> {
     fn walk(
         out: &mut impl Write,
         chain: &fleetbox_proto::api::JobChain,
@@ -503,7 +499,11 @@ fn print_chain(
         let children: Vec<&JobView> = chain
             .jobs
             .iter()
-            .filter(|j| j.lineage.as_ref().is_some_and(|l| l.parent_job_id == job.id))
+            .filter(|j| {
+                j.lineage
+                    .as_ref()
+                    .is_some_and(|l| l.parent_job_id == job.id)
+            })
             .collect();
         let next = format!("{prefix}{below}");
         for (i, child) in children.iter().enumerate() {

@@ -119,8 +119,8 @@ impl FollowupRule {
                 "must be 1 to 200 bytes without control characters",
             ));
         }
-        for (name, text) in
-            std::iter::once(("when".to_string(), &self.when)).chain(self.input.iter().map(|(k, v)| (format!("input.{k}"), v)))
+        for (name, text) in std::iter::once(("when".to_string(), &self.when))
+            .chain(self.input.iter().map(|(k, v)| (format!("input.{k}"), v)))
         {
             if text.trim().is_empty() {
                 return Err(SpecError::new(at(&name), "must not be empty"));
@@ -132,7 +132,11 @@ impl FollowupRule {
                 ));
             }
         }
-        if let Some(key) = self.input.keys().find(|k| !INPUT_KEYS.contains(&k.as_str())) {
+        if let Some(key) = self
+            .input
+            .keys()
+            .find(|k| !INPUT_KEYS.contains(&k.as_str()))
+        {
             return Err(SpecError::new(
                 at(&format!("input.{key}")),
                 format!("unknown input (expected one of: {})", INPUT_KEYS.join(", ")),
@@ -188,8 +192,9 @@ impl FollowupRule {
                             ..Default::default()
                         };
                     }
-                    spec.plan()
-                        .map_err(|e| SpecError::new(format!("{field}.then.{}", e.field), e.message))?;
+                    spec.plan().map_err(|e| {
+                        SpecError::new(format!("{field}.then.{}", e.field), e.message)
+                    })?;
                 }
             }
             FollowupAction::RerunFailed => {
@@ -207,7 +212,10 @@ impl FollowupRule {
                 }
             }
             FollowupAction::Notify => {
-                for (what, set) in [("then", self.then.is_some()), ("input", !self.input.is_empty())] {
+                for (what, set) in [
+                    ("then", self.then.is_some()),
+                    ("input", !self.input.is_empty()),
+                ] {
                     if set {
                         return needs(what, "a `notify` follow-up only has a `url`");
                     }
@@ -288,13 +296,18 @@ mod tests {
     #[test]
     fn a_job_rule_needs_a_valid_child_spec() {
         let r = rule("when = 'true'");
-        assert_eq!(r.validate("followup[0]").unwrap_err().field, "followup[0].then");
+        assert_eq!(
+            r.validate("followup[0]").unwrap_err().field,
+            "followup[0].then"
+        );
         let r = rule(
             "when = 'true'\n[then]\nname = 'x'\ncode = 'print(1)'\n[then.shards]\ncount = 0\n",
         );
         let e = r.validate("followup[0]").unwrap_err();
         assert!(e.field.starts_with("followup[0].then.shards"), "{e}");
-        let r = rule("when = 'true'\n[input]\nitems = 'result'\n[then]\nname = 'x'\ncode = 'print(1)'\n[then.shards]\n");
+        let r = rule(
+            "when = 'true'\n[input]\nitems = 'result'\n[then]\nname = 'x'\ncode = 'print(1)'\n[then.shards]\n",
+        );
         r.validate("followup[0]").unwrap();
         let r = rule("when = 'true'\nthen = 'self'\n");
         r.validate("followup[0]").unwrap();

@@ -335,7 +335,12 @@ fn merged_values<'a>(
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<ShardValue>, StoreError>> + Send + 'a>> {
     Box::pin(async move {
         let (own, _) = shard_values(state, job_id).await?;
-        match state.store.job_any_tenant(job_id).await?.and_then(|j| j.rerun_of) {
+        match state
+            .store
+            .job_any_tenant(job_id)
+            .await?
+            .and_then(|j| j.rerun_of)
+        {
             Some(rerun) if depth < fleetbox_proto::followup::MAX_DEPTH => {
                 merge_with_parent(state, &rerun, own, depth).await
             }

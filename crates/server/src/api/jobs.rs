@@ -287,7 +287,12 @@ pub async fn cancel(
     if q.chain {
         let chain = state.store.chain(&tenant, &id).await?.unwrap_or_default();
         let mut ids = vec![id.clone()];
-        ids.extend(descendants(&chain, &id).into_iter().filter(|j| !j.state.is_final()).map(|j| j.id.clone()));
+        ids.extend(
+            descendants(&chain, &id)
+                .into_iter()
+                .filter(|j| !j.state.is_final())
+                .map(|j| j.id.clone()),
+        );
         let cancelled = state
             .store
             .cancel_jobs(&tenant, &ids, &principal.actor, "cancelled with its chain")
@@ -356,7 +361,10 @@ fn descendants<'a>(chain: &'a [JobView], id: &str) -> Vec<&'a JobView> {
     let mut frontier = vec![id.to_string()];
     while let Some(parent) = frontier.pop() {
         for j in chain {
-            if j.lineage.as_ref().is_some_and(|l| l.parent_job_id == parent) {
+            if j.lineage
+                .as_ref()
+                .is_some_and(|l| l.parent_job_id == parent)
+            {
                 frontier.push(j.id.clone());
                 out.push(j);
             }
@@ -380,11 +388,17 @@ pub async fn chain(
         .ok_or_else(|| ApiError::not_found("job", &id))?;
     let root = jobs
         .first()
-        .map(|j| j.lineage.as_ref().map_or(j.id.clone(), |l| l.root_job_id.clone()))
+        .map(|j| {
+            j.lineage
+                .as_ref()
+                .map_or(j.id.clone(), |l| l.root_job_id.clone())
+        })
         .unwrap_or_else(|| id.clone());
     let mut notifications = Vec::new();
     for j in &jobs {
-        for (rule, url, state_name, tries, last_error) in state.store.notifications_of(tenant, &j.id).await? {
+        for (rule, url, state_name, tries, last_error) in
+            state.store.notifications_of(tenant, &j.id).await?
+        {
             notifications.push(fleetbox_proto::api::NotificationView {
                 job_id: j.id.clone(),
                 rule,

@@ -69,7 +69,11 @@ pub(crate) async fn gate(
 /// A follow-up rule's inline child code at submission: a syntax error or a program the review
 /// rejects is refused now, naming where it sits (`followup[0].then.code`), not when the child
 /// would be made.
-pub(crate) async fn check_child(state: &Arc<State>, code: &str, field: &str) -> Result<(), ApiError> {
+pub(crate) async fn check_child(
+    state: &Arc<State>,
+    code: &str,
+    field: &str,
+) -> Result<(), ApiError> {
     let review = review_off_thread(state, code, field).await?;
     if review.decision == Decision::Reject {
         return Err(ApiError::new(

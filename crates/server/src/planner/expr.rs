@@ -145,10 +145,7 @@ impl Rule {
                 if !scope.contains(name) && !ROOTS.contains(&name.as_str()) {
                     return Err(self.error_at(
                         node,
-                        format!(
-                            "unknown name `{name}` (a rule reads {})",
-                            ROOTS.join(", ")
-                        ),
+                        format!("unknown name `{name}` (a rule reads {})", ROOTS.join(", ")),
                     ));
                 }
             }
@@ -498,7 +495,11 @@ fn median(Arguments(args): Arguments) -> Result<Cel, ExecutionError> {
     }))
 }
 
-fn extreme(args: &[Cel], function: &str, pick: fn(f64, f64) -> bool) -> Result<Cel, ExecutionError> {
+fn extreme(
+    args: &[Cel],
+    function: &str,
+    pick: fn(f64, f64) -> bool,
+) -> Result<Cel, ExecutionError> {
     let items: &[Cel] = match args {
         [Cel::List(list)] => list,
         _ => args,
@@ -525,10 +526,16 @@ mod tests {
 
     fn vars(result: Value) -> Arc<Vars> {
         Arc::new(Vars::new([
-            ("summary", json!({"shards": 4, "accepted": 3, "failed": 1, "dead": 0, "success_rate": 0.75,
-                "duration_ms": {"p50": 10, "p95": 20, "max": 30, "mean": 12.5}})),
+            (
+                "summary",
+                json!({"shards": 4, "accepted": 3, "failed": 1, "dead": 0, "success_rate": 0.75,
+                "duration_ms": {"p50": 10, "p95": 20, "max": 30, "mean": 12.5}}),
+            ),
             ("result", result),
-            ("job", json!({"id": "job_1", "name": "n", "state": "completed", "depth": 0})),
+            (
+                "job",
+                json!({"id": "job_1", "name": "n", "state": "completed", "depth": 0}),
+            ),
         ]))
     }
 
@@ -540,18 +547,46 @@ mod tests {
 
     #[tokio::test]
     async fn rules_read_the_summary_the_result_and_the_job() {
-        assert_eq!(eval("summary.failed > 0", json!(null)).await, Ok(json!(true)));
+        assert_eq!(
+            eval("summary.failed > 0", json!(null)).await,
+            Ok(json!(true))
+        );
         assert_eq!(
             eval("result.filter(x, x > mean(result))", json!([1, 5, 2, 8])).await,
             Ok(json!([5, 8]))
         );
-        assert_eq!(eval("result.total * 2", json!({"total": 21})).await, Ok(json!(42)));
-        assert_eq!(eval("size(result) == 3 && sum(result) == 6", json!([1, 2, 3])).await, Ok(json!(true)));
-        assert_eq!(eval("max(result) - min(result)", json!([4, 9, 1])).await, Ok(json!(8)));
-        assert_eq!(eval("median(result)", json!([4, 9, 1, 2])).await, Ok(json!(3.0)));
-        assert_eq!(eval("job.state == 'completed' && summary.duration_ms.p95 < 100", json!(1)).await, Ok(json!(true)));
-        assert_eq!(eval("result.map(x, x * 2)", json!([1, 2])).await, Ok(json!([2, 4])));
-        assert!(matches!(eval("result.total", json!([1])).await, Err(EvalError::Failed(_))));
+        assert_eq!(
+            eval("result.total * 2", json!({"total": 21})).await,
+            Ok(json!(42))
+        );
+        assert_eq!(
+            eval("size(result) == 3 && sum(result) == 6", json!([1, 2, 3])).await,
+            Ok(json!(true))
+        );
+        assert_eq!(
+            eval("max(result) - min(result)", json!([4, 9, 1])).await,
+            Ok(json!(8))
+        );
+        assert_eq!(
+            eval("median(result)", json!([4, 9, 1, 2])).await,
+            Ok(json!(3.0))
+        );
+        assert_eq!(
+            eval(
+                "job.state == 'completed' && summary.duration_ms.p95 < 100",
+                json!(1)
+            )
+            .await,
+            Ok(json!(true))
+        );
+        assert_eq!(
+            eval("result.map(x, x * 2)", json!([1, 2])).await,
+            Ok(json!([2, 4]))
+        );
+        assert!(matches!(
+            eval("result.total", json!([1])).await,
+            Err(EvalError::Failed(_))
+        ));
     }
 
     #[test]

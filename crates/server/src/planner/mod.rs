@@ -122,8 +122,8 @@ pub fn summary_metrics(s: &JobSummary) -> Value {
 pub fn check_rules(rules: &[FollowupRule], field: &str) -> Result<(), SpecError> {
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("{field}[{i}]");
-        let exprs =
-            std::iter::once(("when".to_string(), &rule.when)).chain(rule.input.iter().map(|(k, v)| (format!("input.{k}"), v)));
+        let exprs = std::iter::once(("when".to_string(), &rule.when))
+            .chain(rule.input.iter().map(|(k, v)| (format!("input.{k}"), v)));
         for (name, text) in exprs {
             Rule::compile(text)
                 .map_err(|e| SpecError::new(format!("{at}.{name}"), e.to_string()))?;
@@ -267,7 +267,12 @@ impl<'a> Planner<'a> {
             .map_err(|e| e.to_string())
     }
 
-    async fn rule(&mut self, i: usize, rule: &FollowupRule, plan: &mut Plan) -> Result<(), StoreError> {
+    async fn rule(
+        &mut self,
+        i: usize,
+        rule: &FollowupRule,
+        plan: &mut Plan,
+    ) -> Result<(), StoreError> {
         let name = rule.display_name(i);
         let said = |extra: Value| {
             let mut d = json!({ "rule": i, "name": name, "action": rule.action.as_str() });
@@ -309,7 +314,10 @@ impl<'a> Planner<'a> {
             .min(self.state.config.planner.max_depth);
         let made = plan.children.len() as u64;
         let cap = if depth > max_depth {
-            Some(("depth", format!("the chain would reach depth {depth}, over its cap of {max_depth}")))
+            Some((
+                "depth",
+                format!("the chain would reach depth {depth}, over its cap of {max_depth}"),
+            ))
         } else if rule.action != FollowupAction::Notify
             && self.chain_size + made >= self.state.config.planner.chain_budget
         {
@@ -336,8 +344,10 @@ impl<'a> Planner<'a> {
         };
         if let Some((cap, why)) = cap {
             tracing::warn!(job_id = self.id, rule = %name, cap, "follow-up capped: {why}");
-            plan.entries
-                .push(self.entry(Action::FollowupCapped, said(json!({ "cap": cap, "why": why }))));
+            plan.entries.push(self.entry(
+                Action::FollowupCapped,
+                said(json!({ "cap": cap, "why": why })),
+            ));
             plan.flags.push(PlanFlag {
                 kind: "followup_capped",
                 details: said(json!({ "cap": cap, "why": why })),
@@ -364,7 +374,9 @@ impl<'a> Planner<'a> {
             Ok(Some(child)) => {
                 plan.entries.push(self.entry(
                     Action::FollowupCreated,
-                    said(json!({ "child": child.id, "shards": child.inputs.len(), "depth": depth })),
+                    said(
+                        json!({ "child": child.id, "shards": child.inputs.len(), "depth": depth }),
+                    ),
                 ));
                 plan.children.push(child);
             }
@@ -452,7 +464,9 @@ impl<'a> Planner<'a> {
         if let Some(text) = rule.input.get("items") {
             match self.eval(text).await {
                 Ok(Value::Array(items)) if items.is_empty() => {
-                    return Ok(Err("`input.items` gave an empty list: no child to run".into()));
+                    return Ok(Err(
+                        "`input.items` gave an empty list: no child to run".into()
+                    ));
                 }
                 Ok(Value::Array(items)) => {
                     spec.shards = ShardSpec {
@@ -463,7 +477,9 @@ impl<'a> Planner<'a> {
                     raw_inputs = None;
                 }
                 Ok(other) => {
-                    return Ok(Err(format!("`input.items` must give a list, it gave {other}")));
+                    return Ok(Err(format!(
+                        "`input.items` must give a list, it gave {other}"
+                    )));
                 }
                 Err(e) => return Ok(Err(format!("`input.items`: {e}"))),
             }
@@ -478,7 +494,9 @@ impl<'a> Planner<'a> {
                     raw_inputs = None;
                 }
                 Ok(other) => {
-                    return Ok(Err(format!("`input.count` must give a positive int, it gave {other}")));
+                    return Ok(Err(format!(
+                        "`input.count` must give a positive int, it gave {other}"
+                    )));
                 }
                 Err(e) => return Ok(Err(format!("`input.count`: {e}"))),
             }

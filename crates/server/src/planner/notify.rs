@@ -51,7 +51,11 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
                             tracing::error!(job_id = %n.job_id, url = %n.url, %error, "webhook failed for the last time")
                         }
                     }
-                    match state.store.record_delivery(&n, &state.instance, &outcome).await {
+                    match state
+                        .store
+                        .record_delivery(&n, &state.instance, &outcome)
+                        .await
+                    {
                         Ok(true) => {
                             if let Delivery::Failed { error } = &outcome {
                                 let details = serde_json::json!({

@@ -945,4 +945,3 @@ pub(super) async fn insert_job_in(
         }));
     Ok(entry)
 }
-

@@ -66,11 +66,18 @@ pub struct Notification {
 /// How one webhook try went.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    Delivered { status: u16 },
+    Delivered {
+        status: u16,
+    },
     /// Tried again from `next_at`.
-    Retry { error: String, next_at: i64 },
+    Retry {
+        error: String,
+        next_at: i64,
+    },
     /// Out of tries.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 impl Store {
@@ -153,7 +160,12 @@ impl Store {
     /// Record `plan` for job `id`: mark it planned (only if it was not: false when another
     /// coordinator got there first, and nothing is written), insert its children with their
     /// tasks, its webhooks and flags, and the audit entries, in one transaction.
-    pub async fn commit_plan(&self, id: &str, tenant: &str, plan: Plan) -> Result<bool, StoreError> {
+    pub async fn commit_plan(
+        &self,
+        id: &str,
+        tenant: &str,
+        plan: Plan,
+    ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("recording a plan")?;
         let done = Sql::new("UPDATE jobs SET planned = 1 WHERE id = ")
@@ -206,15 +218,14 @@ impl Store {
 
     /// Every job of the chain job `id` belongs to, oldest first.
     pub async fn chain(&self, tenant: &str, id: &str) -> Result<Option<Vec<JobView>>, StoreError> {
-        let root: Option<(Option<String>,)> =
-            Sql::new("SELECT root_job_id FROM jobs WHERE id = ")
-                .bind(id)
-                .push(" AND tenant_id = ")
-                .bind(tenant)
-                .build_as()
-                .fetch_optional(&self.read)
-                .await
-                .doing("reading a job's chain")?;
+        let root: Option<(Option<String>,)> = Sql::new("SELECT root_job_id FROM jobs WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant)
+            .build_as()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a job's chain")?;
         let Some((root,)) = root else {
             return Ok(None);
         };
@@ -273,16 +284,17 @@ impl Store {
         until: i64,
         limit: u32,
     ) -> Result<Vec<Notification>, StoreError> {
-        let due: Vec<(String,)> = Sql::new("SELECT id FROM notifications WHERE state = 'pending' AND next_at <= ")
-            .bind(now)
-            .push(" AND owner_until < ")
-            .bind(now)
-            .push(" ORDER BY next_at LIMIT ")
-            .bind(i64::from(limit))
-            .build_as()
-            .fetch_all(&self.read)
-            .await
-            .doing("finding due webhooks")?;
+        let due: Vec<(String,)> =
+            Sql::new("SELECT id FROM notifications WHERE state = 'pending' AND next_at <= ")
+                .bind(now)
+                .push(" AND owner_until < ")
+                .bind(now)
+                .push(" ORDER BY next_at LIMIT ")
+                .bind(i64::from(limit))
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("finding due webhooks")?;
         let mut claimed = Vec::new();
         for (id,) in due {
             let row: Option<Notification> = Sql::new("UPDATE notifications SET owner = ")

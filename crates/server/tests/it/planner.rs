@@ -102,12 +102,21 @@ async fn a_three_step_chain_runs_to_the_end_from_one_submission() {
         let (keep, report) = (&chain.jobs[1], &chain.jobs[2]);
         let l1 = keep.lineage.as_ref().unwrap();
         assert_eq!(
-            (l1.parent_job_id.as_str(), l1.root_job_id.as_str(), l1.rule.as_str(), l1.rule_index),
+            (
+                l1.parent_job_id.as_str(),
+                l1.root_job_id.as_str(),
+                l1.rule.as_str(),
+                l1.rule_index
+            ),
             (root.id.as_str(), root.id.as_str(), "keep the large ones", 0)
         );
         let l2 = report.lineage.as_ref().unwrap();
         assert_eq!(
-            (l2.parent_job_id.as_str(), l2.root_job_id.as_str(), l2.rule.as_str()),
+            (
+                l2.parent_job_id.as_str(),
+                l2.root_job_id.as_str(),
+                l2.rule.as_str()
+            ),
             (keep.id.as_str(), root.id.as_str(), "sort and report")
         );
         // 10 items kept, 3 per shard.
@@ -146,7 +155,10 @@ async fn a_three_step_chain_runs_to_the_end_from_one_submission() {
             .await
             .unwrap();
         assert_eq!(submitted.entries[0].actor, "planner");
-        assert_eq!(submitted.entries[0].details["parent_job_id"], keep.id.as_str());
+        assert_eq!(
+            submitted.entries[0].details["parent_job_id"],
+            keep.id.as_str()
+        );
         c.stop().await;
     }
 }
@@ -219,7 +231,10 @@ async fn rules_are_checked_at_submission_and_bounded_when_run() {
         .audit(&format!("job={}&action=followup.evaluated", bomb.id))
         .await
         .unwrap();
-    let error = evaluated.entries[0].details["error"].as_str().unwrap().to_string();
+    let error = evaluated.entries[0].details["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(error.contains("budget"), "{error}");
     let flags = c
         .client
@@ -315,14 +330,22 @@ async fn rerun_failed_runs_exactly_the_failed_shards_and_merges_the_result() {
             .unwrap();
         let chain = wait_chain(&c, &root.id, Duration::from_secs(90), |ch| settled(ch, 2)).await;
         let parent = c.client.result(&root.id).await.unwrap();
-        assert_eq!(parent.result_value(), Some(json!(140)), "{db:?}: {parent:?}");
+        assert_eq!(
+            parent.result_value(),
+            Some(json!(140)),
+            "{db:?}: {parent:?}"
+        );
         let child = &chain.jobs[1];
         assert_eq!(child.shards.total, 2, "{db:?}: {child:?}");
         let inputs: Vec<u64> = futures_inputs(&c, &child.id, 2).await;
         assert_eq!(inputs, [2, 5]);
         let merged = c.client.result(&child.id).await.unwrap();
         assert_eq!(merged.state, JobState::Completed);
-        assert_eq!(merged.result_value(), Some(json!(210)), "{db:?}: {merged:?}");
+        assert_eq!(
+            merged.result_value(),
+            Some(json!(210)),
+            "{db:?}: {merged:?}"
+        );
         let notes = merged.summary.unwrap().notes.join(" ");
         assert!(notes.contains("re-ran 2 failed shard(s)"), "{notes}");
         c.stop().await;
@@ -392,7 +415,11 @@ async fn notify_retries_with_back_off_and_is_delivered_once() {
     let n = &chain.notifications[0];
     assert_eq!((n.tries, n.rule.as_str()), (3, "page"), "{n:?}");
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(hits.load(Ordering::SeqCst), 3, "delivered once, after two failures");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "delivered once, after two failures"
+    );
     let last = bodies.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last["job_id"], job.id.as_str());
     assert_eq!(last["result"], 21);
@@ -408,7 +435,12 @@ async fn notify_retries_with_back_off_and_is_delivered_once() {
         .map(|e| e.details["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, ["pending", "pending", "delivered"]);
-    assert!(tries.entries[0].details["error"].as_str().unwrap().contains("500"));
+    assert!(
+        tries.entries[0].details["error"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
     c.stop().await;
 }
 

@@ -4,6 +4,7 @@
 mod api;
 mod audit;
 mod chaos;
+mod followups;
 mod harness;
 mod up;
 
@@ -24,6 +25,10 @@ use audit::{
 use chaos::{
     a_coordinator_killed_mid_fold_is_replaced, an_eight_second_outage_reruns_nothing,
     frozen_agents_race_late_reports_across_two_coordinators,
+};
+use followups::{
+    a_coordinator_killed_after_a_parent_completes_makes_its_child_once,
+    chains_from_files_and_the_chain_tree,
 };
 use harness::{Cluster, Db};
 use up::sigterm_drains_and_hands_back;
@@ -74,6 +79,8 @@ on_both_stores!(
     two_coordinators_keep_one_audit_chain,
     signed_reports_are_checked,
     agents_show_their_trust,
+    a_coordinator_killed_after_a_parent_completes_makes_its_child_once,
+    chains_from_files_and_the_chain_tree,
 );
 
 /// Needs a database that several coordinators share over the network.
