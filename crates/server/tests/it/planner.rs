@@ -36,49 +36,8 @@ fn settled(chain: &JobChain, jobs: usize) -> bool {
     chain.jobs.len() == jobs && chain.jobs.iter().all(|j| j.state.is_final() && !j.planning)
 }
 
-const STEP1: &str = r#"
-name = "generate"
-code = """
-import json, os
-i = int(os.environ["FLEETBOX_SHARD_INDEX"])
-print(json.dumps([i * 10 + k for k in range(5)]))
-"""
-shards = { count = 4 }
-aggregate = "concat"
-
-[[followup]]
-name = "keep the large ones"
-when = "summary.success_rate == 1.0 && job.state == 'completed'"
-# The threshold comes from the first job's summary: 4 accepted shards -> 20.
-input = { items = "result.filter(x, x >= summary.accepted * 5)" }
-[followup.then]
-name = "keep"
-code = """
-import json
-print(json.dumps(json.load(open("input.json"))["items"]))
-"""
-shards = { per_shard = 3 }
-aggregate = "concat"
-
-[[followup.then.followup]]
-name = "sort and report"
-when = "size(result) > 0"
-input = { items = "[result]" }
-[followup.then.followup.then]
-name = "report"
-code = """
-import json
-values = json.load(open("input.json"))["items"][0]
-print(json.dumps({"sorted": sorted(values, reverse=True), "count": len(values)}))
-"""
-shards = {}
-aggregate = "collect"
-
-[[followup]]
-name = "on failure"
-when = "job.state == 'failed'"
-then = "self"
-"#;
+/// The worked example of `docs/SANDBOX_DISTRIBUTED.md`.
+const STEP1: &str = include_str!("../../../../examples/chain.toml");
 
 /// Generate numbers → keep those above a threshold from the first job's summary → sort and
 /// report: one submission runs the whole chain, with lineage, and the rule that did not match
