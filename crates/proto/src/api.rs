@@ -117,6 +117,10 @@ pub struct JobResult {
     pub result: Option<Box<serde_json::value::RawValue>>,
     pub summary: Option<JobSummary>,
     pub error: Option<String>,
+    /// The summary under the stable names follow-up rules read (`summary.accepted`,
+    /// `summary.duration_ms.p95`, ...; see `docs/SANDBOX_DISTRIBUTED.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Value>,
 }
 
 impl JobResult {

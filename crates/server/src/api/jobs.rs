@@ -211,6 +211,7 @@ pub async fn result(
         .job_result(tenant, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("job", &id))?;
+    result.metrics = result.summary.as_ref().map(crate::planner::summary_metrics);
     if let Some(hash) = &blob {
         // Large results live in the blob store.
         let bytes = state.blobs.get(hash).map_err(|e| {

@@ -452,6 +452,7 @@ impl Store {
                 .map(|s| parse::<JobSummary>(&s, "job summary"))
                 .transpose()?,
             error: r.error,
+            metrics: None,
         };
         Ok(Some((view, r.result_blob)))
     }

@@ -80,6 +80,13 @@ async fn a_three_step_chain_runs_to_the_end_from_one_submission() {
         );
         // 10 items kept, 3 per shard.
         assert_eq!(keep.shards.total, 4, "{db:?}: {keep:?}");
+        let first = c.client.result(&root.id).await.unwrap();
+        let metrics = first.metrics.expect("metrics");
+        assert_eq!(
+            (metrics["shards"].as_u64(), metrics["accepted"].as_u64()),
+            (Some(4), Some(4))
+        );
+        assert!(metrics["duration_ms"]["p95"].is_number(), "{metrics}");
         let last = c.client.result(&report.id).await.unwrap();
         assert_eq!(last.state, JobState::Completed, "{db:?}: {last:?}");
         assert_eq!(
@@ -439,4 +446,52 @@ async fn two_coordinators_make_each_child_once() {
     }
     other.shutdown().await;
     c.stop().await;
+}
+
+/// The chain's job budget and the tenant's rate stop a chain too, each flagged with its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_budget_and_the_tenant_rate_stop_chains_too() {
+    let again = "name = \"again\"\ncode = \"print(1)\"\nshards = { count = 1 }\n\
+                 [[followup]]\nwhen = \"true\"\nthen = \"self\"\n";
+    for (cap, jobs, change) in [
+        (
+            "chain_budget",
+            3,
+            (|c: &mut fleetbox_server::ServerConfig| c.planner.chain_budget = 3) as fn(&mut _),
+        ),
+        ("tenant_rate", 3, |c: &mut fleetbox_server::ServerConfig| {
+            c.planner.rate_per_minute = 2
+        }),
+    ] {
+        let Some(mut c) = Coordinator::start_with(Db::Sqlite, change).await else {
+            return;
+        };
+        c.agent("a", Default::default());
+        let root = c.client.submit(&spec(again)).await.unwrap();
+        let chain = wait_chain(&c, &root.id, Duration::from_secs(60), |ch| {
+            settled(ch, jobs)
+        })
+        .await;
+        let last = &chain.jobs[jobs - 1];
+        let capped = c
+            .client
+            .audit(&format!("job={}&action=followup.capped", last.id))
+            .await
+            .unwrap();
+        assert_eq!(capped.entries.len(), 1, "{cap}: {capped:?}");
+        assert_eq!(capped.entries[0].details["cap"], cap);
+        let flags = c
+            .client
+            .review_flags(&format!("job={}", last.id))
+            .await
+            .unwrap();
+        assert_eq!(flags.flags[0].kind, "followup_capped");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            c.client.chain(&root.id).await.unwrap().jobs.len(),
+            jobs,
+            "{cap}"
+        );
+        c.stop().await;
+    }
 }

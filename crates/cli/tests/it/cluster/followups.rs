@@ -169,3 +169,52 @@ pub async fn chains_from_files_and_the_chain_tree(db: Db) {
         .unwrap();
     assert_eq!(flags.flags[0].kind, "followup_capped", "{flags:?}");
 }
+
+/// `DEMO_FOLLOWUP_ENABLED=0` (the original sandbox's switch) and `FLEETBOX_FOLLOWUPS=0` turn
+/// follow-ups off: the rules are recorded as not evaluated and nothing starts.
+pub async fn the_followup_switches_turn_rules_off(db: Db) {
+    let Some(mut c) = Cluster::start(db).await else {
+        return;
+    };
+    c.add_agent(2);
+    for var in ["DEMO_FOLLOWUP_ENABLED", "FLEETBOX_FOLLOWUPS"] {
+        c.server_env = vec![(var.to_string(), "0".to_string())];
+        c.kill_server();
+        c.start_server();
+        let job = c.submit(PARENT).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = c.client.job(&job.id).await.unwrap();
+            if v.state.is_final() && !v.planning {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{db:?} {var}: {v:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            c.client.chain(&job.id).await.unwrap().jobs.len(),
+            1,
+            "{var}"
+        );
+        let evaluated = c
+            .client
+            .audit(&format!("job={}&action=followup.evaluated", job.id))
+            .await
+            .unwrap();
+        assert_eq!(evaluated.entries.len(), 1, "{var}: {evaluated:?}");
+        assert_eq!(evaluated.entries[0].details["disabled"], true, "{var}");
+    }
+    // Back on: the same spec makes its child.
+    c.server_env.clear();
+    c.kill_server();
+    c.start_server();
+    let job = c.submit(PARENT).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.client.chain(&job.id).await.unwrap().jobs.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{db:?}: no child with follow-ups on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -33,6 +33,8 @@ pub struct Cluster {
     pub client: Client,
     /// Extra `fleetbox server` flags.
     pub server_flags: Vec<String>,
+    /// Extra environment variables of `fleetbox server`.
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -54,6 +56,7 @@ impl Cluster {
             agents: Vec::new(),
             client: Client::new("http://127.0.0.1:0", ADMIN),
             server_flags: flags.iter().map(|s| s.to_string()).collect(),
+            server_env: Vec::new(),
         };
         // The kernel picks the first port; restarts come back on it.
         cluster.start_server();
@@ -94,6 +97,7 @@ impl Cluster {
             ])
             .args(["--retry-backoff", "100ms"])
             .args(&self.server_flags)
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .env("FLEETBOX_LOG", "info")
             .env_remove("FLEETBOX_DATABASE_URL")
             .stdout(Stdio::piped())

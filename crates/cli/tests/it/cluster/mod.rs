@@ -28,7 +28,7 @@ use chaos::{
 };
 use followups::{
     a_coordinator_killed_after_a_parent_completes_makes_its_child_once,
-    chains_from_files_and_the_chain_tree,
+    chains_from_files_and_the_chain_tree, the_followup_switches_turn_rules_off,
 };
 use harness::{Cluster, Db};
 use up::sigterm_drains_and_hands_back;
@@ -81,6 +81,7 @@ on_both_stores!(
     agents_show_their_trust,
     a_coordinator_killed_after_a_parent_completes_makes_its_child_once,
     chains_from_files_and_the_chain_tree,
+    the_followup_switches_turn_rules_off,
 );
 
 /// Needs a database that several coordinators share over the network.
