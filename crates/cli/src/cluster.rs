@@ -176,6 +176,10 @@ pub struct FollowupArgs {
     /// First retry delay of a webhook; doubles per try, with jitter.
     #[arg(long, default_value = "1s", value_parser = parse_millis)]
     pub notify_backoff: Millis,
+    /// The AI planner: a directory of job spec templates (`*.toml`) the model (`--llm-url`)
+    /// may pick a follow-up from for jobs with `ai_followup = true`. Off without it.
+    #[arg(long, value_name = "DIR", requires = "llm_url")]
+    pub ai_planner_templates: Option<PathBuf>,
 }
 
 impl Default for FollowupArgs {
@@ -195,6 +199,7 @@ impl Default for FollowupArgs {
             followup_rate: d.rate_per_minute,
             notify_tries: d.notify_tries,
             notify_backoff: Millis(d.notify_backoff_ms),
+            ai_planner_templates: None,
         }
     }
 }
@@ -400,6 +405,7 @@ fn server_config(
     c.mcp_origins = args.mcp_origins.clone();
     c.review_rules = args.review_rules.clone();
     c.planner = args.followups.config();
+    c.ai_planner_templates = args.followups.ai_planner_templates.clone();
     if let (Some(url), Some(model)) = (&args.llm_url, &args.llm_model) {
         let mut llm = fleetbox_review::llm::LlmConfig::new(url.clone(), model.clone());
         llm.timeout = args.llm_timeout.as_duration();

@@ -61,6 +61,10 @@ pub struct JobSpec {
     /// Follow-up rules (`[[followup]]`): what this job starts once it has finished.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub followup: Vec<crate::followup::FollowupRule>,
+    /// Ask the coordinator's AI planner (when it has one) for a follow-up from its templates
+    /// once this job has finished.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ai_followup: bool,
 }
 
 fn default_max_attempts() -> u32 {

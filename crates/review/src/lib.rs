@@ -30,9 +30,38 @@ pub struct SyntaxError {
     pub message: String,
 }
 
-/// Something that judges code before it runs.
+/// Something that judges code before it runs, and may propose what to run after.
 pub trait Reviewer: Send + Sync {
     fn review_code(&self, code: &str) -> Result<CodeReview, SyntaxError>;
+
+    /// Given a finished job, propose one follow-up from the templates offered, or none. The
+    /// built-in reviewer proposes nothing: only a model does (the AI planner, off unless the
+    /// coordinator is given templates and a model).
+    fn propose_followup(
+        &self,
+        _job: &FollowupContext<'_>,
+    ) -> Result<Option<FollowupProposal>, String> {
+        Ok(None)
+    }
+}
+
+/// What a reviewer is shown of a finished job to propose a follow-up.
+#[derive(Debug, Clone)]
+pub struct FollowupContext<'a> {
+    pub job_name: &'a str,
+    /// `completed` or `failed`.
+    pub state: &'a str,
+    /// The job's metrics under the names follow-up rules read.
+    pub summary: &'a serde_json::Value,
+    /// The templates it may choose from: (name, what it does).
+    pub templates: &'a [(String, String)],
+}
+
+/// A proposed follow-up: the name of one of the templates offered, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowupProposal {
+    pub template: String,
+    pub reason: String,
 }
 
 /// The reviewer that needs no network: rules over the AST.

@@ -77,6 +77,9 @@ pub struct ServerConfig {
     pub llm: Option<fleetbox_review::llm::LlmConfig>,
     /// Follow-up rules: on or off, and their caps.
     pub planner: planner::PlannerConfig,
+    /// The AI planner's job templates (a directory of job specs, `*.toml`): with a model
+    /// (`llm`), jobs that ask (`ai_followup = true`) get a follow-up it picks from them.
+    pub ai_planner_templates: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -107,6 +110,7 @@ impl ServerConfig {
             review_rules: None,
             llm: None,
             planner: planner::PlannerConfig::default(),
+            ai_planner_templates: None,
             data_dir,
         }
     }
@@ -131,6 +135,8 @@ pub enum StartError {
     },
     #[error("the review rules `{}`: {why}", path.display())]
     ReviewRules { path: PathBuf, why: String },
+    #[error("the AI planner's templates `{}`: {why}", path.display())]
+    AiPlanner { path: PathBuf, why: String },
 }
 
 /// What a handler needs of a job, cached: code, limits and shard count never change.
@@ -179,6 +185,8 @@ pub struct State {
     /// Environments for re-checks of jobs that ask for packages; `None` when the server's
     /// sandbox could not be opened (such checks are then unverifiable).
     pub environments: Option<Arc<fleetbox_sandbox::environment::Environments>>,
+    /// The AI planner's templates by name (empty: no AI planner).
+    pub ai_templates: Vec<(String, fleetbox_proto::JobSpec)>,
 }
 
 /// A bounded record of calls with unknown tokens: at most [`InvalidTokens::PER_SECOND`] audit
@@ -416,6 +424,21 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             Arc::new(made.map_err(|why| StartError::ReviewRules { path, why })?)
         }
     };
+    let ai_templates = match &config.ai_planner_templates {
+        None => Vec::new(),
+        Some(dir) => {
+            if config.llm.is_none() {
+                return Err(StartError::AiPlanner {
+                    path: dir.clone(),
+                    why: "the AI planner needs a model (`--llm-url` and `--llm-model`)".into(),
+                });
+            }
+            planner::load_templates(dir).map_err(|why| StartError::AiPlanner {
+                path: dir.clone(),
+                why,
+            })?
+        }
+    };
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(State {
@@ -438,6 +461,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         audit_key,
         reviewer,
         environments,
+        ai_templates,
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));

@@ -38,6 +38,13 @@ pub async fn submit(
     let mut spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
     crate::planner::check_rules(&spec.followup, "followup")?;
+    if spec.ai_followup && state.ai_templates.is_empty() {
+        return Err(fleetbox_proto::SpecError::new(
+            "ai_followup",
+            "this coordinator has no AI planner (start it with `--ai-planner-templates DIR` and a model: `--llm-url`, `--llm-model`)",
+        )
+        .into());
+    }
     for (field, code) in crate::planner::child_codes(&spec.followup, "followup") {
         super::review::check_child(&state, &code, &field).await?;
     }
@@ -87,7 +94,7 @@ pub(crate) fn new_job(
         review: Some(review),
         inputs: plan.inputs,
         actor,
-        has_rules: !spec.followup.is_empty(),
+        has_rules: !spec.followup.is_empty() || spec.ai_followup,
         lineage: None,
         rerun_of: None,
     }

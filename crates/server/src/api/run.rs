@@ -57,6 +57,7 @@ pub async fn run(
         files: run.files,
         backend: run.backend,
         followup: Vec::new(),
+        ai_followup: false,
     };
     let mut plan = spec.plan()?;
     plan.inputs = vec![run.input.unwrap_or(Value::Null)];

@@ -170,6 +170,9 @@ pub async fn plan_job(state: &Arc<State>, id: &str) -> Result<(), StoreError> {
         for (i, rule) in spec.followup.iter().enumerate() {
             planner.rule(i, rule, &mut plan).await?;
         }
+        if spec.ai_followup && !state.ai_templates.is_empty() {
+            planner.ai(&mut plan).await?;
+        }
     }
     let made = plan.children.len();
     if state.store.commit_plan(id, &facts.tenant_id, plan).await? {
@@ -307,6 +310,98 @@ impl<'a> Planner<'a> {
         if !matched {
             return Ok(());
         }
+        self.fire(i, rule, &name, plan).await
+    }
+
+    /// Ask the AI planner for a follow-up from the coordinator's templates; the proposal is
+    /// audited and made like a rule's child (same caps, same code review).
+    async fn ai(&mut self, plan: &mut Plan) -> Result<(), StoreError> {
+        let templates = &self.state.ai_templates;
+        let offered: Vec<(String, String)> = templates
+            .iter()
+            .map(|(n, spec)| (n.clone(), spec.name.clone()))
+            .collect();
+        let reviewer = self.state.reviewer.clone();
+        let (name, state, summary) = (
+            self.facts.name.clone(),
+            self.facts.state.as_str().to_string(),
+            self.summary.clone(),
+        );
+        let asked = tokio::task::spawn_blocking(move || {
+            reviewer.propose_followup(&fleetbox_review::FollowupContext {
+                job_name: &name,
+                state: &state,
+                summary: &summary,
+                templates: &offered,
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the planner's thread failed: {e}")));
+        let index = self.spec.followup.len();
+        let proposal = match asked {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                plan.entries.push(self.entry(
+                    Action::FollowupEvaluated,
+                    json!({ "ai": true, "rule": index, "matched": false, "proposal": null }),
+                ));
+                return Ok(());
+            }
+            Err(error) => {
+                plan.entries.push(self.entry(
+                    Action::FollowupEvaluated,
+                    json!({ "ai": true, "rule": index, "error": error }),
+                ));
+                plan.flags.push(PlanFlag {
+                    kind: "followup_error",
+                    details: json!({ "ai": true, "error": error }),
+                });
+                return Ok(());
+            }
+        };
+        plan.entries.push(self.entry(
+            Action::FollowupEvaluated,
+            json!({ "ai": true, "rule": index, "matched": true,
+                    "proposal": proposal.template, "reason": proposal.reason }),
+        ));
+        let Some((_, template)) = templates.iter().find(|(n, _)| *n == proposal.template) else {
+            return Ok(());
+        };
+        let shardless = template.shards == ShardSpec::default();
+        let rule = FollowupRule {
+            name: Some(format!("ai:{}", proposal.template)),
+            when: "true".into(),
+            action: FollowupAction::Job,
+            then: Some(serde_json::to_value(template).unwrap_or_default()),
+            job_file: None,
+            // A template without shards gets the parent's result as its one shard's input.
+            input: if shardless {
+                [("items".to_string(), "[result]".to_string())].into()
+            } else {
+                Default::default()
+            },
+            max_depth: None,
+            url: None,
+        };
+        let name = rule.display_name(index);
+        self.fire(index, &rule, &name, plan).await
+    }
+
+    /// Make what a rule that matched asks for, unless a cap stops it.
+    async fn fire(
+        &mut self,
+        i: usize,
+        rule: &FollowupRule,
+        name: &str,
+        plan: &mut Plan,
+    ) -> Result<(), StoreError> {
+        let said = |extra: Value| {
+            let mut d = json!({ "rule": i, "name": name, "action": rule.action.as_str() });
+            if let (Some(d), Some(extra)) = (d.as_object_mut(), extra.as_object()) {
+                d.extend(extra.clone());
+            }
+            d
+        };
         let depth = self.facts.depth.max(0) as u32 + 1;
         let max_depth = rule
             .max_depth
@@ -359,9 +454,9 @@ impl<'a> Planner<'a> {
                 id: child_id(self.id, i).replacen("job_", "ntf_", 1),
                 tenant_id: self.facts.tenant_id.clone(),
                 job_id: self.id.to_string(),
-                rule: name.clone(),
+                rule: name.to_string(),
                 url: rule.url.clone().unwrap_or_default(),
-                body: self.notification_body(&name),
+                body: self.notification_body(name),
             };
             plan.entries.push(self.entry(
                 Action::FollowupCreated,
@@ -370,7 +465,7 @@ impl<'a> Planner<'a> {
             plan.notifications.push(n);
             return Ok(());
         }
-        match self.child(i, rule, &name, depth).await? {
+        match self.child(i, rule, name, depth).await? {
             Ok(Some(child)) => {
                 plan.entries.push(self.entry(
                     Action::FollowupCreated,
@@ -559,4 +654,44 @@ impl<'a> Planner<'a> {
         }
         Ok(Ok(Some(job)))
     }
+}
+
+/// The AI planner's templates: every `*.toml` job spec in `dir` (its `code_file` read relative
+/// to it), named by file stem, checked as a submission would be.
+pub fn load_templates(dir: &std::path::Path) -> Result<Vec<(String, JobSpec)>, String> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    let mut paths: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| format!("`{}`: not a UTF-8 name", path.display()))?
+            .to_string();
+        let at = |e: String| format!("`{}`: {e}", path.display());
+        let text = std::fs::read_to_string(&path).map_err(|e| at(e.to_string()))?;
+        let mut spec = JobSpec::from_toml(&text).map_err(|e| at(e.to_string()))?;
+        if spec.code.is_none()
+            && let Some(file) = spec.code_file.take()
+        {
+            spec.code = Some(
+                std::fs::read_to_string(dir.join(&file))
+                    .map_err(|e| at(format!("`code_file` {file}: {e}")))?,
+            );
+        }
+        let mut check = spec.clone();
+        if check.shards == ShardSpec::default() {
+            check.shards.items = Some(vec![Value::Null]);
+        }
+        check.plan().map_err(|e| at(e.to_string()))?;
+        out.push((name, spec));
+    }
+    if out.is_empty() {
+        return Err("holds no `*.toml` job spec".into());
+    }
+    Ok(out)
 }

@@ -168,6 +168,9 @@ async fn rules_are_checked_at_submission_and_bounded_when_run() {
     ))
     .await;
     assert_eq!(e.code(), Some("rejected_by_review"), "{e}");
+    // No AI planner on this coordinator.
+    let e = refused(&format!("{base}ai_followup = true\n")).await;
+    assert!(e.to_string().contains("ai_followup"), "{e}");
     assert!(c.client.jobs(None, 10).await.unwrap().jobs.is_empty());
 
     // Does not match: nothing made, the evaluation audited.
@@ -494,4 +497,128 @@ async fn the_chain_budget_and_the_tenant_rate_stop_chains_too() {
         );
         c.stop().await;
     }
+}
+
+/// The AI planner (a stand-in OpenAI-compatible endpoint here: no model runs on this machine,
+/// so this is the one mocked part) proposes a follow-up from the coordinator's templates; the
+/// proposal is audited, made like a rule's child, and goes through the same code review; a
+/// template it was not offered, or none, makes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ai_planner_proposes_from_its_templates_and_is_reviewed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let model = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(
+            |axum::Json(req): axum::Json<serde_json::Value>| async move {
+                let kind = req["response_format"]["json_schema"]["name"]
+                    .as_str()
+                    .unwrap_or("");
+                let user = req["messages"][1]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let answer = if kind == "code_review" {
+                    json!({"verdict": "safe", "risk": 0, "reasons": []})
+                } else if user.contains("`numbers`") {
+                    json!({"template": "count", "reason": "the result is a list: count it"})
+                } else if user.contains("`odd`") {
+                    json!({"template": "rm-everything", "reason": "why not"})
+                } else if user.contains("`risky`") {
+                    json!({"template": "bomb", "reason": "stress test"})
+                } else {
+                    json!({"template": "none", "reason": "nothing to do"})
+                };
+                axum::Json(json!({"choices": [{"message": {"content": answer.to_string()}}]}))
+            },
+        ),
+    );
+    tokio::spawn(async move { axum::serve(listener, model).await });
+    let templates = tempfile::tempdir().unwrap();
+    std::fs::write(
+        templates.path().join("count.toml"),
+        "name = \"count the values\"\ncode = \"import json\\nprint(len(json.load(open('input.json'))['items'][0]))\"\nshards = {}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        templates.path().join("bomb.toml"),
+        "name = \"a stress test\"\ncode = \"import os\\nwhile True:\\n    os.fork()\\n\"\nshards = { count = 1 }\n",
+    )
+    .unwrap();
+    let dir = templates.path().to_path_buf();
+    let Some(mut c) = Coordinator::start_with(Db::Sqlite, |config| {
+        config.llm = Some(fleetbox_review::llm::LlmConfig::new(
+            url.clone(),
+            "stand-in",
+        ));
+        config.ai_planner_templates = Some(dir);
+    })
+    .await
+    else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let submit = |name: &str| {
+        let spec = spec(&format!(
+            "name = \"{name}\"\ncode = \"print([1, 2, 3])\"\nshards = {{ count = 2 }}\naggregate = \"concat\"\nai_followup = true\n"
+        ));
+        let client = c.client.clone();
+        async move { client.submit(&spec).await.unwrap() }
+    };
+    let numbers = submit("numbers").await;
+    let chain = wait_chain(&c, &numbers.id, Duration::from_secs(60), |ch| {
+        settled(ch, 2)
+    })
+    .await;
+    let child = &chain.jobs[1];
+    assert_eq!(child.lineage.as_ref().unwrap().rule, "ai:count");
+    assert_eq!(child.name, "count the values");
+    let r = c.client.result(&child.id).await.unwrap();
+    assert_eq!(r.result_value(), Some(json!([6])), "{r:?}");
+    let evaluated = c
+        .client
+        .audit(&format!("job={}&action=followup.evaluated", numbers.id))
+        .await
+        .unwrap();
+    assert_eq!(evaluated.entries[0].details["ai"], true);
+    assert_eq!(evaluated.entries[0].details["proposal"], "count");
+    assert!(
+        evaluated.entries[0].details["reason"]
+            .as_str()
+            .unwrap()
+            .contains("count it")
+    );
+
+    for (name, action, needle) in [
+        ("odd", "followup.evaluated", "not an offered template"),
+        ("risky", "followup.failed", "code review rejected"),
+    ] {
+        let job = submit(name).await;
+        wait_chain(&c, &job.id, Duration::from_secs(60), |ch| settled(ch, 1)).await;
+        let entries = c
+            .client
+            .audit(&format!("job={}&action={action}", job.id))
+            .await
+            .unwrap();
+        let text = entries.entries[0].details["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(text.contains(needle), "{name}: {text}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            c.client.chain(&job.id).await.unwrap().jobs.len(),
+            1,
+            "{name}"
+        );
+    }
+    let quiet = submit("quiet").await;
+    wait_chain(&c, &quiet.id, Duration::from_secs(60), |ch| settled(ch, 1)).await;
+    let evaluated = c
+        .client
+        .audit(&format!("job={}&action=followup.evaluated", quiet.id))
+        .await
+        .unwrap();
+    assert_eq!(evaluated.entries[0].details["matched"], false);
+    c.stop().await;
 }
