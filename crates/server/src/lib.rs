@@ -11,6 +11,7 @@ pub mod api;
 pub mod blobs;
 mod checker;
 pub mod ids;
+pub mod metrics;
 pub mod planner;
 pub mod reduce;
 mod scheduler;
@@ -187,6 +188,8 @@ pub struct State {
     pub environments: Option<Arc<fleetbox_sandbox::environment::Environments>>,
     /// The AI planner's templates by name (empty: no AI planner).
     pub ai_templates: Vec<(String, fleetbox_proto::JobSpec)>,
+    /// What `/metrics` counts in this process (HTTP, shard run times).
+    pub metrics: metrics::Registry,
 }
 
 /// A bounded record of calls with unknown tokens: at most [`InvalidTokens::PER_SECOND`] audit
@@ -462,6 +465,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         reviewer,
         environments,
         ai_templates,
+        metrics: metrics::Registry::default(),
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));

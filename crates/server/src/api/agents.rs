@@ -536,6 +536,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         blobs: ahead,
         signature,
     } = r;
+    state.metrics.shard_ran(&report.backend, report.wall_ms);
     let internal = |e: std::io::Error| {
         tracing::error!(error = %e, "blob store");
         ApiError::new(

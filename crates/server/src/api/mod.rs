@@ -40,6 +40,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(jobs::status))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/run", post(run::run))
@@ -83,7 +84,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn(trace))
+        .layer(middleware::from_fn_with_state(state.clone(), trace))
         .with_state(state)
 }
 
@@ -114,6 +115,24 @@ async fn readyz(
     })))
 }
 
+/// `GET /metrics`: Prometheus text format (admin token: the series name agents and tenants).
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    auth: Auth,
+) -> Result<Response, ApiError> {
+    auth.require(&[TokenKind::Admin])?;
+    let stored = state.store.stored_metrics(crate::store::now_ms()).await?;
+    let text = crate::metrics::render(&stored, &state.metrics);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 /// `/mcp` takes admin tokens only; its tools then call the API with the same token.
 async fn mcp_auth(auth: Result<Auth, ApiError>, req: Request, next: Next) -> Response {
     match auth.and_then(|a| a.require(&[TokenKind::Admin]).map(|_| ())) {
@@ -122,14 +141,30 @@ async fn mcp_auth(auth: Result<Auth, ApiError>, req: Request, next: Next) -> Res
     }
 }
 
-async fn trace(req: Request, next: Next) -> Response {
+async fn trace(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let id = trace_id();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // The route's pattern (`/v1/jobs/{id}`), never the path: ids would make a series each.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let started = std::time::Instant::now();
     let mut resp = TRACE_ID.scope(id.clone(), next.run(req)).await;
+    let took = started.elapsed();
+    state.metrics.request(
+        &route,
+        method.as_str(),
+        resp.status().as_u16(),
+        took.as_secs_f64(),
+    );
     tracing::debug!(trace_id = %id, %method, %path, status = resp.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64, "request");
+        ms = took.as_millis() as u64, "request");
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-trace-id", v);
     }

@@ -156,8 +156,25 @@ pub async fn plan_job(state: &Arc<State>, id: &str) -> Result<(), StoreError> {
     let Some(facts) = state.store.plan_facts(id).await? else {
         return Ok(());
     };
-    let spec: JobSpec = crate::store::parse_json(&facts.spec, "job spec")?;
     let mut plan = Plan::default();
+    let spec: JobSpec = match crate::store::parse_json(&facts.spec, "job spec") {
+        Ok(spec) => spec,
+        Err(e) => {
+            // Stored by another version, say: recorded once, not retried for ever.
+            let error = format!("its rules cannot be read: {e}");
+            plan.entries.push(
+                Entry::new(&facts.tenant_id, ACTOR, Action::FollowupEvaluated)
+                    .job(id)
+                    .details(json!({ "error": error })),
+            );
+            plan.flags.push(PlanFlag {
+                kind: "followup_error",
+                details: json!({ "error": error }),
+            });
+            state.store.commit_plan(id, &facts.tenant_id, plan).await?;
+            return Ok(());
+        }
+    };
     if !state.config.planner.enabled {
         plan.entries.push(
             Entry::new(&facts.tenant_id, ACTOR, Action::FollowupEvaluated)
@@ -277,13 +294,7 @@ impl<'a> Planner<'a> {
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
         let name = rule.display_name(i);
-        let said = |extra: Value| {
-            let mut d = json!({ "rule": i, "name": name, "action": rule.action.as_str() });
-            if let (Some(d), Some(extra)) = (d.as_object_mut(), extra.as_object()) {
-                d.extend(extra.clone());
-            }
-            d
-        };
+        let said = |extra: Value| said(i, &name, rule, extra);
         let matched = match self.eval(&rule.when).await {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("`when` must give true or false, it gave {other}")),
@@ -395,13 +406,7 @@ impl<'a> Planner<'a> {
         name: &str,
         plan: &mut Plan,
     ) -> Result<(), StoreError> {
-        let said = |extra: Value| {
-            let mut d = json!({ "rule": i, "name": name, "action": rule.action.as_str() });
-            if let (Some(d), Some(extra)) = (d.as_object_mut(), extra.as_object()) {
-                d.extend(extra.clone());
-            }
-            d
-        };
+        let said = |extra: Value| said(i, name, rule, extra);
         let depth = self.facts.depth.max(0) as u32 + 1;
         let max_depth = rule
             .max_depth
@@ -654,6 +659,15 @@ impl<'a> Planner<'a> {
         }
         Ok(Ok(Some(job)))
     }
+}
+
+/// An audit entry's details about rule `i`: which rule, and `extra`.
+fn said(i: usize, name: &str, rule: &FollowupRule, extra: Value) -> Value {
+    let mut d = json!({ "rule": i, "name": name, "action": rule.action.as_str() });
+    if let (Some(d), Value::Object(extra)) = (d.as_object_mut(), extra) {
+        d.extend(extra);
+    }
+    d
 }
 
 /// The AI planner's templates: every `*.toml` job spec in `dir` (its `code_file` read relative

@@ -413,6 +413,7 @@ pub(super) async fn append(
     if entries.is_empty() {
         return Ok(());
     }
+    let counted = super::metrics::counted(&entries);
     entries.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     let mut start = 0;
     while start < entries.len() {
@@ -424,7 +425,7 @@ pub(super) async fn append(
         append_tenant(tx, kind, &tenant, &entries[start..end], at).await?;
         start = end;
     }
-    Ok(())
+    super::metrics::bump(tx, counted).await
 }
 
 /// `tenant`'s chain head `(seq, chain)`, locked until the transaction ends (`FOR UPDATE` on

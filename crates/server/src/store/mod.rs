@@ -9,6 +9,7 @@
 mod agents;
 pub mod audit;
 mod jobs;
+mod metrics;
 pub mod planner;
 pub mod review;
 mod settle;
@@ -140,6 +141,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0013_planner",
         include_str!("../../migrations/0013_planner.sql"),
+    ),
+    (
+        "0014_metrics",
+        include_str!("../../migrations/0014_metrics.sql"),
     ),
 ];
 

@@ -179,8 +179,8 @@ impl Store {
             return Ok(false);
         }
         let mut entries = plan.entries;
+        let per_statement = self.rows_per_statement(9);
         for child in &plan.children {
-            let per_statement = self.rows_per_statement(9);
             entries.push(insert_job_in(&mut tx, per_statement, child, now).await?);
         }
         for n in &plan.notifications {

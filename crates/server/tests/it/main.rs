@@ -6,6 +6,7 @@ mod docker;
 mod edge;
 mod environment;
 mod folds;
+mod metrics;
 mod planner;
 mod review;
 mod run;

@@ -1,0 +1,351 @@
+//! `/metrics` in the Prometheus text format (version 0.0.4).
+//!
+//! Two kinds of series:
+//! - what lives in the database is read from it on every scrape, so several coordinators on
+//!   one database report the same truth: queue depth, task states, agents, job age, lag, per
+//!   agent results (from the trust counters), review flags, and the decision counters the
+//!   audit appends keep in `metric_counters` (lease expiries, verdicts, violations, refused
+//!   reports, quarantines, follow-ups) in the same transaction as the decision;
+//! - what only this process sees is kept in memory: HTTP requests and their latency, and the
+//!   run time of the shards reported to it, by backend.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+/// Latency buckets, seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Shard run time buckets, seconds.
+const RUN_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, buckets: &[f64], v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; buckets.len()];
+        }
+        for (i, b) in buckets.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str, buckets: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in buckets.iter().enumerate() {
+            let n = self.counts.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {}", braces(labels), self.sum);
+        let _ = writeln!(out, "{name}_count{} {}", braces(labels), self.count);
+    }
+}
+
+/// What this process counts in memory.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// (route, method, status) → requests.
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// route → latency.
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    /// backend → shard run time.
+    runs: Mutex<BTreeMap<String, Histogram>>,
+}
+
+impl Registry {
+    pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics")
+            .entry((route.to_string(), method.to_string(), status))
+            .or_default() += 1;
+        self.latency
+            .lock()
+            .expect("metrics")
+            .entry(route.to_string())
+            .or_default()
+            .observe(&BUCKETS, seconds);
+    }
+
+    pub fn shard_ran(&self, backend: &str, wall_ms: u64) {
+        self.runs
+            .lock()
+            .expect("metrics")
+            .entry(backend.to_string())
+            .or_default()
+            .observe(&RUN_BUCKETS, wall_ms as f64 / 1000.0);
+    }
+
+    fn write(&self, out: &mut String) {
+        family(
+            out,
+            "fleetbox_http_requests_total",
+            "counter",
+            "HTTP requests this coordinator answered, by route, method and status.",
+        );
+        for ((route, method, status), n) in self.requests.lock().expect("metrics").iter() {
+            let _ = writeln!(
+                out,
+                "fleetbox_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        family(
+            out,
+            "fleetbox_http_request_duration_seconds",
+            "histogram",
+            "Time to answer an HTTP request, by route.",
+        );
+        for (route, h) in self.latency.lock().expect("metrics").iter() {
+            h.write(
+                out,
+                "fleetbox_http_request_duration_seconds",
+                &format!("route=\"{}\"", escape(route)),
+                &BUCKETS,
+            );
+        }
+        family(
+            out,
+            "fleetbox_task_duration_seconds",
+            "histogram",
+            "Run time of the shard attempts reported to this coordinator, by backend.",
+        );
+        for (backend, h) in self.runs.lock().expect("metrics").iter() {
+            h.write(
+                out,
+                "fleetbox_task_duration_seconds",
+                &format!("backend=\"{}\"", escape(backend)),
+                &RUN_BUCKETS,
+            );
+        }
+    }
+}
+
+/// `# HELP` and `# TYPE` of a family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A label value as the text format wants it.
+pub fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// What the database says, for one scrape.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// (tenant, priority) → queued shards of unfinished jobs.
+    pub queue: Vec<(String, i64, i64)>,
+    /// task state → shards.
+    pub tasks: Vec<(&'static str, i64)>,
+    /// agent state → agents.
+    pub agents: Vec<(String, i64)>,
+    /// Seconds since the oldest unfinished job was submitted (0 without one).
+    pub job_age_seconds: f64,
+    /// Seconds the oldest ready queued shard has waited (0 without one).
+    pub lag_seconds: f64,
+    /// (agent, result) → count.
+    pub executions: Vec<(String, &'static str, i64)>,
+    /// flag kind → flags raised.
+    pub flags: Vec<(String, i64)>,
+    /// (name, labels) → value, from `metric_counters`.
+    pub counters: Vec<(String, String, i64)>,
+}
+
+/// The counter families the audit appends keep, with their help (those absent from the
+/// database are written as 0 where they have no labels, so they exist from the start).
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "fleetbox_lease_expired_total",
+        "Leases that ran out (agent silent or lost): the shard went back to the queue or died.",
+    ),
+    (
+        "fleetbox_verification_total",
+        "Verdicts on agents' results by the coordinator's re-checks.",
+    ),
+    (
+        "fleetbox_sandbox_violations_total",
+        "Sandbox violations in reported runs (the seed's sandbox_escape_attempts), by kind.",
+    ),
+    (
+        "fleetbox_reports_refused_total",
+        "Agent reports refused (unsigned, bad signature, unknown lease), by code.",
+    ),
+    (
+        "fleetbox_agent_quarantines_total",
+        "Agents quarantined for invalid results.",
+    ),
+    (
+        "fleetbox_followups_total",
+        "Follow-up rules that fired, by outcome (created, capped, failed).",
+    ),
+];
+
+/// The whole exposition.
+pub fn render(stored: &Stored, registry: &Registry) -> String {
+    let mut out = String::with_capacity(8192);
+    family(
+        &mut out,
+        "fleetbox_queue_depth",
+        "gauge",
+        "Shards waiting to be leased, by priority and tenant.",
+    );
+    for (tenant, priority, n) in &stored.queue {
+        let _ = writeln!(
+            out,
+            "fleetbox_queue_depth{{priority=\"{priority}\",tenant=\"{}\"}} {n}",
+            escape(tenant)
+        );
+    }
+    family(
+        &mut out,
+        "fleetbox_tasks",
+        "gauge",
+        "Shards by state now, all jobs.",
+    );
+    for (state, n) in &stored.tasks {
+        let _ = writeln!(out, "fleetbox_tasks{{state=\"{state}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "fleetbox_tasks_total",
+        "counter",
+        "Shards settled, by final state (accepted, rejected, dead).",
+    );
+    for (state, n) in stored
+        .tasks
+        .iter()
+        .filter(|(s, _)| matches!(*s, "accepted" | "rejected" | "dead"))
+    {
+        let _ = writeln!(out, "fleetbox_tasks_total{{state=\"{state}\"}} {n}");
+    }
+    family(&mut out, "fleetbox_agents", "gauge", "Agents by state.");
+    for (state, n) in &stored.agents {
+        let _ = writeln!(out, "fleetbox_agents{{state=\"{}\"}} {n}", escape(state));
+    }
+    family(
+        &mut out,
+        "fleetbox_job_age_seconds",
+        "gauge",
+        "Age of the oldest job that has not finished.",
+    );
+    let _ = writeln!(out, "fleetbox_job_age_seconds {}", stored.job_age_seconds);
+    family(
+        &mut out,
+        "fleetbox_processing_lag_seconds",
+        "gauge",
+        "How long the oldest shard ready to run has waited in the queue.",
+    );
+    let _ = writeln!(
+        out,
+        "fleetbox_processing_lag_seconds {}",
+        stored.lag_seconds
+    );
+    family(
+        &mut out,
+        "fleetbox_agent_execution_total",
+        "counter",
+        "Results agents reported, by agent and result (reported, infrastructure_error, valid, invalid).",
+    );
+    for (agent, result, n) in &stored.executions {
+        let _ = writeln!(
+            out,
+            "fleetbox_agent_execution_total{{agent=\"{}\",result=\"{result}\"}} {n}",
+            escape(agent)
+        );
+    }
+    family(
+        &mut out,
+        "fleetbox_review_flags_total",
+        "counter",
+        "Flags raised for the review queue, by kind.",
+    );
+    for (kind, n) in &stored.flags {
+        let _ = writeln!(
+            out,
+            "fleetbox_review_flags_total{{kind=\"{}\"}} {n}",
+            escape(kind)
+        );
+    }
+    for (name, help) in COUNTERS {
+        family(&mut out, name, "counter", help);
+        let mut any = false;
+        for (n, labels, v) in stored.counters.iter().filter(|(n, _, _)| n == name) {
+            any = true;
+            if labels.is_empty() {
+                let _ = writeln!(out, "{n} {v}");
+            } else {
+                let _ = writeln!(out, "{n}{{{labels}}} {v}");
+            }
+        }
+        if !any
+            && matches!(
+                *name,
+                "fleetbox_lease_expired_total" | "fleetbox_agent_quarantines_total"
+            )
+        {
+            let _ = writeln!(out, "{name} 0");
+        }
+    }
+    registry.write(&mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_labels_escaped() {
+        let r = Registry::default();
+        r.request("/v1/jobs", "POST", 201, 0.003);
+        r.request("/v1/jobs", "POST", 201, 0.2);
+        r.shard_ran("jail", 40);
+        let text = render(&Stored::default(), &r);
+        assert!(text.contains(
+            "fleetbox_http_requests_total{route=\"/v1/jobs\",method=\"POST\",status=\"201\"} 2"
+        ));
+        assert!(text.contains(
+            "fleetbox_http_request_duration_seconds_bucket{route=\"/v1/jobs\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "fleetbox_http_request_duration_seconds_bucket{route=\"/v1/jobs\",le=\"0.25\"} 2"
+        ));
+        assert!(
+            text.contains("fleetbox_http_request_duration_seconds_count{route=\"/v1/jobs\"} 2")
+        );
+        assert!(
+            text.contains("fleetbox_task_duration_seconds_bucket{backend=\"jail\",le=\"0.05\"} 1")
+        );
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,187 @@
+//! What `/metrics` reads from the database: counters and small aggregates, never a scan of
+//! tasks or attempts.
+
+use std::collections::BTreeMap;
+
+use fleetbox_proto::JobState;
+
+use super::audit::{Action, Entry};
+use super::settle::Tx;
+use super::sql::Sql;
+use super::{Doing, Store, StoreError};
+use crate::metrics::{Stored, escape};
+
+/// The decision counters a batch of audit entries moves: (name, labels) → increment.
+pub(super) fn counted(entries: &[Entry]) -> BTreeMap<(&'static str, String), i64> {
+    let mut out = BTreeMap::new();
+    let mut add = |name: &'static str, labels: String, n: i64| {
+        *out.entry((name, labels)).or_insert(0) += n;
+    };
+    let text = |e: &Entry, key: &str| e.details[key].as_str().map(escape).unwrap_or_default();
+    for e in entries {
+        match e.action {
+            Action::LeaseExpired => add("fleetbox_lease_expired_total", String::new(), 1),
+            Action::AttemptVerified => add(
+                "fleetbox_verification_total",
+                format!("verdict=\"{}\"", text(e, "verdict")),
+                1,
+            ),
+            Action::AttemptReported => {
+                if let Some(violations) = e.details["violations"].as_array() {
+                    for v in violations {
+                        let kind = v["kind"].as_str().map(escape).unwrap_or_default();
+                        add(
+                            "fleetbox_sandbox_violations_total",
+                            format!("kind=\"{kind}\""),
+                            1,
+                        );
+                    }
+                }
+            }
+            Action::ReportRefused => add(
+                "fleetbox_reports_refused_total",
+                format!("code=\"{}\"", text(e, "code")),
+                1,
+            ),
+            Action::AgentQuarantined => add("fleetbox_agent_quarantines_total", String::new(), 1),
+            Action::FollowupCreated => {
+                add("fleetbox_followups_total", "outcome=\"created\"".into(), 1)
+            }
+            Action::FollowupCapped => {
+                add("fleetbox_followups_total", "outcome=\"capped\"".into(), 1)
+            }
+            Action::FollowupFailed => {
+                add("fleetbox_followups_total", "outcome=\"failed\"".into(), 1)
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Add `counted` to the stored counters within `tx` (in key order: two transactions never
+/// lock the same rows in opposite orders).
+pub(super) async fn bump(
+    tx: &mut Tx<'_>,
+    counted: BTreeMap<(&'static str, String), i64>,
+) -> Result<(), StoreError> {
+    for ((name, labels), n) in counted {
+        Sql::new("INSERT INTO metric_counters (name, labels, value) VALUES (")
+            .bind(name)
+            .push(", ")
+            .bind(labels)
+            .push(", ")
+            .bind(n)
+            .push(
+                ") ON CONFLICT (name, labels) DO UPDATE SET value = metric_counters.value + excluded.value",
+            )
+            .build()
+            .execute(&mut **tx)
+            .await
+            .doing("counting for /metrics")?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Everything `/metrics` reads from the database, at `now` (ms).
+    pub async fn stored_metrics(&self, now: i64) -> Result<Stored, StoreError> {
+        let unfinished = [
+            JobState::PendingReview.as_str(),
+            JobState::Running.as_str(),
+            JobState::Aggregating.as_str(),
+        ];
+        let queue: Vec<(String, i64, i64)> = Sql::new(
+            "SELECT j.tenant_id, j.priority, CAST(SUM(c.queued) AS BIGINT) FROM jobs j \
+             JOIN job_counts c ON c.job_id = j.id WHERE j.state IN (",
+        )
+        .bind_list(unfinished)
+        .push(") GROUP BY j.tenant_id, j.priority ORDER BY j.tenant_id, j.priority")
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading queue depths")?;
+        let columns = [
+            "queued", "leased", "reported", "accepted", "rejected", "dead",
+        ];
+        let mut sql = Sql::new("SELECT ");
+        for (i, c) in columns.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.push("CAST(COALESCE(SUM(")
+                .push(c)
+                .push("), 0) AS BIGINT)");
+        }
+        let row: (i64, i64, i64, i64, i64, i64) = sql
+            .push(" FROM job_counts")
+            .build_as()
+            .fetch_one(&self.read)
+            .await
+            .doing("reading task counts")?;
+        let tasks = columns
+            .into_iter()
+            .zip([row.0, row.1, row.2, row.3, row.4, row.5])
+            .collect();
+        let agents: Vec<(String, i64)> =
+            Sql::new("SELECT state, COUNT(*) FROM agents GROUP BY state ORDER BY state")
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("reading agent states")?;
+        let (oldest, waiting): (Option<i64>, Option<i64>) = Sql::new(
+            "SELECT MIN(j.created_at), MIN(CASE WHEN c.queued > 0 THEN j.created_at END) \
+             FROM jobs j JOIN job_counts c ON c.job_id = j.id WHERE j.state IN (",
+        )
+        .bind_list(unfinished)
+        .push(")")
+        .build_as()
+        .fetch_one(&self.read)
+        .await
+        .doing("reading job ages")?;
+        let age = |t: Option<i64>| t.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        let trust: Vec<(String, i64, i64, i64, i64)> = Sql::new(
+            "SELECT agent_id, CAST(SUM(results) AS BIGINT), CAST(SUM(errors) AS BIGINT), \
+             CAST(SUM(valid) AS BIGINT), CAST(SUM(invalid) AS BIGINT) FROM agent_trust \
+             GROUP BY agent_id ORDER BY agent_id",
+        )
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading agent results")?;
+        let executions = trust
+            .into_iter()
+            .flat_map(|(agent, results, errors, valid, invalid)| {
+                [
+                    ("reported", results),
+                    ("infrastructure_error", errors),
+                    ("valid", valid),
+                    ("invalid", invalid),
+                ]
+                .map(|(r, n)| (agent.clone(), r, n))
+            })
+            .collect();
+        let flags: Vec<(String, i64)> =
+            Sql::new("SELECT kind, COUNT(*) FROM review_flags GROUP BY kind ORDER BY kind")
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("reading review flags")?;
+        let counters: Vec<(String, String, i64)> =
+            Sql::new("SELECT name, labels, value FROM metric_counters ORDER BY name, labels")
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("reading counters")?;
+        Ok(Stored {
+            queue,
+            tasks,
+            agents,
+            job_age_seconds: age(oldest),
+            lag_seconds: age(waiting),
+            executions,
+            flags,
+            counters,
+        })
+    }
+}

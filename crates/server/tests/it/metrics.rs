@@ -1,0 +1,247 @@
+//! `/metrics`: valid under `promtool check metrics`, the listed series present with the values
+//! a job left, the same totals from two coordinators on one database, and a real Prometheus
+//! server scraping a live coordinator.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetbox_proto::JobState;
+
+use crate::support::{Coordinator, Db, spec};
+
+/// A tool the test script installs; `None` (the test says so and passes) only outside CI.
+fn tool(name: &str) -> Option<String> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`{name}` is missing: scripts/test installs it (Debian package `prometheus`)"
+        );
+        eprintln!("skipping: `{name}` is not installed (scripts/test installs it)");
+    }
+    found
+}
+
+async fn scrape(c: &Coordinator, token: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(format!("{}/metrics", c.running.url()));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The value of the series written exactly as `series` (name and labels).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_what_a_job_did_and_pass_promtool() {
+    for db in crate::support::BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("a", Default::default());
+        let code = "import os\ni = int(os.environ['FLEETBOX_SHARD_INDEX'])\nif i == 3:\n    raise SystemExit(2)\nprint(i)\n";
+        let r = c
+            .run(
+                &spec(&format!(
+                    "name = \"m\"\ncode = {code:?}\nshards = {{ count = 4 }}\naggregate = \"sum\"\nmax_attempts = 1\n[verify]\nrecheck = \"all\"\n"
+                )),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        let (status, _) = scrape(&c, None).await;
+        assert_eq!(status, 401, "{db:?}: /metrics needs a token");
+        let (status, text) = scrape(&c, Some(&c.running.admin_token)).await;
+        assert_eq!(status, 200);
+        for (series, want) in [
+            ("fleetbox_tasks_total{state=\"accepted\"}", 3.0),
+            ("fleetbox_tasks_total{state=\"rejected\"}", 1.0),
+            ("fleetbox_tasks{state=\"queued\"}", 0.0),
+            ("fleetbox_tasks{state=\"accepted\"}", 3.0),
+            ("fleetbox_agents{state=\"online\"}", 1.0),
+            ("fleetbox_verification_total{verdict=\"valid\"}", 3.0),
+            ("fleetbox_lease_expired_total", 0.0),
+            ("fleetbox_job_age_seconds", 0.0),
+            (
+                "fleetbox_http_requests_total{route=\"/v1/jobs\",method=\"POST\",status=\"201\"}",
+                1.0,
+            ),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{db:?}: {series}\n{text}");
+        }
+        assert!(
+            text.contains("fleetbox_http_request_duration_seconds_bucket{route=\"/v1/jobs/{id}/result\",le=\"+Inf\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetbox_task_duration_seconds_count{backend=\"process\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetbox_agent_execution_total{agent=\""),
+            "{text}"
+        );
+        for family in [
+            "fleetbox_queue_depth",
+            "fleetbox_processing_lag_seconds",
+            "fleetbox_sandbox_violations_total",
+            "fleetbox_review_flags_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+        if let Some(promtool) = tool("promtool") {
+            let mut check = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            check
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = check.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // A second coordinator on the same database reports the same stored totals.
+        if db == Db::Postgres {
+            let mut second = c.running.state.config.clone();
+            second.listen = "127.0.0.1:0".parse().unwrap();
+            second.data_dir = c.dir.path().join("second");
+            let other = fleetbox_server::start(second).await.unwrap();
+            let resp = reqwest::Client::new()
+                .get(format!("{}/metrics", other.url()))
+                .bearer_auth(&other.admin_token)
+                .send()
+                .await
+                .unwrap();
+            let theirs = resp.text().await.unwrap();
+            for series in [
+                "fleetbox_tasks_total{state=\"accepted\"}",
+                "fleetbox_verification_total{verdict=\"valid\"}",
+            ] {
+                assert_eq!(value(&theirs, series), value(&text, series), "{series}");
+            }
+            other.shutdown().await;
+        }
+        c.stop().await;
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real Prometheus server (the Debian package) scrapes a live coordinator; its query API
+/// then answers for series a job moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_a_live_coordinator() {
+    let Some(prometheus) = tool("prometheus") else {
+        return;
+    };
+    let Some(mut c) = Coordinator::start(Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let r = c
+        .run(
+            &spec(
+                "name = \"p\"\ncode = \"print(2)\"\nshards = { count = 5 }\naggregate = \"sum\"\n",
+            ),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(r.state, JobState::Completed);
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: fleetbox\n    metrics_path: /metrics\n    authorization:\n      credentials: {}\n    static_configs:\n      - targets: ['{}']\n",
+            c.running.admin_token, c.running.addr
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _server = Killed(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let query = |q: &'static str| {
+        let http = http.clone();
+        async move {
+            let resp = http
+                .get(format!("http://127.0.0.1:{port}/api/v1/query"))
+                .query(&[("query", q)])
+                .send()
+                .await
+                .ok()?;
+            let body: serde_json::Value = resp.json().await.ok()?;
+            body["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = None;
+    while Instant::now() < deadline {
+        seen = query("fleetbox_tasks_total{state=\"accepted\"}").await;
+        if seen == Some(5.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        seen,
+        Some(5.0),
+        "prometheus log:\n{}",
+        std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+    assert_eq!(query("up{job=\"fleetbox\"}").await, Some(1.0));
+    assert_eq!(query("fleetbox_agents{state=\"online\"}").await, Some(1.0));
+    let runs = query("sum(fleetbox_task_duration_seconds_count)").await;
+    assert!(runs.is_some_and(|n| n >= 5.0), "{runs:?}");
+    let posts =
+        query("sum(fleetbox_http_requests_total{route=\"/v1/jobs\",method=\"POST\"})").await;
+    assert_eq!(posts, Some(1.0));
+    c.stop().await;
+}
