@@ -176,6 +176,11 @@ pub struct FollowupArgs {
     /// First retry delay of a webhook; doubles per try, with jitter.
     #[arg(long, default_value = "1s", value_parser = parse_millis)]
     pub notify_backoff: Millis,
+    /// What result review's anomalies (an outlying shard or agent, an error spike) do to a
+    /// job: `flag` (accept, flagged and queued), `review` (`needs_review` until a person
+    /// decides), `rerun` (run the flagged shards again at once, checked by the server).
+    #[arg(long, default_value = "flag", value_parser = |s: &str| s.parse::<fleetbox_server::AnomalyAction>())]
+    pub anomalies: fleetbox_server::AnomalyAction,
     /// The AI planner: a directory of job spec templates (`*.toml`) the model (`--llm-url`)
     /// may pick a follow-up from for jobs with `ai_followup = true`. Off without it.
     #[arg(long, value_name = "DIR", requires = "llm_url")]
@@ -200,6 +205,7 @@ impl Default for FollowupArgs {
             notify_tries: d.notify_tries,
             notify_backoff: Millis(d.notify_backoff_ms),
             ai_planner_templates: None,
+            anomalies: fleetbox_server::AnomalyAction::Flag,
         }
     }
 }
@@ -406,6 +412,7 @@ fn server_config(
     c.review_rules = args.review_rules.clone();
     c.planner = args.followups.config();
     c.ai_planner_templates = args.followups.ai_planner_templates.clone();
+    c.anomalies = args.followups.anomalies;
     if let (Some(url), Some(model)) = (&args.llm_url, &args.llm_model) {
         let mut llm = fleetbox_review::llm::LlmConfig::new(url.clone(), model.clone());
         llm.timeout = args.llm_timeout.as_duration();

@@ -61,6 +61,15 @@ pub enum ReviewCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Re-run a flag's shards (its job must have finished): a child job runs them again,
+    /// each checked by the coordinator's sandbox, and its result folds over the job's values.
+    Rerun {
+        id: i64,
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 pub fn review(args: ReviewArgs) -> anyhow::Result<ExitCode> {
@@ -79,6 +88,18 @@ pub fn review(args: ReviewArgs) -> anyhow::Result<ExitCode> {
         } => return list(conn, status, job, kind, json),
         ReviewCommand::Approve { id, note, conn } => return decide(conn, id, true, note),
         ReviewCommand::Reject { id, note, conn } => return decide(conn, id, false, note),
+        ReviewCommand::Rerun { id, note, conn } => {
+            let client = conn.client()?;
+            let flag = runtime()?.block_on(client.rerun_flag(id, note.as_deref()))?;
+            eprintln!(
+                "fleetbox: flag {} rerun (job {}): its shards run again as {}",
+                flag.id,
+                flag.job_id,
+                flag.rerun_job_id.as_deref().unwrap_or("?")
+            );
+            println!("{}", flag.rerun_job_id.unwrap_or_default());
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     let reviewer = match &policy {
         None => BuiltinReviewer::shipped(),

@@ -239,6 +239,22 @@ impl Client {
     }
 
     /// Approve or reject a review flag.
+    /// Run a flag's shards again (a child job of its finished job, checked by the server).
+    pub async fn rerun_flag(
+        &self,
+        id: i64,
+        note: Option<&str>,
+    ) -> Result<fleetbox_proto::api::ReviewFlag, ClientError> {
+        self.post(
+            &format!("/v1/review/flags/{id}/rerun"),
+            &fleetbox_proto::api::DecideFlag {
+                note: note.map(String::from),
+            },
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
     pub async fn decide_flag(
         &self,
         id: i64,

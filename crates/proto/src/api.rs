@@ -172,10 +172,23 @@ pub struct JobSummary {
 /// One thing verification flagged in a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobFlag {
-    /// `agent_result_invalid`, `nondeterministic`, `unverified`.
+    /// Verification: `agent_result_invalid`, `nondeterministic`, `unverified`; result
+    /// review: `outlier`, `agent_outlier`, `error_rate`.
     pub kind: String,
     pub shard: u64,
     pub detail: String,
+    /// Result review: what stood out (`value`, `wall_ms`, `cpu_ms`, `peak_memory`,
+    /// `output_bytes`, `errors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    /// Result review: how far out (a robust z-score; a failed share for `errors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    /// Result review: the shards (at most 100) and agents involved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
 }
 
 /// Robust summary of a sample.
@@ -368,6 +381,9 @@ pub struct ReviewFlag {
     pub decided_by: Option<String>,
     #[serde(default)]
     pub note: Option<String>,
+    /// Status `rerun`: the job that runs the flagged shards again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_job_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

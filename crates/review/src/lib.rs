@@ -43,6 +43,32 @@ pub trait Reviewer: Send + Sync {
     ) -> Result<Option<FollowupProposal>, String> {
         Ok(None)
     }
+
+    /// After a job ran: does its summary look wrong? `Ok(None)`: no opinion (the built-in
+    /// reviewer's statistics are in `results::review`; only a model adds one here). A verdict
+    /// can only add a flag, never clear one.
+    fn review_results(&self, _job: &ResultContext<'_>) -> Result<Option<ResultVerdict>, String> {
+        Ok(None)
+    }
+}
+
+/// What a reviewer is shown of a finished job's results.
+#[derive(Debug, Clone)]
+pub struct ResultContext<'a> {
+    pub job_name: &'a str,
+    /// The job's metrics under the names follow-up rules read.
+    pub summary: &'a serde_json::Value,
+    /// What result review's statistics found, one sentence each.
+    pub anomalies: &'a [String],
+    /// The start of the result (at most a few KiB of its JSON).
+    pub result_head: &'a str,
+}
+
+/// A model's opinion of a job's results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultVerdict {
+    pub suspicious: bool,
+    pub reasons: Vec<String>,
 }
 
 /// What a reviewer is shown of a finished job to propose a follow-up.

@@ -132,6 +132,11 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         })?;
     let counts = view.shards;
     let (mut values, unreadable) = shard_values(state, job_id).await?;
+    // Result review reads this job's own shards (before a re-run is merged with its parent).
+    let own_numbers: std::collections::HashMap<u64, f64> = values
+        .iter()
+        .filter_map(|(i, v)| Some((*i, v.as_f64()?)))
+        .collect();
     let mut merged_note = None;
     if let Some(rerun) = &job.rerun_of {
         // A `rerun_failed` child: its shards stand in for the parent's failed ones, and its
@@ -174,21 +179,36 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     let (verified, flags) = state.store.verification_facts(job_id).await?;
     summary.verified = verified;
     summary.flags = flags;
-    // Result review: shards whose numeric value stands out from the rest of the job.
-    let numeric: Vec<(u64, f64)> = values
-        .iter()
-        .filter_map(|(i, v)| v.as_f64().map(|x| (*i, x)))
-        .collect();
-    let outliers: Vec<JobFlag> = fleetbox_review::results::outliers(&numeric)
+    // Result review: shards and agents that stand out from the rest of the job, and failures
+    // that spike.
+    let facts_rows = state.store.result_facts(job_id).await?;
+    let statuses: Vec<Option<String>> = facts_rows.iter().map(|f| f.status.clone()).collect();
+    let reviewed: Vec<fleetbox_review::results::ShardFacts> = facts_rows
         .into_iter()
-        .take(20)
-        .map(|o| JobFlag {
-            kind: "outlier".into(),
-            shard: o.shard,
-            detail: format!(
-                "output {} is far from the job's median {} (robust z-score {:.1})",
-                o.value, o.median, o.score
-            ),
+        .map(|f| {
+            let shard = f.shard_index.max(0) as u64;
+            fleetbox_review::results::ShardFacts {
+                shard,
+                agent: f.agent_id.unwrap_or_else(|| "(none)".into()),
+                failed: f.state != fleetbox_proto::TaskState::Accepted.as_str(),
+                value: own_numbers.get(&shard).copied(),
+                wall_ms: f.wall_ms.unwrap_or(0) as f64,
+                cpu_ms: f.cpu_ms.unwrap_or(0) as f64,
+                peak_memory: f.peak_memory.unwrap_or(0) as f64,
+                output_bytes: f.bytes_out.unwrap_or(0) as f64,
+            }
+        })
+        .collect();
+    let mut outliers: Vec<JobFlag> = fleetbox_review::results::review(&reviewed, 20)
+        .into_iter()
+        .map(|a| JobFlag {
+            kind: a.kind.into(),
+            shard: a.shards.first().copied().unwrap_or(0),
+            detail: a.explanation,
+            metric: Some(a.metric.into()),
+            score: Some(a.score),
+            shards: a.shards.into_iter().take(100).collect(),
+            agents: a.agents,
         })
         .collect();
     summary.flags.extend(outliers.iter().cloned());
@@ -256,6 +276,77 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         }
         _ => None,
     };
+    // Sandbox errors that ended shards go to the review queue: the fleet, not the program,
+    // may be at fault.
+    let broken: Vec<&fleetbox_review::results::ShardFacts> = reviewed
+        .iter()
+        .zip(&statuses)
+        .filter(|(f, s)| f.failed && s.as_deref() == Some(Status::SandboxError.as_str()))
+        .map(|(f, _)| f)
+        .collect();
+    // With a model configured it is shown the summary, the statistics' findings and the start
+    // of the result; "suspicious" adds a flag (it can add one, never clear one).
+    if job_state_now == JobState::Completed && state.config.llm.is_some() {
+        let reviewer = state.reviewer.clone();
+        let metrics = crate::planner::summary_metrics(&summary);
+        let found: Vec<String> = outliers.iter().map(|f| f.detail.clone()).collect();
+        let head: String = text
+            .as_deref()
+            .unwrap_or("null")
+            .chars()
+            .take(4096)
+            .collect();
+        let name = view.name.clone();
+        let verdict = tokio::task::spawn_blocking(move || {
+            reviewer.review_results(&fleetbox_review::ResultContext {
+                job_name: &name,
+                summary: &metrics,
+                anomalies: &found,
+                result_head: &head,
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("its thread failed: {e}")));
+        match verdict {
+            Ok(Some(v)) if v.suspicious => {
+                let flag = JobFlag {
+                    kind: "model".into(),
+                    shard: 0,
+                    detail: format!(
+                        "the model finds the results suspicious: {}",
+                        v.reasons.join("; ")
+                    ),
+                    metric: None,
+                    score: None,
+                    shards: Vec::new(),
+                    agents: Vec::new(),
+                };
+                summary.flags.push(flag.clone());
+                outliers.push(flag);
+            }
+            Ok(_) => {}
+            Err(why) => summary
+                .notes
+                .push(format!("the model gave no verdict on the results: {why}")),
+        }
+    }
+    let anomalous = outliers.iter().any(|f| {
+        matches!(
+            f.kind.as_str(),
+            "outlier" | "agent_outlier" | "error_rate" | "model"
+        )
+    });
+    let job_state_now = if job_state_now == JobState::Completed
+        && anomalous
+        && state.config.anomalies == crate::AnomalyAction::Review
+    {
+        summary.notes.push(
+            "result review found anomalies: the job waits for a person (`needs_review`)".into(),
+        );
+        JobState::NeedsReview
+    } else {
+        job_state_now
+    };
     let outcome = FoldOutcome {
         state: job_state_now,
         result: if blob.is_some() {
@@ -278,15 +369,38 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         );
         return Ok(());
     }
-    if !outliers.is_empty() {
+    if !broken.is_empty() {
+        let mut agents: Vec<&str> = broken.iter().map(|f| f.agent.as_str()).collect();
+        agents.sort_unstable();
+        agents.dedup();
+        let details = serde_json::json!({
+            "shards": broken.iter().map(|f| f.shard).take(100).collect::<Vec<_>>(),
+            "agents": agents,
+            "detail": format!("{} shard(s) ended in sandbox errors", broken.len()),
+        });
+        if let Err(e) = state
+            .store
+            .add_flag(&job.tenant_id, job_id, "sandbox_error", &details)
+            .await
+        {
+            tracing::error!(job_id, error = %e, "could not queue a job's sandbox errors for review");
+        }
+    }
+    if anomalous {
         // Into the review queue, for a person to look at; the job's result stands, flagged.
         let details = serde_json::json!({ "outliers": outliers });
-        if let Err(e) = state
+        match state
             .store
             .add_flag(&job.tenant_id, job_id, "anomaly", &details)
             .await
         {
-            tracing::error!(job_id, error = %e, "could not queue a job's anomalies for review");
+            Ok(flag) if state.config.anomalies == crate::AnomalyAction::Rerun => {
+                rerun_anomalies(state, &job.tenant_id, job_id, flag, &outliers).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(job_id, error = %e, "could not queue a job's anomalies for review")
+            }
         }
     }
     tracing::info!(
@@ -297,6 +411,36 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         "job finished"
     );
     Ok(())
+}
+
+/// `--anomalies rerun`: run the flagged shards of a finished job again at once (the flag
+/// becomes `rerun`, by `server`).
+async fn rerun_anomalies(state: &State, tenant: &str, job_id: &str, flag: i64, flags: &[JobFlag]) {
+    let mut shards: Vec<u64> = flags
+        .iter()
+        .flat_map(|f| f.shards.iter().copied())
+        .collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let made = match crate::planner::review_rerun(state, tenant, job_id, flag, &shards).await {
+        Ok(Ok(child)) => state
+            .store
+            .rerun_flag(tenant, flag, "server", Some("--anomalies rerun"), &child)
+            .await
+            .map(|_| child.id),
+        Ok(Err(why)) => {
+            tracing::warn!(job_id, why, "anomalies not re-run");
+            return;
+        }
+        Err(e) => Err(e),
+    };
+    match made {
+        Ok(child) => {
+            tracing::info!(job_id, child, "anomalous shards re-run");
+            state.work.notify_waiters();
+        }
+        Err(e) => tracing::error!(job_id, error = %e, "could not re-run anomalous shards"),
+    }
 }
 
 /// A job's accepted shard values (by shard index), and the shards whose blob could not be read.

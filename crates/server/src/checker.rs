@@ -351,6 +351,7 @@ async fn run_on_server(
         stdout_sha256: report.stdout_sha256.clone(),
         report_json: serde_json::to_string(&kept).unwrap_or_default(),
         wall_ms: measures.wall_ms,
+        cpu_ms: measures.cpu_ms,
         peak_memory: measures.peak_memory,
         bytes_out: measures.bytes_out,
         reason: crate::api::failure_reason(&report),

@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub llm: Option<fleetbox_review::llm::LlmConfig>,
     /// Follow-up rules: on or off, and their caps.
     pub planner: planner::PlannerConfig,
+    /// What result review's anomalies do to a job (`--anomalies`).
+    pub anomalies: AnomalyAction,
     /// The AI planner's job templates (a directory of job specs, `*.toml`): with a model
     /// (`llm`), jobs that ask (`ai_followup = true`) get a follow-up it picks from them.
     pub ai_planner_templates: Option<PathBuf>,
@@ -112,7 +114,37 @@ impl ServerConfig {
             llm: None,
             planner: planner::PlannerConfig::default(),
             ai_planner_templates: None,
+            anomalies: AnomalyAction::Flag,
             data_dir,
+        }
+    }
+}
+
+/// What a job whose result review found anomalies (outlying shards or agents, an error
+/// spike) comes to, besides its flags and a review-queue entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnomalyAction {
+    /// Accept: the job is `completed`, flagged.
+    #[default]
+    Flag,
+    /// The job is `needs_review` (its result kept) until a person approves (`completed`) or
+    /// rejects (`cancelled`) the flag, or re-runs its shards.
+    Review,
+    /// The job is `completed` and the flagged shards run again at once in a child job (on any
+    /// agent, each checked by the coordinator's sandbox) whose result folds over the job's.
+    Rerun,
+}
+
+impl std::str::FromStr for AnomalyAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flag" => Ok(AnomalyAction::Flag),
+            "review" => Ok(AnomalyAction::Review),
+            "rerun" => Ok(AnomalyAction::Rerun),
+            other => Err(format!(
+                "`{other}` is not an anomaly action (flag, review, rerun)"
+            )),
         }
     }
 }

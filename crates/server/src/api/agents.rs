@@ -625,6 +625,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         stdout_blob,
         stderr_blob,
         wall_ms: measures.wall_ms,
+        cpu_ms: measures.cpu_ms,
         peak_memory: measures.peak_memory,
         bytes_out: measures.bytes_out,
     })
@@ -645,6 +646,8 @@ fn output_hash(v: &serde_json::Value) -> Result<String, ApiError> {
 /// What the store keeps of a run's measurements (as its integer columns hold them).
 pub struct Measures {
     pub wall_ms: i64,
+    /// User + system CPU.
+    pub cpu_ms: i64,
     pub peak_memory: i64,
     /// stdout + stderr bytes.
     pub bytes_out: i64,
@@ -655,6 +658,7 @@ impl Measures {
         let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
         Measures {
             wall_ms: clamp(report.wall_ms),
+            cpu_ms: clamp(report.cpu_user_ms.saturating_add(report.cpu_sys_ms)),
             peak_memory: clamp(report.peak_memory_bytes),
             bytes_out: clamp(report.stdout_bytes.saturating_add(report.stderr_bytes)),
         }

@@ -48,6 +48,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/review/flags", get(review::flags))
         .route("/v1/review/flags/{id}/approve", post(review::approve))
         .route("/v1/review/flags/{id}/reject", post(review::reject))
+        .route("/v1/review/flags/{id}/rerun", post(review::rerun))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/shards", get(jobs::shards))
         .route("/v1/jobs/{id}/shards/{index}", get(jobs::shard))

@@ -229,3 +229,102 @@ async fn decide(
         }
     }
 }
+
+/// `POST /v1/review/flags/{id}/rerun {note?}`: run a flag's shards again in a child job of its
+/// (finished) job, every shard checked by the coordinator's sandbox; the child's result folds
+/// over the parent's values. The flag becomes `rerun`, naming the child.
+pub async fn rerun(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Json<ReviewFlag>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::bad_request("invalid_path", format!("flag id `{id}` is not a number"))
+            .with_field("id")
+    })?;
+    let body = raw_body(req, &()).await?;
+    let body: DecideFlag = if body.is_empty() {
+        DecideFlag::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| SpecError::new("body", e.to_string()))?
+    };
+    if body.note.as_ref().is_some_and(|n| n.len() > 2000) {
+        return Err(SpecError::new("note", "at most 2000 bytes").into());
+    }
+    let flag = state
+        .store
+        .flag(&tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("review flag", &id.to_string()))?;
+    let decided = |status: &str| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "flag_decided",
+            format!("review flag {id} is already `{status}`"),
+        )
+    };
+    if flag.status != "open" {
+        return Err(decided(&flag.status));
+    }
+    let job = state
+        .store
+        .job_view(&tenant, &flag.job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &flag.job_id))?;
+    if !job.state.is_final() && job.state != fleetbox_proto::JobState::NeedsReview {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_not_finished",
+            format!(
+                "job `{}` is `{}`: approve or reject the flag now, or re-run its shards once the job has finished",
+                job.id, job.state
+            ),
+        ));
+    }
+    let shards = flag_shards(&flag.details);
+    let child = crate::planner::review_rerun(&state, &tenant, &flag.job_id, id, &shards)
+        .await?
+        .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "cannot_rerun", why))?;
+    match state
+        .store
+        .rerun_flag(&tenant, id, &actor, body.note.as_deref(), &child)
+        .await?
+    {
+        FlagDecision::NotFound => Err(ApiError::not_found("review flag", &id.to_string())),
+        FlagDecision::AlreadyDecided(status) => Err(decided(&status)),
+        FlagDecision::Decided(flag) => {
+            tracing::info!(flag = id, job = %flag.job_id, child = %child.id, "review flag re-run");
+            state.work.notify_waiters();
+            Ok(Json(flag))
+        }
+    }
+}
+
+/// Every shard a flag's details name (`shard`, `shards`, at any depth), sorted, once.
+fn flag_shards(details: &serde_json::Value) -> Vec<u64> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<u64>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("shard", serde_json::Value::Number(n)) => out.extend(n.as_u64()),
+                        ("shards", serde_json::Value::Array(a)) => {
+                            out.extend(a.iter().filter_map(|x| x.as_u64()))
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(details, &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
+}

@@ -103,7 +103,7 @@ pub fn summary_metrics(s: &JobSummary) -> Value {
         "attempts": s.attempts,
         "verified": s.verified,
         "flags": s.flags.len(),
-        "anomalies": s.flags.iter().filter(|f| f.kind == "outlier").count(),
+        "anomalies": s.flags.iter().filter(|f| matches!(f.kind.as_str(), "outlier" | "agent_outlier" | "error_rate")).count(),
         "job_ms": s.duration_ms,
         "duration_ms": {
             "p50": s.shard_wall_ms.median,
@@ -601,64 +601,142 @@ impl<'a> Planner<'a> {
                 Err(e) => return Ok(Err(format!("`input.count`: {e}"))),
             }
         }
-        if let Some(inputs) = &raw_inputs {
-            // Checked with a stand-in; the shards are the inputs as they were.
-            spec.shards = ShardSpec {
-                count: Some(inputs.len() as u64),
-                ..Default::default()
-            };
-        }
-        let mut job_plan = match spec.plan() {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(format!("the child's spec: {e}"))),
+        let child = Child {
+            tenant: &self.facts.tenant_id,
+            parent: self.id,
+            root: &self.root,
+            depth,
+            index: i,
+            rule: name,
+            action: rule.action.as_str(),
         };
-        if let Some(inputs) = raw_inputs {
-            job_plan.inputs = inputs;
-        }
-        // The same code review as a submission.
-        let reviewer = self.state.reviewer.clone();
-        let code = job_plan.code.clone();
-        let review = match tokio::task::spawn_blocking(move || reviewer.review_code(&code)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Ok(Err(format!("the child's code: {e}"))),
-            Err(e) => return Ok(Err(format!("the review's thread failed: {e}"))),
-        };
-        match review.decision {
-            Decision::Reject => {
-                return Ok(Err(format!(
-                    "the code review rejected the child's code (risk {})",
-                    review.risk
-                )));
-            }
-            Decision::RunOnServerOnly | Decision::Hold => {
-                spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
-            }
-            Decision::Run => {}
-        }
-        let mut job = crate::api::jobs::new_job(
-            &spec,
-            job_plan,
-            self.facts.tenant_id.clone(),
-            ACTOR.to_string(),
-            review,
-        );
-        job.id = child_id(self.id, i);
-        job.lineage = Some((
-            Lineage {
-                parent_job_id: self.id.to_string(),
-                root_job_id: self.root.clone(),
-                depth,
-                rule_index: i as u32,
-                rule: name.to_string(),
-            },
-            rule.action.as_str().to_string(),
-        ));
-        job.rerun_of = rerun_of;
-        if job.files.is_empty() {
-            job.files = spec.files.clone();
-        }
-        Ok(Ok(Some(job)))
+        Ok(build_child(self.state, &child, spec, raw_inputs, rerun_of)
+            .await
+            .map(Some))
     }
+}
+
+/// Where a child job sits in its chain.
+pub struct Child<'a> {
+    pub tenant: &'a str,
+    pub parent: &'a str,
+    pub root: &'a str,
+    pub depth: u32,
+    /// Its id derives from the parent and this (a rule's index, or a review flag's).
+    pub index: usize,
+    pub rule: &'a str,
+    pub action: &'a str,
+}
+
+/// A child job from `spec` (its shards `raw_inputs` as they are when given), through the same
+/// code review as a submission; why not, when it cannot be made.
+pub async fn build_child(
+    state: &State,
+    child: &Child<'_>,
+    mut spec: JobSpec,
+    raw_inputs: Option<Vec<Value>>,
+    rerun_of: Option<RerunOf>,
+) -> Result<crate::store::NewJob, String> {
+    if let Some(inputs) = &raw_inputs {
+        // Checked with a stand-in; the shards are the inputs as they were.
+        spec.shards = ShardSpec {
+            count: Some(inputs.len() as u64),
+            ..Default::default()
+        };
+    }
+    let mut job_plan = spec.plan().map_err(|e| format!("the child's spec: {e}"))?;
+    if let Some(inputs) = raw_inputs {
+        job_plan.inputs = inputs;
+    }
+    let reviewer = state.reviewer.clone();
+    let code = job_plan.code.clone();
+    let review = match tokio::task::spawn_blocking(move || reviewer.review_code(&code)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("the child's code: {e}")),
+        Err(e) => return Err(format!("the review's thread failed: {e}")),
+    };
+    match review.decision {
+        Decision::Reject => {
+            return Err(format!(
+                "the code review rejected the child's code (risk {})",
+                review.risk
+            ));
+        }
+        Decision::RunOnServerOnly | Decision::Hold => {
+            spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
+        }
+        Decision::Run => {}
+    }
+    let mut job = crate::api::jobs::new_job(
+        &spec,
+        job_plan,
+        child.tenant.to_string(),
+        ACTOR.to_string(),
+        review,
+    );
+    job.id = child_id(child.parent, child.index);
+    job.lineage = Some((
+        Lineage {
+            parent_job_id: child.parent.to_string(),
+            root_job_id: child.root.to_string(),
+            depth: child.depth,
+            rule_index: child.index as u32,
+            rule: child.rule.to_string(),
+        },
+        child.action.to_string(),
+    ));
+    job.rerun_of = rerun_of;
+    Ok(job)
+}
+
+/// A review re-run: a child of `parent` running `shards` again with its code, every shard
+/// checked by the coordinator's sandbox, its result folded over the parent's values.
+pub async fn review_rerun(
+    state: &State,
+    tenant: &str,
+    parent: &str,
+    flag: i64,
+    shards: &[u64],
+) -> Result<Result<crate::store::NewJob, String>, StoreError> {
+    let Some(facts) = state.store.lineage_facts(tenant, parent).await? else {
+        return Ok(Err(format!("job `{parent}` does not exist")));
+    };
+    let Some(row) = state.store.job_any_tenant(parent).await? else {
+        return Ok(Err(format!("job `{parent}` does not exist")));
+    };
+    let mut spec: JobSpec = crate::store::parse_json(&facts.spec, "job spec")?;
+    spec.followup.clear();
+    spec.ai_followup = false;
+    spec.files = row.files;
+    spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
+    let picked: Vec<(u64, Value)> = state
+        .store
+        .shard_inputs(parent, false)
+        .await?
+        .into_iter()
+        .filter(|(k, _)| shards.contains(k))
+        .collect();
+    if picked.is_empty() {
+        return Ok(Err("the flag names no shard of its job to run again".into()));
+    }
+    let rerun = RerunOf {
+        job_id: parent.to_string(),
+        shards: picked.iter().map(|(k, _)| *k).collect(),
+    };
+    let root = facts.root_job_id.unwrap_or_else(|| parent.to_string());
+    let rule = format!("review:flag {flag}");
+    let child = Child {
+        tenant,
+        parent,
+        root: &root,
+        depth: facts.depth.max(0) as u32 + 1,
+        // Past any rule's index: one re-run per flag.
+        index: 10_000 + flag.max(0) as usize,
+        rule: &rule,
+        action: "review_rerun",
+    };
+    let inputs = picked.into_iter().map(|(_, v)| v).collect();
+    Ok(build_child(state, &child, spec, Some(inputs), Some(rerun)).await)
 }
 
 /// An audit entry's details about rule `i`: which rule, and `extra`.

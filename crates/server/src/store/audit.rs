@@ -84,6 +84,9 @@ pub enum Action {
     /// A person rejected one (a held job is cancelled).
     #[serde(rename = "review.rejected")]
     ReviewRejected,
+    /// A person asked for a flag's shards to run again (a child job, checked by the server).
+    #[serde(rename = "review.rerun")]
+    ReviewRerun,
     /// The planner evaluated a finished job's rule (matched or not, or its error).
     #[serde(rename = "followup.evaluated")]
     FollowupEvaluated,
@@ -103,7 +106,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 32] = [
+    pub const ALL: [Action; 33] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -131,6 +134,7 @@ impl Action {
         Action::ReviewHeld,
         Action::ReviewApproved,
         Action::ReviewRejected,
+        Action::ReviewRerun,
         Action::FollowupEvaluated,
         Action::FollowupCreated,
         Action::FollowupCapped,
@@ -167,6 +171,7 @@ impl Action {
             Action::ReviewHeld => "review.held",
             Action::ReviewApproved => "review.approved",
             Action::ReviewRejected => "review.rejected",
+            Action::ReviewRerun => "review.rerun",
             Action::FollowupEvaluated => "followup.evaluated",
             Action::FollowupCreated => "followup.created",
             Action::FollowupCapped => "followup.capped",

@@ -236,6 +236,20 @@ pub struct AcceptedValue {
     pub output_blob: Option<String>,
 }
 
+/// One settled shard for result review (see [`Store::result_facts`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ResultFact {
+    pub shard_index: i64,
+    pub state: String,
+    pub agent_id: Option<String>,
+    /// The settling attempt's status.
+    pub status: Option<String>,
+    pub wall_ms: Option<i64>,
+    pub cpu_ms: Option<i64>,
+    pub peak_memory: Option<i64>,
+    pub bytes_out: Option<i64>,
+}
+
 /// Attempt facts for the job summary.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptFacts {
@@ -678,6 +692,32 @@ impl Store {
         .doing("reading shard values")
     }
 
+    /// Each settled shard of a job with the attempt that settled it (accepted: the chosen one;
+    /// failed: the last), for result review: (shard, failed, agent, wall, cpu, memory, bytes).
+    pub async fn result_facts(&self, job_id: &str) -> Result<Vec<ResultFact>, StoreError> {
+        Sql::new(
+            "SELECT t.shard_index, t.state, a.agent_id, a.status, a.wall_ms, a.cpu_ms, \
+             a.peak_memory, a.bytes_out FROM tasks t LEFT JOIN attempts a ON a.id = (CASE WHEN t.state = ",
+        )
+        .bind(TaskState::Accepted.as_str())
+        .push(
+            " THEN (SELECT MAX(x.id) FROM attempts x WHERE x.task_id = t.id AND x.chosen = 1) \
+             ELSE (SELECT MAX(x.id) FROM attempts x WHERE x.task_id = t.id) END) WHERE t.job_id = ",
+        )
+        .bind(job_id)
+        .push(" AND t.state IN (")
+        .bind_list([
+            TaskState::Accepted.as_str(),
+            TaskState::Rejected.as_str(),
+            TaskState::Dead.as_str(),
+        ])
+        .push(") ORDER BY t.shard_index")
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading result facts")
+    }
+
     pub async fn attempt_facts(&self, job_id: &str) -> Result<AttemptFacts, StoreError> {
         let rows: Vec<(i64, i64, i64, i64, String)> = Sql::new(
             "SELECT chosen, wall_ms, peak_memory, bytes_out, runner FROM attempts WHERE job_id = ",
@@ -763,10 +803,10 @@ impl Store {
         let Some((tenant,)) = done else {
             return Ok(false);
         };
-        let action = if outcome.state == JobState::Completed {
-            Action::JobCompleted
-        } else {
-            Action::JobFailed
+        let action = match outcome.state {
+            JobState::Completed => Action::JobCompleted,
+            JobState::NeedsReview => Action::JobNeedsReview,
+            _ => Action::JobFailed,
         };
         let s = outcome.summary;
         let entry = Entry::new(&tenant, "server", action)

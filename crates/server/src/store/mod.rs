@@ -26,7 +26,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub(crate) use agents::parse as parse_json;
-pub use jobs::{FoldOutcome, JobRow, NewJob, ShardPage};
+pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
 pub use settle::LeaseGrant;
 pub use settle::storable_text;
 pub use tasks::{ReportInput, Requeued, SettleOutcome, backoff_ms};
@@ -145,6 +145,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0014_metrics",
         include_str!("../../migrations/0014_metrics.sql"),
+    ),
+    (
+        "0015_result_review",
+        include_str!("../../migrations/0015_result_review.sql"),
     ),
 ];
 

@@ -104,6 +104,22 @@ impl Store {
             .doing("reading a job to plan")
     }
 
+    /// What a review re-run needs of job `id` of `tenant` (planned or not).
+    pub async fn lineage_facts(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<PlanFacts>, StoreError> {
+        Sql::new("SELECT tenant_id, name, state, spec, depth, root_job_id FROM jobs WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant)
+            .build_as()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a job's lineage")
+    }
+
     /// The inputs of a job's shards, by index; only the failed and dead ones with `failed`.
     pub async fn shard_inputs(
         &self,

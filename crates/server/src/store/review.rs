@@ -23,6 +23,7 @@ struct FlagRecord {
     decided_at: Option<i64>,
     decided_by: Option<String>,
     note: Option<String>,
+    rerun_job_id: Option<String>,
 }
 
 impl FlagRecord {
@@ -37,12 +38,13 @@ impl FlagRecord {
             decided_at: self.decided_at,
             decided_by: self.decided_by,
             note: self.note,
+            rerun_job_id: self.rerun_job_id,
         }
     }
 }
 
 const FLAG_SELECT: &str = "SELECT id, job_id, kind, status, details, created_at, decided_at, \
-     decided_by, note FROM review_flags";
+     decided_by, note, rerun_job_id FROM review_flags";
 
 /// What deciding a flag came to.
 #[derive(Debug)]
@@ -62,7 +64,9 @@ pub(super) async fn hold(
     now: i64,
 ) -> Result<(), StoreError> {
     queued_not_before(tx, job_id, HELD_UNTIL).await?;
-    insert_flag(tx, tenant, job_id, "code", details, now).await
+    insert_flag(tx, tenant, job_id, "code", details, now)
+        .await
+        .map(|_| ())
 }
 
 /// Move job `job_id` from state `from` to `to`; false when it was not in `from`.
@@ -109,8 +113,8 @@ pub(super) async fn insert_flag(
     kind: &str,
     details: &Value,
     now: i64,
-) -> Result<(), StoreError> {
-    Sql::new(
+) -> Result<i64, StoreError> {
+    let (id,) = Sql::new(
         "INSERT INTO review_flags (tenant_id, job_id, kind, status, details, created_at) VALUES (",
     )
     .bind(tenant)
@@ -122,12 +126,12 @@ pub(super) async fn insert_flag(
     .bind(details.to_string())
     .push(", ")
     .bind(now)
-    .push(")")
-    .build()
-    .execute(&mut **tx)
+    .push(") RETURNING id")
+    .build_as::<(i64,)>()
+    .fetch_one(&mut **tx)
     .await
     .doing("flagging a job for review")?;
-    Ok(())
+    Ok(id)
 }
 
 impl Store {
@@ -183,11 +187,11 @@ impl Store {
         job_id: &str,
         kind: &str,
         details: &Value,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let mut tx = self.begin_write().await.doing("flagging a job")?;
-        insert_flag(&mut tx, tenant, job_id, kind, details, now_ms()).await?;
+        let id = insert_flag(&mut tx, tenant, job_id, kind, details, now_ms()).await?;
         tx.commit().await.doing("flagging a job")?;
-        Ok(())
+        Ok(id)
     }
 
     /// The review queue, newest first.
@@ -214,6 +218,75 @@ impl Store {
             .await
             .doing("listing review flags")?;
         Ok(rows.into_iter().map(FlagRecord::view).collect())
+    }
+
+    /// One flag of `tenant`'s queue.
+    pub async fn flag(&self, tenant: &str, id: i64) -> Result<Option<ReviewFlag>, StoreError> {
+        Ok(Sql::new(FLAG_SELECT)
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant)
+            .build_as::<FlagRecord>()
+            .fetch_optional(&self.read)
+            .await
+            .doing("reading a review flag")?
+            .map(FlagRecord::view))
+    }
+
+    /// Re-run an open flag's shards: the flag becomes `rerun`, naming `child` (the job that
+    /// runs them again), inserted in the same transaction; audited with who did it.
+    pub async fn rerun_flag(
+        &self,
+        tenant: &str,
+        id: i64,
+        actor: &str,
+        note: Option<&str>,
+        child: &super::NewJob,
+    ) -> Result<FlagDecision, StoreError> {
+        let now = now_ms();
+        let d = "re-running a review flag";
+        let mut tx = self.begin_write().await.doing(d)?;
+        let decided: Option<(String,)> =
+            Sql::new("UPDATE review_flags SET status = 'rerun', decided_at = ")
+                .bind(now)
+                .push(", decided_by = ")
+                .bind(actor)
+                .push(", note = ")
+                .bind(note)
+                .push(", rerun_job_id = ")
+                .bind(child.id.as_str())
+                .push(" WHERE id = ")
+                .bind(id)
+                .push(" AND tenant_id = ")
+                .bind(tenant)
+                .push(" AND status = 'open' RETURNING job_id")
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing(d)?;
+        let Some((job_id,)) = decided else {
+            drop(tx);
+            return Ok(match self.flag(tenant, id).await? {
+                None => FlagDecision::NotFound,
+                Some(f) => FlagDecision::AlreadyDecided(f.status),
+            });
+        };
+        let per_statement = self.rows_per_statement(9);
+        let submitted = super::jobs::insert_job_in(&mut tx, per_statement, child, now).await?;
+        let entry = Entry::new(tenant, actor, Action::ReviewRerun)
+            .job(&job_id)
+            .details(
+                serde_json::json!({ "flag": id, "note": note, "job": child.id,
+                "shards": child.rerun_of.as_ref().map(|r| &r.shards) }),
+            );
+        self.append_audit(&mut tx, vec![entry, submitted], now)
+            .await?;
+        tx.commit().await.doing(d)?;
+        Ok(match self.flag(tenant, id).await? {
+            Some(f) => FlagDecision::Decided(f),
+            None => FlagDecision::NotFound,
+        })
     }
 
     /// Approve (the held job starts) or reject (it is cancelled) an open flag, audited with
@@ -267,6 +340,8 @@ impl Store {
             if move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await? {
                 queued_not_before(&mut tx, &job_id, 0).await?;
             }
+            // A job result review sent to a person: its result stands.
+            move_job(&mut tx, &job_id, JobState::NeedsReview, JobState::Completed).await?;
         } else {
             let reason = format!(
                 "rejected in review by {actor}{}",

@@ -148,7 +148,8 @@ async fn transition(
         None => sql.push("NULL"),
     };
     if let Some(at) = set.not_before {
-        sql.push(", not_before = ").bind(at);
+        sql.push(", not_before = ");
+        held_or(&mut sql, at);
     }
     sql.push(" WHERE id = ")
         .bind(shard.id)
@@ -359,6 +360,19 @@ pub(super) async fn lease(
     Ok(grants)
 }
 
+/// A shard going back to the queue waits until `at`, or, while its job is held for review
+/// (`pending_review`: a sandbox violation, say), until the hold is lifted: a retry must not
+/// slip past the hold.
+fn held_or(sql: &mut Sql<'_>, at: i64) {
+    sql.push("CASE WHEN (SELECT j.state FROM jobs j WHERE j.id = tasks.job_id) = ")
+        .bind(fleetbox_proto::JobState::PendingReview.as_str())
+        .push(" THEN ")
+        .bind(super::review::HELD_UNTIL)
+        .push(" ELSE ")
+        .bind(at)
+        .push(" END");
+}
+
 /// `leased` by `agent` under one of `leases` → `queued` at once, and those leases closed: a
 /// report that still arrives for one settles nothing. `why` is `None` when the agent gave
 /// them back unrun (the attempt is not counted), else what became of the run (it counts).
@@ -376,17 +390,17 @@ pub(super) async fn requeue(
         None => sql.push(", attempts = attempts - 1"),
         Some(why) => sql.push(", last_error = ").bind(why),
     };
-    sql.push(
-        ", lease_id = NULL, agent_id = NULL, lease_expires = NULL, not_before = 0, updated_at = ",
-    )
-    .bind(now)
-    .push(" WHERE state = ")
-    .bind(TaskState::Leased.as_str())
-    .push(" AND agent_id = ")
-    .bind(agent)
-    .push(" AND lease_id IN (")
-    .bind_list(leases.iter().map(String::as_str))
-    .push(") RETURNING job_id");
+    sql.push(", lease_id = NULL, agent_id = NULL, lease_expires = NULL, not_before = ");
+    held_or(&mut sql, 0);
+    sql.push(", updated_at = ")
+        .bind(now)
+        .push(" WHERE state = ")
+        .bind(TaskState::Leased.as_str())
+        .push(" AND agent_id = ")
+        .bind(agent)
+        .push(" AND lease_id IN (")
+        .bind_list(leases.iter().map(String::as_str))
+        .push(") RETURNING job_id");
     let rows = sql
         .build()
         .fetch_all(&mut **tx)

@@ -32,6 +32,7 @@ pub struct ReportInput {
     pub stdout_blob: Option<String>,
     pub stderr_blob: Option<String>,
     pub wall_ms: i64,
+    pub cpu_ms: i64,
     pub peak_memory: i64,
     pub bytes_out: i64,
     /// What the audit log keeps of the run (status, timings, files, violations).
@@ -459,11 +460,11 @@ impl Store {
             .into_iter()
             .filter(|i| tasks.contains_key(&reports[*i].task_id))
             .collect();
-        for chunk in valid_rows.chunks(self.rows_per_statement(20)) {
+        for chunk in valid_rows.chunks(self.rows_per_statement(21)) {
             let mut sql = Sql::new(
                 "INSERT INTO attempts (tenant_id, task_id, job_id, lease_id, agent_id, attempt, status, late, \
                  output, output_blob, output_sha256, report, stdout_blob, stderr_blob, wall_ms, peak_memory, \
-                 bytes_out, received_at, stdout_sha256, signature) VALUES ",
+                 bytes_out, received_at, stdout_sha256, signature, cpu_ms) VALUES ",
             );
             sql.push_rows(chunk, |row, &i| {
                 let r = &reports[i];
@@ -488,7 +489,8 @@ impl Store {
                     .bind(r.bytes_out)
                     .bind(now)
                     .bind(r.stdout_sha256.as_str())
-                    .bind(r.signature.as_deref());
+                    .bind(r.signature.as_deref())
+                    .bind(r.cpu_ms);
             });
             sql.push(" ON CONFLICT (lease_id) DO NOTHING RETURNING id, lease_id");
             let rows: Vec<(i64, String)> = sql
@@ -854,6 +856,7 @@ mod store_tests {
             stdout_blob: None,
             stderr_blob: None,
             wall_ms: 1,
+            cpu_ms: 1,
             peak_memory: 1,
             bytes_out: 0,
             audit: serde_json::json!({"status": "ok"}),

@@ -201,6 +201,7 @@ pub struct ServerRun {
     pub stdout_sha256: String,
     pub report_json: String,
     pub wall_ms: i64,
+    pub cpu_ms: i64,
     pub peak_memory: i64,
     pub bytes_out: i64,
     pub reason: Option<String>,
@@ -451,7 +452,7 @@ impl Store {
             let (id,): (i64,) = Sql::new(
                 "INSERT INTO attempts (tenant_id, task_id, job_id, lease_id, agent_id, attempt, \
                  status, verdict, chosen, output, output_blob, output_sha256, report, wall_ms, \
-                 peak_memory, bytes_out, received_at, runner, stdout_sha256) VALUES (",
+                 peak_memory, bytes_out, received_at, runner, stdout_sha256, cpu_ms) VALUES (",
             )
             .bind(subject.tenant_id.as_str())
             .push(", ")
@@ -487,6 +488,8 @@ impl Store {
             .bind(now)
             .push(", 'server', ")
             .bind(run.stdout_sha256.as_str())
+            .push(", ")
+            .bind(run.cpu_ms)
             .push(") RETURNING id")
             .build_as()
             .fetch_one(&mut *tx)
@@ -1004,6 +1007,7 @@ mod tests {
             stdout_blob: None,
             stderr_blob: None,
             wall_ms: 1,
+            cpu_ms: 1,
             peak_memory: 1,
             bytes_out: 0,
             audit: serde_json::Value::Null,

@@ -520,6 +520,14 @@ async fn the_ai_planner_proposes_from_its_templates_and_is_reviewed() {
                     .to_string();
                 let answer = if kind == "code_review" {
                     json!({"verdict": "safe", "risk": 0, "reasons": []})
+                } else if kind == "result_review" {
+                    // The stand-in finds the `numbers` job's results suspicious (it was shown them).
+                    let verdict = if user.contains("`numbers`") && user.contains("[1,2,3,1,2,3]") {
+                        "suspicious"
+                    } else {
+                        "normal"
+                    };
+                    json!({"verdict": verdict, "reasons": ["the values repeat"]})
                 } else if user.contains("`numbers`") {
                     json!({"template": "count", "reason": "the result is a list: count it"})
                 } else if user.contains("`odd`") {
@@ -588,6 +596,22 @@ async fn the_ai_planner_proposes_from_its_templates_and_is_reviewed() {
             .unwrap()
             .contains("count it")
     );
+    // After the run the model was shown the results too: it flagged them (a flag, no more).
+    let parent = c.client.result(&numbers.id).await.unwrap();
+    let flags = parent.summary.unwrap().flags;
+    assert!(
+        flags
+            .iter()
+            .any(|f| f.kind == "model" && f.detail.contains("the values repeat")),
+        "{flags:?}"
+    );
+    assert_eq!(parent.state, JobState::Completed);
+    let queued = c
+        .client
+        .review_flags(&format!("job={}&kind=anomaly", numbers.id))
+        .await
+        .unwrap();
+    assert_eq!(queued.flags.len(), 1, "{queued:?}");
 
     for (name, action, needle) in [
         ("odd", "followup.evaluated", "not an offered template"),

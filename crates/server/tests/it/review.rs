@@ -391,3 +391,161 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
         c.stop().await;
     }
 }
+
+/// The job of the outlier test: 30 one-number shards, shard `wild` printing 10^9 — but only
+/// in a 30-shard job, so a re-run of it alone prints a normal value.
+fn outlier_job(wild: i64) -> fleetbox_proto::JobSpec {
+    let code = "import json, os\ni = json.load(open(os.environ['FLEETBOX_INPUT']))['items'][0]\n\
+                wild = os.environ['FLEETBOX_SHARD_COUNT'] == '30' and i == WILD\nprint(10**9 if wild else 100)\n";
+    let items: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+    spec(&format!(
+        "name = \"outliers\"\ncode = {:?}\naggregate = \"sum\"\n[shards]\nitems = [{}]\nper_shard = 1\n[verify]\nrecheck = \"none\"\n",
+        code.replace("WILD", &wild.to_string()),
+        items.join(", ")
+    ))
+}
+
+/// `--anomalies review`: the job waits in `needs_review` with its result until a person
+/// approves it; a person can instead re-run the flagged shard (a child job checked by the
+/// server, folded over the job's values), once. `--anomalies rerun` does that by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anomaly_policy_holds_or_reruns_and_a_person_can_rerun() {
+    for action in [
+        fleetbox_server::AnomalyAction::Review,
+        fleetbox_server::AnomalyAction::Rerun,
+    ] {
+        let Some(mut c) = Coordinator::start_with(fleetbox_testkit::Db::Sqlite, |config| {
+            config.anomalies = action;
+        })
+        .await
+        else {
+            return;
+        };
+        c.agent("a", Default::default());
+        let job = c.client.submit(&outlier_job(17)).await.unwrap();
+        let flag = loop {
+            let flags = c
+                .client
+                .review_flags(&format!("job={}&kind=anomaly", job.id))
+                .await
+                .unwrap()
+                .flags;
+            let view = c.client.job(&job.id).await.unwrap();
+            if let Some(f) = flags.into_iter().next()
+                && (view.state == JobState::NeedsReview || view.state.is_final())
+            {
+                break f;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let view = c.client.job(&job.id).await.unwrap();
+        match action {
+            fleetbox_server::AnomalyAction::Review => {
+                assert_eq!(view.state, JobState::NeedsReview, "{view:?}");
+                assert_eq!(flag.status, "open");
+                // A person re-runs the flagged shard: a child job, checked by the server.
+                let rerun = c
+                    .client
+                    .rerun_flag(flag.id, Some("looks wrong"))
+                    .await
+                    .unwrap();
+                assert_eq!(rerun.status, "rerun");
+                let child = rerun.rerun_job_id.clone().unwrap();
+                let r = c.wait(&child, Duration::from_secs(60)).await;
+                assert_eq!(r.state, JobState::Completed, "{r:?}");
+                assert_eq!(r.result_value(), Some(serde_json::json!(3000)), "{r:?}");
+                let d = c.client.shard(&child, 0).await.unwrap();
+                assert_eq!(d.input["items"][0], 17);
+                assert!(d.attempts.iter().any(|a| a.agent_id == "server"), "{d:?}");
+                let again = c.client.rerun_flag(flag.id, None).await.unwrap_err();
+                assert_eq!(again.code(), Some("flag_decided"), "{again}");
+                let audit = c
+                    .client
+                    .audit(&format!("job={}&action=review.rerun", job.id))
+                    .await
+                    .unwrap();
+                assert!(audit.entries[0].actor.starts_with("admin:"));
+                // A second anomalous job: approving its flag completes it, result as folded.
+                let job2 = c.client.submit(&outlier_job(3)).await.unwrap();
+                let flag2 = loop {
+                    let flags = c
+                        .client
+                        .review_flags(&format!("job={}&kind=anomaly", job2.id))
+                        .await
+                        .unwrap()
+                        .flags;
+                    if let Some(f) = flags.into_iter().next() {
+                        break f;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                c.client.decide_flag(flag2.id, true, None).await.unwrap();
+                let r = c.client.result(&job2.id).await.unwrap();
+                assert_eq!(r.state, JobState::Completed);
+                assert_eq!(
+                    r.result_value(),
+                    Some(serde_json::json!(29 * 100 + 1_000_000_000))
+                );
+            }
+            fleetbox_server::AnomalyAction::Rerun => {
+                assert_eq!(view.state, JobState::Completed, "{view:?}");
+                let flag = c
+                    .client
+                    .review_flags(&format!("job={}&kind=anomaly", job.id))
+                    .await
+                    .unwrap()
+                    .flags
+                    .remove(0);
+                assert_eq!(flag.status, "rerun", "{flag:?}");
+                assert_eq!(flag.decided_by.as_deref(), Some("server"));
+                let child = flag.rerun_job_id.unwrap();
+                let r = c.wait(&child, Duration::from_secs(60)).await;
+                assert_eq!(r.result_value(), Some(serde_json::json!(3000)), "{r:?}");
+                let chain = c.client.chain(&job.id).await.unwrap();
+                assert_eq!(chain.jobs.len(), 2);
+                assert_eq!(
+                    chain.jobs[1].lineage.as_ref().unwrap().rule,
+                    format!("review:flag {}", flag.id)
+                );
+            }
+            fleetbox_server::AnomalyAction::Flag => unreachable!(),
+        }
+        c.stop().await;
+    }
+}
+
+/// Shards that end in sandbox errors (an agent whose interpreter is missing) put an entry in
+/// the review queue naming them and the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_errors_are_queued_for_review() {
+    let Some(mut c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
+        return;
+    };
+    c.agent_on(
+        "broken",
+        fleetbox_sandbox::Backend::Process,
+        fleetbox_sandbox::SandboxConfig {
+            python: Some("/nonexistent/python3".into()),
+            ..Default::default()
+        },
+    );
+    let r = c
+        .run(
+            &spec(
+                "name = \"broken\"\ncode = \"print(1)\"\nmax_attempts = 2\n[shards]\ncount = 2\n",
+            ),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
+    let flags = c
+        .client
+        .review_flags(&format!("job={}&kind=sandbox_error", r.id))
+        .await
+        .unwrap()
+        .flags;
+    assert_eq!(flags.len(), 1, "{flags:?}");
+    assert_eq!(flags[0].details["shards"], serde_json::json!([0, 1]));
+    assert_eq!(flags[0].details["agents"].as_array().unwrap().len(), 1);
+    c.stop().await;
+}

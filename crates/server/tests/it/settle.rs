@@ -34,6 +34,7 @@ fn ok_report(grant: &LeaseGrant, value: u64) -> ReportInput {
         stdout_blob: None,
         stderr_blob: None,
         wall_ms: 1,
+        cpu_ms: 1,
         peak_memory: 1,
         bytes_out: 0,
         audit: serde_json::json!({"status": "ok"}),
@@ -412,6 +413,44 @@ async fn a_returned_lease_settles_nothing() {
             (inv.unsettled, inv.unsettled_truth, inv.accepted),
             (1, 1, 0),
             "{db:?}"
+        );
+    }
+}
+
+/// A job held for review after a sandbox violation: a shard that goes back to the queue
+/// afterwards (handed back, failed for the fleet's reasons) is held too, not leased.
+#[tokio::test]
+async fn a_shard_requeued_while_its_job_is_held_stays_held() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_, one, _)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        // Two shards running, one queued when the hold begins.
+        one.insert_job(&new_job("job_held", 3, 3)).await.unwrap();
+        let g = one
+            .lease("default", "agt_a", 2, now_ms() + 60_000, "r")
+            .await
+            .unwrap();
+        assert_eq!(g.len(), 2);
+        let held = one
+            .hold_for_violation("default", g[0].task_id, "agt_a", Some("fork bomb"))
+            .await
+            .unwrap();
+        assert!(held.is_some(), "{db:?}");
+        assert_eq!(
+            one.return_leases("agt_a", &[g[1].lease_id.clone()])
+                .await
+                .unwrap(),
+            1
+        );
+        let again = one
+            .lease("default", "agt_b", 2, now_ms() + 60_000, "r")
+            .await
+            .unwrap();
+        assert!(
+            again.is_empty(),
+            "{db:?}: a held job's shard was leased: {again:?}"
         );
     }
 }
