@@ -369,6 +369,31 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         );
         return Ok(());
     }
+    // Re-runs a person asked for while the job was held start now that it has finished.
+    match state.store.pending_reruns(job_id).await {
+        Ok(pending) => {
+            for (flag, details) in pending {
+                let shards = crate::api::flag_shards(&details);
+                match crate::planner::review_rerun(state, &job.tenant_id, job_id, flag, &shards)
+                    .await
+                {
+                    Ok(Ok(child)) => match state.store.attach_rerun(flag, &child).await {
+                        Ok(_) => state.work.notify_waiters(),
+                        Err(e) => {
+                            tracing::error!(job_id, flag, error = %e, "could not start a flag's re-run")
+                        }
+                    },
+                    Ok(Err(why)) => {
+                        tracing::warn!(job_id, flag, why, "a flag's re-run cannot be made")
+                    }
+                    Err(e) => {
+                        tracing::error!(job_id, flag, error = %e, "could not make a flag's re-run")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!(job_id, error = %e, "could not read pending re-runs"),
+    }
     if !broken.is_empty() {
         let mut agents: Vec<&str> = broken.iter().map(|f| f.agent.as_str()).collect();
         agents.sort_unstable();

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 
 pub(crate) use agents::{Measures, failure_reason, stored_output};
 pub use error::ApiError;
+pub(crate) use review::flag_shards;
 
 use crate::State;
 use crate::ids::{sha256_hex, trace_id};

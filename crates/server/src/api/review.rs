@@ -274,12 +274,29 @@ pub async fn rerun(
         .job_view(&tenant, &flag.job_id)
         .await?
         .ok_or_else(|| ApiError::not_found("job", &flag.job_id))?;
+    if job.state == fleetbox_proto::JobState::PendingReview {
+        // A held job (a sandbox violation): it goes on now, and the flagged shards run again
+        // once it has finished (the fold does it).
+        return match state
+            .store
+            .rerun_held(&tenant, id, &actor, body.note.as_deref())
+            .await?
+        {
+            FlagDecision::NotFound => Err(ApiError::not_found("review flag", &id.to_string())),
+            FlagDecision::AlreadyDecided(status) => Err(decided(&status)),
+            FlagDecision::Decided(flag) => {
+                tracing::info!(flag = id, job = %flag.job_id, "held job resumed; its flagged shards re-run when it ends");
+                state.work.notify_waiters();
+                Ok(Json(flag))
+            }
+        };
+    }
     if !job.state.is_final() && job.state != fleetbox_proto::JobState::NeedsReview {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "job_not_finished",
             format!(
-                "job `{}` is `{}`: approve or reject the flag now, or re-run its shards once the job has finished",
+                "job `{}` is `{}`: its flagged shards can run again once it has finished",
                 job.id, job.state
             ),
         ));
@@ -304,7 +321,7 @@ pub async fn rerun(
 }
 
 /// Every shard a flag's details name (`shard`, `shards`, at any depth), sorted, once.
-fn flag_shards(details: &serde_json::Value) -> Vec<u64> {
+pub(crate) fn flag_shards(details: &serde_json::Value) -> Vec<u64> {
     fn walk(v: &serde_json::Value, out: &mut Vec<u64>) {
         match v {
             serde_json::Value::Object(map) => {

@@ -234,6 +234,98 @@ impl Store {
             .map(FlagRecord::view))
     }
 
+    /// Re-run an open flag of a held job: the job goes on (as approved) and the flag becomes
+    /// `rerun` with no job yet; the fold of the job makes it ([`Store::attach_rerun`]).
+    pub async fn rerun_held(
+        &self,
+        tenant: &str,
+        id: i64,
+        actor: &str,
+        note: Option<&str>,
+    ) -> Result<FlagDecision, StoreError> {
+        let now = now_ms();
+        let d = "re-running a held job's flag";
+        let mut tx = self.begin_write().await.doing(d)?;
+        let decided: Option<(String,)> =
+            Sql::new("UPDATE review_flags SET status = 'rerun', decided_at = ")
+                .bind(now)
+                .push(", decided_by = ")
+                .bind(actor)
+                .push(", note = ")
+                .bind(note)
+                .push(" WHERE id = ")
+                .bind(id)
+                .push(" AND tenant_id = ")
+                .bind(tenant)
+                .push(" AND status = 'open' RETURNING job_id")
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing(d)?;
+        let Some((job_id,)) = decided else {
+            drop(tx);
+            return Ok(match self.flag(tenant, id).await? {
+                None => FlagDecision::NotFound,
+                Some(f) => FlagDecision::AlreadyDecided(f.status),
+            });
+        };
+        if move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await? {
+            queued_not_before(&mut tx, &job_id, 0).await?;
+        }
+        let entry = Entry::new(tenant, actor, Action::ReviewRerun)
+            .job(&job_id)
+            .details(
+                serde_json::json!({ "flag": id, "note": note, "when": "the job has finished" }),
+            );
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing(d)?;
+        Ok(match self.flag(tenant, id).await? {
+            Some(f) => FlagDecision::Decided(f),
+            None => FlagDecision::NotFound,
+        })
+    }
+
+    /// Flags of job `job_id` whose re-run waits for the job to finish: (id, details).
+    pub async fn pending_reruns(&self, job_id: &str) -> Result<Vec<(i64, Value)>, StoreError> {
+        let rows: Vec<(i64, String)> =
+            Sql::new("SELECT id, details FROM review_flags WHERE job_id = ")
+                .bind(job_id)
+                .push(" AND status = 'rerun' AND rerun_job_id IS NULL ORDER BY id")
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("reading pending re-runs")?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, d)| (id, serde_json::from_str(&d).unwrap_or(Value::Null)))
+            .collect())
+    }
+
+    /// Make the re-run a held job's flag asked for: insert `child` and name it on the flag
+    /// (once: guarded on the flag having none yet).
+    pub async fn attach_rerun(&self, id: i64, child: &super::NewJob) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let d = "starting a flag's re-run";
+        let mut tx = self.begin_write().await.doing(d)?;
+        let done = Sql::new("UPDATE review_flags SET rerun_job_id = ")
+            .bind(child.id.as_str())
+            .push(" WHERE id = ")
+            .bind(id)
+            .push(" AND status = 'rerun' AND rerun_job_id IS NULL")
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing(d)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        let per_statement = self.rows_per_statement(9);
+        let submitted = super::jobs::insert_job_in(&mut tx, per_statement, child, now).await?;
+        self.append_audit(&mut tx, vec![submitted], now).await?;
+        tx.commit().await.doing(d)?;
+        Ok(true)
+    }
+
     /// Re-run an open flag's shards: the flag becomes `rerun`, naming `child` (the job that
     /// runs them again), inserted in the same transaction; audited with who did it.
     pub async fn rerun_flag(

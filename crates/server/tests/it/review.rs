@@ -392,6 +392,113 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
     }
 }
 
+/// Re-running a held job's violation flag: the job goes on at once, and once it has finished
+/// the flagged shard runs again in a child job (checked by the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
+    use fleetbox_proto::api::{LeaseRequest, ReportBatch, ShardReport};
+    use fleetbox_proto::{ExecutionReport, Status};
+    let Some(c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
+        return;
+    };
+    let job = c
+        .client
+        .submit(&spec(
+            "name = \"v\"\ncode = \"print(1)\"\naggregate = \"sum\"\n[shards]\ncount = 3\n[verify]\nrecheck = \"none\"\n",
+        ))
+        .await
+        .unwrap();
+    let agent =
+        fleetbox_testkit::SignedAgent::enroll(&c.running.url(), &c.running.enroll_token, "agent")
+            .await;
+    let lease = |n| LeaseRequest {
+        max_tasks: n,
+        wait_ms: 0,
+        backend: None,
+    };
+    let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
+    let mut r = ShardReport::new(
+        first.lease_id.clone(),
+        first.task_id,
+        ExecutionReport::unmeasured(Status::SandboxViolation, None),
+    );
+    r.attempt = first.attempt;
+    agent
+        .report(&ReportBatch { reports: vec![r] })
+        .await
+        .unwrap();
+    assert_eq!(
+        c.client.job(&job.id).await.unwrap().state,
+        JobState::PendingReview
+    );
+    let flag = c
+        .client
+        .review_flags(&format!("job={}&kind=violation", job.id))
+        .await
+        .unwrap()
+        .flags
+        .remove(0);
+    let rerun = c
+        .client
+        .rerun_flag(flag.id, Some("false positive?"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (rerun.status.as_str(), rerun.rerun_job_id.as_deref()),
+        ("rerun", None)
+    );
+    assert_eq!(
+        c.client.job(&job.id).await.unwrap().state,
+        JobState::Running
+    );
+    // The rest of the job runs and it finishes.
+    let rest = agent.lease(&lease(10)).await.unwrap().tasks;
+    assert_eq!(rest.len(), 2);
+    let reports = rest
+        .iter()
+        .map(|t| {
+            let mut report = ExecutionReport::unmeasured(Status::Ok, None);
+            report.output = Some(serde_json::json!(1));
+            let mut r = ShardReport::new(t.lease_id.clone(), t.task_id, report);
+            r.attempt = t.attempt;
+            r
+        })
+        .collect();
+    agent.report(&ReportBatch { reports }).await.unwrap();
+    let done = c.wait(&job.id, Duration::from_secs(30)).await;
+    assert!(done.state.is_final(), "{done:?}");
+    // Its fold started the re-run of the flagged shard.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let child = loop {
+        let f = c
+            .client
+            .review_flags(&format!("job={}&kind=violation", job.id))
+            .await
+            .unwrap();
+        if let Some(id) = f.flags[0].rerun_job_id.clone() {
+            break id;
+        }
+        assert!(std::time::Instant::now() < deadline, "{f:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let child = c.client.job(&child).await.unwrap();
+    assert_eq!(child.shards.total, 1);
+    assert_eq!(
+        child.lineage.unwrap().rule,
+        format!("review:flag {}", flag.id)
+    );
+    let d = c.client.shard(&child.id, 0).await.unwrap();
+    assert_eq!(
+        d.input,
+        c.client
+            .shard(&job.id, first.shard_index)
+            .await
+            .unwrap()
+            .input
+    );
+    c.stop().await;
+}
+
 /// The job of the outlier test: 30 one-number shards, shard `wild` printing 10^9 — but only
 /// in a 30-shard job, so a re-run of it alone prints a normal value.
 fn outlier_job(wild: i64) -> fleetbox_proto::JobSpec {
