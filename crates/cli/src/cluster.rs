@@ -147,6 +147,10 @@ pub struct ServerArgs {
     /// How long a review may wait for the model (then the rules alone decide).
     #[arg(long, default_value = "10s", value_parser = parse_millis)]
     pub llm_timeout: Millis,
+    /// A CA certificate (PEM) to trust besides the system's for outgoing HTTPS (the model,
+    /// `notify` webhooks): for endpoints behind a private CA.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     #[command(flatten)]
     pub env: EnvArgs,
     #[command(flatten)]
@@ -410,6 +414,7 @@ fn server_config(
     c.mcp = args.mcp;
     c.mcp_origins = args.mcp_origins.clone();
     c.review_rules = args.review_rules.clone();
+    c.ca_cert = args.ca_cert.clone();
     c.planner = args.followups.config();
     c.ai_planner_templates = args.followups.ai_planner_templates.clone();
     c.anomalies = args.followups.anomalies;
@@ -592,6 +597,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         llm_model: None,
         llm_key_env: None,
         llm_timeout: Millis::from_secs(10),
+        ca_cert: None,
         env: EnvArgs::default(),
         followups: FollowupArgs::default(),
     };

@@ -44,7 +44,7 @@ pub struct FollowupRule {
     /// The deepest the chain may grow through this rule (the root is depth 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_depth: Option<u32>,
-    /// `notify`: where the job's summary is POSTed (`http://`).
+    /// `notify`: where the job's summary is POSTed (`https://` or `http://`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
 }
@@ -230,19 +230,16 @@ impl FollowupRule {
     }
 }
 
-/// A webhook address Fleetbox can POST to: `http://host[:port]/path`.
+/// A webhook address Fleetbox can POST to: `http(s)://host[:port]/path`.
 pub fn check_url(url: &str) -> Result<(), String> {
     if url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("must be at most 2048 bytes without spaces or control characters".into());
     }
-    if url.starts_with("https://") {
-        return Err(
-            "`https://` is not supported by this build (no TLS client); use `http://` to a relay you trust"
-                .into(),
-        );
-    }
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err("must start with `http://`".into());
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return Err("must start with `https://` or `http://`".into());
     };
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if host.is_empty() || host.contains('@') {
@@ -323,8 +320,11 @@ mod tests {
         assert_eq!(r.validate("f").unwrap_err().field, "f.then");
         let r = rule("when = 'true'\naction = 'notify'\n");
         assert_eq!(r.validate("f").unwrap_err().field, "f.url");
-        let r = rule("when = 'true'\naction = 'notify'\nurl = 'https://x'\n");
-        assert!(r.validate("f").unwrap_err().message.contains("TLS"));
+        let r = rule("when = 'true'\naction = 'notify'\nurl = 'ftp://x'\n");
+        assert!(r.validate("f").unwrap_err().message.contains("https://"));
+        rule("when = 'true'\naction = 'notify'\nurl = 'https://hooks.example/x'\n")
+            .validate("f")
+            .unwrap();
         rule("when = 'true'\naction = 'notify'\nurl = 'http://127.0.0.1:9/hook'\n")
             .validate("f")
             .unwrap();

@@ -35,6 +35,9 @@ pub struct LlmConfig {
     /// May the model lower the built-in risk (by at most `max_lowering`)? Off by default.
     pub may_lower: bool,
     pub max_lowering: u32,
+    /// A CA certificate (PEM) to trust besides the system's, for an HTTPS endpoint with a
+    /// private CA.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl LlmConfig {
@@ -46,6 +49,7 @@ impl LlmConfig {
             timeout: Duration::from_secs(10),
             may_lower: false,
             max_lowering: 0,
+            ca_cert: None,
         }
     }
 }
@@ -80,6 +84,13 @@ fn schema() -> Value {
     })
 }
 
+/// A PEM CA certificate to trust for outgoing HTTPS.
+pub fn ca_certificate(path: &std::path::Path) -> Result<reqwest::Certificate, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    reqwest::Certificate::from_pem(&pem)
+        .map_err(|e| format!("`{}` is not a PEM certificate: {e}", path.display()))
+}
+
 /// The built-in reviewer with a model's opinion on top.
 pub struct LlmReviewer {
     config: LlmConfig,
@@ -91,8 +102,11 @@ pub struct LlmReviewer {
 
 impl LlmReviewer {
     pub fn new(config: LlmConfig, builtin: BuiltinReviewer) -> Result<Self, String> {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(config.timeout)
+        let mut builder = reqwest::blocking::Client::builder().timeout(config.timeout);
+        if let Some(path) = &config.ca_cert {
+            builder = builder.add_root_certificate(ca_certificate(path)?);
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("the LLM reviewer's HTTP client: {e}"))?;
         Ok(LlmReviewer {
@@ -132,7 +146,14 @@ impl LlmReviewer {
             if e.is_timeout() {
                 format!("no answer within {:?}", self.config.timeout)
             } else {
-                format!("unreachable: {e}")
+                // The cause chain names TLS failures (an untrusted certificate, say).
+                let mut why = format!("unreachable: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                why
             }
         })?;
         let status = resp.status();

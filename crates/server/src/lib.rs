@@ -78,6 +78,9 @@ pub struct ServerConfig {
     pub llm: Option<fleetbox_review::llm::LlmConfig>,
     /// Follow-up rules: on or off, and their caps.
     pub planner: planner::PlannerConfig,
+    /// A CA certificate (PEM) trusted besides the system's for outgoing HTTPS (the model,
+    /// `notify` webhooks).
+    pub ca_cert: Option<PathBuf>,
     /// What result review's anomalies do to a job (`--anomalies`).
     pub anomalies: AnomalyAction,
     /// The AI planner's job templates (a directory of job specs, `*.toml`): with a model
@@ -115,6 +118,7 @@ impl ServerConfig {
             planner: planner::PlannerConfig::default(),
             ai_planner_templates: None,
             anomalies: AnomalyAction::Flag,
+            ca_cert: None,
             data_dir,
         }
     }
@@ -170,6 +174,8 @@ pub enum StartError {
     ReviewRules { path: PathBuf, why: String },
     #[error("the AI planner's templates `{}`: {why}", path.display())]
     AiPlanner { path: PathBuf, why: String },
+    #[error("`--ca-cert`: {0}")]
+    CaCert(String),
 }
 
 /// What a handler needs of a job, cached: code, limits and shard count never change.
@@ -445,7 +451,15 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             fleetbox_review::BuiltinReviewer::new(rules)
         }
     };
-    let reviewer: Arc<dyn fleetbox_review::Reviewer> = match config.llm.clone() {
+    if let Some(path) = &config.ca_cert {
+        fleetbox_review::llm::ca_certificate(path).map_err(StartError::CaCert)?;
+    }
+    let reviewer: Arc<dyn fleetbox_review::Reviewer> = match config.llm.clone().map(|mut llm| {
+        if llm.ca_cert.is_none() {
+            llm.ca_cert = config.ca_cert.clone();
+        }
+        llm
+    }) {
         None => Arc::new(builtin),
         // Its blocking HTTP client is made (and used) off the async threads.
         Some(llm) => {

@@ -18,12 +18,17 @@ const CLAIM_MS: i64 = 30_000;
 const MAX_BACKOFF_MS: u64 = 5 * 60 * 1000;
 
 pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let client = match reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("fleetbox/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+        .user_agent(concat!("fleetbox/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &state.config.ca_cert {
+        match fleetbox_review::llm::ca_certificate(path) {
+            Ok(cert) => builder = builder.add_root_certificate(cert),
+            Err(e) => tracing::error!(error = %e, "`--ca-cert` not usable for webhooks"),
+        }
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "no HTTP client: `notify` webhooks will not be sent");
@@ -105,7 +110,15 @@ async fn deliver(
             };
         }
         Ok(r) => format!("HTTP {}", r.status()),
-        Err(e) => format!("{e}"),
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            why
+        }
     };
     let tries = n.tries as u32 + 1;
     if tries >= config.notify_tries {

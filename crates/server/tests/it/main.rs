@@ -12,4 +12,5 @@ mod review;
 mod run;
 mod settle;
 mod support;
+mod tls;
 mod verify;
