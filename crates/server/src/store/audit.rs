@@ -84,6 +84,10 @@ pub enum Action {
     /// A person rejected one (a held job is cancelled).
     #[serde(rename = "review.rejected")]
     ReviewRejected,
+    /// Something was put in the review queue for a person (an anomaly, sandbox errors, a
+    /// verification finding, a webhook given up).
+    #[serde(rename = "review.flagged")]
+    ReviewFlagged,
     /// A person asked for a flag's shards to run again (a child job, checked by the server).
     #[serde(rename = "review.rerun")]
     ReviewRerun,
@@ -106,7 +110,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 33] = [
+    pub const ALL: [Action; 34] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -135,6 +139,7 @@ impl Action {
         Action::ReviewApproved,
         Action::ReviewRejected,
         Action::ReviewRerun,
+        Action::ReviewFlagged,
         Action::FollowupEvaluated,
         Action::FollowupCreated,
         Action::FollowupCapped,
@@ -172,6 +177,7 @@ impl Action {
             Action::ReviewApproved => "review.approved",
             Action::ReviewRejected => "review.rejected",
             Action::ReviewRerun => "review.rerun",
+            Action::ReviewFlagged => "review.flagged",
             Action::FollowupEvaluated => "followup.evaluated",
             Action::FollowupCreated => "followup.created",
             Action::FollowupCapped => "followup.capped",

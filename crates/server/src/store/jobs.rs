@@ -819,6 +819,8 @@ impl Store {
                 "shards_dead": s.shards_dead,
                 "attempts": s.attempts,
                 "result_blob": outcome.result_blob,
+                // What verification and result review found: [kind, metric, shard, score].
+                "flags": s.flags.iter().take(50).map(|f| serde_json::json!([f.kind, f.metric, f.shard, f.score])).collect::<Vec<_>>(),
             }));
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("storing a job result")?;

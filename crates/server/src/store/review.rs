@@ -188,8 +188,13 @@ impl Store {
         kind: &str,
         details: &Value,
     ) -> Result<i64, StoreError> {
+        let now = now_ms();
         let mut tx = self.begin_write().await.doing("flagging a job")?;
-        let id = insert_flag(&mut tx, tenant, job_id, kind, details, now_ms()).await?;
+        let id = insert_flag(&mut tx, tenant, job_id, kind, details, now).await?;
+        let entry = Entry::new(tenant, "reviewer", Action::ReviewFlagged)
+            .job(job_id)
+            .details(serde_json::json!({ "flag": id, "kind": kind, "details": details }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("flagging a job")?;
         Ok(id)
     }

@@ -211,6 +211,22 @@ async fn an_outlying_shard_result_is_flagged_and_queued() {
         .flags;
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].details["outliers"][0]["shard"], 17);
+    // The decision is in the audit log: the queue entry, and the flags with the job's end.
+    let flagged = c
+        .client
+        .audit(&format!("job={}&action=review.flagged", r.id))
+        .await
+        .unwrap();
+    assert_eq!(flagged.entries.len(), 1, "{flagged:?}");
+    assert_eq!(flagged.entries[0].actor, "reviewer");
+    assert_eq!(flagged.entries[0].details["kind"], "anomaly");
+    let completed = c
+        .client
+        .audit(&format!("job={}&action=job.completed", r.id))
+        .await
+        .unwrap();
+    assert_eq!(completed.entries[0].details["flags"][0][0], "outlier");
+    assert_eq!(completed.entries[0].details["flags"][0][2], 17);
 
     let r = c.run(&job(-1), Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed);
