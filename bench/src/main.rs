@@ -12,6 +12,7 @@
 //! cargo run --release -p fleetbox-bench -- env       [--runs 50] [--builds 3]
 //! cargo run --release -p fleetbox-bench -- run       [--calls 200]
 //! cargo run --release -p fleetbox-bench -- review    [--runs 50]
+//! cargo run --release -p fleetbox-bench -- planner   [--runs 50] [--chains 20]
 //! ```
 
 mod audit;
@@ -19,6 +20,7 @@ mod docker;
 mod e2e;
 mod env;
 mod jail;
+mod planner;
 mod review;
 mod run;
 mod startup;
@@ -48,6 +50,7 @@ fn main() {
             util::flag(&args, "--runs").unwrap_or(10),
         ),
         "review" => review::run(runs),
+        "planner" => planner::run(runs, util::flag(&args, "--chains").unwrap_or(20)),
         "run" => run::run(util::flag(&args, "--calls").unwrap_or(200)),
         "env" => env::run(runs, util::flag(&args, "--builds").unwrap_or(3)),
         "e2e" => e2e::run(
@@ -60,7 +63,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|throughput|e2e|audit|verify|env|run [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|docker|throughput|e2e|audit|verify|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

@@ -47,16 +47,7 @@ pub fn outliers(values: &[(u64, f64)]) -> Vec<Outlier> {
     }
     let mut sorted: Vec<f64> = finite.iter().map(|(_, v)| *v).collect();
     sorted.sort_by(f64::total_cmp);
-    let med = median(&sorted);
-    let mut dev: Vec<f64> = sorted.iter().map(|v| (v - med).abs()).collect();
-    dev.sort_by(f64::total_cmp);
-    let mad = median(&dev);
-    let scale = if mad > 0.0 {
-        mad / 0.6745
-    } else {
-        let mean_ad = dev.iter().sum::<f64>() / dev.len() as f64;
-        1.2533 * mean_ad
-    };
+    let (med, scale) = scale_of(&sorted);
     if scale <= 0.0 {
         return Vec::new();
     }
@@ -112,6 +103,8 @@ pub const MIN_FAILURES: usize = 3;
 /// Results an agent needs in a job before it is compared with its peers.
 pub const MIN_AGENT_SHARDS: usize = 3;
 
+/// The median of `sorted` and the spread a modified z-score divides by: MAD / 0.6745, or
+/// 1.2533 · the mean absolute deviation when the MAD is 0.
 fn scale_of(sorted: &[f64]) -> (f64, f64) {
     let med = median(sorted);
     let mut dev: Vec<f64> = sorted.iter().map(|v| (v - med).abs()).collect();

@@ -197,19 +197,7 @@ async fn decide(
 ) -> Result<Json<ReviewFlag>, ApiError> {
     let principal = auth.require(&[TokenKind::Admin])?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError::bad_request("invalid_path", format!("flag id `{id}` is not a number"))
-            .with_field("id")
-    })?;
-    let body = raw_body(req, &()).await?;
-    let body: DecideFlag = if body.is_empty() {
-        DecideFlag::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| SpecError::new("body", e.to_string()))?
-    };
-    if body.note.as_ref().is_some_and(|n| n.len() > 2000) {
-        return Err(SpecError::new("note", "at most 2000 bytes").into());
-    }
+    let (id, body) = flag_request(&id, req).await?;
     match state
         .store
         .decide_flag(&tenant, id, approve, &actor, body.note.as_deref())
@@ -241,19 +229,7 @@ pub async fn rerun(
 ) -> Result<Json<ReviewFlag>, ApiError> {
     let principal = auth.require(&[TokenKind::Admin])?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError::bad_request("invalid_path", format!("flag id `{id}` is not a number"))
-            .with_field("id")
-    })?;
-    let body = raw_body(req, &()).await?;
-    let body: DecideFlag = if body.is_empty() {
-        DecideFlag::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| SpecError::new("body", e.to_string()))?
-    };
-    if body.note.as_ref().is_some_and(|n| n.len() > 2000) {
-        return Err(SpecError::new("note", "at most 2000 bytes").into());
-    }
+    let (id, body) = flag_request(&id, req).await?;
     let flag = state
         .store
         .flag(&tenant, id)
@@ -318,6 +294,24 @@ pub async fn rerun(
             Ok(Json(flag))
         }
     }
+}
+
+/// A flag action's id (from the path) and body (`{note?}`, optional).
+async fn flag_request(id: &str, req: Request) -> Result<(i64, DecideFlag), ApiError> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::bad_request("invalid_path", format!("flag id `{id}` is not a number"))
+            .with_field("id")
+    })?;
+    let body = raw_body(req, &()).await?;
+    let body: DecideFlag = if body.is_empty() {
+        DecideFlag::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| SpecError::new("body", e.to_string()))?
+    };
+    if body.note.as_ref().is_some_and(|n| n.len() > 2000) {
+        return Err(SpecError::new("note", "at most 2000 bytes").into());
+    }
+    Ok((id, body))
 }
 
 /// Every shard a flag's details name (`shard`, `shards`, at any depth), sorted, once.

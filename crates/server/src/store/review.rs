@@ -134,6 +134,63 @@ pub(super) async fn insert_flag(
     Ok(id)
 }
 
+/// How a person decided an open flag: who, when, with what note, and the re-run it started.
+struct Decided<'a> {
+    status: &'static str,
+    actor: &'a str,
+    note: Option<&'a str>,
+    rerun_job_id: Option<&'a str>,
+    now: i64,
+}
+
+/// Decide open flag `id` of `tenant` within `tx` (guarded on `open`): its job, or `None` when
+/// it does not exist or was decided already.
+async fn decide_open(
+    tx: &mut Tx<'_>,
+    tenant: &str,
+    id: i64,
+    d: &Decided<'_>,
+) -> Result<Option<String>, StoreError> {
+    let row: Option<(String,)> = Sql::new("UPDATE review_flags SET status = ")
+        .bind(d.status)
+        .push(", decided_at = ")
+        .bind(d.now)
+        .push(", decided_by = ")
+        .bind(d.actor)
+        .push(", note = ")
+        .bind(d.note)
+        .push(", rerun_job_id = ")
+        .bind(d.rerun_job_id)
+        .push(" WHERE id = ")
+        .bind(id)
+        .push(" AND tenant_id = ")
+        .bind(tenant)
+        .push(" AND status = 'open' RETURNING job_id")
+        .build_as()
+        .fetch_optional(&mut **tx)
+        .await
+        .doing("deciding a review flag")?;
+    Ok(row.map(|(job,)| job))
+}
+
+impl Store {
+    /// What a flag that could not be decided is: missing, or decided before.
+    async fn undecidable(&self, tenant: &str, id: i64) -> Result<FlagDecision, StoreError> {
+        Ok(match self.flag(tenant, id).await? {
+            None => FlagDecision::NotFound,
+            Some(f) => FlagDecision::AlreadyDecided(f.status),
+        })
+    }
+
+    /// The flag as it is now, once decided.
+    async fn decided(&self, tenant: &str, id: i64) -> Result<FlagDecision, StoreError> {
+        Ok(match self.flag(tenant, id).await? {
+            Some(f) => FlagDecision::Decided(f),
+            None => FlagDecision::NotFound,
+        })
+    }
+}
+
 impl Store {
     /// A shard of a running job hit a sandbox violation: the job's shards not yet leased wait
     /// (`pending_review`) until a person decides, through a `violation` flag (one open flag
@@ -251,28 +308,16 @@ impl Store {
         let now = now_ms();
         let d = "re-running a held job's flag";
         let mut tx = self.begin_write().await.doing(d)?;
-        let decided: Option<(String,)> =
-            Sql::new("UPDATE review_flags SET status = 'rerun', decided_at = ")
-                .bind(now)
-                .push(", decided_by = ")
-                .bind(actor)
-                .push(", note = ")
-                .bind(note)
-                .push(" WHERE id = ")
-                .bind(id)
-                .push(" AND tenant_id = ")
-                .bind(tenant)
-                .push(" AND status = 'open' RETURNING job_id")
-                .build_as()
-                .fetch_optional(&mut *tx)
-                .await
-                .doing(d)?;
-        let Some((job_id,)) = decided else {
+        let how = Decided {
+            status: "rerun",
+            actor,
+            note,
+            rerun_job_id: None,
+            now,
+        };
+        let Some(job_id) = decide_open(&mut tx, tenant, id, &how).await? else {
             drop(tx);
-            return Ok(match self.flag(tenant, id).await? {
-                None => FlagDecision::NotFound,
-                Some(f) => FlagDecision::AlreadyDecided(f.status),
-            });
+            return self.undecidable(tenant, id).await;
         };
         if move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await? {
             queued_not_before(&mut tx, &job_id, 0).await?;
@@ -284,10 +329,7 @@ impl Store {
             );
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing(d)?;
-        Ok(match self.flag(tenant, id).await? {
-            Some(f) => FlagDecision::Decided(f),
-            None => FlagDecision::NotFound,
-        })
+        self.decided(tenant, id).await
     }
 
     /// Flags of job `job_id` whose re-run waits for the job to finish: (id, details).
@@ -344,30 +386,16 @@ impl Store {
         let now = now_ms();
         let d = "re-running a review flag";
         let mut tx = self.begin_write().await.doing(d)?;
-        let decided: Option<(String,)> =
-            Sql::new("UPDATE review_flags SET status = 'rerun', decided_at = ")
-                .bind(now)
-                .push(", decided_by = ")
-                .bind(actor)
-                .push(", note = ")
-                .bind(note)
-                .push(", rerun_job_id = ")
-                .bind(child.id.as_str())
-                .push(" WHERE id = ")
-                .bind(id)
-                .push(" AND tenant_id = ")
-                .bind(tenant)
-                .push(" AND status = 'open' RETURNING job_id")
-                .build_as()
-                .fetch_optional(&mut *tx)
-                .await
-                .doing(d)?;
-        let Some((job_id,)) = decided else {
+        let how = Decided {
+            status: "rerun",
+            actor,
+            note,
+            rerun_job_id: Some(&child.id),
+            now,
+        };
+        let Some(job_id) = decide_open(&mut tx, tenant, id, &how).await? else {
             drop(tx);
-            return Ok(match self.flag(tenant, id).await? {
-                None => FlagDecision::NotFound,
-                Some(f) => FlagDecision::AlreadyDecided(f.status),
-            });
+            return self.undecidable(tenant, id).await;
         };
         let per_statement = self.rows_per_statement(9);
         let submitted = super::jobs::insert_job_in(&mut tx, per_statement, child, now).await?;
@@ -397,41 +425,18 @@ impl Store {
         note: Option<&str>,
     ) -> Result<FlagDecision, StoreError> {
         let now = now_ms();
-        let status = if approve { "approved" } else { "rejected" };
         let d = "deciding a review flag";
         let mut tx = self.begin_write().await.doing(d)?;
-        let decided: Option<(String,)> = Sql::new("UPDATE review_flags SET status = ")
-            .bind(status)
-            .push(", decided_at = ")
-            .bind(now)
-            .push(", decided_by = ")
-            .bind(actor)
-            .push(", note = ")
-            .bind(note)
-            .push(" WHERE id = ")
-            .bind(id)
-            .push(" AND tenant_id = ")
-            .bind(tenant)
-            .push(" AND status = 'open' RETURNING job_id")
-            .build_as()
-            .fetch_optional(&mut *tx)
-            .await
-            .doing(d)?;
-        let Some((job_id,)) = decided else {
+        let how = Decided {
+            status: if approve { "approved" } else { "rejected" },
+            actor,
+            note,
+            rerun_job_id: None,
+            now,
+        };
+        let Some(job_id) = decide_open(&mut tx, tenant, id, &how).await? else {
             drop(tx);
-            let existing: Option<FlagRecord> = Sql::new(FLAG_SELECT)
-                .push(" WHERE id = ")
-                .bind(id)
-                .push(" AND tenant_id = ")
-                .bind(tenant)
-                .build_as()
-                .fetch_optional(&self.read)
-                .await
-                .doing(d)?;
-            return Ok(match existing {
-                None => FlagDecision::NotFound,
-                Some(f) => FlagDecision::AlreadyDecided(f.status),
-            });
+            return self.undecidable(tenant, id).await;
         };
         if approve {
             if move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await? {
@@ -456,13 +461,6 @@ impl Store {
             .details(serde_json::json!({ "flag": id, "note": note }));
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing(d)?;
-        let flag: FlagRecord = Sql::new(FLAG_SELECT)
-            .push(" WHERE id = ")
-            .bind(id)
-            .build_as()
-            .fetch_one(&self.read)
-            .await
-            .doing(d)?;
-        Ok(FlagDecision::Decided(flag.view()))
+        self.decided(tenant, id).await
     }
 }

@@ -2,12 +2,12 @@
 //! a job left, the same totals from two coordinators on one database, and a real Prometheus
 //! server scraping a live coordinator.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetbox_proto::JobState;
 
-use crate::support::{Coordinator, Db, spec};
+use crate::support::{Coordinator, Db, Killed, spec};
 
 /// A tool the test script installs; `None` (the test says so and passes) only outside CI.
 fn tool(name: &str) -> Option<String> {
@@ -144,15 +144,6 @@ async fn metrics_show_what_a_job_did_and_pass_promtool() {
             other.shutdown().await;
         }
         c.stop().await;
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -33,3 +33,13 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
         },
     }
 }
+
+/// A helper process (a stand-in server, Prometheus) killed when the test ends, however it ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -4,12 +4,12 @@
 //! this machine, and nothing leaves it.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleetbox_proto::JobState;
 
-use crate::support::{Coordinator, Db, spec};
+use crate::support::{Coordinator, Db, Killed, spec};
 
 const STAND_IN: &str = r#"
 import http.server, json, ssl, sys
@@ -38,15 +38,6 @@ server.socket = context.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_and_webhooks_speak_https_to_a_private_ca_and_refuse_strangers() {
