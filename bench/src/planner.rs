@@ -34,7 +34,7 @@ pub fn run(runs: usize, chains: usize) -> Result<(), String> {
         println!("planner: median of {runs} runs");
         println!("  compile + name check of a rule   {:8.3} ms", ms(compile));
         let filter = Arc::new(Rule::compile("result.filter(x, x >= summary.accepted * 5)").map_err(|e| e.to_string())?);
-        for n in [1_000u64, 100_000, 1_000_000] {
+        for n in [1_000u64, 100_000, 500_000, 1_000_000] {
             let items: Vec<u64> = (0..n).collect();
             let vars = Arc::new(Vars::new([
                 ("summary", json!({"accepted": 4})),
@@ -43,7 +43,16 @@ pub fn run(runs: usize, chains: usize) -> Result<(), String> {
             ]));
             let steps = filter.steps(&vars);
             let t = Instant::now();
-            let out = filter.evaluate(vars.clone()).await.map_err(|e| e.to_string())?;
+            let out = match filter.evaluate(vars.clone()).await {
+                Ok(out) => out,
+                Err(e) => {
+                    println!(
+                        "  filter over {n:>9} items        refused in {:.3} ms: {e}",
+                        ms(t.elapsed())
+                    );
+                    continue;
+                }
+            };
             let cel = t.elapsed();
             let t = Instant::now();
             let plain: Vec<u64> = items.iter().copied().filter(|x| *x >= 20).collect();

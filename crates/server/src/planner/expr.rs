@@ -81,7 +81,7 @@ pub struct CheckError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EvalError {
     #[error(
-        "the expression may take up to {steps} steps on this job's data (budget {STEP_BUDGET}): nested comprehensions over large lists are refused"
+        "the expression may take up to {steps} steps on this job's data (budget {STEP_BUDGET}): work on the summary or a smaller list (each nested pass over a list multiplies the work by its size)"
     )]
     Budget { steps: u64 },
     #[error("the expression ran past its {}s deadline", DEADLINE.as_secs())]
