@@ -24,6 +24,10 @@ pub struct PlanFacts {
     pub root_job_id: Option<String>,
 }
 
+/// [`PlanFacts`] of one job: `FACTS_SELECT` + its id.
+const FACTS_SELECT: &str =
+    "SELECT tenant_id, name, state, spec, depth, root_job_id FROM jobs WHERE id = ";
+
 /// A webhook POST to record with a plan.
 #[derive(Debug, Clone)]
 pub struct NewNotification {
@@ -95,7 +99,7 @@ impl Store {
     }
 
     pub async fn plan_facts(&self, id: &str) -> Result<Option<PlanFacts>, StoreError> {
-        Sql::new("SELECT tenant_id, name, state, spec, depth, root_job_id FROM jobs WHERE id = ")
+        Sql::new(FACTS_SELECT)
             .bind(id)
             .push(" AND planned = 0")
             .build_as()
@@ -110,7 +114,7 @@ impl Store {
         tenant: &str,
         id: &str,
     ) -> Result<Option<PlanFacts>, StoreError> {
-        Sql::new("SELECT tenant_id, name, state, spec, depth, root_job_id FROM jobs WHERE id = ")
+        Sql::new(FACTS_SELECT)
             .bind(id)
             .push(" AND tenant_id = ")
             .bind(tenant)
