@@ -325,7 +325,7 @@ async fn a_model_reviewer_can_raise_the_risk() {
 /// leased until a person approves (then it goes on) or rejects (then it is cancelled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
-    use fleetbox_proto::api::{LeaseRequest, ReportBatch, ShardReport};
+    use fleetbox_proto::api::LeaseRequest;
     use fleetbox_proto::{ExecutionReport, Status};
     for db in crate::support::BOTH {
         let Some(c) = Coordinator::start(db).await else {
@@ -352,12 +352,7 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
         let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
         let mut report = ExecutionReport::unmeasured(Status::SandboxViolation, None);
         report.message = Some("denied syscall `mount`".into());
-        let mut r = ShardReport::new(first.lease_id.clone(), first.task_id, report);
-        r.attempt = first.attempt;
-        agent
-            .report(&ReportBatch { reports: vec![r] })
-            .await
-            .unwrap();
+        send(&agent, &[(&first, report)]).await;
         let view = c.client.job(&job.id).await.unwrap();
         assert_eq!(view.state, JobState::PendingReview, "{view:?}");
         assert!(
@@ -392,16 +387,8 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
         let mut tasks = agent.lease(&lease(10)).await.unwrap().tasks;
         let only = tasks.iter().position(|t| t.job_id == one.id).unwrap();
         let only = tasks.swap_remove(only);
-        let mut r = ShardReport::new(
-            only.lease_id.clone(),
-            only.task_id,
-            ExecutionReport::unmeasured(Status::SandboxViolation, None),
-        );
-        r.attempt = only.attempt;
-        agent
-            .report(&ReportBatch { reports: vec![r] })
-            .await
-            .unwrap();
+        let violation = ExecutionReport::unmeasured(Status::SandboxViolation, None);
+        send(&agent, &[(&only, violation)]).await;
         let r = c.wait(&one.id, Duration::from_secs(30)).await;
         assert_eq!(r.state, JobState::Failed, "{r:?}");
         c.stop().await;
@@ -412,7 +399,7 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
 /// the flagged shard runs again in a child job (checked by the server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
-    use fleetbox_proto::api::{LeaseRequest, ReportBatch, ShardReport};
+    use fleetbox_proto::api::LeaseRequest;
     use fleetbox_proto::{ExecutionReport, Status};
     let Some(c) = Coordinator::start(fleetbox_testkit::Db::Sqlite).await else {
         return;
@@ -433,16 +420,8 @@ async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
         backend: None,
     };
     let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
-    let mut r = ShardReport::new(
-        first.lease_id.clone(),
-        first.task_id,
-        ExecutionReport::unmeasured(Status::SandboxViolation, None),
-    );
-    r.attempt = first.attempt;
-    agent
-        .report(&ReportBatch { reports: vec![r] })
-        .await
-        .unwrap();
+    let violation = ExecutionReport::unmeasured(Status::SandboxViolation, None);
+    send(&agent, &[(&first, violation)]).await;
     assert_eq!(
         c.client.job(&job.id).await.unwrap().state,
         JobState::PendingReview
@@ -470,17 +449,15 @@ async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
     // The rest of the job runs and it finishes.
     let rest = agent.lease(&lease(10)).await.unwrap().tasks;
     assert_eq!(rest.len(), 2);
-    let reports = rest
+    let done_reports: Vec<_> = rest
         .iter()
         .map(|t| {
             let mut report = ExecutionReport::unmeasured(Status::Ok, None);
             report.output = Some(serde_json::json!(1));
-            let mut r = ShardReport::new(t.lease_id.clone(), t.task_id, report);
-            r.attempt = t.attempt;
-            r
+            (t, report)
         })
         .collect();
-    agent.report(&ReportBatch { reports }).await.unwrap();
+    send(&agent, &done_reports).await;
     let done = c.wait(&job.id, Duration::from_secs(30)).await;
     assert!(done.state.is_final(), "{done:?}");
     // Its fold started the re-run of the flagged shard.
@@ -671,4 +648,24 @@ async fn sandbox_errors_are_queued_for_review() {
     assert_eq!(flags[0].details["shards"], serde_json::json!([0, 1]));
     assert_eq!(flags[0].details["agents"].as_array().unwrap().len(), 1);
     c.stop().await;
+}
+
+/// Report these runs of these leased shards, signed, as an agent does.
+async fn send(
+    agent: &fleetbox_testkit::SignedAgent,
+    runs: &[(
+        &fleetbox_proto::api::LeasedTask,
+        fleetbox_proto::ExecutionReport,
+    )],
+) {
+    use fleetbox_proto::api::{ReportBatch, ShardReport};
+    let reports = runs
+        .iter()
+        .map(|(task, report)| {
+            let mut r = ShardReport::new(task.lease_id.clone(), task.task_id, report.clone());
+            r.attempt = task.attempt;
+            r
+        })
+        .collect();
+    agent.report(&ReportBatch { reports }).await.unwrap();
 }
