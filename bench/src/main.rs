@@ -5,7 +5,7 @@
 //! cargo run --release -p fleetbox-bench -- startup   [--runs 50]   # fleetbox run vs bare python3
 //! cargo run --release -p fleetbox-bench -- jail      [--runs 50]   # jail vs python3, bwrap, docker
 //! cargo run --release -p fleetbox-bench -- docker    [--runs 20]   # docker backend vs docker run, runsc, jail
-//! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500]
+//! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500] [--rounds 5]
 //! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
 //! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
 //! cargo run --release -p fleetbox-bench -- verify    [--shards 300] [--runs 10]
@@ -40,6 +40,7 @@ fn main() {
             util::flag(&args, "--tasks").unwrap_or(50_000),
             util::flag(&args, "--executors").unwrap_or(4),
             util::flag(&args, "--batch").unwrap_or(500) as u32,
+            util::flag(&args, "--rounds").unwrap_or(5),
         ),
         "audit" => audit::run(
             util::flag(&args, "--entries").unwrap_or(200_000),

@@ -14,34 +14,34 @@ use fleetbox_server::ServerConfig;
 /// Set to a PostgreSQL URL (a database the bench may create databases from) to measure it too.
 pub const PG_VAR: &str = "FLEETBOX_BENCH_DATABASE_URL";
 
-pub fn run(tasks: usize, executors: usize, batch: u32) -> Result<(), String> {
+pub fn run(tasks: usize, executors: usize, batch: u32, rounds: usize) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        println!("throughput: {tasks} no-op tasks, {executors} fake executors, batches of {batch}");
-        let sqlite = one(None, tasks, executors, batch, true).await?;
-        let bare = one(None, tasks, executors, batch, false).await?;
+        println!(
+            "throughput: {tasks} no-op tasks, {executors} fake executors, batches of {batch}; \
+             {rounds} rounds with the audit log and {rounds} without, interleaved, medians"
+        );
+        let sqlite = rounds_of(None, tasks, executors, batch, rounds).await?;
         println!(
             "  sqlite      submit {:7.0} tasks/s   lease+report {:7.0} tasks/s   (target 10000, {:.2}x)",
-            sqlite.0,
-            sqlite.1,
-            sqlite.1 / 10_000.0
+            sqlite.submit,
+            sqlite.with,
+            sqlite.with / 10_000.0
         );
-        audit_cost("sqlite", sqlite.1, bare.1);
+        sqlite.print_audit_cost("sqlite");
         match std::env::var(PG_VAR) {
             Ok(base) => {
-                let pg = one(Some(fresh_database(&base).await?), tasks, executors, batch, true).await?;
-                let bare =
-                    one(Some(fresh_database(&base).await?), tasks, executors, batch, false).await?;
+                let pg = rounds_of(Some(&base), tasks, executors, batch, rounds).await?;
                 println!(
                     "  postgresql  submit {:7.0} tasks/s   lease+report {:7.0} tasks/s   (target 5000, {:.2}x)",
-                    pg.0,
-                    pg.1,
-                    pg.1 / 5_000.0
+                    pg.submit,
+                    pg.with,
+                    pg.with / 5_000.0
                 );
-                audit_cost("postgresql", pg.1, bare.1);
+                pg.print_audit_cost("postgresql");
             }
             Err(_) => println!("  postgresql  skipped: set {PG_VAR}=postgres://... (scripts/start-postgres prints one)"),
         }
@@ -49,12 +49,67 @@ pub fn run(tasks: usize, executors: usize, batch: u32) -> Result<(), String> {
     })
 }
 
-/// What the audit log costs: lease+report with it against the same run without it.
-fn audit_cost(store: &str, with: f64, without: f64) {
-    println!(
-        "  {store:<11} audit off {without:7.0} tasks/s   audit on is {:.1}% slower (target under 10%)",
-        (1.0 - with / without) * 100.0
-    );
+/// Medians over interleaved rounds with the audit log on and off.
+struct Rounds {
+    submit: f64,
+    with: f64,
+    without: f64,
+    /// Every round's lease+report rate, on and off, in the order they ran.
+    each: Vec<(f64, f64)>,
+}
+
+impl Rounds {
+    /// What the audit log costs: lease+report with it against the same runs without it.
+    fn print_audit_cost(&self, store: &str) {
+        let rounds: Vec<String> = self
+            .each
+            .iter()
+            .map(|(on, off)| format!("{on:.0}/{off:.0}"))
+            .collect();
+        println!(
+            "  {store:<11} audit off {:7.0} tasks/s   audit on is {:.1}% slower (target under 10%; rounds on/off: {})",
+            self.without,
+            (1.0 - self.with / self.without) * 100.0,
+            rounds.join(" ")
+        );
+    }
+}
+
+/// One store's rounds: each runs on a fresh database, on then off, so drift on the machine
+/// (the page cache, PostgreSQL's autovacuum, another process) falls on both sides alike. One
+/// pair is noise here (a single pair measured anywhere from -4% to +19%); medians are not.
+async fn rounds_of(
+    pg: Option<&str>,
+    tasks: usize,
+    executors: usize,
+    batch: u32,
+    rounds: usize,
+) -> Result<Rounds, String> {
+    let mut submits = Vec::new();
+    let mut each = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let mut pair = [0.0; 2];
+        for (slot, audit) in [(0, true), (1, false)] {
+            let url = match pg {
+                Some(base) => Some(fresh_database(base).await?),
+                None => None,
+            };
+            let (submit, rate) = one(url, tasks, executors, batch, audit).await?;
+            if audit {
+                submits.push(submit);
+            }
+            pair[slot] = rate;
+        }
+        each.push((pair[0], pair[1]));
+    }
+    let with = crate::util::median(each.iter().map(|p| p.0).collect());
+    let without = crate::util::median(each.iter().map(|p| p.1).collect());
+    Ok(Rounds {
+        submit: crate::util::median(submits),
+        with,
+        without,
+        each,
+    })
 }
 
 pub async fn fresh_database(base: &str) -> Result<String, String> {

@@ -281,12 +281,38 @@ pub fn leaf(
     task_id: Option<i64>,
     details: &str,
 ) -> [u8; 32] {
-    let [job_id, lease_id, agent_id] = subjects;
     // The entry's RFC 8785 form, written directly: its keys in sorted order, its strings
     // escaped as RFC 8785 (and serde_json) escape them, its integers as digits. The same bytes
     // `serde_json_canonicalizer` gives for the whole object (a test checks), at a fraction of
-    // the cost: this sits on every hot path.
-    let mut out = Vec::with_capacity(256);
+    // the cost: this sits on every hot path. Written into a buffer each thread keeps.
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with_borrow_mut(|out| {
+        out.clear();
+        out.push(0x00);
+        entry_form(
+            out, tenant_id, seq, at, actor, action, subjects, task_id, details,
+        );
+        Sha256::digest(&out[..]).into()
+    })
+}
+
+/// The RFC 8785 bytes of an entry, appended to `out`.
+#[allow(clippy::too_many_arguments)]
+fn entry_form(
+    out: &mut Vec<u8>,
+    tenant_id: &str,
+    seq: i64,
+    at: i64,
+    actor: &str,
+    action: &str,
+    subjects: [Option<&str>; 3],
+    task_id: Option<i64>,
+    details: &str,
+) {
+    use std::io::Write as _;
+    let [job_id, lease_id, agent_id] = subjects;
     let text = |out: &mut Vec<u8>, s: &str| {
         serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail")
     };
@@ -295,29 +321,28 @@ pub fn leaf(
         None => out.extend_from_slice(b"null"),
     };
     out.extend_from_slice(b"{\"action\":");
-    text(&mut out, action);
+    text(out, action);
     out.extend_from_slice(b",\"actor\":");
-    text(&mut out, actor);
+    text(out, actor);
     out.extend_from_slice(b",\"agent\":");
-    opt(&mut out, agent_id);
-    out.extend_from_slice(format!(",\"at\":{at},\"details\":").as_bytes());
+    opt(out, agent_id);
+    // Integers written in place (no intermediate strings).
+    let _ = write!(out, ",\"at\":{at},\"details\":");
     out.extend_from_slice(details.as_bytes());
     out.extend_from_slice(b",\"job\":");
-    opt(&mut out, job_id);
+    opt(out, job_id);
     out.extend_from_slice(b",\"lease\":");
-    opt(&mut out, lease_id);
-    out.extend_from_slice(format!(",\"seq\":{seq},\"task\":").as_bytes());
+    opt(out, lease_id);
+    let _ = write!(out, ",\"seq\":{seq},\"task\":");
     match task_id {
-        Some(t) => out.extend_from_slice(t.to_string().as_bytes()),
+        Some(t) => {
+            let _ = write!(out, "{t}");
+        }
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"tenant\":");
-    text(&mut out, tenant_id);
+    text(out, tenant_id);
     out.push(b'}');
-    let mut h = Sha256::new();
-    h.update([0u8]);
-    h.update(&out);
-    h.finalize().into()
 }
 
 pub use fleetbox_proto::canonical::{canonical, canonical_into};
@@ -331,25 +356,37 @@ pub fn link(previous: &[u8; 32], leaf: &[u8; 32]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// A sha256 from its 64 hex digits (either case), or `None`.
+/// A sha256 from its 64 hex digits (either case), or `None`. Verification decodes two per
+/// entry, so through a table rather than a branch per digit.
 fn unhex(s: &str) -> Option<[u8; 32]> {
-    fn digit(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
+    const INVALID: u8 = 0xff;
+    const DIGITS: [u8; 256] = {
+        let mut t = [INVALID; 256];
+        let mut c = 0;
+        while c < 10 {
+            t[b'0' as usize + c] = c as u8;
+            c += 1;
         }
-    }
+        let mut c = 0;
+        while c < 6 {
+            t[b'a' as usize + c] = 10 + c as u8;
+            t[b'A' as usize + c] = 10 + c as u8;
+            c += 1;
+        }
+        t
+    };
     let s = s.as_bytes();
     if s.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
+    let mut bad = 0u8;
     for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        *o = digit(pair[0])? << 4 | digit(pair[1])?;
+        let (hi, lo) = (DIGITS[pair[0] as usize], DIGITS[pair[1] as usize]);
+        bad |= (hi | lo) & 0xf0;
+        *o = hi << 4 | (lo & 0x0f);
     }
-    Some(out)
+    (bad == 0).then_some(out)
 }
 
 impl Record {
@@ -409,6 +446,75 @@ impl Record {
             ],
             self.task_id,
             &self.details,
+        )
+    }
+}
+
+/// What verification reads of an entry: a stored [`Record`], or an [`EntryRef`] into a page
+/// read straight from the database.
+pub trait LogEntry: Sync {
+    fn seq(&self) -> i64;
+    /// The leaf as stored (hex).
+    fn stored_leaf(&self) -> &str;
+    /// The chain value as stored (hex).
+    fn stored_chain(&self) -> &str;
+    /// The leaf the entry's fields hash to.
+    fn computed_leaf(&self) -> [u8; 32];
+}
+
+impl LogEntry for Record {
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+    fn stored_leaf(&self) -> &str {
+        &self.leaf
+    }
+    fn stored_chain(&self) -> &str {
+        &self.chain
+    }
+    fn computed_leaf(&self) -> [u8; 32] {
+        Record::computed_leaf(self)
+    }
+}
+
+/// An entry's fields borrowed from a page of text read for verification (no allocation per
+/// entry: a million entries a second is the target).
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub tenant_id: &'a str,
+    pub seq: i64,
+    pub at: i64,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub job_id: Option<&'a str>,
+    pub task_id: Option<i64>,
+    pub lease_id: Option<&'a str>,
+    pub agent_id: Option<&'a str>,
+    pub details: &'a str,
+    pub leaf: &'a str,
+    pub chain: &'a str,
+}
+
+impl LogEntry for EntryRef<'_> {
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+    fn stored_leaf(&self) -> &str {
+        self.leaf
+    }
+    fn stored_chain(&self) -> &str {
+        self.chain
+    }
+    fn computed_leaf(&self) -> [u8; 32] {
+        leaf(
+            self.tenant_id,
+            self.seq,
+            self.at,
+            self.actor,
+            self.action,
+            [self.job_id, self.lease_id, self.agent_id],
+            self.task_id,
+            self.details,
         )
     }
 }
@@ -572,8 +678,8 @@ async fn append_tenant(
 
 /// Check a sequence of records (in `seq` order) against the chain from `start` (the chain
 /// value before the first record, and its sequence number).
-pub fn verify_records(
-    records: &[Record],
+pub fn verify_records<E: LogEntry>(
+    records: &[E],
     start: (i64, [u8; 32]),
 ) -> Result<(u64, i64, [u8; 32]), AuditProblem> {
     // The leaves are independent of each other: computed on every core; the links, which are
@@ -582,56 +688,54 @@ pub fn verify_records(
     let (mut seq, mut chain) = start;
     let mut n = 0u64;
     for (r, computed) in records.iter().zip(leaves) {
-        if r.seq != seq + 1 {
+        if r.seq() != seq + 1 {
             return Err(AuditProblem {
                 seq: seq + 1,
-                what: if r.seq > seq + 1 {
+                what: if r.seq() > seq + 1 {
                     format!(
                         "entries {}..{} are missing (deleted, or the log was reordered)",
                         seq + 1,
-                        r.seq - 1
+                        r.seq() - 1
                     )
                 } else {
-                    format!("entry {} appears out of order after {seq}", r.seq)
+                    format!("entry {} appears out of order after {seq}", r.seq())
                 },
             });
         }
-        if unhex(&r.leaf) != Some(computed) {
+        if unhex(r.stored_leaf()) != Some(computed) {
             return Err(AuditProblem {
-                seq: r.seq,
+                seq: r.seq(),
                 what: "its content does not hash to its leaf (edited, or another entry's content)"
                     .into(),
             });
         }
         chain = link(&chain, &computed);
-        if unhex(&r.chain) != Some(chain) {
+        if unhex(r.stored_chain()) != Some(chain) {
             return Err(AuditProblem {
-                seq: r.seq,
+                seq: r.seq(),
                 what: "its chain hash does not follow from the entry before it (inserted, or the \
                        chain was rewritten)"
                     .into(),
             });
         }
-        seq = r.seq;
+        seq = r.seq();
         n += 1;
     }
     Ok((n, seq, chain))
 }
 
 /// Each record's leaf, computed in parallel over the available cores for long runs.
-fn computed_leaves(records: &[Record]) -> Vec<[u8; 32]> {
+fn computed_leaves<E: LogEntry>(records: &[E]) -> Vec<[u8; 32]> {
     const SERIAL: usize = 1024;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if records.len() < SERIAL || threads < 2 {
-        return records.iter().map(Record::computed_leaf).collect();
+        return records.iter().map(E::computed_leaf).collect();
     }
     let per = records.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let parts: Vec<_> = records
             .chunks(per)
-            .map(|part| {
-                scope.spawn(move || part.iter().map(Record::computed_leaf).collect::<Vec<_>>())
-            })
+            .map(|part| scope.spawn(move || part.iter().map(E::computed_leaf).collect::<Vec<_>>()))
             .collect();
         parts
             .into_iter()
@@ -777,23 +881,15 @@ impl Store {
             .map(|c| (c.seq, c))
             .collect();
         // Pages are read ahead while the one before is hashed (on the blocking pool): the
-        // database and the hashing run side by side.
-        let (pages, mut next) = tokio::sync::mpsc::channel::<Result<Vec<Record>, StoreError>>(2);
+        // database and the hashing run side by side. Entries up to the head read above: the
+        // head and its entries commit together, so the log up to it is complete; entries
+        // appended while verification runs are the next verification's.
+        let (pages, mut next) = tokio::sync::mpsc::channel::<super::audit_read::PageRead>(2);
         let reader = {
             let store = self.clone();
             let tenant = tenant.to_string();
-            let mut after = state.0;
-            tokio::spawn(async move {
-                loop {
-                    let page = store.audit_page(&tenant, after, VERIFY_PAGE).await;
-                    let last = page.as_ref().ok().and_then(|p| p.last().map(|r| r.seq));
-                    let done = last.is_none();
-                    if pages.send(page).await.is_err() || done {
-                        return;
-                    }
-                    after = last.expect("a page with a last entry");
-                }
-            })
+            let after = state.0;
+            tokio::spawn(async move { store.read_audit_log(tenant, after, head_seq, pages).await })
         };
         let _stop_reading = AbortOnDrop(reader);
         while let Some(page) = next.recv().await {
@@ -801,8 +897,9 @@ impl Store {
             if page.is_empty() {
                 break;
             }
+            let tenant_id = tenant.to_string();
             let (checked, page) = tokio::task::spawn_blocking(move || {
-                let checked = verify_records(&page, state);
+                let checked = verify_records(&page.entries(&tenant_id), state);
                 (checked, page)
             })
             .await
@@ -821,7 +918,7 @@ impl Store {
                     return Ok(fail(p, entries + good, head_seq));
                 }
             }
-            for r in &page {
+            for r in page.entries(tenant) {
                 if let Some(c) = pending.remove(&r.seq)
                     && c.chain != r.chain
                 {
@@ -852,6 +949,37 @@ impl Store {
                 head_seq,
             ));
         }
+        if state.0 == head_seq && hex::encode(state.1) == head_chain {
+            // Entries past the head must be ones appended since it was read: the head read
+            // after them has moved at least as far.
+            let last: (Option<i64>,) = Sql::new("SELECT MAX(seq) FROM audit WHERE tenant_id = ")
+                .bind(tenant)
+                .build_as()
+                .fetch_one(&self.read)
+                .await
+                .doing("reading the audit log")?;
+            let now: Option<(i64,)> = Sql::new("SELECT seq FROM audit_heads WHERE tenant_id = ")
+                .bind(tenant)
+                .build_as()
+                .fetch_optional(&self.read)
+                .await
+                .doing("reading the audit chain head")?;
+            if let (Some(last), Some((now,))) = (last.0, now)
+                && last > now
+            {
+                return Ok(fail(
+                    AuditProblem {
+                        seq: now + 1,
+                        what: format!(
+                            "the log goes on past its head ({now}): entries were added outside \
+                             the chain"
+                        ),
+                    },
+                    entries,
+                    head_seq,
+                ));
+            }
+        }
         if state.0 != head_seq || hex::encode(state.1) != head_chain {
             let problem = if state.0 < head_seq {
                 AuditProblem {
@@ -864,11 +992,10 @@ impl Store {
                 }
             } else {
                 AuditProblem {
-                    seq: head_seq + 1,
-                    what: format!(
-                        "the log goes on past its head ({head_seq}): entries were added outside \
-                         the chain"
-                    ),
+                    seq: head_seq,
+                    what: "the chain head does not match the log's last entry (the head was \
+                           edited)"
+                        .into(),
                 }
             };
             return Ok(fail(problem, entries, head_seq));
@@ -883,105 +1010,12 @@ impl Store {
     }
 }
 
-/// Entries per page read by [`Store::audit_verify`].
-const VERIFY_PAGE: i64 = 4096;
-
 /// Aborts a task when dropped (verification stopped early).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// One entry of a page as [`Store::audit_page`] reads it: `seq, at, actor, action, job_id,
-/// task_id, lease_id, agent_id, details, leaf, chain`.
-type PageRow = (
-    i64,
-    i64,
-    String,
-    String,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    String,
-    String,
-    String,
-);
-
-impl Store {
-    /// Up to `limit` entries of `tenant` after `after`, in `seq` order, read as one row: the
-    /// database folds the page into a JSON array, so a page costs one row's round trip
-    /// instead of thousands (per-row overhead, not hashing, bounds verification otherwise).
-    async fn audit_page(
-        &self,
-        tenant: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<Record>, StoreError> {
-        let fold = match self.kind {
-            DbKind::Sqlite => {
-                "SELECT json_group_array(json_array(seq, at, actor, action, job_id, task_id, \
-                 lease_id, agent_id, details, leaf, chain)) FROM (SELECT * FROM audit \
-                 WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3)"
-            }
-            DbKind::Postgres => {
-                "SELECT CAST(COALESCE(json_agg(json_build_array(seq, at, actor, action, job_id, \
-                 task_id, lease_id, agent_id, details, leaf, chain) ORDER BY seq), '[]') AS TEXT) \
-                 FROM (SELECT * FROM audit WHERE tenant_id = $1 AND seq > $2 ORDER BY seq \
-                 LIMIT $3) AS page"
-            }
-        };
-        let (text,): (String,) = sqlx::query_as(fold)
-            .bind(tenant)
-            .bind(after)
-            .bind(limit)
-            .fetch_one(&self.read)
-            .await
-            .doing("reading the audit log")?;
-        let mut rows: Vec<PageRow> =
-            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
-                what: "audit log",
-                detail: format!("a page of entries did not read back: {e}"),
-            })?;
-        // SQLite folds in the subquery's order in practice; the order is the check's premise,
-        // so it is not left to an unstated guarantee.
-        rows.sort_by_key(|r| r.0);
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    seq,
-                    at,
-                    actor,
-                    action,
-                    job_id,
-                    task_id,
-                    lease_id,
-                    agent_id,
-                    details,
-                    leaf,
-                    chain,
-                )| {
-                    Record {
-                        tenant_id: tenant.to_string(),
-                        seq,
-                        at,
-                        actor,
-                        action,
-                        job_id,
-                        task_id,
-                        lease_id,
-                        agent_id,
-                        details,
-                        leaf,
-                        chain,
-                    }
-                },
-            )
-            .collect())
     }
 }
 
@@ -1240,6 +1274,20 @@ mod tests {
                 r
             })
             .collect()
+    }
+
+    #[test]
+    fn hex_digests_decode_in_either_case_and_nothing_else_does() {
+        let digest: [u8; 32] = std::array::from_fn(|i| (i * 37 + 11) as u8);
+        let lower = hex::encode(digest);
+        assert_eq!(unhex(&lower), Some(digest));
+        assert_eq!(unhex(&lower.to_uppercase()), Some(digest));
+        assert_eq!(unhex(&lower[2..]), None);
+        for bad in ['g', 'G', ' ', '/', ':', '@', '`', '\u{e9}'] {
+            let mut s = lower.clone();
+            s.replace_range(10..11, &bad.to_string());
+            assert_eq!(unhex(&s), None, "{bad:?}");
+        }
     }
 
     #[test]

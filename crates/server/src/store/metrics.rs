@@ -27,15 +27,15 @@ pub(super) fn counted(entries: &[Entry]) -> BTreeMap<(&'static str, String), i64
                 1,
             ),
             Action::AttemptReported => {
-                if let Some(violations) = e.details["violations"].as_array() {
-                    for v in violations {
-                        let kind = v["kind"].as_str().map(escape).unwrap_or_default();
-                        add(
-                            "fleetbox_sandbox_violations_total",
-                            format!("kind=\"{kind}\""),
-                            1,
-                        );
-                    }
+                let attempts = e.details["attempts"].as_array().into_iter().flatten();
+                let violations = attempts.filter_map(|a| a["violations"].as_array());
+                for v in violations.flatten() {
+                    let kind = v["kind"].as_str().map(escape).unwrap_or_default();
+                    add(
+                        "fleetbox_sandbox_violations_total",
+                        format!("kind=\"{kind}\""),
+                        1,
+                    );
                 }
             }
             Action::ReportRefused => add(

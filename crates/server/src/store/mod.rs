@@ -8,6 +8,7 @@
 
 mod agents;
 pub mod audit;
+mod audit_read;
 mod jobs;
 mod metrics;
 pub mod planner;
@@ -161,6 +162,9 @@ pub struct Store {
     read: AnyPool,
     /// Whether appends are written (see `ServerConfig::audit`).
     audit: bool,
+    /// What the store was opened with: the audit log's verification reads through a native
+    /// connection of its own (see `audit_read`).
+    url: String,
 }
 
 impl std::fmt::Debug for Store {
@@ -238,6 +242,7 @@ impl Store {
             write,
             read,
             audit: true,
+            url: url.to_string(),
         };
         store.migrate().await?;
         Ok(store)

@@ -509,6 +509,11 @@ impl Store {
         let mut chosen_attempts = Vec::new();
         let trust = super::verify::ReporterTrust::read(&mut tx, agent_id).await?;
         let actor = format!("agent:{agent_id}");
+        // What the agent reported: one `attempt.reported` entry per job per call, each attempt
+        // with its task, lease and run summary (like `shard.leased`: a task costs one entry
+        // on the hot path, its `shard.accepted`, not two). The settle entries follow it.
+        let mut reported: std::collections::BTreeMap<&str, Vec<serde_json::Value>> =
+            Default::default();
         let mut entries = Vec::new();
         for &i in &valid_rows {
             let r = &reports[i];
@@ -524,7 +529,16 @@ impl Store {
                     .lease(&r.lease_id)
                     .agent(agent_id)
             };
-            entries.push(entry(Action::AttemptReported).details(r.audit.clone()));
+            let mut attempt = r.audit.clone();
+            if let Some(fields) = attempt.as_object_mut() {
+                fields.insert("task".into(), task.id.into());
+                fields.insert("lease".into(), r.lease_id.as_str().into());
+                fields.insert("attempt".into(), r.attempt.into());
+            }
+            reported
+                .entry(task.job_id.as_str())
+                .or_default()
+                .push(attempt);
             let shard = Shard {
                 id: task.id,
                 job_id: &task.job_id,
@@ -626,7 +640,26 @@ impl Store {
             .filter(|r| inserted.contains_key(&r.lease_id))
             .collect();
         super::verify::ReporterTrust::count(&mut tx, agent_id, &stored, now).await?;
-        self.append_audit(&mut tx, entries, now).await?;
+        let mut log: Vec<Entry> = reported
+            .into_iter()
+            .map(|(job_id, attempts)| {
+                let mut entry = Entry::new(tenant_id, actor.as_str(), Action::AttemptReported)
+                    .job(job_id)
+                    .agent(agent_id);
+                // A single attempt is also named as the entry's task and lease.
+                if let [one] = attempts.as_slice() {
+                    if let Some(task) = one["task"].as_i64() {
+                        entry = entry.task(task);
+                    }
+                    if let Some(lease) = one["lease"].as_str() {
+                        entry = entry.lease(lease);
+                    }
+                }
+                entry.details(serde_json::json!({ "attempts": attempts }))
+            })
+            .collect();
+        log.append(&mut entries);
+        self.append_audit(&mut tx, log, now).await?;
         tx.commit().await.doing("storing reports")?;
         Ok((outcomes, ready))
     }

@@ -49,3 +49,71 @@ async fn a_long_chain_verifies_and_an_edit_past_the_first_page_is_named() {
         store.close().await;
     }
 }
+
+/// Verification reads the log up to the head it read first, on a connection of its own: a
+/// log that grows while it runs verifies (what was appended after is the next run's), for a
+/// tenant whose name needs quoting too; a row added past the head without moving it is named.
+#[tokio::test]
+async fn a_growing_log_verifies_and_a_row_past_the_head_is_named() {
+    const TENANT: &str = "o'neil \\ co";
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let store = Store::open(&url).await.unwrap();
+        let batch = |round: usize| {
+            (0..200)
+                .map(|i| {
+                    Entry::new(TENANT, "server", Action::ShardAccepted)
+                        .job("job_growing")
+                        .task((round * 200 + i) as i64)
+                        .details(serde_json::json!({"round": round}))
+                })
+                .collect::<Vec<_>>()
+        };
+        store.audit(batch(0)).await.unwrap();
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for round in 1..=60 {
+                    store.audit(batch(round)).await.unwrap();
+                }
+            })
+        };
+        let mut runs = 0;
+        while !writer.is_finished() || runs < 3 {
+            let v = store.audit_verify(TENANT).await.unwrap();
+            assert!(v.ok, "{db:?}, run {runs}: {v:?}");
+            assert_eq!(v.entries as i64, v.head_seq, "{db:?}");
+            runs += 1;
+        }
+        writer.await.unwrap();
+        let v = store.audit_verify(TENANT).await.unwrap();
+        assert!(v.ok && v.entries == 61 * 200, "{db:?}: {v:?}");
+
+        // A row past the head, its hashes copied from the last entry: outside the chain.
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO audit (tenant_id, seq, at, actor, action, job_id, task_id, lease_id, \
+             agent_id, details, leaf, chain) SELECT tenant_id, seq + 1, at, actor, action, \
+             job_id, task_id, lease_id, agent_id, details, leaf, chain FROM audit \
+             WHERE tenant_id = $1 AND seq = $2",
+        )
+        .bind(TENANT)
+        .bind(v.head_seq)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let after = store.audit_verify(TENANT).await.unwrap();
+        assert!(!after.ok, "{db:?}");
+        let problem = after.problem.unwrap();
+        assert_eq!(problem.seq, v.head_seq + 1, "{db:?}: {problem:?}");
+        assert!(
+            problem.what.contains("past its head"),
+            "{db:?}: {problem:?}"
+        );
+        pool.close().await;
+        store.close().await;
+    }
+}

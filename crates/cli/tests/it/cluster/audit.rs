@@ -146,18 +146,25 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
                 .collect::<Vec<_>>()
         );
     }
-    // Three attempts of the first job, each with its status and timings.
-    let reported: Vec<&AuditRecord> = entries
+    // Three attempts of the first job (reported in one entry per job per report call), each
+    // with its task, lease, status and timings.
+    let reported: Vec<&serde_json::Value> = entries
         .iter()
         .filter(|e| e.action == "attempt.reported" && e.job_id.as_deref() == Some(&job.id))
+        .flat_map(|e| e.details["attempts"].as_array().unwrap())
         .collect();
     assert_eq!(reported.len(), 3, "{db_kind:?}");
     let statuses: HashSet<&str> = reported
         .iter()
-        .map(|e| e.details["status"].as_str().unwrap())
+        .map(|a| a["status"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, HashSet::from(["ok", "error"]));
-    assert!(reported.iter().all(|e| e.details["wall_ms"].is_u64()));
+    assert!(reported.iter().all(|a| a["wall_ms"].is_u64()));
+    assert!(
+        reported
+            .iter()
+            .all(|a| a["task"].is_i64() && a["lease"].is_string())
+    );
     // The sequence is gap-free and the chain verifies.
     let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=entries.len() as i64).collect::<Vec<_>>());
