@@ -5,7 +5,8 @@
 //!
 //! - SQLite: one read statement on a read-only `rusqlite` connection, on a blocking thread
 //!   (one statement is one consistent snapshot in WAL mode).
-//! - PostgreSQL: `COPY (SELECT ...) TO STDOUT (FORMAT binary)`, parsed as it streams.
+//! - PostgreSQL: `COPY (SELECT ...) TO STDOUT (FORMAT binary)` by ranges of `seq` on two
+//!   connections taking turns, parsed as it streams.
 //!
 //! Either way the records arrive in pages of [`PAGE`] on a bounded channel, so reading runs
 //! ahead of the hashing by at most two pages.
@@ -16,6 +17,7 @@ use sqlx::Connection;
 use tokio::sync::mpsc::Sender;
 
 use super::audit::EntryRef;
+use super::sql::Sql;
 use super::{DbKind, Doing, Store, StoreError};
 
 /// Entries per page handed to the hashing.
@@ -124,6 +126,36 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Read `tenant`'s whole log the way verification does, hashing nothing: how many entries.
+    /// What reading alone costs (`fleetbox-bench audit` prints it next to verification).
+    pub async fn audit_read_all(&self, tenant: &str) -> Result<u64, StoreError> {
+        let (last,): (Option<i64>,) = Sql::new("SELECT MAX(seq) FROM audit WHERE tenant_id = ")
+            .bind(tenant)
+            .build_as()
+            .fetch_one(&self.read)
+            .await
+            .doing("reading the audit log")?;
+        let (pages, mut next) = tokio::sync::mpsc::channel(2);
+        let reader = {
+            let store = self.clone();
+            let tenant = tenant.to_string();
+            let last = last.unwrap_or(0);
+            tokio::spawn(async move { store.read_audit_log(tenant, 0, last, pages).await })
+        };
+        let mut n = 0;
+        while let Some(page) = next.recv().await {
+            let page = page?;
+            if page.is_empty() {
+                break;
+            }
+            n += page.len() as u64;
+        }
+        let _ = reader.await;
+        Ok(n)
+    }
+}
+
 /// The file of a `sqlite://PATH?options` URL.
 fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
     let rest = url
@@ -198,6 +230,13 @@ fn read_sqlite(
     Ok(())
 }
 
+/// Entries per range one PostgreSQL connection copies out at a time.
+const RANGE: i64 = 65_536;
+
+/// Two connections take turns by range: while one range is hashed the server produces the
+/// next two side by side (the server's ordered scan, not the parsing, is what one connection
+/// waits on). Pages are forwarded in `seq` order; each connection runs ahead by at most two
+/// pages.
 async fn read_postgres(
     url: &str,
     tenant: &str,
@@ -205,22 +244,80 @@ async fn read_postgres(
     upto: i64,
     pages: &Sender<PageRead>,
 ) -> Result<(), StoreError> {
-    let mut conn = sqlx::PgConnection::connect(url)
-        .await
-        .doing("connecting to read the audit log")?;
-    // COPY takes no parameters: the tenant goes in as a string literal (quotes doubled; the
-    // server's `standard_conforming_strings` is on by default since PostgreSQL 9.1 and is
-    // forced here, so a backslash is just a backslash).
-    sqlx::Executor::execute(&mut conn, "SET standard_conforming_strings = on")
-        .await
-        .doing("reading the audit log")?;
-    let literal = format!("'{}'", tenant.replace('\'', "''"));
-    let copy = format!(
-        "COPY (SELECT {COLUMNS} FROM audit WHERE tenant_id = {literal} AND seq > {after} \
-         AND seq <= {upto} ORDER BY seq) TO STDOUT (FORMAT binary)"
-    );
+    let ranges: Vec<(i64, i64)> = (after..upto)
+        .step_by(RANGE as usize)
+        .map(|from| (from, (from + RANGE).min(upto)))
+        .collect();
+    let mut readers = tokio::task::JoinSet::new();
+    let mut turns = Vec::new();
+    for k in 0..2 {
+        let (out, turn) = tokio::sync::mpsc::channel(2);
+        let mine: Vec<(i64, i64)> = ranges.iter().copied().skip(k).step_by(2).collect();
+        if !mine.is_empty() {
+            readers.spawn(copy_ranges(url.to_string(), tenant.to_string(), mine, out));
+        }
+        turns.push(turn);
+    }
+    for i in 0..ranges.len() {
+        let turn = &mut turns[i % 2];
+        loop {
+            match turn.recv().await {
+                // The end of this range.
+                Some(Ok(page)) if page.is_empty() => break,
+                Some(Ok(page)) => {
+                    if pages.send(Ok(page)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(copy_error("a reading connection stopped early")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copy each of `ranges` (`from < seq <= to`) onto `out`, each followed by an empty page.
+async fn copy_ranges(url: String, tenant: String, ranges: Vec<(i64, i64)>, out: Sender<PageRead>) {
+    let result = async {
+        let mut conn = sqlx::PgConnection::connect(&url)
+            .await
+            .doing("connecting to read the audit log")?;
+        // COPY takes no parameters: the tenant goes in as a string literal (quotes doubled;
+        // `standard_conforming_strings`, on by default since PostgreSQL 9.1, is forced here
+        // so a backslash is just a backslash).
+        sqlx::Executor::execute(&mut conn, "SET standard_conforming_strings = on")
+            .await
+            .doing("reading the audit log")?;
+        let literal = format!("'{}'", tenant.replace('\'', "''"));
+        for (from, to) in ranges {
+            let copy = format!(
+                "COPY (SELECT {COLUMNS} FROM audit WHERE tenant_id = {literal} AND seq > {from} \
+                 AND seq <= {to} ORDER BY seq) TO STDOUT (FORMAT binary)"
+            );
+            if !copy_range(&mut conn, &copy, &out).await?
+                || out.send(Ok(Page::default())).await.is_err()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = out.send(Err(e)).await;
+    }
+}
+
+/// Stream one COPY onto `out` in full pages and a last partial one; `false` when the
+/// receiver is gone.
+async fn copy_range(
+    conn: &mut sqlx::PgConnection,
+    copy: &str,
+    out: &Sender<PageRead>,
+) -> Result<bool, StoreError> {
     let mut stream = conn
-        .copy_out_raw(&copy)
+        .copy_out_raw(copy)
         .await
         .doing("reading the audit log")?;
     let mut buf = BytesMut::new();
@@ -231,8 +328,8 @@ async fn read_postgres(
         while parser.next(&mut buf, &mut page)? {
             if page.len() == PAGE {
                 let full = std::mem::replace(&mut page, Page::with_capacity());
-                if pages.send(Ok(full)).await.is_err() {
-                    return Ok(());
+                if out.send(Ok(full)).await.is_err() {
+                    return Ok(false);
                 }
             }
         }
@@ -240,10 +337,10 @@ async fn read_postgres(
     if !parser.ended {
         return Err(copy_error("the copy ended before its trailer"));
     }
-    if !page.is_empty() {
-        let _ = pages.send(Ok(page)).await;
+    if !page.is_empty() && out.send(Ok(page)).await.is_err() {
+        return Ok(false);
     }
-    Ok(())
+    Ok(true)
 }
 
 fn copy_error(detail: &str) -> StoreError {
