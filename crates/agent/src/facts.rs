@@ -3,8 +3,26 @@
 use fleetbox_proto::api::MachineFacts;
 use fleetbox_sandbox::Backend;
 
-pub fn machine_facts(backend: Backend, python: Option<&std::path::Path>) -> MachineFacts {
+pub fn machine_facts(
+    backend: Backend,
+    python: Option<&std::path::Path>,
+    machine_id: Option<&str>,
+) -> MachineFacts {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+    };
+    // systemd's id, else D-Bus's, else the host name: whatever tells two machines apart.
+    let machine_id = machine_id
+        .map(str::to_string)
+        .or_else(|| read("/etc/machine-id"))
+        .or_else(|| read("/var/lib/dbus/machine-id"))
+        .or_else(|| read("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
     MachineFacts {
+        machine_id,
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),

@@ -130,6 +130,8 @@ pub struct AgentConfig {
     pub prefetch: u32,
     /// Make a new report-signing key at start and register it, signed with the old one.
     pub rotate_key: bool,
+    /// The machine this agent runs on, as replicas are spread (`None`: `/etc/machine-id`).
+    pub machine_id: Option<String>,
     /// Where and how the environments jobs ask for (`[environment]`) are built and cached.
     pub environments: EnvConfig,
     /// Verification tests only (no flag sets it): the share of successful results this agent
@@ -433,7 +435,11 @@ async fn identity(
         name: config.name.clone(),
         labels: config.labels.clone(),
         slots: config.slots,
-        facts: machine_facts(config.backend, config.sandbox.python.as_deref()),
+        facts: machine_facts(
+            config.backend,
+            config.sandbox.python.as_deref(),
+            config.machine_id.as_deref(),
+        ),
         public_key: public_key.clone(),
     };
     let mut delay = Duration::from_millis(200);
@@ -877,6 +883,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
     let mut facts = Some(machine_facts(
         shared.config.backend,
         shared.config.sandbox.python.as_deref(),
+        shared.config.machine_id.as_deref(),
     ));
     loop {
         let mut running: Vec<String> = shared

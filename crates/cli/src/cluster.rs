@@ -310,6 +310,10 @@ pub struct AgentArgs {
     /// coordinator, signed with the old one; then run as usual.
     #[arg(long)]
     pub rotate_key: bool,
+    /// The machine this agent runs on, for spreading a shard's replicas over machines
+    /// (default: `/etc/machine-id`).
+    #[arg(long)]
+    pub machine_id: Option<String>,
     /// `jail` only: jails kept built ahead of the shards, each with the interpreter started and
     /// waiting for its program (default: one per slot; 0 starts every shard cold).
     #[arg(long, env = env::FLEETBOX_WARM)]
@@ -543,6 +547,7 @@ fn agent_config(
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
         rotate_key: args.rotate_key,
+        machine_id: args.machine_id,
         environments,
         test_lie_rate: 0.0,
         test_lie_after: 0,
@@ -635,6 +640,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
                     rotate_key: false,
+                    machine_id: None,
                     warm: None,
                     seccomp,
                     env: EnvArgs::default(),

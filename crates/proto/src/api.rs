@@ -303,6 +303,10 @@ pub struct MachineFacts {
     pub arch: String,
     pub backend: String,
     pub version: String,
+    /// Which machine (`/etc/machine-id`, or the agent's `--machine-id`): replicas of a shard
+    /// go to agents on different machines when they can.
+    #[serde(default)]
+    pub machine_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -378,6 +378,15 @@ impl JobSpec {
         validate_limits(&self.limits)?;
         if let Some(v) = &self.verify {
             v.validate()?;
+            if v.replicas > self.max_attempts {
+                return Err(SpecError::new(
+                    "max_attempts",
+                    format!(
+                        "must be at least `verify.replicas` ({}): every replica is an attempt",
+                        v.replicas
+                    ),
+                ));
+            }
         }
         if let Some(e) = &self.environment {
             e.validate()?;

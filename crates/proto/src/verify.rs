@@ -2,6 +2,8 @@
 //!
 //! ```toml
 //! [verify]
+//! replicas = 1             # distinct agents per shard (1..=10)
+//! quorum = 1               # matching results needed (1..=replicas)
 //! recheck = "adaptive"      # "none" | "all" | "adaptive" | { sample = 0.05 }
 //! compare = "exact"         # "exact" | "json" | "stdout" | { numeric = 1e-9 }
 //! ```
@@ -31,6 +33,9 @@ pub struct VerifySpec {
 fn one() -> u32 {
     1
 }
+
+/// The most replicas a shard may ask for.
+pub const MAX_REPLICAS: u32 = 10;
 
 impl Default for VerifySpec {
     fn default() -> Self {
@@ -71,12 +76,19 @@ pub enum Compare {
 
 impl VerifySpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.replicas != 1 || self.quorum != 1 {
-            // Said plainly rather than accepted and ignored.
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
             return Err(SpecError::new(
                 "verify.replicas",
-                "only 1 replica with a quorum of 1 is supported by this coordinator; \
-                 results are checked by server re-runs (`recheck`)",
+                format!("must be between 1 and {MAX_REPLICAS} (distinct agents per shard)"),
+            ));
+        }
+        if !(1..=self.replicas).contains(&self.quorum) {
+            return Err(SpecError::new(
+                "verify.quorum",
+                format!(
+                    "must be between 1 and `replicas` ({}): the matching results needed",
+                    self.replicas
+                ),
             ));
         }
         if let Recheck::Sample(p) = self.recheck
@@ -281,7 +293,13 @@ mod tests {
         let bad: VerifySpec = toml::from_str("recheck = { sample = 1.5 }\n").unwrap();
         assert_eq!(bad.validate().unwrap_err().field, "verify.recheck.sample");
         let two: VerifySpec = toml::from_str("replicas = 2\nquorum = 2\n").unwrap();
-        assert_eq!(two.validate().unwrap_err().field, "verify.replicas");
+        two.validate().unwrap();
+        let over: VerifySpec = toml::from_str("replicas = 2\nquorum = 3\n").unwrap();
+        assert_eq!(over.validate().unwrap_err().field, "verify.quorum");
+        let none: VerifySpec = toml::from_str("replicas = 0\n").unwrap();
+        assert_eq!(none.validate().unwrap_err().field, "verify.replicas");
+        let many: VerifySpec = toml::from_str("replicas = 11\nquorum = 2\n").unwrap();
+        assert_eq!(many.validate().unwrap_err().field, "verify.replicas");
         // Written back as read.
         let back: VerifySpec =
             serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetbox_proto::{ExecutionReport, Outcome, Status, env};
+use fleetbox_proto::{ExecutionReport, Outcome, Status, Verdict, env};
 use fleetbox_sandbox::Environment;
 use fleetbox_sandbox::RunRequest;
 use fleetbox_sandbox::environment::{EnvError, EnvGuard};
@@ -101,15 +101,11 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         .job_info(&subject.job_id)
         .await
         .map_err(|e| e.message)?;
-    let agent_output = match (&subject.output, &subject.output_blob) {
-        (Some(text), _) => serde_json::from_str::<Value>(text).ok(),
-        (None, Some(blob)) => state
-            .blobs
-            .get(blob)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok()),
-        (None, None) => None,
-    };
+    let agent_output = output_of(
+        state,
+        subject.output.as_deref(),
+        subject.output_blob.as_deref(),
+    );
     let agent = Outcome {
         output: agent_output.as_ref(),
         output_sha256: subject.output_sha256.as_deref(),
@@ -127,7 +123,8 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
                 let finding = Finding::Unverifiable {
                     why: format!("the coordinator could not get the job's environment: {e}"),
                 };
-                return settle(state, &subject, &[], &finding).await;
+                let others = vec![Verdict::Inconclusive; subject.others.len()];
+                return settle(state, &subject, &[], &finding, &others).await;
             }
         },
     };
@@ -172,6 +169,28 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
             ),
         },
     };
+    // The shard's other replicas, judged by the same run.
+    let others: Vec<Verdict> = subject
+        .others
+        .iter()
+        .map(|other| match &finding {
+            Finding::Agrees | Finding::Differs => {
+                let value = output_of(state, other.output.as_deref(), other.output_blob.as_deref());
+                let outcome = Outcome {
+                    output: value.as_ref(),
+                    output_sha256: other.output_sha256.as_deref(),
+                    stdout_sha256: other.stdout_sha256.as_deref().unwrap_or(""),
+                };
+                if compare.agrees(&outcome, &runs[0].1.outcome()) {
+                    Verdict::Valid
+                } else {
+                    Verdict::Invalid
+                }
+            }
+            Finding::FailsOnServer { .. } => Verdict::Invalid,
+            Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
+        })
+        .collect();
     let stored: Vec<ServerRun> = runs.into_iter().map(|(_, s)| s.run).collect();
     tracing::info!(
         task = task_id,
@@ -180,7 +199,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         finding = ?finding,
         "server re-check"
     );
-    settle(state, &subject, &stored, &finding).await
+    settle(state, &subject, &stored, &finding, &others).await
 }
 
 /// Record what a check found; quarantine follow-up and folds.
@@ -189,6 +208,7 @@ async fn settle(
     subject: &CheckSubject,
     stored: &[ServerRun],
     finding: &Finding,
+    others: &[Verdict],
 ) -> Result<(), String> {
     let settled = state
         .store
@@ -197,6 +217,7 @@ async fn settle(
             subject,
             stored,
             finding,
+            others,
             state.config.quarantine_strikes.max(1) as i64,
         )
         .await
@@ -224,39 +245,46 @@ async fn settle(
             tracing::error!(error = %e, "could not queue a verification finding for review");
         }
     }
-    if let Some(agent) = &settled.quarantined {
-        tracing::warn!(
-            agent,
-            "agent quarantined: its unchecked results are checked again"
-        );
-        let n = state
-            .store
-            .recheck_unverified_of(agent)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n > 0 {
-            tracing::warn!(
-                agent,
-                shards = n,
-                "shards of running jobs held for a re-check"
-            );
-            state.checks.notify_one();
-        }
-        let tainted = state
-            .store
-            .taint_finished_jobs_of(agent)
-            .await
-            .map_err(|e| e.to_string())?;
-        for job in tainted {
-            tracing::warn!(
-                agent,
-                job = %job,
-                "a finished job folded unchecked values of a quarantined agent: needs_review"
-            );
-        }
+    for agent in &settled.quarantined {
+        after_quarantine(state, agent).await?;
     }
     for job in settled.ready {
         state.aggregate(job);
+    }
+    Ok(())
+}
+
+/// After `agent` was quarantined: its unchecked values in running jobs are checked by the
+/// server, and the finished jobs that folded them wait for review.
+pub async fn after_quarantine(state: &Arc<State>, agent: &str) -> Result<(), String> {
+    tracing::warn!(
+        agent,
+        "agent quarantined: its unchecked results are checked again"
+    );
+    let n = state
+        .store
+        .recheck_unverified_of(agent)
+        .await
+        .map_err(|e| e.to_string())?;
+    if n > 0 {
+        tracing::warn!(
+            agent,
+            shards = n,
+            "shards of running jobs held for a re-check"
+        );
+        state.checks.notify_one();
+    }
+    let tainted = state
+        .store
+        .taint_finished_jobs_of(agent)
+        .await
+        .map_err(|e| e.to_string())?;
+    for job in tainted {
+        tracing::warn!(
+            agent,
+            job = %job,
+            "a finished job folded unchecked values of a quarantined agent: needs_review"
+        );
     }
     Ok(())
 }
@@ -358,4 +386,17 @@ async fn run_on_server(
     };
     let output = report.output.clone();
     Ok((report, Stored { run, output }))
+}
+
+/// A result's output value: inline, or read back from its blob.
+fn output_of(state: &Arc<State>, text: Option<&str>, blob: Option<&str>) -> Option<Value> {
+    match (text, blob) {
+        (Some(text), _) => serde_json::from_str::<Value>(text).ok(),
+        (None, Some(blob)) => state
+            .blobs
+            .get(blob)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
+        (None, None) => None,
+    }
 }

@@ -228,6 +228,7 @@ impl Coordinator {
             drain_timeout: Duration::from_secs(5),
             prefetch: 1,
             rotate_key: false,
+            machine_id: None,
             environments: environments(self.dir.path().join("agents").join(name).join("envs")),
             test_lie_rate: lie_rate,
             test_lie_after: lie_after,

@@ -366,10 +366,15 @@ pub async fn report(
             }
         }
     };
-    let (outcomes, ready) = state
-        .store
-        .report(tenant, agent, &inputs, state.config.retry_backoff_ms)
-        .await?;
+    let policy = crate::store::ReportPolicy {
+        backoff_base_ms: state.config.retry_backoff_ms,
+        strikes_limit: state.config.quarantine_strikes.max(1) as i64,
+    };
+    let crate::store::Reported {
+        outcomes,
+        ready,
+        quarantined,
+    } = state.store.report(tenant, agent, &inputs, policy).await?;
     let mut requeued = false;
     let unknown: Vec<_> = inputs
         .iter()
@@ -431,6 +436,12 @@ pub async fn report(
     }
     for job in ready {
         state.aggregate(job);
+    }
+    // Agents a quorum outvoted to their strike limit: what they did goes under review.
+    for liar in quarantined {
+        if let Err(e) = crate::checker::after_quarantine(&state, &liar).await {
+            tracing::error!(agent = %liar, error = %e, "could not re-check a quarantined agent's results");
+        }
     }
     Ok(Json(ReportAck { results }))
 }

@@ -22,8 +22,8 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("enrolling an agent")?;
         sqlx::query(
-            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9)",
+            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10)",
         )
         .bind(agent_id)
         .bind(tenant_id)
@@ -34,6 +34,7 @@ impl Store {
         .bind(AgentState::Online.as_str())
         .bind(now)
         .bind(&req.public_key)
+        .bind(machine_id(&req.facts))
         .execute(&mut *tx)
         .await
         .doing("inserting an agent")?;
@@ -127,9 +128,10 @@ impl Store {
         facts: &MachineFacts,
         slots: u32,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET facts = $1, slots = $2 WHERE id = $3")
+        sqlx::query("UPDATE agents SET facts = $1, slots = $2, machine_id = $3 WHERE id = $4")
             .bind(json(facts))
             .bind(i64::from(slots))
+            .bind(machine_id(facts))
             .bind(agent_id)
             .execute(&self.write)
             .await
@@ -255,4 +257,9 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(
         what,
         detail: e.to_string(),
     })
+}
+
+/// The machine an agent said it runs on (`None`: it did not say; an older agent).
+fn machine_id(facts: &MachineFacts) -> Option<&str> {
+    Some(facts.machine_id.as_str()).filter(|m| !m.is_empty())
 }

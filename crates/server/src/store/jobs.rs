@@ -361,7 +361,7 @@ impl Store {
     pub async fn insert_job(&self, job: &NewJob) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("submitting a job")?;
-        let entry = insert_job_in(&mut tx, self.rows_per_statement(9), job, now).await?;
+        let entry = insert_job_in(&mut tx, self.rows_per_statement(TASK_COLUMNS), job, now).await?;
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("submitting a job")?;
         Ok(())
@@ -877,6 +877,9 @@ pub(super) async fn cancel_in(
 }
 
 /// Store `job` (row, tasks, counters, review hold) within `tx`; the audit entry to append with it.
+/// Columns bound per row when a job's tasks are inserted (see [`insert_job_in`]).
+pub(super) const TASK_COLUMNS: usize = 10;
+
 pub(super) async fn insert_job_in(
     tx: &mut settle::Tx<'_>,
     per_statement: usize,
@@ -947,7 +950,7 @@ pub(super) async fn insert_job_in(
     for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
         let mut sql = Sql::new(
             "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
-             max_attempts, updated_at, backend) VALUES ",
+             max_attempts, updated_at, backend, replicas) VALUES ",
         );
         sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
             row.bind(job.tenant_id.as_str())
@@ -958,7 +961,8 @@ pub(super) async fn insert_job_in(
                 .bind(input.as_str())
                 .bind(i64::from(job.max_attempts))
                 .bind(now)
-                .bind(job.backend.as_deref());
+                .bind(job.backend.as_deref())
+                .bind(i64::from(job.verify.replicas));
         });
         sql.build()
             .execute(&mut **tx)

@@ -12,6 +12,7 @@ mod audit_read;
 mod jobs;
 mod metrics;
 pub mod planner;
+pub mod replicas;
 pub mod review;
 mod settle;
 mod sql;
@@ -30,7 +31,7 @@ pub(crate) use agents::parse as parse_json;
 pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
 pub use settle::LeaseGrant;
 pub use settle::storable_text;
-pub use tasks::{ReportInput, Requeued, SettleOutcome, backoff_ms};
+pub use tasks::{ReportInput, ReportPolicy, Reported, Requeued, SettleOutcome, backoff_ms};
 pub use tokens::{Principal, TokenKind};
 
 /// The tenant every object belongs to until tenants are managed.
@@ -150,6 +151,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0015_result_review",
         include_str!("../../migrations/0015_result_review.sql"),
+    ),
+    (
+        "0016_replicas",
+        include_str!("../../migrations/0016_replicas.sql"),
     ),
 ];
 

@@ -199,7 +199,7 @@ impl Store {
             return Ok(false);
         }
         let mut entries = plan.entries;
-        let per_statement = self.rows_per_statement(9);
+        let per_statement = self.rows_per_statement(super::jobs::TASK_COLUMNS);
         for child in &plan.children {
             entries.push(insert_job_in(&mut tx, per_statement, child, now).await?);
         }

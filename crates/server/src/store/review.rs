@@ -366,7 +366,7 @@ impl Store {
         if done.rows_affected() != 1 {
             return Ok(false);
         }
-        let per_statement = self.rows_per_statement(9);
+        let per_statement = self.rows_per_statement(super::jobs::TASK_COLUMNS);
         let submitted = super::jobs::insert_job_in(&mut tx, per_statement, child, now).await?;
         self.append_audit(&mut tx, vec![submitted], now).await?;
         tx.commit().await.doing(d)?;
@@ -397,7 +397,7 @@ impl Store {
             drop(tx);
             return self.undecidable(tenant, id).await;
         };
-        let per_statement = self.rows_per_statement(9);
+        let per_statement = self.rows_per_statement(super::jobs::TASK_COLUMNS);
         let submitted = super::jobs::insert_job_in(&mut tx, per_statement, child, now).await?;
         let entry = Entry::new(tenant, actor, Action::ReviewRerun)
             .job(&job_id)

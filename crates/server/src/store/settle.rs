@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use fleetbox_proto::TaskState;
+use fleetbox_proto::{AgentState, TaskState};
 use sqlx::Row;
 
 use super::sql::Sql;
@@ -342,6 +342,7 @@ pub(super) async fn lease(
             .push(")"),
         None => sql.push(" AND backend IS NULL"),
     };
+    distinct_replicas(&mut sql, agent);
     sql.push(" ORDER BY priority DESC, id LIMIT ")
         .bind(i64::from(max));
     if kind == DbKind::Postgres {
@@ -358,6 +359,34 @@ pub(super) async fn lease(
         tally.moved(&g.job_id, TaskState::Queued, TaskState::Leased, 1);
     }
     Ok(grants)
+}
+
+/// A shard with replicas never goes to an agent that already ran it, nor to one on a machine
+/// that already ran it while an online agent on a machine that has not could take it.
+fn distinct_replicas<'a>(sql: &mut Sql<'a>, agent: &'a str) {
+    let online = AgentState::Online.as_str();
+    sql.push(
+        " AND (replicas = 1 OR (NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = tasks.id \
+         AND l.agent_id = ",
+    )
+    .bind(agent)
+    .push(
+        ") AND (NOT EXISTS (SELECT 1 FROM leases l JOIN agents a ON a.id = l.agent_id \
+         WHERE l.task_id = tasks.id AND a.machine_id = (SELECT m.machine_id FROM agents m \
+         WHERE m.id = ",
+    )
+    .bind(agent)
+    .push(
+        ")) OR NOT EXISTS (SELECT 1 FROM agents o WHERE o.tenant_id = tasks.tenant_id \
+         AND o.state = ",
+    )
+    .bind(online)
+    .push(" AND o.quarantined_at IS NULL AND o.machine_id <> (SELECT m.machine_id FROM agents m WHERE m.id = ")
+    .bind(agent)
+    .push(
+        ") AND NOT EXISTS (SELECT 1 FROM leases l JOIN agents a ON a.id = l.agent_id \
+         WHERE l.task_id = tasks.id AND a.machine_id = o.machine_id)))))",
+    );
 }
 
 /// A shard going back to the queue waits until `at`, or, while its job is held for review

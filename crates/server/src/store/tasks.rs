@@ -45,6 +45,26 @@ pub struct ReportInput {
     pub signature: Option<String>,
 }
 
+/// How reports are settled: the coordinator's settings that matter to it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportPolicy {
+    /// The first retry's delay; doubled per attempt.
+    pub backoff_base_ms: u64,
+    /// Invalid results after which an agent is quarantined.
+    pub strikes_limit: i64,
+}
+
+/// What [`Store::report`] did.
+#[derive(Debug, Default)]
+pub struct Reported {
+    /// Per report, in order.
+    pub outcomes: Vec<SettleOutcome>,
+    /// Jobs whose last shard just settled.
+    pub ready: Vec<String>,
+    /// Agents quarantined by a quorum that outvoted them.
+    pub quarantined: Vec<String>,
+}
+
 /// What happened to one report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
@@ -105,6 +125,9 @@ fn disposition(status: Status) -> Disposition {
 struct ReportedTask {
     id: i64,
     job_id: String,
+    shard_index: i64,
+    /// Distinct agents that run it (`verify.replicas`).
+    replicas: i64,
     lease_id: Option<String>,
     #[sqlx(try_from = "i64")]
     attempts: u32,
@@ -401,11 +424,18 @@ impl Store {
         tenant_id: &str,
         agent_id: &str,
         reports: &[ReportInput],
-        backoff_base_ms: u64,
-    ) -> Result<(Vec<SettleOutcome>, Vec<String>), StoreError> {
+        policy: ReportPolicy,
+    ) -> Result<Reported, StoreError> {
+        let ReportPolicy {
+            backoff_base_ms,
+            strikes_limit,
+        } = policy;
         let mut outcomes = vec![SettleOutcome::Unknown; reports.len()];
         if reports.is_empty() {
-            return Ok((outcomes, Vec::new()));
+            return Ok(Reported {
+                outcomes,
+                ..Default::default()
+            });
         }
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("storing reports")?;
@@ -433,14 +463,17 @@ impl Store {
             .collect();
         if valid.is_empty() {
             tx.commit().await.doing("storing reports")?;
-            return Ok((outcomes, Vec::new()));
+            return Ok(Reported {
+                outcomes,
+                ..Default::default()
+            });
         }
 
         // 2. The shards they are for, and their jobs locked before any shard changes.
         let task_ids: HashSet<i64> = valid.iter().map(|&i| reports[i].task_id).collect();
         let tasks: HashMap<i64, ReportedTask> = Sql::new(
-            "SELECT t.id, t.job_id, t.lease_id, t.attempts, t.max_attempts, j.verify FROM tasks t \
-             JOIN jobs j ON j.id = t.job_id WHERE t.id IN (",
+            "SELECT t.id, t.job_id, t.shard_index, t.lease_id, t.attempts, t.max_attempts, t.replicas, \
+             j.verify FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN (",
         )
         .bind_list(task_ids)
         .push(")")
@@ -507,6 +540,7 @@ impl Store {
         // and only a transition that happened moves the job's counters.
         let mut tally = Tally::default();
         let mut chosen_attempts = Vec::new();
+        let mut quarantined = Vec::new();
         let trust = super::verify::ReporterTrust::read(&mut tx, agent_id).await?;
         let actor = format!("agent:{agent_id}");
         // What the agent reported: one `attempt.reported` entry per job per call, each attempt
@@ -552,6 +586,33 @@ impl Store {
                 .unwrap_or_else(|| r.status.as_str().to_string());
             let check = trust.check_reason(task.verify.as_deref(), r);
             let taken = match disposition(r.status) {
+                Disposition::Accept if task.replicas > 1 => {
+                    // Replicas decide together: a quorum accepts, too few wait for another
+                    // agent, a disagreement goes to the server (see `store::replicas`).
+                    let judged = super::replicas::Judged {
+                        tenant_id,
+                        job_id: &task.job_id,
+                        task_id: task.id,
+                        shard_index: task.shard_index,
+                    };
+                    let spec = super::verify::policy(task.verify.as_deref());
+                    let settled = super::replicas::settle_success(
+                        &mut tx,
+                        &mut tally,
+                        &judged,
+                        &r.lease_id,
+                        task.attempts,
+                        task.max_attempts,
+                        &spec,
+                        strikes_limit,
+                        now,
+                        &mut entries,
+                    )
+                    .await?;
+                    chosen_attempts.extend(settled.chosen);
+                    quarantined.extend(settled.quarantined);
+                    settled.moved && current
+                }
                 Disposition::Accept if check.is_some() => {
                     // Held in `reported` until the coordinator's own run has checked it.
                     let done = settle::hold_for_check(&mut tx, &mut tally, shard, now).await?;
@@ -661,7 +722,11 @@ impl Store {
         log.append(&mut entries);
         self.append_audit(&mut tx, log, now).await?;
         tx.commit().await.doing("storing reports")?;
-        Ok((outcomes, ready))
+        Ok(Reported {
+            outcomes,
+            ready,
+            quarantined,
+        })
     }
 
     /// Requeue (or kill, past `max_attempts`) the tasks whose lease expired or whose agent was
@@ -894,8 +959,18 @@ mod store_tests {
             bytes_out: 0,
             audit: serde_json::json!({"status": "ok"}),
         };
-        let (outcomes, ready) = store
-            .report("default", "agt_a", &[report], 1000)
+        let Reported {
+            outcomes, ready, ..
+        } = store
+            .report(
+                "default",
+                "agt_a",
+                &[report],
+                ReportPolicy {
+                    backoff_base_ms: 1000,
+                    strikes_limit: 2,
+                },
+            )
             .await
             .unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Late]);

@@ -189,6 +189,29 @@ pub struct CheckSubject {
     pub stdout_sha256: Option<String>,
     pub python: String,
     pub backend: String,
+    /// The shard's other agent results still open to judgement (replicas that disagreed):
+    /// the server's run judges them too.
+    pub others: Vec<super::replicas::Replica>,
+    /// Runs so far and allowed: a replicated shard the server cannot judge gets one more
+    /// replica while attempts remain.
+    pub attempts: u32,
+    pub max_attempts: u32,
+}
+
+impl CheckSubject {
+    /// The result under check, as a replica.
+    fn primary(&self) -> super::replicas::Replica {
+        super::replicas::Replica {
+            attempt_id: self.attempt_id,
+            agent_id: self.agent_id.clone(),
+            output: self.output.clone(),
+            output_blob: self.output_blob.clone(),
+            output_sha256: self.output_sha256.clone(),
+            stdout_sha256: self.stdout_sha256.clone(),
+            python: self.python.clone(),
+            backend: self.backend.clone(),
+        }
+    }
 }
 
 /// One run of the shard in the coordinator's own sandbox, as stored.
@@ -251,8 +274,8 @@ impl Finding {
 pub struct CheckSettled {
     /// Jobs whose last shard just settled.
     pub ready: Vec<String>,
-    /// The agent, when this check put it in quarantine.
-    pub quarantined: Option<String>,
+    /// The agents this check put in quarantine.
+    pub quarantined: Vec<String>,
 }
 
 /// An agent's trust for one interpreter and backend, as `fleetbox agents` shows it.
@@ -338,8 +361,8 @@ impl Store {
     /// more).
     pub async fn check_subject(&self, task_id: i64) -> Result<Option<CheckSubject>, StoreError> {
         let task = Sql::new(
-            "SELECT t.tenant_id, t.job_id, t.shard_index, t.input, j.verify FROM tasks t \
-             JOIN jobs j ON j.id = t.job_id WHERE t.id = ",
+            "SELECT t.tenant_id, t.job_id, t.shard_index, t.input, t.attempts, t.max_attempts, \
+             j.verify FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = ",
         )
         .bind(task_id)
         .build()
@@ -371,14 +394,28 @@ impl Store {
         let report: String = attempt.try_get("report").map_err(get)?;
         let runner: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
         let verify: Option<String> = task.try_get("verify").map_err(get)?;
+        let attempt_id: i64 = attempt.try_get("id").map_err(get)?;
+        let mut conn = self
+            .read
+            .acquire()
+            .await
+            .doing("reading a shard's replicas")?;
+        let others = super::replicas::pending(&mut conn, task_id)
+            .await?
+            .into_iter()
+            .filter(|r| r.attempt_id != attempt_id)
+            .collect();
         Ok(Some(CheckSubject {
+            others,
+            attempts: task.try_get::<i64, _>("attempts").map_err(get)? as u32,
+            max_attempts: task.try_get::<i64, _>("max_attempts").map_err(get)? as u32,
             task_id,
             tenant_id: task.try_get("tenant_id").map_err(get)?,
             job_id: task.try_get("job_id").map_err(get)?,
             shard_index: task.try_get::<i64, _>("shard_index").map_err(get)? as u64,
             input: task.try_get("input").map_err(get)?,
             verify: policy(verify.as_deref()),
-            attempt_id: attempt.try_get("id").map_err(get)?,
+            attempt_id,
             agent_id: attempt.try_get("agent_id").map_err(get)?,
             output: attempt.try_get("output").map_err(get)?,
             output_blob: attempt.try_get("output_blob").map_err(get)?,
@@ -402,14 +439,32 @@ impl Store {
         subject: &CheckSubject,
         runs: &[ServerRun],
         finding: &Finding,
+        others: &[Verdict],
         strikes_limit: i64,
     ) -> Result<Option<CheckSettled>, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("settling a check")?;
         settle::lock_jobs(&mut tx, self.kind, std::slice::from_ref(&subject.job_id)).await?;
         let mut tally = Tally::default();
+        // Replicas that disagree and a server that cannot judge them: one more replica while
+        // attempts remain, else no quorum.
+        let no_quorum;
         let (to, reason) = match finding {
             Finding::FailsOnServer { reason } => (TaskState::Rejected, Some(reason.as_str())),
+            Finding::Unverifiable { why } if subject.verify.replicas > 1 => {
+                if subject.attempts < subject.max_attempts {
+                    (
+                        TaskState::Queued,
+                        Some("replicas disagree and the server cannot judge: one more replica"),
+                    )
+                } else {
+                    no_quorum = format!(
+                        "no quorum after {} attempts: the replicas disagree and the server cannot judge ({why})",
+                        subject.attempts
+                    );
+                    (TaskState::Rejected, Some(no_quorum.as_str()))
+                }
+            }
             _ => (TaskState::Accepted, None),
         };
         let verified = matches!(
@@ -557,43 +612,6 @@ impl Store {
         let ready = tally.apply(&mut tx).await?;
 
         // Trust, then the agent row (the lock order's agent step).
-        let (valid, invalid) = match agent_verdict {
-            Verdict::Valid => (1, 0),
-            Verdict::Invalid => (0, 1),
-            _ => (0, 0),
-        };
-        let mut quarantined = None;
-        if valid + invalid > 0 {
-            Sql::new(
-                "INSERT INTO agent_trust (agent_id, python, backend, consecutive_valid, valid, \
-                 invalid, updated_at) VALUES (",
-            )
-            .bind(subject.agent_id.as_str())
-            .push(", ")
-            .bind(subject.python.as_str())
-            .push(", ")
-            .bind(subject.backend.as_str())
-            .push(", ")
-            .bind(valid)
-            .push(", ")
-            .bind(valid)
-            .push(", ")
-            .bind(invalid)
-            .push(", ")
-            .bind(now)
-            .push(
-                ") ON CONFLICT (agent_id, python, backend) DO UPDATE SET \
-                 consecutive_valid = CASE WHEN excluded.invalid > 0 THEN 0 \
-                 ELSE agent_trust.consecutive_valid + 1 END, \
-                 valid = agent_trust.valid + excluded.valid, \
-                 invalid = agent_trust.invalid + excluded.invalid, \
-                 updated_at = excluded.updated_at",
-            )
-            .build()
-            .execute(&mut *tx)
-            .await
-            .doing("recording an agent's trust")?;
-        }
         let mut entries = vec![
             Entry::new(&subject.tenant_id, "server", Action::AttemptVerified)
                 .job(&subject.job_id)
@@ -613,10 +631,10 @@ impl Store {
         let shard_entry = Entry::new(
             &subject.tenant_id,
             "server",
-            if to == TaskState::Accepted {
-                Action::ShardAccepted
-            } else {
-                Action::ShardRejected
+            match to {
+                TaskState::Accepted => Action::ShardAccepted,
+                TaskState::Queued => Action::ShardRequeued,
+                _ => Action::ShardRejected,
             },
         )
         .job(&subject.job_id)
@@ -627,38 +645,45 @@ impl Store {
             "reason": reason,
         }));
         entries.push(shard_entry);
-        if invalid > 0 {
-            let (strikes, already): (i64, Option<i64>) =
-                Sql::new("UPDATE agents SET strikes = strikes + 1 WHERE id = ")
-                    .bind(subject.agent_id.as_str())
-                    .push(" RETURNING strikes, quarantined_at")
-                    .build_as()
-                    .fetch_one(&mut *tx)
-                    .await
-                    .doing("counting an agent's strikes")?;
-            if strikes >= strikes_limit && already.is_none() {
-                let why = format!(
-                    "{strikes} invalid results (the limit is {strikes_limit}); the last on shard \
-                     {} of job {}",
-                    subject.shard_index, subject.job_id
-                );
-                Sql::new("UPDATE agents SET quarantined_at = ")
-                    .bind(now)
-                    .push(", quarantine_reason = ")
-                    .bind(why.as_str())
-                    .push(" WHERE id = ")
-                    .bind(subject.agent_id.as_str())
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .doing("quarantining an agent")?;
+        let judged = super::replicas::Judged {
+            tenant_id: &subject.tenant_id,
+            job_id: &subject.job_id,
+            task_id: subject.task_id,
+            shard_index: subject.shard_index as i64,
+        };
+        let mut quarantined = Vec::new();
+        // The result under check (its verdict and choice are written above), then the
+        // other replicas the server's run judged.
+        let judged_results = std::iter::once((subject.primary(), agent_verdict))
+            .chain(subject.others.iter().cloned().zip(others.iter().copied()));
+        for (i, (replica, verdict)) in judged_results.enumerate() {
+            if i > 0 {
                 entries.push(
-                    Entry::new(&subject.tenant_id, "server", Action::AgentQuarantined)
-                        .agent(&subject.agent_id)
-                        .details(serde_json::json!({ "strikes": strikes, "why": why })),
+                    Entry::new(&subject.tenant_id, "server", Action::AttemptVerified)
+                        .job(&subject.job_id)
+                        .task(subject.task_id)
+                        .agent(&replica.agent_id)
+                        .details(serde_json::json!({
+                            "verdict": verdict.as_str(),
+                            "finding": "judged by the server's run",
+                            "compare": subject.verify.compare.name(),
+                            "attempt": replica.attempt_id,
+                            "agent_output_sha256": replica.output_sha256,
+                            "server_attempts": server_ids,
+                        })),
                 );
-                quarantined = Some(subject.agent_id.clone());
             }
+            let struck = super::replicas::record_verdict(
+                &mut tx,
+                &replica,
+                verdict,
+                &judged,
+                strikes_limit,
+                now,
+                &mut entries,
+            )
+            .await?;
+            quarantined.extend(struck);
         }
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("settling a check")?;

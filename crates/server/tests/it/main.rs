@@ -8,6 +8,7 @@ mod environment;
 mod folds;
 mod metrics;
 mod planner;
+mod replicas;
 mod review;
 mod run;
 mod settle;

@@ -8,10 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbox_proto::Status;
-use fleetbox_server::store::{LeaseGrant, ReportInput, SettleOutcome, Store, now_ms};
+use fleetbox_server::store::{
+    LeaseGrant, ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms,
+};
 use sqlx::Row;
 
 use crate::support::{BOTH, Db, database, new_job};
+
+/// Retries at once; the default strike limit.
+const POLICY: ReportPolicy = ReportPolicy {
+    backoff_base_ms: 0,
+    strikes_limit: 2,
+};
 
 const SHARDS: u64 = 20;
 const ROUNDS: usize = 8;
@@ -238,7 +246,11 @@ async fn late_and_current_reports_racing_settle_each_shard_once() {
                     racers.push(tokio::spawn(async move {
                         jitter(seed + round as u64).await;
                         let report = ok_report(&grant, value);
-                        store.report("default", agent, &[report], 0).await.unwrap()
+                        let r = store
+                            .report("default", agent, &[report], POLICY)
+                            .await
+                            .unwrap();
+                        (r.outcomes, r.ready)
                     }));
                 }
             }
@@ -296,10 +308,10 @@ async fn reports_racing_lease_expiry_settle_each_shard_once() {
                     jitter(i as u64 + round as u64).await;
                     let r = ok_report(&g, g.shard_index + 1);
                     store
-                        .report("default", "agt_a", &[r], 0)
+                        .report("default", "agt_a", &[r], POLICY)
                         .await
                         .unwrap()
-                        .1
+                        .ready
                         .len()
                 }));
             }
@@ -356,7 +368,7 @@ async fn reports_racing_a_cancel_leave_a_consistent_job() {
                     racers.push(tokio::spawn(async move {
                         jitter(i as u64 + round as u64).await;
                         let r = ok_report(&g, 1);
-                        store.report("default", agent, &[r], 0).await.unwrap();
+                        store.report("default", agent, &[r], POLICY).await.unwrap();
                     }));
                 }
             }
@@ -405,7 +417,9 @@ async fn a_returned_lease_settles_nothing() {
             1
         );
         let r = ok_report(&g[0], 1);
-        let (outcomes, ready) = one.report("default", "agt_a", &[r], 0).await.unwrap();
+        let Reported {
+            outcomes, ready, ..
+        } = one.report("default", "agt_a", &[r], POLICY).await.unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
         assert!(ready.is_empty());
         let inv = invariants(&url, "job_ret").await;
@@ -471,7 +485,9 @@ async fn nul_bytes_in_a_failure_reason_are_stored_on_both_databases() {
         r.status = Status::Error;
         r.reason = Some("error: ValueError: a\0b".into());
         r.report_json = serde_json::json!({"exception": {"message": "a\0b"}}).to_string();
-        let (outcomes, ready) = one.report("default", "agt_a", &[r], 0).await.unwrap();
+        let Reported {
+            outcomes, ready, ..
+        } = one.report("default", "agt_a", &[r], POLICY).await.unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Accepted], "{db:?}");
         assert_eq!(ready, vec!["job_nul".to_string()]);
         let detail = one
@@ -526,13 +542,13 @@ async fn an_agent_restarted_in_place_gets_its_old_leases_requeued_at_once() {
             "{db:?}: the lost run counts"
         );
         // The kept lease still settles; a dead run's report settles nothing.
-        let (outcomes, _) = one
-            .report("default", "agt_a", &[ok_report(&g[0], 1)], 0)
+        let Reported { outcomes, .. } = one
+            .report("default", "agt_a", &[ok_report(&g[0], 1)], POLICY)
             .await
             .unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Accepted], "{db:?}");
-        let (outcomes, _) = one
-            .report("default", "agt_a", &[ok_report(&g[1], 1)], 0)
+        let Reported { outcomes, .. } = one
+            .report("default", "agt_a", &[ok_report(&g[1], 1)], POLICY)
             .await
             .unwrap();
         assert_eq!(outcomes, vec![SettleOutcome::Unknown], "{db:?}");
@@ -590,7 +606,10 @@ async fn leases_reports_expiry_and_cancel_racing_keep_every_counter_true() {
                                 r
                             })
                             .collect();
-                        store.report("default", &agent, &reports, 0).await.unwrap();
+                        store
+                            .report("default", &agent, &reports, POLICY)
+                            .await
+                            .unwrap();
                     }
                 }));
             }

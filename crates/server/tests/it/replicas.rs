@@ -1,0 +1,384 @@
+//! Replicas and quorum (`verify.replicas`, `verify.quorum`): in the store, a replicated shard
+//! waits for a second agent, never the same one, and not one on the same machine while an
+//! agent on another machine can take it; agreeing replicas accept it verified, disagreeing
+//! ones go to the server. With real agents, a liar among honest agents under `replicas = 2,
+//! quorum = 2`: every lie is caught and the result is exact.
+
+use std::time::Duration;
+
+use fleetbox_proto::api::{EnrollRequest, MachineFacts};
+use fleetbox_proto::{JobState, Status, TaskState, Verdict, VerifySpec};
+use fleetbox_server::store::verify::Finding;
+use fleetbox_server::store::{
+    LeaseGrant, ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms,
+};
+use serde_json::json;
+
+use crate::support::{BOTH, Coordinator, database, new_job, spec};
+
+const POLICY: ReportPolicy = ReportPolicy {
+    backoff_base_ms: 0,
+    strikes_limit: 2,
+};
+
+fn report(grant: &LeaseGrant, value: u64) -> ReportInput {
+    let output = value.to_string();
+    ReportInput {
+        lease_id: grant.lease_id.clone(),
+        task_id: grant.task_id,
+        attempt: grant.attempt,
+        python: "3.11".into(),
+        backend: "process".into(),
+        stdout_sha256: String::new(),
+        signature: None,
+        status: Status::Ok,
+        reason: None,
+        output_sha256: Some(fleetbox_proto::canonical::canonical(&json!(value))),
+        output: Some(output),
+        output_blob: None,
+        report_json: "{}".into(),
+        stdout_blob: None,
+        stderr_blob: None,
+        wall_ms: 1,
+        cpu_ms: 1,
+        peak_memory: 1,
+        bytes_out: 0,
+        audit: json!({"status": "ok"}),
+    }
+}
+
+async fn enroll(store: &Store, id: &str, machine: &str) {
+    let req = EnrollRequest {
+        name: id.into(),
+        slots: 1,
+        facts: MachineFacts {
+            machine_id: machine.into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    store
+        .enroll_agent("default", id, &format!("hash-{id}"), &req, "enroll:test")
+        .await
+        .unwrap();
+}
+
+async fn lease(store: &Store, agent: &str) -> Vec<LeaseGrant> {
+    let now = now_ms();
+    store
+        .lease_at(
+            "default",
+            agent,
+            10,
+            now + 60_000,
+            &format!("{agent}.{now}"),
+            now,
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let store = Store::open(&url).await.unwrap();
+        // a and b share a machine; c is on another.
+        enroll(&store, "agt_a", "machine-1").await;
+        enroll(&store, "agt_b", "machine-1").await;
+        enroll(&store, "agt_c", "machine-2").await;
+        let mut job = new_job("job_rep", 2, 3);
+        job.verify = VerifySpec {
+            replicas: 2,
+            quorum: 2,
+            recheck: fleetbox_proto::Recheck::None,
+            ..Default::default()
+        };
+        store.insert_job(&job).await.unwrap();
+
+        // a runs both shards; each goes back to the queue for a second agent.
+        let first = lease(&store, "agt_a").await;
+        assert_eq!(first.len(), 2, "{db:?}");
+        let reports = [report(&first[0], 0), report(&first[1], 1)];
+        let r: Reported = store
+            .report("default", "agt_a", &reports, POLICY)
+            .await
+            .unwrap();
+        assert!(r.ready.is_empty(), "{db:?}");
+        let shard = store
+            .shard_detail("default", "job_rep", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(shard.shard.state, TaskState::Queued, "{db:?}");
+        // Never the same agent twice; not b (a's machine) while c (another) can take them.
+        assert!(lease(&store, "agt_a").await.is_empty(), "{db:?}");
+        assert!(lease(&store, "agt_b").await.is_empty(), "{db:?}");
+        let second = lease(&store, "agt_c").await;
+        assert_eq!(second.len(), 2, "{db:?}");
+        // c agrees on shard 0 and lies on shard 1.
+        let reports = [report(&second[0], 0), report(&second[1], 41)];
+        let r = store
+            .report("default", "agt_c", &reports, POLICY)
+            .await
+            .unwrap();
+        assert_eq!(r.outcomes[0], SettleOutcome::Accepted, "{db:?}");
+        let zero = store
+            .shard_detail("default", "job_rep", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(zero.shard.state, TaskState::Accepted, "{db:?}");
+        assert!(
+            zero.attempts.iter().all(|a| a.verdict == Verdict::Valid),
+            "{db:?}: {:?}",
+            zero.attempts
+        );
+        assert_eq!(
+            zero.attempts.iter().filter(|a| a.chosen).count(),
+            1,
+            "{db:?}"
+        );
+        // The disagreement waits for the server's own run.
+        let one = store
+            .shard_detail("default", "job_rep", 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.shard.state, TaskState::Reported, "{db:?}");
+        let checks = store
+            .claim_checks("test-coordinator", 15_000, 4)
+            .await
+            .unwrap();
+        let subject = store.check_subject(checks[0]).await.unwrap().unwrap();
+        assert_eq!(
+            subject.others.len(),
+            1,
+            "{db:?}: the other replica is judged too"
+        );
+        // The server cannot judge it (say its stricter limits stop the program): one more
+        // replica, since attempts remain.
+        let cannot = Finding::Unverifiable {
+            why: "the server's stricter sandbox could not run this shard".into(),
+        };
+        store
+            .finish_check(
+                "test-coordinator",
+                &subject,
+                &[],
+                &cannot,
+                &[Verdict::Inconclusive],
+                2,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let one = store
+            .shard_detail("default", "job_rep", 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.shard.state, TaskState::Queued, "{db:?}");
+        // Both machines ran it now: b may take it, and its value agrees with a's.
+        let third = lease(&store, "agt_b").await;
+        assert_eq!(third.len(), 1, "{db:?}");
+        let r = store
+            .report("default", "agt_b", &[report(&third[0], 1)], POLICY)
+            .await
+            .unwrap();
+        assert_eq!(r.ready, vec!["job_rep".to_string()], "{db:?}");
+        let one = store
+            .shard_detail("default", "job_rep", 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.shard.state, TaskState::Accepted, "{db:?}");
+        for a in &one.attempts {
+            let want = if a.agent_id == "agt_c" {
+                Verdict::Invalid
+            } else {
+                Verdict::Valid
+            };
+            assert_eq!(a.verdict, want, "{db:?}: {a:?}");
+            assert_eq!(a.chosen, a.agent_id == "agt_a", "{db:?}: {a:?}");
+        }
+
+        // Out of attempts with replicas that disagree and a server that cannot judge: no
+        // quorum, rejected with the reason.
+        let mut job = new_job("job_noquorum", 1, 2);
+        job.verify.replicas = 2;
+        job.verify.quorum = 2;
+        store.insert_job(&job).await.unwrap();
+        let g = lease(&store, "agt_a").await;
+        store
+            .report("default", "agt_a", &[report(&g[0], 1)], POLICY)
+            .await
+            .unwrap();
+        let g = lease(&store, "agt_c").await;
+        store
+            .report("default", "agt_c", &[report(&g[0], 2)], POLICY)
+            .await
+            .unwrap();
+        let checks = store
+            .claim_checks("test-coordinator", 15_000, 4)
+            .await
+            .unwrap();
+        let subject = store.check_subject(checks[0]).await.unwrap().unwrap();
+        store
+            .finish_check(
+                "test-coordinator",
+                &subject,
+                &[],
+                &cannot,
+                &[Verdict::Inconclusive],
+                2,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let shard = store
+            .shard_detail("default", "job_noquorum", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(shard.shard.state, TaskState::Rejected, "{db:?}");
+        let why = shard.shard.error.unwrap_or_default();
+        assert!(
+            why.starts_with("no quorum after 2 attempts"),
+            "{db:?}: {why}"
+        );
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn without_another_machine_the_same_machine_may_run_the_replica() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let store = Store::open(&url).await.unwrap();
+        enroll(&store, "agt_a", "machine-1").await;
+        enroll(&store, "agt_b", "machine-1").await;
+        let mut job = new_job("job_one_machine", 1, 3);
+        job.verify.replicas = 2;
+        job.verify.quorum = 2;
+        store.insert_job(&job).await.unwrap();
+        let first = lease(&store, "agt_a").await;
+        store
+            .report("default", "agt_a", &[report(&first[0], 7)], POLICY)
+            .await
+            .unwrap();
+        let second = lease(&store, "agt_b").await;
+        assert_eq!(
+            second.len(),
+            1,
+            "{db:?}: the only other agent shares the machine"
+        );
+        let r = store
+            .report("default", "agt_b", &[report(&second[0], 7)], POLICY)
+            .await
+            .unwrap();
+        assert_eq!(r.ready, vec!["job_one_machine".to_string()], "{db:?}");
+        store.close().await;
+    }
+}
+
+/// Each shard returns the square of its item.
+const SQUARE: &str = "import json, os\nitems = json.load(open(os.environ['FLEETBOX_INPUT']))['items']\nprint(sum(i * i for i in items))\n";
+
+/// `replicas = 2, quorum = 2` with a liar (30% of its results) among three honest agents:
+/// every wrong value it reported is `invalid` and never chosen, no honest agent is struck,
+/// and the result is exact, on both stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_among_replicas_is_caught_every_time_and_the_result_is_exact() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            config.check_workers = 2;
+            // Keep the liar working, so that every lie it tells is one the quorum must catch.
+            config.quarantine_strikes = 1000;
+        })
+        .await
+        else {
+            continue;
+        };
+        for name in ["honest-1", "honest-2", "honest-3"] {
+            c.agent(name, Default::default());
+        }
+        c.agent_lying("liar", Default::default(), 0.30);
+        let n = 60u64;
+        let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        let job = spec(&format!(
+            "name = \"squares\"\ncode = {SQUARE:?}\nmax_attempts = 5\n[shards]\nitems = [{}]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n[verify]\nreplicas = 2\nquorum = 2\n",
+            items.join(", ")
+        ));
+        let r = c.run(&job, Duration::from_secs(300)).await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        assert_eq!(
+            r.result_value(),
+            Some(json!((0..n).map(|i| i * i).sum::<u64>())),
+            "{db:?}"
+        );
+        let agents = c.client.agents().await.unwrap().agents;
+        let liar = agents.iter().find(|a| a.name == "liar").unwrap();
+        let mut lies = 0;
+        let mut liar_runs = 0;
+        for i in 0..n {
+            let detail = c.client.shard(&r.id, i).await.unwrap();
+            let truth = json!(i * i);
+            let agents_ok: Vec<_> = detail
+                .attempts
+                .iter()
+                .filter(|a| a.status == Status::Ok && a.agent_id != "server")
+                .collect();
+            assert!(
+                agents_ok.len() >= 2,
+                "{db:?}: shard {i} was settled by {} agent result(s)",
+                agents_ok.len()
+            );
+            let distinct: std::collections::HashSet<_> =
+                agents_ok.iter().map(|a| &a.agent_id).collect();
+            assert_eq!(
+                distinct.len(),
+                agents_ok.len(),
+                "{db:?}: an agent ran shard {i} twice"
+            );
+            for a in &agents_ok {
+                let value = &a.report["output"];
+                if a.agent_id == liar.id {
+                    liar_runs += 1;
+                }
+                if *value != truth {
+                    lies += 1;
+                    assert_eq!(a.agent_id, liar.id, "{db:?}: an honest agent was wrong");
+                    assert_eq!(
+                        a.verdict,
+                        Verdict::Invalid,
+                        "{db:?}: a lie on shard {i} stood: {a:?}"
+                    );
+                    assert!(!a.chosen, "{db:?}");
+                } else if a.verdict != Verdict::Unchecked {
+                    assert_ne!(
+                        a.verdict,
+                        Verdict::Invalid,
+                        "{db:?}: a true value judged invalid"
+                    );
+                }
+            }
+        }
+        eprintln!("{db:?}: the liar ran {liar_runs} replicas and lied {lies} times; all caught");
+        assert!(
+            lies > 0,
+            "{db:?}: the liar never lied ({liar_runs} runs); the test proves nothing"
+        );
+        for h in agents.iter().filter(|a| a.name != "liar") {
+            assert_eq!(h.strikes, 0, "{db:?}: an honest agent was struck: {h:?}");
+        }
+        assert_eq!(liar.strikes as usize, lies, "{db:?}: one strike per lie");
+        c.stop().await;
+    }
+}
