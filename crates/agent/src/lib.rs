@@ -342,8 +342,16 @@ pub async fn run(
     let _ = beat.await;
     let _ = janitor.await;
     let _ = sender.await;
-    // One last delivery attempt; whatever is left stays on disk for the next start.
-    let _ = deliver_once(&shared).await;
+    // A last delivery, retried briefly (a busy coordinator may answer 503 once); whatever is
+    // left stays on disk for the next start.
+    for attempt in 0..FINAL_DELIVERY_TRIES {
+        match deliver_once(&shared).await {
+            Ok(_) if shared.outbox.is_empty() => break,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, attempt, "last delivery before exit"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let left = shared.outbox.len();
     if left > 0 {
         tracing::warn!(left, "reports kept in the outbox for the next start");
@@ -930,6 +938,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
         }
     }
 }
+
+/// Tries of the last delivery at exit, 200 ms apart.
+const FINAL_DELIVERY_TRIES: u32 = 5;
 
 /// Wait for running shards up to the drain timeout; hand back what is still running.
 async fn drain(shared: &Shared) {

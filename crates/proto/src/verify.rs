@@ -4,7 +4,7 @@
 //! [verify]
 //! replicas = 1             # distinct agents per shard (1..=10)
 //! quorum = 1               # matching results needed (1..=replicas)
-//! recheck = "adaptive"      # "none" | "all" | "adaptive" | { sample = 0.05 }
+//! recheck = "adaptive"      # "none" | "all" | "adaptive" | "on_anomaly" | { sample = 0.05 }
 //! compare = "exact"         # "exact" | "json" | "stdout" | { numeric = 1e-9 }
 //! ```
 
@@ -58,6 +58,10 @@ pub enum Recheck {
     /// By the reporting agent's trust: every result until it is trusted, then rarely.
     #[default]
     Adaptive,
+    /// Results are accepted on the agents' word; when the job's results are reviewed before
+    /// its fold, the shards that stand out (outlying values or costs, an outlying agent's
+    /// shards) are re-run by the server first.
+    OnAnomaly,
 }
 
 /// How two results of one shard are compared.
@@ -184,12 +188,9 @@ impl<'de> Deserialize<'de> for Recheck {
                 "none" => Ok(Recheck::None),
                 "all" => Ok(Recheck::All),
                 "adaptive" => Ok(Recheck::Adaptive),
-                "on_anomaly" => Err(D::Error::custom(
-                    "`on_anomaly` needs the result reviewer, which this coordinator does not have \
-                     yet; use `adaptive`, `all` or `{ sample = 0.05 }`",
-                )),
+                "on_anomaly" => Ok(Recheck::OnAnomaly),
                 other => Err(D::Error::custom(format!(
-                    "unknown recheck `{other}` (expected none, all, adaptive or {{ sample = 0.05 }})"
+                    "unknown recheck `{other}` (expected none, all, adaptive, on_anomaly or {{ sample = 0.05 }})"
                 ))),
             },
             Form::Table(t) => match (t.len(), t.get("sample")) {
@@ -206,6 +207,7 @@ impl Serialize for Recheck {
             Recheck::None => s.serialize_str("none"),
             Recheck::All => s.serialize_str("all"),
             Recheck::Adaptive => s.serialize_str("adaptive"),
+            Recheck::OnAnomaly => s.serialize_str("on_anomaly"),
             Recheck::Sample(p) => {
                 let mut m = std::collections::BTreeMap::new();
                 m.insert("sample", *p);
@@ -288,8 +290,9 @@ mod tests {
         assert_eq!((d.recheck, d.compare), (Recheck::Adaptive, Compare::Exact));
         let err = toml::from_str::<VerifySpec>("recheck = \"sometimes\"\n").unwrap_err();
         assert!(err.to_string().contains("unknown recheck"), "{err}");
-        let err = toml::from_str::<VerifySpec>("recheck = \"on_anomaly\"\n").unwrap_err();
-        assert!(err.to_string().contains("result reviewer"), "{err}");
+        let on: VerifySpec = toml::from_str("recheck = \"on_anomaly\"\n").unwrap();
+        assert_eq!(on.recheck, Recheck::OnAnomaly);
+        assert_eq!(serde_json::to_value(&on).unwrap()["recheck"], "on_anomaly");
         let bad: VerifySpec = toml::from_str("recheck = { sample = 1.5 }\n").unwrap();
         assert_eq!(bad.validate().unwrap_err().field, "verify.recheck.sample");
         let two: VerifySpec = toml::from_str("replicas = 2\nquorum = 2\n").unwrap();

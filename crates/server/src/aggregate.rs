@@ -199,7 +199,31 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             }
         })
         .collect();
-    let mut outliers: Vec<JobFlag> = fleetbox_review::results::review(&reviewed, 20)
+    let anomalies = fleetbox_review::results::review(&reviewed, 20);
+    // `recheck = "on_anomaly"`: the shards that stand out go to the server before the fold
+    // (those it already confirmed stay); the fold starts over once the checks settle.
+    if job.verify.recheck == fleetbox_proto::Recheck::OnAnomaly && !anomalies.is_empty() {
+        let shards: std::collections::BTreeSet<u64> = anomalies
+            .iter()
+            .flat_map(|a| a.shards.iter().copied())
+            .collect();
+        let shards: Vec<u64> = shards.into_iter().collect();
+        let why: Vec<&str> = anomalies.iter().map(|a| a.explanation.as_str()).collect();
+        let sent = state
+            .store
+            .recheck_anomalies(job_id, &state.instance, &shards, &why.join("; "))
+            .await?;
+        if sent > 0 {
+            tracing::info!(
+                job_id,
+                shards = sent,
+                "result review found anomalies: the server checks those shards before the fold"
+            );
+            state.checks.notify_one();
+            return Ok(());
+        }
+    }
+    let mut outliers: Vec<JobFlag> = anomalies
         .into_iter()
         .map(|a| JobFlag {
             kind: a.kind.into(),

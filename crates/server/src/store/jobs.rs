@@ -72,6 +72,8 @@ pub struct JobRow {
     pub files: BTreeMap<String, String>,
     /// A `rerun_failed` child: the parent's shards it runs again.
     pub rerun_of: Option<RerunOf>,
+    /// `[verify]`, defaults filled in.
+    pub verify: fleetbox_proto::VerifySpec,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -91,6 +93,7 @@ struct JobRecord {
     environment: Option<String>,
     files: Option<String>,
     rerun_of: Option<String>,
+    verify: Option<String>,
 }
 
 impl JobRecord {
@@ -121,12 +124,13 @@ impl JobRecord {
                 .as_deref()
                 .map(|r| parse(r, "job rerun_of"))
                 .transpose()?,
+            verify: super::verify::policy(self.verify.as_deref()),
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at, environment, files, rerun_of FROM jobs";
+     shard_count, created_at, environment, files, rerun_of, verify FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]

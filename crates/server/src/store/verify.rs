@@ -154,7 +154,8 @@ impl ReporterTrust {
             return Some("the agent is quarantined");
         }
         match policy(verify).recheck {
-            Recheck::None => None,
+            // Checked, if at all, when the job's results are reviewed before its fold.
+            Recheck::None | Recheck::OnAnomaly => None,
             Recheck::All => Some("recheck = all"),
             Recheck::Sample(p) => (draw() < p).then_some("sampled"),
             Recheck::Adaptive => {
@@ -228,6 +229,54 @@ pub struct ServerRun {
     pub peak_memory: i64,
     pub bytes_out: i64,
     pub reason: Option<String>,
+}
+
+/// A shard of a job: by its task id or its index.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Task(i64),
+    Index(i64),
+}
+
+/// `accepted` and never verified → `reported`, its attempts no longer chosen: the server
+/// checks it and chooses again. Counted in `tally`; false when the shard was not in that state.
+async fn recheck_shard(
+    tx: &mut Tx<'_>,
+    tally: &mut Tally,
+    job_id: &str,
+    which: Which,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let mut sql = Sql::new("UPDATE tasks SET state = ");
+    sql.bind(TaskState::Reported.as_str())
+        .push(", check_owner = NULL, check_expires = 0, updated_at = ")
+        .bind(now)
+        .push(" WHERE job_id = ")
+        .bind(job_id);
+    match which {
+        Which::Task(id) => sql.push(" AND id = ").bind(id),
+        Which::Index(i) => sql.push(" AND shard_index = ").bind(i),
+    };
+    sql.push(" AND verified = 0 AND state = ")
+        .bind(TaskState::Accepted.as_str())
+        .push(" RETURNING id");
+    let moved: Option<(i64,)> = sql
+        .build_as()
+        .fetch_optional(&mut **tx)
+        .await
+        .doing("sending a shard to be checked")?;
+    let Some((task,)) = moved else {
+        return Ok(false);
+    };
+    // The chosen value is chosen again only once the check agrees.
+    Sql::new("UPDATE attempts SET chosen = 0 WHERE task_id = ")
+        .bind(task)
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("sending a shard to be checked")?;
+    tally.moved(job_id, TaskState::Accepted, TaskState::Reported, 1);
+    Ok(true)
 }
 
 /// What the check found.
@@ -719,33 +768,71 @@ impl Store {
         let mut tally = Tally::default();
         let mut n = 0;
         for (task, job) in &candidates {
-            let moved = Sql::new("UPDATE tasks SET state = ")
-                .bind(TaskState::Reported.as_str())
-                .push(", check_owner = NULL, check_expires = 0, updated_at = ")
-                .bind(now)
-                .push(" WHERE id = ")
-                .bind(*task)
-                .push(" AND verified = 0 AND state = ")
-                .bind(TaskState::Accepted.as_str())
-                .build()
-                .execute(&mut *tx)
-                .await
-                .doing("re-checking a result")?
-                .rows_affected();
-            if moved == 1 {
-                // The chosen value is chosen again only once the check agrees.
-                Sql::new("UPDATE attempts SET chosen = 0 WHERE task_id = ")
-                    .bind(*task)
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .doing("re-checking a result")?;
-                tally.moved(job, TaskState::Accepted, TaskState::Reported, 1);
-                n += 1;
-            }
+            n += u64::from(recheck_shard(&mut tx, &mut tally, job, Which::Task(*task), now).await?);
         }
         tally.apply(&mut tx).await?;
         tx.commit().await.doing("re-checking an agent's results")?;
+        Ok(n)
+    }
+
+    /// `recheck = "on_anomaly"`: during `owner`'s fold of `job_id`, the accepted shards among
+    /// `shards` that no server run confirmed go to the server (`reported`), and the fold is
+    /// given up: the job runs again and folds once the checks settle, with those shards
+    /// verified. Returns how many went; with none, the fold goes on.
+    pub async fn recheck_anomalies(
+        &self,
+        job_id: &str,
+        owner: &str,
+        shards: &[u64],
+        why: &str,
+    ) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("re-checking anomalies")?;
+        settle::lock_jobs(&mut tx, self.kind, &[job_id.to_string()]).await?;
+        let job: Option<(String,)> = Sql::new("SELECT tenant_id FROM jobs WHERE id = ")
+            .bind(job_id)
+            .push(" AND state = ")
+            .bind(JobState::Aggregating.as_str())
+            .push(" AND fold_owner = ")
+            .bind(owner)
+            .build_as()
+            .fetch_optional(&mut *tx)
+            .await
+            .doing("re-checking anomalies")?;
+        let Some((tenant,)) = job else {
+            return Ok(0);
+        };
+        let mut tally = Tally::default();
+        let mut entries = Vec::new();
+        for &shard in shards {
+            let which = Which::Index(shard as i64);
+            if recheck_shard(&mut tx, &mut tally, job_id, which, now).await? {
+                entries.push(
+                    Entry::new(&tenant, "reviewer", Action::ShardChecking)
+                        .job(job_id)
+                        .details(serde_json::json!({
+                            "shard": shard,
+                            "why": format!("recheck = on_anomaly: {why}"),
+                        })),
+                );
+            }
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        // The fold is given up, not failed: it starts over once the checks settle.
+        Sql::new("UPDATE jobs SET state = ")
+            .bind(JobState::Running.as_str())
+            .push(", fold_owner = NULL, fold_expires = 0, fold_tries = 0 WHERE id = ")
+            .bind(job_id)
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("re-checking anomalies")?;
+        tally.apply(&mut tx).await?;
+        let n = entries.len() as u64;
+        self.append_audit(&mut tx, entries, now).await?;
+        tx.commit().await.doing("re-checking anomalies")?;
         Ok(n)
     }
 
@@ -893,31 +980,8 @@ impl Store {
         let mut tally = Tally::default();
         let mut n = 0u64;
         for shard in &shards {
-            let moved: Option<(i64,)> = Sql::new("UPDATE tasks SET state = ")
-                .bind(TaskState::Reported.as_str())
-                .push(", check_owner = NULL, check_expires = 0, updated_at = ")
-                .bind(now)
-                .push(" WHERE job_id = ")
-                .bind(job_id)
-                .push(" AND shard_index = ")
-                .bind(*shard)
-                .push(" AND verified = 0 AND state = ")
-                .bind(TaskState::Accepted.as_str())
-                .push(" RETURNING id")
-                .build_as()
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("re-running a tainted shard")?;
-            if let Some((task,)) = moved {
-                Sql::new("UPDATE attempts SET chosen = 0 WHERE task_id = ")
-                    .bind(task)
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .doing("re-running a tainted shard")?;
-                tally.moved(job_id, TaskState::Accepted, TaskState::Reported, 1);
-                n += 1;
-            }
+            let which = Which::Index(*shard);
+            n += u64::from(recheck_shard(&mut tx, &mut tally, job_id, which, now).await?);
         }
         // Back to `running`: it folds again once the checks settle (with nothing to re-check,
         // at once).

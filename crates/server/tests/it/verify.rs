@@ -303,3 +303,68 @@ async fn until_caught(name: &str, after: u64, rate: f64) {
         c.stop().await;
     }
 }
+
+/// `recheck = "on_anomaly"`: results are taken on the agents' word, and the shards the result
+/// review finds standing out are re-run by the server before the fold. A job with one
+/// outlying value (shard 7 returns 10^9 where the others return their square) has that
+/// shard, and only it, checked and verified; a uniform job has none checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_anomaly_checks_the_shards_that_stand_out_before_the_fold() {
+    const PROGRAM: &str = "import json, os\ni = json.load(open(os.environ['FLEETBOX_INPUT']))['items'][0]\nprint(10**9 if i == 7 else i * i)\n";
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("a1", Default::default());
+        c.agent("a2", Default::default());
+        let items: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+        let job = |program: &str| {
+            spec(&format!(
+                "name = \"anomaly\"\ncode = {program:?}\n[shards]\nitems = [{}]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n[verify]\nrecheck = \"on_anomaly\"\n",
+                items.join(", ")
+            ))
+        };
+        let r = c.run(&job(PROGRAM), Duration::from_secs(120)).await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        let exact: u64 = (0..30u64).filter(|&i| i != 7).map(|i| i * i).sum::<u64>() + 1_000_000_000;
+        assert_eq!(r.result_value(), Some(json!(exact)), "{db:?}");
+        let summary = r.summary.clone().unwrap();
+        assert_eq!(summary.server_runs, 1, "{db:?}: {summary:?}");
+        assert_eq!(summary.verified, 1, "{db:?}");
+        assert!(
+            summary
+                .flags
+                .iter()
+                .any(|f| f.kind == "outlier" && f.shard == 7),
+            "{db:?}: the outlier is still named: {:?}",
+            summary.flags
+        );
+        let seven = c.client.shard(&r.id, 7).await.unwrap();
+        let agent = seven
+            .attempts
+            .iter()
+            .find(|a| a.agent_id != "server")
+            .unwrap();
+        assert_eq!(agent.verdict, Verdict::Valid, "{db:?}");
+        let entries = c
+            .client
+            .audit(&format!("job={}", r.id))
+            .await
+            .unwrap()
+            .entries;
+        assert!(
+            entries.iter().any(|e| e.action == "shard.checking"
+                && e.details["why"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("recheck = on_anomaly")),
+            "{db:?}"
+        );
+
+        // Nothing stands out: nothing is checked.
+        let uniform = c.run(&job("print(1)"), Duration::from_secs(120)).await;
+        assert_eq!(uniform.state, JobState::Completed, "{db:?}");
+        assert_eq!(uniform.summary.unwrap().server_runs, 0, "{db:?}");
+        c.stop().await;
+    }
+}
