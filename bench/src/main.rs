@@ -9,6 +9,7 @@
 //! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
 //! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
 //! cargo run --release -p fleetbox-bench -- verify    [--shards 300] [--runs 10]
+//! cargo run --release -p fleetbox-bench -- trust     [--runs 3000]  # the adaptive policy simulated
 //! cargo run --release -p fleetbox-bench -- env       [--runs 50] [--builds 3]
 //! cargo run --release -p fleetbox-bench -- run       [--calls 200]
 //! cargo run --release -p fleetbox-bench -- review    [--runs 50]
@@ -25,6 +26,7 @@ mod review;
 mod run;
 mod startup;
 mod throughput;
+mod trust_sim;
 mod util;
 mod verify;
 
@@ -51,6 +53,7 @@ fn main() {
             util::flag(&args, "--runs").unwrap_or(10),
         ),
         "review" => review::run(runs),
+        "trust" => trust_sim::run(util::flag(&args, "--runs").unwrap_or(3000)),
         "planner" => planner::run(runs, util::flag(&args, "--chains").unwrap_or(20)),
         "run" => run::run(util::flag(&args, "--calls").unwrap_or(200)),
         "env" => env::run(runs, util::flag(&args, "--builds").unwrap_or(3)),
@@ -64,7 +67,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|docker|throughput|e2e|audit|verify|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|docker|throughput|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

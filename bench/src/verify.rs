@@ -89,13 +89,30 @@ async fn overhead(shards: usize) -> Result<(), String> {
     let mut c = coordinator().await?;
     c.agent("honest-1", Default::default());
     c.agent("honest-2", Default::default());
-    // Warm-up: the agents are new; every result is checked until each has 10 valid in a row.
-    let (warm, _) = run_job(&c, &job("warm-up", shards, "")).await?;
-    let (agent, server) = cpu_of(&c, &warm.id, shards).await?;
+    // Warm-up: the agents are new; every result is checked until each has `--trusted-after`
+    // valid in a row. Jobs until both are trusted; their cost is the warm-up's.
+    let (mut runs, mut total, mut agent_cpu, mut server_cpu) = (0, 0, 0, 0);
+    loop {
+        let (warm, _) = run_job(&c, &job("warm-up", shards, "")).await?;
+        let (agent, server) = cpu_of(&c, &warm.id, shards).await?;
+        runs += warm.summary.as_ref().map_or(0, |s| s.server_runs);
+        total += shards;
+        agent_cpu += agent;
+        server_cpu += server;
+        let agents = c.client.agents().await.map_err(|e| e.to_string())?.agents;
+        if agents
+            .iter()
+            .all(|a| a.trust.iter().any(|t| t.recheck_rate < 1.0))
+        {
+            break;
+        }
+        if total >= 20 * shards {
+            return Err("the agents were never trusted".into());
+        }
+    }
     println!(
-        "  warm-up (new agents)  server re-runs {:>4} of {shards}   server CPU / agent CPU = {:5.1}%",
-        warm.summary.as_ref().map_or(0, |s| s.server_runs),
-        server as f64 * 100.0 / agent.max(1) as f64
+        "  warm-up (new agents)  server re-runs {runs:>4} of {total} until both were trusted   server CPU / agent CPU = {:5.1}%",
+        server_cpu as f64 * 100.0 / agent_cpu.max(1) as f64
     );
     // Steady state: the same agents, trusted now.
     let (steady, with) = run_job(&c, &job("steady", shards, "")).await?;
@@ -145,7 +162,8 @@ async fn liars(runs: usize) -> Result<(), String> {
         }
         let agents = c.client.agents().await.map_err(|e| e.to_string())?.agents;
         let liar = agents.iter().find(|a| a.name == "liar").ok_or("no liar")?;
-        // Its shards up to its quarantine: its `attempt.reported` entries before that entry.
+        // Its shards up to its quarantine: the attempts its `attempt.reported` entries (one
+        // per job per report call) list before that entry.
         let entries = c
             .client
             .audit("limit=5000")
@@ -164,7 +182,8 @@ async fn liars(runs: usize) -> Result<(), String> {
                         && e.agent_id.as_deref() == Some(&liar.id)
                         && e.seq < upto
                 })
-                .count()
+                .map(attempts_in)
+                .sum::<usize>()
         };
         match quarantined_at {
             Some(seq) => {
@@ -249,10 +268,10 @@ async fn sleeper() -> Result<(), String> {
         .iter()
         .find(|e| e.action == "agent.quarantined" && e.agent_id.as_deref() == Some(&sleeper_id))
         .map(|e| e.seq);
-    let reported: Vec<i64> = entries
+    let reported: Vec<(i64, usize)> = entries
         .iter()
         .filter(|e| e.action == "attempt.reported" && e.agent_id.as_deref() == Some(&sleeper_id))
-        .map(|e| e.seq)
+        .map(|e| (e.seq, attempts_in(e)))
         .collect();
     let (mut tainted, mut unflagged_wrong) = (0, 0);
     for id in &jobs {
@@ -266,7 +285,11 @@ async fn sleeper() -> Result<(), String> {
     }
     match quarantined_at {
         Some(seq) => {
-            let total = reported.iter().filter(|s| **s < seq).count();
+            let total: usize = reported
+                .iter()
+                .filter(|(s, _)| *s < seq)
+                .map(|(_, n)| n)
+                .sum();
             println!(
                 "  caught: {} of its shards after it turned, {} jobs run, {tainted} finished jobs tainted (needs_review)",
                 total.saturating_sub(HONEST_FOR as usize),
@@ -278,4 +301,9 @@ async fn sleeper() -> Result<(), String> {
     println!("  final results with a wrong value nobody flagged: {unflagged_wrong} (target 0)");
     c.stop().await;
     Ok(())
+}
+
+/// How many attempts an `attempt.reported` entry lists (one entry per job per report call).
+fn attempts_in(e: &fleetbox_proto::api::AuditRecord) -> usize {
+    e.details["attempts"].as_array().map_or(1, Vec::len)
 }

@@ -113,6 +113,10 @@ pub struct ServerArgs {
     /// Invalid results after which an agent is quarantined until an admin releases it.
     #[arg(long, default_value_t = 2)]
     pub quarantine_strikes: u32,
+    /// `recheck = "adaptive"`: valid results in a row (per agent, interpreter and backend)
+    /// after which an agent's results are only sampled (2%); until then each is re-run here.
+    #[arg(long, default_value_t = fleetbox_server::store::verify::TRUSTED_AFTER as u32)]
+    pub trusted_after: u32,
     /// Use this admin token (default: generated once, kept in `DATA/admin.token`).
     #[arg(long, env = env::FLEETBOX_ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -446,6 +450,7 @@ fn server_config(
         c.check_workers = n.clamp(1, 256);
     }
     c.quarantine_strikes = args.quarantine_strikes.max(1);
+    c.trusted_after = args.trusted_after.max(1);
     c.admin_token = args.admin_token.clone();
     c.enroll_token = args.enroll_token.clone();
     c.sandbox_backend = backend;
@@ -591,6 +596,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         audit_checkpoint: Millis::from_secs(60),
         check_workers: None,
         quarantine_strikes: 2,
+        trusted_after: fleetbox_server::store::verify::TRUSTED_AFTER as u32,
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
         enroll_token: None,
         backend: None,

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub check_workers: usize,
     /// Invalid results after which an agent is quarantined (no more leases until released).
     pub quarantine_strikes: u32,
+    /// `recheck = "adaptive"`: valid results in a row after which an agent is trusted (its
+    /// results then sampled at 2%).
+    pub trusted_after: u32,
     /// Sandbox for server-side runs (the `python` reducer, re-checks).
     pub sandbox_backend: Backend,
     pub sandbox: SandboxConfig,
@@ -104,6 +107,7 @@ impl ServerConfig {
             audit: true,
             check_workers: std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             quarantine_strikes: 2,
+            trusted_after: store::verify::TRUSTED_AFTER as u32,
             sandbox_backend: Backend::default_for_host(),
             // The coordinator's own runs get the allow-list: the strictest policy.
             sandbox: SandboxConfig {
@@ -415,6 +419,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         .unwrap_or_else(|| Store::sqlite_url(&config.data_dir));
     let mut store = Store::open(&url).await?;
     store.set_audit(config.audit);
+    store.set_trusted_after(config.trusted_after);
     let blob_dir = config.data_dir.join("blobs");
     let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
     let key_path = config.data_dir.join("audit.key");

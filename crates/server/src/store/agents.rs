@@ -203,7 +203,7 @@ impl Store {
                     recheck_rate: if error_rate > super::verify::MAX_ERROR_RATE {
                         1.0
                     } else {
-                        super::verify::adaptive_rate(t.consecutive_valid)
+                        super::verify::adaptive_rate(t.consecutive_valid, self.trusted_after)
                     },
                     results: t.results.max(0) as u64,
                     error_rate,

@@ -167,6 +167,8 @@ pub struct Store {
     read: AnyPool,
     /// Whether appends are written (see `ServerConfig::audit`).
     audit: bool,
+    /// Consecutive valid results after which an agent is trusted (`--trusted-after`).
+    trusted_after: i64,
     /// What the store was opened with: the audit log's verification reads through a native
     /// connection of its own (see `audit_read`).
     url: String,
@@ -247,6 +249,7 @@ impl Store {
             write,
             read,
             audit: true,
+            trusted_after: verify::TRUSTED_AFTER,
             url: url.to_string(),
         };
         store.migrate().await?;
@@ -279,6 +282,11 @@ impl Store {
     /// Turn the audit log off (the throughput benchmark's baseline) or on.
     pub fn set_audit(&mut self, on: bool) {
         self.audit = on;
+    }
+
+    /// Trust an agent under `recheck = "adaptive"` after this many valid results in a row.
+    pub fn set_trusted_after(&mut self, n: u32) {
+        self.trusted_after = i64::from(n.max(1));
     }
 
     pub fn kind(&self) -> DbKind {

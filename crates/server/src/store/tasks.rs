@@ -541,7 +541,8 @@ impl Store {
         let mut tally = Tally::default();
         let mut chosen_attempts = Vec::new();
         let mut quarantined = Vec::new();
-        let trust = super::verify::ReporterTrust::read(&mut tx, agent_id).await?;
+        let trust =
+            super::verify::ReporterTrust::read(&mut tx, agent_id, self.trusted_after).await?;
         let actor = format!("agent:{agent_id}");
         // What the agent reported: one `attempt.reported` entry per job per call, each attempt
         // with its task, lease and run summary (like `shard.leased`: a task costs one entry

@@ -18,8 +18,13 @@ use super::sql::Sql;
 use super::tasks::ReportInput;
 use super::{DbKind, Doing, Store, StoreError, now_ms};
 
-/// Consecutive valid results after which an agent is trusted (BOINC's threshold).
-pub const TRUSTED_AFTER: i64 = 10;
+/// Consecutive valid results after which an agent is trusted (the default of
+/// `--trusted-after`). BOINC uses 10; at 10 a liar on 2% of its results passes its untrusted
+/// phase 82% of the time and is then caught only by the floor's sample, after a median of
+/// about 2,000 of its results (p95 about 8,800). At 250 it passes 0.6% of the time: it is
+/// quarantined within 400 of its results in 99% of cases (simulated; see
+/// `docs/SANDBOX_DISTRIBUTED.md`), for 250 server runs per new agent, interpreter and backend.
+pub const TRUSTED_AFTER: i64 = 250;
 /// The smallest share of a trusted agent's results still re-checked: a sleeper is caught.
 pub const TRUSTED_RATE_FLOOR: f64 = 0.02;
 /// An agent whose results are infrastructure failures more often than this is not trusted,
@@ -37,9 +42,10 @@ pub fn error_rate(results: i64, errors: i64) -> f64 {
 }
 
 /// The share of an agent's results re-checked under `adaptive`, from its consecutive valid
-/// results: all of them until it is trusted, then `1/consecutive`, never under the floor.
-pub fn adaptive_rate(consecutive_valid: i64) -> f64 {
-    if consecutive_valid < TRUSTED_AFTER {
+/// results: all of them until it is trusted (`trusted_after`), then `1/consecutive`, never
+/// under the floor.
+pub fn adaptive_rate(consecutive_valid: i64, trusted_after: i64) -> f64 {
+    if consecutive_valid < trusted_after {
         1.0
     } else {
         (1.0 / consecutive_valid as f64).max(TRUSTED_RATE_FLOOR)
@@ -65,6 +71,7 @@ pub fn policy(stored: Option<&str>) -> VerifySpec {
 /// What the report transaction knows of the reporting agent's trust.
 pub(super) struct ReporterTrust {
     quarantined: bool,
+    trusted_after: i64,
     /// Consecutive valid results and error rate per (python, backend).
     consecutive: HashMap<(String, String), (i64, f64)>,
 }
@@ -115,7 +122,11 @@ impl ReporterTrust {
         Ok(())
     }
 
-    pub(super) async fn read(tx: &mut Tx<'_>, agent_id: &str) -> Result<Self, StoreError> {
+    pub(super) async fn read(
+        tx: &mut Tx<'_>,
+        agent_id: &str,
+        trusted_after: i64,
+    ) -> Result<Self, StoreError> {
         let rows: Vec<(String, String, i64, i64, i64)> = Sql::new(
             "SELECT python, backend, consecutive_valid, results, errors FROM agent_trust \
              WHERE agent_id = ",
@@ -134,6 +145,7 @@ impl ReporterTrust {
                 .doing("reading an agent's quarantine")?;
         Ok(ReporterTrust {
             quarantined: matches!(quarantined, Some((Some(_),))),
+            trusted_after,
             consecutive: rows
                 .into_iter()
                 .map(|(p, b, c, n, e)| ((p, b), (c, error_rate(n, e))))
@@ -161,12 +173,13 @@ impl ReporterTrust {
             Recheck::Adaptive => {
                 let key = (r.python.clone(), r.backend.clone());
                 let (cv, errors) = self.consecutive.get(&key).copied().unwrap_or((0, 0.0));
-                if cv < TRUSTED_AFTER {
+                if cv < self.trusted_after {
                     Some("the agent is not trusted yet")
                 } else if errors > MAX_ERROR_RATE {
                     Some("the agent's error rate is high")
                 } else {
-                    (draw() < adaptive_rate(cv)).then_some("sampled from a trusted agent")
+                    (draw() < adaptive_rate(cv, self.trusted_after))
+                        .then_some("sampled from a trusted agent")
                 }
             }
         }
@@ -1071,11 +1084,17 @@ mod tests {
 
     #[test]
     fn new_agents_are_always_checked_and_trusted_ones_rarely_but_never_never() {
-        assert_eq!(adaptive_rate(0), 1.0);
-        assert_eq!(adaptive_rate(TRUSTED_AFTER - 1), 1.0);
-        assert!((adaptive_rate(TRUSTED_AFTER) - 0.1).abs() < 1e-12);
-        assert!((adaptive_rate(40) - 0.025).abs() < 1e-12);
-        assert_eq!(adaptive_rate(1_000_000), TRUSTED_RATE_FLOOR);
+        assert_eq!(adaptive_rate(0, 10), 1.0);
+        assert_eq!(adaptive_rate(9, 10), 1.0);
+        assert!((adaptive_rate(10, 10) - 0.1).abs() < 1e-12);
+        assert!((adaptive_rate(40, 10) - 0.025).abs() < 1e-12);
+        assert_eq!(adaptive_rate(1_000_000, 10), TRUSTED_RATE_FLOOR);
+        // The default threshold is past the floor: trusted agents are sampled at the floor.
+        assert_eq!(adaptive_rate(TRUSTED_AFTER - 1, TRUSTED_AFTER), 1.0);
+        assert_eq!(
+            adaptive_rate(TRUSTED_AFTER, TRUSTED_AFTER),
+            TRUSTED_RATE_FLOOR
+        );
         // An agent that fails often is not trusted, whatever its run of valid results.
         assert_eq!(error_rate(ERROR_RATE_AFTER - 1, ERROR_RATE_AFTER - 1), 0.0);
         assert!((error_rate(20, 3) - 0.15).abs() < 1e-12);
@@ -1104,6 +1123,7 @@ mod tests {
         let key = ("3.11".to_string(), "jail".to_string());
         let flaky = ReporterTrust {
             quarantined: false,
+            trusted_after: TRUSTED_AFTER,
             consecutive: [(key.clone(), (1000, 0.2))].into_iter().collect(),
         };
         assert_eq!(
@@ -1112,6 +1132,7 @@ mod tests {
         );
         let quarantined = ReporterTrust {
             quarantined: true,
+            trusted_after: TRUSTED_AFTER,
             consecutive: [(key, (1000, 0.0))].into_iter().collect(),
         };
         assert!(quarantined.check_reason(None, &report).is_some());

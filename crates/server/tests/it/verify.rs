@@ -13,12 +13,24 @@ use crate::support::{BOTH, Coordinator, spec};
 /// Each shard returns the sum of squares of its items.
 const SQUARES: &str = "import json, os\nitems = json.load(open(os.environ['FLEETBOX_INPUT']))['items']\nprint(sum(i * i for i in items))\n";
 
-/// A liar among three honest agents, under the default policy (`adaptive`, two strikes): jobs
-/// of 400 and then 40 shards until it is quarantined. Then no wrong value stands unflagged:
-/// every job is exact, or `needs_review` and exact after `rerun-tainted`; no honest agent was
-/// struck; every invalid verdict is audited, and the quarantine; a release lets it lease again.
+/// A liar on 10% of its results among three honest agents, under the default policy
+/// (`adaptive`, two strikes): jobs of 400 and then 40 shards until it is quarantined. Then no
+/// wrong value stands unflagged: every job is exact, or `needs_review` and exact after
+/// `rerun-tainted`; no honest agent was struck; every invalid verdict is audited, and the
+/// quarantine; a release lets it lease again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
+    liar_is_caught(0.10).await;
+}
+
+/// The same with a liar on only 2% of its results: it cannot earn trust (250 valid results in
+/// a row) before two of its lies are checked, so it is quarantined all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_on_two_percent_is_caught_quarantined_and_the_result_stays_exact() {
+    liar_is_caught(0.02).await;
+}
+
+async fn liar_is_caught(rate: f64) {
     for db in BOTH {
         let Some(mut c) = Coordinator::start_with(db, |config| {
             config.check_workers = 2;
@@ -30,7 +42,7 @@ async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
         for name in ["honest-1", "honest-2", "honest-3"] {
             c.agent(name, Default::default());
         }
-        c.agent_lying("liar", Default::default(), 0.10);
+        c.agent_lying("liar", Default::default(), rate);
         let mut jobs = Vec::new();
         let mut liar = None;
         for n in [400u64].into_iter().chain(std::iter::repeat_n(40, 30)) {
@@ -49,7 +61,7 @@ async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
                 break;
             }
         }
-        let liar = liar.unwrap_or_else(|| panic!("{db:?}: the liar was never quarantined"));
+        let liar = liar.unwrap_or_else(|| panic!("{db:?}: the {rate} liar was never quarantined"));
         let tainted = no_wrong_value_stands(&c, &jobs, db).await;
         let agents = c.client.agents().await.unwrap().agents;
         for h in agents.iter().filter(|a| a.name != "liar") {
@@ -57,7 +69,7 @@ async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
             assert!(h.quarantined.is_none(), "{db:?}");
         }
         eprintln!(
-            "{db:?}: liar quarantined after {} job(s), {} strikes; {tainted} finished job(s) tainted and redone",
+            "{db:?}: {rate} liar quarantined after {} job(s), {} strikes; {tainted} finished job(s) tainted and redone",
             jobs.len(),
             liar.strikes
         );
@@ -264,6 +276,8 @@ async fn until_caught(name: &str, after: u64, rate: f64) {
     for db in BOTH {
         let Some(mut c) = Coordinator::start_with(db, |config| {
             config.quarantine_strikes = 1;
+            // The sleeper earns trust with its first 30 honest results (the default asks 250).
+            config.trusted_after = 10;
         })
         .await
         else {

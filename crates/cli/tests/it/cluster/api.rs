@@ -874,7 +874,9 @@ pub async fn signed_reports_are_checked(db: Db) {
 /// `fleetbox agents` shows each agent's trust once the coordinator has checked its results,
 /// and `release` of an agent that is not quarantined is refused with a clear error.
 pub async fn agents_show_their_trust(db: Db) {
-    let Some(mut c) = Cluster::start(db).await else {
+    // Trusted after 10 valid results in a row (BOINC's threshold; the default is 250), so a
+    // 12-shard job shows both phases.
+    let Some(mut c) = Cluster::start_with(db, &["--trusted-after", "10"]).await else {
         return;
     };
     c.add_agent(2);
