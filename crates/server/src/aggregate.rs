@@ -112,6 +112,7 @@ async fn fold_job(state: &Arc<State>, job_id: &str) {
         result_blob: None,
         summary: &summary,
         error: Some(&error),
+        queue: Vec::new(),
     };
     if let Err(e) = state.store.finish_job(job_id, owner, &outcome).await {
         tracing::error!(job_id, error = %e, "could not fail a job");
@@ -371,6 +372,26 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     } else {
         job_state_now
     };
+    // What goes into the review queue, in the transaction that stores the result: a job is
+    // never finished with its anomalies or sandbox errors unqueued.
+    let mut queue = Vec::new();
+    if !broken.is_empty() {
+        let mut agents: Vec<&str> = broken.iter().map(|f| f.agent.as_str()).collect();
+        agents.sort_unstable();
+        agents.dedup();
+        queue.push((
+            "sandbox_error",
+            serde_json::json!({
+                "shards": broken.iter().map(|f| f.shard).take(100).collect::<Vec<_>>(),
+                "agents": agents,
+                "detail": format!("{} shard(s) ended in sandbox errors", broken.len()),
+            }),
+        ));
+    }
+    if anomalous {
+        // For a person to look at; the job's result stands, flagged.
+        queue.push(("anomaly", serde_json::json!({ "outliers": outliers })));
+    }
     let outcome = FoldOutcome {
         state: job_state_now,
         result: if blob.is_some() {
@@ -381,18 +402,19 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         result_blob: blob.as_deref(),
         summary: &summary,
         error: error.as_deref(),
+        queue,
     };
-    if !state
+    let Some(queued) = state
         .store
         .finish_job(job_id, &state.instance, &outcome)
         .await?
-    {
+    else {
         tracing::warn!(
             job_id,
             "lost the fold to another coordinator; its result stands"
         );
         return Ok(());
-    }
+    };
     // Re-runs a person asked for while the job was held start now that it has finished.
     match state.store.pending_reruns(job_id).await {
         Ok(pending) => {
@@ -418,39 +440,9 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         }
         Err(e) => tracing::error!(job_id, error = %e, "could not read pending re-runs"),
     }
-    if !broken.is_empty() {
-        let mut agents: Vec<&str> = broken.iter().map(|f| f.agent.as_str()).collect();
-        agents.sort_unstable();
-        agents.dedup();
-        let details = serde_json::json!({
-            "shards": broken.iter().map(|f| f.shard).take(100).collect::<Vec<_>>(),
-            "agents": agents,
-            "detail": format!("{} shard(s) ended in sandbox errors", broken.len()),
-        });
-        if let Err(e) = state
-            .store
-            .add_flag(&job.tenant_id, job_id, "sandbox_error", &details)
-            .await
-        {
-            tracing::error!(job_id, error = %e, "could not queue a job's sandbox errors for review");
-        }
-    }
-    if anomalous {
-        // Into the review queue, for a person to look at; the job's result stands, flagged.
-        let details = serde_json::json!({ "outliers": outliers });
-        match state
-            .store
-            .add_flag(&job.tenant_id, job_id, "anomaly", &details)
-            .await
-        {
-            Ok(flag) if state.config.anomalies == crate::AnomalyAction::Rerun => {
-                rerun_anomalies(state, &job.tenant_id, job_id, flag, &outliers).await;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(job_id, error = %e, "could not queue a job's anomalies for review")
-            }
-        }
+    if anomalous && state.config.anomalies == crate::AnomalyAction::Rerun {
+        let flag = *queued.last().expect("the anomaly entry was queued last");
+        rerun_anomalies(state, &job.tenant_id, job_id, flag, &outliers).await;
     }
     tracing::info!(
         job_id,

@@ -773,12 +773,15 @@ impl Store {
     /// Store the aggregation's outcome and settle the job, if `owner` still holds its fold.
     /// The result is inline JSON in `result`, or the hash of a blob holding it in
     /// `result_blob`: never a marker inside the value.
+    /// Store a fold's outcome if `owner` still holds it, with its review-queue entries and
+    /// audit entries in the same transaction. `None`: the fold was lost; else the ids of the
+    /// queue entries, in `outcome.queue`'s order.
     pub async fn finish_job(
         &self,
         id: &str,
         owner: &str,
         outcome: &FoldOutcome<'_>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Vec<i64>>, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("storing a job result")?;
         let done: Option<(String,)> = Sql::new("UPDATE jobs SET state = ")
@@ -805,8 +808,19 @@ impl Store {
             .await
             .doing("storing a job result")?;
         let Some((tenant,)) = done else {
-            return Ok(false);
+            return Ok(None);
         };
+        let mut entries = Vec::new();
+        let mut queued = Vec::new();
+        for (kind, details) in &outcome.queue {
+            let flag = super::review::insert_flag(&mut tx, &tenant, id, kind, details, now).await?;
+            entries.push(
+                Entry::new(&tenant, "reviewer", Action::ReviewFlagged)
+                    .job(id)
+                    .details(serde_json::json!({ "flag": flag, "kind": kind, "details": details })),
+            );
+            queued.push(flag);
+        }
         let action = match outcome.state {
             JobState::Completed => Action::JobCompleted,
             JobState::NeedsReview => Action::JobNeedsReview,
@@ -826,9 +840,10 @@ impl Store {
                 // What verification and result review found: [kind, metric, shard, score].
                 "flags": s.flags.iter().take(50).map(|f| serde_json::json!([f.kind, f.metric, f.shard, f.score])).collect::<Vec<_>>(),
             }));
-        self.append_audit(&mut tx, vec![entry], now).await?;
+        entries.push(entry);
+        self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("storing a job result")?;
-        Ok(true)
+        Ok(Some(queued))
     }
 }
 
@@ -842,6 +857,8 @@ pub struct FoldOutcome<'a> {
     pub result_blob: Option<&'a str>,
     pub summary: &'a JobSummary,
     pub error: Option<&'a str>,
+    /// Entries for the review queue (kind, details) raised by the fold, queued with its result.
+    pub queue: Vec<(&'a str, serde_json::Value)>,
 }
 
 /// Cancel job `id` of `tenant` within `tx` because of `reason` (its `error`): unsettled shards

@@ -71,9 +71,13 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
             result_blob: None,
             summary: &summary,
             error: None,
+            queue: Vec::new(),
         };
         assert!(
-            !a.finish_job("job_g", "coord_a", &outcome).await.unwrap(),
+            a.finish_job("job_g", "coord_a", &outcome)
+                .await
+                .unwrap()
+                .is_none(),
             "{db:?}"
         );
         assert!(
@@ -83,7 +87,10 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
             "{db:?}"
         );
         assert!(
-            b.finish_job("job_g", "coord_b", &outcome).await.unwrap(),
+            b.finish_job("job_g", "coord_b", &outcome)
+                .await
+                .unwrap()
+                .is_some(),
             "{db:?}"
         );
         let (result, blob) = b.job_result("default", "job_g").await.unwrap().unwrap();
