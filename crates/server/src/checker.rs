@@ -103,13 +103,13 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         .map_err(|e| e.message)?;
     let agent_output = output_of(
         state,
-        subject.output.as_deref(),
-        subject.output_blob.as_deref(),
+        subject.result.output.as_deref(),
+        subject.result.output_blob.as_deref(),
     );
     let agent = Outcome {
         output: agent_output.as_ref(),
-        output_sha256: subject.output_sha256.as_deref(),
-        stdout_sha256: subject.stdout_sha256.as_deref().unwrap_or(""),
+        output_sha256: subject.result.output_sha256.as_deref(),
+        stdout_sha256: subject.result.stdout_sha256.as_deref().unwrap_or(""),
     };
     let compare = subject.verify.compare;
 
@@ -195,7 +195,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
     tracing::info!(
         task = task_id,
         job = %subject.job_id,
-        agent = %subject.agent_id,
+        agent = %subject.result.agent_id,
         finding = ?finding,
         "server re-check"
     );
@@ -234,7 +234,7 @@ async fn settle(
     if let Some(kind) = kind {
         let details = serde_json::json!({
             "shard": subject.shard_index,
-            "agent": subject.agent_id,
+            "agent": subject.result.agent_id,
             "finding": format!("{finding:?}"),
         });
         if let Err(e) = state

@@ -30,6 +30,8 @@ use super::{Doing, StoreError};
 pub struct Replica {
     pub attempt_id: i64,
     pub agent_id: String,
+    /// `unchecked`, or `inconclusive` (a server that could not judge it).
+    pub verdict: Verdict,
     pub output: Option<String>,
     pub output_blob: Option<String>,
     pub output_sha256: Option<String>,
@@ -54,8 +56,8 @@ pub(super) async fn pending(
     task_id: i64,
 ) -> Result<Vec<Replica>, StoreError> {
     let rows = Sql::new(
-        "SELECT id, agent_id, output, output_blob, output_sha256, stdout_sha256, report \
-         FROM attempts WHERE runner = 'agent' AND status = ",
+        "SELECT id, agent_id, verdict, output, output_blob, output_sha256, stdout_sha256, \
+         report FROM attempts WHERE runner = 'agent' AND status = ",
     )
     .bind(Status::Ok.as_str())
     .push(" AND verdict IN (")
@@ -80,6 +82,11 @@ pub(super) async fn pending(
             Ok(Replica {
                 attempt_id: row.try_get("id").map_err(get)?,
                 agent_id: row.try_get("agent_id").map_err(get)?,
+                verdict: Verdict::try_from(row.try_get::<String, _>("verdict").map_err(get)?)
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "attempt verdict",
+                        detail: e.to_string(),
+                    })?,
                 output: row.try_get("output").map_err(get)?,
                 output_blob: row.try_get("output_blob").map_err(get)?,
                 output_sha256: row.try_get("output_sha256").map_err(get)?,
@@ -393,6 +400,7 @@ mod tests {
         Replica {
             attempt_id: id,
             agent_id: format!("agt_{id}"),
+            verdict: Verdict::Unchecked,
             output: Some(value.into()),
             output_blob: None,
             output_sha256: Some(fleetbox_proto::canonical::canonical(&v)),

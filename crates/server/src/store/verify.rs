@@ -195,14 +195,8 @@ pub struct CheckSubject {
     pub shard_index: u64,
     pub input: String,
     pub verify: VerifySpec,
-    pub attempt_id: i64,
-    pub agent_id: String,
-    pub output: Option<String>,
-    pub output_blob: Option<String>,
-    pub output_sha256: Option<String>,
-    pub stdout_sha256: Option<String>,
-    pub python: String,
-    pub backend: String,
+    /// The result under check: the shard's latest unchecked agent success.
+    pub result: super::replicas::Replica,
     /// The shard's other agent results still open to judgement (replicas that disagreed):
     /// the server's run judges them too.
     pub others: Vec<super::replicas::Replica>,
@@ -210,22 +204,6 @@ pub struct CheckSubject {
     /// replica while attempts remain.
     pub attempts: u32,
     pub max_attempts: u32,
-}
-
-impl CheckSubject {
-    /// The result under check, as a replica.
-    fn primary(&self) -> super::replicas::Replica {
-        super::replicas::Replica {
-            attempt_id: self.attempt_id,
-            agent_id: self.agent_id.clone(),
-            output: self.output.clone(),
-            output_blob: self.output_blob.clone(),
-            output_sha256: self.output_sha256.clone(),
-            stdout_sha256: self.stdout_sha256.clone(),
-            python: self.python.clone(),
-            backend: self.backend.clone(),
-        }
-    }
 }
 
 /// One run of the shard in the coordinator's own sandbox, as stored.
@@ -432,62 +410,35 @@ impl Store {
         .await
         .doing("reading a shard to check")?;
         let Some(task) = task else { return Ok(None) };
-        let attempt = Sql::new(
-            "SELECT id, agent_id, output, output_blob, output_sha256, stdout_sha256, report \
-             FROM attempts WHERE runner = 'agent' AND status = ",
-        )
-        .bind(Status::Ok.as_str())
-        .push(" AND verdict = ")
-        .bind(Verdict::Unchecked.as_str())
-        .push(" AND task_id = ")
-        .bind(task_id)
-        .push(" ORDER BY id DESC LIMIT 1")
-        .build()
-        .fetch_optional(&self.read)
-        .await
-        .doing("reading the result to check")?;
-        let Some(attempt) = attempt else {
-            return Ok(None);
-        };
-        let get = |e| StoreError::Query {
-            doing: "reading a shard to check",
-            source: e,
-        };
-        let report: String = attempt.try_get("report").map_err(get)?;
-        let runner: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
-        let verify: Option<String> = task.try_get("verify").map_err(get)?;
-        let attempt_id: i64 = attempt.try_get("id").map_err(get)?;
         let mut conn = self
             .read
             .acquire()
             .await
-            .doing("reading a shard's replicas")?;
-        let others = super::replicas::pending(&mut conn, task_id)
-            .await?
-            .into_iter()
-            .filter(|r| r.attempt_id != attempt_id)
-            .collect();
+            .doing("reading the result to check")?;
+        let mut results = super::replicas::pending(&mut conn, task_id).await?;
+        let Some(latest) = results
+            .iter()
+            .rposition(|r| r.verdict == Verdict::Unchecked)
+        else {
+            return Ok(None);
+        };
+        let result = results.remove(latest);
+        let get = |e| StoreError::Query {
+            doing: "reading a shard to check",
+            source: e,
+        };
+        let verify: Option<String> = task.try_get("verify").map_err(get)?;
         Ok(Some(CheckSubject {
-            others,
-            attempts: task.try_get::<i64, _>("attempts").map_err(get)? as u32,
-            max_attempts: task.try_get::<i64, _>("max_attempts").map_err(get)? as u32,
             task_id,
             tenant_id: task.try_get("tenant_id").map_err(get)?,
             job_id: task.try_get("job_id").map_err(get)?,
             shard_index: task.try_get::<i64, _>("shard_index").map_err(get)? as u64,
             input: task.try_get("input").map_err(get)?,
             verify: policy(verify.as_deref()),
-            attempt_id,
-            agent_id: attempt.try_get("agent_id").map_err(get)?,
-            output: attempt.try_get("output").map_err(get)?,
-            output_blob: attempt.try_get("output_blob").map_err(get)?,
-            output_sha256: attempt.try_get("output_sha256").map_err(get)?,
-            stdout_sha256: attempt.try_get("stdout_sha256").map_err(get)?,
-            python: runner["runner"]["python"]
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-            backend: runner["backend"].as_str().unwrap_or("").to_string(),
+            result,
+            others: results,
+            attempts: task.try_get::<i64, _>("attempts").map_err(get)? as u32,
+            max_attempts: task.try_get::<i64, _>("max_attempts").map_err(get)? as u32,
         }))
     }
 
@@ -579,7 +530,7 @@ impl Store {
             .push(", ")
             .bind(format!(
                 "server.{}.{}.{now}.{i}",
-                subject.task_id, subject.attempt_id
+                subject.task_id, subject.result.attempt_id
             ))
             .push(", 'server', 0, ")
             .bind(run.status.as_str())
@@ -620,7 +571,7 @@ impl Store {
             .push(", chosen = ")
             .bind(i64::from(to == TaskState::Accepted && !chosen_server))
             .push(" WHERE id = ")
-            .bind(subject.attempt_id)
+            .bind(subject.result.attempt_id)
             .build()
             .execute(&mut *tx)
             .await
@@ -633,14 +584,14 @@ impl Store {
                 "agent_result_invalid",
                 format!(
                     "agent {} returned a value the server's runs do not reproduce; the server's value was taken",
-                    subject.agent_id
+                    subject.result.agent_id
                 ),
             )),
             Finding::FailsOnServer { reason } => Some((
                 "agent_result_invalid",
                 format!(
                     "agent {} reported success; on the server the program fails: {reason}",
-                    subject.agent_id
+                    subject.result.agent_id
                 ),
             )),
             Finding::Nondeterministic => Some((
@@ -678,13 +629,13 @@ impl Store {
             Entry::new(&subject.tenant_id, "server", Action::AttemptVerified)
                 .job(&subject.job_id)
                 .task(subject.task_id)
-                .agent(&subject.agent_id)
+                .agent(&subject.result.agent_id)
                 .details(serde_json::json!({
                     "verdict": agent_verdict.as_str(),
                     "finding": finding.name(),
                     "compare": subject.verify.compare.name(),
-                    "attempt": subject.attempt_id,
-                    "agent_output_sha256": subject.output_sha256,
+                    "attempt": subject.result.attempt_id,
+                    "agent_output_sha256": subject.result.output_sha256,
                     "server_attempts": server_ids,
                     "server_output_sha256": runs.iter().map(|r| r.output_sha256.clone()).collect::<Vec<_>>(),
                     "server_status": runs.iter().map(|r| r.status.as_str()).collect::<Vec<_>>(),
@@ -716,7 +667,7 @@ impl Store {
         let mut quarantined = Vec::new();
         // The result under check (its verdict and choice are written above), then the
         // other replicas the server's run judged.
-        let judged_results = std::iter::once((subject.primary(), agent_verdict))
+        let judged_results = std::iter::once((subject.result.clone(), agent_verdict))
             .chain(subject.others.iter().cloned().zip(others.iter().copied()));
         for (i, (replica, verdict)) in judged_results.enumerate() {
             if i > 0 {

@@ -9,43 +9,15 @@ use std::time::Duration;
 use fleetbox_proto::api::{EnrollRequest, MachineFacts};
 use fleetbox_proto::{JobState, Status, TaskState, Verdict, VerifySpec};
 use fleetbox_server::store::verify::Finding;
-use fleetbox_server::store::{
-    LeaseGrant, ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms,
-};
+use fleetbox_server::store::{LeaseGrant, ReportPolicy, Reported, SettleOutcome, Store, now_ms};
 use serde_json::json;
 
-use crate::support::{BOTH, Coordinator, database, new_job, spec};
+use crate::support::{BOTH, Coordinator, database, new_job, ok_report, spec};
 
 const POLICY: ReportPolicy = ReportPolicy {
     backoff_base_ms: 0,
     strikes_limit: 2,
 };
-
-fn report(grant: &LeaseGrant, value: u64) -> ReportInput {
-    let output = value.to_string();
-    ReportInput {
-        lease_id: grant.lease_id.clone(),
-        task_id: grant.task_id,
-        attempt: grant.attempt,
-        python: "3.11".into(),
-        backend: "process".into(),
-        stdout_sha256: String::new(),
-        signature: None,
-        status: Status::Ok,
-        reason: None,
-        output_sha256: Some(fleetbox_proto::canonical::canonical(&json!(value))),
-        output: Some(output),
-        output_blob: None,
-        report_json: "{}".into(),
-        stdout_blob: None,
-        stderr_blob: None,
-        wall_ms: 1,
-        cpu_ms: 1,
-        peak_memory: 1,
-        bytes_out: 0,
-        audit: json!({"status": "ok"}),
-    }
-}
 
 async fn enroll(store: &Store, id: &str, machine: &str) {
     let req = EnrollRequest {
@@ -78,6 +50,27 @@ async fn lease(store: &Store, agent: &str) -> Vec<LeaseGrant> {
         .unwrap()
 }
 
+/// Claim the one check waiting and settle it as the server's stricter sandbox failing to run
+/// the shard; returns how many other replicas it judged with it.
+async fn server_cannot_judge(store: &Store) -> usize {
+    let checks = store
+        .claim_checks("test-coordinator", 15_000, 4)
+        .await
+        .unwrap();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let subject = store.check_subject(checks[0]).await.unwrap().unwrap();
+    let cannot = Finding::Unverifiable {
+        why: "the server's stricter sandbox could not run this shard".into(),
+    };
+    let others = vec![Verdict::Inconclusive; subject.others.len()];
+    store
+        .finish_check("test-coordinator", &subject, &[], &cannot, &others, 2)
+        .await
+        .unwrap()
+        .unwrap();
+    subject.others.len()
+}
+
 #[tokio::test]
 async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
     for db in BOTH {
@@ -102,7 +95,7 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         // a runs both shards; each goes back to the queue for a second agent.
         let first = lease(&store, "agt_a").await;
         assert_eq!(first.len(), 2, "{db:?}");
-        let reports = [report(&first[0], 0), report(&first[1], 1)];
+        let reports = [ok_report(&first[0], 0), ok_report(&first[1], 1)];
         let r: Reported = store
             .report("default", "agt_a", &reports, POLICY)
             .await
@@ -120,7 +113,7 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         let second = lease(&store, "agt_c").await;
         assert_eq!(second.len(), 2, "{db:?}");
         // c agrees on shard 0 and lies on shard 1.
-        let reports = [report(&second[0], 0), report(&second[1], 41)];
+        let reports = [ok_report(&second[0], 0), ok_report(&second[1], 41)];
         let r = store
             .report("default", "agt_c", &reports, POLICY)
             .await
@@ -149,33 +142,10 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
             .unwrap()
             .unwrap();
         assert_eq!(one.shard.state, TaskState::Reported, "{db:?}");
-        let checks = store
-            .claim_checks("test-coordinator", 15_000, 4)
-            .await
-            .unwrap();
-        let subject = store.check_subject(checks[0]).await.unwrap().unwrap();
-        assert_eq!(
-            subject.others.len(),
-            1,
-            "{db:?}: the other replica is judged too"
-        );
         // The server cannot judge it (say its stricter limits stop the program): one more
         // replica, since attempts remain.
-        let cannot = Finding::Unverifiable {
-            why: "the server's stricter sandbox could not run this shard".into(),
-        };
-        store
-            .finish_check(
-                "test-coordinator",
-                &subject,
-                &[],
-                &cannot,
-                &[Verdict::Inconclusive],
-                2,
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let judged = server_cannot_judge(&store).await;
+        assert_eq!(judged, 1, "{db:?}: the other replica is judged too");
         let one = store
             .shard_detail("default", "job_rep", 1)
             .await
@@ -186,7 +156,7 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         let third = lease(&store, "agt_b").await;
         assert_eq!(third.len(), 1, "{db:?}");
         let r = store
-            .report("default", "agt_b", &[report(&third[0], 1)], POLICY)
+            .report("default", "agt_b", &[ok_report(&third[0], 1)], POLICY)
             .await
             .unwrap();
         assert_eq!(r.ready, vec!["job_rep".to_string()], "{db:?}");
@@ -214,31 +184,15 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         store.insert_job(&job).await.unwrap();
         let g = lease(&store, "agt_a").await;
         store
-            .report("default", "agt_a", &[report(&g[0], 1)], POLICY)
+            .report("default", "agt_a", &[ok_report(&g[0], 1)], POLICY)
             .await
             .unwrap();
         let g = lease(&store, "agt_c").await;
         store
-            .report("default", "agt_c", &[report(&g[0], 2)], POLICY)
+            .report("default", "agt_c", &[ok_report(&g[0], 2)], POLICY)
             .await
             .unwrap();
-        let checks = store
-            .claim_checks("test-coordinator", 15_000, 4)
-            .await
-            .unwrap();
-        let subject = store.check_subject(checks[0]).await.unwrap().unwrap();
-        store
-            .finish_check(
-                "test-coordinator",
-                &subject,
-                &[],
-                &cannot,
-                &[Verdict::Inconclusive],
-                2,
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        server_cannot_judge(&store).await;
         let shard = store
             .shard_detail("default", "job_noquorum", 0)
             .await
@@ -270,7 +224,7 @@ async fn without_another_machine_the_same_machine_may_run_the_replica() {
         store.insert_job(&job).await.unwrap();
         let first = lease(&store, "agt_a").await;
         store
-            .report("default", "agt_a", &[report(&first[0], 7)], POLICY)
+            .report("default", "agt_a", &[ok_report(&first[0], 7)], POLICY)
             .await
             .unwrap();
         let second = lease(&store, "agt_b").await;
@@ -280,7 +234,7 @@ async fn without_another_machine_the_same_machine_may_run_the_replica() {
             "{db:?}: the only other agent shares the machine"
         );
         let r = store
-            .report("default", "agt_b", &[report(&second[0], 7)], POLICY)
+            .report("default", "agt_b", &[ok_report(&second[0], 7)], POLICY)
             .await
             .unwrap();
         assert_eq!(r.ready, vec!["job_one_machine".to_string()], "{db:?}");

@@ -8,12 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbox_proto::Status;
-use fleetbox_server::store::{
-    LeaseGrant, ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms,
-};
+use fleetbox_server::store::{ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms};
 use sqlx::Row;
 
-use crate::support::{BOTH, Db, database, new_job};
+use crate::support::{BOTH, Db, database, new_job, ok_report};
 
 /// Retries at once; the default strike limit.
 const POLICY: ReportPolicy = ReportPolicy {
@@ -23,31 +21,6 @@ const POLICY: ReportPolicy = ReportPolicy {
 
 const SHARDS: u64 = 20;
 const ROUNDS: usize = 8;
-
-fn ok_report(grant: &LeaseGrant, value: u64) -> ReportInput {
-    ReportInput {
-        lease_id: grant.lease_id.clone(),
-        task_id: grant.task_id,
-        attempt: grant.attempt,
-        python: "3.11".into(),
-        backend: "process".into(),
-        stdout_sha256: String::new(),
-        signature: None,
-        status: Status::Ok,
-        reason: None,
-        output: Some(value.to_string()),
-        output_blob: None,
-        output_sha256: None,
-        report_json: "{}".into(),
-        stdout_blob: None,
-        stderr_blob: None,
-        wall_ms: 1,
-        cpu_ms: 1,
-        peak_memory: 1,
-        bytes_out: 0,
-        audit: serde_json::json!({"status": "ok"}),
-    }
-}
 
 /// A few hundred microseconds of jitter, different for every call.
 async fn jitter(seed: u64) {

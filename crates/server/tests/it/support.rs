@@ -1,8 +1,9 @@
 //! The store's own helper beside the shared ones (`fleetbox-testkit`).
 
-use fleetbox_proto::{Limits, Reducer};
-use fleetbox_server::store::NewJob;
+use fleetbox_proto::{Limits, Reducer, Status};
+use fleetbox_server::store::{LeaseGrant, NewJob, ReportInput};
 pub use fleetbox_testkit::{BOTH, Coordinator, Db, database, spec};
+use sha2::{Digest, Sha256};
 
 /// A job of `n` shards whose inputs are `0..n`.
 pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
@@ -41,5 +42,33 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A successful report of `value` for `grant`, hashed as the coordinator hashes an output
+/// (SHA-256 of its canonical JSON), so `compare = "exact"` tells values apart.
+pub fn ok_report(grant: &LeaseGrant, value: u64) -> ReportInput {
+    let canonical = fleetbox_proto::canonical::canonical(&serde_json::json!(value));
+    ReportInput {
+        lease_id: grant.lease_id.clone(),
+        task_id: grant.task_id,
+        attempt: grant.attempt,
+        python: "3.11".into(),
+        backend: "process".into(),
+        stdout_sha256: String::new(),
+        signature: None,
+        status: Status::Ok,
+        reason: None,
+        output: Some(value.to_string()),
+        output_blob: None,
+        output_sha256: Some(hex::encode(Sha256::digest(canonical.as_bytes()))),
+        report_json: "{}".into(),
+        stdout_blob: None,
+        stderr_blob: None,
+        wall_ms: 1,
+        cpu_ms: 1,
+        peak_memory: 1,
+        bytes_out: 0,
+        audit: serde_json::json!({"status": "ok"}),
     }
 }
