@@ -236,3 +236,74 @@ async fn a_real_prometheus_scrapes_a_live_coordinator() {
     assert_eq!(posts, Some(1.0));
     c.stop().await;
 }
+
+/// The Grafana dashboard in `resources/grafana/` queries only series a live coordinator
+/// serves (a histogram's `_bucket`, `_sum` and `_count` included), and every panel reads the
+/// dashboard's Prometheus data source: a renamed metric breaks this test, not the dashboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_served_series() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../../resources/grafana/fleetbox.json"))
+            .expect("the dashboard is JSON");
+    let Some(mut c) = Coordinator::start(Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let r = c
+        .run(
+            &spec(
+                "name = \"g\"\ncode = \"print(1)\"\nshards = { count = 3 }\naggregate = \"sum\"\n",
+            ),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(r.state, JobState::Completed);
+    let (status, text) = scrape(&c, Some(&c.running.admin_token)).await;
+    assert_eq!(status, 200);
+    let mut served = std::collections::HashSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        served.insert(name.to_string());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                served.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "{} panels", panels.len());
+    let mut queried = 0;
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let names: Vec<&str> = expr
+                .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .filter(|w| w.starts_with("fleetbox_"))
+                .collect();
+            assert!(
+                !names.is_empty(),
+                "{title}: `{expr}` reads no fleetbox series"
+            );
+            for name in names {
+                assert!(
+                    served.contains(name),
+                    "{title}: `{expr}` reads `{name}`, which /metrics does not serve"
+                );
+                queried += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{queried} series references in {} panels, all served",
+        panels.len()
+    );
+    c.stop().await;
+}
