@@ -7,6 +7,7 @@
 mod facts;
 mod files;
 mod key;
+mod metrics;
 mod offload;
 pub mod outbox;
 
@@ -132,6 +133,8 @@ pub struct AgentConfig {
     pub rotate_key: bool,
     /// The machine this agent runs on, as replicas are spread (`None`: `/etc/machine-id`).
     pub machine_id: Option<String>,
+    /// Serve the agent's own `/metrics` here (`None`: not at all).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where and how the environments jobs ask for (`[environment]`) are built and cached.
     pub environments: EnvConfig,
     /// Verification tests only (no flag sets it): the share of successful results this agent
@@ -216,6 +219,8 @@ struct Shared {
     reviewer: fleetbox_review::BuiltinReviewer,
     /// Review verdicts by code hash: `Some(why)` for rejected code.
     reviewed: Mutex<HashMap<String, Option<String>>>,
+    /// What `/metrics` counts.
+    counters: Arc<metrics::Counters>,
 }
 
 impl Shared {
@@ -321,6 +326,7 @@ pub async fn run(
         environments,
         reviewer: fleetbox_review::BuiltinReviewer::shipped(),
         reviewed: Mutex::new(HashMap::new()),
+        counters: Arc::default(),
     });
 
     // Whatever this agent held when it last stopped uncleanly is not running any more: give
@@ -329,6 +335,14 @@ pub async fn run(
         _ = hand_back_lost_runs(&shared) => {}
         _ = &mut shutdown => return Ok(()),
     }
+    let exporter = shared.config.metrics_listen.map(|addr| {
+        let (shared, sandbox, stop) = (shared.clone(), sandbox.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, shared, sandbox, stop).await {
+                tracing::error!(%addr, error = %e, "could not serve the agent's metrics");
+            }
+        })
+    });
     let sender = tokio::spawn(deliver_loop(shared.clone(), stop_rx.clone()));
     let beat = tokio::spawn(heartbeat_loop(shared.clone(), heartbeat, stop_rx.clone()));
     let janitor = tokio::spawn(sweep_loop(shared.config.sandbox.clone(), stop_rx.clone()));
@@ -342,6 +356,9 @@ pub async fn run(
     let _ = beat.await;
     let _ = janitor.await;
     let _ = sender.await;
+    if let Some(exporter) = exporter {
+        let _ = exporter.await;
+    }
     // A last delivery, retried briefly (a busy coordinator may answer 503 once); whatever is
     // left stays on disk for the next start.
     for attempt in 0..FINAL_DELIVERY_TRIES {
@@ -495,6 +512,7 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
         match shared.client().lease(&req).await {
             Ok(resp) => {
                 delay = Duration::from_millis(100);
+                shared.counters.leased(resp.tasks.len());
                 for task in resp.tasks {
                     start_task(&shared, &sandbox, task);
                 }
@@ -612,7 +630,9 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         let environments = shared.environments.clone();
         let environment = task.environment.clone();
         let code_sha256 = task.code_sha256.clone();
+        let counters = shared.counters.clone();
         let ran = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let mut report = match (files_error, environment) {
                 (Some(why), _) => environment_failed(&req, None, &code_sha256, why),
                 (None, None) => sandbox.run(&req),
@@ -630,6 +650,11 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                     Err(why) => environment_failed(&req, Some(&spec), &code_sha256, why),
                 },
             };
+            counters.ran(
+                report.status.as_str(),
+                started.elapsed().as_secs_f64(),
+                report.wall_ms as f64 / 1000.0,
+            );
             // A run handed back at shutdown is not reported: its files are not kept either.
             let handed_back =
                 run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);

@@ -318,6 +318,11 @@ pub struct AgentArgs {
     /// (default: `/etc/machine-id`).
     #[arg(long)]
     pub machine_id: Option<String>,
+    /// Serve the agent's own Prometheus metrics (slots, warm sandboxes, outbox, sandbox
+    /// overhead) at `http://ADDR/metrics`; port 0 picks one and writes it to
+    /// `STATE/metrics.addr`. Off unless given.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// `jail` only: jails kept built ahead of the shards, each with the interpreter started and
     /// waiting for its program (default: one per slot; 0 starts every shard cold).
     #[arg(long, env = env::FLEETBOX_WARM)]
@@ -553,6 +558,7 @@ fn agent_config(
         prefetch: args.prefetch.min(1000),
         rotate_key: args.rotate_key,
         machine_id: args.machine_id,
+        metrics_listen: args.metrics_listen,
         environments,
         test_lie_rate: 0.0,
         test_lie_after: 0,
@@ -647,6 +653,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     prefetch: 1,
                     rotate_key: false,
                     machine_id: None,
+                    metrics_listen: None,
                     warm: None,
                     seccomp,
                     env: EnvArgs::default(),

@@ -11,6 +11,7 @@ pub mod environment;
 pub mod followup;
 pub mod job;
 mod limits;
+pub mod prometheus;
 mod report;
 pub mod review;
 mod states;

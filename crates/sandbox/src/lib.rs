@@ -148,6 +148,11 @@ impl Default for SandboxConfig {
 pub trait Sandbox: Send + Sync {
     fn backend(&self) -> Backend;
     fn run(&self, req: &RunRequest) -> ExecutionReport;
+    /// Sandboxes built ahead of the runs and waiting for one (warm jails, started
+    /// containers); 0 for backends that keep none.
+    fn warm_waiting(&self) -> usize {
+        0
+    }
 }
 
 /// The available backends.

@@ -171,51 +171,52 @@ impl Coordinator {
         mut sandbox: fleetbox_sandbox::SandboxConfig,
     ) {
         sandbox.work_root = self.dir.path().join("work");
-        self.spawn_agent(name, Default::default(), 0.0, 0, backend, sandbox);
+        self.spawn_agent(name, backend, sandbox, |_| {});
     }
 
-    /// A sleeper: honest for its first `after` successful results, then lying on `lie_rate`.
-    pub fn agent_sleeping(&mut self, name: &str, after: u64, lie_rate: f64) {
-        self.start_agent(name, Default::default(), lie_rate, after);
-    }
-
-    /// An agent that corrupts this share of its successful results, signing them with its
-    /// own valid key (verification tests).
-    pub fn agent_lying(&mut self, name: &str, caps: fleetbox_agent::LocalCaps, lie_rate: f64) {
-        self.start_agent(name, caps, lie_rate, 0);
-    }
-
-    fn start_agent(
+    /// Start an in-process agent on the `process` backend, its configuration changed first.
+    pub fn agent_with(
         &mut self,
         name: &str,
-        caps: fleetbox_agent::LocalCaps,
-        lie_rate: f64,
-        lie_after: u64,
+        change: impl FnOnce(&mut fleetbox_agent::AgentConfig),
     ) {
         let sandbox = fleetbox_sandbox::SandboxConfig {
             work_root: self.dir.path().join("work"),
             ..Default::default()
         };
-        self.spawn_agent(
-            name,
-            caps,
-            lie_rate,
-            lie_after,
-            fleetbox_sandbox::Backend::Process,
-            sandbox,
-        );
+        self.spawn_agent(name, fleetbox_sandbox::Backend::Process, sandbox, change);
+    }
+
+    /// The state directory of the agent called `name`.
+    pub fn agent_state(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("agents").join(name)
+    }
+
+    /// A sleeper: honest for its first `after` successful results, then lying on `lie_rate`.
+    pub fn agent_sleeping(&mut self, name: &str, after: u64, lie_rate: f64) {
+        self.agent_with(name, |config| {
+            config.test_lie_rate = lie_rate;
+            config.test_lie_after = after;
+        });
+    }
+
+    /// An agent that corrupts this share of its successful results, signing them with its
+    /// own valid key (verification tests).
+    pub fn agent_lying(&mut self, name: &str, caps: fleetbox_agent::LocalCaps, lie_rate: f64) {
+        self.agent_with(name, |config| {
+            config.caps = caps;
+            config.test_lie_rate = lie_rate;
+        });
     }
 
     fn spawn_agent(
         &mut self,
         name: &str,
-        caps: fleetbox_agent::LocalCaps,
-        lie_rate: f64,
-        lie_after: u64,
         backend: fleetbox_sandbox::Backend,
         sandbox: fleetbox_sandbox::SandboxConfig,
+        change: impl FnOnce(&mut fleetbox_agent::AgentConfig),
     ) {
-        let config = fleetbox_agent::AgentConfig {
+        let mut config = fleetbox_agent::AgentConfig {
             server: self.running.url(),
             token: self.running.enroll_token.clone(),
             name: name.into(),
@@ -223,16 +224,18 @@ impl Coordinator {
             slots: 2,
             backend,
             sandbox,
-            state_dir: self.dir.path().join("agents").join(name),
-            caps,
+            state_dir: self.agent_state(name),
+            caps: Default::default(),
             drain_timeout: Duration::from_secs(5),
             prefetch: 1,
             rotate_key: false,
             machine_id: None,
-            environments: environments(self.dir.path().join("agents").join(name).join("envs")),
-            test_lie_rate: lie_rate,
-            test_lie_after: lie_after,
+            metrics_listen: None,
+            environments: environments(self.agent_state(name).join("envs")),
+            test_lie_rate: 0.0,
+            test_lie_after: 0,
         };
+        change(&mut config);
         let mut stop = self.stop_agents.subscribe();
         self.agents.push(tokio::spawn(async move {
             let shutdown = async move {

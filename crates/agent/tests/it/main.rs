@@ -2,4 +2,5 @@
 //! (`fleetbox-testkit`), on the `process` backend.
 
 mod delivery;
+mod metrics;
 mod policy;

@@ -365,6 +365,14 @@ impl Sandbox for DockerSandbox {
         let handle = self.rt().handle().clone();
         self.block_on(async move { inner.run(req, &handle).await })
     }
+
+    fn warm_waiting(&self) -> usize {
+        self.inner
+            .warm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
 }
 
 impl Inner {

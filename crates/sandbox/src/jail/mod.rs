@@ -199,6 +199,10 @@ impl Sandbox for JailSandbox {
         }
         self.run_cold(req)
     }
+
+    fn warm_waiting(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.waiting())
+    }
 }
 
 /// A jail built up to the program: the run directory, cgroup, namespaces and new root exist and

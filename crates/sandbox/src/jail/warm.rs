@@ -150,6 +150,11 @@ impl Pool {
             .count()
     }
 
+    /// How many jails, of any shape, are built and waiting for a run.
+    pub fn waiting(&self) -> usize {
+        self.shared.lock().len()
+    }
+
     /// Ask for a jail of this shape to be built (unless enough are waiting already).
     pub fn refill(&self, shape: &Shape) {
         if let Some(tx) = &self.tx {
