@@ -331,16 +331,19 @@ pub(super) async fn settle_success(
                     out.quarantined.push(agent);
                 }
             }
-            entries.push(shard_entry(
-                Action::ShardAccepted,
-                serde_json::json!({
-                    "verified": true,
-                    "value_from": "quorum",
-                    "agree": group.len(),
-                    "replicas": replicas.len(),
-                    "output_sha256": chosen.output_sha256,
-                }),
-            ));
+            entries.push(
+                shard_entry(
+                    Action::ShardAccepted,
+                    serde_json::json!({
+                        "verified": true,
+                        "value_from": "quorum",
+                        "agree": group.len(),
+                        "replicas": replicas.len(),
+                        "output_sha256": chosen.output_sha256,
+                    }),
+                )
+                .agent(&chosen.agent_id),
+            );
         }
         Decision::More if attempts < max_attempts => {
             let why = format!(

@@ -652,6 +652,8 @@ impl Store {
         )
         .job(&subject.job_id)
         .task(subject.task_id)
+        // The agent whose result was judged (`audit list --agent` finds it).
+        .agent(&subject.result.agent_id)
         .details(serde_json::json!({
             "verified": verified,
             "value_from": if chosen_server { "server" } else { "agent" },
