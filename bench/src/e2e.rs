@@ -34,6 +34,19 @@ pub fn run(shards: usize, backend: &str) -> Result<(), String> {
 
     // Baseline: GNU parallel, two at a time.
     let parallel = which("parallel").ok_or("GNU parallel not found: `apt-get install parallel`")?;
+    // moreutils installs a `parallel` of its own, with other options, that would "finish" the
+    // baseline at once: only GNU's is a baseline.
+    let version = Command::new(&parallel)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !version.contains("GNU parallel") {
+        return Err(format!(
+            "{} is not GNU parallel (moreutils' has the same name): `apt-get install parallel`",
+            parallel.display()
+        ));
+    }
     let seq: String = (1..=shards).map(|i| format!("{i}\n")).collect();
     let t = Instant::now();
     let mut child = Command::new(parallel)
