@@ -36,6 +36,23 @@ async fn scrape(c: &Coordinator, token: Option<&str>) -> (u16, String) {
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
+/// A coordinator on SQLite with one agent, after a job of `shards` shards of `code`
+/// completed.
+async fn after_a_job(code: &str, shards: u32) -> Option<Coordinator> {
+    let mut c = Coordinator::start(Db::Sqlite).await?;
+    c.agent("a", Default::default());
+    let r = c
+        .run(
+            &spec(&format!(
+                "name = \"m\"\ncode = {code:?}\nshards = {{ count = {shards} }}\naggregate = \"sum\"\n"
+            )),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    Some(c)
+}
+
 /// The value of the series written exactly as `series` (name and labels).
 fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -154,19 +171,9 @@ async fn a_real_prometheus_scrapes_a_live_coordinator() {
     let Some(prometheus) = tool("prometheus") else {
         return;
     };
-    let Some(mut c) = Coordinator::start(Db::Sqlite).await else {
+    let Some(c) = after_a_job("print(2)", 5).await else {
         return;
     };
-    c.agent("a", Default::default());
-    let r = c
-        .run(
-            &spec(
-                "name = \"p\"\ncode = \"print(2)\"\nshards = { count = 5 }\naggregate = \"sum\"\n",
-            ),
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(r.state, JobState::Completed);
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -245,19 +252,9 @@ async fn the_grafana_dashboard_queries_only_served_series() {
     let dashboard: serde_json::Value =
         serde_json::from_str(include_str!("../../../../resources/grafana/fleetbox.json"))
             .expect("the dashboard is JSON");
-    let Some(mut c) = Coordinator::start(Db::Sqlite).await else {
+    let Some(c) = after_a_job("print(1)", 3).await else {
         return;
     };
-    c.agent("a", Default::default());
-    let r = c
-        .run(
-            &spec(
-                "name = \"g\"\ncode = \"print(1)\"\nshards = { count = 3 }\naggregate = \"sum\"\n",
-            ),
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(r.state, JobState::Completed);
     let (status, text) = scrape(&c, Some(&c.running.admin_token)).await;
     assert_eq!(status, 200);
     let mut served = std::collections::HashSet::new();
