@@ -45,7 +45,8 @@ async fn liar_is_caught(rate: f64) {
         c.agent_lying("liar", Default::default(), rate);
         let mut jobs = Vec::new();
         let mut liar = None;
-        for n in [400u64].into_iter().chain(std::iter::repeat_n(40, 30)) {
+        let mut last_seen = None;
+        for n in [400u64].into_iter().chain(std::iter::repeat_n(40, 60)) {
             let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
             let job = spec(&format!(
                 "name = \"squares\"\ncode = {SQUARES:?}\n[shards]\nitems = [{}]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n",
@@ -60,8 +61,14 @@ async fn liar_is_caught(rate: f64) {
                 liar = Some(l);
                 break;
             }
+            last_seen = Some(l);
         }
-        let liar = liar.unwrap_or_else(|| panic!("{db:?}: the {rate} liar was never quarantined"));
+        let liar = liar.unwrap_or_else(|| {
+            panic!(
+                "{db:?}: the {rate} liar was never quarantined in {} jobs: {last_seen:?}",
+                jobs.len()
+            )
+        });
         let tainted = no_wrong_value_stands(&c, &jobs, db).await;
         let agents = c.client.agents().await.unwrap().agents;
         for h in agents.iter().filter(|a| a.name != "liar") {
