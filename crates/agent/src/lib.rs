@@ -28,6 +28,7 @@ use fleetbox_sandbox::environment::{EnvConfig, Environments};
 use fleetbox_sandbox::{Backend, Cancel, RunRequest, Sandbox, SandboxConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument as _;
 
 pub use facts::machine_facts;
 pub use outbox::Outbox;
@@ -554,7 +555,22 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
     );
     let shared = shared.clone();
     let sandbox = sandbox.clone();
-    tokio::spawn(async move {
+    // The run's span joins the job's trace (the lease's `traceparent`); the report carries
+    // the span's context back, so the coordinator's span for it descends from this one.
+    let parent = task
+        .traceparent
+        .as_deref()
+        .and_then(fleetbox_proto::trace::TraceParent::parse);
+    let span = tracing::info_span!("shard.run", job = %task.job_id, shard = task.shard_index,
+        attempt = task.attempt, lease = %task.lease_id,
+        trace_id = parent.as_ref().map_or("", |p| p.trace_id.as_str()));
+    let traceparent = parent.map(|parent| {
+        fleetbox_proto::trace::enter(&span, &parent);
+        fleetbox_proto::trace::of_span(&span)
+            .unwrap_or(parent)
+            .header()
+    });
+    let run = async move {
         let lease_id = task.lease_id.clone();
         let task_id = task.task_id;
         let attempt = task.attempt;
@@ -667,6 +683,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             let mut blobs = files::collect(&mut report, &outbox, !handed_back);
             let mut record = ShardReport::new(run_lease, task_id, report);
             record.attempt = attempt;
+            record.traceparent = traceparent;
             if !handed_back {
                 blobs.extend(offload::offload(&mut record, &outbox));
             }
@@ -706,7 +723,8 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         }
         shared.writing.fetch_sub(1, Ordering::SeqCst);
         shared.report_ready.notify_one();
-    });
+    };
+    tokio::spawn(run.instrument(span));
 }
 
 /// The report of a shard whose environment or files could not be had: a `sandbox_error`

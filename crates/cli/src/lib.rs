@@ -74,10 +74,15 @@ pub fn main() -> ExitCode {
     {
         fleetbox_sandbox::jail::init::helper_main();
     }
-    let cli = match Cli::try_parse() {
+    let (cli, spans) = match Cli::try_parse() {
         Ok(cli) => {
-            init_logging(cli.log_format);
-            cli
+            let service = match cli.command {
+                Command::Server(_) => "fleetbox-server",
+                Command::Agent(_) => "fleetbox-agent",
+                _ => "fleetbox",
+            };
+            let spans = init_logging(cli.log_format, service);
+            (cli, spans)
         }
         Err(e) => {
             let _ = e.print();
@@ -105,6 +110,11 @@ pub fn main() -> ExitCode {
         Command::Review(args) => review_cmd::review(args),
         Command::Image(args) => image_cmd::image(args),
     };
+    if let Some(provider) = spans
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("fleetbox: warning: the last spans were not exported: {e}");
+    }
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -143,18 +153,92 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines to stderr (filtered by `FLEETBOX_LOG`, `warn` by default), and spans to an
+/// OpenTelemetry collector over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set. The provider returned must be shut down at
+/// exit: it flushes the last spans.
+///
+/// One filter serves both (per-layer filters lose spans after a dynamic `enabled` check,
+/// which sqlx makes after every query: tokio-rs/tracing#2704): with spans exported it also
+/// lets Fleetbox's own `info` through, unless `FLEETBOX_LOG` says what to do with `fleetbox`.
+fn init_logging(
+    format: LogFormat,
+    service: &str,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env(fleetbox_proto::env::FLEETBOX_LOG)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        // Colour codes only where a person reads them: a log file stays plain text.
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (tracer, provider) = match otlp_tracer(service) {
+        Ok(Some((tracer, provider))) => (Some(tracer), Some(provider)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("fleetbox: warning: spans are not exported: {e}");
+            (None, None)
+        }
     };
+    let mut directives = std::env::var(fleetbox_proto::env::FLEETBOX_LOG)
+        .ok()
+        .filter(|d| tracing_subscriber::EnvFilter::try_new(d).is_ok())
+        .unwrap_or_else(|| "warn".to_string());
+    if tracer.is_some() && !directives.contains("fleetbox") {
+        directives.push_str(",fleetbox=info");
+    }
+    let filter = tracing_subscriber::EnvFilter::new(directives);
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+    });
+    // Colour codes only where a person reads them: a log file stays plain text.
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let spans = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(json)
+        .with(text)
+        .with(spans)
+        .try_init();
+    provider
+}
+
+/// The OpenTelemetry tracer and its provider, when the standard OTLP variables ask for it
+/// (and `OTEL_SDK_DISABLED` does not say no). The exporter reads the rest of the standard
+/// variables itself (headers, timeout, `OTEL_BSP_*` batching); `OTEL_SERVICE_NAME` overrides
+/// `service`.
+fn otlp_tracer(
+    service: &str,
+) -> Result<
+    Option<(
+        opentelemetry_sdk::trace::SdkTracer,
+        opentelemetry_sdk::trace::SdkTracerProvider,
+    )>,
+    String,
+> {
+    use opentelemetry::trace::TracerProvider as _;
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    if !set(fleetbox_proto::env::OTEL_EXPORTER_OTLP_ENDPOINT)
+        && !set(fleetbox_proto::env::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+        || std::env::var(fleetbox_proto::env::OTEL_SDK_DISABLED)
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if !set(fleetbox_proto::env::OTEL_SERVICE_NAME) {
+        resource = resource.with_service_name(service.to_string());
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("fleetbox");
+    Ok(Some((tracer, provider)))
 }

@@ -74,6 +74,10 @@ pub struct JobView {
     /// jobs without rules).
     #[serde(default)]
     pub planning: bool,
+    /// The trace it belongs to (W3C trace id, 32 hex digits): in the coordinator's and the
+    /// agents' spans and logs, and in its audit entries. Absent for jobs stored before traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// `GET /v1/jobs`.
@@ -440,6 +444,9 @@ pub struct LeasedTask {
     pub files: std::collections::BTreeMap<String, String>,
     /// Milliseconds since the epoch; heartbeats move it.
     pub lease_expires_at: i64,
+    /// The job's W3C trace context: the agent's spans for this run join the job's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `POST /v1/agent/heartbeat`.
@@ -493,6 +500,10 @@ pub struct ShardReport {
     /// matching field of `report` is then empty (streams) or absent (output).
     #[serde(default, skip_serializing_if = "ReportBlobs::is_empty")]
     pub blobs: ReportBlobs,
+    /// The W3C trace context of the agent's run (in the job's trace, from
+    /// [`LeasedTask::traceparent`]): the coordinator's span for the report descends from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The agent's ed25519 signature (hex) over [`ShardReport::signed_message`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
@@ -518,6 +529,7 @@ impl ShardReport {
             attempt: 0,
             report,
             blobs: ReportBlobs::default(),
+            traceparent: None,
             signature: None,
         }
     }

@@ -39,6 +39,16 @@ pub const FLEETBOX_NO_CGROUPS: &str = "FLEETBOX_NO_CGROUPS";
 pub const FLEETBOX_LOG: &str = "FLEETBOX_LOG";
 /// Log format: `text` (default; colours only on a terminal) or `json`.
 pub const FLEETBOX_LOG_FORMAT: &str = "FLEETBOX_LOG_FORMAT";
+/// The OpenTelemetry collector's base URL (OTLP/HTTP, `/v1/traces` appended): the coordinator
+/// and agents export their spans there when it (or the next) is set; off otherwise.
+pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// The full URL spans are posted to (OTLP/HTTP), instead of the base URL above.
+pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+/// `true` turns span export off whatever the variables above say.
+pub const OTEL_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
+/// The `service.name` of exported spans (default `fleetbox-server`, `fleetbox-agent`, or
+/// `fleetbox` for `fleetbox up`).
+pub const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 /// `0`/`false` switches follow-up rules off on a coordinator (they are recorded, not run).
 pub const FLEETBOX_FOLLOWUPS: &str = "FLEETBOX_FOLLOWUPS";
 /// The original sandbox's switch for follow-ups, honoured too: `0` turns them off.

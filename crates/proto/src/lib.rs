@@ -15,6 +15,7 @@ pub mod prometheus;
 mod report;
 pub mod review;
 mod states;
+pub mod trace;
 mod units;
 mod verify;
 

@@ -25,8 +25,3 @@ pub fn token(prefix: &str) -> String {
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
-
-/// The identifier of one request, in every response and log line.
-pub fn trace_id() -> String {
-    random_hex(8)
-}

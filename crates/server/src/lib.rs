@@ -192,6 +192,8 @@ pub struct JobInfo {
     pub environment: Option<fleetbox_proto::EnvironmentSpec>,
     /// Attached files (name → base64).
     pub files: std::collections::BTreeMap<String, String>,
+    /// The job's W3C trace context.
+    pub traceparent: Option<String>,
 }
 
 /// Shared by every handler and background loop.
@@ -302,6 +304,7 @@ impl State {
             shard_count: job.shard_count,
             environment: job.environment,
             files: job.files,
+            traceparent: job.traceparent,
         });
         let mut cache = self.job_cache.lock().expect("job cache");
         if cache.len() > 10_000 {

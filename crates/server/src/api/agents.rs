@@ -10,6 +10,7 @@ use fleetbox_proto::api::{
     LeaseResponse, LeasedTask, MAX_BLOB_BYTES, ReportAck, ReportBatch, ReportOutcome,
     ReturnRequest, ShardReport,
 };
+use fleetbox_proto::trace::TraceParent;
 use fleetbox_proto::{ExecutionReport, Status};
 
 use super::{ApiError, Auth, Body};
@@ -155,6 +156,13 @@ pub async fn lease(
             let mut tasks = Vec::with_capacity(grants.len());
             for g in grants {
                 let job = state.job_info(&g.job_id).await?;
+                let traceparent = job_step(
+                    "shard.leased",
+                    job.traceparent.as_deref(),
+                    &g.lease_id,
+                    g.shard_index,
+                    g.attempt,
+                );
                 tasks.push(LeasedTask {
                     lease_id: g.lease_id,
                     task_id: g.task_id,
@@ -169,6 +177,7 @@ pub async fn lease(
                     environment: job.environment.clone(),
                     files: job.files.clone(),
                     lease_expires_at: expires,
+                    traceparent,
                 });
             }
             return Ok(Json(LeaseResponse { tasks }));
@@ -186,6 +195,26 @@ pub async fn lease(
             _ = stopping.changed() => {}
         }
     }
+}
+
+/// A span in the job's trace (when it has one) for one step of a shard's life; the trace
+/// context the next step descends from: this span when spans are exported, else the job's.
+fn job_step(
+    name: &'static str,
+    job_trace: Option<&str>,
+    lease: &str,
+    shard: u64,
+    attempt: u32,
+) -> Option<String> {
+    let parent = TraceParent::parse(job_trace?)?;
+    let span = tracing::info_span!("shard", otel.name = name, lease, shard, attempt,
+        trace_id = %parent.trace_id);
+    fleetbox_proto::trace::enter(&span, &parent);
+    Some(
+        fleetbox_proto::trace::of_span(&span)
+            .unwrap_or(parent)
+            .header(),
+    )
 }
 
 pub async fn heartbeat(
@@ -326,6 +355,12 @@ pub async fn report(
             ));
         }
     };
+    // The agents' run spans, for the spans that record what became of each report.
+    let traces: Vec<Option<String>> = batch
+        .reports
+        .iter()
+        .map(|r| r.traceparent.clone())
+        .collect();
     // Checking signatures, reading and hashing outputs (some from blobs) is blocking work.
     let inputs = {
         let for_blocking = state.clone();
@@ -393,6 +428,14 @@ pub async fn report(
             }));
         if let Err(e) = state.store.audit(vec![entry]).await {
             tracing::error!(error = %e, "could not record refused reports");
+        }
+    }
+    for ((i, o), trace) in inputs.iter().zip(&outcomes).zip(&traces) {
+        if let Some(parent) = trace.as_deref().and_then(TraceParent::parse) {
+            let span = tracing::info_span!("shard.reported", lease = %i.lease_id,
+                task = i.task_id, attempt = i.attempt, status = i.status.as_str(),
+                outcome = o.as_str());
+            fleetbox_proto::trace::enter(&span, &parent);
         }
     }
     let results = inputs
@@ -546,6 +589,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         mut report,
         blobs: ahead,
         signature,
+        traceparent: _,
     } = r;
     state.metrics.shard_ran(&report.backend, report.wall_ms);
     let internal = |e: std::io::Error| {

@@ -4,16 +4,25 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleetbox_proto::SpecError;
 use fleetbox_proto::api::{ErrorBody, ErrorDetail};
+use fleetbox_proto::trace::TraceParent;
 
 use crate::store::StoreError;
 
 tokio::task_local! {
-    /// The current request's trace id (set by the trace middleware).
-    pub static TRACE_ID: String;
+    /// The current request's trace: its trace id and the request's own span id (set by the
+    /// trace middleware).
+    pub static TRACE: TraceParent;
 }
 
+/// The current request's trace id (empty outside a request).
 pub fn current_trace_id() -> String {
-    TRACE_ID.try_with(|t| t.clone()).unwrap_or_default()
+    TRACE.try_with(|t| t.trace_id.clone()).unwrap_or_default()
+}
+
+/// The current request's trace context, to hand on (a job submitted by this request belongs
+/// to its trace).
+pub fn current_trace() -> Option<TraceParent> {
+    TRACE.try_with(Clone::clone).ok()
 }
 
 #[derive(Debug)]

@@ -97,6 +97,8 @@ pub(crate) fn new_job(
         has_rules: !spec.followup.is_empty() || spec.ai_followup,
         lineage: None,
         rerun_of: None,
+        // The trace of the request that makes it (a follow-up takes its parent's).
+        traceparent: super::error::current_trace().map(|t| t.header()),
     }
 }
 

@@ -16,16 +16,18 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use fleetbox_proto::trace::TraceParent;
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 
 pub(crate) use agents::{Measures, failure_reason, stored_output};
 pub use error::ApiError;
 pub(crate) use review::flag_shards;
 
 use crate::State;
-use crate::ids::{sha256_hex, trace_id};
+use crate::ids::{random_hex, sha256_hex};
 use crate::store::{Principal, TokenKind};
-use error::TRACE_ID;
+use error::TRACE;
 
 /// Largest request body (job specs carry uploaded `lines`).
 pub const MAX_BODY: usize = fleetbox_proto::api::MAX_REQUEST_BYTES;
@@ -143,12 +145,14 @@ async fn mcp_auth(auth: Result<Auth, ApiError>, req: Request, next: Next) -> Res
     }
 }
 
+/// Every request runs in a span of its own, in the trace its `traceparent` header names (or a
+/// new one): its trace id is in every log line, error body and `x-trace-id` header, and a job
+/// it submits keeps it.
 async fn trace(
     axum::extract::State(state): axum::extract::State<Arc<State>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let id = trace_id();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     // The route's pattern (`/v1/jobs/{id}`), never the path: ids would make a series each.
@@ -156,16 +160,48 @@ async fn trace(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let incoming = req
+        .headers()
+        .get(fleetbox_proto::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    if let Some(parent) = &incoming {
+        fleetbox_proto::trace::enter(&span, parent);
+    }
+    // OpenTelemetry's ids when spans are exported; otherwise the caller's trace id (or a new
+    // one) and a span id of our own.
+    let trace = fleetbox_proto::trace::of_span(&span).unwrap_or_else(|| TraceParent {
+        trace_id: incoming
+            .as_ref()
+            .map_or_else(|| random_hex(16), |t| t.trace_id.clone()),
+        span_id: random_hex(8),
+        sampled: incoming.as_ref().is_none_or(|t| t.sampled),
+    });
+    span.record("trace_id", trace.trace_id.as_str());
+    let id = trace.trace_id.clone();
     let started = std::time::Instant::now();
-    let mut resp = TRACE_ID.scope(id.clone(), next.run(req)).await;
+    let mut resp = TRACE
+        .scope(trace, next.run(req))
+        .instrument(span.clone())
+        .await;
     let took = started.elapsed();
+    span.record("http.response.status_code", resp.status().as_u16());
     state.metrics.request(
         &route,
         method.as_str(),
         resp.status().as_u16(),
         took.as_secs_f64(),
     );
-    tracing::debug!(trace_id = %id, %method, %path, status = resp.status().as_u16(),
+    tracing::debug!(parent: &span, %method, %path, status = resp.status().as_u16(),
         ms = took.as_millis() as u64, "request");
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-trace-id", v);

@@ -686,6 +686,10 @@ pub async fn build_child(
         child.action.to_string(),
     ));
     job.rerun_of = rerun_of;
+    // A follow-up is part of its parent's trace.
+    if let Ok(parent) = state.job_info(child.parent).await {
+        job.traceparent = parent.traceparent.clone();
+    }
     Ok(job)
 }
 

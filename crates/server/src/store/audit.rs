@@ -11,6 +11,9 @@
 //! [`verify`] recomputes every leaf and link and names the first entry that was edited,
 //! deleted, inserted or reordered.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
 use ed25519_dalek::{Signer, Verifier};
 use fleetbox_proto::api::{AuditCheckpoint, AuditProblem, AuditRecord, AuditVerification};
 use serde::{Deserialize, Serialize};
@@ -519,6 +522,65 @@ impl LogEntry for EntryRef<'_> {
     }
 }
 
+/// The trace id of each job audit entries were written about (a job's trace never changes;
+/// read from `jobs.traceparent` once per job and coordinator).
+#[derive(Debug, Clone, Default)]
+pub(super) struct TraceIds(Arc<Mutex<HashMap<String, Option<String>>>>);
+
+impl TraceIds {
+    /// Jobs remembered at most; past it the map starts over.
+    const KEEP: usize = 10_000;
+
+    /// Put the trace id of each entry's job into its details (`trace_id`, hashed with the
+    /// rest), reading those not yet known in `tx` (which sees a job inserted in it).
+    async fn name(&self, tx: &mut Tx<'_>, entries: &mut [Entry]) -> Result<(), StoreError> {
+        let unknown: BTreeSet<&str> = {
+            let known = self.0.lock().expect("trace ids");
+            entries
+                .iter()
+                .filter_map(|e| e.job_id.as_deref())
+                .filter(|j| !known.contains_key(*j))
+                .collect()
+        };
+        if !unknown.is_empty() {
+            let rows: Vec<(String, Option<String>)> =
+                Sql::new("SELECT id, traceparent FROM jobs WHERE id IN (")
+                    .bind_list(unknown.iter().copied())
+                    .push(")")
+                    .build_as()
+                    .fetch_all(&mut **tx)
+                    .await
+                    .doing("reading jobs' trace ids")?;
+            let mut known = self.0.lock().expect("trace ids");
+            if known.len() + rows.len() > Self::KEEP {
+                known.clear();
+            }
+            for (id, traceparent) in rows {
+                let trace = traceparent
+                    .as_deref()
+                    .and_then(fleetbox_proto::trace::TraceParent::parse)
+                    .map(|t| t.trace_id);
+                known.insert(id, trace);
+            }
+        }
+        let known = self.0.lock().expect("trace ids");
+        for e in entries {
+            let Some(Some(trace)) = e.job_id.as_deref().map(|j| known.get(j).cloned().flatten())
+            else {
+                continue;
+            };
+            match &mut e.details {
+                Value::Null => e.details = serde_json::json!({ "trace_id": trace }),
+                Value::Object(map) => {
+                    map.entry("trace_id").or_insert(Value::String(trace));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Append `entries` in this transaction, last: group by tenant (in tenant order, the lock
 /// order), take each chain head under its row lock, hash, insert, move the head.
 pub(super) async fn append(
@@ -755,6 +817,8 @@ impl Store {
         if !self.audit {
             return Ok(());
         }
+        let mut entries = entries;
+        self.traces.name(tx, &mut entries).await?;
         append(tx, self.kind, entries, now).await
     }
 

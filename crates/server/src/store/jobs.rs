@@ -46,6 +46,9 @@ pub struct NewJob {
     pub lineage: Option<(Lineage, String)>,
     /// A `rerun_failed` child: the parent's shards it runs again.
     pub rerun_of: Option<RerunOf>,
+    /// The W3C trace context it belongs to (its trace id names it in spans, logs and audit
+    /// entries).
+    pub traceparent: Option<String>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -74,6 +77,8 @@ pub struct JobRow {
     pub rerun_of: Option<RerunOf>,
     /// `[verify]`, defaults filled in.
     pub verify: fleetbox_proto::VerifySpec,
+    /// The W3C trace context it belongs to.
+    pub traceparent: Option<String>,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -94,6 +99,7 @@ struct JobRecord {
     files: Option<String>,
     rerun_of: Option<String>,
     verify: Option<String>,
+    traceparent: Option<String>,
 }
 
 impl JobRecord {
@@ -125,12 +131,13 @@ impl JobRecord {
                 .map(|r| parse(r, "job rerun_of"))
                 .transpose()?,
             verify: super::verify::policy(self.verify.as_deref()),
+            traceparent: self.traceparent,
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at, environment, files, rerun_of, verify FROM jobs";
+     shard_count, created_at, environment, files, rerun_of, verify, traceparent FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]
@@ -168,6 +175,7 @@ pub(super) struct JobViewRecord {
     root_job_id: Option<String>,
     depth: i64,
     followup_rule: Option<String>,
+    traceparent: Option<String>,
 }
 
 impl JobViewRecord {
@@ -195,6 +203,11 @@ impl JobViewRecord {
             finished_at: self.finished_at,
             error: self.error,
             planning: self.planned == 0,
+            trace_id: self
+                .traceparent
+                .as_deref()
+                .and_then(fleetbox_proto::trace::TraceParent::parse)
+                .map(|t| t.trace_id),
             lineage: match (self.parent_job_id, self.followup_rule) {
                 (Some(parent), Some(rule)) => {
                     let rule: RuleRef = parse(&rule, "job followup rule")?;
@@ -224,7 +237,7 @@ pub struct RuleRef {
 pub(super) const JOB_VIEW_SELECT: &str = "SELECT j.id, j.tenant_id, j.name, j.state, j.priority, \
      j.max_attempts, j.reducer, j.code_sha256, j.created_at, j.finished_at, j.error, j.shard_count, \
      c.queued, c.leased, c.reported, c.accepted, c.rejected, c.dead, \
-     j.planned, j.parent_job_id, j.root_job_id, j.depth, j.followup_rule \
+     j.planned, j.parent_job_id, j.root_job_id, j.depth, j.followup_rule, j.traceparent \
      FROM jobs j JOIN job_counts c ON c.job_id = j.id";
 
 /// A job whose shards have all settled (`c` is its `job_counts` row).
@@ -937,7 +950,7 @@ pub(super) async fn insert_job_in(
     let mut sql = Sql::new(
         "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
          priority, max_attempts, shard_count, created_at, verify, environment, files, planned, \
-         parent_job_id, root_job_id, depth, followup_rule, rerun_of) VALUES ",
+         parent_job_id, root_job_id, depth, followup_rule, rerun_of, traceparent) VALUES ",
     );
     sql.push_rows([job], |row, job| {
         row.bind(job.id.as_str())
@@ -961,7 +974,8 @@ pub(super) async fn insert_job_in(
             .bind(root)
             .bind(job.lineage.as_ref().map_or(0, |(l, _)| i64::from(l.depth)))
             .bind(rule.as_deref())
-            .bind(rerun_of.as_deref());
+            .bind(rerun_of.as_deref())
+            .bind(job.traceparent.as_deref());
     });
     sql.build()
         .execute(&mut **tx)

@@ -156,6 +156,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0016_replicas",
         include_str!("../../migrations/0016_replicas.sql"),
     ),
+    (
+        "0017_traces",
+        include_str!("../../migrations/0017_traces.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -172,6 +176,8 @@ pub struct Store {
     /// What the store was opened with: the audit log's verification reads through a native
     /// connection of its own (see `audit_read`).
     url: String,
+    /// Jobs' trace ids, which never change, as audit entries about them were written.
+    traces: audit::TraceIds,
 }
 
 impl std::fmt::Debug for Store {
@@ -251,6 +257,7 @@ impl Store {
             audit: true,
             trusted_after: verify::TRUSTED_AFTER,
             url: url.to_string(),
+            traces: Default::default(),
         };
         store.migrate().await?;
         Ok(store)

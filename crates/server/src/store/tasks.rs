@@ -862,6 +862,7 @@ mod store_tests {
                 has_rules: false,
                 lineage: None,
                 rerun_of: None,
+                traceparent: None,
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()

@@ -573,10 +573,10 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
         (7, 3, 3)
     );
     assert_eq!(probe.facts.python, "3.99");
-    // Successful responses carry a trace id too.
+    // Successful responses carry a trace id too (a W3C trace id: 32 hex digits).
     let (status, _, trace) = raw(&c, "GET", "/v1/jobs", Some(ADMIN), None).await;
     assert_eq!(status, 200);
-    assert_eq!(trace.len(), 16);
+    assert_eq!(trace.len(), 32);
 }
 
 /// Higher priority is leased first, whatever the submission order; ties go oldest first.

@@ -6,6 +6,7 @@ mod audit;
 mod chaos;
 mod followups;
 mod harness;
+mod tracing;
 mod up;
 
 use fleetbox_proto::{JobState, Status, TaskState};
@@ -31,6 +32,7 @@ use followups::{
     chains_from_files_and_the_chain_tree, the_followup_switches_turn_rules_off,
 };
 use harness::{Cluster, Db};
+use tracing::a_job_is_one_trace_from_submission_to_agents_and_back;
 use up::sigterm_drains_and_hands_back;
 
 /// `name_sqlite` and `name_postgres` tests for `async fn name(db: Db)`.
@@ -56,6 +58,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    a_job_is_one_trace_from_submission_to_agents_and_back,
     hundred_shards_give_the_right_answer,
     killed_agent_shards_run_elsewhere,
     coordinator_restart_loses_no_report,
