@@ -12,12 +12,12 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 pub const MAX_BLOB_BYTES: usize = 1 << 30;
 
 /// Every error the API returns: `{"error": {"code", "message", "trace_id"}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable (`invalid_spec`, `not_found`, `unauthorized`, ...).
     pub code: String,
@@ -29,7 +29,7 @@ pub struct ErrorDetail {
 }
 
 /// Shard counts by state.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardCounts {
     pub total: u64,
     pub queued: u64,
@@ -49,7 +49,7 @@ impl ShardCounts {
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: String,
     pub tenant_id: String,
@@ -81,13 +81,13 @@ pub struct JobView {
 }
 
 /// `GET /v1/jobs`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
 }
 
 /// `GET /v1/jobs/{id}/chain`: a chain of follow-up jobs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobChain {
     pub root: String,
     /// The root first, then by depth and age; each with its `lineage`.
@@ -98,7 +98,7 @@ pub struct JobChain {
 }
 
 /// One `notify` webhook and how it went.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NotificationView {
     pub job_id: String,
     pub rule: String,
@@ -111,13 +111,14 @@ pub struct NotificationView {
 }
 
 /// `GET /v1/jobs/{id}/result`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     pub id: String,
     pub state: JobState,
     /// The reduced value, as the coordinator's JSON text (exact: an integer sum past 2^64
     /// stays every digit of itself); `null` until the job is `completed` (or when nothing
     /// succeeded).
+    #[schema(value_type = Option<serde_json::Value>)]
     pub result: Option<Box<serde_json::value::RawValue>>,
     pub summary: Option<JobSummary>,
     pub error: Option<String>,
@@ -138,7 +139,7 @@ impl JobResult {
 }
 
 /// What the job's result covers.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSummary {
     pub shards_total: u64,
     pub shards_accepted: u64,
@@ -174,7 +175,7 @@ pub struct JobSummary {
 }
 
 /// One thing verification flagged in a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobFlag {
     /// Verification: `agent_result_invalid`, `nondeterministic`, `unverified`; result
     /// review: `outlier`, `agent_outlier`, `error_rate`.
@@ -196,7 +197,7 @@ pub struct JobFlag {
 }
 
 /// Robust summary of a sample.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Stats {
     pub count: u64,
     pub min: f64,
@@ -226,7 +227,7 @@ impl Stats {
 }
 
 /// One shard as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardView {
     pub index: u64,
     pub state: TaskState,
@@ -239,7 +240,7 @@ pub struct ShardView {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardList {
     pub shards: Vec<ShardView>,
     /// `?from=` of the next page; absent on the last one.
@@ -248,7 +249,7 @@ pub struct ShardList {
 }
 
 /// One execution of a shard (`GET /v1/jobs/{id}/shards/{index}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptView {
     pub lease_id: String,
     pub agent_id: String,
@@ -274,7 +275,7 @@ pub struct AttemptView {
 }
 
 /// `GET /v1/jobs/{id}/shards/{index}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardDetail {
     pub shard: ShardView,
     pub input: Value,
@@ -282,7 +283,7 @@ pub struct ShardDetail {
 }
 
 /// `POST /v1/agents/enroll`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnrollRequest {
     pub name: String,
     /// The agent's ed25519 public key (hex): its reports must be signed with the private half.
@@ -297,7 +298,7 @@ pub struct EnrollRequest {
 }
 
 /// What an agent tells the coordinator about its machine.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineFacts {
     pub hostname: String,
     pub cores: u32,
@@ -313,7 +314,7 @@ pub struct MachineFacts {
     pub machine_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnrollResponse {
     pub agent_id: String,
     /// Secret; shown once.
@@ -323,7 +324,7 @@ pub struct EnrollResponse {
 }
 
 /// `POST /v1/agent/lease`: up to `max_tasks`, waiting up to `wait_ms` when none is ready.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseRequest {
     pub max_tasks: u32,
     #[serde(default)]
@@ -334,14 +335,15 @@ pub struct LeaseRequest {
     pub backend: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseResponse {
     pub tasks: Vec<LeasedTask>,
 }
 
 /// `POST /v1/run`: one program run on the fleet as a one-shard job, answered when it is done.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"code": "print(6 * 7)", "wait_ms": 100}))]
 pub struct RunBody {
     pub code: String,
     /// The program's input (`input.json`, `FLEETBOX_INPUT`); `null` when absent.
@@ -372,7 +374,7 @@ pub struct RunBody {
 }
 
 /// One entry of the review queue (`GET /v1/review/flags`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReviewFlag {
     pub id: i64,
     pub job_id: String,
@@ -394,13 +396,13 @@ pub struct ReviewFlag {
     pub rerun_job_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReviewFlagList {
     pub flags: Vec<ReviewFlag>,
 }
 
 /// `POST /v1/review/flags/{id}/approve|reject`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideFlag {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,7 +410,7 @@ pub struct DecideFlag {
 }
 
 /// The answer to `POST /v1/run` (`200` when the job is final, `202` while it runs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunAnswer {
     pub job_id: String,
     pub state: JobState,
@@ -422,7 +424,7 @@ pub struct RunAnswer {
 }
 
 /// One shard handed to an agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeasedTask {
     /// Names this execution; the report must carry it.
     pub lease_id: String,
@@ -450,7 +452,7 @@ pub struct LeasedTask {
 }
 
 /// `POST /v1/agent/heartbeat`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatRequest {
     /// Leases the agent is still working on.
     pub running: Vec<String>,
@@ -461,7 +463,7 @@ pub struct HeartbeatRequest {
     pub facts: Option<MachineFacts>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentLoad {
     pub slots: u32,
     pub busy: u32,
@@ -474,7 +476,7 @@ pub struct AgentLoad {
     pub set_aside: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     /// Leases that are no longer wanted (job cancelled, shard settled elsewhere).
     pub cancel: Vec<String>,
@@ -482,13 +484,13 @@ pub struct HeartbeatResponse {
 }
 
 /// `POST /v1/agent/reports`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportBatch {
     pub reports: Vec<ShardReport>,
 }
 
 /// One execution's report, as an agent sends it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShardReport {
     pub lease_id: String,
     pub task_id: i64,
@@ -568,7 +570,7 @@ impl ShardReport {
 }
 
 /// `POST /v1/agent/key`: replace the agent's key, signed with the key it replaces.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RotateKeyRequest {
     /// The new ed25519 public key (hex).
     pub public_key: String,
@@ -597,7 +599,7 @@ pub fn parse_public_key(text: &str) -> Result<ed25519_dalek::VerifyingKey, Strin
 
 /// The sha256 of each part of a report uploaded ahead of it: the stream's bytes, or the
 /// output value's JSON text.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportBlobs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<String>,
@@ -620,12 +622,12 @@ impl ReportBlobs {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportAck {
     pub results: Vec<ReportOutcome>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReportOutcome {
     pub lease_id: String,
     /// `accepted` (settled or retried the shard), `late` (kept as an extra attempt),
@@ -634,7 +636,7 @@ pub struct ReportOutcome {
 }
 
 /// `POST /v1/agent/return`: leases given back unrun (agent shutting down).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReturnRequest {
     pub lease_ids: Vec<String>,
     /// Sent once when an agent starts: every lease it holds except these (whose reports
@@ -644,7 +646,7 @@ pub struct ReturnRequest {
 }
 
 /// `GET /v1/agents`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentView {
     pub id: String,
     pub name: String,
@@ -667,7 +669,7 @@ pub struct AgentView {
 }
 
 /// An agent's record of results checked by the server, for one Python version and backend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentTrust {
     pub python: String,
     pub backend: String,
@@ -685,13 +687,13 @@ pub struct AgentTrust {
     pub error_rate: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentList {
     pub agents: Vec<AgentView>,
 }
 
 /// One entry of the audit log (`GET /v1/audit`), with the hashes that chain it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub tenant_id: String,
     pub seq: i64,
@@ -713,14 +715,14 @@ pub struct AuditRecord {
 }
 
 /// `GET /v1/audit`: entries oldest first; `next_after` pages on (`?after=`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditPage {
     pub entries: Vec<AuditRecord>,
     pub next_after: Option<i64>,
 }
 
 /// `GET /v1/audit/verify`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditVerification {
     pub tenant_id: String,
     /// Entries checked.
@@ -733,7 +735,7 @@ pub struct AuditVerification {
     pub problem: Option<AuditProblem>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditProblem {
     pub seq: i64,
     pub what: String,
@@ -741,7 +743,7 @@ pub struct AuditProblem {
 
 /// A signed checkpoint of a tenant's audit chain head (`GET /v1/audit/checkpoints`). The
 /// signature is ed25519 over [`AuditCheckpoint::message`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditCheckpoint {
     pub tenant_id: String,
     pub seq: i64,

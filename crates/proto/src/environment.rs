@@ -18,7 +18,7 @@ pub const MAX_REQUIREMENTS: usize = 200;
 pub const MAX_REQUIREMENT_BYTES: usize = 200;
 
 /// The packages a job asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvironmentSpec {
     /// PEP 508 requirements (`"numpy==1.26.4"`, `"sympy>=1.12"`), from the agent's index.
@@ -31,7 +31,7 @@ pub struct EnvironmentSpec {
 }
 
 /// The environment a run used, as its report names it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnvironmentInfo {
     /// [`EnvironmentSpec::hash`]: the same on every machine for the same requirements.
     pub hash: String,
@@ -40,7 +40,9 @@ pub struct EnvironmentInfo {
 }
 
 /// One installed distribution.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct Package {
     pub name: String,
     pub version: String,

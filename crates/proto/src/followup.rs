@@ -20,7 +20,7 @@ pub const MAX_EXPRESSION_BYTES: usize = 4096;
 pub const INPUT_KEYS: &[&str] = &["items", "count"];
 
 /// One `[[followup]]` rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FollowupRule {
     /// Shown in the chain and the audit log; `followup[i]` when absent.
@@ -49,7 +49,7 @@ pub struct FollowupRule {
     pub url: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FollowupAction {
     /// Submit `then` as a child job.
@@ -263,7 +263,7 @@ pub fn validate_rules(rules: &[FollowupRule]) -> Result<(), SpecError> {
 }
 
 /// Where a follow-up job came from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lineage {
     pub parent_job_id: String,
     pub root_job_id: String,
@@ -276,7 +276,7 @@ pub struct Lineage {
 }
 
 /// A `rerun_failed` child: which of the parent's shards its shards are, in order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RerunOf {
     pub job_id: String,
     pub shards: Vec<u64>,

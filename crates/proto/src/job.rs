@@ -25,8 +25,15 @@ pub const OUTPUT_FILE: &str = "output.json";
 pub const DEFAULT_LINES_PER_SHARD: u64 = 1000;
 
 /// A job as submitted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "name": "squares",
+    "code": "import json, os\nn = json.load(open(os.environ['FLEETBOX_INPUT']))['index']\nprint(n * n)",
+    "shards": {"count": 4},
+    "aggregate": "sum",
+    "limits": {"timeout": "10s", "memory": "256MiB"}
+}))]
 pub struct JobSpec {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,7 +79,7 @@ fn default_max_attempts() -> u32 {
 }
 
 /// How a job is cut into shards: exactly one of `range`, `items`, `lines`/`text`, `count`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,7 +101,7 @@ pub struct ShardSpec {
 }
 
 /// `start..end` (end exclusive) cut into `count` shards or shards of `size` numbers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RangeSpec {
     pub start: i64,
@@ -106,14 +113,14 @@ pub struct RangeSpec {
 }
 
 /// `aggregate = "sum"` or `aggregate = { reducer = "sort", key = "n" }`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum AggregateSpec {
     Name(String),
     Table(AggregateTable),
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateTable {
     pub reducer: String,
@@ -134,7 +141,7 @@ pub struct AggregateTable {
 }
 
 /// A validated reducer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "reducer", rename_all = "snake_case")]
 pub enum Reducer {
     /// Shard values as a list, in shard order (the default).

@@ -14,6 +14,7 @@ mod limits;
 pub mod prometheus;
 mod report;
 pub mod review;
+mod schema;
 mod states;
 pub mod trace;
 mod units;

@@ -6,7 +6,7 @@ use crate::{ByteSize, Millis};
 
 /// Resource limits for one sandboxed run. Defaults are the "sane for untrusted code" values every
 /// entry point starts from; callers override field by field.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Wall-clock time before the whole process tree is killed.
@@ -64,14 +64,14 @@ impl Default for Limits {
 }
 
 /// Which mechanisms enforced one limit (e.g. `memory` by `cgroup_v1` and `rlimit_as`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Enforcement {
     pub limit: String,
     pub by: Vec<String>,
 }
 
 /// The limits as they were actually applied to a run, with the mechanisms behind each.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct AppliedLimits {
     #[serde(flatten)]
     pub limits: Limits,

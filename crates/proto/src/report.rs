@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::AppliedLimits;
 
 /// How a run ended. The names are the contract shared by API, UI, metrics and docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Exit code 0, no limit hit.
@@ -64,7 +64,7 @@ impl std::fmt::Display for Status {
 }
 
 /// One frame of a Python traceback.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Frame {
     pub file: String,
     pub line: u32,
@@ -74,7 +74,7 @@ pub struct Frame {
 }
 
 /// The uncaught Python exception, parsed from stderr.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExceptionInfo {
     #[serde(rename = "type")]
     pub kind: String,
@@ -83,7 +83,7 @@ pub struct ExceptionInfo {
 }
 
 /// A file the program left in its workspace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FileEntry {
     pub path: String,
     pub bytes: u64,
@@ -93,7 +93,7 @@ pub struct FileEntry {
 }
 
 /// Something the program tried that the sandbox stopped or a limit it ran into.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Violation {
     /// `syscall`, `non_native_syscall`, `pids_limit`, `file_size_limit`, ...
     pub kind: String,
@@ -106,7 +106,7 @@ pub struct Violation {
 }
 
 /// Who ran the code and with what.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct Runner {
     /// `server`, `local`, or the agent's id.
     pub id: String,
@@ -126,7 +126,7 @@ pub struct StreamCapture {
 }
 
 /// What every sandboxed run returns. Field names follow `DESIGN.md`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecutionReport {
     pub status: Status,
     /// A human explanation when the status alone does not say enough (limits, sandbox errors).

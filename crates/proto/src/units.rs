@@ -183,7 +183,15 @@ impl fmt::Display for ByteSize {
 }
 
 macro_rules! serde_via_str {
-    ($ty:ty, $what:literal) => {
+    ($ty:ty, $what:literal, $example:literal) => {
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                crate::schema::number_or_text($what, $example)
+            }
+        }
+
+        impl utoipa::ToSchema for $ty {}
+
         impl Serialize for $ty {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(&self.to_string())
@@ -209,8 +217,8 @@ macro_rules! serde_via_str {
     };
 }
 
-serde_via_str!(Millis, "duration");
-serde_via_str!(ByteSize, "size");
+serde_via_str!(Millis, "duration", "2s");
+serde_via_str!(ByteSize, "size", "256MiB");
 
 #[cfg(test)]
 mod tests {

@@ -15,7 +15,7 @@ use crate::SpecError;
 
 /// `[verify]`: every field optional; the defaults catch a lying agent without doubling the
 /// work (new agents are re-checked until trusted, trusted ones by a small sample).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifySpec {
     /// Distinct agents that run each shard.
@@ -179,6 +179,22 @@ enum Form {
     Name(String),
     Table(std::collections::BTreeMap<String, f64>),
 }
+
+impl utoipa::PartialSchema for Recheck {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::schema::name_or_table(&["none", "all", "adaptive", "on_anomaly"], "sample")
+    }
+}
+
+impl utoipa::ToSchema for Recheck {}
+
+impl utoipa::PartialSchema for Compare {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::schema::name_or_table(&["exact", "json", "stdout"], "numeric")
+    }
+}
+
+impl utoipa::ToSchema for Compare {}
 
 impl<'de> Deserialize<'de> for Recheck {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -28,6 +28,14 @@ const MAX_REPORT_BATCH: usize = 1000;
 /// Streams larger than this are kept in the blob store.
 const STREAM_INLINE: usize = 4096;
 
+#[utoipa::path(
+    get,
+    operation_id = "agents_list",
+    path = "/v1/agents",
+    tag = "agents",
+    summary = "The agents, their trust and quarantine.",
+    responses((status = 200, description = "every agent of the tenant", body = AgentList))
+)]
 pub async fn list(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -38,6 +46,15 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_release",
+    path = "/v1/agents/{id}/release",
+    tag = "agents",
+    summary = "Let a quarantined agent lease again.",
+    params(("id" = String, Path, description = "the agent's id (`agt_…`)")),
+    responses((status = 200, description = "released", body = serde_json::Value))
+)]
 /// `POST /v1/agents/{id}/release`: an admin lets a quarantined agent lease again.
 pub async fn release(
     AxState(state): AxState<Arc<State>>,
@@ -60,6 +77,15 @@ pub async fn release(
     Ok(Json(serde_json::json!({ "released": id })))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_enroll",
+    path = "/v1/agents/enroll",
+    tag = "agent protocol",
+    summary = "Enroll an agent (enroll token).",
+    request_body = EnrollRequest,
+    responses((status = 200, description = "the agent's id and token", body = EnrollResponse))
+)]
 pub async fn enroll(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -112,6 +138,15 @@ pub async fn enroll(
     }))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_lease",
+    path = "/v1/agent/lease",
+    tag = "agent protocol",
+    summary = "Lease shards (agent token).",
+    request_body = LeaseRequest,
+    responses((status = 200, description = "the shards leased (possibly none)", body = LeaseResponse))
+)]
 pub async fn lease(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -217,6 +252,15 @@ fn job_step(
     )
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_heartbeat",
+    path = "/v1/agent/heartbeat",
+    tag = "agent protocol",
+    summary = "Keep leases alive (agent token).",
+    request_body = HeartbeatRequest,
+    responses((status = 200, description = "leases to cancel, the new expiry", body = HeartbeatResponse))
+)]
 pub async fn heartbeat(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -244,6 +288,15 @@ pub async fn heartbeat(
     }))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_return_leases",
+    path = "/v1/agent/return",
+    tag = "agent protocol",
+    summary = "Hand leases back unrun (agent token).",
+    request_body = ReturnRequest,
+    responses((status = 200, description = "the leases handed back", body = serde_json::Value))
+)]
 pub async fn return_leases(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -277,6 +330,15 @@ pub async fn return_leases(
     Ok(Json(serde_json::json!({ "returned": n })))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_rotate_key",
+    path = "/v1/agent/key",
+    tag = "agent protocol",
+    summary = "Register a new signing key, signed by the old one (agent token).",
+    request_body = fleetbox_proto::api::RotateKeyRequest,
+    responses((status = 200, description = "the new key registered", body = serde_json::Value))
+)]
 /// `POST /v1/agent/key`: the agent replaces its key, proving it holds the old one.
 pub async fn rotate_key(
     AxState(state): AxState<Arc<State>>,
@@ -324,6 +386,15 @@ pub async fn rotate_key(
     Ok(Json(serde_json::json!({ "public_key": req.public_key })))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "agents_report",
+    path = "/v1/agent/reports",
+    tag = "agent protocol",
+    summary = "Deliver signed reports (agent token).",
+    request_body = ReportBatch,
+    responses((status = 200, description = "what became of each report", body = ReportAck))
+)]
 pub async fn report(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -489,6 +560,16 @@ pub async fn report(
     Ok(Json(ReportAck { results }))
 }
 
+#[utoipa::path(
+    put,
+    operation_id = "agents_put_blob",
+    path = "/v1/agent/blobs/{sha256}",
+    tag = "agent protocol",
+    summary = "Upload a part of a report ahead of it (agent token).",
+    params(("sha256" = String, Path, description = "the blob's sha256, 64 lowercase hex digits")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "stored", body = serde_json::Value))
+)]
 /// `PUT /v1/agent/blobs/{sha256}`: a file a shard produced, or a large part of a report,
 /// uploaded before the report. The body (at most [`MAX_BLOB_BYTES`]) is streamed to disk while
 /// it is hashed; it is stored, once, only if it hashes to the name.

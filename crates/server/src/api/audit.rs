@@ -3,16 +3,17 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State as AxState};
+use axum::extract::State as AxState;
 use fleetbox_proto::api::{AuditCheckpoint, AuditPage, AuditVerification};
 use serde::Deserialize;
 
-use super::{ApiError, Auth};
+use super::{ApiError, Auth, Params};
 use crate::State;
 use crate::store::TokenKind;
 use crate::store::audit::{Action, AuditFilter};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     job: Option<String>,
@@ -25,13 +26,21 @@ pub struct AuditQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "audit_list",
+    path = "/v1/audit",
+    tag = "audit",
+    summary = "The audit log's entries.",
+    params(AuditQuery),
+    responses((status = 200, description = "entries, oldest first", body = AuditPage))
+)]
 pub async fn list(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
-    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let action = q
         .action
         .as_deref()
@@ -59,13 +68,22 @@ pub async fn list(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PruneRequest {
     /// Remove the entries up to and including this one: a checkpointed entry.
     before_seq: i64,
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "audit_prune",
+    path = "/v1/audit/prune",
+    tag = "audit",
+    summary = "Remove entries up to a checkpointed one.",
+    request_body = PruneRequest,
+    responses((status = 200, description = "how many entries were removed", body = serde_json::Value))
+)]
 /// `POST /v1/audit/prune`: drop old entries behind a checkpoint (export them first).
 pub async fn prune(
     AxState(state): AxState<Arc<State>>,
@@ -82,6 +100,14 @@ pub async fn prune(
     }
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "audit_checkpoints",
+    path = "/v1/audit/checkpoints",
+    tag = "audit",
+    summary = "The signed checkpoints.",
+    responses((status = 200, description = "signed checkpoints of the chain head", body = Vec<AuditCheckpoint>))
+)]
 pub async fn checkpoints(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -90,6 +116,14 @@ pub async fn checkpoints(
     Ok(Json(state.store.audit_checkpoints(tenant).await?))
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "audit_verify",
+    path = "/v1/audit/verify",
+    tag = "audit",
+    summary = "Recompute the tenant's hash chain.",
+    responses((status = 200, description = "whether the chain holds, and the first entry that breaks it", body = AuditVerification))
+)]
 pub async fn verify(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,

@@ -3,17 +3,25 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, Request, State as AxState};
+use axum::extract::{Path, Request, State as AxState};
 use axum::http::StatusCode;
 use fleetbox_proto::api::{JobList, JobResult, JobView, ShardDetail, ShardList};
 use fleetbox_proto::{JobSpec, JobState, TaskState, UnknownState};
 use serde::Deserialize;
 
-use super::{ApiError, Auth, raw_body};
+use super::{ApiError, Auth, Params, raw_body};
 use crate::State;
 use crate::ids::{job_id, sha256_hex};
 use crate::store::{NewJob, ShardPage, TokenKind};
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_status",
+    path = "/v1/status",
+    tag = "coordinator",
+    summary = "The coordinator's version and timing (any token).",
+    responses((status = 200, description = "version, database kind, lease and heartbeat periods", body = serde_json::Value))
+)]
 pub async fn status(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -27,6 +35,15 @@ pub async fn status(
     })))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "jobs_submit",
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "Submit a job: its code, shards, limits, reducer, verification and follow-up rules.",
+    request_body = JobSpec,
+    responses((status = 201, description = "the job, stored", body = JobView))
+)]
 pub async fn submit(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -102,7 +119,8 @@ pub(crate) fn new_job(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     state: Option<String>,
@@ -116,13 +134,21 @@ fn parse_state<S: std::str::FromStr<Err = UnknownState>>(name: &str) -> Result<S
     })
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_list",
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "List jobs.",
+    params(ListQuery),
+    responses((status = 200, description = "newest first", body = JobList))
+)]
 pub async fn list(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let job_state = q
         .state
         .as_deref()
@@ -133,6 +159,15 @@ pub async fn list(
     Ok(Json(JobList { jobs }))
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_get_job",
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "One job.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 200, description = "the job with its shard counts", body = JobView))
+)]
 pub async fn get_job(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -147,7 +182,8 @@ pub async fn get_job(
         .ok_or_else(|| ApiError::not_found("job", &id))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ShardQuery {
     /// First shard index to list.
@@ -159,14 +195,22 @@ pub struct ShardQuery {
 /// Most shards per page.
 const MAX_SHARD_PAGE: u32 = 10_000;
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_shards",
+    path = "/v1/jobs/{id}/shards",
+    tag = "jobs",
+    summary = "A job's shards, by index.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)"), ShardQuery),
+    responses((status = 200, description = "a page of shards", body = ShardList))
+)]
 pub async fn shards(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
     Path(id): Path<String>,
-    query: Result<Query<ShardQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<ShardQuery>,
 ) -> Result<Json<ShardList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let shard_state = q
         .state
         .as_deref()
@@ -188,6 +232,15 @@ pub async fn shards(
     Ok(Json(ShardList { shards, next }))
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_shard",
+    path = "/v1/jobs/{id}/shards/{index}",
+    tag = "jobs",
+    summary = "One shard and its attempts.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)"), ("index" = u64, Path, description = "the shard's index")),
+    responses((status = 200, description = "the shard with every attempt's report", body = ShardDetail))
+)]
 pub async fn shard(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -209,6 +262,15 @@ pub async fn shard(
         .ok_or_else(|| ApiError::not_found("shard", &format!("{id}/{index}")))
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_result",
+    path = "/v1/jobs/{id}/result",
+    tag = "jobs",
+    summary = "A job's result.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 200, description = "the reduced result and summary", body = JobResult))
+)]
 pub async fn result(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
@@ -244,6 +306,15 @@ pub async fn result(
     Ok(Json(result))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "jobs_rerun_tainted",
+    path = "/v1/jobs/{id}/rerun-tainted",
+    tag = "jobs",
+    summary = "Re-check the shards of a job that a quarantined agent's results reached.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 200, description = "the shards sent back to be checked", body = serde_json::Value))
+)]
 /// `POST /v1/jobs/{id}/rerun-tainted`: a `needs_review` job's tainted shards are checked
 /// again by the server and the job folds again.
 pub async fn rerun_tainted(
@@ -274,7 +345,8 @@ pub async fn rerun_tainted(
     Ok(Json(serde_json::json!({ "job_id": id, "rechecked": n })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CancelQuery {
     /// Also cancel the job's descendants that have not finished (a chain of follow-ups).
@@ -282,15 +354,23 @@ pub struct CancelQuery {
     chain: bool,
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "jobs_cancel",
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    summary = "Cancel a job (and, with `chain`, its unfinished follow-ups).",
+    params(("id" = String, Path, description = "the job's id (`job_…`)"), CancelQuery),
+    responses((status = 200, description = "the job, cancelled", body = JobView))
+)]
 pub async fn cancel(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
     Path(id): Path<String>,
-    query: Result<Query<CancelQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<CancelQuery>,
 ) -> Result<Json<JobView>, ApiError> {
     let principal = auth.require(&[TokenKind::Admin])?;
     let tenant = principal.tenant_id.clone();
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let Some(view) = state.store.job_view(&tenant, &id).await? else {
         return Err(ApiError::not_found("job", &id));
     };
@@ -339,6 +419,15 @@ pub async fn cancel(
         .ok_or_else(|| ApiError::not_found("job", &id))
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_get_blob",
+    path = "/v1/blobs/{sha256}",
+    tag = "jobs",
+    summary = "Download a stored blob.",
+    params(("sha256" = String, Path, description = "the blob's sha256, 64 lowercase hex digits")),
+    responses((status = 200, description = "the blob's bytes", content_type = "application/octet-stream", body = Vec<u8>))
+)]
 /// `GET /v1/blobs/{sha256}`: a stored stream, output or file, by its hash.
 pub async fn get_blob(
     AxState(state): AxState<Arc<State>>,
@@ -383,6 +472,15 @@ fn descendants<'a>(chain: &'a [JobView], id: &str) -> Vec<&'a JobView> {
     out
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "jobs_chain",
+    path = "/v1/jobs/{id}/chain",
+    tag = "jobs",
+    summary = "The chain a job belongs to.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 200, description = "the job's chain of follow-ups", body = fleetbox_proto::api::JobChain))
+)]
 /// `GET /v1/jobs/{id}/chain`: every job of the chain `id` is in (its root first, then by
 /// depth), each with its lineage, and the webhooks its rules sent.
 pub async fn chain(

@@ -4,6 +4,7 @@ mod agents;
 mod audit;
 pub mod error;
 pub(crate) mod jobs;
+mod openapi;
 mod review;
 mod run;
 
@@ -45,6 +46,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(jobs::status))
+        .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/run", post(run::run))
         .route("/v1/review", post(review::review))
@@ -90,6 +92,16 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), trace))
         .with_state(state)
+}
+
+/// `GET /v1/openapi.json`: the API's OpenAPI 3.1 document (no token: it describes, it does
+/// not reveal).
+async fn openapi_json() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi::document(),
+    )
+        .into_response()
 }
 
 /// `GET /healthz`: the process answers (no token: for probes).
@@ -296,6 +308,20 @@ impl FromRequestParts<Arc<State>> for Auth {
 
 /// A JSON body whose errors name the field and use the API's error shape.
 pub struct Body<T>(pub T);
+
+/// A query string as `T`, or a typed `400 invalid_query`.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Params(q.0))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;

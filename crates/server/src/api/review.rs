@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use fleetbox_proto::{CodeReview, Decision, JobSpec, Recheck, SpecError};
 use serde::Deserialize;
 
-use super::{ApiError, Auth, raw_body};
+use super::{ApiError, Auth, Params, raw_body};
 use crate::State;
 use crate::store::TokenKind;
 use crate::store::audit::{Action, Entry};
@@ -110,12 +110,21 @@ async fn review_off_thread(
         .map_err(|e| SpecError::new(field, e.to_string()).into())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReviewBody {
     code: String,
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "review_review",
+    path = "/v1/review",
+    tag = "review",
+    summary = "Review code without running it.",
+    request_body = ReviewBody,
+    responses((status = 200, description = "findings, risk and decision", body = CodeReview))
+)]
 /// `POST /v1/review {code}`: the findings, risk and decision, without running anything.
 pub async fn review(
     AxState(state): AxState<Arc<State>>,
@@ -132,7 +141,8 @@ pub async fn review(
     Ok(Json(review_off_thread(&state, &body.code, "code").await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FlagQuery {
     status: Option<String>,
@@ -141,11 +151,20 @@ pub struct FlagQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    operation_id = "review_flags",
+    path = "/v1/review/flags",
+    tag = "review",
+    summary = "The review queue.",
+    params(FlagQuery),
+    responses((status = 200, description = "the flags", body = ReviewFlagList))
+)]
 /// `GET /v1/review/flags?status=&job=&kind=&limit=`: the review queue, newest first.
 pub async fn flags(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
-    axum::extract::Query(q): axum::extract::Query<FlagQuery>,
+    Params(q): Params<FlagQuery>,
 ) -> Result<Json<ReviewFlagList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
     if let Some(s) = &q.status
@@ -170,6 +189,16 @@ pub async fn flags(
     Ok(Json(ReviewFlagList { flags }))
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "review_approve",
+    path = "/v1/review/flags/{id}/approve",
+    tag = "review",
+    summary = "Approve a flag.",
+    params(("id" = i64, Path, description = "the flag's number")),
+    request_body(content = Option<DecideFlag>, content_type = "application/json", description = "optional"),
+    responses((status = 200, description = "the flag, approved", body = ReviewFlag))
+)]
 pub async fn approve(
     state: AxState<Arc<State>>,
     auth: Auth,
@@ -179,6 +208,16 @@ pub async fn approve(
     decide(state, auth, path, req, true).await
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "review_reject",
+    path = "/v1/review/flags/{id}/reject",
+    tag = "review",
+    summary = "Reject a flag.",
+    params(("id" = i64, Path, description = "the flag's number")),
+    request_body(content = Option<DecideFlag>, content_type = "application/json", description = "optional"),
+    responses((status = 200, description = "the flag, rejected", body = ReviewFlag))
+)]
 pub async fn reject(
     state: AxState<Arc<State>>,
     auth: Auth,
@@ -218,6 +257,16 @@ async fn decide(
     }
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "review_rerun",
+    path = "/v1/review/flags/{id}/rerun",
+    tag = "review",
+    summary = "Re-run the shards a flag names, every one checked by the coordinator.",
+    params(("id" = i64, Path, description = "the flag's number")),
+    request_body(content = Option<DecideFlag>, content_type = "application/json", description = "optional"),
+    responses((status = 200, description = "the flag, with the re-run job", body = ReviewFlag))
+)]
 /// `POST /v1/review/flags/{id}/rerun {note?}`: run a flag's shards again in a child job of its
 /// (finished) job, every shard checked by the coordinator's sandbox; the child's result folds
 /// over the parent's values. The flag becomes `rerun`, naming the child.

@@ -22,6 +22,15 @@ use crate::store::TokenKind;
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
+#[utoipa::path(
+    post,
+    operation_id = "run",
+    path = "/v1/run",
+    tag = "jobs",
+    summary = "Run one program and wait for its report.",
+    request_body = RunBody,
+    responses((status = 200, description = "the run finished", body = RunAnswer), (status = 202, description = "still running: poll the job", body = RunAnswer))
+)]
 pub async fn run(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
