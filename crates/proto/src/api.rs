@@ -673,7 +673,8 @@ pub struct AgentView {
 pub struct AgentTrust {
     pub python: String,
     pub backend: String,
-    /// Valid results in a row; the agent is trusted (checked only by sample) from 10.
+    /// Valid results in a row; the agent is trusted (checked only by sample) from the
+    /// coordinator's `--trusted-after` (250 by default).
     pub consecutive_valid: u64,
     pub valid: u64,
     pub invalid: u64,

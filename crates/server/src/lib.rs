@@ -16,6 +16,7 @@ pub mod planner;
 pub mod reduce;
 mod scheduler;
 pub mod store;
+pub mod ui;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -234,6 +235,8 @@ pub struct State {
     pub ai_templates: Vec<(String, fleetbox_proto::JobSpec)>,
     /// What `/metrics` counts in this process (HTTP, shard run times).
     pub metrics: metrics::Registry,
+    /// The web panel's sessions and the overview's last hour.
+    pub panel: ui::Panel,
 }
 
 /// A bounded record of calls with unknown tokens: at most [`InvalidTokens::PER_SECOND`] audit
@@ -520,8 +523,10 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         environments,
         ai_templates,
         metrics: metrics::Registry::default(),
+        panel: ui::Panel::default(),
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
     tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(planner::run(state.clone(), shutdown.subscribe()));

@@ -411,6 +411,48 @@ impl Store {
             .transpose()
     }
 
+    /// A job's shards in `[from, to)` counted by state in tiles of `size` consecutive shards:
+    /// `(tile, state, shards)`, tile 0 starting at `from` (the panel's grid, whatever the job's
+    /// size: one grouped read).
+    pub async fn shard_tiles(
+        &self,
+        tenant_id: &str,
+        job_id: &str,
+        from: u64,
+        to: u64,
+        size: u64,
+    ) -> Result<Vec<(u64, TaskState, u64)>, StoreError> {
+        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, String, i64)> = Sql::new("SELECT (shard_index - ")
+            .bind(from)
+            .push(") / ")
+            .bind(i64::try_from(size.max(1)).unwrap_or(i64::MAX))
+            .push(" AS tile, state, COUNT(*) FROM tasks WHERE tenant_id = ")
+            .bind(tenant_id)
+            .push(" AND job_id = ")
+            .bind(job_id)
+            .push(" AND shard_index >= ")
+            .bind(from)
+            .push(" AND shard_index < ")
+            .bind(i64::try_from(to).unwrap_or(i64::MAX))
+            .push(" GROUP BY 1, 2")
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("counting a job's shards by tile")?;
+        rows.into_iter()
+            .map(|(tile, state, n)| {
+                let state = state.parse().map_err(|e: fleetbox_proto::UnknownState| {
+                    StoreError::Corrupt {
+                        what: "task state",
+                        detail: e.to_string(),
+                    }
+                })?;
+                Ok((tile.max(0) as u64, state, n.max(0) as u64))
+            })
+            .collect()
+    }
+
     pub async fn job_view(&self, tenant_id: &str, id: &str) -> Result<Option<JobView>, StoreError> {
         Sql::new(JOB_VIEW_SELECT)
             .push(" WHERE j.id = ")

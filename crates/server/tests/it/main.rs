@@ -14,4 +14,6 @@ mod run;
 mod settle;
 mod support;
 mod tls;
+mod ui;
 mod verify;
+mod webdriver;

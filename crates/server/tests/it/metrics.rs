@@ -7,25 +7,7 @@ use std::time::{Duration, Instant};
 
 use fleetbox_proto::JobState;
 
-use crate::support::{Coordinator, Db, Killed, spec};
-
-/// A tool the test script installs; `None` (the test says so and passes) only outside CI.
-fn tool(name: &str) -> Option<String> {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "`{name}` is missing: scripts/test installs it (Debian package `prometheus`)"
-        );
-        eprintln!("skipping: `{name}` is not installed (scripts/test installs it)");
-    }
-    found
-}
+use crate::support::{Coordinator, Db, Killed, spec, tool};
 
 async fn scrape(c: &Coordinator, token: Option<&str>) -> (u16, String) {
     let mut req = reqwest::Client::new().get(format!("{}/metrics", c.running.url()));

@@ -589,13 +589,22 @@ async fn the_anomaly_policy_holds_or_reruns_and_a_person_can_rerun() {
             }
             fleetbox_server::AnomalyAction::Rerun => {
                 assert_eq!(view.state, JobState::Completed, "{view:?}");
-                let flag = c
-                    .client
-                    .review_flags(&format!("job={}&kind=anomaly", job.id))
-                    .await
-                    .unwrap()
-                    .flags
-                    .remove(0);
+                // The re-run starts after the fold that raised the flag (the coordinator's
+                // pending re-runs): the flag is `open` until then.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let flag = loop {
+                    let flag = c
+                        .client
+                        .review_flags(&format!("job={}&kind=anomaly", job.id))
+                        .await
+                        .unwrap()
+                        .flags
+                        .remove(0);
+                    if flag.status != "open" || std::time::Instant::now() > deadline {
+                        break flag;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
                 assert_eq!(flag.status, "rerun", "{flag:?}");
                 assert_eq!(flag.decided_by.as_deref(), Some("server"));
                 let child = flag.rerun_job_id.unwrap();

@@ -73,3 +73,21 @@ pub fn ok_report(grant: &LeaseGrant, value: u64) -> ReportInput {
         audit: serde_json::json!({"status": "ok"}),
     }
 }
+
+/// A tool the test script installs; `None` (the test says so and passes) only outside CI.
+pub fn tool(name: &str) -> Option<String> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`{name}` is missing: scripts/test installs it"
+        );
+        eprintln!("skipping: `{name}` is not installed (scripts/test installs it)");
+    }
+    found
+}

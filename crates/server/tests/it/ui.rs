@@ -1,0 +1,309 @@
+//! The web panel in a real headless Chromium (driven through chromedriver over WebDriver):
+//! log in, load every page, submit a job and watch it complete without reloading, approve a
+//! flag, and be refused without the right token or the session's CSRF token. Screenshots of
+//! the overview and a job page are kept in `target/ui-screenshots/`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Coordinator, Db, Killed, tool};
+use crate::webdriver::Browser;
+
+/// A free port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn screenshots() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// chromedriver on a port of its own, and a headless Chromium session through it.
+async fn browser(profile: &std::path::Path) -> Option<(Killed, Browser)> {
+    let driver = tool("chromedriver")?;
+    let chromium = tool("chromium")?;
+    let port = free_port();
+    let child = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed = Killed(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("{url}/status")).await.is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // As ENVIRONMENT.md says: no sandbox as root, and nothing that calls out of the machine.
+    let mut args: Vec<String> = [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(format!("--user-data-dir={}", profile.display()));
+    let web = Browser::start(&url, &chromium, &args).await;
+    Some((killed, web))
+}
+
+/// The text of the element with `id`, found again when a live update replaced it between
+/// finding and reading; empty when there is none.
+async fn text(web: &Browser, id: &str) -> String {
+    for _ in 0..20 {
+        if let Ok(e) = web.find(&format!("#{id}")).await
+            && let Ok(t) = e.text().await
+        {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    String::new()
+}
+
+/// The page's heading, once the page has one (a click may still be loading the next page).
+async fn h1(web: &Browser) -> String {
+    let mut last = String::new();
+    for _ in 0..40 {
+        match web.find("h1").await {
+            Ok(h) => match h.text().await {
+                Ok(t) => return t,
+                Err(e) => last = e.0,
+            },
+            Err(e) => last = e.0,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no heading: {last}")
+}
+
+/// Wait until `f` holds, polling.
+async fn until<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn log_in(web: &Browser, base: &str, token: &str) {
+    web.goto(&format!("{base}/ui/login")).await;
+    web.find("#token").await.unwrap().type_text(token).await;
+    web.find("#login").await.unwrap().click().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_panel_works_in_a_real_browser() {
+    let Some(mut c) = Coordinator::start(Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let profile = tempfile::tempdir().unwrap();
+    let Some((_driver, web)) = browser(profile.path()).await else {
+        return;
+    };
+    let base = c.running.url();
+    let admin = c.running.admin_token.clone();
+
+    // Every page sends a stranger to the login; a wrong token and a token that may not use
+    // the panel (the enroll token) are refused there.
+    web.goto(&format!("{base}/ui/jobs")).await;
+    assert_eq!(h1(&web).await, "Log in");
+    assert!(web.url().await.contains("/ui/login?next="));
+    log_in(&web, &base, "fbx_not_a_token").await;
+    assert!(!text(&web, "login-error").await.is_empty());
+    log_in(&web, &base, &c.running.enroll_token).await;
+    assert!(
+        text(&web, "login-error")
+            .await
+            .contains("may not use the panel"),
+        "{}",
+        text(&web, "login-error").await
+    );
+
+    // The admin token opens the overview; its numbers arrive live.
+    log_in(&web, &base, &admin).await;
+    assert_eq!(h1(&web).await, "Overview");
+    until(
+        "the agent shows online",
+        Duration::from_secs(20),
+        || async { text(&web, "online").await == "1" },
+    )
+    .await;
+
+    // Submit a job through the form and watch it finish without reloading.
+    web.goto(&format!("{base}/ui/submit")).await;
+    let spec = web.find("#spec").await.unwrap();
+    spec.clear().await;
+    spec.type_text(
+        "name = \"browser\"\naggregate = \"sum\"\ncode = \"\"\"\nimport json, os, time\ntime.sleep(0.2)\nprint(json.load(open(os.environ['FLEETBOX_INPUT']))['index'])\n\"\"\"\n[shards]\ncount = 12\n",
+    )
+    .await;
+    web.find("#submit").await.unwrap().click().await;
+    let job_url = web.url().await;
+    let job_id = job_url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(job_id.starts_with("job_"), "{job_url}");
+    assert!(h1(&web).await.contains(&job_id));
+    // The counts change on the page as shards settle (server-sent events), and the page
+    // shows the result when the job is done, all without a reload from here.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !(text(&web, "job-state").await == "completed" && text(&web, "result").await == "66") {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not complete on the page: {seen:?}"
+        );
+        seen.insert(text(&web, "counts").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.len() >= 2,
+        "the counts never changed on the page: {seen:?}"
+    );
+    assert_eq!(web.url().await, job_url);
+    assert_eq!(web.count(".tile").await, 12);
+    web.screenshot(&screenshots().join("job.png")).await;
+
+    // A shard's page shows its report.
+    web.goto(&format!("{base}/ui/jobs/{job_id}/shards/5")).await;
+    assert_eq!(text(&web, "shard-state").await, "accepted");
+    assert_eq!(text(&web, "status").await, "ok");
+    let stdout = web.find("pre.stdout").await.unwrap();
+    assert_eq!(stdout.text().await.unwrap().trim(), "5");
+
+    // Every page loads.
+    for (path, title) in [
+        ("/ui/jobs?state=completed", "Jobs"),
+        ("/ui/agents", "Agents"),
+        ("/ui/review", "Review queue"),
+        ("/ui/violations", "Sandbox and hardening log"),
+        (&format!("/ui/audit?job={job_id}"), "Audit log"),
+    ] {
+        web.goto(&format!("{base}{path}")).await;
+        assert_eq!(h1(&web).await, title, "{path}");
+    }
+    let audit = text(&web, "audit").await;
+    assert!(
+        audit.contains("job.submitted") && audit.contains("job.completed"),
+        "{audit}"
+    );
+
+    // Approve a flag from the review queue: the API records who decided.
+    let tenant = "default";
+    let flag = c
+        .running
+        .state
+        .store
+        .add_flag(
+            tenant,
+            &job_id,
+            "result_outlier",
+            &serde_json::json!({"shard": 3, "why": "a test flag"}),
+        )
+        .await
+        .unwrap();
+    web.goto(&format!("{base}/ui/review")).await;
+    web.find(&format!("#approve-{flag}"))
+        .await
+        .unwrap()
+        .click()
+        .await;
+    let decided = c.client.review_flags("status=approved").await.unwrap();
+    let approved = decided.flags.iter().find(|f| f.id == flag).unwrap();
+    assert!(
+        approved
+            .decided_by
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("admin:"),
+        "{approved:?}"
+    );
+    assert_eq!(web.count(&format!("#approve-{flag}")).await, 0);
+
+    // The overview, live, for the screenshot.
+    web.goto(&format!("{base}/ui")).await;
+    until(
+        "the overview's live part",
+        Duration::from_secs(10),
+        || async { text(&web, "online").await == "1" },
+    )
+    .await;
+    web.screenshot(&screenshots().join("overview.png")).await;
+
+    // Actions without the right credentials are refused and change nothing: no session
+    // (sent to the login), and the session's cookie without its CSRF token (403).
+    let running = c
+        .client
+        .submit(&crate::support::spec(
+            "name = \"held\"\ncode = \"import time; time.sleep(30)\"\nshards = { count = 1 }\n",
+        ))
+        .await
+        .unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cancel = format!("{base}/ui/jobs/{}/cancel", running.id);
+    let anonymous = http
+        .post(&cancel)
+        .form(&[("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 303);
+    assert!(
+        anonymous.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/ui/login")
+    );
+    let session = web.cookie("fleetbox_ui").await.expect("the session cookie");
+    let forged = http
+        .post(&cancel)
+        .header("cookie", format!("fleetbox_ui={session}"))
+        .form(&[("csrf", "not-the-session-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    let view = c.client.job(&running.id).await.unwrap();
+    assert!(!view.state.is_final(), "{view:?}");
+    // The same button in the browser (with the session's CSRF token) cancels it.
+    web.goto(&format!("{base}/ui/jobs/{}", running.id)).await;
+    web.find("#cancel").await.unwrap().click().await;
+    let view = c.client.job(&running.id).await.unwrap();
+    assert_eq!(view.state, fleetbox_proto::JobState::Cancelled);
+
+    // Logging out ends the session.
+    web.find("#logout").await.unwrap().click().await;
+    web.goto(&format!("{base}/ui")).await;
+    assert_eq!(h1(&web).await, "Log in");
+    web.quit().await;
+}
