@@ -74,6 +74,9 @@ pub struct JobView {
     /// jobs without rules).
     #[serde(default)]
     pub planning: bool,
+    /// Paused by an operator: its queued shards wait (`POST /v1/jobs/{id}/resume`).
+    #[serde(default)]
+    pub paused: bool,
     /// The trace it belongs to (W3C trace id, 32 hex digits): in the coordinator's and the
     /// agents' spans and logs, and in its audit entries. Absent for jobs stored before traces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -399,6 +402,14 @@ pub struct ReviewFlag {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReviewFlagList {
     pub flags: Vec<ReviewFlag>,
+}
+
+/// `POST /v1/jobs/{id}/priority`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPriority {
+    /// Higher is leased first.
+    pub priority: i32,
 }
 
 /// `POST /v1/review/flags/{id}/approve|reject`.

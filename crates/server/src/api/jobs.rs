@@ -420,6 +420,160 @@ pub async fn cancel(
 }
 
 #[utoipa::path(
+    post,
+    operation_id = "jobs_pause",
+    path = "/v1/jobs/{id}/pause",
+    tag = "jobs",
+    summary = "Pause a job: its queued shards wait (running ones finish).",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 200, description = "the job, paused", body = JobView))
+)]
+pub async fn pause(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    control(&state, &auth, &id, Control::Pause(true)).await
+}
+
+#[utoipa::path(
+    post,
+    operation_id = "jobs_resume",
+    path = "/v1/jobs/{id}/resume",
+    tag = "jobs",
+    summary = "Resume a paused job.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 200, description = "the job, resumed", body = JobView))
+)]
+pub async fn resume(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    control(&state, &auth, &id, Control::Pause(false)).await
+}
+
+#[utoipa::path(
+    post,
+    operation_id = "jobs_priority",
+    path = "/v1/jobs/{id}/priority",
+    tag = "jobs",
+    summary = "Change an unfinished job's priority (and its unsettled shards').",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    request_body = fleetbox_proto::api::SetPriority,
+    responses((status = 200, description = "the job, re-prioritised", body = JobView))
+)]
+pub async fn priority(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+    super::Body(req): super::Body<fleetbox_proto::api::SetPriority>,
+) -> Result<Json<JobView>, ApiError> {
+    control(&state, &auth, &id, Control::Priority(req.priority)).await
+}
+
+#[utoipa::path(
+    post,
+    operation_id = "jobs_rerun_failed",
+    path = "/v1/jobs/{id}/rerun-failed",
+    tag = "jobs",
+    summary = "Run a finished job's failed shards again, as a child job whose result folds over the job's.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses((status = 201, description = "the child job and the shards it runs", body = serde_json::Value))
+)]
+pub async fn rerun_failed(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let tenant = principal.tenant_id.clone();
+    let Some(view) = state.store.job_view(&tenant, &id).await? else {
+        return Err(ApiError::not_found("job", &id));
+    };
+    if !view.state.is_final() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_running",
+            format!(
+                "job `{id}` is `{}`: its failed shards run again once it is final",
+                view.state
+            ),
+        ));
+    }
+    let runs = state.store.chain(&tenant, &id).await?.map_or(0, |c| {
+        c.iter()
+            .filter(|j| j.lineage.as_ref().is_some_and(|l| l.parent_job_id == id))
+            .count()
+    });
+    let mut child = crate::planner::rerun_failed(&state, &tenant, &id, runs)
+        .await?
+        .map_err(|why| ApiError::new(StatusCode::CONFLICT, "nothing_to_rerun", why))?;
+    child.actor = principal.actor.clone();
+    state.store.insert_job(&child).await?;
+    state.work.notify_waiters();
+    let shards = child
+        .rerun_of
+        .as_ref()
+        .map(|r| r.shards.clone())
+        .unwrap_or_default();
+    tracing::info!(job = %id, child = %child.id, shards = shards.len(), "failed shards run again");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "job_id": child.id, "shards": shards })),
+    ))
+}
+
+enum Control {
+    Pause(bool),
+    Priority(i32),
+}
+
+/// Pause, resume or re-prioritise an unfinished job (`409 job_finished` once it is final).
+async fn control(
+    state: &Arc<State>,
+    auth: &Auth,
+    id: &str,
+    what: Control,
+) -> Result<Json<JobView>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    let tenant = &principal.tenant_id;
+    let changed = match what {
+        Control::Pause(p) => {
+            state
+                .store
+                .pause_job(tenant, id, p, &principal.actor)
+                .await?
+        }
+        Control::Priority(p) => {
+            state
+                .store
+                .set_priority(tenant, id, p, &principal.actor)
+                .await?
+        }
+    };
+    let view = state
+        .store
+        .job_view(tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", id))?;
+    match changed {
+        None => Err(ApiError::not_found("job", id)),
+        Some(false) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            format!("job `{id}` is already `{}`", view.state),
+        )),
+        Some(true) => {
+            // Resumed or re-prioritised shards may be leasable now.
+            state.work.notify_waiters();
+            tracing::info!(job = %id, paused = view.paused, priority = view.priority, "job changed");
+            Ok(Json(view))
+        }
+    }
+}
+
+#[utoipa::path(
     get,
     operation_id = "jobs_get_blob",
     path = "/v1/blobs/{sha256}",

@@ -702,6 +702,57 @@ pub async fn review_rerun(
     flag: i64,
     shards: &[u64],
 ) -> Result<Result<crate::store::NewJob, String>, StoreError> {
+    let rule = format!("review:flag {flag}");
+    let again = Again {
+        shards: Shards::These(shards),
+        // Past any rule's index: one re-run per flag.
+        index: 10_000 + flag.max(0) as usize,
+        rule: &rule,
+        action: "review_rerun",
+        check_all: true,
+    };
+    rerun_child(state, tenant, parent, again).await
+}
+
+/// An operator's re-run of finished job `parent`'s failed (rejected or dead) shards, the
+/// `run`-th: a child with the parent's spec, its result folded over the parent's values.
+pub async fn rerun_failed(
+    state: &State,
+    tenant: &str,
+    parent: &str,
+    run: usize,
+) -> Result<Result<crate::store::NewJob, String>, StoreError> {
+    let again = Again {
+        shards: Shards::Failed,
+        index: 20_000 + run,
+        rule: "operator:rerun_failed",
+        action: "rerun_failed",
+        check_all: false,
+    };
+    rerun_child(state, tenant, parent, again).await
+}
+
+enum Shards<'a> {
+    These(&'a [u64]),
+    Failed,
+}
+
+/// What [`rerun_child`] runs again, and how the child is named.
+struct Again<'a> {
+    shards: Shards<'a>,
+    index: usize,
+    rule: &'a str,
+    action: &'a str,
+    /// Every shard checked by the coordinator's sandbox.
+    check_all: bool,
+}
+
+async fn rerun_child(
+    state: &State,
+    tenant: &str,
+    parent: &str,
+    again: Again<'_>,
+) -> Result<Result<crate::store::NewJob, String>, StoreError> {
     let Some(facts) = state.store.lineage_facts(tenant, parent).await? else {
         return Ok(Err(format!("job `{parent}` does not exist")));
     };
@@ -712,32 +763,38 @@ pub async fn review_rerun(
     spec.followup.clear();
     spec.ai_followup = false;
     spec.files = row.files;
-    spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
-    let picked: Vec<(u64, Value)> = state
-        .store
-        .shard_inputs(parent, false)
-        .await?
-        .into_iter()
-        .filter(|(k, _)| shards.contains(k))
-        .collect();
+    if again.check_all {
+        spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
+    }
+    let picked: Vec<(u64, Value)> = match again.shards {
+        Shards::These(these) => state
+            .store
+            .shard_inputs(parent, false)
+            .await?
+            .into_iter()
+            .filter(|(k, _)| these.contains(k))
+            .collect(),
+        Shards::Failed => state.store.shard_inputs(parent, true).await?,
+    };
     if picked.is_empty() {
-        return Ok(Err("the flag names no shard of its job to run again".into()));
+        return Ok(Err(match again.shards {
+            Shards::These(_) => "the flag names no shard of its job to run again".into(),
+            Shards::Failed => format!("job `{parent}` has no failed shard to run again"),
+        }));
     }
     let rerun = RerunOf {
         job_id: parent.to_string(),
         shards: picked.iter().map(|(k, _)| *k).collect(),
     };
     let root = facts.root_job_id.unwrap_or_else(|| parent.to_string());
-    let rule = format!("review:flag {flag}");
     let child = Child {
         tenant,
         parent,
         root: &root,
         depth: facts.depth.max(0) as u32 + 1,
-        // Past any rule's index: one re-run per flag.
-        index: 10_000 + flag.max(0) as usize,
-        rule: &rule,
-        action: "review_rerun",
+        index: again.index,
+        rule: again.rule,
+        action: again.action,
     };
     let inputs = picked.into_iter().map(|(_, v)| v).collect();
     Ok(build_child(state, &child, spec, Some(inputs), Some(rerun)).await)

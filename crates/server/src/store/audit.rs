@@ -110,10 +110,16 @@ pub enum Action {
     /// One try of a `notify` webhook, and how it went.
     #[serde(rename = "followup.notified")]
     FollowupNotified,
+    #[serde(rename = "job.paused")]
+    JobPaused,
+    #[serde(rename = "job.resumed")]
+    JobResumed,
+    #[serde(rename = "job.priority_changed")]
+    JobPriorityChanged,
 }
 
 impl Action {
-    pub const ALL: [Action; 34] = [
+    pub const ALL: [Action; 37] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -148,6 +154,9 @@ impl Action {
         Action::FollowupCapped,
         Action::FollowupFailed,
         Action::FollowupNotified,
+        Action::JobPaused,
+        Action::JobResumed,
+        Action::JobPriorityChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -186,6 +195,9 @@ impl Action {
             Action::FollowupCapped => "followup.capped",
             Action::FollowupFailed => "followup.failed",
             Action::FollowupNotified => "followup.notified",
+            Action::JobPaused => "job.paused",
+            Action::JobResumed => "job.resumed",
+            Action::JobPriorityChanged => "job.priority_changed",
         }
     }
 }

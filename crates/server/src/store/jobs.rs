@@ -176,6 +176,7 @@ pub(super) struct JobViewRecord {
     depth: i64,
     followup_rule: Option<String>,
     traceparent: Option<String>,
+    paused: i64,
 }
 
 impl JobViewRecord {
@@ -203,6 +204,7 @@ impl JobViewRecord {
             finished_at: self.finished_at,
             error: self.error,
             planning: self.planned == 0,
+            paused: self.paused != 0,
             trace_id: self
                 .traceparent
                 .as_deref()
@@ -237,7 +239,7 @@ pub struct RuleRef {
 pub(super) const JOB_VIEW_SELECT: &str = "SELECT j.id, j.tenant_id, j.name, j.state, j.priority, \
      j.max_attempts, j.reducer, j.code_sha256, j.created_at, j.finished_at, j.error, j.shard_count, \
      c.queued, c.leased, c.reported, c.accepted, c.rejected, c.dead, \
-     j.planned, j.parent_job_id, j.root_job_id, j.depth, j.followup_rule, j.traceparent \
+     j.planned, j.parent_job_id, j.root_job_id, j.depth, j.followup_rule, j.traceparent, j.paused \
      FROM jobs j JOIN job_counts c ON c.job_id = j.id";
 
 /// A job whose shards have all settled (`c` is its `job_counts` row).
@@ -630,6 +632,107 @@ impl Store {
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("cancelling a job")?;
         Ok(true)
+    }
+
+    /// Pause (`true`) or resume job `id`: a paused job's queued shards are not leased. `None`
+    /// when there is no such job, `Some(false)` when it is final (nothing to pause).
+    pub async fn pause_job(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        paused: bool,
+        actor: &str,
+    ) -> Result<Option<bool>, StoreError> {
+        self.job_control(tenant_id, id, actor, |sql| {
+            sql.push("paused = ").bind(i64::from(paused));
+            (
+                if paused {
+                    Action::JobPaused
+                } else {
+                    Action::JobResumed
+                },
+                Value::Null,
+            )
+        })
+        .await
+    }
+
+    /// Set job `id`'s priority, and its unsettled shards' (the queue orders by it).
+    pub async fn set_priority(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        priority: i32,
+        actor: &str,
+    ) -> Result<Option<bool>, StoreError> {
+        let now = now_ms();
+        let changed = self
+            .job_control(tenant_id, id, actor, |sql| {
+                sql.push("priority = ").bind(i64::from(priority));
+                (
+                    Action::JobPriorityChanged,
+                    serde_json::json!({ "priority": priority }),
+                )
+            })
+            .await?;
+        if changed == Some(true) {
+            Sql::new("UPDATE tasks SET priority = ")
+                .bind(i64::from(priority))
+                .push(", updated_at = ")
+                .bind(now)
+                .push(" WHERE job_id = ")
+                .bind(id)
+                .push(" AND state IN (")
+                .bind_list(
+                    [TaskState::Queued, TaskState::Leased, TaskState::Reported]
+                        .map(TaskState::as_str),
+                )
+                .push(")")
+                .build()
+                .execute(&self.write)
+                .await
+                .doing("re-prioritising a job's shards")?;
+        }
+        Ok(changed)
+    }
+
+    /// Change an unfinished job's row (`set` writes the assignment and names the audit entry).
+    async fn job_control(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        actor: &str,
+        set: impl for<'s> FnOnce(&mut Sql<'s>) -> (Action, Value),
+    ) -> Result<Option<bool>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("changing a job")?;
+        let state: Option<(String,)> = Sql::new("SELECT state FROM jobs WHERE id = ")
+            .bind(id)
+            .push(" AND tenant_id = ")
+            .bind(tenant_id)
+            .build_as()
+            .fetch_optional(&mut *tx)
+            .await
+            .doing("changing a job")?;
+        let Some((state,)) = state else {
+            return Ok(None);
+        };
+        if state.parse::<JobState>().is_ok_and(|s| s.is_final()) {
+            return Ok(Some(false));
+        }
+        let mut sql = Sql::new("UPDATE jobs SET ");
+        let (action, details) = set(&mut sql);
+        sql.push(" WHERE id = ").bind(id);
+        sql.build()
+            .execute(&mut *tx)
+            .await
+            .doing("changing a job")?;
+        let entry = Entry::new(tenant_id, actor, action)
+            .job(id)
+            .details(details);
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing("changing a job")?;
+        Ok(Some(true))
     }
 
     /// Jobs whose fold can be claimed now: settled `running` jobs, and `aggregating` jobs whose

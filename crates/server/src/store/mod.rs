@@ -160,6 +160,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0017_traces",
         include_str!("../../migrations/0017_traces.sql"),
     ),
+    (
+        "0018_job_controls",
+        include_str!("../../migrations/0018_job_controls.sql"),
+    ),
 ];
 
 #[derive(Clone)]

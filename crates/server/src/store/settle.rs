@@ -343,6 +343,8 @@ pub(super) async fn lease(
         None => sql.push(" AND backend IS NULL"),
     };
     distinct_replicas(&mut sql, agent);
+    // A paused job's shards wait (its running shards finish; their retries wait too).
+    sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1)");
     sql.push(" ORDER BY priority DESC, id LIMIT ")
         .bind(i64::from(max));
     if kind == DbKind::Postgres {

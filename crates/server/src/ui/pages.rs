@@ -120,11 +120,19 @@ pub async fn jobs(
                 " Search " input name="q" value=(f.q.clone().unwrap_or_default()) placeholder="name or id";
                 " " button type="submit" { "Filter" }
             }
-            form method="post" action="/ui/jobs/cancel" {
+            @let unfinished = jobs.iter().filter(|j| !j.state.is_final()).count();
+            form method="post" action="/ui/jobs/bulk" {
                 input type="hidden" name="csrf" value=(s.csrf);
                 input type="hidden" name="state" value=(current);
                 input type="hidden" name="q" value=(f.q.clone().unwrap_or_default());
-                p { button #cancel-matching type="submit" { "Cancel every unfinished job listed (" (jobs.iter().filter(|j| !j.state.is_final()).count()) ")" } }
+                p {
+                    "The " (unfinished) " unfinished jobs listed: "
+                    button #bulk-cancel type="submit" name="op" value="cancel" { "Cancel" } " "
+                    button #bulk-pause type="submit" name="op" value="pause" { "Pause" } " "
+                    button #bulk-resume type="submit" name="op" value="resume" { "Resume" } " · priority "
+                    input #bulk-priority-value name="priority" size="4";
+                    " " button #bulk-priority type="submit" name="op" value="priority" { "Set" }
+                }
             }
             table #jobs {
                 tr { th { "Job" } th { "Name" } th { "State" } th { "Shards" } th { "Priority" } th { "Created" } }
@@ -144,33 +152,54 @@ pub async fn jobs(
 }
 
 #[derive(Deserialize)]
-pub struct BulkCancel {
+pub struct Bulk {
     csrf: String,
+    op: String,
     state: Option<String>,
     q: Option<String>,
+    priority: Option<String>,
 }
 
-/// `POST /ui/jobs/cancel`: cancel every unfinished job the filter lists, one API call each.
-pub async fn cancel_matching(
+/// `POST /ui/jobs/bulk`: cancel, pause, resume or re-prioritise every unfinished job the
+/// filter lists, one API call each (each audited as the session's token).
+pub async fn bulk(
     AxState(state): AxState<Arc<State>>,
     LoggedIn(s): LoggedIn,
-    Form(f): Form<BulkCancel>,
+    Form(f): Form<Bulk>,
 ) -> Result<Response, UiError> {
     s.check(&f.csrf)?;
+    let (verb, body) = match f.op.as_str() {
+        "cancel" | "pause" | "resume" => (f.op.clone(), None),
+        "priority" => {
+            let p: i32 = f
+                .priority
+                .as_deref()
+                .unwrap_or("")
+                .trim()
+                .parse()
+                .map_err(|_| UiError {
+                    status: StatusCode::BAD_REQUEST,
+                    code: "invalid_body".into(),
+                    message: "the priority must be a whole number".into(),
+                })?;
+            ("priority".to_string(), Some(json!({ "priority": p })))
+        }
+        other => {
+            return Err(UiError {
+                status: StatusCode::BAD_REQUEST,
+                code: "invalid_body".into(),
+                message: format!("no bulk action `{other}`"),
+            });
+        }
+    };
     let filter = JobFilter {
         state: f.state.clone(),
         q: f.q.clone(),
     };
     for j in filter.jobs(&state, &s).await? {
         if !j.state.is_final() {
-            let _: JobView = call(
-                &state,
-                &s,
-                Method::POST,
-                &format!("/v1/jobs/{}/cancel", j.id),
-                None,
-            )
-            .await?;
+            let path = format!("/v1/jobs/{}/{verb}", j.id);
+            let _: JobView = call(&state, &s, Method::POST, &path, body.clone()).await?;
         }
     }
     let back = format!(
@@ -179,6 +208,54 @@ pub async fn cancel_matching(
         url_encode(f.q.as_deref().unwrap_or(""))
     );
     Ok(Redirect::to(&back).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct JobAction {
+    csrf: String,
+    priority: Option<String>,
+}
+
+/// `POST /ui/jobs/{id}/{pause|resume|priority|cancel|rerun-tainted|rerun-failed}`.
+pub async fn job_action(
+    AxState(state): AxState<Arc<State>>,
+    LoggedIn(s): LoggedIn,
+    Path((id, verb)): Path<(String, String)>,
+    Form(f): Form<JobAction>,
+) -> Result<Response, UiError> {
+    s.check(&f.csrf)?;
+    let body = match verb.as_str() {
+        "pause" | "resume" | "cancel" | "rerun-tainted" | "rerun-failed" => None,
+        "priority" => {
+            let p: i32 = f
+                .priority
+                .as_deref()
+                .unwrap_or("")
+                .trim()
+                .parse()
+                .map_err(|_| UiError {
+                    status: StatusCode::BAD_REQUEST,
+                    code: "invalid_body".into(),
+                    message: "the priority must be a whole number".into(),
+                })?;
+            Some(json!({ "priority": p }))
+        }
+        other => {
+            return Err(UiError {
+                status: StatusCode::NOT_FOUND,
+                code: "not_found".into(),
+                message: format!("no job action `{other}`"),
+            });
+        }
+    };
+    let path = format!("/v1/jobs/{}/{verb}", url_encode(&id));
+    let answer: Value = call(&state, &s, Method::POST, &path, body).await?;
+    // A re-run opens its new job; the rest come back to the job.
+    let to = match answer["job_id"].as_str().filter(|_| verb == "rerun-failed") {
+        Some(child) => format!("/ui/jobs/{}", url_encode(child)),
+        None => format!("/ui/jobs/{}", url_encode(&id)),
+    };
+    Ok(Redirect::to(&to).into_response())
 }
 
 const EXAMPLE: &str = r#"name = "squares"
@@ -294,8 +371,25 @@ pub async fn job(
                 @if let Some(l) = &view.lineage { " · follow-up of " a href=(format!("/ui/jobs/{}", l.parent_job_id)) { (l.parent_job_id) } " (rule " (l.rule) ")" }
             }
             p {
-                @if !view.state.is_final() { (action(&s, &format!("/ui/jobs/{}/cancel", view.id), "Cancel", "cancel")) " " }
+                @if view.paused { b.error #paused { "Paused" } " " }
+                @if !view.state.is_final() {
+                    (action(&s, &format!("/ui/jobs/{}/cancel", view.id), "Cancel", "cancel")) " "
+                    @if view.paused {
+                        (action(&s, &format!("/ui/jobs/{}/resume", view.id), "Resume", "resume")) " "
+                    } @else {
+                        (action(&s, &format!("/ui/jobs/{}/pause", view.id), "Pause", "pause")) " "
+                    }
+                    form.inline method="post" action=(format!("/ui/jobs/{}/priority", view.id)) {
+                        input type="hidden" name="csrf" value=(s.csrf);
+                        "Priority " input #priority-value name="priority" size="4" value=(view.priority);
+                        " " button #priority type="submit" { "Set" }
+                    }
+                    " "
+                }
                 (action(&s, &format!("/ui/jobs/{}/rerun-tainted", view.id), "Re-check results of quarantined agents", "rerun-tainted"))
+                @if view.state.is_final() && (view.shards.rejected + view.shards.dead) > 0 {
+                    " " (action(&s, &format!("/ui/jobs/{}/rerun-failed", view.id), "Re-run failed shards", "rerun-failed"))
+                }
             }
             @if range.from.is_some() { p { a href=(format!("/ui/jobs/{}", view.id)) { "← whole job" } } }
             div #live { (live) }
@@ -325,30 +419,6 @@ pub async fn job(
 #[derive(Deserialize)]
 pub struct CsrfForm {
     csrf: String,
-}
-
-pub async fn cancel_job(
-    AxState(state): AxState<Arc<State>>,
-    LoggedIn(s): LoggedIn,
-    Path(id): Path<String>,
-    Form(f): Form<CsrfForm>,
-) -> Result<Response, UiError> {
-    s.check(&f.csrf)?;
-    let path = format!("/v1/jobs/{}/cancel", url_encode(&id));
-    let _: JobView = call(&state, &s, Method::POST, &path, None).await?;
-    Ok(Redirect::to(&format!("/ui/jobs/{}", url_encode(&id))).into_response())
-}
-
-pub async fn rerun_tainted(
-    AxState(state): AxState<Arc<State>>,
-    LoggedIn(s): LoggedIn,
-    Path(id): Path<String>,
-    Form(f): Form<CsrfForm>,
-) -> Result<Response, UiError> {
-    s.check(&f.csrf)?;
-    let path = format!("/v1/jobs/{}/rerun-tainted", url_encode(&id));
-    let _: Value = call(&state, &s, Method::POST, &path, None).await?;
-    Ok(Redirect::to(&format!("/ui/jobs/{}", url_encode(&id))).into_response())
 }
 
 pub async fn shard(

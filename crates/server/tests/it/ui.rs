@@ -295,7 +295,23 @@ async fn the_panel_works_in_a_real_browser() {
     assert_eq!(forged.status(), 403);
     let view = c.client.job(&running.id).await.unwrap();
     assert!(!view.state.is_final(), "{view:?}");
-    // The same button in the browser (with the session's CSRF token) cancels it.
+    // Pause it from its page, set its priority in bulk from the jobs list (filtered by
+    // name), then the same button as above, in the browser (with the session's CSRF token),
+    // cancels it.
+    web.goto(&format!("{base}/ui/jobs/{}", running.id)).await;
+    web.find("#pause").await.unwrap().click().await;
+    assert_eq!(text(&web, "paused").await, "Paused");
+    assert!(c.client.job(&running.id).await.unwrap().paused);
+    web.goto(&format!("{base}/ui/jobs?q=held")).await;
+    web.find("#bulk-priority-value")
+        .await
+        .unwrap()
+        .type_text("7")
+        .await;
+    web.find("#bulk-priority").await.unwrap().click().await;
+    assert_eq!(h1(&web).await, "Jobs");
+    assert_eq!(c.client.job(&running.id).await.unwrap().priority, 7);
+    assert_eq!(c.client.job(&job_id).await.unwrap().priority, 0);
     web.goto(&format!("{base}/ui/jobs/{}", running.id)).await;
     web.find("#cancel").await.unwrap().click().await;
     let view = c.client.job(&running.id).await.unwrap();
