@@ -34,6 +34,16 @@ pub struct Registry {
     latency: Mutex<BTreeMap<String, Histogram>>,
     /// backend → shard run time.
     runs: Mutex<BTreeMap<String, Histogram>>,
+    /// agent → the runs it reported to this coordinator (the panel's per-agent charts).
+    agents: Mutex<BTreeMap<String, AgentRuns>>,
+}
+
+/// Runs an agent reported: how many, how many `ok`, their wall time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentRuns {
+    pub runs: u64,
+    pub ok: u64,
+    pub wall_ms: u64,
 }
 
 impl Registry {
@@ -59,6 +69,20 @@ impl Registry {
             .entry(backend.to_string())
             .or_default()
             .observe(&RUN_BUCKETS, wall_ms as f64 / 1000.0);
+    }
+
+    /// A run `agent` reported to this coordinator.
+    pub fn agent_ran(&self, agent: &str, ok: bool, wall_ms: u64) {
+        let mut agents = self.agents.lock().expect("metrics");
+        let a = agents.entry(agent.to_string()).or_default();
+        a.runs += 1;
+        a.ok += u64::from(ok);
+        a.wall_ms += wall_ms;
+    }
+
+    /// Every agent's runs so far, as this coordinator saw them.
+    pub fn agent_runs(&self) -> BTreeMap<String, AgentRuns> {
+        self.agents.lock().expect("metrics").clone()
     }
 
     fn write(&self, out: &mut String) {

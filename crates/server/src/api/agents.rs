@@ -79,6 +79,40 @@ pub async fn release(
 
 #[utoipa::path(
     post,
+    operation_id = "agents_quarantine",
+    path = "/v1/agents/{id}/quarantine",
+    tag = "agents",
+    summary = "Quarantine an agent: no leases until released; its unchecked results are re-checked.",
+    params(("id" = String, Path, description = "the agent's id (`agt_…`)")),
+    responses((status = 200, description = "quarantined", body = serde_json::Value))
+)]
+pub async fn quarantine(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    if !state
+        .store
+        .quarantine_agent(&principal.tenant_id, &id, &principal.actor)
+        .await?
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_quarantinable",
+            format!("agent `{id}` does not exist or is quarantined already"),
+        ));
+    }
+    tracing::warn!(agent = %id, by = %principal.actor, "agent quarantined by an operator");
+    // As after a quarantine for invalid results: its unchecked values are checked again.
+    if let Err(why) = crate::checker::after_quarantine(&state, &id).await {
+        tracing::error!(agent = %id, why, "could not re-check a quarantined agent's results");
+    }
+    Ok(Json(serde_json::json!({ "quarantined": id })))
+}
+
+#[utoipa::path(
+    post,
     operation_id = "agents_enroll",
     path = "/v1/agents/enroll",
     tag = "agent protocol",
@@ -499,6 +533,13 @@ pub async fn report(
             }));
         if let Err(e) = state.store.audit(vec![entry]).await {
             tracing::error!(error = %e, "could not record refused reports");
+        }
+    }
+    for (i, o) in inputs.iter().zip(&outcomes) {
+        if *o != crate::store::SettleOutcome::Unknown {
+            state
+                .metrics
+                .agent_ran(agent, i.status == Status::Ok, i.wall_ms.max(0) as u64);
         }
     }
     for ((i, o), trace) in inputs.iter().zip(&outcomes).zip(&traces) {

@@ -979,6 +979,41 @@ impl Store {
         Ok(matches!(row, Some((Some(_),))))
     }
 
+    /// Quarantine `agent_id` by an operator's decision: no leases until released. False when
+    /// there is no such agent or it is quarantined already.
+    pub async fn quarantine_agent(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let why = format!("quarantined by an operator ({actor})");
+        let mut tx = self.begin_write().await.doing("quarantining an agent")?;
+        let done = Sql::new("UPDATE agents SET quarantined_at = ")
+            .bind(now)
+            .push(", quarantine_reason = ")
+            .bind(why.as_str())
+            .push(" WHERE quarantined_at IS NULL AND id = ")
+            .bind(agent_id)
+            .push(" AND tenant_id = ")
+            .bind(tenant_id)
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("quarantining an agent")?
+            .rows_affected()
+            == 1;
+        if done {
+            let entry = Entry::new(tenant_id, actor, Action::AgentQuarantined)
+                .agent(agent_id)
+                .details(serde_json::json!({ "why": why }));
+            self.append_audit(&mut tx, vec![entry], now).await?;
+        }
+        tx.commit().await.doing("quarantining an agent")?;
+        Ok(done)
+    }
+
     /// An admin releases a quarantined agent: strikes and trust start over. `false`: no such
     /// agent in `tenant`, or not quarantined.
     pub async fn release_agent(

@@ -36,6 +36,8 @@ pub struct Sample {
     runs_failed: i64,
     violations: i64,
     lag_seconds: f64,
+    /// Each agent's runs as reported to this coordinator so far.
+    agents: std::collections::BTreeMap<String, crate::metrics::AgentRuns>,
 }
 
 /// The overview's last hour, sampled by [`sample`] on each coordinator.
@@ -81,6 +83,7 @@ async fn take(state: &State) -> Option<Sample> {
             .map(|(_, _, c)| c)
             .sum(),
         lag_seconds: m.lag_seconds,
+        agents: state.metrics.agent_runs(),
     })
 }
 
@@ -209,7 +212,6 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
         *by_state.entry(j.state.as_str()).or_default() += 1;
     }
     let alerts = alerts(&history);
-    let runs = agent_runs(state).await;
     Ok(html! {
         div.cards {
             div.card { "Queued shards" b #queued { (now.queued) } }
@@ -232,37 +234,78 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
         (chart("Queue depth", "shards", &queue))
         (chart("Throughput", "shards settled/s", &throughput))
         (chart("Failure rate", "% of runs", &failure))
-        h2 { "Agents" }
-        table {
-            tr { th { "Agent" } th { "State" } th { "Load" } th { "Runs ok" } th { "Runs failed" } th { "Success" } }
+        h2 { "Agents over the last hour" }
+        p { small { "Runs reported to this coordinator, per sample interval: success rate and mean run time." } }
+        table #agent-charts {
+            tr { th { "Agent" } th { "State" } th { "Load" } th { "Runs" } th { "Success" } th { "Mean run time" } th { "Success rate" } th { "Run time" } }
             @for a in &agents.agents {
-                @let (ok, failed) = runs.get(&a.id).copied().unwrap_or((0, 0));
+                @let series = agent_series(&history, &a.id);
+                @let (runs, ok, wall) = series.totals;
                 tr {
-                    td { (a.name) " " small { (a.id) } }
+                    td { (a.name) br; small { (a.id) } }
                     td { (a.state.as_str()) }
                     td { (a.load.busy) " / " (a.load.slots.max(a.slots)) }
-                    td { (ok) } td { (failed) }
-                    td { @if ok + failed > 0 { (format!("{:.1}%", 100.0 * ok as f64 / (ok + failed) as f64)) } @else { "–" } }
+                    td { (runs) }
+                    td { @if runs > 0 { (format!("{:.1}%", 100.0 * ok as f64 / runs as f64)) } @else { "–" } }
+                    td { @if runs > 0 { (format!("{:.0} ms", wall as f64 / runs as f64)) } @else { "–" } }
+                    td { (spark(&series.success, 100.0)) }
+                    td { (spark(&series.latency, 0.0)) }
                 }
             }
         }
     })
 }
 
-/// Each agent's runs, ok and not.
-async fn agent_runs(state: &State) -> std::collections::HashMap<String, (i64, i64)> {
-    let mut out = std::collections::HashMap::<String, (i64, i64)>::new();
-    if let Ok(m) = state.store.stored_metrics(now_ms()).await {
-        for (agent, result, n) in m.executions {
-            let e = out.entry(agent).or_default();
-            if result == "ok" {
-                e.0 += n;
-            } else {
-                e.1 += n;
-            }
+/// One agent's last hour: its success rate (%) and mean run time (ms) per interval between
+/// samples (intervals without runs left out), and its totals (runs, ok, wall ms).
+struct AgentSeries {
+    success: Vec<f64>,
+    latency: Vec<f64>,
+    totals: (u64, u64, u64),
+}
+
+fn agent_series(history: &[Sample], agent: &str) -> AgentSeries {
+    let at = |s: &Sample| s.agents.get(agent).copied().unwrap_or_default();
+    let mut out = AgentSeries {
+        success: Vec::new(),
+        latency: Vec::new(),
+        totals: (0, 0, 0),
+    };
+    for w in history.windows(2) {
+        let (a, b) = (at(&w[0]), at(&w[1]));
+        let runs = b.runs.saturating_sub(a.runs);
+        if runs == 0 {
+            continue;
         }
+        let ok = b.ok.saturating_sub(a.ok);
+        let wall = b.wall_ms.saturating_sub(a.wall_ms);
+        out.success.push(100.0 * ok as f64 / runs as f64);
+        out.latency.push(wall as f64 / runs as f64);
+        out.totals.0 += runs;
+        out.totals.1 += ok;
+        out.totals.2 += wall;
     }
     out
+}
+
+/// A small chart (160×36) of `values`, scaled to `max` (or their own maximum when 0).
+fn spark(values: &[f64], max: f64) -> Markup {
+    let top = if max > 0.0 {
+        max
+    } else {
+        values.iter().copied().fold(0.0_f64, f64::max).max(1e-9)
+    };
+    let n = values.len().max(2) as f64 - 1.0;
+    let points: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| format!("{:.1},{:.1}", i as f64 / n * 160.0, 34.0 - v / top * 32.0))
+        .collect();
+    html! {
+        svg.chart width="160" height="36" viewBox="0 0 160 36" {
+            polyline fill="none" stroke="#2ea44f" stroke-width="1.5" points=(points.join(" ")) {}
+        }
+    }
 }
 
 /// An SSE event of an HTML fragment (SSE cannot carry a carriage return).
@@ -399,4 +442,49 @@ pub async fn job_events(
         },
     );
     Sse::new(s).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::AgentRuns;
+
+    fn sample(at: i64, runs: u64, ok: u64, wall_ms: u64) -> Sample {
+        Sample {
+            at,
+            agents: [("agt_a".to_string(), AgentRuns { runs, ok, wall_ms })].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_agents_rate_and_run_time_come_from_the_intervals_with_runs() {
+        let h = [
+            sample(0, 0, 0, 0),
+            sample(10_000, 10, 9, 1_000),
+            sample(20_000, 10, 9, 1_000),
+            sample(30_000, 14, 11, 3_000),
+        ];
+        let s = agent_series(&h, "agt_a");
+        assert_eq!(s.success, [90.0, 50.0]);
+        assert_eq!(s.latency, [100.0, 500.0]);
+        assert_eq!(s.totals, (14, 11, 3_000));
+        let none = agent_series(&h, "agt_b");
+        assert!(none.success.is_empty() && none.totals == (0, 0, 0));
+    }
+
+    #[test]
+    fn alerts_name_queue_growth_waits_and_violations() {
+        let mut a = sample(0, 0, 0, 0);
+        a.queued = 5;
+        let mut b = sample(6 * 60_000, 0, 0, 0);
+        b.queued = 50;
+        b.lag_seconds = 90.0;
+        b.violations = 2;
+        let got = alerts(&[a, b]);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].starts_with("queue growth"));
+        assert!(got[1].starts_with("latency spike"));
+        assert!(got[2].starts_with("sandbox violation: 2"));
+    }
 }

@@ -69,7 +69,7 @@ pub fn router(state: Arc<State>) -> Router<Arc<State>> {
         .route("/ui/jobs/{id}/shards/{index}", get(pages::shard))
         .route("/ui/blobs/{sha256}", get(pages::blob))
         .route("/ui/agents", get(pages::agents))
-        .route("/ui/agents/{id}/release", post(pages::release_agent))
+        .route("/ui/agents/{id}/{action}", post(pages::agent_action))
         .route("/ui/review", get(pages::review))
         .route("/ui/review/{id}/{decision}", post(pages::decide))
         .route("/ui/violations", get(pages::violations))
@@ -415,7 +415,7 @@ mod tests {
     #[test]
     fn dates_are_utc_civil_dates() {
         assert_eq!(when(0), "1970-01-01 00:00:00");
-        assert_eq!(when(1_796_290_200_000), "2026-12-02 10:10:00");
+        assert_eq!(when(1_796_290_200_000), "2026-12-03 09:30:00");
         assert_eq!(when(951_782_400_000), "2000-02-29 00:00:00");
     }
 

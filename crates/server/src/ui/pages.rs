@@ -552,7 +552,13 @@ pub async fn agents(AxState(state): AxState<Arc<State>>, LoggedIn(s): LoggedIn) 
                         td { (a.load.busy) " / " (a.load.slots.max(a.slots)) " · outbox " (a.load.outbox) }
                         td { (when(a.last_seen)) }
                         td { (a.facts.hostname) " · " (a.facts.cores) " cores · Python " (a.facts.python) }
-                        td { @if a.quarantined.is_some() { (action(&s, &format!("/ui/agents/{}/release", a.id), "Release", &format!("release-{}", a.id))) } }
+                        td {
+                            @if a.quarantined.is_some() {
+                                (action(&s, &format!("/ui/agents/{}/release", a.id), "Release", &format!("release-{}", a.id)))
+                            } @else {
+                                (action(&s, &format!("/ui/agents/{}/quarantine", a.id), "Quarantine", &format!("quarantine-{}", a.id)))
+                            }
+                        }
                     }
                 }
             }
@@ -560,14 +566,22 @@ pub async fn agents(AxState(state): AxState<Arc<State>>, LoggedIn(s): LoggedIn) 
     ))
 }
 
-pub async fn release_agent(
+/// `POST /ui/agents/{id}/{release|quarantine}`.
+pub async fn agent_action(
     AxState(state): AxState<Arc<State>>,
     LoggedIn(s): LoggedIn,
-    Path(id): Path<String>,
+    Path((id, verb)): Path<(String, String)>,
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, UiError> {
     s.check(&f.csrf)?;
-    let path = format!("/v1/agents/{}/release", url_encode(&id));
+    if verb != "release" && verb != "quarantine" {
+        return Err(UiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found".into(),
+            message: format!("no agent action `{verb}`"),
+        });
+    }
+    let path = format!("/v1/agents/{}/{verb}", url_encode(&id));
     let _: Value = call(&state, &s, Method::POST, &path, None).await?;
     Ok(Redirect::to("/ui/agents").into_response())
 }

@@ -255,6 +255,9 @@ async fn the_panel_works_in_a_real_browser() {
         || async { text(&web, "online").await == "1" },
     )
     .await;
+    let agent_id = c.client.agents().await.unwrap().agents[0].id.clone();
+    let charts = text(&web, "agent-charts").await;
+    assert!(charts.contains(&agent_id), "the agent's row: {charts:?}");
     web.screenshot(&screenshots().join("overview.png")).await;
 
     // Actions without the right credentials are refused and change nothing: no session
@@ -316,6 +319,62 @@ async fn the_panel_works_in_a_real_browser() {
     web.find("#cancel").await.unwrap().click().await;
     let view = c.client.job(&running.id).await.unwrap();
     assert_eq!(view.state, fleetbox_proto::JobState::Cancelled);
+
+    // An agent is quarantined and released from its page (each audited as the admin).
+    let agent = c.client.agents().await.unwrap().agents.remove(0);
+    web.goto(&format!("{base}/ui/agents")).await;
+    web.find(&format!("#quarantine-{}", agent.id))
+        .await
+        .unwrap()
+        .click()
+        .await;
+    assert!(
+        text(&web, "agents")
+            .await
+            .contains("quarantined by an operator")
+    );
+    web.find(&format!("#release-{}", agent.id))
+        .await
+        .unwrap()
+        .click()
+        .await;
+    assert!(
+        !text(&web, "agents")
+            .await
+            .contains("quarantined by an operator")
+    );
+    let audit = c
+        .client
+        .audit(&format!("agent={}", agent.id))
+        .await
+        .unwrap()
+        .entries;
+    for action in ["agent.quarantined", "agent.released"] {
+        let e = audit.iter().find(|e| e.action == action).unwrap();
+        assert!(e.actor.starts_with("admin:"), "{e:?}");
+    }
+
+    // A job of 100,000 shards (for a backend no agent here has, so it waits): its grid is
+    // 1,000 tiles of 100 shards, and a tile opens its 100 shards.
+    let big = c
+        .client
+        .submit(&crate::support::spec(
+            "name = \"big\"\ncode = \"print(1)\"\nbackend = \"docker\"\nshards = { count = 100000 }\n",
+        ))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    web.goto(&format!("{base}/ui/jobs/{}", big.id)).await;
+    assert_eq!(web.count(".tile").await, 1000);
+    eprintln!("the 100,000-shard job's page: {:?}", started.elapsed());
+    web.find(".tile").await.unwrap().click().await;
+    assert!(
+        web.url().await.ends_with("?from=0&to=100"),
+        "{}",
+        web.url().await
+    );
+    assert_eq!(web.count(".tile").await, 100);
+    web.find("#cancel").await.unwrap().click().await;
 
     // Logging out ends the session.
     web.find("#logout").await.unwrap().click().await;
