@@ -131,19 +131,30 @@ async fn the_panel_works_in_a_real_browser() {
     assert_eq!(h1(&web).await, "Log in");
     assert!(web.url().await.contains("/ui/login?next="));
     log_in(&web, &base, "fbx_not_a_token").await;
-    assert!(!text(&web, "login-error").await.is_empty());
+    until(
+        "a wrong token is refused",
+        Duration::from_secs(20),
+        || async { !text(&web, "login-error").await.is_empty() },
+    )
+    .await;
     log_in(&web, &base, &c.running.enroll_token).await;
-    assert!(
-        text(&web, "login-error")
-            .await
-            .contains("may not use the panel"),
-        "{}",
-        text(&web, "login-error").await
-    );
+    until(
+        "the enroll token is refused",
+        Duration::from_secs(20),
+        || async {
+            text(&web, "login-error")
+                .await
+                .contains("may not use the panel")
+        },
+    )
+    .await;
 
     // The admin token opens the overview; its numbers arrive live.
     log_in(&web, &base, &admin).await;
-    assert_eq!(h1(&web).await, "Overview");
+    until("the overview", Duration::from_secs(20), || async {
+        h1(&web).await == "Overview"
+    })
+    .await;
     until(
         "the agent shows online",
         Duration::from_secs(20),
@@ -160,6 +171,10 @@ async fn the_panel_works_in_a_real_browser() {
     )
     .await;
     web.find("#submit").await.unwrap().click().await;
+    until("the new job's page", Duration::from_secs(20), || async {
+        web.url().await.contains("/ui/jobs/job_")
+    })
+    .await;
     let job_url = web.url().await;
     let job_id = job_url
         .rsplit('/')
@@ -235,8 +250,16 @@ async fn the_panel_works_in_a_real_browser() {
         .unwrap()
         .click()
         .await;
-    let decided = c.client.review_flags("status=approved").await.unwrap();
-    let approved = decided.flags.iter().find(|f| f.id == flag).unwrap();
+    // (The click returns once the form is sent; the answer may still be on its way.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let approved = loop {
+        let decided = c.client.review_flags("status=approved").await.unwrap();
+        if let Some(f) = decided.flags.into_iter().find(|f| f.id == flag) {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "flag {flag} was not approved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(
         approved
             .decided_by
@@ -303,8 +326,10 @@ async fn the_panel_works_in_a_real_browser() {
     // cancels it.
     web.goto(&format!("{base}/ui/jobs/{}", running.id)).await;
     web.find("#pause").await.unwrap().click().await;
-    assert_eq!(text(&web, "paused").await, "Paused");
-    assert!(c.client.job(&running.id).await.unwrap().paused);
+    until("the job is paused", Duration::from_secs(20), || async {
+        c.client.job(&running.id).await.unwrap().paused && text(&web, "paused").await == "Paused"
+    })
+    .await;
     web.goto(&format!("{base}/ui/jobs?q=held")).await;
     web.find("#bulk-priority-value")
         .await
@@ -312,13 +337,19 @@ async fn the_panel_works_in_a_real_browser() {
         .type_text("7")
         .await;
     web.find("#bulk-priority").await.unwrap().click().await;
-    assert_eq!(h1(&web).await, "Jobs");
-    assert_eq!(c.client.job(&running.id).await.unwrap().priority, 7);
+    until(
+        "the listed job's new priority",
+        Duration::from_secs(20),
+        || async { c.client.job(&running.id).await.unwrap().priority == 7 },
+    )
+    .await;
     assert_eq!(c.client.job(&job_id).await.unwrap().priority, 0);
     web.goto(&format!("{base}/ui/jobs/{}", running.id)).await;
     web.find("#cancel").await.unwrap().click().await;
-    let view = c.client.job(&running.id).await.unwrap();
-    assert_eq!(view.state, fleetbox_proto::JobState::Cancelled);
+    until("the job is cancelled", Duration::from_secs(20), || async {
+        c.client.job(&running.id).await.unwrap().state == fleetbox_proto::JobState::Cancelled
+    })
+    .await;
 
     // An agent is quarantined and released from its page (each audited as the admin).
     let agent = c.client.agents().await.unwrap().agents.remove(0);
@@ -328,21 +359,27 @@ async fn the_panel_works_in_a_real_browser() {
         .unwrap()
         .click()
         .await;
-    assert!(
-        text(&web, "agents")
-            .await
-            .contains("quarantined by an operator")
-    );
+    until(
+        "the agent shows quarantined",
+        Duration::from_secs(20),
+        || async {
+            text(&web, "agents")
+                .await
+                .contains("quarantined by an operator")
+        },
+    )
+    .await;
     web.find(&format!("#release-{}", agent.id))
         .await
         .unwrap()
         .click()
         .await;
-    assert!(
-        !text(&web, "agents")
-            .await
-            .contains("quarantined by an operator")
-    );
+    until("the agent is released", Duration::from_secs(20), || async {
+        c.client.agents().await.unwrap().agents[0]
+            .quarantined
+            .is_none()
+    })
+    .await;
     let audit = c
         .client
         .audit(&format!("agent={}", agent.id))
@@ -368,16 +405,23 @@ async fn the_panel_works_in_a_real_browser() {
     assert_eq!(web.count(".tile").await, 1000);
     eprintln!("the 100,000-shard job's page: {:?}", started.elapsed());
     web.find(".tile").await.unwrap().click().await;
-    assert!(
-        web.url().await.ends_with("?from=0&to=100"),
-        "{}",
-        web.url().await
-    );
+    until(
+        "the first tile's shards",
+        Duration::from_secs(20),
+        || async { web.url().await.ends_with("?from=0&to=100") },
+    )
+    .await;
     assert_eq!(web.count(".tile").await, 100);
     web.find("#cancel").await.unwrap().click().await;
 
     // Logging out ends the session.
     web.find("#logout").await.unwrap().click().await;
+    until(
+        "the login page after logging out",
+        Duration::from_secs(20),
+        || async { web.url().await.contains("/ui/login") },
+    )
+    .await;
     web.goto(&format!("{base}/ui")).await;
     assert_eq!(h1(&web).await, "Log in");
     web.quit().await;
