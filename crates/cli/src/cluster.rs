@@ -678,6 +678,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
             args.agents, args.slots
         );
         println!("fleetbox: admin token: {}", running.admin_token);
+        println!("fleetbox: web panel: {url}/ui (log in with the admin token)");
         println!(
             "fleetbox: try `fleetbox submit examples/sum_squares.toml --wait` (the token is read from `{}`)",
             args.data.join("admin.token").display()

@@ -308,6 +308,20 @@ fn spark(values: &[f64], max: f64) -> Markup {
     }
 }
 
+/// Wait `d` between two events; false when the coordinator is stopping (the stream ends, so
+/// an open page does not hold up a graceful shutdown).
+async fn pause(state: &State, d: Duration) -> bool {
+    let mut stopping = state.stopping.clone();
+    if *stopping.borrow() {
+        return false;
+    }
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stopping.wait_for(|s| *s) => true,
+    };
+    !stopped && !*state.stopping.borrow()
+}
+
 /// An SSE event of an HTML fragment (SSE cannot carry a carriage return).
 fn fragment(event: &str, m: Markup) -> Event {
     Event::default()
@@ -323,8 +337,8 @@ pub async fn overview_events(
     let s = stream::unfold(
         (state, session, true),
         |(state, session, first)| async move {
-            if !first {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+            if !first && !pause(&state, Duration::from_secs(2)).await {
+                return None;
             }
             let event = match overview_fragment(&state, &session).await {
                 Ok(m) => fragment("live", m),
@@ -430,8 +444,8 @@ pub async fn job_events(
             if done == 2 {
                 return None;
             }
-            if done == 0 {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            if done == 0 && !pause(&state, Duration::from_millis(500)).await {
+                return None;
             }
             let (event, next) = match job_fragment(&state, &session, &id, &range).await {
                 Ok((_, true)) if done == 1 => (Event::default().event("final").data("final"), 2),

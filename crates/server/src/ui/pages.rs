@@ -151,6 +151,16 @@ pub async fn jobs(
     ))
 }
 
+/// A form's priority as the API's `{priority}` body.
+fn priority(field: Option<&str>) -> Result<Value, UiError> {
+    let p: i32 = field.unwrap_or("").trim().parse().map_err(|_| UiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_body".into(),
+        message: "the priority must be a whole number".into(),
+    })?;
+    Ok(json!({ "priority": p }))
+}
+
 #[derive(Deserialize)]
 pub struct Bulk {
     csrf: String,
@@ -170,20 +180,10 @@ pub async fn bulk(
     s.check(&f.csrf)?;
     let (verb, body) = match f.op.as_str() {
         "cancel" | "pause" | "resume" => (f.op.clone(), None),
-        "priority" => {
-            let p: i32 = f
-                .priority
-                .as_deref()
-                .unwrap_or("")
-                .trim()
-                .parse()
-                .map_err(|_| UiError {
-                    status: StatusCode::BAD_REQUEST,
-                    code: "invalid_body".into(),
-                    message: "the priority must be a whole number".into(),
-                })?;
-            ("priority".to_string(), Some(json!({ "priority": p })))
-        }
+        "priority" => (
+            "priority".to_string(),
+            Some(priority(f.priority.as_deref())?),
+        ),
         other => {
             return Err(UiError {
                 status: StatusCode::BAD_REQUEST,
@@ -226,20 +226,7 @@ pub async fn job_action(
     s.check(&f.csrf)?;
     let body = match verb.as_str() {
         "pause" | "resume" | "cancel" | "rerun-tainted" | "rerun-failed" => None,
-        "priority" => {
-            let p: i32 = f
-                .priority
-                .as_deref()
-                .unwrap_or("")
-                .trim()
-                .parse()
-                .map_err(|_| UiError {
-                    status: StatusCode::BAD_REQUEST,
-                    code: "invalid_body".into(),
-                    message: "the priority must be a whole number".into(),
-                })?;
-            Some(json!({ "priority": p }))
-        }
+        "priority" => Some(priority(f.priority.as_deref())?),
         other => {
             return Err(UiError {
                 status: StatusCode::NOT_FOUND,

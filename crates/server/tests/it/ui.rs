@@ -426,3 +426,60 @@ async fn the_panel_works_in_a_real_browser() {
     assert_eq!(h1(&web).await, "Log in");
     web.quit().await;
 }
+
+/// A page left open (its event stream running) does not hold up the coordinator's graceful
+/// shutdown: the streams end when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_page_does_not_hold_up_a_shutdown() {
+    let Some(c) = Coordinator::start(Db::Sqlite).await else {
+        return;
+    };
+    let base = c.running.url();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", c.running.admin_token.as_str()), ("next", "/ui")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut live = http
+        .get(format!("{base}/ui/live"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+    assert!(
+        live.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let first = live.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("event: live"));
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), c.stop())
+        .await
+        .expect("the coordinator stopped with a page open");
+    eprintln!(
+        "stopped in {:?} with an event stream open",
+        started.elapsed()
+    );
+    // The stream ended with it.
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = live.chunk().await {}
+    })
+    .await;
+    assert!(rest.is_ok(), "the event stream outlived the coordinator");
+}
