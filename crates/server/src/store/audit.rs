@@ -920,7 +920,12 @@ impl Store {
                 .fetch_optional(&self.read)
                 .await
                 .doing("reading the audit log")?;
-        if let Some((Some(first),)) = first
+        // A log pruned up to its head holds no entry: it is anchored on the head's checkpoint.
+        let first = match first {
+            Some((Some(first),)) => Some(first),
+            _ => (head_seq > 0).then_some(head_seq + 1),
+        };
+        if let Some(first) = first
             && first > 1
         {
             match checkpoints.iter().find(|c| c.seq == first - 1) {

@@ -117,3 +117,58 @@ async fn a_growing_log_verifies_and_a_row_past_the_head_is_named() {
         store.close().await;
     }
 }
+
+/// Pruning keeps what is left verifiable, anchored on the checkpoint it pruned up to: up to an
+/// entry inside the log, and up to the head itself (no entry left; CI found verification
+/// failing there, naming the lowest checkpoint as "removed from the end"). Appends after a
+/// prune to the head verify too.
+#[tokio::test]
+async fn a_log_pruned_to_a_checkpoint_or_to_its_head_verifies() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let store = Store::open(&url).await.unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let append = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    Entry::new("default", "server", Action::ShardAccepted)
+                        .task(i as i64)
+                        .details(serde_json::json!({ "i": i }))
+                })
+                .collect::<Vec<_>>()
+        };
+        store.audit(append(10)).await.unwrap();
+        store.audit_checkpoint(&key).await.unwrap();
+        store.audit(append(5)).await.unwrap();
+        store.audit_checkpoint(&key).await.unwrap();
+        // Up to the first checkpoint: 5 entries left, anchored on entry 10.
+        assert_eq!(store.audit_prune("default", 10).await.unwrap(), Ok(10));
+        let v = store.audit_verify("default").await.unwrap();
+        assert!(v.ok, "{db:?}: {v:?}");
+        assert_eq!((v.entries, v.head_seq), (5, 15));
+        // Up to the head: nothing left, anchored on the head's checkpoint.
+        assert_eq!(store.audit_prune("default", 15).await.unwrap(), Ok(5));
+        let v = store.audit_verify("default").await.unwrap();
+        assert!(v.ok, "{db:?}: {v:?}");
+        assert_eq!((v.entries, v.head_seq), (0, 15));
+        // The chain goes on from there.
+        store.audit(append(3)).await.unwrap();
+        let v = store.audit_verify("default").await.unwrap();
+        assert!(v.ok, "{db:?}: {v:?}");
+        assert_eq!((v.entries, v.head_seq), (3, 18));
+        // An emptied log whose head has no checkpoint is named, not passed.
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query("DELETE FROM audit")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let v = store.audit_verify("default").await.unwrap();
+        assert!(!v.ok, "{db:?}: {v:?}");
+        assert_eq!(v.problem.unwrap().seq, 1, "{db:?}");
+        pool.close().await;
+        store.close().await;
+    }
+}
