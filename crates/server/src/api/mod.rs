@@ -83,7 +83,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/audit/checkpoints", get(audit::checkpoints))
         .route("/v1/audit/prune", post(audit::prune));
-    router = router.merge(crate::ui::router(state.clone()));
+    router = router.merge(crate::ui::router());
     if let Some(m) = mcp {
         let service = fleetbox_mcp::http_service(m.base, m.hosts, m.origins);
         router = router.merge(

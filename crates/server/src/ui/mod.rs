@@ -52,8 +52,7 @@ pub struct Session {
     seen: i64,
 }
 
-pub fn router(state: Arc<State>) -> Router<Arc<State>> {
-    let _ = state;
+pub fn router() -> Router<Arc<State>> {
     Router::new()
         .route("/ui", get(pages::overview))
         .route("/ui/", get(|| async { Redirect::to("/ui") }))
