@@ -169,7 +169,7 @@ impl Store {
     /// An agent asked for work: a sign of life, in the caller's transaction.
     pub(super) async fn agent_seen(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut Tx,
         agent_id: &str,
         now: i64,
     ) -> Result<(), StoreError> {

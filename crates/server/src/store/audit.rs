@@ -545,7 +545,7 @@ impl TraceIds {
 
     /// Put the trace id of each entry's job into its details (`trace_id`, hashed with the
     /// rest), reading those not yet known in `tx` (which sees a job inserted in it).
-    async fn name(&self, tx: &mut Tx<'_>, entries: &mut [Entry]) -> Result<(), StoreError> {
+    async fn name(&self, tx: &mut Tx, entries: &mut [Entry]) -> Result<(), StoreError> {
         let unknown: BTreeSet<&str> = {
             let known = self.0.lock().expect("trace ids");
             entries
@@ -596,7 +596,7 @@ impl TraceIds {
 /// Append `entries` in this transaction, last: group by tenant (in tenant order, the lock
 /// order), take each chain head under its row lock, hash, insert, move the head.
 pub(super) async fn append(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     kind: DbKind,
     mut entries: Vec<Entry>,
     at: i64,
@@ -622,7 +622,7 @@ pub(super) async fn append(
 /// `tenant`'s chain head `(seq, chain)`, locked until the transaction ends (`FOR UPDATE` on
 /// PostgreSQL; SQLite's write transaction holds its one write lock already).
 async fn lock_head(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     kind: DbKind,
     tenant: &str,
 ) -> Result<Option<(i64, String)>, StoreError> {
@@ -638,7 +638,7 @@ async fn lock_head(
 }
 
 async fn append_tenant(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     kind: DbKind,
     tenant: &str,
     entries: &[Entry],
@@ -822,7 +822,7 @@ impl Store {
     /// Append `entries` in `tx`, last (after the shard counters).
     pub(super) async fn append_audit(
         &self,
-        tx: &mut Tx<'_>,
+        tx: &mut Tx,
         entries: Vec<Entry>,
         now: i64,
     ) -> Result<(), StoreError> {

@@ -1022,7 +1022,7 @@ pub struct FoldOutcome<'a> {
 /// Cancel job `id` of `tenant` within `tx` because of `reason` (its `error`): unsettled shards
 /// become `dead`. False when it was already final.
 pub(super) async fn cancel_in(
-    tx: &mut settle::Tx<'_>,
+    tx: &mut settle::Tx,
     tenant: &str,
     id: &str,
     reason: &str,
@@ -1060,7 +1060,7 @@ pub(super) async fn cancel_in(
 pub(super) const TASK_COLUMNS: usize = 10;
 
 pub(super) async fn insert_job_in(
-    tx: &mut settle::Tx<'_>,
+    tx: &mut settle::Tx,
     per_statement: usize,
     job: &NewJob,
     now: i64,

@@ -62,7 +62,7 @@ pub(super) fn counted(entries: &[Entry]) -> BTreeMap<(&'static str, String), i64
 /// Add `counted` to the stored counters within `tx` (in key order: two transactions never
 /// lock the same rows in opposite orders).
 pub(super) async fn bump(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     counted: BTreeMap<(&'static str, String), i64>,
 ) -> Result<(), StoreError> {
     for ((name, labels), n) in counted {

@@ -18,6 +18,7 @@ mod settle;
 mod sql;
 mod tasks;
 mod tokens;
+mod tx;
 pub mod verify;
 
 use std::path::Path;
@@ -225,6 +226,7 @@ impl Store {
             AnyPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(Duration::from_secs(30))
+                .after_release(tx::release_clean)
                 .after_connect(move |conn, _| {
                     Box::pin(async move {
                         if kind == DbKind::Sqlite {
@@ -267,17 +269,10 @@ impl Store {
         Ok(store)
     }
 
-    /// A write transaction. On SQLite it takes the write lock at `BEGIN` (`IMMEDIATE`): a
-    /// deferred transaction that reads first and then writes fails at once with `database is
-    /// locked` when another coordinator's store holds the lock, since SQLite cannot wait for
-    /// an upgrade; an immediate one waits (`busy_timeout`) like any writer.
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        match self.kind {
-            DbKind::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
-            DbKind::Postgres => self.write.begin().await,
-        }
+    /// A write transaction that runs to its end (or rolls back) whatever happens to its
+    /// caller: see [`tx`].
+    pub(crate) async fn begin_write(&self) -> Result<tx::WriteTx, sqlx::Error> {
+        tx::WriteTx::begin(&self.write, self.kind).await
     }
 
     /// The store answers and every migration this build knows is applied: how many are

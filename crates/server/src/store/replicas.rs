@@ -166,7 +166,7 @@ pub(super) struct Judged<'a> {
 /// for an invalid one a strike; at `strikes_limit` strikes the agent is quarantined (audited
 /// into `entries`). Returns the agent when this quarantined it.
 pub(super) async fn record_verdict(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     replica: &Replica,
     verdict: Verdict,
     at: &Judged<'_>,
@@ -266,7 +266,7 @@ pub(super) struct Settled {
 /// The shard's state for a replicated success under `lease_id` (current or late).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn settle_success(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut super::settle::Tally,
     at: &Judged<'_>,
     lease_id: &str,

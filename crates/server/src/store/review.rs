@@ -57,7 +57,7 @@ pub enum FlagDecision {
 
 /// Hold a job being submitted: its shards wait, and the queue gets an open `code` flag.
 pub(super) async fn hold(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tenant: &str,
     job_id: &str,
     details: &Value,
@@ -71,7 +71,7 @@ pub(super) async fn hold(
 
 /// Move job `job_id` from state `from` to `to`; false when it was not in `from`.
 async fn move_job(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     job_id: &str,
     from: JobState,
     to: JobState,
@@ -91,7 +91,7 @@ async fn move_job(
 
 /// When the job's queued shards may be leased: [`HELD_UNTIL`] holds them, 0 releases them.
 /// Returns how many there are.
-async fn queued_not_before(tx: &mut Tx<'_>, job_id: &str, at: i64) -> Result<u64, StoreError> {
+async fn queued_not_before(tx: &mut Tx, job_id: &str, at: i64) -> Result<u64, StoreError> {
     let changed = Sql::new("UPDATE tasks SET not_before = ")
         .bind(at)
         .push(" WHERE job_id = ")
@@ -107,7 +107,7 @@ async fn queued_not_before(tx: &mut Tx<'_>, job_id: &str, at: i64) -> Result<u64
 
 /// An open flag of `kind` for `job_id` in the review queue, within `tx`.
 pub(super) async fn insert_flag(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tenant: &str,
     job_id: &str,
     kind: &str,
@@ -146,7 +146,7 @@ struct Decided<'a> {
 /// Decide open flag `id` of `tenant` within `tx` (guarded on `open`): its job, or `None` when
 /// it does not exist or was decided already.
 async fn decide_open(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tenant: &str,
     id: i64,
     d: &Decided<'_>,

@@ -20,7 +20,7 @@ use sqlx::Row;
 use super::sql::Sql;
 use super::{DbKind, Doing, StoreError};
 
-pub(super) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+pub(super) type Tx = super::tx::WriteTx;
 
 /// Column of `job_counts` for each task state, in [`TaskState::ALL`] order.
 const COUNT_COLUMNS: [&str; 6] = [
@@ -57,7 +57,7 @@ impl Tally {
 
     /// Apply the changes, job by job in id order. Returns the jobs whose last unsettled
     /// shard settled in this transaction (they are ready to fold).
-    pub(super) async fn apply(self, tx: &mut Tx<'_>) -> Result<Vec<String>, StoreError> {
+    pub(super) async fn apply(self, tx: &mut Tx) -> Result<Vec<String>, StoreError> {
         let mut ready = Vec::new();
         for (job, delta) in self.by_job {
             if delta.iter().all(|d| *d == 0) {
@@ -103,11 +103,7 @@ impl Tally {
 }
 
 /// The counters row of a new job with `shards` queued shards.
-pub(super) async fn create_counts(
-    tx: &mut Tx<'_>,
-    job: &str,
-    shards: i64,
-) -> Result<(), StoreError> {
+pub(super) async fn create_counts(tx: &mut Tx, job: &str, shards: i64) -> Result<(), StoreError> {
     Sql::new("INSERT INTO job_counts (job_id, queued) VALUES (")
         .bind(job)
         .push(", ")
@@ -130,7 +126,7 @@ pub(super) struct Shard<'a> {
 /// One guarded update of one task from `from` (with `lease_id` when the lease matters) to
 /// `to`, setting `extra` columns too. Counted in `tally` when it happened.
 async fn transition(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     shard: Shard<'_>,
     from: TaskState,
@@ -182,7 +178,7 @@ struct Fields<'a> {
 /// `leased` | `queued` → `accepted`: a report of success for a shard nobody settled. A late
 /// success still settles a shard that was re-queued: nothing runs twice for nothing.
 pub(super) async fn accept(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     shard: Shard<'_>,
     now: i64,
@@ -193,7 +189,7 @@ pub(super) async fn accept(
 /// `leased` | `queued` → `reported`: a success to be checked by the coordinator's own run
 /// before it is accepted (see `store::verify`). Whoever checks it claims it afresh.
 pub(super) async fn hold_for_check(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     shard: Shard<'_>,
     now: i64,
@@ -212,7 +208,7 @@ pub(super) async fn hold_for_check(
 
 /// A success moves a shard from `leased` (under any lease), else from `queued`, to `to`.
 async fn take_success(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     shard: Shard<'_>,
     to: TaskState,
@@ -234,7 +230,7 @@ async fn take_success(
 /// `leased` under `lease_id` (or `queued`: nobody holds it) → `rejected`: the program failed
 /// on its own. A shard leased to someone else meanwhile is left to them.
 pub(super) async fn reject(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     shard: Shard<'_>,
     lease_id: &str,
@@ -265,7 +261,7 @@ pub(super) struct LeaseEnd<'a> {
 /// value (infrastructure failure, expiry, lost agent). The attempt count cannot change while
 /// the lease holds, so the caller's choice of `to` stays right.
 pub(super) async fn release(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     shard: Shard<'_>,
     lease_id: &str,
@@ -308,7 +304,7 @@ pub struct LeaseGrant {
 /// priority then age. On PostgreSQL `SKIP LOCKED` lets concurrent leases take disjoint rows.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn lease(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     kind: DbKind,
     tenant: &str,
@@ -408,7 +404,7 @@ fn held_or(sql: &mut Sql<'_>, at: i64) {
 /// report that still arrives for one settles nothing. `why` is `None` when the agent gave
 /// them back unrun (the attempt is not counted), else what became of the run (it counts).
 pub(super) async fn requeue(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     agent: &str,
     leases: &[String],
@@ -457,7 +453,7 @@ pub(super) async fn requeue(
 /// the counters move by what each actually changed (a lease racing the cancel commits first,
 /// then its row is caught as `leased`).
 pub(super) async fn kill_unsettled(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     job: &str,
     reason: &str,
@@ -485,7 +481,7 @@ pub(super) async fn kill_unsettled(
 
 /// Take the row locks of `jobs` in id order (PostgreSQL), before any of their tasks'.
 pub(super) async fn lock_jobs(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     kind: DbKind,
     jobs: &[String],
 ) -> Result<(), StoreError> {

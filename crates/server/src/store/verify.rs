@@ -80,7 +80,7 @@ impl ReporterTrust {
     /// Count a batch's results and infrastructure failures per (python, backend), in the
     /// report's transaction.
     pub(super) async fn count(
-        tx: &mut Tx<'_>,
+        tx: &mut Tx,
         agent_id: &str,
         reports: &[&ReportInput],
         now: i64,
@@ -123,7 +123,7 @@ impl ReporterTrust {
     }
 
     pub(super) async fn read(
-        tx: &mut Tx<'_>,
+        tx: &mut Tx,
         agent_id: &str,
         trusted_after: i64,
     ) -> Result<Self, StoreError> {
@@ -232,7 +232,7 @@ enum Which {
 /// `accepted` and never verified → `reported`, its attempts no longer chosen: the server
 /// checks it and chooses again. Counted in `tally`; false when the shard was not in that state.
 async fn recheck_shard(
-    tx: &mut Tx<'_>,
+    tx: &mut Tx,
     tally: &mut Tally,
     job_id: &str,
     which: Which,

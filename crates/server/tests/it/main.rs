@@ -18,3 +18,4 @@ mod tls;
 mod ui;
 mod verify;
 mod webdriver;
+mod wedge;
