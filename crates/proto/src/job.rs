@@ -52,6 +52,14 @@ pub struct JobSpec {
     pub max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<AggregateSpec>,
+    /// Complete with the shards that succeeded when some did not (the result is marked
+    /// `partial`); without it (or `min_success_rate`) such a job is `failed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_partial: bool,
+    /// The share of shards (0 < r <= 1) that must succeed for the job to complete with a
+    /// partial result; `1` (every shard) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_success_rate: Option<f64>,
     /// Verification settings (`[verify]`; defaults when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::VerifySpec>,
@@ -308,6 +316,16 @@ fn serde_error(path: String, err: impl std::fmt::Display) -> SpecError {
 }
 
 impl JobSpec {
+    /// The share of shards that must succeed for the job to complete: `1` by default, `0`
+    /// (at least one) with `allow_partial`.
+    pub fn success_needed(&self) -> f64 {
+        if self.allow_partial {
+            0.0
+        } else {
+            self.min_success_rate.unwrap_or(1.0)
+        }
+    }
+
     /// Parse JSON, naming the field a type error is in.
     pub fn from_json(bytes: &[u8]) -> Result<JobSpec, SpecError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
@@ -378,6 +396,20 @@ impl JobSpec {
         }
         if !(1..=100).contains(&self.max_attempts) {
             return Err(SpecError::new("max_attempts", "must be between 1 and 100"));
+        }
+        if let Some(r) = self.min_success_rate {
+            if !(r > 0.0 && r <= 1.0) {
+                return Err(SpecError::new(
+                    "min_success_rate",
+                    "must be more than 0 and at most 1 (the share of shards that must succeed)",
+                ));
+            }
+            if self.allow_partial {
+                return Err(SpecError::new(
+                    "min_success_rate",
+                    "say `allow_partial = true` (any share) or `min_success_rate`, not both",
+                ));
+            }
         }
         if !(-1000..=1000).contains(&self.priority) {
             return Err(SpecError::new("priority", "must be between -1000 and 1000"));

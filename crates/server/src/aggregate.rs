@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use fleetbox_proto::JobState;
-use fleetbox_proto::api::{JobFlag, JobSummary, Stats};
+use fleetbox_proto::api::{JobFlag, JobSummary, ShardCounts, Stats};
 use fleetbox_proto::env;
 use fleetbox_proto::{ByteSize, Limits, Millis, Reducer, Status};
 use fleetbox_sandbox::RunRequest;
@@ -117,6 +117,37 @@ async fn fold_job(state: &Arc<State>, job_id: &str) {
     if let Err(e) = state.store.finish_job(job_id, owner, &outcome).await {
         tracing::error!(job_id, error = %e, "could not fail a job");
     }
+}
+
+/// Failed shards a job's error and notes name (with why).
+const NAMED_FAILURES: u32 = 10;
+
+/// Whether enough shards succeeded for a job to complete: at least one, and at least the
+/// share its spec needs (`1`: every shard, by default).
+fn enough_succeeded(accepted: u64, total: u64, needed: f64) -> bool {
+    accepted > 0 && accepted as f64 >= needed * total as f64 - 1e-9
+}
+
+/// "2 of 4 shards did not succeed (1 failed, 1 dead): shard 1: ZeroDivisionError ...".
+fn shortfall(counts: &ShardCounts, total: u64, failures: &[(u64, String)]) -> String {
+    let mut text = format!(
+        "{} of {total} shards did not succeed ({} failed, {} dead)",
+        total.saturating_sub(counts.accepted),
+        counts.rejected,
+        counts.dead
+    );
+    let named: Vec<String> = failures
+        .iter()
+        .map(|(i, why)| format!("shard {i}: {why}"))
+        .collect();
+    if !named.is_empty() {
+        text.push_str(&format!("; {}", named.join("; ")));
+    }
+    let more = (counts.rejected + counts.dead).saturating_sub(failures.len() as u64);
+    if more > 0 {
+        text.push_str(&format!("; and {more} more (`fleetbox job ID --shards`)"));
+    }
+    text
 }
 
 async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
@@ -243,42 +274,44 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             summary.flags.len()
         ));
     }
-    let failures = state.store.failure_reasons(job_id, 3).await?;
+    let failures = state.store.failure_reasons(job_id, NAMED_FAILURES).await?;
     if summary.partial {
-        let mut note = format!(
-            "{} of {} shards did not succeed ({failed} failed, {dead} dead); the result covers the {} that did",
-            total - counts.accepted,
-            total,
-            counts.accepted
-        );
-        if let Some((idx, why)) = failures.first() {
-            note.push_str(&format!("; first failure: shard {idx}: {why}"));
-        }
-        summary.notes.push(note);
+        summary.notes.push(shortfall(&counts, total, &failures));
     }
-    let (job_state_now, result, error) = if counts.accepted == 0 {
-        let first = failures
-            .first()
-            .map(|(i, w)| format!("; first failure: shard {i}: {w}"))
-            .unwrap_or_default();
-        (
-            JobState::Failed,
-            None,
-            Some(format!(
-                "no shard succeeded ({failed} failed, {dead} dead){first}"
-            )),
-        )
-    } else {
-        match fold(state, &job.reducer, &job.limits, job_id, values).await {
-            Ok(v) => (JobState::Completed, Some(v), None),
-            Err(message) => {
-                return Err(FoldError::Reduce {
-                    message,
-                    summary: Box::new(summary),
-                });
+    let (job_state_now, result, error) =
+        if !enough_succeeded(counts.accepted, total, job.success_needed) {
+            let why = shortfall(&counts, total, &failures);
+            let needed = if job.success_needed >= 1.0 {
+                "every shard must succeed unless the spec says `allow_partial = true` or \
+                 `min_success_rate`"
+                    .to_string()
+            } else {
+                format!(
+                    "the spec needs {:.0}% of the shards to succeed",
+                    job.success_needed * 100.0
+                )
+            };
+            let none = if counts.accepted == 0 {
+                "no shard succeeded: "
+            } else {
+                ""
+            };
+            (
+                JobState::Failed,
+                None,
+                Some(format!("{none}{why}; {needed}")),
+            )
+        } else {
+            match fold(state, &job.reducer, &job.limits, job_id, values).await {
+                Ok(v) => (JobState::Completed, Some(v), None),
+                Err(message) => {
+                    return Err(FoldError::Reduce {
+                        message,
+                        summary: Box::new(summary),
+                    });
+                }
             }
-        }
-    };
+        };
     // Large results go to the blob store; the row keeps its hash in `result_blob`.
     let text = result;
     let blob = match &text {
@@ -591,4 +624,47 @@ async fn fold(
         return Err(format!("python reducer: {why}"));
     }
     Ok(report.output.unwrap_or(Value::Null).to_string())
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn a_job_completes_only_with_the_share_its_spec_needs() {
+        assert!(enough_succeeded(4, 4, 1.0));
+        assert!(
+            !enough_succeeded(3, 4, 1.0),
+            "one failed shard fails the job"
+        );
+        assert!(enough_succeeded(3, 4, 0.75));
+        assert!(!enough_succeeded(3, 4, 0.9));
+        assert!(enough_succeeded(1, 4, 0.0), "allow_partial: any share");
+        assert!(!enough_succeeded(0, 4, 0.0), "never with nothing");
+        assert!(
+            enough_succeeded(9, 10, 0.9),
+            "no float rounding against the user"
+        );
+    }
+
+    #[test]
+    fn a_shortfall_names_the_failed_shards() {
+        let counts = ShardCounts {
+            total: 20,
+            accepted: 8,
+            rejected: 11,
+            dead: 1,
+            ..Default::default()
+        };
+        let text = shortfall(
+            &counts,
+            20,
+            &[(3, "ZeroDivisionError: division by zero".into())],
+        );
+        assert_eq!(
+            text,
+            "12 of 20 shards did not succeed (11 failed, 1 dead); shard 3: ZeroDivisionError: \
+             division by zero; and 11 more (`fleetbox job ID --shards`)"
+        );
+    }
 }

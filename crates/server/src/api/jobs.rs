@@ -104,6 +104,7 @@ pub(crate) fn new_job(
         reducer: plan.reducer,
         priority: spec.priority,
         max_attempts: spec.max_attempts,
+        success_needed: spec.success_needed(),
         verify: spec.verify.clone().unwrap_or_default(),
         environment: spec.environment.clone(),
         files: spec.files.clone(),

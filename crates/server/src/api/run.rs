@@ -61,6 +61,8 @@ pub async fn run(
         priority: run.priority,
         max_attempts: 3,
         aggregate: None,
+        allow_partial: false,
+        min_success_rate: None,
         verify: run.verify,
         environment: run.environment,
         files: run.files,

@@ -29,6 +29,8 @@ pub struct NewJob {
     pub reducer: Reducer,
     pub priority: i32,
     pub max_attempts: u32,
+    /// The share of shards that must succeed for it to complete ([`JobSpec::success_needed`]).
+    pub success_needed: f64,
     pub inputs: Vec<Value>,
     /// Who submitted it, for the audit log (`admin:<token id>`).
     pub actor: String,
@@ -79,6 +81,8 @@ pub struct JobRow {
     pub verify: fleetbox_proto::VerifySpec,
     /// The W3C trace context it belongs to.
     pub traceparent: Option<String>,
+    /// The share of shards that must succeed for it to complete.
+    pub success_needed: f64,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -100,6 +104,7 @@ struct JobRecord {
     rerun_of: Option<String>,
     verify: Option<String>,
     traceparent: Option<String>,
+    success_needed: f64,
 }
 
 impl JobRecord {
@@ -132,12 +137,13 @@ impl JobRecord {
                 .transpose()?,
             verify: super::verify::policy(self.verify.as_deref()),
             traceparent: self.traceparent,
+            success_needed: self.success_needed,
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at, environment, files, rerun_of, verify, traceparent FROM jobs";
+     shard_count, created_at, environment, files, rerun_of, verify, traceparent, success_needed FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]
@@ -551,7 +557,8 @@ impl Store {
             .push(" AND t.tenant_id = ")
             .bind(tenant_id)
             .push(" AND t.shard_index >= ")
-            .bind(page.from as i64);
+            // Past `i64::MAX` no shard can be (`as` would wrap to a negative, the first page).
+            .bind(i64::try_from(page.from).unwrap_or(i64::MAX));
         if let Some(state) = page.state {
             sql.push(" AND t.state = ").bind(state.as_str());
         }
@@ -1095,7 +1102,8 @@ pub(super) async fn insert_job_in(
     let mut sql = Sql::new(
         "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
          priority, max_attempts, shard_count, created_at, verify, environment, files, planned, \
-         parent_job_id, root_job_id, depth, followup_rule, rerun_of, traceparent) VALUES ",
+         parent_job_id, root_job_id, depth, followup_rule, rerun_of, traceparent, success_needed) \
+         VALUES ",
     );
     sql.push_rows([job], |row, job| {
         row.bind(job.id.as_str())
@@ -1120,7 +1128,8 @@ pub(super) async fn insert_job_in(
             .bind(job.lineage.as_ref().map_or(0, |(l, _)| i64::from(l.depth)))
             .bind(rule.as_deref())
             .bind(rerun_of.as_deref())
-            .bind(job.traceparent.as_deref());
+            .bind(job.traceparent.as_deref())
+            .bind(job.success_needed);
     });
     sql.build()
         .execute(&mut **tx)

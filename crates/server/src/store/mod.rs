@@ -165,6 +165,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0018_job_controls",
         include_str!("../../migrations/0018_job_controls.sql"),
     ),
+    (
+        "0019_outcome",
+        include_str!("../../migrations/0019_outcome.sql"),
+    ),
 ];
 
 #[derive(Clone)]

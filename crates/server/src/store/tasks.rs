@@ -853,6 +853,7 @@ mod store_tests {
                 reducer: Reducer::Collect,
                 priority: 0,
                 max_attempts,
+                success_needed: 1.0,
                 inputs: vec![serde_json::json!(1), serde_json::json!(2)],
                 actor: "admin:test".into(),
                 environment: None,

@@ -180,8 +180,14 @@ async fn failed_shards_run_again_as_a_child_that_folds_over_the_parent() {
         if status != 201 {
             assert!(matches!(status, 409), "{db:?}: {body}");
         }
+        // A shard failed: the parent fails, naming it, with no partial number.
         let r = c.wait(&parent.id, Duration::from_secs(60)).await;
-        assert_eq!(r.result_value(), Some(json!(1 + 2 + 4)), "{db:?}: {r:?}");
+        assert_eq!(r.state, JobState::Failed, "{db:?}: {r:?}");
+        assert_eq!(r.result_value(), None, "{db:?}: {r:?}");
+        assert!(
+            r.error.as_deref().unwrap().contains("shard 2: "),
+            "{db:?}: {r:?}"
+        );
         std::fs::write(&marker, "").unwrap();
         let (status, body) = control(&c, &admin, &parent.id, "rerun-failed", json!({})).await;
         assert_eq!(status, 201, "{db:?}: {body}");

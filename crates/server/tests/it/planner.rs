@@ -291,7 +291,7 @@ async fn rerun_failed_runs_exactly_the_failed_shards_and_merges_the_result() {
         let root = c
             .client
             .submit(&spec(&format!(
-                "name = \"flaky\"\ncode = {code:?}\nshards = {{ items = [1, 2, 3, 4, 5, 6] }}\naggregate = \"sum\"\nmax_attempts = 1\n\
+                "name = \"flaky\"\ncode = {code:?}\nshards = {{ items = [1, 2, 3, 4, 5, 6] }}\naggregate = \"sum\"\nmax_attempts = 1\nallow_partial = true\n\
                  [verify]\nrecheck = \"none\"\n\
                  [[followup]]\nname = \"retry\"\nwhen = \"summary.failed + summary.dead > 0\"\naction = \"rerun_failed\"\n"
             )))

@@ -18,6 +18,7 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
         reducer: Reducer::Sum,
         priority: 0,
         max_attempts,
+        success_needed: 1.0,
         inputs: (0..n).map(|i| serde_json::json!(i)).collect(),
         actor: "admin:test".into(),
         environment: None,

@@ -66,7 +66,7 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     // A job with a failing shard.
     let job = c
         .submit(
-            "name = \"mixed\"\ncode = \"import os\\nif os.environ['FLEETBOX_SHARD_INDEX'] == '1': raise ValueError('boom')\\nprint(1)\"\nshards = { count = 3 }\naggregate = \"sum\"\n",
+            "name = \"mixed\"\ncode = \"import os\\nif os.environ['FLEETBOX_SHARD_INDEX'] == '1': raise ValueError('boom')\\nprint(1)\"\nshards = { count = 3 }\naggregate = \"sum\"\nallow_partial = true\n",
         )
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;

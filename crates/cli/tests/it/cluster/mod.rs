@@ -62,7 +62,7 @@ on_both_stores!(
     hundred_shards_give_the_right_answer,
     killed_agent_shards_run_elsewhere,
     coordinator_restart_loses_no_report,
-    partial_failures_still_aggregate,
+    partial_results_only_when_the_spec_allows_them,
     python_reducer_runs_on_the_server,
     sandbox_errors_retry_then_die,
     cancel_stops_a_job,
@@ -264,15 +264,64 @@ range = { start = 0, end = 4000, count = 40 }
     }
 }
 
-async fn partial_failures_still_aggregate(db: Db) {
+const SOME_FAIL: &str = r#"
+name = "some shards fail"
+code = """
+import json, os
+items = json.load(open(os.environ["FLEETBOX_INPUT"]))["items"]
+if items[0] % 3 == 0:
+    raise ValueError(f"bad item {items[0]}")
+print(sum(items))
+"""
+aggregate = "sum"
+[shards]
+items = [1, 2, 3, 4, 5, 6, 7]
+"#;
+
+async fn partial_results_only_when_the_spec_allows_them(db: Db) {
     let Some(mut c) = Cluster::start(db).await else {
         return;
     };
     c.add_agent(2);
+    // By default a job with failed shards fails, naming them, and shows no number.
+    let job = c.submit(SOME_FAIL).await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
+    assert!(r.result.is_none(), "{r:?}");
+    let error = r.error.clone().unwrap();
+    for named in [
+        "2 of 7 shards did not succeed (2 failed, 0 dead)",
+        "shard 2: error: ValueError: bad item 3",
+        "shard 5: error: ValueError: bad item 6",
+        "allow_partial",
+    ] {
+        assert!(error.contains(named), "{named:?} in {error:?}");
+    }
+    // Below `min_success_rate` too (5 of 7 is 71%).
+    let job = c
+        .submit(&SOME_FAIL.replace(
+            "aggregate = \"sum\"",
+            "aggregate = \"sum\"\nmin_success_rate = 0.8",
+        ))
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Failed, "{r:?}");
+    assert!(r.error.unwrap().contains("needs 80%"));
+    // At or above it, or with `allow_partial`, the job completes, marked partial.
+    let job = c
+        .submit(&SOME_FAIL.replace(
+            "aggregate = \"sum\"",
+            "aggregate = \"sum\"\nmin_success_rate = 0.7",
+        ))
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    assert!(r.summary.unwrap().partial);
     let job = c
         .submit(
             r#"
 name = "some shards fail"
+allow_partial = true
 code = """
 import json, os
 items = json.load(open(os.environ["FLEETBOX_INPUT"]))["items"]
@@ -317,6 +366,15 @@ items = [1, 2, 3, 4, 5, 6, 7]
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.state, JobState::Failed);
     assert!(r.error.unwrap().contains("no shard succeeded"));
+    let job = c
+        .submit("name = \"none\"\nallow_partial = true\ncode = \"raise SystemExit(3)\"\nshards = { count = 2 }\n")
+        .await;
+    let r = c.wait(&job.id, Duration::from_secs(60)).await;
+    assert_eq!(
+        r.state,
+        JobState::Failed,
+        "allow_partial never completes with nothing"
+    );
 }
 
 async fn python_reducer_runs_on_the_server(db: Db) {
