@@ -163,6 +163,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Verdicts on agents' results by the coordinator's re-checks.",
     ),
     (
+        "fleetbox_runs_total",
+        "Runs agents reported, by status (ok, error, timeout, ...).",
+    ),
+    (
         "fleetbox_sandbox_violations_total",
         "Sandbox violations in reported runs (the seed's sandbox_escape_attempts), by kind.",
     ),

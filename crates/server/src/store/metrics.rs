@@ -28,6 +28,10 @@ pub(super) fn counted(entries: &[Entry]) -> BTreeMap<(&'static str, String), i64
             ),
             Action::AttemptReported => {
                 let attempts = e.details["attempts"].as_array().into_iter().flatten();
+                for a in attempts.clone() {
+                    let status = a["status"].as_str().map(escape).unwrap_or_default();
+                    add("fleetbox_runs_total", format!("status=\"{status}\""), 1);
+                }
                 let violations = attempts.filter_map(|a| a["violations"].as_array());
                 for v in violations.flatten() {
                     let kind = v["kind"].as_str().map(escape).unwrap_or_default();
@@ -129,16 +133,29 @@ impl Store {
                 .fetch_all(&self.read)
                 .await
                 .doing("reading agent states")?;
-        let (oldest, waiting): (Option<i64>, Option<i64>) = Sql::new(
-            "SELECT MIN(j.created_at), MIN(CASE WHEN c.queued > 0 THEN j.created_at END) \
-             FROM jobs j JOIN job_counts c ON c.job_id = j.id WHERE j.state IN (",
+        let (oldest,): (Option<i64>,) =
+            Sql::new("SELECT MIN(j.created_at) FROM jobs j WHERE j.state IN (")
+                .bind_list(unfinished)
+                .push(")")
+                .build_as()
+                .fetch_one(&self.read)
+                .await
+                .doing("reading job ages")?;
+        // The oldest shard ready to lease now: queued (not waiting out a retry's back-off) in
+        // a running job that is not paused; walked from the front of `tasks_waiting`.
+        let waiting: Option<(i64,)> = Sql::new(
+            "SELECT t.updated_at FROM tasks t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.state = 'queued' AND t.not_before <= ",
         )
-        .bind_list(unfinished)
-        .push(")")
+        .bind(now)
+        .push(" AND j.state = ")
+        .bind(JobState::Running.as_str())
+        .push(" AND j.paused = 0 ORDER BY t.updated_at LIMIT 1")
         .build_as()
-        .fetch_one(&self.read)
+        .fetch_optional(&self.read)
         .await
-        .doing("reading job ages")?;
+        .doing("reading the oldest ready shard")?;
+        let waiting = waiting.map(|(t,)| t);
         let age = |t: Option<i64>| t.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
         let trust: Vec<(String, i64, i64, i64, i64)> = Sql::new(
             "SELECT agent_id, CAST(SUM(results) AS BIGINT), CAST(SUM(errors) AS BIGINT), \

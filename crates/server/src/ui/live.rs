@@ -62,10 +62,13 @@ async fn take(state: &State) -> Option<Sample> {
             .map(|(_, c)| c)
             .sum::<i64>()
     };
+    // Runs reported by agents, by status (`fleetbox_runs_total`).
     let runs = |ok: bool| {
-        m.executions
+        m.counters
             .iter()
-            .filter(|(_, r, _)| (*r == "ok") == ok)
+            .filter(|(n, labels, _)| {
+                n == "fleetbox_runs_total" && (labels == "status=\"ok\"") == ok
+            })
             .map(|(_, _, c)| c)
             .sum::<i64>()
     };
@@ -198,6 +201,18 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
             }
         })
         .collect();
+    let failure_over_hour = match (history.first(), history.last()) {
+        (Some(first), Some(last)) => {
+            let ok = (last.runs_ok - first.runs_ok).max(0) as f64;
+            let failed = (last.runs_failed - first.runs_failed).max(0) as f64;
+            if ok + failed == 0.0 {
+                "0.0".to_string()
+            } else {
+                format!("{:.1}", 100.0 * failed / (ok + failed))
+            }
+        }
+        _ => "0.0".to_string(),
+    };
     let queue: Vec<f64> = history.iter().map(|s| s.queued as f64).collect();
     let online: Vec<_> = agents
         .agents
@@ -234,6 +249,7 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
         (chart("Queue depth", "shards", &queue))
         (chart("Throughput", "shards settled/s", &throughput))
         (chart("Failure rate", "% of runs", &failure))
+        p { "Runs that did not succeed over the last hour: " b #failure-rate { (failure_over_hour) } " %" }
         h2 { "Agents over the last hour" }
         p { small { "Runs reported to this coordinator, per sample interval: success rate and mean run time." } }
         table #agent-charts {

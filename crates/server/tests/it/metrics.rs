@@ -52,7 +52,7 @@ async fn metrics_show_what_a_job_did_and_pass_promtool() {
         let r = c
             .run(
                 &spec(&format!(
-                    "name = \"m\"\ncode = {code:?}\nshards = {{ count = 4 }}\naggregate = \"sum\"\nmax_attempts = 1\n[verify]\nrecheck = \"all\"\n"
+                    "name = \"m\"\ncode = {code:?}\nshards = {{ count = 4 }}\naggregate = \"sum\"\nmax_attempts = 1\nallow_partial = true\n[verify]\nrecheck = \"all\"\n"
                 )),
                 Duration::from_secs(60),
             )
@@ -69,6 +69,8 @@ async fn metrics_show_what_a_job_did_and_pass_promtool() {
             ("fleetbox_tasks{state=\"accepted\"}", 3.0),
             ("fleetbox_agents{state=\"online\"}", 1.0),
             ("fleetbox_verification_total{verdict=\"valid\"}", 3.0),
+            ("fleetbox_runs_total{status=\"ok\"}", 3.0),
+            ("fleetbox_runs_total{status=\"error\"}", 1.0),
             ("fleetbox_lease_expired_total", 0.0),
             ("fleetbox_job_age_seconds", 0.0),
             (
@@ -285,4 +287,46 @@ async fn the_grafana_dashboard_queries_only_served_series() {
         panels.len()
     );
     c.stop().await;
+}
+
+/// The processing lag is how long the oldest ready shard has waited: a paused job's shards
+/// are not ready (the panel's latency alert never fires for them), a resumed job's are.
+#[tokio::test]
+async fn the_processing_lag_counts_ready_shards_only() {
+    for db in crate::support::BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = crate::support::database(db, dir.path()).await else {
+            continue;
+        };
+        let store = fleetbox_server::store::Store::open(&url).await.unwrap();
+        let t0 = fleetbox_server::store::now_ms();
+        let later = t0 + 120_000;
+        let lag = |m: fleetbox_server::metrics::Stored| m.lag_seconds;
+        assert_eq!(
+            lag(store.stored_metrics(later).await.unwrap()),
+            0.0,
+            "{db:?}: empty"
+        );
+        store
+            .insert_job(&crate::support::new_job("job_lag", 3, 3))
+            .await
+            .unwrap();
+        store
+            .pause_job("default", "job_lag", true, "admin:test")
+            .await
+            .unwrap();
+        let paused = store.stored_metrics(later).await.unwrap();
+        assert_eq!(
+            lag(paused),
+            0.0,
+            "{db:?}: a paused job's shards are not waiting"
+        );
+        store
+            .pause_job("default", "job_lag", false, "admin:test")
+            .await
+            .unwrap();
+        let waiting = lag(store.stored_metrics(later).await.unwrap());
+        assert!((119.0..=121.0).contains(&waiting), "{db:?}: {waiting}");
+        store.close().await;
+    }
 }

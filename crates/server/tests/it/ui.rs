@@ -206,6 +206,31 @@ async fn the_panel_works_in_a_real_browser() {
     assert_eq!(web.count(".tile").await, 12);
     web.screenshot(&screenshots().join("job.png")).await;
 
+    // The overview's failure rate counts what agents reported: 12 runs, all `ok`.
+    web.goto(&format!("{base}/ui")).await;
+    until(
+        "the failure rate of 12 ok runs",
+        Duration::from_secs(20),
+        || async { text(&web, "failure-rate").await == "0.0" },
+    )
+    .await;
+    // Four more that all fail: 4 of 16 runs.
+    let failing = c
+        .client
+        .submit(&fleetbox_testkit::spec(
+            "name = 'fails'\ncode = 'raise ValueError(1)'\n[shards]\ncount = 4",
+        ))
+        .await
+        .unwrap();
+    c.wait(&failing.id, Duration::from_secs(60)).await;
+    until(
+        "the failure rate of 4 failures in 16 runs",
+        Duration::from_secs(20),
+        || async { text(&web, "failure-rate").await == "25.0" },
+    )
+    .await;
+    assert_eq!(text(&web, "alerts").await, "None.");
+
     // A shard's page shows its report.
     web.goto(&format!("{base}/ui/jobs/{job_id}/shards/5")).await;
     assert_eq!(text(&web, "shard-state").await, "accepted");
