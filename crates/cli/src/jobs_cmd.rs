@@ -90,6 +90,10 @@ pub struct JobArgs {
     /// With `--shards`: only shards in this state (`queued`, `leased`, `accepted`, `rejected`, `dead`).
     #[arg(long, requires = "shards")]
     pub state: Option<String>,
+    /// List the files the accepted shards wrote (shard, path, bytes, sha256 for
+    /// `fleetbox blob`).
+    #[arg(long, conflicts_with_all = ["result", "shards"])]
+    pub files: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -428,9 +432,14 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
                     )?;
                 }
             }
-        } else {
+        } else if args.files {
+            print_files(&client, &args.id, args.json, &mut out).await?;
+        } else if args.json {
             let j = client.job(&args.id).await?;
             serde_json::to_writer_pretty(&mut out, &j)?;
+        } else {
+            let j = client.job(&args.id).await?;
+            print_job(&mut out, &j)?;
         }
         writeln!(out)?;
         Ok(ExitCode::SUCCESS)
@@ -464,6 +473,105 @@ pub fn blob(args: BlobArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The files accepted shards wrote, from each one's chosen report.
+async fn print_files(
+    client: &fleetbox_client::Client,
+    id: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = client.shards_page(id, from, 1000, Some("accepted")).await?;
+        for shard in &page.shards {
+            let detail = client.shard(id, shard.index).await?;
+            let Some(chosen) = detail.attempts.iter().find(|a| a.chosen) else {
+                continue;
+            };
+            let listed: Vec<fleetbox_proto::FileEntry> = chosen
+                .report
+                .get("files")
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()?
+                .unwrap_or_default();
+            files.extend(listed.into_iter().map(|f| (shard.index, f)));
+        }
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    if json {
+        let rows: Vec<_> = files
+            .iter()
+            .map(|(shard, f)| serde_json::json!({ "shard": shard, "path": f.path, "bytes": f.bytes, "sha256": f.sha256 }))
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &rows)?;
+        return Ok(());
+    }
+    write!(out, "{:>6} {:>10} {:<64} PATH", "SHARD", "BYTES", "SHA256")?;
+    for (shard, f) in &files {
+        write!(
+            out,
+            "\n{shard:>6} {:>10} {:<64} {}",
+            f.bytes,
+            f.sha256.as_deref().unwrap_or("-"),
+            term::for_stdout(&f.path)
+        )?;
+    }
+    if !files.is_empty() {
+        write!(out, "\n(save one with `fleetbox blob SHA256 -o FILE`)")?;
+    }
+    Ok(())
+}
+
+/// A job for a person: what `fleetbox jobs` shows of it, and the rest on lines of their own.
+fn print_job(out: &mut impl Write, j: &fleetbox_proto::api::JobView) -> std::io::Result<()> {
+    let c = &j.shards;
+    let paused = if j.paused { " (paused)" } else { "" };
+    writeln!(out, "job       {}  {}", j.id, term::for_stdout(&j.name))?;
+    writeln!(out, "state     {}{paused}", j.state)?;
+    writeln!(
+        out,
+        "shards    {}/{} settled: {} ok, {} failed, {} dead, {} queued, {} running, {} being checked",
+        c.settled(),
+        c.total,
+        c.accepted,
+        c.rejected,
+        c.dead,
+        c.queued,
+        c.leased,
+        c.reported
+    )?;
+    writeln!(
+        out,
+        "reducer   {}    priority {}    max_attempts {}",
+        j.reducer, j.priority, j.max_attempts
+    )?;
+    let when = |ms: i64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+        )
+    };
+    writeln!(out, "created   {}", when(j.created_at))?;
+    if let Some(f) = j.finished_at {
+        writeln!(out, "finished  {}", when(f))?;
+    }
+    if let Some(e) = &j.error {
+        writeln!(out, "error     {}", term::for_stdout(e))?;
+    }
+    if let Some(t) = &j.trace_id {
+        writeln!(out, "trace     {t}")?;
+    }
+    write!(
+        out,
+        "more      fleetbox job {0} --result | --shards | --files | --json",
+        j.id
+    )
 }
 
 /// A chain as a tree: each job under the job whose rule made it.

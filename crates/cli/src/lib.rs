@@ -117,6 +117,8 @@ pub fn main() -> ExitCode {
     }
     match result {
         Ok(code) => code,
+        // The reader went away (`fleetbox job ID | head`): nothing to say, as ripgrep does.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleetbox: error: {}", error_chain(&e));
             // A coordinator or agent failing at run time is not a usage error.
@@ -128,6 +130,15 @@ pub fn main() -> ExitCode {
             ExitCode::from(if runtime { 1 } else { EXIT_USAGE })
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
+    })
 }
 
 /// The error and its causes, skipping a cause whose text the message above already includes

@@ -168,11 +168,14 @@ pub async fn flags(
 ) -> Result<Json<ReviewFlagList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
     if let Some(s) = &q.status
-        && !["open", "approved", "rejected"].contains(&s.as_str())
+        && !crate::store::review::FLAG_STATUSES.contains(&s.as_str())
     {
         return Err(ApiError::bad_request(
             "invalid_query",
-            format!("unknown status `{s}` (open, approved, rejected)"),
+            format!(
+                "unknown status `{s}` ({})",
+                crate::store::review::FLAG_STATUSES.join(", ")
+            ),
         )
         .with_field("status"));
     }

@@ -10,6 +10,10 @@ use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
 
 /// A held job's shards are not leasable before this (`not_before`): never, until approved.
+/// What a review flag can be: `open` until a person decides; `approved`, `rejected`, or
+/// `rerun` (its shards run again in a new job).
+pub const FLAG_STATUSES: [&str; 4] = ["open", "approved", "rejected", "rerun"];
+
 pub(super) const HELD_UNTIL: i64 = i64::MAX / 2;
 
 #[derive(sqlx::FromRow)]

@@ -114,3 +114,53 @@ async fn health_and_readiness_probes_answer_without_a_token() {
         c.stop().await;
     }
 }
+
+/// Query values at the edges: every flag status filters (`rerun` too); a shard index past
+/// `i64::MAX` lists nothing (it wrapped to the first page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_values_at_the_edges_mean_what_they_say() {
+    for db in BOTH {
+        let Some(c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let get = |path: String| {
+            let token = c.running.admin_token.clone();
+            let url = format!("{}{path}", c.running.url());
+            async move {
+                let resp = reqwest::Client::new()
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.json::<serde_json::Value>().await.unwrap())
+            }
+        };
+        for status in ["open", "approved", "rejected", "rerun"] {
+            let (code, body) = get(format!("/v1/review/flags?status={status}")).await;
+            assert_eq!(code, 200, "{db:?}: {status}: {body}");
+        }
+        let (code, body) = get("/v1/review/flags?status=maybe".into()).await;
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (400, Some("status")),
+            "{body}"
+        );
+        let job = c
+            .client
+            .submit(&spec(
+                "name = 'edge'\ncode = 'pass'\nshards = { count = 3 }",
+            ))
+            .await
+            .unwrap();
+        for from in [u64::MAX, 1 << 63, (1 << 63) - 1, 3] {
+            let (code, body) = get(format!("/v1/jobs/{}/shards?from={from}", job.id)).await;
+            assert_eq!(code, 200, "{db:?}: {body}");
+            assert_eq!(body["shards"], serde_json::json!([]), "{db:?}: from={from}");
+        }
+        let (_, body) = get(format!("/v1/jobs/{}/shards?from=1", job.id)).await;
+        assert_eq!(body["shards"].as_array().unwrap().len(), 2, "{db:?}");
+        c.stop().await;
+    }
+}
