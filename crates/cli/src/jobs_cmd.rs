@@ -207,6 +207,13 @@ fn read_spec(path: &Path, within: &mut Vec<PathBuf>) -> anyhow::Result<JobSpec> 
     let me = fs_err::canonicalize(path)?;
     within.push(me.clone());
     for (i, rule) in spec.followup.iter_mut().enumerate() {
+        // An inline child names its files as a spec does (`code_file`, `aggregate.code_file`).
+        if let Some(serde_json::Value::Object(then)) = &mut rule.then {
+            inline_code_file(then, &format!("followup[{i}].then"), &read)?;
+            if let Some(serde_json::Value::Object(agg)) = then.get_mut("aggregate") {
+                inline_code_file(agg, &format!("followup[{i}].then.aggregate"), &read)?;
+            }
+        }
         let Some(file) = rule.job_file.take() else {
             continue;
         };
@@ -226,6 +233,22 @@ fn read_spec(path: &Path, within: &mut Vec<PathBuf>) -> anyhow::Result<JobSpec> 
     }
     within.pop();
     Ok(spec)
+}
+
+/// `code_file` in a table of a spec, read and sent as `code` (unless `code` is there too).
+fn inline_code_file(
+    table: &mut serde_json::Map<String, serde_json::Value>,
+    at: &str,
+    read: &dyn Fn(&str, &str) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    if table.contains_key("code") {
+        return Ok(());
+    }
+    if let Some(serde_json::Value::String(file)) = table.remove("code_file") {
+        let code = read(&format!("{at}.code_file"), &file)?;
+        table.insert("code".into(), serde_json::Value::String(code));
+    }
+    Ok(())
 }
 
 pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {

@@ -116,6 +116,21 @@ pub async fn chains_from_files_and_the_chain_tree(db: Db) {
             .output()
             .unwrap()
     };
+    // The docs' example: an inline child naming its code by file.
+    write("keep.py", "import json\nprint(sum(json.load(open('input.json'))['items']))\n");
+    write(
+        "docs.toml",
+        "name = \"gen\"\ncode = \"print(7)\"\nshards = { count = 2 }\naggregate = \"collect\"\n\
+         [[followup]]\nname = \"keep the large ones\"\nwhen = \"summary.success_rate == 1.0\"\n\
+         input = { items = \"result.filter(x, x >= summary.accepted * 3)\" }\n\
+         [followup.then]\nname = \"keep\"\ncode_file = \"keep.py\"\nshards = { per_shard = 10 }\naggregate = \"sum\"\n",
+    );
+    let out = fleetbox(&["submit", "--wait", dir.join("docs.toml").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = fleetbox(&["submit", dir.join("a.toml").to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
