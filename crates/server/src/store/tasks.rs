@@ -159,6 +159,13 @@ struct LeaseRow {
     agent_id: String,
     #[sqlx(try_from = "i64")]
     attempt: u32,
+    issued_at: i64,
+}
+
+/// What an agent claims a run took, bounded by what the coordinator saw: the time from the
+/// lease's issue to the report's arrival (a run cannot outlast the lease it ran under).
+fn seen_wall_ms(claimed: i64, issued_at: i64, now: i64) -> i64 {
+    claimed.clamp(0, (now - issued_at).max(0))
 }
 
 impl Store {
@@ -442,7 +449,7 @@ impl Store {
 
         // 1. Which leases are real, open and this agent's.
         let leases: HashMap<String, LeaseRow> = Sql::new(
-            "SELECT id, task_id, agent_id, attempt FROM leases WHERE closed = 0 AND id IN (",
+            "SELECT id, task_id, agent_id, attempt, issued_at FROM leases WHERE closed = 0 AND id IN (",
         )
         .bind_list(reports.iter().map(|r| r.lease_id.as_str()))
         .push(")")
@@ -517,7 +524,7 @@ impl Store {
                     .bind(r.report_json.as_str())
                     .bind(r.stdout_blob.as_deref())
                     .bind(r.stderr_blob.as_deref())
-                    .bind(r.wall_ms)
+                    .bind(seen_wall_ms(r.wall_ms, leases[&r.lease_id].issued_at, now))
                     .bind(r.peak_memory)
                     .bind(r.bytes_out)
                     .bind(now)

@@ -626,3 +626,39 @@ async fn leases_reports_expiry_and_cancel_racing_keep_every_counter_true() {
         }
     }
 }
+
+/// An agent's claimed run time is bounded by the lease it ran under (issue to report, as the
+/// coordinator saw it): a signed claim of 10^12 ms never reaches a job's summary.
+#[tokio::test]
+async fn a_claimed_run_time_is_bounded_by_the_lease() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_, one, _)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        one.insert_job(&new_job("job_wall", 2, 3)).await.unwrap();
+        let leased_at = now_ms();
+        let g = one
+            .lease("default", "agt_a", 2, now_ms() + 60_000, "r")
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut lying = ok_report(&g[0], 1);
+        lying.wall_ms = 1_000_000_000_000;
+        let mut honest = ok_report(&g[1], 2);
+        honest.wall_ms = 20;
+        one.report("default", "agt_a", &[lying, honest], POLICY)
+            .await
+            .unwrap();
+        let bound = (now_ms() - leased_at) as f64;
+        let mut walls = one.attempt_facts("job_wall").await.unwrap().chosen_wall_ms;
+        walls.sort_by(f64::total_cmp);
+        assert_eq!(walls.len(), 2, "{db:?}");
+        assert_eq!(walls[0], 20.0, "{db:?}: an honest claim stands");
+        assert!(
+            (40.0..=bound).contains(&walls[1]),
+            "{db:?}: {} is not within the lease's {bound} ms",
+            walls[1]
+        );
+    }
+}

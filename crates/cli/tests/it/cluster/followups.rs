@@ -117,7 +117,10 @@ pub async fn chains_from_files_and_the_chain_tree(db: Db) {
             .unwrap()
     };
     // The docs' example: an inline child naming its code by file.
-    write("keep.py", "import json\nprint(sum(json.load(open('input.json'))['items']))\n");
+    write(
+        "keep.py",
+        "import json\nprint(sum(json.load(open('input.json'))['items']))\n",
+    );
     write(
         "docs.toml",
         "name = \"gen\"\ncode = \"print(7)\"\nshards = { count = 2 }\naggregate = \"collect\"\n\
