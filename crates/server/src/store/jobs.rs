@@ -764,8 +764,8 @@ impl Store {
     }
 
     /// Claim a job's fold for `owner` until `expires`: a settled `running` job, or an
-    /// `aggregating` one whose fold lease ran out. Returns the try number (1 for the first),
-    /// or `None` when the job is not claimable (another coordinator holds it, or it is done).
+    /// `aggregating` one whose fold lease ran out. Returns the try number: 1 + the folds that
+    /// failed before (a fold whose coordinator stopped or died is no failure), or `None` when the job is not claimable (another coordinator holds it, or it is done).
     pub async fn claim_fold(
         &self,
         id: &str,
@@ -779,7 +779,7 @@ impl Store {
             .bind(owner)
             .push(", fold_expires = ")
             .bind(expires)
-            .push(", fold_tries = fold_tries + 1 WHERE id = ")
+            .push(" WHERE id = ")
             .bind(id)
             .push(" AND ((state = ")
             .bind(JobState::Running.as_str())
@@ -796,7 +796,8 @@ impl Store {
             .fetch_optional(&self.write)
             .await
             .doing("claiming a fold")?;
-        Ok(row.map(|(n,)| n as u32))
+        // Failed folds so far, and this one: a fold whose coordinator died is not a failure.
+        Ok(row.map(|(failed,)| failed as u32 + 1))
     }
 
     /// Extend `owner`'s fold lease; false when it lost it.
@@ -829,20 +830,23 @@ impl Store {
         after: i64,
         error: &str,
     ) -> Result<bool, StoreError> {
-        let done = Sql::new("UPDATE jobs SET fold_owner = NULL, fold_expires = 0, fold_after = ")
-            .bind(after)
-            .push(", error = ")
-            .bind(settle::storable_text(error))
-            .push(" WHERE id = ")
-            .bind(id)
-            .push(" AND state = ")
-            .bind(JobState::Aggregating.as_str())
-            .push(" AND fold_owner = ")
-            .bind(owner)
-            .build()
-            .execute(&self.write)
-            .await
-            .doing("releasing a fold")?;
+        let done = Sql::new(
+            "UPDATE jobs SET fold_tries = fold_tries + 1, fold_owner = NULL, fold_expires = 0, \
+             fold_after = ",
+        )
+        .bind(after)
+        .push(", error = ")
+        .bind(settle::storable_text(error))
+        .push(" WHERE id = ")
+        .bind(id)
+        .push(" AND state = ")
+        .bind(JobState::Aggregating.as_str())
+        .push(" AND fold_owner = ")
+        .bind(owner)
+        .build()
+        .execute(&self.write)
+        .await
+        .doing("releasing a fold")?;
         Ok(done.rows_affected() == 1)
     }
 

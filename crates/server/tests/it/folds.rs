@@ -58,11 +58,13 @@ async fn two_coordinators_never_hold_one_fold_and_a_dead_ones_is_taken_over() {
             a.jobs_to_aggregate(later).await.unwrap(),
             vec!["job_g".to_string()]
         );
+        // A fold whose coordinator died did not fail: the take-over is still the first try.
         assert_eq!(
             b.claim_fold("job_g", "coord_b", later, later + 1000)
                 .await
                 .unwrap(),
-            Some(2)
+            Some(1),
+            "{db:?}"
         );
         let summary = Default::default();
         let outcome = FoldOutcome {
@@ -214,5 +216,35 @@ aggregate = "sum"
                 "{db:?}"
             );
         }
+    }
+}
+
+/// Only a fold that failed counts against the job's tries: one whose coordinator stopped or
+/// died (its claim ran out) is taken over as the same try.
+#[tokio::test]
+async fn only_failed_folds_count_as_tries() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let a = Store::open(&url).await.unwrap();
+        a.insert_job(&new_job("job_t", 1, 1)).await.unwrap();
+        let now = now_ms();
+        a.lease("default", "agt", 1, now + 10, "x").await.unwrap();
+        a.expire_leases(now + 100, &[], 0).await.unwrap();
+        let mut t = now_ms();
+        let claim = async |t: i64| a.claim_fold("job_t", "coord", t, t + 1000).await.unwrap();
+        assert_eq!(claim(t).await, Some(1), "{db:?}");
+        for _ in 0..3 {
+            // Killed mid-fold, again and again: never a failure.
+            t += 1001;
+            assert_eq!(claim(t).await, Some(1), "{db:?}");
+        }
+        assert!(a.release_fold("job_t", "coord", t, "boom").await.unwrap());
+        assert_eq!(claim(t).await, Some(2), "{db:?}: a failed fold counts");
+        t += 1001;
+        assert_eq!(claim(t).await, Some(2), "{db:?}");
+        a.close().await;
     }
 }
