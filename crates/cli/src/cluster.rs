@@ -629,7 +629,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
             let cfg = agent_config(
                 AgentArgs {
                     server: url.clone(),
-                    token: running.enroll_token.clone(),
+                    // The coordinator's own agents: trusted from the start.
+                    token: running.own_enroll_token.clone(),
                     slots: args.slots,
                     backend: None,
                     docker: args.docker.clone(),

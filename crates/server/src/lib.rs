@@ -381,6 +381,9 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin_token: String,
     pub enroll_token: String,
+    /// Enrols the agents this process starts itself (`fleetbox up`), which are trusted from
+    /// the start; made at each start and held only in memory.
+    pub own_enroll_token: String,
     pub state: Arc<State>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -432,6 +435,15 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     let audit_key = audit_key(&key_path).map_err(data_err(&key_path))?;
     let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
     let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
+    let own_enroll_token = ids::token("enroll");
+    store
+        .add_token(
+            &sha256_hex(own_enroll_token.as_bytes()),
+            DEFAULT_TENANT,
+            TokenKind::EnrollOwn,
+            None,
+        )
+        .await?;
 
     let listener = bind(config.listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -560,6 +572,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         addr,
         admin_token,
         enroll_token,
+        own_enroll_token,
         state,
         shutdown,
         server,

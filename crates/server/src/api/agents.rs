@@ -125,7 +125,8 @@ pub async fn enroll(
     auth: Auth,
     Body(req): Body<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let principal = auth.require(&[TokenKind::Enroll, TokenKind::Admin])?;
+    let principal = auth.require(&[TokenKind::Enroll, TokenKind::EnrollOwn, TokenKind::Admin])?;
+    let own = principal.kind == TokenKind::EnrollOwn;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let name = req.name.trim();
     if name.is_empty() || name.len() > 200 {
@@ -161,9 +162,16 @@ pub async fn enroll(
     let secret = token("agent");
     state
         .store
-        .enroll_agent(&tenant, &id, &sha256_hex(secret.as_bytes()), &req, &actor)
+        .enroll_agent(
+            &tenant,
+            &id,
+            &sha256_hex(secret.as_bytes()),
+            &req,
+            &actor,
+            own,
+        )
         .await?;
-    tracing::info!(agent = %id, name, slots = req.slots, "agent enrolled");
+    tracing::info!(agent = %id, name, slots = req.slots, own, "agent enrolled");
     Ok(Json(EnrollResponse {
         agent_id: id,
         agent_token: secret,

@@ -18,12 +18,13 @@ impl Store {
         token_hash: &str,
         req: &EnrollRequest,
         actor: &str,
+        own: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("enrolling an agent")?;
         sqlx::query(
-            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10)",
+            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id, own) \
+             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10, $11)",
         )
         .bind(agent_id)
         .bind(tenant_id)
@@ -35,6 +36,7 @@ impl Store {
         .bind(now)
         .bind(&req.public_key)
         .bind(machine_id(&req.facts))
+        .bind(i64::from(own))
         .execute(&mut *tx)
         .await
         .doing("inserting an agent")?;

@@ -10,6 +10,10 @@ pub enum TokenKind {
     Admin,
     /// Only `POST /v1/agents/enroll`.
     Enroll,
+    /// `POST /v1/agents/enroll` for the agents this coordinator's own process starts
+    /// (`fleetbox up`): made at each start, never written to disk; agents it enrolls are
+    /// trusted from the start.
+    EnrollOwn,
     /// One agent's own calls.
     Agent,
 }
@@ -19,6 +23,7 @@ impl TokenKind {
         match self {
             TokenKind::Admin => "admin",
             TokenKind::Enroll => "enroll",
+            TokenKind::EnrollOwn => "enroll_own",
             TokenKind::Agent => "agent",
         }
     }
@@ -27,6 +32,7 @@ impl TokenKind {
         match s {
             "admin" => Some(TokenKind::Admin),
             "enroll" => Some(TokenKind::Enroll),
+            "enroll_own" => Some(TokenKind::EnrollOwn),
             "agent" => Some(TokenKind::Agent),
             _ => None,
         }

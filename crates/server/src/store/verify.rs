@@ -71,6 +71,8 @@ pub fn policy(stored: Option<&str>) -> VerifySpec {
 /// What the report transaction knows of the reporting agent's trust.
 pub(super) struct ReporterTrust {
     quarantined: bool,
+    /// Started by the coordinator's own process (`fleetbox up`): trusted from the start.
+    own: bool,
     trusted_after: i64,
     /// Consecutive valid results and error rate per (python, backend).
     consecutive: HashMap<(String, String), (i64, f64)>,
@@ -136,15 +138,16 @@ impl ReporterTrust {
         .fetch_all(&mut **tx)
         .await
         .doing("reading an agent's trust")?;
-        let quarantined: Option<(Option<i64>,)> =
-            Sql::new("SELECT quarantined_at FROM agents WHERE id = ")
+        let agent: Option<(Option<i64>, i64)> =
+            Sql::new("SELECT quarantined_at, own FROM agents WHERE id = ")
                 .bind(agent_id)
                 .build_as()
                 .fetch_optional(&mut **tx)
                 .await
                 .doing("reading an agent's quarantine")?;
         Ok(ReporterTrust {
-            quarantined: matches!(quarantined, Some((Some(_),))),
+            quarantined: matches!(agent, Some((Some(_), _))),
+            own: matches!(agent, Some((_, 1))),
             trusted_after,
             consecutive: rows
                 .into_iter()
@@ -170,6 +173,9 @@ impl ReporterTrust {
             Recheck::None | Recheck::OnAnomaly => None,
             Recheck::All => Some("recheck = all"),
             Recheck::Sample(p) => (draw() < p).then_some("sampled"),
+            // The coordinator's own agents (`fleetbox up`) run on its machine, under its user:
+            // re-running their results there would check the machine against itself.
+            Recheck::Adaptive if self.own => None,
             Recheck::Adaptive => {
                 let key = (r.python.clone(), r.backend.clone());
                 let (cv, errors) = self.consecutive.get(&key).copied().unwrap_or((0, 0.0));
@@ -1111,6 +1117,7 @@ mod tests {
         let key = ("3.11".to_string(), "jail".to_string());
         let flaky = ReporterTrust {
             quarantined: false,
+            own: false,
             trusted_after: TRUSTED_AFTER,
             consecutive: [(key.clone(), (1000, 0.2))].into_iter().collect(),
         };
@@ -1120,10 +1127,27 @@ mod tests {
         );
         let quarantined = ReporterTrust {
             quarantined: true,
+            own: true,
             trusted_after: TRUSTED_AFTER,
             consecutive: [(key, (1000, 0.0))].into_iter().collect(),
         };
-        assert!(quarantined.check_reason(None, &report).is_some());
+        assert!(
+            quarantined.check_reason(None, &report).is_some(),
+            "quarantine outranks being the coordinator's own"
+        );
+        // The coordinator's own agent: trusted from its first result under `adaptive`, still
+        // checked when the job asks for every result.
+        let own = ReporterTrust {
+            quarantined: false,
+            own: true,
+            trusted_after: TRUSTED_AFTER,
+            consecutive: Default::default(),
+        };
+        assert_eq!(own.check_reason(None, &report), None);
+        assert_eq!(
+            own.check_reason(Some(r#"{"recheck":"all"}"#), &report),
+            Some("recheck = all")
+        );
         let none = r#"{"recheck":"none"}"#;
         assert_eq!(flaky.check_reason(Some(none), &report), None);
         let draws: Vec<f64> = (0..1000).map(|_| draw()).collect();

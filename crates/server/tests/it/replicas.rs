@@ -30,7 +30,14 @@ async fn enroll(store: &Store, id: &str, machine: &str) {
         ..Default::default()
     };
     store
-        .enroll_agent("default", id, &format!("hash-{id}"), &req, "enroll:test")
+        .enroll_agent(
+            "default",
+            id,
+            &format!("hash-{id}"),
+            &req,
+            "enroll:test",
+            false,
+        )
         .await
         .unwrap();
 }

@@ -389,3 +389,41 @@ async fn on_anomaly_checks_the_shards_that_stand_out_before_the_fold() {
         c.stop().await;
     }
 }
+
+/// Agents the coordinator's own process starts (`fleetbox up`, enrolled with its in-memory
+/// token) are trusted from the start: under the default `adaptive` re-check none of their
+/// results is run again; an agent enrolled with the ordinary token has every one re-run
+/// until it earns trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinators_own_agents_are_trusted_from_the_start() {
+    for db in crate::support::BOTH {
+        for own in [true, false] {
+            let Some(mut c) = crate::support::Coordinator::start(db).await else {
+                continue;
+            };
+            let token = if own {
+                c.running.own_enroll_token.clone()
+            } else {
+                c.running.enroll_token.clone()
+            };
+            c.agent_with("local", |config| config.token = token);
+            let r = c
+                .run(
+                    &crate::support::spec(
+                        "name = 'own'\ncode = 'print(1)'\naggregate = 'sum'\n[shards]\ncount = 8",
+                    ),
+                    std::time::Duration::from_secs(60),
+                )
+                .await;
+            assert_eq!(
+                r.state,
+                fleetbox_proto::JobState::Completed,
+                "{db:?}: {r:?}"
+            );
+            let s = r.summary.unwrap();
+            let expected = if own { 0 } else { 8 };
+            assert_eq!(s.server_runs, expected, "{db:?}, own: {own}: {s:?}");
+            c.stop().await;
+        }
+    }
+}
