@@ -1009,10 +1009,20 @@ async fn drain(shared: &Shared) {
     if left.is_empty() && unstarted.is_empty() {
         return;
     }
-    tracing::warn!(
-        count = left.len(),
-        "handing back shards still running at shutdown"
-    );
+    // Prefetched shards that never started are the normal case at shutdown; shards cut short
+    // past the drain timeout are worth a warning.
+    if left.is_empty() {
+        tracing::info!(
+            count = unstarted.len(),
+            "handing back shards that had not started"
+        );
+    } else {
+        tracing::warn!(
+            running = left.len(),
+            not_started = unstarted.len(),
+            "handing back shards still running at shutdown"
+        );
+    }
     // Stop them first, so nothing keeps running once the coordinator has re-queued them.
     for (_, cancel) in left.iter() {
         if let Some(c) = cancel {

@@ -121,12 +121,21 @@ pub fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleetbox: error: {}", error_chain(&e));
-            // A coordinator or agent failing at run time is not a usage error.
-            let runtime = e.chain().any(|c| {
-                c.is::<fleetbox_client::ClientError>()
-                    || c.is::<fleetbox_server::StartError>()
-                    || c.is::<fleetbox_agent::AgentError>()
+            // A coordinator or agent failing at run time is not a usage error; a spec the
+            // coordinator refused (a syntax error in its code, a rule it cannot compile) is,
+            // as when the CLI refuses it itself.
+            let refused_spec = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<fleetbox_client::ClientError>(),
+                    Some(fleetbox_client::ClientError::Api { code, .. }) if code == "invalid_spec"
+                )
             });
+            let runtime = !refused_spec
+                && e.chain().any(|c| {
+                    c.is::<fleetbox_client::ClientError>()
+                        || c.is::<fleetbox_server::StartError>()
+                        || c.is::<fleetbox_agent::AgentError>()
+                });
             ExitCode::from(if runtime { 1 } else { EXIT_USAGE })
         }
     }

@@ -169,7 +169,7 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("could not listen on `{addr}`: {source}")]
+    #[error("could not listen on `{addr}`: {source}{}", bind_hint(source))]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -582,8 +582,25 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
 /// Listen on `addr`. A coordinator restarted on its old address may find it held for a moment
 /// by what its killed predecessor left (a sandbox child between fork and exec): it retries
 /// for a few seconds before giving up.
+/// What to do about a bind error, when there is something to say.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there: stop it, or choose another address with `--listen`, \
+             e.g. `--listen 127.0.0.1:8081`)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need privileges: choose another with `--listen`)"
+        }
+        _ => "",
+    }
+}
+
+/// Listen on `addr`. An address still in use is tried again for a few seconds (a restarted
+/// coordinator's old socket may linger), saying so once.
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut said = false;
     loop {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => return Ok(l),
@@ -591,7 +608,10 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
                 if e.kind() == std::io::ErrorKind::AddrInUse
                     && std::time::Instant::now() < deadline =>
             {
-                tracing::warn!(%addr, "address in use; retrying");
+                if !said {
+                    tracing::warn!(%addr, "address in use; trying again for 5 s");
+                    said = true;
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             Err(source) => return Err(StartError::Bind { addr, source }),

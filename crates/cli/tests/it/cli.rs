@@ -668,3 +668,26 @@ fn a_sigkilled_runs_container_is_removed_by_the_next_start() {
         "the killed run's container is still there"
     );
 }
+
+/// A busy port is one warning and an error that says what to do, not a screenful of retries.
+#[test]
+fn a_busy_port_says_to_choose_another() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let out = fleetbox(
+        &[
+            "server",
+            "--listen",
+            &addr,
+            "--data",
+            data.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("address in use").count(), 1, "{err}");
+    assert!(err.contains(&format!("could not listen on `{addr}`")), "{err}");
+    assert!(err.contains("--listen"), "{err}");
+}

@@ -134,6 +134,45 @@ pub async fn chains_from_files_and_the_chain_tree(db: Db) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let submitted = String::from_utf8_lossy(&out.stderr).to_string();
+    let generated = submitted
+        .split_whitespace()
+        .find(|w| w.starts_with("job_"))
+        .expect("the job's id")
+        .trim_end_matches(':')
+        .to_string();
+    // `fleetbox job ID` is for a person; `--json` is the API's view.
+    let out = fleetbox(&["job", &generated]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains("state     completed"), "{human}");
+    assert!(human.contains("2/2 settled: 2 ok"), "{human}");
+    let out = fleetbox(&["job", &generated, "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(view["state"], "completed");
+    // A reader that goes away (`| head`) ends it quietly.
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "job", &generated, "--shards", "--server", &url, "--token", ADMIN,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A syntax error in the code is a spec error (2), as the CLI's own checks are.
+    write(
+        "broken.toml",
+        "name = \"broken\"\ncode = \"print(\"\nshards = { count = 1 }\n",
+    );
+    let out = fleetbox(&["submit", dir.join("broken.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = fleetbox(&["submit", dir.join("a.toml").to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
