@@ -155,6 +155,10 @@ pub struct Stored {
 /// database are written as 0 where they have no labels, so they exist from the start).
 const COUNTERS: &[(&str, &str)] = &[
     (
+        "fleetbox_tasks_total",
+        "Shards settled, by final state (accepted, rejected, dead), as each settle was audited.",
+    ),
+    (
         "fleetbox_lease_expired_total",
         "Leases that ran out (agent silent or lost): the shard went back to the queue or died.",
     ),
@@ -184,6 +188,27 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The series every coordinator reads from the shared database: each reports the same value,
+/// so dashboards aggregate them across coordinators with `max`, never `sum` (which would
+/// multiply them by the number of coordinators). The rest are each process's own.
+pub const DATABASE_SERIES: &[&str] = &[
+    "fleetbox_queue_depth",
+    "fleetbox_tasks",
+    "fleetbox_tasks_total",
+    "fleetbox_agents",
+    "fleetbox_job_age_seconds",
+    "fleetbox_processing_lag_seconds",
+    "fleetbox_agent_execution_total",
+    "fleetbox_review_flags_total",
+    "fleetbox_lease_expired_total",
+    "fleetbox_verification_total",
+    "fleetbox_runs_total",
+    "fleetbox_sandbox_violations_total",
+    "fleetbox_reports_refused_total",
+    "fleetbox_agent_quarantines_total",
+    "fleetbox_followups_total",
+];
+
 /// The whole exposition.
 pub fn render(stored: &Stored, registry: &Registry) -> String {
     let mut out = String::with_capacity(8192);
@@ -208,19 +233,6 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
     );
     for (state, n) in &stored.tasks {
         let _ = writeln!(out, "fleetbox_tasks{{state=\"{state}\"}} {n}");
-    }
-    family(
-        &mut out,
-        "fleetbox_tasks_total",
-        "counter",
-        "Shards settled, by final state (accepted, rejected, dead).",
-    );
-    for (state, n) in stored
-        .tasks
-        .iter()
-        .filter(|(s, _)| matches!(*s, "accepted" | "rejected" | "dead"))
-    {
-        let _ = writeln!(out, "fleetbox_tasks_total{{state=\"{state}\"}} {n}");
     }
     family(&mut out, "fleetbox_agents", "gauge", "Agents by state.");
     for (state, n) in &stored.agents {

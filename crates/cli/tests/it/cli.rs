@@ -688,6 +688,9 @@ fn a_busy_port_says_to_choose_another() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("address in use").count(), 1, "{err}");
-    assert!(err.contains(&format!("could not listen on `{addr}`")), "{err}");
+    assert!(
+        err.contains(&format!("could not listen on `{addr}`")),
+        "{err}"
+    );
     assert!(err.contains("--listen"), "{err}");
 }

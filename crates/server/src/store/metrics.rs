@@ -20,6 +20,9 @@ pub(super) fn counted(entries: &[Entry]) -> BTreeMap<(&'static str, String), i64
     let text = |e: &Entry, key: &str| e.details[key].as_str().map(escape).unwrap_or_default();
     for e in entries {
         match e.action {
+            Action::ShardAccepted => add("fleetbox_tasks_total", "state=\"accepted\"".into(), 1),
+            Action::ShardRejected => add("fleetbox_tasks_total", "state=\"rejected\"".into(), 1),
+            Action::ShardDead => add("fleetbox_tasks_total", "state=\"dead\"".into(), 1),
             Action::LeaseExpired => add("fleetbox_lease_expired_total", String::new(), 1),
             Action::AttemptVerified => add(
                 "fleetbox_verification_total",

@@ -151,11 +151,36 @@ async fn metrics_show_what_a_job_did_and_pass_promtool() {
 /// A real Prometheus server (the Debian package) scrapes a live coordinator; its query API
 /// then answers for series a job moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_prometheus_scrapes_a_live_coordinator() {
+async fn a_real_prometheus_scrapes_two_coordinators_through_the_dashboards_queries() {
     let Some(prometheus) = tool("prometheus") else {
         return;
     };
-    let Some(c) = after_a_job("print(2)", 5).await else {
+    // Two coordinators on one PostgreSQL: the one that ran the job, and one that did not.
+    let Some(url) = fleetbox_testkit::postgres_database().await else {
+        return;
+    };
+    let on_shared = |config: &mut fleetbox_server::ServerConfig| {
+        config.database_url = Some(url.clone());
+    };
+    let Some(mut c) = Coordinator::start_with(Db::Postgres, on_shared).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let r = c
+        .run(
+            &spec(
+                "name = \"m\"\ncode = \"print(2)\"\nshards = { count = 5 }\naggregate = \"sum\"\n",
+            ),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    let Some(other) = Coordinator::start_with(Db::Postgres, |config| {
+        config.database_url = Some(url.clone());
+        config.admin_token = Some(c.running.admin_token.clone());
+    })
+    .await
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -168,8 +193,8 @@ async fn a_real_prometheus_scrapes_a_live_coordinator() {
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: fleetbox\n    metrics_path: /metrics\n    authorization:\n      credentials: {}\n    static_configs:\n      - targets: ['{}']\n",
-            c.running.admin_token, c.running.addr
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: fleetbox\n    metrics_path: /metrics\n    authorization:\n      credentials: {}\n    static_configs:\n      - targets: ['{}', '{}']\n",
+            c.running.admin_token, c.running.addr, other.running.addr
         ),
     )
     .unwrap();
@@ -188,43 +213,84 @@ async fn a_real_prometheus_scrapes_a_live_coordinator() {
             .unwrap(),
     );
     let http = reqwest::Client::new();
-    let query = |q: &'static str| {
+    // Every series of a query's answer: (its labels, its value).
+    let query = |q: String| {
         let http = http.clone();
         async move {
             let resp = http
                 .get(format!("http://127.0.0.1:{port}/api/v1/query"))
-                .query(&[("query", q)])
+                .query(&[("query", q.as_str())])
                 .send()
                 .await
                 .ok()?;
             let body: serde_json::Value = resp.json().await.ok()?;
-            body["data"]["result"][0]["value"][1]
-                .as_str()
-                .and_then(|v| v.parse::<f64>().ok())
+            let rows = body["data"]["result"].as_array()?.iter().map(|r| {
+                let value = r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok());
+                (r["metric"].clone(), value.unwrap_or(f64::NAN))
+            });
+            Some(rows.collect::<Vec<_>>())
+        }
+    };
+    let one = |q: &'static str| {
+        let query = &query;
+        async move {
+            query(q.to_string())
+                .await
+                .and_then(|r| r.first().map(|(_, v)| *v))
         }
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = None;
     while Instant::now() < deadline {
-        seen = query("fleetbox_tasks_total{state=\"accepted\"}").await;
-        if seen == Some(5.0) {
+        if one("count(up{job=\"fleetbox\"} == 1)").await == Some(2.0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(
-        seen,
-        Some(5.0),
+        one("count(up{job=\"fleetbox\"} == 1)").await,
+        Some(2.0),
         "prometheus log:\n{}",
         std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
     );
-    assert_eq!(query("up{job=\"fleetbox\"}").await, Some(1.0));
-    assert_eq!(query("fleetbox_agents{state=\"online\"}").await, Some(1.0));
-    let runs = query("sum(fleetbox_task_duration_seconds_count)").await;
+    // Both serve the database's series (a plain `sum` would say twice the truth)...
+    assert_eq!(
+        one("sum(fleetbox_tasks_total{state=\"accepted\"})").await,
+        Some(10.0)
+    );
+    // ...and the dashboard's own queries read the truth.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../../resources/grafana/fleetbox.json")).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .collect();
+    let find = |name: &str| {
+        exprs
+            .iter()
+            .find(|e| {
+                e.contains(&format!("({name})"))
+                    || e.contains(&format!("({name}["))
+                    || e.contains(&format!("(rate({name}["))
+            })
+            .unwrap_or_else(|| panic!("no panel reads `{name}`: {exprs:?}"))
+            .clone()
+    };
+    let by = |rows: Vec<(serde_json::Value, f64)>, label: &str, value: &str| {
+        rows.iter()
+            .find(|(m, _)| m[label] == value)
+            .map(|(_, v)| *v)
+    };
+    let tasks = query(find("fleetbox_tasks")).await.unwrap();
+    assert_eq!(by(tasks, "state", "accepted"), Some(5.0));
+    let agents = query(find("fleetbox_agents")).await.unwrap();
+    assert_eq!(by(agents, "state", "online"), Some(1.0));
+    // Per-process series are summed: the run times reported to the first coordinator.
+    let runs = one("sum(fleetbox_task_duration_seconds_count)").await;
     assert!(runs.is_some_and(|n| n >= 5.0), "{runs:?}");
-    let posts =
-        query("sum(fleetbox_http_requests_total{route=\"/v1/jobs\",method=\"POST\"})").await;
-    assert_eq!(posts, Some(1.0));
+    other.stop().await;
     c.stop().await;
 }
 
@@ -278,6 +344,14 @@ async fn the_grafana_dashboard_queries_only_served_series() {
                     served.contains(name),
                     "{title}: `{expr}` reads `{name}`, which /metrics does not serve"
                 );
+                // Every coordinator serves the database's series: summing them across
+                // coordinators would multiply them.
+                if fleetbox_server::metrics::DATABASE_SERIES.contains(&name) {
+                    assert!(
+                        expr.contains("max"),
+                        "{title}: `{expr}` must take the `max` of `{name}` across coordinators"
+                    );
+                }
                 queried += 1;
             }
         }
