@@ -94,6 +94,16 @@ pub struct JobArgs {
     /// `fleetbox blob`).
     #[arg(long, conflicts_with_all = ["result", "shards"])]
     pub files: bool,
+    /// Save the file an accepted shard wrote at this path (relative to its workspace) to
+    /// `--output`, or stdout.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["result", "shards", "files"])]
+    pub file: Option<String>,
+    /// With `--file`: the shard that wrote it, when several did.
+    #[arg(long, requires = "file")]
+    pub shard: Option<u64>,
+    /// With `--file`: where to write it.
+    #[arg(short, long, requires = "file")]
+    pub output: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -457,6 +467,9 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
             }
         } else if args.files {
             print_files(&client, &args.id, args.json, &mut out).await?;
+        } else if let Some(path) = &args.file {
+            save_file(&client, &args.id, path, args.shard, args.output.as_deref()).await?;
+            return Ok(ExitCode::SUCCESS);
         } else if args.json {
             let j = client.job(&args.id).await?;
             serde_json::to_writer_pretty(&mut out, &j)?;
@@ -505,6 +518,88 @@ async fn print_files(
     json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let files = shard_files(client, id).await?;
+    if json {
+        let rows: Vec<_> = files
+            .iter()
+            .map(|(shard, f)| serde_json::json!({ "shard": shard, "path": f.path, "bytes": f.bytes, "sha256": f.sha256 }))
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &rows)?;
+        return Ok(());
+    }
+    write!(out, "{:>6} {:>10} {:<64} PATH", "SHARD", "BYTES", "SHA256")?;
+    for (shard, f) in &files {
+        write!(
+            out,
+            "\n{shard:>6} {:>10} {:<64} {}",
+            f.bytes,
+            f.sha256.as_deref().unwrap_or("-"),
+            term::for_stdout(&f.path)
+        )?;
+    }
+    if !files.is_empty() {
+        write!(
+            out,
+            "\n(save one with `fleetbox job {id} --file PATH [--shard N] -o FILE`)"
+        )?;
+    }
+    Ok(())
+}
+
+/// The file at `path` that an accepted shard wrote, to `output` or stdout.
+async fn save_file(
+    client: &fleetbox_client::Client,
+    id: &str,
+    path: &str,
+    shard: Option<u64>,
+    output: Option<&Path>,
+) -> anyhow::Result<()> {
+    let found: Vec<(u64, fleetbox_proto::FileEntry)> = shard_files(client, id)
+        .await?
+        .into_iter()
+        .filter(|(s, f)| f.path == path && shard.is_none_or(|want| want == *s))
+        .collect();
+    let (shard, file) = match found.as_slice() {
+        [] => bail!("no accepted shard of `{id}` wrote `{path}` (see `fleetbox job {id} --files`)"),
+        [one] => one,
+        many => bail!(
+            "shards {} of `{id}` wrote `{path}`: choose one with `--shard N`",
+            many.iter()
+                .map(|(s, _)| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let Some(sha) = &file.sha256 else {
+        bail!(
+            "shard {shard} wrote `{path}` but it was not hashed (past the hashing budget), so it was not kept"
+        );
+    };
+    let bytes = client.get_blob(sha).await?;
+    match output {
+        Some(to) => {
+            fs_err::write(to, &bytes)?;
+            eprintln!(
+                "fleetbox: shard {shard}'s `{}` ({} bytes) saved to `{}`",
+                term::for_stderr(path),
+                bytes.len(),
+                to.display()
+            );
+        }
+        None => term::write_untrusted(
+            &mut std::io::stdout().lock(),
+            &bytes,
+            term::stdout_is_terminal(),
+        )?,
+    }
+    Ok(())
+}
+
+/// Every file accepted shards wrote, with the shard, from each one's chosen report.
+async fn shard_files(
+    client: &fleetbox_client::Client,
+    id: &str,
+) -> anyhow::Result<Vec<(u64, fleetbox_proto::FileEntry)>> {
     let mut files = Vec::new();
     let mut from = 0;
     loop {
@@ -528,28 +623,7 @@ async fn print_files(
             None => break,
         }
     }
-    if json {
-        let rows: Vec<_> = files
-            .iter()
-            .map(|(shard, f)| serde_json::json!({ "shard": shard, "path": f.path, "bytes": f.bytes, "sha256": f.sha256 }))
-            .collect();
-        serde_json::to_writer_pretty(&mut *out, &rows)?;
-        return Ok(());
-    }
-    write!(out, "{:>6} {:>10} {:<64} PATH", "SHARD", "BYTES", "SHA256")?;
-    for (shard, f) in &files {
-        write!(
-            out,
-            "\n{shard:>6} {:>10} {:<64} {}",
-            f.bytes,
-            f.sha256.as_deref().unwrap_or("-"),
-            term::for_stdout(&f.path)
-        )?;
-    }
-    if !files.is_empty() {
-        write!(out, "\n(save one with `fleetbox blob SHA256 -o FILE`)")?;
-    }
-    Ok(())
+    Ok(files)
 }
 
 /// A job for a person: what `fleetbox jobs` shows of it, and the rest on lines of their own.

@@ -24,7 +24,7 @@ async fn an_agent_serves_its_own_metrics_when_asked() {
     c.agent("quiet", Default::default());
     let r = c
         .run(
-            &spec("name = \"m\"\ncode = \"import os, sys\\nif os.environ['FLEETBOX_SHARD_INDEX'] == '5':\\n    sys.exit(3)\\nprint(1)\"\nshards = { count = 8 }\naggregate = \"sum\"\nmax_attempts = 1\n"),
+            &spec("name = \"m\"\ncode = \"import os, sys\\nif os.environ['FLEETBOX_SHARD_INDEX'] == '5':\\n    sys.exit(3)\\nprint(1)\"\nshards = { count = 8 }\naggregate = \"sum\"\nmax_attempts = 1\nallow_partial = true\n"),
             Duration::from_secs(60),
         )
         .await;

@@ -184,7 +184,10 @@ print(sum(values))
             .unwrap();
         (row.get("fold_tries"), row.get("fold_owner"))
     };
-    assert_eq!(tries, 2, "claimed once, taken over once");
+    assert_eq!(
+        tries, 0,
+        "claimed once, taken over once: a fold killed with its coordinator is no failed try"
+    );
     assert_eq!(
         finisher, None,
         "the fold's claim is cleared when it finishes"

@@ -647,6 +647,37 @@ shards = { count = 1 }
     let shadow_sha = hex::encode(sha2::Sha256::digest(&shadow));
     let err = c.client.get_blob(&shadow_sha).await.unwrap_err();
     assert_eq!(err.code(), Some("not_found"));
+    // A file a job made is one command away: listed by `--files`, saved by `--file PATH`.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(crate::support::bin())
+            .args(args)
+            .args(["--server", &c.url(), "--token", harness::ADMIN])
+            .output()
+            .unwrap()
+    };
+    let listed = cli(&["job", &job.id, "--files"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("sub/note.txt") && listed.contains("result.bin"),
+        "{listed}"
+    );
+    let saved = c.dir.path().join("note.txt");
+    let out = cli(&[
+        "job",
+        &job.id,
+        "--file",
+        "sub/note.txt",
+        "-o",
+        saved.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&saved).unwrap(), b"hello");
+    let out = cli(&["job", &job.id, "--file", "nowhere.txt"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--files"),
+        "{out:?}"
+    );
     // The agent cleaned up after itself: no run directory, no outbox blobs left.
     let blobs = c.agent_state(0).join("outbox").join("blobs");
     let start = std::time::Instant::now();
