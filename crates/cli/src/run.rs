@@ -164,7 +164,10 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(ws) = &report.workspace {
         match fleetbox_sandbox::workspace::persist_kept(Path::new(ws)) {
             Ok(0) => {}
-            Ok(n) => eprintln!("fleetbox: {n} entries of the kept workspace could not be copied"),
+            Ok(n) => eprintln!(
+                "fleetbox: {n} entries of the kept workspace were left out (device nodes, FIFOs, \
+                 sockets, symlinks out of the workspace, or unreadable)"
+            ),
             Err(e) => eprintln!("fleetbox: the kept workspace stays on its tmpfs: {e}"),
         }
     }

@@ -137,28 +137,51 @@ fn unmount_workspace(dir: &Path) {
 
 /// Copy a kept workspace off its tmpfs onto the disk and unmount the tmpfs, so that it outlives
 /// the process that kept it (`fleetbox run --keep-workspace`) without holding memory. Returns
-/// how many entries could not be copied (too deep to name, or unreadable).
+/// how many entries were left out (too deep to name, unreadable, or not kept: see below).
+///
+/// What a hostile program left must not become a weapon on the host: the kept directory is
+/// `0700`; copies belong to this process's user with their mode masked to `0o777` (no setuid,
+/// setgid or sticky bit); device nodes, FIFOs, sockets and symlinks that point outside the
+/// workspace are never recreated; a hard-linked file is copied once and linked again, and runs
+/// of zero bytes become holes, so the copy takes what the workspace's quota counted, not a
+/// sparse file's apparent size. A workspace that was never on a tmpfs of its own is defanged
+/// in place the same way.
 pub fn persist_kept(dir: &Path) -> std::io::Result<usize> {
-    if !on_own_mount(dir) {
-        return Ok(0);
-    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let work = dir.join("work");
+    if !on_own_mount(dir) {
+        return Ok(defang_in_place(&work));
+    }
     let copy = dir.join("work.disk");
     fs_err::create_dir(&copy)?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o700))?;
     let mut skipped = 0;
+    let mut copied_inodes: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     for (path, meta) in walk(&work) {
         let Ok(rel) = path.strip_prefix(&work) else {
             continue;
         };
         let to = copy.join(rel);
-        let ok = if meta.is_dir() {
+        let kind = meta.file_type();
+        let ok = if kind.is_dir() {
             std::fs::create_dir(&to).is_ok()
-        } else if meta.is_file() {
-            std::fs::copy(&path, &to).is_ok()
-        } else if meta.file_type().is_symlink() {
-            std::fs::read_link(&path)
-                .and_then(|t| std::os::unix::fs::symlink(t, &to))
-                .is_ok()
+                && std::fs::set_permissions(&to, safe_mode(meta.mode() | 0o700)).is_ok()
+        } else if kind.is_file() {
+            let inode = (meta.dev(), meta.ino());
+            match copied_inodes.get(&inode) {
+                Some(first) => std::fs::hard_link(first, &to).is_ok(),
+                None => {
+                    let ok = copy_holes(&path, &to, meta.mode()).is_ok();
+                    if ok && meta.nlink() > 1 {
+                        copied_inodes.insert(inode, to.clone());
+                    }
+                    ok
+                }
+            }
+        } else if kind.is_symlink() {
+            std::fs::read_link(&path).is_ok_and(|target| {
+                stays_inside(rel, &target) && std::os::unix::fs::symlink(target, &to).is_ok()
+            })
         } else {
             false
         };
@@ -170,6 +193,90 @@ pub fn persist_kept(dir: &Path) -> std::io::Result<usize> {
     fs_err::remove_dir(&work)?;
     fs_err::rename(&copy, &work)?;
     Ok(skipped)
+}
+
+/// A mode with only the permission bits: never setuid, setgid or sticky.
+fn safe_mode(mode: u32) -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(mode & 0o777)
+}
+
+/// Whether a symlink at `rel` (relative to the workspace) pointing at `target` stays inside
+/// the workspace, read without following anything.
+fn stays_inside(rel: &Path, target: &Path) -> bool {
+    use std::path::Component;
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: Vec<&std::ffi::OsStr> =
+        rel.parent().map(|p| p.iter().collect()).unwrap_or_default();
+    for part in target.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if depth.pop().is_none() {
+                    return false;
+                }
+            }
+            Component::Normal(name) => depth.push(name),
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+/// Copy a regular file (never through a symlink) with its runs of zeros left as holes.
+fn copy_holes(from: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|b| *b == 0) {
+            dst.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            dst.write_all(&buf[..n])?;
+        }
+        len += n as u64;
+    }
+    dst.set_len(len)?;
+    dst.set_permissions(safe_mode(mode))
+}
+
+/// A kept workspace that stays where it ran: setuid, setgid and sticky bits cleared; device
+/// nodes, FIFOs, sockets and symlinks pointing outside removed. Returns how many were removed.
+fn defang_in_place(work: &Path) -> usize {
+    let mut removed = 0;
+    for (path, meta) in walk(work) {
+        let kind = meta.file_type();
+        let keep = if kind.is_dir() || kind.is_file() {
+            if meta.mode() & 0o7000 != 0 {
+                let _ = std::fs::set_permissions(&path, safe_mode(meta.mode()));
+            }
+            true
+        } else if kind.is_symlink() {
+            let rel = path.strip_prefix(work).unwrap_or(&path);
+            std::fs::read_link(&path).is_ok_and(|t| stays_inside(rel, &t))
+        } else {
+            false
+        };
+        if !keep && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Remove a run directory whatever a program left in it (any depth, unreadable directories,

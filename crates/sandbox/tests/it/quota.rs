@@ -118,3 +118,98 @@ fn kept_workspaces_are_unmounted_when_discarded() {
     fleetbox_sandbox::sweep_stale(&config(root.path(), 0));
     assert_all_gone(root.path());
 }
+
+/// A kept workspace (`--keep-workspace`) brings nothing dangerous to the host, whatever the
+/// program planted: no setuid/setgid/sticky bits, no device nodes or FIFOs, no symlink out,
+/// a sparse file still sparse and a hard link still one file, in a directory only its owner
+/// can enter; in the process backend and in the jail.
+#[test]
+fn a_kept_workspace_plants_nothing_on_the_host() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().unwrap();
+    let process = fleetbox_sandbox::open(Backend::Process, config(root.path(), 0)).unwrap();
+    let jail: Box<dyn Sandbox> = Box::new(JailSandbox::new(config(root.path(), 0)).unwrap());
+    for (name, sb) in [("process", process), ("jail", jail)] {
+        let mut req = RunRequest::new(fixture("escape/plant_in_kept_workspace.py"), None, limits());
+        req.keep_workspace = true;
+        let r = sb.run(&req);
+        assert_eq!(r.status, Status::Ok, "{name}: {}", show(&r));
+        let planted: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        for what in ["setuid", "sparse", "links", "fifo", "out_abs", "inside"] {
+            assert_eq!(
+                planted[what], true,
+                "{name}: {what} was not planted: {planted}"
+            );
+        }
+        let kept = std::path::PathBuf::from(r.workspace.unwrap());
+        let skipped = fleetbox_sandbox::workspace::persist_kept(&kept).unwrap();
+        assert!(
+            skipped >= 3,
+            "{name}: the FIFO and the symlinks out: {skipped}"
+        );
+        let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+        assert_eq!(
+            mode(&kept) & 0o7777,
+            0o700,
+            "{name}: the kept directory is its owner's"
+        );
+        let work = kept.join("work");
+        for entry in walkdir(&work) {
+            let m = std::fs::symlink_metadata(&entry).unwrap();
+            assert_eq!(
+                m.mode() & 0o7000,
+                0,
+                "{name}: {} keeps a special bit",
+                entry.display()
+            );
+            let t = m.file_type();
+            assert!(
+                t.is_file() || t.is_dir() || t.is_symlink(),
+                "{name}: {} is neither file, directory nor symlink",
+                entry.display()
+            );
+        }
+        assert!(!work.join("fifo").exists(), "{name}");
+        assert!(
+            std::fs::symlink_metadata(work.join("out_abs")).is_err(),
+            "{name}"
+        );
+        assert!(
+            std::fs::symlink_metadata(work.join("out_rel")).is_err(),
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::read_link(work.join("inside")).unwrap(),
+            std::path::Path::new("d/../a")
+        );
+        let sparse = std::fs::metadata(work.join("sparse")).unwrap();
+        assert_eq!(sparse.len(), 60 << 20, "{name}");
+        assert!(
+            sparse.blocks() * 512 < 1 << 20,
+            "{name}: {} bytes on disk",
+            sparse.blocks() * 512
+        );
+        let (a, b) = (
+            std::fs::metadata(work.join("a")).unwrap(),
+            std::fs::metadata(work.join("b")).unwrap(),
+        );
+        assert_eq!(
+            (a.ino(), a.nlink()),
+            (b.ino(), 2),
+            "{name}: one file, linked twice"
+        );
+        assert!(fleetbox_sandbox::workspace::discard(&kept));
+    }
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walkdir(&p));
+        }
+        out.push(p);
+    }
+    out
+}
