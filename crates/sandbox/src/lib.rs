@@ -242,6 +242,14 @@ pub enum SandboxError {
         "no Python interpreter found (looked at {looked}); install one with `apt-get install python3` or point `FLEETBOX_PYTHON` at it"
     )]
     PythonMissing { looked: String },
+    #[error(
+        "the interpreter `{}` is under `{}`, which the jail covers with its own: a run could not \
+         see it; install it elsewhere (e.g. under `/opt` or `/usr/local`) or choose another with \
+         `FLEETBOX_PYTHON`",
+        path.display(),
+        hidden.display()
+    )]
+    PythonHidden { path: PathBuf, hidden: PathBuf },
     #[error(transparent)]
     Docker(#[from] docker::DockerError),
     #[error(transparent)]

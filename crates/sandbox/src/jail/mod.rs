@@ -95,8 +95,32 @@ struct Builder {
     filters: seccomp::Compiled,
 }
 
+/// Refuse an interpreter the jail cannot see: one under a directory the jail mounts its own
+/// over (`/tmp`, `/dev/shm`) or under the work root (every run failed with "No such file or
+/// directory" before).
+fn visible_interpreter(config: &SandboxConfig) -> Result<(), crate::SandboxError> {
+    let real = crate::python::resolve(config.python.as_deref())?.real;
+    let work_root =
+        std::fs::canonicalize(&config.work_root).unwrap_or_else(|_| config.work_root.clone());
+    let hidden = [
+        Path::new("/tmp"),
+        Path::new("/dev/shm"),
+        work_root.as_path(),
+    ]
+    .into_iter()
+    .find(|dir| real.starts_with(dir));
+    match hidden {
+        Some(dir) => Err(crate::SandboxError::PythonHidden {
+            path: real.clone(),
+            hidden: dir.to_path_buf(),
+        }),
+        None => Ok(()),
+    }
+}
+
 impl JailSandbox {
     pub fn new(config: SandboxConfig) -> Result<Self, crate::SandboxError> {
+        visible_interpreter(&config)?;
         let helper = match &config.jail_helper {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| crate::SandboxError::Workspace {

@@ -646,3 +646,30 @@ fn attached_files_are_in_the_workspace() {
         }
     }
 }
+
+/// An interpreter under a directory the jail covers with its own (`/tmp`, the work root) is
+/// refused when the sandbox is made, naming why, instead of failing every run with "No such
+/// file or directory".
+#[test]
+fn an_interpreter_the_jail_cannot_see_is_refused_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let real = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    for hidden in [
+        root.path().join("py"),
+        std::env::temp_dir().join("fleetbox-hidden-py"),
+    ] {
+        std::fs::create_dir_all(&hidden).unwrap();
+        let python = hidden.join("python3.11");
+        let _ = std::fs::remove_file(&python);
+        std::fs::copy(&real, &python).unwrap();
+        let mut config = crate::support::sandbox_config(root.path(), 0);
+        config.python = Some(python.clone());
+        let err = match fleetbox_sandbox::jail::JailSandbox::new(config) {
+            Ok(_) => panic!("{} was accepted", python.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("which the jail covers"), "{err}");
+        assert!(err.contains("FLEETBOX_PYTHON"), "{err}");
+        let _ = std::fs::remove_dir_all(&hidden);
+    }
+}
