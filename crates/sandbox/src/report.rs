@@ -109,6 +109,13 @@ impl RunContext<'_> {
         );
         report.files = listing.files;
         report.files_truncated = listing.truncated;
+        if listing.unlisted > 0 {
+            report.notes.push(format!(
+                "{} workspace entries could not be listed (a path longer than PATH_MAX, or a \
+                 directory the program shut): `files` is incomplete",
+                listing.unlisted
+            ));
+        }
 
         let mut output_too_large = None;
         match workspace::read_output_file(&work, limits.max_output.0) {

@@ -499,17 +499,30 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 
 /// Every entry below `root` (not following symlinks), depth first.
 fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    walk_counting(root).0
+}
+
+/// [`walk`], and how many entries it could not read (a directory it could not open, an entry
+/// it could not stat: a path past `PATH_MAX`, a mode that shuts it out).
+fn walk_counting(root: &Path) -> (Vec<(PathBuf, std::fs::Metadata)>, usize) {
     let mut out = Vec::new();
+    let mut unreadable = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
+            if dir != root {
+                unreadable += 1;
+            }
             continue;
         };
-        let mut children: Vec<_> = entries.flatten().collect();
+        let mut children: Vec<_> = entries
+            .filter_map(|e| e.inspect_err(|_| unreadable += 1).ok())
+            .collect();
         children.sort_by_key(|e| e.file_name());
         for entry in children {
             let path = entry.path();
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                unreadable += 1;
                 continue;
             };
             if meta.is_dir() {
@@ -518,7 +531,7 @@ fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
             out.push((path, meta));
         }
     }
-    out
+    (out, unreadable)
 }
 
 /// A workspace path as the report lists it: UTF-8 as it is, with a backslash written `\\` and
@@ -579,7 +592,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// program changed it). Capped at `max_files` entries and `max_hashed` bytes of hashing.
 pub struct Listing {
     pub files: Vec<FileEntry>,
+    /// Something was left out: past `max_files`, or not readable (see `unlisted`).
     pub truncated: bool,
+    /// Entries the walk could not read (a path past `PATH_MAX`, a directory shut to it).
+    pub unlisted: usize,
     /// A file that reached the `RLIMIT_FSIZE` cap exactly.
     pub at_file_size_limit: Option<String>,
 }
@@ -596,7 +612,8 @@ pub fn list_files(
     let mut truncated = false;
     let mut hash_budget = max_hashed.0;
     let mut at_limit = None;
-    for (path, meta) in walk(work) {
+    let (entries, unlisted) = walk_counting(work);
+    for (path, meta) in entries {
         if !meta.is_file() {
             continue;
         }
@@ -634,7 +651,8 @@ pub fn list_files(
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Listing {
         files,
-        truncated,
+        truncated: truncated || unlisted > 0,
+        unlisted,
         at_file_size_limit: at_limit,
     }
 }

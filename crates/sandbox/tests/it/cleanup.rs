@@ -32,6 +32,14 @@ fn on_small_stack(sandbox: std::sync::Arc<dyn Sandbox>, req: RunRequest) -> Exec
 fn assert_deep_run(r: &ExecutionReport) {
     assert_eq!(r.status, Status::Ok, "{}", show(r));
     assert_eq!(r.output.as_ref().unwrap()["made"], 25_000, "{}", show(r));
+    // Its files past PATH_MAX cannot be listed: the report says the listing is incomplete
+    // and why, never a short list that claims to be whole.
+    assert!(r.files_truncated, "{}", show(r));
+    assert!(
+        r.notes.iter().any(|n| n.contains("PATH_MAX")),
+        "{}",
+        show(r)
+    );
 }
 
 #[test]
