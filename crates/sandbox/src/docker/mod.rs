@@ -635,6 +635,13 @@ impl Inner {
             // reaped, and the container ends when the program does.
             init: Some(true),
             auto_remove: Some(false),
+            // Fleetbox reads the output through the attach stream and caps it itself; the
+            // daemon's default json-file log would write all of it to the host's disk, outside
+            // every quota (newlines amplified it ~70x).
+            log_config: Some(bollard::models::HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
             ..Default::default()
         };
         for (limit, by) in [

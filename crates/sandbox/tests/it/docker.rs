@@ -345,3 +345,45 @@ fn hostname() -> String {
         .trim()
         .to_string()
 }
+
+/// Containers log nothing on the host (the daemon's default json-file driver wrote all program
+/// output to its disk, outside every quota); the output still arrives, through the attach
+/// stream, capped by Fleetbox.
+#[test]
+fn containers_write_no_log_on_the_host() {
+    let sb = DockerSandbox::new(docker_config(None, 1)).unwrap();
+    let req = RunRequest::new(
+        b"import sys\nfor _ in range(20000): sys.stdout.write('x\\n')\n".to_vec(),
+        None,
+        limits(),
+    );
+    let r = sb.run(&req);
+    assert_eq!(r.status, fleetbox_proto::Status::Ok, "{}", show(&r));
+    assert_eq!(r.stdout_bytes, 40_000, "{}", show(&r));
+    assert!(
+        sb.wait_warm(&req, Duration::from_secs(20)),
+        "no warm container came"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ids = ours_left();
+    assert!(!ids.is_empty());
+    for id in ids {
+        let log = rt.block_on(async {
+            let d = docker::connect(None).await.unwrap();
+            d.inspect_container(&id, None).await.unwrap()
+        });
+        let host = log.host_config.unwrap();
+        assert_eq!(
+            host.log_config.and_then(|l| l.typ).as_deref(),
+            Some("none"),
+            "container {id}"
+        );
+        assert!(
+            log.log_path.unwrap_or_default().is_empty(),
+            "container {id}"
+        );
+    }
+}
