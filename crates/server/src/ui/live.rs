@@ -120,9 +120,11 @@ fn chart(title: &str, unit: &str, values: &[f64]) -> Markup {
         })
         .collect();
     let last = values.last().copied().unwrap_or(0.0);
+    // `chart-queue-depth`: the browser test reads the values a person sees.
+    let id = format!("chart-{}", title.to_lowercase().replace(' ', "-"));
     html! {
         figure {
-            figcaption { (title) ": " b { (format!("{last:.2}")) } " " (unit) " (max " (format!("{max:.2}")) ")" }
+            figcaption { (title) ": " b id=(id) { (format!("{last:.2}")) } " " (unit) " (max " (format!("{max:.2}")) ")" }
             svg.chart width="600" height="120" viewBox="0 0 600 120" role="img" aria-label=(title) {
                 polyline fill="none" stroke="#5b8def" stroke-width="2" points=(points.join(" ")) {}
             }

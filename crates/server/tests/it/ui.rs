@@ -214,6 +214,9 @@ async fn the_panel_works_in_a_real_browser() {
         || async { text(&web, "failure-rate").await == "0.0" },
     )
     .await;
+    // Nothing is queued any more: the card and the chart's last point say so.
+    assert_eq!(text(&web, "chart-queue-depth").await, "0.00");
+    assert_eq!(text(&web, "queued").await, "0");
     // Four more that all fail: 4 of 16 runs.
     let failing = c
         .client
