@@ -196,9 +196,11 @@ impl Store {
 }
 
 impl Store {
-    /// A shard of a running job hit a sandbox violation: the job's shards not yet leased wait
-    /// (`pending_review`) until a person decides, through a `violation` flag (one open flag
-    /// per job). Returns the job when it was put on hold now.
+    /// A shard hit a sandbox violation: it always raises a `violation` flag a person can find.
+    /// A running job with shards not yet leased is also held: they wait (`pending_review`)
+    /// until a person decides that flag (one open flag per held job). A job with nothing left
+    /// to hold (a one-shard run, every shard leased) or already past `running` is flagged
+    /// without a hold. Returns the job when it was put on hold now.
     pub async fn hold_for_violation(
         &self,
         tenant: &str,
@@ -209,27 +211,45 @@ impl Store {
         let now = now_ms();
         let d = "holding a job after a sandbox violation";
         let mut tx = self.begin_write().await.doing(d)?;
-        let found: Option<(String, i64)> =
-            Sql::new("SELECT job_id, shard_index FROM tasks WHERE id = ")
-                .bind(task_id)
-                .push(" AND tenant_id = ")
-                .bind(tenant)
-                .build_as()
-                .fetch_optional(&mut *tx)
-                .await
-                .doing(d)?;
-        let Some((job_id, shard)) = found else {
+        let found: Option<(String, i64, String)> = Sql::new(
+            "SELECT t.job_id, t.shard_index, j.state FROM tasks t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.id = ",
+        )
+        .bind(task_id)
+        .push(" AND t.tenant_id = ")
+        .bind(tenant)
+        .build_as()
+        .fetch_optional(&mut *tx)
+        .await
+        .doing(d)?;
+        let Some((job_id, shard, state)) = found else {
             return Ok(None);
         };
-        if !move_job(&mut tx, &job_id, JobState::Running, JobState::PendingReview).await? {
-            return Ok(None); // already held, folding or finished
+        if state == JobState::PendingReview.as_str() {
+            return Ok(None); // already held: its open violation flag waits for a person
         }
-        if queued_not_before(&mut tx, &job_id, HELD_UNTIL).await? == 0 {
-            // Nothing left to hold (a one-shard run, the last shard): the job goes on to its
-            // fold; the violation is in its flags and the audit log.
+        let moved = move_job(&mut tx, &job_id, JobState::Running, JobState::PendingReview).await?;
+        let held = moved && queued_not_before(&mut tx, &job_id, HELD_UNTIL).await? > 0;
+        if moved && !held {
+            // Nothing left to hold: the job goes on to its fold, flagged.
+            move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await?;
+        }
+        let details = serde_json::json!({
+            "shard": shard, "agent": agent, "reason": reason, "held": held,
+        });
+        if !held {
+            let id = insert_flag(&mut tx, tenant, &job_id, "violation", &details, now).await?;
+            let entry = Entry::new(tenant, "server", Action::ReviewFlagged)
+                .job(&job_id)
+                .task(task_id)
+                .agent(agent)
+                .details(
+                    serde_json::json!({ "flag": id, "kind": "violation", "details": details }),
+                );
+            self.append_audit(&mut tx, vec![entry], now).await?;
+            tx.commit().await.doing(d)?;
             return Ok(None);
         }
-        let details = serde_json::json!({ "shard": shard, "agent": agent, "reason": reason });
         insert_flag(&mut tx, tenant, &job_id, "violation", &details, now).await?;
         let entry = Entry::new(tenant, "server", Action::ReviewHeld)
             .job(&job_id)

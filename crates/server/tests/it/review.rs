@@ -391,6 +391,15 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
         send(&agent, &[(&only, violation)]).await;
         let r = c.wait(&one.id, Duration::from_secs(30)).await;
         assert_eq!(r.state, JobState::Failed, "{r:?}");
+        // ...and its violation is still a flag a person can find.
+        let flags = c
+            .client
+            .review_flags(&format!("job={}&kind=violation", one.id))
+            .await
+            .unwrap()
+            .flags;
+        assert_eq!(flags.len(), 1, "{db:?}: {flags:?}");
+        assert_eq!(flags[0].details["held"], false, "{flags:?}");
         c.stop().await;
     }
 }
