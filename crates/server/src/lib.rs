@@ -1,9 +1,17 @@
 //! The Fleetbox coordinator.
 //!
 //! [`start`] opens the store (SQLite in the data directory, or PostgreSQL), makes sure the
-//! bootstrap tokens exist, binds the HTTP API and starts two background loops: the scheduler
-//! (lost agents, expired leases, retries) and the aggregator (folds a job's shard values once
-//! its last shard settles). User code never runs in this process: the `python` reducer goes
+//! bootstrap tokens exist, binds the HTTP API and starts six background tasks:
+//!
+//! - the scheduler (`scheduler`): lost agents, expired leases, folds that are due, audit
+//!   checkpoints;
+//! - the aggregator (`aggregate`): folds a job's shard values once its last shard settles;
+//! - the checker (`checker`): the coordinator's own re-runs of agents' results;
+//! - the planner (`planner`) and its notifier (`planner::notify`): follow-up jobs and webhooks;
+//! - the panel's sampler (`ui::sample`): the overview's last hour.
+//!
+//! Store writes run to their end whatever happens to the request that asked for them
+//! (`store::tx`). User code never runs in this process: re-checks and the `python` reducer go
 //! through the sandbox crate.
 
 mod aggregate;
