@@ -317,9 +317,13 @@ async fn wait(
         eprintln!();
     }
     let result = client.result(&job.id).await?;
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, &result.result)?;
-    writeln!(out)?;
+    // Only a completed job has a result to print: a failed one says why on stderr, and a
+    // script reading stdout gets nothing rather than `null`.
+    if view.state == JobState::Completed {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &result.result)?;
+        writeln!(out)?;
+    }
     if let Some(s) = &result.summary {
         eprintln!(
             "fleetbox: {} {}: {}/{} shards accepted ({} failed, {} dead), {} attempts, {:.1}s, shard median {}ms, reducer `{}`",

@@ -166,6 +166,18 @@ pub async fn chains_from_files_and_the_chain_tree(db: Db) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A job whose shards fail: exit 1, nothing on stdout, the failed shard named on stderr.
+    write(
+        "fails.toml",
+        "name = \"fails\"\ncode = \"raise ValueError(7)\"\nshards = { count = 1 }\n",
+    );
+    let out = fleetbox(&["submit", "--wait", dir.join("fails.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("shard 0: error: ValueError: 7"),
+        "{out:?}"
+    );
     // A syntax error in the code is a spec error (2), as the CLI's own checks are.
     write(
         "broken.toml",
