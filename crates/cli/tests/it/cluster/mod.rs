@@ -318,22 +318,10 @@ async fn partial_results_only_when_the_spec_allows_them(db: Db) {
     assert_eq!(r.state, JobState::Completed, "{r:?}");
     assert!(r.summary.unwrap().partial);
     let job = c
-        .submit(
-            r#"
-name = "some shards fail"
-allow_partial = true
-code = """
-import json, os
-items = json.load(open(os.environ["FLEETBOX_INPUT"]))["items"]
-if items[0] % 3 == 0:
-    raise ValueError(f"bad item {items[0]}")
-print(sum(items))
-"""
-aggregate = "sum"
-[shards]
-items = [1, 2, 3, 4, 5, 6, 7]
-"#,
-        )
+        .submit(&SOME_FAIL.replace(
+            "aggregate = \"sum\"",
+            "aggregate = \"sum\"\nallow_partial = true",
+        ))
         .await;
     let r = c.wait(&job.id, Duration::from_secs(60)).await;
     assert_eq!(r.state, JobState::Completed, "{r:?}");
