@@ -72,6 +72,9 @@ pub struct AllowList {
     /// Names that exist only on some architectures (`{"x86_64": {"allow": [...], "also": [...]}}`).
     #[serde(default)]
     pub arch: BTreeMap<String, ArchAllow>,
+    /// What the allow-list refuses beyond the deny list, each with why.
+    #[serde(default)]
+    pub not_allowed: Vec<Also>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -613,6 +616,58 @@ mod tests {
                 .iter()
                 .any(|i| i.code == 0x06 && i.k == libc::SECCOMP_RET_ALLOW)
         );
+    }
+
+    /// Every syscall the kernel names is allowed, denied by the deny list, or listed as
+    /// `not_allowed` with why: exactly one of them. So the allow-list refuses only what the deny
+    /// list refuses plus calls no program can make.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_syscall_is_allowed_denied_or_not_allowed_with_why() {
+        let p = Policy::shipped().unwrap();
+        let list = AllowList::shipped().unwrap();
+        let allowed: Vec<&str> = list.names().collect();
+        let denied: Vec<&str> = p
+            .deny
+            .iter()
+            .filter(|d| d.args.is_empty())
+            .map(|d| d.syscall.as_str())
+            .collect();
+        // Refused quietly ahead of both policies (clone3: ENOSYS), whatever the lists say.
+        let refused: Vec<&str> = p.refuse.iter().map(|r| r.syscall.as_str()).collect();
+        let not: Vec<&str> = list
+            .not_allowed
+            .iter()
+            .map(|a| a.syscall.as_str())
+            .collect();
+        let mut missing = Vec::new();
+        for (name, _) in super::super::syscall_names::X86_64 {
+            let places = [&allowed, &denied, &not]
+                .iter()
+                .filter(|l| l.contains(name))
+                .count();
+            assert!(
+                places <= 1,
+                "{name} is in {places} of allowed/denied/not_allowed"
+            );
+            if places == 0 && !refused.contains(name) {
+                missing.push(*name);
+            }
+        }
+        assert!(missing.is_empty(), "in no list: {missing:?}");
+        for a in &list.not_allowed {
+            assert!(syscalls::number(&a.syscall).is_some(), "{}", a.syscall);
+        }
+        // The family checks the deny list makes with arguments stay on top of the allow-list.
+        for (name, args) in [
+            ("socket", [40u64, 1, 0, 0, 0, 0]),
+            ("personality", [1, 0, 0, 0, 0, 0]),
+        ] {
+            assert!(
+                p.deny.iter().any(|d| d.syscall == name && d.matches(&args)),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Every x86_64 syscall name by number (from the kernel's `syscall_64.tbl`, as the `libc` crate
-//! spells them), so that a call the allow-list denies is reported by its name.
+//! Every x86_64 syscall name by number (the kernel's `arch/x86/entry/syscalls/syscall_64.tbl`
+//! of Linux 6.18, 0–469; the `libc` crate lacks the newest), so that a call the allow-list
+//! denies is reported by its name and the policies may name any of them.
 
 #[rustfmt::skip]
 pub const X86_64: &[(&str, i64)] = &[
@@ -37,8 +38,9 @@ pub const X86_64: &[(&str, i64)] = &[
     ("pivot_root", 155), ("_sysctl", 156), ("prctl", 157), ("arch_prctl", 158), ("adjtimex", 159),
     ("setrlimit", 160), ("chroot", 161), ("sync", 162), ("acct", 163), ("settimeofday", 164),
     ("mount", 165), ("umount2", 166), ("swapon", 167), ("swapoff", 168), ("reboot", 169),
-    ("sethostname", 170), ("setdomainname", 171), ("iopl", 172), ("ioperm", 173),
-    ("init_module", 175), ("delete_module", 176), ("quotactl", 179), ("nfsservctl", 180),
+    ("sethostname", 170), ("setdomainname", 171), ("iopl", 172), ("ioperm", 173), ("create_module", 174),
+    ("init_module", 175), ("delete_module", 176), ("get_kernel_syms", 177),
+    ("query_module", 178), ("quotactl", 179), ("nfsservctl", 180),
     ("getpmsg", 181), ("putpmsg", 182), ("afs_syscall", 183), ("tuxcall", 184), ("security", 185),
     ("gettid", 186), ("readahead", 187), ("setxattr", 188), ("lsetxattr", 189), ("fsetxattr", 190),
     ("getxattr", 191), ("lgetxattr", 192), ("fgetxattr", 193), ("listxattr", 194),
@@ -76,7 +78,8 @@ pub const X86_64: &[(&str, i64)] = &[
     ("getrandom", 318), ("memfd_create", 319), ("kexec_file_load", 320), ("bpf", 321),
     ("execveat", 322), ("userfaultfd", 323), ("membarrier", 324), ("mlock2", 325),
     ("copy_file_range", 326), ("preadv2", 327), ("pwritev2", 328), ("pkey_mprotect", 329),
-    ("pkey_alloc", 330), ("pkey_free", 331), ("statx", 332), ("rseq", 334),
+    ("pkey_alloc", 330), ("pkey_free", 331), ("statx", 332), ("io_pgetevents", 333), ("rseq", 334),
+    ("uretprobe", 335),
     ("pidfd_send_signal", 424), ("io_uring_setup", 425), ("io_uring_enter", 426),
     ("io_uring_register", 427), ("open_tree", 428), ("move_mount", 429), ("fsopen", 430),
     ("fsconfig", 431), ("fsmount", 432), ("fspick", 433), ("pidfd_open", 434), ("clone3", 435),
@@ -84,5 +87,10 @@ pub const X86_64: &[(&str, i64)] = &[
     ("process_madvise", 440), ("epoll_pwait2", 441), ("mount_setattr", 442), ("quotactl_fd", 443),
     ("landlock_create_ruleset", 444), ("landlock_add_rule", 445), ("landlock_restrict_self", 446),
     ("memfd_secret", 447), ("process_mrelease", 448), ("futex_waitv", 449),
-    ("set_mempolicy_home_node", 450), ("fchmodat2", 452), ("mseal", 462),
+    ("set_mempolicy_home_node", 450), ("cachestat", 451), ("fchmodat2", 452),
+    ("map_shadow_stack", 453), ("futex_wake", 454), ("futex_wait", 455), ("futex_requeue", 456),
+    ("statmount", 457), ("listmount", 458), ("lsm_get_self_attr", 459),
+    ("lsm_set_self_attr", 460), ("lsm_list_modules", 461), ("mseal", 462), ("setxattrat", 463),
+    ("getxattrat", 464), ("listxattrat", 465), ("removexattrat", 466), ("open_tree_attr", 467),
+    ("file_getattr", 468), ("file_setattr", 469),
 ];

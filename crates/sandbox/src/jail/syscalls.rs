@@ -74,14 +74,44 @@ pub const NATIVE_AUDIT_ARCH: u32 = 0xC000_00B7;
 #[cfg(target_arch = "riscv64")]
 pub const NATIVE_AUDIT_ARCH: u32 = 0xC000_00F3;
 
+/// Calls added since Linux 5.1 have one number on every architecture; these are the ones the
+/// `libc` crate does not name yet.
+const UNIFIED: &[(&str, i64)] = &[
+    ("cachestat", 451),
+    ("fchmodat2", 452),
+    ("futex_wake", 454),
+    ("futex_wait", 455),
+    ("futex_requeue", 456),
+    ("statmount", 457),
+    ("listmount", 458),
+    ("lsm_get_self_attr", 459),
+    ("lsm_set_self_attr", 460),
+    ("lsm_list_modules", 461),
+    ("setxattrat", 463),
+    ("getxattrat", 464),
+    ("listxattrat", 465),
+    ("removexattrat", 466),
+    ("open_tree_attr", 467),
+    ("file_getattr", 468),
+    ("file_setattr", 469),
+];
+
 fn all() -> impl Iterator<Item = (&'static str, i64)> {
     COMMON
         .iter()
         .chain(ARCH.iter())
         .map(|(n, nr)| (n.strip_prefix("SYS_").unwrap_or(n), *nr))
+        .chain(UNIFIED.iter().copied())
 }
 
 pub fn number(name: &str) -> Option<i64> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some((_, nr)) = super::syscall_names::X86_64
+        .iter()
+        .find(|(n, _)| *n == name)
+    {
+        return Some(*nr);
+    }
     all().find(|(n, _)| *n == name).map(|(_, nr)| nr)
 }
 

@@ -3,6 +3,7 @@
 
 mod cancel;
 mod cleanup;
+mod compat;
 mod docker;
 mod environment;
 mod jail;
