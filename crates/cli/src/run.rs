@@ -44,8 +44,9 @@ pub struct RunArgs {
     /// JSON input for the program, written to `input.json` (`FLEETBOX_INPUT`).
     #[arg(long)]
     pub input: Option<PathBuf>,
-    /// `jail` only: the seccomp policy, `deny` (the deny list) or `allow` (the measured
-    /// allow-list; every other call is denied and reported). Env: `FLEETBOX_SECCOMP`.
+    /// `jail`: the seccomp policy, `deny` (the deny list) or `allow` (the measured allow-list;
+    /// every other call is denied and reported). `docker` always uses the allow-list profile
+    /// (`resources/seccomp/docker.json`). Env: `FLEETBOX_SECCOMP`.
     #[arg(long, env = fleetbox_proto::env::FLEETBOX_SECCOMP, default_value = "deny")]
     pub seccomp: fleetbox_sandbox::SeccompMode,
     /// Keep the run directory and print where it is.

@@ -124,7 +124,9 @@ pub struct SandboxConfig {
     /// started interpreter, and waits for the program; each one serves one run. For long-lived
     /// callers (agents, the coordinator) that run many programs with the same limits.
     pub warm: usize,
-    /// `jail` only: the seccomp policy, the deny list (default) or the allow-list.
+    /// `jail`: the seccomp policy, the deny list (default) or the allow-list. Containers
+    /// (`docker`) always get the allow-list's profile, `resources/seccomp/docker.json`: with no
+    /// listener to report refusals, the deny list would leave Docker's default in charge.
     pub seccomp: SeccompMode,
     /// `docker` only: image, OCI runtime and daemon address.
     pub docker: docker::DockerConfig,

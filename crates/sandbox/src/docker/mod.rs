@@ -17,6 +17,7 @@
 mod end;
 pub mod image;
 mod sample;
+pub mod seccomp;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -547,6 +548,42 @@ impl Inner {
         Ok(python)
     }
 
+    /// Whether the `runsc` runtime is registered with `--oci-seccomp` (without it gVisor ignores
+    /// a container's seccomp profile); asked once per runtime in this process.
+    async fn gvisor_applies_seccomp(&self, d: &Docker) -> bool {
+        static KNOWN: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+        let name = self.runtime_name();
+        if let Some((_, v)) = KNOWN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(n, _)| *n == name)
+        {
+            return *v;
+        }
+        let Ok(info) = d.info().await else {
+            return false;
+        };
+        let applies = info
+            .runtimes
+            .and_then(|r| r.get(&name).cloned())
+            .and_then(|r| r.runtime_args)
+            .is_some_and(|args| {
+                args.iter().any(|a| {
+                    let (name, value) = a
+                        .trim_start_matches('-')
+                        .split_once('=')
+                        .unwrap_or((a.trim_start_matches('-'), "true"));
+                    name == "oci-seccomp" && value != "false"
+                })
+            });
+        KNOWN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, applies));
+        applies
+    }
+
     /// Make the workspace, create, attach and start the container; it waits for its program.
     async fn prepare(&self, req: &RunRequest, python: &Python) -> Result<Ready, String> {
         let d = self.client().await.map_err(|e| e.to_string())?;
@@ -586,12 +623,30 @@ impl Inner {
             binds.push(format!("{0}:{0}:ro", env.dir.display()));
         }
         let runtime_name = self.config.docker.runtime.as_deref();
-        let memory = i64::try_from(container_memory(limits, runtime_name)).unwrap_or(i64::MAX);
-        if container_memory(limits, runtime_name) > limits.memory.0 {
+        let gvisor = runtime_name.is_some_and(|r| r.contains("runsc"));
+        let ceiling = container_memory(limits, runtime_name);
+        let memory = i64::try_from(ceiling).unwrap_or(i64::MAX);
+        if ceiling > limits.memory.0 {
+            // What holds is the container's ceiling: the report says that one.
+            applied.limits.memory = fleetbox_proto::ByteSize(ceiling);
             notes.push(format!(
-                "gVisor: the container's memory is the limit plus {} MiB for gVisor's own kernel and one host stub per process",
-                (container_memory(limits, runtime_name) - limits.memory.0) >> 20
+                "gVisor: the memory that holds is the container's, the limit plus {} MiB for gVisor's own kernel and one host stub per process",
+                (ceiling - limits.memory.0) >> 20
             ));
+        }
+        // The container's seccomp profile (Fleetbox's allow-list, `resources/seccomp/docker.json`).
+        if gvisor {
+            applied.enforced("syscalls", "gvisor");
+            if self.gvisor_applies_seccomp(d).await {
+                applied.enforced("syscalls", "docker_seccomp_allow_list");
+            } else {
+                notes.push(
+                    "gVisor ignores the container's seccomp profile: add `--oci-seccomp` to the runtime's `runtimeArgs` in /etc/docker/daemon.json"
+                        .into(),
+                );
+            }
+        } else {
+            applied.enforced("syscalls", "docker_seccomp_allow_list");
         }
         let cpu_s = i64::try_from(limits.cpu_time.0.div_ceil(1000).max(1)).unwrap_or(i64::MAX);
         let ulimit = |name: &str, soft: i64, hard: i64| ResourcesUlimits {
@@ -601,12 +656,29 @@ impl Inner {
         };
         let fsize = i64::try_from(limits.max_file_size.0).unwrap_or(i64::MAX);
         let nofile = i64::from(limits.max_open_files);
+        let mut ulimits = vec![
+            ulimit("cpu", cpu_s, cpu_s + 1),
+            ulimit("fsize", fsize, fsize),
+            ulimit("nofile", nofile, nofile),
+            ulimit("core", 0, 0),
+        ];
+        if gvisor {
+            // gVisor's pids limit has headroom for its own threads ([`pids_limit`]): the
+            // program's count is held inside. Under runc the cgroup holds it alone, so that
+            // reaching it shows in `pids.events` and is reported (RLIMIT_NPROC refused first,
+            // silently).
+            let n = i64::from(limits.max_processes);
+            ulimits.push(ulimit("nproc", n, n));
+        }
         let host_config = HostConfig {
             binds: Some(binds),
             network_mode: Some(if limits.network { "bridge" } else { "none" }.into()),
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges".into()]),
+            security_opt: Some(vec![
+                "no-new-privileges".into(),
+                format!("seccomp={}", seccomp::inline()),
+            ]),
             pids_limit: Some(pids_limit(limits, self.config.docker.runtime.as_deref())),
             memory: Some(memory),
             memory_swap: Some(memory),
@@ -618,17 +690,7 @@ impl Inner {
                     limits.tmp_size.0.max(4096)
                 ),
             )])),
-            ulimits: Some(vec![
-                ulimit("cpu", cpu_s, cpu_s + 1),
-                ulimit("fsize", fsize, fsize),
-                ulimit("nofile", nofile, nofile),
-                ulimit("core", 0, 0),
-                ulimit(
-                    "nproc",
-                    i64::from(limits.max_processes),
-                    i64::from(limits.max_processes),
-                ),
-            ]),
+            ulimits: Some(ulimits),
             runtime: self.config.docker.runtime.clone(),
             // docker-init (tini) is the container's PID 1: the program gets ordinary signal
             // semantics (a PID 1 ignores SIGXCPU and signals it sends itself), orphans are
@@ -644,9 +706,13 @@ impl Inner {
             }),
             ..Default::default()
         };
+        if gvisor {
+            applied.enforced("max_processes", "rlimit_nproc");
+        } else {
+            applied.enforced("max_processes", "docker_pids_limit");
+        }
         for (limit, by) in [
             ("memory", "docker_memory"),
-            ("max_processes", "docker_pids_limit"),
             ("cpus", "docker_nano_cpus"),
             ("cpu_time", "rlimit_cpu"),
             ("max_file_size", "rlimit_fsize"),
@@ -734,6 +800,19 @@ impl Inner {
                 .and_then(|i| i.state?.pid)
                 .unwrap_or(0);
             let cgroup = sample::Paths::of_pid(pid as i32);
+            if let Some(c) = &cgroup
+                && !gvisor
+            {
+                // Before the program comes: its sockets are the ones accounted.
+                if c.limit_tcp_memory(ceiling) {
+                    applied.enforced("memory", "cgroup_socket_buffers");
+                } else {
+                    notes.push(
+                        "socket buffers are not held to the memory limit: the container's memory.kmem.tcp.limit_in_bytes could not be set"
+                            .into(),
+                    );
+                }
+            }
             if cgroup.is_none() {
                 notes.push(
                     "the container's cgroup is not readable from here: CPU and peak memory are not measured"

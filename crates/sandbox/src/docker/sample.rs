@@ -24,6 +24,8 @@ pub(super) struct Reading {
     cpu_sys_ns: Option<u64>,
     peak_bytes: Option<u64>,
     limit_hits: u64,
+    /// Processes the OOM killer took in the group (any of them, not only the main one).
+    oom_kills: u64,
     pids_max: u64,
 }
 
@@ -68,6 +70,21 @@ impl Paths {
         (p.v2.is_some() || p.memory.is_some() || p.cpuacct.is_some()).then_some(p)
     }
 
+    /// cgroup v1 charges socket buffers to a group only when told to: cap the container's TCP
+    /// buffer memory at its memory limit, as the jail does (v2 charges them to `memory.max`
+    /// already). Docker 20.10 sets no such limit, and its API no longer has the field. False
+    /// when v1 accounting is there and the write failed.
+    pub fn limit_tcp_memory(&self, bytes: u64) -> bool {
+        match (&self.v2, &self.memory) {
+            (None, Some(dir)) => std::fs::write(
+                dir.join("memory.kmem.tcp.limit_in_bytes"),
+                bytes.to_string(),
+            )
+            .is_ok(),
+            _ => true,
+        }
+    }
+
     pub fn read(&self) -> Reading {
         let num = |dir: &Path, file: &str| -> Option<u64> {
             std::fs::read_to_string(dir.join(file))
@@ -89,6 +106,7 @@ impl Paths {
             r.cpu_sys_ns = field(dir, "cpu.stat", "system_usec").map(|u| u * 1000);
             r.peak_bytes = num(dir, "memory.peak").or_else(|| num(dir, "memory.current"));
             r.limit_hits = field(dir, "memory.events", "max").unwrap_or(0);
+            r.oom_kills = field(dir, "memory.events", "oom_kill").unwrap_or(0);
             r.pids_max = field(dir, "pids.events", "max").unwrap_or(0);
             return r;
         }
@@ -99,6 +117,7 @@ impl Paths {
         if let Some(dir) = &self.memory {
             r.peak_bytes = num(dir, "memory.max_usage_in_bytes");
             r.limit_hits = num(dir, "memory.failcnt").unwrap_or(0);
+            r.oom_kills = field(dir, "memory.oom_control", "oom_kill").unwrap_or(0);
         }
         if let Some(dir) = &self.pids {
             r.pids_max = field(dir, "pids.events", "max").unwrap_or(0);
@@ -119,6 +138,7 @@ impl Reading {
         later(&mut self.cpu_sys_ns, newer.cpu_sys_ns);
         later(&mut self.peak_bytes, newer.peak_bytes);
         self.limit_hits = self.limit_hits.max(newer.limit_hits);
+        self.oom_kills = self.oom_kills.max(newer.oom_kills);
         self.pids_max = self.pids_max.max(newer.pids_max);
     }
 
@@ -129,8 +149,8 @@ impl Reading {
         };
         CgroupStats {
             peak_memory_bytes: self.peak_bytes,
-            oom_killed: false,
-            memory_limit_hit: self.limit_hits > base.limit_hits,
+            oom_killed: self.oom_kills > base.oom_kills,
+            memory_limit_hit: self.limit_hits > base.limit_hits || self.oom_kills > base.oom_kills,
             pids_limit_hit: self.pids_max > base.pids_max,
             cpu_user_ms: ms(self.cpu_user_ns, base.cpu_user_ns),
             cpu_sys_ms: ms(self.cpu_sys_ns, base.cpu_sys_ns),

@@ -13,7 +13,7 @@ mod landlock;
 pub mod seccomp;
 #[cfg(target_arch = "x86_64")]
 mod syscall_names;
-mod syscalls;
+pub(crate) mod syscalls;
 mod warm;
 
 use std::io::Write;

@@ -374,7 +374,7 @@ impl Deny {
             .collect()
     }
 
-    fn matches(&self, args: &[u64; 6]) -> bool {
+    pub(crate) fn matches(&self, args: &[u64; 6]) -> bool {
         self.args.iter().all(|a| {
             let v = args[a.index as usize] & 0xffff_ffff;
             a.eq.is_none_or(|e| v == e)

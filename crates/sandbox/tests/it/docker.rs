@@ -392,3 +392,75 @@ fn containers_write_no_log_on_the_host() {
     }
     assert!(inspected > 0, "no container of this test to inspect");
 }
+
+/// Kernel interfaces the threat model names (vsock sockets, io_uring, Linux AIO, `modify_ldt`,
+/// ptrace, the i386 `int 0x80` ABI, ...) are refused in containers by Fleetbox's own seccomp
+/// profile, under runc and inside gVisor (Docker 20.10's default profile let the first six
+/// through; `resources/seccomp/docker.json`).
+#[test]
+fn kernel_interfaces_the_threat_model_names_are_refused_in_containers() {
+    for runtime in [None, RUNSC] {
+        let r = run_in(runtime, "escape/kernel_surface.py", limits());
+        assert_eq!(r.status, Status::Ok, "{runtime:?}: {}", show(&r));
+        let out = r.output.as_ref().unwrap().as_object().unwrap();
+        assert!(out.len() >= 15, "{}", show(&r));
+        let through: Vec<&String> = out
+            .iter()
+            .filter(|(_, v)| *v == "ok")
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            through.is_empty(),
+            "{runtime:?}: {through:?} got through: {}",
+            show(&r)
+        );
+        assert!(
+            r.limits
+                .mechanisms("syscalls")
+                .contains(&"docker_seccomp_allow_list".to_string()),
+            "{}",
+            show(&r)
+        );
+    }
+}
+
+/// When the OOM killer takes children and the main process lives on, the run hit its memory
+/// limit all the same (the container's cgroup counts the kills), as in the jail.
+#[test]
+fn children_killed_by_the_oom_killer_are_a_memory_limit() {
+    let mut l = limits();
+    l.memory = fleetbox_proto::ByteSize::mib(128);
+    let r = run_in(None, "escape/oom_children.py", l.clone());
+    assert_eq!(r.status, Status::MemoryLimit, "{}", show(&r));
+    let jail = support::run(support::JAIL, "escape/oom_children.py", l);
+    assert_eq!(jail.status, Status::MemoryLimit, "{}", show(&jail));
+}
+
+/// A fork bomb under runc stops at the container's pids limit, and the report says so.
+#[test]
+fn the_pids_limit_is_reported_under_runc() {
+    let r = run_in(None, "fork_bomb.py", limits());
+    assert!(
+        r.violations.iter().any(|v| v.kind == "pids_limit"),
+        "{}",
+        show(&r)
+    );
+    assert_eq!(r.limits.mechanisms("max_processes"), ["docker_pids_limit"]);
+}
+
+/// Loopback TCP data nobody reads is held to the memory limit under runc on cgroup v1 too
+/// (Docker sets no TCP memory limit there; ~400 MiB were queued under 64 MiB).
+#[test]
+fn socket_buffers_are_held_to_the_memory_limit_in_containers() {
+    let mut l = limits();
+    l.memory = fleetbox_proto::ByteSize::mib(64);
+    let r = run_in(None, "escape/socket_memory.py", l);
+    match r.status {
+        Status::Ok => {
+            let queued = r.output.as_ref().unwrap()["queued"].as_u64().unwrap();
+            assert!(queued <= 72 << 20, "{queued} bytes queued: {}", show(&r));
+        }
+        Status::MemoryLimit => {}
+        _ => panic!("{}", show(&r)),
+    }
+}
