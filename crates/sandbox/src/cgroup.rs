@@ -320,6 +320,24 @@ impl RunCgroup {
         }
     }
 
+    /// CPU time every process of the group has used so far, in ms (`None` without CPU
+    /// accounting). Cheap: one small file read.
+    pub fn cpu_used_ms(&self) -> Option<u64> {
+        let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).ok();
+        if self.version == "cgroup_v2" {
+            let st = read(self.dirs.first()?, "cpu.stat")?;
+            return st.lines().find_map(|l| {
+                let usec: u64 = l.strip_prefix("usage_usec ")?.trim().parse().ok()?;
+                Some(usec / 1000)
+            });
+        }
+        let ns: u64 = read(self.cpuacct.as_ref()?, "cpuacct.usage")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ns / 1_000_000)
+    }
+
     pub fn stats(&self) -> CgroupStats {
         let mut s = CgroupStats::default();
         let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).ok();

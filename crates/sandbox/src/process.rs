@@ -180,7 +180,8 @@ impl Sandbox for ProcessSandbox {
                 stderr: err_r,
             },
             started,
-            Supervision::for_request(req, &killer, None),
+            Supervision::for_request(req, &killer, None)
+                .with_cpu(cgroup.as_ref().map(|c| c as &dyn supervise::CpuMeter)),
         );
         forget_active(pid);
         let stats = cgroup.as_ref().map(RunCgroup::stats);

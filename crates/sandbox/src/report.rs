@@ -75,6 +75,7 @@ impl RunContext<'_> {
             cancelled,
             output_limited,
             stopped,
+            cpu_limited,
             stdout,
             stderr,
         } = obs.outcome;
@@ -214,6 +215,14 @@ impl RunContext<'_> {
             (
                 Status::Timeout,
                 Some(format!("wall-clock timeout of {} reached", limits.timeout)),
+            )
+        } else if let Some(used) = cpu_limited {
+            (
+                Status::Timeout,
+                Some(format!(
+                    "CPU time limit of {} reached by all the run's processes together ({used} ms)",
+                    limits.cpu_time
+                )),
             )
         } else if exit.signal == Some(libc::SIGXCPU) && cpu_ms + 50 >= limits.cpu_time.0 {
             (

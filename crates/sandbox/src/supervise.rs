@@ -17,6 +17,21 @@ pub trait TreeKiller {
     fn kill_tree(&self);
 }
 
+/// CPU time used by every process of a run together (its cgroup's accounting).
+pub trait CpuMeter {
+    fn cpu_used_ms(&self) -> Option<u64>;
+}
+
+impl CpuMeter for crate::cgroup::RunCgroup {
+    fn cpu_used_ms(&self) -> Option<u64> {
+        crate::cgroup::RunCgroup::cpu_used_ms(self)
+    }
+}
+
+/// How often the run's total CPU time is read against its limit (`RLIMIT_CPU` holds each
+/// process on its own; only the group's count holds them together).
+const CPU_CHECK_EVERY: Duration = Duration::from_millis(20);
+
 /// Descriptors a backend wants polled alongside the child.
 pub trait Extras {
     fn fds(&self) -> Vec<RawFd>;
@@ -45,8 +60,23 @@ pub struct Outcome {
     pub output_limited: Option<&'static str>,
     /// Why the supervisor's extras ended the run ([`Extras::stop_reason`]).
     pub stopped: Option<String>,
+    /// CPU time of all the run's processes together when it was stopped for passing its CPU
+    /// limit (ms).
+    pub cpu_limited: Option<u64>,
     pub stdout: StreamCapture,
     pub stderr: StreamCapture,
+}
+
+impl Outcome {
+    /// Whether the supervisor ended the run (a limit, a cancel, its extras), rather than the
+    /// program ending on its own.
+    pub fn stopped_by_supervisor(&self) -> bool {
+        self.timed_out
+            || self.output_limited.is_some()
+            || self.cancelled.is_some()
+            || self.stopped.is_some()
+            || self.cpu_limited.is_some()
+    }
 }
 
 /// Keeps the first `cap` bytes of a stream and counts the rest.
@@ -97,6 +127,9 @@ pub struct Supervision<'a> {
     pub killer: &'a dyn TreeKiller,
     pub extras: Option<&'a mut dyn Extras>,
     pub cancel: Option<&'a crate::Cancel>,
+    /// The run's CPU time limit in ms, held over all its processes together by `cpu`.
+    pub cpu_limit_ms: u64,
+    pub cpu: Option<&'a dyn CpuMeter>,
 }
 
 impl<'a> Supervision<'a> {
@@ -114,7 +147,15 @@ impl<'a> Supervision<'a> {
             continue_past_output_limit: limits.continue_past_output_limit,
             killer,
             extras,
+            cpu_limit_ms: limits.cpu_time.0,
+            cpu: None,
         }
+    }
+
+    /// Hold the run's processes together to its CPU limit through `meter`.
+    pub fn with_cpu(mut self, meter: Option<&'a dyn CpuMeter>) -> Self {
+        self.cpu = meter;
+        self
     }
 }
 
@@ -134,6 +175,9 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
     let mut killed = false;
     let mut cancelled = None;
     let mut stopped = None;
+    let mut cpu_limited = None;
+    // CPU used before the program started (a warm jail's interpreter) is not the run's.
+    let cpu = sup.cpu.and_then(|m| Some((m, m.cpu_used_ms()?)));
     let mut buf = vec![0u8; 64 * 1024];
 
     loop {
@@ -183,6 +227,11 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
             }
             break;
         }
+        // The CPU limit is read every few ms while the program runs.
+        let until = match cpu {
+            Some(_) if main_alive && cpu_limited.is_none() => until.min(now + CPU_CHECK_EVERY),
+            _ => until,
+        };
         // Round up so we never wake a hair early and spin.
         let wait_ms = (until - now)
             .as_micros()
@@ -229,6 +278,16 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
             }
         }
         if exit.is_none()
+            && cpu_limited.is_none()
+            && let Some((meter, base)) = cpu
+            && let Some(used) = meter.cpu_used_ms().map(|u| u.saturating_sub(base))
+            && used >= sup.cpu_limit_ms
+        {
+            cpu_limited = Some(used);
+            sup.killer.kill_tree();
+            killed = true;
+        }
+        if exit.is_none()
             && stopped.is_none()
             && let Some(why) = sup.extras.as_deref().and_then(|e| e.stop_reason())
         {
@@ -273,6 +332,7 @@ pub fn supervise(child: Child, started: Instant, mut sup: Supervision<'_>) -> Ou
         cancelled,
         output_limited,
         stopped,
+        cpu_limited,
         stdout: out.finish(),
         stderr: err.finish(),
     }

@@ -912,6 +912,7 @@ impl Inner {
         let mut timed_out = false;
         let mut cancelled = None;
         let mut output_limited = None;
+        let mut cpu_limited = None;
         let mut killed = false;
         let mut output_open = true;
         let mut wall = None;
@@ -948,6 +949,14 @@ impl Inner {
                 _ = tick.tick() => {
                     if let Some(p) = &cgroup {
                         peak.merge(&p.read());
+                        // RLIMIT_CPU holds each process alone; the cgroup holds them together.
+                        let used = peak.since(&base);
+                        let used = used.cpu_user_ms.unwrap_or(0) + used.cpu_sys_ms.unwrap_or(0);
+                        if !killed && used >= limits.cpu_time.0 {
+                            cpu_limited = Some(used);
+                            killed = true;
+                            kill_soon(d, &id);
+                        }
                     }
                     if !killed && let Some(c) = &req.cancel && let Some(why) = c.reason() {
                         cancelled = Some(why);
@@ -1060,6 +1069,7 @@ impl Inner {
             cancelled,
             output_limited,
             stopped: None,
+            cpu_limited,
             stdout: stdout.finish(),
             stderr: stderr.finish(),
         };

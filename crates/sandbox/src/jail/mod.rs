@@ -421,7 +421,8 @@ impl JailSandbox {
         let mut outcome = supervise::supervise(
             child,
             started,
-            Supervision::for_request(req, &killer, Some(&mut extras)),
+            Supervision::for_request(req, &killer, Some(&mut extras))
+                .with_cpu(cgroup.as_ref().map(|c| c as &dyn supervise::CpuMeter)),
         );
         let sup_done = init::monotonic_us();
         extras.drain_status();
@@ -472,10 +473,7 @@ impl JailSandbox {
                 seccomp::Mode::Allow => "seccomp_allow_list",
             },
         );
-        let stopped_by_us = outcome.timed_out
-            || outcome.output_limited.is_some()
-            || outcome.cancelled.is_some()
-            || outcome.stopped.is_some();
+        let stopped_by_us = outcome.stopped_by_supervisor();
         match program_exit {
             Some(e) if !stopped_by_us => outcome.exit = e,
             Some(e) => {
@@ -493,7 +491,10 @@ impl JailSandbox {
                 ));
             }
             None => {
-                if outcome.timed_out || outcome.output_limited.is_some() {
+                if outcome.timed_out
+                    || outcome.output_limited.is_some()
+                    || outcome.cpu_limited.is_some()
+                {
                     outcome.exit.code = None;
                     outcome.exit.signal = Some(libc::SIGKILL);
                 }

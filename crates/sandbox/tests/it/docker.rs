@@ -464,3 +464,24 @@ fn socket_buffers_are_held_to_the_memory_limit_in_containers() {
         _ => panic!("{}", show(&r)),
     }
 }
+
+/// The CPU time limit holds all of a container's processes together (RLIMIT_CPU holds each
+/// alone): six children spinning 0.9 s each under 1 s end as a timeout near 1 s.
+#[test]
+fn the_cpu_time_limit_holds_all_processes_together_in_containers() {
+    let l = fleetbox_proto::Limits {
+        cpu_time: Millis(1000),
+        timeout: Millis(20_000),
+        cpus: 2.0,
+        ..limits()
+    };
+    let r = run_in(None, "escape/cpu_children.py", l);
+    assert_eq!(r.status, Status::Timeout, "{}", show(&r));
+    assert!(
+        r.message.as_deref().unwrap_or("").contains("together"),
+        "{}",
+        show(&r)
+    );
+    let used = r.cpu_user_ms + r.cpu_sys_ms;
+    assert!((1000..1400).contains(&used), "{used} ms: {}", show(&r));
+}

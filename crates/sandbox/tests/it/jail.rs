@@ -680,3 +680,32 @@ fn an_interpreter_the_jail_cannot_see_is_refused_at_start() {
         let _ = std::fs::remove_dir_all(&hidden);
     }
 }
+
+/// `--cpu-time` holds all of a run's processes together: six children spinning 0.9 s each under
+/// a 1 s limit (each below `RLIMIT_CPU`; 4.8 s were used before) end as a timeout near 1 s,
+/// read from the cgroup's accounting, in the jail and in `process`.
+#[test]
+fn the_cpu_time_limit_holds_all_processes_together() {
+    for setup in [JAIL, PROCESS] {
+        let l = fleetbox_proto::Limits {
+            cpu_time: fleetbox_proto::Millis(1000),
+            timeout: fleetbox_proto::Millis(20_000),
+            cpus: 2.0,
+            ..limits()
+        };
+        let r = run(setup, "escape/cpu_children.py", l);
+        assert_eq!(r.status, Status::Timeout, "{setup:?}: {}", show(&r));
+        assert!(
+            r.message.as_deref().unwrap_or("").contains("together"),
+            "{}",
+            show(&r)
+        );
+        let used = r.cpu_user_ms + r.cpu_sys_ms;
+        assert!(
+            (1000..1400).contains(&used),
+            "{setup:?}: {used} ms: {}",
+            show(&r)
+        );
+        assert!(!r.stdout.contains("all children done"), "{}", show(&r));
+    }
+}
