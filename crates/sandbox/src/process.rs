@@ -25,13 +25,60 @@ use crate::{Backend, RunRequest, Sandbox, SandboxConfig, python, sys};
 pub const RUN_UID_BASE: u32 = 1_500_000_000;
 const RUN_UID_SLOTS: u32 = 1 << 20;
 
-/// An unprivileged uid (= gid) for one run; unique among the runs of this process.
-pub fn run_uid() -> u32 {
+/// Where every supervisor on a host takes its runs' uids: one lock file per uid in use.
+pub const RUN_UID_LOCKS: &str = "/run/fleetbox/uids";
+
+/// An unprivileged uid (= gid) for one run, unique on this host for as long as the lease lives:
+/// an exclusive `flock` on `RUN_UID_LOCKS/<uid>` that every Fleetbox supervisor takes before
+/// using the uid (two agents' per-process counters collided once one was 768 runs ahead). The
+/// kernel drops the lock when the holder dies, so a killed agent leaves nothing to clean.
+#[derive(Debug)]
+pub struct UidLease {
+    pub uid: u32,
+    _lock: std::fs::File,
+}
+
+pub fn run_uid() -> std::io::Result<UidLease> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Spread processes apart so concurrent agents on one host rarely pick the same uid.
-    let slot = (std::process::id().wrapping_mul(4099).wrapping_add(n)) % RUN_UID_SLOTS;
-    RUN_UID_BASE + slot
+    // Start apart so that concurrent agents rarely try the same uid first.
+    take_uid(std::process::id().wrapping_mul(4099).wrapping_add(n))
+}
+
+/// The first free uid from slot `first` on.
+pub fn take_uid(first: u32) -> std::io::Result<UidLease> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(RUN_UID_LOCKS)?;
+    for i in 0..4096u32 {
+        let uid = RUN_UID_BASE + first.wrapping_add(i) % RUN_UID_SLOTS;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(format!("{RUN_UID_LOCKS}/{uid}"))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0
+        {
+            return Ok(UidLease { uid, _lock: lock });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no free run uid: 4096 in a row are held under {RUN_UID_LOCKS}"
+    )))
 }
 
 pub struct ProcessSandbox {
@@ -70,10 +117,11 @@ impl Sandbox for ProcessSandbox {
             Ok(p) => p,
             Err(e) => return ctx.sandbox_error(e.to_string()),
         };
-        let owner = sys::is_root().then(|| {
-            let uid = run_uid();
-            (uid, uid)
-        });
+        let lease = match sys::is_root().then(run_uid).transpose() {
+            Ok(l) => l,
+            Err(e) => return ctx.sandbox_error(format!("taking a run uid: {e}")),
+        };
+        let owner = lease.as_ref().map(|l| (l.uid, l.uid));
         let dir = match RunDir::create(
             &self.config.work_root,
             &req.code,
@@ -83,7 +131,10 @@ impl Sandbox for ProcessSandbox {
         )
         .and_then(|mut d| d.add_files(&req.files, owner).map(|()| d))
         {
-            Ok(d) => d,
+            Ok(mut d) => {
+                d.hold_uid(lease);
+                d
+            }
             Err(e) => {
                 let ctx = RunContext {
                     python: Some(&py),
@@ -441,4 +492,64 @@ fn ppid_and_sid(pid: i32) -> Option<(i32, i32)> {
     let ppid = rest.nth(1)?.parse().ok()?;
     let sid = rest.nth(1)?.parse().ok()?;
     Some((ppid, sid))
+}
+
+#[cfg(test)]
+mod uid_tests {
+    use super::*;
+
+    /// A uid another supervisor holds (here a Python process, the way any other process on the
+    /// host would hold it) is skipped; one this process holds is not handed out twice; and a
+    /// released one is free again.
+    #[test]
+    fn run_uids_are_unique_across_supervisors() {
+        let first = 900_000 + std::process::id() % 1000;
+        let held = RUN_UID_BASE + first;
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import fcntl, sys\nf = open('{RUN_UID_LOCKS}/{held}', 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()"
+                ),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::fs::create_dir_all(RUN_UID_LOCKS).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(other.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "held");
+        let a = take_uid(first).unwrap();
+        assert_eq!(a.uid, held + 1, "the other supervisor's uid was handed out");
+        let b = take_uid(first).unwrap();
+        assert_eq!(b.uid, held + 2);
+        drop(a);
+        assert_eq!(take_uid(first).unwrap().uid, held + 1);
+        drop(other.stdin.take());
+        other.wait().unwrap();
+        assert_eq!(take_uid(first).unwrap().uid, held);
+        // Many at once, from threads: all different.
+        let uids: Vec<u32> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(move || {
+                        (0..25)
+                            .map(|_| take_uid(first).unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let leases: Vec<UidLease> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            leases.iter().map(|l| l.uid).collect()
+        });
+        let mut sorted = uids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), uids.len());
+    }
 }

@@ -324,6 +324,8 @@ pub struct RunDir {
     pub given: Vec<(String, String)>,
     /// The quota the workspace is held to, when its tmpfs could be mounted.
     pub quota: Option<Quota>,
+    /// The run's host uid, held until the workspace is gone (dropped after it).
+    uid: Option<crate::process::UidLease>,
 }
 
 impl RunDir {
@@ -383,7 +385,13 @@ impl RunDir {
             input_sha256,
             given: Vec::new(),
             quota,
+            uid: None,
         })
+    }
+
+    /// Keep the run's uid taken for as long as this directory lives.
+    pub fn hold_uid(&mut self, lease: Option<crate::process::UidLease>) {
+        self.uid = lease;
     }
 
     /// Put the request's attached files in the workspace (names checked with

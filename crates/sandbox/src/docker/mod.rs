@@ -590,12 +590,11 @@ impl Inner {
         let limits = &req.limits;
         let mut applied = AppliedLimits::new(limits.clone());
         let mut notes = Vec::new();
-        let owner = if sys::is_root() {
-            let uid = run_uid();
-            Some((uid, uid))
-        } else {
-            None
-        };
+        let lease = sys::is_root()
+            .then(run_uid)
+            .transpose()
+            .map_err(|e| format!("taking a run uid: {e}"))?;
+        let owner = lease.as_ref().map(|l| (l.uid, l.uid));
         let user = match owner {
             Some((u, g)) => format!("{u}:{g}"),
             // SAFETY: getuid/getgid have no preconditions.
@@ -611,6 +610,7 @@ impl Inner {
         .map_err(|e| e.to_string())?;
         dir.add_files(&req.files, owner)
             .map_err(|e| e.to_string())?;
+        dir.hold_uid(lease);
         if dir.quota.is_some() {
             applied.enforced("workspace_size", "tmpfs");
             applied.enforced("workspace_files", "tmpfs");

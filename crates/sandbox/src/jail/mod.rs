@@ -578,9 +578,12 @@ impl Builder {
             python: Some(Box::new(py.clone())),
         };
         let privileged = sys::is_root();
-        let (host_uid, host_gid) = if privileged {
-            let id = run_uid();
-            (id, id)
+        let lease = privileged
+            .then(run_uid)
+            .transpose()
+            .map_err(|e| with_py(JailError::os("taking a run uid".to_string(), e)))?;
+        let (host_uid, host_gid) = if let Some(l) = &lease {
+            (l.uid, l.uid)
         } else {
             // SAFETY: getuid/getgid have no preconditions.
             unsafe { (libc::getuid(), libc::getgid()) }
@@ -590,6 +593,8 @@ impl Builder {
         let dir = RunDir::create(&self.config.work_root, code, input, host_ids, quota)
             .and_then(|mut d| d.add_files(files, host_ids).map(|()| d))
             .map_err(|e| with_py(e.into()))?;
+        let mut dir = dir;
+        dir.hold_uid(lease);
         if dir.quota.is_some() {
             applied.enforced("workspace_size", "tmpfs");
             applied.enforced("workspace_files", "tmpfs");
