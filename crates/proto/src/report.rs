@@ -159,6 +159,10 @@ pub struct ExecutionReport {
     pub exception: Option<ExceptionInfo>,
     pub files: Vec<FileEntry>,
     pub files_truncated: bool,
+    /// Time the supervisor spent listing and hashing the workspace after the program ended
+    /// (outside the run's limits, so reported on its own).
+    #[serde(default)]
+    pub listing_ms: u64,
     pub violations: Vec<Violation>,
     pub limits: AppliedLimits,
     pub backend: String,
@@ -209,6 +213,7 @@ impl ExecutionReport {
             exception: None,
             files: Vec::new(),
             files_truncated: false,
+            listing_ms: 0,
             violations: Vec::new(),
             limits: AppliedLimits::default(),
             backend: "none".into(),

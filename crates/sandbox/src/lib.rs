@@ -24,6 +24,7 @@ mod report;
 mod supervise;
 mod sys;
 pub mod traceback;
+mod walk;
 pub mod workspace;
 
 use std::path::PathBuf;

@@ -100,6 +100,7 @@ impl RunContext<'_> {
         report.violations = obs.violations;
 
         let work = dir.work();
+        let listed_at = std::time::Instant::now();
         let listing = workspace::list_files(
             &work,
             dir.input_sha256.as_deref(),
@@ -107,16 +108,12 @@ impl RunContext<'_> {
             limits.max_listed_files,
             limits.max_hashed_bytes,
             limits.max_file_size.0,
+            limits.workspace_files,
         );
+        report.listing_ms = listed_at.elapsed().as_millis() as u64;
         report.files = listing.files;
         report.files_truncated = listing.truncated;
-        if listing.unlisted > 0 {
-            report.notes.push(format!(
-                "{} workspace entries could not be listed (a path longer than PATH_MAX, or a \
-                 directory the program shut): `files` is incomplete",
-                listing.unlisted
-            ));
-        }
+        report.notes.extend(listing.note);
 
         let mut output_too_large = None;
         match workspace::read_output_file(&work, limits.max_output.0) {

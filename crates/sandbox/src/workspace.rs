@@ -16,6 +16,7 @@ use fleetbox_proto::{ByteSize, FileEntry};
 use sha2::{Digest, Sha256};
 
 use crate::SandboxError;
+use crate::walk;
 
 pub const CODE_FILE: &str = "main.py";
 pub use fleetbox_proto::job::{INPUT_FILE, OUTPUT_FILE};
@@ -27,6 +28,9 @@ const RUN_DIR_PREFIX: &str = "fleetbox-run-";
 const KEPT_PREFIX: &str = "fleetbox-kept-";
 /// A run directory whose removal failed, waiting for the next sweep.
 const TRASH_PREFIX: &str = "fleetbox-trash-";
+/// Entries a kept workspace's copy (and a new one's hand-over) looks at, at most: the
+/// workspace's inode quota holds far fewer.
+const KEEP_MAX_ENTRIES: usize = 4_000_000;
 
 /// The pid in `<prefix><pid>-<rest>`, the names of run directories and run cgroups.
 pub(crate) fn stale_owner(name: &str, prefix: &str) -> Option<i32> {
@@ -157,30 +161,28 @@ pub fn persist_kept(dir: &Path) -> std::io::Result<usize> {
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o700))?;
     let mut skipped = 0;
     let mut copied_inodes: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
-    for (path, meta) in walk(&work) {
-        let Ok(rel) = path.strip_prefix(&work) else {
-            continue;
-        };
-        let to = copy.join(rel);
-        let kind = meta.file_type();
-        let ok = if kind.is_dir() {
+    let left_out = walk::walk(&work, walk::Bounds::new(KEEP_MAX_ENTRIES), |e| {
+        let to = copy.join(e.rel);
+        let ok = if e.is_dir() {
             std::fs::create_dir(&to).is_ok()
-                && std::fs::set_permissions(&to, safe_mode(meta.mode() | 0o700)).is_ok()
-        } else if kind.is_file() {
-            let inode = (meta.dev(), meta.ino());
-            match copied_inodes.get(&inode) {
+                && std::fs::set_permissions(&to, safe_mode(e.mode() | 0o700)).is_ok()
+        } else if e.is_file() {
+            match copied_inodes.get(&e.inode()) {
                 Some(first) => std::fs::hard_link(first, &to).is_ok(),
                 None => {
-                    let ok = copy_holes(&path, &to, meta.mode()).is_ok();
-                    if ok && meta.nlink() > 1 {
-                        copied_inodes.insert(inode, to.clone());
+                    let ok = e
+                        .open()
+                        .and_then(|src| copy_holes(src, &to, e.mode()))
+                        .is_ok();
+                    if ok && e.nlink() > 1 {
+                        copied_inodes.insert(e.inode(), to.clone());
                     }
                     ok
                 }
             }
-        } else if kind.is_symlink() {
-            std::fs::read_link(&path).is_ok_and(|target| {
-                stays_inside(rel, &target) && std::os::unix::fs::symlink(target, &to).is_ok()
+        } else if e.is_symlink() {
+            e.read_link().is_ok_and(|target| {
+                stays_inside(e.rel, &target) && std::os::unix::fs::symlink(target, &to).is_ok()
             })
         } else {
             false
@@ -188,7 +190,8 @@ pub fn persist_kept(dir: &Path) -> std::io::Result<usize> {
         if !ok {
             skipped += 1;
         }
-    }
+    });
+    skipped += left_out.unreadable + left_out.too_deep + usize::from(left_out.cut_short);
     unmount_workspace(dir);
     fs_err::remove_dir(&work)?;
     fs_err::rename(&copy, &work)?;
@@ -224,14 +227,10 @@ fn stays_inside(rel: &Path, target: &Path) -> bool {
     true
 }
 
-/// Copy a regular file (never through a symlink) with its runs of zeros left as holes.
-fn copy_holes(from: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
+/// Copy an open regular file with its runs of zeros left as holes.
+fn copy_holes(mut src: std::fs::File, to: &Path, mode: u32) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::os::unix::fs::OpenOptionsExt;
-    let mut src = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(from)?;
     let mut dst = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -259,23 +258,21 @@ fn copy_holes(from: &Path, to: &Path, mode: u32) -> std::io::Result<()> {
 /// nodes, FIFOs, sockets and symlinks pointing outside removed. Returns how many were removed.
 fn defang_in_place(work: &Path) -> usize {
     let mut removed = 0;
-    for (path, meta) in walk(work) {
-        let kind = meta.file_type();
-        let keep = if kind.is_dir() || kind.is_file() {
-            if meta.mode() & 0o7000 != 0 {
-                let _ = std::fs::set_permissions(&path, safe_mode(meta.mode()));
+    walk::walk(work, walk::Bounds::new(KEEP_MAX_ENTRIES), |e| {
+        let keep = if e.is_dir() || e.is_file() {
+            if e.mode() & 0o7000 != 0 {
+                e.chmod(e.mode() & 0o777);
             }
             true
-        } else if kind.is_symlink() {
-            let rel = path.strip_prefix(work).unwrap_or(&path);
-            std::fs::read_link(&path).is_ok_and(|t| stays_inside(rel, &t))
+        } else if e.is_symlink() {
+            e.read_link().is_ok_and(|t| stays_inside(e.rel, &t))
         } else {
             false
         };
-        if !keep && std::fs::remove_file(&path).is_ok() {
+        if !keep && e.unlink() {
             removed += 1;
         }
-    }
+    });
     removed
 }
 
@@ -499,47 +496,13 @@ impl Drop for RunDir {
 
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
-    for (path, _) in walk(dir) {
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
-    }
-    Ok(())
-}
-
-/// Every entry below `root` (not following symlinks), depth first.
-fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
-    walk_counting(root).0
-}
-
-/// [`walk`], and how many entries it could not read (a directory it could not open, an entry
-/// it could not stat: a path past `PATH_MAX`, a mode that shuts it out).
-fn walk_counting(root: &Path) -> (Vec<(PathBuf, std::fs::Metadata)>, usize) {
-    let mut out = Vec::new();
-    let mut unreadable = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            if dir != root {
-                unreadable += 1;
-            }
-            continue;
-        };
-        let mut children: Vec<_> = entries
-            .filter_map(|e| e.inspect_err(|_| unreadable += 1).ok())
-            .collect();
-        children.sort_by_key(|e| e.file_name());
-        for entry in children {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                unreadable += 1;
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path.clone());
-            }
-            out.push((path, meta));
+    let mut result = Ok(());
+    walk::walk(dir, walk::Bounds::new(KEEP_MAX_ENTRIES), |e| {
+        if result.is_ok() {
+            result = e.chown(uid, gid);
         }
-    }
-    (out, unreadable)
+    });
+    result
 }
 
 /// A workspace path as the report lists it: UTF-8 as it is, with a backslash written `\\` and
@@ -597,13 +560,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Files the program left in `work`, excluding the input we wrote there ourselves (unless the
-/// program changed it). Capped at `max_files` entries and `max_hashed` bytes of hashing.
+/// program changed it). The first `max_files` by path are listed, and hashed until
+/// `max_hashed` bytes; the walk itself is bounded by `bounds`.
 pub struct Listing {
     pub files: Vec<FileEntry>,
-    /// Something was left out: past `max_files`, or not readable (see `unlisted`).
+    /// Something was left out: past `max_files`, or past the walk's bounds (see `note`).
     pub truncated: bool,
-    /// Entries the walk could not read (a path past `PATH_MAX`, a directory shut to it).
-    pub unlisted: usize,
+    /// Why the listing is incomplete beyond `max_files` (entries unreadable, too deep, or past
+    /// the walk's cap).
+    pub note: Option<String>,
     /// A file that reached the `RLIMIT_FSIZE` cap exactly.
     pub at_file_size_limit: Option<String>,
 }
@@ -615,58 +580,75 @@ pub fn list_files(
     max_files: u32,
     max_hashed: ByteSize,
     file_size_limit: u64,
+    workspace_files: u64,
 ) -> Listing {
-    let mut files = Vec::new();
+    // The first `max_files` paths seen so far, largest on top: bounded memory whatever the
+    // program left.
+    let mut first: std::collections::BinaryHeap<(String, PathBuf, u64)> = Default::default();
     let mut truncated = false;
-    let mut hash_budget = max_hashed.0;
-    let mut at_limit = None;
-    let (entries, unlisted) = walk_counting(work);
-    for (path, meta) in entries {
-        if !meta.is_file() {
-            continue;
+    let mut at_limit: Option<String> = None;
+    let bounds = walk::Bounds::new(
+        usize::try_from(workspace_files)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1024),
+    );
+    let skipped = walk::walk(work, bounds, |e| {
+        if !e.is_file() {
+            return;
         }
-        let rel = listed_name(path.strip_prefix(work).unwrap_or(&path));
-        let bytes = meta.size();
-        if bytes >= file_size_limit && at_limit.is_none() {
+        let rel = listed_name(e.rel);
+        let bytes = e.size();
+        if bytes >= file_size_limit && at_limit.as_ref().is_none_or(|a| rel < *a) {
             at_limit = Some(rel.clone());
         }
-        let sha256 = if bytes <= hash_budget {
-            hash_budget -= bytes;
-            hash_file(&path)
+        // The input we wrote and the files given before the run are not listed unchanged.
+        let given_hash = given
+            .iter()
+            .find(|(name, _)| *name == rel)
+            .map(|(_, h)| h.as_str());
+        let ours = if rel == INPUT_FILE {
+            input_sha256
         } else {
-            None
+            given_hash
         };
-        if rel == INPUT_FILE && sha256.is_some() && sha256.as_deref() == input_sha256 {
-            continue;
-        }
-        if sha256.is_some()
-            && given
-                .iter()
-                .any(|(name, hash)| *name == rel && Some(hash) == sha256.as_ref())
+        if let Some(ours) = ours
+            && e.open().ok().and_then(hash_file).as_deref() == Some(ours)
         {
-            continue;
+            return;
         }
-        if files.len() >= max_files as usize {
+        first.push((rel, e.rel.to_path_buf(), bytes));
+        if first.len() > max_files as usize {
+            first.pop();
             truncated = true;
-            continue;
         }
-        files.push(FileEntry {
-            path: rel,
-            bytes,
-            sha256,
-        });
-    }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
+    });
+    let mut hash_budget = max_hashed.0;
+    let files = first
+        .into_sorted_vec()
+        .into_iter()
+        .map(|(path, rel, bytes)| {
+            let sha256 = (bytes <= hash_budget)
+                .then(|| {
+                    hash_budget -= bytes;
+                    walk::open_beneath(work, &rel).ok().and_then(hash_file)
+                })
+                .flatten();
+            FileEntry {
+                path,
+                bytes,
+                sha256,
+            }
+        })
+        .collect();
     Listing {
         files,
-        truncated: truncated || unlisted > 0,
-        unlisted,
+        truncated: truncated || skipped.any(),
+        note: skipped.explain(bounds),
         at_file_size_limit: at_limit,
     }
 }
 
-fn hash_file(path: &Path) -> Option<String> {
-    let mut file = std::fs::File::open(path).ok()?;
+fn hash_file(mut file: std::fs::File) -> Option<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
