@@ -1,5 +1,7 @@
-# A `docker` container's first Python code, run as `python3 -I -B -c <this>` (PID 2, under
-# docker-init). The interpreter starts before the program exists and waits on stdin for the
+# A `docker` container's first Python code, run as `python3 -I -B -c <this>`: the container's
+# PID 1, so the program (its child) can neither signal it (PID 1 takes no signal it has no
+# handler for from inside its namespace, SIGKILL included) nor, as it is non-dumpable, read or
+# trace it; it reaps every orphan the program leaves, as an init does. The interpreter starts before the program exists and waits on stdin for the
 # run: a 4-byte big-endian length and the run's environment (NUL-separated KEY=VALUE), then a
 # 32-byte nonce. It forks the program (the child runs /code/main.py as `__main__`, as
 # `python3 -I -B /code/main.py` would) with its stdout and stderr on pipes, forwards both while
@@ -119,9 +121,18 @@ def _fleetbox_supervise(pid, out_r, err_r, nonce, json, os, select, signal):
 
     status = None
     while status is None:
-        done, st, ru = os.wait4(pid, os.WNOHANG)
-        if done == pid:
-            status = (st, ru)
+        # As PID 1 this process inherits every orphan: reap them all, the program last.
+        while True:
+            try:
+                done, st, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                done = 0
+            if done == 0:
+                break
+            if done == pid:
+                status = (st, ru)
+                break
+        if status is not None:
             break
         try:
             ready, _, _ = select.select([*targets, wake_r], [], [])

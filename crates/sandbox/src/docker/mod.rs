@@ -692,10 +692,11 @@ impl Inner {
             )])),
             ulimits: Some(ulimits),
             runtime: self.config.docker.runtime.clone(),
-            // docker-init (tini) is the container's PID 1: the program gets ordinary signal
-            // semantics (a PID 1 ignores SIGXCPU and signals it sends itself), orphans are
-            // reaped, and the container ends when the program does.
-            init: Some(true),
+            // The boot script is the container's PID 1 (`boot.py`): the program is its child
+            // with ordinary signal semantics, orphans are reaped, the container ends when the
+            // program does, and no init runs as the program's uid where it could be read or
+            // traced (docker-init did, and was dumpable).
+            init: Some(false),
             auto_remove: Some(false),
             // Fleetbox reads the output through the attach stream and caps it itself; the
             // daemon's default json-file log would write all of it to the host's disk, outside

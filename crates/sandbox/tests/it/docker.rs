@@ -485,3 +485,36 @@ fn the_cpu_time_limit_holds_all_processes_together_in_containers() {
     let used = r.cpu_user_ms + r.cpu_sys_ms;
     assert!((1000..1400).contains(&used), "{used} ms: {}", show(&r));
 }
+
+/// The process supervising the program inside the container (its PID 1, the boot script) can
+/// neither be read nor killed by the program, and it reaps the orphans the program leaves: 300
+/// orphans under a limit of 64 processes all come and go. docker-init ran as the program's uid
+/// and was dumpable. gVisor lets a process SIGKILL its own PID 1 (Linux does not): that ends the
+/// container, the program's own undoing, and the report falls back to the daemon's status, so
+/// under runsc the program does not try.
+#[test]
+fn the_containers_init_is_out_of_the_programs_reach() {
+    // gVisor's forks are slow (ptrace platform): fewer orphans, still past the limit of 64.
+    let cases = [
+        (None, r#"{"kill": true, "orphans": 300}"#, 300),
+        (RUNSC, r#"{"kill": false, "orphans": 120}"#, 120),
+    ];
+    for (runtime, input, orphans) in cases {
+        let sb = DockerSandbox::new(support::docker_config(runtime, 0)).unwrap();
+        let l = fleetbox_proto::Limits {
+            timeout: Millis(30_000),
+            cpu_time: Millis(30_000),
+            ..limits()
+        };
+        let r = sb.run(&RunRequest::new(
+            fixture("escape/container_init.py"),
+            Some(input.as_bytes().to_vec()),
+            l,
+        ));
+        assert_eq!(r.status, Status::Ok, "{runtime:?}: {}", show(&r));
+        let out = r.output.as_ref().unwrap();
+        assert_ne!(out["read_init_memory"], "ok", "{runtime:?}: {}", show(&r));
+        assert_eq!(out["orphans"], orphans, "{runtime:?}: {}", show(&r));
+        assert_eq!(r.exit_code, Some(0));
+    }
+}
