@@ -72,5 +72,12 @@ pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
         built.bytes / 1_000_000,
         took.as_secs_f64()
     );
+    if built.packages.is_empty() {
+        println!(
+            "packages: none beyond the standard library (numpy, pandas and the rest are not in it; add them with `--with numpy,pandas`, or let jobs ask with `[environment]`)"
+        );
+    } else {
+        println!("packages: {}", built.packages.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }

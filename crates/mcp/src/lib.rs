@@ -69,8 +69,10 @@ pub struct RunPython {
     /// Files put in the program's working directory first: relative name → text content.
     #[serde(default)]
     pub files: Option<BTreeMap<String, String>>,
-    /// Python packages to install for this run (e.g. `["sympy==1.12"]`); the host's
-    /// scientific stack (numpy, pandas, scipy, matplotlib) is there without asking.
+    /// Python packages to install for this run (e.g. `["numpy", "sympy==1.12"]`). Beyond the
+    /// standard library, only what the fleet's agents happen to have is importable without
+    /// asking (often numpy, pandas, scipy and matplotlib on hosts that run the jail; none in a
+    /// container image built without them): list every package the code imports to be sure.
     #[serde(default)]
     pub requirements: Option<Vec<String>>,
 }
@@ -246,8 +248,10 @@ impl FleetboxMcp {
     /// its output value, the exception with its traceback if it raised, its status and
     /// timings, and the files it wrote: images (PNG, SVG) come back as images, other small
     /// files as embedded resources, large ones as links. The sandbox has no network and hard
-    /// limits (default 30 s, 256 MiB); numpy, pandas, scipy and matplotlib are installed
-    /// (matplotlib draws to files: `plt.savefig("chart.png")`).
+    /// limits (default 30 s, 256 MiB). Packages beyond the standard library are there only if
+    /// listed in `requirements` (or if the agents' Python happens to have them): list numpy,
+    /// pandas, matplotlib and the like when the code imports them (matplotlib draws to files:
+    /// `plt.savefig("chart.png")`).
     #[tool(output_schema = schema_for_type::<RunOutput>())]
     async fn run_python(
         &self,

@@ -531,6 +531,22 @@ fn docker_mode_from_the_seeds_variables_and_a_built_image() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with(&image), "{stdout}");
+    // It says plainly what the image holds, and so does its label.
+    assert!(stdout.contains("packages: six=="), "{stdout}");
+    let label = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"fleetbox.packages\"}}",
+            &image,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&label.stdout).starts_with("six=="),
+        "{label:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let prog = dir.path().join("six.py");
     std::fs::write(

@@ -55,6 +55,29 @@ pub struct Built {
     pub python_version: String,
     pub bytes: u64,
     pub files: u64,
+    /// The packages installed beyond the standard library (`name==version`), as the image's
+    /// `fleetbox.packages` label also says; empty when built without `--with`.
+    pub packages: Vec<String>,
+}
+
+/// The label listing an image's installed packages (`name==version,...`, empty for none).
+pub const PACKAGES_LABEL: &str = "fleetbox.packages";
+
+/// `name==version` of every distribution installed in `dir` (from its `*.dist-info`).
+fn installed_in(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".dist-info")?;
+            let (pkg, version) = stem.rsplit_once('-')?;
+            Some(format!("{pkg}=={version}"))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,14 +119,17 @@ pub async fn build(
             .await
             .map_err(|e| ImageError::Build(e.to_string()))??
     };
+    let mut installed = Vec::new();
     if !spec.packages.is_empty() {
         progress(&format!("installing {}", spec.packages.join(", ")));
         let target = root.join(format!("usr/local/lib/python{version}/dist-packages"));
         let python = spec.python.clone();
         let packages = spec.packages.clone();
+        let dir = target.clone();
         tokio::task::spawn_blocking(move || install(&python, &target, &packages))
             .await
             .map_err(|e| ImageError::Build(e.to_string()))??;
+        installed = installed_in(&dir);
     }
     progress("packing the image");
     let tar = {
@@ -126,7 +152,10 @@ pub async fn build(
         .repo(&repo)
         .tag(&tag)
         .changes(vec![
-            format!("LABEL fleetbox.python={version} {LAYOUT_LABEL}={LAYOUT}"),
+            format!(
+                "LABEL fleetbox.python={version} {LAYOUT_LABEL}={LAYOUT} {PACKAGES_LABEL}=\"{}\"",
+                installed.join(",")
+            ),
             "ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8".to_string(),
             "WORKDIR /work".to_string(),
             "CMD [\"python3\"]".to_string(),
@@ -155,6 +184,7 @@ pub async fn build(
         python_version: version,
         bytes,
         files,
+        packages: installed,
     })
 }
 
