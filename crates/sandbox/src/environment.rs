@@ -246,12 +246,16 @@ impl Environments {
         let hash = spec.hash();
         let py =
             python::resolve(self.python.as_deref()).map_err(|e| EnvError::Cache(e.to_string()))?;
+        // Built for the interpreter runs use: a container image's when the sandbox has one.
+        let interpreter = match self.sandbox.interpreter_key() {
+            Some(k) => k.map_err(EnvError::Cache)?,
+            None => format!("{} {}", py.real.display(), py.version),
+        };
         let key = {
             let mut h = Sha256::new();
             for part in [
                 hash.as_str(),
-                &py.real.display().to_string(),
-                &py.version,
+                &interpreter,
                 if self.uv.is_some() { "uv" } else { "pip" },
             ] {
                 h.update(part.as_bytes());
@@ -324,7 +328,9 @@ impl Environments {
             let _ = std::fs::remove_file(&meta_path);
             return Ok(None);
         };
-        if !dir.join("bin/python").exists() {
+        // A link to the interpreter the environment was built for (a container image's may not
+        // exist on the host).
+        if dir.join("bin/python").symlink_metadata().is_err() {
             let _ = std::fs::remove_file(&meta_path);
             return Ok(None);
         }
@@ -422,6 +428,13 @@ impl Environments {
         if certs.is_file() {
             for var in ["SSL_CERT_FILE", "PIP_CERT"] {
                 req.env.push((var.into(), certs.display().to_string()));
+            }
+            // A container sees only what is bound into it (a jail has the host's certificates).
+            if self.sandbox.backend() == crate::Backend::Docker {
+                req.mounts.push(Mount {
+                    path: certs.to_path_buf(),
+                    writable: false,
+                });
             }
         }
         req.env.extend(

@@ -156,6 +156,11 @@ pub trait Sandbox: Send + Sync {
     fn warm_waiting(&self) -> usize {
         0
     }
+    /// The interpreter runs use when it is not the host's (a container image's), as a key for
+    /// the environments built for it; `None` for the host's own interpreter.
+    fn interpreter_key(&self) -> Option<Result<String, String>> {
+        None
+    }
 }
 
 /// The available backends.

@@ -2,7 +2,8 @@
 //! registry (`fleetbox image build`), and running one command in an image.
 //!
 //! The image holds the interpreter, its standard library (without `test/`), the shared
-//! libraries it and its extension modules link (as `ldd` lists them), the host's
+//! libraries it and its extension modules link (as `ldd` lists them), the C library's family and
+//! `libgcc_s` (loaded at run time by glibc, linked by tools such as `uv`), the host's
 //! `ld.so.cache`, and optionally packages installed from the package index into
 //! `/usr/local/lib/pythonX.Y/dist-packages` (a directory Debian's interpreter searches). It is
 //! handed to the daemon as a tar stream through the Engine API's image import.
@@ -24,7 +25,7 @@ use super::{DockerError, remove};
 /// Label naming the layout version of images this code builds; [`ensure`] rebuilds an image of
 /// an older layout.
 pub const LAYOUT_LABEL: &str = "fleetbox.image-layout";
-const LAYOUT: &str = "4";
+const LAYOUT: &str = "6";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -354,6 +355,28 @@ fn make_root(root: &Path, python: &Path) -> Result<(String, u64), ImageError> {
                 libs.insert(PathBuf::from(p));
             }
         }
+    }
+    // The C library's whole family and libgcc_s, linked or not: glibc opens libgcc_s to unwind
+    // a thread that is cancelled or exits (`pthread_exit`), and tools bound in at run time (the
+    // environment installer, `uv`) link them; a slim Debian image has them all too.
+    for name in [
+        "libgcc_s.so.1",
+        "libm.so.6",
+        "librt.so.1",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "libutil.so.1",
+        "libresolv.so.2",
+    ] {
+        let found = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib64",
+        ]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|lib| lib.is_file());
+        libs.extend(found);
     }
     for lib in &libs {
         // `/lib/...` and `/lib64/...` are links into `/usr` in the image, as on merged-/usr hosts.

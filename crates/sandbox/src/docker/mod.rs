@@ -176,6 +176,8 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, DockerError> {
 struct Shape {
     limits: Limits,
     environment: Option<PathBuf>,
+    /// Host paths bound in (`RunRequest::mounts`), with whether they are writable.
+    mounts: Vec<(PathBuf, bool)>,
 }
 
 impl Shape {
@@ -190,6 +192,11 @@ impl Shape {
         Shape {
             limits,
             environment: req.environment.as_ref().map(|e| e.dir.clone()),
+            mounts: req
+                .mounts
+                .iter()
+                .map(|m| (m.path.clone(), m.writable))
+                .collect(),
         }
     }
 }
@@ -373,6 +380,20 @@ impl Sandbox for DockerSandbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// The image's interpreter: environments are built for it, not for the host's.
+    fn interpreter_key(&self) -> Option<Result<String, String>> {
+        let inner = self.inner.clone();
+        let python = self.block_on(async move { inner.python().await });
+        Some(python.map_err(|e| e.to_string()).map(|p| {
+            format!(
+                "docker image {} python {} {}",
+                self.inner.config.docker.image,
+                p.path.display(),
+                p.version
+            )
+        }))
     }
 }
 
@@ -621,6 +642,11 @@ impl Inner {
         ];
         if let Some(env) = &req.environment {
             binds.push(format!("{0}:{0}:ro", env.dir.display()));
+        }
+        // What the run asks to see at its host path (an environment being built, the installer).
+        for m in &req.mounts {
+            let mode = if m.writable { "rw" } else { "ro" };
+            binds.push(format!("{0}:{0}:{mode}", m.path.display()));
         }
         let runtime_name = self.config.docker.runtime.as_deref();
         let gvisor = runtime_name.is_some_and(|r| r.contains("runsc"));

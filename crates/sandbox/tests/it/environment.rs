@@ -252,3 +252,42 @@ fn a_wheelhouse_serves_an_air_gapped_agent() {
         .expect("not in the wheelhouse");
     assert!(err.to_string().contains("attrs"), "{err}");
 }
+
+/// Under `docker` the environment is built in a container, for the image's interpreter (the
+/// image has no pip: the installer is bound in), cached apart from the host interpreter's,
+/// and used by runs in containers under runc and gVisor.
+#[test]
+fn a_job_environment_is_built_for_the_images_interpreter_under_docker() {
+    let cache = tempfile::tempdir().unwrap();
+    let docker: Arc<dyn Sandbox> = Arc::new(
+        fleetbox_sandbox::docker::DockerSandbox::new(support::docker_config(None, 0)).unwrap(),
+    );
+    let mut config = EnvConfig::new(cache.path());
+    config.installer = Installer::Uv(support::uv());
+    let envs = Environments::new(config, docker.clone(), None);
+    let want = spec(&[SMALL]);
+    let held = envs.get(&want).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(envs.builds(), 1);
+    let code = "import six, sys\nprint(six.__version__, sys.prefix == sys.base_prefix)\n";
+    for runtime in [None, Some("runsc")] {
+        let sb = fleetbox_sandbox::docker::DockerSandbox::new(support::docker_config(runtime, 0))
+            .unwrap();
+        let mut req = RunRequest::new(code.as_bytes().to_vec(), None, support::limits());
+        req.environment = Some(held.environment.clone());
+        let r = sb.run(&req);
+        assert_eq!(r.status, Status::Ok, "{runtime:?}: {}", show(&r));
+        assert_eq!(r.stdout, "1.16.0 False\n", "{runtime:?}");
+        assert_eq!(r.environment.as_ref().unwrap().hash, want.hash());
+    }
+    drop(held);
+    // Found again, not rebuilt; the host interpreter's environment is another one.
+    drop(envs.get(&want).unwrap());
+    assert_eq!(envs.builds(), 1);
+    let host = environments(JAIL, cache.path(), Installer::Uv(support::uv()));
+    drop(host.get(&want).unwrap());
+    assert_eq!(
+        host.builds(),
+        1,
+        "the jail's environment is built for the host's interpreter"
+    );
+}
