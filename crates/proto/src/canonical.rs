@@ -63,3 +63,91 @@ pub fn canonical(v: &Value) -> String {
     canonical_into(v, &mut out);
     String::from_utf8(out).expect("JSON is UTF-8")
 }
+
+/// The canonical form results are compared by (`compare = "exact"`, replica quorums): RFC 8785's
+/// layout, but every integer written exactly, whatever its size. RFC 8785 writes numbers as
+/// doubles, so two integers past 2^53 that differ (2^60 and 2^60 + 1) would read the same and a
+/// liar could change one unseen. Non-integers are written as RFC 8785 writes them (ECMAScript
+/// number formatting); for values without integers past 2^53 this is exactly [`canonical`].
+pub fn exact(v: &Value) -> String {
+    fn write(v: &Value, out: &mut String) {
+        match v {
+            Value::Null => out.push_str("null"),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Value::Number(n) if n.is_i64() || n.is_u64() => out.push_str(&n.to_string()),
+            Value::Number(n) => {
+                let f = n.as_f64().unwrap_or(0.0);
+                if f == 0.0 {
+                    out.push('0');
+                } else {
+                    out.push_str(ryu_js::Buffer::new().format_finite(f));
+                }
+            }
+            Value::String(s) => {
+                out.push_str(&serde_json::to_string(s).expect("a string serializes"))
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(x, out);
+                }
+                out.push(']');
+            }
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort_by(|a, b| a.encode_utf16().cmp(b.encode_utf16()));
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::to_string(k).expect("a string serializes"));
+                    out.push(':');
+                    write(&m[k], out);
+                }
+                out.push('}');
+            }
+        }
+    }
+    let mut out = String::new();
+    write(v, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod exact_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn integers_past_two_to_the_53_stay_distinct() {
+        let a = json!({"sum": 1u64 << 60, "ratio": 0.5});
+        let b = json!({"sum": (1u64 << 60) + 1, "ratio": 0.5});
+        assert_ne!(exact(&a), exact(&b));
+        // RFC 8785 (doubles) cannot tell them apart: the hole this closes.
+        assert_eq!(
+            serde_json_canonicalizer::to_string(&a).unwrap(),
+            serde_json_canonicalizer::to_string(&b).unwrap()
+        );
+        assert_eq!(exact(&a), r#"{"ratio":0.5,"sum":1152921504606846976}"#);
+    }
+
+    #[test]
+    fn without_big_integers_it_is_rfc_8785() {
+        for v in [
+            json!({"b": [1, 2.5, -0.0, 1e21, 1e-7, 123456789012.25], "a": "é\u{1}\"", "c": null}),
+            json!([true, false, {"z": 1, "y": {"x": -3}}, 9007199254740991i64]),
+            json!(3.0),
+        ] {
+            assert_eq!(
+                exact(&v),
+                serde_json_canonicalizer::to_string(&v).unwrap(),
+                "{v}"
+            );
+        }
+    }
+}

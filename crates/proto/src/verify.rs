@@ -155,6 +155,18 @@ fn close(a: &Value, b: &Value, t: f64) -> bool {
             if x == y {
                 return true;
             }
+            // Two integers differ by an exact amount, whatever their size (as doubles, 2^60
+            // and 2^60 + 1 are one number).
+            let int = |n: &serde_json::Number| {
+                n.as_i64()
+                    .map(i128::from)
+                    .or_else(|| n.as_u64().map(i128::from))
+            };
+            if let (Some(i), Some(j)) = (int(x), int(y)) {
+                let diff = (i - j).unsigned_abs() as f64;
+                let scale = i.unsigned_abs().max(j.unsigned_abs()) as f64;
+                return diff <= t * scale;
+            }
             match (x.as_f64(), y.as_f64()) {
                 (Some(x), Some(y)) => (x - y).abs() <= t * x.abs().max(y.abs()),
                 _ => false,
@@ -279,6 +291,20 @@ mod tests {
             output_sha256: None,
             stdout_sha256: "",
         }
+    }
+
+    /// Integers are compared exactly at any size: with no tolerance 2^60 + 1 is not 2^60 (as
+    /// doubles they are one number), and a tolerance is relative to the exact difference.
+    #[test]
+    fn big_integers_differ_by_their_exact_difference() {
+        let big = json!(1u64 << 60);
+        let plus_one = json!((1u64 << 60) + 1);
+        assert!(!Compare::Numeric(0.0).agrees(&outcome(&big), &outcome(&plus_one)));
+        assert!(Compare::Numeric(1e-9).agrees(&outcome(&big), &outcome(&plus_one)));
+        let neg = json!(i64::MIN);
+        let neg_plus = json!(i64::MIN + 1);
+        assert!(!Compare::Numeric(0.0).agrees(&outcome(&neg), &outcome(&neg_plus)));
+        assert!(!Compare::Numeric(0.5).agrees(&outcome(&json!(u64::MAX)), &outcome(&neg)));
     }
 
     #[test]

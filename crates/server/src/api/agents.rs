@@ -771,7 +771,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         }
         None => report.output.take().map(|v| (v, None)),
     };
-    // The coordinator hashes the value over its RFC 8785 canonical JSON: the agent's own
+    // The coordinator hashes the value over its canonical JSON (integers exact): the agent's own
     // `output_sha256` stays in its report as a claim, never as the hash verification
     // compares. The value itself is kept as serde_json writes it, not as the canonical text:
     // RFC 8785 writes numbers as doubles, which would round integers past 2^53.
@@ -816,16 +816,11 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
     })
 }
 
-/// The coordinator's hash of an output: SHA-256 of its RFC 8785 canonical JSON.
+/// The coordinator's hash of an output, the one results are compared by: SHA-256 of its
+/// canonical JSON with every integer exact ([`fleetbox_proto::canonical::exact`]; RFC 8785's
+/// doubles let 2^60 + 1 pass for 2^60).
 fn output_hash(v: &serde_json::Value) -> Result<String, ApiError> {
-    let canonical = serde_json_canonicalizer::to_string(v).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_report",
-            format!("output cannot be canonicalized: {e}"),
-        )
-        .with_field("report.output")
-    })?;
-    Ok(sha256_hex(canonical.as_bytes()))
+    Ok(sha256_hex(fleetbox_proto::canonical::exact(v).as_bytes()))
 }
 
 /// What the store keeps of a run's measurements (as its integer columns hold them).

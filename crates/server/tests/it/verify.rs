@@ -447,3 +447,46 @@ async fn the_coordinators_own_agents_are_trusted_from_the_start() {
         }
     }
 }
+
+/// A liar that adds one to integers around 2^60: RFC 8785 writes numbers as doubles, where
+/// 2^60 + 1 is 2^60, so the lie passed the `exact` comparison and the sum came out wrong by
+/// three. Integers are now compared exactly: each lie is a mismatch, the liar is struck, and the
+/// sum (exact to 128 bits) is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liar_adding_one_to_big_integers_is_caught() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            config.quarantine_strikes = 1000;
+        })
+        .await
+        else {
+            continue;
+        };
+        c.agent_lying("liar", Default::default(), 1.0);
+        let job = spec(
+            "name = \"big\"\ncode = \"print(2**60)\"\nshards = { count = 3 }\naggregate = \"sum\"\n[verify]\nrecheck = \"all\"\n",
+        );
+        let result = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        assert_eq!(
+            result.result_value(),
+            Some(json!(3u64 << 60)),
+            "{db:?}: a lie was folded"
+        );
+        let summary = result.summary.unwrap();
+        assert_eq!(
+            summary
+                .flags
+                .iter()
+                .filter(|f| f.kind == "agent_result_invalid")
+                .count(),
+            3,
+            "{db:?}: {:?}",
+            summary.flags
+        );
+        let agents = c.client.agents().await.unwrap().agents;
+        let liar = agents.iter().find(|a| a.name == "liar").unwrap();
+        assert_eq!(liar.strikes, 3, "{db:?}");
+        c.stop().await;
+    }
+}
