@@ -748,8 +748,9 @@ fn environment_failed(
     report
 }
 
-/// A lying agent's corruption of a result (verification tests): a number is off by one,
-/// anything else replaced.
+/// A lying agent's corruption of a result (verification tests): an integer is off by one, a
+/// float off in its last digits (as another machine's rounding would be), anything else
+/// replaced.
 fn lie(report: &mut ExecutionReport, rate: f64) {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
@@ -761,6 +762,9 @@ fn lie(report: &mut ExecutionReport, rate: f64) {
     report.output = Some(match report.output.take() {
         Some(serde_json::Value::Number(n)) if n.is_i64() => {
             serde_json::json!(n.as_i64().unwrap_or(0).wrapping_add(1))
+        }
+        Some(serde_json::Value::Number(n)) if n.is_f64() => {
+            serde_json::json!(n.as_f64().unwrap_or(0.0) * (1.0 + 1e-12))
         }
         _ => serde_json::json!("a lie"),
     });

@@ -30,4 +30,4 @@ pub use report::{
 pub use review::{CodeReview, Decision, Finding, Severity};
 pub use states::{AgentState, JobState, TaskState, UnknownState, Verdict};
 pub use units::{ByteSize, Millis, UnitError};
-pub use verify::{Compare, Outcome, Recheck, VerifySpec};
+pub use verify::{Compare, Outcome, ROUNDING, Recheck, VerifySpec, rounding_only};

@@ -184,6 +184,44 @@ fn close(a: &Value, b: &Value, t: f64) -> bool {
     }
 }
 
+/// Relative difference below which two floats that differ are taken for rounding (BLAS kernels,
+/// summation order, CPU features): a machine-dependent result, not a wrong one.
+pub const ROUNDING: f64 = 1e-9;
+
+/// When `a` and `b` differ only in floating-point rounding (every differing leaf is a pair of
+/// non-integer numbers within [`ROUNDING`] of each other, the structure otherwise equal), the
+/// largest relative difference; `None` when they are equal or differ in anything else (an
+/// integer, a string, a shape).
+pub fn rounding_only(a: &Value, b: &Value) -> Option<f64> {
+    fn walk(a: &Value, b: &Value, worst: &mut f64) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) if x != y => {
+                let float = |n: &serde_json::Number| !(n.is_i64() || n.is_u64());
+                let (Some(fx), Some(fy)) = (x.as_f64(), y.as_f64()) else {
+                    return false;
+                };
+                if !(float(x) && float(y)) {
+                    return false;
+                }
+                let rel = (fx - fy).abs() / fx.abs().max(fy.abs());
+                *worst = worst.max(rel);
+                rel <= ROUNDING
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| walk(x, y, worst))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len()
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| walk(v, w, worst)))
+            }
+            _ => a == b,
+        }
+    }
+    let mut worst = 0.0;
+    (walk(a, b, &mut worst) && worst > 0.0).then_some(worst)
+}
+
 /// The two shapes each of `recheck` and `compare` take: a name, or a one-key table.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -291,6 +329,19 @@ mod tests {
             output_sha256: None,
             stdout_sha256: "",
         }
+    }
+
+    #[test]
+    fn rounding_is_told_from_a_difference() {
+        let a = json!({"mean": 0.1 + 0.2, "n": 3, "v": [1.5, 2.25]});
+        let b = json!({"mean": 0.3, "n": 3, "v": [1.5, 2.25 * (1.0 + 1e-13)]});
+        assert!(rounding_only(&a, &b).is_some_and(|w| w > 0.0 && w < ROUNDING));
+        assert_eq!(rounding_only(&a, &a), None);
+        // An integer, a string, a larger difference or another shape is not rounding.
+        assert_eq!(rounding_only(&json!({"n": 3}), &json!({"n": 4})), None);
+        assert_eq!(rounding_only(&json!([0.5, "a"]), &json!([0.5, "b"])), None);
+        assert_eq!(rounding_only(&json!(1.0000001), &json!(1.0)), None);
+        assert_eq!(rounding_only(&json!([0.5]), &json!([0.5, 0.5])), None);
     }
 
     /// Integers are compared exactly at any size: with no tolerance 2^60 + 1 is not 2^60 (as

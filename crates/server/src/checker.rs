@@ -150,8 +150,24 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
             let same = second.0.status == runs[0].0.status
                 && (second.0.status != Status::Ok
                     || compare.agrees(&runs[0].1.outcome(), &second.1.outcome()));
+            let rounding = || {
+                let run = &runs[0].1.run;
+                let server = output_of(state, run.output.as_deref(), run.output_blob.as_deref())?;
+                fleetbox_proto::rounding_only(agent_output.as_ref()?, &server)
+            };
             let finding = match (same, runs[0].0.status) {
                 (false, _) => Finding::Nondeterministic,
+                (true, Status::Ok)
+                    if matches!(
+                        compare,
+                        fleetbox_proto::Compare::Exact | fleetbox_proto::Compare::Json
+                    ) =>
+                {
+                    match rounding() {
+                        Some(worst) => Finding::MachineDependent { worst },
+                        None => Finding::Differs,
+                    }
+                }
                 (true, Status::Ok) => Finding::Differs,
                 (true, _) => Finding::FailsOnServer {
                     reason: crate::api::failure_reason(&runs[0].0)
@@ -188,7 +204,9 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
                 }
             }
             Finding::FailsOnServer { .. } => Verdict::Invalid,
-            Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
+            Finding::Nondeterministic
+            | Finding::Unverifiable { .. }
+            | Finding::MachineDependent { .. } => Verdict::Inconclusive,
         })
         .collect();
     let stored: Vec<ServerRun> = runs.into_iter().map(|(_, s)| s.run).collect();
@@ -229,7 +247,9 @@ async fn settle(
     let kind = match finding {
         Finding::Agrees => None,
         Finding::Differs | Finding::FailsOnServer { .. } => Some("mismatch"),
-        Finding::Nondeterministic | Finding::Unverifiable { .. } => Some("inconclusive"),
+        Finding::Nondeterministic
+        | Finding::Unverifiable { .. }
+        | Finding::MachineDependent { .. } => Some("inconclusive"),
     };
     if let Some(kind) = kind {
         let details = serde_json::json!({

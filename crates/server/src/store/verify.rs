@@ -293,6 +293,11 @@ pub enum Finding {
     /// The server could not run it (its stricter limits, its sandbox): inconclusive, flagged;
     /// the agent's value is accepted.
     Unverifiable { why: String },
+    /// The server's runs agree with each other, and the agent's value differs from theirs only
+    /// in floating-point rounding (largest relative difference `worst`): a machine-dependent
+    /// result (BLAS kernels, summation order), inconclusive and flagged, never a strike; the
+    /// agent's value is accepted.
+    MachineDependent { worst: f64 },
 }
 
 impl Finding {
@@ -300,7 +305,9 @@ impl Finding {
         match self {
             Finding::Agrees => Verdict::Valid,
             Finding::Differs | Finding::FailsOnServer { .. } => Verdict::Invalid,
-            Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
+            Finding::Nondeterministic
+            | Finding::Unverifiable { .. }
+            | Finding::MachineDependent { .. } => Verdict::Inconclusive,
         }
     }
 
@@ -311,6 +318,7 @@ impl Finding {
             Finding::FailsOnServer { .. } => "fails_on_server",
             Finding::Nondeterministic => "nondeterministic",
             Finding::Unverifiable { .. } => "unverifiable",
+            Finding::MachineDependent { .. } => "machine_dependent",
         }
     }
 }
@@ -517,7 +525,10 @@ impl Store {
 
         // The server's runs, as attempts of their own (runner `server`).
         let server_verdict = match finding {
-            Finding::Agrees | Finding::Differs | Finding::FailsOnServer { .. } => Verdict::Valid,
+            Finding::Agrees
+            | Finding::Differs
+            | Finding::FailsOnServer { .. }
+            | Finding::MachineDependent { .. } => Verdict::Valid,
             Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
         };
         let chosen_server = matches!(finding, Finding::Differs);
@@ -606,6 +617,13 @@ impl Store {
                     .to_string(),
             )),
             Finding::Unverifiable { why } => Some(("unverified", why.clone())),
+            Finding::MachineDependent { worst } => Some((
+                "machine_dependent",
+                format!(
+                    "agent {}'s value differs from the server's only in floating-point rounding (at most {worst:.1e} relative): a machine-dependent result, not held against the agent",
+                    subject.result.agent_id
+                ),
+            )),
         };
         if let Some((kind, detail)) = &flag {
             let current: (String,) = Sql::new("SELECT flags FROM jobs WHERE id = ")

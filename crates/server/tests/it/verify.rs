@@ -490,3 +490,40 @@ async fn a_liar_adding_one_to_big_integers_is_caught() {
         c.stop().await;
     }
 }
+
+/// A value that differs from the server's only in floating-point rounding (as another machine's
+/// BLAS or summation order gives) is `inconclusive`, flagged `machine_dependent`, never a strike:
+/// an honest agent on other hardware is not quarantined for it. A difference beyond rounding
+/// still is one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn float_rounding_is_machine_dependent_not_a_lie() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        // Its floats come out 1e-12 off, the way other hardware rounds.
+        c.agent_lying("elsewhere", Default::default(), 1.0);
+        let job = spec(
+            "name = \"floats\"\ncode = \"print(1234.5678 / 7)\"\nshards = { count = 3 }\n[verify]\nrecheck = \"all\"\n",
+        );
+        let result = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        let summary = result.summary.unwrap();
+        let kinds: Vec<&str> = summary.flags.iter().map(|f| f.kind.as_str()).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "machine_dependent").count(),
+            3,
+            "{db:?}: {:?}",
+            summary.flags
+        );
+        assert!(
+            !kinds.contains(&"agent_result_invalid"),
+            "{db:?}: {kinds:?}"
+        );
+        let agents = c.client.agents().await.unwrap().agents;
+        let a = agents.iter().find(|a| a.name == "elsewhere").unwrap();
+        assert_eq!(a.strikes, 0, "{db:?}: struck for rounding");
+        assert!(a.quarantined.is_none(), "{db:?}: quarantined for rounding");
+        c.stop().await;
+    }
+}
