@@ -124,7 +124,9 @@ pub struct ServerArgs {
     #[arg(long, env = env::FLEETBOX_ENROLL_TOKEN, hide_env_values = true)]
     pub enroll_token: Option<String>,
     /// Sandbox backend for server-side runs (the `python` reducer, re-checks): `jail`, `docker`
-    /// (with `--docker-runtime runsc` for gVisor) or `process`.
+    /// (with `--docker-runtime runsc` for gVisor) or `process`. `process` runs untrusted code
+    /// beside the coordinator's keys and database: only this flag chooses it (the coordinator
+    /// refuses to start on a fallback), and `/readyz`, the metrics and every re-check say so.
     #[arg(long, alias = "recheck-backend")]
     pub backend: Option<String>,
     #[command(flatten)]
@@ -459,6 +461,9 @@ fn server_config(
     c.admin_token = args.admin_token.clone();
     c.enroll_token = args.enroll_token.clone();
     c.sandbox_backend = backend;
+    // Only the server's own flag chooses `process` for it: a default that fell back (no jail on
+    // this host) or `SANDBOX_TYPE=local` in the environment do not.
+    c.weak_sandbox_allowed = backend == Backend::Process && args.backend.is_some();
     c.sandbox = sandbox;
     // The coordinator's own sandbox (the python reducer, later rechecks) is the strictest.
     c.sandbox.seccomp = SeccompMode::Allow;

@@ -390,6 +390,9 @@ async fn run_on_server(
     };
     let measures = crate::api::Measures::of(&report);
     let mut kept = report.clone();
+    if backend == fleetbox_sandbox::Backend::Process {
+        kept.notes.push(crate::WEAK_SANDBOX_WARNING.to_string());
+    }
     kept.output = None; // stored on its own, as for agents' attempts
     let run = ServerRun {
         status: report.status,

@@ -74,6 +74,10 @@ pub struct ServerConfig {
     pub trusted_after: u32,
     /// Sandbox for server-side runs (the `python` reducer, re-checks).
     pub sandbox_backend: Backend,
+    /// The operator chose the `process` backend for server-side runs (`--recheck-backend
+    /// process`): untrusted code then runs beside `audit.key`, the tokens and the database, so
+    /// a coordinator refuses to start with it otherwise, and says so everywhere when allowed.
+    pub weak_sandbox_allowed: bool,
     pub sandbox: SandboxConfig,
     /// Where and how the environments jobs ask for are built for re-checks (`DATA/envs`).
     pub environments: fleetbox_sandbox::environment::EnvConfig,
@@ -118,6 +122,7 @@ impl ServerConfig {
             quarantine_strikes: 2,
             trusted_after: store::verify::TRUSTED_AFTER as u32,
             sandbox_backend: Backend::default_for_host(),
+            weak_sandbox_allowed: false,
             // The coordinator's own runs get the allow-list: the strictest policy.
             sandbox: SandboxConfig {
                 seccomp: fleetbox_sandbox::SeccompMode::Allow,
@@ -189,7 +194,15 @@ pub enum StartError {
     AiPlanner { path: PathBuf, why: String },
     #[error("`--ca-cert`: {0}")]
     CaCert(String),
+    #[error(
+        "server-side runs (re-checks of agents' results, the `python` reducer) would use the `process` backend{why}: untrusted code would run beside `audit.key`, the tokens and the database, with less isolation than the agents it checks. Make the jail work on this host (see `fleetbox doctor`), use `--recheck-backend docker`, or accept it with `--recheck-backend process`"
+    )]
+    WeakSandbox { why: String },
 }
+
+/// What `/readyz`, the metrics and every server run's report say when server-side runs use the
+/// `process` backend by the operator's choice.
+pub const WEAK_SANDBOX_WARNING: &str = "server-side runs (re-checks, the python reducer) use the `process` backend, chosen by the operator (--recheck-backend process): weaker than the jail or docker the agents use";
 
 /// What a handler needs of a job, cached: code, limits and shard count never change.
 #[derive(Debug)]
@@ -429,6 +442,16 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         move |source| StartError::DataDir { path, source }
     };
     fs_err::create_dir_all(&config.data_dir).map_err(data_err(&config.data_dir))?;
+    if config.sandbox_backend == Backend::Process {
+        if !config.weak_sandbox_allowed {
+            let why = match fleetbox_sandbox::jail::host_supports_jail() {
+                Err(e) => format!(" (the jail cannot run here: {e})"),
+                Ok(()) => String::new(),
+            };
+            return Err(StartError::WeakSandbox { why });
+        }
+        tracing::warn!("{WEAK_SANDBOX_WARNING}");
+    }
     fleetbox_sandbox::sweep_stale(&config.sandbox);
     let url = config
         .database_url

@@ -210,6 +210,26 @@ pub const DATABASE_SERIES: &[&str] = &[
 ];
 
 /// The whole exposition.
+/// `fleetbox_server_sandbox{backend}`: 1 for the backend server-side runs use; and
+/// `fleetbox_server_sandbox_weak`, 1 when that is `process` (the operator's choice).
+pub fn server_sandbox(out: &mut String, backend: fleetbox_sandbox::Backend) {
+    family(
+        out,
+        "fleetbox_server_sandbox",
+        "gauge",
+        "The sandbox backend of server-side runs (re-checks, the python reducer).",
+    );
+    let _ = writeln!(out, "fleetbox_server_sandbox{{backend=\"{backend}\"}} 1");
+    family(
+        out,
+        "fleetbox_server_sandbox_weak",
+        "gauge",
+        "1 when server-side runs use the process backend, weaker than the agents' jail or docker.",
+    );
+    let weak = u8::from(backend == fleetbox_sandbox::Backend::Process);
+    let _ = writeln!(out, "fleetbox_server_sandbox_weak {weak}");
+}
+
 pub fn render(stored: &Stored, registry: &Registry) -> String {
     let mut out = String::with_capacity(8192);
     family(

@@ -138,6 +138,7 @@ impl Coordinator {
         config.sandbox.work_root = dir.path().join("work");
         // The reducer tests leave marker files outside their workspace.
         config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+        config.weak_sandbox_allowed = true;
         config.environments = environments(dir.path().join("envs"));
         change(&mut config);
         let running = fleetbox_server::start(config.clone())

@@ -131,9 +131,15 @@ async fn readyz(
             "{applied} of {known} migrations applied"
         )));
     }
+    let mut warnings = Vec::new();
+    if state.config.sandbox_backend == fleetbox_sandbox::Backend::Process {
+        warnings.push(crate::WEAK_SANDBOX_WARNING);
+    }
     Ok(axum::Json(serde_json::json!({
         "status": "ready",
         "migrations": applied,
+        "sandbox": state.config.sandbox_backend.as_str(),
+        "warnings": warnings,
     })))
 }
 
@@ -144,7 +150,8 @@ async fn metrics(
 ) -> Result<Response, ApiError> {
     auth.require(&[TokenKind::Admin])?;
     let stored = state.store.stored_metrics(crate::store::now_ms()).await?;
-    let text = crate::metrics::render(&stored, &state.metrics);
+    let mut text = crate::metrics::render(&stored, &state.metrics);
+    crate::metrics::server_sandbox(&mut text, state.config.sandbox_backend);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

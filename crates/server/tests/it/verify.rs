@@ -527,3 +527,75 @@ async fn float_rounding_is_machine_dependent_not_a_lie() {
         c.stop().await;
     }
 }
+
+/// The coordinator's own sandbox never silently degrades: `process` for server-side runs (where
+/// untrusted code runs beside `audit.key`, the tokens and the database) stops the start unless
+/// the operator chose it; chosen, `/readyz`, the metrics and every re-check's report say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weaker_server_sandbox_is_refused_unless_chosen_and_then_said_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        fleetbox_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+    let err = match fleetbox_server::start(config).await {
+        Ok(_) => panic!("a coordinator started with a `process` sandbox nobody chose"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("--recheck-backend process"), "{err}");
+
+    // The test coordinator chose it (its reducer tests need it).
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let http = reqwest::Client::new();
+        let ready: serde_json::Value = http
+            .get(format!("{}/readyz", c.running.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ready["sandbox"], "process", "{ready}");
+        assert!(
+            ready["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("--recheck-backend process"),
+            "{ready}"
+        );
+        let metrics = http
+            .get(format!("{}/metrics", c.running.url()))
+            .bearer_auth(&c.running.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("fleetbox_server_sandbox_weak 1"), "{db:?}");
+        c.agent("a", Default::default());
+        let job = spec(
+            "name = \"w\"\ncode = \"print(7)\"\nshards = { count = 1 }\n[verify]\nrecheck = \"all\"\n",
+        );
+        let result = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        let shard = c.client.shard(&result.id, 0).await.unwrap();
+        let server = shard
+            .attempts
+            .iter()
+            .find(|a| a.agent_id == "server")
+            .expect("the server's re-check is an attempt");
+        assert!(
+            server.report["notes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n.as_str().unwrap().contains("--recheck-backend process")),
+            "{db:?}: {}",
+            server.report
+        );
+        c.stop().await;
+    }
+}
