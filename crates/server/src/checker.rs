@@ -29,6 +29,9 @@ pub const SERVER_PROCESSES: u32 = 32;
 const HOLD_MS: i64 = 15_000;
 /// How often the queue is looked at when nothing wakes the checker.
 const POLL: Duration = Duration::from_millis(500);
+/// Failed tries of one check (the coordinator's sandbox, its environment) before the shard is
+/// settled `inconclusive` with a flag, rather than retried forever.
+pub const MAX_CHECK_FAILURES: i64 = 5;
 
 pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let pool = Arc::new(Semaphore::new(state.config.check_workers.max(1)));
@@ -50,7 +53,7 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
                         let checked = check(&state, id).await;
                         renew.abort();
                         if let Err(e) = checked {
-                            tracing::error!(task = id, error = %e, "server re-check failed; another try after its hold");
+                            failed(&state, id, &e).await;
                         }
                         drop(permit);
                         state.checks.notify_one();
@@ -64,6 +67,57 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(POLL) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// A check that could not finish: tried again later, or, past [`MAX_CHECK_FAILURES`], settled
+/// `unverifiable` (inconclusive, flagged, audited, counted) so that its job can finish.
+async fn failed(state: &Arc<State>, task_id: i64, error: &str) {
+    let tries = match state
+        .store
+        .check_failed(
+            &state.instance,
+            task_id,
+            i64::try_from(state.config.check_retry_ms).unwrap_or(i64::MAX),
+        )
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(task = task_id, error = %e, "could not count a failed check");
+            return;
+        }
+    };
+    if tries < MAX_CHECK_FAILURES {
+        tracing::error!(
+            task = task_id,
+            tries,
+            error,
+            "server re-check failed; another try later"
+        );
+        return;
+    }
+    tracing::error!(
+        task = task_id,
+        tries,
+        error,
+        "server re-check failed for good: settled inconclusive"
+    );
+    state.metrics.check_abandoned();
+    let subject = match state.store.check_subject(task_id).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(task = task_id, error = %e, "reading an abandoned check");
+            return;
+        }
+    };
+    let finding = Finding::Unverifiable {
+        why: format!("the server's check failed {tries} times; the last: {error}"),
+    };
+    let others = vec![Verdict::Inconclusive; subject.others.len()];
+    if let Err(e) = settle(state, &subject, &[], &finding, &others).await {
+        tracing::error!(task = task_id, error = %e, "settling an abandoned check");
     }
 }
 
@@ -243,28 +297,6 @@ async fn settle(
     let Some(settled) = settled else {
         return Ok(()); // another coordinator settled it meanwhile
     };
-    // Anything but agreement goes to the review queue for a person.
-    let kind = match finding {
-        Finding::Agrees => None,
-        Finding::Differs | Finding::FailsOnServer { .. } => Some("mismatch"),
-        Finding::Nondeterministic
-        | Finding::Unverifiable { .. }
-        | Finding::MachineDependent { .. } => Some("inconclusive"),
-    };
-    if let Some(kind) = kind {
-        let details = serde_json::json!({
-            "shard": subject.shard_index,
-            "agent": subject.result.agent_id,
-            "finding": format!("{finding:?}"),
-        });
-        if let Err(e) = state
-            .store
-            .add_flag(&subject.tenant_id, &subject.job_id, kind, &details)
-            .await
-        {
-            tracing::error!(error = %e, "could not queue a verification finding for review");
-        }
-    }
     for agent in &settled.quarantined {
         after_quarantine(state, agent).await?;
     }

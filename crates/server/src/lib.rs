@@ -67,6 +67,9 @@ pub struct ServerConfig {
     pub audit: bool,
     /// Server re-checks run at once (each in its own fresh sandbox).
     pub check_workers: usize,
+    /// How long after a failed try a server re-check is tried again (at most
+    /// `checker::MAX_CHECK_FAILURES` tries, then the shard is settled inconclusive).
+    pub check_retry_ms: u64,
     /// Invalid results after which an agent is quarantined (no more leases until released).
     pub quarantine_strikes: u32,
     /// `recheck = "adaptive"`: valid results in a row after which an agent is trusted (its
@@ -119,6 +122,7 @@ impl ServerConfig {
             audit_checkpoint_ms: 60_000,
             audit: true,
             check_workers: std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            check_retry_ms: 15_000,
             quarantine_strikes: 2,
             trusted_after: store::verify::TRUSTED_AFTER as u32,
             sandbox_backend: Backend::default_for_host(),

@@ -36,6 +36,8 @@ pub struct Registry {
     runs: Mutex<BTreeMap<String, Histogram>>,
     /// agent → the runs it reported to this coordinator (the panel's per-agent charts).
     agents: Mutex<BTreeMap<String, AgentRuns>>,
+    /// Server re-checks given up after too many failed tries (settled inconclusive).
+    checks_abandoned: std::sync::atomic::AtomicU64,
 }
 
 /// Runs an agent reported: how many, how many `ok`, their wall time.
@@ -47,6 +49,12 @@ pub struct AgentRuns {
 }
 
 impl Registry {
+    /// A server re-check given up after too many failed tries.
+    pub fn check_abandoned(&self) {
+        self.checks_abandoned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
         *self
             .requests
@@ -232,6 +240,19 @@ pub fn server_sandbox(out: &mut String, backend: fleetbox_sandbox::Backend) {
 
 pub fn render(stored: &Stored, registry: &Registry) -> String {
     let mut out = String::with_capacity(8192);
+    family(
+        &mut out,
+        "fleetbox_checks_abandoned_total",
+        "counter",
+        "Server re-checks given up after repeated failures (settled inconclusive, flagged), by this coordinator.",
+    );
+    let _ = writeln!(
+        out,
+        "fleetbox_checks_abandoned_total {}",
+        registry
+            .checks_abandoned
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     family(
         &mut out,
         "fleetbox_queue_depth",

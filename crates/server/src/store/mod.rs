@@ -169,6 +169,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0019_outcome",
         include_str!("../../migrations/0019_outcome.sql"),
     ),
+    (
+        "0020_check_failures",
+        include_str!("../../migrations/0020_check_failures.sql"),
+    ),
 ];
 
 #[derive(Clone)]

@@ -411,6 +411,34 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// A claimed check failed (the coordinator's sandbox, its environment): counted, and tried
+    /// again after `retry_ms` by whichever coordinator claims it. Returns the failures so far
+    /// (0: `owner` no longer holds the check).
+    pub async fn check_failed(
+        &self,
+        owner: &str,
+        task_id: i64,
+        retry_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await.doing("counting a failed check")?;
+        let n: Option<(i64,)> =
+            Sql::new("UPDATE tasks SET check_failures = check_failures + 1, check_expires = ")
+                .bind(now_ms() + retry_ms)
+                .push(" WHERE id = ")
+                .bind(task_id)
+                .push(" AND check_owner = ")
+                .bind(owner)
+                .push(" AND state = ")
+                .bind(TaskState::Reported.as_str())
+                .push(" RETURNING check_failures")
+                .build_as()
+                .fetch_optional(&mut *tx)
+                .await
+                .doing("counting a failed check")?;
+        tx.commit().await.doing("counting a failed check")?;
+        Ok(n.map_or(0, |(n,)| n))
+    }
+
     /// The shard and the agent result a claimed check is about (`None`: nothing to check any
     /// more).
     pub async fn check_subject(&self, task_id: i64) -> Result<Option<CheckSubject>, StoreError> {
@@ -646,6 +674,38 @@ impl Store {
                 .await
                 .doing("flagging a job")?;
         }
+        // Anything but agreement goes to the review queue for a person, in the verdict's own
+        // transaction: a crash between the two lost the flag.
+        let review_flag = match finding {
+            Finding::Agrees => None,
+            Finding::Differs | Finding::FailsOnServer { .. } => Some("mismatch"),
+            Finding::Nondeterministic
+            | Finding::Unverifiable { .. }
+            | Finding::MachineDependent { .. } => Some("inconclusive"),
+        };
+        let mut flag_entry = None;
+        if let Some(kind) = review_flag {
+            let details = serde_json::json!({
+                "shard": subject.shard_index,
+                "agent": subject.result.agent_id,
+                "finding": finding.name(),
+                "detail": flag.as_ref().map(|(_, d)| d.as_str()),
+            });
+            let id = super::review::insert_flag(
+                &mut tx,
+                &subject.tenant_id,
+                &subject.job_id,
+                kind,
+                &details,
+                now,
+            )
+            .await?;
+            flag_entry = Some(
+                Entry::new(&subject.tenant_id, "reviewer", Action::ReviewFlagged)
+                    .job(&subject.job_id)
+                    .details(serde_json::json!({ "flag": id, "kind": kind, "details": details })),
+            );
+        }
         let ready = tally.apply(&mut tx).await?;
 
         // Trust, then the agent row (the lock order's agent step).
@@ -724,6 +784,7 @@ impl Store {
             .await?;
             quarantined.extend(struck);
         }
+        entries.extend(flag_entry);
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("settling a check")?;
         Ok(Some(CheckSettled { ready, quarantined }))

@@ -599,3 +599,59 @@ async fn a_weaker_server_sandbox_is_refused_unless_chosen_and_then_said_everywhe
         c.stop().await;
     }
 }
+
+/// A check the coordinator cannot finish (here its sandbox has no interpreter) is tried a bounded
+/// number of times, then the shard is settled inconclusive: the job finishes with the agent's
+/// value, flagged `unverified`, a review entry, an audit entry and a metric, where it was tried
+/// every 15 s forever before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_cannot_finish_is_settled_inconclusive_after_bounded_tries() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            config.sandbox.python = Some("/nonexistent/python3".into());
+            config.check_retry_ms = 50;
+        })
+        .await
+        else {
+            continue;
+        };
+        c.agent("a", Default::default());
+        let job = spec(
+            "name = \"stuck\"\ncode = \"print(5)\"\nshards = { count = 1 }\n[verify]\nrecheck = \"all\"\n",
+        );
+        let result = c.run(&job, Duration::from_secs(60)).await;
+        assert_eq!(result.state, JobState::Completed, "{db:?}: {result:?}");
+        assert_eq!(result.result_value(), Some(json!([5])), "{db:?}");
+        let summary = result.summary.unwrap();
+        let flag = summary
+            .flags
+            .iter()
+            .find(|f| f.kind == "unverified")
+            .unwrap_or_else(|| panic!("{db:?}: {:?}", summary.flags));
+        assert!(flag.detail.contains("failed 5 times"), "{db:?}: {flag:?}");
+        let queued = c
+            .client
+            .review_flags(&format!("job={}&kind=inconclusive", result.id))
+            .await
+            .unwrap()
+            .flags;
+        assert_eq!(queued.len(), 1, "{db:?}");
+        let audit = audit_all(&c, &format!("job={}&action=attempt.verified", result.id)).await;
+        assert_eq!(audit.len(), 1, "{db:?}");
+        assert_eq!(audit[0].details["finding"], "unverifiable", "{db:?}");
+        let metrics = reqwest::Client::new()
+            .get(format!("{}/metrics", c.running.url()))
+            .bearer_auth(&c.running.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("fleetbox_checks_abandoned_total 1"),
+            "{db:?}"
+        );
+        c.stop().await;
+    }
+}
