@@ -292,6 +292,43 @@ pub(super) async fn settle_success(
     };
     let mut out = Settled::default();
     match decision {
+        // A re-check the job asks for (`recheck = "all"`, which a code review imposes) is not
+        // skipped because replicas agree: the server's run judges them all.
+        Decision::Quorum(_) if spec.recheck == fleetbox_proto::Recheck::All => {
+            out.moved = settle::hold_for_check(tx, tally, shard, now).await?;
+            if out.moved {
+                entries.push(shard_entry(
+                    Action::ShardChecking,
+                    serde_json::json!({
+                        "why": "recheck = all: a quorum is checked by the server too",
+                        "replicas": replicas.len(),
+                    }),
+                ));
+            }
+        }
+        // One result is its reporter's word: accepted, not verified (nobody else agreed), and
+        // still open to a check if its agent is caught lying later.
+        Decision::Quorum(group) if group.len() < 2 => {
+            out.moved = settle::accept(tx, tally, shard, now).await?;
+            if !out.moved {
+                return Ok(out);
+            }
+            let chosen = &replicas[group[0]];
+            out.chosen = Some(chosen.attempt_id);
+            entries.push(
+                shard_entry(
+                    Action::ShardAccepted,
+                    serde_json::json!({
+                        "verified": false,
+                        "value_from": "agent",
+                        "agree": 1,
+                        "replicas": replicas.len(),
+                        "output_sha256": chosen.output_sha256,
+                    }),
+                )
+                .agent(&chosen.agent_id),
+            );
+        }
         Decision::Quorum(group) => {
             out.moved = settle::accept(tx, tally, shard, now).await?;
             if !out.moved {

@@ -192,6 +192,23 @@ impl ReporterTrust {
     }
 }
 
+/// Whether a replicated shard's results under check already form a quorum (they reached the
+/// server because the job re-checks everything, not because they disagree).
+fn replicas_agree(subject: &CheckSubject) -> bool {
+    let all: Vec<super::replicas::Replica> = std::iter::once(subject.result.clone())
+        .chain(subject.others.iter().cloned())
+        .collect();
+    matches!(
+        super::replicas::decide(
+            &all,
+            subject.verify.compare,
+            subject.verify.replicas,
+            subject.verify.quorum
+        ),
+        super::replicas::Decision::Quorum(_)
+    )
+}
+
 /// The shard a claimed check is about, and the agent's result to check.
 #[derive(Debug, Clone)]
 pub struct CheckSubject {
@@ -506,7 +523,9 @@ impl Store {
         let no_quorum;
         let (to, reason) = match finding {
             Finding::FailsOnServer { reason } => (TaskState::Rejected, Some(reason.as_str())),
-            Finding::Unverifiable { why } if subject.verify.replicas > 1 => {
+            Finding::Unverifiable { why }
+                if subject.verify.replicas > 1 && !replicas_agree(subject) =>
+            {
                 if subject.attempts < subject.max_attempts {
                     (
                         TaskState::Queued,

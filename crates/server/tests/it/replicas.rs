@@ -343,3 +343,57 @@ async fn a_liar_among_replicas_is_caught_every_time_and_the_result_is_exact() {
         c.stop().await;
     }
 }
+
+/// Replicas do not switch off a re-check the job asks for (`recheck = "all"`, which a code
+/// review imposes on flagged code): two agreeing replicas of every shard are still checked by
+/// the server's run. And one replica's word (`quorum = 1`) is accepted but not `verified`:
+/// nobody other than its reporter agreed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_is_rechecked_when_asked_and_one_result_is_never_verified() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        for name in ["honest-1", "honest-2"] {
+            c.agent(name, Default::default());
+        }
+        let job = spec(&format!(
+            "name = \"checked\"\ncode = {SQUARE:?}\n[shards]\nitems = [1, 2, 3]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n[verify]\nreplicas = 2\nquorum = 2\nrecheck = \"all\"\n"
+        ));
+        let r = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        assert_eq!(r.result_value(), Some(json!(14)), "{db:?}");
+        for i in 0..3 {
+            let detail = c.client.shard(&r.id, i).await.unwrap();
+            assert!(
+                detail.attempts.iter().any(|a| a.agent_id == "server"),
+                "{db:?}: shard {i} was not checked by the server: {:?}",
+                detail.attempts
+            );
+            let agents: Vec<_> = detail
+                .attempts
+                .iter()
+                .filter(|a| a.agent_id != "server")
+                .collect();
+            assert!(agents.len() >= 2, "{db:?}");
+            assert!(
+                agents.iter().all(|a| a.verdict == Verdict::Valid),
+                "{db:?}: {agents:?}"
+            );
+        }
+        assert_eq!(r.summary.unwrap().verified, 3, "{db:?}");
+
+        let job = spec(&format!(
+            "name = \"one\"\ncode = {SQUARE:?}\n[shards]\nitems = [1, 2]\nper_shard = 1\n[aggregate]\nreducer = \"sum\"\n[verify]\nreplicas = 2\nquorum = 1\nrecheck = \"none\"\n"
+        ));
+        let r = c.run(&job, Duration::from_secs(120)).await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        assert_eq!(r.result_value(), Some(json!(5)), "{db:?}");
+        assert_eq!(
+            r.summary.unwrap().verified,
+            0,
+            "{db:?}: one agent's word counted as verified"
+        );
+        c.stop().await;
+    }
+}
