@@ -932,10 +932,19 @@ impl Store {
         Ok((verified.max(0) as u64, flags))
     }
 
-    /// After `agent_id` was quarantined: finished jobs that folded values of it nobody checked
-    /// are `needs_review`, each such shard flagged `tainted` (`rerun_tainted` redoes them).
-    /// Returns the jobs flagged.
+    /// After `agent_id` was quarantined: jobs past `running` (folding, folded, or waiting for a
+    /// person) that hold values of it nobody checked are `needs_review`, each such shard
+    /// flagged `tainted` (`rerun_tainted` redoes them). Returns the jobs flagged.
     pub async fn taint_finished_jobs_of(&self, agent_id: &str) -> Result<Vec<String>, StoreError> {
+        // Every state a job holds accepted values in past `running` (whose shards
+        // `recheck_unverified_of` sends back to be checked): folding, folded, or waiting for a
+        // person. `completed`/`failed` only missed values in the other two.
+        const TAINTABLE: [JobState; 4] = [
+            JobState::Aggregating,
+            JobState::NeedsReview,
+            JobState::Completed,
+            JobState::Failed,
+        ];
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("flagging tainted jobs")?;
         let rows: Vec<(String, String, i64)> = Sql::new(
@@ -947,7 +956,7 @@ impl Store {
         .push(" AND t.verified = 0 AND t.state = ")
         .bind(TaskState::Accepted.as_str())
         .push(" AND j.state IN (")
-        .bind_list([JobState::Completed.as_str(), JobState::Failed.as_str()])
+        .bind_list(TAINTABLE.map(JobState::as_str))
         .push(") ORDER BY t.job_id, t.shard_index")
         .build_as()
         .fetch_all(&mut *tx)
@@ -966,12 +975,14 @@ impl Store {
         let mut entries = Vec::new();
         let mut flagged = Vec::new();
         for (job, (tenant, shards)) in by_job {
+            // A fold in progress is abandoned (its result would hold the value); the job
+            // folds again once `--rerun-tainted` has the shards checked.
             let current: Option<(String,)> = Sql::new("UPDATE jobs SET state = ")
                 .bind(JobState::NeedsReview.as_str())
-                .push(" WHERE id = ")
+                .push(", fold_owner = NULL WHERE id = ")
                 .bind(job.as_str())
                 .push(" AND state IN (")
-                .bind_list([JobState::Completed.as_str(), JobState::Failed.as_str()])
+                .bind_list(TAINTABLE.map(JobState::as_str))
                 .push(") RETURNING flags")
                 .build_as()
                 .fetch_optional(&mut *tx)

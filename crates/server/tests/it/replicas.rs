@@ -397,3 +397,73 @@ async fn a_quorum_is_rechecked_when_asked_and_one_result_is_never_verified() {
         c.stop().await;
     }
 }
+
+/// When a liar is caught, every job that holds one of its unchecked values is flagged, whatever
+/// its state: one still folding (`aggregating`, its fold abandoned) and one already waiting for a
+/// person (`needs_review`), where only `completed`/`failed` jobs were before.
+#[tokio::test]
+async fn tainting_reaches_jobs_being_folded_and_waiting_for_review() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let store = Store::open(&url).await.unwrap();
+        enroll(&store, "liar_1", "machine-1").await;
+        enroll(&store, "liar_2", "machine-2").await;
+        store.insert_job(&new_job("job_fold", 2, 3)).await.unwrap();
+        // One shard each.
+        for (agent, value) in [("liar_1", 0), ("liar_2", 1)] {
+            let now = now_ms();
+            let g = store
+                .lease_at(
+                    "default",
+                    agent,
+                    1,
+                    now + 60_000,
+                    &format!("{agent}.l"),
+                    now,
+                )
+                .await
+                .unwrap();
+            assert_eq!(g.len(), 1, "{db:?}");
+            store
+                .report("default", agent, &[ok_report(&g[0], value)], POLICY)
+                .await
+                .unwrap();
+        }
+        let state = |s: &Store| {
+            let s = s.clone();
+            async move { s.job("default", "job_fold").await.unwrap().unwrap().state }
+        };
+        // A coordinator is folding it.
+        let now = now_ms();
+        let tries = store
+            .claim_fold("job_fold", "coord-x", now, now + 60_000)
+            .await
+            .unwrap();
+        assert_eq!(tries, Some(1), "{db:?}");
+        assert_eq!(state(&store).await, JobState::Aggregating, "{db:?}");
+
+        let flagged = store.taint_finished_jobs_of("liar_1").await.unwrap();
+        assert_eq!(
+            flagged,
+            ["job_fold"],
+            "{db:?}: a job being folded was missed"
+        );
+        assert_eq!(state(&store).await, JobState::NeedsReview, "{db:?}");
+        let flagged = store.taint_finished_jobs_of("liar_2").await.unwrap();
+        assert_eq!(
+            flagged,
+            ["job_fold"],
+            "{db:?}: a job waiting for review was missed"
+        );
+        let (_, flags) = store.verification_facts("job_fold").await.unwrap();
+        let tainted: Vec<_> = flags
+            .iter()
+            .filter(|f| f.kind == "tainted")
+            .map(|f| f.shard)
+            .collect();
+        assert_eq!(tainted, [0, 1], "{db:?}: {flags:?}");
+    }
+}
