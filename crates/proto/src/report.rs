@@ -226,11 +226,61 @@ impl ExecutionReport {
             workspace: None,
         }
     }
+
+    /// One line saying why a run did not succeed (`None` for `ok`): its status, then the
+    /// exception, the sandbox's message or the exit code; at most 500 bytes.
+    pub fn failure_reason(&self) -> Option<String> {
+        if self.status == Status::Ok {
+            return None;
+        }
+        let detail = self
+            .exception
+            .as_ref()
+            .map(|e| format!("{}: {}", e.kind, e.message))
+            .or_else(|| self.message.clone())
+            .or_else(|| self.exit_code.map(|c| format!("exit code {c}")))
+            .unwrap_or_default();
+        let mut line = format!("{}: {detail}", self.status.as_str());
+        if line.len() > 500 {
+            line.truncate(line.floor_char_boundary(500));
+        }
+        Some(line)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_reason_names_the_status_and_the_best_detail_there_is() {
+        let mut r = ExecutionReport::unmeasured(Status::Ok, None);
+        assert_eq!(r.failure_reason(), None);
+        r.status = Status::Error;
+        r.exit_code = Some(3);
+        assert_eq!(r.failure_reason().as_deref(), Some("error: exit code 3"));
+        r.message = Some("exited with code 3".into());
+        assert_eq!(
+            r.failure_reason().as_deref(),
+            Some("error: exited with code 3")
+        );
+        r.exception = Some(ExceptionInfo {
+            kind: "ValueError".into(),
+            message: "bad item 3".into(),
+            traceback: Vec::new(),
+        });
+        assert_eq!(
+            r.failure_reason().as_deref(),
+            Some("error: ValueError: bad item 3")
+        );
+        r.exception.as_mut().unwrap().message = "é".repeat(400);
+        let long = r.failure_reason().unwrap();
+        assert!(
+            long.len() <= 500 && long.starts_with("error: ValueError: é"),
+            "{}",
+            long.len()
+        );
+    }
 
     #[test]
     fn status_names_are_the_contract() {

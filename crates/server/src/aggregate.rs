@@ -452,7 +452,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     match state.store.pending_reruns(job_id).await {
         Ok(pending) => {
             for (flag, details) in pending {
-                let shards = crate::api::flag_shards(&details);
+                let shards = crate::store::review::flag_shards(&details);
                 match crate::planner::review_rerun(state, &job.tenant_id, job_id, flag, &shards)
                     .await
                 {
@@ -620,7 +620,7 @@ async fn fold(
     .map_err(|e| format!("the reducer's sandbox thread failed: {e}"))?
     .map_err(|e| format!("could not open the `{backend}` sandbox: {e}"))?;
     if report.status != Status::Ok {
-        let why = crate::api::failure_reason(&report).unwrap_or_default();
+        let why = report.failure_reason().unwrap_or_default();
         return Err(format!("python reducer: {why}"));
     }
     Ok(report.output.unwrap_or(Value::Null).to_string())

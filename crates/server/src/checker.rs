@@ -191,7 +191,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         return Err(format!(
             "the coordinator's sandbox could not run the check ({}): {}",
             first.0.status.as_str(),
-            crate::api::failure_reason(&first.0).unwrap_or_default()
+            first.0.failure_reason().unwrap_or_default()
         ));
     }
     let mut runs = vec![first];
@@ -224,8 +224,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
                 }
                 (true, Status::Ok) => Finding::Differs,
                 (true, _) => Finding::FailsOnServer {
-                    reason: crate::api::failure_reason(&runs[0].0)
-                        .unwrap_or_else(|| "error".into()),
+                    reason: runs[0].0.failure_reason().unwrap_or_else(|| "error".into()),
                 },
             };
             runs.push(second);
@@ -235,7 +234,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
             why: format!(
                 "the server's stricter sandbox could not run this shard ({}): {}",
                 other.as_str(),
-                crate::api::failure_reason(&runs[0].0).unwrap_or_default()
+                runs[0].0.failure_reason().unwrap_or_default()
             ),
         },
     };
@@ -415,12 +414,12 @@ async fn run_on_server(
     let (output, output_blob, output_sha256) = match &report.output {
         None => (None, None, None),
         Some(v) => {
-            let (text, blob, hash) =
-                crate::api::stored_output(state, v, v.to_string()).map_err(|e| e.message)?;
-            (text, blob, Some(hash))
+            let stored =
+                crate::outputs::store(&state.blobs, v, v.to_string()).map_err(|e| e.to_string())?;
+            (stored.text, stored.blob, Some(stored.hash))
         }
     };
-    let measures = crate::api::Measures::of(&report);
+    let measures = crate::outputs::Measures::of(&report);
     let mut kept = report.clone();
     if backend == fleetbox_sandbox::Backend::Process {
         kept.notes.push(crate::WEAK_SANDBOX_WARNING.to_string());
@@ -437,7 +436,7 @@ async fn run_on_server(
         cpu_ms: measures.cpu_ms,
         peak_memory: measures.peak_memory,
         bytes_out: measures.bytes_out,
-        reason: crate::api::failure_reason(&report),
+        reason: report.failure_reason(),
     };
     let output = report.output.clone();
     Ok((report, Stored { run, output }))

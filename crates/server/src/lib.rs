@@ -20,6 +20,7 @@ pub mod blobs;
 mod checker;
 pub mod ids;
 pub mod metrics;
+mod outputs;
 pub mod planner;
 pub mod reduce;
 mod scheduler;

@@ -783,15 +783,22 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
                 && let Some((h, _)) = uploaded.filter(|(_, b)| b == text.as_bytes())
             {
                 // The agent's upload is the text the coordinator would store: kept as is.
-                (None, Some(h), Some(output_hash(&v)?))
+                (None, Some(h), Some(crate::outputs::output_hash(&v)))
             } else {
-                let (text, blob, hash) = stored_output(state, &v, text)?;
-                (text, blob, Some(hash))
+                let stored = crate::outputs::store(&state.blobs, &v, text).map_err(|e| {
+                    tracing::error!(error = %e, "blob store");
+                    ApiError::new(
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "could not store an output blob",
+                    )
+                })?;
+                (stored.text, stored.blob, Some(stored.hash))
             }
         }
     };
     let audit = audit_summary(&report, output_sha256.as_deref());
-    let measures = Measures::of(&report);
+    let measures = crate::outputs::Measures::of(&report);
     Ok(ReportInput {
         audit,
         lease_id,
@@ -802,7 +809,7 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         stdout_sha256: report.stdout_sha256.clone(),
         signature,
         status: report.status,
-        reason: failure_reason(&report),
+        reason: report.failure_reason(),
         output,
         output_blob,
         output_sha256,
@@ -814,59 +821,6 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
         peak_memory: measures.peak_memory,
         bytes_out: measures.bytes_out,
     })
-}
-
-/// The coordinator's hash of an output, the one results are compared by: SHA-256 of its
-/// canonical JSON with every integer exact ([`fleetbox_proto::canonical::exact`]; RFC 8785's
-/// doubles let 2^60 + 1 pass for 2^60).
-fn output_hash(v: &serde_json::Value) -> Result<String, ApiError> {
-    Ok(sha256_hex(fleetbox_proto::canonical::exact(v).as_bytes()))
-}
-
-/// What the store keeps of a run's measurements (as its integer columns hold them).
-pub struct Measures {
-    pub wall_ms: i64,
-    /// User + system CPU.
-    pub cpu_ms: i64,
-    pub peak_memory: i64,
-    /// stdout + stderr bytes.
-    pub bytes_out: i64,
-}
-
-impl Measures {
-    pub fn of(report: &ExecutionReport) -> Measures {
-        let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
-        Measures {
-            wall_ms: clamp(report.wall_ms),
-            cpu_ms: clamp(report.cpu_user_ms.saturating_add(report.cpu_sys_ms)),
-            peak_memory: clamp(report.peak_memory_bytes),
-            bytes_out: clamp(report.stdout_bytes.saturating_add(report.stderr_bytes)),
-        }
-    }
-}
-
-/// An output value as the store keeps it: its JSON text inline (up to [`INLINE_LIMIT`]) or
-/// in a blob, and the coordinator's hash of its RFC 8785 canonical JSON. The value is kept as
-/// serde_json writes it, not as the canonical text: RFC 8785 writes numbers as doubles, which
-/// would round integers past 2^53.
-pub fn stored_output(
-    state: &State,
-    v: &serde_json::Value,
-    text: String,
-) -> Result<(Option<String>, Option<String>, String), ApiError> {
-    let hash = output_hash(v)?;
-    if text.len() <= INLINE_LIMIT {
-        return Ok((Some(text), None, hash));
-    }
-    let h = state.blobs.put(text.as_bytes()).map_err(|e| {
-        tracing::error!(error = %e, "blob store");
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "could not store an output blob",
-        )
-    })?;
-    Ok((None, Some(h), hash))
 }
 
 /// What the audit log keeps of a run: status, timings, memory, bytes, the files it created
@@ -893,23 +847,4 @@ fn audit_summary(report: &ExecutionReport, output_sha256: Option<&str>) -> serde
         "backend": report.backend,
         "code_sha256": report.code_sha256,
     })
-}
-
-/// One line saying why a run did not succeed.
-pub fn failure_reason(report: &ExecutionReport) -> Option<String> {
-    if report.status == Status::Ok {
-        return None;
-    }
-    let detail = report
-        .exception
-        .as_ref()
-        .map(|e| format!("{}: {}", e.kind, e.message))
-        .or_else(|| report.message.clone())
-        .or_else(|| report.exit_code.map(|c| format!("exit code {c}")))
-        .unwrap_or_default();
-    let mut line = format!("{}: {detail}", report.status.as_str());
-    if line.len() > 500 {
-        line.truncate(line.floor_char_boundary(500));
-    }
-    Some(line)
 }

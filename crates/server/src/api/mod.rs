@@ -21,9 +21,7 @@ use fleetbox_proto::trace::TraceParent;
 use serde::de::DeserializeOwned;
 use tracing::Instrument as _;
 
-pub(crate) use agents::{Measures, failure_reason, stored_output};
 pub use error::ApiError;
-pub(crate) use review::flag_shards;
 
 use crate::State;
 use crate::ids::{random_hex, sha256_hex};

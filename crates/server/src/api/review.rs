@@ -329,7 +329,7 @@ pub async fn rerun(
             ),
         ));
     }
-    let shards = flag_shards(&flag.details);
+    let shards = crate::store::review::flag_shards(&flag.details);
     let child = crate::planner::review_rerun(&state, &tenant, &flag.job_id, id, &shards)
         .await?
         .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "cannot_rerun", why))?;
@@ -364,30 +364,4 @@ async fn flag_request(id: &str, req: Request) -> Result<(i64, DecideFlag), ApiEr
         return Err(SpecError::new("note", "at most 2000 bytes").into());
     }
     Ok((id, body))
-}
-
-/// Every shard a flag's details name (`shard`, `shards`, at any depth), sorted, once.
-pub(crate) fn flag_shards(details: &serde_json::Value) -> Vec<u64> {
-    fn walk(v: &serde_json::Value, out: &mut Vec<u64>) {
-        match v {
-            serde_json::Value::Object(map) => {
-                for (k, v) in map {
-                    match (k.as_str(), v) {
-                        ("shard", serde_json::Value::Number(n)) => out.extend(n.as_u64()),
-                        ("shards", serde_json::Value::Array(a)) => {
-                            out.extend(a.iter().filter_map(|x| x.as_u64()))
-                        }
-                        _ => walk(v, out),
-                    }
-                }
-            }
-            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk(details, &mut out);
-    out.sort_unstable();
-    out.dedup();
-    out
 }

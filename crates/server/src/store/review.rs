@@ -488,3 +488,41 @@ impl Store {
         self.decided(tenant, id).await
     }
 }
+
+/// Every shard a flag's details name (`shard`, `shards`, at any depth), sorted, once.
+pub fn flag_shards(details: &serde_json::Value) -> Vec<u64> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<u64>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("shard", serde_json::Value::Number(n)) => out.extend(n.as_u64()),
+                        ("shards", serde_json::Value::Array(a)) => {
+                            out.extend(a.iter().filter_map(|x| x.as_u64()))
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(details, &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod flag_shard_tests {
+    use super::flag_shards;
+
+    #[test]
+    fn the_shards_a_flag_names_at_any_depth_sorted_once() {
+        let d = serde_json::json!({"shard": 4, "shards": [2, 4], "x": [{"shard": 1}, {"y": {"shards": [9]}}]});
+        assert_eq!(flag_shards(&d), [1, 2, 4, 9]);
+        assert!(flag_shards(&serde_json::json!({"shard": -1, "shards": "3"})).is_empty());
+    }
+}
