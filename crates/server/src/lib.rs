@@ -19,6 +19,7 @@ pub mod api;
 pub mod blobs;
 mod checker;
 pub mod ids;
+mod intake;
 pub mod metrics;
 mod outputs;
 pub mod planner;

@@ -25,6 +25,11 @@ pub fn current_trace() -> Option<TraceParent> {
     TRACE.try_with(Clone::clone).ok()
 }
 
+/// [`current_trace`] as a `traceparent` header, for a job this request makes.
+pub fn request_trace() -> Option<String> {
+    current_trace().map(|t| t.header())
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,

@@ -9,10 +9,10 @@ use fleetbox_proto::api::{JobList, JobResult, JobView, ShardDetail, ShardList};
 use fleetbox_proto::{JobSpec, JobState, TaskState, UnknownState};
 use serde::Deserialize;
 
+use super::error::request_trace;
 use super::{ApiError, Auth, Params, raw_body};
 use crate::State;
-use crate::ids::{job_id, sha256_hex};
-use crate::store::{NewJob, ShardPage, TokenKind};
+use crate::store::{ShardPage, TokenKind};
 
 #[utoipa::path(
     get,
@@ -66,7 +66,7 @@ pub async fn submit(
         super::review::check_child(&state, &code, &field).await?;
     }
     let review = super::review::gate(&state, &tenant, &actor, &plan.code, &mut spec).await?;
-    let job = new_job(&spec, plan, tenant.clone(), actor, review);
+    let job = crate::intake::new_job(&spec, plan, tenant.clone(), actor, review, request_trace());
     state.store.insert_job(&job).await?;
     tracing::info!(job = %job.id, shards = job.inputs.len(), name = %job.name, "job submitted");
     state.work.notify_waiters();
@@ -76,48 +76,6 @@ pub async fn submit(
         .await?
         .ok_or_else(|| ApiError::not_found("job", &job.id))?;
     Ok((StatusCode::CREATED, Json(view)))
-}
-
-/// A validated spec as a job to store; `plan.inputs` are its shards' inputs.
-pub(crate) fn new_job(
-    spec: &JobSpec,
-    plan: fleetbox_proto::JobPlan,
-    tenant_id: String,
-    actor: String,
-    review: fleetbox_proto::CodeReview,
-) -> NewJob {
-    NewJob {
-        id: job_id(),
-        tenant_id,
-        name: spec.name.trim().to_string(),
-        // The spec is kept without the (possibly large) uploaded text; the shards have it.
-        spec: {
-            let mut s = spec.clone();
-            s.shards.text = None;
-            s.shards.items = None;
-            s.files.clear();
-            serde_json::to_value(&s).unwrap_or_default()
-        },
-        code_sha256: sha256_hex(plan.code.as_bytes()),
-        code: plan.code,
-        limits: spec.limits.clone(),
-        reducer: plan.reducer,
-        priority: spec.priority,
-        max_attempts: spec.max_attempts,
-        success_needed: spec.success_needed(),
-        verify: spec.verify.clone().unwrap_or_default(),
-        environment: spec.environment.clone(),
-        files: spec.files.clone(),
-        backend: spec.backend.clone(),
-        review: Some(review),
-        inputs: plan.inputs,
-        actor,
-        has_rules: !spec.followup.is_empty() || spec.ai_followup,
-        lineage: None,
-        rerun_of: None,
-        // The trace of the request that makes it (a follow-up takes its parent's).
-        traceparent: super::error::current_trace().map(|t| t.header()),
-    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

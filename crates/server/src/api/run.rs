@@ -14,7 +14,7 @@ use fleetbox_proto::api::{RunAnswer, RunBody};
 use fleetbox_proto::{JobSpec, ShardSpec, SpecError};
 use serde_json::Value;
 
-use super::jobs::new_job;
+use super::error::request_trace;
 use super::{ApiError, Auth, raw_body};
 use crate::State;
 use crate::store::TokenKind;
@@ -78,7 +78,7 @@ pub async fn run(
         .min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let review = super::review::gate(&state, &tenant, &actor, &plan.code, &mut spec).await?;
-    let job = new_job(&spec, plan, tenant.clone(), actor, review);
+    let job = crate::intake::new_job(&spec, plan, tenant.clone(), actor, review, request_trace());
     state.store.insert_job(&job).await?;
     tracing::debug!(job = %job.id, "run submitted");
     state.work.notify_waiters();

@@ -667,12 +667,14 @@ pub async fn build_child(
         }
         Decision::Run => {}
     }
-    let mut job = crate::api::jobs::new_job(
+    // The parent's trace is set below.
+    let mut job = crate::intake::new_job(
         &spec,
         job_plan,
         child.tenant.to_string(),
         ACTOR.to_string(),
         review,
+        None,
     );
     job.id = child_id(child.parent, child.index);
     job.lineage = Some((
