@@ -14,13 +14,6 @@ use fleetbox_server::ServerConfig;
 
 use crate::config::{AgentSection, FileConfig, RunFlags, resolve_run};
 
-fn parse_millis(s: &str) -> Result<Millis, String> {
-    s.parse().map_err(|e| format!("{e}"))
-}
-
-fn parse_size(s: &str) -> Result<ByteSize, String> {
-    s.parse().map_err(|e| format!("{e}"))
-}
 
 /// How the environments jobs ask for (`[environment] requirements`) are built and cached.
 #[derive(Debug, Clone, Args)]
@@ -39,10 +32,10 @@ pub struct EnvArgs {
     #[arg(long, requires = "find_links")]
     pub no_index: bool,
     /// Bytes the environment cache may hold; least recently used environments go first.
-    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "10GiB", value_parser = crate::config::parse_size)]
     pub env_cache_size: ByteSize,
     /// How long building one environment may take.
-    #[arg(long, default_value = "10m", value_parser = parse_millis)]
+    #[arg(long, default_value = "10m", value_parser = crate::config::parse_millis)]
     pub env_build_timeout: Millis,
 }
 
@@ -92,20 +85,20 @@ pub struct ServerArgs {
     #[arg(long, env = env::FLEETBOX_DATABASE_URL)]
     pub database_url: Option<String>,
     /// Lease length without a heartbeat.
-    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_millis)]
     pub lease: Millis,
     /// Heartbeat interval asked of agents.
-    #[arg(long, default_value = "2s", value_parser = parse_millis)]
+    #[arg(long, default_value = "2s", value_parser = crate::config::parse_millis)]
     pub heartbeat: Millis,
     /// Silence after which an agent is lost (default: 2.25 heartbeats).
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = crate::config::parse_millis)]
     pub agent_timeout: Option<Millis>,
     /// First retry delay (doubles per attempt, at most 1 minute).
-    #[arg(long, default_value = "1s", value_parser = parse_millis)]
+    #[arg(long, default_value = "1s", value_parser = crate::config::parse_millis)]
     pub retry_backoff: Millis,
     /// How often the audit chain heads that moved are checkpointed, signed with the
     /// coordinator's key (`DATA/audit.key`).
-    #[arg(long, default_value = "1m", value_parser = parse_millis)]
+    #[arg(long, default_value = "1m", value_parser = crate::config::parse_millis)]
     pub audit_checkpoint: Millis,
     /// Server re-checks of agents' results run at once (default: half the cores).
     #[arg(long)]
@@ -151,7 +144,7 @@ pub struct ServerArgs {
     #[arg(long, value_name = "VAR")]
     pub llm_key_env: Option<String>,
     /// How long a review may wait for the model (then the rules alone decide).
-    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_millis)]
     pub llm_timeout: Millis,
     /// A CA certificate (PEM) to trust besides the system's for outgoing HTTPS (the model,
     /// `notify` webhooks): for endpoints behind a private CA.
@@ -184,7 +177,7 @@ pub struct FollowupArgs {
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub notify_tries: u32,
     /// First retry delay of a webhook; doubles per try, with jitter.
-    #[arg(long, default_value = "1s", value_parser = parse_millis)]
+    #[arg(long, default_value = "1s", value_parser = crate::config::parse_millis)]
     pub notify_backoff: Millis,
     /// What result review's anomalies (an outlying shard or agent, an error spike) do to a
     /// job: `flag` (accept, flagged and queued), `review` (`needs_review` until a person
@@ -268,28 +261,28 @@ pub struct AgentArgs {
     #[arg(long, env = env::FLEETBOX_AGENT_STATE, default_value = "fleetbox-agent")]
     pub state: PathBuf,
     /// Cap on the wall-clock and CPU time a job may ask for [default: 1h, or `[agent]`].
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = crate::config::parse_millis)]
     pub max_timeout: Option<Millis>,
     /// Cap on the memory a job may ask for [default: 4GiB].
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_memory: Option<ByteSize>,
     /// Cap on the output a job may keep per stream [default: 16MiB].
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_output: Option<ByteSize>,
     /// Cap on the processes and threads a job may ask for [default: 1024].
     #[arg(long)]
     pub max_processes: Option<u32>,
     /// Cap on the largest file a job may write [default: 1GiB].
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_file_size: Option<ByteSize>,
     /// Cap on the open files a job may ask for [default: 4096].
     #[arg(long)]
     pub max_open_files: Option<u32>,
     /// Cap on the private `/tmp` a job may ask for [default: 1GiB].
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_tmp_size: Option<ByteSize>,
     /// Cap on the workspace a job may ask for [default: 4GiB].
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_workspace_size: Option<ByteSize>,
     /// Cap on the files a job's workspace may hold [default: 1000000].
     #[arg(long)]
@@ -301,13 +294,13 @@ pub struct AgentArgs {
     #[arg(long)]
     pub max_listed_files: Option<u32>,
     /// Cap on the bytes of workspace files hashed for a report [default: 1GiB].
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_hashed_bytes: Option<ByteSize>,
     /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
     #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
     pub allow_network: bool,
     /// On SIGTERM, how long running shards may finish before they are handed back.
-    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    #[arg(long, default_value = "30s", value_parser = crate::config::parse_millis)]
     pub drain_timeout: Millis,
     /// Shards leased ahead of free slots, so the next starts without a lease round trip.
     #[arg(long, default_value_t = 1)]

@@ -248,3 +248,13 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         docker,
     })
 }
+
+/// `--timeout 5s`-style flags (clap's `value_parser`).
+pub(crate) fn parse_millis(s: &str) -> Result<fleetbox_proto::Millis, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+/// `--memory 256MiB`-style flags (clap's `value_parser`).
+pub(crate) fn parse_size(s: &str) -> Result<fleetbox_proto::ByteSize, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}

@@ -23,20 +23,20 @@ pub struct RunArgs {
     #[command(flatten)]
     pub docker: crate::cluster::DockerArgs,
     /// Wall-clock timeout, e.g. `500ms`, `5s`. Env: `SANDBOX_TIMEOUT_SEC`.
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = crate::config::parse_millis)]
     pub timeout: Option<Millis>,
     /// Memory limit, e.g. `256MiB`. Env: `FLEETBOX_MEMORY`.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub memory: Option<ByteSize>,
     /// CPU time limit (default: the timeout). Env: `FLEETBOX_CPU_TIME`.
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = crate::config::parse_millis)]
     pub cpu_time: Option<Millis>,
     /// Bytes kept of stdout and of stderr, e.g. `64KiB`. Env: `SANDBOX_MAX_OUTPUT_KB`.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub max_output: Option<ByteSize>,
     /// Bytes the workspace may hold, e.g. `512MiB` (a tmpfs when run as root; its pages count
     /// against `--memory` too).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::config::parse_size)]
     pub workspace_size: Option<ByteSize>,
     /// Keep running past the output cap (the rest is counted, not kept).
     #[arg(long)]
@@ -71,7 +71,7 @@ pub struct RunArgs {
     #[arg(long = "requirement", value_name = "REQ")]
     pub requirements: Vec<String>,
     /// With `--server`: how long to wait for the answer before leaving the job running.
-    #[arg(long, default_value = "60s", value_parser = parse_millis)]
+    #[arg(long, default_value = "60s", value_parser = crate::config::parse_millis)]
     pub wait: Millis,
 }
 
@@ -98,13 +98,6 @@ fn read_files(args: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
-fn parse_millis(s: &str) -> Result<Millis, String> {
-    s.parse().map_err(|e| format!("{e}"))
-}
-
-fn parse_size(s: &str) -> Result<ByteSize, String> {
-    s.parse().map_err(|e| format!("{e}"))
-}
 
 pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = FileConfig::load(config)?;
