@@ -542,6 +542,26 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
     }
 }
 
+/// A shard's hold on the agent: its entry in `running` and, once it has one, its slot.
+/// Dropping it frees both and wakes the lease loop, on every way out of a run.
+struct SlotHold {
+    shared: Arc<Shared>,
+    lease_id: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        self.shared
+            .running
+            .lock()
+            .expect("running")
+            .remove(&self.lease_id);
+        drop(self.permit.take());
+        self.shared.slot_freed.notify_one();
+    }
+}
+
 fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask) {
     let cancel = Cancel::new()
         .map_err(|e| tracing::warn!(error = %e, "no eventfd: this run cannot be cancelled"))
@@ -576,16 +596,20 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
         let attempt = task.attempt;
         // Wait for a slot (a prefetched shard waits for the one before it).
         let permit = shared.slots.clone().acquire_owned().await;
+        let mut hold = SlotHold {
+            shared: shared.clone(),
+            lease_id: lease_id.clone(),
+            permit: None,
+        };
         if shared.stopping.load(Ordering::SeqCst) || permit.is_err() {
             shared
                 .unstarted
                 .lock()
                 .expect("unstarted")
                 .push(lease_id.clone());
-            shared.running.lock().expect("running").remove(&lease_id);
-            shared.slot_freed.notify_one();
             return;
         }
+        hold.permit = permit.ok();
         let agent_id = shared.agent_id.lock().expect("agent id").clone();
         let limits = match shared
             .config
@@ -603,9 +627,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
                 report.code_sha256 = task.code_sha256.clone();
                 let mut record = ShardReport::new(lease_id.clone(), task_id, report);
                 record.attempt = attempt;
-                shared.running.lock().expect("running").remove(&lease_id);
-                drop(permit);
-                shared.slot_freed.notify_one();
+                drop(hold);
                 if let Err(e) = shared.outbox.put_with_blobs(&record, Vec::new()) {
                     tracing::error!(error = %e, lease = %lease_id, "could not write the outbox");
                 }
@@ -694,24 +716,18 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, lease = %lease_id, "sandbox thread failed; the lease will expire and the shard re-run");
-                shared.running.lock().expect("running").remove(&lease_id);
-                shared.slot_freed.notify_one();
                 return;
             }
         };
         tracing::debug!(lease = %lease_id, status = record.report.status.as_str(), wall_ms = record.report.wall_ms, "shard ran");
         if cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN) {
             // Handed back to the coordinator, which runs it elsewhere: nothing to report.
-            shared.running.lock().expect("running").remove(&lease_id);
-            shared.slot_freed.notify_one();
             return;
         }
         // The slot is free as soon as the program ends: the next lease overlaps with the
         // outbox's fsync. A crash in between loses no data: the lease expires and re-runs.
         shared.writing.fetch_add(1, Ordering::SeqCst);
-        shared.running.lock().expect("running").remove(&lease_id);
-        drop(permit);
-        shared.slot_freed.notify_one();
+        drop(hold);
         if let Err(e) = shared.outbox.put_with_blobs(&record, blobs) {
             tracing::error!(error = %e, lease = %lease_id, "could not write the outbox; sending directly");
             let _ = shared
