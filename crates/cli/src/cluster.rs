@@ -14,7 +14,6 @@ use fleetbox_server::ServerConfig;
 
 use crate::config::{AgentSection, FileConfig, RunFlags, resolve_run};
 
-
 /// How the environments jobs ask for (`[environment] requirements`) are built and cached.
 #[derive(Debug, Clone, Args)]
 pub struct EnvArgs {

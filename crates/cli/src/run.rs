@@ -98,7 +98,6 @@ fn read_files(args: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
-
 pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = FileConfig::load(config)?;
     let settings = resolve_run(
