@@ -148,40 +148,50 @@ pub struct Outcome<'a> {
     pub stdout_sha256: &'a str,
 }
 
-/// Equal JSON, numbers within relative tolerance `t` (`|x - y| <= t * max(|x|, |y|)`).
-fn close(a: &Value, b: &Value, t: f64) -> bool {
+/// Whether `a` and `b` have one shape and equal leaves, except pairs of numbers that differ,
+/// each of which `numbers` judges.
+fn same_but_numbers(
+    a: &Value,
+    b: &Value,
+    numbers: &mut impl FnMut(&serde_json::Number, &serde_json::Number) -> bool,
+) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            if x == y {
-                return true;
-            }
-            // Two integers differ by an exact amount, whatever their size (as doubles, 2^60
-            // and 2^60 + 1 are one number).
-            let int = |n: &serde_json::Number| {
-                n.as_i64()
-                    .map(i128::from)
-                    .or_else(|| n.as_u64().map(i128::from))
-            };
-            if let (Some(i), Some(j)) = (int(x), int(y)) {
-                let diff = (i - j).unsigned_abs() as f64;
-                let scale = i.unsigned_abs().max(j.unsigned_abs()) as f64;
-                return diff <= t * scale;
-            }
-            match (x.as_f64(), y.as_f64()) {
-                (Some(x), Some(y)) => (x - y).abs() <= t * x.abs().max(y.abs()),
-                _ => false,
-            }
-        }
+        (Value::Number(x), Value::Number(y)) => x == y || numbers(x, y),
         (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y, t))
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|(x, y)| same_but_numbers(x, y, numbers))
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
                 && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| close(v, w, t)))
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_but_numbers(v, w, numbers)))
         }
         _ => a == b,
     }
+}
+
+/// Equal JSON, numbers within relative tolerance `t` (`|x - y| <= t * max(|x|, |y|)`).
+fn close(a: &Value, b: &Value, t: f64) -> bool {
+    same_but_numbers(a, b, &mut |x, y| {
+        // Two integers differ by an exact amount, whatever their size (as doubles, 2^60 and
+        // 2^60 + 1 are one number).
+        let int = |n: &serde_json::Number| {
+            n.as_i64()
+                .map(i128::from)
+                .or_else(|| n.as_u64().map(i128::from))
+        };
+        if let (Some(i), Some(j)) = (int(x), int(y)) {
+            let diff = (i - j).unsigned_abs() as f64;
+            let scale = i.unsigned_abs().max(j.unsigned_abs()) as f64;
+            return diff <= t * scale;
+        }
+        match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => (x - y).abs() <= t * x.abs().max(y.abs()),
+            _ => false,
+        }
+    })
 }
 
 /// Relative difference below which two floats that differ are taken for rounding (BLAS kernels,
@@ -193,33 +203,20 @@ pub const ROUNDING: f64 = 1e-9;
 /// largest relative difference; `None` when they are equal or differ in anything else (an
 /// integer, a string, a shape).
 pub fn rounding_only(a: &Value, b: &Value) -> Option<f64> {
-    fn walk(a: &Value, b: &Value, worst: &mut f64) -> bool {
-        match (a, b) {
-            (Value::Number(x), Value::Number(y)) if x != y => {
-                let float = |n: &serde_json::Number| !(n.is_i64() || n.is_u64());
-                let (Some(fx), Some(fy)) = (x.as_f64(), y.as_f64()) else {
-                    return false;
-                };
-                if !(float(x) && float(y)) {
-                    return false;
-                }
-                let rel = (fx - fy).abs() / fx.abs().max(fy.abs());
-                *worst = worst.max(rel);
-                rel <= ROUNDING
-            }
-            (Value::Array(x), Value::Array(y)) => {
-                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| walk(x, y, worst))
-            }
-            (Value::Object(x), Value::Object(y)) => {
-                x.len() == y.len()
-                    && x.iter()
-                        .all(|(k, v)| y.get(k).is_some_and(|w| walk(v, w, worst)))
-            }
-            _ => a == b,
+    let mut worst: f64 = 0.0;
+    let only_rounding = same_but_numbers(a, b, &mut |x, y| {
+        let float = |n: &serde_json::Number| !(n.is_i64() || n.is_u64());
+        let (Some(fx), Some(fy)) = (x.as_f64(), y.as_f64()) else {
+            return false;
+        };
+        if !(float(x) && float(y)) {
+            return false;
         }
-    }
-    let mut worst = 0.0;
-    (walk(a, b, &mut worst) && worst > 0.0).then_some(worst)
+        let rel = (fx - fy).abs() / fx.abs().max(fy.abs());
+        worst = worst.max(rel);
+        rel <= ROUNDING
+    });
+    (only_rounding && worst > 0.0).then_some(worst)
 }
 
 /// The two shapes each of `recheck` and `compare` take: a name, or a one-key table.
