@@ -207,18 +207,27 @@ impl Dir {
         unsafe { libc::dirfd(self.0) }
     }
 
-    /// The next name, without `.` and `..`; `None` at the end (or on an error reading).
-    fn next(&mut self) -> Option<CString> {
+    /// The next name, without `.` and `..`; `Ok(None)` at the end, `Err` when the directory
+    /// could not be read further.
+    fn next(&mut self) -> Result<Option<CString>, ()> {
         loop {
+            // readdir says an error only through errno, left alone at the end of the stream.
+            // SAFETY: writing this thread's errno.
+            unsafe { *libc::__errno_location() = 0 };
             // SAFETY: a stream we opened; the entry is copied out before the next call.
             let e = unsafe { libc::readdir64(self.0) };
             if e.is_null() {
-                return None;
+                // SAFETY: reading this thread's errno.
+                return if unsafe { *libc::__errno_location() } == 0 {
+                    Ok(None)
+                } else {
+                    Err(())
+                };
             }
             // SAFETY: d_name is NUL-terminated within the entry.
             let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) };
             if name.to_bytes() != b"." && name.to_bytes() != b".." {
-                return Some(name.to_owned());
+                return Ok(Some(name.to_owned()));
             }
         }
     }
@@ -282,11 +291,16 @@ pub(crate) fn walk(root: &Path, bounds: Bounds, mut visit: impl FnMut(&Entry<'_>
     let mut rel: Vec<u8> = Vec::new();
     let mut seen = 0usize;
     while let Some((dir, start)) = stack.last_mut() {
-        let Some(name) = dir.next() else {
-            let parent_len = *start;
-            stack.pop();
-            rel.truncate(parent_len);
-            continue;
+        let name = match dir.next() {
+            Ok(Some(name)) => name,
+            done => {
+                // The rest of a directory it could not read is counted as one entry left out.
+                skipped.unreadable += usize::from(done.is_err());
+                let parent_len = *start;
+                stack.pop();
+                rel.truncate(parent_len);
+                continue;
+            }
         };
         if seen >= bounds.max_entries {
             skipped.cut_short = true;
