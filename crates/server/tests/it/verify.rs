@@ -31,6 +31,19 @@ async fn a_liar_on_two_percent_is_caught_quarantined_and_the_result_stays_exact(
 }
 
 /// Every audit entry `query` selects, following the pages.
+/// `/metrics` as the admin scrapes it.
+async fn metrics(c: &Coordinator) -> String {
+    reqwest::Client::new()
+        .get(format!("{}/metrics", c.running.url()))
+        .bearer_auth(&c.running.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn audit_all(c: &Coordinator, query: &str) -> Vec<fleetbox_proto::api::AuditRecord> {
     let mut all = Vec::new();
     let mut after = 0;
@@ -565,15 +578,7 @@ async fn a_weaker_server_sandbox_is_refused_unless_chosen_and_then_said_everywhe
                 .contains("--recheck-backend process"),
             "{ready}"
         );
-        let metrics = http
-            .get(format!("{}/metrics", c.running.url()))
-            .bearer_auth(&c.running.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics(&c).await;
         assert!(metrics.contains("fleetbox_server_sandbox_weak 1"), "{db:?}");
         c.agent("a", Default::default());
         let job = spec(
@@ -639,15 +644,7 @@ async fn a_check_that_cannot_finish_is_settled_inconclusive_after_bounded_tries(
         let audit = audit_all(&c, &format!("job={}&action=attempt.verified", result.id)).await;
         assert_eq!(audit.len(), 1, "{db:?}");
         assert_eq!(audit[0].details["finding"], "unverifiable", "{db:?}");
-        let metrics = reqwest::Client::new()
-            .get(format!("{}/metrics", c.running.url()))
-            .bearer_auth(&c.running.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics(&c).await;
         assert!(
             metrics.contains("fleetbox_checks_abandoned_total 1"),
             "{db:?}"
