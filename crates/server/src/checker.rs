@@ -183,33 +183,93 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         },
     };
     let environment = held.as_ref().map(|h| h.environment.clone());
-    let first = run_on_server(state, &subject, &job, environment.clone()).await?;
-    if matches!(first.0.status, Status::SandboxError | Status::Killed) {
-        // The coordinator's own sandbox failed (or it is stopping): nothing is known about
-        // the agent's result. The shard stays in `reported` and is checked again later; it is
-        // never accepted for want of a working check.
+    let (runs, finding) = if subject.result.status == Status::Ok {
+        judge_success(state, &subject, &job, &agent, environment).await?
+    } else {
+        judge_failure(state, &subject, &job, environment).await?
+    };
+    // The shard's other replicas, judged by the same run.
+    let others: Vec<Verdict> = subject
+        .others
+        .iter()
+        .map(|other| match &finding {
+            Finding::Agrees | Finding::Differs | Finding::SucceedsOnServer => {
+                let value = output_of(state, other.output.as_deref(), other.output_blob.as_deref());
+                let outcome = Outcome {
+                    output: value.as_ref(),
+                    output_sha256: other.output_sha256.as_deref(),
+                    stdout_sha256: other.stdout_sha256.as_deref().unwrap_or(""),
+                };
+                if compare.agrees(&outcome, &runs[0].outcome()) {
+                    Verdict::Valid
+                } else {
+                    Verdict::Invalid
+                }
+            }
+            Finding::FailsOnServer { .. } => Verdict::Invalid,
+            // One server run of a failure: not enough to strike another agent's success.
+            Finding::FailureConfirmed
+            | Finding::Nondeterministic
+            | Finding::Unverifiable { .. }
+            | Finding::MachineDependent { .. } => Verdict::Inconclusive,
+        })
+        .collect();
+    let stored: Vec<ServerRun> = runs.into_iter().map(|s| s.run).collect();
+    tracing::info!(
+        task = task_id,
+        job = %subject.job_id,
+        agent = %subject.result.agent_id,
+        reported = %subject.result.status,
+        finding = ?finding,
+        "server re-check"
+    );
+    settle(state, &subject, &stored, &finding, &others).await
+}
+
+/// A run of the coordinator's own sandbox that says something about the program: not its
+/// sandbox failing, nor it stopping. Otherwise the shard stays in `reported` and is checked
+/// again later; it is never settled for want of a working check.
+async fn usable_run(
+    state: &Arc<State>,
+    subject: &CheckSubject,
+    job: &crate::JobInfo,
+    environment: Option<Environment>,
+) -> Result<(ExecutionReport, Stored), String> {
+    let run = run_on_server(state, subject, job, environment).await?;
+    if matches!(run.0.status, Status::SandboxError | Status::Killed) {
         return Err(format!(
             "the coordinator's sandbox could not run the check ({}): {}",
-            first.0.status.as_str(),
-            first.0.failure_reason().unwrap_or_default()
+            run.0.status.as_str(),
+            run.0.failure_reason().unwrap_or_default()
         ));
     }
-    let mut runs = vec![first];
-    let finding = match runs[0].0.status {
-        Status::Ok if compare.agrees(&agent, &runs[0].1.outcome()) => Finding::Agrees,
+    Ok(run)
+}
+
+/// An agent's success against the server's run (and a second run when they disagree).
+async fn judge_success(
+    state: &Arc<State>,
+    subject: &CheckSubject,
+    job: &crate::JobInfo,
+    agent: &Outcome<'_>,
+    environment: Option<Environment>,
+) -> Result<(Vec<Stored>, Finding), String> {
+    let compare = subject.verify.compare;
+    let first = usable_run(state, subject, job, environment.clone()).await?;
+    let finding = match first.0.status {
+        Status::Ok if compare.agrees(agent, &first.1.outcome()) => Finding::Agrees,
         Status::Ok | Status::Error => {
             // A disagreement is settled by the server's own second run: if it reproduces its
             // first, the agent's result is wrong; if not, nothing here is deterministic.
-            let second = run_on_server(state, &subject, &job, environment.clone()).await?;
-            let same = second.0.status == runs[0].0.status
+            let second = usable_run(state, subject, job, environment).await?;
+            let same = second.0.status == first.0.status
                 && (second.0.status != Status::Ok
-                    || compare.agrees(&runs[0].1.outcome(), &second.1.outcome()));
+                    || compare.agrees(&first.1.outcome(), &second.1.outcome()));
             let rounding = || {
-                let run = &runs[0].1.run;
-                let server = output_of(state, run.output.as_deref(), run.output_blob.as_deref())?;
-                fleetbox_proto::rounding_only(agent_output.as_ref()?, &server)
+                let server = first.1.output.as_ref()?;
+                fleetbox_proto::rounding_only(agent.output?, server)
             };
-            let finding = match (same, runs[0].0.status) {
+            let finding = match (same, first.0.status) {
                 (false, _) => Finding::Nondeterministic,
                 (true, Status::Ok)
                     if matches!(
@@ -224,53 +284,63 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
                 }
                 (true, Status::Ok) => Finding::Differs,
                 (true, _) => Finding::FailsOnServer {
-                    reason: runs[0].0.failure_reason().unwrap_or_else(|| "error".into()),
+                    reason: first.0.failure_reason().unwrap_or_else(|| "error".into()),
                 },
             };
-            runs.push(second);
-            finding
+            return Ok((vec![first.1, second.1], finding));
         }
         other => Finding::Unverifiable {
             why: format!(
                 "the server's stricter sandbox could not run this shard ({}): {}",
                 other.as_str(),
-                runs[0].0.failure_reason().unwrap_or_default()
+                first.0.failure_reason().unwrap_or_default()
             ),
         },
     };
-    // The shard's other replicas, judged by the same run.
-    let others: Vec<Verdict> = subject
-        .others
-        .iter()
-        .map(|other| match &finding {
-            Finding::Agrees | Finding::Differs => {
-                let value = output_of(state, other.output.as_deref(), other.output_blob.as_deref());
-                let outcome = Outcome {
-                    output: value.as_ref(),
-                    output_sha256: other.output_sha256.as_deref(),
-                    stdout_sha256: other.stdout_sha256.as_deref().unwrap_or(""),
-                };
-                if compare.agrees(&outcome, &runs[0].1.outcome()) {
-                    Verdict::Valid
-                } else {
-                    Verdict::Invalid
-                }
-            }
-            Finding::FailsOnServer { .. } => Verdict::Invalid,
-            Finding::Nondeterministic
-            | Finding::Unverifiable { .. }
-            | Finding::MachineDependent { .. } => Verdict::Inconclusive,
-        })
-        .collect();
-    let stored: Vec<ServerRun> = runs.into_iter().map(|(_, s)| s.run).collect();
-    tracing::info!(
-        task = task_id,
-        job = %subject.job_id,
-        agent = %subject.result.agent_id,
-        finding = ?finding,
-        "server re-check"
-    );
-    settle(state, &subject, &stored, &finding, &others).await
+    Ok((vec![first.1], finding))
+}
+
+/// An agent's failure against the server's run: the same failure confirms it; a success,
+/// reproduced by a second run, shows it false.
+async fn judge_failure(
+    state: &Arc<State>,
+    subject: &CheckSubject,
+    job: &crate::JobInfo,
+    environment: Option<Environment>,
+) -> Result<(Vec<Stored>, Finding), String> {
+    let reported = subject.result.status;
+    let backend = state.config.sandbox_backend;
+    if reported == Status::SandboxViolation && backend != fleetbox_sandbox::Backend::Jail {
+        // Only the jail sees a denied call; elsewhere a violation can be neither reproduced
+        // nor shown false.
+        let why = format!(
+            "the agent reported a sandbox violation; the coordinator's `{backend}` sandbox cannot see violations, so it is neither confirmed nor held"
+        );
+        return Ok((Vec::new(), Finding::Unverifiable { why }));
+    }
+    let first = usable_run(state, subject, job, environment.clone()).await?;
+    let finding = match first.0.status {
+        status if status == reported => Finding::FailureConfirmed,
+        Status::Ok => {
+            let second = usable_run(state, subject, job, environment).await?;
+            let compare = subject.verify.compare;
+            let finding = if second.0.status == Status::Ok
+                && compare.agrees(&first.1.outcome(), &second.1.outcome())
+            {
+                Finding::SucceedsOnServer
+            } else {
+                Finding::Nondeterministic
+            };
+            return Ok((vec![first.1, second.1], finding));
+        }
+        other => Finding::Unverifiable {
+            why: format!(
+                "the agent reported `{reported}`; in the server's stricter sandbox the run ended `{other}`: {}",
+                first.0.failure_reason().unwrap_or_default()
+            ),
+        },
+    };
+    Ok((vec![first.1], finding))
 }
 
 /// Record what a check found; quarantine follow-up and folds.
@@ -296,6 +366,9 @@ async fn settle(
     let Some(settled) = settled else {
         return Ok(()); // another coordinator settled it meanwhile
     };
+    if let Some(job) = &settled.held {
+        tracing::warn!(job = %job, task = subject.task_id, "a sandbox violation reproduced by the server: the job's remaining shards wait for review");
+    }
     for agent in &settled.quarantined {
         after_quarantine(state, agent).await?;
     }

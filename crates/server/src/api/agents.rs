@@ -522,6 +522,7 @@ pub async fn report(
         outcomes,
         ready,
         quarantined,
+        held,
     } = state.store.report(tenant, agent, &inputs, policy).await?;
     let mut requeued = false;
     let unknown: Vec<_> = inputs
@@ -575,26 +576,11 @@ pub async fn report(
     if requeued {
         state.work.notify_waiters();
     }
-    // A sandbox violation puts the rest of its job on hold for a person (the review queue).
-    for (i, o) in inputs.iter().zip(&outcomes) {
-        if i.status == Status::SandboxViolation && *o == crate::store::SettleOutcome::Accepted {
-            match state
-                .store
-                .hold_for_violation(tenant, i.task_id, agent, i.reason.as_deref())
-                .await
-            {
-                Ok(Some(job)) => {
-                    tracing::warn!(job = %job, agent, "sandbox violation: the job's remaining shards wait for review")
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "could not hold a job after a sandbox violation")
-                }
-            }
-        }
+    for job in held {
+        tracing::warn!(job = %job, agent, "sandbox violation: the job's remaining shards wait for review");
     }
-    if inputs.iter().any(|i| i.status == Status::Ok) {
-        // Some may be held for a server re-check.
+    if outcomes.contains(&crate::store::SettleOutcome::Accepted) {
+        // Some may be held for a server re-check (successes and failures alike).
         state.checks.notify_one();
     }
     for job in ready {

@@ -371,7 +371,7 @@ pub(crate) fn raw_json(text: String) -> Result<Box<serde_json::value::RawValue>,
 }
 
 /// A run status as stored.
-fn status(name: &str) -> Result<Status, StoreError> {
+pub(super) fn status(name: &str) -> Result<Status, StoreError> {
     Status::ALL
         .into_iter()
         .find(|s| s.as_str() == name)

@@ -173,6 +173,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0020_check_failures",
         include_str!("../../migrations/0020_check_failures.sql"),
     ),
+    (
+        "0021_check_attempt",
+        include_str!("../../migrations/0021_check_attempt.sql"),
+    ),
 ];
 
 #[derive(Clone)]

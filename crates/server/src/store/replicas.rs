@@ -30,6 +30,10 @@ use super::{Doing, StoreError};
 pub struct Replica {
     pub attempt_id: i64,
     pub agent_id: String,
+    /// What the agent reported: `ok` for a replica; a failure when the check is about one.
+    pub status: Status,
+    /// The report's message (why a failure failed), as the agent put it.
+    pub message: Option<String>,
     /// `unchecked`, or `inconclusive` (a server that could not judge it).
     pub verdict: Verdict,
     pub output: Option<String>,
@@ -50,55 +54,80 @@ impl Replica {
     }
 }
 
+/// The columns a [`Replica`] is read from.
+const REPLICA_COLUMNS: &str = "SELECT id, agent_id, status, verdict, output, output_blob, \
+     output_sha256, stdout_sha256, report FROM attempts WHERE runner = 'agent' AND ";
+
 /// `task_id`'s agent successes still open to judgement, oldest first.
 pub(super) async fn pending(
     conn: &mut sqlx::AnyConnection,
     task_id: i64,
 ) -> Result<Vec<Replica>, StoreError> {
-    let rows = Sql::new(
-        "SELECT id, agent_id, verdict, output, output_blob, output_sha256, stdout_sha256, \
-         report FROM attempts WHERE runner = 'agent' AND status = ",
-    )
-    .bind(Status::Ok.as_str())
-    .push(" AND verdict IN (")
-    .bind(Verdict::Unchecked.as_str())
-    .push(", ")
-    .bind(Verdict::Inconclusive.as_str())
-    .push(") AND task_id = ")
-    .bind(task_id)
-    .push(" ORDER BY id")
-    .build()
-    .fetch_all(conn)
-    .await
-    .doing("reading a shard's replicas")?;
-    rows.iter()
-        .map(|row| {
-            let get = |e| StoreError::Query {
-                doing: "reading a shard's replicas",
-                source: e,
-            };
-            let report: String = row.try_get("report").map_err(get)?;
-            let report: Value = serde_json::from_str(&report).unwrap_or_default();
-            Ok(Replica {
-                attempt_id: row.try_get("id").map_err(get)?,
-                agent_id: row.try_get("agent_id").map_err(get)?,
-                verdict: Verdict::try_from(row.try_get::<String, _>("verdict").map_err(get)?)
-                    .map_err(|e| StoreError::Corrupt {
-                        what: "attempt verdict",
-                        detail: e.to_string(),
-                    })?,
-                output: row.try_get("output").map_err(get)?,
-                output_blob: row.try_get("output_blob").map_err(get)?,
-                output_sha256: row.try_get("output_sha256").map_err(get)?,
-                stdout_sha256: row.try_get("stdout_sha256").map_err(get)?,
-                python: report["runner"]["python"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                backend: report["backend"].as_str().unwrap_or("").to_string(),
-            })
-        })
-        .collect()
+    let rows = Sql::new(REPLICA_COLUMNS)
+        .push("status = ")
+        .bind(Status::Ok.as_str())
+        .push(" AND verdict IN (")
+        .bind(Verdict::Unchecked.as_str())
+        .push(", ")
+        .bind(Verdict::Inconclusive.as_str())
+        .push(") AND task_id = ")
+        .bind(task_id)
+        .push(" ORDER BY id")
+        .build()
+        .fetch_all(conn)
+        .await
+        .doing("reading a shard's replicas")?;
+    rows.iter().map(replica_of).collect()
+}
+
+/// One agent attempt of `task_id`, whatever it reported, while nothing has judged it.
+pub(super) async fn unchecked(
+    conn: &mut sqlx::AnyConnection,
+    task_id: i64,
+    attempt_id: i64,
+) -> Result<Option<Replica>, StoreError> {
+    let row = Sql::new(REPLICA_COLUMNS)
+        .push("id = ")
+        .bind(attempt_id)
+        .push(" AND task_id = ")
+        .bind(task_id)
+        .push(" AND verdict = ")
+        .bind(Verdict::Unchecked.as_str())
+        .build()
+        .fetch_optional(conn)
+        .await
+        .doing("reading the attempt to check")?;
+    row.as_ref().map(replica_of).transpose()
+}
+
+fn replica_of(row: &sqlx::any::AnyRow) -> Result<Replica, StoreError> {
+    let get = |e| StoreError::Query {
+        doing: "reading a shard's replicas",
+        source: e,
+    };
+    let report: String = row.try_get("report").map_err(get)?;
+    let report: Value = serde_json::from_str(&report).unwrap_or_default();
+    Ok(Replica {
+        attempt_id: row.try_get("id").map_err(get)?,
+        agent_id: row.try_get("agent_id").map_err(get)?,
+        status: super::jobs::status(&row.try_get::<String, _>("status").map_err(get)?)?,
+        verdict: Verdict::try_from(row.try_get::<String, _>("verdict").map_err(get)?).map_err(
+            |e| StoreError::Corrupt {
+                what: "attempt verdict",
+                detail: e.to_string(),
+            },
+        )?,
+        output: row.try_get("output").map_err(get)?,
+        output_blob: row.try_get("output_blob").map_err(get)?,
+        output_sha256: row.try_get("output_sha256").map_err(get)?,
+        stdout_sha256: row.try_get("stdout_sha256").map_err(get)?,
+        python: report["runner"]["python"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        backend: report["backend"].as_str().unwrap_or("").to_string(),
+        message: report["message"].as_str().map(str::to_string),
+    })
 }
 
 /// What the replicas of a shard decide.
@@ -440,6 +469,8 @@ mod tests {
         Replica {
             attempt_id: id,
             agent_id: format!("agt_{id}"),
+            status: Status::Ok,
+            message: None,
             verdict: Verdict::Unchecked,
             output: Some(value.into()),
             output_blob: None,

@@ -195,72 +195,60 @@ impl Store {
     }
 }
 
-impl Store {
-    /// A shard hit a sandbox violation: it always raises a `violation` flag a person can find.
-    /// A running job with shards not yet leased is also held: they wait (`pending_review`)
-    /// until a person decides that flag (one open flag per held job). A job with nothing left
-    /// to hold (a one-shard run, every shard leased) or already past `running` is flagged
-    /// without a hold. Returns the job when it was put on hold now.
-    pub async fn hold_for_violation(
-        &self,
-        tenant: &str,
-        task_id: i64,
-        agent: &str,
-        reason: Option<&str>,
-    ) -> Result<Option<String>, StoreError> {
-        let now = now_ms();
-        let d = "holding a job after a sandbox violation";
-        let mut tx = self.begin_write().await.doing(d)?;
-        let found: Option<(String, i64, String)> = Sql::new(
-            "SELECT t.job_id, t.shard_index, j.state FROM tasks t JOIN jobs j ON j.id = t.job_id \
-             WHERE t.id = ",
-        )
-        .bind(task_id)
-        .push(" AND t.tenant_id = ")
-        .bind(tenant)
-        .build_as()
-        .fetch_optional(&mut *tx)
-        .await
-        .doing(d)?;
-        let Some((job_id, shard, state)) = found else {
-            return Ok(None);
-        };
-        if state == JobState::PendingReview.as_str() {
-            return Ok(None); // already held: its open violation flag waits for a person
-        }
-        let moved = move_job(&mut tx, &job_id, JobState::Running, JobState::PendingReview).await?;
-        let held = moved && queued_not_before(&mut tx, &job_id, HELD_UNTIL).await? > 0;
-        if moved && !held {
-            // Nothing left to hold: the job goes on to its fold, flagged.
-            move_job(&mut tx, &job_id, JobState::PendingReview, JobState::Running).await?;
-        }
-        let details = serde_json::json!({
-            "shard": shard, "agent": agent, "reason": reason, "held": held,
-        });
-        if !held {
-            let id = insert_flag(&mut tx, tenant, &job_id, "violation", &details, now).await?;
-            let entry = Entry::new(tenant, "server", Action::ReviewFlagged)
-                .job(&job_id)
-                .task(task_id)
-                .agent(agent)
-                .details(
-                    serde_json::json!({ "flag": id, "kind": "violation", "details": details }),
-                );
-            self.append_audit(&mut tx, vec![entry], now).await?;
-            tx.commit().await.doing(d)?;
-            return Ok(None);
-        }
-        insert_flag(&mut tx, tenant, &job_id, "violation", &details, now).await?;
-        let entry = Entry::new(tenant, "server", Action::ReviewHeld)
-            .job(&job_id)
-            .task(task_id)
-            .agent(agent)
-            .details(details);
-        self.append_audit(&mut tx, vec![entry], now).await?;
-        tx.commit().await.doing(d)?;
-        Ok(Some(job_id))
+/// A shard hit a sandbox violation (reported by a trusted agent, or reproduced by the
+/// coordinator's own run): it always raises a `violation` flag a person can find. A running
+/// job with shards not yet leased is also held: they wait (`pending_review`) until a person
+/// decides that flag (one open flag per held job). A job with nothing left to hold (a
+/// one-shard run, every shard leased) or already past `running` is flagged without a hold.
+/// In the caller's transaction, after its counters; returns the audit entry, and the job when
+/// it was put on hold now.
+pub(super) async fn hold_for_violation(
+    tx: &mut Tx,
+    tenant: &str,
+    task_id: i64,
+    agent: &str,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<(Option<String>, Option<Entry>), StoreError> {
+    let d = "holding a job after a sandbox violation";
+    let found: Option<(String, i64, String)> = Sql::new(
+        "SELECT t.job_id, t.shard_index, j.state FROM tasks t JOIN jobs j ON j.id = t.job_id \
+         WHERE t.id = ",
+    )
+    .bind(task_id)
+    .push(" AND t.tenant_id = ")
+    .bind(tenant)
+    .build_as()
+    .fetch_optional(&mut **tx)
+    .await
+    .doing(d)?;
+    let Some((job_id, shard, state)) = found else {
+        return Ok((None, None));
+    };
+    if state == JobState::PendingReview.as_str() {
+        return Ok((None, None)); // already held: its open violation flag waits for a person
     }
+    let moved = move_job(tx, &job_id, JobState::Running, JobState::PendingReview).await?;
+    let held = moved && queued_not_before(tx, &job_id, HELD_UNTIL).await? > 0;
+    if moved && !held {
+        // Nothing left to hold: the job goes on to its fold, flagged.
+        move_job(tx, &job_id, JobState::PendingReview, JobState::Running).await?;
+    }
+    let details = serde_json::json!({
+        "shard": shard, "agent": agent, "reason": reason, "held": held,
+    });
+    let id = insert_flag(tx, tenant, &job_id, "violation", &details, now).await?;
+    let entry = if held {
+        Entry::new(tenant, "server", Action::ReviewHeld).details(details)
+    } else {
+        Entry::new(tenant, "server", Action::ReviewFlagged)
+            .details(serde_json::json!({ "flag": id, "kind": "violation", "details": details }))
+    };
+    let entry = entry.job(&job_id).task(task_id).agent(agent);
+    Ok((held.then_some(job_id), Some(entry)))
+}
 
+impl Store {
     /// Put an open flag of `kind` in the review queue.
     pub async fn add_flag(
         &self,

@@ -196,14 +196,53 @@ pub(super) async fn hold_for_check(
 ) -> Result<bool, StoreError> {
     let held = take_success(tx, tally, shard, TaskState::Reported, now).await?;
     if held {
-        Sql::new("UPDATE tasks SET check_owner = NULL, check_expires = 0 WHERE id = ")
-            .bind(shard.id)
-            .build()
-            .execute(&mut **tx)
-            .await
-            .doing("queueing a check")?;
+        queue_check(tx, shard, None).await?;
     }
     Ok(held)
+}
+
+/// `leased` under `lease_id` (or `queued`) → `reported`: an agent's failure (`attempt`) to be
+/// checked by the coordinator's own run before the shard is rejected on its word. `reason`
+/// is the agent's, kept as the shard's error meanwhile.
+pub(super) async fn hold_failure_for_check(
+    tx: &mut Tx,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    lease_id: &str,
+    attempt: i64,
+    reason: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let set = Fields {
+        now,
+        reason: Some(reason),
+        not_before: None,
+    };
+    let to = TaskState::Reported;
+    let held = transition(tx, tally, shard, TaskState::Leased, Some(lease_id), to, set).await?
+        || transition(tx, tally, shard, TaskState::Queued, None, to, set).await?;
+    if held {
+        queue_check(tx, shard, Some(attempt)).await?;
+    }
+    Ok(held)
+}
+
+/// A shard just put in `reported`: unclaimed, about `attempt` (a failure) or, with `None`, its
+/// latest unchecked success.
+async fn queue_check(
+    tx: &mut Tx,
+    shard: Shard<'_>,
+    attempt: Option<i64>,
+) -> Result<(), StoreError> {
+    Sql::new("UPDATE tasks SET check_owner = NULL, check_expires = 0, check_attempt = ")
+        .bind(attempt)
+        .push(" WHERE id = ")
+        .bind(shard.id)
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("queueing a check")?;
+    Ok(())
 }
 
 /// A success moves a shard from `leased` (under any lease), else from `queued`, to `to`.

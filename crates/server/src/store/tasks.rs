@@ -63,6 +63,8 @@ pub struct Reported {
     pub ready: Vec<String>,
     /// Agents quarantined by a quorum that outvoted them.
     pub quarantined: Vec<String>,
+    /// Jobs held for a person after a trusted agent's sandbox violation.
+    pub held: Vec<String>,
 }
 
 /// What happened to one report.
@@ -557,6 +559,7 @@ impl Store {
         let mut reported: std::collections::BTreeMap<&str, Vec<serde_json::Value>> =
             Default::default();
         let mut entries = Vec::new();
+        let mut violations = Vec::new();
         for &i in &valid_rows {
             let r = &reports[i];
             let Some(&attempt_id) = inserted.get(&r.lease_id) else {
@@ -646,6 +649,27 @@ impl Store {
                     // A late success that settles a re-queued shard is still late.
                     done && current
                 }
+                Disposition::Reject if check.is_some() => {
+                    // Rejected on the agent's word only once the coordinator's own run agrees.
+                    let done = settle::hold_failure_for_check(
+                        &mut tx,
+                        &mut tally,
+                        shard,
+                        &r.lease_id,
+                        attempt_id,
+                        &reason,
+                        now,
+                    )
+                    .await?;
+                    if done {
+                        entries.push(entry(Action::ShardChecking).details(serde_json::json!({
+                            "status": r.status.as_str(),
+                            "reason": reason,
+                            "why": check,
+                        })));
+                    }
+                    done
+                }
                 Disposition::Reject => {
                     let done =
                         settle::reject(&mut tx, &mut tally, shard, &r.lease_id, &reason, now)
@@ -655,6 +679,9 @@ impl Store {
                             entry(Action::ShardRejected)
                                 .details(serde_json::json!({ "reason": reason })),
                         );
+                        if r.status == Status::SandboxViolation {
+                            violations.push((task.id, r.reason.as_deref()));
+                        }
                     }
                     done
                 }
@@ -701,6 +728,16 @@ impl Store {
                 .doing("choosing attempts")?;
         }
         let ready = tally.apply(&mut tx).await?;
+        // A violation taken on a trusted agent's word holds the rest of its job, with its
+        // flag, in the report's own transaction.
+        let mut held = Vec::new();
+        for (task_id, why) in violations {
+            let (job, entry) =
+                super::review::hold_for_violation(&mut tx, tenant_id, task_id, agent_id, why, now)
+                    .await?;
+            held.extend(job);
+            entries.extend(entry);
+        }
         // The agent's results and infrastructure failures (its error rate), after the
         // counters and before the audit head, as the lock order has it.
         let stored: Vec<&ReportInput> = valid_rows
@@ -734,6 +771,7 @@ impl Store {
             outcomes,
             ready,
             quarantined,
+            held,
         })
     }
 

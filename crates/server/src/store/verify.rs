@@ -156,19 +156,33 @@ impl ReporterTrust {
         })
     }
 
-    /// Why this success must be checked by the server before it is accepted, or `None`.
+    /// Why this report must be checked by the server before it settles its shard, or `None`.
+    ///
+    /// An agent's failures are checked like its successes (a liar could otherwise fail shards
+    /// at will): `error`, `timeout`, the limits and `sandbox_violation`. A violation from an
+    /// agent that is not trusted is checked whatever the job's `recheck`, since it holds the
+    /// job for a person: only a reproduced violation, or a trusted agent's, may do that. Not
+    /// checked: infrastructure failures (`sandbox_error`, `killed`: the shard runs again) and
+    /// refusals (the agent's own policy, not a claim about the program).
     pub(super) fn check_reason(
         &self,
         verify: Option<&str>,
         r: &ReportInput,
     ) -> Option<&'static str> {
-        if r.status != Status::Ok {
+        if matches!(
+            r.status,
+            Status::SandboxError | Status::Killed | Status::Refused
+        ) {
             return None;
         }
         if self.quarantined {
             return Some("the agent is quarantined");
         }
-        match policy(verify).recheck {
+        let recheck = policy(verify).recheck;
+        if r.status == Status::SandboxViolation && recheck != Recheck::All && !self.trusted(r) {
+            return Some("a violation reported by an agent not trusted");
+        }
+        match recheck {
             // Checked, if at all, when the job's results are reviewed before its fold.
             Recheck::None | Recheck::OnAnomaly => None,
             Recheck::All => Some("recheck = all"),
@@ -177,8 +191,7 @@ impl ReporterTrust {
             // re-running their results there would check the machine against itself.
             Recheck::Adaptive if self.own => None,
             Recheck::Adaptive => {
-                let key = (r.python.clone(), r.backend.clone());
-                let (cv, errors) = self.consecutive.get(&key).copied().unwrap_or((0, 0.0));
+                let (cv, errors) = self.standing(r);
                 if cv < self.trusted_after {
                     Some("the agent is not trusted yet")
                 } else if errors > MAX_ERROR_RATE {
@@ -190,6 +203,28 @@ impl ReporterTrust {
             }
         }
     }
+
+    /// The agent's consecutive valid results and error rate for the report's interpreter and
+    /// backend.
+    fn standing(&self, r: &ReportInput) -> (i64, f64) {
+        let key = (r.python.clone(), r.backend.clone());
+        self.consecutive.get(&key).copied().unwrap_or((0, 0.0))
+    }
+
+    /// Whether the agent is trusted for this report's interpreter and backend.
+    fn trusted(&self, r: &ReportInput) -> bool {
+        let (cv, errors) = self.standing(r);
+        self.own || (cv >= self.trusted_after && errors <= MAX_ERROR_RATE)
+    }
+}
+
+/// `: <the agent's message>` of a failure under check, when its report has one.
+fn reason_of(result: &super::replicas::Replica) -> String {
+    result
+        .message
+        .as_deref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default()
 }
 
 /// Whether a replicated shard's results under check already form a quorum (they reached the
@@ -315,13 +350,21 @@ pub enum Finding {
     /// result (BLAS kernels, summation order), inconclusive and flagged, never a strike; the
     /// agent's value is accepted.
     MachineDependent { worst: f64 },
+    /// The agent reported a failure and the server's run fails alike (the same status): the
+    /// agent's report is valid, the shard rejected; a reproduced violation holds the job.
+    FailureConfirmed,
+    /// The agent reported a failure; the server's runs succeed, twice alike: the agent's
+    /// report is invalid and the server's value is accepted.
+    SucceedsOnServer,
 }
 
 impl Finding {
     fn agent_verdict(&self) -> Verdict {
         match self {
-            Finding::Agrees => Verdict::Valid,
-            Finding::Differs | Finding::FailsOnServer { .. } => Verdict::Invalid,
+            Finding::Agrees | Finding::FailureConfirmed => Verdict::Valid,
+            Finding::Differs | Finding::FailsOnServer { .. } | Finding::SucceedsOnServer => {
+                Verdict::Invalid
+            }
             Finding::Nondeterministic
             | Finding::Unverifiable { .. }
             | Finding::MachineDependent { .. } => Verdict::Inconclusive,
@@ -336,6 +379,8 @@ impl Finding {
             Finding::Nondeterministic => "nondeterministic",
             Finding::Unverifiable { .. } => "unverifiable",
             Finding::MachineDependent { .. } => "machine_dependent",
+            Finding::FailureConfirmed => "failure_confirmed",
+            Finding::SucceedsOnServer => "succeeds_on_server",
         }
     }
 }
@@ -347,6 +392,8 @@ pub struct CheckSettled {
     pub ready: Vec<String>,
     /// The agents this check put in quarantine.
     pub quarantined: Vec<String>,
+    /// The job held for a person by a violation the server reproduced.
+    pub held: Option<String>,
 }
 
 /// An agent's trust for one interpreter and backend, as `fleetbox agents` shows it.
@@ -461,7 +508,7 @@ impl Store {
     pub async fn check_subject(&self, task_id: i64) -> Result<Option<CheckSubject>, StoreError> {
         let task = Sql::new(
             "SELECT t.tenant_id, t.job_id, t.shard_index, t.input, t.attempts, t.max_attempts, \
-             j.verify FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = ",
+             t.check_attempt, j.verify FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = ",
         )
         .bind(task_id)
         .build()
@@ -474,17 +521,29 @@ impl Store {
             .acquire()
             .await
             .doing("reading the result to check")?;
-        let mut results = super::replicas::pending(&mut conn, task_id).await?;
-        let Some(latest) = results
-            .iter()
-            .rposition(|r| r.verdict == Verdict::Unchecked)
-        else {
-            return Ok(None);
-        };
-        let result = results.remove(latest);
         let get = |e| StoreError::Query {
             doing: "reading a shard to check",
             source: e,
+        };
+        let mut results = super::replicas::pending(&mut conn, task_id).await?;
+        // An agent's failure under check, or the latest unchecked success.
+        let result = match task
+            .try_get::<Option<i64>, _>("check_attempt")
+            .map_err(get)?
+        {
+            Some(failure) => match super::replicas::unchecked(&mut conn, task_id, failure).await? {
+                Some(failure) => failure,
+                None => return Ok(None),
+            },
+            None => {
+                let Some(latest) = results
+                    .iter()
+                    .rposition(|r| r.verdict == Verdict::Unchecked)
+                else {
+                    return Ok(None);
+                };
+                results.remove(latest)
+            }
         };
         let verify: Option<String> = task.try_get("verify").map_err(get)?;
         Ok(Some(CheckSubject {
@@ -521,8 +580,13 @@ impl Store {
         // Replicas that disagree and a server that cannot judge them: one more replica while
         // attempts remain, else no quorum.
         let no_quorum;
+        // A failure under check that nothing disproved stands: the shard keeps the agent's
+        // reason (written when it was held).
+        let failure = subject.result.status != Status::Ok;
         let (to, reason) = match finding {
             Finding::FailsOnServer { reason } => (TaskState::Rejected, Some(reason.as_str())),
+            Finding::SucceedsOnServer => (TaskState::Accepted, None),
+            _ if failure => (TaskState::Rejected, None),
             Finding::Unverifiable { why }
                 if subject.verify.replicas > 1 && !replicas_agree(subject) =>
             {
@@ -543,14 +607,21 @@ impl Store {
         };
         let verified = matches!(
             finding,
-            Finding::Agrees | Finding::Differs | Finding::FailsOnServer { .. }
+            Finding::Agrees
+                | Finding::Differs
+                | Finding::FailsOnServer { .. }
+                | Finding::FailureConfirmed
+                | Finding::SucceedsOnServer
         );
-        let moved = Sql::new("UPDATE tasks SET state = ")
-            .bind(to.as_str())
-            .push(", check_owner = NULL, check_expires = 0, verified = ")
-            .bind(i64::from(verified))
-            .push(", last_error = ")
-            .bind(reason.map(settle::storable_text))
+        let mut sql = Sql::new("UPDATE tasks SET state = ");
+        sql.bind(to.as_str())
+            .push(", check_owner = NULL, check_expires = 0, check_attempt = NULL, verified = ")
+            .bind(i64::from(verified));
+        if reason.is_some() || to != TaskState::Rejected {
+            sql.push(", last_error = ")
+                .bind(reason.map(settle::storable_text));
+        }
+        let moved: Option<(Option<String>,)> = sql
             .push(", updated_at = ")
             .bind(now)
             .push(" WHERE id = ")
@@ -559,15 +630,15 @@ impl Store {
             .bind(TaskState::Reported.as_str())
             .push(" AND check_owner = ")
             .bind(owner)
-            .build()
-            .execute(&mut *tx)
+            .push(" RETURNING last_error")
+            .build_as()
+            .fetch_optional(&mut *tx)
             .await
-            .doing("settling a checked shard")?
-            .rows_affected()
-            == 1;
-        if !moved {
+            .doing("settling a checked shard")?;
+        let Some((last_error,)) = moved else {
             return Ok(None);
-        }
+        };
+        let reason = reason.map(str::to_string).or(last_error);
         tally.moved(&subject.job_id, TaskState::Reported, to, 1);
 
         // The server's runs, as attempts of their own (runner `server`).
@@ -575,10 +646,12 @@ impl Store {
             Finding::Agrees
             | Finding::Differs
             | Finding::FailsOnServer { .. }
-            | Finding::MachineDependent { .. } => Verdict::Valid,
+            | Finding::MachineDependent { .. }
+            | Finding::FailureConfirmed
+            | Finding::SucceedsOnServer => Verdict::Valid,
             Finding::Nondeterministic | Finding::Unverifiable { .. } => Verdict::Inconclusive,
         };
-        let chosen_server = matches!(finding, Finding::Differs);
+        let chosen_server = matches!(finding, Finding::Differs | Finding::SucceedsOnServer);
         let mut server_ids = Vec::new();
         for (i, run) in runs.iter().enumerate() {
             let (id,): (i64,) = Sql::new(
@@ -643,7 +716,16 @@ impl Store {
 
         // What the job's summary names.
         let flag = match finding {
-            Finding::Agrees => None,
+            Finding::Agrees | Finding::FailureConfirmed => None,
+            Finding::SucceedsOnServer => Some((
+                "agent_result_invalid",
+                format!(
+                    "agent {} reported `{}`{}; on the server the program succeeds; the server's value was taken",
+                    subject.result.agent_id,
+                    subject.result.status,
+                    reason_of(&subject.result)
+                ),
+            )),
             Finding::Differs => Some((
                 "agent_result_invalid",
                 format!(
@@ -696,8 +778,12 @@ impl Store {
         // Anything but agreement goes to the review queue for a person, in the verdict's own
         // transaction: a crash between the two lost the flag.
         let review_flag = match finding {
-            Finding::Agrees => None,
-            Finding::Differs | Finding::FailsOnServer { .. } => Some("mismatch"),
+            Finding::Agrees | Finding::FailureConfirmed => None,
+            Finding::Differs | Finding::FailsOnServer { .. } | Finding::SucceedsOnServer => {
+                Some("mismatch")
+            }
+            // Every violation is a flag a person can find, reproduced or not.
+            _ if subject.result.status == Status::SandboxViolation => Some("violation"),
             Finding::Nondeterministic
             | Finding::Unverifiable { .. }
             | Finding::MachineDependent { .. } => Some("inconclusive"),
@@ -709,6 +795,8 @@ impl Store {
                 "agent": subject.result.agent_id,
                 "finding": finding.name(),
                 "detail": flag.as_ref().map(|(_, d)| d.as_str()),
+                "reported": subject.result.status.as_str(),
+                "held": false,
             });
             let id = super::review::insert_flag(
                 &mut tx,
@@ -726,6 +814,23 @@ impl Store {
             );
         }
         let ready = tally.apply(&mut tx).await?;
+        // A violation the server reproduced holds the rest of its job, as a trusted agent's.
+        let mut held = None;
+        let mut hold_entry = None;
+        if matches!(finding, Finding::FailureConfirmed)
+            && subject.result.status == Status::SandboxViolation
+        {
+            let why = runs.first().and_then(|r| r.reason.as_deref());
+            (held, hold_entry) = super::review::hold_for_violation(
+                &mut tx,
+                &subject.tenant_id,
+                subject.task_id,
+                &subject.result.agent_id,
+                why,
+                now,
+            )
+            .await?;
+        }
 
         // Trust, then the agent row (the lock order's agent step).
         let mut entries = vec![
@@ -804,9 +909,14 @@ impl Store {
             quarantined.extend(struck);
         }
         entries.extend(flag_entry);
+        entries.extend(hold_entry);
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("settling a check")?;
-        Ok(Some(CheckSettled { ready, quarantined }))
+        Ok(Some(CheckSettled {
+            ready,
+            quarantined,
+            held,
+        }))
     }
 
     /// After `agent` was quarantined: its accepted values that were never checked, in jobs
@@ -1259,6 +1369,57 @@ mod tests {
         );
         let none = r#"{"recheck":"none"}"#;
         assert_eq!(flaky.check_reason(Some(none), &report), None);
+
+        // Failures are claims like successes; infrastructure failures and refusals are not.
+        let new = ReporterTrust {
+            quarantined: false,
+            own: false,
+            trusted_after: TRUSTED_AFTER,
+            consecutive: Default::default(),
+        };
+        let with = |status| ReportInput {
+            status,
+            ..report.clone()
+        };
+        for status in [
+            Status::Error,
+            Status::Timeout,
+            Status::MemoryLimit,
+            Status::OutputLimit,
+        ] {
+            assert_eq!(
+                new.check_reason(None, &with(status)),
+                Some("the agent is not trusted yet"),
+                "{status}"
+            );
+        }
+        for status in [Status::SandboxError, Status::Killed, Status::Refused] {
+            assert_eq!(new.check_reason(None, &with(status)), None, "{status}");
+        }
+        // A violation holds a job: an untrusted agent's is checked whatever the job says; a
+        // trusted agent's (here the coordinator's own) is taken on its word.
+        assert_eq!(new.check_reason(Some(none), &with(Status::Error)), None);
+        for verify in [None, Some(none)] {
+            assert_eq!(
+                new.check_reason(verify, &with(Status::SandboxViolation)),
+                Some("a violation reported by an agent not trusted")
+            );
+        }
+        assert_eq!(
+            new.check_reason(
+                Some(r#"{"recheck":"all"}"#),
+                &with(Status::SandboxViolation)
+            ),
+            Some("recheck = all")
+        );
+        assert_eq!(
+            own.check_reason(Some(none), &with(Status::SandboxViolation)),
+            None
+        );
+        assert_eq!(
+            own.check_reason(None, &with(Status::SandboxViolation)),
+            None
+        );
         let draws: Vec<f64> = (0..1000).map(|_| draw()).collect();
         assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
         let mean = draws.iter().sum::<f64>() / 1000.0;

@@ -68,7 +68,8 @@ async fn metrics_show_what_a_job_did_and_pass_promtool() {
             ("fleetbox_tasks{state=\"queued\"}", 0.0),
             ("fleetbox_tasks{state=\"accepted\"}", 3.0),
             ("fleetbox_agents{state=\"online\"}", 1.0),
-            ("fleetbox_verification_total{verdict=\"valid\"}", 3.0),
+            // The three successes and the failure, each confirmed by the server's run.
+            ("fleetbox_verification_total{verdict=\"valid\"}", 4.0),
             ("fleetbox_runs_total{status=\"ok\"}", 3.0),
             ("fleetbox_runs_total{status=\"error\"}", 1.0),
             ("fleetbox_lease_expired_total", 0.0),

@@ -322,7 +322,9 @@ async fn a_model_reviewer_can_raise_the_risk() {
 }
 
 /// A shard that hit a sandbox violation puts the rest of its job on hold: nothing more of it is
-/// leased until a person approves (then it goes on) or rejects (then it is cancelled).
+/// leased until a person approves (then it goes on) or rejects (then it is cancelled). The
+/// reporter is the coordinator's own agent, trusted: an untrusted agent's violation holds
+/// nothing until the server reproduces it (`cluster::lies` in the CLI tests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
     use fleetbox_proto::api::LeaseRequest;
@@ -340,7 +342,7 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
         .unwrap();
         let agent = fleetbox_testkit::SignedAgent::enroll(
             &c.running.url(),
-            &c.running.enroll_token,
+            &c.running.own_enroll_token,
             "agent",
         )
         .await;
@@ -420,9 +422,12 @@ async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
         ))
         .await
         .unwrap();
-    let agent =
-        fleetbox_testkit::SignedAgent::enroll(&c.running.url(), &c.running.enroll_token, "agent")
-            .await;
+    let agent = fleetbox_testkit::SignedAgent::enroll(
+        &c.running.url(),
+        &c.running.own_enroll_token,
+        "agent",
+    )
+    .await;
     let lease = |n| LeaseRequest {
         max_tasks: n,
         wait_ms: 0,

@@ -420,11 +420,19 @@ async fn a_shard_requeued_while_its_job_is_held_stays_held() {
             .await
             .unwrap();
         assert_eq!(g.len(), 2);
-        let held = one
-            .hold_for_violation("default", g[0].task_id, "agt_a", Some("fork bomb"))
+        // The coordinator's own agent: its violation is taken on its word.
+        let req = fleetbox_proto::api::EnrollRequest {
+            name: "a".into(),
+            ..Default::default()
+        };
+        one.enroll_agent("default", "agt_a", "hash-a", &req, "enroll:test", true)
             .await
             .unwrap();
-        assert!(held.is_some(), "{db:?}");
+        let mut r = ok_report(&g[0], 1);
+        r.status = Status::SandboxViolation;
+        r.reason = Some("forbidden: mount".into());
+        let Reported { held, .. } = one.report("default", "agt_a", &[r], POLICY).await.unwrap();
+        assert_eq!(held, vec!["job_held".to_string()], "{db:?}");
         assert_eq!(
             one.return_leases("agt_a", &[g[1].lease_id.clone()])
                 .await

@@ -127,7 +127,8 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
         ("shard.checking", "agent:", Some(job.id.as_str())),
         ("attempt.verified", "server", Some(job.id.as_str())),
         ("shard.accepted", "server", Some(job.id.as_str())),
-        ("shard.rejected", "agent:", Some(job.id.as_str())),
+        // ...and its failure too: the server's run fails alike and rejects the shard.
+        ("shard.rejected", "server", Some(job.id.as_str())),
         ("job.completed", "server", Some(job.id.as_str())),
         ("agent.lost", "server", None),
         ("lease.expired", "server", Some(sleeper.id.as_str())),

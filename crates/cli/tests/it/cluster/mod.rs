@@ -6,6 +6,7 @@ mod audit;
 mod chaos;
 mod followups;
 mod harness;
+mod lies;
 mod tracing;
 mod up;
 
@@ -32,6 +33,7 @@ use followups::{
     chains_from_files_and_the_chain_tree, the_followup_switches_turn_rules_off,
 };
 use harness::{Cluster, Db};
+use lies::failures_are_checked_like_successes;
 use tracing::a_job_is_one_trace_from_submission_to_agents_and_back;
 use up::sigterm_drains_and_hands_back;
 
@@ -58,6 +60,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    failures_are_checked_like_successes,
     a_job_is_one_trace_from_submission_to_agents_and_back,
     hundred_shards_give_the_right_answer,
     killed_agent_shards_run_elsewhere,
