@@ -82,7 +82,7 @@ async fn one(url: &str, entries: usize, batch: usize) -> Result<(f64, f64, f64, 
     for _ in 0..3 {
         let started = Instant::now();
         let v = store
-            .audit_verify("default")
+            .audit_verify("default", &fleetbox_server::store::audit::Pins::default())
             .await
             .map_err(|e| e.to_string())?;
         rates.push(v.entries as f64 / started.elapsed().as_secs_f64());
@@ -120,7 +120,7 @@ async fn one(url: &str, entries: usize, batch: usize) -> Result<(f64, f64, f64, 
         records.extend(page);
     }
     let started = Instant::now();
-    let (n, _) = verify_export(&records, &[]).map_err(|p| format!("{p:?}"))?;
+    let (n, _) = verify_export(&records, &[], &Default::default()).map_err(|p| format!("{p:?}"))?;
     let in_memory = n as f64 / started.elapsed().as_secs_f64();
     store.close().await;
     Ok((append, verify, in_memory, read))
@@ -162,7 +162,7 @@ async fn contention(url: &str, entries: usize, batch: usize) -> Result<(f64, f64
     }
     let four = (4 * quarter) as f64 / started.elapsed().as_secs_f64();
     let v = store
-        .audit_verify("default")
+        .audit_verify("default", &fleetbox_server::store::audit::Pins::default())
         .await
         .map_err(|e| e.to_string())?;
     if !v.ok || v.entries as usize != half + 4 * quarter {

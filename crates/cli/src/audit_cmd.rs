@@ -1,4 +1,5 @@
-//! `fleetbox audit list|verify`: read the tamper-evident audit log of a coordinator.
+//! `fleetbox audit list|verify|checkpoints|keys|export|prune`: the tamper-evident audit log
+//! of a coordinator, and verification of a copy against checkpoints and keys pinned elsewhere.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -24,8 +25,11 @@ pub enum AuditCommand {
     /// deleted, inserted or reordered, and exits 1 if there is one.
     Verify(VerifyArgs),
     /// The signed checkpoints of the chain head, as JSON lines: keep them somewhere the
-    /// coordinator cannot reach.
+    /// coordinator cannot reach. The signing key goes to stderr.
     Checkpoints(CheckpointsArgs),
+    /// The coordinator's audit signing key and the keys it believes, one per line: the file
+    /// `verify --trusted-keys` takes.
+    Keys(CheckpointsArgs),
     /// Every entry as JSON lines with its hashes (`> log.jsonl`), for `verify --file`.
     Export(ExportArgs),
     /// Remove entries up to a checkpointed one (export them first); verify still holds,
@@ -88,10 +92,21 @@ pub struct VerifyArgs {
     /// of asking the coordinator.
     #[arg(long)]
     pub file: Option<std::path::PathBuf>,
-    /// Checkpoints kept elsewhere (JSON lines of `fleetbox audit checkpoints`) to check the
-    /// exported log against.
-    #[arg(long, requires = "file")]
+    /// Verify a database directly (a copy, say), without a coordinator: a PostgreSQL URL, a
+    /// `sqlite://` URL, or a data directory. Needs `--trusted-keys`.
+    #[arg(long, conflicts_with = "file")]
+    pub database: Option<String>,
+    /// The tenant whose log `--database` verifies.
+    #[arg(long, default_value = "default", requires = "database")]
+    pub tenant: String,
+    /// Checkpoints kept elsewhere (JSON lines of `fleetbox audit checkpoints`, a shipped
+    /// copy) to check the exported log or the database against: each must be there, alike.
+    #[arg(long)]
     pub checkpoints: Option<std::path::PathBuf>,
+    /// The public keys believed (hex, one per line: `fleetbox audit keys`, or the key each
+    /// coordinator printed at start). A checkpoint or prune signed by any other key fails.
+    #[arg(long)]
+    pub trusted_keys: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -101,6 +116,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
         AuditCommand::List(a) => list(a),
         AuditCommand::Verify(a) => verify(a),
         AuditCommand::Checkpoints(a) => checkpoints(a),
+        AuditCommand::Keys(a) => keys(a),
         AuditCommand::Prune(a) => {
             let client = a.conn.client()?;
             runtime()?.block_on(async move {
@@ -194,9 +210,28 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn keys(args: CheckpointsArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let keys = client.audit_keys().await?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}  # this coordinator", keys.public_key)?;
+        for key in keys.trusted.iter().filter(|k| **k != keys.public_key) {
+            writeln!(out, "{key}")?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 fn checkpoints(args: CheckpointsArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
+        let keys = client.audit_keys().await?;
+        eprintln!(
+            "fleetbox: signed with ed25519 key {} (believed: {})",
+            keys.public_key,
+            keys.trusted.join(", ")
+        );
         let mut out = std::io::stdout().lock();
         for c in client.audit_checkpoints().await? {
             serde_json::to_writer(&mut out, &c)?;
@@ -218,17 +253,32 @@ fn read_lines<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow:
         .collect()
 }
 
+/// The keys of `--trusted-keys`, required with anything signed to check.
+fn trusted_keys(args: &VerifyArgs) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let Some(path) = &args.trusted_keys else {
+        anyhow::bail!(
+            "`--trusted-keys FILE` is needed: the public keys you pinned (printed by each \
+             coordinator at start and by `fleetbox audit keys`). A checkpoint is only as good as \
+             the key it is believed with; the one it names itself proves nothing"
+        );
+    };
+    Ok(fleetbox_server::custody::read_trusted_keys(path)
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .collect())
+}
+
 fn verify_file(args: &VerifyArgs, file: &std::path::Path) -> anyhow::Result<ExitCode> {
     use fleetbox_server::store::audit::{Record, verify_export};
     let records: Vec<Record> = read_lines::<fleetbox_proto::api::AuditRecord>(file)?
         .into_iter()
         .map(Record::from_api)
         .collect();
-    let checkpoints = match &args.checkpoints {
-        Some(p) => read_lines(p)?,
-        None => Vec::new(),
+    let (checkpoints, keys) = match &args.checkpoints {
+        Some(p) => (read_lines(p)?, trusted_keys(args)?),
+        None => Default::default(),
     };
-    match verify_export(&records, &checkpoints) {
+    match verify_export(&records, &checkpoints, &keys) {
         Ok((n, last)) => {
             eprintln!(
                 "fleetbox: `{}` verified: {n} entries up to {last}, {} checkpoint(s) checked",
@@ -249,32 +299,69 @@ fn verify_file(args: &VerifyArgs, file: &std::path::Path) -> anyhow::Result<Exit
     }
 }
 
+/// Verify a database (a copy, say) with the pins given here, without a coordinator.
+fn verify_database(args: &VerifyArgs, database: &str) -> anyhow::Result<ExitCode> {
+    let keys = trusted_keys(args)?;
+    let checkpoints = match &args.checkpoints {
+        Some(p) => fleetbox_server::custody::read_checkpoints(p).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    let url = if std::path::Path::new(database).is_dir() {
+        fleetbox_server::store::Store::sqlite_url(std::path::Path::new(database))
+    } else {
+        database.to_string()
+    };
+    let pins = fleetbox_server::store::audit::Pins { keys, checkpoints };
+    runtime()?.block_on(async move {
+        let store = fleetbox_server::store::Store::open(&url).await?;
+        let v = store.audit_verify(&args.tenant, &pins).await?;
+        report(args, &v)
+    })
+}
+
+/// Print a verification as asked; exit 1 when it failed.
+fn report(
+    args: &VerifyArgs,
+    v: &fleetbox_proto::api::AuditVerification,
+) -> anyhow::Result<ExitCode> {
+    if args.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, v)?;
+        writeln!(out)?;
+    } else if v.ok {
+        eprintln!(
+            "fleetbox: audit log of `{}` verified: {} entries, chain head at {}",
+            v.tenant_id, v.entries, v.head_seq
+        );
+    } else if let Some(p) = &v.problem {
+        eprintln!(
+            "fleetbox: audit log of `{}` FAILED verification at entry {}: {}",
+            v.tenant_id, p.seq, p.what
+        );
+    }
+    Ok(if v.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if let Some(file) = &args.file {
         return verify_file(&args, file);
     }
+    if let Some(database) = &args.database {
+        return verify_database(&args, database);
+    }
+    if args.checkpoints.is_some() || args.trusted_keys.is_some() {
+        anyhow::bail!(
+            "`--checkpoints` and `--trusted-keys` go with `--file` or `--database`; a \
+             coordinator verifies with its own journal and `--audit-trusted-keys`"
+        );
+    }
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
         let v = client.audit_verify().await?;
-        if args.json {
-            let mut out = std::io::stdout().lock();
-            serde_json::to_writer_pretty(&mut out, &v)?;
-            writeln!(out)?;
-        } else if v.ok {
-            eprintln!(
-                "fleetbox: audit log of `{}` verified: {} entries, chain head at {}",
-                v.tenant_id, v.entries, v.head_seq
-            );
-        } else if let Some(p) = &v.problem {
-            eprintln!(
-                "fleetbox: audit log of `{}` FAILED verification at entry {}: {}",
-                v.tenant_id, p.seq, p.what
-            );
-        }
-        Ok(if v.ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        })
+        report(&args, &v)
     })
 }

@@ -99,6 +99,20 @@ pub struct ServerArgs {
     /// coordinator's key (`DATA/audit.key`).
     #[arg(long, default_value = "1m", value_parser = crate::config::parse_millis)]
     pub audit_checkpoint: Millis,
+    /// The audit signing key (an ed25519 seed, hex; made when missing). Default
+    /// `DATA/audit.key`; coordinators sharing a database may share one file.
+    #[arg(long)]
+    pub audit_key: Option<PathBuf>,
+    /// Public keys (hex, one per line, `#` comments) whose checkpoints this coordinator
+    /// believes besides its own: the other coordinators on its database (`fleetbox audit keys`
+    /// prints each one's).
+    #[arg(long)]
+    pub audit_trusted_keys: Option<PathBuf>,
+    /// Ship each checkpoint as it is made, beyond `DATA/audit-checkpoints.jsonl`:
+    /// `file:PATH` (JSON lines appended), `exec:COMMAND` (`sh -c`, the JSON line on stdin) or
+    /// an http(s) URL (`POST`ed). Repeatable.
+    #[arg(long, value_parser = fleetbox_server::custody::Sink::parse)]
+    pub audit_ship: Vec<fleetbox_server::custody::Sink>,
     /// Server re-checks of agents' results run at once (default: half the cores).
     #[arg(long)]
     pub check_workers: Option<usize>,
@@ -445,6 +459,9 @@ fn server_config(
         .unwrap_or(c.heartbeat_ms * 2 + c.heartbeat_ms / 4);
     c.retry_backoff_ms = args.retry_backoff.0;
     c.audit_checkpoint_ms = args.audit_checkpoint.0.max(100);
+    c.audit_key = args.audit_key.clone();
+    c.audit_trusted_keys = args.audit_trusted_keys.clone();
+    c.audit_ship = args.audit_ship.clone();
     if let Some(n) = args.check_workers {
         c.check_workers = n.clamp(1, 256);
     }
@@ -471,6 +488,10 @@ pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCod
         println!(
             "fleetbox: admin token in `{}`",
             args.data.join("admin.token").display()
+        );
+        println!(
+            "fleetbox: audit checkpoints signed with ed25519 key {} (pin it outside the database)",
+            running.state.custody.public_key()
         );
         let stop = running.shutdown_handle();
         tokio::spawn(async move {
@@ -597,6 +618,9 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         agent_timeout: None,
         retry_backoff: Millis::from_secs(1),
         audit_checkpoint: Millis::from_secs(60),
+        audit_key: None,
+        audit_trusted_keys: None,
+        audit_ship: Vec::new(),
         check_workers: None,
         quarantine_strikes: 2,
         trusted_after: fleetbox_server::store::verify::TRUSTED_AFTER as u32,

@@ -193,6 +193,11 @@ impl Client {
         self.get("/v1/audit/checkpoints").await
     }
 
+    /// The key the coordinator signs checkpoints with, and the keys it believes.
+    pub async fn audit_keys(&self) -> Result<fleetbox_proto::api::AuditKeys, ClientError> {
+        self.get("/v1/audit/keys").await
+    }
+
     /// Drop audit entries up to a checkpointed one; returns `{pruned}`.
     pub async fn audit_prune(&self, before_seq: i64) -> Result<serde_json::Value, ClientError> {
         self.post(

@@ -773,3 +773,32 @@ impl AuditCheckpoint {
         format!("fleetbox-audit-checkpoint-v1\n{tenant_id}\n{seq}\n{chain}\n{at}\n").into_bytes()
     }
 }
+
+/// A signed record that a tenant's audit entries up to `before_seq` were pruned (`POST
+/// /v1/audit/prune`): a log that starts after entry 1 verifies only with one. The signature is
+/// ed25519 over [`AuditPrune::message`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditPrune {
+    pub tenant_id: String,
+    pub before_seq: i64,
+    pub at: i64,
+    /// The pruning coordinator's ed25519 public key, hex.
+    pub public_key: String,
+    pub signature: String,
+}
+
+impl AuditPrune {
+    /// The bytes signed: a fixed prefix, then tenant, the last entry removed and time.
+    pub fn message(tenant_id: &str, before_seq: i64, at: i64) -> Vec<u8> {
+        format!("fleetbox-audit-prune-v1\n{tenant_id}\n{before_seq}\n{at}\n").into_bytes()
+    }
+}
+
+/// The keys a coordinator signs and believes audit checkpoints with (`GET /v1/audit/keys`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditKeys {
+    /// This coordinator's ed25519 public key, hex: pin it where the database cannot reach.
+    pub public_key: String,
+    /// Every key whose checkpoints it accepts: its own and `--audit-trusted-keys`.
+    pub trusted: Vec<String>,
+}

@@ -18,6 +18,7 @@ mod aggregate;
 pub mod api;
 pub mod blobs;
 mod checker;
+pub mod custody;
 pub mod ids;
 mod intake;
 pub mod metrics;
@@ -64,6 +65,14 @@ pub struct ServerConfig {
     pub enroll_token: Option<String>,
     /// How often the audit chain heads are checkpointed (signed) when they moved.
     pub audit_checkpoint_ms: u64,
+    /// The key checkpoints and prunes are signed with (an ed25519 seed, hex; made when
+    /// missing). `None`: `DATA/audit.key`. Coordinators sharing a database may share one.
+    pub audit_key: Option<PathBuf>,
+    /// Public keys (hex, one per line) whose checkpoints this coordinator believes besides its
+    /// own: the other coordinators on its database.
+    pub audit_trusted_keys: Option<PathBuf>,
+    /// Where each checkpoint goes as it is made, besides `DATA/audit-checkpoints.jsonl`.
+    pub audit_ship: Vec<custody::Sink>,
     /// Write the audit log. Always on in a coordinator; off only for the throughput
     /// benchmark's baseline (what the log costs is measured against it).
     pub audit: bool,
@@ -122,6 +131,9 @@ impl ServerConfig {
             admin_token: None,
             enroll_token: None,
             audit_checkpoint_ms: 60_000,
+            audit_key: None,
+            audit_trusted_keys: None,
+            audit_ship: Vec::new(),
             audit: true,
             check_workers: std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             check_retry_ms: 15_000,
@@ -200,6 +212,8 @@ pub enum StartError {
     AiPlanner { path: PathBuf, why: String },
     #[error("`--ca-cert`: {0}")]
     CaCert(String),
+    #[error("`--audit-trusted-keys`: {0}")]
+    TrustedKeys(String),
     #[error(
         "server-side runs (re-checks of agents' results, the `python` reducer) would use the `process` backend{why}: untrusted code would run beside `audit.key`, the tokens and the database, with less isolation than the agents it checks. Make the jail work on this host (user namespaces; see docs/SECURITY.md), use `--recheck-backend docker`, or accept it with `--recheck-backend process`"
     )]
@@ -251,8 +265,8 @@ pub struct State {
     pub instance: String,
     /// When this coordinator started (ms): agents get one agent timeout of grace after it.
     pub started_at: i64,
-    /// Signs this coordinator's audit checkpoints (`DATA/audit.key`).
-    pub audit_key: ed25519_dalek::SigningKey,
+    /// The audit log's keys, journal and shipping (see `custody`).
+    pub custody: custody::Custody,
     /// Judges every program before it is accepted (AI control).
     pub reviewer: Arc<dyn fleetbox_review::Reviewer>,
     /// Environments for re-checks of jobs that ask for packages; `None` when the server's
@@ -468,8 +482,26 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     store.set_trusted_after(config.trusted_after);
     let blob_dir = config.data_dir.join("blobs");
     let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
-    let key_path = config.data_dir.join("audit.key");
+    let key_path = config
+        .audit_key
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("audit.key"));
     let audit_key = audit_key(&key_path).map_err(data_err(&key_path))?;
+    let trusted = match &config.audit_trusted_keys {
+        Some(path) => custody::read_trusted_keys(path).map_err(StartError::TrustedKeys)?,
+        None => Vec::new(),
+    };
+    let custody = custody::Custody::new(
+        audit_key,
+        trusted,
+        config.data_dir.join("audit-checkpoints.jsonl"),
+        config.audit_ship.clone(),
+    );
+    tracing::info!(
+        public_key = %custody.public_key(),
+        key = %key_path.display(),
+        "audit checkpoints are signed with this key: pin it outside the database (`fleetbox audit verify --trusted-keys`)"
+    );
     let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
     let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
     let own_enroll_token = ids::token("enroll");
@@ -567,7 +599,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         stopping: shutdown.subscribe(),
         instance: format!("coord_{}", ids::random_hex(8)),
         started_at: store::now_ms(),
-        audit_key,
+        custody,
         reviewer,
         environments,
         ai_templates,

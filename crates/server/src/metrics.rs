@@ -38,6 +38,8 @@ pub struct Registry {
     agents: Mutex<BTreeMap<String, AgentRuns>>,
     /// Server re-checks given up after too many failed tries (settled inconclusive).
     checks_abandoned: std::sync::atomic::AtomicU64,
+    /// Tries to ship an audit checkpoint that a sink refused.
+    audit_ship_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Runs an agent reported: how many, how many `ok`, their wall time.
@@ -52,6 +54,12 @@ impl Registry {
     /// A server re-check given up after too many failed tries.
     pub fn check_abandoned(&self) {
         self.checks_abandoned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A sink (`--audit-ship`) refused a checkpoint; it is tried again next time.
+    pub fn audit_ship_failed(&self) {
+        self.audit_ship_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -251,6 +259,19 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
         "fleetbox_checks_abandoned_total {}",
         registry
             .checks_abandoned
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    family(
+        &mut out,
+        "fleetbox_audit_ship_failures_total",
+        "counter",
+        "Tries to ship an audit checkpoint (--audit-ship) that the sink refused, by this coordinator; each is tried again at the next checkpoint.",
+    );
+    let _ = writeln!(
+        out,
+        "fleetbox_audit_ship_failures_total {}",
+        registry
+            .audit_ship_failures
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     family(

@@ -22,8 +22,20 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     loop {
         if now_ms() - last_checkpoint >= state.config.audit_checkpoint_ms as i64 {
             last_checkpoint = now_ms();
-            if let Err(e) = state.store.audit_checkpoint(&state.audit_key).await {
-                tracing::error!(error = %e, "audit checkpoint");
+            match state.store.audit_checkpoint(&state.custody.key).await {
+                Ok(made) => {
+                    if let Err(e) = state.custody.journal(&made) {
+                        tracing::error!(error = %e, "journaling audit checkpoints");
+                    }
+                    // Off the scheduler's loop: a slow sink must not hold up lease expiry.
+                    if state.custody.ships() {
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            state.custody.ship(&made, &state.metrics).await;
+                        });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "audit checkpoint"),
             }
         }
         if tick.is_multiple_of(RECOVERY_EVERY) {

@@ -1,10 +1,11 @@
-//! The audit log over HTTP: `GET /v1/audit` (paged, filtered) and `GET /v1/audit/verify`.
+//! The audit log over HTTP: `GET /v1/audit` (paged, filtered), `GET /v1/audit/verify`, the
+//! checkpoints, prunes and the keys (`GET /v1/audit/keys`).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State as AxState;
-use fleetbox_proto::api::{AuditCheckpoint, AuditPage, AuditVerification};
+use fleetbox_proto::api::{AuditCheckpoint, AuditKeys, AuditPage, AuditVerification};
 use serde::Deserialize;
 
 use super::{ApiError, Auth, Params};
@@ -91,7 +92,11 @@ pub async fn prune(
     super::Body(req): super::Body<PruneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    match state.store.audit_prune(tenant, req.before_seq).await? {
+    match state
+        .store
+        .audit_prune(tenant, req.before_seq, &state.custody.key)
+        .await?
+    {
         Ok(n) => Ok(Json(serde_json::json!({ "pruned": n }))),
         Err(why) => Err(
             ApiError::new(axum::http::StatusCode::CONFLICT, "no_checkpoint", why)
@@ -129,5 +134,31 @@ pub async fn verify(
     auth: Auth,
 ) -> Result<Json<AuditVerification>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    Ok(Json(state.store.audit_verify(tenant).await?))
+    let pins = state.custody.pins().map_err(|why| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "audit_journal",
+            format!("this coordinator's checkpoint journal cannot be read: {why}"),
+        )
+    })?;
+    Ok(Json(state.store.audit_verify(tenant, &pins).await?))
+}
+
+#[utoipa::path(
+    get,
+    operation_id = "audit_keys",
+    path = "/v1/audit/keys",
+    tag = "audit",
+    summary = "The key this coordinator signs checkpoints with, and the keys it believes.",
+    responses((status = 200, description = "the public keys, hex", body = AuditKeys))
+)]
+pub async fn keys(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+) -> Result<Json<AuditKeys>, ApiError> {
+    auth.require(&[TokenKind::Admin])?;
+    Ok(Json(AuditKeys {
+        public_key: state.custody.public_key(),
+        trusted: state.custody.keys.iter().cloned().collect(),
+    }))
 }

@@ -80,6 +80,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/audit/checkpoints", get(audit::checkpoints))
+        .route("/v1/audit/keys", get(audit::keys))
         .route("/v1/audit/prune", post(audit::prune));
     router = router.merge(crate::ui::router());
     if let Some(m) = mcp {

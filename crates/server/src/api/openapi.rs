@@ -24,7 +24,7 @@ use super::{agents, audit, jobs, review, run};
         agents::return_leases, agents::rotate_key, agents::report, agents::put_blob,
         review::review, review::flags, review::approve, review::reject, review::rerun,
         run::run,
-        audit::list, audit::prune, audit::checkpoints, audit::verify,
+        audit::list, audit::prune, audit::checkpoints, audit::verify, audit::keys,
     ),
     components(schemas(fleetbox_proto::api::ErrorBody)),
     modifiers(&Conventions),

@@ -15,7 +15,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::{Signer, Verifier};
-use fleetbox_proto::api::{AuditCheckpoint, AuditProblem, AuditRecord, AuditVerification};
+use fleetbox_proto::api::{
+    AuditCheckpoint, AuditProblem, AuditPrune, AuditRecord, AuditVerification,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -879,8 +881,15 @@ impl Store {
             .doing("reading the audit log")
     }
 
-    /// Recompute `tenant`'s whole chain (in pages) and compare it with its head.
-    pub async fn audit_verify(&self, tenant: &str) -> Result<AuditVerification, StoreError> {
+    /// Recompute `tenant`'s whole chain (in pages) and compare it with its head, believing
+    /// only what `pins` holds from outside the database: checkpoints and prune records signed
+    /// by another key, a kept checkpoint missing or changed, and entries removed with no signed
+    /// prune are failures.
+    pub async fn audit_verify(
+        &self,
+        tenant: &str,
+        pins: &Pins,
+    ) -> Result<AuditVerification, StoreError> {
         let mut state = (0i64, GENESIS);
         let mut entries = 0u64;
         let fail = |problem: AuditProblem, entries: u64, head_seq: i64| AuditVerification {
@@ -900,16 +909,8 @@ impl Store {
         let (head_seq, head_chain) = head.unwrap_or((0, hex::encode(GENESIS)));
         // Checkpoints first: each must carry a good signature and match the chain at its entry.
         let checkpoints = self.audit_checkpoints(tenant).await?;
-        if let Some(bad) = checkpoints.iter().find(|c| !checkpoint_signature_ok(c)) {
-            return Ok(fail(
-                AuditProblem {
-                    seq: bad.seq,
-                    what: "the checkpoint at this entry does not carry a good signature (edited)"
-                        .into(),
-                },
-                0,
-                head_seq,
-            ));
+        if let Some(problem) = pins.hold(tenant, &checkpoints) {
+            return Ok(fail(problem, 0, head_seq));
         }
         // A pruned log starts after entry 1: it is anchored on the checkpoint of the entry
         // before its first.
@@ -928,6 +929,10 @@ impl Store {
         if let Some(first) = first
             && first > 1
         {
+            let prunes = self.audit_prunes(tenant).await?;
+            if let Some(problem) = pins.pruned(&prunes, first) {
+                return Ok(fail(problem, 0, head_seq));
+            }
             match checkpoints.iter().find(|c| c.seq == first - 1) {
                 Some(c) => {
                     state = (
@@ -1107,12 +1112,10 @@ impl Drop for AbortOnDrop {
 pub fn verify_export(
     records: &[Record],
     checkpoints: &[AuditCheckpoint],
+    keys: &BTreeSet<String>,
 ) -> Result<(u64, i64), AuditProblem> {
-    if let Some(bad) = checkpoints.iter().find(|c| !checkpoint_signature_ok(c)) {
-        return Err(AuditProblem {
-            seq: bad.seq,
-            what: "the checkpoint at this entry does not carry a good signature".into(),
-        });
+    if let Some(problem) = checkpoints.iter().find_map(|c| signed_by(c, keys)) {
+        return Err(problem);
     }
     let Some(first) = records.first() else {
         return Ok((0, 0));
@@ -1170,7 +1173,13 @@ fn check_checkpoints(
 
 /// Check a checkpoint's signature with the key it names.
 pub fn checkpoint_signature_ok(c: &AuditCheckpoint) -> bool {
-    let (Ok(key), Ok(sig)) = (hex::decode(&c.public_key), hex::decode(&c.signature)) else {
+    let msg = AuditCheckpoint::message(&c.tenant_id, c.seq, &c.chain, c.at);
+    signature_ok(&c.public_key, &c.signature, &msg)
+}
+
+/// Whether `signature` (hex) is `public_key`'s (hex) over `msg`.
+fn signature_ok(public_key: &str, signature: &str, msg: &[u8]) -> bool {
+    let (Ok(key), Ok(sig)) = (hex::decode(public_key), hex::decode(signature)) else {
         return false;
     };
     let (Ok(key), Ok(sig)) = (<[u8; 32]>::try_from(key), <[u8; 64]>::try_from(sig)) else {
@@ -1179,9 +1188,114 @@ pub fn checkpoint_signature_ok(c: &AuditCheckpoint) -> bool {
     let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
         return false;
     };
-    let msg = AuditCheckpoint::message(&c.tenant_id, c.seq, &c.chain, c.at);
-    key.verify(&msg, &ed25519_dalek::Signature::from_bytes(&sig))
+    key.verify(msg, &ed25519_dalek::Signature::from_bytes(&sig))
         .is_ok()
+}
+
+/// A checkpoint's problem unless it carries a good signature by one of `keys`.
+fn signed_by(c: &AuditCheckpoint, keys: &BTreeSet<String>) -> Option<AuditProblem> {
+    let what = if !checkpoint_signature_ok(c) {
+        "the checkpoint at this entry does not carry a good signature (edited)".to_string()
+    } else if !keys.contains(&c.public_key.to_ascii_lowercase()) {
+        format!(
+            "the checkpoint at this entry is signed by a key that is not pinned ({}…): re-signed \
+             by someone holding the database, or a coordinator whose key was not given",
+            &c.public_key[..c.public_key.len().min(16)]
+        )
+    } else {
+        return None;
+    };
+    Some(AuditProblem { seq: c.seq, what })
+}
+
+/// A public key as pinned: 64 hex digits of an ed25519 key, lowercase.
+pub fn parse_public_key(text: &str) -> Result<String, String> {
+    let key = text.trim().to_ascii_lowercase();
+    let bytes = hex::decode(&key).map_err(|_| format!("`{key}` is not hex"))?;
+    let bytes = <[u8; 32]>::try_from(bytes)
+        .map_err(|_| format!("`{key}` is not 32 bytes (64 hex digits)"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| format!("`{key}` is not an ed25519 public key"))?;
+    Ok(key)
+}
+
+/// What audit verification believes from outside the database: the public keys pinned for
+/// checkpoints and prune records (the coordinator's own and `--audit-trusted-keys`, or a
+/// verifier's `--trusted-keys`), and checkpoints kept elsewhere (the coordinator's journal,
+/// a shipped copy), each of which must be in the database, alike.
+#[derive(Debug, Clone, Default)]
+pub struct Pins {
+    pub keys: BTreeSet<String>,
+    pub checkpoints: Vec<AuditCheckpoint>,
+}
+
+impl Pins {
+    /// The first problem of `tenant`'s stored checkpoints against the pins.
+    pub fn hold(&self, tenant: &str, stored: &[AuditCheckpoint]) -> Option<AuditProblem> {
+        if let Some(problem) = stored.iter().find_map(|c| signed_by(c, &self.keys)) {
+            return Some(problem);
+        }
+        let by_seq: HashMap<i64, &AuditCheckpoint> = stored.iter().map(|c| (c.seq, c)).collect();
+        for kept in self.checkpoints.iter().filter(|c| c.tenant_id == tenant) {
+            if let Some(problem) = signed_by(kept, &self.keys) {
+                return Some(AuditProblem {
+                    seq: problem.seq,
+                    what: format!("a kept checkpoint: {}", problem.what),
+                });
+            }
+            match by_seq.get(&kept.seq) {
+                None => {
+                    return Some(AuditProblem {
+                        seq: kept.seq,
+                        what: "the checkpoint of this entry kept outside the database is missing \
+                               from it: checkpoints were deleted"
+                            .into(),
+                    });
+                }
+                Some(c) if c.chain != kept.chain => {
+                    return Some(AuditProblem {
+                        seq: kept.seq,
+                        what: "the checkpoint of this entry differs from the copy kept outside \
+                               the database"
+                            .into(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Entries before `first` are gone: the problem unless a prune signed by a pinned key
+    /// covers them.
+    fn pruned(&self, prunes: &[AuditPrune], first: i64) -> Option<AuditProblem> {
+        let covered = prunes
+            .iter()
+            .filter(|p| {
+                self.keys.contains(&p.public_key.to_ascii_lowercase())
+                    && signature_ok(
+                        &p.public_key,
+                        &p.signature,
+                        &AuditPrune::message(&p.tenant_id, p.before_seq, p.at),
+                    )
+            })
+            .map(|p| p.before_seq)
+            .max()
+            .unwrap_or(0);
+        (covered < first - 1).then(|| AuditProblem {
+            seq: covered + 1,
+            what: format!(
+                "entries {}..{} are missing and no prune signed by a pinned key covers them{}",
+                covered + 1,
+                first - 1,
+                if covered > 0 {
+                    format!(" (the last signed prune ends at {covered})")
+                } else {
+                    String::new()
+                }
+            ),
+        })
+    }
 }
 
 impl Store {
@@ -1191,7 +1305,7 @@ impl Store {
     pub async fn audit_checkpoint(
         &self,
         key: &ed25519_dalek::SigningKey,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
         let heads: Vec<(String, i64, String)> = Sql::new(
             "SELECT h.tenant_id, h.seq, h.chain FROM audit_heads h WHERE h.seq > \
              COALESCE((SELECT MAX(c.seq) FROM audit_checkpoints c WHERE c.tenant_id = h.tenant_id), 0)",
@@ -1202,15 +1316,16 @@ impl Store {
         .doing("reading audit chain heads")?;
         let now = super::now_ms();
         let public_key = hex::encode(key.verifying_key().as_bytes());
-        for (tenant, seq, chain) in &heads {
-            let msg = AuditCheckpoint::message(tenant, *seq, chain, now);
+        let mut made = Vec::new();
+        for (tenant, seq, chain) in heads {
+            let msg = AuditCheckpoint::message(&tenant, seq, &chain, now);
             let signature = hex::encode(key.sign(&msg).to_bytes());
-            Sql::new(
+            let stored = Sql::new(
                 "INSERT INTO audit_checkpoints (tenant_id, seq, chain, at, public_key, signature) VALUES (",
             )
             .bind(tenant.as_str())
             .push(", ")
-            .bind(*seq)
+            .bind(seq)
             .push(", ")
             .bind(chain.as_str())
             .push(", ")
@@ -1223,9 +1338,22 @@ impl Store {
             .build()
             .execute(&self.write)
             .await
-            .doing("storing an audit checkpoint")?;
+            .doing("storing an audit checkpoint")?
+            .rows_affected()
+                == 1;
+            // Another coordinator's copy of the same head is its to keep.
+            if stored {
+                made.push(AuditCheckpoint {
+                    tenant_id: tenant,
+                    seq,
+                    chain,
+                    at: now,
+                    public_key: public_key.clone(),
+                    signature,
+                });
+            }
         }
-        Ok(heads.len())
+        Ok(made)
     }
 
     /// Remove `tenant`'s entries up to `before_seq`, which must be a checkpointed entry (the
@@ -1235,6 +1363,7 @@ impl Store {
         &self,
         tenant: &str,
         before_seq: i64,
+        key: &ed25519_dalek::SigningKey,
     ) -> Result<Result<u64, String>, StoreError> {
         let checkpoints = self.audit_checkpoints(tenant).await?;
         if !checkpoints.iter().any(|c| c.seq == before_seq) {
@@ -1255,6 +1384,30 @@ impl Store {
             )));
         }
         let mut tx = self.begin_write().await.doing("pruning the audit log")?;
+        // The signed record that these entries were pruned, not deleted: a verifier finds the
+        // log starting after entry 1 and needs it.
+        let at = super::now_ms();
+        let signature = hex::encode(
+            key.sign(&AuditPrune::message(tenant, before_seq, at))
+                .to_bytes(),
+        );
+        Sql::new(
+            "INSERT INTO audit_prunes (tenant_id, before_seq, at, public_key, signature) VALUES (",
+        )
+        .bind(tenant)
+        .push(", ")
+        .bind(before_seq)
+        .push(", ")
+        .bind(at)
+        .push(", ")
+        .bind(hex::encode(key.verifying_key().as_bytes()))
+        .push(", ")
+        .bind(signature)
+        .push(") ON CONFLICT (tenant_id, before_seq) DO NOTHING")
+        .build()
+        .execute(&mut *tx)
+        .await
+        .doing("recording an audit prune")?;
         let done = Sql::new("DELETE FROM audit WHERE tenant_id = ")
             .bind(tenant)
             .push(" AND seq <= ")
@@ -1265,6 +1418,32 @@ impl Store {
             .doing("pruning the audit log")?;
         tx.commit().await.doing("pruning the audit log")?;
         Ok(Ok(done.rows_affected()))
+    }
+
+    /// `tenant`'s signed prune records, oldest first.
+    pub async fn audit_prunes(&self, tenant: &str) -> Result<Vec<AuditPrune>, StoreError> {
+        let rows: Vec<(String, i64, i64, String, String)> = Sql::new(
+            "SELECT tenant_id, before_seq, at, public_key, signature FROM audit_prunes \
+             WHERE tenant_id = ",
+        )
+        .bind(tenant)
+        .push(" ORDER BY before_seq")
+        .build_as()
+        .fetch_all(&self.read)
+        .await
+        .doing("reading audit prunes")?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(tenant_id, before_seq, at, public_key, signature)| AuditPrune {
+                    tenant_id,
+                    before_seq,
+                    at,
+                    public_key,
+                    signature,
+                },
+            )
+            .collect())
     }
 
     /// `tenant`'s checkpoints, oldest first.

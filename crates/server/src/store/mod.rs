@@ -177,6 +177,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0021_check_attempt",
         include_str!("../../migrations/0021_check_attempt.sql"),
     ),
+    (
+        "0022_audit_prunes",
+        include_str!("../../migrations/0022_audit_prunes.sql"),
+    ),
 ];
 
 #[derive(Clone)]

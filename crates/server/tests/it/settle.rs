@@ -133,7 +133,10 @@ async fn invariants(url: &str, job: &str) -> Invariants {
     );
     pool.close().await;
     let store = Store::open(url).await.unwrap();
-    let v = store.audit_verify("default").await.unwrap();
+    let v = store
+        .audit_verify("default", &fleetbox_server::store::audit::Pins::default())
+        .await
+        .unwrap();
     assert!(v.ok, "job `{job}`: {v:?}");
     store.close().await;
     Invariants {

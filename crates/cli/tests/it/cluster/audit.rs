@@ -203,14 +203,34 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     let kept = tempfile::tempdir().unwrap();
     let log = kept.path().join("log.jsonl");
     let cps = kept.path().join("checkpoints.jsonl");
+    let keys = kept.path().join("trusted.keys");
     std::fs::write(&log, cli(&["audit", "export"]).stdout).unwrap();
-    std::fs::write(&cps, cli(&["audit", "checkpoints"]).stdout).unwrap();
-    let offline = |file: &std::path::Path| {
+    let exported = cli(&["audit", "checkpoints"]);
+    std::fs::write(&cps, &exported.stdout).unwrap();
+    // The key is pinned here, outside the database: as `audit keys` prints it, and as the
+    // coordinator printed it at start (and `audit checkpoints` on stderr).
+    let pinned = cli(&["audit", "keys"]);
+    std::fs::write(&keys, &pinned.stdout).unwrap();
+    let public_key = String::from_utf8_lossy(&pinned.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(public_key.len(), 64, "{pinned:?}");
+    assert!(
+        String::from_utf8_lossy(&exported.stderr).contains(&public_key),
+        "{exported:?}"
+    );
+    let started = std::fs::read_to_string(c.dir.path().join("server.log")).unwrap();
+    assert!(started.contains(&public_key), "the key at start: {started}");
+    let offline_with = |file: &std::path::Path, keys: &std::path::Path| {
         let out = std::process::Command::new(bin())
             .args(["audit", "verify", "--file"])
             .arg(file)
             .arg("--checkpoints")
             .arg(&cps)
+            .arg("--trusted-keys")
+            .arg(keys)
             .output()
             .unwrap();
         (
@@ -218,8 +238,28 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let offline = |file: &std::path::Path| offline_with(file, &keys);
     let (code, stderr) = offline(&log);
     assert_eq!(code, 0, "{stderr}");
+    // Believed only with a key given: another key fails it, no key is refused.
+    let stranger = kept.path().join("stranger.keys");
+    let other = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    std::fs::write(&stranger, hex::encode(other.verifying_key().as_bytes())).unwrap();
+    let (code, stderr) = offline_with(&log, &stranger);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not pinned"), "{stderr}");
+    let out = std::process::Command::new(bin())
+        .args(["audit", "verify", "--file"])
+        .arg(&log)
+        .arg("--checkpoints")
+        .arg(&cps)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--trusted-keys"),
+        "{out:?}"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() as i64 >= head);
@@ -329,6 +369,11 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     exec(&pool, "INSERT INTO audit SELECT * FROM audit_saved").await;
     exec(&pool, "DELETE FROM audit_heads").await;
     exec(&pool, "INSERT INTO audit_heads SELECT * FROM heads_saved").await;
+    exec(
+        &pool,
+        "CREATE TABLE checkpoints_saved AS SELECT * FROM audit_checkpoints",
+    )
+    .await;
     // A checkpoint edited: its signature no longer holds.
     exec(
         &pool,
@@ -340,16 +385,86 @@ pub async fn the_audit_log_records_every_action_and_names_tampering(db_kind: Db)
     assert!(!v.ok, "{db_kind:?}: an edited checkpoint went unnoticed");
     assert_eq!(v.problem.as_ref().map(|p| p.seq), Some(head), "{v:?}");
     c.kill_server();
+    let restore_checkpoints = || async {
+        exec(&pool, "DELETE FROM audit_checkpoints").await;
+        exec(
+            &pool,
+            "INSERT INTO audit_checkpoints SELECT * FROM checkpoints_saved",
+        )
+        .await;
+    };
+    restore_checkpoints().await;
+    // An old checkpoint deleted rather than edited: the coordinator's journal still holds it.
+    let (first_cp,): (i64,) = sqlx::query_as("SELECT MIN(seq) FROM audit_checkpoints")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     exec(
         &pool,
-        &format!("DELETE FROM audit_checkpoints WHERE seq = {head}"),
+        &format!("DELETE FROM audit_checkpoints WHERE seq = {first_cp}"),
     )
     .await;
+    c.start_server();
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(!v.ok, "{db_kind:?}: a deleted checkpoint went unnoticed");
+    assert_eq!(v.problem.as_ref().map(|p| p.seq), Some(first_cp), "{v:?}");
+    assert!(v.problem.unwrap().what.contains("missing"));
+    c.kill_server();
+    restore_checkpoints().await;
     c.start_server();
     assert!(
         c.client.audit_verify().await.unwrap().ok,
         "{db_kind:?}: restored"
     );
+
+    // The whole rewrite a database holder can do: an entry edited and every entry after it
+    // re-chained, the head moved along, every checkpoint re-signed with a fresh key. The chain
+    // is whole again; only the pinned key and the journal give it away.
+    c.kill_server();
+    rewrite(&pool, mid).await;
+    c.start_server();
+    let v = c.client.audit_verify().await.unwrap();
+    assert!(!v.ok, "{db_kind:?}: a re-signed rewrite went unnoticed");
+    assert!(
+        v.problem.as_ref().unwrap().what.contains("not pinned"),
+        "{v:?}"
+    );
+    // ...and offline, a copy of the database against the checkpoints kept elsewhere and the
+    // pinned keys, with no coordinator.
+    let database = c
+        .database_url
+        .clone()
+        .unwrap_or_else(|| c.data().display().to_string());
+    let copy_verify = || {
+        let out = std::process::Command::new(bin())
+            .args(["audit", "verify", "--database", &database, "--checkpoints"])
+            .arg(&cps)
+            .arg("--trusted-keys")
+            .arg(&keys)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = copy_verify();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not pinned"), "{stderr}");
+    // The re-signed checkpoints deleted too: the kept ones are missing from it.
+    c.kill_server();
+    exec(&pool, "DELETE FROM audit_checkpoints").await;
+    let (code, stderr) = copy_verify();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("missing"), "{stderr}");
+    exec(&pool, "DELETE FROM audit").await;
+    exec(&pool, "INSERT INTO audit SELECT * FROM audit_saved").await;
+    exec(&pool, "DELETE FROM audit_heads").await;
+    exec(&pool, "INSERT INTO audit_heads SELECT * FROM heads_saved").await;
+    restore_checkpoints().await;
+    let (code, stderr) = copy_verify();
+    assert_eq!(code, 0, "{stderr}");
+    c.start_server();
 
     // Pruned behind a checkpoint: the rest still verifies, anchored on it; elsewhere refused.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -517,4 +632,210 @@ async fn log_shape(pool: &sqlx::AnyPool) -> String {
          checkpoints {:?}",
         checkpoints.iter().map(|c| c.0).collect::<Vec<_>>()
     )
+}
+
+/// Rewrite the log as someone holding only the database can: entry `seq`'s actor changed, its
+/// leaf and every chain value after it recomputed, the head moved along, and every checkpoint
+/// re-signed with a fresh key.
+async fn rewrite(pool: &sqlx::AnyPool, seq: i64) {
+    use ed25519_dalek::Signer;
+    use fleetbox_server::store::audit::{Record, link};
+    let records: Vec<Record> = sqlx::query_as(
+        "SELECT tenant_id, seq, at, actor, action, job_id, task_id, lease_id, agent_id, details, \
+         leaf, chain FROM audit ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut chain = [0u8; 32];
+    for mut r in records {
+        if r.seq == seq {
+            r.actor = "admin:someone-else".into();
+        }
+        if r.seq >= seq {
+            let leaf = r.computed_leaf();
+            chain = link(&chain, &leaf);
+            exec(
+                pool,
+                &format!(
+                    "UPDATE audit SET actor = '{}', leaf = '{}', chain = '{}' WHERE seq = {}",
+                    r.actor,
+                    hex::encode(leaf),
+                    hex::encode(chain),
+                    r.seq
+                ),
+            )
+            .await;
+        } else {
+            chain = <[u8; 32]>::try_from(hex::decode(&r.chain).unwrap()).unwrap();
+        }
+    }
+    exec(
+        pool,
+        "UPDATE audit_heads SET chain = (SELECT chain FROM audit WHERE seq = audit_heads.seq)",
+    )
+    .await;
+    let fresh = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let rows: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT tenant_id, seq, at FROM audit_checkpoints")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for (tenant, cp, at) in rows {
+        let (chain,): (String,) =
+            sqlx::query_as(&format!("SELECT chain FROM audit WHERE seq = {cp}"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        let msg = fleetbox_proto::api::AuditCheckpoint::message(&tenant, cp, &chain, at);
+        exec(
+            pool,
+            &format!(
+                "UPDATE audit_checkpoints SET chain = '{chain}', public_key = '{}', signature = '{}' WHERE seq = {cp}",
+                hex::encode(fresh.verifying_key().as_bytes()),
+                hex::encode(fresh.sign(&msg).to_bytes())
+            ),
+        )
+        .await;
+    }
+}
+
+/// A webhook receiver on loopback: each request's body, answered `200`.
+async fn receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/checkpoints", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + length {
+                        break text[end + 4..end + 4 + length].to_string();
+                    }
+                };
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+                let _ = tx.send(body);
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// Checkpoints leave the machine as they are made: appended to a file, piped to a command and
+/// posted to a webhook, the same ones the database holds; a sink that fails is counted and
+/// does not hold up the others; and a copy of the database verifies against what was shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_shipped_to_a_file_a_command_and_a_webhook() {
+    let (url, mut posted) = receiver().await;
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("shipped.jsonl");
+    let piped = out.path().join("piped.jsonl");
+    let flags = [
+        "--audit-checkpoint".to_string(),
+        "200ms".into(),
+        "--audit-ship".into(),
+        format!("file:{}", file.display()),
+        "--audit-ship".into(),
+        format!("exec:cat >> '{}'", piped.display()),
+        "--audit-ship".into(),
+        "exec:exit 3".into(),
+        "--audit-ship".into(),
+        url,
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let Some(c) = Cluster::start_with(Db::Sqlite, &flags).await else {
+        return;
+    };
+    c.submit("name = \"a\"\ncode = \"print(1)\"\nshards = { count = 2 }\n")
+        .await;
+    let read = |path: &std::path::Path| -> Vec<fleetbox_proto::api::AuditCheckpoint> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let stored = loop {
+        let stored = c.client.audit_checkpoints().await.unwrap();
+        let head = c.client.audit_verify().await.unwrap().head_seq;
+        if stored.last().is_some_and(|cp| cp.seq == head)
+            && read(&file).len() == stored.len()
+            && read(&piped).len() == stored.len()
+        {
+            break stored;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not shipped: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(read(&file), stored);
+    assert_eq!(read(&piped), stored);
+    let mut webhook = Vec::new();
+    while webhook.len() < stored.len() {
+        let body = tokio::time::timeout(Duration::from_secs(10), posted.recv())
+            .await
+            .expect("the webhook got every checkpoint")
+            .unwrap();
+        webhook.push(serde_json::from_str::<fleetbox_proto::api::AuditCheckpoint>(&body).unwrap());
+    }
+    assert_eq!(webhook, stored);
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", c.url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetbox_audit_ship_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(failures >= 1, "{metrics}");
+    // What was shipped is enough to check a copy of the database, with the pinned key.
+    let keys = out.path().join("keys");
+    let printed = std::process::Command::new(bin())
+        .args(["audit", "keys", "--server", &c.url()])
+        .env("FLEETBOX_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    std::fs::write(&keys, printed.stdout).unwrap();
+    let checked = std::process::Command::new(bin())
+        .args(["audit", "verify", "--database"])
+        .arg(c.data())
+        .arg("--checkpoints")
+        .arg(&file)
+        .arg("--trusted-keys")
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{checked:?}");
 }
