@@ -114,6 +114,11 @@ pub struct JobArgs {
     /// Print the chain of follow-up jobs this job belongs to, as a tree.
     #[arg(long, conflicts_with_all = ["result", "shards", "rerun_tainted"])]
     pub chain: bool,
+    /// Print the completed job's receipt (JSON): its result, each accepted shard's signed
+    /// report hash and verdict, the audit entries recording them and the proof that they are
+    /// in a signed checkpoint. `fleetbox receipt verify` checks it offline.
+    #[arg(long, conflicts_with_all = ["result", "shards", "rerun_tainted", "chain"])]
+    pub receipt: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -419,6 +424,12 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
                 term::for_stdout(&args.id),
                 r["rechecked"]
             )?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if args.receipt {
+            let receipt = client.receipt(&args.id).await?;
+            serde_json::to_writer_pretty(&mut out, &receipt)?;
+            writeln!(out)?;
             return Ok(ExitCode::SUCCESS);
         }
         if args.chain {

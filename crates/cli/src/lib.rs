@@ -9,6 +9,7 @@ mod config;
 mod exit;
 mod image_cmd;
 mod jobs_cmd;
+mod receipt_cmd;
 mod review_cmd;
 mod run;
 mod term;
@@ -54,6 +55,8 @@ enum Command {
     Blob(jobs_cmd::BlobArgs),
     /// The tamper-evident audit log: `list` its entries, `verify` its hash chain.
     Audit(audit_cmd::AuditArgs),
+    /// Job receipts: `verify FILE --trusted-keys KEYS` checks one offline.
+    Receipt(receipt_cmd::ReceiptArgs),
     /// The agents, their trust and quarantine; `release ID` lets a quarantined one lease again.
     Agents(agents_cmd::AgentsArgs),
     /// Serve the Model Context Protocol on stdin/stdout (for Claude Desktop, Cursor, any MCP
@@ -105,6 +108,7 @@ pub fn main() -> ExitCode {
         Command::Cancel(args) => jobs_cmd::cancel(args),
         Command::Blob(args) => jobs_cmd::blob(args),
         Command::Audit(args) => audit_cmd::audit(args),
+        Command::Receipt(args) => receipt_cmd::receipt(args),
         Command::Agents(args) => agents_cmd::agents(args),
         Command::Mcp(args) => jobs_cmd::mcp(args),
         Command::Review(args) => review_cmd::review(args),

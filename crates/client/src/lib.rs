@@ -193,6 +193,11 @@ impl Client {
         self.get("/v1/audit/checkpoints").await
     }
 
+    /// A completed job's receipt (see `fleetbox_server::receipt`), as JSON.
+    pub async fn receipt(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/receipt")).await
+    }
+
     /// The key the coordinator signs checkpoints with, and the keys it believes.
     pub async fn audit_keys(&self) -> Result<fleetbox_proto::api::AuditKeys, ClientError> {
         self.get("/v1/audit/keys").await

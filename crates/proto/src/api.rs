@@ -571,11 +571,21 @@ impl ShardReport {
     /// Check the signature with the agent's registered key (strictly: no malleable or
     /// small-order forms).
     pub fn verify(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), SignatureError> {
+        self.verify_message(key, &self.signed_message())
+    }
+
+    /// [`ShardReport::verify`] over its [`ShardReport::signed_message`] made already (the
+    /// coordinator hashes the same bytes for the audit log).
+    pub fn verify_message(
+        &self,
+        key: &ed25519_dalek::VerifyingKey,
+        message: &[u8],
+    ) -> Result<(), SignatureError> {
         let text = self.signature.as_deref().ok_or(SignatureError::Unsigned)?;
         let mut bytes = [0u8; 64];
         hex::decode_to_slice(text, &mut bytes).map_err(|_| SignatureError::Malformed)?;
         let signature = ed25519_dalek::Signature::from_bytes(&bytes);
-        key.verify_strict(&self.signed_message(), &signature)
+        key.verify_strict(message, &signature)
             .map_err(|_| SignatureError::Mismatch)
     }
 }

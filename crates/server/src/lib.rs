@@ -24,6 +24,7 @@ mod intake;
 pub mod metrics;
 mod outputs;
 pub mod planner;
+pub mod receipt;
 pub mod reduce;
 mod scheduler;
 pub mod store;

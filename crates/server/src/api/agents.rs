@@ -484,7 +484,7 @@ pub async fn report(
                 .enumerate()
                 .map(|(i, r)| {
                     signed(&r, &key)
-                        .and_then(|()| store_form(&for_blocking, r))
+                        .and_then(|hash| store_form(&for_blocking, r, hash))
                         .map_err(|e| e.within(&format!("reports[{i}]")))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -683,21 +683,30 @@ pub async fn put_blob(
     }
 }
 
-/// Refuse a report without a good signature of the agent's key.
-fn signed(r: &ShardReport, key: &ed25519_dalek::VerifyingKey) -> Result<(), ApiError> {
+/// Refuse a report without a good signature of the agent's key; the sha256 of what it signed.
+fn signed(r: &ShardReport, key: &ed25519_dalek::VerifyingKey) -> Result<String, ApiError> {
     use fleetbox_proto::api::SignatureError;
-    r.verify(key).map_err(|e| {
+    use sha2::Digest;
+    let message = r.signed_message();
+    r.verify_message(key, &message).map_err(|e| {
         let code = match e {
             SignatureError::Unsigned => "unsigned_report",
             SignatureError::Malformed | SignatureError::Mismatch => "invalid_signature",
         };
         ApiError::bad_request(code, e.to_string()).with_field("signature")
-    })
+    })?;
+    Ok(hex::encode(sha2::Sha256::digest(&message)))
 }
 
 /// Turn an agent's report into what the store keeps: large streams and outputs in blobs,
 /// whether the agent sent them inline or uploaded them ahead ([`ShardReport::blobs`]).
-fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
+/// `report_sha256` is the hash of what the agent signed: the audit entry keeps it with the
+/// signature, so a receipt can name the report each accepted value came from.
+fn store_form(
+    state: &State,
+    r: ShardReport,
+    report_sha256: String,
+) -> Result<ReportInput, ApiError> {
     let ShardReport {
         lease_id,
         task_id,
@@ -783,7 +792,9 @@ fn store_form(state: &State, r: ShardReport) -> Result<ReportInput, ApiError> {
             }
         }
     };
-    let audit = audit_summary(&report, output_sha256.as_deref());
+    let mut audit = audit_summary(&report, output_sha256.as_deref());
+    audit["report_sha256"] = report_sha256.into();
+    audit["signature"] = signature.clone().into();
     let measures = crate::outputs::Measures::of(&report);
     Ok(ReportInput {
         audit,

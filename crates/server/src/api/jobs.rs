@@ -223,6 +223,42 @@ pub async fn shard(
 
 #[utoipa::path(
     get,
+    operation_id = "jobs_receipt",
+    path = "/v1/jobs/{id}/receipt",
+    tag = "jobs",
+    summary = "A completed job's receipt, checkable offline against the coordinator's key.",
+    params(("id" = String, Path, description = "the job's id (`job_…`)")),
+    responses(
+        (status = 200, description = "the result, each accepted shard's report hash, signature and verdict, the audit entries recording them and the chain proof up to a signed checkpoint (`fleetbox receipt verify`)", body = serde_json::Value),
+        (status = 409, description = "`not_completed`: the job has not completed")
+    )
+)]
+pub async fn receipt(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<crate::receipt::Receipt>, ApiError> {
+    use crate::receipt::ReceiptError;
+    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    match crate::receipt::build(&state, tenant, &id).await {
+        Ok(r) => Ok(Json(r)),
+        Err(ReceiptError::NotFound(_)) => Err(ApiError::not_found("job", &id)),
+        Err(e @ ReceiptError::NotCompleted { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_completed",
+            e.to_string(),
+        )),
+        Err(ReceiptError::Store(e)) => Err(e.into()),
+        Err(e @ ReceiptError::Incomplete(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "receipt_unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+#[utoipa::path(
+    get,
     operation_id = "jobs_result",
     path = "/v1/jobs/{id}/result",
     tag = "jobs",

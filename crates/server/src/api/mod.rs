@@ -56,6 +56,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/jobs/{id}/shards", get(jobs::shards))
         .route("/v1/jobs/{id}/shards/{index}", get(jobs::shard))
         .route("/v1/jobs/{id}/result", get(jobs::result))
+        .route("/v1/jobs/{id}/receipt", get(jobs::receipt))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/pause", post(jobs::pause))
         .route("/v1/jobs/{id}/resume", post(jobs::resume))

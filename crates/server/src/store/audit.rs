@@ -375,7 +375,7 @@ pub fn link(previous: &[u8; 32], leaf: &[u8; 32]) -> [u8; 32] {
 
 /// A sha256 from its 64 hex digits (either case), or `None`. Verification decodes two per
 /// entry, so through a table rather than a branch per digit.
-fn unhex(s: &str) -> Option<[u8; 32]> {
+pub fn unhex(s: &str) -> Option<[u8; 32]> {
     const INVALID: u8 = 0xff;
     const DIGITS: [u8; 256] = {
         let mut t = [INVALID; 256];
@@ -1193,7 +1193,7 @@ fn signature_ok(public_key: &str, signature: &str, msg: &[u8]) -> bool {
 }
 
 /// A checkpoint's problem unless it carries a good signature by one of `keys`.
-fn signed_by(c: &AuditCheckpoint, keys: &BTreeSet<String>) -> Option<AuditProblem> {
+pub fn signed_by(c: &AuditCheckpoint, keys: &BTreeSet<String>) -> Option<AuditProblem> {
     let what = if !checkpoint_signature_ok(c) {
         "the checkpoint at this entry does not carry a good signature (edited)".to_string()
     } else if !keys.contains(&c.public_key.to_ascii_lowercase()) {

@@ -1006,6 +1006,13 @@ impl Store {
                 "shards_dead": s.shards_dead,
                 "attempts": s.attempts,
                 "result_blob": outcome.result_blob,
+                // What a receipt's result must hash to: the blob's name is its sha256.
+                "result_sha256": outcome.result_blob.map(str::to_string).or_else(|| {
+                    outcome.result.map(|text| {
+                        use sha2::Digest;
+                        hex::encode(sha2::Sha256::digest(text.as_bytes()))
+                    })
+                }),
                 // What verification and result review found: [kind, metric, shard, score].
                 "flags": s.flags.iter().take(50).map(|f| serde_json::json!([f.kind, f.metric, f.shard, f.score])).collect::<Vec<_>>(),
             }));

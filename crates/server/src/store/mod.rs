@@ -12,6 +12,7 @@ mod audit_read;
 mod jobs;
 mod metrics;
 pub mod planner;
+pub mod receipts;
 pub mod replicas;
 pub mod review;
 mod settle;

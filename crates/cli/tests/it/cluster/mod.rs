@@ -7,6 +7,7 @@ mod chaos;
 mod followups;
 mod harness;
 mod lies;
+mod receipt;
 mod tracing;
 mod up;
 
@@ -34,6 +35,7 @@ use followups::{
 };
 use harness::{Cluster, Db};
 use lies::failures_are_checked_like_successes;
+use receipt::a_receipt_verifies_offline_and_names_every_forgery;
 use tracing::a_job_is_one_trace_from_submission_to_agents_and_back;
 use up::sigterm_drains_and_hands_back;
 
@@ -60,6 +62,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    a_receipt_verifies_offline_and_names_every_forgery,
     failures_are_checked_like_successes,
     a_job_is_one_trace_from_submission_to_agents_and_back,
     hundred_shards_give_the_right_answer,
