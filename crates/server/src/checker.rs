@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
 
 use crate::State;
-use crate::store::verify::{CheckSubject, Finding, ServerRun};
+use crate::store::checks::{CheckSubject, Finding, ServerRun};
 
 /// The memory a server re-run may use at most (the job may ask for less).
 pub const SERVER_MEMORY: u64 = 512 << 20;

@@ -9,6 +9,7 @@
 mod agents;
 pub mod audit;
 mod audit_read;
+pub mod checks;
 mod jobs;
 mod metrics;
 pub mod planner;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fleetbox_proto::api::{EnrollRequest, MachineFacts};
 use fleetbox_proto::{JobState, Status, TaskState, Verdict, VerifySpec};
-use fleetbox_server::store::verify::Finding;
+use fleetbox_server::store::checks::Finding;
 use fleetbox_server::store::{LeaseGrant, ReportPolicy, Reported, SettleOutcome, Store, now_ms};
 use serde_json::json;
 
