@@ -15,6 +15,7 @@ mod metrics;
 pub mod planner;
 pub mod receipts;
 pub mod replicas;
+mod reports;
 pub mod review;
 mod settle;
 mod sql;
@@ -32,9 +33,10 @@ use sqlx::{AnyPool, Executor};
 
 pub(crate) use agents::parse as parse_json;
 pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
+pub use reports::{ReportInput, ReportPolicy, Reported, SettleOutcome};
 pub use settle::LeaseGrant;
 pub use settle::storable_text;
-pub use tasks::{ReportInput, ReportPolicy, Reported, Requeued, SettleOutcome, backoff_ms};
+pub use tasks::{Requeued, backoff_ms};
 pub use tokens::{Principal, TokenKind};
 
 /// The tenant every object belongs to until tenants are managed.

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use fleetbox_proto::{JobState, Recheck, Status, TaskState, VerifySpec};
 
 use super::audit::{Action, Entry};
+use super::reports::ReportInput;
 use super::settle::{self, Tally, Tx};
 use super::sql::Sql;
-use super::tasks::ReportInput;
 use super::{Doing, Store, StoreError, now_ms};
 
 /// Consecutive valid results after which an agent is trusted (the default of
