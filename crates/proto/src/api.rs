@@ -199,6 +199,17 @@ pub struct JobFlag {
     pub agents: Vec<String>,
 }
 
+impl JobFlag {
+    /// Result review's kinds and the model's, which `--anomalies` acts on (verification's
+    /// flags are settled by the checks themselves).
+    pub fn is_anomaly(&self) -> bool {
+        matches!(
+            self.kind.as_str(),
+            "outlier" | "agent_outlier" | "error_rate" | "model"
+        )
+    }
+}
+
 /// Robust summary of a sample.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Stats {

@@ -150,6 +150,8 @@ fn shortfall(counts: &ShardCounts, total: u64, failures: &[(u64, String)]) -> St
     text
 }
 
+/// Fold one claimed job: its values, its summary, result review, the reduce, and the job's
+/// end, each a step below.
 async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     let Some(job) = state.store.job_any_tenant(job_id).await? else {
         return Ok(());
@@ -163,34 +165,155 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             detail: format!("`{job_id}` vanished during aggregation"),
         })?;
     let counts = view.shards;
-    let (mut values, unreadable) = shard_values(state, job_id).await?;
-    // Result review reads this job's own shards (before a re-run is merged with its parent).
-    let own_numbers: std::collections::HashMap<u64, f64> = values
+    let total = counts.total.max(job.shard_count);
+    let values = collect_values(state, &job, job_id).await?;
+    let mut summary = summarise(state, &job, job_id, &counts, total, values.notes).await?;
+    let reviewed = review_results(state, job_id, &values.own_numbers).await?;
+    if send_anomalies_to_check(state, &job, job_id, &reviewed.anomalies).await? {
+        return Ok(()); // the fold starts over once the server's checks settle
+    }
+    let mut outliers = outlier_flags(reviewed.anomalies.clone());
+    summary.flags.extend(outliers.iter().cloned());
+    if !summary.flags.is_empty() {
+        summary.notes.push(format!(
+            "verification flagged {} shard(s): see `flags`",
+            summary.flags.len()
+        ));
+    }
+    let failures = state.store.failure_reasons(job_id, NAMED_FAILURES).await?;
+    if summary.partial {
+        summary.notes.push(shortfall(&counts, total, &failures));
+    }
+    let (job_state_now, text, error) =
+        match shortfall_error(&counts, total, job.success_needed, &failures) {
+            Some(error) => (JobState::Failed, None, Some(error)),
+            None => match fold(state, &job.reducer, &job.limits, job_id, values.values).await {
+                Ok(v) => (JobState::Completed, Some(v), None),
+                Err(message) => {
+                    return Err(FoldError::Reduce {
+                        message,
+                        summary: Box::new(summary),
+                    });
+                }
+            },
+        };
+    let blob = match store_large_result(state, text.as_deref()).await {
+        Ok(blob) => blob,
+        Err(message) => {
+            return Err(FoldError::Reduce {
+                message,
+                summary: Box::new(summary),
+            });
+        }
+    };
+    if job_state_now == JobState::Completed && state.config.llm.is_some() {
+        let flag = model_review(state, &view.name, &mut summary, &outliers, text.as_deref()).await;
+        outliers.extend(flag);
+    }
+    let anomalous = outliers.iter().any(JobFlag::is_anomaly);
+    let job_state_now = if job_state_now == JobState::Completed
+        && anomalous
+        && state.config.anomalies == crate::AnomalyAction::Review
+    {
+        summary.notes.push(
+            "result review found anomalies: the job waits for a person (`needs_review`)".into(),
+        );
+        JobState::NeedsReview
+    } else {
+        job_state_now
+    };
+    let outcome = FoldOutcome {
+        state: job_state_now,
+        result: if blob.is_some() {
+            None
+        } else {
+            text.as_deref()
+        },
+        result_blob: blob.as_deref(),
+        summary: &summary,
+        error: error.as_deref(),
+        queue: review_queue(&reviewed.sandbox_errors(), anomalous, &outliers),
+    };
+    let Some(queued) = state
+        .store
+        .finish_job(job_id, &state.instance, &outcome)
+        .await?
+    else {
+        tracing::warn!(
+            job_id,
+            "lost the fold to another coordinator; its result stands"
+        );
+        return Ok(());
+    };
+    start_pending_reruns(state, &job.tenant_id, job_id).await;
+    if anomalous && state.config.anomalies == crate::AnomalyAction::Rerun {
+        let flag = *queued.last().expect("the anomaly entry was queued last");
+        rerun_anomalies(state, &job.tenant_id, job_id, flag, &outliers).await;
+    }
+    tracing::info!(
+        job_id,
+        state = %job_state_now,
+        accepted = counts.accepted,
+        total,
+        "job finished"
+    );
+    Ok(())
+}
+
+/// A job's accepted values, merged with its parent's for a `rerun_failed` child.
+struct Values {
+    values: Vec<ShardValue>,
+    /// This job's own numbers by shard (result review reads them, before any merge).
+    own_numbers: std::collections::HashMap<u64, f64>,
+    /// What the summary says about values that could not be read, and the merge.
+    notes: Vec<String>,
+}
+
+async fn collect_values(
+    state: &State,
+    job: &crate::store::JobRow,
+    job_id: &str,
+) -> Result<Values, FoldError> {
+    let (mut values, mut notes) = shard_values(state, job_id).await?;
+    let own_numbers = values
         .iter()
         .filter_map(|(i, v)| Some((*i, v.as_f64()?)))
         .collect();
-    let mut merged_note = None;
     if let Some(rerun) = &job.rerun_of {
         // A `rerun_failed` child: its shards stand in for the parent's failed ones, and its
         // result is the fold of the whole set.
         let redone = values.len();
         values = merge_with_parent(state, rerun, values, 0).await?;
-        merged_note = Some(format!(
+        notes.push(format!(
             "re-ran {} failed shard(s) of {}: the result folds {} value(s) in all, {redone} of them re-run here",
             rerun.shards.len(),
             rerun.job_id,
             values.len()
         ));
     }
+    Ok(Values {
+        values,
+        own_numbers,
+        notes,
+    })
+}
+
+/// The job's summary from its counters, attempts and verification, before result review.
+async fn summarise(
+    state: &State,
+    job: &crate::store::JobRow,
+    job_id: &str,
+    counts: &ShardCounts,
+    total: u64,
+    notes: Vec<String>,
+) -> Result<JobSummary, FoldError> {
     let facts = state.store.attempt_facts(job_id).await?;
-    let failed = counts.rejected;
-    let dead = counts.dead;
-    let total = counts.total.max(job.shard_count);
-    let mut summary = JobSummary {
+    let (verified, flags) = state.store.verification_facts(job_id).await?;
+    Ok(JobSummary {
         shards_total: total,
         shards_accepted: counts.accepted,
-        shards_failed: failed,
-        shards_dead: dead,
+        shards_failed: counts.rejected,
+        shards_dead: counts.dead,
         success_rate: if total == 0 {
             0.0
         } else {
@@ -204,18 +327,42 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         shard_wall_ms: Stats::of(facts.chosen_wall_ms),
         shard_peak_memory_bytes: Stats::of(facts.chosen_peak_memory),
         bytes_produced: facts.bytes_out,
-        notes: unreadable.into_iter().chain(merged_note).collect(),
-        verified: 0,
-        flags: Vec::new(),
-    };
-    let (verified, flags) = state.store.verification_facts(job_id).await?;
-    summary.verified = verified;
-    summary.flags = flags;
-    // Result review: shards and agents that stand out from the rest of the job, and failures
-    // that spike.
-    let facts_rows = state.store.result_facts(job_id).await?;
-    let statuses: Vec<Option<String>> = facts_rows.iter().map(|f| f.status.clone()).collect();
-    let reviewed: Vec<fleetbox_review::results::ShardFacts> = facts_rows
+        notes,
+        verified,
+        flags,
+    })
+}
+
+/// What result review read and found.
+struct Reviewed {
+    shards: Vec<fleetbox_review::results::ShardFacts>,
+    /// Each shard's last status (the same order).
+    statuses: Vec<Option<String>>,
+    anomalies: Vec<fleetbox_review::results::Anomaly>,
+}
+
+impl Reviewed {
+    /// Shards that ended in sandbox errors: the fleet, not the program, may be at fault.
+    fn sandbox_errors(&self) -> Vec<&fleetbox_review::results::ShardFacts> {
+        self.shards
+            .iter()
+            .zip(&self.statuses)
+            .filter(|(f, s)| f.failed && s.as_deref() == Some(Status::SandboxError.as_str()))
+            .map(|(f, _)| f)
+            .collect()
+    }
+}
+
+/// Result review: shards and agents that stand out from the rest of the job, and failures
+/// that spike.
+async fn review_results(
+    state: &State,
+    job_id: &str,
+    own_numbers: &std::collections::HashMap<u64, f64>,
+) -> Result<Reviewed, FoldError> {
+    let rows = state.store.result_facts(job_id).await?;
+    let statuses = rows.iter().map(|f| f.status.clone()).collect();
+    let shards: Vec<fleetbox_review::results::ShardFacts> = rows
         .into_iter()
         .map(|f| {
             let shard = f.shard_index.max(0) as u64;
@@ -231,31 +378,49 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             }
         })
         .collect();
-    let anomalies = fleetbox_review::results::review(&reviewed, 20);
-    // `recheck = "on_anomaly"`: the shards that stand out go to the server before the fold
-    // (those it already confirmed stay); the fold starts over once the checks settle.
-    if job.verify.recheck == fleetbox_proto::Recheck::OnAnomaly && !anomalies.is_empty() {
-        let shards: std::collections::BTreeSet<u64> = anomalies
-            .iter()
-            .flat_map(|a| a.shards.iter().copied())
-            .collect();
-        let shards: Vec<u64> = shards.into_iter().collect();
-        let why: Vec<&str> = anomalies.iter().map(|a| a.explanation.as_str()).collect();
-        let sent = state
-            .store
-            .recheck_anomalies(job_id, &state.instance, &shards, &why.join("; "))
-            .await?;
-        if sent > 0 {
-            tracing::info!(
-                job_id,
-                shards = sent,
-                "result review found anomalies: the server checks those shards before the fold"
-            );
-            state.checks.notify_one();
-            return Ok(());
-        }
+    let anomalies = fleetbox_review::results::review(&shards, 20);
+    Ok(Reviewed {
+        shards,
+        statuses,
+        anomalies,
+    })
+}
+
+/// `recheck = "on_anomaly"`: the shards that stand out go to the server before the fold
+/// (those it already confirmed stay). Whether any went: the fold then waits for them.
+async fn send_anomalies_to_check(
+    state: &State,
+    job: &crate::store::JobRow,
+    job_id: &str,
+    anomalies: &[fleetbox_review::results::Anomaly],
+) -> Result<bool, FoldError> {
+    if job.verify.recheck != fleetbox_proto::Recheck::OnAnomaly || anomalies.is_empty() {
+        return Ok(false);
     }
-    let mut outliers: Vec<JobFlag> = anomalies
+    let shards: std::collections::BTreeSet<u64> = anomalies
+        .iter()
+        .flat_map(|a| a.shards.iter().copied())
+        .collect();
+    let shards: Vec<u64> = shards.into_iter().collect();
+    let why: Vec<&str> = anomalies.iter().map(|a| a.explanation.as_str()).collect();
+    let sent = state
+        .store
+        .recheck_anomalies(job_id, &state.instance, &shards, &why.join("; "))
+        .await?;
+    if sent > 0 {
+        tracing::info!(
+            job_id,
+            shards = sent,
+            "result review found anomalies: the server checks those shards before the fold"
+        );
+        state.checks.notify_one();
+    }
+    Ok(sent > 0)
+}
+
+/// Result review's anomalies as the summary's flags.
+fn outlier_flags(anomalies: Vec<fleetbox_review::results::Anomaly>) -> Vec<JobFlag> {
+    anomalies
         .into_iter()
         .map(|a| JobFlag {
             kind: a.kind.into(),
@@ -266,147 +431,113 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             shards: a.shards.into_iter().take(100).collect(),
             agents: a.agents,
         })
-        .collect();
-    summary.flags.extend(outliers.iter().cloned());
-    if !summary.flags.is_empty() {
-        summary.notes.push(format!(
-            "verification flagged {} shard(s): see `flags`",
-            summary.flags.len()
-        ));
+        .collect()
+}
+
+/// Why the job fails for want of successful shards, or `None`: it folds.
+fn shortfall_error(
+    counts: &ShardCounts,
+    total: u64,
+    success_needed: f64,
+    failures: &[(u64, String)],
+) -> Option<String> {
+    if enough_succeeded(counts.accepted, total, success_needed) {
+        return None;
     }
-    let failures = state.store.failure_reasons(job_id, NAMED_FAILURES).await?;
-    if summary.partial {
-        summary.notes.push(shortfall(&counts, total, &failures));
-    }
-    let (job_state_now, result, error) =
-        if !enough_succeeded(counts.accepted, total, job.success_needed) {
-            let why = shortfall(&counts, total, &failures);
-            let needed = if job.success_needed >= 1.0 {
-                "every shard must succeed unless the spec says `allow_partial = true` or \
-                 `min_success_rate`"
-                    .to_string()
-            } else {
-                format!(
-                    "the spec needs {:.0}% of the shards to succeed",
-                    job.success_needed * 100.0
-                )
-            };
-            let none = if counts.accepted == 0 {
-                "no shard succeeded: "
-            } else {
-                ""
-            };
-            (
-                JobState::Failed,
-                None,
-                Some(format!("{none}{why}; {needed}")),
-            )
-        } else {
-            match fold(state, &job.reducer, &job.limits, job_id, values).await {
-                Ok(v) => (JobState::Completed, Some(v), None),
-                Err(message) => {
-                    return Err(FoldError::Reduce {
-                        message,
-                        summary: Box::new(summary),
-                    });
-                }
-            }
-        };
-    // Large results go to the blob store; the row keeps its hash in `result_blob`.
-    let text = result;
-    let blob = match &text {
+    let why = shortfall(counts, total, failures);
+    let needed = if success_needed >= 1.0 {
+        "every shard must succeed unless the spec says `allow_partial = true` or \
+         `min_success_rate`"
+            .to_string()
+    } else {
+        format!(
+            "the spec needs {:.0}% of the shards to succeed",
+            success_needed * 100.0
+        )
+    };
+    let none = if counts.accepted == 0 {
+        "no shard succeeded: "
+    } else {
+        ""
+    };
+    Some(format!("{none}{why}; {needed}"))
+}
+
+/// Large results go to the blob store; the row keeps its hash in `result_blob`.
+async fn store_large_result(state: &State, text: Option<&str>) -> Result<Option<String>, String> {
+    match text {
         Some(t) if t.len() > INLINE_LIMIT * 16 => {
             let blobs = state.blobs.clone();
-            let bytes = t.clone().into_bytes();
-            let put = tokio::task::spawn_blocking(move || blobs.put(&bytes))
+            let bytes = t.as_bytes().to_vec();
+            tokio::task::spawn_blocking(move || blobs.put(&bytes))
                 .await
                 .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            match put {
-                Ok(hash) => Some(hash),
-                Err(e) => {
-                    return Err(FoldError::Reduce {
-                        message: format!("storing the result blob: {e}"),
-                        summary: Box::new(summary),
-                    });
-                }
-            }
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map(Some)
+                .map_err(|e| format!("storing the result blob: {e}"))
         }
-        _ => None,
-    };
-    // Sandbox errors that ended shards go to the review queue: the fleet, not the program,
-    // may be at fault.
-    let broken: Vec<&fleetbox_review::results::ShardFacts> = reviewed
-        .iter()
-        .zip(&statuses)
-        .filter(|(f, s)| f.failed && s.as_deref() == Some(Status::SandboxError.as_str()))
-        .map(|(f, _)| f)
-        .collect();
-    // With a model configured it is shown the summary, the statistics' findings and the start
-    // of the result; "suspicious" adds a flag (it can add one, never clear one).
-    if job_state_now == JobState::Completed && state.config.llm.is_some() {
-        let reviewer = state.reviewer.clone();
-        let metrics = crate::planner::summary_metrics(&summary);
-        let found: Vec<String> = outliers.iter().map(|f| f.detail.clone()).collect();
-        let head: String = text
-            .as_deref()
-            .unwrap_or("null")
-            .chars()
-            .take(4096)
-            .collect();
-        let name = view.name.clone();
-        let verdict = tokio::task::spawn_blocking(move || {
-            reviewer.review_results(&fleetbox_review::ResultContext {
-                job_name: &name,
-                summary: &metrics,
-                anomalies: &found,
-                result_head: &head,
-            })
+        _ => Ok(None),
+    }
+}
+
+/// With a model configured it is shown the summary, the statistics' findings and the start
+/// of the result; "suspicious" adds a flag (it can add one, never clear one), returned too.
+async fn model_review(
+    state: &State,
+    name: &str,
+    summary: &mut JobSummary,
+    outliers: &[JobFlag],
+    text: Option<&str>,
+) -> Option<JobFlag> {
+    let reviewer = state.reviewer.clone();
+    let metrics = crate::planner::summary_metrics(summary);
+    let found: Vec<String> = outliers.iter().map(|f| f.detail.clone()).collect();
+    let head: String = text.unwrap_or("null").chars().take(4096).collect();
+    let name = name.to_string();
+    let verdict = tokio::task::spawn_blocking(move || {
+        reviewer.review_results(&fleetbox_review::ResultContext {
+            job_name: &name,
+            summary: &metrics,
+            anomalies: &found,
+            result_head: &head,
         })
-        .await
-        .unwrap_or_else(|e| Err(format!("its thread failed: {e}")));
-        match verdict {
-            Ok(Some(v)) if v.suspicious => {
-                let flag = JobFlag {
-                    kind: "model".into(),
-                    shard: 0,
-                    detail: format!(
-                        "the model finds the results suspicious: {}",
-                        v.reasons.join("; ")
-                    ),
-                    metric: None,
-                    score: None,
-                    shards: Vec::new(),
-                    agents: Vec::new(),
-                };
-                summary.flags.push(flag.clone());
-                outliers.push(flag);
-            }
-            Ok(_) => {}
-            Err(why) => summary
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("its thread failed: {e}")));
+    match verdict {
+        Ok(Some(v)) if v.suspicious => {
+            let flag = JobFlag {
+                kind: "model".into(),
+                shard: 0,
+                detail: format!(
+                    "the model finds the results suspicious: {}",
+                    v.reasons.join("; ")
+                ),
+                metric: None,
+                score: None,
+                shards: Vec::new(),
+                agents: Vec::new(),
+            };
+            summary.flags.push(flag.clone());
+            Some(flag)
+        }
+        Ok(_) => None,
+        Err(why) => {
+            summary
                 .notes
-                .push(format!("the model gave no verdict on the results: {why}")),
+                .push(format!("the model gave no verdict on the results: {why}"));
+            None
         }
     }
-    let anomalous = outliers.iter().any(|f| {
-        matches!(
-            f.kind.as_str(),
-            "outlier" | "agent_outlier" | "error_rate" | "model"
-        )
-    });
-    let job_state_now = if job_state_now == JobState::Completed
-        && anomalous
-        && state.config.anomalies == crate::AnomalyAction::Review
-    {
-        summary.notes.push(
-            "result review found anomalies: the job waits for a person (`needs_review`)".into(),
-        );
-        JobState::NeedsReview
-    } else {
-        job_state_now
-    };
-    // What goes into the review queue, in the transaction that stores the result: a job is
-    // never finished with its anomalies or sandbox errors unqueued.
+}
+
+/// What goes into the review queue, in the transaction that stores the result: a job is
+/// never finished with its anomalies or sandbox errors unqueued. The anomaly entry is last.
+fn review_queue(
+    broken: &[&fleetbox_review::results::ShardFacts],
+    anomalous: bool,
+    outliers: &[JobFlag],
+) -> Vec<(&'static str, Value)> {
     let mut queue = Vec::new();
     if !broken.is_empty() {
         let mut agents: Vec<&str> = broken.iter().map(|f| f.agent.as_str()).collect();
@@ -425,66 +556,31 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         // For a person to look at; the job's result stands, flagged.
         queue.push(("anomaly", serde_json::json!({ "outliers": outliers })));
     }
-    let outcome = FoldOutcome {
-        state: job_state_now,
-        result: if blob.is_some() {
-            None
-        } else {
-            text.as_deref()
-        },
-        result_blob: blob.as_deref(),
-        summary: &summary,
-        error: error.as_deref(),
-        queue,
-    };
-    let Some(queued) = state
-        .store
-        .finish_job(job_id, &state.instance, &outcome)
-        .await?
-    else {
-        tracing::warn!(
-            job_id,
-            "lost the fold to another coordinator; its result stands"
-        );
-        return Ok(());
-    };
-    // Re-runs a person asked for while the job was held start now that it has finished.
-    match state.store.pending_reruns(job_id).await {
-        Ok(pending) => {
-            for (flag, details) in pending {
-                let shards = crate::store::review::flag_shards(&details);
-                match crate::planner::review_rerun(state, &job.tenant_id, job_id, flag, &shards)
-                    .await
-                {
-                    Ok(Ok(child)) => match state.store.attach_rerun(flag, &child).await {
-                        Ok(_) => state.work.notify_waiters(),
-                        Err(e) => {
-                            tracing::error!(job_id, flag, error = %e, "could not start a flag's re-run")
-                        }
-                    },
-                    Ok(Err(why)) => {
-                        tracing::warn!(job_id, flag, why, "a flag's re-run cannot be made")
-                    }
-                    Err(e) => {
-                        tracing::error!(job_id, flag, error = %e, "could not make a flag's re-run")
-                    }
-                }
-            }
+    queue
+}
+
+/// Re-runs a person asked for while the job was held start now that it has finished.
+async fn start_pending_reruns(state: &State, tenant: &str, job_id: &str) {
+    let pending = match state.store.pending_reruns(job_id).await {
+        Ok(pending) => pending,
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "could not read pending re-runs");
+            return;
         }
-        Err(e) => tracing::error!(job_id, error = %e, "could not read pending re-runs"),
+    };
+    for (flag, details) in pending {
+        let shards = crate::store::review::flag_shards(&details);
+        match crate::planner::review_rerun(state, tenant, job_id, flag, &shards).await {
+            Ok(Ok(child)) => match state.store.attach_rerun(flag, &child).await {
+                Ok(_) => state.work.notify_waiters(),
+                Err(e) => {
+                    tracing::error!(job_id, flag, error = %e, "could not start a flag's re-run")
+                }
+            },
+            Ok(Err(why)) => tracing::warn!(job_id, flag, why, "a flag's re-run cannot be made"),
+            Err(e) => tracing::error!(job_id, flag, error = %e, "could not make a flag's re-run"),
+        }
     }
-    if anomalous && state.config.anomalies == crate::AnomalyAction::Rerun {
-        let flag = *queued.last().expect("the anomaly entry was queued last");
-        rerun_anomalies(state, &job.tenant_id, job_id, flag, &outliers).await;
-    }
-    tracing::info!(
-        job_id,
-        state = %job_state_now,
-        accepted = counts.accepted,
-        total,
-        "job finished"
-    );
-    Ok(())
 }
 
 /// `--anomalies rerun`: run the flagged shards of a finished job again at once (the flag
@@ -629,6 +725,80 @@ async fn fold(
 #[cfg(test)]
 mod outcome_tests {
     use super::*;
+
+    fn counts(total: u64, accepted: u64, rejected: u64, dead: u64) -> ShardCounts {
+        ShardCounts {
+            total,
+            accepted,
+            rejected,
+            dead,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_shortfall_names_the_failures_and_what_the_spec_needs() {
+        let failures = [(1, "ZeroDivisionError".to_string())];
+        assert_eq!(shortfall_error(&counts(4, 4, 0, 0), 4, 1.0, &[]), None);
+        let every = shortfall_error(&counts(4, 3, 1, 0), 4, 1.0, &failures).unwrap();
+        assert!(
+            every.starts_with(
+                "1 of 4 shards did not succeed (1 failed, 0 dead); shard 1: ZeroDivisionError"
+            ),
+            "{every}"
+        );
+        assert!(every.contains("allow_partial = true"), "{every}");
+        let share = shortfall_error(&counts(4, 2, 1, 1), 4, 0.9, &failures).unwrap();
+        assert!(share.contains("needs 90% of the shards"), "{share}");
+        assert!(share.contains("and 1 more"), "{share}");
+        let none = shortfall_error(&counts(2, 0, 2, 0), 2, 0.5, &[]).unwrap();
+        assert!(none.starts_with("no shard succeeded: "), "{none}");
+        // Enough for the spec: it folds.
+        assert_eq!(
+            shortfall_error(&counts(4, 3, 1, 0), 4, 0.75, &failures),
+            None
+        );
+    }
+
+    fn facts(shard: u64, agent: &str) -> fleetbox_review::results::ShardFacts {
+        fleetbox_review::results::ShardFacts {
+            shard,
+            agent: agent.into(),
+            failed: true,
+            value: None,
+            wall_ms: 0.0,
+            cpu_ms: 0.0,
+            peak_memory: 0.0,
+            output_bytes: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_review_queue_gets_sandbox_errors_then_anomalies_last() {
+        let (a, b, c) = (facts(0, "agt_b"), facts(3, "agt_a"), facts(5, "agt_b"));
+        let outliers = outlier_flags(vec![fleetbox_review::results::Anomaly {
+            kind: "outlier",
+            metric: "value",
+            score: 12.0,
+            shards: vec![3],
+            agents: vec!["agt_a".into()],
+            explanation: "shard 3's value stands out".into(),
+        }]);
+        assert_eq!(outliers[0].shard, 3);
+        assert!(outliers[0].is_anomaly());
+        let queue = review_queue(&[&a, &b, &c], true, &outliers);
+        assert_eq!(queue.len(), 2);
+        assert_eq!(queue[0].0, "sandbox_error");
+        assert_eq!(queue[0].1["shards"], serde_json::json!([0, 3, 5]));
+        assert_eq!(queue[0].1["agents"], serde_json::json!(["agt_a", "agt_b"]));
+        assert_eq!(queue[1].0, "anomaly", "the anomaly entry is last");
+        assert!(review_queue(&[], false, &[]).is_empty());
+        let verification = JobFlag {
+            kind: "agent_result_invalid".into(),
+            ..outliers[0].clone()
+        };
+        assert!(!verification.is_anomaly());
+    }
 
     #[test]
     fn a_job_completes_only_with_the_share_its_spec_needs() {
