@@ -155,6 +155,25 @@ impl Reviewer for BuiltinReviewer {
                 }
             })
             .collect();
+        // Known attacks' shapes: a compound rule fires where the last of its parts did.
+        for rule in self.rules.rules.iter().filter(|r| !r.all.is_empty()) {
+            let parts: Option<Vec<&Finding>> = rule
+                .all
+                .iter()
+                .map(|id| findings.iter().find(|f| &f.rule == id))
+                .collect();
+            if let Some(last) = parts.and_then(|p| p.into_iter().max_by_key(|f| (f.line, f.column)))
+            {
+                findings.push(Finding {
+                    rule: rule.id.clone(),
+                    severity: rule.severity,
+                    line: last.line,
+                    column: last.column,
+                    message: format!("{} ({})", rule.description, rule.all.join(" + ")),
+                    snippet: last.snippet.clone(),
+                });
+            }
+        }
         findings.sort_by(|a, b| (a.line, a.column, &a.rule).cmp(&(b.line, b.column, &b.rule)));
         findings.dedup_by(|a, b| a.rule == b.rule && a.line == b.line && a.column == b.column);
         let risk = self.rules.risk(&findings);

@@ -39,6 +39,11 @@ pub struct Rule {
     /// A built-in check ([`CHECKS`]).
     #[serde(default)]
     pub check: Option<String>,
+    /// A known attack's shape: fires when every rule named here fired (a network client and
+    /// a started program: a reverse shell; a network client and computed code: download and
+    /// execute). Its weight adds to theirs.
+    #[serde(default)]
+    pub all: Vec<String>,
     /// A program the rule must flag.
     pub fires: String,
     /// A program it must not.
@@ -107,10 +112,21 @@ impl RuleSet {
                 && r.imports.is_empty()
                 && r.strings.is_empty()
                 && r.check.is_none()
+                && r.all.is_empty()
             {
                 return Err(invalid(
-                    "matches nothing (give calls, imports, strings or check)",
+                    "matches nothing (give calls, imports, strings, check or all)",
                 ));
+            }
+            if let Some(unknown) = r.all.iter().find(|id| {
+                !file
+                    .rules
+                    .iter()
+                    .any(|other| &other.id == *id && other.all.is_empty())
+            }) {
+                return Err(invalid(&format!(
+                    "`all` names `{unknown}`, which is not a rule of its own (compound rules name plain ones)"
+                )));
             }
             if let Some(c) = &r.check
                 && !CHECKS.contains(&c.as_str())

@@ -1,8 +1,16 @@
 //! One pass over the AST in source order: imports and assignments feed a table of what each
 //! local name stands for (`o` → `os`, `r` → `subprocess.run`, `f` → `os.system`), every call is
 //! resolved through it, and each rule's matchers and checks look at what they are about.
+//!
+//! Values are followed, not only names: star imports resolve against the names rules care
+//! about; `sys.modules[...]`, `globals()[...]`, `vars(mod)[...]`, `builtins.x` and container
+//! literals' subscripts resolve to what they hold; string expressions fold (`+`, `join`,
+//! f-strings, `%`, `format`, `[::-1]`, `b"..".decode()`, names bound to constants); lambdas
+//! and small functions are applied to their arguments; and a dangerous callable that is not
+//! called where it is named (put in a list or a dict, passed to `map` or `functools.partial`,
+//! a default argument, a return value) counts as called: it is going somewhere to be called.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ruff_python_ast::visitor::{Visitor, walk_expr, walk_stmt};
 use ruff_python_ast::{Expr, Number, Operator, Stmt};
@@ -69,12 +77,19 @@ const FILE_CHANGERS: &[&str] = &[
 
 const DUNDER_ESCAPES: &[&str] = &["__builtins__", "__subclasses__", "__globals__"];
 
+/// How deep lambdas and small functions are applied inside each other.
+const MAX_DEPTH: u32 = 8;
+
 pub fn scan(suite: &[Stmt], rules: &RuleSet) -> Vec<Hit> {
     let mut s = Scanner {
         rules,
         aliases: HashMap::new(),
         loop_depth: 0,
         hits: Vec::new(),
+        stars: Vec::new(),
+        consts: HashMap::new(),
+        lambdas: HashMap::new(),
+        called: HashSet::new(),
     };
     for stmt in suite {
         s.visit_stmt(stmt);
@@ -88,6 +103,33 @@ struct Scanner<'r> {
     aliases: HashMap<String, String>,
     loop_depth: u32,
     hits: Vec<Hit>,
+    /// Modules imported with `*`, in order.
+    stars: Vec<String>,
+    /// Names bound to a constant string.
+    consts: HashMap<String, String>,
+    /// Names bound to a lambda or a small function: its parameters and what it returns.
+    lambdas: HashMap<String, (Vec<String>, Expr)>,
+    /// Where the call targets seen start: a dangerous name anywhere else is a value.
+    called: HashSet<TextSize>,
+}
+
+/// The names of a lambda's or function's positional parameters.
+fn parameter_names(p: &ruff_python_ast::Parameters) -> Vec<String> {
+    p.posonlyargs
+        .iter()
+        .chain(&p.args)
+        .map(|a| a.parameter.name.as_str().to_string())
+        .collect()
+}
+
+/// `builtins.exec` and `__builtins__.exec` are `exec`.
+fn normalize(name: String) -> String {
+    for prefix in ["builtins.", "__builtins__."] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            return rest.to_string();
+        }
+    }
+    name
 }
 
 impl Scanner<'_> {
@@ -126,55 +168,274 @@ impl Scanner<'_> {
         }
     }
 
-    /// What an expression names, as a qualified name (`os.system`), when it can be known.
-    fn qualified(&self, expr: &Expr) -> Option<String> {
+    /// The string an expression always evaluates to, when that is plain to see: literals and
+    /// names bound to them, `+`, `"".join([...])`, f-strings, `%` and `format` of them,
+    /// `[::-1]`, `chr(N)`, `b"...".decode()`.
+    fn fold(&self, expr: &Expr) -> Option<String> {
         match expr {
-            Expr::Name(n) => {
-                let id = n.id.as_str();
-                match self.aliases.get(id) {
-                    Some(q) => Some(q.clone()),
-                    None if BUILTINS.contains(&id) => Some(id.to_string()),
-                    None => None,
+            Expr::StringLiteral(s) => Some(s.value.to_str().to_string()),
+            Expr::Name(n) => self.consts.get(n.id.as_str()).cloned(),
+            Expr::BinOp(b) if b.op == Operator::Add => {
+                Some(self.fold(&b.left)? + &self.fold(&b.right)?)
+            }
+            // `"%s%s" % ("sys", "tem")`
+            Expr::BinOp(b) if b.op == Operator::Mod => {
+                let template = self.fold(&b.left)?;
+                let args: Vec<String> = match &*b.right {
+                    Expr::Tuple(t) => t.elts.iter().map(|e| self.fold(e)).collect::<Option<_>>()?,
+                    other => vec![self.fold(other)?],
+                };
+                let mut out = template;
+                for a in args {
+                    out = out.replacen("%s", &a, 1);
                 }
+                Some(out)
             }
-            Expr::Attribute(a) => {
-                let base = self.qualified(&a.value)?;
-                Some(format!("{base}.{}", a.attr.as_str()))
+            Expr::FString(f) => {
+                let mut out = String::new();
+                for part in f.value.iter() {
+                    match part {
+                        ruff_python_ast::FStringPart::Literal(l) => out.push_str(l.value.as_ref()),
+                        ruff_python_ast::FStringPart::FString(f) => {
+                            for e in f.elements.iter() {
+                                match e {
+                                    ruff_python_ast::InterpolatedStringElement::Literal(l) => {
+                                        out.push_str(&l.value)
+                                    }
+                                    ruff_python_ast::InterpolatedStringElement::Interpolation(
+                                        i,
+                                    ) => out.push_str(&self.fold(&i.expression)?),
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(out)
             }
-            Expr::Call(c) => {
-                let func = self.qualified(&c.func)?;
-                let args = &c.arguments.args;
-                match func.as_str() {
-                    // `__import__("m")`, `importlib.import_module("m")`: the module.
-                    "__import__" | "importlib.import_module" => fold(args.first()?),
-                    // `getattr(mod, "na" + "me")`: mod.name.
-                    "getattr" => {
-                        let base = self.qualified(args.first()?)?;
-                        Some(format!("{base}.{}", fold(args.get(1)?)?))
+            // `"metsys"[::-1]`
+            Expr::Subscript(s) => match &*s.slice {
+                Expr::Slice(sl)
+                    if sl.lower.is_none()
+                        && sl.upper.is_none()
+                        && sl.step.as_deref().is_some_and(|st| {
+                            matches!(st, Expr::UnaryOp(u) if u.op == ruff_python_ast::UnaryOp::USub
+                                && index(&u.operand) == Some(1))
+                        }) =>
+                {
+                    Some(self.fold(&s.value)?.chars().rev().collect())
+                }
+                _ => None,
+            },
+            Expr::Call(c) => match &*c.func {
+                Expr::Attribute(a) if a.attr.as_str() == "join" => {
+                    let sep = self.fold(&a.value)?;
+                    let parts = match c.arguments.args.first()? {
+                        Expr::List(l) => &l.elts,
+                        Expr::Tuple(t) => &t.elts,
+                        _ => return None,
+                    };
+                    let parts: Option<Vec<String>> = parts.iter().map(|p| self.fold(p)).collect();
+                    Some(parts?.join(&sep))
+                }
+                // `"{}{}".format("sys", "tem")`
+                Expr::Attribute(a) if a.attr.as_str() == "format" => {
+                    let mut out = self.fold(&a.value)?;
+                    for (i, arg) in c.arguments.args.iter().enumerate() {
+                        let v = self.fold(arg)?;
+                        out = out.replace(&format!("{{{i}}}"), &v).replacen("{}", &v, 1);
+                    }
+                    Some(out)
+                }
+                // `b"system".decode()`
+                Expr::Attribute(a) if a.attr.as_str() == "decode" => match &*a.value {
+                    Expr::BytesLiteral(b) => {
+                        let bytes: Vec<u8> = b
+                            .value
+                            .iter()
+                            .flat_map(|l| l.value.iter().copied())
+                            .collect();
+                        String::from_utf8(bytes).ok()
                     }
                     _ => None,
+                },
+                Expr::Name(n) if n.id.as_str() == "chr" => match c.arguments.args.first()? {
+                    Expr::NumberLiteral(num) => match &num.value {
+                        Number::Int(i) => {
+                            char::from_u32(u32::try_from(i.as_i64()?).ok()?).map(String::from)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether any rule names `name` among its calls.
+    fn dangerous(&self, name: &str) -> bool {
+        self.rules
+            .rules
+            .iter()
+            .any(|r| r.calls.iter().any(|p| glob(p, name)))
+    }
+
+    /// What a bare name stands for: an alias, a builtin, or a dangerous name of a module
+    /// imported with `*`.
+    fn name(&self, id: &str) -> Option<String> {
+        if let Some(q) = self.aliases.get(id) {
+            return Some(q.clone());
+        }
+        if BUILTINS.contains(&id) {
+            return Some(id.to_string());
+        }
+        self.stars
+            .iter()
+            .rev()
+            .map(|m| format!("{m}.{id}"))
+            .find(|q| self.dangerous(q))
+    }
+
+    /// What an expression names, as a qualified name (`os.system`), when it can be known.
+    fn qualified(&self, expr: &Expr) -> Option<String> {
+        self.resolve(expr, &HashMap::new(), 0)
+    }
+
+    /// [`Scanner::qualified`] with lambda or function parameters bound in `scope`.
+    fn resolve(&self, expr: &Expr, scope: &HashMap<String, String>, depth: u32) -> Option<String> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let r = |e: &Expr| self.resolve(e, scope, depth);
+        let q = match expr {
+            Expr::Name(n) => match scope.get(n.id.as_str()) {
+                Some(q) => Some(q.clone()),
+                None => self.name(n.id.as_str()),
+            },
+            Expr::Attribute(a) => {
+                let base = r(&a.value)?;
+                Some(format!("{base}.{}", a.attr.as_str()))
+            }
+            Expr::Call(c) => self.resolve_call(c, scope, depth),
+            Expr::Subscript(s) => self.resolve_subscript(s, scope, depth),
+            // `(f := os.system)`
+            Expr::Named(n) => r(&n.value),
+            // `(os.system if c else print)`: the dangerous branch, if either is.
+            Expr::If(i) => {
+                let (a, b) = (r(&i.body), r(&i.orelse));
+                match (&a, &b) {
+                    (_, Some(q)) if self.dangerous(q) => b,
+                    _ => a.or(b),
                 }
             }
-            // `vars(mod)["name"]`, `mod.__dict__["name"]`: mod.name.
-            Expr::Subscript(s) => {
-                let key = fold(&s.slice)?;
-                let base = match &*s.value {
-                    Expr::Call(c) if self.qualified(&c.func).as_deref() == Some("vars") => {
-                        self.qualified(c.arguments.args.first()?)?
-                    }
-                    Expr::Attribute(a) if a.attr.as_str() == "__dict__" => {
-                        self.qualified(&a.value)?
-                    }
-                    _ => return None,
-                };
-                Some(format!("{base}.{key}"))
+            _ => None,
+        };
+        q.map(normalize)
+    }
+
+    /// What a call returns, when that is a name: an import, a `getattr`, a partial, a lambda
+    /// or a small function applied to its arguments.
+    fn resolve_call(
+        &self,
+        c: &ruff_python_ast::ExprCall,
+        scope: &HashMap<String, String>,
+        depth: u32,
+    ) -> Option<String> {
+        let args = &c.arguments.args;
+        if let Expr::Lambda(l) = &*c.func {
+            let params = l
+                .parameters
+                .as_deref()
+                .map(parameter_names)
+                .unwrap_or_default();
+            return self.apply(&params, &l.body, args, scope, depth);
+        }
+        if let Expr::Name(n) = &*c.func
+            && !scope.contains_key(n.id.as_str())
+            && let Some((params, body)) = self.lambdas.get(n.id.as_str())
+        {
+            return self.apply(params, body, args, scope, depth);
+        }
+        let func = self.resolve(&c.func, scope, depth)?;
+        match func.as_str() {
+            // `__import__("m")`, `importlib.import_module("m")`: the module.
+            "__import__" | "importlib.import_module" => self.fold(args.first()?),
+            // `getattr(mod, "na" + "me")`: mod.name.
+            "getattr" => {
+                let base = self.resolve(args.first()?, scope, depth)?;
+                Some(format!("{base}.{}", self.fold(args.get(1)?)?))
             }
+            // `functools.partial(f, ...)` and `staticmethod(f)` call `f`.
+            "functools.partial" | "staticmethod" | "classmethod" => {
+                self.resolve(args.first()?, scope, depth)
+            }
+            _ => None,
+        }
+    }
+
+    /// `params` bound to what `args` name, then what `body` names.
+    fn apply(
+        &self,
+        params: &[String],
+        body: &Expr,
+        args: &[Expr],
+        scope: &HashMap<String, String>,
+        depth: u32,
+    ) -> Option<String> {
+        let mut inner = scope.clone();
+        for (p, a) in params.iter().zip(args) {
+            match self.resolve(a, scope, depth + 1) {
+                Some(q) => inner.insert(p.clone(), q),
+                None => inner.remove(p),
+            };
+        }
+        self.resolve(body, &inner, depth + 1)
+    }
+
+    /// `sys.modules["m"]`, `globals()["name"]`, `vars(mod)["name"]`, `mod.__dict__["name"]`,
+    /// and a list's, tuple's or dict's literal item.
+    fn resolve_subscript(
+        &self,
+        s: &ruff_python_ast::ExprSubscript,
+        scope: &HashMap<String, String>,
+        depth: u32,
+    ) -> Option<String> {
+        let r = |e: &Expr| self.resolve(e, scope, depth);
+        match &*s.value {
+            Expr::List(l) => return r(l.elts.get(index(&s.slice)?)?),
+            Expr::Tuple(t) => return r(t.elts.get(index(&s.slice)?)?),
+            Expr::Dict(d) => {
+                let key = self.fold(&s.slice)?;
+                let item = d
+                    .items
+                    .iter()
+                    .find(|i| i.key.as_ref().and_then(|k| self.fold(k)).as_deref() == Some(&key))?;
+                return r(&item.value);
+            }
+            _ => {}
+        }
+        let key = self.fold(&s.slice)?;
+        match &*s.value {
+            Expr::Call(c) => match r(&c.func).as_deref() {
+                Some("vars") if c.arguments.args.len() == 1 => {
+                    Some(format!("{}.{key}", r(c.arguments.args.first()?)?))
+                }
+                Some("globals" | "locals" | "vars") => self.name(&key),
+                _ => None,
+            },
+            Expr::Attribute(a) if a.attr.as_str() == "__dict__" => {
+                Some(format!("{}.{key}", r(&a.value)?))
+            }
+            v if r(v).as_deref() == Some("sys.modules") => Some(key),
+            v if matches!(r(v).as_deref(), Some("__builtins__" | "builtins")) => Some(key),
             _ => None,
         }
     }
 
     fn on_call(&mut self, call: &ruff_python_ast::ExprCall) {
         let at = call.range().start();
+        self.called.insert(call.func.range().start());
         let Some(name) = self.qualified(&call.func) else {
             return;
         };
@@ -184,7 +445,7 @@ impl Scanner<'_> {
         match name.as_str() {
             "eval" | "exec" | "compile" => {
                 if let Some(arg) = first {
-                    if fold(arg).is_none() {
+                    if self.fold(arg).is_none() {
                         self.check(
                             "dynamic_exec",
                             at,
@@ -200,35 +461,49 @@ impl Scanner<'_> {
                     }
                 }
             }
-            "__import__" | "importlib.import_module" => match first.and_then(fold) {
+            "__import__" | "importlib.import_module" => match first.and_then(|e| self.fold(e)) {
                 Some(module) => self.imported(&module, at),
                 None => self.check("dynamic_import", at, None),
             },
             "getattr" => {
-                if args.get(1).is_some_and(|a| fold(a).is_none()) {
+                if args.get(1).is_some_and(|a| self.fold(a).is_none()) {
                     self.check("dynamic_getattr", at, None);
                 }
-                if let Some(key) = args.get(1).and_then(fold)
+                // `getattr(builtins, "ex" + "ec")`: reaching into the builtins by name.
+                if args
+                    .first()
+                    .and_then(|a| self.qualified(a))
+                    .is_some_and(|b| b == "builtins" || b == "__builtins__")
+                {
+                    self.check(
+                        "builtins_access",
+                        at,
+                        Some("`getattr` on the builtins".into()),
+                    );
+                }
+                if let Some(key) = args.get(1).and_then(|e| self.fold(e))
                     && DUNDER_ESCAPES.contains(&key.as_str())
                 {
                     self.check("builtins_access", at, Some(format!("`{key}`")));
                 }
             }
             "open" | "io.open" | "builtins.open" | "codecs.open" => {
-                let mode = args.get(1).and_then(fold).or_else(|| {
+                let mode = args.get(1).and_then(|e| self.fold(e)).or_else(|| {
                     call.arguments
                         .keywords
                         .iter()
                         .find(|k| k.arg.as_ref().is_some_and(|a| a.as_str() == "mode"))
-                        .and_then(|k| fold(&k.value))
+                        .and_then(|k| self.fold(&k.value))
                 });
                 let writes = mode.is_some_and(|m| m.contains(['w', 'a', 'x', '+']));
-                if writes && let Some(path) = first.and_then(fold).filter(|p| outside(p)) {
+                if writes
+                    && let Some(path) = first.and_then(|e| self.fold(e)).filter(|p| outside(p))
+                {
                     self.check("write_outside", at, Some(format!("writes `{path}`")));
                 }
             }
             n if FILE_CHANGERS.contains(&n) => {
-                if let Some(path) = first.and_then(fold).filter(|p| outside(p)) {
+                if let Some(path) = first.and_then(|e| self.fold(e)).filter(|p| outside(p)) {
                     self.check("write_outside", at, Some(format!("`{n}` on `{path}`")));
                 }
             }
@@ -257,6 +532,51 @@ impl Scanner<'_> {
             .any(|a| self.qualified(a).as_deref() == Some("os.environ"))
         {
             self.check("environ_dump", at, None);
+        }
+    }
+
+    /// A dangerous callable named where it is not called (put in a container, passed on,
+    /// a default argument, returned): it is going somewhere to be called, so it counts.
+    fn value_reference(&mut self, expr: &Expr) {
+        let loads = match expr {
+            Expr::Name(n) => n.ctx == ruff_python_ast::ExprContext::Load,
+            Expr::Attribute(a) => a.ctx == ruff_python_ast::ExprContext::Load,
+            _ => false,
+        };
+        let at = expr.range().start();
+        if !loads || self.called.contains(&at) {
+            return;
+        }
+        let Some(name) = self.qualified(expr).filter(|q| self.dangerous(q)) else {
+            return;
+        };
+        let ids: Vec<usize> = (self.rules.rules.iter().enumerate())
+            .filter(|(_, r)| r.calls.iter().any(|p| glob(p, &name)))
+            .map(|(i, _)| i)
+            .collect();
+        for i in ids {
+            self.hit(i, at, Some(format!("passes `{name}` around to call it")));
+        }
+    }
+
+    /// A lookup by key in a namespace: `sys.modules["m"]` imports `m`; a key that cannot be
+    /// known, on `sys.modules`, `globals()`, `vars()` or the builtins, hides what it gets.
+    fn lookup(&mut self, s: &ruff_python_ast::ExprSubscript) {
+        let at = s.range().start();
+        let namespace = match &*s.value {
+            Expr::Call(c) => self
+                .qualified(&c.func)
+                .filter(|f| matches!(f.as_str(), "globals" | "locals" | "vars")),
+            v => self
+                .qualified(v)
+                .filter(|q| matches!(q.as_str(), "sys.modules" | "builtins" | "__builtins__")),
+        };
+        let Some(namespace) = namespace else { return };
+        match (namespace.as_str(), self.fold(&s.slice)) {
+            ("sys.modules", Some(module)) => self.imported(&module, at),
+            ("sys.modules", None) => self.check("dynamic_import", at, None),
+            (_, None) => self.check("dynamic_getattr", at, None),
+            _ => {}
         }
     }
 
@@ -321,7 +641,9 @@ impl<'a> Visitor<'a> for Scanner<'_> {
                     } else {
                         format!("{module}.{name}")
                     };
-                    if name != "*" {
+                    if name == "*" {
+                        self.stars.push(module.to_string());
+                    } else {
                         // `from http import client` imports the module `http.client`.
                         self.imported(&full, alias.range().start());
                         let local = alias.asname.as_ref().map_or(name, |a| a.as_str());
@@ -333,12 +655,25 @@ impl<'a> Visitor<'a> for Scanner<'_> {
                 walk_stmt(self, stmt);
                 // `sp = __import__("subprocess")`, `f = getattr(os, "system")`, `o = os`.
                 if let [Expr::Name(target)] = a.targets.as_slice() {
+                    let id = target.id.to_string();
                     match self.qualified(&a.value) {
-                        Some(q) => {
-                            self.aliases.insert(target.id.to_string(), q);
+                        Some(q) => self.aliases.insert(id.clone(), q),
+                        None => self.aliases.remove(&id),
+                    };
+                    // `name = "sys" + "tem"`, then `getattr(os, name)`.
+                    match self.fold(&a.value) {
+                        Some(text) => self.consts.insert(id.clone(), text),
+                        None => self.consts.remove(&id),
+                    };
+                    // `get = lambda m: m.system`, then `get(os)`.
+                    match &*a.value {
+                        Expr::Lambda(l) => {
+                            let params = l.parameters.as_deref().map(parameter_names);
+                            self.lambdas
+                                .insert(id, (params.unwrap_or_default(), (*l.body).clone()));
                         }
-                        None => {
-                            self.aliases.remove(target.id.as_str());
+                        _ => {
+                            self.lambdas.remove(&id);
                         }
                     }
                 }
@@ -351,8 +686,24 @@ impl<'a> Visitor<'a> for Scanner<'_> {
                 return;
             }
             Stmt::FunctionDef(f) => {
-                // A function shadows a builtin of its name from here on.
-                self.aliases.remove(f.name.as_str());
+                // A function shadows a builtin of its name from here on; what it returns is
+                // followed like a lambda's (`def pick(m): return m.system`).
+                let name = f.name.as_str().to_string();
+                self.aliases.remove(&name);
+                self.consts.remove(&name);
+                let returned = f.body.iter().find_map(|s| match s {
+                    Stmt::Return(r) => r.value.as_deref().cloned(),
+                    _ => None,
+                });
+                match returned {
+                    Some(body) => {
+                        self.lambdas
+                            .insert(name, (parameter_names(&f.parameters), body));
+                    }
+                    None => {
+                        self.lambdas.remove(&name);
+                    }
+                }
             }
             _ => {}
         }
@@ -360,6 +711,7 @@ impl<'a> Visitor<'a> for Scanner<'_> {
     }
 
     fn visit_expr(&mut self, expr: &'a Expr) {
+        self.value_reference(expr);
         match expr {
             Expr::Call(c) => self.on_call(c),
             Expr::Name(n) if DUNDER_ESCAPES.contains(&n.id.as_str()) => {
@@ -377,10 +729,13 @@ impl<'a> Visitor<'a> for Scanner<'_> {
                 );
             }
             Expr::Subscript(s)
-                if fold(&s.slice).is_some_and(|k| DUNDER_ESCAPES.contains(&k.as_str())) =>
+                if self
+                    .fold(&s.slice)
+                    .is_some_and(|k| DUNDER_ESCAPES.contains(&k.as_str())) =>
             {
                 self.check("builtins_access", s.range().start(), None);
             }
+            Expr::Subscript(s) => self.lookup(s),
             Expr::StringLiteral(s) => {
                 let text = s.value.to_str();
                 let at = s.range().start();
@@ -429,32 +784,11 @@ fn count_chr(expr: &Expr, s: &Scanner<'_>) -> usize {
     }
 }
 
-/// The string an expression always evaluates to, when that is plain to see: literals, `+` of
-/// them, `"".join([...])` of them, `chr(N)`.
-fn fold(expr: &Expr) -> Option<String> {
+/// A non-negative integer literal (a subscript's index).
+fn index(expr: &Expr) -> Option<usize> {
     match expr {
-        Expr::StringLiteral(s) => Some(s.value.to_str().to_string()),
-        Expr::BinOp(b) if b.op == Operator::Add => Some(fold(&b.left)? + &fold(&b.right)?),
-        Expr::Call(c) => match &*c.func {
-            Expr::Attribute(a) if a.attr.as_str() == "join" => {
-                let sep = fold(&a.value)?;
-                let parts = match c.arguments.args.first()? {
-                    Expr::List(l) => &l.elts,
-                    Expr::Tuple(t) => &t.elts,
-                    _ => return None,
-                };
-                let parts: Option<Vec<String>> = parts.iter().map(fold).collect();
-                Some(parts?.join(&sep))
-            }
-            Expr::Name(n) if n.id.as_str() == "chr" => match c.arguments.args.first()? {
-                Expr::NumberLiteral(num) => match &num.value {
-                    Number::Int(i) => {
-                        char::from_u32(u32::try_from(i.as_i64()?).ok()?).map(String::from)
-                    }
-                    _ => None,
-                },
-                _ => None,
-            },
+        Expr::NumberLiteral(n) => match &n.value {
+            Number::Int(i) => usize::try_from(i.as_u64()?).ok(),
             _ => None,
         },
         _ => None,

@@ -97,8 +97,9 @@ async fn held_jobs_wait_for_a_person() {
             continue;
         };
         c.agent("a", Default::default());
-        // High + two mediums: risk 70, between `hold` (60) and `reject` (80).
-        let code = "import subprocess, socket, os\nprint(len(dict(os.environ)) > 0)\nsubprocess.run(['true'])\n";
+        // High + two mediums (a started program, a network client, and the two together: a
+        // remote shell's shape): risk 70, between `hold` (60) and `reject` (80).
+        let code = "import subprocess, socket\nsubprocess.run(['true'])\n";
         let held = |name: &str| {
             spec(&format!(
                 "name = \"{name}\"\ncode = {code:?}\n[shards]\ncount = 2\n"
