@@ -10,6 +10,7 @@ mod key;
 mod metrics;
 mod offload;
 pub mod outbox;
+mod review;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -217,47 +218,13 @@ struct Shared {
     ok_runs: Arc<AtomicU64>,
     /// The environments jobs ask for, built once each.
     environments: Arc<Environments>,
-    reviewer: fleetbox_review::BuiltinReviewer,
-    /// Review verdicts by code hash: `Some(why)` for rejected code.
-    reviewed: Mutex<HashMap<String, Option<String>>>,
+    /// The agent's own code review, by the hash of what it received.
+    review: review::CodeReview,
     /// What `/metrics` counts.
     counters: Arc<metrics::Counters>,
 }
 
 impl Shared {
-    /// The agent's own code review: code the policy rejects is refused here even when a
-    /// coordinator sent it (a compromised coordinator cannot make the fleet run it). Cached by
-    /// the code's hash: a job's shards are reviewed once.
-    fn review(&self, code: &str, code_sha256: &str) -> Result<(), String> {
-        use fleetbox_review::Reviewer as _;
-        if let Some(verdict) = self.reviewed.lock().expect("reviewed").get(code_sha256) {
-            return verdict.clone().map_or(Ok(()), Err);
-        }
-        let verdict = match self.reviewer.review_code(code) {
-            Ok(r) if r.decision == fleetbox_proto::Decision::Reject => {
-                let found: Vec<String> = r
-                    .findings
-                    .iter()
-                    .take(5)
-                    .map(|f| format!("{} at line {}", f.rule, f.line))
-                    .collect();
-                Some(format!(
-                    "this agent's code review rejects the program (risk {}): {}",
-                    r.risk,
-                    found.join(", ")
-                ))
-            }
-            // A program that does not parse fails by itself when it runs.
-            _ => None,
-        };
-        let mut cache = self.reviewed.lock().expect("reviewed");
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(code_sha256.to_string(), verdict.clone());
-        verdict.map_or(Ok(()), Err)
-    }
-
     fn client(&self) -> Client {
         self.client.lock().expect("client").clone()
     }
@@ -325,8 +292,7 @@ pub async fn run(
         set_aside: AtomicU64::new(0),
         ok_runs: Arc::new(AtomicU64::new(0)),
         environments,
-        reviewer: fleetbox_review::BuiltinReviewer::shipped(),
-        reviewed: Mutex::new(HashMap::new()),
+        review: review::CodeReview::shipped(),
         counters: Arc::default(),
     });
 
@@ -615,7 +581,7 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             .config
             .caps
             .apply(task.limits.clone())
-            .and_then(|l| shared.review(&task.code, &task.code_sha256).map(|()| l))
+            .and_then(|l| shared.review.judge(&task.code).map(|()| l))
         {
             Ok(limits) => limits,
             Err(why) => {
