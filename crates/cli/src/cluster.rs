@@ -159,6 +159,10 @@ pub struct ServerArgs {
     /// How long a review may wait for the model (then the rules alone decide).
     #[arg(long, default_value = "10s", value_parser = crate::config::parse_millis)]
     pub llm_timeout: Millis,
+    /// How many points the model may lower the rules' risk by (0, the default: it may only
+    /// raise it). Also `[review] llm_max_lowering` in `fleetbox.toml`.
+    #[arg(long, value_name = "POINTS")]
+    pub llm_max_lowering: Option<u32>,
     /// A CA certificate (PEM) to trust besides the system's for outgoing HTTPS (the model,
     /// `notify` webhooks): for endpoints behind a private CA.
     #[arg(long, value_name = "FILE")]
@@ -442,6 +446,8 @@ fn server_config(
     if let (Some(url), Some(model)) = (&args.llm_url, &args.llm_model) {
         let mut llm = fleetbox_review::llm::LlmConfig::new(url.clone(), model.clone());
         llm.timeout = args.llm_timeout.as_duration();
+        llm.max_lowering = args.llm_max_lowering.unwrap_or(0).min(100);
+        llm.may_lower = llm.max_lowering > 0;
         if let Some(var) = &args.llm_key_env {
             llm.api_key = Some(
                 std::env::var(var)
@@ -479,8 +485,11 @@ fn server_config(
     Ok(c)
 }
 
-pub fn server(config: Option<&Path>, args: ServerArgs) -> anyhow::Result<ExitCode> {
+pub fn server(config: Option<&Path>, mut args: ServerArgs) -> anyhow::Result<ExitCode> {
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone(), &args.docker)?;
+    args.llm_max_lowering = args
+        .llm_max_lowering
+        .or(FileConfig::load(config)?.review.llm_max_lowering);
     let cfg = server_config(&args, backend, sandbox)?;
     runtime()?.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
@@ -635,6 +644,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         llm_model: None,
         llm_key_env: None,
         llm_timeout: Millis::from_secs(10),
+        llm_max_lowering: None,
         ca_cert: None,
         env: EnvArgs::default(),
         followups: FollowupArgs::default(),
@@ -778,5 +788,39 @@ mod tests {
             (7, ByteSize::mib(1))
         );
         assert!(toml::from_str::<FileConfig>("[agent]\nmax_memroy = \"1GiB\"\n").is_err());
+    }
+
+    #[derive(Parser)]
+    struct ServerCli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    /// The model may lower the rules' risk only when told how far, by a flag or the file.
+    #[test]
+    fn the_model_lowers_risk_only_as_far_as_configured() {
+        let llm = |flags: &[&str]| {
+            let mut argv = vec![
+                "server",
+                "--llm-url",
+                "http://127.0.0.1:1/v1",
+                "--llm-model",
+                "m",
+            ];
+            argv.extend_from_slice(flags);
+            let args = ServerCli::try_parse_from(argv).unwrap().server;
+            server_config(&args, Backend::Process, SandboxConfig::default())
+                .unwrap()
+                .llm
+                .unwrap()
+        };
+        let default = llm(&[]);
+        assert!(!default.may_lower);
+        let twenty = llm(&["--llm-max-lowering", "20"]);
+        assert!(twenty.may_lower);
+        assert_eq!(twenty.max_lowering, 20);
+        let file: FileConfig = toml::from_str("[review]\nllm_max_lowering = 15\n").unwrap();
+        assert_eq!(file.review.llm_max_lowering, Some(15));
+        assert!(toml::from_str::<FileConfig>("[review]\nmax_lowering = 15\n").is_err());
     }
 }

@@ -15,6 +15,16 @@ pub struct FileConfig {
     pub run: RunSection,
     #[serde(default)]
     pub agent: AgentSection,
+    #[serde(default)]
+    pub review: ReviewSection,
+}
+
+/// `[review]`: the coordinator's code review (flags override it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewSection {
+    /// How many points the model reviewer may lower the rules' risk by (0: only raise it).
+    pub llm_max_lowering: Option<u32>,
 }
 
 /// `[agent]`: an agent's policy, what it lets a job ask of this machine (flags override it).

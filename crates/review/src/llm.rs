@@ -96,8 +96,62 @@ pub struct LlmReviewer {
     config: LlmConfig,
     builtin: BuiltinReviewer,
     http: reqwest::blocking::Client,
-    /// Verdicts (or why there was none) by the code's SHA-256.
-    cache: Mutex<HashMap<String, Result<Verdict, String>>>,
+    /// Verdicts by the code's SHA-256. Failures are not kept: an outage must not cost a
+    /// program the model's opinion for good.
+    cache: Mutex<HashMap<String, Verdict>>,
+    /// How the endpoint takes structured output, once learnt (see [`Format`]).
+    format: std::sync::atomic::AtomicU8,
+}
+
+/// How a chat-completions endpoint is asked for JSON: OpenAI's `json_schema`, else JSON mode
+/// (`json_object`), else nothing (the answer's JSON is then found in a fenced block or between
+/// its first `{` and last `}`). An endpoint that refuses one (HTTP 400 or 422) is asked the
+/// next way, and keeps being asked that way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Schema = 0,
+    JsonObject = 1,
+    Plain = 2,
+}
+
+impl Format {
+    fn from(n: u8) -> Format {
+        match n {
+            0 => Format::Schema,
+            1 => Format::JsonObject,
+            _ => Format::Plain,
+        }
+    }
+
+    fn next(self) -> Option<Format> {
+        match self {
+            Format::Schema => Some(Format::JsonObject),
+            Format::JsonObject => Some(Format::Plain),
+            Format::Plain => None,
+        }
+    }
+}
+
+/// How one request went: the endpoint refused its structured-output request (ask the next
+/// way), or it failed.
+enum Attempt {
+    Refused(String),
+    Failed(String),
+}
+use Attempt::{Failed, Refused};
+
+/// The JSON object in a model's answer: all of it, a fenced block, or what lies between its
+/// first `{` and its last `}`.
+pub fn extract_json(content: &str) -> &str {
+    let text = content.trim();
+    if let Some(rest) = text.strip_prefix("```") {
+        let body = rest.split_once('\n').map_or("", |(_, b)| b);
+        return body.rsplit_once("```").map_or(body, |(b, _)| b).trim();
+    }
+    match (text.find('{'), text.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &text[a..=b],
+        _ => text,
+    }
 }
 
 impl LlmReviewer {
@@ -114,10 +168,12 @@ impl LlmReviewer {
             builtin,
             http,
             cache: Mutex::new(HashMap::new()),
+            format: std::sync::atomic::AtomicU8::new(Format::Schema as u8),
         })
     }
 
-    /// POST a chat completion answered in `schema`; the content of the first choice.
+    /// POST a chat completion answered in `schema`, as structured as the endpoint takes
+    /// (see [`Format`]); the JSON of the first choice's content.
     fn complete(
         &self,
         system: &str,
@@ -125,25 +181,61 @@ impl LlmReviewer {
         name: &str,
         schema: Value,
     ) -> Result<String, String> {
-        let body = json!({
+        use std::sync::atomic::Ordering;
+        let mut format = Format::from(self.format.load(Ordering::Relaxed));
+        loop {
+            match self.complete_as(format, system, user, name, &schema) {
+                Err(Refused(why)) => match format.next() {
+                    Some(next) => {
+                        tracing::info!(model = %self.config.model, ?format, why, "the endpoint refuses this structured output; asking the next way");
+                        format = next;
+                        self.format.store(format as u8, Ordering::Relaxed);
+                    }
+                    None => return Err(why),
+                },
+                Ok(content) => return Ok(extract_json(&content).to_string()),
+                Err(Failed(why)) => return Err(why),
+            }
+        }
+    }
+
+    fn complete_as(
+        &self,
+        format: Format,
+        system: &str,
+        user: &str,
+        name: &str,
+        schema: &Value,
+    ) -> Result<String, Attempt> {
+        let mut body = json!({
             "model": self.config.model,
             "temperature": 0,
             "messages": [
                 { "role": "system", "content": system },
-                { "role": "user", "content": user },
+                { "role": "user", "content": match format {
+                    Format::Schema => user.to_string(),
+                    // Without a schema the model is shown it.
+                    _ => format!("{user}\n\nAnswer with one JSON object matching this schema:\n{schema}"),
+                } },
             ],
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": { "name": name, "strict": true, "schema": schema },
-            },
         });
+        match format {
+            Format::Schema => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": { "name": name, "strict": true, "schema": schema },
+                });
+            }
+            Format::JsonObject => body["response_format"] = json!({ "type": "json_object" }),
+            Format::Plain => {}
+        }
         let url = format!("{}/chat/completions", self.config.url.trim_end_matches('/'));
         let mut req = self.http.post(&url).json(&body);
         if let Some(key) = &self.config.api_key {
             req = req.bearer_auth(key);
         }
         let resp = req.send().map_err(|e| {
-            if e.is_timeout() {
+            Failed(if e.is_timeout() {
                 format!("no answer within {:?}", self.config.timeout)
             } else {
                 // The cause chain names TLS failures (an untrusted certificate, say).
@@ -154,17 +246,20 @@ impl LlmReviewer {
                     source = s.source();
                 }
                 why
-            }
+            })
         })?;
         let status = resp.status();
-        if !status.is_success() {
-            return Err(format!("HTTP {status}"));
+        if matches!(status.as_u16(), 400 | 422) && format != Format::Plain {
+            return Err(Refused(format!("HTTP {status}")));
         }
-        let answer: Value = resp.json().map_err(|e| format!("not JSON: {e}"))?;
+        if !status.is_success() {
+            return Err(Failed(format!("HTTP {status}")));
+        }
+        let answer: Value = resp.json().map_err(|e| Failed(format!("not JSON: {e}")))?;
         answer["choices"][0]["message"]["content"]
             .as_str()
             .map(|c| c.trim().to_string())
-            .ok_or_else(|| "no `choices[0].message.content`".to_string())
+            .ok_or_else(|| Failed("no `choices[0].message.content`".to_string()))
     }
 
     fn ask(&self, code: &str, builtin: &CodeReview) -> Result<Verdict, String> {
@@ -313,17 +408,21 @@ impl Reviewer for LlmReviewer {
         let key = hex::encode(Sha256::digest(code.as_bytes()));
         let cached = self.cache.lock().expect("llm cache").get(&key).cloned();
         let verdict = match cached {
-            Some(v) => v,
+            Some(v) => Ok(v),
             None => {
                 let v = self.ask(code, &review);
-                if let Err(why) = &v {
-                    tracing::warn!(model = %self.config.model, why = %why, "the LLM reviewer gave no verdict; the built-in review stands");
+                match &v {
+                    Err(why) => {
+                        tracing::warn!(model = %self.config.model, why = %why, "the LLM reviewer gave no verdict; the built-in review stands (asked again next time)")
+                    }
+                    Ok(verdict) => {
+                        let mut cache = self.cache.lock().expect("llm cache");
+                        if cache.len() > 10_000 {
+                            cache.clear();
+                        }
+                        cache.insert(key, verdict.clone());
+                    }
                 }
-                let mut cache = self.cache.lock().expect("llm cache");
-                if cache.len() > 10_000 {
-                    cache.clear();
-                }
-                cache.insert(key, v.clone());
                 v
             }
         };

@@ -19,6 +19,13 @@ enum Mode {
     Slow,
     Status500,
     NotJson,
+    /// 400 to `json_schema` (as llama.cpp's older servers and some gateways answer); JSON mode
+    /// answered with this.
+    NoSchema(&'static str),
+    /// 400 to any `response_format`; answered in plain text with this.
+    PlainOnly(&'static str),
+    /// 500 to the first request, this verdict after.
+    FailOnce(&'static str),
 }
 
 /// Serve chat completions on loopback; returns the base URL and a request counter.
@@ -45,8 +52,38 @@ fn serve(mode: Mode) -> (String, Arc<AtomicUsize>) {
             let mut body = vec![0; length];
             let _ = reader.read_exact(&mut body);
             let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            assert_eq!(request["response_format"]["type"], "json_schema");
+            let asked = request["response_format"]["type"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let reply = |content: &str| {
+                serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                    .to_string()
+            };
+            let refused = (
+                "400 Bad Request",
+                "{\"error\": \"response_format\"}".to_string(),
+            );
             let (status, text) = match mode {
+                Mode::NoSchema(content) => match asked.as_str() {
+                    "json_schema" => refused,
+                    "json_object" => ("200 OK", reply(content)),
+                    _ => panic!("asked plainly though JSON mode works"),
+                },
+                Mode::PlainOnly(content) => match asked.as_str() {
+                    "" => ("200 OK", reply(content)),
+                    _ => refused,
+                },
+                Mode::FailOnce(content) => {
+                    if counter.load(Ordering::SeqCst) == 1 {
+                        ("500 Internal Server Error", "{}".to_string())
+                    } else {
+                        ("200 OK", reply(content))
+                    }
+                }
+                _ => {
+                    assert_eq!(asked, "json_schema");
+                    match mode {
                 Mode::Verdict(content) => (
                     "200 OK",
                     serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
@@ -58,6 +95,9 @@ fn serve(mode: Mode) -> (String, Arc<AtomicUsize>) {
                 }
                 Mode::Status500 => ("500 Internal Server Error", "{\"error\": \"boom\"}".into()),
                 Mode::NotJson => ("200 OK", "<html>not json</html>".into()),
+                _ => unreachable!(),
+                    }
+                }
             };
             let _ = write!(
                 stream,
@@ -155,4 +195,65 @@ fn every_failure_leaves_the_builtin_review_standing() {
         "{}",
         review.reviewer
     );
+}
+
+const MALICIOUS: &str = r#"{"verdict": "malicious", "risk": 90, "reasons": ["mines coins"]}"#;
+
+/// Endpoints without `json_schema` structured output: JSON mode is asked next, then plain text
+/// (the verdict found in a fenced block); the way that worked is kept for the next program.
+#[test]
+fn endpoints_without_json_schema_are_asked_for_json_mode_then_plain_text() {
+    let (url, hits) = serve(Mode::NoSchema(MALICIOUS));
+    let r = reviewer(url);
+    assert_eq!(r.review_code(BENIGN).unwrap().risk, 90);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "refused once, then JSON mode"
+    );
+    assert_eq!(r.review_code("print(2)\n").unwrap().risk, 90);
+    assert_eq!(hits.load(Ordering::SeqCst), 3, "JSON mode from then on");
+
+    let fenced = "Here is my review:\n```json\n{\"verdict\": \"malicious\", \"risk\": 90, \"reasons\": [\"mines coins\"]}\n```\n";
+    let (url, hits) = serve(Mode::PlainOnly(Box::leak(
+        fenced.to_string().into_boxed_str(),
+    )));
+    let r = reviewer(url);
+    let review = r.review_code(BENIGN).unwrap();
+    assert_eq!(
+        (review.risk, review.decision),
+        (90, Decision::Reject),
+        "{review:?}"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "schema, JSON mode, then plain"
+    );
+}
+
+/// A failed call is not a verdict: the next review of the same program asks again.
+#[test]
+fn a_failed_call_is_not_cached() {
+    let (url, hits) = serve(Mode::FailOnce(MALICIOUS));
+    let r = reviewer(url);
+    let first = r.review_code(BENIGN).unwrap();
+    assert_eq!(first.risk, 0);
+    assert!(first.reviewer.contains("HTTP 500"), "{}", first.reviewer);
+    let second = r.review_code(BENIGN).unwrap();
+    assert_eq!(second.risk, 90, "{}", second.reviewer);
+    r.review_code(BENIGN).unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "the verdict is cached");
+}
+
+#[test]
+fn json_is_found_in_what_models_answer() {
+    use fleetbox_review::llm::extract_json;
+    assert_eq!(extract_json(" {\"a\": 1} "), "{\"a\": 1}");
+    assert_eq!(extract_json("```json\n{\"a\": 1}\n```"), "{\"a\": 1}");
+    assert_eq!(
+        extract_json("Sure! {\"a\": {\"b\": 2}} Hope this helps."),
+        "{\"a\": {\"b\": 2}}"
+    );
+    assert_eq!(extract_json("no json here"), "no json here");
 }
