@@ -196,6 +196,11 @@ pub struct FollowupArgs {
     /// First retry delay of a webhook; doubles per try, with jitter.
     #[arg(long, default_value = "1s", value_parser = crate::config::parse_millis)]
     pub notify_backoff: Millis,
+    /// A host name, address or range (`10.0.0.0/8`) webhooks may reach though it is not
+    /// public (loopback, private, link-local and this host's own addresses are refused
+    /// otherwise). Repeatable.
+    #[arg(long, value_name = "HOST|ADDR|CIDR", value_parser = fleetbox_server::planner::guard::Allowed::parse)]
+    pub notify_allow: Vec<fleetbox_server::planner::guard::Allowed>,
     /// What result review's anomalies (an outlying shard or agent, an error spike) do to a
     /// job: `flag` (accept, flagged and queued), `review` (`needs_review` until a person
     /// decides), `rerun` (run the flagged shards again at once, checked by the server).
@@ -224,6 +229,7 @@ impl Default for FollowupArgs {
             followup_rate: d.rate_per_minute,
             notify_tries: d.notify_tries,
             notify_backoff: Millis(d.notify_backoff_ms),
+            notify_allow: Vec::new(),
             ai_planner_templates: None,
             anomalies: fleetbox_server::AnomalyAction::Flag,
         }
@@ -248,6 +254,7 @@ impl FollowupArgs {
             rate_per_minute: self.followup_rate.max(1),
             notify_tries: self.notify_tries.max(1),
             notify_backoff_ms: self.notify_backoff.0.max(1),
+            notify_allow: self.notify_allow.clone(),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! stop runaway chains; hitting one is flagged and audited. Everything decided is audited.
 
 pub mod expr;
+pub mod guard;
 pub mod notify;
 
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct PlannerConfig {
     pub notify_tries: u32,
     /// First retry delay of a webhook; doubles per try (with jitter), capped at five minutes.
     pub notify_backoff_ms: u64,
+    /// Hosts, addresses and ranges webhooks may reach though they are not public
+    /// (`--notify-allow`; see `guard`).
+    pub notify_allow: Vec<guard::Allowed>,
 }
 
 impl Default for PlannerConfig {
@@ -57,6 +61,7 @@ impl Default for PlannerConfig {
             rate_per_minute: 120,
             notify_tries: 8,
             notify_backoff_ms: 1000,
+            notify_allow: Vec::new(),
         }
     }
 }

@@ -18,23 +18,11 @@ const CLAIM_MS: i64 = 30_000;
 const MAX_BACKOFF_MS: u64 = 5 * 60 * 1000;
 
 pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let mut builder = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("fleetbox/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &state.config.ca_cert {
-        match fleetbox_review::llm::ca_certificate(path) {
-            Ok(cert) => builder = builder.add_root_certificate(cert),
-            Err(e) => tracing::error!(error = %e, "`--ca-cert` not usable for webhooks"),
-        }
-    }
-    let client = match builder.build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "no HTTP client: `notify` webhooks will not be sent");
-            return;
-        }
-    };
+    let ca = state.config.ca_cert.as_ref().and_then(|path| {
+        fleetbox_review::llm::ca_certificate(path)
+            .map_err(|e| tracing::error!(error = %e, "`--ca-cert` not usable for webhooks"))
+            .ok()
+    });
     loop {
         let now = now_ms();
         match state
@@ -44,7 +32,7 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
         {
             Ok(due) => {
                 for n in due {
-                    let outcome = deliver(&client, &n, &state.config.planner).await;
+                    let outcome = deliver(ca.as_ref(), &n, &state.config.planner).await;
                     match &outcome {
                         Delivery::Delivered { status } => {
                             tracing::info!(job_id = %n.job_id, url = %n.url, status, "webhook delivered")
@@ -90,13 +78,48 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// An HTTP client that connects `host` only to `addr` (the address the guard checked) and
+/// follows no redirect.
+fn client_for(
+    ca: Option<&reqwest::Certificate>,
+    host: &str,
+    addr: std::net::SocketAddr,
+) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("fleetbox/", env!("CARGO_PKG_VERSION")))
+        .resolve(host, addr);
+    if let Some(cert) = ca {
+        builder = builder.add_root_certificate(cert.clone());
+    }
+    builder.build().map_err(|e| format!("no HTTP client: {e}"))
+}
+
 async fn deliver(
-    client: &reqwest::Client,
+    ca: Option<&reqwest::Certificate>,
     n: &Notification,
     config: &super::PlannerConfig,
 ) -> Delivery {
+    // Where it may go is decided before anything is sent; a refusal is final.
+    let url = match reqwest::Url::parse(&n.url) {
+        Ok(url) => url,
+        Err(e) => {
+            return Delivery::Failed {
+                error: format!("not a URL: {e}"),
+            };
+        }
+    };
+    let client = match super::guard::vet(&url, &config.notify_allow)
+        .await
+        .and_then(|addr| client_for(ca, url.host_str().unwrap_or_default(), addr))
+    {
+        Ok(client) => client,
+        Err(error) if error.starts_with("refused") => return Delivery::Failed { error },
+        Err(error) => return retry_or_fail(n, config, error),
+    };
     let sent = client
-        .post(&n.url)
+        .post(url)
         .header("content-type", "application/json")
         // Lets the receiver drop a repeat (a try whose answer was lost is sent again).
         .header("x-fleetbox-notification", &n.id)
@@ -120,6 +143,11 @@ async fn deliver(
             why
         }
     };
+    retry_or_fail(n, config, error)
+}
+
+/// A failed try: another later, or failed for good after `notify_tries`.
+fn retry_or_fail(n: &Notification, config: &super::PlannerConfig, error: String) -> Delivery {
     let tries = n.tries as u32 + 1;
     if tries >= config.notify_tries {
         return Delivery::Failed { error };

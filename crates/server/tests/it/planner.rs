@@ -362,6 +362,9 @@ async fn notify_retries_with_back_off_and_is_delivered_once() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let Some(mut c) = Coordinator::start_with(Db::Sqlite, |config| {
         config.planner.notify_backoff_ms = 100;
+        // Loopback, allowed by the operator (see the guard's own test below).
+        config.planner.notify_allow =
+            vec![fleetbox_server::planner::guard::Allowed::parse("127.0.0.1").unwrap()];
     })
     .await
     else {
@@ -410,6 +413,84 @@ async fn notify_retries_with_back_off_and_is_delivered_once() {
             .unwrap()
             .contains("500")
     );
+    c.stop().await;
+}
+
+/// Webhooks to the coordinator's loopback, by address and by a name resolving to it, and to a
+/// cloud metadata address: refused without a try reaching anything, failed at once, audited
+/// and flagged. (The allow-listed case is the test above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_internal_addresses_are_refused_unless_allowed() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = {
+        let hits = hits.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                hits.fetch_add(1, Ordering::SeqCst);
+                async { axum::http::StatusCode::NO_CONTENT }
+            }),
+        )
+    };
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let Some(mut c) = Coordinator::start(Db::Sqlite).await else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let job = c
+        .client
+        .submit(&spec(&format!(
+            "name = \"probe\"\ncode = \"print(1)\"\nshards = {{ count = 1 }}\n\
+             [[followup]]\nname = \"by-address\"\nwhen = \"true\"\naction = \"notify\"\nurl = \"http://127.0.0.1:{port}/hook\"\n\
+             [[followup]]\nname = \"by-name\"\nwhen = \"true\"\naction = \"notify\"\nurl = \"http://localhost:{port}/hook\"\n\
+             [[followup]]\nname = \"metadata\"\nwhen = \"true\"\naction = \"notify\"\nurl = \"http://169.254.169.254/latest/meta-data/\"\n"
+        )))
+        .await
+        .unwrap();
+    let chain = wait_chain(&c, &job.id, Duration::from_secs(60), |ch| {
+        ch.notifications.len() == 3 && ch.notifications.iter().all(|n| n.state == "failed")
+    })
+    .await;
+    for n in &chain.notifications {
+        assert_eq!(n.tries, 1, "refused at once, not retried: {n:?}");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the loopback"
+    );
+    let tries = c
+        .client
+        .audit(&format!("job={}&action=followup.notified", job.id))
+        .await
+        .unwrap();
+    let errors: Vec<&str> = tries
+        .entries
+        .iter()
+        .map(|e| e.details["error"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("refused")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("`localhost`")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("link-local")),
+        "{errors:?}"
+    );
+    let flags = c
+        .client
+        .review_flags(&format!("job={}&kind=notify_failed", job.id))
+        .await
+        .unwrap()
+        .flags;
+    assert_eq!(flags.len(), 3);
     c.stop().await;
 }
 

@@ -164,6 +164,9 @@ async fn the_model_and_webhooks_speak_https_to_a_private_ca_and_refuse_strangers
             "stand-in",
         ));
         config.ca_cert = Some(trusted);
+        // The webhook receiver is on loopback, which webhooks may reach only when allowed.
+        config.planner.notify_allow =
+            vec![fleetbox_server::planner::guard::Allowed::parse("127.0.0.1").unwrap()];
     })
     .await
     else {
