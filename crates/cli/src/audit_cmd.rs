@@ -262,8 +262,7 @@ fn trusted_keys(args: &VerifyArgs) -> anyhow::Result<std::collections::BTreeSet<
              the key it is believed with; the one it names itself proves nothing"
         );
     };
-    Ok(fleetbox_server::custody::read_trusted_keys(path)
-        .map_err(anyhow::Error::msg)?
+    Ok(fleetbox_server::custody::read_trusted_keys(path)?
         .into_iter()
         .collect())
 }
@@ -303,7 +302,7 @@ fn verify_file(args: &VerifyArgs, file: &std::path::Path) -> anyhow::Result<Exit
 fn verify_database(args: &VerifyArgs, database: &str) -> anyhow::Result<ExitCode> {
     let keys = trusted_keys(args)?;
     let checkpoints = match &args.checkpoints {
-        Some(p) => fleetbox_server::custody::read_checkpoints(p).map_err(anyhow::Error::msg)?,
+        Some(p) => fleetbox_server::custody::read_checkpoints(p)?,
         None => Vec::new(),
     };
     let url = if std::path::Path::new(database).is_dir() {

@@ -33,8 +33,7 @@ pub fn receipt(args: ReceiptArgs) -> anyhow::Result<ExitCode> {
     let text = fs_err::read_to_string(&args.file)?;
     let receipt: fleetbox_server::receipt::Receipt = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: not a receipt: {e}", args.file.display()))?;
-    let keys = fleetbox_server::custody::read_trusted_keys(&args.trusted_keys)
-        .map_err(anyhow::Error::msg)?
+    let keys = fleetbox_server::custody::read_trusted_keys(&args.trusted_keys)?
         .into_iter()
         .collect();
     match fleetbox_server::receipt::verify(&receipt, &keys) {

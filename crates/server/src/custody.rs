@@ -25,6 +25,27 @@ const SHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// database and the journal: `fleetbox audit checkpoints` exports them again).
 const MAX_UNSENT: usize = 10_000;
 
+/// What went wrong keeping the audit log's custody files.
+#[derive(Debug, thiserror::Error)]
+pub enum CustodyError {
+    #[error("`{}`: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of a keys or checkpoints file that does not parse.
+    #[error("`{}`: line {line}: {why}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+    /// An `--audit-ship` target that names no sink.
+    #[error("`{0}`: ship checkpoints to `file:PATH`, `exec:COMMAND` or an http(s) URL")]
+    Sink(String),
+}
+
 /// Where checkpoints go as they are made (`--audit-ship`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sink {
@@ -37,24 +58,21 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub fn parse(text: &str) -> Result<Sink, String> {
+    pub fn parse(text: &str) -> Result<Sink, CustodyError> {
+        let bad = || CustodyError::Sink(text.to_string());
         if let Some(path) = text.strip_prefix("file:") {
-            if path.is_empty() {
-                return Err("`file:` needs a path".into());
-            }
-            Ok(Sink::File(PathBuf::from(path)))
+            (!path.is_empty())
+                .then(|| Sink::File(PathBuf::from(path)))
+                .ok_or_else(bad)
         } else if let Some(command) = text.strip_prefix("exec:") {
-            if command.trim().is_empty() {
-                return Err("`exec:` needs a command".into());
-            }
-            Ok(Sink::Exec(command.to_string()))
+            (!command.trim().is_empty())
+                .then(|| Sink::Exec(command.to_string()))
+                .ok_or_else(bad)
         } else if text.starts_with("http://") || text.starts_with("https://") {
-            reqwest::Url::parse(text).map_err(|e| format!("`{text}`: {e}"))?;
+            reqwest::Url::parse(text).map_err(|_| bad())?;
             Ok(Sink::Webhook(text.to_string()))
         } else {
-            Err(format!(
-                "`{text}`: ship checkpoints to `file:PATH`, `exec:COMMAND` or an http(s) URL"
-            ))
+            Err(bad())
         }
     }
 
@@ -125,15 +143,21 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
 
 /// The keys in a `--audit-trusted-keys` file: one ed25519 public key (64 hex digits) per line,
 /// `#` to the end of a line is a comment.
-pub fn read_trusted_keys(path: &Path) -> Result<Vec<String>, String> {
-    let text = fs_err::read_to_string(path).map_err(|e| e.to_string())?;
+pub fn read_trusted_keys(path: &Path) -> Result<Vec<String>, CustodyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CustodyError::Io {
+        path: path.into(),
+        source,
+    })?;
     text.lines()
         .enumerate()
         .filter_map(|(i, line)| {
             let key = line.split('#').next().unwrap_or("").trim();
             (!key.is_empty()).then(|| {
-                parse_public_key(key)
-                    .map_err(|e| format!("{}: line {}: {e}", path.display(), i + 1))
+                parse_public_key(key).map_err(|why| CustodyError::Line {
+                    path: path.into(),
+                    line: i + 1,
+                    why,
+                })
             })
         })
         .collect()
@@ -141,17 +165,26 @@ pub fn read_trusted_keys(path: &Path) -> Result<Vec<String>, String> {
 
 /// The checkpoints in a JSON-lines file (the journal, or `fleetbox audit checkpoints`'s
 /// output), naming the line that does not parse.
-pub fn read_checkpoints(path: &Path) -> Result<Vec<AuditCheckpoint>, String> {
-    let text = match fs_err::read_to_string(path) {
+pub fn read_checkpoints(path: &Path) -> Result<Vec<AuditCheckpoint>, CustodyError> {
+    let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e.to_string()),
+        Err(source) => {
+            return Err(CustodyError::Io {
+                path: path.into(),
+                source,
+            });
+        }
     };
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| format!("{}: line {}: {e}", path.display(), i + 1))
+            serde_json::from_str(l).map_err(|e| CustodyError::Line {
+                path: path.into(),
+                line: i + 1,
+                why: e.to_string(),
+            })
         })
         .collect()
 }
@@ -195,7 +228,7 @@ impl Custody {
     }
 
     /// What verification believes: the pinned keys and the journaled checkpoints.
-    pub fn pins(&self) -> Result<Pins, String> {
+    pub fn pins(&self) -> Result<Pins, CustodyError> {
         Ok(Pins {
             keys: self.keys.clone(),
             checkpoints: read_checkpoints(&self.journal)?,
@@ -203,11 +236,13 @@ impl Custody {
     }
 
     /// Journal checkpoints just made (before anything else may happen to them).
-    pub fn journal(&self, made: &[AuditCheckpoint]) -> Result<(), String> {
+    pub fn journal(&self, made: &[AuditCheckpoint]) -> Result<(), CustodyError> {
         for c in made {
-            let line = serde_json::to_string(c).map_err(|e| e.to_string())?;
-            append_line(&self.journal, &line)
-                .map_err(|e| format!("journal {}: {e}", self.journal.display()))?;
+            let line = serde_json::to_string(c).expect("a checkpoint serialises");
+            append_line(&self.journal, &line).map_err(|source| CustodyError::Io {
+                path: self.journal.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -252,12 +287,12 @@ mod tests {
     #[test]
     fn sinks_and_trusted_keys_parse_or_say_why() {
         assert_eq!(
-            Sink::parse("file:/var/log/cp.jsonl"),
-            Ok(Sink::File("/var/log/cp.jsonl".into()))
+            Sink::parse("file:/var/log/cp.jsonl").unwrap(),
+            Sink::File("/var/log/cp.jsonl".into())
         );
         assert_eq!(
-            Sink::parse("exec:logger -t fleetbox"),
-            Ok(Sink::Exec("logger -t fleetbox".into()))
+            Sink::parse("exec:logger -t fleetbox").unwrap(),
+            Sink::Exec("logger -t fleetbox".into())
         );
         assert!(matches!(
             Sink::parse("https://audit.example/cp"),
@@ -283,7 +318,7 @@ mod tests {
             vec![public.clone(), public]
         );
         std::fs::write(&path, "abcd\n").unwrap();
-        let err = read_trusted_keys(&path).unwrap_err();
+        let err = read_trusted_keys(&path).unwrap_err().to_string();
         assert!(
             err.contains("line 1") && err.contains("64 hex digits"),
             "{err}"

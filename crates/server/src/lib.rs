@@ -214,7 +214,7 @@ pub enum StartError {
     #[error("`--ca-cert`: {0}")]
     CaCert(String),
     #[error("`--audit-trusted-keys`: {0}")]
-    TrustedKeys(String),
+    TrustedKeys(#[from] custody::CustodyError),
     #[error(
         "server-side runs (re-checks of agents' results, the `python` reducer) would use the `process` backend{why}: untrusted code would run beside `audit.key`, the tokens and the database, with less isolation than the agents it checks. Make the jail work on this host (user namespaces; see docs/SECURITY.md), use `--recheck-backend docker`, or accept it with `--recheck-backend process`"
     )]

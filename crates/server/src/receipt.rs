@@ -231,7 +231,7 @@ async fn covering_checkpoint(
     state
         .custody
         .journal(&made)
-        .map_err(ReceiptError::Incomplete)?;
+        .map_err(|e| ReceiptError::Incomplete(e.to_string()))?;
     if state.custody.ships() {
         state.custody.ship(&made, &state.metrics).await;
     }

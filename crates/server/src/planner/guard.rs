@@ -12,6 +12,29 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// Why a webhook may not go where it asks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VetError {
+    /// Not a public address, and not allowed: final.
+    #[error("refused: `{host}` is {ip} ({why}); the operator may allow it with `--notify-allow`")]
+    Refused {
+        host: String,
+        ip: IpAddr,
+        why: &'static str,
+    },
+    /// The URL or its name gave no address (may work on a later try).
+    #[error("{0}")]
+    Unresolved(String),
+}
+
+/// A `--notify-allow` entry that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{text}`: {why}")]
+pub struct AllowError {
+    text: String,
+    why: &'static str,
+}
+
 /// One `--notify-allow` entry: a host name (exact, case-insensitive), an address, or a range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Allowed {
@@ -20,18 +43,20 @@ pub enum Allowed {
 }
 
 impl Allowed {
-    pub fn parse(text: &str) -> Result<Allowed, String> {
+    pub fn parse(text: &str) -> Result<Allowed, AllowError> {
         let text = text.trim();
+        let error = |why| AllowError {
+            text: text.to_string(),
+            why,
+        };
         if let Some((addr, bits)) = text.split_once('/') {
-            let addr: IpAddr = addr
-                .parse()
-                .map_err(|_| format!("`{text}`: not an address range"))?;
+            let addr: IpAddr = addr.parse().map_err(|_| error("not an address range"))?;
             let max = if addr.is_ipv4() { 32 } else { 128 };
             let bits: u8 = bits
                 .parse()
                 .ok()
                 .filter(|b| *b <= max)
-                .ok_or_else(|| format!("`{text}`: the prefix length must be 0..={max}"))?;
+                .ok_or_else(|| error("the prefix length is past the address's bits"))?;
             return Ok(Allowed::Range(addr, bits));
         }
         if let Ok(addr) = text.parse::<IpAddr>() {
@@ -42,9 +67,7 @@ impl Allowed {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
         {
-            return Err(format!(
-                "`{text}`: a host name, an address or a range (10.0.0.0/8)"
-            ));
+            return Err(error("a host name, an address or a range (10.0.0.0/8)"));
         }
         Ok(Allowed::Host(text.to_ascii_lowercase()))
     }
@@ -133,21 +156,24 @@ fn is_own(ip: IpAddr) -> bool {
 }
 
 /// The address a webhook to `url` may be sent to, or why none may.
-pub async fn vet(url: &reqwest::Url, allowed: &[Allowed]) -> Result<SocketAddr, String> {
-    let host = url.host_str().ok_or("the URL has no host")?;
+pub async fn vet(url: &reqwest::Url, allowed: &[Allowed]) -> Result<SocketAddr, VetError> {
+    let unresolved = VetError::Unresolved;
+    let host = url
+        .host_str()
+        .ok_or_else(|| unresolved("the URL has no host".into()))?;
     let port = url
         .port_or_known_default()
-        .ok_or("the URL has no port and no default one")?;
+        .ok_or_else(|| unresolved("the URL has no port and no default one".into()))?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => tokio::net::lookup_host((bare, port))
             .await
-            .map_err(|e| format!("`{host}` does not resolve: {e}"))?
+            .map_err(|e| unresolved(format!("`{host}` does not resolve: {e}")))?
             .collect(),
     };
     if addrs.is_empty() {
-        return Err(format!("`{host}` resolves to no address"));
+        return Err(unresolved(format!("`{host}` resolves to no address")));
     }
     // Every address must pass: a name that also resolves to a private address could be
     // answered with it on the connection's own lookup.
@@ -156,10 +182,11 @@ pub async fn vet(url: &reqwest::Url, allowed: &[Allowed]) -> Result<SocketAddr, 
             continue;
         }
         if let Some(why) = not_public(a.ip()) {
-            return Err(format!(
-                "refused: `{host}` is {} ({why}); the operator may allow it with `--notify-allow`",
-                a.ip()
-            ));
+            return Err(VetError::Refused {
+                host: host.to_string(),
+                ip: a.ip(),
+                why,
+            });
         }
     }
     Ok(addrs[0])

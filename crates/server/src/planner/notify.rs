@@ -84,7 +84,7 @@ fn client_for(
     ca: Option<&reqwest::Certificate>,
     host: &str,
     addr: std::net::SocketAddr,
-) -> Result<reqwest::Client, String> {
+) -> Result<reqwest::Client, reqwest::Error> {
     let mut builder = reqwest::Client::builder()
         .timeout(TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -93,7 +93,7 @@ fn client_for(
     if let Some(cert) = ca {
         builder = builder.add_root_certificate(cert.clone());
     }
-    builder.build().map_err(|e| format!("no HTTP client: {e}"))
+    builder.build()
 }
 
 async fn deliver(
@@ -110,13 +110,18 @@ async fn deliver(
             };
         }
     };
-    let client = match super::guard::vet(&url, &config.notify_allow)
-        .await
-        .and_then(|addr| client_for(ca, url.host_str().unwrap_or_default(), addr))
-    {
+    let addr = match super::guard::vet(&url, &config.notify_allow).await {
+        Ok(addr) => addr,
+        Err(e @ super::guard::VetError::Refused { .. }) => {
+            return Delivery::Failed {
+                error: e.to_string(),
+            };
+        }
+        Err(e) => return retry_or_fail(n, config, e.to_string()),
+    };
+    let client = match client_for(ca, url.host_str().unwrap_or_default(), addr) {
         Ok(client) => client,
-        Err(error) if error.starts_with("refused") => return Delivery::Failed { error },
-        Err(error) => return retry_or_fail(n, config, error),
+        Err(e) => return retry_or_fail(n, config, format!("no HTTP client: {e}")),
     };
     let sent = client
         .post(url)

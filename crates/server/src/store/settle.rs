@@ -213,14 +213,7 @@ pub(super) async fn hold_failure_for_check(
     reason: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let set = Fields {
-        now,
-        reason: Some(reason),
-        not_before: None,
-    };
-    let to = TaskState::Reported;
-    let held = transition(tx, tally, shard, TaskState::Leased, Some(lease_id), to, set).await?
-        || transition(tx, tally, shard, TaskState::Queued, None, to, set).await?;
+    let held = settle_lease(tx, tally, shard, lease_id, TaskState::Reported, reason, now).await?;
     if held {
         queue_check(tx, shard, Some(attempt)).await?;
     }
@@ -276,12 +269,25 @@ pub(super) async fn reject(
     reason: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
+    settle_lease(tx, tally, shard, lease_id, TaskState::Rejected, reason, now).await
+}
+
+/// `leased` under `lease_id` (or `queued`: nobody holds it) → `to`, `reason` the shard's
+/// error. A shard leased to someone else meanwhile is left to them.
+async fn settle_lease(
+    tx: &mut Tx,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    lease_id: &str,
+    to: TaskState,
+    reason: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
     let set = Fields {
         now,
         reason: Some(reason),
         not_before: None,
     };
-    let to = TaskState::Rejected;
     Ok(
         transition(tx, tally, shard, TaskState::Leased, Some(lease_id), to, set).await?
             || transition(tx, tally, shard, TaskState::Queued, None, to, set).await?,
