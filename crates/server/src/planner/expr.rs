@@ -19,6 +19,9 @@ use serde_json::Value;
 
 /// The most steps one evaluation may be bounded by.
 pub const STEP_BUDGET: u64 = 10_000_000;
+/// The most values (JSON nodes) an expression may produce: a child's `items` is bounded by
+/// the spec anyway, and a rule must not build more in memory on the way.
+pub const MAX_VALUES: u64 = 1_000_000;
 /// The longest one evaluation may run.
 pub const DEADLINE: Duration = Duration::from_secs(2);
 
@@ -84,6 +87,10 @@ pub enum EvalError {
         "the expression may take up to {steps} steps on this job's data (budget {STEP_BUDGET}): work on the summary or a smaller list (each nested pass over a list multiplies the work by its size)"
     )]
     Budget { steps: u64 },
+    #[error(
+        "the expression may produce up to {values} values on this job's data (at most {MAX_VALUES}): a pass over a list that yields the whole list again grows as its square"
+    )]
+    Size { values: u64 },
     #[error("the expression ran past its {}s deadline", DEADLINE.as_secs())]
     Deadline,
     #[error("{0}")]
@@ -257,8 +264,8 @@ impl Rule {
         ))
     }
 
-    /// An upper bound of the steps evaluating this expression takes on `vars`.
-    pub fn steps(&self, vars: &Vars) -> u64 {
+    /// The most things any collection can hold while this expression runs on `vars`.
+    fn largest(&self, vars: &Vars) -> u64 {
         let mut size = vars.largest.max(1);
         let mut pluses = 0u64;
         count(self.program.expression(), &mut |node| match &node.expr {
@@ -268,8 +275,23 @@ impl Rule {
             _ => {}
         });
         // No collection can grow past what `+` can join: the largest input, once per `+`.
-        let largest = size.saturating_mul(pluses + 1);
-        cost(self.program.expression(), largest)
+        size.saturating_mul(pluses + 1)
+    }
+
+    /// An upper bound of the steps evaluating this expression takes on `vars`.
+    pub fn steps(&self, vars: &Vars) -> u64 {
+        cost(self.program.expression(), self.largest(vars))
+    }
+
+    /// An upper bound of the values (JSON nodes) evaluating this expression produces on
+    /// `vars`: a step budget alone lets `result.map(x, result)` build the list's square.
+    pub fn produced(&self, vars: &Vars) -> u64 {
+        let mut sizes = Sizes {
+            vars,
+            largest: self.largest(vars),
+            scope: Vec::new(),
+        };
+        sizes.of(self.program.expression())
     }
 
     /// Evaluate on `vars` within the budget and the deadline.
@@ -277,6 +299,10 @@ impl Rule {
         let steps = self.steps(&vars);
         if steps > STEP_BUDGET {
             return Err(EvalError::Budget { steps });
+        }
+        let values = self.produced(&vars);
+        if values > MAX_VALUES {
+            return Err(EvalError::Size { values });
         }
         let rule = self.clone();
         let run = tokio::task::spawn_blocking(move || rule.evaluate_now(&vars));
@@ -310,6 +336,60 @@ impl Rule {
         value
             .json()
             .map_err(|e| EvalError::Failed(format!("the value has no JSON form: {e:?}")))
+    }
+}
+
+/// What [`Rule::produced`] knows while it walks: the variables' sizes and the comprehension
+/// variables in scope (a loop's element, an accumulator).
+struct Sizes<'a> {
+    vars: &'a Vars,
+    largest: u64,
+    scope: Vec<(String, u64)>,
+}
+
+impl Sizes<'_> {
+    /// An upper bound of the JSON nodes `node` evaluates to.
+    fn of(&mut self, node: &IdedExpr) -> u64 {
+        match &node.expr {
+            Node::Ident(name) => match self.scope.iter().rev().find(|(n, _)| n == name) {
+                Some((_, size)) => *size,
+                None if ROOTS.contains(&name.as_str()) => self.vars.total.max(1),
+                None => 1,
+            },
+            Node::Literal(_) | Node::Struct(_) | Node::Unspecified => 1,
+            Node::Select(s) => self.of(&s.operand),
+            Node::List(_) | Node::Map(_) => children(node)
+                .into_iter()
+                .map(|e| self.of(e))
+                .fold(1, u64::saturating_add),
+            Node::Call(c) => {
+                let parts: Vec<u64> = children(node).into_iter().map(|e| self.of(e)).collect();
+                match c.func_name.as_str() {
+                    "_+_" => parts.iter().fold(0, |a, b| a.saturating_add(*b)),
+                    "_?_:_" => parts.iter().skip(1).copied().max().unwrap_or(1),
+                    _ => parts.iter().copied().max().unwrap_or(1).max(1),
+                }
+            }
+            Node::Comprehension(c) => {
+                self.of(&c.iter_range);
+                let element = self.vars.element.max(1);
+                let vars = 1 + usize::from(c.iter_var2.is_some());
+                self.scope.push((c.iter_var.clone(), element));
+                if let Some(v2) = &c.iter_var2 {
+                    self.scope.push((v2.clone(), element));
+                }
+                let init = self.of(&c.accu_init);
+                // The accumulator counts once, at the end: each step adds what it appends.
+                self.scope.push((c.accu_var.clone(), 0));
+                let step = self.of(&c.loop_step);
+                let total = init.saturating_add(self.largest.saturating_mul(step));
+                self.scope.pop();
+                self.scope.push((c.accu_var.clone(), total));
+                let out = self.of(&c.result);
+                self.scope.truncate(self.scope.len() - 1 - vars);
+                out
+            }
+        }
     }
 }
 
@@ -387,17 +467,36 @@ pub struct Vars {
     values: Vec<(String, Cel)>,
     /// The longest list, map or string anywhere in them.
     largest: u64,
+    /// All their JSON nodes.
+    total: u64,
+    /// The most JSON nodes in one item of any list or map in them.
+    element: u64,
 }
 
 impl Vars {
     pub fn new(values: impl IntoIterator<Item = (&'static str, Value)>) -> Vars {
         let mut vars = Vars::default();
         for (name, v) in values {
+            vars.total = vars.total.saturating_add(nodes(&v, &mut vars.element));
             let value = to_cel(&v, &mut vars.largest);
             vars.values.push((name.to_string(), value));
         }
         vars
     }
+}
+
+/// The JSON nodes of `v`, noting in `element` the most in any one item of a list or map.
+fn nodes(v: &Value, element: &mut u64) -> u64 {
+    let items: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(items) => Box::new(items.iter()),
+        Value::Object(map) => Box::new(map.values()),
+        _ => return 1,
+    };
+    items.fold(1, |n, item| {
+        let size = nodes(item, element);
+        *element = (*element).max(size);
+        n.saturating_add(size)
+    })
 }
 
 /// JSON into CEL: integers stay `int` (`uint` only past i64), so `x > 10` compares as written.
@@ -610,6 +709,29 @@ mod tests {
         Rule::compile("result.all(x, result.exists(y, y == x))").unwrap();
         let e = Rule::compile("result.all(x, x > 0) && x > 1").unwrap_err();
         assert!(e.message.contains("`x`"), "{e}");
+    }
+
+    /// A pass that yields the whole list again per item passes the step budget but would build
+    /// the list's square: refused before it runs; linear passes, and nested lists, are not.
+    #[tokio::test]
+    async fn an_expression_that_would_build_the_square_of_a_list_is_refused() {
+        let big: Vec<i64> = (0..2000).collect();
+        match eval("result.map(x, result)", json!(big)).await {
+            Err(EvalError::Size { values }) => assert!(values > MAX_VALUES, "{values}"),
+            other => panic!("{other:?}"),
+        }
+        let rule = Rule::compile("result.map(x, result)").unwrap();
+        let small: Vec<i64> = (0..300).collect();
+        assert!(rule.produced(&vars(json!(small))) >= 300 * 300);
+        // Linear: allowed, and their bounds stay linear.
+        let doubled = eval("result.map(x, x * 2).size()", json!(big)).await;
+        assert_eq!(doubled, Ok(json!(2000)));
+        let linear = Rule::compile("result.filter(x, x % 2 == 0)").unwrap();
+        assert!(linear.produced(&vars(json!(big))) < 10 * 2000);
+        // A list of lists: each item's own size counts, once.
+        let rows: Vec<Vec<i64>> = (0..100).map(|_| (0..100).collect()).collect();
+        let flat = eval("result.map(r, r.size()).size()", json!(rows)).await;
+        assert_eq!(flat, Ok(json!(100)));
     }
 
     #[tokio::test]
