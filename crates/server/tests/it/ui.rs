@@ -441,6 +441,18 @@ async fn the_panel_works_in_a_real_browser() {
     .await;
     assert_eq!(web.count(".tile").await, 100);
     web.find("#cancel").await.unwrap().click().await;
+    // The cancel's form posts and the page comes back without its buttons: wait for that page
+    // before looking for the next button. (CI once found `#logout` in the page that was being
+    // left and clicked it after it was gone: a stale element.)
+    until(
+        "the big job is cancelled",
+        Duration::from_secs(20),
+        || async {
+            c.client.job(&big.id).await.unwrap().state == fleetbox_proto::JobState::Cancelled
+                && web.count("#cancel").await == 0
+        },
+    )
+    .await;
 
     // Logging out ends the session.
     web.find("#logout").await.unwrap().click().await;
