@@ -27,7 +27,7 @@ async fn the_network_is_refused_unless_the_agent_allows_it() {
     assert_eq!(
         shard.shard.state,
         TaskState::Rejected,
-        "refused is final, not retried"
+        "refused by the only agent there is: rejected, not left waiting"
     );
     assert_eq!(shard.attempts.len(), 1);
     assert_eq!(shard.shard.status, Some(Status::Refused));

@@ -185,6 +185,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0022_audit_prunes",
         include_str!("../../migrations/0022_audit_prunes.sql"),
     ),
+    (
+        "0023_refusals",
+        include_str!("../../migrations/0023_refusals.sql"),
+    ),
 ];
 
 #[derive(Clone)]

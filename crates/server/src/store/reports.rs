@@ -104,12 +104,16 @@ enum Disposition {
     Reject,
     /// The infrastructure failed (sandbox error, killed from outside): run it again.
     Retry,
+    /// The agent's own policy refused to run it: another agent may (a refusal is not a
+    /// result, so a signed agent cannot fail shards at will by refusing them).
+    Refuse,
 }
 
 fn disposition(status: Status) -> Disposition {
     match status {
         Status::Ok => Disposition::Accept,
         Status::SandboxError | Status::Killed => Disposition::Retry,
+        Status::Refused => Disposition::Refuse,
         _ => Disposition::Reject,
     }
 }
@@ -555,7 +559,48 @@ impl<'a> Settling<'a> {
                 Ok(done)
             }
             (Disposition::Retry, _) => self.retry(tx, task, r, reason).await,
+            (Disposition::Refuse, _) => self.refused(tx, task, r, reason).await,
         }
+    }
+
+    /// The agent refused to run the shard: it goes to another agent (never back to this
+    /// one, the attempt not counted), or is `rejected` when no other agent could take it.
+    async fn refused(
+        &mut self,
+        tx: &mut settle::Tx,
+        task: &ReportedTask,
+        r: &ReportInput,
+        reason: String,
+    ) -> Result<bool, StoreError> {
+        let shard = Shard {
+            id: task.id,
+            job_id: &task.job_id,
+        };
+        let now = self.now;
+        let why = format!("refused by agent {}: {reason}", self.agent_id);
+        if settle::anyone_else_would_run(tx, self.tenant_id, task.id, self.agent_id).await? {
+            let done = settle::refused(tx, &mut self.tally, shard, &r.lease_id, &why, now).await?;
+            if done {
+                self.push(
+                    task,
+                    r,
+                    Action::ShardRequeued,
+                    serde_json::json!({ "reason": why, "refused": true }),
+                );
+            }
+            return Ok(done);
+        }
+        let why = format!("{why} (no other agent could run it)");
+        let done = settle::reject(tx, &mut self.tally, shard, &r.lease_id, &why, now).await?;
+        if done {
+            self.push(
+                task,
+                r,
+                Action::ShardRejected,
+                serde_json::json!({ "reason": why }),
+            );
+        }
+        Ok(done)
     }
 
     /// Replicas decide together: a quorum accepts, too few wait for another agent, a
@@ -663,10 +708,10 @@ mod tests {
             Status::MemoryLimit,
             Status::OutputLimit,
             Status::SandboxViolation,
-            Status::Refused,
         ] {
             assert_eq!(disposition(status), Disposition::Reject, "{status}");
         }
+        assert_eq!(disposition(Status::Refused), Disposition::Refuse);
     }
 
     #[test]

@@ -331,6 +331,74 @@ pub(super) async fn release(
     .await
 }
 
+/// `leased` under `lease_id` → `queued` at once, the attempt not counted: its agent refused to
+/// run it (its own policy, not a claim about the program). The lease is marked refused, so
+/// [`lease`] never offers the shard to that agent again.
+pub(super) async fn refused(
+    tx: &mut Tx,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    lease_id: &str,
+    reason: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let mut sql = Sql::new("UPDATE tasks SET state = ");
+    sql.bind(TaskState::Queued.as_str())
+        .push(", attempts = attempts - 1, refusals = refusals + 1, last_error = ")
+        .bind(storable_text(reason))
+        .push(", lease_id = NULL, agent_id = NULL, lease_expires = NULL, not_before = ");
+    held_or(&mut sql, 0);
+    sql.push(", updated_at = ")
+        .bind(now)
+        .push(" WHERE id = ")
+        .bind(shard.id)
+        .push(" AND state = ")
+        .bind(TaskState::Leased.as_str())
+        .push(" AND lease_id = ")
+        .bind(lease_id);
+    let moved = sql
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("giving a refused shard back")?
+        .rows_affected()
+        == 1;
+    if moved {
+        Sql::new("UPDATE leases SET refused = 1 WHERE id = ")
+            .bind(lease_id)
+            .build()
+            .execute(&mut **tx)
+            .await
+            .doing("marking a refused lease")?;
+        tally.moved(shard.job_id, TaskState::Leased, TaskState::Queued, 1);
+    }
+    Ok(moved)
+}
+
+/// Whether an agent of `tenant` other than those that refused `task` could still take it:
+/// online and not quarantined. A refusal rejects its shard only when none could.
+pub(super) async fn anyone_else_would_run(
+    tx: &mut Tx,
+    tenant: &str,
+    task: i64,
+    refuser: &str,
+) -> Result<bool, StoreError> {
+    let row: Option<(i64,)> = Sql::new("SELECT 1 FROM agents a WHERE a.tenant_id = ")
+        .bind(tenant)
+        .push(" AND a.state = ")
+        .bind(AgentState::Online.as_str())
+        .push(" AND a.quarantined_at IS NULL AND a.id <> ")
+        .bind(refuser)
+        .push(" AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = ")
+        .bind(task)
+        .push(" AND l.agent_id = a.id AND l.refused = 1) LIMIT 1")
+        .build_as()
+        .fetch_optional(&mut **tx)
+        .await
+        .doing("looking for an agent that has not refused a shard")?;
+    Ok(row.is_some())
+}
+
 /// One task handed out by [`lease`].
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LeaseGrant {
@@ -384,6 +452,13 @@ pub(super) async fn lease(
         None => sql.push(" AND backend IS NULL"),
     };
     distinct_replicas(&mut sql, agent);
+    // Never back to an agent that refused it.
+    sql.push(
+        " AND (refusals = 0 OR NOT EXISTS (SELECT 1 FROM leases r WHERE r.task_id = tasks.id \
+         AND r.refused = 1 AND r.agent_id = ",
+    )
+    .bind(agent)
+    .push("))");
     // A paused job's shards wait (its running shards finish; their retries wait too).
     sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1)");
     sql.push(" ORDER BY priority DESC, id LIMIT ")

@@ -161,7 +161,8 @@ impl ReporterTrust {
     /// agent that is not trusted is checked whatever the job's `recheck`, since it holds the
     /// job for a person: only a reproduced violation, or a trusted agent's, may do that. Not
     /// checked: infrastructure failures (`sandbox_error`, `killed`: the shard runs again) and
-    /// refusals (the agent's own policy, not a claim about the program).
+    /// refusals (the agent's own policy, not a claim about the program: the shard goes to
+    /// another agent).
     pub(super) fn check_reason(
         &self,
         verify: Option<&str>,

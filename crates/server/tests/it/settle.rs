@@ -673,3 +673,76 @@ async fn a_claimed_run_time_is_bounded_by_the_lease() {
         );
     }
 }
+
+/// A refusal is not a result: the shard goes to another agent, never back to one that
+/// refused it, without spending an attempt; it is rejected only when no agent is left that
+/// has not refused it. (A signed agent could otherwise fail any shard by refusing it.)
+#[tokio::test]
+async fn a_refused_shard_goes_to_another_agent_never_back_to_its_refuser() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        // One attempt only: refusals must not spend it.
+        one.insert_job(&new_job("job_ref", 1, 1)).await.unwrap();
+        for agent in ["agt_a", "agt_b", "agt_c"] {
+            let req = fleetbox_proto::api::EnrollRequest {
+                name: agent.into(),
+                ..Default::default()
+            };
+            one.enroll_agent("default", agent, agent, &req, "enroll:test", false)
+                .await
+                .unwrap();
+        }
+        let refuse = |store: Arc<Store>, agent: &'static str| async move {
+            let g = store
+                .lease("default", agent, 1, now_ms() + 60_000, agent)
+                .await
+                .unwrap();
+            assert_eq!(g.len(), 1, "{agent} was offered nothing");
+            assert_eq!(g[0].attempt, 1, "a refusal spent an attempt");
+            let mut r = ok_report(&g[0], 1);
+            r.status = Status::Refused;
+            r.output = None;
+            r.output_sha256 = None;
+            r.reason = Some("refused: the job asks for the network".into());
+            let Reported { outcomes, .. } =
+                store.report("default", agent, &[r], POLICY).await.unwrap();
+            assert_eq!(outcomes, vec![SettleOutcome::Accepted]);
+        };
+        refuse(one.clone(), "agt_a").await;
+        let detail = one
+            .shard_detail("default", "job_ref", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.shard.state, TaskState::Queued, "{db:?}");
+        // Never back to the refuser, on either coordinator.
+        for store in [&one, &two] {
+            let again = store
+                .lease("default", "agt_a", 1, now_ms() + 60_000, "again")
+                .await
+                .unwrap();
+            assert!(again.is_empty(), "{db:?}: offered to its refuser again");
+        }
+        refuse(two.clone(), "agt_b").await;
+        // The last agent that has not refused it: its refusal ends the shard.
+        refuse(one.clone(), "agt_c").await;
+        let detail = one
+            .shard_detail("default", "job_ref", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.shard.state, TaskState::Rejected, "{db:?}");
+        assert_eq!(detail.shard.status, Some(Status::Refused), "{db:?}");
+        let why = detail.shard.error.unwrap_or_default();
+        assert!(
+            why.contains("agt_c") && why.contains("no other agent could run it"),
+            "{db:?}: {why}"
+        );
+        assert_eq!(detail.attempts.len(), 3, "{db:?}");
+        let inv = invariants(&url, "job_ref").await;
+        assert_eq!(inv.unsettled, inv.unsettled_truth, "{db:?}");
+    }
+}

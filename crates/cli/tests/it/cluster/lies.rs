@@ -1,7 +1,7 @@
 //! A signed agent that lies about failures, against a real coordinator whose re-checks run in
 //! the jail: its `error` and `sandbox_violation` reports are checked like successes, it is
 //! struck and quarantined, nothing it claimed is folded, and only a violation the server
-//! reproduces holds a job.
+//! reproduces holds a job. A refusal is not a result: the shard goes to another agent.
 
 use std::time::Duration;
 
@@ -141,6 +141,22 @@ pub async fn failures_are_checked_like_successes(db: Db) {
     )
     .await;
 
+    // 4. A refusal is not a result: two more shards of the sum, refused, go to other agents
+    // (never back to the refuser) and cost it nothing. A bystander is online, so someone
+    // else could run them.
+    let refuser = SignedAgent::enroll(&c.url(), ENROLL, "refuser").await;
+    let _bystander = SignedAgent::enroll(&c.url(), ENROLL, "bystander").await;
+    let refused = lease(&refuser, 2).await;
+    assert_eq!(refused.len(), 2);
+    assert!(refused.iter().all(|t| t.job_id == sum.id), "{refused:?}");
+    report_all(
+        &refuser,
+        &refused,
+        Status::Refused,
+        "refused: this agent does not run such code",
+    )
+    .await;
+
     // Honest agents run the rest.
     c.add_agent(2);
     let clean = c.wait(&clean.id, Duration::from_secs(120)).await;
@@ -181,4 +197,27 @@ pub async fn failures_are_checked_like_successes(db: Db) {
         "{db:?}"
     );
     assert!(quarantined(&c, &errors.agent_id).await, "{db:?}");
+    for t in &refused {
+        let shard = c.client.shard(&sum.id, t.shard_index).await.unwrap();
+        let by: Vec<(&str, Status)> = shard
+            .attempts
+            .iter()
+            .map(|a| (a.agent_id.as_str(), a.status))
+            .collect();
+        // Its refusal, then another agent's run (and the server's check of it, maybe).
+        assert_eq!(
+            by[0],
+            (refuser.agent_id.as_str(), Status::Refused),
+            "{db:?}"
+        );
+        assert!(
+            by[1..]
+                .iter()
+                .all(|(agent, status)| *agent != refuser.agent_id && *status == Status::Ok),
+            "{db:?}: {by:?}"
+        );
+        assert_eq!(shard.shard.state, fleetbox_proto::TaskState::Accepted);
+    }
+    assert!(findings(&c, &refuser.agent_id).await.is_empty(), "{db:?}");
+    assert!(!quarantined(&c, &refuser.agent_id).await, "{db:?}");
 }
