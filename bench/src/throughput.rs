@@ -189,6 +189,7 @@ async fn one(
                         max_tasks: batch,
                         wait_ms: 0,
                         backend: None,
+                        hardened_only: false,
                     })
                     .await
                     .map_err(|e| e.to_string())?;

@@ -11,6 +11,7 @@ mod metrics;
 mod offload;
 pub mod outbox;
 mod review;
+pub use review::ReviewPolicy;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -139,6 +140,10 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where and how the environments jobs ask for (`[environment]`) are built and cached.
     pub environments: EnvConfig,
+    /// What this agent refuses to run after its own review of the code.
+    pub review_policy: ReviewPolicy,
+    /// Lease server-only shards and nothing else (the coordinator's own server agents).
+    pub hardened_only: bool,
     /// Verification tests only (no flag sets it): the share of successful results this agent
     /// corrupts before signing them, as a lying agent would.
     #[doc(hidden)]
@@ -279,6 +284,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         key,
         client: Mutex::new(Client::new(&config.server, &identity.agent_token)),
+        review: review::CodeReview::shipped(config.review_policy.clone()),
         agent_id: Mutex::new(identity.agent_id.clone()),
         config,
         outbox,
@@ -292,7 +298,6 @@ pub async fn run(
         set_aside: AtomicU64::new(0),
         ok_runs: Arc::new(AtomicU64::new(0)),
         environments,
-        review: review::CodeReview::shipped(),
         counters: Arc::default(),
     });
 
@@ -475,6 +480,7 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
             max_tasks: free,
             wait_ms: LEASE_WAIT_MS,
             backend: Some(shared.config.backend.as_str().to_string()),
+            hardened_only: shared.config.hardened_only,
         };
         match shared.client().lease(&req).await {
             Ok(resp) => {

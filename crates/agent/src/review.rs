@@ -8,55 +8,101 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use fleetbox_proto::Decision;
 use fleetbox_review::Reviewer as _;
 use sha2::Digest;
 
 /// Verdicts kept before the cache starts over.
 const MAX_CACHED: usize = 10_000;
 
+/// What this agent refuses to run, by the decision of its own review of the code
+/// (`--review-policy FILE`: `refuse = ["reject", "run_on_server_only"]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewPolicy {
+    pub refuse: Vec<Decision>,
+}
+
+impl ReviewPolicy {
+    /// The default: refuse what the review rejects, and code it decides server-only unless
+    /// this agent is `hardened` (started with `--hardened`, on a stricter sandbox such as
+    /// gVisor, and marked so by an operator on the coordinator).
+    pub fn default_for(hardened: bool) -> ReviewPolicy {
+        let mut refuse = vec![Decision::Reject];
+        if !hardened {
+            refuse.push(Decision::RunOnServerOnly);
+        }
+        ReviewPolicy { refuse }
+    }
+
+    /// A policy file's text.
+    pub fn from_toml(text: &str) -> Result<ReviewPolicy, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// One review's verdict, as cached: its decision and what it found.
+#[derive(Debug, Clone)]
+struct Verdict {
+    decision: Decision,
+    risk: u32,
+    found: String,
+}
+
 pub struct CodeReview {
     reviewer: fleetbox_review::BuiltinReviewer,
-    /// Verdicts by the sha256 of the code: `Some(why)` for rejected code.
-    verdicts: Mutex<HashMap<[u8; 32], Option<String>>>,
+    policy: ReviewPolicy,
+    /// Verdicts by the sha256 of the code (`None`: it does not parse, and fails by itself
+    /// when it runs).
+    verdicts: Mutex<HashMap<[u8; 32], Option<Verdict>>>,
 }
 
 impl CodeReview {
-    pub fn shipped() -> CodeReview {
+    pub fn shipped(policy: ReviewPolicy) -> CodeReview {
         CodeReview {
             reviewer: fleetbox_review::BuiltinReviewer::shipped(),
+            policy,
             verdicts: Mutex::new(HashMap::new()),
         }
     }
 
-    /// `Err(why)` when this agent's review rejects `code`. A job's shards are reviewed once.
+    /// `Err(why)` when this agent's policy refuses `code` after its own review. A job's
+    /// shards are reviewed once.
     pub fn judge(&self, code: &str) -> Result<(), String> {
+        let verdict = self.verdict(code);
+        match verdict {
+            Some(v) if self.policy.refuse.contains(&v.decision) => Err(format!(
+                "refused by this agent's review policy: its review decides `{}` (risk {}): {}",
+                v.decision.as_str(),
+                v.risk,
+                v.found
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn verdict(&self, code: &str) -> Option<Verdict> {
         let key: [u8; 32] = sha2::Sha256::digest(code.as_bytes()).into();
         if let Some(verdict) = self.verdicts.lock().expect("verdicts").get(&key) {
-            return verdict.clone().map_or(Ok(()), Err);
+            return verdict.clone();
         }
-        let verdict = match self.reviewer.review_code(code) {
-            Ok(r) if r.decision == fleetbox_proto::Decision::Reject => {
-                let found: Vec<String> = r
-                    .findings
-                    .iter()
-                    .take(5)
-                    .map(|f| format!("{} at line {}", f.rule, f.line))
-                    .collect();
-                Some(format!(
-                    "this agent's code review rejects the program (risk {}): {}",
-                    r.risk,
-                    found.join(", ")
-                ))
-            }
-            // A program that does not parse fails by itself when it runs.
-            _ => None,
-        };
+        let verdict = self.reviewer.review_code(code).ok().map(|r| Verdict {
+            decision: r.decision,
+            risk: r.risk,
+            found: r
+                .findings
+                .iter()
+                .take(5)
+                .map(|f| format!("{} at line {}", f.rule, f.line))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
         let mut cache = self.verdicts.lock().expect("verdicts");
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
         cache.insert(key, verdict.clone());
-        verdict.map_or(Ok(()), Err)
+        verdict
     }
 }
 
@@ -68,7 +114,7 @@ mod tests {
     /// with the benign program's hash. There is no hash to label: the agent hashes what it got.
     #[test]
     fn malware_under_a_benign_programs_hash_is_still_refused() {
-        let review = CodeReview::shipped();
+        let review = CodeReview::shipped(ReviewPolicy::default_for(false));
         let benign = "print(sum(range(10)))\n";
         let bomb = "import os\nwhile True:\n    os.fork()\n";
         assert_eq!(review.judge(benign), Ok(()));
@@ -77,5 +123,29 @@ mod tests {
         // Cached both ways, each under its own content.
         assert_eq!(review.judge(benign), Ok(()));
         assert!(review.judge(bomb).is_err());
+    }
+
+    /// Server-only code is refused unless the agent is hardened; a policy file may refuse
+    /// more (held code) or less.
+    #[test]
+    fn the_policy_decides_what_is_refused() {
+        let server_only =
+            "import socket\ns = socket.create_connection(('example.org', 80))\nprint(s)\n";
+        let decided = fleetbox_review::BuiltinReviewer::shipped()
+            .review_code(server_only)
+            .unwrap()
+            .decision;
+        assert_eq!(decided, Decision::RunOnServerOnly);
+        let ordinary = CodeReview::shipped(ReviewPolicy::default_for(false));
+        let why = ordinary.judge(server_only).unwrap_err();
+        assert!(why.contains("run_on_server_only"), "{why}");
+        let hardened = CodeReview::shipped(ReviewPolicy::default_for(true));
+        assert_eq!(hardened.judge(server_only), Ok(()));
+        let strict =
+            ReviewPolicy::from_toml("refuse = [\"reject\", \"hold\", \"run_on_server_only\"]")
+                .unwrap();
+        assert_eq!(strict.refuse.len(), 3);
+        assert!(ReviewPolicy::from_toml("refuse = [\"maybe\"]").is_err());
+        assert!(ReviewPolicy::from_toml("refused = []").is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! `fleetbox agents [release ID]`: the fleet as the coordinator sees it, with each agent's
-//! trust and quarantine; an admin releases a quarantined agent.
+//! `fleetbox agents [release ID | harden ID [--off]]`: the fleet as the coordinator sees it,
+//! with each agent's trust and quarantine; an admin releases a quarantined agent, or marks one
+//! to run server-only code.
 
 use std::process::ExitCode;
 
@@ -26,15 +27,33 @@ pub enum AgentsCommand {
         /// The agent's id (`fleetbox agents` lists them).
         id: String,
     },
+    /// Mark an agent (one on gVisor, say) to run code the review decided
+    /// `run_on_server_only`, which ordinary agents are never given.
+    Harden {
+        /// The agent's id (`fleetbox agents` lists them).
+        id: String,
+        /// Take the mark back.
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 pub fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
     let client = args.conn.client()?;
     runtime()?.block_on(async move {
-        if let Some(AgentsCommand::Release { id }) = &args.command {
-            client.release_agent(id).await?;
-            println!("{} released", term::for_stdout(id));
-            return Ok(ExitCode::SUCCESS);
+        match &args.command {
+            Some(AgentsCommand::Release { id }) => {
+                client.release_agent(id).await?;
+                println!("{} released", term::for_stdout(id));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(AgentsCommand::Harden { id, off }) => {
+                client.mark_hardened(id, !off).await?;
+                let what = if *off { "no longer runs" } else { "runs" };
+                println!("{} {what} server-only code", term::for_stdout(id));
+                return Ok(ExitCode::SUCCESS);
+            }
+            None => {}
         }
         let list = client.agents().await?;
         if args.json {
@@ -81,6 +100,9 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
                     term::for_stdout(&trust.join("; ")).into_owned()
                 }
             );
+            if a.hardened {
+                println!("{:<22} hardened: runs server-only code", "");
+            }
             if let Some(why) = &a.quarantined {
                 println!("{:<22} quarantined: {}", "", term::for_stdout(why));
             }

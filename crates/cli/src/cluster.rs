@@ -13,6 +13,7 @@ use fleetbox_sandbox::{Backend, SandboxConfig, SeccompMode};
 use fleetbox_server::ServerConfig;
 
 use crate::config::{AgentSection, FileConfig, RunFlags, resolve_run};
+use crate::server_agents::ServerAgents;
 
 /// How the environments jobs ask for (`[environment] requirements`) are built and cached.
 #[derive(Debug, Clone, Args)]
@@ -53,7 +54,7 @@ impl Default for EnvArgs {
 
 impl EnvArgs {
     /// The cache at `root` with these settings.
-    fn config(&self, root: PathBuf) -> anyhow::Result<EnvConfig> {
+    pub(crate) fn config(&self, root: PathBuf) -> anyhow::Result<EnvConfig> {
         let mut c = EnvConfig::new(root);
         c.installer = Installer::parse(&self.installer)
             .map_err(|e| anyhow::anyhow!("invalid `--installer`: {e}"))?;
@@ -116,6 +117,11 @@ pub struct ServerArgs {
     /// Server re-checks of agents' results run at once (default: half the cores).
     #[arg(long)]
     pub check_workers: Option<usize>,
+    /// In-process agents that run code the review decides `run_on_server_only` (and nothing
+    /// else) in this coordinator's sandbox, under its re-check limits; 0 leaves such code to
+    /// agents an operator marks (`fleetbox agents harden ID`). None on the `process` backend.
+    #[arg(long, default_value_t = 1)]
+    pub server_agents: u32,
     /// Invalid results after which an agent is quarantined until an admin releases it.
     #[arg(long, default_value_t = 2)]
     pub quarantine_strikes: u32,
@@ -323,6 +329,16 @@ pub struct AgentArgs {
     /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
     #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
     pub allow_network: bool,
+    /// This agent runs in a stricter sandbox (gVisor, say) and accepts code its review decides
+    /// `run_on_server_only`; the coordinator gives it such code only once an operator marks it
+    /// (`fleetbox agents harden ID`).
+    #[arg(long)]
+    pub hardened: bool,
+    /// What this agent refuses after its own review of the code, a TOML file:
+    /// `refuse = ["reject", "hold", "run_on_server_only"]` [default: `reject`, and
+    /// `run_on_server_only` unless `--hardened`].
+    #[arg(long)]
+    pub review_policy: Option<PathBuf>,
     /// On SIGTERM, how long running shards may finish before they are handed back.
     #[arg(long, default_value = "30s", value_parser = crate::config::parse_millis)]
     pub drain_timeout: Millis,
@@ -497,10 +513,23 @@ pub fn server(config: Option<&Path>, mut args: ServerArgs) -> anyhow::Result<Exi
     args.llm_max_lowering = args
         .llm_max_lowering
         .or(FileConfig::load(config)?.review.llm_max_lowering);
-    let cfg = server_config(&args, backend, sandbox)?;
+    let cfg = server_config(&args, backend, sandbox.clone())?;
     runtime()?.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
         println!("fleetbox: coordinator listening on {}", running.url());
+        let (stop_agents, stop_rx) = tokio::sync::watch::channel(false);
+        let server_agents = ServerAgents {
+            url: running.url(),
+            own_token: running.own_enroll_token.clone(),
+            data: &args.data,
+            count: args.server_agents,
+            backend,
+            sandbox,
+        }
+        .spawn(&stop_rx)?;
+        if !server_agents.is_empty() {
+            println!("{}", ServerAgents::started(server_agents.len(), backend));
+        }
         println!(
             "fleetbox: admin token in `{}`",
             args.data.join("admin.token").display()
@@ -514,7 +543,12 @@ pub fn server(config: Option<&Path>, mut args: ServerArgs) -> anyhow::Result<Exi
             shutdown_signal().await;
             let _ = stop.send(true);
         });
-        running.wait().await.context("serving the API")?;
+        let served = running.wait().await.context("serving the API");
+        let _ = stop_agents.send(true);
+        for a in server_agents {
+            let _ = a.await;
+        }
+        served?;
         eprintln!("fleetbox: coordinator stopped");
         Ok(ExitCode::SUCCESS)
     })
@@ -578,6 +612,15 @@ fn agent_config(
             .unwrap_or_else(|_| "agent".into())
     });
     let environments = args.env.config(args.state.join("envs"))?;
+    let review_policy = match &args.review_policy {
+        None => fleetbox_agent::ReviewPolicy::default_for(args.hardened),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the review policy `{}`", path.display()))?;
+            fleetbox_agent::ReviewPolicy::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("the review policy `{}`: {e}", path.display()))?
+        }
+    };
     Ok(AgentConfig {
         server: args.server,
         token: args.token,
@@ -594,6 +637,8 @@ fn agent_config(
         machine_id: args.machine_id,
         metrics_listen: args.metrics_listen,
         environments,
+        review_policy,
+        hardened_only: false,
         test_lie_rate: 0.0,
         test_lie_after: 0,
     })
@@ -638,6 +683,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         audit_trusted_keys: None,
         audit_ship: Vec::new(),
         check_workers: None,
+        server_agents: 1,
         quarantine_strikes: 2,
         trusted_after: fleetbox_server::store::verify::TRUSTED_AFTER as u32,
         admin_token: std::env::var(env::FLEETBOX_ADMIN_TOKEN).ok(),
@@ -688,6 +734,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_listed_files: None,
                     max_hashed_bytes: None,
                     allow_network: false,
+                    hardened: false,
+                    review_policy: None,
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
                     rotate_key: false,
@@ -711,6 +759,17 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                 }
             }));
         }
+        let server_agents = ServerAgents {
+            url: url.clone(),
+            own_token: running.own_enroll_token.clone(),
+            data: &args.data,
+            count: server_args.server_agents,
+            backend,
+            sandbox: sandbox.clone(),
+        }
+        .spawn(&stop_rx)?;
+        let server_agents_started = server_agents.len();
+        agents.extend(server_agents);
         println!("fleetbox: coordinator on {url} (SQLite in `{}`)", args.data.display());
         println!(
             "fleetbox: {} local agent(s), {} slot(s) each, `{backend}` sandbox",
@@ -722,6 +781,9 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
             "fleetbox: try `fleetbox submit examples/sum_squares.toml --wait` (the token is read from `{}`)",
             args.data.join("admin.token").display()
         );
+        if server_agents_started > 0 {
+            println!("{}", ServerAgents::started(server_agents_started, backend));
+        }
         shutdown_signal().await;
         eprintln!("fleetbox: stopping agents, then the coordinator");
         let _ = stop_agents.send(true);

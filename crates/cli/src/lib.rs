@@ -12,6 +12,7 @@ mod jobs_cmd;
 mod receipt_cmd;
 mod review_cmd;
 mod run;
+mod server_agents;
 mod term;
 
 use std::process::ExitCode;

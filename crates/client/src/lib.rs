@@ -299,6 +299,20 @@ impl Client {
         .await
     }
 
+    /// Mark an agent to run server-only code, or take the mark back.
+    pub async fn mark_hardened(
+        &self,
+        id: &str,
+        hardened: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post(
+            &format!("/v1/agents/{id}/hardened"),
+            &serde_json::json!({ "hardened": hardened }),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     pub async fn job(&self, id: &str) -> Result<JobView, ClientError> {
         self.get(&format!("/v1/jobs/{id}")).await
     }

@@ -347,6 +347,11 @@ pub struct LeaseRequest {
     /// (an agent that does not say gets only shards of jobs that ask for none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// Only server-only shards (code the review decided `run_on_server_only`), which only
+    /// agents marked `hardened` are given: the coordinator's own server agents ask for these
+    /// alone, so they never become ordinary workers on the coordinator's machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hardened_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -698,6 +703,10 @@ pub struct AgentView {
     /// Its trust per interpreter and backend.
     #[serde(default)]
     pub trust: Vec<AgentTrust>,
+    /// Marked to run server-only code (an operator's `fleetbox agents harden`, or the
+    /// coordinator's own server agent); a label the agent gave itself is not a mark.
+    #[serde(default)]
+    pub hardened: bool,
 }
 
 /// An agent's record of results checked by the server, for one Python version and backend.

@@ -30,6 +30,8 @@ mod scheduler;
 pub mod store;
 pub mod ui;
 
+pub use checker::{SERVER_MEMORY, SERVER_PROCESSES};
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;

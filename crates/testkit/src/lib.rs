@@ -233,6 +233,8 @@ impl Coordinator {
             machine_id: None,
             metrics_listen: None,
             environments: environments(self.agent_state(name).join("envs")),
+            review_policy: fleetbox_agent::ReviewPolicy::default_for(false),
+            hardened_only: false,
             test_lie_rate: 0.0,
             test_lie_after: 0,
         };

@@ -90,7 +90,7 @@ async fn an_agent_refuses_code_its_review_rejects_whatever_the_coordinator_says(
         assert_eq!(shard.shard.status, Some(Status::Refused));
         let why = shard.shard.error.unwrap_or_default();
         assert!(
-            why.contains("code review rejects") && why.contains("process.fork_loop at line 3"),
+            why.contains("review decides `reject`") && why.contains("process.fork_loop at line 3"),
             "{why}"
         );
     }

@@ -18,7 +18,7 @@ use crate::State;
 use crate::blobs::{INLINE_LIMIT, is_sha256};
 use crate::ids::{agent_id, random_hex, sha256_hex, token};
 use crate::store::audit::{Action, Entry};
-use crate::store::{ReportInput, TokenKind, now_ms};
+use crate::store::{ReportInput, TokenKind, Want, now_ms};
 
 /// Most tasks one lease call may ask for, and the longest long-poll.
 const MAX_LEASE_BATCH: u32 = 1000;
@@ -75,6 +75,46 @@ pub async fn release(
     }
     tracing::info!(agent = %id, "agent released from quarantine");
     Ok(Json(serde_json::json!({ "released": id })))
+}
+
+/// `POST /v1/agents/{id}/hardened` body.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkHardened {
+    /// `true`: the agent may run server-only code; `false`: the mark is taken back.
+    pub hardened: bool,
+}
+
+#[utoipa::path(
+    post,
+    operation_id = "agents_hardened",
+    path = "/v1/agents/{id}/hardened",
+    tag = "agents",
+    summary = "Mark an agent to run server-only code (or take the mark back).",
+    params(("id" = String, Path, description = "the agent's id (`agt_…`)")),
+    request_body = MarkHardened,
+    responses((status = 200, description = "marked", body = serde_json::Value))
+)]
+/// `POST /v1/agents/{id}/hardened`: an admin marks an agent (one on gVisor, say) to take the
+/// shards of code the review decided `run_on_server_only`.
+pub async fn hardened(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Body(req): Body<MarkHardened>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let principal = auth.require(&[TokenKind::Admin])?;
+    if !state
+        .store
+        .set_agent_hardened(&principal.tenant_id, &id, req.hardened, &principal.actor)
+        .await?
+    {
+        return Err(ApiError::not_found("agent", &id));
+    }
+    tracing::info!(agent = %id, hardened = req.hardened, by = %principal.actor, "agent marked");
+    Ok(Json(
+        serde_json::json!({ "agent": id, "hardened": req.hardened }),
+    ))
 }
 
 #[utoipa::path(
@@ -222,7 +262,10 @@ pub async fn lease(
             .lease_with(
                 tenant,
                 agent,
-                req.backend.as_deref(),
+                Want {
+                    backend: req.backend.as_deref(),
+                    hardened_only: req.hardened_only,
+                },
                 req.max_tasks,
                 expires,
                 &prefix,

@@ -68,6 +68,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/agents/enroll", post(agents::enroll))
         .route("/v1/agents/{id}/release", post(agents::release))
         .route("/v1/agents/{id}/quarantine", post(agents::quarantine))
+        .route("/v1/agents/{id}/hardened", post(agents::hardened))
         .route("/v1/agent/lease", post(agents::lease))
         .route("/v1/agent/heartbeat", post(agents::heartbeat))
         .route("/v1/agent/reports", post(agents::report))

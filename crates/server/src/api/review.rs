@@ -18,8 +18,8 @@ use fleetbox_proto::api::{DecideFlag, ReviewFlag, ReviewFlagList};
 
 /// Review `code` for a submission: a syntax error or a `reject` decision refuses it (audited);
 /// `hold` keeps the job `pending_review` until a person approves it (the store does that from
-/// the review the job carries); `run_on_server_only` and `hold` make every shard be re-checked
-/// by the coordinator.
+/// the review the job carries) and makes every shard be re-checked by the coordinator;
+/// `run_on_server_only` shards are leased only to agents marked `hardened`.
 pub(crate) async fn gate(
     state: &Arc<State>,
     tenant: &str,
@@ -30,9 +30,12 @@ pub(crate) async fn gate(
     let review = review_off_thread(state, code, "code").await?;
     match review.decision {
         Decision::Run => {}
-        Decision::RunOnServerOnly | Decision::Hold => {
+        // Server-only code is routed to hardened agents and the coordinator's server agents
+        // (`tasks.hardened`); held code, once approved, runs anywhere, every shard re-checked.
+        Decision::Hold => {
             spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
         }
+        Decision::RunOnServerOnly => {}
         Decision::Reject => {
             let entry =
                 Entry::new(tenant, actor, Action::ReviewRefused).details(serde_json::json!({

@@ -667,9 +667,12 @@ pub async fn build_child(
                 review.risk
             ));
         }
-        Decision::RunOnServerOnly | Decision::Hold => {
+        // Server-only code is routed to hardened agents and the coordinator's server agents
+        // (`tasks.hardened`); held code, once approved, runs anywhere, every shard re-checked.
+        Decision::Hold => {
             spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
         }
+        Decision::RunOnServerOnly => {}
         Decision::Run => {}
     }
     // The parent's trace is set below.

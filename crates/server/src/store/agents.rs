@@ -9,6 +9,9 @@ use super::audit::{Action, Entry};
 use super::settle::Tx;
 use super::{Doing, Store, StoreError, TokenKind, now_ms};
 
+/// The label with which the coordinator's own server agents mark themselves at enrollment.
+pub const HARDENED: &str = "hardened";
+
 impl Store {
     /// Register an agent and its token (hash) in one transaction.
     pub async fn enroll_agent(
@@ -21,10 +24,13 @@ impl Store {
         own: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
+        // The coordinator's own agents may mark themselves for server-only code (its server
+        // agents do); anyone else's label is only a label until an operator marks the agent.
+        let hardened = own && req.labels.iter().any(|l| l == HARDENED);
         let mut tx = self.begin_write().await.doing("enrolling an agent")?;
         sqlx::query(
-            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id, own) \
-             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10, $11)",
+            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id, own, hardened) \
+             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10, $11, $12)",
         )
         .bind(agent_id)
         .bind(tenant_id)
@@ -37,6 +43,7 @@ impl Store {
         .bind(&req.public_key)
         .bind(machine_id(&req.facts))
         .bind(i64::from(own))
+        .bind(i64::from(hardened))
         .execute(&mut *tx)
         .await
         .doing("inserting an agent")?;
@@ -58,10 +65,41 @@ impl Store {
                 "labels": req.labels,
                 "slots": req.slots,
                 "public_key": req.public_key,
+                "hardened": hardened,
             }));
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("enrolling an agent")?;
         Ok(())
+    }
+
+    /// An admin marks an agent of `tenant` to run server-only code (or takes the mark back),
+    /// audited as `agent.hardened`. `false`: no such agent.
+    pub async fn set_agent_hardened(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        hardened: bool,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("marking an agent")?;
+        let found = sqlx::query("UPDATE agents SET hardened = $1 WHERE id = $2 AND tenant_id = $3")
+            .bind(i64::from(hardened))
+            .bind(agent_id)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await
+            .doing("marking an agent")?
+            .rows_affected()
+            == 1;
+        if found {
+            let entry = Entry::new(tenant_id, actor, Action::AgentHardened)
+                .agent(agent_id)
+                .details(serde_json::json!({ "hardened": hardened }));
+            self.append_audit(&mut tx, vec![entry], now).await?;
+        }
+        tx.commit().await.doing("marking an agent")?;
+        Ok(found)
     }
 
     /// The public key an agent signs its reports with (`None`: enrolled before keys).
@@ -188,7 +226,7 @@ impl Store {
     pub async fn list_agents(&self, tenant_id: &str) -> Result<Vec<AgentView>, StoreError> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.state, a.labels, a.slots, a.facts, a.load, a.last_seen, \
-             a.strikes, a.quarantine_reason, \
+             a.strikes, a.quarantine_reason, a.hardened, \
              (SELECT COUNT(*) FROM tasks t WHERE t.agent_id = a.id AND t.state = $2) AS leases \
              FROM agents a WHERE a.tenant_id = $1 ORDER BY a.created_at",
         )
@@ -244,6 +282,7 @@ fn agent_view(row: &AnyRow) -> Result<AgentView, StoreError> {
             .try_get::<Option<String>, _>("quarantine_reason")
             .doing("reading an agent")?,
         trust: Vec::new(),
+        hardened: get_i("hardened")? == 1,
     })
 }
 

@@ -72,6 +72,9 @@ pub enum Action {
     AgentQuarantined,
     #[serde(rename = "agent.released")]
     AgentReleased,
+    /// An operator marked an agent to run server-only code, or took the mark back.
+    #[serde(rename = "agent.hardened")]
+    AgentHardened,
     #[serde(rename = "job.needs_review")]
     JobNeedsReview,
     #[serde(rename = "job.rerun_tainted")]
@@ -121,7 +124,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 37] = [
+    pub const ALL: [Action; 38] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -143,6 +146,7 @@ impl Action {
         Action::AttemptVerified,
         Action::AgentQuarantined,
         Action::AgentReleased,
+        Action::AgentHardened,
         Action::JobNeedsReview,
         Action::JobRerunTainted,
         Action::ReviewRefused,
@@ -184,6 +188,7 @@ impl Action {
             Action::AttemptVerified => "attempt.verified",
             Action::AgentQuarantined => "agent.quarantined",
             Action::AgentReleased => "agent.released",
+            Action::AgentHardened => "agent.hardened",
             Action::JobNeedsReview => "job.needs_review",
             Action::JobRerunTainted => "job.rerun_tainted",
             Action::ReviewRefused => "review.refused",

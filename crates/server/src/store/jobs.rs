@@ -1075,7 +1075,7 @@ pub(super) async fn cancel_in(
 
 /// Store `job` (row, tasks, counters, review hold) within `tx`; the audit entry to append with it.
 /// Columns bound per row when a job's tasks are inserted (see [`insert_job_in`]).
-pub(super) const TASK_COLUMNS: usize = 10;
+pub(super) const TASK_COLUMNS: usize = 11;
 
 pub(super) async fn insert_job_in(
     tx: &mut settle::Tx,
@@ -1147,10 +1147,15 @@ pub(super) async fn insert_job_in(
         .await
         .doing("inserting a job")?;
     let inputs: Vec<String> = job.inputs.iter().map(json).collect();
+    // Code the review decided server-only is never leased to an ordinary agent.
+    let server_only = job
+        .review
+        .as_ref()
+        .is_some_and(|r| r.decision == fleetbox_proto::Decision::RunOnServerOnly);
     for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
         let mut sql = Sql::new(
             "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
-             max_attempts, updated_at, backend, replicas) VALUES ",
+             max_attempts, updated_at, backend, replicas, hardened) VALUES ",
         );
         sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
             row.bind(job.tenant_id.as_str())
@@ -1162,7 +1167,8 @@ pub(super) async fn insert_job_in(
                 .bind(i64::from(job.max_attempts))
                 .bind(now)
                 .bind(job.backend.as_deref())
-                .bind(i64::from(job.verify.replicas));
+                .bind(i64::from(job.verify.replicas))
+                .bind(i64::from(server_only));
         });
         sql.build()
             .execute(&mut **tx)

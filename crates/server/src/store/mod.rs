@@ -31,11 +31,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use agents::HARDENED;
 pub(crate) use agents::parse as parse_json;
 pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
 pub use reports::{ReportInput, ReportPolicy, Reported, SettleOutcome};
-pub use settle::LeaseGrant;
 pub use settle::storable_text;
+pub use settle::{LeaseGrant, Want};
 pub use tasks::{Requeued, backoff_ms};
 pub use tokens::{Principal, TokenKind};
 
@@ -188,6 +189,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0023_refusals",
         include_str!("../../migrations/0023_refusals.sql"),
+    ),
+    (
+        "0024_hardened",
+        include_str!("../../migrations/0024_hardened.sql"),
     ),
 ];
 

@@ -413,44 +413,61 @@ pub struct LeaseGrant {
     pub input: String,
 }
 
+/// Which shards an agent asks for, beyond its tenant's ready ones.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Want<'a> {
+    /// Its sandbox backend: shards of jobs that ask for another are left for others (`None`:
+    /// only shards of jobs that ask for none).
+    pub backend: Option<&'a str>,
+    /// Server-only shards and nothing else (the coordinator's own server agents).
+    pub hardened_only: bool,
+}
+
+/// One lease call, as [`lease`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Asked<'a> {
+    pub tenant: &'a str,
+    pub agent: &'a str,
+    pub want: Want<'a>,
+    pub max: u32,
+    pub expires: i64,
+    pub lease_prefix: &'a str,
+}
+
 /// `queued` (ready, of `tenant`) → `leased` to `agent` until `expires`, at most `max`, by
 /// priority then age. On PostgreSQL `SKIP LOCKED` lets concurrent leases take disjoint rows.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn lease(
     tx: &mut Tx,
     tally: &mut Tally,
     kind: DbKind,
-    tenant: &str,
-    agent: &str,
-    backend: Option<&str>,
-    max: u32,
-    expires: i64,
-    lease_prefix: &str,
+    asked: &Asked<'_>,
     now: i64,
 ) -> Result<Vec<LeaseGrant>, StoreError> {
+    let agent = asked.agent;
     let mut sql = Sql::new("UPDATE tasks SET state = ");
     sql.bind(TaskState::Leased.as_str())
         .push(", lease_id = ")
-        .bind(lease_prefix)
+        .bind(asked.lease_prefix)
         .push(" || '.' || CAST(id AS TEXT), agent_id = ")
         .bind(agent)
         .push(", lease_expires = ")
-        .bind(expires)
+        .bind(asked.expires)
         .push(", attempts = attempts + 1, updated_at = ")
         .bind(now)
         .push(" WHERE id IN (SELECT id FROM tasks WHERE state = ")
         .bind(TaskState::Queued.as_str())
         .push(" AND tenant_id = ")
-        .bind(tenant)
+        .bind(asked.tenant)
         .push(" AND not_before <= ")
         .bind(now);
-    match backend {
+    match asked.want.backend {
         Some(b) => sql
             .push(" AND (backend IS NULL OR backend = ")
             .bind(b)
             .push(")"),
         None => sql.push(" AND backend IS NULL"),
     };
+    server_only(&mut sql, agent, asked.want.hardened_only);
     distinct_replicas(&mut sql, agent);
     // Never back to an agent that refused it.
     sql.push(
@@ -462,7 +479,7 @@ pub(super) async fn lease(
     // A paused job's shards wait (its running shards finish; their retries wait too).
     sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1)");
     sql.push(" ORDER BY priority DESC, id LIMIT ")
-        .bind(i64::from(max));
+        .bind(i64::from(asked.max));
     if kind == DbKind::Postgres {
         sql.push(" FOR UPDATE SKIP LOCKED");
     }
@@ -477,6 +494,20 @@ pub(super) async fn lease(
         tally.moved(&g.job_id, TaskState::Queued, TaskState::Leased, 1);
     }
     Ok(grants)
+}
+
+/// Server-only shards (`tasks.hardened`) go only to agents marked for them (an operator's
+/// mark, or the coordinator's own server agents); an agent asking for `hardened_only` gets
+/// nothing else.
+fn server_only<'a>(sql: &mut Sql<'a>, agent: &'a str, hardened_only: bool) {
+    if hardened_only {
+        sql.push(" AND hardened = 1");
+    }
+    sql.push(
+        " AND (hardened = 0 OR EXISTS (SELECT 1 FROM agents h WHERE h.hardened = 1 AND h.id = ",
+    )
+    .bind(agent)
+    .push("))");
 }
 
 /// A shard with replicas never goes to an agent that already ran it, nor to one on a machine

@@ -10,7 +10,7 @@ use fleetbox_proto::TaskState;
 use sqlx::Row;
 
 use super::audit::{Action, Entry};
-use super::settle::{self, LeaseEnd, LeaseGrant, Shard, Tally};
+use super::settle::{self, Asked, LeaseEnd, LeaseGrant, Shard, Tally, Want};
 use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
 
@@ -52,31 +52,30 @@ impl Store {
         expires: i64,
         lease_prefix: &str,
     ) -> Result<Vec<LeaseGrant>, StoreError> {
-        self.lease_with(tenant_id, agent_id, None, max, expires, lease_prefix)
+        self.lease_at(tenant_id, agent_id, max, expires, lease_prefix, now_ms())
             .await
     }
 
-    /// [`Store::lease`] for an agent with this sandbox backend: shards of jobs that ask for
-    /// another are left for others.
+    /// [`Store::lease`] for an agent that asks for some shards only (its sandbox backend,
+    /// server-only code).
     pub async fn lease_with(
         &self,
         tenant_id: &str,
         agent_id: &str,
-        backend: Option<&str>,
+        want: Want<'_>,
         max: u32,
         expires: i64,
         lease_prefix: &str,
     ) -> Result<Vec<LeaseGrant>, StoreError> {
-        self.lease_inner(
-            tenant_id,
-            agent_id,
-            backend,
+        let asked = Asked {
+            tenant: tenant_id,
+            agent: agent_id,
+            want,
             max,
             expires,
             lease_prefix,
-            now_ms(),
-        )
-        .await
+        };
+        self.lease_inner(asked, now_ms()).await
     }
 
     /// [`Store::lease`] as of `now` (tests move the clock).
@@ -89,36 +88,27 @@ impl Store {
         lease_prefix: &str,
         now: i64,
     ) -> Result<Vec<LeaseGrant>, StoreError> {
-        self.lease_inner(tenant_id, agent_id, None, max, expires, lease_prefix, now)
-            .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn lease_inner(
-        &self,
-        tenant_id: &str,
-        agent_id: &str,
-        backend: Option<&str>,
-        max: u32,
-        expires: i64,
-        lease_prefix: &str,
-        now: i64,
-    ) -> Result<Vec<LeaseGrant>, StoreError> {
-        let mut tx = self.begin_write().await.doing("leasing tasks")?;
-        let mut tally = Tally::default();
-        let grants = settle::lease(
-            &mut tx,
-            &mut tally,
-            self.kind,
-            tenant_id,
-            agent_id,
-            backend,
+        let asked = Asked {
+            tenant: tenant_id,
+            agent: agent_id,
+            want: Want::default(),
             max,
             expires,
             lease_prefix,
-            now,
-        )
-        .await?;
+        };
+        self.lease_inner(asked, now).await
+    }
+
+    async fn lease_inner(&self, asked: Asked<'_>, now: i64) -> Result<Vec<LeaseGrant>, StoreError> {
+        let Asked {
+            tenant: tenant_id,
+            agent: agent_id,
+            expires,
+            ..
+        } = asked;
+        let mut tx = self.begin_write().await.doing("leasing tasks")?;
+        let mut tally = Tally::default();
+        let grants = settle::lease(&mut tx, &mut tally, self.kind, &asked, now).await?;
         for chunk in grants.chunks(self.rows_per_statement(6)) {
             let mut sql = Sql::new(
                 "INSERT INTO leases (id, tenant_id, task_id, agent_id, attempt, issued_at) VALUES ",

@@ -140,6 +140,7 @@ async fn a_new_priority_reorders_the_queue() {
                 max_tasks: 2,
                 wait_ms: 2000,
                 backend: None,
+                hardened_only: false,
             })
             .await
             .unwrap();

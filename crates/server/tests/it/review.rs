@@ -1,6 +1,6 @@
 //! AI control at submission: syntax errors and programs the review refuses never become jobs
-//! (and are audited), risky ones run with every shard re-checked by the coordinator, and
-//! `POST /v1/review` answers without running anything.
+//! (and are audited), server-only ones go only to hardened agents, held ones wait for a
+//! person, and `POST /v1/review` answers without running anything.
 
 use std::time::Duration;
 
@@ -45,35 +45,6 @@ async fn the_review_gates_every_submission() {
     let audit = c.client.audit("action=review.refused").await.unwrap();
     assert_eq!(audit.entries.len(), 1);
     assert_eq!(audit.entries[0].details["decision"], "reject");
-
-    // Risky but allowed: it runs, and every shard is re-checked on the coordinator.
-    let risky = "import subprocess\nprint(subprocess.run(['true']).returncode)\n";
-    let r = c
-        .run(
-            &spec(&format!(
-                "name = \"risky\"\ncode = {risky:?}\n[shards]\ncount = 3\n"
-            )),
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(r.state, JobState::Completed, "{r:?}");
-    for i in 0..3 {
-        let d = c.client.shard(&r.id, i).await.unwrap();
-        assert!(
-            d.attempts.iter().any(|a| a.agent_id == "server"),
-            "shard {i} was not re-checked: {:?}",
-            d.attempts
-        );
-    }
-    let submitted = c
-        .client
-        .audit(&format!("job={}&action=job.submitted", r.id))
-        .await
-        .unwrap();
-    assert_eq!(
-        submitted.entries[0].details["review"]["decision"],
-        "run_on_server_only"
-    );
 
     // The review alone.
     let review = c
@@ -351,6 +322,7 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
             max_tasks: n,
             wait_ms: 0,
             backend: None,
+            hardened_only: false,
         };
         let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
         let mut report = ExecutionReport::unmeasured(Status::SandboxViolation, None);
@@ -433,6 +405,7 @@ async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
         max_tasks: n,
         wait_ms: 0,
         backend: None,
+        hardened_only: false,
     };
     let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
     let violation = ExecutionReport::unmeasured(Status::SandboxViolation, None);
@@ -692,4 +665,91 @@ async fn send(
         })
         .collect();
     agent.report(&ReportBatch { reports }).await.unwrap();
+}
+
+/// Code the review decides `run_on_server_only` is never leased to an ordinary agent: with two
+/// ordinary agents (one calling itself `hardened` in its labels, which is no mark) and one an
+/// operator marked, every run is the marked agent's (or the coordinator's own re-check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_only_code_goes_only_to_agents_marked_for_it() {
+    for db in [fleetbox_testkit::Db::Sqlite, fleetbox_testkit::Db::Postgres] {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent("plain", Default::default());
+        c.agent_with("self-declared", |config| {
+            config.labels = vec!["hardened".into()];
+        });
+        c.agent_with("gvisor", |config| {
+            config.review_policy = fleetbox_agent::ReviewPolicy::default_for(true);
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let agents = loop {
+            let agents = c.client.agents().await.unwrap().agents;
+            if agents.len() == 3 {
+                break agents;
+            }
+            assert!(std::time::Instant::now() < deadline, "{agents:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let id = |name: &str| agents.iter().find(|a| a.name == name).unwrap().id.clone();
+        assert!(agents.iter().all(|a| !a.hardened), "{db:?}: {agents:?}");
+        let missing = c
+            .client
+            .mark_hardened("agt_nobody", true)
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Some("not_found"), "{missing}");
+        c.client.mark_hardened(&id("gvisor"), true).await.unwrap();
+
+        // A socket: server-only. Six shards; two agents wait for work all along.
+        let code = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.close()\nprint(1)\n";
+        let r = c
+            .run(
+                &spec(&format!(
+                    "name = \"server only\"\ncode = {code:?}\naggregate = \"sum\"\n[shards]\ncount = 6\n"
+                )),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        assert_eq!(r.result_value(), Some(serde_json::json!(6)));
+        let submitted = c
+            .client
+            .audit(&format!("job={}&action=job.submitted", r.id))
+            .await
+            .unwrap();
+        assert_eq!(
+            submitted.entries[0].details["review"]["decision"],
+            "run_on_server_only"
+        );
+        let marked = id("gvisor");
+        for i in 0..6 {
+            let d = c.client.shard(&r.id, i).await.unwrap();
+            assert!(
+                d.attempts
+                    .iter()
+                    .all(|a| a.agent_id == marked || a.agent_id == "server"),
+                "{db:?}: shard {i} ran on an ordinary agent: {:?}",
+                d.attempts
+            );
+        }
+        let leased = c
+            .client
+            .audit("action=shard.leased&limit=1000")
+            .await
+            .unwrap();
+        assert!(
+            leased
+                .entries
+                .iter()
+                .all(|e| e.actor == format!("agent:{marked}")),
+            "{db:?}: {:?}",
+            leased.entries
+        );
+        let marks = c.client.audit("action=agent.hardened").await.unwrap();
+        assert_eq!(marks.entries.len(), 1, "{db:?}");
+        assert_eq!(marks.entries[0].details["hardened"], true);
+        c.stop().await;
+    }
 }

@@ -50,6 +50,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
             max_tasks: 5,
             wait_ms: 2000,
             backend: None,
+            hardened_only: false,
         })
         .await
         .unwrap();
@@ -86,6 +87,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
             max_tasks: 5,
             wait_ms: 10_000,
             backend: None,
+            hardened_only: false,
         })
         .await
         .unwrap();
@@ -536,6 +538,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
             max_tasks: 1,
             wait_ms: 2000,
             backend: None,
+            hardened_only: false,
         })
         .await
         .unwrap();
@@ -601,6 +604,7 @@ pub async fn priorities_order_the_queue(db: Db) {
                 max_tasks: 3,
                 wait_ms: 1000,
                 backend: None,
+                hardened_only: false,
             })
             .await
             .unwrap();
@@ -632,6 +636,7 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
             max_tasks: 1,
             wait_ms: 2000,
             backend: None,
+            hardened_only: false,
         })
         .await
         .unwrap();
@@ -724,6 +729,7 @@ pub async fn signed_reports_are_checked(db: Db) {
             max_tasks: 2,
             wait_ms: 2000,
             backend: None,
+            hardened_only: false,
         })
         .await
         .unwrap();

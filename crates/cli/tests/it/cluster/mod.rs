@@ -397,6 +397,49 @@ print(json.dumps({"product": __import__("math").prod(values), "n": len(values)})
     assert_eq!(r.result_value(), Some(json!({"product": 120, "n": 5})));
 }
 
+/// Server-only code runs on the coordinator's own server agent (in its jail, under the
+/// re-check limits), never on an ordinary agent waiting beside it; ordinary code never runs
+/// on the server agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_only_code_runs_on_the_coordinators_server_agent() {
+    let Some(mut c) = Cluster::start_with(Db::Sqlite, &["--backend", "jail"]).await else {
+        return;
+    };
+    c.add_agent(1);
+    let code = "import socket\ns = socket.socket()\ns.close()\nprint(2)\n";
+    let server_only = c
+        .submit(&format!(
+            "name = \"server only\"\ncode = {code:?}\naggregate = \"sum\"\nshards = {{ count = 3 }}\n"
+        ))
+        .await;
+    let ordinary = c
+        .submit("name = \"ordinary\"\ncode = \"print(1)\"\naggregate = \"sum\"\nshards = { count = 3 }\n")
+        .await;
+    for (job, value) in [(&server_only, 6), (&ordinary, 3)] {
+        let r = c.wait(&job.id, Duration::from_secs(60)).await;
+        assert_eq!(r.state, JobState::Completed, "{r:?}");
+        assert_eq!(r.result_value(), Some(json!(value)));
+    }
+    let agents = c.client.agents().await.unwrap().agents;
+    let server = agents
+        .iter()
+        .find(|a| a.name == "server-1")
+        .expect("a server agent");
+    assert!(server.hardened, "{server:?}");
+    assert!(server.labels.iter().any(|l| l == "hardened"));
+    for i in 0..3 {
+        let d = c.client.shard(&server_only.id, i).await.unwrap();
+        assert!(
+            d.attempts.iter().all(|a| a.agent_id == server.id),
+            "{:?}",
+            d.attempts
+        );
+        assert_eq!(d.attempts[0].report["backend"], "jail");
+        let d = c.client.shard(&ordinary.id, i).await.unwrap();
+        assert!(d.attempts.iter().all(|a| a.agent_id != server.id));
+    }
+}
+
 /// The coordinator's own sandbox is the jail with the allow-list policy: a reducer runs in it,
 /// and one making a call off the list (`tuxcall`, which the deny list would let through to the
 /// kernel's `ENOSYS`) fails with that call named.
