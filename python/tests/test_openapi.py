@@ -85,10 +85,11 @@ def test_the_document_describes_the_whole_v1_api(bare_coordinator):
         "/v1/audit/verify",
         "/v1/audit/keys",
         "/v1/jobs/{id}/receipt",
+        "/v1/agents/{id}/hardened",
     ]:
         assert path in paths, path
     ops = [op for item in paths.values() for op in item.values()]
-    assert len(ops) == 37
+    assert len(ops) == 38
     ids = [op["operationId"] for op in ops]
     assert len(set(ids)) == len(ids), ids
     for op in ops:

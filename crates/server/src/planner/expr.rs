@@ -5,11 +5,12 @@
 //! CEL always terminates, but nested comprehensions over a large result can take ages
 //! (`result.all(a, result.all(b, ...))` is n²). Before evaluating, [`Rule::steps`] bounds the
 //! work from the expression's shape and the data's sizes; over [`STEP_BUDGET`] the rule is an
-//! error, not a hang. The evaluation itself also runs against [`DEADLINE`].
+//! error, not a hang. The evaluation itself stops at [`DEADLINE`] (`planner::deadline`): a
+//! rule past it ends there, rather than run on in a thread nobody waits for.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cel::common::ast::{EntryExpr, Expr as Node, IdedExpr};
 use cel::extractors::Arguments;
@@ -101,6 +102,8 @@ pub enum EvalError {
 #[derive(Debug)]
 pub struct Rule {
     program: Program,
+    /// The program's expression with a clock check per comprehension item (`deadline`).
+    ticking: IdedExpr,
     source: String,
 }
 
@@ -117,6 +120,7 @@ impl Rule {
             }
         })?;
         let rule = Rule {
+            ticking: super::deadline::ticking(program.expression()),
             program,
             source: source.to_string(),
         };
@@ -305,16 +309,21 @@ impl Rule {
             return Err(EvalError::Size { values });
         }
         let rule = self.clone();
-        let run = tokio::task::spawn_blocking(move || rule.evaluate_now(&vars));
-        match tokio::time::timeout(DEADLINE, run).await {
+        let deadline = Instant::now() + DEADLINE;
+        let run = tokio::task::spawn_blocking(move || rule.evaluate_by(&vars, deadline));
+        // The evaluation stops itself at the deadline; the wait allows it a moment to.
+        match tokio::time::timeout(DEADLINE + Duration::from_secs(1), run).await {
             Err(_) => Err(EvalError::Deadline),
             Ok(Err(e)) => Err(EvalError::Failed(format!("the evaluation failed: {e}"))),
             Ok(Ok(r)) => r,
         }
     }
 
-    fn evaluate_now(&self, vars: &Vars) -> Result<Value, EvalError> {
+    /// Evaluate on `vars`, stopping at `deadline` (see `planner::deadline`).
+    fn evaluate_by(&self, vars: &Vars, deadline: Instant) -> Result<Value, EvalError> {
         let mut context = Context::default();
+        let expired =
+            super::deadline::add_tick(&mut context, deadline).map_err(EvalError::Failed)?;
         for (name, value) in &vars.values {
             context.add_variable_from_value(name.as_str(), value.clone());
         }
@@ -329,11 +338,12 @@ impl Rule {
                 .add_function(name, f)
                 .map_err(|e| EvalError::Failed(e.to_string()))?;
         }
-        let value = self
-            .program
-            .execute(&context)
-            .map_err(|e| EvalError::Failed(e.to_string()))?;
+        let value = Cel::resolve(&self.ticking, &context);
+        if expired.happened() {
+            return Err(EvalError::Deadline);
+        }
         value
+            .map_err(|e| EvalError::Failed(e.to_string()))?
             .json()
             .map_err(|e| EvalError::Failed(format!("the value has no JSON form: {e:?}")))
     }
@@ -732,6 +742,36 @@ mod tests {
         let rows: Vec<Vec<i64>> = (0..100).map(|_| (0..100).collect()).collect();
         let flat = eval("result.map(r, r.size()).size()", json!(rows)).await;
         assert_eq!(flat, Ok(json!(100)));
+    }
+
+    /// A rule slower than its deadline ends at the deadline: the evaluation itself stops, not
+    /// only the wait for it. Measured against the same rule run
+    /// to its end, so the machine's speed does not matter.
+    #[test]
+    fn the_deadline_stops_the_evaluation_not_only_the_wait() {
+        // Past the step budget (the deadline is the backstop behind it), so that a run takes
+        // long enough to measure well.
+        let data: Vec<i64> = (0..400).collect();
+        let v = vars(json!(data));
+        for source in [
+            "result.all(a, result.exists(b, b == -1) || a >= 0)",
+            "result.map(a, result.filter(b, b == a).size()).size()",
+            "result.exists_one(a, result.map(b, b * a).size() == 0)",
+        ] {
+            let rule = Rule::compile(source).unwrap();
+            let started = Instant::now();
+            let far = started + Duration::from_secs(3600);
+            assert!(rule.evaluate_by(&v, far).is_ok(), "{source}");
+            let whole = started.elapsed();
+            let started = Instant::now();
+            let stopped = rule.evaluate_by(&v, started + whole / 10);
+            let took = started.elapsed();
+            assert_eq!(stopped, Err(EvalError::Deadline), "{source}");
+            assert!(
+                took < whole / 2,
+                "{source}: stopped after {took:?}; the whole run took {whole:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! rule that matched makes its child once. Caps (depth, a chain's job budget, a tenant's rate)
 //! stop runaway chains; hitting one is flagged and audited. Everything decided is audited.
 
+mod deadline;
 pub mod expr;
 pub mod guard;
 pub mod notify;
