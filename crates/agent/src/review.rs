@@ -24,13 +24,14 @@ pub struct ReviewPolicy {
 }
 
 impl ReviewPolicy {
-    /// The default: refuse what the review rejects, and code it decides server-only unless
-    /// this agent is `hardened` (started with `--hardened`, on a stricter sandbox such as
-    /// gVisor, and marked so by an operator on the coordinator).
+    /// The default: refuse what the review rejects, and code it holds for a person or decides
+    /// server-only unless this agent is `hardened` (started with `--hardened`, on a stricter
+    /// sandbox such as gVisor, and marked so by an operator on the coordinator). A
+    /// coordinator's word that a person approved held code is not this agent's review.
     pub fn default_for(hardened: bool) -> ReviewPolicy {
         let mut refuse = vec![Decision::Reject];
         if !hardened {
-            refuse.push(Decision::RunOnServerOnly);
+            refuse.extend([Decision::Hold, Decision::RunOnServerOnly]);
         }
         ReviewPolicy { refuse }
     }
@@ -125,8 +126,8 @@ mod tests {
         assert!(review.judge(bomb).is_err());
     }
 
-    /// Server-only code is refused unless the agent is hardened; a policy file may refuse
-    /// more (held code) or less.
+    /// Server-only and held code are refused unless the agent is hardened, rejected code
+    /// always; a policy file says otherwise.
     #[test]
     fn the_policy_decides_what_is_refused() {
         let server_only =
@@ -141,6 +142,17 @@ mod tests {
         assert!(why.contains("run_on_server_only"), "{why}");
         let hardened = CodeReview::shipped(ReviewPolicy::default_for(true));
         assert_eq!(hardened.judge(server_only), Ok(()));
+        // Held code (starting programs and the network): refused unless hardened.
+        let held = "import subprocess, socket\nsubprocess.run(['true'])\n";
+        let decided = fleetbox_review::BuiltinReviewer::shipped()
+            .review_code(held)
+            .unwrap()
+            .decision;
+        assert_eq!(decided, Decision::Hold);
+        assert!(ordinary.judge(held).unwrap_err().contains("`hold`"));
+        assert_eq!(hardened.judge(held), Ok(()));
+        let bomb = "import os\nwhile True:\n    os.fork()\n";
+        assert!(hardened.judge(bomb).is_err());
         let strict =
             ReviewPolicy::from_toml("refuse = [\"reject\", \"hold\", \"run_on_server_only\"]")
                 .unwrap();

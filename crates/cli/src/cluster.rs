@@ -330,12 +330,12 @@ pub struct AgentArgs {
     #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
     pub allow_network: bool,
     /// This agent runs in a stricter sandbox (gVisor, say) and accepts code its review decides
-    /// `run_on_server_only`; the coordinator gives it such code only once an operator marks it
-    /// (`fleetbox agents harden ID`).
+    /// `run_on_server_only` or `hold`; the coordinator gives it such code only once an operator
+    /// marks it (`fleetbox agents harden ID`).
     #[arg(long)]
     pub hardened: bool,
     /// What this agent refuses after its own review of the code, a TOML file:
-    /// `refuse = ["reject", "hold", "run_on_server_only"]` [default: `reject`, and
+    /// `refuse = ["reject", "hold", "run_on_server_only"]` [default: `reject`, and `hold` and
     /// `run_on_server_only` unless `--hardened`].
     #[arg(long)]
     pub review_policy: Option<PathBuf>,

@@ -1147,11 +1147,14 @@ pub(super) async fn insert_job_in(
         .await
         .doing("inserting a job")?;
     let inputs: Vec<String> = job.inputs.iter().map(json).collect();
-    // Code the review decided server-only is never leased to an ordinary agent.
-    let server_only = job
-        .review
-        .as_ref()
-        .is_some_and(|r| r.decision == fleetbox_proto::Decision::RunOnServerOnly);
+    // Code the review decided server-only, or held for a person, is never leased to an
+    // ordinary agent (held code runs, once approved, where server-only code runs).
+    let server_only = job.review.as_ref().is_some_and(|r| {
+        matches!(
+            r.decision,
+            fleetbox_proto::Decision::RunOnServerOnly | fleetbox_proto::Decision::Hold
+        )
+    });
     for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
         let mut sql = Sql::new(
             "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \

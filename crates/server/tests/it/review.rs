@@ -67,7 +67,12 @@ async fn held_jobs_wait_for_a_person() {
         let Some(mut c) = Coordinator::start(db).await else {
             continue;
         };
-        c.agent("a", Default::default());
+        // Held code, once approved, runs where server-only code runs: on an agent marked
+        // for it (here the only one), whose own policy accepts it.
+        c.agent_with("a", |config| {
+            config.review_policy = fleetbox_agent::ReviewPolicy::default_for(true);
+        });
+        crate::support::harden_the_only_agent(&c).await;
         // High + two mediums (a started program, a network client, and the two together: a
         // remote shell's shape): risk 70, between `hold` (60) and `reject` (80).
         let code = "import subprocess, socket\nsubprocess.run(['true'])\n";

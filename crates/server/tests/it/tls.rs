@@ -179,8 +179,12 @@ async fn the_model_and_webhooks_speak_https_to_a_private_ca_and_refuse_strangers
         review.reviewer
     );
     assert_eq!(review.risk, 70);
-    c.agent("a", Default::default());
-    // (The stand-in calls every program suspicious, risk 70: held for review; approve it.)
+    // (The stand-in calls every program suspicious, risk 70: held for review; approve it. Held
+    // code runs only on an agent marked for it.)
+    c.agent_with("a", |config| {
+        config.review_policy = fleetbox_agent::ReviewPolicy::default_for(true);
+    });
+    crate::support::harden_the_only_agent(&c).await;
     let job = c
         .client
         .submit(&spec(&format!(
