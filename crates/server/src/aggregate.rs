@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 
 use crate::State;
 use crate::blobs::INLINE_LIMIT;
-use crate::reduce::{ShardValue, reduce};
+use crate::planner::ChildError;
+use crate::reduce::{ReduceError, ShardValue, reduce};
 use crate::store::{FoldOutcome, StoreError, backoff_ms, now_ms};
 
 /// How long a claimed fold lasts without renewal; the folding coordinator renews it every
@@ -42,11 +43,31 @@ enum FoldError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The reducer failed; the summary was already computed.
-    #[error("{message}")]
+    #[error("{cause}")]
     Reduce {
-        message: String,
+        cause: ReduceFailed,
         summary: Box<JobSummary>,
     },
+}
+
+/// Why a job's values could not be folded into its result.
+#[derive(Debug, thiserror::Error)]
+enum ReduceFailed {
+    #[error(transparent)]
+    Builtin(#[from] ReduceError),
+    #[error("encoding the values for the python reducer: {0}")]
+    Encode(String),
+    #[error("the reducer's sandbox thread failed: {0}")]
+    Thread(String),
+    #[error("could not open the `{backend}` sandbox: {why}")]
+    Open {
+        backend: fleetbox_sandbox::Backend,
+        why: String,
+    },
+    #[error("python reducer: {0}")]
+    Python(String),
+    #[error("storing the result blob: {0}")]
+    Blob(String),
 }
 
 /// Claim the job's fold (a leased step: one coordinator at a time), keep the claim alive while
@@ -189,9 +210,9 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
             Some(error) => (JobState::Failed, None, Some(error)),
             None => match fold(state, &job.reducer, &job.limits, job_id, values.values).await {
                 Ok(v) => (JobState::Completed, Some(v), None),
-                Err(message) => {
+                Err(cause) => {
                     return Err(FoldError::Reduce {
-                        message,
+                        cause,
                         summary: Box::new(summary),
                     });
                 }
@@ -199,9 +220,9 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
         };
     let blob = match store_large_result(state, text.as_deref()).await {
         Ok(blob) => blob,
-        Err(message) => {
+        Err(cause) => {
             return Err(FoldError::Reduce {
-                message,
+                cause,
                 summary: Box::new(summary),
             });
         }
@@ -464,17 +485,19 @@ fn shortfall_error(
 }
 
 /// Large results go to the blob store; the row keeps its hash in `result_blob`.
-async fn store_large_result(state: &State, text: Option<&str>) -> Result<Option<String>, String> {
+async fn store_large_result(
+    state: &State,
+    text: Option<&str>,
+) -> Result<Option<String>, ReduceFailed> {
     match text {
         Some(t) if t.len() > INLINE_LIMIT * 16 => {
             let blobs = state.blobs.clone();
             let bytes = t.as_bytes().to_vec();
             tokio::task::spawn_blocking(move || blobs.put(&bytes))
                 .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| ReduceFailed::Blob(e.to_string()))?
                 .map(Some)
-                .map_err(|e| format!("storing the result blob: {e}"))
+                .map_err(|e| ReduceFailed::Blob(e.to_string()))
         }
         _ => Ok(None),
     }
@@ -571,14 +594,18 @@ async fn start_pending_reruns(state: &State, tenant: &str, job_id: &str) {
     for (flag, details) in pending {
         let shards = crate::store::review::flag_shards(&details);
         match crate::planner::review_rerun(state, tenant, job_id, flag, &shards).await {
-            Ok(Ok(child)) => match state.store.attach_rerun(flag, &child).await {
+            Ok(child) => match state.store.attach_rerun(flag, &child).await {
                 Ok(_) => state.work.notify_waiters(),
                 Err(e) => {
                     tracing::error!(job_id, flag, error = %e, "could not start a flag's re-run")
                 }
             },
-            Ok(Err(why)) => tracing::warn!(job_id, flag, why, "a flag's re-run cannot be made"),
-            Err(e) => tracing::error!(job_id, flag, error = %e, "could not make a flag's re-run"),
+            Err(ChildError::Store(e)) => {
+                tracing::error!(job_id, flag, error = %e, "could not make a flag's re-run")
+            }
+            Err(why) => {
+                tracing::warn!(job_id, flag, error = %why, "a flag's re-run cannot be made")
+            }
         }
     }
 }
@@ -593,16 +620,16 @@ async fn rerun_anomalies(state: &State, tenant: &str, job_id: &str, flag: i64, f
     shards.sort_unstable();
     shards.dedup();
     let made = match crate::planner::review_rerun(state, tenant, job_id, flag, &shards).await {
-        Ok(Ok(child)) => state
+        Ok(child) => state
             .store
             .rerun_flag(tenant, flag, "server", Some("--anomalies rerun"), &child)
             .await
             .map(|_| child.id),
-        Ok(Err(why)) => {
-            tracing::warn!(job_id, why, "anomalies not re-run");
+        Err(ChildError::Store(e)) => Err(e),
+        Err(why) => {
+            tracing::warn!(job_id, error = %why, "anomalies not re-run");
             return;
         }
-        Err(e) => Err(e),
     };
     match made {
         Ok(child) => {
@@ -692,12 +719,12 @@ async fn fold(
     limits: &Limits,
     job_id: &str,
     values: Vec<ShardValue>,
-) -> Result<String, String> {
+) -> Result<String, ReduceFailed> {
     let Reducer::Python { code } = reducer else {
-        return reduce(reducer, &values).map_err(|e| e.to_string());
+        return Ok(reduce(reducer, &values)?);
     };
     let list = Value::Array(values.into_iter().map(|(_, v)| v).collect());
-    let input = serde_json::to_vec(&list).map_err(|e| e.to_string())?;
+    let input = serde_json::to_vec(&list).map_err(|e| ReduceFailed::Encode(e.to_string()))?;
     let mut limits = limits.clone();
     // The coordinator's own sandbox never gets the network, whatever the job asked.
     limits.network = false;
@@ -713,11 +740,15 @@ async fn fold(
         fleetbox_sandbox::open(backend, config).map(|sandbox| sandbox.run(&req))
     })
     .await
-    .map_err(|e| format!("the reducer's sandbox thread failed: {e}"))?
-    .map_err(|e| format!("could not open the `{backend}` sandbox: {e}"))?;
+    .map_err(|e| ReduceFailed::Thread(e.to_string()))?
+    .map_err(|e| ReduceFailed::Open {
+        backend,
+        why: e.to_string(),
+    })?;
     if report.status != Status::Ok {
-        let why = report.failure_reason().unwrap_or_default();
-        return Err(format!("python reducer: {why}"));
+        return Err(ReduceFailed::Python(
+            report.failure_reason().unwrap_or_default(),
+        ));
     }
     Ok(report.output.unwrap_or(Value::Null).to_string())
 }

@@ -99,24 +99,33 @@ impl BlobWriter {
     }
 
     /// The hash of what was written. Stored (synced, renamed into place) only if it is
-    /// `expected`; otherwise the temporary file is dropped and the actual hash returned as
-    /// the error.
-    pub fn finish(self, expected: &str) -> std::io::Result<Result<String, String>> {
+    /// `expected`; otherwise the temporary file is dropped and the actual hash is the error.
+    pub fn finish(self, expected: &str) -> Result<String, FinishError> {
         use sha2::Digest;
         let hash = hex::encode(self.hasher.finalize());
         if hash != expected {
-            return Ok(Err(hash));
+            return Err(FinishError::Mismatch { actual: hash });
         }
         let path = self.blobs.path(&hash);
         if path.exists() {
-            return Ok(Ok(hash));
+            return Ok(hash);
         }
         let dir = path.parent().expect("blob paths have a parent");
         fs_err::create_dir_all(dir)?;
         self.tmp.as_file().sync_all()?;
         self.tmp.persist(&path).map_err(|e| e.error)?;
-        Ok(Ok(hash))
+        Ok(hash)
     }
+}
+
+/// Why an upload was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError {
+    /// What was written hashes to `actual`, not the hash it was sent as.
+    #[error("the body hashes to `{actual}`")]
+    Mismatch { actual: String },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 #[cfg(test)]
@@ -145,12 +154,15 @@ mod tests {
         w.write(b"hello ").unwrap();
         w.write(b"world").unwrap();
         assert_eq!(w.len(), 11);
-        assert_eq!(w.finish(&want).unwrap(), Ok(want.clone()));
+        assert_eq!(w.finish(&want).unwrap(), want.clone());
         assert_eq!(blobs.get(&want).unwrap(), b"hello world");
         let mut w = blobs.writer().unwrap();
         w.write(b"other").unwrap();
         let wrong = "0".repeat(64);
-        assert_eq!(w.finish(&wrong).unwrap(), Err(sha256_hex(b"other")));
+        match w.finish(&wrong) {
+            Err(FinishError::Mismatch { actual }) => assert_eq!(actual, sha256_hex(b"other")),
+            other => panic!("{other:?}"),
+        }
         assert!(!blobs.contains(&wrong));
         // Nothing but the stored blob's directory is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -18,7 +18,32 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
 
 use crate::State;
+use crate::store::StoreError;
 use crate::store::checks::{CheckSubject, Finding, ServerRun};
+
+/// Why a server check could not finish: it is tried again later, then settled `unverifiable`.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("job {job}: {why}")]
+    Job { job: String, why: String },
+    #[error("the coordinator's sandbox could not run the check ({status}): {why}")]
+    Sandbox { status: Status, why: String },
+    #[error("could not open the `{backend}` sandbox: {why}")]
+    Open {
+        backend: fleetbox_sandbox::Backend,
+        why: String,
+    },
+    #[error("the job's environment: {0}")]
+    Environment(String),
+    #[error("the job's files: {0}")]
+    Files(String),
+    #[error("storing the server's output: {0}")]
+    Output(String),
+    #[error("the re-check's thread failed: {0}")]
+    Thread(String),
+}
 
 /// The memory a server re-run may use at most (the job may ask for less).
 pub const SERVER_MEMORY: u64 = 512 << 20;
@@ -53,7 +78,7 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
                         let checked = check(&state, id).await;
                         renew.abort();
                         if let Err(e) = checked {
-                            failed(&state, id, &e).await;
+                            failed(&state, id, &e.to_string()).await;
                         }
                         drop(permit);
                         state.checks.notify_one();
@@ -138,13 +163,8 @@ async fn renew_hold(state: Arc<State>, task_id: i64) {
 }
 
 /// Check one claimed shard and settle it.
-async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
-    let Some(subject) = state
-        .store
-        .check_subject(task_id)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
+async fn check(state: &Arc<State>, task_id: i64) -> Result<(), CheckError> {
+    let Some(subject) = state.store.check_subject(task_id).await? else {
         tracing::warn!(
             task = task_id,
             "a shard in `reported` has no result to check"
@@ -154,7 +174,10 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
     let job = state
         .job_info(&subject.job_id)
         .await
-        .map_err(|e| e.message)?;
+        .map_err(|e| CheckError::Job {
+            job: subject.job_id.clone(),
+            why: e.message,
+        })?;
     let agent_output = output_of(
         state,
         subject.result.output.as_deref(),
@@ -172,7 +195,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), String> {
         None => None,
         Some(spec) => match server_environment(state, spec).await {
             Ok(held) => Some(held),
-            Err(EnvError::Cache(why)) => return Err(why),
+            Err(EnvError::Cache(why)) => return Err(CheckError::Environment(why)),
             Err(e @ EnvError::Build { .. }) => {
                 let finding = Finding::Unverifiable {
                     why: format!("the coordinator could not get the job's environment: {e}"),
@@ -234,14 +257,13 @@ async fn usable_run(
     subject: &CheckSubject,
     job: &crate::JobInfo,
     environment: Option<Environment>,
-) -> Result<(ExecutionReport, Stored), String> {
+) -> Result<(ExecutionReport, Stored), CheckError> {
     let run = run_on_server(state, subject, job, environment).await?;
     if matches!(run.0.status, Status::SandboxError | Status::Killed) {
-        return Err(format!(
-            "the coordinator's sandbox could not run the check ({}): {}",
-            run.0.status.as_str(),
-            run.0.failure_reason().unwrap_or_default()
-        ));
+        return Err(CheckError::Sandbox {
+            status: run.0.status,
+            why: run.0.failure_reason().unwrap_or_default(),
+        });
     }
     Ok(run)
 }
@@ -253,7 +275,7 @@ async fn judge_success(
     job: &crate::JobInfo,
     agent: &Outcome<'_>,
     environment: Option<Environment>,
-) -> Result<(Vec<Stored>, Finding), String> {
+) -> Result<(Vec<Stored>, Finding), CheckError> {
     let compare = subject.verify.compare;
     let first = usable_run(state, subject, job, environment.clone()).await?;
     let finding = match first.0.status {
@@ -307,7 +329,7 @@ async fn judge_failure(
     subject: &CheckSubject,
     job: &crate::JobInfo,
     environment: Option<Environment>,
-) -> Result<(Vec<Stored>, Finding), String> {
+) -> Result<(Vec<Stored>, Finding), CheckError> {
     let reported = subject.result.status;
     let backend = state.config.sandbox_backend;
     if reported == Status::SandboxViolation && backend != fleetbox_sandbox::Backend::Jail {
@@ -350,7 +372,7 @@ async fn settle(
     stored: &[ServerRun],
     finding: &Finding,
     others: &[Verdict],
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     let settled = state
         .store
         .finish_check(
@@ -361,8 +383,7 @@ async fn settle(
             others,
             state.config.quarantine_strikes.max(1) as i64,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let Some(settled) = settled else {
         return Ok(()); // another coordinator settled it meanwhile
     };
@@ -380,16 +401,12 @@ async fn settle(
 
 /// After `agent` was quarantined: its unchecked values in running jobs are checked by the
 /// server, and the finished jobs that folded them wait for review.
-pub async fn after_quarantine(state: &Arc<State>, agent: &str) -> Result<(), String> {
+pub async fn after_quarantine(state: &Arc<State>, agent: &str) -> Result<(), StoreError> {
     tracing::warn!(
         agent,
         "agent quarantined: its unchecked results are checked again"
     );
-    let n = state
-        .store
-        .recheck_unverified_of(agent)
-        .await
-        .map_err(|e| e.to_string())?;
+    let n = state.store.recheck_unverified_of(agent).await?;
     if n > 0 {
         tracing::warn!(
             agent,
@@ -398,11 +415,7 @@ pub async fn after_quarantine(state: &Arc<State>, agent: &str) -> Result<(), Str
         );
         state.checks.notify_one();
     }
-    let tainted = state
-        .store
-        .taint_finished_jobs_of(agent)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tainted = state.store.taint_finished_jobs_of(agent).await?;
     for job in tainted {
         tracing::warn!(
             agent,
@@ -452,7 +465,7 @@ async fn run_on_server(
     subject: &CheckSubject,
     job: &crate::JobInfo,
     environment: Option<Environment>,
-) -> Result<(ExecutionReport, Stored), String> {
+) -> Result<(ExecutionReport, Stored), CheckError> {
     let mut limits = job.limits.clone();
     limits.network = false;
     limits.memory.0 = limits.memory.0.min(SERVER_MEMORY);
@@ -464,7 +477,8 @@ async fn run_on_server(
     );
     req.runner_id = "server".into();
     req.environment = environment;
-    req.files = fleetbox_proto::job::decode_files(&job.files).map_err(|e| e.to_string())?;
+    req.files = fleetbox_proto::job::decode_files(&job.files)
+        .map_err(|e| CheckError::Files(e.to_string()))?;
     req.env.extend([
         (
             env::FLEETBOX_SHARD_INDEX.to_string(),
@@ -482,13 +496,16 @@ async fn run_on_server(
         fleetbox_sandbox::open(backend, config).map(|sandbox| sandbox.run(&req))
     })
     .await
-    .map_err(|e| format!("the re-check's sandbox thread failed: {e}"))?
-    .map_err(|e| format!("could not open the `{backend}` sandbox: {e}"))?;
+    .map_err(|e| CheckError::Thread(e.to_string()))?
+    .map_err(|e| CheckError::Open {
+        backend,
+        why: e.to_string(),
+    })?;
     let (output, output_blob, output_sha256) = match &report.output {
         None => (None, None, None),
         Some(v) => {
-            let stored =
-                crate::outputs::store(&state.blobs, v, v.to_string()).map_err(|e| e.to_string())?;
+            let stored = crate::outputs::store(&state.blobs, v, v.to_string())
+                .map_err(|e| CheckError::Output(e.to_string()))?;
             (stored.text, stored.blob, Some(stored.hash))
         }
     };

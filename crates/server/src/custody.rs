@@ -46,6 +46,28 @@ pub enum CustodyError {
     Sink(String),
 }
 
+/// Why a checkpoint did not reach a sink (it is tried again at the next checkpoint).
+#[derive(Debug, thiserror::Error)]
+enum ShipError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("could not start it: {0}")]
+    Start(std::io::Error),
+    #[error("no stdin")]
+    NoStdin,
+    #[error("still running after {}s", SHIP_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("{status}: {stderr}")]
+    Failed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    #[error("answered {0}")]
+    Answered(reqwest::StatusCode),
+}
+
 /// Where checkpoints go as they are made (`--audit-ship`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sink {
@@ -84,9 +106,9 @@ impl Sink {
         }
     }
 
-    async fn send(&self, line: &str, http: &reqwest::Client) -> Result<(), String> {
+    async fn send(&self, line: &str, http: &reqwest::Client) -> Result<(), ShipError> {
         match self {
-            Sink::File(path) => append_line(path, line).map_err(|e| e.to_string()),
+            Sink::File(path) => Ok(append_line(path, line)?),
             Sink::Exec(command) => {
                 let mut child = tokio::process::Command::new("sh")
                     .args(["-c", command])
@@ -95,21 +117,23 @@ impl Sink {
                     .stderr(std::process::Stdio::piped())
                     .kill_on_drop(true)
                     .spawn()
-                    .map_err(|e| format!("could not start it: {e}"))?;
-                let mut stdin = child.stdin.take().ok_or("no stdin")?;
+                    .map_err(ShipError::Start)?;
+                let mut stdin = child.stdin.take().ok_or(ShipError::NoStdin)?;
                 let ran = tokio::time::timeout(SHIP_TIMEOUT, async {
                     stdin.write_all(format!("{line}\n").as_bytes()).await?;
                     drop(stdin);
                     child.wait_with_output().await
                 })
                 .await
-                .map_err(|_| format!("still running after {}s", SHIP_TIMEOUT.as_secs()))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| ShipError::Timeout)??;
                 if ran.status.success() {
                     Ok(())
                 } else {
                     let stderr = String::from_utf8_lossy(&ran.stderr);
-                    Err(format!("{}: {}", ran.status, stderr.trim()))
+                    Err(ShipError::Failed {
+                        status: ran.status,
+                        stderr: stderr.trim().to_string(),
+                    })
                 }
             }
             Sink::Webhook(url) => {
@@ -119,12 +143,11 @@ impl Sink {
                     .body(line.to_string())
                     .timeout(SHIP_TIMEOUT)
                     .send()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 if resp.status().is_success() {
                     Ok(())
                 } else {
-                    Err(format!("answered {}", resp.status()))
+                    Err(ShipError::Answered(resp.status()))
                 }
             }
         }

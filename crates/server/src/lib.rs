@@ -213,6 +213,11 @@ pub enum StartError {
     ReviewRules { path: PathBuf, why: String },
     #[error("the AI planner's templates `{}`: {why}", path.display())]
     AiPlanner { path: PathBuf, why: String },
+    #[error("the AI planner's templates `{}`: {why}", path.display())]
+    Templates {
+        path: PathBuf,
+        why: planner::TemplateError,
+    },
     #[error("`--ca-cert`: {0}")]
     CaCert(String),
     #[error("`--audit-trusted-keys`: {0}")]
@@ -577,7 +582,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
                     why: "the AI planner needs a model (`--llm-url` and `--llm-model`)".into(),
                 });
             }
-            planner::load_templates(dir).map_err(|why| StartError::AiPlanner {
+            planner::load_templates(dir).map_err(|why| StartError::Templates {
                 path: dir.clone(),
                 why,
             })?

@@ -19,6 +19,23 @@ pub struct ReduceError {
 /// A value with the shard it came from.
 pub type ShardValue = (u64, Value);
 
+/// What is wrong with the values a numeric step was given.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+enum Fault {
+    #[error("shard {shard} returned {value}, not a number")]
+    NotANumber { shard: u64, value: String },
+    #[error(
+        "the integer sum passes -2^127..2^127-1, past what `sum` adds exactly; use the `python` reducer for larger integers"
+    )]
+    PastI128,
+    #[error(
+        "the exact integer sum {0}is outside what a result holds exactly (-2^63 to 2^64-1); use the `python` reducer for larger integers"
+    )]
+    PastValue(String),
+    #[error("`{key}`: {fault}")]
+    InKey { key: String, fault: Box<Fault> },
+}
+
 /// Fold `values` with a built-in reducer (`python` is run by the aggregator, not here), into
 /// the result's JSON text. Text, not a [`Value`]: an integer `sum` is exact over i128, past
 /// what a `Value` holds.
@@ -28,8 +45,8 @@ pub fn reduce(reducer: &Reducer, values: &[ShardValue]) -> Result<String, Reduce
         message,
     };
     if let Reducer::Sum = reducer {
-        let nums = numbers(values).map_err(err)?;
-        return exact_sum(&nums).map_err(err);
+        let nums = numbers(values).map_err(|f| err(f.to_string()))?;
+        return exact_sum(&nums).map_err(|f| err(f.to_string()));
     }
     reduce_value(reducer, values).map(|v| v.to_string())
 }
@@ -47,7 +64,7 @@ fn reduce_value(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, Reduc
         Reducer::Count => Ok(Value::from(flatten(values).count())),
         Reducer::Sum => unreachable!("`sum` is folded exactly by `reduce`"),
         Reducer::Min | Reducer::Max => {
-            let nums = numbers(values).map_err(err)?;
+            let nums = numbers(values).map_err(|f| err(f.to_string()))?;
             let pick = nums.into_iter().reduce(|a, b| {
                 let less = a.1 < b.1;
                 match (reducer, less) {
@@ -58,7 +75,7 @@ fn reduce_value(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, Reduc
             Ok(pick.map(|(n, _)| Value::Number(n)).unwrap_or(Value::Null))
         }
         Reducer::Mean => {
-            let nums = numbers(values).map_err(err)?;
+            let nums = numbers(values).map_err(|f| err(f.to_string()))?;
             if nums.is_empty() {
                 return Ok(Value::Null);
             }
@@ -123,7 +140,7 @@ fn reduce_value(reducer: &Reducer, values: &[ShardValue]) -> Result<Value, Reduc
             }
             Ok(Value::Object(out))
         }
-        Reducer::Histogram { bins } => histogram(values, *bins).map_err(err),
+        Reducer::Histogram { bins } => histogram(values, *bins).map_err(|f| err(f.to_string())),
         Reducer::Python { .. } => Err(err("run by the aggregator in the sandbox".into())),
     }
 }
@@ -136,21 +153,21 @@ fn flatten(values: &[ShardValue]) -> impl Iterator<Item = (u64, &Value)> {
     })
 }
 
-fn numbers(values: &[ShardValue]) -> Result<Vec<(Number, f64)>, String> {
+fn numbers(values: &[ShardValue]) -> Result<Vec<(Number, f64)>, Fault> {
     flatten(values)
         .map(|(shard, v)| match v {
             Value::Number(n) => Ok((n.clone(), n.as_f64().unwrap_or(f64::NAN))),
-            other => Err(format!(
-                "shard {shard} returned {}, not a number",
-                short(other)
-            )),
+            other => Err(Fault::NotANumber {
+                shard,
+                value: short(other),
+            }),
         })
         .collect()
 }
 
 /// The `sum` reducer: integers add up exactly over i128 (a total past it is an error naming
 /// that), written as JSON text with every digit; any float among the values makes it a float.
-fn exact_sum(nums: &[(Number, f64)]) -> Result<String, String> {
+fn exact_sum(nums: &[(Number, f64)]) -> Result<String, Fault> {
     let mut exact: i128 = 0;
     let mut float = 0.0;
     let mut integers = true;
@@ -165,11 +182,7 @@ fn exact_sum(nums: &[(Number, f64)]) -> Result<String, String> {
             }
         };
         if integers {
-            exact = exact.checked_add(i).ok_or_else(|| {
-                "the integer sum passes -2^127..2^127-1, past what `sum` adds exactly; \
-                 use the `python` reducer for larger integers"
-                    .to_string()
-            })?;
+            exact = exact.checked_add(i).ok_or(Fault::PastI128)?;
         }
     }
     if integers {
@@ -184,7 +197,7 @@ fn exact_sum(nums: &[(Number, f64)]) -> Result<String, String> {
 /// A sum of integers for `merge` (a [`Value`]): exact, and a total that a `Value` cannot hold
 /// (outside `-2^63..=2^64-1`) is an error, never a rounded float. Any float among the values
 /// makes the sum a float.
-fn sum(nums: &[(Number, f64)]) -> Result<Value, String> {
+fn sum(nums: &[(Number, f64)]) -> Result<Value, Fault> {
     let mut exact: Option<i128> = Some(0);
     let mut integers = true;
     let mut float = 0.0;
@@ -202,22 +215,15 @@ fn sum(nums: &[(Number, f64)]) -> Result<Value, String> {
     match exact {
         Some(i) if i64::try_from(i).is_ok() => Ok(Value::from(i as i64)),
         Some(i) if u64::try_from(i).is_ok() => Ok(Value::from(i as u64)),
-        Some(i) => Err(format!(
-            "the exact integer sum `{i}` is outside what a result holds exactly (-2^63 to 2^64-1); \
-             use the `python` reducer for larger integers"
-        )),
-        None if integers => Err(
-            "the exact integer sum is outside what a result holds exactly (-2^63 to 2^64-1); \
-             use the `python` reducer for larger integers"
-                .into(),
-        ),
+        Some(i) => Err(Fault::PastValue(format!("`{i}` "))),
+        None if integers => Err(Fault::PastValue(String::new())),
         None => Ok(Number::from_f64(float)
             .map(Value::Number)
             .unwrap_or(Value::Null)),
     }
 }
 
-fn merge_into(out: &mut Map<String, Value>, obj: &Map<String, Value>) -> Result<(), String> {
+fn merge_into(out: &mut Map<String, Value>, obj: &Map<String, Value>) -> Result<(), Fault> {
     for (k, v) in obj {
         match (out.get_mut(k), v) {
             (Some(Value::Number(a)), Value::Number(b)) => {
@@ -225,7 +231,10 @@ fn merge_into(out: &mut Map<String, Value>, obj: &Map<String, Value>) -> Result<
                     (a.clone(), a.as_f64().unwrap_or(0.0)),
                     (b.clone(), b.as_f64().unwrap_or(0.0)),
                 ])
-                .map_err(|e| format!("`{k}`: {e}"))?;
+                .map_err(|fault| Fault::InKey {
+                    key: k.clone(),
+                    fault: Box::new(fault),
+                })?;
                 out.insert(k.clone(), total);
             }
             (Some(Value::Object(a)), Value::Object(b)) => merge_into(a, b)?,
@@ -238,7 +247,7 @@ fn merge_into(out: &mut Map<String, Value>, obj: &Map<String, Value>) -> Result<
     Ok(())
 }
 
-fn histogram(values: &[ShardValue], bins: Option<u32>) -> Result<Value, String> {
+fn histogram(values: &[ShardValue], bins: Option<u32>) -> Result<Value, Fault> {
     let Some(bins) = bins else {
         // Categorical: count each distinct value (strings as themselves, others as JSON).
         let mut counts: std::collections::BTreeMap<String, u64> = Default::default();

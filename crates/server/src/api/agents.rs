@@ -15,7 +15,7 @@ use fleetbox_proto::{ExecutionReport, Status};
 
 use super::{ApiError, Auth, Body};
 use crate::State;
-use crate::blobs::{INLINE_LIMIT, is_sha256};
+use crate::blobs::{FinishError, INLINE_LIMIT, is_sha256};
 use crate::ids::{agent_id, random_hex, sha256_hex, token};
 use crate::store::audit::{Action, Entry};
 use crate::store::{ReportInput, TokenKind, Want, now_ms};
@@ -145,8 +145,8 @@ pub async fn quarantine(
     }
     tracing::warn!(agent = %id, by = %principal.actor, "agent quarantined by an operator");
     // As after a quarantine for invalid results: its unchecked values are checked again.
-    if let Err(why) = crate::checker::after_quarantine(&state, &id).await {
-        tracing::error!(agent = %id, why, "could not re-check a quarantined agent's results");
+    if let Err(e) = crate::checker::after_quarantine(&state, &id).await {
+        tracing::error!(agent = %id, error = %e, "could not re-check a quarantined agent's results");
     }
     Ok(Json(serde_json::json!({ "quarantined": id })))
 }
@@ -684,7 +684,7 @@ pub async fn put_blob(
             w.write(&chunk)?;
         }
         let bytes = w.len();
-        w.finish(&want).map(|r| (r, bytes))
+        w.finish(&want).map(|_| bytes)
     });
     let mut body = req.into_body();
     let mut received = 0usize;
@@ -717,12 +717,13 @@ pub async fn put_blob(
         // The temporary file goes with the writer; nothing is stored.
         return Err(refused);
     }
-    match written.map_err(|e| internal(&e))? {
-        (Ok(_), bytes) => Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes }))),
-        (Err(actual), _) => Err(ApiError::bad_request(
+    match written {
+        Ok(bytes) => Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes }))),
+        Err(FinishError::Mismatch { actual }) => Err(ApiError::bad_request(
             "blob_hash_mismatch",
             format!("the body hashes to `{actual}`, not `{sha}`"),
         )),
+        Err(FinishError::Io(e)) => Err(internal(&e)),
     }
 }
 

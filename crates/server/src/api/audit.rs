@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::{ApiError, Auth, Params};
 use crate::State;
 use crate::store::TokenKind;
-use crate::store::audit::{Action, AuditFilter};
+use crate::store::audit::{Action, AuditFilter, PruneError};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -95,13 +95,16 @@ pub async fn prune(
     match state
         .store
         .audit_prune(tenant, req.before_seq, &state.custody.key)
-        .await?
+        .await
     {
         Ok(n) => Ok(Json(serde_json::json!({ "pruned": n }))),
-        Err(why) => Err(
-            ApiError::new(axum::http::StatusCode::CONFLICT, "no_checkpoint", why)
-                .with_field("before_seq"),
-        ),
+        Err(PruneError::Store(e)) => Err(e.into()),
+        Err(why @ PruneError::NoCheckpoint { .. }) => Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "no_checkpoint",
+            why.to_string(),
+        )
+        .with_field("before_seq")),
     }
 }
 

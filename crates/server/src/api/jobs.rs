@@ -502,8 +502,11 @@ pub async fn rerun_failed(
             .count()
     });
     let mut child = crate::planner::rerun_failed(&state, &tenant, &id, runs)
-        .await?
-        .map_err(|why| ApiError::new(StatusCode::CONFLICT, "nothing_to_rerun", why))?;
+        .await
+        .map_err(|e| match e {
+            crate::planner::ChildError::Store(e) => e.into(),
+            why => ApiError::new(StatusCode::CONFLICT, "nothing_to_rerun", why.to_string()),
+        })?;
     child.actor = principal.actor.clone();
     state.store.insert_job(&child).await?;
     state.work.notify_waiters();

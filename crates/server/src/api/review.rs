@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::{ApiError, Auth, Params, raw_body};
 use crate::State;
+use crate::planner::ChildError;
 use crate::store::TokenKind;
 use crate::store::audit::{Action, Entry};
 use crate::store::review::FlagDecision;
@@ -30,8 +31,9 @@ pub(crate) async fn gate(
     let review = review_off_thread(state, code, "code").await?;
     match review.decision {
         Decision::Run => {}
-        // Server-only code is routed to hardened agents and the coordinator's server agents
-        // (`tasks.hardened`); held code, once approved, runs anywhere, every shard re-checked.
+        // Server-only and held code go only to hardened agents and the coordinator's server
+        // agents (`tasks.hardened`); held code waits for a person, then every shard is
+        // re-checked.
         Decision::Hold => {
             spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
         }
@@ -334,8 +336,15 @@ pub async fn rerun(
     }
     let shards = crate::store::review::flag_shards(&flag.details);
     let child = crate::planner::review_rerun(&state, &tenant, &flag.job_id, id, &shards)
-        .await?
-        .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "cannot_rerun", why))?;
+        .await
+        .map_err(|e| match e {
+            ChildError::Store(e) => e.into(),
+            why => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "cannot_rerun",
+                why.to_string(),
+            ),
+        })?;
     match state
         .store
         .rerun_flag(&tenant, id, &actor, body.note.as_deref(), &child)

@@ -40,18 +40,19 @@ impl Expired {
 }
 
 /// Register the clock check for an evaluation that must end by `deadline`.
-pub(super) fn add_tick(context: &mut Context, deadline: Instant) -> Result<Expired, String> {
+pub(super) fn add_tick(
+    context: &mut Context,
+    deadline: Instant,
+) -> Result<Expired, cel::DeclarationError> {
     let expired = Expired::default();
     let seen = expired.clone();
-    context
-        .add_function(TICK, move || -> Result<Cel, ExecutionError> {
-            if Instant::now() < deadline {
-                return Ok(Cel::Bool(false));
-            }
-            seen.0.store(true, Ordering::Relaxed);
-            Err(ExecutionError::function_error(TICK, "past the deadline"))
-        })
-        .map_err(|e| e.to_string())?;
+    context.add_function(TICK, move || -> Result<Cel, ExecutionError> {
+        if Instant::now() < deadline {
+            return Ok(Cel::Bool(false));
+        }
+        seen.0.store(true, Ordering::Relaxed);
+        Err(ExecutionError::function_error(TICK, "past the deadline"))
+    })?;
     Ok(expired)
 }
 

@@ -322,8 +322,8 @@ impl Rule {
     /// Evaluate on `vars`, stopping at `deadline` (see `planner::deadline`).
     fn evaluate_by(&self, vars: &Vars, deadline: Instant) -> Result<Value, EvalError> {
         let mut context = Context::default();
-        let expired =
-            super::deadline::add_tick(&mut context, deadline).map_err(EvalError::Failed)?;
+        let expired = super::deadline::add_tick(&mut context, deadline)
+            .map_err(|e| EvalError::Failed(e.to_string()))?;
         for (name, value) in &vars.values {
             context.add_variable_from_value(name.as_str(), value.clone());
         }

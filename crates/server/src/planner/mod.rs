@@ -29,6 +29,51 @@ use crate::store::audit::{Action, Entry};
 use crate::store::planner::{NewNotification, Plan, PlanFacts, PlanFlag};
 use expr::{Rule, Vars};
 
+/// Why a child job (a follow-up, a re-run) cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    /// The store failed: nothing is wrong with the rule or the request.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("job `{0}` does not exist")]
+    NoJob(String),
+    #[error("the flag names no shard of its job to run again")]
+    NoFlaggedShard,
+    #[error("job `{0}` has no failed shard to run again")]
+    NoFailedShard(String),
+    #[error("the rule has no `then`")]
+    NoThen,
+    #[error("{0}")]
+    Then(String),
+    #[error("`input.items` gave an empty list: no child to run")]
+    NoItems,
+    #[error("`input.{field}` must give {want}, it gave {gave}")]
+    InputShape {
+        field: &'static str,
+        want: &'static str,
+        gave: Value,
+    },
+    #[error("`input.{field}`: {why}")]
+    Input { field: &'static str, why: RuleError },
+    #[error("the child's spec: {0}")]
+    Spec(String),
+    #[error("the child's code: {0}")]
+    Code(String),
+    #[error("the review's thread failed: {0}")]
+    Thread(String),
+    #[error("the code review rejected the child's code (risk {0})")]
+    Rejected(u32),
+}
+
+/// Why a rule's expression gave no value.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error(transparent)]
+    Check(#[from] expr::CheckError),
+    #[error(transparent)]
+    Eval(#[from] expr::EvalError),
+}
+
 /// The actor of everything the planner does.
 pub const ACTOR: &str = "planner";
 
@@ -285,12 +330,9 @@ impl<'a> Planner<'a> {
             .details(details)
     }
 
-    async fn eval(&self, text: &str) -> Result<Value, String> {
-        let rule = Rule::compile(text).map_err(|e| e.to_string())?;
-        Arc::new(rule)
-            .evaluate(self.vars.clone())
-            .await
-            .map_err(|e| e.to_string())
+    async fn eval(&self, text: &str) -> Result<Value, RuleError> {
+        let rule = Rule::compile(text)?;
+        Ok(Arc::new(rule).evaluate(self.vars.clone()).await?)
     }
 
     async fn rule(
@@ -476,7 +518,7 @@ impl<'a> Planner<'a> {
             plan.notifications.push(n);
             return Ok(());
         }
-        match self.child(i, rule, name, depth).await? {
+        match self.child(i, rule, name, depth).await {
             Ok(Some(child)) => {
                 plan.entries.push(self.entry(
                     Action::FollowupCreated,
@@ -492,7 +534,9 @@ impl<'a> Planner<'a> {
                     said(json!({ "child": null, "why": "no failed or dead shards to run again" })),
                 ));
             }
+            Err(ChildError::Store(e)) => return Err(e),
             Err(why) => {
+                let why = why.to_string();
                 plan.entries
                     .push(self.entry(Action::FollowupFailed, said(json!({ "error": why }))));
                 plan.flags.push(PlanFlag {
@@ -524,7 +568,7 @@ impl<'a> Planner<'a> {
         rule: &FollowupRule,
         name: &str,
         depth: u32,
-    ) -> Result<Result<Option<crate::store::NewJob>, String>, StoreError> {
+    ) -> Result<Option<crate::store::NewJob>, ChildError> {
         let parent = self
             .state
             .store
@@ -539,7 +583,7 @@ impl<'a> Planner<'a> {
             FollowupAction::RerunFailed => {
                 let failed = self.state.store.shard_inputs(self.id, true).await?;
                 if failed.is_empty() {
-                    return Ok(Ok(None));
+                    return Ok(None);
                 }
                 let rerun = RerunOf {
                     job_id: self.id.to_string(),
@@ -563,17 +607,13 @@ impl<'a> Planner<'a> {
                     (spec, inputs, None)
                 }
                 Ok(Some(ChildSpec::Inline(spec))) => (*spec, None, None),
-                Ok(None) => return Ok(Err("the rule has no `then`".into())),
-                Err(e) => return Ok(Err(e.to_string())),
+                Ok(None) => return Err(ChildError::NoThen),
+                Err(e) => return Err(ChildError::Then(e.to_string())),
             },
         };
         if let Some(text) = rule.input.get("items") {
             match self.eval(text).await {
-                Ok(Value::Array(items)) if items.is_empty() => {
-                    return Ok(Err(
-                        "`input.items` gave an empty list: no child to run".into()
-                    ));
-                }
+                Ok(Value::Array(items)) if items.is_empty() => return Err(ChildError::NoItems),
                 Ok(Value::Array(items)) => {
                     spec.shards = ShardSpec {
                         items: Some(items),
@@ -582,12 +622,19 @@ impl<'a> Planner<'a> {
                     };
                     raw_inputs = None;
                 }
-                Ok(other) => {
-                    return Ok(Err(format!(
-                        "`input.items` must give a list, it gave {other}"
-                    )));
+                Ok(gave) => {
+                    return Err(ChildError::InputShape {
+                        field: "items",
+                        want: "a list",
+                        gave,
+                    });
                 }
-                Err(e) => return Ok(Err(format!("`input.items`: {e}"))),
+                Err(why) => {
+                    return Err(ChildError::Input {
+                        field: "items",
+                        why,
+                    });
+                }
             }
         }
         if let Some(text) = rule.input.get("count") {
@@ -599,12 +646,19 @@ impl<'a> Planner<'a> {
                     };
                     raw_inputs = None;
                 }
-                Ok(other) => {
-                    return Ok(Err(format!(
-                        "`input.count` must give a positive int, it gave {other}"
-                    )));
+                Ok(gave) => {
+                    return Err(ChildError::InputShape {
+                        field: "count",
+                        want: "a positive int",
+                        gave,
+                    });
                 }
-                Err(e) => return Ok(Err(format!("`input.count`: {e}"))),
+                Err(why) => {
+                    return Err(ChildError::Input {
+                        field: "count",
+                        why,
+                    });
+                }
             }
         }
         let child = Child {
@@ -616,9 +670,9 @@ impl<'a> Planner<'a> {
             rule: name,
             action: rule.action.as_str(),
         };
-        Ok(build_child(self.state, &child, spec, raw_inputs, rerun_of)
+        build_child(self.state, &child, spec, raw_inputs, rerun_of)
             .await
-            .map(Some))
+            .map(Some)
     }
 }
 
@@ -642,7 +696,7 @@ pub async fn build_child(
     mut spec: JobSpec,
     raw_inputs: Option<Vec<Value>>,
     rerun_of: Option<RerunOf>,
-) -> Result<crate::store::NewJob, String> {
+) -> Result<crate::store::NewJob, ChildError> {
     if let Some(inputs) = &raw_inputs {
         // Checked with a stand-in; the shards are the inputs as they were.
         spec.shards = ShardSpec {
@@ -650,7 +704,7 @@ pub async fn build_child(
             ..Default::default()
         };
     }
-    let mut job_plan = spec.plan().map_err(|e| format!("the child's spec: {e}"))?;
+    let mut job_plan = spec.plan().map_err(|e| ChildError::Spec(e.to_string()))?;
     if let Some(inputs) = raw_inputs {
         job_plan.inputs = inputs;
     }
@@ -658,18 +712,14 @@ pub async fn build_child(
     let code = job_plan.code.clone();
     let review = match tokio::task::spawn_blocking(move || reviewer.review_code(&code)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(format!("the child's code: {e}")),
-        Err(e) => return Err(format!("the review's thread failed: {e}")),
+        Ok(Err(e)) => return Err(ChildError::Code(e.to_string())),
+        Err(e) => return Err(ChildError::Thread(e.to_string())),
     };
     match review.decision {
-        Decision::Reject => {
-            return Err(format!(
-                "the code review rejected the child's code (risk {})",
-                review.risk
-            ));
-        }
-        // Server-only code is routed to hardened agents and the coordinator's server agents
-        // (`tasks.hardened`); held code, once approved, runs anywhere, every shard re-checked.
+        Decision::Reject => return Err(ChildError::Rejected(review.risk)),
+        // Server-only and held code go only to hardened agents and the coordinator's server
+        // agents (`tasks.hardened`); held code waits for a person, then every shard is
+        // re-checked.
         Decision::Hold => {
             spec.verify.get_or_insert_with(Default::default).recheck = Recheck::All;
         }
@@ -712,7 +762,7 @@ pub async fn review_rerun(
     parent: &str,
     flag: i64,
     shards: &[u64],
-) -> Result<Result<crate::store::NewJob, String>, StoreError> {
+) -> Result<crate::store::NewJob, ChildError> {
     let rule = format!("review:flag {flag}");
     let again = Again {
         shards: Shards::These(shards),
@@ -732,7 +782,7 @@ pub async fn rerun_failed(
     tenant: &str,
     parent: &str,
     run: usize,
-) -> Result<Result<crate::store::NewJob, String>, StoreError> {
+) -> Result<crate::store::NewJob, ChildError> {
     let again = Again {
         shards: Shards::Failed,
         index: 20_000 + run,
@@ -763,12 +813,12 @@ async fn rerun_child(
     tenant: &str,
     parent: &str,
     again: Again<'_>,
-) -> Result<Result<crate::store::NewJob, String>, StoreError> {
+) -> Result<crate::store::NewJob, ChildError> {
     let Some(facts) = state.store.lineage_facts(tenant, parent).await? else {
-        return Ok(Err(format!("job `{parent}` does not exist")));
+        return Err(ChildError::NoJob(parent.to_string()));
     };
     let Some(row) = state.store.job_any_tenant(parent).await? else {
-        return Ok(Err(format!("job `{parent}` does not exist")));
+        return Err(ChildError::NoJob(parent.to_string()));
     };
     let mut spec: JobSpec = crate::store::parse_json(&facts.spec, "job spec")?;
     spec.followup.clear();
@@ -788,10 +838,10 @@ async fn rerun_child(
         Shards::Failed => state.store.shard_inputs(parent, true).await?,
     };
     if picked.is_empty() {
-        return Ok(Err(match again.shards {
-            Shards::These(_) => "the flag names no shard of its job to run again".into(),
-            Shards::Failed => format!("job `{parent}` has no failed shard to run again"),
-        }));
+        return Err(match again.shards {
+            Shards::These(_) => ChildError::NoFlaggedShard,
+            Shards::Failed => ChildError::NoFailedShard(parent.to_string()),
+        });
     }
     let rerun = RerunOf {
         job_id: parent.to_string(),
@@ -808,7 +858,7 @@ async fn rerun_child(
         action: again.action,
     };
     let inputs = picked.into_iter().map(|(_, v)| v).collect();
-    Ok(build_child(state, &child, spec, Some(inputs), Some(rerun)).await)
+    build_child(state, &child, spec, Some(inputs), Some(rerun)).await
 }
 
 /// An audit entry's details about rule `i`: which rule, and `extra`.
@@ -822,9 +872,9 @@ fn said(i: usize, name: &str, rule: &FollowupRule, extra: Value) -> Value {
 
 /// The AI planner's templates: every `*.toml` job spec in `dir` (its `code_file` read relative
 /// to it), named by file stem, checked as a submission would be.
-pub fn load_templates(dir: &std::path::Path) -> Result<Vec<(String, JobSpec)>, String> {
+pub fn load_templates(dir: &std::path::Path) -> Result<Vec<(String, JobSpec)>, TemplateError> {
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    let entries = std::fs::read_dir(dir).map_err(|e| TemplateError::Dir(e.to_string()))?;
     let mut paths: Vec<std::path::PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
@@ -834,9 +884,15 @@ pub fn load_templates(dir: &std::path::Path) -> Result<Vec<(String, JobSpec)>, S
         let name = path
             .file_stem()
             .and_then(|s| s.to_str())
-            .ok_or_else(|| format!("`{}`: not a UTF-8 name", path.display()))?
+            .ok_or_else(|| TemplateError::At {
+                path: path.clone(),
+                why: "not a UTF-8 name".into(),
+            })?
             .to_string();
-        let at = |e: String| format!("`{}`: {e}", path.display());
+        let at = |why: String| TemplateError::At {
+            path: path.clone(),
+            why,
+        };
         let text = std::fs::read_to_string(&path).map_err(|e| at(e.to_string()))?;
         let mut spec = JobSpec::from_toml(&text).map_err(|e| at(e.to_string()))?;
         if spec.code.is_none()
@@ -855,7 +911,21 @@ pub fn load_templates(dir: &std::path::Path) -> Result<Vec<(String, JobSpec)>, S
         out.push((name, spec));
     }
     if out.is_empty() {
-        return Err("holds no `*.toml` job spec".into());
+        return Err(TemplateError::Empty);
     }
     Ok(out)
+}
+
+/// Why the AI planner's template directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{0}")]
+    Dir(String),
+    #[error("`{}`: {why}", path.display())]
+    At {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("holds no `*.toml` job spec")]
+    Empty,
 }

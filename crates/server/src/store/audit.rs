@@ -1213,6 +1213,17 @@ pub fn signed_by(c: &AuditCheckpoint, keys: &BTreeSet<String>) -> Option<AuditPr
     Some(AuditProblem { seq: c.seq, what })
 }
 
+/// Why the audit log was not pruned.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "no checkpoint at entry {before_seq}: prune up to a checkpointed entry (the newest: {newest})"
+    )]
+    NoCheckpoint { before_seq: i64, newest: String },
+}
+
 /// A public key as pinned: 64 hex digits of an ed25519 key, lowercase.
 pub fn parse_public_key(text: &str) -> Result<String, String> {
     let key = text.trim().to_ascii_lowercase();
@@ -1369,7 +1380,7 @@ impl Store {
         tenant: &str,
         before_seq: i64,
         key: &ed25519_dalek::SigningKey,
-    ) -> Result<Result<u64, String>, StoreError> {
+    ) -> Result<u64, PruneError> {
         let checkpoints = self.audit_checkpoints(tenant).await?;
         if !checkpoints.iter().any(|c| c.seq == before_seq) {
             let at: Vec<String> = checkpoints
@@ -1378,15 +1389,14 @@ impl Store {
                 .take(5)
                 .map(|c| c.seq.to_string())
                 .collect();
-            return Ok(Err(format!(
-                "no checkpoint at entry {before_seq}: prune up to a checkpointed entry (the \
-                 newest: {})",
-                if at.is_empty() {
+            return Err(PruneError::NoCheckpoint {
+                before_seq,
+                newest: if at.is_empty() {
                     "none yet".to_string()
                 } else {
                     at.join(", ")
-                }
-            )));
+                },
+            });
         }
         let mut tx = self.begin_write().await.doing("pruning the audit log")?;
         // The signed record that these entries were pruned, not deleted: a verifier finds the
@@ -1422,7 +1432,7 @@ impl Store {
             .await
             .doing("pruning the audit log")?;
         tx.commit().await.doing("pruning the audit log")?;
-        Ok(Ok(done.rows_affected()))
+        Ok(done.rows_affected())
     }
 
     /// `tenant`'s signed prune records, oldest first.
