@@ -545,10 +545,14 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             cancel: cancel.clone(),
         },
     );
-    let shared = shared.clone();
-    let sandbox = sandbox.clone();
-    // The run's span joins the job's trace (the lease's `traceparent`); the report carries
-    // the span's context back, so the coordinator's span for it descends from this one.
+    let (span, traceparent) = run_span(&task);
+    let run = run_task(shared.clone(), sandbox.clone(), task, cancel, traceparent);
+    tokio::spawn(run.instrument(span));
+}
+
+/// The run's span, which joins the job's trace (the lease's `traceparent`), and the trace
+/// context the report carries back, so the coordinator's span for it descends from this one.
+fn run_span(task: &LeasedTask) -> (tracing::Span, Option<String>) {
     let parent = task
         .traceparent
         .as_deref()
@@ -562,157 +566,218 @@ fn start_task(shared: &Arc<Shared>, sandbox: &Arc<dyn Sandbox>, task: LeasedTask
             .unwrap_or(parent)
             .header()
     });
-    let run = async move {
-        let lease_id = task.lease_id.clone();
-        let task_id = task.task_id;
-        let attempt = task.attempt;
-        // Wait for a slot (a prefetched shard waits for the one before it).
-        let permit = shared.slots.clone().acquire_owned().await;
-        let mut hold = SlotHold {
-            shared: shared.clone(),
-            lease_id: lease_id.clone(),
-            permit: None,
-        };
-        if shared.stopping.load(Ordering::SeqCst) || permit.is_err() {
-            shared
-                .unstarted
-                .lock()
-                .expect("unstarted")
-                .push(lease_id.clone());
-            return;
-        }
-        hold.permit = permit.ok();
-        let agent_id = shared.agent_id.lock().expect("agent id").clone();
-        let limits = match shared
-            .config
-            .caps
-            .apply(task.limits.clone())
-            .and_then(|l| shared.review.judge(&task.code).map(|()| l))
-        {
-            Ok(limits) => limits,
-            Err(why) => {
-                tracing::warn!(lease = %lease_id, job = %task.job_id, "{why}");
-                let mut report = ExecutionReport::unmeasured(Status::Refused, None);
-                report.exit_code = None;
-                report.message = Some(why);
-                report.limits = AppliedLimits::new(task.limits.clone());
-                report.code_sha256 = task.code_sha256.clone();
-                let mut record = ShardReport::new(lease_id.clone(), task_id, report);
-                record.attempt = attempt;
-                drop(hold);
-                if let Err(e) = shared.outbox.put_with_blobs(&record, Vec::new()) {
-                    tracing::error!(error = %e, lease = %lease_id, "could not write the outbox");
-                }
-                shared.report_ready.notify_one();
-                return;
-            }
-        };
-        let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
-        let mut req = RunRequest::new(task.code.into_bytes(), Some(input), limits);
-        // Checked at submission; a file that does not decode is the sandbox's error below.
-        let files_error = match fleetbox_proto::job::decode_files(&task.files) {
-            Ok(files) => {
-                req.files = files;
-                None
-            }
-            Err(e) => Some(format!("the job's files: {e}")),
-        };
-        req.runner_id = agent_id;
-        req.cancel = cancel.clone();
-        req.env.extend([
-            (
-                env::FLEETBOX_SHARD_INDEX.to_string(),
-                task.shard_index.to_string(),
-            ),
-            (
-                env::FLEETBOX_SHARD_COUNT.to_string(),
-                task.shard_count.to_string(),
-            ),
-            (env::FLEETBOX_JOB_ID.to_string(), task.job_id.clone()),
-        ]);
-        req.keep_workspace = true;
-        let outbox = shared.outbox.clone();
-        let lie_rate = shared.config.test_lie_rate;
-        let lie_after = shared.config.test_lie_after;
-        let ok_runs = shared.ok_runs.clone();
-        let run_cancel = cancel.clone();
-        let run_lease = lease_id.clone();
-        let environments = shared.environments.clone();
-        let environment = task.environment.clone();
-        let code_sha256 = task.code_sha256.clone();
-        let counters = shared.counters.clone();
-        let ran = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let mut report = match (files_error, environment) {
-                (Some(why), _) => environment_failed(&req, None, &code_sha256, why),
-                (None, None) => sandbox.run(&req),
-                (None, Some(spec)) => match spec
-                    .validate()
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| environments.get(&spec).map_err(|e| e.to_string()))
-                {
-                    Ok(held) => {
-                        req.environment = Some(held.environment.clone());
-                        let mut report = sandbox.run(&req);
-                        report.notes.push(held.note());
-                        report
-                    }
-                    Err(why) => environment_failed(&req, Some(&spec), &code_sha256, why),
-                },
-            };
-            counters.ran(
-                report.status.as_str(),
-                started.elapsed().as_secs_f64(),
-                report.wall_ms as f64 / 1000.0,
-            );
-            // A run handed back at shutdown is not reported: its files are not kept either.
-            let handed_back =
-                run_cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
-            if lie_rate > 0.0
-                && report.status == Status::Ok
-                && ok_runs.fetch_add(1, Ordering::SeqCst) >= lie_after
-            {
-                lie(&mut report, lie_rate);
-            }
-            let mut blobs = files::collect(&mut report, &outbox, !handed_back);
-            let mut record = ShardReport::new(run_lease, task_id, report);
-            record.attempt = attempt;
-            record.traceparent = traceparent;
-            if !handed_back {
-                blobs.extend(offload::offload(&mut record, &outbox));
-            }
-            (record, blobs)
-        })
-        .await;
-        let (record, blobs) = match ran {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, lease = %lease_id, "sandbox thread failed; the lease will expire and the shard re-run");
-                return;
-            }
-        };
-        tracing::debug!(lease = %lease_id, status = record.report.status.as_str(), wall_ms = record.report.wall_ms, "shard ran");
-        if cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN) {
-            // Handed back to the coordinator, which runs it elsewhere: nothing to report.
-            return;
-        }
-        // The slot is free as soon as the program ends: the next lease overlaps with the
-        // outbox's fsync. A crash in between loses no data: the lease expires and re-runs.
-        shared.writing.fetch_add(1, Ordering::SeqCst);
-        drop(hold);
-        if let Err(e) = shared.outbox.put_with_blobs(&record, blobs) {
-            tracing::error!(error = %e, lease = %lease_id, "could not write the outbox; sending directly");
-            let _ = shared
-                .client()
-                .report(&ReportBatch {
-                    reports: vec![record],
-                })
-                .await;
-        }
-        shared.writing.fetch_sub(1, Ordering::SeqCst);
-        shared.report_ready.notify_one();
+    (span, traceparent)
+}
+
+/// One leased shard: a slot, this agent's own policy, the run, its report into the outbox.
+async fn run_task(
+    shared: Arc<Shared>,
+    sandbox: Arc<dyn Sandbox>,
+    task: LeasedTask,
+    cancel: Option<Cancel>,
+    traceparent: Option<String>,
+) {
+    let Some(hold) = take_slot(&shared, &task.lease_id).await else {
+        return;
     };
-    tokio::spawn(run.instrument(span));
+    let limits = match shared
+        .config
+        .caps
+        .apply(task.limits.clone())
+        .and_then(|l| shared.review.judge(&task.code).map(|()| l))
+    {
+        Ok(limits) => limits,
+        Err(why) => return refuse(&shared, &task, why, hold),
+    };
+    let lease_id = task.lease_id.clone();
+    let (req, files_error) = request(&shared, &task, limits, cancel.clone());
+    let execution = Execution {
+        sandbox,
+        outbox: shared.outbox.clone(),
+        lie_rate: shared.config.test_lie_rate,
+        lie_after: shared.config.test_lie_after,
+        ok_runs: shared.ok_runs.clone(),
+        cancel: cancel.clone(),
+        lease_id: lease_id.clone(),
+        task_id: task.task_id,
+        attempt: task.attempt,
+        environments: shared.environments.clone(),
+        environment: task.environment,
+        code_sha256: task.code_sha256,
+        counters: shared.counters.clone(),
+        traceparent,
+        files_error,
+    };
+    let (record, blobs) = match tokio::task::spawn_blocking(move || execution.run(req)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, lease = %lease_id, "sandbox thread failed; the lease will expire and the shard re-run");
+            return;
+        }
+    };
+    tracing::debug!(lease = %lease_id, status = record.report.status.as_str(), wall_ms = record.report.wall_ms, "shard ran");
+    if cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN) {
+        // Handed back to the coordinator, which runs it elsewhere: nothing to report.
+        return;
+    }
+    deliver(&shared, record, blobs, hold).await;
+}
+
+/// Wait for a slot (a prefetched shard waits for the one before it); `None` when the agent
+/// is stopping, the shard then handed back unstarted.
+async fn take_slot(shared: &Arc<Shared>, lease_id: &str) -> Option<SlotHold> {
+    let permit = shared.slots.clone().acquire_owned().await;
+    let mut hold = SlotHold {
+        shared: shared.clone(),
+        lease_id: lease_id.to_string(),
+        permit: None,
+    };
+    if shared.stopping.load(Ordering::SeqCst) || permit.is_err() {
+        shared
+            .unstarted
+            .lock()
+            .expect("unstarted")
+            .push(lease_id.to_string());
+        return None;
+    }
+    hold.permit = permit.ok();
+    Some(hold)
+}
+
+/// This agent's own policy refuses the shard: a signed `refused` report saying why.
+fn refuse(shared: &Arc<Shared>, task: &LeasedTask, why: String, hold: SlotHold) {
+    tracing::warn!(lease = %task.lease_id, job = %task.job_id, "{why}");
+    let mut report = ExecutionReport::unmeasured(Status::Refused, None);
+    report.exit_code = None;
+    report.message = Some(why);
+    report.limits = AppliedLimits::new(task.limits.clone());
+    report.code_sha256 = task.code_sha256.clone();
+    let mut record = ShardReport::new(task.lease_id.clone(), task.task_id, report);
+    record.attempt = task.attempt;
+    drop(hold);
+    if let Err(e) = shared.outbox.put_with_blobs(&record, Vec::new()) {
+        tracing::error!(error = %e, lease = %task.lease_id, "could not write the outbox");
+    }
+    shared.report_ready.notify_one();
+}
+
+/// The sandbox request for a shard, and why its files cannot be had (checked at submission;
+/// a file that does not decode is the run's `sandbox_error`).
+fn request(
+    shared: &Shared,
+    task: &LeasedTask,
+    limits: fleetbox_proto::Limits,
+    cancel: Option<Cancel>,
+) -> (RunRequest, Option<String>) {
+    let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
+    let mut req = RunRequest::new(task.code.clone().into_bytes(), Some(input), limits);
+    let files_error = match fleetbox_proto::job::decode_files(&task.files) {
+        Ok(files) => {
+            req.files = files;
+            None
+        }
+        Err(e) => Some(format!("the job's files: {e}")),
+    };
+    req.runner_id = shared.agent_id.lock().expect("agent id").clone();
+    req.cancel = cancel;
+    req.env.extend([
+        (
+            env::FLEETBOX_SHARD_INDEX.to_string(),
+            task.shard_index.to_string(),
+        ),
+        (
+            env::FLEETBOX_SHARD_COUNT.to_string(),
+            task.shard_count.to_string(),
+        ),
+        (env::FLEETBOX_JOB_ID.to_string(), task.job_id.clone()),
+    ]);
+    req.keep_workspace = true;
+    (req, files_error)
+}
+
+/// What a run needs on the blocking thread it runs on.
+struct Execution {
+    sandbox: Arc<dyn Sandbox>,
+    outbox: Outbox,
+    lie_rate: f64,
+    lie_after: u64,
+    ok_runs: Arc<AtomicU64>,
+    cancel: Option<Cancel>,
+    lease_id: String,
+    task_id: i64,
+    attempt: u32,
+    environments: Arc<Environments>,
+    environment: Option<fleetbox_proto::EnvironmentSpec>,
+    code_sha256: String,
+    counters: Arc<metrics::Counters>,
+    traceparent: Option<String>,
+    files_error: Option<String>,
+}
+
+impl Execution {
+    /// Run the shard (in its environment, when it has one) and make its report: the files it
+    /// kept and the large parts, in the outbox's blob store.
+    fn run(self, mut req: RunRequest) -> (ShardReport, Vec<String>) {
+        let started = std::time::Instant::now();
+        let mut report = match (self.files_error, self.environment) {
+            (Some(why), _) => environment_failed(&req, None, &self.code_sha256, why),
+            (None, None) => self.sandbox.run(&req),
+            (None, Some(spec)) => match spec
+                .validate()
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.environments.get(&spec).map_err(|e| e.to_string()))
+            {
+                Ok(held) => {
+                    req.environment = Some(held.environment.clone());
+                    let mut report = self.sandbox.run(&req);
+                    report.notes.push(held.note());
+                    report
+                }
+                Err(why) => environment_failed(&req, Some(&spec), &self.code_sha256, why),
+            },
+        };
+        self.counters.ran(
+            report.status.as_str(),
+            started.elapsed().as_secs_f64(),
+            report.wall_ms as f64 / 1000.0,
+        );
+        // A run handed back at shutdown is not reported: its files are not kept either.
+        let handed_back =
+            self.cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
+        if self.lie_rate > 0.0
+            && report.status == Status::Ok
+            && self.ok_runs.fetch_add(1, Ordering::SeqCst) >= self.lie_after
+        {
+            lie(&mut report, self.lie_rate);
+        }
+        let mut blobs = files::collect(&mut report, &self.outbox, !handed_back);
+        let mut record = ShardReport::new(self.lease_id, self.task_id, report);
+        record.attempt = self.attempt;
+        record.traceparent = self.traceparent;
+        if !handed_back {
+            blobs.extend(offload::offload(&mut record, &self.outbox));
+        }
+        (record, blobs)
+    }
+}
+
+/// Into the outbox, and the sender woken. The slot is free as soon as the program ends: the
+/// next lease overlaps with the outbox's fsync. A crash in between loses no data: the lease
+/// expires and the shard re-runs.
+async fn deliver(shared: &Arc<Shared>, record: ShardReport, blobs: Vec<String>, hold: SlotHold) {
+    shared.writing.fetch_add(1, Ordering::SeqCst);
+    drop(hold);
+    if let Err(e) = shared.outbox.put_with_blobs(&record, blobs) {
+        tracing::error!(error = %e, lease = %record.lease_id, "could not write the outbox; sending directly");
+        let _ = shared
+            .client()
+            .report(&ReportBatch {
+                reports: vec![record],
+            })
+            .await;
+    }
+    shared.writing.fetch_sub(1, Ordering::SeqCst);
+    shared.report_ready.notify_one();
 }
 
 /// The report of a shard whose environment or files could not be had: a `sandbox_error`
