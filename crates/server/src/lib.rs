@@ -470,16 +470,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         move |source| StartError::DataDir { path, source }
     };
     fs_err::create_dir_all(&config.data_dir).map_err(data_err(&config.data_dir))?;
-    if config.sandbox_backend == Backend::Process {
-        if !config.weak_sandbox_allowed {
-            let why = match fleetbox_sandbox::jail::host_supports_jail() {
-                Err(e) => format!(" (the jail cannot run here: {e})"),
-                Ok(()) => String::new(),
-            };
-            return Err(StartError::WeakSandbox { why });
-        }
-        tracing::warn!("{WEAK_SANDBOX_WARNING}");
-    }
+    check_sandbox(&config)?;
     fleetbox_sandbox::sweep_stale(&config.sandbox);
     let url = config
         .database_url
@@ -490,26 +481,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     store.set_trusted_after(config.trusted_after);
     let blob_dir = config.data_dir.join("blobs");
     let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
-    let key_path = config
-        .audit_key
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("audit.key"));
-    let audit_key = audit_key(&key_path).map_err(data_err(&key_path))?;
-    let trusted = match &config.audit_trusted_keys {
-        Some(path) => custody::read_trusted_keys(path).map_err(StartError::TrustedKeys)?,
-        None => Vec::new(),
-    };
-    let custody = custody::Custody::new(
-        audit_key,
-        trusted,
-        config.data_dir.join("audit-checkpoints.jsonl"),
-        config.audit_ship.clone(),
-    );
-    tracing::info!(
-        public_key = %custody.public_key(),
-        key = %key_path.display(),
-        "audit checkpoints are signed with this key: pin it outside the database (`fleetbox audit verify --trusted-keys`)"
-    );
+    let custody = open_custody(&config)?;
     let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
     let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
     let own_enroll_token = ids::token("enroll");
@@ -527,8 +499,109 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         addr: config.listen,
         source,
     })?;
-    let environments = match fleetbox_sandbox::open(config.sandbox_backend, config.sandbox.clone())
-    {
+    let environments = environments(&config);
+    let reviewer = reviewer(&config).await?;
+    let ai_templates = ai_templates(&config)?;
+    let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let state = Arc::new(State {
+        store,
+        blobs,
+        config,
+        work: Notify::new(),
+        checks: Notify::new(),
+        planner_wake: Notify::new(),
+        notify_wake: Notify::new(),
+        token_cache: Mutex::new(HashMap::new()),
+        invalid_tokens: Mutex::new(InvalidTokens::default()),
+        job_cache: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(HashMap::new()),
+        aggregate_tx,
+        aggregating: Mutex::new(HashSet::new()),
+        stopping: shutdown.subscribe(),
+        instance: format!("coord_{}", ids::random_hex(8)),
+        started_at: store::now_ms(),
+        custody,
+        reviewer,
+        environments,
+        ai_templates,
+        metrics: metrics::Registry::default(),
+        panel: ui::Panel::default(),
+    });
+    tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));
+    tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
+    tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(planner::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(planner::notify::run(state.clone(), shutdown.subscribe()));
+    let mcp = state.config.mcp.then(|| mcp_mount(&state, addr));
+    let app = api::router(state.clone(), mcp);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(%addr, database = %store::redact(&url), instance = %state.instance, "coordinator listening");
+    Ok(Running {
+        addr,
+        admin_token,
+        enroll_token,
+        own_enroll_token,
+        state,
+        shutdown,
+        server,
+    })
+}
+
+/// The coordinator's own sandbox: the `process` backend only when the operator chose it.
+fn check_sandbox(config: &ServerConfig) -> Result<(), StartError> {
+    if config.sandbox_backend != Backend::Process {
+        return Ok(());
+    }
+    if !config.weak_sandbox_allowed {
+        let why = match fleetbox_sandbox::jail::host_supports_jail() {
+            Err(e) => format!(" (the jail cannot run here: {e})"),
+            Ok(()) => String::new(),
+        };
+        return Err(StartError::WeakSandbox { why });
+    }
+    tracing::warn!("{WEAK_SANDBOX_WARNING}");
+    Ok(())
+}
+
+/// The audit key, the keys pinned beside it, and where checkpoints are shipped.
+fn open_custody(config: &ServerConfig) -> Result<custody::Custody, StartError> {
+    let key_path = config
+        .audit_key
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("audit.key"));
+    let audit_key = audit_key(&key_path).map_err(|source| StartError::DataDir {
+        path: key_path.clone(),
+        source,
+    })?;
+    let trusted = match &config.audit_trusted_keys {
+        Some(path) => custody::read_trusted_keys(path).map_err(StartError::TrustedKeys)?,
+        None => Vec::new(),
+    };
+    let custody = custody::Custody::new(
+        audit_key,
+        trusted,
+        config.data_dir.join("audit-checkpoints.jsonl"),
+        config.audit_ship.clone(),
+    );
+    tracing::info!(
+        public_key = %custody.public_key(),
+        key = %key_path.display(),
+        "audit checkpoints are signed with this key: pin it outside the database (`fleetbox audit verify --trusted-keys`)"
+    );
+    Ok(custody)
+}
+
+/// Where the environments jobs ask for are built for re-checks (none without a sandbox).
+fn environments(config: &ServerConfig) -> Option<Arc<fleetbox_sandbox::environment::Environments>> {
+    match fleetbox_sandbox::open(config.sandbox_backend, config.sandbox.clone()) {
         Ok(sandbox) => Some(fleetbox_sandbox::environment::Environments::new(
             config.environments.clone(),
             Arc::from(sandbox),
@@ -538,7 +611,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             tracing::warn!(error = %e, "no sandbox for building environments: re-checks of jobs with `[environment]` are unverifiable");
             None
         }
-    };
+    }
+}
+
+/// The code reviewer: the rules (shipped or `--review-rules`), with a model when configured.
+async fn reviewer(config: &ServerConfig) -> Result<Arc<dyn fleetbox_review::Reviewer>, StartError> {
     let builtin = match &config.review_rules {
         None => fleetbox_review::BuiltinReviewer::shipped(),
         Some(path) => {
@@ -573,6 +650,13 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             Arc::new(made.map_err(|why| StartError::ReviewRules { path, why })?)
         }
     };
+    Ok(reviewer)
+}
+
+/// The AI planner's templates, when it is on.
+fn ai_templates(
+    config: &ServerConfig,
+) -> Result<Vec<(String, fleetbox_proto::JobSpec)>, StartError> {
     let ai_templates = match &config.ai_planner_templates {
         None => Vec::new(),
         Some(dir) => {
@@ -588,72 +672,24 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
             })?
         }
     };
-    let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
-    let (shutdown, mut shutdown_rx) = watch::channel(false);
-    let state = Arc::new(State {
-        store,
-        blobs,
-        config,
-        work: Notify::new(),
-        checks: Notify::new(),
-        planner_wake: Notify::new(),
-        notify_wake: Notify::new(),
-        token_cache: Mutex::new(HashMap::new()),
-        invalid_tokens: Mutex::new(InvalidTokens::default()),
-        job_cache: Mutex::new(HashMap::new()),
-        waiting: Mutex::new(HashMap::new()),
-        aggregate_tx,
-        aggregating: Mutex::new(HashSet::new()),
-        stopping: shutdown.subscribe(),
-        instance: format!("coord_{}", ids::random_hex(8)),
-        started_at: store::now_ms(),
-        custody,
-        reviewer,
-        environments,
-        ai_templates,
-        metrics: metrics::Registry::default(),
-        panel: ui::Panel::default(),
-    });
-    tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
-    tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));
-    tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
-    tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
-    tokio::spawn(planner::run(state.clone(), shutdown.subscribe()));
-    tokio::spawn(planner::notify::run(state.clone(), shutdown.subscribe()));
-    let mcp = state.config.mcp.then(|| {
-        // Tool calls go to this coordinator's own API, with the caller's token.
-        let ip = if addr.ip().is_unspecified() {
-            std::net::IpAddr::from([127, 0, 0, 1])
-        } else {
-            addr.ip()
-        };
-        api::McpMount {
-            base: format!("http://{}", std::net::SocketAddr::new(ip, addr.port())),
-            hosts: ["localhost".to_string(), "127.0.0.1".into(), "::1".into()]
-                .into_iter()
-                .chain([addr.ip().to_string()])
-                .collect(),
-            origins: state.config.mcp_origins.clone(),
-        }
-    });
-    let app = api::router(state.clone(), mcp);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    tracing::info!(%addr, database = %store::redact(&url), instance = %state.instance, "coordinator listening");
-    Ok(Running {
-        addr,
-        admin_token,
-        enroll_token,
-        own_enroll_token,
-        state,
-        shutdown,
-        server,
-    })
+    Ok(ai_templates)
+}
+
+/// Where MCP tool calls go: this coordinator's own API, with the caller's token.
+fn mcp_mount(state: &State, addr: std::net::SocketAddr) -> api::McpMount {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    api::McpMount {
+        base: format!("http://{}", std::net::SocketAddr::new(ip, addr.port())),
+        hosts: ["localhost".to_string(), "127.0.0.1".into(), "::1".into()]
+            .into_iter()
+            .chain([addr.ip().to_string()])
+            .collect(),
+        origins: state.config.mcp_origins.clone(),
+    }
 }
 
 /// Listen on `addr`. A coordinator restarted on its old address may find it held for a moment
