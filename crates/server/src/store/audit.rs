@@ -895,15 +895,6 @@ impl Store {
         tenant: &str,
         pins: &Pins,
     ) -> Result<AuditVerification, StoreError> {
-        let mut state = (0i64, GENESIS);
-        let mut entries = 0u64;
-        let fail = |problem: AuditProblem, entries: u64, head_seq: i64| AuditVerification {
-            tenant_id: tenant.to_string(),
-            entries,
-            head_seq,
-            ok: false,
-            problem: Some(problem),
-        };
         let head: Option<(i64, String)> =
             Sql::new("SELECT seq, chain FROM audit_heads WHERE tenant_id = ")
                 .bind(tenant)
@@ -912,13 +903,73 @@ impl Store {
                 .await
                 .doing("reading the audit chain head")?;
         let (head_seq, head_chain) = head.unwrap_or((0, hex::encode(GENESIS)));
+        let mut walk = Walk {
+            state: (0, GENESIS),
+            entries: 0,
+        };
         // Checkpoints first: each must carry a good signature and match the chain at its entry.
         let checkpoints = self.audit_checkpoints(tenant).await?;
-        if let Some(problem) = pins.hold(tenant, &checkpoints) {
-            return Ok(fail(problem, 0, head_seq));
+        let problem = match pins.hold(tenant, &checkpoints) {
+            Some(problem) => Some(problem),
+            None => {
+                let head = (head_seq, head_chain.as_str());
+                self.verify_chain(tenant, pins, &checkpoints, head, &mut walk)
+                    .await?
+            }
+        };
+        Ok(AuditVerification {
+            tenant_id: tenant.to_string(),
+            entries: walk.entries,
+            head_seq,
+            ok: problem.is_none(),
+            problem,
+        })
+    }
+
+    /// The chain from its anchor to `head` (seq, chain), against the checkpoints: the first
+    /// problem, if any.
+    async fn verify_chain(
+        &self,
+        tenant: &str,
+        pins: &Pins,
+        checkpoints: &[AuditCheckpoint],
+        head: (i64, &str),
+        walk: &mut Walk,
+    ) -> Result<Option<AuditProblem>, StoreError> {
+        if let Some(problem) = self.anchor(tenant, pins, checkpoints, head.0, walk).await? {
+            return Ok(Some(problem));
         }
-        // A pruned log starts after entry 1: it is anchored on the checkpoint of the entry
-        // before its first.
+        let mut pending: std::collections::BTreeMap<i64, &AuditCheckpoint> = checkpoints
+            .iter()
+            .filter(|c| c.seq > walk.state.0)
+            .map(|c| (c.seq, c))
+            .collect();
+        if let Some(problem) = self.walk_pages(tenant, head.0, &mut pending, walk).await? {
+            return Ok(Some(problem));
+        }
+        if let Some((&seq, _)) = pending.iter().next() {
+            return Ok(Some(AuditProblem {
+                seq: walk.state.0 + 1,
+                what: format!(
+                    "a signed checkpoint names entry {seq}, but the log ends at {}: entries \
+                     were removed from the end",
+                    walk.state.0
+                ),
+            }));
+        }
+        self.check_end(tenant, head, walk).await
+    }
+
+    /// A pruned log starts after entry 1: it is anchored on the checkpoint of the entry before
+    /// its first, under a signed prune record. Sets where the walk starts.
+    async fn anchor(
+        &self,
+        tenant: &str,
+        pins: &Pins,
+        checkpoints: &[AuditCheckpoint],
+        head_seq: i64,
+        walk: &mut Walk,
+    ) -> Result<Option<AuditProblem>, StoreError> {
         let first: Option<(Option<i64>,)> =
             Sql::new("SELECT MIN(seq) FROM audit WHERE tenant_id = ")
                 .bind(tenant)
@@ -928,58 +979,53 @@ impl Store {
                 .doing("reading the audit log")?;
         // A log pruned up to its head holds no entry: it is anchored on the head's checkpoint.
         let first = match first {
-            Some((Some(first),)) => Some(first),
-            _ => (head_seq > 0).then_some(head_seq + 1),
+            Some((Some(first),)) => first,
+            _ if head_seq > 0 => head_seq + 1,
+            _ => return Ok(None),
         };
-        if let Some(first) = first
-            && first > 1
-        {
-            let prunes = self.audit_prunes(tenant).await?;
-            if let Some(problem) = pins.pruned(&prunes, first) {
-                return Ok(fail(problem, 0, head_seq));
-            }
-            match checkpoints.iter().find(|c| c.seq == first - 1) {
-                Some(c) => {
-                    state = (
-                        c.seq,
-                        unhex(&c.chain).ok_or_else(|| StoreError::Corrupt {
-                            what: "audit checkpoint",
-                            detail: format!(
-                                "checkpoint {} has a chain that is not a sha256",
-                                c.seq
-                            ),
-                        })?,
-                    );
-                }
-                None => {
-                    return Ok(fail(
-                        AuditProblem {
-                            seq: 1,
-                            what: format!(
-                                "entries 1..{} are missing and no checkpoint anchors entry {first}",
-                                first - 1
-                            ),
-                        },
-                        0,
-                        head_seq,
-                    ));
-                }
-            }
+        if first <= 1 {
+            return Ok(None);
         }
-        let mut pending: std::collections::BTreeMap<i64, &AuditCheckpoint> = checkpoints
-            .iter()
-            .filter(|c| c.seq > state.0)
-            .map(|c| (c.seq, c))
-            .collect();
-        // Pages are read ahead while the one before is hashed (on the blocking pool): the
-        // database and the hashing run side by side. Entries up to the head read above: the
-        // head and its entries commit together, so the log up to it is complete; entries
-        // appended while verification runs are the next verification's.
+        let prunes = self.audit_prunes(tenant).await?;
+        if let Some(problem) = pins.pruned(&prunes, first) {
+            return Ok(Some(problem));
+        }
+        let Some(c) = checkpoints.iter().find(|c| c.seq == first - 1) else {
+            return Ok(Some(AuditProblem {
+                seq: 1,
+                what: format!(
+                    "entries 1..{} are missing and no checkpoint anchors entry {first}",
+                    first - 1
+                ),
+            }));
+        };
+        let chain = unhex(&c.chain).ok_or_else(|| StoreError::Corrupt {
+            what: "audit checkpoint",
+            detail: format!("checkpoint {} has a chain that is not a sha256", c.seq),
+        })?;
+        walk.state = (c.seq, chain);
+        Ok(None)
+    }
+
+    /// Hash the log page by page up to `head_seq`, each entry against the one before and each
+    /// checkpoint met against the chain there (taken out of `pending`).
+    ///
+    /// Pages are read ahead while the one before is hashed (on the blocking pool): the
+    /// database and the hashing run side by side. Entries up to the head read first: the head
+    /// and its entries commit together, so the log up to it is complete; entries appended
+    /// while verification runs are the next verification's.
+    async fn walk_pages(
+        &self,
+        tenant: &str,
+        head_seq: i64,
+        pending: &mut std::collections::BTreeMap<i64, &AuditCheckpoint>,
+        walk: &mut Walk,
+    ) -> Result<Option<AuditProblem>, StoreError> {
         let (pages, mut next) = tokio::sync::mpsc::channel::<super::audit_read::PageRead>(2);
         let reader = {
             let store = self.clone();
             let tenant = tenant.to_string();
-            let after = state.0;
+            let after = walk.state.0;
             tokio::spawn(async move { store.read_audit_log(tenant, after, head_seq, pages).await })
         };
         let _stop_reading = AbortOnDrop(reader);
@@ -989,6 +1035,7 @@ impl Store {
                 break;
             }
             let tenant_id = tenant.to_string();
+            let state = walk.state;
             let (checked, page) = tokio::task::spawn_blocking(move || {
                 let checked = verify_records(&page.entries(&tenant_id), state);
                 (checked, page)
@@ -1000,46 +1047,40 @@ impl Store {
             })?;
             match checked {
                 Ok((n, seq, chain)) => {
-                    entries += n;
-                    state = (seq, chain);
+                    walk.entries += n;
+                    walk.state = (seq, chain);
                 }
                 Err(p) => {
                     // The entries of this page before the bad one were good.
-                    let good = (p.seq - 1 - state.0).max(0) as u64;
-                    return Ok(fail(p, entries + good, head_seq));
+                    walk.entries += (p.seq - 1 - walk.state.0).max(0) as u64;
+                    return Ok(Some(p));
                 }
             }
             for r in page.entries(tenant) {
                 if let Some(c) = pending.remove(&r.seq)
                     && c.chain != r.chain
                 {
-                    return Ok(fail(
-                        AuditProblem {
-                            seq: r.seq,
-                            what: "the chain at this entry differs from its signed checkpoint \
-                                   (the log was rewritten up to here)"
-                                .into(),
-                        },
-                        entries,
-                        head_seq,
-                    ));
+                    return Ok(Some(AuditProblem {
+                        seq: r.seq,
+                        what: "the chain at this entry differs from its signed checkpoint \
+                               (the log was rewritten up to here)"
+                            .into(),
+                    }));
                 }
             }
         }
-        if let Some((&seq, _)) = pending.iter().next() {
-            return Ok(fail(
-                AuditProblem {
-                    seq: state.0 + 1,
-                    what: format!(
-                        "a signed checkpoint names entry {seq}, but the log ends at {}: entries \
-                         were removed from the end",
-                        state.0
-                    ),
-                },
-                entries,
-                head_seq,
-            ));
-        }
+        Ok(None)
+    }
+
+    /// Where the walk ended against the head: entries removed from the end, the head edited,
+    /// or entries added past it outside the chain.
+    async fn check_end(
+        &self,
+        tenant: &str,
+        (head_seq, head_chain): (i64, &str),
+        walk: &Walk,
+    ) -> Result<Option<AuditProblem>, StoreError> {
+        let state = walk.state;
         if state.0 == head_seq && hex::encode(state.1) == head_chain {
             // Entries past the head must be ones appended since it was read: the head read
             // after them has moved at least as far.
@@ -1058,47 +1099,40 @@ impl Store {
             if let (Some(last), Some((now,))) = (last.0, now)
                 && last > now
             {
-                return Ok(fail(
-                    AuditProblem {
-                        seq: now + 1,
-                        what: format!(
-                            "the log goes on past its head ({now}): entries were added outside \
-                             the chain"
-                        ),
-                    },
-                    entries,
-                    head_seq,
-                ));
-            }
-        }
-        if state.0 != head_seq || hex::encode(state.1) != head_chain {
-            let problem = if state.0 < head_seq {
-                AuditProblem {
-                    seq: state.0 + 1,
+                return Ok(Some(AuditProblem {
+                    seq: now + 1,
                     what: format!(
-                        "the log ends at {} but its head is at {head_seq}: entries were removed \
-                         from the end",
-                        state.0
+                        "the log goes on past its head ({now}): entries were added outside \
+                         the chain"
                     ),
-                }
-            } else {
-                AuditProblem {
-                    seq: head_seq,
-                    what: "the chain head does not match the log's last entry (the head was \
-                           edited)"
-                        .into(),
-                }
-            };
-            return Ok(fail(problem, entries, head_seq));
+                }));
+            }
+            return Ok(None);
         }
-        Ok(AuditVerification {
-            tenant_id: tenant.to_string(),
-            entries,
-            head_seq,
-            ok: true,
-            problem: None,
-        })
+        Ok(Some(if state.0 < head_seq {
+            AuditProblem {
+                seq: state.0 + 1,
+                what: format!(
+                    "the log ends at {} but its head is at {head_seq}: entries were removed \
+                     from the end",
+                    state.0
+                ),
+            }
+        } else {
+            AuditProblem {
+                seq: head_seq,
+                what: "the chain head does not match the log's last entry (the head was \
+                       edited)"
+                    .into(),
+            }
+        }))
     }
+}
+
+/// How far an audit verification got: the last entry hashed (seq, chain) and how many.
+struct Walk {
+    state: (i64, [u8; 32]),
+    entries: u64,
 }
 
 /// Aborts a task when dropped (verification stopped early).
