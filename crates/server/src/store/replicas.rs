@@ -292,172 +292,242 @@ pub(super) struct Settled {
     pub quarantined: Vec<String>,
 }
 
-/// The shard's state for a replicated success under `lease_id` (current or late).
-#[allow(clippy::too_many_arguments)]
+/// A replicated success as it is settled: where, under which lease, and the job's rules.
+pub(super) struct Success<'a> {
+    pub at: Judged<'a>,
+    /// The lease the success came under (current or late).
+    pub lease_id: &'a str,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub spec: fleetbox_proto::VerifySpec,
+    pub strikes_limit: i64,
+    pub now: i64,
+}
+
+impl Success<'_> {
+    fn shard(&self) -> super::settle::Shard<'_> {
+        super::settle::Shard {
+            id: self.at.task_id,
+            job_id: self.at.job_id,
+        }
+    }
+
+    fn entry(&self, action: Action, details: Value) -> Entry {
+        Entry::new(self.at.tenant_id, "server", action)
+            .job(self.at.job_id)
+            .task(self.at.task_id)
+            .details(details)
+    }
+}
+
+/// The shard's state for a replicated success, as its replicas so far decide.
 pub(super) async fn settle_success(
     tx: &mut Tx,
     tally: &mut super::settle::Tally,
-    at: &Judged<'_>,
-    lease_id: &str,
-    attempts: u32,
-    max_attempts: u32,
-    spec: &fleetbox_proto::VerifySpec,
-    strikes_limit: i64,
-    now: i64,
+    s: &Success<'_>,
     entries: &mut Vec<Entry>,
 ) -> Result<Settled, StoreError> {
-    use super::settle::{self, LeaseEnd, Shard};
-    let shard = Shard {
-        id: at.task_id,
-        job_id: at.job_id,
-    };
-    let replicas = pending(tx, at.task_id).await?;
-    let decision = decide(&replicas, spec.compare, spec.replicas, spec.quorum);
-    let shard_entry = |action, details: Value| {
-        Entry::new(at.tenant_id, "server", action)
-            .job(at.job_id)
-            .task(at.task_id)
-            .details(details)
-    };
-    let mut out = Settled::default();
-    match decision {
+    let replicas = pending(tx, s.at.task_id).await?;
+    let spec = &s.spec;
+    match decide(&replicas, spec.compare, spec.replicas, spec.quorum) {
         // A re-check the job asks for (`recheck = "all"`, which a code review imposes) is not
         // skipped because replicas agree: the server's run judges them all.
         Decision::Quorum(_) if spec.recheck == fleetbox_proto::Recheck::All => {
-            out.moved = settle::hold_for_check(tx, tally, shard, now).await?;
-            if out.moved {
-                entries.push(shard_entry(
-                    Action::ShardChecking,
-                    serde_json::json!({
-                        "why": "recheck = all: a quorum is checked by the server too",
-                        "replicas": replicas.len(),
-                    }),
-                ));
-            }
+            let why = serde_json::json!({
+                "why": "recheck = all: a quorum is checked by the server too",
+                "replicas": replicas.len(),
+            });
+            hold(tx, tally, s, why, entries).await
         }
         // One result is its reporter's word: accepted, not verified (nobody else agreed), and
         // still open to a check if its agent is caught lying later.
         Decision::Quorum(group) if group.len() < 2 => {
-            out.moved = settle::accept(tx, tally, shard, now).await?;
-            if !out.moved {
-                return Ok(out);
-            }
-            let chosen = &replicas[group[0]];
-            out.chosen = Some(chosen.attempt_id);
-            entries.push(
-                shard_entry(
-                    Action::ShardAccepted,
-                    serde_json::json!({
-                        "verified": false,
-                        "value_from": "agent",
-                        "agree": 1,
-                        "replicas": replicas.len(),
-                        "output_sha256": chosen.output_sha256,
-                    }),
-                )
-                .agent(&chosen.agent_id),
-            );
+            accept_single(tx, tally, s, &replicas, group[0], entries).await
         }
-        Decision::Quorum(group) => {
-            out.moved = settle::accept(tx, tally, shard, now).await?;
-            if !out.moved {
-                return Ok(out);
-            }
-            let chosen = &replicas[group[0]];
-            out.chosen = Some(chosen.attempt_id);
-            Sql::new("UPDATE tasks SET verified = 1 WHERE id = ")
-                .bind(at.task_id)
-                .build()
-                .execute(&mut **tx)
-                .await
-                .doing("marking a shard verified")?;
-            for (i, r) in replicas.iter().enumerate() {
-                let verdict = if group.contains(&i) {
-                    Verdict::Valid
-                } else {
-                    Verdict::Invalid
-                };
-                entries.push(
-                    Entry::new(at.tenant_id, "server", Action::AttemptVerified)
-                        .job(at.job_id)
-                        .task(at.task_id)
-                        .agent(&r.agent_id)
-                        .details(serde_json::json!({
-                            "verdict": verdict.as_str(),
-                            "finding": if verdict == Verdict::Valid { "quorum" } else { "outvoted" },
-                            "compare": spec.compare.name(),
-                            "attempt": r.attempt_id,
-                            "agent_output_sha256": r.output_sha256,
-                            "quorum_output_sha256": chosen.output_sha256,
-                        })),
-                );
-                if let Some(agent) =
-                    record_verdict(tx, r, verdict, at, strikes_limit, now, entries).await?
-                {
-                    out.quarantined.push(agent);
-                }
-            }
-            entries.push(
-                shard_entry(
-                    Action::ShardAccepted,
-                    serde_json::json!({
-                        "verified": true,
-                        "value_from": "quorum",
-                        "agree": group.len(),
-                        "replicas": replicas.len(),
-                        "output_sha256": chosen.output_sha256,
-                    }),
-                )
-                .agent(&chosen.agent_id),
-            );
+        Decision::Quorum(group) => accept_quorum(tx, tally, s, &replicas, &group, entries).await,
+        Decision::More if s.attempts < s.max_attempts => {
+            one_more(tx, tally, s, replicas.len(), entries).await
         }
-        Decision::More if attempts < max_attempts => {
-            let why = format!(
-                "replica {} of {}: another agent runs it",
-                replicas.len(),
-                spec.replicas
-            );
-            let end = LeaseEnd {
-                to: TaskState::Queued,
-                not_before: now,
-                reason: &why,
-            };
-            out.moved = settle::release(tx, tally, shard, lease_id, end, now).await?;
-            if out.moved {
-                entries.push(shard_entry(
-                    Action::ShardRequeued,
-                    serde_json::json!({ "reason": why, "replicas": replicas.len() }),
-                ));
-            }
-        }
-        Decision::More => {
-            let why = format!(
-                "no quorum after {attempts} attempts: {} agreeing results needed, {} successes",
-                spec.quorum,
-                replicas.len()
-            );
-            out.moved = settle::reject(tx, tally, shard, lease_id, &why, now).await?;
-            if out.moved {
-                entries.push(shard_entry(
-                    Action::ShardRejected,
-                    serde_json::json!({ "reason": why }),
-                ));
-            }
-        }
+        Decision::More => no_quorum(tx, tally, s, replicas.len(), entries).await,
         Decision::Disagree => {
-            out.moved = settle::hold_for_check(tx, tally, shard, now).await?;
-            if out.moved {
-                entries.push(shard_entry(
-                    Action::ShardChecking,
-                    serde_json::json!({
-                        "why": "replicas disagree",
-                        "replicas": replicas.iter().map(|r| serde_json::json!([r.agent_id, r.output_sha256])).collect::<Vec<_>>(),
-                    }),
-                ));
-            }
+            let why = serde_json::json!({
+                "why": "replicas disagree",
+                "replicas": replicas.iter().map(|r| serde_json::json!([r.agent_id, r.output_sha256])).collect::<Vec<_>>(),
+            });
+            hold(tx, tally, s, why, entries).await
         }
     }
+}
+
+/// To the server's check (`reported`), saying `why`.
+async fn hold(
+    tx: &mut Tx,
+    tally: &mut super::settle::Tally,
+    s: &Success<'_>,
+    why: Value,
+    entries: &mut Vec<Entry>,
+) -> Result<Settled, StoreError> {
+    let moved = super::settle::hold_for_check(tx, tally, s.shard(), s.now).await?;
+    if moved {
+        entries.push(s.entry(Action::ShardChecking, why));
+    }
+    Ok(Settled {
+        moved,
+        ..Settled::default()
+    })
+}
+
+/// One agreeing result (a quorum of one): accepted on its reporter's word, not verified.
+async fn accept_single(
+    tx: &mut Tx,
+    tally: &mut super::settle::Tally,
+    s: &Success<'_>,
+    replicas: &[Replica],
+    chosen: usize,
+    entries: &mut Vec<Entry>,
+) -> Result<Settled, StoreError> {
+    let moved = super::settle::accept(tx, tally, s.shard(), s.now).await?;
+    if !moved {
+        return Ok(Settled::default());
+    }
+    let chosen = &replicas[chosen];
+    entries.push(
+        s.entry(
+            Action::ShardAccepted,
+            serde_json::json!({
+                "verified": false,
+                "value_from": "agent",
+                "agree": 1,
+                "replicas": replicas.len(),
+                "output_sha256": chosen.output_sha256,
+            }),
+        )
+        .agent(&chosen.agent_id),
+    );
+    Ok(Settled {
+        moved,
+        chosen: Some(chosen.attempt_id),
+        quarantined: Vec::new(),
+    })
+}
+
+/// A quorum of at least two: accepted and verified; each replica judged (the outvoted struck).
+async fn accept_quorum(
+    tx: &mut Tx,
+    tally: &mut super::settle::Tally,
+    s: &Success<'_>,
+    replicas: &[Replica],
+    group: &[usize],
+    entries: &mut Vec<Entry>,
+) -> Result<Settled, StoreError> {
+    let moved = super::settle::accept(tx, tally, s.shard(), s.now).await?;
+    if !moved {
+        return Ok(Settled::default());
+    }
+    let chosen = &replicas[group[0]];
+    let mut out = Settled {
+        moved,
+        chosen: Some(chosen.attempt_id),
+        quarantined: Vec::new(),
+    };
+    Sql::new("UPDATE tasks SET verified = 1 WHERE id = ")
+        .bind(s.at.task_id)
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("marking a shard verified")?;
+    for (i, r) in replicas.iter().enumerate() {
+        let verdict = if group.contains(&i) {
+            Verdict::Valid
+        } else {
+            Verdict::Invalid
+        };
+        entries.push(
+            s.entry(
+                Action::AttemptVerified,
+                serde_json::json!({
+                    "verdict": verdict.as_str(),
+                    "finding": if verdict == Verdict::Valid { "quorum" } else { "outvoted" },
+                    "compare": s.spec.compare.name(),
+                    "attempt": r.attempt_id,
+                    "agent_output_sha256": r.output_sha256,
+                    "quorum_output_sha256": chosen.output_sha256,
+                }),
+            )
+            .agent(&r.agent_id),
+        );
+        if let Some(agent) =
+            record_verdict(tx, r, verdict, &s.at, s.strikes_limit, s.now, entries).await?
+        {
+            out.quarantined.push(agent);
+        }
+    }
+    entries.push(
+        s.entry(
+            Action::ShardAccepted,
+            serde_json::json!({
+                "verified": true,
+                "value_from": "quorum",
+                "agree": group.len(),
+                "replicas": replicas.len(),
+                "output_sha256": chosen.output_sha256,
+            }),
+        )
+        .agent(&chosen.agent_id),
+    );
     Ok(out)
+}
+
+/// Too few results yet: back to the queue for another agent.
+async fn one_more(
+    tx: &mut Tx,
+    tally: &mut super::settle::Tally,
+    s: &Success<'_>,
+    results: usize,
+    entries: &mut Vec<Entry>,
+) -> Result<Settled, StoreError> {
+    let why = format!(
+        "replica {results} of {}: another agent runs it",
+        s.spec.replicas
+    );
+    let end = super::settle::LeaseEnd {
+        to: TaskState::Queued,
+        not_before: s.now,
+        reason: &why,
+    };
+    let moved = super::settle::release(tx, tally, s.shard(), s.lease_id, end, s.now).await?;
+    if moved {
+        entries.push(s.entry(
+            Action::ShardRequeued,
+            serde_json::json!({ "reason": why, "replicas": results }),
+        ));
+    }
+    Ok(Settled {
+        moved,
+        ..Settled::default()
+    })
+}
+
+/// Out of attempts without a quorum: rejected.
+async fn no_quorum(
+    tx: &mut Tx,
+    tally: &mut super::settle::Tally,
+    s: &Success<'_>,
+    results: usize,
+    entries: &mut Vec<Entry>,
+) -> Result<Settled, StoreError> {
+    let why = format!(
+        "no quorum after {} attempts: {} agreeing results needed, {results} successes",
+        s.attempts, s.spec.quorum
+    );
+    let moved = super::settle::reject(tx, tally, s.shard(), s.lease_id, &why, s.now).await?;
+    if moved {
+        entries.push(s.entry(Action::ShardRejected, serde_json::json!({ "reason": why })));
+    }
+    Ok(Settled {
+        moved,
+        ..Settled::default()
+    })
 }
 
 #[cfg(test)]

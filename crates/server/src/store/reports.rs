@@ -611,26 +611,23 @@ impl<'a> Settling<'a> {
         task: &ReportedTask,
         r: &ReportInput,
     ) -> Result<bool, StoreError> {
-        let judged = super::replicas::Judged {
-            tenant_id: self.tenant_id,
-            job_id: &task.job_id,
-            task_id: task.id,
-            shard_index: task.shard_index,
+        let success = super::replicas::Success {
+            at: super::replicas::Judged {
+                tenant_id: self.tenant_id,
+                job_id: &task.job_id,
+                task_id: task.id,
+                shard_index: task.shard_index,
+            },
+            lease_id: &r.lease_id,
+            attempts: task.attempts,
+            max_attempts: task.max_attempts,
+            spec: super::verify::policy(task.verify.as_deref()),
+            strikes_limit: self.policy.strikes_limit,
+            now: self.now,
         };
-        let spec = super::verify::policy(task.verify.as_deref());
-        let settled = super::replicas::settle_success(
-            tx,
-            &mut self.tally,
-            &judged,
-            &r.lease_id,
-            task.attempts,
-            task.max_attempts,
-            &spec,
-            self.policy.strikes_limit,
-            self.now,
-            &mut self.entries,
-        )
-        .await?;
+        let settled =
+            super::replicas::settle_success(tx, &mut self.tally, &success, &mut self.entries)
+                .await?;
         self.chosen.extend(settled.chosen);
         self.quarantined.extend(settled.quarantined);
         Ok(settled.moved)
