@@ -26,6 +26,7 @@ mod outputs;
 pub mod planner;
 pub mod receipt;
 pub mod reduce;
+mod reported;
 mod scheduler;
 pub mod store;
 pub mod ui;

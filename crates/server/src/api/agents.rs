@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State as AxState;
+use fleetbox_proto::ExecutionReport;
 use fleetbox_proto::api::{
     AgentList, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, LeaseRequest,
-    LeaseResponse, LeasedTask, MAX_BLOB_BYTES, ReportAck, ReportBatch, ReportOutcome,
-    ReturnRequest, ShardReport,
+    LeaseResponse, LeasedTask, MAX_BLOB_BYTES, ReportAck, ReportBatch, ReturnRequest, ShardReport,
 };
 use fleetbox_proto::trace::TraceParent;
-use fleetbox_proto::{ExecutionReport, Status};
 
 use super::{ApiError, Auth, Body};
 use crate::State;
@@ -494,7 +493,26 @@ pub async fn report(
         .with_field("reports"));
     }
     // Every report must carry the signature of the key the agent registered.
-    let key = match state.store.agent_key(agent).await? {
+    let key = agent_key(&state, agent).await?;
+    // The agents' run spans, for the spans that record what became of each report.
+    let traces: Vec<Option<String>> = batch
+        .reports
+        .iter()
+        .map(|r| r.traceparent.clone())
+        .collect();
+    let inputs = form_reports(&state, tenant, agent, batch, key).await?;
+    let policy = crate::store::ReportPolicy {
+        backoff_base_ms: state.config.retry_backoff_ms,
+        strikes_limit: state.config.quarantine_strikes.max(1) as i64,
+    };
+    let reported = state.store.report(tenant, agent, &inputs, policy).await?;
+    let results = crate::reported::follow(&state, tenant, agent, &inputs, &traces, reported).await;
+    Ok(Json(ReportAck { results }))
+}
+
+/// The key an agent signs its reports with, as registered.
+async fn agent_key(state: &State, agent: &str) -> Result<ed25519_dalek::VerifyingKey, ApiError> {
+    match state.store.agent_key(agent).await? {
         Some(k) => fleetbox_proto::api::parse_public_key(&k).map_err(|why| {
             tracing::error!(agent, why, "stored agent key is unusable");
             ApiError::new(
@@ -502,140 +520,61 @@ pub async fn report(
                 "no_agent_key",
                 "this agent's registered key is unusable: enroll it again",
             )
-        })?,
-        None => {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "no_agent_key",
-                "this agent enrolled without a key and cannot sign reports: enroll it again",
-            ));
-        }
-    };
-    // The agents' run spans, for the spans that record what became of each report.
-    let traces: Vec<Option<String>> = batch
-        .reports
-        .iter()
-        .map(|r| r.traceparent.clone())
-        .collect();
+        }),
+        None => Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "no_agent_key",
+            "this agent enrolled without a key and cannot sign reports: enroll it again",
+        )),
+    }
+}
+
+/// The batch's reports as the store takes them, each signature checked; a batch with one
+/// bad report is refused whole (audited as `report.refused`).
+async fn form_reports(
+    state: &Arc<State>,
+    tenant: &str,
+    agent: &str,
+    batch: ReportBatch,
+    key: ed25519_dalek::VerifyingKey,
+) -> Result<Vec<ReportInput>, ApiError> {
     // Checking signatures, reading and hashing outputs (some from blobs) is blocking work.
-    let inputs = {
-        let for_blocking = state.clone();
-        let formed = tokio::task::spawn_blocking(move || {
-            batch
-                .reports
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    signed(&r, &key)
-                        .and_then(|hash| store_form(&for_blocking, r, hash))
-                        .map_err(|e| e.within(&format!("reports[{i}]")))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            )
-        })?;
-        match formed {
-            Ok(inputs) => inputs,
-            Err(refused) => {
-                let entry = Entry::new(tenant, format!("agent:{agent}"), Action::ReportRefused)
-                    .agent(agent)
-                    .details(serde_json::json!({
-                        "code": refused.code,
-                        "field": refused.field,
-                        "why": refused.message,
-                    }));
-                if let Err(e) = state.store.audit(vec![entry]).await {
-                    tracing::error!(error = %e, "could not record a refused report");
-                }
-                return Err(refused);
-            }
-        }
+    let for_blocking = state.clone();
+    let formed = tokio::task::spawn_blocking(move || {
+        batch
+            .reports
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                signed(&r, &key)
+                    .and_then(|hash| store_form(&for_blocking, r, hash))
+                    .map_err(|e| e.within(&format!("reports[{i}]")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )
+    })?;
+    let refused = match formed {
+        Ok(inputs) => return Ok(inputs),
+        Err(refused) => refused,
     };
-    let policy = crate::store::ReportPolicy {
-        backoff_base_ms: state.config.retry_backoff_ms,
-        strikes_limit: state.config.quarantine_strikes.max(1) as i64,
-    };
-    let crate::store::Reported {
-        outcomes,
-        ready,
-        quarantined,
-        held,
-    } = state.store.report(tenant, agent, &inputs, policy).await?;
-    let mut requeued = false;
-    let unknown: Vec<_> = inputs
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| **o == crate::store::SettleOutcome::Unknown)
-        .map(|(i, _)| serde_json::json!([i.lease_id, i.task_id, i.attempt]))
-        .collect();
-    if !unknown.is_empty() {
-        // Nothing of these was stored; what was tried is kept.
-        let entry = Entry::new(tenant, format!("agent:{agent}"), Action::ReportRefused)
-            .agent(agent)
-            .details(serde_json::json!({
-                "code": "unknown_lease",
-                "why": "no open lease of this agent for this task and attempt",
-                "reports": unknown,
-            }));
-        if let Err(e) = state.store.audit(vec![entry]).await {
-            tracing::error!(error = %e, "could not record refused reports");
-        }
+    let entry = Entry::new(tenant, format!("agent:{agent}"), Action::ReportRefused)
+        .agent(agent)
+        .details(serde_json::json!({
+            "code": refused.code,
+            "field": refused.field,
+            "why": refused.message,
+        }));
+    if let Err(e) = state.store.audit(vec![entry]).await {
+        tracing::error!(error = %e, "could not record a refused report");
     }
-    for (i, o) in inputs.iter().zip(&outcomes) {
-        if *o != crate::store::SettleOutcome::Unknown {
-            state
-                .metrics
-                .agent_ran(agent, i.status == Status::Ok, i.wall_ms.max(0) as u64);
-        }
-    }
-    for ((i, o), trace) in inputs.iter().zip(&outcomes).zip(&traces) {
-        if let Some(parent) = trace.as_deref().and_then(TraceParent::parse) {
-            let span = tracing::info_span!("shard.reported", lease = %i.lease_id,
-                task = i.task_id, attempt = i.attempt, status = i.status.as_str(),
-                outcome = o.as_str());
-            fleetbox_proto::trace::enter(&span, &parent);
-        }
-    }
-    let results = inputs
-        .iter()
-        .zip(&outcomes)
-        .map(|(i, o)| {
-            if *o == crate::store::SettleOutcome::Unknown {
-                tracing::warn!(agent, lease = %i.lease_id, "report for a lease this agent does not hold: dropped");
-            }
-            requeued |= matches!(i.status, Status::SandboxError | Status::Killed);
-            ReportOutcome {
-                lease_id: i.lease_id.clone(),
-                outcome: o.as_str().to_string(),
-            }
-        })
-        .collect();
-    if requeued {
-        state.work.notify_waiters();
-    }
-    for job in held {
-        tracing::warn!(job = %job, agent, "sandbox violation: the job's remaining shards wait for review");
-    }
-    if outcomes.contains(&crate::store::SettleOutcome::Accepted) {
-        // Some may be held for a server re-check (successes and failures alike).
-        state.checks.notify_one();
-    }
-    for job in ready {
-        state.aggregate(job);
-    }
-    // Agents a quorum outvoted to their strike limit: what they did goes under review.
-    for liar in quarantined {
-        if let Err(e) = crate::checker::after_quarantine(&state, &liar).await {
-            tracing::error!(agent = %liar, error = %e, "could not re-check a quarantined agent's results");
-        }
-    }
-    Ok(Json(ReportAck { results }))
+    Err(refused)
 }
 
 #[utoipa::path(
