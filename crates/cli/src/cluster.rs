@@ -438,6 +438,8 @@ fn sandbox_settings(
             warm: 0,
             seccomp: SeccompMode::Deny,
             docker: s.docker,
+            cgroup_root: s.cgroup_root,
+            trace: s.trace,
         },
     ))
 }

@@ -125,6 +125,10 @@ pub struct RunSettings {
     pub python: Option<PathBuf>,
     pub work_root: PathBuf,
     pub use_cgroups: bool,
+    /// `FLEETBOX_CGROUP_ROOT`: the parent cgroup for runs.
+    pub cgroup_root: Option<PathBuf>,
+    /// `FLEETBOX_JAIL_TRACE=1`: the jail's start-up phases in each report.
+    pub trace: bool,
     pub docker: DockerConfig,
 }
 
@@ -255,6 +259,8 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
         python,
         work_root,
         use_cgroups,
+        cgroup_root: var(env::FLEETBOX_CGROUP_ROOT).map(PathBuf::from),
+        trace: var(env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1"),
         docker,
     })
 }

@@ -48,7 +48,8 @@ pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     let built = rt.block_on(async {
         // `DOCKER_HOST` when set, else the local socket.
-        let d = docker::connect(None).await?;
+        let host = std::env::var(fleetbox_proto::env::DOCKER_HOST).ok();
+        let d = docker::connect(host.as_deref()).await?;
         let spec = image::ImageSpec {
             name,
             python,

@@ -150,6 +150,8 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             warm: 0,
             seccomp: args.seccomp,
             docker: settings.docker,
+            cgroup_root: settings.cgroup_root,
+            trace: settings.trace,
         },
     )?;
     let report = sandbox.run(&req);

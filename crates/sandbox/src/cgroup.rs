@@ -13,8 +13,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::env::FLEETBOX_CGROUP_ROOT;
-
 #[derive(Debug, Clone)]
 enum Layout {
     V2 {
@@ -36,10 +34,11 @@ pub struct Cgroups {
 static DETECTED: OnceLock<Result<Cgroups, String>> = OnceLock::new();
 
 impl Cgroups {
-    /// The host's cgroup layout, or why runs go without cgroups.
-    pub fn detect() -> Result<&'static Cgroups, &'static str> {
+    /// The host's cgroup layout, or why runs go without cgroups; runs go under `root` when
+    /// given (`SandboxConfig::cgroup_root`). Detected once per process.
+    pub fn detect(root: Option<&Path>) -> Result<&'static Cgroups, &'static str> {
         DETECTED
-            .get_or_init(detect)
+            .get_or_init(|| detect(root))
             .as_ref()
             .map_err(|e| e.as_str())
     }
@@ -192,15 +191,15 @@ impl Cgroups {
 /// A cgroup for one run with `limits` applied, or `None` with the reason pushed to `notes`
 /// (the run then goes on under rlimits alone, and its report says so).
 pub fn for_run(
-    enabled: bool,
+    config: &crate::SandboxConfig,
     limits: &fleetbox_proto::Limits,
     notes: &mut Vec<String>,
 ) -> Option<RunCgroup> {
-    if !enabled {
+    if !config.use_cgroups {
         notes.push("no cgroup: disabled in the configuration; rlimits only".into());
         return None;
     }
-    let cg = match Cgroups::detect() {
+    let cg = match Cgroups::detect(config.cgroup_root.as_deref()) {
         Ok(cg) => cg,
         Err(why) => {
             notes.push(format!("no cgroup: {why}; rlimits only"));
@@ -416,17 +415,17 @@ fn mkdir_fresh(dir: &Path) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
 }
 
-fn detect() -> Result<Cgroups, String> {
+fn detect(custom: Option<&Path>) -> Result<Cgroups, String> {
     let unified = Path::new("/sys/fs/cgroup/cgroup.controllers");
     if unified.exists() {
-        return detect_v2().map(|parent| Cgroups {
+        return detect_v2(custom).map(|parent| Cgroups {
             layout: Layout::V2 { parent },
         });
     }
-    detect_v1()
+    detect_v1(custom)
 }
 
-fn detect_v2() -> Result<PathBuf, String> {
+fn detect_v2(custom: Option<&Path>) -> Result<PathBuf, String> {
     let root = Path::new("/sys/fs/cgroup");
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
@@ -436,8 +435,8 @@ fn detect_v2() -> Result<PathBuf, String> {
         })
         .unwrap_or_default();
     let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os(FLEETBOX_CGROUP_ROOT) {
-        candidates.push(PathBuf::from(p));
+    if let Some(p) = custom {
+        candidates.push(p.to_path_buf());
     }
     candidates.push(root.join("fleetbox"));
     if !own.is_empty() && own != "/" {
@@ -484,7 +483,7 @@ fn prepare_v2_parent(parent: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn detect_v1() -> Result<Cgroups, String> {
+fn detect_v1(custom: Option<&Path>) -> Result<Cgroups, String> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
     let find = |controller: &str| -> Option<PathBuf> {
         mounts.lines().find_map(|l| {
@@ -494,7 +493,6 @@ fn detect_v1() -> Result<Cgroups, String> {
                 .then(|| PathBuf::from(dir))
         })
     };
-    let custom = std::env::var_os(FLEETBOX_CGROUP_ROOT).map(PathBuf::from);
     let prepare = |controller: &str| -> Option<PathBuf> {
         let mount = find(controller)?;
         let parent = match &custom {

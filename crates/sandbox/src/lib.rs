@@ -131,6 +131,12 @@ pub struct SandboxConfig {
     pub seccomp: SeccompMode,
     /// `docker` only: image, OCI runtime and daemon address.
     pub docker: docker::DockerConfig,
+    /// The parent cgroup for runs (v2: an absolute path; v1: a path inside each hierarchy);
+    /// `None`: `fleetbox` at the root, else beside this process's own delegated group. The
+    /// first sandbox a process opens decides it for the process.
+    pub cgroup_root: Option<PathBuf>,
+    /// `jail`: time the start-up phases and list them in each report's `notes`.
+    pub trace: bool,
 }
 
 impl Default for SandboxConfig {
@@ -143,6 +149,8 @@ impl Default for SandboxConfig {
             warm: 0,
             seccomp: SeccompMode::Deny,
             docker: docker::DockerConfig::default(),
+            cgroup_root: None,
+            trace: false,
         }
     }
 }
@@ -218,7 +226,7 @@ pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 /// callers (agents, the coordinator) call this when they start. Returns (directories, cgroups).
 pub fn sweep_stale(config: &SandboxConfig) -> (usize, usize) {
     let dirs = workspace::sweep_stale(&config.work_root, STALE_AFTER);
-    let groups = match cgroup::Cgroups::detect() {
+    let groups = match cgroup::Cgroups::detect(config.cgroup_root.as_deref()) {
         Ok(cg) if config.use_cgroups => cg.sweep_stale(STALE_AFTER),
         _ => 0,
     };

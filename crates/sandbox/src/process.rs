@@ -147,7 +147,7 @@ impl Sandbox for ProcessSandbox {
             ctx.applied.enforced("workspace_size", "tmpfs");
             ctx.applied.enforced("workspace_files", "tmpfs");
         }
-        let cgroup = cgroup::for_run(self.config.use_cgroups, &req.limits, &mut ctx.notes);
+        let cgroup = cgroup::for_run(&self.config, &req.limits, &mut ctx.notes);
         if cgroup.is_none() {
             sys::set_child_subreaper();
         }

@@ -148,11 +148,9 @@ impl DockerError {
     }
 }
 
+/// The daemon's socket when the caller names none (`DockerConfig::host`).
 fn default_socket() -> String {
-    std::env::var("DOCKER_HOST")
-        .ok()
-        .map(|h| h.trim_start_matches("unix://").to_string())
-        .unwrap_or_else(|| "/var/run/docker.sock".into())
+    "/var/run/docker.sock".into()
 }
 
 /// Connect to the daemon and agree on an API version (this Debian's daemon speaks 1.41).

@@ -565,7 +565,7 @@ impl Builder {
         applied: &mut AppliedLimits,
         notes: &mut Vec<String>,
     ) -> Result<Built, BuildError> {
-        let trace = std::env::var_os(crate::env::FLEETBOX_JAIL_TRACE).is_some_and(|v| v == "1");
+        let trace = self.config.trace;
         let t0 = init::monotonic_us();
         let mut phases: Vec<(String, u64)> = Vec::new();
         host_supports_jail().map_err(|error| JailError::HostCannotJail {
@@ -605,7 +605,7 @@ impl Builder {
         if trace {
             phases.push(("workspace_ready".into(), init::monotonic_us()));
         }
-        let cgroup = cgroup::for_run(self.config.use_cgroups, limits, notes);
+        let cgroup = cgroup::for_run(&self.config, limits, notes);
         let plan = RlimitPlan::new(limits, cgroup.as_ref(), applied);
         applied.enforced("timeout", "supervisor_pidfd_poll");
         applied.enforced("timeout", "pid_namespace");
