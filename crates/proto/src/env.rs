@@ -1,7 +1,9 @@
 //! Every environment variable Fleetbox reads, in one place.
 //!
-//! Layering is `defaults < fleetbox.toml < environment < flags`; the CLI wires these names into
-//! clap with `env = ...` so `--help` shows them.
+//! Layering is `defaults < fleetbox.toml < environment < flags`. Only the CLI reads them: most
+//! through clap (`env = ...`, so `--help` shows them), the rest in `crates/cli/src/config.rs`
+//! (run settings such as `FLEETBOX_CGROUP_ROOT` and `FLEETBOX_JAIL_TRACE`) or where a command
+//! starts (`DOCKER_HOST`, logging, tracing). The libraries take them as configuration.
 
 /// Backend for `fleetbox run` (seed name): `local`/`process`, `jail`, `docker`.
 pub const SANDBOX_TYPE: &str = "SANDBOX_TYPE";
