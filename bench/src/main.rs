@@ -16,6 +16,8 @@
 //! cargo run --release -p fleetbox-bench -- planner   [--runs 50] [--chains 20]
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod audit;
 mod docker;
 mod e2e;

@@ -4,6 +4,10 @@
 //! The agent holds nothing the coordinator cannot rebuild: its identity (state directory)
 //! and reports not yet acknowledged (outbox). Everything else is leased and re-leasable.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+#![warn(clippy::too_many_lines)]
+
 mod facts;
 mod files;
 mod key;

@@ -2,6 +2,8 @@
 //! crates; this one turns flags, environment and `fleetbox.toml` into their inputs and their
 //! results into output and exit codes.
 
+#![forbid(unsafe_code)]
+
 mod agents_cmd;
 mod audit_cmd;
 mod cluster;

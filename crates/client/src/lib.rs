@@ -1,6 +1,9 @@
 //! A typed client for the coordinator's HTTP API (`/v1`), shared by the agent, the CLI and the
 //! benchmarks. Errors keep the API's `code`, `message` and `trace_id`.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use std::time::Duration;
 
 use fleetbox_proto::JobSpec;

@@ -10,6 +10,9 @@
 //! Two transports: stdio ([`serve_stdio`], `fleetbox mcp`, a desktop client launches it) and
 //! Streamable HTTP ([`http_service`], mounted at `/mcp` by `fleetbox server --mcp`).
 
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

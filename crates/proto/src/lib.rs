@@ -4,6 +4,9 @@
 //! returns, the [`Limits`] a run is held to, and the human-readable units ([`ByteSize`], [`Millis`])
 //! accepted by every flag, config file and job spec. This crate does no I/O.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod api;
 pub mod canonical;
 pub mod env;

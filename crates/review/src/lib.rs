@@ -7,6 +7,9 @@
 //! `getattr(os, "sys" + "tem")`, `vars(os)["system"]`), so renaming a call does not hide it.
 //! The findings give a risk score and, through the policy in the same file, a decision.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod llm;
 pub mod results;
 mod rules;

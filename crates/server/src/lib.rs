@@ -14,6 +14,10 @@
 //! (`store::tx`). User code never runs in this process: re-checks and the `python` reducer go
 //! through the sandbox crate.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+#![warn(clippy::too_many_lines)]
+
 mod aggregate;
 pub mod api;
 pub mod blobs;

@@ -5,6 +5,8 @@
 //! PostgreSQL tests never pass by skipping: without `FLEETBOX_TEST_DATABASE_URL` they fail,
 //! unless `FLEETBOX_TEST_SKIP_POSTGRES=1` says to skip them.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
