@@ -399,8 +399,8 @@ pub struct ReviewFlag {
     pub job_id: String,
     /// `code`: the code review held the job.
     pub kind: String,
-    /// `open`, `approved` or `rejected`.
-    pub status: String,
+    /// `open` until a person decides: `approved`, `rejected` or `rerun`.
+    pub status: crate::FlagStatus,
     /// What was flagged (for `code`: the review's findings, risk and decision).
     pub details: Value,
     pub created_at: i64,

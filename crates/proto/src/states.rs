@@ -83,6 +83,23 @@ states! {
     }
 }
 
+states! {
+    /// Where a review flag is: `open` until a person decides it.
+    FlagStatus, "flag status" {
+        Open = "open",
+        Approved = "approved",
+        Rejected = "rejected",
+        /// Its shards run again in a new job.
+        Rerun = "rerun",
+    }
+}
+
+impl PartialEq<&str> for FlagStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl JobState {
     /// States a job never leaves.
     pub const FINAL: [JobState; 3] = [JobState::Completed, JobState::Failed, JobState::Cancelled];

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Request, State as AxState};
 use axum::http::StatusCode;
-use fleetbox_proto::{CodeReview, Decision, JobSpec, Recheck, SpecError};
+use fleetbox_proto::{CodeReview, Decision, FlagStatus, JobSpec, Recheck, SpecError};
 use serde::Deserialize;
 
 use super::{ApiError, Auth, Params, raw_body};
@@ -172,23 +172,22 @@ pub async fn flags(
     Params(q): Params<FlagQuery>,
 ) -> Result<Json<ReviewFlagList>, ApiError> {
     let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
-    if let Some(s) = &q.status
-        && !crate::store::review::FLAG_STATUSES.contains(&s.as_str())
-    {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!(
-                "unknown status `{s}` ({})",
-                crate::store::review::FLAG_STATUSES.join(", ")
-            ),
-        )
-        .with_field("status"));
-    }
+    let status = match q.status.as_deref().map(str::parse::<FlagStatus>) {
+        None => None,
+        Some(Ok(status)) => Some(status),
+        Some(Err(e)) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("unknown status `{}` ({})", e.name, e.expected),
+            )
+            .with_field("status"));
+        }
+    };
     let flags = state
         .store
         .review_flags(
             tenant,
-            q.status.as_deref(),
+            status,
             q.job.as_deref(),
             q.kind.as_deref(),
             q.limit.unwrap_or(100),
@@ -292,14 +291,14 @@ pub async fn rerun(
         .flag(&tenant, id)
         .await?
         .ok_or_else(|| ApiError::not_found("review flag", &id.to_string()))?;
-    let decided = |status: &str| {
+    let decided = |status: &FlagStatus| {
         ApiError::new(
             StatusCode::CONFLICT,
             "flag_decided",
             format!("review flag {id} is already `{status}`"),
         )
     };
-    if flag.status != "open" {
+    if flag.status != FlagStatus::Open {
         return Err(decided(&flag.status));
     }
     let job = state

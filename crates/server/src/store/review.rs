@@ -1,7 +1,7 @@
 //! The review queue: jobs the code review held, and what a person decided about them.
 
 use fleetbox_proto::api::ReviewFlag;
-use fleetbox_proto::{JobState, TaskState};
+use fleetbox_proto::{FlagStatus, JobState, TaskState};
 use serde_json::Value;
 
 use super::audit::{Action, Entry};
@@ -10,10 +10,6 @@ use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
 
 /// A held job's shards are not leasable before this (`not_before`): never, until approved.
-/// What a review flag can be: `open` until a person decides; `approved`, `rejected`, or
-/// `rerun` (its shards run again in a new job).
-pub const FLAG_STATUSES: [&str; 4] = ["open", "approved", "rejected", "rerun"];
-
 pub(super) const HELD_UNTIL: i64 = i64::MAX / 2;
 
 #[derive(sqlx::FromRow)]
@@ -21,7 +17,8 @@ struct FlagRecord {
     id: i64,
     job_id: String,
     kind: String,
-    status: String,
+    #[sqlx(try_from = "String")]
+    status: FlagStatus,
     details: String,
     created_at: i64,
     decided_at: Option<i64>,
@@ -55,7 +52,7 @@ const FLAG_SELECT: &str = "SELECT id, job_id, kind, status, details, created_at,
 pub enum FlagDecision {
     NotFound,
     /// It was decided before (its status).
-    AlreadyDecided(String),
+    AlreadyDecided(FlagStatus),
     Decided(ReviewFlag),
 }
 
@@ -140,7 +137,7 @@ pub(super) async fn insert_flag(
 
 /// How a person decided an open flag: who, when, with what note, and the re-run it started.
 struct Decided<'a> {
-    status: &'static str,
+    status: FlagStatus,
     actor: &'a str,
     note: Option<&'a str>,
     rerun_job_id: Option<&'a str>,
@@ -156,7 +153,7 @@ async fn decide_open(
     d: &Decided<'_>,
 ) -> Result<Option<String>, StoreError> {
     let row: Option<(String,)> = Sql::new("UPDATE review_flags SET status = ")
-        .bind(d.status)
+        .bind(d.status.as_str())
         .push(", decided_at = ")
         .bind(d.now)
         .push(", decided_by = ")
@@ -169,7 +166,9 @@ async fn decide_open(
         .bind(id)
         .push(" AND tenant_id = ")
         .bind(tenant)
-        .push(" AND status = 'open' RETURNING job_id")
+        .push(" AND status = ")
+        .bind(FlagStatus::Open.as_str())
+        .push(" RETURNING job_id")
         .build_as()
         .fetch_optional(&mut **tx)
         .await
@@ -272,13 +271,14 @@ impl Store {
     pub async fn review_flags(
         &self,
         tenant: &str,
-        status: Option<&str>,
+        status: Option<FlagStatus>,
         job: Option<&str>,
         kind: Option<&str>,
         limit: u32,
     ) -> Result<Vec<ReviewFlag>, StoreError> {
         let mut sql = Sql::new(FLAG_SELECT);
         sql.push(" WHERE tenant_id = ").bind(tenant);
+        let status = status.map(FlagStatus::as_str);
         for (column, value) in [("status", status), ("job_id", job), ("kind", kind)] {
             if let Some(v) = value {
                 sql.push(" AND ").push(column).push(" = ").bind(v);
@@ -321,7 +321,7 @@ impl Store {
         let d = "re-running a held job's flag";
         let mut tx = self.begin_write().await.doing(d)?;
         let how = Decided {
-            status: "rerun",
+            status: FlagStatus::Rerun,
             actor,
             note,
             rerun_job_id: None,
@@ -349,7 +349,9 @@ impl Store {
         let rows: Vec<(i64, String)> =
             Sql::new("SELECT id, details FROM review_flags WHERE job_id = ")
                 .bind(job_id)
-                .push(" AND status = 'rerun' AND rerun_job_id IS NULL ORDER BY id")
+                .push(" AND status = ")
+                .bind(FlagStatus::Rerun.as_str())
+                .push(" AND rerun_job_id IS NULL ORDER BY id")
                 .build_as()
                 .fetch_all(&self.read)
                 .await
@@ -370,7 +372,9 @@ impl Store {
             .bind(child.id.as_str())
             .push(" WHERE id = ")
             .bind(id)
-            .push(" AND status = 'rerun' AND rerun_job_id IS NULL")
+            .push(" AND status = ")
+            .bind(FlagStatus::Rerun.as_str())
+            .push(" AND rerun_job_id IS NULL")
             .build()
             .execute(&mut *tx)
             .await
@@ -399,7 +403,7 @@ impl Store {
         let d = "re-running a review flag";
         let mut tx = self.begin_write().await.doing(d)?;
         let how = Decided {
-            status: "rerun",
+            status: FlagStatus::Rerun,
             actor,
             note,
             rerun_job_id: Some(&child.id),
@@ -440,7 +444,11 @@ impl Store {
         let d = "deciding a review flag";
         let mut tx = self.begin_write().await.doing(d)?;
         let how = Decided {
-            status: if approve { "approved" } else { "rejected" },
+            status: if approve {
+                FlagStatus::Approved
+            } else {
+                FlagStatus::Rejected
+            },
             actor,
             note,
             rerun_job_id: None,

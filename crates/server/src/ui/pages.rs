@@ -630,7 +630,7 @@ pub async fn review(
                         td { details { summary { (summary(&fl.details)) } pre { (serde_json::to_string_pretty(&fl.details).unwrap_or_default()) } } }
                         td { (when(fl.created_at)) }
                         td {
-                            @if fl.status == "open" {
+                            @if fl.status == fleetbox_proto::FlagStatus::Open {
                                 (action(&s, &format!("/ui/review/{}/approve", fl.id), "Approve", &format!("approve-{}", fl.id)))
                                 " " (action(&s, &format!("/ui/review/{}/reject", fl.id), "Reject", &format!("reject-{}", fl.id)))
                                 " " (action(&s, &format!("/ui/review/{}/rerun", fl.id), "Re-run", &format!("rerun-{}", fl.id)))
