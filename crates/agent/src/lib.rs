@@ -379,14 +379,13 @@ async fn hand_back_lost_runs(shared: &Shared) {
         lease_ids: Vec::new(),
         restarted_keeping: Some(keep),
     };
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::from(Duration::from_millis(200));
     loop {
         match shared.client().return_leases(&req).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "coordinator not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next()).await;
             }
         }
     }
@@ -443,14 +442,13 @@ async fn identity(
         ),
         public_key: public_key.clone(),
     };
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = Backoff::from(Duration::from_millis(200));
     let resp = loop {
         match client.enroll(&req).await {
             Ok(r) => break r,
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "enrollment: coordinator unavailable, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next()).await;
             }
             Err(e) => return Err(AgentError::Enroll(e)),
         }
@@ -472,7 +470,7 @@ fn save_identity(path: &std::path::Path, id: &Identity) -> std::io::Result<()> {
 }
 
 async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::from(Duration::from_millis(100));
     loop {
         let capacity = shared.config.slots + shared.config.prefetch;
         let free = capacity.saturating_sub(shared.busy());
@@ -488,7 +486,7 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
         };
         match shared.client().lease(&req).await {
             Ok(resp) => {
-                delay = Duration::from_millis(100);
+                backoff.reset();
                 shared.counters.leased(resp.tasks.len());
                 for task in resp.tasks {
                     start_task(&shared, &sandbox, task);
@@ -511,10 +509,36 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lease failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next()).await;
             }
         }
+    }
+}
+
+/// Doubling waits between tries of a call to the coordinator: from the first wait up to
+/// [`Backoff::MAX`], and back to the first after a success.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    first: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn from(first: Duration) -> Backoff {
+        Backoff { first, next: first }
+    }
+
+    /// The wait before the next try; the one after is twice as long, up to [`Backoff::MAX`].
+    fn next(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (wait * 2).min(Self::MAX);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
     }
 }
 
@@ -829,25 +853,24 @@ fn lie(report: &mut ExecutionReport, rate: f64) {
 }
 
 async fn deliver_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::from(Duration::from_millis(100));
     loop {
         match deliver_once(&shared).await {
             Ok(0) => {
-                delay = Duration::from_millis(100);
+                backoff.reset();
                 tokio::select! {
                     _ = shared.report_ready.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stop.changed() => return,
                 }
             }
-            Ok(_) => delay = Duration::from_millis(100),
+            Ok(_) => backoff.reset(),
             Err(e) => {
                 tracing::warn!(error = %e, outbox = shared.outbox.len(), "report delivery failed; kept in the outbox");
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(backoff.next()) => {}
                     _ = stop.changed() => return,
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -1110,6 +1133,15 @@ async fn drain(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_double_up_to_five_seconds_and_start_over_after_a_success() {
+        let mut b = Backoff::from(Duration::from_millis(100));
+        let waits: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(100));
+    }
 
     #[test]
     fn local_caps_lower_what_a_job_asks() {
