@@ -1083,6 +1083,27 @@ pub(super) async fn insert_job_in(
     job: &NewJob,
     now: i64,
 ) -> Result<Entry, StoreError> {
+    let held = job
+        .review
+        .as_ref()
+        .is_some_and(|r| r.decision == fleetbox_proto::Decision::Hold);
+    insert_job_row(tx, job, held, now).await?;
+    insert_tasks(tx, per_statement, job, now).await?;
+    settle::create_counts(tx, &job.id, job.inputs.len() as i64).await?;
+    if let Some(review) = job.review.as_ref().filter(|_| held) {
+        let details = serde_json::to_value(review).unwrap_or_default();
+        super::review::hold(tx, &job.tenant_id, &job.id, &details, now).await?;
+    }
+    Ok(submitted_entry(job))
+}
+
+/// The job's row: `pending_review` when its code review holds it, else `running`.
+async fn insert_job_row(
+    tx: &mut settle::Tx,
+    job: &NewJob,
+    held: bool,
+    now: i64,
+) -> Result<(), StoreError> {
     let shards = job.inputs.len() as i64;
     let spec = json(&job.spec);
     let limits = json(&job.limits);
@@ -1101,10 +1122,6 @@ pub(super) async fn insert_job_in(
         })
     });
     let rerun_of = job.rerun_of.as_ref().map(json);
-    let held = job
-        .review
-        .as_ref()
-        .is_some_and(|r| r.decision == fleetbox_proto::Decision::Hold);
     let state = if held {
         JobState::PendingReview
     } else {
@@ -1146,9 +1163,18 @@ pub(super) async fn insert_job_in(
         .execute(&mut **tx)
         .await
         .doing("inserting a job")?;
+    Ok(())
+}
+
+/// The job's shards, `per_statement` rows an `INSERT`; code the review decided server-only,
+/// or held for a person, is never leased to an ordinary agent (`hardened`).
+async fn insert_tasks(
+    tx: &mut settle::Tx,
+    per_statement: usize,
+    job: &NewJob,
+    now: i64,
+) -> Result<(), StoreError> {
     let inputs: Vec<String> = job.inputs.iter().map(json).collect();
-    // Code the review decided server-only, or held for a person, is never leased to an
-    // ordinary agent (held code runs, once approved, where server-only code runs).
     let server_only = job.review.as_ref().is_some_and(|r| {
         matches!(
             r.decision,
@@ -1178,12 +1204,13 @@ pub(super) async fn insert_job_in(
             .await
             .doing("inserting tasks")?;
     }
-    settle::create_counts(tx, &job.id, shards).await?;
-    if let Some(review) = job.review.as_ref().filter(|_| held) {
-        let details = serde_json::to_value(review).unwrap_or_default();
-        super::review::hold(tx, &job.tenant_id, &job.id, &details, now).await?;
-    }
-    let entry = Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
+    Ok(())
+}
+
+/// The job's `job.submitted` audit entry, with its code review.
+fn submitted_entry(job: &NewJob) -> Entry {
+    let shards = job.inputs.len() as i64;
+    Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
         .job(&job.id)
         .details(serde_json::json!({
             "parent_job_id": job.lineage.as_ref().map(|(l, _)| &l.parent_job_id),
@@ -1198,6 +1225,5 @@ pub(super) async fn insert_job_in(
                 "decision": r.decision,
                 "findings": r.findings.iter().map(|f| serde_json::json!([f.rule, f.line, f.column])).collect::<Vec<_>>(),
             })),
-        }));
-    Ok(entry)
+        }))
 }
