@@ -601,7 +601,7 @@ fn run_span(task: &LeasedTask) -> (tracing::Span, Option<String>) {
 async fn run_task(
     shared: Arc<Shared>,
     sandbox: Arc<dyn Sandbox>,
-    task: LeasedTask,
+    mut task: LeasedTask,
     cancel: Option<Cancel>,
     traceparent: Option<String>,
 ) {
@@ -618,7 +618,8 @@ async fn run_task(
         Err(why) => return refuse(&shared, &task, why, hold),
     };
     let lease_id = task.lease_id.clone();
-    let (req, files_error) = request(&shared, &task, limits, cancel.clone());
+    let code = std::mem::take(&mut task.code);
+    let (req, files_error) = request(&shared, &task, code, limits, cancel.clone());
     let execution = Execution {
         sandbox,
         outbox: shared.outbox.clone(),
@@ -694,11 +695,12 @@ fn refuse(shared: &Arc<Shared>, task: &LeasedTask, why: String, hold: SlotHold) 
 fn request(
     shared: &Shared,
     task: &LeasedTask,
+    code: String,
     limits: fleetbox_proto::Limits,
     cancel: Option<Cancel>,
 ) -> (RunRequest, Option<String>) {
     let input = serde_json::to_vec(&task.input).unwrap_or_else(|_| b"null".to_vec());
-    let mut req = RunRequest::new(task.code.clone().into_bytes(), Some(input), limits);
+    let mut req = RunRequest::new(code.into_bytes(), Some(input), limits);
     let files_error = match fleetbox_proto::job::decode_files(&task.files) {
         Ok(files) => {
             req.files = files;

@@ -376,7 +376,8 @@ pub(super) async fn refused(
 }
 
 /// Whether an agent of `tenant` other than those that refused `task` could still take it:
-/// online and not quarantined. A refusal rejects its shard only when none could.
+/// online, not quarantined, and marked `hardened` when the shard is server-only (an ordinary
+/// agent never gets it). A refusal rejects its shard only when none could.
 pub(super) async fn anyone_else_would_run(
     tx: &mut Tx,
     tenant: &str,
@@ -391,7 +392,10 @@ pub(super) async fn anyone_else_would_run(
         .bind(refuser)
         .push(" AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = ")
         .bind(task)
-        .push(" AND l.agent_id = a.id AND l.refused = 1) LIMIT 1")
+        .push(" AND l.agent_id = a.id AND l.refused = 1)")
+        .push(" AND (a.hardened = 1 OR NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ")
+        .bind(task)
+        .push(" AND t.hardened = 1)) LIMIT 1")
         .build_as()
         .fetch_optional(&mut **tx)
         .await

@@ -746,3 +746,87 @@ async fn a_refused_shard_goes_to_another_agent_never_back_to_its_refuser() {
         assert_eq!(inv.unsettled, inv.unsettled_truth, "{db:?}");
     }
 }
+
+/// Server-only shards (and held ones) go only to agents marked `hardened`: not to an ordinary
+/// agent, not to one that calls itself `hardened` in its labels; an agent leasing
+/// `hardened_only` gets nothing else. When the only marked agent refuses such a shard it is
+/// rejected, though ordinary agents are online: none of them could ever take it.
+#[tokio::test]
+async fn server_only_shards_go_only_to_marked_agents_and_a_refusal_by_the_last_rejects() {
+    use fleetbox_server::store::Want;
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((_, one, two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        let mut server_only = new_job("job_so", 1, 3);
+        server_only.review = Some(fleetbox_proto::CodeReview {
+            findings: Vec::new(),
+            risk: 15,
+            decision: fleetbox_proto::Decision::RunOnServerOnly,
+            reviewer: "builtin".into(),
+        });
+        one.insert_job(&server_only).await.unwrap();
+        one.insert_job(&new_job("job_plain", 1, 3)).await.unwrap();
+        for (agent, labels) in [
+            ("agt_plain", vec![]),
+            ("agt_liar", vec!["hardened".to_string()]),
+            ("agt_marked", vec![]),
+        ] {
+            let req = fleetbox_proto::api::EnrollRequest {
+                name: agent.into(),
+                labels,
+                ..Default::default()
+            };
+            one.enroll_agent("default", agent, agent, &req, "enroll:test", false)
+                .await
+                .unwrap();
+        }
+        assert!(
+            one.set_agent_hardened("default", "agt_marked", true, "admin:test")
+                .await
+                .unwrap()
+        );
+        let only_hardened = Want {
+            backend: None,
+            hardened_only: true,
+        };
+        let lease = |store: Arc<Store>, agent: &'static str, want: Want<'static>| async move {
+            store
+                .lease_with("default", agent, want, 10, now_ms() + 60_000, agent)
+                .await
+                .unwrap()
+        };
+        // Ordinary and self-declared agents get the ordinary shard only, on either coordinator.
+        for (store, agent) in [(&one, "agt_liar"), (&two, "agt_plain")] {
+            let got = lease(store.clone(), agent, only_hardened).await;
+            assert!(got.is_empty(), "{db:?}: {agent} got {got:?}");
+        }
+        let got = lease(two.clone(), "agt_liar", Want::default()).await;
+        assert_eq!(
+            got.iter().map(|g| g.job_id.as_str()).collect::<Vec<_>>(),
+            ["job_plain"],
+            "{db:?}"
+        );
+        // The marked agent, asking for server-only shards alone, gets that one.
+        let got = lease(one.clone(), "agt_marked", only_hardened).await;
+        assert_eq!(got.len(), 1, "{db:?}");
+        assert_eq!(got[0].job_id, "job_so");
+        let mut r = ok_report(&got[0], 1);
+        r.status = Status::Refused;
+        r.output = None;
+        r.output_sha256 = None;
+        r.reason = Some("refused: the job asks for the network".into());
+        one.report("default", "agt_marked", &[r], POLICY)
+            .await
+            .unwrap();
+        let detail = one
+            .shard_detail("default", "job_so", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.shard.state, TaskState::Rejected, "{db:?}");
+        let why = detail.shard.error.unwrap_or_default();
+        assert!(why.contains("no other agent could run it"), "{db:?}: {why}");
+    }
+}
