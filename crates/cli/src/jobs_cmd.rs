@@ -664,14 +664,9 @@ fn print_job(out: &mut impl Write, j: &fleetbox_proto::api::JobView) -> std::io:
         "reducer   {}    priority {}    max_attempts {}",
         j.reducer, j.priority, j.max_attempts
     )?;
-    let when = |ms: i64| {
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
-        )
-    };
-    writeln!(out, "created   {}", when(j.created_at))?;
+    writeln!(out, "created   {}", term::time(j.created_at))?;
     if let Some(f) = j.finished_at {
-        writeln!(out, "finished  {}", when(f))?;
+        writeln!(out, "finished  {}", term::time(f))?;
     }
     if let Some(e) = &j.error {
         writeln!(out, "error     {}", term::for_stdout(e))?;

@@ -15,6 +15,7 @@ mod receipt_cmd;
 mod review_cmd;
 mod run;
 mod server_agents;
+mod tenancy_cmd;
 mod term;
 
 use std::process::ExitCode;
@@ -69,6 +70,10 @@ enum Command {
     Review(review_cmd::ReviewArgs),
     /// Images for the `docker` backend: `image build` makes one from this host's Python.
     Image(image_cmd::ImageArgs),
+    /// Tenants and their caps: `tenant create|list|show|update`.
+    Tenant(tenancy_cmd::TenantArgs),
+    /// Scoped, expiring tokens: `token create|list|revoke|rotate`.
+    Token(tenancy_cmd::TokenArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -116,6 +121,8 @@ pub fn main() -> ExitCode {
         Command::Mcp(args) => jobs_cmd::mcp(args),
         Command::Review(args) => review_cmd::review(args),
         Command::Image(args) => image_cmd::image(args),
+        Command::Tenant(args) => tenancy_cmd::tenant(args),
+        Command::Token(args) => tenancy_cmd::token(args),
     };
     if let Some(provider) = spans
         && let Err(e) = provider.shutdown()

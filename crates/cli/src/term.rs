@@ -68,6 +68,14 @@ pub fn for_stdout(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// A time in ms since the Unix epoch, as RFC 3339 to the second (UTC).
+pub fn time(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0).unsigned_abs()),
+    )
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

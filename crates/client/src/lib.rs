@@ -13,6 +13,10 @@ use fleetbox_proto::api::{
     LeaseResponse, ReportAck, ReportBatch, ReturnRequest, RunAnswer, RunBody, ShardDetail,
     ShardList,
 };
+use fleetbox_proto::tenancy::{
+    TenantCreate, TenantList, TenantUpdate, TenantView, TokenCreate, TokenIssued, TokenList,
+    TokenView, Whoami,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -311,6 +315,62 @@ impl Client {
         self.post(
             &format!("/v1/agents/{id}/hardened"),
             &serde_json::json!({ "hardened": hardened }),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// The caller's tenant and scopes.
+    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
+        self.get("/v1/whoami").await
+    }
+
+    pub async fn create_tenant(&self, req: &TenantCreate) -> Result<TenantView, ClientError> {
+        self.post("/v1/tenants", req, Duration::from_secs(10)).await
+    }
+
+    pub async fn tenants(&self) -> Result<TenantList, ClientError> {
+        self.get("/v1/tenants").await
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<TenantView, ClientError> {
+        self.get(&format!("/v1/tenants/{id}")).await
+    }
+
+    pub async fn update_tenant(
+        &self,
+        id: &str,
+        req: &TenantUpdate,
+    ) -> Result<TenantView, ClientError> {
+        self.post(&format!("/v1/tenants/{id}"), req, Duration::from_secs(10))
+            .await
+    }
+
+    pub async fn create_token(&self, req: &TokenCreate) -> Result<TokenIssued, ClientError> {
+        self.post("/v1/tokens", req, Duration::from_secs(10)).await
+    }
+
+    /// A tenant's tokens (`None`: the caller's).
+    pub async fn tokens(&self, tenant: Option<&str>) -> Result<TokenList, ClientError> {
+        match tenant {
+            Some(t) => self.get(&format!("/v1/tokens?tenant={t}")).await,
+            None => self.get("/v1/tokens").await,
+        }
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenView, ClientError> {
+        self.post(
+            &format!("/v1/tokens/{id}/revoke"),
+            &serde_json::json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn rotate_token(&self, id: &str) -> Result<TokenIssued, ClientError> {
+        self.post(
+            &format!("/v1/tokens/{id}/rotate"),
+            &serde_json::json!({}),
             Duration::from_secs(10),
         )
         .await

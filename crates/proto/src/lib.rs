@@ -19,6 +19,7 @@ mod report;
 pub mod review;
 mod schema;
 mod states;
+pub mod tenancy;
 pub mod trace;
 mod units;
 mod verify;

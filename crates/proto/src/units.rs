@@ -71,7 +71,7 @@ impl FromStr for Millis {
     type Err = UnitError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        const EXPECTED: &str = "`ms`, `s`, `m`, `h`";
+        const EXPECTED: &str = "`ms`, `s`, `m`, `h`, `d`";
         let groups = split_groups(input)?;
         if groups.len() > 1 && groups.iter().any(|(_, u)| u.is_empty()) {
             return Err(UnitError::Malformed(input.to_string()));
@@ -84,6 +84,7 @@ impl FromStr for Millis {
                 "ms" => 1.0,
                 "m" | "min" => 60_000.0,
                 "h" => 3_600_000.0,
+                "d" => 86_400_000.0,
                 "us" | "µs" => 0.001,
                 _ => {
                     return Err(UnitError::UnknownUnit {

@@ -218,7 +218,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
                 }
             },
         };
-    let blob = match store_large_result(state, text.as_deref()).await {
+    let blob = match store_large_result(state, &job.tenant_id, text.as_deref()).await {
         Ok(blob) => blob,
         Err(cause) => {
             return Err(FoldError::Reduce {
@@ -487,20 +487,24 @@ fn shortfall_error(
 /// Large results go to the blob store; the row keeps its hash in `result_blob`.
 async fn store_large_result(
     state: &State,
+    tenant: &str,
     text: Option<&str>,
 ) -> Result<Option<String>, ReduceFailed> {
-    match text {
-        Some(t) if t.len() > INLINE_LIMIT * 16 => {
-            let blobs = state.blobs.clone();
-            let bytes = t.as_bytes().to_vec();
-            tokio::task::spawn_blocking(move || blobs.put(&bytes))
-                .await
-                .map_err(|e| ReduceFailed::Blob(e.to_string()))?
-                .map(Some)
-                .map_err(|e| ReduceFailed::Blob(e.to_string()))
-        }
-        _ => Ok(None),
-    }
+    let Some(t) = text.filter(|t| t.len() > INLINE_LIMIT * 16) else {
+        return Ok(None);
+    };
+    let blobs = state.blobs.clone();
+    let bytes = t.as_bytes().to_vec();
+    let hash = tokio::task::spawn_blocking(move || blobs.put(&bytes))
+        .await
+        .map_err(|e| ReduceFailed::Blob(e.to_string()))?
+        .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
+    state
+        .store
+        .own_blobs(tenant, &[&hash])
+        .await
+        .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
+    Ok(Some(hash))
 }
 
 /// With a model configured it is shown the summary, the statistics' findings and the start

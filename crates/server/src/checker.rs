@@ -506,6 +506,9 @@ async fn run_on_server(
         Some(v) => {
             let stored = crate::outputs::store(&state.blobs, v, v.to_string())
                 .map_err(|e| CheckError::Output(e.to_string()))?;
+            if let Some(b) = &stored.blob {
+                state.store.own_blobs(&subject.tenant_id, &[b]).await?;
+            }
             (stored.text, stored.blob, Some(stored.hash))
         }
     };

@@ -28,6 +28,7 @@ mod intake;
 pub mod metrics;
 mod outputs;
 pub mod planner;
+pub mod quota;
 pub mod receipt;
 pub mod reduce;
 mod reported;
@@ -264,8 +265,9 @@ pub struct State {
     pub planner_wake: Notify,
     /// Woken when webhooks may be due.
     pub notify_wake: Notify,
-    token_cache: Mutex<HashMap<String, Principal>>,
-    /// Unknown tokens recorded in the audit log this second, and those left out since.
+    /// Tokens looked up in the last [`api::TOKEN_CACHE`], by hash.
+    token_cache: Mutex<HashMap<String, (Principal, std::time::Instant)>>,
+    /// Failed uses of tokens recorded in the audit log this second, and those left out since.
     invalid_tokens: Mutex<InvalidTokens>,
     job_cache: Mutex<HashMap<String, Arc<JobInfo>>>,
     /// Callers waiting for a job to end (`POST /v1/run`), woken when this coordinator ends it.
@@ -291,6 +293,20 @@ pub struct State {
     pub metrics: metrics::Registry,
     /// The web panel's sessions and the overview's last hour.
     pub panel: ui::Panel,
+    /// Tenants' caps as read recently, and their submit buckets.
+    pub quotas: quota::Quotas,
+}
+
+/// A failed use of a token, as the audit log records it.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenFailure {
+    pub tenant: String,
+    pub actor: String,
+    pub token_id: String,
+    /// `unknown`, `revoked`, `expired`, or the scope or kind it lacks.
+    pub why: String,
+    pub method: String,
+    pub path: String,
 }
 
 /// A bounded record of calls with unknown tokens: at most [`InvalidTokens::PER_SECOND`] audit
@@ -323,26 +339,55 @@ impl InvalidTokens {
 }
 
 impl State {
-    /// Record a call made with an unknown token (rate-limited; see [`InvalidTokens`]).
-    pub(crate) async fn audit_invalid_token(&self, hash: &str, method: &str, path: &str) {
+    /// Record a failed use of a token (rate-limited; see [`InvalidTokens`]): in its tenant's
+    /// log, or the default one for a token nobody knows.
+    pub(crate) async fn audit_token_failure(&self, f: TokenFailure) {
         let admitted = self
             .invalid_tokens
             .lock()
             .expect("invalid tokens")
             .admit(store::now_ms());
         let Some(left_out) = admitted else { return };
-        // An unknown token names no tenant: recorded in the default one.
-        let entry =
-            store::audit::Entry::new("default", "unknown", store::audit::Action::TokenUsedInvalid)
-                .details(serde_json::json!({
-                    "token_id": &hash[..12],
-                    "method": method,
-                    "path": path,
-                    "left_out_before": left_out,
-                }));
+        let entry = store::audit::Entry::new(
+            &f.tenant,
+            f.actor.as_str(),
+            store::audit::Action::TokenUsedInvalid,
+        )
+        .details(serde_json::json!({
+            "token_id": f.token_id,
+            "why": f.why,
+            "method": f.method,
+            "path": f.path,
+            "left_out_before": left_out,
+        }));
         if let Err(e) = self.store.audit(vec![entry]).await {
-            tracing::error!(error = %e, "could not record an unknown token");
+            tracing::error!(error = %e, "could not record a failed use of a token");
         }
+    }
+
+    /// A token looked up less than [`api::TOKEN_CACHE`] ago.
+    fn cached_token(&self, hash: &str) -> Option<Principal> {
+        let cache = self.token_cache.lock().expect("token cache");
+        cache
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < api::TOKEN_CACHE)
+            .map(|(p, _)| p.clone())
+    }
+
+    fn cache_token(&self, hash: &str, principal: &Principal) {
+        let mut cache = self.token_cache.lock().expect("token cache");
+        if cache.len() >= 10_000 {
+            cache.retain(|_, (_, at)| at.elapsed() < api::TOKEN_CACHE);
+        }
+        cache.insert(
+            hash.to_string(),
+            (principal.clone(), std::time::Instant::now()),
+        );
+    }
+
+    /// Forget every cached token (one was revoked here: refuse it at once).
+    pub(crate) fn forget_tokens(&self) {
+        self.token_cache.lock().expect("token cache").clear();
     }
 
     pub async fn job_info(&self, job_id: &str) -> Result<Arc<JobInfo>, ApiError> {
@@ -532,6 +577,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         ai_templates,
         metrics: metrics::Registry::default(),
         panel: ui::Panel::default(),
+        quotas: quota::Quotas::default(),
     });
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));

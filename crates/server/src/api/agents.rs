@@ -18,6 +18,7 @@ use crate::blobs::{FinishError, INLINE_LIMIT, is_sha256};
 use crate::ids::{agent_id, random_hex, sha256_hex, token};
 use crate::store::audit::{Action, Entry};
 use crate::store::{ReportInput, TokenKind, Want, now_ms};
+use fleetbox_proto::tenancy::Scope;
 
 /// Most tasks one lease call may ask for, and the longest long-poll.
 const MAX_LEASE_BATCH: u32 = 1000;
@@ -39,7 +40,7 @@ pub async fn list(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
 ) -> Result<Json<AgentList>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     Ok(Json(AgentList {
         agents: state.store.list_agents(tenant).await?,
     }))
@@ -60,7 +61,10 @@ pub async fn release(
     auth: Auth,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Admin)?;
+    if !state.store.has_agent(&principal.tenant_id, &id).await? {
+        return Err(ApiError::not_found("agent", &id));
+    }
     if !state
         .store
         .release_agent(&principal.tenant_id, &id, &principal.actor)
@@ -69,7 +73,7 @@ pub async fn release(
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
             "not_quarantined",
-            format!("agent `{id}` does not exist or is not quarantined"),
+            format!("agent `{id}` is not quarantined"),
         ));
     }
     tracing::info!(agent = %id, "agent released from quarantine");
@@ -102,7 +106,7 @@ pub async fn hardened(
     axum::extract::Path(id): axum::extract::Path<String>,
     Body(req): Body<MarkHardened>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Admin)?;
     if !state
         .store
         .set_agent_hardened(&principal.tenant_id, &id, req.hardened, &principal.actor)
@@ -130,7 +134,10 @@ pub async fn quarantine(
     auth: Auth,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Admin)?;
+    if !state.store.has_agent(&principal.tenant_id, &id).await? {
+        return Err(ApiError::not_found("agent", &id));
+    }
     if !state
         .store
         .quarantine_agent(&principal.tenant_id, &id, &principal.actor)
@@ -139,7 +146,7 @@ pub async fn quarantine(
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
             "not_quarantinable",
-            format!("agent `{id}` does not exist or is quarantined already"),
+            format!("agent `{id}` is quarantined already"),
         ));
     }
     tracing::warn!(agent = %id, by = %principal.actor, "agent quarantined by an operator");
@@ -164,7 +171,11 @@ pub async fn enroll(
     auth: Auth,
     Body(req): Body<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    let principal = auth.require(&[TokenKind::Enroll, TokenKind::EnrollOwn, TokenKind::Admin])?;
+    let principal = if auth.principal().kind.is_user() {
+        auth.scope(Scope::Admin)?
+    } else {
+        auth.require(&[TokenKind::Enroll, TokenKind::EnrollOwn])?
+    };
     let own = principal.kind == TokenKind::EnrollOwn;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let name = req.name.trim();
@@ -197,6 +208,16 @@ pub async fn enroll(
     // Every report is signed: an agent without a key could not report.
     fleetbox_proto::api::parse_public_key(&req.public_key)
         .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("public_key"))?;
+    // Spent only by a request that would enrol.
+    if principal.kind == TokenKind::Enroll
+        && !state.store.spend_enrolment(&principal.token_id).await?
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this enrolment token has no uses left",
+        ));
+    }
     let id = agent_id();
     let secret = token("agent");
     state
@@ -256,20 +277,25 @@ pub async fn lease(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let expires = now_ms() + state.config.lease_ms as i64;
-        let grants = state
-            .store
-            .lease_with(
-                tenant,
-                agent,
-                Want {
-                    backend: req.backend.as_deref(),
-                    hardened_only: req.hardened_only,
-                },
-                req.max_tasks,
-                expires,
-                &prefix,
-            )
-            .await?;
+        let room = crate::quota::lease_room(&state, tenant, req.max_tasks).await?;
+        let grants = if room == 0 {
+            Vec::new()
+        } else {
+            state
+                .store
+                .lease_with(
+                    tenant,
+                    agent,
+                    Want {
+                        backend: req.backend.as_deref(),
+                        hardened_only: req.hardened_only,
+                    },
+                    room,
+                    expires,
+                    &prefix,
+                )
+                .await?
+        };
         let now = Instant::now();
         if !grants.is_empty() || now >= deadline {
             let mut tasks = Vec::with_capacity(grants.len());
@@ -501,6 +527,12 @@ pub async fn report(
         .map(|r| r.traceparent.clone())
         .collect();
     let inputs = form_reports(&state, tenant, agent, batch, key).await?;
+    let blobs: Vec<&str> = inputs
+        .iter()
+        .flat_map(|i| [&i.stdout_blob, &i.stderr_blob, &i.output_blob])
+        .filter_map(|b| b.as_deref())
+        .collect();
+    state.store.own_blobs(tenant, &blobs).await?;
     let policy = crate::store::ReportPolicy {
         backoff_base_ms: state.config.retry_backoff_ms,
         strikes_limit: state.config.quarantine_strikes.max(1) as i64,
@@ -596,7 +628,7 @@ pub async fn put_blob(
     axum::extract::Path(sha): axum::extract::Path<String>,
     req: axum::extract::Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    auth.agent()?;
+    let (tenant, _) = auth.agent()?;
     if !is_sha256(&sha) {
         return Err(ApiError::bad_request(
             "invalid_path",
@@ -657,7 +689,10 @@ pub async fn put_blob(
         return Err(refused);
     }
     match written {
-        Ok(bytes) => Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes }))),
+        Ok(bytes) => {
+            state.store.own_blobs(tenant, &[&sha]).await?;
+            Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes })))
+        }
         Err(FinishError::Mismatch { actual }) => Err(ApiError::bad_request(
             "blob_hash_mismatch",
             format!("the body hashes to `{actual}`, not `{sha}`"),

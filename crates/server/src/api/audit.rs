@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::{ApiError, Auth, Params};
 use crate::State;
-use crate::store::TokenKind;
 use crate::store::audit::{Action, AuditFilter, PruneError};
+use fleetbox_proto::tenancy::Scope;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -41,7 +41,7 @@ pub async fn list(
     auth: Auth,
     Params(q): Params<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let action = q
         .action
         .as_deref()
@@ -91,7 +91,7 @@ pub async fn prune(
     auth: Auth,
     super::Body(req): super::Body<PruneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Admin)?.tenant_id;
     match state
         .store
         .audit_prune(tenant, req.before_seq, &state.custody.key)
@@ -120,7 +120,7 @@ pub async fn checkpoints(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
 ) -> Result<Json<Vec<AuditCheckpoint>>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     Ok(Json(state.store.audit_checkpoints(tenant).await?))
 }
 
@@ -136,7 +136,7 @@ pub async fn verify(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
 ) -> Result<Json<AuditVerification>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let pins = state.custody.pins().map_err(|why| {
         ApiError::new(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -159,7 +159,7 @@ pub async fn keys(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
 ) -> Result<Json<AuditKeys>, ApiError> {
-    auth.require(&[TokenKind::Admin])?;
+    auth.scope(Scope::Read)?;
     Ok(Json(AuditKeys {
         public_key: state.custody.public_key(),
         trusted: state.custody.keys.iter().cloned().collect(),

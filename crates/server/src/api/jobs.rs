@@ -13,6 +13,7 @@ use super::error::request_trace;
 use super::{ApiError, Auth, Params, raw_body};
 use crate::State;
 use crate::store::{ShardPage, TokenKind};
+use fleetbox_proto::tenancy::Scope;
 
 #[utoipa::path(
     get,
@@ -26,7 +27,12 @@ pub async fn status(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    auth.require(&[TokenKind::Admin, TokenKind::Agent, TokenKind::Enroll])?;
+    auth.require(&[
+        TokenKind::Admin,
+        TokenKind::User,
+        TokenKind::Agent,
+        TokenKind::Enroll,
+    ])?;
     Ok(Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "database": format!("{:?}", state.store.kind()).to_lowercase(),
@@ -49,11 +55,13 @@ pub async fn submit(
     auth: Auth,
     req: Request,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Submit)?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
+    crate::quota::admit_rate(&state, &tenant).await?;
     let body = raw_body(req, &()).await?;
     let mut spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
+    crate::quota::admit_shards(&state, &tenant, &actor, plan.inputs.len() as u64).await?;
     crate::planner::check_rules(&spec.followup, "followup")?;
     if spec.ai_followup && state.ai_templates.is_empty() {
         return Err(fleetbox_proto::SpecError::new(
@@ -107,7 +115,7 @@ pub async fn list(
     auth: Auth,
     Params(q): Params<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let job_state = q
         .state
         .as_deref()
@@ -132,7 +140,7 @@ pub async fn get_job(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     state
         .store
         .job_view(tenant, &id)
@@ -169,7 +177,7 @@ pub async fn shards(
     Path(id): Path<String>,
     Params(q): Params<ShardQuery>,
 ) -> Result<Json<ShardList>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let shard_state = q
         .state
         .as_deref()
@@ -205,7 +213,7 @@ pub async fn shard(
     auth: Auth,
     Path((id, index)): Path<(String, String)>,
 ) -> Result<Json<ShardDetail>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let index: u64 = index.parse().map_err(|_| {
         ApiError::bad_request(
             "invalid_path",
@@ -239,7 +247,7 @@ pub async fn receipt(
     Path(id): Path<String>,
 ) -> Result<Json<crate::receipt::Receipt>, ApiError> {
     use crate::receipt::ReceiptError;
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     match crate::receipt::build(&state, tenant, &id).await {
         Ok(r) => Ok(Json(r)),
         Err(ReceiptError::NotFound(_)) => Err(ApiError::not_found("job", &id)),
@@ -271,7 +279,7 @@ pub async fn result(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<JobResult>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let (mut result, blob) = state
         .store
         .job_result(tenant, &id)
@@ -317,7 +325,7 @@ pub async fn rerun_tainted(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Submit)?;
     let tenant = principal.tenant_id.clone();
     let Some(view) = state.store.job_view(&tenant, &id).await? else {
         return Err(ApiError::not_found("job", &id));
@@ -364,7 +372,7 @@ pub async fn cancel(
     Path(id): Path<String>,
     Params(q): Params<CancelQuery>,
 ) -> Result<Json<JobView>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Submit)?;
     let tenant = principal.tenant_id.clone();
     let Some(view) = state.store.job_view(&tenant, &id).await? else {
         return Err(ApiError::not_found("job", &id));
@@ -481,7 +489,7 @@ pub async fn rerun_failed(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Submit)?;
     let tenant = principal.tenant_id.clone();
     let Some(view) = state.store.job_view(&tenant, &id).await? else {
         return Err(ApiError::not_found("job", &id));
@@ -534,7 +542,7 @@ async fn control(
     id: &str,
     what: Control,
 ) -> Result<Json<JobView>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Submit)?;
     let tenant = &principal.tenant_id;
     let changed = match what {
         Control::Pause(p) => {
@@ -586,7 +594,11 @@ pub async fn get_blob(
     auth: Auth,
     Path(sha): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
-    auth.require(&[TokenKind::Admin])?;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
+    // Blobs are stored once by content but read per tenant: knowing a hash is not enough.
+    if crate::blobs::is_sha256(&sha) && !state.store.owns_blob(tenant, &sha).await? {
+        return Err(ApiError::not_found("blob", &sha));
+    }
     let blobs = state.blobs.clone();
     let sha2 = sha.clone();
     let bytes = tokio::task::spawn_blocking(move || blobs.get(&sha2))
@@ -640,7 +652,7 @@ pub async fn chain(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<fleetbox_proto::api::JobChain>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let jobs = state
         .store
         .chain(tenant, &id)

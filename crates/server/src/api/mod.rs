@@ -7,6 +7,7 @@ pub(crate) mod jobs;
 mod openapi;
 mod review;
 mod run;
+mod tenancy;
 
 use std::sync::Arc;
 
@@ -83,7 +84,22 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/audit/checkpoints", get(audit::checkpoints))
         .route("/v1/audit/keys", get(audit::keys))
-        .route("/v1/audit/prune", post(audit::prune));
+        .route("/v1/audit/prune", post(audit::prune))
+        .route("/v1/whoami", get(tenancy::whoami))
+        .route(
+            "/v1/tenants",
+            post(tenancy::create_tenant).get(tenancy::list_tenants),
+        )
+        .route(
+            "/v1/tenants/{id}",
+            get(tenancy::show_tenant).post(tenancy::update_tenant),
+        )
+        .route(
+            "/v1/tokens",
+            post(tenancy::create_token).get(tenancy::list_tokens),
+        )
+        .route("/v1/tokens/{id}/revoke", post(tenancy::revoke_token))
+        .route("/v1/tokens/{id}/rotate", post(tenancy::rotate_token));
     router = router.merge(crate::ui::router());
     if let Some(m) = mcp {
         let service = fleetbox_mcp::http_service(m.base, m.hosts, m.origins);
@@ -144,12 +160,13 @@ async fn readyz(
     })))
 }
 
-/// `GET /metrics`: Prometheus text format (admin token: the series name agents and tenants).
+/// `GET /metrics`: Prometheus text format (the operator's token: the series name every
+/// tenant and agent).
 async fn metrics(
     axum::extract::State(state): axum::extract::State<Arc<State>>,
     auth: Auth,
 ) -> Result<Response, ApiError> {
-    auth.require(&[TokenKind::Admin])?;
+    auth.operator()?;
     let stored = state.store.stored_metrics(crate::store::now_ms()).await?;
     let mut text = crate::metrics::render(&stored, &state.metrics);
     crate::metrics::server_sandbox(&mut text, state.config.sandbox_backend);
@@ -163,9 +180,10 @@ async fn metrics(
         .into_response())
 }
 
-/// `/mcp` takes admin tokens only; its tools then call the API with the same token.
+/// `/mcp` takes user tokens only; its tools then call the API with the same token, so each
+/// tool needs the scope its endpoint needs.
 async fn mcp_auth(auth: Result<Auth, ApiError>, req: Request, next: Next) -> Response {
-    match auth.and_then(|a| a.require(&[TokenKind::Admin]).map(|_| ())) {
+    match auth.and_then(|a| a.require(&[TokenKind::Admin, TokenKind::User]).map(|_| ())) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
@@ -255,14 +273,60 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// The caller, from `Authorization: Bearer TOKEN`.
-pub struct Auth(pub Principal);
+/// The caller, from `Authorization: Bearer TOKEN`: a token that is known, not revoked and not
+/// expired. Each endpoint then asks for a scope ([`Auth::scope`]) or a token kind.
+pub struct Auth {
+    principal: Principal,
+    /// To record a refusal (a scope the token lacks) in the audit log.
+    state: Arc<State>,
+    method: String,
+    path: String,
+}
+
+/// How long a looked-up token is believed without asking the database again: a token revoked
+/// on any coordinator sharing the database is refused everywhere within this.
+pub const TOKEN_CACHE: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Auth {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// A user token with `scope`; `403 forbidden` (audited) otherwise.
+    pub fn scope(&self, scope: fleetbox_proto::tenancy::Scope) -> Result<&Principal, ApiError> {
+        if self.principal.has(scope) {
+            return Ok(&self.principal);
+        }
+        self.refuse(&format!("lacks the `{}` scope", scope.as_str()));
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token lacks the `{}` scope", scope.as_str()),
+        ))
+    }
+
+    /// An admin of the `default` tenant (manages every tenant); `403 forbidden` otherwise.
+    pub fn operator(&self) -> Result<&Principal, ApiError> {
+        if self.principal.is_operator() {
+            return Ok(&self.principal);
+        }
+        self.refuse("is not the operator's (admin of the `default` tenant)");
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only an admin token of the `default` tenant (the operator) may do this",
+        ))
+    }
+
+    /// A token of one of `kinds` (agent protocol endpoints).
     pub fn require(&self, kinds: &[TokenKind]) -> Result<&Principal, ApiError> {
-        if kinds.contains(&self.0.kind) {
-            Ok(&self.0)
+        if kinds.contains(&self.principal.kind) {
+            Ok(&self.principal)
         } else {
+            self.refuse(&format!(
+                "is a `{}` token, which may not call this endpoint",
+                self.principal.kind.as_str()
+            ));
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
@@ -274,10 +338,24 @@ impl Auth {
     /// The agent id of an agent token.
     pub fn agent(&self) -> Result<(&str, &str), ApiError> {
         self.require(&[TokenKind::Agent])?;
-        let id = self.0.agent_id.as_deref().ok_or_else(|| {
+        let id = self.principal.agent_id.as_deref().ok_or_else(|| {
             ApiError::new(StatusCode::FORBIDDEN, "forbidden", "token names no agent")
         })?;
-        Ok((&self.0.tenant_id, id))
+        Ok((&self.principal.tenant_id, id))
+    }
+
+    /// Record the refusal in the tenant's audit log (rate-limited), off the request's path.
+    fn refuse(&self, why: &str) {
+        let state = self.state.clone();
+        let failure = crate::TokenFailure {
+            tenant: self.principal.tenant_id.clone(),
+            actor: self.principal.actor.clone(),
+            token_id: self.principal.token_id.clone(),
+            why: why.to_string(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+        };
+        tokio::spawn(async move { state.audit_token_failure(failure).await });
     }
 }
 
@@ -298,25 +376,56 @@ impl FromRequestParts<Arc<State>> for Auth {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthorized("the `Authorization` header must be `Bearer <token>`"))?;
         let hash = sha256_hex(token.as_bytes());
-        if let Some(p) = state.token_cache.lock().expect("token cache").get(&hash) {
-            return Ok(Auth(p.clone()));
+        let (method, path) = (parts.method.to_string(), parts.uri.path().to_string());
+        let failed = |tenant: &str, actor: &str, why: &str| crate::TokenFailure {
+            tenant: tenant.to_string(),
+            actor: actor.to_string(),
+            token_id: crate::store::token_id(&hash).to_string(),
+            why: why.to_string(),
+            method: method.clone(),
+            path: path.clone(),
+        };
+        let principal = match state.cached_token(&hash) {
+            Some(p) => p,
+            None => match state.store.token(&hash).await? {
+                Some(t) if t.revoked_at.is_some() => {
+                    let p = &t.principal;
+                    state
+                        .audit_token_failure(failed(&p.tenant_id, &p.actor, "revoked"))
+                        .await;
+                    return Err(unauthorized("this token was revoked"));
+                }
+                Some(t) => {
+                    state.cache_token(&hash, &t.principal);
+                    t.principal
+                }
+                None => {
+                    state
+                        .audit_token_failure(failed(
+                            crate::store::DEFAULT_TENANT,
+                            "unknown",
+                            "unknown",
+                        ))
+                        .await;
+                    return Err(unauthorized("unknown token"));
+                }
+            },
+        };
+        if principal
+            .expires_at
+            .is_some_and(|at| at <= crate::store::now_ms())
+        {
+            state
+                .audit_token_failure(failed(&principal.tenant_id, &principal.actor, "expired"))
+                .await;
+            return Err(unauthorized("this token expired"));
         }
-        match state.store.token(&hash).await? {
-            Some(p) => {
-                state
-                    .token_cache
-                    .lock()
-                    .expect("token cache")
-                    .insert(hash, p.clone());
-                Ok(Auth(p))
-            }
-            None => {
-                state
-                    .audit_invalid_token(&hash, parts.method.as_str(), parts.uri.path())
-                    .await;
-                Err(unauthorized("unknown token"))
-            }
-        }
+        Ok(Auth {
+            principal,
+            state: state.clone(),
+            method,
+            path,
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, RefOr};
 use utoipa::{OpenApi, ToSchema as _};
 
-use super::{agents, audit, jobs, review, run};
+use super::{agents, audit, jobs, review, run, tenancy};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,9 @@ use super::{agents, audit, jobs, review, run};
         review::review, review::flags, review::approve, review::reject, review::rerun,
         run::run,
         audit::list, audit::prune, audit::checkpoints, audit::verify, audit::keys,
+        tenancy::whoami, tenancy::create_tenant, tenancy::list_tenants, tenancy::show_tenant,
+        tenancy::update_tenant, tenancy::create_token, tenancy::list_tokens, tenancy::revoke_token,
+        tenancy::rotate_token,
     ),
     components(schemas(fleetbox_proto::api::ErrorBody)),
     modifiers(&Conventions),

@@ -12,10 +12,10 @@ use serde::Deserialize;
 use super::{ApiError, Auth, Params, raw_body};
 use crate::State;
 use crate::planner::ChildError;
-use crate::store::TokenKind;
 use crate::store::audit::{Action, Entry};
 use crate::store::review::FlagDecision;
 use fleetbox_proto::api::{DecideFlag, ReviewFlag, ReviewFlagList};
+use fleetbox_proto::tenancy::Scope;
 
 /// Review `code` for a submission: a syntax error or a `reject` decision refuses it (audited);
 /// `hold` keeps the job `pending_review` until a person approves it (the store does that from
@@ -136,7 +136,7 @@ pub async fn review(
     auth: Auth,
     req: Request,
 ) -> Result<Json<CodeReview>, ApiError> {
-    auth.require(&[TokenKind::Admin])?;
+    auth.scope(Scope::Submit)?;
     let body = raw_body(req, &()).await?;
     let body: ReviewBody =
         serde_json::from_slice(&body).map_err(|e| SpecError::new("body", e.to_string()))?;
@@ -171,7 +171,7 @@ pub async fn flags(
     auth: Auth,
     Params(q): Params<FlagQuery>,
 ) -> Result<Json<ReviewFlagList>, ApiError> {
-    let tenant = &auth.require(&[TokenKind::Admin])?.tenant_id;
+    let tenant = &auth.scope(Scope::Read)?.tenant_id;
     let status = match q.status.as_deref().map(str::parse::<FlagStatus>) {
         None => None,
         Some(Ok(status)) => Some(status),
@@ -241,7 +241,7 @@ async fn decide(
     req: Request,
     approve: bool,
 ) -> Result<Json<ReviewFlag>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Review)?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let (id, body) = flag_request(&id, req).await?;
     match state
@@ -283,7 +283,7 @@ pub async fn rerun(
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Json<ReviewFlag>, ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Review)?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let (id, body) = flag_request(&id, req).await?;
     let flag = state

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::error::request_trace;
 use super::{ApiError, Auth, raw_body};
 use crate::State;
-use crate::store::TokenKind;
+use fleetbox_proto::tenancy::Scope;
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -36,8 +36,10 @@ pub async fn run(
     auth: Auth,
     req: Request,
 ) -> Result<(StatusCode, Json<RunAnswer>), ApiError> {
-    let principal = auth.require(&[TokenKind::Admin])?;
+    let principal = auth.scope(Scope::Submit)?;
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
+    crate::quota::admit_rate(&state, &tenant).await?;
+    crate::quota::admit_shards(&state, &tenant, &actor, 1).await?;
     let body = raw_body(req, &()).await?;
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let run: RunBody = serde_path_to_error::deserialize(de).map_err(|e| {

@@ -48,13 +48,16 @@ impl Store {
         .await
         .doing("inserting an agent")?;
         sqlx::query(
-            "INSERT INTO tokens (hash, tenant_id, kind, agent_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO tokens (hash, id, tenant_id, kind, agent_id, created_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(token_hash)
+        .bind(super::token_id(token_hash))
         .bind(tenant_id)
         .bind(TokenKind::Agent.as_str())
         .bind(agent_id)
         .bind(now)
+        .bind(actor)
         .execute(&mut *tx)
         .await
         .doing("inserting an agent token")?;
@@ -103,6 +106,18 @@ impl Store {
     }
 
     /// The public key an agent signs its reports with (`None`: enrolled before keys).
+    /// Whether `tenant` has an agent `agent_id` (another tenant's is `false`).
+    pub async fn has_agent(&self, tenant_id: &str, agent_id: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant_id)
+                .bind(agent_id)
+                .fetch_optional(&self.read)
+                .await
+                .doing("looking up an agent")?;
+        Ok(row.is_some())
+    }
+
     pub async fn agent_key(&self, agent_id: &str) -> Result<Option<String>, StoreError> {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT public_key FROM agents WHERE id = $1")

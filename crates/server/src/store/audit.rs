@@ -58,8 +58,21 @@ pub enum Action {
     AgentEnrolled,
     #[serde(rename = "agent.lost")]
     AgentLost,
+    /// A call with a token that is unknown, revoked, expired, or lacks the endpoint's scope.
     #[serde(rename = "token.used_invalid")]
     TokenUsedInvalid,
+    #[serde(rename = "token.created")]
+    TokenCreated,
+    /// A token was revoked (by hand, or by a rotation).
+    #[serde(rename = "token.revoked")]
+    TokenRevoked,
+    #[serde(rename = "tenant.created")]
+    TenantCreated,
+    #[serde(rename = "tenant.updated")]
+    TenantUpdated,
+    /// A submission or lease a tenant's cap or rate stopped.
+    #[serde(rename = "tenant.capped")]
+    TenantCapped,
     #[serde(rename = "report.refused")]
     ReportRefused,
     #[serde(rename = "agent.key_rotated")]
@@ -124,7 +137,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 38] = [
+    pub const ALL: [Action; 43] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -140,6 +153,11 @@ impl Action {
         Action::AgentEnrolled,
         Action::AgentLost,
         Action::TokenUsedInvalid,
+        Action::TokenCreated,
+        Action::TokenRevoked,
+        Action::TenantCreated,
+        Action::TenantUpdated,
+        Action::TenantCapped,
         Action::ReportRefused,
         Action::AgentKeyRotated,
         Action::ShardChecking,
@@ -182,6 +200,11 @@ impl Action {
             Action::AgentEnrolled => "agent.enrolled",
             Action::AgentLost => "agent.lost",
             Action::TokenUsedInvalid => "token.used_invalid",
+            Action::TokenCreated => "token.created",
+            Action::TokenRevoked => "token.revoked",
+            Action::TenantCreated => "tenant.created",
+            Action::TenantUpdated => "tenant.updated",
+            Action::TenantCapped => "tenant.capped",
             Action::ReportRefused => "report.refused",
             Action::AgentKeyRotated => "agent.key_rotated",
             Action::ShardChecking => "shard.checking",

@@ -20,6 +20,7 @@ pub mod review;
 mod settle;
 mod sql;
 mod tasks;
+pub mod tenants;
 mod tokens;
 mod tx;
 pub mod verify;
@@ -38,7 +39,7 @@ pub use reports::{ReportInput, ReportPolicy, Reported, SettleOutcome};
 pub use settle::storable_text;
 pub use settle::{LeaseGrant, Want};
 pub use tasks::{Requeued, backoff_ms};
-pub use tokens::{Principal, TokenKind};
+pub use tokens::{NewToken, Principal, StoredToken, TokenKind, token_id};
 
 /// The tenant every object belongs to until tenants are managed.
 pub const DEFAULT_TENANT: &str = "default";
@@ -193,6 +194,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0024_hardened",
         include_str!("../../migrations/0024_hardened.sql"),
+    ),
+    (
+        "0025_tenancy",
+        include_str!("../../migrations/0025_tenancy.sql"),
     ),
 ];
 

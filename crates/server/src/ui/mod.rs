@@ -141,7 +141,7 @@ struct LoginForm {
     next: Option<String>,
 }
 
-/// `POST /ui/login`: a token that may read jobs (an admin token) opens a session.
+/// `POST /ui/login`: a token that may read jobs (the `read` scope) opens a session.
 async fn login(
     axum::extract::State(state): axum::extract::State<Arc<State>>,
     axum::Form(form): axum::Form<LoginForm>,
@@ -175,7 +175,8 @@ async fn login(
         }
         Err(e) => {
             let why = if e.status == StatusCode::FORBIDDEN {
-                "this token may not use the panel: log in with an admin token".to_string()
+                "this token may not use the panel: log in with a token that has the `read` scope"
+                    .to_string()
             } else {
                 e.message
             };

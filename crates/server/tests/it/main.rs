@@ -14,6 +14,7 @@ mod review;
 mod run;
 mod settle;
 mod support;
+mod tenants;
 mod tls;
 mod ui;
 mod verify;

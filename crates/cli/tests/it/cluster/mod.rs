@@ -8,6 +8,7 @@ mod followups;
 mod harness;
 mod lies;
 mod receipt;
+mod tenants;
 mod tracing;
 mod up;
 

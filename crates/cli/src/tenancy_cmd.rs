@@ -1,0 +1,297 @@
+//! `fleetbox tenant ...` and `fleetbox token ...`: tenants with their caps, and the scoped,
+//! expiring tokens that speak for them.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use fleetbox_proto::Millis;
+use fleetbox_proto::tenancy::{
+    Scope, TenantCaps, TenantCreate, TenantUpdate, TenantView, TokenCreate, TokenIssued, TokenView,
+};
+
+use crate::jobs_cmd::{Conn, runtime};
+use crate::term;
+
+#[derive(Debug, Args)]
+pub struct TenantArgs {
+    #[command(subcommand)]
+    pub command: TenantCommand,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// A tenant's caps as flags (left out: unchanged on `update`, none on `create`).
+#[derive(Debug, Args, Default)]
+pub struct CapFlags {
+    /// Its shards leased at once, over every agent.
+    #[arg(long)]
+    pub max_running_shards: Option<u64>,
+    /// Shards it may submit in any 24 hours.
+    #[arg(long)]
+    pub max_shards_per_day: Option<u64>,
+    /// CPU seconds its shards may use in any 24 hours.
+    #[arg(long)]
+    pub max_cpu_seconds_per_day: Option<u64>,
+    /// Submissions a second (`2`, `0.5`, `2/s`); above it `429` with `Retry-After`.
+    #[arg(long, value_parser = parse_rate)]
+    pub submit_rate: Option<f64>,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n = s.trim().trim_end_matches("/s");
+    n.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| format!("`{s}` is not a positive rate (like `2` or `0.5/s`)"))
+}
+
+impl CapFlags {
+    fn caps(&self) -> TenantCaps {
+        TenantCaps {
+            max_running_shards: self.max_running_shards,
+            max_shards_per_day: self.max_shards_per_day,
+            max_cpu_seconds_per_day: self.max_cpu_seconds_per_day,
+            submit_rate: self.submit_rate,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Make a tenant (the operator: an admin token of the `default` tenant).
+    Create {
+        /// Its id: lowercase letters, digits, `-` and `_`.
+        name: String,
+        #[command(flatten)]
+        caps: CapFlags,
+    },
+    /// Every tenant (the operator), or your own.
+    List,
+    /// One tenant: its caps and what it used in the last 24 hours.
+    Show { name: String },
+    /// Change a tenant's caps (the operator).
+    Update {
+        name: String,
+        #[command(flatten)]
+        caps: CapFlags,
+        /// Remove a cap (`max_running_shards`, `submit_rate`, ...); repeatable.
+        #[arg(long)]
+        clear: Vec<String>,
+    },
+}
+
+pub fn tenant(args: TenantArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let shown = match args.command {
+            TenantCommand::Create { name, caps } => vec![
+                client
+                    .create_tenant(&TenantCreate {
+                        name,
+                        caps: caps.caps(),
+                    })
+                    .await?,
+            ],
+            TenantCommand::List => client.tenants().await?.tenants,
+            TenantCommand::Show { name } => vec![client.tenant(&name).await?],
+            TenantCommand::Update { name, caps, clear } => vec![
+                client
+                    .update_tenant(
+                        &name,
+                        &TenantUpdate {
+                            caps: caps.caps(),
+                            clear,
+                        },
+                    )
+                    .await?,
+            ],
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+        } else {
+            print_tenants(&shown);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_tenants(tenants: &[TenantView]) {
+    let cap = |c: Option<u64>| c.map_or_else(|| "-".to_string(), |c| c.to_string());
+    println!(
+        "{:<20} {:>15} {:>17} {:>19} {:>8}",
+        "TENANT", "RUNNING/CAP", "SHARDS 24H/CAP", "CPU-S 24H/CAP", "RATE/S"
+    );
+    for t in tenants {
+        println!(
+            "{:<20} {:>15} {:>17} {:>19} {:>8}",
+            term::for_stdout(&t.id),
+            format!("{}/{}", t.running_shards, cap(t.caps.max_running_shards)),
+            format!("{}/{}", t.shards_today, cap(t.caps.max_shards_per_day)),
+            format!(
+                "{:.0}/{}",
+                t.cpu_seconds_today,
+                cap(t.caps.max_cpu_seconds_per_day)
+            ),
+            t.caps
+                .submit_rate
+                .map_or_else(|| "-".to_string(), |r| r.to_string()),
+        );
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub command: TokenCommand,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token. Its secret is printed once; only its hash is kept.
+    Create {
+        /// The tenant it speaks for (default: your token's; another needs the operator).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// What it may do: `read`, `submit`, `review`, `admin`, comma-separated.
+        #[arg(long, value_parser = |s: &str| Scope::parse_list(s).map_err(|w| format!("`{w}` is not a scope (read, submit, review, admin)")))]
+        scope: Option<Vec<Scope>>,
+        /// An enrolment token for agents instead (they join the tenant).
+        #[arg(long, conflicts_with = "scope")]
+        enroll: bool,
+        /// How many agents it may enrol (with `--enroll`).
+        #[arg(long, requires = "enroll")]
+        uses: Option<u64>,
+        /// How long it works: `30d`, `12h`, `90m`.
+        #[arg(long, value_parser = |s: &str| s.parse::<Millis>().map_err(|e| e.to_string()))]
+        ttl: Option<Millis>,
+        /// A name to know it by.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// A tenant's tokens, never their secrets.
+    List {
+        /// Another tenant's (the operator).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Include agents' own tokens.
+        #[arg(long)]
+        agents: bool,
+    },
+    /// Revoke a token: every coordinator refuses it within a second.
+    Revoke { id: String },
+    /// Replace a token by a new one (same tenant, scopes, expiry); the old one is revoked.
+    Rotate { id: String },
+}
+
+pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let issued = match args.command {
+            TokenCommand::Create {
+                tenant,
+                scope,
+                enroll,
+                uses,
+                ttl,
+                name,
+            } => {
+                if !enroll && scope.as_ref().is_none_or(Vec::is_empty) {
+                    anyhow::bail!("give `--scope read,submit,...` or `--enroll`");
+                }
+                client
+                    .create_token(&TokenCreate {
+                        tenant,
+                        name,
+                        scopes: scope.unwrap_or_default(),
+                        enroll,
+                        uses,
+                        ttl_seconds: ttl.map(|t| t.0.div_ceil(1000)),
+                    })
+                    .await?
+            }
+            TokenCommand::Rotate { id } => client.rotate_token(&id).await?,
+            TokenCommand::List { tenant, agents } => {
+                let mut list = client.tokens(tenant.as_deref()).await?.tokens;
+                if !agents {
+                    list.retain(|t| t.kind != "agent");
+                }
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    print_tokens(&list);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            TokenCommand::Revoke { id } => {
+                let t = client.revoke_token(&id).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&t)?);
+                } else {
+                    println!("{} revoked", term::for_stdout(&t.id));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        print_issued(&issued, args.json)?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The secret alone on stdout (for `$(fleetbox token create ...)`), what it is on stderr.
+fn print_issued(t: &TokenIssued, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(t)?);
+        return Ok(());
+    }
+    println!("{}", t.token);
+    eprintln!(
+        "token {} for tenant `{}` ({}{}{}): shown once, keep it",
+        t.view.id,
+        term::for_stdout(&t.view.tenant),
+        if t.view.scopes.is_empty() {
+            t.view.kind.clone()
+        } else {
+            Scope::join(&t.view.scopes)
+        },
+        t.view
+            .expires_at
+            .map(|e| format!(", expires {}", term::time(e)))
+            .unwrap_or_default(),
+        t.view
+            .uses_left
+            .map(|u| format!(", {u} uses"))
+            .unwrap_or_default(),
+    );
+    Ok(())
+}
+
+fn print_tokens(list: &[TokenView]) {
+    println!(
+        "{:<13} {:<11} {:<24} {:<16} {:<20} STATE",
+        "ID", "KIND", "SCOPES", "NAME", "EXPIRES"
+    );
+    for t in list {
+        let state = match (t.revoked_at, t.uses_left) {
+            (Some(_), _) => "revoked".to_string(),
+            (None, Some(0)) => "used up".to_string(),
+            (None, Some(u)) => format!("{u} uses left"),
+            (None, None) => "active".to_string(),
+        };
+        println!(
+            "{:<13} {:<11} {:<24} {:<16} {:<20} {state}",
+            t.id,
+            t.kind,
+            Scope::join(&t.scopes),
+            term::for_stdout(t.name.as_deref().unwrap_or("-")),
+            t.expires_at.map_or_else(|| "never".to_string(), term::time),
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! A tenant's caps on the job's path: a submission is admitted (its rate, its shards and CPU
+//! of the day), a lease is sized (its running shards, its CPU of the day).
+//!
+//! Caps are read from the store at most once a second per coordinator, so an operator's
+//! change takes effect within a second. The submit rate is a token bucket per coordinator
+//! (burst: one second's worth, at least one); the other caps are counted in the store, so
+//! they hold across coordinators, give or take the leases granted in the same instant.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use fleetbox_proto::tenancy::TenantCaps;
+
+use crate::State;
+use crate::api::ApiError;
+use crate::store::audit::{Action, Entry};
+use crate::store::now_ms;
+
+/// How long a tenant's caps are believed without reading them again.
+const CAPS_FOR: Duration = Duration::from_secs(1);
+
+/// Per-coordinator state: caps read recently, and each tenant's submit bucket.
+#[derive(Debug, Default)]
+pub struct Quotas {
+    caps: Mutex<HashMap<String, (TenantCaps, Instant)>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+/// A token bucket: `level` submissions available, refilled at `rate` a second up to `burst`.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Take one; on refusal, the seconds until one is available.
+    fn take(&mut self, rate: f64, now: Instant) -> Result<(), f64> {
+        let burst = rate.max(1.0);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * rate).min(burst);
+        self.at = now;
+        if self.level >= 1.0 {
+            self.level -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - self.level) / rate)
+        }
+    }
+}
+
+impl Quotas {
+    async fn caps(&self, state: &State, tenant: &str) -> Result<TenantCaps, ApiError> {
+        if let Some((caps, at)) = self.caps.lock().expect("caps").get(tenant)
+            && at.elapsed() < CAPS_FOR
+        {
+            return Ok(caps.clone());
+        }
+        let caps = state
+            .store
+            .tenant_caps(tenant)
+            .await?
+            .map(|(_, c)| c)
+            .unwrap_or_default();
+        self.caps
+            .lock()
+            .expect("caps")
+            .insert(tenant.to_string(), (caps.clone(), Instant::now()));
+        Ok(caps)
+    }
+
+    fn take(&self, tenant: &str, rate: f64) -> Result<(), f64> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("buckets");
+        buckets
+            .entry(tenant.to_string())
+            .or_insert(Bucket {
+                level: rate.max(1.0),
+                at: now,
+            })
+            .take(rate, now)
+    }
+}
+
+/// A refusal by a cap: `403 quota_exceeded` (not worth retrying soon), audited.
+async fn capped(state: &State, tenant: &str, actor: &str, what: String) -> ApiError {
+    let entry =
+        Entry::new(tenant, actor, Action::TenantCapped).details(serde_json::json!({ "why": what }));
+    if let Err(e) = state.store.audit(vec![entry]).await {
+        tracing::error!(error = %e, "could not record a cap");
+    }
+    ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", what)
+}
+
+/// Whether `tenant` may submit now: `429 rate_limited` with `Retry-After` above its submit
+/// rate (not audited: a burst would flood the log).
+pub async fn admit_rate(state: &State, tenant: &str) -> Result<(), ApiError> {
+    let caps = state.quotas.caps(state, tenant).await?;
+    let Some(rate) = caps.submit_rate else {
+        return Ok(());
+    };
+    state.quotas.take(tenant, rate).map_err(|wait| {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("tenant `{tenant}` may submit {rate} jobs a second; try again in {wait:.1} s"),
+        );
+        e.retry_after = Some(wait.ceil() as u64);
+        e
+    })
+}
+
+/// Whether `tenant` may add `shards` shards now: its shards and CPU seconds of the last day.
+pub async fn admit_shards(
+    state: &State,
+    tenant: &str,
+    actor: &str,
+    shards: u64,
+) -> Result<(), ApiError> {
+    let caps = state.quotas.caps(state, tenant).await?;
+    if caps.max_shards_per_day.is_none() && caps.max_cpu_seconds_per_day.is_none() {
+        return Ok(());
+    }
+    let used = state.store.tenant_usage(tenant, now_ms()).await?;
+    if let Some(cap) = caps.max_shards_per_day
+        && used.shards_today.saturating_add(shards) > cap
+    {
+        let what = format!(
+            "tenant `{tenant}` may submit {cap} shards a day: {} in the last 24 hours, {shards} more asked",
+            used.shards_today
+        );
+        return Err(capped(state, tenant, actor, what).await);
+    }
+    if let Some(cap) = caps.max_cpu_seconds_per_day
+        && used.cpu_seconds_today >= cap as f64
+    {
+        let what = format!(
+            "tenant `{tenant}` may use {cap} CPU seconds a day: {:.1} used in the last 24 hours",
+            used.cpu_seconds_today
+        );
+        return Err(capped(state, tenant, actor, what).await);
+    }
+    Ok(())
+}
+
+/// How many of `asked` shards `tenant` may be leased now: none past its CPU of the day, and
+/// no more than its running-shards cap leaves.
+pub async fn lease_room(state: &State, tenant: &str, asked: u32) -> Result<u32, ApiError> {
+    let caps = state.quotas.caps(state, tenant).await?;
+    if caps.max_running_shards.is_none() && caps.max_cpu_seconds_per_day.is_none() {
+        return Ok(asked);
+    }
+    let used = state.store.tenant_usage(tenant, now_ms()).await?;
+    if caps
+        .max_cpu_seconds_per_day
+        .is_some_and(|cap| used.cpu_seconds_today >= cap as f64)
+    {
+        return Ok(0);
+    }
+    Ok(caps.max_running_shards.map_or(asked, |cap| {
+        let left = cap.saturating_sub(used.running_shards);
+        asked.min(u32::try_from(left).unwrap_or(u32::MAX))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket { level: 2.0, at: t0 };
+        assert!(b.take(2.0, t0).is_ok());
+        assert!(b.take(2.0, t0).is_ok());
+        let wait = b.take(2.0, t0).unwrap_err();
+        assert!((wait - 0.5).abs() < 1e-9, "{wait}");
+        assert!(b.take(2.0, t0 + Duration::from_millis(500)).is_ok());
+        // A slow rate still admits one at a time.
+        let mut slow = Bucket { level: 1.0, at: t0 };
+        assert!(slow.take(0.1, t0).is_ok());
+        assert!((slow.take(0.1, t0).unwrap_err() - 10.0).abs() < 1e-9);
+    }
+}

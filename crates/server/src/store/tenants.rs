@@ -1,0 +1,240 @@
+//! Tenants and their caps, with what each has used against them.
+
+use fleetbox_proto::TaskState;
+use fleetbox_proto::tenancy::{TenantCaps, TenantView};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::audit::{Action, Entry};
+use super::{Doing, Store, StoreError, now_ms};
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// What a tenant has used: leased shards now, shards submitted and CPU seconds spent in the
+/// last 24 hours.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub running_shards: u64,
+    pub shards_today: u64,
+    pub cpu_seconds_today: f64,
+}
+
+fn caps_of(row: &AnyRow) -> Result<TenantCaps, StoreError> {
+    let get = |e| StoreError::Query {
+        doing: "reading a tenant",
+        source: e,
+    };
+    let cap = |name: &str| -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = row.try_get(name).map_err(get)?;
+        Ok(v.map(|v| v.max(0).unsigned_abs()))
+    };
+    Ok(TenantCaps {
+        max_running_shards: cap("max_running_shards")?,
+        max_shards_per_day: cap("max_shards_per_day")?,
+        max_cpu_seconds_per_day: cap("max_cpu_seconds_per_day")?,
+        submit_rate: row.try_get("submit_rate").map_err(get)?,
+    })
+}
+
+fn as_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+impl Store {
+    /// Make a tenant (audited as `tenant.created` in its own log and the operator's); `false`
+    /// when one of that name exists.
+    pub async fn create_tenant(
+        &self,
+        id: &str,
+        caps: &TenantCaps,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("creating a tenant")?;
+        let made = sqlx::query(
+            "INSERT INTO tenants (id, name, created_at, updated_at, max_running_shards, max_shards_per_day, \
+             max_cpu_seconds_per_day, submit_rate) VALUES ($1, $1, $2, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(as_i64(caps.max_running_shards))
+        .bind(as_i64(caps.max_shards_per_day))
+        .bind(as_i64(caps.max_cpu_seconds_per_day))
+        .bind(caps.submit_rate)
+        .execute(&mut *tx)
+        .await
+        .doing("creating a tenant")?
+        .rows_affected()
+            > 0;
+        if made {
+            let details = serde_json::json!({ "tenant": id, "caps": caps });
+            let entries = [super::DEFAULT_TENANT, id]
+                .into_iter()
+                .map(|t| Entry::new(t, actor, Action::TenantCreated).details(details.clone()))
+                .collect();
+            self.append_audit(&mut tx, entries, now).await?;
+        }
+        tx.commit().await.doing("creating a tenant")?;
+        Ok(made)
+    }
+
+    /// Set the caps `caps` names and clear those `clear` names (audited as
+    /// `tenant.updated`); `false` when there is no such tenant.
+    pub async fn update_tenant(
+        &self,
+        id: &str,
+        caps: &TenantCaps,
+        clear: &[&str],
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("updating a tenant")?;
+        let mut sql = super::sql::Sql::new("UPDATE tenants SET updated_at = ");
+        sql.bind(now);
+        let set: [(&str, Option<i64>); 3] = [
+            ("max_running_shards", as_i64(caps.max_running_shards)),
+            ("max_shards_per_day", as_i64(caps.max_shards_per_day)),
+            (
+                "max_cpu_seconds_per_day",
+                as_i64(caps.max_cpu_seconds_per_day),
+            ),
+        ];
+        for (column, value) in set {
+            if let Some(v) = value {
+                sql.push(&format!(", {column} = ")).bind(v);
+            } else if clear.contains(&column) {
+                sql.push(&format!(", {column} = NULL"));
+            }
+        }
+        if let Some(r) = caps.submit_rate {
+            sql.push(", submit_rate = ").bind(r);
+        } else if clear.contains(&"submit_rate") {
+            sql.push(", submit_rate = NULL");
+        }
+        sql.push(" WHERE id = ").bind(id);
+        let found = sql
+            .build()
+            .execute(&mut *tx)
+            .await
+            .doing("updating a tenant")?
+            .rows_affected()
+            > 0;
+        if found {
+            let details = serde_json::json!({ "tenant": id, "caps": caps, "cleared": clear });
+            let logs: &[&str] = if id == super::DEFAULT_TENANT {
+                &[super::DEFAULT_TENANT]
+            } else {
+                &[super::DEFAULT_TENANT, id]
+            };
+            let entries = logs
+                .iter()
+                .map(|t| Entry::new(t, actor, Action::TenantUpdated).details(details.clone()))
+                .collect();
+            self.append_audit(&mut tx, entries, now).await?;
+        }
+        tx.commit().await.doing("updating a tenant")?;
+        Ok(found)
+    }
+
+    /// A tenant's caps, or `None` when there is no such tenant.
+    pub async fn tenant_caps(&self, id: &str) -> Result<Option<(i64, TenantCaps)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT created_at, max_running_shards, max_shards_per_day, max_cpu_seconds_per_day, \
+             submit_rate FROM tenants WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await
+        .doing("reading a tenant")?;
+        let Some(row) = row else { return Ok(None) };
+        let created: i64 = row.try_get("created_at").doing("reading a tenant")?;
+        Ok(Some((created, caps_of(&row)?)))
+    }
+
+    /// What `id` has used (see [`Usage`]).
+    pub async fn tenant_usage(&self, id: &str, now: i64) -> Result<Usage, StoreError> {
+        let since = now - DAY_MS;
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM tasks WHERE tenant_id = $1 AND state = $2) AS running, \
+             (SELECT CAST(COALESCE(SUM(shard_count), 0) AS BIGINT) FROM jobs WHERE tenant_id = $1 AND created_at >= $3) AS shards, \
+             (SELECT CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT) FROM attempts WHERE tenant_id = $1 AND received_at >= $3) AS cpu",
+        )
+        .bind(id)
+        .bind(TaskState::Leased.as_str())
+        .bind(since)
+        .fetch_one(&self.read)
+        .await
+        .doing("reading a tenant's usage")?;
+        let n = |name: &str| -> Result<i64, StoreError> {
+            row.try_get::<i64, _>(name)
+                .doing("reading a tenant's usage")
+        };
+        Ok(Usage {
+            running_shards: n("running")?.max(0).unsigned_abs(),
+            shards_today: n("shards")?.max(0).unsigned_abs(),
+            cpu_seconds_today: n("cpu")? as f64 / 1000.0,
+        })
+    }
+
+    pub async fn tenant_view(&self, id: &str) -> Result<Option<TenantView>, StoreError> {
+        let Some((created_at, caps)) = self.tenant_caps(id).await? else {
+            return Ok(None);
+        };
+        let usage = self.tenant_usage(id, now_ms()).await?;
+        Ok(Some(TenantView {
+            id: id.to_string(),
+            created_at,
+            caps,
+            running_shards: usage.running_shards,
+            shards_today: usage.shards_today,
+            cpu_seconds_today: usage.cpu_seconds_today,
+        }))
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<TenantView>, StoreError> {
+        let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&self.read)
+            .await
+            .doing("listing tenants")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id,) in ids {
+            if let Some(v) = self.tenant_view(&id).await? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Store {
+    /// Record that `tenant` owns the blobs `hashes` (idempotent).
+    pub async fn own_blobs(&self, tenant: &str, hashes: &[&str]) -> Result<(), StoreError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut sql =
+            super::sql::Sql::new("INSERT INTO blob_owners (tenant_id, sha256, created_at) VALUES ");
+        sql.push_rows(hashes.iter(), |row, h| {
+            row.bind(tenant).bind(*h).bind(now);
+        });
+        sql.push(" ON CONFLICT DO NOTHING");
+        sql.build()
+            .execute(&self.write)
+            .await
+            .doing("recording a blob's owner")?;
+        Ok(())
+    }
+
+    pub async fn owns_blob(&self, tenant: &str, hash: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM blob_owners WHERE tenant_id = $1 AND sha256 = $2")
+                .bind(tenant)
+                .bind(hash)
+                .fetch_optional(&self.read)
+                .await
+                .doing("reading a blob's owner")?;
+        Ok(row.is_some())
+    }
+}

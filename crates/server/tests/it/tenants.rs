@@ -1,0 +1,483 @@
+//! Tenants and scoped tokens, attacked: one tenant reaching for another's jobs, shards, blobs,
+//! flags, agents, tokens and audit entries (every one a `404`, so ids do not leak); tokens used
+//! past their scope, after revocation (on another coordinator), after expiry; enrolment
+//! tokens past their uses; caps and submit rates under a burst.
+
+use std::time::{Duration, Instant};
+
+use fleetbox_proto::JobState;
+use fleetbox_proto::tenancy::{Scope, TenantCaps, TenantCreate, TokenCreate};
+use fleetbox_testkit::SignedAgent;
+use serde_json::{Value, json};
+
+use crate::support::{BOTH, Coordinator, Db, spec};
+
+/// `method path` with `token` (and a JSON body for POST): the status and the JSON answer.
+async fn call(c: &Coordinator, token: &str, method: &str, path: &str) -> (u16, Value) {
+    let http = reqwest::Client::new();
+    let url = format!("{}{path}", c.running.url());
+    let req = match method {
+        "GET" => http.get(&url),
+        _ => http.post(&url).json(&json!({})),
+    };
+    let resp = req.bearer_auth(token).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A tenant made by the operator, and a token of it with `scopes`.
+async fn tenant(c: &Coordinator, name: &str, caps: TenantCaps) -> String {
+    c.client
+        .create_tenant(&TenantCreate {
+            name: name.into(),
+            caps,
+        })
+        .await
+        .unwrap();
+    token(c, name, &Scope::ALL).await
+}
+
+async fn token(c: &Coordinator, tenant: &str, scopes: &[Scope]) -> String {
+    c.client
+        .create_token(&TokenCreate {
+            tenant: Some(tenant.into()),
+            scopes: scopes.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token
+}
+
+async fn enroll_token(c: &Coordinator, tenant: &str, uses: Option<u64>) -> String {
+    c.client
+        .create_token(&TokenCreate {
+            tenant: Some(tenant.into()),
+            enroll: true,
+            uses,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token
+}
+
+fn job(name: &str, shards: u32) -> fleetbox_proto::JobSpec {
+    spec(&format!(
+        "name = \"{name}\"\ncode = \"import sys; sys.stderr.write('x' * 40000); print(1)\"\nshards = {{ count = {shards} }}\naggregate = \"sum\"\n"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_can_neither_read_nor_touch_another() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let a = tenant(&c, "acme", TenantCaps::default()).await;
+        let b = tenant(&c, "globex", TenantCaps::default()).await;
+        let b_enroll = enroll_token(&c, "globex", None).await;
+        c.agent_with("b1", |cfg| cfg.token = b_enroll.clone());
+        let as_b = c.client.with_token(&b);
+        // B's job runs on B's agent; its stderr is large, so it is kept as a blob.
+        let b_job = as_b.submit(&job("b", 2)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = loop {
+            let v = as_b.job(&b_job.id).await.unwrap();
+            if v.state.is_final() || Instant::now() > deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(done.state, JobState::Completed, "{db:?}: {done:?}");
+        let shard = as_b.shard(&b_job.id, 0).await.unwrap();
+        let blob = shard.attempts[0]
+            .stderr_blob
+            .clone()
+            .expect("a large stderr is a blob");
+        assert!(as_b.get_blob(&blob).await.is_ok(), "{db:?}");
+        let b_agent = as_b.agents().await.unwrap().agents[0].id.clone();
+        let b_token_id = as_b.tokens(None).await.unwrap().tokens[0].id.clone();
+
+        // Every endpoint that names B's things answers A with 404, never 403.
+        let id = &b_job.id;
+        for (method, path) in [
+            ("GET", format!("/v1/jobs/{id}")),
+            ("GET", format!("/v1/jobs/{id}/shards")),
+            ("GET", format!("/v1/jobs/{id}/shards/0")),
+            ("GET", format!("/v1/jobs/{id}/result")),
+            ("GET", format!("/v1/jobs/{id}/receipt")),
+            ("GET", format!("/v1/jobs/{id}/chain")),
+            ("GET", format!("/v1/blobs/{blob}")),
+            ("POST", format!("/v1/jobs/{id}/cancel")),
+            ("POST", format!("/v1/jobs/{id}/pause")),
+            ("POST", format!("/v1/jobs/{id}/resume")),
+            ("POST", format!("/v1/jobs/{id}/rerun-failed")),
+            ("POST", format!("/v1/jobs/{id}/rerun-tainted")),
+            ("POST", format!("/v1/agents/{b_agent}/release")),
+            ("POST", format!("/v1/agents/{b_agent}/quarantine")),
+            ("POST", format!("/v1/tokens/{b_token_id}/revoke")),
+            ("POST", format!("/v1/tokens/{b_token_id}/rotate")),
+            ("GET", "/v1/tenants/globex".to_string()),
+            ("GET", "/v1/tokens?tenant=globex".to_string()),
+        ] {
+            let (status, body) = call(&c, &a, method, &path).await;
+            assert_eq!(status, 404, "{db:?}: {method} {path}: {body}");
+            assert_eq!(body["error"]["code"], "not_found", "{method} {path}");
+        }
+        let (status, _) = call(&c, &a, "POST", "/v1/review/flags/1/approve").await;
+        assert_eq!(status, 404, "{db:?}");
+        // Lists hold only A's own.
+        let as_a = c.client.with_token(&a);
+        assert!(
+            as_a.jobs(None, 100).await.unwrap().jobs.is_empty(),
+            "{db:?}"
+        );
+        assert!(as_a.agents().await.unwrap().agents.is_empty(), "{db:?}");
+        let audit = as_a.audit("limit=5000").await.unwrap().entries;
+        assert!(
+            audit
+                .iter()
+                .all(|e| e.job_id.as_deref() != Some(id.as_str())),
+            "{db:?}: A's log names B's job"
+        );
+        let tenants = as_a.tenants().await.unwrap().tenants;
+        assert_eq!(
+            tenants.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["acme"]
+        );
+        // B's job is untouched, and so are its agent and token.
+        let after = as_b.job(id).await.unwrap();
+        assert_eq!(
+            (after.state, after.paused),
+            (JobState::Completed, false),
+            "{db:?}"
+        );
+        assert!(as_b.whoami().await.is_ok());
+        // Only the operator makes tenants; A's admin is not the operator.
+        let err = as_a
+            .create_tenant(&TenantCreate {
+                name: "mine".into(),
+                caps: TenantCaps::default(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("forbidden"), "{db:?}: {err}");
+        c.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_hold_on_every_kind_of_endpoint_and_failures_are_audited() {
+    for db in BOTH {
+        let Some(c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let admin = tenant(&c, "acme", TenantCaps::default()).await;
+        let read = token(&c, "acme", &[Scope::Read]).await;
+        let submit = token(&c, "acme", &[Scope::Submit]).await;
+        let as_admin = c.client.with_token(&admin);
+        let j = as_admin.submit(&job("j", 1)).await.unwrap();
+        let id = &j.id;
+        // What a read-only token may not do, and what a submit-only one may not read.
+        for (token, method, path, scope) in [
+            (&read, "POST", "/v1/jobs".to_string(), "submit"),
+            (&read, "POST", "/v1/run".to_string(), "submit"),
+            (&read, "POST", format!("/v1/jobs/{id}/cancel"), "submit"),
+            (&read, "POST", format!("/v1/jobs/{id}/pause"), "submit"),
+            (
+                &read,
+                "POST",
+                "/v1/review/flags/1/approve".to_string(),
+                "review",
+            ),
+            (&read, "POST", "/v1/tokens".to_string(), "admin"),
+            (&submit, "GET", format!("/v1/jobs/{id}"), "read"),
+            (&submit, "GET", "/v1/jobs".to_string(), "read"),
+            (&submit, "GET", "/v1/audit".to_string(), "read"),
+            (&submit, "GET", "/v1/agents".to_string(), "read"),
+        ] {
+            let (status, body) = call(&c, token, method, &path).await;
+            assert_eq!(status, 403, "{db:?}: {method} {path}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!("`{scope}`"))),
+                "{method} {path}: {body}"
+            );
+        }
+        let (status, _) = call(&c, &read, "GET", &format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, 200);
+        let (status, _) = call(&c, &submit, "POST", &format!("/v1/jobs/{id}/cancel")).await;
+        assert_eq!(status, 200);
+        // A token cannot grant what it lacks: an admin-only token makes no review token.
+        let admin_only = token(&c, "acme", &[Scope::Admin]).await;
+        let err = c
+            .client
+            .with_token(&admin_only)
+            .create_token(&TokenCreate {
+                scopes: vec![Scope::Review],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("forbidden"), "{err}");
+        // Refusals are in the tenant's log (rate-limited per second, so wait past it).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (status, _) = call(&c, &read, "POST", "/v1/jobs").await;
+        assert_eq!(status, 403);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = as_admin
+                .audit("action=token.used_invalid&limit=5000")
+                .await
+                .unwrap()
+                .entries;
+            if log
+                .iter()
+                .any(|e| e.details["why"] == "lacks the `submit` scope")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{db:?}: {log:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let made = as_admin
+            .audit("action=token.created&limit=100")
+            .await
+            .unwrap()
+            .entries;
+        assert!(made.len() >= 3, "{db:?}: {made:?}");
+        c.stop().await;
+    }
+}
+
+/// Revoke on one coordinator, use on another sharing the database: refused within a second,
+/// every time (PostgreSQL, as coordinators share it in production; SQLite below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_refused_within_a_second_on_another_coordinator() {
+    let Some(url) = fleetbox_testkit::postgres_database().await else {
+        return;
+    };
+    let Some(one) = Coordinator::start_with(Db::Postgres, |config| {
+        config.database_url = Some(url.clone());
+    })
+    .await
+    else {
+        return;
+    };
+    let Some(two) = Coordinator::start_with(Db::Postgres, |config| {
+        config.database_url = Some(url.clone());
+        config.admin_token = Some(one.running.admin_token.clone());
+    })
+    .await
+    else {
+        return;
+    };
+    let mut slowest = Duration::ZERO;
+    for round in 0..8 {
+        let t = token(&one, "default", &[Scope::Read]).await;
+        let on_two = two.client.with_token(&t);
+        // Used (and so cached) on the second coordinator first.
+        assert!(on_two.jobs(None, 1).await.is_ok(), "round {round}");
+        let id = fleetbox_server::store::token_id(&fleetbox_server::ids::sha256_hex(t.as_bytes()))
+            .to_string();
+        let revoked = Instant::now();
+        one.client.revoke_token(&id).await.unwrap();
+        loop {
+            match on_two.jobs(None, 1).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    assert_eq!(e.code(), Some("unauthorized"), "{e}");
+                    break;
+                }
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "round {round}: still accepted after a second"
+            );
+        }
+        slowest = slowest.max(revoked.elapsed());
+        // And at once on the coordinator that revoked it.
+        assert!(one.client.with_token(&t).jobs(None, 1).await.is_err());
+    }
+    eprintln!("slowest revocation seen on the other coordinator: {slowest:?}");
+    two.stop().await;
+    one.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expire_rotate_and_enrolments_run_out() {
+    for db in BOTH {
+        let Some(c) = Coordinator::start(db).await else {
+            continue;
+        };
+        // Expiry.
+        let short = c
+            .client
+            .create_token(&TokenCreate {
+                scopes: vec![Scope::Read],
+                ttl_seconds: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let as_short = c.client.with_token(&short.token);
+        assert!(as_short.jobs(None, 1).await.is_ok(), "{db:?}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let err = as_short.jobs(None, 1).await.unwrap_err();
+        assert!(err.to_string().contains("expired"), "{db:?}: {err}");
+        // Rotation: the new one works, the old one is refused.
+        let old = token(&c, "default", &[Scope::Read, Scope::Submit]).await;
+        let old_id =
+            fleetbox_server::store::token_id(&fleetbox_server::ids::sha256_hex(old.as_bytes()))
+                .to_string();
+        let new = c.client.rotate_token(&old_id).await.unwrap();
+        assert_eq!(new.view.scopes, vec![Scope::Read, Scope::Submit]);
+        assert!(c.client.with_token(&new.token).jobs(None, 1).await.is_ok());
+        let err = c.client.with_token(&old).jobs(None, 1).await.unwrap_err();
+        assert!(err.to_string().contains("revoked"), "{db:?}: {err}");
+        // An enrolment token of two uses enrols two agents, then none; a third attempt
+        // spends nothing and is told why.
+        let enroll = enroll_token(&c, "default", Some(2)).await;
+        let url = c.running.url();
+        let first = SignedAgent::enroll(&url, &enroll, "e1").await;
+        SignedAgent::enroll(&url, &enroll, "e2").await;
+        let err = fleetbox_client::Client::new(&url, &enroll)
+            .enroll(&fleetbox_proto::api::EnrollRequest {
+                name: "e3".into(),
+                slots: 1,
+                public_key: hex::encode(
+                    ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+                        .verifying_key()
+                        .as_bytes(),
+                ),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no uses left"), "{db:?}: {err}");
+        // Agents' own tokens are left out of the list unless asked for; revoking one cuts
+        // its agent off at once.
+        let plain = c.client.tokens(None).await.unwrap().tokens;
+        assert!(plain.iter().all(|t| t.kind != "agent"), "{plain:?}");
+        let listed: Value = reqwest::Client::new()
+            .get(format!("{url}/v1/tokens?agents=true"))
+            .bearer_auth(&c.running.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let first_token = listed["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["agent_id"] == first.agent_id.as_str())
+            .expect("the agent's token is listed")["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        c.client.revoke_token(&first_token).await.unwrap();
+        let err = first
+            .heartbeat(&Default::default())
+            .await
+            .expect_err("a revoked agent is refused");
+        assert_eq!(err.code(), Some("unauthorized"), "{db:?}: {err}");
+        c.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_stop_work_with_typed_errors_and_bursts_get_429() {
+    for db in BOTH {
+        let Some(c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let capped = tenant(
+            &c,
+            "capped",
+            TenantCaps {
+                max_running_shards: Some(1),
+                max_shards_per_day: Some(10),
+                submit_rate: Some(2.0),
+                ..Default::default()
+            },
+        )
+        .await;
+        // A burst of 12 submissions: the bucket's 2, then 429 with Retry-After.
+        let http = reqwest::Client::new();
+        let mut accepted = 0;
+        let mut limited = 0;
+        for i in 0..12 {
+            let resp = http
+                .post(format!("{}/v1/jobs", c.running.url()))
+                .bearer_auth(&capped)
+                .json(&json!({"name": format!("burst{i}"), "code": "print(1)", "shards": {"count": 1}}))
+                .send()
+                .await
+                .unwrap();
+            match resp.status().as_u16() {
+                201 => accepted += 1,
+                429 => {
+                    let retry: u64 = resp.headers()["retry-after"]
+                        .to_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    assert!((1..=2).contains(&retry), "{retry}");
+                    let body: Value = resp.json().await.unwrap();
+                    assert_eq!(body["error"]["code"], "rate_limited");
+                    limited += 1;
+                }
+                other => panic!("{db:?}: {other}: {}", resp.text().await.unwrap()),
+            }
+        }
+        assert!(
+            (2..=3).contains(&accepted) && accepted + limited == 12,
+            "{db:?}: {accepted} accepted, {limited} limited"
+        );
+        // Shards of the day: 10, of which `accepted` are spent.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let as_capped = c.client.with_token(&capped);
+        let err = as_capped.submit(&job("big", 9)).await.unwrap_err();
+        assert_eq!(err.code(), Some("quota_exceeded"), "{db:?}: {err}");
+        let fits = as_capped.submit(&job("fits", 4)).await.unwrap();
+        // Running shards: an agent with 4 slots asking for 4 gets 1.
+        let enroll = enroll_token(&c, "capped", None).await;
+        let agent = SignedAgent::enroll(&c.running.url(), &enroll, "greedy").await;
+        let got = agent
+            .lease(&fleetbox_proto::api::LeaseRequest {
+                max_tasks: 4,
+                wait_ms: 0,
+                backend: None,
+                hardened_only: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.tasks.len(), 1, "{db:?}");
+        let again = agent
+            .lease(&fleetbox_proto::api::LeaseRequest {
+                max_tasks: 4,
+                wait_ms: 200,
+                backend: None,
+                hardened_only: false,
+            })
+            .await
+            .unwrap();
+        assert!(again.tasks.is_empty(), "{db:?}: past the running cap");
+        let view = as_capped.tenant("capped").await.unwrap();
+        assert_eq!(view.running_shards, 1, "{db:?}: {view:?}");
+        assert_eq!(view.shards_today, accepted + 4, "{db:?}: {view:?}");
+        let _ = fits;
+        // The cap refusal is in the tenant's log.
+        let log = as_capped
+            .audit("action=tenant.capped")
+            .await
+            .unwrap()
+            .entries;
+        assert_eq!(log.len(), 1, "{db:?}: {log:?}");
+        c.stop().await;
+    }
+}
