@@ -153,6 +153,16 @@ pub struct TokenArgs {
     pub conn: Conn,
 }
 
+/// `--scope read,submit`, parsed whole (clap would take a `Vec` for repeated values).
+#[derive(Debug, Clone)]
+pub struct Scopes(Vec<Scope>);
+
+fn parse_scopes(s: &str) -> Result<Scopes, String> {
+    Scope::parse_list(s)
+        .map(Scopes)
+        .map_err(|w| format!("`{w}` is not a scope (read, submit, review, admin)"))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Make a token. Its secret is printed once; only its hash is kept.
@@ -161,8 +171,8 @@ pub enum TokenCommand {
         #[arg(long)]
         tenant: Option<String>,
         /// What it may do: `read`, `submit`, `review`, `admin`, comma-separated.
-        #[arg(long, value_parser = |s: &str| Scope::parse_list(s).map_err(|w| format!("`{w}` is not a scope (read, submit, review, admin)")))]
-        scope: Option<Vec<Scope>>,
+        #[arg(long, value_parser = parse_scopes)]
+        scope: Option<Scopes>,
         /// An enrolment token for agents instead (they join the tenant).
         #[arg(long, conflicts_with = "scope")]
         enroll: bool,
@@ -203,14 +213,15 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
                 ttl,
                 name,
             } => {
-                if !enroll && scope.as_ref().is_none_or(Vec::is_empty) {
+                let scopes = scope.map(|s| s.0).unwrap_or_default();
+                if !enroll && scopes.is_empty() {
                     anyhow::bail!("give `--scope read,submit,...` or `--enroll`");
                 }
                 client
                     .create_token(&TokenCreate {
                         tenant,
                         name,
-                        scopes: scope.unwrap_or_default(),
+                        scopes,
                         enroll,
                         uses,
                         ttl_seconds: ttl.map(|t| t.0.div_ceil(1000)),
