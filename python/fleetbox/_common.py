@@ -6,6 +6,7 @@ import base64
 import inspect
 import json
 import os
+import ssl
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,28 @@ def raise_for(resp: httpx.Response) -> Any:
 
 
 def unreachable(url: str, e: Exception) -> FleetboxError:
+    if isinstance(e, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(e):
+        return FleetboxError(
+            "untrusted",
+            f"the coordinator at {url} is not trusted: {e} (give its CA with `ca_cert=`, "
+            "e.g. `DATA/tls/ca.pem` of `--tls auto`, or `FLEETBOX_CA_CERT`)",
+        )
     return FleetboxError("unreachable", f"could not reach the coordinator at {url}: {e}")
+
+
+def verify_for(ca_cert: Optional[str]) -> Union[bool, ssl.SSLContext]:
+    """What to trust for an ``https://`` coordinator: the system's certificates, plus
+    ``ca_cert``, else ``FLEETBOX_CA_CERT``, else ``$FLEETBOX_DATA/tls/ca.pem`` when it exists
+    (the CA of a coordinator started with ``--tls auto``), as the ``fleetbox`` command does."""
+    path = ca_cert or os.environ.get("FLEETBOX_CA_CERT")
+    if not path:
+        auto = Path(os.environ.get("FLEETBOX_DATA", "fleetbox-data")) / "tls" / "ca.pem"
+        path = str(auto) if auto.exists() else None
+    if not path:
+        return True
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cafile=path)
+    return ctx
 
 
 def encode_files(files: Optional[Files]) -> Dict[str, str]:

@@ -19,6 +19,7 @@ from ._common import (
     run_body,
     server_and_token,
     unreachable,
+    verify_for,
 )
 from .errors import JobFailed, Timeout
 
@@ -91,12 +92,22 @@ class Job:
 class Fleet:
     """A coordinator. ``url`` and ``token`` default to ``FLEETBOX_SERVER`` and
     ``FLEETBOX_TOKEN`` (else ``http://127.0.0.1:8080`` and ``$FLEETBOX_DATA/admin.token``),
-    as for the ``fleetbox`` command."""
+    as for the ``fleetbox`` command; ``ca_cert`` is a CA to trust for an ``https://``
+    coordinator (default ``FLEETBOX_CA_CERT``, else ``$FLEETBOX_DATA/tls/ca.pem``)."""
 
-    def __init__(self, url: Optional[str] = None, token: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        token: Optional[str] = None,
+        timeout: float = 30.0,
+        ca_cert: Optional[str] = None,
+    ) -> None:
         self.url, self._token = server_and_token(url, token)
         self._http = httpx.Client(
-            base_url=self.url, headers={"authorization": f"Bearer {self._token}"}, timeout=timeout
+            base_url=self.url,
+            headers={"authorization": f"Bearer {self._token}"},
+            timeout=timeout,
+            verify=verify_for(ca_cert),
         )
 
     def close(self) -> None:
@@ -238,10 +249,19 @@ class AsyncJob:
 class AsyncFleet:
     """``Fleet`` for ``asyncio``: the same methods, awaited."""
 
-    def __init__(self, url: Optional[str] = None, token: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        token: Optional[str] = None,
+        timeout: float = 30.0,
+        ca_cert: Optional[str] = None,
+    ) -> None:
         self.url, self._token = server_and_token(url, token)
         self._http = httpx.AsyncClient(
-            base_url=self.url, headers={"authorization": f"Bearer {self._token}"}, timeout=timeout
+            base_url=self.url,
+            headers={"authorization": f"Bearer {self._token}"},
+            timeout=timeout,
+            verify=verify_for(ca_cert),
         )
 
     async def aclose(self) -> None:

@@ -121,6 +121,8 @@ impl LocalCaps {
 pub struct AgentConfig {
     /// Coordinator base URL.
     pub server: String,
+    /// Certificates trusted besides the system's for an `https://` coordinator (`--ca-cert`).
+    pub trust: fleetbox_client::Trust,
     /// Enrollment token (used once; the agent token is kept in `state_dir`).
     pub token: String,
     pub name: String,
@@ -287,7 +289,11 @@ pub async fn run(
     let shared_slots = config.slots.max(1);
     let shared = Arc::new(Shared {
         key,
-        client: Mutex::new(Client::new(&config.server, &identity.agent_token)),
+        client: Mutex::new(Client::trusting(
+            &config.server,
+            &identity.agent_token,
+            &config.trust,
+        )),
         review: review::CodeReview::shipped(config.review_policy.clone()),
         agent_id: Mutex::new(identity.agent_id.clone()),
         config,
@@ -402,7 +408,7 @@ async fn rotate_key(
         source,
     };
     let new = key::fresh().map_err(state_err)?;
-    let client = Client::new(&config.server, &identity.agent_token);
+    let client = Client::trusting(&config.server, &identity.agent_token, &config.trust);
     client
         .rotate_key(&key::rotation(&identity.agent_id, &old, &new))
         .await
@@ -430,7 +436,7 @@ async fn identity(
     {
         return Ok(id);
     }
-    let client = Client::new(&config.server, &config.token);
+    let client = Client::trusting(&config.server, &config.token, &config.trust);
     let req = EnrollRequest {
         name: config.name.clone(),
         labels: config.labels.clone(),
@@ -497,8 +503,11 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
                 let _ = fs_err::remove_file(shared.config.state_dir.join("agent.json"));
                 match identity(&shared.config, &shared.key).await {
                     Ok(id) => {
-                        *shared.client.lock().expect("client") =
-                            Client::new(&shared.config.server, &id.agent_token);
+                        *shared.client.lock().expect("client") = Client::trusting(
+                            &shared.config.server,
+                            &id.agent_token,
+                            &shared.config.trust,
+                        );
                         *shared.agent_id.lock().expect("agent id") = id.agent_id;
                     }
                     Err(e) => {

@@ -174,9 +174,58 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub env: EnvArgs,
     #[command(flatten)]
     pub followups: FollowupArgs,
+}
+
+/// HTTPS on the coordinator's listener.
+#[derive(Debug, Args, Clone, Default)]
+pub struct TlsArgs {
+    /// `auto`: make a private CA and a certificate in `DATA/tls/` (clients trust
+    /// `DATA/tls/ca.pem` with `--ca-cert`); `off`: plain HTTP. Default: on with `--tls-cert`,
+    /// and under `fleetbox up` when listening beyond loopback.
+    #[arg(long, value_name = "auto|off", value_parser = ["auto", "off"])]
+    pub tls: Option<String>,
+    /// The certificate chain to serve (PEM); re-read when it changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "tls"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Another name (or address) `--tls auto`'s certificate is for; repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub tls_name: Vec<String>,
+}
+
+impl TlsArgs {
+    /// The setting, with `beyond_loopback` turning `auto` on when nothing was said.
+    pub fn setting(&self, auto_by_default: bool) -> Option<fleetbox_server::tls::TlsSetting> {
+        use fleetbox_server::tls::TlsSetting;
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            return Some(TlsSetting::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        match self.tls.as_deref() {
+            Some("off") => None,
+            Some(_) => Some(TlsSetting::Auto {
+                names: self.tls_name.clone(),
+            }),
+            None if auto_by_default => Some(TlsSetting::Auto {
+                names: self.tls_name.clone(),
+            }),
+            None => None,
+        }
+    }
 }
 
 /// Follow-up rules (`[[followup]]`): on or off, and the caps on what they start.
@@ -270,6 +319,10 @@ pub struct AgentArgs {
     /// Coordinator URL.
     #[arg(long, env = env::FLEETBOX_SERVER, default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// A CA certificate (PEM) to trust besides the system's for an `https://` coordinator
+    /// (`DATA/tls/ca.pem` of one started with `--tls auto`).
+    #[arg(long, env = env::FLEETBOX_CA_CERT, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     /// Enrollment token (or the admin token).
     #[arg(long, env = env::FLEETBOX_TOKEN, hide_env_values = true)]
     pub token: String,
@@ -387,6 +440,9 @@ pub struct UpArgs {
     pub backend: Option<String>,
     #[command(flatten)]
     pub docker: DockerArgs,
+    /// HTTPS (`--tls auto` is the default when `--listen` is beyond loopback).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -465,6 +521,7 @@ fn server_config(
     c.mcp_origins = args.mcp_origins.clone();
     c.review_rules = args.review_rules.clone();
     c.ca_cert = args.ca_cert.clone();
+    c.tls = args.tls.setting(false);
     c.planner = args.followups.config();
     c.ai_planner_templates = args.followups.ai_planner_templates.clone();
     c.anomalies = args.followups.anomalies;
@@ -521,7 +578,7 @@ pub fn server(config: Option<&Path>, mut args: ServerArgs) -> anyhow::Result<Exi
         println!("fleetbox: coordinator listening on {}", running.url());
         let (stop_agents, stop_rx) = tokio::sync::watch::channel(false);
         let server_agents = ServerAgents {
-            url: running.url(),
+            url: running.local_url(),
             own_token: running.own_enroll_token.clone(),
             data: &args.data,
             count: args.server_agents,
@@ -623,7 +680,9 @@ fn agent_config(
                 .map_err(|e| anyhow::anyhow!("the review policy `{}`: {e}", path.display()))?
         }
     };
+    let trust = fleetbox_client::Trust::from_option(args.ca_cert.as_deref())?;
     Ok(AgentConfig {
+        trust,
         server: args.server,
         token: args.token,
         name,
@@ -701,10 +760,12 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         llm_timeout: Millis::from_secs(10),
         llm_max_lowering: None,
         ca_cert: None,
+        tls: args.tls.clone(),
         env: EnvArgs::default(),
         followups: FollowupArgs::default(),
     };
-    let cfg = server_config(&server_args, backend, sandbox.clone())?;
+    let mut cfg = server_config(&server_args, backend, sandbox.clone())?;
+    cfg.tls = args.tls.setting(!args.listen.ip().is_loopback());
     let rt = runtime()?;
     let result = rt.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;
@@ -714,7 +775,9 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         for i in 0..args.agents {
             let cfg = agent_config(
                 AgentArgs {
-                    server: url.clone(),
+                    // In this process: the loopback listener, which needs no certificate.
+                    server: running.local_url(),
+                    ca_cert: None,
                     // The coordinator's own agents: trusted from the start.
                     token: running.own_enroll_token.clone(),
                     slots: args.slots,
@@ -762,7 +825,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
             }));
         }
         let server_agents = ServerAgents {
-            url: url.clone(),
+            url: running.local_url(),
             own_token: running.own_enroll_token.clone(),
             data: &args.data,
             count: server_args.server_agents,

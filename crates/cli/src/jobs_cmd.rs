@@ -24,9 +24,13 @@ pub struct Conn {
     /// Admin token (default: read from `DATA/admin.token`).
     #[arg(long, global = true, env = env::FLEETBOX_TOKEN, hide_env_values = true)]
     pub token: Option<String>,
-    /// The coordinator's data directory, to find its admin token.
+    /// The coordinator's data directory, to find its admin token (and `tls/ca.pem`).
     #[arg(long, global = true, env = env::FLEETBOX_DATA, default_value = "fleetbox-data")]
     pub data: PathBuf,
+    /// A CA certificate (PEM) to trust besides the system's for an `https://` coordinator
+    /// [default: `DATA/tls/ca.pem` when it exists].
+    #[arg(long, global = true, env = env::FLEETBOX_CA_CERT, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Conn {
@@ -46,7 +50,17 @@ impl Conn {
                     })?
             }
         };
-        Ok(Client::new(&self.server, &token))
+        Ok(Client::trusting(&self.server, &token, &self.trust()?))
+    }
+
+    /// `--ca-cert`, else the CA of a `--tls auto` coordinator in `--data`, else the system's.
+    pub(crate) fn trust(&self) -> anyhow::Result<fleetbox_client::Trust> {
+        let auto = self.data.join("tls").join("ca.pem");
+        let path = match &self.ca_cert {
+            Some(p) => Some(p.clone()),
+            None => auto.exists().then_some(auto),
+        };
+        Ok(fleetbox_client::Trust::from_option(path.as_deref())?)
     }
 }
 

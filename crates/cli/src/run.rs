@@ -212,6 +212,7 @@ fn run_remote(
         server: server.to_string(),
         token: args.token.clone(),
         data: args.data.clone(),
+        ca_cert: std::env::var_os(fleetbox_proto::env::FLEETBOX_CA_CERT).map(Into::into),
     }
     .client()?;
     let answer = crate::jobs_cmd::runtime()?.block_on(client.run(&body))?;

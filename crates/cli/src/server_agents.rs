@@ -73,6 +73,7 @@ impl ServerAgents<'_> {
         let mut sandbox = self.sandbox.clone();
         sandbox.warm = 0;
         Ok(AgentConfig {
+            trust: Default::default(),
             server: self.url.clone(),
             token: self.own_token.clone(),
             name,

@@ -38,6 +38,14 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// The coordinator's certificate is not one this client trusts: not worth retrying.
+    #[error(
+        "the coordinator at `{url}` is not trusted: {detail} (give its CA with `--ca-cert`, e.g. `DATA/tls/ca.pem` of `--tls auto`)"
+    )]
+    Untrusted { url: String, detail: String },
+    /// A `--ca-cert` file that holds no certificate.
+    #[error("`--ca-cert {path}`: {detail}")]
+    BadCa { path: String, detail: String },
     #[error("unexpected answer from `{url}`: {detail}")]
     Protocol { url: String, detail: String },
 }
@@ -48,7 +56,9 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => true,
             ClientError::Api { status, .. } => *status >= 500 || *status == 429,
-            ClientError::Protocol { .. } => false,
+            ClientError::Protocol { .. }
+            | ClientError::Untrusted { .. }
+            | ClientError::BadCa { .. } => false,
         }
     }
 
@@ -67,13 +77,77 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// Certificates trusted besides the system's: a private CA (`--ca-cert`, such as the
+/// `DATA/tls/ca.pem` a coordinator with `--tls auto` makes).
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    extra: Vec<reqwest::Certificate>,
+}
+
+impl Trust {
+    /// The certificates of a PEM file (one or more).
+    pub fn from_pem_file(path: &std::path::Path) -> Result<Trust, ClientError> {
+        let bad = |detail: String| ClientError::BadCa {
+            path: path.display().to_string(),
+            detail,
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let extra = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+        if extra.is_empty() {
+            return Err(bad("no certificate in it (PEM expected)".into()));
+        }
+        Ok(Trust { extra })
+    }
+
+    /// [`Trust::from_pem_file`] of `path`, or only the system's.
+    pub fn from_option(path: Option<&std::path::Path>) -> Result<Trust, ClientError> {
+        path.map_or_else(|| Ok(Trust::default()), Trust::from_pem_file)
+    }
+}
+
+/// Whether `e` is a certificate the client does not trust (rather than a network failure).
+fn untrusted(e: &reqwest::Error) -> Option<String> {
+    bad_certificate(e)
+}
+
+/// Look through `e`, its sources, and the errors I/O errors wrap (whose `source` skips
+/// them), for a certificate rustls refused.
+fn bad_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>()
+        && matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+        )
+    {
+        return Some(tls.to_string());
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        && let Some(why) = bad_certificate(inner)
+    {
+        return Some(why);
+    }
+    e.source().and_then(bad_certificate)
+}
+
 impl Client {
+    /// A client trusting the system's certificates only.
     pub fn new(base: &str, token: &str) -> Client {
-        let http = reqwest::Client::builder()
+        Client::trusting(base, token, &Trust::default())
+    }
+
+    /// A client trusting `trust` besides the system's certificates.
+    pub fn trusting(base: &str, token: &str, trust: &Trust) -> Client {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30));
+        for c in &trust.extra {
+            builder = builder.add_root_certificate(c.clone());
+        }
+        let http = builder
             .build()
-            .expect("a reqwest client without TLS always builds");
+            .expect("a reqwest client with parsed certificates always builds");
         Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
@@ -100,9 +174,15 @@ impl Client {
         url: &str,
         timeout: Duration,
     ) -> Result<Vec<u8>, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            url: url.to_string(),
-            source,
+        let unreachable = |source: reqwest::Error| match untrusted(&source) {
+            Some(detail) => ClientError::Untrusted {
+                url: url.to_string(),
+                detail,
+            },
+            None => ClientError::Unreachable {
+                url: url.to_string(),
+                source,
+            },
         };
         let resp = req
             .bearer_auth(&self.token)

@@ -70,6 +70,9 @@ pub const FLEETBOX_INDEX_URL: &str = "FLEETBOX_INDEX_URL";
 pub const FLEETBOX_SERVER: &str = "FLEETBOX_SERVER";
 /// API token: admin token for the client commands, enrollment token for `fleetbox agent`.
 pub const FLEETBOX_TOKEN: &str = "FLEETBOX_TOKEN";
+/// A CA certificate (PEM) the client commands and agents trust besides the system's, for an
+/// `https://` coordinator (default for client commands: `DATA/tls/ca.pem` when it exists).
+pub const FLEETBOX_CA_CERT: &str = "FLEETBOX_CA_CERT";
 /// Coordinator data directory: SQLite database, blobs, bootstrap tokens (default `./fleetbox-data`).
 pub const FLEETBOX_DATA: &str = "FLEETBOX_DATA";
 /// Address the coordinator listens on (default `127.0.0.1:8080`).

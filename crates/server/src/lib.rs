@@ -34,6 +34,7 @@ pub mod reduce;
 mod reported;
 mod scheduler;
 pub mod store;
+pub mod tls;
 pub mod ui;
 
 pub use checker::{SERVER_MEMORY, SERVER_PROCESSES};
@@ -120,6 +121,8 @@ pub struct ServerConfig {
     /// A CA certificate (PEM) trusted besides the system's for outgoing HTTPS (the model,
     /// `notify` webhooks).
     pub ca_cert: Option<PathBuf>,
+    /// HTTPS on the listener (`--tls-cert`/`--tls-key`, `--tls auto`); `None`: plain HTTP.
+    pub tls: Option<tls::TlsSetting>,
     /// What result review's anomalies do to a job (`--anomalies`).
     pub anomalies: AnomalyAction,
     /// The AI planner's job templates (a directory of job specs, `*.toml`): with a model
@@ -164,6 +167,7 @@ impl ServerConfig {
             ai_planner_templates: None,
             anomalies: AnomalyAction::Flag,
             ca_cert: None,
+            tls: None,
             data_dir,
         }
     }
@@ -226,6 +230,8 @@ pub enum StartError {
     },
     #[error("`--ca-cert`: {0}")]
     CaCert(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("`--audit-trusted-keys`: {0}")]
     TrustedKeys(#[from] custody::CustodyError),
     #[error(
@@ -484,13 +490,33 @@ pub struct Running {
     /// the start; made at each start and held only in memory.
     pub own_enroll_token: String,
     pub state: Arc<State>,
+    /// With TLS: a plain-HTTP listener on loopback for this process's own clients (its MCP
+    /// tools, server agents, `fleetbox up`'s agents), which need no certificate.
+    local: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Running {
+    /// The URL clients use: `https://` with TLS (on `127.0.0.1` when listening on every
+    /// address, as the certificate names it).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.state.config.tls.is_none() {
+            return format!("http://{}", self.addr);
+        }
+        let ip = if self.addr.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.addr.ip()
+        };
+        format!("https://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// The URL for clients in this same process: [`Running::url`], or with TLS the plain
+    /// loopback listener.
+    pub fn local_url(&self) -> String {
+        self.local
+            .map_or_else(|| self.url(), |a| format!("http://{a}"))
     }
 
     /// Stop accepting requests, finish the ones in flight, close the store.
@@ -553,7 +579,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     let reviewer = reviewer(&config).await?;
     let ai_templates = ai_templates(&config)?;
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
-    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = watch::channel(false);
     let state = Arc::new(State {
         store,
         blobs,
@@ -585,15 +611,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(planner::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(planner::notify::run(state.clone(), shutdown.subscribe()));
-    let mcp = state.config.mcp.then(|| mcp_mount(&state, addr));
-    let app = api::router(state.clone(), mcp);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let (server, local) = serve(&state, listener, addr, shutdown_rx).await?;
     tracing::info!(%addr, database = %store::redact(&url), instance = %state.instance, "coordinator listening");
     Ok(Running {
         addr,
@@ -601,9 +619,51 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         enroll_token,
         own_enroll_token,
         state,
+        local,
         shutdown,
         server,
     })
+}
+
+type Serving = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// Serve the API on `listener`: plain HTTP, or HTTPS and then a plain loopback listener for
+/// this process's own clients (see [`Running::local_url`]).
+async fn serve(
+    state: &Arc<State>,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Serving, Option<SocketAddr>), StartError> {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let Some(setting) = &state.config.tls else {
+        let mcp = state.config.mcp.then(|| mcp_mount(state, addr, addr));
+        let app = api::router(state.clone(), mcp);
+        let server = axum::serve(listener, app).with_graceful_shutdown(stopped(shutdown));
+        return Ok((tokio::spawn(async move { server.await }), None));
+    };
+    let (cert, key) = tls::files(setting, &state.config.data_dir, addr)?;
+    let config = tls::server_config(cert, key)?;
+    let local_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let local = bind(local_addr).await?;
+    let local_addr = local.local_addr().map_err(|source| StartError::Bind {
+        addr: local_addr,
+        source,
+    })?;
+    let mcp = state.config.mcp.then(|| mcp_mount(state, addr, local_addr));
+    let app = api::router(state.clone(), mcp);
+    let tls = tls::TlsListener::new(listener, config)
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let inner = axum::serve(local, api::router(state.clone(), None))
+        .with_graceful_shutdown(stopped(shutdown.clone()));
+    let outer = axum::serve(tls, app).with_graceful_shutdown(stopped(shutdown));
+    let server = tokio::spawn(async move {
+        let (a, b) = tokio::join!(outer, inner);
+        a.and(b)
+    });
+    Ok((server, Some(local_addr)))
 }
 
 /// The coordinator's own sandbox: the `process` backend only when the operator chose it.
@@ -727,14 +787,16 @@ fn ai_templates(
 }
 
 /// Where MCP tool calls go: this coordinator's own API, with the caller's token.
-fn mcp_mount(state: &State, addr: std::net::SocketAddr) -> api::McpMount {
-    let ip = if addr.ip().is_unspecified() {
+/// `/mcp` served on `addr`, its tools calling the API on `calls` (plain HTTP: the listener
+/// itself, or with TLS the loopback one).
+fn mcp_mount(state: &State, addr: SocketAddr, calls: SocketAddr) -> api::McpMount {
+    let ip = if calls.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {
-        addr.ip()
+        calls.ip()
     };
     api::McpMount {
-        base: format!("http://{}", std::net::SocketAddr::new(ip, addr.port())),
+        base: format!("http://{}", SocketAddr::new(ip, calls.port())),
         hosts: ["localhost".to_string(), "127.0.0.1".into(), "::1".into()]
             .into_iter()
             .chain([addr.ip().to_string()])
@@ -839,7 +901,7 @@ fn audit_key(path: &std::path::Path) -> std::io::Result<ed25519_dalek::SigningKe
     Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
-fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -220,6 +220,7 @@ impl Coordinator {
         change: impl FnOnce(&mut fleetbox_agent::AgentConfig),
     ) {
         let mut config = fleetbox_agent::AgentConfig {
+            trust: Default::default(),
             server: self.running.url(),
             token: self.running.enroll_token.clone(),
             name: name.into(),

@@ -216,3 +216,58 @@ async fn the_model_and_webhooks_speak_https_to_a_private_ca_and_refuse_strangers
     assert!(got.contains(&job.id), "{got}");
     c.stop().await;
 }
+
+/// The coordinator's own listener over HTTPS: a client trusting its CA is served, one that
+/// does not is told so (not "unreachable"), in-process clients use the plain loopback
+/// listener, and a renewed certificate written over the files is served without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_serves_https_and_picks_up_a_renewed_certificate() {
+    use fleetbox_client::{Client, ClientError, Trust};
+    use fleetbox_server::tls::{TlsSetting, files};
+    let certs = tempfile::tempdir().unwrap();
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let auto = TlsSetting::Auto { names: Vec::new() };
+    let (a_cert, a_key) = files(&auto, &certs.path().join("a"), listen).unwrap();
+    let (b_cert, b_key) = files(&auto, &certs.path().join("b"), listen).unwrap();
+    let trust = |who: &str| {
+        Trust::from_pem_file(&certs.path().join(who).join("tls").join("ca.pem")).unwrap()
+    };
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::copy(&a_cert, &cert).unwrap();
+    std::fs::copy(&a_key, &key).unwrap();
+    let setting = TlsSetting::Files {
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    let Some(c) = Coordinator::start_with(Db::Sqlite, |config| config.tls = Some(setting)).await
+    else {
+        return;
+    };
+    let url = c.running.url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let admin = c.running.admin_token.clone();
+    let fresh = |t: &Trust| Client::trusting(&url, &admin, t);
+    assert_eq!(fresh(&trust("a")).whoami().await.unwrap().tenant, "default");
+    let err = Client::new(&url, &admin).whoami().await.unwrap_err();
+    assert!(matches!(err, ClientError::Untrusted { .. }), "{err}");
+    assert!(!err.is_transient());
+    let local = c.running.local_url();
+    assert!(local.starts_with("http://127.0.0.1:"), "{local}");
+    assert!(Client::new(&local, &admin).whoami().await.is_ok());
+
+    // Renewed: the key first, then the certificate (a moment where they do not match keeps
+    // the old pair served).
+    std::fs::copy(&b_key, &key).unwrap();
+    std::fs::copy(&b_cert, &cert).unwrap();
+    let renewed = Instant::now();
+    while fresh(&trust("b")).whoami().await.is_err() {
+        assert!(
+            renewed.elapsed() < Duration::from_secs(5),
+            "the renewed certificate is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = fresh(&trust("a")).whoami().await.unwrap_err();
+    assert!(matches!(err, ClientError::Untrusted { .. }), "{err}");
+    c.stop().await;
+}

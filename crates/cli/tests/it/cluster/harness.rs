@@ -60,12 +60,28 @@ impl Cluster {
         };
         // The kernel picks the first port; restarts come back on it.
         cluster.start_server();
-        cluster.client = Client::new(&cluster.url(), ADMIN);
+        let trust = if cluster.tls() {
+            fleetbox_client::Trust::from_pem_file(&cluster.ca()).expect("the coordinator's CA")
+        } else {
+            Default::default()
+        };
+        cluster.client = Client::trusting(&cluster.url(), ADMIN, &trust);
         Some(cluster)
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the coordinator serves HTTPS (`--tls ...`).
+    pub fn tls(&self) -> bool {
+        self.server_flags.iter().any(|f| f.starts_with("--tls"))
+    }
+
+    /// The CA a `--tls auto` coordinator made.
+    pub fn ca(&self) -> PathBuf {
+        self.data().join("tls").join("ca.pem")
     }
 
     pub fn data(&self) -> PathBuf {
@@ -127,7 +143,11 @@ impl Cluster {
     pub fn add_agent_to(&mut self, url: &str, slots: u32) -> usize {
         let i = self.agents.len();
         let state = self.dir.path().join(format!("agent-{i}"));
-        let child = agent_command(url, &state, slots)
+        let mut cmd = agent_command(url, &state, slots);
+        if url.starts_with("https://") {
+            cmd.env("FLEETBOX_CA_CERT", self.ca());
+        }
+        let child = cmd
             .stderr(log_file(&self.dir.path().join(format!("agent-{i}.log"))))
             .spawn()
             .expect("spawn fleetbox agent");

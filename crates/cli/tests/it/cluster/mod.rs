@@ -9,6 +9,7 @@ mod harness;
 mod lies;
 mod receipt;
 mod tenants;
+mod tls;
 mod tracing;
 mod up;
 
