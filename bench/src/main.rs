@@ -6,6 +6,7 @@
 //! cargo run --release -p fleetbox-bench -- jail      [--runs 50]   # jail vs python3, bwrap, docker
 //! cargo run --release -p fleetbox-bench -- docker    [--runs 20]   # docker backend vs docker run, runsc, jail
 //! cargo run --release -p fleetbox-bench -- throughput [--tasks 50000] [--executors 4] [--batch 500] [--rounds 5]
+//! cargo run --release -p fleetbox-bench -- tenancy   [--tasks 20000] [--executors 4] [--batch 200] [--rounds 3] [--tenants 10]
 //! cargo run --release -p fleetbox-bench -- e2e       [--shards 500] [--backend process]
 //! cargo run --release -p fleetbox-bench -- audit     [--entries 200000] [--batch 1000]
 //! cargo run --release -p fleetbox-bench -- verify    [--shards 300] [--runs 10]
@@ -46,6 +47,13 @@ fn main() {
             util::flag(&args, "--batch").unwrap_or(500) as u32,
             util::flag(&args, "--rounds").unwrap_or(5),
         ),
+        "tenancy" => throughput::tenancy(
+            util::flag(&args, "--tasks").unwrap_or(20_000),
+            util::flag(&args, "--executors").unwrap_or(4),
+            util::flag(&args, "--batch").unwrap_or(200) as u32,
+            util::flag(&args, "--rounds").unwrap_or(3),
+            util::flag(&args, "--tenants").unwrap_or(10),
+        ),
         "audit" => audit::run(
             util::flag(&args, "--entries").unwrap_or(200_000),
             util::flag(&args, "--batch").unwrap_or(1000),
@@ -69,7 +77,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|docker|throughput|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|docker|throughput|tenancy|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

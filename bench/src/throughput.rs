@@ -133,6 +133,68 @@ pub async fn fresh_database(base: &str) -> Result<String, String> {
     Ok(format!("{prefix}/{name}"))
 }
 
+/// How a round's coordinator is reached and who submits to it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape {
+    /// HTTPS with `--tls auto` (every client trusts its CA).
+    pub tls: bool,
+    /// Tenants that share the tasks (each its own job, its own token); 0 or 1: the default
+    /// tenant alone. The executors are the shared pool's.
+    pub tenants: usize,
+}
+
+/// The no-op job of `n` shards.
+fn noop(n: usize) -> Result<JobSpec, String> {
+    JobSpec::from_toml(&format!(
+        // The store's and the API's throughput: the coordinator re-checks nothing here (the
+        // fake executors run no code; `verify` measures re-checks).
+        "name = \"noop\"\ncode = \"pass\"\nshards = {{ count = {n} }}\naggregate = \"count\"\n[verify]\nrecheck = \"none\"\n"
+    ))
+    .map_err(|e| e.to_string())
+}
+
+/// Submit `tasks` no-op shards: one job, or one per tenant (made here, each with a token).
+/// Returns each job with the client that may read it.
+async fn submit_all(
+    admin: &Client,
+    tasks: usize,
+    tenants: usize,
+) -> Result<Vec<(Client, String, usize)>, String> {
+    use fleetbox_proto::tenancy::{Scope, TenantCreate, TokenCreate};
+    if tenants <= 1 {
+        let job = admin
+            .submit(&noop(tasks)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(vec![(admin.clone(), job.id, tasks)]);
+    }
+    let mut jobs = Vec::new();
+    for i in 0..tenants {
+        let name = format!("t{i}");
+        admin
+            .create_tenant(&TenantCreate {
+                name: name.clone(),
+                caps: Default::default(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let token = admin
+            .create_token(&TokenCreate {
+                tenant: Some(name),
+                scopes: vec![Scope::Read, Scope::Submit],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .token;
+        let client = admin.with_token(&token);
+        let n = tasks / tenants + usize::from(i < tasks % tenants);
+        let job = client.submit(&noop(n)?).await.map_err(|e| e.to_string())?;
+        jobs.push((client, job.id, n));
+    }
+    Ok(jobs)
+}
+
 /// Returns (submit tasks/s, lease+report tasks/s).
 async fn one(
     database_url: Option<String>,
@@ -141,6 +203,26 @@ async fn one(
     batch: u32,
     audit: bool,
 ) -> Result<(f64, f64), String> {
+    one_shaped(
+        database_url,
+        tasks,
+        executors,
+        batch,
+        audit,
+        Shape::default(),
+    )
+    .await
+}
+
+/// [`one`] over TLS and/or several tenants.
+pub async fn one_shaped(
+    database_url: Option<String>,
+    tasks: usize,
+    executors: usize,
+    batch: u32,
+    audit: bool,
+    shape: Shape,
+) -> Result<(f64, f64), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf());
     config.database_url = database_url;
@@ -148,25 +230,29 @@ async fn one(
     config.enroll_token = Some("bench-enroll".into());
     config.lease_ms = 60_000;
     config.audit = audit;
+    config.tls = shape
+        .tls
+        .then(|| fleetbox_server::tls::TlsSetting::Auto { names: Vec::new() });
     let server = fleetbox_server::start(config)
         .await
         .map_err(|e| e.to_string())?;
-    let admin = Client::new(&server.url(), "bench-admin");
-    let spec = JobSpec::from_toml(&format!(
-        // The store's and the API's throughput: the coordinator re-checks nothing here (the
-        // fake executors run no code; `verify` measures re-checks).
-        "name = \"noop\"\ncode = \"pass\"\nshards = {{ count = {tasks} }}\naggregate = \"count\"\n[verify]\nrecheck = \"none\"\n"
-    ))
-    .map_err(|e| e.to_string())?;
+    let trust = if shape.tls {
+        fleetbox_client::Trust::from_pem_file(&dir.path().join("tls").join("ca.pem"))
+            .map_err(|e| e.to_string())?
+    } else {
+        fleetbox_client::Trust::default()
+    };
+    let connect = |token: &str| Client::trusting(&server.url(), token, &trust);
+    let admin = connect("bench-admin");
     let t0 = Instant::now();
-    let job = admin.submit(&spec).await.map_err(|e| e.to_string())?;
+    let jobs = submit_all(&admin, tasks, shape.tenants).await?;
     let submit_rate = tasks as f64 / t0.elapsed().as_secs_f64();
 
     let mut agents = Vec::new();
     for i in 0..executors {
         // Each fake executor signs its reports, as agents do (the cost is part of the bench).
         let key = ed25519_dalek::SigningKey::from_bytes(&[i as u8 + 1; 32]);
-        let enroll = Client::new(&server.url(), "bench-enroll");
+        let enroll = connect("bench-enroll");
         let r = enroll
             .enroll(&EnrollRequest {
                 name: format!("fake-{i}"),
@@ -176,7 +262,7 @@ async fn one(
             })
             .await
             .map_err(|e| e.to_string())?;
-        agents.push((Client::new(&server.url(), &r.agent_token), key));
+        agents.push((connect(&r.agent_token), key));
     }
     let start = Instant::now();
     let mut handles = Vec::new();
@@ -223,24 +309,70 @@ async fn one(
         total += h.await.map_err(|e| e.to_string())??;
     }
     let elapsed = start.elapsed();
-    // The job completes (aggregation included) once every report is in.
-    loop {
-        let view = admin.job(&job.id).await.map_err(|e| e.to_string())?;
-        if view.state == JobState::Completed {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(600) {
-            return Err(format!("job stuck in `{}`", view.state));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     if total != tasks {
         return Err(format!("{total} of {tasks} tasks were leased and reported"));
     }
-    let result = admin.result(&job.id).await.map_err(|e| e.to_string())?;
-    if result.result_value() != Some(serde_json::json!(tasks)) {
-        return Err(format!("wrong result {:?}", result.result));
+    // Each job completes (aggregation included) once every report is in.
+    for (client, job, n) in &jobs {
+        loop {
+            let view = client.job(job).await.map_err(|e| e.to_string())?;
+            if view.state == JobState::Completed {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                return Err(format!("job stuck in `{}`", view.state));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let result = client.result(job).await.map_err(|e| e.to_string())?;
+        if result.result_value() != Some(serde_json::json!(n)) {
+            return Err(format!("wrong result {:?}", result.result));
+        }
     }
     server.shutdown().await;
     Ok((submit_rate, tasks as f64 / elapsed.as_secs_f64()))
+}
+
+/// `fleetbox-bench tenancy`: lease+report throughput over plain HTTP with one tenant (the
+/// baseline), over TLS, and with the tasks split over `tenants` tenants on the shared pool;
+/// interleaved rounds, medians, ratios against the baseline.
+pub fn tenancy(
+    tasks: usize,
+    executors: usize,
+    batch: u32,
+    rounds: usize,
+    tenants: usize,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        println!(
+            "tenancy: {tasks} no-op tasks, {executors} fake executors, batches of {batch}, SQLite; \
+             {rounds} interleaved rounds, medians"
+        );
+        let shapes = [
+            ("plain HTTP, 1 tenant", Shape { tls: false, tenants: 1 }),
+            ("TLS, 1 tenant", Shape { tls: true, tenants: 1 }),
+            ("plain HTTP, tenants", Shape { tls: false, tenants }),
+        ];
+        let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
+        for _ in 0..rounds.max(1) {
+            for (i, (_, shape)) in shapes.iter().enumerate() {
+                rates[i].push(one_shaped(None, tasks, executors, batch, true, *shape).await?);
+            }
+        }
+        let base = crate::util::median(rates[0].iter().map(|r| r.1).collect());
+        for ((name, shape), r) in shapes.iter().zip(&rates) {
+            let submit = crate::util::median(r.iter().map(|r| r.0).collect());
+            let rate = crate::util::median(r.iter().map(|r| r.1).collect());
+            let name = name.replace("tenants", &format!("{} tenants", shape.tenants));
+            println!(
+                "  {name:<24} submit {submit:7.0} tasks/s   lease+report {rate:7.0} tasks/s   ({:.2}x the baseline)",
+                rate / base
+            );
+        }
+        Ok(())
+    })
 }

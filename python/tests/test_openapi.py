@@ -92,7 +92,7 @@ def test_the_document_describes_the_whole_v1_api(bare_coordinator):
     ]:
         assert path in paths, path
     ops = [op for item in paths.values() for op in item.values()]
-    assert len(ops) == 47
+    assert len(ops) == 49
     ids = [op["operationId"] for op in ops]
     assert len(set(ids)) == len(ids), ids
     for op in ops:

@@ -240,6 +240,24 @@ impl Shared {
         self.client.lock().expect("client").clone()
     }
 
+    /// Use the credential a heartbeat renewed from now on, and keep it with the identity (a
+    /// restart picks it up; the old one ends a lease's length later).
+    fn renew(&self, token: &str) {
+        let path = self.config.state_dir.join("agent.json");
+        let saved = fs_err::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Identity>(&b).ok());
+        if let Some(mut id) = saved {
+            id.agent_token = token.to_string();
+            if let Err(e) = save_identity(&path, &id) {
+                tracing::error!(error = %e, "could not keep the renewed credential; a restart enrols again");
+            }
+        }
+        let mut client = self.client.lock().expect("client");
+        *client = client.with_token(token);
+        tracing::debug!("agent credential renewed");
+    }
+
     fn busy(&self) -> u32 {
         self.running.lock().expect("running").len() as u32
     }
@@ -1059,6 +1077,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
         match shared.client().heartbeat(&req).await {
             Ok(resp) => {
                 facts = None;
+                if let Some(token) = &resp.renewed_token {
+                    shared.renew(token);
+                }
                 let running = shared.running.lock().expect("running");
                 // Leases of reports waiting in the outbox are listed too; only runs are stopped.
                 for lease in resp.cancel {

@@ -93,6 +93,10 @@ pub struct ServerArgs {
     /// Silence after which an agent is lost (default: 2.25 heartbeats).
     #[arg(long, value_parser = crate::config::parse_millis)]
     pub agent_timeout: Option<Millis>,
+    /// How long an agent's credential lasts; heartbeats renew it past half its life, so a
+    /// revoked or vanished agent is cut off within this.
+    #[arg(long, default_value = "1h", value_parser = crate::config::parse_millis)]
+    pub agent_credential_ttl: Millis,
     /// First retry delay (doubles per attempt, at most 1 minute).
     #[arg(long, default_value = "1s", value_parser = crate::config::parse_millis)]
     pub retry_backoff: Millis,
@@ -541,6 +545,7 @@ fn server_config(
     c.database_url = args.database_url.clone();
     c.lease_ms = args.lease.0.max(100);
     c.heartbeat_ms = args.heartbeat.0.max(50);
+    c.agent_credential_ms = args.agent_credential_ttl.0.max(1000);
     c.agent_timeout_ms = args
         .agent_timeout
         .map(|t| t.0)
@@ -738,6 +743,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         lease: Millis::from_secs(10),
         heartbeat: Millis::from_secs(2),
         agent_timeout: None,
+        agent_credential_ttl: Millis::from_secs(3600),
         retry_backoff: Millis::from_secs(1),
         audit_checkpoint: Millis::from_secs(60),
         audit_key: None,

@@ -44,9 +44,9 @@ enum Command {
     /// Coordinator, local agents and SQLite in one process: the quickest way to start.
     Up(cluster::UpArgs),
     /// Run the coordinator (HTTP API, store, scheduler, aggregation).
-    Server(cluster::ServerArgs),
+    Server(Box<cluster::ServerArgs>),
     /// Run an agent: lease shards from a coordinator and run them in the sandbox.
-    Agent(cluster::AgentArgs),
+    Agent(Box<cluster::AgentArgs>),
     /// Submit a job spec (TOML or JSON); `--wait` shows progress and prints the result.
     Submit(jobs_cmd::SubmitArgs),
     /// List jobs.
@@ -74,6 +74,8 @@ enum Command {
     Tenant(tenancy_cmd::TenantArgs),
     /// Scoped, expiring tokens: `token create|list|revoke|rotate`.
     Token(tenancy_cmd::TokenArgs),
+    /// Pools of agents: `pool create|list`.
+    Pool(tenancy_cmd::PoolArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -108,8 +110,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(cli.config.as_deref(), args),
         Command::Up(args) => cluster::up(cli.config.as_deref(), args),
-        Command::Server(args) => cluster::server(cli.config.as_deref(), args),
-        Command::Agent(args) => cluster::agent(cli.config.as_deref(), args),
+        Command::Server(args) => cluster::server(cli.config.as_deref(), *args),
+        Command::Agent(args) => cluster::agent(cli.config.as_deref(), *args),
         Command::Submit(args) => jobs_cmd::submit(args),
         Command::Jobs(args) => jobs_cmd::jobs(args),
         Command::Job(args) => jobs_cmd::job(args),
@@ -123,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Image(args) => image_cmd::image(args),
         Command::Tenant(args) => tenancy_cmd::tenant(args),
         Command::Token(args) => tenancy_cmd::token(args),
+        Command::Pool(args) => tenancy_cmd::pool(args),
     };
     if let Some(provider) = spans
         && let Err(e) = provider.shutdown()

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use fleetbox_proto::Millis;
 use fleetbox_proto::tenancy::{
-    Scope, TenantCaps, TenantCreate, TenantUpdate, TenantView, TokenCreate, TokenIssued, TokenView,
+    PoolCreate, Scope, TenantCaps, TenantCreate, TenantUpdate, TenantView, TokenCreate,
+    TokenIssued, TokenView,
 };
 
 use crate::jobs_cmd::{Conn, runtime};
@@ -38,6 +39,9 @@ pub struct CapFlags {
     /// Submissions a second (`2`, `0.5`, `2/s`); above it `429` with `Retry-After`.
     #[arg(long, value_parser = parse_rate)]
     pub submit_rate: Option<f64>,
+    /// Its share of shared agents against other tenants with work [default: 1].
+    #[arg(long)]
+    pub weight: Option<u32>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -55,6 +59,7 @@ impl CapFlags {
             max_shards_per_day: self.max_shards_per_day,
             max_cpu_seconds_per_day: self.max_cpu_seconds_per_day,
             submit_rate: self.submit_rate,
+            weight: self.weight,
         }
     }
 }
@@ -121,12 +126,12 @@ pub fn tenant(args: TenantArgs) -> anyhow::Result<ExitCode> {
 fn print_tenants(tenants: &[TenantView]) {
     let cap = |c: Option<u64>| c.map_or_else(|| "-".to_string(), |c| c.to_string());
     println!(
-        "{:<20} {:>15} {:>17} {:>19} {:>8}",
-        "TENANT", "RUNNING/CAP", "SHARDS 24H/CAP", "CPU-S 24H/CAP", "RATE/S"
+        "{:<20} {:>15} {:>17} {:>19} {:>8} {:>6}",
+        "TENANT", "RUNNING/CAP", "SHARDS 24H/CAP", "CPU-S 24H/CAP", "RATE/S", "WEIGHT"
     );
     for t in tenants {
         println!(
-            "{:<20} {:>15} {:>17} {:>19} {:>8}",
+            "{:<20} {:>15} {:>17} {:>19} {:>8} {:>6}",
             term::for_stdout(&t.id),
             format!("{}/{}", t.running_shards, cap(t.caps.max_running_shards)),
             format!("{}/{}", t.shards_today, cap(t.caps.max_shards_per_day)),
@@ -138,6 +143,7 @@ fn print_tenants(tenants: &[TenantView]) {
             t.caps
                 .submit_rate
                 .map_or_else(|| "-".to_string(), |r| r.to_string()),
+            t.caps.weight.unwrap_or(1),
         );
     }
 }
@@ -179,6 +185,10 @@ pub enum TokenCommand {
         /// How many agents it may enrol (with `--enroll`).
         #[arg(long, requires = "enroll")]
         uses: Option<u64>,
+        /// The pool its agents join (with `--enroll`; default the tenant's own, which for
+        /// `default` is the shared pool).
+        #[arg(long, requires = "enroll")]
+        pool: Option<String>,
         /// How long it works: `30d`, `12h`, `90m`.
         #[arg(long, value_parser = |s: &str| s.parse::<Millis>().map_err(|e| e.to_string()))]
         ttl: Option<Millis>,
@@ -210,6 +220,7 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
                 scope,
                 enroll,
                 uses,
+                pool,
                 ttl,
                 name,
             } => {
@@ -224,6 +235,7 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
                         scopes,
                         enroll,
                         uses,
+                        pool,
                         ttl_seconds: ttl.map(|t| t.0.div_ceil(1000)),
                     })
                     .await?
@@ -305,4 +317,71 @@ fn print_tokens(list: &[TokenView]) {
             t.expires_at.map_or_else(|| "never".to_string(), term::time),
         );
     }
+}
+
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    #[command(subcommand)]
+    pub command: PoolCommand,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Make a pool; agents join it with an enrolment token made with `--pool NAME`.
+    Create {
+        name: String,
+        /// Its owner (default: your token's tenant; another needs the operator).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Serves every tenant (the operator's pools only).
+        #[arg(long)]
+        shared: bool,
+    },
+    /// The pools your tenant may use (the operator: every pool).
+    List,
+}
+
+pub fn pool(args: PoolArgs) -> anyhow::Result<ExitCode> {
+    let client = args.conn.client()?;
+    runtime()?.block_on(async move {
+        let pools = match args.command {
+            PoolCommand::Create {
+                name,
+                tenant,
+                shared,
+            } => vec![
+                client
+                    .create_pool(&PoolCreate {
+                        name,
+                        tenant,
+                        shared,
+                    })
+                    .await?,
+            ],
+            PoolCommand::List => client.pools().await?.pools,
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&pools)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{:<20} {:<20} {:<8} AGENTS ONLINE",
+            "POOL", "OWNER", "SHARED"
+        );
+        for p in &pools {
+            println!(
+                "{:<20} {:<20} {:<8} {}",
+                term::for_stdout(&p.name),
+                term::for_stdout(&p.tenant),
+                if p.shared { "yes" } else { "no" },
+                p.agents_online
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

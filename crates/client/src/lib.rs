@@ -14,8 +14,8 @@ use fleetbox_proto::api::{
     ShardList,
 };
 use fleetbox_proto::tenancy::{
-    TenantCreate, TenantList, TenantUpdate, TenantView, TokenCreate, TokenIssued, TokenList,
-    TokenView, Whoami,
+    PoolCreate, PoolList, PoolView, TenantCreate, TenantList, TenantUpdate, TenantView,
+    TokenCreate, TokenIssued, TokenList, TokenView, Whoami,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -454,6 +454,14 @@ impl Client {
             Duration::from_secs(10),
         )
         .await
+    }
+
+    pub async fn create_pool(&self, req: &PoolCreate) -> Result<PoolView, ClientError> {
+        self.post("/v1/pools", req, Duration::from_secs(10)).await
+    }
+
+    pub async fn pools(&self) -> Result<PoolList, ClientError> {
+        self.get("/v1/pools").await
     }
 
     pub async fn job(&self, id: &str) -> Result<JobView, ClientError> {

@@ -335,6 +335,9 @@ pub struct EnrollResponse {
     pub agent_token: String,
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
+    /// When the agent token stops working (ms): heartbeats renew it before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<i64>,
 }
 
 /// `POST /v1/agent/lease`: up to `max_tasks`, waiting up to `wait_ms` when none is ready.
@@ -508,6 +511,13 @@ pub struct HeartbeatResponse {
     /// Leases that are no longer wanted (job cancelled, shard settled elsewhere).
     pub cancel: Vec<String>,
     pub lease_expires_at: i64,
+    /// A new agent token, when the one used is past half its life: use it from now on (the
+    /// old one keeps working for a lease's length, for calls already under way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_token: Option<String>,
+    /// When the renewed token stops working (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<i64>,
 }
 
 /// `POST /v1/agent/reports`.

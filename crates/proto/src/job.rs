@@ -67,6 +67,10 @@ pub struct JobSpec {
     /// absent. Only agents with that backend lease its shards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// The pool of agents its shards must run in (`fleetbox pool list`); any pool the tenant
+    /// may use when absent. Checked at submission: a pool the tenant may not use is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// Files put in every shard's workspace before it starts: relative name → base64 content.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub files: std::collections::BTreeMap<String, String>,
@@ -441,6 +445,14 @@ impl JobSpec {
                     "unknown backend `{b}` (expected one of: {})",
                     BACKENDS.join(", ")
                 ),
+            ));
+        }
+        if let Some(p) = &self.pool
+            && !crate::tenancy::valid_tenant_name(p)
+        {
+            return Err(SpecError::new(
+                "pool",
+                format!("`{p}` is not a pool name (lowercase letters, digits, `-`, `_`)"),
             ));
         }
         let inputs = self.shards.plan()?;

@@ -84,6 +84,10 @@ pub struct TenantCaps {
     /// with `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submit_rate: Option<f64>,
+    /// Its share of shared agents against other tenants with work (default 1): a tenant of
+    /// weight 3 runs three shards for every one of a tenant of weight 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 /// `POST /v1/tenants` (the operator only).
@@ -144,6 +148,10 @@ pub struct TokenCreate {
     /// How many agents it may enrol (enrolment tokens only; default unbounded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses: Option<u64>,
+    /// The pool its agents join (enrolment tokens only; default the tenant's own pool, which
+    /// for the `default` tenant is the shared `default`). The tenant must own it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// Seconds it works for (default: no end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
@@ -171,6 +179,9 @@ pub struct TokenView {
     pub revoked_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uses_left: Option<u64>,
+    /// The pool an enrolment token's agents join.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// A token just made (or rotated): the only time its secret is shown.
@@ -184,6 +195,36 @@ pub struct TokenIssued {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<TokenView>,
+}
+
+/// `POST /v1/pools`: a pool of agents. Shared pools (the operator's) serve every tenant; a
+/// tenant's own serves only it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreate {
+    /// Lowercase letters, digits, `-` and `_`, at most 40.
+    pub name: String,
+    /// The owner (default: the caller's tenant; another needs the operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Serves every tenant (the operator's pools only).
+    #[serde(default)]
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolView {
+    pub name: String,
+    pub tenant: String,
+    pub shared: bool,
+    pub created_at: i64,
+    /// Its agents online now.
+    pub agents_online: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolList {
+    pub pools: Vec<PoolView>,
 }
 
 /// `GET /v1/whoami`: the caller's tenant and what its token may do (the panel hides the rest).

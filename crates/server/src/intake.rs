@@ -37,6 +37,7 @@ pub fn new_job(
         environment: spec.environment.clone(),
         files: spec.files.clone(),
         backend: spec.backend.clone(),
+        pool: spec.pool.clone(),
         review: Some(review),
         inputs: plan.inputs,
         actor,

@@ -65,6 +65,10 @@ pub struct ServerConfig {
     pub lease_ms: u64,
     /// How often agents are told to heartbeat.
     pub heartbeat_ms: u64,
+    /// How long an agent's credential lasts (`--agent-credential-ttl`): heartbeats renew it
+    /// past half its life, so a live agent never sees it end, and a revoked or dead one is cut
+    /// off within this.
+    pub agent_credential_ms: u64,
     /// Silence after which an agent is `lost` and its leases go back to the queue.
     pub agent_timeout_ms: u64,
     /// First retry delay; doubles per attempt, capped at a minute.
@@ -138,6 +142,7 @@ impl ServerConfig {
             database_url: None,
             lease_ms: 10_000,
             heartbeat_ms,
+            agent_credential_ms: 3_600_000,
             agent_timeout_ms: heartbeat_ms * 2 + heartbeat_ms / 4,
             retry_backoff_ms: 1000,
             admin_token: None,

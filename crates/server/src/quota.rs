@@ -26,6 +26,8 @@ const CAPS_FOR: Duration = Duration::from_secs(1);
 pub struct Quotas {
     caps: Mutex<HashMap<String, (TenantCaps, Instant)>>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Tenants past their CPU of the day, as last worked out.
+    blocked: Mutex<Option<(Vec<String>, Instant)>>,
 }
 
 /// A token bucket: `level` submissions available, refilled at `rate` a second up to `burst`.
@@ -145,24 +147,30 @@ pub async fn admit_shards(
     Ok(())
 }
 
-/// How many of `asked` shards `tenant` may be leased now: none past its CPU of the day, and
-/// no more than its running-shards cap leaves.
-pub async fn lease_room(state: &State, tenant: &str, asked: u32) -> Result<u32, ApiError> {
-    let caps = state.quotas.caps(state, tenant).await?;
-    if caps.max_running_shards.is_none() && caps.max_cpu_seconds_per_day.is_none() {
-        return Ok(asked);
-    }
-    let used = state.store.tenant_usage(tenant, now_ms()).await?;
-    if caps
-        .max_cpu_seconds_per_day
-        .is_some_and(|cap| used.cpu_seconds_today >= cap as f64)
+/// The tenants no lease may serve now: past their CPU seconds of the day. Worked out at most
+/// once a second per coordinator. (Running-shard caps are counted by the lease itself, in
+/// its transaction: see `store/fair.rs`.)
+pub async fn blocked(state: &State) -> Result<Vec<String>, ApiError> {
+    if let Some((list, at)) = &*state.quotas.blocked.lock().expect("blocked")
+        && at.elapsed() < CAPS_FOR
     {
-        return Ok(0);
+        return Ok(list.clone());
     }
-    Ok(caps.max_running_shards.map_or(asked, |cap| {
-        let left = cap.saturating_sub(used.running_shards);
-        asked.min(u32::try_from(left).unwrap_or(u32::MAX))
-    }))
+    let now = now_ms();
+    let mut list = Vec::new();
+    for (tenant, cap) in state.store.cpu_capped_tenants().await? {
+        if state
+            .store
+            .tenant_usage(&tenant, now)
+            .await?
+            .cpu_seconds_today
+            >= cap as f64
+        {
+            list.push(tenant);
+        }
+    }
+    *state.quotas.blocked.lock().expect("blocked") = Some((list.clone(), Instant::now()));
+    Ok(list)
 }
 
 #[cfg(test)]

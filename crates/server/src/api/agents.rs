@@ -17,7 +17,7 @@ use crate::State;
 use crate::blobs::{FinishError, INLINE_LIMIT, is_sha256};
 use crate::ids::{agent_id, random_hex, sha256_hex, token};
 use crate::store::audit::{Action, Entry};
-use crate::store::{ReportInput, TokenKind, Want, now_ms};
+use crate::store::{Enrolment, Principal, ReportInput, TokenKind, Want, now_ms};
 use fleetbox_proto::tenancy::Scope;
 
 /// Most tasks one lease call may ask for, and the longest long-poll.
@@ -177,6 +177,7 @@ pub async fn enroll(
         auth.require(&[TokenKind::Enroll, TokenKind::EnrollOwn])?
     };
     let own = principal.kind == TokenKind::EnrollOwn;
+    let pool = principal.pool.clone();
     let (tenant, actor) = (principal.tenant_id.clone(), principal.actor.clone());
     let name = req.name.trim();
     if name.is_empty() || name.len() > 200 {
@@ -220,16 +221,19 @@ pub async fn enroll(
     }
     let id = agent_id();
     let secret = token("agent");
+    let token_expires_at = now_ms() + state.config.agent_credential_ms.max(1000) as i64;
     state
         .store
-        .enroll_agent(
-            &tenant,
-            &id,
-            &sha256_hex(secret.as_bytes()),
-            &req,
-            &actor,
+        .enroll_agent(&Enrolment {
+            tenant_id: &tenant,
+            agent_id: &id,
+            token_hash: &sha256_hex(secret.as_bytes()),
+            req: &req,
+            actor: &actor,
             own,
-        )
+            pool: pool.as_deref(),
+            token_expires_at,
+        })
         .await?;
     tracing::info!(agent = %id, name, slots = req.slots, own, "agent enrolled");
     Ok(Json(EnrollResponse {
@@ -237,6 +241,7 @@ pub async fn enroll(
         agent_token: secret,
         lease_ms: state.config.lease_ms,
         heartbeat_ms: state.config.heartbeat_ms,
+        token_expires_at: Some(token_expires_at),
     }))
 }
 
@@ -254,7 +259,7 @@ pub async fn lease(
     auth: Auth,
     Body(req): Body<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
-    let (tenant, agent) = auth.agent()?;
+    let (_, agent) = auth.agent()?;
     if state.store.agent_quarantined(agent).await? {
         return Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
@@ -277,25 +282,21 @@ pub async fn lease(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let expires = now_ms() + state.config.lease_ms as i64;
-        let room = crate::quota::lease_room(&state, tenant, req.max_tasks).await?;
-        let grants = if room == 0 {
-            Vec::new()
-        } else {
-            state
-                .store
-                .lease_with(
-                    tenant,
-                    agent,
-                    Want {
-                        backend: req.backend.as_deref(),
-                        hardened_only: req.hardened_only,
-                    },
-                    room,
-                    expires,
-                    &prefix,
-                )
-                .await?
-        };
+        let blocked = crate::quota::blocked(&state).await?;
+        let grants = state
+            .store
+            .lease_with(
+                agent,
+                Want {
+                    backend: req.backend.as_deref(),
+                    hardened_only: req.hardened_only,
+                },
+                req.max_tasks,
+                expires,
+                &prefix,
+                &blocked,
+            )
+            .await?;
         let now = Instant::now();
         if !grants.is_empty() || now >= deadline {
             let mut tasks = Vec::with_capacity(grants.len());
@@ -392,10 +393,43 @@ pub async fn heartbeat(
         .store
         .extend_leases(agent, &req.running, expires)
         .await?;
+    let renewed = renew_if_due(&state, auth.principal()).await?;
     Ok(Json(HeartbeatResponse {
         cancel,
         lease_expires_at: expires,
+        token_expires_at: renewed.as_ref().map(|r| r.1),
+        renewed_token: renewed.map(|r| r.0),
     }))
+}
+
+/// A new credential for the agent behind `p` when its own is past half its life (or has no
+/// end: one from before credentials expired): the new token and when it ends. The old one
+/// keeps working for a lease's length, for calls already under way.
+async fn renew_if_due(state: &State, p: &Principal) -> Result<Option<(String, i64)>, ApiError> {
+    let (Some(agent), now) = (p.agent_id.as_deref(), now_ms()) else {
+        return Ok(None);
+    };
+    let ttl = state.config.agent_credential_ms.max(1000) as i64;
+    if p.expires_at.is_some_and(|end| end - now > ttl / 2) {
+        return Ok(None);
+    }
+    let secret = token("agent");
+    let until = now + ttl;
+    let renewed = state
+        .store
+        .renew_agent_token(
+            &p.tenant_id,
+            agent,
+            &p.token_id,
+            &sha256_hex(secret.as_bytes()),
+            until,
+            now + state.config.lease_ms as i64,
+        )
+        .await?;
+    if renewed {
+        tracing::debug!(agent, "agent credential renewed");
+    }
+    Ok(renewed.then_some((secret, until)))
 }
 
 #[utoipa::path(
@@ -537,7 +571,7 @@ pub async fn report(
         backoff_base_ms: state.config.retry_backoff_ms,
         strikes_limit: state.config.quarantine_strikes.max(1) as i64,
     };
-    let reported = state.store.report(tenant, agent, &inputs, policy).await?;
+    let reported = state.store.report(agent, &inputs, policy).await?;
     let results = crate::reported::follow(&state, tenant, agent, &inputs, &traces, reported).await;
     Ok(Json(ReportAck { results }))
 }

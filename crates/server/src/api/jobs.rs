@@ -62,6 +62,15 @@ pub async fn submit(
     let mut spec = JobSpec::from_json(&body)?;
     let plan = spec.plan()?;
     crate::quota::admit_shards(&state, &tenant, &actor, plan.inputs.len() as u64).await?;
+    if let Some(pool) = &spec.pool
+        && !state.store.usable_pool(&tenant, pool).await?
+    {
+        return Err(fleetbox_proto::SpecError::new(
+            "pool",
+            format!("tenant `{tenant}` may use no pool `{pool}` (`fleetbox pool list` shows those it may)"),
+        )
+        .into());
+    }
     crate::planner::check_rules(&spec.followup, "followup")?;
     if spec.ai_followup && state.ai_templates.is_empty() {
         return Err(fleetbox_proto::SpecError::new(

@@ -99,7 +99,11 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
             post(tenancy::create_token).get(tenancy::list_tokens),
         )
         .route("/v1/tokens/{id}/revoke", post(tenancy::revoke_token))
-        .route("/v1/tokens/{id}/rotate", post(tenancy::rotate_token));
+        .route("/v1/tokens/{id}/rotate", post(tenancy::rotate_token))
+        .route(
+            "/v1/pools",
+            post(tenancy::create_pool).get(tenancy::list_pools),
+        );
     router = router.merge(crate::ui::router());
     if let Some(m) = mcp {
         let service = fleetbox_mcp::http_service(m.base, m.hosts, m.origins);

@@ -27,7 +27,7 @@ use super::{agents, audit, jobs, review, run, tenancy};
         audit::list, audit::prune, audit::checkpoints, audit::verify, audit::keys,
         tenancy::whoami, tenancy::create_tenant, tenancy::list_tenants, tenancy::show_tenant,
         tenancy::update_tenant, tenancy::create_token, tenancy::list_tokens, tenancy::revoke_token,
-        tenancy::rotate_token,
+        tenancy::rotate_token, tenancy::create_pool, tenancy::list_pools,
     ),
     components(schemas(fleetbox_proto::api::ErrorBody)),
     modifiers(&Conventions),

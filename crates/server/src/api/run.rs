@@ -69,6 +69,7 @@ pub async fn run(
         environment: run.environment,
         files: run.files,
         backend: run.backend,
+        pool: None,
         followup: Vec::new(),
         ai_followup: false,
     };

@@ -10,8 +10,8 @@ use axum::Json;
 use axum::extract::{Path, State as AxState};
 use axum::http::StatusCode;
 use fleetbox_proto::tenancy::{
-    Scope, TenantCreate, TenantList, TenantUpdate, TenantView, TokenCreate, TokenIssued, TokenList,
-    TokenView, Whoami, valid_tenant_name,
+    PoolCreate, PoolList, PoolView, Scope, TenantCreate, TenantList, TenantUpdate, TenantView,
+    TokenCreate, TokenIssued, TokenList, TokenView, Whoami, valid_tenant_name,
 };
 use serde::Deserialize;
 
@@ -21,11 +21,12 @@ use crate::ids::{sha256_hex, token};
 use crate::store::{NewToken, Principal, TokenKind, now_ms};
 
 /// Caps `clear` may name.
-const CAPS: [&str; 4] = [
+const CAPS: [&str; 5] = [
     "max_running_shards",
     "max_shards_per_day",
     "max_cpu_seconds_per_day",
     "submit_rate",
+    "weight",
 ];
 
 /// Longest a token may live: ten years.
@@ -52,6 +53,11 @@ pub async fn whoami(auth: Auth) -> Json<Whoami> {
 }
 
 fn check_caps(caps: &fleetbox_proto::tenancy::TenantCaps) -> Result<(), ApiError> {
+    if caps.weight.is_some_and(|w| w == 0 || w > 1000) {
+        return Err(
+            ApiError::bad_request("invalid_body", "from 1 to 1000").with_field("caps.weight")
+        );
+    }
     if let Some(r) = caps.submit_rate
         && !(r.is_finite() && (0.001..=1e6).contains(&r))
     {
@@ -228,6 +234,9 @@ fn check_token(p: &Principal, req: &TokenCreate) -> Result<(), ApiError> {
     if !req.enroll && req.uses.is_some() {
         return Err(bad("uses", "only an enrolment token counts uses"));
     }
+    if !req.enroll && req.pool.is_some() {
+        return Err(bad("pool", "only an enrolment token puts agents in a pool"));
+    }
     if req.uses == Some(0) {
         return Err(bad("uses", "at least 1"));
     }
@@ -276,6 +285,16 @@ pub async fn create_token(
     } else {
         (TokenKind::User, "user")
     };
+    let pool = match &req.pool {
+        Some(pool) if !state.store.owns_pool(&tenant, pool).await? => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                format!("tenant `{tenant}` has no pool `{pool}`"),
+            )
+            .with_field("pool"));
+        }
+        pool => pool.clone(),
+    };
     let secret = token(prefix);
     let hash = sha256_hex(secret.as_bytes());
     let ttl_ms = req
@@ -291,6 +310,7 @@ pub async fn create_token(
             scopes: &req.scopes,
             expires_at: ttl_ms.map(|t| now_ms().saturating_add(t)),
             uses: req.uses,
+            pool: pool.as_deref(),
             created_by: &p.actor,
         })
         .await?;
@@ -421,6 +441,7 @@ pub async fn rotate_token(
         scopes: &scopes,
         expires_at: old.expires_at,
         uses: old.uses_left,
+        pool: old.pool.as_deref(),
         created_by: &p.actor,
     };
     let Some(view) = state.store.rotate_token(&id, &new).await? else {
@@ -439,4 +460,75 @@ pub async fn rotate_token(
             view,
         }),
     ))
+}
+
+#[utoipa::path(
+    post,
+    operation_id = "pools_create",
+    path = "/v1/pools",
+    tag = "tenants",
+    summary = "Make a pool of agents: a tenant's own (admin), or a shared one (the operator).",
+    request_body = PoolCreate,
+    responses((status = 201, description = "the pool", body = PoolView))
+)]
+pub async fn create_pool(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    Body(req): Body<PoolCreate>,
+) -> Result<(StatusCode, Json<PoolView>), ApiError> {
+    let p = auth.scope(Scope::Admin)?;
+    if !valid_tenant_name(&req.name) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "1 to 40 of `a-z`, `0-9`, `-` and `_`, starting with a letter or digit",
+        )
+        .with_field("name"));
+    }
+    let owner = target_tenant(&state, p, req.tenant.as_deref()).await?;
+    // A shared pool runs every tenant's code: only the operator's, owned by `default`.
+    if req.shared && !(p.is_operator() && owner == crate::store::DEFAULT_TENANT) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the operator makes shared pools (owned by the `default` tenant)",
+        ));
+    }
+    if !state
+        .store
+        .create_pool(&req.name, &owner, req.shared, &p.actor)
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "pool_exists",
+            format!("a pool or tenant `{}` exists already", req.name),
+        ));
+    }
+    let view = state
+        .store
+        .list_pools(Some(&owner))
+        .await?
+        .into_iter()
+        .find(|v| v.name == req.name)
+        .ok_or_else(|| ApiError::not_found("pool", &req.name))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(
+    get,
+    operation_id = "pools_list",
+    path = "/v1/pools",
+    tag = "tenants",
+    summary = "The pools the caller's tenant may use (the operator: every pool).",
+    responses((status = 200, description = "pools with their online agents", body = PoolList))
+)]
+pub async fn list_pools(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+) -> Result<Json<PoolList>, ApiError> {
+    let p = auth.scope(Scope::Read)?;
+    let tenant = (!p.is_operator()).then_some(p.tenant_id.as_str());
+    Ok(Json(PoolList {
+        pools: state.store.list_pools(tenant).await?,
+    }))
 }

@@ -12,25 +12,46 @@ use super::{Doing, Store, StoreError, TokenKind, now_ms};
 /// The label with which the coordinator's own server agents mark themselves at enrollment.
 pub const HARDENED: &str = "hardened";
 
+/// An agent being enrolled: who, with what token, by whom, into which pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Enrolment<'a> {
+    pub tenant_id: &'a str,
+    pub agent_id: &'a str,
+    /// The sha256 of the agent token it gets.
+    pub token_hash: &'a str,
+    pub req: &'a EnrollRequest,
+    pub actor: &'a str,
+    /// One of this coordinator's own agents (`fleetbox up`, server agents).
+    pub own: bool,
+    /// The pool its enrolment token names (`None`: its tenant's own).
+    pub pool: Option<&'a str>,
+    /// When its agent token stops working (renewed by heartbeats).
+    pub token_expires_at: i64,
+}
+
 impl Store {
     /// Register an agent and its token (hash) in one transaction.
-    pub async fn enroll_agent(
-        &self,
-        tenant_id: &str,
-        agent_id: &str,
-        token_hash: &str,
-        req: &EnrollRequest,
-        actor: &str,
-        own: bool,
-    ) -> Result<(), StoreError> {
+    pub async fn enroll_agent(&self, e: &Enrolment<'_>) -> Result<(), StoreError> {
+        let Enrolment {
+            tenant_id,
+            agent_id,
+            token_hash,
+            req,
+            actor,
+            own,
+            pool,
+            token_expires_at,
+        } = *e;
         let now = now_ms();
         // The coordinator's own agents may mark themselves for server-only code (its server
         // agents do); anyone else's label is only a label until an operator marks the agent.
         let hardened = own && req.labels.iter().any(|l| l == HARDENED);
+        // The tenant's own pool unless the enrolment token named one (which it owns).
+        let pool = pool.unwrap_or(tenant_id);
         let mut tx = self.begin_write().await.doing("enrolling an agent")?;
         sqlx::query(
-            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id, own, hardened) \
-             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10, $11, $12)",
+            "INSERT INTO agents (id, tenant_id, name, labels, slots, facts, load, state, created_at, last_seen, public_key, machine_id, own, hardened, pool) \
+             VALUES ($1, $2, $3, $4, $5, $6, '{}', $7, $8, $8, $9, $10, $11, $12, $13)",
         )
         .bind(agent_id)
         .bind(tenant_id)
@@ -44,12 +65,13 @@ impl Store {
         .bind(machine_id(&req.facts))
         .bind(i64::from(own))
         .bind(i64::from(hardened))
+        .bind(pool)
         .execute(&mut *tx)
         .await
         .doing("inserting an agent")?;
         sqlx::query(
-            "INSERT INTO tokens (hash, id, tenant_id, kind, agent_id, created_at, created_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO tokens (hash, id, tenant_id, kind, agent_id, created_at, created_by, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(token_hash)
         .bind(super::token_id(token_hash))
@@ -58,6 +80,7 @@ impl Store {
         .bind(agent_id)
         .bind(now)
         .bind(actor)
+        .bind(token_expires_at)
         .execute(&mut *tx)
         .await
         .doing("inserting an agent token")?;
@@ -69,6 +92,7 @@ impl Store {
                 "slots": req.slots,
                 "public_key": req.public_key,
                 "hardened": hardened,
+                "pool": pool,
             }));
         self.append_audit(&mut tx, vec![entry], now).await?;
         tx.commit().await.doing("enrolling an agent")?;

@@ -73,6 +73,8 @@ pub enum Action {
     /// A submission or lease a tenant's cap or rate stopped.
     #[serde(rename = "tenant.capped")]
     TenantCapped,
+    #[serde(rename = "pool.created")]
+    PoolCreated,
     #[serde(rename = "report.refused")]
     ReportRefused,
     #[serde(rename = "agent.key_rotated")]
@@ -137,7 +139,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 43] = [
+    pub const ALL: [Action; 44] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -158,6 +160,7 @@ impl Action {
         Action::TenantCreated,
         Action::TenantUpdated,
         Action::TenantCapped,
+        Action::PoolCreated,
         Action::ReportRefused,
         Action::AgentKeyRotated,
         Action::ShardChecking,
@@ -205,6 +208,7 @@ impl Action {
             Action::TenantCreated => "tenant.created",
             Action::TenantUpdated => "tenant.updated",
             Action::TenantCapped => "tenant.capped",
+            Action::PoolCreated => "pool.created",
             Action::ReportRefused => "report.refused",
             Action::AgentKeyRotated => "agent.key_rotated",
             Action::ShardChecking => "shard.checking",

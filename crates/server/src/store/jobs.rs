@@ -40,6 +40,8 @@ pub struct NewJob {
     pub files: BTreeMap<String, String>,
     /// The backend its shards must run in.
     pub backend: Option<String>,
+    /// The pool its shards must run in (`None`: any its tenant may use).
+    pub pool: Option<String>,
     /// What the code review found (recorded with the submission).
     pub review: Option<fleetbox_proto::CodeReview>,
     /// Whether it has follow-up rules (the planner evaluates them once it is final).
@@ -687,7 +689,7 @@ impl Store {
                 .bind(i64::from(priority))
                 .push(", updated_at = ")
                 .bind(now)
-                .push(" WHERE job_id = ")
+                .push(" WHERE id IN (SELECT id FROM tasks WHERE job_id = ")
                 .bind(id)
                 .push(" AND state IN (")
                 .bind_list(
@@ -695,6 +697,7 @@ impl Store {
                         .map(TaskState::as_str),
                 )
                 .push(")")
+                .push(settle::in_id_order(self.kind))
                 .build()
                 .execute(&self.write)
                 .await
@@ -1075,7 +1078,7 @@ pub(super) async fn cancel_in(
 
 /// Store `job` (row, tasks, counters, review hold) within `tx`; the audit entry to append with it.
 /// Columns bound per row when a job's tasks are inserted (see [`insert_job_in`]).
-pub(super) const TASK_COLUMNS: usize = 11;
+pub(super) const TASK_COLUMNS: usize = 12;
 
 pub(super) async fn insert_job_in(
     tx: &mut settle::Tx,
@@ -1184,7 +1187,7 @@ async fn insert_tasks(
     for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
         let mut sql = Sql::new(
             "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
-             max_attempts, updated_at, backend, replicas, hardened) VALUES ",
+             max_attempts, updated_at, backend, replicas, hardened, pool) VALUES ",
         );
         sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
             row.bind(job.tenant_id.as_str())
@@ -1197,7 +1200,8 @@ async fn insert_tasks(
                 .bind(now)
                 .bind(job.backend.as_deref())
                 .bind(i64::from(job.verify.replicas))
-                .bind(i64::from(server_only));
+                .bind(i64::from(server_only))
+                .bind(job.pool.as_deref());
         });
         sql.build()
             .execute(&mut **tx)

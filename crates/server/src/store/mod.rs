@@ -10,6 +10,7 @@ mod agents;
 pub mod audit;
 mod audit_read;
 pub mod checks;
+mod fair;
 mod jobs;
 mod metrics;
 pub mod planner;
@@ -32,8 +33,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use agents::HARDENED;
 pub(crate) use agents::parse as parse_json;
+pub use agents::{Enrolment, HARDENED};
 pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
 pub use reports::{ReportInput, ReportPolicy, Reported, SettleOutcome};
 pub use settle::storable_text;
@@ -198,6 +199,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0025_tenancy",
         include_str!("../../migrations/0025_tenancy.sql"),
+    ),
+    (
+        "0026_pools",
+        include_str!("../../migrations/0026_pools.sql"),
     ),
 ];
 

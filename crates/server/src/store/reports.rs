@@ -122,6 +122,8 @@ fn disposition(status: Status) -> Disposition {
 #[derive(sqlx::FromRow)]
 struct ReportedTask {
     id: i64,
+    /// The shard's tenant: an agent of a shared pool runs shards of several.
+    tenant_id: String,
     job_id: String,
     shard_index: i64,
     /// Distinct agents that run it (`verify.replicas`).
@@ -157,7 +159,6 @@ impl Store {
     /// outcome and the jobs whose last shard just settled.
     pub async fn report(
         &self,
-        tenant_id: &str,
         agent_id: &str,
         reports: &[ReportInput],
         policy: ReportPolicy,
@@ -189,12 +190,13 @@ impl Store {
         let tasks = reported_tasks(&mut tx, valid.iter().map(|&i| reports[i].task_id)).await?;
         let jobs: Vec<String> = tasks.values().map(|t| t.job_id.clone()).collect();
         settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
+        let ids: Vec<i64> = tasks.keys().copied().collect();
+        settle::lock_tasks(&mut tx, &ids).await?;
         let valid: Vec<usize> = valid
             .into_iter()
             .filter(|i| tasks.contains_key(&reports[*i].task_id))
             .collect();
         let stored = StoredAttempts {
-            tenant_id,
             agent_id,
             reports,
             rows: &valid,
@@ -210,7 +212,6 @@ impl Store {
         // only a transition that happened moves the job's counters.
         let trust = ReporterTrust::read(&mut tx, agent_id, self.trusted_after).await?;
         let mut run = Settling {
-            tenant_id,
             agent_id,
             actor: format!("agent:{agent_id}"),
             policy,
@@ -243,8 +244,9 @@ impl Store {
         // flag, in the report's own transaction.
         let mut held = Vec::new();
         for (task_id, why) in std::mem::take(&mut run.violations) {
+            let tenant = tasks[&task_id].tenant_id.as_str();
             let (job, entry) =
-                super::review::hold_for_violation(&mut tx, tenant_id, task_id, agent_id, why, now)
+                super::review::hold_for_violation(&mut tx, tenant, task_id, agent_id, why, now)
                     .await?;
             held.extend(job);
             run.entries.extend(entry);
@@ -288,7 +290,7 @@ impl Store {
                 let task = &s.tasks[&r.task_id];
                 let lease = &s.leases[&r.lease_id];
                 let late = task.lease_id.as_deref() != Some(r.lease_id.as_str());
-                row.bind(s.tenant_id)
+                row.bind(task.tenant_id.as_str())
                     .bind(r.task_id)
                     .bind(task.job_id.as_str())
                     .bind(r.lease_id.as_str())
@@ -364,8 +366,8 @@ async fn reported_tasks(
 ) -> Result<HashMap<i64, ReportedTask>, StoreError> {
     let ids: HashSet<i64> = task_ids.collect();
     Ok(Sql::new(
-        "SELECT t.id, t.job_id, t.shard_index, t.lease_id, t.attempts, t.max_attempts, t.replicas, \
-         j.verify FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN (",
+        "SELECT t.id, t.tenant_id, t.job_id, t.shard_index, t.lease_id, t.attempts, t.max_attempts, \
+         t.replicas, j.verify FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id IN (",
     )
     .bind_list(ids)
     .push(")")
@@ -380,7 +382,6 @@ async fn reported_tasks(
 
 /// What storing a batch's attempts reads.
 struct StoredAttempts<'a> {
-    tenant_id: &'a str,
     agent_id: &'a str,
     reports: &'a [ReportInput],
     /// Indexes of the reports with an open lease of this agent, for a known shard.
@@ -398,7 +399,7 @@ fn reported_entries(
     inserted: &HashMap<String, i64>,
     actor: &str,
 ) -> Vec<Entry> {
-    let mut by_job: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
+    let mut by_job: BTreeMap<(&str, &str), Vec<serde_json::Value>> = BTreeMap::new();
     for &i in s.rows {
         let r = &s.reports[i];
         if !inserted.contains_key(&r.lease_id) {
@@ -412,14 +413,14 @@ fn reported_entries(
             fields.insert("attempt".into(), r.attempt.into());
         }
         by_job
-            .entry(task.job_id.as_str())
+            .entry((task.tenant_id.as_str(), task.job_id.as_str()))
             .or_default()
             .push(attempt);
     }
     by_job
         .into_iter()
-        .map(|(job_id, attempts)| {
-            let mut entry = Entry::new(s.tenant_id, actor, Action::AttemptReported)
+        .map(|((tenant, job_id), attempts)| {
+            let mut entry = Entry::new(tenant, actor, Action::AttemptReported)
                 .job(job_id)
                 .agent(s.agent_id);
             // A single attempt is also named as the entry's task and lease.
@@ -438,7 +439,6 @@ fn reported_entries(
 
 /// The report transaction's running state while it settles shards.
 struct Settling<'a> {
-    tenant_id: &'a str,
     agent_id: &'a str,
     actor: String,
     policy: ReportPolicy,
@@ -578,7 +578,7 @@ impl<'a> Settling<'a> {
         };
         let now = self.now;
         let why = format!("refused by agent {}: {reason}", self.agent_id);
-        if settle::anyone_else_would_run(tx, self.tenant_id, task.id, self.agent_id).await? {
+        if settle::anyone_else_would_run(tx, task.id, self.agent_id).await? {
             let done = settle::refused(tx, &mut self.tally, shard, &r.lease_id, &why, now).await?;
             if done {
                 self.push(
@@ -613,7 +613,7 @@ impl<'a> Settling<'a> {
     ) -> Result<bool, StoreError> {
         let success = super::replicas::Success {
             at: super::replicas::Judged {
-                tenant_id: self.tenant_id,
+                tenant_id: &task.tenant_id,
                 job_id: &task.job_id,
                 task_id: task.id,
                 shard_index: task.shard_index,
@@ -679,7 +679,7 @@ impl<'a> Settling<'a> {
         details: serde_json::Value,
     ) {
         self.entries.push(
-            Entry::new(self.tenant_id, self.actor.as_str(), action)
+            Entry::new(&task.tenant_id, self.actor.as_str(), action)
                 .job(&task.job_id)
                 .task(task.id)
                 .lease(&r.lease_id)

@@ -375,31 +375,34 @@ pub(super) async fn refused(
     Ok(moved)
 }
 
-/// Whether an agent of `tenant` other than those that refused `task` could still take it:
-/// online, not quarantined, and marked `hardened` when the shard is server-only (an ordinary
-/// agent never gets it). A refusal rejects its shard only when none could.
+/// Whether an agent other than those that refused `task` could still take it: in a pool that
+/// serves the shard's tenant (and the pool it names, if any), online, not quarantined, and
+/// marked `hardened` when the shard is server-only (an ordinary agent never gets it). A
+/// refusal rejects its shard only when none could.
 pub(super) async fn anyone_else_would_run(
     tx: &mut Tx,
-    tenant: &str,
     task: i64,
     refuser: &str,
 ) -> Result<bool, StoreError> {
-    let row: Option<(i64,)> = Sql::new("SELECT 1 FROM agents a WHERE a.tenant_id = ")
-        .bind(tenant)
-        .push(" AND a.state = ")
-        .bind(AgentState::Online.as_str())
-        .push(" AND a.quarantined_at IS NULL AND a.id <> ")
-        .bind(refuser)
-        .push(" AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = ")
-        .bind(task)
-        .push(" AND l.agent_id = a.id AND l.refused = 1)")
-        .push(" AND (a.hardened = 1 OR NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ")
-        .bind(task)
-        .push(" AND t.hardened = 1)) LIMIT 1")
-        .build_as()
-        .fetch_optional(&mut **tx)
-        .await
-        .doing("looking for an agent that has not refused a shard")?;
+    let row: Option<(i64,)> = Sql::new(
+        "SELECT 1 FROM agents a JOIN pools p ON p.name = a.pool, tasks s WHERE s.id = ",
+    )
+    .bind(task)
+    .push(
+        " AND (p.shared = 1 OR p.tenant_id = s.tenant_id) AND (s.pool IS NULL OR s.pool = a.pool)",
+    )
+    .push(" AND a.state = ")
+    .bind(AgentState::Online.as_str())
+    .push(" AND a.quarantined_at IS NULL AND a.id <> ")
+    .bind(refuser)
+    .push(" AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = ")
+    .bind(task)
+    .push(" AND l.agent_id = a.id AND l.refused = 1)")
+    .push(" AND (a.hardened = 1 OR s.hardened = 0) LIMIT 1")
+    .build_as()
+    .fetch_optional(&mut **tx)
+    .await
+    .doing("looking for an agent that has not refused a shard")?;
     Ok(row.is_some())
 }
 
@@ -407,6 +410,8 @@ pub(super) async fn anyone_else_would_run(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LeaseGrant {
     pub lease_id: String,
+    /// The shard's tenant (in a shared pool, not the agent's).
+    pub tenant_id: String,
     #[sqlx(rename = "id")]
     pub task_id: i64,
     pub job_id: String,
@@ -431,6 +436,8 @@ pub struct Want<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Asked<'a> {
     pub tenant: &'a str,
+    /// The agent's pool: shards that name another pool are not for it.
+    pub pool: &'a str,
     pub agent: &'a str,
     pub want: Want<'a>,
     pub max: u32,
@@ -462,7 +469,9 @@ pub(super) async fn lease(
         .bind(TaskState::Queued.as_str())
         .push(" AND tenant_id = ")
         .bind(asked.tenant)
-        .push(" AND not_before <= ")
+        .push(" AND (pool IS NULL OR pool = ")
+        .bind(asked.pool)
+        .push(") AND not_before <= ")
         .bind(now);
     match asked.want.backend {
         Some(b) => sql
@@ -487,7 +496,7 @@ pub(super) async fn lease(
     if kind == DbKind::Postgres {
         sql.push(" FOR UPDATE SKIP LOCKED");
     }
-    sql.push(") RETURNING id, job_id, shard_index, attempts, input, lease_id");
+    sql.push(") RETURNING id, tenant_id, job_id, shard_index, attempts, input, lease_id");
     let mut grants: Vec<LeaseGrant> = sql
         .build_as()
         .fetch_all(&mut **tx)
@@ -530,8 +539,9 @@ fn distinct_replicas<'a>(sql: &mut Sql<'a>, agent: &'a str) {
     )
     .bind(agent)
     .push(
-        ")) OR NOT EXISTS (SELECT 1 FROM agents o WHERE o.tenant_id = tasks.tenant_id \
-         AND o.state = ",
+        ")) OR NOT EXISTS (SELECT 1 FROM agents o JOIN pools op ON op.name = o.pool \
+         WHERE (op.shared = 1 OR op.tenant_id = tasks.tenant_id) \
+         AND (tasks.pool IS NULL OR tasks.pool = o.pool) AND o.state = ",
     )
     .bind(online)
     .push(" AND o.quarantined_at IS NULL AND o.machine_id <> (SELECT m.machine_id FROM agents m WHERE m.id = ")
@@ -556,7 +566,8 @@ fn held_or(sql: &mut Sql<'_>, at: i64) {
 }
 
 /// `leased` by `agent` under one of `leases` → `queued` at once, and those leases closed: a
-/// report that still arrives for one settles nothing. `why` is `None` when the agent gave
+/// report that still arrives for one settles nothing. Returns the shards moved, with their
+/// tenants. `why` is `None` when the agent gave
 /// them back unrun (the attempt is not counted), else what became of the run (it counts).
 pub(super) async fn requeue(
     tx: &mut Tx,
@@ -565,7 +576,7 @@ pub(super) async fn requeue(
     leases: &[String],
     why: Option<&str>,
     now: i64,
-) -> Result<u64, StoreError> {
+) -> Result<Vec<(String, i64)>, StoreError> {
     let mut sql = Sql::new("UPDATE tasks SET state = ");
     sql.bind(TaskState::Queued.as_str());
     match why {
@@ -576,21 +587,28 @@ pub(super) async fn requeue(
     held_or(&mut sql, 0);
     sql.push(", updated_at = ")
         .bind(now)
-        .push(" WHERE state = ")
+        .push(" WHERE id IN (SELECT id FROM tasks WHERE state = ")
         .bind(TaskState::Leased.as_str())
         .push(" AND agent_id = ")
         .bind(agent)
         .push(" AND lease_id IN (")
         .bind_list(leases.iter().map(String::as_str))
-        .push(") RETURNING job_id");
+        .push(")")
+        .push(in_id_order(tx.kind()))
+        .push(" RETURNING id, tenant_id, job_id");
     let rows = sql
         .build()
         .fetch_all(&mut **tx)
         .await
         .doing("returning leases")?;
+    let mut returned = Vec::with_capacity(rows.len());
     for r in &rows {
         let job: String = r.try_get("job_id").doing("returning leases")?;
         tally.moved(&job, TaskState::Leased, TaskState::Queued, 1);
+        returned.push((
+            r.try_get("tenant_id").doing("returning leases")?,
+            r.try_get("id").doing("returning leases")?,
+        ));
     }
     Sql::new("UPDATE leases SET closed = 1 WHERE agent_id = ")
         .bind(agent)
@@ -601,12 +619,12 @@ pub(super) async fn requeue(
         .execute(&mut **tx)
         .await
         .doing("closing returned leases")?;
-    Ok(rows.len() as u64)
+    Ok(returned)
 }
 
-/// Every unsettled shard of a cancelled job → `dead`. One guarded update per from-state, so
-/// the counters move by what each actually changed (a lease racing the cancel commits first,
-/// then its row is caught as `leased`).
+/// Every unsettled shard of a cancelled job → `dead`, the counters moved by the states the
+/// shards were locked in (a lease racing the cancel skips the locked rows, or commits first
+/// and its row is then locked as `leased`; on SQLite the one writer orders them).
 pub(super) async fn kill_unsettled(
     tx: &mut Tx,
     tally: &mut Tally,
@@ -614,23 +632,72 @@ pub(super) async fn kill_unsettled(
     reason: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    for from in TaskState::UNSETTLED {
-        let done = Sql::new("UPDATE tasks SET state = ")
-            .bind(TaskState::Dead.as_str())
-            .push(", last_error = ")
-            .bind(reason)
-            .push(", lease_id = NULL, lease_expires = NULL, updated_at = ")
-            .bind(now)
-            .push(" WHERE job_id = ")
-            .bind(job)
-            .push(" AND state = ")
-            .bind(from.as_str())
-            .build()
-            .execute(&mut **tx)
-            .await
-            .doing("cancelling a job's shards")?;
-        tally.moved(job, from, TaskState::Dead, done.rows_affected() as i64);
+    let unsettled = TaskState::UNSETTLED.map(TaskState::as_str);
+    // Every unsettled shard's lock in one pass, in id order (see [`in_id_order`]): a statement
+    // per state would take the queued ones' locks before the leased ones', against the order
+    // a heartbeat takes them in.
+    let mut lock = Sql::new("SELECT state FROM tasks WHERE job_id = ");
+    lock.bind(job)
+        .push(" AND state IN (")
+        .bind_list(unsettled)
+        .push(") ORDER BY id");
+    if tx.kind() == DbKind::Postgres {
+        lock.push(" FOR UPDATE");
     }
+    let states: Vec<(String,)> = lock
+        .build_as()
+        .fetch_all(&mut **tx)
+        .await
+        .doing("cancelling a job's shards")?;
+    Sql::new("UPDATE tasks SET state = ")
+        .bind(TaskState::Dead.as_str())
+        .push(", last_error = ")
+        .bind(reason)
+        .push(", lease_id = NULL, lease_expires = NULL, updated_at = ")
+        .bind(now)
+        .push(" WHERE job_id = ")
+        .bind(job)
+        .push(" AND state IN (")
+        .bind_list(unsettled)
+        .push(")")
+        .build()
+        .execute(&mut **tx)
+        .await
+        .doing("cancelling a job's shards")?;
+    for from in TaskState::UNSETTLED {
+        let n = states.iter().filter(|(s,)| s == from.as_str()).count();
+        tally.moved(job, from, TaskState::Dead, n as i64);
+    }
+    Ok(())
+}
+
+/// The end of `WHERE id IN (SELECT id FROM tasks WHERE ...`: on PostgreSQL the rows are
+/// locked in id order before they are updated. Every statement that updates several tasks
+/// takes their locks this way (the order a plan happens to visit rows in is not one order:
+/// a cancel of 20,000 shards and a heartbeat extending some of them deadlocked otherwise).
+pub(super) fn in_id_order(kind: DbKind) -> &'static str {
+    match kind {
+        DbKind::Postgres => " ORDER BY id FOR UPDATE)",
+        DbKind::Sqlite => ")",
+    }
+}
+
+/// Take the row locks of `tasks` in id order (PostgreSQL), after their jobs' (see
+/// [`in_id_order`]): a report settles its shards in report order, which is not id order.
+pub(super) async fn lock_tasks(tx: &mut Tx, tasks: &[i64]) -> Result<(), StoreError> {
+    if tx.kind() != DbKind::Postgres || tasks.is_empty() {
+        return Ok(());
+    }
+    let mut sorted = tasks.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    Sql::new("SELECT id FROM tasks WHERE id IN (")
+        .bind_list(sorted)
+        .push(") ORDER BY id FOR UPDATE")
+        .build()
+        .fetch_all(&mut **tx)
+        .await
+        .doing("locking shards")?;
     Ok(())
 }
 

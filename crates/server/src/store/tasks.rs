@@ -10,7 +10,8 @@ use fleetbox_proto::TaskState;
 use sqlx::Row;
 
 use super::audit::{Action, Entry};
-use super::settle::{self, Asked, LeaseEnd, LeaseGrant, Shard, Tally, Want};
+use super::fair;
+use super::settle::{self, Asked, LeaseEnd, LeaseGrant, Shard, Tally, Tx, Want};
 use super::sql::Sql;
 use super::{Doing, Store, StoreError, now_ms};
 
@@ -42,8 +43,51 @@ struct Expired {
     agent_id: Option<String>,
 }
 
+/// One `shard.leased` entry per job in this call, in its tenant's log, naming each shard it
+/// handed out (task, shard index, attempt, lease): a lease call of 500 shards is one entry,
+/// not 500, on the hot path.
+fn leased_entries(grants: &[LeaseGrant], agent_id: &str, expires: i64) -> Vec<Entry> {
+    let actor = format!("agent:{agent_id}");
+    let mut by_job: std::collections::BTreeMap<(&str, &str), Vec<serde_json::Value>> =
+        Default::default();
+    for g in grants {
+        by_job
+            .entry((g.tenant_id.as_str(), g.job_id.as_str()))
+            .or_default()
+            .push(serde_json::json!([
+                g.task_id,
+                g.shard_index,
+                g.attempt,
+                g.lease_id,
+            ]));
+    }
+    by_job
+        .into_iter()
+        .map(|((tenant, job_id), shards)| {
+            let one = (shards.len() == 1).then(|| &shards[0]);
+            let mut entry = Entry::new(tenant, actor.as_str(), Action::ShardLeased)
+                .job(job_id)
+                .agent(agent_id);
+            // A single shard is also named as the entry's task and lease.
+            if let Some(one) = one {
+                if let Some(task) = one[0].as_i64() {
+                    entry = entry.task(task);
+                }
+                if let Some(lease) = one[3].as_str() {
+                    entry = entry.lease(lease);
+                }
+            }
+            entry.details(serde_json::json!({
+                "expires": expires,
+                "shards": shards,
+            }))
+        })
+        .collect()
+}
+
 impl Store {
-    /// Lease up to `max` ready tasks of `tenant_id` to `agent_id` until `expires`.
+    /// Lease up to `max` ready tasks to `agent_id` (of tenant `tenant_id`) until `expires`:
+    /// shards its pool serves, shared fairly between tenants (see `fair.rs`).
     pub async fn lease(
         &self,
         tenant_id: &str,
@@ -56,26 +100,28 @@ impl Store {
             .await
     }
 
-    /// [`Store::lease`] for an agent that asks for some shards only (its sandbox backend,
-    /// server-only code).
+    /// [`Store::lease`] for an enrolled agent that asks for some shards only (its sandbox
+    /// backend, server-only code), leaving out the tenants in `blocked` (past a cap of the
+    /// day). An agent with no row gets nothing.
     pub async fn lease_with(
         &self,
-        tenant_id: &str,
         agent_id: &str,
         want: Want<'_>,
         max: u32,
         expires: i64,
         lease_prefix: &str,
+        blocked: &[String],
     ) -> Result<Vec<LeaseGrant>, StoreError> {
         let asked = Asked {
-            tenant: tenant_id,
+            tenant: "",
+            pool: "",
             agent: agent_id,
             want,
             max,
             expires,
             lease_prefix,
         };
-        self.lease_inner(asked, now_ms()).await
+        self.lease_inner(asked, blocked, now_ms()).await
     }
 
     /// [`Store::lease`] as of `now` (tests move the clock).
@@ -90,32 +136,35 @@ impl Store {
     ) -> Result<Vec<LeaseGrant>, StoreError> {
         let asked = Asked {
             tenant: tenant_id,
+            pool: "",
             agent: agent_id,
             want: Want::default(),
             max,
             expires,
             lease_prefix,
         };
-        self.lease_inner(asked, now).await
+        self.lease_inner(asked, &[], now).await
     }
 
-    async fn lease_inner(&self, asked: Asked<'_>, now: i64) -> Result<Vec<LeaseGrant>, StoreError> {
-        let Asked {
-            tenant: tenant_id,
-            agent: agent_id,
-            expires,
-            ..
-        } = asked;
+    async fn lease_inner(
+        &self,
+        asked: Asked<'_>,
+        blocked: &[String],
+        now: i64,
+    ) -> Result<Vec<LeaseGrant>, StoreError> {
+        let agent_id = asked.agent;
         let mut tx = self.begin_write().await.doing("leasing tasks")?;
         let mut tally = Tally::default();
-        let grants = settle::lease(&mut tx, &mut tally, self.kind, &asked, now).await?;
+        let grants = self
+            .grant(&mut tx, &mut tally, &asked, blocked, now)
+            .await?;
         for chunk in grants.chunks(self.rows_per_statement(6)) {
             let mut sql = Sql::new(
                 "INSERT INTO leases (id, tenant_id, task_id, agent_id, attempt, issued_at) VALUES ",
             );
             sql.push_rows(chunk, |row, g| {
                 row.bind(g.lease_id.as_str())
-                    .bind(tenant_id)
+                    .bind(g.tenant_id.as_str())
                     .bind(g.task_id)
                     .bind(agent_id)
                     .bind(i64::from(g.attempt))
@@ -127,50 +176,57 @@ impl Store {
                 .doing("recording leases")?;
         }
         tally.apply(&mut tx).await?;
-        // One `shard.leased` entry per job in this call, naming each shard it handed out
-        // (task, shard index, attempt, lease): a lease call of 500 shards is one entry, not
-        // 500, on the hot path.
-        let actor = format!("agent:{agent_id}");
-        let mut by_job: std::collections::BTreeMap<&str, Vec<serde_json::Value>> =
-            Default::default();
-        for g in &grants {
-            by_job
-                .entry(g.job_id.as_str())
-                .or_default()
-                .push(serde_json::json!([
-                    g.task_id,
-                    g.shard_index,
-                    g.attempt,
-                    g.lease_id,
-                ]));
-        }
-        let entries = by_job
-            .into_iter()
-            .map(|(job_id, shards)| {
-                let one = (shards.len() == 1).then(|| &shards[0]);
-                let mut entry = Entry::new(tenant_id, actor.as_str(), Action::ShardLeased)
-                    .job(job_id)
-                    .agent(agent_id);
-                // A single shard is also named as the entry's task and lease.
-                if let Some(one) = one {
-                    if let Some(task) = one[0].as_i64() {
-                        entry = entry.task(task);
-                    }
-                    if let Some(lease) = one[3].as_str() {
-                        entry = entry.lease(lease);
-                    }
-                }
-                entry.details(serde_json::json!({
-                    "expires": expires,
-                    "shards": shards,
-                }))
-            })
-            .collect();
+        let entries = leased_entries(&grants, agent_id, asked.expires);
         // Asking for work is a sign of life: recorded in the same transaction.
         self.agent_seen(&mut tx, agent_id, now).await?;
         // The audit chain's head is locked last in every transaction (no lock waits behind it).
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("leasing tasks")?;
+        Ok(grants)
+    }
+
+    /// Up to `asked.max` shards for the agent: from the tenants its pool serves, the one
+    /// furthest behind its share first (see `fair.rs`). An agent with no row (the store's own
+    /// tests) serves its tenant alone.
+    async fn grant(
+        &self,
+        tx: &mut Tx,
+        tally: &mut Tally,
+        asked: &Asked<'_>,
+        blocked: &[String],
+        now: i64,
+    ) -> Result<Vec<LeaseGrant>, StoreError> {
+        let pool = fair::pool_of(tx, asked.agent)
+            .await?
+            .unwrap_or_else(|| fair::PoolOf {
+                name: super::DEFAULT_TENANT.to_string(),
+                owner: asked.tenant.to_string(),
+                shared: false,
+            });
+        let mut claims = fair::claims(tx, &pool, blocked).await?;
+        let mut grants = Vec::new();
+        let mut left = asked.max;
+        while left > 0 {
+            let Some((i, n)) = fair::next(&claims, left) else {
+                break;
+            };
+            let one = Asked {
+                tenant: &claims[i].tenant,
+                pool: &pool.name,
+                max: n,
+                ..*asked
+            };
+            let got = settle::lease(tx, tally, self.kind, &one, now).await?;
+            let taken = u32::try_from(got.len()).unwrap_or(u32::MAX);
+            if taken < n {
+                // Nothing more of this tenant's for this agent now.
+                claims.swap_remove(i);
+            } else {
+                claims[i].running += i64::from(taken);
+            }
+            left = left.saturating_sub(taken);
+            grants.extend(got);
+        }
         Ok(grants)
     }
 
@@ -186,13 +242,15 @@ impl Store {
         }
         let rows = Sql::new("UPDATE tasks SET lease_expires = ")
             .bind(expires)
-            .push(" WHERE state = ")
+            .push(" WHERE id IN (SELECT id FROM tasks WHERE state = ")
             .bind(TaskState::Leased.as_str())
             .push(" AND agent_id = ")
             .bind(agent_id)
             .push(" AND lease_id IN (")
             .bind_list(running.iter().map(String::as_str))
-            .push(") RETURNING lease_id")
+            .push(")")
+            .push(settle::in_id_order(self.kind))
+            .push(" RETURNING lease_id")
             .build()
             .fetch_all(&self.write)
             .await
@@ -261,31 +319,32 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("returning leases")?;
         let mut tally = Tally::default();
-        let mut returned = 0;
+        let mut returned = Vec::new();
         for chunk in leases.chunks(self.rows_per_statement(1)) {
-            returned += settle::requeue(&mut tx, &mut tally, agent_id, chunk, why, now).await?;
+            returned.extend(settle::requeue(&mut tx, &mut tally, agent_id, chunk, why, now).await?);
         }
         tally.apply(&mut tx).await?;
-        if returned > 0 {
-            let tenant: Option<(String,)> = Sql::new("SELECT tenant_id FROM agents WHERE id = ")
-                .bind(agent_id)
-                .build_as()
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("reading an agent's tenant")?;
-            if let Some((tenant,)) = tenant {
-                let entry = Entry::new(&tenant, format!("agent:{agent_id}"), Action::LeaseReturned)
+        // One entry in each tenant's log whose shards came back (an agent of a shared pool
+        // holds several tenants' shards).
+        let mut by_tenant: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
+        for (tenant, task) in &returned {
+            by_tenant.entry(tenant.as_str()).or_default().push(*task);
+        }
+        let entries = by_tenant
+            .into_iter()
+            .map(|(tenant, tasks)| {
+                Entry::new(tenant, format!("agent:{agent_id}"), Action::LeaseReturned)
                     .agent(agent_id)
                     .details(serde_json::json!({
-                        "returned": returned,
-                        "leases": leases.iter().take(1000).collect::<Vec<_>>(),
+                        "returned": tasks.len(),
+                        "tasks": tasks.iter().take(1000).collect::<Vec<_>>(),
                         "why": why.unwrap_or("handed back unrun"),
-                    }));
-                self.append_audit(&mut tx, vec![entry], now).await?;
-            }
-        }
+                    }))
+            })
+            .collect();
+        self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("returning leases")?;
-        Ok(returned)
+        Ok(returned.len() as u64)
     }
 
     /// Requeue (or kill, past `max_attempts`) the tasks whose lease expired or whose agent was
@@ -417,6 +476,7 @@ mod store_tests {
                 environment: None,
                 files: Default::default(),
                 backend: None,
+                pool: None,
                 review: None,
                 has_rules: false,
                 lineage: None,
@@ -524,7 +584,6 @@ mod store_tests {
             outcomes, ready, ..
         } = store
             .report(
-                "default",
                 "agt_a",
                 &[report],
                 ReportPolicy {

@@ -1,7 +1,7 @@
 //! Tenants and their caps, with what each has used against them.
 
-use fleetbox_proto::TaskState;
-use fleetbox_proto::tenancy::{TenantCaps, TenantView};
+use fleetbox_proto::tenancy::{PoolView, TenantCaps, TenantView};
+use fleetbox_proto::{AgentState, TaskState};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -33,6 +33,7 @@ fn caps_of(row: &AnyRow) -> Result<TenantCaps, StoreError> {
         max_shards_per_day: cap("max_shards_per_day")?,
         max_cpu_seconds_per_day: cap("max_cpu_seconds_per_day")?,
         submit_rate: row.try_get("submit_rate").map_err(get)?,
+        weight: cap("weight")?.map(|w| u32::try_from(w).unwrap_or(u32::MAX)),
     })
 }
 
@@ -51,23 +52,39 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("creating a tenant")?;
-        let made = sqlx::query(
-            "INSERT INTO tenants (id, name, created_at, updated_at, max_running_shards, max_shards_per_day, \
-             max_cpu_seconds_per_day, submit_rate) VALUES ($1, $1, $2, $2, $3, $4, $5, $6) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(now)
-        .bind(as_i64(caps.max_running_shards))
-        .bind(as_i64(caps.max_shards_per_day))
-        .bind(as_i64(caps.max_cpu_seconds_per_day))
-        .bind(caps.submit_rate)
-        .execute(&mut *tx)
-        .await
-        .doing("creating a tenant")?
-        .rows_affected()
-            > 0;
+        // Its own pool carries its name: a name a pool has already is taken.
+        let pool: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM pools WHERE name = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .doing("creating a tenant")?;
+        let made = pool.is_none()
+            && sqlx::query(
+                "INSERT INTO tenants (id, name, created_at, updated_at, max_running_shards, max_shards_per_day, \
+                 max_cpu_seconds_per_day, submit_rate, weight) VALUES ($1, $1, $2, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(as_i64(caps.max_running_shards))
+            .bind(as_i64(caps.max_shards_per_day))
+            .bind(as_i64(caps.max_cpu_seconds_per_day))
+            .bind(caps.submit_rate)
+            .bind(i64::from(caps.weight.unwrap_or(1).max(1)))
+            .execute(&mut *tx)
+            .await
+            .doing("creating a tenant")?
+            .rows_affected()
+                > 0;
         if made {
+            sqlx::query(
+                "INSERT INTO pools (name, tenant_id, shared, created_at) VALUES ($1, $1, 0, $2)",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .doing("creating a tenant's pool")?;
             let details = serde_json::json!({ "tenant": id, "caps": caps });
             let entries = [super::DEFAULT_TENANT, id]
                 .into_iter()
@@ -107,6 +124,11 @@ impl Store {
                 sql.push(&format!(", {column} = NULL"));
             }
         }
+        if let Some(w) = caps.weight {
+            sql.push(", weight = ").bind(i64::from(w.max(1)));
+        } else if clear.contains(&"weight") {
+            sql.push(", weight = 1");
+        }
         if let Some(r) = caps.submit_rate {
             sql.push(", submit_rate = ").bind(r);
         } else if clear.contains(&"submit_rate") {
@@ -141,7 +163,7 @@ impl Store {
     pub async fn tenant_caps(&self, id: &str) -> Result<Option<(i64, TenantCaps)>, StoreError> {
         let row = sqlx::query(
             "SELECT created_at, max_running_shards, max_shards_per_day, max_cpu_seconds_per_day, \
-             submit_rate FROM tenants WHERE id = $1",
+             submit_rate, CASE WHEN weight = 1 THEN NULL ELSE weight END AS weight FROM tenants WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.read)
@@ -175,6 +197,16 @@ impl Store {
             shards_today: n("shards")?.max(0).unsigned_abs(),
             cpu_seconds_today: n("cpu")? as f64 / 1000.0,
         })
+    }
+
+    /// Tenants with a cap on CPU seconds a day, and the cap.
+    pub async fn cpu_capped_tenants(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT id, max_cpu_seconds_per_day FROM tenants WHERE max_cpu_seconds_per_day IS NOT NULL",
+        )
+        .fetch_all(&self.read)
+        .await
+        .doing("reading tenants' caps")
     }
 
     pub async fn tenant_view(&self, id: &str) -> Result<Option<TenantView>, StoreError> {
@@ -235,6 +267,96 @@ impl Store {
                 .fetch_optional(&self.read)
                 .await
                 .doing("reading a blob's owner")?;
+        Ok(row.is_some())
+    }
+}
+
+impl Store {
+    /// Make a pool of `tenant` (audited as `pool.created` in its log); `false` when the name
+    /// is taken (by a pool or a tenant).
+    pub async fn create_pool(
+        &self,
+        name: &str,
+        tenant: &str,
+        shared: bool,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await.doing("creating a pool")?;
+        let taken: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM tenants WHERE id = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .doing("creating a pool")?;
+        let made = taken.is_none()
+            && sqlx::query(
+                "INSERT INTO pools (name, tenant_id, shared, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(tenant)
+            .bind(i64::from(shared))
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .doing("creating a pool")?
+            .rows_affected()
+                > 0;
+        if made {
+            let entry = Entry::new(tenant, actor, Action::PoolCreated)
+                .details(serde_json::json!({ "pool": name, "shared": shared }));
+            self.append_audit(&mut tx, vec![entry], now).await?;
+        }
+        tx.commit().await.doing("creating a pool")?;
+        Ok(made)
+    }
+
+    /// Pools `tenant` may use (its own and the shared ones), or every pool (`None`).
+    pub async fn list_pools(&self, tenant: Option<&str>) -> Result<Vec<PoolView>, StoreError> {
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT p.name, p.tenant_id, p.shared, p.created_at, \
+             (SELECT COUNT(*) FROM agents a WHERE a.pool = p.name AND a.state = $1) \
+             FROM pools p WHERE CAST($2 AS TEXT) IS NULL OR p.shared = 1 OR p.tenant_id = $2 ORDER BY p.name",
+        )
+        .bind(AgentState::Online.as_str())
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await
+        .doing("listing pools")?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, tenant, shared, created_at, online)| PoolView {
+                name,
+                tenant,
+                shared: shared != 0,
+                created_at,
+                agents_online: online.max(0).unsigned_abs(),
+            })
+            .collect())
+    }
+
+    /// A pool by name, if `tenant` may use it (its own, or shared).
+    pub async fn usable_pool(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> = sqlx::query_as(
+            "SELECT 1 FROM pools WHERE name = $1 AND (shared = 1 OR tenant_id = $2)",
+        )
+        .bind(name)
+        .bind(tenant)
+        .fetch_optional(&self.read)
+        .await
+        .doing("reading a pool")?;
+        Ok(row.is_some())
+    }
+
+    /// Whether `tenant` owns pool `name` (its enrolment tokens may put agents in it).
+    pub async fn owns_pool(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM pools WHERE name = $1 AND tenant_id = $2")
+                .bind(name)
+                .bind(tenant)
+                .fetch_optional(&self.read)
+                .await
+                .doing("reading a pool")?;
         Ok(row.is_some())
     }
 }

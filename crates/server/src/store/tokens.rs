@@ -66,6 +66,8 @@ pub struct Principal {
     pub scopes: Vec<Scope>,
     /// When it stops working (ms), if ever.
     pub expires_at: Option<i64>,
+    /// The pool an enrolment token's agents join (`None`: the tenant's own).
+    pub pool: Option<String>,
     /// Who this is in the audit log: `agent:<id>`, or `<kind>:<token id>`.
     pub actor: String,
 }
@@ -98,6 +100,7 @@ pub struct NewToken<'a> {
     pub scopes: &'a [Scope],
     pub expires_at: Option<i64>,
     pub uses: Option<u64>,
+    pub pool: Option<&'a str>,
     pub created_by: &'a str,
 }
 
@@ -107,7 +110,7 @@ pub fn token_id(hash: &str) -> &str {
 }
 
 const TOKEN_COLUMNS: &str = "id, tenant_id, kind, agent_id, name, scopes, created_at, created_by, \
-     expires_at, revoked_at, uses_left";
+     expires_at, revoked_at, uses_left, pool";
 
 fn scopes_of(text: Option<String>) -> Vec<Scope> {
     text.map(|t| Scope::parse_list(&t).unwrap_or_default())
@@ -118,8 +121,8 @@ fn scopes_of(text: Option<String>) -> Vec<Scope> {
 async fn insert_token(tx: &mut Tx, t: &NewToken<'_>, now: i64) -> Result<Entry, StoreError> {
     let id = token_id(t.hash);
     sqlx::query(
-        "INSERT INTO tokens (hash, id, tenant_id, kind, name, scopes, created_at, created_by, expires_at, uses_left) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO tokens (hash, id, tenant_id, kind, name, scopes, created_at, created_by, expires_at, uses_left, pool) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(t.hash)
     .bind(id)
@@ -131,6 +134,7 @@ async fn insert_token(tx: &mut Tx, t: &NewToken<'_>, now: i64) -> Result<Entry, 
     .bind(t.created_by)
     .bind(t.expires_at)
     .bind(t.uses.map(|u| i64::try_from(u).unwrap_or(i64::MAX)))
+    .bind(t.pool)
     .execute(&mut **tx)
     .await
     .doing("storing a token")?;
@@ -164,6 +168,7 @@ fn view_of(row: &AnyRow) -> Result<TokenView, StoreError> {
         expires_at: row.try_get("expires_at").map_err(get)?,
         revoked_at: row.try_get("revoked_at").map_err(get)?,
         uses_left: uses.map(|u| u.max(0).unsigned_abs()),
+        pool: row.try_get("pool").map_err(get)?,
     })
 }
 
@@ -278,6 +283,7 @@ impl Store {
                 token_id: view.id,
                 scopes: view.scopes,
                 expires_at: view.expires_at,
+                pool: view.pool,
                 actor,
             },
             revoked_at: view.revoked_at,
@@ -331,6 +337,66 @@ impl Store {
         }
         tx.commit().await.doing("revoking a token")?;
         Ok(done)
+    }
+
+    /// Give `agent` a new credential `new_hash` until `expires_at`, and let its current one
+    /// (`old_id`) end by `old_until` at the latest, in one transaction (audited as
+    /// `token.created`). `false`: the old one was revoked meanwhile (no renewal).
+    pub async fn renew_agent_token(
+        &self,
+        tenant_id: &str,
+        agent_id: &str,
+        old_id: &str,
+        new_hash: &str,
+        expires_at: i64,
+        old_until: i64,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self
+            .begin_write()
+            .await
+            .doing("renewing an agent's credential")?;
+        let cut = sqlx::query(
+            "UPDATE tokens SET expires_at = CASE WHEN expires_at IS NULL OR expires_at > $1 \
+             THEN $1 ELSE expires_at END WHERE id = $2 AND agent_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(old_until)
+        .bind(old_id)
+        .bind(agent_id)
+        .execute(&mut *tx)
+        .await
+        .doing("renewing an agent's credential")?
+        .rows_affected();
+        if cut == 0 {
+            return Ok(false);
+        }
+        let id = token_id(new_hash);
+        sqlx::query(
+            "INSERT INTO tokens (hash, id, tenant_id, kind, agent_id, created_at, created_by, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(new_hash)
+        .bind(id)
+        .bind(tenant_id)
+        .bind(TokenKind::Agent.as_str())
+        .bind(agent_id)
+        .bind(now)
+        .bind(format!("agent:{agent_id}"))
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .doing("renewing an agent's credential")?;
+        let entry = Entry::new(tenant_id, format!("agent:{agent_id}"), Action::TokenCreated)
+            .agent(agent_id)
+            .details(serde_json::json!({
+                "token_id": id,
+                "kind": TokenKind::Agent.as_str(),
+                "renews": old_id,
+                "expires_at": expires_at,
+            }));
+        self.append_audit(&mut tx, vec![entry], now).await?;
+        tx.commit().await.doing("renewing an agent's credential")?;
+        Ok(true)
     }
 
     /// Spend one use of an enrolment token; `false` when it has none left.

@@ -22,7 +22,7 @@ use sqlx::{AnyConnection, AnyPool, Connection};
 use super::DbKind;
 
 /// A write transaction (see the module docs). Statements run on `&mut *tx`.
-pub(crate) struct WriteTx(sqlx::Transaction<'static, sqlx::Any>);
+pub(crate) struct WriteTx(sqlx::Transaction<'static, sqlx::Any>, DbKind);
 
 impl Deref for WriteTx {
     type Target = AnyConnection;
@@ -50,7 +50,12 @@ impl WriteTx {
                 DbKind::Postgres => pool.begin().await,
             }
         });
-        Ok(WriteTx(detached(task).await?))
+        Ok(WriteTx(detached(task).await?, kind))
+    }
+
+    /// The database it runs on.
+    pub(crate) fn kind(&self) -> DbKind {
+        self.1
     }
 
     /// Commit on a task of its own: once asked for, a commit finishes even if the caller is

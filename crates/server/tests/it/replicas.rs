@@ -30,14 +30,16 @@ async fn enroll(store: &Store, id: &str, machine: &str) {
         ..Default::default()
     };
     store
-        .enroll_agent(
-            "default",
-            id,
-            &format!("hash-{id}"),
-            &req,
-            "enroll:test",
-            false,
-        )
+        .enroll_agent(&fleetbox_server::store::Enrolment {
+            tenant_id: "default",
+            agent_id: id,
+            token_hash: &format!("hash-{id}"),
+            req: &req,
+            actor: "enroll:test",
+            own: false,
+            pool: None,
+            token_expires_at: i64::MAX,
+        })
         .await
         .unwrap();
 }
@@ -103,10 +105,7 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         let first = lease(&store, "agt_a").await;
         assert_eq!(first.len(), 2, "{db:?}");
         let reports = [ok_report(&first[0], 0), ok_report(&first[1], 1)];
-        let r: Reported = store
-            .report("default", "agt_a", &reports, POLICY)
-            .await
-            .unwrap();
+        let r: Reported = store.report("agt_a", &reports, POLICY).await.unwrap();
         assert!(r.ready.is_empty(), "{db:?}");
         let shard = store
             .shard_detail("default", "job_rep", 0)
@@ -121,10 +120,7 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         assert_eq!(second.len(), 2, "{db:?}");
         // c agrees on shard 0 and lies on shard 1.
         let reports = [ok_report(&second[0], 0), ok_report(&second[1], 41)];
-        let r = store
-            .report("default", "agt_c", &reports, POLICY)
-            .await
-            .unwrap();
+        let r = store.report("agt_c", &reports, POLICY).await.unwrap();
         assert_eq!(r.outcomes[0], SettleOutcome::Accepted, "{db:?}");
         let zero = store
             .shard_detail("default", "job_rep", 0)
@@ -163,7 +159,7 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         let third = lease(&store, "agt_b").await;
         assert_eq!(third.len(), 1, "{db:?}");
         let r = store
-            .report("default", "agt_b", &[ok_report(&third[0], 1)], POLICY)
+            .report("agt_b", &[ok_report(&third[0], 1)], POLICY)
             .await
             .unwrap();
         assert_eq!(r.ready, vec!["job_rep".to_string()], "{db:?}");
@@ -191,12 +187,12 @@ async fn replicas_go_to_distinct_agents_and_machines_and_settle_by_quorum() {
         store.insert_job(&job).await.unwrap();
         let g = lease(&store, "agt_a").await;
         store
-            .report("default", "agt_a", &[ok_report(&g[0], 1)], POLICY)
+            .report("agt_a", &[ok_report(&g[0], 1)], POLICY)
             .await
             .unwrap();
         let g = lease(&store, "agt_c").await;
         store
-            .report("default", "agt_c", &[ok_report(&g[0], 2)], POLICY)
+            .report("agt_c", &[ok_report(&g[0], 2)], POLICY)
             .await
             .unwrap();
         server_cannot_judge(&store).await;
@@ -231,7 +227,7 @@ async fn without_another_machine_the_same_machine_may_run_the_replica() {
         store.insert_job(&job).await.unwrap();
         let first = lease(&store, "agt_a").await;
         store
-            .report("default", "agt_a", &[ok_report(&first[0], 7)], POLICY)
+            .report("agt_a", &[ok_report(&first[0], 7)], POLICY)
             .await
             .unwrap();
         let second = lease(&store, "agt_b").await;
@@ -241,7 +237,7 @@ async fn without_another_machine_the_same_machine_may_run_the_replica() {
             "{db:?}: the only other agent shares the machine"
         );
         let r = store
-            .report("default", "agt_b", &[ok_report(&second[0], 7)], POLICY)
+            .report("agt_b", &[ok_report(&second[0], 7)], POLICY)
             .await
             .unwrap();
         assert_eq!(r.ready, vec!["job_one_machine".to_string()], "{db:?}");
@@ -428,7 +424,7 @@ async fn tainting_reaches_jobs_being_folded_and_waiting_for_review() {
                 .unwrap();
             assert_eq!(g.len(), 1, "{db:?}");
             store
-                .report("default", agent, &[ok_report(&g[0], value)], POLICY)
+                .report(agent, &[ok_report(&g[0], value)], POLICY)
                 .await
                 .unwrap();
         }

@@ -24,6 +24,7 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
         environment: None,
         files: Default::default(),
         backend: None,
+        pool: None,
         review: None,
         has_rules: false,
         lineage: None,

@@ -481,3 +481,199 @@ async fn caps_stop_work_with_typed_errors_and_bursts_get_429() {
         c.stop().await;
     }
 }
+
+/// Two tenants on the shared pool's two agents: A queues 20,000 shards, then B 50. B's shards
+/// all start before A has run 500 more: leases go to the tenant with the fewest running shards,
+/// not in queue order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_tenant_is_not_starved_by_a_big_one() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let a = tenant(&c, "big", TenantCaps::default()).await;
+        let b = tenant(&c, "small", TenantCaps::default()).await;
+        let (as_a, as_b) = (c.client.with_token(&a), c.client.with_token(&b));
+        let quick = |name: &str, n: u32| {
+            spec(&format!(
+                "name = \"{name}\"\ncode = \"print(1)\"\nshards = {{ count = {n} }}\naggregate = \"sum\"\n"
+            ))
+        };
+        let big = as_a.submit(&quick("big", 20_000)).await.unwrap();
+        // The shared pool's agents (enrolled with the operator's token).
+        c.agent("s1", Default::default());
+        c.agent("s2", Default::default());
+        let done = |v: &fleetbox_proto::api::JobView| {
+            v.shards.accepted + v.shards.rejected + v.shards.dead
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while done(&as_a.job(&big.id).await.unwrap()) < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "{db:?}: the big job does not run"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let small = as_b.submit(&quick("small", 50)).await.unwrap();
+        let before = done(&as_a.job(&big.id).await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = as_b.job(&small.id).await.unwrap();
+            if v.shards.queued == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{db:?}: {v:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = done(&as_a.job(&big.id).await.unwrap());
+        eprintln!(
+            "{db:?}: the big tenant ran {} shards while all 50 of the small one's started",
+            after - before
+        );
+        assert!(after - before < 500, "{db:?}: {before} → {after}");
+        as_a.cancel(&big.id).await.unwrap();
+        c.stop().await;
+    }
+}
+
+/// A tenant's own pool runs only its shards; a spec may pin a pool only its tenant may use;
+/// the shared pool serves everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_pool_runs_only_its_tenants_shards() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let a = tenant(&c, "acme", TenantCaps::default()).await;
+        let b = tenant(&c, "globex", TenantCaps::default()).await;
+        let (as_a, as_b) = (c.client.with_token(&a), c.client.with_token(&b));
+        // A's own agent, in pool `acme`.
+        let a_enroll = enroll_token(&c, "acme", None).await;
+        c.agent_with("a1", |cfg| cfg.token = a_enroll.clone());
+        let pools = as_a.pools().await.unwrap().pools;
+        let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["acme", "default"], "{db:?}: {pools:?}");
+        // B may not pin A's pool: refused at submission, naming the field.
+        let mut pinned = job("pinned", 2);
+        pinned.pool = Some("acme".into());
+        let err = as_b.submit(&pinned).await.unwrap_err();
+        assert_eq!(err.code(), Some("invalid_spec"), "{db:?}: {err}");
+        // B's job waits: no pool that serves B has an agent.
+        let waiting = as_b.submit(&job("waiting", 2)).await.unwrap();
+        // A's pinned job runs on A's agent.
+        let r = {
+            let j = as_a.submit(&pinned).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = as_a.job(&j.id).await.unwrap();
+                if v.state.is_final() {
+                    break v;
+                }
+                assert!(Instant::now() < deadline, "{db:?}: {v:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let v = as_b.job(&waiting.id).await.unwrap();
+        assert_eq!(
+            v.shards.queued, 2,
+            "{db:?}: A's agent ran B's shards: {v:?}"
+        );
+        // A shared agent comes: B's job runs on it.
+        c.agent("shared", Default::default());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = as_b.job(&waiting.id).await.unwrap();
+            if v.state.is_final() {
+                assert_eq!(v.state, JobState::Completed, "{db:?}: {v:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{db:?}: {v:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let shard = as_b.shard(&waiting.id, 0).await.unwrap();
+        let ran_on = &shard.attempts[0].agent_id;
+        let a_agent = &as_a.agents().await.unwrap().agents[0].id;
+        assert_ne!(ran_on, a_agent, "{db:?}");
+        // The audit entries of B's shards are in B's log, though the agent is the operator's.
+        let leased = as_b
+            .audit(&format!("job={}&action=shard.leased", waiting.id))
+            .await
+            .unwrap()
+            .entries;
+        assert!(!leased.is_empty(), "{db:?}");
+        // Only the operator makes shared pools.
+        let err = as_a
+            .create_pool(&fleetbox_proto::tenancy::PoolCreate {
+                name: "mine".into(),
+                shared: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("forbidden"), "{db:?}: {err}");
+        c.stop().await;
+    }
+}
+
+/// Agents' credentials expire: a live agent's heartbeats renew its own (it keeps working,
+/// under the same id, over several lifetimes); one that stops heartbeating is cut off when its
+/// credential ends, and enrols again only with a valid enrolment token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_credentials_expire_unless_heartbeats_renew_them() {
+    for db in BOTH {
+        let Some(mut c) =
+            Coordinator::start_with(db, |config| config.agent_credential_ms = 2000).await
+        else {
+            continue;
+        };
+        let enroll = enroll_token(&c, "default", None).await;
+        c.agent_with("live", |cfg| cfg.token = enroll.clone());
+        // A silent one: enrolled, then never heard from.
+        let url = c.running.url();
+        let silent = SignedAgent::enroll(&url, &enroll, "silent").await;
+        assert!(
+            silent.heartbeat(&Default::default()).await.is_ok(),
+            "{db:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5000)).await;
+        // The live agent still runs shards, under the identity it enrolled with.
+        let r = c.run(&job("after", 3), Duration::from_secs(60)).await;
+        assert_eq!(r.state, JobState::Completed, "{db:?}: {r:?}");
+        let agents = c.client.agents().await.unwrap().agents;
+        assert_eq!(agents.len(), 2, "{db:?}: re-enrolled: {agents:?}");
+        let renewals = c
+            .client
+            .audit("action=token.created&limit=5000")
+            .await
+            .unwrap()
+            .entries
+            .into_iter()
+            .filter(|e| e.details.get("renews").is_some())
+            .count();
+        assert!(
+            renewals >= 3,
+            "{db:?}: {renewals} renewals in 5 s of 2 s credentials"
+        );
+        // The silent one's credential ended.
+        let err = silent.heartbeat(&Default::default()).await.unwrap_err();
+        assert!(err.to_string().contains("expired"), "{db:?}: {err}");
+        // It could enrol again with the enrolment token, until that is revoked.
+        let id =
+            fleetbox_server::store::token_id(&fleetbox_server::ids::sha256_hex(enroll.as_bytes()))
+                .to_string();
+        c.client.revoke_token(&id).await.unwrap();
+        let err = fleetbox_client::Client::new(&url, &enroll)
+            .enroll(&fleetbox_proto::api::EnrollRequest {
+                name: "again".into(),
+                slots: 1,
+                public_key: hex::encode(silent.key.verifying_key().as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("revoked"), "{db:?}: {err}");
+        c.stop().await;
+    }
+}
