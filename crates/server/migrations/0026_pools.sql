@@ -19,3 +19,5 @@ UPDATE agents SET pool = tenant_id WHERE tenant_id <> 'default';
 ALTER TABLE tokens ADD COLUMN pool TEXT;
 ALTER TABLE tasks ADD COLUMN pool TEXT;
 ALTER TABLE tenants ADD COLUMN weight BIGINT NOT NULL DEFAULT 1;
+-- Each lease from a shared pool counts the running shards of every tenant with work.
+CREATE INDEX tasks_leased_by_tenant ON tasks (tenant_id) WHERE state = 'leased';

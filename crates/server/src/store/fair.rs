@@ -89,8 +89,9 @@ pub(super) async fn claims(
 }
 
 /// The next tenant to serve and how many of `left` shards to ask for: the claim with the
-/// lowest running shards per weight (ties: the first), as many as keep it at or below the
-/// next lowest, at least one, within its cap. `None`: no claim may take more.
+/// lowest running shards per weight (ties: the first), as many as bring it to the next
+/// lowest or its even part of `left` (whichever is more), at least one, within its cap.
+/// `None`: no claim may take more.
 pub(super) fn next(claims: &[Claim], left: u32) -> Option<(usize, u32)> {
     let room = |c: &Claim| c.cap.map_or(i64::MAX, |cap| cap - c.running);
     let share = |c: &Claim| c.running as f64 / c.weight as f64;
@@ -108,9 +109,12 @@ pub(super) fn next(claims: &[Claim], left: u32) -> Option<(usize, u32)> {
         .filter(|&&i| i != best)
         .map(|&i| share(&claims[i]))
         .fold(f64::INFINITY, f64::min);
-    // Up to the next one's share: (second - share) * weight more, at least one.
+    // Up to the next one's share: (second - share) * weight more; and at least its part of
+    // this call (`left` over the tenants open), so equal shares take a chunk each rather
+    // than one shard a statement.
+    let fair = f64::from(left.div_ceil(u32::try_from(open.len()).unwrap_or(u32::MAX)));
     let until = if second.is_finite() {
-        ((second - share(c)) * c.weight as f64).floor().max(1.0)
+        ((second - share(c)) * c.weight as f64).floor().max(fair)
     } else {
         f64::from(left)
     };
@@ -162,6 +166,12 @@ mod tests {
         // B is capped at 5: the rest go to A.
         let claims = vec![claim("a", 0, 1, None), claim("b", 0, 1, Some(5))];
         assert_eq!(hand_out(claims, 5, 4), vec![15, 5]);
+        // Ten equal tenants split a call of 200 in ten chunks of 20, not 200 steps of one.
+        let claims: Vec<Claim> = (0..10)
+            .map(|i| claim(&format!("t{i}"), 0, 1, None))
+            .collect();
+        assert_eq!(next(&claims, 200), Some((0, 20)));
+        assert_eq!(hand_out(claims, 1, 200), vec![20; 10]);
         // Everyone at its cap: nothing.
         assert_eq!(next(&[claim("a", 2, 1, Some(2))], 4), None);
         assert_eq!(next(&[], 4), None);
