@@ -21,6 +21,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use fleetbox_proto::tenancy::Scope;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::de::DeserializeOwned;
 use tower::ServiceExt as _;
@@ -50,6 +51,16 @@ pub struct Session {
     token: String,
     csrf: String,
     seen: i64,
+    /// What its token may do, as it logged in: buttons it may not use are not shown (the
+    /// API refuses them anyway).
+    scopes: Vec<Scope>,
+}
+
+impl Session {
+    /// Whether its token has `scope`.
+    pub fn may(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
 }
 
 pub fn router() -> Router<Arc<State>> {
@@ -151,14 +162,27 @@ async fn login(
         token: token.clone(),
         csrf: String::new(),
         seen: 0,
+        scopes: Vec::new(),
     };
-    match call::<serde_json::Value>(&state, &probe, Method::GET, "/v1/jobs?limit=1", None).await {
+    let may_read = call::<serde_json::Value>(&state, &probe, Method::GET, "/v1/jobs?limit=1", None);
+    match may_read.await {
         Ok(_) => {
             let id = random_hex(24);
+            let scopes = call::<fleetbox_proto::tenancy::Whoami>(
+                &state,
+                &probe,
+                Method::GET,
+                "/v1/whoami",
+                None,
+            )
+            .await
+            .map(|w| w.scopes)
+            .unwrap_or_default();
             let session = Session {
                 token,
                 csrf: random_hex(16),
                 seen: now_ms(),
+                scopes,
             };
             state
                 .panel
@@ -375,12 +399,15 @@ fn layout_markup(title: &str, session: Option<&Session>, content: Markup) -> Mar
     }
 }
 
-/// A POST form with the session's CSRF token and one button.
-pub fn action(session: &Session, to: &str, label: &str, id: &str) -> Markup {
+/// A POST form with the session's CSRF token and one button, shown only to a session whose
+/// token has `scope` (the one the API asks of the action).
+pub fn action(session: &Session, scope: Scope, to: &str, label: &str, id: &str) -> Markup {
     html! {
-        form.inline method="post" action=(to) {
-            input type="hidden" name="csrf" value=(session.csrf);
-            button id=(id) type="submit" { (label) }
+        @if session.may(scope) {
+            form.inline method="post" action=(to) {
+                input type="hidden" name="csrf" value=(session.csrf);
+                button id=(id) type="submit" { (label) }
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use fleetbox_proto::api::{
     AgentList, AuditPage, JobChain, JobList, JobResult, JobView, ReviewFlag, ReviewFlagList,
     ShardDetail,
 };
+use fleetbox_proto::tenancy::Scope;
 use maud::{Markup, PreEscaped, html};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -121,7 +122,7 @@ pub async fn jobs(
                 " " button type="submit" { "Filter" }
             }
             @let unfinished = jobs.iter().filter(|j| !j.state.is_final()).count();
-            form method="post" action="/ui/jobs/bulk" {
+            @if s.may(Scope::Submit) { form method="post" action="/ui/jobs/bulk" {
                 input type="hidden" name="csrf" value=(s.csrf);
                 input type="hidden" name="state" value=(current);
                 input type="hidden" name="q" value=(f.q.clone().unwrap_or_default());
@@ -133,7 +134,7 @@ pub async fn jobs(
                     input #bulk-priority-value name="priority" size="4";
                     " " button #bulk-priority type="submit" name="op" value="priority" { "Set" }
                 }
-            }
+            } }
             table #jobs {
                 tr { th { "Job" } th { "Name" } th { "State" } th { "Shards" } th { "Priority" } th { "Created" } }
                 @for j in &jobs {
@@ -263,11 +264,15 @@ fn submit_page(s: &Session, spec: &str, error: Option<&str>) -> Html<String> {
         html! {
             h1 { "Submit a job" }
             @if let Some(e) = error { p.error #submit-error { (e) } }
-            form method="post" action="/ui/submit" {
-                input type="hidden" name="csrf" value=(s.csrf);
-                p { textarea #spec name="spec" rows="18" cols="90" { (spec) } }
-                p { small { "A job spec in TOML (or JSON), as `fleetbox submit` takes it." } }
-                button #submit type="submit" { "Submit" }
+            @if s.may(Scope::Submit) {
+                form method="post" action="/ui/submit" {
+                    input type="hidden" name="csrf" value=(s.csrf);
+                    p { textarea #spec name="spec" rows="18" cols="90" { (spec) } }
+                    p { small { "A job spec in TOML (or JSON), as `fleetbox submit` takes it." } }
+                    button #submit type="submit" { "Submit" }
+                }
+            } @else {
+                p #submit-refused { "This token may not submit jobs (it lacks the `submit` scope)." }
             }
         },
     )
@@ -360,22 +365,24 @@ pub async fn job(
             p {
                 @if view.paused { b.error #paused { "Paused" } " " }
                 @if !view.state.is_final() {
-                    (action(&s, &format!("/ui/jobs/{}/cancel", view.id), "Cancel", "cancel")) " "
+                    (action(&s, Scope::Submit, &format!("/ui/jobs/{}/cancel", view.id), "Cancel", "cancel")) " "
                     @if view.paused {
-                        (action(&s, &format!("/ui/jobs/{}/resume", view.id), "Resume", "resume")) " "
+                        (action(&s, Scope::Submit, &format!("/ui/jobs/{}/resume", view.id), "Resume", "resume")) " "
                     } @else {
-                        (action(&s, &format!("/ui/jobs/{}/pause", view.id), "Pause", "pause")) " "
+                        (action(&s, Scope::Submit, &format!("/ui/jobs/{}/pause", view.id), "Pause", "pause")) " "
                     }
-                    form.inline method="post" action=(format!("/ui/jobs/{}/priority", view.id)) {
-                        input type="hidden" name="csrf" value=(s.csrf);
-                        "Priority " input #priority-value name="priority" size="4" value=(view.priority);
-                        " " button #priority type="submit" { "Set" }
+                    @if s.may(Scope::Submit) {
+                        form.inline method="post" action=(format!("/ui/jobs/{}/priority", view.id)) {
+                            input type="hidden" name="csrf" value=(s.csrf);
+                            "Priority " input #priority-value name="priority" size="4" value=(view.priority);
+                            " " button #priority type="submit" { "Set" }
+                        }
                     }
                     " "
                 }
-                (action(&s, &format!("/ui/jobs/{}/rerun-tainted", view.id), "Re-check results of quarantined agents", "rerun-tainted"))
+                (action(&s, Scope::Submit, &format!("/ui/jobs/{}/rerun-tainted", view.id), "Re-check results of quarantined agents", "rerun-tainted"))
                 @if view.state.is_final() && (view.shards.rejected + view.shards.dead) > 0 {
-                    " " (action(&s, &format!("/ui/jobs/{}/rerun-failed", view.id), "Re-run failed shards", "rerun-failed"))
+                    " " (action(&s, Scope::Submit, &format!("/ui/jobs/{}/rerun-failed", view.id), "Re-run failed shards", "rerun-failed"))
                 }
             }
             @if range.from.is_some() { p { a href=(format!("/ui/jobs/{}", view.id)) { "← whole job" } } }
@@ -541,9 +548,9 @@ pub async fn agents(AxState(state): AxState<Arc<State>>, LoggedIn(s): LoggedIn) 
                         td { (a.facts.hostname) " · " (a.facts.cores) " cores · Python " (a.facts.python) }
                         td {
                             @if a.quarantined.is_some() {
-                                (action(&s, &format!("/ui/agents/{}/release", a.id), "Release", &format!("release-{}", a.id)))
+                                (action(&s, Scope::Admin, &format!("/ui/agents/{}/release", a.id), "Release", &format!("release-{}", a.id)))
                             } @else {
-                                (action(&s, &format!("/ui/agents/{}/quarantine", a.id), "Quarantine", &format!("quarantine-{}", a.id)))
+                                (action(&s, Scope::Admin, &format!("/ui/agents/{}/quarantine", a.id), "Quarantine", &format!("quarantine-{}", a.id)))
                             }
                         }
                     }
@@ -631,9 +638,9 @@ pub async fn review(
                         td { (when(fl.created_at)) }
                         td {
                             @if fl.status == fleetbox_proto::FlagStatus::Open {
-                                (action(&s, &format!("/ui/review/{}/approve", fl.id), "Approve", &format!("approve-{}", fl.id)))
-                                " " (action(&s, &format!("/ui/review/{}/reject", fl.id), "Reject", &format!("reject-{}", fl.id)))
-                                " " (action(&s, &format!("/ui/review/{}/rerun", fl.id), "Re-run", &format!("rerun-{}", fl.id)))
+                                (action(&s, Scope::Review, &format!("/ui/review/{}/approve", fl.id), "Approve", &format!("approve-{}", fl.id)))
+                                " " (action(&s, Scope::Review, &format!("/ui/review/{}/reject", fl.id), "Reject", &format!("reject-{}", fl.id)))
+                                " " (action(&s, Scope::Review, &format!("/ui/review/{}/rerun", fl.id), "Re-run", &format!("rerun-{}", fl.id)))
                             }
                         }
                     }

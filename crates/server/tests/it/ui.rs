@@ -464,6 +464,47 @@ async fn the_panel_works_in_a_real_browser() {
     .await;
     web.goto(&format!("{base}/ui")).await;
     assert_eq!(h1(&web).await, "Log in");
+
+    // A read-only token sees the jobs but none of the buttons its scopes do not allow.
+    let read_only = c
+        .client
+        .create_token(&fleetbox_proto::tenancy::TokenCreate {
+            scopes: vec![fleetbox_proto::tenancy::Scope::Read],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token;
+    log_in(&web, &base, &read_only).await;
+    until(
+        "the overview, read-only",
+        Duration::from_secs(20),
+        || async { h1(&web).await == "Overview" },
+    )
+    .await;
+    web.goto(&format!("{base}/ui/jobs/{}", big.id)).await;
+    assert!(h1(&web).await.contains("big"), "{}", h1(&web).await);
+    for button in [
+        "#cancel",
+        "#pause",
+        "#resume",
+        "#priority",
+        "#rerun-failed",
+        "#rerun-tainted",
+    ] {
+        assert_eq!(
+            web.count(button).await,
+            0,
+            "{button} shown to a read-only token"
+        );
+    }
+    web.goto(&format!("{base}/ui/jobs")).await;
+    assert_eq!(web.count("#bulk-cancel").await, 0);
+    web.goto(&format!("{base}/ui/submit")).await;
+    assert_eq!(web.count("#submit").await, 0);
+    assert_eq!(web.count("#submit-refused").await, 1);
+    web.goto(&format!("{base}/ui/agents")).await;
+    assert_eq!(web.count("[id^=quarantine-]").await, 0);
     web.quit().await;
 }
 
