@@ -133,3 +133,28 @@ async def test_http_needs_an_admin_token_and_refuses_foreign_origins(coordinator
         headers["origin"] = "http://evil.example"
         r = await http.post(f"{coordinator}/mcp", json=body, headers=headers)
         assert r.status_code == 403
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_read_only_token_reads_through_mcp_and_may_not_run(coordinator, mode):
+    """Each tool calls the API with the caller's token: a token with only the `read` scope
+    lists jobs, and every tool that would run or submit code answers with the API's refusal."""
+    admin = {"authorization": f"Bearer {os.environ['FLEETBOX_TOKEN']}"}
+    async with httpx2.AsyncClient() as http:
+        r = await http.post(f"{coordinator}/v1/tokens", json={"scopes": ["read"]}, headers=admin)
+        assert r.status_code == 201, r.text
+        read_only = r.json()["token"]
+    server = streamable_http_client(
+        f"{coordinator}/mcp",
+        http_client=httpx2.AsyncClient(headers={"authorization": f"Bearer {read_only}"}),
+    )
+    async with Client(server, mode=mode, raise_exceptions=True) as client:
+        listed = await client.call_tool("list_jobs", {})
+        assert not listed.is_error, listed.content[0].text
+        for tool, args in [
+            ("run_python", {"code": "print(1)"}),
+            ("submit_job", {"spec": {"name": "x", "code": "pass", "shards": {"count": 1}}}),
+        ]:
+            r = await client.call_tool(tool, args)
+            assert r.is_error, (tool, r.content[0].text)
+            assert "`submit` scope" in r.content[0].text, (tool, r.content[0].text)
