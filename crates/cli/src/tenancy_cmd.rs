@@ -36,6 +36,9 @@ pub struct CapFlags {
     /// CPU seconds its shards may use in any 24 hours.
     #[arg(long)]
     pub max_cpu_seconds_per_day: Option<u64>,
+    /// Bytes of blobs it may own (`10GiB`): outputs, streams, files and results.
+    #[arg(long, value_parser = crate::config::parse_size)]
+    pub max_blob_bytes: Option<fleetbox_proto::ByteSize>,
     /// Submissions a second (`2`, `0.5`, `2/s`); above it `429` with `Retry-After`.
     #[arg(long, value_parser = parse_rate)]
     pub submit_rate: Option<f64>,
@@ -58,6 +61,7 @@ impl CapFlags {
             max_running_shards: self.max_running_shards,
             max_shards_per_day: self.max_shards_per_day,
             max_cpu_seconds_per_day: self.max_cpu_seconds_per_day,
+            max_blob_bytes: self.max_blob_bytes.map(|b| b.0),
             submit_rate: self.submit_rate,
             weight: self.weight,
         }
@@ -126,12 +130,18 @@ pub fn tenant(args: TenantArgs) -> anyhow::Result<ExitCode> {
 fn print_tenants(tenants: &[TenantView]) {
     let cap = |c: Option<u64>| c.map_or_else(|| "-".to_string(), |c| c.to_string());
     println!(
-        "{:<20} {:>15} {:>17} {:>19} {:>8} {:>6}",
-        "TENANT", "RUNNING/CAP", "SHARDS 24H/CAP", "CPU-S 24H/CAP", "RATE/S", "WEIGHT"
+        "{:<20} {:>15} {:>17} {:>19} {:>23} {:>8} {:>6}",
+        "TENANT",
+        "RUNNING/CAP",
+        "SHARDS 24H/CAP",
+        "CPU-S 24H/CAP",
+        "BLOB BYTES/CAP",
+        "RATE/S",
+        "WEIGHT"
     );
     for t in tenants {
         println!(
-            "{:<20} {:>15} {:>17} {:>19} {:>8} {:>6}",
+            "{:<20} {:>15} {:>17} {:>19} {:>23} {:>8} {:>6}",
             term::for_stdout(&t.id),
             format!("{}/{}", t.running_shards, cap(t.caps.max_running_shards)),
             format!("{}/{}", t.shards_today, cap(t.caps.max_shards_per_day)),
@@ -140,6 +150,7 @@ fn print_tenants(tenants: &[TenantView]) {
                 t.cpu_seconds_today,
                 cap(t.caps.max_cpu_seconds_per_day)
             ),
+            format!("{}/{}", t.blob_bytes, cap(t.caps.max_blob_bytes)),
             t.caps
                 .submit_rate
                 .map_or_else(|| "-".to_string(), |r| r.to_string()),

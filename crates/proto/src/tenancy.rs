@@ -80,6 +80,10 @@ pub struct TenantCaps {
     /// and no more of its shards are leased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cpu_seconds_per_day: Option<u64>,
+    /// Bytes of blobs it owns (outputs, streams and files its shards kept, its results); past
+    /// it, submissions are refused and no more of its shards are leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_blob_bytes: Option<u64>,
     /// Submissions (`POST /v1/jobs`, `/v1/run`) a second, per coordinator; above it `429`
     /// with `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,6 +127,9 @@ pub struct TenantView {
     pub shards_today: u64,
     /// CPU seconds its shards reported in the last 24 hours.
     pub cpu_seconds_today: f64,
+    /// Bytes of the blobs it owns.
+    #[serde(default)]
+    pub blob_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

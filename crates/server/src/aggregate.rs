@@ -501,7 +501,7 @@ async fn store_large_result(
         .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
     state
         .store
-        .own_blobs(tenant, &[&hash])
+        .own_blobs(tenant, &[(&hash, t.len() as u64)])
         .await
         .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
     Ok(Some(hash))

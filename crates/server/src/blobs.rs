@@ -57,6 +57,14 @@ impl Blobs {
         is_sha256(hash) && self.path(hash).is_file()
     }
 
+    /// A stored blob's size in bytes; `None` when it is not stored.
+    pub fn size(&self, hash: &str) -> Option<u64> {
+        if !is_sha256(hash) {
+            return None;
+        }
+        fs_err::metadata(self.path(hash)).ok().map(|m| m.len())
+    }
+
     pub fn get(&self, hash: &str) -> std::io::Result<Vec<u8>> {
         if !is_sha256(hash) {
             return Err(std::io::Error::new(

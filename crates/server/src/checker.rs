@@ -507,7 +507,11 @@ async fn run_on_server(
             let stored = crate::outputs::store(&state.blobs, v, v.to_string())
                 .map_err(|e| CheckError::Output(e.to_string()))?;
             if let Some(b) = &stored.blob {
-                state.store.own_blobs(&subject.tenant_id, &[b]).await?;
+                let bytes = state.blobs.size(b).unwrap_or_default();
+                state
+                    .store
+                    .own_blobs(&subject.tenant_id, &[(b, bytes)])
+                    .await?;
             }
             (stored.text, stored.blob, Some(stored.hash))
         }

@@ -616,6 +616,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(planner::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(planner::notify::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(quota::measure_old_blobs(state.clone()));
     let (server, local) = serve(&state, listener, addr, shutdown_rx).await?;
     tracing::info!(%addr, database = %store::redact(&url), instance = %state.instance, "coordinator listening");
     Ok(Running {

@@ -122,7 +122,10 @@ pub async fn admit_shards(
     shards: u64,
 ) -> Result<(), ApiError> {
     let caps = state.quotas.caps(state, tenant).await?;
-    if caps.max_shards_per_day.is_none() && caps.max_cpu_seconds_per_day.is_none() {
+    if caps.max_shards_per_day.is_none()
+        && caps.max_cpu_seconds_per_day.is_none()
+        && caps.max_blob_bytes.is_none()
+    {
         return Ok(());
     }
     let used = state.store.tenant_usage(tenant, now_ms()).await?;
@@ -144,10 +147,20 @@ pub async fn admit_shards(
         );
         return Err(capped(state, tenant, actor, what).await);
     }
+    if let Some(cap) = caps.max_blob_bytes
+        && used.blob_bytes >= cap
+    {
+        let what = format!(
+            "tenant `{tenant}` may keep {cap} bytes of blobs: it keeps {}",
+            used.blob_bytes
+        );
+        return Err(capped(state, tenant, actor, what).await);
+    }
     Ok(())
 }
 
-/// The tenants no lease may serve now: past their CPU seconds of the day. Worked out at most
+/// The tenants no lease may serve now: past their CPU seconds of the day or their blob bytes.
+/// Worked out at most
 /// once a second per coordinator. (Running-shard caps are counted by the lease itself, in
 /// its transaction: see `store/fair.rs`.)
 pub async fn blocked(state: &State) -> Result<Vec<String>, ApiError> {
@@ -158,19 +171,38 @@ pub async fn blocked(state: &State) -> Result<Vec<String>, ApiError> {
     }
     let now = now_ms();
     let mut list = Vec::new();
-    for (tenant, cap) in state.store.cpu_capped_tenants().await? {
-        if state
-            .store
-            .tenant_usage(&tenant, now)
-            .await?
-            .cpu_seconds_today
-            >= cap as f64
-        {
+    for (tenant, cpu, blob_bytes) in state.store.lease_capped_tenants().await? {
+        let used = state.store.tenant_usage(&tenant, now).await?;
+        let past_cpu = cpu.is_some_and(|cap| used.cpu_seconds_today >= cap as f64);
+        let past_bytes = blob_bytes.is_some_and(|cap| used.blob_bytes >= cap.max(0).unsigned_abs());
+        if past_cpu || past_bytes {
             list.push(tenant);
         }
     }
     *state.quotas.blocked.lock().expect("blocked") = Some((list.clone(), Instant::now()));
     Ok(list)
+}
+
+/// Give blob owner rows from before sizes were kept (migration 0027) their size on disk, a
+/// thousand at a time, once at start.
+pub async fn measure_old_blobs(state: std::sync::Arc<State>) {
+    loop {
+        let hashes = match state.store.unmeasured_blobs(1000).await {
+            Ok(h) if h.is_empty() => return,
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read blobs to measure");
+                return;
+            }
+        };
+        for hash in hashes {
+            let bytes = state.blobs.size(&hash).unwrap_or(0);
+            if let Err(e) = state.store.measured_blob(&hash, bytes).await {
+                tracing::warn!(error = %e, "could not record a blob's size");
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

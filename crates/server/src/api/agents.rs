@@ -561,12 +561,6 @@ pub async fn report(
         .map(|r| r.traceparent.clone())
         .collect();
     let inputs = form_reports(&state, tenant, agent, batch, key).await?;
-    let blobs: Vec<&str> = inputs
-        .iter()
-        .flat_map(|i| [&i.stdout_blob, &i.stderr_blob, &i.output_blob])
-        .filter_map(|b| b.as_deref())
-        .collect();
-    state.store.own_blobs(tenant, &blobs).await?;
     let policy = crate::store::ReportPolicy {
         backoff_base_ms: state.config.retry_backoff_ms,
         strikes_limit: state.config.quarantine_strikes.max(1) as i64,
@@ -662,7 +656,7 @@ pub async fn put_blob(
     axum::extract::Path(sha): axum::extract::Path<String>,
     req: axum::extract::Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (tenant, _) = auth.agent()?;
+    auth.agent()?;
     if !is_sha256(&sha) {
         return Err(ApiError::bad_request(
             "invalid_path",
@@ -724,7 +718,8 @@ pub async fn put_blob(
     }
     match written {
         Ok(bytes) => {
-            state.store.own_blobs(tenant, &[&sha]).await?;
+            // Owned by the tenant of the shard whose report names it, once that is stored
+            // (an agent of a shared pool runs several tenants' shards).
             Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes })))
         }
         Err(FinishError::Mismatch { actual }) => Err(ApiError::bad_request(
@@ -848,7 +843,9 @@ fn store_form(
     audit["report_sha256"] = report_sha256.into();
     audit["signature"] = signature.clone().into();
     let measures = crate::outputs::Measures::of(&report);
+    let blobs = named_blobs(state, &report, [&stdout_blob, &stderr_blob, &output_blob]);
     Ok(ReportInput {
+        blobs,
         audit,
         lease_id,
         task_id,
@@ -870,6 +867,25 @@ fn store_form(
         peak_memory: measures.peak_memory,
         bytes_out: measures.bytes_out,
     })
+}
+
+/// The blobs a report names that the store holds (its streams, its output, the files it kept),
+/// with their sizes.
+fn named_blobs(
+    state: &State,
+    report: &ExecutionReport,
+    parts: [&Option<String>; 3],
+) -> Vec<(String, u64)> {
+    let files = report.files.iter().filter_map(|f| f.sha256.as_ref());
+    let mut named: Vec<(String, u64)> = parts
+        .into_iter()
+        .flatten()
+        .chain(files)
+        .filter_map(|h| state.blobs.size(h).map(|n| (h.clone(), n)))
+        .collect();
+    named.sort();
+    named.dedup();
+    named
 }
 
 /// What the audit log keeps of a run: status, timings, memory, bytes, the files it created

@@ -21,10 +21,11 @@ use crate::ids::{sha256_hex, token};
 use crate::store::{NewToken, Principal, TokenKind, now_ms};
 
 /// Caps `clear` may name.
-const CAPS: [&str; 5] = [
+const CAPS: [&str; 6] = [
     "max_running_shards",
     "max_shards_per_day",
     "max_cpu_seconds_per_day",
+    "max_blob_bytes",
     "submit_rate",
     "weight",
 ];

@@ -204,6 +204,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0026_pools",
         include_str!("../../migrations/0026_pools.sql"),
     ),
+    (
+        "0027_blob_bytes",
+        include_str!("../../migrations/0027_blob_bytes.sql"),
+    ),
 ];
 
 #[derive(Clone)]

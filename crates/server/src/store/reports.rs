@@ -48,6 +48,9 @@ pub struct ReportInput {
     pub stdout_sha256: String,
     /// The agent's signature over the report, kept with the attempt.
     pub signature: Option<String>,
+    /// Every blob it names (streams, output, files kept) and its size: owned by the shard's
+    /// tenant once the attempt is stored.
+    pub blobs: Vec<(String, u64)>,
 }
 
 /// How reports are settled: the coordinator's settings that matter to it.
@@ -205,6 +208,16 @@ impl Store {
             now,
         };
         let inserted = self.store_attempts(&mut tx, &stored).await?;
+        let owned: Vec<(&str, &str, u64)> = valid
+            .iter()
+            .map(|&i| &reports[i])
+            .filter(|r| inserted.contains_key(&r.lease_id))
+            .flat_map(|r| {
+                let tenant = tasks[&r.task_id].tenant_id.as_str();
+                r.blobs.iter().map(move |(h, n)| (tenant, h.as_str(), *n))
+            })
+            .collect();
+        self.own_blob_rows(&mut tx, &owned, now).await?;
 
         // Settle shards, in report order. Each transition is a guarded update whose row count
         // says whether it happened: two transactions racing for one shard (a late and the

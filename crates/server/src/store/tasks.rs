@@ -559,6 +559,7 @@ mod store_tests {
 
         // A report for the first, long-expired lease is kept but changes nothing.
         let report = ReportInput {
+            blobs: Vec::new(),
             lease_id: first[0].lease_id.clone(),
             task_id: first[0].task_id,
             attempt: first[0].attempt,

@@ -17,6 +17,7 @@ pub struct Usage {
     pub running_shards: u64,
     pub shards_today: u64,
     pub cpu_seconds_today: f64,
+    pub blob_bytes: u64,
 }
 
 fn caps_of(row: &AnyRow) -> Result<TenantCaps, StoreError> {
@@ -32,6 +33,7 @@ fn caps_of(row: &AnyRow) -> Result<TenantCaps, StoreError> {
         max_running_shards: cap("max_running_shards")?,
         max_shards_per_day: cap("max_shards_per_day")?,
         max_cpu_seconds_per_day: cap("max_cpu_seconds_per_day")?,
+        max_blob_bytes: cap("max_blob_bytes")?,
         submit_rate: row.try_get("submit_rate").map_err(get)?,
         weight: cap("weight")?.map(|w| u32::try_from(w).unwrap_or(u32::MAX)),
     })
@@ -61,7 +63,8 @@ impl Store {
         let made = pool.is_none()
             && sqlx::query(
                 "INSERT INTO tenants (id, name, created_at, updated_at, max_running_shards, max_shards_per_day, \
-                 max_cpu_seconds_per_day, submit_rate, weight) VALUES ($1, $1, $2, $2, $3, $4, $5, $6, $7) \
+                 max_cpu_seconds_per_day, submit_rate, weight, max_blob_bytes) \
+                 VALUES ($1, $1, $2, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (id) DO NOTHING",
             )
             .bind(id)
@@ -71,6 +74,7 @@ impl Store {
             .bind(as_i64(caps.max_cpu_seconds_per_day))
             .bind(caps.submit_rate)
             .bind(i64::from(caps.weight.unwrap_or(1).max(1)))
+            .bind(as_i64(caps.max_blob_bytes))
             .execute(&mut *tx)
             .await
             .doing("creating a tenant")?
@@ -109,13 +113,14 @@ impl Store {
         let mut tx = self.begin_write().await.doing("updating a tenant")?;
         let mut sql = super::sql::Sql::new("UPDATE tenants SET updated_at = ");
         sql.bind(now);
-        let set: [(&str, Option<i64>); 3] = [
+        let set: [(&str, Option<i64>); 4] = [
             ("max_running_shards", as_i64(caps.max_running_shards)),
             ("max_shards_per_day", as_i64(caps.max_shards_per_day)),
             (
                 "max_cpu_seconds_per_day",
                 as_i64(caps.max_cpu_seconds_per_day),
             ),
+            ("max_blob_bytes", as_i64(caps.max_blob_bytes)),
         ];
         for (column, value) in set {
             if let Some(v) = value {
@@ -163,7 +168,7 @@ impl Store {
     pub async fn tenant_caps(&self, id: &str) -> Result<Option<(i64, TenantCaps)>, StoreError> {
         let row = sqlx::query(
             "SELECT created_at, max_running_shards, max_shards_per_day, max_cpu_seconds_per_day, \
-             submit_rate, CASE WHEN weight = 1 THEN NULL ELSE weight END AS weight FROM tenants WHERE id = $1",
+             max_blob_bytes, submit_rate, CASE WHEN weight = 1 THEN NULL ELSE weight END AS weight FROM tenants WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.read)
@@ -180,7 +185,8 @@ impl Store {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM tasks WHERE tenant_id = $1 AND state = $2) AS running, \
              (SELECT CAST(COALESCE(SUM(shard_count), 0) AS BIGINT) FROM jobs WHERE tenant_id = $1 AND created_at >= $3) AS shards, \
-             (SELECT CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT) FROM attempts WHERE tenant_id = $1 AND received_at >= $3) AS cpu",
+             (SELECT CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT) FROM attempts WHERE tenant_id = $1 AND received_at >= $3) AS cpu, \
+             (SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM blob_owners WHERE tenant_id = $1 AND bytes > 0) AS blob_bytes",
         )
         .bind(id)
         .bind(TaskState::Leased.as_str())
@@ -196,13 +202,18 @@ impl Store {
             running_shards: n("running")?.max(0).unsigned_abs(),
             shards_today: n("shards")?.max(0).unsigned_abs(),
             cpu_seconds_today: n("cpu")? as f64 / 1000.0,
+            blob_bytes: n("blob_bytes")?.max(0).unsigned_abs(),
         })
     }
 
-    /// Tenants with a cap on CPU seconds a day, and the cap.
-    pub async fn cpu_capped_tenants(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    /// Tenants with a cap that stops their leases (CPU seconds a day, blob bytes), and those
+    /// caps.
+    pub async fn lease_capped_tenants(
+        &self,
+    ) -> Result<Vec<(String, Option<i64>, Option<i64>)>, StoreError> {
         sqlx::query_as(
-            "SELECT id, max_cpu_seconds_per_day FROM tenants WHERE max_cpu_seconds_per_day IS NOT NULL",
+            "SELECT id, max_cpu_seconds_per_day, max_blob_bytes FROM tenants \
+             WHERE max_cpu_seconds_per_day IS NOT NULL OR max_blob_bytes IS NOT NULL",
         )
         .fetch_all(&self.read)
         .await
@@ -221,6 +232,7 @@ impl Store {
             running_shards: usage.running_shards,
             shards_today: usage.shards_today,
             cpu_seconds_today: usage.cpu_seconds_today,
+            blob_bytes: usage.blob_bytes,
         }))
     }
 
@@ -240,22 +252,37 @@ impl Store {
 }
 
 impl Store {
-    /// Record that `tenant` owns the blobs `hashes` (idempotent).
-    pub async fn own_blobs(&self, tenant: &str, hashes: &[&str]) -> Result<(), StoreError> {
-        if hashes.is_empty() {
+    /// Record that `tenant` owns the blobs `owned` (hash and size; idempotent).
+    pub async fn own_blobs(&self, tenant: &str, owned: &[(&str, u64)]) -> Result<(), StoreError> {
+        if owned.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
-        let mut sql =
-            super::sql::Sql::new("INSERT INTO blob_owners (tenant_id, sha256, created_at) VALUES ");
-        sql.push_rows(hashes.iter(), |row, h| {
-            row.bind(tenant).bind(*h).bind(now);
-        });
-        sql.push(" ON CONFLICT DO NOTHING");
-        sql.build()
+        let rows: Vec<(&str, &str, u64)> = owned.iter().map(|&(h, n)| (tenant, h, n)).collect();
+        let mut tx = self.begin_write().await.doing("recording a blob's owner")?;
+        self.own_blob_rows(&mut tx, &rows, now_ms()).await?;
+        tx.commit().await.doing("recording a blob's owner")
+    }
+
+    /// Blob owner rows from before sizes were kept (`bytes = -1`), at most `limit` of them.
+    pub async fn unmeasured_blobs(&self, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT sha256 FROM blob_owners WHERE bytes < 0 ORDER BY sha256 LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await
+        .doing("reading unmeasured blobs")?;
+        Ok(rows.into_iter().map(|(h,)| h).collect())
+    }
+
+    /// Set the size of a blob measured on disk (0 for one no longer there).
+    pub async fn measured_blob(&self, hash: &str, bytes: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE blob_owners SET bytes = $1 WHERE sha256 = $2 AND bytes < 0")
+            .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+            .bind(hash)
             .execute(&self.write)
             .await
-            .doing("recording a blob's owner")?;
+            .doing("measuring a blob")?;
         Ok(())
     }
 
@@ -358,5 +385,33 @@ impl Store {
                 .await
                 .doing("reading a pool")?;
         Ok(row.is_some())
+    }
+}
+
+impl Store {
+    /// Insert blob owner rows `(tenant, sha256, bytes)`; a row already there stays.
+    pub(super) async fn own_blob_rows(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        rows: &[(&str, &str, u64)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for chunk in rows.chunks(self.rows_per_statement(4)) {
+            let mut sql = super::sql::Sql::new(
+                "INSERT INTO blob_owners (tenant_id, sha256, created_at, bytes) VALUES ",
+            );
+            sql.push_rows(chunk.iter(), |row, &(tenant, hash, bytes)| {
+                row.bind(tenant)
+                    .bind(hash)
+                    .bind(now)
+                    .bind(i64::try_from(bytes).unwrap_or(i64::MAX));
+            });
+            sql.push(" ON CONFLICT DO NOTHING");
+            sql.build()
+                .execute(&mut *conn)
+                .await
+                .doing("recording a blob's owner")?;
+        }
+        Ok(())
     }
 }

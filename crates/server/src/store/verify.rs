@@ -672,6 +672,7 @@ mod tests {
         assert_eq!(error_rate(ERROR_RATE_AFTER - 1, ERROR_RATE_AFTER - 1), 0.0);
         assert!((error_rate(20, 3) - 0.15).abs() < 1e-12);
         let report = ReportInput {
+            blobs: Vec::new(),
             lease_id: "l".into(),
             task_id: 1,
             attempt: 1,

@@ -53,6 +53,7 @@ impl Drop for Killed {
 pub fn ok_report(grant: &LeaseGrant, value: u64) -> ReportInput {
     let canonical = fleetbox_proto::canonical::canonical(&serde_json::json!(value));
     ReportInput {
+        blobs: Vec::new(),
         lease_id: grant.lease_id.clone(),
         task_id: grant.task_id,
         attempt: grant.attempt,

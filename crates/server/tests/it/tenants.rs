@@ -677,3 +677,87 @@ async fn agent_credentials_expire_unless_heartbeats_renew_them() {
         c.stop().await;
     }
 }
+
+/// Blobs belong to the tenant whose shard made them, though the operator's shared agent
+/// uploaded them; past its blob bytes a tenant's submissions are refused and its queued
+/// shards wait, until the operator lifts the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_bytes_belong_to_the_shards_tenant_and_cap_its_work() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let hoard = tenant(
+            &c,
+            "hoard",
+            TenantCaps {
+                max_blob_bytes: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .await;
+        let as_hoard = c.client.with_token(&hoard);
+        c.agent("shared", Default::default());
+        let first = as_hoard.submit(&job("first", 2)).await.unwrap();
+        let done = wait_final(&as_hoard, &first.id).await;
+        assert_eq!(done.state, JobState::Completed, "{db:?}: {done:?}");
+        // Its 40,000 bytes of stderr (the same in both shards: one blob) are the tenant's.
+        let shard = as_hoard.shard(&first.id, 0).await.unwrap();
+        let sha = shard.attempts[0]
+            .stderr_blob
+            .clone()
+            .expect("a stderr blob");
+        let bytes = as_hoard.get_blob(&sha).await.unwrap();
+        assert_eq!(bytes.len(), 40_000, "{db:?}");
+        let err = c.client.get_blob(&sha).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some("not_found"),
+            "{db:?}: the agent's tenant owns it"
+        );
+        let view = as_hoard.tenant("hoard").await.unwrap();
+        assert_eq!(view.blob_bytes, 40_000, "{db:?}: {view:?}");
+
+        // A job waits with no agent; the operator lowers the cap under what it keeps.
+        c.stop_agents().await;
+        let queued = as_hoard.submit(&job("queued", 1)).await.unwrap();
+        let lower = fleetbox_proto::tenancy::TenantUpdate {
+            caps: TenantCaps {
+                max_blob_bytes: Some(30_000),
+                ..Default::default()
+            },
+            clear: Vec::new(),
+        };
+        c.client.update_tenant("hoard", &lower).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let err = as_hoard.submit(&job("refused", 1)).await.unwrap_err();
+        assert_eq!(err.code(), Some("quota_exceeded"), "{db:?}: {err}");
+        assert!(err.to_string().contains("bytes of blobs"), "{db:?}: {err}");
+        // An agent comes: the queued shard is not leased while the tenant is over.
+        c.agent("shared2", Default::default());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v = as_hoard.job(&queued.id).await.unwrap();
+        assert_eq!(v.shards.queued, 1, "{db:?}: leased past the cap: {v:?}");
+        // Lifted: it runs.
+        let lift = fleetbox_proto::tenancy::TenantUpdate {
+            clear: vec!["max_blob_bytes".into()],
+            ..Default::default()
+        };
+        c.client.update_tenant("hoard", &lift).await.unwrap();
+        let done = wait_final(&as_hoard, &queued.id).await;
+        assert_eq!(done.state, JobState::Completed, "{db:?}: {done:?}");
+        c.stop().await;
+    }
+}
+
+async fn wait_final(client: &fleetbox_client::Client, id: &str) -> fleetbox_proto::api::JobView {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = client.job(id).await.unwrap();
+        if v.state.is_final() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

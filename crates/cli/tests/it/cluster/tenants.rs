@@ -45,9 +45,12 @@ async fn tenants_and_tokens_from_the_command_line() {
             "2",
             "--submit-rate",
             "5/s",
+            "--max-blob-bytes",
+            "1GiB",
         ],
     ));
     assert!(made.contains("acme") && made.contains("0/2"), "{made}");
+    assert!(made.contains("0/1073741824"), "{made}");
     // The secret alone on stdout, what it is on stderr.
     let out = fleetbox(
         &c,
