@@ -16,7 +16,7 @@ use fleetbox_proto::tenancy::TenantCaps;
 use crate::State;
 use crate::api::ApiError;
 use crate::store::audit::{Action, Entry};
-use crate::store::now_ms;
+use crate::store::{StoreError, now_ms};
 
 /// How long a tenant's caps are believed without reading them again.
 const CAPS_FOR: Duration = Duration::from_secs(1);
@@ -54,7 +54,7 @@ impl Bucket {
 }
 
 impl Quotas {
-    async fn caps(&self, state: &State, tenant: &str) -> Result<TenantCaps, ApiError> {
+    async fn caps(&self, state: &State, tenant: &str) -> Result<TenantCaps, StoreError> {
         if let Some((caps, at)) = self.caps.lock().expect("caps").get(tenant)
             && at.elapsed() < CAPS_FOR
         {
@@ -86,14 +86,13 @@ impl Quotas {
     }
 }
 
-/// A refusal by a cap: `403 quota_exceeded` (not worth retrying soon), audited.
-async fn capped(state: &State, tenant: &str, actor: &str, what: String) -> ApiError {
+/// Record in `tenant`'s log that a cap refused `actor` (`tenant.capped`).
+pub async fn record_capped(state: &State, tenant: &str, actor: &str, why: &str) {
     let entry =
-        Entry::new(tenant, actor, Action::TenantCapped).details(serde_json::json!({ "why": what }));
+        Entry::new(tenant, actor, Action::TenantCapped).details(serde_json::json!({ "why": why }));
     if let Err(e) = state.store.audit(vec![entry]).await {
         tracing::error!(error = %e, "could not record a cap");
     }
-    ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", what)
 }
 
 /// Whether `tenant` may submit now: `429 rate_limited` with `Retry-After` above its submit
@@ -114,54 +113,65 @@ pub async fn admit_rate(state: &State, tenant: &str) -> Result<(), ApiError> {
     })
 }
 
-/// Whether `tenant` may add `shards` shards now: its shards and CPU seconds of the last day.
+/// Whether `tenant` may add `shards` shards now: `403 quota_exceeded` (audited) past its
+/// shards or CPU seconds of the last day or its blob bytes.
 pub async fn admit_shards(
     state: &State,
     tenant: &str,
     actor: &str,
     shards: u64,
 ) -> Result<(), ApiError> {
+    let Some(why) = over_caps(state, tenant, shards).await? else {
+        return Ok(());
+    };
+    record_capped(state, tenant, actor, &why).await;
+    Err(ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", why))
+}
+
+/// Why `tenant` may not add `shards` shards now; `None` when it may. Submissions, re-runs
+/// and follow-up jobs all pass here.
+pub async fn over_caps(
+    state: &State,
+    tenant: &str,
+    shards: u64,
+) -> Result<Option<String>, StoreError> {
     let caps = state.quotas.caps(state, tenant).await?;
     if caps.max_shards_per_day.is_none()
         && caps.max_cpu_seconds_per_day.is_none()
         && caps.max_blob_bytes.is_none()
     {
-        return Ok(());
+        return Ok(None);
     }
     let used = state.store.tenant_usage(tenant, now_ms()).await?;
     if let Some(cap) = caps.max_shards_per_day
         && used.shards_today.saturating_add(shards) > cap
     {
-        let what = format!(
+        return Ok(Some(format!(
             "tenant `{tenant}` may submit {cap} shards a day: {} in the last 24 hours, {shards} more asked",
             used.shards_today
-        );
-        return Err(capped(state, tenant, actor, what).await);
+        )));
     }
     if let Some(cap) = caps.max_cpu_seconds_per_day
         && used.cpu_seconds_today >= cap as f64
     {
-        let what = format!(
+        return Ok(Some(format!(
             "tenant `{tenant}` may use {cap} CPU seconds a day: {:.1} used in the last 24 hours",
             used.cpu_seconds_today
-        );
-        return Err(capped(state, tenant, actor, what).await);
+        )));
     }
     if let Some(cap) = caps.max_blob_bytes
         && used.blob_bytes >= cap
     {
-        let what = format!(
+        return Ok(Some(format!(
             "tenant `{tenant}` may keep {cap} bytes of blobs: it keeps {}",
             used.blob_bytes
-        );
-        return Err(capped(state, tenant, actor, what).await);
+        )));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The tenants no lease may serve now: past their CPU seconds of the day or their blob bytes.
-/// Worked out at most
-/// once a second per coordinator. (Running-shard caps are counted by the lease itself, in
+/// Worked out at most once a second per coordinator. (Running-shard caps are counted by the lease itself, in
 /// its transaction: see `store/fair.rs`.)
 pub async fn blocked(state: &State) -> Result<Vec<String>, ApiError> {
     if let Some((list, at)) = &*state.quotas.blocked.lock().expect("blocked")

@@ -522,6 +522,9 @@ pub async fn rerun_failed(
         .await
         .map_err(|e| match e {
             crate::planner::ChildError::Store(e) => e.into(),
+            crate::planner::ChildError::Capped(why) => {
+                ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", why)
+            }
             why => ApiError::new(StatusCode::CONFLICT, "nothing_to_rerun", why.to_string()),
         })?;
     child.actor = principal.actor.clone();

@@ -338,6 +338,7 @@ pub async fn rerun(
         .await
         .map_err(|e| match e {
             ChildError::Store(e) => e.into(),
+            ChildError::Capped(why) => ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", why),
             why => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "cannot_rerun",

@@ -63,6 +63,9 @@ pub enum ChildError {
     Thread(String),
     #[error("the code review rejected the child's code (risk {0})")]
     Rejected(u32),
+    /// Its tenant is past a cap (shards or CPU of the day, blob bytes).
+    #[error("{0}")]
+    Capped(String),
 }
 
 /// Why a rule's expression gave no value.
@@ -707,6 +710,12 @@ pub async fn build_child(
     let mut job_plan = spec.plan().map_err(|e| ChildError::Spec(e.to_string()))?;
     if let Some(inputs) = raw_inputs {
         job_plan.inputs = inputs;
+    }
+    // A follow-up or re-run counts against its tenant's caps as a submission does.
+    let shards = job_plan.inputs.len() as u64;
+    if let Some(why) = crate::quota::over_caps(state, child.tenant, shards).await? {
+        crate::quota::record_capped(state, child.tenant, ACTOR, &why).await;
+        return Err(ChildError::Capped(why));
     }
     let reviewer = state.reviewer.clone();
     let code = job_plan.code.clone();

@@ -761,3 +761,60 @@ async fn wait_final(client: &fleetbox_client::Client, id: &str) -> fleetbox_prot
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A follow-up rule's child counts against its tenant's shards of the day as a submission
+/// does: past the cap it is not made, and the rule's failure says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_count_against_the_tenants_caps() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let chain = tenant(
+            &c,
+            "chain",
+            TenantCaps {
+                max_shards_per_day: Some(3),
+                ..Default::default()
+            },
+        )
+        .await;
+        let as_chain = c.client.with_token(&chain);
+        c.agent("shared", Default::default());
+        let parent = as_chain
+            .submit(&spec(
+                "name = \"parent\"\ncode = \"print(1)\"\nshards = { count = 2 }\naggregate = \"sum\"\n\
+                 [[followup]]\nwhen = \"true\"\nthen = { name = \"child\", code = \"print(2)\", shards = { count = 2 } }\n",
+            ))
+            .await
+            .unwrap();
+        let done = wait_final(&as_chain, &parent.id).await;
+        assert_eq!(done.state, JobState::Completed, "{db:?}: {done:?}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let failed = loop {
+            let log = as_chain
+                .audit("action=followup.failed")
+                .await
+                .unwrap()
+                .entries;
+            if let Some(e) = log.into_iter().next() {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "{db:?}: no followup.failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let why = failed.details.to_string();
+        assert!(why.contains("3 shards a day"), "{db:?}: {why}");
+        let capped = as_chain
+            .audit("action=tenant.capped")
+            .await
+            .unwrap()
+            .entries;
+        assert_eq!(capped.len(), 1, "{db:?}: {capped:?}");
+        let jobs = as_chain.jobs(None, 100).await.unwrap().jobs;
+        assert_eq!(jobs.len(), 1, "{db:?}: a child was made: {jobs:?}");
+        let view = as_chain.tenant("chain").await.unwrap();
+        assert_eq!(view.shards_today, 2, "{db:?}: {view:?}");
+        c.stop().await;
+    }
+}
