@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 pub use fleetbox_proto::prometheus::escape;
 use fleetbox_proto::prometheus::{Histogram, family};
+use fleetbox_proto::tenancy::TenantView;
 
 /// Latency buckets, seconds.
 const BUCKETS: [f64; 12] = [
@@ -165,6 +166,8 @@ pub struct Stored {
     pub flags: Vec<(String, i64)>,
     /// (name, labels) → value, from `metric_counters`.
     pub counters: Vec<(String, String, i64)>,
+    /// The tenants scraped, with their use and caps.
+    pub tenants: Vec<TenantView>,
 }
 
 /// The counter families the audit appends keep, with their help (those absent from the
@@ -223,6 +226,11 @@ pub const DATABASE_SERIES: &[&str] = &[
     "fleetbox_reports_refused_total",
     "fleetbox_agent_quarantines_total",
     "fleetbox_followups_total",
+    "fleetbox_tenant_running_shards",
+    "fleetbox_tenant_shards_24h",
+    "fleetbox_tenant_cpu_seconds_24h",
+    "fleetbox_tenant_blob_bytes",
+    "fleetbox_tenant_cap",
 ];
 
 /// The whole exposition.
@@ -246,10 +254,23 @@ pub fn server_sandbox(out: &mut String, backend: fleetbox_sandbox::Backend) {
     let _ = writeln!(out, "fleetbox_server_sandbox_weak {weak}");
 }
 
-pub fn render(stored: &Stored, registry: &Registry) -> String {
+/// The whole exposition: what the database says and, for the operator, this process's own
+/// series (`registry`); a tenant's scrape has only its own database series.
+pub fn render(stored: &Stored, registry: Option<&Registry>) -> String {
     let mut out = String::with_capacity(8192);
+    if let Some(registry) = registry {
+        process_series(&mut out, registry);
+    }
+    database_series(&mut out, stored);
+    if let Some(registry) = registry {
+        registry.write(&mut out);
+    }
+    out
+}
+
+fn process_series(out: &mut String, registry: &Registry) {
     family(
-        &mut out,
+        out,
         "fleetbox_checks_abandoned_total",
         "counter",
         "Server re-checks given up after repeated failures (settled inconclusive, flagged), by this coordinator.",
@@ -262,7 +283,7 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     family(
-        &mut out,
+        out,
         "fleetbox_audit_ship_failures_total",
         "counter",
         "Tries to ship an audit checkpoint (--audit-ship) that the sink refused, by this coordinator; each is tried again at the next checkpoint.",
@@ -274,8 +295,12 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
             .audit_ship_failures
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+}
+
+fn database_series(out: &mut String, stored: &Stored) {
+    tenant_series(out, &stored.tenants);
     family(
-        &mut out,
+        out,
         "fleetbox_queue_depth",
         "gauge",
         "Shards waiting to be leased, by priority and tenant.",
@@ -288,7 +313,7 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
         );
     }
     family(
-        &mut out,
+        out,
         "fleetbox_tasks",
         "gauge",
         "Shards by state now, all jobs.",
@@ -296,19 +321,19 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
     for (state, n) in &stored.tasks {
         let _ = writeln!(out, "fleetbox_tasks{{state=\"{state}\"}} {n}");
     }
-    family(&mut out, "fleetbox_agents", "gauge", "Agents by state.");
+    family(out, "fleetbox_agents", "gauge", "Agents by state.");
     for (state, n) in &stored.agents {
         let _ = writeln!(out, "fleetbox_agents{{state=\"{}\"}} {n}", escape(state));
     }
     family(
-        &mut out,
+        out,
         "fleetbox_job_age_seconds",
         "gauge",
         "Age of the oldest job that has not finished.",
     );
     let _ = writeln!(out, "fleetbox_job_age_seconds {}", stored.job_age_seconds);
     family(
-        &mut out,
+        out,
         "fleetbox_processing_lag_seconds",
         "gauge",
         "How long the oldest shard ready to run has waited in the queue.",
@@ -319,7 +344,7 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
         stored.lag_seconds
     );
     family(
-        &mut out,
+        out,
         "fleetbox_agent_execution_total",
         "counter",
         "Results agents reported, by agent and result (reported, infrastructure_error, valid, invalid).",
@@ -332,7 +357,7 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
         );
     }
     family(
-        &mut out,
+        out,
         "fleetbox_review_flags_total",
         "counter",
         "Flags raised for the review queue, by kind.",
@@ -345,7 +370,7 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
         );
     }
     for (name, help) in COUNTERS {
-        family(&mut out, name, "counter", help);
+        family(out, name, "counter", help);
         let mut any = false;
         for (n, labels, v) in stored.counters.iter().filter(|(n, _, _)| n == name) {
             any = true;
@@ -364,8 +389,67 @@ pub fn render(stored: &Stored, registry: &Registry) -> String {
             let _ = writeln!(out, "{name} 0");
         }
     }
-    registry.write(&mut out);
-    out
+}
+
+/// Each tenant's use against its caps (`fleetbox_tenant_*`; caps as `fleetbox_tenant_cap`).
+fn tenant_series(out: &mut String, tenants: &[TenantView]) {
+    type Gauge = (&'static str, &'static str, fn(&TenantView) -> f64);
+    let gauges: [Gauge; 4] = [
+        (
+            "fleetbox_tenant_running_shards",
+            "The tenant's shards leased now.",
+            |t| t.running_shards as f64,
+        ),
+        (
+            "fleetbox_tenant_shards_24h",
+            "Shards the tenant submitted in the last 24 hours.",
+            |t| t.shards_today as f64,
+        ),
+        (
+            "fleetbox_tenant_cpu_seconds_24h",
+            "CPU seconds the tenant's shards reported in the last 24 hours.",
+            |t| t.cpu_seconds_today,
+        ),
+        (
+            "fleetbox_tenant_blob_bytes",
+            "Bytes of the blobs the tenant owns.",
+            |t| t.blob_bytes as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, "gauge", help);
+        for t in tenants {
+            let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", escape(&t.id), value(t));
+        }
+    }
+    family(
+        out,
+        "fleetbox_tenant_cap",
+        "gauge",
+        "The tenant's caps, by cap (absent: no cap).",
+    );
+    for t in tenants {
+        let c = &t.caps;
+        let caps = [
+            ("max_running_shards", c.max_running_shards.map(|v| v as f64)),
+            ("max_shards_per_day", c.max_shards_per_day.map(|v| v as f64)),
+            (
+                "max_cpu_seconds_per_day",
+                c.max_cpu_seconds_per_day.map(|v| v as f64),
+            ),
+            ("max_blob_bytes", c.max_blob_bytes.map(|v| v as f64)),
+            ("submit_rate", c.submit_rate),
+        ];
+        for (cap, v) in caps {
+            if let Some(v) = v {
+                let _ = writeln!(
+                    out,
+                    "fleetbox_tenant_cap{{tenant=\"{}\",cap=\"{cap}\"}} {v}",
+                    escape(&t.id)
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -378,7 +462,7 @@ mod tests {
         r.request("/v1/jobs", "POST", 201, 0.003);
         r.request("/v1/jobs", "POST", 201, 0.2);
         r.shard_ran("jail", 40);
-        let text = render(&Stored::default(), &r);
+        let text = render(&Stored::default(), Some(&r));
         assert!(text.contains(
             "fleetbox_http_requests_total{route=\"/v1/jobs\",method=\"POST\",status=\"201\"} 2"
         ));

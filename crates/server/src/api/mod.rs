@@ -164,16 +164,24 @@ async fn readyz(
     })))
 }
 
-/// `GET /metrics`: Prometheus text format (the operator's token: the series name every
-/// tenant and agent).
+/// `GET /metrics`: Prometheus text format. The operator's scrape has every tenant and agent
+/// and this coordinator's own series; a tenant's (a `read` token) only its own jobs, shards,
+/// flags, agents and use against its caps.
 async fn metrics(
     axum::extract::State(state): axum::extract::State<Arc<State>>,
     auth: Auth,
 ) -> Result<Response, ApiError> {
-    auth.operator()?;
-    let stored = state.store.stored_metrics(crate::store::now_ms()).await?;
-    let mut text = crate::metrics::render(&stored, &state.metrics);
-    crate::metrics::server_sandbox(&mut text, state.config.sandbox_backend);
+    let principal = auth.scope(fleetbox_proto::tenancy::Scope::Read)?;
+    let operator = principal.is_operator();
+    let tenant = (!operator).then_some(principal.tenant_id.as_str());
+    let stored = state
+        .store
+        .stored_metrics(crate::store::now_ms(), tenant)
+        .await?;
+    let mut text = crate::metrics::render(&stored, operator.then_some(&state.metrics));
+    if operator {
+        crate::metrics::server_sandbox(&mut text, state.config.sandbox_backend);
+    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -90,24 +90,64 @@ pub(super) async fn bump(
     Ok(())
 }
 
+/// Jobs not finished yet: their shards are the queue.
+const UNFINISHED: [JobState; 3] = [
+    JobState::PendingReview,
+    JobState::Running,
+    JobState::Aggregating,
+];
+
 impl Store {
-    /// Everything `/metrics` reads from the database, at `now` (ms).
-    pub async fn stored_metrics(&self, now: i64) -> Result<Stored, StoreError> {
-        let unfinished = [
-            JobState::PendingReview.as_str(),
-            JobState::Running.as_str(),
-            JobState::Aggregating.as_str(),
-        ];
-        let queue: Vec<(String, i64, i64)> = Sql::new(
+    /// Everything `/metrics` reads from the database, at `now` (ms): of every tenant, or of
+    /// `tenant` alone (its jobs, shards, flags and agents; no counters, which have no
+    /// tenant).
+    pub async fn stored_metrics(
+        &self,
+        now: i64,
+        tenant: Option<&str>,
+    ) -> Result<Stored, StoreError> {
+        let age = |t: Option<i64>| t.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        Ok(Stored {
+            queue: self.queue_depths(tenant).await?,
+            tasks: self.task_counts(tenant).await?,
+            agents: self.agent_states(tenant).await?,
+            job_age_seconds: age(self.oldest_unfinished(tenant).await?),
+            lag_seconds: age(self.oldest_ready(now, tenant).await?),
+            executions: self.executions(tenant).await?,
+            flags: self.flag_counts(tenant).await?,
+            counters: match tenant {
+                Some(_) => Vec::new(),
+                None => self.counters().await?,
+            },
+            tenants: match tenant {
+                Some(t) => self.tenant_view(t).await?.into_iter().collect(),
+                None => self.list_tenants().await?,
+            },
+        })
+    }
+
+    async fn queue_depths(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        Sql::new(
             "SELECT j.tenant_id, j.priority, CAST(SUM(c.queued) AS BIGINT) FROM jobs j \
              JOIN job_counts c ON c.job_id = j.id WHERE j.state IN (",
         )
-        .bind_list(unfinished)
-        .push(") GROUP BY j.tenant_id, j.priority ORDER BY j.tenant_id, j.priority")
+        .bind_list(UNFINISHED.map(|s| s.as_str()))
+        .push(")")
+        .and_eq("j.tenant_id", tenant)
+        .push(" GROUP BY j.tenant_id, j.priority ORDER BY j.tenant_id, j.priority")
         .build_as()
         .fetch_all(&self.read)
         .await
-        .doing("reading queue depths")?;
+        .doing("reading queue depths")
+    }
+
+    async fn task_counts(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(&'static str, i64)>, StoreError> {
         let columns = [
             "queued", "leased", "reported", "accepted", "rejected", "dead",
         ];
@@ -116,36 +156,57 @@ impl Store {
             if i > 0 {
                 sql.push(", ");
             }
-            sql.push("CAST(COALESCE(SUM(")
+            sql.push("CAST(COALESCE(SUM(c.")
                 .push(c)
                 .push("), 0) AS BIGINT)");
         }
+        sql.push(" FROM job_counts c");
+        if tenant.is_some() {
+            sql.push(" JOIN jobs j ON j.id = c.job_id WHERE 1 = 1")
+                .and_eq("j.tenant_id", tenant);
+        }
         let row: (i64, i64, i64, i64, i64, i64) = sql
-            .push(" FROM job_counts")
             .build_as()
             .fetch_one(&self.read)
             .await
             .doing("reading task counts")?;
-        let tasks = columns
+        Ok(columns
             .into_iter()
             .zip([row.0, row.1, row.2, row.3, row.4, row.5])
-            .collect();
-        let agents: Vec<(String, i64)> =
-            Sql::new("SELECT state, COUNT(*) FROM agents GROUP BY state ORDER BY state")
-                .build_as()
-                .fetch_all(&self.read)
-                .await
-                .doing("reading agent states")?;
+            .collect())
+    }
+
+    async fn agent_states(&self, tenant: Option<&str>) -> Result<Vec<(String, i64)>, StoreError> {
+        Sql::new("SELECT state, COUNT(*) FROM agents WHERE 1 = 1")
+            .and_eq("tenant_id", tenant)
+            .push(" GROUP BY state ORDER BY state")
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("reading agent states")
+    }
+
+    async fn oldest_unfinished(&self, tenant: Option<&str>) -> Result<Option<i64>, StoreError> {
         let (oldest,): (Option<i64>,) =
             Sql::new("SELECT MIN(j.created_at) FROM jobs j WHERE j.state IN (")
-                .bind_list(unfinished)
+                .bind_list(UNFINISHED.map(|s| s.as_str()))
                 .push(")")
+                .and_eq("j.tenant_id", tenant)
                 .build_as()
                 .fetch_one(&self.read)
                 .await
                 .doing("reading job ages")?;
-        // The oldest shard ready to lease now: queued (not waiting out a retry's back-off) in
-        // a running job that is not paused; walked from the front of `tasks_waiting`.
+        Ok(oldest)
+    }
+
+    /// When the oldest shard ready to lease now was queued: queued (not waiting out a retry's
+    /// back-off) in a running job that is not paused; walked from the front of
+    /// `tasks_waiting`.
+    async fn oldest_ready(
+        &self,
+        now: i64,
+        tenant: Option<&str>,
+    ) -> Result<Option<i64>, StoreError> {
         let waiting: Option<(i64,)> = Sql::new(
             "SELECT t.updated_at FROM tasks t JOIN jobs j ON j.id = t.job_id \
              WHERE t.state = 'queued' AND t.not_before <= ",
@@ -153,23 +214,37 @@ impl Store {
         .bind(now)
         .push(" AND j.state = ")
         .bind(JobState::Running.as_str())
-        .push(" AND j.paused = 0 ORDER BY t.updated_at LIMIT 1")
+        .push(" AND j.paused = 0")
+        .and_eq("j.tenant_id", tenant)
+        .push(" ORDER BY t.updated_at LIMIT 1")
         .build_as()
         .fetch_optional(&self.read)
         .await
         .doing("reading the oldest ready shard")?;
-        let waiting = waiting.map(|(t,)| t);
-        let age = |t: Option<i64>| t.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
-        let trust: Vec<(String, i64, i64, i64, i64)> = Sql::new(
+        Ok(waiting.map(|(t,)| t))
+    }
+
+    /// (agent, result, count) of the agents (of `tenant`).
+    async fn executions(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(String, &'static str, i64)>, StoreError> {
+        let mut sql = Sql::new(
             "SELECT agent_id, CAST(SUM(results) AS BIGINT), CAST(SUM(errors) AS BIGINT), \
-             CAST(SUM(valid) AS BIGINT), CAST(SUM(invalid) AS BIGINT) FROM agent_trust \
-             GROUP BY agent_id ORDER BY agent_id",
-        )
-        .build_as()
-        .fetch_all(&self.read)
-        .await
-        .doing("reading agent results")?;
-        let executions = trust
+             CAST(SUM(valid) AS BIGINT), CAST(SUM(invalid) AS BIGINT) FROM agent_trust",
+        );
+        if tenant.is_some() {
+            sql.push(" WHERE agent_id IN (SELECT id FROM agents WHERE 1 = 1")
+                .and_eq("tenant_id", tenant)
+                .push(")");
+        }
+        let trust: Vec<(String, i64, i64, i64, i64)> = sql
+            .push(" GROUP BY agent_id ORDER BY agent_id")
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("reading agent results")?;
+        Ok(trust
             .into_iter()
             .flat_map(|(agent, results, errors, valid, invalid)| {
                 [
@@ -180,28 +255,24 @@ impl Store {
                 ]
                 .map(|(r, n)| (agent.clone(), r, n))
             })
-            .collect();
-        let flags: Vec<(String, i64)> =
-            Sql::new("SELECT kind, COUNT(*) FROM review_flags GROUP BY kind ORDER BY kind")
-                .build_as()
-                .fetch_all(&self.read)
-                .await
-                .doing("reading review flags")?;
-        let counters: Vec<(String, String, i64)> =
-            Sql::new("SELECT name, labels, value FROM metric_counters ORDER BY name, labels")
-                .build_as()
-                .fetch_all(&self.read)
-                .await
-                .doing("reading counters")?;
-        Ok(Stored {
-            queue,
-            tasks,
-            agents,
-            job_age_seconds: age(oldest),
-            lag_seconds: age(waiting),
-            executions,
-            flags,
-            counters,
-        })
+            .collect())
+    }
+
+    async fn flag_counts(&self, tenant: Option<&str>) -> Result<Vec<(String, i64)>, StoreError> {
+        Sql::new("SELECT kind, COUNT(*) FROM review_flags WHERE 1 = 1")
+            .and_eq("tenant_id", tenant)
+            .push(" GROUP BY kind ORDER BY kind")
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("reading review flags")
+    }
+
+    async fn counters(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Sql::new("SELECT name, labels, value FROM metric_counters ORDER BY name, labels")
+            .build_as()
+            .fetch_all(&self.read)
+            .await
+            .doing("reading counters")
     }
 }

@@ -45,6 +45,21 @@ impl<'q> Sql<'q> {
         self
     }
 
+    /// Append ` AND {column} = $N` for `Some(value)`; nothing for `None` (a filter the caller
+    /// may or may not ask for).
+    pub(crate) fn and_eq<T>(&mut self, column: &str, value: Option<T>) -> &mut Self
+    where
+        T: 'q + Encode<'q, Any> + Type<Any>,
+    {
+        if let Some(v) = value {
+            self.text.push_str(" AND ");
+            self.text.push_str(column);
+            self.text.push_str(" = ");
+            self.bind(v);
+        }
+        self
+    }
+
     /// Append `$a, $b, ...`, one placeholder per value (for `IN (...)`).
     pub(crate) fn bind_list<T, I>(&mut self, values: I) -> &mut Self
     where

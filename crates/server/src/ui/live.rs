@@ -54,7 +54,7 @@ impl History {
 }
 
 async fn take(state: &State) -> Option<Sample> {
-    let m = state.store.stored_metrics(now_ms()).await.ok()?;
+    let m = state.store.stored_metrics(now_ms(), None).await.ok()?;
     let task = |s: TaskState| {
         m.tasks
             .iter()

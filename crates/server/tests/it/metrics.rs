@@ -378,7 +378,7 @@ async fn the_processing_lag_counts_ready_shards_only() {
         let later = t0 + 120_000;
         let lag = |m: fleetbox_server::metrics::Stored| m.lag_seconds;
         assert_eq!(
-            lag(store.stored_metrics(later).await.unwrap()),
+            lag(store.stored_metrics(later, None).await.unwrap()),
             0.0,
             "{db:?}: empty"
         );
@@ -390,7 +390,7 @@ async fn the_processing_lag_counts_ready_shards_only() {
             .pause_job("default", "job_lag", true, "admin:test")
             .await
             .unwrap();
-        let paused = store.stored_metrics(later).await.unwrap();
+        let paused = store.stored_metrics(later, None).await.unwrap();
         assert_eq!(
             lag(paused),
             0.0,
@@ -400,7 +400,7 @@ async fn the_processing_lag_counts_ready_shards_only() {
             .pause_job("default", "job_lag", false, "admin:test")
             .await
             .unwrap();
-        let waiting = lag(store.stored_metrics(later).await.unwrap());
+        let waiting = lag(store.stored_metrics(later, None).await.unwrap());
         assert!((119.0..=121.0).contains(&waiting), "{db:?}: {waiting}");
         store.close().await;
     }

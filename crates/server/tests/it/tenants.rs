@@ -818,3 +818,116 @@ async fn follow_ups_count_against_the_tenants_caps() {
         c.stop().await;
     }
 }
+
+/// `/metrics` per tenant: a tenant's read token scrapes only its own jobs, shards and use
+/// (valid exposition, nothing naming another tenant, none of the coordinator's own series);
+/// the operator's scrape has every tenant's use against its caps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_scrapes_only_its_own_metrics() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let a = tenant(
+            &c,
+            "acme",
+            TenantCaps {
+                max_blob_bytes: Some(1 << 30),
+                ..Default::default()
+            },
+        )
+        .await;
+        let b = tenant(&c, "globex", TenantCaps::default()).await;
+        c.agent("shared", Default::default());
+        let (as_a, as_b) = (c.client.with_token(&a), c.client.with_token(&b));
+        let ja = as_a.submit(&job("a", 3)).await.unwrap();
+        let jb = as_b.submit(&job("b", 5)).await.unwrap();
+        wait_final(&as_a, &ja.id).await;
+        wait_final(&as_b, &jb.id).await;
+        let scrape = |token: String| {
+            let url = format!("{}/metrics", c.running.url());
+            async move {
+                let resp = reqwest::Client::new()
+                    .get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            }
+        };
+        let (status, text) = scrape(token(&c, "acme", &[Scope::Read]).await).await;
+        assert_eq!(status, 200, "{db:?}: {text}");
+        assert!(
+            !text.contains("globex"),
+            "{db:?}: another tenant's series:\n{text}"
+        );
+        assert!(
+            !text.contains("fleetbox_http_requests_total"),
+            "{db:?}:\n{text}"
+        );
+        let value = |text: &str, series: &str| -> Option<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        };
+        assert_eq!(
+            value(&text, "fleetbox_tasks{state=\"accepted\"}"),
+            Some(3.0),
+            "{db:?}:\n{text}"
+        );
+        assert_eq!(
+            value(&text, "fleetbox_tenant_shards_24h{tenant=\"acme\"}"),
+            Some(3.0),
+            "{db:?}"
+        );
+        assert_eq!(
+            value(&text, "fleetbox_tenant_blob_bytes{tenant=\"acme\"}"),
+            Some(40_000.0),
+            "{db:?}:\n{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "fleetbox_tenant_cap{tenant=\"acme\",cap=\"max_blob_bytes\"}"
+            ),
+            Some(f64::from(1u32 << 30)),
+            "{db:?}"
+        );
+        if let Some(promtool) = crate::support::tool("promtool") {
+            use std::io::Write;
+            let mut check = std::process::Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            check
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = check.wait_with_output().unwrap();
+            assert!(out.status.success(), "promtool: {out:?}");
+        }
+        // A token without `read` may not scrape.
+        let (status, _) = scrape(token(&c, "acme", &[Scope::Submit]).await).await;
+        assert_eq!(status, 403, "{db:?}");
+        // The operator sees both tenants and its own series.
+        let (status, all) = scrape(c.running.admin_token.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            value(&all, "fleetbox_tenant_shards_24h{tenant=\"globex\"}"),
+            Some(5.0),
+            "{db:?}"
+        );
+        assert_eq!(
+            value(&all, "fleetbox_tenant_shards_24h{tenant=\"acme\"}"),
+            Some(3.0),
+            "{db:?}"
+        );
+        assert!(all.contains("fleetbox_http_requests_total"), "{db:?}");
+        c.stop().await;
+    }
+}
