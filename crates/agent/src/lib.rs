@@ -15,6 +15,7 @@ mod metrics;
 mod offload;
 pub mod outbox;
 mod review;
+mod tls;
 pub use review::ReviewPolicy;
 
 use std::collections::HashMap;
@@ -191,6 +192,9 @@ struct Identity {
     /// The key registered at enrolment (hex); another key means enrolling again.
     #[serde(default)]
     public_key: String,
+    /// The client certificate of a coordinator with `--agent-mtls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls: Option<tls::AgentCert>,
 }
 
 struct Running {
@@ -233,11 +237,32 @@ struct Shared {
     review: review::CodeReview,
     /// What `/metrics` counts.
     counters: Arc<metrics::Counters>,
+    /// The client certificate it presents (`--agent-mtls` coordinators).
+    tls: Mutex<Option<tls::AgentCert>>,
 }
 
 impl Shared {
     fn client(&self) -> Client {
         self.client.lock().expect("client").clone()
+    }
+
+    /// Present `cert` from now on, and keep it with the identity.
+    fn new_certificate(&self, cert: tls::AgentCert) {
+        let path = self.config.state_dir.join("agent.json");
+        let saved = fs_err::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Identity>(&b).ok());
+        if let Some(mut id) = saved {
+            id.tls = Some(cert.clone());
+            if let Err(e) = save_identity(&path, &id) {
+                tracing::error!(error = %e, "could not keep the new client certificate");
+            }
+        }
+        let mut client = self.client.lock().expect("client");
+        let trust = tls::trust_with(&self.config.trust, Some(&cert));
+        *client = Client::trusting(&self.config.server, client.token(), &trust);
+        *self.tls.lock().expect("tls") = Some(cert);
+        tracing::info!("client certificate renewed");
     }
 
     /// Use the credential a heartbeat renewed from now on, and keep it with the identity (a
@@ -310,8 +335,9 @@ pub async fn run(
         client: Mutex::new(Client::trusting(
             &config.server,
             &identity.agent_token,
-            &config.trust,
+            &tls::trust_with(&config.trust, identity.tls.as_ref()),
         )),
+        tls: Mutex::new(identity.tls.clone()),
         review: review::CodeReview::shipped(config.review_policy.clone()),
         agent_id: Mutex::new(identity.agent_id.clone()),
         config,
@@ -426,7 +452,8 @@ async fn rotate_key(
         source,
     };
     let new = key::fresh().map_err(state_err)?;
-    let client = Client::trusting(&config.server, &identity.agent_token, &config.trust);
+    let trust = tls::trust_with(&config.trust, identity.tls.as_ref());
+    let client = Client::trusting(&config.server, &identity.agent_token, &trust);
     client
         .rotate_key(&key::rotation(&identity.agent_id, &old, &new))
         .await
@@ -455,7 +482,17 @@ async fn identity(
         return Ok(id);
     }
     let client = Client::trusting(&config.server, &config.token, &config.trust);
+    // Over HTTPS, a key for a client certificate: a coordinator with `--agent-mtls` signs it.
+    let pending = if config.server.starts_with("https://") {
+        Some(tls::request().map_err(|e| AgentError::State {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?)
+    } else {
+        None
+    };
     let req = EnrollRequest {
+        csr: pending.as_ref().map(|(_, csr)| csr.clone()),
         name: config.name.clone(),
         labels: config.labels.clone(),
         slots: config.slots,
@@ -477,12 +514,21 @@ async fn identity(
             Err(e) => return Err(AgentError::Enroll(e)),
         }
     };
+    let tls = match (pending, resp.certificate) {
+        (Some((key_pem, _)), Some(certificate)) => Some(tls::AgentCert {
+            key_pem,
+            certificate,
+            obtained_at: now_ms(),
+        }),
+        _ => None,
+    };
     let id = Identity {
         server: config.server.clone(),
         agent_id: resp.agent_id,
         agent_token: resp.agent_token,
         heartbeat_ms: resp.heartbeat_ms,
         public_key,
+        tls,
     };
     save_identity(&path, &id).map_err(|source| AgentError::State { path, source })?;
     Ok(id)
@@ -516,16 +562,22 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
                     start_task(&shared, &sandbox, task);
                 }
             }
-            Err(e) if e.code() == Some("unauthorized") => {
-                tracing::error!(error = %e, "the coordinator no longer knows this agent; re-enrolling");
+            // Unknown, or without the client certificate a coordinator with `--agent-mtls`
+            // now asks for: enrol again.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("unauthorized" | "client_certificate_required")
+                ) =>
+            {
+                tracing::error!(error = %e, "the coordinator no longer accepts this agent; re-enrolling");
                 let _ = fs_err::remove_file(shared.config.state_dir.join("agent.json"));
                 match identity(&shared.config, &shared.key).await {
                     Ok(id) => {
-                        *shared.client.lock().expect("client") = Client::trusting(
-                            &shared.config.server,
-                            &id.agent_token,
-                            &shared.config.trust,
-                        );
+                        let trust = tls::trust_with(&shared.config.trust, id.tls.as_ref());
+                        *shared.client.lock().expect("client") =
+                            Client::trusting(&shared.config.server, &id.agent_token, &trust);
+                        *shared.tls.lock().expect("tls") = id.tls;
                         *shared.agent_id.lock().expect("agent id") = id.agent_id;
                     }
                     Err(e) => {
@@ -1063,7 +1115,16 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
         let load_outbox = waiting.len() as u64;
         running.extend(waiting);
         running.truncate(1000);
+        // Past half its life, the client certificate is renewed with a new key.
+        let renewing = shared
+            .tls
+            .lock()
+            .expect("tls")
+            .as_ref()
+            .filter(|c| c.due(now_ms()))
+            .and_then(|_| tls::request().ok());
         let req = HeartbeatRequest {
+            csr: renewing.as_ref().map(|(_, csr)| csr.clone()),
             running,
             load: AgentLoad {
                 slots: shared.config.slots,
@@ -1079,6 +1140,13 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
                 facts = None;
                 if let Some(token) = &resp.renewed_token {
                     shared.renew(token);
+                }
+                if let (Some((key_pem, _)), Some(certificate)) = (renewing, resp.certificate) {
+                    shared.new_certificate(tls::AgentCert {
+                        key_pem,
+                        certificate,
+                        obtained_at: now_ms(),
+                    });
                 }
                 let running = shared.running.lock().expect("running");
                 // Leases of reports waiting in the outbox are listed too; only runs are stopped.
@@ -1096,6 +1164,13 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Tries of the last delivery at exit, 200 ms apart.

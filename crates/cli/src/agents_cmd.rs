@@ -27,6 +27,13 @@ pub enum AgentsCommand {
         /// The agent's id (`fleetbox agents` lists them).
         id: String,
     },
+    /// Cut an agent off: its tokens stop working and its client certificates go on the CRL
+    /// (every coordinator within a second). Revoke the enrolment token it used too, or it
+    /// can enrol again.
+    Revoke {
+        /// The agent's id.
+        id: String,
+    },
     /// Mark an agent (one on gVisor, say) to run code the review decided
     /// `run_on_server_only`, which ordinary agents are never given.
     Harden {
@@ -45,6 +52,11 @@ pub fn agents(args: AgentsArgs) -> anyhow::Result<ExitCode> {
             Some(AgentsCommand::Release { id }) => {
                 client.release_agent(id).await?;
                 println!("{} released", term::for_stdout(id));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(AgentsCommand::Revoke { id }) => {
+                client.revoke_agent(id).await?;
+                println!("{} revoked", term::for_stdout(id));
                 return Ok(ExitCode::SUCCESS);
             }
             Some(AgentsCommand::Harden { id, off }) => {

@@ -207,6 +207,11 @@ pub struct TlsArgs {
     /// Another name (or address) `--tls auto`'s certificate is for; repeatable.
     #[arg(long, value_name = "NAME")]
     pub tls_name: Vec<String>,
+    /// Agents must present a client certificate signed by the coordinator's CA
+    /// (`DATA/tls/`), issued at enrolment; revoking an agent (`fleetbox agents revoke`) puts
+    /// its certificates on the CRL. Needs TLS.
+    #[arg(long)]
+    pub agent_mtls: bool,
 }
 
 impl TlsArgs {
@@ -526,6 +531,7 @@ fn server_config(
     c.review_rules = args.review_rules.clone();
     c.ca_cert = args.ca_cert.clone();
     c.tls = args.tls.setting(false);
+    c.agent_mtls = args.tls.agent_mtls;
     c.planner = args.followups.config();
     c.ai_planner_templates = args.followups.ai_planner_templates.clone();
     c.anomalies = args.followups.anomalies;
@@ -772,6 +778,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let mut cfg = server_config(&server_args, backend, sandbox.clone())?;
     cfg.tls = args.tls.setting(!args.listen.ip().is_loopback());
+    cfg.agent_mtls = args.tls.agent_mtls;
     let rt = runtime()?;
     let result = rt.block_on(async move {
         let running = fleetbox_server::start(cfg).await?;

@@ -46,6 +46,9 @@ pub enum ClientError {
     /// A `--ca-cert` file that holds no certificate.
     #[error("`--ca-cert {path}`: {detail}")]
     BadCa { path: String, detail: String },
+    /// A client certificate and key that do not load.
+    #[error("the client certificate does not load: {0}")]
+    BadIdentity(String),
     #[error("unexpected answer from `{url}`: {detail}")]
     Protocol { url: String, detail: String },
 }
@@ -58,7 +61,8 @@ impl ClientError {
             ClientError::Api { status, .. } => *status >= 500 || *status == 429,
             ClientError::Protocol { .. }
             | ClientError::Untrusted { .. }
-            | ClientError::BadCa { .. } => false,
+            | ClientError::BadCa { .. }
+            | ClientError::BadIdentity(_) => false,
         }
     }
 
@@ -78,10 +82,12 @@ pub struct Client {
 }
 
 /// Certificates trusted besides the system's: a private CA (`--ca-cert`, such as the
-/// `DATA/tls/ca.pem` a coordinator with `--tls auto` makes).
+/// `DATA/tls/ca.pem` a coordinator with `--tls auto` makes); and the client certificate to
+/// present, if any (an agent of a coordinator with `--agent-mtls`).
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
     extra: Vec<reqwest::Certificate>,
+    identity: Option<reqwest::Identity>,
 }
 
 impl Trust {
@@ -96,7 +102,21 @@ impl Trust {
         if extra.is_empty() {
             return Err(bad("no certificate in it (PEM expected)".into()));
         }
-        Ok(Trust { extra })
+        Ok(Trust {
+            extra,
+            identity: None,
+        })
+    }
+
+    /// The same, presenting the client certificate `cert_pem` with its private key `key_pem`.
+    pub fn presenting(&self, cert_pem: &str, key_pem: &str) -> Result<Trust, ClientError> {
+        let pem = format!("{cert_pem}\n{key_pem}");
+        let identity = reqwest::Identity::from_pem(pem.as_bytes())
+            .map_err(|e| ClientError::BadIdentity(e.to_string()))?;
+        Ok(Trust {
+            identity: Some(identity),
+            ..self.clone()
+        })
     }
 
     /// [`Trust::from_pem_file`] of `path`, or only the system's.
@@ -145,6 +165,9 @@ impl Client {
         for c in &trust.extra {
             builder = builder.add_root_certificate(c.clone());
         }
+        if let Some(id) = &trust.identity {
+            builder = builder.identity(id.clone());
+        }
         let http = builder
             .build()
             .expect("a reqwest client with parsed certificates always builds");
@@ -157,6 +180,10 @@ impl Client {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     /// The same coordinator with another token.
@@ -377,6 +404,16 @@ impl Client {
     }
 
     /// Let a quarantined agent lease again.
+    /// Revoke an agent's tokens and client certificates (admin scope).
+    pub async fn revoke_agent(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.post(
+            &format!("/v1/agents/{id}/revoke"),
+            &serde_json::json!({}),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     pub async fn release_agent(&self, id: &str) -> Result<serde_json::Value, ClientError> {
         self.post(
             &format!("/v1/agents/{id}/release"),

@@ -309,6 +309,10 @@ pub struct EnrollRequest {
     pub slots: u32,
     #[serde(default)]
     pub facts: MachineFacts,
+    /// A certificate signing request (PEM) for the agent's TLS key: a coordinator with
+    /// `--agent-mtls` needs one and answers with the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 /// What an agent tells the coordinator about its machine.
@@ -338,6 +342,18 @@ pub struct EnrollResponse {
     /// When the agent token stops working (ms): heartbeats renew it before then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expires_at: Option<i64>,
+    /// The agent's client certificate (PEM), signed by the coordinator's CA for the request's
+    /// key (`--agent-mtls`): present it on every call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<Certificate>,
+}
+
+/// A client certificate the coordinator issued to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Certificate {
+    pub pem: String,
+    /// When it stops being valid (ms); a heartbeat past half its life asks for a new one.
+    pub expires_at: i64,
 }
 
 /// `POST /v1/agent/lease`: up to `max_tasks`, waiting up to `wait_ms` when none is ready.
@@ -491,6 +507,10 @@ pub struct HeartbeatRequest {
     /// Sent in the first heartbeat after a (re)start: the machine may have changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<MachineFacts>,
+    /// A certificate signing request for a new client certificate, sent when the agent's
+    /// is past half its life (`--agent-mtls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -518,6 +538,9 @@ pub struct HeartbeatResponse {
     /// When the renewed token stops working (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expires_at: Option<i64>,
+    /// The new client certificate the heartbeat's `csr` asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<Certificate>,
 }
 
 /// `POST /v1/agent/reports`.

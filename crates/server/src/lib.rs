@@ -26,6 +26,7 @@ pub mod custody;
 pub mod ids;
 mod intake;
 pub mod metrics;
+pub mod mtls;
 mod outputs;
 pub mod planner;
 pub mod quota;
@@ -127,6 +128,9 @@ pub struct ServerConfig {
     pub ca_cert: Option<PathBuf>,
     /// HTTPS on the listener (`--tls-cert`/`--tls-key`, `--tls auto`); `None`: plain HTTP.
     pub tls: Option<tls::TlsSetting>,
+    /// Agents must present a client certificate from the coordinator's CA, issued at
+    /// enrolment (`--agent-mtls`; needs `tls`).
+    pub agent_mtls: bool,
     /// What result review's anomalies do to a job (`--anomalies`).
     pub anomalies: AnomalyAction,
     /// The AI planner's job templates (a directory of job specs, `*.toml`): with a model
@@ -173,6 +177,7 @@ impl ServerConfig {
             anomalies: AnomalyAction::Flag,
             ca_cert: None,
             tls: None,
+            agent_mtls: false,
             data_dir,
         }
     }
@@ -237,6 +242,8 @@ pub enum StartError {
     CaCert(String),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("`--agent-mtls` needs TLS on the listener (`--tls auto` or `--tls-cert`/`--tls-key`)")]
+    MtlsWithoutTls,
     #[error("`--audit-trusted-keys`: {0}")]
     TrustedKeys(#[from] custody::CustodyError),
     #[error(
@@ -306,6 +313,8 @@ pub struct State {
     pub panel: ui::Panel,
     /// Tenants' caps as read recently, and their submit buckets.
     pub quotas: quota::Quotas,
+    /// Agents' client certificates (`--agent-mtls`).
+    pub mtls: Option<Arc<mtls::AgentMtls>>,
 }
 
 /// A failed use of a token, as the audit log records it.
@@ -583,6 +592,13 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     let environments = environments(&config);
     let reviewer = reviewer(&config).await?;
     let ai_templates = ai_templates(&config)?;
+    let mtls = match (config.agent_mtls, &config.tls) {
+        (false, _) => None,
+        (true, None) => return Err(StartError::MtlsWithoutTls),
+        (true, Some(_)) => Some(Arc::new(mtls::AgentMtls::open(&tls::auto_dir(
+            &config.data_dir,
+        ))?)),
+    };
     let (aggregate_tx, aggregate_rx) = mpsc::unbounded_channel();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let state = Arc::new(State {
@@ -609,7 +625,15 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         metrics: metrics::Registry::default(),
         panel: ui::Panel::default(),
         quotas: quota::Quotas::default(),
+        mtls,
     });
+    if let Some(m) = &state.mtls {
+        tokio::spawn(mtls::follow_revocations(
+            state.clone(),
+            m.clone(),
+            shutdown.subscribe(),
+        ));
+    }
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
@@ -651,7 +675,8 @@ async fn serve(
         return Ok((tokio::spawn(async move { server.await }), None));
     };
     let (cert, key) = tls::files(setting, &state.config.data_dir, addr)?;
-    let config = tls::server_config(cert, key)?;
+    let clients = state.mtls.as_ref().map(|m| m.verifier());
+    let config = tls::server_config(cert, key, clients)?;
     let local_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     let local = bind(local_addr).await?;
     let local_addr = local.local_addr().map_err(|source| StartError::Bind {
@@ -664,6 +689,7 @@ async fn serve(
         .map_err(|source| StartError::Bind { addr, source })?;
     let inner = axum::serve(local, api::router(state.clone(), None))
         .with_graceful_shutdown(stopped(shutdown.clone()));
+    let app = app.into_make_service_with_connect_info::<mtls::TlsPeer>();
     let outer = axum::serve(tls, app).with_graceful_shutdown(stopped(shutdown));
     let server = tokio::spawn(async move {
         let (a, b) = tokio::join!(outer, inner);

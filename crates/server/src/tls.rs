@@ -93,9 +93,9 @@ fn auto_names(extra: &[String], listen: SocketAddr) -> Vec<String> {
     names
 }
 
-/// A CA (`ca.pem`, `ca.key`) and a server certificate it signs (`server.pem`, `server.key`)
-/// for `names`; keys are written mode 0600. An existing CA is kept (clients trust it already).
-fn make_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
+/// The CA in `dir` (`ca.pem`, `ca.key`; the key written mode 0600), made if missing: its
+/// certificate and key. An existing CA is kept (clients trust it already).
+pub fn ensure_ca(dir: &Path) -> Result<(CertificateDer<'static>, rcgen::KeyPair), TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let make = |e: rcgen::Error| TlsError::Make(e.to_string());
     let io = |path: &Path| {
@@ -122,7 +122,25 @@ fn make_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
         let ca_cert = ca.self_signed(&ca_key_pair).map_err(make)?;
         fs_err::write(&ca_pem, ca_cert.pem()).map_err(io(&ca_pem))?;
     }
-    let issuer = rcgen::Issuer::new(ca, ca_key_pair);
+    let der = CertificateDer::from_pem_slice(&fs_err::read(&ca_pem).map_err(io(&ca_pem))?)
+        .map_err(|_| TlsError::Empty {
+            path: ca_pem.clone(),
+            what: "certificate",
+        })?;
+    Ok((der, ca_key_pair))
+}
+
+/// The CA of `dir` (see [`ensure_ca`]) and a server certificate it signs (`server.pem`,
+/// `server.key`) for `names`.
+fn make_auto(dir: &Path, names: &[String]) -> Result<(), TlsError> {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let make = |e: rcgen::Error| TlsError::Make(e.to_string());
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TlsError::Read { path, source }
+    };
+    let (ca_der, ca_key) = ensure_ca(dir)?;
+    let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, ca_key).map_err(make)?;
     let key = KeyPair::generate().map_err(make)?;
     let mut params = CertificateParams::new(names.to_vec()).map_err(make)?;
     params
@@ -224,15 +242,23 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
-/// A rustls server configuration serving `cert`/`key` (reloaded on change), HTTP/1.1.
-pub fn server_config(cert: PathBuf, key: PathBuf) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// A rustls server configuration serving `cert`/`key` (reloaded on change), HTTP/1.1; with
+/// `clients`, client certificates are asked for and checked by it (`--agent-mtls`).
+pub fn server_config(
+    cert: PathBuf,
+    key: PathBuf,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let resolver = Reloading::new(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Key(e.to_string()))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    let builder = match clients {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -278,6 +304,15 @@ impl TlsListener {
             }
         });
         Ok(TlsListener { streams, addr })
+    }
+}
+
+/// Each request over HTTPS carries what the handshake verified of its client.
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for crate::mtls::TlsPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        crate::mtls::TlsPeer::of(stream.io().get_ref().1)
     }
 }
 

@@ -159,6 +159,35 @@ pub async fn quarantine(
 
 #[utoipa::path(
     post,
+    operation_id = "agents_revoke",
+    path = "/v1/agents/{id}/revoke",
+    tag = "agents",
+    summary = "Cut an agent off: revoke its tokens and client certificates (admin scope).",
+    params(("id" = String, Path, description = "the agent's id")),
+    responses((status = 200, description = "revoked", body = serde_json::Value))
+)]
+/// `POST /v1/agents/{id}/revoke`: the agent's tokens stop working and its client
+/// certificates go on the CRL, on every coordinator sharing the database within a second.
+pub async fn revoke(
+    AxState(state): AxState<Arc<State>>,
+    auth: Auth,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let principal = auth.scope(Scope::Admin)?;
+    if !state
+        .store
+        .revoke_agent(&principal.tenant_id, &id, &principal.actor)
+        .await?
+    {
+        return Err(ApiError::not_found("agent", &id));
+    }
+    state.forget_tokens();
+    tracing::warn!(agent = %id, by = %principal.actor, "agent revoked");
+    Ok(Json(serde_json::json!({ "revoked": id })))
+}
+
+#[utoipa::path(
+    post,
     operation_id = "agents_enroll",
     path = "/v1/agents/enroll",
     tag = "agent protocol",
@@ -209,6 +238,13 @@ pub async fn enroll(
     // Every report is signed: an agent without a key could not report.
     fleetbox_proto::api::parse_public_key(&req.public_key)
         .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("public_key"))?;
+    if state.mtls.is_some() && req.csr.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "this coordinator runs with --agent-mtls: enrolment needs a certificate signing request",
+        )
+        .with_field("csr"));
+    }
     // Spent only by a request that would enrol.
     if principal.kind == TokenKind::Enroll
         && !state.store.spend_enrolment(&principal.token_id).await?
@@ -236,7 +272,9 @@ pub async fn enroll(
         })
         .await?;
     tracing::info!(agent = %id, name, slots = req.slots, own, "agent enrolled");
+    let certificate = issue_certificate(&state, req.csr.as_deref(), &id, &tenant).await?;
     Ok(Json(EnrollResponse {
+        certificate,
         agent_id: id,
         agent_token: secret,
         lease_ms: state.config.lease_ms,
@@ -394,11 +432,52 @@ pub async fn heartbeat(
         .extend_leases(agent, &req.running, expires)
         .await?;
     let renewed = renew_if_due(&state, auth.principal()).await?;
+    let certificate = issue_certificate(
+        &state,
+        req.csr.as_deref(),
+        agent,
+        &auth.principal().tenant_id,
+    )
+    .await?;
     Ok(Json(HeartbeatResponse {
+        certificate,
         cancel,
         lease_expires_at: expires,
         token_expires_at: renewed.as_ref().map(|r| r.1),
         renewed_token: renewed.map(|r| r.0),
+    }))
+}
+
+/// With `--agent-mtls`, a client certificate for `agent` signed for the key of `csr`
+/// (recorded, so it can be revoked); `None` without mTLS or without a request.
+async fn issue_certificate(
+    state: &State,
+    csr: Option<&str>,
+    agent: &str,
+    tenant: &str,
+) -> Result<Option<fleetbox_proto::api::Certificate>, ApiError> {
+    let (Some(mtls), Some(csr)) = (&state.mtls, csr) else {
+        return Ok(None);
+    };
+    if csr.len() > 16 * 1024 {
+        return Err(ApiError::bad_request("invalid_body", "at most 16 KiB").with_field("csr"));
+    }
+    let signed = mtls
+        .sign(csr, agent)
+        .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("csr"))?;
+    state
+        .store
+        .record_agent_cert(&crate::store::IssuedCert {
+            fingerprint: &signed.fingerprint,
+            serial: &signed.serial,
+            agent_id: agent,
+            tenant_id: tenant,
+            expires_at: signed.expires_at,
+        })
+        .await?;
+    Ok(Some(fleetbox_proto::api::Certificate {
+        pem: signed.pem,
+        expires_at: signed.expires_at,
     }))
 }
 

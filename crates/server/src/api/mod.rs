@@ -69,6 +69,7 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/agents/enroll", post(agents::enroll))
         .route("/v1/agents/{id}/release", post(agents::release))
         .route("/v1/agents/{id}/quarantine", post(agents::quarantine))
+        .route("/v1/agents/{id}/revoke", post(agents::revoke))
         .route("/v1/agents/{id}/hardened", post(agents::hardened))
         .route("/v1/agent/lease", post(agents::lease))
         .route("/v1/agent/heartbeat", post(agents::heartbeat))
@@ -432,6 +433,21 @@ impl FromRequestParts<Arc<State>> for Auth {
                 .await;
             return Err(unauthorized("this token expired"));
         }
+        if !agent_certificate_ok(parts, state, &principal).await? {
+            state
+                .audit_token_failure(failed(
+                    &principal.tenant_id,
+                    &principal.actor,
+                    "no client certificate of this agent",
+                ))
+                .await;
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "client_certificate_required",
+                "agents must present the client certificate issued to them at enrolment \
+                 (this coordinator runs with --agent-mtls); enrol again to get one",
+            ));
+        }
         Ok(Auth {
             principal,
             state: state.clone(),
@@ -439,6 +455,32 @@ impl FromRequestParts<Arc<State>> for Auth {
             path,
         })
     }
+}
+
+/// With `--agent-mtls`, an agent's call over HTTPS must come on a connection whose client
+/// certificate was issued to that agent and is not revoked. Calls on the coordinator's plain
+/// loopback listener (its own in-process agents) carry no TLS and are not asked.
+async fn agent_certificate_ok(
+    parts: &Parts,
+    state: &Arc<State>,
+    principal: &Principal,
+) -> Result<bool, ApiError> {
+    let Some(mtls) = &state.mtls else {
+        return Ok(true);
+    };
+    if principal.kind != TokenKind::Agent {
+        return Ok(true);
+    }
+    let Some(peer) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<crate::mtls::TlsPeer>>()
+    else {
+        return Ok(true);
+    };
+    let (Some(cert), Some(agent)) = (&peer.0.cert_sha256, &principal.agent_id) else {
+        return Ok(false);
+    };
+    Ok(mtls.belongs_to(&state.store, cert, agent).await?)
 }
 
 /// A JSON body whose errors name the field and use the API's error shape.

@@ -20,7 +20,7 @@ use super::{agents, audit, jobs, review, run, tenancy};
     paths(
         jobs::status, jobs::submit, jobs::list, jobs::get_job, jobs::shards, jobs::shard,
         jobs::result, jobs::receipt, jobs::rerun_tainted, jobs::cancel, jobs::pause, jobs::resume, jobs::priority, jobs::rerun_failed, jobs::get_blob, jobs::chain,
-        agents::list, agents::release, agents::quarantine, agents::hardened, agents::enroll, agents::lease, agents::heartbeat,
+        agents::list, agents::release, agents::quarantine, agents::revoke, agents::hardened, agents::enroll, agents::lease, agents::heartbeat,
         agents::return_leases, agents::rotate_key, agents::report, agents::put_blob,
         review::review, review::flags, review::approve, review::reject, review::rerun,
         run::run,

@@ -87,6 +87,9 @@ pub enum Action {
     AgentQuarantined,
     #[serde(rename = "agent.released")]
     AgentReleased,
+    /// An admin cut an agent off: its tokens and client certificates revoked.
+    #[serde(rename = "agent.revoked")]
+    AgentRevoked,
     /// An operator marked an agent to run server-only code, or took the mark back.
     #[serde(rename = "agent.hardened")]
     AgentHardened,
@@ -139,7 +142,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 44] = [
+    pub const ALL: [Action; 45] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -167,6 +170,7 @@ impl Action {
         Action::AttemptVerified,
         Action::AgentQuarantined,
         Action::AgentReleased,
+        Action::AgentRevoked,
         Action::AgentHardened,
         Action::JobNeedsReview,
         Action::JobRerunTainted,
@@ -215,6 +219,7 @@ impl Action {
             Action::AttemptVerified => "attempt.verified",
             Action::AgentQuarantined => "agent.quarantined",
             Action::AgentReleased => "agent.released",
+            Action::AgentRevoked => "agent.revoked",
             Action::AgentHardened => "agent.hardened",
             Action::JobNeedsReview => "job.needs_review",
             Action::JobRerunTainted => "job.rerun_tainted",

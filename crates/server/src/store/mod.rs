@@ -6,6 +6,7 @@
 //! is chosen by [`DbKind`]. SQLite runs with one writer connection (WAL lets readers go on);
 //! PostgreSQL shares one pool, so several coordinators can use the same database.
 
+mod agent_certs;
 mod agents;
 pub mod audit;
 mod audit_read;
@@ -33,6 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use agent_certs::{IssuedCert, RevokedCert};
 pub(crate) use agents::parse as parse_json;
 pub use agents::{Enrolment, HARDENED};
 pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
@@ -207,6 +209,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0027_blob_bytes",
         include_str!("../../migrations/0027_blob_bytes.sql"),
+    ),
+    (
+        "0028_agent_certs",
+        include_str!("../../migrations/0028_agent_certs.sql"),
     ),
 ];
 

@@ -271,3 +271,168 @@ async fn the_listener_serves_https_and_picks_up_a_renewed_certificate() {
     assert!(matches!(err, ClientError::Untrusted { .. }), "{err}");
     c.stop().await;
 }
+
+/// A certificate request for a fresh key: the key and the request (PEM each).
+fn csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let req = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    (key.serialize_pem(), req.pem().unwrap())
+}
+
+/// `--agent-mtls`: enrolment needs a certificate request and answers with a certificate of
+/// the coordinator's CA; agent calls over HTTPS need the certificate issued to that agent (not
+/// none, not another agent's); a real agent runs jobs over it; a revoked agent's certificate
+/// fails the handshake within a second or two while other agents work on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_need_their_own_certificate_and_a_revoked_one_fails_the_handshake() {
+    use fleetbox_client::{Client, ClientError, Trust};
+    use fleetbox_proto::api::{EnrollRequest, HeartbeatRequest};
+    for db in crate::support::BOTH {
+        let Some(mut c) = Coordinator::start_with(db, |config| {
+            config.tls = Some(fleetbox_server::tls::TlsSetting::Auto { names: Vec::new() });
+            config.agent_mtls = true;
+        })
+        .await
+        else {
+            continue;
+        };
+        let url = c.running.url();
+        let trust = Trust::from_pem_file(&c.dir.path().join("tls").join("ca.pem")).unwrap();
+        let admin = Client::trusting(&url, &c.running.admin_token, &trust);
+        let enroller = Client::trusting(&url, &c.running.enroll_token, &trust);
+        let enroll = |name: &str, csr: Option<String>| EnrollRequest {
+            name: name.into(),
+            slots: 1,
+            public_key: hex::encode(
+                ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+                    .verifying_key()
+                    .as_bytes(),
+            ),
+            csr,
+            ..Default::default()
+        };
+        // No request, no enrolment; a request that is not one is refused by name.
+        let err = enroller.enroll(&enroll("bare", None)).await.unwrap_err();
+        assert_eq!(err.code(), Some("invalid_body"), "{db:?}: {err}");
+        let err = enroller
+            .enroll(&enroll("junk", Some("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into())))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("invalid_body"), "{db:?}: {err}");
+
+        let agent = |name: &'static str| {
+            let (key, req) = csr();
+            let enroller = enroller.clone();
+            let (trust, url) = (trust.clone(), url.clone());
+            async move {
+                let resp = enroller.enroll(&enroll(name, Some(req))).await.unwrap();
+                let cert = resp.certificate.expect("a certificate");
+                assert!(cert.pem.contains("BEGIN CERTIFICATE"));
+                let with = trust.presenting(&cert.pem, &key).unwrap();
+                (resp.agent_id, resp.agent_token, with, trust, url)
+            }
+        };
+        let (a_id, a_token, a_cert, plain, _) = agent("a").await;
+        let (_, b_token, b_cert, _, _) = agent("b").await;
+        let beat = HeartbeatRequest {
+            running: Vec::new(),
+            load: Default::default(),
+            facts: None,
+            csr: None,
+        };
+        let a = Client::trusting(&url, &a_token, &a_cert);
+        a.heartbeat(&beat).await.unwrap();
+        // A's token without a certificate, or with B's: refused.
+        for (who, t) in [("none", &plain), ("b's", &b_cert)] {
+            let err = Client::trusting(&url, &a_token, t)
+                .heartbeat(&beat)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.code(),
+                Some("client_certificate_required"),
+                "{db:?}: with {who} certificate: {err}"
+            );
+        }
+        // A heartbeat with a request renews the certificate; the new one works.
+        let (b_key2, b_req2) = csr();
+        let renewed = Client::trusting(&url, &b_token, &b_cert)
+            .heartbeat(&HeartbeatRequest {
+                csr: Some(b_req2),
+                ..beat.clone()
+            })
+            .await
+            .unwrap();
+        let b_cert2 = trust
+            .presenting(&renewed.certificate.expect("renewed").pem, &b_key2)
+            .unwrap();
+        Client::trusting(&url, &b_token, &b_cert2)
+            .heartbeat(&beat)
+            .await
+            .unwrap();
+        // Users present none and are served.
+        assert_eq!(admin.whoami().await.unwrap().tenant, "default");
+        // A real agent enrols over mTLS and runs a job.
+        c.agent_with("real", |config| config.trust = trust.clone());
+        let job = |name: &str| {
+            spec(&format!(
+                "name = \"{name}\"\ncode = \"print(2)\"\nshards = {{ count = 3 }}\naggregate = \"sum\"\n"
+            ))
+        };
+        let first = admin.submit(&job("first")).await.unwrap();
+        let r = wait(&admin, &first.id).await;
+        assert_eq!(r, JobState::Completed, "{db:?}");
+
+        // Revoked: a new connection with A's certificate fails the handshake.
+        admin.revoke_agent(&a_id).await.unwrap();
+        let revoked = Instant::now();
+        loop {
+            let fresh = Client::trusting(&url, &b_token, &a_cert);
+            match fresh.heartbeat(&beat).await {
+                Err(ClientError::Unreachable { .. }) => break,
+                other => {
+                    assert!(
+                        revoked.elapsed() < Duration::from_secs(3),
+                        "{db:?}: a revoked certificate still connects: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        eprintln!(
+            "{db:?}: revoked certificate refused after {:?}",
+            revoked.elapsed()
+        );
+        // B's own certificate still works, and so does the real agent.
+        Client::trusting(&url, &b_token, &b_cert)
+            .heartbeat(&beat)
+            .await
+            .unwrap();
+        let second = admin.submit(&job("second")).await.unwrap();
+        assert_eq!(
+            wait(&admin, &second.id).await,
+            JobState::Completed,
+            "{db:?}"
+        );
+        // Another tenant's or an unknown agent: 404.
+        let err = admin.revoke_agent("agt_nobody").await.unwrap_err();
+        assert_eq!(err.code(), Some("not_found"), "{db:?}");
+        let log = admin.audit("action=agent.revoked").await.unwrap().entries;
+        assert_eq!(log.len(), 1, "{db:?}");
+        c.stop().await;
+    }
+}
+
+async fn wait(client: &fleetbox_client::Client, id: &str) -> JobState {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = client.job(id).await.unwrap();
+        if v.state.is_final() {
+            return v.state;
+        }
+        assert!(Instant::now() < deadline, "{v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

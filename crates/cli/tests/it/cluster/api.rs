@@ -556,6 +556,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
     // A restarted agent's first heartbeat refreshes what the coordinator knows of its machine.
     agent
         .heartbeat(&fleetbox_proto::api::HeartbeatRequest {
+            csr: None,
             running: Vec::new(),
             load: fleetbox_proto::api::AgentLoad {
                 slots: 3,

@@ -86,3 +86,50 @@ async fn a_cluster_over_tls_auto_runs_and_strangers_are_refused() {
         .await;
     assert!(plain.is_err(), "{plain:?}");
 }
+
+/// `--agent-mtls` with real processes: two agents enrol with certificate requests and run a
+/// job; `fleetbox agents revoke` cuts one off (audited), and the fleet keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_agent_mtls_runs_and_revokes() {
+    let Some(mut c) = Cluster::start_with(Db::Sqlite, &["--tls", "auto", "--agent-mtls"]).await
+    else {
+        return;
+    };
+    c.add_agent(2);
+    c.add_agent(2);
+    let job = c.submit(SUM_SQUARES).await;
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+    let agents = c.client.agents().await.unwrap().agents;
+    assert_eq!(agents.len(), 2, "{agents:?}");
+    let out = std::process::Command::new(bin())
+        .args([
+            "agents",
+            "revoke",
+            &agents[0].id,
+            "--server",
+            &c.url(),
+            "--token",
+            ADMIN,
+        ])
+        .arg("--ca-cert")
+        .arg(c.ca())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked"));
+    let log = c
+        .client
+        .audit("action=agent.revoked")
+        .await
+        .unwrap()
+        .entries;
+    assert_eq!(log.len(), 1, "{log:?}");
+    let job = c.submit(SUM_SQUARES).await;
+    let r = c.wait(&job.id, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{r:?}");
+}
