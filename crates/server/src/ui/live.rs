@@ -53,8 +53,11 @@ impl History {
     }
 }
 
-async fn take(state: &State) -> Option<Sample> {
-    let m = state.store.stored_metrics(now_ms(), None).await.ok()?;
+/// A sample of `view`: the whole coordinator (`None`) or one tenant. A tenant's runs are its
+/// shards settled (accepted against rejected or dead), since the run counters are kept for
+/// the coordinator as a whole.
+async fn take(state: &State, view: Option<&str>) -> Option<Sample> {
+    let m = state.store.stored_metrics(now_ms(), view).await.ok()?;
     let task = |s: TaskState| {
         m.tasks
             .iter()
@@ -64,6 +67,13 @@ async fn take(state: &State) -> Option<Sample> {
     };
     // Runs reported by agents, by status (`fleetbox_runs_total`).
     let runs = |ok: bool| {
+        if view.is_some() {
+            return if ok {
+                task(TaskState::Accepted)
+            } else {
+                task(TaskState::Rejected) + task(TaskState::Dead)
+            };
+        }
         m.counters
             .iter()
             .filter(|(n, labels, _)| {
@@ -93,8 +103,11 @@ async fn take(state: &State) -> Option<Sample> {
 /// Sample the counters every [`EVERY`] until the coordinator stops.
 pub async fn sample(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     loop {
-        if let Some(s) = take(&state).await {
-            state.panel.history.lock().expect("history").push(s);
+        for view in state.panel.views() {
+            if let Some(s) = take(&state, view.as_deref()).await {
+                let mut all = state.panel.history.lock().expect("history");
+                all.entry(view).or_default().push(s);
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
@@ -179,10 +192,16 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
     .await?;
     let jobs: fleetbox_proto::api::JobList =
         call(state, session, Method::GET, "/v1/jobs?limit=1000", None).await?;
-    let now = take(state).await.unwrap_or_default();
+    let view = session.view();
+    let now = take(state, view).await.unwrap_or_default();
     let history: Vec<Sample> = {
-        let h = state.panel.history.lock().expect("history");
-        h.0.iter().cloned().chain([now.clone()]).collect()
+        let all = state.panel.history.lock().expect("history");
+        let past = all.get(&view.map(str::to_string)).map(|h| &h.0);
+        past.into_iter()
+            .flatten()
+            .cloned()
+            .chain([now.clone()])
+            .collect()
     };
     let pairs = history.windows(2);
     let throughput: Vec<f64> = pairs
@@ -229,6 +248,13 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
         *by_state.entry(j.state.as_str()).or_default() += 1;
     }
     let alerts = alerts(&history);
+    let (failure_unit, failure_words) = match view {
+        None => ("% of runs", "Runs that did not succeed"),
+        Some(_) => (
+            "% of shards settled",
+            "Your shards settled rejected or dead",
+        ),
+    };
     Ok(html! {
         div.cards {
             div.card { "Queued shards" b #queued { (now.queued) } }
@@ -250,8 +276,8 @@ pub async fn overview_fragment(state: &Arc<State>, session: &Session) -> Result<
         h2 { "Last hour (sampled every " (EVERY.as_secs()) " s on this coordinator)" }
         (chart("Queue depth", "shards", &queue))
         (chart("Throughput", "shards settled/s", &throughput))
-        (chart("Failure rate", "% of runs", &failure))
-        p { "Runs that did not succeed over the last hour: " b #failure-rate { (failure_over_hour) } " %" }
+        (chart("Failure rate", failure_unit, &failure))
+        p { (failure_words) " over the last hour: " b #failure-rate { (failure_over_hour) } " %" }
         h2 { "Agents over the last hour" }
         p { small { "Runs reported to this coordinator, per sample interval: success rate and mean run time." } }
         table #agent-charts {

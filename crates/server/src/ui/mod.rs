@@ -41,7 +41,9 @@ const IDLE_MS: i64 = 12 * 3600 * 1000;
 #[derive(Default)]
 pub struct Panel {
     sessions: Mutex<HashMap<String, Session>>,
-    pub(crate) history: Mutex<live::History>,
+    /// The last hour per view: the whole coordinator (`None`, the operator's) and each
+    /// tenant a session looks at.
+    pub(crate) history: Mutex<HashMap<Option<String>, live::History>>,
 }
 
 /// A logged-in browser: the API token it logged in with (kept here, never in the cookie) and
@@ -54,12 +56,19 @@ pub struct Session {
     /// What its token may do, as it logged in: buttons it may not use are not shown (the
     /// API refuses them anyway).
     scopes: Vec<Scope>,
+    /// Whose numbers the overview shows: every tenant's (`None`, the operator) or one's.
+    view: Option<String>,
 }
 
 impl Session {
     /// Whether its token has `scope`.
     pub fn may(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
+    }
+
+    /// Whose numbers the overview shows: every tenant's (`None`) or one tenant's.
+    pub fn view(&self) -> Option<&str> {
+        self.view.as_deref()
     }
 }
 
@@ -84,6 +93,25 @@ pub fn router() -> Router<Arc<State>> {
         .route("/ui/review/{id}/{decision}", post(pages::decide))
         .route("/ui/violations", get(pages::violations))
         .route("/ui/audit", get(pages::audit))
+}
+
+impl Panel {
+    /// The views to sample: the whole coordinator's, and each tenant's a live session shows.
+    pub(crate) fn views(&self) -> Vec<Option<String>> {
+        let now = now_ms();
+        let mut views: Vec<Option<String>> = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .filter(|s| now - s.seen < IDLE_MS)
+            .filter_map(|s| s.view.clone().map(Some))
+            .collect();
+        views.push(None);
+        views.sort();
+        views.dedup();
+        views
+    }
 }
 
 /// The session of the request's cookie; a page without one redirects to the login.
@@ -163,26 +191,31 @@ async fn login(
         csrf: String::new(),
         seen: 0,
         scopes: Vec::new(),
+        view: Some(String::new()),
     };
     let may_read = call::<serde_json::Value>(&state, &probe, Method::GET, "/v1/jobs?limit=1", None);
     match may_read.await {
         Ok(_) => {
             let id = random_hex(24);
-            let scopes = call::<fleetbox_proto::tenancy::Whoami>(
+            let me = call::<fleetbox_proto::tenancy::Whoami>(
                 &state,
                 &probe,
                 Method::GET,
                 "/v1/whoami",
                 None,
             )
-            .await
-            .map(|w| w.scopes)
-            .unwrap_or_default();
+            .await;
+            // Without an answer: no buttons, and no one's numbers.
+            let (scopes, view) = match me {
+                Ok(w) => (w.scopes, (!w.operator).then_some(w.tenant)),
+                Err(_) => (Vec::new(), Some(String::new())),
+            };
             let session = Session {
                 token,
                 csrf: random_hex(16),
                 seen: now_ms(),
                 scopes,
+                view,
             };
             state
                 .panel

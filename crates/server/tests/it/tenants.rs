@@ -931,3 +931,66 @@ async fn a_tenant_scrapes_only_its_own_metrics() {
         c.stop().await;
     }
 }
+
+/// The panel's overview for a tenant counts only that tenant's shards; the operator's counts
+/// every tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_panel_overview_counts_only_its_own_shards() {
+    let Some(c) = crate::support::Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    let a = tenant(&c, "acme", TenantCaps::default()).await;
+    let b = tenant(&c, "globex", TenantCaps::default()).await;
+    // No agent: the shards wait.
+    c.client
+        .with_token(&a)
+        .submit(&job("mine", 2))
+        .await
+        .unwrap();
+    c.client
+        .with_token(&b)
+        .submit(&job("theirs", 7))
+        .await
+        .unwrap();
+    let base = c.running.url();
+    let queued_seen_by = |token: String| {
+        let base = base.clone();
+        async move {
+            let http = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let login = http
+                .post(format!("{base}/ui/login"))
+                .form(&[("token", token.as_str()), ("next", "/ui")])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(login.status(), 303);
+            let cookie = login.headers()["set-cookie"]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string();
+            let page = http
+                .get(format!("{base}/ui"))
+                .header("cookie", &cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let at = page.find("id=\"queued\">").expect("the queued card") + 12;
+            page[at..page[at..].find('<').unwrap() + at].to_string()
+        }
+    };
+    assert_eq!(
+        queued_seen_by(token(&c, "acme", &[Scope::Read]).await).await,
+        "2"
+    );
+    assert_eq!(queued_seen_by(c.running.admin_token.clone()).await, "9");
+    c.stop().await;
+}
