@@ -86,13 +86,14 @@ def test_the_document_describes_the_whole_v1_api(bare_coordinator):
         "/v1/audit/keys",
         "/v1/jobs/{id}/receipt",
         "/v1/agents/{id}/hardened",
+        "/v1/agents/{id}/revoke",
         "/v1/tenants/{id}",
         "/v1/tokens/{id}/rotate",
         "/v1/whoami",
     ]:
         assert path in paths, path
     ops = [op for item in paths.values() for op in item.values()]
-    assert len(ops) == 49
+    assert len(ops) == 50
     ids = [op["operationId"] for op in ops]
     assert len(set(ids)) == len(ids), ids
     for op in ops:

@@ -173,7 +173,13 @@ pub enum AgentError {
     Enroll(#[source] ClientError),
     #[error("the coordinator refused the new key: {0}")]
     RotateKey(#[source] ClientError),
-    #[error("could not open the `{backend}` sandbox: {source}")]
+    #[error(
+        "this host cannot run the `{backend}` sandbox: {why} (`fleetbox doctor --backend {backend}` lists what it lacks and how to fix it)"
+    )]
+    HostCannot { backend: Backend, why: String },
+    #[error(
+        "could not open the `{backend}` sandbox: {source} (`fleetbox doctor --backend {backend}` lists what this host lacks and how to fix it)"
+    )]
     Sandbox {
         backend: Backend,
         #[source]
@@ -299,6 +305,15 @@ pub async fn run(
     let outbox_dir = config.state_dir.join("outbox");
     let outbox = Outbox::open(&outbox_dir).map_err(state_err(outbox_dir))?;
     fleetbox_sandbox::sweep_stale(&config.sandbox);
+    // Refused at start, not shard by shard: every run would end in `sandbox_error`.
+    if config.backend == Backend::Jail
+        && let Err(e) = fleetbox_sandbox::jail::host_supports_jail()
+    {
+        return Err(AgentError::HostCannot {
+            backend: config.backend,
+            why: e.to_string(),
+        });
+    }
     let sandbox: Arc<dyn Sandbox> = Arc::from(
         fleetbox_sandbox::open(config.backend, config.sandbox.clone()).map_err(|source| {
             AgentError::Sandbox {

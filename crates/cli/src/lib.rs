@@ -8,6 +8,7 @@ mod agents_cmd;
 mod audit_cmd;
 mod cluster;
 mod config;
+mod doctor_cmd;
 mod exit;
 mod image_cmd;
 mod jobs_cmd;
@@ -76,6 +77,9 @@ enum Command {
     Token(tenancy_cmd::TokenArgs),
     /// Pools of agents: `pool create|list`.
     Pool(tenancy_cmd::PoolArgs),
+    /// Whether this host can run a backend (namespaces, cgroups, seccomp, Landlock, Python,
+    /// docker, runsc), and for each miss the one-line fix.
+    Doctor(doctor_cmd::DoctorArgs),
 }
 
 /// Parse arguments, run the command, map the result to an exit code.
@@ -126,6 +130,7 @@ pub fn main() -> ExitCode {
         Command::Tenant(args) => tenancy_cmd::tenant(args),
         Command::Token(args) => tenancy_cmd::token(args),
         Command::Pool(args) => tenancy_cmd::pool(args),
+        Command::Doctor(args) => doctor_cmd::doctor(args),
     };
     if let Some(provider) = spans
         && let Err(e) = provider.shutdown()

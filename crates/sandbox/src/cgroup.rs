@@ -499,8 +499,16 @@ fn detect_v1(custom: Option<&Path>) -> Result<Cgroups, String> {
             Some(rel) => mount.join(rel.strip_prefix("/").unwrap_or(rel)),
             None => mount.join("fleetbox"),
         };
+        // Only in a real cgroup hierarchy (every group has `cgroup.procs`): a mount listed
+        // but hidden, say by a tmpfs over /sys/fs/cgroup, would take limits as plain files.
+        if !mount.join("cgroup.procs").exists() {
+            return None;
+        }
         if !parent.exists() {
             std::fs::create_dir_all(&parent).ok()?;
+        }
+        if !parent.join("cgroup.procs").exists() {
+            return None;
         }
         // Can we create groups here (root, or a delegated hierarchy)? `access` answers without
         // the mkdir + rmdir probe, which cost ~0.3 ms per hierarchy on every run. If creation

@@ -15,6 +15,7 @@
 mod cancel;
 pub mod cgroup;
 pub mod docker;
+pub mod doctor;
 pub mod environment;
 pub mod jail;
 mod process;

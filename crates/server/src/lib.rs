@@ -247,7 +247,7 @@ pub enum StartError {
     #[error("`--audit-trusted-keys`: {0}")]
     TrustedKeys(#[from] custody::CustodyError),
     #[error(
-        "server-side runs (re-checks of agents' results, the `python` reducer) would use the `process` backend{why}: untrusted code would run beside `audit.key`, the tokens and the database, with less isolation than the agents it checks. Make the jail work on this host (user namespaces; see docs/SECURITY.md), use `--recheck-backend docker`, or accept it with `--recheck-backend process`"
+        "server-side runs (re-checks of agents' results, the `python` reducer) would use the `process` backend{why}: untrusted code would run beside `audit.key`, the tokens and the database, with less isolation than the agents it checks. Make the jail work on this host (`fleetbox doctor --backend jail` says what it lacks and how to fix it), use `--recheck-backend docker`, or accept it with `--recheck-backend process`"
     )]
     WeakSandbox { why: String },
 }

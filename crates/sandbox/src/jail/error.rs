@@ -26,7 +26,9 @@ pub enum JailError {
     #[error(transparent)]
     Sandbox(#[from] crate::SandboxError),
     /// The jail could not start on this host; `error` says why.
-    #[error("{error}; use `--backend process` on this host")]
+    #[error(
+        "{error}; `fleetbox doctor --backend jail` says how to fix this host, or use `--backend process`"
+    )]
     HostCannotJail { error: Box<JailError> },
 }
 
