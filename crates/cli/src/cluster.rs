@@ -324,7 +324,10 @@ impl FollowupArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
     /// Coordinator URL.
     #[arg(long, env = env::FLEETBOX_SERVER, default_value = "http://127.0.0.1:8080")]
     pub server: String,
@@ -333,8 +336,8 @@ pub struct AgentArgs {
     #[arg(long, env = env::FLEETBOX_CA_CERT, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Enrollment token (or the admin token).
-    #[arg(long, env = env::FLEETBOX_TOKEN, hide_env_values = true)]
-    pub token: String,
+    #[arg(long, env = env::FLEETBOX_TOKEN, hide_env_values = true, required = true)]
+    pub token: Option<String>,
     /// Shards run at once.
     #[arg(long, default_value_t = 1)]
     pub slots: u32,
@@ -695,7 +698,7 @@ fn agent_config(
     Ok(AgentConfig {
         trust,
         server: args.server,
-        token: args.token,
+        token: args.token.context("`--token` is required")?,
         name,
         labels: args.labels,
         slots: args.slots.max(1),
@@ -716,7 +719,18 @@ fn agent_config(
     })
 }
 
+/// What `fleetbox agent` does besides running.
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentCommand {
+    /// Install the agent as a systemd service: the unit, `/etc/fleetbox/agent.env` (the
+    /// coordinator and token) and the state directory; prints what it wrote.
+    Install(crate::install_cmd::InstallArgs),
+}
+
 pub fn agent(config: Option<&Path>, args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if let Some(AgentCommand::Install(install)) = args.command {
+        return crate::install_cmd::install(install);
+    }
     let (backend, sandbox) = sandbox_settings(config, args.backend.clone(), &args.docker)?;
     let file = FileConfig::load(config)?;
     let cfg = agent_config(args, &file.agent, backend, sandbox)?;
@@ -788,11 +802,12 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         for i in 0..args.agents {
             let cfg = agent_config(
                 AgentArgs {
+                    command: None,
                     // In this process: the loopback listener, which needs no certificate.
                     server: running.local_url(),
                     ca_cert: None,
                     // The coordinator's own agents: trusted from the start.
-                    token: running.own_enroll_token.clone(),
+                    token: Some(running.own_enroll_token.clone()),
                     slots: args.slots,
                     backend: None,
                     docker: args.docker.clone(),

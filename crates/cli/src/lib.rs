@@ -11,6 +11,7 @@ mod config;
 mod doctor_cmd;
 mod exit;
 mod image_cmd;
+mod install_cmd;
 mod jobs_cmd;
 mod receipt_cmd;
 mod review_cmd;

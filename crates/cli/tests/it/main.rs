@@ -5,4 +5,5 @@
 mod cli;
 mod cluster;
 mod doctor;
+mod install;
 mod support;
