@@ -14,6 +14,7 @@ mod image_cmd;
 mod install_cmd;
 mod jobs_cmd;
 mod receipt_cmd;
+mod reference;
 mod review_cmd;
 mod run;
 mod server_agents;
@@ -284,4 +285,27 @@ fn otlp_tracer(
         .build();
     let tracer = provider.tracer("fleetbox");
     Ok(Some((tracer, provider)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/CLI.md` is what the commands' definitions say (`FLEETBOX_BLESS=1` rewrites it).
+    #[test]
+    fn the_cli_reference_is_current() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let text = reference::markdown(&cmd);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/CLI.md");
+        if std::env::var_os("FLEETBOX_BLESS").is_some() {
+            std::fs::write(&path, &text).unwrap();
+            return;
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == text,
+            "docs/CLI.md is out of date with the commands: run `FLEETBOX_BLESS=1 cargo test -p fleetbox reference` and commit it"
+        );
+    }
 }

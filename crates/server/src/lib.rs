@@ -1,14 +1,16 @@
 //! The Fleetbox coordinator.
 //!
 //! [`start`] opens the store (SQLite in the data directory, or PostgreSQL), makes sure the
-//! bootstrap tokens exist, binds the HTTP API and starts six background tasks:
+//! bootstrap tokens exist, binds the HTTP API and starts its background tasks:
 //!
 //! - the scheduler (`scheduler`): lost agents, expired leases, folds that are due, audit
 //!   checkpoints;
 //! - the aggregator (`aggregate`): folds a job's shard values once its last shard settles;
 //! - the checker (`checker`): the coordinator's own re-runs of agents' results;
 //! - the planner (`planner`) and its notifier (`planner::notify`): follow-up jobs and webhooks;
-//! - the panel's sampler (`ui::sample`): the overview's last hour.
+//! - the panel's sampler (`ui::sample`): the overview's last hour, per view;
+//! - with `--agent-mtls`, the revocation follower (`mtls::follow_revocations`): the CRL;
+//! - once at start, `quota::measure_old_blobs`: sizes of blobs owned before sizes were kept.
 //!
 //! Store writes run to their end whatever happens to the request that asked for them
 //! (`store::tx`). User code never runs in this process: re-checks and the `python` reducer go
