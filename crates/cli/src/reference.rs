@@ -18,24 +18,51 @@ pub fn markdown(root: &Command) -> String {
          rewrites it. Flags also read `fleetbox.toml` where README's *Configuration* says so; \
          flags beat the environment, which beats the file.\n\n",
     );
-    let mut env: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut env = Env::new();
     let mut commands = Vec::new();
     walk(root, &mut Vec::new(), &mut commands);
     out.push_str("## Commands\n\n");
     for (path, _) in &commands {
         let _ = writeln!(out, "- [`{path}`](#{})", anchor(path));
     }
-    out.push('\n');
+    out.push_str("\nOptions every command takes:\n\n");
+    table(
+        &mut out,
+        "fleetbox",
+        root.get_arguments().filter(|a| a.is_global_set()),
+        &mut env,
+    );
+    let everywhere: Vec<&str> = root
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .map(|a| a.get_id().as_str())
+        .collect();
     for (path, cmd) in &commands {
-        command(&mut out, path, cmd, &mut env);
+        command(&mut out, path, cmd, &everywhere, &mut env);
     }
     out.push_str("## Environment variables\n\n");
-    out.push_str("| variable | read by |\n|---|---|\n");
-    for (var, flags) in &env {
-        let _ = writeln!(out, "| `{var}` | {} |", flags.join(", "));
+    out.push_str(
+        "Read through the flags above (those read elsewhere, for logging, tracing and run \
+         settings, are listed in `crates/proto/src/env.rs`).\n\n",
+    );
+    out.push_str("| variable | flag | commands |\n|---|---|---|\n");
+    for ((var, flag), paths) in &env {
+        let on = if paths.len() > 4 {
+            format!("{} commands", paths.len())
+        } else {
+            paths
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(out, "| `{var}` | `{flag}` | {on} |");
     }
     out
 }
+
+/// (variable, flag) → the commands whose flag reads it.
+type Env = BTreeMap<(String, String), Vec<String>>;
 
 /// Every command under `cmd` (itself included when it does something), depth first.
 fn walk<'a>(cmd: &'a Command, path: &mut Vec<String>, out: &mut Vec<(String, &'a Command)>) {
@@ -63,13 +90,20 @@ fn anchor(path: &str) -> String {
         .collect()
 }
 
-fn command(out: &mut String, path: &str, cmd: &Command, env: &mut BTreeMap<String, Vec<String>>) {
+fn command(out: &mut String, path: &str, cmd: &Command, everywhere: &[&str], env: &mut Env) {
     let _ = writeln!(out, "## `{path}`\n");
     if let Some(about) = cmd.get_long_about().or(cmd.get_about()) {
         let _ = writeln!(out, "{}\n", one_paragraph(&about.to_string()));
     }
-    let args: Vec<&Arg> = cmd
+    // The options every command takes are listed once, at the top.
+    let own = cmd
         .get_arguments()
+        .filter(|a| !everywhere.contains(&a.get_id().as_str()));
+    table(out, path, own, env);
+}
+
+fn table<'a>(out: &mut String, path: &str, args: impl Iterator<Item = &'a Arg>, env: &mut Env) {
+    let args: Vec<&Arg> = args
         .filter(|a| !a.is_hide_set() && !["help", "version"].contains(&a.get_id().as_str()))
         .collect();
     if args.is_empty() {
@@ -80,11 +114,10 @@ fn command(out: &mut String, path: &str, cmd: &Command, env: &mut BTreeMap<Strin
         let name = flag(a);
         let var = a.get_env().map(|v| v.to_string_lossy().to_string());
         if let Some(v) = &var {
-            let at = format!("`{path} {}`", name.split(' ').next().unwrap_or_default());
-            let readers = env.entry(v.clone()).or_default();
-            if !readers.contains(&at) {
-                readers.push(at);
-            }
+            let flag = name.split(' ').next().unwrap_or_default().to_string();
+            env.entry((v.clone(), flag))
+                .or_default()
+                .push(path.to_string());
         }
         let default: Vec<String> = a
             .get_default_values()
@@ -103,6 +136,9 @@ fn command(out: &mut String, path: &str, cmd: &Command, env: &mut BTreeMap<Strin
             .map(|v| format!("`{}`", v.get_name()))
             .collect();
         if !values.is_empty() && a.get_action().takes_values() {
+            if !what.is_empty() && !what.ends_with('.') {
+                what.push('.');
+            }
             let _ = write!(what, " One of {}.", values.join(", "));
         }
         let _ = writeln!(
