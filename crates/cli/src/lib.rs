@@ -14,6 +14,7 @@ mod image_cmd;
 mod install_cmd;
 mod jobs_cmd;
 mod receipt_cmd;
+#[cfg(test)]
 mod reference;
 mod review_cmd;
 mod run;
