@@ -84,6 +84,14 @@ pub struct ServerArgs {
     /// `postgres://user:pass@host/db` to use PostgreSQL instead of SQLite.
     #[arg(long, env = env::FLEETBOX_DATABASE_URL)]
     pub database_url: Option<String>,
+    /// An S3-compatible bucket for blobs, `s3://bucket/prefix`, which every coordinator on the
+    /// database shares (`DATA/blobs` becomes its cache); credentials and region from
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`.
+    #[arg(long, env = env::FLEETBOX_BLOB_STORE, value_name = "URL")]
+    pub blob_store: Option<String>,
+    /// The S3 endpoint when it is not AWS's (R2, Ceph RGW, SeaweedFS, Garage, ...).
+    #[arg(long, env = env::AWS_ENDPOINT_URL, value_name = "URL", requires = "blob_store")]
+    pub s3_endpoint: Option<String>,
     /// Lease length without a heartbeat.
     #[arg(long, default_value = "10s", value_parser = crate::config::parse_millis)]
     pub lease: Millis,
@@ -534,6 +542,16 @@ fn server_config(
     c.review_rules = args.review_rules.clone();
     c.ca_cert = args.ca_cert.clone();
     c.tls = args.tls.setting(false);
+    c.blob_store = args.blob_store.as_ref().map(|url| {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        fleetbox_server::blobs::BlobStoreConfig {
+            url: url.clone(),
+            endpoint: args.s3_endpoint.clone(),
+            region: var(env::AWS_REGION).or_else(|| var(env::AWS_DEFAULT_REGION)),
+            access_key_id: var(env::AWS_ACCESS_KEY_ID),
+            secret_access_key: var(env::AWS_SECRET_ACCESS_KEY),
+        }
+    });
     c.agent_mtls = args.tls.agent_mtls;
     c.planner = args.followups.config();
     c.ai_planner_templates = args.followups.ai_planner_templates.clone();
@@ -760,6 +778,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         data: args.data.clone(),
         database_url: None,
+        blob_store: None,
+        s3_endpoint: None,
         lease: Millis::from_secs(10),
         heartbeat: Millis::from_secs(2),
         agent_timeout: None,

@@ -96,3 +96,14 @@ pub const FLEETBOX_SHARD_INDEX: &str = "FLEETBOX_SHARD_INDEX";
 pub const FLEETBOX_SHARD_COUNT: &str = "FLEETBOX_SHARD_COUNT";
 /// Shard contract: the job's id.
 pub const FLEETBOX_JOB_ID: &str = "FLEETBOX_JOB_ID";
+
+/// `fleetbox server --blob-store`: an S3-compatible bucket for blobs (`s3://bucket/prefix`).
+pub const FLEETBOX_BLOB_STORE: &str = "FLEETBOX_BLOB_STORE";
+/// The S3 endpoint when it is not AWS's (`--s3-endpoint`), as the AWS tools name it.
+pub const AWS_ENDPOINT_URL: &str = "AWS_ENDPOINT_URL";
+/// The bucket's region (the AWS tools' names; `us-east-1` when neither is set).
+pub const AWS_REGION: &str = "AWS_REGION";
+pub const AWS_DEFAULT_REGION: &str = "AWS_DEFAULT_REGION";
+/// The bucket's credentials, as the AWS tools name them.
+pub const AWS_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+pub const AWS_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";

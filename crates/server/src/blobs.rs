@@ -1,7 +1,17 @@
-//! Content-addressed blob store for large outputs (a local directory, keyed by sha256).
+//! Content-addressed blob store for large outputs, keyed by sha256: a local directory, or an
+//! S3-compatible bucket (`--blob-store s3://bucket/prefix`) with the directory as its cache.
+//!
+//! With a bucket, the bucket is the store every coordinator sharing the database reads:
+//! a blob is written to the local directory and uploaded before it is named anywhere, and one
+//! this coordinator lacks is fetched from the bucket into the directory on first read.
+//! Uploads stream from the local file (multipart), so a large blob is never whole in memory
+//! on its way to the bucket.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::ids::sha256_hex;
 
@@ -11,6 +21,45 @@ pub const INLINE_LIMIT: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct Blobs {
     root: PathBuf,
+    remote: Option<Remote>,
+}
+
+/// Where blobs go besides the local directory: `s3://bucket/prefix` and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobStoreConfig {
+    pub url: String,
+    /// An endpoint other than AWS's (`http://127.0.0.1:9000`, R2's, Ceph's, ...); path-style
+    /// requests are used with it.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+#[derive(Clone)]
+struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
+/// Why the blob store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("`{}`: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`--blob-store {url}`: {why}")]
+    Remote { url: String, why: String },
 }
 
 impl Blobs {
@@ -18,7 +67,37 @@ impl Blobs {
         fs_err::create_dir_all(root)?;
         Ok(Blobs {
             root: root.to_path_buf(),
+            remote: None,
         })
+    }
+
+    /// The local directory `root`, and the bucket of `remote` when given (reached now, so a
+    /// wrong address or key stops the start rather than the first upload).
+    pub async fn open_with(
+        root: &Path,
+        remote: Option<&BlobStoreConfig>,
+    ) -> Result<Blobs, OpenError> {
+        let mut blobs = Blobs::open(root).map_err(|source| OpenError::Dir {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        if let Some(config) = remote {
+            let r = Remote::open(config)?;
+            r.check().await.map_err(|why| OpenError::Remote {
+                url: config.url.clone(),
+                why,
+            })?;
+            blobs.remote = Some(r);
+        }
+        Ok(blobs)
+    }
+
+    /// Where blobs are kept, for logs: the bucket's URL or the directory.
+    pub fn describe(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url.clone(),
+            None => self.root.display().to_string(),
+        }
     }
 
     fn path(&self, hash: &str) -> PathBuf {
@@ -29,16 +108,37 @@ impl Blobs {
     pub fn put(&self, data: &[u8]) -> std::io::Result<String> {
         let hash = sha256_hex(data);
         let path = self.path(&hash);
-        if path.exists() {
-            return Ok(hash);
+        if !path.exists() {
+            let dir = path.parent().expect("blob paths have a parent");
+            fs_err::create_dir_all(dir)?;
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            tmp.write_all(data)?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(&path).map_err(|e| e.error)?;
         }
-        let dir = path.parent().expect("blob paths have a parent");
-        fs_err::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        tmp.write_all(data)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&path).map_err(|e| e.error)?;
+        self.upload(&hash)?;
         Ok(hash)
+    }
+
+    /// With a bucket: make sure it holds the local blob `hash` (streamed from the file).
+    fn upload(&self, hash: &str) -> std::io::Result<()> {
+        let Some(r) = &self.remote else {
+            return Ok(());
+        };
+        wait(r.upload(hash, &self.path(hash)))
+    }
+
+    /// With a bucket: fetch blob `hash` into the local directory if it is there; whether it
+    /// is local now.
+    fn fetch(&self, hash: &str) -> std::io::Result<bool> {
+        let path = self.path(hash);
+        if path.is_file() {
+            return Ok(true);
+        }
+        let Some(r) = &self.remote else {
+            return Ok(false);
+        };
+        wait(r.download(hash, &path))
     }
 
     /// A blob written in pieces (an upload streamed to disk), stored once finished.
@@ -54,7 +154,7 @@ impl Blobs {
 
     /// Whether a blob is stored (`hash` must be a sha256).
     pub fn contains(&self, hash: &str) -> bool {
-        is_sha256(hash) && self.path(hash).is_file()
+        self.size(hash).is_some()
     }
 
     /// A stored blob's size in bytes; `None` when it is not stored.
@@ -62,7 +162,11 @@ impl Blobs {
         if !is_sha256(hash) {
             return None;
         }
-        fs_err::metadata(self.path(hash)).ok().map(|m| m.len())
+        if let Ok(m) = fs_err::metadata(self.path(hash)) {
+            return Some(m.len());
+        }
+        let r = self.remote.as_ref()?;
+        wait(r.size(hash))
     }
 
     pub fn get(&self, hash: &str) -> std::io::Result<Vec<u8>> {
@@ -72,7 +176,131 @@ impl Blobs {
                 format!("`{hash}` is not a sha256"),
             ));
         }
+        if !self.fetch(hash)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("blob `{hash}` is not stored"),
+            ));
+        }
         fs_err::read(self.path(hash))
+    }
+}
+
+impl Remote {
+    fn open(config: &BlobStoreConfig) -> Result<Remote, OpenError> {
+        let bad = |why: String| OpenError::Remote {
+            url: config.url.clone(),
+            why,
+        };
+        let rest = config
+            .url
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("only s3:// URLs are supported".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("the URL names no bucket".into()));
+        }
+        // reqwest 0.13 takes rustls' process default: ring, as the rest of the coordinator.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        if let Some(e) = &config.endpoint {
+            b = b
+                .with_endpoint(e)
+                .with_allow_http(e.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let (Some(k), Some(s)) = (&config.access_key_id, &config.secret_access_key) {
+            b = b.with_access_key_id(k).with_secret_access_key(s);
+        }
+        let store = b.build().map_err(|e| bad(e.to_string()))?;
+        Ok(Remote {
+            store: Arc::new(store),
+            prefix: prefix.trim_matches('/').to_string(),
+            url: config.url.clone(),
+        })
+    }
+
+    fn key(&self, hash: &str) -> object_store::path::Path {
+        let name = format!("{}/{hash}", &hash[..2]);
+        if self.prefix.is_empty() {
+            object_store::path::Path::from(name)
+        } else {
+            object_store::path::Path::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    /// Reach the bucket: a listing of at most one key under the prefix.
+    async fn check(&self) -> Result<(), String> {
+        use futures_util::StreamExt;
+        let prefix = object_store::path::Path::from(self.prefix.as_str());
+        let mut list = self.store.list(Some(&prefix));
+        match list.next().await {
+            Some(Err(e)) => Err(e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn size(&self, hash: &str) -> Option<u64> {
+        self.store.head(&self.key(hash)).await.ok().map(|m| m.size)
+    }
+
+    async fn upload(&self, hash: &str, local: &Path) -> std::io::Result<()> {
+        if self.size(hash).await.is_some() {
+            return Ok(()); // content-addressed: there already
+        }
+        let file = tokio::fs::File::open(local).await?;
+        let mut writer = object_store::buffered::BufWriter::new(self.store.clone(), self.key(hash));
+        let mut reader = tokio::io::BufReader::new(file);
+        tokio::io::copy(&mut reader, &mut writer).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut writer).await?;
+        Ok(())
+    }
+
+    /// Stream blob `hash` into `local` (through a temporary file, renamed when whole).
+    async fn download(&self, hash: &str, local: &Path) -> std::io::Result<bool> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let got = match self.store.get(&self.key(hash)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(std::io::Error::other(e)),
+        };
+        let dir = local.parent().expect("blob paths have a parent");
+        tokio::fs::create_dir_all(dir).await?;
+        let tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let mut out = tokio::fs::File::from_std(tmp.reopen()?);
+        let mut stream = got.into_stream();
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(std::io::Error::other)?;
+            sha2::Digest::update(&mut hasher, &chunk);
+            out.write_all(&chunk).await?;
+        }
+        out.sync_all().await?;
+        // The bucket is trusted no more than the disk: a blob is what its name says.
+        let actual = hex::encode(sha2::Digest::finalize(hasher));
+        if actual != hash {
+            return Err(std::io::Error::other(format!(
+                "the bucket's `{hash}` hashes to `{actual}`"
+            )));
+        }
+        tmp.persist(local).map_err(|e| e.error)?;
+        Ok(true)
+    }
+}
+
+/// Run `fut` to its end from synchronous code, inside the runtime or outside it (the store's
+/// callers are synchronous; with a bucket, they wait for it).
+fn wait<T>(fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => tokio::task::block_in_place(|| h.block_on(fut)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds")
+            .block_on(fut),
     }
 }
 
@@ -115,13 +343,13 @@ impl BlobWriter {
             return Err(FinishError::Mismatch { actual: hash });
         }
         let path = self.blobs.path(&hash);
-        if path.exists() {
-            return Ok(hash);
+        if !path.exists() {
+            let dir = path.parent().expect("blob paths have a parent");
+            fs_err::create_dir_all(dir)?;
+            self.tmp.as_file().sync_all()?;
+            self.tmp.persist(&path).map_err(|e| e.error)?;
         }
-        let dir = path.parent().expect("blob paths have a parent");
-        fs_err::create_dir_all(dir)?;
-        self.tmp.as_file().sync_all()?;
-        self.tmp.persist(&path).map_err(|e| e.error)?;
+        self.blobs.upload(&hash)?;
         Ok(hash)
     }
 }

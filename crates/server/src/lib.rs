@@ -133,6 +133,9 @@ pub struct ServerConfig {
     /// Agents must present a client certificate from the coordinator's CA, issued at
     /// enrolment (`--agent-mtls`; needs `tls`).
     pub agent_mtls: bool,
+    /// An S3-compatible bucket for blobs (`--blob-store s3://...`), shared by every
+    /// coordinator on the database; `None`: `DATA/blobs` alone.
+    pub blob_store: Option<blobs::BlobStoreConfig>,
     /// What result review's anomalies do to a job (`--anomalies`).
     pub anomalies: AnomalyAction,
     /// The AI planner's job templates (a directory of job specs, `*.toml`): with a model
@@ -180,6 +183,7 @@ impl ServerConfig {
             ca_cert: None,
             tls: None,
             agent_mtls: false,
+            blob_store: None,
             data_dir,
         }
     }
@@ -244,6 +248,8 @@ pub enum StartError {
     CaCert(String),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Blobs(#[from] blobs::OpenError),
     #[error("`--agent-mtls` needs TLS on the listener (`--tls auto` or `--tls-cert`/`--tls-key`)")]
     MtlsWithoutTls,
     #[error("`--audit-trusted-keys`: {0}")]
@@ -572,7 +578,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     store.set_audit(config.audit);
     store.set_trusted_after(config.trusted_after);
     let blob_dir = config.data_dir.join("blobs");
-    let blobs = Blobs::open(&blob_dir).map_err(data_err(&blob_dir))?;
+    let blobs = Blobs::open_with(&blob_dir, config.blob_store.as_ref()).await?;
     let custody = open_custody(&config)?;
     let admin_token = bootstrap_token(&store, &config, TokenKind::Admin).await?;
     let enroll_token = bootstrap_token(&store, &config, TokenKind::Enroll).await?;
@@ -644,7 +650,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     tokio::spawn(planner::notify::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(quota::measure_old_blobs(state.clone()));
     let (server, local) = serve(&state, listener, addr, shutdown_rx).await?;
-    tracing::info!(%addr, database = %store::redact(&url), instance = %state.instance, "coordinator listening");
+    tracing::info!(%addr, database = %store::redact(&url), blobs = %state.blobs.describe(),
+        instance = %state.instance, "coordinator listening");
     Ok(Running {
         addr,
         admin_token,

@@ -2,6 +2,7 @@
 //! in-process coordinator on `127.0.0.1:0` with in-process agents.
 
 mod audit;
+mod blobstore;
 mod controls;
 mod docker;
 mod edge;
