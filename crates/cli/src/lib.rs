@@ -94,6 +94,9 @@ pub fn main() -> ExitCode {
     {
         fleetbox_sandbox::jail::init::helper_main();
     }
+    // reqwest 0.13 (the span exporter, the S3 client) takes rustls' process-wide provider:
+    // ring, as every TLS configuration here names explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let (cli, spans) = match Cli::try_parse() {
         Ok(cli) => {
             let service = match cli.command {
