@@ -416,8 +416,8 @@ pub struct RunBody {
 pub struct ReviewFlag {
     pub id: i64,
     pub job_id: String,
-    /// `code`: the code review held the job.
-    pub kind: String,
+    /// What put the job in the queue (`code`: the code review held it).
+    pub kind: crate::FlagKind,
     /// `open` until a person decides: `approved`, `rejected` or `rerun`.
     pub status: crate::FlagStatus,
     /// What was flagged (for `code`: the review's findings, risk and decision).

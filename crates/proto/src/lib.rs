@@ -32,6 +32,6 @@ pub use report::{
     ExceptionInfo, ExecutionReport, FileEntry, Frame, Runner, Status, StreamCapture, Violation,
 };
 pub use review::{CodeReview, Decision, Finding, Severity};
-pub use states::{AgentState, FlagStatus, JobState, TaskState, UnknownState, Verdict};
+pub use states::{AgentState, FlagKind, FlagStatus, JobState, TaskState, UnknownState, Verdict};
 pub use units::{ByteSize, Millis, UnitError};
 pub use verify::{Compare, Outcome, ROUNDING, Recheck, VerifySpec, rounding_only};

@@ -94,6 +94,36 @@ states! {
     }
 }
 
+states! {
+    /// What put a job in the review queue.
+    FlagKind, "flag kind" {
+        /// The code review held the job before it ran.
+        Code = "code",
+        /// A shard hit a sandbox violation.
+        Violation = "violation",
+        /// The coordinator's re-run disagreed with the agent's result.
+        Mismatch = "mismatch",
+        /// A re-check could not say (nondeterministic, unverifiable, machine-dependent).
+        Inconclusive = "inconclusive",
+        /// Shards ended in sandbox errors.
+        SandboxError = "sandbox_error",
+        /// Result review found values that stand out.
+        Anomaly = "anomaly",
+        /// A follow-up rule failed to make its child.
+        FollowupError = "followup_error",
+        /// A follow-up rule hit a cap (depth, budget, rate).
+        FollowupCapped = "followup_capped",
+        /// A webhook could not be delivered.
+        NotifyFailed = "notify_failed",
+    }
+}
+
+impl PartialEq<&str> for FlagKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl PartialEq<&str> for FlagStatus {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other

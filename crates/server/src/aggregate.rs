@@ -564,14 +564,14 @@ fn review_queue(
     broken: &[&fleetbox_review::results::ShardFacts],
     anomalous: bool,
     outliers: &[JobFlag],
-) -> Vec<(&'static str, Value)> {
+) -> Vec<(fleetbox_proto::FlagKind, Value)> {
     let mut queue = Vec::new();
     if !broken.is_empty() {
         let mut agents: Vec<&str> = broken.iter().map(|f| f.agent.as_str()).collect();
         agents.sort_unstable();
         agents.dedup();
         queue.push((
-            "sandbox_error",
+            fleetbox_proto::FlagKind::SandboxError,
             serde_json::json!({
                 "shards": broken.iter().map(|f| f.shard).take(100).collect::<Vec<_>>(),
                 "agents": agents,
@@ -581,7 +581,10 @@ fn review_queue(
     }
     if anomalous {
         // For a person to look at; the job's result stands, flagged.
-        queue.push(("anomaly", serde_json::json!({ "outliers": outliers })));
+        queue.push((
+            fleetbox_proto::FlagKind::Anomaly,
+            serde_json::json!({ "outliers": outliers }),
+        ));
     }
     queue
 }

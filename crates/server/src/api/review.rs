@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Request, State as AxState};
 use axum::http::StatusCode;
-use fleetbox_proto::{CodeReview, Decision, FlagStatus, JobSpec, Recheck, SpecError};
+use fleetbox_proto::{CodeReview, Decision, FlagKind, FlagStatus, JobSpec, Recheck, SpecError};
 use serde::Deserialize;
 
 use super::{ApiError, Auth, Params, raw_body};
@@ -183,15 +183,20 @@ pub async fn flags(
             .with_field("status"));
         }
     };
+    let kind = match q.kind.as_deref().map(str::parse::<FlagKind>) {
+        None => None,
+        Some(Ok(kind)) => Some(kind),
+        Some(Err(e)) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("unknown kind `{}` ({})", e.name, e.expected),
+            )
+            .with_field("kind"));
+        }
+    };
     let flags = state
         .store
-        .review_flags(
-            tenant,
-            status,
-            q.job.as_deref(),
-            q.kind.as_deref(),
-            q.limit.unwrap_or(100),
-        )
+        .review_flags(tenant, status, q.job.as_deref(), kind, q.limit.unwrap_or(100))
         .await?;
     Ok(Json(ReviewFlagList { flags }))
 }

@@ -222,7 +222,7 @@ pub async fn plan_job(state: &Arc<State>, id: &str) -> Result<(), StoreError> {
                     .details(json!({ "error": error })),
             );
             plan.flags.push(PlanFlag {
-                kind: "followup_error",
+                kind: fleetbox_proto::FlagKind::FollowupError,
                 details: json!({ "error": error }),
             });
             state.store.commit_plan(id, &facts.tenant_id, plan).await?;
@@ -359,7 +359,7 @@ impl<'a> Planner<'a> {
                     said(json!({ "when": rule.when, "error": error })),
                 ));
                 plan.flags.push(PlanFlag {
-                    kind: "followup_error",
+                    kind: fleetbox_proto::FlagKind::FollowupError,
                     details: said(json!({ "error": error })),
                 });
                 return Ok(());
@@ -415,7 +415,7 @@ impl<'a> Planner<'a> {
                     json!({ "ai": true, "rule": index, "error": error }),
                 ));
                 plan.flags.push(PlanFlag {
-                    kind: "followup_error",
+                    kind: fleetbox_proto::FlagKind::FollowupError,
                     details: json!({ "ai": true, "error": error }),
                 });
                 return Ok(());
@@ -500,7 +500,7 @@ impl<'a> Planner<'a> {
                 said(json!({ "cap": cap, "why": why })),
             ));
             plan.flags.push(PlanFlag {
-                kind: "followup_capped",
+                kind: fleetbox_proto::FlagKind::FollowupCapped,
                 details: said(json!({ "cap": cap, "why": why })),
             });
             return Ok(());
@@ -543,7 +543,7 @@ impl<'a> Planner<'a> {
                 plan.entries
                     .push(self.entry(Action::FollowupFailed, said(json!({ "error": why }))));
                 plan.flags.push(PlanFlag {
-                    kind: "followup_error",
+                    kind: fleetbox_proto::FlagKind::FollowupError,
                     details: said(json!({ "error": why })),
                 });
             }

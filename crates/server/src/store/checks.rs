@@ -3,7 +3,7 @@
 //! ([`Store::finish_check`]): the shard's new state, the server's runs, the verdicts, the
 //! job's flags, the review queue, the agent's trust and the audit entries, together.
 
-use fleetbox_proto::{Status, TaskState, Verdict, VerifySpec};
+use fleetbox_proto::{FlagKind, Status, TaskState, Verdict, VerifySpec};
 use sqlx::Row;
 
 use super::audit::{Action, Entry};
@@ -583,17 +583,17 @@ async fn add_job_flag(
 }
 
 /// The review-queue kind of a finding: anything but agreement goes to a person.
-fn review_kind(subject: &CheckSubject, finding: &Finding) -> Option<&'static str> {
+fn review_kind(subject: &CheckSubject, finding: &Finding) -> Option<FlagKind> {
     match finding {
         Finding::Agrees | Finding::FailureConfirmed => None,
         Finding::Differs | Finding::FailsOnServer { .. } | Finding::SucceedsOnServer => {
-            Some("mismatch")
+            Some(FlagKind::Mismatch)
         }
         // Every violation is a flag a person can find, reproduced or not.
-        _ if subject.result.status == Status::SandboxViolation => Some("violation"),
+        _ if subject.result.status == Status::SandboxViolation => Some(FlagKind::Violation),
         Finding::Nondeterministic
         | Finding::Unverifiable { .. }
-        | Finding::MachineDependent { .. } => Some("inconclusive"),
+        | Finding::MachineDependent { .. } => Some(FlagKind::Inconclusive),
     }
 }
 
@@ -897,13 +897,13 @@ mod tests {
         assert_eq!(review_kind(&failed, &Finding::FailureConfirmed), None);
         assert_eq!(
             review_kind(&failed, &Finding::SucceedsOnServer),
-            Some("mismatch")
+            Some(FlagKind::Mismatch)
         );
         let violation = subject(Status::SandboxViolation, 1, 1);
         let unseen = Finding::Unverifiable {
             why: "no jail".into(),
         };
-        assert_eq!(review_kind(&violation, &unseen), Some("violation"));
-        assert_eq!(review_kind(&ok, &unseen), Some("inconclusive"));
+        assert_eq!(review_kind(&violation, &unseen), Some(FlagKind::Violation));
+        assert_eq!(review_kind(&ok, &unseen), Some(FlagKind::Inconclusive));
     }
 }

@@ -985,7 +985,7 @@ impl Store {
         let mut entries = Vec::new();
         let mut queued = Vec::new();
         for (kind, details) in &outcome.queue {
-            let flag = super::review::insert_flag(&mut tx, &tenant, id, kind, details, now).await?;
+            let flag = super::review::insert_flag(&mut tx, &tenant, id, *kind, details, now).await?;
             entries.push(
                 Entry::new(&tenant, "reviewer", Action::ReviewFlagged)
                     .job(id)
@@ -1037,7 +1037,7 @@ pub struct FoldOutcome<'a> {
     pub summary: &'a JobSummary,
     pub error: Option<&'a str>,
     /// Entries for the review queue (kind, details) raised by the fold, queued with its result.
-    pub queue: Vec<(&'a str, serde_json::Value)>,
+    pub queue: Vec<(fleetbox_proto::FlagKind, serde_json::Value)>,
 }
 
 /// Cancel job `id` of `tenant` within `tx` because of `reason` (its `error`): unsettled shards

@@ -42,7 +42,7 @@ pub struct NewNotification {
 /// A review-queue flag to raise with a plan.
 #[derive(Debug, Clone)]
 pub struct PlanFlag {
-    pub kind: &'static str,
+    pub kind: fleetbox_proto::FlagKind,
     pub details: Value,
 }
 

@@ -1,7 +1,7 @@
 //! The review queue: jobs the code review held, and what a person decided about them.
 
 use fleetbox_proto::api::ReviewFlag;
-use fleetbox_proto::{FlagStatus, JobState, TaskState};
+use fleetbox_proto::{FlagKind, FlagStatus, JobState, TaskState};
 use serde_json::Value;
 
 use super::audit::{Action, Entry};
@@ -16,7 +16,8 @@ pub(super) const HELD_UNTIL: i64 = i64::MAX / 2;
 struct FlagRecord {
     id: i64,
     job_id: String,
-    kind: String,
+    #[sqlx(try_from = "String")]
+    kind: FlagKind,
     #[sqlx(try_from = "String")]
     status: FlagStatus,
     details: String,
@@ -65,7 +66,7 @@ pub(super) async fn hold(
     now: i64,
 ) -> Result<(), StoreError> {
     queued_not_before(tx, job_id, HELD_UNTIL).await?;
-    insert_flag(tx, tenant, job_id, "code", details, now)
+    insert_flag(tx, tenant, job_id, FlagKind::Code, details, now)
         .await
         .map(|_| ())
 }
@@ -111,7 +112,7 @@ pub(super) async fn insert_flag(
     tx: &mut Tx,
     tenant: &str,
     job_id: &str,
-    kind: &str,
+    kind: FlagKind,
     details: &Value,
     now: i64,
 ) -> Result<i64, StoreError> {
@@ -122,7 +123,7 @@ pub(super) async fn insert_flag(
     .push(", ")
     .bind(job_id)
     .push(", ")
-    .bind(kind)
+    .bind(kind.as_str())
     .push(", 'open', ")
     .bind(details.to_string())
     .push(", ")
@@ -236,7 +237,7 @@ pub(super) async fn hold_for_violation(
     let details = serde_json::json!({
         "shard": shard, "agent": agent, "reason": reason, "held": held,
     });
-    let id = insert_flag(tx, tenant, &job_id, "violation", &details, now).await?;
+    let id = insert_flag(tx, tenant, &job_id, FlagKind::Violation, &details, now).await?;
     let entry = if held {
         Entry::new(tenant, "server", Action::ReviewHeld).details(details)
     } else {
@@ -253,7 +254,7 @@ impl Store {
         &self,
         tenant: &str,
         job_id: &str,
-        kind: &str,
+        kind: FlagKind,
         details: &Value,
     ) -> Result<i64, StoreError> {
         let now = now_ms();
@@ -273,12 +274,13 @@ impl Store {
         tenant: &str,
         status: Option<FlagStatus>,
         job: Option<&str>,
-        kind: Option<&str>,
+        kind: Option<FlagKind>,
         limit: u32,
     ) -> Result<Vec<ReviewFlag>, StoreError> {
         let mut sql = Sql::new(FLAG_SELECT);
         sql.push(" WHERE tenant_id = ").bind(tenant);
         let status = status.map(FlagStatus::as_str);
+        let kind = kind.map(FlagKind::as_str);
         for (column, value) in [("status", status), ("job_id", job), ("kind", kind)] {
             if let Some(v) = value {
                 sql.push(" AND ").push(column).push(" = ").bind(v);

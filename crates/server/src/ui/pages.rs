@@ -621,7 +621,7 @@ pub async fn review(
                         option value=(st) selected[st == status] { @if st.is_empty() { "any" } @else { (st) } }
                     }
                 }
-                " Kind " input name="kind" value=(f.kind.clone().unwrap_or_default()) placeholder="code, sandbox_violation, …";
+                " Kind " input name="kind" value=(f.kind.clone().unwrap_or_default()) placeholder="code, violation, mismatch, anomaly, …";
                 " Job " input name="job" value=(f.job.clone().unwrap_or_default());
                 " Search " input name="q" value=(f.q.clone().unwrap_or_default());
                 " " button type="submit" { "Filter" }
