@@ -196,7 +196,13 @@ pub async fn flags(
     };
     let flags = state
         .store
-        .review_flags(tenant, status, q.job.as_deref(), kind, q.limit.unwrap_or(100))
+        .review_flags(
+            tenant,
+            status,
+            q.job.as_deref(),
+            kind,
+            q.limit.unwrap_or(100),
+        )
         .await?;
     Ok(Json(ReviewFlagList { flags }))
 }

@@ -56,7 +56,12 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
                                 });
                                 if let Err(e) = state
                                     .store
-                                    .add_flag(&n.tenant_id, &n.job_id, fleetbox_proto::FlagKind::NotifyFailed, &details)
+                                    .add_flag(
+                                        &n.tenant_id,
+                                        &n.job_id,
+                                        fleetbox_proto::FlagKind::NotifyFailed,
+                                        &details,
+                                    )
                                     .await
                                 {
                                     tracing::error!(error = %e, "could not flag a failed webhook");

@@ -985,7 +985,8 @@ impl Store {
         let mut entries = Vec::new();
         let mut queued = Vec::new();
         for (kind, details) in &outcome.queue {
-            let flag = super::review::insert_flag(&mut tx, &tenant, id, *kind, details, now).await?;
+            let flag =
+                super::review::insert_flag(&mut tx, &tenant, id, *kind, details, now).await?;
             entries.push(
                 Entry::new(&tenant, "reviewer", Action::ReviewFlagged)
                     .job(id)

@@ -790,7 +790,7 @@ pub async fn violations(
         &state,
         &s,
         Method::GET,
-        "/v1/review/flags?kind=sandbox_violation&limit=1000",
+        "/v1/review/flags?kind=violation&limit=1000",
         None,
     )
     .await?;

@@ -155,6 +155,16 @@ async fn query_values_at_the_edges_mean_what_they_say() {
             (400, Some("status")),
             "{body}"
         );
+        for kind in fleetbox_proto::FlagKind::ALL {
+            let (code, body) = get(format!("/v1/review/flags?kind={kind}")).await;
+            assert_eq!(code, 200, "{db:?}: {kind}: {body}");
+        }
+        let (code, body) = get("/v1/review/flags?kind=sandbox_violation".into()).await;
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (400, Some("kind")),
+            "{body}"
+        );
         let job = c
             .client
             .submit(&spec(

@@ -994,3 +994,55 @@ async fn a_tenants_panel_overview_counts_only_its_own_shards() {
     assert_eq!(queued_seen_by(c.running.admin_token.clone()).await, "9");
     c.stop().await;
 }
+
+/// The panel's sandbox log lists the queue's violation flags (it asked for a kind no flag
+/// has until kinds became an enum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_log_lists_violation_flags() {
+    let Some(c) = crate::support::Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    let job = c.client.submit(&job("escapee", 1)).await.unwrap();
+    let flag = c
+        .running
+        .state
+        .store
+        .add_flag(
+            "default",
+            &job.id,
+            fleetbox_proto::FlagKind::Violation,
+            &json!({ "shard": 0, "why": "ptrace" }),
+        )
+        .await
+        .unwrap();
+    let base = c.running.url();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", c.running.admin_token.as_str()), ("next", "/ui")])
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = http
+        .get(format!("{base}/ui/violations"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&format!("<td>{flag}</td>")), "{page}");
+    assert!(page.contains(&job.id), "{page}");
+    c.stop().await;
+}

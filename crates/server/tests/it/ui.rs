@@ -267,7 +267,7 @@ async fn the_panel_works_in_a_real_browser() {
         .add_flag(
             tenant,
             &job_id,
-            "result_outlier",
+            fleetbox_proto::FlagKind::Anomaly,
             &serde_json::json!({"shard": 3, "why": "a test flag"}),
         )
         .await
