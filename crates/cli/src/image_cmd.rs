@@ -27,11 +27,25 @@ pub enum ImageCommand {
         /// The host interpreter to copy.
         #[arg(long, default_value = "/usr/bin/python3")]
         python: PathBuf,
+        /// Fleetbox's own image: this `fleetbox` binary in it as the entry point
+        /// (`docker run IMAGE server ...`, `docker run IMAGE agent ...`).
+        #[arg(long)]
+        fleetbox: bool,
     },
 }
 
 pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
-    let ImageCommand::Build { name, with, python } = args.command;
+    let ImageCommand::Build {
+        name,
+        with,
+        python,
+        fleetbox,
+    } = args.command;
+    let fleetbox = if fleetbox {
+        Some(std::env::current_exe().context("finding this binary")?)
+    } else {
+        None
+    };
     let packages: Vec<String> = with
         .into_iter()
         .map(|p| p.trim().to_string())
@@ -54,6 +68,7 @@ pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
             name,
             python,
             packages,
+            fleetbox,
         };
         let started = std::time::Instant::now();
         let built = image::build(&d, &spec, &|step| eprintln!("fleetbox: {step}")).await?;

@@ -7,6 +7,10 @@
 //! `ld.so.cache`, and optionally packages installed from the package index into
 //! `/usr/local/lib/pythonX.Y/dist-packages` (a directory Debian's interpreter searches). It is
 //! handed to the daemon as a tar stream through the Engine API's image import.
+//!
+//! With [`ImageSpec::fleetbox`] the image is Fleetbox's own: the binary at
+//! `/usr/local/bin/fleetbox` with the libraries it links and the host's CA bundle, and
+//! `fleetbox` as its entry point (`docker run IMAGE server ...`, `docker run IMAGE agent ...`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -36,6 +40,8 @@ pub struct ImageSpec {
     pub python: PathBuf,
     /// Requirements installed into the image from the package index.
     pub packages: Vec<String>,
+    /// A `fleetbox` binary to put in the image as its entry point.
+    pub fleetbox: Option<PathBuf>,
 }
 
 impl Default for ImageSpec {
@@ -44,6 +50,7 @@ impl Default for ImageSpec {
             name: super::BUILT_IMAGE.into(),
             python: PathBuf::from("/usr/bin/python3"),
             packages: Vec::new(),
+            fleetbox: None,
         }
     }
 }
@@ -116,7 +123,8 @@ pub async fn build(
     let (version, files) = {
         let root = root.clone();
         let python = spec.python.clone();
-        tokio::task::spawn_blocking(move || make_root(&root, &python))
+        let fleetbox = spec.fleetbox.clone();
+        tokio::task::spawn_blocking(move || make_root(&root, &python, fleetbox.as_deref()))
             .await
             .map_err(|e| ImageError::Build(e.to_string()))??
     };
@@ -148,19 +156,27 @@ pub async fn build(
         "importing {} MB into the daemon as {repo}:{tag}",
         bytes / 1_000_000
     ));
+    let mut changes = vec![
+        format!(
+            "LABEL fleetbox.python={version} {LAYOUT_LABEL}={LAYOUT} {PACKAGES_LABEL}=\"{}\"",
+            installed.join(",")
+        ),
+        "ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8".to_string(),
+        "WORKDIR /work".to_string(),
+    ];
+    if spec.fleetbox.is_some() {
+        changes.extend([
+            "ENTRYPOINT [\"fleetbox\"]".to_string(),
+            "CMD [\"--help\"]".to_string(),
+        ]);
+    } else {
+        changes.push("CMD [\"python3\"]".to_string());
+    }
     let opts = CreateImageOptionsBuilder::new()
         .from_src("-")
         .repo(&repo)
         .tag(&tag)
-        .changes(vec![
-            format!(
-                "LABEL fleetbox.python={version} {LAYOUT_LABEL}={LAYOUT} {PACKAGES_LABEL}=\"{}\"",
-                installed.join(",")
-            ),
-            "ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8".to_string(),
-            "WORKDIR /work".to_string(),
-            "CMD [\"python3\"]".to_string(),
-        ])
+        .changes(changes)
         .build();
     let mut stream = d.create_image(
         Some(opts),
@@ -239,7 +255,11 @@ pub async fn test_image() -> String {
 }
 
 /// Lay out the image's root: returns the interpreter's `X.Y` and how many files were copied.
-fn make_root(root: &Path, python: &Path) -> Result<(String, u64), ImageError> {
+fn make_root(
+    root: &Path,
+    python: &Path,
+    fleetbox: Option<&Path>,
+) -> Result<(String, u64), ImageError> {
     let real = std::fs::canonicalize(python).map_err(io(format!(
         "finding the interpreter `{}`",
         python.display()
@@ -301,6 +321,20 @@ fn make_root(root: &Path, python: &Path) -> Result<(String, u64), ImageError> {
     }
     // The standard library, without its test suite.
     let mut objects = vec![real.clone()];
+    if let Some(bin) = fleetbox {
+        let to = root.join("usr/local/bin/fleetbox");
+        std::fs::create_dir_all(root.join("usr/local/bin")).map_err(io("creating /usr/local/bin"))?;
+        std::fs::copy(bin, &to).map_err(io(format!("copying {}", bin.display())))?;
+        files += 1;
+        objects.push(bin.to_path_buf());
+        // Outgoing HTTPS (an S3 bucket, a model, webhooks) trusts the system's roots.
+        let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+        if bundle.is_file() {
+            std::fs::create_dir_all(root.join("etc/ssl/certs")).map_err(io("creating /etc/ssl"))?;
+            std::fs::copy(bundle, root.join("etc/ssl/certs/ca-certificates.crt"))
+                .map_err(io("copying the CA bundle"))?;
+        }
+    }
     let mut stack = vec![stdlib.clone()];
     while let Some(dir) = stack.pop() {
         let rel = dir.strip_prefix("/").unwrap_or(&dir);

@@ -5,6 +5,7 @@ mod api;
 mod audit;
 mod chaos;
 mod followups;
+mod image;
 mod harness;
 mod lies;
 mod receipt;
