@@ -323,7 +323,8 @@ fn make_root(
     let mut objects = vec![real.clone()];
     if let Some(bin) = fleetbox {
         let to = root.join("usr/local/bin/fleetbox");
-        std::fs::create_dir_all(root.join("usr/local/bin")).map_err(io("creating /usr/local/bin"))?;
+        std::fs::create_dir_all(root.join("usr/local/bin"))
+            .map_err(io("creating /usr/local/bin"))?;
         std::fs::copy(bin, &to).map_err(io(format!("copying {}", bin.display())))?;
         files += 1;
         objects.push(bin.to_path_buf());

@@ -21,7 +21,9 @@ impl Drop for Cleanup {
         for c in &self.containers {
             let _ = Command::new("docker").args(["rm", "-f", c]).output();
         }
-        let _ = Command::new("docker").args(["rmi", "-f", &self.image]).output();
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.image])
+            .output();
     }
 }
 
@@ -38,7 +40,10 @@ fn docker(args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_and_an_agent_run_from_fleetboxs_own_image() {
     if !std::path::Path::new("/var/run/docker.sock").exists() {
-        assert!(std::env::var_os("CI").is_none(), "dockerd is not running in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "dockerd is not running in CI"
+        );
         eprintln!("skipping: no Docker daemon");
         return;
     }
@@ -61,6 +66,43 @@ async fn the_coordinator_and_an_agent_run_from_fleetboxs_own_image() {
     let version = docker(&["run", "--rm", &image, "--version"]);
     assert!(version.starts_with("fleetbox "), "{version}");
 
+    // What the jail needs from a container: Docker's defaults refuse it, and the doctor says
+    // which options to add; with them, a program runs in the jail inside the container.
+    let out = Command::new("docker")
+        .args(["run", "--rm", &image, "doctor"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("refused in this container"), "{said}");
+    assert!(
+        said.contains("--security-opt systempaths=unconfined"),
+        "{said}"
+    );
+    let program = tempfile::tempdir().unwrap();
+    std::fs::write(program.path().join("p.py"), "print(6 * 7)\n").unwrap();
+    let mount = format!("{}:/work/p:ro", program.path().display());
+    let ran = docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &mount,
+        "--cap-add",
+        "SYS_ADMIN",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        "--security-opt",
+        "systempaths=unconfined",
+        &image,
+        "run",
+        "--backend",
+        "jail",
+        "p/p.py",
+    ]);
+    assert_eq!(ran, "42");
+
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -70,9 +112,26 @@ async fn the_coordinator_and_an_agent_run_from_fleetboxs_own_image() {
     // The coordinator's own runs inside a container take `process` (the jail needs a
     // runtime that allows namespaces: see docs/DEPLOY.md).
     docker(&[
-        "run", "-d", "--name", &server, "-p", &published, &image, "server", "--listen",
-        "0.0.0.0:8080", "--data", "/data", "--recheck-backend", "process", "--server-agents",
-        "0", "--admin-token", ADMIN, "--enroll-token", ENROLL,
+        "run",
+        "-d",
+        "--name",
+        &server,
+        "-p",
+        &published,
+        &image,
+        "server",
+        "--listen",
+        "0.0.0.0:8080",
+        "--data",
+        "/data",
+        "--recheck-backend",
+        "process",
+        "--server-agents",
+        "0",
+        "--admin-token",
+        ADMIN,
+        "--enroll-token",
+        ENROLL,
     ]);
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -93,8 +152,24 @@ async fn the_coordinator_and_an_agent_run_from_fleetboxs_own_image() {
     let state = tempfile::tempdir().unwrap();
     let mut host_agent = agent_command(&url, state.path(), 2).spawn().unwrap();
     docker(&[
-        "run", "-d", "--name", &agent, "--network", "host", &image, "agent", "--server", &url,
-        "--token", ENROLL, "--backend", "process", "--state", "/state", "--name", "in-a-container",
+        "run",
+        "-d",
+        "--name",
+        &agent,
+        "--network",
+        "host",
+        &image,
+        "agent",
+        "--server",
+        &url,
+        "--token",
+        ENROLL,
+        "--backend",
+        "process",
+        "--state",
+        "/state",
+        "--name",
+        "in-a-container",
     ]);
     let client = fleetbox_client::Client::new(&url, ADMIN);
     let spec = fleetbox_proto::JobSpec::from_toml(
