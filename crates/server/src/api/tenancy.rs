@@ -454,6 +454,7 @@ pub async fn rotate_token(
     };
     state.forget_tokens();
     tracing::warn!(old = %id, new = %view.id, tenant = %old.tenant, by = %p.actor, "token rotated");
+    keep_bootstrap_file(&state, &id, &secret);
     Ok((
         StatusCode::CREATED,
         Json(TokenIssued {
@@ -461,6 +462,28 @@ pub async fn rotate_token(
             view,
         }),
     ))
+}
+
+/// A rotated bootstrap token (`DATA/admin.token`, `DATA/enroll.token` of this coordinator)
+/// is replaced in its file too, so the CLI's default token is not the revoked one.
+fn keep_bootstrap_file(state: &State, old_id: &str, secret: &str) {
+    for file in ["admin.token", "enroll.token"] {
+        let path = state.config.data_dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if crate::store::token_id(&sha256_hex(text.trim().as_bytes())) != old_id {
+            continue;
+        }
+        match crate::write_secret(&path, secret) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), "bootstrap token file holds the rotated token")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, file = %path.display(), "could not replace a rotated bootstrap token's file")
+            }
+        }
+    }
 }
 
 #[utoipa::path(

@@ -1046,3 +1046,22 @@ async fn the_sandbox_log_lists_violation_flags() {
     assert!(page.contains(&job.id), "{page}");
     c.stop().await;
 }
+
+/// Rotating the bootstrap admin token replaces `DATA/admin.token` too: the CLI's default
+/// token is the new one, not the revoked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_bootstrap_admin_token_replaces_its_file() {
+    let Some(c) = crate::support::Coordinator::start(crate::support::Db::Sqlite).await else {
+        return;
+    };
+    let hash = fleetbox_server::ids::sha256_hex(c.running.admin_token.as_bytes());
+    let id = fleetbox_server::store::token_id(&hash).to_string();
+    let issued = c.client.rotate_token(&id).await.unwrap();
+    let file = std::fs::read_to_string(c.dir.path().join("admin.token")).unwrap();
+    assert_eq!(file.trim(), issued.token);
+    let err = c.client.whoami().await.unwrap_err();
+    assert_eq!(err.code(), Some("unauthorized"), "{err}");
+    let me = c.client.with_token(&issued.token).whoami().await.unwrap();
+    assert!(me.operator, "{me:?}");
+    c.stop().await;
+}
