@@ -245,6 +245,9 @@ pub async fn enroll(
         )
         .with_field("csr"));
     }
+    // Signed before anything is stored: a bad request leaves no agent and spends no use.
+    let id = agent_id();
+    let signed = sign_request(&state, req.csr.as_deref(), &id)?;
     // Spent only by a request that would enrol.
     if principal.kind == TokenKind::Enroll
         && !state.store.spend_enrolment(&principal.token_id).await?
@@ -255,7 +258,6 @@ pub async fn enroll(
             "this enrolment token has no uses left",
         ));
     }
-    let id = agent_id();
     let secret = token("agent");
     let token_expires_at = now_ms() + state.config.agent_credential_ms.max(1000) as i64;
     state
@@ -272,7 +274,7 @@ pub async fn enroll(
         })
         .await?;
     tracing::info!(agent = %id, name, slots = req.slots, own, "agent enrolled");
-    let certificate = issue_certificate(&state, req.csr.as_deref(), &id, &tenant).await?;
+    let certificate = record_certificate(&state, signed, &id, &tenant).await?;
     Ok(Json(EnrollResponse {
         certificate,
         agent_id: id,
@@ -419,6 +421,9 @@ pub async fn heartbeat(
     if req.running.len() > MAX_LEASE_BATCH as usize {
         return Err(ApiError::bad_request("invalid_body", "too many leases").with_field("running"));
     }
+    // A bad request is refused before anything changes (a renewed token it never got would
+    // cut the agent off).
+    let signed = sign_request(&state, req.csr.as_deref(), agent)?;
     state.store.touch_agent(agent, &req.load).await?;
     if let Some(facts) = &req.facts {
         state
@@ -432,13 +437,8 @@ pub async fn heartbeat(
         .extend_leases(agent, &req.running, expires)
         .await?;
     let renewed = renew_if_due(&state, auth.principal()).await?;
-    let certificate = issue_certificate(
-        &state,
-        req.csr.as_deref(),
-        agent,
-        &auth.principal().tenant_id,
-    )
-    .await?;
+    let certificate =
+        record_certificate(&state, signed, agent, &auth.principal().tenant_id).await?;
     Ok(Json(HeartbeatResponse {
         certificate,
         cancel,
@@ -448,23 +448,33 @@ pub async fn heartbeat(
     }))
 }
 
-/// With `--agent-mtls`, a client certificate for `agent` signed for the key of `csr`
-/// (recorded, so it can be revoked); `None` without mTLS or without a request.
-async fn issue_certificate(
+/// With `--agent-mtls`, `csr` signed for `agent`; `None` without mTLS or without a request.
+fn sign_request(
     state: &State,
     csr: Option<&str>,
     agent: &str,
-    tenant: &str,
-) -> Result<Option<fleetbox_proto::api::Certificate>, ApiError> {
+) -> Result<Option<crate::mtls::Signed>, ApiError> {
     let (Some(mtls), Some(csr)) = (&state.mtls, csr) else {
         return Ok(None);
     };
     if csr.len() > 16 * 1024 {
         return Err(ApiError::bad_request("invalid_body", "at most 16 KiB").with_field("csr"));
     }
-    let signed = mtls
-        .sign(csr, agent)
-        .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("csr"))?;
+    mtls.sign(csr, agent)
+        .map(Some)
+        .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("csr"))
+}
+
+/// Record a signed certificate (so it can be revoked) and answer it.
+async fn record_certificate(
+    state: &State,
+    signed: Option<crate::mtls::Signed>,
+    agent: &str,
+    tenant: &str,
+) -> Result<Option<fleetbox_proto::api::Certificate>, ApiError> {
+    let Some(signed) = signed else {
+        return Ok(None);
+    };
     state
         .store
         .record_agent_cert(&crate::store::IssuedCert {

@@ -321,6 +321,12 @@ async fn agents_need_their_own_certificate_and_a_revoked_one_fails_the_handshake
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some("invalid_body"), "{db:?}: {err}");
+        // A refused enrolment leaves nothing behind: no agent without a certificate.
+        let agents = admin.agents().await.unwrap().agents;
+        assert!(
+            agents.iter().all(|a| a.name != "junk" && a.name != "bare"),
+            "{db:?}: {agents:?}"
+        );
 
         let agent = |name: &'static str| {
             let (key, req) = csr();
@@ -343,6 +349,16 @@ async fn agents_need_their_own_certificate_and_a_revoked_one_fails_the_handshake
             csr: None,
         };
         let a = Client::trusting(&url, &a_token, &a_cert);
+        a.heartbeat(&beat).await.unwrap();
+        // A heartbeat with a request that is not one: refused whole, the agent goes on.
+        let err = a
+            .heartbeat(&HeartbeatRequest {
+                csr: Some("not a request".into()),
+                ..beat.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("invalid_body"), "{db:?}: {err}");
         a.heartbeat(&beat).await.unwrap();
         // A's token without a certificate, or with B's: refused.
         for (who, t) in [("none", &plain), ("b's", &b_cert)] {
