@@ -77,14 +77,14 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("revoking an agent")?;
-        let known: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant_id)
-                .bind(agent_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .doing("revoking an agent")?;
-        if known.is_none() {
+        let known = super::sql::exists(
+            &mut *tx,
+            "SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2",
+            &[tenant_id, agent_id],
+            "revoking an agent",
+        )
+        .await?;
+        if !known {
             return Ok(false);
         }
         let tokens = sqlx::query(

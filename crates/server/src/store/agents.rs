@@ -129,19 +129,18 @@ impl Store {
         Ok(found)
     }
 
-    /// The public key an agent signs its reports with (`None`: enrolled before keys).
     /// Whether `tenant` has an agent `agent_id` (another tenant's is `false`).
     pub async fn has_agent(&self, tenant_id: &str, agent_id: &str) -> Result<bool, StoreError> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2")
-                .bind(tenant_id)
-                .bind(agent_id)
-                .fetch_optional(&self.read)
-                .await
-                .doing("looking up an agent")?;
-        Ok(row.is_some())
+        super::sql::exists(
+            &self.read,
+            "SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2",
+            &[tenant_id, agent_id],
+            "looking up an agent",
+        )
+        .await
     }
 
+    /// The public key an agent signs its reports with (`None`: enrolled before keys).
     pub async fn agent_key(&self, agent_id: &str) -> Result<Option<String>, StoreError> {
         let row: Option<(Option<String>,)> =
             sqlx::query_as("SELECT public_key FROM agents WHERE id = $1")

@@ -7,6 +7,25 @@
 use sqlx::any::AnyArguments;
 use sqlx::{Any, Arguments, Encode, Type};
 
+/// Whether `text`, a fixed `SELECT 1 ... WHERE` with `$1..$n`, finds a row with `values`
+/// bound in order.
+pub(crate) async fn exists<'c, E>(
+    on: E,
+    text: &str,
+    values: &[&str],
+    doing: &'static str,
+) -> Result<bool, super::StoreError>
+where
+    E: sqlx::Executor<'c, Database = Any>,
+{
+    use super::Doing;
+    let mut query = sqlx::query_as::<_, (i64,)>(text);
+    for v in values {
+        query = query.bind(*v);
+    }
+    Ok(query.fetch_optional(on).await.doing(doing)?.is_some())
+}
+
 /// A statement being built: text with `$N` placeholders and the values bound to them.
 pub(crate) struct Sql<'q> {
     text: String,

@@ -55,12 +55,14 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("creating a tenant")?;
         // Its own pool carries its name: a name a pool has already is taken.
-        let pool: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM pools WHERE name = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .doing("creating a tenant")?;
-        let made = pool.is_none()
+        let taken = super::sql::exists(
+            &mut *tx,
+            "SELECT 1 FROM pools WHERE name = $1",
+            &[id],
+            "creating a tenant",
+        )
+        .await?;
+        let made = !taken
             && sqlx::query(
                 "INSERT INTO tenants (id, name, created_at, updated_at, max_running_shards, max_shards_per_day, \
                  max_cpu_seconds_per_day, submit_rate, weight, max_blob_bytes) \
@@ -287,14 +289,13 @@ impl Store {
     }
 
     pub async fn owns_blob(&self, tenant: &str, hash: &str) -> Result<bool, StoreError> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM blob_owners WHERE tenant_id = $1 AND sha256 = $2")
-                .bind(tenant)
-                .bind(hash)
-                .fetch_optional(&self.read)
-                .await
-                .doing("reading a blob's owner")?;
-        Ok(row.is_some())
+        super::sql::exists(
+            &self.read,
+            "SELECT 1 FROM blob_owners WHERE tenant_id = $1 AND sha256 = $2",
+            &[tenant, hash],
+            "reading a blob's owner",
+        )
+        .await
     }
 }
 
@@ -310,12 +311,14 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("creating a pool")?;
-        let taken: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM tenants WHERE id = $1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await
-            .doing("creating a pool")?;
-        let made = taken.is_none()
+        let taken = super::sql::exists(
+            &mut *tx,
+            "SELECT 1 FROM tenants WHERE id = $1",
+            &[name],
+            "creating a pool",
+        )
+        .await?;
+        let made = !taken
             && sqlx::query(
                 "INSERT INTO pools (name, tenant_id, shared, created_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (name) DO NOTHING",
@@ -364,27 +367,24 @@ impl Store {
 
     /// A pool by name, if `tenant` may use it (its own, or shared).
     pub async fn usable_pool(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
-        let row: Option<(i64,)> = sqlx::query_as(
+        super::sql::exists(
+            &self.read,
             "SELECT 1 FROM pools WHERE name = $1 AND (shared = 1 OR tenant_id = $2)",
+            &[name, tenant],
+            "reading a pool",
         )
-        .bind(name)
-        .bind(tenant)
-        .fetch_optional(&self.read)
         .await
-        .doing("reading a pool")?;
-        Ok(row.is_some())
     }
 
     /// Whether `tenant` owns pool `name` (its enrolment tokens may put agents in it).
     pub async fn owns_pool(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM pools WHERE name = $1 AND tenant_id = $2")
-                .bind(name)
-                .bind(tenant)
-                .fetch_optional(&self.read)
-                .await
-                .doing("reading a pool")?;
-        Ok(row.is_some())
+        super::sql::exists(
+            &self.read,
+            "SELECT 1 FROM pools WHERE name = $1 AND tenant_id = $2",
+            &[name, tenant],
+            "reading a pool",
+        )
+        .await
     }
 }
 

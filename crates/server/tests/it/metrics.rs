@@ -101,29 +101,7 @@ async fn metrics_show_what_a_job_did_and_pass_promtool() {
         ] {
             assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
         }
-        if let Some(promtool) = tool("promtool") {
-            let mut check = Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            check
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = check.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        crate::support::promtool_accepts(&text);
         // A second coordinator on the same database reports the same stored totals.
         if db == Db::Postgres {
             let mut second = c.running.state.config.clone();

@@ -29,19 +29,7 @@ async fn enroll(store: &Store, id: &str, machine: &str) {
         },
         ..Default::default()
     };
-    store
-        .enroll_agent(&fleetbox_server::store::Enrolment {
-            tenant_id: "default",
-            agent_id: id,
-            token_hash: &format!("hash-{id}"),
-            req: &req,
-            actor: "enroll:test",
-            own: false,
-            pool: None,
-            token_expires_at: i64::MAX,
-        })
-        .await
-        .unwrap();
+    crate::support::enroll_in_store(store, id, &req, false).await;
 }
 
 async fn lease(store: &Store, agent: &str) -> Vec<LeaseGrant> {

@@ -425,18 +425,7 @@ async fn a_shard_requeued_while_its_job_is_held_stays_held() {
             name: "a".into(),
             ..Default::default()
         };
-        one.enroll_agent(&fleetbox_server::store::Enrolment {
-            tenant_id: "default",
-            agent_id: "agt_a",
-            token_hash: "hash-a",
-            req: &req,
-            actor: "enroll:test",
-            own: true,
-            pool: None,
-            token_expires_at: i64::MAX,
-        })
-        .await
-        .unwrap();
+        crate::support::enroll_in_store(&one, "agt_a", &req, true).await;
         let mut r = ok_report(&g[0], 1);
         r.status = Status::SandboxViolation;
         r.reason = Some("forbidden: mount".into());
@@ -692,18 +681,7 @@ async fn a_refused_shard_goes_to_another_agent_never_back_to_its_refuser() {
                 name: agent.into(),
                 ..Default::default()
             };
-            one.enroll_agent(&fleetbox_server::store::Enrolment {
-                tenant_id: "default",
-                agent_id: agent,
-                token_hash: agent,
-                req: &req,
-                actor: "enroll:test",
-                own: false,
-                pool: None,
-                token_expires_at: i64::MAX,
-            })
-            .await
-            .unwrap();
+            crate::support::enroll_in_store(&one, agent, &req, false).await;
         }
         let refuse = |store: Arc<Store>, agent: &'static str| async move {
             let g = store
@@ -787,18 +765,7 @@ async fn server_only_shards_go_only_to_marked_agents_and_a_refusal_by_the_last_r
                 labels,
                 ..Default::default()
             };
-            one.enroll_agent(&fleetbox_server::store::Enrolment {
-                tenant_id: "default",
-                agent_id: agent,
-                token_hash: agent,
-                req: &req,
-                actor: "enroll:test",
-                own: false,
-                pool: None,
-                token_expires_at: i64::MAX,
-            })
-            .await
-            .unwrap();
+            crate::support::enroll_in_store(&one, agent, &req, false).await;
         }
         assert!(
             one.set_agent_hardened("default", "agt_marked", true, "admin:test")

@@ -108,3 +108,91 @@ pub async fn harden_the_only_agent(c: &Coordinator) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A panel session of `token` on the coordinator at `base`: a client that does not follow
+/// redirects, and the session's cookie (`name=value`).
+pub async fn panel_login(base: &str, token: &str) -> (reqwest::Client, String) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", token), ("next", "/ui")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    (http, cookie)
+}
+
+/// The panel page at `path`, as `token` sees it.
+pub async fn panel_page(base: &str, token: &str, path: &str) -> String {
+    let (http, cookie) = panel_login(base, token).await;
+    http.get(format!("{base}{path}"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Enrol agent `id` of the `default` tenant straight into `store` (its token hash is its id;
+/// `own`: the coordinator's own agent, trusted from the start).
+pub async fn enroll_in_store(
+    store: &fleetbox_server::store::Store,
+    id: &str,
+    req: &fleetbox_proto::api::EnrollRequest,
+    own: bool,
+) {
+    store
+        .enroll_agent(&fleetbox_server::store::Enrolment {
+            tenant_id: "default",
+            agent_id: id,
+            token_hash: id,
+            req,
+            actor: "enroll:test",
+            own,
+            pool: None,
+            token_expires_at: i64::MAX,
+        })
+        .await
+        .unwrap();
+}
+
+/// `promtool check metrics` passes `text` (when promtool is installed; CI installs it).
+pub fn promtool_accepts(text: &str) {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    use std::io::Write;
+    let mut check = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -893,24 +893,7 @@ async fn a_tenant_scrapes_only_its_own_metrics() {
             Some(f64::from(1u32 << 30)),
             "{db:?}"
         );
-        if let Some(promtool) = crate::support::tool("promtool") {
-            use std::io::Write;
-            let mut check = std::process::Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            check
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = check.wait_with_output().unwrap();
-            assert!(out.status.success(), "promtool: {out:?}");
-        }
+        crate::support::promtool_accepts(&text);
         // A token without `read` may not scrape.
         let (status, _) = scrape(token(&c, "acme", &[Scope::Submit]).await).await;
         assert_eq!(status, 403, "{db:?}");
@@ -956,33 +939,7 @@ async fn a_tenants_panel_overview_counts_only_its_own_shards() {
     let queued_seen_by = |token: String| {
         let base = base.clone();
         async move {
-            let http = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap();
-            let login = http
-                .post(format!("{base}/ui/login"))
-                .form(&[("token", token.as_str()), ("next", "/ui")])
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(login.status(), 303);
-            let cookie = login.headers()["set-cookie"]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_string();
-            let page = http
-                .get(format!("{base}/ui"))
-                .header("cookie", &cookie)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let page = crate::support::panel_page(&base, &token, "/ui").await;
             let at = page.find("id=\"queued\">").expect("the queued card") + 12;
             page[at..page[at..].find('<').unwrap() + at].to_string()
         }
@@ -1015,33 +972,9 @@ async fn the_sandbox_log_lists_violation_flags() {
         )
         .await
         .unwrap();
-    let base = c.running.url();
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let login = http
-        .post(format!("{base}/ui/login"))
-        .form(&[("token", c.running.admin_token.as_str()), ("next", "/ui")])
-        .send()
-        .await
-        .unwrap();
-    let cookie = login.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let page = http
-        .get(format!("{base}/ui/violations"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page =
+        crate::support::panel_page(&c.running.url(), &c.running.admin_token, "/ui/violations")
+            .await;
     assert!(page.contains(&format!("<td>{flag}</td>")), "{page}");
     assert!(page.contains(&job.id), "{page}");
     c.stop().await;

@@ -516,24 +516,7 @@ async fn an_open_page_does_not_hold_up_a_shutdown() {
         return;
     };
     let base = c.running.url();
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let login = http
-        .post(format!("{base}/ui/login"))
-        .form(&[("token", c.running.admin_token.as_str()), ("next", "/ui")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(login.status(), 303);
-    let cookie = login.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let (http, cookie) = crate::support::panel_login(&base, &c.running.admin_token).await;
     let mut live = http
         .get(format!("{base}/ui/live"))
         .header("cookie", &cookie)
