@@ -166,7 +166,7 @@ pub struct Stored {
     pub flags: Vec<(String, i64)>,
     /// (name, labels) → value, from `metric_counters`.
     pub counters: Vec<(String, String, i64)>,
-    /// The tenants scraped, with their use and caps.
+    /// The tenants scraped, with their use and caps (filled by `/metrics`, not the store).
     pub tenants: Vec<TenantView>,
 }
 

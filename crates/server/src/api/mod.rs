@@ -175,10 +175,14 @@ async fn metrics(
     let principal = auth.scope(fleetbox_proto::tenancy::Scope::Read)?;
     let operator = principal.is_operator();
     let tenant = (!operator).then_some(principal.tenant_id.as_str());
-    let stored = state
+    let mut stored = state
         .store
         .stored_metrics(crate::store::now_ms(), tenant)
         .await?;
+    stored.tenants = match tenant {
+        Some(t) => state.store.tenant_view(t).await?.into_iter().collect(),
+        None => state.store.list_tenants().await?,
+    };
     let mut text = crate::metrics::render(&stored, operator.then_some(&state.metrics));
     if operator {
         crate::metrics::server_sandbox(&mut text, state.config.sandbox_backend);
