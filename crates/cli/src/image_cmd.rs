@@ -31,6 +31,10 @@ pub enum ImageCommand {
         /// (`docker run IMAGE server ...`, `docker run IMAGE agent ...`).
         #[arg(long)]
         fleetbox: bool,
+        /// Build only when the daemon has no image of this name made by this version of
+        /// Fleetbox (for provisioning scripts that run on every boot).
+        #[arg(long, conflicts_with = "with")]
+        if_outdated: bool,
     },
 }
 
@@ -40,6 +44,7 @@ pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
         with,
         python,
         fleetbox,
+        if_outdated,
     } = args.command;
     let fleetbox = if fleetbox {
         Some(std::env::current_exe().context("finding this binary")?)
@@ -70,11 +75,17 @@ pub fn image(args: ImageArgs) -> anyhow::Result<ExitCode> {
             packages,
             fleetbox,
         };
+        if if_outdated && image::is_current(&d, &spec.name).await {
+            return anyhow::Ok(None);
+        }
         let started = std::time::Instant::now();
         let built = image::build(&d, &spec, &|step| eprintln!("fleetbox: {step}")).await?;
-        anyhow::Ok((built, started.elapsed()))
+        anyhow::Ok(Some((built, started.elapsed())))
     })?;
-    let (built, took) = built;
+    let Some((built, took)) = built else {
+        println!("the image is current: nothing built");
+        return Ok(ExitCode::SUCCESS);
+    };
     println!(
         "{} ({}) Python {}: {} files, {} MB, built in {:.1} s",
         built.name,

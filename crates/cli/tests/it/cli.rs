@@ -587,6 +587,46 @@ fn docker_mode_from_the_seeds_variables_and_a_built_image() {
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
 }
 
+/// `--if-outdated` keeps a current image; a rebuild under the same name removes the image it
+/// replaced instead of leaving it dangling in the daemon.
+#[test]
+fn image_rebuilds_leave_no_dangling_images() {
+    let image = format!("fleetbox-rebuild-test:{}", std::process::id());
+    let id = |name: &str| {
+        let out = Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", name])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let build = |extra: &[&str]| {
+        let mut args = vec!["image", "build", "--name", image.as_str()];
+        args.extend_from_slice(extra);
+        let out = fleetbox(&args, &[]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let said = build(&["--if-outdated"]);
+    assert!(said.starts_with(&image), "{said}");
+    let first = id(&image).expect("built");
+    let said = build(&["--if-outdated"]);
+    assert_eq!(said.trim(), "the image is current: nothing built");
+    assert_eq!(id(&image).as_deref(), Some(first.as_str()));
+    build(&[]);
+    let second = id(&image).expect("rebuilt");
+    assert_ne!(first, second);
+    assert_eq!(
+        id(&first),
+        None,
+        "the replaced image is still in the daemon"
+    );
+    let out = fleetbox(&["image", "build", "--if-outdated", "--with", "six"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+}
+
 /// Logs going to a file or a pipe carry no colour codes; `--log-format json` writes one JSON
 /// object per line.
 #[test]

@@ -178,6 +178,12 @@ pub async fn build(
         .tag(&tag)
         .changes(changes)
         .build();
+    // The image this one replaces under the same name, removed once nothing names it.
+    let replaced = d
+        .inspect_image(&format!("{repo}:{tag}"))
+        .await
+        .ok()
+        .and_then(|i| i.id);
     let mut stream = d.create_image(
         Some(opts),
         Some(bollard::body_full(bytes::Bytes::from(tar))),
@@ -195,6 +201,9 @@ pub async fn build(
         .inspect_image(&format!("{repo}:{tag}"))
         .await
         .map_err(DockerError::from_connect)?;
+    if let Some(old) = replaced.filter(|old| Some(old) != inspected.id.as_ref()) {
+        remove_if_untagged(d, &old).await;
+    }
     Ok(Built {
         name: format!("{repo}:{tag}"),
         id: inspected.id.unwrap_or_default(),
@@ -205,17 +214,39 @@ pub async fn build(
     })
 }
 
-/// Build `spec.name` unless the daemon has it already; true when it was built. A file lock
-/// keeps processes on this host (parallel test processes) from building it at once.
-pub async fn ensure(d: &Docker, spec: &ImageSpec) -> Result<bool, ImageError> {
-    let current = |i: bollard::models::ImageInspect| {
+/// Remove a superseded image when no tag names it any more; a container still using it (or
+/// any other refusal) keeps it, since it is only tidying.
+async fn remove_if_untagged(d: &Docker, id: &str) {
+    let untagged = d
+        .inspect_image(id)
+        .await
+        .is_ok_and(|i| i.repo_tags.is_none_or(|t| t.is_empty()));
+    if untagged {
+        let _ = d
+            .remove_image(
+                id,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await;
+    }
+}
+
+/// True when the daemon has an image `name` made by this version's layout.
+pub async fn is_current(d: &Docker, name: &str) -> bool {
+    d.inspect_image(name).await.is_ok_and(|i| {
         i.config
             .and_then(|c| c.labels)
             .and_then(|l| l.get(LAYOUT_LABEL).cloned())
             .as_deref()
             == Some(LAYOUT)
-    };
-    if d.inspect_image(&spec.name).await.is_ok_and(current) {
+    })
+}
+
+/// Build `spec.name` unless the daemon has it already; true when it was built. A file lock
+/// keeps processes on this host (parallel test processes) from building it at once.
+pub async fn ensure(d: &Docker, spec: &ImageSpec) -> Result<bool, ImageError> {
+    if is_current(d, &spec.name).await {
         return Ok(false);
     }
     let lock = std::fs::File::create(std::env::temp_dir().join("fleetbox-image-build.lock"))
@@ -227,7 +258,7 @@ pub async fn ensure(d: &Docker, spec: &ImageSpec) -> Result<bool, ImageError> {
     })
     .await
     .map_err(|e| ImageError::Build(e.to_string()))?;
-    let built = if d.inspect_image(&spec.name).await.is_ok_and(current) {
+    let built = if is_current(d, &spec.name).await {
         false
     } else {
         build(d, spec, &|_| {}).await?;
