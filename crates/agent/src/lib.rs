@@ -69,6 +69,9 @@ pub struct LocalCaps {
     pub max_hashed_bytes: ByteSize,
     /// Run jobs that ask for `limits.network = true` (off: such shards are `refused`).
     pub allow_network: bool,
+    /// The operator's egress allow-list (`--allow-egress FILE`): a job's
+    /// `network = { allow = [...] }` runs only when each of its rules is within it.
+    pub allow_egress: Vec<fleetbox_proto::EgressRule>,
 }
 
 impl Default for LocalCaps {
@@ -87,6 +90,7 @@ impl Default for LocalCaps {
             max_listed_files: 10_000,
             max_hashed_bytes: ByteSize::mib(1024),
             allow_network: false,
+            allow_egress: Vec::new(),
         }
     }
 }
@@ -94,12 +98,30 @@ impl Default for LocalCaps {
 impl LocalCaps {
     /// The limits a shard runs with, or why it is not run at all.
     fn apply(&self, mut l: Limits) -> Result<Limits, String> {
-        if l.network && !self.allow_network {
-            return Err(
-                "refused by agent policy: the job asks for `limits.network = true` \
-                 and this agent was not started with `--allow-network`"
-                    .into(),
-            );
+        match &l.network {
+            fleetbox_proto::Network::Host if !self.allow_network => {
+                return Err(
+                    "refused by agent policy: the job asks for `limits.network = true` \
+                     and this agent was not started with `--allow-network`"
+                        .into(),
+                );
+            }
+            fleetbox_proto::Network::Allow(_) if self.allow_egress.is_empty() => {
+                return Err(
+                    "refused by agent policy: the job asks for `network = { allow = [...] }` \
+                     and this agent allows no egress (`--allow-egress FILE`)"
+                        .into(),
+                );
+            }
+            fleetbox_proto::Network::Allow(rules) => {
+                fleetbox_proto::egress::within(rules, &self.allow_egress).map_err(|rule| {
+                    format!(
+                        "refused by agent policy: `{rule}` is outside this agent's egress \
+                         allow-list"
+                    )
+                })?;
+            }
+            _ => {}
         }
         l.timeout = l.timeout.min(self.max_timeout);
         l.cpu_time = l.cpu_time.min(self.max_timeout);
@@ -702,12 +724,10 @@ async fn run_task(
     let Some(hold) = take_slot(&shared, &task.lease_id).await else {
         return;
     };
-    let limits = match shared
-        .config
-        .caps
-        .apply(task.limits.clone())
-        .and_then(|l| shared.review.judge(&task.code).map(|()| l))
-    {
+    let limits = match shared.config.caps.apply(task.limits.clone()).and_then(|l| {
+        let declared = fleetbox_review::declared_by(&l.network);
+        shared.review.judge(&task.code, declared).map(|()| l)
+    }) {
         Ok(limits) => limits,
         Err(why) => return refuse(&shared, &task, why, hold),
     };
@@ -1349,7 +1369,7 @@ mod tests {
     #[test]
     fn the_network_is_refused_unless_allowed() {
         let asked = Limits {
-            network: true,
+            network: fleetbox_proto::Network::Host,
             ..Limits::default()
         };
         let why = LocalCaps::default().apply(asked.clone()).unwrap_err();
@@ -1358,6 +1378,45 @@ mod tests {
             allow_network: true,
             ..LocalCaps::default()
         };
-        assert!(allowed.apply(asked).unwrap().network);
+        assert!(allowed.apply(asked).unwrap().network.is_host());
+    }
+
+    #[test]
+    fn named_hosts_run_only_within_the_operators_egress_list() {
+        let rule = |s: &str| fleetbox_proto::EgressRule::parse(s).unwrap();
+        let asking = |rules: &[&str]| Limits {
+            network: fleetbox_proto::Network::Allow(rules.iter().map(|r| rule(r)).collect()),
+            ..Limits::default()
+        };
+        // `--allow-network` alone allows the host's network, not an egress list.
+        let host_only = LocalCaps {
+            allow_network: true,
+            ..LocalCaps::default()
+        };
+        let why = host_only.apply(asking(&["pypi.org"])).unwrap_err();
+        assert!(why.contains("--allow-egress"), "{why}");
+        let operator = LocalCaps {
+            allow_egress: vec![rule("pypi.org:443"), rule("*.pythonhosted.org")],
+            ..LocalCaps::default()
+        };
+        assert!(
+            operator
+                .apply(asking(&["pypi.org:443", "files.pythonhosted.org:443"]))
+                .is_ok()
+        );
+        let why = operator
+            .apply(asking(&["pypi.org:443", "evil.example.com"]))
+            .unwrap_err();
+        assert!(why.contains("`evil.example.com` is outside"), "{why}");
+        // Any port is wider than the operator's one port.
+        assert!(operator.apply(asking(&["pypi.org"])).is_err());
+        // Neither list lets a job ask for the host's network.
+        let why = operator
+            .apply(Limits {
+                network: fleetbox_proto::Network::Host,
+                ..Limits::default()
+            })
+            .unwrap_err();
+        assert!(why.contains("--allow-network"), "{why}");
     }
 }

@@ -69,8 +69,10 @@ impl CodeReview {
 
     /// `Err(why)` when this agent's policy refuses `code` after its own review. A job's
     /// shards are reviewed once.
-    pub fn judge(&self, code: &str) -> Result<(), String> {
-        let verdict = self.verdict(code);
+    /// `declared`: what the job's settings declare (its network), see
+    /// [`fleetbox_review::Reviewer::review_declared`].
+    pub fn judge(&self, code: &str, declared: &[&str]) -> Result<(), String> {
+        let verdict = self.verdict(code, declared);
         match verdict {
             Some(v) if self.policy.refuse.contains(&v.decision) => Err(format!(
                 "refused by this agent's review policy: its review decides `{}` (risk {}): {}",
@@ -82,22 +84,32 @@ impl CodeReview {
         }
     }
 
-    fn verdict(&self, code: &str) -> Option<Verdict> {
-        let key: [u8; 32] = sha2::Sha256::digest(code.as_bytes()).into();
+    fn verdict(&self, code: &str, declared: &[&str]) -> Option<Verdict> {
+        let mut hash = sha2::Sha256::new();
+        hash.update(code.as_bytes());
+        for d in declared {
+            hash.update([0]);
+            hash.update(d.as_bytes());
+        }
+        let key: [u8; 32] = hash.finalize().into();
         if let Some(verdict) = self.verdicts.lock().expect("verdicts").get(&key) {
             return verdict.clone();
         }
-        let verdict = self.reviewer.review_code(code).ok().map(|r| Verdict {
-            decision: r.decision,
-            risk: r.risk,
-            found: r
-                .findings
-                .iter()
-                .take(5)
-                .map(|f| format!("{} at line {}", f.rule, f.line))
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+        let verdict = self
+            .reviewer
+            .review_declared(code, declared)
+            .ok()
+            .map(|r| Verdict {
+                decision: r.decision,
+                risk: r.risk,
+                found: r
+                    .findings
+                    .iter()
+                    .take(5)
+                    .map(|f| format!("{} at line {}", f.rule, f.line))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
         let mut cache = self.verdicts.lock().expect("verdicts");
         if cache.len() >= MAX_CACHED {
             cache.clear();
@@ -118,12 +130,12 @@ mod tests {
         let review = CodeReview::shipped(ReviewPolicy::default_for(false));
         let benign = "print(sum(range(10)))\n";
         let bomb = "import os\nwhile True:\n    os.fork()\n";
-        assert_eq!(review.judge(benign), Ok(()));
-        let refused = review.judge(bomb).unwrap_err();
+        assert_eq!(review.judge(benign, &[]), Ok(()));
+        let refused = review.judge(bomb, &[]).unwrap_err();
         assert!(refused.contains("process.fork_loop"), "{refused}");
         // Cached both ways, each under its own content.
-        assert_eq!(review.judge(benign), Ok(()));
-        assert!(review.judge(bomb).is_err());
+        assert_eq!(review.judge(benign, &[]), Ok(()));
+        assert!(review.judge(bomb, &[]).is_err());
     }
 
     /// Server-only and held code are refused unless the agent is hardened, rejected code
@@ -138,10 +150,15 @@ mod tests {
             .decision;
         assert_eq!(decided, Decision::RunOnServerOnly);
         let ordinary = CodeReview::shipped(ReviewPolicy::default_for(false));
-        let why = ordinary.judge(server_only).unwrap_err();
+        let why = ordinary.judge(server_only, &[]).unwrap_err();
         assert!(why.contains("run_on_server_only"), "{why}");
         let hardened = CodeReview::shipped(ReviewPolicy::default_for(true));
-        assert_eq!(hardened.judge(server_only), Ok(()));
+        assert_eq!(hardened.judge(server_only, &[]), Ok(()));
+        // A job that asks for the network declares its client; the same code runs here then,
+        // and the verdict without the declaration is not reused for it (nor the other way).
+        let declared = fleetbox_review::DECLARED_BY_NETWORK;
+        assert_eq!(ordinary.judge(server_only, declared), Ok(()));
+        assert!(ordinary.judge(server_only, &[]).is_err());
         // Held code (starting programs and the network): refused unless hardened.
         let held = "import subprocess, socket\nsubprocess.run(['true'])\n";
         let decided = fleetbox_review::BuiltinReviewer::shipped()
@@ -149,10 +166,10 @@ mod tests {
             .unwrap()
             .decision;
         assert_eq!(decided, Decision::Hold);
-        assert!(ordinary.judge(held).unwrap_err().contains("`hold`"));
-        assert_eq!(hardened.judge(held), Ok(()));
+        assert!(ordinary.judge(held, &[]).unwrap_err().contains("`hold`"));
+        assert_eq!(hardened.judge(held, &[]), Ok(()));
         let bomb = "import os\nwhile True:\n    os.fork()\n";
-        assert!(hardened.judge(bomb).is_err());
+        assert!(hardened.judge(bomb, &[]).is_err());
         let strict =
             ReviewPolicy::from_toml("refuse = [\"reject\", \"hold\", \"run_on_server_only\"]")
                 .unwrap();

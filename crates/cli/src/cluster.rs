@@ -402,6 +402,15 @@ pub struct AgentArgs {
     /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
     #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
     pub allow_network: bool,
+    /// The hosts jobs may name in `network = { allow = [...] }` (`jail` backend), a file of
+    /// rules, one per line (`pypi.org:443`, `*.pythonhosted.org`, `#` comments); a job asking
+    /// for more is `refused`.
+    #[arg(long, value_name = "FILE")]
+    pub allow_egress: Option<PathBuf>,
+    /// A hosts file (`ADDRESS NAME...`) the egress proxy resolves from before the system
+    /// resolver: pinned names for a mirror.
+    #[arg(long, value_name = "FILE")]
+    pub egress_hosts: Option<PathBuf>,
     /// This agent runs in a stricter sandbox (gVisor, say) and accepts code its review decides
     /// `run_on_server_only` or `hold`; the coordinator gives it such code only once an operator
     /// marks it (`fleetbox agents harden ID`).
@@ -516,6 +525,7 @@ fn sandbox_settings(
             docker: s.docker,
             cgroup_root: s.cgroup_root,
             trace: s.trace,
+            egress_hosts: None,
         },
     ))
 }
@@ -694,7 +704,21 @@ fn agent_config(
             .or(file.max_hashed_bytes)
             .unwrap_or(d.max_hashed_bytes),
         allow_network: args.allow_network || file.allow_network.unwrap_or(false),
+        allow_egress: match &args.allow_egress {
+            Some(path) => egress_rules(path)?,
+            None => Vec::new(),
+        },
     };
+    if !caps.allow_egress.is_empty() && backend != Backend::Jail {
+        anyhow::bail!(
+            "`--allow-egress` needs `--backend jail`: only the jail keeps runs in their own network namespace with the egress proxy as the one way out"
+        );
+    }
+    if let Some(hosts) = &args.egress_hosts {
+        // Read now, so a broken file stops the agent rather than failing every run.
+        fleetbox_sandbox::egress::Resolver::from_hosts_file(hosts).map_err(anyhow::Error::msg)?;
+        sandbox.egress_hosts = Some(hosts.clone());
+    }
     sandbox.warm = args.warm.unwrap_or(args.slots.max(1)) as usize;
     sandbox.seccomp = args.seccomp;
     let name = args.name.unwrap_or_else(|| {
@@ -735,6 +759,25 @@ fn agent_config(
         test_lie_rate: 0.0,
         test_lie_after: 0,
     })
+}
+
+/// An operator's egress allow-list: one rule per line, `#` comments.
+fn egress_rules(path: &Path) -> anyhow::Result<Vec<fleetbox_proto::EgressRule>> {
+    let text = fs_err::read_to_string(path).context("reading `--allow-egress`")?;
+    let rules = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(n, l)| {
+            fleetbox_proto::EgressRule::parse(l)
+                .map_err(|e| anyhow::anyhow!("`{}` line {}: {e}", path.display(), n + 1))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if rules.is_empty() {
+        anyhow::bail!("`{}` has no rules", path.display());
+    }
+    Ok(rules)
 }
 
 /// What `fleetbox agent` does besides running.
@@ -847,6 +890,8 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_listed_files: None,
                     max_hashed_bytes: None,
                     allow_network: false,
+                    allow_egress: None,
+                    egress_hosts: None,
                     hardened: false,
                     review_policy: None,
                     drain_timeout: Millis::from_secs(10),

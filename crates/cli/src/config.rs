@@ -207,7 +207,9 @@ pub fn resolve_run(file: &FileConfig, flags: RunFlags) -> anyhow::Result<RunSett
                 env::DOCKER_CPU_LIMIT
             );
         }
-        limits.network = env_bool(env::DOCKER_NETWORK_ENABLED)?.unwrap_or(false);
+        if env_bool(env::DOCKER_NETWORK_ENABLED)?.unwrap_or(false) {
+            limits.network = fleetbox_proto::Network::Host;
+        }
     }
     // SANDBOX_MAX_OUTPUT_KB: a bare number is KiB (the seed's meaning); `1MiB` also works.
     let env_output =

@@ -52,6 +52,13 @@ pub struct RunArgs {
     /// Keep the run directory and print where it is.
     #[arg(long)]
     pub keep_workspace: bool,
+    /// `jail`: the hosts the program may reach, through the egress proxy, comma-separated
+    /// (`pypi.org:443,*.pythonhosted.org`); every connection is listed in the report.
+    #[arg(long, value_delimiter = ',', value_parser = parse_egress_rule, value_name = "HOST[:PORT]")]
+    pub egress: Vec<fleetbox_proto::EgressRule>,
+    /// With `--egress`: a hosts file (`ADDRESS NAME...`) the proxy resolves from first.
+    #[arg(long, value_name = "FILE")]
+    pub egress_hosts: Option<PathBuf>,
     /// Print the full report as JSON instead of the program's output and a summary.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +105,10 @@ fn read_files(args: &[String]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
+pub(crate) fn parse_egress_rule(s: &str) -> Result<fleetbox_proto::EgressRule, String> {
+    fleetbox_proto::EgressRule::parse(s)
+}
+
 pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     let file = FileConfig::load(config)?;
     let settings = resolve_run(
@@ -129,6 +140,16 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut limits = settings.limits;
     limits.continue_past_output_limit = args.continue_past_output_limit;
+    if !args.egress.is_empty() {
+        if !limits.network.is_off() {
+            anyhow::bail!(
+                "`--egress` and the host's network (`DOCKER_NETWORK_ENABLED`) exclude each other"
+            );
+        }
+        limits.network = fleetbox_proto::Network::Allow(args.egress.clone());
+    } else if args.egress_hosts.is_some() {
+        anyhow::bail!("`--egress-hosts` needs `--egress`");
+    }
     let files = read_files(&args.files)?;
     if let Some(server) = &args.server {
         return run_remote(server, &args, code, input, limits, files);
@@ -152,6 +173,7 @@ pub fn run(config: Option<&Path>, args: RunArgs) -> anyhow::Result<ExitCode> {
             docker: settings.docker,
             cgroup_root: settings.cgroup_root,
             trace: settings.trace,
+            egress_hosts: args.egress_hosts.clone(),
         },
     )?;
     let report = sandbox.run(&req);

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod canonical;
+pub mod egress;
 pub mod env;
 pub mod environment;
 pub mod followup;
@@ -24,12 +25,14 @@ pub mod trace;
 mod units;
 mod verify;
 
+pub use egress::{EgressConnection, EgressRule, Network};
 pub use environment::{EnvironmentInfo, EnvironmentSpec, Package};
 pub use followup::{FollowupAction, FollowupRule, Lineage, RerunOf};
 pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
 pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{
-    ExceptionInfo, ExecutionReport, FileEntry, Frame, Runner, Status, StreamCapture, Violation,
+    ExceptionInfo, ExecutionReport, FileEntry, Frame, MAX_EGRESS_LISTED, Runner, Status,
+    StreamCapture, Violation,
 };
 pub use review::{CodeReview, Decision, Finding, Severity};
 pub use states::{AgentState, FlagKind, FlagStatus, JobState, TaskState, UnknownState, Verdict};

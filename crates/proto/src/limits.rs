@@ -37,8 +37,11 @@ pub struct Limits {
     /// How many created files are listed in the report, and how many bytes of them are hashed.
     pub max_listed_files: u32,
     pub max_hashed_bytes: ByteSize,
-    /// Share the host network (jail backend). Off by default: only loopback exists inside.
-    pub network: bool,
+    /// `false` (the default): only loopback exists inside. `true`: the host's network.
+    /// `{ allow = ["pkgs.example.org", "*.example.com:443"] }`: the named hosts only, through
+    /// the agent's egress proxy (jail backend).
+    #[schema(value_type = crate::egress::NetworkSpec)]
+    pub network: crate::Network,
 }
 
 impl Default for Limits {
@@ -58,7 +61,7 @@ impl Default for Limits {
             workspace_files: 100_000,
             max_listed_files: 1000,
             max_hashed_bytes: ByteSize::mib(256),
-            network: false,
+            network: crate::Network::Off,
         }
     }
 }

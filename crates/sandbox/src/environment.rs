@@ -392,7 +392,7 @@ impl Environments {
             workspace_size: ByteSize::mib(64),
             ..Limits::default()
         };
-        limits.network = true;
+        limits.network = fleetbox_proto::Network::Host;
         let uv = match &self.uv {
             Some(uv) => Some(self.staged(uv).map_err(|e| {
                 let _ = crate::remove::remove_tree(&dir);

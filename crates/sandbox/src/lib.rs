@@ -16,6 +16,7 @@ mod cancel;
 pub mod cgroup;
 pub mod docker;
 pub mod doctor;
+pub mod egress;
 pub mod environment;
 pub mod jail;
 mod process;
@@ -138,6 +139,8 @@ pub struct SandboxConfig {
     pub cgroup_root: Option<PathBuf>,
     /// `jail`: time the start-up phases and list them in each report's `notes`.
     pub trace: bool,
+    /// The egress proxy's pinned names (a hosts file), looked up before the system resolver.
+    pub egress_hosts: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -152,6 +155,7 @@ impl Default for SandboxConfig {
             docker: docker::DockerConfig::default(),
             cgroup_root: None,
             trace: false,
+            egress_hosts: None,
         }
     }
 }

@@ -109,6 +109,9 @@ impl Sandbox for ProcessSandbox {
             applied: AppliedLimits::new(req.limits.clone()),
             notes: Vec::new(),
         };
+        if !req.limits.network.rules().is_empty() {
+            return ctx.sandbox_error(crate::egress::NEEDS_JAIL);
+        }
         let interpreter = match &req.environment {
             Some(env) => Some(env.python.as_path()),
             None => self.config.python.as_deref(),

@@ -734,7 +734,7 @@ async fn fold(
     let input = serde_json::to_vec(&list).map_err(|e| ReduceFailed::Encode(e.to_string()))?;
     let mut limits = limits.clone();
     // The coordinator's own sandbox never gets the network, whatever the job asked.
-    limits.network = false;
+    limits.network = fleetbox_proto::Network::Off;
     limits.timeout = limits.timeout.max(Millis::from_secs(60));
     limits.cpu_time = limits.cpu_time.max(Millis::from_secs(60));
     limits.max_output = limits.max_output.max(ByteSize::mib(16));

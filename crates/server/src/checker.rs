@@ -467,7 +467,7 @@ async fn run_on_server(
     environment: Option<Environment>,
 ) -> Result<(ExecutionReport, Stored), CheckError> {
     let mut limits = job.limits.clone();
-    limits.network = false;
+    limits.network = fleetbox_proto::Network::Off;
     limits.memory.0 = limits.memory.0.min(SERVER_MEMORY);
     limits.max_processes = limits.max_processes.min(SERVER_PROCESSES);
     let mut req = RunRequest::new(

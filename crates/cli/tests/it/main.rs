@@ -5,5 +5,6 @@
 mod cli;
 mod cluster;
 mod doctor;
+mod egress;
 mod install;
 mod support;

@@ -426,6 +426,13 @@ impl Inner {
         req: &RunRequest,
         rt: &tokio::runtime::Handle,
     ) -> ExecutionReport {
+        if !req.limits.network.rules().is_empty() {
+            let mut r = self
+                .context(req, None)
+                .sandbox_error(crate::egress::NEEDS_JAIL);
+            r.runtime = Some(self.runtime_name());
+            return r;
+        }
         let python = match self.python().await {
             Ok(p) => p,
             Err(e) => {
@@ -696,7 +703,14 @@ impl Inner {
         }
         let host_config = HostConfig {
             binds: Some(binds),
-            network_mode: Some(if limits.network { "bridge" } else { "none" }.into()),
+            network_mode: Some(
+                if limits.network.is_host() {
+                    "bridge"
+                } else {
+                    "none"
+                }
+                .into(),
+            ),
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec![
@@ -750,7 +764,7 @@ impl Inner {
         }
         applied.enforced(
             "network",
-            if limits.network {
+            if limits.network.is_host() {
                 "docker_bridge"
             } else {
                 "docker_network_none"
@@ -783,7 +797,7 @@ impl Inner {
             open_stdin: Some(true),
             stdin_once: Some(true),
             tty: Some(false),
-            network_disabled: Some(!limits.network),
+            network_disabled: Some(!limits.network.is_host()),
             labels: Some(HashMap::from([
                 (LABEL_OWNER.to_string(), std::process::id().to_string()),
                 (LABEL_HOST.to_string(), hostname()),

@@ -73,7 +73,12 @@ pub struct InitConfig {
     pub seccomp: seccomp::Compiled,
     pub env: Vec<(String, String)>,
     pub tmp_size: u64,
+    /// Share the host's network (`network = true`).
     pub network: bool,
+    /// `network = { allow = [...] }`: listen on the egress proxy's port inside the jail's
+    /// namespace and hand the socket to the supervisor, which serves it from outside.
+    #[serde(default)]
+    pub egress: bool,
     /// Send a `phase` event with a monotonic timestamp at each start-up step.
     #[serde(default)]
     pub trace: bool,
@@ -100,6 +105,10 @@ pub enum Event {
     Phase {
         name: String,
         at_us: u64,
+    },
+    /// Connections the program tried around the egress proxy (refused: no route out).
+    Egress {
+        direct_refused: u64,
     },
     Exit {
         code: Option<i32>,
@@ -422,6 +431,9 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, JailError> {
     if !cfg.network {
         loopback_up()?;
     }
+    if cfg.egress {
+        hand_over_proxy_socket()?;
+    }
     enter_root(&cfg.root)?;
     phase(cfg, "root_entered");
 
@@ -456,6 +468,11 @@ fn namespace_init(cfg: &InitConfig, go: OwnedFd) -> Result<i32, JailError> {
         }
         if r == child {
             phase(cfg, "program_reaped");
+            if cfg.egress {
+                send(&Event::Egress {
+                    direct_refused: no_route_count(),
+                });
+            }
             let ms = |tv: libc::timeval| tv.tv_sec as u64 * 1000 + tv.tv_usec as u64 / 1000;
             send(&Event::Exit {
                 code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
@@ -641,12 +658,16 @@ fn build_root(cfg: &InitConfig) -> Result<(), JailError> {
     }
 
     // With the host's network: name resolution and the trusted certificates, nothing else.
-    if cfg.network {
-        for path in ["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/ssl/certs"] {
-            let path = Path::new(path);
-            if path.exists() {
-                bind(path, &inside(root, path), true, nosuid_nodev)?;
-            }
+    // Through the egress proxy: the certificates (the proxy resolves names).
+    let network_files: &[&str] = match (cfg.network, cfg.egress) {
+        (true, _) => &["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/ssl/certs"],
+        (false, true) => &["/etc/ssl/certs"],
+        (false, false) => &[],
+    };
+    for path in network_files {
+        let path = Path::new(path);
+        if path.exists() {
+            bind(path, &inside(root, path), true, nosuid_nodev)?;
         }
     }
 
@@ -727,6 +748,43 @@ fn enter_root(root: &Path) -> Result<(), JailError> {
         libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
         None,
     )
+}
+
+/// Listen on `127.0.0.1:PROXY_PORT` in the jail's network namespace and send the socket to the
+/// supervisor (tagged [`TAG_EGRESS`]); this process keeps no copy, so the program gets none.
+fn hand_over_proxy_socket() -> Result<(), JailError> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", crate::egress::PROXY_PORT))
+        .map_err(|e| JailError::os("listening for the egress proxy", e))?;
+    send_fd(SECCOMP_FD, listener.as_raw_fd(), TAG_EGRESS)
+        .map_err(|e| JailError::os("handing over the egress proxy's socket", e))
+}
+
+/// Packets this network namespace could not route (IPv4 and IPv6): with only loopback, every
+/// connection or datagram to anywhere else. Read from the jail's own `/proc`.
+fn no_route_count() -> u64 {
+    let field = |file: &str, table: &str, name: &str| -> u64 {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if table.is_empty() {
+            // snmp6: `Name value` lines.
+            return text
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or(0);
+        }
+        // snmp: a header line of names, then a line of values, per table.
+        let mut rows = text.lines().filter(|l| l.starts_with(table));
+        let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+            return 0;
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    field("/proc/self/net/snmp", "Ip:", "OutNoRoutes")
+        + field("/proc/self/net/snmp6", "", "Ip6OutNoRoutes")
 }
 
 fn loopback_up() -> Result<(), JailError> {
@@ -830,7 +888,7 @@ fn exec_program(cfg: &InitConfig) -> Result<std::convert::Infallible, JailError>
         .seccomp
         .install()
         .map_err(|e| JailError::os("installing the seccomp filter", e))?;
-    send_fd(SECCOMP_FD, listener.as_raw_fd())
+    send_fd(SECCOMP_FD, listener.as_raw_fd(), TAG_SECCOMP)
         .map_err(|e| JailError::os("handing over the seccomp listener", e))?;
     drop(listener);
     phase(cfg, "seccomp_installed");
@@ -929,8 +987,13 @@ fn drop_all_capabilities() -> Result<(), JailError> {
     Ok(())
 }
 
-fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
-    let byte = [0u8; 1];
+/// What a descriptor sent on [`SECCOMP_FD`] is: the program's seccomp listener, or the egress
+/// proxy's listening socket.
+pub const TAG_SECCOMP: u8 = 0;
+pub const TAG_EGRESS: u8 = b'E';
+
+fn send_fd(sock: i32, fd: i32, tag: u8) -> std::io::Result<()> {
+    let byte = [tag; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_ptr() as *mut libc::c_void,
         iov_len: 1,
@@ -958,8 +1021,8 @@ fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Receive one descriptor sent with [`send_fd`].
-pub fn recv_fd(sock: i32) -> std::io::Result<Option<OwnedFd>> {
+/// Receive one descriptor sent with [`send_fd`], with its tag.
+pub fn recv_fd(sock: i32) -> std::io::Result<Option<(u8, OwnedFd)>> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -995,6 +1058,6 @@ pub fn recv_fd(sock: i32) -> std::io::Result<Option<OwnedFd>> {
             return Ok(None);
         }
         let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-        Ok(Some(OwnedFd::from_raw_fd(fd)))
+        Ok(Some((byte[0], OwnedFd::from_raw_fd(fd))))
     }
 }

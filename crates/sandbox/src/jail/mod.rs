@@ -211,8 +211,10 @@ impl Sandbox for JailSandbox {
 
     fn run(&self, req: &RunRequest) -> ExecutionReport {
         let shape = Shape::of(req);
+        // A run through the egress proxy is never warm: its proxy is the run's own.
         if let Some(pool) = &self.pool
             && shape.rw.is_empty()
+            && shape.limits.network.rules().is_empty()
         {
             let warm = pool.take(&shape);
             // Whether this run found one or not, the next run of this shape should.
@@ -254,6 +256,10 @@ impl JailSandbox {
             applied: AppliedLimits::new(req.limits.clone()),
             notes: Vec::new(),
         };
+        let egress = match self.egress_setup(req) {
+            Ok(e) => e,
+            Err(why) => return ctx.sandbox_error(why),
+        };
         let built = match self.builder.build(
             &Shape::of(req),
             &req.code,
@@ -271,7 +277,30 @@ impl JailSandbox {
             }
         };
         let started = built.spawn_started;
-        self.supervise_built(built, req, ctx.applied, ctx.notes, ctx.started_at, started)
+        let run = Supervised {
+            applied: ctx.applied,
+            notes: ctx.notes,
+            started_at: ctx.started_at,
+            started,
+            egress,
+        };
+        self.supervise_built(built, req, run)
+    }
+
+    /// The proxy's rules and resolver for a run that asks for named hosts.
+    fn egress_setup(&self, req: &RunRequest) -> Result<Option<EgressSetup>, String> {
+        let rules = req.limits.network.rules();
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let resolver = match &self.builder.config.egress_hosts {
+            Some(path) => crate::egress::Resolver::from_hosts_file(path)?,
+            None => crate::egress::Resolver::default(),
+        };
+        Ok(Some(EgressSetup {
+            rules: rules.to_vec(),
+            resolver,
+        }))
     }
 
     /// Hand the program to a jail that is already up: write the code and the input where the
@@ -366,20 +395,19 @@ impl JailSandbox {
             started.saturating_duration_since(built_at).as_millis(),
             if ready { "waiting" } else { "still starting" }
         ));
-        let report = self.supervise_built(built, req, applied, notes, started_at, started);
+        let run = Supervised {
+            applied,
+            notes,
+            started_at,
+            started,
+            egress: None,
+        };
+        let report = self.supervise_built(built, req, run);
         drop(go);
         report
     }
 
-    fn supervise_built(
-        &self,
-        built: Built,
-        req: &RunRequest,
-        applied: AppliedLimits,
-        notes: Vec<String>,
-        started_at: SystemTime,
-        started: Instant,
-    ) -> ExecutionReport {
+    fn supervise_built(&self, built: Built, req: &RunRequest, run: Supervised) -> ExecutionReport {
         let Built {
             dir,
             cgroup,
@@ -390,6 +418,13 @@ impl JailSandbox {
             trace,
             ..
         } = built;
+        let Supervised {
+            applied,
+            notes,
+            started_at,
+            started,
+            egress,
+        } = run;
         let mut ctx = RunContext {
             req,
             backend: "jail",
@@ -417,6 +452,9 @@ impl JailSandbox {
             policy: &self.builder.policy,
             violations: Vec::new(),
             denials: 0,
+            egress: egress.map(|e| (e, started)),
+            proxy: None,
+            proxy_error: None,
         };
         let mut outcome = supervise::supervise(
             child,
@@ -427,6 +465,11 @@ impl JailSandbox {
         let sup_done = init::monotonic_us();
         extras.drain_status();
         let events = extras.events();
+        let proxy = extras.proxy.take();
+        if let Some(e) = extras.proxy_error.take() {
+            ctx.notes.push(e);
+        }
+        let mut direct_refused = 0;
         let stats = cgroup.as_ref().map(RunCgroup::stats);
         drop(cgroup);
 
@@ -446,6 +489,7 @@ impl JailSandbox {
                     }
                 }
                 Event::Note { message } => ctx.notes.push(message),
+                Event::Egress { direct_refused: n } => direct_refused = n,
                 Event::Phase { name, at_us } => phases.push((name, at_us)),
                 Event::Exit {
                     code,
@@ -515,7 +559,7 @@ impl JailSandbox {
                 .collect();
             ctx.notes.push(format!("phases (ms): {}", line.join(", ")));
         }
-        ctx.finish(
+        let mut report = ctx.finish(
             Observed {
                 outcome,
                 cgroup: stats,
@@ -523,15 +567,46 @@ impl JailSandbox {
                 setup_error,
             },
             dir,
-        )
+        );
+        if let Some(proxy) = proxy {
+            let (connections, unlisted) = proxy.finish();
+            report.egress = connections;
+            if unlisted > 0 {
+                report.notes.push(format!(
+                    "egress: {unlisted} more connections than the {} listed",
+                    fleetbox_proto::MAX_EGRESS_LISTED
+                ));
+            }
+        }
+        report.egress_direct_refused = direct_refused;
+        report
     }
 }
 
-/// The program's whole environment: the jail's base plus the run's (shard contract) variables.
+/// The program's whole environment: the jail's base, the egress proxy's address when the run
+/// has one, and the run's (shard contract) variables.
 fn program_env(req: &RunRequest) -> Vec<(String, String)> {
     let mut env = base_env("/tmp", "/tmp");
+    if !req.limits.network.rules().is_empty() {
+        env.extend(crate::egress::program_env());
+    }
     env.extend(req.env.iter().cloned());
     env
+}
+
+/// What supervising a built jail starts from.
+struct Supervised {
+    applied: AppliedLimits,
+    notes: Vec<String>,
+    started_at: SystemTime,
+    started: Instant,
+    egress: Option<EgressSetup>,
+}
+
+/// The run's allow list and how its proxy resolves names.
+struct EgressSetup {
+    rules: Vec<fleetbox_proto::EgressRule>,
+    resolver: crate::egress::Resolver,
 }
 
 /// Why a jail could not be built, with the interpreter when it was found (for the report).
@@ -613,10 +688,10 @@ impl Builder {
         applied.enforced("tmp_size", "tmpfs");
         applied.enforced(
             "network",
-            if limits.network {
-                "host_network_shared"
-            } else {
-                "netns_loopback_only"
+            match &limits.network {
+                fleetbox_proto::Network::Off => "netns_loopback_only",
+                fleetbox_proto::Network::Host => "host_network_shared",
+                fleetbox_proto::Network::Allow(_) => "netns_egress_proxy_allow_list",
             },
         );
 
@@ -650,7 +725,8 @@ impl Builder {
             seccomp: self.filters.clone(),
             env,
             tmp_size: limits.tmp_size.0,
-            network: limits.network,
+            network: limits.network.is_host(),
+            egress: !limits.network.rules().is_empty(),
             trace,
             warm,
         };
@@ -889,6 +965,10 @@ struct JailExtras<'a> {
     violations: Vec<Violation>,
     /// Denied calls so far; past [`MAX_DENIALS`] the run is ended.
     denials: u64,
+    /// Until the jail's proxy socket arrives: what the proxy will serve, and the run's start.
+    egress: Option<(EgressSetup, Instant)>,
+    proxy: Option<crate::egress::Proxy>,
+    proxy_error: Option<String>,
 }
 
 /// Denied syscalls a run may make before it is ended: each costs the supervisor a
@@ -994,7 +1074,23 @@ impl Extras for JailExtras<'_> {
             self.read_status();
         } else if self.sock.as_ref().is_some_and(|s| s.as_raw_fd() == fd) {
             match init::recv_fd(fd) {
-                Ok(Some(listener)) => {
+                Ok(Some((init::TAG_EGRESS, socket))) => {
+                    if let Some((setup, started)) = self.egress.take() {
+                        match crate::egress::Proxy::start(
+                            socket,
+                            setup.rules,
+                            setup.resolver,
+                            started,
+                        ) {
+                            Ok(p) => self.proxy = Some(p),
+                            Err(e) => {
+                                self.proxy_error =
+                                    Some(format!("egress: the proxy did not start: {e}"))
+                            }
+                        }
+                    }
+                }
+                Ok(Some((_, listener))) => {
                     self.listener = Some(listener);
                     self.sock = None;
                 }

@@ -981,7 +981,7 @@ fn named_blobs(
 /// (path, size, sha256; the first 100) and its violations.
 fn audit_summary(report: &ExecutionReport, output_sha256: Option<&str>) -> serde_json::Value {
     const FILES: usize = 100;
-    serde_json::json!({
+    let mut summary = serde_json::json!({
         "status": report.status.as_str(),
         "exit_code": report.exit_code,
         "signal": report.signal,
@@ -1000,5 +1000,11 @@ fn audit_summary(report: &ExecutionReport, output_sha256: Option<&str>) -> serde
         })).collect::<Vec<_>>(),
         "backend": report.backend,
         "code_sha256": report.code_sha256,
-    })
+    });
+    // Every connection through the egress proxy, allowed or refused, and those tried around it.
+    if !report.egress.is_empty() || report.egress_direct_refused > 0 {
+        summary["egress"] = serde_json::json!(report.egress);
+        summary["egress_direct_refused"] = report.egress_direct_refused.into();
+    }
+    summary
 }

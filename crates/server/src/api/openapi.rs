@@ -154,3 +154,43 @@ pub fn document() -> &'static str {
         serde_json::to_string_pretty(&doc).expect("the document serializes")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    /// Every `$ref` names a schema the document has, the run report's egress log and the
+    /// spec's `network` forms among them.
+    #[test]
+    fn every_reference_resolves() {
+        let doc: Value = serde_json::from_str(super::document()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        for r in &found {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(schemas.contains_key(name), "{r} does not resolve");
+        }
+        for name in [
+            "NetworkSpec",
+            "EgressConnection",
+            "Limits",
+            "ExecutionReport",
+        ] {
+            assert!(schemas.contains_key(name), "{name} is missing");
+        }
+    }
+}

@@ -28,7 +28,8 @@ pub(crate) async fn gate(
     code: &str,
     spec: &mut JobSpec,
 ) -> Result<CodeReview, ApiError> {
-    let review = review_off_thread(state, code, "code").await?;
+    let declared = fleetbox_review::declared_by(&spec.limits.network);
+    let review = review_off_thread(state, code, "code", declared).await?;
     match review.decision {
         Decision::Run => {}
         // Server-only and held code go only to hardened agents and the coordinator's server
@@ -79,7 +80,7 @@ pub(crate) async fn check_child(
     code: &str,
     field: &str,
 ) -> Result<(), ApiError> {
-    let review = review_off_thread(state, code, field).await?;
+    let review = review_off_thread(state, code, field, &[]).await?;
     if review.decision == Decision::Reject {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -100,10 +101,11 @@ async fn review_off_thread(
     state: &Arc<State>,
     code: &str,
     field: &str,
+    declared: &'static [&'static str],
 ) -> Result<CodeReview, ApiError> {
     let reviewer = state.reviewer.clone();
     let code = code.to_string();
-    tokio::task::spawn_blocking(move || reviewer.review_code(&code))
+    tokio::task::spawn_blocking(move || reviewer.review_declared(&code, declared))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -143,7 +145,9 @@ pub async fn review(
     if body.code.len() > fleetbox_proto::job::MAX_CODE_BYTES {
         return Err(SpecError::new("code", "is too large").into());
     }
-    Ok(Json(review_off_thread(&state, &body.code, "code").await?))
+    Ok(Json(
+        review_off_thread(&state, &body.code, "code", &[]).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -5,7 +5,7 @@ mod api;
 mod audit;
 mod chaos;
 mod followups;
-mod harness;
+pub mod harness;
 mod image;
 mod lies;
 mod receipt;
