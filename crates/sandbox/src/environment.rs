@@ -32,6 +32,8 @@ const BUILD_SCRIPT: &str = include_str!("environment_build.py");
 /// A failed build is remembered this long: the other shards of the job fail at once with the
 /// same message instead of each building again.
 const FAILED_FOR: Duration = Duration::from_secs(60);
+/// A failed build is tried once more after this pause.
+const BUILD_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Most bytes of the installer's message kept in an error.
 const MESSAGE_MAX: usize = 4000;
 
@@ -150,6 +152,7 @@ pub struct Environments {
     uv: Option<PathBuf>,
     books: Mutex<Books>,
     builds: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// An environment held for one run; the cache keeps it while this lives.
@@ -220,6 +223,7 @@ impl Environments {
             uv,
             books: Mutex::new(Books::default()),
             builds: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
         })
     }
 
@@ -230,6 +234,11 @@ impl Environments {
     /// Builds started by this cache so far.
     pub fn builds(&self) -> u64 {
         self.builds.load(Ordering::SeqCst)
+    }
+
+    /// Builds that failed and were tried again.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::SeqCst)
     }
 
     /// The installer builds use: `uv` (with its path) or `pip`.
@@ -287,7 +296,17 @@ impl Environments {
             }
         }
         self.builds.fetch_add(1, Ordering::SeqCst);
-        match self.build(&key, &hash, spec, &py) {
+        // An installer's failure may be the package index's moment (a reset connection, a 503):
+        // one more try after a pause before the failure is remembered for the job's other runs.
+        let built = match self.build(&key, &hash, spec, &py) {
+            Err(EnvError::Build { .. }) => {
+                self.retries.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(BUILD_RETRY_AFTER);
+                self.build(&key, &hash, spec, &py)
+            }
+            other => other,
+        };
+        match built {
             Ok(()) => {
                 let guard = self
                     .ready(&key, started, true)?

@@ -253,6 +253,60 @@ fn a_wheelhouse_serves_an_air_gapped_agent() {
     assert!(err.to_string().contains("attrs"), "{err}");
 }
 
+/// A build that fails for a moment (here: the wheel reaches the wheelhouse just after the
+/// first try, as an index comes back after a reset) is tried once more before its failure is
+/// remembered.
+#[test]
+fn an_installer_failure_is_tried_once_more_before_it_is_remembered() {
+    let fetched = tempfile::tempdir().unwrap();
+    let got = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "-q", "--no-deps", "-d"])
+        .arg(fetched.path())
+        .arg(SMALL)
+        .status()
+        .unwrap();
+    assert!(got.success(), "pip download {SMALL}");
+    let wheels = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        wheels.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
+    let mut config = EnvConfig::new(cache.path());
+    config.installer = Installer::Uv(support::uv());
+    config.find_links = Some(wheels.path().to_path_buf());
+    config.no_index = true;
+    let envs = Arc::new(Environments::new(config, sandbox, None));
+    // The wheel arrives once the first try has failed, during the pause before the next.
+    let (from, to) = (fetched.path().to_path_buf(), wheels.path().to_path_buf());
+    let watching = envs.clone();
+    let arrive = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while watching.retries() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first try never failed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for e in std::fs::read_dir(&from).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    });
+    let held = envs.get(&spec(&[SMALL])).unwrap_or_else(|e| panic!("{e}"));
+    arrive.join().unwrap();
+    assert!(
+        held.environment
+            .info
+            .packages
+            .iter()
+            .any(|p| p.name == "six")
+    );
+    assert_eq!((envs.builds(), envs.retries()), (1, 1));
+}
+
 /// Under `docker` the environment is built in a container, for the image's interpreter (the
 /// image has no pip: the installer is bound in), cached apart from the host interpreter's,
 /// and used by runs in containers under runc and gVisor.
