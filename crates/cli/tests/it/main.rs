@@ -7,4 +7,5 @@ mod cluster;
 mod doctor;
 mod egress;
 mod install;
+mod kubernetes;
 mod support;
