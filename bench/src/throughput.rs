@@ -276,6 +276,7 @@ pub async fn one_shaped(
                         wait_ms: 0,
                         backend: None,
                         hardened_only: false,
+                        cached_code: Vec::new(),
                     })
                     .await
                     .map_err(|e| e.to_string())?;

@@ -8,6 +8,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(clippy::too_many_lines)]
 
+mod code_cache;
 mod facts;
 mod files;
 mod key;
@@ -263,6 +264,8 @@ struct Shared {
     environments: Arc<Environments>,
     /// The agent's own code review, by the hash of what it received.
     review: review::CodeReview,
+    /// Programs received, which leases then name by hash alone.
+    code: code_cache::CodeCache,
     /// What `/metrics` counts.
     counters: Arc<metrics::Counters>,
     /// The client certificate it presents (`--agent-mtls` coordinators).
@@ -376,6 +379,7 @@ pub async fn run(
         )),
         tls: Mutex::new(identity.tls.clone()),
         review: review::CodeReview::shipped(config.review_policy.clone()),
+        code: code_cache::CodeCache::default(),
         agent_id: Mutex::new(identity.agent_id.clone()),
         config,
         outbox,
@@ -590,6 +594,7 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
             wait_ms: LEASE_WAIT_MS,
             backend: Some(shared.config.backend.as_str().to_string()),
             hardened_only: shared.config.hardened_only,
+            cached_code: shared.code.hashes(),
         };
         match shared.client().lease(&req).await {
             Ok(resp) => {
@@ -724,6 +729,9 @@ async fn run_task(
     let Some(hold) = take_slot(&shared, &task.lease_id).await else {
         return;
     };
+    if let Err(why) = shared.code.resolve(&mut task) {
+        return refuse(&shared, &task, why, hold);
+    }
     let limits = match shared.config.caps.apply(task.limits.clone()).and_then(|l| {
         let declared = fleetbox_review::declared_by(&l.network);
         shared.review.judge(&task.code, declared).map(|()| l)

@@ -371,7 +371,15 @@ pub struct LeaseRequest {
     /// alone, so they never become ordinary workers on the coordinator's machine.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hardened_only: bool,
+    /// Programs the agent holds, by SHA-256 (at most [`MAX_CACHED_CODE`], most recent first): a
+    /// task running one of them comes with an empty `code`, which the agent fills from its
+    /// cache. An agent that sends none gets every program in full.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached_code: Vec<String>,
 }
+
+/// How many program hashes a lease request may name.
+pub const MAX_CACHED_CODE: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseResponse {
@@ -480,6 +488,8 @@ pub struct LeasedTask {
     pub shard_count: u64,
     /// 1 for the first execution.
     pub attempt: u32,
+    /// The program; empty when the agent said it holds `code_sha256` (`cached_code`).
+    #[serde(default)]
     pub code: String,
     pub code_sha256: String,
     pub input: Value,

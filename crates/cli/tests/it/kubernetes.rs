@@ -108,7 +108,10 @@ fn every_variant_renders_and_validates_strictly() {
             );
         }
         let passed = said.lines().filter(|l| l.contains(" passed for ")).count();
-        assert!(passed >= 20, "{version}: only {passed} objects validated: {said}");
+        assert!(
+            passed >= 20,
+            "{version}: only {passed} objects validated: {said}"
+        );
     }
 }
 
@@ -158,7 +161,10 @@ fn the_objects_are_wired_to_each_other() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert!(args.windows(2).any(|w| w == ["--server", "http://fleetbox:8080"]));
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--server", "http://fleetbox:8080"])
+    );
     assert!(args.windows(2).any(|w| w == ["--backend", "jail"]));
     // Every object lands in the one namespace.
     for o in base.iter().filter(|o| o["kind"] != "Namespace") {
@@ -185,8 +191,14 @@ fn the_objects_are_wired_to_each_other() {
     let pod = &agent["spec"]["template"]["spec"];
     assert_eq!(pod["runtimeClassName"], "gvisor");
     let c = &pod["containers"][0];
-    assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!([]));
-    assert_eq!(c["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        c["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let args: Vec<&str> = c["args"]
         .as_array()
         .unwrap()

@@ -315,6 +315,16 @@ pub async fn lease(
         )
         .with_field("max_tasks"));
     }
+    if req.cached_code.len() > fleetbox_proto::api::MAX_CACHED_CODE {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "at most {} program hashes",
+                fleetbox_proto::api::MAX_CACHED_CODE
+            ),
+        )
+        .with_field("cached_code"));
+    }
     let deadline = Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let prefix = random_hex(8);
     loop {
@@ -356,7 +366,12 @@ pub async fn lease(
                     shard_index: g.shard_index,
                     shard_count: job.shard_count,
                     attempt: g.attempt,
-                    code: job.code.clone(),
+                    // A program the agent holds is named, not sent again.
+                    code: if req.cached_code.contains(&job.code_sha256) {
+                        String::new()
+                    } else {
+                        job.code.clone()
+                    },
                     code_sha256: job.code_sha256.clone(),
                     input: serde_json::from_str(&g.input).unwrap_or(serde_json::Value::Null),
                     limits: job.limits.clone(),

@@ -141,6 +141,7 @@ async fn a_new_priority_reorders_the_queue() {
                 wait_ms: 2000,
                 backend: None,
                 hardened_only: false,
+                cached_code: Vec::new(),
             })
             .await
             .unwrap();
@@ -222,6 +223,51 @@ async fn failed_shards_run_again_as_a_child_that_folds_over_the_parent() {
             (409, Some("nothing_to_rerun")),
             "{body}"
         );
+        c.stop().await;
+    }
+}
+
+/// A lease names the programs the agent holds by hash: a task of one of those comes without
+/// its code, the others in full; more hashes than allowed is a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_the_agent_holds_is_named_not_sent() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let code = "print(1)\n";
+        c.client
+            .submit(&spec(&format!(
+                "name = \"by hash\"\ncode = {code:?}\nshards = {{ count = 3 }}\n"
+            )))
+            .await
+            .unwrap();
+        let sha = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(code.as_bytes()))
+        };
+        let agent = SignedAgent::enroll(&c.running.url(), &c.running.enroll_token, "h").await;
+        let lease = |cached_code: Vec<String>| LeaseRequest {
+            max_tasks: 1,
+            wait_ms: 2000,
+            backend: None,
+            hardened_only: false,
+            cached_code,
+        };
+        let full = agent.lease(&lease(Vec::new())).await.unwrap();
+        assert_eq!(full.tasks[0].code, code, "{db:?}");
+        assert_eq!(full.tasks[0].code_sha256, sha);
+        let named = agent
+            .lease(&lease(vec!["0".repeat(64), sha.clone()]))
+            .await
+            .unwrap();
+        assert_eq!(named.tasks[0].code, "", "{db:?}");
+        assert_eq!(named.tasks[0].code_sha256, sha);
+        let err = agent
+            .lease(&lease(vec![sha.clone(); 65]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("invalid_body"), "{db:?}: {err}");
         c.stop().await;
     }
 }

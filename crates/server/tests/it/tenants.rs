@@ -453,6 +453,7 @@ async fn caps_stop_work_with_typed_errors_and_bursts_get_429() {
                 wait_ms: 0,
                 backend: None,
                 hardened_only: false,
+                cached_code: Vec::new(),
             })
             .await
             .unwrap();
@@ -463,6 +464,7 @@ async fn caps_stop_work_with_typed_errors_and_bursts_get_429() {
                 wait_ms: 200,
                 backend: None,
                 hardened_only: false,
+                cached_code: Vec::new(),
             })
             .await
             .unwrap();

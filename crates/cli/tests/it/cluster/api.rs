@@ -51,6 +51,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
             wait_ms: 2000,
             backend: None,
             hardened_only: false,
+            cached_code: Vec::new(),
         })
         .await
         .unwrap();
@@ -88,6 +89,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
             wait_ms: 10_000,
             backend: None,
             hardened_only: false,
+            cached_code: Vec::new(),
         })
         .await
         .unwrap();
@@ -539,6 +541,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
             wait_ms: 2000,
             backend: None,
             hardened_only: false,
+            cached_code: Vec::new(),
         })
         .await
         .unwrap();
@@ -606,6 +609,7 @@ pub async fn priorities_order_the_queue(db: Db) {
                 wait_ms: 1000,
                 backend: None,
                 hardened_only: false,
+                cached_code: Vec::new(),
             })
             .await
             .unwrap();
@@ -638,6 +642,7 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
             wait_ms: 2000,
             backend: None,
             hardened_only: false,
+            cached_code: Vec::new(),
         })
         .await
         .unwrap();
@@ -731,6 +736,7 @@ pub async fn signed_reports_are_checked(db: Db) {
             wait_ms: 2000,
             backend: None,
             hardened_only: false,
+            cached_code: Vec::new(),
         })
         .await
         .unwrap();

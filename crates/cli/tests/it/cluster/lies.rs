@@ -25,6 +25,7 @@ async fn lease(agent: &SignedAgent, n: u32) -> Vec<LeasedTask> {
         wait_ms: 0,
         backend: None,
         hardened_only: false,
+        cached_code: Vec::new(),
     };
     agent.lease(&req).await.unwrap().tasks
 }
