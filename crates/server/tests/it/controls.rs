@@ -232,7 +232,7 @@ async fn failed_shards_run_again_as_a_child_that_folds_over_the_parent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_program_the_agent_holds_is_named_not_sent() {
     for db in BOTH {
-        let Some(mut c) = Coordinator::start(db).await else {
+        let Some(c) = Coordinator::start(db).await else {
             continue;
         };
         let code = "print(1)\n";
