@@ -213,6 +213,11 @@ fn run_remote(
     if args.keep_workspace {
         anyhow::bail!("`--keep-workspace` does not apply with `--server`");
     }
+    if args.egress_hosts.is_some() {
+        anyhow::bail!(
+            "`--egress-hosts` does not apply with `--server`: each agent resolves with its own (`fleetbox agent --egress-hosts`)"
+        );
+    }
     let code = String::from_utf8(code).context("the program is not UTF-8 text")?;
     let input = match input {
         Some(bytes) => Some(serde_json::from_slice(&bytes)?),
@@ -319,6 +324,23 @@ fn print_human(r: &ExecutionReport) -> anyhow::Result<()> {
     writeln!(err)?;
     for v in &r.violations {
         writeln!(err, "fleetbox: violation: {}: {}", v.kind, v.detail)?;
+    }
+    if !r.egress.is_empty() || r.egress_direct_refused > 0 {
+        let allowed = r.egress.iter().filter(|c| c.allowed).count();
+        writeln!(
+            err,
+            "fleetbox: egress: {allowed} connections allowed, {} refused, {} packets around the proxy refused",
+            r.egress.len() - allowed,
+            r.egress_direct_refused
+        )?;
+        // Names the program asked for: shown as untrusted text.
+        for c in r.egress.iter().filter(|c| !c.allowed).take(10) {
+            let line = format!(
+                "fleetbox: egress refused: {} {}:{}: {}\n",
+                c.method, c.host, c.port, c.detail
+            );
+            term::write_untrusted(&mut err, line.as_bytes(), err_tty)?;
+        }
     }
     if let Some(ws) = &r.workspace {
         writeln!(err, "fleetbox: workspace kept at {ws}")?;

@@ -499,6 +499,14 @@ fn authority(text: &str, default_port: Option<u16>) -> Result<(String, u16), Str
     if host.is_empty() {
         return Err("no host".into());
     }
+    // Names and addresses only: what is logged, and later shown, cannot carry anything else.
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b);
+    if host.len() > 255 || !host.bytes().all(allowed) {
+        return Err(format!(
+            "`{}` is not a host name",
+            host.chars().take(64).collect::<String>().escape_debug()
+        ));
+    }
     Ok((host, port))
 }
 
@@ -675,6 +683,8 @@ mod tests {
         assert!(authority("user:pw@a.example.org:80", None).is_err());
         assert!(authority("a.example.org:0", None).is_err());
         assert!(authority(":80", None).is_err());
+        assert!(authority("a\x1b]0;x\x07.example.org:443", None).is_err());
+        assert!(authority("a b.example.org:443", None).is_err());
     }
 
     #[test]

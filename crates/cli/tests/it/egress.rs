@@ -215,6 +215,7 @@ def raw(request):
     s = socket.create_connection(("127.0.0.1", 3128), timeout=5)
     s.sendall(request)
     return s.recv(200).decode(errors="replace").split("\r\n")[0]
+attempt("escape", lambda: raw(b"CONNECT a\x1b]0;owned\x07.fleetbox.test:443 HTTP/1.1\r\n\r\n"))
 attempt("host-header", lambda: raw(b"GET http://pkgs.fleetbox.test:8080/ HTTP/1.1\r\nHost: evil.example.org\r\n\r\n"))
 def flood():
     socks = [socket.create_connection(("127.0.0.1", 3128), timeout=5) for _ in range(70)]
@@ -319,6 +320,11 @@ pub fn check(stdout: &str, egress: &serde_json::Value, direct_refused: u64, far:
     assert_eq!(http[0]["allowed"], true);
     assert!(direct_refused >= 1, "the direct connection is not counted");
     assert_eq!(line("host-header"), "HTTP/1.1 400 Bad Request", "{stdout}");
+    // A name with a terminal escape in it is refused, and logged escaped.
+    assert_eq!(line("escape"), "HTTP/1.1 400 Bad Request", "{stdout}");
+    let logged = serde_json::to_string(egress).unwrap();
+    assert!(!logged.contains("\\u001b"), "{logged}");
+    assert!(logged.contains("\\\\u{1b}]0;owned"), "{logged}");
     assert!(
         entries.iter().any(|e| e["detail"]
             .as_str()
@@ -376,6 +382,26 @@ fn the_jail_reaches_named_hosts_through_the_proxy_and_nothing_else() {
         .find(|e| e["limit"] == "network")
         .unwrap()["by"];
     assert_eq!(network[0], "netns_egress_proxy_allow_list");
+    // Without `--json`: a summary line, and the refusals as untrusted text.
+    let out = Command::new(bin())
+        .args(["run", "--backend", "jail", "--timeout", "60s"])
+        .arg("--egress")
+        .arg(ALLOW.join(","))
+        .arg("--egress-hosts")
+        .arg(net.hosts())
+        .arg(&prog)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("fleetbox: egress: 2 connections allowed,"),
+        "{said}"
+    );
+    assert!(
+        said.contains("fleetbox: egress refused: GET other.fleetbox.test:8080: refused: `other.fleetbox.test:8080` is not in the run's allow list"),
+        "{said}"
+    );
+    assert!(!said.contains('\x1b'), "{said}");
     // The same request without `--egress` reaches nothing: no proxy, no route.
     let out = Command::new(bin())
         .args(["run", "--backend", "jail", "--json"])
