@@ -317,6 +317,12 @@ fn serve(shared: &Shared, mut client: TcpStream) -> EgressConnection {
             // The server name a TLS client sends must be the name that was allowed: a tunnel
             // to an allowed host is not a way to ask it for another.
             first = read_client_hello(&mut client);
+            if split_client_hello(&first) {
+                entry.detail = "refused: a TLS ClientHello split across records (its server \
+                                name could not be checked)"
+                    .into();
+                return entry;
+            }
             if let Some(sni) = server_name(&first)
                 && !sni.eq_ignore_ascii_case(&req.host)
             {
@@ -538,6 +544,19 @@ fn read_client_hello(client: &mut TcpStream) -> Vec<u8> {
     buf
 }
 
+/// Does `data` start a ClientHello that does not fit in its first record? Clients send it in
+/// one; a split one would hide its server name from the check.
+fn split_client_hello(data: &[u8]) -> bool {
+    match data {
+        [0x16, _, _, rh, rl, 1, a, b, c, ..] => {
+            let record = usize::from(u16::from_be_bytes([*rh, *rl]));
+            let hello = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+            hello + 4 > record
+        }
+        _ => false,
+    }
+}
+
 /// The server name (SNI) of a TLS ClientHello, if `data` starts with one that has it.
 pub fn server_name(data: &[u8]) -> Option<String> {
     let mut r = Cursor(data);
@@ -665,6 +684,13 @@ mod tests {
             assert_eq!(server_name(&hello[..cut]), None, "cut at {cut}");
         }
         assert_eq!(server_name(b"GET / HTTP/1.1\r\n\r\n"), None);
+        // The same hello cut into two records: refused as split.
+        assert!(!split_client_hello(&hello));
+        let body = &hello[5..];
+        let mut split = vec![0x16, 3, 1, 0, 20];
+        split.extend_from_slice(&body[..20]);
+        assert!(split_client_hello(&split));
+        assert!(!split_client_hello(b"SSH-2.0-OpenSSH\r\n"));
         assert_eq!(server_name(&[0x16, 3, 1, 0xff, 0xff, 1, 0xff]), None);
     }
 

@@ -217,6 +217,24 @@ def raw(request):
     return s.recv(200).decode(errors="replace").split("\r\n")[0]
 attempt("escape", lambda: raw(b"CONNECT a\x1b]0;owned\x07.fleetbox.test:443 HTTP/1.1\r\n\r\n"))
 attempt("host-header", lambda: raw(b"GET http://pkgs.fleetbox.test:8080/ HTTP/1.1\r\nHost: evil.example.org\r\n\r\n"))
+def split_hello():
+    # A real ClientHello for the allowed name, cut into two TLS records.
+    ctx = ssl.create_default_context(cadata=ca)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inc, out, server_hostname="pkgs.fleetbox.test")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = out.read()
+    body = hello[5:]
+    record = lambda b: hello[:3] + len(b).to_bytes(2, "big") + b
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=5)
+    s.sendall(b"CONNECT pkgs.fleetbox.test:8443 HTTP/1.1\r\n\r\n")
+    s.recv(1024)
+    s.sendall(record(body[:40]) + record(body[40:]))
+    return "answered" if s.recv(1024) else "closed"
+attempt("split-hello", split_hello)
 def flood():
     socks = [socket.create_connection(("127.0.0.1", 3128), timeout=5) for _ in range(70)]
     return socks[-1].recv(200).decode(errors="replace").split("\r\n")[0]
@@ -288,13 +306,16 @@ pub fn check(stdout: &str, egress: &serde_json::Value, direct_refused: u64, far:
             .collect::<Vec<_>>()
     };
     let https = find("pkgs.fleetbox.test", 8443);
-    assert_eq!(https.len(), 2, "{egress:#}");
+    assert_eq!(https.len(), 3, "{egress:#}");
     let tunnel = https.iter().find(|e| e["allowed"] == true).unwrap();
     assert_eq!(tunnel["method"], "CONNECT");
     assert_eq!(tunnel["detail"], format!("{far}:8443"));
     assert!(tunnel["bytes_up"].as_u64().unwrap() > 200, "{tunnel}");
     assert!(tunnel["bytes_down"].as_u64().unwrap() > 200, "{tunnel}");
-    let sni = https.iter().find(|e| e["allowed"] == false).unwrap();
+    let sni = https
+        .iter()
+        .find(|e| e["allowed"] == false && e["detail"].as_str().unwrap().contains("server name `"))
+        .unwrap();
     assert!(
         sni["detail"]
             .as_str()
@@ -320,6 +341,15 @@ pub fn check(stdout: &str, egress: &serde_json::Value, direct_refused: u64, far:
     assert_eq!(http[0]["allowed"], true);
     assert!(direct_refused >= 1, "the direct connection is not counted");
     assert_eq!(line("host-header"), "HTTP/1.1 400 Bad Request", "{stdout}");
+    // A ClientHello split across records hides its name: the tunnel is closed.
+    assert_eq!(line("split-hello"), "closed", "{stdout}");
+    assert!(
+        entries.iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("ClientHello split across records")),
+        "{egress:#}"
+    );
     // A name with a terminal escape in it is refused, and logged escaped.
     assert_eq!(line("escape"), "HTTP/1.1 400 Bad Request", "{stdout}");
     let logged = serde_json::to_string(egress).unwrap();
