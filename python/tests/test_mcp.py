@@ -115,6 +115,14 @@ async def test_tools_run_code_and_follow_jobs(coordinator, transport, mode):
         r = await client.call_tool("run_python", {"code": "import os\nwhile True:\n    os.fork()\n"})
         assert r.is_error and "rejected_by_review" in r.content[0].text
 
+        # Hosts: an address is refused before anything runs; a name these agents do not allow
+        # (no `--allow-egress`) is `refused` by them, saying why.
+        r = await client.call_tool("run_python", {"code": "print(1)", "allow_hosts": ["10.0.0.1"]})
+        assert r.is_error and "not addresses" in r.content[0].text
+        r = await client.call_tool("run_python", {"code": "print(1)", "allow_hosts": ["pypi.org:443"]})
+        assert r.structured_content["status"] == "refused", r.content[0].text
+        assert "--allow-egress" in r.content[0].text
+
         # Mistakes are tool errors with the coordinator's typed message.
         r = await client.call_tool("submit_job", {"spec": {"name": "x", "code": "pass", "shards": {"count": 0}}})
         assert r.is_error and "shards.count" in r.content[0].text

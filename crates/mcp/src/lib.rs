@@ -78,6 +78,12 @@ pub struct RunPython {
     /// container image built without them): list every package the code imports to be sure.
     #[serde(default)]
     pub requirements: Option<Vec<String>>,
+    /// Hosts the program may reach over the network, through the fleet's egress proxy:
+    /// names (`pypi.org`), subdomains (`*.pythonhosted.org`), each with an optional port
+    /// (`api.example.com:443`); addresses are not accepted. Agents run it only when their
+    /// operator allows those hosts, else the status is `refused`. Without it: no network.
+    #[serde(default)]
+    pub allow_hosts: Option<Vec<String>>,
 }
 
 /// What a run produced.
@@ -99,6 +105,10 @@ pub struct RunOutput {
     pub files: Vec<FileOut>,
     /// The job this run was (for `job_status` and the shard's full report).
     pub job_id: String,
+    /// With `allow_hosts`: every connection through the egress proxy (`host`, `port`,
+    /// `allowed`, and the address reached or why it was refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<Value>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -250,8 +260,8 @@ impl FleetboxMcp {
     /// Run a Python 3 program in a sandbox on the Fleetbox fleet and return what it printed,
     /// its output value, the exception with its traceback if it raised, its status and
     /// timings, and the files it wrote: images (PNG, SVG) come back as images, other small
-    /// files as embedded resources, large ones as links. The sandbox has no network and hard
-    /// limits (default 30 s, 256 MiB). Packages beyond the standard library are there only if
+    /// files as embedded resources, large ones as links. The sandbox has no network (unless
+    /// `allow_hosts` names hosts the fleet allows) and hard limits (default 30 s, 256 MiB). Packages beyond the standard library are there only if
     /// listed in `requirements` (or if the agents' Python happens to have them): list numpy,
     /// pandas, matplotlib and the like when the code imports them (matplotlib draws to files:
     /// `plt.savefig("chart.png")`).
@@ -280,6 +290,16 @@ impl FleetboxMcp {
                 .map(|(n, t)| (n, t.into_bytes()))
                 .collect();
             body.files = fleetbox_proto::job::encode_files(&files);
+        }
+        if let Some(hosts) = p.allow_hosts.filter(|h| !h.is_empty()) {
+            let rules: Result<Vec<_>, _> = hosts
+                .iter()
+                .map(|h| fleetbox_proto::EgressRule::parse(h))
+                .collect();
+            match rules {
+                Ok(rules) => body.limits.network = fleetbox_proto::Network::Allow(rules),
+                Err(why) => return Ok(invalid(format!("`allow_hosts`: {why}"))),
+            }
         }
         if let Some(reqs) = p.requirements.filter(|r| !r.is_empty()) {
             body.environment = Some(fleetbox_proto::EnvironmentSpec {
@@ -323,6 +343,7 @@ impl FleetboxMcp {
             peak_memory_bytes: report["peak_memory_bytes"].as_u64().unwrap_or(0),
             files,
             job_id: answer.job_id,
+            egress: report["egress"].as_array().cloned().unwrap_or_default(),
         };
         let mut summary = format!("status: {}", out.status);
         if let Some(m) = report["message"].as_str() {

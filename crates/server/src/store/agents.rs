@@ -244,20 +244,25 @@ impl Store {
         Ok(rows.into_iter().map(|(id, _, _)| id).collect())
     }
 
-    /// An agent asked for work: a sign of life, in the caller's transaction.
+    /// An agent asked for work: a sign of life, in the caller's transaction, and whether it
+    /// asks for server-only shards alone.
     pub(super) async fn agent_seen(
         &self,
         tx: &mut Tx,
         agent_id: &str,
+        only_hardened: bool,
         now: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET last_seen = $1, state = $2 WHERE id = $3")
-            .bind(now)
-            .bind(AgentState::Online.as_str())
-            .bind(agent_id)
-            .execute(&mut **tx)
-            .await
-            .doing("recording an agent's lease call")?;
+        sqlx::query(
+            "UPDATE agents SET last_seen = $1, state = $2, only_hardened = $3 WHERE id = $4",
+        )
+        .bind(now)
+        .bind(AgentState::Online.as_str())
+        .bind(i64::from(only_hardened))
+        .bind(agent_id)
+        .execute(&mut **tx)
+        .await
+        .doing("recording an agent's lease call")?;
         Ok(())
     }
 

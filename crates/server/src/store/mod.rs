@@ -214,6 +214,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0028_agent_certs",
         include_str!("../../migrations/0028_agent_certs.sql"),
     ),
+    (
+        "0029_only_hardened",
+        include_str!("../../migrations/0029_only_hardened.sql"),
+    ),
 ];
 
 #[derive(Clone)]

@@ -376,9 +376,10 @@ pub(super) async fn refused(
 }
 
 /// Whether an agent other than those that refused `task` could still take it: in a pool that
-/// serves the shard's tenant (and the pool it names, if any), online, not quarantined, and
-/// marked `hardened` when the shard is server-only (an ordinary agent never gets it). A
-/// refusal rejects its shard only when none could.
+/// serves the shard's tenant (and the pool it names, if any), online, not quarantined,
+/// marked `hardened` when the shard is server-only (an ordinary agent never gets it), and not
+/// one that asks for server-only shards alone when it is not (the coordinator's own server
+/// agents never lease it). A refusal rejects its shard only when none could.
 pub(super) async fn anyone_else_would_run(
     tx: &mut Tx,
     task: i64,
@@ -398,7 +399,8 @@ pub(super) async fn anyone_else_would_run(
     .push(" AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = ")
     .bind(task)
     .push(" AND l.agent_id = a.id AND l.refused = 1)")
-    .push(" AND (a.hardened = 1 OR s.hardened = 0) LIMIT 1")
+    .push(" AND (a.hardened = 1 OR s.hardened = 0) AND (a.only_hardened = 0 OR s.hardened = 1)")
+    .push(" LIMIT 1")
     .build_as()
     .fetch_optional(&mut **tx)
     .await

@@ -198,6 +198,37 @@ fn up_runs_the_examples_with_their_expected_results() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["status"], "timeout", "{report}");
 
+    // Network the local agents do not allow: each refuses it, and the coordinator's own
+    // server agent (which asks for server-only shards alone) is not waited for: the run ends
+    // `refused` with the agents' reason (it waited forever before).
+    for (network, says) in [
+        (
+            fleetbox_proto::Network::Allow(vec![
+                fleetbox_proto::EgressRule::parse("pypi.org:443").unwrap(),
+            ]),
+            "--allow-egress",
+        ),
+        (fleetbox_proto::Network::Host, "--allow-network"),
+    ] {
+        let body = fleetbox_proto::api::RunBody {
+            code: "print(1)\n".into(),
+            limits: fleetbox_proto::Limits {
+                network,
+                ..Default::default()
+            },
+            wait_ms: Some(30_000),
+            ..Default::default()
+        };
+        let answer = rt.block_on(client.run(&body)).unwrap();
+        assert_eq!(answer.state, JobState::Failed, "{answer:?}");
+        let report = answer.report.expect("the refusal's report");
+        assert_eq!(report["status"], "refused", "{report}");
+        assert!(
+            report["message"].as_str().unwrap().contains(says),
+            "{report}"
+        );
+    }
+
     // A spec with a mistake is refused before anything is sent, naming the field.
     let bad = dir.path().join("bad.toml");
     std::fs::write(
