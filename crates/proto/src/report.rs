@@ -185,7 +185,8 @@ pub struct ExecutionReport {
     /// refused (at most [`MAX_EGRESS_LISTED`]; the rest are counted in a note).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<crate::EgressConnection>,
-    /// Connections tried around the proxy: refused, since no route leads out of the jail.
+    /// Packets the program sent around the proxy (connections and datagrams to anywhere but
+    /// loopback): refused, since no route leads out of the jail.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub egress_direct_refused: u64,
 }
