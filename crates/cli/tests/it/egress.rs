@@ -386,15 +386,20 @@ fn the_jail_reaches_named_hosts_through_the_proxy_and_nothing_else() {
     let Some(net) = internet() else { return };
     let prog = net.dir.path().join("prog.py");
     std::fs::write(&prog, program(&net)).unwrap();
-    let out = Command::new(bin())
-        .args(["run", "--backend", "jail", "--json", "--timeout", "60s"])
-        .arg("--egress")
-        .arg(ALLOW.join(","))
-        .arg("--egress-hosts")
-        .arg(net.hosts())
-        .arg(&prog)
-        .output()
-        .unwrap();
+    // `fleetbox run` in the jail with the rules and the test's resolver.
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["run", "--backend", "jail", "--timeout", "60s"])
+            .args(extra)
+            .arg("--egress")
+            .arg(ALLOW.join(","))
+            .arg("--egress-hosts")
+            .arg(net.hosts())
+            .arg(&prog)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--json"]);
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(report["status"], "ok", "{report:#}");
@@ -413,15 +418,7 @@ fn the_jail_reaches_named_hosts_through_the_proxy_and_nothing_else() {
         .unwrap()["by"];
     assert_eq!(network[0], "netns_egress_proxy_allow_list");
     // Without `--json`: a summary line, and the refusals as untrusted text.
-    let out = Command::new(bin())
-        .args(["run", "--backend", "jail", "--timeout", "60s"])
-        .arg("--egress")
-        .arg(ALLOW.join(","))
-        .arg("--egress-hosts")
-        .arg(net.hosts())
-        .arg(&prog)
-        .output()
-        .unwrap();
+    let out = run(&[]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         said.contains("fleetbox: egress: 2 connections allowed,"),

@@ -214,22 +214,33 @@ fn the_cache_evicts_the_least_recently_used_environment_no_run_holds() {
     assert_eq!(envs.builds(), 4);
 }
 
-/// Air-gapped fleets: `--find-links DIR --no-index` installs from a wheelhouse only.
-#[test]
-fn a_wheelhouse_serves_an_air_gapped_agent() {
-    let wheels = tempfile::tempdir().unwrap();
+/// A directory the sandbox can read (0755), for a wheelhouse.
+fn wheelhouse() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
-        wheels.path(),
+        dir.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    dir
+}
+
+/// `SMALL`'s wheel, fetched from the index into `dir`.
+fn download_small(dir: &std::path::Path) {
     let got = std::process::Command::new("python3")
         .args(["-m", "pip", "download", "-q", "--no-deps", "-d"])
-        .arg(wheels.path())
+        .arg(dir)
         .arg(SMALL)
         .status()
         .unwrap();
     assert!(got.success(), "pip download {SMALL}");
+}
+
+/// Air-gapped fleets: `--find-links DIR --no-index` installs from a wheelhouse only.
+#[test]
+fn a_wheelhouse_serves_an_air_gapped_agent() {
+    let wheels = wheelhouse();
+    download_small(wheels.path());
     let cache = tempfile::tempdir().unwrap();
     let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
     let mut config = EnvConfig::new(cache.path());
@@ -259,19 +270,8 @@ fn a_wheelhouse_serves_an_air_gapped_agent() {
 #[test]
 fn an_installer_failure_is_tried_once_more_before_it_is_remembered() {
     let fetched = tempfile::tempdir().unwrap();
-    let got = std::process::Command::new("python3")
-        .args(["-m", "pip", "download", "-q", "--no-deps", "-d"])
-        .arg(fetched.path())
-        .arg(SMALL)
-        .status()
-        .unwrap();
-    assert!(got.success(), "pip download {SMALL}");
-    let wheels = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        wheels.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    download_small(fetched.path());
+    let wheels = wheelhouse();
     let cache = tempfile::tempdir().unwrap();
     let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
     let mut config = EnvConfig::new(cache.path());
