@@ -469,6 +469,16 @@ pub struct UpArgs {
     pub backend: Option<String>,
     #[command(flatten)]
     pub docker: DockerArgs,
+    /// The local agents run jobs that ask for `limits.network = true`.
+    #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
+    pub allow_network: bool,
+    /// The hosts the local agents' jobs may name in `network = { allow = [...] }`, a file of
+    /// rules (as `fleetbox agent --allow-egress`; `jail` backend).
+    #[arg(long, value_name = "FILE")]
+    pub allow_egress: Option<PathBuf>,
+    /// A hosts file the local agents' egress proxies resolve from first.
+    #[arg(long, value_name = "FILE")]
+    pub egress_hosts: Option<PathBuf>,
     /// HTTPS (`--tls auto` is the default when `--listen` is beyond loopback).
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -889,9 +899,9 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_cpus: None,
                     max_listed_files: None,
                     max_hashed_bytes: None,
-                    allow_network: false,
-                    allow_egress: None,
-                    egress_hosts: None,
+                    allow_network: args.allow_network,
+                    allow_egress: args.allow_egress.clone(),
+                    egress_hosts: args.egress_hosts.clone(),
                     hardened: false,
                     review_policy: None,
                     drain_timeout: Millis::from_secs(10),

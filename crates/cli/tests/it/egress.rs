@@ -16,6 +16,53 @@ pub struct Internet {
     servers: Vec<Child>,
     pub addr: String,
     pub dir: tempfile::TempDir,
+    /// Holds this test's /30 of 198.51.100.0/24 against the other tests running at once.
+    _subnet: std::fs::File,
+}
+
+/// What killed test processes left: their veth pairs (which would hold a subnet's address) and
+/// namespaces, named by their pid.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line
+            .split(": ")
+            .nth(1)
+            .map(|n| n.split('@').next().unwrap_or(n))
+        else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("fbxeg")
+            .and_then(|rest| rest.strip_suffix('a'))
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("fbxeg{pid}")])
+                .output();
+        }
+    }
+}
+
+/// A free /30 of 198.51.100.0/24 (its index, 0–63), held under a lock file until dropped.
+fn take_subnet() -> (u32, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let start = std::process::id() % 64;
+    for i in (0..64).map(|k| (start + k) % 64) {
+        let path = std::env::temp_dir().join(format!("fleetbox-egress-test-{i}.lock"));
+        let file = std::fs::File::create(&path).unwrap();
+        // SAFETY: flock on a descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return (i, file);
+        }
+    }
+    panic!("all 64 test subnets are taken");
 }
 
 impl Drop for Internet {
@@ -81,7 +128,9 @@ pub fn internet() -> Option<Internet> {
         format!("fbxeg{pid}a"),
         format!("fbxeg{pid}b"),
     );
-    let base = 4 * (pid % 64);
+    remove_stale_namespaces();
+    let (index, subnet) = take_subnet();
+    let base = 4 * index;
     let (host_side, far) = (
         format!("198.51.100.{}/30", base + 1),
         format!("198.51.100.{}", base + 2),
@@ -93,6 +142,7 @@ pub fn internet() -> Option<Internet> {
         servers: Vec::new(),
         addr: far.clone(),
         dir,
+        _subnet: subnet,
     };
     ip(&["netns", "add", &ns]);
     ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
@@ -536,5 +586,74 @@ async fn a_fleets_agent_allows_named_hosts_within_its_list_and_audits_them() {
     assert!(
         message.contains("`pypi.org:443` is outside this agent's egress allow-list"),
         "{message}"
+    );
+}
+
+/// `fleetbox up --allow-egress --egress-hosts`: the one-machine setup's local agents allow the
+/// operator's hosts, and a run through the coordinator reaches them as in the jail alone.
+#[test]
+fn fleetbox_up_passes_the_egress_list_to_its_agents() {
+    use crate::cluster::harness::port_of;
+    use std::io::BufRead;
+    let Some(net) = internet() else { return };
+    let list = net.dir.path().join("egress.list");
+    std::fs::write(&list, "*.fleetbox.test\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(bin())
+        .args(["up", "--listen", "127.0.0.1:0", "--backend", "jail"])
+        .arg("--allow-egress")
+        .arg(&list)
+        .arg("--egress-hosts")
+        .arg(net.hosts())
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (mut token, mut url) = (None, None);
+    for line in std::io::BufReader::new(stdout).lines().take(4) {
+        let line = line.unwrap();
+        if let Some(t) = line.strip_prefix("fleetbox: admin token: ") {
+            token = Some(t.to_string());
+        }
+        if let Some(rest) = line.strip_prefix("fleetbox: coordinator on ") {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            url = Some(format!("http://127.0.0.1:{}", port_of(addr)));
+        }
+    }
+    let (Some(token), Some(url)) = (token, url) else {
+        let _ = up.kill();
+        panic!("`fleetbox up` did not say where it listens");
+    };
+    let client = fleetbox_client::Client::new(&url, &token);
+    let rules = ALLOW
+        .iter()
+        .map(|r| fleetbox_proto::EgressRule::parse(r).unwrap())
+        .collect();
+    let body = fleetbox_proto::api::RunBody {
+        code: program(&net),
+        limits: fleetbox_proto::Limits {
+            network: fleetbox_proto::Network::Allow(rules),
+            timeout: fleetbox_proto::Millis::from_secs(60),
+            ..Default::default()
+        },
+        wait_ms: Some(120_000),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = rt.block_on(client.run(&body));
+    let _ = up.kill();
+    let _ = up.wait();
+    let report = answer.unwrap().report.expect("a report");
+    assert_eq!(report["status"], "ok", "{report:#}");
+    check(
+        report["stdout"].as_str().unwrap(),
+        &report["egress"],
+        report["egress_direct_refused"].as_u64().unwrap_or(0),
+        &net.addr,
     );
 }
