@@ -111,11 +111,14 @@ def run_body(
     limits: Optional[Mapping[str, Any]],
     requirements: Optional[List[str]],
     wait: float,
+    allow_hosts: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
     body: Dict[str, Any] = {"code": code, "wait_ms": int(wait * 1000)}
     if input is not None:
         body["input"] = input
     lim = limits_with(limits, timeout)
+    if allow_hosts:
+        lim["network"] = {"allow": list(allow_hosts)}
     if lim:
         body["limits"] = lim
     if files:

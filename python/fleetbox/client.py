@@ -142,11 +142,14 @@ class Fleet:
         limits: Optional[Mapping[str, Any]] = None,
         requirements: Optional[List[str]] = None,
         wait: float = 60.0,
+        allow_hosts: Optional[List[str]] = None,
     ) -> Result:
         """Run one program on the fleet and return its report. ``timeout`` (seconds) is the
         program's limit; ``files`` (name → bytes or text) appear in its workspace; past ``wait``
-        seconds ``Timeout`` is raised and the run goes on as a job."""
-        body = run_body(code, input, timeout, files, limits, requirements, wait)
+        seconds ``Timeout`` is raised and the run goes on as a job. ``allow_hosts``
+        (``["pypi.org:443", "*.pythonhosted.org"]``) are the hosts the program may reach through
+        the agents' egress proxy; agents that do not allow them answer ``refused``."""
+        body = run_body(code, input, timeout, files, limits, requirements, wait, allow_hosts)
         answer = self._post("/v1/run", body, timeout=wait + 30)
         if answer.get("report") is None:
             if answer["state"] in FINAL_STATES:
@@ -296,8 +299,9 @@ class AsyncFleet:
         limits: Optional[Mapping[str, Any]] = None,
         requirements: Optional[List[str]] = None,
         wait: float = 60.0,
+        allow_hosts: Optional[List[str]] = None,
     ) -> Result:
-        body = run_body(code, input, timeout, files, limits, requirements, wait)
+        body = run_body(code, input, timeout, files, limits, requirements, wait, allow_hosts)
         answer = await self._post("/v1/run", body, timeout=wait + 30)
         if answer.get("report") is None:
             if answer["state"] in FINAL_STATES:

@@ -36,6 +36,17 @@ def test_a_failing_program_is_a_result_not_an_exception(fleet):
     assert "Traceback" in r.stderr
 
 
+def test_hosts_the_agents_do_not_allow_are_refused_and_addresses_never_sent(fleet):
+    # `fleetbox up`'s agents allow no egress: each refuses, saying how to allow it.
+    r = fleet.run("print(1)", allow_hosts=["pypi.org:443"])
+    assert r.status == "refused" and not r.ok
+    assert "--allow-egress" in r.report["message"]
+    assert r.report["limits"]["network"] == {"allow": ["pypi.org:443"]}
+    with pytest.raises(FleetboxError) as e:
+        fleet.run("print(1)", allow_hosts=["10.0.0.1"])
+    assert "not addresses" in str(e.value)
+
+
 def test_the_programs_limit_is_its_timeout(fleet):
     r = fleet.run("import time\ntime.sleep(30)\n", timeout=0.3)
     assert r.status == "timeout"
