@@ -593,8 +593,7 @@ async fn a_fleets_agent_allows_named_hosts_within_its_list_and_audits_them() {
 /// operator's hosts, and a run through the coordinator reaches them as in the jail alone.
 #[test]
 fn fleetbox_up_passes_the_egress_list_to_its_agents() {
-    use crate::cluster::harness::port_of;
-    use std::io::BufRead;
+    use crate::cluster::harness::up_address;
     let Some(net) = internet() else { return };
     let list = net.dir.path().join("egress.list");
     std::fs::write(&list, "*.fleetbox.test\n").unwrap();
@@ -610,22 +609,7 @@ fn fleetbox_up_passes_the_egress_list_to_its_agents() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = up.stdout.take().unwrap();
-    let (mut token, mut url) = (None, None);
-    for line in std::io::BufReader::new(stdout).lines().take(4) {
-        let line = line.unwrap();
-        if let Some(t) = line.strip_prefix("fleetbox: admin token: ") {
-            token = Some(t.to_string());
-        }
-        if let Some(rest) = line.strip_prefix("fleetbox: coordinator on ") {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            url = Some(format!("http://127.0.0.1:{}", port_of(addr)));
-        }
-    }
-    let (Some(token), Some(url)) = (token, url) else {
-        let _ = up.kill();
-        panic!("`fleetbox up` did not say where it listens");
-    };
+    let (url, token) = up_address(up.stdout.take().unwrap());
     let client = fleetbox_client::Client::new(&url, &token);
     let rules = ALLOW
         .iter()

@@ -236,18 +236,23 @@ fn download_small(dir: &std::path::Path) {
     assert!(got.success(), "pip download {SMALL}");
 }
 
+/// Environments in `cache` built with uv from the wheelhouse `wheels` alone.
+fn air_gapped(cache: &std::path::Path, wheels: &std::path::Path) -> Arc<Environments> {
+    let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
+    let mut config = EnvConfig::new(cache);
+    config.installer = Installer::Uv(support::uv());
+    config.find_links = Some(wheels.to_path_buf());
+    config.no_index = true;
+    Environments::new(config, sandbox, None)
+}
+
 /// Air-gapped fleets: `--find-links DIR --no-index` installs from a wheelhouse only.
 #[test]
 fn a_wheelhouse_serves_an_air_gapped_agent() {
     let wheels = wheelhouse();
     download_small(wheels.path());
     let cache = tempfile::tempdir().unwrap();
-    let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
-    let mut config = EnvConfig::new(cache.path());
-    config.installer = Installer::Uv(support::uv());
-    config.find_links = Some(wheels.path().to_path_buf());
-    config.no_index = true;
-    let envs = Environments::new(config, sandbox, None);
+    let envs = air_gapped(cache.path(), wheels.path());
     let held = envs.get(&spec(&[SMALL])).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         held.environment
@@ -273,12 +278,7 @@ fn an_installer_failure_is_tried_once_more_before_it_is_remembered() {
     download_small(fetched.path());
     let wheels = wheelhouse();
     let cache = tempfile::tempdir().unwrap();
-    let sandbox: Arc<dyn Sandbox> = Arc::from(support::sandbox(JAIL));
-    let mut config = EnvConfig::new(cache.path());
-    config.installer = Installer::Uv(support::uv());
-    config.find_links = Some(wheels.path().to_path_buf());
-    config.no_index = true;
-    let envs = Arc::new(Environments::new(config, sandbox, None));
+    let envs = air_gapped(cache.path(), wheels.path());
     // The wheel arrives once the first try has failed, during the pause before the next.
     let (from, to) = (fetched.path().to_path_buf(), wheels.path().to_path_buf());
     let watching = envs.clone();

@@ -30,7 +30,6 @@ async fn a_liar_on_two_percent_is_caught_quarantined_and_the_result_stays_exact(
     liar_is_caught(0.02).await;
 }
 
-/// Every audit entry `query` selects, following the pages.
 /// `/metrics` as the admin scrapes it.
 async fn metrics(c: &Coordinator) -> String {
     reqwest::Client::new()
@@ -44,6 +43,7 @@ async fn metrics(c: &Coordinator) -> String {
         .unwrap()
 }
 
+/// Every audit entry `query` selects, following the pages.
 async fn audit_all(c: &Coordinator, query: &str) -> Vec<fleetbox_proto::api::AuditRecord> {
     let mut all = Vec::new();
     let mut after = 0;

@@ -24,6 +24,28 @@ pub fn port_of(line: &str) -> u16 {
         .unwrap_or_else(|| panic!("no port in {line:?}"))
 }
 
+/// The coordinator's URL and admin token, from the first lines `fleetbox up` prints; the rest
+/// of its output is read on a thread (a closed pipe would end it).
+pub fn up_address(stdout: std::process::ChildStdout) -> (String, String) {
+    let (mut url, mut token) = (None, None);
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref().take(4) {
+        let line = line.unwrap();
+        if let Some(t) = line.strip_prefix("fleetbox: admin token: ") {
+            token = Some(t.to_string());
+        }
+        if let Some(rest) = line.strip_prefix("fleetbox: coordinator on ") {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            url = Some(format!("http://127.0.0.1:{}", port_of(addr)));
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (
+        url.expect("`fleetbox up` prints where it listens"),
+        token.expect("`fleetbox up` prints the admin token"),
+    )
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,

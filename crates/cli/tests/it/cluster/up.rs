@@ -1,13 +1,12 @@
 //! `fleetbox up` with the CLI client commands, on the shipped examples; and an agent's drain.
 
 use fleetbox_proto::{JobState, TaskState};
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::harness::{Cluster, Db, agent_command, port_of};
+use super::harness::{Cluster, Db, agent_command, up_address};
 use crate::support::bin;
 
 fn examples() -> std::path::PathBuf {
@@ -43,24 +42,10 @@ fn up_runs_the_examples_with_their_expected_results() {
         .unwrap();
     let stdout = up.stdout.take().unwrap();
     let up = KillOnDrop(up);
-    let mut lines = BufReader::new(stdout).lines();
-    let mut token = None;
-    let mut url = None;
-    for line in lines.by_ref().take(4) {
-        let line = line.unwrap();
-        if let Some(t) = line.strip_prefix("fleetbox: admin token: ") {
-            token = Some(t.to_string());
-        }
-        if let Some(rest) = line.strip_prefix("fleetbox: coordinator on ") {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            url = Some(format!("http://127.0.0.1:{}", port_of(addr)));
-        }
-    }
-    let token = token.expect("`fleetbox up` prints the admin token");
-    let url = url.expect("`fleetbox up` prints where it listens");
+    let (url, token) = up_address(stdout);
     // The token is also where the client commands look for it by default.
     let saved = std::fs::read_to_string(dir.path().join("fleetbox-data/admin.token")).unwrap();
-    assert_eq!(saved.trim(), token);
+    assert_eq!(saved.trim(), token.as_str());
 
     let submit = |spec: &str| -> Value {
         let out = Command::new(bin())
