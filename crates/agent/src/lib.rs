@@ -175,7 +175,8 @@ pub struct AgentConfig {
     /// Lease server-only shards and nothing else (the coordinator's own server agents).
     pub hardened_only: bool,
     /// Verification tests only (no flag sets it): the share of successful results this agent
-    /// corrupts before signing them, as a lying agent would.
+    /// corrupts before signing them, as a lying agent would, on a regular schedule (at 0.02,
+    /// every 50th).
     #[doc(hidden)]
     pub test_lie_rate: f64,
     /// Verification tests only: successful results reported honestly before the lying starts
@@ -896,11 +897,11 @@ impl Execution {
         // A run handed back at shutdown is not reported: its files are not kept either.
         let handed_back =
             self.cancel.as_ref().and_then(Cancel::reason).as_deref() == Some(CANCEL_SHUTDOWN);
-        if self.lie_rate > 0.0
-            && report.status == Status::Ok
-            && self.ok_runs.fetch_add(1, Ordering::SeqCst) >= self.lie_after
-        {
-            lie(&mut report, self.lie_rate);
+        if self.lie_rate > 0.0 && report.status == Status::Ok {
+            let n = self.ok_runs.fetch_add(1, Ordering::SeqCst);
+            if n >= self.lie_after && lies_on(n - self.lie_after, self.lie_rate) {
+                lie(&mut report);
+            }
         }
         let mut blobs = files::collect(&mut report, &self.outbox, !handed_back);
         let mut record = ShardReport::new(self.lease_id, self.task_id, report);
@@ -953,17 +954,18 @@ fn environment_failed(
     report
 }
 
+/// Whether a lying agent lies on its `n`-th lying-eligible success: on a regular schedule,
+/// `rate` of them (at 2%, the 50th, 100th, …), so a verification test's outcome is the policy's
+/// and not the luck of a draw. What a liar drawing at random gets away with, and how often, is
+/// `fleetbox-bench trust`'s simulation of the same rules.
+fn lies_on(n: u64, rate: f64) -> bool {
+    ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+}
+
 /// A lying agent's corruption of a result (verification tests): an integer is off by one, a
 /// float off in its last digits (as another machine's rounding would be), anything else
 /// replaced.
-fn lie(report: &mut ExecutionReport, rate: f64) {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        return;
-    }
-    if (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64 >= rate {
-        return;
-    }
+fn lie(report: &mut ExecutionReport) {
     report.output = Some(match report.output.take() {
         Some(serde_json::Value::Number(n)) if n.is_i64() => {
             serde_json::json!(n.as_i64().unwrap_or(0).wrapping_add(1))
@@ -1291,6 +1293,15 @@ mod tests {
         assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.next(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_test_liar_lies_on_a_regular_schedule() {
+        let at = |rate| -> Vec<u64> { (0..200).filter(|&n| lies_on(n, rate)).collect() };
+        assert_eq!(at(0.02), [49, 99, 149, 199]);
+        assert_eq!(at(0.10).len(), 20);
+        assert_eq!(at(1.0).len(), 200);
+        assert!(at(0.0).is_empty());
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub struct ServerArgs {
     pub quarantine_strikes: u32,
     /// `recheck = "adaptive"`: valid results in a row (per agent, interpreter and backend)
     /// after which an agent's results are only sampled (2%); until then each is re-run here.
+    /// Doubled for each strike on the agent's record.
     #[arg(long, default_value_t = fleetbox_server::store::verify::TRUSTED_AFTER as u32)]
     pub trusted_after: u32,
     /// Use this admin token (default: generated once, kept in `DATA/admin.token`).

@@ -101,7 +101,7 @@ pub struct ServerConfig {
     /// Invalid results after which an agent is quarantined (no more leases until released).
     pub quarantine_strikes: u32,
     /// `recheck = "adaptive"`: valid results in a row after which an agent is trusted (its
-    /// results then sampled at 2%).
+    /// results then sampled at 2%); doubled for each strike on its record.
     pub trusted_after: u32,
     /// Sandbox for server-side runs (the `python` reducer, re-checks).
     pub sandbox_backend: Backend,

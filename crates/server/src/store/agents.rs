@@ -286,7 +286,10 @@ impl Store {
                     recheck_rate: if error_rate > super::verify::MAX_ERROR_RATE {
                         1.0
                     } else {
-                        super::verify::adaptive_rate(t.consecutive_valid, self.trusted_after)
+                        super::verify::adaptive_rate(
+                            t.consecutive_valid,
+                            super::verify::warm_up(self.trusted_after, i64::from(v.strikes)),
+                        )
                     },
                     results: t.results.max(0) as u64,
                     error_rate,

@@ -39,9 +39,17 @@ pub fn error_rate(results: i64, errors: i64) -> f64 {
     }
 }
 
+/// The consecutive valid results an agent needs to be trusted with `strikes` on record: the
+/// threshold, doubled for each strike (at most 16 times). A liar caught once and not yet
+/// quarantined must not be trusted as soon as an agent never caught: at 250, a 2% liar
+/// passes 250 in a row after its first strike 0.6% of the time, 500 in a row 0.004%.
+pub fn warm_up(trusted_after: i64, strikes: i64) -> i64 {
+    trusted_after.saturating_mul(1 << strikes.clamp(0, 4))
+}
+
 /// The share of an agent's results re-checked under `adaptive`, from its consecutive valid
-/// results: all of them until it is trusted (`trusted_after`), then `1/consecutive`, never
-/// under the floor.
+/// results: all of them until it is trusted (`trusted_after`, see [`warm_up`]), then
+/// `1/consecutive`, never under the floor.
 pub fn adaptive_rate(consecutive_valid: i64, trusted_after: i64) -> f64 {
     if consecutive_valid < trusted_after {
         1.0
@@ -71,6 +79,7 @@ pub(super) struct ReporterTrust {
     quarantined: bool,
     /// Started by the coordinator's own process (`fleetbox up`): trusted from the start.
     own: bool,
+    /// The warm-up for this agent: `--trusted-after` doubled for each strike on record.
     trusted_after: i64,
     /// Consecutive valid results and error rate per (python, backend).
     consecutive: HashMap<(String, String), (i64, f64)>,
@@ -136,17 +145,17 @@ impl ReporterTrust {
         .fetch_all(&mut **tx)
         .await
         .doing("reading an agent's trust")?;
-        let agent: Option<(Option<i64>, i64)> =
-            Sql::new("SELECT quarantined_at, own FROM agents WHERE id = ")
+        let agent: Option<(Option<i64>, i64, i64)> =
+            Sql::new("SELECT quarantined_at, own, strikes FROM agents WHERE id = ")
                 .bind(agent_id)
                 .build_as()
                 .fetch_optional(&mut **tx)
                 .await
                 .doing("reading an agent's quarantine")?;
         Ok(ReporterTrust {
-            quarantined: matches!(agent, Some((Some(_), _))),
-            own: matches!(agent, Some((_, 1))),
-            trusted_after,
+            quarantined: matches!(agent, Some((Some(_), _, _))),
+            own: matches!(agent, Some((_, 1, _))),
+            trusted_after: warm_up(trusted_after, agent.map_or(0, |a| a.2)),
             consecutive: rows
                 .into_iter()
                 .map(|(p, b, c, n, e)| ((p, b), (c, error_rate(n, e))))
@@ -654,6 +663,17 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A strike on record doubles the warm-up: a liar caught once is not trusted again after
+    /// the run that trusts a clean agent.
+    #[test]
+    fn a_strike_doubles_the_warm_up() {
+        assert_eq!(warm_up(TRUSTED_AFTER, 0), TRUSTED_AFTER);
+        assert_eq!(warm_up(TRUSTED_AFTER, 1), 2 * TRUSTED_AFTER);
+        assert_eq!(warm_up(10, 99), 160);
+        assert_eq!(warm_up(i64::MAX, 1), i64::MAX);
+        assert_eq!(adaptive_rate(300, warm_up(TRUSTED_AFTER, 1)), 1.0);
+    }
 
     #[test]
     fn new_agents_are_always_checked_and_trusted_ones_rarely_but_never_never() {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use fleetbox_proto::api::{EnrollRequest, MachineFacts};
 use fleetbox_proto::{JobState, Status, TaskState, Verdict, VerifySpec};
 use fleetbox_server::store::checks::Finding;
-use fleetbox_server::store::{LeaseGrant, ReportPolicy, Reported, SettleOutcome, Store, now_ms};
+use fleetbox_server::store::{
+    LeaseGrant, ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms,
+};
 use serde_json::json;
 
 use crate::support::{BOTH, Coordinator, database, new_job, ok_report, spec};
@@ -449,5 +451,76 @@ async fn tainting_reaches_jobs_being_folded_and_waiting_for_review() {
             .map(|f| f.shard)
             .collect();
         assert_eq!(tainted, [0, 1], "{db:?}: {flags:?}");
+    }
+}
+
+/// A strike doubles the warm-up: an agent caught once (at `--trusted-after 3`) has all of its
+/// results re-run until 6 valid in a row, not 3, and the agents list says so. Store-level, so
+/// each report meets the trust the last check left.
+#[tokio::test]
+async fn a_strike_on_record_doubles_the_warm_up() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(url) = database(db, dir.path()).await else {
+            continue;
+        };
+        let mut store = Store::open(&url).await.unwrap();
+        store.set_trusted_after(3);
+        enroll(&store, "agt_l", "machine-1").await;
+        let mut job = new_job("job_warm", 12, 3);
+        job.verify = VerifySpec::default();
+        store.insert_job(&job).await.unwrap();
+        // Report shard `i` (its true value is `i`) as `value`; settle the check it waits for
+        // with the server's run (the truth). Whether it waited for one.
+        let step = async |i: u64, value: u64| -> bool {
+            let now = now_ms();
+            let grants = store
+                .lease_at("default", "agt_l", 1, now + 60_000, &format!("l{i}"), now)
+                .await
+                .unwrap();
+            assert_eq!(grants.len(), 1, "{db:?}");
+            assert_eq!(grants[0].shard_index, i, "{db:?}");
+            // The interpreter and backend, as a real report names them (trust is kept per pair).
+            let report = ReportInput {
+                report_json: json!({"runner": {"python": "3.11"}, "backend": "process"})
+                    .to_string(),
+                ..ok_report(&grants[0], value)
+            };
+            store.report("agt_l", &[report], POLICY).await.unwrap();
+            let shard = store
+                .shard_detail("default", "job_warm", i)
+                .await
+                .unwrap()
+                .unwrap();
+            if shard.shard.state != TaskState::Reported {
+                return false;
+            }
+            let checks = store.claim_checks("test", 15_000, 4).await.unwrap();
+            let subject = store.check_subject(checks[0]).await.unwrap().unwrap();
+            let finding = if value == i {
+                Finding::Agrees
+            } else {
+                Finding::Differs
+            };
+            store
+                .finish_check("test", &subject, &[], &finding, &[], 3)
+                .await
+                .unwrap()
+                .unwrap();
+            true
+        };
+        assert!(step(0, 99).await, "{db:?}: a new agent's result is checked");
+        for i in 1..=6 {
+            assert!(
+                step(i, i).await,
+                "{db:?}: result {i} came after {} valid in a row and one strike",
+                i - 1
+            );
+        }
+        let agents = store.list_agents("default").await.unwrap();
+        assert_eq!(agents[0].strikes, 1, "{db:?}");
+        let trust = &agents[0].trust[0];
+        assert_eq!(trust.consecutive_valid, 6, "{db:?}");
+        assert!(trust.recheck_rate < 1.0, "{db:?}: trusted at 6: {trust:?}");
     }
 }

@@ -13,7 +13,7 @@ use crate::support::{BOTH, Coordinator, spec};
 /// Each shard returns the sum of squares of its items.
 const SQUARES: &str = "import json, os\nitems = json.load(open(os.environ['FLEETBOX_INPUT']))['items']\nprint(sum(i * i for i in items))\n";
 
-/// A liar on 10% of its results among three honest agents, under the default policy
+/// A liar on 10% of its results (every 10th) among three honest agents, under the default policy
 /// (`adaptive`, two strikes): jobs of 400 and then 40 shards until it is quarantined. Then no
 /// wrong value stands unflagged: every job is exact, or `needs_review` and exact after
 /// `rerun-tainted`; no honest agent was struck; every invalid verdict is audited, and the
@@ -23,8 +23,10 @@ async fn a_lying_agent_is_caught_quarantined_and_the_result_stays_exact() {
     liar_is_caught(0.10).await;
 }
 
-/// The same with a liar on only 2% of its results: it cannot earn trust (250 valid results in
-/// a row) before two of its lies are checked, so it is quarantined all the same.
+/// The same with a liar on only 2% of its results (every 50th): it cannot earn trust (250
+/// valid results in a row) before two of its lies are checked, so it is quarantined all the
+/// same. (A liar drawing its 2% at random earns trust first in about 0.6% of cases; that,
+/// and how long it then lasts, is `fleetbox-bench trust`'s simulation, not this test's.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_on_two_percent_is_caught_quarantined_and_the_result_stays_exact() {
     liar_is_caught(0.02).await;
