@@ -31,8 +31,8 @@ pub use followup::{FollowupAction, FollowupRule, Lineage, RerunOf};
 pub use job::{AggregateSpec, JobPlan, JobSpec, Reducer, ShardSpec, SpecError};
 pub use limits::{AppliedLimits, Enforcement, Limits};
 pub use report::{
-    ExceptionInfo, ExecutionReport, FileEntry, Frame, MAX_EGRESS_LISTED, Runner, Status,
-    StreamCapture, Violation,
+    ExceptionInfo, ExecutionReport, FileEntry, Frame, MAX_EGRESS_LISTED, Runner, SessionCall,
+    SessionOutcome, Status, StreamCapture, Violation,
 };
 pub use review::{CodeReview, Decision, Finding, Severity};
 pub use states::{AgentState, FlagKind, FlagStatus, JobState, TaskState, UnknownState, Verdict};

@@ -189,6 +189,42 @@ pub struct ExecutionReport {
     /// loopback): refused, since no route leads out of the jail.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub egress_direct_refused: u64,
+    /// A call in a session: which one, and whether the session's interpreter lives on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionCall>,
+}
+
+/// What a session call's report says of the session (`POST /v1/sessions/{id}/run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionCall {
+    /// The session's id (`ses_…`), as the coordinator named it.
+    #[serde(default)]
+    pub id: String,
+    /// 1 for the session's first call (its opening), then one more per call.
+    pub call: u64,
+    /// `kept`: the interpreter lives on with its names (also after a call interrupted at its
+    /// time limit: `status` is then `timeout`); `ended`: the interpreter is gone (a call that
+    /// would not stop, the session's memory limit, its end) and the next call answers
+    /// `session_lost`; `lost`: this agent does not hold the session (it restarted).
+    pub outcome: SessionOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionOutcome {
+    Kept,
+    Ended,
+    Lost,
+}
+
+impl SessionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionOutcome::Kept => "kept",
+            SessionOutcome::Ended => "ended",
+            SessionOutcome::Lost => "lost",
+        }
+    }
 }
 
 /// How many proxy connections a report lists.
@@ -241,6 +277,7 @@ impl ExecutionReport {
             egress: Vec::new(),
             egress_direct_refused: 0,
             workspace: None,
+            session: None,
         }
     }
 

@@ -23,6 +23,7 @@ mod process;
 pub mod python;
 pub mod remove;
 mod report;
+pub mod session;
 mod supervise;
 mod sys;
 pub mod traceback;
@@ -66,6 +67,8 @@ pub struct RunRequest {
     /// see the host anyway. Only for the sandbox's own work (building an environment): a run
     /// with a writable mount never uses a warm jail.
     pub mounts: Vec<Mount>,
+    /// The program's stdin (a session's channel, see [`session`]); `/dev/null` when absent.
+    pub stdin: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// A ready virtual environment, as a run uses it.
@@ -107,6 +110,7 @@ impl RunRequest {
             cancel: None,
             environment: None,
             mounts: Vec::new(),
+            stdin: None,
         }
     }
 }
@@ -164,6 +168,19 @@ impl Default for SandboxConfig {
 pub trait Sandbox: Send + Sync {
     fn backend(&self) -> Backend;
     fn run(&self, req: &RunRequest) -> ExecutionReport;
+    /// Open a session (see [`session`]): `req`'s limits hold for the whole session except
+    /// `timeout` (each call has its own) and `max_output` (per call); it ends after `lifetime`.
+    fn open_session(
+        &self,
+        req: RunRequest,
+        lifetime: std::time::Duration,
+    ) -> Result<session::Session, session::SessionError> {
+        let _ = (req, lifetime);
+        Err(session::SessionError(format!(
+            "the {} backend keeps no sessions (the jail and process backends do)",
+            self.backend()
+        )))
+    }
     /// Sandboxes built ahead of the runs and waiting for one (warm jails, started
     /// containers); 0 for backends that keep none.
     fn warm_waiting(&self) -> usize {

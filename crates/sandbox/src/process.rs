@@ -7,6 +7,7 @@
 //! capabilities, or signal other runs.
 
 use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -99,6 +100,22 @@ impl Sandbox for ProcessSandbox {
         Backend::Process
     }
 
+    fn open_session(
+        &self,
+        req: RunRequest,
+        lifetime: std::time::Duration,
+    ) -> Result<crate::session::Session, crate::session::SessionError> {
+        let (limits, runner) = (req.limits.clone(), req.runner_id.clone());
+        let (req, chan, cancel) = crate::session::session_request(req, lifetime, true)?;
+        let chan = chan.expect("a process session has its channel");
+        let sandbox = ProcessSandbox::new(self.config.clone());
+        let run = std::thread::Builder::new()
+            .name("fleetbox-session".into())
+            .spawn(move || sandbox.run(&req))
+            .map_err(|e| crate::session::SessionError(format!("a session's thread: {e}")))?;
+        crate::session::Session::start(chan, cancel, run, limits, "process", runner)
+    }
+
     fn run(&self, req: &RunRequest) -> ExecutionReport {
         let started_at = SystemTime::now();
         let mut ctx = RunContext {
@@ -185,7 +202,11 @@ impl Sandbox for ProcessSandbox {
             Ok(p) => p,
             Err(e) => return ctx.sandbox_error(format!("creating a pipe failed: {e}")),
         };
-        cmd.stdin(Stdio::null())
+        let stdin = match req.stdin.as_deref().map(OwnedFd::try_clone).transpose() {
+            Ok(fd) => fd.map_or_else(Stdio::null, Stdio::from),
+            Err(e) => return ctx.sandbox_error(format!("the program's stdin: {e}")),
+        };
+        cmd.stdin(stdin)
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(err_w));
         let procs: Vec<CString> = cgroup

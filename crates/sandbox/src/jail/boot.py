@@ -2,7 +2,7 @@
 # already complete (namespaces, new root, cgroup, rlimits, dropped privileges, Landlock,
 # seccomp). The interpreter starts before the program exists; this says it is ready (one byte
 # on stdin, a socket to the supervisor) and waits there for the run's environment
-# (NUL-separated KEY=VALUE, then EOF), which the supervisor sends once it has written
+# (NUL-separated KEY=VALUE, then an empty entry or EOF), which the supervisor sends once it has written
 # /code/main.py and the input. Then stdin becomes /dev/null and /code/main.py runs as
 # `__main__`, as `python3 -I -B /code/main.py` would run it: same argv, globals, exit status,
 # and tracebacks without this frame. Nothing here outlives the hand-over.
@@ -14,22 +14,25 @@ def _fleetbox_boot():
         os.write(0, b"R")  # ready: the supervisor may hand over the program now
     except OSError:
         pass  # it already has: it took this jail while the interpreter was starting
-    chunks = []
-    while True:
+    message = b""
+    # The environment ends with an empty entry (or EOF).
+    while not (message.endswith(b"\0\0") or message == b"\0"):
         chunk = os.read(0, 65536)
         if not chunk:
             break
-        chunks.append(chunk)
+        message += chunk
     env = {}
-    for entry in b"".join(chunks).split(b"\0"):
+    for entry in message.split(b"\0"):
         key, sep, value = entry.partition(b"=")
         if sep:
             env[os.fsdecode(key)] = os.fsdecode(value)
     os.environ.clear()
     os.environ.update(env)
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    if env.get("FLEETBOX_SESSION") != "1":
+        # A session's interpreter keeps the channel on stdin (it takes it and puts /dev/null).
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
 
     path = "/code/main.py"
     sys.argv[:] = [path]

@@ -229,6 +229,77 @@ impl Sandbox for JailSandbox {
     fn warm_waiting(&self) -> usize {
         self.pool.as_ref().map_or(0, |p| p.waiting())
     }
+
+    /// A session's jail is built like a warm one (its interpreter waiting on a stream socket),
+    /// then given the session's environment; the socket stays its channel.
+    fn open_session(
+        &self,
+        req: RunRequest,
+        lifetime: std::time::Duration,
+    ) -> Result<crate::session::Session, crate::session::SessionError> {
+        use crate::session::SessionError;
+        let (limits, runner) = (req.limits.clone(), req.runner_id.clone());
+        let (req, _, cancel) = crate::session::session_request(req, lifetime, false)?;
+        let egress = self.egress_setup(&req).map_err(SessionError)?;
+        let mut applied = AppliedLimits::new(req.limits.clone());
+        let mut notes = Vec::new();
+        let mut built = self
+            .builder
+            .build(
+                &Shape::of(&req),
+                &req.code,
+                req.input.as_deref(),
+                &req.files,
+                base_env("/tmp", "/tmp"),
+                true,
+                &mut applied,
+                &mut notes,
+            )
+            .map_err(|e| SessionError(e.error.to_string()))?;
+        let go = built.spawned.go.take();
+        let Some(mut chan) = go.map(std::os::unix::net::UnixStream::from) else {
+            discard(built);
+            return Err(SessionError("the session's jail has no channel".into()));
+        };
+        // The boot script says it is ready (one byte), then reads the environment.
+        let mut ready = [0u8; 1];
+        let handed = chan
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .and_then(|()| std::io::Read::read_exact(&mut chan, &mut ready))
+            .and_then(|()| chan.write_all(&env_message(&program_env(&req))));
+        if let Err(e) = handed {
+            discard(built);
+            return Err(SessionError(format!(
+                "the session's jail did not start its interpreter: {e}"
+            )));
+        }
+        let sandbox = JailSandbox {
+            builder: self.builder.clone(),
+            pool: None,
+        };
+        let run = Supervised {
+            applied,
+            notes,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            egress,
+        };
+        let run = std::thread::Builder::new()
+            .name("fleetbox-session".into())
+            .spawn(move || sandbox.supervise_built(built, &req, run))
+            .map_err(|e| SessionError(format!("a session's thread: {e}")))?;
+        crate::session::Session::start(chan, cancel, run, limits, "jail", runner)
+    }
+}
+
+/// Kill a built jail that will not run, and remove what it left.
+fn discard(built: Built) {
+    let pid = built.spawned.child.pid;
+    sys::kill(pid, libc::SIGKILL);
+    if let Some(cg) = &built.cgroup {
+        cg.kill_all();
+    }
+    let _ = sys::wait4(pid);
 }
 
 /// A jail built up to the program: the run directory, cgroup, namespaces and new root exist and
@@ -371,13 +442,7 @@ impl JailSandbox {
             };
             return ctx.sandbox_error(error.to_string());
         }
-        let mut message = Vec::new();
-        for (k, v) in &program_env(req) {
-            message.extend_from_slice(k.as_bytes());
-            message.push(b'=');
-            message.extend_from_slice(v.as_bytes());
-            message.push(0);
-        }
+        let message = env_message(&program_env(req));
         // A dead boot (EPIPE) shows up in the supervision below; nothing to add here.
         let mut go = std::fs::File::from(go);
         let _ = go.write_all(&message);
@@ -581,6 +646,20 @@ impl JailSandbox {
         report.egress_direct_refused = direct_refused;
         report
     }
+}
+
+/// The environment as the boot script reads it: `KEY=VALUE` entries each ended by a NUL, then an
+/// empty entry.
+fn env_message(env: &[(String, String)]) -> Vec<u8> {
+    let mut message = Vec::new();
+    for (k, v) in env {
+        message.extend_from_slice(k.as_bytes());
+        message.push(b'=');
+        message.extend_from_slice(v.as_bytes());
+        message.push(0);
+    }
+    message.push(0);
+    message
 }
 
 /// The program's whole environment: the jail's base, the egress proxy's address when the run

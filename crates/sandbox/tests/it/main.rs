@@ -9,5 +9,6 @@ mod environment;
 mod jail;
 mod process;
 mod quota;
+mod session;
 mod support;
 mod warm;
