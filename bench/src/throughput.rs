@@ -277,6 +277,7 @@ pub async fn one_shaped(
                         backend: None,
                         hardened_only: false,
                         cached_code: Vec::new(),
+                        sessions: false,
                     })
                     .await
                     .map_err(|e| e.to_string())?;

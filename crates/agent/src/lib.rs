@@ -15,7 +15,9 @@ mod key;
 mod metrics;
 mod offload;
 pub mod outbox;
+pub use sessions::DEFAULT_MAX_SESSIONS;
 mod review;
+mod sessions;
 mod tls;
 pub use review::ReviewPolicy;
 
@@ -174,6 +176,8 @@ pub struct AgentConfig {
     pub review_policy: ReviewPolicy,
     /// Lease server-only shards and nothing else (the coordinator's own server agents).
     pub hardened_only: bool,
+    /// Sessions held at most (each an interpreter kept between calls); 0: none.
+    pub max_sessions: usize,
     /// Verification tests only (no flag sets it): the share of successful results this agent
     /// corrupts before signing them, as a lying agent would, on a regular schedule (at 0.02,
     /// every 50th).
@@ -269,6 +273,8 @@ struct Shared {
     code: code_cache::CodeCache,
     /// What `/metrics` counts.
     counters: Arc<metrics::Counters>,
+    /// The sessions whose interpreters this agent holds.
+    sessions: Arc<sessions::Sessions>,
     /// The client certificate it presents (`--agent-mtls` coordinators).
     tls: Mutex<Option<tls::AgentCert>>,
 }
@@ -371,6 +377,7 @@ pub async fn run(
         backend = %config.backend, "agent ready");
     let heartbeat = Duration::from_millis(identity.heartbeat_ms.max(100));
     let shared_slots = config.slots.max(1);
+    let max_sessions = config.max_sessions;
     let shared = Arc::new(Shared {
         key,
         client: Mutex::new(Client::trusting(
@@ -395,6 +402,7 @@ pub async fn run(
         ok_runs: Arc::new(AtomicU64::new(0)),
         environments,
         counters: Arc::default(),
+        sessions: Arc::new(sessions::Sessions::new(max_sessions)),
     });
 
     // Whatever this agent held when it last stopped uncleanly is not running any more: give
@@ -420,6 +428,8 @@ pub async fn run(
     }
     tracing::info!("agent stopping: no new leases");
     drain(&shared).await;
+    let sessions = shared.sessions.clone();
+    let _ = tokio::task::spawn_blocking(move || sessions.close_all()).await;
     let _ = stop_tx.send(true);
     let _ = beat.await;
     let _ = janitor.await;
@@ -596,6 +606,8 @@ async fn lease_loop(shared: Arc<Shared>, sandbox: Arc<dyn Sandbox>) {
             backend: Some(shared.config.backend.as_str().to_string()),
             hardened_only: shared.config.hardened_only,
             cached_code: shared.code.hashes(),
+            sessions: shared.sessions.keeps_any()
+                && matches!(shared.config.backend, Backend::Jail | Backend::Process),
         };
         match shared.client().lease(&req).await {
             Ok(resp) => {
@@ -759,6 +771,7 @@ async fn run_task(
         counters: shared.counters.clone(),
         traceparent,
         files_error,
+        session: task.session.map(|s| (s, shared.sessions.clone())),
     };
     let (record, blobs) = match tokio::task::spawn_blocking(move || execution.run(req)).await {
         Ok(r) => r,
@@ -865,16 +878,26 @@ struct Execution {
     counters: Arc<metrics::Counters>,
     traceparent: Option<String>,
     files_error: Option<String>,
+    /// A session call: run in the session's interpreter, not alone.
+    session: Option<(fleetbox_proto::api::LeasedSession, Arc<sessions::Sessions>)>,
 }
 
 impl Execution {
+    /// The run itself: alone in the sandbox, or a call in a session.
+    fn sandboxed(&self, req: &RunRequest) -> ExecutionReport {
+        match &self.session {
+            Some((s, sessions)) => sessions.call(&*self.sandbox, s, req.clone()),
+            None => self.sandbox.run(req),
+        }
+    }
+
     /// Run the shard (in its environment, when it has one) and make its report: the files it
     /// kept and the large parts, in the outbox's blob store.
-    fn run(self, mut req: RunRequest) -> (ShardReport, Vec<String>) {
+    fn run(mut self, mut req: RunRequest) -> (ShardReport, Vec<String>) {
         let started = std::time::Instant::now();
-        let mut report = match (self.files_error, self.environment) {
+        let mut report = match (self.files_error.take(), self.environment.take()) {
             (Some(why), _) => environment_failed(&req, None, &self.code_sha256, why),
-            (None, None) => self.sandbox.run(&req),
+            (None, None) => self.sandboxed(&req),
             (None, Some(spec)) => match spec
                 .validate()
                 .map_err(|e| e.to_string())
@@ -882,7 +905,7 @@ impl Execution {
             {
                 Ok(held) => {
                     req.environment = Some(held.environment.clone());
-                    let mut report = self.sandbox.run(&req);
+                    let mut report = self.sandboxed(&req);
                     report.notes.push(held.note());
                     report
                 }
@@ -1179,6 +1202,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
                 set_aside: shared.set_aside.load(Ordering::SeqCst),
             },
             facts: facts.clone(),
+            sessions: shared.sessions.ids(),
         };
         match shared.client().heartbeat(&req).await {
             Ok(resp) => {
@@ -1193,6 +1217,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::R
                         obtained_at: now_ms(),
                     });
                 }
+                // Sessions the coordinator ended, and those past their idle time or lifetime.
+                let sessions = shared.sessions.clone();
+                let close = resp.close_sessions;
+                tokio::task::spawn_blocking(move || sessions.close(&close));
                 let running = shared.running.lock().expect("running");
                 // Leases of reports waiting in the outbox are listed too; only runs are stopped.
                 for lease in resp.cancel {

@@ -428,6 +428,10 @@ pub struct AgentArgs {
     /// Shards leased ahead of free slots, so the next starts without a lease round trip.
     #[arg(long, default_value_t = 1)]
     pub prefetch: u32,
+    /// Sessions held at most (`/v1/sessions`: an interpreter kept between calls, each within
+    /// its session's memory limit); 0 keeps none. The jail and process backends keep them.
+    #[arg(long, default_value_t = fleetbox_agent::DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
     /// Make a new report-signing key (`STATE/agent.key`) and register it with the
     /// coordinator, signed with the old one; then run as usual.
     #[arg(long)]
@@ -761,6 +765,7 @@ fn agent_config(
         caps,
         drain_timeout: args.drain_timeout.as_duration(),
         prefetch: args.prefetch.min(1000),
+        max_sessions: args.max_sessions,
         rotate_key: args.rotate_key,
         machine_id: args.machine_id,
         metrics_listen: args.metrics_listen,
@@ -907,6 +912,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     review_policy: None,
                     drain_timeout: Millis::from_secs(10),
                     prefetch: 1,
+                    max_sessions: fleetbox_agent::DEFAULT_MAX_SESSIONS,
                     rotate_key: false,
                     machine_id: None,
                     metrics_listen: None,

@@ -91,6 +91,7 @@ impl ServerAgents<'_> {
             metrics_listen: None,
             review_policy: ReviewPolicy::default_for(true),
             hardened_only: true,
+            max_sessions: 0,
             test_lie_rate: 0.0,
             test_lie_after: 0,
         })

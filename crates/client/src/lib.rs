@@ -344,6 +344,53 @@ impl Client {
             .await
     }
 
+    /// Open a session (`POST /v1/sessions`): an interpreter on one agent, kept across calls.
+    pub async fn open_session(
+        &self,
+        body: &fleetbox_proto::api::SessionBody,
+    ) -> Result<fleetbox_proto::api::SessionAnswer, ClientError> {
+        let wait = Duration::from_millis(body.wait_ms.unwrap_or(60_000).min(600_000));
+        self.post("/v1/sessions", body, wait + Duration::from_secs(30))
+            .await
+    }
+
+    /// One call in a session's interpreter (`POST /v1/sessions/{id}/run`).
+    pub async fn session_run(
+        &self,
+        id: &str,
+        body: &fleetbox_proto::api::SessionCallBody,
+    ) -> Result<fleetbox_proto::api::SessionAnswer, ClientError> {
+        let wait = Duration::from_millis(body.wait_ms.unwrap_or(60_000).min(600_000));
+        self.post(
+            &format!("/v1/sessions/{id}/run"),
+            body,
+            wait + Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn session(&self, id: &str) -> Result<fleetbox_proto::api::SessionView, ClientError> {
+        self.get(&format!("/v1/sessions/{id}")).await
+    }
+
+    /// The tenant's sessions, newest first (`live`: only those opening or open).
+    pub async fn sessions(
+        &self,
+        live: bool,
+    ) -> Result<fleetbox_proto::api::SessionList, ClientError> {
+        self.get(&format!("/v1/sessions?live={live}")).await
+    }
+
+    /// Close a session (`DELETE /v1/sessions/{id}`).
+    pub async fn close_session(
+        &self,
+        id: &str,
+    ) -> Result<fleetbox_proto::api::SessionView, ClientError> {
+        let url = format!("{}/v1/sessions/{id}", self.base);
+        self.send(self.http.delete(&url), url, Duration::from_secs(30))
+            .await
+    }
+
     /// The code review of a program, without running it (`POST /v1/review`).
     pub async fn review(&self, code: &str) -> Result<fleetbox_proto::CodeReview, ClientError> {
         self.post(

@@ -376,6 +376,10 @@ pub struct LeaseRequest {
     /// cache. An agent that sends none gets every program in full.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cached_code: Vec<String>,
+    /// The agent keeps sessions (its backend can, and it has room for another): session calls
+    /// may come to it. Calls of a session it opened come to it alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sessions: bool,
 }
 
 /// How many program hashes a lease request may name.
@@ -505,6 +509,112 @@ pub struct LeasedTask {
     /// The job's W3C trace context: the agent's spans for this run join the job's trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// A call in a session: run in the session's interpreter (opened by call 1), not alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<LeasedSession>,
+}
+
+/// The session a leased call belongs to, as the agent needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeasedSession {
+    pub id: String,
+    /// 1: open the session (its code is empty); later calls run in the interpreter call 1
+    /// opened, on the agent that opened it.
+    pub call: u64,
+    /// The agent ends the session after this long without a call.
+    pub idle_timeout_ms: u64,
+    /// And after this long whatever happens.
+    pub max_lifetime_ms: u64,
+}
+
+/// Sessions (`POST /v1/sessions`): how long one may sit idle and live, by default and at most.
+pub const SESSION_IDLE_DEFAULT_MS: u64 = 10 * 60 * 1000;
+pub const SESSION_LIFETIME_DEFAULT_MS: u64 = 60 * 60 * 1000;
+pub const SESSION_LIFETIME_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// `POST /v1/sessions`: open a session (an interpreter on one agent, kept across calls).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"limits": {"memory": "512MiB", "timeout": "30s"}, "idle_timeout_ms": 600000}))]
+pub struct SessionBody {
+    /// `memory`, processes, disk and `network` hold for the whole session; `timeout` and
+    /// `max_output` for each call (a call may ask for less or more time).
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<crate::EnvironmentSpec>,
+    /// Ended after this long without a call (default 10 minutes, at most the lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Ended after this long whatever happens (default 1 hour, at most 24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_ms: Option<u64>,
+    /// Its name in listings (default `session`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// How long to wait for the session's interpreter to start (default 60 s, at most 600 s);
+    /// past it the answer is `202` and the session opens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// `POST /v1/sessions/{id}/run`: one call in the session's interpreter.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"code": "x = 41"}))]
+pub struct SessionCallBody {
+    pub code: String,
+    /// This call's time limit (default the session's `limits.timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// How long to wait for the answer (default 60 s, at most 600 s); past it `202`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// A session as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionView {
+    pub id: String,
+    pub name: String,
+    /// `opening` (its first call not done), `open`, `closed` (by `DELETE`, idle or lifetime)
+    /// or `lost` (its agent or interpreter is gone).
+    pub state: String,
+    /// The agent holding the interpreter, once it opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    /// Calls made, the opening included.
+    pub calls: u64,
+    pub idle_timeout_ms: u64,
+    pub max_lifetime_ms: u64,
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+}
+
+/// `GET /v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+}
+
+/// The answer to a session call (and to opening one: call 1, with the opening's report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionAnswer {
+    pub session: SessionView,
+    pub call: u64,
+    pub job_id: String,
+    pub state: JobState,
+    /// The call's report (`stdout`, `stderr`, `exception`, `files`, timings, `session`);
+    /// `None` while it runs.
+    #[serde(default)]
+    pub report: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/agent/heartbeat`.
@@ -521,6 +631,9 @@ pub struct HeartbeatRequest {
     /// is past half its life (`--agent-mtls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub csr: Option<String>,
+    /// The sessions whose interpreters this agent holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -551,6 +664,10 @@ pub struct HeartbeatResponse {
     /// The new client certificate the heartbeat's `csr` asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<Certificate>,
+    /// Of the heartbeat's `sessions`, those that are no longer open (closed, expired, lost):
+    /// end their interpreters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub close_sessions: Vec<String>,
 }
 
 /// `POST /v1/agent/reports`.

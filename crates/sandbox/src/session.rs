@@ -131,6 +131,11 @@ impl Session {
         }
     }
 
+    /// Stops the session from another thread (its call under way, if any, ends with it).
+    pub fn stopper(&self) -> Cancel {
+        self.cancel.clone()
+    }
+
     /// Calls made so far.
     pub fn calls(&self) -> u64 {
         self.calls

@@ -13,6 +13,10 @@ pub fn job_id() -> String {
     format!("job_{}", random_hex(8))
 }
 
+pub fn session_id() -> String {
+    format!("ses_{}", random_hex(8))
+}
+
 pub fn agent_id() -> String {
     format!("agt_{}", random_hex(8))
 }

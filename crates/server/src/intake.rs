@@ -46,6 +46,7 @@ pub fn new_job(
         rerun_of: None,
         // The trace of the request that makes it (a follow-up takes its parent's).
         traceparent,
+        session: None,
     }
 }
 

@@ -276,6 +276,8 @@ pub struct JobInfo {
     pub files: std::collections::BTreeMap<String, String>,
     /// The job's W3C trace context.
     pub traceparent: Option<String>,
+    /// A session call's session.
+    pub session: Option<fleetbox_proto::api::LeasedSession>,
 }
 
 /// Shared by every handler and background loop.
@@ -435,6 +437,7 @@ impl State {
             environment: job.environment,
             files: job.files,
             traceparent: job.traceparent,
+            session: job.session,
         });
         let mut cache = self.job_cache.lock().expect("job cache");
         if cache.len() > 10_000 {

@@ -71,6 +71,12 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
             "agent stopped heartbeating: marked lost, its leases return to the queue"
         );
     }
+    // Their sessions' interpreters went with them; idle and old sessions end.
+    let ended = state.store.lose_sessions_of(&lost).await? + state.store.expire_sessions().await?;
+    if ended > 0 {
+        tracing::info!(ended, "sessions ended");
+        state.work.notify_waiters();
+    }
     let (changed, ready) = state
         .store
         .expire_leases(now, &lost, state.config.retry_backoff_ms)

@@ -238,6 +238,7 @@ impl Coordinator {
             environments: environments(self.agent_state(name).join("envs")),
             review_policy: fleetbox_agent::ReviewPolicy::default_for(false),
             hardened_only: false,
+            max_sessions: fleetbox_agent::DEFAULT_MAX_SESSIONS,
             test_lie_rate: 0.0,
             test_lie_after: 0,
         };

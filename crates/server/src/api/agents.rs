@@ -22,6 +22,8 @@ use fleetbox_proto::tenancy::Scope;
 
 /// Most tasks one lease call may ask for, and the longest long-poll.
 const MAX_LEASE_BATCH: u32 = 1000;
+/// The most sessions a heartbeat may say an agent holds.
+const MAX_HELD_SESSIONS: usize = 1000;
 const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Most reports in one batch.
 const MAX_REPORT_BATCH: usize = 1000;
@@ -340,6 +342,7 @@ pub async fn lease(
                 Want {
                     backend: req.backend.as_deref(),
                     hardened_only: req.hardened_only,
+                    sessions: req.sessions,
                 },
                 req.max_tasks,
                 expires,
@@ -379,6 +382,7 @@ pub async fn lease(
                     files: job.files.clone(),
                     lease_expires_at: expires,
                     traceparent,
+                    session: job.session.clone(),
                 });
             }
             return Ok(Json(LeaseResponse { tasks }));
@@ -436,6 +440,11 @@ pub async fn heartbeat(
     if req.running.len() > MAX_LEASE_BATCH as usize {
         return Err(ApiError::bad_request("invalid_body", "too many leases").with_field("running"));
     }
+    if req.sessions.len() > MAX_HELD_SESSIONS {
+        return Err(
+            ApiError::bad_request("invalid_body", "too many sessions").with_field("sessions")
+        );
+    }
     // A bad request is refused before anything changes (a renewed token it never got would
     // cut the agent off).
     let signed = sign_request(&state, req.csr.as_deref(), agent)?;
@@ -451,10 +460,12 @@ pub async fn heartbeat(
         .store
         .extend_leases(agent, &req.running, expires)
         .await?;
+    let close_sessions = state.store.sessions_to_close(agent, &req.sessions).await?;
     let renewed = renew_if_due(&state, auth.principal()).await?;
     let certificate =
         record_certificate(&state, signed, agent, &auth.principal().tenant_id).await?;
     Ok(Json(HeartbeatResponse {
+        close_sessions,
         certificate,
         cancel,
         lease_expires_at: expires,

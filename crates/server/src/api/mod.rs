@@ -7,6 +7,7 @@ pub(crate) mod jobs;
 mod openapi;
 mod review;
 mod run;
+mod sessions;
 mod tenancy;
 
 use std::sync::Arc;
@@ -48,6 +49,12 @@ pub fn router(state: Arc<State>, mcp: Option<McpMount>) -> Router {
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/run", post(run::run))
+        .route("/v1/sessions", post(sessions::open).get(sessions::list))
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::get).delete(sessions::close),
+        )
+        .route("/v1/sessions/{id}/run", post(sessions::run))
         .route("/v1/review", post(review::review))
         .route("/v1/review/flags", get(review::flags))
         .route("/v1/review/flags/{id}/approve", post(review::approve))

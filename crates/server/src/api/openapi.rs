@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, OpenApi as Document, RefOr};
 use utoipa::{OpenApi, ToSchema as _};
 
-use super::{agents, audit, jobs, review, run, tenancy};
+use super::{agents, audit, jobs, review, run, sessions, tenancy};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use super::{agents, audit, jobs, review, run, tenancy};
         agents::return_leases, agents::rotate_key, agents::report, agents::put_blob,
         review::review, review::flags, review::approve, review::reject, review::rerun,
         run::run,
+        sessions::open, sessions::run, sessions::list, sessions::get, sessions::close,
         audit::list, audit::prune, audit::checkpoints, audit::verify, audit::keys,
         tenancy::whoami, tenancy::create_tenant, tenancy::list_tenants, tenancy::show_tenant,
         tenancy::update_tenant, tenancy::create_token, tenancy::list_tokens, tenancy::revoke_token,

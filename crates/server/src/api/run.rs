@@ -98,36 +98,7 @@ pub async fn run(
             }),
         ));
     }
-    let report = match state.store.shard_detail(&tenant, &job.id, 0).await? {
-        Some(detail) => {
-            let pick = detail
-                .attempts
-                .iter()
-                .rposition(|a| a.chosen)
-                .or_else(|| detail.attempts.len().checked_sub(1));
-            match pick {
-                Some(i) => {
-                    let a = &detail.attempts[i];
-                    let mut report = a.report.clone();
-                    // Streams kept in the blob store go back inline: they are within the run's
-                    // `max_output`.
-                    for (field, blob) in [("stdout", &a.stdout_blob), ("stderr", &a.stderr_blob)] {
-                        if let (Some(hash), Some(obj)) = (blob, report.as_object_mut())
-                            && let Ok(bytes) = state.blobs.get(hash)
-                        {
-                            obj.insert(
-                                field.into(),
-                                String::from_utf8_lossy(&bytes).into_owned().into(),
-                            );
-                        }
-                    }
-                    Some(report)
-                }
-                None => None,
-            }
-        }
-        None => None,
-    };
+    let report = chosen_report(&state, &tenant, &job.id).await?;
     Ok((
         StatusCode::OK,
         Json(RunAnswer {
@@ -137,4 +108,36 @@ pub async fn run(
             error: view.error,
         }),
     ))
+}
+
+/// The report of a one-shard job's chosen attempt (else its last), with the streams kept in the
+/// blob store inline (they are within the run's `max_output`); `None` when nothing ran.
+pub(super) async fn chosen_report(
+    state: &State,
+    tenant: &str,
+    job_id: &str,
+) -> Result<Option<Value>, ApiError> {
+    let Some(detail) = state.store.shard_detail(tenant, job_id, 0).await? else {
+        return Ok(None);
+    };
+    let pick = detail
+        .attempts
+        .iter()
+        .rposition(|a| a.chosen)
+        .or_else(|| detail.attempts.len().checked_sub(1));
+    let Some(a) = pick.map(|i| &detail.attempts[i]) else {
+        return Ok(None);
+    };
+    let mut report = a.report.clone();
+    for (field, blob) in [("stdout", &a.stdout_blob), ("stderr", &a.stderr_blob)] {
+        if let (Some(hash), Some(obj)) = (blob, report.as_object_mut())
+            && let Ok(bytes) = state.blobs.get(hash)
+        {
+            obj.insert(
+                field.into(),
+                String::from_utf8_lossy(&bytes).into_owned().into(),
+            );
+        }
+    }
+    Ok(Some(report))
 }

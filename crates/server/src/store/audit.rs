@@ -139,10 +139,19 @@ pub enum Action {
     JobResumed,
     #[serde(rename = "job.priority_changed")]
     JobPriorityChanged,
+    /// A session was asked for (its opening call is the `job.submitted` beside it).
+    #[serde(rename = "session.opened")]
+    SessionOpened,
+    /// A session ended by `DELETE`, its idle time or its lifetime.
+    #[serde(rename = "session.closed")]
+    SessionClosed,
+    /// A session whose agent or interpreter is gone.
+    #[serde(rename = "session.lost")]
+    SessionLost,
 }
 
 impl Action {
-    pub const ALL: [Action; 45] = [
+    pub const ALL: [Action; 48] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -188,6 +197,9 @@ impl Action {
         Action::JobPaused,
         Action::JobResumed,
         Action::JobPriorityChanged,
+        Action::SessionOpened,
+        Action::SessionClosed,
+        Action::SessionLost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -237,6 +249,9 @@ impl Action {
             Action::JobPaused => "job.paused",
             Action::JobResumed => "job.resumed",
             Action::JobPriorityChanged => "job.priority_changed",
+            Action::SessionOpened => "session.opened",
+            Action::SessionClosed => "session.closed",
+            Action::SessionLost => "session.lost",
         }
     }
 }

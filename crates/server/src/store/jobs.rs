@@ -53,6 +53,16 @@ pub struct NewJob {
     /// The W3C trace context it belongs to (its trace id names it in spans, logs and audit
     /// entries).
     pub traceparent: Option<String>,
+    /// A call in a session: its shard goes only to agents that keep sessions, and to the
+    /// session's agent once it has one.
+    pub session: Option<JobSession>,
+}
+
+/// A session call's job: the session as the agent is told of it, and the agent holding it.
+#[derive(Debug, Clone)]
+pub struct JobSession {
+    pub leased: fleetbox_proto::api::LeasedSession,
+    pub only_agent: Option<String>,
 }
 
 /// Which shards to list: from an index, at most `limit`, optionally one state.
@@ -85,6 +95,8 @@ pub struct JobRow {
     pub traceparent: Option<String>,
     /// The share of shards that must succeed for it to complete.
     pub success_needed: f64,
+    /// A session call's session.
+    pub session: Option<fleetbox_proto::api::LeasedSession>,
 }
 
 /// [`JobRow`] as stored (JSON columns as text).
@@ -107,6 +119,7 @@ struct JobRecord {
     verify: Option<String>,
     traceparent: Option<String>,
     success_needed: f64,
+    session: Option<String>,
 }
 
 impl JobRecord {
@@ -140,12 +153,18 @@ impl JobRecord {
             verify: super::verify::policy(self.verify.as_deref()),
             traceparent: self.traceparent,
             success_needed: self.success_needed,
+            session: self
+                .session
+                .as_deref()
+                .map(|s| parse(s, "job session"))
+                .transpose()?,
         })
     }
 }
 
 const JOB_ROW_SELECT: &str = "SELECT id, tenant_id, state, code, code_sha256, limits, reducer, \
-     shard_count, created_at, environment, files, rerun_of, verify, traceparent, success_needed FROM jobs";
+     shard_count, created_at, environment, files, rerun_of, verify, traceparent, success_needed, session \
+     FROM jobs";
 
 /// A job with its shard counters, as the API shows it.
 #[derive(sqlx::FromRow)]
@@ -1079,7 +1098,7 @@ pub(super) async fn cancel_in(
 
 /// Store `job` (row, tasks, counters, review hold) within `tx`; the audit entry to append with it.
 /// Columns bound per row when a job's tasks are inserted (see [`insert_job_in`]).
-pub(super) const TASK_COLUMNS: usize = 12;
+pub(super) const TASK_COLUMNS: usize = 14;
 
 pub(super) async fn insert_job_in(
     tx: &mut settle::Tx,
@@ -1126,6 +1145,7 @@ async fn insert_job_row(
         })
     });
     let rerun_of = job.rerun_of.as_ref().map(json);
+    let session = job.session.as_ref().map(|s| json(&s.leased));
     let state = if held {
         JobState::PendingReview
     } else {
@@ -1134,8 +1154,8 @@ async fn insert_job_row(
     let mut sql = Sql::new(
         "INSERT INTO jobs (id, tenant_id, name, state, spec, code, code_sha256, limits, reducer, \
          priority, max_attempts, shard_count, created_at, verify, environment, files, planned, \
-         parent_job_id, root_job_id, depth, followup_rule, rerun_of, traceparent, success_needed) \
-         VALUES ",
+         parent_job_id, root_job_id, depth, followup_rule, rerun_of, traceparent, success_needed, \
+         session) VALUES ",
     );
     sql.push_rows([job], |row, job| {
         row.bind(job.id.as_str())
@@ -1161,7 +1181,8 @@ async fn insert_job_row(
             .bind(rule.as_deref())
             .bind(rerun_of.as_deref())
             .bind(job.traceparent.as_deref())
-            .bind(job.success_needed);
+            .bind(job.success_needed)
+            .bind(session.as_deref());
     });
     sql.build()
         .execute(&mut **tx)
@@ -1188,7 +1209,8 @@ async fn insert_tasks(
     for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
         let mut sql = Sql::new(
             "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
-             max_attempts, updated_at, backend, replicas, hardened, pool) VALUES ",
+             max_attempts, updated_at, backend, replicas, hardened, pool, session, only_agent) \
+             VALUES ",
         );
         sql.push_rows(chunk.iter().enumerate(), |row, (i, input)| {
             row.bind(job.tenant_id.as_str())
@@ -1202,7 +1224,9 @@ async fn insert_tasks(
                 .bind(job.backend.as_deref())
                 .bind(i64::from(job.verify.replicas))
                 .bind(i64::from(server_only))
-                .bind(job.pool.as_deref());
+                .bind(job.pool.as_deref())
+                .bind(i64::from(job.session.is_some()))
+                .bind(job.session.as_ref().and_then(|s| s.only_agent.as_deref()));
         });
         sql.build()
             .execute(&mut **tx)

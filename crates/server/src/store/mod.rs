@@ -19,6 +19,7 @@ pub mod receipts;
 pub mod replicas;
 mod reports;
 pub mod review;
+pub mod sessions;
 mod settle;
 mod sql;
 mod tasks;
@@ -37,7 +38,7 @@ use sqlx::{AnyPool, Executor};
 pub use agent_certs::{IssuedCert, RevokedCert};
 pub(crate) use agents::parse as parse_json;
 pub use agents::{Enrolment, HARDENED};
-pub use jobs::{FoldOutcome, JobRow, NewJob, ResultFact, ShardPage};
+pub use jobs::{FoldOutcome, JobRow, JobSession, NewJob, ResultFact, ShardPage};
 pub use reports::{ReportInput, ReportPolicy, Reported, SettleOutcome};
 pub use settle::storable_text;
 pub use settle::{LeaseGrant, Want};
@@ -217,6 +218,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0029_only_hardened",
         include_str!("../../migrations/0029_only_hardened.sql"),
+    ),
+    (
+        "0030_sessions",
+        include_str!("../../migrations/0030_sessions.sql"),
     ),
 ];
 

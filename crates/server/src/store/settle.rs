@@ -432,6 +432,8 @@ pub struct Want<'a> {
     pub backend: Option<&'a str>,
     /// Server-only shards and nothing else (the coordinator's own server agents).
     pub hardened_only: bool,
+    /// Session calls too: the agent keeps sessions and has room for another.
+    pub sessions: bool,
 }
 
 /// One lease call, as [`lease`] takes it.
@@ -484,6 +486,13 @@ pub(super) async fn lease(
     };
     server_only(&mut sql, agent, asked.want.hardened_only);
     distinct_replicas(&mut sql, agent);
+    // A session's calls go to agents that keep sessions, and once it is open to its agent.
+    if !asked.want.sessions {
+        sql.push(" AND session = 0");
+    }
+    sql.push(" AND (only_agent IS NULL OR only_agent = ")
+        .bind(agent)
+        .push(")");
     // Never back to an agent that refused it.
     sql.push(
         " AND (refusals = 0 OR NOT EXISTS (SELECT 1 FROM leases r WHERE r.task_id = tasks.id \

@@ -483,6 +483,7 @@ mod store_tests {
                 lineage: None,
                 rerun_of: None,
                 traceparent: None,
+                session: None,
                 verify: fleetbox_proto::VerifySpec {
                     recheck: fleetbox_proto::Recheck::None,
                     ..Default::default()

@@ -142,6 +142,7 @@ async fn a_new_priority_reorders_the_queue() {
                 backend: None,
                 hardened_only: false,
                 cached_code: Vec::new(),
+                sessions: false,
             })
             .await
             .unwrap();
@@ -253,6 +254,7 @@ async fn a_program_the_agent_holds_is_named_not_sent() {
             backend: None,
             hardened_only: false,
             cached_code,
+            sessions: false,
         };
         let full = agent.lease(&lease(Vec::new())).await.unwrap();
         assert_eq!(full.tasks[0].code, code, "{db:?}");

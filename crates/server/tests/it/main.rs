@@ -13,6 +13,7 @@ mod planner;
 mod replicas;
 mod review;
 mod run;
+mod sessions;
 mod settle;
 mod support;
 mod tenants;

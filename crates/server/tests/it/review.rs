@@ -329,6 +329,7 @@ async fn a_sandbox_violation_holds_the_rest_of_the_job_for_review() {
             backend: None,
             hardened_only: false,
             cached_code: Vec::new(),
+            sessions: false,
         };
         let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
         let mut report = ExecutionReport::unmeasured(Status::SandboxViolation, None);
@@ -413,6 +414,7 @@ async fn rerunning_a_held_jobs_flag_resumes_it_and_reruns_the_shard_after() {
         backend: None,
         hardened_only: false,
         cached_code: Vec::new(),
+        sessions: false,
     };
     let first = agent.lease(&lease(1)).await.unwrap().tasks.remove(0);
     let violation = ExecutionReport::unmeasured(Status::SandboxViolation, None);

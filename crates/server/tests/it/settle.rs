@@ -775,6 +775,7 @@ async fn server_only_shards_go_only_to_marked_agents_and_a_refusal_by_the_last_r
         let only_hardened = Want {
             backend: None,
             hardened_only: true,
+            sessions: false,
         };
         let lease = |store: Arc<Store>, agent: &'static str, want: Want<'static>| async move {
             store

@@ -30,6 +30,7 @@ pub fn new_job(id: &str, n: u64, max_attempts: u32) -> NewJob {
         lineage: None,
         rerun_of: None,
         traceparent: None,
+        session: None,
         // The settle tests drive reports by hand; server re-checks have tests of their own.
         verify: fleetbox_proto::VerifySpec {
             recheck: fleetbox_proto::Recheck::None,

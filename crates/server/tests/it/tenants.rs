@@ -454,6 +454,7 @@ async fn caps_stop_work_with_typed_errors_and_bursts_get_429() {
                 backend: None,
                 hardened_only: false,
                 cached_code: Vec::new(),
+                sessions: false,
             })
             .await
             .unwrap();
@@ -465,6 +466,7 @@ async fn caps_stop_work_with_typed_errors_and_bursts_get_429() {
                 backend: None,
                 hardened_only: false,
                 cached_code: Vec::new(),
+                sessions: false,
             })
             .await
             .unwrap();

@@ -347,6 +347,7 @@ async fn agents_need_their_own_certificate_and_a_revoked_one_fails_the_handshake
             load: Default::default(),
             facts: None,
             csr: None,
+            sessions: Vec::new(),
         };
         let a = Client::trusting(&url, &a_token, &a_cert);
         a.heartbeat(&beat).await.unwrap();

@@ -52,6 +52,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
             backend: None,
             hardened_only: false,
             cached_code: Vec::new(),
+            sessions: false,
         })
         .await
         .unwrap();
@@ -90,6 +91,7 @@ pub async fn duplicate_late_and_forged_reports(db: Db) {
             backend: None,
             hardened_only: false,
             cached_code: Vec::new(),
+            sessions: false,
         })
         .await
         .unwrap();
@@ -542,6 +544,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
             backend: None,
             hardened_only: false,
             cached_code: Vec::new(),
+            sessions: false,
         })
         .await
         .unwrap();
@@ -560,6 +563,7 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
     agent
         .heartbeat(&fleetbox_proto::api::HeartbeatRequest {
             csr: None,
+            sessions: Vec::new(),
             running: Vec::new(),
             load: fleetbox_proto::api::AgentLoad {
                 slots: 3,
@@ -610,6 +614,7 @@ pub async fn priorities_order_the_queue(db: Db) {
                 backend: None,
                 hardened_only: false,
                 cached_code: Vec::new(),
+                sessions: false,
             })
             .await
             .unwrap();
@@ -643,6 +648,7 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
             backend: None,
             hardened_only: false,
             cached_code: Vec::new(),
+            sessions: false,
         })
         .await
         .unwrap();
@@ -737,6 +743,7 @@ pub async fn signed_reports_are_checked(db: Db) {
             backend: None,
             hardened_only: false,
             cached_code: Vec::new(),
+            sessions: false,
         })
         .await
         .unwrap();

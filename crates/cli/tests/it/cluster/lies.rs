@@ -26,6 +26,7 @@ async fn lease(agent: &SignedAgent, n: u32) -> Vec<LeasedTask> {
         backend: None,
         hardened_only: false,
         cached_code: Vec::new(),
+        sessions: false,
     };
     agent.lease(&req).await.unwrap().tasks
 }
