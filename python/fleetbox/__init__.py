@@ -9,8 +9,8 @@
 """
 
 from ._common import FileInfo, Result
-from .client import AsyncFleet, AsyncJob, Fleet, Job
-from .errors import FleetboxError, JobFailed, Timeout
+from .client import AsyncFleet, AsyncJob, Fleet, Job, Session
+from .errors import FleetboxError, JobFailed, SessionLost, Timeout
 
 __all__ = [
     "AsyncFleet",
@@ -21,6 +21,8 @@ __all__ = [
     "Job",
     "JobFailed",
     "Result",
+    "Session",
+    "SessionLost",
     "Timeout",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from ._common import (
     Files,
     Progress,
     Result,
+    limits_with,
     load_spec,
     map_spec,
     raise_for,
@@ -21,7 +22,7 @@ from ._common import (
     unreachable,
     verify_for,
 )
-from .errors import JobFailed, Timeout
+from .errors import FleetboxError, JobFailed, SessionLost, Timeout
 
 Spec = Union[Mapping[str, Any], str, "os.PathLike[str]"]  # noqa: F821
 
@@ -157,6 +158,53 @@ class Fleet:
             raise Timeout(answer["job_id"], wait)
         return Result.from_answer(answer)
 
+    def session(
+        self,
+        *,
+        timeout: Optional[float] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+        requirements: Optional[List[str]] = None,
+        allow_hosts: Optional[List[str]] = None,
+        idle_timeout: Optional[float] = None,
+        lifetime: Optional[float] = None,
+        wait: float = 60.0,
+    ) -> "Session":
+        """Open a session: one interpreter on one agent, kept between calls, so names defined
+        by one ``run`` exist in the next. ``timeout`` (seconds) is each call's limit, ``limits``
+        the session's (``memory`` holds for the whole session); it is closed after
+        ``idle_timeout`` seconds without a call (default 600) or ``lifetime`` (default 3600).
+        Use it as a context manager, which closes it::
+
+            with fleet.session() as s:
+                s.run("x = 41")
+                assert s.run("print(x + 1)").stdout == "42\\n"
+        """
+        body: Dict[str, Any] = {"wait_ms": int(wait * 1000)}
+        lim = limits_with(limits, timeout)
+        if allow_hosts:
+            lim["network"] = {"allow": list(allow_hosts)}
+        if lim:
+            body["limits"] = lim
+        if requirements:
+            body["environment"] = {"requirements": list(requirements)}
+        if idle_timeout is not None:
+            body["idle_timeout_ms"] = max(1000, int(idle_timeout * 1000))
+        if lifetime is not None:
+            body["max_lifetime_ms"] = max(1000, int(lifetime * 1000))
+        answer = self._post("/v1/sessions", body, timeout=wait + 30)
+        view = answer["session"]
+        if view["state"] == "opening":
+            raise Timeout(answer["job_id"], wait)
+        if view["state"] != "open":
+            raise SessionLost(view["id"], view["state"], view.get("end_reason") or answer.get("error") or "")
+        return Session(self, view)
+
+    def _delete(self, path: str) -> Any:
+        try:
+            return raise_for(self._http.delete(path))
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+
     def review(self, code: str) -> Dict[str, Any]:
         """The code review of a program without running it: ``findings`` (rule, severity, line,
         column, message, snippet), ``risk`` (0-100) and ``decision`` (``run``,
@@ -205,6 +253,53 @@ class Fleet:
         spec = map_spec(code_or_function, items, per_shard, reducer, timeout, limits, requirements, name)
         job = self.submit(spec)
         return _final_result(job.id, job.wait(progress=progress))
+
+
+class Session:
+    """A session's interpreter on the fleet (``Fleet.session()``): ``run`` calls share their
+    names. A call past its ``timeout`` is interrupted (``status == "timeout"``) and the session
+    lives on; once the session is gone (closed, idle too long, its agent lost) ``run`` raises
+    ``SessionLost``."""
+
+    def __init__(self, fleet: Fleet, view: Dict[str, Any]) -> None:
+        self.fleet = fleet
+        self.id: str = view["id"]
+        self.view = view
+
+    @property
+    def state(self) -> str:
+        """``open``, ``closed`` or ``lost``, as of the last call."""
+        return self.view["state"]
+
+    def run(self, code: str, timeout: Optional[float] = None, *, wait: float = 60.0) -> Result:
+        """Run ``code`` in the session's interpreter and return its report, as ``Fleet.run``
+        does."""
+        body: Dict[str, Any] = {"code": code, "wait_ms": int(wait * 1000)}
+        if timeout is not None:
+            body["timeout_ms"] = max(1, int(timeout * 1000))
+        try:
+            answer = self.fleet._post(f"/v1/sessions/{self.id}/run", body, timeout=wait + 30)
+        except FleetboxError as e:
+            if e.code == "session_lost":
+                self.view = dict(self.view, state="lost")
+                raise SessionLost(self.id, "lost", e.message) from None
+            raise
+        self.view = answer["session"]
+        if answer.get("report") is None:
+            if answer["state"] in FINAL_STATES:
+                raise JobFailed(answer["job_id"], answer["state"], answer.get("error") or "")
+            raise Timeout(answer["job_id"], wait)
+        return Result.from_answer(answer)
+
+    def close(self) -> None:
+        """End the session (its interpreter and what it held are gone); closing twice is fine."""
+        self.view = self.fleet._delete(f"/v1/sessions/{self.id}")
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class AsyncJob:

@@ -45,3 +45,13 @@ class Timeout(FleetboxError):
     def __init__(self, job_id: str, waited: float) -> None:
         super().__init__("timeout", f"job {job_id} still running after {waited:.1f} s")
         self.job_id = job_id
+
+
+class SessionLost(FleetboxError):
+    """A session is gone (``state``: ``closed`` or ``lost``), and ``message`` says why: closed,
+    idle too long, past its lifetime, or its agent or interpreter lost. Open a new one."""
+
+    def __init__(self, session_id: str, state: str, message: str) -> None:
+        super().__init__("session_lost", f"session {session_id} is {state}: {message}")
+        self.session_id = session_id
+        self.state = state

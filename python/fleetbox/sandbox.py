@@ -136,9 +136,52 @@ class FleetSandbox(Sandbox):
         return _result(meta)
 
 
-def get_sandbox(kind: Optional[str] = None) -> Sandbox:
-    """The sandbox ``SANDBOX_TYPE`` (or ``kind``) names."""
+class FleetSessionSandbox(FleetSandbox):
+    """``stateful=True`` on the fleet: every ``execute`` runs in one session's interpreter,
+    opened at the first, so names survive between calls. ``close()`` ends it (also on exit
+    from ``with``)."""
+
+    def __init__(self, url: Optional[str] = None, token: Optional[str] = None) -> None:
+        super().__init__(url, token)
+        self.session: Any = None
+
+    def execute(self, code: str, language: str = "python", timeout: Optional[float] = None) -> ExecutionResult:
+        _check_language(language)
+        seconds = _timeout(timeout)
+        if self.session is None:
+            limits = {}
+            kb = os.environ.get("SANDBOX_MAX_OUTPUT_KB")
+            if kb:
+                limits["max_output"] = f"{int(kb)}KiB"
+            self.session = self.fleet.session(timeout=seconds, limits=limits, wait=seconds + 60)
+        r = self.session.run(code, timeout=seconds, wait=seconds + 60)
+        meta = dict(r.report)
+        meta["job_id"] = r.job_id
+        meta["session_id"] = self.session.id
+        return _result(meta)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def __enter__(self) -> "FleetSessionSandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def get_sandbox(kind: Optional[str] = None, stateful: bool = False) -> Sandbox:
+    """The sandbox ``SANDBOX_TYPE`` (or ``kind``) names. ``stateful=True`` keeps one
+    interpreter between ``execute`` calls (a session on the fleet; ``fleet`` only)."""
     kind = (kind or os.environ.get("SANDBOX_TYPE") or "local").strip().lower()
+    if stateful:
+        if kind != "fleet":
+            raise ValueError(
+                f"stateful sandboxes are sessions on a fleet: set SANDBOX_TYPE=fleet (not `{kind}`)"
+            )
+        return FleetSessionSandbox()
     if kind in ("local", "process"):
         return BinarySandbox("process")
     if kind == "jail":

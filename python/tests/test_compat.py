@@ -69,3 +69,14 @@ def test_the_agent_tool_answers_in_text(coordinator, monkeypatch):
     monkeypatch.setenv("SANDBOX_MAX_OUTPUT_KB", "1")
     long = run_python_code("print('x' * 5000)")
     assert long.endswith("[output truncated]") and len(long.encode()) <= 1024
+
+
+def test_a_stateful_sandbox_keeps_names_between_executes(coordinator, monkeypatch):
+    monkeypatch.setenv("SANDBOX_TYPE", "fleet")
+    with get_sandbox(stateful=True) as sandbox:
+        assert sandbox.execute("import math\nr = 2").exit_code == 0
+        out = sandbox.execute("print(round(math.pi * r * r, 2))")
+        assert out.stdout == "12.57\n", out.meta
+        assert out.meta["session_id"].startswith("ses_")
+    with pytest.raises(ValueError, match="SANDBOX_TYPE=fleet"):
+        get_sandbox("jail", stateful=True)

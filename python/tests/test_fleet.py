@@ -158,3 +158,25 @@ def test_review_without_running_and_a_refused_submission(fleet):
         fleet.run("import os\nwhile True:\n    os.fork()\n")
     assert e.value.code == "rejected_by_review"
     assert "process.fork_loop at line 3" in e.value.message
+
+
+def test_a_session_keeps_its_names_until_it_is_closed(fleet):
+    from fleetbox import SessionLost
+
+    with fleet.session(timeout=10, limits={"memory": "256MiB"}) as s:
+        assert s.state == "open"
+        assert s.run("x = 41").status == "ok"
+        r = s.run("print(x + 1)")
+        assert r.stdout == "42\n" and r.output == 42
+        assert r.report["session"]["outcome"] == "kept"
+        # Past its own limit a call is interrupted; the names live on.
+        r = s.run("import time\nwhile True:\n    time.sleep(0.01)", timeout=0.5)
+        assert r.status == "timeout"
+        assert r.exception["type"] == "KeyboardInterrupt"
+        assert s.run("print(x)").stdout == "41\n"
+        listed = fleet._get("/v1/sessions", params={"live": "true"})["sessions"]
+        assert any(v["id"] == s.id and v["agent_id"] for v in listed)
+    assert s.state == "closed"
+    with pytest.raises(SessionLost) as e:
+        s.run("print(x)")
+    assert e.value.code == "session_lost" and "closed by request" in str(e.value)

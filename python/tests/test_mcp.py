@@ -130,6 +130,32 @@ async def test_tools_run_code_and_follow_jobs(coordinator, transport, mode):
         assert r.is_error and "not_found" in r.content[0].text
 
 
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_a_session_keeps_its_names_between_tool_calls(coordinator, transport):
+    async with connect(coordinator, transport, "auto") as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert {"session_open", "session_run", "session_close"} <= set(tools)
+        r = await client.call_tool("session_open", {"timeout": 10})
+        assert not r.is_error, r.content[0].text
+        sid = r.structured_content["session_id"]
+        assert r.structured_content["state"] == "open"
+        r = await client.call_tool("session_run", {"session_id": sid, "code": "x = 41"})
+        assert not r.is_error, r.content[0].text
+        r = await client.call_tool("session_run", {"session_id": sid, "code": "print(x + 1)"})
+        assert r.structured_content["stdout"] == "42\n"
+        assert r.structured_content["session"]["outcome"] == "kept"
+        r = await client.call_tool(
+            "session_run", {"session_id": sid, "code": "while True:\n    pass", "timeout": 0.5}
+        )
+        assert r.is_error and r.structured_content["status"] == "timeout"
+        r = await client.call_tool("session_run", {"session_id": sid, "code": "print(x)"})
+        assert r.structured_content["stdout"] == "41\n"
+        r = await client.call_tool("session_close", {"session_id": sid})
+        assert r.structured_content["state"] == "closed"
+        r = await client.call_tool("session_run", {"session_id": sid, "code": "print(x)"})
+        assert r.is_error and "session_lost" in r.content[0].text
+
+
 async def test_http_needs_an_admin_token_and_refuses_foreign_origins(coordinator):
     async with httpx2.AsyncClient() as http:
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
@@ -161,6 +187,7 @@ async def test_a_read_only_token_reads_through_mcp_and_may_not_run(coordinator, 
         assert not listed.is_error, listed.content[0].text
         for tool, args in [
             ("run_python", {"code": "print(1)"}),
+            ("session_open", {}),
             ("submit_job", {"spec": {"name": "x", "code": "pass", "shards": {"count": 1}}}),
         ]:
             r = await client.call_tool(tool, args)

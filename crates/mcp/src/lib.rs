@@ -109,6 +109,10 @@ pub struct RunOutput {
     /// `allowed`, and the address reached or why it was refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<Value>,
+    /// A session call: its number and whether the interpreter lives on (`kept`), or ended
+    /// (`ended`, `lost`: open a new session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Value>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -117,6 +121,101 @@ pub struct FileOut {
     pub bytes: u64,
     /// Its content at `fleetbox://blobs/{sha256}`.
     pub sha256: Option<String>,
+}
+
+/// `session_open`'s input.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+pub struct SessionOpen {
+    /// Seconds each call may run (default 30; a call may ask for another).
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    /// Memory the whole session may use, in MiB (default 256): names kept between calls count.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Minutes the session may sit idle before it is closed (default 10).
+    #[serde(default)]
+    pub idle_minutes: Option<f64>,
+    /// Python packages to install for the session (as `run_python`'s `requirements`).
+    #[serde(default)]
+    pub requirements: Option<Vec<String>>,
+    /// Hosts the session may reach (as `run_python`'s `allow_hosts`).
+    #[serde(default)]
+    pub allow_hosts: Option<Vec<String>>,
+}
+
+/// `session_run`'s input.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SessionRun {
+    /// The session's id (`ses_...`), as `session_open` returned it.
+    pub session_id: String,
+    /// Python code to run in the session's interpreter: names defined by earlier calls are
+    /// there, and names it defines stay for later calls.
+    pub code: String,
+    /// Seconds this call may run (default the session's); past it the call is interrupted
+    /// (KeyboardInterrupt) and the session lives on.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+/// A session handle.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SessionId {
+    /// The session's id (`ses_...`).
+    pub session_id: String,
+}
+
+/// A session.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct SessionOut {
+    pub session_id: String,
+    /// `opening`, `open`, `closed` or `lost`.
+    pub state: String,
+    pub calls: u64,
+    /// Why it ended, when it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+}
+
+fn session_out(v: fleetbox_proto::api::SessionView) -> SessionOut {
+    SessionOut {
+        session_id: v.id,
+        state: v.state,
+        calls: v.calls,
+        end_reason: v.end_reason,
+    }
+}
+
+/// `timeout` in seconds as milliseconds, or why it is not one.
+fn seconds(timeout: Option<f64>, default: f64) -> Result<Millis, CallToolResult> {
+    let s = timeout.unwrap_or(default);
+    if s > 0.0 && s <= 3600.0 {
+        Ok(Millis((s * 1000.0) as u64))
+    } else {
+        Err(invalid("`timeout` must be between 0 and 3600 seconds"))
+    }
+}
+
+/// The environment `requirements` asks for, if any.
+fn environment(requirements: Option<Vec<String>>) -> Option<fleetbox_proto::EnvironmentSpec> {
+    requirements
+        .filter(|r| !r.is_empty())
+        .map(|requirements| fleetbox_proto::EnvironmentSpec {
+            requirements,
+            requirements_file: None,
+        })
+}
+
+/// Host rules from `allow_hosts`.
+fn egress(hosts: Option<Vec<String>>) -> Result<Option<fleetbox_proto::Network>, CallToolResult> {
+    let Some(hosts) = hosts.filter(|h| !h.is_empty()) else {
+        return Ok(None);
+    };
+    hosts
+        .iter()
+        .map(|h| fleetbox_proto::EgressRule::parse(h))
+        .collect::<Result<Vec<_>, _>>()
+        .map(|rules| Some(fleetbox_proto::Network::Allow(rules)))
+        .map_err(|why| invalid(format!("`allow_hosts`: {why}")))
 }
 
 /// A job handle.
@@ -278,11 +377,10 @@ impl FleetboxMcp {
             wait_ms: Some(600_000),
             ..Default::default()
         };
-        let seconds = p.timeout.unwrap_or(30.0);
-        if !(seconds > 0.0 && seconds <= 3600.0) {
-            return Ok(invalid("`timeout` must be between 0 and 3600 seconds"));
-        }
-        body.limits.timeout = Millis((seconds * 1000.0) as u64);
+        body.limits.timeout = match seconds(p.timeout, 30.0) {
+            Ok(t) => t,
+            Err(e) => return Ok(e),
+        };
         body.limits.cpu_time = body.limits.timeout;
         if let Some(files) = p.files {
             let files: Vec<(String, Vec<u8>)> = files
@@ -291,22 +389,12 @@ impl FleetboxMcp {
                 .collect();
             body.files = fleetbox_proto::job::encode_files(&files);
         }
-        if let Some(hosts) = p.allow_hosts.filter(|h| !h.is_empty()) {
-            let rules: Result<Vec<_>, _> = hosts
-                .iter()
-                .map(|h| fleetbox_proto::EgressRule::parse(h))
-                .collect();
-            match rules {
-                Ok(rules) => body.limits.network = fleetbox_proto::Network::Allow(rules),
-                Err(why) => return Ok(invalid(format!("`allow_hosts`: {why}"))),
-            }
+        match egress(p.allow_hosts) {
+            Ok(Some(network)) => body.limits.network = network,
+            Ok(None) => {}
+            Err(e) => return Ok(e),
         }
-        if let Some(reqs) = p.requirements.filter(|r| !r.is_empty()) {
-            body.environment = Some(fleetbox_proto::EnvironmentSpec {
-                requirements: reqs,
-                requirements_file: None,
-            });
-        }
+        body.environment = environment(p.requirements);
         let answer = match client.run(&body).await {
             Ok(a) => a,
             Err(e) => return Ok(tool_error(&e)),
@@ -319,74 +407,115 @@ impl FleetboxMcp {
                 answer.error.unwrap_or_else(|| "still running".into())
             )));
         };
-        let text = |k: &str| report[k].as_str().unwrap_or_default().to_string();
-        let files: Vec<FileOut> = report["files"]
-            .as_array()
-            .map(|fs| {
-                fs.iter()
-                    .map(|f| FileOut {
-                        path: f["path"].as_str().unwrap_or_default().to_string(),
-                        bytes: f["bytes"].as_u64().unwrap_or(0),
-                        sha256: f["sha256"].as_str().map(String::from),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let out = RunOutput {
-            status: text("status"),
-            stdout: text("stdout"),
-            stderr: text("stderr"),
-            output: report.get("output").cloned().filter(|v| !v.is_null()),
-            exception: report.get("exception").cloned().filter(|v| !v.is_null()),
-            exit_code: report["exit_code"].as_i64(),
-            wall_ms: report["wall_ms"].as_u64().unwrap_or(0),
-            peak_memory_bytes: report["peak_memory_bytes"].as_u64().unwrap_or(0),
-            files,
-            job_id: answer.job_id,
-            egress: report["egress"].as_array().cloned().unwrap_or_default(),
+        Ok(run_result(&client, &report, answer.job_id).await)
+    }
+
+    /// Open a Python session on the fleet: one interpreter kept between calls, so variables,
+    /// imports and functions defined by one `session_run` exist in the next (like a notebook).
+    /// It runs in a sandbox with the same hard limits as `run_python` (memory for the whole
+    /// session), and is closed after `idle_minutes` without a call. Close it with
+    /// `session_close` when done.
+    #[tool(output_schema = schema_for_type::<SessionOut>())]
+    async fn session_open(
+        &self,
+        Parameters(p): Parameters<SessionOpen>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let client = self.client(&ctx)?;
+        let mut body = fleetbox_proto::api::SessionBody {
+            wait_ms: Some(600_000),
+            ..Default::default()
         };
-        let mut summary = format!("status: {}", out.status);
-        if let Some(m) = report["message"].as_str() {
-            summary.push_str(&format!(" ({m})"));
+        body.limits.timeout = match seconds(p.timeout, 30.0) {
+            Ok(t) => t,
+            Err(e) => return Ok(e),
+        };
+        if let Some(mib) = p.memory_mib {
+            body.limits.memory = fleetbox_proto::ByteSize::mib(mib);
         }
-        summary.push_str(&format!(
-            "\nwall: {} ms, peak memory: {} bytes\n",
-            out.wall_ms, out.peak_memory_bytes
-        ));
-        if !out.stdout.is_empty() {
-            summary.push_str(&format!("stdout:\n{}\n", out.stdout));
-        }
-        if !out.stderr.is_empty() {
-            summary.push_str(&format!("stderr:\n{}\n", out.stderr));
-        }
-        let mut result = structured(&out, summary, out.status != "ok");
-        for f in &out.files {
-            let Some(hash) = &f.sha256 else { continue };
-            let uri = format!("fleetbox://blobs/{hash}");
-            let mime = mime_of(&f.path);
-            let image = mime.starts_with("image/");
-            if (image && f.bytes <= INLINE_IMAGE_MAX) || f.bytes <= INLINE_FILE_MAX {
-                match client.get_blob(hash).await {
-                    Ok(bytes) if image => result.content.push(ContentBlock::image(
-                        base64::engine::general_purpose::STANDARD.encode(&bytes),
-                        mime,
-                    )),
-                    Ok(bytes) => result
-                        .content
-                        .push(ContentBlock::resource(contents(&uri, mime, bytes))),
-                    Err(e) => result.content.push(ContentBlock::text(format!(
-                        "{}: could not fetch it ({e})",
-                        f.path
-                    ))),
-                }
-            } else {
-                let mut link = Resource::new(uri, f.path.clone());
-                link.mime_type = Some(mime.to_string());
-                link.size = Some(f.bytes);
-                result.content.push(ContentBlock::resource_link(link));
+        if let Some(minutes) = p.idle_minutes {
+            if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
+                return Ok(invalid("`idle_minutes` must be between 0 and 1440"));
             }
+            body.idle_timeout_ms = Some((minutes * 60_000.0) as u64);
+            body.max_lifetime_ms = Some(
+                ((minutes * 60_000.0) as u64).max(fleetbox_proto::api::SESSION_LIFETIME_DEFAULT_MS),
+            );
         }
-        Ok(result)
+        match egress(p.allow_hosts) {
+            Ok(Some(network)) => body.limits.network = network,
+            Ok(None) => {}
+            Err(e) => return Ok(e),
+        }
+        body.environment = environment(p.requirements);
+        Ok(match client.open_session(&body).await {
+            Ok(a) => {
+                let is_error = a.session.state != "open";
+                let out = session_out(a.session);
+                let mut text = format!("session {} is {}", out.session_id, out.state);
+                if let Some(why) = out.end_reason.as_deref().or(a.error.as_deref()) {
+                    text.push_str(&format!(": {why}"));
+                }
+                structured(&out, text, is_error)
+            }
+            Err(e) => tool_error(&e),
+        })
+    }
+
+    /// Run Python code in an open session's interpreter and return what it printed, its
+    /// value, the exception with its traceback, timings and the files it wrote, as
+    /// `run_python` does. Names from earlier calls are defined; names this call defines stay.
+    /// A call past its timeout is interrupted and the session lives on; if the session is
+    /// gone (closed, idle too long, its machine lost) the error says `session_lost`: open a
+    /// new one.
+    #[tool(output_schema = schema_for_type::<RunOutput>())]
+    async fn session_run(
+        &self,
+        Parameters(p): Parameters<SessionRun>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let client = self.client(&ctx)?;
+        let timeout = match p.timeout.map(|t| seconds(Some(t), t)).transpose() {
+            Ok(t) => t,
+            Err(e) => return Ok(e),
+        };
+        let body = fleetbox_proto::api::SessionCallBody {
+            code: p.code,
+            timeout_ms: timeout.map(|t| t.0),
+            wait_ms: Some(600_000),
+        };
+        let answer = match client.session_run(&p.session_id, &body).await {
+            Ok(a) => a,
+            Err(e) => return Ok(tool_error(&e)),
+        };
+        let Some(report) = answer.report else {
+            return Ok(invalid(format!(
+                "call {} of session {} is `{}` without a report: {}",
+                answer.call,
+                p.session_id,
+                answer.state,
+                answer.error.unwrap_or_else(|| "still running".into())
+            )));
+        };
+        Ok(run_result(&client, &report, answer.job_id).await)
+    }
+
+    /// Close a session: its interpreter and everything it held are gone.
+    #[tool(output_schema = schema_for_type::<SessionOut>())]
+    async fn session_close(
+        &self,
+        Parameters(p): Parameters<SessionId>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let client = self.client(&ctx)?;
+        Ok(match client.close_session(&p.session_id).await {
+            Ok(v) => {
+                let out = session_out(v);
+                let text = format!("session {} is {}", out.session_id, out.state);
+                structured(&out, text, false)
+            }
+            Err(e) => tool_error(&e),
+        })
     }
 
     /// Submit a sharded job to the fleet: the program runs once per shard, in parallel on
@@ -552,6 +681,80 @@ impl FleetboxMcp {
     }
 }
 
+/// A run's (or a session call's) report as the tool's answer: the structured output, a text
+/// summary, and the files it wrote (images inline, small files embedded, large ones linked).
+async fn run_result(client: &Client, report: &Value, job_id: String) -> CallToolResult {
+    let text = |k: &str| report[k].as_str().unwrap_or_default().to_string();
+    let files: Vec<FileOut> = report["files"]
+        .as_array()
+        .map(|fs| {
+            fs.iter()
+                .map(|f| FileOut {
+                    path: f["path"].as_str().unwrap_or_default().to_string(),
+                    bytes: f["bytes"].as_u64().unwrap_or(0),
+                    sha256: f["sha256"].as_str().map(String::from),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let out = RunOutput {
+        status: text("status"),
+        stdout: text("stdout"),
+        stderr: text("stderr"),
+        output: report.get("output").cloned().filter(|v| !v.is_null()),
+        exception: report.get("exception").cloned().filter(|v| !v.is_null()),
+        exit_code: report["exit_code"].as_i64(),
+        wall_ms: report["wall_ms"].as_u64().unwrap_or(0),
+        peak_memory_bytes: report["peak_memory_bytes"].as_u64().unwrap_or(0),
+        files,
+        job_id,
+        session: report.get("session").cloned().filter(|v| !v.is_null()),
+        egress: report["egress"].as_array().cloned().unwrap_or_default(),
+    };
+    let mut summary = format!("status: {}", out.status);
+    if let Some(m) = report["message"].as_str() {
+        summary.push_str(&format!(" ({m})"));
+    }
+    summary.push_str(&format!(
+        "\nwall: {} ms, peak memory: {} bytes\n",
+        out.wall_ms, out.peak_memory_bytes
+    ));
+    if !out.stdout.is_empty() {
+        summary.push_str(&format!("stdout:\n{}\n", out.stdout));
+    }
+    if !out.stderr.is_empty() {
+        summary.push_str(&format!("stderr:\n{}\n", out.stderr));
+    }
+    let mut result = structured(&out, summary, out.status != "ok");
+    for f in &out.files {
+        let Some(hash) = &f.sha256 else { continue };
+        let uri = format!("fleetbox://blobs/{hash}");
+        let mime = mime_of(&f.path);
+        let image = mime.starts_with("image/");
+        if (image && f.bytes <= INLINE_IMAGE_MAX) || f.bytes <= INLINE_FILE_MAX {
+            match client.get_blob(hash).await {
+                Ok(bytes) if image => result.content.push(ContentBlock::image(
+                    base64::engine::general_purpose::STANDARD.encode(&bytes),
+                    mime,
+                )),
+                Ok(bytes) => result
+                    .content
+                    .push(ContentBlock::resource(contents(&uri, mime, bytes))),
+                Err(e) => result.content.push(ContentBlock::text(format!(
+                    "{}: could not fetch it ({e})",
+                    f.path
+                ))),
+            }
+        } else {
+            let mut link = Resource::new(uri, f.path.clone());
+            link.mime_type = Some(mime.to_string());
+            link.size = Some(f.bytes);
+            result.content.push(ContentBlock::resource_link(link));
+        }
+    }
+    result
+}
+
 fn mime_of(path: &str) -> &'static str {
     let ext = path
         .rsplit('.')
@@ -601,8 +804,10 @@ impl ServerHandler for FleetboxMcp {
         .with_server_info(Implementation::new("fleetbox", env!("CARGO_PKG_VERSION")))
         .with_instructions(
             "Fleetbox runs Python in hard sandboxes on a fleet of machines. Use `run_python` \
-             for one program (you get its output, exception and files back); use `submit_job` \
-             to fan a program out over many shards, then `job_status` and `job_result`.",
+             for one program (you get its output, exception and files back); use \
+             `session_open`, `session_run` and `session_close` to keep variables between \
+             calls; use `submit_job` to fan a program out over many shards, then \
+             `job_status` and `job_result`.",
         )
     }
 
