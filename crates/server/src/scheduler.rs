@@ -72,7 +72,11 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
         );
     }
     // Their sessions' interpreters went with them; idle and old sessions end.
-    let ended = state.store.lose_sessions_of(&lost).await? + state.store.expire_sessions().await?;
+    let ended = state
+        .store
+        .lose_sessions_of(&lost, "its agent stopped answering")
+        .await?
+        + state.store.expire_sessions().await?;
     if ended > 0 {
         tracing::info!(ended, "sessions ended");
         state.work.notify_waiters();

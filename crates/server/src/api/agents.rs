@@ -574,6 +574,11 @@ pub async fn return_leases(
                 .with_field("restarted_keeping"));
         }
         let lost = state.store.return_lost_runs(agent, keep).await?;
+        // Said before it leases anything: the sessions it held went with its process.
+        state
+            .store
+            .lose_sessions_of(&[agent.to_string()], "its agent restarted")
+            .await?;
         if lost > 0 {
             tracing::info!(
                 agent,

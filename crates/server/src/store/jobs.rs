@@ -1239,9 +1239,7 @@ async fn insert_tasks(
 /// The job's `job.submitted` audit entry, with its code review.
 fn submitted_entry(job: &NewJob) -> Entry {
     let shards = job.inputs.len() as i64;
-    Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
-        .job(&job.id)
-        .details(serde_json::json!({
+    let mut details = serde_json::json!({
             "parent_job_id": job.lineage.as_ref().map(|(l, _)| &l.parent_job_id),
             "name": job.name,
             "shards": shards,
@@ -1254,5 +1252,13 @@ fn submitted_entry(job: &NewJob) -> Entry {
                 "decision": r.decision,
                 "findings": r.findings.iter().map(|f| serde_json::json!([f.rule, f.line, f.column])).collect::<Vec<_>>(),
             })),
-        }))
+    });
+    // A session's call names its session.
+    if let (Some(s), Some(obj)) = (&job.session, details.as_object_mut()) {
+        obj.insert("session_id".into(), s.leased.id.clone().into());
+        obj.insert("call".into(), s.leased.call.into());
+    }
+    Entry::new(&job.tenant_id, job.actor.as_str(), Action::JobSubmitted)
+        .job(&job.id)
+        .details(details)
 }

@@ -458,8 +458,13 @@ impl Store {
         Ok(n)
     }
 
-    /// The live sessions of agents just marked lost are lost too.
-    pub async fn lose_sessions_of(&self, agents: &[String]) -> Result<usize, StoreError> {
+    /// The live sessions of `agents` are lost, for `reason` (they were marked lost, or one
+    /// restarted: its interpreters went with its process).
+    pub async fn lose_sessions_of(
+        &self,
+        agents: &[String],
+        reason: &str,
+    ) -> Result<usize, StoreError> {
         if agents.is_empty() {
             return Ok(0);
         }
@@ -476,7 +481,7 @@ impl Store {
         let mut n = 0;
         for (tenant, id) in live {
             if self
-                .end_session(&tenant, &id, LOST, "its agent stopped answering", "server")
+                .end_session(&tenant, &id, LOST, reason, "server")
                 .await?
             {
                 n += 1;

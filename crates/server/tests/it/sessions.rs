@@ -30,10 +30,20 @@ fn report(a: &SessionAnswer) -> &Value {
 }
 
 async fn open(c: &Client, limits: Limits, idle_timeout_ms: Option<u64>) -> SessionAnswer {
+    open_for(c, limits, idle_timeout_ms, None).await
+}
+
+async fn open_for(
+    c: &Client,
+    limits: Limits,
+    idle_timeout_ms: Option<u64>,
+    max_lifetime_ms: Option<u64>,
+) -> SessionAnswer {
     let a = c
         .open_session(&SessionBody {
             limits,
             idle_timeout_ms,
+            max_lifetime_ms,
             ..Default::default()
         })
         .await
@@ -219,17 +229,35 @@ async fn closed_idle_and_lost_sessions_answer_session_lost() {
             .id;
         let s = until_state(&c.client, &idle, "closed", Duration::from_secs(10)).await;
         assert!(s.end_reason.unwrap().contains("idle"), "{db:?}");
-        // Its agent restarted: the interpreter is gone, and the call says so.
+        // Past its lifetime, however busy.
+        let old = open_for(&c.client, Limits::default(), Some(1500), Some(2000))
+            .await
+            .session
+            .id;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let e = loop {
+            match c.client.session_run(&old, &body("pass")).await {
+                Ok(_) => assert!(Instant::now() < deadline, "{db:?}: still open"),
+                Err(e) => break e,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(e.code(), Some("session_lost"), "{db:?}: {e}");
+        assert!(e.to_string().contains("lifetime"), "{db:?}: {e}");
+        // Its agent restarted: the interpreter is gone, which it says before leasing again.
         let restarted = open(&c.client, Limits::default(), None).await.session.id;
         call(&c.client, &restarted, "x = 1").await;
         c.stop_agents().await;
         c.agent("a1", Default::default());
-        let a = call(&c.client, &restarted, "print(x)").await;
-        assert_eq!(report(&a)["session"]["outcome"], "lost", "{db:?}: {a:?}");
-        assert_eq!(a.session.state, "lost", "{db:?}: {a:?}");
+        let s = until_state(&c.client, &restarted, "lost", Duration::from_secs(10)).await;
+        assert_eq!(
+            s.end_reason.as_deref(),
+            Some("its agent restarted"),
+            "{db:?}"
+        );
         let e = c
             .client
-            .session_run(&restarted, &body("print(1)"))
+            .session_run(&restarted, &body("print(x)"))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some("session_lost"), "{db:?}: {e}");
@@ -252,7 +280,7 @@ async fn closed_idle_and_lost_sessions_answer_session_lost() {
             .audit("action=session.closed&limit=100")
             .await
             .unwrap();
-        assert_eq!(audit.entries.len(), 2, "{db:?}: {audit:?}");
+        assert_eq!(audit.entries.len(), 3, "{db:?}: {audit:?}");
         let audit = c
             .client
             .audit("action=session.lost&limit=100")
@@ -264,7 +292,19 @@ async fn closed_idle_and_lost_sessions_answer_session_lost() {
             .audit("action=session.opened&limit=100")
             .await
             .unwrap();
-        assert_eq!(audit.entries.len(), 4, "{db:?}: {audit:?}");
+        assert_eq!(audit.entries.len(), 5, "{db:?}: {audit:?}");
+        // Each call is a `job.submitted` naming its session, call and code hash.
+        let submitted = c
+            .client
+            .audit("action=job.submitted&limit=1000")
+            .await
+            .unwrap();
+        let x = submitted
+            .entries
+            .iter()
+            .find(|e| e.details["session_id"] == restarted.as_str() && e.details["call"] == 2)
+            .unwrap_or_else(|| panic!("{db:?}: no entry for call 2"));
+        assert_eq!(x.details["code_sha256"].as_str().unwrap().len(), 64);
         c.stop().await;
     }
 }

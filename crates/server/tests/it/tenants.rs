@@ -18,6 +18,9 @@ async fn call(c: &Coordinator, token: &str, method: &str, path: &str) -> (u16, V
     let url = format!("{}{path}", c.running.url());
     let req = match method {
         "GET" => http.get(&url),
+        "DELETE" => http.delete(&url),
+        // A session call's body.
+        "RUN" => http.post(&url).json(&json!({"code": "print(1)"})),
         _ => http.post(&url).json(&json!({})),
     };
     let resp = req.bearer_auth(token).send().await.unwrap();
@@ -98,6 +101,12 @@ async fn one_tenant_can_neither_read_nor_touch_another() {
         assert!(as_b.get_blob(&blob).await.is_ok(), "{db:?}");
         let b_agent = as_b.agents().await.unwrap().agents[0].id.clone();
         let b_token_id = as_b.tokens(None).await.unwrap().tokens[0].id.clone();
+        let b_session = as_b
+            .open_session(&Default::default())
+            .await
+            .unwrap()
+            .session
+            .id;
 
         // Every endpoint that names B's things answers A with 404, never 403.
         let id = &b_job.id;
@@ -120,6 +129,9 @@ async fn one_tenant_can_neither_read_nor_touch_another() {
             ("POST", format!("/v1/tokens/{b_token_id}/rotate")),
             ("GET", "/v1/tenants/globex".to_string()),
             ("GET", "/v1/tokens?tenant=globex".to_string()),
+            ("GET", format!("/v1/sessions/{b_session}")),
+            ("RUN", format!("/v1/sessions/{b_session}/run")),
+            ("DELETE", format!("/v1/sessions/{b_session}")),
         ] {
             let (status, body) = call(&c, &a, method, &path).await;
             assert_eq!(status, 404, "{db:?}: {method} {path}: {body}");
@@ -134,6 +146,23 @@ async fn one_tenant_can_neither_read_nor_touch_another() {
             "{db:?}"
         );
         assert!(as_a.agents().await.unwrap().agents.is_empty(), "{db:?}");
+        assert!(
+            as_a.sessions(false).await.unwrap().sessions.is_empty(),
+            "{db:?}"
+        );
+        // B's session is untouched: open, and its calls run.
+        let ran = as_b
+            .session_run(
+                &b_session,
+                &fleetbox_proto::api::SessionCallBody {
+                    code: "print(7)".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(ran.session.state, "open", "{db:?}: {ran:?}");
+        assert_eq!(ran.report.unwrap()["stdout"], "7\n", "{db:?}");
         let audit = as_a.audit("limit=5000").await.unwrap().entries;
         assert!(
             audit
