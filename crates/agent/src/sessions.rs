@@ -75,6 +75,8 @@ impl Sessions {
                 call.id = s.id.clone();
                 call.call = s.call;
             }
+            // A refusal is no word on the session: the opening goes to another agent.
+            None if report.status == Status::Refused => {}
             None => {
                 report.session = Some(SessionCall {
                     id: s.id.clone(),

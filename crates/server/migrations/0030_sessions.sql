@@ -32,3 +32,6 @@ CREATE INDEX sessions_live ON sessions (state, agent_id);
 ALTER TABLE jobs ADD COLUMN session TEXT;
 ALTER TABLE tasks ADD COLUMN only_agent TEXT;
 ALTER TABLE tasks ADD COLUMN session BIGINT NOT NULL DEFAULT 0;
+-- Whether an agent's last lease call said it keeps sessions: a session call every such agent
+-- refused is rejected rather than kept for one that never leases session calls.
+ALTER TABLE agents ADD COLUMN keeps_sessions BIGINT NOT NULL DEFAULT 0;

@@ -244,21 +244,24 @@ impl Store {
         Ok(rows.into_iter().map(|(id, _, _)| id).collect())
     }
 
-    /// An agent asked for work: a sign of life, in the caller's transaction, and whether it
-    /// asks for server-only shards alone.
+    /// An agent asked for work: a sign of life, in the caller's transaction, and what it
+    /// asks for (server-only shards alone; session calls too), which decides whether a shard
+    /// others refused still has an agent that would take it.
     pub(super) async fn agent_seen(
         &self,
         tx: &mut Tx,
         agent_id: &str,
-        only_hardened: bool,
+        want: &super::settle::Want<'_>,
         now: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE agents SET last_seen = $1, state = $2, only_hardened = $3 WHERE id = $4",
+            "UPDATE agents SET last_seen = $1, state = $2, only_hardened = $3, \
+             keeps_sessions = $4 WHERE id = $5",
         )
         .bind(now)
         .bind(AgentState::Online.as_str())
-        .bind(i64::from(only_hardened))
+        .bind(i64::from(want.hardened_only))
+        .bind(i64::from(want.sessions))
         .bind(agent_id)
         .execute(&mut **tx)
         .await

@@ -400,6 +400,9 @@ pub(super) async fn anyone_else_would_run(
     .bind(task)
     .push(" AND l.agent_id = a.id AND l.refused = 1)")
     .push(" AND (a.hardened = 1 OR s.hardened = 0) AND (a.only_hardened = 0 OR s.hardened = 1)")
+    // A session call: an agent that keeps sessions, and the session's own once it has one.
+    .push(" AND (s.session = 0 OR a.keeps_sessions = 1)")
+    .push(" AND (s.only_agent IS NULL OR s.only_agent = a.id)")
     .push(" LIMIT 1")
     .build_as()
     .fetch_optional(&mut **tx)

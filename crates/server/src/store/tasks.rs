@@ -178,8 +178,7 @@ impl Store {
         tally.apply(&mut tx).await?;
         let entries = leased_entries(&grants, agent_id, asked.expires);
         // Asking for work is a sign of life: recorded in the same transaction.
-        self.agent_seen(&mut tx, agent_id, asked.want.hardened_only, now)
-            .await?;
+        self.agent_seen(&mut tx, agent_id, &asked.want, now).await?;
         // The audit chain's head is locked last in every transaction (no lock waits behind it).
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("leasing tasks")?;

@@ -308,3 +308,60 @@ async fn closed_idle_and_lost_sessions_answer_session_lost() {
         c.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_holds_at_most_its_sessions_and_the_rest_go_elsewhere() {
+    for db in BOTH {
+        let Some(mut c) = Coordinator::start(db).await else {
+            continue;
+        };
+        c.agent_with("one-a", |cfg| cfg.max_sessions = 1);
+        c.agent_with("one-b", |cfg| cfg.max_sessions = 1);
+        c.agent_with("none", |cfg| cfg.max_sessions = 0);
+        let first = open(&c.client, Limits::default(), None).await.session;
+        let second = open(&c.client, Limits::default(), None).await.session;
+        assert_ne!(first.agent_id, second.agent_id, "{db:?}: both on one agent");
+        let agents = c.client.agents().await.unwrap().agents;
+        let none = agents.iter().find(|a| a.name == "none").unwrap();
+        for s in [&first, &second] {
+            assert_ne!(s.agent_id.as_deref(), Some(none.id.as_str()), "{db:?}");
+        }
+        // No room anywhere: the opening is refused by each, and the session says why.
+        let third = c
+            .client
+            .open_session(&SessionBody {
+                wait_ms: Some(30_000),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(third.session.state, "lost", "{db:?}: {third:?}");
+        assert!(
+            third
+                .session
+                .end_reason
+                .as_deref()
+                .unwrap()
+                .contains("could not be opened"),
+            "{db:?}: {third:?}"
+        );
+        // Closing one makes room again (the agent ends it at its next heartbeat).
+        c.client.close_session(&first.id).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let again = c
+                .client
+                .open_session(&SessionBody::default())
+                .await
+                .unwrap();
+            if again.session.state == "open" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{db:?}: no room after a close: {again:?}"
+            );
+        }
+        c.stop().await;
+    }
+}
