@@ -35,3 +35,5 @@ ALTER TABLE tasks ADD COLUMN session BIGINT NOT NULL DEFAULT 0;
 -- Whether an agent's last lease call said it keeps sessions: a session call every such agent
 -- refused is rejected rather than kept for one that never leases session calls.
 ALTER TABLE agents ADD COLUMN keeps_sessions BIGINT NOT NULL DEFAULT 0;
+-- The scheduler's sweep of queued shards that agents refused (see `reject_unrunnable`).
+CREATE INDEX tasks_refused_queued ON tasks (id) WHERE state = 'queued' AND refusals > 0;

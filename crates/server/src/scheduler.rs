@@ -98,6 +98,10 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
     for job in ready {
         state.aggregate(job);
     }
+    // Shards refused by everyone still here (the agent that would have run them left).
+    for job in state.store.reject_unrunnable(now).await? {
+        state.aggregate(job);
+    }
     Ok(())
 }
 

@@ -272,6 +272,32 @@ pub(super) async fn reject(
     settle_lease(tx, tally, shard, lease_id, TaskState::Rejected, reason, now).await
 }
 
+/// `queued` → `rejected` with `reason` (a shard no agent left would run); false when it was
+/// no longer queued.
+pub(super) async fn reject_queued(
+    tx: &mut Tx,
+    tally: &mut Tally,
+    shard: Shard<'_>,
+    reason: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let set = Fields {
+        now,
+        reason: Some(reason),
+        not_before: None,
+    };
+    transition(
+        tx,
+        tally,
+        shard,
+        TaskState::Queued,
+        None,
+        TaskState::Rejected,
+        set,
+    )
+    .await
+}
+
 /// `leased` under `lease_id` (or `queued`: nobody holds it) → `to`, `reason` the shard's
 /// error. A shard leased to someone else meanwhile is left to them.
 async fn settle_lease(

@@ -347,6 +347,50 @@ impl Store {
         Ok(returned.len() as u64)
     }
 
+    /// Queued shards that agents refused and that no online agent would take any more (the
+    /// ones that would have left, or stopped keeping sessions): `rejected`, saying so, rather
+    /// than waiting for ever. At most 1,000 a sweep. Returns the jobs now ready to fold.
+    pub async fn reject_unrunnable(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let refused: Vec<(i64, String, String)> =
+            Sql::new("SELECT id, tenant_id, job_id FROM tasks WHERE state = ")
+                .bind(TaskState::Queued.as_str())
+                .push(" AND refusals > 0 ORDER BY id LIMIT 1000")
+                .build_as()
+                .fetch_all(&self.read)
+                .await
+                .doing("finding refused shards")?;
+        if refused.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_write().await.doing("rejecting refused shards")?;
+        let jobs: Vec<String> = refused.iter().map(|(_, _, j)| j.clone()).collect();
+        settle::lock_jobs(&mut tx, self.kind, &jobs).await?;
+        let mut tally = Tally::default();
+        let mut entries = Vec::new();
+        let why = "refused by every agent that could run it; no other agent would take it";
+        for (id, tenant, job) in &refused {
+            if settle::anyone_else_would_run(&mut tx, *id, "").await? {
+                continue;
+            }
+            let shard = Shard {
+                id: *id,
+                job_id: job,
+            };
+            if settle::reject_queued(&mut tx, &mut tally, shard, why, now).await? {
+                entries.push(
+                    Entry::new(tenant, "server", Action::ShardRejected)
+                        .job(job)
+                        .task(*id)
+                        .details(serde_json::json!({ "reason": why })),
+                );
+            }
+        }
+        let ready = tally.apply(&mut tx).await?;
+        self.append_audit(&mut tx, entries, now).await?;
+        tx.commit().await.doing("rejecting refused shards")?;
+        Ok(ready)
+    }
+
     /// Requeue (or kill, past `max_attempts`) the tasks whose lease expired or whose agent was
     /// lost. Returns what changed and the jobs whose last shard just settled.
     pub async fn expire_leases(

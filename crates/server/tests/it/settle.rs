@@ -734,6 +734,70 @@ async fn a_refused_shard_goes_to_another_agent_never_back_to_its_refuser() {
     }
 }
 
+/// A shard refused by one agent waits for the other, which would run it; when that one is
+/// lost, the scheduler's sweep rejects the shard (no agent left would take it) instead of
+/// leaving the job waiting for ever, and the job is ready to fold.
+#[tokio::test]
+async fn a_refused_shard_whose_last_taker_left_is_rejected_not_kept_for_ever() {
+    for db in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((url, one, _two)) = two_stores(db, dir.path()).await else {
+            continue;
+        };
+        one.insert_job(&new_job("job_left", 1, 1)).await.unwrap();
+        for agent in ["agt_b", "agt_a"] {
+            let req = fleetbox_proto::api::EnrollRequest {
+                name: agent.into(),
+                ..Default::default()
+            };
+            crate::support::enroll_in_store(&one, agent, &req, false).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let seen = now_ms();
+        let g = one
+            .lease("default", "agt_a", 1, now_ms() + 60_000, "agt_a")
+            .await
+            .unwrap();
+        let mut r = ok_report(&g[0], 1);
+        r.status = Status::Refused;
+        r.output = None;
+        r.output_sha256 = None;
+        r.reason = Some("refused: not here".into());
+        one.report("agt_a", &[r], POLICY).await.unwrap();
+        // agt_b would run it: it waits.
+        assert!(one.reject_unrunnable(now_ms()).await.unwrap().is_empty());
+        let detail = one
+            .shard_detail("default", "job_left", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.shard.state, TaskState::Queued, "{db:?}");
+        // agt_b is lost (silent since before agt_a's lease): nobody left would take it.
+        let lost = one.mark_lost_agents(seen).await.unwrap();
+        assert_eq!(lost, ["agt_b"], "{db:?}");
+        let ready = one.reject_unrunnable(now_ms()).await.unwrap();
+        assert_eq!(ready, ["job_left"], "{db:?}");
+        let detail = one
+            .shard_detail("default", "job_left", 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(detail.shard.state, TaskState::Rejected, "{db:?}");
+        assert!(
+            detail
+                .shard
+                .error
+                .unwrap_or_default()
+                .contains("no other agent would take it"),
+            "{db:?}"
+        );
+        let inv = invariants(&url, "job_left").await;
+        assert_eq!(inv.unsettled, inv.unsettled_truth, "{db:?}");
+        // Nothing more to do on the next sweep.
+        assert!(one.reject_unrunnable(now_ms()).await.unwrap().is_empty());
+    }
+}
+
 /// Server-only shards (and held ones) go only to agents marked `hardened`: not to an ordinary
 /// agent, not to one that calls itself `hardened` in its labels; an agent leasing
 /// `hardened_only` gets nothing else. When the only marked agent refuses such a shard it is
