@@ -89,7 +89,9 @@ fn a_call_past_its_limit_is_interrupted_and_the_session_lives_on() {
         );
         assert_eq!(r.status, Status::Timeout, "{setup:?}: {}", show(&r));
         assert_eq!(outcome(&r), SessionOutcome::Kept, "{}", show(&r));
-        assert!(r.wall_ms >= 450 && r.wall_ms < 2000, "{}", show(&r));
+        // Interrupted at its limit, answered before the grace ran out (else it would be ended).
+        let limit = 500 + fleetbox_sandbox::session::GRACE.as_millis() as u64;
+        assert!(r.wall_ms >= 450 && r.wall_ms < limit, "{}", show(&r));
         assert_eq!(r.exception.as_ref().unwrap().kind, "KeyboardInterrupt");
         let r = call(&mut s, "print(x + 1)", 5000);
         assert_eq!(r.stdout, "42\n", "{setup:?}: {}", show(&r));

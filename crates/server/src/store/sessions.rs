@@ -130,15 +130,16 @@ impl SessionRow {
         matches!(self.view.state.as_str(), OPENING | OPEN)
     }
 
-    /// Why it has ended by the clock at `now` (idle too long, past its lifetime), if it has.
-    pub fn expired(&self, now: i64) -> Option<String> {
+    /// Why it has ended by the clock at `now` (idle too long with no call `running`, past its
+    /// lifetime), if it has.
+    pub fn expired(&self, now: i64, running: bool) -> Option<String> {
         let v = &self.view;
         if now - v.created_at >= v.max_lifetime_ms as i64 {
             Some(format!(
                 "it reached its lifetime of {}",
                 fleetbox_proto::Millis(v.max_lifetime_ms)
             ))
-        } else if now - v.last_used_at >= v.idle_timeout_ms as i64 && self.busy_job.is_none() {
+        } else if now - v.last_used_at >= v.idle_timeout_ms as i64 && !running {
             Some(format!(
                 "it sat idle for {}",
                 fleetbox_proto::Millis(v.idle_timeout_ms)
@@ -301,8 +302,12 @@ impl Store {
             }
             return self.session(tenant_id, id).await;
         }
+        let running = match &row.busy_job {
+            Some(job) => !self.job_is_final(job).await?,
+            None => false,
+        };
         if row.live()
-            && let Some(why) = row.expired(now_ms())
+            && let Some(why) = row.expired(now_ms(), running)
         {
             self.end_session(tenant_id, id, CLOSED, &why, "server")
                 .await?;
@@ -429,25 +434,37 @@ impl Store {
         Ok(true)
     }
 
-    /// Close every live session past its idle time or lifetime; returns how many.
+    /// Close every live session past its lifetime, or idle for longer than it may be with no
+    /// call under way; returns how many.
     pub async fn expire_sessions(&self) -> Result<usize, StoreError> {
         let now = now_ms();
         let due: Vec<(String, String)> =
-            Sql::new("SELECT tenant_id, id FROM sessions WHERE state IN (")
+            Sql::new("SELECT s.tenant_id, s.id FROM sessions s WHERE s.state IN (")
                 .bind_list([OPENING, OPEN])
-                .push(") AND (created_at + max_lifetime_ms <= ")
+                .push(") AND (s.created_at + s.max_lifetime_ms <= ")
                 .bind(now)
-                .push(" OR (busy_job IS NULL AND last_used_at + idle_timeout_ms <= ")
+                .push(" OR (s.last_used_at + s.idle_timeout_ms <= ")
                 .bind(now)
-                .push("))")
+                .push(
+                    " AND (s.busy_job IS NULL OR EXISTS (SELECT 1 FROM jobs j \
+                     WHERE j.id = s.busy_job AND j.state IN (",
+                )
+                .bind_list(JobState::FINAL.iter().map(|f| f.as_str()))
+                .push("))))")
                 .build_as()
                 .fetch_all(&self.read)
                 .await
                 .doing("finding expired sessions")?;
         let mut n = 0;
         for (tenant, id) in due {
-            if let Some(row) = self.session(&tenant, &id).await?
-                && let Some(why) = row.expired(now)
+            let Some(row) = self.session(&tenant, &id).await? else {
+                continue;
+            };
+            let running = match &row.busy_job {
+                Some(job) => !self.job_is_final(job).await?,
+                None => false,
+            };
+            if let Some(why) = row.expired(now, running)
                 && self
                     .end_session(&tenant, &id, CLOSED, &why, "server")
                     .await?

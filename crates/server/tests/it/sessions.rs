@@ -227,6 +227,7 @@ async fn closed_idle_and_lost_sessions_answer_session_lost() {
             .await
             .session
             .id;
+        call(&c.client, &idle, "x = 1").await;
         let s = until_state(&c.client, &idle, "closed", Duration::from_secs(10)).await;
         assert!(s.end_reason.unwrap().contains("idle"), "{db:?}");
         // Past its lifetime, however busy.
