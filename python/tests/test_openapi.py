@@ -90,10 +90,13 @@ def test_the_document_describes_the_whole_v1_api(bare_coordinator):
         "/v1/tenants/{id}",
         "/v1/tokens/{id}/rotate",
         "/v1/whoami",
+        "/v1/sessions",
+        "/v1/sessions/{id}",
+        "/v1/sessions/{id}/run",
     ]:
         assert path in paths, path
     ops = [op for item in paths.values() for op in item.values()]
-    assert len(ops) == 50
+    assert len(ops) == 55
     ids = [op["operationId"] for op in ops]
     assert len(set(ids)) == len(ids), ids
     for op in ops:
