@@ -1,7 +1,9 @@
 //! `POST /v1/run` latency: `print(1)` from request to answer on `fleetbox up` (coordinator, 2
 //! local agents with warm jails, SQLite), p50 and p99 over N sequential calls after the agents
 //! earned their trust (a new agent's results wait for the coordinator's re-run). Baseline: bare
-//! `python3 -I -B -c 'print(1)'` in the same run. Target: p50 under 25 ms.
+//! `python3 -I -B -c 'print(1)'` in the same run. Target: p50 under 25 ms. Then the same calls
+//! in one session (`POST /v1/sessions/{id}/run`: the interpreter is already up), against
+//! `/v1/run` measured just before.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -47,7 +49,8 @@ pub fn run(calls: usize) -> Result<(), String> {
         .args(["-TERM", &up.id().to_string()])
         .status();
     let _ = up.wait();
-    let (p50, p99, mean, bare) = result?;
+    let (run, session, bare) = result?;
+    let Timings { p50, p99, mean } = run;
     println!(
         "run: POST /v1/run `print(1)` on `fleetbox up` (2 agents, warm jails, SQLite), {calls} calls"
     );
@@ -59,10 +62,37 @@ pub fn run(calls: usize) -> Result<(), String> {
         ms(mean),
         ms(p50) / ms(bare)
     );
+    println!(
+        "  session call p50 {:7.2} ms   p99 {:7.2} ms   mean {:7.2} ms   p50 session/run {:.2}",
+        ms(session.p50),
+        ms(session.p99),
+        ms(session.mean),
+        ms(session.p50) / ms(p50)
+    );
     Ok(())
 }
 
-fn measure(url: &str, calls: usize) -> Result<(Duration, Duration, Duration, Duration), String> {
+/// One series of calls: median, 99th percentile and mean.
+struct Timings {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+impl Timings {
+    fn of(mut times: Vec<Duration>) -> Timings {
+        let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+        Timings {
+            p50: at(0.50),
+            p99: at(0.99),
+            mean,
+        }
+    }
+}
+
+fn measure(url: &str, calls: usize) -> Result<(Timings, Timings, Duration), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -115,10 +145,39 @@ fn measure(url: &str, calls: usize) -> Result<(Duration, Duration, Duration, Dur
         for _ in 0..calls {
             times.push(once().await?);
         }
-        let mean = times.iter().sum::<Duration>() / calls as u32;
-        times.sort();
-        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+        let run = Timings::of(times);
+        let session = session_calls(&client, calls).await?;
         let bare = median_of(&["/usr/bin/python3", "-I", "-B", "-c", "print(1)"], 50)?;
-        Ok((at(0.50), at(0.99), mean, bare))
+        Ok((run, session, bare))
     })
+}
+
+/// `calls` calls of `print(1)` in one session (opened first, closed after).
+async fn session_calls(client: &Client, calls: usize) -> Result<Timings, String> {
+    let opened = client
+        .open_session(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    if opened.session.state != "open" {
+        return Err(format!("the session did not open: {:?}", opened.session));
+    }
+    let id = opened.session.id;
+    let body = fleetbox_proto::api::SessionCallBody {
+        code: "print(1)\n".into(),
+        ..Default::default()
+    };
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        let answer = client
+            .session_run(&id, &body)
+            .await
+            .map_err(|e| e.to_string())?;
+        times.push(start.elapsed());
+        if answer.state != JobState::Completed {
+            return Err(format!("a session call ended `{}`", answer.state));
+        }
+    }
+    let _ = client.close_session(&id).await;
+    Ok(Timings::of(times))
 }

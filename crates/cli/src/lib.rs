@@ -19,6 +19,7 @@ mod reference;
 mod review_cmd;
 mod run;
 mod server_agents;
+mod session_cmd;
 mod tenancy_cmd;
 mod term;
 
@@ -80,6 +81,8 @@ enum Command {
     Token(tenancy_cmd::TokenArgs),
     /// Pools of agents: `pool create|list`.
     Pool(tenancy_cmd::PoolArgs),
+    /// Sessions: one interpreter on one agent kept between calls (`session open|run|list|close`).
+    Session(session_cmd::SessionArgs),
     /// Whether this host can run a backend (namespaces, cgroups, seccomp, Landlock, Python,
     /// docker, runsc), and for each miss the one-line fix.
     Doctor(doctor_cmd::DoctorArgs),
@@ -137,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Token(args) => tenancy_cmd::token(args),
         Command::Pool(args) => tenancy_cmd::pool(args),
         Command::Doctor(args) => doctor_cmd::doctor(args),
+        Command::Session(args) => session_cmd::session(args),
     };
     if let Some(provider) = spans
         && let Err(e) = provider.shutdown()

@@ -277,7 +277,7 @@ fn run_remote(
     Ok(ExitCode::from(exit_code_for(report.status)))
 }
 
-fn read_code(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_code(path: &Path) -> anyhow::Result<Vec<u8>> {
     if path.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::stdin()
@@ -288,7 +288,7 @@ fn read_code(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(fs_err::read(path)?)
 }
 
-fn print_human(r: &ExecutionReport) -> anyhow::Result<()> {
+pub(crate) fn print_human(r: &ExecutionReport) -> anyhow::Result<()> {
     // The program's bytes reach a terminal with their control sequences shown, not obeyed.
     let mut out = std::io::stdout().lock();
     term::write_untrusted(&mut out, r.stdout.as_bytes(), term::stdout_is_terminal())?;

@@ -9,6 +9,7 @@ pub mod harness;
 mod image;
 mod lies;
 mod receipt;
+mod sessions;
 mod tenants;
 mod tls;
 mod tracing;
@@ -39,6 +40,7 @@ use followups::{
 use harness::{Cluster, Db};
 use lies::failures_are_checked_like_successes;
 use receipt::a_receipt_verifies_offline_and_names_every_forgery;
+use sessions::a_session_on_a_killed_agent_is_lost;
 use tracing::a_job_is_one_trace_from_submission_to_agents_and_back;
 use up::sigterm_drains_and_hands_back;
 
@@ -66,6 +68,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     a_receipt_verifies_offline_and_names_every_forgery,
+    a_session_on_a_killed_agent_is_lost,
     failures_are_checked_like_successes,
     a_job_is_one_trace_from_submission_to_agents_and_back,
     hundred_shards_give_the_right_answer,
