@@ -747,7 +747,11 @@ async fn run_task(
     }
     let limits = match shared.config.caps.apply(task.limits.clone()).and_then(|l| {
         let declared = fleetbox_review::declared_by(&l.network);
-        shared.review.judge(&task.code, declared).map(|()| l)
+        // The code cache checked the program against its hash just now.
+        shared
+            .review
+            .judge_hashed(&task.code, &task.code_sha256, declared)
+            .map(|()| l)
     }) {
         Ok(limits) => limits,
         Err(why) => return refuse(&shared, &task, why, hold),

@@ -71,8 +71,17 @@ impl CodeReview {
     /// shards are reviewed once.
     /// `declared`: what the job's settings declare (its network), see
     /// [`fleetbox_review::Reviewer::review_declared`].
+    #[cfg(test)]
     pub fn judge(&self, code: &str, declared: &[&str]) -> Result<(), String> {
-        let verdict = self.verdict(code, declared);
+        let sha256 = hex::encode(sha2::Sha256::digest(code.as_bytes()));
+        self.judge_hashed(code, &sha256, declared)
+    }
+
+    /// [`CodeReview::judge`] for a program whose SHA-256 (hex) this agent computed or checked
+    /// itself (the code cache does, for every lease): it is not hashed again. Never a hash the
+    /// coordinator merely sent.
+    pub fn judge_hashed(&self, code: &str, sha256: &str, declared: &[&str]) -> Result<(), String> {
+        let verdict = self.verdict(code, sha256, declared);
         match verdict {
             Some(v) if self.policy.refuse.contains(&v.decision) => Err(format!(
                 "refused by this agent's review policy: its review decides `{}` (risk {}): {}",
@@ -84,9 +93,9 @@ impl CodeReview {
         }
     }
 
-    fn verdict(&self, code: &str, declared: &[&str]) -> Option<Verdict> {
+    fn verdict(&self, code: &str, sha256: &str, declared: &[&str]) -> Option<Verdict> {
         let mut hash = sha2::Sha256::new();
-        hash.update(code.as_bytes());
+        hash.update(sha256.as_bytes());
         for d in declared {
             hash.update([0]);
             hash.update(d.as_bytes());
