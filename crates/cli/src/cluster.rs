@@ -332,6 +332,24 @@ impl FollowupArgs {
     }
 }
 
+/// What an agent lets jobs reach over the network (`fleetbox agent`, and `fleetbox up`'s
+/// local agents).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NetworkArgs {
+    /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
+    #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
+    pub allow_network: bool,
+    /// The hosts jobs may name in `network = { allow = [...] }` (`jail` backend), a file of
+    /// rules, one per line (`pypi.org:443`, `*.pythonhosted.org`, `#` comments); a job asking
+    /// for more is `refused`.
+    #[arg(long, value_name = "FILE")]
+    pub allow_egress: Option<PathBuf>,
+    /// A hosts file (`ADDRESS NAME...`) the egress proxy resolves from before the system
+    /// resolver: pinned names for a mirror.
+    #[arg(long, value_name = "FILE")]
+    pub egress_hosts: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentArgs {
@@ -400,18 +418,8 @@ pub struct AgentArgs {
     /// Cap on the bytes of workspace files hashed for a report [default: 1GiB].
     #[arg(long, value_parser = crate::config::parse_size)]
     pub max_hashed_bytes: Option<ByteSize>,
-    /// Run jobs that ask for `limits.network = true`; without it they are `refused`.
-    #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
-    pub allow_network: bool,
-    /// The hosts jobs may name in `network = { allow = [...] }` (`jail` backend), a file of
-    /// rules, one per line (`pypi.org:443`, `*.pythonhosted.org`, `#` comments); a job asking
-    /// for more is `refused`.
-    #[arg(long, value_name = "FILE")]
-    pub allow_egress: Option<PathBuf>,
-    /// A hosts file (`ADDRESS NAME...`) the egress proxy resolves from before the system
-    /// resolver: pinned names for a mirror.
-    #[arg(long, value_name = "FILE")]
-    pub egress_hosts: Option<PathBuf>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
     /// This agent runs in a stricter sandbox (gVisor, say) and accepts code its review decides
     /// `run_on_server_only` or `hold`; the coordinator gives it such code only once an operator
     /// marks it (`fleetbox agents harden ID`).
@@ -474,16 +482,9 @@ pub struct UpArgs {
     pub backend: Option<String>,
     #[command(flatten)]
     pub docker: DockerArgs,
-    /// The local agents run jobs that ask for `limits.network = true`.
-    #[arg(long, env = env::FLEETBOX_ALLOW_NETWORK)]
-    pub allow_network: bool,
-    /// The hosts the local agents' jobs may name in `network = { allow = [...] }`, a file of
-    /// rules (as `fleetbox agent --allow-egress`; `jail` backend).
-    #[arg(long, value_name = "FILE")]
-    pub allow_egress: Option<PathBuf>,
-    /// A hosts file the local agents' egress proxies resolve from first.
-    #[arg(long, value_name = "FILE")]
-    pub egress_hosts: Option<PathBuf>,
+    /// What the local agents let jobs reach (as `fleetbox agent`'s flags).
+    #[command(flatten)]
+    pub network: NetworkArgs,
     /// HTTPS (`--tls auto` is the default when `--listen` is beyond loopback).
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -718,8 +719,8 @@ fn agent_config(
             .max_hashed_bytes
             .or(file.max_hashed_bytes)
             .unwrap_or(d.max_hashed_bytes),
-        allow_network: args.allow_network || file.allow_network.unwrap_or(false),
-        allow_egress: match &args.allow_egress {
+        allow_network: args.network.allow_network || file.allow_network.unwrap_or(false),
+        allow_egress: match &args.network.allow_egress {
             Some(path) => egress_rules(path)?,
             None => Vec::new(),
         },
@@ -729,7 +730,7 @@ fn agent_config(
             "`--allow-egress` needs `--backend jail`: only the jail keeps runs in their own network namespace with the egress proxy as the one way out"
         );
     }
-    if let Some(hosts) = &args.egress_hosts {
+    if let Some(hosts) = &args.network.egress_hosts {
         // Read now, so a broken file stops the agent rather than failing every run.
         fleetbox_sandbox::egress::Resolver::from_hosts_file(hosts).map_err(anyhow::Error::msg)?;
         sandbox.egress_hosts = Some(hosts.clone());
@@ -905,9 +906,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
                     max_cpus: None,
                     max_listed_files: None,
                     max_hashed_bytes: None,
-                    allow_network: args.allow_network,
-                    allow_egress: args.allow_egress.clone(),
-                    egress_hosts: args.egress_hosts.clone(),
+                    network: args.network.clone(),
                     hardened: false,
                     review_policy: None,
                     drain_timeout: Millis::from_secs(10),
