@@ -9,12 +9,13 @@
 """
 
 from ._common import FileInfo, Result
-from .client import AsyncFleet, AsyncJob, Fleet, Job, Session
+from .client import AsyncFleet, AsyncJob, AsyncSession, Fleet, Job, Session
 from .errors import FleetboxError, JobFailed, SessionLost, Timeout
 
 __all__ = [
     "AsyncFleet",
     "AsyncJob",
+    "AsyncSession",
     "FileInfo",
     "Fleet",
     "FleetboxError",

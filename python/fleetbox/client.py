@@ -179,24 +179,8 @@ class Fleet:
                 s.run("x = 41")
                 assert s.run("print(x + 1)").stdout == "42\\n"
         """
-        body: Dict[str, Any] = {"wait_ms": int(wait * 1000)}
-        lim = limits_with(limits, timeout)
-        if allow_hosts:
-            lim["network"] = {"allow": list(allow_hosts)}
-        if lim:
-            body["limits"] = lim
-        if requirements:
-            body["environment"] = {"requirements": list(requirements)}
-        if idle_timeout is not None:
-            body["idle_timeout_ms"] = max(1000, int(idle_timeout * 1000))
-        if lifetime is not None:
-            body["max_lifetime_ms"] = max(1000, int(lifetime * 1000))
-        answer = self._post("/v1/sessions", body, timeout=wait + 30)
-        view = answer["session"]
-        if view["state"] == "opening":
-            raise Timeout(answer["job_id"], wait)
-        if view["state"] != "open":
-            raise SessionLost(view["id"], view["state"], view.get("end_reason") or answer.get("error") or "")
+        body = _session_body(timeout, limits, requirements, allow_hosts, idle_timeout, lifetime, wait)
+        view = _opened(self._post("/v1/sessions", body, timeout=wait + 30), wait)
         return Session(self, view)
 
     def _delete(self, path: str) -> Any:
@@ -274,22 +258,14 @@ class Session:
     def run(self, code: str, timeout: Optional[float] = None, *, wait: float = 60.0) -> Result:
         """Run ``code`` in the session's interpreter and return its report, as ``Fleet.run``
         does."""
-        body: Dict[str, Any] = {"code": code, "wait_ms": int(wait * 1000)}
-        if timeout is not None:
-            body["timeout_ms"] = max(1, int(timeout * 1000))
         try:
-            answer = self.fleet._post(f"/v1/sessions/{self.id}/run", body, timeout=wait + 30)
+            answer = self.fleet._post(
+                f"/v1/sessions/{self.id}/run", _call_body(code, timeout, wait), timeout=wait + 30
+            )
         except FleetboxError as e:
-            if e.code == "session_lost":
-                self.view = dict(self.view, state="lost")
-                raise SessionLost(self.id, "lost", e.message) from None
-            raise
+            raise _lost(self, e) from None
         self.view = answer["session"]
-        if answer.get("report") is None:
-            if answer["state"] in FINAL_STATES:
-                raise JobFailed(answer["job_id"], answer["state"], answer.get("error") or "")
-            raise Timeout(answer["job_id"], wait)
-        return Result.from_answer(answer)
+        return _call_result(answer, wait)
 
     def close(self) -> None:
         """End the session (its interpreter and what it held are gone); closing twice is fine."""
@@ -300,6 +276,63 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _session_body(
+    timeout: Optional[float],
+    limits: Optional[Mapping[str, Any]],
+    requirements: Optional[List[str]],
+    allow_hosts: Optional[List[str]],
+    idle_timeout: Optional[float],
+    lifetime: Optional[float],
+    wait: float,
+) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"wait_ms": int(wait * 1000)}
+    lim = limits_with(limits, timeout)
+    if allow_hosts:
+        lim["network"] = {"allow": list(allow_hosts)}
+    if lim:
+        body["limits"] = lim
+    if requirements:
+        body["environment"] = {"requirements": list(requirements)}
+    if idle_timeout is not None:
+        body["idle_timeout_ms"] = max(1000, int(idle_timeout * 1000))
+    if lifetime is not None:
+        body["max_lifetime_ms"] = max(1000, int(lifetime * 1000))
+    return body
+
+
+def _opened(answer: Mapping[str, Any], wait: float) -> Dict[str, Any]:
+    """The session an opening answered with, or why there is none."""
+    view = answer["session"]
+    if view["state"] == "opening":
+        raise Timeout(answer["job_id"], wait)
+    if view["state"] != "open":
+        raise SessionLost(view["id"], view["state"], view.get("end_reason") or answer.get("error") or "")
+    return view
+
+
+def _call_body(code: str, timeout: Optional[float], wait: float) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"code": code, "wait_ms": int(wait * 1000)}
+    if timeout is not None:
+        body["timeout_ms"] = max(1, int(timeout * 1000))
+    return body
+
+
+def _lost(session: Any, e: FleetboxError) -> FleetboxError:
+    """A call's error: ``session_lost`` as ``SessionLost`` (the session's state noted)."""
+    if e.code != "session_lost":
+        return e
+    session.view = dict(session.view, state="lost")
+    return SessionLost(session.id, "lost", e.message)
+
+
+def _call_result(answer: Mapping[str, Any], wait: float) -> Result:
+    if answer.get("report") is None:
+        if answer["state"] in FINAL_STATES:
+            raise JobFailed(answer["job_id"], answer["state"], answer.get("error") or "")
+        raise Timeout(answer["job_id"], wait)
+    return Result.from_answer(answer)
 
 
 class AsyncJob:
@@ -404,6 +437,28 @@ class AsyncFleet:
             raise Timeout(answer["job_id"], wait)
         return Result.from_answer(answer)
 
+    async def session(
+        self,
+        *,
+        timeout: Optional[float] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+        requirements: Optional[List[str]] = None,
+        allow_hosts: Optional[List[str]] = None,
+        idle_timeout: Optional[float] = None,
+        lifetime: Optional[float] = None,
+        wait: float = 60.0,
+    ) -> "AsyncSession":
+        """``Fleet.session`` for ``asyncio``: ``async with await fleet.session() as s``."""
+        body = _session_body(timeout, limits, requirements, allow_hosts, idle_timeout, lifetime, wait)
+        view = _opened(await self._post("/v1/sessions", body, timeout=wait + 30), wait)
+        return AsyncSession(self, view)
+
+    async def _delete(self, path: str) -> Any:
+        try:
+            return raise_for(await self._http.delete(path))
+        except httpx.TransportError as e:
+            raise unreachable(self.url, e) from None
+
     async def review(self, code: str) -> Dict[str, Any]:
         return await self._post("/v1/review", {"code": code})
 
@@ -437,3 +492,35 @@ class AsyncFleet:
         spec = map_spec(code_or_function, items, per_shard, reducer, timeout, limits, requirements, name)
         job = await self.submit(spec)
         return _final_result(job.id, await job.wait())
+
+
+class AsyncSession:
+    """``Session`` for ``asyncio``: ``run`` and ``close`` awaited."""
+
+    def __init__(self, fleet: AsyncFleet, view: Dict[str, Any]) -> None:
+        self.fleet = fleet
+        self.id: str = view["id"]
+        self.view = view
+
+    @property
+    def state(self) -> str:
+        return self.view["state"]
+
+    async def run(self, code: str, timeout: Optional[float] = None, *, wait: float = 60.0) -> Result:
+        try:
+            answer = await self.fleet._post(
+                f"/v1/sessions/{self.id}/run", _call_body(code, timeout, wait), timeout=wait + 30
+            )
+        except FleetboxError as e:
+            raise _lost(self, e) from None
+        self.view = answer["session"]
+        return _call_result(answer, wait)
+
+    async def close(self) -> None:
+        self.view = await self.fleet._delete(f"/v1/sessions/{self.id}")
+
+    async def __aenter__(self) -> "AsyncSession":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -24,3 +24,18 @@ async def test_async_run_map_and_jobs(coordinator):
         bad = await fleet.submit({"name": "x", "code": "import sys; sys.exit(1)", "shards": {"count": 1}, "max_attempts": 1})
         with pytest.raises(JobFailed):
             await bad.result(timeout=60)
+
+
+async def test_async_sessions_keep_their_names(coordinator):
+    from fleetbox import SessionLost
+
+    async with AsyncFleet() as fleet:
+        async with await fleet.session(timeout=10) as s:
+            await s.run("total = 0")
+            for i in range(3):
+                await s.run(f"total += {i}")
+            r = await s.run("print(total)")
+            assert r.stdout == "3\n", r.report
+        assert s.state == "closed"
+        with pytest.raises(SessionLost):
+            await s.run("print(total)")
