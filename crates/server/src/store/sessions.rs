@@ -45,6 +45,13 @@ impl NewSession {
     }
 }
 
+fn corrupt(what: &'static str, e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
+    }
+}
+
 /// The most code a session's calls may add up to (each call is reviewed with all of it).
 pub const MAX_HISTORY: usize = 4 << 20;
 
@@ -155,42 +162,28 @@ impl Store {
     pub async fn open_session(&self, s: &NewSession, opening: &NewJob) -> Result<(), StoreError> {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("opening a session")?;
-        Sql::new(
+        sqlx::query(
             "INSERT INTO sessions (id, tenant_id, actor, name, state, limits, environment, \
              idle_timeout_ms, max_lifetime_ms, created_at, last_used_at, calls, open_job, \
-             busy_job) VALUES (",
+             busy_job) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 1, $11, $11)",
         )
         .bind(s.id.as_str())
-        .push(", ")
         .bind(s.tenant_id.as_str())
-        .push(", ")
         .bind(s.actor.as_str())
-        .push(", ")
         .bind(s.name.as_str())
-        .push(", ")
         .bind(OPENING)
-        .push(", ")
-        .bind(serde_json::to_string(&s.limits).unwrap_or_default())
-        .push(", ")
+        .bind(serde_json::to_string(&s.limits).map_err(|e| corrupt("session limits", e))?)
         .bind(
             s.environment
                 .as_ref()
-                .map(|e| serde_json::to_string(e).unwrap_or_default()),
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| corrupt("session environment", e))?,
         )
-        .push(", ")
         .bind(s.idle_timeout_ms as i64)
-        .push(", ")
         .bind(s.max_lifetime_ms as i64)
-        .push(", ")
         .bind(now)
-        .push(", ")
-        .bind(now)
-        .push(", 1, ")
         .bind(opening.id.as_str())
-        .push(", ")
-        .bind(opening.id.as_str())
-        .push(")")
-        .build()
         .execute(&mut *tx)
         .await
         .doing("opening a session")?;
@@ -215,17 +208,16 @@ impl Store {
         tenant_id: &str,
         id: &str,
     ) -> Result<Option<SessionRow>, StoreError> {
-        Sql::new(SESSION_SELECT)
-            .push(" WHERE id = ")
-            .bind(id)
-            .push(" AND tenant_id = ")
-            .bind(tenant_id)
-            .build_as::<SessionRecord>()
-            .fetch_optional(&self.read)
-            .await
-            .doing("reading a session")?
-            .map(SessionRecord::decode)
-            .transpose()
+        sqlx::query_as::<_, SessionRecord>(&format!(
+            "{SESSION_SELECT} WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id)
+        .bind(tenant_id)
+        .fetch_optional(&self.read)
+        .await
+        .doing("reading a session")?
+        .map(SessionRecord::decode)
+        .transpose()
     }
 
     /// The tenant's sessions, newest first (`live`: only those opening or open).
@@ -235,22 +227,21 @@ impl Store {
         live: bool,
         limit: u32,
     ) -> Result<Vec<SessionView>, StoreError> {
-        let mut sql = Sql::new(SESSION_SELECT);
-        sql.push(" WHERE tenant_id = ").bind(tenant_id);
-        if live {
-            sql.push(" AND state IN (")
-                .bind_list([OPENING, OPEN])
-                .push(")");
-        }
-        sql.push(" ORDER BY created_at DESC, id LIMIT ")
-            .bind(i64::from(limit));
-        sql.build_as::<SessionRecord>()
-            .fetch_all(&self.read)
-            .await
-            .doing("listing sessions")?
-            .into_iter()
-            .map(|r| r.decode().map(|s| s.view))
-            .collect()
+        sqlx::query_as::<_, SessionRecord>(&format!(
+            "{SESSION_SELECT} WHERE tenant_id = $1 AND ($2 = 0 OR state IN ($3, $4)) \
+             ORDER BY created_at DESC, id LIMIT $5"
+        ))
+        .bind(tenant_id)
+        .bind(i64::from(live))
+        .bind(OPENING)
+        .bind(OPEN)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .doing("listing sessions")?
+        .into_iter()
+        .map(|r| r.decode().map(|s| s.view))
+        .collect()
     }
 
     /// Bring a session up to date: an `opening` session whose opening call is final becomes
@@ -265,30 +256,28 @@ impl Store {
             return Ok(None);
         };
         if row.view.state == OPENING {
-            let opened: Option<(String, Option<String>, Option<String>)> = Sql::new(
+            let opened: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
                 "SELECT j.state, j.error, (SELECT a.agent_id FROM attempts a JOIN tasks t \
                  ON t.id = a.task_id WHERE t.job_id = j.id AND a.status = 'ok' \
-                 ORDER BY a.chosen DESC, a.id DESC LIMIT 1) FROM jobs j WHERE j.id = ",
+                 ORDER BY a.chosen DESC, a.id DESC LIMIT 1) FROM jobs j WHERE j.id = $1",
             )
             .bind(row.open_job.as_str())
-            .build_as()
             .fetch_optional(&self.read)
             .await
             .doing("reading a session's opening")?;
             match opened {
                 Some((state, _, Some(agent))) if state == JobState::Completed.as_str() => {
-                    Sql::new("UPDATE sessions SET state = ")
-                        .bind(OPEN)
-                        .push(", agent_id = ")
-                        .bind(agent.as_str())
-                        .push(", busy_job = NULL WHERE id = ")
-                        .bind(id)
-                        .push(" AND state = ")
-                        .bind(OPENING)
-                        .build()
-                        .execute(&self.write)
-                        .await
-                        .doing("binding a session to its agent")?;
+                    sqlx::query(
+                        "UPDATE sessions SET state = $1, agent_id = $2, busy_job = NULL \
+                         WHERE id = $3 AND state = $4",
+                    )
+                    .bind(OPEN)
+                    .bind(agent.as_str())
+                    .bind(id)
+                    .bind(OPENING)
+                    .execute(&self.write)
+                    .await
+                    .doing("binding a session to its agent")?;
                 }
                 Some((state, error, _)) if JobState::FINAL.iter().any(|s| s.as_str() == state) => {
                     let why = format!(
@@ -355,24 +344,20 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("making a session call")?;
         // Guarded by the call count read above: of two calls racing, one is made.
-        let taken = Sql::new("UPDATE sessions SET calls = ")
-            .bind(call as i64)
-            .push(", busy_job = ")
-            .bind(job.id.as_str())
-            .push(", last_used_at = ")
-            .bind(now)
-            .push(", history = history || ")
-            .bind(format!("{}\n", job.code))
-            .push(" WHERE id = ")
-            .bind(id)
-            .push(" AND state = ")
-            .bind(OPEN)
-            .push(" AND calls = ")
-            .bind(row.view.calls as i64)
-            .build()
-            .execute(&mut *tx)
-            .await
-            .doing("making a session call")?;
+        let taken = sqlx::query(
+            "UPDATE sessions SET calls = $1, busy_job = $2, last_used_at = $3, \
+             history = history || $4 WHERE id = $5 AND state = $6 AND calls = $7",
+        )
+        .bind(call as i64)
+        .bind(job.id.as_str())
+        .bind(now)
+        .bind(format!("{}\n", job.code))
+        .bind(id)
+        .bind(OPEN)
+        .bind(row.view.calls as i64)
+        .execute(&mut *tx)
+        .await
+        .doing("making a session call")?;
         if taken.rows_affected() == 0 {
             return Ok(Err(CallRefused::Busy));
         }
@@ -384,9 +369,8 @@ impl Store {
     }
 
     async fn job_is_final(&self, job_id: &str) -> Result<bool, StoreError> {
-        let state: Option<(String,)> = Sql::new("SELECT state FROM jobs WHERE id = ")
+        let state: Option<(String,)> = sqlx::query_as("SELECT state FROM jobs WHERE id = $1")
             .bind(job_id)
-            .build_as()
             .fetch_optional(&self.read)
             .await
             .doing("reading a session call")?;
@@ -546,22 +530,19 @@ async fn end_in(
     reason: &str,
     now: i64,
 ) -> Result<Option<(Option<String>, Option<String>)>, StoreError> {
-    let row: Option<(Option<String>, Option<String>)> = Sql::new("UPDATE sessions SET state = ")
-        .bind(state)
-        .push(", ended_at = ")
-        .bind(now)
-        .push(", end_reason = ")
-        .bind(reason)
-        .push(" WHERE id = ")
-        .bind(id)
-        .push(" AND tenant_id = ")
-        .bind(tenant_id)
-        .push(" AND state IN (")
-        .bind_list([OPENING, OPEN])
-        .push(") RETURNING agent_id, busy_job")
-        .build_as()
-        .fetch_optional(&mut **tx)
-        .await
-        .doing("ending a session")?;
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "UPDATE sessions SET state = $1, ended_at = $2, end_reason = $3 \
+         WHERE id = $4 AND tenant_id = $5 AND state IN ($6, $7) RETURNING agent_id, busy_job",
+    )
+    .bind(state)
+    .bind(now)
+    .bind(reason)
+    .bind(id)
+    .bind(tenant_id)
+    .bind(OPENING)
+    .bind(OPEN)
+    .fetch_optional(&mut **tx)
+    .await
+    .doing("ending a session")?;
     Ok(row)
 }
