@@ -351,14 +351,14 @@ impl Store {
     /// ones that would have left, or stopped keeping sessions): `rejected`, saying so, rather
     /// than waiting for ever. At most 1,000 a sweep. Returns the jobs now ready to fold.
     pub async fn reject_unrunnable(&self, now: i64) -> Result<Vec<String>, StoreError> {
-        let refused: Vec<(i64, String, String)> =
-            Sql::new("SELECT id, tenant_id, job_id FROM tasks WHERE state = ")
-                .bind(TaskState::Queued.as_str())
-                .push(" AND refusals > 0 ORDER BY id LIMIT 1000")
-                .build_as()
-                .fetch_all(&self.read)
-                .await
-                .doing("finding refused shards")?;
+        let refused: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT id, tenant_id, job_id FROM tasks WHERE state = $1 AND refusals > 0 \
+             ORDER BY id LIMIT 1000",
+        )
+        .bind(TaskState::Queued.as_str())
+        .fetch_all(&self.read)
+        .await
+        .doing("finding refused shards")?;
         if refused.is_empty() {
             return Ok(Vec::new());
         }
