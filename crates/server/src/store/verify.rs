@@ -136,19 +136,17 @@ impl ReporterTrust {
         agent_id: &str,
         trusted_after: i64,
     ) -> Result<Self, StoreError> {
-        let rows: Vec<(String, String, i64, i64, i64)> = Sql::new(
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
             "SELECT python, backend, consecutive_valid, results, errors FROM agent_trust \
-             WHERE agent_id = ",
+             WHERE agent_id = $1",
         )
         .bind(agent_id)
-        .build_as()
         .fetch_all(&mut **tx)
         .await
         .doing("reading an agent's trust")?;
         let agent: Option<(Option<i64>, i64, i64)> =
-            Sql::new("SELECT quarantined_at, own, strikes FROM agents WHERE id = ")
+            sqlx::query_as("SELECT quarantined_at, own, strikes FROM agents WHERE id = $1")
                 .bind(agent_id)
-                .build_as()
                 .fetch_optional(&mut **tx)
                 .await
                 .doing("reading an agent's quarantine")?;
