@@ -71,16 +71,6 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
             "agent stopped heartbeating: marked lost, its leases return to the queue"
         );
     }
-    // Their sessions' interpreters went with them; idle and old sessions end.
-    let ended = state
-        .store
-        .lose_sessions_of(&lost, "its agent stopped answering")
-        .await?
-        + state.store.expire_sessions().await?;
-    if ended > 0 {
-        tracing::info!(ended, "sessions ended");
-        state.work.notify_waiters();
-    }
     let (changed, ready) = state
         .store
         .expire_leases(now, &lost, state.config.retry_backoff_ms)
@@ -98,9 +88,29 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
     for job in ready {
         state.aggregate(job);
     }
-    // Shards refused by everyone still here (the agent that would have run them left).
-    for job in state.store.reject_unrunnable(now).await? {
-        state.aggregate(job);
+    // The steps after lease expiry are independent of it and of each other: one failing is
+    // logged and the others still run.
+    match state.store.reject_unrunnable(now).await {
+        // Shards refused by everyone still here (the agent that would have run them left).
+        Ok(ready) => ready.into_iter().for_each(|job| state.aggregate(job)),
+        Err(e) => tracing::error!(error = %e, "rejecting shards no agent would run"),
+    }
+    if let Err(e) = end_sessions(state, &lost).await {
+        tracing::error!(error = %e, "ending sessions");
+    }
+    Ok(())
+}
+
+/// The lost agents' sessions went with them; idle and old sessions end.
+async fn end_sessions(state: &State, lost: &[String]) -> Result<(), crate::store::StoreError> {
+    let ended = state
+        .store
+        .lose_sessions_of(lost, "its agent stopped answering")
+        .await?
+        + state.store.expire_sessions().await?;
+    if ended > 0 {
+        tracing::info!(ended, "sessions ended");
+        state.work.notify_waiters();
     }
     Ok(())
 }

@@ -434,7 +434,7 @@ impl Store {
                      WHERE j.id = s.busy_job AND j.state IN (",
                 )
                 .bind_list(JobState::FINAL.iter().map(|f| f.as_str()))
-                .push("))))")
+                .push(")))))")
                 .build_as()
                 .fetch_all(&self.read)
                 .await

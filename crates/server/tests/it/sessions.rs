@@ -53,7 +53,8 @@ async fn open_for(
     a
 }
 
-/// Wait until session `id` is `state` (the scheduler ends sessions on its own tick).
+/// Wait until session `id` is `state` in the list, which shows what the scheduler's sweep
+/// ended (reading one session would also end it if it is due).
 async fn until_state(
     c: &Client,
     id: &str,
@@ -62,7 +63,8 @@ async fn until_state(
 ) -> fleetbox_proto::api::SessionView {
     let deadline = Instant::now() + within;
     loop {
-        let s = c.session(id).await.unwrap();
+        let listed = c.sessions(false).await.unwrap().sessions;
+        let s = listed.into_iter().find(|s| s.id == id).expect("listed");
         if s.state == state {
             return s;
         }
