@@ -21,6 +21,7 @@ def _fleetbox_session():
     import time
     import traceback
 
+    home = os.getcwd()  # the workspace, whatever a call changes its directory to
     chan = os.dup(0)
     os.set_inheritable(chan, False)
     null = os.open("/dev/null", os.O_RDONLY)
@@ -90,7 +91,7 @@ def _fleetbox_session():
 
     def changed_files(since, limit=100):
         files, seen = [], 0
-        for root, dirs, names in os.walk(".", followlinks=False):
+        for root, dirs, names in os.walk(home, followlinks=False):
             dirs.sort()
             for name in sorted(names):
                 seen += 1
@@ -111,7 +112,8 @@ def _fleetbox_session():
                             digest = hashlib.sha256(f.read(16 << 20)).hexdigest()
                     except OSError:
                         pass
-                files.append({"path": path[2:], "bytes": st.st_size, "sha256": digest})
+                rel = os.path.relpath(path, home)
+                files.append({"path": rel, "bytes": st.st_size, "sha256": digest})
         return files, False
 
     send({"ready": True, "python": "%d.%d.%d" % sys.version_info[:3]})

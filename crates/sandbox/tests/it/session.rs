@@ -72,6 +72,17 @@ fn names_survive_calls_and_each_call_has_its_own_report() {
         );
         let r = call(&mut s, "print(x)", 5000);
         assert_eq!(r.stdout, "41\n", "{setup:?}: {}", show(&r));
+        // A call that moves elsewhere still has its workspace's files listed.
+        let r = call(
+            &mut s,
+            "import os\nos.mkdir('d')\nos.chdir('d')\nopen('b.txt', 'w').write('b')",
+            5000,
+        );
+        assert!(
+            r.files.iter().any(|f| f.path == "d/b.txt"),
+            "{setup:?}: {}",
+            show(&r)
+        );
         let end = s.close("test over");
         assert_eq!(end.status, Status::Killed, "{setup:?}: {}", show(&end));
     }

@@ -272,7 +272,7 @@ impl Store {
     pub async fn list_agents(&self, tenant_id: &str) -> Result<Vec<AgentView>, StoreError> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.state, a.labels, a.slots, a.facts, a.load, a.last_seen, \
-             a.strikes, a.quarantine_reason, a.hardened, \
+             a.strikes, a.quarantine_reason, a.hardened, a.own, \
              (SELECT COUNT(*) FROM tasks t WHERE t.agent_id = a.id AND t.state = $2) AS leases \
              FROM agents a WHERE a.tenant_id = $1 ORDER BY a.created_at",
         )
@@ -282,11 +282,19 @@ impl Store {
         .await
         .doing("listing agents")?;
         let mut views = rows.iter().map(agent_view).collect::<Result<Vec<_>, _>>()?;
+        // The coordinator's own agents (`fleetbox up`) are trusted from their first result.
+        let own: std::collections::HashSet<String> = rows
+            .iter()
+            .filter(|r| r.try_get::<i64, _>("own").is_ok_and(|o| o == 1))
+            .filter_map(|r| r.try_get::<String, _>("id").ok())
+            .collect();
         for t in self.trust_of_tenant(tenant_id).await? {
             if let Some(v) = views.iter_mut().find(|v| v.id == t.agent_id) {
                 let error_rate = super::verify::error_rate(t.results, t.errors);
                 v.trust.push(fleetbox_proto::api::AgentTrust {
-                    recheck_rate: if error_rate > super::verify::MAX_ERROR_RATE {
+                    recheck_rate: if own.contains(&v.id) && v.quarantined.is_none() {
+                        0.0
+                    } else if error_rate > super::verify::MAX_ERROR_RATE {
                         1.0
                     } else {
                         super::verify::adaptive_rate(

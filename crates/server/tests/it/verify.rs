@@ -458,6 +458,10 @@ async fn the_coordinators_own_agents_are_trusted_from_the_start() {
             let s = r.summary.unwrap();
             let expected = if own { 0 } else { 8 };
             assert_eq!(s.server_runs, expected, "{db:?}, own: {own}: {s:?}");
+            // And the agents list says so: none of an own agent's results are re-checked.
+            let agents = c.client.agents().await.unwrap().agents;
+            let rate = agents[0].trust[0].recheck_rate;
+            assert_eq!(rate, if own { 0.0 } else { 1.0 }, "{db:?}, own: {own}");
             c.stop().await;
         }
     }
