@@ -126,7 +126,12 @@ fn measure(url: &str, calls: usize) -> Result<(Timings, Timings, Duration), Stri
         // one re-run by the coordinator), then timed: the steady state.
         let mut warm = 0;
         loop {
-            let agents = client.agents().await.map_err(|e| e.to_string())?.agents;
+            // The local agents, not the coordinator's server agents (hardened, for server-only
+            // code), which run none of these.
+            let agents: Vec<_> = (client.agents().await.map_err(|e| e.to_string())?.agents)
+                .into_iter()
+                .filter(|a| !a.hardened)
+                .collect();
             let trusted =
                 |a: &fleetbox_proto::api::AgentView| a.trust.iter().any(|t| t.recheck_rate < 1.0);
             if agents.len() >= 2 && agents.iter().all(trusted) {
