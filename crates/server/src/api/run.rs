@@ -22,6 +22,14 @@ use fleetbox_proto::tenancy::Scope;
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
+/// How long a call that runs a program (`/v1/run`, a session's) waits for it: `wait_ms`, by
+/// default a minute, at most ten.
+pub(super) fn wait_for(wait_ms: Option<u64>) -> Duration {
+    wait_ms
+        .map_or(DEFAULT_WAIT, Duration::from_millis)
+        .min(MAX_WAIT)
+}
+
 #[utoipa::path(
     post,
     operation_id = "run",
@@ -75,10 +83,7 @@ pub async fn run(
     };
     let mut plan = spec.plan()?;
     plan.inputs = vec![run.input.unwrap_or(Value::Null)];
-    let wait = run
-        .wait_ms
-        .map_or(DEFAULT_WAIT, Duration::from_millis)
-        .min(MAX_WAIT);
+    let wait = wait_for(run.wait_ms);
     let deadline = tokio::time::Instant::now() + wait;
     let review = super::review::gate(&state, &tenant, &actor, &plan.code, &mut spec).await?;
     let job = crate::intake::new_job(&spec, plan, tenant.clone(), actor, review, request_trace());

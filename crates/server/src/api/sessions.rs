@@ -32,8 +32,6 @@ use crate::store::sessions::{CLOSED, CallRefused, LOST, MAX_HISTORY, NewSession,
 
 /// The opening call's program: the interpreter starts, and this is its first call.
 const OPENING_CODE: &str = "pass";
-const DEFAULT_WAIT: Duration = Duration::from_secs(60);
-const MAX_WAIT: Duration = Duration::from_secs(600);
 
 #[utoipa::path(
     post,
@@ -86,7 +84,15 @@ pub async fn open(
     state.store.open_session(&session, &job).await?;
     state.work.notify_waiters();
     tracing::info!(session = %session.id, job = %job.id, "session opening");
-    answer(&state, &tenant, &session.id, &job.id, 1, wait(body.wait_ms)).await
+    answer(
+        &state,
+        &tenant,
+        &session.id,
+        &job.id,
+        1,
+        super::run::wait_for(body.wait_ms),
+    )
+    .await
 }
 
 #[utoipa::path(
@@ -187,7 +193,15 @@ pub async fn run(
     };
     state.work.notify_waiters();
     let call = job.session.as_ref().map_or(0, |s| s.leased.call);
-    answer(&state, &tenant, &id, &job.id, call, wait(body.wait_ms)).await
+    answer(
+        &state,
+        &tenant,
+        &id,
+        &job.id,
+        call,
+        super::run::wait_for(body.wait_ms),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -237,12 +251,21 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<fleetbox_proto::api::SessionView>, ApiError> {
     let tenant = &auth.scope(Scope::Read)?.tenant_id;
+    view(&state, tenant, &id).await.map(Json)
+}
+
+/// Session `id` brought up to date (see `Store::refresh_session`), or `404`.
+async fn view(
+    state: &State,
+    tenant: &str,
+    id: &str,
+) -> Result<fleetbox_proto::api::SessionView, ApiError> {
     state
         .store
-        .refresh_session(tenant, &id)
+        .refresh_session(tenant, id)
         .await?
-        .map(|s| Json(s.view))
-        .ok_or_else(|| ApiError::not_found("session", &id))
+        .map(|s| s.view)
+        .ok_or_else(|| ApiError::not_found("session", id))
 }
 
 #[utoipa::path(
@@ -275,20 +298,7 @@ pub async fn close(
             state.job_may_have_ended(job);
         }
     }
-    get_view(&state, &tenant, &id).await.map(Json)
-}
-
-async fn get_view(
-    state: &State,
-    tenant: &str,
-    id: &str,
-) -> Result<fleetbox_proto::api::SessionView, ApiError> {
-    state
-        .store
-        .session(tenant, id)
-        .await?
-        .map(|s| s.view)
-        .ok_or_else(|| ApiError::not_found("session", id))
+    view(&state, &tenant, &id).await.map(Json)
 }
 
 /// Wait for call `job` and answer with its report; a report saying the interpreter is gone
@@ -365,10 +375,6 @@ fn lost(row: &SessionRow) -> ApiError {
             row.view.end_reason.as_deref().unwrap_or("it ended")
         ),
     )
-}
-
-fn wait(ms: Option<u64>) -> Duration {
-    ms.map_or(DEFAULT_WAIT, Duration::from_millis).min(MAX_WAIT)
 }
 
 /// The idle time and lifetime asked for, defaults filled and bounds checked.
