@@ -150,6 +150,12 @@ async def test_a_session_keeps_its_names_between_tool_calls(coordinator, transpo
         assert r.is_error and r.structured_content["status"] == "timeout"
         r = await client.call_tool("session_run", {"session_id": sid, "code": "print(x)"})
         assert r.structured_content["stdout"] == "41\n"
+        # A file a call writes comes back as a resource, as a run's does.
+        r = await client.call_tool(
+            "session_run", {"session_id": sid, "code": "open('note.txt', 'w').write('kept %d' % x)"}
+        )
+        texts = [c for c in r.content if c.type == "resource"]
+        assert texts and texts[0].resource.text == "kept 41", r.content
         r = await client.call_tool("session_close", {"session_id": sid})
         assert r.structured_content["state"] == "closed"
         r = await client.call_tool("session_run", {"session_id": sid, "code": "print(x)"})

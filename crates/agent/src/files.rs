@@ -12,7 +12,8 @@ use crate::outbox::Outbox;
 const MAX_FILE: u64 = 16 << 20;
 const MAX_TOTAL: u64 = 64 << 20;
 
-/// Copy the run's listed files into the outbox and remove its workspace; returns their hashes.
+/// Copy the run's listed files into the outbox and remove its workspace (not a session's);
+/// returns their hashes.
 /// Only regular files inside the workspace are taken (a symlink the program left behind is not
 /// followed: the agent may be root), and only when their content still has the listed hash.
 pub fn collect(report: &mut ExecutionReport, outbox: &Outbox, keep: bool) -> Vec<String> {
@@ -53,7 +54,10 @@ pub fn collect(report: &mut ExecutionReport, outbox: &Outbox, keep: bool) -> Vec
             ));
         }
     }
-    fleetbox_sandbox::workspace::discard(&dir);
+    // A session's workspace lives on with its interpreter (ended with the session).
+    if report.session.is_none() {
+        fleetbox_sandbox::workspace::discard(&dir);
+    }
     kept.sort();
     kept.dedup();
     kept

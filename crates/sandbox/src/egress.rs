@@ -95,6 +95,69 @@ impl Resolver {
     }
 }
 
+/// What a proxy logged and has not yet been taken: each connection once it ends, and how many
+/// were left out past [`MAX_EGRESS_LISTED`] since the last take. A session takes it after each
+/// call (a connection still open then is listed with the call it ends in).
+#[derive(Debug, Default)]
+pub struct EgressLog {
+    entries: Mutex<Vec<EgressConnection>>,
+    unlisted: AtomicU64,
+    /// Connections being served (listed when they end).
+    serving: Mutex<usize>,
+    served: Condvar,
+}
+
+impl EgressLog {
+    fn opened(&self) {
+        *lock(&self.serving) += 1;
+    }
+
+    /// A connection ended: listed and no longer serving at once, so that [`EgressLog::take`]
+    /// sees one or the other.
+    fn ended(&self, entry: Option<EgressConnection>) {
+        let mut serving = lock(&self.serving);
+        if let Some(entry) = entry {
+            self.record(entry);
+        }
+        *serving -= 1;
+        self.served.notify_all();
+    }
+
+    fn record(&self, entry: EgressConnection) {
+        let mut entries = lock(&self.entries);
+        if entries.len() < MAX_EGRESS_LISTED {
+            entries.push(entry);
+        } else {
+            self.unlisted.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The connections logged since the last take, by time, and how many were left out. Waits
+    /// up to `settle` for connections still being served (a client that just closed its end
+    /// is listed now, not with a later take); those still open after it count as left out
+    /// when `final_` (the proxy is done with them), and are listed by a later take otherwise.
+    pub fn take(&self, settle: Duration, final_: bool) -> (Vec<EgressConnection>, u64) {
+        let deadline = Instant::now() + settle;
+        let mut serving = lock(&self.serving);
+        while *serving > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            serving = self
+                .served
+                .wait_timeout(serving, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let unfinished = if final_ { *serving as u64 } else { 0 };
+        let mut log = std::mem::take(&mut *lock(&self.entries));
+        drop(serving);
+        log.sort_by_key(|c| c.at_ms);
+        (log, self.unlisted.swap(0, Ordering::SeqCst) + unfinished)
+    }
+}
+
 /// A running proxy; [`Proxy::finish`] stops it and returns its log.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -107,13 +170,9 @@ struct Shared {
     resolver: Resolver,
     started: Instant,
     stop: AtomicBool,
-    log: Mutex<Vec<EgressConnection>>,
-    unlisted: AtomicU64,
+    log: Arc<EgressLog>,
     /// Open connections (the program's side), shut down when the run ends.
     open: Mutex<HashMap<u64, TcpStream>>,
-    /// Connections being served; [`Proxy::finish`] waits for them a little.
-    serving: Mutex<usize>,
-    served: Condvar,
 }
 
 impl Proxy {
@@ -122,6 +181,7 @@ impl Proxy {
         rules: Vec<EgressRule>,
         resolver: Resolver,
         started: Instant,
+        log: Arc<EgressLog>,
     ) -> io::Result<Proxy> {
         let accepting = TcpListener::from(listener.try_clone()?);
         accepting.set_nonblocking(false)?;
@@ -130,11 +190,8 @@ impl Proxy {
             resolver,
             started,
             stop: AtomicBool::new(false),
-            log: Mutex::new(Vec::new()),
-            unlisted: AtomicU64::new(0),
+            log,
             open: Mutex::new(HashMap::new()),
-            serving: Mutex::new(0),
-            served: Condvar::new(),
         });
         let s = shared.clone();
         let accept = std::thread::Builder::new()
@@ -160,28 +217,7 @@ impl Proxy {
         }
         // Cut connections end at once; one still resolving or connecting upstream is not
         // waited for past FINISH_WAIT (its entry is counted, not listed).
-        let deadline = Instant::now() + FINISH_WAIT;
-        let mut serving = lock(&self.shared.serving);
-        while *serving > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            serving = self
-                .shared
-                .served
-                .wait_timeout(serving, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let unfinished = *serving as u64;
-        let mut log = std::mem::take(&mut *lock(&self.shared.log));
-        drop(serving);
-        log.sort_by_key(|c| c.at_ms);
-        (
-            log,
-            self.shared.unlisted.load(Ordering::SeqCst) + unfinished,
-        )
+        self.shared.log.take(FINISH_WAIT, true)
     }
 }
 
@@ -215,7 +251,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
         if full {
             let mut stream = stream;
             let at_ms = shared.started.elapsed().as_millis() as u64;
-            refuse(&mut stream, 503, "too many connections open at once");
+            // Listed before it is answered: a session's call that sees the answer sees it.
             shared.record(EgressConnection {
                 at_ms,
                 method: String::new(),
@@ -226,36 +262,28 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
                 bytes_up: 0,
                 bytes_down: 0,
             });
+            refuse(&mut stream, 503, "too many connections open at once");
             continue;
         }
         let s = shared.clone();
-        *lock(&shared.serving) += 1;
+        shared.log.opened();
         let worker = std::thread::Builder::new()
             .name("egress-conn".into())
             .spawn(move || {
                 let entry = serve(&s, stream);
                 lock(&s.open).remove(&id);
-                // Listed and no longer serving at once: `finish` sees one or the other.
-                let mut serving = lock(&s.serving);
-                s.record(entry);
-                *serving -= 1;
-                s.served.notify_all();
+                s.log.ended(Some(entry));
             });
         if worker.is_err() {
             lock(&shared.open).remove(&id);
-            *lock(&shared.serving) -= 1;
+            shared.log.ended(None);
         }
     }
 }
 
 impl Shared {
     fn record(&self, entry: EgressConnection) {
-        let mut log = lock(&self.log);
-        if log.len() < MAX_EGRESS_LISTED {
-            log.push(entry);
-        } else {
-            self.unlisted.fetch_add(1, Ordering::SeqCst);
-        }
+        self.log.record(entry);
     }
 }
 

@@ -69,6 +69,9 @@ pub struct RunRequest {
     pub mounts: Vec<Mount>,
     /// The program's stdin (a session's channel, see [`session`]); `/dev/null` when absent.
     pub stdin: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Told the run directory's host path once it exists (`process` runs; a session reads its
+    /// calls' files from it).
+    pub workspace_to: Option<std::sync::mpsc::SyncSender<PathBuf>>,
 }
 
 /// A ready virtual environment, as a run uses it.
@@ -111,6 +114,7 @@ impl RunRequest {
             environment: None,
             mounts: Vec::new(),
             stdin: None,
+            workspace_to: None,
         }
     }
 }

@@ -106,14 +106,25 @@ impl Sandbox for ProcessSandbox {
         lifetime: std::time::Duration,
     ) -> Result<crate::session::Session, crate::session::SessionError> {
         let (limits, runner) = (req.limits.clone(), req.runner_id.clone());
-        let (req, chan, cancel) = crate::session::session_request(req, lifetime, true)?;
+        let (mut req, chan, cancel) = crate::session::session_request(req, lifetime, true)?;
         let chan = chan.expect("a process session has its channel");
+        let (tell, told) = std::sync::mpsc::sync_channel(1);
+        req.workspace_to = Some(tell);
         let sandbox = ProcessSandbox::new(self.config.clone());
         let run = std::thread::Builder::new()
             .name("fleetbox-session".into())
             .spawn(move || sandbox.run(&req))
             .map_err(|e| crate::session::SessionError(format!("a session's thread: {e}")))?;
-        crate::session::Session::start(chan, cancel, run, limits, "process", runner)
+        // Told before the interpreter starts; a run that fails first drops the sender.
+        let workspace = told.recv().ok();
+        let opening = crate::session::Opening {
+            limits,
+            backend: "process",
+            runner_id: runner,
+            workspace,
+            egress: None,
+        };
+        crate::session::Session::start(chan, cancel, run, opening)
     }
 
     fn run(&self, req: &RunRequest) -> ExecutionReport {
@@ -153,6 +164,9 @@ impl Sandbox for ProcessSandbox {
         {
             Ok(mut d) => {
                 d.hold_uid(lease);
+                if let Some(tell) = &req.workspace_to {
+                    let _ = tell.send(d.path().to_path_buf());
+                }
                 d
             }
             Err(e) => {

@@ -18,7 +18,6 @@ def _fleetbox_session():
     import struct
     import sys
     import threading
-    import time
     import traceback
 
     home = os.getcwd()  # the workspace, whatever a call changes its directory to
@@ -89,33 +88,65 @@ def _fleetbox_session():
         fired.append(True)
         raise KeyboardInterrupt("the call's time limit")
 
-    def changed_files(since, limit=100):
-        files, seen = [], 0
+    def listed_name(rel):
+        """A name as reports list it (see `workspace::listed_name`): a backslash written
+        `\\\\`, a byte that is not UTF-8 written `\\xNN`."""
+        out = []
+        for c in rel:
+            if c == "\\":
+                out.append("\\\\")
+            elif "\udc80" <= c <= "\udcff":
+                out.append("\\x%02x" % (ord(c) - 0xDC00))
+            else:
+                out.append(c)
+        return "".join(out)
+
+    def regular_files(bound=10000):
+        """The workspace's regular files: relative name -> what tells a change. Past `bound`
+        entries the walk stops (and says so)."""
+        found, seen = {}, 0
         for root, dirs, names in os.walk(home, followlinks=False):
             dirs.sort()
             for name in sorted(names):
                 seen += 1
-                if seen > 10000 or len(files) >= limit:
-                    return files, True
+                if seen > bound:
+                    return found, True
                 path = os.path.join(root, name)
                 try:
                     st = os.lstat(path)
                 except OSError:
                     continue
-                if not (st.st_mode & 0o170000 == 0o100000) or st.st_mtime < since:
-                    continue
-                digest = None
-                if st.st_size <= 16 << 20:
-                    try:
-                        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                        with os.fdopen(fd, "rb") as f:
-                            digest = hashlib.sha256(f.read(16 << 20)).hexdigest()
-                    except OSError:
-                        pass
-                rel = os.path.relpath(path, home)
-                files.append({"path": rel, "bytes": st.st_size, "sha256": digest})
-        return files, False
+                if st.st_mode & 0o170000 == 0o100000:
+                    found[os.path.relpath(path, home)] = (
+                        st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+                    )
+        return found, False
 
+    def changed_files(before, limit=100):
+        """Files new or changed since `before` (the walk after the last call, or the
+        workspace as the session found it), and the walk to compare the next call with."""
+        now, truncated = regular_files()
+        files = []
+        for rel in sorted(now):
+            if before.get(rel) == now[rel]:
+                continue
+            if len(files) >= limit:
+                truncated = True
+                break
+            digest = None
+            if now[rel][1] <= 16 << 20:
+                try:
+                    path = os.path.join(home, rel)
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                    with os.fdopen(fd, "rb") as f:
+                        digest = hashlib.sha256(f.read(16 << 20)).hexdigest()
+                except OSError:
+                    pass
+            files.append({"path": listed_name(rel), "bytes": now[rel][1], "sha256": digest})
+        return files, truncated, now
+
+    # What the session started with (its input, its files) is not any call's.
+    walked, _ = regular_files()
     send({"ready": True, "python": "%d.%d.%d" % sys.version_info[:3]})
     while True:
         try:
@@ -140,7 +171,6 @@ def _fleetbox_session():
             drains.append(drain)
         status, exit_code = "ok", 0
         fired.clear()
-        started_wall = time.time()
         before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
             resource.RUSAGE_CHILDREN
         )
@@ -184,7 +214,7 @@ def _fleetbox_session():
         after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
             resource.RUSAGE_CHILDREN
         )
-        files, files_truncated = changed_files(started_wall - 1)
+        files, files_truncated, walked = changed_files(walked)
         out, err = drains[0].result(), drains[1].result()
         send(
             {

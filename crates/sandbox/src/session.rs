@@ -15,16 +15,20 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use fleetbox_proto::{
-    ExecutionReport, FileEntry, Limits, Millis, SessionCall, SessionOutcome, Status,
+    ExecutionReport, FileEntry, Limits, MAX_EGRESS_LISTED, Millis, SessionCall, SessionOutcome,
+    Status,
 };
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::Cancel;
+use crate::egress::EgressLog;
 use crate::workspace::sha256_hex;
 
 /// The session's interpreter (written as the run's program).
@@ -33,6 +37,9 @@ pub const SESSION_PY: &str = include_str!("session.py");
 pub const SESSION_ENV: &str = "FLEETBOX_SESSION";
 /// How long a call may run past its limit before the session is ended.
 pub const GRACE: Duration = Duration::from_secs(2);
+/// How long a call's end waits for its connections through the egress proxy to be logged
+/// (one the program keeps open longer is listed with the call it ends in).
+const EGRESS_SETTLE: Duration = Duration::from_secs(1);
 /// How long the interpreter may take to say it is ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
@@ -50,6 +57,19 @@ pub struct Session {
     runner_id: String,
     opened: Instant,
     last_used: Instant,
+    /// The run's directory on the host (its `work` holds the files a call lists).
+    workspace: Option<PathBuf>,
+    /// The egress proxy's log, taken after each call.
+    egress: Option<Arc<EgressLog>>,
+}
+
+/// What a backend tells a session about the run it opened.
+pub(crate) struct Opening {
+    pub limits: Limits,
+    pub backend: &'static str,
+    pub runner_id: String,
+    pub workspace: Option<PathBuf>,
+    pub egress: Option<Arc<EgressLog>>,
 }
 
 /// The interpreter's answer to a call (see `session.py`).
@@ -92,9 +112,7 @@ impl Session {
         chan: UnixStream,
         cancel: Cancel,
         run: JoinHandle<ExecutionReport>,
-        limits: Limits,
-        backend: &'static str,
-        runner_id: String,
+        opening: Opening,
     ) -> Result<Session, SessionError> {
         let mut session = Session {
             chan,
@@ -102,12 +120,14 @@ impl Session {
             run: Some(run),
             ended: None,
             calls: 0,
-            limits,
-            backend,
+            limits: opening.limits,
+            backend: opening.backend,
             python: String::new(),
-            runner_id,
+            runner_id: opening.runner_id,
             opened: Instant::now(),
             last_used: Instant::now(),
+            workspace: opening.workspace,
+            egress: opening.egress,
         };
         match session.read_frame(Instant::now() + READY_WITHIN, 1 << 16) {
             Ok(ready) if ready["ready"] == true => {
@@ -160,6 +180,23 @@ impl Session {
     /// Run `code` in the session's interpreter, at most `timeout` (then it is interrupted;
     /// [`GRACE`] later the session is ended). Every outcome is a report.
     pub fn call(&mut self, code: &[u8], timeout: Duration) -> ExecutionReport {
+        let mut report = self.exchange(code, timeout);
+        // Its files are read from the workspace by whoever keeps them (the agent uploads
+        // them); the workspace itself lives on with the session.
+        report.workspace = self.workspace.as_ref().map(|p| p.display().to_string());
+        if let Some(log) = &self.egress {
+            let (connections, unlisted) = log.take(EGRESS_SETTLE, false);
+            report.egress = connections;
+            if unlisted > 0 {
+                report.notes.push(format!(
+                    "egress: {unlisted} more connections than the {MAX_EGRESS_LISTED} listed"
+                ));
+            }
+        }
+        report
+    }
+
+    fn exchange(&mut self, code: &[u8], timeout: Duration) -> ExecutionReport {
         self.calls += 1;
         self.last_used = Instant::now();
         let started_at = SystemTime::now();

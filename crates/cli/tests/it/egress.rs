@@ -323,7 +323,9 @@ pub fn attempts(stdout: &str) -> std::collections::HashMap<String, String> {
 }
 
 /// The outcome every test of egress expects, from the program's side and the report's.
-pub fn check(stdout: &str, egress: &serde_json::Value, direct_refused: u64, far: &str) {
+/// `direct_refused` is the run's count of direct connections refused (`None` for a session's
+/// call: the count is its whole run's, in the report of its end).
+pub fn check(stdout: &str, egress: &serde_json::Value, direct_refused: Option<u64>, far: &str) {
     let got = attempts(stdout);
     let line = |k: &str| got.get(k).cloned().unwrap_or_default();
     assert_eq!(
@@ -389,7 +391,9 @@ pub fn check(stdout: &str, egress: &serde_json::Value, direct_refused: u64, far:
     assert_eq!(http.len(), 1, "{egress:#}");
     assert_eq!(http[0]["method"], "GET");
     assert_eq!(http[0]["allowed"], true);
-    assert!(direct_refused >= 1, "the direct connection is not counted");
+    if let Some(n) = direct_refused {
+        assert!(n >= 1, "the direct connection is not counted");
+    }
     assert_eq!(line("host-header"), "HTTP/1.1 400 Bad Request", "{stdout}");
     // A ClientHello split across records hides its name: the tunnel is closed.
     assert_eq!(line("split-hello"), "closed", "{stdout}");
@@ -457,7 +461,7 @@ fn the_jail_reaches_named_hosts_through_the_proxy_and_nothing_else() {
     check(
         stdout,
         &report["egress"],
-        report["egress_direct_refused"].as_u64().unwrap_or(0),
+        Some(report["egress_direct_refused"].as_u64().unwrap_or(0)),
         &net.addr,
     );
     let network = &report["limits"]["enforcement"]
@@ -555,7 +559,7 @@ async fn a_fleets_agent_allows_named_hosts_within_its_list_and_audits_them() {
     check(
         report["stdout"].as_str().unwrap(),
         &report["egress"],
-        report["egress_direct_refused"].as_u64().unwrap_or(0),
+        Some(report["egress_direct_refused"].as_u64().unwrap_or(0)),
         &net.addr,
     );
     // The audit log has the same connections in the attempt's entry.
@@ -567,6 +571,66 @@ async fn a_fleets_agent_allows_named_hosts_within_its_list_and_audits_them() {
     let attempt = &reported.details["attempts"][0];
     assert_eq!(attempt["egress"], report["egress"], "{attempt:#}");
     assert!(attempt["egress_direct_refused"].as_u64().unwrap() >= 1);
+
+    // A session asks for the same hosts: each call lists its own connections, and the names
+    // the first call defined are there for the second.
+    let mut limits = fleetbox_proto::Limits {
+        timeout: fleetbox_proto::Millis(60_000),
+        ..Default::default()
+    };
+    limits.network = fleetbox_proto::Network::Allow(
+        ALLOW
+            .iter()
+            .map(|r| fleetbox_proto::EgressRule::parse(r).expect("a rule"))
+            .collect(),
+    );
+    let opened = c
+        .client
+        .open_session(&fleetbox_proto::api::SessionBody {
+            limits,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let id = opened.session.id.clone();
+    let call = |code: String| fleetbox_proto::api::SessionCallBody {
+        code,
+        ..Default::default()
+    };
+    let first = c
+        .client
+        .session_run(&id, &call(program(&net)))
+        .await
+        .unwrap()
+        .report
+        .expect("the call's report");
+    check(
+        first["stdout"].as_str().unwrap(),
+        &first["egress"],
+        None,
+        &net.addr,
+    );
+    let second = c
+        .client
+        .session_run(
+            &id,
+            &call(
+                "attempt('http', lambda: urllib.request.urlopen('http://pkgs.fleetbox.test:8080/', timeout=5).read().decode())".into(),
+            ),
+        )
+        .await
+        .unwrap()
+        .report
+        .expect("the call's report");
+    assert_eq!(
+        second["stdout"], "http: hello from pkgs.fleetbox.test:8080 via http\n",
+        "{second:#}"
+    );
+    let entries = second["egress"].as_array().expect("the call's connections");
+    assert_eq!(entries.len(), 1, "{second:#}");
+    assert_eq!(entries[0]["host"], "pkgs.fleetbox.test");
+    assert_eq!(entries[0]["allowed"], true);
+    c.client.close_session(&id).await.unwrap();
 
     // Past the operator's list: refused by the agent, saying which rule.
     let job = c
@@ -637,7 +701,7 @@ fn fleetbox_up_passes_the_egress_list_to_its_agents() {
     check(
         report["stdout"].as_str().unwrap(),
         &report["egress"],
-        report["egress_direct_refused"].as_u64().unwrap_or(0),
+        Some(report["egress_direct_refused"].as_u64().unwrap_or(0)),
         &net.addr,
     );
 }

@@ -241,6 +241,7 @@ impl Sandbox for JailSandbox {
         let (limits, runner) = (req.limits.clone(), req.runner_id.clone());
         let (req, _, cancel) = crate::session::session_request(req, lifetime, false)?;
         let egress = self.egress_setup(&req).map_err(SessionError)?;
+        let egress_log = egress.as_ref().map(|e| e.log.clone());
         let mut applied = AppliedLimits::new(req.limits.clone());
         let mut notes = Vec::new();
         let mut built = self
@@ -273,6 +274,7 @@ impl Sandbox for JailSandbox {
                 "the session's jail did not start its interpreter: {e}"
             )));
         }
+        let workspace = Some(built.dir.path().to_path_buf());
         let sandbox = JailSandbox {
             builder: self.builder.clone(),
             pool: None,
@@ -288,7 +290,14 @@ impl Sandbox for JailSandbox {
             .name("fleetbox-session".into())
             .spawn(move || sandbox.supervise_built(built, &req, run))
             .map_err(|e| SessionError(format!("a session's thread: {e}")))?;
-        crate::session::Session::start(chan, cancel, run, limits, "jail", runner)
+        let opening = crate::session::Opening {
+            limits,
+            backend: "jail",
+            runner_id: runner,
+            workspace,
+            egress: egress_log,
+        };
+        crate::session::Session::start(chan, cancel, run, opening)
     }
 }
 
@@ -371,6 +380,7 @@ impl JailSandbox {
         Ok(Some(EgressSetup {
             rules: rules.to_vec(),
             resolver,
+            log: Default::default(),
         }))
     }
 
@@ -686,6 +696,8 @@ struct Supervised {
 struct EgressSetup {
     rules: Vec<fleetbox_proto::EgressRule>,
     resolver: crate::egress::Resolver,
+    /// Where the proxy logs (a session takes its calls' connections from it).
+    log: std::sync::Arc<crate::egress::EgressLog>,
 }
 
 /// Why a jail could not be built, with the interpreter when it was found (for the report).
@@ -1160,6 +1172,7 @@ impl Extras for JailExtras<'_> {
                             setup.rules,
                             setup.resolver,
                             started,
+                            setup.log,
                         ) {
                             Ok(p) => self.proxy = Some(p),
                             Err(e) => {

@@ -18,7 +18,7 @@ fn open(setup: Setup, memory: ByteSize) -> Session {
     l.memory = memory;
     sandbox(setup)
         .open_session(
-            RunRequest::new(Vec::new(), None, l),
+            RunRequest::new(Vec::new(), Some(br#"{"index": 0}"#.to_vec()), l),
             Duration::from_secs(60),
         )
         .unwrap_or_else(|e| panic!("{setup:?}: {e}"))
@@ -39,6 +39,8 @@ fn names_survive_calls_and_each_call_has_its_own_report() {
         let r = call(&mut s, "x = 41", 5000);
         assert_eq!(r.status, Status::Ok, "{setup:?}: {}", show(&r));
         assert_eq!(outcome(&r), SessionOutcome::Kept);
+        // The session's input is no call's file.
+        assert!(r.files.is_empty(), "{setup:?}: {}", show(&r));
         let r = call(&mut s, "print(x + 1)", 5000);
         assert_eq!(r.status, Status::Ok, "{setup:?}: {}", show(&r));
         assert_eq!(r.stdout, "42\n");
@@ -70,8 +72,26 @@ fn names_survive_calls_and_each_call_has_its_own_report() {
             "{}",
             show(&r)
         );
+        // Its files are where the report says, for the agent to upload.
+        let workspace = std::path::PathBuf::from(r.workspace.as_deref().expect("a workspace"));
+        assert_eq!(
+            std::fs::read_to_string(workspace.join("work/a.txt")).unwrap(),
+            "hi",
+            "{setup:?}"
+        );
         let r = call(&mut s, "print(x)", 5000);
         assert_eq!(r.stdout, "41\n", "{setup:?}: {}", show(&r));
+        // Only what this call changed: not a.txt again, not what the session started with; a
+        // name that is not UTF-8 is listed as reports list it.
+        assert!(r.files.is_empty(), "{setup:?}: {}", show(&r));
+        let r = call(
+            &mut s,
+            "open('a.txt', 'a').write('!')\nopen(b'n\\xff', 'w').write('x')",
+            5000,
+        );
+        let mut listed: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        listed.sort();
+        assert_eq!(listed, ["a.txt", "n\\xff"], "{setup:?}: {}", show(&r));
         // A call that moves elsewhere still has its workspace's files listed.
         let r = call(
             &mut s,
@@ -85,6 +105,7 @@ fn names_survive_calls_and_each_call_has_its_own_report() {
         );
         let end = s.close("test over");
         assert_eq!(end.status, Status::Killed, "{setup:?}: {}", show(&end));
+        assert!(!workspace.exists(), "{setup:?}: the workspace is removed");
     }
 }
 

@@ -45,6 +45,44 @@ pub async fn a_session_on_a_killed_agent_is_lost(db: Db) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = session(&c, &["run", &id, "-"], "print(x + 1)\n");
     assert_eq!(text(&out.stdout), "42\n", "{db:?}: {}", text(&out.stderr));
+    // A file a call writes is listed in its report and kept in the blob store, like a run's;
+    // the workspace lives on, so the next call still reads it.
+    let body = |code: &str| fleetbox_proto::api::SessionCallBody {
+        code: code.into(),
+        ..Default::default()
+    };
+    let answer = c
+        .client
+        .session_run(
+            &id,
+            &body("open('out.txt', 'w').write('made in a session')"),
+        )
+        .await
+        .unwrap();
+    let report = answer.report.expect("the call's report");
+    let file = report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "out.txt")
+        .unwrap_or_else(|| panic!("{db:?}: {report:#}"))
+        .clone();
+    let blob = c
+        .client
+        .get_blob(file["sha256"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(blob, b"made in a session", "{db:?}");
+    let answer = c
+        .client
+        .session_run(&id, &body("print(open('out.txt').read())"))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.report.unwrap()["stdout"],
+        "made in a session\n",
+        "{db:?}"
+    );
     // An exception is the call's, with the `fleetbox run` exit code for `error` (1).
     let out = session(&c, &["run", &id, "-"], "1 / 0\n");
     assert_eq!(out.status.code(), Some(1), "{db:?}");
