@@ -112,6 +112,11 @@ pub struct ServerArgs {
     /// coordinator's key (`DATA/audit.key`).
     #[arg(long, default_value = "1m", value_parser = crate::config::parse_millis)]
     pub audit_checkpoint: Millis,
+    /// Delete finished jobs (with their shards, attempts and the blobs nothing else names)
+    /// and ended sessions this long after they ended, e.g. `30d`; the audit log keeps its
+    /// entries. Default: keep everything.
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_millis)]
+    pub retain: Option<Millis>,
     /// The audit signing key (an ed25519 seed, hex; made when missing). Default
     /// `DATA/audit.key`; coordinators sharing a database may share one file.
     #[arg(long)]
@@ -485,6 +490,10 @@ pub struct UpArgs {
     /// What the local agents let jobs reach (as `fleetbox agent`'s flags).
     #[command(flatten)]
     pub network: NetworkArgs,
+    /// Delete finished jobs and ended sessions this long after they ended (as
+    /// `fleetbox server --retain`). Default: keep everything.
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_millis)]
+    pub retain: Option<Millis>,
     /// HTTPS (`--tls auto` is the default when `--listen` is beyond loopback).
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -605,6 +614,7 @@ fn server_config(
         .unwrap_or(c.heartbeat_ms * 2 + c.heartbeat_ms / 4);
     c.retry_backoff_ms = args.retry_backoff.0;
     c.audit_checkpoint_ms = args.audit_checkpoint.0.max(100);
+    c.retain_ms = args.retain.map(|r| r.0.max(60_000));
     c.audit_key = args.audit_key.clone();
     c.audit_trusted_keys = args.audit_trusted_keys.clone();
     c.audit_ship = args.audit_ship.clone();
@@ -846,6 +856,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         agent_credential_ttl: Millis::from_secs(3600),
         retry_backoff: Millis::from_secs(1),
         audit_checkpoint: Millis::from_secs(60),
+        retain: args.retain,
         audit_key: None,
         audit_trusted_keys: None,
         audit_ship: Vec::new(),

@@ -218,7 +218,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
                 }
             },
         };
-    let blob = match store_large_result(state, &job.tenant_id, text.as_deref()).await {
+    let blob = match store_large_result(state, &job.tenant_id, job_id, text.as_deref()).await {
         Ok(blob) => blob,
         Err(cause) => {
             return Err(FoldError::Reduce {
@@ -488,6 +488,7 @@ fn shortfall_error(
 async fn store_large_result(
     state: &State,
     tenant: &str,
+    job_id: &str,
     text: Option<&str>,
 ) -> Result<Option<String>, ReduceFailed> {
     let Some(t) = text.filter(|t| t.len() > INLINE_LIMIT * 16) else {
@@ -501,7 +502,7 @@ async fn store_large_result(
         .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
     state
         .store
-        .own_blobs(tenant, &[(&hash, t.len() as u64)])
+        .own_blobs(tenant, job_id, &[(&hash, t.len() as u64)])
         .await
         .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
     Ok(Some(hash))

@@ -115,9 +115,55 @@ impl Blobs {
             tmp.write_all(data)?;
             tmp.as_file().sync_all()?;
             tmp.persist(&path).map_err(|e| e.error)?;
+        } else {
+            touch(&path)?;
         }
         self.upload(&hash)?;
         Ok(hash)
+    }
+
+    /// Remove blob `hash` (here and in the bucket) unless it was stored or sent again within
+    /// `grace`: a report naming it may be on its way. Whether it was removed. The caller has
+    /// found that no tenant owns it.
+    pub fn remove_if_idle(&self, hash: &str, grace: std::time::Duration) -> std::io::Result<bool> {
+        if !is_sha256(hash) {
+            return Ok(false);
+        }
+        let path = self.path(hash);
+        match fs_err::metadata(&path).and_then(|m| m.modified()) {
+            Ok(at) if at.elapsed().unwrap_or_default() < grace => return Ok(false),
+            Ok(_) => fs_err::remove_file(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(r) = &self.remote {
+            match wait(r.store.delete(&r.key(hash))) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The local blobs whose names start with the two hex digits of `shard` (0–255) and that
+    /// were last stored or sent more than `grace` ago: one slice of the blob sweep.
+    pub fn idle_in(&self, shard: u8, grace: std::time::Duration) -> Vec<String> {
+        let dir = self.root.join(format!("{shard:02x}"));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut idle: Vec<String> = entries
+            .flatten()
+            .filter(|e| {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|at| at.elapsed().unwrap_or_default() >= grace)
+            })
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| is_sha256(name))
+            .collect();
+        idle.sort();
+        idle
     }
 
     /// With a bucket: make sure it holds the local blob `hash` (streamed from the file).
@@ -304,6 +350,14 @@ fn wait<T>(fut: impl std::future::Future<Output = T>) -> T {
     }
 }
 
+/// Mark a blob stored again now (the sweep leaves it for its grace).
+fn touch(path: &Path) -> std::io::Result<()> {
+    std::fs::File::options()
+        .append(true)
+        .open(path)?
+        .set_modified(std::time::SystemTime::now())
+}
+
 /// A lowercase hex sha256: the only names the store has.
 pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -348,6 +402,8 @@ impl BlobWriter {
             fs_err::create_dir_all(dir)?;
             self.tmp.as_file().sync_all()?;
             self.tmp.persist(&path).map_err(|e| e.error)?;
+        } else {
+            touch(&path)?;
         }
         self.blobs.upload(&hash)?;
         Ok(hash)

@@ -510,7 +510,7 @@ async fn run_on_server(
                 let bytes = state.blobs.size(b).unwrap_or_default();
                 state
                     .store
-                    .own_blobs(&subject.tenant_id, &[(b, bytes)])
+                    .own_blobs(&subject.tenant_id, &subject.job_id, &[(b, bytes)])
                     .await?;
             }
             (stored.text, stored.blob, Some(stored.hash))

@@ -35,6 +35,7 @@ pub mod quota;
 pub mod receipt;
 pub mod reduce;
 mod reported;
+pub mod retention;
 mod scheduler;
 pub mod store;
 pub mod tls;
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     pub enroll_token: Option<String>,
     /// How often the audit chain heads are checkpointed (signed) when they moved.
     pub audit_checkpoint_ms: u64,
+    /// Finished jobs (and ended sessions) older than this are deleted with their shards,
+    /// attempts and the blobs nothing else names (`--retain`); `None` keeps everything.
+    pub retain_ms: Option<u64>,
     /// The key checkpoints and prunes are signed with (an ed25519 seed, hex; made when
     /// missing). `None`: `DATA/audit.key`. Coordinators sharing a database may share one.
     pub audit_key: Option<PathBuf>,
@@ -157,6 +161,7 @@ impl ServerConfig {
             admin_token: None,
             enroll_token: None,
             audit_checkpoint_ms: 60_000,
+            retain_ms: None,
             audit_key: None,
             audit_trusted_keys: None,
             audit_ship: Vec::new(),

@@ -15,6 +15,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// back-off passed, a fold abandoned by a dead coordinator (taken over within
 /// `FOLD_LEASE_MS + RECOVERY_EVERY * TICK`).
 const RECOVERY_EVERY: u32 = 4;
+/// How often retention runs (`--retain`): once a minute, the first time two seconds after
+/// the start.
+const RETAIN_EVERY: u32 = 240;
+const RETAIN_FIRST: u32 = 8;
 
 pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = 0u32;
@@ -43,6 +47,13 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
                 Ok(jobs) => jobs.into_iter().for_each(|j| state.aggregate(j)),
                 Err(e) => tracing::error!(error = %e, "aggregation recovery"),
             }
+        }
+        if let Some(retain_ms) = state.config.retain_ms
+            && tick % RETAIN_EVERY == RETAIN_FIRST
+        {
+            // Each pass sweeps the next slice of the blob directory.
+            let slice = (tick / RETAIN_EVERY % 256) as u8;
+            retain(&state, retain_ms, slice).await;
         }
         tick = tick.wrapping_add(1);
         if let Err(e) = sweep(&state).await {
@@ -99,6 +110,29 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
         tracing::error!(error = %e, "ending sessions");
     }
     Ok(())
+}
+
+async fn retain(state: &State, retain_ms: u64, slice: u8) {
+    match crate::retention::pass(
+        state,
+        now_ms(),
+        retain_ms,
+        [slice],
+        crate::retention::BLOB_GRACE,
+    )
+    .await
+    {
+        Ok(p) if p != crate::retention::Pass::default() => tracing::info!(
+            jobs = p.pruned.jobs,
+            shards = p.pruned.shards,
+            attempts = p.pruned.attempts,
+            sessions = p.pruned.sessions,
+            blobs = p.blobs_removed,
+            "retention: deleted what finished before the cut-off"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "retention"),
+    }
 }
 
 /// The lost agents' sessions went with them; idle and old sessions end.

@@ -148,10 +148,14 @@ pub enum Action {
     /// A session whose agent or interpreter is gone.
     #[serde(rename = "session.lost")]
     SessionLost,
+    /// A finished job past retention (`--retain`) was deleted with its shards, attempts and
+    /// the blobs nothing else names; its audit entries stay.
+    #[serde(rename = "job.pruned")]
+    JobPruned,
 }
 
 impl Action {
-    pub const ALL: [Action; 48] = [
+    pub const ALL: [Action; 49] = [
         Action::JobSubmitted,
         Action::JobCancelled,
         Action::JobCompleted,
@@ -200,6 +204,7 @@ impl Action {
         Action::SessionOpened,
         Action::SessionClosed,
         Action::SessionLost,
+        Action::JobPruned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -252,6 +257,7 @@ impl Action {
             Action::SessionOpened => "session.opened",
             Action::SessionClosed => "session.closed",
             Action::SessionLost => "session.lost",
+            Action::JobPruned => "job.pruned",
         }
     }
 }

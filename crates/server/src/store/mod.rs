@@ -18,6 +18,7 @@ pub mod planner;
 pub mod receipts;
 pub mod replicas;
 mod reports;
+pub mod retention;
 pub mod review;
 pub mod sessions;
 mod settle;
@@ -222,6 +223,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0030_sessions",
         include_str!("../../migrations/0030_sessions.sql"),
+    ),
+    (
+        "0031_retention",
+        include_str!("../../migrations/0031_retention.sql"),
     ),
 ];
 

@@ -208,13 +208,18 @@ impl Store {
             now,
         };
         let inserted = self.store_attempts(&mut tx, &stored).await?;
-        let owned: Vec<(&str, &str, u64)> = valid
+        let owned: Vec<super::tenants::BlobRef> = valid
             .iter()
             .map(|&i| &reports[i])
             .filter(|r| inserted.contains_key(&r.lease_id))
             .flat_map(|r| {
-                let tenant = tasks[&r.task_id].tenant_id.as_str();
-                r.blobs.iter().map(move |(h, n)| (tenant, h.as_str(), *n))
+                let task = &tasks[&r.task_id];
+                r.blobs.iter().map(move |(h, n)| super::tenants::BlobRef {
+                    tenant: &task.tenant_id,
+                    job_id: &task.job_id,
+                    sha256: h,
+                    bytes: *n,
+                })
             })
             .collect();
         self.own_blob_rows(&mut tx, &owned, now).await?;

@@ -254,12 +254,26 @@ impl Store {
 }
 
 impl Store {
-    /// Record that `tenant` owns the blobs `owned` (hash and size; idempotent).
-    pub async fn own_blobs(&self, tenant: &str, owned: &[(&str, u64)]) -> Result<(), StoreError> {
+    /// Record that `tenant` owns the blobs `owned` (hash and size) and that job `job_id` names
+    /// them (idempotent).
+    pub async fn own_blobs(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        owned: &[(&str, u64)],
+    ) -> Result<(), StoreError> {
         if owned.is_empty() {
             return Ok(());
         }
-        let rows: Vec<(&str, &str, u64)> = owned.iter().map(|&(h, n)| (tenant, h, n)).collect();
+        let rows: Vec<BlobRef> = owned
+            .iter()
+            .map(|&(sha256, bytes)| BlobRef {
+                tenant,
+                job_id,
+                sha256,
+                bytes,
+            })
+            .collect();
         let mut tx = self.begin_write().await.doing("recording a blob's owner")?;
         self.own_blob_rows(&mut tx, &rows, now_ms()).await?;
         tx.commit().await.doing("recording a blob's owner")
@@ -388,29 +402,49 @@ impl Store {
     }
 }
 
+/// A job's blob: its tenant owns it, the job names it (see `job_blobs`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BlobRef<'a> {
+    pub tenant: &'a str,
+    pub job_id: &'a str,
+    pub sha256: &'a str,
+    pub bytes: u64,
+}
+
 impl Store {
-    /// Insert blob owner rows `(tenant, sha256, bytes)`; a row already there stays.
+    /// Insert blob owner rows and the jobs naming them; rows already there stay.
     pub(super) async fn own_blob_rows(
         &self,
         conn: &mut sqlx::AnyConnection,
-        rows: &[(&str, &str, u64)],
+        rows: &[BlobRef<'_>],
         now: i64,
     ) -> Result<(), StoreError> {
-        for chunk in rows.chunks(self.rows_per_statement(4)) {
+        for chunk in rows.chunks(self.rows_per_statement(5)) {
             let mut sql = super::sql::Sql::new(
-                "INSERT INTO blob_owners (tenant_id, sha256, created_at, bytes) VALUES ",
+                "INSERT INTO blob_owners (tenant_id, sha256, created_at, bytes, tracked) VALUES ",
             );
-            sql.push_rows(chunk.iter(), |row, &(tenant, hash, bytes)| {
-                row.bind(tenant)
-                    .bind(hash)
+            sql.push_rows(chunk.iter(), |row, r| {
+                row.bind(r.tenant)
+                    .bind(r.sha256)
                     .bind(now)
-                    .bind(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    .bind(i64::try_from(r.bytes).unwrap_or(i64::MAX))
+                    .bind(1i64);
             });
             sql.push(" ON CONFLICT DO NOTHING");
             sql.build()
                 .execute(&mut *conn)
                 .await
                 .doing("recording a blob's owner")?;
+            let mut sql =
+                super::sql::Sql::new("INSERT INTO job_blobs (tenant_id, sha256, job_id) VALUES ");
+            sql.push_rows(chunk.iter(), |row, r| {
+                row.bind(r.tenant).bind(r.sha256).bind(r.job_id);
+            });
+            sql.push(" ON CONFLICT DO NOTHING");
+            sql.build()
+                .execute(&mut *conn)
+                .await
+                .doing("recording which job names a blob")?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ mod folds;
 mod metrics;
 mod planner;
 mod replicas;
+mod retention;
 mod review;
 mod run;
 mod sessions;
