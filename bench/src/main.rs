@@ -13,6 +13,7 @@
 //! cargo run --release -p fleetbox-bench -- trust     [--runs 3000]  # the adaptive policy simulated
 //! cargo run --release -p fleetbox-bench -- env       [--runs 50] [--builds 3]
 //! cargo run --release -p fleetbox-bench -- run       [--calls 200]
+//! cargo run --release -p fleetbox-bench -- idle      [--agents 1000] [--seconds 20]   # idle agents' cost
 //! cargo run --release -p fleetbox-bench -- review    [--runs 50]
 //! cargo run --release -p fleetbox-bench -- planner   [--runs 50] [--chains 20]
 //! ```
@@ -23,6 +24,7 @@ mod audit;
 mod docker;
 mod e2e;
 mod env;
+mod idle;
 mod jail;
 mod planner;
 mod review;
@@ -66,6 +68,10 @@ fn main() {
         "trust" => trust_sim::run(util::flag(&args, "--runs").unwrap_or(3000)),
         "planner" => planner::run(runs, util::flag(&args, "--chains").unwrap_or(20)),
         "run" => run::run(util::flag(&args, "--calls").unwrap_or(200)),
+        "idle" => idle::run(
+            util::flag(&args, "--agents").unwrap_or(1000),
+            util::flag(&args, "--seconds").unwrap_or(20) as u64,
+        ),
         "env" => env::run(runs, util::flag(&args, "--builds").unwrap_or(3)),
         "e2e" => e2e::run(
             util::flag(&args, "--shards").unwrap_or(500),
@@ -77,7 +83,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|docker|throughput|tenancy|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|docker|throughput|tenancy|idle|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

@@ -270,6 +270,15 @@ impl Client {
             .await
     }
 
+    /// The Prometheus exposition (`GET /metrics`), as text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        let bytes = self
+            .fetch(self.http.get(&url), &url, Duration::from_secs(30))
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Upload a file a shard produced (agent token); the coordinator checks the hash.
     pub async fn put_blob(
         &self,

@@ -254,6 +254,17 @@ pub fn server_sandbox(out: &mut String, backend: fleetbox_sandbox::Backend) {
     let _ = writeln!(out, "fleetbox_server_sandbox_weak {weak}");
 }
 
+/// `fleetbox_store_writes_total`: this process's writes to the database.
+pub fn store_writes(out: &mut String, writes: u64) {
+    family(
+        out,
+        "fleetbox_store_writes_total",
+        "counter",
+        "Write transactions and single write statements this coordinator began.",
+    );
+    let _ = writeln!(out, "fleetbox_store_writes_total {writes}");
+}
+
 /// The whole exposition: what the database says and, for the operator, this process's own
 /// series (`registry`); a tenant's scrape has only its own database series.
 pub fn render(stored: &Stored, registry: Option<&Registry>) -> String {

@@ -329,27 +329,30 @@ pub async fn lease(
     }
     let deadline = Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let prefix = random_hex(8);
+    let want = Want {
+        backend: req.backend.as_deref(),
+        hardened_only: req.hardened_only,
+        sessions: req.sessions,
+    };
+    state
+        .store
+        .agent_polls(agent, &want, state.config.heartbeat_ms as i64)
+        .await?;
     loop {
         let notified = state.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // A read first: an idle poll holds no transaction and writes nothing.
         let expires = now_ms() + state.config.lease_ms as i64;
-        let blocked = crate::quota::blocked(&state).await?;
-        let grants = state
-            .store
-            .lease_with(
-                agent,
-                Want {
-                    backend: req.backend.as_deref(),
-                    hardened_only: req.hardened_only,
-                    sessions: req.sessions,
-                },
-                req.max_tasks,
-                expires,
-                &prefix,
-                &blocked,
-            )
-            .await?;
+        let grants = if state.store.has_runnable(agent, want).await? {
+            let blocked = crate::quota::blocked(&state).await?;
+            state
+                .store
+                .lease_with(agent, want, req.max_tasks, expires, &prefix, &blocked)
+                .await?
+        } else {
+            Vec::new()
+        };
         let now = Instant::now();
         if !grants.is_empty() || now >= deadline {
             let mut tasks = Vec::with_capacity(grants.len());

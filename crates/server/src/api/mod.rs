@@ -193,6 +193,7 @@ async fn metrics(
     let mut text = crate::metrics::render(&stored, operator.then_some(&state.metrics));
     if operator {
         crate::metrics::server_sandbox(&mut text, state.config.sandbox_backend);
+        crate::metrics::store_writes(&mut text, state.store.writes());
     }
     Ok((
         [(

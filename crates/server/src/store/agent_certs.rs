@@ -35,7 +35,7 @@ impl Store {
         .bind(cert.tenant_id)
         .bind(now_ms())
         .bind(cert.expires_at)
-        .execute(&self.write)
+        .execute(self.writer())
         .await
         .doing("recording an agent's certificate")?;
         Ok(())

@@ -193,7 +193,7 @@ impl Store {
             .bind(json(load))
             .bind(AgentState::Online.as_str())
             .bind(agent_id)
-            .execute(&self.write)
+            .execute(self.writer())
             .await
             .doing("recording a heartbeat")?;
         Ok(())
@@ -211,7 +211,7 @@ impl Store {
             .bind(i64::from(slots))
             .bind(machine_id(facts))
             .bind(agent_id)
-            .execute(&self.write)
+            .execute(self.writer())
             .await
             .doing("updating agent facts")?;
         Ok(())
@@ -220,6 +220,17 @@ impl Store {
     /// Agents silent since `cutoff` become `lost`; returns their ids.
     pub async fn mark_lost_agents(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
         let now = now_ms();
+        // Read first: a sweep that finds nobody silent writes nothing.
+        let silent =
+            sqlx::query("SELECT 1 FROM agents WHERE state = $1 AND last_seen < $2 LIMIT 1")
+                .bind(AgentState::Online.as_str())
+                .bind(cutoff)
+                .fetch_optional(&self.read)
+                .await
+                .doing("looking for silent agents")?;
+        if silent.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin_write().await.doing("marking lost agents")?;
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "UPDATE agents SET state = $1 WHERE state = $2 AND last_seen < $3 \
@@ -247,6 +258,41 @@ impl Store {
     /// An agent asked for work: a sign of life, in the caller's transaction, and what it
     /// asks for (server-only shards alone; session calls too), which decides whether a shard
     /// others refused still has an agent that would take it.
+    /// An agent asks for work: recorded (`last_seen`, its state, what it asks for) only when
+    /// the row says otherwise or was last written more than `fresh_ms` ago. An idle agent's
+    /// polls then write nothing: its heartbeats keep it seen, and one that freezes mid-poll
+    /// is lost when they stop.
+    pub async fn agent_polls(
+        &self,
+        agent_id: &str,
+        want: &super::settle::Want<'_>,
+        fresh_ms: i64,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let row: Option<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT state, only_hardened, keeps_sessions, last_seen FROM agents WHERE id = $1",
+        )
+        .bind(agent_id)
+        .fetch_optional(&self.read)
+        .await
+        .doing("reading an agent")?;
+        let current = row.is_some_and(|(state, hardened, sessions, seen)| {
+            state == AgentState::Online.as_str()
+                && hardened == i64::from(want.hardened_only)
+                && sessions == i64::from(want.sessions)
+                && now - seen < fresh_ms
+        });
+        if current {
+            return Ok(());
+        }
+        let mut tx = self
+            .begin_write()
+            .await
+            .doing("recording an agent's lease call")?;
+        self.agent_seen(&mut tx, agent_id, want, now).await?;
+        tx.commit().await.doing("recording an agent's lease call")
+    }
+
     pub(super) async fn agent_seen(
         &self,
         tx: &mut Tx,

@@ -1439,7 +1439,7 @@ impl Store {
             .bind(signature.as_str())
             .push(") ON CONFLICT (tenant_id, seq) DO NOTHING")
             .build()
-            .execute(&self.write)
+            .execute(self.writer())
             .await
             .doing("storing an audit checkpoint")?
             .rows_affected()

@@ -155,6 +155,17 @@ impl Store {
             return Ok(Vec::new());
         }
         let now = now_ms();
+        // Read first: the checker's poll writes nothing while nothing waits.
+        let waiting =
+            sqlx::query("SELECT 1 FROM tasks WHERE state = $1 AND check_expires < $2 LIMIT 1")
+                .bind(TaskState::Reported.as_str())
+                .bind(now)
+                .fetch_optional(&self.read)
+                .await
+                .doing("looking for checks")?;
+        if waiting.is_none() {
+            return Ok(Vec::new());
+        }
         let mut sql = Sql::new("UPDATE tasks SET check_owner = ");
         sql.bind(owner)
             .push(", check_expires = ")

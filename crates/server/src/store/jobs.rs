@@ -718,7 +718,7 @@ impl Store {
                 .push(")")
                 .push(settle::in_id_order(self.kind))
                 .build()
-                .execute(&self.write)
+                .execute(self.writer())
                 .await
                 .doing("re-prioritising a job's shards")?;
         }
@@ -815,7 +815,7 @@ impl Store {
             .bind(now)
             .push(")) RETURNING fold_tries")
             .build_as()
-            .fetch_optional(&self.write)
+            .fetch_optional(self.writer())
             .await
             .doing("claiming a fold")?;
         // Failed folds so far, and this one: a fold whose coordinator died is not a failure.
@@ -838,7 +838,7 @@ impl Store {
             .push(" AND fold_owner = ")
             .bind(owner)
             .build()
-            .execute(&self.write)
+            .execute(self.writer())
             .await
             .doing("renewing a fold")?;
         Ok(done.rows_affected() == 1)
@@ -866,7 +866,7 @@ impl Store {
         .push(" AND fold_owner = ")
         .bind(owner)
         .build()
-        .execute(&self.write)
+        .execute(self.writer())
         .await
         .doing("releasing a fold")?;
         Ok(done.rows_affected() == 1)

@@ -239,6 +239,8 @@ pub struct Store {
     read: AnyPool,
     /// Whether appends are written (see `ServerConfig::audit`).
     audit: bool,
+    /// Writes begun (see [`Store::writes`]); shared by the store's clones.
+    writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Consecutive valid results after which an agent is trusted (`--trusted-after`).
     trusted_after: i64,
     /// What the store was opened with: the audit log's verification reads through a native
@@ -324,6 +326,7 @@ impl Store {
             write,
             read,
             audit: true,
+            writes: Default::default(),
             trusted_after: verify::TRUSTED_AFTER,
             url: url.to_string(),
             traces: Default::default(),
@@ -335,7 +338,20 @@ impl Store {
     /// A write transaction that runs to its end (or rolls back) whatever happens to its
     /// caller: see [`tx`].
     pub(crate) async fn begin_write(&self) -> Result<tx::WriteTx, sqlx::Error> {
-        tx::WriteTx::begin(&self.write, self.kind).await
+        tx::WriteTx::begin(self.writer(), self.kind).await
+    }
+
+    /// The pool writes go through, counted (see [`Store::writes`]).
+    fn writer(&self) -> &AnyPool {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.write
+    }
+
+    /// Write transactions and single write statements this store has begun since it was
+    /// opened (`fleetbox_store_writes_total`): what an idle fleet costs the database.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store answers and every migration this build knows is applied: how many are
@@ -377,7 +393,7 @@ impl Store {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS fleetbox_migrations (name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )
-        .execute(&self.write)
+        .execute(self.writer())
         .await
         .map_err(|source| StoreError::Migrate {
             name: "fleetbox_migrations",

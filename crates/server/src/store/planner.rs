@@ -327,7 +327,7 @@ impl Store {
                 .bind(now)
                 .push(" RETURNING id, tenant_id, job_id, rule, url, body, tries")
                 .build_as()
-                .fetch_optional(&self.write)
+                .fetch_optional(self.writer())
                 .await
                 .doing("claiming a webhook")?;
             claimed.extend(row);

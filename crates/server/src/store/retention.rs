@@ -59,7 +59,7 @@ impl Store {
              AND state IN ('closed', 'lost')",
         )
         .bind(cutoff)
-        .execute(&self.write)
+        .execute(self.writer())
         .await
         .doing("pruning ended sessions")?
         .rows_affected();

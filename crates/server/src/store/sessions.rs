@@ -275,7 +275,7 @@ impl Store {
                     .bind(agent.as_str())
                     .bind(id)
                     .bind(OPENING)
-                    .execute(&self.write)
+                    .execute(self.writer())
                     .await
                     .doing("binding a session to its agent")?;
                 }

@@ -504,33 +504,8 @@ pub(super) async fn lease(
         .bind(asked.tenant)
         .push(" AND (pool IS NULL OR pool = ")
         .bind(asked.pool)
-        .push(") AND not_before <= ")
-        .bind(now);
-    match asked.want.backend {
-        Some(b) => sql
-            .push(" AND (backend IS NULL OR backend = ")
-            .bind(b)
-            .push(")"),
-        None => sql.push(" AND backend IS NULL"),
-    };
-    server_only(&mut sql, agent, asked.want.hardened_only);
-    distinct_replicas(&mut sql, agent);
-    // A session's calls go to agents that keep sessions, and once it is open to its agent.
-    if !asked.want.sessions {
-        sql.push(" AND session = 0");
-    }
-    sql.push(" AND (only_agent IS NULL OR only_agent = ")
-        .bind(agent)
         .push(")");
-    // Never back to an agent that refused it.
-    sql.push(
-        " AND (refusals = 0 OR NOT EXISTS (SELECT 1 FROM leases r WHERE r.task_id = tasks.id \
-         AND r.refused = 1 AND r.agent_id = ",
-    )
-    .bind(agent)
-    .push("))");
-    // A paused job's shards wait (its running shards finish; their retries wait too).
-    sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1)");
+    runnable_by(&mut sql, agent, &asked.want, now);
     sql.push(" ORDER BY priority DESC, id LIMIT ")
         .bind(i64::from(asked.max));
     if kind == DbKind::Postgres {
@@ -547,6 +522,37 @@ pub(super) async fn lease(
         tally.moved(&g.job_id, TaskState::Queued, TaskState::Leased, 1);
     }
     Ok(grants)
+}
+
+/// The conditions, after `WHERE state = 'queued' ...`, under which `agent` may take a shard
+/// as of `now` (its tenant's pool and fair share aside).
+pub(super) fn runnable_by<'a>(sql: &mut Sql<'a>, agent: &'a str, want: &Want<'a>, now: i64) {
+    sql.push(" AND not_before <= ").bind(now);
+    match want.backend {
+        Some(b) => sql
+            .push(" AND (backend IS NULL OR backend = ")
+            .bind(b)
+            .push(")"),
+        None => sql.push(" AND backend IS NULL"),
+    };
+    server_only(sql, agent, want.hardened_only);
+    distinct_replicas(sql, agent);
+    // A session's calls go to agents that keep sessions, and once it is open to its agent.
+    if !want.sessions {
+        sql.push(" AND session = 0");
+    }
+    sql.push(" AND (only_agent IS NULL OR only_agent = ")
+        .bind(agent)
+        .push(")");
+    // Never back to an agent that refused it.
+    sql.push(
+        " AND (refusals = 0 OR NOT EXISTS (SELECT 1 FROM leases r WHERE r.task_id = tasks.id \
+         AND r.refused = 1 AND r.agent_id = ",
+    )
+    .bind(agent)
+    .push("))");
+    // A paused job's shards wait (its running shards finish; their retries wait too).
+    sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1)");
 }
 
 /// Server-only shards (`tasks.hardened`) go only to agents marked for them (an operator's

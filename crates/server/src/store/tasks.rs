@@ -124,6 +124,22 @@ impl Store {
         self.lease_inner(asked, blocked, now_ms()).await
     }
 
+    /// Whether a shard is queued that `agent_id` could take now, by a read alone (its
+    /// tenant's share aside): an idle agent's long poll asks this, and opens a write
+    /// transaction only when it says yes.
+    pub async fn has_runnable(&self, agent_id: &str, want: Want<'_>) -> Result<bool, StoreError> {
+        let mut sql = Sql::new("SELECT 1 FROM tasks WHERE state = ");
+        sql.bind(TaskState::Queued.as_str());
+        settle::runnable_by(&mut sql, agent_id, &want, now_ms());
+        sql.push(" LIMIT 1");
+        Ok(sql
+            .build()
+            .fetch_optional(&self.read)
+            .await
+            .doing("looking for work")?
+            .is_some())
+    }
+
     /// [`Store::lease`] as of `now` (tests move the clock).
     pub async fn lease_at(
         &self,
@@ -177,8 +193,11 @@ impl Store {
         }
         tally.apply(&mut tx).await?;
         let entries = leased_entries(&grants, agent_id, asked.expires);
-        // Asking for work is a sign of life: recorded in the same transaction.
-        self.agent_seen(&mut tx, agent_id, &asked.want, now).await?;
+        // Taking work is a sign of life: recorded in the same transaction. (A poll that takes
+        // nothing writes nothing: see `agent_polls`.)
+        if !grants.is_empty() {
+            self.agent_seen(&mut tx, agent_id, &asked.want, now).await?;
+        }
         // The audit chain's head is locked last in every transaction (no lock waits behind it).
         self.append_audit(&mut tx, entries, now).await?;
         tx.commit().await.doing("leasing tasks")?;
@@ -252,7 +271,7 @@ impl Store {
             .push(settle::in_id_order(self.kind))
             .push(" RETURNING lease_id")
             .build()
-            .fetch_all(&self.write)
+            .fetch_all(self.writer())
             .await
             .doing("extending leases")?;
         let held: HashSet<String> = rows
@@ -399,6 +418,19 @@ impl Store {
         lost_agents: &[String],
         backoff_base_ms: u64,
     ) -> Result<(Vec<Requeued>, Vec<String>), StoreError> {
+        // Read first: a sweep with no lease run out writes nothing.
+        if lost_agents.is_empty() {
+            let due =
+                sqlx::query("SELECT 1 FROM tasks WHERE state = $1 AND lease_expires < $2 LIMIT 1")
+                    .bind(TaskState::Leased.as_str())
+                    .bind(now)
+                    .fetch_optional(&self.read)
+                    .await
+                    .doing("finding expired leases")?;
+            if due.is_none() {
+                return Ok((Vec::new(), Vec::new()));
+            }
+        }
         let mut tx = self.begin_write().await.doing("expiring leases")?;
         let mut sql = Sql::new(
             "SELECT id, tenant_id, job_id, attempts, max_attempts, lease_id, agent_id FROM tasks WHERE state = ",

@@ -296,7 +296,7 @@ impl Store {
         sqlx::query("UPDATE blob_owners SET bytes = $1 WHERE sha256 = $2 AND bytes < 0")
             .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
             .bind(hash)
-            .execute(&self.write)
+            .execute(self.writer())
             .await
             .doing("measuring a blob")?;
         Ok(())

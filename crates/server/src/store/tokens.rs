@@ -193,7 +193,7 @@ impl Store {
         .bind(agent_id)
         .bind(scopes)
         .bind(now_ms())
-        .execute(&self.write)
+        .execute(self.writer())
         .await
         .doing("storing a token")?;
         Ok(())
@@ -249,6 +249,7 @@ impl Store {
 
     /// A token of any tenant by its id (the caller checks the tenant).
     pub async fn token_by_id(&self, id: &str) -> Result<Option<TokenView>, StoreError> {
+        // From the primary (a token just stored is read back at once); a read, not counted.
         let row = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.write)
@@ -406,7 +407,7 @@ impl Store {
              AND uses_left > 0",
         )
         .bind(id)
-        .execute(&self.write)
+        .execute(self.writer())
         .await
         .doing("spending an enrolment")?
         .rows_affected();

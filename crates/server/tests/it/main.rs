@@ -8,6 +8,7 @@ mod docker;
 mod edge;
 mod environment;
 mod folds;
+mod idle;
 mod metrics;
 mod planner;
 mod replicas;
