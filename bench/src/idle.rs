@@ -100,10 +100,14 @@ fn measure(url: &str, pid: u32, agents: usize, seconds: u64) -> Result<(Window, 
         let enroll = Client::new(url, ENROLL);
         let mut tasks = Vec::with_capacity(agents);
         for i in 0..agents {
+            let mut seed = [7u8; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
             let resp = enroll
                 .enroll(&EnrollRequest {
                     name: format!("idle-{i}"),
                     slots: 1,
+                    public_key: hex::encode(key.verifying_key().as_bytes()),
                     ..Default::default()
                 })
                 .await

@@ -460,40 +460,14 @@ pub fn job(args: JobArgs) -> anyhow::Result<ExitCode> {
             let r = client.result(&args.id).await?;
             serde_json::to_writer_pretty(&mut out, &r)?;
         } else if args.shards {
-            let mut all = Vec::new();
-            let mut from = 0;
-            loop {
-                let page = client
-                    .shards_page(&args.id, from, 1000, args.state.as_deref())
-                    .await?;
-                all.extend(page.shards);
-                match page.next {
-                    Some(next) => from = next,
-                    None => break,
-                }
-            }
-            if args.json {
-                serde_json::to_writer_pretty(&mut out, &all)?;
-            } else {
-                write!(
-                    out,
-                    "{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} ERROR",
-                    "SHARD", "STATE", "ATTEMPTS", "STATUS", "WALL_MS", "AGENT"
-                )?;
-                for sh in all {
-                    write!(
-                        out,
-                        "\n{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} {}",
-                        sh.index,
-                        sh.state,
-                        sh.attempts,
-                        sh.status.map(|s| s.as_str()).unwrap_or_default(),
-                        sh.wall_ms.map(|w| w.to_string()).unwrap_or_default(),
-                        sh.agent_id.unwrap_or_default(),
-                        term::for_stdout(&sh.error.unwrap_or_default())
-                    )?;
-                }
-            }
+            print_shards(
+                &client,
+                &args.id,
+                args.state.as_deref(),
+                args.json,
+                &mut out,
+            )
+            .await?;
         } else if args.files {
             print_files(&client, &args.id, args.json, &mut out).await?;
         } else if let Some(path) = &args.file {
@@ -759,6 +733,57 @@ fn print_chain(out: &mut impl Write, chain: &fleetbox_proto::api::JobChain) -> s
                 .map(|e| format!(" (last error: {})", term::for_stdout(e)))
                 .unwrap_or_default()
         )?;
+    }
+    Ok(())
+}
+
+/// The shards, page by page as they arrive: a job of a million shards is never whole in
+/// memory (`--json` writes one array, an element at a time).
+async fn print_shards(
+    client: &Client,
+    id: &str,
+    state: Option<&str>,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    if json {
+        write!(out, "[")?;
+    } else {
+        write!(
+            out,
+            "{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} ERROR",
+            "SHARD", "STATE", "ATTEMPTS", "STATUS", "WALL_MS", "AGENT"
+        )?;
+    }
+    let (mut from, mut first) = (0, true);
+    loop {
+        let page = client.shards_page(id, from, 1000, state).await?;
+        for sh in page.shards {
+            if json {
+                write!(out, "{}\n  ", if first { "" } else { "," })?;
+                serde_json::to_writer(&mut *out, &sh)?;
+            } else {
+                write!(
+                    out,
+                    "\n{:>6} {:<9} {:>8} {:<17} {:>8} {:<22} {}",
+                    sh.index,
+                    sh.state,
+                    sh.attempts,
+                    sh.status.map(|s| s.as_str()).unwrap_or_default(),
+                    sh.wall_ms.map(|w| w.to_string()).unwrap_or_default(),
+                    sh.agent_id.unwrap_or_default(),
+                    term::for_stdout(&sh.error.unwrap_or_default())
+                )?;
+            }
+            first = false;
+        }
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    if json {
+        write!(out, "{}]", if first { "" } else { "\n" })?;
     }
     Ok(())
 }

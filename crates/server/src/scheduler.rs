@@ -15,6 +15,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// back-off passed, a fold abandoned by a dead coordinator (taken over within
 /// `FOLD_LEASE_MS + RECOVERY_EVERY * TICK`).
 const RECOVERY_EVERY: u32 = 4;
+/// How often the queue is checked for ready work, to wake the agents' polls: every 500 ms.
+const READY_EVERY: u32 = 2;
 /// How often retention runs (`--retain`): once a minute, the first time two seconds after
 /// the start.
 const RETAIN_EVERY: u32 = 240;
@@ -54,6 +56,9 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             // Each pass sweeps the next slice of the blob directory.
             let slice = (tick / RETAIN_EVERY % 256) as u8;
             retain(&state, retain_ms, slice).await;
+        }
+        if tick.is_multiple_of(READY_EVERY) {
+            watch_ready(&state).await;
         }
         tick = tick.wrapping_add(1);
         if let Err(e) = sweep(&state).await {
@@ -110,6 +115,18 @@ async fn sweep(state: &State) -> Result<(), crate::store::StoreError> {
         tracing::error!(error = %e, "ending sessions");
     }
     Ok(())
+}
+
+/// Wake the waiting lease polls when a shard is ready to run: one read for all of them, where
+/// each poll used to re-check on a timer of its own. Its own events (a submission, a report, a
+/// requeue) wake them at once; this covers retries whose back-off ran out and work another
+/// coordinator on the database queued.
+async fn watch_ready(state: &State) {
+    match state.store.has_ready_work(now_ms()).await {
+        Ok(true) => state.work.notify_waiters(),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "looking for ready work"),
+    }
 }
 
 async fn retain(state: &State, retain_ms: u64, slice: u8) {

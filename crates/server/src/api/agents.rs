@@ -390,8 +390,10 @@ pub async fn lease(
             }
             return Ok(Json(LeaseResponse { tasks }));
         }
-        // Wake on new work, or re-check for retries whose back-off has passed.
-        let wait = (deadline - now).min(Duration::from_millis(500));
+        // Wake on new work: this coordinator's own events, and the scheduler's watch for ready
+        // work (retries past their back-off, work another coordinator queued). No timer of its
+        // own: a thousand idle polls cost nothing until there is work.
+        let wait = deadline - now;
         let mut stopping = state.stopping.clone();
         if *stopping.borrow() {
             return Ok(Json(LeaseResponse { tasks: Vec::new() }));

@@ -140,6 +140,19 @@ impl Store {
             .is_some())
     }
 
+    /// Whether any shard is queued and past its back-off (for anyone): the scheduler's watch.
+    pub async fn has_ready_work(&self, now: i64) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query("SELECT 1 FROM tasks WHERE state = $1 AND not_before <= $2 LIMIT 1")
+                .bind(TaskState::Queued.as_str())
+                .bind(now)
+                .fetch_optional(&self.read)
+                .await
+                .doing("looking for ready work")?
+                .is_some(),
+        )
+    }
+
     /// [`Store::lease`] as of `now` (tests move the clock).
     pub async fn lease_at(
         &self,

@@ -158,3 +158,34 @@ async fn tenants_and_tokens_from_the_command_line() {
     assert!(!out.status.success());
     assert!(text(&out).1.contains("1 to 40"), "{}", text(&out).1);
 }
+
+/// `fleetbox job ID --shards` streams a large job page by page: every shard once, in order,
+/// as one JSON array (or one line each), and `--state` filters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_of_a_large_job_are_listed_page_by_page() {
+    let Some(c) = Cluster::start(Db::Sqlite).await else {
+        return;
+    };
+    // No agent: all 2,500 stay queued.
+    let job = c
+        .submit("name = \"many\"\ncode = 'print(1)'\nshards = { count = 2500 }\n")
+        .await;
+    let out = ok(fleetbox(&c, ADMIN, &["job", &job.id, "--shards", "--json"]));
+    let shards: Vec<serde_json::Value> = serde_json::from_str(&out).expect("one JSON array");
+    assert_eq!(shards.len(), 2500);
+    assert!(
+        shards
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s["index"] == i as u64 && s["state"] == "queued")
+    );
+    let out = ok(fleetbox(&c, ADMIN, &["job", &job.id, "--shards"]));
+    assert_eq!(out.lines().count(), 2501, "a header and a line a shard");
+    let out = ok(fleetbox(
+        &c,
+        ADMIN,
+        &["job", &job.id, "--shards", "--json", "--state", "dead"],
+    ));
+    let none: Vec<serde_json::Value> = serde_json::from_str(&out).expect("an empty array");
+    assert!(none.is_empty(), "{out}");
+}
