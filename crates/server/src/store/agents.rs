@@ -221,14 +221,15 @@ impl Store {
     pub async fn mark_lost_agents(&self, cutoff: i64) -> Result<Vec<String>, StoreError> {
         let now = now_ms();
         // Read first: a sweep that finds nobody silent writes nothing.
-        let silent =
-            sqlx::query("SELECT 1 FROM agents WHERE state = $1 AND last_seen < $2 LIMIT 1")
-                .bind(AgentState::Online.as_str())
-                .bind(cutoff)
-                .fetch_optional(&self.read)
-                .await
-                .doing("looking for silent agents")?;
-        if silent.is_none() {
+        let silent = super::sql::exists_at(
+            &self.read,
+            "SELECT 1 FROM agents WHERE state = $1 AND last_seen < $2 LIMIT 1",
+            AgentState::Online.as_str(),
+            cutoff,
+            "looking for silent agents",
+        )
+        .await?;
+        if !silent {
             return Ok(Vec::new());
         }
         let mut tx = self.begin_write().await.doing("marking lost agents")?;

@@ -156,14 +156,15 @@ impl Store {
         }
         let now = now_ms();
         // Read first: the checker's poll writes nothing while nothing waits.
-        let waiting =
-            sqlx::query("SELECT 1 FROM tasks WHERE state = $1 AND check_expires < $2 LIMIT 1")
-                .bind(TaskState::Reported.as_str())
-                .bind(now)
-                .fetch_optional(&self.read)
-                .await
-                .doing("looking for checks")?;
-        if waiting.is_none() {
+        let waiting = super::sql::exists_at(
+            &self.read,
+            "SELECT 1 FROM tasks WHERE state = $1 AND check_expires < $2 LIMIT 1",
+            TaskState::Reported.as_str(),
+            now,
+            "looking for checks",
+        )
+        .await?;
+        if !waiting {
             return Ok(Vec::new());
         }
         let mut sql = Sql::new("UPDATE tasks SET check_owner = ");

@@ -26,6 +26,23 @@ where
     Ok(query.fetch_optional(on).await.doing(doing)?.is_some())
 }
 
+/// Whether `text`, a fixed `SELECT 1 ... WHERE` with `$1` a state and `$2` a time (ms), finds
+/// a row: the reads that come before a sweep's or a poll's write.
+pub(crate) async fn exists_at<'c, E>(
+    on: E,
+    text: &str,
+    state: &str,
+    at: i64,
+    doing: &'static str,
+) -> Result<bool, super::StoreError>
+where
+    E: sqlx::Executor<'c, Database = Any>,
+{
+    use super::Doing;
+    let query = sqlx::query_as::<_, (i64,)>(text).bind(state).bind(at);
+    Ok(query.fetch_optional(on).await.doing(doing)?.is_some())
+}
+
 /// A statement being built: text with `$N` placeholders and the values bound to them.
 pub(crate) struct Sql<'q> {
     text: String,

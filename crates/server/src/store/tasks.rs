@@ -142,15 +142,14 @@ impl Store {
 
     /// Whether any shard is queued and past its back-off (for anyone): the scheduler's watch.
     pub async fn has_ready_work(&self, now: i64) -> Result<bool, StoreError> {
-        Ok(
-            sqlx::query("SELECT 1 FROM tasks WHERE state = $1 AND not_before <= $2 LIMIT 1")
-                .bind(TaskState::Queued.as_str())
-                .bind(now)
-                .fetch_optional(&self.read)
-                .await
-                .doing("looking for ready work")?
-                .is_some(),
+        super::sql::exists_at(
+            &self.read,
+            "SELECT 1 FROM tasks WHERE state = $1 AND not_before <= $2 LIMIT 1",
+            TaskState::Queued.as_str(),
+            now,
+            "looking for ready work",
         )
+        .await
     }
 
     /// [`Store::lease`] as of `now` (tests move the clock).
@@ -433,14 +432,15 @@ impl Store {
     ) -> Result<(Vec<Requeued>, Vec<String>), StoreError> {
         // Read first: a sweep with no lease run out writes nothing.
         if lost_agents.is_empty() {
-            let due =
-                sqlx::query("SELECT 1 FROM tasks WHERE state = $1 AND lease_expires < $2 LIMIT 1")
-                    .bind(TaskState::Leased.as_str())
-                    .bind(now)
-                    .fetch_optional(&self.read)
-                    .await
-                    .doing("finding expired leases")?;
-            if due.is_none() {
+            let due = super::sql::exists_at(
+                &self.read,
+                "SELECT 1 FROM tasks WHERE state = $1 AND lease_expires < $2 LIMIT 1",
+                TaskState::Leased.as_str(),
+                now,
+                "finding expired leases",
+            )
+            .await?;
+            if !due {
                 return Ok((Vec::new(), Vec::new()));
             }
         }
