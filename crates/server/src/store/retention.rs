@@ -88,29 +88,9 @@ impl Store {
                 break;
             }
             let ids: Vec<i64> = ids.into_iter().map(|(id,)| id).collect();
-            attempts += Sql::new("DELETE FROM attempts WHERE task_id IN (")
-                .bind_list(ids.iter().copied())
-                .push(")")
-                .build()
-                .execute(&mut *tx)
-                .await
-                .doing("pruning a job's attempts")?
-                .rows_affected();
-            Sql::new("DELETE FROM leases WHERE task_id IN (")
-                .bind_list(ids.iter().copied())
-                .push(")")
-                .build()
-                .execute(&mut *tx)
-                .await
-                .doing("pruning a job's leases")?;
-            shards += Sql::new("DELETE FROM tasks WHERE id IN (")
-                .bind_list(ids.iter().copied())
-                .push(")")
-                .build()
-                .execute(&mut *tx)
-                .await
-                .doing("pruning a job's shards")?
-                .rows_affected();
+            attempts += delete_in(&mut tx, "attempts", "task_id", &ids).await?;
+            delete_in(&mut tx, "leases", "task_id", &ids).await?;
+            shards += delete_in(&mut tx, "tasks", "id", &ids).await?;
             tx.commit().await.doing("pruning a job's shards")?;
         }
         let mut tx = self.begin_write().await.doing("pruning a job")?;
@@ -215,4 +195,21 @@ impl Store {
         }
         Ok(unowned)
     }
+}
+
+/// `DELETE FROM table WHERE column IN (ids)`; how many rows went.
+async fn delete_in(
+    conn: &mut sqlx::AnyConnection,
+    table: &str,
+    column: &str,
+    ids: &[i64],
+) -> Result<u64, StoreError> {
+    Ok(Sql::new(format!("DELETE FROM {table} WHERE {column} IN ("))
+        .bind_list(ids.iter().copied())
+        .push(")")
+        .build()
+        .execute(&mut *conn)
+        .await
+        .doing("pruning a job's shards")?
+        .rows_affected())
 }
