@@ -279,13 +279,25 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Upload a file a shard produced (agent token); the coordinator checks the hash.
+    /// Upload a file a shard produced (agent token); the coordinator checks the hash. With the
+    /// lease whose report will name it, it is stored for that shard's tenant at once.
     pub async fn put_blob(
         &self,
         sha256: &str,
+        lease: Option<&str>,
         bytes: Vec<u8>,
     ) -> Result<serde_json::Value, ClientError> {
-        let url = format!("{}/v1/agent/blobs/{sha256}", self.base);
+        let mut url = format!("{}/v1/agent/blobs/{sha256}", self.base);
+        if let Some(lease) = lease {
+            url.push_str("?lease=");
+            for b in lease.bytes() {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                    url.push(char::from(b));
+                } else {
+                    url.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
         self.send(
             self.http.put(&url).body(bytes),
             url,

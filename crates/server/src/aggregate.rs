@@ -295,7 +295,7 @@ async fn collect_values(
     job: &crate::store::JobRow,
     job_id: &str,
 ) -> Result<Values, FoldError> {
-    let (mut values, mut notes) = shard_values(state, job_id).await?;
+    let (mut values, mut notes) = shard_values(state, &job.tenant_id, job_id).await?;
     let own_numbers = values
         .iter()
         .filter_map(|(i, v)| Some((*i, v.as_f64()?)))
@@ -496,7 +496,8 @@ async fn store_large_result(
     };
     let blobs = state.blobs.clone();
     let bytes = t.as_bytes().to_vec();
-    let hash = tokio::task::spawn_blocking(move || blobs.put(&bytes))
+    let owner = tenant.to_string();
+    let hash = tokio::task::spawn_blocking(move || blobs.put(Some(&owner), &bytes))
         .await
         .map_err(|e| ReduceFailed::Blob(e.to_string()))?
         .map_err(|e| ReduceFailed::Blob(e.to_string()))?;
@@ -651,6 +652,7 @@ async fn rerun_anomalies(state: &State, tenant: &str, job_id: &str, flag: i64, f
 /// A job's accepted shard values (by shard index), and the shards whose blob could not be read.
 async fn shard_values(
     state: &State,
+    tenant: &str,
     job_id: &str,
 ) -> Result<(Vec<ShardValue>, Vec<String>), StoreError> {
     let mut values: Vec<ShardValue> = Vec::new();
@@ -658,7 +660,7 @@ async fn shard_values(
     for v in state.store.accepted_values(job_id).await? {
         let text = match (&v.output, &v.output_blob) {
             (Some(t), _) => Some(t.clone()),
-            (None, Some(hash)) => match state.blobs.get(hash) {
+            (None, Some(hash)) => match state.blobs.get(Some(tenant), hash) {
                 Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
                 Err(e) => {
                     unreadable.push(format!("shard {}: blob {hash}: {e}", v.shard_index));
@@ -683,13 +685,11 @@ fn merged_values<'a>(
     depth: u32,
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<Vec<ShardValue>, StoreError>> + Send + 'a>> {
     Box::pin(async move {
-        let (own, _) = shard_values(state, job_id).await?;
-        match state
-            .store
-            .job_any_tenant(job_id)
-            .await?
-            .and_then(|j| j.rerun_of)
-        {
+        let Some(job) = state.store.job_any_tenant(job_id).await? else {
+            return Ok(Vec::new());
+        };
+        let (own, _) = shard_values(state, &job.tenant_id, job_id).await?;
+        match job.rerun_of {
             Some(rerun) if depth < fleetbox_proto::followup::MAX_DEPTH => {
                 merge_with_parent(state, &rerun, own, depth).await
             }

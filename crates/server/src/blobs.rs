@@ -6,6 +6,15 @@
 //! this coordinator lacks is fetched from the bucket into the directory on first read.
 //! Uploads stream from the local file (multipart), so a large blob is never whole in memory
 //! on its way to the bucket.
+//!
+//! The bucket is keyed per tenant: a blob a tenant owns is kept under
+//! `PREFIX/tenants/<tenant>/<aa>/<sha256>` (a blob two tenants produced is stored once for
+//! each), so a tenant's objects can be listed, measured, given their own bucket policy or
+//! deleted by prefix. `PREFIX/<aa>/<sha256>` (the shared area) holds what was stored before a
+//! tenant was known (an upload that named no lease) and blobs stored before the bucket was
+//! keyed per tenant; reads look there after the tenant's area. The local directory is one
+//! cache for all tenants: who may read a blob is the database's `blob_owners`, checked by the
+//! API before any read.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -104,8 +113,9 @@ impl Blobs {
         self.root.join(&hash[..2]).join(hash)
     }
 
-    /// Store `data` (durably: written to a temporary name, synced, renamed); returns its hash.
-    pub fn put(&self, data: &[u8]) -> std::io::Result<String> {
+    /// Store `data` for `owner`'s area of the bucket (durably: written to a temporary name,
+    /// synced, renamed); returns its hash.
+    pub fn put(&self, owner: Option<&str>, data: &[u8]) -> std::io::Result<String> {
         let hash = sha256_hex(data);
         let path = self.path(&hash);
         if !path.exists() {
@@ -118,11 +128,38 @@ impl Blobs {
         } else {
             touch(&path)?;
         }
-        self.upload(&hash)?;
+        self.upload(owner, &hash)?;
         Ok(hash)
     }
 
-    /// Remove blob `hash` (here and in the bucket) unless it was stored or sent again within
+    /// Make sure `tenant`'s area of the bucket holds blob `hash` (fetched first if this
+    /// coordinator lacks it): a report names it for that tenant. Its size; `None` when it is
+    /// stored nowhere.
+    pub fn claim(&self, tenant: &str, hash: &str) -> std::io::Result<Option<u64>> {
+        if !is_sha256(hash) || !self.fetch(Some(tenant), hash)? {
+            return Ok(None);
+        }
+        self.upload(Some(tenant), hash)?;
+        Ok(Some(fs_err::metadata(self.path(hash))?.len()))
+    }
+
+    /// Remove blob `hash` from `tenant`'s area of the bucket: the tenant owns it no more. The
+    /// local copy and the shared area stay (other tenants may own it; the sweep removes what
+    /// nobody owns). Whether there is a bucket to remove it from.
+    pub fn forget(&self, tenant: &str, hash: &str) -> std::io::Result<bool> {
+        let Some(r) = &self.remote else {
+            return Ok(false);
+        };
+        if !is_sha256(hash) {
+            return Ok(false);
+        }
+        match wait(r.store.delete(&r.key(Some(tenant), hash))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Remove blob `hash` (here and in the bucket's shared area) unless it was stored or sent again within
     /// `grace`: a report naming it may be on its way. Whether it was removed. The caller has
     /// found that no tenant owns it.
     pub fn remove_if_idle(&self, hash: &str, grace: std::time::Duration) -> std::io::Result<bool> {
@@ -137,7 +174,7 @@ impl Blobs {
             Err(e) => return Err(e),
         }
         if let Some(r) = &self.remote {
-            match wait(r.store.delete(&r.key(hash))) {
+            match wait(r.store.delete(&r.key(None, hash))) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(std::io::Error::other(e)),
             }
@@ -166,17 +203,18 @@ impl Blobs {
         idle
     }
 
-    /// With a bucket: make sure it holds the local blob `hash` (streamed from the file).
-    fn upload(&self, hash: &str) -> std::io::Result<()> {
+    /// With a bucket: make sure `owner`'s area holds the local blob `hash` (streamed from the
+    /// file).
+    fn upload(&self, owner: Option<&str>, hash: &str) -> std::io::Result<()> {
         let Some(r) = &self.remote else {
             return Ok(());
         };
-        wait(r.upload(hash, &self.path(hash)))
+        wait(r.upload(owner, hash, &self.path(hash)))
     }
 
-    /// With a bucket: fetch blob `hash` into the local directory if it is there; whether it
-    /// is local now.
-    fn fetch(&self, hash: &str) -> std::io::Result<bool> {
+    /// With a bucket: fetch blob `hash` into the local directory from `owner`'s area or the
+    /// shared one; whether it is local now.
+    fn fetch(&self, owner: Option<&str>, hash: &str) -> std::io::Result<bool> {
         let path = self.path(hash);
         if path.is_file() {
             return Ok(true);
@@ -184,7 +222,12 @@ impl Blobs {
         let Some(r) = &self.remote else {
             return Ok(false);
         };
-        wait(r.download(hash, &path))
+        for area in Remote::areas(owner) {
+            if wait(r.download(area, hash, &path))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// A blob written in pieces (an upload streamed to disk), stored once finished.
@@ -198,13 +241,15 @@ impl Blobs {
         })
     }
 
-    /// Whether a blob is stored (`hash` must be a sha256).
-    pub fn contains(&self, hash: &str) -> bool {
-        self.size(hash).is_some()
+    /// Whether a blob is stored here, in `owner`'s area or in the shared one (`hash` must be a
+    /// sha256).
+    pub fn contains(&self, owner: Option<&str>, hash: &str) -> bool {
+        self.size(owner, hash).is_some()
     }
 
-    /// A stored blob's size in bytes; `None` when it is not stored.
-    pub fn size(&self, hash: &str) -> Option<u64> {
+    /// A stored blob's size in bytes (here, in `owner`'s area or in the shared one); `None`
+    /// when it is not stored.
+    pub fn size(&self, owner: Option<&str>, hash: &str) -> Option<u64> {
         if !is_sha256(hash) {
             return None;
         }
@@ -212,17 +257,20 @@ impl Blobs {
             return Some(m.len());
         }
         let r = self.remote.as_ref()?;
-        wait(r.size(hash))
+        Remote::areas(owner)
+            .into_iter()
+            .find_map(|area| wait(r.size(area, hash)))
     }
 
-    pub fn get(&self, hash: &str) -> std::io::Result<Vec<u8>> {
+    /// Blob `hash`, from here, `owner`'s area of the bucket or the shared one.
+    pub fn get(&self, owner: Option<&str>, hash: &str) -> std::io::Result<Vec<u8>> {
         if !is_sha256(hash) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("`{hash}` is not a sha256"),
             ));
         }
-        if !self.fetch(hash)? {
+        if !self.fetch(owner, hash)? {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("blob `{hash}` is not stored"),
@@ -268,12 +316,25 @@ impl Remote {
         })
     }
 
-    fn key(&self, hash: &str) -> object_store::path::Path {
-        let name = format!("{}/{hash}", &hash[..2]);
-        if self.prefix.is_empty() {
-            object_store::path::Path::from(name)
-        } else {
-            object_store::path::Path::from(format!("{}/{name}", self.prefix))
+    /// `PREFIX/tenants/<tenant>/<aa>/<hash>` for a tenant's blob, `PREFIX/<aa>/<hash>` for
+    /// the shared area. A tenant id is one path segment whatever it holds.
+    fn key(&self, owner: Option<&str>, hash: &str) -> object_store::path::Path {
+        let prefix = object_store::path::Path::from(self.prefix.as_str());
+        let mut parts: Vec<object_store::path::PathPart<'_>> = prefix.parts().collect();
+        if let Some(tenant) = owner {
+            parts.push("tenants".into());
+            parts.push(tenant.into());
+        }
+        parts.push((&hash[..2]).into());
+        parts.push(hash.into());
+        object_store::path::Path::from_iter(parts)
+    }
+
+    /// Where a read for `owner` looks: its own area, then the shared one.
+    fn areas(owner: Option<&str>) -> Vec<Option<&str>> {
+        match owner {
+            Some(t) => vec![Some(t), None],
+            None => vec![None],
         }
     }
 
@@ -288,27 +349,38 @@ impl Remote {
         }
     }
 
-    async fn size(&self, hash: &str) -> Option<u64> {
-        self.store.head(&self.key(hash)).await.ok().map(|m| m.size)
+    async fn size(&self, owner: Option<&str>, hash: &str) -> Option<u64> {
+        self.store
+            .head(&self.key(owner, hash))
+            .await
+            .ok()
+            .map(|m| m.size)
     }
 
-    async fn upload(&self, hash: &str, local: &Path) -> std::io::Result<()> {
-        if self.size(hash).await.is_some() {
+    async fn upload(&self, owner: Option<&str>, hash: &str, local: &Path) -> std::io::Result<()> {
+        if self.size(owner, hash).await.is_some() {
             return Ok(()); // content-addressed: there already
         }
         let file = tokio::fs::File::open(local).await?;
-        let mut writer = object_store::buffered::BufWriter::new(self.store.clone(), self.key(hash));
+        let mut writer =
+            object_store::buffered::BufWriter::new(self.store.clone(), self.key(owner, hash));
         let mut reader = tokio::io::BufReader::new(file);
         tokio::io::copy(&mut reader, &mut writer).await?;
         tokio::io::AsyncWriteExt::shutdown(&mut writer).await?;
         Ok(())
     }
 
-    /// Stream blob `hash` into `local` (through a temporary file, renamed when whole).
-    async fn download(&self, hash: &str, local: &Path) -> std::io::Result<bool> {
+    /// Stream blob `hash` from `owner`'s area into `local` (through a temporary file, renamed
+    /// when whole); whether the area had it.
+    async fn download(
+        &self,
+        owner: Option<&str>,
+        hash: &str,
+        local: &Path,
+    ) -> std::io::Result<bool> {
         use futures_util::StreamExt;
         use tokio::io::AsyncWriteExt;
-        let got = match self.store.get(&self.key(hash)).await {
+        let got = match self.store.get(&self.key(owner, hash)).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(false),
             Err(e) => return Err(std::io::Error::other(e)),
@@ -388,9 +460,10 @@ impl BlobWriter {
         self.bytes == 0
     }
 
-    /// The hash of what was written. Stored (synced, renamed into place) only if it is
-    /// `expected`; otherwise the temporary file is dropped and the actual hash is the error.
-    pub fn finish(self, expected: &str) -> Result<String, FinishError> {
+    /// The hash of what was written. Stored (synced, renamed into place, and in `owner`'s area
+    /// of the bucket) only if it is `expected`; otherwise the temporary file is dropped and the
+    /// actual hash is the error.
+    pub fn finish(self, expected: &str, owner: Option<&str>) -> Result<String, FinishError> {
         use sha2::Digest;
         let hash = hex::encode(self.hasher.finalize());
         if hash != expected {
@@ -405,7 +478,7 @@ impl BlobWriter {
         } else {
             touch(&path)?;
         }
-        self.blobs.upload(&hash)?;
+        self.blobs.upload(owner, &hash)?;
         Ok(hash)
     }
 }
@@ -428,13 +501,13 @@ mod tests {
     fn round_trip_and_dedup() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Blobs::open(dir.path()).unwrap();
-        let a = blobs.put(b"hello").unwrap();
-        let b = blobs.put(b"hello").unwrap();
+        let a = blobs.put(None, b"hello").unwrap();
+        let b = blobs.put(None, b"hello").unwrap();
         assert_eq!(a, b);
-        assert_eq!(blobs.get(&a).unwrap(), b"hello");
-        assert!(blobs.get("../etc/passwd").is_err());
-        assert!(blobs.contains(&a));
-        assert!(!blobs.contains("../etc/passwd"));
+        assert_eq!(blobs.get(None, &a).unwrap(), b"hello");
+        assert!(blobs.get(None, "../etc/passwd").is_err());
+        assert!(blobs.contains(None, &a));
+        assert!(!blobs.contains(None, "../etc/passwd"));
     }
 
     #[test]
@@ -446,16 +519,16 @@ mod tests {
         w.write(b"hello ").unwrap();
         w.write(b"world").unwrap();
         assert_eq!(w.len(), 11);
-        assert_eq!(w.finish(&want).unwrap(), want.clone());
-        assert_eq!(blobs.get(&want).unwrap(), b"hello world");
+        assert_eq!(w.finish(&want, None).unwrap(), want.clone());
+        assert_eq!(blobs.get(None, &want).unwrap(), b"hello world");
         let mut w = blobs.writer().unwrap();
         w.write(b"other").unwrap();
         let wrong = "0".repeat(64);
-        match w.finish(&wrong) {
+        match w.finish(&wrong, None) {
             Err(FinishError::Mismatch { actual }) => assert_eq!(actual, sha256_hex(b"other")),
             other => panic!("{other:?}"),
         }
-        assert!(!blobs.contains(&wrong));
+        assert!(!blobs.contains(None, &wrong));
         // Nothing but the stored blob's directory is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1);

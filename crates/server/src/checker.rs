@@ -180,6 +180,7 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), CheckError> {
         })?;
     let agent_output = output_of(
         state,
+        &subject.tenant_id,
         subject.result.output.as_deref(),
         subject.result.output_blob.as_deref(),
     );
@@ -217,7 +218,12 @@ async fn check(state: &Arc<State>, task_id: i64) -> Result<(), CheckError> {
         .iter()
         .map(|other| match &finding {
             Finding::Agrees | Finding::Differs | Finding::SucceedsOnServer => {
-                let value = output_of(state, other.output.as_deref(), other.output_blob.as_deref());
+                let value = output_of(
+                    state,
+                    &subject.tenant_id,
+                    other.output.as_deref(),
+                    other.output_blob.as_deref(),
+                );
                 let outcome = Outcome {
                     output: value.as_ref(),
                     output_sha256: other.output_sha256.as_deref(),
@@ -504,10 +510,11 @@ async fn run_on_server(
     let (output, output_blob, output_sha256) = match &report.output {
         None => (None, None, None),
         Some(v) => {
-            let stored = crate::outputs::store(&state.blobs, v, v.to_string())
+            let owner = Some(subject.tenant_id.as_str());
+            let stored = crate::outputs::store(&state.blobs, owner, v, v.to_string())
                 .map_err(|e| CheckError::Output(e.to_string()))?;
             if let Some(b) = &stored.blob {
-                let bytes = state.blobs.size(b).unwrap_or_default();
+                let bytes = state.blobs.size(owner, b).unwrap_or_default();
                 state
                     .store
                     .own_blobs(&subject.tenant_id, &subject.job_id, &[(b, bytes)])
@@ -540,12 +547,17 @@ async fn run_on_server(
 }
 
 /// A result's output value: inline, or read back from its blob.
-fn output_of(state: &Arc<State>, text: Option<&str>, blob: Option<&str>) -> Option<Value> {
+fn output_of(
+    state: &Arc<State>,
+    tenant: &str,
+    text: Option<&str>,
+    blob: Option<&str>,
+) -> Option<Value> {
     match (text, blob) {
         (Some(text), _) => serde_json::from_str::<Value>(text).ok(),
         (None, Some(blob)) => state
             .blobs
-            .get(blob)
+            .get(Some(tenant), blob)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok()),
         (None, None) => None,

@@ -53,7 +53,12 @@ pub struct BlobError(#[from] std::io::Error);
 
 /// Keep `v` (whose JSON text is `text`): inline up to [`INLINE_LIMIT`], else as a blob. The
 /// value is kept as serde_json writes it, not as the canonical text.
-pub fn store(blobs: &Blobs, v: &serde_json::Value, text: String) -> Result<Stored, BlobError> {
+pub fn store(
+    blobs: &Blobs,
+    owner: Option<&str>,
+    v: &serde_json::Value,
+    text: String,
+) -> Result<Stored, BlobError> {
     let hash = output_hash(v);
     if text.len() <= INLINE_LIMIT {
         return Ok(Stored {
@@ -62,7 +67,7 @@ pub fn store(blobs: &Blobs, v: &serde_json::Value, text: String) -> Result<Store
             hash,
         });
     }
-    let blob = blobs.put(text.as_bytes())?;
+    let blob = blobs.put(owner, text.as_bytes())?;
     Ok(Stored {
         text: None,
         blob: Some(blob),
@@ -91,11 +96,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Blobs::open(dir.path()).unwrap();
         let small = serde_json::json!({"b": 1, "a": 2});
-        let s = store(&blobs, &small, small.to_string()).unwrap();
+        let s = store(&blobs, None, &small, small.to_string()).unwrap();
         assert_eq!(s.text.as_deref(), Some(small.to_string().as_str()));
         assert_eq!(s.hash, sha256_hex(br#"{"a":2,"b":1}"#));
         let big = serde_json::json!("x".repeat(INLINE_LIMIT + 1));
-        let b = store(&blobs, &big, big.to_string()).unwrap();
+        let b = store(&blobs, None, &big, big.to_string()).unwrap();
         assert!(b.text.is_none() && b.blob.is_some());
     }
 }

@@ -206,7 +206,7 @@ pub async fn measure_old_blobs(state: std::sync::Arc<State>) {
             }
         };
         for hash in hashes {
-            let bytes = state.blobs.size(&hash).unwrap_or(0);
+            let bytes = state.blobs.size(None, &hash).unwrap_or(0);
             if let Err(e) = state.store.measured_blob(&hash, bytes).await {
                 tracing::warn!(error = %e, "could not record a blob's size");
                 return;

@@ -121,7 +121,7 @@ pub async fn build(
         (None, Some(blob)) => Some(
             state
                 .blobs
-                .get(blob)
+                .get(Some(tenant), blob)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .map_err(|e| ReceiptError::Incomplete(format!("the result blob: {e}")))?,
         ),

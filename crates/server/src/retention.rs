@@ -24,6 +24,8 @@ pub struct Pass {
     pub pruned: Pruned,
     /// Blobs removed from the blob store.
     pub blobs_removed: u64,
+    /// Copies removed from a tenant's area of the bucket.
+    pub tenant_copies_removed: u64,
 }
 
 /// Prune what finished before `now - retain_ms`, remove the blobs released, and sweep the
@@ -37,6 +39,7 @@ pub async fn pass(
 ) -> Result<Pass, StoreError> {
     let cutoff = now.saturating_sub(i64::try_from(retain_ms).unwrap_or(i64::MAX));
     let pruned = state.store.prune(cutoff, JOBS_PER_PASS).await?;
+    let tenant_copies_removed = forget(state, &pruned.disowned).await?;
     let mut candidates = pruned.released.clone();
     for slice in slices {
         let blobs = state.blobs.clone();
@@ -51,7 +54,31 @@ pub async fn pass(
     Ok(Pass {
         pruned,
         blobs_removed,
+        tenant_copies_removed,
     })
+}
+
+/// Remove each of `disowned` from its tenant's area of the bucket. A report of the same tenant
+/// may have named the blob again meanwhile: the copy is put back from here or the shared area
+/// (a coordinator that has neither cannot, and the tenant's next read finds nothing; the same
+/// narrow race the shared area has, see `docs/OPERATIONS.md`).
+async fn forget(state: &State, disowned: &[(String, String)]) -> Result<u64, StoreError> {
+    let mut removed = 0;
+    for (tenant, hash) in disowned {
+        let (blobs, t, h) = (state.blobs.clone(), tenant.clone(), hash.clone());
+        let done = tokio::task::spawn_blocking(move || blobs.forget(&t, &h)).await;
+        match done {
+            Ok(Ok(true)) => removed += 1,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, blob = %hash, tenant, "removing a tenant's copy"),
+            Err(e) => tracing::error!(error = %e, "removing a tenant's copy"),
+        }
+        if state.store.owns_blob(tenant, hash).await? {
+            let (blobs, t, h) = (state.blobs.clone(), tenant.clone(), hash.clone());
+            let _ = tokio::task::spawn_blocking(move || blobs.claim(&t, &h)).await;
+        }
+    }
+    Ok(removed)
 }
 
 /// Remove the blobs of `candidates` that no tenant owns now (checked again: a report may have

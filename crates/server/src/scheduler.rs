@@ -145,6 +145,7 @@ async fn retain(state: &State, retain_ms: u64, slice: u8) {
             attempts = p.pruned.attempts,
             sessions = p.pruned.sessions,
             blobs = p.blobs_removed,
+            tenant_copies = p.tenant_copies_removed,
             "retention: deleted what finished before the cut-off"
         ),
         Ok(_) => {}

@@ -723,6 +723,9 @@ async fn form_reports(
     batch: ReportBatch,
     key: ed25519_dalek::VerifyingKey,
 ) -> Result<Vec<ReportInput>, ApiError> {
+    // Each report's blobs go to its shard's tenant's area of the bucket.
+    let leases: Vec<&str> = batch.reports.iter().map(|r| r.lease_id.as_str()).collect();
+    let owners = state.store.lease_owners(agent, &leases).await?;
     // Checking signatures, reading and hashing outputs (some from blobs) is blocking work.
     let for_blocking = state.clone();
     let formed = tokio::task::spawn_blocking(move || {
@@ -731,8 +734,9 @@ async fn form_reports(
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
+                let owner = owners.get(&r.lease_id).map(|o| o.tenant_id.as_str());
                 signed(&r, &key)
-                    .and_then(|hash| store_form(&for_blocking, r, hash))
+                    .and_then(|hash| store_form(&for_blocking, owner, r, hash))
                     .map_err(|e| e.within(&format!("reports[{i}]")))
             })
             .collect::<Result<Vec<_>, _>>()
@@ -768,20 +772,27 @@ async fn form_reports(
     path = "/v1/agent/blobs/{sha256}",
     tag = "agent protocol",
     summary = "Upload a part of a report ahead of it (agent token).",
-    params(("sha256" = String, Path, description = "the blob's sha256, 64 lowercase hex digits")),
+    params(
+        ("sha256" = String, Path, description = "the blob's sha256, 64 lowercase hex digits"),
+        ("lease" = Option<String>, Query, description = "the lease whose report will name it: the blob is stored for, and owned by, that shard's tenant")
+    ),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, description = "stored", body = serde_json::Value))
 )]
-/// `PUT /v1/agent/blobs/{sha256}`: a file a shard produced, or a large part of a report,
-/// uploaded before the report. The body (at most [`MAX_BLOB_BYTES`]) is streamed to disk while
-/// it is hashed; it is stored, once, only if it hashes to the name.
+/// `PUT /v1/agent/blobs/{sha256}[?lease=ID]`: a file a shard produced, or a large part of a
+/// report, uploaded before the report. The body (at most [`MAX_BLOB_BYTES`]) is streamed to
+/// disk while it is hashed; it is stored, once, only if it hashes to the name. With the lease
+/// (one this agent holds or held), it goes to its tenant's area of the bucket and the tenant
+/// owns it from now on, through the lease's job; without, to the shared area until a report
+/// names it.
 pub async fn put_blob(
     AxState(state): AxState<Arc<State>>,
     auth: Auth,
     axum::extract::Path(sha): axum::extract::Path<String>,
+    super::Params(upload): super::Params<BlobUpload>,
     req: axum::extract::Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    auth.agent()?;
+    let (_, agent) = auth.agent()?;
     if !is_sha256(&sha) {
         return Err(ApiError::bad_request(
             "invalid_path",
@@ -799,16 +810,21 @@ pub async fn put_blob(
     };
     // Disk writes happen on a blocking thread fed through a small queue, so a slow disk
     // slows the upload rather than a runtime worker.
+    let owner = match &upload.lease {
+        Some(lease) => state.store.lease_owners(agent, &[lease.as_str()]).await?.remove(lease),
+        None => None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(16);
     let blobs = state.blobs.clone();
     let want = sha.clone();
+    let area = owner.as_ref().map(|o| o.tenant_id.clone());
     let writer = tokio::task::spawn_blocking(move || {
         let mut w = blobs.writer()?;
         while let Some(chunk) = rx.blocking_recv() {
             w.write(&chunk)?;
         }
         let bytes = w.len();
-        w.finish(&want).map(|_| bytes)
+        w.finish(&want, area.as_deref()).map(|_| bytes)
     });
     let mut body = req.into_body();
     let mut received = 0usize;
@@ -843,8 +859,15 @@ pub async fn put_blob(
     }
     match written {
         Ok(bytes) => {
-            // Owned by the tenant of the shard whose report names it, once that is stored
-            // (an agent of a shared pool runs several tenants' shards).
+            // Owned by the tenant of the lease's shard (an agent of a shared pool runs several
+            // tenants' shards), through its job: pruning the job releases it. Without a lease,
+            // by whoever's report names it.
+            if let Some(o) = &owner {
+                state
+                    .store
+                    .own_blobs(&o.tenant_id, &o.job_id, &[(&sha, bytes)])
+                    .await?;
+            }
             Ok(Json(serde_json::json!({ "sha256": sha, "bytes": bytes })))
         }
         Err(FinishError::Mismatch { actual }) => Err(ApiError::bad_request(
@@ -853,6 +876,12 @@ pub async fn put_blob(
         )),
         Err(FinishError::Io(e)) => Err(internal(&e)),
     }
+}
+
+/// `?lease=` of an upload.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BlobUpload {
+    lease: Option<String>,
 }
 
 /// Refuse a report without a good signature of the agent's key; the sha256 of what it signed.
@@ -873,9 +902,12 @@ fn signed(r: &ShardReport, key: &ed25519_dalek::VerifyingKey) -> Result<String, 
 /// Turn an agent's report into what the store keeps: large streams and outputs in blobs,
 /// whether the agent sent them inline or uploaded them ahead ([`ShardReport::blobs`]).
 /// `report_sha256` is the hash of what the agent signed: the audit entry keeps it with the
-/// signature, so a receipt can name the report each accepted value came from.
+/// signature, so a receipt can name the report each accepted value came from. `owner` is the
+/// tenant of the report's shard (`None` for a lease the agent never held: the store refuses
+/// that report anyway).
 fn store_form(
     state: &State,
+    owner: Option<&str>,
     r: ShardReport,
     report_sha256: String,
 ) -> Result<ReportInput, ApiError> {
@@ -906,7 +938,7 @@ fn store_form(
             )
             .with_field(field));
         }
-        if !state.blobs.contains(hash) {
+        if !state.blobs.contains(owner, hash) {
             return Err(ApiError::bad_request(
                 "missing_blob",
                 format!("blob `{hash}` was not uploaded before the report"),
@@ -918,7 +950,7 @@ fn store_form(
     let stream = |text: &mut String, ahead: Option<String>, field: &str| match ahead {
         Some(h) => uploaded(&h, text.is_empty(), field).map(Some),
         None if text.len() > STREAM_INLINE => {
-            let h = state.blobs.put(text.as_bytes()).map_err(internal)?;
+            let h = state.blobs.put(owner, text.as_bytes()).map_err(internal)?;
             text.clear();
             Ok(Some(h))
         }
@@ -929,7 +961,7 @@ fn store_form(
     let output = match ahead.output {
         Some(h) => {
             let h = uploaded(&h, report.output.is_none(), "blobs.output")?;
-            let bytes = state.blobs.get(&h).map_err(internal)?;
+            let bytes = state.blobs.get(owner, &h).map_err(internal)?;
             let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
                 ApiError::bad_request("invalid_report", format!("output blob is not JSON: {e}"))
                     .with_field("blobs.output")
@@ -952,7 +984,7 @@ fn store_form(
                 // The agent's upload is the text the coordinator would store: kept as is.
                 (None, Some(h), Some(crate::outputs::output_hash(&v)))
             } else {
-                let stored = crate::outputs::store(&state.blobs, &v, text).map_err(|e| {
+                let stored = crate::outputs::store(&state.blobs, owner, &v, text).map_err(|e| {
                     tracing::error!(error = %e, "blob store");
                     ApiError::new(
                         axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -968,7 +1000,8 @@ fn store_form(
     audit["report_sha256"] = report_sha256.into();
     audit["signature"] = signature.clone().into();
     let measures = crate::outputs::Measures::of(&report);
-    let blobs = named_blobs(state, &report, [&stdout_blob, &stderr_blob, &output_blob]);
+    let blobs = named_blobs(state, owner, &report, [&stdout_blob, &stderr_blob, &output_blob])
+        .map_err(internal)?;
     Ok(ReportInput {
         blobs,
         audit,
@@ -995,22 +1028,27 @@ fn store_form(
 }
 
 /// The blobs a report names that the store holds (its streams, its output, the files it kept),
-/// with their sizes.
+/// with their sizes, each made sure to be in `owner`'s area of the bucket before any row names
+/// it for that tenant.
 fn named_blobs(
     state: &State,
+    owner: Option<&str>,
     report: &ExecutionReport,
     parts: [&Option<String>; 3],
-) -> Vec<(String, u64)> {
+) -> std::io::Result<Vec<(String, u64)>> {
     let files = report.files.iter().filter_map(|f| f.sha256.as_ref());
-    let mut named: Vec<(String, u64)> = parts
-        .into_iter()
-        .flatten()
-        .chain(files)
-        .filter_map(|h| state.blobs.size(h).map(|n| (h.clone(), n)))
-        .collect();
-    named.sort();
-    named.dedup();
-    named
+    let mut hashes: Vec<&String> = parts.into_iter().flatten().chain(files).collect();
+    hashes.sort();
+    hashes.dedup();
+    let mut named = Vec::with_capacity(hashes.len());
+    for h in hashes {
+        let size = match owner {
+            Some(tenant) => state.blobs.claim(tenant, h)?,
+            None => state.blobs.size(None, h),
+        };
+        named.extend(size.map(|n| (h.clone(), n)));
+    }
+    Ok(named)
 }
 
 /// What the audit log keeps of a run: status, timings, memory, bytes, the files it created

@@ -297,7 +297,7 @@ pub async fn result(
     result.metrics = result.summary.as_ref().map(crate::planner::summary_metrics);
     if let Some(hash) = &blob {
         // Large results live in the blob store.
-        let bytes = state.blobs.get(hash).map_err(|e| {
+        let bytes = state.blobs.get(Some(tenant), hash).map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -612,8 +612,8 @@ pub async fn get_blob(
         return Err(ApiError::not_found("blob", &sha));
     }
     let blobs = state.blobs.clone();
-    let sha2 = sha.clone();
-    let bytes = tokio::task::spawn_blocking(move || blobs.get(&sha2))
+    let (sha2, owner) = (sha.clone(), tenant.clone());
+    let bytes = tokio::task::spawn_blocking(move || blobs.get(Some(&owner), &sha2))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     match bytes {

@@ -136,7 +136,7 @@ pub(super) async fn chosen_report(
     let mut report = a.report.clone();
     for (field, blob) in [("stdout", &a.stdout_blob), ("stderr", &a.stderr_blob)] {
         if let (Some(hash), Some(obj)) = (blob, report.as_object_mut())
-            && let Ok(bytes) = state.blobs.get(hash)
+            && let Ok(bytes) = state.blobs.get(Some(tenant), hash)
         {
             obj.insert(
                 field.into(),

@@ -288,7 +288,7 @@ impl<'a> Planner<'a> {
         let value = match (&result.result, blob) {
             (_, Some(hash)) => state
                 .blobs
-                .get(&hash)
+                .get(Some(&facts.tenant_id), &hash)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or(Value::Null),

@@ -31,6 +31,9 @@ pub struct Pruned {
     pub sessions: u64,
     /// Blobs no tenant owns any more: the caller removes them from the blob store.
     pub released: Vec<String>,
+    /// Blobs a tenant owns no more (tenant, hash), others may still own them: the caller
+    /// removes them from that tenant's area of the bucket.
+    pub disowned: Vec<(String, String)>,
 }
 
 impl Store {
@@ -143,7 +146,11 @@ impl Store {
             .await
             .doing("releasing a job's blobs")?
             .rows_affected();
-            if freed > 0 && !self.blob_owned(&mut tx, sha).await? {
+            if freed == 0 {
+                continue;
+            }
+            pruned.disowned.push((tenant.to_string(), sha.clone()));
+            if !self.blob_owned(&mut tx, sha).await? {
                 released.push(sha.clone());
             }
         }

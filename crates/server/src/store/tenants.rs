@@ -253,7 +253,48 @@ impl Store {
     }
 }
 
+/// Whose shard a lease ran: the blobs its agent uploads go to that tenant's area of the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseOwner {
+    pub tenant_id: String,
+    pub job_id: String,
+}
+
 impl Store {
+    /// The tenant and job of each of `leases` that agent `agent_id` holds or held; leases of
+    /// other agents, and unknown ones, are left out.
+    pub async fn lease_owners(
+        &self,
+        agent_id: &str,
+        leases: &[&str],
+    ) -> Result<std::collections::HashMap<String, LeaseOwner>, StoreError> {
+        let mut owners = std::collections::HashMap::new();
+        for chunk in leases.chunks(500) {
+            let rows = super::sql::Sql::new(
+                "SELECT l.id, l.tenant_id, t.job_id FROM leases l JOIN tasks t ON t.id = l.task_id \
+                 WHERE l.agent_id = ",
+            )
+            .bind(agent_id)
+            .push(" AND l.id IN (")
+            .bind_list(chunk.iter().copied())
+            .push(")")
+            .build()
+            .fetch_all(&self.read)
+            .await
+            .doing("reading leases' owners")?;
+            for r in rows {
+                owners.insert(
+                    r.get::<String, _>(0),
+                    LeaseOwner {
+                        tenant_id: r.get(1),
+                        job_id: r.get(2),
+                    },
+                );
+            }
+        }
+        Ok(owners)
+    }
+
     /// Record that `tenant` owns the blobs `owned` (hash and size) and that job `job_id` names
     /// them (idempotent).
     pub async fn own_blobs(

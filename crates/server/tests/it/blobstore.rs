@@ -147,7 +147,10 @@ async fn two_coordinators_serve_each_others_blobs_through_s3() {
         .with_secret_access_key("test")
         .build()
         .unwrap();
-    let key = object_store::path::Path::from(format!("blobs/{}/{stderr}", &stderr[..2]));
+    let key = object_store::path::Path::from(format!(
+        "blobs/tenants/default/{}/{stderr}",
+        &stderr[..2]
+    ));
     object_store::ObjectStoreExt::put(&raw, &key, b"forged".to_vec().into())
         .await
         .unwrap();
@@ -188,4 +191,174 @@ async fn a_bucket_that_cannot_be_reached_stops_the_start() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("only s3://"), "{err}");
+}
+
+/// The keys under `prefix` in moto's bucket `fleet`.
+async fn keys(endpoint: &str, prefix: &str) -> Vec<String> {
+    use futures_util::TryStreamExt;
+    let raw = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("fleet")
+        .with_region("us-east-1")
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .unwrap();
+    let prefix = object_store::path::Path::from(prefix);
+    let mut keys: Vec<String> = object_store::ObjectStore::list(&raw, Some(&prefix))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+/// Run `job` as the tenant of `client` and wait for it to finish; the sha256 of each file
+/// its one shard listed, by name.
+async fn run_as(
+    client: &fleetbox_client::Client,
+    job: &fleetbox_proto::JobSpec,
+) -> std::collections::HashMap<String, String> {
+    let id = client.submit(job).await.unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = client.result(&id).await.unwrap();
+        if r.state.is_final() {
+            assert_eq!(r.state, JobState::Completed, "{r:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{id} still {}", r.state);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shard = client.shard(&id, 0).await.unwrap();
+    shard.attempts[0].report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_keeps_its_blobs_under_its_own_prefix() {
+    use fleetbox_proto::tenancy::{Scope, TenantCaps, TenantCreate, TokenCreate};
+    let Some((_s3, endpoint)) = s3_server().await else {
+        return;
+    };
+    let store = bucket(&endpoint);
+    let Some(mut c) = Coordinator::start_with(Db::Postgres, |config| {
+        config.blob_store = Some(store.clone());
+    })
+    .await
+    else {
+        return;
+    };
+    c.agent("a", Default::default());
+    let (mut clients, mut tokens) = (Vec::new(), Vec::new());
+    for name in ["acme", "bolt"] {
+        c.client
+            .create_tenant(&TenantCreate {
+                name: name.into(),
+                caps: TenantCaps::default(),
+            })
+            .await
+            .unwrap();
+        let token = c
+            .client
+            .create_token(&TokenCreate {
+                tenant: Some(name.into()),
+                scopes: Scope::ALL.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .token;
+        clients.push(c.client.with_token(&token));
+        tokens.push(token);
+    }
+    // Each tenant's one shard writes the same `shared.txt` and a file of its own, on the one
+    // shared agent, which uploads them with its lease.
+    let writing = |tag: &str| {
+        spec(&format!(
+            "name = \"{tag}\"\ncode = '''\nopen('shared.txt', 'w').write('the same for both')\n\
+             open('own.txt', 'w').write('only {tag}')\nprint(1)\n'''\nshards = {{ count = 1 }}\n\
+             [verify]\nrecheck = \"none\"\n"
+        ))
+    };
+    let acme = run_as(&clients[0], &writing("acme")).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = fleetbox_server::store::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let bolt = run_as(&clients[1], &writing("bolt")).await;
+    assert_eq!(acme["shared.txt"], bolt["shared.txt"]);
+    let key = |tenant: &str, sha: &str| format!("blobs/tenants/{tenant}/{}/{sha}", &sha[..2]);
+    let (acme_keys, bolt_keys) = (
+        keys(&endpoint, "blobs/tenants/acme").await,
+        keys(&endpoint, "blobs/tenants/bolt").await,
+    );
+    assert_eq!(
+        acme_keys,
+        {
+            let mut k = vec![key("acme", &acme["shared.txt"]), key("acme", &acme["own.txt"])];
+            k.sort();
+            k
+        },
+        "acme's area holds its two files, nothing of bolt's"
+    );
+    assert!(bolt_keys.contains(&key("bolt", &bolt["shared.txt"])), "{bolt_keys:?}");
+    assert!(bolt_keys.contains(&key("bolt", &bolt["own.txt"])), "{bolt_keys:?}");
+    assert!(!bolt_keys.contains(&key("bolt", &acme["own.txt"])), "{bolt_keys:?}");
+    // Uploaded with a lease: nothing went to the shared area.
+    let shared_area: Vec<String> = keys(&endpoint, "blobs")
+        .await
+        .into_iter()
+        .filter(|k| !k.starts_with("blobs/tenants/"))
+        .collect();
+    for sha in acme.values().chain(bolt.values()) {
+        assert!(!shared_area.iter().any(|k| k.ends_with(sha.as_str())), "{shared_area:?}");
+    }
+
+    // acme's job pruned: its copies go, bolt's stay, and bolt reads its file through a second
+    // coordinator that never held it.
+    let state = c.running.state.clone();
+    let pass = fleetbox_server::retention::pass(&state, cutoff, 0, [], Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(pass.pruned.jobs, 1, "{pass:?}");
+    assert_eq!(pass.tenant_copies_removed, 2, "{pass:?}");
+    assert_eq!(keys(&endpoint, "blobs/tenants/acme").await, Vec::<String>::new());
+    assert_eq!(keys(&endpoint, "blobs/tenants/bolt").await, bolt_keys);
+    let mut second = c.running.state.config.clone();
+    second.listen = "127.0.0.1:0".parse().unwrap();
+    second.data_dir = c.dir.path().join("second");
+    let other = fleetbox_server::start(second).await.unwrap();
+    let there = |i: usize| fleetbox_client::Client::new(&other.url(), &tokens[i]);
+    let bolt_there = there(1);
+    let got = bolt_there.get_blob(&bolt["shared.txt"]).await.unwrap();
+    assert_eq!(got, b"the same for both");
+    let err = there(0).get_blob(&acme["own.txt"]).await.unwrap_err();
+    assert!(err.to_string().contains("not_found"), "{err}");
+
+    // An upload that named no lease (an agent of an older version) waits in the shared area;
+    // a report naming it puts it in the tenant's, and reads fall back to the shared one.
+    let early = state.blobs.put(None, b"uploaded before the tenant was known").unwrap();
+    let shared_key = format!("blobs/{}/{early}", &early[..2]);
+    assert!(keys(&endpoint, "blobs").await.contains(&shared_key));
+    assert_eq!(state.blobs.claim("bolt", &early).unwrap(), Some(36));
+    assert!(keys(&endpoint, "blobs/tenants/bolt").await.contains(&key("bolt", &early)));
+    let other_blobs = &other.state.blobs;
+    assert_eq!(
+        other_blobs.get(Some("acme"), &early).unwrap(),
+        b"uploaded before the tenant was known"
+    );
+    other.shutdown().await;
+    c.stop().await;
 }

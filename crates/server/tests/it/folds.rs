@@ -183,7 +183,7 @@ max_output = "1MiB"
         .unwrap()
         .unwrap();
     let blob = blob.expect("a 400 kB result is not kept in the row");
-    assert!(c.running.state.blobs.get(&blob).is_ok());
+    assert!(c.running.state.blobs.get(None, &blob).is_ok());
     c.stop().await;
 }
 

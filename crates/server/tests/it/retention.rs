@@ -76,7 +76,7 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
         assert_eq!(old_files["shared.txt"], kept_files["shared.txt"]);
         // A blob from before retention existed: its owner row is not tracked, so it stays
         // whatever is pruned.
-        let legacy = state.blobs.put(b"stored before retention").unwrap();
+        let legacy = state.blobs.put(None, b"stored before retention").unwrap();
         sqlx::query(
             "INSERT INTO blob_owners (tenant_id, sha256, created_at, bytes) \
              VALUES ('default', $1, 0, 23)",
@@ -92,7 +92,7 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
             .await
             .unwrap();
         // An upload whose report never came: nobody owns it.
-        let orphan = state.blobs.put(b"uploaded, never reported").unwrap();
+        let orphan = state.blobs.put(None, b"uploaded, never reported").unwrap();
 
         // Within the grace nothing is removed, and the cut-off spares both jobs.
         let pass = retention::pass(&state, cutoff - 1000, 0, 0..=255, Duration::from_secs(3600))
@@ -104,7 +104,7 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
             .unwrap();
         assert_eq!(pass.pruned.jobs, 1, "{db:?}: {pass:?}");
         assert_eq!(pass.blobs_removed, 0, "{db:?}: the grace holds: {pass:?}");
-        assert!(state.blobs.contains(&orphan));
+        assert!(state.blobs.contains(None, &orphan));
 
         // Past the grace: the old job's own blob and the orphan go.
         let pass = retention::pass(&state, cutoff, 0, 0..=255, Duration::ZERO)
@@ -112,10 +112,10 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
             .unwrap();
         assert_eq!(pass.pruned.jobs, 0, "{db:?}: pruned once: {pass:?}");
         assert_eq!(pass.blobs_removed, 2, "{db:?}: {pass:?}");
-        assert!(!state.blobs.contains(&old_files["own.txt"]), "{db:?}");
-        assert!(!state.blobs.contains(&orphan), "{db:?}");
-        assert!(state.blobs.contains(&old_files["shared.txt"]), "{db:?}");
-        assert!(state.blobs.contains(&legacy), "{db:?}");
+        assert!(!state.blobs.contains(None, &old_files["own.txt"]), "{db:?}");
+        assert!(!state.blobs.contains(None, &orphan), "{db:?}");
+        assert!(state.blobs.contains(None, &old_files["shared.txt"]), "{db:?}");
+        assert!(state.blobs.contains(None, &legacy), "{db:?}");
 
         // The old job is gone everywhere; the kept one whole, its files readable.
         let err = c.client.job(&old.id).await.unwrap_err();
@@ -179,7 +179,7 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
         named.sort();
         assert_eq!(released, named, "{db:?}");
         assert_eq!(pass.blobs_removed, 2, "{db:?}");
-        assert!(state.blobs.contains(&legacy), "{db:?}");
+        assert!(state.blobs.contains(None, &legacy), "{db:?}");
         assert_eq!(
             rows(
                 &pool,

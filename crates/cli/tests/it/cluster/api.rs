@@ -678,11 +678,11 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
     }
     // An upload under another hash is refused and stores nothing.
     let wrong = a
-        .put_blob(&"0".repeat(64), stdout.clone())
+        .put_blob(&"0".repeat(64), None, stdout.clone())
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Some("blob_hash_mismatch"));
-    a.put_blob(&sha, stdout.clone()).await.unwrap();
+    a.put_blob(&sha, None, stdout.clone()).await.unwrap();
     // Both inline and ahead.
     let mut both = record.clone();
     both.report.stdout = "inline".into();
@@ -696,7 +696,7 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
     // An output blob that is not JSON.
     let not_json = b"{not json".to_vec();
     let not_json_sha = hex::encode(sha2::Sha256::digest(&not_json));
-    a.put_blob(&not_json_sha, not_json).await.unwrap();
+    a.put_blob(&not_json_sha, None, not_json).await.unwrap();
     let mut bad_output = record.clone();
     bad_output.report.output = None;
     bad_output.blobs.output = Some(not_json_sha);
