@@ -1047,7 +1047,9 @@ async fn deliver_once(shared: &Shared) -> Result<usize, ClientError> {
         for sha in &pending.uploads {
             match shared.outbox.blob(sha) {
                 Ok(data) => {
-                    client.put_blob(sha, Some(&pending.report.lease_id), data).await?;
+                    client
+                        .put_blob(sha, Some(&pending.report.lease_id), data)
+                        .await?;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, blob = %sha, "outbox blob missing; the report goes without it")

@@ -70,7 +70,9 @@ async fn forget(state: &State, disowned: &[(String, String)]) -> Result<u64, Sto
         match done {
             Ok(Ok(true)) => removed += 1,
             Ok(Ok(false)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, blob = %hash, tenant, "removing a tenant's copy"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, blob = %hash, tenant, "removing a tenant's copy")
+            }
             Err(e) => tracing::error!(error = %e, "removing a tenant's copy"),
         }
         if state.store.owns_blob(tenant, hash).await? {

@@ -811,7 +811,11 @@ pub async fn put_blob(
     // Disk writes happen on a blocking thread fed through a small queue, so a slow disk
     // slows the upload rather than a runtime worker.
     let owner = match &upload.lease {
-        Some(lease) => state.store.lease_owners(agent, &[lease.as_str()]).await?.remove(lease),
+        Some(lease) => state
+            .store
+            .lease_owners(agent, &[lease.as_str()])
+            .await?
+            .remove(lease),
         None => None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(16);
@@ -1000,8 +1004,13 @@ fn store_form(
     audit["report_sha256"] = report_sha256.into();
     audit["signature"] = signature.clone().into();
     let measures = crate::outputs::Measures::of(&report);
-    let blobs = named_blobs(state, owner, &report, [&stdout_blob, &stderr_blob, &output_blob])
-        .map_err(internal)?;
+    let blobs = named_blobs(
+        state,
+        owner,
+        &report,
+        [&stdout_blob, &stderr_blob, &output_blob],
+    )
+    .map_err(internal)?;
     Ok(ReportInput {
         blobs,
         audit,

@@ -147,10 +147,8 @@ async fn two_coordinators_serve_each_others_blobs_through_s3() {
         .with_secret_access_key("test")
         .build()
         .unwrap();
-    let key = object_store::path::Path::from(format!(
-        "blobs/tenants/default/{}/{stderr}",
-        &stderr[..2]
-    ));
+    let key =
+        object_store::path::Path::from(format!("blobs/tenants/default/{}/{stderr}", &stderr[..2]));
     object_store::ObjectStoreExt::put(&raw, &key, b"forged".to_vec().into())
         .await
         .unwrap();
@@ -307,15 +305,27 @@ async fn each_tenant_keeps_its_blobs_under_its_own_prefix() {
     assert_eq!(
         acme_keys,
         {
-            let mut k = vec![key("acme", &acme["shared.txt"]), key("acme", &acme["own.txt"])];
+            let mut k = vec![
+                key("acme", &acme["shared.txt"]),
+                key("acme", &acme["own.txt"]),
+            ];
             k.sort();
             k
         },
         "acme's area holds its two files, nothing of bolt's"
     );
-    assert!(bolt_keys.contains(&key("bolt", &bolt["shared.txt"])), "{bolt_keys:?}");
-    assert!(bolt_keys.contains(&key("bolt", &bolt["own.txt"])), "{bolt_keys:?}");
-    assert!(!bolt_keys.contains(&key("bolt", &acme["own.txt"])), "{bolt_keys:?}");
+    assert!(
+        bolt_keys.contains(&key("bolt", &bolt["shared.txt"])),
+        "{bolt_keys:?}"
+    );
+    assert!(
+        bolt_keys.contains(&key("bolt", &bolt["own.txt"])),
+        "{bolt_keys:?}"
+    );
+    assert!(
+        !bolt_keys.contains(&key("bolt", &acme["own.txt"])),
+        "{bolt_keys:?}"
+    );
     // Uploaded with a lease: nothing went to the shared area.
     let shared_area: Vec<String> = keys(&endpoint, "blobs")
         .await
@@ -323,7 +333,10 @@ async fn each_tenant_keeps_its_blobs_under_its_own_prefix() {
         .filter(|k| !k.starts_with("blobs/tenants/"))
         .collect();
     for sha in acme.values().chain(bolt.values()) {
-        assert!(!shared_area.iter().any(|k| k.ends_with(sha.as_str())), "{shared_area:?}");
+        assert!(
+            !shared_area.iter().any(|k| k.ends_with(sha.as_str())),
+            "{shared_area:?}"
+        );
     }
 
     // acme's job pruned: its copies go, bolt's stay, and bolt reads its file through a second
@@ -334,7 +347,10 @@ async fn each_tenant_keeps_its_blobs_under_its_own_prefix() {
         .unwrap();
     assert_eq!(pass.pruned.jobs, 1, "{pass:?}");
     assert_eq!(pass.tenant_copies_removed, 2, "{pass:?}");
-    assert_eq!(keys(&endpoint, "blobs/tenants/acme").await, Vec::<String>::new());
+    assert_eq!(
+        keys(&endpoint, "blobs/tenants/acme").await,
+        Vec::<String>::new()
+    );
     assert_eq!(keys(&endpoint, "blobs/tenants/bolt").await, bolt_keys);
     let mut second = c.running.state.config.clone();
     second.listen = "127.0.0.1:0".parse().unwrap();
@@ -349,11 +365,18 @@ async fn each_tenant_keeps_its_blobs_under_its_own_prefix() {
 
     // An upload that named no lease (an agent of an older version) waits in the shared area;
     // a report naming it puts it in the tenant's, and reads fall back to the shared one.
-    let early = state.blobs.put(None, b"uploaded before the tenant was known").unwrap();
+    let early = state
+        .blobs
+        .put(None, b"uploaded before the tenant was known")
+        .unwrap();
     let shared_key = format!("blobs/{}/{early}", &early[..2]);
     assert!(keys(&endpoint, "blobs").await.contains(&shared_key));
     assert_eq!(state.blobs.claim("bolt", &early).unwrap(), Some(36));
-    assert!(keys(&endpoint, "blobs/tenants/bolt").await.contains(&key("bolt", &early)));
+    assert!(
+        keys(&endpoint, "blobs/tenants/bolt")
+            .await
+            .contains(&key("bolt", &early))
+    );
     let other_blobs = &other.state.blobs;
     assert_eq!(
         other_blobs.get(Some("acme"), &early).unwrap(),

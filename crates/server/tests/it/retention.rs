@@ -114,7 +114,10 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
         assert_eq!(pass.blobs_removed, 2, "{db:?}: {pass:?}");
         assert!(!state.blobs.contains(None, &old_files["own.txt"]), "{db:?}");
         assert!(!state.blobs.contains(None, &orphan), "{db:?}");
-        assert!(state.blobs.contains(None, &old_files["shared.txt"]), "{db:?}");
+        assert!(
+            state.blobs.contains(None, &old_files["shared.txt"]),
+            "{db:?}"
+        );
         assert!(state.blobs.contains(None, &legacy), "{db:?}");
 
         // The old job is gone everywhere; the kept one whole, its files readable.

@@ -683,6 +683,22 @@ pub async fn reports_naming_blobs_are_checked(db: Db) {
         .unwrap_err();
     assert_eq!(wrong.code(), Some("blob_hash_mismatch"));
     a.put_blob(&sha, None, stdout.clone()).await.unwrap();
+    // An upload naming a lease is owned by that shard's tenant at once, but only when the
+    // uploading agent holds the lease: under another agent's, it owns nothing.
+    let b = fake_agent(&c, "b").await;
+    let foreign = b"uploaded under another agent's lease".to_vec();
+    let foreign_sha = hex::encode(sha2::Sha256::digest(&foreign));
+    b.put_blob(&foreign_sha, Some(&t.lease_id), foreign)
+        .await
+        .unwrap();
+    let err = c.client.get_blob(&foreign_sha).await.unwrap_err();
+    assert!(err.to_string().contains("not_found"), "{err}");
+    let own = b"uploaded under its own lease".to_vec();
+    let own_sha = hex::encode(sha2::Sha256::digest(&own));
+    a.put_blob(&own_sha, Some(&t.lease_id), own.clone())
+        .await
+        .unwrap();
+    assert_eq!(c.client.get_blob(&own_sha).await.unwrap(), own);
     // Both inline and ahead.
     let mut both = record.clone();
     both.report.stdout = "inline".into();
