@@ -930,23 +930,35 @@ async fn bootstrap_token(
 }
 
 /// The coordinator's ed25519 key for audit checkpoints: its seed (hex) in `path`, mode 0600,
-/// made on first start.
+/// made on first start. Coordinators starting together on one shared file (a volume both
+/// mount) end with the same key: the new file is written aside and linked into place only if
+/// no other got there first, and then whichever is in place is read.
 fn audit_key(path: &std::path::Path) -> std::io::Result<ed25519_dalek::SigningKey> {
-    if let Ok(text) = fs_err::read_to_string(path) {
-        let seed = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "not a 32-byte hex ed25519 seed",
-                )
-            })?;
-        return Ok(ed25519_dalek::SigningKey::from_bytes(&seed));
+    if !path.exists() {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut tag = [0u8; 8];
+        getrandom::fill(&mut tag).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let aside = path.with_extension(format!("new-{}", hex::encode(tag)));
+        write_secret(&aside, &hex::encode(seed))?;
+        let linked = std::fs::hard_link(&aside, path);
+        let _ = std::fs::remove_file(&aside);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
     }
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
-    write_secret(path, &hex::encode(seed))?;
+    let text = fs_err::read_to_string(path)?;
+    let seed = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a 32-byte hex ed25519 seed",
+            )
+        })?;
     Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
@@ -962,4 +974,26 @@ pub(crate) fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Res
     f.write_all(secret.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Coordinators starting together on one shared key file all end with one key, whichever
+    /// made it.
+    #[test]
+    fn coordinators_racing_to_make_the_audit_key_share_one() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.key");
+            let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| super::audit_key(&path).unwrap().to_bytes()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]));
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "only the key is left");
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod cluster;
+mod compose;
 mod doctor;
 mod egress;
 mod install;
