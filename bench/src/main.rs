@@ -14,6 +14,7 @@
 //! cargo run --release -p fleetbox-bench -- env       [--runs 50] [--builds 3]
 //! cargo run --release -p fleetbox-bench -- run       [--calls 200]
 //! cargo run --release -p fleetbox-bench -- idle      [--agents 1000] [--seconds 20]   # idle agents' cost
+//! cargo run --release -p fleetbox-bench -- scale     [--shards 1000000] [--executors 4] [--batch 500]
 //! cargo run --release -p fleetbox-bench -- review    [--runs 50]
 //! cargo run --release -p fleetbox-bench -- planner   [--runs 50] [--chains 20]
 //! ```
@@ -29,6 +30,7 @@ mod jail;
 mod planner;
 mod review;
 mod run;
+mod scale;
 mod startup;
 mod throughput;
 mod trust_sim;
@@ -73,6 +75,11 @@ fn main() {
             util::flag(&args, "--seconds").unwrap_or(20) as u64,
         ),
         "env" => env::run(runs, util::flag(&args, "--builds").unwrap_or(3)),
+        "scale" => scale::run(
+            util::flag(&args, "--shards").unwrap_or(1_000_000),
+            util::flag(&args, "--executors").unwrap_or(4),
+            util::flag(&args, "--batch").unwrap_or(500) as u32,
+        ),
         "e2e" => e2e::run(
             util::flag(&args, "--shards").unwrap_or(500),
             args.iter()
@@ -83,7 +90,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: fleetbox-bench startup|jail|docker|throughput|tenancy|idle|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
+                "usage: fleetbox-bench startup|jail|docker|throughput|tenancy|idle|scale|e2e|audit|verify|trust|env|run|review|planner [--runs N] [--tasks N] [--shards N] [--entries N]"
             );
             std::process::exit(2);
         }

@@ -25,6 +25,7 @@ pub mod api;
 pub mod blobs;
 mod checker;
 pub mod custody;
+pub mod heartbeats;
 pub mod ids;
 mod intake;
 pub mod metrics;
@@ -39,6 +40,7 @@ pub mod retention;
 mod scheduler;
 pub mod store;
 pub mod tls;
+mod token_cache;
 pub mod ui;
 
 pub use checker::{SERVER_MEMORY, SERVER_PROCESSES};
@@ -257,6 +259,14 @@ pub enum StartError {
     Blobs(#[from] blobs::OpenError),
     #[error("`--agent-mtls` needs TLS on the listener (`--tls auto` or `--tls-cert`/`--tls-key`)")]
     MtlsWithoutTls,
+    #[error(
+        "`--agent-timeout` ({timeout_ms} ms) must exceed the heartbeat ({heartbeat_ms} ms) by at least {margin_ms} ms: heartbeats reach the database up to that late, and agents would be called lost while alive"
+    )]
+    AgentTimeout {
+        timeout_ms: u64,
+        heartbeat_ms: u64,
+        margin_ms: u64,
+    },
     #[error("`--audit-trusted-keys`: {0}")]
     TrustedKeys(#[from] custody::CustodyError),
     #[error(
@@ -298,8 +308,8 @@ pub struct State {
     pub planner_wake: Notify,
     /// Woken when webhooks may be due.
     pub notify_wake: Notify,
-    /// Tokens looked up in the last [`api::TOKEN_CACHE`], by hash.
-    token_cache: Mutex<HashMap<String, (Principal, std::time::Instant)>>,
+    /// Tokens looked up, believed until the database says they changed (`token_cache`).
+    tokens: token_cache::TokenCache,
     /// Failed uses of tokens recorded in the audit log this second, and those left out since.
     invalid_tokens: Mutex<InvalidTokens>,
     job_cache: Mutex<HashMap<String, Arc<JobInfo>>>,
@@ -311,6 +321,8 @@ pub struct State {
     pub stopping: watch::Receiver<bool>,
     /// This coordinator process among those sharing the database (owner of the folds it claims).
     pub instance: String,
+    /// Agents' heartbeats not written yet (the scheduler writes them together).
+    pub heartbeats: heartbeats::Heartbeats,
     /// When this coordinator started (ms): agents get one agent timeout of grace after it.
     pub started_at: i64,
     /// The audit log's keys, journal and shipping (see `custody`).
@@ -400,29 +412,18 @@ impl State {
         }
     }
 
-    /// A token looked up less than [`api::TOKEN_CACHE`] ago.
+    /// A token looked up recently and not changed since (see `token_cache`).
     fn cached_token(&self, hash: &str) -> Option<Principal> {
-        let cache = self.token_cache.lock().expect("token cache");
-        cache
-            .get(hash)
-            .filter(|(_, at)| at.elapsed() < api::TOKEN_CACHE)
-            .map(|(p, _)| p.clone())
+        self.tokens.get(hash)
     }
 
     fn cache_token(&self, hash: &str, principal: &Principal) {
-        let mut cache = self.token_cache.lock().expect("token cache");
-        if cache.len() >= 10_000 {
-            cache.retain(|_, (_, at)| at.elapsed() < api::TOKEN_CACHE);
-        }
-        cache.insert(
-            hash.to_string(),
-            (principal.clone(), std::time::Instant::now()),
-        );
+        self.tokens.put(hash, principal);
     }
 
     /// Forget every cached token (one was revoked here: refuse it at once).
     pub(crate) fn forget_tokens(&self) {
-        self.token_cache.lock().expect("token cache").clear();
+        self.tokens.clear();
     }
 
     pub async fn job_info(&self, job_id: &str) -> Result<Arc<JobInfo>, ApiError> {
@@ -553,19 +554,43 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
-        self.state.store.close().await;
+        self.state.last_writes().await;
     }
 
     /// Resolves when a shutdown was requested and the HTTP server has stopped.
     pub async fn wait(self) -> std::io::Result<()> {
         let res = self.server.await.unwrap_or(Ok(()));
-        self.state.store.close().await;
+        self.state.last_writes().await;
         res
     }
 
     /// A handle that triggers a graceful shutdown.
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
+    }
+}
+
+/// The agent timeout leaves room for a heartbeat's way to the database (a scheduler tick:
+/// see [`heartbeats`]).
+fn check_agent_timeout(config: &ServerConfig) -> Result<(), StartError> {
+    let margin_ms = scheduler::TICK.as_millis() as u64;
+    if config.agent_timeout_ms < config.heartbeat_ms + margin_ms {
+        return Err(StartError::AgentTimeout {
+            timeout_ms: config.agent_timeout_ms,
+            heartbeat_ms: config.heartbeat_ms,
+            margin_ms,
+        });
+    }
+    Ok(())
+}
+
+impl State {
+    /// What a stopping coordinator writes before it closes the store: the heartbeats waiting.
+    async fn last_writes(&self) {
+        if let Err(e) = self.heartbeats.flush(&self.store).await {
+            tracing::warn!(error = %e, "could not write the last heartbeats");
+        }
+        self.store.close().await;
     }
 }
 
@@ -577,6 +602,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
     };
     fs_err::create_dir_all(&config.data_dir).map_err(data_err(&config.data_dir))?;
     check_sandbox(&config)?;
+    check_agent_timeout(&config)?;
     fleetbox_sandbox::sweep_stale(&config.sandbox);
     let url = config
         .database_url
@@ -625,7 +651,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         checks: Notify::new(),
         planner_wake: Notify::new(),
         notify_wake: Notify::new(),
-        token_cache: Mutex::new(HashMap::new()),
+        tokens: token_cache::TokenCache::default(),
         invalid_tokens: Mutex::new(InvalidTokens::default()),
         job_cache: Mutex::new(HashMap::new()),
         waiting: Mutex::new(HashMap::new()),
@@ -633,6 +659,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         aggregating: Mutex::new(HashSet::new()),
         stopping: shutdown.subscribe(),
         instance: format!("coord_{}", ids::random_hex(8)),
+        heartbeats: heartbeats::Heartbeats::default(),
         started_at: store::now_ms(),
         custody,
         reviewer,
@@ -651,6 +678,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         ));
     }
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(token_cache::follow(state.clone(), shutdown.subscribe()));
     tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));
     tokio::spawn(checker::run(state.clone(), shutdown.subscribe()));

@@ -308,10 +308,6 @@ pub struct Auth {
     path: String,
 }
 
-/// How long a looked-up token is believed without asking the database again: a token revoked
-/// on any coordinator sharing the database is refused everywhere within this.
-pub const TOKEN_CACHE: std::time::Duration = std::time::Duration::from_millis(500);
-
 impl Auth {
     pub fn principal(&self) -> &Principal {
         &self.principal

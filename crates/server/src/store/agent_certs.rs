@@ -88,7 +88,8 @@ impl Store {
             return Ok(false);
         }
         let tokens = sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE agent_id = $2 AND revoked_at IS NULL",
+            "UPDATE tokens SET revoked_at = $1, changed_at = $1 \
+             WHERE agent_id = $2 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(agent_id)

@@ -186,17 +186,28 @@ impl Store {
         Ok(changed)
     }
 
-    /// Record a heartbeat: the agent is alive and this is its load.
-    pub async fn touch_agent(&self, agent_id: &str, load: &AgentLoad) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agents SET last_seen = $1, load = $2, state = $3 WHERE id = $4")
-            .bind(now_ms())
-            .bind(json(load))
+    /// Record heartbeats (`crate::heartbeats`), all in one transaction: each agent is alive as
+    /// of its beat, with the load it reported. A row never goes back: a beat older than what
+    /// another coordinator (or a lease call) wrote changes nothing.
+    pub async fn touch_agents(&self, beats: &[crate::heartbeats::Beat]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await.doing("recording heartbeats")?;
+        for b in beats {
+            sqlx::query(
+                "UPDATE agents SET last_seen = $1, load = $2, state = $3 \
+                 WHERE id = $4 AND last_seen <= $1",
+            )
+            .bind(b.at)
+            .bind(b.load.as_str())
             .bind(AgentState::Online.as_str())
-            .bind(agent_id)
-            .execute(self.writer())
+            .bind(b.agent_id.as_str())
+            .execute(&mut *tx)
             .await
-            .doing("recording a heartbeat")?;
-        Ok(())
+            .doing("recording heartbeats")?;
+        }
+        tx.commit().await.doing("recording heartbeats")
     }
 
     /// Replace what an agent said about its machine (after a restart).

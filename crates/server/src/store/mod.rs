@@ -228,6 +228,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0031_retention",
         include_str!("../../migrations/0031_retention.sql"),
     ),
+    (
+        "0032_token_changes",
+        include_str!("../../migrations/0032_token_changes.sql"),
+    ),
 ];
 
 #[derive(Clone)]

@@ -219,7 +219,8 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("rotating a token")?;
         let revoked = sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
+            "UPDATE tokens SET revoked_at = $1, changed_at = $1 \
+             WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(t.tenant_id)
@@ -256,6 +257,16 @@ impl Store {
             .await
             .doing("reading a token")?;
         row.as_ref().map(view_of).transpose()
+    }
+
+    /// Tokens (by hash) changed after `since` (ms; ended or shortened), with when: what a
+    /// coordinator's token cache forgets.
+    pub async fn tokens_changed_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as("SELECT hash, changed_at FROM tokens WHERE changed_at > $1")
+            .bind(since)
+            .fetch_all(&self.read)
+            .await
+            .doing("reading changed tokens")
     }
 
     pub async fn token(&self, hash: &str) -> Result<Option<StoredToken>, StoreError> {
@@ -321,7 +332,8 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("revoking a token")?;
         let done = sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
+            "UPDATE tokens SET revoked_at = $1, changed_at = $1 \
+             WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(tenant_id)
@@ -359,11 +371,13 @@ impl Store {
             .doing("renewing an agent's credential")?;
         let cut = sqlx::query(
             "UPDATE tokens SET expires_at = CASE WHEN expires_at IS NULL OR expires_at > $1 \
-             THEN $1 ELSE expires_at END WHERE id = $2 AND agent_id = $3 AND revoked_at IS NULL",
+             THEN $1 ELSE expires_at END, changed_at = $4 \
+             WHERE id = $2 AND agent_id = $3 AND revoked_at IS NULL",
         )
         .bind(old_until)
         .bind(old_id)
         .bind(agent_id)
+        .bind(now)
         .execute(&mut *tx)
         .await
         .doing("renewing an agent's credential")?

@@ -80,3 +80,53 @@ async fn an_idle_poll_writes_nothing_and_a_frozen_agent_is_lost_mid_poll() {
         c.stop().await;
     }
 }
+
+/// A hundred heartbeats from twenty agents cost a handful of writes (one transaction a tick,
+/// not one a beat), every agent's `last_seen` moves to its latest beat, and a beat that
+/// arrives late (another coordinator's, older) never moves a row back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_written_together_and_never_go_back() {
+    for db in BOTH {
+        let Some(c) = Coordinator::start(db).await else {
+            continue;
+        };
+        let url = c.running.url();
+        let mut agents = Vec::new();
+        for i in 0..20 {
+            agents.push(SignedAgent::enroll(&url, &c.running.enroll_token, &format!("b{i}")).await);
+        }
+        let store = &c.running.state.store;
+        let writes = store.writes();
+        let started = fleetbox_server::store::now_ms();
+        for _ in 0..5 {
+            for a in &agents {
+                a.heartbeat(&Default::default()).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Two ticks for the last beats to be written.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let written = store.writes() - writes;
+        let ticks = (fleetbox_server::store::now_ms() - started) / 250 + 2;
+        assert!(
+            written as i64 <= ticks,
+            "{db:?}: 100 heartbeats took {written} writes (at most one a tick: {ticks})"
+        );
+        let mut last = Vec::new();
+        for a in &agents {
+            let (state, seen_at) = seen(&c, &a.agent_id).await;
+            assert_eq!(state, AgentState::Online, "{db:?}");
+            assert!(seen_at >= started, "{db:?}: {} not written", a.agent_id);
+            last.push(seen_at);
+        }
+        // An older beat changes nothing.
+        let stale = fleetbox_server::heartbeats::Beat {
+            agent_id: agents[0].agent_id.clone(),
+            at: started - 60_000,
+            load: "{}".into(),
+        };
+        store.touch_agents(&[stale]).await.unwrap();
+        assert_eq!(seen(&c, &agents[0].agent_id).await.1, last[0], "{db:?}");
+        c.stop().await;
+    }
+}

@@ -577,8 +577,16 @@ pub async fn malformed_specs_and_bodies_get_typed_errors(db: Db) {
         })
         .await
         .unwrap();
-    let agents = c.client.agents().await.unwrap().agents;
-    let probe = agents.iter().find(|a| a.name == "probe").unwrap();
+    // The facts are written at once; the load with the other heartbeats, within a tick.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let probe = loop {
+        let agents = c.client.agents().await.unwrap().agents;
+        let probe = agents.into_iter().find(|a| a.name == "probe").unwrap();
+        if probe.load.slots == 3 || std::time::Instant::now() > deadline {
+            break probe;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         (probe.facts.cores, probe.slots, probe.load.slots),
         (7, 3, 3)
