@@ -1199,14 +1199,15 @@ async fn insert_tasks(
     job: &NewJob,
     now: i64,
 ) -> Result<(), StoreError> {
-    let inputs: Vec<String> = job.inputs.iter().map(json).collect();
     let server_only = job.review.as_ref().is_some_and(|r| {
         matches!(
             r.decision,
             fleetbox_proto::Decision::RunOnServerOnly | fleetbox_proto::Decision::Hold
         )
     });
-    for (chunk_no, chunk) in inputs.chunks(per_statement).enumerate() {
+    // Serialised a statement at a time: a million shards' inputs are never all text at once.
+    for (chunk_no, values) in job.inputs.chunks(per_statement).enumerate() {
+        let chunk: Vec<String> = values.iter().map(json).collect();
         let mut sql = Sql::new(
             "INSERT INTO tasks (tenant_id, job_id, shard_index, state, priority, input, \
              max_attempts, updated_at, backend, replicas, hardened, pool, session, only_agent) \
