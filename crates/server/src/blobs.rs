@@ -92,9 +92,9 @@ impl Blobs {
         })?;
         if let Some(config) = remote {
             let r = Remote::open(config)?;
-            r.check().await.map_err(|why| OpenError::Remote {
+            r.check().await.map_err(|e| OpenError::Remote {
                 url: config.url.clone(),
-                why,
+                why: e.to_string(),
             })?;
             blobs.remote = Some(r);
         }
@@ -339,12 +339,12 @@ impl Remote {
     }
 
     /// Reach the bucket: a listing of at most one key under the prefix.
-    async fn check(&self) -> Result<(), String> {
+    async fn check(&self) -> Result<(), object_store::Error> {
         use futures_util::StreamExt;
         let prefix = object_store::path::Path::from(self.prefix.as_str());
         let mut list = self.store.list(Some(&prefix));
         match list.next().await {
-            Some(Err(e)) => Err(e.to_string()),
+            Some(Err(e)) => Err(e),
             _ => Ok(()),
         }
     }

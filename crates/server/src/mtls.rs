@@ -46,6 +46,17 @@ pub struct AgentMtls {
     known: Mutex<HashMap<String, String>>,
 }
 
+/// Why an agent's certificate request was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("not a certificate request in PEM: {0}")]
+    NotARequest(#[source] rcgen::Error),
+    #[error("no randomness for a serial number: {0}")]
+    Random(String),
+    #[error("could not sign the request: {0}")]
+    Sign(#[source] rcgen::Error),
+}
+
 /// A certificate signed for an agent.
 #[derive(Debug, Clone)]
 pub struct Signed {
@@ -82,11 +93,11 @@ impl AgentMtls {
 
     /// Sign `csr_pem` for `agent_id`: only the request's key is used; the name (the agent's
     /// id), usage (client authentication) and lifetime are the coordinator's.
-    pub fn sign(&self, csr_pem: &str, agent_id: &str) -> Result<Signed, String> {
+    pub fn sign(&self, csr_pem: &str, agent_id: &str) -> Result<Signed, SignError> {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| format!("not a certificate request in PEM: {e}"))?;
+            .map_err(SignError::NotARequest)?;
         let mut serial = [0u8; 16];
-        getrandom::fill(&mut serial).map_err(|e| e.to_string())?;
+        getrandom::fill(&mut serial).map_err(|e| SignError::Random(e.to_string()))?;
         serial[0] &= 0x7f; // positive
         let now = time::OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
@@ -100,7 +111,7 @@ impl AgentMtls {
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
-            .map_err(|e| e.to_string())?;
+            .map_err(SignError::Sign)?;
         let expires_at = crate::store::now_ms() + CERT_LIFETIME.as_millis() as i64;
         Ok(Signed {
             pem: cert.pem(),

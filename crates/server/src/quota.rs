@@ -10,11 +10,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use fleetbox_proto::tenancy::TenantCaps;
 
 use crate::State;
-use crate::api::ApiError;
 use crate::store::audit::{Action, Entry};
 use crate::store::{StoreError, now_ms};
 
@@ -95,37 +93,52 @@ pub async fn record_capped(state: &State, tenant: &str, actor: &str, why: &str) 
     }
 }
 
-/// Whether `tenant` may submit now: `429 rate_limited` with `Retry-After` above its submit
-/// rate (not audited: a burst would flood the log).
-pub async fn admit_rate(state: &State, tenant: &str) -> Result<(), ApiError> {
+/// Why a tenant may not go on now; the API answers `429 rate_limited` (with `Retry-After`)
+/// and `403 quota_exceeded`.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("tenant `{tenant}` may submit {rate} jobs a second; try again in {wait_s:.1} s")]
+    RateLimited {
+        tenant: String,
+        rate: f64,
+        wait_s: f64,
+    },
+    #[error("{0}")]
+    Exceeded(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Whether `tenant` may submit now: [`QuotaError::RateLimited`] above its submit rate (not
+/// audited: a burst would flood the log).
+pub async fn admit_rate(state: &State, tenant: &str) -> Result<(), QuotaError> {
     let caps = state.quotas.caps(state, tenant).await?;
     let Some(rate) = caps.submit_rate else {
         return Ok(());
     };
-    state.quotas.take(tenant, rate).map_err(|wait| {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("tenant `{tenant}` may submit {rate} jobs a second; try again in {wait:.1} s"),
-        );
-        e.retry_after = Some(wait.ceil() as u64);
-        e
-    })
+    state
+        .quotas
+        .take(tenant, rate)
+        .map_err(|wait_s| QuotaError::RateLimited {
+            tenant: tenant.to_string(),
+            rate,
+            wait_s,
+        })
 }
 
-/// Whether `tenant` may add `shards` shards now: `403 quota_exceeded` (audited) past its
+/// Whether `tenant` may add `shards` shards now: [`QuotaError::Exceeded`] (audited) past its
 /// shards or CPU seconds of the last day or its blob bytes.
 pub async fn admit_shards(
     state: &State,
     tenant: &str,
     actor: &str,
     shards: u64,
-) -> Result<(), ApiError> {
+) -> Result<(), QuotaError> {
     let Some(why) = over_caps(state, tenant, shards).await? else {
         return Ok(());
     };
     record_capped(state, tenant, actor, &why).await;
-    Err(ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", why))
+    Err(QuotaError::Exceeded(why))
 }
 
 /// Why `tenant` may not add `shards` shards now; `None` when it may. Submissions, re-runs
@@ -173,7 +186,7 @@ pub async fn over_caps(
 /// The tenants no lease may serve now: past their CPU seconds of the day or their blob bytes.
 /// Worked out at most once a second per coordinator. (Running-shard caps are counted by the lease itself, in
 /// its transaction: see `store/fair.rs`.)
-pub async fn blocked(state: &State) -> Result<Vec<String>, ApiError> {
+pub async fn blocked(state: &State) -> Result<Vec<String>, StoreError> {
     if let Some((list, at)) = &*state.quotas.blocked.lock().expect("blocked")
         && at.elapsed() < CAPS_FOR
     {

@@ -494,7 +494,7 @@ fn sign_request(
     }
     mtls.sign(csr, agent)
         .map(Some)
-        .map_err(|why| ApiError::bad_request("invalid_body", why).with_field("csr"))
+        .map_err(|why| ApiError::bad_request("invalid_body", why.to_string()).with_field("csr"))
 }
 
 /// Record a signed certificate (so it can be revoked) and answer it.

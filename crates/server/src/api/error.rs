@@ -89,6 +89,24 @@ impl From<SpecError> for ApiError {
     }
 }
 
+impl From<crate::quota::QuotaError> for ApiError {
+    fn from(e: crate::quota::QuotaError) -> Self {
+        use crate::quota::QuotaError;
+        match e {
+            QuotaError::RateLimited { wait_s, .. } => {
+                let mut err =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string());
+                err.retry_after = Some(wait_s.ceil() as u64);
+                err
+            }
+            QuotaError::Exceeded(why) => {
+                ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", why)
+            }
+            QuotaError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let trace = current_trace_id();
