@@ -113,16 +113,30 @@ def run_body(
     wait: float,
     allow_hosts: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
-    body: Dict[str, Any] = {"code": code, "wait_ms": int(wait * 1000)}
+    body = sandbox_body(timeout, limits, requirements, wait, allow_hosts)
+    body["code"] = code
     if input is not None:
         body["input"] = input
+    if files:
+        body["files"] = encode_files(files)
+    return body
+
+
+def sandbox_body(
+    timeout: Optional[float],
+    limits: Optional[Mapping[str, Any]],
+    requirements: Optional[List[str]],
+    wait: float,
+    allow_hosts: Optional[List[str]] = None,
+) -> Dict[str, Any]:
+    """What a run and a session's opening say alike: the wait, limits, allowed hosts and the
+    environment's requirements."""
+    body: Dict[str, Any] = {"wait_ms": int(wait * 1000)}
     lim = limits_with(limits, timeout)
     if allow_hosts:
         lim["network"] = {"allow": list(allow_hosts)}
     if lim:
         body["limits"] = lim
-    if files:
-        body["files"] = encode_files(files)
     if requirements:
         body["environment"] = {"requirements": list(requirements)}
     return body

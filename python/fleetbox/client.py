@@ -13,11 +13,11 @@ from ._common import (
     Files,
     Progress,
     Result,
-    limits_with,
     load_spec,
     map_spec,
     raise_for,
     run_body,
+    sandbox_body,
     server_and_token,
     unreachable,
     verify_for,
@@ -287,14 +287,7 @@ def _session_body(
     lifetime: Optional[float],
     wait: float,
 ) -> Dict[str, Any]:
-    body: Dict[str, Any] = {"wait_ms": int(wait * 1000)}
-    lim = limits_with(limits, timeout)
-    if allow_hosts:
-        lim["network"] = {"allow": list(allow_hosts)}
-    if lim:
-        body["limits"] = lim
-    if requirements:
-        body["environment"] = {"requirements": list(requirements)}
+    body = sandbox_body(timeout, limits, requirements, wait, allow_hosts)
     if idle_timeout is not None:
         body["idle_timeout_ms"] = max(1000, int(idle_timeout * 1000))
     if lifetime is not None:
