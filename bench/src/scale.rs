@@ -210,7 +210,7 @@ async fn probe(admin: Client, job: String, running: Arc<AtomicBool>) -> Vec<f64>
 
 /// A protocol-level executor: lease up to `batch`, report them all done (signed), until the
 /// queue is empty; how many it reported.
-async fn execute(
+pub(crate) async fn execute(
     agent: Client,
     key: ed25519_dalek::SigningKey,
     batch: u32,

@@ -7,8 +7,8 @@ use fleetbox_proto::JobState;
 use std::time::{Duration, Instant};
 
 use fleetbox_client::Client;
-use fleetbox_proto::api::{EnrollRequest, LeaseRequest, ReportBatch, ShardReport};
-use fleetbox_proto::{ExecutionReport, JobSpec, Status};
+use fleetbox_proto::JobSpec;
+use fleetbox_proto::api::EnrollRequest;
 use fleetbox_server::ServerConfig;
 
 /// Set to a PostgreSQL URL (a database the bench may create databases from) to measure it too.
@@ -267,44 +267,7 @@ pub async fn one_shaped(
     let start = Instant::now();
     let mut handles = Vec::new();
     for (agent, key) in agents {
-        handles.push(tokio::spawn(async move {
-            let mut done = 0usize;
-            loop {
-                let lease = agent
-                    .lease(&LeaseRequest {
-                        max_tasks: batch,
-                        wait_ms: 0,
-                        backend: None,
-                        hardened_only: false,
-                        cached_code: Vec::new(),
-                        sessions: false,
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if lease.tasks.is_empty() {
-                    return Ok::<usize, String>(done);
-                }
-                let reports = lease
-                    .tasks
-                    .into_iter()
-                    .map(|t| {
-                        let mut r = ShardReport::new(
-                            t.lease_id,
-                            t.task_id,
-                            ExecutionReport::unmeasured(Status::Ok, Some(serde_json::json!(1))),
-                        );
-                        r.attempt = t.attempt;
-                        r.sign(&key);
-                        r
-                    })
-                    .collect::<Vec<_>>();
-                done += reports.len();
-                agent
-                    .report(&ReportBatch { reports })
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }));
+        handles.push(tokio::spawn(crate::scale::execute(agent, key, batch)));
     }
     let mut total = 0;
     for h in handles {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fleetbox_proto::{JobState, TaskState};
 
-use crate::support::bin;
+use crate::support::{bin, docker};
 
 const ADMIN: &str = "compose-test-admin-token";
 
@@ -73,16 +73,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// Whether this machine can run the fleet; outside CI a missing piece skips the test.
 fn available() -> bool {
     let docker = Path::new("/var/run/docker.sock").exists();
@@ -115,6 +105,34 @@ where
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Wait until the coordinator at `url` is ready.
+async fn ready(fleet: &Fleet, what: &str, url: &str) {
+    let probe = format!("{url}/readyz");
+    wait_until(what, fleet, Duration::from_secs(90), || {
+        let probe = probe.clone();
+        async move {
+            reqwest::get(&probe)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await;
+}
+
+/// Wait until both agents are online, as `client`'s coordinator sees them.
+async fn both_online(fleet: &Fleet, what: &str, client: &fleetbox_client::Client) {
+    wait_until(what, fleet, Duration::from_secs(60), || async {
+        client.agents().await.is_ok_and(|a| {
+            a.agents
+                .iter()
+                .filter(|a| a.state == fleetbox_proto::AgentState::Online)
+                .count()
+                == 2
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,37 +196,9 @@ async fn a_compose_fleet_survives_a_stopped_coordinator_and_an_agent_upgrade() {
         .map(|u| fleetbox_client::Client::new(u, ADMIN))
         .collect();
     for (i, url) in urls.iter().enumerate() {
-        let ready = format!("{url}/readyz");
-        wait_until(
-            &format!("coordinator-{} ready", i + 1),
-            &fleet,
-            Duration::from_secs(90),
-            || {
-                let ready = ready.clone();
-                async move {
-                    reqwest::get(&ready)
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                }
-            },
-        )
-        .await;
+        ready(&fleet, &format!("coordinator-{} ready", i + 1), url).await;
     }
-    wait_until(
-        "both agents online",
-        &fleet,
-        Duration::from_secs(60),
-        || async {
-            clients[1].agents().await.is_ok_and(|a| {
-                a.agents
-                    .iter()
-                    .filter(|a| a.state == fleetbox_proto::AgentState::Online)
-                    .count()
-                    == 2
-            })
-        },
-    )
-    .await;
+    both_online(&fleet, "both agents online", &clients[1]).await;
 
     // 40 shards of about a second each on 2 agents of 2 slots: 10 s or more of work, each
     // shard writing 40 kB of stderr (a blob in the bucket).
@@ -287,38 +277,10 @@ async fn a_compose_fleet_survives_a_stopped_coordinator_and_an_agent_upgrade() {
         assert_eq!(bytes, b"e".repeat(40000), "shard {index}");
     }
     // The upgraded agent kept its identity (its volume) and came back.
-    wait_until(
-        "agent-1 back online",
-        &fleet,
-        Duration::from_secs(60),
-        || async {
-            clients[1].agents().await.is_ok_and(|a| {
-                a.agents
-                    .iter()
-                    .filter(|a| a.state == fleetbox_proto::AgentState::Online)
-                    .count()
-                    == 2
-            })
-        },
-    )
-    .await;
+    both_online(&fleet, "agent-1 back online", &clients[1]).await;
     // coordinator-1, started again, serves the job it took in.
     fleet.must(&["start", "coordinator-1"]);
-    let ready = format!("{}/readyz", urls[0]);
-    wait_until(
-        "coordinator-1 back",
-        &fleet,
-        Duration::from_secs(60),
-        || {
-            let ready = ready.clone();
-            async move {
-                reqwest::get(&ready)
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            }
-        },
-    )
-    .await;
+    ready(&fleet, "coordinator-1 back", &urls[0]).await;
     let again = clients[0].result(&job.id).await.unwrap();
     assert_eq!(again.result_value(), Some(serde_json::json!(780)));
 }

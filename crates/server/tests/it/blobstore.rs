@@ -137,16 +137,7 @@ async fn two_coordinators_serve_each_others_blobs_through_s3() {
         .join(&stderr[..2])
         .join(&stderr);
     std::fs::remove_file(&cached).unwrap();
-    let raw = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name("fleet")
-        .with_region("us-east-1")
-        .with_endpoint(&endpoint)
-        .with_allow_http(true)
-        .with_virtual_hosted_style_request(false)
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .build()
-        .unwrap();
+    let raw = raw_bucket(&endpoint);
     let key =
         object_store::path::Path::from(format!("blobs/tenants/default/{}/{stderr}", &stderr[..2]));
     object_store::ObjectStoreExt::put(&raw, &key, b"forged".to_vec().into())
@@ -191,10 +182,9 @@ async fn a_bucket_that_cannot_be_reached_stops_the_start() {
     assert!(err.contains("only s3://"), "{err}");
 }
 
-/// The keys under `prefix` in moto's bucket `fleet`.
-async fn keys(endpoint: &str, prefix: &str) -> Vec<String> {
-    use futures_util::TryStreamExt;
-    let raw = object_store::aws::AmazonS3Builder::new()
+/// moto's bucket `fleet`, reached directly (not through a coordinator).
+fn raw_bucket(endpoint: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
         .with_bucket_name("fleet")
         .with_region("us-east-1")
         .with_endpoint(endpoint)
@@ -203,7 +193,13 @@ async fn keys(endpoint: &str, prefix: &str) -> Vec<String> {
         .with_access_key_id("test")
         .with_secret_access_key("test")
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// The keys under `prefix` in moto's bucket `fleet`.
+async fn keys(endpoint: &str, prefix: &str) -> Vec<String> {
+    use futures_util::TryStreamExt;
+    let raw = raw_bucket(endpoint);
     let prefix = object_store::path::Path::from(prefix);
     let mut keys: Vec<String> = object_store::ObjectStore::list(&raw, Some(&prefix))
         .map_ok(|m| m.location.to_string())
@@ -231,18 +227,7 @@ async fn run_as(
         assert!(Instant::now() < deadline, "{id} still {}", r.state);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let shard = client.shard(&id, 0).await.unwrap();
-    shard.attempts[0].report["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["path"].as_str().unwrap().to_string(),
-                f["sha256"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    crate::support::files_of(client, &id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

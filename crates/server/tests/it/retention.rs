@@ -23,18 +23,7 @@ fn writing(tag: &str) -> fleetbox_proto::JobSpec {
 
 /// The sha256 of each file the job's shard listed, by name.
 async fn files(c: &Coordinator, job: &str) -> std::collections::HashMap<String, String> {
-    let shard = c.client.shard(job, 0).await.unwrap();
-    shard.attempts[0].report["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["path"].as_str().unwrap().to_string(),
-                f["sha256"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    crate::support::files_of(&c.client, job).await
 }
 
 async fn rows(pool: &sqlx::AnyPool, sql: &str, job: &str) -> i64 {

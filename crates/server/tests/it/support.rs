@@ -197,3 +197,22 @@ pub fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The sha256 of each file shard 0 of `job` listed, by name, as `client` reads it.
+pub async fn files_of(
+    client: &fleetbox_client::Client,
+    job: &str,
+) -> std::collections::HashMap<String, String> {
+    let shard = client.shard(job, 0).await.unwrap();
+    shard.attempts[0].report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["sha256"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fleetbox_proto::JobState;
 
 use super::harness::{ADMIN, ENROLL, agent_command};
-use crate::support::bin;
+use crate::support::{bin, docker};
 
 /// Remove the test's containers and image, whatever happened.
 struct Cleanup {
@@ -25,16 +25,6 @@ impl Drop for Cleanup {
             .args(["rmi", "-f", &self.image])
             .output();
     }
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
