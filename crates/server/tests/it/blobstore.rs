@@ -69,20 +69,23 @@ fn bucket(endpoint: &str) -> BlobStoreConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_coordinators_serve_each_others_blobs_through_s3() {
-    let Some((_s3, endpoint)) = s3_server().await else {
-        return;
-    };
+/// moto's S3 server and a coordinator on PostgreSQL keeping its blobs there, with one agent.
+async fn on_s3() -> Option<(Killed, String, Coordinator)> {
+    let (s3, endpoint) = s3_server().await?;
     let store = bucket(&endpoint);
-    let Some(mut c) = Coordinator::start_with(Db::Postgres, |config| {
+    let mut c = Coordinator::start_with(Db::Postgres, |config| {
         config.blob_store = Some(store.clone());
     })
-    .await
-    else {
+    .await?;
+    c.agent("a", Default::default());
+    Some((s3, endpoint, c))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_serve_each_others_blobs_through_s3() {
+    let Some((_s3, endpoint, c)) = on_s3().await else {
         return;
     };
-    c.agent("a", Default::default());
     // Each shard: 40 kB of stderr (a stream blob) and a 100 kB value (an output and a stdout blob); the
     // result of three is over 256 kB (a result blob).
     let job = spec(
@@ -233,18 +236,9 @@ async fn run_as(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_keeps_its_blobs_under_its_own_prefix() {
     use fleetbox_proto::tenancy::{Scope, TenantCaps, TenantCreate, TokenCreate};
-    let Some((_s3, endpoint)) = s3_server().await else {
+    let Some((_s3, endpoint, c)) = on_s3().await else {
         return;
     };
-    let store = bucket(&endpoint);
-    let Some(mut c) = Coordinator::start_with(Db::Postgres, |config| {
-        config.blob_store = Some(store.clone());
-    })
-    .await
-    else {
-        return;
-    };
-    c.agent("a", Default::default());
     let (mut clients, mut tokens) = (Vec::new(), Vec::new());
     for name in ["acme", "bolt"] {
         c.client
