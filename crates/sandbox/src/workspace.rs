@@ -18,6 +18,11 @@ use sha2::{Digest, Sha256};
 use crate::SandboxError;
 use crate::walk;
 
+/// What failed when a run's workspace could not be given to its own user: a supervisor running
+/// as root needs `CAP_CHOWN` (and `CAP_SETUID`/`CAP_SETGID` to run as that user), which a
+/// container started with its capabilities dropped does not have.
+const HAND_OVER: &str = "hand over (chown to the run's own user: a root supervisor needs CAP_CHOWN, CAP_SETUID and CAP_SETGID)";
+
 pub const CODE_FILE: &str = "main.py";
 pub use fleetbox_proto::job::{INPUT_FILE, OUTPUT_FILE};
 
@@ -373,7 +378,7 @@ impl RunDir {
         };
         if let Some((uid, gid)) = owner {
             for d in [&work, &tmp] {
-                chown_tree(d, uid, gid).map_err(io("hand over", d))?;
+                chown_tree(d, uid, gid).map_err(io(HAND_OVER, d))?;
             }
         }
         Ok(RunDir {
@@ -427,7 +432,7 @@ impl RunDir {
             && !files.is_empty()
         {
             chown_tree(&work, uid, gid).map_err(|source| SandboxError::Workspace {
-                what: "hand over",
+                what: HAND_OVER,
                 path: work.clone(),
                 source,
             })?;

@@ -750,3 +750,33 @@ fn a_busy_port_says_to_choose_another() {
     );
     assert!(err.contains("--listen"), "{err}");
 }
+
+/// A root supervisor without the capabilities to give a run its own user (a container started
+/// with its capabilities dropped) says which ones it lacks, instead of a bare "Operation not
+/// permitted".
+#[test]
+fn a_root_supervisor_without_cap_chown_names_what_it_lacks() {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let setpriv = std::path::Path::new("/usr/bin/setpriv").exists();
+    if !root || !setpriv {
+        eprintln!("skipping: needs root and setpriv");
+        return;
+    }
+    let program = tempfile::tempdir().unwrap();
+    let path = program.path().join("p.py");
+    std::fs::write(&path, "print(1)\n").unwrap();
+    let out = Command::new("setpriv")
+        .arg("--bounding-set=-chown,-fowner,-dac_override")
+        .arg(bin())
+        .args(["run", "--backend", "process"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("sandbox_error"), "{said}");
+    assert!(said.contains("CAP_CHOWN"), "{said}");
+}
