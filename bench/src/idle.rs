@@ -4,8 +4,8 @@
 //! coordinator's CPU (from `/proc/PID/stat`) and its database writes (its own counter,
 //! `fleetbox_store_writes_total` on `/metrics`), against the same window with no agent (the
 //! baseline) and against the heartbeats the agents sent. Target: 1,000 idle agents cost at most
-//! 10% of one core and no writes beyond their heartbeats (written together: one transaction a
-//! scheduler tick). Each agent holds two connections on
+//! 10% of one core and no writes beyond their heartbeats (written together: one transaction
+//! every 250 ms). Each agent holds two connections on
 //! each side: the descriptor limit (`ulimit -n`) must allow twice the agents and some.
 
 use std::io::{BufRead, BufReader};
@@ -48,7 +48,7 @@ pub fn run(agents: usize, seconds: u64) -> Result<(), String> {
         "  no agent      CPU {:5.2}% of a core   writes {:6.1}/s",
         alone.cpu_percent, alone.writes_per_s
     );
-    // Heartbeats are written together, one transaction a scheduler tick (4 a second) at most.
+    // Heartbeats are written together, one transaction every 250 ms (4 a second) at most.
     println!(
         "  {agents:>5} agents  CPU {:5.2}% of a core   writes {:6.1}/s   heartbeats {:6.1}/s   \
          (target ≤ 10%, and no writes but the heartbeats': at most 4/s)",

@@ -1,20 +1,28 @@
 //! Heartbeats kept in memory and written together: each agent's latest beat (when it came, the
-//! load it reported) waits here, and the scheduler writes every waiting beat in one transaction
-//! at each of its ticks (every 250 ms), and before the coordinator stops. A thousand agents
-//! beating every two seconds cost four writes a second, not five hundred.
+//! load it reported) waits here, and [`run`] writes every waiting beat in one transaction every
+//! [`FLUSH`], and before the coordinator stops. A thousand agents beating every two seconds
+//! cost four writes a second, not five hundred. It is a task of its own, not a step of the
+//! scheduler's loop: a long retention pass there must not hold beats back while other
+//! coordinators' sweeps read `last_seen`.
 //!
 //! A beat is stamped when it arrives, not when it is written, so an agent's `last_seen` is what
-//! it would have been; it reaches the database at most a tick later. The lost-agent sweep reads
-//! the database, so the agent timeout must exceed the heartbeat by that tick (checked at
+//! it would have been; it reaches the database at most [`FLUSH`] later. The lost-agent sweeps
+//! read the database, so the agent timeout must exceed the heartbeat by that much (checked at
 //! start). Coordinators sharing a database each write the beats they received; a row only
 //! moves forward (`last_seen` never goes back), so the database settles which beat is latest.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fleetbox_proto::api::AgentLoad;
+use tokio::sync::watch;
 
+use crate::State;
 use crate::store::{Store, StoreError, now_ms};
+
+/// How often the waiting beats are written.
+pub const FLUSH: Duration = Duration::from_millis(250);
 
 /// One agent's latest beat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +82,20 @@ impl Heartbeats {
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+/// Write the waiting beats every [`FLUSH`] until the coordinator stops (its shutdown writes
+/// the last ones, after the HTTP server has stopped taking beats).
+pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = state.heartbeats.flush(&state.store).await {
+            tracing::error!(error = %e, "writing heartbeats");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FLUSH) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

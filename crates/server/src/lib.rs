@@ -570,10 +570,9 @@ impl Running {
     }
 }
 
-/// The agent timeout leaves room for a heartbeat's way to the database (a scheduler tick:
-/// see [`heartbeats`]).
+/// The agent timeout leaves room for a heartbeat's way to the database (see [`heartbeats`]).
 fn check_agent_timeout(config: &ServerConfig) -> Result<(), StartError> {
-    let margin_ms = scheduler::TICK.as_millis() as u64;
+    let margin_ms = heartbeats::FLUSH.as_millis() as u64;
     if config.agent_timeout_ms < config.heartbeat_ms + margin_ms {
         return Err(StartError::AgentTimeout {
             timeout_ms: config.agent_timeout_ms,
@@ -678,6 +677,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         ));
     }
     tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
+    tokio::spawn(heartbeats::run(state.clone(), shutdown.subscribe()));
     tokio::spawn(token_cache::follow(state.clone(), shutdown.subscribe()));
     tokio::spawn(ui::sample(state.clone(), shutdown.subscribe()));
     tokio::spawn(aggregate::run(state.clone(), aggregate_rx));

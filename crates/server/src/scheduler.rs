@@ -10,7 +10,7 @@ use crate::store::now_ms;
 
 /// How often leases and agents are checked: a lost agent's leases return within
 /// `agent_timeout + TICK`.
-pub(crate) const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(250);
 /// How often jobs are checked for a fold to claim: a missed signal, a failed fold whose
 /// back-off passed, a fold abandoned by a dead coordinator (taken over within
 /// `FOLD_LEASE_MS + RECOVERY_EVERY * TICK`).
@@ -61,9 +61,6 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             watch_ready(&state).await;
         }
         tick = tick.wrapping_add(1);
-        if let Err(e) = state.heartbeats.flush(&state.store).await {
-            tracing::error!(error = %e, "writing heartbeats");
-        }
         if let Err(e) = sweep(&state).await {
             tracing::error!(error = %e, "scheduler sweep");
         }

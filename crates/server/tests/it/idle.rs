@@ -81,7 +81,7 @@ async fn an_idle_poll_writes_nothing_and_a_frozen_agent_is_lost_mid_poll() {
     }
 }
 
-/// A hundred heartbeats from twenty agents cost a handful of writes (one transaction a tick,
+/// A hundred heartbeats from twenty agents cost a handful of writes (one transaction every 250 ms,
 /// not one a beat), every agent's `last_seen` moves to its latest beat, and a beat that
 /// arrives late (another coordinator's, older) never moves a row back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
