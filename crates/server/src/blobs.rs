@@ -101,6 +101,12 @@ impl Blobs {
         Ok(blobs)
     }
 
+    /// Whether blobs are kept apart by tenant: with a bucket (the local directory is one cache
+    /// for all).
+    pub fn keyed_per_tenant(&self) -> bool {
+        self.remote.is_some()
+    }
+
     /// Where blobs are kept, for logs: the bucket's URL or the directory.
     pub fn describe(&self) -> String {
         match &self.remote {
@@ -145,16 +151,16 @@ impl Blobs {
 
     /// Remove blob `hash` from `tenant`'s area of the bucket: the tenant owns it no more. The
     /// local copy and the shared area stay (other tenants may own it; the sweep removes what
-    /// nobody owns). Whether there is a bucket to remove it from.
-    pub fn forget(&self, tenant: &str, hash: &str) -> std::io::Result<bool> {
+    /// nobody owns). Nothing to do without a bucket.
+    pub fn forget(&self, tenant: &str, hash: &str) -> std::io::Result<()> {
         let Some(r) = &self.remote else {
-            return Ok(false);
+            return Ok(());
         };
         if !is_sha256(hash) {
-            return Ok(false);
+            return Ok(());
         }
         match wait(r.store.delete(&r.key(Some(tenant), hash))) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(std::io::Error::other(e)),
         }
     }

@@ -63,13 +63,15 @@ pub async fn pass(
 /// (a coordinator that has neither cannot, and the tenant's next read finds nothing; the same
 /// narrow race the shared area has, see `docs/OPERATIONS.md`).
 async fn forget(state: &State, disowned: &[(String, String)]) -> Result<u64, StoreError> {
+    if !state.blobs.keyed_per_tenant() {
+        return Ok(0);
+    }
     let mut removed = 0;
     for (tenant, hash) in disowned {
         let (blobs, t, h) = (state.blobs.clone(), tenant.clone(), hash.clone());
         let done = tokio::task::spawn_blocking(move || blobs.forget(&t, &h)).await;
         match done {
-            Ok(Ok(true)) => removed += 1,
-            Ok(Ok(false)) => {}
+            Ok(Ok(())) => removed += 1,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, blob = %hash, tenant, "removing a tenant's copy")
             }

@@ -724,9 +724,14 @@ async fn form_reports(
     batch: ReportBatch,
     key: ed25519_dalek::VerifyingKey,
 ) -> Result<Vec<ReportInput>, ApiError> {
-    // Each report's blobs go to its shard's tenant's area of the bucket.
-    let leases: Vec<&str> = batch.reports.iter().map(|r| r.lease_id.as_str()).collect();
-    let owners = state.store.lease_owners(agent, &leases).await?;
+    // With a bucket, each report's blobs go to its shard's tenant's area (one read a batch;
+    // without one, the local directory holds them for every tenant alike).
+    let owners = if state.blobs.keyed_per_tenant() {
+        let leases: Vec<&str> = batch.reports.iter().map(|r| r.lease_id.as_str()).collect();
+        state.store.lease_owners(agent, &leases).await?
+    } else {
+        Default::default()
+    };
     // Checking signatures, reading and hashing outputs (some from blobs) is blocking work.
     let for_blocking = state.clone();
     let formed = tokio::task::spawn_blocking(move || {
@@ -908,8 +913,8 @@ fn signed(r: &ShardReport, key: &ed25519_dalek::VerifyingKey) -> Result<String, 
 /// whether the agent sent them inline or uploaded them ahead ([`ShardReport::blobs`]).
 /// `report_sha256` is the hash of what the agent signed: the audit entry keeps it with the
 /// signature, so a receipt can name the report each accepted value came from. `owner` is the
-/// tenant of the report's shard (`None` for a lease the agent never held: the store refuses
-/// that report anyway).
+/// tenant of the report's shard, whose area of the bucket its blobs go to (`None` without a
+/// bucket, or for a lease the agent never held: the store refuses that report anyway).
 fn store_form(
     state: &State,
     owner: Option<&str>,

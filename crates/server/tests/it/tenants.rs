@@ -342,6 +342,62 @@ async fn a_revoked_token_is_refused_within_a_second_on_another_coordinator() {
     one.stop().await;
 }
 
+/// An agent's credential renewed on one coordinator: the token it replaces ends a lease later
+/// on every coordinator, also on one that believed it from a cache with its old, later end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_agent_token_ends_on_another_coordinator_too() {
+    let Some(url) = fleetbox_testkit::postgres_database().await else {
+        return;
+    };
+    let shared = |config: &mut fleetbox_server::ServerConfig| {
+        config.database_url = Some(url.clone());
+        config.agent_credential_ms = 8_000;
+        config.lease_ms = 1_000;
+    };
+    let Some(one) = Coordinator::start_with(Db::Postgres, shared).await else {
+        return;
+    };
+    let Some(two) = Coordinator::start_with(Db::Postgres, |config| {
+        shared(config);
+        config.enroll_token = Some(one.running.enroll_token.clone());
+    })
+    .await
+    else {
+        return;
+    };
+    let agent =
+        SignedAgent::enroll(&one.running.url(), &one.running.enroll_token, "renewing").await;
+    let old_on_two = fleetbox_client::Client::new(&two.running.url(), &agent.token);
+    // Believed on two (cached), its end 8 s away.
+    assert!(old_on_two.heartbeat(&Default::default()).await.is_ok());
+    // Past half its life, a heartbeat on one renews it: the old token ends a lease (1 s) later.
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    let renewed = agent
+        .heartbeat(&Default::default())
+        .await
+        .unwrap()
+        .renewed_token
+        .expect("renewed past half its life");
+    let cut = Instant::now();
+    loop {
+        match old_on_two.heartbeat(&Default::default()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                assert!(e.to_string().contains("expired"), "{e}");
+                break;
+            }
+        }
+        assert!(
+            cut.elapsed() < Duration::from_millis(2_000),
+            "the replaced token still works on the other coordinator"
+        );
+    }
+    let new_on_two = fleetbox_client::Client::new(&two.running.url(), &renewed);
+    assert!(new_on_two.heartbeat(&Default::default()).await.is_ok());
+    two.stop().await;
+    one.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_expire_rotate_and_enrolments_run_out() {
     for db in BOTH {
