@@ -141,6 +141,8 @@ pub struct Shape {
     /// Tenants that share the tasks (each its own job, its own token); 0 or 1: the default
     /// tenant alone. The executors are the shared pool's.
     pub tenants: usize,
+    /// Each tenant in a PostgreSQL schema of its own (`--tenant-schemas`).
+    pub schemas: bool,
 }
 
 /// The no-op job of `n` shards.
@@ -230,6 +232,7 @@ pub async fn one_shaped(
     config.enroll_token = Some("bench-enroll".into());
     config.lease_ms = 60_000;
     config.audit = audit;
+    config.tenant_schemas = shape.schemas;
     config.tls = shape
         .tls
         .then(|| fleetbox_server::tls::TlsSetting::Auto { names: Vec::new() });
@@ -300,7 +303,8 @@ pub async fn one_shaped(
 
 /// `fleetbox-bench tenancy`: lease+report throughput over plain HTTP with one tenant (the
 /// baseline), over TLS, and with the tasks split over `tenants` tenants on the shared pool;
-/// interleaved rounds, medians, ratios against the baseline.
+/// on PostgreSQL too when [`PG_VAR`] is set, there also with a schema per tenant. Interleaved
+/// rounds, medians, ratios against each store's baseline.
 pub fn tenancy(
     tasks: usize,
     executors: usize,
@@ -314,30 +318,81 @@ pub fn tenancy(
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         println!(
-            "tenancy: {tasks} no-op tasks, {executors} fake executors, batches of {batch}, SQLite; \
+            "tenancy: {tasks} no-op tasks, {executors} fake executors, batches of {batch}; \
              {rounds} interleaved rounds, medians"
         );
-        let shapes = [
-            ("plain HTTP, 1 tenant", Shape { tls: false, tenants: 1 }),
-            ("TLS, 1 tenant", Shape { tls: true, tenants: 1 }),
-            ("plain HTTP, tenants", Shape { tls: false, tenants }),
+        let plain = |tenants| Shape {
+            tenants,
+            ..Shape::default()
+        };
+        let sqlite = [
+            ("plain HTTP, 1 tenant", plain(1)),
+            (
+                "TLS, 1 tenant",
+                Shape {
+                    tls: true,
+                    tenants: 1,
+                    schemas: false,
+                },
+            ),
+            ("plain HTTP, tenants", plain(tenants)),
         ];
-        let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
-        for _ in 0..rounds.max(1) {
-            for (i, (_, shape)) in shapes.iter().enumerate() {
-                rates[i].push(one_shaped(None, tasks, executors, batch, true, *shape).await?);
+        shapes_on(None, &sqlite, (tasks, executors, batch), rounds).await?;
+        match std::env::var(PG_VAR) {
+            Ok(base) => {
+                let postgres = [
+                    ("1 tenant", plain(1)),
+                    ("tenants, shared tables", plain(tenants)),
+                    (
+                        "tenants, a schema each",
+                        Shape {
+                            tls: false,
+                            tenants,
+                            schemas: true,
+                        },
+                    ),
+                ];
+                shapes_on(Some(&base), &postgres, (tasks, executors, batch), rounds).await
+            }
+            Err(_) => {
+                println!("  postgresql skipped: set {PG_VAR}=postgres://...");
+                Ok(())
             }
         }
-        let base = crate::util::median(rates[0].iter().map(|r| r.1).collect());
-        for ((name, shape), r) in shapes.iter().zip(&rates) {
-            let submit = crate::util::median(r.iter().map(|r| r.0).collect());
-            let rate = crate::util::median(r.iter().map(|r| r.1).collect());
-            let name = name.replace("tenants", &format!("{} tenants", shape.tenants));
-            println!(
-                "  {name:<24} submit {submit:7.0} tasks/s   lease+report {rate:7.0} tasks/s   ({:.2}x the baseline)",
-                rate / base
-            );
-        }
-        Ok(())
     })
+}
+
+/// Rounds of each of `shapes` on one store (`base`: PostgreSQL, a fresh database a run).
+async fn shapes_on(
+    base: Option<&str>,
+    shapes: &[(&str, Shape)],
+    (tasks, executors, batch): (usize, usize, u32),
+    rounds: usize,
+) -> Result<(), String> {
+    let store = if base.is_some() {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
+    let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); shapes.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, (_, shape)) in shapes.iter().enumerate() {
+            let url = match base {
+                Some(base) => Some(fresh_database(base).await?),
+                None => None,
+            };
+            rates[i].push(one_shaped(url, tasks, executors, batch, true, *shape).await?);
+        }
+    }
+    let base = crate::util::median(rates[0].iter().map(|r| r.1).collect());
+    for ((name, shape), r) in shapes.iter().zip(&rates) {
+        let submit = crate::util::median(r.iter().map(|r| r.0).collect());
+        let rate = crate::util::median(r.iter().map(|r| r.1).collect());
+        let name = name.replace("tenants", &format!("{} tenants", shape.tenants));
+        println!(
+            "  {store:<10} {name:<30} submit {submit:7.0} tasks/s   lease+report {rate:7.0} tasks/s   ({:.2}x the baseline)",
+            rate / base
+        );
+    }
+    Ok(())
 }

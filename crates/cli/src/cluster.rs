@@ -117,6 +117,12 @@ pub struct ServerArgs {
     /// entries. Default: keep everything.
     #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_millis)]
     pub retain: Option<Millis>,
+    /// Keep each tenant's jobs, shards, attempts, flags, sessions, blob records and audit log
+    /// in a PostgreSQL schema of its own (`fleetbox_tenant_NAME`), converting the database's
+    /// rows the first time. The mode then belongs to the database: every coordinator on it
+    /// keeps it, with this flag or without. PostgreSQL only.
+    #[arg(long)]
+    pub tenant_schemas: bool,
     /// The audit signing key (an ed25519 seed, hex; made when missing). Default
     /// `DATA/audit.key`; coordinators sharing a database may share one file.
     #[arg(long)]
@@ -615,6 +621,7 @@ fn server_config(
     c.retry_backoff_ms = args.retry_backoff.0;
     c.audit_checkpoint_ms = args.audit_checkpoint.0.max(100);
     c.retain_ms = args.retain.map(|r| r.0.max(60_000));
+    c.tenant_schemas = args.tenant_schemas;
     c.audit_key = args.audit_key.clone();
     c.audit_trusted_keys = args.audit_trusted_keys.clone();
     c.audit_ship = args.audit_ship.clone();
@@ -857,6 +864,7 @@ pub fn up(config: Option<&Path>, args: UpArgs) -> anyhow::Result<ExitCode> {
         retry_backoff: Millis::from_secs(1),
         audit_checkpoint: Millis::from_secs(60),
         retain: args.retain,
+        tenant_schemas: false,
         audit_key: None,
         audit_trusted_keys: None,
         audit_ship: Vec::new(),

@@ -88,6 +88,9 @@ pub struct ServerConfig {
     /// Finished jobs (and ended sessions) older than this are deleted with their shards,
     /// attempts and the blobs nothing else names (`--retain`); `None` keeps everything.
     pub retain_ms: Option<u64>,
+    /// Keep each tenant's rows in a PostgreSQL schema of its own (`--tenant-schemas`; see
+    /// `store::schemas`). Once on, the database keeps it for every coordinator.
+    pub tenant_schemas: bool,
     /// The key checkpoints and prunes are signed with (an ed25519 seed, hex; made when
     /// missing). `None`: `DATA/audit.key`. Coordinators sharing a database may share one.
     pub audit_key: Option<PathBuf>,
@@ -164,6 +167,7 @@ impl ServerConfig {
             enroll_token: None,
             audit_checkpoint_ms: 60_000,
             retain_ms: None,
+            tenant_schemas: false,
             audit_key: None,
             audit_trusted_keys: None,
             audit_ship: Vec::new(),
@@ -608,6 +612,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, StartError> {
         .clone()
         .unwrap_or_else(|| Store::sqlite_url(&config.data_dir));
     let mut store = Store::open(&url).await?;
+    if store.keep_tenant_schemas(config.tenant_schemas).await? {
+        tracing::info!("each tenant's rows are kept in a schema of its own");
+    }
     store.set_audit(config.audit);
     store.set_trusted_after(config.trusted_after);
     let blob_dir = config.data_dir.join("blobs");

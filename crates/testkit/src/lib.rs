@@ -22,9 +22,24 @@ pub const SKIP_PG_VAR: &str = "FLEETBOX_TEST_SKIP_POSTGRES";
 pub enum Db {
     Sqlite,
     Postgres,
+    /// PostgreSQL with each tenant in a schema of its own (`--tenant-schemas`).
+    PostgresSchemas,
+}
+
+/// `FLEETBOX_TEST_TENANT_SCHEMAS=1` runs every PostgreSQL test with `--tenant-schemas`.
+pub const SCHEMAS_VAR: &str = "FLEETBOX_TEST_TENANT_SCHEMAS";
+
+impl Db {
+    /// Whether the coordinator runs with `--tenant-schemas`.
+    pub fn tenant_schemas(self) -> bool {
+        self == Db::PostgresSchemas
+            || (self == Db::Postgres && std::env::var(SCHEMAS_VAR).as_deref() == Ok("1"))
+    }
 }
 
 pub const BOTH: [Db; 2] = [Db::Sqlite, Db::Postgres];
+/// Both stores, and PostgreSQL with a schema per tenant: for the tests of tenants' isolation.
+pub const EVERY: [Db; 3] = [Db::Sqlite, Db::Postgres, Db::PostgresSchemas];
 
 /// Logs of the coordinator and agents on stderr when `FLEETBOX_TEST_LOG` holds a filter
 /// (`FLEETBOX_TEST_LOG=debug cargo nextest run ...`); silent otherwise.
@@ -45,7 +60,7 @@ pub fn init_logging() {
 pub async fn database(db: Db, dir: &Path) -> Option<String> {
     match db {
         Db::Sqlite => Some(fleetbox_server::store::Store::sqlite_url(dir)),
-        Db::Postgres => postgres_database().await,
+        Db::Postgres | Db::PostgresSchemas => postgres_database().await,
     }
 }
 
@@ -130,9 +145,10 @@ impl Coordinator {
         let url = database(db, dir.path()).await?;
         let mut config =
             fleetbox_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().into());
-        if db == Db::Postgres {
+        if db != Db::Sqlite {
             config.database_url = Some(url);
         }
+        config.tenant_schemas = db.tenant_schemas();
         config.lease_ms = 6000;
         config.heartbeat_ms = 500;
         config.agent_timeout_ms = 4000;

@@ -1112,7 +1112,7 @@ pub(super) async fn insert_job_in(
         .is_some_and(|r| r.decision == fleetbox_proto::Decision::Hold);
     insert_job_row(tx, job, held, now).await?;
     insert_tasks(tx, per_statement, job, now).await?;
-    settle::create_counts(tx, &job.id, job.inputs.len() as i64).await?;
+    settle::create_counts(tx, &job.tenant_id, &job.id, job.inputs.len() as i64).await?;
     if let Some(review) = job.review.as_ref().filter(|_| held) {
         let details = serde_json::to_value(review).unwrap_or_default();
         super::review::hold(tx, &job.tenant_id, &job.id, &details, now).await?;

@@ -20,6 +20,7 @@ pub mod replicas;
 mod reports;
 pub mod retention;
 pub mod review;
+pub mod schemas;
 pub mod sessions;
 mod settle;
 mod sql;
@@ -89,6 +90,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("tenant schemas: {0}")]
+    TenantSchemas(String),
     #[error("stored data is corrupt ({what}): {detail}")]
     Corrupt { what: &'static str, detail: String },
 }
@@ -231,6 +234,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0032_token_changes",
         include_str!("../../migrations/0032_token_changes.sql"),
+    ),
+    (
+        "0033_counts_tenant",
+        include_str!("../../migrations/0033_counts_tenant.sql"),
     ),
 ];
 

@@ -330,7 +330,9 @@ impl Store {
                     .bind(r.signature.as_deref())
                     .bind(r.cpu_ms);
             });
-            sql.push(" ON CONFLICT (lease_id) DO NOTHING RETURNING id, lease_id");
+            // A lease already reported is the one unique key a new attempt can hit (its id is
+            // new); no target, since with a schema per tenant that key is (lease_id, tenant_id).
+            sql.push(" ON CONFLICT DO NOTHING RETURNING id, lease_id");
             let rows: Vec<(i64, String)> = sql
                 .build_as()
                 .fetch_all(&mut **tx)

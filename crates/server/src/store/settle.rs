@@ -102,9 +102,16 @@ impl Tally {
     }
 }
 
-/// The counters row of a new job with `shards` queued shards.
-pub(super) async fn create_counts(tx: &mut Tx, job: &str, shards: i64) -> Result<(), StoreError> {
-    Sql::new("INSERT INTO job_counts (job_id, queued) VALUES (")
+/// The counters row of a new job of `tenant` with `shards` queued shards.
+pub(super) async fn create_counts(
+    tx: &mut Tx,
+    tenant: &str,
+    job: &str,
+    shards: i64,
+) -> Result<(), StoreError> {
+    Sql::new("INSERT INTO job_counts (tenant_id, job_id, queued) VALUES (")
+        .bind(tenant)
+        .push(", ")
         .bind(job)
         .push(", ")
         .bind(shards)

@@ -52,6 +52,9 @@ impl Store {
         caps: &TenantCaps,
         actor: &str,
     ) -> Result<bool, StoreError> {
+        // With a schema per tenant, its partitions exist before its first row. (A name a pool
+        // already has leaves empty partitions behind: no tenant can take that name.)
+        self.make_tenant_schema(id).await?;
         let now = now_ms();
         let mut tx = self.begin_write().await.doing("creating a tenant")?;
         // Its own pool carries its name: a name a pool has already is taken.

@@ -45,7 +45,7 @@ async fn a_job_past_retention_goes_with_what_only_it_named() {
         let state = c.running.state.clone();
         let url = match db {
             Db::Sqlite => Store::sqlite_url(c.dir.path()),
-            Db::Postgres => state.config.database_url.clone().unwrap(),
+            Db::Postgres | Db::PostgresSchemas => state.config.database_url.clone().unwrap(),
         };
         sqlx::any::install_default_drivers();
         let pool = sqlx::any::AnyPoolOptions::new()

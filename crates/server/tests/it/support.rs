@@ -2,7 +2,7 @@
 
 use fleetbox_proto::{Limits, Reducer, Status};
 use fleetbox_server::store::{LeaseGrant, NewJob, ReportInput};
-pub use fleetbox_testkit::{BOTH, Coordinator, Db, database, spec};
+pub use fleetbox_testkit::{BOTH, Coordinator, Db, EVERY, database, spec};
 use sha2::{Digest, Sha256};
 
 /// A job of `n` shards whose inputs are `0..n`.

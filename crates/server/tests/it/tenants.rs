@@ -10,7 +10,7 @@ use fleetbox_proto::tenancy::{Scope, TenantCaps, TenantCreate, TokenCreate};
 use fleetbox_testkit::SignedAgent;
 use serde_json::{Value, json};
 
-use crate::support::{BOTH, Coordinator, Db, spec};
+use crate::support::{BOTH, Coordinator, Db, EVERY, spec};
 
 /// `method path` with `token` (and a JSON body for POST): the status and the JSON answer.
 async fn call(c: &Coordinator, token: &str, method: &str, path: &str) -> (u16, Value) {
@@ -73,7 +73,7 @@ fn job(name: &str, shards: u32) -> fleetbox_proto::JobSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenant_can_neither_read_nor_touch_another() {
-    for db in BOTH {
+    for db in EVERY {
         let Some(mut c) = Coordinator::start(db).await else {
             continue;
         };
@@ -1093,4 +1093,211 @@ async fn rotating_the_bootstrap_admin_token_replaces_its_file() {
     let me = c.client.with_token(&issued.token).whoami().await.unwrap();
     assert!(me.operator, "{me:?}");
     c.stop().await;
+}
+
+/// Run `spec` as the holder of `token` and wait for its end: its id and final view.
+async fn run_as(
+    c: &Coordinator,
+    token: &str,
+    spec: &fleetbox_proto::JobSpec,
+) -> (String, fleetbox_proto::api::JobView) {
+    let client = c.client.with_token(token);
+    let id = client.submit(spec).await.unwrap().id;
+    (id.clone(), wait_final(&client, &id).await)
+}
+
+/// A count from PostgreSQL.
+async fn count(db: &mut sqlx::PgConnection, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql)
+        .fetch_one(db)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    n
+}
+
+/// `--tenant-schemas` on a database with rows: they move into their tenants' schemas in one
+/// conversion, nothing is lost (results, blobs, the audit chain), new tenants get schemas of
+/// their own on any coordinator of the database, and one tenant still reaches nothing of
+/// another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_per_tenant_holds_each_tenants_rows() {
+    use fleetbox_server::store::schemas::{PER_TENANT, SHARED};
+    use sqlx::Connection;
+    let Some(url) = fleetbox_testkit::postgres_database().await else {
+        return;
+    };
+    let keys = tempfile::tempdir().unwrap();
+    let audit_key = keys.path().join("audit.key");
+    let same_db = |schemas: bool, admin: Option<String>| {
+        let (url, audit_key) = (url.clone(), audit_key.clone());
+        move |config: &mut fleetbox_server::ServerConfig| {
+            config.database_url = Some(url);
+            config.tenant_schemas = schemas;
+            config.audit_key = Some(audit_key);
+            config.admin_token = admin;
+        }
+    };
+    // Rows made the shared way first: the default tenant's job and acme's.
+    let mut flat = Coordinator::start_with(Db::Postgres, same_db(false, None))
+        .await
+        .unwrap();
+    let admin = flat.running.admin_token.clone();
+    flat.agent("a1", Default::default());
+    let acme = tenant(&flat, "acme", TenantCaps::default()).await;
+    let (old_acme, done) = run_as(&flat, &acme, &job("before", 3)).await;
+    assert_eq!(done.state, JobState::Completed, "{done:?}");
+    let (old_default, done) = run_as(&flat, &admin, &job("default", 2)).await;
+    assert_eq!(done.state, JobState::Completed, "{done:?}");
+    let blob = flat
+        .client
+        .with_token(&acme)
+        .shard(&old_acme, 0)
+        .await
+        .unwrap()
+        .attempts[0]
+        .stderr_blob
+        .clone()
+        .expect("a large stderr is a blob");
+    flat.stop().await;
+
+    let mut one = Coordinator::start_with(Db::Postgres, same_db(true, Some(admin.clone())))
+        .await
+        .unwrap();
+    one.agent("a2", Default::default());
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    // Every table naming a tenant is either kept per tenant or knowingly shared.
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT table_name::text FROM information_schema.columns \
+         WHERE table_schema = 'public' AND column_name = 'tenant_id'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    for (table,) in &tables {
+        assert!(
+            PER_TENANT.contains(&table.as_str()) || SHARED.contains(&table.as_str()),
+            "`{table}` names a tenant but is neither kept per tenant nor listed as shared"
+        );
+    }
+    for table in PER_TENANT {
+        let parted = count(
+            &mut db,
+            &format!(
+                "SELECT count(*) FROM pg_partitioned_table WHERE partrelid = '{table}'::regclass"
+            ),
+        )
+        .await;
+        assert_eq!(parted, 1, "{table} is not partitioned");
+        let own = count(
+            &mut db,
+            &format!("SELECT count(*) FROM ONLY public.{table}"),
+        )
+        .await;
+        assert_eq!(own, 0, "{table}: rows outside every tenant's schema");
+    }
+    // The rows are in their tenants' schemas, and only there.
+    let in_schema = |schema: &str, table: &str, job: &str| {
+        format!("SELECT count(*) FROM \"fleetbox_tenant_{schema}\".{table} WHERE job_id = '{job}'")
+    };
+    assert_eq!(
+        count(&mut db, &in_schema("acme", "tasks", &old_acme)).await,
+        3
+    );
+    assert!(count(&mut db, &in_schema("acme", "attempts", &old_acme)).await >= 3);
+    assert!(count(&mut db, &in_schema("acme", "audit", &old_acme)).await > 0);
+    assert_eq!(
+        count(&mut db, &in_schema("default", "tasks", &old_default)).await,
+        2
+    );
+    assert_eq!(
+        count(&mut db, &in_schema("default", "tasks", &old_acme)).await,
+        0
+    );
+    assert_eq!(
+        count(
+            &mut db,
+            &format!(
+                "SELECT count(*) FROM fleetbox_tenant_acme.blob_owners WHERE sha256 = '{blob}'"
+            ),
+        )
+        .await,
+        1
+    );
+    // Nothing was lost: the old result and the audit chains (the blob's file stayed in the first
+    // coordinator's data directory; its owner row, above, is what moved).
+    let as_acme = one.client.with_token(&acme);
+    let view = as_acme.job(&old_acme).await.unwrap();
+    assert_eq!(view.state, JobState::Completed);
+    assert_eq!(
+        as_acme.result(&old_acme).await.unwrap().result_value(),
+        Some(json!(3))
+    );
+    for client in [&as_acme, &one.client] {
+        let verified = client.audit_verify().await.unwrap();
+        assert!(verified.ok, "{verified:?}");
+    }
+
+    // A tenant made now gets its schema before its first row; jobs keep to their own.
+    let globex = tenant(&one, "globex", TenantCaps::default()).await;
+    let (new_globex, done) = run_as(&one, &globex, &job("after", 2)).await;
+    assert_eq!(done.state, JobState::Completed, "{done:?}");
+    assert_eq!(
+        count(&mut db, &in_schema("globex", "tasks", &new_globex)).await,
+        2
+    );
+    let (status, _) = call(&one, &acme, "GET", &format!("/v1/jobs/{new_globex}")).await;
+    assert_eq!(status, 404);
+    let (status, _) = call(&one, &globex, "GET", &format!("/v1/jobs/{old_acme}")).await;
+    assert_eq!(status, 404);
+
+    // The mode belongs to the database: a coordinator started without the flag keeps it.
+    let two = Coordinator::start_with(Db::Postgres, same_db(false, Some(admin.clone())))
+        .await
+        .unwrap();
+    assert!(two.running.state.store.tenant_schemas().await.unwrap());
+    let initech = tenant(&two, "initech", TenantCaps::default()).await;
+    let (new_initech, done) = run_as(&two, &initech, &job("elsewhere", 1)).await;
+    assert_eq!(done.state, JobState::Completed, "{done:?}");
+    assert_eq!(
+        count(&mut db, &in_schema("initech", "tasks", &new_initech)).await,
+        1
+    );
+    // A restart converts nothing again, and gives a tenant an older coordinator made (a row
+    // without partitions) its schema.
+    sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ('legacy', 'legacy', 0)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    one.restart(Duration::from_millis(100)).await;
+    let partitions = count(
+        &mut db,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'fleetbox_tenant_legacy'",
+    )
+    .await;
+    assert_eq!(partitions, PER_TENANT.len() as i64);
+    assert_eq!(
+        one.client
+            .with_token(&acme)
+            .job(&old_acme)
+            .await
+            .unwrap()
+            .state,
+        JobState::Completed
+    );
+    two.stop().await;
+    one.stop().await;
+}
+
+/// SQLite has no schemas: asking for them is a clear refusal at start, not a silent no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_schemas_on_sqlite_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        fleetbox_server::ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().into());
+    config.tenant_schemas = true;
+    config.sandbox.work_root = dir.path().join("work");
+    config.sandbox_backend = fleetbox_sandbox::Backend::Process;
+    config.weak_sandbox_allowed = true;
+    let err = fleetbox_server::start(config).await.err().expect("refused");
+    assert!(err.to_string().contains("needs PostgreSQL"), "{err}");
 }

@@ -68,8 +68,12 @@ impl Cluster {
     pub async fn start_with(db: Db, flags: &[&str]) -> Option<Cluster> {
         let database_url = match db {
             Db::Sqlite => None,
-            Db::Postgres => Some(postgres_database().await?),
+            Db::Postgres | Db::PostgresSchemas => Some(postgres_database().await?),
         };
+        let mut flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        if db.tenant_schemas() {
+            flags.push("--tenant-schemas".into());
+        }
         let mut cluster = Cluster {
             dir: tempfile::tempdir().unwrap(),
             port: 0,
@@ -77,7 +81,7 @@ impl Cluster {
             server: None,
             agents: Vec::new(),
             client: Client::new("http://127.0.0.1:0", ADMIN),
-            server_flags: flags.iter().map(|s| s.to_string()).collect(),
+            server_flags: flags,
             server_env: Vec::new(),
         };
         // The kernel picks the first port; restarts come back on it.

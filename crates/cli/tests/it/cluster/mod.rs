@@ -619,7 +619,7 @@ async fn agents_reenroll_when_the_coordinator_forgets_them(db: Db) {
     c.kill_server();
     match db {
         Db::Sqlite => std::fs::remove_dir_all(c.data()).unwrap(),
-        Db::Postgres => c.database_url = harness::postgres_database().await,
+        Db::Postgres | Db::PostgresSchemas => c.database_url = harness::postgres_database().await,
     }
     c.start_server();
     let job = c
