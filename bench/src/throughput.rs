@@ -155,22 +155,18 @@ fn noop(n: usize) -> Result<JobSpec, String> {
     .map_err(|e| e.to_string())
 }
 
-/// Submit `tasks` no-op shards: one job, or one per tenant (made here, each with a token).
-/// Returns each job with the client that may read it.
-async fn submit_all(
+/// Who submits: the admin alone, or one client per tenant (made here, each with a token), each
+/// with its share of `tasks`. Made before the submissions are timed.
+async fn submitters(
     admin: &Client,
     tasks: usize,
     tenants: usize,
-) -> Result<Vec<(Client, String, usize)>, String> {
+) -> Result<Vec<(Client, usize)>, String> {
     use fleetbox_proto::tenancy::{Scope, TenantCreate, TokenCreate};
     if tenants <= 1 {
-        let job = admin
-            .submit(&noop(tasks)?)
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(vec![(admin.clone(), job.id, tasks)]);
+        return Ok(vec![(admin.clone(), tasks)]);
     }
-    let mut jobs = Vec::new();
+    let mut out = Vec::new();
     for i in 0..tenants {
         let name = format!("t{i}");
         admin
@@ -189,8 +185,18 @@ async fn submit_all(
             .await
             .map_err(|e| e.to_string())?
             .token;
-        let client = admin.with_token(&token);
         let n = tasks / tenants + usize::from(i < tasks % tenants);
+        out.push((admin.with_token(&token), n));
+    }
+    Ok(out)
+}
+
+/// Submit each submitter's no-op job. Returns each job with the client that may read it.
+async fn submit_all(
+    submitters: Vec<(Client, usize)>,
+) -> Result<Vec<(Client, String, usize)>, String> {
+    let mut jobs = Vec::new();
+    for (client, n) in submitters {
         let job = client.submit(&noop(n)?).await.map_err(|e| e.to_string())?;
         jobs.push((client, job.id, n));
     }
@@ -247,8 +253,9 @@ pub async fn one_shaped(
     };
     let connect = |token: &str| Client::trusting(&server.url(), token, &trust);
     let admin = connect("bench-admin");
+    let submitters = submitters(&admin, tasks, shape.tenants).await?;
     let t0 = Instant::now();
-    let jobs = submit_all(&admin, tasks, shape.tenants).await?;
+    let jobs = submit_all(submitters).await?;
     let submit_rate = tasks as f64 / t0.elapsed().as_secs_f64();
 
     let mut agents = Vec::new();

@@ -189,7 +189,7 @@ async fn aggregate(state: &State, job_id: &str) -> Result<(), FoldError> {
     let total = counts.total.max(job.shard_count);
     let values = collect_values(state, &job, job_id).await?;
     let mut summary = summarise(state, &job, job_id, &counts, total, values.notes).await?;
-    let reviewed = review_results(state, job_id, &values.own_numbers).await?;
+    let reviewed = review_results(state, &job.tenant_id, job_id, &values.own_numbers).await?;
     if send_anomalies_to_check(state, &job, job_id, &reviewed.anomalies).await? {
         return Ok(()); // the fold starts over once the server's checks settle
     }
@@ -328,7 +328,7 @@ async fn summarise(
     total: u64,
     notes: Vec<String>,
 ) -> Result<JobSummary, FoldError> {
-    let facts = state.store.attempt_facts(job_id).await?;
+    let facts = state.store.attempt_facts(&job.tenant_id, job_id).await?;
     let (verified, flags) = state.store.verification_facts(job_id).await?;
     Ok(JobSummary {
         shards_total: total,
@@ -378,10 +378,11 @@ impl Reviewed {
 /// that spike.
 async fn review_results(
     state: &State,
+    tenant: &str,
     job_id: &str,
     own_numbers: &std::collections::HashMap<u64, f64>,
 ) -> Result<Reviewed, FoldError> {
-    let rows = state.store.result_facts(job_id).await?;
+    let rows = state.store.result_facts(tenant, job_id).await?;
     let statuses = rows.iter().map(|f| f.status.clone()).collect();
     let shards: Vec<fleetbox_review::results::ShardFacts> = rows
         .into_iter()
@@ -657,7 +658,7 @@ async fn shard_values(
 ) -> Result<(Vec<ShardValue>, Vec<String>), StoreError> {
     let mut values: Vec<ShardValue> = Vec::new();
     let mut unreadable = Vec::new();
-    for v in state.store.accepted_values(job_id).await? {
+    for v in state.store.accepted_values(tenant, job_id).await? {
         let text = match (&v.output, &v.output_blob) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(hash)) => match state.blobs.get(Some(tenant), hash) {

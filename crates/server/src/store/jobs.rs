@@ -872,11 +872,21 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn accepted_values(&self, job_id: &str) -> Result<Vec<AcceptedValue>, StoreError> {
+    /// A job's accepted values. The reads of a job's facts name its tenant on every table, so
+    /// that with a schema per tenant they are planned on its partitions alone.
+    pub async fn accepted_values(
+        &self,
+        tenant: &str,
+        job_id: &str,
+    ) -> Result<Vec<AcceptedValue>, StoreError> {
         Sql::new(
             "SELECT t.shard_index, a.output, a.output_blob FROM attempts a \
-             JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ",
+             JOIN tasks t ON t.id = a.task_id WHERE a.tenant_id = ",
         )
+        .bind(tenant)
+        .push(" AND t.tenant_id = ")
+        .bind(tenant)
+        .push(" AND a.job_id = ")
         .bind(job_id)
         .push(" AND a.chosen = 1 AND t.state = ")
         .bind(TaskState::Accepted.as_str())
@@ -889,16 +899,25 @@ impl Store {
 
     /// Each settled shard of a job with the attempt that settled it (accepted: the chosen one;
     /// failed: the last), for result review: (shard, failed, agent, wall, cpu, memory, bytes).
-    pub async fn result_facts(&self, job_id: &str) -> Result<Vec<ResultFact>, StoreError> {
+    pub async fn result_facts(
+        &self,
+        tenant: &str,
+        job_id: &str,
+    ) -> Result<Vec<ResultFact>, StoreError> {
         Sql::new(
             "SELECT t.shard_index, t.state, a.agent_id, a.status, a.wall_ms, a.cpu_ms, \
-             a.peak_memory, a.bytes_out FROM tasks t LEFT JOIN attempts a ON a.id = (CASE WHEN t.state = ",
+             a.peak_memory, a.bytes_out FROM tasks t LEFT JOIN attempts a ON a.tenant_id = ",
         )
+        .bind(tenant)
+        .push(" AND a.id = (CASE WHEN t.state = ")
         .bind(TaskState::Accepted.as_str())
-        .push(
-            " THEN (SELECT MAX(x.id) FROM attempts x WHERE x.task_id = t.id AND x.chosen = 1) \
-             ELSE (SELECT MAX(x.id) FROM attempts x WHERE x.task_id = t.id) END) WHERE t.job_id = ",
-        )
+        .push(" THEN (SELECT MAX(x.id) FROM attempts x WHERE x.tenant_id = ")
+        .bind(tenant)
+        .push(" AND x.task_id = t.id AND x.chosen = 1) ELSE (SELECT MAX(x.id) FROM attempts x WHERE x.tenant_id = ")
+        .bind(tenant)
+        .push(" AND x.task_id = t.id) END) WHERE t.tenant_id = ")
+        .bind(tenant)
+        .push(" AND t.job_id = ")
         .bind(job_id)
         .push(" AND t.state IN (")
         .bind_list([
@@ -913,10 +932,16 @@ impl Store {
         .doing("reading result facts")
     }
 
-    pub async fn attempt_facts(&self, job_id: &str) -> Result<AttemptFacts, StoreError> {
+    pub async fn attempt_facts(
+        &self,
+        tenant: &str,
+        job_id: &str,
+    ) -> Result<AttemptFacts, StoreError> {
         let rows: Vec<(i64, i64, i64, i64, String)> = Sql::new(
-            "SELECT chosen, wall_ms, peak_memory, bytes_out, runner FROM attempts WHERE job_id = ",
+            "SELECT chosen, wall_ms, peak_memory, bytes_out, runner FROM attempts WHERE tenant_id = ",
         )
+        .bind(tenant)
+        .push(" AND job_id = ")
         .bind(job_id)
         .build_as()
         .fetch_all(&self.read)

@@ -505,20 +505,30 @@ pub(super) async fn lease(
         .bind(asked.expires)
         .push(", attempts = attempts + 1, updated_at = ")
         .bind(now)
-        .push(" WHERE id IN (SELECT id FROM tasks WHERE state = ")
+        // The tenant here too: with a schema per tenant, only its partition is planned.
+        .push(" WHERE tenant_id = ")
+        .bind(asked.tenant)
+        // On PostgreSQL the picked ids are an array made once: `IN (SELECT ... LIMIT n FOR
+        // UPDATE SKIP LOCKED)` may be planned as a join that runs the pick again and skips
+        // to other rows, leasing more than `n`.
+        .push(match kind {
+            DbKind::Postgres => " AND id = ANY(ARRAY(SELECT id FROM tasks WHERE state = ",
+            DbKind::Sqlite => " AND id IN (SELECT id FROM tasks WHERE state = ",
+        })
         .bind(TaskState::Queued.as_str())
         .push(" AND tenant_id = ")
         .bind(asked.tenant)
         .push(" AND (pool IS NULL OR pool = ")
         .bind(asked.pool)
         .push(")");
-    runnable_by(&mut sql, agent, &asked.want, now);
+    runnable_by(&mut sql, agent, asked.tenant, &asked.want, now);
     sql.push(" ORDER BY priority DESC, id LIMIT ")
         .bind(i64::from(asked.max));
-    if kind == DbKind::Postgres {
-        sql.push(" FOR UPDATE SKIP LOCKED");
-    }
-    sql.push(") RETURNING id, tenant_id, job_id, shard_index, attempts, input, lease_id");
+    sql.push(match kind {
+        DbKind::Postgres => " FOR UPDATE SKIP LOCKED))",
+        DbKind::Sqlite => ")",
+    });
+    sql.push(" RETURNING id, tenant_id, job_id, shard_index, attempts, input, lease_id");
     let mut grants: Vec<LeaseGrant> = sql
         .build_as()
         .fetch_all(&mut **tx)
@@ -532,8 +542,16 @@ pub(super) async fn lease(
 }
 
 /// The conditions, after `WHERE state = 'queued' ...`, under which `agent` may take a shard
-/// as of `now` (its tenant's pool and fair share aside).
-pub(super) fn runnable_by<'a>(sql: &mut Sql<'a>, agent: &'a str, want: &Want<'a>, now: i64) {
+/// as of `now` (its tenant's pool and fair share aside). The statement's tasks are `tenant`'s,
+/// and each look into another per-tenant table names it too, so that with a schema per tenant
+/// the planner reads that tenant's partitions rather than every tenant's.
+pub(super) fn runnable_by<'a>(
+    sql: &mut Sql<'a>,
+    agent: &'a str,
+    tenant: &'a str,
+    want: &Want<'a>,
+    now: i64,
+) {
     sql.push(" AND not_before <= ").bind(now);
     match want.backend {
         Some(b) => sql
@@ -543,7 +561,7 @@ pub(super) fn runnable_by<'a>(sql: &mut Sql<'a>, agent: &'a str, want: &Want<'a>
         None => sql.push(" AND backend IS NULL"),
     };
     server_only(sql, agent, want.hardened_only);
-    distinct_replicas(sql, agent);
+    distinct_replicas(sql, agent, tenant);
     // A session's calls go to agents that keep sessions, and once it is open to its agent.
     if !want.sessions {
         sql.push(" AND session = 0");
@@ -554,12 +572,22 @@ pub(super) fn runnable_by<'a>(sql: &mut Sql<'a>, agent: &'a str, want: &Want<'a>
     // Never back to an agent that refused it.
     sql.push(
         " AND (refusals = 0 OR NOT EXISTS (SELECT 1 FROM leases r WHERE r.task_id = tasks.id \
-         AND r.refused = 1 AND r.agent_id = ",
-    )
-    .bind(agent)
-    .push("))");
+         AND r.refused = 1",
+    );
+    same_tenant(sql, "r", tenant);
+    sql.push(" AND r.agent_id = ").bind(agent).push("))");
     // A paused job's shards wait (its running shards finish; their retries wait too).
-    sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1)");
+    sql.push(" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = tasks.job_id AND j.paused = 1");
+    same_tenant(sql, "j", tenant);
+    sql.push(")");
+}
+
+/// ` AND alias.tenant_id = tenant`.
+fn same_tenant<'a>(sql: &mut Sql<'a>, alias: &'static str, tenant: &'a str) {
+    sql.push(" AND ")
+        .push(alias)
+        .push(".tenant_id = ")
+        .bind(tenant);
 }
 
 /// Server-only shards (`tasks.hardened`) go only to agents marked for them (an operator's
@@ -578,20 +606,20 @@ fn server_only<'a>(sql: &mut Sql<'a>, agent: &'a str, hardened_only: bool) {
 
 /// A shard with replicas never goes to an agent that already ran it, nor to one on a machine
 /// that already ran it while an online agent on a machine that has not could take it.
-fn distinct_replicas<'a>(sql: &mut Sql<'a>, agent: &'a str) {
+fn distinct_replicas<'a>(sql: &mut Sql<'a>, agent: &'a str, tenant: &'a str) {
     let online = AgentState::Online.as_str();
     sql.push(
-        " AND (replicas = 1 OR (NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = tasks.id \
-         AND l.agent_id = ",
-    )
-    .bind(agent)
-    .push(
+        " AND (replicas = 1 OR (NOT EXISTS (SELECT 1 FROM leases l WHERE l.task_id = tasks.id",
+    );
+    same_tenant(sql, "l", tenant);
+    sql.push(" AND l.agent_id = ").bind(agent).push(
         ") AND (NOT EXISTS (SELECT 1 FROM leases l JOIN agents a ON a.id = l.agent_id \
-         WHERE l.task_id = tasks.id AND a.machine_id = (SELECT m.machine_id FROM agents m \
-         WHERE m.id = ",
-    )
-    .bind(agent)
-    .push(
+         WHERE l.task_id = tasks.id",
+    );
+    same_tenant(sql, "l", tenant);
+    sql.push(" AND a.machine_id = (SELECT m.machine_id FROM agents m WHERE m.id = ")
+        .bind(agent)
+        .push(
         ")) OR NOT EXISTS (SELECT 1 FROM agents o JOIN pools op ON op.name = o.pool \
          WHERE (op.shared = 1 OR op.tenant_id = tasks.tenant_id) \
          AND (tasks.pool IS NULL OR tasks.pool = o.pool) AND o.state = ",
@@ -601,8 +629,10 @@ fn distinct_replicas<'a>(sql: &mut Sql<'a>, agent: &'a str) {
     .bind(agent)
     .push(
         ") AND NOT EXISTS (SELECT 1 FROM leases l JOIN agents a ON a.id = l.agent_id \
-         WHERE l.task_id = tasks.id AND a.machine_id = o.machine_id)))))",
+         WHERE l.task_id = tasks.id",
     );
+    same_tenant(sql, "l", tenant);
+    sql.push(" AND a.machine_id = o.machine_id)))))");
 }
 
 /// A shard going back to the queue waits until `at`, or, while its job is held for review

@@ -128,16 +128,35 @@ impl Store {
     /// tenant's share aside): an idle agent's long poll asks this, and opens a write
     /// transaction only when it says yes.
     pub async fn has_runnable(&self, agent_id: &str, want: Want<'_>) -> Result<bool, StoreError> {
-        let mut sql = Sql::new("SELECT 1 FROM tasks WHERE state = ");
-        sql.bind(TaskState::Queued.as_str());
-        settle::runnable_by(&mut sql, agent_id, &want, now_ms());
-        sql.push(" LIMIT 1");
-        Ok(sql
-            .build()
-            .fetch_optional(&self.read)
-            .await
-            .doing("looking for work")?
-            .is_some())
+        let now = now_ms();
+        // The tenants with ready shards first, then each one's check naming it: with a schema
+        // per tenant, a check naming no tenant is planned over every tenant's partitions.
+        let tenants: Vec<(String,)> = sqlx::query_as(
+            "SELECT t.id FROM tenants t WHERE EXISTS (SELECT 1 FROM tasks k \
+             WHERE k.tenant_id = t.id AND k.state = $1 AND k.not_before <= $2)",
+        )
+        .bind(TaskState::Queued.as_str())
+        .bind(now)
+        .fetch_all(&self.read)
+        .await
+        .doing("looking for work")?;
+        for (tenant,) in &tenants {
+            let mut sql = Sql::new("SELECT 1 FROM tasks WHERE tenant_id = ");
+            sql.bind(tenant.as_str())
+                .push(" AND state = ")
+                .bind(TaskState::Queued.as_str());
+            settle::runnable_by(&mut sql, agent_id, tenant, &want, now);
+            sql.push(" LIMIT 1");
+            let found = sql
+                .build()
+                .fetch_optional(&self.read)
+                .await
+                .doing("looking for work")?;
+            if found.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whether any shard is queued and past its back-off (for anyone): the scheduler's watch.

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbox_proto::Status;
-use fleetbox_server::store::{ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms};
+use fleetbox_server::store::{
+    DEFAULT_TENANT, ReportInput, ReportPolicy, Reported, SettleOutcome, Store, now_ms,
+};
 use sqlx::Row;
 
 use crate::support::{BOTH, Db, database, new_job, ok_report};
@@ -151,7 +153,7 @@ async fn invariants(url: &str, job: &str) -> Invariants {
 
 async fn folded_sum(store: &Store, job: &str) -> u64 {
     store
-        .accepted_values(job)
+        .accepted_values(DEFAULT_TENANT, job)
         .await
         .unwrap()
         .iter()
@@ -315,7 +317,7 @@ async fn reports_racing_lease_expiry_settle_each_shard_once() {
             assert_eq!(inv.stray_choices, 0, "{db:?} round {round}");
             assert_eq!(ready, 1, "{db:?} round {round}: ready exactly once");
             // Whatever won, the fold holds exactly the accepted shards' values once.
-            let values = one.accepted_values(&job).await.unwrap();
+            let values = one.accepted_values(DEFAULT_TENANT, &job).await.unwrap();
             assert_eq!(values.len() as i64, inv.accepted, "{db:?} round {round}");
         }
     }
@@ -652,7 +654,11 @@ async fn a_claimed_run_time_is_bounded_by_the_lease() {
         honest.wall_ms = 20;
         one.report("agt_a", &[lying, honest], POLICY).await.unwrap();
         let bound = (now_ms() - leased_at) as f64;
-        let mut walls = one.attempt_facts("job_wall").await.unwrap().chosen_wall_ms;
+        let mut walls = one
+            .attempt_facts(DEFAULT_TENANT, "job_wall")
+            .await
+            .unwrap()
+            .chosen_wall_ms;
         walls.sort_by(f64::total_cmp);
         assert_eq!(walls.len(), 2, "{db:?}");
         assert_eq!(walls[0], 20.0, "{db:?}: an honest claim stands");
