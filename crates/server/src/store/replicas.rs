@@ -308,6 +308,7 @@ impl Success<'_> {
     fn shard(&self) -> super::settle::Shard<'_> {
         super::settle::Shard {
             id: self.at.task_id,
+            tenant: self.at.tenant_id,
             job_id: self.at.job_id,
         }
     }

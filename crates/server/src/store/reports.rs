@@ -486,6 +486,7 @@ impl<'a> Settling<'a> {
     ) -> Result<bool, StoreError> {
         let shard = Shard {
             id: task.id,
+            tenant: &task.tenant_id,
             job_id: &task.job_id,
         };
         // Only labels a success; the guards decide.
@@ -594,6 +595,7 @@ impl<'a> Settling<'a> {
     ) -> Result<bool, StoreError> {
         let shard = Shard {
             id: task.id,
+            tenant: &task.tenant_id,
             job_id: &task.job_id,
         };
         let now = self.now;
@@ -676,6 +678,7 @@ impl<'a> Settling<'a> {
         };
         let shard = Shard {
             id: task.id,
+            tenant: &task.tenant_id,
             job_id: &task.job_id,
         };
         let done = settle::release(tx, &mut self.tally, shard, &r.lease_id, end, self.now).await?;

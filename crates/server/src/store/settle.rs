@@ -127,6 +127,9 @@ pub(super) async fn create_counts(
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Shard<'a> {
     pub id: i64,
+    /// Named in each statement about the shard: with a schema per tenant, the planner then
+    /// looks at its tenant's partition alone.
+    pub tenant: &'a str,
     pub job_id: &'a str,
 }
 
@@ -154,7 +157,9 @@ async fn transition(
         sql.push(", not_before = ");
         held_or(&mut sql, at);
     }
-    sql.push(" WHERE id = ")
+    sql.push(" WHERE tenant_id = ")
+        .bind(shard.tenant)
+        .push(" AND id = ")
         .bind(shard.id)
         .push(" AND state = ")
         .bind(from.as_str());
@@ -236,7 +241,9 @@ async fn queue_check(
 ) -> Result<(), StoreError> {
     Sql::new("UPDATE tasks SET check_owner = NULL, check_expires = 0, check_attempt = ")
         .bind(attempt)
-        .push(" WHERE id = ")
+        .push(" WHERE tenant_id = ")
+        .bind(shard.tenant)
+        .push(" AND id = ")
         .bind(shard.id)
         .build()
         .execute(&mut **tx)
@@ -383,7 +390,9 @@ pub(super) async fn refused(
     held_or(&mut sql, 0);
     sql.push(", updated_at = ")
         .bind(now)
-        .push(" WHERE id = ")
+        .push(" WHERE tenant_id = ")
+        .bind(shard.tenant)
+        .push(" AND id = ")
         .bind(shard.id)
         .push(" AND state = ")
         .bind(TaskState::Leased.as_str())

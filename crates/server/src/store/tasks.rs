@@ -424,6 +424,7 @@ impl Store {
             }
             let shard = Shard {
                 id: *id,
+                tenant,
                 job_id: job,
             };
             if settle::reject_queued(&mut tx, &mut tally, shard, why, now).await? {
@@ -503,6 +504,7 @@ impl Store {
             let at = now + backoff_ms(backoff_base_ms, e.attempts);
             let shard = Shard {
                 id: e.id,
+                tenant: &e.tenant_id,
                 job_id: &e.job_id,
             };
             let lease = e.lease_id.unwrap_or_default();
