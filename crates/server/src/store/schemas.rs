@@ -16,7 +16,7 @@
 //! lease belongs to one tenant, so the keys are as unique as before) and each foreign key to a
 //! partitioned table names the tenant too.
 
-use sqlx::{Executor, Row};
+use sqlx::Executor;
 
 use super::settle::Tx;
 use super::{DbKind, Doing, Store, StoreError};
@@ -172,29 +172,18 @@ impl Store {
             .execute(&mut *tx)
             .await
             .doing(doing)?;
-        let partitioned: Vec<String> = sqlx::query(
+        let partitioned = texts(
+            &mut tx,
             "SELECT c.relname::text FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid \
              WHERE c.relnamespace = current_schema()::regnamespace",
+            None,
         )
-        .fetch_all(&mut *tx)
-        .await
-        .doing(doing)?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()
-        .doing(doing)?;
+        .await?;
         if partitioned.is_empty() && !want {
             tx.commit().await.doing(doing)?;
             return Ok(false);
         }
-        let tenants: Vec<String> = sqlx::query("SELECT id FROM tenants ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await
-            .doing(doing)?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .doing(doing)?;
+        let tenants = texts(&mut tx, "SELECT id FROM tenants ORDER BY id", None).await?;
         let convert: Vec<&str> = PER_TENANT
             .iter()
             .copied()
@@ -261,10 +250,23 @@ impl Store {
     }
 }
 
+/// The first column of `sql`'s rows (text), with `$1` bound to `arg` when given.
+async fn texts(tx: &mut Tx, sql: &str, arg: Option<&str>) -> Result<Vec<String>, StoreError> {
+    let mut query = sqlx::query_as::<_, (String,)>(sql);
+    if let Some(arg) = arg {
+        query = query.bind(arg);
+    }
+    let rows = query
+        .fetch_all(&mut **tx)
+        .await
+        .doing("reading the catalog")?;
+    Ok(rows.into_iter().map(|(v,)| v).collect())
+}
+
 /// The foreign keys from or to any of `tables`.
 async fn foreign_keys(tx: &mut Tx, tables: &[&str]) -> Result<Vec<ForeignKey>, StoreError> {
     let doing = "reading foreign keys";
-    let rows = sqlx::query(
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
         "SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid), \
          confrelid::regclass::text FROM pg_constraint \
          WHERE contype = 'f' AND connamespace = current_schema()::regnamespace ORDER BY 1, 2",
@@ -272,19 +274,16 @@ async fn foreign_keys(tx: &mut Tx, tables: &[&str]) -> Result<Vec<ForeignKey>, S
     .fetch_all(&mut **tx)
     .await
     .doing(doing)?;
-    let mut keys = Vec::new();
-    for row in rows {
-        let key = ForeignKey {
-            table: row.try_get(0).doing(doing)?,
-            name: row.try_get(1).doing(doing)?,
-            def: row.try_get(2).doing(doing)?,
-            references: row.try_get(3).doing(doing)?,
-        };
-        if tables.contains(&key.table.as_str()) || tables.contains(&key.references.as_str()) {
-            keys.push(key);
-        }
-    }
-    Ok(keys)
+    Ok(rows
+        .into_iter()
+        .map(|(table, name, def, references)| ForeignKey {
+            table,
+            name,
+            def,
+            references,
+        })
+        .filter(|k| tables.contains(&k.table.as_str()) || tables.contains(&k.references.as_str()))
+        .collect())
 }
 
 /// Replace `table` by a table of the same columns partitioned by tenant, with a partition for
@@ -292,18 +291,7 @@ async fn foreign_keys(tx: &mut Tx, tables: &[&str]) -> Result<Vec<ForeignKey>, S
 /// tenant). Its foreign keys are dropped before and made again after, by the caller.
 async fn partition_table(tx: &mut Tx, table: &str, tenants: &[String]) -> Result<(), StoreError> {
     let doing = "partitioning a table by tenant";
-    let strings =
-        |rows: Vec<sqlx::any::AnyRow>, n: usize| -> Result<Vec<Vec<String>>, StoreError> {
-            rows.iter()
-                .map(|r| {
-                    (0..n)
-                        .map(|i| r.try_get(i))
-                        .collect::<Result<Vec<String>, _>>()
-                })
-                .collect::<Result<_, _>>()
-                .doing(doing)
-        };
-    let keys = sqlx::query(
+    let keys: Vec<(String, String)> = sqlx::query_as(
         "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
          WHERE conrelid = to_regclass($1) AND contype IN ('p', 'u') ORDER BY contype, conname",
     )
@@ -311,18 +299,15 @@ async fn partition_table(tx: &mut Tx, table: &str, tenants: &[String]) -> Result
     .fetch_all(&mut **tx)
     .await
     .doing(doing)?;
-    let keys = strings(keys, 2)?;
-    let indexes = sqlx::query(
+    let indexes = texts(
+        tx,
         "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = $1 \
          AND indexname NOT IN (SELECT conname FROM pg_constraint WHERE conrelid = to_regclass($1)) \
          ORDER BY indexname",
+        Some(table),
     )
-    .bind(table)
-    .fetch_all(&mut **tx)
-    .await
-    .doing(doing)?;
-    let indexes = strings(indexes, 1)?;
-    let serials = sqlx::query(
+    .await?;
+    let serials: Vec<(String, String)> = sqlx::query_as(
         "SELECT s.relname::text, a.attname::text FROM pg_depend d \
          JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
          JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
@@ -332,7 +317,6 @@ async fn partition_table(tx: &mut Tx, table: &str, tenants: &[String]) -> Result
     .fetch_all(&mut **tx)
     .await
     .doing(doing)?;
-    let serials = strings(serials, 2)?;
 
     let parted = format!("{table}__by_tenant");
     let mut ddl = vec![format!(
@@ -345,24 +329,21 @@ async fn partition_table(tx: &mut Tx, table: &str, tenants: &[String]) -> Result
     ddl.push(format!(
         "INSERT INTO \"{parted}\" SELECT * FROM \"{table}\""
     ));
-    for serial in &serials {
+    for (sequence, column) in &serials {
         ddl.push(format!(
-            "ALTER SEQUENCE \"{}\" OWNED BY \"{parted}\".\"{}\"",
-            serial[0], serial[1]
+            "ALTER SEQUENCE \"{sequence}\" OWNED BY \"{parted}\".\"{column}\""
         ));
     }
     ddl.push(format!("DROP TABLE \"{table}\""));
     ddl.push(format!("ALTER TABLE \"{parted}\" RENAME TO \"{table}\""));
     let unparsed = |def: &str| StoreError::TenantSchemas(format!("cannot read `{def}`"));
-    for key in &keys {
-        let def = with_tenant(&key[1], 0).ok_or_else(|| unparsed(&key[1]))?;
+    for (name, def) in &keys {
+        let def = with_tenant(def, 0).ok_or_else(|| unparsed(def))?;
         ddl.push(format!(
-            "ALTER TABLE \"{table}\" ADD CONSTRAINT \"{}\" {def}",
-            key[0]
+            "ALTER TABLE \"{table}\" ADD CONSTRAINT \"{name}\" {def}"
         ));
     }
-    for index in &indexes {
-        let def = &index[0];
+    for def in &indexes {
         let def = match def.starts_with("CREATE UNIQUE INDEX") {
             true => {
                 let at = def.find(" USING ").ok_or_else(|| unparsed(def))?;
